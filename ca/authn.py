@@ -1,0 +1,188 @@
+"""Who is calling: a bearer token turned into a workload identity.
+
+Two authenticators behind one interface: Kubernetes TokenReview (in a cluster) and a local token
+file (local mode, VMs, tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from ca.errors import AuthenticatorUnavailable, Unauthenticated
+from sidemesh.clock import SYSTEM_CLOCK, Clock
+from sidemesh.spiffe import SpiffeIdError, WorkloadId
+
+log = logging.getLogger("sidemesh.ca.authn")
+
+AUDIENCE = "sidemesh-ca"
+MAX_TOKEN_BYTES = 8192
+SA_PREFIX = "system:serviceaccount:"
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, token: str) -> WorkloadId: ...
+
+
+def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+    """The token of an ``authorization: Bearer <token>`` metadata entry."""
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
+            token = token.strip()
+            if len(token) > MAX_TOKEN_BYTES:
+                raise Unauthenticated("token too large")
+            return token
+    raise Unauthenticated("no bearer token in the call metadata")
+
+
+def identity_from_username(username: str) -> WorkloadId:
+    """``system:serviceaccount:<ns>:<sa>`` -> WorkloadId."""
+    if not username.startswith(SA_PREFIX):
+        raise Unauthenticated("token is not a service account token", f"username {username!r}")
+    ns, sep, sa = username[len(SA_PREFIX) :].partition(":")
+    try:
+        if not sep:
+            raise SpiffeIdError("no service account name")
+        return WorkloadId(ns, sa)
+    except SpiffeIdError as exc:
+        raise Unauthenticated(
+            "token is not a service account token", f"username {username!r}: {exc}"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Local token file
+
+
+@dataclass(frozen=True, slots=True)
+class _LocalEntry:
+    identity: WorkloadId
+    expires_at: dt.datetime | None
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def parse_token_file(text: str) -> dict[bytes, _LocalEntry]:
+    """Parse the local token file (YAML)::
+
+    tokens:
+    - token: "<secret>"
+      namespace: shop
+      serviceAccount: frontend
+      expiresAt: "2026-12-01T00:00:00Z"   # optional
+    """
+    doc = yaml.safe_load(text) or {}
+    if not isinstance(doc, dict) or not isinstance(doc.get("tokens", []), list):
+        raise ValueError("token file must be a mapping with a 'tokens' list")
+    entries: dict[bytes, _LocalEntry] = {}
+    for i, item in enumerate(doc.get("tokens", [])):
+        if not isinstance(item, dict):
+            raise ValueError(f"tokens[{i}] must be a mapping")
+        token, ns, sa = item.get("token"), item.get("namespace"), item.get("serviceAccount")
+        if not all(isinstance(v, str) and v for v in (token, ns, sa)):
+            raise ValueError(f"tokens[{i}] needs non-empty 'token', 'namespace' and 'serviceAccount'")
+        expires = item.get("expiresAt")
+        if isinstance(expires, str):
+            expires = dt.datetime.fromisoformat(expires.replace("Z", "+00:00"))
+        if expires is not None and not isinstance(expires, dt.datetime):
+            raise ValueError(f"tokens[{i}].expiresAt must be an RFC 3339 time")
+        if expires is not None and expires.tzinfo is None:
+            expires = expires.replace(tzinfo=dt.UTC)
+        entries[_digest(str(token))] = _LocalEntry(WorkloadId(str(ns), str(sa)), expires)
+    return entries
+
+
+class LocalTokenAuthenticator:
+    """Tokens from a file, re-read when the file changes. Tokens are kept only as SHA-256 digests."""
+
+    def __init__(self, path: Path, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.path = path
+        self.clock = clock
+        self._stamp: tuple[int, int] | None = None
+        self._entries: dict[bytes, _LocalEntry] = {}
+        self._reload()
+
+    def _reload(self) -> None:
+        st = os.stat(self.path)
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        try:
+            self._entries = parse_token_file(self.path.read_text())
+        except (ValueError, SpiffeIdError, yaml.YAMLError) as exc:
+            if self._stamp is None:
+                raise ValueError(f"token file {self.path}: {exc}") from exc
+            log.error(
+                "token file invalid; keeping the previous tokens",
+                extra={"path": str(self.path), "error": str(exc)},
+            )
+        self._stamp = stamp
+
+    async def authenticate(self, token: str) -> WorkloadId:
+        try:
+            self._reload()
+        except OSError as exc:
+            log.error("token file unreadable; keeping the previous tokens", extra={"error": str(exc)})
+        digest = _digest(token)
+        entry = next((e for d, e in self._entries.items() if hmac.compare_digest(d, digest)), None)
+        if entry is None:
+            raise Unauthenticated("token not recognized")
+        if entry.expires_at is not None and entry.expires_at <= self.clock.now():
+            raise Unauthenticated("token expired", f"token of {entry.identity} expired at {entry.expires_at}")
+        return entry.identity
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes TokenReview
+
+
+class KubernetesTokenAuthenticator:
+    """Asks the API server (TokenReview, authentication.k8s.io/v1) who a projected token belongs to.
+
+    The token must be valid for the audience ``sidemesh-ca``; a token minted for any other audience
+    (the default API-server audience included) is refused.
+    """
+
+    def __init__(self, api_client: Any, audience: str = AUDIENCE) -> None:
+        self.api_client = api_client
+        self.audience = audience
+
+    def _review(self, token: str) -> Any:
+        from kubernetes import client
+
+        body = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=[self.audience]))
+        return client.AuthenticationV1Api(self.api_client).create_token_review(body)
+
+    async def authenticate(self, token: str) -> WorkloadId:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            review = await asyncio.to_thread(self._review, token)
+        except (ApiException, HTTPError, OSError) as exc:
+            raise AuthenticatorUnavailable(
+                "cannot verify the token now; retry later", f"TokenReview failed: {exc}"
+            ) from exc
+        status = review.status
+        if status is None or not status.authenticated:
+            error = getattr(status, "error", None)
+            raise Unauthenticated("token not valid", f"TokenReview refused the token: {error}")
+        if self.audience not in (status.audiences or []):
+            raise Unauthenticated("token not valid for this audience", f"audiences {status.audiences}")
+        username = status.user.username if status.user else ""
+        return identity_from_username(username or "")

@@ -1,0 +1,246 @@
+"""`sidemesh ca ...`: bootstrap keys, serve, issue a certificate, make a local token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ca import keys
+from ca.authn import Authenticator, KubernetesTokenAuthenticator, LocalTokenAuthenticator
+from ca.config import CAConfig
+from ca.errors import KeyMaterialError
+from sidemesh import config as cfg
+from sidemesh import logging as smlog
+from sidemesh.cli import CLIError
+from sidemesh.identity.client import CAClient, CAClientError
+from sidemesh.identity.svid import SVID, SvidError, make_csr, new_key
+from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId
+
+
+def register(sub: Any) -> None:
+    ca = sub.add_parser(
+        "ca", help="the certificate authority", description="The Sidemesh certificate authority."
+    )
+    ca_sub = ca.add_subparsers(title="ca commands", metavar="COMMAND")
+    ca.set_defaults(handler=lambda _a: (ca.print_help(), 2)[1])
+
+    p = ca_sub.add_parser(
+        "bootstrap",
+        help="create a root and an intermediate CA",
+        description=(
+            "Create a new root and intermediate in DIR (ca-cert.pem, ca-key.pem, cert-chain.pem, "
+            "root-cert.pem, root-key.pem). `ca serve --ca-dir DIR` signs with the intermediate."
+        ),
+    )
+    p.add_argument("--dir", type=Path, required=True, help="where to write the files")
+    p.add_argument(
+        "--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="SPIFFE trust domain (default: %(default)s)"
+    )
+    p.add_argument(
+        "--root-lifetime",
+        type=cfg.parse_duration,
+        default=dt.timedelta(days=3650),
+        help="root lifetime (default: 3650d)",
+    )
+    p.add_argument(
+        "--intermediate-lifetime",
+        type=cfg.parse_duration,
+        default=dt.timedelta(days=365),
+        help="intermediate lifetime (default: 365d)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
+    p.set_defaults(handler=_bootstrap)
+
+    p = ca_sub.add_parser(
+        "serve",
+        help="serve the CA over gRPC+TLS",
+        description=(
+            "Serve the CA: sign workload CSRs for callers authenticated by a bearer token. Every option "
+            "can also be set by the environment variable named in its help."
+        ),
+    )
+    cfg.add_arguments(p, CAConfig)
+    p.set_defaults(handler=_serve)
+
+    p = ca_sub.add_parser(
+        "issue",
+        help="obtain a certificate with a token and write it to files",
+        description=(
+            "Ask a running CA for an SVID and write key.pem (0600), cert-chain.pem and bundle.pem to --out-dir."
+        ),
+    )
+    p.add_argument("--ca", required=True, help="CA address, HOST:PORT")
+    p.add_argument("--bundle", type=Path, required=True, help="trust bundle (root-cert.pem) to verify the CA")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--token", help="bearer token (prefer --token-file: arguments are visible in ps)")
+    g.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    p.add_argument("--identity", required=True, help="NAMESPACE/SERVICEACCOUNT the token belongs to")
+    p.add_argument(
+        "--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="SPIFFE trust domain (default: %(default)s)"
+    )
+    p.add_argument(
+        "--ttl", type=cfg.parse_duration, default=None, help="requested lifetime, e.g. 1h (default: the CA's)"
+    )
+    p.add_argument(
+        "--out-dir", type=Path, required=True, help="directory for key.pem, cert-chain.pem, bundle.pem"
+    )
+    p.set_defaults(handler=_issue)
+
+    p = ca_sub.add_parser(
+        "local-token",
+        help="add a token to a local token file (local mode)",
+        description=(
+            "Create a random token for NAMESPACE/SERVICEACCOUNT, append it to the token file used by "
+            "`ca serve --authenticator local`, and print it."
+        ),
+    )
+    p.add_argument("--file", type=Path, required=True, help="token file (created if missing)")
+    p.add_argument("--identity", required=True, help="NAMESPACE/SERVICEACCOUNT")
+    p.add_argument(
+        "--expires-in", type=cfg.parse_duration, default=None, help="token lifetime (default: never expires)"
+    )
+    p.set_defaults(handler=_local_token)
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    try:
+        authority = keys.bootstrap(
+            args.dir,
+            args.trust_domain,
+            dt.datetime.now(dt.UTC),
+            args.root_lifetime,
+            args.intermediate_lifetime,
+            force=args.force,
+        )
+    except (KeyMaterialError, SpiffeIdError) as exc:
+        raise CLIError(str(exc)) from exc
+    print(f"wrote a root and an intermediate CA for trust domain {args.trust_domain} to {args.dir}")
+    print(f"  intermediate valid until {authority.cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    print(
+        f"  keep {args.dir / keys.ROOT_KEY} offline; `sidemesh ca serve --ca-dir {args.dir}` does not need it"
+    )
+    return 0
+
+
+def make_authenticator(config: CAConfig) -> Authenticator:
+    if config.authenticator == "local":
+        assert config.token_file is not None
+        try:
+            return LocalTokenAuthenticator(config.token_file)
+        except (OSError, ValueError) as exc:
+            raise CLIError(
+                f"{exc}; create one with `sidemesh ca local-token --file {config.token_file} --identity NS/SA`"
+            ) from exc
+    from kubernetes import client
+    from kubernetes import config as kconfig
+
+    try:
+        if config.kubeconfig is not None:
+            kconfig.load_kube_config(str(config.kubeconfig))
+        else:
+            kconfig.load_incluster_config()
+    except (kconfig.ConfigException, OSError) as exc:
+        raise CLIError(
+            f"cannot reach the Kubernetes API ({exc}); set --kubeconfig, or use --authenticator local"
+        ) from exc
+    return KubernetesTokenAuthenticator(client.ApiClient())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ca.server import CAServer
+
+    config = cfg.load(CAConfig, args)
+    smlog.setup(config.log_level)
+    authenticator = make_authenticator(config)
+    try:
+        server = CAServer(config, authenticator)
+    except KeyMaterialError as exc:
+        raise CLIError(str(exc)) from exc
+
+    async def run() -> None:
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop(grace=5.0)
+
+    asyncio.run(run())
+    return 0
+
+
+def _issue(args: argparse.Namespace) -> int:
+    try:
+        identity = WorkloadId.parse(args.identity).spiffe_id(args.trust_domain)
+        token = args.token if args.token is not None else args.token_file.read_text().strip()
+        bundle = args.bundle.read_bytes()
+    except (SpiffeIdError, OSError) as exc:
+        raise CLIError(str(exc)) from exc
+    ttl = int(args.ttl.total_seconds()) if args.ttl else 0
+
+    async def run() -> SVID:
+        client = CAClient(args.ca, bundle)
+        try:
+            key = new_key()
+            resp = await client.sign(token, make_csr(key, identity), ttl)
+            return SVID.from_pem(key, list(resp.cert_chain), list(resp.trust_bundle), identity)
+        finally:
+            await client.close()
+
+    try:
+        svid = asyncio.run(run())
+    except CAClientError as exc:
+        hint = {
+            "UNAVAILABLE": "is the CA running at that address, and is --bundle its root-cert.pem?",
+            "UNAUTHENTICATED": "check the token (and that it belongs to --identity)",
+            "PERMISSION_DENIED": "--identity must be the identity the token belongs to",
+        }.get(exc.code.name, "")
+        raise CLIError(f"the CA refused: {exc}{'; ' + hint if hint else ''}") from exc
+    except SvidError as exc:
+        raise CLIError(str(exc)) from exc
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(args.out_dir / "key.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(svid.key_pem)
+    (args.out_dir / "cert-chain.pem").write_bytes(svid.chain_pem)
+    (args.out_dir / "bundle.pem").write_bytes(svid.bundle_pem)
+    print(
+        f"issued {svid.spiffe_id} serial {svid.serial_hex}, valid until {svid.not_after:%Y-%m-%d %H:%M:%S} UTC"
+    )
+    print(f"  wrote key.pem, cert-chain.pem, bundle.pem to {args.out_dir}")
+    return 0
+
+
+def _local_token(args: argparse.Namespace) -> int:
+    try:
+        identity = WorkloadId.parse(args.identity)
+    except SpiffeIdError as exc:
+        raise CLIError(str(exc)) from exc
+    doc: dict[str, Any] = {"tokens": []}
+    if args.file.exists():
+        doc = yaml.safe_load(args.file.read_text()) or {"tokens": []}
+    token = secrets.token_urlsafe(32)
+    entry: dict[str, Any] = {
+        "token": token,
+        "namespace": identity.namespace,
+        "serviceAccount": identity.service_account,
+    }
+    if args.expires_in is not None:
+        entry["expiresAt"] = (dt.datetime.now(dt.UTC) + args.expires_in).strftime("%Y-%m-%dT%H:%M:%SZ")
+    doc.setdefault("tokens", []).append(entry)
+    args.file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    sys.stdout.write(token + "\n")
+    return 0

@@ -1,0 +1,84 @@
+"""`sidemesh ca serve` configuration: every option, its default and its environment variable."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidemesh.config import ConfigError, option, parse_hostport
+from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId, validate_trust_domain
+
+DEFAULT_DNS_NAMES = (
+    "sidemesh-ca",
+    "sidemesh-ca.sidemesh-system",
+    "sidemesh-ca.sidemesh-system.svc",
+    "sidemesh-ca.sidemesh-system.svc.cluster.local",
+    "localhost",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CAConfig:
+    listen: str = option("0.0.0.0:15012", "gRPC (TLS) address to serve on", env="SIDEMESH_CA_LISTEN")
+    metrics_listen: str = option(
+        "0.0.0.0:15014", "Prometheus /metrics address; empty disables", env="SIDEMESH_CA_METRICS_LISTEN"
+    )
+    ca_dir: Path = option(
+        Path("/var/run/secrets/sidemesh/ca"),
+        "directory with ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem (see `ca bootstrap`)",
+        env="SIDEMESH_CA_DIR",
+    )
+    trust_domain: str = option(DEFAULT_TRUST_DOMAIN, "SPIFFE trust domain", env="SIDEMESH_TRUST_DOMAIN")
+    authenticator: str = option(
+        "kubernetes",
+        "how callers prove who they are: Kubernetes TokenReview or a local token file",
+        env="SIDEMESH_CA_AUTHENTICATOR",
+        choices=("kubernetes", "local"),
+    )
+    token_file: Path | None = option(
+        None, "local token file (with --authenticator local)", env="SIDEMESH_CA_TOKEN_FILE"
+    )
+    kubeconfig: Path | None = option(None, "kubeconfig; in-cluster config when unset", env="KUBECONFIG")
+    default_ttl: dt.timedelta = option(
+        dt.timedelta(hours=1), "certificate lifetime when the caller asks none", env="SIDEMESH_CA_DEFAULT_TTL"
+    )
+    min_ttl: dt.timedelta = option(
+        dt.timedelta(minutes=5),
+        "shortest lifetime; shorter requests are raised to it",
+        env="SIDEMESH_CA_MIN_TTL",
+    )
+    max_ttl: dt.timedelta = option(
+        dt.timedelta(hours=24), "longest lifetime; longer requests are cut to it", env="SIDEMESH_CA_MAX_TTL"
+    )
+    rate_limit: float = option(
+        1.0, "signings per second per identity, sustained; 0 disables", env="SIDEMESH_CA_RATE_LIMIT"
+    )
+    rate_burst: int = option(20, "signings per identity allowed at once", env="SIDEMESH_CA_RATE_BURST")
+    identity: str = option(
+        "sidemesh-system/sidemesh-ca",
+        "namespace/serviceaccount of the CA itself (its serving certificate's SPIFFE ID)",
+        env="SIDEMESH_CA_IDENTITY",
+    )
+    dns_names: tuple[str, ...] = option(
+        DEFAULT_DNS_NAMES, "DNS names in the CA's serving certificate", env="SIDEMESH_CA_DNS_NAMES"
+    )
+    log_level: str = option(
+        "info", "log level", env="SIDEMESH_LOG_LEVEL", choices=("debug", "info", "warning", "error")
+    )
+
+    def __post_init__(self) -> None:
+        parse_hostport("listen", self.listen)
+        if self.metrics_listen:
+            parse_hostport("metrics_listen", self.metrics_listen)
+        try:
+            validate_trust_domain(self.trust_domain)
+            WorkloadId.parse(self.identity)
+        except SpiffeIdError as exc:
+            raise ConfigError("trust_domain" if "trust domain" in str(exc) else "identity", str(exc)) from exc
+        if self.authenticator == "local" and self.token_file is None:
+            raise ConfigError("token_file", "required with --authenticator local")
+        if not dt.timedelta(0) < self.min_ttl <= self.default_ttl <= self.max_ttl:
+            raise ConfigError("default_ttl", "need 0 < --min-ttl <= --default-ttl <= --max-ttl")
+        if self.rate_limit < 0 or self.rate_burst < 1:
+            raise ConfigError("rate_limit", "--rate-limit must be >= 0 and --rate-burst >= 1")

@@ -1,0 +1,160 @@
+"""The CA's own keys and certificates, on disk in the layout of Istio's plug-in CA.
+
+    ca-cert.pem     the signing (intermediate) certificate
+    ca-key.pem      its private key (mode 0600)
+    cert-chain.pem  the signing certificate and every certificate above it, up to the root
+    root-cert.pem   the trust bundle: one or more root certificates (several during a rotation)
+    root-key.pem    written by `bootstrap` only; `serve` never reads it
+
+`sidemesh ca bootstrap` writes all five; an operator with their own PKI provides the first four.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from ca import templates
+from ca.errors import KeyMaterialError
+
+SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+CA_CERT, CA_KEY, CHAIN, ROOTS, ROOT_KEY = (
+    "ca-cert.pem",
+    "ca-key.pem",
+    "cert-chain.pem",
+    "root-cert.pem",
+    "root-key.pem",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SigningAuthority:
+    cert: x509.Certificate
+    key: SigningKey
+    chain: tuple[x509.Certificate, ...]  # cert first, then up to (not including) the root
+    roots: tuple[x509.Certificate, ...]
+
+    @property
+    def chain_pem(self) -> list[str]:
+        return [c.public_bytes(serialization.Encoding.PEM).decode() for c in self.chain]
+
+    @property
+    def bundle_pem(self) -> list[str]:
+        return [c.public_bytes(serialization.Encoding.PEM).decode() for c in self.roots]
+
+
+def key_pem(key: SigningKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def cert_pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _is_self_signed(cert: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def assemble(
+    cert: x509.Certificate, key: SigningKey, chain: list[x509.Certificate], roots: list[x509.Certificate]
+) -> SigningAuthority:
+    """Check that the pieces fit: key matches, signing cert is a CA, chain links up to a root."""
+    if not roots:
+        raise KeyMaterialError("the trust bundle holds no root certificate")
+    if cert.public_key() != key.public_key():
+        raise KeyMaterialError("the signing key does not match the signing certificate")
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is None or not bc.ca:
+        raise KeyMaterialError("the signing certificate is not a CA (basicConstraints CA:true)")
+    links = [c for c in chain if not _is_self_signed(c)] or [cert]
+    if links[0] != cert:
+        links.insert(0, cert)
+    for child, parent in zip(links, [*links[1:], None], strict=True):
+        issuers = [parent] if parent is not None else list(roots)
+        if not any(_issued_by(child, p) for p in issuers):
+            raise KeyMaterialError(
+                f"certificate {child.subject.rfc4514_string()!r} does not chain to the trust bundle"
+            )
+    return SigningAuthority(cert, key, tuple(links), tuple(roots))
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _read(directory: Path, name: str) -> bytes:
+    try:
+        return (directory / name).read_bytes()
+    except OSError as exc:
+        raise KeyMaterialError(
+            f"cannot read {directory / name}: {exc.strerror}; run `sidemesh ca bootstrap --dir {directory}`"
+        ) from exc
+
+
+def load(directory: Path) -> SigningAuthority:
+    try:
+        cert = x509.load_pem_x509_certificate(_read(directory, CA_CERT))
+        key = serialization.load_pem_private_key(_read(directory, CA_KEY), password=None)
+        chain_path = directory / CHAIN
+        chain = x509.load_pem_x509_certificates(chain_path.read_bytes()) if chain_path.exists() else [cert]
+        roots = x509.load_pem_x509_certificates(_read(directory, ROOTS))
+    except ValueError as exc:
+        raise KeyMaterialError(f"unusable CA material in {directory}: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise KeyMaterialError(f"{directory / CA_KEY}: only EC and RSA signing keys are supported")
+    return assemble(cert, key, chain, roots)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def bootstrap(
+    directory: Path,
+    trust_domain: str,
+    now: dt.datetime,
+    root_lifetime: dt.timedelta = dt.timedelta(days=3650),
+    intermediate_lifetime: dt.timedelta = dt.timedelta(days=365),
+    force: bool = False,
+) -> SigningAuthority:
+    """Create a root and an intermediate in ``directory`` (refuses to overwrite without ``force``)."""
+    if (directory / CA_KEY).exists() and not force:
+        raise KeyMaterialError(
+            f"{directory} already holds a CA; pass --force to replace it (existing workloads will stop trusting new certificates)"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    root_key = templates.new_key()
+    root = templates.root_certificate(root_key, trust_domain, now, root_lifetime)
+    inter_key = templates.new_key()
+    inter = templates.intermediate_certificate(
+        inter_key.public_key(), trust_domain, root, root_key, now, intermediate_lifetime
+    )
+    _write(directory / ROOT_KEY, key_pem(root_key), 0o600)
+    _write(directory / CA_KEY, key_pem(inter_key), 0o600)
+    _write(directory / ROOTS, cert_pem(root), 0o644)
+    _write(directory / CA_CERT, cert_pem(inter), 0o644)
+    _write(directory / CHAIN, cert_pem(inter, root), 0o644)
+    return assemble(inter, inter_key, [inter, root], [root])

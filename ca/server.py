@@ -1,0 +1,240 @@
+"""`sidemesh ca serve`: the gRPC shell around the issuer.
+
+Authenticate (bearer token) -> rate limit -> validate and sign -> audit. Errors are translated to
+gRPC status codes here and only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import threading
+import time
+import typing
+from pathlib import Path
+
+import grpc
+from prometheus_client import start_http_server
+
+from ca import issuer, keys, templates
+from ca.authn import Authenticator, bearer_token
+from ca.config import CAConfig
+from ca.errors import CAError, KeyMaterialError, RateLimited
+from ca.metrics import CAMetrics
+from ca.ratelimit import RateLimiter
+from sidemesh.api import ca_pb2, ca_pb2_grpc
+from sidemesh.clock import SYSTEM_CLOCK, Clock
+from sidemesh.config import parse_hostport
+from sidemesh.spiffe import WorkloadId
+
+log = logging.getLogger("sidemesh.ca")
+audit = logging.getLogger("sidemesh.ca.audit")
+
+SERVING_CERT_TTL = dt.timedelta(hours=24)
+MATERIAL_CHECK_INTERVAL = 10.0
+
+
+class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
+    def __init__(
+        self,
+        config: CAConfig,
+        authority: keys.SigningAuthority,
+        authenticator: Authenticator,
+        clock: Clock = SYSTEM_CLOCK,
+        metrics: CAMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.authority = authority
+        self.authenticator = authenticator
+        self.clock = clock
+        self.metrics = metrics or CAMetrics()
+        self.ttl = issuer.TTLPolicy(config.default_ttl, config.min_ttl, config.max_ttl)
+        self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
+
+    async def Sign(
+        self,
+        request: ca_pb2.SignRequest,
+        context: grpc.aio.ServicerContext[ca_pb2.SignRequest, ca_pb2.SignResponse],
+    ) -> ca_pb2.SignResponse:
+        started = time.perf_counter()
+        identity: WorkloadId | None = None
+        try:
+            token = bearer_token(context.invocation_metadata())  # type: ignore[arg-type]
+            identity = await self.authenticator.authenticate(token)
+            if not self.limiter.allow(str(identity), time.monotonic()):
+                raise RateLimited(f"too many signing requests for {identity}; retry later")
+            ttl = self.ttl.resolve(request.ttl_seconds)
+            spiffe_id = identity.spiffe_id(self.config.trust_domain)
+            issued = issuer.issue(self.authority, spiffe_id, request.csr, ttl, self.clock.now())
+        except CAError as exc:
+            self.metrics.refused.labels(exc.reason).inc()
+            log.warning(
+                "signing refused",
+                extra={
+                    "reason": exc.reason,
+                    "detail": exc.detail,
+                    "identity": str(identity) if identity else None,
+                    "peer": context.peer(),
+                },
+            )
+            await context.abort(exc.code, exc.public)
+            raise  # unreachable: abort raises
+        finally:
+            self.metrics.latency.observe(time.perf_counter() - started)
+        cert = issued.certificate
+        self.metrics.issued.inc()
+        audit.info(
+            "certificate issued",
+            extra={
+                "identity": str(issued.spiffe_id),
+                "serial": issued.serial_hex,
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "peer": context.peer(),
+            },
+        )
+        return ca_pb2.SignResponse(
+            cert_chain=issued.chain_pem,
+            trust_bundle=issued.bundle_pem,
+            spiffe_id=str(issued.spiffe_id),
+            not_after_unix=int(cert.not_valid_after_utc.timestamp()),
+            serial=issued.serial_hex,
+        )
+
+
+class ServingCertificate:
+    """The CA's own TLS certificate, issued by itself and renewed at half its life.
+
+    grpc calls :meth:`fetch` (from its own threads) on new handshakes; it answers ``None`` while the
+    current certificate is fresh, so connections keep their certificate and new ones get the new one.
+    """
+
+    def __init__(self, service: CertificateAuthorityService) -> None:
+        self.service = service
+        self._lock = threading.Lock()
+        self._renew_at = dt.datetime.min.replace(tzinfo=dt.UTC)
+        self.current = self._make()
+
+    def _make(self) -> grpc.ServerCertificateConfiguration:
+        cfg = self.service.config
+        now = self.service.clock.now()
+        key = templates.new_key()
+        spiffe_id = WorkloadId.parse(cfg.identity).spiffe_id(cfg.trust_domain)
+        params = templates.LeafParams(spiffe_id, key.public_key(), SERVING_CERT_TTL, now, cfg.dns_names)
+        issued = issuer.sign(self.service.authority, params)
+        lifetime = issued.certificate.not_valid_after_utc - now
+        self._renew_at = now + lifetime / 2
+        chain = "".join(issued.chain_pem).encode()
+        return grpc.ssl_server_certificate_configuration([(keys.key_pem(key), chain)])
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            if self.service.clock.now() < self._renew_at:
+                return None
+            self.current = self._make()
+            log.info("serving certificate renewed")
+            return self.current
+
+    def force_renewal(self) -> None:
+        with self._lock:
+            self._renew_at = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
+class CAServer:
+    """A running CA: gRPC server, metrics endpoint, and a watcher of the key material."""
+
+    def __init__(
+        self,
+        config: CAConfig,
+        authenticator: Authenticator,
+        clock: Clock = SYSTEM_CLOCK,
+        metrics: CAMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or CAMetrics()
+        self.service = CertificateAuthorityService(
+            config, keys.load(config.ca_dir), authenticator, clock, self.metrics
+        )
+        self.serving = ServingCertificate(self.service)
+        self._material_stamp = self._stamp()
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_server: object | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._record_expiry()
+
+    def _stamp(self) -> tuple[int, ...]:
+        d: Path = self.config.ca_dir
+        return tuple(
+            (d / n).stat().st_mtime_ns if (d / n).exists() else 0
+            for n in (keys.CA_CERT, keys.CA_KEY, keys.CHAIN, keys.ROOTS)
+        )
+
+    def _record_expiry(self) -> None:
+        self.metrics.signing_cert_expiry.set(self.service.authority.cert.not_valid_after_utc.timestamp())
+
+    async def start(self) -> None:
+        host, port = parse_hostport("listen", self.config.listen)
+        # grpc documents a fetcher answering None ("keep the current one"); grpc-stubs omit it.
+        fetch = typing.cast(typing.Callable[[], grpc.ServerCertificateConfiguration], self.serving.fetch)
+        creds = grpc.dynamic_ssl_server_credentials(self.serving.current, fetch)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024)])
+        ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(self.service, server)
+        self.port = server.add_secure_port(f"{host}:{port}", creds)
+        await server.start()
+        self._server = server
+        if self.config.metrics_listen:
+            mhost, mport = parse_hostport("metrics_listen", self.config.metrics_listen)
+            httpd, _thread = start_http_server(mport, mhost, registry=self.metrics.registry)
+            self._metrics_server = httpd
+            self.metrics_port = httpd.server_port
+        self._tasks.append(asyncio.create_task(self._watch_material()))
+        log.info(
+            "CA serving",
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "trust_domain": self.config.trust_domain,
+                "signing_cert_not_after": self.service.authority.cert.not_valid_after_utc.isoformat(),
+            },
+        )
+
+    async def _watch_material(self) -> None:
+        """Pick up a new intermediate or trust bundle written into the CA directory."""
+        while True:
+            await asyncio.sleep(MATERIAL_CHECK_INTERVAL)
+            self.reload_if_changed()
+
+    def reload_if_changed(self) -> bool:
+        stamp = self._stamp()
+        if stamp == self._material_stamp:
+            return False
+        self._material_stamp = stamp
+        try:
+            self.service.authority = keys.load(self.config.ca_dir)
+        except KeyMaterialError as exc:
+            log.error(
+                "new CA material rejected; still signing with the previous one", extra={"error": str(exc)}
+            )
+            return False
+        self.serving.force_renewal()
+        self._record_expiry()
+        log.info(
+            "CA material reloaded",
+            extra={"signing_cert_not_after": self.service.authority.cert.not_valid_after_utc.isoformat()},
+        )
+        return True
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()  # type: ignore[attr-defined]
+            self._metrics_server.server_close()  # type: ignore[attr-defined]
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()

@@ -1,0 +1,3 @@
+"""Sidemesh: what the components share (SPIFFE IDs, identity, policy, API, config, CLI)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from sidemesh.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""One config object per component, loaded in one place from flags and environment.
+
+A component declares a frozen dataclass whose fields use :func:`option`; :func:`add_arguments`
+turns it into command-line flags (help text shows default and environment variable) and
+:func:`load` builds the object, flag over environment over default. A bad value fails at start
+with :class:`ConfigError`, which names the option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h|d))+$")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(ValueError):
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"--{option.replace('_', '-')}: {message}")
+        self.option = option
+
+
+def option(default: Any, help: str, *, env: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, "env": env, "choices": choices})
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """``90s``, ``5m``, ``1h30m``, ``250ms``, ``2d``; a bare number means seconds."""
+    text = text.strip()
+    try:
+        return dt.timedelta(seconds=float(text))
+    except ValueError:
+        pass
+    if not _DURATION_RE.match(text):
+        raise ValueError(f"{text!r} is not a duration (examples: 30s, 5m, 1h30m, 250ms)")
+    return dt.timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in _DURATION_PART_RE.findall(text)))
+
+
+def format_duration(value: dt.timedelta) -> str:
+    seconds = value.total_seconds()
+    for unit in ("d", "h", "m", "s"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{int(seconds // _UNITS[unit])}{unit}"
+    return f"{seconds}s"
+
+
+def _convert(kind: Any, text: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        return None if text == "" else _convert(inner[0], text)
+    if origin is tuple:
+        item = typing.get_args(kind)[0]
+        return tuple(_convert(item, part.strip()) for part in text.split(",") if part.strip())
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{text!r} is not a boolean (true/false)")
+    if kind is dt.timedelta:
+        return parse_duration(text)
+    if kind is Path:
+        return Path(text)
+    if kind in (int, float, str):
+        return kind(text)
+    raise TypeError(f"unsupported option type {kind}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dt.timedelta):
+        return format_duration(value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "" if value is None else str(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        extra = f" [env {meta['env']}]" if meta.get("env") else ""
+        default = _show(f.default) if f.default is not dataclasses.MISSING else ""
+        help_text = f"{meta.get('help', '')} (default: {default or 'unset'}){extra}"
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            choices=meta.get("choices"),
+            metavar=None if meta.get("choices") else _metavar(hints[f.name]),
+            help=help_text.replace("%", "%%"),
+        )
+
+
+def _metavar(kind: Any) -> str:
+    if kind is dt.timedelta:
+        return "DURATION"
+    if kind is bool:
+        return "BOOL"
+    return "VALUE"
+
+
+def load(
+    cls: type[T], args: argparse.Namespace | None = None, environ: typing.Mapping[str, str] | None = None
+) -> T:
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        raw = getattr(args, f.name, None) if args is not None else None
+        env = f.metadata.get("env")
+        if raw is None and env and env in environ:
+            raw = environ[env]
+        if raw is None:
+            continue
+        choices = f.metadata.get("choices")
+        if choices and raw not in choices:
+            raise ConfigError(f.name, f"{raw!r} is not one of {', '.join(choices)}")
+        try:
+            values[f.name] = _convert(hints[f.name], raw)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f.name, str(exc)) from exc
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError("config", str(exc)) from exc
+
+
+def parse_hostport(option_name: str, text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(option_name, f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)

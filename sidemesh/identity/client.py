@@ -1,0 +1,57 @@
+"""The CA's gRPC client, used by every workload (and by `sidemesh ca issue`)."""
+
+from __future__ import annotations
+
+import grpc
+
+from sidemesh.api import ca_pb2, ca_pb2_grpc
+
+# The name every client checks in the CA's serving certificate, whatever address it dials.
+CA_SERVER_NAME = "sidemesh-ca.sidemesh-system.svc"
+
+# Codes after which trying again later can succeed.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+
+class CAClientError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE
+
+
+class CAClient:
+    def __init__(
+        self, address: str, bundle_pem: bytes, server_name: str = CA_SERVER_NAME, timeout: float = 10.0
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        creds = grpc.ssl_channel_credentials(root_certificates=bundle_pem)
+        self._channel = grpc.aio.secure_channel(
+            address, creds, options=[("grpc.ssl_target_name_override", server_name)]
+        )
+        self._stub = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
+
+    async def sign(self, token: str, csr_pem: str, ttl_seconds: int = 0) -> ca_pb2.SignResponse:
+        try:
+            return await self._stub.Sign(
+                ca_pb2.SignRequest(csr=csr_pem, ttl_seconds=ttl_seconds),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=self.timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise CAClientError(exc.code(), exc.details() or "") from exc
+
+    async def close(self) -> None:
+        await self._channel.close(None)

@@ -1,0 +1,127 @@
+"""An X.509-SVID held by a workload (no I/O): key, chain, trust bundle, and checks on them."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from sidemesh.spiffe import SpiffeId
+
+
+class SvidError(ValueError):
+    """A certificate that is not a valid SVID for what we expected."""
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, spiffe_id: SpiffeId) -> str:
+    """A PKCS#10 request for ``spiffe_id``: one URI SAN, nothing else the CA would refuse."""
+    from cryptography.hazmat.primitives import hashes
+
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sidemesh")]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
+    """The SPIFFE ID of an X.509-SVID: its one URI SAN."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise SvidError("certificate has no subjectAltName") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise SvidError(f"an X.509-SVID has exactly one URI SAN, this one has {len(uris)}")
+    return SpiffeId.parse(uris[0])
+
+
+def _pem(certs: Sequence[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+@dataclass(frozen=True, slots=True)
+class SVID:
+    spiffe_id: SpiffeId
+    key: ec.EllipticCurvePrivateKey
+    chain: tuple[x509.Certificate, ...]  # leaf first
+    bundle: tuple[x509.Certificate, ...]  # trusted roots
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+    @property
+    def not_before(self) -> dt.datetime:
+        return self.leaf.not_valid_before_utc
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.leaf.not_valid_after_utc
+
+    @property
+    def serial_hex(self) -> str:
+        return format(self.leaf.serial_number, "x")
+
+    @property
+    def chain_pem(self) -> bytes:
+        return _pem(self.chain)
+
+    @property
+    def bundle_pem(self) -> bytes:
+        return _pem(self.bundle)
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def with_bundle(self, bundle: Sequence[x509.Certificate]) -> SVID:
+        return SVID(self.spiffe_id, self.key, self.chain, tuple(bundle))
+
+    @classmethod
+    def from_pem(
+        cls,
+        key: ec.EllipticCurvePrivateKey,
+        chain_pem: Sequence[str],
+        bundle_pem: Sequence[str],
+        expected: SpiffeId,
+    ) -> SVID:
+        """Check what the CA returned: our key, the identity we asked for, a bundle to trust."""
+        try:
+            chain = [c for pem in chain_pem for c in x509.load_pem_x509_certificates(pem.encode())]
+            bundle = [c for pem in bundle_pem for c in x509.load_pem_x509_certificates(pem.encode())]
+        except ValueError as exc:
+            raise SvidError(f"CA returned unparsable certificates: {exc}") from exc
+        if not chain or not bundle:
+            raise SvidError("CA returned an empty certificate chain or trust bundle")
+        if chain[0].public_key() != key.public_key():
+            raise SvidError("CA returned a certificate for another key")
+        got = spiffe_id_of(chain[0])
+        if got != expected:
+            raise SvidError(f"CA returned a certificate for {got}, expected {expected}")
+        return cls(expected, key, tuple(chain), tuple(bundle))
+
+
+def load_bundle(pem: bytes) -> tuple[x509.Certificate, ...]:
+    try:
+        roots = tuple(x509.load_pem_x509_certificates(pem))
+    except ValueError as exc:
+        raise SvidError(f"trust bundle is not PEM certificates: {exc}") from exc
+    if not roots:
+        raise SvidError("trust bundle holds no certificate")
+    return roots
