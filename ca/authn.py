@@ -165,7 +165,11 @@ class KubernetesTokenAuthenticator:
     def _review(self, token: str) -> Any:
         from kubernetes import client
 
-        body = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=[self.audience]))
+        body = client.V1TokenReview(
+            api_version="authentication.k8s.io/v1",
+            kind="TokenReview",
+            spec=client.V1TokenReviewSpec(token=token, audiences=[self.audience]),
+        )
         return client.AuthenticationV1Api(self.api_client).create_token_review(body)
 
     async def authenticate(self, token: str) -> WorkloadId:

@@ -59,19 +59,25 @@ def _sidemesh(*args: str) -> list[str]:
     return [sys.executable, "-m", "sidemesh", *args]
 
 
-def _wait_for_event(proc: subprocess.Popen[str], event: str, timeout: float) -> dict[str, Any]:
-    assert proc.stderr is not None
+def wait_for_log_event(
+    log_file: Path, proc: subprocess.Popen[bytes], event: str, timeout: float
+) -> dict[str, Any]:
+    """Follow a process's JSON log file until a record with ``event`` appears."""
     deadline = time.monotonic() + timeout
+    seen = 0
     while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            raise RuntimeError(f"process exited ({proc.poll()}) before logging {event!r}")
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("event") == event:
-            return dict(record)
+        lines = log_file.read_text().splitlines() if log_file.exists() else []
+        for line in lines[seen:]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("event") == event:
+                return dict(record)
+        seen = len(lines)
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}) before logging {event!r}; see {log_file}")
+        time.sleep(0.05)
     raise TimeoutError(f"no {event!r} within {timeout}s")
 
 
@@ -110,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
 
         step("Start the CA: `sidemesh ca serve --authenticator local` on 127.0.0.1")
         env = dict(os.environ, SIDEMESH_LOG_LEVEL="info")
+        ca_log = root / "ca.log"
+        log_handle = ca_log.open("wb")
         proc = subprocess.Popen(
             _sidemesh(
                 "ca",
@@ -125,13 +133,12 @@ def run(args: argparse.Namespace) -> int:
                 "--metrics-listen",
                 "127.0.0.1:0",
             ),
-            stderr=subprocess.PIPE,
+            stderr=log_handle,
             stdout=subprocess.DEVNULL,
-            text=True,
             env=env,
         )
         try:
-            started = _wait_for_event(proc, "CA serving", timeout=30)
+            started = wait_for_log_event(ca_log, proc, "CA serving", timeout=30)
             address = f"127.0.0.1:{started['port']}"
             step.ok(
                 f"gRPC over TLS on {address}, metrics on http://127.0.0.1:{started['metrics_port']}/metrics"
@@ -153,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=10)
+            log_handle.close()
         step("CA stopped; temporary files removed")
     print(
         "\nall steps behaved as described" if not step.failures else f"\n{step.failures} step(s) misbehaved"

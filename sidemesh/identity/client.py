@@ -38,9 +38,15 @@ class CAClient:
         self.address = address
         self.timeout = timeout
         creds = grpc.ssl_channel_credentials(root_certificates=bundle_pem)
-        self._channel = grpc.aio.secure_channel(
-            address, creds, options=[("grpc.ssl_target_name_override", server_name)]
-        )
+        options = [
+            ("grpc.ssl_target_name_override", server_name),
+            # The caller (the renewal loop) owns the retry schedule; grpc's own reconnect backoff
+            # (up to 120 s by default) would otherwise delay recovery after a CA outage.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        self._channel = grpc.aio.secure_channel(address, creds, options=options)
         self._stub = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
 
     async def sign(self, token: str, csr_pem: str, ttl_seconds: int = 0) -> ca_pb2.SignResponse:

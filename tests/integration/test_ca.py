@@ -1,0 +1,389 @@
+"""The CA through its real interface: grpc.aio over TLS, certificates checked independently."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from prometheus_client.parser import text_string_to_metric_families
+from spiffe.svid.x509_svid import X509Svid
+
+from ca import keys
+from ca.authn import LocalTokenAuthenticator
+from sidemesh.identity.client import CAClient, CAClientError
+from sidemesh.identity.svid import make_csr, new_key
+from sidemesh.spiffe import SpiffeId, WorkloadId
+from tests.integration.conftest import RunningCA, StartCA
+from tests.support import pki
+
+FRONTEND = WorkloadId("shop", "frontend")
+FRONTEND_ID = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/frontend")
+
+
+def metric(ca: RunningCA, name: str, labels: dict[str, str] | None = None) -> float:
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{ca.server.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and (
+                labels is None or all(sample.labels.get(k) == v for k, v in labels.items())
+            ):
+                return float(sample.value)
+    return 0.0
+
+
+async def sign_raw(ca: RunningCA, csr: str, token: str | None = "frontend-token", ttl: int = 0) -> None:
+    client = ca.client()
+    try:
+        if token is None:
+            stub_call = client._stub.Sign  # no metadata at all
+            from sidemesh.api import ca_pb2
+
+            try:
+                await stub_call(ca_pb2.SignRequest(csr=csr), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                raise CAClientError(exc.code(), exc.details() or "") from exc
+        else:
+            await client.sign(token, csr, ttl)
+    finally:
+        await client.close()
+
+
+def own_csr() -> str:
+    return make_csr(new_key(), FRONTEND_ID)
+
+
+async def test_issues_an_x509_svid_that_independent_parsers_accept(start_ca: StartCA, tmp_path: Path) -> None:
+    ca = await start_ca()
+    svid = await ca.issue("frontend-token", FRONTEND)
+    leaf = svid.leaf
+
+    # The spiffe package (an independent SPIFFE implementation) parses it as an X.509-SVID.
+    parsed = X509Svid.parse(svid.chain_pem, svid.key_pem)
+    assert str(parsed.spiffe_id) == "spiffe://cluster.local/ns/shop/sa/frontend"
+
+    # openssl verifies the chain against the bundle, for both TLS purposes.
+    (tmp_path / "leaf.pem").write_bytes(
+        svid.chain_pem.split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n"
+    )
+    (tmp_path / "chain.pem").write_bytes(svid.chain_pem)
+    (tmp_path / "bundle.pem").write_bytes(svid.bundle_pem)
+    for purpose in ("sslclient", "sslserver"):
+        out = subprocess.run(
+            [
+                "openssl",
+                "verify",
+                "-purpose",
+                purpose,
+                "-CAfile",
+                tmp_path / "bundle.pem",
+                "-untrusted",
+                tmp_path / "chain.pem",
+                tmp_path / "leaf.pem",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr
+
+    # The profile: one URI SAN, nothing else; CA:false; digitalSignature; server+client auth; P-256.
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.critical and [type(n) for n in san.value] == [x509.UniformResourceIdentifier]
+    assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature and not ku.key_cert_sign and not ku.crl_sign
+    eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert (
+        isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
+        and leaf.public_key().curve.name == "secp256r1"
+    )
+    now = dt.datetime.now(dt.UTC)
+    assert dt.timedelta(0) <= now - leaf.not_valid_before_utc <= dt.timedelta(seconds=65)
+    assert abs((leaf.not_valid_after_utc - now) - dt.timedelta(hours=1)) < dt.timedelta(seconds=10)
+    assert len(svid.chain) == 2 and len(svid.bundle) == 1
+
+
+async def test_ca_copies_nothing_from_the_csr_but_its_key(start_ca: StartCA) -> None:
+    ca = await start_ca()
+    key = new_key()
+    # A CSR with a subject and an extra extension the CA must ignore.
+    builder = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(x509.NameOID.COMMON_NAME, "admin"),
+                    x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "system:masters"),
+                ]
+            )
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(FRONTEND_ID))]), critical=False
+        )
+        .add_extension(x509.OCSPNoCheck(), critical=False)
+    )
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    csr = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+    client = ca.client()
+    resp = await client.sign("frontend-token", csr)
+    await client.close()
+    leaf = x509.load_pem_x509_certificate(resp.cert_chain[0].encode())
+    assert leaf.subject == x509.Name([])
+    assert {e.oid for e in leaf.extensions} == {
+        x509.oid.ExtensionOID.BASIC_CONSTRAINTS,
+        x509.oid.ExtensionOID.KEY_USAGE,
+        x509.oid.ExtensionOID.EXTENDED_KEY_USAGE,
+        x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+        x509.oid.ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+        x509.oid.ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    }
+    assert resp.spiffe_id == str(FRONTEND_ID) and resp.serial == format(leaf.serial_number, "x")
+
+
+@pytest.mark.parametrize(
+    ("ttl", "expected"),
+    [
+        (0, dt.timedelta(hours=1)),
+        (60, dt.timedelta(minutes=5)),
+        (7200, dt.timedelta(hours=2)),
+        (100 * 3600, dt.timedelta(hours=24)),
+    ],
+)
+async def test_ttl_is_clamped(start_ca: StartCA, ttl: int, expected: dt.timedelta) -> None:
+    ca = await start_ca()
+    svid = await ca.issue("frontend-token", FRONTEND, ttl=ttl)
+    lifetime = svid.not_after - dt.datetime.now(dt.UTC)
+    assert abs(lifetime - expected) < dt.timedelta(seconds=10)
+
+
+async def test_not_after_never_passes_the_issuing_certificate(start_ca: StartCA) -> None:
+    ca = await start_ca(intermediate_lifetime=dt.timedelta(minutes=30))
+    svid = await ca.issue("frontend-token", FRONTEND, ttl=24 * 3600)
+    assert svid.not_after == ca.authority.cert.not_valid_after_utc
+
+
+def _uri(text: str) -> x509.GeneralName:
+    return x509.UniformResourceIdentifier(text)
+
+
+BAD_CSRS = {
+    "garbage": (lambda: "this is not a CSR", grpc.StatusCode.INVALID_ARGUMENT, "not a PEM-encoded PKCS#10"),
+    "garbage-pem": (
+        lambda: "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not a PEM-encoded",
+    ),
+    "empty": (lambda: "", grpc.StatusCode.INVALID_ARGUMENT, "csr is empty"),
+    "signed-by-another-key": (
+        lambda: pki.csr_signed_by_other_key(FRONTEND_ID),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "proof of possession",
+    ),
+    "two-uri-sans": (
+        lambda: pki.csr_pem(
+            new_key(), [_uri(str(FRONTEND_ID)), _uri("spiffe://cluster.local/ns/shop/sa/cart")]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "exactly one URI SAN, found 2",
+    ),
+    "dns-san": (
+        lambda: pki.csr_pem(new_key(), [_uri(str(FRONTEND_ID)), x509.DNSName("cart.shop.svc")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "only a URI SAN, found DNSName",
+    ),
+    "no-san": (lambda: pki.csr_pem(new_key(), []), grpc.StatusCode.INVALID_ARGUMENT, "no subjectAltName"),
+    "ca-true": (
+        lambda: pki.csr_pem(new_key(), [_uri(str(FRONTEND_ID))], ca=True),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "CA:true",
+    ),
+    "rsa-key": (
+        lambda: pki.csr_pem(rsa.generate_private_key(65537, 2048), [_uri(str(FRONTEND_ID))]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "must be ECDSA P-256",
+    ),
+    "p384-key": (
+        lambda: pki.csr_pem(ec.generate_private_key(ec.SECP384R1()), [_uri(str(FRONTEND_ID))]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "got EC secp384r1",
+    ),
+    "not-spiffe": (
+        lambda: pki.csr_pem(new_key(), [_uri("https://cart.shop")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not a SPIFFE ID",
+    ),
+    "other-identity": (
+        lambda: make_csr(new_key(), SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "may only request its own identity",
+    ),
+    "other-trust-domain": (
+        lambda: make_csr(new_key(), SpiffeId.parse("spiffe://evil.example/ns/shop/sa/frontend")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "but the token authenticates spiffe://cluster.local/ns/shop/sa/frontend",
+    ),
+    "large": (lambda: "A" * 30_000, grpc.StatusCode.INVALID_ARGUMENT, "larger than 16384 bytes"),
+    "over-grpc-limit": (lambda: "A" * 100_000, grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+}
+
+
+async def test_bad_csrs_are_refused_clearly_and_nothing_is_issued(start_ca: StartCA) -> None:
+    ca = await start_ca()
+    for name, (make, code, message) in BAD_CSRS.items():
+        with pytest.raises(CAClientError) as info:
+            await sign_raw(ca, make())
+        assert info.value.code == code, name
+        assert message in info.value.message, (name, info.value.message)
+    assert metric(ca, "sidemesh_ca_certificates_issued_total") == 0
+    # over-grpc-limit is refused by grpc before it reaches the service
+    assert (
+        metric(ca, "sidemesh_ca_requests_refused_total", {"reason": "invalid_request"}) == len(BAD_CSRS) - 3
+    )
+    assert metric(ca, "sidemesh_ca_requests_refused_total", {"reason": "identity_mismatch"}) == 2
+    # The server is unharmed: a good request still works.
+    await ca.issue("frontend-token", FRONTEND)
+    assert metric(ca, "sidemesh_ca_certificates_issued_total") == 1
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        (None, "no bearer token"),
+        ("", "Bearer <token>"),
+        ("nope", "token not recognized"),
+        ("expired-token", "token expired"),
+    ],
+)
+async def test_bad_tokens_are_unauthenticated(start_ca: StartCA, token: str | None, message: str) -> None:
+    ca = await start_ca()
+    with pytest.raises(CAClientError) as info:
+        await sign_raw(ca, own_csr(), token=token)
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert message in info.value.message
+    assert metric(ca, "sidemesh_ca_requests_refused_total", {"reason": "unauthenticated"}) == 1
+
+
+@pytest.mark.parametrize("ttl", [-1, 10**9])
+async def test_ttl_out_of_range_is_refused(start_ca: StartCA, ttl: int) -> None:
+    ca = await start_ca()
+    with pytest.raises(CAClientError) as info:
+        await sign_raw(ca, own_csr(), ttl=ttl)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "ttl_seconds" in info.value.message
+
+
+async def test_rate_limit_per_identity(start_ca: StartCA) -> None:
+    ca = await start_ca(rate_limit=0.001, rate_burst=2)
+    await ca.issue("frontend-token", FRONTEND)
+    await ca.issue("frontend-token", FRONTEND)
+    with pytest.raises(CAClientError) as info:
+        await ca.issue("frontend-token", FRONTEND)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and info.value.retryable
+    # Another identity has its own bucket.
+    await ca.issue("cart-token", WorkloadId("shop", "cart"))
+
+
+async def test_audit_log_line_per_issuance_without_secrets(
+    start_ca: StartCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    ca = await start_ca()
+    svid = await ca.issue("frontend-token", FRONTEND)
+    with pytest.raises(CAClientError):
+        await sign_raw(ca, own_csr(), token="nope")
+    audits = [r for r in caplog.records if r.name == "sidemesh.ca.audit"]
+    assert len(audits) == 1
+    record = audits[0].__dict__
+    assert record["identity"] == str(FRONTEND_ID)
+    assert record["serial"] == svid.serial_hex
+    assert record["not_after"] == svid.not_after.isoformat()
+    everything = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert "frontend-token" not in everything and "nope" not in everything and "PRIVATE KEY" not in everything
+    assert "token not recognized" in everything  # the refusal is logged, without the token
+
+
+async def test_restart_keeps_the_same_root(start_ca: StartCA) -> None:
+    first = await start_ca()
+    before = await first.issue("frontend-token", FRONTEND)
+    await first.server.stop(grace=0)
+    second = await start_ca()  # same directory: loads, does not bootstrap again
+    after = await second.issue("frontend-token", FRONTEND)
+    assert before.bundle == after.bundle
+    assert after.serial_hex != before.serial_hex
+    after.leaf.verify_directly_issued_by(before.chain[1])
+
+
+async def test_client_with_a_foreign_bundle_cannot_talk_to_the_ca(start_ca: StartCA, tmp_path: Path) -> None:
+    ca = await start_ca()
+    foreign = pki.make_authority(tmp_path / "foreign")
+    client = CAClient(ca.address, b"".join(keys.cert_pem(r) for r in foreign.roots), timeout=3)
+    try:
+        with pytest.raises(CAClientError) as info:
+            await client.sign("frontend-token", own_csr())
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await client.close()
+    assert metric(ca, "sidemesh_ca_certificates_issued_total") == 0
+
+
+async def test_plug_in_intermediate_and_multi_root_bundle(start_ca: StartCA, tmp_path: Path) -> None:
+    """An operator's own root signs our intermediate; the bundle also holds a second (new) root."""
+    op_dir = tmp_path / "operator"
+    operator = pki.make_authority(op_dir)  # operator's root + intermediate
+    new_root = pki.make_authority(tmp_path / "next-root")
+    ca_dir = tmp_path / "ca"
+    ca_dir.mkdir()
+    for name in (keys.CA_CERT, keys.CA_KEY, keys.CHAIN):
+        (ca_dir / name).write_bytes((op_dir / name).read_bytes())
+    (ca_dir / keys.ROOTS).write_bytes(keys.cert_pem(*operator.roots, *new_root.roots))
+    ca = await start_ca(bootstrap=False)
+    svid = await ca.issue("frontend-token", FRONTEND)
+    assert len(svid.bundle) == 2
+    svid.leaf.verify_directly_issued_by(operator.cert)
+
+
+async def test_ca_reloads_a_new_intermediate_without_restart(start_ca: StartCA, tmp_path: Path) -> None:
+    ca = await start_ca()
+    old = ca.authority
+    keys.bootstrap(ca.dir, "cluster.local", dt.datetime.now(dt.UTC), force=True)
+    assert ca.server.reload_if_changed()
+    # New roots: clients use the new bundle (the CA's serving certificate is renewed too).
+    client = CAClient(ca.address, (ca.dir / keys.ROOTS).read_bytes(), timeout=5)
+    resp = await client.sign("frontend-token", own_csr())
+    await client.close()
+    leaf = x509.load_pem_x509_certificate(resp.cert_chain[0].encode())
+    new = keys.load(ca.dir)
+    assert new.cert != old.cert
+    leaf.verify_directly_issued_by(new.cert)
+    # Broken material is refused and the CA keeps signing with what it had.
+    (ca.dir / keys.CA_KEY).write_text("garbage")
+    assert not ca.server.reload_if_changed()
+    client = CAClient(ca.address, (ca.dir / keys.ROOTS).read_bytes(), timeout=5)
+    await client.sign("frontend-token", own_csr())
+    await client.close()
+
+
+async def test_local_token_file_is_reloaded(start_ca: StartCA, tmp_path: Path) -> None:
+    ca = await start_ca()
+    token_file = tmp_path / "tokens.yaml"
+    token_file.write_text("tokens:\n- {token: new-token, namespace: shop, serviceAccount: frontend}\n")
+    import os
+
+    os.utime(token_file, ns=(1, 1))  # a different mtime than before, whatever the clock's resolution
+    await ca.issue("new-token", FRONTEND)
+    with pytest.raises(CAClientError):
+        await ca.issue("frontend-token", FRONTEND)
+    assert isinstance(ca.server.service.authenticator, LocalTokenAuthenticator)

@@ -1,0 +1,200 @@
+"""The CA's command line, as an operator uses it: bootstrap, local-token, serve, issue."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+from spiffe.svid.x509_svid import X509Svid
+
+from sidemesh.cli import main
+
+SIDEMESH = [sys.executable, "-m", "sidemesh"]
+
+
+def test_help_is_complete(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (
+        ["--help"],
+        ["ca", "--help"],
+        ["ca", "serve", "--help"],
+        ["ca", "issue", "--help"],
+        ["ca", "bootstrap", "--help"],
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+    out = capsys.readouterr().out
+    for word in (
+        "bootstrap",
+        "serve",
+        "issue",
+        "local-token",
+        "--token-file",
+        "--out-dir",
+        "--rate-limit",
+        "SIDEMESH_CA_LISTEN",
+    ):
+        assert word in out
+
+
+def test_bootstrap_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")]) == 0
+    assert stat.S_IMODE(os.stat(tmp_path / "ca" / "ca-key.pem").st_mode) == 0o600
+    assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca"), "--force"]) == 0
+
+
+def test_serve_with_missing_material_says_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = tmp_path / "t.yaml"
+    tokens.write_text("tokens: []\n")
+    code = main(
+        [
+            "ca",
+            "serve",
+            "--ca-dir",
+            str(tmp_path / "nothing"),
+            "--authenticator",
+            "local",
+            "--token-file",
+            str(tokens),
+        ]
+    )
+    assert code == 2
+    assert "sidemesh ca bootstrap" in capsys.readouterr().err
+
+
+def test_serve_and_issue_as_processes(tmp_path: Path) -> None:
+    assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")]) == 0
+    token = subprocess.run(
+        [*SIDEMESH, "ca", "local-token", "--file", str(tmp_path / "tokens.yaml"), "--identity", "shop/cart"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert len(token) >= 40
+    (tmp_path / "token").write_text(token)
+    proc = subprocess.Popen(
+        [
+            *SIDEMESH,
+            "ca",
+            "serve",
+            "--authenticator",
+            "local",
+            "--token-file",
+            str(tmp_path / "tokens.yaml"),
+            "--ca-dir",
+            str(tmp_path / "ca"),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        port = None
+        for line in proc.stderr:
+            record = json.loads(line)
+            if record["event"] == "CA serving":
+                port = record["port"]
+                break
+        assert port
+        out = subprocess.run(
+            [
+                *SIDEMESH,
+                "ca",
+                "issue",
+                "--ca",
+                f"127.0.0.1:{port}",
+                "--bundle",
+                str(tmp_path / "ca" / "root-cert.pem"),
+                "--token-file",
+                str(tmp_path / "token"),
+                "--identity",
+                "shop/cart",
+                "--ttl",
+                "10m",
+                "--out-dir",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "spiffe://cluster.local/ns/shop/sa/cart" in out.stdout
+        svid = X509Svid.load(tmp_path / "out" / "cert-chain.pem", tmp_path / "out" / "key.pem", Encoding.PEM)
+        assert str(svid.spiffe_id) == "spiffe://cluster.local/ns/shop/sa/cart"
+        assert stat.S_IMODE(os.stat(tmp_path / "out" / "key.pem").st_mode) == 0o600
+        # The wrong identity for the token: refused, with a hint.
+        out = subprocess.run(
+            [
+                *SIDEMESH,
+                "ca",
+                "issue",
+                "--ca",
+                f"127.0.0.1:{port}",
+                "--bundle",
+                str(tmp_path / "ca" / "root-cert.pem"),
+                "--token-file",
+                str(tmp_path / "token"),
+                "--identity",
+                "shop/frontend",
+                "--out-dir",
+                str(tmp_path / "out2"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 2
+        assert "PERMISSION_DENIED" in out.stderr and "--identity must be" in out.stderr
+        assert not (tmp_path / "out2").exists()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+    # SIGTERM ends it cleanly.
+    assert proc.returncode == 0
+
+
+def test_issue_against_nothing_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")])
+    code = main(
+        [
+            "ca",
+            "issue",
+            "--ca",
+            "127.0.0.1:1",
+            "--bundle",
+            str(tmp_path / "ca" / "root-cert.pem"),
+            "--token",
+            "x",
+            "--identity",
+            "shop/cart",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 2
+    assert "is the CA running" in capsys.readouterr().err
+
+
+def test_demo_once_behaves_as_described() -> None:
+    out = subprocess.run([*SIDEMESH, "demo", "--once"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "issued spiffe://cluster.local/ns/shop/sa/frontend" in out.stdout
+    assert "refused: PERMISSION_DENIED" in out.stdout
+    assert "all steps behaved as described" in out.stdout

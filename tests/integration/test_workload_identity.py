@@ -1,0 +1,298 @@
+"""The workload side against a real CA: SVIDs, mTLS with the contexts, rotation, outages, bundles."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from ca import keys
+from sidemesh.identity import tls
+from sidemesh.identity.rotation import renewal_time
+from sidemesh.identity.svid import SVID
+from sidemesh.identity.workload import WorkloadIdentity
+from sidemesh.spiffe import SpiffeId, WorkloadId
+from tests.integration.conftest import RunningCA, StartCA
+from tests.support import pki
+from tests.support.clock import FakeClock
+
+FRONTEND = WorkloadId("shop", "frontend").spiffe_id("cluster.local")
+CART = WorkloadId("shop", "cart").spiffe_id("cluster.local")
+
+
+class EchoServer:
+    """A TLS echo server that records each client's SPIFFE ID (or the handshake error)."""
+
+    def __init__(self, context: Callable[[], ssl.SSLContext]) -> None:
+        self.context = context
+        self.peers: list[SpiffeId] = []
+        self.errors: list[str] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await writer.start_tls(self.context())
+            self.peers.append(tls.peer_spiffe_id(writer.get_extra_info("ssl_object")))
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ssl.SSLError, ConnectionError) as exc:
+            self.errors.append(str(exc))
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> EchoServer:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 2)
+
+
+async def connect(port: int, ctx: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=None), 5
+    )
+
+
+async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> bytes:
+    writer.write(data)
+    await writer.drain()
+    return await asyncio.wait_for(reader.readexactly(len(data)), 5)
+
+
+@pytest.fixture
+async def ca(start_ca: StartCA) -> RunningCA:
+    return await start_ca()
+
+
+@pytest.fixture
+async def identities(ca: RunningCA) -> AsyncIterator[Callable[..., WorkloadIdentity]]:
+    made: list[WorkloadIdentity] = []
+
+    def make(spiffe_id: SpiffeId, token: str, **kw: object) -> WorkloadIdentity:
+        wi = WorkloadIdentity(spiffe_id, ca.client(), lambda: token, **kw)  # type: ignore[arg-type]
+        made.append(wi)
+        return wi
+
+    yield make
+    for wi in made:
+        await wi.stop()
+        await wi.ca.close()
+
+
+async def test_two_workloads_talk_mtls_and_see_each_others_identity(
+    identities: Callable[..., WorkloadIdentity],
+) -> None:
+    cart = identities(CART, "cart-token")
+    frontend = identities(FRONTEND, "frontend-token")
+    for wi in (cart, frontend):
+        await wi.start()
+        await asyncio.wait_for(wi.wait_ready(), 10)
+    assert cart.ready and cart.state == "valid"
+    async with EchoServer(cart.server_context) as server:
+        reader, writer = await connect(server.port, frontend.client_context())
+        assert await roundtrip(reader, writer, b"hello cart") == b"hello cart"
+        ssl_object = writer.get_extra_info("ssl_object")
+        assert tls.peer_spiffe_id(ssl_object) == CART  # secure naming: the client checks who answered
+        assert ssl_object.selected_alpn_protocol() == "sidemesh/1"
+        assert ssl_object.version() == "TLSv1.3"
+        writer.close()
+    assert server.peers == [FRONTEND]
+
+
+async def _refused(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> EchoServer:
+    async with EchoServer(lambda: server_ctx) as server:
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):  # noqa: PT012
+            # TLS 1.3: a refused client certificate shows up on the first read, not in connect().
+            reader, writer = await connect(server.port, client_ctx)
+            await roundtrip(reader, writer, b"x")
+        await asyncio.sleep(0.05)
+    assert server.peers == []
+    return server
+
+
+def _client_without_cert(bundle: bytes) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=bundle.decode())
+    return ctx
+
+
+async def test_negative_twins(ca: RunningCA, tmp_path: Path) -> None:
+    cart = pki.make_svid(ca.authority, CART)
+    server_ctx = tls.server_context(cart)
+    # No client certificate.
+    await _refused(server_ctx, _client_without_cert(ca.bundle))
+    # A client certificate from another CA (another trust domain).
+    foreign = pki.make_authority(tmp_path / "foreign", trust_domain="evil.example")
+    foreign_svid = pki.make_svid(foreign, SpiffeId.parse("spiffe://evil.example/ns/shop/sa/frontend"))
+    await _refused(server_ctx, tls.client_context(foreign_svid.with_bundle(ca.authority.roots)))
+    # Self-signed.
+    await _refused(
+        server_ctx, tls.client_context(pki.self_signed_svid(FRONTEND).with_bundle(ca.authority.roots))
+    )
+    # Expired (issued by our own CA, two hours ago, for one hour).
+    expired = pki.expired_svid(ca.authority, FRONTEND)
+    await _refused(server_ctx, tls.client_context(expired))
+    # And the client side refuses a server from another CA.
+    await _refused(
+        tls.server_context(foreign_svid), tls.client_context(pki.make_svid(ca.authority, FRONTEND))
+    )
+
+
+async def test_wrong_san_is_visible_to_the_caller() -> None:
+    with pytest.raises(tls.PeerIdentityError):
+        tls.spiffe_id_from_peercert({"subjectAltName": (("DNS", "cart"),)})
+    with pytest.raises(tls.PeerIdentityError):
+        tls.spiffe_id_from_peercert({"subjectAltName": (("URI", "spiffe://a/x"), ("URI", "spiffe://a/y"))})
+    assert tls.spiffe_id_from_peercert({"subjectAltName": (("URI", str(CART)),)}) == CART
+
+
+async def test_rotation_keeps_open_connections_and_new_ones_get_the_new_certificate(
+    identities: Callable[..., WorkloadIdentity],
+) -> None:
+    clock = FakeClock()
+    cart = identities(CART, "cart-token", clock=clock, rand=lambda: 0.5)
+    frontend = identities(FRONTEND, "frontend-token")
+    await cart.start()
+    await frontend.start()
+    await asyncio.wait_for(asyncio.gather(cart.wait_ready(), frontend.wait_ready()), 10)
+    first = cart.svid
+    assert first is not None
+    # The renewal loop sleeps until half the lifetime minus half the jitter (rand=0.5).
+    delay = await clock.next_sleep()
+    expected = (renewal_time(first.not_before, first.not_after, 0.5) - clock.now()).total_seconds()
+    assert abs(delay - expected) < 2
+    assert 0.4 * 3600 - 70 < delay < 0.5 * 3600
+
+    async with EchoServer(cart.server_context) as server:
+        old_reader, old_writer = await connect(server.port, frontend.client_context())
+        assert await roundtrip(old_reader, old_writer, b"before") == b"before"
+        clock.wake()  # time to renew
+        await clock.next_sleep()
+        second = cart.svid
+        assert second is not None and second.serial_hex != first.serial_hex and cart.rotations == 2
+        assert second.key != first.key  # a new key for every certificate
+        # The open connection still works, on the old certificate.
+        assert await roundtrip(old_reader, old_writer, b"after" * 1000) == b"after" * 1000
+        old_serial = old_writer.get_extra_info("ssl_object").getpeercert()["serialNumber"]
+        assert int(old_serial, 16) == first.leaf.serial_number
+        # A new connection sees the new certificate.
+        new_reader, new_writer = await connect(server.port, frontend.client_context())
+        assert await roundtrip(new_reader, new_writer, b"new") == b"new"
+        new_serial = new_writer.get_extra_info("ssl_object").getpeercert()["serialNumber"]
+        assert int(new_serial, 16) == second.leaf.serial_number
+        old_writer.close()
+        new_writer.close()
+
+
+async def test_ca_outage_backs_off_keeps_serving_and_recovers(start_ca: StartCA, tmp_path: Path) -> None:
+    ca = await start_ca()
+    clock = FakeClock()
+    client = ca.client()
+    wi = WorkloadIdentity(CART, client, lambda: "cart-token", clock=clock, rand=lambda: 1.0)
+    await wi.start()
+    try:
+        await asyncio.wait_for(wi.wait_ready(), 10)
+        await clock.next_sleep()
+        served = wi.server_context()
+        port = ca.server.port
+        await ca.server.stop(grace=0)  # the CA goes away
+        delays = []
+        for _ in range(4):
+            clock.wake()
+            delays.append(await clock.next_sleep())
+        assert delays == sorted(delays) and delays[0] < delays[-1]  # exponential backoff
+        assert wi.state == "valid" and wi.server_context() is served and wi.last_error
+        # The CA comes back on the same address: the next attempt succeeds.
+        back = await start_ca(listen=f"127.0.0.1:{port}")
+        assert back.server.port == port
+        for _ in range(30):  # the channel reconnects within its (capped, 1 s) reconnect backoff
+            clock.wake()
+            await clock.next_sleep()
+            if wi.last_error is None:
+                break
+            await asyncio.sleep(0.1)
+        assert wi.last_error is None and wi.rotations == 2 and wi.server_context() is not served
+    finally:
+        await wi.stop()
+        await client.close()
+
+
+async def test_expiry_is_reported_when_the_ca_never_comes_back(start_ca: StartCA) -> None:
+    ca = await start_ca()
+    clock = FakeClock()
+    client = ca.client()
+    wi = WorkloadIdentity(CART, client, lambda: "cart-token", clock=clock, rand=lambda: 1.0)
+    await wi.start()
+    try:
+        await asyncio.wait_for(wi.wait_ready(), 10)
+        await clock.next_sleep()
+        await ca.server.stop(grace=0)
+        clock.wake(advance=2 * 3600)  # two hours later, still no CA
+        await clock.next_sleep()
+        assert wi.state == "expired" and not wi.ready
+    finally:
+        await wi.stop()
+        await client.close()
+
+
+async def test_trust_bundle_change_is_picked_up_without_restart(ca: RunningCA, tmp_path: Path) -> None:
+    bundle_file = tmp_path / "bundle.pem"
+    bundle_file.write_bytes(ca.bundle)
+    client = ca.client()
+    wi = WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=FakeClock())
+    await wi.start()
+    try:
+        await asyncio.wait_for(wi.wait_ready(), 10)
+        other = pki.make_authority(tmp_path / "next-root")
+        other_client = pki.make_svid(other, FRONTEND).with_bundle(other.roots + ca.authority.roots)
+        # Before: a client from the new root is refused.
+        await _refused(wi.server_context(), tls.client_context(other_client))
+        # The operator adds the new root to the bundle (root rotation with overlap).
+        bundle_file.write_bytes(ca.bundle + keys.cert_pem(*other.roots))
+        assert wi.reload_bundle()
+        assert wi.svid is not None and len(wi.svid.bundle) == 2
+        async with EchoServer(wi.server_context) as server:
+            reader, writer = await connect(server.port, tls.client_context(other_client))
+            assert await roundtrip(reader, writer, b"ok") == b"ok"
+            writer.close()
+        assert server.peers == [FRONTEND]
+        # A broken bundle file is ignored; the current bundle stays.
+        bundle_file.write_text("garbage")
+        assert not wi.reload_bundle() and len(wi.svid.bundle) == 2
+    finally:
+        await wi.stop()
+        await client.close()
+
+
+def test_a_ca_answer_for_another_identity_or_key_is_rejected(ca: RunningCA) -> None:
+    from sidemesh.identity.svid import SvidError, new_key
+
+    cart = pki.make_svid(ca.authority, CART)
+    chain = [
+        c.decode() + "-----END CERTIFICATE-----\n"
+        for c in cart.chain_pem.split(b"-----END CERTIFICATE-----\n")[:-1]
+    ]
+    bundle = [cart.bundle_pem.decode()]
+    assert SVID.from_pem(cart.key, chain, bundle, CART).leaf == cart.leaf
+    with pytest.raises(SvidError, match="for another key"):
+        SVID.from_pem(new_key(), chain, bundle, CART)
+    with pytest.raises(SvidError, match=r"expected spiffe://cluster\.local/ns/shop/sa/frontend"):
+        SVID.from_pem(cart.key, chain, bundle, FRONTEND)
+    with pytest.raises(SvidError, match="empty"):
+        SVID.from_pem(cart.key, [], bundle, CART)
+    with pytest.raises(SvidError, match="unparsable"):
+        SVID.from_pem(
+            cart.key, ["-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"], bundle, CART
+        )

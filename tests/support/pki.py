@@ -1,0 +1,109 @@
+"""Certificates the CA would never issue, for the negative tests."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from ca import keys, templates
+from sidemesh.identity.svid import SVID
+from sidemesh.spiffe import SpiffeId
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def make_authority(
+    tmp: Path, trust_domain: str = "cluster.local", **kw: dt.timedelta
+) -> keys.SigningAuthority:
+    return keys.bootstrap(tmp, trust_domain, now(), **kw)
+
+
+def make_svid(
+    authority: keys.SigningAuthority, spiffe_id: SpiffeId, ttl: dt.timedelta = dt.timedelta(hours=1)
+) -> SVID:
+    """An SVID signed directly by ``authority`` with the CA's own template."""
+    key = templates.new_key()
+    params = templates.LeafParams(spiffe_id, key.public_key(), ttl, now())
+    cert = templates.leaf_builder(params, authority.cert, authority.chain).sign(
+        authority.key, hashes.SHA256()
+    )
+    return SVID(spiffe_id, key, (cert, *authority.chain), authority.roots)
+
+
+def expired_svid(authority: keys.SigningAuthority, spiffe_id: SpiffeId) -> SVID:
+    """Our CA's template and signature, but valid from two hours ago to one hour ago."""
+    key = templates.new_key()
+    params = templates.LeafParams(spiffe_id, key.public_key(), dt.timedelta(hours=1), now())
+    good = templates.leaf_builder(params, authority.cert, authority.chain).sign(
+        authority.key, hashes.SHA256()
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(good.subject)
+        .issuer_name(good.issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now() - dt.timedelta(hours=2))
+        .not_valid_after(now() - dt.timedelta(hours=1))
+    )
+    for ext in good.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    cert = builder.sign(authority.key, hashes.SHA256())
+    return SVID(spiffe_id, key, (cert, *authority.chain), authority.roots)
+
+
+def self_signed_svid(spiffe_id: SpiffeId) -> SVID:
+    key = templates.new_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "self")]))
+        .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "self")]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now() - dt.timedelta(minutes=1))
+        .not_valid_after(now() + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return SVID(spiffe_id, key, (cert,), (cert,))
+
+
+def csr_pem(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    sans: list[x509.GeneralName],
+    ca: bool | None = None,
+) -> str:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    if ca is not None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def csr_signed_by_other_key(spiffe_id: SpiffeId) -> str:
+    """A CSR carrying key A's public key but signed by key B (no proof of possession of A)."""
+    key_a, key_b = templates.new_key(), templates.new_key()
+    honest = x509.load_pem_x509_csr(csr_pem(key_a, [x509.UniformResourceIdentifier(str(spiffe_id))]).encode())
+    tbs = honest.tbs_certrequest_bytes
+    signature = key_b.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    alg = bytes.fromhex("300a06082a8648ce3d040302")  # ecdsa-with-SHA256
+    bits = b"\x03" + _der_len(len(signature) + 1) + b"\x00" + signature
+    body = tbs + alg + bits
+    der = b"\x30" + _der_len(len(body)) + body
+    return x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM).decode()

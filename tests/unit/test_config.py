@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from ca.config import CAConfig
+from sidemesh.config import ConfigError, add_arguments, format_duration, load, parse_duration
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("5m", 300), ("1h30m", 5400), ("250ms", 0.25), ("2d", 172800), ("90", 90), ("1.5h", 5400)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5 minutes", "h", "1x", "-5m"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+def test_format_duration() -> None:
+    assert format_duration(dt.timedelta(hours=24)) == "1d"
+    assert format_duration(dt.timedelta(minutes=5)) == "5m"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, CAConfig)
+    return parser.parse_args(argv)
+
+
+def test_flag_over_env_over_default() -> None:
+    env = {"SIDEMESH_CA_DEFAULT_TTL": "2h", "SIDEMESH_TRUST_DOMAIN": "env.example"}
+    config = load(CAConfig, _parse(["--trust-domain", "flag.example"]), env)
+    assert config.trust_domain == "flag.example"
+    assert config.default_ttl == dt.timedelta(hours=2)
+    assert config.max_ttl == dt.timedelta(hours=24)
+    assert config.ca_dir == Path("/var/run/secrets/sidemesh/ca")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "option"),
+    [
+        (["--default-ttl", "forever"], {}, "--default-ttl"),
+        (["--listen", "nohost"], {}, "--listen"),
+        (["--trust-domain", "Bad Domain"], {}, "--trust-domain"),
+        (["--authenticator", "local"], {}, "--token-file"),
+        (["--default-ttl", "48h"], {}, "--default-ttl"),
+        (["--rate-limit", "-1"], {}, "--rate-limit"),
+        ([], {"SIDEMESH_CA_RATE_BURST": "many"}, "--rate-burst"),
+        ([], {"SIDEMESH_CA_AUTHENTICATOR": "ldap"}, "--authenticator"),
+    ],
+)
+def test_bad_values_name_the_option(argv: list[str], env: dict[str, str], option: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(CAConfig, _parse(argv), env)
+    assert str(info.value).startswith(option), str(info.value)
+
+
+def test_help_lists_every_option_with_default_and_env() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, CAConfig)
+    text = parser.format_help()
+    for flag in ("--listen", "--ca-dir", "--token-file", "--default-ttl", "--rate-limit", "--dns-names"):
+        assert flag in text
+    assert "SIDEMESH_CA_DEFAULT_TTL" in text and "(default: 1h)" in text
