@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit protos bench clean
+.PHONY: demo test lint typecheck unit protos bench clean sysdeps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/sidemesh demo
 
-test: $(STAMP) lint typecheck unit
+test: $(STAMP) sysdeps lint typecheck unit
+
+# The e2e tests build pods from network namespaces and need iptables and iproute2. As root on
+# Debian they are installed here; otherwise those tests skip and say why.
+SYSDEPS := iptables iproute2
+sysdeps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! (command -v iptables && command -v ip) >/dev/null; then \
+	  echo "installing $(SYSDEPS) for the e2e tests (apt-get) ..."; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS) >/dev/null) \
+	    || echo "could not install $(SYSDEPS): the e2e tests will skip"; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

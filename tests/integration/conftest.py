@@ -23,6 +23,7 @@ from sidemesh.spiffe import WorkloadId
 TOKENS = {
     "frontend-token": ("shop", "frontend"),
     "cart-token": ("shop", "cart"),
+    "stranger-token": ("shop", "stranger"),
     "expired-token": ("shop", "frontend"),
 }
 

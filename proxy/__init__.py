@@ -1,0 +1,1 @@
+"""The Sidemesh sidecar: `sidemesh proxy init` (iptables capture) and `sidemesh proxy run`."""

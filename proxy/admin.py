@@ -1,0 +1,74 @@
+"""A small HTTP/1.1 server (h11) for the admin endpoint and readiness/metrics. Not on the data path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import h11
+
+log = logging.getLogger("sidemesh.proxy.admin")
+
+Route = Callable[[], tuple[int, str, bytes]]
+
+
+def json_response(status: int, body: Any) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(body, indent=2, default=str).encode() + b"\n"
+
+
+class HTTPServer:
+    def __init__(self, routes: dict[str, Route]) -> None:
+        self.routes = routes
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await asyncio.start_server(self._serve, host, port)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), 1)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await asyncio.wait_for(reader.read(65536), 30)
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    status, ctype, body = self._route(event)
+                    headers = [("content-type", ctype), ("content-length", str(len(body)))]
+                    writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
+                    writer.write(conn.send(h11.Data(data=body)) or b"")
+                    writer.write(conn.send(h11.EndOfMessage()) or b"")
+                    await writer.drain()
+                elif isinstance(event, h11.ConnectionClosed) or conn.our_state is h11.MUST_CLOSE:
+                    break
+                elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                    conn.start_next_cycle()
+        except (h11.RemoteProtocolError, ConnectionError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    def _route(self, request: h11.Request) -> tuple[int, str, bytes]:
+        path = request.target.decode("latin-1").split("?", 1)[0]
+        if request.method not in (b"GET", b"HEAD"):
+            return json_response(405, {"error": "only GET"})
+        route = self.routes.get(path)
+        if route is None:
+            return json_response(404, {"error": f"no {path}", "paths": sorted(self.routes)})
+        try:
+            return route()
+        except Exception as exc:  # an admin page must never take the proxy down
+            log.exception("admin route failed", extra={"path": path})
+            return json_response(500, {"error": str(exc)})

@@ -1,0 +1,85 @@
+"""`sidemesh proxy ...`: the init step (iptables) and the sidecar."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from typing import Any
+
+from proxy.config import ProxyConfig
+from sidemesh import config as cfg
+from sidemesh import logging as smlog
+from sidemesh.cli import CLIError
+
+
+def register(sub: Any) -> None:
+    proxy = sub.add_parser("proxy", help="the sidecar proxy", description="The Sidemesh sidecar proxy.")
+    proxy_sub = proxy.add_subparsers(title="proxy commands", metavar="COMMAND")
+    proxy.set_defaults(handler=lambda _a: (proxy.print_help(), 2)[1])
+    from proxy.iptables.cli import register_init
+
+    register_init(proxy_sub)
+    p = proxy_sub.add_parser(
+        "run",
+        help="run the sidecar",
+        description=(
+            "Run the sidecar: mTLS between workloads with SPIFFE identities from the CA, allow rules from "
+            "ServiceAuthorizations. With --capture iptables it serves the connections `proxy init` redirects "
+            "(inbound 15006, outbound 15001); with --capture none (local mode) it serves --outbound maps. Every "
+            "option can also be set by the environment variable named in its help."
+        ),
+    )
+    cfg.add_arguments(p, ProxyConfig)
+    p.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = cfg.load(ProxyConfig, args)
+    smlog.setup(config.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio works too
+        pass
+    return asyncio.run(_main(config))
+
+
+async def _main(config: ProxyConfig) -> int:
+    from proxy.sidecar import Sidecar
+    from sidemesh.identity.client import CAClient
+    from sidemesh.identity.workload import WorkloadIdentity, token_from_file
+    from sidemesh.mesh import directory
+    from sidemesh.mesh.sidecar_config import CompileError, compile_sidecar
+    from sidemesh.policy.model import DefaultPolicy
+
+    assert config.config_dir is not None
+    try:
+        bundle = config.bundle_file.read_bytes()
+        snapshot = directory.load_directory(config.config_dir)
+        me = compile_sidecar(
+            snapshot, config.workload, config.trust_domain, DefaultPolicy(config.default_policy)
+        )
+    except OSError as exc:
+        raise CLIError(f"{exc.filename}: {exc.strerror}; check --bundle-file and --config-dir") from exc
+    except CompileError as exc:
+        raise CLIError(f"{exc}; add a Workload named {config.workload} to {config.config_dir}") from exc
+    client = CAClient(config.ca_address, bundle)
+    identity = WorkloadIdentity(
+        me.identity, client, token_from_file(config.token_file), bundle_file=config.bundle_file
+    )
+    sidecar = Sidecar(config, identity)
+    try:
+        await sidecar.start()
+    except OSError as exc:
+        await identity.stop()
+        raise CLIError(f"cannot listen: {exc}; is another sidecar using these ports?") from exc
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await sidecar.drain()
+    await client.close()
+    return 0

@@ -1,0 +1,113 @@
+"""`sidemesh proxy run` configuration: every option, its default and its environment variable."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidemesh.config import ConfigError, option, parse_hostport
+from sidemesh.policy.model import DefaultPolicy
+from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN
+
+PROXY_UID = 1337
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    workload: str = option(
+        "", "NAMESPACE/NAME of this workload in the mesh configuration", env="SIDEMESH_WORKLOAD"
+    )
+    config_dir: Path | None = option(
+        None, "directory of mesh YAML (local mode; reloaded on change)", env="SIDEMESH_CONFIG_DIR"
+    )
+    ca_address: str = option(
+        "sidemesh-ca.sidemesh-system.svc:15012", "CA address HOST:PORT", env="SIDEMESH_CA_ADDRESS"
+    )
+    token_file: Path = option(
+        Path("/var/run/secrets/tokens/sidemesh-ca/token"),
+        "projected ServiceAccount token (audience sidemesh-ca)",
+        env="SIDEMESH_TOKEN_FILE",
+    )
+    bundle_file: Path = option(
+        Path("/var/run/sidemesh/bundle/root-cert.pem"), "trust bundle PEM", env="SIDEMESH_BUNDLE_FILE"
+    )
+    trust_domain: str = option(DEFAULT_TRUST_DOMAIN, "SPIFFE trust domain", env="SIDEMESH_TRUST_DOMAIN")
+    mode: str = option(
+        "strict",
+        "inbound plaintext: refused (strict) or unauthenticated (permissive)",
+        env="SIDEMESH_MODE",
+        choices=("strict", "permissive"),
+    )
+    default_policy: str = option(
+        "allow-authenticated",
+        "mesh default for workloads no ServiceAuthorization selects",
+        env="SIDEMESH_DEFAULT_POLICY",
+        choices=tuple(d.value for d in DefaultPolicy),
+    )
+    capture: str = option(
+        "iptables",
+        "how traffic reaches the proxy: iptables redirect, or explicit listeners (local mode)",
+        env="SIDEMESH_CAPTURE",
+        choices=("iptables", "none"),
+    )
+    inbound_listen: str = option("0.0.0.0:15006", "inbound (mTLS) listener", env="SIDEMESH_INBOUND_LISTEN")
+    outbound_listen: str = option(
+        "127.0.0.1:15001", "outbound capture listener (iptables mode)", env="SIDEMESH_OUTBOUND_LISTEN"
+    )
+    outbound: tuple[str, ...] = option(
+        (), "local mode: LISTEN=SERVICE:PORT maps, e.g. 127.0.1.1:18080=cart.shop:80", env="SIDEMESH_OUTBOUND"
+    )
+    admin_listen: str = option(
+        "127.0.0.1:15000", "admin endpoint (config, certificate, connections)", env="SIDEMESH_ADMIN_LISTEN"
+    )
+    health_listen: str = option("0.0.0.0:15020", "readiness and /metrics", env="SIDEMESH_HEALTH_LISTEN")
+    app_host: str = option(
+        "127.0.0.1", "where inbound connections are delivered (the app's address)", env="SIDEMESH_APP_HOST"
+    )
+    passthrough: bool = option(
+        True,
+        "let connections to destinations outside the mesh through in plaintext",
+        env="SIDEMESH_PASSTHROUGH",
+    )
+    connect_timeout: dt.timedelta = option(
+        dt.timedelta(seconds=5),
+        "upstream connect (and TLS handshake) timeout",
+        env="SIDEMESH_CONNECT_TIMEOUT",
+    )
+    detect_timeout: dt.timedelta = option(
+        dt.timedelta(seconds=1),
+        "how long inbound waits for a client's first bytes",
+        env="SIDEMESH_DETECT_TIMEOUT",
+    )
+    idle_timeout: dt.timedelta = option(
+        dt.timedelta(hours=1), "close connections idle this long", env="SIDEMESH_IDLE_TIMEOUT"
+    )
+    drain_timeout: dt.timedelta = option(
+        dt.timedelta(seconds=20),
+        "on SIGTERM, how long open connections may finish",
+        env="SIDEMESH_DRAIN_TIMEOUT",
+    )
+    log_level: str = option(
+        "info", "log level", env="SIDEMESH_LOG_LEVEL", choices=("debug", "info", "warning", "error")
+    )
+
+    def __post_init__(self) -> None:
+        if not self.workload or "/" not in self.workload:
+            raise ConfigError("workload", "required: NAMESPACE/NAME (POD_NAMESPACE/POD_NAME in a pod)")
+        for name in ("inbound_listen", "outbound_listen", "admin_listen", "health_listen"):
+            parse_hostport(name, getattr(self, name))
+        for entry in self.outbound:
+            listen, sep, target = entry.partition("=")
+            if not sep or ":" not in target:
+                raise ConfigError("outbound", f"{entry!r} is not LISTEN=SERVICE:PORT")
+            parse_hostport("outbound", listen)
+        if self.config_dir is None:
+            raise ConfigError("config_dir", "required until the controller stream is available")
+
+    def outbound_maps(self) -> list[tuple[tuple[str, int], str]]:
+        out = []
+        for entry in self.outbound:
+            listen, _, target = entry.partition("=")
+            out.append((parse_hostport("outbound", listen), target))
+        return out

@@ -1,0 +1,142 @@
+"""Inbound: terminate mTLS (or accept plaintext in permissive mode), authorize, deliver to the app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from typing import TYPE_CHECKING
+
+from proxy import framing
+from proxy.detect import Kind, detect
+from proxy.original_dst import original_dst
+from proxy.outbound import Refused, _reset_socket
+from proxy.relay import Half, Relay
+from sidemesh.identity import tls
+from sidemesh.policy.evaluate import evaluate
+from sidemesh.policy.model import Decision, Peer, Request
+from sidemesh.spiffe import SpiffeId, SpiffeIdError, WorkloadId
+
+if TYPE_CHECKING:
+    from proxy.sidecar import Sidecar
+
+log = logging.getLogger("sidemesh.proxy.inbound")
+OPEN_TIMEOUT = 10.0
+
+
+def peer_of(spiffe_id: SpiffeId) -> Peer:
+    try:
+        wid = WorkloadId.from_spiffe_id(spiffe_id)
+    except SpiffeIdError:
+        return Peer(spiffe_id.trust_domain)  # authenticated, but not a workload we can name
+    return Peer(spiffe_id.trust_domain, wid.namespace, wid.service_account)
+
+
+async def _accept_mesh(sc: Sidecar, relay: Relay, conn: socket.socket) -> tuple[Half, Peer, int]:
+    down = relay.half(framed=True, name="downstream")
+    opened: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def on_frame(kind: int, payload: bytes) -> None:
+        if kind != framing.OPEN or opened.done():
+            relay.fail(f"unexpected frame {kind}")
+            return
+        try:
+            opened.set_result(framing.parse_open(payload))
+        except framing.FramingError as exc:
+            relay.fail(str(exc))
+            return
+        if down.transport is not None:
+            down.transport.pause_reading()  # until the app side is linked
+
+    down.on_frame = on_frame
+    timeout = sc.config.connect_timeout.total_seconds()
+    try:
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: down, conn, ssl=sc.identity.server_context(), ssl_handshake_timeout=timeout
+        )
+    except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", None) or exc.__class__.__name__
+        sc.metrics.tls_failures.labels("inbound", str(reason)).inc()
+        raise Refused(f"TLS handshake failed: {reason}") from exc
+    spiffe_id = tls.peer_spiffe_id(transport.get_extra_info("ssl_object"))
+    relay.info["source"] = str(spiffe_id)
+    try:
+        port = await asyncio.wait_for(opened, OPEN_TIMEOUT)
+    except TimeoutError:
+        raise Refused("peer sent no OPEN frame") from None
+    return down, peer_of(spiffe_id), port
+
+
+async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> None:
+    relay = sc.new_relay("inbound", client)
+    down: Half | None = None
+    try:
+        redirected_port: int | None = None
+        if sc.config.capture == "iptables":
+            orig = original_dst(conn)
+            if not sc.is_own_listener(orig):
+                redirected_port = orig[1]
+        kind = await detect(conn, sc.config.detect_timeout.total_seconds())
+        relay.info["protocol"] = kind.value
+        if kind is Kind.CLOSED:
+            raise Refused("client closed before sending anything")
+        if kind is Kind.MESH:
+            down, peer, port = await _accept_mesh(sc, relay, conn)
+            if redirected_port is not None and port != redirected_port:
+                raise Refused(f"OPEN names port {port} but the connection was for port {redirected_port}")
+        else:
+            if sc.config.mode == "strict":
+                raise Refused("plaintext connection refused (strict mTLS)")
+            port_or_none = redirected_port if redirected_port is not None else sc.default_app_port()
+            if port_or_none is None:
+                raise Refused("plaintext connection: no destination port known")
+            port, peer = port_or_none, Peer()
+            relay.info["source"] = "unauthenticated"
+        relay.info["port"] = port
+        decision = authorize(sc, peer, port)
+        relay.info["decision"] = decision.reason
+        if not decision.allowed:
+            sc.metrics.denials.labels(decision.policy or "default").inc()
+            sc.metrics.connections.labels("inbound", "deny").inc()
+            log.warning("connection denied", extra={**relay.info, "reason": decision.reason})
+            if down is not None:
+                down.write_raw(framing.deny_frame(decision.reason))
+                relay.close_gracefully()
+            else:
+                relay.fail("denied")
+                _reset_socket(conn)
+            return
+        if decision.audit:
+            log.warning("connection allowed in audit mode", extra={**relay.info, "reason": decision.reason})
+        app = relay.half(framed=False, name="app")
+        try:
+            await asyncio.wait_for(
+                asyncio.get_running_loop().create_connection(lambda: app, sc.config.app_host, port),
+                sc.config.connect_timeout.total_seconds(),
+            )
+        except (OSError, TimeoutError) as exc:
+            raise Refused(f"app not reachable at {sc.config.app_host}:{port}: {exc or 'timeout'}") from exc
+        if down is None:
+            down = relay.half(framed=False, name="downstream")
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: down, conn)
+        relay.link(down, app)
+        sc.metrics.connections.labels("inbound", decision.label).inc()
+    except (Refused, tls.PeerIdentityError) as exc:
+        sc.metrics.connections.labels("inbound", "refused").inc()
+        log.warning("inbound connection refused", extra={**relay.info, "reason": str(exc)})
+        relay.fail(str(exc))
+        if down is None:
+            _reset_socket(conn)
+    except Exception:
+        log.exception("inbound connection failed", extra=relay.info)
+        relay.fail("internal error")
+        if down is None:
+            _reset_socket(conn)
+
+
+def authorize(sc: Sidecar, peer: Peer, port: int) -> Decision:
+    if port in sc.proxy_ports:
+        return Decision(False, f"port {port} is the proxy's own")
+    mesh = sc.mesh_config()
+    return evaluate(mesh.policies, mesh.default_policy, Request(peer, port), sc.config.trust_domain)

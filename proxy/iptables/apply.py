@@ -1,0 +1,101 @@
+"""The I/O shell around `rules`: read the nat table, pipe the rendered rules into iptables-restore.
+
+Each family is one `iptables-restore --noflush` transaction, so a family's capture is installed
+completely or not at all. The `iptables`/`ip6tables` binaries are whatever the image's PATH
+provides (Debian's alternatives pick the nf_tables or the legacy backend); the rules are the same
+for both.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from proxy.iptables import rules
+from proxy.iptables.rules import CaptureConfig, Family
+
+SAVE_COMMAND: Mapping[Family, str] = {"ipv4": "iptables-save", "ipv6": "ip6tables-save"}
+RESTORE_COMMAND = rules.RESTORE_COMMAND
+IF_INET6 = Path("/proc/net/if_inet6")
+TIMEOUT_SECONDS = 30.0
+_DENIED = ("permission denied", "operation not permitted", "you must be root")
+_NEED_NET_ADMIN = (
+    "the init container must run as root with the NET_ADMIN and NET_RAW capabilities "
+    "(securityContext: runAsUser: 0, capabilities: {add: [NET_ADMIN, NET_RAW]})"
+)
+
+
+class CaptureError(Exception):
+    """Installing or removing the capture failed; the message says what to do about it."""
+
+
+def has_global_ipv6(path: Path = IF_INET6) -> bool:
+    """Whether any interface but `lo` has an IPv6 address of global scope (what `--ipv6 auto` asks).
+
+    Each line of /proc/net/if_inet6 is `address ifindex prefixlen scope flags name`; scope 00 is
+    global (unique local addresses such as fd00::/8 count, link-local fe80::/10 does not). A kernel
+    without IPv6 has no such file.
+    """
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return False
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and int(fields[3], 16) == 0 and fields[5] != "lo":
+            return True
+    return False
+
+
+def _run(argv: Sequence[str], stdin: str | None = None) -> str:
+    command = " ".join(argv)
+    try:
+        proc = subprocess.run(
+            list(argv), input=stdin, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=False
+        )
+    except FileNotFoundError:
+        raise CaptureError(
+            f"{argv[0]} not found on PATH: install iptables; the sidecar image must contain it "
+            "(Debian/Ubuntu: apt-get install iptables)"
+        ) from None
+    except PermissionError as exc:
+        raise CaptureError(f"cannot run {argv[0]}: {exc}; {_NEED_NET_ADMIN}") from None
+    except subprocess.TimeoutExpired:
+        raise CaptureError(f"`{command}` did not finish within {TIMEOUT_SECONDS:.0f}s") from None
+    if proc.returncode != 0:
+        err = proc.stderr.strip() or proc.stdout.strip() or "no output"
+        if any(marker in err.lower() for marker in _DENIED):
+            raise CaptureError(f"`{command}` was not permitted ({err}): {_NEED_NET_ADMIN}")
+        raise CaptureError(f"`{command}` failed with exit status {proc.returncode}: {err}")
+    return proc.stdout
+
+
+def read_nat(family: Family) -> str:
+    """The current nat table, as `iptables-save -t nat` prints it."""
+    return _run([SAVE_COMMAND[family], "-t", "nat"])
+
+
+def restore(family: Family, text: str) -> None:
+    """Apply `text` atomically, leaving the rules and chains it does not name alone."""
+    _run([RESTORE_COMMAND[family], "--noflush"], stdin=text)
+
+
+def install(config: CaptureConfig) -> dict[Family, str]:
+    """Install the capture for every family the config enables; returns what was applied."""
+    applied: dict[Family, str] = {}
+    for family in config.families:
+        text = rules.render(config, family, read_nat(family))
+        restore(family, text)
+        applied[family] = text
+    return applied
+
+
+def uninstall(families: Sequence[Family]) -> dict[Family, str]:
+    """Remove every rule and chain the capture added; returns what was applied."""
+    applied: dict[Family, str] = {}
+    for family in families:
+        text = rules.cleanup(read_nat(family))
+        restore(family, text)
+        applied[family] = text
+    return applied

@@ -1,0 +1,234 @@
+"""`sidemesh proxy init`: install (or remove) the iptables traffic capture of a pod.
+
+Every option is a flag or an environment variable (flag over environment over default), so the
+injector can pass the pod annotations `sidemesh.io/exclude-inbound-ports` etc. either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.iptables import apply, rules
+from proxy.iptables.rules import CaptureConfig
+from sidemesh import logging as smlog
+from sidemesh.cli import CLIError
+
+log = logging.getLogger("sidemesh.proxy.init")
+
+DESCRIPTION = """\
+Redirect the pod's TCP traffic to the sidecar with iptables (nat table), as the init container
+does before the app starts: connections from other pods go to the inbound port (15006), connections
+the app makes go to the outbound port (15001). Traffic of the proxy's own UID/GID, loopback traffic
+(127.0.0.0/8, ::1), the proxy's ports and the excluded ports and CIDRs are left alone.
+
+The rules are applied atomically with `iptables-restore --noflush`. Running init again rebuilds
+the SIDEMESH_* chains and leaves the same ruleset; --cleanup removes everything init added.
+Needs root with NET_ADMIN and NET_RAW, and the iptables binaries in the image, except --dry-run.
+"""
+
+EPILOG = """\
+Lists are comma separated, as the pod annotations sidemesh.io/exclude-inbound-ports,
+sidemesh.io/exclude-outbound-ports and sidemesh.io/exclude-outbound-cidrs.
+
+examples:
+  sidemesh proxy init --dry-run
+  sidemesh proxy init --exclude-inbound-ports 9090 --exclude-outbound-cidrs 169.254.169.254/32
+  SIDEMESH_EXCLUDE_OUTBOUND_PORTS=5432,6379 sidemesh proxy init
+  sidemesh proxy init --cleanup
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Option:
+    flag: str
+    env: str
+    metavar: str
+    default: str
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+_OPTIONS = (
+    _Option(
+        "--proxy-uid",
+        "SIDEMESH_PROXY_UID",
+        "UID",
+        "1337",
+        "user id the sidecar runs as; its traffic is never captured",
+    ),
+    _Option(
+        "--proxy-gid",
+        "SIDEMESH_PROXY_GID",
+        "GID",
+        "1337",
+        "group id the sidecar runs as; its traffic is never captured",
+    ),
+    _Option(
+        "--inbound-port",
+        "SIDEMESH_INBOUND_PORT",
+        "PORT",
+        "15006",
+        "port the sidecar accepts redirected inbound connections on",
+    ),
+    _Option(
+        "--outbound-port",
+        "SIDEMESH_OUTBOUND_PORT",
+        "PORT",
+        "15001",
+        "port the sidecar accepts redirected outbound connections on",
+    ),
+    _Option(
+        "--exclude-inbound-ports",
+        "SIDEMESH_EXCLUDE_INBOUND_PORTS",
+        "PORTS",
+        "",
+        "inbound ports that reach the app directly, e.g. 9090,9091; '*' captures no inbound traffic "
+        "(the proxy's own ports 15000,15001,15006,15020 are always excluded)",
+    ),
+    _Option(
+        "--exclude-outbound-ports",
+        "SIDEMESH_EXCLUDE_OUTBOUND_PORTS",
+        "PORTS",
+        "",
+        "destination ports the app reaches directly, e.g. 5432,6379",
+    ),
+    _Option(
+        "--exclude-outbound-cidrs",
+        "SIDEMESH_EXCLUDE_OUTBOUND_CIDRS",
+        "CIDRS",
+        "",
+        "destination networks the app reaches directly, e.g. 169.254.169.254/32,10.96.0.0/12,fd00::/8",
+    ),
+    _Option(
+        "--ipv6",
+        "SIDEMESH_IPV6",
+        "{auto,on,off}",
+        "auto",
+        "also capture IPv6 with ip6tables; auto: when the pod has a global IPv6 address",
+    ),
+)
+
+
+def register_init(sub: Any) -> None:
+    p = sub.add_parser(
+        "init",
+        help="install the iptables traffic capture (run by the init container)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for opt in _OPTIONS:
+        p.add_argument(
+            opt.flag,
+            dest=opt.dest,
+            default=None,
+            metavar=opt.metavar,
+            help=f"{opt.help} (default: {opt.default or 'none'}) [env {opt.env}]".replace("%", "%%"),
+        )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the iptables-restore input and change nothing (needs neither root nor iptables; "
+        "assumes an empty nat table)",
+    )
+    p.add_argument("--cleanup", action="store_true", help="remove the rules and chains init added")
+    p.set_defaults(handler=_init)
+
+
+def _raw(args: argparse.Namespace, environ: Mapping[str, str], opt: _Option) -> tuple[str, str]:
+    """The option's text and where it came from (for error messages)."""
+    value: str | None = getattr(args, opt.dest, None)
+    if value is not None:
+        return value, opt.flag
+    if opt.env in environ:
+        return environ[opt.env], f"{opt.env} (environment)"
+    return opt.default, opt.flag
+
+
+def _number(text: str, what: str, low: int, high: int) -> int:
+    if not re.fullmatch(r"\s*[0-9]+\s*", text) or not low <= int(text) <= high:
+        raise ValueError(f"{text!r} is not {what} ({low}-{high})")
+    return int(text)
+
+
+def capture_config(
+    args: argparse.Namespace, environ: Mapping[str, str], detect_ipv6: Callable[[], bool]
+) -> CaptureConfig:
+    """Build the config from flags, then environment, then defaults; a bad value names its option."""
+    parsers: dict[str, Callable[[str], Any]] = {
+        "proxy_uid": lambda t: _number(t, "a user id", 0, rules.MAX_ID),
+        "proxy_gid": lambda t: _number(t, "a group id", 0, rules.MAX_ID),
+        "inbound_port": lambda t: _number(t, "a port number", 1, 65535),
+        "outbound_port": lambda t: _number(t, "a port number", 1, 65535),
+        "exclude_inbound_ports": rules.parse_inbound_ports,
+        "exclude_outbound_ports": rules.parse_ports,
+        "exclude_outbound_cidrs": rules.parse_cidrs,
+        "ipv6": _ipv6_mode,
+    }
+    values: dict[str, Any] = {}
+    for opt in _OPTIONS:
+        text, source = _raw(args, environ, opt)
+        try:
+            values[opt.dest] = parsers[opt.dest](text)
+        except ValueError as exc:
+            raise CLIError(f"{source}: {exc}") from None
+    capture_inbound, inbound_ports = values.pop("exclude_inbound_ports")
+    mode = values.pop("ipv6")
+    try:
+        return CaptureConfig(
+            **values,
+            capture_inbound=capture_inbound,
+            exclude_inbound_ports=inbound_ports,
+            ipv6=detect_ipv6() if mode == "auto" else mode == "on",
+        )
+    except ValueError as exc:
+        raise CLIError(f"{exc}; fix the flags or SIDEMESH_* environment variables") from None
+
+
+def _ipv6_mode(text: str) -> str:
+    mode = text.strip().lower()
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"{text!r} is not one of auto, on, off")
+    return mode
+
+
+def _init(args: argparse.Namespace) -> int:
+    config = capture_config(args, os.environ, apply.has_global_ipv6)
+    if args.dry_run:
+        if args.cleanup:
+            installed = {f: rules.render(config, f, "") for f in config.families}
+            text = "".join(rules.section(f, rules.cleanup(installed[f])) for f in config.families)
+        else:
+            text = rules.render_families(config)
+        sys.stdout.write(text)
+        return 0
+    try:
+        applied = apply.uninstall(config.families) if args.cleanup else apply.install(config)
+    except apply.CaptureError as exc:
+        raise CLIError(str(exc)) from exc
+    sys.stdout.write("".join(rules.section(f, text) for f, text in applied.items()))
+    smlog.setup()
+    log.info(
+        "capture removed" if args.cleanup else "capture installed",
+        extra={
+            "families": list(applied),
+            "capture_inbound": config.capture_inbound,
+            "inbound_port": config.inbound_port,
+            "outbound_port": config.outbound_port,
+            "proxy_uid": config.proxy_uid,
+            "exclude_inbound_ports": list(config.exclude_inbound_ports),
+            "exclude_outbound_ports": list(config.exclude_outbound_ports),
+            "exclude_outbound_cidrs": list(config.exclude_outbound_cidrs),
+        },
+    )
+    return 0

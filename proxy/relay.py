@@ -1,0 +1,230 @@
+"""Relaying bytes between two transports: backpressure, half-close, resets, idle timeout.
+
+A :class:`Relay` joins two :class:`Half` protocols. A *raw* half speaks plain TCP to an app (or a
+destination outside the mesh); a *framed* half speaks `sidemesh/1` frames inside mTLS. Data read
+from one half is written to the other; when a writer's buffer passes its high-water mark, the
+reading half is paused (so a slow reader never makes the proxy buffer without bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from proxy import framing
+
+_LINGER_RST = struct.pack("ii", 1, 0)
+WRITE_HIGH_WATER = 256 * 1024
+
+
+def reset(transport: asyncio.BaseTransport | None) -> None:
+    """Close with a TCP RST, so the other end sees a reset, not an orderly end of stream."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    transport.abort()  # type: ignore[attr-defined]
+
+
+class Half(asyncio.Protocol):
+    def __init__(self, relay: Relay, framed: bool, name: str) -> None:
+        self.relay = relay
+        self.framed = framed
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.peer: Half | None = None
+        self.decoder = framing.Decoder() if framed else None
+        self.eof_in = False  # this side will send no more
+        self.eof_out = False  # we told this side there is no more
+        self.bytes_in = 0
+        self._pending: list[bytes] = []
+        self._early: list[bytes] = []  # data read before the other half exists
+        self.on_frame: Callable[[int, bytes], None] | None = None  # control frames (OPEN, DENY)
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        for chunk in self._pending:
+            transport.write(chunk)
+        self._pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.last_activity = time.monotonic()
+        self.bytes_in += len(data)
+        if self.decoder is None:
+            if self.peer is not None:
+                self.peer.send(data)
+            else:
+                self._early.append(data)
+            return
+        try:
+            for kind, payload in self.decoder.feed(data):
+                if kind == framing.DATA:
+                    if self.peer is not None:
+                        self.peer.send(payload)
+                    else:
+                        self._early.append(payload)
+                elif kind == framing.EOF:
+                    self._got_eof()
+                elif self.on_frame is not None:
+                    self.on_frame(kind, payload)
+                else:
+                    raise framing.FramingError(f"unexpected frame {kind}")
+        except framing.FramingError as exc:
+            self.relay.fail(f"{self.name}: {exc}")
+
+    def eof_received(self) -> bool | None:
+        if self.framed:
+            if not self.eof_in:  # TLS ended without an EOF frame: the stream was cut
+                self.relay.fail(f"{self.name}: stream ended without EOF")
+            return False
+        self._got_eof()
+        return True  # keep our write side open: TCP half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.transport.is_closing():
+            self.peer.transport.resume_reading()
+
+    # -- what the other half calls -----------------------------------------------------------
+
+    def _got_eof(self) -> None:
+        self.eof_in = True
+        if self.peer is not None:
+            self.peer.send_eof()
+        else:
+            return
+        self.relay.maybe_done()
+
+    def write_raw(self, data: bytes) -> None:
+        if self.transport is None:
+            self._pending.append(data)
+        elif not self.transport.is_closing():
+            self.transport.write(data)
+
+    def send(self, data: bytes) -> None:
+        if not self.framed:
+            self.write_raw(data)
+            return
+        for start in range(0, len(data), framing.MAX_DATA):
+            chunk = data[start : start + framing.MAX_DATA]
+            self.write_raw(framing.data_header(len(chunk)) + chunk)
+
+    def send_eof(self) -> None:
+        if self.eof_out:
+            return
+        self.eof_out = True
+        if self.framed:
+            self.write_raw(framing.EOF_FRAME)
+        elif (
+            self.transport is not None and self.transport.can_write_eof() and not self.transport.is_closing()
+        ):
+            self.transport.write_eof()
+
+
+class Relay:
+    """Two halves and their shared fate. ``on_close`` is told once, with how it ended."""
+
+    def __init__(
+        self, on_close: Callable[[Relay, str], None] | None = None, idle_timeout: float = 3600.0
+    ) -> None:
+        self.on_close = on_close
+        self.idle_timeout = idle_timeout
+        self.last_activity = time.monotonic()
+        self.started = time.monotonic()
+        self.halves: list[Half] = []
+        self.closed = False
+        self.outcome = ""
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self.info: dict[str, object] = {}
+
+    def half(self, framed: bool, name: str) -> Half:
+        h = Half(self, framed, name)
+        self.halves.append(h)
+        return h
+
+    def link(self, a: Half, b: Half) -> None:
+        a.peer, b.peer = b, a
+        for src, dst in ((a, b), (b, a)):
+            for chunk in src._early:
+                dst.send(chunk)
+            src._early.clear()
+            if src.eof_in:
+                dst.send_eof()
+            if src.transport is not None and not src.transport.is_closing():
+                src.transport.resume_reading()
+        self._arm_idle()
+        self.maybe_done()
+
+    def _arm_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._idle_handle = loop.call_later(min(self.idle_timeout, 60.0), self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self.closed:
+            return
+        if time.monotonic() - self.last_activity >= self.idle_timeout:
+            self.fail("idle timeout")
+            return
+        self._arm_idle()
+
+    def maybe_done(self) -> None:
+        if all(h.eof_in for h in self.halves) and len(self.halves) == 2:
+            self._finish("closed")
+            for h in self.halves:
+                if h.transport is not None:
+                    h.transport.close()
+
+    def fail(self, why: str) -> None:
+        """Reset both sides (the apps see a connection reset)."""
+        self._finish(why)
+        for h in self.halves:
+            reset(h.transport)
+
+    def lost(self, half: Half, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        if exc is not None:
+            self.fail(f"{half.name}: {exc.__class__.__name__}")
+            return
+        if not half.eof_in:  # closed without sending all it meant to: pass the close on
+            half.eof_in = True
+            if half.framed:
+                self.fail(f"{half.name}: closed without EOF")
+                return
+            if half.peer is not None:
+                half.peer.send_eof()
+        peer = half.peer
+        if peer is not None and peer.transport is not None and peer.eof_in:
+            self._finish("closed")
+            peer.transport.close()
+
+    def _finish(self, outcome: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.outcome = outcome
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        if self.on_close is not None:
+            self.on_close(self, outcome)
+
+    def close_gracefully(self) -> None:
+        for h in self.halves:
+            if h.transport is not None:
+                h.transport.close()

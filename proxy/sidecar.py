@@ -1,0 +1,312 @@
+"""The sidecar process: identity, configuration, listeners, admin, drain. The data path is in
+`outbound.py`, `inbound.py` and `relay.py`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from proxy import inbound, outbound
+from proxy.admin import HTTPServer, json_response
+from proxy.config import ProxyConfig
+from proxy.metrics import ProxyMetrics
+from proxy.relay import Relay
+from sidemesh.config import parse_hostport
+from sidemesh.identity.workload import WorkloadIdentity
+from sidemesh.mesh import directory
+from sidemesh.mesh.sidecar_config import CompileError, SidecarConfig, compile_sidecar
+from sidemesh.policy.model import DefaultPolicy
+
+log = logging.getLogger("sidemesh.proxy")
+CONFIG_POLL_SECONDS = 0.5
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Sidecar:
+    def __init__(self, config: ProxyConfig, identity: WorkloadIdentity) -> None:
+        self.config = config
+        self.identity = identity
+        self.metrics = ProxyMetrics()
+        self.relays: set[Relay] = set()
+        self._mesh: SidecarConfig | None = None
+        self._config_stamp: object = None
+        self.config_updated = 0.0
+        self.config_errors: tuple[str, ...] = ()
+        self._listeners: list[tuple[socket.socket, asyncio.Task[None]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._servers: list[HTTPServer] = []
+        self.ports: dict[str, int] = {}
+        self.draining = False
+        self._no_relays = asyncio.Event()
+        self.inbound_port = parse_hostport("inbound_listen", config.inbound_listen)[1]
+        self.proxy_ports = {15000, 15001, 15006, 15020, self.inbound_port}
+        self._own: set[tuple[str, int]] = set()
+
+    # -- state the handlers read -------------------------------------------------------------
+
+    def mesh_config(self) -> SidecarConfig:
+        if self._mesh is None:
+            raise outbound.Refused("no configuration yet")
+        return self._mesh
+
+    @property
+    def ready(self) -> bool:
+        return self.identity.ready and self._mesh is not None and not self.draining
+
+    def default_app_port(self) -> int | None:
+        """Plaintext in local mode carries no port: deliver to the workload's first port."""
+        assert self.config.config_dir is not None
+        snapshot_ports = self._workload_ports
+        return snapshot_ports[0] if snapshot_ports else None
+
+    _workload_ports: tuple[int, ...] = ()
+
+    def is_own_listener(self, addr: tuple[str, int]) -> bool:
+        return addr in self._own or (addr[1] in self.ports.values() and addr[0] in ("127.0.0.1", "::1"))
+
+    def new_relay(self, direction: str, client: tuple[str, int]) -> Relay:
+        relay = Relay(on_close=self._closed, idle_timeout=self.config.idle_timeout.total_seconds())
+        relay.info.update(
+            direction=direction, client=f"{client[0]}:{client[1]}", workload=self.config.workload
+        )
+        self.relays.add(relay)
+        self._no_relays.clear()
+        self.metrics.open.labels(direction).inc()
+        return relay
+
+    def _closed(self, relay: Relay, outcome: str) -> None:
+        self.relays.discard(relay)
+        if not self.relays:
+            self._no_relays.set()
+        direction = str(relay.info.get("direction"))
+        self.metrics.open.labels(direction).dec()
+        self.metrics.bytes.labels(direction).inc(sum(h.bytes_in for h in relay.halves))
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def reload_config(self) -> bool:
+        assert self.config.config_dir is not None
+        stamp = directory.stamp(self.config.config_dir)
+        if stamp == self._config_stamp:
+            return False
+        self._config_stamp = stamp
+        snapshot = directory.load_directory(self.config.config_dir)
+        self.config_errors = snapshot.errors
+        for error in snapshot.errors:
+            log.error("configuration error (other resources still apply)", extra={"error": error})
+        try:
+            compiled = compile_sidecar(
+                snapshot,
+                self.config.workload,
+                self.config.trust_domain,
+                DefaultPolicy(self.config.default_policy),
+            )
+        except CompileError as exc:
+            log.error("cannot compile configuration; keeping the last good one", extra={"error": str(exc)})
+            return False
+        me = next(w for w in snapshot.workloads if w.ref == self.config.workload)
+        self._workload_ports = tuple(p.port for p in me.ports)
+        if self._mesh is not None and compiled.version == self._mesh.version:
+            return False
+        self._mesh = compiled
+        self.config_updated = time.time()
+        self.metrics.config_version.clear()
+        self.metrics.config_version.labels(compiled.version).set(1)
+        self.metrics.config_age.set(self.config_updated)
+        log.info(
+            "configuration applied",
+            extra={
+                "version": compiled.version,
+                "policies": [p.ref for p in compiled.policies],
+                "default_policy": compiled.default_policy.value,
+            },
+        )
+        return True
+
+    async def _watch_config(self) -> None:
+        while True:
+            await asyncio.sleep(CONFIG_POLL_SECONDS)
+            try:
+                self.reload_config()
+            except OSError as exc:
+                log.error("configuration directory unreadable", extra={"error": str(exc)})
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(self, sock: socket.socket, kind: str, target: str | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(sock)
+            except OSError:
+                return  # listener closed
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if kind == "inbound":
+                self._spawn(inbound.handle(self, conn, addr))
+            else:
+                self._spawn(outbound.handle(self, conn, addr, target))
+
+    def _add_listener(self, name: str, address: str, kind: str, target: str | None = None) -> None:
+        host, port = parse_hostport(name, address)
+        sock = _listen(host, port)
+        bound = sock.getsockname()[:2]
+        self.ports[name] = bound[1]
+        self._own.add((bound[0], bound[1]))
+        self._listeners.append((sock, asyncio.create_task(self._accept(sock, kind, target))))
+
+    async def start(self) -> None:
+        self.reload_config()
+        await self.identity.start()
+        self.identity.on_rotate(lambda svid: self.metrics.cert_expiry.set(svid.not_after.timestamp()))
+        self._spawn(self._watch_config())
+        self._add_listener("inbound", self.config.inbound_listen, "inbound")
+        if self.config.capture == "iptables":
+            self._add_listener("outbound", self.config.outbound_listen, "outbound")
+        for i, ((host, port), target) in enumerate(self.config.outbound_maps()):
+            self._add_listener(f"outbound-{i}", f"{host}:{port}", "outbound", target)
+        admin = HTTPServer(
+            {
+                "/config": self._page_config,
+                "/certs": self._page_certs,
+                "/connections": self._page_connections,
+                "/healthz/ready": self._page_ready,
+            }
+        )
+        health = HTTPServer(
+            {
+                "/healthz/ready": self._page_ready,
+                "/healthz/live": lambda: json_response(200, {"live": True}),
+                "/metrics": self._page_metrics,
+            }
+        )
+        self._servers = [admin, health]
+        self.ports["admin"] = await admin.start(*parse_hostport("admin_listen", self.config.admin_listen))
+        self.ports["health"] = await health.start(*parse_hostport("health_listen", self.config.health_listen))
+        log.info(
+            "sidecar started",
+            extra={
+                "workload": self.config.workload,
+                "ports": self.ports,
+                "capture": self.config.capture,
+                "mode": self.config.mode,
+            },
+        )
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting, let open connections finish (up to the drain timeout), then stop."""
+        self.draining = True
+        for sock, task in self._listeners:
+            task.cancel()  # first: unregisters the socket from the loop
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            sock.close()
+        self._listeners = []
+        limit = self.config.drain_timeout.total_seconds() if timeout is None else timeout
+        log.info("draining", extra={"open": len(self.relays)})
+        if self.relays:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._no_relays.wait(), limit)
+        for relay in list(self.relays):
+            relay.fail("drain timeout")
+        for server in self._servers:
+            await server.stop()
+        await self.identity.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        log.info("sidecar stopped")
+
+    # -- admin pages -------------------------------------------------------------------------
+
+    def _page_ready(self) -> tuple[int, str, bytes]:
+        body = {
+            "ready": self.ready,
+            "identity": self.identity.state,
+            "config": self._mesh.version if self._mesh else None,
+            "draining": self.draining,
+        }
+        return json_response(200 if self.ready else 503, body)
+
+    def _page_metrics(self) -> tuple[int, str, bytes]:
+        return 200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(self.metrics.registry)
+
+    def _page_config(self) -> tuple[int, str, bytes]:
+        m = self._mesh
+        if m is None:
+            return json_response(503, {"error": "no configuration yet"})
+        return json_response(
+            200,
+            {
+                "version": m.version,
+                "workload": m.workload,
+                "identity": str(m.identity),
+                "default_policy": m.default_policy.value,
+                "policies": [p.ref for p in m.policies],
+                "errors": list(self.config_errors),
+                "updated": self.config_updated,
+                "destinations": {
+                    name: [f"{e.address}:{e.port} {e.identity or 'plaintext'}" for e in d.endpoints]
+                    for name, d in m.by_name
+                },
+            },
+        )
+
+    def _page_certs(self) -> tuple[int, str, bytes]:
+        svid = self.identity.svid
+        if svid is None:
+            return json_response(503, {"state": self.identity.state, "error": self.identity.last_error})
+        return json_response(
+            200,
+            {
+                "identity": str(svid.spiffe_id),
+                "serial": svid.serial_hex,
+                "not_before": svid.not_before,
+                "not_after": svid.not_after,
+                "state": self.identity.state,
+                "rotations": self.identity.rotations,
+                "last_error": self.identity.last_error,
+                "bundle_roots": len(svid.bundle),
+            },
+        )
+
+    def _page_connections(self) -> tuple[int, str, bytes]:
+        now = time.monotonic()
+        return json_response(
+            200,
+            [
+                {
+                    **r.info,
+                    "age_seconds": round(now - r.started, 3),
+                    "bytes": {h.name: h.bytes_in for h in r.halves},
+                }
+                for r in list(self.relays)
+            ],
+        )
+
+
+def config_path(p: Path | None) -> Path:
+    assert p is not None
+    return p

@@ -1,0 +1,220 @@
+"""Kubernetes-style documents -> frozen domain values (no I/O).
+
+Local mode describes pods with a small `Workload` kind (sidemesh.io/v1alpha1): its labels, service
+account, address and ports. In a cluster the controller builds the same values from Pods.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidemesh.policy import crd
+from sidemesh.policy.model import Authorization, DefaultPolicy
+
+DEFAULT_POLICY_ANNOTATION = "sidemesh.io/default-policy"
+
+
+class ResourceError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    port: int
+    target_port: int | str
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    namespace: str
+    selector: tuple[tuple[str, str], ...]
+    ports: tuple[ServicePort, ...]
+    cluster_ip: str | None = None
+    annotations: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def host(self) -> str:
+        return f"{self.name}.{self.namespace}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadPort:
+    port: int
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str
+    namespace: str
+    service_account: str
+    address: str
+    labels: tuple[tuple[str, str], ...] = ()
+    annotations: tuple[tuple[str, str], ...] = ()
+    ports: tuple[WorkloadPort, ...] = ()
+    meshed: bool = True
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+    def default_policy(self) -> DefaultPolicy | None:
+        value = dict(self.annotations).get(DEFAULT_POLICY_ANNOTATION)
+        return DefaultPolicy(value) if value else None
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    name: str
+    annotations: tuple[tuple[str, str], ...] = ()
+
+    def default_policy(self) -> DefaultPolicy | None:
+        value = dict(self.annotations).get(DEFAULT_POLICY_ANNOTATION)
+        return DefaultPolicy(value) if value else None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    services: tuple[Service, ...] = ()
+    workloads: tuple[Workload, ...] = ()
+    namespaces: tuple[Namespace, ...] = ()
+    policies: tuple[Authorization, ...] = ()
+    errors: tuple[str, ...] = field(default=())
+
+
+def _meta(doc: dict[str, Any], kind: str, namespaced: bool = True) -> tuple[str, str, dict[str, Any]]:
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise ResourceError(f"{kind}: metadata.name is required")
+    ns = meta.get("namespace", "default") if namespaced else ""
+    if not isinstance(ns, str):
+        raise ResourceError(f"{kind} {meta['name']}: metadata.namespace must be a string")
+    return meta["name"], ns, meta
+
+
+def _pairs(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ResourceError(f"{where} must map strings to strings")
+    return tuple(sorted(value.items()))
+
+
+def _port(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ResourceError(f"{where}: {value!r} is not a port number (1-65535)")
+    return value
+
+
+def _ip(value: Any, where: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ResourceError(f"{where}: {value!r} is not an IP address") from None
+
+
+def parse_service(doc: dict[str, Any]) -> Service:
+    name, ns, meta = _meta(doc, "Service")
+    spec = doc.get("spec") or {}
+    ports = []
+    for i, p in enumerate(spec.get("ports") or []):
+        where = f"Service {ns}/{name}: spec.ports[{i}]"
+        if not isinstance(p, dict):
+            raise ResourceError(f"{where} must be an object")
+        if p.get("protocol", "TCP") != "TCP":
+            continue
+        port = _port(p.get("port"), where)
+        target = p.get("targetPort", port)
+        if not isinstance(target, str):
+            target = _port(target, f"{where}.targetPort")
+        ports.append(ServicePort(port, target, str(p.get("name", ""))))
+    cluster_ip = spec.get("clusterIP")
+    cluster_ip = (
+        None if cluster_ip in (None, "", "None") else _ip(cluster_ip, f"Service {ns}/{name}: spec.clusterIP")
+    )
+    return Service(
+        name,
+        ns,
+        _pairs(spec.get("selector"), f"Service {ns}/{name}: spec.selector"),
+        tuple(ports),
+        cluster_ip,
+        _pairs(meta.get("annotations"), "metadata.annotations"),
+    )
+
+
+def parse_workload(doc: dict[str, Any]) -> Workload:
+    name, ns, meta = _meta(doc, "Workload")
+    spec = doc.get("spec") or {}
+    where = f"Workload {ns}/{name}"
+    ports = tuple(
+        WorkloadPort(
+            _port(p.get("port") if isinstance(p, dict) else p, f"{where}: spec.ports[{i}]"),
+            str(p.get("name", "")) if isinstance(p, dict) else "",
+        )
+        for i, p in enumerate(spec.get("ports") or [])
+    )
+    annotations = _pairs(meta.get("annotations"), f"{where}: metadata.annotations")
+    value = dict(annotations).get(DEFAULT_POLICY_ANNOTATION)
+    if value is not None and value not in {d.value for d in DefaultPolicy}:
+        raise ResourceError(
+            f"{where}: annotation {DEFAULT_POLICY_ANNOTATION}={value!r} is not one of deny, allow-authenticated, allow-all"
+        )
+    return Workload(
+        name,
+        ns,
+        str(spec.get("serviceAccount") or "default"),
+        _ip(spec.get("address"), f"{where}: spec.address"),
+        _pairs(meta.get("labels"), f"{where}: metadata.labels"),
+        annotations,
+        ports,
+        bool(spec.get("meshed", True)),
+    )
+
+
+def parse_namespace(doc: dict[str, Any]) -> Namespace:
+    name, _, meta = _meta(doc, "Namespace", namespaced=False)
+    annotations = _pairs(meta.get("annotations"), f"Namespace {name}: metadata.annotations")
+    value = dict(annotations).get(DEFAULT_POLICY_ANNOTATION)
+    if value is not None and value not in {d.value for d in DefaultPolicy}:
+        raise ResourceError(
+            f"Namespace {name}: annotation {DEFAULT_POLICY_ANNOTATION}={value!r} is not one of deny, allow-authenticated, allow-all"
+        )
+    return Namespace(name, annotations)
+
+
+def build_snapshot(docs: list[tuple[str, Any]]) -> Snapshot:
+    """Parse documents (source, doc); a bad document becomes an error line, never an exception."""
+    services: list[Service] = []
+    workloads: list[Workload] = []
+    namespaces: list[Namespace] = []
+    policies: list[Authorization] = []
+    errors: list[str] = []
+    for source, doc in docs:
+        if doc is None:
+            continue
+        try:
+            if not isinstance(doc, dict):
+                raise ResourceError("a document must be an object")
+            kind, api = doc.get("kind"), doc.get("apiVersion")
+            if kind == "Service" and api == "v1":
+                services.append(parse_service(doc))
+            elif kind == "Workload" and api == crd.API_VERSION:
+                workloads.append(parse_workload(doc))
+            elif kind == "Namespace" and api == "v1":
+                namespaces.append(parse_namespace(doc))
+            elif kind == crd.KIND:
+                policies.append(crd.parse(doc))
+            # Other kinds are not ours: ignored.
+        except (ResourceError, crd.PolicyError) as exc:
+            errors.append(f"{source}: {exc}")
+    return Snapshot(tuple(services), tuple(workloads), tuple(namespaces), tuple(policies), tuple(errors))

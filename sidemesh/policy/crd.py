@@ -1,0 +1,137 @@
+"""ServiceAuthorization documents (the CRD's JSON) -> domain values, with errors a person reads.
+
+The CRD schema refuses most of these in a cluster; this check is for what reaches us anyway (the
+directory source, `sidemesh authz check` on files) and must never be less strict than the schema.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sidemesh.policy.model import Authorization, HTTPMatch, Mode, Rule, Source
+
+API_VERSION = "sidemesh.io/v1alpha1"
+KIND = "ServiceAuthorization"
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\*?$|^\*$")
+_METHOD_RE = re.compile(r"^[A-Z]+$")
+_PATH_RE = re.compile(r"^/[^*?#\s]*\*?$")
+
+
+class PolicyError(ValueError):
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.where = where
+
+
+def _mapping(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PolicyError(where, f"must be an object, got {type(value).__name__}")
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise PolicyError(
+            where, f"unknown field(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})"
+        )
+    return value
+
+
+def _list(value: Any, where: str, *, nonempty: bool = False) -> list[Any]:
+    if not isinstance(value, list):
+        raise PolicyError(where, f"must be a list, got {type(value).__name__}")
+    if nonempty and not value:
+        raise PolicyError(where, "must not be empty")
+    return value
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise PolicyError(where, f"{value!r} is not a Kubernetes name (a trailing * matches a prefix)")
+    return value
+
+
+def _source(doc: Any, where: str) -> Source:
+    doc = _mapping(doc, where, {"serviceAccount", "namespace", "unauthenticated"})
+    unauthenticated = doc.get("unauthenticated", False)
+    if not isinstance(unauthenticated, bool):
+        raise PolicyError(f"{where}.unauthenticated", "must be true or false")
+    sa = _name(doc["serviceAccount"], f"{where}.serviceAccount") if "serviceAccount" in doc else None
+    ns = _name(doc["namespace"], f"{where}.namespace") if "namespace" in doc else None
+    if unauthenticated and (sa or ns):
+        raise PolicyError(where, "unauthenticated: true cannot be combined with serviceAccount or namespace")
+    if not unauthenticated and sa is None and ns is None:
+        raise PolicyError(where, "names nobody: give serviceAccount, namespace, or unauthenticated: true")
+    return Source(namespace=ns, service_account=sa, unauthenticated=unauthenticated)
+
+
+def _port(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise PolicyError(where, f"{value!r} is not a port number (1-65535)")
+    return value
+
+
+def _http(doc: Any, where: str) -> HTTPMatch:
+    doc = _mapping(doc, where, {"methods", "paths"})
+    methods = tuple(_list(doc.get("methods", []), f"{where}.methods"))
+    for i, m in enumerate(methods):
+        if not isinstance(m, str) or not _METHOD_RE.match(m):
+            raise PolicyError(
+                f"{where}.methods[{i}]", f"{m!r} is not an HTTP method in upper case (GET, POST, ...)"
+            )
+    paths = tuple(_list(doc.get("paths", []), f"{where}.paths"))
+    for i, p in enumerate(paths):
+        if not isinstance(p, str) or not _PATH_RE.match(p):
+            raise PolicyError(
+                f"{where}.paths[{i}]", f"{p!r} is not a path: it starts with / and may end in * (prefix)"
+            )
+    return HTTPMatch(methods=methods, paths=paths)
+
+
+def _rule(doc: Any, where: str) -> Rule:
+    doc = _mapping(doc, where, {"from", "to"})
+    if "from" not in doc:
+        raise PolicyError(where, "a rule needs 'from' (who is allowed)")
+    sources = tuple(
+        _source(s, f"{where}.from[{i}]")
+        for i, s in enumerate(_list(doc["from"], f"{where}.from", nonempty=True))
+    )
+    to = _mapping(doc.get("to", {}), f"{where}.to", {"ports", "http"})
+    ports = tuple(
+        _port(p, f"{where}.to.ports[{i}]")
+        for i, p in enumerate(_list(to.get("ports", []), f"{where}.to.ports"))
+    )
+    http = _http(to["http"], f"{where}.to.http") if "http" in to else None
+    return Rule(sources=sources, ports=ports, http=http)
+
+
+def parse(doc: Any, default_namespace: str | None = None) -> Authorization:
+    """Convert one ServiceAuthorization document; raise :class:`PolicyError` saying where and why."""
+    top = _mapping(doc, KIND, {"apiVersion", "kind", "metadata", "spec", "status"})
+    if top.get("apiVersion") != API_VERSION or top.get("kind") != KIND:
+        raise PolicyError(KIND, f"expected apiVersion {API_VERSION} and kind {KIND}")
+    meta = top.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        raise PolicyError("metadata", "needs a name")
+    name = meta["name"]
+    namespace = meta.get("namespace") or default_namespace
+    if not isinstance(namespace, str) or not namespace:
+        raise PolicyError("metadata", "needs a namespace (ServiceAuthorization is namespaced)")
+    where = f"{namespace}/{name}: spec"
+    spec = _mapping(top.get("spec"), where, {"selector", "rules", "mode"})
+    selector = _mapping(spec.get("selector", {}), f"{where}.selector", {"matchLabels"})
+    labels = _mapping(
+        selector.get("matchLabels", {}),
+        f"{where}.selector.matchLabels",
+        set(selector.get("matchLabels", {}) or {}),
+    )
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise PolicyError(f"{where}.selector.matchLabels", "keys and values must be strings")
+    rules = tuple(
+        _rule(r, f"{where}.rules[{i}]") for i, r in enumerate(_list(spec.get("rules", []), f"{where}.rules"))
+    )
+    try:
+        mode = Mode(spec.get("mode", "enforce"))
+    except ValueError:
+        raise PolicyError(f"{where}.mode", f"{spec.get('mode')!r} is not enforce or audit") from None
+    return Authorization(
+        name=name, namespace=namespace, selector=tuple(sorted(labels.items())), rules=rules, mode=mode
+    )

@@ -1,0 +1,289 @@
+"""Sidecar pairs in local mode: mTLS, secure naming, allow rules, TCP semantics, readiness, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import StartCA
+from tests.integration.mesh_fixture import (
+    ALLOW_FRONTEND,
+    INBOUND,
+    MESH_YAML,
+    Mesh,
+    free_net,
+    linger_reset,
+    talk,
+)
+
+FRONTEND, CART, STRANGER = 1, 2, 3
+OUT = 18080  # the frontend's local outbound port for cart.shop:80
+
+
+@pytest.fixture
+async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
+    ca = await start_ca()
+    config_dir = tmp_path / "mesh"
+    config_dir.mkdir()
+    net = free_net()
+    m = Mesh(ca, config_dir, net)
+    m.write("workloads.yaml", MESH_YAML.format(net=net))
+    m.write("allow.yaml", ALLOW_FRONTEND)
+    yield m
+    await m.close()
+
+
+async def frontend_and_cart(mesh: Mesh, **cart_kw: str) -> None:
+    await mesh.app(CART)
+    await mesh.sidecar("cart", CART, **cart_kw)
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+
+
+async def get(url: str) -> tuple[int, Any]:
+    """GET from a thread: the server answering runs in this test's event loop."""
+    return await asyncio.to_thread(_get, url)
+
+
+def _get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def test_frontend_to_cart_over_mtls_with_half_close(mesh: Mesh) -> None:
+    await frontend_and_cart(mesh)
+    reply = await talk(mesh.addr(FRONTEND), OUT, b"hello cart")
+    assert reply == b"HELLO CARTBYE"  # BYE comes only after the server saw our EOF (half-close)
+    cart = mesh.sidecars["cart"]
+    assert cart.metrics.connections.labels("inbound", "allow")._value.get() == 1
+
+
+async def test_large_transfer_both_ways(mesh: Mesh) -> None:
+    await frontend_and_cart(mesh)
+    payload = bytes(range(256)) * 40_000  # ~10 MB
+    reply = await talk(mesh.addr(FRONTEND), OUT, payload, timeout=60)
+    assert reply == payload.upper() + b"BYE"
+
+
+async def test_identity_not_allowed_is_refused_and_logged(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    await mesh.app(CART)
+    await mesh.sidecar("cart", CART)
+    await mesh.sidecar("stranger", STRANGER, outbound=(f"{mesh.addr(STRANGER)}:{OUT}=cart.shop:80",))
+    with pytest.raises(ConnectionResetError):
+        await talk(mesh.addr(STRANGER), OUT, b"let me in")
+    await asyncio.sleep(0.1)
+    denied = [r for r in caplog.records if r.getMessage() == "connection denied"]
+    assert denied
+    assert denied[0].__dict__["source"] == "spiffe://cluster.local/ns/shop/sa/stranger"
+    assert "no rule of shop/cart-allow-frontend allows it" in denied[0].__dict__["reason"]
+    client_side = [r for r in caplog.records if r.getMessage() == "connection denied by the destination"]
+    assert client_side and "cart-allow-frontend" in client_side[0].__dict__["reason"]
+    assert mesh.sidecars["cart"].metrics.denials.labels("default")._value.get() == 1
+
+
+async def test_policy_change_reaches_the_running_sidecar(mesh: Mesh) -> None:
+    await mesh.app(CART)
+    cart = await mesh.sidecar("cart", CART)
+    await mesh.sidecar("stranger", STRANGER, outbound=(f"{mesh.addr(STRANGER)}:{OUT}=cart.shop:80",))
+    with pytest.raises(ConnectionResetError):
+        await talk(mesh.addr(STRANGER), OUT, b"x")
+    mesh.write("allow-stranger.yaml", ALLOW_FRONTEND.replace("frontend", "stranger"))
+    for _ in range(50):  # the sidecar polls its directory twice a second
+        await asyncio.sleep(0.1)
+        if any(p.ref == "shop/cart-allow-stranger" for p in cart.mesh_config().policies):
+            break
+    assert await talk(mesh.addr(STRANGER), OUT, b"now?") == b"NOW?BYE"
+
+
+async def test_plaintext_inbound_strict_and_permissive(mesh: Mesh) -> None:
+    await mesh.app(CART)
+    await mesh.sidecar("cart", CART)
+    with pytest.raises(ConnectionResetError):
+        await talk(mesh.addr(CART), INBOUND, b"GET / HTTP/1.0\r\n\r\n")
+    await mesh.sidecars.pop("cart").drain(timeout=0)
+    # Permissive: plaintext is the unauthenticated principal; allowed only if a rule says so.
+    cart = await mesh.sidecar("cart", CART, mode="permissive")
+    with pytest.raises(ConnectionResetError):
+        await talk(mesh.addr(CART), INBOUND, b"plain")
+    mesh.write(
+        "allow-plain.yaml",
+        ALLOW_FRONTEND.replace("cart-allow-frontend", "cart-allow-plain").replace(
+            "serviceAccount: frontend", "unauthenticated: true"
+        ),
+    )
+    cart.reload_config()
+    assert await talk(mesh.addr(CART), INBOUND, b"plain") == b"PLAINBYE"
+
+
+async def test_secure_naming_refuses_an_impostor(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    # The sidecar at cart's address holds the stranger's identity: the frontend must refuse it.
+    await mesh.app(CART)
+    await mesh.sidecar("cart", CART, identity_of="stranger")
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    with pytest.raises(ConnectionResetError):
+        await talk(mesh.addr(FRONTEND), OUT, b"secret")
+    refused = [r for r in caplog.records if r.getMessage() == "outbound connection refused"]
+    assert (
+        refused
+        and "expected spiffe://cluster.local/ns/shop/sa/cart (secure naming)" in refused[0].__dict__["reason"]
+    )
+
+
+async def test_reset_from_the_app_reaches_the_client(mesh: Mesh) -> None:
+    async def resetter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(10)
+        linger_reset(writer)
+
+    await mesh.app(CART, resetter)
+    await mesh.sidecar("cart", CART)
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    writer.write(b"trigger")
+    await writer.drain()
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+
+
+async def test_app_down_gives_a_prompt_reset(mesh: Mesh) -> None:
+    await mesh.sidecar("cart", CART)  # no app listening
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    with pytest.raises(ConnectionResetError):
+        await talk(mesh.addr(FRONTEND), OUT, b"anyone?")
+
+
+async def test_slow_reader_does_not_make_the_proxy_buffer_without_bound(mesh: Mesh) -> None:
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        total = 0
+        while data := await reader.read(1 << 20):
+            total += len(data)
+        writer.write(str(total).encode())
+        await writer.drain()
+        writer.close()
+
+    await mesh.app(CART, slow)
+    await frontend_and_cart_sidecars(mesh)
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    chunk = b"x" * 65536
+    sent = 0
+    with pytest.raises(TimeoutError):  # noqa: PT012
+        async with asyncio.timeout(1.5):
+            while True:  # until drain() blocks for good: everyone's buffers are full
+                writer.write(chunk)
+                sent += len(chunk)
+                await writer.drain()
+    buffered = sum(
+        h.transport.get_write_buffer_size()
+        for sc in mesh.sidecars.values()
+        for r in sc.relays
+        for h in r.halves
+        if h.transport is not None
+    )
+    assert buffered < 4 * 1024 * 1024, buffered  # bounded by the high-water marks, not by what was sent
+    release.set()
+    writer.write_eof()
+    assert int(await asyncio.wait_for(reader.read(), 30)) == sent
+    writer.close()
+
+
+async def frontend_and_cart_sidecars(mesh: Mesh) -> None:
+    await mesh.sidecar("cart", CART)
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+
+
+async def test_readiness_admin_and_live_connections(mesh: Mesh) -> None:
+    await frontend_and_cart(mesh)
+    cart = mesh.sidecars["cart"]
+    status, body = await get(f"http://{mesh.addr(CART)}:{cart.ports['health']}/healthz/ready")
+    assert status == 200 and body["ready"] is True
+    status, certs = await get(f"http://{mesh.addr(CART)}:{cart.ports['admin']}/certs")
+    assert certs["identity"] == "spiffe://cluster.local/ns/shop/sa/cart"
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    writer.write(b"hold")
+    assert await reader.readexactly(4) == b"HOLD"
+    _, conns = await get(f"http://{mesh.addr(CART)}:{cart.ports['admin']}/connections")
+    assert isinstance(conns, list) and len(conns) == 1
+    assert conns[0]["source"] == "spiffe://cluster.local/ns/shop/sa/frontend" and conns[0]["port"] == 8080
+    _, config = await get(f"http://{mesh.addr(CART)}:{cart.ports['admin']}/config")
+    assert config["policies"] == ["shop/cart-allow-frontend"]
+    writer.close()
+    url = f"http://{mesh.addr(CART)}:{cart.ports['health']}/metrics"
+    metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    assert 'sidemesh_proxy_connections_total{decision="allow",direction="inbound"} 1.0' in metrics
+
+
+async def test_not_ready_without_an_identity(mesh: Mesh, start_ca: StartCA) -> None:
+    await mesh.ca.server.stop(grace=0)  # no CA: the sidecar starts but never becomes ready
+    from proxy.config import ProxyConfig
+    from proxy.sidecar import Sidecar
+    from sidemesh.identity.workload import WorkloadIdentity
+    from sidemesh.spiffe import WorkloadId
+
+    config = ProxyConfig(
+        workload="shop/cart-1",
+        config_dir=mesh.config_dir,
+        capture="none",
+        inbound_listen=f"{mesh.addr(CART)}:{INBOUND}",
+        admin_listen=f"{mesh.addr(CART)}:0",
+        health_listen=f"{mesh.addr(CART)}:0",
+    )
+    client = mesh.ca.client()
+    sidecar = Sidecar(
+        config,
+        WorkloadIdentity(WorkloadId("shop", "cart").spiffe_id("cluster.local"), client, lambda: "cart-token"),
+    )
+    await sidecar.start()
+    try:
+        status, body = await get(f"http://{mesh.addr(CART)}:{sidecar.ports['health']}/healthz/ready")
+        assert status == 503 and body["identity"] == "pending"
+    finally:
+        await sidecar.drain(timeout=0)
+        await client.close()
+
+
+async def test_drain_lets_open_connections_finish_and_refuses_new_ones(mesh: Mesh) -> None:
+    await frontend_and_cart(mesh)
+    cart = mesh.sidecars["cart"]
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    writer.write(b"one")
+    assert await reader.readexactly(3) == b"ONE"
+    drain = asyncio.create_task(cart.drain(timeout=10))
+    await asyncio.sleep(0.2)
+    assert not drain.done()
+    with pytest.raises((ConnectionResetError, ConnectionRefusedError)):
+        await talk(mesh.addr(FRONTEND), OUT, b"new")
+    writer.write(b"two")  # the open connection still works while draining
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b"TWOBYE"
+    writer.close()
+    await asyncio.wait_for(drain, 5)
+    del mesh.sidecars["cart"]
+
+
+async def test_rotation_under_traffic_breaks_nothing(mesh: Mesh) -> None:
+    await frontend_and_cart(mesh)
+    cart, frontend = mesh.sidecars["cart"], mesh.sidecars["frontend"]
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    for i in range(5):
+        writer.write(b"ping%d" % i)
+        assert await reader.readexactly(5) == b"PING%d" % i
+        await cart.identity.renew()
+        await frontend.identity.renew()
+        assert await talk(mesh.addr(FRONTEND), OUT, b"fresh") == b"FRESHBYE"
+    assert cart.identity.rotations == 6
+    writer.close()
