@@ -63,6 +63,11 @@ class CAConfig:
     dns_names: tuple[str, ...] = option(
         DEFAULT_DNS_NAMES, "DNS names in the CA's serving certificate", env="SIDEMESH_CA_DNS_NAMES"
     )
+    control_plane_dns: tuple[str, ...] = option(
+        ("sidemesh-system/sidemesh-controller=sidemesh-controller.sidemesh-system.svc",),
+        "NAMESPACE/SA=DNSNAME entries: DNS SANs the CA allows in that identity's certificate (control plane only)",
+        env="SIDEMESH_CA_CONTROL_PLANE_DNS",
+    )
     log_level: str = option(
         "info", "log level", env="SIDEMESH_LOG_LEVEL", choices=("debug", "info", "warning", "error")
     )
@@ -80,5 +85,21 @@ class CAConfig:
             raise ConfigError("token_file", "required with --authenticator local")
         if not dt.timedelta(0) < self.min_ttl <= self.default_ttl <= self.max_ttl:
             raise ConfigError("default_ttl", "need 0 < --min-ttl <= --default-ttl <= --max-ttl")
+        for entry in self.control_plane_dns:
+            ident, sep, name = entry.partition("=")
+            try:
+                WorkloadId.parse(ident)
+            except SpiffeIdError as exc:
+                raise ConfigError("control_plane_dns", f"{entry!r}: {exc}") from exc
+            if not sep or not name:
+                raise ConfigError("control_plane_dns", f"{entry!r} is not NAMESPACE/SA=DNSNAME")
         if self.rate_limit < 0 or self.rate_burst < 1:
             raise ConfigError("rate_limit", "--rate-limit must be >= 0 and --rate-burst >= 1")
+
+    def allowed_dns(self, identity: WorkloadId) -> frozenset[str]:
+        names = set()
+        for entry in self.control_plane_dns:
+            ident, _, name = entry.partition("=")
+            if WorkloadId.parse(ident) == identity:
+                names.add(name)
+        return frozenset(names)

@@ -21,6 +21,7 @@ MAX_CSR_BYTES = 16 * 1024
 class ValidCSR:
     public_key: ec.EllipticCurvePublicKey
     spiffe_id: SpiffeId
+    dns_names: tuple[str, ...] = ()
 
 
 def parse_csr(pem: str) -> x509.CertificateSigningRequest:
@@ -35,14 +36,19 @@ def parse_csr(pem: str) -> x509.CertificateSigningRequest:
         raise InvalidRequest("csr is not a PEM-encoded PKCS#10 certificate request", str(exc)) from exc
 
 
-def _requested_uri(csr: x509.CertificateSigningRequest) -> SpiffeId:
+def _requested(
+    csr: x509.CertificateSigningRequest, allowed_dns: frozenset[str]
+) -> tuple[SpiffeId, tuple[str, ...]]:
     try:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise InvalidRequest(
             "csr has no subjectAltName; it must carry exactly one URI SAN (the SPIFFE ID)"
         ) from None
+    dns = tuple(san.get_values_for_type(x509.DNSName))
     others = [name for name in san if not isinstance(name, x509.UniformResourceIdentifier)]
+    if dns and allowed_dns and set(dns) <= allowed_dns and len(others) == len(dns):
+        others = []  # DNS names the operator allows for this (control-plane) identity
     if others:
         kinds = sorted({type(name).__name__ for name in others})
         raise InvalidRequest(f"csr may carry only a URI SAN, found {', '.join(kinds)}")
@@ -50,13 +56,16 @@ def _requested_uri(csr: x509.CertificateSigningRequest) -> SpiffeId:
     if len(uris) != 1:
         raise InvalidRequest(f"csr must carry exactly one URI SAN, found {len(uris)}")
     try:
-        return SpiffeId.parse(uris[0])
+        return SpiffeId.parse(uris[0]), dns
     except SpiffeIdError as exc:
         raise InvalidRequest(f"csr URI SAN is not a SPIFFE ID: {exc}") from exc
 
 
-def validate_csr(pem: str, expected: SpiffeId) -> ValidCSR:
-    """Check the CSR and that it asks for ``expected`` (the caller's authenticated identity)."""
+def validate_csr(pem: str, expected: SpiffeId, allowed_dns: frozenset[str] = frozenset()) -> ValidCSR:
+    """Check the CSR and that it asks for ``expected`` (the caller's authenticated identity).
+
+    A DNS SAN is refused unless it is one of ``allowed_dns``, the names the operator allows for this
+    identity (the controller's serving name, so that gRPC clients can verify it by name)."""
     csr = parse_csr(pem)
     try:
         extensions = csr.extensions
@@ -76,10 +85,10 @@ def validate_csr(pem: str, expected: SpiffeId) -> ValidCSR:
         constraints = None
     if constraints is not None and constraints.ca:
         raise InvalidRequest("csr asks for CA:true; workload certificates are never CAs")
-    requested = _requested_uri(csr)
+    requested, dns = _requested(csr, allowed_dns)
     if requested != expected:
         raise IdentityMismatch(
             f"csr asks for {requested} but the token authenticates {expected}; a workload may only "
             "request its own identity"
         )
-    return ValidCSR(key, expected)
+    return ValidCSR(key, expected, dns)

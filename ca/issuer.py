@@ -55,10 +55,10 @@ def issue(
     csr_pem: str,
     ttl: dt.timedelta,
     now: dt.datetime,
-    dns_names: tuple[str, ...] = (),
+    allowed_dns: frozenset[str] = frozenset(),
 ) -> Issued:
-    valid = validate_csr(csr_pem, identity)
-    return sign(authority, templates.LeafParams(valid.spiffe_id, valid.public_key, ttl, now, dns_names))
+    valid = validate_csr(csr_pem, identity, allowed_dns)
+    return sign(authority, templates.LeafParams(valid.spiffe_id, valid.public_key, ttl, now, valid.dns_names))
 
 
 def sign(authority: SigningAuthority, params: templates.LeafParams) -> Issued:

@@ -66,7 +66,14 @@ class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
                 raise RateLimited(f"too many signing requests for {identity}; retry later")
             ttl = self.ttl.resolve(request.ttl_seconds)
             spiffe_id = identity.spiffe_id(self.config.trust_domain)
-            issued = issuer.issue(self.authority, spiffe_id, request.csr, ttl, self.clock.now())
+            issued = issuer.issue(
+                self.authority,
+                spiffe_id,
+                request.csr,
+                ttl,
+                self.clock.now(),
+                self.config.allowed_dns(identity),
+            )
         except CAError as exc:
             self.metrics.refused.labels(exc.reason).inc()
             log.warning(

@@ -51,23 +51,28 @@ async def _main(config: ProxyConfig) -> int:
     from sidemesh.identity.client import CAClient
     from sidemesh.identity.workload import WorkloadIdentity, token_from_file
     from sidemesh.mesh import directory
-    from sidemesh.mesh.sidecar_config import CompileError, compile_sidecar
+    from sidemesh.mesh.compile import CompileError, compile_sidecar
     from sidemesh.policy.model import DefaultPolicy
+    from sidemesh.spiffe import SpiffeIdError, WorkloadId
 
-    assert config.config_dir is not None
     try:
         bundle = config.bundle_file.read_bytes()
-        snapshot = directory.load_directory(config.config_dir)
-        me = compile_sidecar(
-            snapshot, config.workload, config.trust_domain, DefaultPolicy(config.default_policy)
-        )
+        if config.config_dir is not None:
+            snapshot = directory.load_directory(config.config_dir)
+            default = DefaultPolicy(config.default_policy)
+            spiffe_id = compile_sidecar(snapshot, config.workload, config.trust_domain, default).identity
+        else:
+            namespace = config.workload.split("/", 1)[0]
+            spiffe_id = WorkloadId(namespace, config.service_account).spiffe_id(config.trust_domain)
     except OSError as exc:
         raise CLIError(f"{exc.filename}: {exc.strerror}; check --bundle-file and --config-dir") from exc
     except CompileError as exc:
         raise CLIError(f"{exc}; add a Workload named {config.workload} to {config.config_dir}") from exc
+    except SpiffeIdError as exc:
+        raise CLIError(f"{exc}; check --workload and --service-account") from exc
     client = CAClient(config.ca_address, bundle)
     identity = WorkloadIdentity(
-        me.identity, client, token_from_file(config.token_file), bundle_file=config.bundle_file
+        spiffe_id, client, token_from_file(config.token_file), bundle_file=config.bundle_file
     )
     sidecar = Sidecar(config, identity)
     try:

@@ -18,6 +18,21 @@ class ProxyConfig:
     workload: str = option(
         "", "NAMESPACE/NAME of this workload in the mesh configuration", env="SIDEMESH_WORKLOAD"
     )
+    controller: str = option(
+        "",
+        "controller address HOST:PORT (the config stream); empty: read --config-dir",
+        env="SIDEMESH_CONTROLLER",
+    )
+    controller_name: str = option(
+        "sidemesh-controller.sidemesh-system.svc",
+        "DNS name the controller's certificate must carry",
+        env="SIDEMESH_CONTROLLER_NAME",
+    )
+    service_account: str = option(
+        "",
+        "this workload's service account (with --controller; POD's spec.serviceAccountName)",
+        env="SIDEMESH_SERVICE_ACCOUNT",
+    )
     config_dir: Path | None = option(
         None, "directory of mesh YAML (local mode; reloaded on change)", env="SIDEMESH_CONFIG_DIR"
     )
@@ -102,8 +117,14 @@ class ProxyConfig:
             if not sep or ":" not in target:
                 raise ConfigError("outbound", f"{entry!r} is not LISTEN=SERVICE:PORT")
             parse_hostport("outbound", listen)
-        if self.config_dir is None:
-            raise ConfigError("config_dir", "required until the controller stream is available")
+        if bool(self.controller) == (self.config_dir is not None):
+            raise ConfigError(
+                "controller", "give either --controller (the config stream) or --config-dir (local files)"
+            )
+        if self.controller:
+            parse_hostport("controller", self.controller)
+            if not self.service_account:
+                raise ConfigError("service_account", "required with --controller")
 
     def outbound_maps(self) -> list[tuple[tuple[str, int], str]]:
         out = []

@@ -45,6 +45,11 @@ class ProxyMetrics:
             ["version"],
             registry=r,
         )
+        self.controller_connected = Gauge(
+            "sidemesh_proxy_controller_connected",
+            "1 while the config stream is up; 0: serving the last-known-good configuration.",
+            registry=r,
+        )
         self.config_age = Gauge(
             "sidemesh_proxy_config_last_update_timestamp_seconds",
             "When the configuration last changed.",

@@ -15,7 +15,7 @@ from proxy import framing
 from proxy.original_dst import original_dst
 from proxy.relay import Half, Relay, reset
 from sidemesh.identity import tls
-from sidemesh.mesh.sidecar_config import Destination, Endpoint
+from sidemesh.mesh.compile import Destination, Endpoint
 
 if TYPE_CHECKING:
     from proxy.sidecar import Sidecar

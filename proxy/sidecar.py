@@ -13,14 +13,22 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from proxy import inbound, outbound
-from proxy.admin import HTTPServer, json_response
 from proxy.config import ProxyConfig
+from proxy.config_client import ConfigClient
 from proxy.metrics import ProxyMetrics
 from proxy.relay import Relay
 from sidemesh.config import parse_hostport
+from sidemesh.httpd import HTTPServer, json_response
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.mesh import directory
-from sidemesh.mesh.sidecar_config import CompileError, SidecarConfig, compile_sidecar
+from sidemesh.mesh.compile import (
+    CompileError,
+    InboundConfig,
+    OutboundTable,
+    SidecarConfig,
+    compile_sidecar,
+    sidecar_view,
+)
 from sidemesh.policy.model import DefaultPolicy
 
 log = logging.getLogger("sidemesh.proxy")
@@ -56,6 +64,13 @@ class Sidecar:
         self.inbound_port = parse_hostport("inbound_listen", config.inbound_listen)[1]
         self.proxy_ports = {15000, 15001, 15006, 15020, self.inbound_port}
         self._own: set[tuple[str, int]] = set()
+        self._inbound: InboundConfig | None = None
+        self._outbound: OutboundTable | None = None
+        self.controller: ConfigClient | None = None
+        if config.controller:
+            self.controller = ConfigClient(
+                config.controller, config.controller_name, identity, self.apply_stream
+            )
 
     # -- state the handlers read -------------------------------------------------------------
 
@@ -70,11 +85,8 @@ class Sidecar:
 
     def default_app_port(self) -> int | None:
         """Plaintext in local mode carries no port: deliver to the workload's first port."""
-        assert self.config.config_dir is not None
-        snapshot_ports = self._workload_ports
-        return snapshot_ports[0] if snapshot_ports else None
-
-    _workload_ports: tuple[int, ...] = ()
+        ports = self._mesh.ports if self._mesh is not None else ()
+        return ports[0] if ports else None
 
     def is_own_listener(self, addr: tuple[str, int]) -> bool:
         return addr in self._own or (addr[1] in self.ports.values() and addr[0] in ("127.0.0.1", "::1"))
@@ -99,8 +111,36 @@ class Sidecar:
 
     # -- configuration -----------------------------------------------------------------------
 
+    def apply_stream(
+        self, inbound: InboundConfig | None, outbound: OutboundTable | None, version: str
+    ) -> None:
+        """An update from the controller (raises CompileError if it does not describe this workload)."""
+        inbound = inbound or self._inbound
+        outbound = outbound or self._outbound
+        if inbound is None or outbound is None:
+            raise CompileError("the first update must carry both inbound and outbound configuration")
+        view = sidecar_view(inbound, outbound, self.config.workload, version)
+        self._inbound, self._outbound = inbound, outbound
+        self._set(view)
+
+    def _set(self, compiled: SidecarConfig) -> None:
+        self._mesh = compiled
+        self.config_updated = time.time()
+        self.metrics.config_version.clear()
+        self.metrics.config_version.labels(compiled.version).set(1)
+        self.metrics.config_age.set(self.config_updated)
+        log.info(
+            "configuration applied",
+            extra={
+                "version": compiled.version,
+                "policies": [p.ref for p in compiled.policies],
+                "default_policy": compiled.default_policy.value,
+            },
+        )
+
     def reload_config(self) -> bool:
-        assert self.config.config_dir is not None
+        if self.config.config_dir is None:
+            return False
         stamp = directory.stamp(self.config.config_dir)
         if stamp == self._config_stamp:
             return False
@@ -119,23 +159,9 @@ class Sidecar:
         except CompileError as exc:
             log.error("cannot compile configuration; keeping the last good one", extra={"error": str(exc)})
             return False
-        me = next(w for w in snapshot.workloads if w.ref == self.config.workload)
-        self._workload_ports = tuple(p.port for p in me.ports)
         if self._mesh is not None and compiled.version == self._mesh.version:
             return False
-        self._mesh = compiled
-        self.config_updated = time.time()
-        self.metrics.config_version.clear()
-        self.metrics.config_version.labels(compiled.version).set(1)
-        self.metrics.config_age.set(self.config_updated)
-        log.info(
-            "configuration applied",
-            extra={
-                "version": compiled.version,
-                "policies": [p.ref for p in compiled.policies],
-                "default_policy": compiled.default_policy.value,
-            },
-        )
+        self._set(compiled)
         return True
 
     async def _watch_config(self) -> None:
@@ -179,7 +205,10 @@ class Sidecar:
         self.reload_config()
         await self.identity.start()
         self.identity.on_rotate(lambda svid: self.metrics.cert_expiry.set(svid.not_after.timestamp()))
-        self._spawn(self._watch_config())
+        if self.controller is not None:
+            self._spawn(self.controller.run())
+        else:
+            self._spawn(self._watch_config())
         self._add_listener("inbound", self.config.inbound_listen, "inbound")
         if self.config.capture == "iptables":
             self._add_listener("outbound", self.config.outbound_listen, "outbound")
@@ -251,6 +280,8 @@ class Sidecar:
         return json_response(200 if self.ready else 503, body)
 
     def _page_metrics(self) -> tuple[int, str, bytes]:
+        if self.controller is not None:
+            self.metrics.controller_connected.set(1 if self.controller.connected else 0)
         return 200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(self.metrics.registry)
 
     def _page_config(self) -> tuple[int, str, bytes]:
@@ -267,12 +298,26 @@ class Sidecar:
                 "policies": [p.ref for p in m.policies],
                 "errors": list(self.config_errors),
                 "updated": self.config_updated,
+                "source": self._source_status(),
                 "destinations": {
-                    name: [f"{e.address}:{e.port} {e.identity or 'plaintext'}" for e in d.endpoints]
-                    for name, d in m.by_name
+                    d.name: [f"{e.address}:{e.port} {e.identity or 'plaintext'}" for e in d.endpoints]
+                    for d in m.outbound.destinations
                 },
             },
         )
+
+    def _source_status(self) -> dict[str, object]:
+        if self.controller is None:
+            return {"directory": str(self.config.config_dir)}
+        c = self.controller
+        return {
+            "controller": c.address,
+            "connected": c.connected,
+            "version": c.version,
+            "last_update": c.last_update,
+            "last_error": c.last_error,
+            "stale": not c.connected,
+        }
 
     def _page_certs(self) -> tuple[int, str, bytes]:
         svid = self.identity.svid

@@ -152,7 +152,9 @@ def _outbound(config: CaptureConfig, family: Family) -> list[str]:
     version = 4 if family == "ipv4" else 6
     rules = []
     if config.capture_inbound:
-        rules.append(f"-A {OUTPUT} ! -d {LOOPBACK[family]} -o lo -m owner --uid-owner {config.proxy_uid} -j {INBOUND}")
+        rules.append(
+            f"-A {OUTPUT} ! -d {LOOPBACK[family]} -o lo -m owner --uid-owner {config.proxy_uid} -j {INBOUND}"
+        )
     rules += [
         f"-A {OUTPUT} -m owner --uid-owner {config.proxy_uid} -j RETURN",
         f"-A {OUTPUT} -m owner --gid-owner {config.proxy_gid} -j RETURN",

@@ -22,15 +22,19 @@ def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def make_csr(key: ec.EllipticCurvePrivateKey, spiffe_id: SpiffeId) -> str:
-    """A PKCS#10 request for ``spiffe_id``: one URI SAN, nothing else the CA would refuse."""
+def make_csr(key: ec.EllipticCurvePrivateKey, spiffe_id: SpiffeId, dns_names: tuple[str, ...] = ()) -> str:
+    """A PKCS#10 request for ``spiffe_id``: one URI SAN (and DNS names only for control-plane
+    identities the CA allows them for)."""
     from cryptography.hazmat.primitives import hashes
 
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sidemesh")]))
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]), critical=False
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(str(spiffe_id)), *(x509.DNSName(n) for n in dns_names)]
+            ),
+            critical=False,
         )
         .sign(key, hashes.SHA256())
     )

@@ -44,7 +44,9 @@ class WorkloadIdentity:
         ttl_seconds: int = 0,
         clock: Clock = SYSTEM_CLOCK,
         rand: Callable[[], float] = random.random,
+        dns_names: tuple[str, ...] = (),
     ) -> None:
+        self.dns_names = dns_names
         self.spiffe_id = spiffe_id
         self.ca = ca
         self.token = token
@@ -108,7 +110,9 @@ class WorkloadIdentity:
     async def renew(self) -> SVID:
         """Get a new SVID now (new key, new CSR) and install it."""
         key = new_key()
-        resp = await self.ca.sign(self.token(), make_csr(key, self.spiffe_id), self.ttl_seconds)
+        resp = await self.ca.sign(
+            self.token(), make_csr(key, self.spiffe_id, self.dns_names), self.ttl_seconds
+        )
         svid = SVID.from_pem(key, list(resp.cert_chain), list(resp.trust_bundle), self.spiffe_id)
         if self.bundle_file is not None:
             svid = svid.with_bundle(load_bundle(self.bundle_file.read_bytes()))

@@ -82,12 +82,33 @@ class Namespace:
 
 
 @dataclass(frozen=True, slots=True)
+class EndpointAddress:
+    """One ready endpoint of a service port, as an EndpointSlice lists it."""
+
+    address: str
+    port_name: str
+    port: int
+    workload: str | None  # namespace/name of the pod behind it, when known
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEndpoints:
+    namespace: str
+    service: str
+    endpoints: tuple[EndpointAddress, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
+    """Everything the mesh knows at one moment. ``endpoints`` (from EndpointSlices) takes
+    precedence over selector matching for the services it covers."""
+
     services: tuple[Service, ...] = ()
     workloads: tuple[Workload, ...] = ()
     namespaces: tuple[Namespace, ...] = ()
     policies: tuple[Authorization, ...] = ()
     errors: tuple[str, ...] = field(default=())
+    endpoints: tuple[ServiceEndpoints, ...] = ()
 
 
 def _meta(doc: dict[str, Any], kind: str, namespaced: bool = True) -> tuple[str, str, dict[str, Any]]:

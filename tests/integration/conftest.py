@@ -24,6 +24,7 @@ TOKENS = {
     "frontend-token": ("shop", "frontend"),
     "cart-token": ("shop", "cart"),
     "stranger-token": ("shop", "stranger"),
+    "controller-token": ("sidemesh-system", "sidemesh-controller"),
     "expired-token": ("shop", "frontend"),
 }
 

@@ -105,11 +105,14 @@ class Mesh:
         outbound: tuple[str, ...] = (),
         mode: str = "strict",
         default_policy: str = "deny",
+        controller: str = "",
     ) -> Sidecar:
         who = identity_of or name
         config = ProxyConfig(
             workload=f"shop/{name}-1",
-            config_dir=self.config_dir,
+            config_dir=None if controller else self.config_dir,
+            controller=controller,
+            service_account=who if controller else "",
             capture="none",
             mode=mode,
             default_policy=default_policy,
@@ -128,6 +131,11 @@ class Mesh:
         sidecar = Sidecar(config, identity)
         await sidecar.start()
         await asyncio.wait_for(identity.wait_ready(), 10)
+        for _ in range(200):  # its configuration arrives (from files, or from the controller's stream)
+            if sidecar.ready:
+                break
+            await asyncio.sleep(0.025)
+        assert sidecar.ready, "the sidecar never got its configuration"
         self.sidecars[name] = sidecar
         return sidecar
 

@@ -387,3 +387,26 @@ async def test_local_token_file_is_reloaded(start_ca: StartCA, tmp_path: Path) -
     with pytest.raises(CAClientError):
         await ca.issue("frontend-token", FRONTEND)
     assert isinstance(ca.server.service.authenticator, LocalTokenAuthenticator)
+
+
+async def test_dns_names_only_for_the_control_plane_identities_the_operator_allows(start_ca: StartCA) -> None:
+    ca = await start_ca()
+    controller = SpiffeId.parse("spiffe://cluster.local/ns/sidemesh-system/sa/sidemesh-controller")
+    name = "sidemesh-controller.sidemesh-system.svc"
+    client = ca.client()
+    try:
+        resp = await client.sign("controller-token", make_csr(new_key(), controller, (name,)))
+        leaf = x509.load_pem_x509_certificate(resp.cert_chain[0].encode())
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == [name]
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [str(controller)]
+        # The controller may not ask for any other name ...
+        with pytest.raises(CAClientError) as info:
+            await client.sign("controller-token", make_csr(new_key(), controller, ("cart.shop.svc",)))
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        # ... and a workload may not ask for the controller's name.
+        with pytest.raises(CAClientError) as info:
+            await client.sign("frontend-token", make_csr(new_key(), FRONTEND_ID, (name,)))
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "only a URI SAN" in info.value.message
+    finally:
+        await client.close()

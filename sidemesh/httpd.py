@@ -1,4 +1,4 @@
-"""A small HTTP/1.1 server (h11) for the admin endpoint and readiness/metrics. Not on the data path."""
+"""A small HTTP/1.1 server (h11) for admin, status, readiness and metrics pages. Not on any data path."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import h11
 
-log = logging.getLogger("sidemesh.proxy.admin")
+log = logging.getLogger("sidemesh.httpd")
 
 Route = Callable[[], tuple[int, str, bytes]]
 

@@ -1,0 +1,1 @@
+"""The Sidemesh controller: watches the cluster once and streams configuration to every sidecar."""

@@ -1,0 +1,86 @@
+"""`sidemesh controller serve`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from typing import Any
+
+from controller.config import ControllerConfig
+from sidemesh import config as cfg
+from sidemesh import logging as smlog
+from sidemesh.cli import CLIError
+
+
+def register(sub: Any) -> None:
+    ctl = sub.add_parser("controller", help="the control plane", description="The Sidemesh controller.")
+    ctl_sub = ctl.add_subparsers(title="controller commands", metavar="COMMAND")
+    ctl.set_defaults(handler=lambda _a: (ctl.print_help(), 2)[1])
+    p = ctl_sub.add_parser(
+        "serve",
+        help="watch the mesh and stream configuration to the sidecars",
+        description=(
+            "Watch Services, EndpointSlices, Pods, Namespaces and ServiceAuthorizations once (from the Kubernetes "
+            "API, or a directory of YAML with --source directory) and stream each sidecar its configuration over "
+            "gRPC with mTLS. Every option can also be set by the environment variable named in its help."
+        ),
+    )
+    cfg.add_arguments(p, ControllerConfig)
+    p.set_defaults(handler=_serve)
+
+
+def make_source(config: ControllerConfig) -> Any:
+    if config.source == "directory":
+        from controller.sources.directory import DirectorySource
+
+        assert config.config_dir is not None
+        if not config.config_dir.is_dir():
+            raise CLIError(f"{config.config_dir} is not a directory; create it or fix --config-dir")
+        return DirectorySource(config.config_dir)
+    from controller.sources.kubernetes import KubernetesSource, api_client_from
+
+    try:
+        return KubernetesSource(api_client_from(config.kubeconfig))
+    except Exception as exc:
+        raise CLIError(
+            f"cannot reach the Kubernetes API ({exc}); set --kubeconfig, or use --source directory"
+        ) from exc
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from controller.server import ConfigServer
+    from sidemesh.identity.client import CAClient
+    from sidemesh.identity.workload import WorkloadIdentity, token_from_file
+    from sidemesh.spiffe import WorkloadId
+
+    config = cfg.load(ControllerConfig, args)
+    smlog.setup(config.log_level)
+    source = make_source(config)
+    try:
+        bundle = config.bundle_file.read_bytes()
+    except OSError as exc:
+        raise CLIError(f"{config.bundle_file}: {exc.strerror}; check --bundle-file") from exc
+
+    async def run() -> None:
+        client = CAClient(config.ca_address, bundle)
+        spiffe_id = WorkloadId.parse(config.identity).spiffe_id(config.trust_domain)
+        identity = WorkloadIdentity(
+            spiffe_id,
+            client,
+            token_from_file(config.token_file),
+            bundle_file=config.bundle_file,
+            dns_names=(config.server_name,),
+        )
+        server = ConfigServer(config, identity, source)
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+        await client.close()
+
+    asyncio.run(run())
+    return 0

@@ -1,0 +1,86 @@
+"""`sidemesh controller serve` configuration: every option, its default and its environment variable."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidemesh.config import ConfigError, option, parse_hostport
+from sidemesh.policy.model import DefaultPolicy
+from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId
+
+CONTROLLER_SERVER_NAME = "sidemesh-controller.sidemesh-system.svc"
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    listen: str = option(
+        "0.0.0.0:15010",
+        "gRPC (mTLS) address sidecars stream their configuration from",
+        env="SIDEMESH_CONTROLLER_LISTEN",
+    )
+    metrics_listen: str = option(
+        "0.0.0.0:15015",
+        "Prometheus /metrics and status address; empty disables",
+        env="SIDEMESH_CONTROLLER_METRICS_LISTEN",
+    )
+    source: str = option(
+        "kubernetes",
+        "where the mesh is read from: the Kubernetes API, or a directory of YAML (local mode)",
+        env="SIDEMESH_CONTROLLER_SOURCE",
+        choices=("kubernetes", "directory"),
+    )
+    config_dir: Path | None = option(
+        None, "directory of mesh YAML (with --source directory)", env="SIDEMESH_CONFIG_DIR"
+    )
+    kubeconfig: Path | None = option(None, "kubeconfig; in-cluster config when unset", env="KUBECONFIG")
+    trust_domain: str = option(DEFAULT_TRUST_DOMAIN, "SPIFFE trust domain", env="SIDEMESH_TRUST_DOMAIN")
+    default_policy: str = option(
+        "allow-authenticated",
+        "mesh default for workloads no ServiceAuthorization selects",
+        env="SIDEMESH_DEFAULT_POLICY",
+        choices=tuple(d.value for d in DefaultPolicy),
+    )
+    coalesce: dt.timedelta = option(
+        dt.timedelta(milliseconds=100),
+        "changes within this window go out as one update",
+        env="SIDEMESH_CONTROLLER_COALESCE",
+    )
+    ca_address: str = option(
+        "sidemesh-ca.sidemesh-system.svc:15012", "CA address HOST:PORT", env="SIDEMESH_CA_ADDRESS"
+    )
+    token_file: Path = option(
+        Path("/var/run/secrets/tokens/sidemesh-ca/token"),
+        "projected ServiceAccount token (audience sidemesh-ca)",
+        env="SIDEMESH_TOKEN_FILE",
+    )
+    bundle_file: Path = option(
+        Path("/var/run/sidemesh/bundle/root-cert.pem"), "trust bundle PEM", env="SIDEMESH_BUNDLE_FILE"
+    )
+    identity: str = option(
+        "sidemesh-system/sidemesh-controller",
+        "NAMESPACE/SERVICEACCOUNT of the controller",
+        env="SIDEMESH_CONTROLLER_IDENTITY",
+    )
+    server_name: str = option(
+        CONTROLLER_SERVER_NAME,
+        "DNS name in the controller's certificate that sidecars verify",
+        env="SIDEMESH_CONTROLLER_SERVER_NAME",
+    )
+    log_level: str = option(
+        "info", "log level", env="SIDEMESH_LOG_LEVEL", choices=("debug", "info", "warning", "error")
+    )
+
+    def __post_init__(self) -> None:
+        parse_hostport("listen", self.listen)
+        if self.metrics_listen:
+            parse_hostport("metrics_listen", self.metrics_listen)
+        if self.source == "directory" and self.config_dir is None:
+            raise ConfigError("config_dir", "required with --source directory")
+        try:
+            WorkloadId.parse(self.identity)
+        except SpiffeIdError as exc:
+            raise ConfigError("identity", str(exc)) from exc
+        if self.coalesce.total_seconds() < 0:
+            raise ConfigError("coalesce", "must not be negative")

@@ -1,0 +1,278 @@
+"""`sidemesh controller serve`: the config stream (gRPC over mTLS) and its bookkeeping.
+
+Each sidecar is identified by its client certificate alone. It gets the current state as soon as
+it connects, then an update after every change (changes within the coalescing window go out as
+one). Parts that did not change for a stream are not sent again: every update carries the new
+version, and only the parts whose hash changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import typing
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from controller.config import ControllerConfig
+from controller.sources import Source
+from controller.state import MeshState
+from sidemesh.api import config_pb2 as pb
+from sidemesh.config import parse_hostport
+from sidemesh.httpd import HTTPServer, json_response
+from sidemesh.identity.svid import SvidError, spiffe_id_of
+from sidemesh.identity.workload import WorkloadIdentity
+from sidemesh.mesh.resources import Snapshot
+from sidemesh.policy.model import DefaultPolicy
+from sidemesh.spiffe import SpiffeIdError, WorkloadId
+
+log = logging.getLogger("sidemesh.controller")
+SERVICE = "sidemesh.config.v1.ConfigDiscovery"
+_ids = itertools.count(1)
+
+
+@dataclass
+class StreamInfo:
+    identity: WorkloadId
+    peer: str
+    connected: float = field(default_factory=time.time)
+    sent_version: str = ""
+    acked_version: str = ""
+    last_error: str = ""
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.streams = Gauge("sidemesh_controller_streams", "Sidecar streams connected.", registry=r)
+        self.updates = Counter("sidemesh_controller_updates_sent", "Updates sent to sidecars.", registry=r)
+        self.nacks = Counter("sidemesh_controller_nacks", "Updates sidecars could not apply.", registry=r)
+        self.refused = Counter(
+            "sidemesh_controller_streams_refused", "Streams refused, by reason.", ["reason"], registry=r
+        )
+        self.compile = Histogram(
+            "sidemesh_controller_compile_seconds", "Time to compile a snapshot.", registry=r
+        )
+        self.resource_errors = Gauge(
+            "sidemesh_controller_invalid_resources", "Resources ignored because they are invalid.", registry=r
+        )
+        self.version = Gauge(
+            "sidemesh_controller_snapshot_generation", "The snapshot generation being served.", registry=r
+        )
+
+
+def peer_identity(context: grpc.aio.ServicerContext[typing.Any, typing.Any], trust_domain: str) -> WorkloadId:
+    pems = list(context.auth_context().get("x509_pem_cert") or [])
+    if not pems:
+        raise PermissionError("no client certificate")
+    try:
+        spiffe_id = spiffe_id_of(x509.load_pem_x509_certificate(pems[0]))
+        if spiffe_id.trust_domain != trust_domain:
+            raise PermissionError(f"{spiffe_id} is not in trust domain {trust_domain}")
+        return WorkloadId.from_spiffe_id(spiffe_id)
+    except (ValueError, SvidError, SpiffeIdError) as exc:
+        raise PermissionError(str(exc)) from exc
+
+
+class ConfigServer:
+    def __init__(self, config: ControllerConfig, identity: WorkloadIdentity, source: Source) -> None:
+        self.config = config
+        self.identity = identity
+        self.source = source
+        self.state = MeshState(config.trust_domain, DefaultPolicy(config.default_policy))
+        self.metrics = Metrics()
+        self.streams: dict[int, StreamInfo] = {}
+        self._changed = asyncio.Condition()
+        self._pending: Snapshot | None = None
+        self._flush: asyncio.TimerHandle | None = None
+        self._server: grpc.aio.Server | None = None
+        self._status: HTTPServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._serving_serial = ""
+        self.port = 0
+        self.status_port = 0
+        self.ready = asyncio.Event()
+
+    # -- snapshots in --------------------------------------------------------------------------
+
+    def on_change(self, snapshot: Snapshot) -> None:
+        """Called by the source; applied after the coalescing window."""
+        self._pending = snapshot
+        if self._flush is None:
+            delay = self.config.coalesce.total_seconds() if self.ready.is_set() else 0.0
+            self._flush = asyncio.get_running_loop().call_later(
+                delay, lambda: asyncio.ensure_future(self._apply())
+            )
+
+    async def _apply(self) -> None:
+        self._flush = None
+        snapshot, self._pending = self._pending, None
+        if snapshot is None:
+            return
+        self.state.update(snapshot)
+        self.metrics.compile.observe(self.state.compile_seconds)
+        self.metrics.resource_errors.set(len(snapshot.errors))
+        self.metrics.version.set(self.state.generation)
+        self.ready.set()
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- the stream ------------------------------------------------------------------------------
+
+    async def stream(
+        self,
+        requests: AsyncIterator[pb.StreamRequest],
+        context: grpc.aio.ServicerContext[typing.Any, typing.Any],
+    ) -> AsyncIterator[bytes]:
+        try:
+            identity = peer_identity(context, self.config.trust_domain)
+        except PermissionError as exc:
+            self.metrics.refused.labels("identity").inc()
+            log.warning("config stream refused", extra={"peer": context.peer(), "reason": str(exc)})
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "a sidecar SVID from this trust domain is required"
+            )
+            return
+        sid = next(_ids)
+        info = self.streams[sid] = StreamInfo(identity, context.peer())
+        self.metrics.streams.inc()
+        reader = asyncio.create_task(self._read_acks(requests, info))
+        log.info("sidecar connected", extra={"identity": str(identity), "peer": info.peer})
+        sent = ("", "")
+        try:
+            await self.ready.wait()
+            while True:
+                async with self._changed:
+                    await self._changed.wait_for(lambda: info.sent_version != self.state.version)
+                data, sent = self.state.message(identity, sent)
+                info.sent_version = self.state.version
+                self.metrics.updates.inc()
+                yield data
+        finally:
+            reader.cancel()
+            del self.streams[sid]
+            self.metrics.streams.dec()
+            log.info("sidecar disconnected", extra={"identity": str(identity), "peer": info.peer})
+
+    async def _read_acks(self, requests: AsyncIterator[pb.StreamRequest], info: StreamInfo) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            async for request in requests:
+                if request.error:
+                    info.last_error = request.error
+                    self.metrics.nacks.inc()
+                    log.error(
+                        "sidecar could not apply an update",
+                        extra={
+                            "identity": str(info.identity),
+                            "version": request.ack_version,
+                            "error": request.error,
+                        },
+                    )
+                elif request.ack_version:
+                    info.acked_version = request.ack_version
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _tls(self) -> grpc.ServerCredentials:
+        def current() -> grpc.ServerCertificateConfiguration:
+            svid = self.identity.svid
+            assert svid is not None
+            self._serving_serial = svid.serial_hex
+            return grpc.ssl_server_certificate_configuration(
+                [(svid.key_pem, svid.chain_pem)], root_certificates=svid.bundle_pem
+            )
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            svid = self.identity.svid
+            return current() if svid is not None and svid.serial_hex != self._serving_serial else None
+
+        fetcher = typing.cast(typing.Callable[[], grpc.ServerCertificateConfiguration], fetch)
+        return grpc.dynamic_ssl_server_credentials(current(), fetcher, require_client_authentication=True)
+
+    async def start(self) -> None:
+        await self.identity.start()
+        await self.identity.wait_ready()
+        self._tasks.append(asyncio.create_task(self.source.run(self.on_change)))
+        server = grpc.aio.server(
+            options=[("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)]
+        )
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Stream": grpc.stream_stream_rpc_method_handler(
+                    self.stream, request_deserializer=pb.StreamRequest.FromString
+                )
+            },
+        )
+        server.add_generic_rpc_handlers((handler,))
+        host, port = parse_hostport("listen", self.config.listen)
+        self.port = server.add_secure_port(f"{host}:{port}", self._tls())
+        await server.start()
+        self._server = server
+        if self.config.metrics_listen:
+            self._status = HTTPServer(
+                {
+                    "/metrics": self._page_metrics,
+                    "/status": self._page_status,
+                    "/healthz/ready": self._page_ready,
+                }
+            )
+            self.status_port = await self._status.start(
+                *parse_hostport("metrics_listen", self.config.metrics_listen)
+            )
+        log.info(
+            "controller serving",
+            extra={"port": self.port, "status_port": self.status_port, "source": self.config.source},
+        )
+
+    async def stop(self, grace: float = 2.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._status is not None:
+            await self._status.stop()
+        await self.identity.stop()
+
+    # -- pages -----------------------------------------------------------------------------------
+
+    def _page_metrics(self) -> tuple[int, str, bytes]:
+        return 200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(self.metrics.registry)
+
+    def _page_ready(self) -> tuple[int, str, bytes]:
+        ready = self.ready.is_set() and self.identity.ready
+        return json_response(200 if ready else 503, {"ready": ready, "version": self.state.version})
+
+    def _page_status(self) -> tuple[int, str, bytes]:
+        snap = self.state.snapshot
+        return json_response(
+            200,
+            {
+                "version": self.state.version,
+                "compile_seconds": self.state.compile_seconds,
+                "resources": {
+                    "workloads": len(snap.workloads),
+                    "services": len(snap.services),
+                    "policies": len(snap.policies),
+                },
+                "invalid_resources": list(snap.errors),
+                "streams": [
+                    {
+                        "identity": str(s.identity),
+                        "peer": s.peer,
+                        "sent": s.sent_version,
+                        "acked": s.acked_version,
+                        "error": s.last_error,
+                    }
+                    for s in self.streams.values()
+                ],
+            },
+        )

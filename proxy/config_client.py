@@ -1,0 +1,134 @@
+"""The sidecar's end of the controller's config stream.
+
+It authenticates with the workload's SVID, applies each update (acknowledging it, or reporting
+why it could not), and keeps the last good configuration while the controller is away,
+reconnecting with backoff. After a certificate rotation it reconnects with the new certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from sidemesh.api import config_pb2 as pb
+from sidemesh.identity import rotation
+from sidemesh.identity.workload import WorkloadIdentity
+from sidemesh.mesh import wire
+from sidemesh.mesh.compile import CompileError, InboundConfig, OutboundTable
+
+log = logging.getLogger("sidemesh.proxy.config")
+METHOD = "/sidemesh.config.v1.ConfigDiscovery/Stream"
+
+Apply = Callable[[InboundConfig | None, OutboundTable | None, str], None]
+
+
+class ConfigClient:
+    def __init__(self, address: str, server_name: str, identity: WorkloadIdentity, apply: Apply) -> None:
+        self.address = address
+        self.server_name = server_name
+        self.identity = identity
+        self.apply = apply
+        self.connected = False
+        self.version = ""
+        self.last_update = 0.0
+        self.last_error: str | None = None
+        self._rotated = asyncio.Event()
+        identity.on_rotate(lambda _svid: self._rotated.set())
+
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            await self.identity.wait_ready()
+            self._rotated.clear()
+            try:
+                await self._session()
+                attempt = 0  # a rotation ended a healthy session: reconnect at once
+            except (grpc.aio.AioRpcError, ConnectionError) as exc:
+                self.connected = False
+                attempt += 1
+                self.last_error = str(exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc)
+                delay = rotation.backoff(attempt, random.random())
+                log.warning(
+                    "controller stream lost; keeping the last configuration",
+                    extra={
+                        "controller": self.address,
+                        "error": self.last_error,
+                        "retry_in": round(delay, 2),
+                        "version": self.version,
+                    },
+                )
+                await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        svid = self.identity.svid
+        assert svid is not None
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=svid.bundle_pem, private_key=svid.key_pem, certificate_chain=svid.chain_pem
+        )
+        options = [
+            ("grpc.ssl_target_name_override", self.server_name),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ]
+        async with grpc.aio.secure_channel(self.address, creds, options=options) as channel:
+            outbox: asyncio.Queue[pb.StreamRequest] = asyncio.Queue()
+            outbox.put_nowait(pb.StreamRequest())
+
+            async def requests() -> AsyncIterator[pb.StreamRequest]:
+                while True:
+                    yield await outbox.get()
+
+            method = channel.stream_stream(
+                METHOD,
+                request_serializer=pb.StreamRequest.SerializeToString,
+                response_deserializer=pb.Update.FromString,
+            )
+            call = method(requests())
+            watcher = asyncio.create_task(self._cancel_on_rotation(call))
+            try:
+                async for update in call:
+                    outbox.put_nowait(self._handle(update))
+            except asyncio.CancelledError:
+                if not self._rotated.is_set():
+                    raise
+                log.info("certificate rotated; reconnecting to the controller with it")
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            if not self._rotated.is_set():
+                raise ConnectionError("the controller ended the stream")
+
+    async def _cancel_on_rotation(self, call: grpc.aio.StreamStreamCall[pb.StreamRequest, pb.Update]) -> None:
+        await self._rotated.wait()
+        call.cancel()
+
+    def _handle(self, update: pb.Update) -> pb.StreamRequest:
+        try:
+            inbound = wire.inbound_from_pb(update.inbound) if update.HasField("inbound") else None
+            outbound = wire.outbound_from_pb(update.outbound) if update.HasField("outbound") else None
+            self.apply(inbound, outbound, update.version)
+        except (wire.WireError, CompileError) as exc:
+            log.error(
+                "configuration update not applied; keeping the last one",
+                extra={"version": update.version, "error": str(exc)},
+            )
+            return pb.StreamRequest(ack_version=update.version, error=str(exc))
+        if not self.connected:
+            log.info(
+                "controller stream established", extra={"controller": self.address, "version": update.version}
+            )
+        self.connected, self.version, self.last_update, self.last_error = (
+            True,
+            update.version,
+            time.time(),
+            None,
+        )
+        return pb.StreamRequest(ack_version=update.version)

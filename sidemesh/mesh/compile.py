@@ -1,0 +1,241 @@
+"""Compile a snapshot into what sidecars need (no I/O).
+
+Two parts, so that the controller scales: the *outbound table* (every service port and pod port
+-> endpoints with the identity each must present) is the same for every sidecar and is compiled
+once per snapshot; the *inbound config* (the workloads running as one identity and the policies
+selecting them) is compiled per identity. A sidecar's own view is derived from both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from sidemesh.mesh.resources import Service, Snapshot, Workload
+from sidemesh.policy.model import Authorization, DefaultPolicy
+from sidemesh.spiffe import SpiffeId, WorkloadId
+
+
+class CompileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    port: int
+    identity: SpiffeId | None  # None: not in the mesh (plain TCP)
+    workload: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    name: str  # "cart.shop:80", or "pod shop/cart-1:8080"
+    endpoints: tuple[Endpoint, ...]
+    names: tuple[str, ...] = ()  # other names
+    addresses: tuple[tuple[str, int], ...] = ()  # (ip, port) keys
+
+
+@dataclass(frozen=True)
+class OutboundTable:
+    destinations: tuple[Destination, ...]
+    hash: str = ""
+    _by_address: dict[tuple[str, int], Destination] = field(default_factory=dict, compare=False, repr=False)
+    _by_name: dict[str, Destination] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for d in self.destinations:
+            self._by_name[d.name] = d
+            for n in d.names:
+                self._by_name[n] = d
+            for a in d.addresses:
+                self._by_address[a] = d
+
+
+@dataclass(frozen=True, slots=True)
+class InboundWorkload:
+    ref: str
+    addresses: tuple[str, ...]
+    default_policy: DefaultPolicy
+    policies: tuple[str, ...]  # refs
+    ports: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InboundConfig:
+    identity: SpiffeId
+    workloads: tuple[InboundWorkload, ...]
+    policies: tuple[Authorization, ...]
+    hash: str = ""
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+
+
+def _endpoint_identity(workload: Workload | None, trust_domain: str) -> SpiffeId | None:
+    if workload is None or not workload.meshed:
+        return None
+    return WorkloadId(workload.namespace, workload.service_account).spiffe_id(trust_domain)
+
+
+class _Index:
+    """Workloads by reference and by (namespace, label, value), for selector matching."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.by_ref = {w.ref: w for w in snapshot.workloads}
+        self.by_ns: dict[str, list[Workload]] = defaultdict(list)
+        self.by_label: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+        for w in snapshot.workloads:
+            self.by_ns[w.namespace].append(w)
+            for k, v in w.labels:
+                self.by_label[(w.namespace, k, v)].add(w.ref)
+
+    def select(self, namespace: str, selector: tuple[tuple[str, str], ...]) -> list[Workload]:
+        if not selector:
+            return []
+        sets = sorted((self.by_label.get((namespace, k, v), set()) for k, v in selector), key=len)
+        refs = set(sets[0]).intersection(*sets[1:])
+        return sorted((self.by_ref[r] for r in refs), key=lambda w: w.ref)
+
+
+def _target_port(target: int | str, workload: Workload) -> int | None:
+    if isinstance(target, int):
+        return target
+    return next((p.port for p in workload.ports if p.name == target), None)
+
+
+def _service_destinations(
+    svc: Service,
+    index: _Index,
+    snapshot_endpoints: dict[tuple[str, str], list[tuple[str, str, int, str | None]]],
+    trust_domain: str,
+) -> list[Destination]:
+    out = []
+    listed = snapshot_endpoints.get((svc.namespace, svc.name))
+    for sp in svc.ports:
+        endpoints: list[Endpoint] = []
+        if listed is not None:  # EndpointSlices: ready endpoints, ports resolved by Kubernetes
+            for address, port_name, port, ref in listed:
+                if port_name == sp.name or (not sp.name and len(svc.ports) == 1):
+                    w = index.by_ref.get(ref) if ref else None
+                    endpoints.append(Endpoint(address, port, _endpoint_identity(w, trust_domain), ref or ""))
+        else:
+            for w in index.select(svc.namespace, svc.selector):
+                port_or_none = _target_port(sp.target_port, w)
+                if port_or_none is not None:
+                    endpoints.append(
+                        Endpoint(w.address, port_or_none, _endpoint_identity(w, trust_domain), w.ref)
+                    )
+        name = f"{svc.host}:{sp.port}"
+        names = (f"{svc.host}.svc:{sp.port}", f"{svc.host}.svc.cluster.local:{sp.port}")
+        addresses = ((svc.cluster_ip, sp.port),) if svc.cluster_ip else ()
+        out.append(
+            Destination(name, tuple(sorted(endpoints, key=lambda e: (e.address, e.port))), names, addresses)
+        )
+    return out
+
+
+def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
+    index = _Index(snapshot)
+    listed: dict[tuple[str, str], list[tuple[str, str, int, str | None]]] = {}
+    for se in snapshot.endpoints:
+        listed[(se.namespace, se.service)] = [
+            (e.address, e.port_name, e.port, e.workload) for e in se.endpoints
+        ]
+    destinations: list[Destination] = []
+    for w in snapshot.workloads:  # a pod addressed directly, by its IP
+        for p in w.ports:
+            ep = Endpoint(w.address, p.port, _endpoint_identity(w, trust_domain), w.ref)
+            destinations.append(Destination(f"pod {w.ref}:{p.port}", (ep,), (), ((w.address, p.port),)))
+    for svc in sorted(snapshot.services, key=lambda s: (s.namespace, s.name)):
+        destinations.extend(_service_destinations(svc, index, listed, trust_domain))
+    table = tuple(destinations)
+    return OutboundTable(table, _digest(table))
+
+
+def identities(snapshot: Snapshot) -> set[WorkloadId]:
+    return {WorkloadId(w.namespace, w.service_account) for w in snapshot.workloads if w.meshed}
+
+
+def compile_inbound(
+    snapshot: Snapshot, identity: WorkloadId, trust_domain: str, mesh_default: DefaultPolicy
+) -> InboundConfig:
+    namespaces = {n.name: n for n in snapshot.namespaces}
+    mine = sorted(
+        (
+            w
+            for w in snapshot.workloads
+            if w.namespace == identity.namespace and w.service_account == identity.service_account
+        ),
+        key=lambda w: w.ref,
+    )
+    in_ns = sorted((p for p in snapshot.policies if p.namespace == identity.namespace), key=lambda p: p.ref)
+    workloads = []
+    used: dict[str, Authorization] = {}
+    for w in mine:
+        ns = namespaces.get(w.namespace)
+        default = w.default_policy() or (ns.default_policy() if ns else None) or mesh_default
+        selecting = [p for p in in_ns if p.selects(w.namespace, w.label_map)]
+        used.update((p.ref, p) for p in selecting)
+        workloads.append(
+            InboundWorkload(
+                w.ref, (w.address,), default, tuple(p.ref for p in selecting), tuple(p.port for p in w.ports)
+            )
+        )
+    config = InboundConfig(
+        identity.spiffe_id(trust_domain), tuple(workloads), tuple(used[r] for r in sorted(used))
+    )
+    return InboundConfig(config.identity, config.workloads, config.policies, _digest(config))
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """One sidecar's view: its own workload's inbound rules and the shared outbound table."""
+
+    workload: str
+    identity: SpiffeId
+    default_policy: DefaultPolicy
+    policies: tuple[Authorization, ...]
+    ports: tuple[int, ...]
+    outbound: OutboundTable
+    version: str = ""
+
+    def lookup_address(self, ip: str, port: int) -> Destination | None:
+        return self.outbound._by_address.get((ip, port))
+
+    def lookup_name(self, name: str) -> Destination | None:
+        return self.outbound._by_name.get(name)
+
+
+def sidecar_view(
+    inbound: InboundConfig, outbound: OutboundTable, workload_ref: str, version: str
+) -> SidecarConfig:
+    me = next((w for w in inbound.workloads if w.ref == workload_ref), None)
+    if me is None:
+        raise CompileError(f"no workload {workload_ref} runs as {inbound.identity}")
+    by_ref = {p.ref: p for p in inbound.policies}
+    return SidecarConfig(
+        workload_ref,
+        inbound.identity,
+        me.default_policy,
+        tuple(by_ref[r] for r in me.policies if r in by_ref),
+        me.ports,
+        outbound,
+        version,
+    )
+
+
+def compile_sidecar(
+    snapshot: Snapshot, workload_ref: str, trust_domain: str, mesh_default: DefaultPolicy
+) -> SidecarConfig:
+    """Local mode: a sidecar compiling its own view from a directory."""
+    me = next((w for w in snapshot.workloads if w.ref == workload_ref), None)
+    if me is None:
+        raise CompileError(f"no workload {workload_ref} in the mesh configuration")
+    inbound = compile_inbound(
+        snapshot, WorkloadId(me.namespace, me.service_account), trust_domain, mesh_default
+    )
+    outbound = compile_outbound(snapshot, trust_domain)
+    return sidecar_view(inbound, outbound, workload_ref, f"{inbound.hash[:8]}.{outbound.hash[:8]}")

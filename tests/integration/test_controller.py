@@ -1,0 +1,239 @@
+"""The controller streaming to real sidecars: policy changes, outages, refusals, bad resources."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from controller.config import ControllerConfig
+from controller.server import ConfigServer
+from controller.sources.directory import DirectorySource
+from sidemesh.api import config_pb2 as pb
+from sidemesh.identity.workload import WorkloadIdentity
+from sidemesh.spiffe import WorkloadId
+from tests.integration.conftest import StartCA
+from tests.integration.mesh_fixture import ALLOW_FRONTEND, MESH_YAML, Mesh, free_net, talk
+from tests.support import pki
+
+FRONTEND, CART, STRANGER = 1, 2, 3
+OUT = 18080
+NAME = "sidemesh-controller.sidemesh-system.svc"
+
+
+class Controller:
+    def __init__(self, mesh: Mesh, port: int = 0) -> None:
+        config = ControllerConfig(
+            listen=f"127.0.0.1:{port}",
+            metrics_listen="127.0.0.1:0",
+            source="directory",
+            config_dir=mesh.config_dir,
+            coalesce=__import__("datetime").timedelta(milliseconds=50),
+        )
+        identity = WorkloadIdentity(
+            WorkloadId("sidemesh-system", "sidemesh-controller").spiffe_id("cluster.local"),
+            mesh.ca.client(),
+            lambda: "controller-token",
+            dns_names=(NAME,),
+        )
+        self.server = ConfigServer(config, identity, DirectorySource(mesh.config_dir, poll_seconds=0.05))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    async def status(self) -> Any:
+        url = f"http://127.0.0.1:{self.server.status_port}/status"
+        return await asyncio.to_thread(lambda: json.loads(urllib.request.urlopen(url, timeout=5).read()))
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=0)
+        await self.server.identity.ca.close()
+
+
+@pytest.fixture
+async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
+    ca = await start_ca()
+    config_dir = tmp_path / "mesh"
+    config_dir.mkdir()
+    net = free_net()
+    m = Mesh(ca, config_dir, net)
+    m.write("workloads.yaml", MESH_YAML.format(net=net))
+    m.write("allow.yaml", ALLOW_FRONTEND)
+    yield m
+    await m.close()
+
+
+@pytest.fixture
+async def controller(mesh: Mesh) -> AsyncIterator[Controller]:
+    c = Controller(mesh)
+    await c.server.start()
+    yield c
+    await c.stop()
+
+
+async def start_pair(mesh: Mesh, controller: Controller) -> None:
+    await mesh.app(CART)
+    await mesh.sidecar("cart", CART, controller=controller.address)
+    await mesh.sidecar(
+        "frontend",
+        FRONTEND,
+        controller=controller.address,
+        outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",),
+    )
+    await mesh.sidecar(
+        "stranger",
+        STRANGER,
+        controller=controller.address,
+        outbound=(f"{mesh.addr(STRANGER)}:{OUT}=cart.shop:80",),
+    )
+
+
+async def test_sidecars_enforce_what_the_controller_streams(mesh: Mesh, controller: Controller) -> None:
+    await start_pair(mesh, controller)
+    assert await talk(mesh.addr(FRONTEND), OUT, b"hi") == b"HIBYE"
+    with pytest.raises(ConnectionResetError):
+        await talk(mesh.addr(STRANGER), OUT, b"hi")
+    status = await controller.status()
+    assert sorted(s["identity"] for s in status["streams"]) == ["shop/cart", "shop/frontend", "shop/stranger"]
+    assert all(s["acked"] == status["version"] for s in status["streams"])  # every sidecar acknowledged
+
+
+async def test_a_policy_change_reaches_running_sidecars_quickly(mesh: Mesh, controller: Controller) -> None:
+    await start_pair(mesh, controller)
+    cart = mesh.sidecars["cart"]
+    before = cart.mesh_config().version
+    started = time.monotonic()
+    mesh.write("allow-stranger.yaml", ALLOW_FRONTEND.replace("frontend", "stranger"))
+    while cart.mesh_config().version == before:
+        assert time.monotonic() - started < 5, "the change never arrived"
+        await asyncio.sleep(0.01)
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.0, elapsed
+    assert await talk(mesh.addr(STRANGER), OUT, b"now") == b"NOWBYE"
+
+
+async def test_controller_down_keeps_last_known_good_then_resyncs(mesh: Mesh, controller: Controller) -> None:
+    await start_pair(mesh, controller)
+    port = controller.server.port
+    await controller.stop()
+    cart = mesh.sidecars["cart"]
+    for _ in range(100):
+        if cart.controller is not None and not cart.controller.connected:
+            break
+        await asyncio.sleep(0.05)
+    assert cart.controller is not None and not cart.controller.connected
+    # Nothing allowed that was denied, nothing denied that was allowed.
+    assert await talk(mesh.addr(FRONTEND), OUT, b"still") == b"STILLBYE"
+    with pytest.raises(ConnectionResetError):
+        await talk(mesh.addr(STRANGER), OUT, b"still")
+    url = f"http://{mesh.addr(CART)}:{cart.ports['admin']}/config"
+    config = await asyncio.to_thread(lambda: json.loads(urllib.request.urlopen(url, timeout=5).read()))
+    assert config["source"]["stale"] is True and config["source"]["connected"] is False
+    # A change made while the controller is away is applied once it is back.
+    mesh.write("allow-stranger.yaml", ALLOW_FRONTEND.replace("frontend", "stranger"))
+    back = Controller(mesh, port)
+    await back.server.start()
+    try:
+        for _ in range(200):
+            if cart.controller.connected and any(
+                p.ref == "shop/cart-allow-stranger" for p in cart.mesh_config().policies
+            ):
+                break
+            await asyncio.sleep(0.05)
+        assert await talk(mesh.addr(STRANGER), OUT, b"back") == b"BACKBYE"
+    finally:
+        await back.stop()
+
+
+async def test_only_changed_parts_are_sent(mesh: Mesh, controller: Controller) -> None:
+    svid = pki.make_svid(mesh.ca.authority, WorkloadId("shop", "frontend").spiffe_id("cluster.local"))
+    creds = grpc.ssl_channel_credentials(svid.bundle_pem, svid.key_pem, svid.chain_pem)
+    async with grpc.aio.secure_channel(
+        controller.address, creds, options=[("grpc.ssl_target_name_override", NAME)]
+    ) as channel:
+        outbox: asyncio.Queue[pb.StreamRequest] = asyncio.Queue()
+        outbox.put_nowait(pb.StreamRequest())
+
+        async def requests() -> AsyncIterator[pb.StreamRequest]:
+            while True:
+                yield await outbox.get()
+
+        call = channel.stream_stream(
+            "/sidemesh.config.v1.ConfigDiscovery/Stream",
+            pb.StreamRequest.SerializeToString,
+            pb.Update.FromString,
+        )(requests())
+        first = await asyncio.wait_for(call.read(), 5)
+        assert first.HasField("inbound") and first.HasField("outbound")
+        assert first.inbound.identity == "spiffe://cluster.local/ns/shop/sa/frontend"
+        assert [w.ref for w in first.inbound.workloads] == ["shop/frontend-1"]
+        outbox.put_nowait(pb.StreamRequest(ack_version=first.version))
+        # A policy for cart changes neither the frontend's inbound rules nor the outbound table.
+        mesh.write("allow-stranger.yaml", ALLOW_FRONTEND.replace("frontend", "stranger"))
+        second = await asyncio.wait_for(call.read(), 5)
+        assert second.version != first.version
+        assert not second.HasField("inbound") and not second.HasField("outbound")
+        # A new service changes the outbound table only.
+        mesh.write(
+            "svc.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: extra, namespace: shop}\n"
+            "spec: {selector: {app: cart}, ports: [{port: 81, targetPort: 8080}]}\n",
+        )
+        third = await asyncio.wait_for(call.read(), 5)
+        assert third.HasField("outbound") and not third.HasField("inbound")
+        assert any(d.name == "extra.shop:81" for d in third.outbound.destinations)
+        call.cancel()
+
+
+async def test_stream_refuses_clients_without_a_mesh_certificate(
+    mesh: Mesh, controller: Controller, tmp_path: Path
+) -> None:
+    bundle = mesh.ca.bundle
+    foreign = pki.make_authority(tmp_path / "foreign")
+    foreign_svid = pki.make_svid(foreign, WorkloadId("shop", "frontend").spiffe_id("cluster.local"))
+    for creds in (
+        grpc.ssl_channel_credentials(bundle),  # no client certificate
+        grpc.ssl_channel_credentials(bundle, foreign_svid.key_pem, foreign_svid.chain_pem),
+    ):  # another CA
+        async with grpc.aio.secure_channel(
+            controller.address, creds, options=[("grpc.ssl_target_name_override", NAME)]
+        ) as ch:
+            call = ch.stream_stream(
+                "/sidemesh.config.v1.ConfigDiscovery/Stream",
+                pb.StreamRequest.SerializeToString,
+                pb.Update.FromString,
+            )(iter([pb.StreamRequest()]))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await asyncio.wait_for(call.read(), 5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_invalid_and_half_written_files_do_not_take_the_controller_down(
+    mesh: Mesh, controller: Controller
+) -> None:
+    await start_pair(mesh, controller)
+    mesh.write(
+        "broken.yaml",
+        "apiVersion: sidemesh.io/v1alpha1\nkind: ServiceAuthorization\nmetadata: {name: bad, namespace: shop}\n"
+        "spec: {selector: {matchLabels: {app: cart}}, rules: [{from: [{}]}]}\n",
+    )
+    mesh.write("half.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x\n  ports: [")
+    for _ in range(100):
+        status = await controller.status()
+        if len(status["invalid_resources"]) == 2:
+            break
+        await asyncio.sleep(0.05)
+    errors = " ".join(status["invalid_resources"])
+    assert "names nobody" in errors and "half.yaml" in errors
+    # Everything else is still served and enforced.
+    assert await talk(mesh.addr(FRONTEND), OUT, b"ok") == b"OKBYE"
+    with pytest.raises(ConnectionResetError):
+        await talk(mesh.addr(STRANGER), OUT, b"no")
