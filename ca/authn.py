@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import hmac
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +27,7 @@ log = logging.getLogger("sidemesh.ca.authn")
 AUDIENCE = "sidemesh-ca"
 MAX_TOKEN_BYTES = 8192
 SA_PREFIX = "system:serviceaccount:"
+RELOAD_CHECK_SECONDS = 1.0
 
 
 class Authenticator(Protocol):
@@ -115,9 +116,14 @@ class LocalTokenAuthenticator:
         self.clock = clock
         self._stamp: tuple[int, int] | None = None
         self._entries: dict[bytes, _LocalEntry] = {}
+        self._checked = 0.0
         self._reload()
 
     def _reload(self) -> None:
+        now = time.monotonic()
+        if self._stamp is not None and now - self._checked < RELOAD_CHECK_SECONDS:
+            return
+        self._checked = now
         st = os.stat(self.path)
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp == self._stamp:
@@ -138,8 +144,9 @@ class LocalTokenAuthenticator:
             self._reload()
         except OSError as exc:
             log.error("token file unreadable; keeping the previous tokens", extra={"error": str(exc)})
-        digest = _digest(token)
-        entry = next((e for d, e in self._entries.items() if hmac.compare_digest(d, digest)), None)
+        # Looked up by SHA-256 digest: the caller controls the token, not its digest, so the dict
+        # lookup leaks nothing usable about stored tokens.
+        entry = self._entries.get(_digest(token))
         if entry is None:
             raise Unauthenticated("token not recognized")
         if entry.expires_at is not None and entry.expires_at <= self.clock.now():

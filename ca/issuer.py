@@ -68,4 +68,4 @@ def sign(authority: SigningAuthority, params: templates.LeafParams) -> Issued:
         authority.key, hashes.SHA256()
     )
     leaf = cert.public_bytes(serialization.Encoding.PEM).decode()
-    return Issued(cert, [leaf, *authority.chain_pem], authority.bundle_pem, params.spiffe_id)
+    return Issued(cert, [leaf, *authority.chain_pem], list(authority.bundle_pem), params.spiffe_id)

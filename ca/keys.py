@@ -41,14 +41,13 @@ class SigningAuthority:
     key: SigningKey
     chain: tuple[x509.Certificate, ...]  # cert first, then up to (not including) the root
     roots: tuple[x509.Certificate, ...]
+    chain_pem: tuple[str, ...] = ()  # derived in __post_init__: encoded once, not per signing
+    bundle_pem: tuple[str, ...] = ()
 
-    @property
-    def chain_pem(self) -> list[str]:
-        return [c.public_bytes(serialization.Encoding.PEM).decode() for c in self.chain]
-
-    @property
-    def bundle_pem(self) -> list[str]:
-        return [c.public_bytes(serialization.Encoding.PEM).decode() for c in self.roots]
+    def __post_init__(self) -> None:
+        encode = lambda c: c.public_bytes(serialization.Encoding.PEM).decode()  # noqa: E731
+        object.__setattr__(self, "chain_pem", tuple(map(encode, self.chain)))
+        object.__setattr__(self, "bundle_pem", tuple(map(encode, self.roots)))
 
 
 def key_pem(key: SigningKey) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import subprocess
@@ -383,6 +384,7 @@ async def test_local_token_file_is_reloaded(start_ca: StartCA, tmp_path: Path) -
     import os
 
     os.utime(token_file, ns=(1, 1))  # a different mtime than before, whatever the clock's resolution
+    await asyncio.sleep(1.1)  # the file is checked at most once a second
     await ca.issue("new-token", FRONTEND)
     with pytest.raises(CAClientError):
         await ca.issue("frontend-token", FRONTEND)

@@ -1,0 +1,171 @@
+"""`sidemesh authz check`: may A call B? Answered by the same compile and evaluation code the
+controller and the sidecars run, against a directory of manifests or a live cluster."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidemesh.cli import CLIError
+from sidemesh.mesh import directory
+from sidemesh.mesh.compile import compile_inbound
+from sidemesh.mesh.resources import Snapshot, Workload
+from sidemesh.policy.evaluate import evaluate
+from sidemesh.policy.model import Decision, DefaultPolicy, Peer, Request
+from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId
+
+
+def register(sub: Any) -> None:
+    authz = sub.add_parser(
+        "authz", help="inspect authorization", description="Inspect ServiceAuthorization decisions."
+    )
+    authz_sub = authz.add_subparsers(title="authz commands", metavar="COMMAND")
+    authz.set_defaults(handler=lambda _a: (authz.print_help(), 2)[1])
+    p = authz_sub.add_parser(
+        "check",
+        help="may a source call a destination? prints allow or deny and why",
+        description=(
+            "Evaluate one request the way the destination's sidecar would, and print ALLOW or DENY with the reason "
+            "(policy and rule, or the default). Exit status: 0 allow, 1 deny, 2 error. Example: sidemesh authz check "
+            "--dir manifests/ --from shop/frontend --to shop/cart --port 8080 --method GET --path /cart/1"
+        ),
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        help="NAMESPACE/SERVICEACCOUNT of the caller, or 'unauthenticated' for a plaintext client",
+    )
+    p.add_argument(
+        "--to",
+        dest="target",
+        required=True,
+        help="NAMESPACE/NAME of the destination: a workload (pod), a Service, or a service account",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        required=True,
+        help="destination port (the app's port, e.g. a Service's targetPort)",
+    )
+    p.add_argument("--method", help="HTTP method (omit for an opaque TCP connection)")
+    p.add_argument("--path", help="HTTP path (with --method)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--dir", type=Path, help="a directory of mesh YAML (what `controller serve --source directory` reads)"
+    )
+    where.add_argument("--kubeconfig", type=Path, help="read a live cluster with this kubeconfig")
+    p.add_argument(
+        "--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="SPIFFE trust domain (default: %(default)s)"
+    )
+    p.add_argument(
+        "--default-policy",
+        default="allow-authenticated",
+        choices=[d.value for d in DefaultPolicy],
+        help="the mesh default (default: %(default)s)",
+    )
+    p.set_defaults(handler=_check)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    workload: str
+    decision: Decision
+
+
+def targets(snapshot: Snapshot, namespace: str, name: str) -> list[Workload]:
+    """Workloads named NAME, behind Service NAME, or running as service account NAME."""
+    in_ns = [w for w in snapshot.workloads if w.namespace == namespace]
+    service = next((s for s in snapshot.services if s.namespace == namespace and s.name == name), None)
+    picked = [
+        w
+        for w in in_ns
+        if w.name == name
+        or w.service_account == name
+        or (
+            service is not None
+            and service.selector
+            and all(w.label_map.get(k) == v for k, v in service.selector)
+        )
+    ]
+    return sorted(picked, key=lambda w: w.ref)
+
+
+def check(
+    snapshot: Snapshot,
+    peer: Peer,
+    target: WorkloadId,
+    request: Request,
+    trust_domain: str,
+    mesh_default: DefaultPolicy,
+) -> list[Verdict]:
+    verdicts = []
+    for w in targets(snapshot, target.namespace, target.service_account):
+        inbound = compile_inbound(
+            snapshot, WorkloadId(w.namespace, w.service_account), trust_domain, mesh_default
+        )
+        me = next(x for x in inbound.workloads if x.ref == w.ref)
+        policies = [p for p in inbound.policies if p.ref in me.policies]
+        verdicts.append(Verdict(w.ref, evaluate(policies, me.default_policy, request, trust_domain)))
+    return verdicts
+
+
+def _load(args: argparse.Namespace) -> Snapshot:
+    if args.dir is not None:
+        if not args.dir.is_dir():
+            raise CLIError(f"{args.dir} is not a directory")
+        return directory.load_directory(args.dir)
+    from controller.sources.kubernetes import KubernetesSource, api_client_from
+
+    async def once() -> Snapshot:
+        source = KubernetesSource(api_client_from(args.kubeconfig))
+        got: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(source.run(lambda s: got.done() or got.set_result(s)))  # type: ignore[func-returns-value]
+        try:
+            return await asyncio.wait_for(got, 30)
+        finally:
+            task.cancel()
+
+    try:
+        return asyncio.run(once())
+    except Exception as exc:
+        raise CLIError(f"cannot read the cluster: {exc}; check --kubeconfig") from exc
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        target = WorkloadId.parse(args.target)
+        if args.source == "unauthenticated":
+            peer = Peer()
+        else:
+            src = WorkloadId.parse(args.source)
+            peer = Peer(args.trust_domain, src.namespace, src.service_account)
+    except SpiffeIdError as exc:
+        raise CLIError(f"{exc}; --from and --to take NAMESPACE/NAME") from exc
+    if args.path and not args.method:
+        raise CLIError("--path needs --method (an HTTP request has both)")
+    if not 1 <= args.port <= 65535:
+        raise CLIError(f"--port {args.port} is not a port number")
+    snapshot = _load(args)
+    for error in snapshot.errors:
+        print(f"warning: ignored invalid resource: {error}")
+    request = Request(
+        peer,
+        args.port,
+        args.method.upper() if args.method else None,
+        args.path or ("/" if args.method else None),
+    )
+    verdicts = check(snapshot, peer, target, request, args.trust_domain, DefaultPolicy(args.default_policy))
+    if not verdicts:
+        raise CLIError(f"no workload, Service or service account {args.target} found; check --to")
+    for v in verdicts:
+        word = (
+            "ALLOW"
+            if v.decision.allowed and not v.decision.audit
+            else ("ALLOW (audit)" if v.decision.allowed else "DENY")
+        )
+        print(f"{word} {args.source} -> {v.workload}:{args.port}: {v.decision.reason}")
+    return 0 if all(v.decision.allowed for v in verdicts) else 1

@@ -1,0 +1,97 @@
+"""`sidemesh authz check` on a directory of manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidemesh.cli import main
+from tests.integration.mesh_fixture import ALLOW_FRONTEND, MESH_YAML
+
+
+@pytest.fixture
+def manifests(tmp_path: Path) -> Path:
+    (tmp_path / "mesh.yaml").write_text(MESH_YAML.format(net="127.0.9"))
+    (tmp_path / "allow.yaml").write_text(ALLOW_FRONTEND)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "out"),
+    [
+        (
+            ["--from", "shop/frontend", "--to", "shop/cart", "--port", "8080"],
+            0,
+            "ALLOW shop/frontend -> shop/cart-1:8080: allowed by shop/cart-allow-frontend rule 0",
+        ),
+        (
+            ["--from", "shop/stranger", "--to", "shop/cart", "--port", "8080"],
+            1,
+            "DENY shop/stranger -> shop/cart-1:8080: no rule of shop/cart-allow-frontend",
+        ),
+        (["--from", "shop/frontend", "--to", "shop/cart-1", "--port", "9999"], 1, "DENY"),
+        (
+            ["--from", "unauthenticated", "--to", "shop/frontend", "--port", "8080"],
+            1,
+            "default allow-authenticated: client is not authenticated",
+        ),
+        (
+            [
+                "--from",
+                "shop/stranger",
+                "--to",
+                "shop/frontend",
+                "--port",
+                "8080",
+                "--default-policy",
+                "deny",
+            ],
+            1,
+            "default deny",
+        ),
+        (
+            [
+                "--from",
+                "shop/frontend",
+                "--to",
+                "shop/cart",
+                "--port",
+                "8080",
+                "--method",
+                "GET",
+                "--path",
+                "/cart/1",
+            ],
+            0,
+            "ALLOW",
+        ),
+    ],
+)
+def test_check(
+    manifests: Path, argv: list[str], code: int, out: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["authz", "check", "--dir", str(manifests), *argv]) == code
+    assert out in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "err"),
+    [
+        (["--from", "frontend", "--to", "shop/cart", "--port", "8080"], "NAMESPACE/NAME"),
+        (
+            ["--from", "shop/frontend", "--to", "shop/nothing", "--port", "8080"],
+            "no workload, Service or service account shop/nothing",
+        ),
+        (["--from", "shop/frontend", "--to", "shop/cart", "--port", "0"], "not a port"),
+        (
+            ["--from", "shop/frontend", "--to", "shop/cart", "--port", "80", "--path", "/x"],
+            "--path needs --method",
+        ),
+    ],
+)
+def test_errors_say_what_to_do(
+    manifests: Path, argv: list[str], err: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["authz", "check", "--dir", str(manifests), *argv]) == 2
+    assert err in capsys.readouterr().err
