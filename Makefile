@@ -21,9 +21,9 @@ test: $(STAMP) sysdeps lint typecheck unit
 
 # The e2e tests build pods from network namespaces and need iptables and iproute2. As root on
 # Debian they are installed here; otherwise those tests skip and say why.
-SYSDEPS := iptables iproute2
+SYSDEPS := iptables iproute2 curl util-linux mount
 sysdeps:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! (command -v iptables && command -v ip) >/dev/null; then \
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! (command -v iptables && command -v ip && command -v curl && command -v setpriv) >/dev/null; then \
 	  echo "installing $(SYSDEPS) for the e2e tests (apt-get) ..."; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS) >/dev/null) \
 	    || echo "could not install $(SYSDEPS): the e2e tests will skip"; \

@@ -13,6 +13,7 @@ import contextlib
 import socket
 import struct
 import time
+import typing
 from collections.abc import Callable
 
 from proxy import framing
@@ -50,8 +51,9 @@ class Half(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports have the methods of asyncio.Transport but do not subclass it.
+        self.transport = typing.cast(asyncio.Transport, transport)
+        transport = self.transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         for chunk in self._pending:
             transport.write(chunk)

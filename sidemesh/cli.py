@@ -29,9 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sidemesh {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    seen: set[str] = set()
     for ep in sorted(entry_points(group="sidemesh.commands"), key=lambda e: e.name):
-        register = ep.load()
-        register(sub)
+        if ep.name in seen:  # the same distribution seen twice (e.g. during a reinstall)
+            continue
+        seen.add(ep.name)
+        ep.load()(sub)
     from sidemesh import demo
 
     demo.register(sub)

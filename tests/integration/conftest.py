@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncio
+
 import pytest
+import uvloop
 import yaml
 
 from ca import keys
@@ -19,6 +22,18 @@ from ca.server import CAServer
 from sidemesh.identity.client import CAClient
 from sidemesh.identity.svid import SVID, make_csr, new_key
 from sidemesh.spiffe import WorkloadId
+
+# The sidecar and the controller run on uvloop in production (`sidemesh proxy run`): their tests run
+# on both loops, so that a difference between the two (uvloop's transports are not asyncio.Transport
+# subclasses, for one) fails a test here rather than in a pod.
+BOTH_LOOPS = ("test_proxy.py", "test_controller.py")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.path.name in BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
 
 TOKENS = {
     "frontend-token": ("shop", "frontend"),
