@@ -74,8 +74,26 @@ def _digest(value: object) -> str:
     return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
 
 
-def _endpoint_identity(workload: Workload | None, trust_domain: str) -> SpiffeId | None:
+EXCLUDE_INBOUND = "sidemesh.io/exclude-inbound-ports"
+
+
+def _excluded_ports(workload: Workload) -> set[int] | None:
+    """Ports the pod's sidecar does not capture (None: all of them, ``*``)."""
+    value = dict(workload.annotations).get(EXCLUDE_INBOUND, "")
+    if value.strip() == "*":
+        return None
+    return {int(p) for p in value.split(",") if p.strip().isdigit()}
+
+
+def _endpoint_identity(
+    workload: Workload | None, trust_domain: str, port: int | None = None
+) -> SpiffeId | None:
+    """The identity a client sidecar must see, or None to send plain TCP: the destination is not
+    meshed, or its sidecar does not capture that port (so nothing there would terminate mTLS)."""
     if workload is None or not workload.meshed:
+        return None
+    excluded = _excluded_ports(workload)
+    if port is not None and (excluded is None or port in excluded):
         return None
     return WorkloadId(workload.namespace, workload.service_account).spiffe_id(trust_domain)
 
@@ -120,13 +138,17 @@ def _service_destinations(
             for address, port_name, port, ref in listed:
                 if port_name == sp.name or (not sp.name and len(svc.ports) == 1):
                     w = index.by_ref.get(ref) if ref else None
-                    endpoints.append(Endpoint(address, port, _endpoint_identity(w, trust_domain), ref or ""))
+                    endpoints.append(
+                        Endpoint(address, port, _endpoint_identity(w, trust_domain, port), ref or "")
+                    )
         else:
             for w in index.select(svc.namespace, svc.selector):
                 port_or_none = _target_port(sp.target_port, w)
                 if port_or_none is not None:
                     endpoints.append(
-                        Endpoint(w.address, port_or_none, _endpoint_identity(w, trust_domain), w.ref)
+                        Endpoint(
+                            w.address, port_or_none, _endpoint_identity(w, trust_domain, port_or_none), w.ref
+                        )
                     )
         name = f"{svc.host}:{sp.port}"
         names = (f"{svc.host}.svc:{sp.port}", f"{svc.host}.svc.cluster.local:{sp.port}")
@@ -147,7 +169,7 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
     destinations: list[Destination] = []
     for w in snapshot.workloads:  # a pod addressed directly, by its IP
         for p in w.ports:
-            ep = Endpoint(w.address, p.port, _endpoint_identity(w, trust_domain), w.ref)
+            ep = Endpoint(w.address, p.port, _endpoint_identity(w, trust_domain, p.port), w.ref)
             destinations.append(Destination(f"pod {w.ref}:{p.port}", (ep,), (), ((w.address, p.port),)))
     for svc in sorted(snapshot.services, key=lambda s: (s.namespace, s.name)):
         destinations.extend(_service_destinations(svc, index, listed, trust_domain))

@@ -135,3 +135,23 @@ def test_wire_rejects_garbage() -> None:
         wire.outbound_from_pb(
             pb.Outbound(destinations=[pb.Destination(name="x", endpoints=[pb.Endpoint(identity="http://x")])])
         )
+
+
+def test_ports_excluded_from_inbound_capture_are_reached_in_plaintext() -> None:
+    snap = snapshot()
+    cart1 = snap.workloads[0]
+    import dataclasses
+
+    excluded = dataclasses.replace(cart1, annotations=(("sidemesh.io/exclude-inbound-ports", "8080,9090"),))
+    table = compile_outbound(
+        Snapshot(snap.services, (excluded, *snap.workloads[1:]), snap.namespaces, snap.policies),
+        "cluster.local",
+    )
+    endpoints = {e.workload: e for e in table._by_name["cart.shop:80"].endpoints}
+    assert endpoints["shop/cart-1"].identity is None  # its sidecar would not terminate mTLS on 8080
+    assert endpoints["shop/cart-2"].identity is not None
+    everything = dataclasses.replace(cart1, annotations=(("sidemesh.io/exclude-inbound-ports", "*"),))
+    table = compile_outbound(
+        Snapshot(snap.services, (everything,), snap.namespaces, snap.policies), "cluster.local"
+    )
+    assert table._by_address[("10.0.0.2", 8080)].endpoints[0].identity is None
