@@ -103,6 +103,11 @@ class ProxyConfig:
         "on SIGTERM, how long open connections may finish",
         env="SIDEMESH_DRAIN_TIMEOUT",
     )
+    access_log: bool = option(
+        True,
+        "one JSON line per connection (identities, decision, bytes, duration)",
+        env="SIDEMESH_ACCESS_LOG",
+    )
     log_level: str = option(
         "info", "log level", env="SIDEMESH_LOG_LEVEL", choices=("debug", "info", "warning", "error")
     )

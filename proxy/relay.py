@@ -162,6 +162,7 @@ class Relay:
 
     def link(self, a: Half, b: Half) -> None:
         a.peer, b.peer = b, a
+        self.info["linked"] = True
         for src, dst in ((a, b), (b, a)):
             for chunk in src._early:
                 dst.send(chunk)

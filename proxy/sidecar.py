@@ -32,6 +32,7 @@ from sidemesh.mesh.compile import (
 from sidemesh.policy.model import DefaultPolicy
 
 log = logging.getLogger("sidemesh.proxy")
+access = logging.getLogger("sidemesh.proxy.access")
 CONFIG_POLL_SECONDS = 0.5
 
 
@@ -107,7 +108,18 @@ class Sidecar:
             self._no_relays.set()
         direction = str(relay.info.get("direction"))
         self.metrics.open.labels(direction).dec()
-        self.metrics.bytes.labels(direction).inc(sum(h.bytes_in for h in relay.halves))
+        received = {h.name: h.bytes_in for h in relay.halves}
+        self.metrics.bytes.labels(direction).inc(sum(received.values()))
+        if self.config.access_log and relay.info.get("linked"):
+            access.info(
+                "connection",
+                extra={
+                    **relay.info,
+                    "outcome": outcome,
+                    "bytes_received": received,
+                    "duration_ms": round((time.monotonic() - relay.started) * 1000, 3),
+                },
+            )
 
     # -- configuration -----------------------------------------------------------------------
 

@@ -287,3 +287,67 @@ async def test_rotation_under_traffic_breaks_nothing(mesh: Mesh) -> None:
         assert await talk(mesh.addr(FRONTEND), OUT, b"fresh") == b"FRESHBYE"
     assert cart.identity.rotations == 6
     writer.close()
+
+
+async def test_access_log_names_both_identities(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="sidemesh.proxy.access")
+    await frontend_and_cart(mesh)
+    assert await talk(mesh.addr(FRONTEND), OUT, b"log me") == b"LOG MEBYE"
+    for _ in range(50):
+        lines = [r.__dict__ for r in caplog.records if r.name == "sidemesh.proxy.access"]
+        if len(lines) == 2:
+            break
+        await asyncio.sleep(0.02)
+    inbound = next(line for line in lines if line["direction"] == "inbound")
+    outbound = next(line for line in lines if line["direction"] == "outbound")
+    assert inbound["source"] == "spiffe://cluster.local/ns/shop/sa/frontend"
+    assert inbound["decision"] == "allowed by shop/cart-allow-frontend rule 0"
+    assert inbound["bytes_received"]["downstream"] > 0 and inbound["outcome"] == "closed"
+    assert outbound["peer"] == "spiffe://cluster.local/ns/shop/sa/cart" and outbound["mtls"] is True
+
+
+async def test_idle_connections_are_closed(mesh: Mesh) -> None:
+    import dataclasses
+    import datetime as dt
+
+    await mesh.app(CART)
+    cart = await mesh.sidecar("cart", CART)
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
+    )
+    frontend.config = dataclasses.replace(frontend.config, idle_timeout=dt.timedelta(seconds=0.3))
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    writer.write(b"a")
+    assert await reader.readexactly(1) == b"A"
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 5)  # nothing sent: the idle timeout resets it
+    assert 0.25 < asyncio.get_running_loop().time() - started < 3
+    writer.close()
+    del cart
+
+
+async def test_connect_timeout_to_an_unresponsive_endpoint(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    import dataclasses
+    import datetime as dt
+    import socket
+
+    # Something at cart's inbound address that accepts TCP but never answers the TLS handshake.
+    silent = socket.socket()
+    silent.bind((mesh.addr(CART), INBOUND))
+    silent.listen(8)
+    try:
+        frontend = await mesh.sidecar(
+            "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
+        )
+        frontend.config = dataclasses.replace(frontend.config, connect_timeout=dt.timedelta(seconds=0.5))
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ConnectionResetError):
+            await talk(mesh.addr(FRONTEND), OUT, b"hello?")
+        assert asyncio.get_running_loop().time() - started < 3
+        refused = [r for r in caplog.records if r.getMessage() == "outbound connection refused"]
+        assert refused and "cannot connect" in refused[-1].__dict__["reason"]
+    finally:
+        silent.close()
