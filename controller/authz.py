@@ -123,7 +123,12 @@ def _load(args: argparse.Namespace) -> Snapshot:
     async def once() -> Snapshot:
         source = KubernetesSource(api_client_from(args.kubeconfig))
         got: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(source.run(lambda s: got.done() or got.set_result(s)))  # type: ignore[func-returns-value]
+
+        def first(snapshot: Snapshot) -> None:
+            if not got.done():
+                got.set_result(snapshot)
+
+        task = asyncio.create_task(source.run(first))
         try:
             return await asyncio.wait_for(got, 30)
         finally:

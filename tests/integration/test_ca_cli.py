@@ -190,11 +190,3 @@ def test_issue_against_nothing_says_what_to_do(tmp_path: Path, capsys: pytest.Ca
     )
     assert code == 2
     assert "is the CA running" in capsys.readouterr().err
-
-
-def test_demo_once_behaves_as_described() -> None:
-    out = subprocess.run([*SIDEMESH, "demo", "--once"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "issued spiffe://cluster.local/ns/shop/sa/frontend" in out.stdout
-    assert "refused: PERMISSION_DENIED" in out.stdout
-    assert "all steps behaved as described" in out.stdout
