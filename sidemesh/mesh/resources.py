@@ -121,6 +121,22 @@ def _meta(doc: dict[str, Any], kind: str, namespaced: bool = True) -> tuple[str,
     return meta["name"], ns, meta
 
 
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ResourceError(f"{where} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _items(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ResourceError(f"{where} must be a list, got {type(value).__name__}")
+    return value
+
+
 def _pairs(value: Any, where: str) -> tuple[tuple[str, str], ...]:
     if value is None:
         return ()
@@ -146,9 +162,9 @@ def _ip(value: Any, where: str) -> str:
 
 def parse_service(doc: dict[str, Any]) -> Service:
     name, ns, meta = _meta(doc, "Service")
-    spec = doc.get("spec") or {}
+    spec = _obj(doc.get("spec"), f"Service {ns}/{name}: spec")
     ports = []
-    for i, p in enumerate(spec.get("ports") or []):
+    for i, p in enumerate(_items(spec.get("ports"), f"Service {ns}/{name}: spec.ports")):
         where = f"Service {ns}/{name}: spec.ports[{i}]"
         if not isinstance(p, dict):
             raise ResourceError(f"{where} must be an object")
@@ -175,14 +191,14 @@ def parse_service(doc: dict[str, Any]) -> Service:
 
 def parse_workload(doc: dict[str, Any]) -> Workload:
     name, ns, meta = _meta(doc, "Workload")
-    spec = doc.get("spec") or {}
     where = f"Workload {ns}/{name}"
+    spec = _obj(doc.get("spec"), f"{where}: spec")
     ports = tuple(
         WorkloadPort(
             _port(p.get("port") if isinstance(p, dict) else p, f"{where}: spec.ports[{i}]"),
             str(p.get("name", "")) if isinstance(p, dict) else "",
         )
-        for i, p in enumerate(spec.get("ports") or [])
+        for i, p in enumerate(_items(spec.get("ports"), f"{where}: spec.ports"))
     )
     annotations = _pairs(meta.get("annotations"), f"{where}: metadata.annotations")
     value = dict(annotations).get(DEFAULT_POLICY_ANNOTATION)
@@ -238,4 +254,8 @@ def build_snapshot(docs: list[tuple[str, Any]]) -> Snapshot:
             # Other kinds are not ours: ignored.
         except (ResourceError, crd.PolicyError) as exc:
             errors.append(f"{source}: {exc}")
+        except (TypeError, AttributeError, ValueError) as exc:  # a shape no check above anticipated
+            errors.append(
+                f"{source}: malformed {doc.get('kind') if isinstance(doc, dict) else 'document'}: {exc}"
+            )
     return Snapshot(tuple(services), tuple(workloads), tuple(namespaces), tuple(policies), tuple(errors))

@@ -1,0 +1,156 @@
+"""Untrusted bytes and documents never crash a parser: a clear error, or a valid value."""
+
+from __future__ import annotations
+
+import contextlib
+import string
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ca.csr import validate_csr
+from ca.errors import CAError
+from proxy import framing
+from proxy.detect import Kind, classify
+from sidemesh.mesh.resources import build_snapshot
+from sidemesh.policy import crd
+from sidemesh.spiffe import SpiffeId, SpiffeIdError
+
+ME = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")
+FAST = settings(
+    max_examples=int(__import__("os").environ.get("SIDEMESH_FUZZ_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@FAST
+@given(st.lists(st.binary(max_size=300), max_size=8))
+def test_frame_decoder_yields_frames_or_a_framing_error(chunks: list[bytes]) -> None:
+    decoder = framing.Decoder()
+    try:
+        for chunk in chunks:
+            for kind, payload in decoder.feed(chunk):
+                assert kind in (framing.OPEN, framing.DATA, framing.EOF, framing.DENY)
+                assert len(payload) <= framing.MAX_DATA
+    except framing.FramingError:
+        pass
+
+
+@FAST
+@given(st.lists(st.binary(min_size=0, max_size=2000), min_size=1, max_size=5), st.data())
+def test_frames_survive_any_split(payloads: list[bytes], data: st.DataObject) -> None:
+    wire = (
+        framing.open_frame(8080)
+        + b"".join(framing.data_header(len(p)) + p for p in payloads)
+        + framing.EOF_FRAME
+    )
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=10)))
+    pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+    decoder = framing.Decoder()
+    frames = [f for piece in pieces for f in decoder.feed(piece)]
+    assert frames[0] == (framing.OPEN, (8080).to_bytes(2, "big"))
+    assert [p for k, p in frames if k == framing.DATA] == payloads
+    assert frames[-1] == (framing.EOF, b"")
+
+
+@FAST
+@given(st.binary(max_size=600))
+def test_classify_never_crashes(peeked: bytes) -> None:
+    assert classify(peeked) in (None, *Kind)
+
+
+@FAST
+@given(
+    st.one_of(
+        st.text(max_size=400),
+        st.binary(max_size=400).map(
+            lambda b: (
+                "-----BEGIN CERTIFICATE REQUEST-----\n" + b.hex() + "\n-----END CERTIFICATE REQUEST-----\n"
+            )
+        ),
+    )
+)
+def test_csr_validation_refuses_garbage_with_a_ca_error(text: str) -> None:
+    try:
+        validate_csr(text, ME)
+    except CAError as exc:
+        assert exc.public
+
+
+@FAST
+@given(st.text(alphabet=string.printable, max_size=200))
+def test_spiffe_ids_parse_or_fail_clearly(text: str) -> None:
+    with contextlib.suppress(SpiffeIdError):
+        assert str(SpiffeId.parse(text)) == text
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 70000) | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "selector",
+                    "matchLabels",
+                    "rules",
+                    "from",
+                    "to",
+                    "ports",
+                    "http",
+                    "methods",
+                    "paths",
+                    "mode",
+                    "serviceAccount",
+                    "namespace",
+                    "unauthenticated",
+                    "app",
+                    "x",
+                ]
+            ),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@FAST
+@given(json_values)
+def test_policy_documents_parse_or_fail_clearly(spec: Any) -> None:
+    doc = {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": spec,
+    }
+    try:
+        crd.parse(doc)
+    except crd.PolicyError as exc:
+        assert str(exc)
+
+
+@FAST
+@given(
+    st.lists(json_values, max_size=4),
+    st.sampled_from(["Service", "Workload", "Namespace", "ServiceAuthorization", "Pod"]),
+)
+def test_a_snapshot_is_built_from_anything(docs: list[Any], kind: str) -> None:
+    api = "v1" if kind in ("Service", "Namespace", "Pod") else crd.API_VERSION
+    wrapped = [
+        (
+            f"doc{i}",
+            {
+                "apiVersion": api,
+                "kind": kind,
+                "metadata": d if isinstance(d, dict) else {"name": "x"},
+                "spec": d,
+            },
+        )
+        for i, d in enumerate(docs)
+    ]
+    snapshot = build_snapshot(wrapped)  # errors are collected, never raised
+    assert len(snapshot.errors) <= len(docs)
