@@ -144,6 +144,12 @@ async def test_negative_twins(ca: RunningCA, tmp_path: Path) -> None:
     # Expired (issued by our own CA, two hours ago, for one hour).
     expired = pki.expired_svid(ca.authority, FRONTEND)
     await _refused(server_ctx, tls.client_context(expired))
+    # A valid client certificate, but TLS 1.2 (a downgrade attempt): only TLS 1.3 is spoken.
+    tls12 = tls.client_context(pki.make_svid(ca.authority, FRONTEND))
+    tls12.minimum_version = ssl.TLSVersion.TLSv1_2
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    tls12.set_ciphers("AES128-SHA")  # a weak, non-forward-secret suite
+    await _refused(server_ctx, tls12)
     # And the client side refuses a server from another CA.
     await _refused(
         tls.server_context(foreign_svid), tls.client_context(pki.make_svid(ca.authority, FRONTEND))
