@@ -13,9 +13,15 @@ from sidemesh.policy.model import Authorization, HTTPMatch, Mode, Rule, Source
 
 API_VERSION = "sidemesh.io/v1alpha1"
 KIND = "ServiceAuthorization"
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\*?$|^\*$")
-_METHOD_RE = re.compile(r"^[A-Z]+$")
-_PATH_RE = re.compile(r"^/[^*?#\s]*\*?$")
+_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\*?|\*")
+_PATH_RE = re.compile(r"/[^*?#\s]*\*?")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+# The CRD schema's limits (manifests/crds/serviceauthorization.yaml), enforced here too.
+MAX_RULES = MAX_SOURCES = MAX_PORTS = MAX_PATHS = MAX_LABELS = 64
+MAX_METHODS = 16
+MAX_PATH_LENGTH = 1024
+MAX_LABEL_VALUE = 63
+MAX_NAME = {"serviceAccount": 254, "namespace": 64}
 
 
 class PolicyError(ValueError):
@@ -35,17 +41,22 @@ def _mapping(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
     return value
 
 
-def _list(value: Any, where: str, *, nonempty: bool = False) -> list[Any]:
+def _list(value: Any, where: str, *, nonempty: bool = False, limit: int = 64) -> list[Any]:
     if not isinstance(value, list):
         raise PolicyError(where, f"must be a list, got {type(value).__name__}")
     if nonempty and not value:
         raise PolicyError(where, "must not be empty")
+    if len(value) > limit:
+        raise PolicyError(where, f"has {len(value)} items, at most {limit} are allowed")
     return value
 
 
 def _name(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise PolicyError(where, f"{value!r} is not a Kubernetes name (a trailing * matches a prefix)")
+    limit = MAX_NAME[where.rsplit(".", 1)[-1]]
+    if len(value) > limit:
+        raise PolicyError(where, f"is {len(value)} characters long, at most {limit} are allowed")
     return value
 
 
@@ -71,15 +82,20 @@ def _port(value: Any, where: str) -> int:
 
 def _http(doc: Any, where: str) -> HTTPMatch:
     doc = _mapping(doc, where, {"methods", "paths"})
-    methods = tuple(_list(doc.get("methods", []), f"{where}.methods"))
+    methods = tuple(_list(doc.get("methods", []), f"{where}.methods", limit=MAX_METHODS))
     for i, m in enumerate(methods):
-        if not isinstance(m, str) or not _METHOD_RE.match(m):
+        if m not in METHODS:
             raise PolicyError(
-                f"{where}.methods[{i}]", f"{m!r} is not an HTTP method in upper case (GET, POST, ...)"
+                f"{where}.methods[{i}]",
+                f"{m!r} is not an HTTP method in upper case ({', '.join(sorted(METHODS))})",
             )
-    paths = tuple(_list(doc.get("paths", []), f"{where}.paths"))
+    paths = tuple(_list(doc.get("paths", []), f"{where}.paths", limit=MAX_PATHS))
     for i, p in enumerate(paths):
-        if not isinstance(p, str) or not _PATH_RE.match(p):
+        if isinstance(p, str) and len(p) > MAX_PATH_LENGTH:
+            raise PolicyError(
+                f"{where}.paths[{i}]", f"is {len(p)} characters long, at most {MAX_PATH_LENGTH} are allowed"
+            )
+        if not isinstance(p, str) or not _PATH_RE.fullmatch(p):
             raise PolicyError(
                 f"{where}.paths[{i}]", f"{p!r} is not a path: it starts with / and may end in * (prefix)"
             )
@@ -125,6 +141,11 @@ def parse(doc: Any, default_namespace: str | None = None) -> Authorization:
     )
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise PolicyError(f"{where}.selector.matchLabels", "keys and values must be strings")
+    if len(labels) > MAX_LABELS or any(len(v) > MAX_LABEL_VALUE for v in labels.values()):
+        raise PolicyError(
+            f"{where}.selector.matchLabels",
+            f"at most {MAX_LABELS} labels, values of at most {MAX_LABEL_VALUE} characters",
+        )
     rules = tuple(
         _rule(r, f"{where}.rules[{i}]") for i, r in enumerate(_list(spec.get("rules", []), f"{where}.rules"))
     )

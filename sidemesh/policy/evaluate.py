@@ -89,21 +89,29 @@ def evaluate(
 ) -> Decision:
     """Decide ``request`` against the policies that select the workload.
 
-    Policies in ``enforce`` mode decide when there is at least one: allowed iff some rule allows.
-    Otherwise policies in ``audit`` mode are evaluated as if enforced, but what they would deny is
-    let through (``audit=True``) and the mesh default applies to nothing. With neither, the default.
+    The policies in ``enforce`` mode decide when there is at least one: allowed iff some rule
+    allows. With none, the default decides. Policies in ``audit`` mode never change the decision:
+    when what they would deny (were they enforced) is allowed, the decision is marked ``audit`` and
+    its reason names them, so it is logged and counted while rolling a policy out.
     """
     ordered = sorted(policies, key=lambda p: p.ref)
     enforced = [p for p in ordered if p.mode is Mode.ENFORCE]
     audited = [p for p in ordered if p.mode is Mode.AUDIT]
-    deciding = enforced or audited
-    if not deciding:
-        return _default(default, request.peer)
-    hit = _first_allowing(deciding, request, trust_domain)
-    if hit is not None:
-        policy, index = hit
-        return Decision(True, f"allowed by {policy.ref} rule {index}", policy.ref, index)
-    names = ", ".join(p.ref for p in deciding)
     if enforced:
-        return Decision(False, f"no rule of {names} allows it")
-    return Decision(True, f"audit: no rule of {names} allows it (let through, audit mode)", audit=True)
+        hit = _first_allowing(enforced, request, trust_domain)
+        if hit is None:
+            names = ", ".join(p.ref for p in enforced)
+            return Decision(False, f"no rule of {names} allows it", names)
+        decision = Decision(True, f"allowed by {hit[0].ref} rule {hit[1]}", hit[0].ref, hit[1])
+    else:
+        decision = _default(default, request.peer)
+    if decision.allowed and audited and _first_allowing(audited, request, trust_domain) is None:
+        names = ", ".join(p.ref for p in audited)
+        return Decision(
+            True,
+            f"{decision.reason}; audit: {names} would deny it",
+            decision.policy,
+            decision.rule,
+            audit=True,
+        )
+    return decision

@@ -91,8 +91,38 @@ CASES = [
     ([ALLOW_PLAIN], DefaultPolicy.DENY, PLAIN, 8080, None, None, True, "allow-plain"),
     ([ALLOW_PLAIN], DefaultPolicy.DENY, FRONTEND, 8080, None, None, False, "no rule"),
     ([NO_RULES], DefaultPolicy.ALLOW_ALL, FRONTEND, 8080, None, None, False, "no rule of shop/deny-all"),
-    ([AUDIT], DefaultPolicy.DENY, STRANGER, 8080, None, None, True, "audit"),
-    ([AUDIT], DefaultPolicy.DENY, FRONTEND, 8080, None, None, True, "audit-frontend rule 0"),
+    # Audit-mode policies never change a decision; they mark what they would deny.
+    ([AUDIT], DefaultPolicy.DENY, FRONTEND, 8080, None, None, False, "default deny"),  # opens nothing
+    (
+        [AUDIT],
+        DefaultPolicy.ALLOW_AUTHENTICATED,
+        STRANGER,
+        8080,
+        None,
+        None,
+        True,
+        "audit: shop/audit-frontend would deny it",
+    ),
+    (
+        [AUDIT],
+        DefaultPolicy.ALLOW_AUTHENTICATED,
+        FRONTEND,
+        8080,
+        None,
+        None,
+        True,
+        "default allow-authenticated",
+    ),
+    (
+        [AUDIT, ALLOW_BATCH],
+        DefaultPolicy.DENY,
+        BATCH_7,
+        80,
+        None,
+        None,
+        True,
+        "allowed by shop/allow-batch rule 0; audit",
+    ),
     (
         [AUDIT, ALLOW_FRONTEND],
         DefaultPolicy.DENY,
@@ -125,8 +155,11 @@ def test_evaluation(
 
 
 def test_audit_decisions_are_marked() -> None:
-    decision = evaluate([AUDIT], DefaultPolicy.DENY, Request(STRANGER, 8080), TD)
+    decision = evaluate([AUDIT], DefaultPolicy.ALLOW_ALL, Request(STRANGER, 8080), TD)
     assert decision.audit and decision.label == "audit_deny"
+    assert not evaluate([AUDIT], DefaultPolicy.ALLOW_ALL, Request(FRONTEND, 8080), TD).audit
+    denied = evaluate([ALLOW_FRONTEND, ALLOW_MONITORING], DefaultPolicy.DENY, Request(STRANGER, 8080), TD)
+    assert denied.policy == "shop/allow-frontend, shop/allow-monitoring"  # the denials metric's label
     assert evaluate([ALLOW_FRONTEND], DefaultPolicy.DENY, Request(FRONTEND, 8080), TD).label == "allow"
     assert evaluate([ALLOW_FRONTEND], DefaultPolicy.DENY, Request(STRANGER, 8080), TD).label == "deny"
 
