@@ -152,7 +152,8 @@ def _service_destinations(
                     )
         name = f"{svc.host}:{sp.port}"
         names = (f"{svc.host}.svc:{sp.port}", f"{svc.host}.svc.cluster.local:{sp.port}")
-        addresses = ((svc.cluster_ip, sp.port),) if svc.cluster_ip else ()
+        ips = svc.cluster_ips or ((svc.cluster_ip,) if svc.cluster_ip else ())
+        addresses = tuple((ip, sp.port) for ip in ips)  # dual stack: each family's ClusterIP
         out.append(
             Destination(name, tuple(sorted(endpoints, key=lambda e: (e.address, e.port))), names, addresses)
         )

@@ -20,6 +20,15 @@ class ResourceError(ValueError):
     pass
 
 
+def _default_policy(annotations: tuple[tuple[str, str], ...]) -> DefaultPolicy | None:
+    """The annotation's value; an invalid one counts as absent (parsers report it as an error)."""
+    value = dict(annotations).get(DEFAULT_POLICY_ANNOTATION)
+    try:
+        return DefaultPolicy(value) if value else None
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class ServicePort:
     port: int
@@ -35,6 +44,7 @@ class Service:
     ports: tuple[ServicePort, ...]
     cluster_ip: str | None = None
     annotations: tuple[tuple[str, str], ...] = ()
+    cluster_ips: tuple[str, ...] = ()  # all of them (dual stack); cluster_ip is the first
 
     @property
     def host(self) -> str:
@@ -67,8 +77,7 @@ class Workload:
         return dict(self.labels)
 
     def default_policy(self) -> DefaultPolicy | None:
-        value = dict(self.annotations).get(DEFAULT_POLICY_ANNOTATION)
-        return DefaultPolicy(value) if value else None
+        return _default_policy(self.annotations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +86,7 @@ class Namespace:
     annotations: tuple[tuple[str, str], ...] = ()
 
     def default_policy(self) -> DefaultPolicy | None:
-        value = dict(self.annotations).get(DEFAULT_POLICY_ANNOTATION)
-        return DefaultPolicy(value) if value else None
+        return _default_policy(self.annotations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,17 +183,21 @@ def parse_service(doc: dict[str, Any]) -> Service:
         if not isinstance(target, str):
             target = _port(target, f"{where}.targetPort")
         ports.append(ServicePort(port, target, str(p.get("name", ""))))
-    cluster_ip = spec.get("clusterIP")
-    cluster_ip = (
-        None if cluster_ip in (None, "", "None") else _ip(cluster_ip, f"Service {ns}/{name}: spec.clusterIP")
-    )
+    raw = [spec.get("clusterIP"), *_items(spec.get("clusterIPs"), f"Service {ns}/{name}: spec.clusterIPs")]
+    ips: list[str] = []
+    for value in raw:
+        if value not in (None, "", "None"):
+            ip = _ip(value, f"Service {ns}/{name}: spec.clusterIP(s)")
+            if ip not in ips:
+                ips.append(ip)
     return Service(
         name,
         ns,
         _pairs(spec.get("selector"), f"Service {ns}/{name}: spec.selector"),
         tuple(ports),
-        cluster_ip,
+        ips[0] if ips else None,
         _pairs(meta.get("annotations"), "metadata.annotations"),
+        tuple(ips),
     )
 
 

@@ -155,3 +155,35 @@ def test_ports_excluded_from_inbound_capture_are_reached_in_plaintext() -> None:
         Snapshot(snap.services, (everything,), snap.namespaces, snap.policies), "cluster.local"
     )
     assert table._by_address[("10.0.0.2", 8080)].endpoints[0].identity is None
+
+
+def test_dual_stack_services_are_reached_at_each_cluster_ip() -> None:
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "cart", "namespace": "shop"},
+        "spec": {
+            "clusterIP": "10.96.0.10",
+            "clusterIPs": ["10.96.0.10", "fd00::a"],
+            "selector": {"app": "cart"},
+            "ports": [{"port": 80, "targetPort": 8080}],
+        },
+    }
+    snap = snapshot()
+    services = build_snapshot([("svc", doc)]).services
+    table = compile_outbound(Snapshot(services, snap.workloads), "cluster.local")
+    assert table._by_address[("10.96.0.10", 80)] is table._by_address[("fd00::a", 80)]
+
+
+def test_an_invalid_default_policy_annotation_never_breaks_compilation() -> None:
+    import dataclasses
+
+    snap = snapshot()
+    odd = dataclasses.replace(snap.workloads[0], annotations=(("sidemesh.io/default-policy", "maybe"),))
+    inbound = compile_inbound(
+        Snapshot(snap.services, (odd,), snap.namespaces),
+        WorkloadId("shop", "cart"),
+        "cluster.local",
+        DefaultPolicy.ALLOW_ALL,
+    )
+    assert inbound.workloads[0].default_policy is DefaultPolicy.DENY  # the namespace's, as if absent

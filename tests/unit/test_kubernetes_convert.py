@@ -1,0 +1,499 @@
+"""Kubernetes objects (wire JSON) -> mesh values, and the status the controller writes back."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from controller.sources.kubernetes import (
+    ACCEPTED_MESSAGE,
+    AuthorizationStatus,
+    Condition,
+    Converted,
+    PolicyObject,
+    SliceEndpoints,
+    assemble,
+    authorization_from,
+    backoff_delay,
+    convert,
+    desired_status,
+    group_endpoints,
+    namespace_from,
+    observed_status,
+    selected_workloads,
+    service_from,
+    slice_from,
+    workload_from_pod,
+)
+from sidemesh.mesh.resources import (
+    EndpointAddress,
+    Namespace,
+    Service,
+    ServiceEndpoints,
+    ServicePort,
+    Workload,
+    WorkloadPort,
+)
+from sidemesh.policy.model import Authorization, Rule, Source
+from tests.support.kube_watch_api import authorization, endpoint_slice, pod, service
+
+NOW = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
+STATUS = {"sidemesh.io/status": '{"version":"0.1.0"}'}
+
+
+def with_(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of ``obj`` with ``value`` at the dotted ``path`` (None removes it)."""
+    out: dict[str, Any] = copy.deepcopy(obj)
+    *parents, last = path.split(".")
+    node = out
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is None:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return out
+
+
+def proxy(name: str = "sidemesh-proxy", **more: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": "sidemesh:0.1",
+        "ports": [{"name": "admin", "containerPort": 15020}],
+        **more,
+    }
+
+
+CART = pod("cart-1", ip="10.0.0.2", labels={"app": "cart"}, sa="cart")
+CART_WORKLOAD = Workload(
+    "cart-1",
+    "shop",
+    "cart",
+    "10.0.0.2",
+    (("app", "cart"),),
+    tuple(STATUS.items()),
+    (WorkloadPort(8080, "http"),),
+    True,
+)
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        pytest.param(CART, CART_WORKLOAD, id="meshed-by-annotation"),
+        pytest.param(
+            with_(CART, "metadata.annotations", {}),
+            Workload(
+                "cart-1",
+                "shop",
+                "cart",
+                "10.0.0.2",
+                (("app", "cart"),),
+                (),
+                (WorkloadPort(8080, "http"),),
+                False,
+            ),
+            id="not-meshed",
+        ),
+        pytest.param(
+            with_(
+                with_(CART, "metadata.annotations", {}),
+                "spec.containers",
+                [*CART["spec"]["containers"], proxy()],
+            ),
+            Workload(
+                "cart-1",
+                "shop",
+                "cart",
+                "10.0.0.2",
+                (("app", "cart"),),
+                (),
+                (WorkloadPort(8080, "http"),),
+                True,
+            ),
+            id="meshed-by-sidecar-container-whose-ports-are-not-the-apps",
+        ),
+        pytest.param(
+            with_(
+                with_(CART, "metadata.annotations", {}),
+                "spec.initContainers",
+                [
+                    proxy(restartPolicy="Always"),
+                    {"name": "sidecar-log", "restartPolicy": "Always", "ports": [{"containerPort": 9000}]},
+                ],
+            ),
+            Workload(
+                "cart-1",
+                "shop",
+                "cart",
+                "10.0.0.2",
+                (("app", "cart"),),
+                (),
+                (WorkloadPort(8080, "http"), WorkloadPort(9000, "")),
+                True,
+            ),
+            id="meshed-by-native-sidecar-other-native-sidecars-serve",
+        ),
+        pytest.param(
+            with_(CART, "spec.initContainers", [{"name": "migrate", "ports": [{"containerPort": 5432}]}]),
+            CART_WORKLOAD,
+            id="plain-init-container-ports-are-not-served",
+        ),
+        pytest.param(
+            with_(
+                CART,
+                "spec.containers",
+                [
+                    {
+                        "name": "app",
+                        "ports": [
+                            {"name": "http", "containerPort": 8080},
+                            {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                        ],
+                    },
+                    {"name": "copy", "ports": [{"name": "again", "containerPort": 8080}]},
+                ],
+            ),
+            CART_WORKLOAD,
+            id="tcp-ports-only-once-each",
+        ),
+        pytest.param(
+            with_(CART, "spec.serviceAccountName", None),
+            Workload(
+                "cart-1",
+                "shop",
+                "default",
+                "10.0.0.2",
+                (("app", "cart"),),
+                tuple(STATUS.items()),
+                (WorkloadPort(8080, "http"),),
+                True,
+            ),
+            id="default-service-account",
+        ),
+        pytest.param(
+            with_(CART, "status.podIP", "fd00:0:0::0002"),
+            Workload(
+                "cart-1",
+                "shop",
+                "cart",
+                "fd00::2",
+                (("app", "cart"),),
+                tuple(STATUS.items()),
+                (WorkloadPort(8080, "http"),),
+                True,
+            ),
+            id="ipv6-canonical",
+        ),
+        pytest.param(with_(CART, "status.podIP", None), None, id="no-ip-yet"),
+        pytest.param(with_(CART, "status.phase", "Succeeded"), None, id="succeeded"),
+        pytest.param(with_(CART, "status.phase", "Failed"), None, id="failed"),
+    ],
+)
+def test_pod_to_workload(obj: dict[str, Any], expected: Workload | None) -> None:
+    assert workload_from_pod(obj) == Converted(expected)
+
+
+def test_pod_with_an_invalid_default_policy_keeps_its_identity_without_the_annotation() -> None:
+    obj = with_(CART, "metadata.annotations", {**STATUS, "sidemesh.io/default-policy": "allow-everything"})
+    converted = workload_from_pod(obj)
+    assert converted.value == CART_WORKLOAD
+    assert converted.errors == (
+        "Pod shop/cart-1: annotation sidemesh.io/default-policy='allow-everything' is not one of deny, "
+        "allow-authenticated, allow-all; ignored",
+    )
+
+
+def test_pod_with_a_garbage_ip_is_an_error() -> None:
+    converted = workload_from_pod(with_(CART, "status.podIP", "ten.0.0.1"))
+    assert converted.value is None and "status.podIP 'ten.0.0.1' is not an IP address" in converted.errors[0]
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        pytest.param(
+            service("cart"),
+            Service("cart", "shop", (("app", "cart"),), (ServicePort(80, "http", "http"),), "10.96.0.10", cluster_ips=("10.96.0.10",)),
+            id="named-target-port",
+        ),
+        pytest.param(
+            service("cart", target=8080, cluster_ip="None"),
+            Service("cart", "shop", (("app", "cart"),), (ServicePort(80, 8080, "http"),), None),
+            id="headless-numbered-target",
+        ),
+        pytest.param(
+            with_(
+                with_(
+                    service("dns"),
+                    "spec.ports",
+                    [{"name": "udp", "port": 53, "protocol": "UDP"}, {"name": "tcp", "port": 53}],
+                ),
+                "spec.selector",
+                None,
+            ),
+            Service("dns", "shop", (), (ServicePort(53, 53, "tcp"),), "10.96.0.10", cluster_ips=("10.96.0.10",)),
+            id="tcp-only-no-selector-target-defaults-to-port",
+        ),
+    ],
+)
+def test_service(obj: dict[str, Any], expected: Service) -> None:
+    assert service_from(obj) == Converted(expected)
+
+
+def test_service_that_cannot_be_read_is_an_error() -> None:
+    converted = service_from(with_(service("cart"), "spec.clusterIP", "not-an-ip"))
+    assert converted.value is None and "spec.clusterIP" in converted.errors[0]
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        pytest.param(
+            endpoint_slice(
+                "cart-a",
+                "cart",
+                pods=(
+                    ("cart-1", "10.0.0.2", True),
+                    ("cart-2", "10.0.0.3", None),
+                    ("cart-3", "10.0.0.4", False),
+                ),
+            ),
+            SliceEndpoints(
+                "shop",
+                "cart",
+                (
+                    EndpointAddress("10.0.0.2", "http", 8080, "shop/cart-1"),
+                    EndpointAddress("10.0.0.3", "http", 8080, "shop/cart-2"),
+                ),
+            ),
+            id="ready-or-unknown-only",
+        ),
+        pytest.param(
+            with_(
+                with_(
+                    endpoint_slice("web-a", "web"),
+                    "endpoints",
+                    [{"addresses": ["10.0.0.5", "10.0.0.6"], "targetRef": {"kind": "Node", "name": "n1"}}],
+                ),
+                "ports",
+                [
+                    {"name": "http", "port": 80},
+                    {"name": "grpc", "port": 9090, "protocol": "TCP"},
+                    {"name": "q", "port": 99, "protocol": "UDP"},
+                    {"name": "all", "port": None},
+                ],
+            ),
+            SliceEndpoints(
+                "shop",
+                "web",
+                (
+                    EndpointAddress("10.0.0.5", "http", 80, None),
+                    EndpointAddress("10.0.0.5", "grpc", 9090, None),
+                    EndpointAddress("10.0.0.6", "http", 80, None),
+                    EndpointAddress("10.0.0.6", "grpc", 9090, None),
+                ),
+            ),
+            id="each-address-each-tcp-port-no-pod",
+        ),
+        pytest.param(
+            endpoint_slice("cart-a", "cart", pods=()), SliceEndpoints("shop", "cart", ()), id="none-ready"
+        ),
+        pytest.param(
+            with_(endpoint_slice("x", "cart"), "metadata.labels", {}), None, id="not-a-services-slice"
+        ),
+        pytest.param(with_(endpoint_slice("x", "cart"), "addressType", "FQDN"), None, id="fqdn"),
+    ],
+)
+def test_endpoint_slice(obj: dict[str, Any], expected: SliceEndpoints | None) -> None:
+    assert slice_from(obj) == Converted(expected)
+
+
+def test_slices_of_one_service_merge() -> None:
+    a, b = (
+        EndpointAddress("10.0.0.2", "http", 8080, "shop/a"),
+        EndpointAddress("10.0.0.1", "http", 8080, "shop/b"),
+    )
+    grouped = group_endpoints(
+        [
+            SliceEndpoints("shop", "cart", (a,)),
+            SliceEndpoints("shop", "web", ()),
+            SliceEndpoints("shop", "cart", (b, a)),
+        ]
+    )
+    assert grouped == (ServiceEndpoints("shop", "cart", (b, a)), ServiceEndpoints("shop", "web", ()))
+
+
+@pytest.mark.parametrize(
+    ("annotations", "expected", "error"),
+    [
+        (
+            {"sidemesh.io/default-policy": "deny"},
+            Namespace("shop", (("sidemesh.io/default-policy", "deny"),)),
+            None,
+        ),
+        (None, Namespace("shop"), None),
+        ({"sidemesh.io/default-policy": "sometimes"}, None, "is not one of deny"),
+    ],
+)
+def test_namespace(annotations: dict[str, str] | None, expected: Namespace | None, error: str | None) -> None:
+    obj: dict[str, Any] = {
+        "metadata": {"name": "shop", **({"annotations": annotations} if annotations else {})}
+    }
+    converted = namespace_from(obj)
+    assert converted.value == expected
+    assert (error in converted.errors[0]) if error else converted.errors == ()
+
+
+ALLOW = Authorization("allow", "shop", (("app", "cart"),), (Rule((Source(service_account="frontend"),)),))
+
+
+@pytest.mark.parametrize(
+    ("obj", "policy", "error"),
+    [
+        pytest.param(authorization("allow"), ALLOW, None, id="valid"),
+        pytest.param(
+            {k: v for k, v in authorization("allow").items() if k not in ("kind", "apiVersion")},
+            ALLOW,
+            None,
+            id="list-item-without-kind",
+        ),
+        pytest.param(
+            authorization("allow", spec={"rules": [{"from": []}]}),
+            None,
+            "ServiceAuthorization shop/allow: spec.rules[0].from: must not be empty",
+            id="invalid-names-the-object",
+        ),
+        pytest.param(
+            authorization("allow", spec={"selector": {"app": "cart"}}),
+            None,
+            "ServiceAuthorization shop/allow: spec.selector: unknown field(s) app (allowed: matchLabels)",
+            id="selector-without-matchlabels",
+        ),
+    ],
+)
+def test_authorization(obj: dict[str, Any], policy: Authorization | None, error: str | None) -> None:
+    obj = with_(with_(obj, "metadata.uid", "u-1"), "metadata.generation", 3)
+    converted = authorization_from(obj)
+    assert converted.value is not None
+    assert (converted.value.policy, converted.value.uid, converted.value.generation) == (policy, "u-1", 3)
+    assert converted.errors == ((error,) if error else ())
+    assert converted.value.error == (error.removeprefix("ServiceAuthorization ") if error else None)
+
+
+def test_an_object_that_breaks_a_converter_is_an_error_not_a_crash() -> None:
+    converted = convert("pods", {"metadata": {"name": "x", "namespace": "shop"}, "status": "weird"})
+    assert converted.value is None and converted.errors[0].startswith("pods shop/x: cannot be read")
+
+
+def test_assemble_sorts_and_collects_errors() -> None:
+    entries: dict[str, dict[str, Converted[Any]]] = {
+        "pods": {
+            k: workload_from_pod(pod(k, ip=ip))
+            for k, ip in [("b", "10.0.0.2"), ("a", "10.0.0.1"), ("c", None)]
+        },
+        "services": {"s": service_from(service("cart"))},
+        "endpointslices": {"e": slice_from(endpoint_slice("e", "cart"))},
+        "serviceauthorizations": {
+            "ok": authorization_from(authorization("allow")),
+            "bad": authorization_from(authorization("bad", spec={"rules": 1})),
+        },
+        "namespaces": {"shop": namespace_from({"metadata": {"name": "shop"}})},
+        "serviceaccounts": {},
+    }
+    snapshot = assemble(entries)
+    assert [w.name for w in snapshot.workloads] == ["a", "b"]
+    assert [p.name for p in snapshot.policies] == ["allow"] and [s.name for s in snapshot.services] == [
+        "cart"
+    ]
+    assert snapshot.endpoints == (ServiceEndpoints("shop", "cart", ()),)
+    assert snapshot.errors == ("ServiceAuthorization shop/bad: spec.rules: must be a list, got int",)
+
+
+def test_selected_workloads_counts_meshed_pods_of_the_policys_namespace() -> None:
+    workloads = [
+        workload_from_pod(pod("a", labels={"app": "cart"})).value,
+        workload_from_pod(pod("b", labels={"app": "cart"}, meshed=False)).value,
+        workload_from_pod(pod("c", "other", labels={"app": "cart"})).value,
+        workload_from_pod(pod("d", labels={"app": "web"})).value,
+    ]
+    assert selected_workloads(ALLOW, [w for w in workloads if w is not None]) == 1
+
+
+def condition(
+    status: str, since: str, reason: str = "Accepted", message: str = ACCEPTED_MESSAGE, generation: int = 1
+) -> Condition:
+    return Condition(
+        type="Accepted",
+        status=status,
+        reason=reason,
+        message=message,
+        lastTransitionTime=since,
+        observedGeneration=generation,
+    )
+
+
+VALID = PolicyObject("shop", "allow", "u-1", 1, None, ALLOW)
+INVALID = PolicyObject("shop", "bad", "u-2", 2, None, None, "shop/bad: spec.rules: must be a list, got int")
+EARLIER = "2025-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("policy", "selected", "previous", "expected"),
+    [
+        pytest.param(
+            VALID,
+            2,
+            None,
+            AuthorizationStatus(conditions=[condition("True", "2025-03-01T12:00:00Z")], selectedWorkloads=2),
+            id="first",
+        ),
+        pytest.param(
+            VALID,
+            3,
+            AuthorizationStatus(conditions=[condition("True", EARLIER)], selectedWorkloads=2),
+            AuthorizationStatus(conditions=[condition("True", EARLIER)], selectedWorkloads=3),
+            id="same-condition-keeps-its-time",
+        ),
+        pytest.param(
+            INVALID,
+            0,
+            AuthorizationStatus(conditions=[condition("True", EARLIER)], selectedWorkloads=2),
+            AuthorizationStatus(
+                conditions=[
+                    condition(
+                        "False",
+                        "2025-03-01T12:00:00Z",
+                        "Invalid",
+                        "shop/bad: spec.rules: must be a list, got int",
+                        2,
+                    )
+                ],
+                selectedWorkloads=0,
+            ),
+            id="transition",
+        ),
+    ],
+)
+def test_desired_status(
+    policy: PolicyObject, selected: int, previous: AuthorizationStatus | None, expected: AuthorizationStatus
+) -> None:
+    assert desired_status(policy, selected, previous, NOW) == expected
+
+
+def test_observed_status_reads_back_what_we_write_and_tells_apart_what_we_did_not() -> None:
+    written = desired_status(VALID, 2, None, NOW)
+    obj = {"status": {**written, "conditions": [*written["conditions"], {"type": "Other", "status": "True"}]}}
+    assert observed_status(obj) == written
+    assert observed_status({}) is None
+    assert observed_status({"status": {"conditions": [{"type": "Accepted", "status": "True"}]}}) != written
+
+
+@pytest.mark.parametrize(
+    ("failures", "expected"), [(0, 0.0), (1, 0.5), (2, 1.0), (3, 2.0), (6, 16.0), (7, 30.0), (1000, 30.0)]
+)
+def test_backoff_doubles_and_is_capped(failures: int, expected: float) -> None:
+    assert backoff_delay(failures, 0.5, 30.0) == expected
