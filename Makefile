@@ -44,6 +44,9 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.ca_sign
+	$(BIN)/python -m bench.admission
+	$(BIN)/python -m bench.controller
+	$(BIN)/python -m bench.l4
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -64,7 +64,10 @@ class CAConfig:
         DEFAULT_DNS_NAMES, "DNS names in the CA's serving certificate", env="SIDEMESH_CA_DNS_NAMES"
     )
     control_plane_dns: tuple[str, ...] = option(
-        ("sidemesh-system/sidemesh-controller=sidemesh-controller.sidemesh-system.svc",),
+        (
+            "sidemesh-system/sidemesh-controller=sidemesh-controller.sidemesh-system.svc",
+            "sidemesh-system/sidemesh-injector=sidemesh-injector.sidemesh-system.svc",
+        ),
         "NAMESPACE/SA=DNSNAME entries: DNS SANs the CA allows in that identity's certificate (control plane only)",
         env="SIDEMESH_CA_CONTROL_PLANE_DNS",
     )

@@ -20,6 +20,9 @@ def register(sub: Any) -> None:
     from proxy.iptables.cli import register_init
 
     register_init(proxy_sub)
+    from proxy.probes import register_wait
+
+    register_wait(proxy_sub)
     p = proxy_sub.add_parser(
         "run",
         help="run the sidecar",

@@ -6,6 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy.probes import parse_app_probes
 from sidemesh.config import ConfigError, option, parse_hostport
 from sidemesh.policy.model import DefaultPolicy
 from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN
@@ -103,6 +104,11 @@ class ProxyConfig:
         "on SIGTERM, how long open connections may finish",
         env="SIDEMESH_DRAIN_TIMEOUT",
     )
+    app_probes: str = option(
+        "",
+        "the app's original HTTP/TCP/gRPC probes, JSON written by the injector (/app-health/<container>/<kind>)",
+        env="SIDEMESH_APP_PROBES",
+    )
     access_log: bool = option(
         True,
         "one JSON line per connection (identities, decision, bytes, duration)",
@@ -122,6 +128,10 @@ class ProxyConfig:
             if not sep or ":" not in target:
                 raise ConfigError("outbound", f"{entry!r} is not LISTEN=SERVICE:PORT")
             parse_hostport("outbound", listen)
+        try:
+            parse_app_probes(self.app_probes)
+        except ValueError as exc:
+            raise ConfigError("app_probes", str(exc)) from exc
         if bool(self.controller) == (self.config_dir is not None):
             raise ConfigError(
                 "controller", "give either --controller (the config stream) or --config-dir (local files)"

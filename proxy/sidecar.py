@@ -16,6 +16,7 @@ from proxy import inbound, outbound
 from proxy.config import ProxyConfig
 from proxy.config_client import ConfigClient
 from proxy.metrics import ProxyMetrics
+from proxy.probes import APP_HEALTH_PREFIX, AppProber, parse_app_probes
 from proxy.relay import Relay
 from sidemesh.config import parse_hostport
 from sidemesh.httpd import HTTPServer, json_response
@@ -67,6 +68,7 @@ class Sidecar:
         self._own: set[tuple[str, int]] = set()
         self._inbound: InboundConfig | None = None
         self._outbound: OutboundTable | None = None
+        self.app_prober = AppProber(parse_app_probes(config.app_probes), config.app_host)
         self.controller: ConfigClient | None = None
         if config.controller:
             self.controller = ConfigClient(
@@ -239,7 +241,10 @@ class Sidecar:
                 "/healthz/ready": self._page_ready,
                 "/healthz/live": lambda: json_response(200, {"live": True}),
                 "/metrics": self._page_metrics,
-            }
+            },
+            prefixes={
+                APP_HEALTH_PREFIX: self.app_prober.handle
+            },  # the app's probes, rewritten by the injector
         )
         self._servers = [admin, health]
         self.ports["admin"] = await admin.start(*parse_hostport("admin_listen", self.config.admin_listen))

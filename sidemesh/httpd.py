@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
@@ -14,6 +14,8 @@ import h11
 log = logging.getLogger("sidemesh.httpd")
 
 Route = Callable[[], tuple[int, str, bytes]]
+# GET/HEAD of any path under a prefix: gets the path (without the query) and may await (app probes).
+PrefixRoute = Callable[[str], Awaitable[tuple[int, str, bytes]]]
 
 
 def json_response(status: int, body: Any) -> tuple[int, str, bytes]:
@@ -21,8 +23,9 @@ def json_response(status: int, body: Any) -> tuple[int, str, bytes]:
 
 
 class HTTPServer:
-    def __init__(self, routes: dict[str, Route]) -> None:
+    def __init__(self, routes: dict[str, Route], prefixes: dict[str, PrefixRoute] | None = None) -> None:
         self.routes = routes
+        self.prefixes = prefixes or {}
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -45,7 +48,7 @@ class HTTPServer:
                     conn.receive_data(data)
                     continue
                 if isinstance(event, h11.Request):
-                    status, ctype, body = self._route(event)
+                    status, ctype, body = await self._dispatch(event)
                     headers = [("content-type", ctype), ("content-length", str(len(body)))]
                     writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
                     writer.write(conn.send(h11.Data(data=body)) or b"")
@@ -59,6 +62,18 @@ class HTTPServer:
             pass
         finally:
             writer.close()
+
+    async def _dispatch(self, request: h11.Request) -> tuple[int, str, bytes]:
+        path = request.target.decode("latin-1").split("?", 1)[0]
+        if request.method in (b"GET", b"HEAD"):
+            for prefix, handler in self.prefixes.items():
+                if path.startswith(prefix):
+                    try:
+                        return await handler(path)
+                    except Exception as exc:  # a probe must never take the proxy down
+                        log.exception("route failed", extra={"path": path})
+                        return json_response(500, {"error": str(exc)})
+        return self._route(request)
 
     def _route(self, request: h11.Request) -> tuple[int, str, bytes]:
         path = request.target.decode("latin-1").split("?", 1)[0]

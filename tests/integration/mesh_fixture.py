@@ -106,6 +106,7 @@ class Mesh:
         mode: str = "strict",
         default_policy: str = "deny",
         controller: str = "",
+        app_probes: str = "",
     ) -> Sidecar:
         who = identity_of or name
         config = ProxyConfig(
@@ -122,6 +123,7 @@ class Mesh:
             outbound=outbound,
             app_host=self.addr(host),
             trust_domain="cluster.local",
+            app_probes=app_probes,
         )
         identity = WorkloadIdentity(
             WorkloadId("shop", who).spiffe_id("cluster.local"),

@@ -90,7 +90,7 @@ async def test_identity_not_allowed_is_refused_and_logged(
     assert "no rule of shop/cart-allow-frontend allows it" in denied[0].__dict__["reason"]
     client_side = [r for r in caplog.records if r.getMessage() == "connection denied by the destination"]
     assert client_side and "cart-allow-frontend" in client_side[0].__dict__["reason"]
-    assert mesh.sidecars["cart"].metrics.denials.labels("default")._value.get() == 1
+    assert mesh.sidecars["cart"].metrics.denials.labels("shop/cart-allow-frontend")._value.get() == 1
 
 
 async def test_policy_change_reaches_the_running_sidecar(mesh: Mesh) -> None:
@@ -351,3 +351,31 @@ async def test_connect_timeout_to_an_unresponsive_endpoint(
         assert refused and "cannot connect" in refused[-1].__dict__["reason"]
     finally:
         silent.close()
+
+
+async def test_app_probes_through_the_sidecar_health_port(mesh: Mesh) -> None:
+    """The injector rewrites the app's probes to /app-health/...; the sidecar probes the app."""
+    import json as _json
+
+    probes = _json.dumps(
+        {
+            "/app-health/cart/readyz": {"httpGet": {"path": "/", "port": 8080}, "timeoutSeconds": 1},
+            "/app-health/cart/livez": {"tcpSocket": {"port": 8080}},
+        }
+    )
+    cart = await mesh.sidecar("cart", CART, app_probes=probes)
+    health = f"http://{mesh.addr(CART)}:{cart.ports['health']}/app-health"
+
+    async def http_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    assert (await get(f"{health}/cart/readyz"))[0] == 503  # no app yet
+    assert (await get(f"{health}/cart/livez"))[0] == 503
+    server = await mesh.app(CART, http_app)
+    assert (await get(f"{health}/cart/readyz"))[0] == 200
+    assert (await get(f"{health}/cart/livez"))[0] == 200
+    assert (await get(f"{health}/other/readyz"))[0] == 404
+    server.close()

@@ -1,0 +1,31 @@
+# One image for every Sidemesh process: CA, controller, injector, and the injected sidecar and
+# init container.  docker build -t ghcr.io/sidemesh/sidemesh:latest .
+#
+# Runs as the non-root user 1337 (the sidecar's UID, which `proxy init` exempts from the capture).
+# The injected sidemesh-init container alone overrides this with runAsUser: 0 and NET_ADMIN/NET_RAW
+# to install the iptables rules; that is why iptables is in the image.
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY sidemesh ./sidemesh
+COPY ca ./ca
+COPY controller ./controller
+COPY injector ./injector
+COPY proxy ./proxy
+# Installed into a prefix and copied over, so the final image has no build leftovers; pip compiles
+# the bytecode now, as every container runs with a read-only root filesystem.
+RUN pip install --no-cache-dir --prefix=/install .
+
+FROM python:3.11-slim
+# iptables ships both the nft and the legacy backends; `proxy init` uses the one the node uses.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iptables \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 1337 sidemesh \
+    && useradd --uid 1337 --gid 1337 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin sidemesh
+COPY --from=build /install /usr/local
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+USER 1337:1337
+ENTRYPOINT ["sidemesh"]
+CMD ["--help"]

@@ -1,0 +1,1 @@
+"""The sidecar injector: a mutating admission webhook, and `sidemesh inject` offline."""

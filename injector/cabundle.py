@@ -1,0 +1,151 @@
+"""Keep the webhook trusted: its caBundle, and its serving certificate from our own CA.
+
+The API server calls `https://sidemesh-injector.sidemesh-system.svc:443/mutate` and verifies the
+certificate by that DNS name against `webhooks[].clientConfig.caBundle`. In a cluster the injector
+asks the mesh CA for the SVID of `sidemesh-system/sidemesh-injector` with that DNS name as an extra
+SAN (the CA allows it for that identity only: `ca serve --control-plane-dns`), serves with it
+(renewed at half life like any SVID), and writes the mesh trust bundle into the caBundle of its
+MutatingWebhookConfiguration. The manifests leave caBundle out, so `kubectl apply` never resets it;
+the injector checks it again every minute and after every bundle change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from injector.tls import ServingCertificate
+from sidemesh.identity.client import CAClient
+from sidemesh.identity.svid import SVID
+from sidemesh.identity.workload import WorkloadIdentity, token_from_file
+from sidemesh.spiffe import WorkloadId
+
+log = logging.getLogger("sidemesh.injector.cabundle")
+
+RESYNC_SECONDS = 60.0
+Json = dict[str, Any]
+
+
+def ca_bundle_patch(configuration: Json, bundle_pem: bytes) -> list[Json]:
+    """JSON Patch that sets every webhook's caBundle to ``bundle_pem``; empty when all are current.
+
+    Each change is guarded by a `test` of the webhook's name at that index, so a concurrent edit of
+    the list makes the API server refuse the patch instead of writing to the wrong webhook."""
+    wanted = base64.b64encode(bundle_pem).decode()
+    ops: list[Json] = []
+    for i, webhook in enumerate(configuration.get("webhooks") or []):
+        if (webhook.get("clientConfig") or {}).get("caBundle") == wanted:
+            continue
+        ops.append({"op": "test", "path": f"/webhooks/{i}/name", "value": webhook.get("name")})
+        if "clientConfig" not in webhook:
+            ops.append({"op": "add", "path": f"/webhooks/{i}/clientConfig", "value": {"caBundle": wanted}})
+        else:
+            ops.append({"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": wanted})
+    return ops
+
+
+class WebhookConfigurations:
+    """The two calls the injector makes to the API server (RBAC: get and patch, one resourceName)."""
+
+    def __init__(self, api_client: Any) -> None:
+        from kubernetes import client
+
+        self.api = client.AdmissionregistrationV1Api(api_client)
+
+    def get(self, name: str) -> Json:
+        # _preload_content=False: the raw urllib3 response, so the JSON is read as the server wrote it
+        resp: Any = self.api.read_mutating_webhook_configuration(name, _preload_content=False)
+        data: Json = json.loads(resp.data)
+        return data
+
+    def patch(self, name: str, ops: list[Json]) -> None:
+        self.api.patch_mutating_webhook_configuration(name, ops, _preload_content=False)
+
+
+def api_client_from(kubeconfig: Path | None) -> Any:
+    from kubernetes import client
+    from kubernetes import config as kconfig
+
+    if kubeconfig is not None:
+        kconfig.load_kube_config(str(kubeconfig))
+    else:
+        kconfig.load_incluster_config()
+    return client.ApiClient()
+
+
+class CABundleKeeper:
+    """Writes the bundle into the webhook configuration when it differs; retries on failure."""
+
+    def __init__(self, webhooks: WebhookConfigurations, name: str, bundle: Callable[[], bytes]) -> None:
+        self.webhooks = webhooks
+        self.name = name
+        self.bundle = bundle
+        self.synced: bytes | None = None
+        self.last_error: str | None = None
+        self._wake = asyncio.Event()
+
+    def sync(self) -> bool:
+        """One round (blocking: the kubernetes client is synchronous). True when it patched."""
+        bundle = self.bundle()
+        ops = ca_bundle_patch(self.webhooks.get(self.name), bundle)
+        if ops:
+            self.webhooks.patch(self.name, ops)
+            log.info("webhook caBundle updated", extra={"webhook_configuration": self.name})
+        self.synced = bundle
+        return bool(ops)
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.sync)
+                self.last_error = None
+                delay = RESYNC_SECONDS
+            except Exception as exc:  # API errors, timeouts, an unreadable bundle: retry soon
+                self.last_error = str(exc)
+                log.warning(
+                    "cannot update the webhook caBundle; retrying",
+                    extra={"webhook_configuration": self.name, "error": str(exc)},
+                )
+                delay = 5.0
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+
+def serving_identity(
+    identity: str,
+    trust_domain: str,
+    server_name: str,
+    ca: CAClient,
+    token_file: Path,
+    bundle_file: Path | None,
+) -> WorkloadIdentity:
+    """The injector's own SVID, with ``server_name`` as a DNS SAN (renewed by WorkloadIdentity)."""
+    spiffe_id = WorkloadId.parse(identity).spiffe_id(trust_domain)
+    return WorkloadIdentity(
+        spiffe_id, ca, token_from_file(token_file), bundle_file=bundle_file, dns_names=(server_name,)
+    )
+
+
+def serve_with(
+    identity: WorkloadIdentity, serving: ServingCertificate, keeper: CABundleKeeper | None
+) -> None:
+    """Every new SVID (or trust bundle) goes into the serving context, and wakes the caBundle keeper."""
+
+    def installed(svid: SVID) -> None:
+        serving.load_pem(svid.chain_pem, svid.key_pem)
+        if keeper is not None:
+            keeper.poke()
+
+    identity.on_rotate(installed)
+    if identity.svid is not None:
+        installed(identity.svid)

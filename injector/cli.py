@@ -1,0 +1,248 @@
+"""`sidemesh injector serve` (the webhook) and `sidemesh inject` (the same patcher, offline)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from injector.config import InjectorConfig
+from injector.errors import PodError, SettingsError
+from injector.settings import InjectionSettings, SettingsFile, load_settings
+from injector.tls import CertificateFiles, ServingCertificate
+from sidemesh import config as cfg
+from sidemesh import logging as smlog
+from sidemesh.cli import CLIError
+
+log = logging.getLogger("sidemesh.injector")
+
+SERVE_DESCRIPTION = """\
+Serve the mutating admission webhook (POST /mutate, AdmissionReview admission.k8s.io/v1) over HTTPS:
+every pod created in a namespace labelled sidemesh.io/inject=enabled gets the sidemesh-init container
+and the sidemesh-proxy sidecar. GET /healthz answers 200 while it serves.
+
+The serving certificate comes from --tls-cert/--tls-key (reloaded when the files change) or, without
+them, from the mesh CA (SVID of --identity with --server-name as DNS name, renewed automatically).
+With --webhook-configuration set, the injector keeps that MutatingWebhookConfiguration's caBundle
+equal to --bundle-file. What goes into pods is read from --settings-file, reloaded when it changes.
+Every option can also be set by the environment variable named in its help.
+"""
+
+INJECT_DESCRIPTION = """\
+Add the Sidemesh sidecar to workloads in YAML, exactly as the injector webhook would: Pods, and the
+pod templates of Deployments, StatefulSets, DaemonSets, ReplicaSets, ReplicationControllers, Jobs
+and CronJobs (also inside a List). Other documents are printed unchanged; workloads that opt out
+(sidemesh.io/inject: "false"), use hostNetwork or are injected already are left as they are.
+The result goes to stdout, a line per workload to stderr. Comments in the input are not kept.
+"""
+
+INJECT_EPILOG = """\
+examples:
+  sidemesh inject deploy.yaml | kubectl apply -f -
+  kubectl get deploy web -o yaml | sidemesh inject - | kubectl apply -f -
+  sidemesh inject --settings manifests/mesh-config.yaml --native-sidecar false k8s/*.yaml
+"""
+
+
+def register(sub: Any) -> None:
+    injector = sub.add_parser(
+        "injector", help="the sidecar injector webhook", description="The Sidemesh sidecar injector."
+    )
+    injector_sub = injector.add_subparsers(title="injector commands", metavar="COMMAND")
+    injector.set_defaults(handler=lambda _a: (injector.print_help(), 2)[1])
+    p = injector_sub.add_parser(
+        "serve",
+        help="serve the mutating admission webhook over HTTPS",
+        description=SERVE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cfg.add_arguments(p, InjectorConfig)
+    p.set_defaults(handler=_serve)
+
+
+def register_inject(sub: Any) -> None:
+    p = sub.add_parser(
+        "inject",
+        help="add the sidecar to workloads in YAML files (offline)",
+        description=INJECT_DESCRIPTION,
+        epilog=INJECT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="YAML file(s); - reads stdin")
+    p.add_argument(
+        "--settings",
+        type=Path,
+        default=None,
+        help="injection settings: the mesh ConfigMap manifest or its config.yaml (default: built-in defaults)",
+    )
+    p.add_argument("--image", default=None, help="sidecar and init container image (overrides the settings)")
+    p.add_argument(
+        "--native-sidecar",
+        choices=("true", "false"),
+        default=None,
+        help="native sidecar (Kubernetes 1.29+) or classic; a pod's sidemesh.io/native-sidecar annotation wins",
+    )
+    p.set_defaults(handler=_inject)
+
+
+def _inject(args: argparse.Namespace) -> int:
+    from injector.offline import inject_yaml
+
+    try:
+        settings = load_settings(args.settings) if args.settings else InjectionSettings()
+        overrides: dict[str, Any] = {}
+        if args.image:
+            overrides["image"] = args.image
+        if args.native_sidecar:
+            overrides["native_sidecar"] = args.native_sidecar == "true"
+        settings = dataclasses.replace(settings, **overrides)
+    except SettingsError as exc:
+        raise CLIError(f"settings {exc}; fix --settings or the flags") from exc
+    texts = []
+    for name in args.files:
+        try:
+            texts.append(sys.stdin.read() if name == "-" else Path(name).read_text())
+        except OSError as exc:
+            raise CLIError(f"{name}: {exc.strerror}") from exc
+    try:
+        text, reports = inject_yaml(texts, settings)
+    except yaml.YAMLError as exc:
+        raise CLIError(f"the input is not valid YAML: {exc}") from exc
+    except PodError as exc:
+        raise CLIError(
+            f'{exc}; or opt the workload out with the annotation sidemesh.io/inject: "false"'
+        ) from exc
+    sys.stdout.write(text)
+    for report in reports:
+        print(report, file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = cfg.load(InjectorConfig, args)
+    smlog.setup(config.log_level)
+    try:
+        settings = SettingsFile(config.settings_file)
+    except SettingsError as exc:
+        raise CLIError(
+            f"injection settings {exc}; fix --settings-file (the mesh ConfigMap's config.yaml)"
+        ) from exc
+    serving = ServingCertificate()
+    files = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        files = CertificateFiles(serving, config.tls_cert, config.tls_key)
+        try:
+            files.load()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise CLIError(f"cannot load --tls-cert/--tls-key: {exc}") from exc
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    return asyncio.run(serve(config, settings, serving, files))
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+async def serve(
+    config: InjectorConfig,
+    settings: SettingsFile,
+    serving: ServingCertificate,
+    files: CertificateFiles | None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT (or ``stop``): the webhook, the reloads and the caBundle upkeep."""
+    from injector import cabundle
+    from injector.server import WebhookServer, create_app
+    from sidemesh.identity.client import CAClient
+
+    keeper = None
+    if config.webhook_configuration:
+        try:
+            api = cabundle.api_client_from(config.kubeconfig)
+        except Exception as exc:
+            raise CLIError(
+                f"cannot reach the Kubernetes API ({exc}); set --kubeconfig, or --webhook-configuration '' "
+                "to leave the caBundle alone"
+            ) from exc
+        webhooks = cabundle.WebhookConfigurations(api)
+        keeper = cabundle.CABundleKeeper(
+            webhooks, config.webhook_configuration, config.bundle_file.read_bytes
+        )
+    tasks: list[asyncio.Task[None]] = []
+    client = identity = None
+    if files is None:
+        try:
+            bundle = config.bundle_file.read_bytes()
+        except OSError as exc:
+            raise CLIError(f"{config.bundle_file}: {exc.strerror}; check --bundle-file") from exc
+        client = CAClient(config.ca_address, bundle)
+        identity = cabundle.serving_identity(
+            config.identity,
+            config.trust_domain,
+            config.server_name,
+            client,
+            config.token_file,
+            config.bundle_file,
+        )
+        cabundle.serve_with(identity, serving, keeper)
+        await identity.start()
+        log.info("waiting for the serving certificate from the CA", extra={"ca": config.ca_address})
+        await identity.wait_ready()
+    host, port = cfg.parse_hostport("listen", config.listen)
+    server = WebhookServer(create_app(lambda: settings.current, lambda: serving.loaded), serving, host, port)
+    await server.start()
+    if keeper is not None:
+        tasks.append(asyncio.create_task(keeper.run(), name="cabundle"))
+    tasks.append(asyncio.create_task(_reload_loop(config, settings, files, keeper), name="reload"))
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if identity is not None:
+        await identity.stop()
+    if client is not None:
+        await client.close()
+    log.info("injector stopped")
+    return 0
+
+
+async def _reload_loop(
+    config: InjectorConfig,
+    settings: SettingsFile,
+    files: CertificateFiles | None,
+    keeper: Any,
+) -> None:
+    bundle_stamp = _stamp(config.bundle_file)
+    while True:
+        await asyncio.sleep(config.reload_interval.total_seconds())
+        settings.reload()
+        if files is not None:
+            files.reload()
+        stamp = _stamp(config.bundle_file)
+        if stamp != bundle_stamp and keeper is not None:
+            keeper.poke()
+        bundle_stamp = stamp

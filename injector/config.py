@@ -1,0 +1,87 @@
+"""`sidemesh injector serve` configuration: every option, its default and its environment variable.
+
+What goes into pods (image, resources, ...) is not here but in the injection settings file
+(`settings.py`), which is reloaded while the injector runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidemesh.config import ConfigError, option, parse_hostport
+from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId
+
+INJECTOR_SERVER_NAME = "sidemesh-injector.sidemesh-system.svc"
+
+
+@dataclass(frozen=True, slots=True)
+class InjectorConfig:
+    listen: str = option(
+        "0.0.0.0:8443", "HTTPS address the webhook serves on", env="SIDEMESH_INJECTOR_LISTEN"
+    )
+    settings_file: Path = option(
+        Path("/etc/sidemesh/injector/config.yaml"),
+        "injection settings (the mesh ConfigMap's config.yaml); reloaded when it changes",
+        env="SIDEMESH_INJECTOR_SETTINGS",
+    )
+    tls_cert: Path | None = option(
+        None,
+        "serving certificate chain PEM, reloaded when it changes; unset: get one from the CA",
+        env="SIDEMESH_INJECTOR_TLS_CERT",
+    )
+    tls_key: Path | None = option(None, "serving key PEM (with --tls-cert)", env="SIDEMESH_INJECTOR_TLS_KEY")
+    webhook_configuration: str = option(
+        "sidemesh-injector",
+        "MutatingWebhookConfiguration whose caBundle the injector keeps equal to --bundle-file; empty: leave it",
+        env="SIDEMESH_INJECTOR_WEBHOOK_CONFIGURATION",
+    )
+    bundle_file: Path = option(
+        Path("/var/run/sidemesh/bundle/root-cert.pem"),
+        "trust bundle PEM: verifies the CA, and is the webhook's caBundle",
+        env="SIDEMESH_BUNDLE_FILE",
+    )
+    ca_address: str = option(
+        "sidemesh-ca.sidemesh-system.svc:15012", "CA address HOST:PORT", env="SIDEMESH_CA_ADDRESS"
+    )
+    token_file: Path = option(
+        Path("/var/run/secrets/tokens/sidemesh-ca/token"),
+        "projected ServiceAccount token (audience sidemesh-ca)",
+        env="SIDEMESH_TOKEN_FILE",
+    )
+    trust_domain: str = option(DEFAULT_TRUST_DOMAIN, "SPIFFE trust domain", env="SIDEMESH_TRUST_DOMAIN")
+    identity: str = option(
+        "sidemesh-system/sidemesh-injector",
+        "NAMESPACE/SERVICEACCOUNT of the injector",
+        env="SIDEMESH_INJECTOR_IDENTITY",
+    )
+    server_name: str = option(
+        INJECTOR_SERVER_NAME,
+        "DNS name in the serving certificate (the webhook Service's name, which the API server verifies)",
+        env="SIDEMESH_INJECTOR_SERVER_NAME",
+    )
+    kubeconfig: Path | None = option(None, "kubeconfig; in-cluster config when unset", env="KUBECONFIG")
+    reload_interval: dt.timedelta = option(
+        dt.timedelta(seconds=2),
+        "how often the settings and certificate files are checked for changes",
+        env="SIDEMESH_INJECTOR_RELOAD_INTERVAL",
+    )
+    log_level: str = option(
+        "info", "log level", env="SIDEMESH_LOG_LEVEL", choices=("debug", "info", "warning", "error")
+    )
+
+    def __post_init__(self) -> None:
+        parse_hostport("listen", self.listen)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(
+                "tls_cert", "give both --tls-cert and --tls-key, or neither (certificate from the CA)"
+            )
+        if self.tls_cert is None:
+            parse_hostport("ca_address", self.ca_address)
+            try:
+                WorkloadId.parse(self.identity)
+            except SpiffeIdError as exc:
+                raise ConfigError("identity", str(exc)) from exc
+        if self.reload_interval <= dt.timedelta(0):
+            raise ConfigError("reload_interval", "must be positive")

@@ -1,0 +1,113 @@
+"""`sidemesh inject`: the webhook's patcher applied to YAML files (no I/O here but the caller's).
+
+Every pod template is injected where its kind keeps it; `List` documents are walked; anything else
+passes through unchanged. Comments and key order of the input are not preserved (PyYAML).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from injector import patch
+from injector.errors import PodError
+from injector.settings import InjectionSettings
+
+Json = dict[str, Any]
+
+# kind -> where its pod template is
+TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+
+
+class _Dumper(yaml.SafeDumper):
+    """No &anchors/*aliases for objects the patcher shares between places: plain YAML for kubectl."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What happened to one document, for the summary on stderr."""
+
+    ref: str  # kind/name
+    outcome: str  # injected, skipped, unchanged
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.ref} {self.outcome}" + (f" ({self.reason})" if self.outcome == "skipped" else "")
+
+
+def _ref(doc: Json) -> str:
+    meta = doc.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    return f"{str(doc.get('kind', '?')).lower()}/{meta.get('name') or meta.get('generateName') or '?'}"
+
+
+def _template(doc: Json, path: tuple[str, ...]) -> Json | None:
+    node: Any = doc
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+
+def _with_template(doc: Json, path: tuple[str, ...], template: Json) -> Json:
+    if not path:
+        return template
+    head, rest = path[0], path[1:]
+    return {**doc, head: _with_template(doc[head], rest, template)}
+
+
+def inject_document(doc: Any, settings: InjectionSettings) -> tuple[Any, list[Report]]:
+    """The document with its pod template injected, and a report per workload it holds."""
+    if not isinstance(doc, dict):
+        return doc, []
+    kind = doc.get("kind")
+    if kind == "List" and isinstance(doc.get("items"), list):
+        items, reports = [], []
+        for item in doc["items"]:
+            new, found = inject_document(item, settings)
+            items.append(new)
+            reports.extend(found)
+        return {**doc, "items": items}, reports
+    ref = _ref(doc)
+    path = TEMPLATE_PATHS.get(str(kind))
+    if path is None:
+        return doc, [Report(ref, "unchanged", f"kind {kind} has no pod template")]
+    template = _template(doc, path)
+    if template is None:
+        raise PodError(f"{ref}: no pod template at {'.'.join(path)}")
+    try:
+        result = patch.inject(template, settings)
+    except PodError as exc:
+        raise PodError(f"{ref}: {exc}") from None
+    if not result.injected:
+        return doc, [Report(ref, "skipped", result.reason)]
+    return _with_template(doc, path, result.pod), [Report(ref, "injected", "")]
+
+
+def inject_yaml(texts: Iterable[str], settings: InjectionSettings) -> tuple[str, list[Report]]:
+    """Multi-document YAML in, multi-document YAML out; raises PodError or yaml.YAMLError."""
+    out: list[Any] = []
+    reports: list[Report] = []
+    for text in texts:
+        for doc in yaml.safe_load_all(text):
+            if doc is None:
+                continue
+            new, found = inject_document(doc, settings)
+            out.append(new)
+            reports.extend(found)
+    text = yaml.dump_all(out, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
+    return text, reports

@@ -1,0 +1,213 @@
+"""Pod in, JSON Patch out (no I/O): the webhook and `sidemesh inject` share this.
+
+As Istio's `createPatch`, the desired pod is built from the original and the two are diffed
+(`diff.py`: JSON Patch with named lists aligned by name), so the patch is exactly what changed. A pod is skipped (empty patch) when it
+opts out, uses the host's network, or was injected already: the `sidemesh.io/status` annotation
+records what was added, which makes a second pass (`reinvocationPolicy: IfNeeded`) a no-op.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from injector import containers, probes
+from injector.containers import PodOptions
+from injector.diff import diff
+from injector.errors import PodError
+from injector.settings import InjectionSettings
+from sidemesh.mesh.resources import DEFAULT_POLICY_ANNOTATION
+from sidemesh.policy.model import DefaultPolicy
+
+Json = dict[str, Any]
+
+INJECT = "sidemesh.io/inject"
+STATUS = "sidemesh.io/status"
+NATIVE = "sidemesh.io/native-sidecar"
+REWRITE_PROBES = "sidemesh.io/rewrite-app-probes"
+DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
+PROMETHEUS = {"prometheus.io/scrape": "true", "prometheus.io/port": "15020", "prometheus.io/path": "/metrics"}
+EXCLUSIONS = {
+    "sidemesh.io/exclude-inbound-ports": "--exclude-inbound-ports",
+    "sidemesh.io/exclude-outbound-ports": "--exclude-outbound-ports",
+    "sidemesh.io/exclude-outbound-cidrs": "--exclude-outbound-cidrs",
+}
+_PORT_RE = re.compile(r"^[0-9]{1,5}$")
+_FIX = 'fix the annotation, or opt the pod out with sidemesh.io/inject: "false"'
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    injected: bool
+    reason: str
+    patch: list[Json] = field(default_factory=list)
+    pod: Json = field(default_factory=dict)  # the pod as it is after the patch
+
+
+def pod_name(pod: Any) -> str:
+    meta = pod.get("metadata") if isinstance(pod, dict) else None
+    if not isinstance(meta, dict):
+        return ""
+    return str(meta.get("name") or meta.get("generateName") or "")
+
+
+def _map(obj: Json, key: str, where: str) -> Json:
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PodError(f"{where}.{key} must be a map, not {type(value).__name__}")
+    return value
+
+
+def _list(obj: Json, key: str, where: str) -> list[Json]:
+    value = obj.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise PodError(f"{where}.{key} must be a list of objects")
+    return value
+
+
+def _bool(annotations: dict[str, str], key: str, default: bool) -> bool:
+    value = annotations.get(key)
+    if value is None:
+        return default
+    if value.strip().lower() not in ("true", "false"):
+        raise PodError(f'annotation {key}: {value!r} is not "true" or "false"; {_FIX}')
+    return value.strip().lower() == "true"
+
+
+def _exclusion(key: str, value: str) -> str:
+    items = [part.strip() for part in value.split(",") if part.strip()]
+    for item in items:
+        if key.endswith("cidrs"):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise PodError(f"annotation {key}: {item!r} is not an IP network (CIDR); {_FIX}") from None
+        elif item == "*" and key.endswith("inbound-ports") and len(items) == 1:
+            continue
+        elif not _PORT_RE.match(item) or not 1 <= int(item) <= 65535:
+            raise PodError(f"annotation {key}: {item!r} is not a port number (1-65535); {_FIX}")
+    return ",".join(items)
+
+
+def pod_options(annotations: dict[str, str], settings: InjectionSettings) -> PodOptions:
+    """Validate the pod's sidemesh.io annotations; a bad value is a PodError naming the annotation."""
+    policy = annotations.get(DEFAULT_POLICY_ANNOTATION, settings.default_policy)
+    choices = tuple(d.value for d in DefaultPolicy)
+    if policy not in choices:
+        raise PodError(
+            f"annotation {DEFAULT_POLICY_ANNOTATION}: {policy!r} is not one of {', '.join(choices)}; {_FIX}"
+        )
+    exclusions = []
+    for key, flag in EXCLUSIONS.items():
+        if key in annotations and (value := _exclusion(key, annotations[key])):
+            exclusions.append((flag, value))
+    return PodOptions(
+        native=_bool(annotations, NATIVE, settings.native_sidecar),
+        default_policy=policy,
+        exclusions=tuple(exclusions),
+    )
+
+
+def skip_reason(pod: Json) -> str | None:
+    """Why this pod gets no sidecar, or None to inject it."""
+    meta = _map(pod, "metadata", "pod")
+    annotations = _map(meta, "annotations", "metadata")
+    labels = _map(meta, "labels", "metadata")
+    for where, values in (("annotation", annotations), ("label", labels)):
+        if str(values.get(INJECT, "")).strip().lower() == "false":
+            return f'opted out: {where} {INJECT}: "false"'
+    if STATUS in annotations:
+        return f"already injected ({STATUS} is set)"
+    spec = _map(pod, "spec", "pod")
+    if spec.get("hostNetwork") is True:
+        return "hostNetwork pod: it shares the node's network, which the sidecar must not capture"
+    for key in ("initContainers", "containers"):
+        if any(c.get("name") == containers.PROXY_NAME for c in _list(spec, key, "spec")):
+            return f"already has a container named {containers.PROXY_NAME}"
+    return None
+
+
+def _check(pod: Any) -> tuple[Json, Json, dict[str, str]]:
+    if not isinstance(pod, dict):
+        raise PodError("the object is not a pod (not a JSON object)")
+    meta = _map(pod, "metadata", "pod")
+    annotations = _map(meta, "annotations", "metadata")
+    if not all(isinstance(v, str) for v in annotations.values()):
+        raise PodError("metadata.annotations values must be strings")
+    spec = _map(pod, "spec", "pod")
+    app = _list(spec, "containers", "spec")
+    if not app:
+        raise PodError("spec.containers is missing or empty: not a pod we can inject")
+    for key in ("initContainers", "containers"):
+        names = [c.get("name") for c in _list(spec, key, "spec")]
+        if clash := containers.CONTAINER_NAMES.intersection(n for n in names if isinstance(n, str)):
+            raise PodError(f"spec.{key} already has a container named {sorted(clash)[0]}; rename it")
+    vol_names = {v.get("name") for v in _list(spec, "volumes", "spec")}
+    if clash := containers.VOLUME_NAMES.intersection(n for n in vol_names if isinstance(n, str)):
+        raise PodError(f"spec.volumes already has a volume named {sorted(clash)[0]}; rename it")
+    return meta, spec, annotations
+
+
+def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
+    """The injected pod; shares unchanged sub-objects with ``pod`` and never modifies it."""
+    meta, spec, annotations = _check(pod)
+    options = pod_options(annotations, settings)
+    app: list[Json] = []
+    records: dict[str, Json] = {}
+    rewrite = _bool(annotations, REWRITE_PROBES, settings.rewrite_app_probes)
+    for container in _list(spec, "containers", "spec"):
+        if rewrite:
+            container, found = probes.rewrite_container(container)
+            records.update(found)
+        app.append(container)
+    if records:
+        options = PodOptions(
+            options.native, options.default_policy, options.exclusions, probes.encode(records)
+        )
+    init = containers.init_container(settings, options)
+    proxy = containers.proxy_container(settings, options)
+    app_init = _list(spec, "initContainers", "spec")
+    new_spec = dict(spec)
+    if options.native:
+        # iptables first, then the proxy; the app's own init containers run meshed after both.
+        new_spec["initContainers"] = [init, proxy, *app_init]
+        new_spec["containers"] = app
+    else:
+        # The proxy only starts with the containers: the app's init containers run before the
+        # capture is installed (they could not reach anything through a proxy not yet running).
+        new_spec["initContainers"] = [*app_init, init]
+        new_spec["containers"] = [proxy, *app]
+    new_spec["volumes"] = [*_list(spec, "volumes", "spec"), *containers.volumes()]
+    status = {
+        "version": settings.version,
+        "initContainers": [init["name"], proxy["name"]] if options.native else [init["name"]],
+        "containers": [] if options.native else [proxy["name"]],
+        "volumes": sorted(containers.VOLUME_NAMES),
+        "native": options.native,
+    }
+    new_annotations = dict(annotations)
+    new_annotations[STATUS] = json.dumps(status, sort_keys=True, separators=(",", ":"))
+    new_annotations.setdefault(DEFAULT_CONTAINER, str(app[0].get("name", "")))
+    if not any(key.startswith("prometheus.io/") for key in annotations):
+        new_annotations.update(PROMETHEUS)  # the app's own scrape settings win: the sidecar's stay off
+    new_meta = dict(meta)
+    new_meta["annotations"] = new_annotations
+    return {**pod, "metadata": new_meta, "spec": new_spec}
+
+
+def inject(pod: Any, settings: InjectionSettings) -> Result:
+    """Decide, build and diff. Raises PodError when the pod cannot be injected as it is."""
+    if not isinstance(pod, dict):
+        raise PodError("the object is not a pod (not a JSON object)")
+    reason = skip_reason(pod)
+    if reason is not None:
+        return Result(False, reason, [], pod)
+    desired = desired_pod(pod, settings)
+    return Result(True, "injected", diff(pod, desired), desired)

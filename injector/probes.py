@@ -1,0 +1,101 @@
+"""Rewrite the app's probes to the sidecar's health port (no I/O).
+
+Under the iptables capture the kubelet's probe connections to the pod IP are redirected to the
+sidecar's inbound listener like any other inbound connection: a plaintext HTTP or gRPC probe is
+refused in strict mode, and a TCP probe is accepted by the sidecar itself, so it would report the
+app alive even when it is not listening. So every network probe (httpGet, tcpSocket, grpc) of an app
+container becomes `httpGet :15020/app-health/<container>/<kind>` (the health port is never
+captured), and the original is recorded in the sidecar's SIDEMESH_APP_PROBES environment variable
+(JSON, path -> probe); the sidecar runs it against the app on 127.0.0.1, which is not captured
+either. `exec` probes run inside the container and never cross the capture: left as they are.
+
+A probe is also left alone when it names another `host` (it does not go to this pod), when its
+named port does not resolve (the kubelet would fail it anyway; rewriting would hide the mistake),
+or when it already targets one of the proxy's own ports.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+Json = dict[str, Any]
+
+HEALTH_PORT = 15020
+PROXY_PORTS = frozenset({15000, 15001, 15006, HEALTH_PORT})
+APP_PROBES_ENV = "SIDEMESH_APP_PROBES"
+KINDS = {"livenessProbe": "livez", "readinessProbe": "readyz", "startupProbe": "startupz"}
+_HANDLERS = ("httpGet", "tcpSocket", "grpc", "exec")
+
+
+def app_health_path(container: str, kind: str) -> str:
+    return f"/app-health/{container}/{kind}"
+
+
+def _resolve_port(port: Any, container: Json) -> int | None:
+    if isinstance(port, bool):
+        return None
+    if isinstance(port, int):
+        return port
+    if isinstance(port, str):
+        for p in container.get("ports") or []:
+            if isinstance(p, dict) and p.get("name") == port and isinstance(p.get("containerPort"), int):
+                return int(p["containerPort"])
+    return None
+
+
+def _original(probe: Json, container: Json) -> Json | None:
+    """The record the sidecar needs to run ``probe`` itself, or None to leave the probe alone."""
+    timeout = probe.get("timeoutSeconds", 1)
+    if "httpGet" in probe:
+        get = probe["httpGet"] or {}
+        if get.get("host"):
+            return None
+        port = _resolve_port(get.get("port"), container)
+        if port is None or port in PROXY_PORTS:
+            return None
+        record: Json = {"path": get.get("path") or "/", "port": port, "scheme": get.get("scheme") or "HTTP"}
+        if get.get("httpHeaders"):
+            record["httpHeaders"] = [{"name": h["name"], "value": h["value"]} for h in get["httpHeaders"]]
+        return {"httpGet": record, "timeoutSeconds": timeout}
+    if "tcpSocket" in probe:
+        tcp = probe["tcpSocket"] or {}
+        port = _resolve_port(tcp.get("port"), container)
+        if tcp.get("host") or port is None or port in PROXY_PORTS:
+            return None
+        return {"tcpSocket": {"port": port}, "timeoutSeconds": timeout}
+    if "grpc" in probe:
+        grpc = probe["grpc"] or {}
+        port = _resolve_port(grpc.get("port"), container)
+        if port is None or port in PROXY_PORTS:
+            return None
+        return {"grpc": {"port": port, "service": grpc.get("service") or ""}, "timeoutSeconds": timeout}
+    return None  # exec, or no handler at all
+
+
+def rewrite_container(container: Json) -> tuple[Json, dict[str, Json]]:
+    """The container with its network probes pointed at the sidecar, and path -> original probe."""
+    name = str(container.get("name", ""))
+    out = container
+    records: dict[str, Json] = {}
+    for field, kind in KINDS.items():
+        probe = container.get(field)
+        if not isinstance(probe, dict):
+            continue
+        record = _original(probe, container)
+        if record is None:
+            continue
+        path = app_health_path(name, kind)
+        records[path] = record
+        if out is container:
+            out = copy.copy(container)
+        rewritten = {k: v for k, v in probe.items() if k not in _HANDLERS}
+        rewritten["httpGet"] = {"path": path, "port": HEALTH_PORT, "scheme": "HTTP"}
+        out[field] = rewritten
+    return out, records
+
+
+def encode(records: dict[str, Json]) -> str:
+    """The SIDEMESH_APP_PROBES value: compact JSON, keys sorted so a pod's patch is stable."""
+    return json.dumps(records, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,122 @@
+"""`sidemesh injector serve`: the FastAPI app and the uvicorn HTTPS server around `review.admit`.
+
+The routes only move bytes and log; every decision is made in `review.py` and `patch.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+
+from injector import review
+from injector.settings import InjectionSettings
+from injector.tls import ServingCertificate
+
+log = logging.getLogger("sidemesh.injector")
+
+# The API server refuses objects over 3 MiB; a review carries the object once (CREATE).
+MAX_BODY = 8 * 1024 * 1024
+
+
+def _json(status: int, body: object) -> Response:
+    return Response(
+        json.dumps(body, separators=(",", ":")), status_code=status, media_type="application/json"
+    )
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The body, or None when it is larger than MAX_BODY (checked while reading, not trusted)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    settings: Callable[[], InjectionSettings], healthy: Callable[[], bool] = lambda: True
+) -> FastAPI:
+    app = FastAPI(title="sidemesh injector", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/mutate")
+    async def mutate(request: Request) -> Response:
+        started = time.perf_counter()
+        body = await _read_body(request)
+        if body is None:
+            outcome = review.Outcome(
+                413, {"error": f"request body over {MAX_BODY} bytes"}, {"outcome": "too large"}
+            )
+        else:
+            outcome = review.admit(body, settings())
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        log.log(outcome.log_level, "admission", extra={**outcome.log, "duration_ms": duration_ms})
+        return _json(outcome.http_status, outcome.body)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        ok = healthy()
+        return _json(200 if ok else 503, {"ok": ok})
+
+    return app
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """Signals belong to the caller (the CLI or a test), not to uvicorn."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class WebhookServer:
+    """uvicorn over HTTPS with a ServingCertificate whose context is updated in place."""
+
+    def __init__(self, app: FastAPI, serving: ServingCertificate, host: str, port: int) -> None:
+        self.serving = serving
+        self.host, self.requested_port = host, port
+        self.port = 0
+        config = uvicorn.Config(
+            app,
+            ssl_context_factory=lambda _config, _default: serving.context,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            timeout_keep_alive=30,  # the API server reuses connections; spare it handshakes
+        )
+        self.server = _EmbeddedServer(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.requested_port))
+        self.port = int(sock.getsockname()[1])
+        self._task = asyncio.create_task(self.server.serve(sockets=[sock]), name="injector-uvicorn")
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+                raise RuntimeError("uvicorn stopped during start")
+            await asyncio.sleep(0.01)
+        log.info("injector serving", extra={"address": f"{self.host}:{self.port}"})
+        return self.port
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            await self._task
+            self._task = None

@@ -1,0 +1,202 @@
+"""Injection settings: what the injector writes into a pod (image, resources, addresses, defaults).
+
+They live in the mesh ConfigMap (`sidemesh-mesh`, key `config.yaml`), mounted into the injector as a
+file and re-read when the kubelet updates it, so a change applies to the next pod without a restart.
+`sidemesh inject --settings FILE` reads the same YAML. Keys are camelCase, as in Kubernetes; an
+unknown key is an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from injector.errors import SettingsError
+from sidemesh import __version__
+from sidemesh.config import parse_hostport
+from sidemesh.policy.model import DefaultPolicy
+from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, validate_trust_domain
+
+log = logging.getLogger("sidemesh.injector.settings")
+
+DEFAULT_IMAGE = "ghcr.io/sidemesh/sidemesh:latest"
+_QUANTITY_RE = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
+_RESOURCE_NAME_RE = re.compile(r"^([a-z0-9.-]+/)?[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """A container's `resources`: requests and limits, resource name -> quantity."""
+
+    requests: Mapping[str, str] = field(default_factory=dict)
+    limits: Mapping[str, str] = field(default_factory=dict)
+
+    def to_k8s(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        if self.limits:
+            out["limits"] = dict(self.limits)
+        if self.requests:
+            out["requests"] = dict(self.requests)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class InjectionSettings:
+    image: str = DEFAULT_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    log_level: str = "info"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    default_policy: str = DefaultPolicy.ALLOW_AUTHENTICATED.value
+    mode: str = "strict"
+    native_sidecar: bool = True
+    rewrite_app_probes: bool = True
+    controller_address: str = "sidemesh-controller.sidemesh-system.svc:15010"
+    ca_address: str = "sidemesh-ca.sidemesh-system.svc:15012"
+    proxy_uid: int = 1337
+    proxy_resources: Resources = Resources(
+        requests={"cpu": "100m", "memory": "128Mi"}, limits={"cpu": "2", "memory": "512Mi"}
+    )
+    init_resources: Resources = Resources(
+        requests={"cpu": "10m", "memory": "32Mi"}, limits={"cpu": "500m", "memory": "128Mi"}
+    )
+    version: str = __version__
+
+    def __post_init__(self) -> None:
+        if not self.image.strip() or any(c.isspace() for c in self.image):
+            raise SettingsError("image", f"{self.image!r} is not an image reference")
+        _one_of("imagePullPolicy", self.image_pull_policy, ("Always", "IfNotPresent", "Never"))
+        _one_of("logLevel", self.log_level, ("debug", "info", "warning", "error"))
+        _one_of("defaultPolicy", self.default_policy, tuple(d.value for d in DefaultPolicy))
+        _one_of("mode", self.mode, ("strict", "permissive"))
+        try:
+            validate_trust_domain(self.trust_domain)
+        except SpiffeIdError as exc:
+            raise SettingsError("trustDomain", str(exc)) from exc
+        for key, value in (("controllerAddress", self.controller_address), ("caAddress", self.ca_address)):
+            try:
+                parse_hostport(key, value)
+            except ValueError as exc:
+                raise SettingsError(key, f"{value!r} is not HOST:PORT") from exc
+        if not 1 <= self.proxy_uid <= 2**31 - 1:
+            raise SettingsError("proxyUID", f"{self.proxy_uid} is not a non-root user id")
+        for key, res in (("proxyResources", self.proxy_resources), ("initResources", self.init_resources)):
+            for part, values in (("requests", res.requests), ("limits", res.limits)):
+                for name, qty in values.items():
+                    if not _RESOURCE_NAME_RE.match(name) or not _QUANTITY_RE.match(qty):
+                        raise SettingsError(f"{key}.{part}", f"{name}: {qty!r} is not a resource quantity")
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SettingsError(key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+# YAML key -> (field name, expected Python type)
+_KEYS: dict[str, tuple[str, type]] = {
+    "image": ("image", str),
+    "imagePullPolicy": ("image_pull_policy", str),
+    "logLevel": ("log_level", str),
+    "trustDomain": ("trust_domain", str),
+    "defaultPolicy": ("default_policy", str),
+    "mode": ("mode", str),
+    "nativeSidecar": ("native_sidecar", bool),
+    "rewriteAppProbes": ("rewrite_app_probes", bool),
+    "controllerAddress": ("controller_address", str),
+    "caAddress": ("ca_address", str),
+    "proxyUID": ("proxy_uid", int),
+    "proxyResources": ("proxy_resources", Resources),
+    "initResources": ("init_resources", Resources),
+}
+
+
+def _resources(key: str, raw: Any) -> Resources:
+    if not isinstance(raw, dict) or set(raw) - {"requests", "limits"}:
+        raise SettingsError(key, "must be a map with requests and/or limits")
+    parts: dict[str, dict[str, str]] = {}
+    for part in ("requests", "limits"):
+        values = raw.get(part) or {}
+        if not isinstance(values, dict):
+            raise SettingsError(f"{key}.{part}", "must be a map of resource name to quantity")
+        parts[part] = {str(k): str(v) for k, v in values.items()}
+    return Resources(requests=parts["requests"], limits=parts["limits"])
+
+
+def parse_settings(text: str, base: InjectionSettings | None = None) -> InjectionSettings:
+    """Settings from the YAML text of the ConfigMap's `config.yaml`; absent keys keep their defaults."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SettingsError("config.yaml", f"not YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SettingsError("config.yaml", "must be a map of settings")
+    if raw.get("kind") == "ConfigMap":  # a whole ConfigMap manifest: take its config.yaml
+        data = (raw.get("data") or {}).get("config.yaml")
+        if not isinstance(data, str):
+            raise SettingsError("config.yaml", "the ConfigMap has no data key config.yaml")
+        return parse_settings(data, base)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _KEYS:
+            raise SettingsError(str(key), f"unknown setting; known: {', '.join(_KEYS)}")
+        name, kind = _KEYS[key]
+        if kind is Resources:
+            values[name] = _resources(key, value)
+        elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            values[name] = value
+        else:
+            raise SettingsError(key, f"{value!r} is not a {kind.__name__}")
+    return dataclasses.replace(base or InjectionSettings(), **values)
+
+
+def load_settings(path: Path) -> InjectionSettings:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SettingsError(str(path), f"cannot read: {exc.strerror}") from exc
+    return parse_settings(text)
+
+
+class SettingsFile:
+    """The settings file, re-read when it changes (a ConfigMap volume swaps a symlink: the stat of the
+    resolved file changes). A bad new version is logged and the last good settings stay in force."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp = self._stat()
+        self.current = load_settings(path)
+        self.last_error: str | None = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def reload(self) -> bool:
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            settings = load_settings(self.path)
+        except SettingsError as exc:
+            self.last_error = str(exc)
+            log.error("injection settings invalid; keeping the last good ones", extra={"error": str(exc)})
+            return False
+        self.last_error = None
+        if settings == self.current:
+            return False
+        self.current = settings
+        log.info("injection settings reloaded", extra={"file": str(self.path), "image": settings.image})
+        return True

@@ -1,0 +1,254 @@
+"""The sidecar's side of the app's probes, and `sidemesh proxy wait`.
+
+The injector points the app's liveness, readiness and startup probes at the sidecar's health port
+(`/app-health/<container>/<kind>`, never captured by iptables) and records the originals in
+SIDEMESH_APP_PROBES (JSON, path -> probe, as Istio's ISTIO_KUBE_APP_PROBERS). Here each such request
+runs the original probe against the app on 127.0.0.1 (the sidecar's own connections are not
+captured: UID 1337 and loopback are exempt) with the original timeout, and answers as the kubelet
+would judge it: 200 when the probe succeeds, 503 when it does not.
+
+- httpGet: success is a status 200-399, as the kubelet. Redirects are not followed (a 3xx is a
+  success). HTTPS is not verified, as the kubelet does not verify either.
+- tcpSocket: success is an accepted connection.
+- grpc: the standard health check (grpc.health.v1.Health/Check); success is SERVING.
+
+`sidemesh proxy wait` polls the sidecar's readiness: it is the postStart hook of a classic
+(non-native) sidecar, which holds the app's containers until the proxy is ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import json
+import ssl
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+
+from sidemesh.httpd import json_response
+
+APP_HEALTH_PREFIX = "/app-health/"
+USER_AGENT = "kube-probe/sidemesh"
+GRPC_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+GRPC_SERVING = 1
+
+Response = tuple[int, str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class AppProbe:
+    kind: str  # httpGet, tcpSocket or grpc
+    port: int
+    timeout: float = 1.0
+    path: str = "/"
+    scheme: str = "HTTP"
+    headers: tuple[tuple[str, str], ...] = ()
+    service: str = ""
+
+
+def _port(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise ValueError(f"{where}: port {value!r} is not a port number")
+    return value
+
+
+def parse_app_probes(text: str) -> dict[str, AppProbe]:
+    """SIDEMESH_APP_PROBES -> path -> probe; ValueError saying which entry is wrong."""
+    if not text.strip():
+        return {}
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("must be a JSON object of path -> probe")
+    probes = {}
+    for path, entry in raw.items():
+        if not path.startswith(APP_HEALTH_PREFIX) or not isinstance(entry, dict):
+            raise ValueError(f"{path!r}: expected {APP_HEALTH_PREFIX}<container>/<kind> -> probe object")
+        timeout = entry.get("timeoutSeconds", 1)
+        if not isinstance(timeout, int | float) or timeout <= 0:
+            raise ValueError(f"{path}: timeoutSeconds {timeout!r} is not a positive number")
+        if isinstance(get := entry.get("httpGet"), dict):
+            scheme = str(get.get("scheme", "HTTP")).upper()
+            if scheme not in ("HTTP", "HTTPS"):
+                raise ValueError(f"{path}: scheme {scheme!r} is not HTTP or HTTPS")
+            headers = tuple((str(h["name"]), str(h["value"])) for h in get.get("httpHeaders") or [])
+            probes[path] = AppProbe(
+                "httpGet", _port(get.get("port"), path), timeout, str(get.get("path") or "/"), scheme, headers
+            )
+        elif isinstance(tcp := entry.get("tcpSocket"), dict):
+            probes[path] = AppProbe("tcpSocket", _port(tcp.get("port"), path), timeout)
+        elif isinstance(grpc := entry.get("grpc"), dict):
+            service = str(grpc.get("service") or "")
+            probes[path] = AppProbe("grpc", _port(grpc.get("port"), path), timeout, service=service)
+        else:
+            raise ValueError(f"{path}: no httpGet, tcpSocket or grpc")
+    return probes
+
+
+async def _http(probe: AppProbe, host: str) -> tuple[bool, str]:
+    context = None
+    if probe.scheme == "HTTPS":
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    reader, writer = await asyncio.open_connection(host, probe.port, ssl=context)
+    try:
+        names = {name.lower() for name, _ in probe.headers}
+        headers = [
+            (k, v)
+            for k, v in (("Host", f"{host}:{probe.port}"), ("User-Agent", USER_AGENT))
+            if k.lower() not in names
+        ]
+        headers += [*probe.headers, ("Accept", "*/*"), ("Connection", "close")]
+        conn = h11.Connection(h11.CLIENT)
+        writer.write(conn.send(h11.Request(method="GET", target=probe.path, headers=headers)) or b"")
+        writer.write(conn.send(h11.EndOfMessage()) or b"")
+        await writer.drain()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Response):
+                return 200 <= event.status_code < 400, f"HTTP {event.status_code}"
+            elif isinstance(event, h11.ConnectionClosed):
+                return False, "connection closed before a response"
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+async def _tcp(probe: AppProbe, host: str) -> tuple[bool, str]:
+    _, writer = await asyncio.open_connection(host, probe.port)
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True, "connected"
+
+
+def _health_request(service: str) -> bytes:
+    data = service.encode()
+    return (b"\x0a" + _varint(len(data)) + data) if data else b""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _health_status(data: bytes) -> int:
+    """HealthCheckResponse.status (field 1, varint); 0 (UNKNOWN) when absent."""
+    if len(data) >= 2 and data[0] == 0x08:
+        return data[1] & 0x7F
+    return 0
+
+
+async def _grpc(probe: AppProbe, host: str) -> tuple[bool, str]:
+    import grpc
+
+    async with grpc.aio.insecure_channel(f"{host}:{probe.port}") as channel:
+        check = channel.unary_unary(GRPC_HEALTH_CHECK, request_serializer=None, response_deserializer=None)
+        try:
+            reply = await check(_health_request(probe.service), timeout=probe.timeout)
+        except grpc.aio.AioRpcError as exc:
+            return False, f"gRPC {exc.code().name}: {exc.details()}"
+    status = _health_status(reply)
+    return status == GRPC_SERVING, f"gRPC health status {status}"
+
+
+_RUNNERS = {"httpGet": _http, "tcpSocket": _tcp, "grpc": _grpc}
+
+
+class AppProber:
+    """`/app-health/...` requests of the kubelet, answered by running the original probe."""
+
+    def __init__(self, probes: dict[str, AppProbe], host: str = "127.0.0.1") -> None:
+        self.probes = probes
+        self.host = host
+
+    async def check(self, probe: AppProbe) -> tuple[bool, str]:
+        try:
+            return await asyncio.wait_for(_RUNNERS[probe.kind](probe, self.host), probe.timeout)
+        except TimeoutError:
+            return False, f"no answer within {probe.timeout:g}s"
+        except (OSError, ssl.SSLError, h11.ProtocolError) as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+
+    async def handle(self, path: str) -> Response:
+        probe = self.probes.get(path)
+        if probe is None:
+            return json_response(404, {"error": f"no app probe at {path}", "paths": sorted(self.probes)})
+        ok, detail = await self.check(probe)
+        return json_response(200 if ok else 503, {"probe": path, "ok": ok, "detail": detail})
+
+
+# -- sidemesh proxy wait ------------------------------------------------------------------------
+
+
+def wait_ready(url: str, timeout: float, interval: float = 0.25) -> bool:
+    """Poll ``url`` (http://HOST:PORT/PATH) until it answers 200 or ``timeout`` seconds pass."""
+    rest = url.removeprefix("http://")
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = http.client.HTTPConnection(host, int(port), timeout=max(interval, 1.0))
+        try:
+            conn.request("GET", "/" + path, headers={"User-Agent": "sidemesh-proxy-wait"})
+            if conn.getresponse().status == 200:
+                return True
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def register_wait(sub: Any) -> None:
+    """`sidemesh proxy wait`: register under `sidemesh proxy` (proxy/cli.py)."""
+    from sidemesh import config as cfg
+
+    p = sub.add_parser(
+        "wait",
+        help="wait until the sidecar is ready (postStart hook of a classic sidecar)",
+        description=(
+            "Poll the sidecar's readiness until it answers 200, then exit 0; exit 1 after --timeout. "
+            "A classic sidecar runs this as its postStart hook: the kubelet starts the app's containers "
+            "only when it returns, so the app never runs before its proxy."
+        ),
+    )
+    p.add_argument(
+        "--url", default="http://127.0.0.1:15020/healthz/ready", help="readiness URL (default: %(default)s)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=cfg.parse_duration,
+        default=cfg.parse_duration("120s"),
+        help="give up after (default: 120s)",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        if wait_ready(args.url, args.timeout.total_seconds()):
+            return 0
+        print(
+            f"sidemesh: the sidecar was not ready at {args.url} within {cfg.format_duration(args.timeout)}; "
+            "see its log (kubectl logs POD -c sidemesh-proxy)",
+            file=sys.stderr,
+        )
+        return 1
+
+    p.set_defaults(handler=run)

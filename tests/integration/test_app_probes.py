@@ -1,0 +1,166 @@
+"""The sidecar runs the app's original probes against real servers on 127.0.0.1 (HTTP, HTTPS, TCP,
+gRPC): success -> 200, failure, refusal or timeout -> 503, as the kubelet would judge the app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from proxy.probes import AppProbe, AppProber, wait_ready
+from sidemesh.spiffe import WorkloadId
+from tests.integration.conftest import StartCA
+
+SEEN_HEADERS: list[dict[str, str]] = []
+
+
+async def _app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A tiny HTTP app: /ok 200, /fail 500, /moved 302, /slow (3 s), /teapot 418, /header (X-Probe)."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        path = lines[0].split()[1]
+        headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+        SEEN_HEADERS.append(headers)
+        if path == "/slow":
+            await asyncio.sleep(3)
+        status = {"/ok": 200, "/ok?full=1": 200, "/fail": 500, "/moved": 302, "/teapot": 418}.get(path, 404)
+        if path == "/header":
+            status = 200 if headers.get("X-Probe") == "yes" else 400
+        writer.write(f"HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n".encode())
+        await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def app_port() -> AsyncIterator[int]:
+    server = await asyncio.start_server(_app, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def run(probe: AppProbe) -> tuple[int, dict[str, object]]:
+    prober = AppProber({"/app-health/app/readyz": probe})
+    status, ctype, body = await prober.handle("/app-health/app/readyz")
+    assert ctype == "application/json"
+    return status, json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [("/ok", 200), ("/ok?full=1", 200), ("/moved", 200), ("/fail", 503), ("/teapot", 503), ("/missing", 503)],
+)
+async def test_http_status_decides(app_port: int, path: str, expected: int) -> None:
+    status, body = await run(AppProbe("httpGet", app_port, 1.0, path))
+    assert status == expected
+    assert body["ok"] is (expected == 200)
+
+
+async def test_http_headers_are_sent(app_port: int) -> None:
+    SEEN_HEADERS.clear()
+    status, _ = await run(
+        AppProbe("httpGet", app_port, 1.0, "/header", headers=(("X-Probe", "yes"), ("Host", "web.local")))
+    )
+    assert status == 200
+    assert SEEN_HEADERS[-1]["Host"] == "web.local"
+    assert SEEN_HEADERS[-1]["User-Agent"].startswith("kube-probe/")
+
+
+async def test_app_down_is_503() -> None:
+    status, body = await run(AppProbe("httpGet", closed_port(), 1.0, "/ok"))
+    assert status == 503 and "ConnectionRefused" in str(body["detail"])
+
+
+async def test_timeout_is_honoured(app_port: int) -> None:
+    started = time.monotonic()
+    status, body = await run(AppProbe("httpGet", app_port, 0.3, "/slow"))
+    elapsed = time.monotonic() - started
+    assert status == 503 and "no answer within 0.3s" in str(body["detail"])
+    assert 0.25 < elapsed < 1.5
+
+
+async def test_unknown_path_is_404() -> None:
+    status, _, body = await AppProber({}).handle("/app-health/nope/livez")
+    assert status == 404 and b"no app probe" in body
+
+
+async def test_https_probe_does_not_verify(start_ca: StartCA, tmp_path: Path) -> None:
+    ca = await start_ca()
+    svid = await ca.issue("frontend-token", WorkloadId("shop", "frontend"))
+    (tmp_path / "cert.pem").write_bytes(svid.chain_pem + svid.key_pem)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "cert.pem")
+    server = await asyncio.start_server(_app, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        assert (await run(AppProbe("httpGet", port, 2.0, "/ok", "HTTPS")))[0] == 200
+        assert (await run(AppProbe("httpGet", port, 2.0, "/fail", "HTTPS")))[0] == 503
+        assert (await run(AppProbe("httpGet", port, 2.0, "/ok", "HTTP")))[0] == 503  # plaintext to TLS
+    finally:
+        server.close()
+
+
+async def test_tcp_probe(app_port: int) -> None:
+    assert (await run(AppProbe("tcpSocket", app_port, 1.0)))[0] == 200
+    assert (await run(AppProbe("tcpSocket", closed_port(), 1.0)))[0] == 503
+
+
+class _Health(grpc.GenericRpcHandler):
+    """grpc.health.v1.Health/Check: "" and "cart" SERVING, "down" NOT_SERVING, others NOT_FOUND."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if details.method != "/grpc.health.v1.Health/Check":  # type: ignore[attr-defined]
+            return None
+
+        async def check(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+            service = request[2:].decode()
+            if service == "slow":
+                await asyncio.sleep(3)
+            if service not in ("", "cart", "down", "slow"):
+                await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+            return b"\x08\x02" if service == "down" else b"\x08\x01"
+
+        return grpc.unary_unary_rpc_method_handler(check)  # type: ignore[arg-type]
+
+
+async def test_grpc_probe() -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_Health(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        assert (await run(AppProbe("grpc", port, 2.0)))[0] == 200
+        assert (await run(AppProbe("grpc", port, 2.0, service="cart")))[0] == 200
+        status, body = await run(AppProbe("grpc", port, 2.0, service="down"))
+        assert status == 503 and "status 2" in str(body["detail"])
+        status, body = await run(AppProbe("grpc", port, 2.0, service="other"))
+        assert status == 503 and "NOT_FOUND" in str(body["detail"])
+        started = time.monotonic()
+        assert (await run(AppProbe("grpc", port, 0.3, service="slow")))[0] == 503
+        assert time.monotonic() - started < 1.5
+    finally:
+        await server.stop(0)
+    assert (await run(AppProbe("grpc", closed_port(), 1.0)))[0] == 503
+
+
+async def test_wait_ready(app_port: int) -> None:
+    assert await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{app_port}/ok", 2.0)
+    started = time.monotonic()
+    assert not await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{app_port}/fail", 0.5, 0.1)
+    assert time.monotonic() - started < 2.0

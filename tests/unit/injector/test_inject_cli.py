@@ -1,0 +1,218 @@
+"""`sidemesh inject`: YAML in, injected YAML out, for every workload kind; errors say what to do."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from sidemesh.cli import main
+
+ROOT = Path(__file__).resolve().parents[3]
+
+WORKLOADS = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: web
+        image: web:1
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /ready, port: http}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: http}]
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: report, namespace: shop}
+spec:
+  schedule: "0 * * * *"
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: Never
+          containers: [{name: report, image: report:1}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db, namespace: shop}
+spec:
+  serviceName: db
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata:
+      labels: {app: db}
+      annotations: {sidemesh.io/inject: "false"}
+    spec:
+      containers: [{name: db, image: db:1}]
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: apps/v1
+  kind: DaemonSet
+  metadata: {name: agent, namespace: shop}
+  spec:
+    selector: {matchLabels: {app: agent}}
+    template:
+      metadata: {labels: {app: agent}}
+      spec:
+        containers: [{name: agent, image: agent:1}]
+- apiVersion: batch/v1
+  kind: Job
+  metadata: {name: once, namespace: shop}
+  spec:
+    template:
+      spec:
+        restartPolicy: Never
+        containers: [{name: once, image: once:1}]
+- apiVersion: apps/v1
+  kind: ReplicaSet
+  metadata: {name: rs, namespace: shop}
+  spec:
+    selector: {matchLabels: {app: rs}}
+    template:
+      metadata: {labels: {app: rs}}
+      spec:
+        containers: [{name: rs, image: rs:1}]
+"""
+
+
+def run(
+    argv: list[str], stdin: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(["inject", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def template_names(doc: dict) -> list[str]:  # type: ignore[type-arg]
+    spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
+    pod = spec["template"]["spec"]
+    return [c["name"] for c in [*pod.get("initContainers", []), *pod["containers"]]]
+
+
+def test_every_kind_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["-"], WORKLOADS, monkeypatch, capsys)
+    assert code == 0, err
+    docs = list(yaml.safe_load_all(out))
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "CronJob", "StatefulSet", "List"]
+    deploy, service, cron, sts, lst = docs
+    assert template_names(deploy) == ["sidemesh-init", "sidemesh-proxy", "web"]
+    assert template_names(cron) == ["sidemesh-init", "sidemesh-proxy", "report"]
+    assert template_names(sts) == ["db"]  # opted out
+    assert service == yaml.safe_load(WORKLOADS.split("---")[1])
+    assert [template_names(item) for item in lst["items"]] == [
+        ["sidemesh-init", "sidemesh-proxy", name] for name in ("agent", "once", "rs")
+    ]
+    probe = deploy["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/app-health/web/readyz"
+    assert "&" not in out and "*id" not in out  # no YAML anchors for kubectl to trip on
+    assert err.splitlines() == [
+        "deployment/web injected",
+        "service/web unchanged",
+        "cronjob/report injected",
+        'statefulset/db skipped (opted out: annotation sidemesh.io/inject: "false")',
+        "daemonset/agent injected",
+        "job/once injected",
+        "replicaset/rs injected",
+    ]
+    for doc in [deploy, service, cron, sts, *lst["items"]]:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_files_settings_and_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.yaml").write_text(WORKLOADS.split("---")[0])
+    settings = ROOT / "manifests" / "mesh-config.yaml"
+    code, out, _ = run(
+        [
+            "--settings",
+            str(settings),
+            "--image",
+            "reg/sm:9",
+            "--native-sidecar",
+            "false",
+            str(tmp_path / "a.yaml"),
+        ],
+        "",
+        monkeypatch,
+        capsys,
+    )
+    assert code == 0
+    pod = yaml.safe_load(out)["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["sidemesh-proxy", "web"]
+    assert pod["containers"][0]["image"] == "reg/sm:9"
+
+
+def test_injected_output_is_injected_again_unchanged(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, once, _ = run(["-"], WORKLOADS, monkeypatch, capsys)
+    _, twice, err = run(["-"], once, monkeypatch, capsys)
+    assert list(yaml.safe_load_all(twice)) == list(yaml.safe_load_all(once))
+    assert "already injected" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "stdin", "message"),
+    [
+        (["/nonexistent.yaml"], "", "/nonexistent.yaml: No such file or directory"),
+        (["-"], "a: [", "the input is not valid YAML"),
+        (
+            ["-"],
+            "kind: Deployment\nmetadata: {name: x}\nspec: {}\n",
+            "deployment/x: no pod template at spec.template",
+        ),
+        (
+            ["-"],
+            "kind: Pod\nmetadata: {name: p, annotations: {sidemesh.io/exclude-inbound-ports: x}}\nspec: {containers: [{name: a}]}\n",
+            "pod/p: annotation sidemesh.io/exclude-inbound-ports: 'x' is not a port number",
+        ),
+        (["--settings", "/nonexistent", "-"], "", "settings /nonexistent: cannot read"),
+    ],
+)
+def test_errors_say_what_to_do(
+    argv: list[str],
+    stdin: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run(argv, stdin, monkeypatch, capsys)
+    assert code == 2 and out == ""
+    assert message in err
+
+
+def test_help_lists_the_options() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidemesh", "inject", "--help"], capture_output=True, text=True, check=True
+    )
+    for word in ("--settings", "--image", "--native-sidecar", "CronJobs", "examples:"):
+        assert word in proc.stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidemesh", "injector", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for word in ("--tls-cert", "--settings-file", "--webhook-configuration", "SIDEMESH_INJECTOR_LISTEN"):
+        assert word in proc.stdout

@@ -1,0 +1,85 @@
+"""Injection settings: the YAML file, its validation, and the reload that keeps the last good one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from injector.errors import SettingsError
+from injector.settings import InjectionSettings, Resources, SettingsFile, parse_settings
+
+MANIFEST = Path(__file__).resolve().parents[3] / "manifests" / "mesh-config.yaml"
+
+
+def test_the_shipped_configmap_holds_the_defaults() -> None:
+    assert parse_settings(MANIFEST.read_text()) == InjectionSettings()
+
+
+def test_values_and_defaults() -> None:
+    settings = parse_settings(
+        "image: r/s:2\nnativeSidecar: false\nproxyUID: 2000\nproxyResources: {requests: {cpu: 1}}\n"
+    )
+    assert settings.image == "r/s:2" and settings.native_sidecar is False and settings.proxy_uid == 2000
+    assert settings.proxy_resources == Resources(requests={"cpu": "1"}, limits={})
+    assert settings.ca_address == InjectionSettings().ca_address
+    assert parse_settings("") == InjectionSettings()
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("imagePullPolicy: Sometimes", "imagePullPolicy"),
+        ("image: ''", "image"),
+        ("logLevel: loud", "logLevel"),
+        ("defaultPolicy: open", "defaultPolicy"),
+        ("mode: lax", "mode"),
+        ("trustDomain: 'Bad Domain'", "trustDomain"),
+        ("caAddress: nowhere", "caAddress"),
+        ("proxyUID: 0", "proxyUID"),
+        ("proxyUID: true", "proxyUID"),
+        ("nativeSidecar: 'yes'", "nativeSidecar"),
+        ("proxyResources: {requests: {cpu: lots}}", "proxyResources.requests"),
+        ("proxyResources: {request: {}}", "proxyResources"),
+        ("imag: x", "imag"),
+        ("- a list", "config.yaml"),
+        ("a: [", "config.yaml"),
+        ("kind: ConfigMap\ndata: {}", "config.yaml"),
+    ],
+)
+def test_bad_settings_name_the_key(text: str, key: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        parse_settings(text)
+    assert info.value.key == key
+
+
+def test_reload_applies_good_changes_and_keeps_the_last_good(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("image: one:1\n")
+    watched = SettingsFile(path)
+    assert watched.current.image == "one:1"
+    assert watched.reload() is False  # unchanged
+    path.write_text("image: two:2\n")
+    os.utime(path, ns=(1, 1))  # a different stamp even within the clock's resolution
+    assert watched.reload() is True and watched.current.image == "two:2"
+    path.write_text("image: [broken\n")
+    assert watched.reload() is False
+    assert watched.current.image == "two:2" and watched.last_error is not None
+    path.unlink()
+    assert watched.reload() is False and watched.current.image == "two:2"
+
+
+def test_configmap_symlink_swap_is_seen(tmp_path: Path) -> None:
+    """The kubelet updates a ConfigMap volume by swapping the ..data symlink to a new directory."""
+    first, second = tmp_path / "..2024_01", tmp_path / "..2024_02"
+    first.mkdir()
+    second.mkdir()
+    (first / "config.yaml").write_text("logLevel: info\n")
+    (second / "config.yaml").write_text("logLevel: debug\n")
+    (tmp_path / "..data").symlink_to(first.name)
+    (tmp_path / "config.yaml").symlink_to("..data/config.yaml")
+    watched = SettingsFile(tmp_path / "config.yaml")
+    (tmp_path / "..data_tmp").symlink_to(second.name)
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    assert watched.reload() is True and watched.current.log_level == "debug"
