@@ -49,7 +49,9 @@ class Decoder:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+    def feed(self, data: bytes) -> Iterator[tuple[int, bytes | memoryview]]:
+        """DATA payloads come out as views of ``data`` where they can (no copy; ``data`` is
+        immutable); control payloads as bytes."""
         buf = self._buf
         if not buf and len(data) >= 5:
             # Fast path: whole frames straight from ``data`` without copying into the buffer.
@@ -61,7 +63,8 @@ class Decoder:
                 self._check(kind, length)
                 if end - pos - 5 < length:
                     break
-                yield kind, bytes(view[pos + 5 : pos + 5 + length]) if pos or length != end - 5 else data[5:]
+                payload = view[pos + 5 : pos + 5 + length]
+                yield kind, payload if kind == DATA else bytes(payload)
                 pos += 5 + length
             if pos < end:
                 buf += view[pos:]
@@ -72,9 +75,9 @@ class Decoder:
             self._check(kind, length)
             if len(buf) - 5 < length:
                 return
-            payload = bytes(buf[5 : 5 + length])
+            copied = bytes(buf[5 : 5 + length])
             del buf[: 5 + length]
-            yield kind, payload
+            yield kind, copied
 
     @staticmethod
     def _check(kind: int, length: int) -> None:

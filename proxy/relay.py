@@ -20,6 +20,7 @@ from proxy import framing
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 WRITE_HIGH_WATER = 256 * 1024
+COPY_BELOW = 16 * 1024  # smaller DATA frames are joined with their header (one write, one record)
 
 
 def reset(transport: asyncio.BaseTransport | None) -> None:
@@ -44,8 +45,8 @@ class Half(asyncio.Protocol):
         self.eof_in = False  # this side will send no more
         self.eof_out = False  # we told this side there is no more
         self.bytes_in = 0
-        self._pending: list[bytes] = []
-        self._early: list[bytes] = []  # data read before the other half exists
+        self._pending: list[bytes | memoryview] = []
+        self._early: list[bytes | memoryview] = []  # data read before the other half exists
         self.on_frame: Callable[[int, bytes], None] | None = None  # control frames (OPEN, DENY)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -78,7 +79,7 @@ class Half(asyncio.Protocol):
                 elif kind == framing.EOF:
                     self._got_eof()
                 elif self.on_frame is not None:
-                    self.on_frame(kind, payload)
+                    self.on_frame(kind, bytes(payload))
                 else:
                     raise framing.FramingError(f"unexpected frame {kind}")
         except framing.FramingError as exc:
@@ -113,19 +114,24 @@ class Half(asyncio.Protocol):
             return
         self.relay.maybe_done()
 
-    def write_raw(self, data: bytes) -> None:
+    def write_raw(self, data: bytes | memoryview) -> None:
         if self.transport is None:
             self._pending.append(data)
         elif not self.transport.is_closing():
             self.transport.write(data)
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         if not self.framed:
             self.write_raw(data)
             return
-        for start in range(0, len(data), framing.MAX_DATA):
-            chunk = data[start : start + framing.MAX_DATA]
-            self.write_raw(framing.data_header(len(chunk)) + chunk)
+        view = memoryview(data)
+        for start in range(0, len(view), framing.MAX_DATA):
+            chunk = view[start : start + framing.MAX_DATA]
+            if len(chunk) < COPY_BELOW:
+                self.write_raw(framing.data_header(len(chunk)) + chunk)  # one small TLS record
+            else:  # large: no copy of the payload, the header goes in a record of its own
+                self.write_raw(framing.data_header(len(chunk)))
+                self.write_raw(chunk)
 
     def send_eof(self) -> None:
         if self.eof_out:
