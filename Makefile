@@ -43,6 +43,12 @@ protos: $(STAMP)
 	$(BIN)/python -m sidemesh.api.generate
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@command -v wrk >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing wrk for bench.l4 (apt-get) ..."; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null) \
+	    || echo "could not install wrk: bench.l4 skips its request/s runs"; \
+	  else echo "wrk not found (apt-get install wrk): bench.l4 skips its request/s runs"; fi; }
 	$(BIN)/python -m bench.ca_sign
 	$(BIN)/python -m bench.admission
 	$(BIN)/python -m bench.controller
