@@ -13,11 +13,11 @@ stream is a sequence of frames, each a 5-byte header (type, length) and a payloa
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 
 HEADER = struct.Struct("!BI")
 OPEN, DATA, EOF, DENY = 1, 2, 3, 4
 MAX_DATA = 256 * 1024  # what one DATA frame may carry
+MAX_CONTROL = 4096  # OPEN, EOF, DENY: small, buffered whole
 _KNOWN = {OPEN, DATA, EOF, DENY}
 
 
@@ -42,42 +42,55 @@ def deny_frame(reason: str) -> bytes:
 
 
 class Decoder:
-    """Bytes in, frames out. Keeps at most one partial frame buffered."""
+    """Bytes in, frames out, streaming: a DATA frame's payload is passed on in pieces as views of
+    the bytes fed (never copied or reassembled); only headers and the small control frames are
+    buffered. So a DATA frame may come out as several ``(DATA, piece)``."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_control", "_head", "_kind", "_remaining")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._head = bytearray()  # a partial header
+        self._kind = 0  # the frame being read, 0 between frames
+        self._remaining = 0  # its payload bytes still to come
+        self._control = bytearray()  # a partial control payload
 
-    def feed(self, data: bytes) -> Iterator[tuple[int, bytes | memoryview]]:
-        """DATA payloads come out as views of ``data`` where they can (no copy; ``data`` is
-        immutable); control payloads as bytes."""
-        buf = self._buf
-        if not buf and len(data) >= 5:
-            # Fast path: whole frames straight from ``data`` without copying into the buffer.
-            view = memoryview(data)
-            pos = 0
-            end = len(data)
-            while end - pos >= 5:
-                kind, length = HEADER.unpack_from(view, pos)
+    def feed(self, data: bytes) -> list[tuple[int, bytes | memoryview]]:
+        out: list[tuple[int, bytes | memoryview]] = []
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._kind == 0:  # reading a header
+                if not self._head and end - pos >= 5:
+                    kind, length = HEADER.unpack_from(view, pos)
+                    pos += 5
+                else:
+                    take = min(5 - len(self._head), end - pos)
+                    self._head += view[pos : pos + take]
+                    pos += take
+                    if len(self._head) < 5:
+                        break
+                    kind, length = HEADER.unpack(self._head)
+                    self._head.clear()
                 self._check(kind, length)
-                if end - pos - 5 < length:
-                    break
-                payload = view[pos + 5 : pos + 5 + length]
-                yield kind, payload if kind == DATA else bytes(payload)
-                pos += 5 + length
-            if pos < end:
-                buf += view[pos:]
-            return
-        buf += data
-        while len(buf) >= 5:
-            kind, length = HEADER.unpack_from(buf, 0)
-            self._check(kind, length)
-            if len(buf) - 5 < length:
-                return
-            copied = bytes(buf[5 : 5 + length])
-            del buf[: 5 + length]
-            yield kind, copied
+                if length == 0:
+                    out.append((kind, b""))
+                    continue
+                self._kind, self._remaining = kind, length
+                continue
+            take = min(self._remaining, end - pos)
+            piece = view[pos : pos + take]
+            pos += take
+            self._remaining -= take
+            if self._kind == DATA:
+                out.append((DATA, piece))
+            else:
+                self._control += piece
+                if self._remaining == 0:
+                    out.append((self._kind, bytes(self._control)))
+                    self._control.clear()
+            if self._remaining == 0:
+                self._kind = 0
+        return out
 
     @staticmethod
     def _check(kind: int, length: int) -> None:
@@ -85,10 +98,12 @@ class Decoder:
             raise FramingError(f"unknown frame type {kind}")
         if length > MAX_DATA:
             raise FramingError(f"frame of {length} bytes is larger than {MAX_DATA}")
+        if kind != DATA and length > MAX_CONTROL:
+            raise FramingError(f"control frame of {length} bytes is larger than {MAX_CONTROL}")
 
     @property
     def pending(self) -> int:
-        return len(self._buf)
+        return len(self._head) + len(self._control) + self._remaining
 
 
 def parse_open(payload: bytes) -> int:
