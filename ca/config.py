@@ -6,8 +6,8 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidemesh.config import ConfigError, option, parse_hostport
-from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId, validate_trust_domain
+from sidemesh.config import ConfigError, log_level_option, option, parse_hostport, trust_domain_option
+from sidemesh.spiffe import SpiffeIdError, WorkloadId, validate_trust_domain
 
 DEFAULT_DNS_NAMES = (
     "sidemesh-ca",
@@ -29,7 +29,7 @@ class CAConfig:
         "directory with ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem (see `ca bootstrap`)",
         env="SIDEMESH_CA_DIR",
     )
-    trust_domain: str = option(DEFAULT_TRUST_DOMAIN, "SPIFFE trust domain", env="SIDEMESH_TRUST_DOMAIN")
+    trust_domain: str = trust_domain_option()
     authenticator: str = option(
         "kubernetes",
         "how callers prove who they are: Kubernetes TokenReview or a local token file",
@@ -71,9 +71,7 @@ class CAConfig:
         "NAMESPACE/SA=DNSNAME entries: DNS SANs the CA allows in that identity's certificate (control plane only)",
         env="SIDEMESH_CA_CONTROL_PLANE_DNS",
     )
-    log_level: str = option(
-        "info", "log level", env="SIDEMESH_LOG_LEVEL", choices=("debug", "info", "warning", "error")
-    )
+    log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
         parse_hostport("listen", self.listen)

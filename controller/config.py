@@ -6,9 +6,9 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidemesh.config import ConfigError, option, parse_hostport
+from sidemesh.config import ConfigError, log_level_option, option, parse_hostport, trust_domain_option
 from sidemesh.policy.model import DefaultPolicy
-from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId
+from sidemesh.spiffe import SpiffeIdError, WorkloadId
 
 CONTROLLER_SERVER_NAME = "sidemesh-controller.sidemesh-system.svc"
 
@@ -35,7 +35,7 @@ class ControllerConfig:
         None, "directory of mesh YAML (with --source directory)", env="SIDEMESH_CONFIG_DIR"
     )
     kubeconfig: Path | None = option(None, "kubeconfig; in-cluster config when unset", env="KUBECONFIG")
-    trust_domain: str = option(DEFAULT_TRUST_DOMAIN, "SPIFFE trust domain", env="SIDEMESH_TRUST_DOMAIN")
+    trust_domain: str = trust_domain_option()
     default_policy: str = option(
         "allow-authenticated",
         "mesh default for workloads no ServiceAuthorization selects",
@@ -58,6 +58,12 @@ class ControllerConfig:
     bundle_file: Path = option(
         Path("/var/run/sidemesh/bundle/root-cert.pem"), "trust bundle PEM", env="SIDEMESH_BUNDLE_FILE"
     )
+    publish_bundle: bool = option(
+        True,
+        "keep the ConfigMap sidemesh-trust-bundle (the trust bundle file) in every namespace labelled "
+        "sidemesh.io/inject=enabled, for injected pods to mount (with --source kubernetes)",
+        env="SIDEMESH_CONTROLLER_PUBLISH_BUNDLE",
+    )
     identity: str = option(
         "sidemesh-system/sidemesh-controller",
         "NAMESPACE/SERVICEACCOUNT of the controller",
@@ -68,9 +74,7 @@ class ControllerConfig:
         "DNS name in the controller's certificate that sidecars verify",
         env="SIDEMESH_CONTROLLER_SERVER_NAME",
     )
-    log_level: str = option(
-        "info", "log level", env="SIDEMESH_LOG_LEVEL", choices=("debug", "info", "warning", "error")
-    )
+    log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
         parse_hostport("listen", self.listen)

@@ -10,8 +10,8 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidemesh.config import ConfigError, option, parse_hostport
-from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId
+from sidemesh.config import ConfigError, log_level_option, option, parse_hostport, trust_domain_option
+from sidemesh.spiffe import SpiffeIdError, WorkloadId
 
 INJECTOR_SERVER_NAME = "sidemesh-injector.sidemesh-system.svc"
 
@@ -50,7 +50,7 @@ class InjectorConfig:
         "projected ServiceAccount token (audience sidemesh-ca)",
         env="SIDEMESH_TOKEN_FILE",
     )
-    trust_domain: str = option(DEFAULT_TRUST_DOMAIN, "SPIFFE trust domain", env="SIDEMESH_TRUST_DOMAIN")
+    trust_domain: str = trust_domain_option()
     identity: str = option(
         "sidemesh-system/sidemesh-injector",
         "NAMESPACE/SERVICEACCOUNT of the injector",
@@ -67,9 +67,7 @@ class InjectorConfig:
         "how often the settings and certificate files are checked for changes",
         env="SIDEMESH_INJECTOR_RELOAD_INTERVAL",
     )
-    log_level: str = option(
-        "info", "log level", env="SIDEMESH_LOG_LEVEL", choices=("debug", "info", "warning", "error")
-    )
+    log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
         parse_hostport("listen", self.listen)

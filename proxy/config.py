@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.probes import parse_app_probes
-from sidemesh.config import ConfigError, option, parse_hostport
+from sidemesh.config import ConfigError, log_level_option, option, parse_hostport, trust_domain_option
 from sidemesh.policy.model import DefaultPolicy
-from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN
 
 PROXY_UID = 1337
 
@@ -48,7 +47,7 @@ class ProxyConfig:
     bundle_file: Path = option(
         Path("/var/run/sidemesh/bundle/root-cert.pem"), "trust bundle PEM", env="SIDEMESH_BUNDLE_FILE"
     )
-    trust_domain: str = option(DEFAULT_TRUST_DOMAIN, "SPIFFE trust domain", env="SIDEMESH_TRUST_DOMAIN")
+    trust_domain: str = trust_domain_option()
     mode: str = option(
         "strict",
         "inbound plaintext: refused (strict) or unauthenticated (permissive)",
@@ -114,9 +113,7 @@ class ProxyConfig:
         "one JSON line per connection (identities, decision, bytes, duration)",
         env="SIDEMESH_ACCESS_LOG",
     )
-    log_level: str = option(
-        "info", "log level", env="SIDEMESH_LOG_LEVEL", choices=("debug", "info", "warning", "error")
-    )
+    log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
         if not self.workload or "/" not in self.workload:

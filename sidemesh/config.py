@@ -35,6 +35,19 @@ def option(default: Any, help: str, *, env: str | None = None, choices: tuple[st
     return dataclasses.field(default=default, metadata={"help": help, "env": env, "choices": choices})
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def log_level_option() -> Any:
+    """The log level every component takes, the same way."""
+    return option("info", "log level", env="SIDEMESH_LOG_LEVEL", choices=LOG_LEVELS)
+
+
+def trust_domain_option() -> Any:
+    """The SPIFFE trust domain every component takes, the same way."""
+    return option("cluster.local", "SPIFFE trust domain", env="SIDEMESH_TRUST_DOMAIN")
+
+
 def parse_duration(text: str) -> dt.timedelta:
     """``90s``, ``5m``, ``1h30m``, ``250ms``, ``2d``; a bare number means seconds."""
     text = text.strip()

@@ -16,46 +16,16 @@ from pathlib import Path
 
 from proxy.config import ProxyConfig
 from proxy.sidecar import Sidecar
+from sidemesh import demo
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.spiffe import WorkloadId
 from tests.integration.conftest import RunningCA
 
 INBOUND = 15006
 
-MESH_YAML = """\
-apiVersion: sidemesh.io/v1alpha1
-kind: Workload
-metadata: {{name: frontend-1, namespace: shop, labels: {{app: frontend}}}}
-spec: {{serviceAccount: frontend, address: {net}.1, ports: [{{port: 8080}}]}}
----
-apiVersion: sidemesh.io/v1alpha1
-kind: Workload
-metadata: {{name: cart-1, namespace: shop, labels: {{app: cart}}}}
-spec: {{serviceAccount: cart, address: {net}.2, ports: [{{port: 8080}}]}}
----
-apiVersion: sidemesh.io/v1alpha1
-kind: Workload
-metadata: {{name: stranger-1, namespace: shop, labels: {{app: stranger}}}}
-spec: {{serviceAccount: stranger, address: {net}.3, ports: [{{port: 8080}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: cart, namespace: shop}}
-spec:
-  selector: {{app: cart}}
-  ports: [{{port: 80, targetPort: 8080}}]
-"""
-
-ALLOW_FRONTEND = """\
-apiVersion: sidemesh.io/v1alpha1
-kind: ServiceAuthorization
-metadata: {name: cart-allow-frontend, namespace: shop}
-spec:
-  selector: {matchLabels: {app: cart}}
-  rules:
-  - from: [{serviceAccount: frontend}]
-    to: {ports: [8080]}
-"""
+# The demo's manifests: the tests exercise exactly the mesh a newcomer sees.
+MESH_YAML = demo.MANIFESTS
+ALLOW_FRONTEND = demo.ALLOW.format(who="frontend")
 
 
 def free_net() -> str:
