@@ -36,6 +36,7 @@ from sidemesh.spiffe import SpiffeIdError, WorkloadId
 log = logging.getLogger("sidemesh.controller")
 SERVICE = "sidemesh.config.v1.ConfigDiscovery"
 _ids = itertools.count(1)
+FULL_SENDS = 16  # streams that may be sent a full outbound table at the same moment
 
 
 @dataclass
@@ -91,6 +92,7 @@ class ConfigServer:
         self.metrics = Metrics()
         self.streams: dict[int, StreamInfo] = {}
         self._changed = asyncio.Condition()
+        self._full_sends = asyncio.Semaphore(FULL_SENDS)
         self._pending: Snapshot | None = None
         self._flush: asyncio.TimerHandle | None = None
         self._server: grpc.aio.Server | None = None
@@ -131,7 +133,9 @@ class ConfigServer:
         self,
         requests: AsyncIterator[pb.StreamRequest],
         context: grpc.aio.ServicerContext[typing.Any, typing.Any],
-    ) -> AsyncIterator[bytes]:
+    ) -> None:
+        """Writes with ``context.write`` rather than yielding: a generator (and grpc's loop over
+        it) would keep each stream's last message alive, 1,000 copies of a multi-megabyte table."""
         try:
             identity = peer_identity(context, self.config.trust_domain)
         except PermissionError as exc:
@@ -152,10 +156,19 @@ class ConfigServer:
             while True:
                 async with self._changed:
                     await self._changed.wait_for(lambda: info.sent_version != self.state.version)
-                data, sent = self.state.message(identity, sent)
-                info.sent_version = self.state.version
+                if self.state.outbound().hash != sent[1]:
+                    # A full table goes out: bound how many are built and in flight at once, so
+                    # that memory stays near FULL_SENDS tables instead of one per stream.
+                    async with self._full_sends:
+                        data, sent = self.state.message(identity, sent)
+                        info.sent_version = self.state.version
+                        await context.write(data)
+                else:
+                    data, sent = self.state.message(identity, sent)
+                    info.sent_version = self.state.version
+                    await context.write(data)
+                del data
                 self.metrics.updates.inc()
-                yield data
         finally:
             reader.cancel()
             del self.streams[sid]

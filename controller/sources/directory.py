@@ -21,12 +21,13 @@ class DirectorySource:
 
     async def run(self, on_change: OnChange) -> None:
         stamp: object = None
+        reader = directory.Reader(self.path)  # re-parses only the files that changed
         while True:
             try:
                 current = directory.stamp(self.path)
                 if current != stamp:
                     stamp = current
-                    snapshot = await asyncio.to_thread(directory.load_directory, self.path)
+                    snapshot = await asyncio.to_thread(reader.load)
                     for error in snapshot.errors:
                         log.error(
                             "invalid resource ignored; everything else still applies", extra={"error": error}

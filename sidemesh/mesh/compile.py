@@ -74,6 +74,15 @@ def _digest(value: object) -> str:
     return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
 
 
+def _outbound_digest(destinations: tuple[Destination, ...]) -> str:
+    """The table's content hash, without the cost of dataclass reprs (it holds ~10^5 objects)."""
+    h = hashlib.sha256()
+    for d in destinations:
+        h.update(f"{d.name}|{','.join(d.names)}|{d.addresses}|".encode())
+        h.update("".join(f"{e.address}:{e.port}:{e.identity}:{e.workload};" for e in d.endpoints).encode())
+    return h.hexdigest()[:16]
+
+
 EXCLUDE_INBOUND = "sidemesh.io/exclude-inbound-ports"
 
 
@@ -85,17 +94,29 @@ def _excluded_ports(workload: Workload) -> set[int] | None:
     return {int(p) for p in value.split(",") if p.strip().isdigit()}
 
 
-def _endpoint_identity(
-    workload: Workload | None, trust_domain: str, port: int | None = None
-) -> SpiffeId | None:
-    """The identity a client sidecar must see, or None to send plain TCP: the destination is not
-    meshed, or its sidecar does not capture that port (so nothing there would terminate mTLS)."""
-    if workload is None or not workload.meshed:
-        return None
-    excluded = _excluded_ports(workload)
-    if port is not None and (excluded is None or port in excluded):
-        return None
-    return WorkloadId(workload.namespace, workload.service_account).spiffe_id(trust_domain)
+class _Identities:
+    """SPIFFE IDs and excluded ports, computed once per workload (not once per endpoint)."""
+
+    def __init__(self, trust_domain: str) -> None:
+        self.trust_domain = trust_domain
+        self._ids: dict[tuple[str, str], SpiffeId] = {}
+        self._excluded: dict[str, set[int] | None] = {}
+
+    def of(self, workload: Workload | None, port: int | None = None) -> SpiffeId | None:
+        """The identity a client sidecar must see, or None to send plain TCP: the destination is not
+        meshed, or its sidecar does not capture that port (nothing there would terminate mTLS)."""
+        if workload is None or not workload.meshed:
+            return None
+        if workload.ref not in self._excluded:
+            self._excluded[workload.ref] = _excluded_ports(workload)
+        excluded = self._excluded[workload.ref]
+        if port is not None and (excluded is None or port in excluded):
+            return None
+        key = (workload.namespace, workload.service_account)
+        sid = self._ids.get(key)
+        if sid is None:
+            sid = self._ids[key] = WorkloadId(*key).spiffe_id(self.trust_domain)
+        return sid
 
 
 class _Index:
@@ -128,7 +149,7 @@ def _service_destinations(
     svc: Service,
     index: _Index,
     snapshot_endpoints: dict[tuple[str, str], list[tuple[str, str, int, str | None]]],
-    trust_domain: str,
+    ids: _Identities,
 ) -> list[Destination]:
     out = []
     listed = snapshot_endpoints.get((svc.namespace, svc.name))
@@ -138,18 +159,12 @@ def _service_destinations(
             for address, port_name, port, ref in listed:
                 if port_name == sp.name or (not sp.name and len(svc.ports) == 1):
                     w = index.by_ref.get(ref) if ref else None
-                    endpoints.append(
-                        Endpoint(address, port, _endpoint_identity(w, trust_domain, port), ref or "")
-                    )
+                    endpoints.append(Endpoint(address, port, ids.of(w, port), ref or ""))
         else:
             for w in index.select(svc.namespace, svc.selector):
                 port_or_none = _target_port(sp.target_port, w)
                 if port_or_none is not None:
-                    endpoints.append(
-                        Endpoint(
-                            w.address, port_or_none, _endpoint_identity(w, trust_domain, port_or_none), w.ref
-                        )
-                    )
+                    endpoints.append(Endpoint(w.address, port_or_none, ids.of(w, port_or_none), w.ref))
         name = f"{svc.host}:{sp.port}"
         names = (f"{svc.host}.svc:{sp.port}", f"{svc.host}.svc.cluster.local:{sp.port}")
         ips = svc.cluster_ips or ((svc.cluster_ip,) if svc.cluster_ip else ())
@@ -162,6 +177,7 @@ def _service_destinations(
 
 def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
     index = _Index(snapshot)
+    ids = _Identities(trust_domain)
     listed: dict[tuple[str, str], list[tuple[str, str, int, str | None]]] = {}
     for se in snapshot.endpoints:
         listed[(se.namespace, se.service)] = [
@@ -170,37 +186,47 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
     destinations: list[Destination] = []
     for w in snapshot.workloads:  # a pod addressed directly, by its IP
         for p in w.ports:
-            ep = Endpoint(w.address, p.port, _endpoint_identity(w, trust_domain, p.port), w.ref)
+            ep = Endpoint(w.address, p.port, ids.of(w, p.port), w.ref)
             destinations.append(Destination(f"pod {w.ref}:{p.port}", (ep,), (), ((w.address, p.port),)))
     for svc in sorted(snapshot.services, key=lambda s: (s.namespace, s.name)):
-        destinations.extend(_service_destinations(svc, index, listed, trust_domain))
+        destinations.extend(_service_destinations(svc, index, listed, ids))
     table = tuple(destinations)
-    return OutboundTable(table, _digest(table))
+    return OutboundTable(table, _outbound_digest(table))
 
 
 def identities(snapshot: Snapshot) -> set[WorkloadId]:
     return {WorkloadId(w.namespace, w.service_account) for w in snapshot.workloads if w.meshed}
 
 
+class InboundIndex:
+    """What every identity's inbound compile looks up, indexed once per snapshot."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.namespaces = {n.name: n for n in snapshot.namespaces}
+        self.workloads: dict[tuple[str, str], list[Workload]] = defaultdict(list)
+        for w in sorted(snapshot.workloads, key=lambda w: w.ref):
+            self.workloads[(w.namespace, w.service_account)].append(w)
+        self.policies: dict[str, list[Authorization]] = defaultdict(list)
+        for p in sorted(snapshot.policies, key=lambda p: p.ref):
+            self.policies[p.namespace].append(p)
+
+
 def compile_inbound(
-    snapshot: Snapshot, identity: WorkloadId, trust_domain: str, mesh_default: DefaultPolicy
+    snapshot: Snapshot,
+    identity: WorkloadId,
+    trust_domain: str,
+    mesh_default: DefaultPolicy,
+    index: InboundIndex | None = None,
 ) -> InboundConfig:
-    namespaces = {n.name: n for n in snapshot.namespaces}
-    mine = sorted(
-        (
-            w
-            for w in snapshot.workloads
-            if w.namespace == identity.namespace and w.service_account == identity.service_account
-        ),
-        key=lambda w: w.ref,
-    )
-    in_ns = sorted((p for p in snapshot.policies if p.namespace == identity.namespace), key=lambda p: p.ref)
+    index = index or InboundIndex(snapshot)
+    in_ns = index.policies.get(identity.namespace, [])
     workloads = []
     used: dict[str, Authorization] = {}
-    for w in mine:
-        ns = namespaces.get(w.namespace)
+    for w in index.workloads.get((identity.namespace, identity.service_account), []):
+        ns = index.namespaces.get(w.namespace)
         default = w.default_policy() or (ns.default_policy() if ns else None) or mesh_default
-        selecting = [p for p in in_ns if p.selects(w.namespace, w.label_map)]
+        labels = w.label_map
+        selecting = [p for p in in_ns if p.selects(w.namespace, labels)]
         used.update((p.ref, p) for p in selecting)
         workloads.append(
             InboundWorkload(

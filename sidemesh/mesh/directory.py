@@ -1,4 +1,8 @@
-"""Read a directory of Kubernetes-style YAML into a snapshot. Broken files become errors."""
+"""Read a directory of Kubernetes-style YAML into a snapshot. Broken files become errors.
+
+Files are parsed with libyaml when PyYAML has it (about six times faster), and a :class:`Reader`
+parses again only the files that changed since its last read.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +14,60 @@ import yaml
 from sidemesh.mesh.resources import Snapshot, build_snapshot
 
 SUFFIXES = (".yaml", ".yml", ".json")
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+Stamp = tuple[int, int]
 
 
-def read_documents(directory: Path) -> tuple[list[tuple[str, Any]], list[str]]:
-    docs: list[tuple[str, Any]] = []
-    errors: list[str] = []
-    for path in sorted(
+def _files(directory: Path) -> list[Path]:
+    return sorted(
         p for p in directory.rglob("*") if p.suffix in SUFFIXES and p.is_file() and not p.name.startswith(".")
-    ):
-        try:
-            for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
-                docs.append((f"{path.name}#{i}", doc))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            errors.append(f"{path.name}: cannot read: {str(exc).splitlines()[0]}")
-    return docs, errors
+    )
+
+
+def _parse(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
+    try:
+        docs = list(yaml.load_all(path.read_text(), Loader=_LOADER))  # a safe loader (C or Python)
+        return [(f"{path.name}#{i}", doc) for i, doc in enumerate(docs)], []
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return [], [f"{path.name}: cannot read: {str(exc).splitlines()[0]}"]
+
+
+class Reader:
+    """Loads a directory, keeping each file's parsed documents until that file changes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._cache: dict[Path, tuple[Stamp, list[tuple[str, Any]], list[str]]] = {}
+
+    def load(self) -> Snapshot:
+        docs: list[tuple[str, Any]] = []
+        errors: list[str] = []
+        seen: dict[Path, tuple[Stamp, list[tuple[str, Any]], list[str]]] = {}
+        for path in _files(self.directory):
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # removed meanwhile
+            stamp = (st.st_mtime_ns, st.st_size)
+            cached = self._cache.get(path)
+            entry = cached if cached is not None and cached[0] == stamp else (stamp, *_parse(path))
+            seen[path] = entry
+            docs += entry[1]
+            errors += entry[2]
+        self._cache = seen
+        snapshot = build_snapshot(docs)
+        return Snapshot(
+            snapshot.services,
+            snapshot.workloads,
+            snapshot.namespaces,
+            snapshot.policies,
+            tuple(errors) + snapshot.errors,
+        )
 
 
 def load_directory(directory: Path) -> Snapshot:
-    docs, errors = read_documents(directory)
-    snapshot = build_snapshot(docs)
-    return Snapshot(
-        snapshot.services,
-        snapshot.workloads,
-        snapshot.namespaces,
-        snapshot.policies,
-        tuple(errors) + snapshot.errors,
-    )
+    return Reader(directory).load()
 
 
 def stamp(directory: Path) -> tuple[tuple[str, int, int], ...]:
