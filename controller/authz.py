@@ -30,7 +30,7 @@ def register(sub: Any) -> None:
         description=(
             "Evaluate one request the way the destination's sidecar would, and print ALLOW or DENY with the reason "
             "(policy and rule, or the default). Exit status: 0 allow, 1 deny, 2 error. Example: sidemesh authz check "
-            "--dir manifests/ --from shop/frontend --to shop/cart --port 8080 --method GET --path /cart/1"
+            "--dir mesh/ --from shop/frontend --to shop/cart --port 8080 --method GET --path /cart/1 (mesh/ holding the YAML the controller reads, as in the demo)"
         ),
     )
     p.add_argument(

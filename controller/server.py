@@ -98,7 +98,7 @@ class ConfigServer:
         self._server: grpc.aio.Server | None = None
         self._status: HTTPServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._serving_serial = ""
+        self._serving: tuple[str, bytes] = ("", b"")
         self.port = 0
         self.status_port = 0
         self.ready = asyncio.Event()
@@ -198,14 +198,15 @@ class ConfigServer:
         def current() -> grpc.ServerCertificateConfiguration:
             svid = self.identity.svid
             assert svid is not None
-            self._serving_serial = svid.serial_hex
+            self._serving = (svid.serial_hex, svid.bundle_pem)  # a new bundle alone is a change too
             return grpc.ssl_server_certificate_configuration(
                 [(svid.key_pem, svid.chain_pem)], root_certificates=svid.bundle_pem
             )
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:
             svid = self.identity.svid
-            return current() if svid is not None and svid.serial_hex != self._serving_serial else None
+            changed = svid is not None and (svid.serial_hex, svid.bundle_pem) != self._serving
+            return current() if changed else None
 
         fetcher = typing.cast(typing.Callable[[], grpc.ServerCertificateConfiguration], fetch)
         return grpc.dynamic_ssl_server_credentials(current(), fetcher, require_client_authentication=True)

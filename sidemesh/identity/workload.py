@@ -18,6 +18,8 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 from sidemesh.clock import SYSTEM_CLOCK, Clock
 from sidemesh.identity import rotation, tls
 from sidemesh.identity.client import CAClient, CAClientError
@@ -181,6 +183,7 @@ class WorkloadIdentity:
         except (OSError, SvidError) as exc:
             log.error("trust bundle unreadable; keeping the current one", extra={"error": str(exc)})
             return False
+        self.ca.set_bundle(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in bundle))
         if self.svid is None or bundle == self.svid.bundle:
             return False
         self._install(self.svid.with_bundle(bundle))

@@ -12,6 +12,7 @@ import pytest
 
 from ca import keys
 from sidemesh.identity import tls
+from sidemesh.identity.client import CAClientError
 from sidemesh.identity.rotation import renewal_time
 from sidemesh.identity.svid import SVID
 from sidemesh.identity.workload import WorkloadIdentity
@@ -302,3 +303,45 @@ def test_a_ca_answer_for_another_identity_or_key_is_rejected(ca: RunningCA) -> N
         SVID.from_pem(
             cart.key, ["-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"], bundle, CART
         )
+
+
+async def test_root_rotation_without_restarts(start_ca: StartCA, tmp_path: Path) -> None:
+    """Both roots in the bundle, then the CA switches to an intermediate under the new root: a
+    running workload keeps renewing (its channel to the CA trusts the new bundle)."""
+    import shutil
+
+    ca = await start_ca()
+    bundle_file = tmp_path / "bundle.pem"
+    bundle_file.write_bytes(ca.bundle)
+    client = ca.client()
+    wi = WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=FakeClock())
+    await wi.start()
+    try:
+        await asyncio.wait_for(wi.wait_ready(), 10)
+        new = tmp_path / "new-root"
+        pki.make_authority(new)
+        both = ca.bundle + (new / keys.ROOTS).read_bytes()
+        # 1. Workloads learn to trust both roots.
+        bundle_file.write_bytes(both)
+        assert wi.reload_bundle()
+        # 2. The CA switches to an intermediate under the new root (and keeps both in its bundle).
+        for name in (keys.CA_CERT, keys.CA_KEY, keys.CHAIN):
+            shutil.copy(new / name, ca.dir / name)
+        (ca.dir / keys.ROOTS).write_bytes(both)
+        assert ca.server.reload_if_changed()
+        # ... and is restarted (so clients must handshake with its new serving certificate).
+        port = ca.server.port
+        await ca.server.stop(grace=0)
+        await start_ca(listen=f"127.0.0.1:{port}", bootstrap=False)
+        # 3. The next renewal works, and the new certificate chains to the new root.
+        for _ in range(30):  # the channel reconnects within its 1 s reconnect backoff
+            try:
+                svid = await wi.renew()
+                break
+            except CAClientError:
+                await asyncio.sleep(0.1)
+        svid.chain[1].verify_directly_issued_by(keys.load(new).roots[0])
+        assert len(svid.bundle) == 2
+    finally:
+        await wi.stop()
+        await client.close()
