@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller.config import ControllerConfig
 from sidemesh import config as cfg
 from sidemesh import logging as smlog
 from sidemesh.cli import CLIError
+
+if TYPE_CHECKING:
+    from controller.bundle import BundlePublisher
 
 
 def register(sub: Any) -> None:
@@ -48,6 +51,21 @@ def make_source(config: ControllerConfig) -> Any:
         ) from exc
 
 
+def make_publisher(config: ControllerConfig) -> BundlePublisher | None:
+    """The trust bundle publisher (``controller/bundle.py``), or None when it is not wanted."""
+    if config.source != "kubernetes" or not config.publish_bundle:
+        return None
+    from controller.bundle import BundlePublisher
+    from controller.sources.kubernetes import api_client_from
+
+    try:
+        return BundlePublisher(api_client_from(config.kubeconfig), config.bundle_file)
+    except Exception as exc:
+        raise CLIError(
+            f"cannot reach the Kubernetes API ({exc}); set --kubeconfig, or --publish-bundle false"
+        ) from exc
+
+
 def _serve(args: argparse.Namespace) -> int:
     from controller.server import ConfigServer
     from sidemesh.identity.client import CAClient
@@ -57,6 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = cfg.load(ControllerConfig, args)
     smlog.setup(config.log_level)
     source = make_source(config)
+    publisher = make_publisher(config)
     try:
         bundle = config.bundle_file.read_bytes()
     except OSError as exc:
@@ -74,11 +93,17 @@ def _serve(args: argparse.Namespace) -> int:
         )
         server = ConfigServer(config, identity, source)
         await server.start()
+        publishing = (
+            asyncio.create_task(publisher.run(), name="sidemesh-bundle-publisher") if publisher else None
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        if publishing is not None:
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
         await server.stop()
         await client.close()
 

@@ -4,14 +4,20 @@ What the `kubernetes` client sees is what a real API server sends: `PodList`-sty
 ``metadata.resourceVersion`` (items without kind/apiVersion for built-in kinds, as the server does),
 and ``?watch=true`` streams as chunked HTTP of newline-delimited JSON events from a given
 resourceVersion, with BOOKMARKs (metadata.resourceVersion only) when asked for, and 410 Gone for a
-compacted resourceVersion (an ERROR event with a ``Status``, or an HTTP 410). The
-ServiceAuthorization ``status`` subresource takes merge patches. The store is versioned: tests add,
-change and delete objects while watches are open and the events flow; every request is recorded.
+compacted resourceVersion (an ERROR event with a ``Status``, or an HTTP 410). Lists and watches
+take an equality ``labelSelector`` (``k=v,k2==v2``; a watch sees an object that starts or stops
+matching as ADDED or DELETED, as the real watch cache does). The ServiceAuthorization ``status``
+subresource takes merge patches. ConfigMaps can be read, created and replaced one at a time in
+their namespace (GET/POST/PUT), with the real answers: a ``Status`` 404 when missing, 409 when a
+create finds one or a replace carries a stale resourceVersion, 404/403 when the namespace is
+missing/terminating. The store is versioned: tests add, change and delete objects while watches
+are open and the events flow; every request is recorded.
 
 Test levers: ``put``/``delete(..., notify=False)`` change the store without an event (an event lost to
 compaction), ``compact()``, ``bookmark()``, ``drop_watches()`` (the connection dies mid-stream),
 ``refuse_watches`` (the next N watches die right after the headers), ``end_watches_at_once``,
-``fail_lists``, ``fail_status_patches``.
+``fail_lists``, ``fail_status_patches``, ``fail_namespaces`` (every ConfigMap request in them
+answers 500).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class Kind:
     api_version: str
     kind: str
     custom: bool = False
+    generation: bool = True  # whether the server keeps metadata.generation (ConfigMaps have none)
 
 
 KINDS = {
@@ -61,10 +68,12 @@ KINDS = {
             "ServiceAuthorization",
             custom=True,
         ),
+        Kind("configmaps", "/api/v1/configmaps", "v1", "ConfigMap", generation=False),
     ]
 }
 BY_KIND = {k.kind: k for k in KINDS.values()}
 STATUS_PATH = "/apis/sidemesh.io/v1alpha1/namespaces/{ns}/serviceauthorizations/{name}/status"
+CONFIGMAPS_PATH = "/api/v1/namespaces/{ns}/configmaps"
 
 
 @dataclass
@@ -88,10 +97,11 @@ class _Entry:
     rv: int
     type: str
     obj: Obj
+    prev: Obj | None = None  # a MODIFIED object as it was before (for label selectors)
 
 
-def status(code: int, reason: str, message: str) -> Obj:
-    return {
+def status(code: int, reason: str, message: str, details: Obj | None = None) -> Obj:
+    out: Obj = {
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
@@ -100,6 +110,25 @@ def status(code: int, reason: str, message: str) -> Obj:
         "reason": reason,
         "code": code,
     }
+    if details is not None:
+        out["details"] = details
+    return out
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """An equality-based label selector (``k=v``, ``k==v``, comma-separated): what it requires."""
+    required: dict[str, str] = {}
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = term.replace("==", "=").partition("=")
+        if not sep or "!" in key:
+            raise ValueError(f"unsupported label selector term {term!r}")
+        required[key.strip()] = value.strip()
+    return required
+
+
+def matches(obj: Obj | None, required: dict[str, str]) -> bool:
+    labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
+    return obj is not None and all(labels.get(k) == v for k, v in required.items())
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -126,6 +155,7 @@ class FakeWatchAPI:
         self.end_watches_at_once: dict[str, int] = {r: 0 for r in KINDS}  # the next N end, empty
         self.fail_status_patches = False
         self.fail_lists: dict[str, int] = {r: 0 for r in KINDS}  # the next N lists answer 500
+        self.fail_namespaces: set[str] = set()  # ConfigMap requests in these answer 500
         self.requests: list[Recorded] = []
         self._drops: dict[str, int] = {r: 0 for r in KINDS}
         self._closing = False
@@ -166,19 +196,22 @@ class FakeWatchAPI:
             meta["resourceVersion"] = str(self.rv)
             if old is None:
                 meta.setdefault("uid", str(uuid.uuid4()))
-                meta.setdefault("generation", 1)
+                if kind.generation:
+                    meta.setdefault("generation", 1)
                 meta.setdefault("creationTimestamp", "2025-01-01T00:00:00Z")
             else:
                 meta["uid"] = old["metadata"]["uid"]
-                changed = obj.get("spec") != old.get("spec")
-                meta["generation"] = old["metadata"]["generation"] + (1 if changed else 0)
+                meta["creationTimestamp"] = old["metadata"]["creationTimestamp"]
+                if kind.generation:
+                    changed = obj.get("spec") != old.get("spec")
+                    meta["generation"] = old["metadata"]["generation"] + (1 if changed else 0)
                 if kind.custom:  # status is a subresource: writes to the object leave it alone
                     obj.pop("status", None)
                     if "status" in old:
                         obj["status"] = old["status"]
             self.store[kind.resource][self._key(obj)] = obj
             if notify:
-                self._event(kind.resource, "ADDED" if old is None else "MODIFIED", obj)
+                self._event(kind.resource, "ADDED" if old is None else "MODIFIED", obj, old)
             return copy.deepcopy(obj)
 
     def delete(self, kind: str, namespace: str, name: str, *, notify: bool = True) -> None:
@@ -220,8 +253,8 @@ class FakeWatchAPI:
                 self._drops[r] += 1
             self._cond.notify_all()
 
-    def _event(self, resource: str, type_: str, obj: Obj) -> None:
-        self.log[resource].append(_Entry(self.rv, type_, copy.deepcopy(obj)))
+    def _event(self, resource: str, type_: str, obj: Obj, prev: Obj | None = None) -> None:
+        self.log[resource].append(_Entry(self.rv, type_, copy.deepcopy(obj), copy.deepcopy(prev)))
         self._cond.notify_all()
 
     # -- what the tests read back ---------------------------------------------------------------
@@ -236,6 +269,17 @@ class FakeWatchAPI:
 
     def status_patches(self) -> list[Recorded]:
         return [r for r in list(self.requests) if r.method == "PATCH"]
+
+    def configmap_requests(self, method: str | None = None, namespace: str | None = None) -> list[Recorded]:
+        """ConfigMap reads and writes, by method (GET, POST, PUT) and namespace."""
+        prefix = CONFIGMAPS_PATH.format(ns=namespace) if namespace else "/api/v1/namespaces/"
+        return [
+            r
+            for r in list(self.requests)
+            if r.resource == "configmaps"
+            and r.path.startswith(prefix)
+            and (method is None or r.method == method)
+        ]
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -260,8 +304,38 @@ class FakeWatchAPI:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _body(self) -> Any:
+                return json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"null")
+
+            def _configmap(self, method: str, body: Any = None) -> None:
+                """GET/PUT .../namespaces/NS/configmaps/NAME and POST .../namespaces/NS/configmaps."""
+                url = urlsplit(self.path)
+                query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+                auth = self.headers.get("Authorization", "")
+                content_type = self.headers.get("Content-Type", "")
+                api.requests.append(Recorded(method, url.path, "configmaps", query, content_type, body, auth))
+                parts = url.path.split("/")  # ['', 'api', 'v1', 'namespaces', NS, 'configmaps', NAME?]
+                named = method in ("GET", "PUT")  # one object; POST goes to the collection
+                if parts[:4] != ["", "api", "v1", "namespaces"] or parts[5:6] != ["configmaps"]:
+                    self._send(404, status(404, "NotFound", f"the server could not find {url.path}"))
+                elif len(parts) != (7 if named else 6):
+                    self._send(405, status(405, "MethodNotAllowed", "the server does not allow this method"))
+                elif parts[4] in api.fail_namespaces:
+                    self._send(500, status(500, "InternalError", "etcdserver: request timed out"))
+                else:
+                    self._send(*api._configmap(method, parts[4], parts[6] if named else None, body))
+
+            def do_POST(self) -> None:
+                self._configmap("POST", self._body())
+
+            def do_PUT(self) -> None:
+                self._configmap("PUT", self._body())
+
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
+                if url.path.startswith("/api/v1/namespaces/") and "/configmaps" in url.path:
+                    self._configmap("GET")
+                    return
                 query = {k: v[-1] for k, v in parse_qs(url.query).items()}
                 kind = next((k for k in KINDS.values() if k.path == url.path), None)
                 api.requests.append(
@@ -284,7 +358,7 @@ class FakeWatchAPI:
 
             def do_PATCH(self) -> None:
                 url = urlsplit(self.path)
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"null")
+                body = self._body()
                 content_type = self.headers.get("Content-Type", "")
                 failing = api.fail_status_patches  # decided before the test can see the request
                 api.requests.append(
@@ -318,8 +392,11 @@ class FakeWatchAPI:
             return False
 
     def _list(self, kind: Kind, query: dict[str, str]) -> Obj:
+        required = parse_selector(query.get("labelSelector", ""))
         with self._cond:
-            items = [copy.deepcopy(o) for _, o in sorted(self.store[kind.resource].items())]
+            items = [
+                copy.deepcopy(o) for _, o in sorted(self.store[kind.resource].items()) if matches(o, required)
+            ]
             rv = str(self.rv)
         if not kind.custom:  # a real server leaves kind/apiVersion off built-in list items
             for item in items:
@@ -351,9 +428,73 @@ class FakeWatchAPI:
             self._event("serviceauthorizations", "MODIFIED", obj)
             return 200, copy.deepcopy(obj)
 
+    def _configmap(self, method: str, namespace: str, name: str | None, body: Any) -> tuple[int, Obj]:
+        """One ConfigMap request, answered as the API server does."""
+        if method != "GET":
+            meta = body.get("metadata") if isinstance(body, dict) else None
+            if not isinstance(meta, dict) or not meta.get("name"):
+                return 422, status(422, "Invalid", "ConfigMap is invalid: metadata.name: Required value")
+            if meta.get("namespace", namespace) != namespace:
+                return 400, status(
+                    400,
+                    "BadRequest",
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                )
+            if name is not None and meta["name"] != name:
+                return 400, status(
+                    400, "BadRequest", "the name of the object does not match the name on the URL"
+                )
+            name = str(meta["name"])
+        assert name is not None
+        details = {"name": name, "kind": "configmaps"}
+        with self._cond:
+            ns = self.store["namespaces"].get(f"/{namespace}")
+            old = self.store["configmaps"].get(f"{namespace}/{name}")
+            if method == "GET":
+                if old is None:
+                    return 404, status(404, "NotFound", f'configmaps "{name}" not found', details)
+                return 200, copy.deepcopy(old)
+            if method == "POST":
+                if ns is None:
+                    return 404, status(
+                        404,
+                        "NotFound",
+                        f'namespaces "{namespace}" not found',
+                        {"name": namespace, "kind": "namespaces"},
+                    )
+                if (ns.get("status") or {}).get("phase") == "Terminating":
+                    return 403, status(
+                        403,
+                        "Forbidden",
+                        f'configmaps "{name}" is forbidden: unable to create new content in namespace '
+                        f"{namespace} because it is being terminated",
+                        details,
+                    )
+                if old is not None:
+                    return 409, status(409, "AlreadyExists", f'configmaps "{name}" already exists', details)
+            else:
+                if old is None:
+                    return 404, status(404, "NotFound", f'configmaps "{name}" not found', details)
+                sent = str(body["metadata"].get("resourceVersion") or "")
+                if sent and sent != old["metadata"]["resourceVersion"]:
+                    return 409, status(
+                        409,
+                        "Conflict",
+                        f'Operation cannot be fulfilled on configmaps "{name}": the object has been modified; '
+                        "please apply your changes to the latest version and try again",
+                        details,
+                    )
+            obj = copy.deepcopy(body)
+            obj["kind"], obj["apiVersion"] = "ConfigMap", "v1"
+            obj["metadata"]["namespace"] = namespace
+            for server_set in ("uid", "resourceVersion", "creationTimestamp", "generation"):
+                obj["metadata"].pop(server_set, None)
+            return (201 if method == "POST" else 200), self.put(obj)
+
     def _watch(self, handler: BaseHTTPRequestHandler, kind: Kind, query: dict[str, str]) -> None:
         since = int(query.get("resourceVersion") or 0)
         bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
+        required = parse_selector(query.get("labelSelector", ""))
         deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
         with self._cond:
             expired = 0 < since < self.compacted
@@ -364,7 +505,9 @@ class FakeWatchAPI:
             position = len(self.log[kind.resource]) if position is None else position
             if since == 0:  # "any": the current state first, as ADDED events
                 initial = [
-                    _Entry(self.rv, "ADDED", copy.deepcopy(o)) for o in self.store[kind.resource].values()
+                    _Entry(self.rv, "ADDED", copy.deepcopy(o))
+                    for o in self.store[kind.resource].values()
+                    if matches(o, required)
                 ]
                 position = len(self.log[kind.resource])
             else:
@@ -397,8 +540,9 @@ class FakeWatchAPI:
                         self._cond.wait(min(0.05, max(0.0, deadline - time.monotonic())))
                         continue
                 for entry in pending:
-                    if entry.type != "BOOKMARK" or bookmarks:
-                        self._chunk(handler, {"type": entry.type, "object": entry.obj})
+                    type_ = _as_selected(entry, required)
+                    if type_ and (type_ != "BOOKMARK" or bookmarks):
+                        self._chunk(handler, {"type": type_, "object": entry.obj})
                 if dropped:
                     self._abort(handler)
                     return
@@ -424,11 +568,35 @@ class FakeWatchAPI:
             handler.connection.shutdown(socket.SHUT_RDWR)
 
 
+def _as_selected(entry: _Entry, required: dict[str, str]) -> str | None:
+    """The event a watch with this label selector sees, if any: an object that starts matching is
+    ADDED, one that stops is DELETED (with its new state)."""
+    if entry.type == "BOOKMARK" or not required:
+        return entry.type
+    now = matches(entry.obj, required)
+    if entry.type != "MODIFIED":
+        return entry.type if now else None
+    before = matches(entry.prev, required)
+    return {(True, True): "MODIFIED", (False, True): "ADDED", (True, False): "DELETED"}.get((before, now))
+
+
 # -- objects as the API server holds them ---------------------------------------------------------
 
 
-def namespace(name: str, annotations: dict[str, str] | None = None) -> Obj:
-    return {"kind": "Namespace", "metadata": {"name": name, "annotations": annotations or {}}}
+def namespace(
+    name: str, annotations: dict[str, str] | None = None, labels: dict[str, str] | None = None
+) -> Obj:
+    meta: Obj = {"name": name, "annotations": annotations or {}}
+    if labels is not None:
+        meta["labels"] = labels
+    return {"kind": "Namespace", "metadata": meta}
+
+
+def config_map(name: str, ns: str, data: dict[str, str], labels: dict[str, str] | None = None) -> Obj:
+    meta: Obj = {"name": name, "namespace": ns}
+    if labels is not None:
+        meta["labels"] = labels
+    return {"kind": "ConfigMap", "metadata": meta, "data": data}
 
 
 def service_account(name: str, ns: str = "shop") -> Obj:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from controller.sources.kubernetes import (
+from controller.sources.kube_convert import (
     ACCEPTED_MESSAGE,
     AuthorizationStatus,
     Condition,
@@ -217,7 +217,14 @@ def test_pod_with_a_garbage_ip_is_an_error() -> None:
     [
         pytest.param(
             service("cart"),
-            Service("cart", "shop", (("app", "cart"),), (ServicePort(80, "http", "http"),), "10.96.0.10", cluster_ips=("10.96.0.10",)),
+            Service(
+                "cart",
+                "shop",
+                (("app", "cart"),),
+                (ServicePort(80, "http", "http"),),
+                "10.96.0.10",
+                cluster_ips=("10.96.0.10",),
+            ),
             id="named-target-port",
         ),
         pytest.param(
@@ -235,7 +242,9 @@ def test_pod_with_a_garbage_ip_is_an_error() -> None:
                 "spec.selector",
                 None,
             ),
-            Service("dns", "shop", (), (ServicePort(53, 53, "tcp"),), "10.96.0.10", cluster_ips=("10.96.0.10",)),
+            Service(
+                "dns", "shop", (), (ServicePort(53, 53, "tcp"),), "10.96.0.10", cluster_ips=("10.96.0.10",)
+            ),
             id="tcp-only-no-selector-target-defaults-to-port",
         ),
     ],

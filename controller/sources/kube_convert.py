@@ -1,0 +1,321 @@
+"""Kubernetes objects (wire JSON) -> the controller's domain values, and the status it writes back.
+
+Pure functions, no I/O: the Kubernetes source (``kubernetes.py``) feeds them what its watches saw.
+A malformed object becomes an error line, never an exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import ipaddress
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypedDict, TypeVar
+
+from sidemesh.mesh.resources import (
+    DEFAULT_POLICY_ANNOTATION,
+    EndpointAddress,
+    Namespace,
+    ResourceError,
+    Service,
+    ServiceEndpoints,
+    Snapshot,
+    Workload,
+    WorkloadPort,
+    parse_namespace,
+    parse_service,
+)
+from sidemesh.policy import crd
+from sidemesh.policy.model import Authorization, DefaultPolicy
+
+GROUP, VERSION, PLURAL = "sidemesh.io", "v1alpha1", "serviceauthorizations"
+MESHED_ANNOTATION = "sidemesh.io/status"  # the injector records what it injected here
+PROXY_CONTAINER = "sidemesh-proxy"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+KINDS = ("namespaces", "serviceaccounts", "pods", "services", "endpointslices", PLURAL)
+ACCEPTED_MESSAGE = "valid; sent to the sidecars of the workloads it selects"
+
+Obj = dict[str, Any]  # an object as the API server sends it (JSON)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Converted(Generic[T]):
+    value: T | None
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SliceEndpoints:
+    namespace: str
+    service: str
+    endpoints: tuple[EndpointAddress, ...]
+
+
+class Condition(TypedDict):
+    type: str
+    status: str
+    reason: str
+    message: str
+    lastTransitionTime: str
+    observedGeneration: int
+
+
+class AuthorizationStatus(TypedDict):
+    conditions: list[Condition]
+    selectedWorkloads: int
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyObject:
+    """A ServiceAuthorization as stored: what status write-back needs, and the parse outcome."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    observed: AuthorizationStatus | None  # its status as last seen from the API server
+    policy: Authorization | None
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.uid or f"{self.namespace}/{self.name}"
+
+
+def metadata_of(obj: Obj) -> Obj:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
+def object_key(obj: Obj) -> str:
+    meta = metadata_of(obj)
+    return (
+        f"{meta['namespace']}/{meta.get('name', '')}" if meta.get("namespace") else str(meta.get("name", ""))
+    )
+
+
+def _pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((str(k), str(v)) for k, v in value.items())) if isinstance(value, dict) else ()
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _tcp(port: Obj) -> bool:
+    return port.get("protocol") in (None, "TCP")
+
+
+def workload_from_pod(pod: Obj) -> Converted[Workload]:
+    """A running pod with an IP -> Workload; an invalid default-policy annotation is dropped and
+    reported (the pod keeps its identity and the namespace or mesh default applies)."""
+    meta, spec, status = metadata_of(pod), pod.get("spec") or {}, pod.get("status") or {}
+    ref = f"{meta.get('namespace', 'default')}/{meta.get('name', '')}"
+    if not status.get("podIP") or status.get("phase") in ("Succeeded", "Failed"):
+        return Converted(None)
+    try:
+        address = str(ipaddress.ip_address(status["podIP"]))
+    except ValueError:
+        return Converted(None, (f"Pod {ref}: status.podIP {status['podIP']!r} is not an IP address",))
+    errors: list[str] = []
+    annotations = _pairs(meta.get("annotations"))
+    policy = dict(annotations).get(DEFAULT_POLICY_ANNOTATION)
+    if policy is not None and policy not in {d.value for d in DefaultPolicy}:
+        errors.append(
+            f"Pod {ref}: annotation {DEFAULT_POLICY_ANNOTATION}={policy!r} is not one of deny, "
+            "allow-authenticated, allow-all; ignored"
+        )
+        annotations = tuple(a for a in annotations if a[0] != DEFAULT_POLICY_ANNOTATION)
+    containers = [c for c in spec.get("containers") or [] if isinstance(c, dict)]
+    init = [c for c in spec.get("initContainers") or [] if isinstance(c, dict)]
+    meshed = MESHED_ANNOTATION in dict(annotations) or any(
+        c.get("name") == PROXY_CONTAINER for c in containers + init
+    )
+    # Native sidecars (init containers that keep running) serve too.
+    serving = containers + [c for c in init if c.get("restartPolicy") == "Always"]
+    ports: dict[int, WorkloadPort] = {}
+    for c in serving:
+        if c.get("name") == PROXY_CONTAINER:
+            continue  # the sidecar's own ports are not the application's
+        for p in c.get("ports") or []:
+            if isinstance(p, dict) and isinstance(p.get("containerPort"), int) and _tcp(p):
+                ports.setdefault(
+                    p["containerPort"], WorkloadPort(p["containerPort"], str(p.get("name") or ""))
+                )
+    workload = Workload(
+        name=str(meta.get("name", "")),
+        namespace=str(meta.get("namespace", "default")),
+        service_account=str(spec.get("serviceAccountName") or "default"),
+        address=address,
+        labels=_pairs(meta.get("labels")),
+        annotations=annotations,
+        ports=tuple(sorted(ports.values(), key=lambda wp: wp.port)),
+        meshed=meshed,
+    )
+    return Converted(workload, tuple(errors))
+
+
+def service_from(obj: Obj) -> Converted[Service]:
+    """The same parser as local mode: TCP ports, named or numbered targetPort, headless -> no IP."""
+    try:
+        return Converted(parse_service(obj))
+    except ResourceError as exc:
+        return Converted(None, (str(exc),))
+
+
+def namespace_from(obj: Obj) -> Converted[Namespace]:
+    try:
+        return Converted(parse_namespace(obj))
+    except ResourceError as exc:
+        return Converted(None, (str(exc),))
+
+
+def service_account_from(obj: Obj) -> Converted[str]:
+    return Converted(object_key(obj))
+
+
+def slice_from(obj: Obj) -> Converted[SliceEndpoints]:
+    """Ready endpoints of one EndpointSlice: each address x each port, with the pod behind it."""
+    meta = metadata_of(obj)
+    ns, service = str(meta.get("namespace", "default")), (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+    if not service or obj.get("addressType") not in ("IPv4", "IPv6"):
+        return Converted(None)  # not a service's slice, or FQDN addresses (not ours to route)
+    ports = [
+        (str(p.get("name") or ""), p["port"])
+        for p in obj.get("ports") or []
+        if isinstance(p, dict) and isinstance(p.get("port"), int) and _tcp(p)
+    ]
+    found: list[EndpointAddress] = []
+    for ep in obj.get("endpoints") or []:
+        if not isinstance(ep, dict) or (ep.get("conditions") or {}).get("ready") is False:
+            continue  # ready: true or unknown (absent) counts as ready
+        ref = ep.get("targetRef") or {}
+        workload = (
+            f"{ref.get('namespace') or ns}/{ref['name']}"
+            if ref.get("kind") == "Pod" and ref.get("name")
+            else None
+        )
+        for address in ep.get("addresses") or []:
+            found.extend(EndpointAddress(str(address), name, port, workload) for name, port in ports)
+    return Converted(SliceEndpoints(ns, str(service), tuple(found)))
+
+
+def observed_status(obj: Obj) -> AuthorizationStatus | None:
+    """Our part of a ServiceAuthorization's status, in the shape we write it."""
+    status = obj.get("status")
+    if not isinstance(status, dict):
+        return None
+    conditions = [
+        Condition(
+            type="Accepted",
+            status=str(c.get("status", "")),
+            reason=str(c.get("reason", "")),
+            message=str(c.get("message", "")),
+            lastTransitionTime=str(c.get("lastTransitionTime", "")),
+            observedGeneration=_int(c.get("observedGeneration"), -1),
+        )
+        for c in status.get("conditions") or []
+        if isinstance(c, dict) and c.get("type") == "Accepted"
+    ]
+    selected = status.get("selectedWorkloads")
+    return AuthorizationStatus(
+        conditions=conditions, selectedWorkloads=selected if isinstance(selected, int) else -1
+    )
+
+
+def authorization_from(obj: Obj) -> Converted[PolicyObject]:
+    """Parse with the shared CRD parser; an invalid policy is kept (its status says why) and
+    reported, never fatal."""
+    meta = metadata_of(obj)
+    ns, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+    generation = _int(meta.get("generation"), 0)
+    base = PolicyObject(ns, name, str(meta.get("uid", "")), generation, observed_status(obj), None)
+    try:
+        doc = {"apiVersion": crd.API_VERSION, "kind": crd.KIND, **obj}  # list items may omit them
+        return Converted(dataclasses.replace(base, policy=crd.parse(doc)))
+    except crd.PolicyError as exc:
+        where = (
+            f"{crd.KIND} {exc}" if str(exc).startswith(f"{ns}/{name}:") else f"{crd.KIND} {ns}/{name}: {exc}"
+        )
+        return Converted(dataclasses.replace(base, error=str(exc)), (where,))
+
+
+CONVERTERS: dict[str, Callable[[Obj], Converted[Any]]] = {
+    "namespaces": namespace_from,
+    "serviceaccounts": service_account_from,
+    "pods": workload_from_pod,
+    "services": service_from,
+    "endpointslices": slice_from,
+    PLURAL: authorization_from,
+}
+
+
+def convert(kind: str, obj: Obj) -> Converted[Any]:
+    """Never raises: an object we cannot read becomes an error line."""
+    try:
+        return CONVERTERS[kind](obj)
+    except Exception as exc:  # a malformed object must not stop the others
+        return Converted(None, (f"{kind} {object_key(obj)}: cannot be read: {exc!r}",))
+
+
+def group_endpoints(slices: Iterable[SliceEndpoints]) -> tuple[ServiceEndpoints, ...]:
+    """Merge the slices of each service (a service with only unready endpoints still appears,
+    empty, so that nobody falls back to selector matching for it)."""
+    merged: dict[tuple[str, str], set[EndpointAddress]] = defaultdict(set)
+    for s in slices:
+        merged[(s.namespace, s.service)].update(s.endpoints)
+    return tuple(
+        ServiceEndpoints(ns, svc, tuple(sorted(eps, key=lambda e: (e.address, e.port, e.port_name))))
+        for (ns, svc), eps in sorted(merged.items())
+    )
+
+
+def assemble(entries: Mapping[str, Mapping[str, Converted[Any]]]) -> Snapshot:
+    """Converted objects of every kind -> the Snapshot the controller compiles."""
+
+    def values(kind: str, cls: type[T]) -> list[T]:
+        return [e.value for e in entries.get(kind, {}).values() if isinstance(e.value, cls)]
+
+    policies = [p.policy for p in values(PLURAL, PolicyObject) if p.policy is not None]
+    return Snapshot(
+        services=tuple(sorted(values("services", Service), key=lambda s: (s.namespace, s.name))),
+        workloads=tuple(sorted(values("pods", Workload), key=lambda w: (w.namespace, w.name))),
+        namespaces=tuple(sorted(values("namespaces", Namespace), key=lambda n: n.name)),
+        policies=tuple(sorted(policies, key=lambda p: (p.namespace, p.name))),
+        errors=tuple(sorted(err for by_key in entries.values() for e in by_key.values() for err in e.errors)),
+        endpoints=group_endpoints(values("endpointslices", SliceEndpoints)),
+    )
+
+
+def selected_workloads(policy: Authorization, workloads: Iterable[Workload]) -> int:
+    return sum(1 for w in workloads if w.meshed and policy.selects(w.namespace, w.label_map))
+
+
+def desired_status(
+    p: PolicyObject, selected: int, previous: AuthorizationStatus | None, now: dt.datetime
+) -> AuthorizationStatus:
+    """The status to write; lastTransitionTime moves only when the condition's status does."""
+    status = "True" if p.policy is not None else "False"
+    before = next((c for c in previous["conditions"] if c["type"] == "Accepted"), None) if previous else None
+    since = (
+        before["lastTransitionTime"]
+        if before and before["status"] == status and before["lastTransitionTime"]
+        else now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
+    condition = Condition(
+        type="Accepted",
+        status=status,
+        reason="Accepted" if p.policy is not None else "Invalid",
+        message=ACCEPTED_MESSAGE if p.policy is not None else (p.error or "invalid")[:32768],
+        lastTransitionTime=since,
+        observedGeneration=p.generation,
+    )
+    return AuthorizationStatus(conditions=[condition], selectedWorkloads=selected)
+
+
+def backoff_delay(failures: int, initial: float, maximum: float) -> float:
+    """Seconds to wait after the ``failures``-th failure in a row (1, 2, ...): doubling, capped."""
+    return 0.0 if failures <= 0 else min(maximum, initial * 2 ** min(failures - 1, 30))
