@@ -1673,8 +1673,8 @@ def _findings(report: Result) -> list[str]:
     c = cl["compile"]
     out.append(
         f"- Compile: {_secs(c['outbound_s'])} for the outbound table + {_secs(c['inbound_s'])} for "
-        f"{cl['identities']} inbound parts. `compile_inbound` scans every Workload and every policy "
-        f"for each identity ({_secs(cl['breakdown']['compile_inbound_all_s'])} for all of them)."
+        f"{cl['identities']} inbound parts (`compile_inbound` alone: "
+        f"{_secs(cl['breakdown']['compile_inbound_all_s'])} for all of them)."
     )
     policy = report.get("change_policy")
     if policy:
@@ -1682,8 +1682,8 @@ def _findings(report: Result) -> list[str]:
         out.append(
             f"- The policy change reached {policy['streams']:,} streams with p99 "
             f"{_secs(policy['latency']['p99_s'])}: {_ms(policy['apply_started_after_s'])} coalescing, then "
-            f"{_secs(policy['compile_s'])} in `MeshState.update` although no Workload, Service or endpoint "
-            f"changed; the controller used {_secs(policy['controller_cpu_s'])} of CPU in all. The inbound "
+            f"{_secs(policy['compile_s'])} in `MeshState.update` (no Workload, Service or endpoint "
+            f"changed); the controller used {_secs(policy['controller_cpu_s'])} of CPU in all. The inbound "
             f"part changed for {n} {'identity' if n == 1 else 'identities'}: "
             f"{policy['sizes']['unaffected']['streams']:,} streams got "
             f"{policy['sizes']['unaffected']['max_bytes']} bytes (the version alone)."

@@ -37,6 +37,7 @@ log = logging.getLogger("sidemesh.controller")
 SERVICE = "sidemesh.config.v1.ConfigDiscovery"
 _ids = itertools.count(1)
 FULL_SENDS = 16  # streams that may be sent a full outbound table at the same moment
+FULL_SEND_TIMEOUT = 10.0  # seconds a stream may take to accept a full table
 
 
 @dataclass
@@ -162,7 +163,20 @@ class ConfigServer:
                     async with self._full_sends:
                         data, sent = self.state.message(identity, sent)
                         info.sent_version = self.state.version
-                        await context.write(data)
+                        try:
+                            # A sidecar that stops reading (a frozen pod, a dead node) must not keep
+                            # its permit: 16 of them would stall every full send in the mesh.
+                            async with asyncio.timeout(FULL_SEND_TIMEOUT):
+                                await context.write(data)
+                        except TimeoutError:
+                            self.metrics.refused.labels("slow_reader").inc()
+                            log.warning(
+                                "sidecar not reading its configuration; stream ended",
+                                extra={"identity": str(identity), "peer": info.peer},
+                            )
+                            await context.abort(
+                                grpc.StatusCode.UNAVAILABLE, "configuration not read in time; reconnect"
+                            )
                 else:
                     data, sent = self.state.message(identity, sent)
                     info.sent_version = self.state.version
