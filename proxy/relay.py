@@ -167,6 +167,10 @@ class Relay:
         return h
 
     def link(self, a: Half, b: Half) -> None:
+        if self.closed:  # one side already failed (e.g. DENY arrived before the app was attached)
+            for h in (a, b):
+                reset(h.transport)
+            return
         a.peer, b.peer = b, a
         self.info["linked"] = True
         for src, dst in ((a, b), (b, a)):
