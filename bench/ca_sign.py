@@ -50,6 +50,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.common import Progress
+from bench.common import cpu_model as _cpu_model
+from bench.common import git_commit as _git_commit
+
 TRUST_DOMAIN = "cluster.local"
 TARGET_PER_SECOND = 2000.0
 IDENTITIES = ("shop/frontend", "shop/cart", "shop/checkout", "payments/api")
@@ -66,22 +70,6 @@ Result = dict[str, Any]
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
-
-
-class Progress:
-    """One line per phase, with the time since the start."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.n = 0
-        self.started = time.monotonic()
-
-    def phase(self, text: str) -> None:
-        self.n += 1
-        print(f"[{self.n}/{self.total} {time.monotonic() - self.started:5.1f}s] {text}", flush=True)
-
-    def detail(self, text: str) -> None:
-        print(f"{'':15}{text}", flush=True)
 
 
 def _pin(core: int | None) -> None:
@@ -604,26 +592,6 @@ async def _drive(p: LoadParams) -> Result:
 
 # ---------------------------------------------------------------------------------------------
 # Environment, report
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 def _source_digest() -> str:

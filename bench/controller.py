@@ -48,7 +48,6 @@ import platform
 import resource
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +59,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from bench.common import Progress
+from bench.common import cpu_model as _cpu_model
+from bench.common import git_commit as _git_commit
 
 if typing.TYPE_CHECKING:
     import grpc
@@ -94,23 +97,6 @@ Result = dict[str, Any]
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
-
-
-class Progress:
-    """One line per phase, with the time since the start."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.n = 0
-        self.started = time.monotonic()
-
-    def phase(self, text: str) -> None:
-        self.n += 1
-        print(f"[{self.n}/{self.total} {time.monotonic() - self.started:6.1f}s] {text}", flush=True)
-
-    @staticmethod
-    def detail(text: str) -> None:
-        print(f"{'':16}{text}", flush=True)
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -1322,26 +1308,6 @@ def _summarize_change(changed: Result, updated: Result, controller_cpu_s: float)
         "load_cpu_s": updated["cpu_s"],
         "latencies_s": sorted(latencies),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 def _source_digest() -> str:

@@ -66,6 +66,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.common import Progress
+from bench.common import cpu_model as _cpu_model
+from bench.common import git_commit as _git_commit
+
 TRUST_DOMAIN = "cluster.local"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -143,22 +147,6 @@ class BenchError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
-
-
-class Progress:
-    """One line per phase, with the time since the start."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.n = 0
-        self.started = time.monotonic()
-
-    def phase(self, text: str) -> None:
-        self.n += 1
-        print(f"[{self.n}/{self.total} {time.monotonic() - self.started:5.1f}s] {text}", flush=True)
-
-    def detail(self, text: str) -> None:
-        print(f"{'':15}{text}", flush=True)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -1253,24 +1241,6 @@ def table_lines(rows: Sequence[Row], markdown: bool) -> list[str]:
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return out
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 def environment(tools: Tools) -> Result:

@@ -1,0 +1,46 @@
+"""What every benchmark shares: progress lines and a description of the machine and the code."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+
+class Progress:
+    """One line per phase, with the time since the start."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.n = 0
+        self.started = time.monotonic()
+
+    def phase(self, text: str) -> None:
+        self.n += 1
+        print(f"[{self.n}/{self.total} {time.monotonic() - self.started:6.1f}s] {text}", flush=True)
+
+    @staticmethod
+    def detail(text: str) -> None:
+        print(f"{'':16}{text}", flush=True)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
