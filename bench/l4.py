@@ -1442,14 +1442,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=60.0,
         metavar="SECONDS",
         help="before the runs, wait up to this long for other processes' CPU use to drop under "
-        f"{OTHER_LOAD:.0%} of a core (default: %(default)s)",
+        f"{OTHER_LOAD:.0%}% of a core (default: %(default)s)",
     )
     p.add_argument(
         "--retries",
         type=int,
         default=3,
         help="measure a window again when other processes used more than "
-        f"{OTHER_LOAD:.0%} of a core during it, up to this many times (default: %(default)s)",
+        f"{OTHER_LOAD:.0%}% of a core during it, up to this many times (default: %(default)s)",
     )
     p.add_argument(
         "--profile",
