@@ -999,6 +999,7 @@ class Bench:
         self._meter()
         stranger, frontend = m.addr("stranger"), m.addr("frontend")
         before = probe(stranger, OUT)
+        log_marks = {n: len(m.procs[n].events()) for n in HOSTS}
         fault = time.monotonic()
         m.stop("controller", signal.SIGKILL)
         noticed: float | None = None
@@ -1023,6 +1024,14 @@ class Bench:
                 break
             time.sleep(0.1)
         policies = (m.admin("cart", "/config") or {}).get("policies")
+        retries = {
+            n: [
+                r.get("retry_in")
+                for r in m.procs[n].events()[log_marks[n] :]
+                if str(r.get("event", "")).startswith("controller stream lost")
+            ]
+            for n in HOSTS
+        }
         (m.mesh_dir / "cart-allow-stranger.yaml").unlink()
         removed = time.monotonic()
         refused_again: float | None = None
@@ -1046,6 +1055,7 @@ class Bench:
                 "controller_serving_after_s": serving,
                 "change_applied_after_restart_s": allowed,
                 "cart_policies_after": policies,
+                "reconnect_delays_logged_s": retries,
                 "removal_applied_after_s": refused_again,
             },
         )
@@ -1236,6 +1246,10 @@ class Bench:
             xs = [t["t"] / 60 for t in trend]
             ys = [t[n]["rss_kb"] / 1024 for t in trend]
             flat[n]["rss_slope_mb_per_min"] = round(_slope(xs, ys), 3) if len(xs) > 2 else None
+            if len(ys) > 3:
+                mid = ys[len(ys) // 2]
+                flat[n]["rss_second_half_growth_pct"] = round((ys[-1] - mid) / mid * 100, 1)
+                flat[n]["rss_largest_step_mb"] = round(max(b - a for a, b in itertools.pairwise(ys)), 1)
             flat[n]["cpu_pct"] = round((end[n]["cpu_s"] - start[n]["cpu_s"]) / (minutes * 60) * 100, 1)
         row = Row(
             "soak",
@@ -1248,6 +1262,11 @@ class Bench:
                 "warm_up_s": warm,
                 "sidecars": flat,
                 "rotations": {n: rot1[n] - rot0[n] for n in names},
+                "rss_steps_over_1mb_in_both_sidecars_at_once": sum(
+                    1
+                    for a, b in itertools.pairwise(trend)
+                    if all(b[n]["rss_kb"] - a[n]["rss_kb"] > 1024 for n in names)
+                ),
                 "trend": trend,
             },
         )
@@ -1258,7 +1277,13 @@ class Bench:
         row.met = w.failed == 0 and is_flat
         row.verdict = f"{'met' if row.met else 'MISSED'}: {w.failed} failed; " + "; ".join(
             f"{n} RSS {flat[n]['rss_kb']['start'] / 1024:.1f}→{flat[n]['rss_kb']['end'] / 1024:.1f} MB "
-            f"({flat[n]['rss_kb']['growth_pct']:+.1f}%), fds {flat[n]['fds']['start']:.0f}→{flat[n]['fds']['end']:.0f}, "
+            f"({flat[n]['rss_kb']['growth_pct']:+.1f}%"
+            + (
+                f", second half {flat[n]['rss_second_half_growth_pct']:+.1f}%"
+                if "rss_second_half_growth_pct" in flat[n]
+                else ""
+            )
+            + f"), fds {flat[n]['fds']['start']:.0f}→{flat[n]['fds']['end']:.0f}, "
             f"connections {flat[n]['connections']['start']:.0f}→{flat[n]['connections']['end']:.0f}"
             for n in names
         )
@@ -1281,6 +1306,7 @@ class Bench:
         baseline = self.load.window(time.monotonic() - 10, time.monotonic() - 0.5)
         cpu0 = {n: m.stats(n)["cpu_s"] for n in ("frontend", "cart")}
         conns0 = {n: m.connections(n) for n in ("frontend", "cart")}
+        rss0 = {n: round(m.stats(n)["rss_kb"] / 1024, 1) for n in ("frontend", "cart")}
         began = time.monotonic()
         self._meter()
         args = ["--target", address, "--count", str(count), "--hold", str(hold), "--style", style]
@@ -1302,6 +1328,7 @@ class Bench:
         cpu = {n: round((m.stats(n)["cpu_s"] - cpu0[n]) / (ended - began) * 100, 1) for n in cpu0}
         time.sleep(3)
         conns_after = {n: m.connections(n) for n in ("frontend", "cart")}
+        rss_after = {n: round(m.stats(n)["rss_kb"] / 1024, 1) for n in ("frontend", "cart")}
         row = Row(
             key,
             title,
@@ -1316,6 +1343,8 @@ class Bench:
                 "sidecar_cpu_pct_during": cpu,
                 "connections_before": conns0,
                 "connections_3s_after": conns_after,
+                "sidecar_rss_mb_before": rss0,
+                "sidecar_rss_mb_3s_after": rss_after,
                 "baseline_p50_ms": baseline.p50_ms,
                 "baseline_p99_ms": baseline.p99_ms,
                 "baseline_max_ms": baseline.max_latency_ms,
@@ -1622,12 +1651,25 @@ def findings(rows: Sequence[Row], ttl: int, logs: Result) -> list[str]:
     ctl = by.get("controller")
     resync = ctl.details.get("change_applied_after_restart_s") if ctl is not None else None
     if ctl is not None and (resync is None or resync > 5):
+        delays = ctl.details.get("reconnect_delays_logged_s", {})
+        first = [v[0] for v in delays.values() if v]
+        carried = [d for d in first if d is not None and d > 1.0]
         out.append(
             f"**Slow resync after a controller restart.** A change made while the controller was down applied "
-            f"{_fmt_s(resync)} after it came back (it was down {ctl.details.get('down_s')} s). "
-            "`proxy/config_client.py:ConfigClient.run` reconnects with `rotation.backoff` (full jitter, up to 60 s, "
-            "the CA's schedule), so the longer the outage the longer the sidecars keep stale policy after it. "
-            "Reconnecting is cheap: cap this backoff at a few seconds (e.g. 5 s) for the config stream."
+            f"{_fmt_s(resync)} after it came back (it was down {ctl.details.get('down_s')} s; reconnect delays the "
+            f"sidecars logged: {_plain(delays)}). `proxy/config_client.py:ConfigClient.run` reconnects with "
+            "`rotation.backoff` (full jitter, up to 60 s: the CA's schedule), so the longer the outage the longer "
+            "sidecars keep stale policy after it"
+            + (
+                f"; worse, the attempt counter is only reset when a session ends with a certificate rotation "
+                f"(`attempt = 0` after `_session()` returns), not when a stream is established, so the first retry "
+                f"after this kill already waited {_plain(carried)} s (a fresh counter gives at most 1 s): every "
+                "earlier outage since the last rotation still counts"
+                if carried
+                else ""
+            )
+            + ". Fix: reset the counter once an update has been received on the new stream, and cap this backoff "
+            "at a few seconds (reconnecting is cheap)."
         )
     gaps = [
         by[k] for k in ("sidecar-cart-sigterm", "sidecar-frontend-sigterm") if k in by and by[k].met is False
@@ -1646,10 +1688,54 @@ def findings(rows: Sequence[Row], ttl: int, logs: Result) -> list[str]:
             "503), then close long-lived connections that are idle instead of waiting the full drain timeout; bind "
             "with SO_REUSEPORT so a new process can take over while the old one drains."
         )
+    soak = by.get("soak")
+    if soak is not None and soak.met is False:
+        sc = soak.details["sidecars"]
+        rss = {n: v["rss_kb"]["growth_pct"] for n, v in sc.items()}
+        if not all(v["rss_kb"]["flat"] for v in sc.values()) and all(
+            v["fds"]["flat"] and v["connections"]["flat"] for v in sc.values()
+        ):
+            second = {n: v.get("rss_second_half_growth_pct") for n, v in sc.items()}
+            both = soak.details.get("rss_steps_over_1mb_in_both_sidecars_at_once") or 0
+            steps = {n: v.get("rss_largest_step_mb") for n, v in sc.items()}
+            out.append(
+                f"**RSS not flat in the soak**: {_plain(rss)} % over {soak.details['minutes']:g} min, of which "
+                f"{_plain(second)} % in the second half, in steps (largest {_plain(steps)} MB"
+                + (f"; {both} of them in both sidecars at once" if both else "")
+                + "), while file descriptors and open connections stayed flat. That looks like the heap's "
+                "high-water mark rather than a per-connection leak: uvloop gives every TLS connection a 256 KiB "
+                "read buffer (`uvloop/sslproto.pyx`: `PyMem_RawMalloc(SSL_READ_MAX_SIZE)`), and "
+                "`proxy/cli.py:tune_malloc` keeps such blocks on the heap (M_MMAP_THRESHOLD 4 MiB) and does not give "
+                "freed heap back to the system below 64 MiB (M_TRIM_THRESHOLD, plus M_TOP_PAD 16 MiB), so every "
+                "moment with more connections open at once raises RSS for good. Not proven by this run (a longer "
+                "soak would show whether it levels off); see the next finding for what it costs after a burst."
+            )
+    flood = by.get("flood-outbound")
+    if flood is not None:
+        d = flood.details
+        before, after = d.get("sidecar_rss_mb_before", {}), d.get("sidecar_rss_mb_3s_after", {})
+        count = d.get("flood", {}).get("peak_open") or 0
+        peak_mb = (d.get("victim_peak", {}).get("rss_kb") or 0) / 1024
+        if before and after and count and after.get("frontend", 0) > before.get("frontend", 0) * 1.5:
+            peak_mb = max(peak_mb, after["frontend"])  # sampled once a second: the peak may fall between
+            per_conn_kb = (peak_mb - before["frontend"]) * 1024 / count
+            limit_mb = 512 * 1.048576
+            fits = int((limit_mb - before["frontend"]) * 1024 / per_conn_kb) if per_conn_kb > 0 else None
+            out.append(
+                f"**Memory is kept after a burst of connections.** {count:,} idle connections held on the frontend's "
+                f"outbound port took its RSS from {before['frontend']} MB to {peak_mb:.0f} MB (about "
+                f"{per_conn_kb:.0f} KB per relayed connection), and 3 s after they were all closed it was still "
+                f"{after['frontend']} MB (cart: {before.get('cart')} → {after.get('cart')} MB); at the end of the run "
+                f"{_plain(logs.get('rss_end_mb'))} MB. The injected proxy is limited to 512Mi "
+                "(`manifests/mesh-config.yaml`, `proxyResources`): at this rate about "
+                f"{fits:,} open connections through one sidecar would get it OOM-killed (an extrapolation), and "
+                "with no connection limit nothing stops a client from opening them. Fix: a connection limit per "
+                "listener (below what the memory limit allows), and give memory back after bursts "
+                "(`malloc_trim(0)` when the number of open connections falls, or a lower M_TRIM_THRESHOLD)."
+            )
     app = by.get("app")
     if app is not None and app.window is not None and app.window.hung:
         out.append("**Requests hung when the upstream app was killed** (see its row).")
-    flood = by.get("flood-outbound")
     if flood is not None and flood.met is False:
         out.append(
             f"**A connection flood on the outbound side slows everyone.** Each connection to the outbound port is "
@@ -1758,7 +1844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load = Load(mesh.addr("frontend"), OUT, args.rate, args.long)
     bench = Bench(mesh, load, progress)
     report: Result = {
-        "command": "python -m bench.reliability " + " ".join(argv),
+        "command": " ".join(["python -m bench.reliability", *argv]),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "setup": {"net": mesh.demo.net, "ttl": args.ttl, "rate": args.rate, "long": args.long},
@@ -1844,11 +1930,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 130
         print("interrupted", flush=True)
     finally:
+        rss_end: Result = {}
+        for name in ("frontend", "cart"):
+            with contextlib.suppress(OSError, KeyError):
+                rss_end[name] = round(mesh.stats(name)["rss_kb"] / 1024, 1)
         load.stop()
         bench.stalls.stop()
         print("stopping every process ...", flush=True)
         mesh.demo.stop_all()
-        logs = scan_logs(root)
+        logs = scan_logs(root) | {"rss_end_mb": rss_end}
         if args.keep:
             print(f"kept {root}")
         else:

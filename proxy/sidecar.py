@@ -16,6 +16,7 @@ from proxy import inbound, outbound
 from proxy.config import ProxyConfig
 from proxy.config_client import ConfigClient
 from proxy.metrics import ProxyMetrics
+from proxy.observe import NullObserver, Observer
 from proxy.probes import APP_HEALTH_PREFIX, AppProber, parse_app_probes
 from proxy.relay import Relay
 from sidemesh.config import parse_hostport
@@ -52,6 +53,7 @@ class Sidecar:
         self.config = config
         self.identity = identity
         self.metrics = ProxyMetrics()
+        self.observer: Observer = NullObserver()  # per-request telemetry (proxy/observe.py)
         self.relays: set[Relay] = set()
         self._mesh: SidecarConfig | None = None
         self._config_stamp: object = None
