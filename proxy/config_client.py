@@ -28,6 +28,11 @@ METHOD = "/sidemesh.config.v1.ConfigDiscovery/Stream"
 Apply = Callable[[InboundConfig | None, OutboundTable | None, str], None]
 
 
+# Reconnecting is cheap and every second away keeps a stale policy: retry at least every 5 s
+# (the CA's 60 s ceiling would leave sidecars up to a minute behind a restarted controller).
+RECONNECT_BACKOFF_MAX = 5.0
+
+
 class ConfigClient:
     def __init__(self, address: str, server_name: str, identity: WorkloadIdentity, apply: Apply) -> None:
         self.address = address
@@ -50,10 +55,12 @@ class ConfigClient:
                 await self._session()
                 attempt = 0  # a rotation ended a healthy session: reconnect at once
             except (grpc.aio.AioRpcError, ConnectionError) as exc:
+                if self.connected:  # the stream had delivered configuration: a new outage starts here
+                    attempt = 0
                 self.connected = False
                 attempt += 1
                 self.last_error = str(exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc)
-                delay = rotation.backoff(attempt, random.random())
+                delay = rotation.backoff(attempt, random.random(), ceiling=RECONNECT_BACKOFF_MAX)
                 log.warning(
                     "controller stream lost; keeping the last configuration",
                     extra={

@@ -143,13 +143,15 @@ class WorkloadIdentity:
             try:
                 svid = await self.renew()
                 attempt, self.last_error = 0, None
+                now = self.clock.now()
                 delay = (
-                    rotation.renewal_time(svid.not_before, svid.not_after, self.rand()) - self.clock.now()
+                    rotation.renewal_time(svid.not_before, svid.not_after, self.rand(), received=now) - now
                 ).total_seconds()
             except (CAClientError, SvidError, OSError) as exc:
                 attempt += 1
                 self.last_error = str(exc)
-                until_expiry = (self.svid.not_after - self.clock.now()).total_seconds() if self.svid else None
+                # No certificate yet counts as expired: the workload cannot serve until it has one.
+                until_expiry = (self.svid.not_after - self.clock.now()).total_seconds() if self.svid else 0.0
                 delay = rotation.backoff(attempt, self.rand(), until_expiry)
                 level = logging.ERROR if self.state == "expired" else logging.WARNING
                 log.log(

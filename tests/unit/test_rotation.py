@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 
-from sidemesh.identity.rotation import BACKOFF_MAX, backoff, renewal_time
+from sidemesh.identity.rotation import BACKOFF_MAX, EXPIRED_BACKOFF_MAX, backoff, renewal_time
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -24,4 +24,32 @@ def test_backoff_grows_and_is_capped(attempt: int, ceiling: float) -> None:
 def test_backoff_never_sleeps_past_half_the_remaining_life() -> None:
     assert backoff(20, 1.0, until_expiry=30) == 15
     assert backoff(20, 1.0, until_expiry=None) == BACKOFF_MAX
-    assert backoff(20, 1.0, until_expiry=-5) == BACKOFF_MAX  # already expired: plain backoff
+    # Expired (or no certificate yet): the workload is down until it renews, so retry often.
+    assert backoff(20, 1.0, until_expiry=-5) == EXPIRED_BACKOFF_MAX
+    assert backoff(20, 1.0, until_expiry=0.0) == EXPIRED_BACKOFF_MAX
+    assert 0.5 <= backoff(20, 0.0, until_expiry=-5) <= EXPIRED_BACKOFF_MAX
+
+
+def test_backoff_ceiling_is_configurable() -> None:
+    assert backoff(20, 1.0, ceiling=5.0) == 5.0
+    assert backoff(1, 1.0, ceiling=5.0) == 1.0
+
+
+@pytest.mark.parametrize("ttl_seconds", [20, 60, 100, 300, 3600])
+@pytest.mark.parametrize("rand", [0.0, 0.999])
+def test_backdated_not_before_does_not_count_as_lifetime(ttl_seconds: int, rand: float) -> None:
+    # The CA backdates notBefore by a minute; a certificate received now for ttl_seconds must be
+    # renewed at 40-50% of the time it is actually usable, not at once.
+    received = T0
+    not_before, not_after = received - dt.timedelta(minutes=1), received + dt.timedelta(seconds=ttl_seconds)
+    at = renewal_time(not_before, not_after, rand, received=received)
+    fraction = (at - received).total_seconds() / ttl_seconds
+    assert 0.4 - 1e-6 <= fraction <= 0.5 + 1e-6
+    # Without knowing when it arrived, the old computation renews a 20 s certificate in the past.
+    if ttl_seconds == 20:
+        assert renewal_time(not_before, not_after, rand) < received
+
+
+def test_received_before_not_before_uses_not_before() -> None:
+    at = renewal_time(T0, T0 + dt.timedelta(hours=1), 0.0, received=T0 - dt.timedelta(seconds=5))
+    assert at == T0 + dt.timedelta(minutes=30)
