@@ -103,6 +103,12 @@ class ProxyConfig:
         "on SIGTERM, how long open connections may finish",
         env="SIDEMESH_DRAIN_TIMEOUT",
     )
+    drain_grace: dt.timedelta = option(
+        dt.timedelta(0),
+        "on SIGTERM, keep the app's outbound listeners open at least this long even with no connection "
+        "open (for classic sidecars, whose app may still call out while it shuts down; e.g. 5s)",
+        env="SIDEMESH_DRAIN_GRACE",
+    )
     app_probes: str = option(
         "",
         "the app's original HTTP/TCP/gRPC probes, JSON written by the injector (/app-health/<container>/<kind>)",
@@ -110,12 +116,19 @@ class ProxyConfig:
     )
     access_log: bool = option(
         True,
-        "one JSON line per connection (identities, decision, bytes, duration)",
+        "one JSON line per HTTP request and per TCP connection (identities, decision, bytes, duration)",
         env="SIDEMESH_ACCESS_LOG",
+    )
+    access_log_sample: float = option(
+        1.0,
+        "fraction of successful requests and connections logged, 0 to 1 (denials and errors: always)",
+        env="SIDEMESH_ACCESS_LOG_SAMPLE",
     )
     log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.access_log_sample <= 1.0:
+            raise ConfigError("access_log_sample", f"{self.access_log_sample:g} is not between 0 and 1")
         if not self.workload or "/" not in self.workload:
             raise ConfigError("workload", "required: NAMESPACE/NAME (POD_NAMESPACE/POD_NAME in a pod)")
         for name in ("inbound_listen", "outbound_listen", "admin_listen", "health_listen"):

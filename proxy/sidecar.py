@@ -42,6 +42,9 @@ def _listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # A replacement sidecar (same UID: the kernel refuses other users) can bind while this one
+    # drains, so a restart in place has no window of refused connections (Envoy binds so too).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(1024)
     sock.setblocking(False)
@@ -59,7 +62,7 @@ class Sidecar:
         self._config_stamp: object = None
         self.config_updated = 0.0
         self.config_errors: tuple[str, ...] = ()
-        self._listeners: list[tuple[socket.socket, asyncio.Task[None]]] = []
+        self._listeners: list[tuple[socket.socket, asyncio.Task[None], str]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[HTTPServer] = []
         self.ports: dict[str, int] = {}
@@ -215,7 +218,7 @@ class Sidecar:
         bound = sock.getsockname()[:2]
         self.ports[name] = bound[1]
         self._own.add((bound[0], bound[1]))
-        self._listeners.append((sock, asyncio.create_task(self._accept(sock, kind, target))))
+        self._listeners.append((sock, asyncio.create_task(self._accept(sock, kind, target)), kind))
 
     async def start(self) -> None:
         self.reload_config()
@@ -249,8 +252,12 @@ class Sidecar:
             },  # the app's probes, rewritten by the injector
         )
         self._servers = [admin, health]
-        self.ports["admin"] = await admin.start(*parse_hostport("admin_listen", self.config.admin_listen))
-        self.ports["health"] = await health.start(*parse_hostport("health_listen", self.config.health_listen))
+        self.ports["admin"] = await admin.start(
+            *parse_hostport("admin_listen", self.config.admin_listen), reuse_port=True
+        )
+        self.ports["health"] = await health.start(
+            *parse_hostport("health_listen", self.config.health_listen), reuse_port=True
+        )
         log.info(
             "sidecar started",
             extra={
@@ -261,20 +268,39 @@ class Sidecar:
             },
         )
 
-    async def drain(self, timeout: float | None = None) -> None:
-        """Stop accepting, let open connections finish (up to the drain timeout), then stop."""
-        self.draining = True
-        for sock, task in self._listeners:
+    async def _close_listeners(self, kinds: tuple[str, ...]) -> None:
+        keep = []
+        for sock, task, kind in self._listeners:
+            if kind not in kinds:
+                keep.append((sock, task, kind))
+                continue
             task.cancel()  # first: unregisters the socket from the loop
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             sock.close()
-        self._listeners = []
+        self._listeners = keep
+
+    async def drain(self, timeout: float | None = None, grace: float | None = None) -> None:
+        """Drain, then stop: what SIGTERM does.
+
+        Readiness turns 503 and the inbound listener closes at once (peers take another endpoint).
+        The app's outbound listeners keep accepting while connections are open (the app may be
+        finishing its own work) and for at least ``grace``. Open connections may finish until the
+        drain timeout; the sidecar stops as soon as none is left.
+        """
+        self.draining = True
+        await self._close_listeners(("inbound",))
         limit = self.config.drain_timeout.total_seconds() if timeout is None else timeout
-        log.info("draining", extra={"open": len(self.relays)})
-        if self.relays:
+        grace = self.config.drain_grace.total_seconds() if grace is None else grace
+        log.info("draining", extra={"open": len(self.relays), "timeout_s": limit, "grace_s": grace})
+        deadline = time.monotonic() + limit
+        if grace > 0:
+            await asyncio.sleep(min(grace, limit))
+        remaining = deadline - time.monotonic()
+        if self.relays and remaining > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._no_relays.wait(), limit)
+                await asyncio.wait_for(self._no_relays.wait(), remaining)
+        await self._close_listeners(("inbound", "outbound"))
         for relay in list(self.relays):
             relay.fail("drain timeout")
         for server in self._servers:

@@ -28,8 +28,8 @@ class HTTPServer:
         self.prefixes = prefixes or {}
         self.server: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        self.server = await asyncio.start_server(self._serve, host, port)
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
+        self.server = await asyncio.start_server(self._serve, host, port, reuse_port=reuse_port or None)
         return int(self.server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:

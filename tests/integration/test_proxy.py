@@ -275,6 +275,51 @@ async def test_drain_lets_open_connections_finish_and_refuses_new_ones(mesh: Mes
     del mesh.sidecars["cart"]
 
 
+async def test_draining_keeps_the_apps_outbound_listener_and_stops_when_the_last_connection_ends(
+    mesh: Mesh,
+) -> None:
+    await frontend_and_cart(mesh)
+    frontend = mesh.sidecars.pop("frontend")
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    writer.write(b"one")
+    assert await reader.readexactly(3) == b"ONE"
+    started = asyncio.get_running_loop().time()
+    drain = asyncio.create_task(frontend.drain(timeout=30))
+    await asyncio.sleep(0.2)
+    assert not frontend.ready  # readiness says 503 at once
+    # The app may still call out while it shuts down: its outbound listener keeps accepting.
+    assert await talk(mesh.addr(FRONTEND), OUT, b"late call") == b"LATE CALLBYE"
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b"BYE"
+    writer.close()
+    await asyncio.wait_for(drain, 5)  # over when the last connection ended, not at the 30 s timeout
+    assert asyncio.get_running_loop().time() - started < 5
+    with pytest.raises(ConnectionRefusedError):
+        await talk(mesh.addr(FRONTEND), OUT, b"after")
+    await frontend.identity.ca.close()
+
+
+async def test_a_replacement_sidecar_takes_over_while_the_old_one_drains(mesh: Mesh) -> None:
+    await frontend_and_cart(mesh)
+    old = mesh.sidecars["cart"]
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    writer.write(b"one")
+    assert await reader.readexactly(3) == b"ONE"
+    drain = asyncio.create_task(old.drain(timeout=30))
+    await asyncio.sleep(0.1)
+    # Same inbound port while the old process still holds its connection (SO_REUSEPORT): no window
+    # of refused connections between the two.
+    await mesh.sidecar("cart", CART)
+    assert await talk(mesh.addr(FRONTEND), OUT, b"new") == b"NEWBYE"
+    writer.write(b"two")  # the old sidecar still carries the connection it had
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b"TWOBYE"
+    writer.close()
+    await asyncio.wait_for(drain, 5)
+    await old.identity.ca.close()
+    assert await talk(mesh.addr(FRONTEND), OUT, b"still") == b"STILLBYE"
+
+
 async def test_rotation_under_traffic_breaks_nothing(mesh: Mesh) -> None:
     await frontend_and_cart(mesh)
     cart, frontend = mesh.sidecars["cart"], mesh.sidecars["frontend"]
