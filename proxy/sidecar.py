@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from proxy import inbound, outbound
+from proxy import heap, inbound, outbound
 from proxy.config import ProxyConfig
 from proxy.config_client import ConfigClient
 from proxy.metrics import ProxyMetrics
@@ -36,6 +36,7 @@ from sidemesh.policy.model import DefaultPolicy
 log = logging.getLogger("sidemesh.proxy")
 access = logging.getLogger("sidemesh.proxy.access")
 CONFIG_POLL_SECONDS = 0.5
+HEAP_TRIM_SECONDS = 5.0
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -58,6 +59,7 @@ class Sidecar:
         self.metrics = ProxyMetrics()
         self.observer: Observer = NullObserver()  # per-request telemetry (proxy/observe.py)
         self.relays: set[Relay] = set()
+        self.heap_trimmer = heap.Trimmer()
         self._mesh: SidecarConfig | None = None
         self._config_stamp: object = None
         self.config_updated = 0.0
@@ -105,6 +107,8 @@ class Sidecar:
             direction=direction, client=f"{client[0]}:{client[1]}", workload=self.config.workload
         )
         self.relays.add(relay)
+        if len(self.relays) > self.heap_trimmer.peak:
+            self.heap_trimmer.peak = len(self.relays)
         self._no_relays.clear()
         self.metrics.open.labels(direction).inc()
         return relay
@@ -183,6 +187,11 @@ class Sidecar:
         self._set(compiled)
         return True
 
+    async def _trim_heap(self) -> None:
+        while True:
+            await asyncio.sleep(HEAP_TRIM_SECONDS)
+            self.heap_trimmer.tick(len(self.relays))
+
     async def _watch_config(self) -> None:
         while True:
             await asyncio.sleep(CONFIG_POLL_SECONDS)
@@ -228,6 +237,7 @@ class Sidecar:
             self._spawn(self.controller.run())
         else:
             self._spawn(self._watch_config())
+        self._spawn(self._trim_heap())
         self._add_listener("inbound", self.config.inbound_listen, "inbound")
         if self.config.capture == "iptables":
             self._add_listener("outbound", self.config.outbound_listen, "outbound")

@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from proxy.heap import Trimmer, tune
+
+
+def test_trims_once_connections_fall_to_half_the_peak() -> None:
+    calls: list[int] = []
+    t = Trimmer(trim=lambda: calls.append(1), min_peak=64)
+    assert not t.tick(10)  # a small peak is not worth a trim
+    assert not t.tick(2000)
+    assert not t.tick(1500)  # still above half the peak
+    assert t.tick(900) and calls == [1]
+    assert not t.tick(900)  # the peak restarts from what is open now
+    assert t.tick(100) and len(calls) == 2
+
+
+def test_real_malloc_trim_runs_on_glibc() -> None:
+    # The default trimmer calls glibc's malloc_trim (a no-op elsewhere); it must not raise.
+    t = Trimmer(min_peak=1)
+    assert t.tick(5) is False
+    assert t.tick(0) is True and t.trims == 1
+    assert isinstance(tune(), bool)
