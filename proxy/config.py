@@ -103,6 +103,13 @@ class ProxyConfig:
         "on SIGTERM, how long open connections may finish",
         env="SIDEMESH_DRAIN_TIMEOUT",
     )
+    max_connections: int = option(
+        10_000,
+        "open connections per direction (inbound, outbound) at most; more are reset at once and counted "
+        'as sidemesh_proxy_connections_total{decision="overflow"} (each outbound connection uses two '
+        "file descriptors: keep this under half the open-files limit)",
+        env="SIDEMESH_MAX_CONNECTIONS",
+    )
     drain_grace: dt.timedelta = option(
         dt.timedelta(0),
         "on SIGTERM, keep the app's outbound listeners open at least this long even with no connection "
@@ -127,6 +134,8 @@ class ProxyConfig:
     log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ConfigError("max_connections", f"{self.max_connections} must be at least 1")
         if not 0.0 <= self.access_log_sample <= 1.0:
             raise ConfigError("access_log_sample", f"{self.access_log_sample:g} is not between 0 and 1")
         if not self.workload or "/" not in self.workload:

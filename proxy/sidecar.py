@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -60,6 +61,8 @@ class Sidecar:
         self.observer: Observer = NullObserver()  # per-request telemetry (proxy/observe.py)
         self.relays: set[Relay] = set()
         self.heap_trimmer = heap.Trimmer()
+        self.open_connections: dict[str, int] = {}  # by direction
+        self._overflow_logged = 0.0
         self._mesh: SidecarConfig | None = None
         self._config_stamp: object = None
         self.config_updated = 0.0
@@ -111,6 +114,7 @@ class Sidecar:
             self.heap_trimmer.peak = len(self.relays)
         self._no_relays.clear()
         self.metrics.open.labels(direction).inc()
+        self.open_connections[direction] = self.open_connections.get(direction, 0) + 1
         return relay
 
     def _closed(self, relay: Relay, outcome: str) -> None:
@@ -119,6 +123,7 @@ class Sidecar:
             self._no_relays.set()
         direction = str(relay.info.get("direction"))
         self.metrics.open.labels(direction).dec()
+        self.open_connections[direction] -= 1
         received = {h.name: h.bytes_in for h in relay.halves}
         self.metrics.bytes.labels(direction).inc(sum(received.values()))
         if self.config.access_log and relay.info.get("linked"):
@@ -214,12 +219,29 @@ class Sidecar:
                 conn, addr = await loop.sock_accept(sock)
             except OSError:
                 return  # listener closed
+            if self.open_connections.get(kind, 0) >= self.config.max_connections:
+                self._overflow(kind, conn)
+                continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if kind == "inbound":
                 self._spawn(inbound.handle(self, conn, addr))
             else:
                 self._spawn(outbound.handle(self, conn, addr, target))
+
+    def _overflow(self, kind: str, conn: socket.socket) -> None:
+        """Over --max-connections: reset at once (fail fast; Envoy's listener limit does the same)."""
+        self.metrics.connections.labels(kind, "overflow").inc()
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        now = time.monotonic()
+        if now - self._overflow_logged >= 10:  # a flood must not flood the log too
+            self._overflow_logged = now
+            log.warning(
+                "connection limit reached; new connections are reset",
+                extra={"direction": kind, "max_connections": self.config.max_connections},
+            )
 
     def _add_listener(self, name: str, address: str, kind: str, target: str | None = None) -> None:
         host, port = parse_hostport(name, address)

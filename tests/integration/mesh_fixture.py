@@ -77,6 +77,7 @@ class Mesh:
         default_policy: str = "deny",
         controller: str = "",
         app_probes: str = "",
+        max_connections: int = 10_000,
     ) -> Sidecar:
         who = identity_of or name
         config = ProxyConfig(
@@ -94,6 +95,7 @@ class Mesh:
             app_host=self.addr(host),
             trust_domain="cluster.local",
             app_probes=app_probes,
+            max_connections=max_connections,
         )
         identity = WorkloadIdentity(
             WorkloadId("shop", who).spiffe_id("cluster.local"),

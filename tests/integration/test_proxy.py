@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import urllib.request
@@ -40,7 +41,7 @@ async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
     await m.close()
 
 
-async def frontend_and_cart(mesh: Mesh, **cart_kw: str) -> None:
+async def frontend_and_cart(mesh: Mesh, **cart_kw: Any) -> None:
     await mesh.app(CART)
     await mesh.sidecar("cart", CART, **cart_kw)
     await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
@@ -318,6 +319,36 @@ async def test_a_replacement_sidecar_takes_over_while_the_old_one_drains(mesh: M
     await asyncio.wait_for(drain, 5)
     await old.identity.ca.close()
     assert await talk(mesh.addr(FRONTEND), OUT, b"still") == b"STILLBYE"
+
+
+async def test_connections_over_the_limit_are_reset_and_the_others_keep_working(mesh: Mesh) -> None:
+    await mesh.app(CART)
+    await mesh.sidecar("cart", CART)
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",), max_connections=2
+    )
+    held = []
+    for i in range(2):
+        reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+        writer.write(b"held%d" % i)
+        assert await reader.readexactly(5) == b"HELD%d" % i
+        held.append((reader, writer))
+    reader3, writer3 = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    # Reset at once (a served connection would stay open and this read would time out).
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader3.read(), 5) == b""
+    writer3.close()
+    assert frontend.metrics.connections.labels("outbound", "overflow")._value.get() == 1
+    reader, writer = held[0]  # the held connections are unaffected
+    writer.write(b"still")
+    assert await reader.readexactly(5) == b"STILL"
+    for _, w in held:
+        w.close()
+    for _ in range(100):  # once they are closed, there is room again
+        if frontend.open_connections.get("outbound") == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await talk(mesh.addr(FRONTEND), OUT, b"room") == b"ROOMBYE"
 
 
 async def test_rotation_under_traffic_breaks_nothing(mesh: Mesh) -> None:
