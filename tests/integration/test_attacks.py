@@ -1,0 +1,177 @@
+"""Attacks on a running sidecar (issue 9), each refused before anything reaches the application.
+
+The attacker talks straight to the cart sidecar's inbound port with real TLS clients. Every test
+also checks that the cart application never saw a connection: refusing late (after the bytes were
+delivered) would be no refusal at all. The CA-side attacks (a CSR for another identity, wrong-
+audience tokens) are in test_ca.py and test_ca_kubernetes.py; secure naming is in test_proxy.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy import framing
+from proxy.sidecar import Sidecar
+from sidemesh.identity import tls
+from sidemesh.spiffe import SpiffeId, WorkloadId
+from tests.integration.conftest import StartCA
+from tests.integration.mesh_fixture import ALLOW_FRONTEND, INBOUND, MESH_YAML, Mesh, free_net
+from tests.support import pki
+
+CART = 2
+FRONTEND_ID = WorkloadId("shop", "frontend").spiffe_id("cluster.local")
+STRANGER_ID = WorkloadId("shop", "stranger").spiffe_id("cluster.local")
+
+
+class CountingApp:
+    def __init__(self) -> None:
+        self.connections = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data.upper())
+                await writer.drain()
+        writer.close()
+
+
+@pytest.fixture
+async def target(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[tuple[Mesh, Sidecar, CountingApp]]:
+    ca = await start_ca()
+    config_dir = tmp_path / "mesh"
+    config_dir.mkdir()
+    net = free_net()
+    m = Mesh(ca, config_dir, net)
+    m.write("workloads.yaml", MESH_YAML.format(net=net))
+    m.write("allow.yaml", ALLOW_FRONTEND)
+    app = CountingApp()
+    await m.app(CART, app)
+    cart = await m.sidecar("cart", CART)
+    yield m, cart, app
+    await m.close()
+
+
+async def _attempt(mesh: Mesh, ctx: ssl.SSLContext | None, port: int = 8080) -> bytes:
+    """Connect (TLS when ``ctx``), ask for ``port``, send a payload; whatever comes back."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(mesh.addr(CART), INBOUND, ssl=ctx, server_hostname="" if ctx else None), 5
+        )
+    except (ssl.SSLError, ConnectionError):
+        return b""  # refused during the handshake
+    try:
+        if ctx is not None:
+            writer.write(framing.open_frame(port) + framing.data_header(6) + b"secret" + framing.EOF_FRAME)
+        else:
+            writer.write(b"secret")
+            writer.write_eof()
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)
+    except (ssl.SSLError, ConnectionError):
+        return b""
+    finally:
+        writer.close()
+
+
+def _refused(app: CountingApp, reply: bytes) -> None:
+    assert b"SECRET" not in reply, "the application answered the attacker"
+    assert app.connections == 0, "the attacker's connection reached the application"
+
+
+async def test_a_valid_client_is_served(target: tuple[Mesh, Sidecar, CountingApp]) -> None:
+    # The control experiment: the same client code with a legitimate certificate gets through, so
+    # the refusals below are the sidecar's doing and not the test client's.
+    mesh, _, app = target
+    reply = await _attempt(mesh, tls.client_context(pki.make_svid(mesh.ca.authority, FRONTEND_ID)))
+    assert b"SECRET" in reply and app.connections == 1
+
+
+async def test_plaintext_to_a_strict_workload(target: tuple[Mesh, Sidecar, CountingApp]) -> None:
+    mesh, cart, app = target
+    _refused(app, await _attempt(mesh, None))
+    assert cart.metrics.connections.labels("inbound", "refused")._value.get() == 1
+
+
+async def test_client_certificate_from_another_trust_domain(
+    target: tuple[Mesh, Sidecar, CountingApp], tmp_path: Path
+) -> None:
+    mesh, cart, app = target
+    foreign = pki.make_authority(tmp_path / "foreign", trust_domain="evil.example")
+    svid = pki.make_svid(foreign, SpiffeId.parse("spiffe://evil.example/ns/shop/sa/frontend"))
+    _refused(app, await _attempt(mesh, tls.client_context(svid.with_bundle(mesh.ca.authority.roots))))
+    failures = cart.metrics.tls_failures.collect()
+    assert sum(x.value for m in failures for x in m.samples if x.name.endswith("_total")) >= 1
+
+
+async def test_self_signed_client_certificate_naming_an_allowed_identity(
+    target: tuple[Mesh, Sidecar, CountingApp],
+) -> None:
+    mesh, _, app = target
+    svid = pki.self_signed_svid(FRONTEND_ID).with_bundle(mesh.ca.authority.roots)
+    _refused(app, await _attempt(mesh, tls.client_context(svid)))
+
+
+async def test_expired_client_certificate_from_our_own_ca(target: tuple[Mesh, Sidecar, CountingApp]) -> None:
+    mesh, _, app = target
+    _refused(app, await _attempt(mesh, tls.client_context(pki.expired_svid(mesh.ca.authority, FRONTEND_ID))))
+
+
+async def test_valid_certificate_for_an_identity_the_policy_does_not_allow(
+    target: tuple[Mesh, Sidecar, CountingApp],
+) -> None:
+    mesh, cart, app = target
+    reply = await _attempt(mesh, tls.client_context(pki.make_svid(mesh.ca.authority, STRANGER_ID)))
+    _refused(app, reply)
+    assert reply[:1] == bytes([framing.DENY]) and b"cart-allow-frontend" in reply  # told why
+    assert cart.metrics.denials.labels("shop/cart-allow-frontend")._value.get() == 1
+
+
+@pytest.mark.parametrize("cipher", ["AES128-SHA", "ECDHE-ECDSA-AES128-GCM-SHA256"])
+async def test_tls_1_2_downgrade_with_a_valid_certificate(
+    target: tuple[Mesh, Sidecar, CountingApp], cipher: str
+) -> None:
+    mesh, _, app = target
+    ctx = tls.client_context(pki.make_svid(mesh.ca.authority, FRONTEND_ID))
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(cipher)  # weak and non-forward-secret, then a strong 1.2 suite: both refused
+    _refused(app, await _attempt(mesh, ctx))
+
+
+async def test_mesh_certificate_without_the_mesh_alpn_is_plaintext_to_a_strict_workload(
+    target: tuple[Mesh, Sidecar, CountingApp],
+) -> None:
+    # TLS with a valid certificate but not speaking sidemesh/1 (e.g. an app holding a stolen SVID
+    # and talking h2): it is not a sidecar, so strict mode refuses it like any plaintext.
+    mesh, _, app = target
+    ctx = tls.client_context(pki.make_svid(mesh.ca.authority, FRONTEND_ID))
+    ctx.set_alpn_protocols(["h2"])
+    _refused(app, await _attempt(mesh, ctx))
+
+
+@pytest.mark.parametrize("port", [15000, 15020])
+async def test_allowed_peer_cannot_reach_the_proxys_own_ports(
+    target: tuple[Mesh, Sidecar, CountingApp], port: int
+) -> None:
+    # An allowed identity asks the sidecar to deliver to its admin (15000) or health (15020) port.
+    mesh, _, app = target
+    reply = await _attempt(mesh, tls.client_context(pki.make_svid(mesh.ca.authority, FRONTEND_ID)), port=port)
+    _refused(app, reply)
+    assert reply[:1] == bytes([framing.DENY]) and b"proxy's own" in reply
+
+
+async def test_one_attackers_refusal_does_not_disturb_a_valid_client(
+    target: tuple[Mesh, Sidecar, CountingApp],
+) -> None:
+    mesh, _, app = target
+    good = tls.client_context(pki.make_svid(mesh.ca.authority, FRONTEND_ID))
+    bad = tls.client_context(pki.self_signed_svid(FRONTEND_ID).with_bundle(mesh.ca.authority.roots))
+    replies = await asyncio.gather(*[_attempt(mesh, bad) for _ in range(20)], _attempt(mesh, good))
+    assert all(b"SECRET" not in r for r in replies[:-1])
+    assert b"SECRET" in replies[-1] and app.connections == 1
