@@ -91,7 +91,19 @@ def parse_review(body: bytes) -> dict[str, Any]:
     uid = request.get("uid")
     if not isinstance(uid, str) or not uid:
         raise BadReview("the AdmissionReview request has no uid")
+    for name in _OBJECT_FIELDS:
+        if request.get(name) is not None and not isinstance(request[name], dict):
+            raise BadReview(f"request.{name} is a {type(request[name]).__name__}, not an object")
+    for name in _STRING_FIELDS:
+        if request.get(name) is not None and not isinstance(request[name], str):
+            raise BadReview(f"request.{name} is a {type(request[name]).__name__}, not a string")
     return request
+
+
+# AdmissionRequest fields the webhook reads or logs, and the JSON type the API server sends.
+# (`object` is checked later: a pod that is not an object gets a refusal answering its uid.)
+_OBJECT_FIELDS = ("kind", "resource", "requestKind", "requestResource", "userInfo", "oldObject", "options")
+_STRING_FIELDS = ("operation", "namespace", "name", "subResource")
 
 
 def _response(uid: str, allowed: bool, **extra: Any) -> AdmissionReviewResponse:

@@ -88,6 +88,23 @@ def test_unusable_reviews_are_http_400(body: Any, message: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("resource", [None, None], "request.resource is a list, not an object"),
+        ("kind", 1.5, "request.kind is a float, not an object"),
+        ("userInfo", "admin", "request.userInfo is a str, not an object"),
+        ("operation", ["CREATE"], "request.operation is a list, not a string"),
+        ("namespace", 7, "request.namespace is a int, not a string"),
+    ],
+)
+def test_fields_of_the_wrong_json_type_are_a_bad_request(field: str, value: Any, message: str) -> None:
+    # Found by schemathesis (tests/integration/test_injector_fuzz.py): a list in request.resource
+    # was a 500 from the webhook.
+    outcome = admit(a_review(**{field: value}))
+    assert outcome.http_status == 400 and outcome.body == {"error": message}
+
+
+@pytest.mark.parametrize(
     ("request_fields", "message"),
     [
         ({"object": None}, "has no object"),
