@@ -450,3 +450,28 @@ def test_8_frontend_sidecar_restart(shop: Shop) -> None:
     )
     assert reply.body == "cart:8080:/after-restart\n"
     assert works < ready + 5
+
+
+def test_9_a_pod_cannot_reach_another_pods_admin_or_bypass_its_sidecar(shop: Shop) -> None:
+    cart = shop.addr("cart")
+    # The admin port (config, certificates, connections) listens on the pod's loopback only.
+    admin = shop.curl("outsider", f"http://{cart}:15000/config", max_time=3)
+    assert not admin.ok and admin.rc == 7, f"cart's admin port answered another pod: {admin}"  # refused
+    # From a meshed pod the attempt goes through its own sidecar, and cart's refuses the port.
+    admin = shop.curl("stranger", f"http://{cart}:15000/config", max_time=3)
+    assert not admin.ok and "policies" not in admin.body, f"cart's admin port answered another pod: {admin}"
+    # The inbound port itself, reached directly in plaintext (it is exempt from capture): refused.
+    direct = shop.curl("outsider", f"http://{cart}:15006/", max_time=3)
+    assert not direct.ok and "cart:" not in direct.body, direct
+    # From inside a meshed pod, the app talking straight to its own sidecar's listeners.
+    own_inbound = shop.curl("frontend", "http://127.0.0.1:15006/", max_time=3)
+    assert not own_inbound.ok and "cart:" not in own_inbound.body, own_inbound
+    # A non-root app cannot become the proxy's UID to escape capture (no CAP_SETUID).
+    trick = shop.pod("frontend").run(
+        "setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "--",
+        "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups", "--",
+        "curl", "-sS", "--max-time", "3", shop.url(8080, "/uid-trick"),
+        check=False, timeout=15,
+    )  # fmt: skip
+    assert trick.returncode != 0 and "cart:" not in trick.stdout, trick
+    assert "not permitted" in trick.stderr.lower(), trick.stderr
