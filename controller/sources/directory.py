@@ -30,7 +30,8 @@ class DirectorySource:
                     snapshot = await asyncio.to_thread(reader.load)
                     for error in snapshot.errors:
                         log.error(
-                            "invalid resource ignored; everything else still applies", extra={"error": error}
+                            "invalid resource or annotation ignored; everything else still applies",
+                            extra={"error": error},
                         )
                     on_change(snapshot)
             except OSError as exc:

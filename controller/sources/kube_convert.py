@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypedDict, TypeVar
 
+from sidemesh.mesh.delivery import opaque_ports
 from sidemesh.mesh.resources import (
     DEFAULT_POLICY_ANNOTATION,
     EndpointAddress,
@@ -154,14 +155,18 @@ def workload_from_pod(pod: Obj) -> Converted[Workload]:
         annotations=annotations,
         ports=tuple(sorted(ports.values(), key=lambda wp: wp.port)),
         meshed=meshed,
+        opaque_ports=opaque_ports(annotations, f"Pod {ref}", errors),
     )
     return Converted(workload, tuple(errors))
 
 
 def service_from(obj: Obj) -> Converted[Service]:
-    """The same parser as local mode: TCP ports, named or numbered targetPort, headless -> no IP."""
+    """The same parser as local mode: TCP ports, named or numbered targetPort, headless -> no IP.
+    An invalid delivery annotation (timeout, retries, ...) is ignored and reported; the Service
+    stays."""
+    warnings: list[str] = []
     try:
-        return Converted(parse_service(obj))
+        return Converted(parse_service(obj, warnings), tuple(warnings))
     except ResourceError as exc:
         return Converted(None, (str(exc),))
 

@@ -340,7 +340,10 @@ class KubernetesSource:
             )
         for error in snapshot.errors:
             if error not in known:
-                log.error("invalid resource ignored; everything else still applies", extra={"error": error})
+                log.error(
+                    "invalid resource or annotation ignored; everything else still applies",
+                    extra={"error": error},
+                )
         self.snapshot = snapshot
         on_change(snapshot)
 

@@ -122,6 +122,7 @@ class Workload(_message.Message):
     DEFAULT_POLICY_FIELD_NUMBER: _builtins.int
     POLICIES_FIELD_NUMBER: _builtins.int
     PORTS_FIELD_NUMBER: _builtins.int
+    OPAQUE_PORTS_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     """namespace/name"""
     default_policy: _builtins.str
@@ -134,6 +135,10 @@ class Workload(_message.Message):
 
     @_builtins.property
     def ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def opaque_ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """ports that skip protocol detection (sidemesh.io/opaque-ports)"""
+
     def __init__(
         self,
         *,
@@ -142,10 +147,11 @@ class Workload(_message.Message):
         default_policy: _builtins.str = ...,
         policies: _abc.Iterable[_builtins.str] | None = ...,
         ports: _abc.Iterable[_builtins.int] | None = ...,
+        opaque_ports: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "default_policy", b"default_policy", "policies", b"policies", "ports", b"ports", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "default_policy", b"default_policy", "opaque_ports", b"opaque_ports", "policies", b"policies", "ports", b"ports", "ref", b"ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -291,8 +297,21 @@ class Destination(_message.Message):
     NAMES_FIELD_NUMBER: _builtins.int
     ADDRESSES_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
+    RETRY_NON_IDEMPOTENT_FIELD_NUMBER: _builtins.int
+    OPAQUE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"cart.shop:80" """
+    timeout_seconds: _builtins.float
+    """Delivery, from the Service's annotations (sidemesh.io/timeout, retries, ...).
+    until response headers, retries included; 0 = none
+    """
+    retries: _builtins.int
+    """0..10"""
+    retry_non_idempotent: _builtins.bool
+    opaque: _builtins.bool
+    """no protocol detection: opaque TCP"""
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """other names for it ("cart.shop.svc.cluster.local:80")"""
@@ -310,10 +329,14 @@ class Destination(_message.Message):
         names: _abc.Iterable[_builtins.str] | None = ...,
         addresses: _abc.Iterable[_builtins.str] | None = ...,
         endpoints: _abc.Iterable[Global___Endpoint] | None = ...,
+        timeout_seconds: _builtins.float = ...,
+        retries: _builtins.int = ...,
+        retry_non_idempotent: _builtins.bool = ...,
+        opaque: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "endpoints", b"endpoints", "name", b"name", "names", b"names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "endpoints", b"endpoints", "name", b"name", "names", b"names", "opaque", b"opaque", "retries", b"retries", "retry_non_idempotent", b"retry_non_idempotent", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -35,6 +35,10 @@ class Destination:
     endpoints: tuple[Endpoint, ...]
     names: tuple[str, ...] = ()  # other names
     addresses: tuple[tuple[str, int], ...] = ()  # (ip, port) keys
+    timeout_s: float | None = None  # until response headers, retries included (HTTP)
+    retries: int = 0  # HTTP retries (see proxy/retry.py for which)
+    retry_non_idempotent: bool = False
+    opaque: bool = False  # no protocol detection: carried as opaque TCP
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class InboundWorkload:
     default_policy: DefaultPolicy
     policies: tuple[str, ...]  # refs
     ports: tuple[int, ...]
+    opaque_ports: tuple[int, ...] = ()  # inbound ports that skip protocol detection
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +84,8 @@ def _outbound_digest(destinations: tuple[Destination, ...]) -> str:
     h = hashlib.sha256()
     for d in destinations:
         h.update(f"{d.name}|{','.join(d.names)}|{d.addresses}|".encode())
+        if d.timeout_s or d.retries or d.retry_non_idempotent or d.opaque:  # most have none: no cost
+            h.update(f"~{d.timeout_s}|{d.retries}|{d.retry_non_idempotent}|{d.opaque}|".encode())
         h.update("".join(f"{e.address}:{e.port}:{e.identity}:{e.workload};" for e in d.endpoints).encode())
     return h.hexdigest()[:16]
 
@@ -169,8 +176,18 @@ def _service_destinations(
         names = (f"{svc.host}.svc:{sp.port}", f"{svc.host}.svc.cluster.local:{sp.port}")
         ips = svc.cluster_ips or ((svc.cluster_ip,) if svc.cluster_ip else ())
         addresses = tuple((ip, sp.port) for ip in ips)  # dual stack: each family's ClusterIP
+        d = svc.delivery
         out.append(
-            Destination(name, tuple(sorted(endpoints, key=lambda e: (e.address, e.port))), names, addresses)
+            Destination(
+                name,
+                tuple(sorted(endpoints, key=lambda e: (e.address, e.port))),
+                names,
+                addresses,
+                d.timeout_s,
+                d.retries,
+                d.retry_non_idempotent,
+                sp.port in d.opaque_ports,
+            )
         )
     return out
 
@@ -187,7 +204,15 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
     for w in snapshot.workloads:  # a pod addressed directly, by its IP
         for p in w.ports:
             ep = Endpoint(w.address, p.port, ids.of(w, p.port), w.ref)
-            destinations.append(Destination(f"pod {w.ref}:{p.port}", (ep,), (), ((w.address, p.port),)))
+            destinations.append(
+                Destination(
+                    f"pod {w.ref}:{p.port}",
+                    (ep,),
+                    (),
+                    ((w.address, p.port),),
+                    opaque=p.port in w.opaque_ports,
+                )
+            )
     for svc in sorted(snapshot.services, key=lambda s: (s.namespace, s.name)):
         destinations.extend(_service_destinations(svc, index, listed, ids))
     table = tuple(destinations)
@@ -230,7 +255,12 @@ def compile_inbound(
         used.update((p.ref, p) for p in selecting)
         workloads.append(
             InboundWorkload(
-                w.ref, (w.address,), default, tuple(p.ref for p in selecting), tuple(p.port for p in w.ports)
+                w.ref,
+                (w.address,),
+                default,
+                tuple(p.ref for p in selecting),
+                tuple(p.port for p in w.ports),
+                tuple(sorted(w.opaque_ports)),
             )
         )
     config = InboundConfig(
@@ -250,6 +280,7 @@ class SidecarConfig:
     ports: tuple[int, ...]
     outbound: OutboundTable
     version: str = ""
+    opaque_ports: frozenset[int] = frozenset()  # inbound ports that skip protocol detection
 
     def lookup_address(self, ip: str, port: int) -> Destination | None:
         return self.outbound._by_address.get((ip, port))
@@ -273,6 +304,7 @@ def sidecar_view(
         me.ports,
         outbound,
         version,
+        frozenset(me.opaque_ports),
     )
 
 

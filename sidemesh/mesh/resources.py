@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidemesh.mesh.delivery import DEFAULT, DEFAULT_OPAQUE_PORTS, Delivery, opaque_ports, service_delivery
 from sidemesh.policy import crd
 from sidemesh.policy.model import Authorization, DefaultPolicy
 
@@ -45,6 +46,7 @@ class Service:
     cluster_ip: str | None = None
     annotations: tuple[tuple[str, str], ...] = ()
     cluster_ips: tuple[str, ...] = ()  # all of them (dual stack); cluster_ip is the first
+    delivery: Delivery = DEFAULT  # timeout, retries, opaque ports (from the annotations)
 
     @property
     def host(self) -> str:
@@ -67,6 +69,7 @@ class Workload:
     annotations: tuple[tuple[str, str], ...] = ()
     ports: tuple[WorkloadPort, ...] = ()
     meshed: bool = True
+    opaque_ports: frozenset[int] = DEFAULT_OPAQUE_PORTS  # from sidemesh.io/opaque-ports
 
     @property
     def ref(self) -> str:
@@ -168,7 +171,9 @@ def _ip(value: Any, where: str) -> str:
         raise ResourceError(f"{where}: {value!r} is not an IP address") from None
 
 
-def parse_service(doc: dict[str, Any]) -> Service:
+def parse_service(doc: dict[str, Any], warnings: list[str] | None = None) -> Service:
+    """Raises ResourceError for a Service that cannot be used; an invalid delivery annotation is
+    only ignored, and reported in ``warnings``."""
     name, ns, meta = _meta(doc, "Service")
     spec = _obj(doc.get("spec"), f"Service {ns}/{name}: spec")
     ports = []
@@ -190,18 +195,20 @@ def parse_service(doc: dict[str, Any]) -> Service:
             ip = _ip(value, f"Service {ns}/{name}: spec.clusterIP(s)")
             if ip not in ips:
                 ips.append(ip)
+    annotations = _pairs(meta.get("annotations"), f"Service {ns}/{name}: metadata.annotations")
     return Service(
         name,
         ns,
         _pairs(spec.get("selector"), f"Service {ns}/{name}: spec.selector"),
         tuple(ports),
         ips[0] if ips else None,
-        _pairs(meta.get("annotations"), "metadata.annotations"),
+        annotations,
         tuple(ips),
+        service_delivery(annotations, f"Service {ns}/{name}", [] if warnings is None else warnings),
     )
 
 
-def parse_workload(doc: dict[str, Any]) -> Workload:
+def parse_workload(doc: dict[str, Any], warnings: list[str] | None = None) -> Workload:
     name, ns, meta = _meta(doc, "Workload")
     where = f"Workload {ns}/{name}"
     spec = _obj(doc.get("spec"), f"{where}: spec")
@@ -227,6 +234,7 @@ def parse_workload(doc: dict[str, Any]) -> Workload:
         annotations,
         ports,
         bool(spec.get("meshed", True)),
+        opaque_ports(annotations, where, [] if warnings is None else warnings),
     )
 
 
@@ -255,15 +263,17 @@ def build_snapshot(docs: list[tuple[str, Any]]) -> Snapshot:
             if not isinstance(doc, dict):
                 raise ResourceError("a document must be an object")
             kind, api = doc.get("kind"), doc.get("apiVersion")
+            warnings: list[str] = []
             if kind == "Service" and api == "v1":
-                services.append(parse_service(doc))
+                services.append(parse_service(doc, warnings))
             elif kind == "Workload" and api == crd.API_VERSION:
-                workloads.append(parse_workload(doc))
+                workloads.append(parse_workload(doc, warnings))
             elif kind == "Namespace" and api == "v1":
                 namespaces.append(parse_namespace(doc))
             elif kind == crd.KIND:
                 policies.append(crd.parse(doc))
             # Other kinds are not ours: ignored.
+            errors.extend(f"{source}: {w}" for w in warnings)
         except (ResourceError, crd.PolicyError) as exc:
             errors.append(f"{source}: {exc}")
         except (TypeError, AttributeError, ValueError) as exc:  # a shape no check above anticipated

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from sidemesh.api import config_pb2 as pb
 from sidemesh.mesh.compile import Destination, Endpoint, InboundConfig, InboundWorkload, OutboundTable
+from sidemesh.mesh.delivery import MAX_RETRIES
 from sidemesh.policy.model import Authorization, DefaultPolicy, HTTPMatch, Mode, Rule, Source
 from sidemesh.spiffe import SpiffeId
 
@@ -57,6 +60,7 @@ def inbound_to_pb(c: InboundConfig) -> pb.Inbound:
                 default_policy=w.default_policy.value,
                 policies=list(w.policies),
                 ports=list(w.ports),
+                opaque_ports=list(w.opaque_ports),
             )
             for w in c.workloads
         ],
@@ -75,6 +79,7 @@ def inbound_from_pb(m: pb.Inbound) -> InboundConfig:
                     DefaultPolicy(w.default_policy),
                     tuple(w.policies),
                     tuple(w.ports),
+                    tuple(w.opaque_ports),
                 )
                 for w in m.workloads
             ),
@@ -107,30 +112,38 @@ def outbound_to_pb(t: OutboundTable) -> pb.Outbound:
                     )
                     for e in d.endpoints
                 ],
+                timeout_seconds=d.timeout_s or 0.0,
+                retries=d.retries,
+                retry_non_idempotent=d.retry_non_idempotent,
+                opaque=d.opaque,
             )
             for d in t.destinations
         ],
     )
 
 
+def _destination_from_pb(d: pb.Destination) -> Destination:
+    if not math.isfinite(d.timeout_seconds) or d.timeout_seconds < 0:
+        raise ValueError(f"{d.name}: timeout {d.timeout_seconds} is not a duration")
+    if d.retries > MAX_RETRIES:
+        raise ValueError(f"{d.name}: {d.retries} retries (at most {MAX_RETRIES})")
+    return Destination(
+        d.name,
+        tuple(
+            Endpoint(e.address, e.port, SpiffeId.parse(e.identity) if e.identity else None, e.workload)
+            for e in d.endpoints
+        ),
+        tuple(d.names),
+        tuple(_split(a) for a in d.addresses),
+        d.timeout_seconds or None,
+        d.retries,
+        d.retry_non_idempotent,
+        d.opaque,
+    )
+
+
 def outbound_from_pb(m: pb.Outbound) -> OutboundTable:
     try:
-        return OutboundTable(
-            tuple(
-                Destination(
-                    d.name,
-                    tuple(
-                        Endpoint(
-                            e.address, e.port, SpiffeId.parse(e.identity) if e.identity else None, e.workload
-                        )
-                        for e in d.endpoints
-                    ),
-                    tuple(d.names),
-                    tuple(_split(a) for a in d.addresses),
-                )
-                for d in m.destinations
-            ),
-            m.hash,
-        )
+        return OutboundTable(tuple(_destination_from_pb(d) for d in m.destinations), m.hash)
     except ValueError as exc:
         raise WireError(f"invalid outbound configuration: {exc}") from exc

@@ -28,6 +28,7 @@ from controller.sources.kube_convert import (
     slice_from,
     workload_from_pod,
 )
+from sidemesh.mesh.delivery import DEFAULT_OPAQUE_PORTS, Delivery
 from sidemesh.mesh.resources import (
     EndpointAddress,
     Namespace,
@@ -506,3 +507,39 @@ def test_observed_status_reads_back_what_we_write_and_tells_apart_what_we_did_no
 )
 def test_backoff_doubles_and_is_capped(failures: int, expected: float) -> None:
     assert backoff_delay(failures, 0.5, 30.0) == expected
+
+
+def test_service_delivery_annotations_become_its_delivery_settings() -> None:
+    annotations = {
+        "sidemesh.io/timeout": "1500ms",
+        "sidemesh.io/retries": "3",
+        "sidemesh.io/retry-non-idempotent": "true",
+        "sidemesh.io/opaque-ports": "80",
+    }
+    converted = service_from(with_(service("cart"), "metadata.annotations", annotations))
+    assert converted.errors == ()
+    assert converted.value is not None
+    assert converted.value.delivery == Delivery(1.5, 3, True, frozenset({80}))
+
+
+def test_an_invalid_delivery_annotation_is_reported_and_ignored_and_the_service_stays() -> None:
+    annotations = {"sidemesh.io/timeout": "soon", "sidemesh.io/retries": "2"}
+    converted = service_from(with_(service("cart"), "metadata.annotations", annotations))
+    assert converted.value is not None and converted.value.delivery == Delivery(None, 2)
+    assert converted.errors == (
+        "Service shop/cart: annotation sidemesh.io/timeout: 'soon' is not a duration "
+        "(examples: 2s, 500ms, 1m30s; 0s for none); annotation ignored",
+    )
+
+
+def test_pod_opaque_ports_annotation() -> None:
+    obj = with_(CART, "metadata.annotations", {**STATUS, "sidemesh.io/opaque-ports": "8080, 9000"})
+    converted = workload_from_pod(obj)
+    assert converted.errors == ()
+    assert converted.value is not None and converted.value.opaque_ports == frozenset({8080, 9000})
+    bad = workload_from_pod(with_(CART, "metadata.annotations", {**STATUS, "sidemesh.io/opaque-ports": "db"}))
+    assert bad.value is not None and bad.value.opaque_ports == DEFAULT_OPAQUE_PORTS
+    assert bad.errors == (
+        "Pod shop/cart-1: annotation sidemesh.io/opaque-ports: 'db' is not a port number "
+        "(1-65535; ranges are not supported); annotation ignored",
+    )

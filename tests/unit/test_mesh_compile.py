@@ -187,3 +187,103 @@ def test_an_invalid_default_policy_annotation_never_breaks_compilation() -> None
         DefaultPolicy.ALLOW_ALL,
     )
     assert inbound.workloads[0].default_policy is DefaultPolicy.DENY  # the namespace's, as if absent
+
+
+DELIVERY_DOCS = textwrap.dedent("""\
+    apiVersion: v1
+    kind: Service
+    metadata:
+      name: cart
+      namespace: shop
+      annotations:
+        sidemesh.io/timeout: 2s
+        sidemesh.io/retries: "3"
+        sidemesh.io/retry-non-idempotent: "true"
+        sidemesh.io/opaque-ports: "9000"
+    spec:
+      clusterIP: 10.96.0.10
+      selector: {app: cart}
+      ports: [{port: 80, targetPort: 8080, name: web}, {port: 9000, targetPort: 8080, name: raw}]
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {name: db, namespace: shop, annotations: {sidemesh.io/retries: lots}}
+    spec:
+      clusterIP: 10.96.0.11
+      selector: {app: db}
+      ports: [{port: 5432}, {port: 8080}]
+    ---
+    apiVersion: sidemesh.io/v1alpha1
+    kind: Workload
+    metadata: {name: cart-1, namespace: shop, labels: {app: cart}, annotations: {sidemesh.io/opaque-ports: "8080"}}
+    spec: {serviceAccount: cart, address: 10.0.0.2, ports: [{port: 8080}, {port: 5432}]}
+    ---
+    apiVersion: sidemesh.io/v1alpha1
+    kind: Workload
+    metadata: {name: db-1, namespace: shop, labels: {app: db}, annotations: {sidemesh.io/opaque-ports: "a,b"}}
+    spec: {serviceAccount: db, address: 10.0.0.5, ports: [{port: 5432}, {port: 8080}]}
+    """)
+
+
+def delivery_snapshot() -> Snapshot:
+    return build_snapshot([(f"doc{i}", d) for i, d in enumerate(yaml.safe_load_all(DELIVERY_DOCS))])
+
+
+def test_service_annotations_reach_its_destinations() -> None:
+    snap = delivery_snapshot()
+    table = compile_outbound(snap, "cluster.local")
+    web, raw = table._by_name["cart.shop:80"], table._by_name["cart.shop:9000"]
+    assert (web.timeout_s, web.retries, web.retry_non_idempotent, web.opaque) == (2.0, 3, True, False)
+    assert (raw.timeout_s, raw.retries, raw.opaque) == (2.0, 3, True)  # the annotation lists 9000
+    db, db_http = table._by_name["db.shop:5432"], table._by_name["db.shop:8080"]
+    assert (db.retries, db.opaque, db_http.opaque) == (0, True, False)  # the default list: 5432
+    # Pods addressed directly: their own annotation, or the default list when it is invalid.
+    assert table._by_address[("10.0.0.2", 8080)].opaque
+    assert not table._by_address[("10.0.0.2", 5432)].opaque  # the annotation replaces the defaults
+    assert table._by_address[("10.0.0.5", 5432)].opaque
+    assert sorted(e.split(": ", 1)[1] for e in snap.errors) == [
+        "Service shop/db: annotation sidemesh.io/retries: 'lots' is not a number of retries from 0 to 10; "
+        "annotation ignored",
+        "Workload shop/db-1: annotation sidemesh.io/opaque-ports: 'a' is not a port number "
+        "(1-65535; ranges are not supported); annotation ignored",
+    ]
+    assert [s.name for s in snap.services] == ["cart", "db"]  # nothing dropped
+
+
+def test_inbound_opaque_ports_reach_the_sidecar_view() -> None:
+    snap = delivery_snapshot()
+    cart = compile_sidecar(snap, "shop/cart-1", "cluster.local", DefaultPolicy.DENY)
+    assert cart.opaque_ports == frozenset({8080})
+    db = compile_sidecar(snap, "shop/db-1", "cluster.local", DefaultPolicy.DENY)
+    assert db.opaque_ports == frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
+
+
+def test_delivery_changes_change_the_hash() -> None:
+    import dataclasses
+
+    snap = delivery_snapshot()
+    before = compile_outbound(snap, "cluster.local")
+    cart = snap.services[0]
+    slower = dataclasses.replace(cart, delivery=dataclasses.replace(cart.delivery, timeout_s=5.0))
+    after = compile_outbound(Snapshot((slower, *snap.services[1:]), snap.workloads), "cluster.local")
+    assert after.hash != before.hash
+
+
+def test_wire_round_trip_of_delivery_settings() -> None:
+    snap = delivery_snapshot()
+    outbound = compile_outbound(snap, "cluster.local")
+    back = wire.outbound_from_pb(wire.outbound_to_pb(outbound))
+    assert back.destinations == outbound.destinations
+    assert back._by_name["cart.shop:80"].timeout_s == 2.0 and back._by_name["db.shop:8080"].timeout_s is None
+    inbound = compile_inbound(snap, WorkloadId("shop", "cart"), "cluster.local", DefaultPolicy.DENY)
+    assert wire.inbound_from_pb(wire.inbound_to_pb(inbound)).workloads[0].opaque_ports == (8080,)
+
+
+def test_wire_rejects_impossible_delivery_settings() -> None:
+    import pytest
+
+    from sidemesh.api import config_pb2 as pb
+
+    for bad in (pb.Destination(name="x", retries=11), pb.Destination(name="x", timeout_seconds=-1.0)):
+        with pytest.raises(wire.WireError, match="x: "):
+            wire.outbound_from_pb(pb.Outbound(destinations=[bad]))
