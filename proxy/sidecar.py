@@ -40,7 +40,8 @@ CONFIG_POLL_SECONDS = 0.5
 HEAP_TRIM_SECONDS = 5.0
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int) -> socket.socket:
+    """Bound now (a port in use fails the start), listening only once the sidecar can serve."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -48,7 +49,6 @@ def _listen(host: str, port: int) -> socket.socket:
     # drains, so a restart in place has no window of refused connections (Envoy binds so too).
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(1024)
     sock.setblocking(False)
     return sock
 
@@ -73,6 +73,9 @@ class Sidecar:
         self.ports: dict[str, int] = {}
         self.draining = False
         self._no_relays = asyncio.Event()
+        # Set once there is an SVID and a configuration: only then do the data listeners listen,
+        # so that a replacement sidecar (SO_REUSEPORT) takes no connection it cannot serve yet.
+        self._can_serve = asyncio.Event()
         self.inbound_port = parse_hostport("inbound_listen", config.inbound_listen)[1]
         self.proxy_ports = {15000, 15001, 15006, 15020, self.inbound_port}
         self._own: set[tuple[str, int]] = set()
@@ -153,6 +156,7 @@ class Sidecar:
 
     def _set(self, compiled: SidecarConfig) -> None:
         self._mesh = compiled
+        self._check_can_serve()
         self.config_updated = time.time()
         self.metrics.config_version.clear()
         self.metrics.config_version.labels(compiled.version).set(1)
@@ -212,8 +216,14 @@ class Sidecar:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _check_can_serve(self) -> None:
+        if self.identity.ready and self._mesh is not None:
+            self._can_serve.set()
+
     async def _accept(self, sock: socket.socket, kind: str, target: str | None = None) -> None:
         loop = asyncio.get_running_loop()
+        await self._can_serve.wait()
+        sock.listen(1024)
         while True:
             try:
                 conn, addr = await loop.sock_accept(sock)
@@ -245,7 +255,7 @@ class Sidecar:
 
     def _add_listener(self, name: str, address: str, kind: str, target: str | None = None) -> None:
         host, port = parse_hostport(name, address)
-        sock = _listen(host, port)
+        sock = _bind(host, port)
         bound = sock.getsockname()[:2]
         self.ports[name] = bound[1]
         self._own.add((bound[0], bound[1]))
@@ -255,6 +265,7 @@ class Sidecar:
         self.reload_config()
         await self.identity.start()
         self.identity.on_rotate(lambda svid: self.metrics.cert_expiry.set(svid.not_after.timestamp()))
+        self.identity.on_rotate(lambda _svid: self._check_can_serve())
         if self.controller is not None:
             self._spawn(self.controller.run())
         else:

@@ -252,6 +252,10 @@ async def test_not_ready_without_an_identity(mesh: Mesh, start_ca: StartCA) -> N
     try:
         status, body = await get(f"http://{mesh.addr(CART)}:{sidecar.ports['health']}/healthz/ready")
         assert status == 503 and body["identity"] == "pending"
+        # The data port is bound but does not listen until the sidecar can serve: a connection is
+        # refused at once (a peer tries another endpoint) instead of accepted and then failed.
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(mesh.addr(CART), INBOUND)
     finally:
         await sidecar.drain(timeout=0)
         await client.close()
