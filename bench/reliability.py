@@ -120,6 +120,7 @@ class Window:
     last_failure_s: float | None
     recovery_s: float | None  # first success after the last failure, relative to the fault
     recovered: bool
+    new_connections_recovery_s: float | None = None  # the same, counting short exchanges only
 
 
 class Load:
@@ -270,6 +271,10 @@ class Load:
             after = [r[0] for r in ok if r[2] == "short" and r[0] > last]
             recovered = bool(after)
             recovery = (min(after) - ref) if after else None
+        short_recovery: float | None = None
+        if short_bad := [r[0] for r in bad if r[2] == "short"]:
+            after_short = [r[0] for r in ok if r[2] == "short" and r[0] > max(short_bad)]
+            short_recovery = (min(after_short) - ref) if after_short else None
         return Window(
             requests=len(recs),
             failed=len(bad),
@@ -285,6 +290,7 @@ class Load:
             last_failure_s=round(max(r[0] for r in bad) - ref, 2) if bad else None,
             recovery_s=round(recovery, 2) if recovery is not None else None,
             recovered=recovered,
+            new_connections_recovery_s=round(short_recovery, 2) if short_recovery is not None else None,
         )
 
     def series(self) -> list[list[int]]:
@@ -1180,13 +1186,19 @@ class Bench:
         self._close(row, began, fault)
         w = row.window
         assert w is not None
-        resumed = w.recovery_s if w.failed else 0.0
+        # New connections are what "traffic resumes" is about; long-lived connections still open
+        # when the drain timeout ends are reset by design, and are reported on their own.
+        short_failed = w.failed_by_kind.get("short", 0)
+        resumed = (w.new_connections_recovery_s if short_failed else 0.0) if w.failed else 0.0
+        long_failed = w.failed - short_failed
         row.met = w.hung == 0 and resumed is not None and resumed <= RESUME_TARGET
         row.verdict = (
-            f"{'met' if row.met else 'MISSED'}: traffic back {_fmt_s(resumed)} after the signal "
+            f"{'met' if row.met else 'MISSED'}: new connections back {_fmt_s(resumed)} after the signal "
             f"(old process gone after {exited - fault:.1f} s, new one ready {ready_after:.1f} s after its start); "
-            f"{w.failed} failed ({_errors_text(w)}), {w.hung} hung"
+            f"{w.failed} failed ({_errors_text(w)}: {short_failed} new connections, {long_failed} on long-lived "
+            f"connections, which a drain ends at its timeout), {w.hung} hung"
         )
+        row.recovery_s = resumed
         return self._done(row)
 
     # -- soak --------------------------------------------------------------------------------------
