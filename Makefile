@@ -19,11 +19,12 @@ demo: $(STAMP)
 
 test: $(STAMP) sysdeps lint typecheck unit
 
-# The e2e tests build pods from network namespaces and need iptables and iproute2. As root on
-# Debian they are installed here; otherwise those tests skip and say why.
-SYSDEPS := iptables iproute2 curl util-linux mount
+# The e2e tests build pods from network namespaces and need iptables and iproute2; the HTTP/2
+# conformance test drives the sidecars with h2load (nghttp2-client). As root on Debian they are
+# installed here; otherwise those tests skip and say why.
+SYSDEPS := iptables iproute2 curl util-linux mount nghttp2-client
 sysdeps:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! (command -v iptables && command -v ip && command -v curl && command -v setpriv) >/dev/null; then \
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! (command -v iptables && command -v ip && command -v curl && command -v setpriv && command -v h2load) >/dev/null; then \
 	  echo "installing $(SYSDEPS) for the e2e tests (apt-get) ..."; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS) >/dev/null) \
 	    || echo "could not install $(SYSDEPS): the e2e tests will skip"; \
@@ -42,6 +43,9 @@ unit: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python -m sidemesh.api.generate
 
+# Every benchmark (bench/all.py: CA, injector, controller, L4; HTTP and tracing once they exist),
+# then bench/results/REPORT.md, its plots and the README's table (`python -m bench.report` alone
+# redraws them from the results already there).
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	@command -v wrk >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -49,10 +53,7 @@ bench: $(STAMP)
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null) \
 	    || echo "could not install wrk: bench.l4 skips its request/s runs"; \
 	  else echo "wrk not found (apt-get install wrk): bench.l4 skips its request/s runs"; fi; }
-	$(BIN)/python -m bench.ca_sign
-	$(BIN)/python -m bench.admission
-	$(BIN)/python -m bench.controller
-	$(BIN)/python -m bench.l4
+	$(BIN)/python -m bench.all
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -44,3 +46,21 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() or "unknown"
+
+
+def machine() -> dict[str, object]:
+    """This machine and this checkout, as every report describes them."""
+    load: list[float] = []
+    with contextlib.suppress(OSError):
+        load = [round(x, 2) for x in os.getloadavg()]
+    return {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count() or 0,
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "load_average": load,
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }

@@ -27,3 +27,15 @@ def test_demo_once_behaves_as_described_and_leaves_nothing_behind() -> None:
     # every process it started is gone
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "sidemesh-demo-" not in ps
+
+
+def test_demo_help_names_every_option_and_what_netns_needs() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "sidemesh", "demo", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    for option in ("--once", "--keep", "--netns"):
+        assert option in text
+    assert "needs root" in text
+    assert "With --netns (as root) each workload is instead a network namespace" in text
