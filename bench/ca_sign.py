@@ -118,6 +118,19 @@ def _core_times(cores: Sequence[int]) -> dict[int, tuple[float, float]]:
     return out
 
 
+def _context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of all the threads of a process so far (threads that
+    already ended are not counted: the CA's threads live as long as it does)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        total += sum(int(m) for m in re.findall(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)", text, re.M))
+    return total
+
+
 def _self_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -129,11 +142,16 @@ class CpuSnapshot:
     client: float
     server: float
     cores: dict[int, tuple[float, float]]
+    server_switches: int
 
     @classmethod
     def take(cls, server_pid: int, cores: Sequence[int]) -> CpuSnapshot:
         return cls(
-            time.perf_counter(), _self_cpu_seconds(), _proc_cpu_seconds(server_pid), _core_times(cores)
+            time.perf_counter(),
+            _self_cpu_seconds(),
+            _proc_cpu_seconds(server_pid),
+            _core_times(cores),
+            _context_switches(server_pid),
         )
 
 
@@ -217,7 +235,7 @@ def _crypto_child(ca_dir: str, seconds: float, core: int | None, conn: Connectio
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec
 
-        from ca import issuer, keys, templates
+        from ca import issuer, keys
         from ca.csr import validate_csr
         from sidemesh.identity.svid import make_csr, new_key
         from sidemesh.spiffe import WorkloadId
@@ -241,8 +259,7 @@ def _crypto_child(ca_dir: str, seconds: float, core: int | None, conn: Connectio
             validate_csr(csr, spiffe_id)
 
         def one_sign() -> None:
-            params = templates.LeafParams(spiffe_id, valid.public_key, ttl, dt.datetime.now(dt.UTC))
-            issuer.sign(authority, params)
+            issuer.sign_key_info(authority, valid.public_key_info, spiffe_id, ttl, dt.datetime.now(dt.UTC))
 
         # The same primitives through cryptography's own OpenSSL: one signing = one verify + one sign.
         tbs = b"\x30" * 400  # about the size of a leaf's TBSCertificate
@@ -584,6 +601,9 @@ async def _drive(p: LoadParams) -> Result:
         "max_ms": (lat[-1] if lat else float("nan")) * 1e3,
         "client_cpu": (after.client - before.client) / window,
         "server_cpu": (after.server - before.server) / window,
+        "server_cpu_us_per_call": (after.server - before.server) / max(1, state.ok) * 1e6,
+        "server_context_switches_per_call": (after.server_switches - before.server_switches)
+        / max(1, state.ok),
         "server_core_busy": busy(p.server_core),
         "client_core_busy": busy(p.core),
         "per_second": full_seconds,
@@ -702,6 +722,10 @@ def table_rows(
             f"{load['server_cpu']:.0%} / {load['client_cpu']:.0%} ({summary['verdict']})",
         ),
         (
+            "CA per signing: CPU µs / context switches (all its threads)",
+            f"{load['server_cpu_us_per_call']:.0f} / {load['server_context_switches_per_call']:.1f}",
+        ),
+        (
             "`cryptography` ca.issuer.issue/s (one core)",
             _fmt(crypto["issue_per_s"]) + _span(crypto, "issue_per_s"),
         ),
@@ -769,9 +793,10 @@ def write_markdown(path: Path, report: Result, rows: Sequence[tuple[str, str]]) 
         "## Setup",
         "",
         "- CA: `sidemesh ca serve --authenticator local --rate-limit 0 --listen 127.0.0.1:0 "
-        f"--metrics-listen ''`, {cfg['ca_pinning']}. Log level `info`: one JSON audit line per "
-        "issuance, stderr redirected to a file (the audit line is part of the cost of a signing; a "
-        f"terminal is not). Audit lines written: {report['audit_lines']:,}.",
+        f"--metrics-listen ''`, {cfg['ca_pinning']}, its other options at their defaults (gRPC helper "
+        f"threads under SCHED_BATCH: {cfg.get('batch_helper_threads', 'yes')}). Log level `info`: one JSON "
+        "audit line per issuance, stderr redirected to a file (the audit line is part of the cost of a "
+        f"signing; a terminal is not). Audit lines written: {report['audit_lines']:,}.",
         f"- Load generator: one process, {cfg['client_pinning']}; {cfg['csrs']:,} CSRs for "
         f"{len(IDENTITIES)} identities made before timing; {cfg['concurrency']} RPCs in flight over "
         f"{cfg['channels']} grpc.aio channels (one TLS connection each); {cfg['warmup']:g} s warm-up, "
@@ -982,6 +1007,7 @@ def _run(
         "raw_seconds": args.raw_seconds,
         "ca_pinning": ca.pin_note or f"pinned to core {server_core} with `taskset -c {server_core}`",
         "client_pinning": f"pinned to core {client_core}" if client_core is not None else "not pinned",
+        "batch_helper_threads": os.environ.get("SIDEMESH_CA_BATCH_HELPER_THREADS", "yes (default)"),
     }
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -7,11 +7,14 @@ file (local mode, VMs, tests).
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import hashlib
+import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +31,8 @@ AUDIENCE = "sidemesh-ca"
 MAX_TOKEN_BYTES = 8192
 SA_PREFIX = "system:serviceaccount:"
 RELOAD_CHECK_SECONDS = 1.0
+TOKEN_CACHE_TTL = dt.timedelta(seconds=60)
+MAX_CACHED_TOKENS = 10_000
 
 
 class Authenticator(Protocol):
@@ -158,16 +163,49 @@ class LocalTokenAuthenticator:
 # Kubernetes TokenReview
 
 
+def token_expiry(token: str) -> dt.datetime | None:
+    """The ``exp`` claim of a JWT, read without verifying it: only ever used to cache a token that
+    TokenReview accepted for less long, never to accept one. ``None`` for anything else."""
+    parts = token.split(".")
+    if len(parts) != 3 or len(parts[1]) > MAX_TOKEN_BYTES:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        exp = claims.get("exp") if isinstance(claims, dict) else None
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            return dt.datetime.fromtimestamp(exp, dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        pass
+    return None
+
+
 class KubernetesTokenAuthenticator:
     """Asks the API server (TokenReview, authentication.k8s.io/v1) who a projected token belongs to.
 
     The token must be valid for the audience ``sidemesh-ca``; a token minted for any other audience
     (the default API-server audience included) is refused.
+
+    An accepted token is remembered (by its SHA-256 digest) for ``cache_for``, and never past its own
+    ``exp``: a workload that retries, or renews with the same token, costs the API server one review
+    rather than one per call. The API server caches its own webhook token reviews the same way
+    (``--authentication-token-webhook-cache-ttl``, 2 minutes). Refusals are not cached.
     """
 
-    def __init__(self, api_client: Any, audience: str = AUDIENCE) -> None:
+    def __init__(
+        self,
+        api_client: Any,
+        audience: str = AUDIENCE,
+        clock: Clock = SYSTEM_CLOCK,
+        cache_for: dt.timedelta = TOKEN_CACHE_TTL,
+        max_cached: int = MAX_CACHED_TOKENS,
+    ) -> None:
         self.api_client = api_client
         self.audience = audience
+        self.clock = clock
+        self.cache_for = cache_for
+        self.max_cached = max_cached
+        self._cache: OrderedDict[bytes, tuple[WorkloadId, dt.datetime]] = OrderedDict()
+        self.reviews = 0  # TokenReviews sent (for tests and the curious)
 
     def _review(self, token: str) -> Any:
         from kubernetes import client
@@ -180,9 +218,29 @@ class KubernetesTokenAuthenticator:
         return client.AuthenticationV1Api(self.api_client).create_token_review(body)
 
     async def authenticate(self, token: str) -> WorkloadId:
+        key = _digest(token)
+        now = self.clock.now()
+        cached = self._cache.get(key)
+        if cached is not None:
+            if now < cached[1]:
+                return cached[0]
+            del self._cache[key]
+        identity = await self._authenticate(token)
+        if self.cache_for > dt.timedelta(0):
+            until = now + self.cache_for
+            expiry = token_expiry(token)
+            if expiry is not None:
+                until = min(until, expiry)
+            self._cache[key] = (identity, until)
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        return identity
+
+    async def _authenticate(self, token: str) -> WorkloadId:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
+        self.reviews += 1
         try:
             review = await asyncio.to_thread(self._review, token)
         except (ApiException, HTTPError, OSError) as exc:

@@ -40,6 +40,11 @@ class CAConfig:
         None, "local token file (with --authenticator local)", env="SIDEMESH_CA_TOKEN_FILE"
     )
     kubeconfig: Path | None = option(None, "kubeconfig; in-cluster config when unset", env="KUBECONFIG")
+    token_review_cache: dt.timedelta = option(
+        dt.timedelta(seconds=60),
+        "how long a token TokenReview accepted is trusted without asking again (never past its exp); 0 disables",
+        env="SIDEMESH_CA_TOKEN_REVIEW_CACHE",
+    )
     default_ttl: dt.timedelta = option(
         dt.timedelta(hours=1), "certificate lifetime when the caller asks none", env="SIDEMESH_CA_DEFAULT_TTL"
     )
@@ -71,6 +76,12 @@ class CAConfig:
         "NAMESPACE/SA=DNSNAME entries: DNS SANs the CA allows in that identity's certificate (control plane only)",
         env="SIDEMESH_CA_CONTROL_PLANE_DNS",
     )
+    batch_helper_threads: bool = option(
+        True,
+        "run gRPC's I/O and completion-queue threads under SCHED_BATCH, so that they do not preempt the "
+        "thread that signs (Linux; see docs/ca.md)",
+        env="SIDEMESH_CA_BATCH_HELPER_THREADS",
+    )
     log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
@@ -94,13 +105,18 @@ class CAConfig:
                 raise ConfigError("control_plane_dns", f"{entry!r}: {exc}") from exc
             if not sep or not name:
                 raise ConfigError("control_plane_dns", f"{entry!r} is not NAMESPACE/SA=DNSNAME")
+        if self.token_review_cache < dt.timedelta(0):
+            raise ConfigError("token_review_cache", "must not be negative")
         if self.rate_limit < 0 or self.rate_burst < 1:
             raise ConfigError("rate_limit", "--rate-limit must be >= 0 and --rate-burst >= 1")
 
     def allowed_dns(self, identity: WorkloadId) -> frozenset[str]:
-        names = set()
+        return self.allowed_dns_by_identity().get(identity, frozenset())
+
+    def allowed_dns_by_identity(self) -> dict[WorkloadId, frozenset[str]]:
+        """``control_plane_dns`` as a map (the servicer keeps it rather than parse it per request)."""
+        names: dict[WorkloadId, set[str]] = {}
         for entry in self.control_plane_dns:
             ident, _, name = entry.partition("=")
-            if WorkloadId.parse(ident) == identity:
-                names.add(name)
-        return frozenset(names)
+            names.setdefault(WorkloadId.parse(ident), set()).add(name)
+        return {identity: frozenset(dns) for identity, dns in names.items()}

@@ -6,34 +6,92 @@ by the CA. Each refusal says why, in words the operator of the workload can act 
 
 from __future__ import annotations
 
+import binascii
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import SignatureAlgorithmOID
 
+from ca import der
 from ca.errors import IdentityMismatch, InvalidRequest
 from sidemesh.spiffe import SpiffeId, SpiffeIdError
 
 MAX_CSR_BYTES = 16 * 1024
+_PEM = re.compile(
+    r"-----BEGIN (?:NEW )?CERTIFICATE REQUEST-----([A-Za-z0-9+/=\s]*)-----END (?:NEW )?CERTIFICATE REQUEST-----",
+    re.ASCII,
+)
+# SubjectPublicKeyInfo of every ECDSA P-256 key in uncompressed form, up to the point's 64 bytes.
+_P256_KEY_INFO = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d03010703420004")
+_P256_KEY_INFO_LENGTH = len(_P256_KEY_INFO) + 64
+_NOT_A_CSR = "csr is not a PEM-encoded PKCS#10 certificate request"
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
 @dataclass(frozen=True, slots=True)
 class ValidCSR:
-    public_key: ec.EllipticCurvePublicKey
+    public_key_info: bytes  # the ECDSA P-256 key's SubjectPublicKeyInfo, DER, uncompressed point
     spiffe_id: SpiffeId
     dns_names: tuple[str, ...] = ()
 
 
-def parse_csr(pem: str) -> x509.CertificateSigningRequest:
-    data = pem.encode("utf-8", "replace")
-    if not data.strip():
+def parse_csr(pem: str) -> tuple[x509.CertificateSigningRequest, bytes]:
+    """The parsed request and its DER. The PEM armour is taken off here (cheaper than
+    ``load_pem_x509_csr`` and then asking for the DER back); ``cryptography`` parses the DER."""
+    if not pem.strip():
         raise InvalidRequest("csr is empty")
-    if len(data) > MAX_CSR_BYTES:
+    if len(pem) > MAX_CSR_BYTES or len(pem.encode("utf-8", "replace")) > MAX_CSR_BYTES:
         raise InvalidRequest(f"csr is larger than {MAX_CSR_BYTES} bytes")
+    match = _PEM.search(pem)
+    if match is None:
+        raise InvalidRequest(_NOT_A_CSR, "no PEM CERTIFICATE REQUEST block")
     try:
-        return x509.load_pem_x509_csr(data)
-    except ValueError as exc:
-        raise InvalidRequest("csr is not a PEM-encoded PKCS#10 certificate request", str(exc)) from exc
+        data = binascii.a2b_base64(match.group(1).encode("ascii"), strict_mode=False)
+        return x509.load_der_x509_csr(data), data
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(_NOT_A_CSR, str(exc)) from exc
+
+
+def _public_key(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKey:
+    try:
+        key = csr.public_key()
+    except (ValueError, TypeError) as exc:  # a key OpenSSL cannot load (a point off the curve, ...)
+        raise InvalidRequest("csr public key is not a valid key", str(exc)) from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        kind = f"EC {key.curve.name}" if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
+        raise InvalidRequest(f"csr key must be ECDSA P-256 (secp256r1), got {kind}")
+    return key
+
+
+def _check_possession(csr: x509.CertificateSigningRequest, key: ec.EllipticCurvePublicKey) -> None:
+    """The CSR is signed by the key it carries. ecdsa-with-SHA256, what every client sends, is checked
+    directly (``is_signature_valid`` builds the key and the algorithm object again for each call)."""
+    try:
+        if csr.signature_algorithm_oid == SignatureAlgorithmOID.ECDSA_WITH_SHA256:
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, _ECDSA_SHA256)
+            return
+        if csr.is_signature_valid:
+            return
+    except InvalidSignature:
+        pass
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise InvalidRequest("csr signature cannot be checked", str(exc)) from exc
+    raise InvalidRequest("csr signature does not verify with its own public key (proof of possession failed)")
+
+
+def _key_info(data: bytes, key: ec.EllipticCurvePublicKey) -> bytes:
+    """The SubjectPublicKeyInfo to certify, uncompressed: as sent when it is (nearly always) so."""
+    try:
+        info = der.csr_public_key_info(data)
+    except der.DERError:
+        info = b""
+    if len(info) == _P256_KEY_INFO_LENGTH and info.startswith(_P256_KEY_INFO):
+        return info
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _requested(
@@ -66,19 +124,13 @@ def validate_csr(pem: str, expected: SpiffeId, allowed_dns: frozenset[str] = fro
 
     A DNS SAN is refused unless it is one of ``allowed_dns``, the names the operator allows for this
     identity (the controller's serving name, so that gRPC clients can verify it by name)."""
-    csr = parse_csr(pem)
+    csr, data = parse_csr(pem)
     try:
         extensions = csr.extensions
     except ValueError as exc:  # duplicate or undecodable extensions
         raise InvalidRequest("csr has malformed extensions", str(exc)) from exc
-    if not csr.is_signature_valid:
-        raise InvalidRequest(
-            "csr signature does not verify with its own public key (proof of possession failed)"
-        )
-    key = csr.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        kind = f"EC {key.curve.name}" if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
-        raise InvalidRequest(f"csr key must be ECDSA P-256 (secp256r1), got {kind}")
+    key = _public_key(csr)
+    _check_possession(csr, key)
     try:
         constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -91,4 +143,4 @@ def validate_csr(pem: str, expected: SpiffeId, allowed_dns: frozenset[str] = fro
             f"csr asks for {requested} but the token authenticates {expected}; a workload may only "
             "request its own identity"
         )
-    return ValidCSR(key, expected, dns)
+    return ValidCSR(_key_info(data, key), expected, dns)

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca import templates
+from ca import leaf, templates
 from ca.csr import validate_csr
 from ca.errors import InvalidRequest, SigningUnavailable
 from ca.keys import SigningAuthority
@@ -39,14 +40,20 @@ class TTLPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Issued:
-    certificate: x509.Certificate
+    der: bytes  # the leaf certificate
+    serial: int
+    not_after: dt.datetime  # whole seconds, as in the certificate
     chain_pem: list[str]  # leaf first
     bundle_pem: list[str]
     spiffe_id: SpiffeId
 
     @property
     def serial_hex(self) -> str:
-        return format(self.certificate.serial_number, "x")
+        return format(self.serial, "x")
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.der)
 
 
 def issue(
@@ -58,14 +65,48 @@ def issue(
     allowed_dns: frozenset[str] = frozenset(),
 ) -> Issued:
     valid = validate_csr(csr_pem, identity, allowed_dns)
-    return sign(authority, templates.LeafParams(valid.spiffe_id, valid.public_key, ttl, now, valid.dns_names))
+    return sign_key_info(authority, valid.public_key_info, valid.spiffe_id, ttl, now, valid.dns_names)
 
 
 def sign(authority: SigningAuthority, params: templates.LeafParams) -> Issued:
-    if templates.leaf_not_after(params.now, params.ttl, authority.chain) <= params.now:
-        raise SigningUnavailable("the CA cannot issue now", "the CA's signing certificate has expired")
-    cert = templates.leaf_builder(params, authority.cert, authority.chain).sign(
-        authority.key, hashes.SHA256()
+    """A leaf for a key object (the CA's own serving certificate)."""
+    info = params.public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    leaf = cert.public_bytes(serialization.Encoding.PEM).decode()
-    return Issued(cert, [leaf, *authority.chain_pem], list(authority.bundle_pem), params.spiffe_id)
+    return sign_key_info(authority, info, params.spiffe_id, params.ttl, params.now, params.dns_names)
+
+
+def sign_key_info(
+    authority: SigningAuthority,
+    public_key_info: bytes,
+    spiffe_id: SpiffeId,
+    ttl: dt.timedelta,
+    now: dt.datetime,
+    dns_names: tuple[str, ...] = (),
+) -> Issued:
+    """Certify ``public_key_info`` (an ECDSA P-256 SubjectPublicKeyInfo, DER) as ``spiffe_id``."""
+    not_after = min(now + ttl, authority.not_after_limit)
+    if not_after <= now:
+        raise SigningUnavailable("the CA cannot issue now", "the CA's signing certificate has expired")
+    not_after = not_after.replace(microsecond=0)
+    serial = x509.random_serial_number()
+    template = authority.leaf_template
+    if template is not None:
+        not_before = max(now - templates.BACKDATE, authority.cert.not_valid_before_utc)
+        san = leaf.san_value(spiffe_id, dns_names)
+        certificate = template.certificate(template.tbs(serial, not_before, not_after, public_key_info, san))
+    else:  # the reference builder: an issuer the template could not reproduce (see keys.py)
+        key = serialization.load_der_public_key(public_key_info)
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise InvalidRequest("only ECDSA P-256 keys are certified")
+        params = templates.LeafParams(spiffe_id, key, ttl, now, dns_names)
+        builder = templates.leaf_builder(params, authority.cert, authority.chain, serial)
+        certificate = builder.sign(authority.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+    return Issued(
+        certificate,
+        serial,
+        not_after,
+        [leaf.pem(certificate), *authority.chain_pem],
+        list(authority.bundle_pem),
+        spiffe_id,
+    )

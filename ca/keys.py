@@ -23,8 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca import templates
 from ca.errors import KeyMaterialError
+from ca.leaf import LeafTemplate, TemplateMismatch
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+_END_OF_TIME = dt.datetime.max.replace(tzinfo=dt.UTC)
 
 CA_CERT, CA_KEY, CHAIN, ROOTS, ROOT_KEY = (
     "ca-cert.pem",
@@ -41,13 +43,26 @@ class SigningAuthority:
     key: SigningKey
     chain: tuple[x509.Certificate, ...]  # cert first, then up to (not including) the root
     roots: tuple[x509.Certificate, ...]
-    chain_pem: tuple[str, ...] = ()  # derived in __post_init__: encoded once, not per signing
+    # Derived in __post_init__, once per authority rather than per signing:
+    chain_pem: tuple[str, ...] = ()
     bundle_pem: tuple[str, ...] = ()
+    not_after_limit: dt.datetime = _END_OF_TIME  # no leaf lives past it
+    leaf_template: LeafTemplate | None = None  # None: sign with the reference builder (see template_error)
+    template_error: str | None = None
 
     def __post_init__(self) -> None:
         encode = lambda c: c.public_bytes(serialization.Encoding.PEM).decode()  # noqa: E731
         object.__setattr__(self, "chain_pem", tuple(map(encode, self.chain)))
         object.__setattr__(self, "bundle_pem", tuple(map(encode, self.roots)))
+        object.__setattr__(
+            self, "not_after_limit", min(c.not_valid_after_utc for c in (self.cert, *self.chain))
+        )
+        try:
+            template = LeafTemplate.for_issuer(self.cert, self.key, self.chain)
+        except (TemplateMismatch, ValueError, TypeError) as exc:
+            object.__setattr__(self, "template_error", str(exc))
+        else:
+            object.__setattr__(self, "leaf_template", template)
 
 
 def key_pem(key: SigningKey) -> bytes:

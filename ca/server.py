@@ -26,13 +26,15 @@ from ca.ratelimit import RateLimiter
 from sidemesh.api import ca_pb2, ca_pb2_grpc
 from sidemesh.clock import SYSTEM_CLOCK, Clock
 from sidemesh.config import parse_hostport
-from sidemesh.spiffe import WorkloadId
+from sidemesh.spiffe import SpiffeId, WorkloadId
 
 log = logging.getLogger("sidemesh.ca")
 audit = logging.getLogger("sidemesh.ca.audit")
 
 SERVING_CERT_TTL = dt.timedelta(hours=24)
 MATERIAL_CHECK_INTERVAL = 10.0
+MAX_CACHED_IDS = 100_000
+NO_NAMES: frozenset[str] = frozenset()
 
 
 class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
@@ -51,6 +53,16 @@ class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
         self.metrics = metrics or CAMetrics()
         self.ttl = issuer.TTLPolicy(config.default_ttl, config.min_ttl, config.max_ttl)
         self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
+        self._allowed_dns = config.allowed_dns_by_identity()
+        self._spiffe_ids: dict[WorkloadId, SpiffeId] = {}  # the same few thousand identities, again and again
+
+    def _spiffe_id(self, identity: WorkloadId) -> SpiffeId:
+        spiffe_id = self._spiffe_ids.get(identity)
+        if spiffe_id is None:
+            if len(self._spiffe_ids) >= MAX_CACHED_IDS:
+                self._spiffe_ids.clear()
+            spiffe_id = self._spiffe_ids[identity] = identity.spiffe_id(self.config.trust_domain)
+        return spiffe_id
 
     async def Sign(
         self,
@@ -65,14 +77,13 @@ class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
             if not self.limiter.allow(str(identity), time.monotonic()):
                 raise RateLimited(f"too many signing requests for {identity}; retry later")
             ttl = self.ttl.resolve(request.ttl_seconds)
-            spiffe_id = identity.spiffe_id(self.config.trust_domain)
             issued = issuer.issue(
                 self.authority,
-                spiffe_id,
+                self._spiffe_id(identity),
                 request.csr,
                 ttl,
                 self.clock.now(),
-                self.config.allowed_dns(identity),
+                self._allowed_dns.get(identity, NO_NAMES),
             )
         except CAError as exc:
             self.metrics.refused.labels(exc.reason).inc()
@@ -89,23 +100,23 @@ class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
             raise  # unreachable: abort raises
         finally:
             self.metrics.latency.observe(time.perf_counter() - started)
-        cert = issued.certificate
         self.metrics.issued.inc()
+        spiffe_id, serial = str(issued.spiffe_id), issued.serial_hex
         audit.info(
             "certificate issued",
             extra={
-                "identity": str(issued.spiffe_id),
-                "serial": issued.serial_hex,
-                "not_after": cert.not_valid_after_utc.isoformat(),
+                "identity": spiffe_id,
+                "serial": serial,
+                "not_after": issued.not_after.isoformat(),
                 "peer": context.peer(),
             },
         )
         return ca_pb2.SignResponse(
             cert_chain=issued.chain_pem,
             trust_bundle=issued.bundle_pem,
-            spiffe_id=str(issued.spiffe_id),
-            not_after_unix=int(cert.not_valid_after_utc.timestamp()),
-            serial=issued.serial_hex,
+            spiffe_id=spiffe_id,
+            not_after_unix=int(issued.not_after.timestamp()),
+            serial=serial,
         )
 
 
@@ -129,7 +140,7 @@ class ServingCertificate:
         spiffe_id = WorkloadId.parse(cfg.identity).spiffe_id(cfg.trust_domain)
         params = templates.LeafParams(spiffe_id, key.public_key(), SERVING_CERT_TTL, now, cfg.dns_names)
         issued = issuer.sign(self.service.authority, params)
-        lifetime = issued.certificate.not_valid_after_utc - now
+        lifetime = issued.not_after - now
         self._renew_at = now + lifetime / 2
         chain = "".join(issued.chain_pem).encode()
         return grpc.ssl_server_certificate_configuration([(keys.key_pem(key), chain)])

@@ -115,12 +115,16 @@ def leaf_not_after(now: dt.datetime, ttl: dt.timedelta, chain: Sequence[x509.Cer
 
 
 def leaf_builder(
-    params: LeafParams, issuer: x509.Certificate, chain: Sequence[x509.Certificate]
+    params: LeafParams,
+    issuer: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+    serial: int | None = None,
 ) -> x509.CertificateBuilder:
     """An X.509-SVID: exactly one URI SAN, CA:false, digitalSignature, serverAuth + clientAuth.
 
     The subject is empty (the identity is the URI SAN alone), so the SAN extension is critical
-    as RFC 5280 requires.
+    as RFC 5280 requires. This is the reference the CA's DER template (``ca.leaf``) is checked
+    against; ``serial`` is random unless given (for that check).
     """
     not_before = max(params.now - BACKDATE, issuer.not_valid_before_utc)
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(params.spiffe_id))]
@@ -130,7 +134,7 @@ def leaf_builder(
         .subject_name(x509.Name([]))
         .issuer_name(issuer.subject)
         .public_key(params.public_key)
-        .serial_number(x509.random_serial_number())
+        .serial_number(x509.random_serial_number() if serial is None else serial)
         .not_valid_before(not_before)
         .not_valid_after(leaf_not_after(params.now, params.ttl, chain))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

@@ -108,8 +108,15 @@ def test_serve_and_issue_as_processes(tmp_path: Path) -> None:
             record = json.loads(line)
             if record["event"] == "CA serving":
                 port = record["port"]
+            if record["event"] == "gRPC helper threads under SCHED_BATCH":
+                assert record["threads"] >= 1
                 break
         assert port
+        if sys.platform == "linux":
+            # gRPC's helper threads run under SCHED_BATCH, the thread that signs does not.
+            policies = {int(t): os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{proc.pid}/task")}
+            assert policies.pop(proc.pid) == os.SCHED_OTHER
+            assert os.SCHED_BATCH in policies.values(), policies
         out = subprocess.run(
             [
                 *SIDEMESH,

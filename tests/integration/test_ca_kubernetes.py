@@ -3,15 +3,19 @@ format (the real `kubernetes` client code runs)."""
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import json
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
-from ca.authn import KubernetesTokenAuthenticator
+from ca.authn import KubernetesTokenAuthenticator, token_expiry
 from sidemesh.identity.client import CAClientError
 from sidemesh.spiffe import WorkloadId
 from tests.integration.conftest import StartCA
+from tests.support.clock import FakeClock
 from tests.support.kube_api import FakeKubeAPI, Token, api_client
 
 FRONTEND = WorkloadId("shop", "frontend")
@@ -76,3 +80,66 @@ async def test_api_server_down_is_unavailable_and_retryable(start_ca: StartCA, k
         await ca.issue("projected", FRONTEND)
     assert info.value.code == grpc.StatusCode.UNAVAILABLE and info.value.retryable
     assert "retry later" in info.value.message
+
+
+async def test_an_accepted_token_is_reviewed_once_per_cache_period(
+    start_ca: StartCA, kube: FakeKubeAPI
+) -> None:
+    clock = FakeClock()
+    authn = KubernetesTokenAuthenticator(
+        api_client(kube.url), clock=clock, cache_for=dt.timedelta(seconds=60)
+    )
+    ca = await start_ca(authenticator=authn)
+    await ca.issue("projected", FRONTEND)
+    await ca.issue("projected", FRONTEND)
+    assert authn.reviews == len(kube.requests) == 1
+    clock.offset += dt.timedelta(seconds=61)  # the cached answer has expired: ask again
+    await ca.issue("projected", FRONTEND)
+    assert authn.reviews == len(kube.requests) == 2
+    # Refusals are not cached: the API server is asked every time.
+    for _ in range(2):
+        with pytest.raises(CAClientError):
+            await ca.issue("unknown", FRONTEND)
+    assert len(kube.requests) == 4
+    # A token the API server stops accepting is refused once its cached answer has expired.
+    del kube.tokens["projected"]
+    await ca.issue("projected", FRONTEND)
+    clock.offset += dt.timedelta(seconds=61)
+    with pytest.raises(CAClientError) as info:
+        await ca.issue("projected", FRONTEND)
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_no_cache_when_disabled(start_ca: StartCA, kube: FakeKubeAPI) -> None:
+    authn = KubernetesTokenAuthenticator(api_client(kube.url), cache_for=dt.timedelta(0))
+    ca = await start_ca(authenticator=authn)
+    await ca.issue("projected", FRONTEND)
+    await ca.issue("projected", FRONTEND)
+    assert len(kube.requests) == 2
+
+
+def _jwt(claims: object) -> str:
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    return f"{b64(b'{}')}.{b64(json.dumps(claims).encode())}.c2ln"
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        (
+            _jwt({"exp": 1_800_000_000, "aud": ["sidemesh-ca"]}),
+            dt.datetime.fromtimestamp(1_800_000_000, dt.UTC),
+        ),
+        (_jwt({"aud": ["sidemesh-ca"]}), None),
+        (_jwt({"exp": "soon"}), None),
+        (_jwt({"exp": True}), None),
+        (_jwt({"exp": 10**30}), None),
+        (_jwt([1, 2]), None),
+        ("a.!!!.c", None),
+        ("not-a-jwt", None),
+    ],
+)
+def test_token_expiry_bounds_the_cache_only_when_readable(token: str, expected: dt.datetime | None) -> None:
+    assert token_expiry(token) == expected
