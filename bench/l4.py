@@ -102,12 +102,19 @@ spec: {{serviceAccount: frontend, address: {net}.1, ports: [{{port: {app}}}]}}
 ---
 apiVersion: sidemesh.io/v1alpha1
 kind: Workload
-metadata: {{name: cart-1, namespace: shop, labels: {{app: cart}}}}
+metadata:
+  name: cart-1
+  namespace: shop
+  labels: {{app: cart}}
+  annotations: {{sidemesh.io/opaque-ports: "{app}"}}  # L4: no HTTP detection or parsing
 spec: {{serviceAccount: cart, address: {net}.2, ports: [{{port: {app}}}]}}
 ---
 apiVersion: v1
 kind: Service
-metadata: {{name: cart, namespace: shop}}
+metadata:
+  name: cart
+  namespace: shop
+  annotations: {{sidemesh.io/opaque-ports: "80"}}  # L4 mode: bytes are relayed, not parsed
 spec:
   selector: {{app: cart}}
   ports: [{{port: 80, targetPort: {app}}}]

@@ -26,7 +26,9 @@ from ca.ratelimit import RateLimiter
 from sidemesh.api import ca_pb2, ca_pb2_grpc
 from sidemesh.clock import SYSTEM_CLOCK, Clock
 from sidemesh.config import parse_hostport
+from sidemesh.server_telemetry import GrpcTelemetry
 from sidemesh.spiffe import SpiffeId, WorkloadId
+from sidemesh.telemetry import start_tracing
 
 log = logging.getLogger("sidemesh.ca")
 audit = logging.getLogger("sidemesh.ca.audit")
@@ -174,6 +176,10 @@ class CAServer:
             config, keys.load(config.ca_dir), authenticator, clock, self.metrics
         )
         self.serving = ServingCertificate(self.service)
+        spiffe_id = WorkloadId.parse(config.identity).spiffe_id(config.trust_domain)
+        self.tracing = start_tracing(
+            "sidemesh-ca", self.metrics.registry, {"sidemesh.identity": str(spiffe_id)}
+        )
         self._material_stamp = self._stamp()
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -197,7 +203,10 @@ class CAServer:
         # grpc documents a fetcher answering None ("keep the current one"); grpc-stubs omit it.
         fetch = typing.cast(typing.Callable[[], grpc.ServerCertificateConfiguration], self.serving.fetch)
         creds = grpc.dynamic_ssl_server_credentials(self.serving.current, fetch)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024)])
+        server = grpc.aio.server(
+            interceptors=[GrpcTelemetry(self.metrics.registry, self.tracing)],
+            options=[("grpc.max_receive_message_length", 64 * 1024)],
+        )
         ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(self.service, server)
         self.port = server.add_secure_port(f"{host}:{port}", creds)
         await server.start()
@@ -252,6 +261,8 @@ class CAServer:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()  # type: ignore[attr-defined]
             self._metrics_server.server_close()  # type: ignore[attr-defined]
+        if self.tracing is not None:
+            await self.tracing.close()
 
     async def wait(self) -> None:
         assert self._server is not None

@@ -31,7 +31,9 @@ from sidemesh.identity.svid import SvidError, spiffe_id_of
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.mesh.resources import Snapshot
 from sidemesh.policy.model import DefaultPolicy
+from sidemesh.server_telemetry import GrpcTelemetry
 from sidemesh.spiffe import SpiffeIdError, WorkloadId
+from sidemesh.telemetry import start_tracing
 
 log = logging.getLogger("sidemesh.controller")
 SERVICE = "sidemesh.config.v1.ConfigDiscovery"
@@ -91,6 +93,9 @@ class ConfigServer:
         self.source = source
         self.state = MeshState(config.trust_domain, DefaultPolicy(config.default_policy))
         self.metrics = Metrics()
+        self.tracing = start_tracing(
+            "sidemesh-controller", self.metrics.registry, {"sidemesh.identity": str(identity.spiffe_id)}
+        )
         self.streams: dict[int, StreamInfo] = {}
         self._changed = asyncio.Condition()
         self._full_sends = asyncio.Semaphore(FULL_SENDS)
@@ -230,7 +235,8 @@ class ConfigServer:
         await self.identity.wait_ready()
         self._tasks.append(asyncio.create_task(self.source.run(self.on_change)))
         server = grpc.aio.server(
-            options=[("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)]
+            interceptors=[GrpcTelemetry(self.metrics.registry, self.tracing)],
+            options=[("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)],
         )
         handler = grpc.method_handlers_generic_handler(
             SERVICE,
@@ -269,6 +275,8 @@ class ConfigServer:
         if self._status is not None:
             await self._status.stop()
         await self.identity.stop()
+        if self.tracing is not None:
+            await self.tracing.close()
 
     # -- pages -----------------------------------------------------------------------------------
 

@@ -346,9 +346,11 @@ def test_2_bytes_between_the_pods_are_tls(shop: Shop) -> None:
     between = [
         s for s in tcp_segments(frames) if {s.src, s.dst} == {front, cart} and 8080 in (s.sport, s.dport)
     ]
-    handshakes = {(s.src, s.payload[:2]) for s in between if s.payload[:2] == b"\x16\x03"}
-    assert handshakes == {(front, b"\x16\x03"), (cart, b"\x16\x03")}, "no ClientHello and ServerHello"
-    assert sum(len(s.payload) for s in between) > 1500, "too little traffic captured to be the exchange"
+    # HTTP requests ride a pooled mTLS connection (opened by test 1, so no handshake here): what
+    # crosses are TLS application-data records, both ways.
+    records = {(s.src, s.payload[:3]) for s in between if s.payload[:3] == b"\x17\x03\x03"}
+    assert records == {(front, b"\x17\x03\x03"), (cart, b"\x17\x03\x03")}, "no TLS records both ways"
+    assert sum(len(s.payload) for s in between) > 200, "too little traffic captured to be the exchange"
 
 
 def test_3_outsider_without_sidecar_is_refused_in_strict_mode(shop: Shop) -> None:
@@ -369,9 +371,10 @@ def test_4_permissive_mode_lets_plaintext_in_only_when_policy_allows(shop: Shop)
         ready = shop.restart_sidecar("cart", "--mode", "permissive")
         print(f"\ncart's sidecar restarted in permissive mode, ready in {ready:.2f}s")
         denied = shop.curl("outsider", shop.url(8080, "/permissive-denied"))
-        assert not denied.ok and "cart:" not in denied.body, denied
+        # HTTP: a 403 whose body and sidemesh-denied-reason header say why; the app never sees it.
+        assert "cart:" not in denied.body and "cart-allow-frontend" in denied.body, denied
         record = shop.sidecars["cart"].wait_for_record(
-            "connection denied", 5, where=lambda r: r.get("source") == "unauthenticated"
+            "request denied", 5, where=lambda r: r.get("source") == "unauthenticated"
         )
         assert "shop/cart-allow-frontend" in record["reason"]
 
@@ -392,15 +395,19 @@ def test_4_permissive_mode_lets_plaintext_in_only_when_policy_allows(shop: Shop)
 
 
 def test_5_stranger_is_denied_and_the_reason_is_logged(shop: Shop) -> None:
-    reply = shop.curl("stranger", shop.url(8080, "/stranger"))
-    assert not reply.ok and "cart:" not in reply.body, reply
+    done = shop.pod("stranger").run(
+        "curl", "-sS", "--max-time", "5", "-D", "-", shop.url(8080, "/stranger"), check=False, timeout=15
+    )
+    assert "cart:" not in done.stdout, done.stdout
+    head = done.stdout.split("\r\n\r\n", 1)[0].lower()
+    assert head.startswith("http/1.1 403"), done.stdout
     record = shop.sidecars["cart"].wait_for_record(
-        "connection denied", 5, where=lambda r: r.get("source") == STRANGER_ID
+        "request denied", 5, where=lambda r: r.get("source") == STRANGER_ID
     )
     assert "shop/cart-allow-frontend" in record["reason"], record
-    assert record["port"] == 8080
-    told = shop.sidecars["stranger"].wait_for_record("connection denied by the destination", 5)
-    assert told["reason"] == record["reason"], "the client's sidecar should learn the reason"
+    assert record["port"] == 8080 and record["path"] == "/stranger"
+    # The caller learns the reason too, in a response header.
+    assert f"sidemesh-denied-reason: {record['reason'].lower()}" in head, head
 
 
 def test_6_excluded_inbound_port_bypasses_the_proxy(shop: Shop) -> None:
@@ -428,7 +435,9 @@ def test_7_the_proxys_own_traffic_is_not_captured(shop: Shop) -> None:
     shop.sidecars["cart"].wait_for_record(
         "inbound connection refused",
         5,
-        where=lambda r: str(r.get("client")).startswith(frontend) and r.get("protocol") == "plaintext",
+        where=lambda r: (
+            str(r.get("client")).startswith(frontend) and r.get("protocol") in ("plaintext", "http/1")
+        ),
     )
 
 

@@ -168,9 +168,14 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (or ``stop``): the webhook, the reloads and the caBundle upkeep."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
     from injector import cabundle
     from injector.server import WebhookServer, create_app
+    from sidemesh.httpd import HTTPServer
     from sidemesh.identity.client import CAClient
+    from sidemesh.spiffe import SpiffeIdError, WorkloadId
+    from sidemesh.telemetry import start_tracing
 
     keeper = None
     if config.webhook_configuration:
@@ -206,8 +211,21 @@ async def serve(
         log.info("waiting for the serving certificate from the CA", extra={"ca": config.ca_address})
         await identity.wait_ready()
     host, port = cfg.parse_hostport("listen", config.listen)
-    server = WebhookServer(create_app(lambda: settings.current, lambda: serving.loaded), serving, host, port)
+    registry = CollectorRegistry()
+    try:
+        own_id = str(WorkloadId.parse(config.identity).spiffe_id(config.trust_domain))
+    except SpiffeIdError:
+        own_id = ""  # serving a certificate from files: no identity of its own
+    tracing = start_tracing("sidemesh-injector", registry, {"sidemesh.identity": own_id})
+    app = create_app(lambda: settings.current, lambda: serving.loaded, registry, tracing)
+    server = WebhookServer(app, serving, host, port)
     await server.start()
+    metrics = None
+    if config.metrics_listen:
+        metrics = HTTPServer(
+            {"/metrics": lambda: (200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(registry))}
+        )
+        await metrics.start(*cfg.parse_hostport("metrics_listen", config.metrics_listen))
     if keeper is not None:
         tasks.append(asyncio.create_task(keeper.run(), name="cabundle"))
     tasks.append(asyncio.create_task(_reload_loop(config, settings, files, keeper), name="reload"))
@@ -217,6 +235,10 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop()
+    if metrics is not None:
+        await metrics.stop()
+    if tracing is not None:
+        await tracing.close()
     for task in tasks:
         task.cancel()
     for task in tasks:

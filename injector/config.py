@@ -61,6 +61,11 @@ class InjectorConfig:
         "DNS name in the serving certificate (the webhook Service's name, which the API server verifies)",
         env="SIDEMESH_INJECTOR_SERVER_NAME",
     )
+    metrics_listen: str = option(
+        "0.0.0.0:15016",
+        "Prometheus /metrics address (plain HTTP); empty disables",
+        env="SIDEMESH_INJECTOR_METRICS_LISTEN",
+    )
     kubeconfig: Path | None = option(None, "kubeconfig; in-cluster config when unset", env="KUBECONFIG")
     reload_interval: dt.timedelta = option(
         dt.timedelta(seconds=2),
@@ -71,6 +76,8 @@ class InjectorConfig:
 
     def __post_init__(self) -> None:
         parse_hostport("listen", self.listen)
+        if self.metrics_listen:
+            parse_hostport("metrics_listen", self.metrics_listen)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError(
                 "tls_cert", "give both --tls-cert and --tls-key, or neither (certificate from the CA)"

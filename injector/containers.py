@@ -103,6 +103,12 @@ def proxy_container(settings: InjectionSettings, options: PodOptions) -> Json:
     ]
     if options.app_probes:
         env.append({"name": APP_PROBES_ENV, "value": options.app_probes})
+    if settings.tracing_endpoint:  # docs/observability.md
+        env += [
+            {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": settings.tracing_endpoint},
+            {"name": "OTEL_TRACES_SAMPLER", "value": "parentbased_traceidratio"},
+            {"name": "OTEL_TRACES_SAMPLER_ARG", "value": f"{settings.tracing_sampling_ratio:g}"},
+        ]
     container: Json = {
         "name": PROXY_NAME,
         "image": settings.image,

@@ -15,10 +15,14 @@ from collections.abc import Callable, Iterator
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter
 
 from injector import review
 from injector.settings import InjectionSettings
 from injector.tls import ServingCertificate
+from sidemesh.server_telemetry import AsgiTelemetry
+from sidemesh.telemetry import Tracing
 
 log = logging.getLogger("sidemesh.injector")
 
@@ -47,9 +51,22 @@ async def _read_body(request: Request) -> bytes | None:
 
 
 def create_app(
-    settings: Callable[[], InjectionSettings], healthy: Callable[[], bool] = lambda: True
+    settings: Callable[[], InjectionSettings],
+    healthy: Callable[[], bool] = lambda: True,
+    registry: CollectorRegistry | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
+    """The webhook app; its request metrics go into ``registry`` (served by `sidemesh injector
+    serve` on --metrics-listen), its spans to ``tracing``."""
     app = FastAPI(title="sidemesh injector", docs_url=None, redoc_url=None, openapi_url=None)
+    registry = registry or CollectorRegistry()
+    admissions = Counter(
+        "sidemesh_injector_admissions",
+        "AdmissionReviews answered, by outcome (injected, skipped, ignored, denied, error, bad request, too large).",
+        ["outcome"],
+        registry=registry,
+    )
+    app.add_middleware(AsgiTelemetry, registry=registry, routes=("/mutate", "/healthz"), tracing=tracing)
 
     @app.post("/mutate")
     async def mutate(request: Request) -> Response:
@@ -62,6 +79,9 @@ def create_app(
         else:
             outcome = review.admit(body, settings())
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        what = str(outcome.log.get("outcome", "unknown"))
+        admissions.labels(what).inc()
+        trace.get_current_span().set_attribute("sidemesh.injector.outcome", what)
         log.log(outcome.log_level, "admission", extra={**outcome.log, "duration_ms": duration_ms})
         return _json(outcome.http_status, outcome.body)
 

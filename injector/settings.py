@@ -67,6 +67,10 @@ class InjectionSettings:
     init_resources: Resources = Resources(
         requests={"cpu": "10m", "memory": "32Mi"}, limits={"cpu": "500m", "memory": "128Mi"}
     )
+    # OTLP endpoint the sidecars export spans to (their OTEL_EXPORTER_OTLP_ENDPOINT); empty: no tracing.
+    # The default is the Jaeger addon, as Istio points at its Zipkin: without it spans are dropped.
+    tracing_endpoint: str = "http://jaeger.sidemesh-system.svc:4317"
+    tracing_sampling_ratio: float = 0.01  # parent-based: a caller's decision wins
     version: str = __version__
 
     def __post_init__(self) -> None:
@@ -85,6 +89,14 @@ class InjectionSettings:
                 parse_hostport(key, value)
             except ValueError as exc:
                 raise SettingsError(key, f"{value!r} is not HOST:PORT") from exc
+        if self.tracing_endpoint and not self.tracing_endpoint.startswith(("http://", "https://")):
+            raise SettingsError(
+                "tracingEndpoint", f"{self.tracing_endpoint!r}: give http://HOST:PORT (OTLP gRPC, e.g. :4317)"
+            )
+        if not 0.0 <= self.tracing_sampling_ratio <= 1.0:
+            raise SettingsError(
+                "tracingSamplingRatio", f"{self.tracing_sampling_ratio} is not between 0 and 1"
+            )
         if not 1 <= self.proxy_uid <= 2**31 - 1:
             raise SettingsError("proxyUID", f"{self.proxy_uid} is not a non-root user id")
         for key, res in (("proxyResources", self.proxy_resources), ("initResources", self.init_resources)):
@@ -114,6 +126,8 @@ _KEYS: dict[str, tuple[str, type]] = {
     "proxyUID": ("proxy_uid", int),
     "proxyResources": ("proxy_resources", Resources),
     "initResources": ("init_resources", Resources),
+    "tracingEndpoint": ("tracing_endpoint", str),
+    "tracingSamplingRatio": ("tracing_sampling_ratio", float),
 }
 
 
@@ -153,6 +167,8 @@ def parse_settings(text: str, base: InjectionSettings | None = None) -> Injectio
             values[name] = _resources(key, value)
         elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
             values[name] = value
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)  # YAML writes 1.0 as 1 too
         else:
             raise SettingsError(key, f"{value!r} is not a {kind.__name__}")
     return dataclasses.replace(base or InjectionSettings(), **values)

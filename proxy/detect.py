@@ -1,38 +1,83 @@
-"""What a new inbound connection speaks, by peeking at its first bytes without consuming them."""
+"""What a new connection speaks, by peeking at its first bytes without consuming them.
+
+``classify`` is pure (bytes in, a kind or "need more" out); ``detect`` is the I/O around it. While
+the bytes peeked so far cannot decide, ``detect`` waits for *more* bytes, not for readability
+(which a socket holding unread bytes always has): it raises the socket's receive low-water mark
+(``SO_RCVLOWAT``) above what it already holds, so the loop wakes once per new segment instead of
+polling. Nothing within the timeout: the client waits for the server to speak first (SILENT).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import re
 import socket
 import time
 
 from sidemesh.identity.tls import ALPN
 
 _ALPN_WIRE = bytes([len(ALPN)]) + ALPN.encode()
-PEEK_BYTES = 4096
+PEEK_BYTES = 8192  # an HTTP/1 request line longer than this is carried as opaque TCP
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_METHOD_MAX = 24
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r?\n")
 
 
 class Kind(enum.Enum):
     MESH = "mesh"  # TLS offering ALPN sidemesh/1: another sidecar
-    PLAINTEXT = "plaintext"  # anything else (including TLS the app originated)
-    SILENT = "silent"  # nothing within the timeout (server-speaks-first protocols)
+    TLS = "tls"  # TLS originated by the app (carried as opaque TCP)
+    HTTP1 = "http/1"  # an HTTP/1.0 or HTTP/1.1 request line
+    H2 = "h2"  # the HTTP/2 connection preface (prior knowledge, as gRPC clients send)
+    OPAQUE = "opaque"  # anything else: carried unchanged
+    SILENT = "silent"  # nothing within the timeout (server-speaks-first protocols): opaque
     CLOSED = "closed"
 
+    @property
+    def http(self) -> bool:
+        return self in (Kind.HTTP1, Kind.H2)
 
-def classify(peeked: bytes) -> Kind | None:
-    """None while more bytes are needed to decide."""
-    if not peeked:
-        return Kind.CLOSED
-    if peeked[0] != 0x16:  # not a TLS handshake record
-        return Kind.PLAINTEXT
+
+def _classify_tls(peeked: bytes) -> Kind | None:
     if _ALPN_WIRE in peeked:
         return Kind.MESH
     if len(peeked) >= 5:
         record = 5 + int.from_bytes(peeked[3:5], "big")
         if len(peeked) >= min(record, PEEK_BYTES):
-            return Kind.PLAINTEXT
+            return Kind.TLS
     return None
+
+
+def _classify_http1(peeked: bytes) -> Kind | None:
+    space = peeked.find(b" ", 0, _METHOD_MAX + 1)
+    if space <= 0:
+        return None if space < 0 and len(peeked) < _METHOD_MAX and _TOKEN.fullmatch(peeked) else Kind.OPAQUE
+    if not _TOKEN.fullmatch(peeked, 0, space):
+        return Kind.OPAQUE
+    newline = peeked.find(b"\n")
+    if newline < 0:
+        return None if len(peeked) < PEEK_BYTES else Kind.OPAQUE
+    return Kind.HTTP1 if _REQUEST_LINE.match(peeked, 0, newline + 1) else Kind.OPAQUE
+
+
+def classify(peeked: bytes) -> Kind | None:
+    """The kind of a connection whose first bytes are ``peeked``; None while more are needed."""
+    if not peeked:
+        return Kind.CLOSED
+    if peeked[0] == 0x16:  # a TLS handshake record
+        return _classify_tls(peeked)
+    if peeked[:24] == H2_PREFACE[: len(peeked)]:
+        return Kind.H2 if len(peeked) >= len(H2_PREFACE) else None
+    return _classify_http1(peeked)
+
+
+def need_after(peeked: bytes) -> int:
+    """How many bytes the socket must hold before classifying again is worth it."""
+    if len(peeked) >= 5 and peeked[0] == 0x16:
+        return min(5 + int.from_bytes(peeked[3:5], "big"), PEEK_BYTES)
+    return len(peeked) + 1
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
@@ -40,31 +85,45 @@ def _set_once(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-async def detect(sock: socket.socket, timeout: float) -> Kind:
+async def _readable(sock: socket.socket, low_water: int, timeout: float) -> bool:
     loop = asyncio.get_running_loop()
+    if low_water > 1:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low_water)
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(sock.fileno(), _set_once, ready)
+    try:
+        await asyncio.wait_for(ready, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(sock.fileno())
+        if low_water > 1:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+def undecided_kind(peeked: bytes) -> Kind:
+    """What the bytes seen so far count as when the timeout ends detection."""
+    if not peeked:
+        return Kind.SILENT
+    return Kind.TLS if peeked[0] == 0x16 else Kind.OPAQUE
+
+
+async def detect(sock: socket.socket, timeout: float) -> Kind:
     deadline = time.monotonic() + timeout
+    peeked = b""
     while True:
         try:
             peeked = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
         except BlockingIOError:
-            peeked = None
+            pass
         except ConnectionError:
             return Kind.CLOSED
-        if peeked is not None:
+        else:
             kind = classify(peeked)
             if kind is not None:
                 return kind
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return Kind.SILENT if not peeked else Kind.PLAINTEXT
-        if peeked:  # a partial ClientHello: the socket stays readable, so poll briefly
-            await asyncio.sleep(min(0.005, remaining))
-            continue
-        ready: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(sock.fileno(), _set_once, ready)
-        try:
-            await asyncio.wait_for(ready, remaining)
-        except TimeoutError:
-            return Kind.SILENT
-        finally:
-            loop.remove_reader(sock.fileno())
+        if remaining <= 0 or not await _readable(sock, need_after(peeked) if peeked else 1, remaining):
+            return undecided_kind(peeked)

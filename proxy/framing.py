@@ -4,7 +4,7 @@ TLS transports in Python cannot half-close, and the server sidecar must learn wh
 client meant (without iptables there is no original destination). So after the handshake the
 stream is a sequence of frames, each a 5-byte header (type, length) and a payload:
 
-    OPEN  (client -> server, first)  2-byte destination port
+    OPEN  (client -> server, first)  2-byte destination port [+ 1-byte protocol hint]
     DATA                             bytes of the application stream
     EOF                              the sender will send no more data (TCP half-close)
     DENY  (server -> client)         UTF-8 reason; the server closes after it
@@ -25,8 +25,15 @@ class FramingError(ValueError):
     pass
 
 
-def open_frame(port: int) -> bytes:
-    return HEADER.pack(OPEN, 2) + port.to_bytes(2, "big")
+# The protocol hint: what the client sidecar found the stream to carry, so that the server sidecar
+# need not detect it again (and wait again for a server-speaks-first protocol). Absent: detect.
+HINT_DETECT, HINT_OPAQUE, HINT_HTTP1, HINT_H2 = 0, 1, 2, 3
+
+
+def open_frame(port: int, hint: int = HINT_DETECT) -> bytes:
+    if hint == HINT_DETECT:
+        return HEADER.pack(OPEN, 2) + port.to_bytes(2, "big")
+    return HEADER.pack(OPEN, 3) + port.to_bytes(2, "big") + bytes([hint])
 
 
 def data_header(length: int) -> bytes:
@@ -107,9 +114,17 @@ class Decoder:
 
 
 def parse_open(payload: bytes) -> int:
-    if len(payload) != 2:
-        raise FramingError("OPEN frame must carry a 2-byte port")
-    port = int.from_bytes(payload, "big")
+    return parse_open_hint(payload)[0]
+
+
+def parse_open_hint(payload: bytes) -> tuple[int, int]:
+    """The port and the protocol hint (HINT_DETECT when the frame carries none)."""
+    if len(payload) not in (2, 3):
+        raise FramingError("OPEN frame must carry a 2-byte port and an optional 1-byte hint")
+    port = int.from_bytes(payload[:2], "big")
     if port == 0:
         raise FramingError("OPEN frame names port 0")
-    return port
+    hint = payload[2] if len(payload) == 3 else HINT_DETECT
+    if hint not in (HINT_DETECT, HINT_OPAQUE, HINT_HTTP1, HINT_H2):
+        raise FramingError(f"OPEN frame carries an unknown protocol hint {hint}")
+    return port, hint

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
+import time
 from typing import TYPE_CHECKING
 
 from proxy import framing
-from proxy.detect import Kind, detect
+from proxy.detect import Kind, classify, detect, undecided_kind
 from proxy.original_dst import original_dst
 from proxy.outbound import Refused, _reset_socket
+from proxy.pipe import Pipe
 from proxy.relay import Half, Relay
+from proxy.routers import InboundRouter, context, serve_connection, serve_h2
 from sidemesh.identity import tls
 from sidemesh.policy.evaluate import evaluate
 from sidemesh.policy.model import Decision, Peer, Request
@@ -33,23 +37,25 @@ def peer_of(spiffe_id: SpiffeId) -> Peer:
     return Peer(spiffe_id.trust_domain, wid.namespace, wid.service_account)
 
 
-async def _accept_mesh(sc: Sidecar, relay: Relay, conn: socket.socket) -> tuple[Half, Peer, int]:
-    down = relay.half(framed=True, name="downstream")
-    opened: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+async def _accept_mesh(sc: Sidecar, relay: Relay, conn: socket.socket) -> tuple[Pipe, Peer, int, int]:
+    """The TLS handshake and the OPEN frame (port, protocol hint); what follows OPEN stays
+    buffered in the pipe."""
+    down = Pipe(framed=True, name="downstream")
+    opened: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
 
-    def on_frame(kind: int, payload: bytes) -> None:
+    def on_control(kind: int, payload: bytes) -> None:
         if kind != framing.OPEN or opened.done():
-            relay.fail(f"unexpected frame {kind}")
+            down.abort()
+            if not opened.done():
+                opened.set_exception(Refused(f"unexpected frame {kind}"))
             return
         try:
-            opened.set_result(framing.parse_open(payload))
+            opened.set_result(framing.parse_open_hint(payload))
         except framing.FramingError as exc:
-            relay.fail(str(exc))
-            return
-        if down.transport is not None:
-            down.transport.pause_reading()  # until the app side is linked
+            opened.set_exception(Refused(str(exc)))
 
-    down.on_frame = on_frame
+    down.on_control = on_control
+    relay.on_fail = down.abort
     timeout = sc.config.connect_timeout.total_seconds()
     try:
         transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
@@ -62,15 +68,49 @@ async def _accept_mesh(sc: Sidecar, relay: Relay, conn: socket.socket) -> tuple[
     spiffe_id = tls.peer_spiffe_id(transport.get_extra_info("ssl_object"))
     relay.info["source"] = str(spiffe_id)
     try:
-        port = await asyncio.wait_for(opened, OPEN_TIMEOUT)
+        port, hint = await asyncio.wait_for(opened, OPEN_TIMEOUT)
     except TimeoutError:
         raise Refused("peer sent no OPEN frame") from None
-    return down, peer_of(spiffe_id), port
+    return down, peer_of(spiffe_id), port, hint
+
+
+async def detect_inner(pipe: Pipe, timeout: float) -> Kind:
+    """Detection on the decrypted stream after OPEN (the bytes stay in the pipe)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        peeked = pipe.peek()
+        kind = classify(peeked) if peeked or pipe.ended else None
+        if kind is not None:
+            return Kind.OPAQUE if kind is Kind.CLOSED else kind
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return undecided_kind(peeked)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pipe.wait_readable(len(peeked)), remaining)
+
+
+def _to_half(relay: Relay, pipe: Pipe) -> Half:
+    """Hand a mesh connection over to the opaque relay, with the bytes read so far."""
+    half = relay.half(framed=True, name="downstream")
+    transport = pipe.transport
+    assert transport is not None
+    half.transport = transport
+    half.decoder = pipe.decoder
+    buffered = pipe.take_buffered()
+    if buffered:
+        half._early.append(buffered)
+        half.bytes_in += len(buffered)
+    half.eof_in = pipe.ended
+    transport.pause_reading()  # until the app side is linked
+    transport.set_protocol(half)
+    relay.on_fail = None
+    return half
 
 
 async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> None:
     relay = sc.new_relay("inbound", client)
     down: Half | None = None
+    mesh_pipe: Pipe | None = None
     try:
         redirected_port: int | None = None
         if sc.config.capture == "iptables":
@@ -82,9 +122,23 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
         if kind is Kind.CLOSED:
             raise Refused("client closed before sending anything")
         if kind is Kind.MESH:
-            down, peer, port = await _accept_mesh(sc, relay, conn)
+            mesh_pipe, peer, port, hint = await _accept_mesh(sc, relay, conn)
             if redirected_port is not None and port != redirected_port:
                 raise Refused(f"OPEN names port {port} but the connection was for port {redirected_port}")
+            relay.info["port"] = port
+            if port in sc.mesh_config().opaque_ports or hint == framing.HINT_OPAQUE:
+                kind = Kind.OPAQUE
+            elif hint == framing.HINT_HTTP1:
+                kind = Kind.HTTP1
+            elif hint == framing.HINT_H2:
+                kind = Kind.H2
+            else:
+                kind = await detect_inner(mesh_pipe, sc.config.detect_timeout.total_seconds())
+            relay.info["protocol"] = kind.value
+            if kind.http:
+                await _serve_http(sc, relay, mesh_pipe, peer, port, kind)
+                return
+            down = _to_half(relay, mesh_pipe)
         else:
             if sc.config.mode == "strict":
                 raise Refused("plaintext connection refused (strict mTLS)")
@@ -93,6 +147,13 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
                 raise Refused("plaintext connection: no destination port known")
             port, peer = port_or_none, Peer()
             relay.info["source"] = "unauthenticated"
+            relay.info["port"] = port
+            if kind.http and port not in sc.mesh_config().opaque_ports:
+                plain = Pipe(framed=False, name="downstream")
+                relay.on_fail = plain.abort
+                await asyncio.get_running_loop().connect_accepted_socket(lambda: plain, conn)
+                await _serve_http(sc, relay, plain, peer, port, kind)
+                return
         relay.info["port"] = port
         decision = authorize(sc, peer, port)
         relay.info["decision"] = decision.reason
@@ -126,13 +187,22 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
         sc.metrics.connections.labels("inbound", "refused").inc()
         log.warning("inbound connection refused", extra={**relay.info, "reason": str(exc)})
         relay.fail(str(exc))
-        if down is None:
+        if down is None and mesh_pipe is None:
             _reset_socket(conn)
     except Exception:
         log.exception("inbound connection failed", extra=relay.info)
         relay.fail("internal error")
-        if down is None:
+        if down is None and mesh_pipe is None:
             _reset_socket(conn)
+
+
+async def _serve_http(sc: Sidecar, relay: Relay, pipe: Pipe, peer: Peer, port: int, kind: Kind) -> None:
+    router = InboundRouter(sc, peer, port, relay.info)
+    if kind is Kind.H2:
+        await serve_h2(sc, relay, pipe, router)
+        return
+    ctx = context(sc, "inbound", relay, source=str(relay.info.get("source")))
+    await serve_connection(sc, relay, pipe, router, ctx)
 
 
 def authorize(sc: Sidecar, peer: Peer, port: int) -> Decision:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import socket
 import ssl
@@ -12,8 +11,13 @@ import struct
 from typing import TYPE_CHECKING
 
 from proxy import framing
+from proxy.balance import Lease, NoEndpoint
+from proxy.detect import Kind, detect
 from proxy.original_dst import original_dst
+from proxy.pipe import Pipe
 from proxy.relay import Half, Relay, reset
+from proxy.retry import CONNECT_RETRIES
+from proxy.routers import OutboundRouter, context, serve_connection
 from sidemesh.identity import tls
 from sidemesh.mesh.compile import Destination, Endpoint
 
@@ -21,21 +25,71 @@ if TYPE_CHECKING:
     from proxy.sidecar import Sidecar
 
 log = logging.getLogger("sidemesh.proxy.outbound")
-_rr = itertools.count()
 
 
 class Refused(Exception):
     """The connection cannot be made; the reason goes to the log, the app sees a reset."""
 
 
-def pick(dest: Destination) -> Endpoint:
-    """Round robin per connection (per-request balancing belongs to the HTTP layer)."""
-    if not dest.endpoints:
-        raise Refused(f"{dest.name} has no endpoints")
-    return dest.endpoints[next(_rr) % len(dest.endpoints)]
+async def _connect_balanced(sc: Sidecar, relay: Relay, dest: Destination) -> Half:
+    """Opaque TCP: an endpoint per connection from the balancer (P2C, ejection). One that cannot be
+    reached is tried elsewhere (nothing was sent yet) and counts toward its ejection. The outcome is
+    reported once connected (latency: the connect time); the lease is held while the connection
+    lives, so the endpoint's load counts its open connections."""
+    tried: list[Endpoint] = []
+    for attempt in range(CONNECT_RETRIES + 1):
+        try:
+            lease = sc.balancer.acquire(dest, avoid=tried)
+        except NoEndpoint as exc:
+            raise Refused(str(exc)) from None
+        ep, halves = lease.endpoint, len(relay.halves)
+        relay.info["endpoint"] = f"{ep.address}:{ep.port}"
+        relay.info["mtls"] = ep.identity is not None
+        try:
+            if ep.identity is None:
+                up = await _connect_plain(sc, relay, (ep.address, ep.port))
+            else:
+                dial = (
+                    (ep.address, ep.port)
+                    if sc.config.capture == "iptables"
+                    else (ep.address, sc.inbound_port)
+                )
+                # What this side detected (or was told): the other side need not detect again.
+                # HTTP/2 rides this one connection; the inbound side authorizes each stream.
+                protocol = relay.info.get("protocol")
+                hint = framing.HINT_H2 if protocol == "h2" else framing.HINT_OPAQUE
+                up = await _connect_mesh(sc, relay, ep, dial, hint)
+        except Refused as exc:
+            lease.release(False)
+            if attempt == CONNECT_RETRIES or any(h.transport is not None for h in relay.halves[halves:]):
+                raise  # out of attempts, or the failed half is attached to the relay: no retry
+            del relay.halves[halves:]
+            tried.append(ep)
+            log.info("endpoint unreachable; trying another", extra={**relay.info, "reason": str(exc)})
+            continue
+        lease.report(True)  # connected: its latency is the connect time
+        _release_on_close(relay, lease)
+        return up
+    raise AssertionError("unreachable")
 
 
-async def _connect_mesh(sc: Sidecar, relay: Relay, ep: Endpoint, dial: tuple[str, int]) -> Half:
+def _release_on_close(relay: Relay, lease: Lease) -> None:
+    if relay.closed:
+        lease.release(True)
+        return
+    previous = relay.on_close
+
+    def closed(r: Relay, outcome: str) -> None:
+        lease.release(True)
+        if previous is not None:
+            previous(r, outcome)
+
+    relay.on_close = closed
+
+
+async def _connect_mesh(
+    sc: Sidecar, relay: Relay, ep: Endpoint, dial: tuple[str, int], hint: int = framing.HINT_DETECT
+) -> Half:
     up = relay.half(framed=True, name="upstream")
     loop = asyncio.get_running_loop()
     timeout = sc.config.connect_timeout.total_seconds()
@@ -72,7 +126,7 @@ async def _connect_mesh(sc: Sidecar, relay: Relay, ep: Endpoint, dial: tuple[str
         reset(transport)
         raise Refused(f"{dial[0]}:{dial[1]} does not speak {tls.ALPN}")
     relay.info["peer"] = str(peer)
-    up.write_raw(framing.open_frame(ep.port))
+    up.write_raw(framing.open_frame(ep.port, hint))
 
     def on_frame(kind: int, payload: bytes) -> None:
         if kind == framing.DENY:
@@ -115,25 +169,21 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int], targ
                 raise Refused(f"connection to the proxy's own port {dst[1]} (loop)")
             dest = mesh.lookup_address(*dst)
         relay.info["destination"] = f"{dst[0]}:{dst[1]}" if dest is None else dest.name
+        if dest is not None and not dest.opaque:
+            kind = await detect(conn, sc.config.detect_timeout.total_seconds())
+            relay.info["protocol"] = kind.value
+            if kind is Kind.CLOSED:
+                raise Refused("the app closed before sending anything")
+            if kind is Kind.HTTP1:
+                await _serve_http(sc, relay, conn, dest)
+                return
         if dest is None:
             if not sc.config.passthrough:
                 raise Refused(f"{dst[0]}:{dst[1]} is outside the mesh and passthrough is off")
             up = await _connect_plain(sc, relay, dst)
             relay.info["mtls"] = False
         else:
-            ep = pick(dest)
-            relay.info["endpoint"] = f"{ep.address}:{ep.port}"
-            if ep.identity is None:
-                up = await _connect_plain(sc, relay, (ep.address, ep.port))
-                relay.info["mtls"] = False
-            else:
-                dial = (
-                    (ep.address, ep.port)
-                    if sc.config.capture == "iptables"
-                    else (ep.address, sc.inbound_port)
-                )
-                up = await _connect_mesh(sc, relay, ep, dial)
-                relay.info["mtls"] = True
+            up = await _connect_balanced(sc, relay, dest)
         app = relay.half(framed=False, name="app")
         await asyncio.get_running_loop().connect_accepted_socket(lambda: app, conn)
         relay.link(app, up)
@@ -147,6 +197,15 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int], targ
         log.exception("outbound connection failed", extra=relay.info)
         relay.fail("internal error")
         _reset_socket(conn)
+
+
+async def _serve_http(sc: Sidecar, relay: Relay, conn: socket.socket, dest: Destination) -> None:
+    app = Pipe(framed=False, name="app")
+    relay.on_fail = app.abort
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: app, conn)
+    router = OutboundRouter(sc, dest.name, relay.info)
+    ctx = context(sc, "outbound", relay, source=str(sc.identity.spiffe_id), service=dest.name)
+    await serve_connection(sc, relay, app, router, ctx)
 
 
 def _reset_socket(conn: socket.socket) -> None:

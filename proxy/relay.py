@@ -160,6 +160,7 @@ class Relay:
         self._idle_handle: asyncio.TimerHandle | None = None
         self._seen = 0
         self.info: dict[str, object] = {}
+        self.on_fail: Callable[[], None] | None = None  # an HTTP connection has no halves: reset it
 
     def half(self, framed: bool, name: str) -> Half:
         h = Half(self, framed, name)
@@ -212,6 +213,8 @@ class Relay:
         self._finish(why)
         for h in self.halves:
             reset(h.transport)
+        if self.on_fail is not None:
+            self.on_fail()
 
     def lost(self, half: Half, exc: Exception | None) -> None:
         if self.closed:
@@ -230,6 +233,10 @@ class Relay:
         if peer is not None and peer.transport is not None and peer.eof_in:
             self._finish("closed")
             peer.transport.close()
+
+    def end(self, outcome: str) -> None:
+        """The connection is over (an HTTP connection, which ends without halves)."""
+        self._finish(outcome)
 
     def _finish(self, outcome: str) -> None:
         if self.closed:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import struct
 import time
@@ -13,13 +14,16 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from proxy import heap, inbound, outbound
+from proxy import heap, inbound, outbound, pool
+from proxy.balance import Balancer
 from proxy.config import ProxyConfig
 from proxy.config_client import ConfigClient
 from proxy.metrics import ProxyMetrics
-from proxy.observe import NullObserver, Observer
+from proxy.observe import Observer
 from proxy.probes import APP_HEALTH_PREFIX, AppProber, parse_app_probes
 from proxy.relay import Relay
+from proxy.routes import RouteStats
+from proxy.telemetry import ProxyObserver, start_sidecar_tracing
 from sidemesh.config import parse_hostport
 from sidemesh.httpd import HTTPServer, json_response
 from sidemesh.identity.workload import WorkloadIdentity
@@ -58,9 +62,19 @@ class Sidecar:
         self.config = config
         self.identity = identity
         self.metrics = ProxyMetrics()
-        self.observer: Observer = NullObserver()  # per-request telemetry (proxy/observe.py)
+        self.routes = RouteStats()  # for `sidemesh top` (admin /stats/routes)
+        self.tracing = start_sidecar_tracing(config.workload, str(identity.spiffe_id), self.metrics.registry)
+        self.observer: Observer = ProxyObserver(  # per-request telemetry (proxy/observe.py)
+            self.metrics,
+            self.routes,
+            str(identity.spiffe_id),
+            self.tracing,
+            config.access_log,
+            config.access_log_sample,
+        )
         self.relays: set[Relay] = set()
         self.heap_trimmer = heap.Trimmer()
+        self.balancer = Balancer()  # endpoint choice and outlier ejection (proxy/balance.py)
         self.open_connections: dict[str, int] = {}  # by direction
         self._overflow_logged = 0.0
         self._mesh: SidecarConfig | None = None
@@ -129,14 +143,23 @@ class Sidecar:
         self.open_connections[direction] -= 1
         received = {h.name: h.bytes_in for h in relay.halves}
         self.metrics.bytes.labels(direction).inc(sum(received.values()))
-        if self.config.access_log and relay.info.get("linked"):
+        seconds = time.monotonic() - relay.started
+        ok = outcome == "closed" and bool(relay.info.get("linked"))
+        self.metrics.closed.labels(direction, "ok" if ok else "error").inc()
+        self.metrics.connection_duration.labels(direction).observe(seconds)
+        if relay.info.get("protocol") not in ("http/1", "h2"):  # HTTP is counted per request
+            target = relay.info.get("destination") or f":{relay.info.get('port', '?')}"
+            denied = outcome == "denied" or "denied" in relay.info
+            self.routes.record(direction, f"TCP {target}", seconds, ok, denied)
+        sample = self.config.access_log_sample
+        if self.config.access_log and relay.info.get("linked") and (not ok or random.random() < sample):
             access.info(
                 "connection",
                 extra={
                     **relay.info,
                     "outcome": outcome,
                     "bytes_received": received,
-                    "duration_ms": round((time.monotonic() - relay.started) * 1000, 3),
+                    "duration_ms": round(seconds * 1000, 3),
                 },
             )
 
@@ -281,6 +304,7 @@ class Sidecar:
                 "/config": self._page_config,
                 "/certs": self._page_certs,
                 "/connections": self._page_connections,
+                "/stats/routes": self._page_routes,
                 "/healthz/ready": self._page_ready,
             }
         )
@@ -346,9 +370,12 @@ class Sidecar:
         await self._close_listeners(("inbound", "outbound"))
         for relay in list(self.relays):
             relay.fail("drain timeout")
+        pool.pool_of(self).close()  # idle HTTP connections to the app and to other sidecars
         for server in self._servers:
             await server.stop()
         await self.identity.stop()
+        if self.tracing is not None:
+            await self.tracing.close()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -423,6 +450,11 @@ class Sidecar:
                 "last_error": self.identity.last_error,
                 "bundle_roots": len(svid.bundle),
             },
+        )
+
+    def _page_routes(self) -> tuple[int, str, bytes]:
+        return json_response(
+            200, self.routes.snapshot(workload=self.config.workload, identity=str(self.identity.spiffe_id))
         )
 
     def _page_connections(self) -> tuple[int, str, bytes]:

@@ -35,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         seen.add(ep.name)
         ep.load()(sub)
-    from sidemesh import demo
+    from sidemesh import demo, top
 
     demo.register(sub)
+    top.register(sub)
     return parser
 
 

@@ -134,10 +134,11 @@ def parse(doc: Any, default_namespace: str | None = None) -> Authorization:
     where = f"{namespace}/{name}: spec"
     spec = _mapping(top.get("spec"), where, {"selector", "rules", "mode"})
     selector = _mapping(spec.get("selector", {}), f"{where}.selector", {"matchLabels"})
-    labels = _mapping(
-        selector.get("matchLabels", {}),
+    raw_labels = selector.get("matchLabels", {})
+    labels = _mapping(  # any key is allowed; _mapping refuses what is not a mapping
+        raw_labels,
         f"{where}.selector.matchLabels",
-        set(selector.get("matchLabels", {}) or {}),
+        set(raw_labels) if isinstance(raw_labels, dict) else set(),
     )
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise PolicyError(f"{where}.selector.matchLabels", "keys and values must be strings")

@@ -25,7 +25,7 @@ from sidemesh.spiffe import WorkloadId
 # The sidecar and the controller run on uvloop in production (`sidemesh proxy run`): their tests run
 # on both loops, so that a difference between the two (uvloop's transports are not asyncio.Transport
 # subclasses, for one) fails a test here rather than in a pod.
-BOTH_LOOPS = ("test_proxy.py", "test_controller.py")
+BOTH_LOOPS = ("test_proxy.py", "test_controller.py", "test_http1.py")
 
 
 def pytest_asyncio_loop_factories(

@@ -124,6 +124,17 @@ class Mesh:
             server.close()
 
 
+def new_mesh(ca: RunningCA, tmp_path: Path) -> Mesh:
+    """The demo's mesh (frontend, cart, stranger; only the frontend may call the cart) on a fresh
+    loopback network, configured from a directory under ``tmp_path``."""
+    config_dir = tmp_path / "mesh"
+    config_dir.mkdir()
+    m = Mesh(ca, config_dir, free_net())
+    m.write("workloads.yaml", MESH_YAML.format(net=m.net))
+    m.write("allow.yaml", ALLOW_FRONTEND)
+    return m
+
+
 async def talk(host: str, port: int, payload: bytes, timeout: float = 5) -> bytes:
     """Connect, send, half-close, read everything until EOF."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)

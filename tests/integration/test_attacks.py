@@ -21,7 +21,7 @@ from proxy.sidecar import Sidecar
 from sidemesh.identity import tls
 from sidemesh.spiffe import SpiffeId, WorkloadId
 from tests.integration.conftest import StartCA
-from tests.integration.mesh_fixture import ALLOW_FRONTEND, INBOUND, MESH_YAML, Mesh, free_net
+from tests.integration.mesh_fixture import INBOUND, Mesh, new_mesh
 from tests.support import pki
 
 CART = 2
@@ -44,13 +44,7 @@ class CountingApp:
 
 @pytest.fixture
 async def target(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[tuple[Mesh, Sidecar, CountingApp]]:
-    ca = await start_ca()
-    config_dir = tmp_path / "mesh"
-    config_dir.mkdir()
-    net = free_net()
-    m = Mesh(ca, config_dir, net)
-    m.write("workloads.yaml", MESH_YAML.format(net=net))
-    m.write("allow.yaml", ALLOW_FRONTEND)
+    m = new_mesh(await start_ca(), tmp_path)
     app = CountingApp()
     await m.app(CART, app)
     cart = await m.sidecar("cart", CART)

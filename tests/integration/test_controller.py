@@ -20,7 +20,7 @@ from sidemesh.api import config_pb2 as pb
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.spiffe import WorkloadId
 from tests.integration.conftest import StartCA
-from tests.integration.mesh_fixture import ALLOW_FRONTEND, MESH_YAML, Mesh, free_net, talk
+from tests.integration.mesh_fixture import ALLOW_FRONTEND, Mesh, new_mesh, talk
 from tests.support import pki
 
 FRONTEND, CART, STRANGER = 1, 2, 3
@@ -60,13 +60,7 @@ class Controller:
 
 @pytest.fixture
 async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
-    ca = await start_ca()
-    config_dir = tmp_path / "mesh"
-    config_dir.mkdir()
-    net = free_net()
-    m = Mesh(ca, config_dir, net)
-    m.write("workloads.yaml", MESH_YAML.format(net=net))
-    m.write("allow.yaml", ALLOW_FRONTEND)
+    m = new_mesh(await start_ca(), tmp_path)
     yield m
     await m.close()
 

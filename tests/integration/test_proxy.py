@@ -17,10 +17,9 @@ from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import (
     ALLOW_FRONTEND,
     INBOUND,
-    MESH_YAML,
     Mesh,
-    free_net,
     linger_reset,
+    new_mesh,
     talk,
 )
 
@@ -30,13 +29,7 @@ OUT = 18080  # the frontend's local outbound port for cart.shop:80
 
 @pytest.fixture
 async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
-    ca = await start_ca()
-    config_dir = tmp_path / "mesh"
-    config_dir.mkdir()
-    net = free_net()
-    m = Mesh(ca, config_dir, net)
-    m.write("workloads.yaml", MESH_YAML.format(net=net))
-    m.write("allow.yaml", ALLOW_FRONTEND)
+    m = new_mesh(await start_ca(), tmp_path)
     yield m
     await m.close()
 

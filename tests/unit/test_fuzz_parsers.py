@@ -6,6 +6,7 @@ import contextlib
 import string
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -256,3 +257,16 @@ def test_random_bytes_as_a_config_update(raw: bytes) -> None:
     client, applied = _stream_client()
     ack = client._handle(update)
     assert bool(ack.error) != bool(applied)
+
+
+@pytest.mark.parametrize("labels", [True, 1, "app", [1], None])  # null too: the CRD says object
+def test_match_labels_that_are_not_a_mapping_are_a_policy_error(labels: Any) -> None:
+    # Found by the fuzz test above: a non-iterable matchLabels was a TypeError, not a PolicyError.
+    doc = {
+        "apiVersion": "sidemesh.io/v1alpha1",
+        "kind": "ServiceAuthorization",
+        "metadata": {"name": "a", "namespace": "shop"},
+        "spec": {"selector": {"matchLabels": labels}},
+    }
+    with pytest.raises(crd.PolicyError, match="matchLabels: must be an object"):
+        crd.parse(doc)

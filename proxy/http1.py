@@ -1,0 +1,556 @@
+"""HTTP/1.1 proxying, the same for both directions: h11 parses the downstream connection one request
+at a time (pipelined requests wait in its buffer, as they would at the server), a :class:`Router`
+says where each request goes (or answers it itself: denied, no endpoint), and the request and the
+response are streamed through, body chunk by body chunk, with backpressure both ways.
+
+After a ``101 Switching Protocols`` the two connections are spliced as opaque bytes (WebSocket).
+Malformed requests get a 400 (431 for oversized headers) and the connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import h11
+
+from proxy.headers import DENIED_REASON, forwarded, header, is_upgrade, request_path
+from proxy.observe import Observer, RequestInfo, RequestResult, RequestSpan
+from proxy.pipe import Pipe, PipeClosed
+from proxy.retry import RETRY_STATUSES, backoff
+
+log = logging.getLogger("sidemesh.proxy.http")
+Sendable = h11.Request | h11.InformationalResponse | h11.Response | h11.Data | h11.EndOfMessage
+MAX_HEAD = 64 * 1024  # request line and headers; more gets 431
+DRAIN_CHECK = 1.0  # how often an idle keep-alive connection looks whether the sidecar is draining
+
+
+@dataclass(slots=True)
+class Local:
+    """An answer the sidecar gives itself: denied (403), no endpoint (503), unreachable (502)."""
+
+    status: int
+    reason: str
+    decision: Literal["allow", "deny"] = "deny"
+    policy: str | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Upstream:
+    """A connection, taken from a pool, that carries one request (and then goes back)."""
+
+    pipe: Pipe
+    conn: h11.Connection
+    reused: bool
+    key: object = None
+    endpoint: str | None = None
+    destination: str | None = None
+    reason: str = ""  # why the request was allowed (inbound: the policy decision)
+    policy: str | None = None
+
+
+class Router(Protocol):
+    def begin(self, info: RequestInfo) -> float | None:
+        """Once per request, before ``route``: the seconds it may wait for its response head
+        (retries included), or None."""
+        ...
+
+    async def route(self, request: h11.Request, info: RequestInfo) -> Local | Upstream: ...
+
+    def may_retry(self, method: str, status: int | None, reset: bool, attempt: int) -> bool:
+        """Whether attempt number ``attempt`` (0: the first) may be retried after it got a
+        ``status``, or was ``reset`` before its response head (and takes it from the budget)."""
+        ...
+
+    async def fresh(self, up: Upstream) -> Local | Upstream:
+        """A new connection to the same place (a reused one was closed under the request)."""
+        ...
+
+    def release(self, up: Upstream, reusable: bool, ok: bool) -> None: ...
+
+
+@dataclass(slots=True)
+class Context:
+    direction: Literal["inbound", "outbound"]
+    observer: Observer
+    idle_timeout: float
+    draining: Callable[[], bool]
+    source: str | None = None
+    service: str | None = None
+    peer_address: str | None = None
+    log_extra: dict[str, object] = field(default_factory=dict)
+
+
+class _BadRequest(Exception):
+    def __init__(self, exc: h11.RemoteProtocolError) -> None:
+        super().__init__(str(exc))
+        self.status = exc.error_status_hint
+
+
+class _DownstreamGone(Exception):
+    pass
+
+
+class _Retry(Exception):
+    """The response head asked for a retry (502/503/504); its body was read and dropped."""
+
+
+class _Timeout(Exception):
+    """No response head before the request's deadline."""
+
+
+async def next_event(conn: h11.Connection, pipe: Pipe) -> object:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await pipe.read())
+            continue
+        return event
+
+
+async def _wait_request(pipe: Pipe, ctx: Context) -> bool:
+    """Wait for the next request's first bytes; False when the connection should end (idle, draining)."""
+    if pipe.has_input:
+        return True
+    deadline = time.monotonic() + ctx.idle_timeout
+    while True:
+        if ctx.draining():
+            return False
+        wait = min(DRAIN_CHECK, deadline - time.monotonic())
+        if wait <= 0:
+            return False
+        if await pipe.wait_input(wait):
+            return True
+
+
+def _local_response(local: Local, close: bool) -> list[Sendable]:
+    body = f"{local.reason}\n".encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (DENIED_REASON, local.reason.encode("ascii", "replace")[:512]),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    return [h11.Response(status_code=local.status, headers=headers), h11.Data(data=body), h11.EndOfMessage()]
+
+
+async def serve(down: Pipe, router: Router, ctx: Context) -> None:
+    """Serve one downstream connection until it ends."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    try:
+        while True:
+            event: object
+            try:
+                event = conn.next_event()  # a pipelined request may be buffered already
+                if event is h11.NEED_DATA:
+                    if not await _wait_request(down, ctx):
+                        break
+                    event = await next_event(conn, down)
+            except h11.RemoteProtocolError as exc:
+                _send_error(conn, down, exc.error_status_hint, str(exc), ctx)
+                break
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                break
+            assert isinstance(event, h11.Request), event
+            if not await _exchange(conn, down, event, router, ctx):
+                return  # the connection was spliced or reset: nothing more to do here
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not ctx.draining():
+                conn.start_next_cycle()
+                continue
+            break
+        down.write_eof()
+        down.close()
+    except (PipeClosed, ConnectionError):
+        down.abort()
+
+
+def _send_error(conn: h11.Connection, down: Pipe, status: int, why: str, ctx: Context) -> None:
+    log.info("bad request", extra={**ctx.log_extra, "status": status, "reason": why})
+    if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        with contextlib.suppress(h11.LocalProtocolError, PipeClosed):
+            for ev in _local_response(Local(status, f"bad request: {why}"), close=True):
+                down.write(conn.send(ev))
+
+
+async def _exchange(conn: h11.Connection, down: Pipe, req: h11.Request, router: Router, ctx: Context) -> bool:
+    """One request and its response. False when the downstream connection is no longer HTTP."""
+    raw = req.headers.raw_items()
+    if len(req.target) + sum(len(n) + len(v) + 4 for n, v in raw) > MAX_HEAD:
+        # h11 bounds only an incomplete head; one that arrived whole is checked here.
+        _send_error(conn, down, 431, "request header fields too large", ctx)
+        down.close()
+        return False
+    authority = header(raw, b"host") or b""
+    info = RequestInfo(
+        direction=ctx.direction,
+        protocol="http/1.1",
+        method=req.method.decode("latin-1"),
+        path=request_path(req.target),
+        authority=authority.decode("latin-1"),
+        headers=[(n.lower(), v) for n, v in raw],
+        source=ctx.source,
+        service=ctx.service,
+        peer_address=ctx.peer_address,
+    )
+    span = ctx.observer.start(info)
+    result = RequestResult(status=None)
+    try:
+        timeout = router.begin(info)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        route = await router.route(req, info)
+        if isinstance(route, Local):
+            await _answer_locally(conn, down, route, result)
+            return True
+        return await _forward(conn, down, req, raw, span, route, router, result, info, deadline)
+    except _BadRequest as exc:
+        result.error = f"bad request: {exc}"
+        _send_error(conn, down, exc.status, str(exc), ctx)
+        if conn.our_state is h11.DONE and result.status is None:
+            result.status = exc.status
+        down.close()
+        return False
+    except _DownstreamGone as exc:
+        result.error = f"downstream: {exc}"
+        down.abort()
+        return False
+    finally:
+        span.finish(result)
+
+
+async def _answer_locally(conn: h11.Connection, down: Pipe, local: Local, result: RequestResult) -> None:
+    # A client waiting for "100 Continue" may or may not send its body now: close after answering.
+    close = conn.they_are_waiting_for_100_continue
+    _write_down(down, conn, _local_response(local, close))
+    result.status, result.decision, result.reason = local.status, local.decision, local.reason
+    result.policy, result.error = local.policy, local.error
+    if close:
+        return
+    try:
+        while not isinstance(event := await next_event(conn, down), h11.EndOfMessage):  # discard the body
+            if isinstance(event, h11.ConnectionClosed):
+                return
+            if isinstance(event, h11.Data):
+                result.request_bytes += len(event.data)
+    except h11.RemoteProtocolError as exc:
+        raise _BadRequest(exc) from exc
+    except PipeClosed as exc:
+        raise _DownstreamGone(str(exc)) from exc
+
+
+def _request_head(req: h11.Request, raw: list[tuple[bytes, bytes]], span: RequestSpan) -> h11.Request:
+    upgrade = is_upgrade(raw)
+    headers = forwarded(raw, span.trace_headers(), upgrade=upgrade, replace_trace=True)
+    if header(headers, b"host") is None:  # an HTTP/1.0 request may have none; HTTP/1.1 needs one
+        headers.insert(0, (b"Host", b"localhost"))
+    return h11.Request(method=req.method, target=req.target, headers=headers)
+
+
+async def _forward(
+    conn: h11.Connection,
+    down: Pipe,
+    req: h11.Request,
+    raw: list[tuple[bytes, bytes]],
+    span: RequestSpan,
+    up: Upstream,
+    router: Router,
+    result: RequestResult,
+    info: RequestInfo,
+    deadline: float | None,
+) -> bool:
+    result.reason, result.policy = up.reason, up.policy
+    head = _request_head(req, raw, span)
+    try:
+        first = conn.next_event()  # without I/O: a request without a body ends at once
+    except h11.RemoteProtocolError as exc:
+        router.release(up, False, True)
+        raise _BadRequest(exc) from exc
+    bodiless = isinstance(first, h11.EndOfMessage)
+    started = [False]  # a response head went downstream
+    retried = False  # the one free retry of a request on a pooled connection closed under it
+    attempt = 0  # retries by the route's policy (502/503/504, reset), from the budget
+    while True:
+        result.endpoint, result.destination = up.endpoint, up.destination
+        pump: asyncio.Task[int] | None = None
+        try:
+            data = up.conn.send(head)
+            if bodiless:
+                data += up.conn.send(h11.EndOfMessage())
+            up.pipe.write(data)
+            if not bodiless:
+                pump = asyncio.create_task(_pump_body(conn, down, up, first))
+                pump.add_done_callback(_abort_on_failure(up.pipe))
+            # A request without a body can be sent again (a body is streamed, not kept for that).
+            retry_status = _retry_check(router, info.method, attempt) if bodiless else None
+            spliced = await _relay_response(conn, down, up, result, started, deadline, retry_status)
+            if pump is not None and not pump.done():
+                # The response is complete before the request body: the server will not read the
+                # rest (a denial, an early error). Stop both, as a server would (RFC 9112 9.6).
+                await _stop(pump)
+                router.release(up, False, True)
+                down.write_eof()
+                down.close()
+                return False
+            if pump is not None:
+                result.request_bytes = await pump
+        except _Retry as exc:
+            reusable = up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE
+            if reusable:
+                up.conn.start_next_cycle()
+            router.release(up, reusable, False)
+            attempt += 1
+            result.retries += 1
+            log.info("retrying", extra={"status": str(exc), "attempt": attempt, "endpoint": up.endpoint})
+            again = await _reroute(router, req, info, attempt, deadline)
+            if isinstance(again, Local):
+                await _answer_locally(conn, down, again, result)
+                return True
+            up = again
+            continue
+        except _Timeout:
+            await _stop(pump)
+            up.pipe.abort()
+            router.release(up, False, False)
+            result.error = "timeout"
+            local = Local(504, "upstream timeout", "allow", up.policy, "timeout")
+            if bodiless:
+                await _answer_locally(conn, down, local, result)
+                return True
+            _write_down(down, conn, _local_response(local, close=True))
+            result.status = 504
+            down.close()
+            return False
+        except (PipeClosed, ConnectionError, h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
+            pump_exc = await _stop(pump)
+            if (
+                pump_exc is None
+                and not started[0]
+                and bodiless
+                and not up.reused
+                and router.may_retry(info.method, None, True, attempt)
+            ):
+                up.pipe.abort()
+                router.release(up, False, False)
+                attempt += 1
+                result.retries += 1
+                again = await _reroute(router, req, info, attempt, deadline)
+                if isinstance(again, Local):
+                    await _answer_locally(conn, down, again, result)
+                    return True
+                up = again
+                continue
+            if pump_exc is None and not started[0] and not retried and up.reused and bodiless:
+                retried = True  # a pooled connection was closed under the request: once more, fresh
+                up.pipe.abort()
+                fresh = await router.fresh(up)
+                if isinstance(fresh, Local):
+                    await _answer_locally(conn, down, fresh, result)
+                    return True
+                up = fresh
+                continue
+            router.release(up, False, False)
+            if pump_exc is not None:
+                raise pump_exc from exc
+            if started[0]:
+                raise _DownstreamGone(f"upstream failed mid-response: {exc}") from exc
+            result.error = f"upstream: {exc}"
+            local = Local(502, "upstream connection failed", "allow", up.policy, result.error)
+            if bodiless:
+                await _answer_locally(conn, down, local, result)
+                return True
+            _write_down(down, conn, _local_response(local, close=True))
+            result.status = 502
+            down.close()
+            return False
+        except BaseException:
+            await _stop(pump)
+            router.release(up, False, False)
+            raise
+        reusable = up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE
+        if reusable:
+            up.conn.start_next_cycle()
+        router.release(up, reusable, True)
+        return not spliced
+
+
+def _retry_check(router: Router, method: str, attempt: int) -> Callable[[int], bool]:
+    return lambda status: router.may_retry(method, status, False, attempt)
+
+
+async def _reroute(
+    router: Router, req: h11.Request, info: RequestInfo, attempt: int, deadline: float | None
+) -> Local | Upstream:
+    pause = backoff(attempt - 1)
+    if deadline is not None and time.monotonic() + pause >= deadline:
+        return Local(504, "upstream timeout", "allow", error="timeout")
+    await asyncio.sleep(pause)
+    return await router.route(req, info)
+
+
+def _write_down(down: Pipe, conn: h11.Connection, events: list[Sendable]) -> None:
+    try:
+        for ev in events:
+            down.write(conn.send(ev))
+    except (PipeClosed, h11.LocalProtocolError) as exc:
+        raise _DownstreamGone(str(exc)) from exc
+
+
+async def _stop(pump: asyncio.Task[int] | None) -> Exception | None:
+    if pump is None:
+        return None
+    if not pump.done():
+        pump.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await pump
+    return _pump_error(pump)
+
+
+def _abort_on_failure(pipe: Pipe) -> Callable[[asyncio.Task[int]], None]:
+    """A failed request body (bad chunking, client gone) aborts the upstream, which ends the wait
+    for its response."""
+
+    def done(task: asyncio.Task[int]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            pipe.abort()
+
+    return done
+
+
+def _pump_error(task: asyncio.Task[int]) -> Exception | None:
+    if task.cancelled():
+        return None
+    exc = task.exception()
+    if isinstance(exc, (_BadRequest, _DownstreamGone)):
+        return exc
+    return None
+
+
+async def _pump_body(conn: h11.Connection, down: Pipe, up: Upstream, first: object) -> int:
+    """Request body, downstream -> upstream; returns its size."""
+    sent = 0
+    event = first
+    while True:
+        if event is h11.NEED_DATA:
+            try:
+                conn.receive_data(await down.read())
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _BadRequest(exc) from exc
+            except PipeClosed as exc:
+                raise _DownstreamGone(str(exc)) from exc
+            continue
+        if isinstance(event, h11.Data):
+            sent += len(event.data)
+            up.pipe.write(up.conn.send(h11.Data(data=event.data)))
+            await up.pipe.drain()
+        elif isinstance(event, h11.EndOfMessage):
+            up.pipe.write(up.conn.send(h11.EndOfMessage(headers=event.headers)))
+            return sent
+        elif isinstance(event, h11.ConnectionClosed):
+            raise _DownstreamGone("closed in the middle of a request body")
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _BadRequest(exc) from exc
+
+
+async def _relay_response(
+    conn: h11.Connection,
+    down: Pipe,
+    up: Upstream,
+    result: RequestResult,
+    started: list[bool],
+    deadline: float | None = None,
+    retry_status: Callable[[int], bool] | None = None,
+) -> bool:
+    """Response, upstream -> downstream. True when the connections were switched (101) and spliced.
+    Until the head: bounded by ``deadline``, and a head that ``retry_status`` accepts is dropped
+    (``_Retry``)."""
+    while True:
+        if deadline is not None and not started[0]:
+            try:
+                event = await asyncio.wait_for(next_event(up.conn, up.pipe), deadline - time.monotonic())
+            except TimeoutError:
+                raise _Timeout from None
+        else:
+            event = await next_event(up.conn, up.pipe)
+        if (
+            retry_status is not None
+            and isinstance(event, h11.Response)
+            and event.status_code in RETRY_STATUSES
+            and retry_status(event.status_code)
+        ):
+            while not isinstance(
+                await next_event(up.conn, up.pipe), (h11.EndOfMessage, h11.ConnectionClosed)
+            ):
+                pass  # the body of the response that is not passed on
+            raise _Retry(event.status_code)
+        if isinstance(event, h11.InformationalResponse):
+            switching = event.status_code == 101
+            raw = event.headers.raw_items()
+            headers = forwarded(raw, upgrade=switching)
+            _write_down(
+                down,
+                conn,
+                [
+                    h11.InformationalResponse(
+                        status_code=event.status_code, headers=headers, reason=event.reason
+                    )
+                ],
+            )
+            if switching:
+                started[0] = True
+                result.status = 101
+                await _splice(conn, down, up)
+                return True
+        elif isinstance(event, h11.Response):
+            started[0] = True
+            result.status = event.status_code
+            headers = forwarded(event.headers.raw_items())
+            _write_down(
+                down,
+                conn,
+                [h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)],
+            )
+        elif isinstance(event, h11.Data):
+            result.response_bytes += len(event.data)
+            _write_down(down, conn, [h11.Data(data=event.data)])
+            try:
+                await down.drain()
+            except PipeClosed as exc:
+                raise _DownstreamGone(str(exc)) from exc
+        elif isinstance(event, h11.EndOfMessage):
+            _write_down(down, conn, [h11.EndOfMessage(headers=event.headers)])
+            return False
+        else:
+            raise PipeClosed("upstream closed before responding")
+
+
+async def _splice(conn: h11.Connection, down: Pipe, up: Upstream) -> None:
+    """After 101: opaque bytes both ways, with half-close, until both directions end."""
+    down_rest, _ = conn.trailing_data
+    up_rest, _ = up.conn.trailing_data
+    if up_rest:
+        down.write(up_rest)
+    if down_rest:
+        up.pipe.write(down_rest)
+    await asyncio.gather(copy(down, up.pipe), copy(up.pipe, down))
+    down.close()
+    up.pipe.close()
+
+
+async def copy(src: Pipe, dst: Pipe) -> None:
+    try:
+        while data := await src.read():
+            dst.write(data)
+            await dst.drain()
+        dst.write_eof()
+    except (PipeClosed, ConnectionError):
+        src.abort()
+        dst.abort()

@@ -1,0 +1,250 @@
+"""A connection as awaitable reads and writes, for the HTTP layer: raw TCP, or `sidemesh/1` DATA
+frames inside mTLS. Reading pauses the transport when unread bytes pass a limit, and ``drain``
+waits while the transport's write buffer is above its high-water mark: a slow reader never makes
+the proxy buffer a body without bound."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import typing
+
+from proxy import framing
+from proxy.relay import WRITE_HIGH_WATER, reset
+
+READ_LIMIT = 256 * 1024
+
+
+class PipeClosed(ConnectionError):
+    pass
+
+
+class Pipe(asyncio.Protocol):
+    def __init__(self, framed: bool, name: str = "") -> None:
+        self.framed = framed
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.decoder: framing.Decoder | None = framing.Decoder() if framed else None
+        self._buf: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._eof = False
+        self._lost: Exception | None = None
+        self._closed = False
+        self._reader: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._paused = False
+        self._out: list[bytes] = []  # written in this turn of the loop, not yet flushed
+        self._out_len = 0
+        self._flush_scheduled = False
+        self.control: list[tuple[int, bytes]] = []  # OPEN / DENY frames received
+        self.on_control: typing.Callable[[int, bytes], None] | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        if self.decoder is None:
+            self._push(data)
+            self._wake()
+            return
+        try:
+            for kind, payload in self.decoder.feed(data):
+                if kind == framing.DATA:
+                    self._push(bytes(payload))
+                elif kind == framing.EOF:
+                    self._eof = True
+                else:
+                    self.control.append((kind, bytes(payload)))
+                    if self.on_control is not None:
+                        self.on_control(kind, bytes(payload))
+        except framing.FramingError as exc:
+            self._lost = exc
+            self.abort()
+        self._wake()
+
+    def _push(self, data: bytes) -> None:
+        if not data:
+            return
+        self._buf.append(data)
+        self._buffered += len(data)
+        if self._buffered > READ_LIMIT and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        if self.framed and not self._eof:
+            self._lost = PipeClosed(f"{self.name}: stream ended without EOF")
+        self._eof = True
+        self._wake()
+        return not self.framed  # raw: keep our write side open (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if exc is not None and self._lost is None:
+            self._lost = exc
+        self._eof = True
+        self._wake()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def _wake(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+    # -- what the HTTP layer calls -----------------------------------------------------------
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front (what a parser read past the end of its message)."""
+        if data:
+            self._buf.appendleft(data)
+            self._buffered += len(data)
+
+    def take_buffered(self) -> bytes:
+        data = b"".join(self._buf)
+        self._buf.clear()
+        self._buffered = 0
+        return data
+
+    async def read(self) -> bytes:
+        """The next bytes; b"" at the end of the stream. Raises on a reset or a cut stream."""
+        while not self._buf:
+            if self._eof:
+                if self._lost is not None:
+                    raise PipeClosed(str(self._lost)) from self._lost
+                return b""
+            self._reader = asyncio.get_running_loop().create_future()
+            await self._reader
+        data = self._buf.popleft()
+        self._buffered -= len(data)
+        if self._paused and self._buffered <= READ_LIMIT // 2 and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def wait_readable(self, more_than: int = 0) -> None:
+        """Until more than ``more_than`` bytes are buffered, or the stream ended."""
+        while self._buffered <= more_than and not self._eof:
+            self._reader = asyncio.get_running_loop().create_future()
+            await self._reader
+
+    async def wait_input(self, timeout: float) -> bool:
+        """Until there is input (bytes or the end of the stream), at most ``timeout`` seconds;
+        False on timeout. (A timer, not ``wait_for``: no task per wait on the request path.)"""
+        if self.has_input:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = self._reader = loop.create_future()
+        timer = loop.call_later(timeout, _set_result, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+        return self.has_input
+
+    def peek(self) -> bytes:
+        if len(self._buf) > 1:
+            joined = b"".join(self._buf)
+            self._buf.clear()
+            self._buf.append(joined)
+        return self._buf[0] if self._buf else b""
+
+    @property
+    def ended(self) -> bool:
+        """The other side sent its end of stream (EOF frame, or FIN)."""
+        return self._eof
+
+    @property
+    def has_input(self) -> bool:
+        """Bytes are waiting to be read, or the end of the stream is."""
+        return bool(self._buf) or self._eof
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._buf
+
+    @property
+    def usable(self) -> bool:
+        """Idle in a pool and still fit to reuse: nothing unread, not closed by the other side."""
+        return (
+            not self._eof and not self._buf and self.transport is not None and not self.transport.is_closing()
+        )
+
+    def write(self, data: bytes | bytearray) -> None:
+        """Queue bytes; what is written in one turn of the event loop goes out as one write (one
+        syscall, one TLS record, one DATA frame), not one per h11 event."""
+        if self._closed or self.transport is None or self.transport.is_closing():
+            raise PipeClosed(f"{self.name}: connection closed")
+        if not data:
+            return
+        self._out.append(bytes(data))
+        self._out_len += len(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+        elif self._out_len >= framing.MAX_DATA:
+            self.flush()
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        self._out_len = 0
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not self.framed:
+            transport.write(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), framing.MAX_DATA):
+            chunk = view[start : start + framing.MAX_DATA]
+            transport.write(framing.data_header(len(chunk)) + chunk)
+
+    def write_frame(self, frame: bytes) -> None:
+        self.flush()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame)
+
+    async def drain(self) -> None:
+        self.flush()
+        if self._writable is not None and not self._writable.done():
+            await self._writable
+        if self._closed:
+            raise PipeClosed(f"{self.name}: connection closed")
+
+    def write_eof(self) -> None:
+        self.flush()
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.framed:
+            self.transport.write(framing.EOF_FRAME)
+        elif self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self._out.clear()
+        self._out_len = 0
+        reset(self.transport)
+
+
+def _set_result(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,156 @@
+"""Pooled upstream connections for the HTTP layer: keep-alive connections to the app (inbound), and
+mTLS connections to other sidecars (outbound), so a request pays no connect and no handshake.
+
+A connection goes back to the pool only between requests (its h11 state idle on both sides) and
+is dropped when the other side has closed it, when the pool for its key is full, or when the
+sidecar drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING
+
+import h11
+
+from proxy import framing
+from proxy.pipe import Pipe
+from sidemesh.identity import tls
+from sidemesh.mesh.compile import Endpoint
+
+if TYPE_CHECKING:
+    from proxy.sidecar import Sidecar
+
+MAX_IDLE_PER_KEY = 64
+
+
+class ConnectError(Exception):
+    """No connection could be made (the reason is the message)."""
+
+
+Idle = tuple[Pipe, h11.Connection]
+
+
+class Pool:
+    def __init__(self, max_idle: int = MAX_IDLE_PER_KEY) -> None:
+        self.max_idle = max_idle
+        self._idle: dict[object, deque[Idle]] = {}
+        self.closed = False
+        self.opened = 0  # connections made (tests and the admin page)
+        self.reused = 0
+
+    def take(self, key: object) -> Idle | None:
+        idle = self._idle.get(key)
+        while idle:
+            pipe, conn = idle.pop()  # the most recently used: warmest, least likely closed
+            if pipe.usable:
+                self.reused += 1
+                return pipe, conn
+            pipe.close()
+        return None
+
+    def put(self, key: object, pipe: Pipe, conn: h11.Connection) -> None:
+        idle = self._idle.setdefault(key, deque())
+        if self.closed or not pipe.usable or len(idle) >= self.max_idle:
+            pipe.close()
+            return
+        idle.append((pipe, conn))
+
+    def idle_count(self) -> int:
+        return sum(len(q) for q in self._idle.values())
+
+    def close(self) -> None:
+        """Close every idle connection; later ``put``s close theirs."""
+        self.closed = True
+        for idle in self._idle.values():
+            for pipe, _ in idle:
+                pipe.close()
+        self._idle.clear()
+
+
+_pools: weakref.WeakKeyDictionary[Sidecar, Pool] = weakref.WeakKeyDictionary()
+
+
+def pool_of(sc: Sidecar) -> Pool:
+    pool = _pools.get(sc)
+    if pool is None:
+        pool = _pools[sc] = Pool()
+    return pool
+
+
+async def connect_app(sc: Sidecar, port: int) -> Pipe:
+    pipe = Pipe(framed=False, name="app")
+    timeout = sc.config.connect_timeout.total_seconds()
+    try:
+        await asyncio.wait_for(
+            asyncio.get_running_loop().create_connection(lambda: pipe, sc.config.app_host, port), timeout
+        )
+    except (OSError, TimeoutError) as exc:
+        raise ConnectError(f"app not reachable at {sc.config.app_host}:{port}: {exc or 'timeout'}") from exc
+    _nodelay(pipe)
+    sc.metrics.connections.labels("inbound", "allow").inc()
+    return pipe
+
+
+async def connect_plain(sc: Sidecar, host: str, port: int) -> Pipe:
+    pipe = Pipe(framed=False, name="upstream")
+    timeout = sc.config.connect_timeout.total_seconds()
+    try:
+        await asyncio.wait_for(
+            asyncio.get_running_loop().create_connection(lambda: pipe, host, port), timeout
+        )
+    except (OSError, TimeoutError) as exc:
+        raise ConnectError(f"cannot connect to {host}:{port}: {exc or 'timeout'}") from exc
+    _nodelay(pipe)
+    return pipe
+
+
+async def connect_sidecar(sc: Sidecar, ep: Endpoint, dial: tuple[str, int]) -> Pipe:
+    """mTLS to the endpoint's sidecar, its identity checked (secure naming), OPEN(port) sent."""
+    pipe = Pipe(framed=True, name="upstream")
+    timeout = sc.config.connect_timeout.total_seconds()
+    try:
+        transport, _ = await asyncio.wait_for(
+            asyncio.get_running_loop().create_connection(
+                lambda: pipe,
+                dial[0],
+                dial[1],
+                ssl=sc.identity.client_context(),
+                server_hostname="",
+                ssl_handshake_timeout=timeout,
+            ),
+            timeout,
+        )
+    except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+        sc.metrics.tls_failures.labels("outbound", getattr(exc, "reason", None) or "connect").inc()
+        raise ConnectError(
+            f"cannot connect to {ep.workload} at {dial[0]}:{dial[1]}: {exc or 'timeout'}"
+        ) from exc
+    ssl_object = transport.get_extra_info("ssl_object")
+    try:
+        peer = tls.peer_spiffe_id(ssl_object)
+    except tls.PeerIdentityError as exc:
+        pipe.abort()
+        raise ConnectError(f"{dial[0]}:{dial[1]}: {exc}") from exc
+    if peer != ep.identity:
+        pipe.abort()
+        sc.metrics.tls_failures.labels("outbound", "wrong_identity").inc()
+        raise ConnectError(f"{dial[0]}:{dial[1]} presented {peer}, expected {ep.identity} (secure naming)")
+    if ssl_object.selected_alpn_protocol() != tls.ALPN:
+        pipe.abort()
+        raise ConnectError(f"{dial[0]}:{dial[1]} does not speak {tls.ALPN}")
+    _nodelay(pipe)
+    pipe.write_frame(framing.open_frame(ep.port, framing.HINT_HTTP1))
+    sc.metrics.connections.labels("outbound", "allow").inc()
+    return pipe
+
+
+def _nodelay(pipe: Pipe) -> None:
+    sock = pipe.transport.get_extra_info("socket") if pipe.transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

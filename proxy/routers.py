@@ -1,0 +1,268 @@
+"""Where each HTTP request goes, per direction (the :class:`proxy.http1.Router` of each side).
+
+Inbound: authorize the request (source identity, port, method, path); denied -> a local 403 with
+the reason; allowed -> a pooled keep-alive connection to the app.
+Outbound: the destination is looked up again for every request (endpoint changes apply at once),
+the balancer picks an endpoint, and the request goes over a pooled mTLS connection to that
+endpoint's sidecar (or a pooled plain connection for an endpoint outside the mesh).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import TYPE_CHECKING, Literal
+
+import h11
+
+from proxy import http1, pool
+from proxy.balance import Lease, NoEndpoint
+from proxy.http1 import Context, Local, Router, Upstream
+from proxy.http2 import Denial, H2Proxy
+from proxy.observe import RequestInfo
+from proxy.pipe import Pipe
+from proxy.relay import Relay
+from proxy.retry import CONNECT_RETRIES, Failure, RetryBudget, RoutePolicy, retryable
+from sidemesh.mesh.compile import Destination, Endpoint
+from sidemesh.policy.evaluate import evaluate
+from sidemesh.policy.model import Decision, Peer, Request
+
+if TYPE_CHECKING:
+    from proxy.sidecar import Sidecar
+
+log = logging.getLogger("sidemesh.proxy.http")
+_budgets: weakref.WeakKeyDictionary[Sidecar, dict[str, RetryBudget]] = weakref.WeakKeyDictionary()
+
+
+def budget_of(sc: Sidecar, destination: str) -> RetryBudget:
+    """One retry budget per destination service of a sidecar (as Linkerd's, per route)."""
+    budgets = _budgets.setdefault(sc, {})
+    budget = budgets.get(destination)
+    if budget is None:
+        budget = budgets[destination] = RetryBudget()
+    return budget
+
+
+class InboundRouter:
+    def __init__(self, sc: Sidecar, peer: Peer, port: int, log_extra: dict[str, object]) -> None:
+        self.sc = sc
+        self.peer = peer
+        self.port = port
+        self.key = ("app", port)
+        self.pool = pool.pool_of(sc)
+        self.log_extra = log_extra
+
+    def authorize(self, method: str, path: str) -> Decision:
+        if self.port in self.sc.proxy_ports:
+            return Decision(False, f"port {self.port} is the proxy's own")
+        mesh = self.sc.mesh_config()
+        request = Request(self.peer, self.port, method, path)
+        return evaluate(mesh.policies, mesh.default_policy, request, self.sc.config.trust_domain)
+
+    def decide(self, method: str, path: str) -> Decision:
+        """Authorize one request, with its metric and log lines."""
+        decision = self.authorize(method, path)
+        if not decision.allowed:
+            self.sc.metrics.denials.labels(decision.policy or "default").inc()
+            log.warning(
+                "request denied",
+                extra={**self.log_extra, "method": method, "path": path, "reason": decision.reason},
+            )
+        elif decision.audit:
+            log.warning(
+                "request allowed in audit mode",
+                extra={**self.log_extra, "method": method, "path": path, "reason": decision.reason},
+            )
+        return decision
+
+    def h2_verdict(self, method: str, path: str) -> Denial | tuple[str, str | None]:
+        decision = self.decide(method, path)
+        if not decision.allowed:
+            return Denial(403, decision.reason, decision.policy)
+        return decision.reason, decision.policy
+
+    def begin(self, info: RequestInfo) -> float | None:
+        return None  # timeouts and retries are the caller's side's (outbound)
+
+    def may_retry(self, method: str, status: int | None, reset: bool, attempt: int) -> bool:
+        return False
+
+    async def route(self, request: h11.Request, info: RequestInfo) -> Local | Upstream:
+        decision = self.decide(info.method, info.path)
+        if not decision.allowed:
+            return Local(403, decision.reason, "deny", decision.policy)
+        up = await self._connect()
+        if isinstance(up, Upstream):
+            up.reason, up.policy = decision.reason, decision.policy
+        return up
+
+    async def _connect(self, fresh: bool = False) -> Local | Upstream:
+        idle = None if fresh else self.pool.take(self.key)
+        if idle is not None:
+            return Upstream(idle[0], idle[1], reused=True, key=self.key)
+        try:
+            pipe = await pool.connect_app(self.sc, self.port)
+        except pool.ConnectError as exc:
+            return Local(502, "app not reachable", "allow", error=str(exc))
+        self.pool.opened += 1
+        return Upstream(pipe, h11.Connection(h11.CLIENT), reused=False, key=self.key)
+
+    async def fresh(self, up: Upstream) -> Local | Upstream:
+        new = await self._connect(fresh=True)
+        if isinstance(new, Upstream):
+            new.reason, new.policy = up.reason, up.policy
+        return new
+
+    def release(self, up: Upstream, reusable: bool, ok: bool) -> None:
+        if reusable:
+            self.pool.put(up.key, up.pipe, up.conn)
+        else:
+            up.pipe.close()
+
+
+class OutboundRouter:
+    def __init__(self, sc: Sidecar, name: str, log_extra: dict[str, object]) -> None:
+        self.sc = sc
+        self.name = name  # the destination's name: looked up again for every request
+        self.pool = pool.pool_of(sc)
+        self.budget = budget_of(sc, name)
+        self.log_extra = log_extra
+        self._leases: dict[int, Lease] = {}
+        self._policy = RoutePolicy()
+
+    def destination(self) -> Destination | None:
+        return self.sc.mesh_config().lookup_name(self.name)
+
+    def begin(self, info: RequestInfo) -> float | None:
+        dest = self.destination()
+        self._policy = RoutePolicy.of(dest) if dest is not None else RoutePolicy()
+        self.budget.deposit()
+        return self._policy.timeout
+
+    def may_retry(self, method: str, status: int | None, reset: bool, attempt: int) -> bool:
+        error = Failure.RESET if reset else None
+        return (
+            attempt < self._policy.retries_for(error)
+            and retryable(method, status, error, self._policy)
+            and self.budget.try_withdraw()
+        )
+
+    async def route(self, request: h11.Request, info: RequestInfo) -> Local | Upstream:
+        """An endpoint from the balancer and a connection to it; an endpoint that cannot be
+        reached is tried elsewhere (nothing was sent), up to CONNECT_RETRIES times."""
+        dest = self.destination()
+        if dest is None:
+            return Local(503, f"{self.name} is no longer in the mesh", "allow", error="no endpoints")
+        tried: list[Endpoint] = []
+        for attempt in range(CONNECT_RETRIES + 1):
+            try:
+                lease = self.sc.balancer.acquire(dest, avoid=tried)
+            except NoEndpoint as exc:
+                return Local(503, str(exc), "allow", error="no endpoints")
+            up = await self._connect(lease.endpoint)
+            if isinstance(up, Upstream):
+                self._leases[id(up)] = lease
+                return up
+            lease.release(False)
+            tried.append(lease.endpoint)
+            if attempt == CONNECT_RETRIES or not self.budget.try_withdraw():
+                return up
+        raise AssertionError("unreachable")
+
+    async def _connect(self, ep: Endpoint, fresh: bool = False) -> Local | Upstream:
+        sc = self.sc
+        if ep.identity is None:
+            key: tuple[object, ...] = ("plain", ep.address, ep.port)
+        else:
+            dial = (ep.address, ep.port) if sc.config.capture == "iptables" else (ep.address, sc.inbound_port)
+            key = ("mesh", dial, str(ep.identity), ep.port)
+        endpoint, identity = f"{ep.address}:{ep.port}", str(ep.identity) if ep.identity else None
+        idle = None if fresh else self.pool.take(key)
+        if idle is not None:
+            return Upstream(idle[0], idle[1], True, key, endpoint, identity)
+        try:
+            if ep.identity is None:
+                pipe = await pool.connect_plain(sc, ep.address, ep.port)
+            else:
+                pipe = await pool.connect_sidecar(sc, ep, dial)
+        except pool.ConnectError as exc:
+            log.warning("upstream connection failed", extra={**self.log_extra, "reason": str(exc)})
+            return Local(502, "upstream connection failed", "allow", error=str(exc))
+        self.pool.opened += 1
+        return Upstream(pipe, h11.Connection(h11.CLIENT), False, key, endpoint, identity)
+
+    async def fresh(self, up: Upstream) -> Local | Upstream:
+        lease = self._leases.pop(id(up), None)
+        dest = self.destination()
+        ep = lease.endpoint if lease is not None else None
+        if ep is None and dest is not None:
+            ep = next((e for e in dest.endpoints if f"{e.address}:{e.port}" == up.endpoint), None)
+        if ep is None:
+            if lease is not None:
+                lease.release(False)
+            return Local(503, f"{self.name}: endpoint {up.endpoint} is gone", "allow", error="no endpoints")
+        new = await self._connect(ep, fresh=True)
+        if lease is not None:
+            if isinstance(new, Upstream):
+                self._leases[id(new)] = lease
+            else:
+                lease.release(False)
+        return new
+
+    def release(self, up: Upstream, reusable: bool, ok: bool) -> None:
+        lease = self._leases.pop(id(up), None)
+        if lease is not None:
+            lease.release(ok)
+        if reusable:
+            self.pool.put(up.key, up.pipe, up.conn)
+        else:
+            up.pipe.close()
+
+
+async def serve_connection(sc: Sidecar, relay: Relay, down: Pipe, router: Router, ctx: Context) -> None:
+    """Serve one HTTP connection; the relay tracks it for drain and the connection metrics."""
+    relay.info["linked"] = True
+    relay.on_fail = down.abort
+    outcome = "closed"
+    try:
+        await http1.serve(down, router, ctx)
+    except Exception:
+        log.exception("HTTP connection failed", extra=relay.info)
+        down.abort()
+        outcome = "internal error"
+    finally:
+        relay.end(outcome)
+
+
+def context(
+    sc: Sidecar, direction: Literal["inbound", "outbound"], relay: Relay, **kw: str | None
+) -> Context:
+    return Context(
+        direction=direction,
+        observer=sc.observer,
+        idle_timeout=sc.config.idle_timeout.total_seconds(),
+        # Inbound keep-alive connections close when idle once the sidecar drains (callers move to
+        # other endpoints); the app's outbound ones stay usable while it finishes its work.
+        draining=(lambda: sc.draining) if direction == "inbound" else (lambda: False),
+        peer_address=str(relay.info.get("client")),
+        log_extra=relay.info,
+        **kw,
+    )
+
+
+async def serve_h2(sc: Sidecar, relay: Relay, down: Pipe, router: InboundRouter) -> None:
+    """Serve one inbound HTTP/2 connection: each stream authorized, allowed ones to the app."""
+    relay.info["linked"] = True
+    relay.on_fail = down.abort
+    proxy = H2Proxy(
+        down, router.h2_verdict, lambda: pool.connect_app(sc, router.port), sc.observer.start, relay.info
+    )
+    outcome = "closed"
+    try:
+        await proxy.run(sc.config.idle_timeout.total_seconds(), lambda: sc.draining)
+    except Exception:
+        log.exception("HTTP/2 connection failed", extra=relay.info)
+        down.abort()
+        outcome = "internal error"
+    finally:
+        relay.end(outcome)

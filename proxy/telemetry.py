@@ -1,0 +1,333 @@
+"""The sidecar's per-request telemetry: spans, golden metrics, route stats and the access log.
+
+``ProxyObserver`` implements ``proxy.observe.Observer``. Outbound requests get a CLIENT span and
+inbound requests a SERVER span, parented on the trace context the request carries (W3C or B3,
+answered in the same format). With tracing off, the trace headers pass through unchanged and
+only metrics, route stats and the access log are kept. An unsampled request costs the context
+parsing and two header writes, no attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from opentelemetry.context import Context
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+    get_current_span,
+    set_span_in_context,
+)
+from prometheus_client import CollectorRegistry
+
+from proxy.metrics import ProxyMetrics
+from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
+from proxy.routes import RouteStats, route_of
+from sidemesh import propagation
+from sidemesh.spiffe import SpiffeId, SpiffeIdError, WorkloadId
+from sidemesh.telemetry import Tracing, start_tracing
+
+access = logging.getLogger("sidemesh.proxy.access")
+
+# Span attribute names (docs/observability.md): OpenTelemetry's where one exists, ours otherwise.
+SOURCE_ID = "sidemesh.source.id"
+DESTINATION_ID = "sidemesh.destination.id"
+DECISION = "sidemesh.authz.decision"
+REASON = "sidemesh.authz.reason"
+POLICY = "sidemesh.authz.policy"
+SERVICE = "sidemesh.destination.service"
+ERROR = "sidemesh.error"
+RETRIES = "http.request.resend_count"
+_MAX_IDENTITIES = 4096
+
+
+def start_sidecar_tracing(workload: str, spiffe_id: str, registry: CollectorRegistry) -> Tracing | None:
+    """Tracing as OTEL_* configures it; service.name ``<serviceaccount>.<namespace>`` as Istio names
+    a workload's spans, and the pod and SPIFFE ID as resource attributes."""
+    namespace, _, pod = workload.partition("/")
+    try:
+        wid = WorkloadId.from_spiffe_id(SpiffeId.parse(spiffe_id))
+        service = f"{wid.service_account}.{wid.namespace}"
+    except SpiffeIdError:
+        service = "sidemesh-proxy"
+    attributes = {
+        "k8s.namespace.name": namespace,
+        "k8s.pod.name": pod,
+        "sidemesh.identity": spiffe_id,
+        "service.namespace": namespace,
+    }
+    return start_tracing(service, registry, attributes, caller_samples_roots=True)
+
+
+def identity_label(spiffe_id: str | None, cache: dict[str, str]) -> str:
+    """``spiffe://td/ns/X/sa/Y`` -> ``X/Y`` (a bounded label); "unauthenticated", or "unknown"."""
+    if not spiffe_id:
+        return "unknown"
+    label = cache.get(spiffe_id)
+    if label is None:
+        parts = spiffe_id.split("/")
+        if len(parts) == 7 and parts[0] == "spiffe:" and parts[3] == "ns" and parts[5] == "sa":
+            label = f"{parts[4]}/{parts[6]}"
+        elif spiffe_id == "unauthenticated":
+            label = spiffe_id
+        else:
+            label = "other"
+        if len(cache) >= _MAX_IDENTITIES:
+            cache.clear()
+        cache[spiffe_id] = label
+    return label
+
+
+def status_class(result: RequestResult) -> str:
+    if result.status is None:
+        return "reset"
+    return f"{result.status // 100}xx" if 100 <= result.status < 600 else "other"
+
+
+def succeeded(result: RequestResult) -> bool:
+    """Linkerd's success rate: no 5xx, no reset, a gRPC status of OK (or none), not denied."""
+    return (
+        result.status is not None
+        and result.status < 500
+        and result.grpc_status in (None, 0)
+        and result.decision == "allow"
+        and result.error is None
+    )
+
+
+class ProxyObserver:
+    def __init__(
+        self,
+        metrics: ProxyMetrics,
+        routes: RouteStats,
+        own_identity: str,
+        tracing: Tracing | None = None,
+        access_log: bool = True,
+        access_log_sample: float = 1.0,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.metrics = metrics
+        self.routes = routes
+        self.own_identity = own_identity
+        self.tracing = tracing
+        self.tracer = tracing.tracer if tracing is not None else None
+        self.access_log = access_log
+        self.access_log_sample = access_log_sample
+        self.rand = rand
+        self._identities: dict[str, str] = {}
+        self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        self.active = {d: metrics.requests_active.labels(d) for d in ("inbound", "outbound")}
+
+    def start(self, info: RequestInfo) -> RequestSpan:
+        self.active[info.direction].inc()
+        return _Request(self, info)
+
+    def _series(self, labels: tuple[str, str, str, str, str]) -> tuple[Any, Any]:
+        children = self._children.get(labels)
+        if children is None:
+            children = (
+                self.metrics.requests.labels(*labels),
+                self.metrics.request_duration.labels(*labels[:4]),
+            )
+            self._children[labels] = children
+        return children
+
+
+class _Request:
+    __slots__ = ("_fmt", "_headers", "_started", "info", "observer", "span")
+
+    def __init__(self, observer: ProxyObserver, info: RequestInfo) -> None:
+        self.observer = observer
+        self.info = info
+        self._started = time.perf_counter()
+        tracer = observer.tracer
+        self.span: Span | None = None
+        if tracer is None:
+            self._headers = [(k, v) for k, v in info.headers if k in TRACE_HEADERS]
+            return
+        carrier = propagation.carrier_of(info.headers, TRACE_HEADERS)
+        tracing = observer.tracing
+        assert tracing is not None
+        if tracing.fast_sampling:
+            parent = self._decide(carrier, tracing)
+            if parent is False:
+                return  # not sampled: no span, the headers were written by _decide
+        else:
+            parent, self._fmt = propagation.extract(carrier)
+        outbound = info.direction == "outbound"
+        span = tracer.start_span(
+            _span_name(info),
+            context=parent,
+            kind=SpanKind.CLIENT if outbound else SpanKind.SERVER,
+        )
+        self.span = span
+        self._headers = propagation.inject(span, self._fmt)
+        if span.is_recording():
+            source = info.source if not outbound else observer.own_identity
+            destination = info.destination if outbound else observer.own_identity
+            attrs: dict[str, str] = {
+                "http.request.method": info.method,
+                "url.path": info.path.split("?", 1)[0],
+                "server.address": info.authority,
+                "network.protocol.name": "http",
+                "network.protocol.version": "2" if info.protocol in ("h2", "grpc") else "1.1",
+            }
+            if source:
+                attrs[SOURCE_ID] = source
+            if destination:
+                attrs[DESTINATION_ID] = destination
+            if info.service:
+                attrs[SERVICE] = info.service
+            if info.peer_address:
+                attrs["network.peer.address"] = info.peer_address
+            if info.protocol == "grpc":
+                attrs["rpc.system"] = "grpc"
+            span.set_attributes(attrs)
+
+    def _decide(self, carrier: dict[str, str], tracing: Tracing) -> Context | Literal[False] | None:
+        """Parent-based sampling before any SDK call: the parent context for a sampled span, or
+        False after writing the unsampled hop's headers (most requests: no span at all)."""
+        self._fmt = propagation.Format.W3C
+        parsed = None
+        if "traceparent" in carrier:
+            parsed = propagation.parse_traceparent(carrier["traceparent"])
+        if parsed is None and ("b3" in carrier or "x-b3-traceid" in carrier):
+            ctx, self._fmt = propagation.extract(carrier)
+            sc = get_current_span(ctx).get_span_context() if ctx is not None else None
+            if sc is not None and sc.is_valid:
+                parsed = (sc.trace_id, sc.span_id, int(sc.trace_flags))
+        if parsed is None:
+            if tracing.sample_root():
+                return None  # a new sampled trace
+            self._headers = propagation.unsampled_headers(
+                self._fmt, random.getrandbits(128) or 1, random.getrandbits(64) or 1, None
+            )
+            return False
+        trace_id, span_id, flags = parsed
+        if not flags & 1:
+            tracestate = carrier.get("tracestate") if self._fmt is propagation.Format.W3C else None
+            self._headers = propagation.unsampled_headers(
+                self._fmt, trace_id, random.getrandbits(64) or 1, tracestate
+            )
+            return False
+        if self._fmt is not propagation.Format.W3C:
+            return ctx
+        state = TraceState.from_header([carrier["tracestate"]]) if "tracestate" in carrier else None
+        remote = SpanContext(trace_id, span_id, True, TraceFlags(flags), state)
+        return set_span_in_context(NonRecordingSpan(remote))
+
+    def trace_headers(self) -> list[tuple[bytes, bytes]]:
+        return self._headers
+
+    def finish(self, result: RequestResult) -> None:
+        obs = self.observer
+        info = self.info
+        seconds = time.perf_counter() - self._started
+        outbound = info.direction == "outbound"
+        source = obs.own_identity if outbound else info.source
+        destination = (result.destination or info.destination) if outbound else obs.own_identity
+        klass = status_class(result)
+        ids = obs._identities
+        counter, histogram = obs._series(
+            (
+                info.direction,
+                identity_label(source, ids),
+                identity_label(destination, ids),
+                klass,
+                result.decision,
+            )
+        )
+        counter.inc()
+        histogram.observe(seconds)
+        obs.active[info.direction].dec()
+        denied = result.decision == "deny"  # counted in ..._denials_total where it is decided
+        ok = succeeded(result)
+        obs.routes.record(info.direction, route_of(info.method, info.path), seconds, ok, denied)
+        span = self.span
+        if span is not None and span.is_recording():
+            _end_span(span, result, destination if outbound else None)
+        elif span is not None:
+            span.end()
+        if obs.access_log and (not ok or obs.access_log_sample >= 1.0 or obs.rand() < obs.access_log_sample):
+            _log(info, result, source, destination, seconds, span)
+
+
+def _span_name(info: RequestInfo) -> str:
+    if info.protocol == "grpc":
+        return info.path.split("?", 1)[0].lstrip("/")  # package.Service/Method
+    return f"{info.method} {info.service or info.authority}"
+
+
+def _end_span(span: Span, result: RequestResult, destination: str | None) -> None:
+    attrs: dict[str, str | int] = {DECISION: result.decision}
+    if result.reason:
+        attrs[REASON] = result.reason
+    if result.policy:
+        attrs[POLICY] = result.policy
+    if result.status is not None:
+        attrs["http.response.status_code"] = result.status
+    if result.grpc_status is not None:
+        attrs["rpc.grpc.status_code"] = result.grpc_status
+    if result.retries:
+        attrs[RETRIES] = result.retries
+    if result.endpoint:
+        attrs["network.peer.address"] = result.endpoint
+    if destination:
+        attrs[DESTINATION_ID] = destination
+    if result.error:
+        attrs[ERROR] = result.error
+    span.set_attributes(attrs)
+    if result.decision == "deny":
+        span.set_status(Status(StatusCode.ERROR, f"denied: {result.reason}"))
+    elif result.error or result.status is None or result.status >= 500:
+        span.set_status(Status(StatusCode.ERROR, result.error or f"status {result.status}"))
+    elif result.grpc_status not in (None, 0):
+        span.set_status(Status(StatusCode.ERROR, f"grpc-status {result.grpc_status}"))
+    span.end()
+
+
+def _log(
+    info: RequestInfo,
+    result: RequestResult,
+    source: str | None,
+    destination: str | None,
+    seconds: float,
+    span: Span | None,
+) -> None:
+    fields: dict[str, object] = {
+        "direction": info.direction,
+        "protocol": info.protocol,
+        "method": info.method,
+        "path": info.path.split("?", 1)[0],
+        "authority": info.authority,
+        "source": source,
+        "destination": destination,
+        "service": info.service,
+        "peer": result.endpoint or info.peer_address,
+        "decision": result.decision,
+        "reason": result.reason,
+        "policy": result.policy,
+        "status": result.status,
+        "grpc_status": result.grpc_status,
+        "error": result.error,
+        "retries": result.retries,
+        "duration_ms": round(seconds * 1000, 3),
+        "request_bytes": result.request_bytes,
+        "response_bytes": result.response_bytes,
+    }
+    if span is not None:
+        ctx = span.get_span_context()
+        if ctx.trace_flags.sampled:
+            fields["trace_id"] = f"{ctx.trace_id:032x}"
+            fields["span_id"] = f"{ctx.span_id:016x}"
+    access.info("request", extra=fields)

@@ -1,0 +1,94 @@
+"""Trace context on the wire: W3C ``traceparent``/``tracestate`` and B3 (single and multi header).
+
+All three are read; the forwarded request carries the format the request came in with (W3C when
+it came with none), so an app that speaks B3 gets B3 back. Baggage is not propagated by the mesh:
+the app's own ``baggage`` header passes through untouched.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+
+from opentelemetry.context import Context
+from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
+from opentelemetry.trace import Span, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+_W3C = TraceContextTextMapPropagator()
+_B3_SINGLE = B3SingleFormat()
+_B3_MULTI = B3MultiFormat()  # its extract reads the single header too
+
+
+class Format(enum.Enum):
+    W3C = "w3c"
+    B3_SINGLE = "b3"
+    B3_MULTI = "b3multi"
+
+
+def carrier_of(headers: Iterable[tuple[bytes, bytes]], names: frozenset[bytes]) -> dict[str, str]:
+    """The trace headers among ``headers`` (lower-case names), as a text map."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in names}
+
+
+def extract(carrier: Mapping[str, str]) -> tuple[Context | None, Format]:
+    """The parent context the headers carry (None: start a new trace) and the format they used."""
+    if "traceparent" in carrier:
+        ctx = _W3C.extract(carrier)
+        if ctx:
+            return ctx, Format.W3C
+    if "b3" in carrier:
+        return _B3_MULTI.extract(carrier) or None, Format.B3_SINGLE
+    if "x-b3-traceid" in carrier:
+        return _B3_MULTI.extract(carrier) or None, Format.B3_MULTI
+    return None, Format.W3C
+
+
+def inject(span: Span, fmt: Format) -> list[tuple[bytes, bytes]]:
+    """The headers that carry ``span`` as the parent of the next hop, in ``fmt``."""
+    carrier: dict[str, str] = {}
+    ctx = set_span_in_context(span)
+    if fmt is Format.W3C:
+        _W3C.inject(carrier, ctx)
+    elif fmt is Format.B3_SINGLE:
+        _B3_SINGLE.inject(carrier, ctx)
+    else:
+        _B3_MULTI.inject(carrier, ctx)
+    return [(k.encode(), v.encode("latin-1")) for k, v in carrier.items()]
+
+
+# -- the unsampled fast path ----------------------------------------------------------------------
+# Most requests are not sampled (1% is typical). For them no span is made: the next hop only needs
+# headers that carry the trace on with the "not sampled" flag, which is cheap to write by hand.
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def parse_traceparent(value: str) -> tuple[int, int, int] | None:
+    """(trace id, parent span id, flags) of a version-00 ``traceparent``, or None when invalid."""
+    if len(value) < 55 or value[2] != "-" or value[35] != "-" or value[52] != "-":
+        return None
+    version, trace, span, flags = value[:2], value[3:35], value[36:52], value[53:55]
+    if version == "ff" or not _HEX.issuperset(version + trace + span + flags):
+        return None
+    if version == "00" and len(value) != 55:
+        return None
+    trace_id, span_id = int(trace, 16), int(span, 16)
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, int(flags, 16)
+
+
+def unsampled_headers(
+    fmt: Format, trace_id: int, span_id: int, tracestate: str | None
+) -> list[tuple[bytes, bytes]]:
+    """The headers of an unsampled hop ``span_id`` in trace ``trace_id``, in ``fmt``."""
+    trace, span = f"{trace_id:032x}", f"{span_id:016x}"
+    if fmt is Format.W3C:
+        out = [(b"traceparent", f"00-{trace}-{span}-00".encode())]
+        if tracestate:
+            out.append((b"tracestate", tracestate.encode("latin-1")))
+        return out
+    if fmt is Format.B3_SINGLE:
+        return [(b"b3", f"{trace}-{span}-0".encode())]
+    return [(b"x-b3-traceid", trace.encode()), (b"x-b3-spanid", span.encode()), (b"x-b3-sampled", b"0")]

@@ -1,0 +1,256 @@
+"""Request metrics and server spans for the control plane's own servers.
+
+``GrpcTelemetry`` is a grpc.aio server interceptor (CA, controller); ``AsgiTelemetry`` wraps an
+ASGI app (the injector's FastAPI app). Both count requests by method and outcome, time them, and,
+when tracing is on (``sidemesh.telemetry``), open a SERVER span parented on the caller's W3C or B3
+trace context. Label values are bounded: gRPC method names are the server's own, HTTP paths are
+the app's routes or "other".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, MutableMapping
+from typing import Any
+
+import grpc
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, use_span
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from sidemesh import propagation
+from sidemesh.telemetry import Tracing
+
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_TRACE_KEYS = frozenset(
+    {"traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags"}
+)
+
+
+def _span_status(span: Span, error: str | None) -> None:
+    if error is not None:
+        span.set_status(Status(StatusCode.ERROR, error))
+    span.end()
+
+
+# -- gRPC ------------------------------------------------------------------------------------------
+
+
+class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Counts, times and traces every RPC (streams: from open to close)."""
+
+    def __init__(self, registry: CollectorRegistry, tracing: Tracing | None = None) -> None:
+        self.tracing = tracing
+        self.handled = Counter(
+            "sidemesh_grpc_server_handled",
+            "RPCs completed, by method and gRPC status code.",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "sidemesh_grpc_server_handling_seconds",
+            "RPC duration (streams: how long they stayed open), by method.",
+            ["method"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = str(details.method)
+        metadata = details.invocation_metadata or ()
+        carrier = {str(k): str(v) for k, v in metadata if k in _TRACE_KEYS}
+        h: Any = handler
+        if h.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap(method, carrier, h.unary_unary), h.request_deserializer, h.response_serializer
+            )
+        if h.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap(method, carrier, h.unary_stream), h.request_deserializer, h.response_serializer
+            )
+        if h.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap(method, carrier, h.stream_unary), h.request_deserializer, h.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap(method, carrier, h.stream_stream), h.request_deserializer, h.response_serializer
+        )
+
+    def _start(self, method: str, carrier: dict[str, str], context: Any) -> Span | None:
+        if self.tracing is None:
+            return None
+        parent, _ = propagation.extract(carrier)
+        service, _, name = method.lstrip("/").rpartition("/")
+        span = self.tracing.tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER)
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "rpc.system": "grpc",
+                    "rpc.service": service,
+                    "rpc.method": name,
+                    "network.peer.address": str(context.peer()),
+                }
+            )
+        return span
+
+    def _done(
+        self, method: str, started: float, context: Any, span: Span | None, exc: BaseException | None
+    ) -> None:
+        code = _code_of(context, exc)
+        self.handled.labels(method, code.name).inc()
+        self.seconds.labels(method).observe(time.perf_counter() - started)
+        if span is not None:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            _span_status(span, None if code is grpc.StatusCode.OK else code.name)
+
+    def _wrap(self, method: str, carrier: dict[str, str], behavior: Any) -> Any:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                started, span = time.perf_counter(), self._start(method, carrier, context)
+                error: BaseException | None = None
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    self._done(method, started, context, span, error)
+
+            return stream
+
+        async def call(request: Any, context: Any) -> Any:
+            started, span = time.perf_counter(), self._start(method, carrier, context)
+            error: BaseException | None = None
+            try:
+                if span is None:
+                    return await behavior(request, context)
+                with use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+                    return await behavior(request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._done(method, started, context, span, error)
+
+        return call
+
+
+def _code_of(context: Any, exc: BaseException | None) -> grpc.StatusCode:
+    """The status the call ended with: what the handler set (abort sets it too), else from the
+    exception (a cancelled call: CANCELLED; any other: UNKNOWN, as grpc answers), else OK."""
+    try:
+        code = context.code()
+    except Exception:
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        for c in grpc.StatusCode:
+            if c.value[0] == code:
+                return c
+    if exc is None:
+        return grpc.StatusCode.OK
+    return grpc.StatusCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else grpc.StatusCode.UNKNOWN
+
+
+# -- ASGI (the injector) ---------------------------------------------------------------------------
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class AsgiTelemetry:
+    """ASGI middleware: counts and times each HTTP request by route and status code, and traces it."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        registry: CollectorRegistry,
+        routes: Collection[str],
+        tracing: Tracing | None = None,
+    ) -> None:
+        self.app = app
+        self.routes = frozenset(routes)
+        self.tracing = tracing
+        self.requests = Counter(
+            "sidemesh_http_server_requests",
+            "HTTP requests answered, by path (the app's routes, else 'other'), method and status code.",
+            ["path", "method", "code"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "sidemesh_http_server_request_duration_seconds",
+            "HTTP request duration, by path.",
+            ["path"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path = str(scope.get("path", ""))
+        route = path if path in self.routes else "other"
+        method = str(scope.get("method", "GET"))
+        status = {"code": 500}
+        span = self._start(scope, method, route)
+
+        async def send_status(message: Message) -> None:
+            if message.get("type") == "http.response.start":
+                status["code"] = int(message.get("status", 500))
+            await send(message)
+
+        error: str | None = None
+        try:
+            if span is None:
+                await self.app(scope, receive, send_status)
+            else:
+                with use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+                    await self.app(scope, receive, send_status)
+        except BaseException as exc:
+            error = exc.__class__.__name__
+            raise
+        finally:
+            code = status["code"]
+            self.requests.labels(route, method, str(code)).inc()
+            self.seconds.labels(route).observe(time.perf_counter() - started)
+            if span is not None:
+                span.set_attribute("http.response.status_code", code)
+                _span_status(span, error or (f"status {code}" if code >= 500 else None))
+
+    def _start(self, scope: Scope, method: str, route: str) -> Span | None:
+        if self.tracing is None:
+            return None
+        headers = typing.cast(list[tuple[bytes, bytes]], scope.get("headers") or [])
+        carrier = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k.decode("latin-1") in _TRACE_KEYS
+        }
+        parent, _ = propagation.extract(carrier)
+        span = self.tracing.tracer.start_span(f"{method} {route}", context=parent, kind=SpanKind.SERVER)
+        if span.is_recording():
+            client = scope.get("client") or ("", 0)
+            span.set_attributes(
+                {
+                    "http.request.method": method,
+                    "url.path": str(scope.get("path", "")),
+                    "http.route": route,
+                    "network.peer.address": f"{client[0]}:{client[1]}",
+                }
+            )
+        return span

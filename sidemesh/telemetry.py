@@ -1,0 +1,339 @@
+"""Tracing for every component: a tracer provider configured by the standard ``OTEL_*`` variables.
+
+Tracing is off unless an OTLP endpoint is configured (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``), and ``OTEL_SDK_DISABLED=true`` or
+``OTEL_TRACES_EXPORTER=none`` turn it off again. Spans are exported by the SDK's
+``BatchSpanProcessor`` from its own thread, out of a bounded queue: a slow or absent collector
+fills the queue and spans are dropped, never the requests. The SDK drops silently, so the processor
+and the exporter are wrapped to count what is lost in ``sidemesh_tracing_spans_dropped_total``.
+
+Each component instance gets its own provider (no global state): tests run several sidecars in one
+process, each with its own service name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import sampling as samplers
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from prometheus_client import CollectorRegistry, Counter
+
+from sidemesh.config import ConfigError
+
+log = logging.getLogger("sidemesh.telemetry")
+
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+PROTOCOLS = ("grpc", "http/protobuf")
+WARN_EVERY = 60.0  # seconds between two "spans not exported" warnings
+# The OTLP exporters log every failed attempt; failures are counted and warned about here instead.
+_EXPORTER_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.http",
+)
+
+
+class TelemetryConfigError(ConfigError):
+    """A bad ``OTEL_*`` value: the message names the variable."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        ValueError.__init__(self, f"{variable}: {message}")
+        self.option = variable
+
+
+@dataclass(frozen=True, slots=True)
+class TracingSettings:
+    endpoint: str  # the OTLP endpoint as given (the HTTP exporter's full URL, /v1/traces included)
+    protocol: str = "grpc"
+    sampler: str = "parentbased_always_on"
+    ratio: float = 1.0
+    timeout: float = 10.0  # seconds per export (OTEL_EXPORTER_OTLP_TIMEOUT is in milliseconds)
+    max_queue_size: int = 2048
+    schedule_delay_ms: float = 5000
+    max_export_batch_size: int = 512
+    service_name: str = ""  # OTEL_SERVICE_NAME; empty: the component's default
+
+
+def _get(environ: Mapping[str, str], *names: str) -> tuple[str, str] | None:
+    for name in names:
+        value = environ.get(name, "").strip()
+        if value:
+            return name, value
+    return None
+
+
+def _number(environ: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise TelemetryConfigError(name, f"{raw!r} is not a number") from None
+    if value < minimum:
+        raise TelemetryConfigError(name, f"{raw} is below {minimum:g}")
+    return value
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettings | None:
+    """The tracing settings, or None when tracing is off. A bad value raises TelemetryConfigError."""
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    exporter = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() or "otlp"
+    if exporter == "none":
+        return None
+    if exporter != "otlp":
+        raise TelemetryConfigError("OTEL_TRACES_EXPORTER", f"{exporter!r}: only otlp and none are supported")
+    protocol = _get(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") or ("", "grpc")
+    if protocol[1] not in PROTOCOLS:
+        raise TelemetryConfigError(protocol[0], f"{protocol[1]!r} is not one of {', '.join(PROTOCOLS)}")
+    found = _get(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+    if found is None:
+        return None
+    name, endpoint = found
+    if "://" not in endpoint:
+        raise TelemetryConfigError(
+            name, f"{endpoint!r} needs a scheme: http://HOST:PORT or https://HOST:PORT"
+        )
+    if protocol[1] == "http/protobuf" and name == "OTEL_EXPORTER_OTLP_ENDPOINT":
+        endpoint = endpoint.rstrip("/") + "/v1/traces"  # the spec: only the generic variable gets the path
+    sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    if sampler not in SAMPLERS:
+        raise TelemetryConfigError("OTEL_TRACES_SAMPLER", f"{sampler!r} is not one of {', '.join(SAMPLERS)}")
+    ratio = _number(env, "OTEL_TRACES_SAMPLER_ARG", 1.0, 0.0) if sampler.endswith("ratio") else 1.0
+    if ratio > 1.0:
+        raise TelemetryConfigError("OTEL_TRACES_SAMPLER_ARG", f"{ratio:g} is above 1 (a ratio: 0.01 is 1%)")
+    timeout_ms = _number(env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", 0, 1) or _number(
+        env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10000, 1
+    )
+    queue = int(_number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048, 1))
+    batch = int(_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, 1))
+    return TracingSettings(
+        endpoint=endpoint,
+        protocol=protocol[1],
+        sampler=sampler,
+        ratio=ratio,
+        timeout=timeout_ms / 1000,
+        max_queue_size=queue,
+        schedule_delay_ms=_number(env, "OTEL_BSP_SCHEDULE_DELAY", 5000, 1),
+        max_export_batch_size=min(batch, queue),
+        service_name=env.get("OTEL_SERVICE_NAME", "").strip(),
+    )
+
+
+def make_sampler(settings: TracingSettings, caller_samples_roots: bool = False) -> samplers.Sampler:
+    """The SDK sampler. With ``caller_samples_roots`` (and a parent-based sampler), the caller has
+    already decided that a span without a parent is sampled (``Tracing.sample_root``)."""
+    if caller_samples_roots and settings.sampler.startswith("parentbased_"):
+        return samplers.ParentBased(samplers.ALWAYS_ON)
+    root: samplers.Sampler = {
+        "always_on": samplers.ALWAYS_ON,
+        "always_off": samplers.ALWAYS_OFF,
+    }.get(settings.sampler.removeprefix("parentbased_"), samplers.TraceIdRatioBased(settings.ratio))
+    return samplers.ParentBased(root) if settings.sampler.startswith("parentbased_") else root
+
+
+def make_exporter(settings: TracingSettings) -> SpanExporter:
+    if settings.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter(
+            endpoint=settings.endpoint,
+            insecure=settings.endpoint.startswith("http://"),
+            timeout=settings.timeout,
+        )
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    return HttpExporter(endpoint=settings.endpoint, timeout=settings.timeout)
+
+
+class SpanCounters:
+    """Spans exported and dropped, by reason, in the component's Prometheus registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.dropped = Counter(
+            "sidemesh_tracing_spans_dropped",
+            "Sampled spans that never reached the collector: queue_full (the collector is slow or "
+            "absent) or export_failed.",
+            ["reason"],
+            registry=registry,
+        )
+        self.exported = Counter(
+            "sidemesh_tracing_spans_exported", "Spans the collector accepted.", registry=registry
+        )
+        for reason in ("queue_full", "export_failed"):
+            self.dropped.labels(reason)
+        self._lock = threading.Lock()
+        self.queued = 0  # spans in the processor's queue: ended minus handed to the exporter
+
+    def enqueue(self, capacity: int) -> None:
+        with self._lock:
+            if self.queued >= capacity:  # the SDK's deque drops its oldest span to take this one
+                self.dropped.labels("queue_full").inc()
+            else:
+                self.queued += 1
+
+    def dequeue(self, count: int) -> None:
+        with self._lock:
+            self.queued = max(0, self.queued - count)
+
+
+class CountingExporter(SpanExporter):
+    """Counts each batch's outcome; an exception from the exporter counts as a failure."""
+
+    def __init__(self, inner: SpanExporter, counters: SpanCounters, endpoint: str = "") -> None:
+        self.inner = inner
+        self.counters = counters
+        self.endpoint = endpoint
+        self._warned = -WARN_EVERY
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.counters.dequeue(len(spans))
+        try:
+            result = self.inner.export(spans)
+        except Exception as exc:
+            log.debug("span export raised", exc_info=exc)
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            self.counters.exported.inc(len(spans))
+        else:
+            self.counters.dropped.labels("export_failed").inc(len(spans))
+            now = time.monotonic()
+            if now - self._warned >= WARN_EVERY:  # one line a minute, not one per batch
+                self._warned = now
+                log.warning(
+                    "spans not exported: is the collector up? (counted in sidemesh_tracing_spans_dropped_total)",
+                    extra={"endpoint": self.endpoint, "spans": len(spans)},
+                )
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class CountingBatchProcessor(BatchSpanProcessor):
+    """The SDK's batch processor, counting the spans its full queue drops."""
+
+    def __init__(self, exporter: SpanExporter, settings: TracingSettings, counters: SpanCounters) -> None:
+        super().__init__(
+            CountingExporter(exporter, counters, settings.endpoint),
+            max_queue_size=settings.max_queue_size,
+            schedule_delay_millis=settings.schedule_delay_ms,
+            max_export_batch_size=settings.max_export_batch_size,
+            export_timeout_millis=settings.timeout * 1000,
+        )
+        self.capacity = settings.max_queue_size
+        self.counters = counters
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.context is not None and span.context.trace_flags.sampled:
+            self.counters.enqueue(self.capacity)
+        super().on_end(span)
+
+
+class Tracing:
+    """A component's tracer provider and its tracer."""
+
+    def __init__(
+        self,
+        provider: TracerProvider,
+        settings: TracingSettings,
+        counters: SpanCounters,
+        caller_samples_roots: bool = False,
+    ) -> None:
+        self.provider = provider
+        self.settings = settings
+        self.counters = counters
+        self.tracer: trace.Tracer = provider.get_tracer("sidemesh")
+        # Parent-based sampling decided before any SDK call (the sidecar's fast path for unsampled
+        # requests): a parent's flag decides, else sample_root().
+        self.fast_sampling = caller_samples_roots and settings.sampler.startswith("parentbased_")
+        root = settings.sampler.removeprefix("parentbased_")
+        self.root_ratio = {"always_on": 1.0, "always_off": 0.0}.get(root, settings.ratio)
+
+    def sample_root(self) -> bool:
+        """Whether a request that carries no trace context starts a sampled trace."""
+        return self.root_ratio >= 1.0 or (self.root_ratio > 0.0 and random.random() < self.root_ratio)
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Flush and stop, waiting at most ``timeout`` seconds (an absent collector must not hold up
+        a drain): the SDK's shutdown blocks, so it runs in a daemon thread that may outlive us."""
+        loop = asyncio.get_running_loop()
+        finished = asyncio.Event()
+
+        def run() -> None:
+            try:
+                self.provider.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed first
+                    loop.call_soon_threadsafe(finished.set)
+
+        threading.Thread(target=run, name="otel-shutdown", daemon=True).start()
+        try:
+            await asyncio.wait_for(finished.wait(), timeout)
+        except TimeoutError:
+            log.warning("tracing shutdown timed out; unsent spans are lost", extra={"timeout": timeout})
+
+
+def start_tracing(
+    default_service: str,
+    registry: CollectorRegistry,
+    attributes: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    exporter: SpanExporter | None = None,
+    caller_samples_roots: bool = False,
+) -> Tracing | None:
+    """Tracing as the environment configures it, or None when it is off.
+
+    ``attributes`` become resource attributes (k8s.namespace.name, sidemesh.identity, ...);
+    OTEL_SERVICE_NAME overrides ``default_service``; OTEL_RESOURCE_ATTRIBUTES is merged by the SDK.
+    """
+    settings = settings_from_env(environ)
+    if settings is None:
+        return None
+    for name in _EXPORTER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    attrs = {k: v for k, v in (attributes or {}).items() if v}
+    attrs["service.name"] = settings.service_name or default_service
+    counters = SpanCounters(registry)
+    provider = TracerProvider(
+        resource=Resource.create(attrs),
+        sampler=make_sampler(settings, caller_samples_roots),
+        shutdown_on_exit=False,  # Tracing.close() flushes within a bound; the SDK's atexit waits 30 s
+    )
+    provider.add_span_processor(
+        CountingBatchProcessor(exporter or make_exporter(settings), settings, counters)
+    )
+    log.info(
+        "tracing on",
+        extra={
+            "endpoint": settings.endpoint,
+            "protocol": settings.protocol,
+            "sampler": settings.sampler,
+            "ratio": settings.ratio,
+            "service": attrs["service.name"],
+        },
+    )
+    return Tracing(provider, settings, counters, caller_samples_roots)

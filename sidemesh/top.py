@@ -1,0 +1,235 @@
+"""`sidemesh top`: a live table of what a workload's sidecars see, busiest routes first.
+
+Reads each sidecar's admin page ``/stats/routes`` (cumulative counters and latency buckets per
+route) twice, ``--interval`` apart, and shows per route: requests per second, success rate, p50 and
+p99 latency and denials over that interval. Several sidecars (the replicas of one workload) are
+summed. The admin port listens on 127.0.0.1:15000 inside the pod; reach it with
+``kubectl port-forward pod/NAME 15000`` (one local port per pod: ``15001:15000`` ...).
+
+Example: sidemesh top 127.0.0.1:15000 127.0.0.1:15001 --interval 2s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from sidemesh.config import parse_duration, parse_hostport
+
+Snapshot = dict[str, Any]
+Key = tuple[str, str]  # (direction, route)
+
+
+class TopError(Exception):
+    """A sidecar cannot be read; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    direction: str
+    route: str
+    rps: float
+    success: float | None  # None: no request in the interval
+    p50: float | None
+    p99: float | None
+    denials: int
+    requests: int
+
+
+def fetch(address: str, timeout: float = 3.0) -> Snapshot:
+    host, port = parse_hostport("address", address)
+    url = f"http://{host}:{port}/stats/routes"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body = json.load(response)
+    except urllib.error.HTTPError as exc:
+        hint = "is this a sidecar of this version's admin port?" if exc.code == 404 else ""
+        raise TopError(f"{url} answered {exc.code} {exc.reason}; {hint}".rstrip("; ")) from exc
+    except (OSError, ValueError) as exc:
+        raise TopError(
+            f"cannot read {url} ({getattr(exc, 'reason', exc)}). The sidecar's admin port listens on "
+            "127.0.0.1:15000 inside the pod: run `kubectl port-forward pod/POD 15000` and pass "
+            "127.0.0.1:15000 (another local port per pod, e.g. 15001:15000, for several replicas)"
+        ) from exc
+    if not isinstance(body, dict) or not isinstance(body.get("routes"), list):
+        raise TopError(f"{url} did not answer route stats (is it a sidecar's admin port?)")
+    return body
+
+
+def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
+    """The q-quantile of a histogram (``counts[i]`` at or below ``bounds[i]``, the last one +Inf),
+    interpolated linearly inside its bucket, as Prometheus' histogram_quantile does."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, count in enumerate(counts):
+        if count and seen + count >= rank:
+            if i >= len(bounds):  # above the last bound
+                return bounds[-1]
+            lower = bounds[i - 1] if i else 0.0
+            return lower + (bounds[i] - lower) * (rank - seen) / count
+        seen += count
+    return bounds[-1]
+
+
+def _by_key(snapshots: Sequence[Snapshot]) -> dict[Key, dict[str, Any]]:
+    out: dict[Key, dict[str, Any]] = {}
+    for snap in snapshots:
+        for r in snap["routes"]:
+            key = (str(r["direction"]), str(r["route"]))
+            acc = out.setdefault(key, {"requests": 0, "successes": 0, "denials": 0, "buckets": None})
+            for name in ("requests", "successes", "denials"):
+                acc[name] += int(r[name])
+            buckets = [int(b) for b in r["latency_buckets"]]
+            acc["buckets"] = (
+                buckets
+                if acc["buckets"] is None
+                else [a + b for a, b in zip(acc["buckets"], buckets, strict=False)]
+            )
+    return out
+
+
+def rows(before: Sequence[Snapshot], after: Sequence[Snapshot], seconds: float) -> list[Row]:
+    """Per route, what happened between two sets of snapshots (a route that was evicted and came
+    back, or a restarted sidecar, counts from zero)."""
+    old, new = _by_key(before), _by_key(after)
+    bounds = after[0]["buckets"] if after else []
+    out = []
+    for key, cur in new.items():
+        prev = old.get(key)
+        if prev is None or prev["requests"] > cur["requests"]:
+            prev = {"requests": 0, "successes": 0, "denials": 0, "buckets": [0] * len(cur["buckets"])}
+        n = cur["requests"] - prev["requests"]
+        delta = [max(0, a - b) for a, b in zip(cur["buckets"], prev["buckets"], strict=False)]
+        out.append(
+            Row(
+                direction=key[0],
+                route=key[1],
+                rps=n / seconds if seconds > 0 else 0.0,
+                success=(cur["successes"] - prev["successes"]) / n if n else None,
+                p50=quantile(bounds, delta, 0.5),
+                p99=quantile(bounds, delta, 0.99),
+                denials=cur["denials"] - prev["denials"],
+                requests=cur["requests"],
+            )
+        )
+    out.sort(key=lambda r: (-r.rps, -r.requests, r.route))
+    return out
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    ms = seconds * 1000
+    return f"{ms:.0f}ms" if ms >= 10 else f"{ms:.1f}ms"
+
+
+def render(table: Sequence[Row], limit: int, width: int, header: str = "") -> str:
+    cols = ("DIR", "RPS", "SUCCESS", "P50", "P99", "DENIED", "TOTAL")
+    fixed = 4 + 9 + 8 + 8 + 8 + 7 + 9 + len(cols)
+    route_w = max(20, width - fixed)
+    lines = [header] if header else []
+    lines.append(
+        f"{'DIR':<4} {'ROUTE':<{route_w}} {'RPS':>9} {'SUCCESS':>8} {'P50':>8} {'P99':>8} {'DENIED':>7} {'TOTAL':>9}"
+    )
+    for r in table[:limit]:
+        route = r.route if len(r.route) <= route_w else r.route[: route_w - 1] + "…"
+        success = "-" if r.success is None else f"{r.success * 100:.1f}%"
+        lines.append(
+            f"{'in' if r.direction == 'inbound' else 'out':<4} {route:<{route_w}} {r.rps:>9.1f} {success:>8} "
+            f"{_ms(r.p50):>8} {_ms(r.p99):>8} {r.denials:>7} {r.requests:>9}"
+        )
+    if not table:
+        lines.append("(no requests or connections seen yet)")
+    elif len(table) > limit:
+        lines.append(f"... {len(table) - limit} more routes (--limit)")
+    return "\n".join(lines)
+
+
+def _title(snapshots: Sequence[Snapshot], addresses: Sequence[str]) -> str:
+    who = sorted({str(s.get("workload", "?")) for s in snapshots})
+    return f"sidemesh top: {', '.join(who)} ({len(addresses)} sidecar{'s' * (len(addresses) > 1)})"
+
+
+def run_top(
+    addresses: Sequence[str],
+    interval: float,
+    once: bool,
+    limit: int,
+    direction: str,
+    out: TextIO = sys.stdout,
+    fetcher: Callable[[str], Snapshot] = fetch,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    before = [fetcher(a) for a in addresses]
+    started = time.monotonic()
+    while True:
+        sleep(interval)
+        after = [fetcher(a) for a in addresses]
+        now = time.monotonic()
+        table = [r for r in rows(before, after, now - started) if direction in ("all", r.direction)]
+        width = shutil.get_terminal_size((120, 24)).columns
+        text = render(table, limit, width, _title(after, addresses))
+        if once:
+            print(text, file=out)
+            return 0
+        out.write("\x1b[H\x1b[2J" + text + f"\n\nevery {interval:g}s; Ctrl-C to stop\n")
+        out.flush()
+        before, started = after, now
+
+
+def _main(args: argparse.Namespace) -> int:
+    from sidemesh.cli import CLIError
+
+    try:
+        interval = parse_duration(args.interval).total_seconds()
+    except ValueError as exc:
+        raise CLIError(f"--interval: {exc}") from exc
+    if interval <= 0:
+        raise CLIError("--interval: must be above 0 (e.g. 1s)")
+    if args.limit < 1:
+        raise CLIError("--limit: must be at least 1")
+    try:
+        for address in args.addresses:
+            parse_hostport("address", address)
+        return run_top(args.addresses, interval, args.once, args.limit, args.direction)
+    except TopError as exc:
+        raise CLIError(str(exc)) from exc
+    except ValueError as exc:  # parse_hostport's ConfigError
+        raise CLIError(f"{exc}: give sidecar admin addresses as HOST:PORT, e.g. 127.0.0.1:15000") from exc
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "top",
+        help="live table of a workload's busiest routes (requests/s, success rate, p50/p99, denials)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "addresses",
+        nargs="*",
+        default=["127.0.0.1:15000"],
+        metavar="ADMIN_ADDRESS",
+        help="sidecar admin addresses HOST:PORT, one per replica, summed (default: 127.0.0.1:15000)",
+    )
+    p.add_argument("--interval", default="2s", help="refresh interval, e.g. 1s, 500ms (default: 2s)")
+    p.add_argument("--once", action="store_true", help="print one table over one interval and exit")
+    p.add_argument("--limit", type=int, default=20, help="rows shown, busiest first (default: 20)")
+    p.add_argument(
+        "--direction",
+        choices=("all", "inbound", "outbound"),
+        default="all",
+        help="inbound: requests the workload served; outbound: requests it made (default: all)",
+    )
+    p.set_defaults(handler=_main)

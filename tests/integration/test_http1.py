@@ -1,0 +1,363 @@
+"""HTTP/1.1 through a sidecar pair (frontend -> cart), compared with the direct connection: real
+clients (http.client, aiohttp, raw sockets for what clients hide), a real aiohttp server, real mTLS
+with certificates from our CA. Per-request authorization on one connection; keep-alive, pipelining,
+chunked and large bodies, 100-continue, HEAD/204/304, WebSocket, malformed requests."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy import pool
+from tests.integration.conftest import StartCA
+from tests.integration.mesh_fixture import MESH_YAML, Mesh, free_net
+
+FRONTEND, CART = 1, 2
+OUT = 18080  # the frontend's local outbound port for cart.shop:80
+APP = 8080
+
+ALLOW_CART_PATHS = """\
+apiVersion: sidemesh.io/v1alpha1
+kind: ServiceAuthorization
+metadata: {name: cart-http, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  rules:
+  - from: [{serviceAccount: frontend}]
+    to: {ports: [8080], http: {methods: [GET, POST, HEAD], paths: ["/cart/*"]}}
+"""
+
+
+class CartApp:
+    """The app behind cart's sidecar: it records what reached it."""
+
+    def __init__(self, keepalive_timeout: float = 75.0) -> None:
+        self.seen: list[str] = []
+        self.peers: set[str] = set()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/cart/echo", self.echo)
+        app.router.add_get("/cart/ws", self.ws)
+        app.router.add_get("/cart/status/{code}", self.status)
+        app.router.add_route("*", "/{tail:.*}", self.info)
+        self.app = app
+        self.runner = web.AppRunner(app, keepalive_timeout=keepalive_timeout)
+
+    async def start(self, host: str, port: int) -> None:
+        await self.runner.setup()
+        await web.TCPSite(self.runner, host, port).start()
+
+    def _record(self, request: web.Request) -> None:
+        self.seen.append(f"{request.method} {request.path_qs}")
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.peers.add(str(peer))
+
+    async def info(self, request: web.Request) -> web.Response:
+        self._record(request)
+        body = await request.read()
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "body": len(body),
+                "headers": {k.lower(): v for k, v in request.headers.items()},
+            }
+        )
+
+    async def echo(self, request: web.Request) -> web.StreamResponse:
+        """Streams the body back as it comes (chunked), never holding all of it."""
+        self._record(request)
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        async for chunk in request.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    async def status(self, request: web.Request) -> web.Response:
+        self._record(request)
+        return web.Response(status=int(request.match_info["code"]))
+
+    async def ws(self, request: web.Request) -> web.WebSocketResponse:
+        self._record(request)
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await sock.send_str(msg.data.upper())
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await sock.send_bytes(msg.data[::-1])
+        return sock
+
+
+@pytest.fixture
+async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
+    ca = await start_ca()
+    config_dir = tmp_path / "mesh"
+    config_dir.mkdir()
+    m = Mesh(ca, config_dir, free_net())
+    m.write("workloads.yaml", MESH_YAML.format(net=m.net))
+    m.write("allow.yaml", ALLOW_CART_PATHS)
+    yield m
+    await m.close()
+
+
+@pytest.fixture
+async def cart_app(mesh: Mesh) -> AsyncIterator[CartApp]:
+    app = CartApp()
+    await app.start(mesh.addr(CART), APP)
+    yield app
+    await app.runner.cleanup()
+
+
+@pytest.fixture
+async def pair(mesh: Mesh, cart_app: CartApp) -> tuple[str, int]:
+    await mesh.sidecar("cart", CART)
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    return mesh.addr(FRONTEND), OUT
+
+
+def both(mesh: Mesh) -> list[tuple[str, int]]:
+    """The direct connection, then the mesh: every scenario must behave the same on both."""
+    return [(mesh.addr(CART), APP), (mesh.addr(FRONTEND), OUT)]
+
+
+async def exchange(addr: tuple[str, int], payload: bytes, until: bytes | None = None) -> bytes:
+    """Raw bytes in, raw bytes out (until EOF, or until ``until`` has been seen)."""
+    reader, writer = await asyncio.open_connection(*addr)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        if until is None:
+            return await asyncio.wait_for(reader.read(), 10)
+        data = b""
+        while until not in data:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            if not chunk:
+                break
+            data += chunk
+        return data
+    finally:
+        writer.close()
+
+
+def _keepalive_session(
+    host: str, port: int, requests: list[tuple[str, str]]
+) -> list[tuple[int, dict[str, str], bytes]]:
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    out = []
+    for method, path in requests:
+        conn.request(method, path, body=b"x" * 10 if method == "POST" else None)
+        resp = conn.getresponse()
+        out.append((resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()))
+    conn.close()
+    return out
+
+
+async def test_per_request_authorization_on_one_keepalive_connection(
+    pair: tuple[str, int], cart_app: CartApp, mesh: Mesh
+) -> None:
+    requests = [
+        ("GET", "/cart/1"),
+        ("GET", "/admin"),
+        ("POST", "/cart/2"),
+        ("DELETE", "/cart/3"),
+        ("GET", "/cart/4?q=1"),
+    ]
+    results = await asyncio.to_thread(_keepalive_session, *pair, requests)
+    assert [r[0] for r in results] == [200, 403, 200, 403, 200]
+    denied = results[1][1]
+    assert "sidemesh-denied-reason" in denied
+    assert denied["sidemesh-denied-reason"] in results[1][2].decode()
+    assert cart_app.seen == ["GET /cart/1", "POST /cart/2", "GET /cart/4?q=1"]  # denied ones never reached it
+    assert json.loads(results[2][2])["body"] == 10
+    assert len(cart_app.peers) == 1  # one pooled keep-alive connection from cart's sidecar to the app
+    # One mTLS connection between the sidecars, one connection to the app: no handshake per request.
+    assert pool.pool_of(mesh.sidecars["frontend"]).opened == 1
+    assert pool.pool_of(mesh.sidecars["cart"]).opened == 1
+
+
+async def test_hop_by_hop_headers_are_not_forwarded(pair: tuple[str, int]) -> None:
+    req = (
+        b"GET /cart/h HTTP/1.1\r\nHost: cart\r\nConnection: keep-alive, x-private\r\n"
+        b"X-Private: secret\r\nKeep-Alive: timeout=5\r\nX-Public: yes\r\nConnection: close\r\n\r\n"
+    )
+    raw = await exchange(pair, req)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    seen = json.loads(body)["headers"]
+    assert seen["x-public"] == "yes"
+    assert "x-private" not in seen and "keep-alive" not in seen
+
+
+async def test_pipelined_requests_answered_in_order(pair: tuple[str, int], mesh: Mesh) -> None:
+    reqs = (
+        b"".join(f"GET /cart/{i} HTTP/1.1\r\nHost: cart\r\n\r\n".encode() for i in range(3))
+        + b"GET /nope HTTP/1.1\r\nHost: cart\r\n\r\nGET /cart/last HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n"
+    )
+    for addr in both(mesh):
+        raw = await exchange(addr, reqs)
+        statuses = re.findall(rb"HTTP/1\.1 (\d\d\d)", raw)
+        paths = [p.decode() for p in re.findall(rb'"path": "([^"]+)"', raw)]
+        if addr[1] == APP:
+            assert statuses == [b"200", b"200", b"200", b"200", b"200"]
+        else:
+            assert statuses == [b"200", b"200", b"200", b"403", b"200"]
+        assert paths[:3] == ["/cart/0", "/cart/1", "/cart/2"] and paths[-1] == "/cart/last"
+
+
+async def test_large_streamed_bodies_both_ways(pair: tuple[str, int], mesh: Mesh) -> None:
+    payload = bytes(range(256)) * 40_000  # ~10 MB, sent chunked, echoed chunked
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(payload), 100_000):
+            yield payload[i : i + 100_000]
+
+    for host, port in both(mesh):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"http://{host}:{port}/cart/echo", data=chunks()) as resp,
+        ):
+            assert resp.status == 200
+            assert resp.headers.get("transfer-encoding", "").lower() == "chunked"
+            assert await resp.read() == payload
+
+
+async def test_content_length_body(pair: tuple[str, int], mesh: Mesh) -> None:
+    for host, port in both(mesh):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"http://{host}:{port}/cart/x", data=b"y" * 300_000) as resp,
+        ):
+            assert resp.status == 200
+            assert (await resp.json())["body"] == 300_000
+
+
+async def test_expect_100_continue(pair: tuple[str, int], mesh: Mesh) -> None:
+    head = b"POST /cart/echo HTTP/1.1\r\nHost: cart\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    for addr in both(mesh):
+        reader, writer = await asyncio.open_connection(*addr)
+        writer.write(head)
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.startswith(b"HTTP/1.1 100"), interim  # the server asks for the body
+        writer.write(b"hello")
+        final = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 10)
+        assert final.startswith(b"HTTP/1.1 200") and b"hello" in final
+        writer.close()
+
+
+async def test_denied_100_continue_gets_403_without_sending_the_body(pair: tuple[str, int]) -> None:
+    head = b"PUT /cart/x HTTP/1.1\r\nHost: cart\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    raw = await exchange(pair, head)
+    assert raw.startswith(b"HTTP/1.1 403")  # and then the connection is closed (read until EOF)
+
+
+async def test_head_204_304_have_no_body(pair: tuple[str, int], mesh: Mesh) -> None:
+    req = (
+        b"HEAD /cart/h HTTP/1.1\r\nHost: cart\r\n\r\n"
+        b"GET /cart/status/204 HTTP/1.1\r\nHost: cart\r\n\r\n"
+        b"GET /cart/status/304 HTTP/1.1\r\nHost: cart\r\n\r\n"
+        b"GET /cart/end HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n"
+    )
+    for addr in both(mesh):
+        raw = await exchange(addr, req)
+        statuses = re.findall(rb"HTTP/1\.1 (\d\d\d)", raw)
+        assert statuses == [b"200", b"204", b"304", b"200"], raw
+        assert raw.count(b'{"method"') == 1  # only the last one has a body
+
+
+async def test_websocket_upgrade(pair: tuple[str, int], mesh: Mesh) -> None:
+    for host, port in both(mesh):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"http://{host}:{port}/cart/ws") as ws,
+        ):
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=5)).data == "HELLO"
+            await ws.send_bytes(b"\x01\x02\x03")
+            assert (await ws.receive(timeout=5)).data == b"\x03\x02\x01"
+            await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /cart/x HTTP/1.1\r\nHost: cart\r\nContent-Length: abc\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nHost cart\r\n\r\n", b"400"),
+        (b"GET /cart/x HTTP/1.1\r\nHost: cart\r\n" + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
+        (b"POST /cart/echo HTTP/1.1\r\nHost: cart\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", b"400"),
+    ],
+    ids=["content-length", "header-line", "huge-headers", "bad-chunk"],
+)
+async def test_malformed_requests_get_an_error_and_a_close(
+    pair: tuple[str, int], request_bytes: bytes, status: bytes
+) -> None:
+    reader, writer = await asyncio.open_connection(*pair)
+    writer.write(request_bytes)
+    raw = await asyncio.wait_for(reader.read(), 10)  # the sidecar closes after answering
+    writer.close()
+    assert raw.split(b" ")[1] == status or raw == b"", raw
+    # The sidecars are fine: the next connection works.
+    ok = await exchange(pair, b"GET /cart/ok HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200")
+
+
+async def test_plaintext_http_in_permissive_mode_is_authorized_per_request(
+    mesh: Mesh, cart_app: CartApp
+) -> None:
+    """No sidecar on the caller's side: detection on cart's plaintext inbound, the caller is
+    unauthenticated, and the policy (frontend only) denies each request with its reason."""
+    await mesh.sidecar("cart", CART, mode="permissive")
+    raw = await exchange(
+        (mesh.addr(CART), 15006), b"GET /cart/1 HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n"
+    )
+    assert raw.startswith(b"HTTP/1.1 403")
+    assert b"sidemesh-denied-reason: " in raw
+    assert cart_app.seen == []
+
+
+async def test_trace_headers_are_replaced_not_duplicated(pair: tuple[str, int]) -> None:
+    req = (
+        b"GET /cart/t HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n"
+        b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n"
+    )
+    raw = await exchange(pair, req)
+    seen = json.loads(raw.partition(b"\r\n\r\n")[2])["headers"]
+    assert seen["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")  # same trace
+
+
+async def test_app_closing_an_idle_pooled_connection_is_not_an_error(mesh: Mesh) -> None:
+    """aiohttp closes idle keep-alive connections (here after 0.2 s): the sidecar's pooled
+    connection to it is then dropped, and the next request uses a new one."""
+    app = CartApp(keepalive_timeout=0.2)
+    await app.start(mesh.addr(CART), APP)
+    try:
+        await mesh.sidecar("cart", CART)
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        pair = (mesh.addr(FRONTEND), OUT)
+        results = await asyncio.to_thread(_keepalive_session, *pair, [("GET", "/cart/1")])
+        await asyncio.sleep(0.5)
+        results += await asyncio.to_thread(_keepalive_session, *pair, [("GET", "/cart/2")])
+        assert [r[0] for r in results] == [200, 200]
+        assert len(app.peers) == 2  # the first connection was closed by the app, not reused
+    finally:
+        await app.runner.cleanup()
+
+
+async def test_draining_closes_idle_inbound_keepalive_connections(pair: tuple[str, int], mesh: Mesh) -> None:
+    """The frontend's pooled connection to cart is idle between requests: when cart drains, it
+    closes that connection within a second instead of holding the drain to its timeout."""
+    assert (await asyncio.to_thread(_keepalive_session, *pair, [("GET", "/cart/1")]))[0][0] == 200
+    cart = mesh.sidecars["cart"]
+    assert cart.relays  # the pooled keep-alive connection from the frontend's sidecar
+    began = asyncio.get_running_loop().time()
+    await cart.drain(timeout=10)
+    assert asyncio.get_running_loop().time() - began < 3

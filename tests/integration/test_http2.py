@@ -1,0 +1,225 @@
+"""HTTP/2 and gRPC through a sidecar pair (frontend -> cart), compared with the direct connection:
+a real grpcio client and server (unary and bidirectional streaming, metadata and trailers, status
+codes, large messages under flow control), per-stream authorization on one connection (denied:
+PERMISSION_DENIED with the reason), and h2load as a second, independent HTTP/2 client."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from grpc.aio import EOF  # type: ignore[attr-defined]
+
+from tests.integration.conftest import StartCA
+from tests.integration.mesh_fixture import MESH_YAML, Mesh, free_net
+
+FRONTEND, CART = 1, 2
+OUT = 18080
+APP = 8080
+
+ALLOW_ECHO = """\
+apiVersion: sidemesh.io/v1alpha1
+kind: ServiceAuthorization
+metadata: {name: cart-grpc, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  rules:
+  - from: [{serviceAccount: frontend}]
+    to: {ports: [8080], http: {methods: [POST], paths: ["/test.Echo/*"]}}
+"""
+
+
+async def unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    meta = dict(context.invocation_metadata() or ())
+    if request == b"fail":
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+    context.set_trailing_metadata((("x-trailer", "t-" + str(meta.get("x-in", ""))),))
+    return request[::-1]
+
+
+async def bidi(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+) -> AsyncIterator[bytes]:
+    async for request in requests:
+        yield request.upper()
+    context.set_trailing_metadata((("x-count", "done"),))
+
+
+def handlers(service: str) -> grpc.GenericRpcHandler[bytes, bytes]:
+    return grpc.method_handlers_generic_handler(
+        service,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        },
+    )
+
+
+@pytest.fixture
+async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
+    ca = await start_ca()
+    config_dir = tmp_path / "mesh"
+    config_dir.mkdir()
+    m = Mesh(ca, config_dir, free_net())
+    m.write("workloads.yaml", MESH_YAML.format(net=m.net))
+    m.write("allow.yaml", ALLOW_ECHO)
+    yield m
+    await m.close()
+
+
+@pytest.fixture
+async def pair(mesh: Mesh) -> AsyncIterator[tuple[str, int]]:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+    server.add_generic_rpc_handlers((handlers("test.Echo"), handlers("test.Admin")))
+    server.add_insecure_port(f"{mesh.addr(CART)}:{APP}")
+    await server.start()
+    await mesh.sidecar("cart", CART)
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    yield mesh.addr(FRONTEND), OUT
+    await server.stop(0)
+
+
+def both(mesh: Mesh) -> list[tuple[str, int]]:
+    return [(mesh.addr(CART), APP), (mesh.addr(FRONTEND), OUT)]
+
+
+def unary_method(ch: grpc.aio.Channel, name: str) -> Any:
+    return ch.unary_unary(name)  # type: ignore[call-arg]  # raw bytes: no (de)serializers
+
+
+def bidi_call(ch: grpc.aio.Channel, name: str) -> Any:
+    return ch.stream_stream(name)()  # type: ignore[call-arg]
+
+
+def channel(addr: tuple[str, int]) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(
+        f"{addr[0]}:{addr[1]}", options=[("grpc.max_receive_message_length", 16 << 20)]
+    )
+
+
+async def test_unary_with_metadata_trailers_and_status(pair: tuple[str, int], mesh: Mesh) -> None:
+    for addr in both(mesh):
+        async with channel(addr) as ch:
+            call = unary_method(ch, "/test.Echo/Unary")(b"hello", metadata=(("x-in", "42"),))
+            assert await call == b"olleh"
+            assert ("x-trailer", "t-42") in tuple(await call.trailing_metadata())
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await unary_method(ch, "/test.Echo/Unary")(b"fail")
+            assert err.value.code() is grpc.StatusCode.NOT_FOUND
+            assert err.value.details() == "no such thing"
+
+
+async def test_denied_call_is_permission_denied_and_the_connection_stays_usable(
+    pair: tuple[str, int],
+) -> None:
+    async with channel(pair) as ch:
+        assert await unary_method(ch, "/test.Echo/Unary")(b"ab") == b"ba"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await unary_method(ch, "/test.Admin/Unary")(b"x")
+        assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        trailers: dict[str, Any] = dict(err.value.trailing_metadata() or ())  # type: ignore[arg-type]
+        reason = trailers["sidemesh-denied-reason"]
+        assert reason and reason in (err.value.details() or "")
+        assert await unary_method(ch, "/test.Echo/Unary")(b"cd") == b"dc"  # same channel, same connection
+
+
+async def test_bidi_streaming_both_ways_with_large_messages(pair: tuple[str, int], mesh: Mesh) -> None:
+    big = bytes(range(97, 123)) * 200_000  # ~5 MB: many windows' worth, both directions
+    for addr in both(mesh):
+        async with channel(addr) as ch:
+            call = bidi_call(ch, "/test.Echo/Bidi")
+            for i in range(20):
+                await call.write(f"msg{i}".encode())
+                assert await call.read() == f"MSG{i}".encode()
+            await call.write(big)
+            assert await call.read() == big.upper()
+            await call.done_writing()
+            assert await call.read() is EOF
+            assert ("x-count", "done") in tuple(await call.trailing_metadata())
+            assert await call.code() is grpc.StatusCode.OK
+
+
+async def test_many_concurrent_calls_on_one_connection(pair: tuple[str, int]) -> None:
+    async with channel(pair) as ch:
+        method = unary_method(ch, "/test.Echo/Unary")
+        replies = await asyncio.gather(*(method(f"{i:04}".encode()) for i in range(200)))
+        assert replies == [f"{i:04}".encode()[::-1] for i in range(200)]
+
+
+def _grpc_frame(message: bytes) -> bytes:
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+@pytest.fixture
+def h2load() -> str:
+    path = shutil.which("h2load")
+    if path is None:
+        pytest.skip("h2load not installed (Debian package nghttp2-client)")
+    return path
+
+
+async def test_h2load_as_an_independent_client(
+    pair: tuple[str, int], mesh: Mesh, h2load: str, tmp_path: Path
+) -> None:
+    body = tmp_path / "req.bin"
+    body.write_bytes(_grpc_frame(b"ping"))
+    for addr in both(mesh):
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [
+                h2load,
+                "-n",
+                "400",
+                "-c",
+                "2",
+                "-m",
+                "8",
+                "-d",
+                str(body),
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                f"http://{addr[0]}:{addr[1]}/test.Echo/Unary",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "400 succeeded, 0 failed, 0 errored" in proc.stdout, proc.stdout + proc.stderr
+        assert "status codes: 400 2xx" in proc.stdout, proc.stdout
+
+
+async def test_h2load_denied_plain_http2_requests_get_403(pair: tuple[str, int], h2load: str) -> None:
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [h2load, "-n", "20", "-c", "1", "-m", "4", f"http://{pair[0]}:{pair[1]}/admin"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "status codes: 0 2xx, 0 3xx, 20 4xx" in proc.stdout, proc.stdout + proc.stderr
+
+
+async def test_plaintext_grpc_in_permissive_mode_is_authorized_per_call(mesh: Mesh) -> None:
+    """No sidecar on the caller's side: cart's sidecar detects HTTP/2 on a plaintext connection
+    and the unauthenticated caller is denied by the policy (frontend only), call by call."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handlers("test.Echo"),))
+    server.add_insecure_port(f"{mesh.addr(CART)}:{APP}")
+    await server.start()
+    try:
+        await mesh.sidecar("cart", CART, mode="permissive")
+        async with channel((mesh.addr(CART), 15006)) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await unary_method(ch, "/test.Echo/Unary")(b"x")
+            assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await server.stop(0)

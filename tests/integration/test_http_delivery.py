@@ -1,0 +1,195 @@
+"""Delivery on the HTTP path (frontend -> cart, two cart endpoints): per-request balancing (a slow
+endpoint gets fewer requests), retries of idempotent requests on 503 (not of POST), the timeout
+(504), and endpoint changes applied to the next request. Real sidecars, real aiohttp apps."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from tests.integration.conftest import StartCA
+from tests.integration.mesh_fixture import ALLOW_FRONTEND, Mesh, free_net
+
+FRONTEND, CART1, CART2 = 1, 2, 4
+OUT = 18080
+APP = 8080
+
+MESH = """\
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop}}
+---
+apiVersion: sidemesh.io/v1alpha1
+kind: Workload
+metadata: {{name: frontend-1, namespace: shop, labels: {{app: frontend}}}}
+spec: {{serviceAccount: frontend, address: {net}.1, ports: [{{port: 8080}}]}}
+---
+apiVersion: sidemesh.io/v1alpha1
+kind: Workload
+metadata: {{name: carta-1, namespace: shop, labels: {{app: cart}}}}
+spec: {{serviceAccount: cart, address: {net}.2, ports: [{{port: 8080}}]}}
+{cart2}---
+apiVersion: v1
+kind: Service
+metadata:
+  name: cart
+  namespace: shop
+  annotations: {{sidemesh.io/retries: "2", sidemesh.io/timeout: "{timeout}"}}
+spec:
+  selector: {{app: cart}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+"""
+CART2_YAML = """\
+---
+apiVersion: sidemesh.io/v1alpha1
+kind: Workload
+metadata: {{name: cartb-1, namespace: shop, labels: {{app: cart}}}}
+spec: {{serviceAccount: cart, address: {net}.4, ports: [{{port: 8080}}]}}
+"""
+
+
+class App:
+    def __init__(self, name: str, delay: float = 0.0) -> None:
+        self.name = name
+        self.delay = delay
+        self.hits = 0
+        self.fail_next = 0  # answer this many requests with 503
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        await request.read()
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return web.Response(status=503, text="busy")
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return web.Response(text=self.name)
+
+
+RUNNERS: list[web.AppRunner] = []  # cleaned up by the mesh fixture
+
+
+async def start_mesh(mesh: Mesh, apps: list[tuple[int, App]]) -> None:
+    for host, app in apps:
+        await app.runner.setup()
+        RUNNERS.append(app.runner)
+        await web.TCPSite(app.runner, mesh.addr(host), APP).start()
+        await mesh.sidecar("carta" if host == CART1 else "cartb", host, identity_of="cart")
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+
+
+def write_mesh(mesh: Mesh, two: bool, timeout: str = "0s") -> None:
+    cart2 = CART2_YAML.format(net=mesh.net) if two else ""
+    mesh.write("workloads.yaml", MESH.format(net=mesh.net, cart2=cart2, timeout=timeout))
+
+
+@pytest.fixture
+async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
+    ca = await start_ca()
+    config_dir = tmp_path / "mesh"
+    config_dir.mkdir()
+    m = Mesh(ca, config_dir, free_net())
+    m.write("allow.yaml", ALLOW_FRONTEND)
+    yield m
+    await m.close()
+    while RUNNERS:
+        await RUNNERS.pop().cleanup()
+
+
+def session(addr: tuple[str, int], requests: list[tuple[str, str]]) -> list[tuple[int, bytes]]:
+    conn = http.client.HTTPConnection(*addr, timeout=10)
+    out = []
+    for method, path in requests:
+        conn.request(method, path, body=b"" if method == "POST" else None)
+        resp = conn.getresponse()
+        out.append((resp.status, resp.read()))
+    conn.close()
+    return out
+
+
+async def test_a_slow_endpoint_gets_fewer_requests(mesh: Mesh) -> None:
+    write_mesh(mesh, two=True)
+    fast, slow = App("fast"), App("slow", delay=0.05)
+    await start_mesh(mesh, [(CART1, fast), (CART2, slow)])
+    addr = (mesh.addr(FRONTEND), OUT)
+    # 4 clients, 40 requests each: the balancer (P2C on peak EWMA) prefers the fast endpoint.
+    results = await asyncio.gather(
+        *(asyncio.to_thread(session, addr, [("GET", "/x")] * 40) for _ in range(4))
+    )
+    assert all(status == 200 for batch in results for status, _ in batch)
+    assert fast.hits + slow.hits == 160
+    assert fast.hits > 3 * slow.hits, (fast.hits, slow.hits)
+
+
+async def test_idempotent_requests_are_retried_post_is_not(mesh: Mesh) -> None:
+    write_mesh(mesh, two=False)
+    app = App("cart")
+    await start_mesh(mesh, [(CART1, app)])
+    addr = (mesh.addr(FRONTEND), OUT)
+    app.fail_next = 2
+    assert await asyncio.to_thread(session, addr, [("GET", "/r")]) == [(200, b"cart")]  # 2 retries
+    assert app.hits == 3
+    app.fail_next = 3
+    assert (await asyncio.to_thread(session, addr, [("GET", "/r")]))[0][0] == 503  # out of retries
+    app.fail_next = 1
+    assert (await asyncio.to_thread(session, addr, [("POST", "/r")]))[0][0] == 503  # not idempotent
+
+
+async def test_retries_stop_when_the_budget_is_spent(mesh: Mesh) -> None:
+    from proxy.routers import budget_of
+
+    write_mesh(mesh, two=False)
+    app = App("cart")
+    await start_mesh(mesh, [(CART1, app)])
+    frontend = mesh.sidecars["frontend"]
+    budget = budget_of(frontend, "cart.shop:80")
+    while budget.try_withdraw():  # an outage has used it all
+        pass
+    app.fail_next = 100
+    before = app.hits
+    results = await asyncio.to_thread(session, (mesh.addr(FRONTEND), OUT), [("GET", "/r")] * 5)
+    assert [s for s, _ in results] == [503] * 5
+    # Spent: only what the 5 new requests deposit (20% of them: one retry) may be used.
+    assert app.hits - before == 6
+
+
+async def test_timeout_answers_504(mesh: Mesh) -> None:
+    write_mesh(mesh, two=False, timeout="200ms")
+    await start_mesh(mesh, [(CART1, App("cart", delay=2.0))])
+    began = time.monotonic()
+    status, body = (await asyncio.to_thread(session, (mesh.addr(FRONTEND), OUT), [("GET", "/t")]))[0]
+    assert status == 504 and b"timeout" in body
+    assert time.monotonic() - began < 1.5
+
+
+async def test_endpoint_changes_apply_to_the_next_request(mesh: Mesh) -> None:
+    write_mesh(mesh, two=True)
+    one, two = App("one", delay=0.03), App("two")  # the balancer prefers two while it is there
+    await start_mesh(mesh, [(CART1, one), (CART2, two)])
+    addr = (mesh.addr(FRONTEND), OUT)
+    conn = http.client.HTTPConnection(*addr, timeout=10)
+
+    def get() -> bytes:
+        conn.request("GET", "/e")
+        return conn.getresponse().read()
+
+    assert b"two" in {await asyncio.to_thread(get) for _ in range(20)}
+    write_mesh(mesh, two=False)  # cart-2 leaves: the same client connection goes to cart-1 only
+    frontend = mesh.sidecars["frontend"]
+    for _ in range(100):
+        frontend.reload_config()
+        dest = frontend.mesh_config().lookup_name("cart.shop:80")
+        if dest is not None and len(dest.endpoints) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert {await asyncio.to_thread(get) for _ in range(10)} == {b"one"}
+    conn.close()

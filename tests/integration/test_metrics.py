@@ -1,0 +1,144 @@
+"""The sidecar's /metrics scraped over HTTP and parsed with prometheus_client's parser, checked
+against the traffic the test sent."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.observe import RequestInfo, RequestResult
+from proxy.sidecar import Sidecar
+from sidemesh.identity import tls
+from tests.integration.conftest import StartCA
+from tests.integration.mesh_fixture import INBOUND, Mesh, new_mesh, talk
+
+FRONTEND, CART, STRANGER = 1, 2, 3
+OUT = 18080
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture
+async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
+    m = new_mesh(await start_ca(), tmp_path)
+    yield m
+    await m.close()
+
+
+async def scrape(sidecar: Sidecar) -> Samples:
+    url = f"http://{sidecar.config.app_host}:{sidecar.ports['health']}/metrics"
+
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert resp.headers["content-type"].startswith("text/plain")
+            return str(resp.read().decode())
+
+    text = await asyncio.to_thread(get)
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+async def tls_without_a_certificate(host: str, port: int) -> None:
+    """A TLS client offering the mesh's ALPN but no certificate: the handshake fails server-side."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols([tls.ALPN])
+    reader, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname="x")
+    try:
+        await reader.readexactly(1)
+    finally:
+        writer.close()
+
+
+async def test_connection_metrics_match_the_traffic_sent(mesh: Mesh) -> None:
+    await mesh.app(CART)
+    cart = await mesh.sidecar("cart", CART)
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
+    )
+    await mesh.sidecar("stranger", STRANGER, outbound=(f"{mesh.addr(STRANGER)}:{OUT}=cart.shop:80",))
+    payloads = [b"\x01" + b"x" * n for n in (10, 1000, 50_000)]  # not HTTP: carried as TCP at once
+    for payload in payloads:
+        assert await talk(mesh.addr(FRONTEND), OUT, payload) == payload.upper() + b"BYE"
+    with pytest.raises(ConnectionResetError):
+        await talk(mesh.addr(STRANGER), OUT, b"let me in")
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        await tls_without_a_certificate(mesh.addr(CART), INBOUND)
+    await asyncio.sleep(0.2)  # the last closes are counted
+
+    sent = sum(len(p) for p in payloads)
+    received = sum(len(p) + 3 for p in payloads)
+    out, inn = await scrape(frontend), await scrape(cart)
+    assert value(out, "sidemesh_proxy_connections_total", direction="outbound", decision="allow") == 3
+    assert value(out, "sidemesh_proxy_connections_closed_total", direction="outbound", outcome="ok") == 3
+    # The frontend's sidecar relays the app's bytes plus the reply (and a few bytes of framing).
+    assert (
+        sent + received
+        <= value(out, "sidemesh_proxy_bytes_total", direction="outbound")
+        <= sent + received + 3 * 64
+    )
+    assert value(out, "sidemesh_proxy_connection_duration_seconds_count", direction="outbound") == 3
+    assert value(out, "sidemesh_proxy_connections_open", direction="outbound") == 0
+
+    assert value(inn, "sidemesh_proxy_connections_total", direction="inbound", decision="allow") == 3
+    assert value(inn, "sidemesh_proxy_authorization_denials_total", policy="shop/cart-allow-frontend") == 1
+    assert total(inn, "sidemesh_proxy_tls_handshake_failures_total", direction="inbound") >= 1
+    now = time.time()
+    assert now + 600 < value(inn, "sidemesh_proxy_certificate_expiry_timestamp_seconds") < now + 2 * 86400
+    version = cart.mesh_config().version
+    assert value(inn, "sidemesh_proxy_config_info", version=version) == 1
+    assert now - 60 < value(inn, "sidemesh_proxy_config_last_update_timestamp_seconds") <= now
+
+
+async def test_request_metrics_have_bounded_labels_and_count_each_request(mesh: Mesh) -> None:
+    """Drives the observer the way the HTTP path does; the series are read back over HTTP."""
+    await mesh.app(CART)
+    cart = await mesh.sidecar("cart", CART)
+    frontend_id = "spiffe://cluster.local/ns/shop/sa/frontend"
+    statuses = [200, 200, 201, 404, 503]
+    for i, status in enumerate(statuses):
+        info = RequestInfo("inbound", "http/1.1", "GET", f"/cart/{i}?q=1", "cart", [], source=frontend_id)
+        cart.observer.start(info).finish(RequestResult(status, reason="shop/cart-allow-frontend rule 0"))
+    denied = RequestInfo("inbound", "h2", "POST", "/admin", "cart", [], source="unauthenticated")
+    cart.observer.start(denied).finish(RequestResult(403, decision="deny", reason="no rule", policy="shop/x"))
+    m = await scrape(cart)
+    base = {"direction": "inbound", "source": "shop/frontend", "destination": "shop/cart"}
+    assert value(m, "sidemesh_proxy_requests_total", **base, status_class="2xx", decision="allow") == 3
+    assert value(m, "sidemesh_proxy_requests_total", **base, status_class="4xx", decision="allow") == 1
+    assert value(m, "sidemesh_proxy_requests_total", **base, status_class="5xx", decision="allow") == 1
+    assert (
+        value(
+            m,
+            "sidemesh_proxy_requests_total",
+            direction="inbound",
+            source="unauthenticated",
+            destination="shop/cart",
+            status_class="4xx",
+            decision="deny",
+        )
+        == 1
+    )
+    assert total(m, "sidemesh_proxy_request_duration_seconds_count", direction="inbound") == 6
+    assert value(m, "sidemesh_proxy_requests_active", direction="inbound") == 0
+    # No label carries a path or a pod name.
+    for (name, labels), _ in m.items():
+        if name.startswith("sidemesh_proxy_request"):
+            assert not any("/cart/" in v or "cart-1" in v for _, v in labels), (name, labels)

@@ -1,0 +1,72 @@
+"""`sidemesh top --once` against real sidecars' admin endpoints while traffic flows."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy.observe import RequestInfo, RequestResult
+from sidemesh.top import run_top
+from tests.integration.conftest import StartCA
+from tests.integration.mesh_fixture import Mesh, new_mesh, talk
+
+FRONTEND, CART = 1, 2
+OUT = 18080
+
+
+@pytest.fixture
+async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
+    m = new_mesh(await start_ca(), tmp_path)
+    yield m
+    await m.close()
+
+
+async def test_top_shows_the_routes_a_sidecar_saw(mesh: Mesh) -> None:
+    await mesh.app(CART)
+    cart = await mesh.sidecar("cart", CART)
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
+    )
+    admin = [f"{mesh.addr(FRONTEND)}:{frontend.ports['admin']}", f"{mesh.addr(CART)}:{cart.ports['admin']}"]
+    out = io.StringIO()
+    first_taken, traffic_sent = threading.Event(), threading.Event()
+
+    def wait_for_traffic(seconds: float) -> None:  # run_top's sleep: until the traffic was sent
+        first_taken.set()
+        assert traffic_sent.wait(30)
+
+    top = asyncio.create_task(
+        asyncio.to_thread(run_top, admin, 1.0, True, 10, "all", out, sleep=wait_for_traffic)
+    )
+    assert await asyncio.to_thread(first_taken.wait, 10)
+    for _ in range(4):
+        assert await talk(mesh.addr(FRONTEND), OUT, b"\x01hello") == b"\x01HELLOBYE"
+    source = "spiffe://cluster.local/ns/shop/sa/frontend"
+    for i in range(6):  # HTTP requests, as the HTTP path reports them
+        info = RequestInfo("inbound", "http/1.1", "GET", f"/cart/items?page={i}", "cart", [], source=source)
+        cart.observer.start(info).finish(RequestResult(500 if i == 0 else 200))
+    traffic_sent.set()
+    assert await top == 0
+    lines = out.getvalue().splitlines()
+    assert "shop/cart-1" in lines[0] and "shop/frontend-1" in lines[0] and "2 sidecars" in lines[0]
+    by_route = {line.split()[1] + " " + line.split()[2]: line.split() for line in lines[2:]}
+    get = by_route["GET /cart/items"]
+    assert get[0] == "in" and float(get[3]) > 0 and get[4] == "83.3%" and get[-1] == "6"
+    tcp = by_route["TCP cart.shop:80"]
+    assert tcp[0] == "out" and tcp[4] == "100.0%" and tcp[-1] == "4"
+
+
+async def test_route_stats_page_is_json_with_the_sidecars_identity(mesh: Mesh) -> None:
+    await mesh.app(CART)
+    cart = await mesh.sidecar("cart", CART)
+    url = f"http://{mesh.addr(CART)}:{cart.ports['admin']}/stats/routes"
+    body = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read()))
+    assert body["identity"] == "spiffe://cluster.local/ns/shop/sa/cart"
+    assert body["routes"] == [] and body["capacity"] > 0 and len(body["buckets"]) > 10

@@ -1,0 +1,290 @@
+"""The sidecar's observer against a real OTLP/gRPC receiver: spans, propagation, the slow collector.
+
+The observer is driven the way the HTTP data path drives it (proxy/observe.py): ``start`` when the
+request's headers are parsed, ``trace_headers`` onto the forwarded request, ``finish`` once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from proxy.metrics import ProxyMetrics
+from proxy.observe import RequestInfo, RequestResult
+from proxy.routes import RouteStats
+from proxy.telemetry import ProxyObserver
+from sidemesh.telemetry import Tracing, start_tracing
+from tests.support.otlp import ReceivedSpan, Receiver
+
+A = "spiffe://cluster.local/ns/shop/sa/frontend"
+B = "spiffe://cluster.local/ns/shop/sa/cart"
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+APP_SPAN = "00f067aa0ba902b7"
+FAST = {"OTEL_BSP_SCHEDULE_DELAY": "20", "OTEL_EXPORTER_OTLP_TIMEOUT": "2000"}
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver()
+    await r.start()
+    yield r
+    await r.stop()
+
+
+Make = Callable[..., tuple[ProxyObserver, ProxyMetrics]]
+
+
+@pytest.fixture(params=["fast", "sdk"])
+async def observers(receiver: Receiver, request: pytest.FixtureRequest) -> AsyncIterator[Make]:
+    """Observers as the sidecar makes them ("fast": sampling decided before the SDK is called, no
+    span for an unsampled request) and with the SDK deciding everything."""
+    started: list[Tracing] = []
+
+    def make(
+        identity: str = A, endpoint: str | None = None, **env: str
+    ) -> tuple[ProxyObserver, ProxyMetrics]:
+        metrics = ProxyMetrics()
+        environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint or receiver.endpoint, **FAST, **env}
+        tracing = start_tracing(
+            identity.rsplit("/", 1)[-1],
+            metrics.registry,
+            {},
+            environ,
+            caller_samples_roots=request.param == "fast",
+        )
+        assert tracing is not None
+        started.append(tracing)
+        return ProxyObserver(metrics, RouteStats(), identity, tracing), metrics
+
+    yield make
+    for tracing in started:
+        await tracing.close(timeout=1)
+
+
+def outbound(headers: list[tuple[bytes, bytes]], path: str = "/cart/1") -> RequestInfo:
+    return RequestInfo(
+        "outbound", "http/1.1", "GET", path, "cart.shop:80", headers, service="cart.shop:80", destination=B
+    )
+
+
+def inbound(headers: list[tuple[bytes, bytes]], path: str = "/cart/1") -> RequestInfo:
+    return RequestInfo(
+        "inbound", "http/1.1", "GET", path, "cart.shop:80", headers, source=A, peer_address="127.0.0.1:5000"
+    )
+
+
+def sampled(traceparent: bytes) -> bool:
+    return bool(int(traceparent.rsplit(b"-", 1)[1], 16) & 1)  # bit 1 is "random" (W3C level 2)
+
+
+def one(spans: list[ReceivedSpan], kind: str) -> ReceivedSpan:
+    found = [s for s in spans if s.kind == kind]
+    assert len(found) == 1, spans
+    return found[0]
+
+
+async def test_w3c_in_w3c_out_one_trace_client_then_server(receiver: Receiver, observers: Make) -> None:
+    client_side, _ = observers(A)
+    server_side, _ = observers(B)
+    app_headers = [(b"traceparent", f"00-{TRACE}-{APP_SPAN}-01".encode()), (b"accept", b"*/*")]
+    client = client_side.start(outbound(app_headers))
+    hop = client.trace_headers()
+    assert [k for k, _ in hop] == [b"traceparent"]
+    server = server_side.start(inbound(hop))
+    to_app = dict(server.trace_headers())
+    server.finish(RequestResult(200, policy="shop/cart-allow", reason="shop/cart-allow rule 0"))
+    client.finish(RequestResult(200, endpoint="127.0.0.9:15006", destination=B))
+
+    spans = await receiver.wait_for(lambda s: len(s) >= 2)
+    c, s = one(spans, "CLIENT"), one(spans, "SERVER")
+    assert c.trace_id == s.trace_id == TRACE  # the app's own trace, continued
+    assert c.parent_id == APP_SPAN and s.parent_id == c.span_id
+    assert to_app[b"traceparent"].startswith(f"00-{TRACE}-{s.span_id}-".encode())  # the server span's child
+    assert (c.service, s.service) == ("frontend", "cart")
+    assert c.attributes["sidemesh.source.id"] == s.attributes["sidemesh.source.id"] == A
+    assert c.attributes["sidemesh.destination.id"] == s.attributes["sidemesh.destination.id"] == B
+    assert c.attributes["http.request.method"] == "GET" and c.attributes["url.path"] == "/cart/1"
+    assert c.attributes["http.response.status_code"] == 200
+    assert c.attributes["network.peer.address"] == "127.0.0.9:15006"
+    assert s.attributes["sidemesh.authz.decision"] == "allow"
+    assert s.attributes["sidemesh.authz.policy"] == "shop/cart-allow"
+    assert (c.status, s.status) == ("UNSET", "UNSET")
+
+
+@pytest.mark.parametrize(
+    ("app_headers", "names"),
+    [
+        ([(b"b3", f"{TRACE}-{APP_SPAN}-1".encode())], [b"b3"]),
+        (
+            [(b"x-b3-traceid", TRACE.encode()), (b"x-b3-spanid", APP_SPAN.encode()), (b"x-b3-sampled", b"1")],
+            [b"x-b3-traceid", b"x-b3-spanid", b"x-b3-sampled"],
+        ),
+    ],
+)
+async def test_b3_in_b3_out(
+    receiver: Receiver, observers: Make, app_headers: list[tuple[bytes, bytes]], names: list[bytes]
+) -> None:
+    observer, _ = observers(A)
+    request = observer.start(outbound(app_headers))
+    hop = request.trace_headers()
+    assert sorted(k for k, _ in hop) == sorted(names)
+    request.finish(RequestResult(200))
+    span = one(await receiver.wait_for(lambda s: len(s) >= 1), "CLIENT")
+    assert span.trace_id == TRACE and span.parent_id == APP_SPAN
+    assert span.span_id.encode() in b" ".join(v for _, v in hop)
+
+
+async def test_no_trace_headers_start_a_new_trace(receiver: Receiver, observers: Make) -> None:
+    observer, _ = observers(A)
+    request = observer.start(outbound([]))
+    (name, value), *rest = request.trace_headers()
+    assert name == b"traceparent" and not rest
+    request.finish(RequestResult(200))
+    span = one(await receiver.wait_for(lambda s: len(s) >= 1), "CLIENT")
+    assert span.parent_id == "" and value.startswith(f"00-{span.trace_id}-{span.span_id}-".encode())
+    assert sampled(value)
+
+
+async def test_an_unsampled_request_sends_nothing_and_says_so_downstream(
+    receiver: Receiver, observers: Make
+) -> None:
+    observer, _ = observers(A, OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="0")
+    for headers in ([], [(b"traceparent", f"00-{TRACE}-{APP_SPAN}-00".encode())]):
+        request = observer.start(outbound(headers))
+        assert not sampled(dict(request.trace_headers())[b"traceparent"])
+        request.finish(RequestResult(200))
+    kept = observer.start(outbound([(b"traceparent", f"00-{TRACE}-{APP_SPAN}-01".encode())]))
+    kept.finish(RequestResult(200))  # the caller decided: parent-based sampling keeps it
+    spans = await receiver.wait_for(lambda s: len(s) >= 1)
+    await asyncio.sleep(0.2)
+    assert len(spans) == 1 and spans[0].trace_id == TRACE
+
+
+async def test_a_denied_request_gets_an_error_span_with_the_reason(
+    receiver: Receiver, observers: Make
+) -> None:
+    observer, metrics = observers(B)
+    request = observer.start(inbound([]))
+    request.finish(
+        RequestResult(
+            403,
+            decision="deny",
+            reason="no rule of shop/cart-allow allows shop/frontend",
+            policy="shop/cart-allow",
+        )
+    )
+    span = one(await receiver.wait_for(lambda s: len(s) >= 1), "SERVER")
+    assert span.status == "ERROR"
+    assert span.attributes["sidemesh.authz.decision"] == "deny"
+    assert span.attributes["sidemesh.authz.reason"] == "no rule of shop/cart-allow allows shop/frontend"
+    r = metrics.registry
+    labels = {"direction": "inbound", "source": "shop/frontend", "destination": "shop/cart"}
+    assert (
+        r.get_sample_value(
+            "sidemesh_proxy_requests_total", {**labels, "status_class": "4xx", "decision": "deny"}
+        )
+        == 1
+    )
+
+
+async def test_failures_and_retries_are_on_the_span(receiver: Receiver, observers: Make) -> None:
+    observer, _ = observers(A)
+    request = observer.start(
+        RequestInfo("outbound", "grpc", "POST", "/shop.Cart/Get", "cart", [], destination=B)
+    )
+    request.finish(RequestResult(200, grpc_status=14, retries=2))
+    failed = observer.start(outbound([]))
+    failed.finish(RequestResult(None, error="upstream reset"))
+    spans = await receiver.wait_for(lambda s: len(s) >= 2)
+    by_name = {s.name: s for s in spans}
+    rpc = by_name["shop.Cart/Get"]
+    assert rpc.status == "ERROR" and rpc.attributes["rpc.grpc.status_code"] == 14
+    assert rpc.attributes["http.request.resend_count"] == 2 and rpc.attributes["rpc.system"] == "grpc"
+    reset = by_name["GET cart.shop:80"]
+    assert reset.status == "ERROR" and reset.attributes["sidemesh.error"] == "upstream reset"
+
+
+def _dropped(registry: CollectorRegistry) -> float:
+    return sum(
+        registry.get_sample_value("sidemesh_tracing_spans_dropped_total", {"reason": r}) or 0
+        for r in ("queue_full", "export_failed")
+    )
+
+
+async def test_collector_down_requests_unaffected_and_drops_counted(
+    receiver: Receiver, observers: Make
+) -> None:
+    await receiver.stop()  # nothing listens on its port any more
+    observer, metrics = observers(A, endpoint=receiver.endpoint, OTEL_BSP_MAX_QUEUE_SIZE="50")
+    started = time.perf_counter()
+    for i in range(500):
+        request = observer.start(outbound([], path=f"/item/{i % 7}"))
+        request.trace_headers()
+        request.finish(RequestResult(200))
+    per_request = (time.perf_counter() - started) / 500
+    assert per_request < 0.002, f"{per_request * 1e6:.0f} us per request with the collector down"
+    assert _dropped(metrics.registry) >= 400  # a 50-span queue cannot hold 500 spans
+    assert (
+        metrics.registry.get_sample_value(
+            "sidemesh_proxy_requests_total",
+            {
+                "direction": "outbound",
+                "source": "shop/frontend",
+                "destination": "shop/cart",
+                "status_class": "2xx",
+                "decision": "allow",
+            },
+        )
+        == 500
+    )
+
+
+async def test_a_slow_collector_does_not_slow_requests(receiver: Receiver, observers: Make) -> None:
+    receiver.delay = 1.0  # each export takes a second
+    observer, metrics = observers(A, OTEL_BSP_MAX_QUEUE_SIZE="20", OTEL_BSP_MAX_EXPORT_BATCH_SIZE="5")
+    loop = asyncio.get_running_loop()
+    took = []
+    for _ in range(200):
+        t = loop.time()
+        observer.start(outbound([])).finish(RequestResult(200))
+        await asyncio.sleep(0)
+        took.append(loop.time() - t)
+    # Waiting for an export would take the collector's whole second (and this loop serves the
+    # collector too): the slowest request stays far below that, the typical one is unaffected.
+    assert max(took) < 0.5, f"a request took {max(took) * 1000:.1f} ms with a slow collector"
+    assert sorted(took)[100] < 0.005, f"median {sorted(took)[100] * 1000:.2f} ms"
+    await asyncio.sleep(0.1)
+    assert _dropped(metrics.registry) > 0
+
+
+@pytest.mark.parametrize(
+    ("app_headers", "expected"),
+    [
+        (
+            [(b"traceparent", f"00-{TRACE}-{APP_SPAN}-00".encode()), (b"tracestate", b"vendor=1")],
+            {b"traceparent": f"00-{TRACE}-".encode(), b"tracestate": b"vendor=1"},
+        ),
+        ([(b"b3", f"{TRACE}-{APP_SPAN}-0".encode())], {b"b3": TRACE.encode()}),
+        (
+            [(b"x-b3-traceid", TRACE.encode()), (b"x-b3-spanid", APP_SPAN.encode()), (b"x-b3-sampled", b"0")],
+            {b"x-b3-traceid": TRACE.encode(), b"x-b3-spanid": b"", b"x-b3-sampled": b"0"},
+        ),
+    ],
+)
+async def test_a_callers_no_is_kept_in_its_format_with_a_new_span_id(
+    receiver: Receiver, observers: Make, app_headers: list[tuple[bytes, bytes]], expected: dict[bytes, bytes]
+) -> None:
+    observer, _ = observers(A)  # samples every new trace, but the caller said no
+    request = observer.start(outbound(app_headers))
+    out = dict(request.trace_headers())
+    request.finish(RequestResult(200))
+    assert set(out) == set(expected)
+    for name, prefix in expected.items():
+        assert out[name].startswith(prefix), (name, out[name])
+    assert APP_SPAN.encode() not in b" ".join(out.values())  # this hop has its own span id
+    await asyncio.sleep(0.2)
+    assert receiver.spans == []

@@ -1,0 +1,166 @@
+"""The CA and the injector trace and count their own requests (the controller uses the same
+interceptor as the CA): spans reach a real OTLP receiver, metrics are read back."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from injector.server import WebhookServer, create_app
+from injector.settings import InjectionSettings
+from injector.tls import ServingCertificate
+from sidemesh.api import ca_pb2
+from sidemesh.identity.svid import make_csr, new_key
+from sidemesh.spiffe import WorkloadId
+from sidemesh.telemetry import start_tracing
+from tests.integration.conftest import StartCA
+from tests.support import pki
+from tests.support.otlp import Receiver
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+SIGN = "/sidemesh.ca.v1.CertificateAuthority/Sign"
+
+
+@pytest.fixture
+async def receiver(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Receiver]:
+    r = Receiver()
+    await r.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", r.endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
+    yield r
+    await r.stop()
+
+
+async def test_ca_signing_is_traced_and_counted(receiver: Receiver, start_ca: StartCA) -> None:
+    ca = await start_ca()
+    client = ca.client()
+    sid = WorkloadId("shop", "cart").spiffe_id("cluster.local")
+    try:
+        stub = client._stub
+        request = ca_pb2.SignRequest(csr=make_csr(new_key(), sid))
+        traceparent = ("traceparent", f"00-{TRACE}-{PARENT}-01")
+        await stub.Sign(request, metadata=(("authorization", "Bearer cart-token"), traceparent))
+        with pytest.raises(grpc.aio.AioRpcError) as refused_call:
+            await stub.Sign(request, metadata=(("authorization", "Bearer wrong"),))
+        assert refused_call.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await client.close()
+    spans = await receiver.wait_for(lambda s: len(s) >= 2)
+    ok = next(s for s in spans if s.trace_id == TRACE)
+    assert ok.kind == "SERVER" and ok.parent_id == PARENT and ok.service == "sidemesh-ca"
+    assert ok.name == SIGN.lstrip("/") and ok.attributes["rpc.grpc.status_code"] == 0
+    assert ok.resource["sidemesh.identity"].startswith("spiffe://cluster.local/ns/sidemesh-system/")
+    refused = next(s for s in spans if s.trace_id != TRACE)
+    assert refused.status == "ERROR" and refused.parent_id == ""
+    handled = ca.server.metrics.registry.get_sample_value
+    assert handled("sidemesh_grpc_server_handled_total", {"method": SIGN, "code": "OK"}) == 1
+    assert handled("sidemesh_grpc_server_handled_total", {"method": SIGN, "code": "UNAUTHENTICATED"}) == 1
+    registry = ca.server.metrics.registry
+    assert registry.get_sample_value("sidemesh_grpc_server_handling_seconds_count", {"method": SIGN}) == 2
+
+
+async def test_ca_without_an_endpoint_traces_nothing(
+    start_ca: StartCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    ca = await start_ca()
+    assert ca.server.tracing is None
+    await ca.issue("cart-token", WorkloadId("shop", "cart"))  # counted without tracing:
+    value = ca.server.metrics.registry.get_sample_value(
+        "sidemesh_grpc_server_handled_total", {"method": SIGN, "code": "OK"}
+    )
+    assert value == 1
+
+
+def _request(
+    port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> int:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+async def test_injector_requests_are_traced_and_counted(receiver: Receiver, tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    tracing = start_tracing("sidemesh-injector", registry)
+    assert tracing is not None
+    svid = pki.make_svid(
+        pki.make_authority(tmp_path),
+        WorkloadId("sidemesh-system", "sidemesh-injector").spiffe_id("cluster.local"),
+    )
+    serving = ServingCertificate()
+    serving.load_pem(svid.chain_pem, svid.key_pem)
+    server = WebhookServer(
+        create_app(InjectionSettings, registry=registry, tracing=tracing), serving, "127.0.0.1", 0
+    )
+    port = await server.start()
+    try:
+        headers = {"traceparent": f"00-{TRACE}-{PARENT}-01", "content-type": "application/json"}
+        assert await asyncio.to_thread(_request, port, "POST", "/mutate", b"not json", headers) == 400
+        assert await asyncio.to_thread(_request, port, "GET", "/healthz") == 200
+        assert await asyncio.to_thread(_request, port, "GET", "/nope") == 404
+    finally:
+        await server.stop()
+    spans = await receiver.wait_for(lambda s: len(s) >= 3)
+    await tracing.close()
+    mutate = next(s for s in spans if s.trace_id == TRACE)
+    assert mutate.name == "POST /mutate" and mutate.parent_id == PARENT and mutate.kind == "SERVER"
+    assert mutate.attributes["sidemesh.injector.outcome"] == "bad request"
+    assert mutate.attributes["http.response.status_code"] == 400
+    assert {s.name for s in spans} == {"POST /mutate", "GET /healthz", "GET other"}
+    get = registry.get_sample_value
+    assert (
+        get("sidemesh_http_server_requests_total", {"path": "/mutate", "method": "POST", "code": "400"}) == 1
+    )
+    assert get("sidemesh_http_server_requests_total", {"path": "other", "method": "GET", "code": "404"}) == 1
+    assert get("sidemesh_injector_admissions_total", {"outcome": "bad request"}) == 1
+
+
+async def test_controller_streams_are_traced_and_counted(
+    receiver: Receiver, start_ca: StartCA, tmp_path: Path
+) -> None:
+    from tests.integration.mesh_fixture import ALLOW_FRONTEND, MESH_YAML, Mesh, free_net
+    from tests.integration.test_controller import Controller
+
+    ca = await start_ca()
+    config_dir = tmp_path / "mesh"
+    config_dir.mkdir()
+    mesh = Mesh(ca, config_dir, free_net())
+    mesh.write("workloads.yaml", MESH_YAML.format(net=mesh.net))
+    mesh.write("allow.yaml", ALLOW_FRONTEND)
+    controller = Controller(mesh)
+    await controller.server.start()
+    try:
+        cart = await mesh.sidecar("cart", 2, controller=controller.address)
+        await mesh.sidecars.pop("cart").drain(timeout=0)  # its stream ends
+        await cart.identity.ca.close()
+        stream = "/sidemesh.config.v1.ConfigDiscovery/Stream"
+        get = controller.server.metrics.registry.get_sample_value
+        for _ in range(100):
+            if get("sidemesh_grpc_server_handling_seconds_count", {"method": stream}):
+                break
+            await asyncio.sleep(0.05)
+        assert get("sidemesh_grpc_server_handling_seconds_count", {"method": stream}) == 1
+        spans = await receiver.wait_for(lambda s: any(x.service == "sidemesh-controller" for x in s))
+        span = next(s for s in spans if s.service == "sidemesh-controller")
+        assert span.kind == "SERVER" and span.name == stream.lstrip("/")
+        assert span.attributes["rpc.service"] == "sidemesh.config.v1.ConfigDiscovery"
+    finally:
+        await controller.stop()
+        await mesh.close()

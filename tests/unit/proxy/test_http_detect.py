@@ -1,0 +1,124 @@
+"""Protocol detection: the pure classifier, and ``detect`` on real sockets (partial input, silence,
+a client that closes, and no busy polling while a ClientHello trickles in)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from proxy import detect
+from proxy.detect import Kind, classify
+from sidemesh.identity.tls import ALPN
+
+ALPN_WIRE = bytes([len(ALPN)]) + ALPN.encode()
+
+
+def tls_record(body: bytes) -> bytes:
+    return b"\x16\x03\x01" + len(body).to_bytes(2, "big") + body
+
+
+@pytest.mark.parametrize(
+    ("peeked", "kind"),
+    [
+        (b"", Kind.CLOSED),
+        (b"GET / HTTP/1.1\r\n", Kind.HTTP1),
+        (b"POST /cart/x?y=1 HTTP/1.0\r\nHost: a\r\n", Kind.HTTP1),
+        (b"GET / HTTP/1.1\n", Kind.HTTP1),
+        (b"M-SEARCH * HTTP/1.1\r\n", Kind.HTTP1),
+        (b"GET / HTTP/2.0\r\n", Kind.OPAQUE),
+        (b"GET /\r\n", Kind.OPAQUE),  # HTTP/0.9: not ours to parse
+        (b"GET", None),  # could still be a request line
+        (b"GET /long/path", None),
+        (b"P", None),  # POST, PUT, PATCH or the HTTP/2 preface
+        (b"PRI * HTTP/2.0\r\n", None),
+        (detect.H2_PREFACE, Kind.H2),
+        (detect.H2_PREFACE + b"\x00\x00\x12\x04", Kind.H2),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", Kind.OPAQUE),
+        (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Kind.OPAQUE),  # Postgres SSLRequest
+        (b"*1\r\n$4\r\nPING\r\n", Kind.OPAQUE),  # Redis
+        (b"G\x00T / HTTP/1.1\r\n", Kind.OPAQUE),
+        (b"A" * 30, Kind.OPAQUE),  # a token too long to be a method
+        (tls_record(b"\x01\x00\x00\x10" + ALPN_WIRE), Kind.MESH),
+        (tls_record(b"\x01" + b"\x00" * 40), Kind.TLS),
+        (tls_record(b"\x01" + b"\x00" * 40)[:20], None),  # a partial ClientHello
+        (b"\x16\x03", None),
+    ],
+)
+def test_classify(peeked: bytes, kind: Kind | None) -> None:
+    assert classify(peeked) is kind
+
+
+def test_a_request_line_longer_than_the_peek_is_opaque() -> None:
+    assert classify(b"GET /" + b"a" * detect.PEEK_BYTES) is Kind.OPAQUE
+
+
+@pytest.mark.parametrize(
+    ("peeked", "kind"),
+    [(b"", Kind.SILENT), (b"GE", Kind.OPAQUE), (b"\x16\x03\x01\x02\x00\x01", Kind.TLS)],
+)
+def test_undecided_kind_at_the_timeout(peeked: bytes, kind: Kind) -> None:
+    assert detect.undecided_kind(peeked) is kind
+
+
+async def _pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+async def test_detect_waits_for_the_rest_of_a_request_line() -> None:
+    server, client = await _pair()
+    with server, client:
+        task = asyncio.create_task(detect.detect(server, 2.0))
+        client.send(b"GET /x")
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        client.send(b" HTTP/1.1\r\n")
+        assert await asyncio.wait_for(task, 1) is Kind.HTTP1
+        assert server.recv(100, socket.MSG_PEEK) == b"GET /x HTTP/1.1\r\n"  # nothing consumed
+
+
+async def test_detect_silent_and_closed() -> None:
+    server, client = await _pair()
+    with server, client:
+        assert await detect.detect(server, 0.05) is Kind.SILENT
+        client.close()
+        assert await detect.detect(server, 1.0) is Kind.CLOSED
+
+
+async def test_partial_input_times_out_as_opaque() -> None:
+    server, client = await _pair()
+    with server, client:
+        client.send(b"GE")
+        assert await detect.detect(server, 0.1) is Kind.OPAQUE
+
+
+async def test_a_trickling_client_hello_does_not_spin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reliability finding 9: a partial ClientHello used to be polled every 5 ms. Now each new
+    segment wakes the detector once."""
+    client = socket.socket()  # TCP: the receive low-water mark is what it relies on
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, client:
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+        server.setblocking(False)
+        with server:
+            peeks = 0
+            real = detect._readable
+
+            async def counting(sock: socket.socket, low: int, timeout: float) -> bool:
+                nonlocal peeks
+                peeks += 1
+                return await real(sock, low, timeout)
+
+            monkeypatch.setattr(detect, "_readable", counting)
+            task = asyncio.create_task(detect.detect(server, 0.5))
+            hello = tls_record(b"\x01" + b"\x00" * 200)
+            for i in range(5):
+                client.send(hello[i : i + 1])
+                await asyncio.sleep(0.02)
+            assert await task is Kind.TLS  # the timeout: what came counts as the app's own TLS
+            assert peeks <= 7  # one wait per byte sent (plus the first), not one per 5 ms

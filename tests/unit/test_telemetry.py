@@ -1,0 +1,276 @@
+"""OTEL_* settings, trace-context propagation, the dropped-span bookkeeping, labels and route stats."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import DEFAULT_ON
+from prometheus_client import CollectorRegistry
+
+from proxy.observe import TRACE_HEADERS, RequestResult
+from proxy.routes import BUCKETS, RouteStats, route_of
+from proxy.telemetry import identity_label, status_class, succeeded
+from sidemesh import propagation
+from sidemesh.propagation import Format
+from sidemesh.telemetry import (
+    SpanCounters,
+    TelemetryConfigError,
+    TracingSettings,
+    make_sampler,
+    settings_from_env,
+)
+
+EP = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger.sidemesh-system.svc:4317"}
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "  "},
+        {**EP, "OTEL_SDK_DISABLED": "true"},
+        {**EP, "OTEL_TRACES_EXPORTER": "none"},
+    ],
+)
+def test_tracing_is_off_without_an_endpoint_or_when_disabled(env: dict[str, str]) -> None:
+    assert settings_from_env(env) is None
+
+
+def test_defaults_with_an_endpoint() -> None:
+    s = settings_from_env(EP)
+    assert s == TracingSettings(endpoint=EP["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert s.protocol == "grpc" and s.sampler == "parentbased_always_on" and s.timeout == 10.0
+
+
+@pytest.mark.parametrize(
+    ("env", "endpoint"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://j:4318/"}, "http://j:4318/v1/traces"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://j:4318/custom"}, "http://j:4318/custom"),
+    ],
+)
+def test_http_protobuf_endpoint_gets_the_traces_path_only_from_the_generic_variable(
+    env: dict[str, str], endpoint: str
+) -> None:
+    s = settings_from_env({**env, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
+    assert s is not None and s.protocol == "http/protobuf" and s.endpoint == endpoint
+
+
+def test_sampler_ratio_timeout_and_queue_are_read() -> None:
+    s = settings_from_env(
+        {
+            **EP,
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.01",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "2500",
+            "OTEL_BSP_MAX_QUEUE_SIZE": "100",
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "512",
+            "OTEL_SERVICE_NAME": "cart",
+        }
+    )
+    assert s is not None
+    assert (s.ratio, s.timeout, s.max_queue_size, s.max_export_batch_size) == (0.01, 2.5, 100, 100)
+    assert s.service_name == "cart"
+    assert "ParentBased" in make_sampler(s).get_description()
+    assert "0.01" in make_sampler(s).get_description()
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"OTEL_TRACES_SAMPLER": "sometimes"}, "OTEL_TRACES_SAMPLER"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "5"}, "OTEL_TRACES_SAMPLER_ARG"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "x"}, "OTEL_TRACES_SAMPLER_ARG"),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "jaeger:4317"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "0"}, "OTEL_BSP_MAX_QUEUE_SIZE"),
+    ],
+)
+def test_a_bad_value_names_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(TelemetryConfigError, match=f"^{variable}: "):
+        settings_from_env({**EP, **env})
+
+
+# -- propagation ------------------------------------------------------------------------------
+
+
+def _child_span(ctx: object) -> object:
+    tracer = TracerProvider(sampler=DEFAULT_ON).get_tracer("t")
+    return tracer.start_span("x", context=ctx)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("headers", "fmt", "sampled"),
+    [
+        ({"traceparent": f"00-{TRACE}-{PARENT}-01", "tracestate": "k=v"}, Format.W3C, True),
+        ({"b3": f"{TRACE}-{PARENT}-1"}, Format.B3_SINGLE, True),
+        ({"x-b3-traceid": TRACE, "x-b3-spanid": PARENT, "x-b3-sampled": "1"}, Format.B3_MULTI, True),
+        ({"traceparent": f"00-{TRACE}-{PARENT}-00"}, Format.W3C, False),
+        # An invalid traceparent falls back to the B3 header next to it.
+        ({"traceparent": "garbage", "b3": f"{TRACE}-{PARENT}-1"}, Format.B3_SINGLE, True),
+    ],
+)
+def test_extract_reads_each_format(headers: dict[str, str], fmt: Format, sampled: bool) -> None:
+    ctx, got = propagation.extract(headers)
+    assert got is fmt and ctx is not None
+    span = _child_span(ctx)
+    sc = span.get_span_context()  # type: ignore[attr-defined]
+    assert f"{sc.trace_id:032x}" == TRACE
+    assert sc.trace_flags.sampled is sampled  # parent-based: the caller's decision holds
+
+
+def test_no_headers_start_a_new_trace_in_w3c() -> None:
+    assert propagation.extract({}) == (None, Format.W3C)
+    assert propagation.extract({"traceparent": "nonsense"}) == (None, Format.W3C)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "names"),
+    [
+        (Format.W3C, {b"traceparent"}),
+        (Format.B3_SINGLE, {b"b3"}),
+        (Format.B3_MULTI, {b"x-b3-traceid", b"x-b3-spanid", b"x-b3-sampled"}),
+    ],
+)
+def test_inject_writes_the_format_it_is_given(fmt: Format, names: set[bytes]) -> None:
+    ctx, _ = propagation.extract({"traceparent": f"00-{TRACE}-{PARENT}-01"})
+    span = _child_span(ctx)
+    out = dict(propagation.inject(span, fmt))  # type: ignore[arg-type]
+    assert set(out) == names
+    assert all(name in TRACE_HEADERS for name in out)
+    assert TRACE.encode() in b"".join(out.values())
+    span_id = f"{span.get_span_context().span_id:016x}".encode()  # type: ignore[attr-defined]
+    assert span_id in b"".join(out.values())
+
+
+def test_tracestate_is_carried_on() -> None:
+    ctx, _ = propagation.extract({"traceparent": f"00-{TRACE}-{PARENT}-01", "tracestate": "vendor=abc"})
+    out = dict(propagation.inject(_child_span(ctx), Format.W3C))  # type: ignore[arg-type]
+    assert out[b"tracestate"] == b"vendor=abc"
+
+
+# -- the dropped-span bookkeeping -------------------------------------------------------------
+
+
+def _value(registry: CollectorRegistry, reason: str) -> float:
+    v = registry.get_sample_value("sidemesh_tracing_spans_dropped_total", {"reason": reason})
+    assert v is not None
+    return v
+
+
+def test_a_full_queue_counts_each_span_it_drops() -> None:
+    registry = CollectorRegistry()
+    counters = SpanCounters(registry)
+    for _ in range(5):
+        counters.enqueue(capacity=3)
+    assert counters.queued == 3 and _value(registry, "queue_full") == 2
+    counters.dequeue(2)  # the export thread took a batch
+    counters.enqueue(capacity=3)
+    assert counters.queued == 2 and _value(registry, "queue_full") == 2
+    assert _value(registry, "export_failed") == 0
+
+
+# -- labels, success, routes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spiffe_id", "label"),
+    [
+        ("spiffe://cluster.local/ns/shop/sa/cart", "shop/cart"),
+        ("unauthenticated", "unauthenticated"),
+        (None, "unknown"),
+        ("spiffe://cluster.local/some/other/path", "other"),
+    ],
+)
+def test_identity_labels_are_bounded(spiffe_id: str | None, label: str) -> None:
+    assert identity_label(spiffe_id, {}) == label
+
+
+def test_the_identity_cache_stays_bounded() -> None:
+    cache: dict[str, str] = {}
+    for i in range(5000):
+        identity_label(f"spiffe://td/ns/n{i}/sa/s", cache)
+    assert len(cache) <= 4096
+
+
+@pytest.mark.parametrize(
+    ("result", "klass", "ok"),
+    [
+        (RequestResult(200), "2xx", True),
+        (RequestResult(404), "4xx", True),
+        (RequestResult(503, error="no endpoints"), "5xx", False),
+        (RequestResult(None, error="upstream reset"), "reset", False),
+        (RequestResult(200, grpc_status=14), "2xx", False),
+        (RequestResult(403, decision="deny", reason="no rule"), "4xx", False),
+    ],
+)
+def test_status_class_and_success(result: RequestResult, klass: str, ok: bool) -> None:
+    assert status_class(result) == klass
+    assert succeeded(result) is ok
+
+
+def test_route_stats_keep_the_busiest_routes_within_capacity() -> None:
+    stats = RouteStats(capacity=3)
+    for _ in range(10):
+        stats.record("inbound", route_of("GET", "/a?x=1"), 0.002, True, False)
+    for _ in range(5):
+        stats.record("inbound", "GET /b", 0.5, False, True)
+    stats.record("inbound", "GET /c", 0.001, True, False)
+    stats.record("inbound", "GET /d", 0.001, True, False)  # evicts /c, the least requested
+    snap = stats.snapshot(workload="shop/cart-1")
+    routes = {r["route"]: r for r in snap["routes"]}
+    assert set(routes) == {"GET /a", "GET /b", "GET /d"} and snap["evicted"] == 1
+    a, b = routes["GET /a"], routes["GET /b"]
+    assert (a["requests"], a["successes"], a["denials"]) == (10, 10, 0)
+    assert (b["requests"], b["successes"], b["denials"]) == (5, 0, 5)
+    assert sum(a["latency_buckets"]) == 10
+    i = a["latency_buckets"].index(10)
+    assert BUCKETS[i] >= 0.002 > (BUCKETS[i - 1] if i else 0)
+
+
+def test_long_paths_are_cut() -> None:
+    assert len(route_of("GET", "/" + "x" * 500)) < 140
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        (f"00-{TRACE}-{PARENT}-01", (int(TRACE, 16), int(PARENT, 16), 1)),
+        (f"00-{TRACE}-{PARENT}-00", (int(TRACE, 16), int(PARENT, 16), 0)),
+        (f"01-{TRACE}-{PARENT}-03-future", (int(TRACE, 16), int(PARENT, 16), 3)),  # a later version
+        (f"00-{TRACE}-{PARENT}-01-extra", None),  # version 00 has no more fields
+        (f"ff-{TRACE}-{PARENT}-01", None),
+        (f"00-{'0' * 32}-{PARENT}-01", None),
+        (f"00-{TRACE}-{'0' * 16}-01", None),
+        (f"00-{TRACE.upper()}-{PARENT}-01", None),  # lower-case hex only
+        ("00-abc-def-01", None),
+        ("", None),
+    ],
+)
+def test_parse_traceparent(value: str, parsed: tuple[int, int, int] | None) -> None:
+    assert propagation.parse_traceparent(value) == parsed
+    if parsed is not None:  # the SDK agrees
+        ctx, _ = propagation.extract({"traceparent": value})
+        assert ctx is not None
+
+
+def test_unsampled_headers_in_each_format() -> None:
+    t, s = int(TRACE, 16), int(PARENT, 16)
+    assert propagation.unsampled_headers(Format.W3C, t, s, "k=v") == [
+        (b"traceparent", f"00-{TRACE}-{PARENT}-00".encode()),
+        (b"tracestate", b"k=v"),
+    ]
+    assert propagation.unsampled_headers(Format.B3_SINGLE, t, s, None) == [
+        (b"b3", f"{TRACE}-{PARENT}-0".encode())
+    ]
+    assert dict(propagation.unsampled_headers(Format.B3_MULTI, t, s, None))[b"x-b3-sampled"] == b"0"
+    # What the next hop makes of them: the same trace, not sampled.
+    for fmt in Format:
+        carrier = {k.decode(): v.decode() for k, v in propagation.unsampled_headers(fmt, t, s, None)}
+        ctx, got = propagation.extract(carrier)
+        assert got is fmt and ctx is not None
+        sc = _child_span(ctx).get_span_context()  # type: ignore[attr-defined]
+        assert sc.trace_id == t and not sc.trace_flags.sampled

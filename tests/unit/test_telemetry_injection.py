@@ -1,0 +1,72 @@
+"""Injected sidecars get the OTEL_* variables from the injection settings (tracingEndpoint,
+tracingSamplingRatio), and the shipped manifests point the control plane at the Jaeger addon."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from injector.containers import PodOptions, proxy_container
+from injector.errors import SettingsError
+from injector.settings import InjectionSettings, parse_settings
+from sidemesh.telemetry import settings_from_env
+
+ROOT = Path(__file__).resolve().parents[2]
+JAEGER = "http://jaeger.sidemesh-system.svc:4317"
+
+
+def _env(settings: InjectionSettings) -> dict[str, str]:
+    container = proxy_container(settings, PodOptions(native=True, default_policy="allow-authenticated"))
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+def test_sidecars_trace_to_the_settings_endpoint_at_the_settings_ratio() -> None:
+    env = _env(parse_settings("tracingEndpoint: http://otel.monitoring:4317\ntracingSamplingRatio: 1\n"))
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel.monitoring:4317"
+    assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert env["OTEL_TRACES_SAMPLER_ARG"] == "1"
+    tracing = settings_from_env(env)  # what the sidecar will make of them
+    assert tracing is not None and tracing.ratio == 1.0 and tracing.endpoint == "http://otel.monitoring:4317"
+
+
+def test_an_empty_endpoint_turns_sidecar_tracing_off() -> None:
+    env = _env(parse_settings("tracingEndpoint: ''\n"))
+    assert not any(name.startswith("OTEL_") for name in env)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("tracingEndpoint: jaeger:4317", "tracingEndpoint"),
+        ("tracingSamplingRatio: 2", "tracingSamplingRatio"),
+        ("tracingSamplingRatio: lots", "tracingSamplingRatio"),
+    ],
+)
+def test_bad_tracing_settings_are_named(text: str, key: str) -> None:
+    with pytest.raises(SettingsError, match=key):
+        parse_settings(text)
+
+
+def test_the_default_is_the_jaeger_addon_at_one_percent() -> None:
+    assert (InjectionSettings().tracing_endpoint, InjectionSettings().tracing_sampling_ratio) == (
+        JAEGER,
+        0.01,
+    )
+
+
+def _jaeger_ports() -> set[int]:
+    docs = yaml.safe_load_all((ROOT / "manifests/addons/jaeger/jaeger.yaml").read_text())
+    service = next(d for d in docs if d and d["kind"] == "Service")
+    return {p["port"] for p in service["spec"]["ports"]}
+
+
+@pytest.mark.parametrize("component", ["ca", "controller", "injector"])
+def test_the_control_plane_exports_to_the_jaeger_addon(component: str) -> None:
+    docs = yaml.safe_load_all((ROOT / f"manifests/{component}.yaml").read_text())
+    deployment = next(d for d in docs if d and d["kind"] == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == JAEGER
+    assert 4317 in _jaeger_ports()  # OTLP gRPC, the exporters' default protocol

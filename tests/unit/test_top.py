@@ -1,0 +1,112 @@
+"""`sidemesh top`: quantiles, rates from two snapshots, the table, and its errors."""
+
+from __future__ import annotations
+
+import io
+import socket
+
+import pytest
+
+from proxy.routes import BUCKETS, RouteStats
+from sidemesh import cli
+from sidemesh.top import quantile, render, rows, run_top
+
+
+def test_quantile_interpolates_inside_the_bucket() -> None:
+    bounds = [0.01, 0.1, 1.0]
+    assert quantile(bounds, [0, 0, 0, 0], 0.5) is None
+    assert quantile(bounds, [10, 0, 0, 0], 0.5) == pytest.approx(0.005)
+    assert quantile(bounds, [50, 50, 0, 0], 0.99) == pytest.approx(0.01 + 0.09 * 49 / 50)
+    assert quantile(bounds, [0, 0, 0, 5], 0.5) == 1.0  # above the last bound: the last bound
+
+
+def _stats() -> RouteStats:
+    return RouteStats(capacity=10)
+
+
+def test_rates_success_latency_and_denials_come_from_the_difference() -> None:
+    stats = _stats()
+    stats.record("inbound", "GET /old", 0.001, True, False)
+    before = [stats.snapshot(workload="shop/cart-1")]
+    for _ in range(90):
+        stats.record("inbound", "GET /cart", 0.004, True, False)
+    for _ in range(10):
+        stats.record("inbound", "GET /cart", 0.9, False, True)
+    stats.record("outbound", "TCP db.shop:5432", 2.0, True, False)
+    after = [stats.snapshot(workload="shop/cart-1")]
+    table = rows(before, after, seconds=2.0)
+    assert [r.route for r in table] == ["GET /cart", "TCP db.shop:5432", "GET /old"]
+    cart = table[0]
+    assert cart.rps == 50.0 and cart.success == 0.9 and cart.denials == 10 and cart.requests == 100
+    assert cart.p50 is not None and 0.0025 < cart.p50 <= 0.005
+    assert cart.p99 is not None and 0.5 < cart.p99 <= 1.2  # within the 0.9 s bucket (x1.6 wide)
+    assert table[2].rps == 0 and table[2].success is None and table[2].p50 is None
+
+
+def test_replicas_are_summed_and_a_restarted_sidecar_counts_from_zero() -> None:
+    a, b = _stats(), _stats()
+    for _ in range(5):
+        a.record("inbound", "GET /", 0.01, True, False)
+    before = [a.snapshot(), b.snapshot()]
+    for _ in range(3):
+        a.record("inbound", "GET /", 0.01, True, False)
+        b.record("inbound", "GET /", 0.01, True, False)
+    restarted = _stats()
+    restarted.record("inbound", "GET /", 0.01, True, False)
+    (row,) = rows(before, [a.snapshot(), b.snapshot()], 1.0)
+    assert row.rps == 6 and row.requests == 11
+    (row,) = rows([a.snapshot()], [restarted.snapshot()], 1.0)
+    assert row.rps == 1  # 1 - 8 would be negative: the counters restarted
+
+
+def test_render_fits_the_width_and_says_when_there_is_nothing() -> None:
+    stats = _stats()
+    stats.record("inbound", "GET /" + "x" * 300, 0.01, True, False)
+    text = render(rows([], [stats.snapshot()], 1.0), limit=5, width=100, header="title")
+    assert text.splitlines()[0] == "title"
+    assert all(len(line) <= 100 for line in text.splitlines())
+    assert "100.0%" in text and "…" in text
+    assert "no requests" in render([], 5, 100)
+
+
+def test_run_once_reads_twice_and_prints_one_table() -> None:
+    stats = _stats()
+    calls: list[str] = []
+
+    def fetcher(address: str) -> dict[str, object]:
+        calls.append(address)
+        return stats.snapshot(workload="shop/cart-1")
+
+    def sleep(seconds: float) -> None:
+        stats.record("inbound", "POST /checkout", 0.02, True, False)
+
+    out = io.StringIO()
+    assert run_top(["h:1"], 0.5, True, 10, "all", out, fetcher, sleep) == 0
+    assert calls == ["h:1", "h:1"]
+    text = out.getvalue()
+    assert "shop/cart-1" in text and "POST /checkout" in text and "\x1b" not in text
+    assert len(BUCKETS) + 1 == len(stats.snapshot()["routes"][0]["latency_buckets"])
+
+
+def test_an_unreachable_sidecar_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    assert cli.main(["top", f"127.0.0.1:{port}", "--once", "--interval", "10ms"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read http://127.0.0.1:{port}/stats/routes" in err
+    assert "kubectl port-forward" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["top", "nonsense", "--once"], "HOST:PORT"),
+        (["top", "--interval", "0s", "--once"], "--interval"),
+        (["top", "--interval", "soon", "--once"], "--interval"),
+        (["top", "--limit", "0", "--once"], "--limit"),
+    ],
+)
+def test_bad_flags_are_named(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
