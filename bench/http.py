@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.phase("CA, upstream, Sidemesh pair, Envoy pair")
             bundle = l4.start_ca(ps, setup)
             l4.start_upstream(ps, setup, load_core)
-            l4.start_sidemesh(ps, setup, bundle, proxy_core, l4.sidecar_command("uvloop"))
+            l4.start_sidemesh(ps, setup, bundle, proxy_core, l4.sidecar_command("uvloop"), opaque=False)
             paths = ["direct", "sidemesh"]
             if tools.envoy is not None:
                 l4.issue_svids(setup, bundle)

@@ -106,7 +106,7 @@ metadata:
   name: cart-1
   namespace: shop
   labels: {{app: cart}}
-  annotations: {{sidemesh.io/opaque-ports: "{app}"}}  # L4: no HTTP detection or parsing
+  annotations: {{sidemesh.io/opaque-ports: "{opaque_app}"}}
 spec: {{serviceAccount: cart, address: {net}.2, ports: [{{port: {app}}}]}}
 ---
 apiVersion: v1
@@ -114,7 +114,7 @@ kind: Service
 metadata:
   name: cart
   namespace: shop
-  annotations: {{sidemesh.io/opaque-ports: "80"}}  # L4 mode: bytes are relayed, not parsed
+  annotations: {{sidemesh.io/opaque-ports: "{opaque_service}"}}
 spec:
   selector: {{app: cart}}
   ports: [{{port: 80, targetPort: {app}}}]
@@ -533,11 +533,16 @@ def sidecar_command(loop: str) -> list[str]:
 
 
 def start_sidemesh(
-    ps: Processes, setup: Setup, bundle: Path, core: int | None, prefix: Sequence[str]
+    ps: Processes, setup: Setup, bundle: Path, core: int | None, prefix: Sequence[str], *, opaque: bool = True
 ) -> None:
+    """``opaque``: the cart's port is marked opaque (L4: bytes relayed, never parsed); otherwise the
+    sidecars detect HTTP and proxy each request (bench.http, bench.tracing)."""
     config_dir = setup.tmp / "mesh"
     config_dir.mkdir()
-    (config_dir / "workloads.yaml").write_text(MESH_YAML.format(net=setup.net, app=APP_PORT))
+    ports = (
+        {"opaque_app": APP_PORT, "opaque_service": 80} if opaque else {"opaque_app": "", "opaque_service": ""}
+    )
+    (config_dir / "workloads.yaml").write_text(MESH_YAML.format(net=setup.net, app=APP_PORT, **ports))
     (config_dir / "allow.yaml").write_text(ALLOW_FRONTEND)
     for role, sa, host in (("server", "cart", 2), ("client", "frontend", 1)):
         addr = setup.addr(host)

@@ -90,7 +90,7 @@ def start_pair(
             os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{collector.port}"
             os.environ["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
             os.environ["OTEL_TRACES_SAMPLER_ARG"] = ratio
-        l4.start_sidemesh(ps, setup, bundle, core, l4.sidecar_command("uvloop"))
+        l4.start_sidemesh(ps, setup, bundle, core, l4.sidecar_command("uvloop"), opaque=False)
     finally:
         for k, v in saved.items():
             if v is None:
