@@ -56,6 +56,7 @@ class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             buckets=BUCKETS,
             registry=registry,
         )
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -65,29 +66,39 @@ class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(details)
         if handler is None:
             return handler
+        # The server hands back the same handler object for a method every time: wrap it once
+        # (the trace context is read from each call's metadata inside the wrapper).
         method = str(details.method)
-        metadata = details.invocation_metadata or ()
-        carrier = {str(k): str(v) for k, v in metadata if k in _TRACE_KEYS}
-        h: Any = handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap_handler(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap_handler(self, method: str, handler: Any) -> grpc.RpcMethodHandler[Any, Any]:
+        h = handler
         if h.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(method, carrier, h.unary_unary), h.request_deserializer, h.response_serializer
+                self._wrap(method, h.unary_unary), h.request_deserializer, h.response_serializer
             )
         if h.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap(method, carrier, h.unary_stream), h.request_deserializer, h.response_serializer
+                self._wrap(method, h.unary_stream), h.request_deserializer, h.response_serializer
             )
         if h.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap(method, carrier, h.stream_unary), h.request_deserializer, h.response_serializer
+                self._wrap(method, h.stream_unary), h.request_deserializer, h.response_serializer
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap(method, carrier, h.stream_stream), h.request_deserializer, h.response_serializer
+            self._wrap(method, h.stream_stream), h.request_deserializer, h.response_serializer
         )
 
-    def _start(self, method: str, carrier: dict[str, str], context: Any) -> Span | None:
+    def _start(self, method: str, context: Any) -> Span | None:
         if self.tracing is None:
             return None
+        metadata = context.invocation_metadata() or ()
+        carrier = {str(k): str(v) for k, v in metadata if k in _TRACE_KEYS}
         parent, _ = propagation.extract(carrier)
         service, _, name = method.lstrip("/").rpartition("/")
         span = self.tracing.tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER)
@@ -112,11 +123,11 @@ class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             _span_status(span, None if code is grpc.StatusCode.OK else code.name)
 
-    def _wrap(self, method: str, carrier: dict[str, str], behavior: Any) -> Any:
+    def _wrap(self, method: str, behavior: Any) -> Any:
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                started, span = time.perf_counter(), self._start(method, carrier, context)
+                started, span = time.perf_counter(), self._start(method, context)
                 error: BaseException | None = None
                 try:
                     async for item in behavior(request, context):
@@ -130,7 +141,7 @@ class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return stream
 
         async def call(request: Any, context: Any) -> Any:
-            started, span = time.perf_counter(), self._start(method, carrier, context)
+            started, span = time.perf_counter(), self._start(method, context)
             error: BaseException | None = None
             try:
                 if span is None:
