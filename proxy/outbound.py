@@ -6,19 +6,18 @@ import asyncio
 import contextlib
 import logging
 import socket
-import ssl
 import struct
 from typing import TYPE_CHECKING
 
 from proxy import framing
 from proxy.balance import Lease, NoEndpoint
 from proxy.detect import Kind, detect
+from proxy.dial import DialError, dial_sidecar
 from proxy.original_dst import original_dst
 from proxy.pipe import Pipe
-from proxy.relay import Half, Relay, reset
+from proxy.relay import Half, Relay
 from proxy.retry import CONNECT_RETRIES
 from proxy.routers import OutboundRouter, context, serve_connection
-from sidemesh.identity import tls
 from sidemesh.mesh.compile import Destination, Endpoint
 
 if TYPE_CHECKING:
@@ -91,40 +90,10 @@ async def _connect_mesh(
     sc: Sidecar, relay: Relay, ep: Endpoint, dial: tuple[str, int], hint: int = framing.HINT_DETECT
 ) -> Half:
     up = relay.half(framed=True, name="upstream")
-    loop = asyncio.get_running_loop()
-    timeout = sc.config.connect_timeout.total_seconds()
     try:
-        transport, _ = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: up,
-                dial[0],
-                dial[1],
-                ssl=sc.identity.client_context(),
-                server_hostname="",
-                ssl_handshake_timeout=timeout,
-            ),
-            timeout,
-        )
-    except ssl.SSLError as exc:
-        sc.metrics.tls_failures.labels("outbound", exc.reason or "ssl_error").inc()
-        raise Refused(
-            f"TLS handshake with {ep.workload} at {dial[0]}:{dial[1]} failed: {exc.reason or exc}"
-        ) from exc
-    except (OSError, TimeoutError) as exc:
-        raise Refused(f"cannot connect to {ep.workload} at {dial[0]}:{dial[1]}: {exc or 'timeout'}") from exc
-    ssl_object = transport.get_extra_info("ssl_object")
-    try:
-        peer = tls.peer_spiffe_id(ssl_object)
-    except tls.PeerIdentityError as exc:
-        reset(transport)
-        raise Refused(f"{dial[0]}:{dial[1]}: {exc}") from exc
-    if peer != ep.identity:  # secure naming
-        reset(transport)
-        sc.metrics.tls_failures.labels("outbound", "wrong_identity").inc()
-        raise Refused(f"{dial[0]}:{dial[1]} presented {peer}, expected {ep.identity} (secure naming)")
-    if ssl_object.selected_alpn_protocol() != tls.ALPN:
-        reset(transport)
-        raise Refused(f"{dial[0]}:{dial[1]} does not speak {tls.ALPN}")
+        _, peer = await dial_sidecar(sc, lambda: up, ep, dial)
+    except DialError as exc:
+        raise Refused(str(exc)) from exc
     relay.info["peer"] = str(peer)
     up.write_raw(framing.open_frame(ep.port, hint))
 

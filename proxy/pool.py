@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import h11
 
 from proxy import framing
+from proxy.dial import DialError, dial_sidecar
 from proxy.pipe import Pipe
-from sidemesh.identity import tls
 from sidemesh.mesh.compile import Endpoint
 
 if TYPE_CHECKING:
@@ -112,37 +112,10 @@ async def connect_plain(sc: Sidecar, host: str, port: int) -> Pipe:
 async def connect_sidecar(sc: Sidecar, ep: Endpoint, dial: tuple[str, int]) -> Pipe:
     """mTLS to the endpoint's sidecar, its identity checked (secure naming), OPEN(port) sent."""
     pipe = Pipe(framed=True, name="upstream")
-    timeout = sc.config.connect_timeout.total_seconds()
     try:
-        transport, _ = await asyncio.wait_for(
-            asyncio.get_running_loop().create_connection(
-                lambda: pipe,
-                dial[0],
-                dial[1],
-                ssl=sc.identity.client_context(),
-                server_hostname="",
-                ssl_handshake_timeout=timeout,
-            ),
-            timeout,
-        )
-    except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-        sc.metrics.tls_failures.labels("outbound", getattr(exc, "reason", None) or "connect").inc()
-        raise ConnectError(
-            f"cannot connect to {ep.workload} at {dial[0]}:{dial[1]}: {exc or 'timeout'}"
-        ) from exc
-    ssl_object = transport.get_extra_info("ssl_object")
-    try:
-        peer = tls.peer_spiffe_id(ssl_object)
-    except tls.PeerIdentityError as exc:
-        pipe.abort()
-        raise ConnectError(f"{dial[0]}:{dial[1]}: {exc}") from exc
-    if peer != ep.identity:
-        pipe.abort()
-        sc.metrics.tls_failures.labels("outbound", "wrong_identity").inc()
-        raise ConnectError(f"{dial[0]}:{dial[1]} presented {peer}, expected {ep.identity} (secure naming)")
-    if ssl_object.selected_alpn_protocol() != tls.ALPN:
-        pipe.abort()
-        raise ConnectError(f"{dial[0]}:{dial[1]} does not speak {tls.ALPN}")
+        await dial_sidecar(sc, lambda: pipe, ep, dial)
+    except DialError as exc:
+        raise ConnectError(str(exc)) from exc
     _nodelay(pipe)
     pipe.write_frame(framing.open_frame(ep.port, framing.HINT_HTTP1))
     sc.metrics.connections.labels("outbound", "allow").inc()

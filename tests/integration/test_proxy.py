@@ -135,6 +135,31 @@ async def test_secure_naming_refuses_an_impostor(mesh: Mesh, caplog: pytest.LogC
     )
 
 
+async def test_secure_naming_on_the_http_path(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    # The same impostor, reached by an HTTP request (pooled connections): 502 and nothing sent.
+    seen: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.read(65536))
+        writer.close()
+
+    await mesh.app(CART, app)
+    cart = await mesh.sidecar("cart", CART, identity_of="stranger")
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
+    )
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    writer.write(b"GET /secret HTTP/1.1\r\nHost: cart\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 502"), head
+    failed = [r.__dict__ for r in caplog.records if r.getMessage() == "upstream connection failed"]
+    assert failed and "expected spiffe://cluster.local/ns/shop/sa/cart (secure naming)" in str(failed[0])
+    assert not seen, "the request reached the impostor's app"
+    assert frontend.metrics.tls_failures.labels("outbound", "wrong_identity")._value.get() >= 1
+    assert cart.metrics.connections.labels("inbound", "allow")._value.get() == 0
+
+
 async def test_reset_from_the_app_reaches_the_client(mesh: Mesh) -> None:
     async def resetter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(10)

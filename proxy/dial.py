@@ -1,0 +1,64 @@
+"""mTLS to another sidecar, with secure naming: the one place that decides whether a server is the
+endpoint the controller listed. Used by opaque TCP (`outbound.py`) and by the HTTP pools
+(`pool.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from proxy.relay import reset
+from sidemesh.identity import tls
+from sidemesh.mesh.compile import Endpoint
+from sidemesh.spiffe import SpiffeId
+
+if TYPE_CHECKING:
+    from proxy.sidecar import Sidecar
+
+
+class DialError(Exception):
+    """No usable connection to the endpoint's sidecar; the message says why."""
+
+
+async def dial_sidecar(
+    sc: Sidecar, protocol: Callable[[], asyncio.BaseProtocol], ep: Endpoint, dial: tuple[str, int]
+) -> tuple[asyncio.BaseTransport, SpiffeId]:
+    """Connect to ``dial`` over mTLS with our SVID; the server must present ``ep.identity`` and speak
+    the mesh ALPN, or the connection is reset. Handshake failures are counted by reason."""
+    where = f"{dial[0]}:{dial[1]}"
+    timeout = sc.config.connect_timeout.total_seconds()
+    try:
+        transport, _ = await asyncio.wait_for(
+            asyncio.get_running_loop().create_connection(
+                protocol,
+                dial[0],
+                dial[1],
+                ssl=sc.identity.client_context(),
+                server_hostname="",
+                ssl_handshake_timeout=timeout,
+            ),
+            timeout,
+        )
+    except ssl.SSLError as exc:
+        sc.metrics.tls_failures.labels("outbound", exc.reason or "ssl_error").inc()
+        raise DialError(f"TLS handshake with {ep.workload} at {where} failed: {exc.reason or exc}") from exc
+    except (OSError, TimeoutError) as exc:  # not a TLS failure: nothing answered
+        raise DialError(f"cannot connect to {ep.workload} at {where}: {exc or 'timeout'}") from exc
+    ssl_object = transport.get_extra_info("ssl_object")
+    try:
+        peer = tls.peer_spiffe_id(ssl_object)
+    except tls.PeerIdentityError as exc:
+        reset(transport)
+        sc.metrics.tls_failures.labels("outbound", "no_spiffe_id").inc()
+        raise DialError(f"{where}: {exc}") from exc
+    if peer != ep.identity:  # secure naming
+        reset(transport)
+        sc.metrics.tls_failures.labels("outbound", "wrong_identity").inc()
+        raise DialError(f"{where} presented {peer}, expected {ep.identity} (secure naming)")
+    if ssl_object.selected_alpn_protocol() != tls.ALPN:
+        reset(transport)
+        sc.metrics.tls_failures.labels("outbound", "wrong_alpn").inc()
+        raise DialError(f"{where} does not speak {tls.ALPN}")
+    return transport, peer
