@@ -65,7 +65,11 @@ async def _accept_mesh(sc: Sidecar, relay: Relay, conn: socket.socket) -> tuple[
         reason = getattr(exc, "reason", None) or exc.__class__.__name__
         sc.metrics.tls_failures.labels("inbound", str(reason)).inc()
         raise Refused(f"TLS handshake failed: {reason}") from exc
-    spiffe_id = tls.peer_spiffe_id(transport.get_extra_info("ssl_object"))
+    try:
+        spiffe_id = tls.peer_spiffe_id(transport.get_extra_info("ssl_object"))
+    except tls.PeerIdentityError:
+        sc.metrics.tls_failures.labels("inbound", "no_spiffe_id").inc()
+        raise
     relay.info["source"] = str(spiffe_id)
     try:
         port, hint = await asyncio.wait_for(opened, OPEN_TIMEOUT)
