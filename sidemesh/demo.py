@@ -4,8 +4,14 @@ It starts the CA, the controller (reading a directory of example manifests), and
 - frontend, cart and a stranger - each behind its own sidecar, every one a separate process on its
 own loopback address, then walks through what the mesh does, printing each step and its result:
 frontend -> cart allowed over mTLS (and the identity cart's sidecar saw), the stranger refused with
-the reason, plaintext refused, and a new ServiceAuthorization taking effect within a second.
-Ctrl-C (or the end of `--once`) stops everything and removes every file it made.
+the reason (HTTP 403, sidemesh-denied-reason), plaintext refused, a new ServiceAuthorization taking
+effect within a second, then the trace trees of the allowed and the denied request and where the
+metrics are. Ctrl-C (or the end of `--once`) stops everything and removes every file it made.
+
+Traces (not with --netns): unless OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set,
+the demo runs its own OTLP/gRPC receiver on a free loopback port, has the sidecars send it every
+span, and prints the trees. When it is set (e.g. a local Jaeger on http://127.0.0.1:4317), the
+sidecars send their spans there with your OTEL_* settings and the demo prints the trace IDs.
 
 With --netns (as root) each workload is instead a network namespace on a bridge with its own IP:
 `sidemesh proxy init` writes real iptables rules, the sidecars run as UID 1337, and the apps call
@@ -16,12 +22,13 @@ sidecar shows plaintext refused. The namespaces, bridge and rules are deleted at
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +40,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from sidemesh.otlp_receiver import ReceivedSpan, ReceiverThread, trace_tree
 
 TD = "cluster.local"
 WORKLOADS = {"frontend": 1, "cart": 2, "stranger": 3}
@@ -141,20 +150,21 @@ class Demo:
     root: Path
     net: str
     procs: list[Proc] = field(default_factory=list)
+    sidecar_env: dict[str, str] = field(default_factory=dict)  # the OTEL_* variables of the sidecars
     failures: int = 0
     step_no: int = 0
 
     def addr(self, host: int) -> str:
         return f"{self.net}.{host}"
 
-    def start(self, name: str, *args: str) -> Proc:
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
         log = self.root / f"{name}.log"
         handle = log.open("wb")
         popen = subprocess.Popen(
             [sys.executable, "-m", "sidemesh", *args],
             stdout=subprocess.DEVNULL,
             stderr=handle,
-            env=dict(os.environ, SIDEMESH_LOG_LEVEL="info"),
+            env=dict(os.environ, SIDEMESH_LOG_LEVEL="info", **(env or {})),
             start_new_session=True,
         )
         handle.close()
@@ -218,9 +228,14 @@ def _wait_ready(url: str, timeout: float = 30.0) -> None:
 
 
 def _cart_app(address: str) -> ThreadingHTTPServer:
+    """The cart app: plain HTTP, answering with what it was asked and the trace context it got."""
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = json.dumps({"service": "cart", "items": 3, "path": self.path}).encode()
+            answer = {"service": "cart", "items": 3, "path": self.path}
+            if traceparent := self.headers.get("traceparent"):
+                answer["traceparent"] = traceparent  # its parent: the SERVER span of cart's sidecar
+            body = json.dumps(answer).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -235,27 +250,34 @@ def _cart_app(address: str) -> ThreadingHTTPServer:
     return server
 
 
-def _call(address: str, port: int) -> tuple[int | None, str]:
-    """An HTTP GET as the app would make it, through its sidecar's outbound port: (status, body)."""
-    with socket.create_connection((address, port), timeout=5) as s:
-        s.sendall(b"GET /cart/42 HTTP/1.1\r\nHost: cart.shop\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    if not data:
-        raise ConnectionResetError("connection closed without a response")
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split()[1]) if head.startswith(b"HTTP/") else None
-    return status, body.decode(errors="replace")
+def _call(address: str, port: int, trace_id: str | None = None) -> tuple[int, dict[str, str], str]:
+    """An HTTP GET as the app would make it, through its sidecar's outbound port: (status, headers,
+    body). With ``trace_id`` the app starts that trace (a W3C traceparent, sampled)."""
+    headers = {"Host": "cart.shop"}
+    if trace_id:
+        headers["traceparent"] = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+    conn = http.client.HTTPConnection(address, port, timeout=5)
+    try:
+        conn.request("GET", "/cart/42", headers=headers)
+        resp = conn.getresponse()
+        body = resp.read().decode(errors="replace")
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+    finally:
+        conn.close()
 
 
-def _refused(address: str, port: int) -> str | None:
+def _refused(address: str, port: int, trace_id: str | None = None) -> str | None:
     """How the call was refused (a reset, or an error status from the sidecar), or None if it got through."""
     try:
-        status, body = _call(address, port)
-    except (ConnectionResetError, ConnectionRefusedError, BrokenPipeError) as exc:
+        status, headers, body = _call(address, port, trace_id)
+    except (ConnectionError, http.client.HTTPException) as exc:
         return exc.__class__.__name__
-    return None if status == 200 else f"HTTP {status} {body.strip()[:80]}"
+    if status == 200:
+        return None
+    reason = headers.get("sidemesh-denied-reason")
+    return (
+        f"HTTP {status}, sidemesh-denied-reason: {reason}" if reason else f"HTTP {status} {body.strip()[:80]}"
+    )
 
 
 def identity_seen(records: Callable[[], list[dict[str, Any]]], timeout: float = 5.0) -> str | None:
@@ -296,8 +318,20 @@ def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="sidemesh-demo-"))
     demo = Demo(root, _free_net())
     cart_app: ThreadingHTTPServer | None = None
+    receiver: ReceiverThread | None = None
     try:
-        cart_app = _walk(demo)
+        collector = _user_collector()
+        if collector is None:
+            receiver = ReceiverThread()
+            demo.sidecar_env = {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.start(),
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_SDK_DISABLED": "false",
+                "OTEL_TRACES_SAMPLER": "parentbased_always_on",  # every request: it is a demo
+                "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within 0.1 s, not the default 5 s
+            }
+        cart_app = _walk(demo, receiver, collector)
         if not args.once and not demo.failures:
             print("\nThe mesh keeps running; press Ctrl-C to stop it and remove everything.", flush=True)
             while True:
@@ -309,6 +343,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         print("\nstopping: sidecars, controller, CA ...", flush=True)
         demo.stop_all()
+        if receiver is not None:  # after the sidecars: they flush their last spans when stopping
+            receiver.stop()
         if cart_app is not None:
             cart_app.shutdown()
             cart_app.server_close()
@@ -325,7 +361,30 @@ def run(args: argparse.Namespace) -> int:
     return 1 if demo.failures else 0
 
 
-def _walk(demo: Demo) -> ThreadingHTTPServer:
+def _user_collector() -> str | None:
+    """The collector the user configured for traces, if any (then the demo starts no receiver)."""
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        if value := os.environ.get(name, "").strip():
+            return value
+    return None
+
+
+def _has_trace(trace_id: str, *wanted: tuple[str, str]) -> Callable[[list[ReceivedSpan]], bool]:
+    """True once the trace holds a span of each (kind, service)."""
+
+    def check(spans: list[ReceivedSpan]) -> bool:
+        got = {(s.kind, s.service) for s in spans if s.trace_id == trace_id}
+        return all(w in got for w in wanted)
+
+    return check
+
+
+def _branch() -> str:
+    encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "")
+    return "└─ " if encoding.startswith("utf") else "`- "
+
+
+def _walk(demo: Demo, receiver: ReceiverThread | None, collector: str | None) -> ThreadingHTTPServer:
     root, control = demo.root, demo.addr(CONTROL)
     demo.step("Start the identity service: a CA with a fresh root, issuing SPIFFE certificates")
     _sidemesh("ca", "bootstrap", "--dir", str(root / "ca"), "--trust-domain", TD)
@@ -422,6 +481,7 @@ def _walk(demo: Demo) -> ThreadingHTTPServer:
             "deny",
             "--log-level",
             "info",
+            env=demo.sidecar_env,
         )
     for host in WORKLOADS.values():
         _wait_ready(f"http://{demo.addr(host)}:15020/healthz/ready")
@@ -435,8 +495,9 @@ def _walk(demo: Demo) -> ThreadingHTTPServer:
     frontend, stranger, cart = (demo.addr(WORKLOADS[n]) for n in ("frontend", "stranger", "cart"))
     demo.step("frontend -> cart: the app speaks plain HTTP; the sidecars add mTLS and check the policy")
     cart_sidecar = next(p for p in demo.procs if p.name == "cart-sidecar")
+    allowed_trace, denied_trace = secrets.token_hex(16), secrets.token_hex(16)
     try:
-        status, body = _call(frontend, 18080)
+        status, _, body = _call(frontend, 18080, allowed_trace)
         if status == 200:
             demo.ok(f"cart answered {body}")
             source = identity_seen(cart_sidecar.events)
@@ -450,7 +511,7 @@ def _walk(demo: Demo) -> ThreadingHTTPServer:
         demo.fail(f"frontend could not reach cart: {exc}")
 
     demo.step("stranger -> cart: refused, and the reason is logged")
-    how = _refused(stranger, 18080)
+    how = _refused(stranger, 18080, denied_trace)
     if how is None:
         demo.fail("the stranger got through")
     else:
@@ -483,11 +544,59 @@ def _walk(demo: Demo) -> ThreadingHTTPServer:
     if time.monotonic() - began > 2.0:
         demo.fail("the policy took more than two seconds")
 
-    demo.step("where to look")
+    _traces(demo, receiver, collector, allowed_trace, denied_trace)
+
+    demo.step("metrics: every sidecar's Prometheus endpoint, and `sidemesh top` on its admin port")
     for name, host in WORKLOADS.items():
         a = demo.addr(host)
         print(
             f"      {name:9} metrics http://{a}:15020/metrics   admin http://{a}:15000/config /certs /connections"
         )
+    try:
+        metrics = _get(f"http://{cart}:15020/metrics")[1].decode()
+    except OSError as exc:
+        metrics = ""
+        demo.fail(f"cart's sidecar metrics: {exc}")
+    counted = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("sidemesh_proxy_requests_total{") and 'direction="inbound"' in line
+    ]
+    if counted:
+        demo.ok("cart's sidecar counted the requests it carried, by caller and decision:")
+        for line in counted[:4]:
+            print(f"      {line}")
+    else:
+        demo.fail("cart's sidecar metrics have no sidemesh_proxy_requests_total")
+    print(f"      live table of cart's routes: sidemesh top {cart}:15000")
     print(f"      controller status http://{control}:{started['status_port']}/status   logs: {root}/*.log")
     return cart_app
+
+
+def _traces(
+    demo: Demo, receiver: ReceiverThread | None, collector: str | None, allowed: str, denied: str
+) -> None:
+    if receiver is None:
+        demo.step(f"traces: the sidecars send their spans to your collector at {collector}")
+        demo.ok(f"frontend -> cart is trace {allowed}, the stranger's denied call trace {denied}")
+        print(
+            "      search by trace ID, or for the services frontend.shop, cart.shop and stranger.shop"
+            " (a local Jaeger's UI: http://localhost:16686)"
+        )
+        return
+    demo.step(
+        f"traces: the sidecars sent their spans to the demo's OTLP receiver ({receiver.receiver.endpoint})"
+    )
+    branch = _branch()
+    for what, trace_id, wanted in (
+        ("frontend -> cart, allowed", allowed, (("CLIENT", "frontend.shop"), ("SERVER", "cart.shop"))),
+        ("stranger -> cart, denied", denied, (("CLIENT", "stranger.shop"), ("SERVER", "cart.shop"))),
+    ):
+        spans = receiver.wait_for(_has_trace(trace_id, *wanted), timeout=5.0)
+        if spans is None:
+            got = [f"{s.kind} {s.service}" for s in receiver.spans() if s.trace_id == trace_id]
+            demo.fail(f"trace {trace_id} ({what}): expected {wanted}, received {got or 'nothing'} in 5 s")
+            continue
+        demo.ok(f"{what}: trace {trace_id} (the app sent a traceparent; the sidecars' spans follow)")
+        for line in trace_tree(spans, trace_id, branch):
+            print(f"      {line}")

@@ -2,31 +2,132 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from tests.support.otlp import ReceivedSpan, ReceiverThread, trace_tree
+
+FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"
+STRANGER = "spiffe://cluster.local/ns/shop/sa/stranger"
+CART = "spiffe://cluster.local/ns/shop/sa/cart"
+DENIED = "no rule of shop/cart-allow-frontend allows it"
+
+
+def _demo_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    return dict(env, PYTHONIOENCODING="utf-8", **extra)
+
 
 def test_demo_once_behaves_as_described_and_leaves_nothing_behind() -> None:
     before = set(Path(tempfile.gettempdir()).glob("sidemesh-demo-*"))
     out = subprocess.run(
-        [sys.executable, "-m", "sidemesh", "demo", "--once"], capture_output=True, text=True, timeout=180
+        [sys.executable, "-m", "sidemesh", "demo", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=_demo_env(),
     )
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
-    assert "cart's sidecar saw the caller as spiffe://cluster.local/ns/shop/sa/frontend, over mTLS" in text
-    assert (
-        "source spiffe://cluster.local/ns/shop/sa/stranger: no rule of shop/cart-allow-frontend allows it"
-        in text
-    )
+    assert f"cart's sidecar saw the caller as {FRONTEND}, over mTLS" in text
+    assert f"the stranger's app saw HTTP 403, sidemesh-denied-reason: {DENIED}" in text
+    assert f"source {STRANGER}: {DENIED}" in text
     assert "a plaintext client straight at cart's sidecar: refused" in text
     assert "the stranger's next call is allowed" in text
+    # the trace trees, from the demo's own OTLP receiver: client span in the caller's sidecar, its
+    # child the server span in cart's, with identities and the decision
+    assert re.search(r"traces: the sidecars sent their spans to the demo's OTLP receiver \(http://127", text)
+    allowed = re.search(
+        r"frontend -> cart, allowed: trace [0-9a-f]{32}.*\n"
+        r'      └─ CLIENT "GET cart.shop:80" in frontend.shop, [0-9.]+ ms, HTTP 200\n'
+        rf"            {FRONTEND} -> {CART}, decision: allow\n"
+        r'         └─ SERVER "GET cart.shop" in cart.shop, [0-9.]+ ms, HTTP 200\n'
+        rf"               {FRONTEND} -> {CART}, decision: allow \(allowed by shop/cart-allow-frontend rule 0\)\n",
+        text,
+    )
+    assert allowed, text
+    denied = re.search(
+        r"stranger -> cart, denied: trace [0-9a-f]{32}.*\n"
+        r'      └─ CLIENT "GET cart.shop:80" in stranger.shop, [0-9.]+ ms, HTTP 403\n'
+        r".*\n"
+        r'         └─ SERVER "GET cart.shop" in cart.shop, [0-9.]+ ms, HTTP 403\n'
+        rf"               {STRANGER} -> {CART}, decision: deny \({DENIED}\)\n",
+        text,
+    )
+    assert denied, text
+    # where the metrics are, with the real addresses
+    assert re.search(r"cart +metrics http://127\.\d+\.\d+\.2:15020/metrics", text)
+    assert re.search(r'sidemesh_proxy_requests_total\{decision="deny",.*source="shop/stranger"', text)
+    assert re.search(r"sidemesh top 127\.\d+\.\d+\.2:15000", text)
     assert "all steps behaved as described" in text
     assert set(Path(tempfile.gettempdir()).glob("sidemesh-demo-*")) == before  # every file removed
     # every process it started is gone
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "sidemesh-demo-" not in ps
+
+
+def test_demo_sends_traces_to_the_users_collector_when_one_is_configured() -> None:
+    collector = ReceiverThread()  # stands for the user's Jaeger
+    endpoint = collector.start()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "sidemesh", "demo", "--once"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=_demo_env(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_BSP_SCHEDULE_DELAY="100"),
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"traces: the sidecars send their spans to your collector at {endpoint}" in out.stdout
+        assert "the demo's OTLP receiver" not in out.stdout  # no receiver of its own
+        found = re.search(
+            r"frontend -> cart is trace ([0-9a-f]{32}), the stranger's denied call trace ([0-9a-f]{32})",
+            out.stdout,
+        )
+        assert found, out.stdout
+        allowed, denied = found.groups()
+
+        def arrived(spans: list[ReceivedSpan]) -> bool:
+            got = {(s.trace_id, s.kind, s.service) for s in spans}
+            return {
+                (allowed, "CLIENT", "frontend.shop"),
+                (allowed, "SERVER", "cart.shop"),
+                (denied, "SERVER", "cart.shop"),
+            } <= got
+
+        spans = collector.wait_for(arrived, timeout=5.0)
+        assert spans is not None, collector.spans()
+        assert any(f"decision: deny ({DENIED})" in line for line in trace_tree(spans, denied))
+    finally:
+        collector.stop()
+
+
+def test_trace_tree_nests_children_under_parents_and_treats_missing_parents_as_roots() -> None:
+    def span(span_id: str, parent: str, kind: str, start: int, **attrs: str | int) -> ReceivedSpan:
+        return ReceivedSpan(
+            service="svc", name="GET x", kind=kind, trace_id="t", span_id=span_id, parent_id=parent,
+            attributes=attrs, status="UNSET", start_ns=start, end_ns=start + 2_500_000,
+        )  # fmt: skip
+
+    spans = [
+        span("b", "a", "SERVER", 2, **{"sidemesh.authz.decision": "deny", "sidemesh.authz.reason": "r"}),
+        span("a", "app", "CLIENT", 1, **{"http.response.status_code": 403}),
+        span("z", "", "SERVER", 9),
+    ]
+    spans.append(ReceivedSpan("svc", "other", "SERVER", "u", "c", "", {}, "UNSET"))  # another trace
+    assert trace_tree(spans, "t", branch="- ") == [
+        '- CLIENT "GET x" in svc, 2.5 ms, HTTP 403',
+        "     ? -> ?, decision: ?",
+        '   - SERVER "GET x" in svc, 2.5 ms',
+        "        ? -> ?, decision: deny (r)",
+        '- SERVER "GET x" in svc, 2.5 ms',
+        "     ? -> ?, decision: ?",
+    ]
+    assert trace_tree(spans, "nothing") == []
 
 
 def test_demo_help_names_every_option_and_what_netns_needs() -> None:
@@ -39,3 +140,4 @@ def test_demo_help_names_every_option_and_what_netns_needs() -> None:
         assert option in text
     assert "needs root" in text
     assert "With --netns (as root) each workload is instead a network namespace" in text
+    assert "unless OTEL_EXPORTER_OTLP_ENDPOINT" in text
