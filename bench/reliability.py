@@ -1196,7 +1196,8 @@ class Bench:
             f"{'met' if row.met else 'MISSED'}: new connections back {_fmt_s(resumed)} after the signal "
             f"(old process gone after {exited - fault:.1f} s, new one ready {ready_after:.1f} s after its start); "
             f"{w.failed} failed ({_errors_text(w)}: {short_failed} new connections, {long_failed} on long-lived "
-            f"connections, which a drain ends at its timeout), {w.hung} hung"
+            f"connections still open when the old process stopped: ended by the drain timeout or the kill), "
+            f"{w.hung} hung"
         )
         row.recovery_s = resumed
         return self._done(row)

@@ -5,7 +5,7 @@ from proxy.heap import Trimmer, tune
 
 def test_trims_once_connections_fall_to_half_the_peak() -> None:
     calls: list[int] = []
-    t = Trimmer(trim=lambda: calls.append(1), min_peak=64)
+    t = Trimmer(trim=lambda: calls.append(1), min_peak=64, every=1000)
     assert not t.tick(10)  # a small peak is not worth a trim
     assert not t.tick(2000)
     assert not t.tick(1500)  # still above half the peak
@@ -20,3 +20,10 @@ def test_real_malloc_trim_runs_on_glibc() -> None:
     assert t.tick(5) is False
     assert t.tick(0) is True and t.trims == 1
     assert isinstance(tune(), bool)
+
+
+def test_trims_periodically_without_a_burst() -> None:
+    calls: list[int] = []
+    t = Trimmer(trim=lambda: calls.append(1), min_peak=64, every=3)
+    assert [t.tick(5) for _ in range(7)] == [False, False, True, False, False, True, False]
+    assert len(calls) == 2
