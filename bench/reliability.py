@@ -1671,18 +1671,15 @@ def findings(rows: Sequence[Row], ttl: int, logs: Result) -> list[str]:
             f"**Slow resync after a controller restart.** A change made while the controller was down applied "
             f"{_fmt_s(resync)} after it came back (it was down {ctl.details.get('down_s')} s; reconnect delays the "
             f"sidecars logged: {_plain(delays)}). `proxy/config_client.py:ConfigClient.run` reconnects with "
-            "`rotation.backoff` (full jitter, up to 60 s: the CA's schedule), so the longer the outage the longer "
-            "sidecars keep stale policy after it"
+            "full-jitter backoff capped at `RECONNECT_BACKOFF_MAX` (5 s) and reset once a stream has delivered "
+            "configuration, so after the controller is back a sidecar may still wait up to that cap"
             + (
-                f"; worse, the attempt counter is only reset when a session ends with a certificate rotation "
-                f"(`attempt = 0` after `_session()` returns), not when a stream is established, so the first retry "
-                f"after this kill already waited {_plain(carried)} s (a fresh counter gives at most 1 s): every "
-                "earlier outage since the last rotation still counts"
+                f"; the first retry after this kill waited {_plain(carried)} s, more than a fresh schedule's 1 s: "
+                "the attempt counter was not reset by the last healthy stream"
                 if carried
                 else ""
             )
-            + ". Fix: reset the counter once an update has been received on the new stream, and cap this backoff "
-            "at a few seconds (reconnecting is cheap)."
+            + ". A lower cap trades a faster resync for more reconnect attempts against a controller that is down."
         )
     gaps = [
         by[k] for k in ("sidecar-cart-sigterm", "sidecar-frontend-sigterm") if k in by and by[k].met is False
@@ -1690,16 +1687,11 @@ def findings(rows: Sequence[Row], ttl: int, logs: Result) -> list[str]:
     if gaps:
         lived = ", ".join(f"{r.fault.split()[0]} {r.details['old_process_exited_after_s']} s" for r in gaps)
         out.append(
-            "**A sidecar restarted with SIGTERM leaves a gap as long as its drain.** `proxy/sidecar.py:Sidecar.drain` "
-            "closes the listeners at once, then waits up to `--drain-timeout` (20 s) for open connections: with "
-            f"long-lived connections open the old process lived {lived} while every new connection was refused "
-            "(frontend: connection refused; cart: the frontend sidecar resets the app's connection), and a replacement "
-            f"cannot start meanwhile (`{gaps[0].details['replacement_started_during_drain']}`: the admin and health "
-            "ports are still bound until the drain ends). In Kubernetes the same applies to a sidecar container "
-            "restarted in place; for a pod being deleted, closing the outbound listener at once also breaks the app's "
-            "own calls during its shutdown. Fix: on SIGTERM keep accepting for a short grace (readiness already says "
-            "503), then close long-lived connections that are idle instead of waiting the full drain timeout; bind "
-            "with SO_REUSEPORT so a new process can take over while the old one drains."
+            "**New connections failed for too long around a SIGTERM restart.** `proxy/sidecar.py:Sidecar.drain` "
+            "closes the inbound listener at once, keeps the app's outbound listeners while connections remain, and "
+            f"exits when the last one ends or at `--drain-timeout` (the old process lived {lived}); a replacement binds "
+            "with SO_REUSEPORT and listens once it has its certificate and configuration "
+            f"(`{gaps[0].details['replacement_started_during_drain']}`). See the rows for where the failures fell."
         )
     soak = by.get("soak")
     if soak is not None and soak.met is False:
@@ -1717,11 +1709,10 @@ def findings(rows: Sequence[Row], ttl: int, logs: Result) -> list[str]:
                 + (f"; {both} of them in both sidecars at once" if both else "")
                 + "), while file descriptors and open connections stayed flat. That looks like the heap's "
                 "high-water mark rather than a per-connection leak: uvloop gives every TLS connection a 256 KiB "
-                "read buffer (`uvloop/sslproto.pyx`: `PyMem_RawMalloc(SSL_READ_MAX_SIZE)`), and "
-                "`proxy/cli.py:tune_malloc` keeps such blocks on the heap (M_MMAP_THRESHOLD 4 MiB) and does not give "
-                "freed heap back to the system below 64 MiB (M_TRIM_THRESHOLD, plus M_TOP_PAD 16 MiB), so every "
-                "moment with more connections open at once raises RSS for good. Not proven by this run (a longer "
-                "soak would show whether it levels off); see the next finding for what it costs after a burst."
+                "read buffer (`uvloop/sslproto.pyx`: `PyMem_RawMalloc(SSL_READ_MAX_SIZE)`), `proxy/heap.py:tune` keeps "
+                "such blocks on the heap (M_MMAP_THRESHOLD 4 MiB, M_TRIM_THRESHOLD 64 MiB), and `heap.Trimmer` gives "
+                "freed heap back after bursts and once a minute, which cannot release pages that still hold live "
+                "objects (fragmentation). Not proven by this run (a longer soak would show whether it levels off)."
             )
     flood = by.get("flood-outbound")
     if flood is not None:
@@ -1741,10 +1732,9 @@ def findings(rows: Sequence[Row], ttl: int, logs: Result) -> list[str]:
                 f"{after['frontend']} MB (cart: {before.get('cart')} → {after.get('cart')} MB); at the end of the run "
                 f"{_plain(logs.get('rss_end_mb'))} MB. The injected proxy is limited to 512Mi "
                 "(`manifests/mesh-config.yaml`, `proxyResources`): at this rate about "
-                f"{fits:,} open connections through one sidecar would get it OOM-killed (an extrapolation), and "
-                "with no connection limit nothing stops a client from opening them. Fix: a connection limit per "
-                "listener (below what the memory limit allows), and give memory back after bursts "
-                "(`malloc_trim(0)` when the number of open connections falls, or a lower M_TRIM_THRESHOLD)."
+                f"{fits:,} open connections through one sidecar would get it OOM-killed (an extrapolation); "
+                "`--max-connections` (per direction) must stay below that, and `proxy/heap.py` trims after the burst "
+                "(pages still holding live objects stay)."
             )
     app = by.get("app")
     if app is not None and app.window is not None and app.window.hung:
@@ -1753,13 +1743,12 @@ def findings(rows: Sequence[Row], ttl: int, logs: Result) -> list[str]:
         out.append(
             f"**A connection flood on the outbound side slows everyone.** Each connection to the outbound port is "
             f"relayed at once: an mTLS handshake to the destination and a connection to its app "
-            f"(`proxy/outbound.py:handle`), with no limit on connections or handshakes in progress "
-            f"(`proxy/sidecar.py:Sidecar._accept` spawns a task per accepted connection). The opening burst took "
+            f"(`proxy/outbound.py:handle`), bounded only by `--max-connections`, with no limit on handshakes in "
+            f"progress (`proxy/sidecar.py:Sidecar._accept` spawns a task per accepted connection). The opening burst took "
             f"well-behaved p99 to {flood.window.p99_ms if flood.window else '?'} ms; held idle, the connections cost "
             f"memory and file descriptors in both sidecars and the app (peak {_plain(flood.details.get('victim_peak'))}) "
-            "and are kept for `--idle-timeout` (1 h). Fix: a per-listener limit on concurrent connections (stop "
-            "accepting above it) and on handshakes in progress; a shorter idle timeout for connections that never "
-            "sent a byte."
+            "and are kept for `--idle-timeout` (1 h). Next: a limit on handshakes in progress, and a shorter idle "
+            "timeout for connections that never sent a byte."
         )
     slow_in = by.get("slow-inbound")
     if slow_in is not None:

@@ -104,7 +104,7 @@ class ProxyConfig:
         env="SIDEMESH_DRAIN_TIMEOUT",
     )
     max_connections: int = option(
-        10_000,
+        4_096,
         "open connections per direction (inbound, outbound) at most; more are reset at once and counted "
         'as sidemesh_proxy_connections_total{decision="overflow"} (each outbound connection uses two '
         "file descriptors: keep this under half the open-files limit)",
