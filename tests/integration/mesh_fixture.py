@@ -124,14 +124,15 @@ class Mesh:
             server.close()
 
 
-def new_mesh(ca: RunningCA, tmp_path: Path) -> Mesh:
-    """The demo's mesh (frontend, cart, stranger; only the frontend may call the cart) on a fresh
-    loopback network, configured from a directory under ``tmp_path``."""
+def new_mesh(ca: RunningCA, tmp_path: Path, allow: str = ALLOW_FRONTEND, workloads: str = MESH_YAML) -> Mesh:
+    """The demo's mesh (frontend, cart, stranger; by default only the frontend may call the cart) on
+    a fresh loopback network, configured from a directory under ``tmp_path``. ``workloads`` is
+    formatted with the network (``{net}``)."""
     config_dir = tmp_path / "mesh"
     config_dir.mkdir()
     m = Mesh(ca, config_dir, free_net())
-    m.write("workloads.yaml", MESH_YAML.format(net=m.net))
-    m.write("allow.yaml", ALLOW_FRONTEND)
+    m.write("workloads.yaml", workloads.format(net=m.net))
+    m.write("allow.yaml", allow)
     return m
 
 

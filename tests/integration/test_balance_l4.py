@@ -14,7 +14,7 @@ import pytest
 from proxy.balance import Balancer
 from sidemesh.mesh.compile import Endpoint
 from tests.integration.conftest import StartCA
-from tests.integration.mesh_fixture import ALLOW_FRONTEND, MESH_YAML, Mesh, free_net
+from tests.integration.mesh_fixture import MESH_YAML, Mesh, new_mesh
 
 FRONTEND, CART, CART2, CART3 = 1, 2, 4, 5
 OUT = 18080
@@ -43,11 +43,7 @@ spec:
 @pytest.fixture
 async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
     ca = await start_ca()
-    config_dir = tmp_path / "mesh"
-    config_dir.mkdir()
-    m = Mesh(ca, config_dir, free_net())
-    m.write("workloads.yaml", (MESH_YAML + MORE_CARTS).format(net=m.net))
-    m.write("allow.yaml", ALLOW_FRONTEND)
+    m = new_mesh(ca, tmp_path, workloads=MESH_YAML + MORE_CARTS)
     yield m
     await m.close()
 

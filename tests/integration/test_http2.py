@@ -18,7 +18,7 @@ import pytest
 from grpc.aio import EOF  # type: ignore[attr-defined]
 
 from tests.integration.conftest import StartCA
-from tests.integration.mesh_fixture import MESH_YAML, Mesh, free_net
+from tests.integration.mesh_fixture import Mesh, new_mesh
 
 FRONTEND, CART = 1, 2
 OUT = 18080
@@ -64,12 +64,7 @@ def handlers(service: str) -> grpc.GenericRpcHandler[bytes, bytes]:
 
 @pytest.fixture
 async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
-    ca = await start_ca()
-    config_dir = tmp_path / "mesh"
-    config_dir.mkdir()
-    m = Mesh(ca, config_dir, free_net())
-    m.write("workloads.yaml", MESH_YAML.format(net=m.net))
-    m.write("allow.yaml", ALLOW_ECHO)
+    m = new_mesh(await start_ca(), tmp_path, ALLOW_ECHO)
     yield m
     await m.close()
 

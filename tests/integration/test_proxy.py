@@ -322,6 +322,23 @@ async def test_draining_keeps_the_apps_outbound_listener_and_stops_when_the_last
     await frontend.identity.ca.close()
 
 
+async def test_drain_grace_keeps_the_outbound_listener_with_no_connection_open(mesh: Mesh) -> None:
+    # --drain-grace (classic sidecars): the app may still call out while it shuts down.
+    await frontend_and_cart(mesh)
+    frontend = mesh.sidecars.pop("frontend")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    drain = asyncio.create_task(frontend.drain(timeout=30, grace=1.0))
+    await asyncio.sleep(0.5)
+    assert not drain.done()
+    assert await talk(mesh.addr(FRONTEND), OUT, b"during grace") == b"DURING GRACEBYE"
+    await asyncio.wait_for(drain, 5)
+    assert 1.0 <= loop.time() - started < 5
+    with pytest.raises(ConnectionRefusedError):
+        await talk(mesh.addr(FRONTEND), OUT, b"after")
+    await frontend.identity.ca.close()
+
+
 async def test_a_replacement_sidecar_takes_over_while_the_old_one_drains(mesh: Mesh) -> None:
     await frontend_and_cart(mesh)
     old = mesh.sidecars["cart"]

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.sidecar import Sidecar
 from sidemesh.top import run_top
 from tests.integration.conftest import StartCA
-from tests.integration.mesh_fixture import MESH_YAML, Mesh, free_net
+from tests.integration.mesh_fixture import Mesh, new_mesh
 from tests.support.otlp import ReceivedSpan, Receiver
 
 FRONTEND, CART = 1, 2
@@ -75,11 +75,7 @@ async def receiver(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Receiver]:
 @pytest.fixture
 async def pair(start_ca: StartCA, tmp_path: Path, receiver: Receiver) -> AsyncIterator[tuple[Mesh, App]]:
     ca = await start_ca()
-    config_dir = tmp_path / "mesh"
-    config_dir.mkdir()
-    mesh = Mesh(ca, config_dir, free_net())
-    mesh.write("workloads.yaml", MESH_YAML.format(net=mesh.net))
-    mesh.write("allow.yaml", ALLOW_GET_CART)
+    mesh = new_mesh(ca, tmp_path, ALLOW_GET_CART)
     app = App()
     await app.runner.setup()
     await web.TCPSite(app.runner, mesh.addr(CART), APP).start()
