@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 from proxy import framing
 from proxy.detect import Kind, classify, detect, undecided_kind
 from proxy.original_dst import original_dst
-from proxy.outbound import Refused, _reset_socket
+from proxy.outbound import Refused
 from proxy.pipe import Pipe
-from proxy.relay import Half, Relay
+from proxy.relay import Half, Relay, reset_socket
 from proxy.routers import InboundRouter, context, serve_connection, serve_h2
 from sidemesh.identity import tls
 from sidemesh.policy.evaluate import evaluate
@@ -170,7 +170,7 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
                 relay.close_gracefully()
             else:
                 relay.fail("denied")
-                _reset_socket(conn)
+                reset_socket(conn)
             return
         if decision.audit:
             log.warning("connection allowed in audit mode", extra={**relay.info, "reason": decision.reason})
@@ -192,12 +192,12 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
         log.warning("inbound connection refused", extra={**relay.info, "reason": str(exc)})
         relay.fail(str(exc))
         if down is None and mesh_pipe is None:
-            _reset_socket(conn)
+            reset_socket(conn)
     except Exception:
         log.exception("inbound connection failed", extra=relay.info)
         relay.fail("internal error")
         if down is None and mesh_pipe is None:
-            _reset_socket(conn)
+            reset_socket(conn)
 
 
 async def _serve_http(sc: Sidecar, relay: Relay, pipe: Pipe, peer: Peer, port: int, kind: Kind) -> None:

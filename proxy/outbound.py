@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
-import struct
 from typing import TYPE_CHECKING
 
 from proxy import framing
@@ -15,7 +13,7 @@ from proxy.detect import Kind, detect
 from proxy.dial import DialError, dial_sidecar
 from proxy.original_dst import original_dst
 from proxy.pipe import Pipe
-from proxy.relay import Half, Relay
+from proxy.relay import Half, Relay, reset_socket
 from proxy.retry import CONNECT_RETRIES
 from proxy.routers import OutboundRouter, context, serve_connection
 from sidemesh.mesh.compile import Destination, Endpoint
@@ -161,11 +159,11 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int], targ
         sc.metrics.connections.labels("outbound", "refused").inc()
         log.warning("outbound connection refused", extra={**relay.info, "reason": str(exc)})
         relay.fail(str(exc))
-        _reset_socket(conn)
+        reset_socket(conn)
     except Exception:
         log.exception("outbound connection failed", extra=relay.info)
         relay.fail("internal error")
-        _reset_socket(conn)
+        reset_socket(conn)
 
 
 async def _serve_http(sc: Sidecar, relay: Relay, conn: socket.socket, dest: Destination) -> None:
@@ -175,9 +173,3 @@ async def _serve_http(sc: Sidecar, relay: Relay, conn: socket.socket, dest: Dest
     router = OutboundRouter(sc, dest.name, relay.info)
     ctx = context(sc, "outbound", relay, source=str(sc.identity.spiffe_id), service=dest.name)
     await serve_connection(sc, relay, app, router, ctx)
-
-
-def _reset_socket(conn: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.close()

@@ -23,6 +23,13 @@ WRITE_HIGH_WATER = 256 * 1024
 COPY_BELOW = 16 * 1024  # smaller DATA frames are joined with their header (one write, one record)
 
 
+def reset_socket(conn: socket.socket) -> None:
+    """Close a socket no transport owns yet with a TCP RST."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    conn.close()
+
+
 def reset(transport: asyncio.BaseTransport | None) -> None:
     """Close with a TCP RST, so the other end sees a reset, not an orderly end of stream."""
     if transport is None or transport.is_closing():

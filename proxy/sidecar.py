@@ -8,7 +8,6 @@ import contextlib
 import logging
 import random
 import socket
-import struct
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from proxy.config_client import ConfigClient
 from proxy.metrics import ProxyMetrics
 from proxy.observe import Observer
 from proxy.probes import APP_HEALTH_PREFIX, AppProber, parse_app_probes
-from proxy.relay import Relay
+from proxy.relay import Relay, reset_socket
 from proxy.routes import RouteStats
 from proxy.telemetry import ProxyObserver, start_sidecar_tracing
 from sidemesh.config import parse_hostport
@@ -265,9 +264,7 @@ class Sidecar:
     def _overflow(self, kind: str, conn: socket.socket) -> None:
         """Over --max-connections: reset at once (fail fast; Envoy's listener limit does the same)."""
         self.metrics.connections.labels(kind, "overflow").inc()
-        with contextlib.suppress(OSError):
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        conn.close()
+        reset_socket(conn)
         now = time.monotonic()
         if now - self._overflow_logged >= 10:  # a flood must not flood the log too
             self._overflow_logged = now
