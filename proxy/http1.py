@@ -1,5 +1,5 @@
-"""HTTP/1.1 proxying, the same for both directions: h11 parses the downstream connection one request
-at a time (pipelined requests wait in its buffer, as they would at the server), a :class:`Router`
+"""HTTP/1.1 proxying, the same for both directions: :mod:`proxy.h1` (httptools) parses the downstream
+connection one request at a time (pipelined requests wait, as they would at the server), a :class:`Router`
 says where each request goes (or answers it itself: denied, no endpoint), and the request and the
 response are streamed through, body chunk by body chunk, with backpressure both ways.
 
@@ -17,16 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-import h11
-
+from proxy import h1
 from proxy.headers import DENIED_REASON, forwarded, header, is_upgrade, request_path
 from proxy.observe import Observer, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed
 from proxy.retry import RETRY_STATUSES, backoff
 
 log = logging.getLogger("sidemesh.proxy.http")
-Sendable = h11.Request | h11.InformationalResponse | h11.Response | h11.Data | h11.EndOfMessage
-MAX_HEAD = 64 * 1024  # request line and headers; more gets 431
+MAX_HEAD = h1.MAX_HEAD  # request line and headers; more gets 431
 DRAIN_CHECK = 1.0  # how often an idle keep-alive connection looks whether the sidecar is draining
 
 
@@ -46,7 +44,7 @@ class Upstream:
     """A connection, taken from a pool, that carries one request (and then goes back)."""
 
     pipe: Pipe
-    conn: h11.Connection
+    conn: h1.Connection
     reused: bool
     key: object = None
     endpoint: str | None = None
@@ -61,7 +59,7 @@ class Router(Protocol):
         (retries included), or None."""
         ...
 
-    async def route(self, request: h11.Request, info: RequestInfo) -> Local | Upstream: ...
+    async def route(self, request: h1.Request, info: RequestInfo) -> Local | Upstream: ...
 
     def may_retry(self, method: str, status: int | None, reset: bool, attempt: int) -> bool:
         """Whether attempt number ``attempt`` (0: the first) may be retried after it got a
@@ -88,9 +86,9 @@ class Context:
 
 
 class _BadRequest(Exception):
-    def __init__(self, exc: h11.RemoteProtocolError) -> None:
+    def __init__(self, exc: h1.ProtocolError) -> None:
         super().__init__(str(exc))
-        self.status = exc.error_status_hint
+        self.status = exc.status
 
 
 class _DownstreamGone(Exception):
@@ -105,10 +103,10 @@ class _Timeout(Exception):
     """No response head before the request's deadline."""
 
 
-async def next_event(conn: h11.Connection, pipe: Pipe) -> object:
+async def next_event(conn: h1.Connection, pipe: Pipe) -> object:
     while True:
         event = conn.next_event()
-        if event is h11.NEED_DATA:
+        if event is h1.NEED_DATA:
             conn.receive_data(await pipe.read())
             continue
         return event
@@ -129,7 +127,7 @@ async def _wait_request(pipe: Pipe, ctx: Context) -> bool:
             return True
 
 
-def _local_response(local: Local, close: bool) -> list[Sendable]:
+def _local_response(local: Local, close: bool) -> list[h1.Event]:
     body = f"{local.reason}\n".encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
@@ -138,30 +136,30 @@ def _local_response(local: Local, close: bool) -> list[Sendable]:
     ]
     if close:
         headers.append((b"connection", b"close"))
-    return [h11.Response(status_code=local.status, headers=headers), h11.Data(data=body), h11.EndOfMessage()]
+    return [h1.Response(local.status, headers), h1.Data(body), h1.EndOfMessage()]
 
 
 async def serve(down: Pipe, router: Router, ctx: Context) -> None:
     """Serve one downstream connection until it ends."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    conn = h1.Connection(h1.SERVER, max_head=MAX_HEAD)
     try:
         while True:
             event: object
             try:
                 event = conn.next_event()  # a pipelined request may be buffered already
-                if event is h11.NEED_DATA:
+                if event is h1.NEED_DATA:
                     if not await _wait_request(down, ctx):
                         break
                     event = await next_event(conn, down)
-            except h11.RemoteProtocolError as exc:
-                _send_error(conn, down, exc.error_status_hint, str(exc), ctx)
+            except h1.ProtocolError as exc:
+                _send_error(conn, down, exc.status, str(exc), ctx)
                 break
-            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            if isinstance(event, h1.ConnectionClosed) or event is h1.PAUSED:
                 break
-            assert isinstance(event, h11.Request), event
+            assert isinstance(event, h1.Request), event
             if not await _exchange(conn, down, event, router, ctx):
                 return  # the connection was spliced or reset: nothing more to do here
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not ctx.draining():
+            if conn.reusable and not ctx.draining():
                 conn.start_next_cycle()
                 continue
             break
@@ -171,22 +169,17 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
         down.abort()
 
 
-def _send_error(conn: h11.Connection, down: Pipe, status: int, why: str, ctx: Context) -> None:
+def _send_error(conn: h1.Connection, down: Pipe, status: int, why: str, ctx: Context) -> None:
     log.info("bad request", extra={**ctx.log_extra, "status": status, "reason": why})
-    if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-        with contextlib.suppress(h11.LocalProtocolError, PipeClosed):
+    if not conn.sent_head:
+        with contextlib.suppress(h1.LocalProtocolError, PipeClosed):
             for ev in _local_response(Local(status, f"bad request: {why}"), close=True):
                 down.write(conn.send(ev))
 
 
-async def _exchange(conn: h11.Connection, down: Pipe, req: h11.Request, router: Router, ctx: Context) -> bool:
+async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Router, ctx: Context) -> bool:
     """One request and its response. False when the downstream connection is no longer HTTP."""
-    raw = req.headers.raw_items()
-    if len(req.target) + sum(len(n) + len(v) + 4 for n, v in raw) > MAX_HEAD:
-        # h11 bounds only an incomplete head; one that arrived whole is checked here.
-        _send_error(conn, down, 431, "request header fields too large", ctx)
-        down.close()
-        return False
+    raw = req.headers
     authority = header(raw, b"host") or b""
     info = RequestInfo(
         direction=ctx.direction,
@@ -212,7 +205,7 @@ async def _exchange(conn: h11.Connection, down: Pipe, req: h11.Request, router: 
     except _BadRequest as exc:
         result.error = f"bad request: {exc}"
         _send_error(conn, down, exc.status, str(exc), ctx)
-        if conn.our_state is h11.DONE and result.status is None:
+        if conn.our_done and result.status is None:
             result.status = exc.status
         down.close()
         return False
@@ -224,38 +217,38 @@ async def _exchange(conn: h11.Connection, down: Pipe, req: h11.Request, router: 
         span.finish(result)
 
 
-async def _answer_locally(conn: h11.Connection, down: Pipe, local: Local, result: RequestResult) -> None:
+async def _answer_locally(conn: h1.Connection, down: Pipe, local: Local, result: RequestResult) -> None:
     # A client waiting for "100 Continue" may or may not send its body now: close after answering.
-    close = conn.they_are_waiting_for_100_continue
+    close = conn.waiting_for_100_continue
     _write_down(down, conn, _local_response(local, close))
     result.status, result.decision, result.reason = local.status, local.decision, local.reason
     result.policy, result.error = local.policy, local.error
-    if close:
+    if close or conn.their_done:  # closing, or the request had no body (or it was read)
         return
     try:
-        while not isinstance(event := await next_event(conn, down), h11.EndOfMessage):  # discard the body
-            if isinstance(event, h11.ConnectionClosed):
+        while not isinstance(event := await next_event(conn, down), h1.EndOfMessage):  # discard the body
+            if isinstance(event, h1.ConnectionClosed):
                 return
-            if isinstance(event, h11.Data):
+            if isinstance(event, h1.Data):
                 result.request_bytes += len(event.data)
-    except h11.RemoteProtocolError as exc:
+    except h1.ProtocolError as exc:
         raise _BadRequest(exc) from exc
     except PipeClosed as exc:
         raise _DownstreamGone(str(exc)) from exc
 
 
-def _request_head(req: h11.Request, raw: list[tuple[bytes, bytes]], span: RequestSpan) -> h11.Request:
-    upgrade = is_upgrade(raw)
+def _request_head(req: h1.Request, raw: list[tuple[bytes, bytes]], span: RequestSpan) -> h1.Request:
+    upgrade = req.upgrade and is_upgrade(raw)
     headers = forwarded(raw, span.trace_headers(), upgrade=upgrade, replace_trace=True)
     if header(headers, b"host") is None:  # an HTTP/1.0 request may have none; HTTP/1.1 needs one
         headers.insert(0, (b"Host", b"localhost"))
-    return h11.Request(method=req.method, target=req.target, headers=headers)
+    return h1.Request(req.method, req.target, headers, upgrade=upgrade)
 
 
 async def _forward(
-    conn: h11.Connection,
+    conn: h1.Connection,
     down: Pipe,
-    req: h11.Request,
+    req: h1.Request,
     raw: list[tuple[bytes, bytes]],
     span: RequestSpan,
     up: Upstream,
@@ -268,10 +261,10 @@ async def _forward(
     head = _request_head(req, raw, span)
     try:
         first = conn.next_event()  # without I/O: a request without a body ends at once
-    except h11.RemoteProtocolError as exc:
+    except h1.ProtocolError as exc:
         router.release(up, False, True)
         raise _BadRequest(exc) from exc
-    bodiless = isinstance(first, h11.EndOfMessage)
+    bodiless = isinstance(first, h1.EndOfMessage)
     started = [False]  # a response head went downstream
     retried = False  # the one free retry of a request on a pooled connection closed under it
     attempt = 0  # retries by the route's policy (502/503/504, reset), from the budget
@@ -281,7 +274,7 @@ async def _forward(
         try:
             data = up.conn.send(head)
             if bodiless:
-                data += up.conn.send(h11.EndOfMessage())
+                data += up.conn.send(h1.EndOfMessage())
             up.pipe.write(data)
             if not bodiless:
                 pump = asyncio.create_task(_pump_body(conn, down, up, first))
@@ -300,7 +293,7 @@ async def _forward(
             if pump is not None:
                 result.request_bytes = await pump
         except _Retry as exc:
-            reusable = up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE
+            reusable = up.conn.reusable
             if reusable:
                 up.conn.start_next_cycle()
             router.release(up, reusable, False)
@@ -326,7 +319,7 @@ async def _forward(
             result.status = 504
             down.close()
             return False
-        except (PipeClosed, ConnectionError, h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
+        except (PipeClosed, ConnectionError, h1.ProtocolError, h1.LocalProtocolError) as exc:
             pump_exc = await _stop(pump)
             if (
                 pump_exc is None
@@ -372,7 +365,7 @@ async def _forward(
             await _stop(pump)
             router.release(up, False, False)
             raise
-        reusable = up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE
+        reusable = up.conn.reusable
         if reusable:
             up.conn.start_next_cycle()
         router.release(up, reusable, True)
@@ -384,7 +377,7 @@ def _retry_check(router: Router, method: str, attempt: int) -> Callable[[int], b
 
 
 async def _reroute(
-    router: Router, req: h11.Request, info: RequestInfo, attempt: int, deadline: float | None
+    router: Router, req: h1.Request, info: RequestInfo, attempt: int, deadline: float | None
 ) -> Local | Upstream:
     pause = backoff(attempt - 1)
     if deadline is not None and time.monotonic() + pause >= deadline:
@@ -393,11 +386,11 @@ async def _reroute(
     return await router.route(req, info)
 
 
-def _write_down(down: Pipe, conn: h11.Connection, events: list[Sendable]) -> None:
+def _write_down(down: Pipe, conn: h1.Connection, events: list[h1.Event]) -> None:
     try:
         for ev in events:
             down.write(conn.send(ev))
-    except (PipeClosed, h11.LocalProtocolError) as exc:
+    except (PipeClosed, h1.LocalProtocolError) as exc:
         raise _DownstreamGone(str(exc)) from exc
 
 
@@ -431,37 +424,37 @@ def _pump_error(task: asyncio.Task[int]) -> Exception | None:
     return None
 
 
-async def _pump_body(conn: h11.Connection, down: Pipe, up: Upstream, first: object) -> int:
+async def _pump_body(conn: h1.Connection, down: Pipe, up: Upstream, first: object) -> int:
     """Request body, downstream -> upstream; returns its size."""
     sent = 0
     event = first
     while True:
-        if event is h11.NEED_DATA:
+        if event is h1.NEED_DATA:
             try:
                 conn.receive_data(await down.read())
                 event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
+            except h1.ProtocolError as exc:
                 raise _BadRequest(exc) from exc
             except PipeClosed as exc:
                 raise _DownstreamGone(str(exc)) from exc
             continue
-        if isinstance(event, h11.Data):
+        if isinstance(event, h1.Data):
             sent += len(event.data)
-            up.pipe.write(up.conn.send(h11.Data(data=event.data)))
+            up.pipe.write(up.conn.send(event))
             await up.pipe.drain()
-        elif isinstance(event, h11.EndOfMessage):
-            up.pipe.write(up.conn.send(h11.EndOfMessage(headers=event.headers)))
+        elif isinstance(event, h1.EndOfMessage):
+            up.pipe.write(up.conn.send(event))
             return sent
-        elif isinstance(event, h11.ConnectionClosed):
+        elif isinstance(event, h1.ConnectionClosed):
             raise _DownstreamGone("closed in the middle of a request body")
         try:
             event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
+        except h1.ProtocolError as exc:
             raise _BadRequest(exc) from exc
 
 
 async def _relay_response(
-    conn: h11.Connection,
+    conn: h1.Connection,
     down: Pipe,
     up: Upstream,
     result: RequestResult,
@@ -482,64 +475,50 @@ async def _relay_response(
             event = await next_event(up.conn, up.pipe)
         if (
             retry_status is not None
-            and isinstance(event, h11.Response)
+            and isinstance(event, h1.Response)
             and event.status_code in RETRY_STATUSES
             and retry_status(event.status_code)
         ):
-            while not isinstance(
-                await next_event(up.conn, up.pipe), (h11.EndOfMessage, h11.ConnectionClosed)
-            ):
+            while not isinstance(await next_event(up.conn, up.pipe), (h1.EndOfMessage, h1.ConnectionClosed)):
                 pass  # the body of the response that is not passed on
             raise _Retry(event.status_code)
-        if isinstance(event, h11.InformationalResponse):
+        if isinstance(event, h1.InformationalResponse):
             switching = event.status_code == 101
-            raw = event.headers.raw_items()
-            headers = forwarded(raw, upgrade=switching)
-            _write_down(
-                down,
-                conn,
-                [
-                    h11.InformationalResponse(
-                        status_code=event.status_code, headers=headers, reason=event.reason
-                    )
-                ],
-            )
+            if switching and not (up.conn.request is not None and up.conn.request.upgrade):
+                raise h1.ProtocolError("101 Switching Protocols to a request that asked for no upgrade")
+            headers = forwarded(event.headers, upgrade=switching)
+            _write_down(down, conn, [h1.InformationalResponse(event.status_code, headers, event.reason)])
             if switching:
                 started[0] = True
                 result.status = 101
                 await _splice(conn, down, up)
                 return True
-        elif isinstance(event, h11.Response):
+        elif isinstance(event, h1.Response):
             started[0] = True
             result.status = event.status_code
-            headers = forwarded(event.headers.raw_items())
-            _write_down(
-                down,
-                conn,
-                [h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)],
-            )
-        elif isinstance(event, h11.Data):
+            headers = forwarded(event.headers)
+            _write_down(down, conn, [h1.Response(event.status_code, headers, event.reason)])
+        elif isinstance(event, h1.Data):
             result.response_bytes += len(event.data)
-            _write_down(down, conn, [h11.Data(data=event.data)])
+            _write_down(down, conn, [event])
             try:
                 await down.drain()
             except PipeClosed as exc:
                 raise _DownstreamGone(str(exc)) from exc
-        elif isinstance(event, h11.EndOfMessage):
-            _write_down(down, conn, [h11.EndOfMessage(headers=event.headers)])
+        elif isinstance(event, h1.EndOfMessage):
+            _write_down(down, conn, [event])
+            conn.decline_upgrade()  # if the request asked for one: what followed it is HTTP again
             return False
         else:
             raise PipeClosed("upstream closed before responding")
 
 
-async def _splice(conn: h11.Connection, down: Pipe, up: Upstream) -> None:
+async def _splice(conn: h1.Connection, down: Pipe, up: Upstream) -> None:
     """After 101: opaque bytes both ways, with half-close, until both directions end."""
-    down_rest, _ = conn.trailing_data
-    up_rest, _ = up.conn.trailing_data
-    if up_rest:
-        down.write(up_rest)
-    if down_rest:
-        up.pipe.write(down_rest)
+    if up.conn.trailing:
+        down.write(up.conn.trailing)
+    if conn.trailing:
+        up.pipe.write(conn.trailing)
     await asyncio.gather(copy(down, up.pipe), copy(up.pipe, down))
     down.close()
     up.pipe.close()

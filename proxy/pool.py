@@ -1,7 +1,7 @@
 """Pooled upstream connections for the HTTP layer: keep-alive connections to the app (inbound), and
 mTLS connections to other sidecars (outbound), so a request pays no connect and no handshake.
 
-A connection goes back to the pool only between requests (its h11 state idle on both sides) and
+A connection goes back to the pool only between requests (both messages complete, keep-alive) and
 is dropped when the other side has closed it, when the pool for its key is full, or when the
 sidecar drains.
 """
@@ -15,9 +15,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING
 
-import h11
-
-from proxy import framing
+from proxy import framing, h1
 from proxy.dial import DialError, dial_sidecar
 from proxy.pipe import Pipe
 from sidemesh.mesh.compile import Endpoint
@@ -32,7 +30,7 @@ class ConnectError(Exception):
     """No connection could be made (the reason is the message)."""
 
 
-Idle = tuple[Pipe, h11.Connection]
+Idle = tuple[Pipe, h1.Connection]
 
 
 class Pool:
@@ -53,7 +51,7 @@ class Pool:
             pipe.close()
         return None
 
-    def put(self, key: object, pipe: Pipe, conn: h11.Connection) -> None:
+    def put(self, key: object, pipe: Pipe, conn: h1.Connection) -> None:
         idle = self._idle.setdefault(key, deque())
         if self.closed or not pipe.usable or len(idle) >= self.max_idle:
             pipe.close()

@@ -13,9 +13,7 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Literal
 
-import h11
-
-from proxy import http1, pool
+from proxy import h1, http1, pool
 from proxy.balance import Lease, NoEndpoint
 from proxy.http1 import Context, Local, Router, Upstream
 from proxy.http2 import Denial, H2Proxy
@@ -87,7 +85,7 @@ class InboundRouter:
     def may_retry(self, method: str, status: int | None, reset: bool, attempt: int) -> bool:
         return False
 
-    async def route(self, request: h11.Request, info: RequestInfo) -> Local | Upstream:
+    async def route(self, request: h1.Request, info: RequestInfo) -> Local | Upstream:
         decision = self.decide(info.method, info.path)
         if not decision.allowed:
             return Local(403, decision.reason, "deny", decision.policy)
@@ -105,7 +103,7 @@ class InboundRouter:
         except pool.ConnectError as exc:
             return Local(502, "app not reachable", "allow", error=str(exc))
         self.pool.opened += 1
-        return Upstream(pipe, h11.Connection(h11.CLIENT), reused=False, key=self.key)
+        return Upstream(pipe, h1.Connection(h1.CLIENT), reused=False, key=self.key)
 
     async def fresh(self, up: Upstream) -> Local | Upstream:
         new = await self._connect(fresh=True)
@@ -147,7 +145,7 @@ class OutboundRouter:
             and self.budget.try_withdraw()
         )
 
-    async def route(self, request: h11.Request, info: RequestInfo) -> Local | Upstream:
+    async def route(self, request: h1.Request, info: RequestInfo) -> Local | Upstream:
         """An endpoint from the balancer and a connection to it; an endpoint that cannot be
         reached is tried elsewhere (nothing was sent), up to CONNECT_RETRIES times."""
         dest = self.destination()
@@ -189,7 +187,7 @@ class OutboundRouter:
             log.warning("upstream connection failed", extra={**self.log_extra, "reason": str(exc)})
             return Local(502, "upstream connection failed", "allow", error=str(exc))
         self.pool.opened += 1
-        return Upstream(pipe, h11.Connection(h11.CLIENT), False, key, endpoint, identity)
+        return Upstream(pipe, h1.Connection(h1.CLIENT), False, key, endpoint, identity)
 
     async def fresh(self, up: Upstream) -> Local | Upstream:
         lease = self._leases.pop(id(up), None)

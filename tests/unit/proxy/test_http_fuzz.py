@@ -12,7 +12,7 @@ import h11
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy import http1, http2
+from proxy import h1, http1, http2
 from proxy.detect import H2_PREFACE
 from proxy.observe import NullObserver, RequestInfo
 from proxy.pipe import Pipe
@@ -28,7 +28,7 @@ class AnswerRouter:
     def may_retry(self, method: str, status: int | None, reset: bool, attempt: int) -> bool:
         return False
 
-    async def route(self, request: h11.Request, info: RequestInfo) -> http1.Local | http1.Upstream:
+    async def route(self, request: h1.Request, info: RequestInfo) -> http1.Local | http1.Upstream:
         self.seen.append(f"{info.method} {info.path}")
         return http1.Local(200, f"{info.method} {info.path}", "allow")
 

@@ -1,0 +1,538 @@
+"""HTTP/1.1 messages on one connection for the proxy's data path: httptools (llhttp, in C) parses
+what arrives, this module frames what goes out. Events in, bytes out, as h11 shapes it, so the
+proxy logic in :mod:`proxy.http1` reads the same; h11 made the data path slow (about 40% of a
+sidecar's CPU per request went to it), llhttp is Node.js's parser.
+
+A :class:`Connection` is one side of one connection: ``SERVER`` reads requests and writes
+responses (the downstream connection), ``CLIENT`` writes requests and reads responses (a pooled
+upstream connection). What it decides, as a server would (RFC 9112):
+
+- the framing of what it writes: a body with Content-Length keeps it; a chunked body stays chunked
+  (re-chunked as it streams); a response without framing is chunked for an HTTP/1.1 client and
+  delimited by closing the connection for an HTTP/1.0 one (so is a chunked one: 1.0 has no
+  chunks); responses to HEAD, 1xx, 204 and 304 have no body;
+- keep-alive: the connection is reusable once both messages are complete and neither side asked
+  to close (llhttp's reading of Connection and the HTTP version);
+- pipelined requests wait: after a request's end, :meth:`Connection.next_event` says ``PAUSED``
+  until :meth:`Connection.start_next_cycle`;
+- upgrades: after a request with ``Upgrade``, the bytes that follow are kept (``trailing_data``)
+  until the response says whether the protocol switched (101) or not (they are parsed as HTTP).
+
+Malformed input raises :class:`ProtocolError` with the status to answer (400; 431 for a head over
+``max_head`` bytes). Request smuggling shapes (Content-Length with Transfer-Encoding, bad chunk
+sizes, obsolete line folding) are llhttp's errors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import httptools
+
+Header = tuple[bytes, bytes]
+Role = Literal["server", "client"]
+SERVER: Final = "server"
+CLIENT: Final = "client"
+MAX_HEAD = 64 * 1024
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA: Final = _Sentinel("NEED_DATA")
+PAUSED: Final = _Sentinel("PAUSED")
+
+
+class ProtocolError(Exception):
+    """The peer broke HTTP/1.1; ``status`` is what a server answers (400, 431, 405)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LocalProtocolError(Exception):
+    """We were asked to send something the connection's state does not allow."""
+
+
+@dataclass(slots=True)
+class Request:
+    method: bytes
+    target: bytes
+    headers: list[Header]
+    http_version: bytes = b"1.1"
+    keep_alive: bool = True
+    chunked: bool = False
+    length: int | None = None
+    expect_continue: bool = False
+    upgrade: bool = False
+
+
+@dataclass(slots=True)
+class Response:
+    status_code: int
+    headers: list[Header]
+    reason: bytes = b""
+    http_version: bytes = b"1.1"
+    keep_alive: bool = True
+
+
+@dataclass(slots=True)
+class InformationalResponse:
+    status_code: int
+    headers: list[Header]
+    reason: bytes = b""
+
+
+@dataclass(slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(slots=True)
+class EndOfMessage:
+    headers: list[Header] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ConnectionClosed:
+    pass
+
+
+Event = Request | Response | InformationalResponse | Data | EndOfMessage | ConnectionClosed
+
+_NO_BODY_STATUS = frozenset({204, 304})
+_REASONS = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    204: b"No Content",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+def _framing(headers: list[Header]) -> tuple[bool, int | None]:
+    """(chunked, content length) as the headers say (llhttp has already refused both at once)."""
+    chunked, length = False, None
+    for name, value in headers:
+        low = name.lower()
+        if low == b"transfer-encoding":
+            chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+        elif low == b"content-length":
+            length = int(value)
+    return chunked, length
+
+
+class _Head(Exception):
+    """Raised from the response parser's callback: a response without a body (to HEAD) is complete
+    at its head, which llhttp cannot be told."""
+
+
+class Connection:
+    """One side of an HTTP/1.1 connection (see the module's docstring)."""
+
+    __slots__ = (
+        "_continue_done",
+        "_eof",
+        "_error",
+        "_events",
+        "_head_done",
+        "_head_fed",
+        "_head_size",
+        "_headers",
+        "_in_message",
+        "_informational",
+        "_last_response",
+        "_out_body",
+        "_out_chunked",
+        "_out_close_delimited",
+        "_parser",
+        "_paused",
+        "_reason",
+        "_switched",
+        "_upgrading",
+        "_url",
+        "max_head",
+        "must_close",
+        "our_done",
+        "request",
+        "role",
+        "sent_head",
+        "their_done",
+        "trailing",
+    )
+
+    def __init__(self, role: Role, max_head: int = MAX_HEAD) -> None:
+        self.role = role
+        self.max_head = max_head
+        self._events: deque[Event] = deque()
+        self.trailing = b""  # bytes after an upgrade request (or a switching response)
+        self._eof = False
+        self._error: ProtocolError | None = None
+        self._paused = False
+        self._upgrading = False
+        self._switched = False
+        self.must_close = False
+        self.request: Request | None = None  # server: the request being answered; client: the one sent
+        self._last_response: Response | None = None
+        self._url = self._reason = b""
+        self._headers: list[Header] = []
+        self._head_done = False
+        self._head_size = 0
+        self._informational = False
+        self._new_parser()
+        self._start()
+
+    def _new_parser(self) -> None:
+        if self.role == SERVER:
+            self._parser: httptools.HttpRequestParser | httptools.HttpResponseParser = (
+                httptools.HttpRequestParser(self)
+            )
+        else:
+            self._parser = httptools.HttpResponseParser(self)
+        self._in_message = False
+        self._head_fed = 0
+
+    def _start(self) -> None:
+        self._out_chunked = False
+        self._out_close_delimited = False
+        self._out_body = True
+        self.our_done = False
+        self.their_done = False
+        self.sent_head = False
+        self._continue_done = False  # body data arrived or an answer went out (100-continue)
+
+    # -- llhttp's callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._url = b""
+        self._reason = b""
+        self._headers = []
+        self._head_done = False
+        self._informational = False
+        self._head_fed = 0
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.max_head:
+            raise ProtocolError("request target too long", 414)
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.max_head:
+            raise ProtocolError("request header fields too large", 431)
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        headers, self._headers = self._headers, []
+        parser = self._parser
+        version = parser.get_http_version().encode()
+        if self.role == SERVER:
+            assert isinstance(parser, httptools.HttpRequestParser)
+            method = parser.get_method()
+            if method == b"CONNECT":
+                raise ProtocolError("CONNECT is not proxied by the sidecar", 405)
+            chunked, length = _framing(headers)
+            expect = version == b"1.1" and any(
+                n.lower() == b"expect" and v.strip().lower() == b"100-continue" for n, v in headers
+            )
+            self._events.append(
+                Request(
+                    method,
+                    self._url,
+                    headers,
+                    version,
+                    parser.should_keep_alive(),
+                    chunked,
+                    length,
+                    expect,
+                    parser.should_upgrade(),
+                )
+            )
+            return
+        assert isinstance(parser, httptools.HttpResponseParser)
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            self._events.append(InformationalResponse(status, headers, self._reason))
+            self._informational = True
+            self._switched = status == 101
+            return
+        keep = parser.should_keep_alive()
+        self._events.append(Response(status, headers, self._reason, version, keep))
+        request = self.request
+        if request is not None and request.method == b"HEAD":
+            raise _Head
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Data(body))
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        if self._informational:
+            self._informational = False
+            return  # 1xx: the final response follows (or, after 101, another protocol)
+        trailers, self._headers = self._headers, []
+        self._events.append(EndOfMessage(trailers))
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the peer; b"" at the end of its stream."""
+        if self._error is not None:
+            return
+        if not data:
+            self._receive_eof()
+            return
+        if self._upgrading or self._switched:
+            self.trailing += data
+            return
+        if self._in_message and not self._head_done:
+            if self._head_fed > self.max_head:
+                self._fail(ProtocolError("request header fields too large", 431))
+                return
+            self._head_fed += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self.trailing += data[offset:]
+            if self.role == SERVER:
+                self._upgrading = True
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Head):
+                self._events.append(EndOfMessage())
+                self._in_message = False
+                if not data.endswith(b"\r\n\r\n"):
+                    self.must_close = True  # bytes after the head: not ours to parse, not reusable
+                self._new_parser()
+            elif isinstance(cause, ProtocolError):
+                self._fail(cause)
+            else:
+                self._fail(ProtocolError(f"malformed message: {exc}"))
+        except httptools.HttpParserError as exc:
+            self._fail(ProtocolError(f"malformed message: {exc}"))
+        if self._in_message and not self._head_done and self._head_fed > self.max_head:
+            self._fail(ProtocolError("request header fields too large", 431))
+
+    def _receive_eof(self) -> None:
+        self._eof = True
+        if self._switched or self._upgrading:
+            return
+        if self._in_message:
+            response = self._current_response()
+            if self._head_done and response is not None and self._close_delimited(response):
+                self._in_message = False
+                self._events.append(EndOfMessage())
+            else:
+                self._fail(ProtocolError("connection closed in the middle of a message"))
+                return
+        self._events.append(ConnectionClosed())
+
+    def _current_response(self) -> Response | None:
+        for event in reversed(self._events):
+            if isinstance(event, Response):
+                return event
+        return self._last_response if self.role == CLIENT else None
+
+    @staticmethod
+    def _close_delimited(response: Response) -> bool:
+        chunked, length = _framing(response.headers)
+        return not chunked and length is None
+
+    def _fail(self, error: ProtocolError) -> None:
+        self._error = error
+
+    def next_event(self) -> Event | _Sentinel:
+        """The next event, NEED_DATA, or PAUSED (a message ended: ``start_next_cycle`` first)."""
+        if self._paused:
+            return PAUSED
+        if self._events:
+            event = self._events.popleft()
+            if isinstance(event, EndOfMessage):
+                self.their_done = True
+                if self.role == SERVER:
+                    self._paused = True
+            elif isinstance(event, Request):
+                self.request = event
+                if not event.keep_alive:
+                    self.must_close = True
+            elif isinstance(event, Response):
+                self._last_response = event
+                if not event.keep_alive:
+                    self.must_close = True
+            elif isinstance(event, Data) and self.role == SERVER:
+                self._continue_done = True
+            return event
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            return ConnectionClosed()
+        return NEED_DATA
+
+    @property
+    def waiting_for_100_continue(self) -> bool:
+        """The client asked for ``100 Continue`` and has sent no body yet (nor had an answer)."""
+        request = self.request
+        return (
+            self.role == SERVER
+            and request is not None
+            and request.expect_continue
+            and not self._continue_done
+            and not self.sent_head
+            and not self.their_done
+        )
+
+    @property
+    def reusable(self) -> bool:
+        """Both messages complete and nobody asked to close."""
+        return self.our_done and self.their_done and not self.must_close and self._error is None
+
+    def start_next_cycle(self) -> None:
+        if not self.reusable:
+            raise LocalProtocolError("the connection is not between messages")
+        self._paused = False
+        self.request = None
+        self._last_response = None
+        self._start()
+
+    def decline_upgrade(self) -> None:
+        """The server answered an upgrade request without switching: what followed it is HTTP."""
+        if not self._upgrading:
+            return
+        self._upgrading = False
+        rest, self.trailing = self.trailing, b""
+        if rest:
+            self.receive_data(rest)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send(self, event: Event) -> bytes:
+        if isinstance(event, Data):
+            return self._send_data(event.data)
+        if isinstance(event, EndOfMessage):
+            return self._send_end(event.headers)
+        if isinstance(event, Request):
+            return self._send_request(event)
+        if isinstance(event, Response):
+            return self._send_response(event)
+        if isinstance(event, InformationalResponse):
+            if self.role != SERVER or self.sent_head:
+                raise LocalProtocolError("an informational response after the response head")
+            self._continue_done = True
+            return _head_line(b"HTTP/1.1 %d %s\r\n" % (event.status_code, _reason(event)), event.headers)
+        raise LocalProtocolError(f"cannot send {event!r}")
+
+    def _send_request(self, request: Request) -> bytes:
+        if self.role != CLIENT or self.sent_head:
+            raise LocalProtocolError("a request on a connection busy with another")
+        self.sent_head = True
+        self.request = request
+        self._out_chunked, length = _framing(request.headers)
+        self._out_body = self._out_chunked or bool(length)
+        self._switched = False
+        self.trailing = b""
+        return _head_line(b"%s %s HTTP/1.1\r\n" % (request.method, request.target), request.headers)
+
+    def _send_response(self, response: Response) -> bytes:
+        if self.role != SERVER or self.sent_head:
+            raise LocalProtocolError("a second response head")
+        request = self.request
+        self.sent_head = True
+        headers = response.headers
+        chunked, length = _framing(headers)
+        if b"close" in _connection_tokens(headers):
+            self.must_close = True
+        http10 = request is not None and request.http_version == b"1.0"
+        bodiless = (
+            (request is not None and request.method == b"HEAD")
+            or response.status_code in _NO_BODY_STATUS
+            or response.status_code < 200
+        )
+        self._out_body = not bodiless
+        if not bodiless:
+            if chunked and http10:  # HTTP/1.0 has no chunks: the end of the body is the close
+                headers = [(n, v) for n, v in headers if n.lower() != b"transfer-encoding"]
+                self._out_close_delimited, self.must_close = True, True
+            elif chunked:
+                self._out_chunked = True
+            elif length is None and http10:
+                self._out_close_delimited, self.must_close = True, True
+            elif length is None:
+                headers = [*headers, (b"Transfer-Encoding", b"chunked")]
+                self._out_chunked = True
+        if self.must_close or (request is not None and not request.keep_alive):
+            self.must_close = True
+            if not any(n.lower() == b"connection" for n, _ in headers):
+                headers = [*headers, (b"Connection", b"close")]
+        elif http10:  # a 1.0 client that asked to keep the connection must hear that it is kept
+            headers = [*headers, (b"Connection", b"keep-alive")]
+        return _head_line(b"HTTP/1.1 %d %s\r\n" % (response.status_code, _reason(response)), headers)
+
+    def _send_data(self, data: bytes) -> bytes:
+        if not self.sent_head or self.our_done:
+            raise LocalProtocolError("body data outside a message")
+        if not data or not self._out_body:
+            return b""
+        if self._out_chunked:
+            return b"%x\r\n%s\r\n" % (len(data), data)
+        return data
+
+    def _send_end(self, trailers: list[Header]) -> bytes:
+        if not self.sent_head or self.our_done:
+            raise LocalProtocolError("end of a message not started")
+        self.our_done = True
+        if self._out_chunked and self._out_body:
+            return _head_line(b"0\r\n", trailers)
+        return b""
+
+    @property
+    def switched(self) -> bool:
+        """A 101 was received (client) and the connection is now the upgraded protocol's."""
+        return self._switched
+
+
+def _connection_tokens(headers: list[Header]) -> set[bytes]:
+    return {
+        t.strip().lower()
+        for n, v in headers
+        if n.lower() == b"connection"
+        for t in v.split(b",")
+        if t.strip()
+    }
+
+
+def _reason(response: Response | InformationalResponse) -> bytes:
+    return response.reason or _REASONS.get(response.status_code, b"")
+
+
+def _head_line(first: bytes, headers: list[Header]) -> bytes:
+    parts = [first]
+    for name, value in headers:
+        if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name or b":" in name:
+            raise LocalProtocolError(f"header {name!r} cannot be sent")
+        parts.append(b"%s: %s\r\n" % (name, value))
+    parts.append(b"\r\n")
+    return b"".join(parts)

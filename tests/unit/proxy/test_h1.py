@@ -1,0 +1,235 @@
+"""proxy.h1: what httptools parses becomes the right events, and what the proxy writes is what an
+independent parser (h11) reads back as the same message."""
+
+from __future__ import annotations
+
+import h11
+import pytest
+
+from proxy import h1
+
+
+def events(conn: h1.Connection) -> list[object]:
+    out: list[object] = []
+    while True:
+        event = conn.next_event()
+        out.append(event)
+        if event is h1.NEED_DATA or event is h1.PAUSED or isinstance(event, h1.ConnectionClosed):
+            return out
+
+
+def h11_read(role: type[h11.CLIENT] | type[h11.SERVER], data: bytes, method: bytes = b"GET") -> list[object]:
+    """What h11 makes of bytes we wrote (a response as a client reads it, or a request as a server does)."""
+    conn = h11.Connection(role)
+    if role is h11.CLIENT:
+        conn.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
+        conn.send(h11.EndOfMessage())
+    conn.receive_data(data)
+    out: list[object] = []
+    while (event := conn.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+        out.append(event)
+        if isinstance(event, h11.EndOfMessage):
+            break
+    return out
+
+
+def test_pipelined_requests_wait_for_the_next_cycle() -> None:
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"
+    )
+    first = events(server)
+    assert isinstance(first[0], h1.Request) and first[0].target == b"/a"
+    assert isinstance(first[1], h1.EndOfMessage) and first[2] is h1.PAUSED
+    with pytest.raises(h1.LocalProtocolError):
+        server.start_next_cycle()  # the response has not been sent
+    server.send(h1.Response(200, [(b"content-length", b"2")]))
+    server.send(h1.Data(b"ok"))
+    server.send(h1.EndOfMessage())
+    assert server.reusable
+    server.start_next_cycle()
+    second = events(server)
+    assert isinstance(second[0], h1.Request) and second[0].method == b"POST" and second[0].chunked
+    assert second[1] == h1.Data(b"hello")
+    assert second[2] == h1.EndOfMessage([(b"X-T", b"1")])
+
+
+def test_response_framing_is_kept_or_chosen_and_h11_reads_it_back() -> None:
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    events(server)
+    # No framing from upstream (it would have closed): chunked for an HTTP/1.1 client, trailers kept.
+    wire = server.send(h1.Response(200, [(b"x-a", b"1")]))
+    wire += server.send(h1.Data(b"abc")) + server.send(h1.Data(b"")) + server.send(h1.Data(b"de"))
+    wire += server.send(h1.EndOfMessage([(b"grpc-status", b"0")]))
+    read = h11_read(h11.CLIENT, wire)
+    assert isinstance(read[0], h11.Response) and read[0].status_code == 200
+    assert b"".join(bytes(e.data) for e in read if isinstance(e, h11.Data)) == b"abcde"
+    end = read[-1]
+    assert isinstance(end, h11.EndOfMessage) and end.headers.raw_items() == [(b"grpc-status", b"0")]
+    assert server.reusable
+
+
+def test_http10_client_gets_a_close_delimited_body_instead_of_chunks() -> None:
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(b"GET / HTTP/1.0\r\n\r\n")
+    request = events(server)[0]
+    assert isinstance(request, h1.Request) and not request.keep_alive
+    head = server.send(h1.Response(200, [(b"Transfer-Encoding", b"chunked")]))
+    assert b"transfer-encoding" not in head.lower() and b"Connection: close" in head
+    assert server.send(h1.Data(b"raw")) == b"raw"
+    assert server.send(h1.EndOfMessage()) == b""
+    assert not server.reusable
+
+
+def test_http10_keep_alive_is_acknowledged() -> None:
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    events(server)
+    head = server.send(h1.Response(200, [(b"content-length", b"0")]))
+    assert b"Connection: keep-alive" in head
+    server.send(h1.EndOfMessage())
+    assert server.reusable
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_bodiless_statuses(status: int) -> None:
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    events(server)
+    head = server.send(h1.Response(status, []))
+    assert b"chunked" not in head.lower()
+    assert server.send(h1.Data(b"ignored")) == b""
+    assert server.send(h1.EndOfMessage()) == b""
+
+
+def _client(method: bytes = b"GET", headers: list[h1.Header] | None = None) -> tuple[h1.Connection, bytes]:
+    client = h1.Connection(h1.CLIENT)
+    wire = client.send(h1.Request(method, b"/", headers or [(b"Host", b"x")]))
+    wire += client.send(h1.EndOfMessage())
+    return client, wire
+
+
+def test_head_response_ends_at_its_head_and_the_connection_is_reused() -> None:
+    client, wire = _client(b"HEAD")
+    assert wire == b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n"
+    client.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    got = events(client)
+    assert isinstance(got[0], h1.Response) and isinstance(got[1], h1.EndOfMessage)
+    assert client.reusable
+    client.start_next_cycle()
+    client.send(h1.Request(b"GET", b"/", [(b"Host", b"x")]))
+    client.send(h1.EndOfMessage())
+    client.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+    assert events(client)[1] == h1.Data(b"abc")
+
+
+def test_informational_then_final_response() -> None:
+    client, _ = _client()
+    client.receive_data(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+    got = events(client)
+    assert isinstance(got[0], h1.InformationalResponse) and got[0].status_code == 100
+    assert isinstance(got[1], h1.Response) and got[1].status_code == 200
+    assert got[2:4] == [h1.Data(b"abc"), h1.EndOfMessage()]
+    assert client.reusable
+
+
+def test_close_delimited_response_ends_at_eof_and_is_not_reused() -> None:
+    client, _ = _client()
+    client.receive_data(b"HTTP/1.1 200 OK\r\n\r\nabc")
+    assert events(client)[1:] == [h1.Data(b"abc"), h1.NEED_DATA]
+    client.receive_data(b"")
+    assert events(client) == [h1.EndOfMessage(), h1.ConnectionClosed()]
+    assert not client.reusable
+
+
+def test_truncated_response_is_an_error() -> None:
+    client, _ = _client()
+    client.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    events(client)
+    client.receive_data(b"")
+    with pytest.raises(h1.ProtocolError):
+        events(client)
+
+
+def test_upgrade_keeps_the_bytes_after_it_both_ways() -> None:
+    upgrade = [(b"Host", b"x"), (b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(b"GET /ws HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in upgrade))
+    server.receive_data(b"\r\nCLIENT-FRAME")
+    got = events(server)
+    assert isinstance(got[0], h1.Request) and got[0].upgrade
+    assert server.trailing == b"CLIENT-FRAME"
+    client, _ = _client(headers=upgrade)
+    client.receive_data(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nSRV"
+    )
+    reply = events(client)[0]
+    assert isinstance(reply, h1.InformationalResponse) and reply.status_code == 101
+    assert client.switched and client.trailing == b"SRV"
+
+
+def test_declined_upgrade_parses_what_followed_as_http() -> None:
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    events(server)
+    server.send(h1.Response(200, [(b"content-length", b"0")]))
+    server.send(h1.EndOfMessage())
+    server.decline_upgrade()
+    server.start_next_cycle()
+    nxt = events(server)[0]
+    assert isinstance(nxt, h1.Request) and nxt.target == b"/next"
+
+
+@pytest.mark.parametrize(
+    ("wire", "status"),
+    [
+        (b"GET / HTTP/1.1\r\nHost cart\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+        (b"CONNECT cart:443 HTTP/1.1\r\nHost: cart:443\r\n\r\n", 405),
+    ],
+    ids=["header-line", "content-length", "cl-and-te", "bad-chunk", "huge-header", "connect"],
+)
+def test_malformed_requests(wire: bytes, status: int) -> None:
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(wire)
+    with pytest.raises(h1.ProtocolError) as caught:
+        events(server)
+    assert caught.value.status == status
+
+
+def test_a_head_that_never_ends_is_cut_at_the_limit() -> None:
+    server = h1.Connection(h1.SERVER, max_head=4096)
+    server.receive_data(b"GET / HTTP/1.1\r\nX: ")
+
+    def trickle() -> None:
+        for _ in range(100):
+            server.receive_data(b"a" * 100)
+            events(server)
+
+    with pytest.raises(h1.ProtocolError) as caught:
+        trickle()
+    assert caught.value.status == 431
+
+
+def test_request_written_is_read_back_by_h11() -> None:
+    client = h1.Connection(h1.CLIENT)
+    headers = [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked")]
+    wire = client.send(h1.Request(b"POST", b"/p?q=1", headers))
+    wire += client.send(h1.Data(b"hello")) + client.send(h1.EndOfMessage([(b"x-t", b"2")]))
+    read = h11_read(h11.SERVER, wire)
+    assert isinstance(read[0], h11.Request) and read[0].target == b"/p?q=1"
+    assert read[1].data == b"hello"  # type: ignore[attr-defined]
+    assert read[2].headers.raw_items() == [(b"x-t", b"2")]  # type: ignore[attr-defined]
+
+
+def test_header_injection_is_refused() -> None:
+    client = h1.Connection(h1.CLIENT)
+    with pytest.raises(h1.LocalProtocolError):
+        client.send(h1.Request(b"GET", b"/", [(b"Host", b"x\r\nEvil: 1")]))
