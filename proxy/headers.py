@@ -3,6 +3,7 @@ replacement, and the path a request names."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 from proxy.observe import TRACE_HEADERS
@@ -83,3 +84,79 @@ def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
         if n.lower() == name:
             return v
     return None
+
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PCT = re.compile(rb"%(..)?")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class BadPath(ValueError):
+    """A request target that cannot be normalized (bad percent-encoding). Spaces and control
+    characters never get here: the parser refuses them."""
+
+
+def _decode_unreserved(match: re.Match[bytes]) -> bytes:
+    pair = match.group(1)
+    if pair is None or pair[0] not in _HEX or pair[1] not in _HEX:
+        raise BadPath("invalid percent-encoding")
+    char = int(pair, 16)
+    return bytes([char]) if char in _UNRESERVED else b"%" + pair.upper()
+
+
+def remove_dot_segments(path: bytes) -> bytes:
+    """RFC 3986 section 5.2.4, for an absolute path."""
+    out: list[bytes] = []
+    segments = path.split(b"/")[1:]
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment == b"..":
+            if out:
+                out.pop()
+            if last:
+                out.append(b"")
+        elif segment == b".":
+            if last:
+                out.append(b"")
+        else:
+            out.append(segment)
+    return b"/" + b"/".join(out)
+
+
+def normalize_target(target: bytes) -> bytes:
+    """The request target the inbound sidecar authorizes and forwards, normalized as Istio's
+    default (``BASE``) does with Envoy's ``normalize_path``: backslashes become slashes,
+    percent-encoded unreserved characters are decoded (and the others' hex upper-cased, RFC 3986
+    section 6.2.2), then ``.`` and ``..`` segments are removed (section 5.2.4), so that
+    ``/public/%2e%2e/admin`` is ``/admin`` for the policy and for the app alike. The query is
+    kept as it is; duplicate slashes and encoded slashes (``%2F``) are kept (as Envoy's default).
+    Raises :class:`BadPath`."""
+    if target == b"*" or not target.startswith(b"/"):
+        prefix, path, query = _split_absolute(target)
+    else:
+        prefix = b""
+        path, sep, rest = target.partition(b"?")
+        query = sep + rest
+    if path == b"*":
+        return target
+    path = path.replace(b"\\", b"/")
+    if b"%" in path:
+        path = _PCT.sub(_decode_unreserved, path)
+    if b"." in path:
+        path = remove_dot_segments(path)
+    return prefix + path + query
+
+
+def _split_absolute(target: bytes) -> tuple[bytes, bytes, bytes]:
+    """(scheme://authority, path, ?query) of an absolute-form target; ``*`` and authority form
+    (CONNECT) are returned as a path of their own."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or not scheme.isalpha():
+        return b"", target, b""
+    slash = rest.find(b"/")
+    if slash < 0:
+        authority, path_query = rest, b"/"
+    else:
+        authority, path_query = rest[:slash], rest[slash:]
+    path, sep, query = path_query.partition(b"?")
+    return scheme + b"://" + authority, path, sep + query

@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from proxy import h1
-from proxy.headers import DENIED_REASON, forwarded, header, is_upgrade, request_path
+from proxy.headers import (
+    DENIED_REASON,
+    BadPath,
+    forwarded,
+    header,
+    is_upgrade,
+    normalize_target,
+    request_path,
+)
 from proxy.observe import Observer, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed
 from proxy.retry import RETRY_STATUSES, backoff
@@ -180,6 +188,13 @@ def _send_error(conn: h1.Connection, down: Pipe, status: int, why: str, ctx: Con
 async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Router, ctx: Context) -> bool:
     """One request and its response. False when the downstream connection is no longer HTTP."""
     raw = req.headers
+    if ctx.direction == "inbound":  # the enforcing side: the app gets the path the policy saw
+        try:
+            req.target = normalize_target(req.target)
+        except BadPath as exc:
+            _send_error(conn, down, 400, f"bad request target: {exc}", ctx)
+            down.close()
+            return False
     authority = header(raw, b"host") or b""
     info = RequestInfo(
         direction=ctx.direction,

@@ -180,6 +180,31 @@ async def test_per_request_authorization_on_one_keepalive_connection(
     assert pool.pool_of(mesh.sidecars["cart"]).opened == 1
 
 
+@pytest.mark.parametrize("target", ["/cart/../admin", "/cart/%2e%2e/admin", "/cart/x/..%2F..%2F../admin"])
+async def test_dot_segments_cannot_escape_an_allowed_prefix(
+    pair: tuple[str, int], cart_app: CartApp, target: str
+) -> None:
+    raw = await exchange(pair, f"GET {target} HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n".encode())
+    assert raw.startswith(b"HTTP/1.1 403") or raw.startswith(b"HTTP/1.1 200"), raw[:100]
+    if raw.startswith(b"HTTP/1.1 200"):  # still under /cart/ once normalized: the app saw that path
+        assert all(seen.startswith("GET /cart/") for seen in cart_app.seen), cart_app.seen
+    else:
+        assert cart_app.seen == []
+
+
+async def test_the_app_gets_the_normalized_path_the_policy_saw(
+    pair: tuple[str, int], cart_app: CartApp
+) -> None:
+    raw = await exchange(
+        pair, b"GET /cart/./a/../b?q=/../z HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n"
+    )
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:100]
+    assert cart_app.seen == ["GET /cart/b?q=/../z"]
+    bad = await exchange(pair, b"GET /cart/%zz HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n")
+    assert bad.startswith(b"HTTP/1.1 400") and b"percent-encoding" in bad
+    assert cart_app.seen == ["GET /cart/b?q=/../z"]
+
+
 async def test_hop_by_hop_headers_are_not_forwarded(pair: tuple[str, int]) -> None:
     req = (
         b"GET /cart/h HTTP/1.1\r\nHost: cart\r\nConnection: keep-alive, x-private\r\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.headers import connection_tokens, forwarded, is_upgrade, request_path
+from proxy.headers import BadPath, connection_tokens, forwarded, is_upgrade, normalize_target, request_path
 
 H = list[tuple[bytes, bytes]]
 
@@ -70,3 +70,35 @@ def test_connection_tokens() -> None:
 )
 def test_request_path(target: bytes, path: str) -> None:
     assert request_path(target) == path
+
+
+@pytest.mark.parametrize(
+    ("target", "normal"),
+    [
+        # RFC 3986 section 5.4.1/5.4.2 examples of remove_dot_segments, as absolute paths
+        (b"/a/b/c/./../../g", b"/a/g"),
+        (b"/mid/content=5/../6", b"/mid/6"),
+        (b"/a/..", b"/"),
+        (b"/a/.", b"/a/"),
+        (b"/../g", b"/g"),
+        (b"/public/../admin", b"/admin"),
+        (b"/public/%2e%2E/admin", b"/admin"),  # decoded unreserved, then dot segments
+        (b"/public\\..\\admin", b"/admin"),  # backslashes are slashes (as Envoy and browsers)
+        (b"/%7euser/%41%2f%3a", b"/~user/A%2F%3A"),  # unreserved decoded, the rest upper-cased
+        (b"/a%2fb/../c", b"/c"),  # an encoded slash is part of its segment
+        (b"//a//b", b"//a//b"),  # duplicate slashes are kept (Istio's BASE)
+        (b"/x/./y?q=/../z", b"/x/y?q=/../z"),  # the query is not touched
+        (b"http://cart:8080/a/../b?x=1", b"http://cart:8080/b?x=1"),
+        (b"*", b"*"),
+        (b"/plain", b"/plain"),
+    ],
+)
+def test_normalize_target(target: bytes, normal: bytes) -> None:
+    assert normalize_target(target) == normal
+    assert normalize_target(normal) == normal  # idempotent
+
+
+@pytest.mark.parametrize("target", [b"/a%2", b"/a%zz/b", b"/%"])
+def test_normalize_target_refuses_bad_percent_encoding(target: bytes) -> None:
+    with pytest.raises(BadPath):
+        normalize_target(target)
