@@ -33,6 +33,7 @@ from proxy.retry import RETRY_STATUSES, backoff
 
 log = logging.getLogger("sidemesh.proxy.http")
 MAX_HEAD = h1.MAX_HEAD  # request line and headers; more gets 431
+REPLAY_MAX = 64 * 1024  # request bodies up to this size are kept for a retry
 DRAIN_CHECK = 1.0  # how often an idle keep-alive connection looks whether the sidecar is draining
 
 
@@ -280,22 +281,25 @@ async def _forward(
         router.release(up, False, True)
         raise _BadRequest(exc) from exc
     bodiless = isinstance(first, h1.EndOfMessage)
+    body = _Body(bodiless)
     started = [False]  # a response head went downstream
     retried = False  # the one free retry of a request on a pooled connection closed under it
     attempt = 0  # retries by the route's policy (502/503/504, reset), from the budget
     while True:
         result.endpoint, result.destination = up.endpoint, up.destination
-        pump: asyncio.Task[int] | None = None
+        pump: asyncio.Task[None] | None = None
         try:
             data = up.conn.send(head)
-            if bodiless:
-                data += up.conn.send(h1.EndOfMessage())
+            if body.complete:  # no body, or a retry with the whole body kept: sent from here
+                for chunk in body.chunks:
+                    data += up.conn.send(h1.Data(chunk))
+                data += up.conn.send(h1.EndOfMessage(body.trailers))
             up.pipe.write(data)
-            if not bodiless:
-                pump = asyncio.create_task(_pump_body(conn, down, up, first))
+            if not body.complete:
+                pump = asyncio.create_task(_pump_body(conn, down, up, first, body))
                 pump.add_done_callback(_abort_on_failure(up.pipe))
-            # A request without a body can be sent again (a body is streamed, not kept for that).
-            retry_status = _retry_check(router, info.method, attempt) if bodiless else None
+            # A request can be sent again if its body (if any) was read whole and kept.
+            retry_status = _retry_check(router, info.method, attempt, body)
             spliced = await _relay_response(conn, down, up, result, started, deadline, retry_status)
             if pump is not None and not pump.done():
                 # The response is complete before the request body: the server will not read the
@@ -306,7 +310,8 @@ async def _forward(
                 down.close()
                 return False
             if pump is not None:
-                result.request_bytes = await pump
+                await pump
+            result.request_bytes = body.size
         except _Retry as exc:
             reusable = up.conn.reusable
             if reusable:
@@ -327,7 +332,7 @@ async def _forward(
             router.release(up, False, False)
             result.error = "timeout"
             local = Local(504, "upstream timeout", "allow", up.policy, "timeout")
-            if bodiless:
+            if body.complete:
                 await _answer_locally(conn, down, local, result)
                 return True
             _write_down(down, conn, _local_response(local, close=True))
@@ -339,7 +344,7 @@ async def _forward(
             if (
                 pump_exc is None
                 and not started[0]
-                and bodiless
+                and body.replayable
                 and not up.reused
                 and router.may_retry(info.method, None, True, attempt)
             ):
@@ -353,7 +358,7 @@ async def _forward(
                     return True
                 up = again
                 continue
-            if pump_exc is None and not started[0] and not retried and up.reused and bodiless:
+            if pump_exc is None and not started[0] and not retried and up.reused and body.replayable:
                 retried = True  # a pooled connection was closed under the request: once more, fresh
                 up.pipe.abort()
                 fresh = await router.fresh(up)
@@ -369,7 +374,7 @@ async def _forward(
                 raise _DownstreamGone(f"upstream failed mid-response: {exc}") from exc
             result.error = f"upstream: {exc}"
             local = Local(502, "upstream connection failed", "allow", up.policy, result.error)
-            if bodiless:
+            if body.complete:
                 await _answer_locally(conn, down, local, result)
                 return True
             _write_down(down, conn, _local_response(local, close=True))
@@ -387,8 +392,39 @@ async def _forward(
         return not spliced
 
 
-def _retry_check(router: Router, method: str, attempt: int) -> Callable[[int], bool]:
-    return lambda status: router.may_retry(method, status, False, attempt)
+def _retry_check(router: Router, method: str, attempt: int, body: _Body) -> Callable[[int], bool]:
+    """Whether a response head with this status is dropped for a retry: only when the request's
+    body was read whole and kept (the check runs when the head arrives, which may be before the
+    body has all been sent: then the response goes to the client)."""
+    return lambda status: body.replayable and router.may_retry(method, status, False, attempt)
+
+
+class _Body:
+    """A request body as it is streamed upstream, kept (up to ``REPLAY_MAX``) so that the request
+    can be retried: Linkerd keeps 64 KiB the same way. Bigger bodies are streamed, never kept."""
+
+    __slots__ = ("chunks", "complete", "overflow", "size", "trailers")
+
+    def __init__(self, empty: bool) -> None:
+        self.chunks: list[bytes] = []
+        self.trailers: list[h1.Header] = []
+        self.size = 0
+        self.complete = empty  # read to its end (and kept, unless overflow)
+        self.overflow = False
+
+    def keep(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.overflow:
+            return
+        if self.size > REPLAY_MAX:
+            self.overflow = True
+            self.chunks.clear()
+        else:
+            self.chunks.append(data)
+
+    @property
+    def replayable(self) -> bool:
+        return self.complete and not self.overflow
 
 
 async def _reroute(
@@ -409,7 +445,7 @@ def _write_down(down: Pipe, conn: h1.Connection, events: list[h1.Event]) -> None
         raise _DownstreamGone(str(exc)) from exc
 
 
-async def _stop(pump: asyncio.Task[int] | None) -> Exception | None:
+async def _stop(pump: asyncio.Task[None] | None) -> Exception | None:
     if pump is None:
         return None
     if not pump.done():
@@ -419,18 +455,18 @@ async def _stop(pump: asyncio.Task[int] | None) -> Exception | None:
     return _pump_error(pump)
 
 
-def _abort_on_failure(pipe: Pipe) -> Callable[[asyncio.Task[int]], None]:
+def _abort_on_failure(pipe: Pipe) -> Callable[[asyncio.Task[None]], None]:
     """A failed request body (bad chunking, client gone) aborts the upstream, which ends the wait
     for its response."""
 
-    def done(task: asyncio.Task[int]) -> None:
+    def done(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             pipe.abort()
 
     return done
 
 
-def _pump_error(task: asyncio.Task[int]) -> Exception | None:
+def _pump_error(task: asyncio.Task[None]) -> Exception | None:
     if task.cancelled():
         return None
     exc = task.exception()
@@ -439,9 +475,8 @@ def _pump_error(task: asyncio.Task[int]) -> Exception | None:
     return None
 
 
-async def _pump_body(conn: h1.Connection, down: Pipe, up: Upstream, first: object) -> int:
-    """Request body, downstream -> upstream; returns its size."""
-    sent = 0
+async def _pump_body(conn: h1.Connection, down: Pipe, up: Upstream, first: object, body: _Body) -> None:
+    """Request body, downstream -> upstream, kept in ``body`` while it is small."""
     event = first
     while True:
         if event is h1.NEED_DATA:
@@ -454,12 +489,14 @@ async def _pump_body(conn: h1.Connection, down: Pipe, up: Upstream, first: objec
                 raise _DownstreamGone(str(exc)) from exc
             continue
         if isinstance(event, h1.Data):
-            sent += len(event.data)
+            body.keep(event.data)
             up.pipe.write(up.conn.send(event))
             await up.pipe.drain()
         elif isinstance(event, h1.EndOfMessage):
+            body.trailers = event.headers
+            body.complete = True
             up.pipe.write(up.conn.send(event))
-            return sent
+            return
         elif isinstance(event, h1.ConnectionClosed):
             raise _DownstreamGone("closed in the middle of a request body")
         try:

@@ -60,13 +60,14 @@ class App:
         self.delay = delay
         self.hits = 0
         self.fail_next = 0  # answer this many requests with 503
+        self.bodies: list[bytes] = []  # the body of every request that reached the app
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self.runner = web.AppRunner(app)
 
     async def handle(self, request: web.Request) -> web.Response:
         self.hits += 1
-        await request.read()
+        self.bodies.append(await request.read())
         if self.fail_next > 0:
             self.fail_next -= 1
             return web.Response(status=503, text="busy")
@@ -142,6 +143,36 @@ async def test_idempotent_requests_are_retried_post_is_not(mesh: Mesh) -> None:
     assert (await asyncio.to_thread(session, addr, [("GET", "/r")]))[0][0] == 503  # out of retries
     app.fail_next = 1
     assert (await asyncio.to_thread(session, addr, [("POST", "/r")]))[0][0] == 503  # not idempotent
+
+
+def put(addr: tuple[str, int], body: bytes, chunked: bool = False) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(*addr, timeout=10)
+    if chunked:
+        conn.request(
+            "PUT", "/r", body=iter([body[: len(body) // 2], body[len(body) // 2 :]]), encode_chunked=True
+        )
+    else:
+        conn.request("PUT", "/r", body=body)
+    resp = conn.getresponse()
+    out = (resp.status, resp.read())
+    conn.close()
+    return out
+
+
+async def test_a_request_body_is_replayed_on_retry_when_small(mesh: Mesh) -> None:
+    write_mesh(mesh, two=False)
+    app = App("cart")
+    await start_mesh(mesh, [(CART1, app)])
+    addr = (mesh.addr(FRONTEND), OUT)
+    small = bytes(range(256)) * 40  # 10 KiB: kept while it streams, sent again on a retry
+    for chunked in (False, True):
+        app.fail_next, app.bodies = 2, []
+        assert await asyncio.to_thread(put, addr, small, chunked) == (200, b"cart")
+        assert app.bodies == [small] * 3, [len(b) for b in app.bodies]
+    big = small * 10  # 100 KiB: more than is kept (64 KiB), so the 503 goes back to the client
+    app.fail_next, app.bodies = 1, []
+    assert (await asyncio.to_thread(put, addr, big))[0] == 503
+    assert app.bodies == [big]
 
 
 async def test_retries_stop_when_the_budget_is_spent(mesh: Mesh) -> None:
