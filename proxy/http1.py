@@ -35,6 +35,7 @@ log = logging.getLogger("sidemesh.proxy.http")
 MAX_HEAD = h1.MAX_HEAD  # request line and headers; more gets 431
 REPLAY_MAX = 64 * 1024  # request bodies up to this size are kept for a retry
 DRAIN_CHECK = 1.0  # how often an idle keep-alive connection looks whether the sidecar is draining
+HEAD_TIMEOUT = 10.0  # from a request's first byte to the end of its head; then 408 (slow clients)
 
 
 @dataclass(slots=True)
@@ -88,6 +89,8 @@ class Context:
     observer: Observer
     idle_timeout: float
     draining: Callable[[], bool]
+    head_timeout: float = HEAD_TIMEOUT
+    on_refused: Callable[[str], None] = lambda reason: None  # a connection ended for ``reason``
     source: str | None = None
     service: str | None = None
     peer_address: str | None = None
@@ -112,6 +115,10 @@ class _Timeout(Exception):
     """No response head before the request's deadline."""
 
 
+class _HeadTimeout(Exception):
+    """The request head did not arrive whole in time (a slow or stuck client)."""
+
+
 async def next_event(conn: h1.Connection, pipe: Pipe) -> object:
     while True:
         event = conn.next_event()
@@ -119,6 +126,23 @@ async def next_event(conn: h1.Connection, pipe: Pipe) -> object:
             conn.receive_data(await pipe.read())
             continue
         return event
+
+
+async def _next_head(conn: h1.Connection, pipe: Pipe, timeout: float) -> object:
+    """The next event, once the request head is whole, within ``timeout`` of its first byte
+    (a timer per wait, not a task: this is the request path)."""
+    deadline: float | None = None
+    while True:
+        event = conn.next_event()
+        if event is not h1.NEED_DATA:
+            return event
+        if not pipe.has_input:
+            if deadline is None:
+                deadline = time.monotonic() + timeout
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await pipe.wait_input(remaining):
+                raise _HeadTimeout
+        conn.receive_data(await pipe.read())
 
 
 async def _wait_request(pipe: Pipe, ctx: Context) -> bool:
@@ -159,9 +183,13 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
                 if event is h1.NEED_DATA:
                     if not await _wait_request(down, ctx):
                         break
-                    event = await next_event(conn, down)
+                    event = await _next_head(conn, down, ctx.head_timeout)
             except h1.ProtocolError as exc:
                 _send_error(conn, down, exc.status, str(exc), ctx)
+                break
+            except _HeadTimeout:
+                ctx.on_refused("head_timeout")
+                _send_error(conn, down, 408, "request head not received in time", ctx)
                 break
             if isinstance(event, h1.ConnectionClosed) or event is h1.PAUSED:
                 break

@@ -1,0 +1,95 @@
+"""A request head must arrive whole within the head timeout of its first byte (slow clients,
+slowloris): the sidecar answers 408 and closes, and counts it; a normal client is unaffected."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from proxy import h1, http1
+from proxy.observe import NullObserver, RequestInfo
+from proxy.pipe import Pipe
+
+
+class Answer:
+    async def route(self, request: h1.Request, info: RequestInfo) -> http1.Local | http1.Upstream:
+        return http1.Local(200, f"{info.method} {info.path}", "allow")
+
+    def begin(self, info: RequestInfo) -> float | None:
+        return None
+
+    def may_retry(self, method: str, status: int | None, reset: bool, attempt: int) -> bool:
+        return False
+
+    async def fresh(self, up: http1.Upstream) -> http1.Local | http1.Upstream:
+        raise AssertionError("never forwards")
+
+    def release(self, up: http1.Upstream, reusable: bool, ok: bool) -> None:
+        raise AssertionError("never forwards")
+
+
+async def _serve(refused: list[str]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Task[None]]:
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    pipe = Pipe(framed=False, name="downstream")
+    await loop.connect_accepted_socket(lambda: pipe, a)
+    ctx = http1.Context(
+        "inbound",
+        NullObserver(),
+        idle_timeout=30,
+        draining=lambda: False,
+        head_timeout=0.4,
+        on_refused=refused.append,
+    )
+    task = asyncio.create_task(http1.serve(pipe, Answer(), ctx))
+    reader, writer = await asyncio.open_connection(sock=b)
+    return reader, writer, task
+
+
+async def test_a_head_that_stops_midway_gets_408() -> None:
+    refused: list[str] = []
+    reader, writer, task = await _serve(refused)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+    started = time.monotonic()
+    out = await asyncio.wait_for(reader.read(), 5)
+    assert out.startswith(b"HTTP/1.1 408 "), out
+    assert 0.3 < time.monotonic() - started < 3
+    assert refused == ["head_timeout"]
+    await asyncio.wait_for(task, 5)
+    writer.close()
+
+
+async def test_a_trickling_head_gets_408_although_bytes_keep_coming() -> None:
+    refused: list[str] = []
+    reader, writer, task = await _serve(refused)
+    line = b"GET /slow HTTP/1.1\r\nX-Pad: " + b"a" * 100
+
+    async def trickle() -> None:
+        for byte in line:
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.02)
+
+    sender = asyncio.create_task(trickle())
+    out = await asyncio.wait_for(reader.read(), 5)
+    sender.cancel()
+    assert out.startswith(b"HTTP/1.1 408 "), out
+    assert refused == ["head_timeout"]
+    await asyncio.wait_for(task, 5)
+    writer.close()
+
+
+async def test_keep_alive_requests_each_get_their_own_head_time() -> None:
+    refused: list[str] = []
+    reader, writer, task = await _serve(refused)
+    for i in range(3):  # idle between requests is the idle timeout's business, not the head's
+        await asyncio.sleep(0.5)
+        writer.write(f"GET /r{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        assert (await reader.readexactly(length)).startswith(f"GET /r{i}".encode())
+    assert refused == []
+    writer.close()
+    await asyncio.wait_for(task, 5)
