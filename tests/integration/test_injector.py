@@ -22,6 +22,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -718,3 +719,114 @@ async def test_the_serve_command_in_a_cluster(
             proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 20)
     assert code == 0
+
+
+# -- the injector restarted while the API server calls it (issue 9: "the injector down") -----------
+
+
+@dataclass
+class Outcome:
+    at: float
+    kind: str  # "injected" | "refused" (no answer: failurePolicy decides) | "bad" (an answer that is wrong)
+    detail: str = ""
+
+
+def _call_like_the_api_server(client: Client, reference: Json | None) -> Outcome:
+    """One admission as the API server makes it (5 s timeout). What it gets is either a whole
+    answer whose patch yields the reference pod, or no answer at all; anything else is bad."""
+    at = time.monotonic()
+    try:
+        conn = client.connect()
+        conn.timeout = 5
+        try:
+            status, body = client.post(review(uid=f"uid-{at}"), conn)
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if isinstance(exc, ValueError):  # a response body that is not JSON: cut in the middle
+            return Outcome(at, "bad", f"unparsable answer: {exc}")
+        return Outcome(at, "refused", type(exc).__name__)
+    response = body.get("response", {})
+    if status != 200 or not response.get("allowed") or response.get("uid") != f"uid-{at}":
+        return Outcome(at, "bad", f"{status} {str(body)[:200]}")
+    try:
+        pod = jsonpatch.apply_patch(POD, json.loads(base64.b64decode(response["patch"])))
+    except (KeyError, ValueError, jsonpatch.JsonPatchException) as exc:
+        return Outcome(at, "bad", f"patch: {exc}")
+    if reference is not None and pod != reference:
+        return Outcome(at, "bad", "a different pod than the reference")
+    return Outcome(at, "injected", json.dumps(pod, sort_keys=True))
+
+
+async def test_injector_restarted_under_admissions_never_half_injects(
+    start_ca: StartCA, tmp_path: Path
+) -> None:
+    """The API server keeps calling while the injector gets SIGTERM and a new process takes its
+    port. Every call either gets the whole patch (the same injected pod every time) or no answer
+    (then `failurePolicy: Fail` refuses the pod and its ReplicaSet retries); never a partial or
+    malformed answer. Calls in flight at the SIGTERM are answered (uvicorn's graceful shutdown)."""
+    ca, token_file = await start_injector_ca(start_ca, tmp_path)
+    write_pair(tmp_path, await issue_injector_svid(ca, token_file))
+    (tmp_path / "config.yaml").write_text("image: registry.local/sidemesh:1\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def start() -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "sidemesh"), "injector", "serve",
+            "--listen", f"127.0.0.1:{port}",
+            "--tls-cert", str(tmp_path / "tls.crt"),
+            "--tls-key", str(tmp_path / "tls.key"),
+            "--settings-file", str(tmp_path / "config.yaml"),
+            "--webhook-configuration", "",
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        await _read_until(proc.stderr, "injector serving", [])
+        return proc
+
+    client = Client(port, ca.bundle)
+    first = await start()
+    reference = await asyncio.to_thread(_call_like_the_api_server, client, None)
+    assert reference.kind == "injected", reference
+    expected = json.loads(reference.detail)
+    outcomes: list[Outcome] = []
+    stop = threading.Event()
+
+    def caller() -> None:
+        while not stop.is_set():
+            outcomes.append(_call_like_the_api_server(client, expected))
+            time.sleep(0.01)
+
+    callers = [asyncio.create_task(asyncio.to_thread(caller)) for _ in range(4)]
+    second: asyncio.subprocess.Process | None = None
+    try:
+        await asyncio.sleep(1.5)
+        down_at = time.monotonic()
+        first.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(first.wait(), 20) == 0
+        await asyncio.sleep(0.5)  # nobody listening for a moment: calls get no answer
+        second = await start()
+        up_at = time.monotonic()
+        await asyncio.sleep(1.5)
+    finally:
+        stop.set()
+        await asyncio.gather(*callers)
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(proc.wait(), 20)
+    bad = [o for o in outcomes if o.kind == "bad"]
+    refused = [o for o in outcomes if o.kind == "refused"]
+    injected = [o for o in outcomes if o.kind == "injected"]
+    # The figures, for bench.reliability (which runs this test):
+    print(
+        f"injector restart: {len(outcomes)} calls, {len(injected)} injected, {len(refused)} unanswered, "
+        f"{len(bad)} bad, down {up_at - down_at:.2f} s"
+    )
+    assert not bad, bad[:3]
+    assert any(o.at < down_at for o in injected) and any(o.at > up_at for o in injected)
+    assert refused, "the injector was down for 0.5 s: some calls must have found nobody"
+    # Only calls made while it was down got no answer (0.2 s of slack for a call's own connect).
+    assert all(down_at - 0.2 <= o.at <= up_at for o in refused), [(o.at - down_at, o.detail) for o in refused]
