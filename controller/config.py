@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,13 @@ class ControllerConfig:
         "0.0.0.0:15015",
         "Prometheus /metrics and status address; empty disables",
         env="SIDEMESH_CONTROLLER_METRICS_LISTEN",
+    )
+    status_from: str = option(
+        "127.0.0.0/8,::1/128",
+        "comma-separated networks that may read /status (it lists every connected sidecar's identity and "
+        "address); /metrics and /healthz/ready answer everyone. The default is the controller's own pod: "
+        "kubectl -n sidemesh-system port-forward deploy/sidemesh-controller 15015",
+        env="SIDEMESH_CONTROLLER_STATUS_FROM",
     )
     source: str = option(
         "kubernetes",
@@ -76,10 +84,17 @@ class ControllerConfig:
     )
     log_level: str = log_level_option()
 
+    def status_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        try:
+            return tuple(ipaddress.ip_network(n.strip()) for n in self.status_from.split(",") if n.strip())
+        except ValueError as exc:
+            raise ConfigError("status_from", f"{exc} (give networks like 127.0.0.0/8,10.0.0.0/8)") from exc
+
     def __post_init__(self) -> None:
         parse_hostport("listen", self.listen)
         if self.metrics_listen:
             parse_hostport("metrics_listen", self.metrics_listen)
+        self.status_networks()
         if self.source == "directory" and self.config_dir is None:
             raise ConfigError("config_dir", "required with --source directory")
         try:

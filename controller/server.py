@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
 import time
@@ -89,6 +90,7 @@ def peer_identity(context: grpc.aio.ServicerContext[typing.Any, typing.Any], tru
 class ConfigServer:
     def __init__(self, config: ControllerConfig, identity: WorkloadIdentity, source: Source) -> None:
         self.config = config
+        self._status_networks = config.status_networks()
         self.identity = identity
         self.source = source
         self.state = MeshState(config.trust_domain, DefaultPolicy(config.default_policy))
@@ -257,7 +259,8 @@ class ConfigServer:
                     "/metrics": self._page_metrics,
                     "/status": self._page_status,
                     "/healthz/ready": self._page_ready,
-                }
+                },
+                guard=self._status_guard,
             )
             self.status_port = await self._status.start(
                 *parse_hostport("metrics_listen", self.config.metrics_listen)
@@ -286,6 +289,22 @@ class ConfigServer:
     def _page_ready(self) -> tuple[int, str, bytes]:
         ready = self.ready.is_set() and self.identity.ready
         return json_response(200 if ready else 503, {"ready": ready, "version": self.state.version})
+
+    def _status_guard(self, path: str, client: str) -> str | None:
+        """/status names every connected sidecar: only ``--status-from`` networks may read it."""
+        if path != "/status":
+            return None
+        with contextlib.suppress(ValueError):
+            address = ipaddress.ip_address(client)
+            if address.version == 6 and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            if any(address in net for net in self._status_networks):
+                return None
+        return (
+            f"/status is not served to {client or 'this client'} (--status-from {self.config.status_from}); "
+            "read it from the controller's pod: kubectl -n sidemesh-system port-forward "
+            "deploy/sidemesh-controller 15015, then http://127.0.0.1:15015/status"
+        )
 
     def _page_status(self) -> tuple[int, str, bytes]:
         snap = self.state.snapshot

@@ -285,6 +285,8 @@ def _control_plane(shop: Shop) -> None:
         f"{gateway}:{CONTROLLER_PORT}",
         "--metrics-listen",
         f"{gateway}:{STATUS_PORT}",
+        "--status-from",
+        f"{gateway}/32",  # the demo's node reads /status (below); pods may not
         "--ca-address",
         f"{gateway}:{CA_PORT}",
         "--token-file",

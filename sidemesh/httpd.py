@@ -14,6 +14,8 @@ import h11
 log = logging.getLogger("sidemesh.httpd")
 
 Route = Callable[[], tuple[int, str, bytes]]
+# (path, the client's IP address) -> why it may not read that path, or None when it may.
+Guard = Callable[[str, str], str | None]
 # GET/HEAD of any path under a prefix: gets the path (without the query) and may await (app probes).
 PrefixRoute = Callable[[str], Awaitable[tuple[int, str, bytes]]]
 
@@ -23,9 +25,15 @@ def json_response(status: int, body: Any) -> tuple[int, str, bytes]:
 
 
 class HTTPServer:
-    def __init__(self, routes: dict[str, Route], prefixes: dict[str, PrefixRoute] | None = None) -> None:
+    def __init__(
+        self,
+        routes: dict[str, Route],
+        prefixes: dict[str, PrefixRoute] | None = None,
+        guard: Guard | None = None,
+    ) -> None:
         self.routes = routes
         self.prefixes = prefixes or {}
+        self.guard = guard
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
@@ -40,6 +48,8 @@ class HTTPServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
+        peer = writer.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         try:
             while True:
                 event = conn.next_event()
@@ -48,7 +58,7 @@ class HTTPServer:
                     conn.receive_data(data)
                     continue
                 if isinstance(event, h11.Request):
-                    status, ctype, body = await self._dispatch(event)
+                    status, ctype, body = await self._dispatch(event, client)
                     headers = [("content-type", ctype), ("content-length", str(len(body)))]
                     writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
                     writer.write(conn.send(h11.Data(data=body)) or b"")
@@ -63,8 +73,10 @@ class HTTPServer:
         finally:
             writer.close()
 
-    async def _dispatch(self, request: h11.Request) -> tuple[int, str, bytes]:
+    async def _dispatch(self, request: h11.Request, client: str = "") -> tuple[int, str, bytes]:
         path = request.target.decode("latin-1").split("?", 1)[0]
+        if self.guard is not None and (why := self.guard(path, client)) is not None:
+            return json_response(403, {"error": why})
         if request.method in (b"GET", b"HEAD"):
             for prefix, handler in self.prefixes.items():
                 if path.startswith(prefix):

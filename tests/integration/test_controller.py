@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from controller.config import ControllerConfig
 from controller.server import ConfigServer
 from controller.sources.directory import DirectorySource
 from sidemesh.api import config_pb2 as pb
+from sidemesh.config import ConfigError
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.spiffe import WorkloadId
 from tests.integration.conftest import StartCA
@@ -29,13 +31,14 @@ NAME = "sidemesh-controller.sidemesh-system.svc"
 
 
 class Controller:
-    def __init__(self, mesh: Mesh, port: int = 0) -> None:
+    def __init__(self, mesh: Mesh, port: int = 0, status_from: str = "127.0.0.0/8,::1/128") -> None:
         config = ControllerConfig(
             listen=f"127.0.0.1:{port}",
             metrics_listen="127.0.0.1:0",
             source="directory",
             config_dir=mesh.config_dir,
             coalesce=__import__("datetime").timedelta(milliseconds=50),
+            status_from=status_from,
         )
         identity = WorkloadIdentity(
             WorkloadId("sidemesh-system", "sidemesh-controller").spiffe_id("cluster.local"),
@@ -231,3 +234,24 @@ async def test_invalid_and_half_written_files_do_not_take_the_controller_down(
     assert await talk(mesh.addr(FRONTEND), OUT, b"ok") == b"OKBYE"
     with pytest.raises(ConnectionResetError):
         await talk(mesh.addr(STRANGER), OUT, b"no")
+
+
+async def test_status_names_sidecars_only_to_the_networks_allowed(mesh: Mesh) -> None:
+    """/status lists every connected sidecar's identity and address: by default only the
+    controller's own pod may read it; /metrics and readiness stay open (Prometheus, kubelet)."""
+    c = Controller(mesh, status_from="10.0.0.0/8")
+    await c.server.start()
+    try:
+        base = f"http://127.0.0.1:{c.server.status_port}"
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            await asyncio.to_thread(urllib.request.urlopen, f"{base}/status", timeout=5)
+        assert denied.value.code == 403
+        why = json.loads(denied.value.read())["error"]
+        denied.value.close()
+        assert "--status-from 10.0.0.0/8" in why and "port-forward" in why
+        with await asyncio.to_thread(urllib.request.urlopen, f"{base}/metrics", timeout=5) as metrics:
+            assert metrics.status == 200
+    finally:
+        await c.stop()
+    with pytest.raises(ConfigError, match="--status-from"):
+        ControllerConfig(status_from="not-a-network")
