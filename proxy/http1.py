@@ -323,6 +323,8 @@ async def _forward(
                     data += up.conn.send(h1.Data(chunk))
                 data += up.conn.send(h1.EndOfMessage(body.trailers))
             up.pipe.write(data)
+            if body.complete:
+                up.pipe.flush()  # the request is whole: out now
             if not body.complete:
                 pump = asyncio.create_task(_pump_body(conn, down, up, first, body))
                 pump.add_done_callback(_abort_on_failure(up.pipe))
@@ -581,12 +583,14 @@ async def _relay_response(
         elif isinstance(event, h1.Data):
             result.response_bytes += len(event.data)
             _write_down(down, conn, [event])
-            try:
-                await down.drain()
-            except PipeClosed as exc:
-                raise _DownstreamGone(str(exc)) from exc
+            if down.backpressured:  # else it goes out with what follows (one write, one record)
+                try:
+                    await down.drain()
+                except PipeClosed as exc:
+                    raise _DownstreamGone(str(exc)) from exc
         elif isinstance(event, h1.EndOfMessage):
             _write_down(down, conn, [event])
+            down.flush()  # the response is whole: out now, not a turn of the loop later
             conn.decline_upgrade()  # if the request asked for one: what followed it is HTTP again
             return False
         else:

@@ -218,6 +218,11 @@ class Pipe(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(frame)
 
+    @property
+    def backpressured(self) -> bool:
+        """The transport's write buffer is over its high-water mark: ``drain`` would wait."""
+        return self._writable is not None and not self._writable.done()
+
     async def drain(self) -> None:
         self.flush()
         if self._writable is not None and not self._writable.done():

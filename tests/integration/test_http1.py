@@ -6,6 +6,7 @@ chunked and large bodies, 100-continue, HEAD/204/304, WebSocket, malformed reque
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import re
@@ -46,6 +47,8 @@ class CartApp:
         app.router.add_route("*", "/cart/echo", self.echo)
         app.router.add_get("/cart/ws", self.ws)
         app.router.add_get("/cart/status/{code}", self.status)
+        app.router.add_get("/cart/firehose", self.firehose)
+        self.firehose_sent = 0
         app.router.add_route("*", "/{tail:.*}", self.info)
         self.app = app
         self.runner = web.AppRunner(app, keepalive_timeout=keepalive_timeout)
@@ -80,6 +83,18 @@ class CartApp:
         async for chunk in request.content.iter_any():
             await resp.write(chunk)
         await resp.write_eof()
+        return resp
+
+    async def firehose(self, request: web.Request) -> web.StreamResponse:
+        """Up to 1 GB as fast as the connection takes it, counting what it managed to send."""
+        resp = web.StreamResponse()
+        resp.content_length = 1 << 30
+        await resp.prepare(request)
+        chunk = b"x" * (1 << 20)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(1 << 10):
+                await resp.write(chunk)  # waits while the transport's buffer is full
+                self.firehose_sent += len(chunk)
         return resp
 
     async def status(self, request: web.Request) -> web.Response:
@@ -249,6 +264,24 @@ async def test_large_streamed_bodies_both_ways(pair: tuple[str, int], mesh: Mesh
             assert resp.status == 200
             assert resp.headers.get("transfer-encoding", "").lower() == "chunked"
             assert await resp.read() == payload
+
+
+async def test_a_client_that_does_not_read_stops_the_app_not_fills_the_sidecars(
+    pair: tuple[str, int], cart_app: CartApp
+) -> None:
+    """Backpressure through both sidecars: a 1 GB response to a client that reads nothing stalls
+    the app once the socket buffers and the sidecars' bounded buffers are full."""
+    reader, writer = await asyncio.open_connection(*pair)
+    writer.write(b"GET /cart/firehose HTTP/1.1\r\nHost: cart\r\n\r\n")
+    await reader.readexactly(1024)
+    await asyncio.sleep(2.0)
+    stalled_at = cart_app.firehose_sent
+    await asyncio.sleep(1.0)
+    assert cart_app.firehose_sent == stalled_at, "the app is still sending: something buffers it all"
+    # Kernel socket buffers of four connections (loopback autotunes to several MB each) plus the
+    # sidecars' own bounded buffers: far less than the 1 GB an unbounded proxy would take in.
+    assert stalled_at < 128 << 20, stalled_at
+    writer.transport.abort()
 
 
 async def test_content_length_body(pair: tuple[str, int], mesh: Mesh) -> None:
