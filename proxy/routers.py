@@ -233,7 +233,11 @@ async def serve_connection(sc: Sidecar, relay: Relay, down: Pipe, router: Router
 
 
 def context(
-    sc: Sidecar, direction: Literal["inbound", "outbound"], relay: Relay, **kw: str | None
+    sc: Sidecar,
+    direction: Literal["inbound", "outbound"],
+    relay: Relay,
+    source: str | None = None,
+    service: str | None = None,
 ) -> Context:
     return Context(
         direction=direction,
@@ -242,9 +246,10 @@ def context(
         # Inbound keep-alive connections close when idle once the sidecar drains (callers move to
         # other endpoints); the app's outbound ones stay usable while it finishes its work.
         draining=(lambda: sc.draining) if direction == "inbound" else (lambda: False),
+        source=source,
+        service=service,
         peer_address=str(relay.info.get("client")),
         log_extra=relay.info,
-        **kw,
     )
 
 
