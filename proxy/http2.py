@@ -1,25 +1,35 @@
-"""HTTP/2 (prior knowledge, as gRPC speaks it) on the inbound side: every stream is authorized on
-its own; allowed streams are forwarded to the app over one HTTP/2 connection per downstream
-connection, denied ones answered by the sidecar (gRPC: a trailers-only response with
-``grpc-status: 7``; otherwise 403), with the reason in ``sidemesh-denied-reason``.
+"""HTTP/2 (prior knowledge, as gRPC speaks it), terminated on both sides of the mesh: every stream
+is routed on its own by a :class:`StreamRouter`.
 
-Both connections are h2 state machines (no I/O); this module moves events between them. Flow
-control is end to end: DATA received on one side is acknowledged (its window reopened) only once
-it has been handed to the other side's connection and that socket has drained, so a slow reader
-slows its sender instead of filling the proxy's memory. Request and response trailers, resets and
-informational responses are passed on.
+- Inbound (``proxy.routers.serve_h2``): each stream is authorized; allowed streams are forwarded
+  to the app over HTTP/2, denied ones answered by the sidecar (gRPC: a trailers-only response with
+  ``grpc-status: 7``; otherwise 403), with the reason in ``sidemesh-denied-reason``.
+- Outbound (``proxy.h2route``): each stream gets an endpoint from the balancer, and rides an
+  HTTP/2 connection to that endpoint's sidecar (inside `sidemesh/1` mTLS) shared by the streams of
+  the app's connection that go there; the Service's timeout bounds the wait for the response head
+  (then: ``grpc-status: 4`` or 504), and a stream the endpoint did not process (refused, or its
+  connection failed) may be sent again elsewhere.
+
+Every connection is an h2 state machine (no I/O); this module moves events between them. Upstream
+connections are keyed by where they go (the app; an endpoint); a key gets another connection when
+the peer's ``MAX_CONCURRENT_STREAMS`` is reached, and the loss of one fails only its streams.
+Flow control is end to end: DATA received on one side is acknowledged (its window reopened) only
+once it has been handed to the other side's connection, so a slow reader slows its sender instead
+of filling the proxy's memory (a stream waiting for its upstream connection holds at most its own
+window). Request and response trailers, resets and informational responses are passed on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import h2.config
 import h2.connection
@@ -27,45 +37,153 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
+from proxy import framing
 from proxy.headers import DENIED_REASON
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed
+from proxy.retry import MAX_REPLAY_BODY, Failure, backoff
 
 log = logging.getLogger("sidemesh.proxy.http2")
+GRPC_DEADLINE_EXCEEDED = 4
 GRPC_PERMISSION_DENIED = 7
 GRPC_UNAVAILABLE = 14
 DRAIN_CHECK = 1.0  # how often an idle connection looks whether the sidecar is draining
+# Streams sent on a new connection before the peer's SETTINGS come (h2 enforces its limit, 100 by
+# default, from the start, and a stream over it fails the whole connection).
+UNSETTLED_MAX_STREAMS = 100
+CONNECT_ROUNDS = 3  # connections a stream waits for before it counts as not connected
 Header = tuple[bytes, bytes]
+Item = tuple[bytes | list[Header] | None, int]  # (data | trailers | end, flow-controlled length)
+_REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
 
 
 @dataclass(slots=True)
 class Denial:
+    """An answer the sidecar gives itself instead of forwarding a stream."""
+
     status: int  # HTTP status for a non-gRPC request
     reason: str
     policy: str | None = None
     grpc_status: int = GRPC_PERMISSION_DENIED
     decision: Literal["allow", "deny"] = "deny"
+    error: str | None = None  # for the span and the access log (e.g. "no endpoints")
+
+
+ConnectApp = Callable[[], Awaitable[Pipe]]
+
+
+@dataclass(slots=True)
+class Target:
+    """Where one attempt of a stream goes: a connection of the ones keyed ``key`` (``connect``
+    makes one when none has room), and what the span and the access log say about it."""
+
+    key: object
+    connect: ConnectApp
+    reason: str = ""  # why the stream was allowed
+    policy: str | None = None
+    endpoint: str | None = None  # "ip:port" (outbound)
+    destination: str | None = None  # the endpoint's SPIFFE ID (outbound)
+    unreachable: str = "app not reachable"  # the answer when no connection can be made
+    ticket: object = None  # the router's own (the outbound side's balancer lease)
+
+
+class StreamRouter(Protocol):
+    direction: Literal["inbound", "outbound"]
+    source: str | None  # the caller's SPIFFE ID, for RequestInfo
+    service: str | None  # outbound: the destination service
+    retries: bool  # whether request bodies are kept (up to MAX_REPLAY_BODY) for a retry
+
+    def begin(self, info: RequestInfo) -> float | None:
+        """Once per stream: the seconds it may wait for its response head (retries included)."""
+        ...
+
+    def route(self, info: RequestInfo, tried: list[Target]) -> Denial | Target:
+        """Where the stream goes (``tried``: the targets of its earlier attempts), or its answer."""
+        ...
+
+    def report(self, target: Target, ok: bool) -> None:
+        """The attempt's response head came (``ok``: not a 5xx), or it failed before."""
+        ...
+
+    def release(self, target: Target, ok: bool) -> None:
+        """The attempt is over (reports too, if that was not done)."""
+        ...
+
+    def may_retry(self, method: str, failure: Failure, attempt: int) -> bool:
+        """Whether attempt ``attempt`` (0: the first) that ended with ``failure`` before its
+        response head may be sent again (and takes the retry from the budget)."""
+        ...
+
+
+Authorize = Callable[[str, str], Denial | tuple[str, str | None]]  # (reason, policy) when allowed
+
+
+class _AppRouter:
+    """The inbound side: each stream authorized; allowed ones share the connection(s) to the app."""
+
+    direction: Literal["inbound", "outbound"] = "inbound"
+    service: str | None = None
+    retries: bool = False
+
+    def __init__(self, authorize: Authorize, connect_app: ConnectApp, source: str | None) -> None:
+        self.authorize = authorize
+        self.connect_app = connect_app
+        self.source = source
+
+    def begin(self, info: RequestInfo) -> float | None:
+        return None  # timeouts and retries are the caller's side's (outbound)
+
+    def route(self, info: RequestInfo, tried: list[Target]) -> Denial | Target:
+        verdict = self.authorize(info.method, info.path)
+        if isinstance(verdict, Denial):
+            return verdict
+        return Target("app", self.connect_app, verdict[0], verdict[1])
+
+    def report(self, target: Target, ok: bool) -> None:
+        pass
+
+    def release(self, target: Target, ok: bool) -> None:
+        pass
+
+    def may_retry(self, method: str, failure: Failure, attempt: int) -> bool:
+        return False
 
 
 @dataclass(slots=True)
 class _Stream:
     down_id: int
+    info: RequestInfo
     span: RequestSpan
     result: RequestResult
     grpc: bool
+    head: list[Header]  # the request head as forwarded (trace headers replaced)
+    up: _Up | None = None
     up_id: int | None = None
-    ended_down: bool = False  # the response's END_STREAM went downstream
-    ended_up: bool = False  # the request's END_STREAM went upstream
-    end_queued_up: bool = False  # the request's end (END_STREAM or trailers) is queued or sent
-    end_queued_down: bool = False
+    target: Target | None = None
+    request_ended: bool = False  # the request's end (END_STREAM or trailers) came from downstream
+    responded: bool = False  # a final response head came from upstream
+    ended_up: bool = False  # the request's end went upstream
+    end_queued_down: bool = False  # the response's end is queued or sent
     # per direction: queued (data | trailers | end) not yet sent for lack of window
-    to_up: deque[tuple[bytes | list[Header] | None, int]] = field(default_factory=deque)
-    to_down: deque[tuple[bytes | list[Header] | None, int]] = field(default_factory=deque)
+    to_up: deque[Item] = field(default_factory=deque)
+    to_down: deque[Item] = field(default_factory=deque)
+    replay: list[bytes] | None = None  # the request body kept for a retry; None: not replayable
+    replay_size: int = 0
+    trailers: list[Header] | None = None
+    attempt: int = 0
+    tried: list[Target] = field(default_factory=list)
+    deadline: float | None = None
+    timer: asyncio.TimerHandle | None = None
+    task: asyncio.Task[None] | None = None  # connecting, or waiting to retry
 
 
 class _Side:
     def __init__(self, pipe: Pipe, client: bool) -> None:
-        config = h2.config.H2Configuration(client_side=client, header_encoding=None)
+        # What is sent was validated when received on the other side (or is the sidecar's own):
+        # validating it again costs time on every stream for nothing.
+        config = h2.config.H2Configuration(
+            client_side=client, header_encoding=None, validate_outbound_headers=False
+        )
         self.pipe = pipe
         self.conn = h2.connection.H2Connection(config=config)
         self.conn.initiate_connection()
@@ -76,33 +194,65 @@ class _Side:
             self.pipe.write(data)
 
 
+class _Up(_Side):
+    """An upstream connection: the streams on it, by their upstream id."""
+
+    def __init__(self, pipe: Pipe, key: object) -> None:
+        super().__init__(pipe, client=True)
+        self.key = key
+        self.streams: dict[int, _Stream] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.closing = False  # GOAWAY received, or the connection failed: no new streams
+        self.last_stream_id: int | None = None  # from the GOAWAY: streams above were not processed
+        self.limit: int | None = None  # streams open when h2 refused one more (our count drifted)
+        self.settled = False  # the peer's SETTINGS (its MAX_CONCURRENT_STREAMS) arrived
+
+    def has_room(self) -> bool:
+        transport = self.pipe.transport
+        if self.closing or transport is None or transport.is_closing() or self.pipe.ended:
+            return False
+        # (Our count, not h2's open_outbound_streams, which walks every stream: a stream leaves
+        # ``streams`` when it closes or is reset. send_headers still refuses one too many.)
+        limit = self.conn.remote_settings.max_concurrent_streams
+        if not self.settled:
+            limit = min(limit, UNSETTLED_MAX_STREAMS)
+        return len(self.streams) < (limit if self.limit is None else min(limit, self.limit))
+
+    def try_flush(self) -> None:
+        with contextlib.suppress(PipeClosed):  # its reader notices and fails its streams
+            self.flush()
+
+
 def _headers(raw: object) -> list[Header]:
     return [(bytes(n), bytes(v)) for n, v in raw]  # type: ignore[attr-defined]
 
 
-Authorize = Callable[[str, str], Denial | tuple[str, str | None]]  # (reason, policy) when allowed
-ConnectApp = Callable[[], Awaitable[Pipe]]
-
-
 class H2Proxy:
+    """One downstream HTTP/2 connection. Inbound callers pass ``authorize`` and ``connect_app``;
+    other sides pass their ``router`` (and None for both)."""
+
     def __init__(
         self,
         down: Pipe,
-        authorize: Authorize,
-        connect_app: ConnectApp,
+        authorize: Authorize | None,
+        connect_app: ConnectApp | None,
         start_span: Callable[[RequestInfo], RequestSpan],
         info: dict[str, object],
+        router: StreamRouter | None = None,
     ) -> None:
         self.down = _Side(down, client=False)
-        self.up: _Side | None = None
-        self.authorize = authorize
-        self.connect_app = connect_app
+        if router is None:
+            if authorize is None or connect_app is None:
+                raise TypeError("H2Proxy needs a router, or authorize and connect_app")
+            router = _AppRouter(authorize, connect_app, str(info.get("source")))
+        self.router: StreamRouter = router
         self.start_span = start_span
         self.info = info
         self.streams: dict[int, _Stream] = {}  # by downstream id
-        self.by_up: dict[int, _Stream] = {}
-        self._up_task: asyncio.Task[None] | None = None
-        self._connecting: asyncio.Lock = asyncio.Lock()
+        self.ups: dict[object, list[_Up]] = {}  # by target key
+        self._connecting: dict[object, asyncio.Task[_Up]] = {}
+        self._written: set[_Up] = set()  # upstream connections written to in this batch
+        self.closed = False
 
     async def run(self, idle_timeout: float, draining: Callable[[], bool] = lambda: False) -> None:
         self.down.flush()
@@ -123,15 +273,22 @@ class H2Proxy:
                     break
                 for event in events:
                     with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset meanwhile
-                        await self._on_down(event)
+                        self._on_down(event)
                 self.down.flush()
-                if self.up is not None:
-                    self.up.flush()
-                    await self.up.pipe.drain()
+                await self._flush_written()
         except (PipeClosed, ConnectionError):
             pass
         finally:
             await self._close()
+
+    async def _flush_written(self) -> None:
+        """Send what the batch queued upstream; wait while a connection's socket is backed up."""
+        written, self._written = self._written, set()
+        for up in written:
+            up.try_flush()
+        for up in written:
+            with contextlib.suppress(PipeClosed, ConnectionError):
+                await up.pipe.drain()
 
     async def _wait_idle(self, idle_timeout: float, draining: Callable[[], bool]) -> bool:
         """With no stream open: wait for the client; False when idle too long or draining."""
@@ -144,94 +301,98 @@ class H2Proxy:
         return True
 
     async def _close(self) -> None:
+        self.closed = True
         for stream in list(self.streams.values()):
             self._finish(stream, error="connection closed")
-        if self._up_task is not None:
-            self._up_task.cancel()
+        tasks: list[asyncio.Task[None] | asyncio.Task[_Up]] = list(self._connecting.values())
+        tasks += [up.task for ups in self.ups.values() for up in ups if up.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._up_task
-        if self.up is not None:
-            self.up.pipe.close()
+                await task
+        for ups in self.ups.values():
+            for up in ups:
+                up.pipe.close()
         self.down.pipe.close()
 
     # -- downstream (the caller) -------------------------------------------------------------
 
-    async def _on_down(self, event: h2.events.Event) -> None:
+    def _on_down(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
-            await self._request(event)
+            self._request(event)
         elif isinstance(event, h2.events.DataReceived):
             stream = self.streams.get(event.stream_id)
-            if stream is None or stream.up_id is None:  # denied: its body is dropped
+            if stream is None:  # denied or over: its body is dropped
                 self.down.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 return
             stream.result.request_bytes += len(event.data)
+            if stream.replay is not None:
+                stream.replay_size += len(event.data)
+                if stream.replay_size > MAX_REPLAY_BODY:
+                    stream.replay = None
+                elif event.data:
+                    stream.replay.append(event.data)
             stream.to_up.append((event.data, event.flow_controlled_length))
             self._pump(stream, up=True)
         elif isinstance(event, (h2.events.TrailersReceived, h2.events.StreamEnded)):
             stream = self.streams.get(event.stream_id)
-            if stream is not None and stream.up_id is not None and not stream.end_queued_up:
-                stream.end_queued_up = True
-                trailers = isinstance(event, h2.events.TrailersReceived)
-                stream.to_up.append((_headers(event.headers) if trailers else None, 0))  # type: ignore[union-attr]
+            if stream is not None and not stream.request_ended:
+                stream.request_ended = True
+                if isinstance(event, h2.events.TrailersReceived):
+                    stream.trailers = _headers(event.headers)
+                stream.to_up.append((stream.trailers, 0))
                 self._pump(stream, up=True)
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                if stream.up_id is not None and self.up is not None:
+                if stream.up is not None and stream.up_id is not None:
                     with contextlib.suppress(h2.exceptions.ProtocolError):
-                        self.up.conn.reset_stream(stream.up_id, event.error_code or 0)
+                        stream.up.conn.reset_stream(stream.up_id, event.error_code or 0)
+                    self._written.add(stream.up)
                 self._finish(stream, error="reset by the client")
         elif isinstance(event, h2.events.WindowUpdated):
-            self._pump_all(up=False, stream_id=event.stream_id, by_up=False)
+            self._pump_all(self.streams, event.stream_id, up=False)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._pump_all(self.streams, 0, up=False)  # the initial window may have grown
 
-    async def _request(self, event: h2.events.RequestReceived) -> None:
+    def _request(self, event: h2.events.RequestReceived) -> None:
         headers = _headers(event.headers)
         pseudo = {n: v for n, v in headers if n.startswith(b":")}
-        method = pseudo.get(b":method", b"").decode("latin-1")
-        path = pseudo.get(b":path", b"/").decode("latin-1")
         content_type = next((v for n, v in headers if n == b"content-type"), b"")
         grpc = content_type.startswith(b"application/grpc")
+        router = self.router
         info = RequestInfo(
-            direction="inbound",
+            direction=router.direction,
             protocol="grpc" if grpc else "h2",
-            method=method,
-            path=path,
+            method=pseudo.get(b":method", b"").decode("latin-1"),
+            path=pseudo.get(b":path", b"/").decode("latin-1"),
             authority=pseudo.get(b":authority", b"").decode("latin-1"),
             headers=[(n, v) for n, v in headers if not n.startswith(b":")],
-            source=str(self.info.get("source")),
+            source=router.source,
+            service=router.service,
             peer_address=str(self.info.get("client")),
         )
         span = self.start_span(info)
-        stream = _Stream(event.stream_id, span, RequestResult(status=None), grpc)
+        head = [(n, v) for n, v in headers if n not in TRACE_HEADERS] + span.trace_headers()
+        stream = _Stream(event.stream_id, info, span, RequestResult(status=None), grpc, head)
+        stream.request_ended = event.stream_ended is not None
         self.streams[event.stream_id] = stream
-        verdict = self.authorize(method, path)
-        if isinstance(verdict, Denial):
-            self._deny(stream, verdict, ended=event.stream_ended is not None)
-            return
-        stream.result.reason, stream.result.policy = verdict
-        try:
-            up = await self._upstream()
-        except Exception as exc:  # the app is not reachable (the connector's error says why)
-            stream.result.error = str(exc)
-            denial = Denial(502, "app not reachable", verdict[1], GRPC_UNAVAILABLE, "allow")
-            self._deny(stream, denial, ended=event.stream_ended is not None)
-            return
-        forwarded = [(n, v) for n, v in headers if n not in TRACE_HEADERS] + span.trace_headers()
-        try:
-            stream.up_id = up.conn.get_next_available_stream_id()
-            up.conn.send_headers(stream.up_id, forwarded, end_stream=event.stream_ended is not None)
-        except h2.exceptions.TooManyStreamsError:
-            self.down.conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
-            self._finish(stream, error="the app's stream limit")
-            return
-        stream.ended_up = stream.end_queued_up = event.stream_ended is not None
-        self.by_up[stream.up_id] = stream
-        up.flush()
+        timeout = router.begin(info)
+        if timeout is not None:
+            stream.deadline = time.monotonic() + timeout
+            stream.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, stream)
+        if router.retries:
+            stream.replay = []
+        self._route(stream)
 
-    def _deny(self, stream: _Stream, denial: Denial, ended: bool) -> None:
+    def _deny(self, stream: _Stream, denial: Denial) -> None:
+        """Answer the stream here (before any response head went down) and end it."""
         reason = denial.reason.encode("ascii", "replace")[:512]
         r = stream.result
         r.decision, r.reason, r.policy = denial.decision, denial.reason, denial.policy
+        if denial.error is not None:
+            r.error = denial.error
         if stream.grpc:  # trailers-only: the status is in the (only) HEADERS frame
             r.status, r.grpc_status = 200, denial.grpc_status
             headers = [
@@ -253,65 +414,238 @@ class H2Proxy:
             ]
             self.down.conn.send_headers(stream.down_id, headers)
             self.down.conn.send_data(stream.down_id, body, end_stream=True)
-        if not ended:  # the request body will not be read (RFC 9113 section 8.1)
-            with contextlib.suppress(h2.exceptions.StreamClosedError):  # it may have ended meanwhile
-                self.down.conn.reset_stream(stream.down_id, h2.errors.ErrorCodes.NO_ERROR)
+        stream.ended_up = True  # nothing more goes anywhere
         self._finish(stream)
 
-    # -- upstream (the app) ------------------------------------------------------------------
+    # -- routing each attempt ----------------------------------------------------------------
 
-    async def _upstream(self) -> _Side:
-        async with self._connecting:
-            if self.up is None or self.up.pipe.at_eof:
-                pipe = await self.connect_app()
-                self.up = _Side(pipe, client=True)
-                self.up.flush()
-                self.by_up.clear()
-                self._up_task = asyncio.create_task(self._up_loop(self.up))
-            return self.up
+    def _route(self, stream: _Stream) -> None:
+        """Pick the attempt's target; send the head now if a connection there has room, else
+        connect (in a task: the other streams go on meanwhile)."""
+        target = self.router.route(stream.info, stream.tried)
+        if isinstance(target, Denial):
+            self._deny(stream, target)
+            return
+        stream.target = target
+        r = stream.result
+        r.reason, r.policy, r.endpoint, r.destination = (
+            target.reason,
+            target.policy,
+            target.endpoint,
+            target.destination,
+        )
+        up = next((u for u in self.ups.get(target.key, ()) if u.has_room()), None)
+        if up is not None and self._send_head(stream, up):
+            return
+        stream.task = asyncio.create_task(self._connect_and_send(stream, target))
 
-    async def _up_loop(self, up: _Side) -> None:
+    def _send_head(self, stream: _Stream, up: _Up) -> bool:
+        """The request head on ``up`` (False: no room there after all), then what is queued."""
+        end = stream.request_ended and not stream.to_up
+        try:
+            sid = up.conn.get_next_available_stream_id()
+            up.conn.send_headers(sid, stream.head, end_stream=end)
+        except h2.exceptions.TooManyStreamsError:
+            up.limit = len(up.streams)  # no more here: the stream waits for another connection
+            return False
+        stream.up, stream.up_id, stream.ended_up = up, sid, end
+        up.streams[sid] = stream
+        self._pump(stream, up=True)
+        self._written.add(up)
+        return True
+
+    async def _connect_and_send(self, stream: _Stream, target: Target) -> None:
+        me = asyncio.current_task()
+        try:
+            for _ in range(CONNECT_ROUNDS):
+                up = await self._connection(target)
+                if self.streams.get(stream.down_id) is not stream or stream.target is not target:
+                    return  # over (reset, timed out) meanwhile
+                if up.has_room() and self._send_head(stream, up):
+                    break  # (else it filled up, or closed, meanwhile: another one)
+            else:
+                raise PipeClosed("no connection took the stream")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # no connection (the connector's error says why)
+            if stream.task is me:
+                stream.task = None
+            log.info("upstream connection failed", extra={**self.info, "reason": str(exc)})
+            self._failed(stream, Failure.CONNECT, str(exc), sent=False)
+        else:
+            if stream.task is me:
+                stream.task = None
+        self._flush_now()
+
+    async def _connection(self, target: Target) -> _Up:
+        """A connection for ``target`` with room for a stream: an open one, or a new one (made once
+        for all the streams waiting for it)."""
+        up = next((u for u in self.ups.get(target.key, ()) if u.has_room()), None)
+        if up is not None:
+            return up
+        task = self._connecting.get(target.key)
+        if task is None:
+            task = self._connecting[target.key] = asyncio.create_task(self._open(target))
+            task.add_done_callback(functools.partial(self._connected, target.key))
+        return await asyncio.shield(task)
+
+    def _connected(self, key: object, task: asyncio.Task[_Up]) -> None:
+        if self._connecting.get(key) is task:
+            del self._connecting[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter has it (or none is left to care)
+
+    async def _open(self, target: Target) -> _Up:
+        pipe = await target.connect()
+        if self.closed:
+            pipe.close()
+            raise PipeClosed("the downstream connection is closed")
+        up = _Up(pipe, target.key)
+        up.flush()
+        self.ups.setdefault(target.key, []).append(up)
+        up.task = asyncio.create_task(self._up_loop(up))
+        return up
+
+    def _flush_now(self) -> None:
+        """Outside the downstream loop (a task, a timer): send what is queued."""
+        with contextlib.suppress(PipeClosed):
+            self.down.flush()
+        written, self._written = self._written, set()
+        for up in written:
+            up.try_flush()
+
+    # -- failures, retries, the timeout -------------------------------------------------------
+
+    def _detach(self, stream: _Stream, ok: bool) -> None:
+        """End the stream's current attempt: its upstream stream is reset, its target released."""
+        up, sid = stream.up, stream.up_id
+        if up is not None and sid is not None:
+            up.streams.pop(sid, None)
+            self._ack(up, sid, stream.to_down)
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                up.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            self._written.add(up)
+        stream.up = stream.up_id = None
+        stream.ended_up = False
+        if stream.target is not None:
+            self.router.release(stream.target, ok)
+            stream.target = None
+
+    def _failed(self, stream: _Stream, failure: Failure, why: str, sent: bool) -> None:
+        """The attempt ended before its response head: ``failure``; ``sent``: its request went
+        (at least in part) to the upstream. Retried if allowed, else answered or reset."""
+        if self.streams.get(stream.down_id) is not stream:
+            return
+        target = stream.target
+        if target is not None:
+            stream.tried.append(target)
+        self._detach(stream, ok=False)
+        pause = 0.0 if failure is Failure.CONNECT else backoff(stream.attempt)
+        if self._may_retry(stream, failure, sent, pause):
+            stream.attempt += 1
+            stream.result.retries += 1
+            log.info("retrying", extra={**self.info, "reason": why, "attempt": stream.attempt})
+            if sent:  # what went up is acknowledged downstream: send the kept copy again
+                self._ack(self.down, stream.down_id, stream.to_up)
+                stream.to_up.clear()
+                stream.to_up.extend((chunk, 0) for chunk in stream.replay or ())
+                if stream.request_ended and (stream.replay or stream.trailers is not None):
+                    stream.to_up.append((stream.trailers, 0))
+            if pause > 0:
+                stream.task = asyncio.create_task(self._route_later(stream, pause))
+            else:
+                self._route(stream)
+            return
+        stream.result.error = "upstream reset" if sent else why
+        if not sent and target is not None:  # nothing went out: answer (502 / UNAVAILABLE)
+            self._deny(stream, Denial(502, target.unreachable, target.policy, GRPC_UNAVAILABLE, "allow"))
+            return
+        code = _REFUSED if failure is Failure.CONNECT else h2.errors.ErrorCodes.INTERNAL_ERROR
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.down.conn.reset_stream(stream.down_id, code)
+        self._finish(stream, error="upstream reset")
+
+    def _may_retry(self, stream: _Stream, failure: Failure, sent: bool, pause: float) -> bool:
+        if self.closed or not self.router.retries:
+            return False
+        if sent and not (stream.request_ended and stream.replay is not None):
+            return False  # the request went up in part or is big: it cannot be sent again
+        if stream.deadline is not None and time.monotonic() + pause >= stream.deadline:
+            return False
+        return self.router.may_retry(stream.info.method, failure, stream.attempt)
+
+    async def _route_later(self, stream: _Stream, pause: float) -> None:
+        await asyncio.sleep(pause)
+        if self.streams.get(stream.down_id) is stream:
+            stream.task = None
+            self._route(stream)
+            self._flush_now()
+
+    def _timed_out(self, stream: _Stream) -> None:
+        """No response head within the Service's timeout: the upstream stream is reset and the
+        caller answered (gRPC: DEADLINE_EXCEEDED; otherwise 504)."""
+        stream.timer = None
+        if self.streams.get(stream.down_id) is not stream or stream.responded:
+            return
+        if stream.task is not None:
+            stream.task.cancel()
+            stream.task = None
+        policy = stream.result.policy
+        self._detach(stream, ok=False)
+        denial = Denial(504, "upstream timeout", policy, GRPC_DEADLINE_EXCEEDED, "allow", "timeout")
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._deny(stream, denial)
+        self._finish(stream)
+        self._flush_now()
+
+    # -- upstream (the app, an endpoint) ------------------------------------------------------
+
+    async def _up_loop(self, up: _Up) -> None:
         try:
             while data := await up.pipe.read():
                 for event in up.conn.receive_data(data):
                     with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset meanwhile
-                        self._on_up(event)
+                        self._on_up(up, event)
                 up.flush()
-                self.down.flush()
+                self._flush_now()
                 await self.down.pipe.drain()
         except (PipeClosed, ConnectionError, h2.exceptions.ProtocolError) as exc:
-            log.info("HTTP/2 connection to the app failed", extra={**self.info, "reason": str(exc)})
+            log.info("HTTP/2 connection upstream failed", extra={**self.info, "reason": str(exc)})
         finally:
-            if self.up is up:
-                self.up = None
-            for stream in list(self.by_up.values()):  # in flight on the lost connection
-                with contextlib.suppress(h2.exceptions.ProtocolError):
-                    self.down.conn.reset_stream(stream.down_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
-                self._finish(stream, error="upstream reset")
+            up.closing = True
+            ups = self.ups.get(up.key, [])
+            if up in ups:
+                ups.remove(up)
+            for sid, stream in list(up.streams.items()):  # in flight on the lost connection
+                self._lost(up, sid, stream)
             with contextlib.suppress(PipeClosed):
-                self.down.flush()
+                self._flush_now()
             up.pipe.close()
 
-    def _on_up(self, event: h2.events.Event) -> None:
+    def _lost(self, up: _Up, sid: int, stream: _Stream) -> None:
+        """``up`` failed or went away under the stream: an attempt without a response head may be
+        retried (not processed at all, by the GOAWAY: whatever its method)."""
+        if stream.responded or self.closed:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.down.conn.reset_stream(stream.down_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self._finish(stream, error="upstream reset")
+            return
+        unprocessed = (
+            (up.last_stream_id is not None and sid > up.last_stream_id)
+            or not up.settled  # the peer never spoke HTTP/2 (its SETTINGS come first)
+            or any(kind == framing.DENY for kind, _ in up.pipe.control)  # the sidecar refused
+        )
+        self._failed(stream, Failure.CONNECT if unprocessed else Failure.RESET, "connection lost", sent=True)
+
+    def _on_up(self, up: _Up, event: h2.events.Event) -> None:
         sid = getattr(event, "stream_id", None)
-        stream = self.by_up.get(sid) if sid is not None else None
+        stream = up.streams.get(sid) if sid is not None else None
         if isinstance(event, (h2.events.ResponseReceived, h2.events.InformationalResponseReceived)):
-            if stream is None:
-                return
-            headers = _headers(event.headers)
-            if isinstance(event, h2.events.ResponseReceived):
-                status = next((v for n, v in headers if n == b":status"), b"0")
-                stream.result.status = int(status)
-                self._grpc_status(stream, headers)
-            ended = isinstance(event, h2.events.ResponseReceived) and event.stream_ended is not None
-            self.down.conn.send_headers(stream.down_id, headers, end_stream=ended)
-            if ended:
-                stream.end_queued_down = True
-                self._done_down(stream)
+            if stream is not None:
+                self._response_head(stream, event)
         elif isinstance(event, h2.events.DataReceived):
             if stream is None:
-                if self.up is not None:
-                    self.up.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                up.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 return
             stream.result.response_bytes += len(event.data)
             stream.to_down.append((event.data, event.flow_controlled_length))
@@ -326,11 +660,51 @@ class H2Proxy:
                 self._pump(stream, up=False)
         elif isinstance(event, h2.events.StreamReset):
             if stream is not None:
-                with contextlib.suppress(h2.exceptions.ProtocolError):
-                    self.down.conn.reset_stream(stream.down_id, event.error_code or 0)
-                self._finish(stream, error="reset by the app")
+                self._reset_by_upstream(stream, event.error_code or 0)
         elif isinstance(event, h2.events.WindowUpdated):
-            self._pump_all(up=True, stream_id=event.stream_id, by_up=True)
+            self._pump_all(up.streams, event.stream_id, up=True)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            up.settled = True
+            self._pump_all(up.streams, 0, up=True)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            up.closing = True  # GOAWAY: streams above its last id were not processed
+            up.last_stream_id = event.last_stream_id or 0
+            for other, s in list(up.streams.items()):
+                if other > up.last_stream_id:
+                    self._failed(s, Failure.CONNECT, "GOAWAY", sent=True)
+
+    def _response_head(
+        self,
+        stream: _Stream,
+        event: h2.events.ResponseReceived | h2.events.InformationalResponseReceived,
+    ) -> None:
+        headers = _headers(event.headers)
+        final = isinstance(event, h2.events.ResponseReceived)
+        if final:
+            status = int(next((v for n, v in headers if n == b":status"), b"0"))
+            stream.result.status = status
+            stream.responded = True
+            stream.replay = None  # no retry after a response head
+            if stream.timer is not None:
+                stream.timer.cancel()
+                stream.timer = None
+            if stream.target is not None:
+                self.router.report(stream.target, status < 500)
+            self._grpc_status(stream, headers)
+        ended = final and event.stream_ended is not None  # type: ignore[union-attr]
+        self.down.conn.send_headers(stream.down_id, headers, end_stream=ended)
+        if ended:
+            stream.end_queued_down = True
+            self._finish(stream)
+
+    def _reset_by_upstream(self, stream: _Stream, code: int) -> None:
+        if code == _REFUSED and not stream.responded:  # not processed: may go elsewhere
+            self._failed(stream, Failure.CONNECT, "refused stream", sent=True)
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.down.conn.reset_stream(stream.down_id, code)
+        where = "the app" if self.router.direction == "inbound" else "the upstream"
+        self._finish(stream, error=f"reset by {where}")
 
     @staticmethod
     def _grpc_status(stream: _Stream, headers: list[Header]) -> None:
@@ -340,20 +714,21 @@ class H2Proxy:
 
     # -- moving data under flow control -------------------------------------------------------
 
-    def _pump_all(self, up: bool, stream_id: int, by_up: bool) -> None:
-        table = self.by_up if by_up else self.streams
+    def _pump_all(self, table: dict[int, _Stream], stream_id: int, up: bool) -> None:
         targets = list(table.values()) if stream_id == 0 else [s for s in [table.get(stream_id)] if s]
         for stream in targets:
             self._pump(stream, up=up)
 
     def _pump(self, stream: _Stream, up: bool) -> None:
-        """Send what is queued toward one side as far as its windows allow."""
-        dst = self.up if up else self.down
-        src = self.down if up else self.up
+        """Send what is queued toward one side as far as its windows allow; each piece sent is
+        acknowledged to the side it came from."""
+        dst: _Side | None = stream.up if up else self.down
+        src: _Side | None = self.down if up else stream.up
         queue = stream.to_up if up else stream.to_down
         sid = stream.up_id if up else stream.down_id
+        other = stream.down_id if up else stream.up_id
         if dst is None or sid is None:
-            return
+            return  # no upstream yet: kept (and not acknowledged) until there is one
         while queue:
             item, flow = queue[0]
             try:
@@ -371,30 +746,56 @@ class H2Proxy:
                         continue
                     dst.conn.send_data(sid, item)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                if src is not None and other is not None:
+                    self._ack(src, other, queue)
                 queue.clear()
                 return
             queue.popleft()
-            if flow and src is not None:
-                other = stream.down_id if up else stream.up_id
+            if flow and src is not None and other is not None:
                 with contextlib.suppress(h2.exceptions.ProtocolError):
-                    if other is not None:
-                        src.conn.acknowledge_received_data(flow, other)
+                    src.conn.acknowledge_received_data(flow, other)
+            written = dst if up else src
+            if isinstance(written, _Up):
+                self._written.add(written)
             if item is None or isinstance(item, list):
                 if up:
                     stream.ended_up = True
                 else:
-                    self._done_down(stream)
+                    self._finish(stream)
                 return
 
-    def _done_down(self, stream: _Stream) -> None:
-        stream.ended_down = True
-        self._finish(stream)
+    @staticmethod
+    def _ack(side: _Side, stream_id: int, queue: deque[Item]) -> None:
+        """Reopen the windows of data that will not be sent on (the connection's, at least)."""
+        for _, flow in queue:
+            if flow:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    side.conn.acknowledge_received_data(flow, stream_id)
 
     def _finish(self, stream: _Stream, error: str | None = None) -> None:
         if self.streams.pop(stream.down_id, None) is None:
             return
-        if stream.up_id is not None:
-            self.by_up.pop(stream.up_id, None)
+        if stream.timer is not None:
+            stream.timer.cancel()
+        if stream.task is not None and stream.task is not asyncio.current_task():
+            stream.task.cancel()
+        self._ack(self.down, stream.down_id, stream.to_up)
+        stream.to_up.clear()
+        up, sid = stream.up, stream.up_id
+        if up is not None and sid is not None:
+            up.streams.pop(sid, None)
+            self._ack(up, sid, stream.to_down)
+            if not stream.ended_up:  # the response ended first: the rest of the request is not sent
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    up.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            self._written.add(up)
+        stream.to_down.clear()
+        if not stream.request_ended and error is None:  # answered: its body will not be read (RFC 9113 8.1)
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.down.conn.reset_stream(stream.down_id, h2.errors.ErrorCodes.NO_ERROR)
         if error is not None and stream.result.error is None:
             stream.result.error = error
+        if stream.target is not None:
+            self.router.release(stream.target, stream.result.error is None)
+            stream.target = None
         stream.span.finish(stream.result)

@@ -7,7 +7,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
-from proxy import framing
+from proxy import framing, h2route
 from proxy.balance import Lease, NoEndpoint
 from proxy.detect import Kind, detect
 from proxy.dial import DialError, dial_sidecar
@@ -52,7 +52,8 @@ async def _connect_balanced(sc: Sidecar, relay: Relay, dest: Destination) -> Hal
                     else (ep.address, sc.inbound_port)
                 )
                 # What this side detected (or was told): the other side need not detect again.
-                # HTTP/2 rides this one connection; the inbound side authorizes each stream.
+                # (HTTP/2 to the mesh is proxied per stream by h2route: it gets here only when
+                # that is not possible.)
                 protocol = relay.info.get("protocol")
                 hint = framing.HINT_H2 if protocol == "h2" else framing.HINT_OPAQUE
                 up = await _connect_mesh(sc, relay, ep, dial, hint)
@@ -143,6 +144,9 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int], targ
                 raise Refused("the app closed before sending anything")
             if kind is Kind.HTTP1:
                 await _serve_http(sc, relay, conn, dest)
+                return
+            if kind is Kind.H2 and h2route.terminates(dest):
+                await h2route.serve(sc, relay, conn, dest)  # per stream: balancing, timeout, spans
                 return
         if dest is None:
             if not sc.config.passthrough:

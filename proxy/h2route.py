@@ -1,0 +1,151 @@
+"""The outbound side of HTTP/2 (gRPC): the app's connection is terminated here and each stream is
+routed on its own (:class:`proxy.http2.H2Proxy` with :class:`OutboundStreams` as its router).
+
+Per stream, as the HTTP/1.1 path does per request: the destination is looked up again (endpoint
+changes apply to the next stream), the balancer picks an endpoint (P2C on peak EWMA, ejection),
+and the stream rides an HTTP/2 connection to that endpoint's sidecar inside `sidemesh/1` mTLS
+(OPEN with the HTTP/2 hint: the inbound side's ``H2Proxy`` serves it). The balancer hears of each
+stream twice: its latency and outcome when the response head comes (time to first byte, as
+Linkerd's peak EWMA for HTTP), and its end (so a long stream counts as load while it lasts).
+
+The upstream connections belong to one app connection (``H2Proxy.ups``); sharing them between the
+app's connections is a later step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import TYPE_CHECKING, Literal
+
+from proxy import framing, pool
+from proxy.balance import Lease, NoEndpoint
+from proxy.dial import DialError, dial_sidecar
+from proxy.http2 import GRPC_UNAVAILABLE, Denial, H2Proxy, Target
+from proxy.observe import RequestInfo
+from proxy.pipe import Pipe
+from proxy.relay import Relay
+from proxy.retry import Failure, RoutePolicy, retryable
+from proxy.routers import budget_of
+from sidemesh.mesh.compile import Destination, Endpoint
+
+if TYPE_CHECKING:
+    from proxy.sidecar import Sidecar
+
+log = logging.getLogger("sidemesh.proxy.http2")
+
+
+def terminates(dest: Destination | None) -> bool:
+    """Whether HTTP/2 to ``dest`` is proxied per stream: some endpoint is in the mesh. (Outside the
+    mesh, or no destination: the connection is carried as opaque bytes to one endpoint.)"""
+    return dest is not None and any(ep.identity is not None for ep in dest.endpoints)
+
+
+async def connect_h2(sc: Sidecar, ep: Endpoint, dial: tuple[str, int]) -> Pipe:
+    """mTLS to the endpoint's sidecar (its identity checked), OPEN(port, HTTP/2) sent.
+
+    (``pool.connect_sidecar`` with the HTTP/2 hint: that one always says HTTP/1.1.)"""
+    pipe = Pipe(framed=True, name="upstream")
+    try:
+        await dial_sidecar(sc, lambda: pipe, ep, dial)
+    except DialError as exc:
+        raise pool.ConnectError(str(exc)) from exc
+    sock = pipe.transport.get_extra_info("socket") if pipe.transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    pipe.write_frame(framing.open_frame(ep.port, framing.HINT_H2))
+    sc.metrics.connections.labels("outbound", "allow").inc()
+    return pipe
+
+
+class OutboundStreams:
+    """Routes the streams of one app connection to ``name``'s endpoints."""
+
+    direction: Literal["inbound", "outbound"] = "outbound"
+    retries: bool = True
+
+    def __init__(self, sc: Sidecar, name: str, log_extra: dict[str, object]) -> None:
+        self.sc = sc
+        self.name = name  # looked up again for every stream
+        self.service: str | None = name
+        self.source: str | None = str(sc.identity.spiffe_id)
+        self.budget = budget_of(sc, name)
+        self.log_extra = log_extra
+        self.policy = RoutePolicy()
+
+    def begin(self, info: RequestInfo) -> float | None:
+        dest = self.sc.mesh_config().lookup_name(self.name)
+        self.policy = RoutePolicy.of(dest) if dest is not None else RoutePolicy()
+        self.budget.deposit()
+        return self.policy.timeout
+
+    def route(self, info: RequestInfo, tried: list[Target]) -> Denial | Target:
+        dest = self.sc.mesh_config().lookup_name(self.name)
+        if dest is None:
+            reason = f"{self.name} is no longer in the mesh"
+            return Denial(503, reason, None, GRPC_UNAVAILABLE, "allow", "no endpoints")
+        avoid = [t.ticket.endpoint for t in tried if isinstance(t.ticket, Lease)]
+        try:
+            lease = self.sc.balancer.acquire(dest, avoid=avoid)
+        except NoEndpoint as exc:
+            return Denial(503, str(exc), None, GRPC_UNAVAILABLE, "allow", "no endpoints")
+        return self._target(lease)
+
+    def _target(self, lease: Lease) -> Target:
+        sc, ep = self.sc, lease.endpoint
+        where = f"{ep.address}:{ep.port}"
+        if ep.identity is None:  # a destination partly outside the mesh: HTTP/2 straight to it
+            return Target(
+                ("plain", ep.address, ep.port),
+                lambda: pool.connect_plain(sc, ep.address, ep.port),
+                endpoint=where,
+                unreachable="upstream connection failed",
+                ticket=lease,
+            )
+        dial = (ep.address, ep.port) if sc.config.capture == "iptables" else (ep.address, sc.inbound_port)
+        return Target(
+            ("mesh", dial, str(ep.identity), ep.port),
+            lambda: connect_h2(sc, ep, dial),
+            endpoint=where,
+            destination=str(ep.identity),
+            unreachable="upstream connection failed",
+            ticket=lease,
+        )
+
+    def report(self, target: Target, ok: bool) -> None:
+        if isinstance(target.ticket, Lease):
+            target.ticket.report(ok)
+
+    def release(self, target: Target, ok: bool) -> None:
+        if isinstance(target.ticket, Lease):
+            target.ticket.release(ok)
+
+    def may_retry(self, method: str, failure: Failure, attempt: int) -> bool:
+        return (
+            attempt < self.policy.retries_for(failure)
+            and retryable(method, None, failure, self.policy)
+            and self.budget.try_withdraw()
+        )
+
+
+async def serve(sc: Sidecar, relay: Relay, conn: socket.socket, dest: Destination) -> None:
+    """Serve the app's HTTP/2 connection to ``dest``, stream by stream."""
+    down = Pipe(framed=False, name="app")
+    relay.on_fail = down.abort
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: down, conn)
+    relay.info["linked"] = True
+    router = OutboundStreams(sc, dest.name, relay.info)
+    proxy = H2Proxy(down, None, None, sc.observer.start, relay.info, router=router)
+    outcome = "closed"
+    try:
+        # The app's connections stay usable while the sidecar drains (it finishes its work).
+        await proxy.run(sc.config.idle_timeout.total_seconds())
+    except Exception:
+        log.exception("HTTP/2 connection failed", extra=relay.info)
+        down.abort()
+        outcome = "internal error"
+    finally:
+        relay.end(outcome)
