@@ -38,12 +38,13 @@ import h2.events
 import h2.exceptions
 
 from proxy import framing
-from proxy.headers import DENIED_REASON
+from proxy.headers import DENIED_REASON, BadPath, normalize_target
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed
 from proxy.retry import MAX_REPLAY_BODY, Failure, backoff
 
 log = logging.getLogger("sidemesh.proxy.http2")
+GRPC_INVALID_ARGUMENT = 3
 GRPC_DEADLINE_EXCEEDED = 4
 GRPC_PERMISSION_DENIED = 7
 GRPC_UNAVAILABLE = 14
@@ -362,11 +363,21 @@ class H2Proxy:
         content_type = next((v for n, v in headers if n == b"content-type"), b"")
         grpc = content_type.startswith(b"application/grpc")
         router = self.router
+        path = pseudo.get(b":path", b"/")
+        bad_path = None
+        if router.direction == "inbound":  # the enforcing side: the app gets the path the policy saw
+            try:
+                normal = normalize_target(path)
+            except BadPath as exc:
+                normal, bad_path = path, str(exc)
+            if normal != path:
+                headers = [(n, normal if n == b":path" else v) for n, v in headers]
+                path = normal
         info = RequestInfo(
             direction=router.direction,
             protocol="grpc" if grpc else "h2",
             method=pseudo.get(b":method", b"").decode("latin-1"),
-            path=pseudo.get(b":path", b"/").decode("latin-1"),
+            path=path.decode("latin-1"),
             authority=pseudo.get(b":authority", b"").decode("latin-1"),
             headers=[(n, v) for n, v in headers if not n.startswith(b":")],
             source=router.source,
@@ -378,6 +389,10 @@ class H2Proxy:
         stream = _Stream(event.stream_id, info, span, RequestResult(status=None), grpc, head)
         stream.request_ended = event.stream_ended is not None
         self.streams[event.stream_id] = stream
+        if bad_path is not None:
+            why = f"bad request target: {bad_path}"
+            self._deny(stream, Denial(400, why, grpc_status=GRPC_INVALID_ARGUMENT, error=why))
+            return
         timeout = router.begin(info)
         if timeout is not None:
             stream.deadline = time.monotonic() + timeout

@@ -14,6 +14,9 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from grpc.aio import EOF  # type: ignore[attr-defined]
 
@@ -218,3 +221,53 @@ async def test_plaintext_grpc_in_permissive_mode_is_authorized_per_call(mesh: Me
             assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
     finally:
         await server.stop(0)
+
+
+async def _h2_status(addr: tuple[str, int], path: bytes) -> dict[bytes, bytes]:
+    """One gRPC-shaped request with a raw ``:path`` (grpcio would not send a path like these);
+    the response's headers (trailers-only answers included)."""
+    reader, writer = await asyncio.open_connection(*addr)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"cart"),
+        (b":path", path),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    conn.send_headers(1, headers)
+    conn.send_data(1, _grpc_frame(b"ping"), end_stream=True)
+    writer.write(conn.data_to_send())
+    got: dict[bytes, bytes] = {}
+    try:
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    got.update((bytes(n), bytes(v)) for n, v in event.headers)
+                if isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    return got
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    return got
+
+
+@pytest.mark.parametrize(
+    ("path", "grpc_status"),
+    [
+        (b"/test.Echo/../admin", b"7"),  # /admin for the policy: PERMISSION_DENIED
+        (b"/test.Echo/%2e%2e/admin", b"7"),
+        (b"/test.Echo/%zz", b"3"),  # a broken escape: INVALID_ARGUMENT
+        (b"/test.Echo/x/../Unary", b"0"),  # /test.Echo/Unary for the policy and for the app
+    ],
+)
+async def test_stream_paths_are_normalized_before_authorization(
+    pair: tuple[str, int], path: bytes, grpc_status: bytes
+) -> None:
+    got = await _h2_status(pair, path)
+    assert got.get(b"grpc-status") == grpc_status, got
