@@ -15,21 +15,19 @@ app's connections is a later step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from typing import TYPE_CHECKING, Literal
 
 from proxy import framing, pool
 from proxy.balance import Lease, NoEndpoint
-from proxy.dial import DialError, dial_sidecar
 from proxy.http2 import GRPC_UNAVAILABLE, Denial, H2Proxy, Target
 from proxy.observe import RequestInfo
 from proxy.pipe import Pipe
 from proxy.relay import Relay
 from proxy.retry import Failure, RoutePolicy, retryable
 from proxy.routers import budget_of
-from sidemesh.mesh.compile import Destination, Endpoint
+from sidemesh.mesh.compile import Destination
 
 if TYPE_CHECKING:
     from proxy.sidecar import Sidecar
@@ -41,24 +39,6 @@ def terminates(dest: Destination | None) -> bool:
     """Whether HTTP/2 to ``dest`` is proxied per stream: some endpoint is in the mesh. (Outside the
     mesh, or no destination: the connection is carried as opaque bytes to one endpoint.)"""
     return dest is not None and any(ep.identity is not None for ep in dest.endpoints)
-
-
-async def connect_h2(sc: Sidecar, ep: Endpoint, dial: tuple[str, int]) -> Pipe:
-    """mTLS to the endpoint's sidecar (its identity checked), OPEN(port, HTTP/2) sent.
-
-    (``pool.connect_sidecar`` with the HTTP/2 hint: that one always says HTTP/1.1.)"""
-    pipe = Pipe(framed=True, name="upstream")
-    try:
-        await dial_sidecar(sc, lambda: pipe, ep, dial)
-    except DialError as exc:
-        raise pool.ConnectError(str(exc)) from exc
-    sock = pipe.transport.get_extra_info("socket") if pipe.transport is not None else None
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    pipe.write_frame(framing.open_frame(ep.port, framing.HINT_H2))
-    sc.metrics.connections.labels("outbound", "allow").inc()
-    return pipe
 
 
 class OutboundStreams:
@@ -108,7 +88,7 @@ class OutboundStreams:
         dial = (ep.address, ep.port) if sc.config.capture == "iptables" else (ep.address, sc.inbound_port)
         return Target(
             ("mesh", dial, str(ep.identity), ep.port),
-            lambda: connect_h2(sc, ep, dial),
+            lambda: pool.connect_sidecar(sc, ep, dial, framing.HINT_H2),
             endpoint=where,
             destination=str(ep.identity),
             unreachable="upstream connection failed",

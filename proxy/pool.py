@@ -107,15 +107,18 @@ async def connect_plain(sc: Sidecar, host: str, port: int) -> Pipe:
     return pipe
 
 
-async def connect_sidecar(sc: Sidecar, ep: Endpoint, dial: tuple[str, int]) -> Pipe:
-    """mTLS to the endpoint's sidecar, its identity checked (secure naming), OPEN(port) sent."""
+async def connect_sidecar(
+    sc: Sidecar, ep: Endpoint, dial: tuple[str, int], hint: int = framing.HINT_HTTP1
+) -> Pipe:
+    """mTLS to the endpoint's sidecar, its identity checked (secure naming), OPEN(port, hint) sent
+    (what the connection will carry: HTTP/1.1 from the pool, HTTP/2 from ``proxy.h2route``)."""
     pipe = Pipe(framed=True, name="upstream")
     try:
         await dial_sidecar(sc, lambda: pipe, ep, dial)
     except DialError as exc:
         raise ConnectError(str(exc)) from exc
     _nodelay(pipe)
-    pipe.write_frame(framing.open_frame(ep.port, framing.HINT_HTTP1))
+    pipe.write_frame(framing.open_frame(ep.port, hint))
     sc.metrics.connections.labels("outbound", "allow").inc()
     return pipe
 
