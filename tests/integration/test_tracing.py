@@ -226,7 +226,9 @@ async def test_collector_down_requests_unaffected_and_drops_counted(
         request.trace_headers()
         request.finish(RequestResult(200))
     per_request = (time.perf_counter() - started) / 500
-    assert per_request < 0.002, f"{per_request * 1e6:.0f} us per request with the collector down"
+    # An export that blocked a request would take the exporter's retry backoff (a second and more);
+    # 10 ms leaves room for a loaded machine (typical: 0.1 ms).
+    assert per_request < 0.01, f"{per_request * 1e6:.0f} us per request with the collector down"
     assert _dropped(metrics.registry) >= 400  # a 50-span queue cannot hold 500 spans
     assert (
         metrics.registry.get_sample_value(
