@@ -22,26 +22,28 @@ from sidemesh.spiffe import SpiffeId
 UTC = dt.UTC
 CART = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")
 NOW = dt.datetime(2026, 11, 26, 15, 4, 5, 678_901, tzinfo=UTC)
+# The authorities are valid from a day before NOW and for their lifetime past today as well: some
+# tests sign at NOW (byte-for-byte comparisons), some at the real time (openssl, spiffe).
+START = NOW - dt.timedelta(days=1)
+SINCE = max(dt.timedelta(0), dt.datetime.now(UTC) - NOW)
 
 
 def ec_authority(tmp: Path, lifetime: dt.timedelta = dt.timedelta(days=365)) -> keys.SigningAuthority:
-    return keys.bootstrap(tmp, "cluster.local", NOW - dt.timedelta(days=1), intermediate_lifetime=lifetime)
+    return keys.bootstrap(tmp, "cluster.local", START, intermediate_lifetime=lifetime + SINCE)
 
 
 def rsa_authority() -> keys.SigningAuthority:
     """An operator's PKI (plug-in CA) whose intermediate has an RSA key."""
     root_key = templates.new_key()
-    root = templates.root_certificate(
-        root_key, "cluster.local", NOW - dt.timedelta(days=1), dt.timedelta(days=30)
-    )
+    root = templates.root_certificate(root_key, "cluster.local", START, dt.timedelta(days=30) + SINCE)
     key = rsa.generate_private_key(65537, 2048)
     inter = templates.intermediate_certificate(
         cast(Any, key.public_key()),
         "cluster.local",
         root,
         root_key,
-        NOW - dt.timedelta(days=1),
-        dt.timedelta(days=7),
+        START,
+        dt.timedelta(days=7) + SINCE,
     )
     return keys.assemble(inter, key, [inter, root], [root])
 
