@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import SignatureAlgorithmOID
+from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
 from ca import der
 from ca.errors import IdentityMismatch, InvalidRequest
@@ -30,6 +30,9 @@ _P256_KEY_INFO = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d03010703
 _P256_KEY_INFO_LENGTH = len(_P256_KEY_INFO) + 64
 _NOT_A_CSR = "csr is not a PEM-encoded PKCS#10 certificate request"
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_ECDSA_WITH_SHA256 = SignatureAlgorithmOID.ECDSA_WITH_SHA256
+_BASIC_CONSTRAINTS = ExtensionOID.BASIC_CONSTRAINTS
+_SUBJECT_ALT_NAME = ExtensionOID.SUBJECT_ALTERNATIVE_NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +47,8 @@ def parse_csr(pem: str) -> tuple[x509.CertificateSigningRequest, bytes]:
     ``load_pem_x509_csr`` and then asking for the DER back); ``cryptography`` parses the DER."""
     if not pem.strip():
         raise InvalidRequest("csr is empty")
-    if len(pem) > MAX_CSR_BYTES or len(pem.encode("utf-8", "replace")) > MAX_CSR_BYTES:
+    # (a character is at most 4 bytes of UTF-8: a short text need not be encoded to be measured)
+    if len(pem) > MAX_CSR_BYTES // 4 and len(pem.encode("utf-8", "replace")) > MAX_CSR_BYTES:
         raise InvalidRequest(f"csr is larger than {MAX_CSR_BYTES} bytes")
     match = _PEM.search(pem)
     if match is None:
@@ -67,12 +71,15 @@ def _public_key(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKe
     return key
 
 
-def _check_possession(csr: x509.CertificateSigningRequest, key: ec.EllipticCurvePublicKey) -> None:
+def _check_possession(
+    csr: x509.CertificateSigningRequest, key: ec.EllipticCurvePublicKey, tbs: bytes
+) -> None:
     """The CSR is signed by the key it carries. ecdsa-with-SHA256, what every client sends, is checked
-    directly (``is_signature_valid`` builds the key and the algorithm object again for each call)."""
+    directly over ``tbs``, the CertificationRequestInfo as received (``is_signature_valid`` builds the
+    key and the algorithm object again for each call, ``tbs_certrequest_bytes`` encodes it again)."""
     try:
-        if csr.signature_algorithm_oid == SignatureAlgorithmOID.ECDSA_WITH_SHA256:
-            key.verify(csr.signature, csr.tbs_certrequest_bytes, _ECDSA_SHA256)
+        if csr.signature_algorithm_oid == _ECDSA_WITH_SHA256:
+            key.verify(csr.signature, tbs, _ECDSA_SHA256)
             return
         if csr.is_signature_valid:
             return
@@ -83,38 +90,51 @@ def _check_possession(csr: x509.CertificateSigningRequest, key: ec.EllipticCurve
     raise InvalidRequest("csr signature does not verify with its own public key (proof of possession failed)")
 
 
-def _key_info(data: bytes, key: ec.EllipticCurvePublicKey) -> bytes:
-    """The SubjectPublicKeyInfo to certify, uncompressed: as sent when it is (nearly always) so."""
+def _parts(csr: x509.CertificateSigningRequest, data: bytes) -> tuple[bytes, bytes]:
+    """(CertificationRequestInfo, SubjectPublicKeyInfo) exactly as encoded in ``data``, which
+    ``cryptography`` has parsed and accepted; the info from ``cryptography`` and no key info (the
+    key is then encoded again) should the bytes be other than expected."""
     try:
-        info = der.csr_public_key_info(data)
+        return der.csr_info_and_key_info(data)
     except der.DERError:
-        info = b""
+        return csr.tbs_certrequest_bytes, b""
+
+
+def _key_info(info: bytes, key: ec.EllipticCurvePublicKey) -> bytes:
+    """The SubjectPublicKeyInfo to certify, uncompressed: as sent when it is (nearly always) so."""
     if len(info) == _P256_KEY_INFO_LENGTH and info.startswith(_P256_KEY_INFO):
         return info
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _requested(
-    csr: x509.CertificateSigningRequest, allowed_dns: frozenset[str]
+    san: x509.SubjectAlternativeName | None, allowed_dns: frozenset[str], expected: SpiffeId
 ) -> tuple[SpiffeId, tuple[str, ...]]:
-    try:
-        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise InvalidRequest(
-            "csr has no subjectAltName; it must carry exactly one URI SAN (the SPIFFE ID)"
-        ) from None
-    dns = tuple(san.get_values_for_type(x509.DNSName))
-    others = [name for name in san if not isinstance(name, x509.UniformResourceIdentifier)]
+    """The SPIFFE ID (and allowed DNS names) the CSR asks for; ``expected`` itself when the URI is
+    its exact text (what a workload sends), without parsing it again."""
+    if san is None:
+        raise InvalidRequest("csr has no subjectAltName; it must carry exactly one URI SAN (the SPIFFE ID)")
+    uris: list[str] = []
+    dns: list[str] = []
+    others: list[x509.GeneralName] = []
+    for name in san:  # one pass over the names (rather than one per kind)
+        if isinstance(name, x509.UniformResourceIdentifier):
+            uris.append(name.value)
+        else:
+            if isinstance(name, x509.DNSName):
+                dns.append(name.value)
+            others.append(name)
     if dns and allowed_dns and set(dns) <= allowed_dns and len(others) == len(dns):
         others = []  # DNS names the operator allows for this (control-plane) identity
     if others:
         kinds = sorted({type(name).__name__ for name in others})
         raise InvalidRequest(f"csr may carry only a URI SAN, found {', '.join(kinds)}")
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
         raise InvalidRequest(f"csr must carry exactly one URI SAN, found {len(uris)}")
+    if uris[0] == str(expected):
+        return expected, tuple(dns)
     try:
-        return SpiffeId.parse(uris[0]), dns
+        return SpiffeId.parse(uris[0]), tuple(dns)
     except SpiffeIdError as exc:
         raise InvalidRequest(f"csr URI SAN is not a SPIFFE ID: {exc}") from exc
 
@@ -125,22 +145,26 @@ def validate_csr(pem: str, expected: SpiffeId, allowed_dns: frozenset[str] = fro
     A DNS SAN is refused unless it is one of ``allowed_dns``, the names the operator allows for this
     identity (the controller's serving name, so that gRPC clients can verify it by name)."""
     csr, data = parse_csr(pem)
+    constraints: x509.BasicConstraints | None = None
+    san: x509.SubjectAlternativeName | None = None
     try:
-        extensions = csr.extensions
+        for extension in csr.extensions:  # one pass (get_extension_for_class raises for a missing one)
+            oid = extension.oid
+            if oid == _BASIC_CONSTRAINTS:
+                constraints = extension.value
+            elif oid == _SUBJECT_ALT_NAME:
+                san = extension.value
     except ValueError as exc:  # duplicate or undecodable extensions
         raise InvalidRequest("csr has malformed extensions", str(exc)) from exc
     key = _public_key(csr)
-    _check_possession(csr, key)
-    try:
-        constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        constraints = None
+    info, key_info = _parts(csr, data)
+    _check_possession(csr, key, info)
     if constraints is not None and constraints.ca:
         raise InvalidRequest("csr asks for CA:true; workload certificates are never CAs")
-    requested, dns = _requested(csr, allowed_dns)
+    requested, dns = _requested(san, allowed_dns, expected)
     if requested != expected:
         raise IdentityMismatch(
             f"csr asks for {requested} but the token authenticates {expected}; a workload may only "
             "request its own identity"
         )
-    return ValidCSR(_key_info(data, key), expected, dns)
+    return ValidCSR(_key_info(key_info, key), expected, dns)

@@ -115,14 +115,22 @@ def certificate_subject(tbs: bytes) -> bytes:
 
 def csr_public_key_info(csr: bytes) -> bytes:
     """The SubjectPublicKeyInfo of a PKCS#10 request (DER), exactly as encoded."""
+    return csr_info_and_key_info(csr)[1]
+
+
+def csr_info_and_key_info(csr: bytes) -> tuple[bytes, bytes]:
+    """The CertificationRequestInfo (what the request's signature covers) and its
+    SubjectPublicKeyInfo, of a PKCS#10 request (DER), exactly as encoded."""
     outer = read(csr)
     if outer[0] != SEQUENCE:
         raise DERError("a CSR is a SEQUENCE")
     info = read(csr, outer[1])
+    if info[0] != SEQUENCE:
+        raise DERError("a CertificationRequestInfo is a SEQUENCE")
     fields = _fields(csr, info)
     if len(fields) < 3 or fields[2][0] != SEQUENCE:
         raise DERError("CertificationRequestInfo has no SubjectPublicKeyInfo")
-    return _encoding(csr, fields[2])
+    return csr[outer[1] : info[2]], _encoding(csr, fields[2])
 
 
 def _fields(data: bytes, container: tuple[int, int, int] | None = None) -> list[tuple[int, int, int, int]]:

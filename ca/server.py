@@ -19,6 +19,7 @@ from prometheus_client import start_http_server
 
 from ca import issuer, keys, templates
 from ca.authn import Authenticator, bearer_token
+from ca.batch import IssueBatch
 from ca.config import CAConfig
 from ca.errors import CAError, KeyMaterialError, RateLimited
 from ca.metrics import CAMetrics
@@ -39,6 +40,19 @@ MAX_CACHED_IDS = 100_000
 NO_NAMES: frozenset[str] = frozenset()
 
 
+def _audit_line(issued: issuer.Issued, peer: str) -> None:
+    """One structured line per issuance: identity, serial, notAfter, the caller; never a key or a token."""
+    audit.info(
+        "certificate issued",
+        extra={
+            "identity": str(issued.spiffe_id),
+            "serial": issued.serial_hex,
+            "not_after": issued.not_after.isoformat(),
+            "peer": peer,
+        },
+    )
+
+
 class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
     def __init__(
         self,
@@ -57,6 +71,8 @@ class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
         self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
         self._allowed_dns = config.allowed_dns_by_identity()
         self._spiffe_ids: dict[WorkloadId, SpiffeId] = {}  # the same few thousand identities, again and again
+        # Signings run a few milliseconds' worth at a time, each audit line written in the batch.
+        self.batch = IssueBatch(clock, on_issued=_audit_line)
 
     def _spiffe_id(self, identity: WorkloadId) -> SpiffeId:
         spiffe_id = self._spiffe_ids.get(identity)
@@ -79,13 +95,13 @@ class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
             if not self.limiter.allow(str(identity), time.monotonic()):
                 raise RateLimited(f"too many signing requests for {identity}; retry later")
             ttl = self.ttl.resolve(request.ttl_seconds)
-            issued = issuer.issue(
+            issued = await self.batch.issue(
                 self.authority,
                 self._spiffe_id(identity),
                 request.csr,
                 ttl,
-                self.clock.now(),
                 self._allowed_dns.get(identity, NO_NAMES),
+                context.peer(),
             )
         except CAError as exc:
             self.metrics.refused.labels(exc.reason).inc()
@@ -104,15 +120,6 @@ class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
             self.metrics.latency.observe(time.perf_counter() - started)
         self.metrics.issued.inc()
         spiffe_id, serial = str(issued.spiffe_id), issued.serial_hex
-        audit.info(
-            "certificate issued",
-            extra={
-                "identity": spiffe_id,
-                "serial": serial,
-                "not_after": issued.not_after.isoformat(),
-                "peer": context.peer(),
-            },
-        )
         return ca_pb2.SignResponse(
             cert_chain=issued.chain_pem,
             trust_bundle=issued.bundle_pem,
@@ -203,11 +210,11 @@ class CAServer:
         # grpc documents a fetcher answering None ("keep the current one"); grpc-stubs omit it.
         fetch = typing.cast(typing.Callable[[], grpc.ServerCertificateConfiguration], self.serving.fetch)
         creds = grpc.dynamic_ssl_server_credentials(self.serving.current, fetch)
-        server = grpc.aio.server(
-            interceptors=[GrpcTelemetry(self.metrics.registry, self.tracing)],
-            options=[("grpc.max_receive_message_length", 64 * 1024)],
-        )
-        ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(self.service, server)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024)])
+        # Telemetry wraps the handler once, at registration, rather than as an interceptor that
+        # grpc.aio would run on every call.
+        telemetry = GrpcTelemetry(self.metrics.registry, self.tracing)
+        telemetry.add_servicer(ca_pb2_grpc.add_CertificateAuthorityServicer_to_server, self.service, server)
         self.port = server.add_secure_port(f"{host}:{port}", creds)
         await server.start()
         self._server = server

@@ -13,7 +13,7 @@ import asyncio
 import inspect
 import time
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, MutableMapping, Sequence
 from typing import Any
 
 import grpc
@@ -39,7 +39,13 @@ def _span_status(span: Span, error: str | None) -> None:
 
 
 class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Counts, times and traces every RPC (streams: from open to close)."""
+    """Counts, times and traces every RPC (streams: from open to close).
+
+    Two ways in: as a grpc.aio interceptor (``interceptors=[telemetry]``), or, cheaper per call, by
+    registering the service through :meth:`add_servicer`, which wraps each method's handler once at
+    registration. grpc.aio runs its interceptor chain on every call (a coroutine per interceptor
+    and a continuation object), which is measurable on a server whose calls are short (the CA).
+    """
 
     def __init__(self, registry: CollectorRegistry, tracing: Tracing | None = None) -> None:
         self.tracing = tracing
@@ -58,6 +64,11 @@ class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         )
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
+    def add_servicer(self, add_to_server: Callable[[Any, Any], None], servicer: Any, server: Any) -> None:
+        """Register ``servicer`` with a generated ``add_*Servicer_to_server`` function, every handler
+        it registers wrapped once: use this instead of ``interceptors=[self]``."""
+        add_to_server(servicer, _InstrumentedServer(self, server))
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
@@ -66,9 +77,15 @@ class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(details)
         if handler is None:
             return handler
-        # The server hands back the same handler object for a method every time: wrap it once
-        # (the trace context is read from each call's metadata inside the wrapper).
-        method = str(details.method)
+        return self.wrapped(str(details.method), handler)
+
+    def wrapped(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` of ``method`` (``/package.Service/Method``) counted, timed and traced.
+
+        The server hands back the same handler object for a method every time: it is wrapped once
+        (the trace context is read from each call's metadata inside the wrapper)."""
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
@@ -113,17 +130,8 @@ class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             )
         return span
 
-    def _done(
-        self, method: str, started: float, context: Any, span: Span | None, exc: BaseException | None
-    ) -> None:
-        code = _code_of(context, exc)
-        self.handled.labels(method, code.name).inc()
-        self.seconds.labels(method).observe(time.perf_counter() - started)
-        if span is not None:
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            _span_status(span, None if code is grpc.StatusCode.OK else code.name)
-
     def _wrap(self, method: str, behavior: Any) -> Any:
+        metrics = _MethodMetrics(self, method)
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
@@ -136,7 +144,7 @@ class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     error = exc
                     raise
                 finally:
-                    self._done(method, started, context, span, error)
+                    metrics.done(started, context, span, error)
 
             return stream
 
@@ -152,9 +160,70 @@ class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 error = exc
                 raise
             finally:
-                self._done(method, started, context, span, error)
+                metrics.done(started, context, span, error)
 
         return call
+
+
+class _MethodMetrics:
+    """One method's series, looked up once (``labels()`` takes a lock and builds a key per call)."""
+
+    __slots__ = ("_handled", "_method", "_seconds", "_telemetry")
+
+    def __init__(self, telemetry: GrpcTelemetry, method: str) -> None:
+        self._telemetry = telemetry
+        self._method = method
+        self._seconds = telemetry.seconds.labels(method)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def done(self, started: float, context: Any, span: Span | None, exc: BaseException | None) -> None:
+        code = _code_of(context, exc)
+        handled = self._handled.get(code)
+        if handled is None:
+            handled = self._handled[code] = self._telemetry.handled.labels(self._method, code.name)
+        handled.inc()
+        self._seconds.observe(time.perf_counter() - started)
+        if span is not None:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            _span_status(span, None if code is grpc.StatusCode.OK else code.name)
+
+
+class _InstrumentedServer:
+    """What generated ``add_*Servicer_to_server`` functions call, with telemetry around each handler."""
+
+    def __init__(self, telemetry: GrpcTelemetry, server: Any) -> None:
+        self._telemetry = telemetry
+        self._server = server
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service_name,
+            {
+                name: self._telemetry.wrapped(f"/{service_name}/{name}", handler)
+                for name, handler in method_handlers.items()
+            },
+        )
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]) -> None:
+        self._server.add_generic_rpc_handlers([_InstrumentedGeneric(self._telemetry, h) for h in handlers])
+
+
+class _InstrumentedGeneric(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """A generic handler whose answers are wrapped (used for methods not registered by name)."""
+
+    def __init__(self, telemetry: GrpcTelemetry, inner: grpc.GenericRpcHandler[Any, Any]) -> None:
+        self._telemetry = telemetry
+        self._inner = inner
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self._telemetry.wrapped(str(handler_call_details.method), handler)
 
 
 def _code_of(context: Any, exc: BaseException | None) -> grpc.StatusCode:
