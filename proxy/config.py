@@ -92,8 +92,25 @@ class ProxyConfig:
     )
     detect_timeout: dt.timedelta = option(
         dt.timedelta(seconds=1),
-        "how long inbound waits for a client's first bytes",
+        "how long a new connection's first bytes are awaited to detect its protocol (inbound, and "
+        "outbound to destinations not marked opaque); nothing decided by then: opaque TCP",
         env="SIDEMESH_DETECT_TIMEOUT",
+    )
+    undecided_timeout: dt.timedelta = option(
+        dt.timedelta(seconds=10),
+        "an outbound connection whose detection timed out (the app sent nothing, or bytes that decided "
+        "nothing) is closed unless the destination has sent a byte this long after the app connected "
+        "(a server-speaks-first protocol answers at once; an idle or trickling connection never gets an "
+        'answer); counted as sidemesh_proxy_connections_timed_out_total{reason="undecided"}; 0: never',
+        env="SIDEMESH_UNDECIDED_TIMEOUT",
+    )
+    undecided_dial_rate: float = option(
+        20.0,
+        "outbound connections whose detection timed out dial their destination (an mTLS handshake) at "
+        "most this many a second (after a burst of as many), in arrival order; one whose turn would come "
+        "after its --undecided-timeout is never dialed (closed at that timeout). Connections that sent "
+        "something decisive dial at once",
+        env="SIDEMESH_UNDECIDED_DIAL_RATE",
     )
     idle_timeout: dt.timedelta = option(
         dt.timedelta(hours=1), "close connections idle this long", env="SIDEMESH_IDLE_TIMEOUT"
@@ -136,6 +153,10 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ConfigError("max_connections", f"{self.max_connections} must be at least 1")
+        if not self.undecided_dial_rate > 0:
+            raise ConfigError("undecided_dial_rate", f"{self.undecided_dial_rate:g} must be more than 0")
+        if self.undecided_timeout < dt.timedelta(0):
+            raise ConfigError("undecided_timeout", "must not be negative")
         if not 0.0 <= self.access_log_sample <= 1.0:
             raise ConfigError("access_log_sample", f"{self.access_log_sample:g} is not between 0 and 1")
         if not self.workload or "/" not in self.workload:

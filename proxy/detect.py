@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import enum
 import re
+import select
 import socket
 import time
 
@@ -103,6 +104,13 @@ async def _readable(sock: socket.socket, low_water: int, timeout: float) -> bool
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
+def _ended(sock: socket.socket) -> bool:
+    """Whether the peer has shut down its sending side, without reading anything."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
+
+
 def undecided_kind(peeked: bytes) -> Kind:
     """What the bytes seen so far count as when the timeout ends detection."""
     if not peeked:
@@ -111,19 +119,31 @@ def undecided_kind(peeked: bytes) -> Kind:
 
 
 async def detect(sock: socket.socket, timeout: float) -> Kind:
+    return (await detect_outcome(sock, timeout))[0]
+
+
+async def detect_outcome(sock: socket.socket, timeout: float) -> tuple[Kind, bool]:
+    """The kind, and whether the bytes decided it (False: the timeout did, see ``undecided_kind``)."""
     deadline = time.monotonic() + timeout
     peeked = b""
+    woken = False
     while True:
+        seen = len(peeked)
         try:
             peeked = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
         except BlockingIOError:
             pass
         except ConnectionError:
-            return Kind.CLOSED
+            return Kind.CLOSED, True
         else:
             kind = classify(peeked)
             if kind is not None:
-                return kind
+                return kind, True
+            if woken and len(peeked) == seen and _ended(sock):
+                # The client has half-closed: no more bytes will come and the timeout would decide
+                # nothing (an ended socket is always readable: this loop would spin until then).
+                return undecided_kind(peeked), True
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not await _readable(sock, need_after(peeked) if peeked else 1, remaining):
-            return undecided_kind(peeked)
+            return undecided_kind(peeked), False
+        woken = True

@@ -66,6 +66,14 @@ class ProxyMetrics:
             ["direction", "outcome"],
             registry=r,
         )
+        self.timed_out = Counter(
+            "sidemesh_proxy_connections_timed_out",
+            "Connections the sidecar closed on a timer, by direction and reason (undecided: protocol "
+            "detection timed out and the destination sent nothing within --undecided-timeout; idle: "
+            "--idle-timeout).",
+            ["direction", "reason"],
+            registry=r,
+        )
         self.connection_duration = Histogram(
             "sidemesh_proxy_connection_duration_seconds",
             "How long connections stayed open, by direction.",

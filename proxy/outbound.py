@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from proxy import framing, h2route
 from proxy.balance import Lease, NoEndpoint
-from proxy.detect import Kind, detect
+from proxy.detect import Kind, detect_outcome
 from proxy.dial import DialError, dial_sidecar
 from proxy.original_dst import original_dst
 from proxy.pipe import Pipe
-from proxy.relay import Half, Relay, reset_socket
+from proxy.relay import UNANSWERED, Half, Relay, reset_socket
 from proxy.retry import CONNECT_RETRIES
 from proxy.routers import OutboundRouter, context, serve_connection
 from sidemesh.mesh.compile import Destination, Endpoint
@@ -26,6 +27,11 @@ log = logging.getLogger("sidemesh.proxy.outbound")
 
 class Refused(Exception):
     """The connection cannot be made; the reason goes to the log, the app sees a reset."""
+
+
+class Unanswered(Refused):
+    """An undecided connection's deadline passed before it could even dial (counted, logged
+    sparingly by the sidecar: a flood must not flood the log)."""
 
 
 async def _connect_balanced(sc: Sidecar, relay: Relay, dest: Destination) -> Half:
@@ -137,8 +143,9 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int], targ
                 raise Refused(f"connection to the proxy's own port {dst[1]} (loop)")
             dest = mesh.lookup_address(*dst)
         relay.info["destination"] = f"{dst[0]}:{dst[1]}" if dest is None else dest.name
+        decided = True
         if dest is not None and not dest.opaque:
-            kind = await detect(conn, sc.config.detect_timeout.total_seconds())
+            kind, decided = await detect_outcome(conn, sc.config.detect_timeout.total_seconds())
             relay.info["protocol"] = kind.value
             if kind is Kind.CLOSED:
                 raise Refused("the app closed before sending anything")
@@ -148,17 +155,25 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int], targ
             if kind is Kind.H2 and h2route.terminates(dest):
                 await h2route.serve(sc, relay, conn, dest)  # per stream: balancing, timeout, spans
                 return
+        deadline = _answer_deadline(sc, relay, decided)
         if dest is None:
             if not sc.config.passthrough:
                 raise Refused(f"{dst[0]}:{dst[1]} is outside the mesh and passthrough is off")
             up = await _connect_plain(sc, relay, dst)
             relay.info["mtls"] = False
+        elif deadline is not None:
+            up = await _connect_in_turn(sc, relay, dest, deadline)
         else:
             up = await _connect_balanced(sc, relay, dest)
         app = relay.half(framed=False, name="app")
         await asyncio.get_running_loop().connect_accepted_socket(lambda: app, conn)
         relay.link(app, up)
+        if deadline is not None:
+            relay.require_answer(up, deadline - time.monotonic())
         sc.metrics.connections.labels("outbound", "allow").inc()
+    except Unanswered:
+        relay.fail(UNANSWERED)  # counted and logged (sparingly) by the sidecar, with the others so closed
+        reset_socket(conn)
     except Refused as exc:
         sc.metrics.connections.labels("outbound", "refused").inc()
         log.warning("outbound connection refused", extra={**relay.info, "reason": str(exc)})
@@ -168,6 +183,36 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int], targ
         log.exception("outbound connection failed", extra=relay.info)
         relay.fail("internal error")
         reset_socket(conn)
+
+
+def _answer_deadline(sc: Sidecar, relay: Relay, decided: bool) -> float | None:
+    """When an undecided connection must have heard from its destination (monotonic), or None.
+
+    Nothing decisive within the detect timeout: either a server-speaks-first protocol (its server
+    answers as soon as it is connected) or a client that is idle or trickling bytes (a flood, a
+    slowloris). Both are carried as opaque TCP, as before; the second kind never gets an answer,
+    so an answer is what keeps the connection (Envoy closes on its listener-filter timeout,
+    Linkerd carries on as opaque TCP: this sits between)."""
+    limit = sc.config.undecided_timeout.total_seconds()
+    if decided or limit <= 0:
+        return None
+    return relay.started + limit
+
+
+async def _connect_in_turn(sc: Sidecar, relay: Relay, dest: Destination, deadline: float) -> Half:
+    """Dial for an undecided connection when its turn comes (``--undecided-dial-rate``): a flood of
+    them costs a few handshakes a second, never thousands in the same second, and connections that
+    showed what they speak (which dial at once) keep most of the CPU. No turn before its deadline:
+    held, never dialed, until the deadline (as detection holds a connection in Envoy and Linkerd);
+    closing it at once would only bring a flood that reconnects back at once, each time costing an
+    accept and a detection."""
+    wait = sc.undecided_dials.reserve(deadline)
+    if wait is None:
+        await asyncio.sleep(max(deadline - time.monotonic(), 0.0))
+        raise Unanswered("no turn to dial before the undecided timeout")
+    if wait > 0:
+        await asyncio.sleep(wait)
+    return await _connect_balanced(sc, relay, dest)
 
 
 async def _serve_http(sc: Sidecar, relay: Relay, conn: socket.socket, dest: Destination) -> None:

@@ -21,6 +21,8 @@ from proxy import framing
 _LINGER_RST = struct.pack("ii", 1, 0)
 WRITE_HIGH_WATER = 256 * 1024
 COPY_BELOW = 16 * 1024  # smaller DATA frames are joined with their header (one write, one record)
+IDLE_TIMEOUT = "idle timeout"
+UNANSWERED = "no answer from the destination after an undecided detection"
 
 
 def reset_socket(conn: socket.socket) -> None:
@@ -165,6 +167,7 @@ class Relay:
         self.closed = False
         self.outcome = ""
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._answer_handle: asyncio.TimerHandle | None = None
         self._seen = 0
         self.info: dict[str, object] = {}
         self.on_fail: Callable[[], None] | None = None  # an HTTP connection has no halves: reset it
@@ -204,9 +207,20 @@ class Relay:
         if seen != self._seen:  # traffic since the last check
             self._seen, self.last_activity = seen, now
         elif now - self.last_activity >= self.idle_timeout:
-            self.fail("idle timeout")
+            self.fail(IDLE_TIMEOUT)
             return
         self._arm_idle()
+
+    def require_answer(self, half: Half, within: float) -> None:
+        """Close (``UNANSWERED``) unless ``half`` has sent a byte ``within`` seconds from now: a
+        connection that gave no sign of its protocol is kept only once the other end speaks."""
+        self._answer_handle = asyncio.get_running_loop().call_later(
+            max(within, 0.0), self._check_answer, half
+        )
+
+    def _check_answer(self, half: Half) -> None:
+        if not self.closed and half.bytes_in == 0:
+            self.fail(UNANSWERED)
 
     def maybe_done(self) -> None:
         if all(h.eof_in for h in self.halves) and len(self.halves) == 2:
@@ -250,8 +264,9 @@ class Relay:
             return
         self.closed = True
         self.outcome = outcome
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
+        for handle in (self._idle_handle, self._answer_handle):
+            if handle is not None:
+                handle.cancel()
         if self.on_close is not None:
             self.on_close(self, outcome)
 

@@ -14,9 +14,11 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from proxy import heap, inbound, outbound, pool
+from proxy import relay as relays
 from proxy.balance import Balancer
 from proxy.config import ProxyConfig
 from proxy.config_client import ConfigClient
+from proxy.limits import Pacer, Throttle
 from proxy.metrics import ProxyMetrics
 from proxy.observe import Observer
 from proxy.probes import APP_HEALTH_PREFIX, AppProber, parse_app_probes
@@ -41,6 +43,9 @@ log = logging.getLogger("sidemesh.proxy")
 access = logging.getLogger("sidemesh.proxy.access")
 CONFIG_POLL_SECONDS = 0.5
 HEAP_TRIM_SECONDS = 5.0
+ACCEPT_BATCH = 16  # connections accepted from a backlog before the loop runs other work
+# Relay outcomes the sidecar chose by a timer: counted and logged by reason (bounded labels).
+TIMED_OUT = {relays.UNANSWERED: "undecided", relays.IDLE_TIMEOUT: "idle"}
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -76,6 +81,10 @@ class Sidecar:
         self.balancer = Balancer()  # endpoint choice and outlier ejection (proxy/balance.py)
         self.open_connections: dict[str, int] = {}  # by direction
         self._overflow_logged = 0.0
+        self._timeout_logs: dict[tuple[str, str], Throttle] = {}
+        # Outbound connections whose protocol detection timed out dial a few a second (outbound.py).
+        rate = config.undecided_dial_rate
+        self.undecided_dials = Pacer(rate, max(1, round(rate)))
         self._mesh: SidecarConfig | None = None
         self._config_stamp: object = None
         self.config_updated = 0.0
@@ -146,6 +155,9 @@ class Sidecar:
         ok = outcome == "closed" and bool(relay.info.get("linked"))
         self.metrics.closed.labels(direction, "ok" if ok else "error").inc()
         self.metrics.connection_duration.labels(direction).observe(seconds)
+        reason = TIMED_OUT.get(outcome)
+        if reason is not None:
+            self._timed_out(direction, reason, relay, seconds)
         if relay.info.get("protocol") not in ("http/1", "h2"):  # HTTP is counted per request
             target = relay.info.get("destination") or f":{relay.info.get('port', '?')}"
             denied = outcome == "denied" or "denied" in relay.info
@@ -161,6 +173,27 @@ class Sidecar:
                     "duration_ms": round(seconds * 1000, 3),
                 },
             )
+
+    def _timed_out(self, direction: str, reason: str, relay: Relay, seconds: float) -> None:
+        """Counted every time, logged once (then at most every 10 s per reason, with how many were
+        not logged): a flood of idle connections must not become a flood of log lines. The idle
+        timeout is routine (info); the undecided one means a client that never spoke (warning)."""
+        self.metrics.timed_out.labels(direction, reason).inc()
+        throttle = self._timeout_logs.setdefault((direction, reason), Throttle())
+        held_back = throttle.due()
+        if held_back is None:
+            return
+        log.log(
+            logging.INFO if reason == "idle" else logging.WARNING,
+            "connection closed by timeout",
+            extra={
+                **relay.info,
+                "reason": relay.outcome,
+                "timeout": reason,
+                "after_s": round(seconds, 3),
+                "not_logged_since_last": held_back,
+            },
+        )
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -246,11 +279,18 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         await self._can_serve.wait()
         sock.listen(1024)
+        accepted = 0
         while True:
             try:
                 conn, addr = await loop.sock_accept(sock)
             except OSError:
                 return  # listener closed
+            accepted += 1
+            if accepted % ACCEPT_BATCH == 0:
+                # An accept that finds a connection waiting does not yield: without this, a backlog
+                # of a thousand (a flood's opening burst) is taken, and its tasks started, in one
+                # long turn of the loop that every other connection waits behind.
+                await asyncio.sleep(0)
             if self.open_connections.get(kind, 0) >= self.config.max_connections:
                 self._overflow(kind, conn)
                 continue
