@@ -115,6 +115,12 @@ class ProxyConfig:
     idle_timeout: dt.timedelta = option(
         dt.timedelta(hours=1), "close connections idle this long", env="SIDEMESH_IDLE_TIMEOUT"
     )
+    request_head_timeout: dt.timedelta = option(
+        dt.timedelta(seconds=10),
+        "an HTTP/1.1 request head must arrive whole this long after its first byte, else 408 and the "
+        'connection is closed (slow clients); counted as sidemesh_proxy_connections_timed_out_total{reason="head"}',
+        env="SIDEMESH_REQUEST_HEAD_TIMEOUT",
+    )
     drain_timeout: dt.timedelta = option(
         dt.timedelta(seconds=20),
         "on SIGTERM, how long open connections may finish",
@@ -155,6 +161,8 @@ class ProxyConfig:
             raise ConfigError("max_connections", f"{self.max_connections} must be at least 1")
         if not self.undecided_dial_rate > 0:
             raise ConfigError("undecided_dial_rate", f"{self.undecided_dial_rate:g} must be more than 0")
+        if self.request_head_timeout <= dt.timedelta(0):
+            raise ConfigError("request_head_timeout", "must be more than 0")
         if self.undecided_timeout < dt.timedelta(0):
             raise ConfigError("undecided_timeout", "must not be negative")
         if not 0.0 <= self.access_log_sample <= 1.0:

@@ -188,7 +188,7 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
                 _send_error(conn, down, exc.status, str(exc), ctx)
                 break
             except _HeadTimeout:
-                ctx.on_refused("head_timeout")
+                ctx.on_refused("head")
                 _send_error(conn, down, 408, "request head not received in time", ctx)
                 break
             if isinstance(event, h1.ConnectionClosed) or event is h1.PAUSED:

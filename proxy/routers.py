@@ -246,6 +246,8 @@ def context(
         # Inbound keep-alive connections close when idle once the sidecar drains (callers move to
         # other endpoints); the app's outbound ones stay usable while it finishes its work.
         draining=(lambda: sc.draining) if direction == "inbound" else (lambda: False),
+        head_timeout=sc.config.request_head_timeout.total_seconds(),
+        on_refused=lambda reason: sc.metrics.timed_out.labels(direction, reason).inc(),
         source=source,
         service=service,
         peer_address=str(relay.info.get("client")),

@@ -414,3 +414,17 @@ async def test_draining_closes_idle_inbound_keepalive_connections(pair: tuple[st
     began = asyncio.get_running_loop().time()
     await cart.drain(timeout=10)
     assert asyncio.get_running_loop().time() - began < 3
+
+
+async def test_a_slow_request_head_gets_408_and_is_counted(mesh: Mesh, pair: tuple[str, int]) -> None:
+    frontend = mesh.sidecars["frontend"]
+    object.__setattr__(frontend.config, "request_head_timeout", __import__("datetime").timedelta(seconds=0.5))
+    reader, writer = await asyncio.open_connection(*pair)
+    writer.write(b"GET /cart/slow HTTP/1.1\r\nHost: cart\r\n")  # never the blank line
+    out = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert out.startswith(b"HTTP/1.1 408 "), out
+    sample = {"direction": "outbound", "reason": "head"}
+    assert (
+        frontend.metrics.registry.get_sample_value("sidemesh_proxy_connections_timed_out_total", sample) == 1
+    )
