@@ -311,8 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes += [
         "Sidemesh between the sidecars: HTTP/1.1 over pooled mTLS connections (`sidemesh/1` frames); "
         "Envoy: the downstream protocol (HTTP/1.1 for wrk, HTTP/2 for gRPC).",
-        "Sidemesh carries HTTP/2 from the client sidecar to the server sidecar on the client's own "
-        "connection; the server sidecar authorizes each stream and forwards it over HTTP/2 to the app.",
+        "Sidemesh terminates the app's HTTP/2 (gRPC) in both sidecars: the client sidecar balances each "
+        "call and sends it on an HTTP/2 connection to the chosen endpoint's sidecar, which authorizes it "
+        "and forwards it over HTTP/2 to the app (h2, pure Python, twice per call).",
+        "Sidemesh parses HTTP/1.1 with httptools (llhttp) in both sidecars.",
         "The machine has two cores shared with other work: figures are noisy when anything else runs.",
     ]
     report: Result = {
