@@ -161,7 +161,6 @@ class Connection:
         "_last_response",
         "_out_body",
         "_out_chunked",
-        "_out_close_delimited",
         "_parser",
         "_paused",
         "_reason",
@@ -211,7 +210,6 @@ class Connection:
 
     def _start(self) -> None:
         self._out_chunked = False
-        self._out_close_delimited = False
         self._out_body = True
         self.our_done = False
         self.their_done = False
@@ -475,11 +473,11 @@ class Connection:
         if not bodiless:
             if chunked and http10:  # HTTP/1.0 has no chunks: the end of the body is the close
                 headers = [(n, v) for n, v in headers if n.lower() != b"transfer-encoding"]
-                self._out_close_delimited, self.must_close = True, True
+                self.must_close = True
             elif chunked:
                 self._out_chunked = True
             elif length is None and http10:
-                self._out_close_delimited, self.must_close = True, True
+                self.must_close = True
             elif length is None:
                 headers = [*headers, (b"Transfer-Encoding", b"chunked")]
                 self._out_chunked = True

@@ -26,7 +26,7 @@ from proxy.observe import RequestInfo
 from proxy.pipe import Pipe
 from proxy.relay import Relay
 from proxy.retry import Failure, RoutePolicy, retryable
-from proxy.routers import budget_of
+from proxy.routers import budget_of, tracked
 from sidemesh.mesh.compile import Destination
 
 if TYPE_CHECKING:
@@ -116,16 +116,7 @@ async def serve(sc: Sidecar, relay: Relay, conn: socket.socket, dest: Destinatio
     down = Pipe(framed=False, name="app")
     relay.on_fail = down.abort
     await asyncio.get_running_loop().connect_accepted_socket(lambda: down, conn)
-    relay.info["linked"] = True
     router = OutboundStreams(sc, dest.name, relay.info)
     proxy = H2Proxy(down, None, None, sc.observer.start, relay.info, router=router)
-    outcome = "closed"
-    try:
-        # The app's connections stay usable while the sidecar drains (it finishes its work).
-        await proxy.run(sc.config.idle_timeout.total_seconds())
-    except Exception:
-        log.exception("HTTP/2 connection failed", extra=relay.info)
-        down.abort()
-        outcome = "internal error"
-    finally:
-        relay.end(outcome)
+    # The app's connections stay usable while the sidecar drains (it finishes its work).
+    await tracked(relay, down, "HTTP/2", proxy.run(sc.config.idle_timeout.total_seconds()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Literal
 
 from proxy import h1, http1, pool
@@ -217,19 +218,25 @@ class OutboundRouter:
             up.pipe.close()
 
 
-async def serve_connection(sc: Sidecar, relay: Relay, down: Pipe, router: Router, ctx: Context) -> None:
-    """Serve one HTTP connection; the relay tracks it for drain and the connection metrics."""
+async def tracked(relay: Relay, down: Pipe, what: str, work: Awaitable[None]) -> None:
+    """Run ``work`` (serving one downstream connection) under its relay: linked for drain and the
+    connection metrics, reset if the relay fails, and ended with how it went."""
     relay.info["linked"] = True
     relay.on_fail = down.abort
     outcome = "closed"
     try:
-        await http1.serve(down, router, ctx)
+        await work
     except Exception:
-        log.exception("HTTP connection failed", extra=relay.info)
+        log.exception(f"{what} connection failed", extra=relay.info)
         down.abort()
         outcome = "internal error"
     finally:
         relay.end(outcome)
+
+
+async def serve_connection(sc: Sidecar, relay: Relay, down: Pipe, router: Router, ctx: Context) -> None:
+    """Serve one HTTP connection; the relay tracks it for drain and the connection metrics."""
+    await tracked(relay, down, "HTTP", http1.serve(down, router, ctx))
 
 
 def context(
@@ -257,17 +264,9 @@ def context(
 
 async def serve_h2(sc: Sidecar, relay: Relay, down: Pipe, router: InboundRouter) -> None:
     """Serve one inbound HTTP/2 connection: each stream authorized, allowed ones to the app."""
-    relay.info["linked"] = True
-    relay.on_fail = down.abort
     proxy = H2Proxy(
         down, router.h2_verdict, lambda: pool.connect_app(sc, router.port), sc.observer.start, relay.info
     )
-    outcome = "closed"
-    try:
-        await proxy.run(sc.config.idle_timeout.total_seconds(), lambda: sc.draining)
-    except Exception:
-        log.exception("HTTP/2 connection failed", extra=relay.info)
-        down.abort()
-        outcome = "internal error"
-    finally:
-        relay.end(outcome)
+    await tracked(
+        relay, down, "HTTP/2", proxy.run(sc.config.idle_timeout.total_seconds(), lambda: sc.draining)
+    )
