@@ -142,7 +142,7 @@ def normalize_target(target: bytes) -> bytes:
     path = path.replace(b"\\", b"/")
     if b"%" in path:
         path = _PCT.sub(_decode_unreserved, path)
-    if b"." in path:
+    if b"/." in path:  # a dot segment always follows a slash
         path = remove_dot_segments(path)
     return prefix + path + query
 
