@@ -7,6 +7,9 @@ and the stream rides an HTTP/2 connection to that endpoint's sidecar inside `sid
 (OPEN with the HTTP/2 hint: the inbound side's ``H2Proxy`` serves it). The balancer hears of each
 stream twice: its latency and outcome when the response head comes (time to first byte, as
 Linkerd's peak EWMA for HTTP), and its end (so a long stream counts as load while it lasts).
+Retries (``may_retry``) follow ``proxy.retry`` with the Service's policy and the destination's
+budget: a stream not processed, a broken connection, a 502-504 head, a trailers-only gRPC
+UNAVAILABLE.
 
 The upstream connections belong to one app connection (``H2Proxy.ups``); sharing them between the
 app's connections is a later step.
@@ -103,10 +106,17 @@ class OutboundStreams:
         if isinstance(target.ticket, Lease):
             target.ticket.release(ok)
 
-    def may_retry(self, method: str, failure: Failure, attempt: int) -> bool:
+    def may_retry(
+        self,
+        method: str,
+        failure: Failure | None,
+        attempt: int,
+        status: int | None = None,
+        grpc_status: int | None = None,
+    ) -> bool:
         return (
             attempt < self.policy.retries_for(failure)
-            and retryable(method, None, failure, self.policy)
+            and retryable(method, status, failure, self.policy, grpc_status)
             and self.budget.try_withdraw()
         )
 

@@ -7,8 +7,11 @@ is routed on its own by a :class:`StreamRouter`.
 - Outbound (``proxy.h2route``): each stream gets an endpoint from the balancer, and rides an
   HTTP/2 connection to that endpoint's sidecar (inside `sidemesh/1` mTLS) shared by the streams of
   the app's connection that go there; the Service's timeout bounds the wait for the response head
-  (then: ``grpc-status: 4`` or 504), and a stream the endpoint did not process (refused, or its
-  connection failed) may be sent again elsewhere.
+  (then: ``grpc-status: 4`` or 504). A stream the endpoint did not process (refused, or its
+  connection failed) may be sent again elsewhere, and so may one whose connection broke or whose
+  response head is 502-504 or a trailers-only ``grpc-status: 14`` (UNAVAILABLE), as
+  ``proxy.retry`` says, when its request went up whole and its body (at most ``MAX_REPLAY_BODY``)
+  was kept: that head is dropped, and the app gets the last attempt's response.
 
 Every connection is an h2 state machine (no I/O); this module moves events between them. Upstream
 connections are keyed by where they go (the app; an endpoint); a key gets another connection when
@@ -41,7 +44,7 @@ from proxy import framing
 from proxy.headers import DENIED_REASON, BadPath, normalize_target
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed
-from proxy.retry import MAX_REPLAY_BODY, Failure, backoff
+from proxy.retry import GRPC_RETRY_STATUSES, MAX_REPLAY_BODY, RETRY_STATUSES, Failure, backoff
 
 log = logging.getLogger("sidemesh.proxy.http2")
 GRPC_INVALID_ARGUMENT = 3
@@ -110,9 +113,17 @@ class StreamRouter(Protocol):
         """The attempt is over (reports too, if that was not done)."""
         ...
 
-    def may_retry(self, method: str, failure: Failure, attempt: int) -> bool:
-        """Whether attempt ``attempt`` (0: the first) that ended with ``failure`` before its
-        response head may be sent again (and takes the retry from the budget)."""
+    def may_retry(
+        self,
+        method: str,
+        failure: Failure | None,
+        attempt: int,
+        status: int | None = None,
+        grpc_status: int | None = None,
+    ) -> bool:
+        """Whether attempt ``attempt`` (0: the first) may be sent again (and takes the retry from
+        the budget): it ended with ``failure`` before its response head, or (``failure`` None) with
+        a response head of ``status`` (``grpc_status``: a trailers-only gRPC response's)."""
         ...
 
 
@@ -146,7 +157,14 @@ class _AppRouter:
     def release(self, target: Target, ok: bool) -> None:
         pass
 
-    def may_retry(self, method: str, failure: Failure, attempt: int) -> bool:
+    def may_retry(
+        self,
+        method: str,
+        failure: Failure | None,
+        attempt: int,
+        status: int | None = None,
+        grpc_status: int | None = None,
+    ) -> bool:
         return False
 
 
@@ -226,6 +244,14 @@ class _Up(_Side):
 
 def _headers(raw: object) -> list[Header]:
     return [(bytes(n), bytes(v)) for n, v in raw]  # type: ignore[attr-defined]
+
+
+def _grpc_status_of(headers: list[Header]) -> int | None:
+    status = None
+    for n, v in headers:
+        if n == b"grpc-status" and v.isdigit():
+            status = int(v)
+    return status
 
 
 class H2Proxy:
@@ -557,19 +583,7 @@ class H2Proxy:
         self._detach(stream, ok=False)
         pause = 0.0 if failure is Failure.CONNECT else backoff(stream.attempt)
         if self._may_retry(stream, failure, sent, pause):
-            stream.attempt += 1
-            stream.result.retries += 1
-            log.info("retrying", extra={**self.info, "reason": why, "attempt": stream.attempt})
-            if sent:  # what went up is acknowledged downstream: send the kept copy again
-                self._ack(self.down, stream.down_id, stream.to_up)
-                stream.to_up.clear()
-                stream.to_up.extend((chunk, 0) for chunk in stream.replay or ())
-                if stream.request_ended and (stream.replay or stream.trailers is not None):
-                    stream.to_up.append((stream.trailers, 0))
-            if pause > 0:
-                stream.task = asyncio.create_task(self._route_later(stream, pause))
-            else:
-                self._route(stream)
+            self._retry(stream, why, sent, pause)
             return
         stream.result.error = "upstream reset" if sent else why
         if not sent and target is not None:  # nothing went out: answer (502 / UNAVAILABLE)
@@ -580,14 +594,59 @@ class H2Proxy:
             self.down.conn.reset_stream(stream.down_id, code)
         self._finish(stream, error="upstream reset")
 
-    def _may_retry(self, stream: _Stream, failure: Failure, sent: bool, pause: float) -> bool:
+    def _retry_response(self, stream: _Stream, status: int, headers: list[Header], ended: bool) -> bool:
+        """A final response head 502-504, or a gRPC trailers-only UNAVAILABLE, to a request that
+        went up whole and was kept: dropped (its upstream stream reset, the endpoint's failure
+        counted) and the request sent again elsewhere when the policy and the budget allow.
+        False: the head goes to the caller (a request still streaming is not retried)."""
+        grpc_status = _grpc_status_of(headers) if ended and stream.grpc and status == 200 else None
+        if status not in RETRY_STATUSES and grpc_status not in GRPC_RETRY_STATUSES:
+            return False  # (checked first: the router's check takes the retry from the budget)
+        target = stream.target
+        if target is None or not stream.ended_up:
+            return False
+        pause = backoff(stream.attempt)
+        if not self._may_retry(stream, None, True, pause, status, grpc_status):
+            return False
+        stream.tried.append(target)
+        self._detach(stream, ok=False)
+        why = f"grpc-status {grpc_status}" if grpc_status is not None else f"status {status}"
+        self._retry(stream, why, True, pause)
+        return True
+
+    def _retry(self, stream: _Stream, why: str, sent: bool, pause: float) -> None:
+        """Send the stream again (after ``pause``) to the router's next target; ``sent``: the
+        request went up, so its kept copy is queued again."""
+        stream.attempt += 1
+        stream.result.retries += 1
+        log.info("retrying", extra={**self.info, "reason": why, "attempt": stream.attempt})
+        if sent:  # what went up is acknowledged downstream: send the kept copy again
+            self._ack(self.down, stream.down_id, stream.to_up)
+            stream.to_up.clear()
+            stream.to_up.extend((chunk, 0) for chunk in stream.replay or ())
+            if stream.request_ended and (stream.replay or stream.trailers is not None):
+                stream.to_up.append((stream.trailers, 0))
+        if pause > 0:
+            stream.task = asyncio.create_task(self._route_later(stream, pause))
+        else:
+            self._route(stream)
+
+    def _may_retry(
+        self,
+        stream: _Stream,
+        failure: Failure | None,
+        sent: bool,
+        pause: float,
+        status: int | None = None,
+        grpc_status: int | None = None,
+    ) -> bool:
         if self.closed or not self.router.retries:
             return False
         if sent and not (stream.request_ended and stream.replay is not None):
             return False  # the request went up in part or is big: it cannot be sent again
         if stream.deadline is not None and time.monotonic() + pause >= stream.deadline:
             return False
-        return self.router.may_retry(stream.info.method, failure, stream.attempt)
+        return self.router.may_retry(stream.info.method, failure, stream.attempt, status, grpc_status)
 
     async def _route_later(self, stream: _Stream, pause: float) -> None:
         await asyncio.sleep(pause)
@@ -695,8 +754,11 @@ class H2Proxy:
     ) -> None:
         headers = _headers(event.headers)
         final = isinstance(event, h2.events.ResponseReceived)
+        ended = final and event.stream_ended is not None  # type: ignore[union-attr]
         if final:
             status = int(next((v for n, v in headers if n == b":status"), b"0"))
+            if stream.replay is not None and self._retry_response(stream, status, headers, ended):
+                return  # not passed on: the request goes elsewhere
             stream.result.status = status
             stream.responded = True
             stream.replay = None  # no retry after a response head
@@ -706,7 +768,6 @@ class H2Proxy:
             if stream.target is not None:
                 self.router.report(stream.target, status < 500)
             self._grpc_status(stream, headers)
-        ended = final and event.stream_ended is not None  # type: ignore[union-attr]
         self.down.conn.send_headers(stream.down_id, headers, end_stream=ended)
         if ended:
             stream.end_queued_down = True
@@ -723,9 +784,9 @@ class H2Proxy:
 
     @staticmethod
     def _grpc_status(stream: _Stream, headers: list[Header]) -> None:
-        for n, v in headers:
-            if n == b"grpc-status" and v.isdigit():
-                stream.result.grpc_status = int(v)
+        grpc_status = _grpc_status_of(headers)
+        if grpc_status is not None:
+            stream.result.grpc_status = grpc_status
 
     # -- moving data under flow control -------------------------------------------------------
 

@@ -20,9 +20,10 @@ What is retried (``retryable``):
   whatever the method, and even when the Service asks for no retries (up to ``CONNECT_RETRIES``),
   since the endpoint never saw the request (Linkerd's balancer hides these the same way);
 - for idempotent methods (RFC 9110 section 9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE), or any
-  method with ``sidemesh.io/retry-non-idempotent: "true"``: a response 502, 503 or 504, and a
-  connection that broke after the request was sent but before the response headers came
-  (``Failure.RESET``);
+  method with ``sidemesh.io/retry-non-idempotent: "true"``: a response 502, 503 or 504, a gRPC
+  trailers-only response with ``grpc-status: 14`` (UNAVAILABLE, as Istio's default ``retryOn``;
+  gRPC calls are POST, so only with retry-non-idempotent), and a connection that broke after the
+  request was sent but before the response headers came (``Failure.RESET``);
 - never: other statuses (4xx, 500, ...), and the request's own timeout (``Failure.TIMEOUT``).
 
 The timeout (``sidemesh.io/timeout``) bounds the time until the response headers arrive, retries
@@ -44,6 +45,7 @@ from sidemesh.mesh.compile import Destination
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 RETRY_STATUSES = frozenset({502, 503, 504})
+GRPC_RETRY_STATUSES = frozenset({14})  # UNAVAILABLE, in a trailers-only response
 CONNECT_RETRIES = 2
 MAX_REPLAY_BODY = 64 * 1024  # bytes of request body kept for a retry (Linkerd: 64 KiB)
 BACKOFF_BASE_S = 0.025
@@ -71,9 +73,16 @@ class RoutePolicy:
         return max(self.retries, CONNECT_RETRIES) if error is Failure.CONNECT else self.retries
 
 
-def retryable(method: str, status: int | None, error: Failure | None, policy: RoutePolicy) -> bool:
+def retryable(
+    method: str,
+    status: int | None,
+    error: Failure | None,
+    policy: RoutePolicy,
+    grpc_status: int | None = None,
+) -> bool:
     """Whether an attempt that ended with ``status`` (a response) or ``error`` (none) may be retried;
-    the caller also checks the attempt count (``retries_for``) and the budget."""
+    ``grpc_status``: the one of a trailers-only gRPC response (it comes with status 200). The caller
+    also checks the attempt count (``retries_for``) and the budget."""
     if error is Failure.CONNECT:
         return True
     if error is Failure.TIMEOUT:
@@ -82,7 +91,7 @@ def retryable(method: str, status: int | None, error: Failure | None, policy: Ro
         return False
     if error is Failure.RESET:
         return True
-    return status in RETRY_STATUSES
+    return status in RETRY_STATUSES or grpc_status in GRPC_RETRY_STATUSES
 
 
 def backoff(attempt: int, rng: random.Random | None = None) -> float:

@@ -48,22 +48,25 @@ apiVersion: sidemesh.io/v1alpha1
 kind: Workload
 metadata: {{name: carta-1, namespace: shop, labels: {{app: cart}}}}
 spec: {{serviceAccount: cart, address: {net}.2, ports: [{{port: 8080}}]}}
----
-apiVersion: sidemesh.io/v1alpha1
-kind: Workload
-metadata: {{name: cartb-1, namespace: shop, labels: {{app: cart}}}}
-spec: {{serviceAccount: cart, address: {net}.4, meshed: {meshed}, ports: [{{port: 8080}}]}}
----
+{cart_b}---
 apiVersion: v1
 kind: Service
 metadata:
   name: cart
   namespace: shop
-  annotations: {{sidemesh.io/timeout: "{timeout}"}}
+  annotations: {{sidemesh.io/timeout: "{timeout}"{retries}}}
 spec:
   selector: {{app: cart}}
   ports: [{{name: grpc, port: 80, targetPort: 8080}}]
 """
+CART_B = """\
+---
+apiVersion: sidemesh.io/v1alpha1
+kind: Workload
+metadata: {{name: cartb-1, namespace: shop, labels: {{app: cart}}}}
+spec: {{serviceAccount: cart, address: {net}.4, meshed: {meshed}, ports: [{{port: 8080}}]}}
+"""
+RETRIES = ', sidemesh.io/retries: "{n}", sidemesh.io/retry-non-idempotent: "{any}"'
 
 ALLOW = """\
 apiVersion: sidemesh.io/v1alpha1
@@ -78,12 +81,15 @@ spec:
 
 
 class Server:
-    """A grpcio server answering /test.Echo/*: counts calls, waits ``delay`` before answering."""
+    """A grpcio server answering /test.Echo/*: counts calls, waits ``delay`` before answering, and
+    answers its next ``fail`` unary calls UNAVAILABLE (an abort: a trailers-only response)."""
 
-    def __init__(self, name: str, delay: float = 0.0) -> None:
+    def __init__(self, name: str, delay: float = 0.0, fail: int = 0) -> None:
         self.name = name
         self.delay = delay
+        self.fail = fail
         self.hits = 0
+        self.sizes: list[int] = []  # of the unary requests
         self.traceparents: list[str] = []
         self.server = grpc.aio.server()
         self.server.add_generic_rpc_handlers(
@@ -100,10 +106,14 @@ class Server:
 
     async def unary(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         self.hits += 1
+        self.sizes.append(len(request))
         meta = dict(context.invocation_metadata() or ())
         self.traceparents.append(str(meta.get("traceparent", "")))
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.fail > 0:
+            self.fail -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is down")
         context.set_trailing_metadata((("x-served-by", self.name),))
         return self.name.encode() + b":" + request
 
@@ -112,13 +122,26 @@ class Server:
     ) -> AsyncIterator[bytes]:
         self.hits += 1
         async for request in requests:
+            if self.fail > 0:  # with the request still streaming
+                self.fail -= 1
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is down")
             yield self.name.encode() + b":" + request.upper()
         context.set_trailing_metadata((("x-served-by", self.name),))
 
 
-def write_mesh(mesh: Mesh, timeout: str = "0s", meshed: bool = True) -> None:
-    """``meshed``: whether cart-b is in the mesh (else: no identity, reached in plaintext)."""
-    mesh.write("workloads.yaml", MESH.format(net=mesh.net, timeout=timeout, meshed=str(meshed).lower()))
+def write_mesh(
+    mesh: Mesh,
+    timeout: str = "0s",
+    meshed: bool = True,
+    two: bool = True,
+    retries: int | None = None,
+    any_method: bool = False,
+) -> None:
+    """``meshed``: whether cart-b is in the mesh (else: no identity, reached in plaintext); ``two``:
+    whether cart-b is there at all; ``retries`` (and ``any_method``: retry-non-idempotent)."""
+    cart_b = CART_B.format(net=mesh.net, meshed=str(meshed).lower()) if two else ""
+    extra = "" if retries is None else RETRIES.format(n=retries, any=str(any_method).lower())
+    mesh.write("workloads.yaml", MESH.format(net=mesh.net, timeout=timeout, cart_b=cart_b, retries=extra))
 
 
 class Carts:
@@ -127,10 +150,17 @@ class Carts:
         self.servers: list[Server] = []
 
     async def start(
-        self, *servers: tuple[int, Server], timeout: str = "0s", sidecars: bool = True, meshed: bool = True
+        self,
+        *servers: tuple[int, Server],
+        timeout: str = "0s",
+        sidecars: bool = True,
+        meshed: bool = True,
+        two: bool = True,
+        retries: int | None = None,
+        any_method: bool = False,
     ) -> None:
         mesh = self.mesh
-        write_mesh(mesh, timeout, meshed)
+        write_mesh(mesh, timeout, meshed, two, retries, any_method)
         for host, server in servers:
             server.server.add_insecure_port(f"{mesh.addr(host)}:{APP}")
             await server.server.start()
@@ -367,3 +397,212 @@ async def test_a_call_gives_a_client_span_whose_child_is_the_server_span(
     assert client.attributes["sidemesh.destination.id"] == "spiffe://cluster.local/ns/shop/sa/cart"
     assert client.attributes["sidemesh.destination.service"] == "cart.shop:80"
     assert client.attributes["network.peer.address"] == f"{mesh.addr(CART1)}:{APP}"
+
+
+# -- retries of responses: 502-504, and gRPC's UNAVAILABLE ------------------------------------
+
+
+async def test_unavailable_calls_go_to_the_other_endpoint_with_retry_non_idempotent(
+    mesh: Mesh, carts: Carts
+) -> None:
+    """cart-b answers every call UNAVAILABLE (trailers-only): with retries and
+    retry-non-idempotent (gRPC calls are POST), each call that went there is sent to cart-a."""
+    ok, down = Server("ok"), Server("down", fail=10**6)
+    await carts.start((CART1, ok), (CART2, down), retries=2, any_method=True)
+    async with channel(mesh) as ch:
+        replies = await asyncio.gather(*(unary(ch)(f"{i}".encode()) for i in range(40)))
+    assert sorted(replies) == sorted(f"ok:{i}".encode() for i in range(40))
+    assert down.hits >= 1  # it was tried, answered UNAVAILABLE, and the call went to cart-a
+    frontend = mesh.sidecars["frontend"]
+    assert all(st.outstanding == 0 for st in frontend.balancer.states.values())
+    dest = frontend.mesh_config().lookup_name("cart.shop:80")
+    assert dest is not None
+    st = frontend.balancer.state(next(e for e in dest.endpoints if e.address == mesh.addr(CART2)))
+    assert st is not None and (st.failures >= 1 or st.ejections >= 1)  # UNAVAILABLE counts as a failure
+
+
+async def test_without_retry_non_idempotent_unavailable_reaches_the_client(mesh: Mesh, carts: Carts) -> None:
+    down = Server("down", fail=10**6)
+    await carts.start((CART1, down), two=False, retries=2)
+    async with channel(mesh) as ch:
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await unary(ch)(b"x")
+            assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert err.value.details() == "down is down"  # the app's own answer, as it was
+    assert down.hits == 3  # never retried
+
+
+async def test_a_request_body_over_64k_is_not_retried(mesh: Mesh, carts: Carts) -> None:
+    """One endpoint, always UNAVAILABLE: a small call is tried 1 + 2 times (its body was kept), a
+    100 KiB one once (its body was not kept: it cannot be sent again)."""
+    down = Server("down", fail=10**6)
+    await carts.start((CART1, down), two=False, retries=2, any_method=True)
+    small, big = b"s" * 1024, b"b" * 100 * 1024
+    async with channel(mesh) as ch:
+        for message, tries in ((small, 3), (big, 1), (small, 3)):
+            before = down.hits
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await unary(ch)(message)
+            assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert down.hits - before == tries
+            assert down.sizes[before:] == [len(message)] * tries  # the whole body each time
+        down.fail = 1
+        assert await unary(ch)(small) == b"down:" + small  # failed once, then answered
+
+
+async def test_a_call_still_streaming_its_request_is_not_retried(mesh: Mesh, carts: Carts) -> None:
+    """UNAVAILABLE comes while the client still streams: the request is not whole, so the
+    answer goes to the client (not retried)."""
+    flaky = Server("flaky", fail=1)
+    await carts.start((CART1, flaky), two=False, retries=2, any_method=True)
+    async with channel(mesh) as ch:
+        stream = ch.stream_stream("/test.Echo/Bidi")()  # type: ignore[call-arg]
+        await stream.write(b"hi")
+        assert await stream.code() is grpc.StatusCode.UNAVAILABLE
+        assert flaky.hits == 1
+        assert await unary(ch)(b"x") == b"flaky:x"  # the next call is fine
+
+
+async def test_retries_stop_when_the_budget_is_spent(mesh: Mesh, carts: Carts) -> None:
+    from proxy.routers import budget_of
+
+    down = Server("down", fail=10**6)
+    await carts.start((CART1, down), two=False, retries=2, any_method=True)
+    budget = budget_of(mesh.sidecars["frontend"], "cart.shop:80")
+    while budget.try_withdraw():  # an outage has used it all
+        pass
+    async with channel(mesh) as ch:
+        for _ in range(5):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await unary(ch)(b"x")
+            assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    # Spent: only what the 5 new calls deposit (20% of them: one retry) may be used.
+    assert down.hits == 6
+
+
+async def test_the_service_timeout_bounds_the_retries(mesh: Mesh, carts: Carts) -> None:
+    """Each attempt takes 50 ms and fails: 10 retries would take over 500 ms, the timeout is
+    300 ms. The call ends within it (the last UNAVAILABLE, or DEADLINE_EXCEEDED)."""
+    down = Server("down", delay=0.05, fail=10**6)
+    await carts.start((CART1, down), two=False, timeout="300ms", retries=10, any_method=True)
+    async with channel(mesh) as ch:
+        began = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await unary(ch)(b"x")
+        elapsed = time.monotonic() - began
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert elapsed < 1.0, elapsed
+    assert 1 <= down.hits <= 6, down.hits  # not 1 + 10 times (2 or more unless the machine is slow)
+
+
+ALLOW_GET = """\
+apiVersion: sidemesh.io/v1alpha1
+kind: ServiceAuthorization
+metadata: {name: cart-get, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  rules:
+  - from: [{serviceAccount: frontend}]
+    to: {ports: [8080], http: {methods: [GET], paths: ["/h2/*"]}}
+"""
+
+
+class H2App:
+    """A plain HTTP/2 app (h2, not gRPC): answers every request ``status`` with its name as body."""
+
+    def __init__(self, name: str, status: int) -> None:
+        self.name = name
+        self.status = status
+        self.hits = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        body = self.name.encode()
+        try:
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        self.hits += 1
+                        head = [(":status", str(self.status)), ("content-length", str(len(body)))]
+                        conn.send_headers(event.stream_id, head)
+                        conn.send_data(event.stream_id, body, end_stream=True)
+                writer.write(conn.data_to_send())
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def h2_gets(host: str, port: int, paths: list[str]) -> list[tuple[int, bytes]]:
+    """GET each path, all at once on one HTTP/2 connection: (status, body) of each."""
+    reader, writer = await asyncio.open_connection(host, port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    statuses: dict[int, int] = {}
+    bodies: dict[int, bytes] = {}
+    for path in paths:
+        sid = conn.get_next_available_stream_id()
+        head = [(":method", "GET"), (":scheme", "http"), (":authority", "cart.shop"), (":path", path)]
+        conn.send_headers(sid, head, end_stream=True)
+        bodies[sid] = b""
+    writer.write(conn.data_to_send())
+    ended: set[int] = set()
+    try:
+        while len(ended) < len(paths):
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "the connection closed"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    bodies[event.stream_id] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    raise AssertionError(f"stream {event.stream_id} reset: {event.error_code}")
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    return [(statuses[sid], bodies[sid]) for sid in sorted(bodies)]
+
+
+async def test_an_http2_get_answered_503_goes_to_the_other_endpoint(mesh: Mesh) -> None:
+    """Plain HTTP/2 (an h2 client and h2 apps): GET is idempotent, so a 503 (with a body) from
+    cart-b is dropped and the request sent to cart-a; no client sees the 503."""
+    write_mesh(mesh, retries=2)
+    mesh.write("allow-get.yaml", ALLOW_GET)
+    ok, unavailable = H2App("ok", 200), H2App("unavailable", 503)
+    await mesh.app(CART1, ok.handle, APP)
+    await mesh.app(CART2, unavailable.handle, APP)
+    await mesh.sidecar("carta", CART1, identity_of="cart")
+    await mesh.sidecar("cartb", CART2, identity_of="cart")
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    results = await h2_gets(mesh.addr(FRONTEND), OUT, [f"/h2/{i}" for i in range(30)])
+    assert results == [(200, b"ok")] * 30
+    assert unavailable.hits >= 1 and ok.hits == 30
+    frontend = mesh.sidecars["frontend"]
+    assert all(st.outstanding == 0 for st in frontend.balancer.states.values())
+
+
+async def test_a_retried_call_gives_one_client_span_with_its_retries(
+    mesh: Mesh, carts: Carts, receiver: Receiver
+) -> None:
+    flaky = Server("flaky", fail=1)
+    await carts.start((CART1, flaky), two=False, retries=2, any_method=True)
+    async with channel(mesh) as ch:
+        call = unary(ch)(b"x", metadata=(("traceparent", f"00-{TRACE}-{APP_SPAN}-01"),))
+        assert await call == b"flaky:x"
+    assert flaky.hits == 2
+    spans = await receiver.wait_for(lambda s: sum(x.trace_id == TRACE for x in s) >= 3)  # + 2 SERVER
+    client = by_kind(spans, "CLIENT")  # one, for the app's one call
+    assert client.attributes["http.request.resend_count"] == 1
+    assert client.attributes["rpc.grpc.status_code"] == 0
+    servers = [s for s in spans if s.trace_id == TRACE and s.kind == "SERVER"]
+    assert len(servers) == 2 and all(s.parent_id == client.span_id for s in servers)

@@ -47,6 +47,22 @@ def test_retryable(
     assert retryable(method, status, error, policy) is expected
 
 
+@pytest.mark.parametrize(
+    ("method", "grpc_status", "policy", "expected"),
+    [
+        ("POST", 14, ANY_METHOD, True),  # UNAVAILABLE in a trailers-only response: like a 503
+        ("POST", 14, DEFAULT, False),  # gRPC calls are POST: only with retry-non-idempotent
+        ("POST", 13, ANY_METHOD, False),
+        ("POST", 4, ANY_METHOD, False),  # DEADLINE_EXCEEDED
+        ("POST", None, ANY_METHOD, False),
+    ],
+)
+def test_retryable_grpc_status(
+    method: str, grpc_status: int | None, policy: RoutePolicy, expected: bool
+) -> None:
+    assert retryable(method, 200, None, policy, grpc_status) is expected
+
+
 def test_policy_of_a_destination_and_connect_failures_retry_even_without_retries() -> None:
     d = Destination("cart.shop:80", (), timeout_s=2.0, retries=3, retry_non_idempotent=True)
     assert RoutePolicy.of(d) == RoutePolicy(2.0, 3, True)
