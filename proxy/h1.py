@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 import httptools
 
@@ -139,6 +139,16 @@ def _framing(headers: list[Header]) -> tuple[bool, int | None]:
     return chunked, length
 
 
+class _ReleasedParser:
+    """Stands in for llhttp's parser after :meth:`Connection.release`."""
+
+    def feed_data(self, data: bytes) -> None:
+        raise httptools.HttpParserError("the connection was released")
+
+
+_RELEASED = cast(httptools.HttpRequestParser, _ReleasedParser())
+
+
 class _Head(Exception):
     """Raised from the response parser's callback: a response without a body (to HEAD) is complete
     at its head, which llhttp cannot be told."""
@@ -207,6 +217,11 @@ class Connection:
             self._parser = httptools.HttpResponseParser(self)
         self._in_message = False
         self._head_fed = 0
+
+    def release(self) -> None:
+        """The connection is over: let go of llhttp's parser. The parser holds this object's
+        callbacks, so together they form a reference cycle that would wait for a full GC."""
+        self._parser = _RELEASED
 
     def _start(self) -> None:
         self._out_chunked = False

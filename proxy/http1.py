@@ -204,6 +204,8 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
         down.close()
     except (PipeClosed, ConnectionError):
         down.abort()
+    finally:
+        conn.release()
 
 
 def _send_error(conn: h1.Connection, down: Pipe, status: int, why: str, ctx: Context) -> None:

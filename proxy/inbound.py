@@ -107,6 +107,7 @@ def _to_half(relay: Relay, pipe: Pipe) -> Half:
     half.eof_in = pipe.ended
     transport.pause_reading()  # until the app side is linked
     transport.set_protocol(half)
+    pipe.on_control = None  # the pipe is done with (and its OPEN closure would hold it in a cycle)
     relay.on_fail = None
     return half
 

@@ -83,6 +83,7 @@ class Pipe(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self.on_control = None  # a closure that holds this pipe: no cycle outlives the connection
         if exc is not None and self._lost is None:
             self._lost = exc
         self._eof = True

@@ -49,12 +49,14 @@ class Pool:
                 self.reused += 1
                 return pipe, conn
             pipe.close()
+            conn.release()
         return None
 
     def put(self, key: object, pipe: Pipe, conn: h1.Connection) -> None:
         idle = self._idle.setdefault(key, deque())
         if self.closed or not pipe.usable or len(idle) >= self.max_idle:
             pipe.close()
+            conn.release()
             return
         idle.append((pipe, conn))
 
@@ -65,8 +67,9 @@ class Pool:
         """Close every idle connection; later ``put``s close theirs."""
         self.closed = True
         for idle in self._idle.values():
-            for pipe, _ in idle:
+            for pipe, conn in idle:
                 pipe.close()
+                conn.release()
         self._idle.clear()
 
 

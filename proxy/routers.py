@@ -117,6 +117,7 @@ class InboundRouter:
             self.pool.put(up.key, up.pipe, up.conn)
         else:
             up.pipe.close()
+            up.conn.release()
 
 
 class OutboundRouter:
@@ -216,6 +217,7 @@ class OutboundRouter:
             self.pool.put(up.key, up.pipe, up.conn)
         else:
             up.pipe.close()
+            up.conn.release()
 
 
 async def tracked(relay: Relay, down: Pipe, what: str, work: Awaitable[None]) -> None:
