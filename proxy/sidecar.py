@@ -43,6 +43,7 @@ log = logging.getLogger("sidemesh.proxy")
 access = logging.getLogger("sidemesh.proxy.access")
 CONFIG_POLL_SECONDS = 0.5
 HEAP_TRIM_SECONDS = 5.0
+LATE_GRACE_S = 2.0  # for connections taken from the accept queues when the listeners close
 ACCEPT_BATCH = 16  # connections accepted from a backlog before the loop runs other work
 # Relay outcomes the sidecar chose by a timer: counted and logged by reason (bounded labels).
 TIMED_OUT = {relays.UNANSWERED: "undecided", relays.IDLE_TIMEOUT: "idle"}
@@ -89,7 +90,7 @@ class Sidecar:
         self._config_stamp: object = None
         self.config_updated = 0.0
         self.config_errors: tuple[str, ...] = ()
-        self._listeners: list[tuple[socket.socket, asyncio.Task[None], str]] = []
+        self._listeners: list[tuple[socket.socket, asyncio.Task[None], str, str | None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[HTTPServer] = []
         self.ports: dict[str, int] = {}
@@ -266,10 +267,11 @@ class Sidecar:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[call-overload]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _check_can_serve(self) -> None:
         if self.identity.ready and self._mesh is not None:
@@ -291,15 +293,19 @@ class Sidecar:
                 # of a thousand (a flood's opening burst) is taken, and its tasks started, in one
                 # long turn of the loop that every other connection waits behind.
                 await asyncio.sleep(0)
-            if self.open_connections.get(kind, 0) >= self.config.max_connections:
-                self._overflow(kind, conn)
-                continue
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if kind == "inbound":
-                self._spawn(inbound.handle(self, conn, addr))
-            else:
-                self._spawn(outbound.handle(self, conn, addr, target))
+            self._serve(conn, addr, kind, target)
+
+    def _serve(
+        self, conn: socket.socket, addr: tuple[str, int], kind: str, target: str | None
+    ) -> asyncio.Task[None] | None:
+        if self.open_connections.get(kind, 0) >= self.config.max_connections:
+            self._overflow(kind, conn)
+            return None
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if kind == "inbound":
+            return self._spawn(inbound.handle(self, conn, addr))
+        return self._spawn(outbound.handle(self, conn, addr, target))
 
     def _overflow(self, kind: str, conn: socket.socket) -> None:
         """Over --max-connections: reset at once (fail fast; Envoy's listener limit does the same)."""
@@ -319,7 +325,7 @@ class Sidecar:
         bound = sock.getsockname()[:2]
         self.ports[name] = bound[1]
         self._own.add((bound[0], bound[1]))
-        self._listeners.append((sock, asyncio.create_task(self._accept(sock, kind, target)), kind))
+        self._listeners.append((sock, asyncio.create_task(self._accept(sock, kind, target)), kind, target))
 
     async def start(self) -> None:
         self.reload_config()
@@ -372,17 +378,31 @@ class Sidecar:
             },
         )
 
-    async def _close_listeners(self, kinds: tuple[str, ...]) -> None:
-        keep = []
-        for sock, task, kind in self._listeners:
+    async def _close_listeners(self, kinds: tuple[str, ...]) -> list[asyncio.Task[None]]:
+        """Close the listeners of ``kinds``; the connections already in their accept queues are
+        taken and served (their tasks returned), not reset: closing a listening socket resets
+        what it had queued, and with a successor on the same port (SO_REUSEPORT, a restart)
+        the kernel may have queued a new connection there a moment before."""
+        keep, late = [], []
+        for sock, task, kind, target in self._listeners:
             if kind not in kinds:
-                keep.append((sock, task, kind))
+                keep.append((sock, task, kind, target))
                 continue
             task.cancel()  # first: unregisters the socket from the loop
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            sock.setblocking(False)
+            while True:
+                try:
+                    conn, addr = sock.accept()
+                except OSError:  # BlockingIOError: the queue is empty
+                    break
+                served = self._serve(conn, addr, kind, target)
+                if served is not None:
+                    late.append(served)
             sock.close()
         self._listeners = keep
+        return late
 
     async def drain(self, timeout: float | None = None, grace: float | None = None) -> None:
         """Drain, then stop: what SIGTERM does.
@@ -404,9 +424,13 @@ class Sidecar:
         if self.relays and remaining > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._no_relays.wait(), remaining)
-        await self._close_listeners(("inbound", "outbound"))
+        late = await self._close_listeners(("inbound", "outbound"))
         for relay in list(self.relays):
             relay.fail("drain timeout")
+        if late:  # taken from the accept queues: a short grace, then cut like the others
+            await asyncio.wait(late, timeout=LATE_GRACE_S)
+            for relay in list(self.relays):
+                relay.fail("drain timeout")
         pool.pool_of(self).close()  # idle HTTP connections to the app and to other sidecars
         for server in self._servers:
             await server.stop()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -358,6 +359,24 @@ async def test_a_replacement_sidecar_takes_over_while_the_old_one_drains(mesh: M
     await asyncio.wait_for(drain, 5)
     await old.identity.ca.close()
     assert await talk(mesh.addr(FRONTEND), OUT, b"still") == b"STILLBYE"
+
+
+async def test_connections_queued_when_a_listener_closes_are_served_not_reset(mesh: Mesh) -> None:
+    # A restart hands the port over with SO_REUSEPORT: the kernel may queue a new connection at the
+    # old process's listener a moment before that closes it. Closing resets what is queued, so the
+    # sidecar takes its accept queue first and serves those connections.
+    await frontend_and_cart(mesh)
+    frontend = mesh.sidecars["frontend"]
+    queued = socket.create_connection((mesh.addr(FRONTEND), OUT))  # the loop has not run: queued
+    late = await frontend._close_listeners(("outbound",))
+    assert len(late) == 1
+    reader, writer = await asyncio.open_connection(sock=queued)
+    writer.write(b"queued")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b"QUEUEDBYE"
+    writer.close()
+    with pytest.raises(ConnectionRefusedError):
+        await talk(mesh.addr(FRONTEND), OUT, b"after")
 
 
 async def test_connections_over_the_limit_are_reset_and_the_others_keep_working(mesh: Mesh) -> None:
