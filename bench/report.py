@@ -105,7 +105,7 @@ def markdown(report: Report, here: dict[str, Any], plots: Sequence[str]) -> str:
             "## Reliability",
             "",
             f"[RELIABILITY.md](RELIABILITY.md): {met} of {judged} faults met their target "
-            f"({len(report.reliability) - judged} not run). Missed:",
+            f"({len(report.reliability) - judged} not run)." + (" Missed:" if met < judged else ""),
             *[f"- {fault}" for fault, m in report.reliability if m is False],
         ]
     if plots:
