@@ -62,8 +62,12 @@ class Decoder:
         self._control = bytearray()  # a partial control payload
 
     def feed(self, data: bytes) -> list[tuple[int, bytes | memoryview]]:
-        out: list[tuple[int, bytes | memoryview]] = []
         view = memoryview(data)
+        if self._kind == 0 and not self._head and len(data) > 5:  # fast: exactly one whole DATA frame
+            kind, length = HEADER.unpack_from(data)
+            if kind == DATA and length == len(data) - 5 and length <= MAX_DATA:
+                return [(DATA, view[5:])]
+        out: list[tuple[int, bytes | memoryview]] = []
         pos, end = 0, len(data)
         while pos < end:
             if self._kind == 0:  # reading a header

@@ -132,6 +132,9 @@ class Half(asyncio.Protocol):
         if not self.framed:
             self.write_raw(data)
             return
+        if len(data) < COPY_BELOW:  # the usual case (a request, a small response): one write
+            self.write_raw(framing.data_header(len(data)) + data)
+            return
         view = memoryview(data)
         for start in range(0, len(view), framing.MAX_DATA):
             chunk = view[start : start + framing.MAX_DATA]

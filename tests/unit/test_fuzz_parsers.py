@@ -57,6 +57,19 @@ def test_frames_survive_any_split(payloads: list[bytes], data: st.DataObject) ->
 
 
 @FAST
+@given(st.lists(st.binary(min_size=0, max_size=2000), min_size=1, max_size=5))
+def test_whole_frames_one_per_chunk(payloads: list[bytes]) -> None:
+    # What a relay sees most: each read is one whole DATA frame (the decoder's fast path).
+    decoder = framing.Decoder()
+    for p in payloads:
+        assert [(k, bytes(v)) for k, v in decoder.feed(framing.data_header(len(p)) + p)] == [
+            (framing.DATA, p)
+        ]
+    assert decoder.feed(framing.EOF_FRAME) == [(framing.EOF, b"")]
+    assert decoder.pending == 0
+
+
+@FAST
 @given(st.binary(max_size=600))
 def test_classify_never_crashes(peeked: bytes) -> None:
     assert classify(peeked) in (None, *Kind)
