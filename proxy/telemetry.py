@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from opentelemetry.context import Context
@@ -49,6 +50,10 @@ SERVICE = "sidemesh.destination.service"
 ERROR = "sidemesh.error"
 RETRIES = "http.request.resend_count"
 _MAX_IDENTITIES = 4096
+_TRACEPARENT_00 = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
+_getrandbits = random.getrandbits
+_NEW_SAMPLED_TRACE: list[tuple[bytes, bytes]] = []  # a marker, compared by identity
 
 
 def start_sidecar_tracing(workload: str, spiffe_id: str, registry: CollectorRegistry) -> Tracing | None:
@@ -155,15 +160,21 @@ class _Request:
         if tracer is None:
             self._headers = [(k, v) for k, v in info.headers if k in TRACE_HEADERS]
             return
-        carrier = propagation.carrier_of(info.headers, TRACE_HEADERS)
         tracing = observer.tracing
         assert tracing is not None
-        if tracing.fast_sampling:
-            parent = self._decide(carrier, tracing)
+        parent: Context | Literal[False] | None
+        quick = _unsampled_w3c(info.headers, tracing) if tracing.fast_sampling else None
+        if quick is _NEW_SAMPLED_TRACE:  # no trace headers, and the ratio sampled a new trace
+            parent, self._fmt = None, propagation.Format.W3C
+        elif quick is not None:
+            self._headers = quick
+            return  # not sampled: no span (most requests)
+        elif tracing.fast_sampling:
+            parent = self._decide(propagation.carrier_of(info.headers, TRACE_HEADERS), tracing)
             if parent is False:
                 return  # not sampled: no span, the headers were written by _decide
         else:
-            parent, self._fmt = propagation.extract(carrier)
+            parent, self._fmt = propagation.extract(propagation.carrier_of(info.headers, TRACE_HEADERS))
         outbound = info.direction == "outbound"
         span = tracer.start_span(
             _span_name(info),
@@ -260,6 +271,33 @@ class _Request:
             span.end()
         if obs.access_log and (not ok or obs.access_log_sample >= 1.0 or obs.rand() < obs.access_log_sample):
             _log(info, result, source, destination, seconds, span)
+
+
+def _unsampled_w3c(
+    headers: Sequence[tuple[bytes, bytes]], tracing: Tracing
+) -> list[tuple[bytes, bytes]] | None:
+    """The common unsampled hop, on bytes and in one pass: no trace header (a new trace that the
+    ratio does not sample) or a lone version-00 ``traceparent`` whose caller said no; this hop's
+    headers then carry the trace on with a new span id, as ``_Request._decide`` would write them.
+    ``_NEW_SAMPLED_TRACE``: no trace header and the ratio sampled a new trace. None: anything else
+    (a sampled caller, B3, tracestate, invalid), for the general path."""
+    value = None
+    for name, v in headers:
+        if name in TRACE_HEADERS:
+            if name != b"traceparent" or value is not None:
+                return None
+            value = v
+    if value is None:
+        if tracing.sample_root():
+            return _NEW_SAMPLED_TRACE  # decided here: the general path must not draw again
+        return [(b"traceparent", b"00-%032x-%016x-00" % (_getrandbits(128) or 1, _getrandbits(64) or 1))]
+    m = _TRACEPARENT_00.fullmatch(value)
+    if m is None or m[3][1] in b"13579bdf":  # invalid, or the caller's sampled flag is set
+        return None
+    trace = m[1]
+    if trace == _ZERO_TRACE or m[2] == _ZERO_SPAN:
+        return None
+    return [(b"traceparent", b"00-%s-%016x-00" % (trace, _getrandbits(64) or 1))]
 
 
 def _span_name(info: RequestInfo) -> str:

@@ -164,6 +164,17 @@ async def test_an_unsampled_request_sends_nothing_and_says_so_downstream(
     assert len(spans) == 1 and spans[0].trace_id == TRACE
 
 
+async def test_new_traces_are_sampled_at_the_configured_ratio(receiver: Receiver, observers: Make) -> None:
+    # One draw per new trace: a second draw on the way would sample ratio squared (0.25 here).
+    observer, _ = observers(A, OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="0.5")
+    kept = 0
+    for _ in range(2000):
+        request = observer.start(outbound([]))
+        kept += sampled(dict(request.trace_headers())[b"traceparent"])
+        request.finish(RequestResult(200))
+    assert 850 <= kept <= 1150, kept  # binomial(2000, 0.5): sd 22
+
+
 async def test_a_denied_request_gets_an_error_span_with_the_reason(
     receiver: Receiver, observers: Make
 ) -> None:
