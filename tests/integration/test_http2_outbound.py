@@ -68,16 +68,17 @@ spec: {{serviceAccount: cart, address: {net}.4, meshed: {meshed}, ports: [{{port
 """
 RETRIES = ', sidemesh.io/retries: "{n}", sidemesh.io/retry-non-idempotent: "{any}"'
 
-ALLOW = """\
+ALLOW_HTTP = """\
 apiVersion: sidemesh.io/v1alpha1
 kind: ServiceAuthorization
-metadata: {name: cart-grpc, namespace: shop}
+metadata: {{name: {name}, namespace: shop}}
 spec:
-  selector: {matchLabels: {app: cart}}
+  selector: {{matchLabels: {{app: cart}}}}
   rules:
-  - from: [{serviceAccount: frontend}]
-    to: {ports: [8080], http: {methods: [POST], paths: ["/test.Echo/*"]}}
+  - from: [{{serviceAccount: frontend}}]
+    to: {{ports: [8080], http: {{methods: [{method}], paths: ["{path}"]}}}}
 """
+ALLOW = ALLOW_HTTP.format(name="cart-grpc", method="POST", path="/test.Echo/*")
 
 
 class Server:
@@ -496,16 +497,7 @@ async def test_the_service_timeout_bounds_the_retries(mesh: Mesh, carts: Carts) 
     assert 1 <= down.hits <= 6, down.hits  # not 1 + 10 times (2 or more unless the machine is slow)
 
 
-ALLOW_GET = """\
-apiVersion: sidemesh.io/v1alpha1
-kind: ServiceAuthorization
-metadata: {name: cart-get, namespace: shop}
-spec:
-  selector: {matchLabels: {app: cart}}
-  rules:
-  - from: [{serviceAccount: frontend}]
-    to: {ports: [8080], http: {methods: [GET], paths: ["/h2/*"]}}
-"""
+ALLOW_GET = ALLOW_HTTP.format(name="cart-get", method="GET", path="/h2/*")
 
 
 class H2App:
