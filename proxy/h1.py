@@ -31,6 +31,9 @@ from typing import Final, Literal, cast
 
 import httptools
 
+from proxy.headers import HOP_BY_HOP
+from proxy.observe import TRACE_HEADERS
+
 Header = tuple[bytes, bytes]
 Role = Literal["server", "client"]
 SERVER: Final = "server"
@@ -73,6 +76,11 @@ class Request:
     length: int | None = None
     expect_continue: bool = False
     upgrade: bool = False
+    # What the parser learnt in its one pass over the headers (a Request made by hand: unknown).
+    known: bool = False  # ``chunked`` and ``length`` describe ``headers`` (else they are read from them)
+    host: bytes | None = None  # the Host header (when known)
+    hop: bool = True  # a hop-by-hop header may be among the headers
+    traced: bool = True  # a trace header may be among the headers
 
 
 @dataclass(slots=True)
@@ -82,6 +90,10 @@ class Response:
     reason: bytes = b""
     http_version: bytes = b"1.1"
     keep_alive: bool = True
+    known: bool = False  # as Request's: ``chunked`` and ``length`` describe ``headers``
+    chunked: bool = False
+    length: int | None = None
+    hop: bool = True  # a hop-by-hop header (Connection among them) may be among the headers
 
 
 @dataclass(slots=True)
@@ -133,10 +145,51 @@ def _framing(headers: list[Header]) -> tuple[bool, int | None]:
     for name, value in headers:
         low = name.lower()
         if low == b"transfer-encoding":
-            chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            chunked = _is_chunked(value)
         elif low == b"content-length":
             length = int(value)
     return chunked, length
+
+
+def _is_chunked(transfer_encoding: bytes) -> bool:
+    return transfer_encoding.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+
+
+_FRAMING_NAMES = frozenset({b"transfer-encoding", b"content-length", b"host", b"expect"})
+_NOTABLE = _FRAMING_NAMES | HOP_BY_HOP | TRACE_HEADERS
+
+
+@dataclass(slots=True)
+class _Scan:
+    """One pass over parsed (lower-case) header names: the few that matter to the proxy."""
+
+    chunked: bool = False
+    length: int | None = None
+    host: bytes | None = None
+    expect: bool = False
+    hop: bool = False
+    traced: bool = False
+
+
+def _scan(headers: list[Header]) -> _Scan:
+    out = _Scan()
+    for name, value in headers:
+        if name not in _NOTABLE:  # most headers: one set lookup
+            continue
+        if name == b"transfer-encoding":
+            out.chunked = _is_chunked(value)
+        elif name == b"content-length":
+            out.length = int(value)
+        elif name == b"host":
+            if out.host is None:
+                out.host = value
+        elif name == b"expect":
+            out.expect = out.expect or value.strip().lower() == b"100-continue"
+        elif name in HOP_BY_HOP:
+            out.hop = True
+        else:
+            out.traced = True
+    return out
 
 
 class _ReleasedParser:
@@ -252,7 +305,7 @@ class Connection:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        self._headers.append((name.lower(), value))  # names are case-insensitive: lower-case, as HTTP/2
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self.max_head:
             raise ProtocolError("request header fields too large", 431)
@@ -267,10 +320,7 @@ class Connection:
             method = parser.get_method()
             if method == b"CONNECT":
                 raise ProtocolError("CONNECT is not proxied by the sidecar", 405)
-            chunked, length = _framing(headers)
-            expect = version == b"1.1" and any(
-                n.lower() == b"expect" and v.strip().lower() == b"100-continue" for n, v in headers
-            )
+            scan = _scan(headers)
             self._events.append(
                 Request(
                     method,
@@ -278,10 +328,14 @@ class Connection:
                     headers,
                     version,
                     parser.should_keep_alive(),
-                    chunked,
-                    length,
-                    expect,
+                    scan.chunked,
+                    scan.length,
+                    version == b"1.1" and scan.expect,
                     parser.should_upgrade(),
+                    True,
+                    scan.host,
+                    scan.hop,
+                    scan.traced,
                 )
             )
             return
@@ -293,7 +347,10 @@ class Connection:
             self._switched = status == 101
             return
         keep = parser.should_keep_alive()
-        self._events.append(Response(status, headers, self._reason, version, keep))
+        scan = _scan(headers)
+        self._events.append(
+            Response(status, headers, self._reason, version, keep, True, scan.chunked, scan.length, scan.hop)
+        )
         request = self.request
         if request is not None and request.method == b"HEAD":
             raise _Head
@@ -372,7 +429,7 @@ class Connection:
 
     @staticmethod
     def _close_delimited(response: Response) -> bool:
-        chunked, length = _framing(response.headers)
+        chunked, length = _message_framing(response)
         return not chunked and length is None
 
     def _fail(self, error: ProtocolError) -> None:
@@ -463,7 +520,7 @@ class Connection:
             raise LocalProtocolError("a request on a connection busy with another")
         self.sent_head = True
         self.request = request
-        self._out_chunked, length = _framing(request.headers)
+        self._out_chunked, length = _message_framing(request)
         self._out_body = self._out_chunked or bool(length)
         self._switched = False
         self.trailing = b""
@@ -475,8 +532,8 @@ class Connection:
         request = self.request
         self.sent_head = True
         headers = response.headers
-        chunked, length = _framing(headers)
-        if b"close" in _connection_tokens(headers):
+        chunked, length = _message_framing(response)
+        if response.hop and b"close" in _connection_tokens(headers):
             self.must_close = True
         http10 = request is not None and request.http_version == b"1.0"
         bodiless = (
@@ -527,6 +584,12 @@ class Connection:
         return self._switched
 
 
+def _message_framing(message: Request | Response) -> tuple[bool, int | None]:
+    if message.known:
+        return message.chunked, message.length
+    return _framing(message.headers)
+
+
 def _connection_tokens(headers: list[Header]) -> set[bytes]:
     return {
         t.strip().lower()
@@ -542,10 +605,15 @@ def _reason(response: Response | InformationalResponse) -> bytes:
 
 
 def _head_line(first: bytes, headers: list[Header]) -> bytes:
-    parts = [first]
-    for name, value in headers:
-        if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name or b":" in name:
-            raise LocalProtocolError(f"header {name!r} cannot be sent")
-        parts.append(b"%s: %s\r\n" % (name, value))
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    """``first`` (one line, with its CRLF) and the header lines. A CR or LF inside a name or value
+    (header injection) shows as more line ends than lines, and is refused; names are tokens (the
+    parser's, or the proxy's own), so a colon cannot be inside one."""
+    if not headers:
+        block = first + b"\r\n"
+    else:
+        block = first + b"\r\n".join([b": ".join(h) for h in headers]) + b"\r\n\r\n"
+    lines = len(headers) + 2
+    if block.count(b"\n") != lines or block.count(b"\r") != lines:
+        bad = next((n for n, v in headers if b"\r" in n + v or b"\n" in n + v), b"")
+        raise LocalProtocolError(f"header {bad!r} cannot be sent (CR or LF inside)")
+    return block

@@ -27,7 +27,7 @@ from proxy.headers import (
     normalize_target,
     request_path,
 )
-from proxy.observe import Observer, RequestInfo, RequestResult, RequestSpan
+from proxy.observe import TRACE_HEADERS, Observer, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed
 from proxy.retry import RETRY_STATUSES, backoff
 
@@ -226,14 +226,14 @@ async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Ro
             _send_error(conn, down, 400, f"bad request target: {exc}", ctx)
             down.close()
             return False
-    authority = header(raw, b"host") or b""
+    authority = (req.host if req.known else header(raw, b"host")) or b""
     info = RequestInfo(
         direction=ctx.direction,
         protocol="http/1.1",
         method=req.method.decode("latin-1"),
         path=request_path(req.target),
         authority=authority.decode("latin-1"),
-        headers=[(n.lower(), v) for n, v in raw],
+        headers=raw if req.known else [(n.lower(), v) for n, v in raw],  # the parser's are lower-case
         source=ctx.source,
         service=ctx.service,
         peer_address=ctx.peer_address,
@@ -285,10 +285,27 @@ async def _answer_locally(conn: h1.Connection, down: Pipe, local: Local, result:
 
 def _request_head(req: h1.Request, raw: list[tuple[bytes, bytes]], span: RequestSpan) -> h1.Request:
     upgrade = req.upgrade and is_upgrade(raw)
-    headers = forwarded(raw, span.trace_headers(), upgrade=upgrade, replace_trace=True)
-    if header(headers, b"host") is None:  # an HTTP/1.0 request may have none; HTTP/1.1 needs one
-        headers.insert(0, (b"Host", b"localhost"))
-    return h1.Request(req.method, req.target, headers, upgrade=upgrade)
+    trace = span.trace_headers()
+    if req.known and not req.hop and not upgrade:  # most requests: nothing to take out but trace headers
+        headers = [h for h in raw if h[0] not in TRACE_HEADERS] if req.traced else raw.copy()
+        headers += trace
+    else:
+        headers = forwarded(raw, trace, upgrade=upgrade, replace_trace=True)
+    host = req.host if req.known else header(headers, b"host")
+    if host is None:  # an HTTP/1.0 request may have none; HTTP/1.1 needs one
+        headers.insert(0, (b"host", b"localhost"))
+    return h1.Request(
+        req.method,
+        req.target,
+        headers,
+        chunked=req.chunked,
+        length=req.length,
+        upgrade=upgrade,
+        known=req.known,
+        host=host,
+        hop=upgrade,
+        traced=bool(trace),
+    )
 
 
 async def _forward(
@@ -580,8 +597,17 @@ async def _relay_response(
         elif isinstance(event, h1.Response):
             started[0] = True
             result.status = event.status_code
-            headers = forwarded(event.headers)
-            _write_down(down, conn, [h1.Response(event.status_code, headers, event.reason)])
+            headers = forwarded(event.headers) if event.hop else event.headers
+            response = h1.Response(
+                event.status_code,
+                headers,
+                event.reason,
+                known=event.known,
+                chunked=event.chunked,
+                length=event.length,
+                hop=False,  # none is left
+            )
+            _write_down(down, conn, [response])
         elif isinstance(event, h1.Data):
             result.response_bytes += len(event.data)
             _write_down(down, conn, [event])

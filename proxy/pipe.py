@@ -38,10 +38,13 @@ class Pipe(asyncio.Protocol):
         self._flush_scheduled = False
         self.control: list[tuple[int, bytes]] = []  # OPEN / DENY frames received
         self.on_control: typing.Callable[[int, bytes], None] | None = None
+        # Python 3.11's get_running_loop() costs a getpid() system call: once per pipe, not per read.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._loop = asyncio.get_running_loop()
         self.transport = typing.cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
@@ -93,11 +96,16 @@ class Pipe(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
-            self._writable = asyncio.get_running_loop().create_future()
+            self._writable = self._get_loop().create_future()
 
     def resume_writing(self) -> None:
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def _wake(self) -> None:
         if self._reader is not None and not self._reader.done():
@@ -124,7 +132,7 @@ class Pipe(asyncio.Protocol):
                 if self._lost is not None:
                     raise PipeClosed(str(self._lost)) from self._lost
                 return b""
-            self._reader = asyncio.get_running_loop().create_future()
+            self._reader = self._get_loop().create_future()
             await self._reader
         data = self._buf.popleft()
         self._buffered -= len(data)
@@ -136,7 +144,7 @@ class Pipe(asyncio.Protocol):
     async def wait_readable(self, more_than: int = 0) -> None:
         """Until more than ``more_than`` bytes are buffered, or the stream ended."""
         while self._buffered <= more_than and not self._eof:
-            self._reader = asyncio.get_running_loop().create_future()
+            self._reader = self._get_loop().create_future()
             await self._reader
 
     async def wait_input(self, timeout: float) -> bool:
@@ -144,7 +152,7 @@ class Pipe(asyncio.Protocol):
         False on timeout. (A timer, not ``wait_for``: no task per wait on the request path.)"""
         if self.has_input:
             return True
-        loop = asyncio.get_running_loop()
+        loop = self._get_loop()
         waiter = self._reader = loop.create_future()
         timer = loop.call_later(timeout, _set_result, waiter)
         try:
@@ -192,7 +200,7 @@ class Pipe(asyncio.Protocol):
         self._out_len += len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._get_loop().call_soon(self.flush)
         elif self._out_len >= framing.MAX_DATA:
             self.flush()
 

@@ -52,7 +52,7 @@ def test_pipelined_requests_wait_for_the_next_cycle() -> None:
     second = events(server)
     assert isinstance(second[0], h1.Request) and second[0].method == b"POST" and second[0].chunked
     assert second[1] == h1.Data(b"hello")
-    assert second[2] == h1.EndOfMessage([(b"X-T", b"1")])
+    assert second[2] == h1.EndOfMessage([(b"x-t", b"1")])  # names lower-case, as HTTP/2's
 
 
 def test_response_framing_is_kept_or_chosen_and_h11_reads_it_back() -> None:
@@ -233,3 +233,62 @@ def test_header_injection_is_refused() -> None:
     client = h1.Connection(h1.CLIENT)
     with pytest.raises(h1.LocalProtocolError):
         client.send(h1.Request(b"GET", b"/", [(b"Host", b"x\r\nEvil: 1")]))
+
+
+def test_one_pass_over_the_headers_says_what_the_proxy_needs() -> None:
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(
+        b"POST / HTTP/1.1\r\nHOST: a\r\nX-One: 1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
+    plain = events(server)[0]
+    assert isinstance(plain, h1.Request) and plain.known
+    assert plain.headers[0] == (b"host", b"a")  # names lower-case
+    assert (plain.host, plain.length, plain.chunked, plain.expect_continue) == (b"a", 2, False, True)
+    assert not plain.hop and not plain.traced
+    for extra, hop, traced in (
+        (b"Connection: x-one\r\n", True, False),
+        (b"Keep-Alive: 5\r\n", True, False),
+        (b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n", False, True),
+        (b"X-B3-TraceId: 0af7651916cd43dd\r\n", False, True),
+    ):
+        server = h1.Connection(h1.SERVER)
+        server.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n" + extra + b"\r\n")
+        request = events(server)[0]
+        assert isinstance(request, h1.Request) and (request.hop, request.traced) == (hop, traced), extra
+    client = h1.Connection(h1.CLIENT)
+    client.send(h1.Request(b"GET", b"/", [(b"host", b"a")]))
+    client.send(h1.EndOfMessage())
+    client.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    response = events(client)[0]
+    assert isinstance(response, h1.Response) and response.known and response.chunked and not response.hop
+    client = h1.Connection(h1.CLIENT)
+    client.send(h1.Request(b"GET", b"/", [(b"host", b"a")]))
+    client.send(h1.EndOfMessage())
+    client.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    response = events(client)[0]
+    assert isinstance(response, h1.Response) and response.length == 0 and response.hop
+
+
+def test_framing_the_parser_found_is_what_a_copy_is_sent_with() -> None:
+    """A message made from a parsed one keeps its framing without a second look at the headers;
+    one made by hand is framed by its headers, whatever their case."""
+    known = h1.Request(
+        b"POST", b"/", [(b"host", b"a"), (b"transfer-encoding", b"chunked")], chunked=True, known=True
+    )
+    by_hand = h1.Request(b"POST", b"/", [(b"Host", b"a"), (b"Transfer-Encoding", b"chunked")])
+    for request in (known, by_hand):
+        client = h1.Connection(h1.CLIENT)
+        wire = client.send(request) + client.send(h1.Data(b"abc")) + client.send(h1.EndOfMessage())
+        read = h11_read(h11.SERVER, wire)
+        assert b"".join(bytes(e.data) for e in read if isinstance(e, h11.Data)) == b"abc"
+
+
+def test_header_injection_in_a_name_or_the_first_line_is_refused() -> None:
+    for headers, target in (
+        ([(b"X-A\r\nEvil", b"1")], b"/"),
+        ([(b"x-a", b"1\n")], b"/"),
+        ([], b"/\r\nEvil: 1"),
+    ):
+        client = h1.Connection(h1.CLIENT)
+        with pytest.raises(h1.LocalProtocolError):
+            client.send(h1.Request(b"GET", target, headers))
