@@ -131,10 +131,17 @@ class ProxyObserver:
         self.rand = rand
         self._identities: dict[str, str] = {}
         self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}
-        self.active = {d: metrics.requests_active.labels(d) for d in ("inbound", "outbound")}
+        # Requests in flight: plain counts, read by the gauge when scraped (not a locked update twice
+        # per request).
+        self.in_flight = {"inbound": 0, "outbound": 0}
+        for direction in self.in_flight:
+            metrics.requests_active.labels(direction).set_function(self._count_of(direction))
+
+    def _count_of(self, direction: str) -> Callable[[], float]:
+        return lambda: self.in_flight[direction]
 
     def start(self, info: RequestInfo) -> RequestSpan:
-        self.active[info.direction].inc()
+        self.in_flight[info.direction] += 1
         return _Request(self, info)
 
     def _series(self, labels: tuple[str, str, str, str, str]) -> tuple[Any, Any]:
@@ -260,7 +267,7 @@ class _Request:
         )
         counter.inc()
         histogram.observe(seconds)
-        obs.active[info.direction].dec()
+        obs.in_flight[info.direction] -= 1
         denied = result.decision == "deny"  # counted in ..._denials_total where it is decided
         ok = succeeded(result)
         obs.routes.record(info.direction, route_of(info.method, info.path), seconds, ok, denied)
@@ -269,7 +276,11 @@ class _Request:
             _end_span(span, result, destination if outbound else None)
         elif span is not None:
             span.end()
-        if obs.access_log and (not ok or obs.access_log_sample >= 1.0 or obs.rand() < obs.access_log_sample):
+        if (
+            obs.access_log
+            and access.isEnabledFor(logging.INFO)
+            and (not ok or obs.access_log_sample >= 1.0 or obs.rand() < obs.access_log_sample)
+        ):
             _log(info, result, source, destination, seconds, span)
 
 
