@@ -189,7 +189,11 @@ class _Request:
             kind=SpanKind.CLIENT if outbound else SpanKind.SERVER,
         )
         self.span = span
-        self._headers = propagation.inject(span, self._fmt)
+        if not span.is_recording() and parent and get_current_span(parent).get_span_context().is_valid:
+            # A caller's trace this hop does not record: its headers pass on unchanged.
+            self._headers = [(k, v) for k, v in info.headers if k in TRACE_HEADERS]
+        else:
+            self._headers = propagation.inject(span, self._fmt)
         if span.is_recording():
             source = info.source if not outbound else observer.own_identity
             destination = info.destination if outbound else observer.own_identity
@@ -232,11 +236,8 @@ class _Request:
             )
             return False
         trace_id, span_id, flags = parsed
-        if not flags & 1:
-            tracestate = carrier.get("tracestate") if self._fmt is propagation.Format.W3C else None
-            self._headers = propagation.unsampled_headers(
-                self._fmt, trace_id, random.getrandbits(64) or 1, tracestate
-            )
+        if not flags & 1:  # the caller said no: no part in the trace, its headers pass on unchanged
+            self._headers = [(k, v) for k, v in self.info.headers if k in TRACE_HEADERS]
             return False
         if self._fmt is not propagation.Format.W3C:
             return ctx
@@ -287,28 +288,34 @@ class _Request:
 def _unsampled_w3c(
     headers: Sequence[tuple[bytes, bytes]], tracing: Tracing
 ) -> list[tuple[bytes, bytes]] | None:
-    """The common unsampled hop, on bytes and in one pass: no trace header (a new trace that the
-    ratio does not sample) or a lone version-00 ``traceparent`` whose caller said no; this hop's
-    headers then carry the trace on with a new span id, as ``_Request._decide`` would write them.
-    ``_NEW_SAMPLED_TRACE``: no trace header and the ratio sampled a new trace. None: anything else
-    (a sampled caller, B3, tracestate, invalid), for the general path."""
+    """The common unsampled hops, on bytes and in one pass: no trace header (a new trace that the
+    ratio does not sample: a new traceparent with the flag 0) or a version-00 ``traceparent`` (and
+    any ``tracestate``) whose caller said no: this hop takes no part in the trace, so its trace
+    headers pass on unchanged, as ``_Request._decide`` passes them. ``_NEW_SAMPLED_TRACE``: no trace
+    header and the ratio sampled a new trace. None: anything else (a sampled caller, B3, a
+    tracestate alone, invalid), for the general path."""
     value = None
-    for name, v in headers:
+    found = []
+    for header in headers:
+        name = header[0]
         if name in TRACE_HEADERS:
-            if name != b"traceparent" or value is not None:
+            if name == b"traceparent" and value is None:
+                value = header[1]
+            elif name != b"tracestate":
                 return None
-            value = v
+            found.append(header)
     if value is None:
+        if found:
+            return None
         if tracing.sample_root():
             return _NEW_SAMPLED_TRACE  # decided here: the general path must not draw again
         return [(b"traceparent", b"00-%032x-%016x-00" % (_getrandbits(128) or 1, _getrandbits(64) or 1))]
     m = _TRACEPARENT_00.fullmatch(value)
     if m is None or m[3][1] in b"13579bdf":  # invalid, or the caller's sampled flag is set
         return None
-    trace = m[1]
-    if trace == _ZERO_TRACE or m[2] == _ZERO_SPAN:
+    if m[1] == _ZERO_TRACE or m[2] == _ZERO_SPAN:
         return None
-    return [(b"traceparent", b"00-%s-%016x-00" % (trace, _getrandbits(64) or 1))]
+    return found
 
 
 def _span_name(info: RequestInfo) -> str:
