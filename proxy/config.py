@@ -163,6 +163,8 @@ class ProxyConfig:
             raise ConfigError("undecided_dial_rate", f"{self.undecided_dial_rate:g} must be more than 0")
         if self.request_head_timeout <= dt.timedelta(0):
             raise ConfigError("request_head_timeout", "must be more than 0")
+        if self.idle_timeout <= dt.timedelta(0):
+            raise ConfigError("idle_timeout", "must be more than 0")
         if self.undecided_timeout < dt.timedelta(0):
             raise ConfigError("undecided_timeout", "must not be negative")
         if not 0.0 <= self.access_log_sample <= 1.0:

@@ -146,17 +146,15 @@ async def _next_head(conn: h1.Connection, pipe: Pipe, timeout: float) -> object:
 
 
 async def _wait_request(pipe: Pipe, ctx: Context) -> bool:
-    """Wait for the next request's first bytes; False when the connection should end (idle, draining)."""
+    """Wait for the next request's first bytes; False when the connection should end (idle, draining).
+    The pipe's ticks (``serve``) wake the wait to look at both."""
     if pipe.has_input:
         return True
     deadline = time.monotonic() + ctx.idle_timeout
     while True:
-        if ctx.draining():
+        if ctx.draining() or time.monotonic() >= deadline:
             return False
-        wait = min(DRAIN_CHECK, deadline - time.monotonic())
-        if wait <= 0:
-            return False
-        if await pipe.wait_input(wait):
+        if await pipe.wait_tick_or_input():
             return True
 
 
@@ -175,6 +173,7 @@ def _local_response(local: Local, close: bool) -> list[h1.Event]:
 async def serve(down: Pipe, router: Router, ctx: Context) -> None:
     """Serve one downstream connection until it ends."""
     conn = h1.Connection(h1.SERVER, max_head=MAX_HEAD)
+    down.start_ticks(min(DRAIN_CHECK, ctx.idle_timeout / 2))  # idle closes within 1.5x the timeout
     try:
         while True:
             event: object
@@ -205,6 +204,7 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
     except (PipeClosed, ConnectionError):
         down.abort()
     finally:
+        down.stop_ticks()
         conn.release()
 
 

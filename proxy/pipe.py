@@ -40,6 +40,9 @@ class Pipe(asyncio.Protocol):
         self.on_control: typing.Callable[[int, bytes], None] | None = None
         # Python 3.11's get_running_loop() costs a getpid() system call: once per pipe, not per read.
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._tick_period = 1.0
+        self._ticked = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -86,6 +89,7 @@ class Pipe(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self.stop_ticks()
         self.on_control = None  # a closure that holds this pipe: no cycle outlives the connection
         if exc is not None and self._lost is None:
             self._lost = exc
@@ -149,16 +153,51 @@ class Pipe(asyncio.Protocol):
 
     async def wait_input(self, timeout: float) -> bool:
         """Until there is input (bytes or the end of the stream), at most ``timeout`` seconds;
-        False on timeout. (A timer, not ``wait_for``: no task per wait on the request path.)"""
+        False on timeout. (A timer, not ``wait_for``: no task per wait on the request path.)
+        Wake-ups without input (a tick, a control frame) do not end the wait early."""
         if self.has_input:
             return True
         loop = self._get_loop()
-        waiter = self._reader = loop.create_future()
-        timer = loop.call_later(timeout, _set_result, waiter)
+        expired = loop.create_future()
+        timer = loop.call_later(timeout, self._expire, expired)
         try:
-            await waiter
+            while not self.has_input and not expired.done():
+                self._reader = loop.create_future()
+                await self._reader
         finally:
             timer.cancel()
+        return self.has_input
+
+    def _expire(self, expired: asyncio.Future[None]) -> None:
+        expired.set_result(None)
+        self._wake()
+
+    def start_ticks(self, period: float) -> None:
+        """Wake a waiting reader every ``period`` seconds while the connection lives, so that
+        ``wait_tick_or_input`` needs no timer of its own: one timer per connection and period,
+        not one per request (an idle keep-alive connection waits between every two requests)."""
+        self._tick_period = period
+        self._tick_handle = self._get_loop().call_later(period, self._tick)
+
+    def stop_ticks(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+
+    def _tick(self) -> None:
+        self._tick_handle = None
+        if self._closed:
+            return
+        self._ticked = True
+        self._wake()
+        self._tick_handle = self._get_loop().call_later(self._tick_period, self._tick)
+
+    async def wait_tick_or_input(self) -> bool:
+        """Until there is input (True) or the next tick of ``start_ticks`` (False)."""
+        self._ticked = False
+        while not self.has_input and not self._ticked:
+            self._reader = self._get_loop().create_future()
+            await self._reader
         return self.has_input
 
     def peek(self) -> bytes:
@@ -257,8 +296,3 @@ class Pipe(asyncio.Protocol):
         self._out.clear()
         self._out_len = 0
         reset(self.transport)
-
-
-def _set_result(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -1,5 +1,7 @@
 """A request head must arrive whole within the head timeout of its first byte (slow clients,
-slowloris): the sidecar answers 408 and closes, and counts it; a normal client is unaffected."""
+slowloris): the sidecar answers 408 and closes, and counts it; a normal client is unaffected.
+An idle keep-alive connection is closed after the idle timeout (checked by the pipe's ticks, not a
+timer per request), and a request that comes before it is served."""
 
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ class Answer:
         raise AssertionError("never forwards")
 
 
-async def _serve(refused: list[str]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Task[None]]:
+async def _serve(
+    refused: list[str], idle_timeout: float = 30, head_timeout: float = 0.4
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Task[None]]:
     loop = asyncio.get_running_loop()
     a, b = socket.socketpair()
     a.setblocking(False)
@@ -38,9 +42,9 @@ async def _serve(refused: list[str]) -> tuple[asyncio.StreamReader, asyncio.Stre
     ctx = http1.Context(
         "inbound",
         NullObserver(),
-        idle_timeout=30,
+        idle_timeout=idle_timeout,
         draining=lambda: False,
-        head_timeout=0.4,
+        head_timeout=head_timeout,
         on_refused=refused.append,
     )
     task = asyncio.create_task(http1.serve(pipe, Answer(), ctx))
@@ -96,3 +100,37 @@ async def test_keep_alive_requests_each_get_their_own_head_time() -> None:
     assert refused == []
     writer.close()
     await asyncio.wait_for(task, 5)
+
+
+async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> bytes:
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return head + await reader.readexactly(length)
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() -> None:
+    reader, writer, task = await _serve([], idle_timeout=0.4)
+    for i in range(3):  # requests inside the idle timeout keep the connection
+        assert (await _get(reader, writer, f"/r{i}")).startswith(b"HTTP/1.1 200 ")
+        await asyncio.sleep(0.25)
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing more sent
+    idle = time.monotonic() - started + 0.25
+    assert 0.35 < idle < 0.9, idle  # the ticks check every idle/2: closed within 1.5x the timeout
+    await asyncio.wait_for(task, 5)
+    writer.close()
+
+
+async def test_the_head_timeout_is_not_cut_short_by_the_idle_ticks() -> None:
+    """The ticks (every 0.05 s here) wake the reader; the head wait still lasts its own 0.6 s."""
+    refused: list[str] = []
+    reader, writer, task = await _serve(refused, idle_timeout=0.1, head_timeout=0.6)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    out = await asyncio.wait_for(reader.read(), 5)
+    assert out.startswith(b"HTTP/1.1 408 "), out
+    assert 0.55 < time.monotonic() - started < 3
+    assert refused == ["head"]
+    await asyncio.wait_for(task, 5)
+    writer.close()

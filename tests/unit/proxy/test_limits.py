@@ -99,3 +99,5 @@ def test_undecided_options_are_validated() -> None:
         _config(undecided_dial_rate=0.0)
     with pytest.raises(ConfigError, match="--undecided-timeout"):
         _config(undecided_timeout=dt.timedelta(seconds=-1))
+    with pytest.raises(ConfigError, match="--idle-timeout"):
+        _config(idle_timeout=dt.timedelta(0))
