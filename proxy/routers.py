@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from proxy.sidecar import Sidecar
 
 log = logging.getLogger("sidemesh.proxy.http")
+DECISIONS_KEPT = 64  # per inbound connection
 _budgets: weakref.WeakKeyDictionary[Sidecar, dict[str, RetryBudget]] = weakref.WeakKeyDictionary()
 
 
@@ -50,13 +51,27 @@ class InboundRouter:
         self.key = ("app", port)
         self.pool = pool.pool_of(sc)
         self.log_extra = log_extra
+        # Decisions already taken on this connection (same peer, same port), by (method, path),
+        # for the configuration they were taken under: a keep-alive client repeats its requests.
+        self._decisions: dict[tuple[str, str], Decision] = {}
+        self._decided_under: object = None
 
     def authorize(self, method: str, path: str) -> Decision:
         if self.port in self.sc.proxy_ports:
             return Decision(False, f"port {self.port} is the proxy's own")
         mesh = self.sc.mesh_config()
-        request = Request(self.peer, self.port, method, path)
-        return evaluate(mesh.policies, mesh.default_policy, request, self.sc.config.trust_domain)
+        if mesh is not self._decided_under:  # a new configuration: decide everything again
+            self._decisions.clear()
+            self._decided_under = mesh
+        key = (method, path)
+        decision = self._decisions.get(key)
+        if decision is None:
+            request = Request(self.peer, self.port, method, path)
+            decision = evaluate(mesh.policies, mesh.default_policy, request, self.sc.config.trust_domain)
+            if len(self._decisions) >= DECISIONS_KEPT:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        return decision
 
     def decide(self, method: str, path: str) -> Decision:
         """Authorize one request, with its metric and log lines."""

@@ -195,6 +195,32 @@ async def test_per_request_authorization_on_one_keepalive_connection(
     assert pool.pool_of(mesh.sidecars["cart"]).opened == 1
 
 
+async def test_a_policy_change_applies_to_the_next_request_on_an_open_connection(
+    pair: tuple[str, int], cart_app: CartApp, mesh: Mesh
+) -> None:
+    """Decisions are kept per connection for repeated requests, but only under the configuration
+    they were taken with."""
+    reader, writer = await asyncio.open_connection(*pair)
+
+    async def get(path: str) -> bytes:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: cart\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        return head
+
+    try:
+        for _ in range(3):
+            assert (await get("/cart/1")).startswith(b"HTTP/1.1 200 ")
+        mesh.write("allow.yaml", ALLOW_CART_PATHS.replace('"/cart/*"', '"/basket/*"'))
+        assert mesh.sidecars["cart"].reload_config()
+        assert (await get("/cart/1")).startswith(b"HTTP/1.1 403 ")
+        assert not (await get("/basket/1")).startswith(b"HTTP/1.1 403 ")  # allowed (the app says 404)
+        assert cart_app.seen.count("GET /cart/1") == 3
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize("target", ["/cart/../admin", "/cart/%2e%2e/admin", "/cart/x/..%2F..%2F../admin"])
 async def test_dot_segments_cannot_escape_an_allowed_prefix(
     pair: tuple[str, int], cart_app: CartApp, target: str
