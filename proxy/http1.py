@@ -567,11 +567,16 @@ async def _relay_response(
     Until the head: bounded by ``deadline``, and a head that ``retry_status`` accepts is dropped
     (``_Retry``)."""
     while True:
-        if deadline is not None and not started[0]:
-            try:
-                event = await asyncio.wait_for(next_event(up.conn, up.pipe), deadline - time.monotonic())
-            except TimeoutError:
-                raise _Timeout from None
+        event = up.conn.next_event()  # without I/O when the last read held more than one event
+        if event is not h1.NEED_DATA:
+            pass
+        elif deadline is not None and not started[0]:
+            while event is h1.NEED_DATA:  # a timer, not wait_for's task per wait
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not await up.pipe.wait_input(remaining):
+                    raise _Timeout
+                up.conn.receive_data(await up.pipe.read())
+                event = up.conn.next_event()
         else:
             event = await next_event(up.conn, up.pipe)
         if (
