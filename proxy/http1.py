@@ -567,7 +567,7 @@ async def _relay_response(
     Until the head: bounded by ``deadline``, and a head that ``retry_status`` accepts is dropped
     (``_Retry``)."""
     while True:
-        event = up.conn.next_event()  # without I/O when the last read held more than one event
+        event: object = up.conn.next_event()  # without I/O when the last read held more than one event
         if event is not h1.NEED_DATA:
             pass
         elif deadline is not None and not started[0]:
