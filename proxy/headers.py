@@ -24,6 +24,10 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+# Never removed because Connection names them: they frame the message (the proxy frames what it
+# sends by them) and route it; dropping them would leave a body without framing, read upstream as
+# the next request (request smuggling), or a request without a Host.
+NOT_NOMINATED = frozenset({b"content-length", b"transfer-encoding", b"host"})
 DENIED_REASON = b"sidemesh-denied-reason"  # why the sidecar answered itself (403, 502, 503, 504)
 
 
@@ -46,10 +50,13 @@ def forwarded(
     upgrade: bool = False,
     replace_trace: bool = False,
 ) -> Headers:
-    """``headers`` without hop-by-hop ones (those named in Connection too); for an upgrade,
+    """``headers`` without hop-by-hop ones (those named in Connection too, except the framing
+    headers and Host: ``NOT_NOMINATED``); for an upgrade,
     ``Connection: upgrade`` and ``Upgrade`` go on (the next hop must see them to switch). With
     ``replace_trace``, every trace header is replaced by ``trace``."""
-    named = connection_tokens(headers) - {b"upgrade"} if upgrade else connection_tokens(headers)
+    named = connection_tokens(headers) - NOT_NOMINATED
+    if upgrade:
+        named.discard(b"upgrade")
     out: Headers = []
     for name, value in headers:
         low = name.lower()

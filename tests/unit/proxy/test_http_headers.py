@@ -29,6 +29,20 @@ def test_hop_by_hop_and_connection_named_headers_are_removed() -> None:
     ]
 
 
+def test_connection_cannot_remove_the_framing_headers_or_host() -> None:
+    """A body whose Content-Length (or Transfer-Encoding) were dropped would be read upstream as the
+    next request: request smuggling past the inbound sidecar's authorization."""
+    headers: H = [
+        (b"host", b"cart"),
+        (b"connection", b"content-length, transfer-encoding, host, x-gone"),
+        (b"content-length", b"38"),
+        (b"x-gone", b"1"),
+    ]
+    assert forwarded(headers) == [(b"host", b"cart"), (b"content-length", b"38")]
+    chunked: H = [(b"connection", b"Transfer-Encoding"), (b"transfer-encoding", b"chunked")]
+    assert forwarded(chunked) == [(b"transfer-encoding", b"chunked")]
+
+
 def test_an_upgrade_keeps_upgrade_and_says_connection_upgrade_once() -> None:
     headers: H = [
         (b"Connection", b"Upgrade, keep-alive"),
