@@ -293,7 +293,8 @@ def _request_head(req: h1.Request, raw: list[tuple[bytes, bytes]], span: Request
         headers = forwarded(raw, trace, upgrade=upgrade, replace_trace=True)
     host = req.host if req.known else header(headers, b"host")
     if host is None:  # an HTTP/1.0 request may have none; HTTP/1.1 needs one
-        headers.insert(0, (b"host", b"localhost"))
+        host = b"localhost"
+        headers.insert(0, (b"host", host))
     return h1.Request(
         req.method,
         req.target,
