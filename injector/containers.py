@@ -103,6 +103,8 @@ def proxy_container(settings: InjectionSettings, options: PodOptions) -> Json:
     ]
     if options.app_probes:
         env.append({"name": APP_PROBES_ENV, "value": options.app_probes})
+    if settings.access_log:
+        env.append({"name": "SIDEMESH_ACCESS_LOG", "value": "true"})
     if settings.tracing_endpoint:  # docs/observability.md
         env += [
             {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": settings.tracing_endpoint},

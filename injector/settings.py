@@ -71,6 +71,7 @@ class InjectionSettings:
     # The default is the Jaeger addon, as Istio points at its Zipkin: without it spans are dropped.
     tracing_endpoint: str = "http://jaeger.sidemesh-system.svc:4317"
     tracing_sampling_ratio: float = 0.01  # parent-based: a caller's decision wins
+    access_log: bool = False  # the sidecars' per-request JSON access log (SIDEMESH_ACCESS_LOG)
     version: str = __version__
 
     def __post_init__(self) -> None:
@@ -128,6 +129,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "initResources": ("init_resources", Resources),
     "tracingEndpoint": ("tracing_endpoint", str),
     "tracingSamplingRatio": ("tracing_sampling_ratio", float),
+    "accessLog": ("access_log", bool),
 }
 
 

@@ -145,8 +145,9 @@ class ProxyConfig:
         env="SIDEMESH_APP_PROBES",
     )
     access_log: bool = option(
-        True,
-        "one JSON line per HTTP request and per TCP connection (identities, decision, bytes, duration)",
+        False,
+        "one JSON line per HTTP request and per TCP connection (identities, decision, bytes, duration); "
+        "off by default, as in Istio and Linkerd (denials are logged either way)",
         env="SIDEMESH_ACCESS_LOG",
     )
     access_log_sample: float = option(

@@ -481,6 +481,8 @@ def _walk(demo: Demo, receiver: ReceiverThread | None, collector: str | None) ->
             "deny",
             "--log-level",
             "info",
+            "--access-log",
+            "true",
             env=demo.sidecar_env,
         )
     for host in WORKLOADS.values():

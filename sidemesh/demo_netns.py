@@ -212,6 +212,8 @@ class Shop:
             "2s",
             "--log-level",
             "info",
+            "--access-log",
+            "true",
         ]
         stage = self.root / "stage"
         stage.mkdir(mode=0o755, exist_ok=True)

@@ -78,6 +78,7 @@ class Mesh:
         controller: str = "",
         app_probes: str = "",
         max_connections: int = 10_000,
+        access_log: bool = True,  # off by default in the product; the tests read it
     ) -> Sidecar:
         who = identity_of or name
         config = ProxyConfig(
@@ -96,6 +97,7 @@ class Mesh:
             trust_domain="cluster.local",
             app_probes=app_probes,
             max_connections=max_connections,
+            access_log=access_log,
         )
         identity = WorkloadIdentity(
             WorkloadId("shop", who).spiffe_id("cluster.local"),

@@ -229,6 +229,11 @@ def test_proxy_env_volumes_and_settings() -> None:
     assert token == {"audience": "sidemesh-ca", "expirationSeconds": 3600, "path": "token"}
     assert volumes["sidemesh-trust-bundle"]["configMap"] == {"name": "sidemesh-trust-bundle"}
     assert out["metadata"]["annotations"]["prometheus.io/port"] == "15020"
+    assert "SIDEMESH_ACCESS_LOG" not in values  # off, the sidecar's default
+    logged = env(
+        container(injected(a_pod(), dataclasses.replace(SETTINGS, access_log=True)), "sidemesh-proxy")
+    )
+    assert logged["SIDEMESH_ACCESS_LOG"] == "true"
 
 
 def test_proxy_flag_defaults_match_the_mounts() -> None:

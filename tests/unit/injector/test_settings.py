@@ -40,6 +40,7 @@ def test_values_and_defaults() -> None:
         ("proxyUID: 0", "proxyUID"),
         ("proxyUID: true", "proxyUID"),
         ("nativeSidecar: 'yes'", "nativeSidecar"),
+        ("accessLog: 1", "accessLog"),
         ("proxyResources: {requests: {cpu: lots}}", "proxyResources.requests"),
         ("proxyResources: {request: {}}", "proxyResources"),
         ("imag: x", "imag"),

@@ -101,3 +101,4 @@ def test_undecided_options_are_validated() -> None:
         _config(undecided_timeout=dt.timedelta(seconds=-1))
     with pytest.raises(ConfigError, match="--idle-timeout"):
         _config(idle_timeout=dt.timedelta(0))
+    assert _config().access_log is False  # off by default, as Istio's and Linkerd's
