@@ -55,6 +55,11 @@ class ConfigClient:
                 await self._session()
                 attempt = 0  # a rotation ended a healthy session: reconnect at once
             except (grpc.aio.AioRpcError, ConnectionError) as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Being stopped: grpc.aio can turn our cancellation into a CANCELLED error; going
+                    # on to the backoff sleep would swallow it and hold the sidecar's drain forever.
+                    raise asyncio.CancelledError from exc
                 if self.connected:  # the stream had delivered configuration: a new outage starts here
                     attempt = 0
                 self.connected = False

@@ -44,6 +44,7 @@ access = logging.getLogger("sidemesh.proxy.access")
 CONFIG_POLL_SECONDS = 0.5
 HEAP_TRIM_SECONDS = 5.0
 LATE_GRACE_S = 2.0  # for connections taken from the accept queues when the listeners close
+TASKS_STOP_S = 5.0  # for the background tasks (config stream, accept loops) to end once cancelled
 ACCEPT_BATCH = 16  # connections accepted from a backlog before the loop runs other work
 # Relay outcomes the sidecar chose by a timer: counted and logged by reason (bounded labels).
 TIMED_OUT = {relays.UNANSWERED: "undecided", relays.IDLE_TIMEOUT: "idle"}
@@ -437,11 +438,16 @@ class Sidecar:
         await self.identity.stop()
         if self.tracing is not None:
             await self.tracing.close()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:  # bounded: a task that swallows its cancellation must not hold the exit forever
+            _, stuck = await asyncio.wait(tasks, timeout=TASKS_STOP_S)
+            for task in stuck:
+                log.error("a background task did not stop; exiting without it", extra={"task": repr(task)})
+            for task in tasks:
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: no "never retrieved" warning at exit
         log.info("sidecar stopped")
 
     # -- admin pages -------------------------------------------------------------------------

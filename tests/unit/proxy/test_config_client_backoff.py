@@ -60,3 +60,37 @@ async def test_a_stream_that_delivered_config_starts_a_fresh_schedule(
     delays = await _delays(monkeypatch, ["fail"] * 5 + ["ok", "fail"])
     assert delays[5] == 1.0, delays
     assert delays[6] == 2.0, delays
+
+
+class _CancelledByGrpc(ConfigClient):
+    """A session whose cancellation comes out as a gRPC error, as grpc.aio can turn it into
+    StatusCode.CANCELLED when the cancel lands inside the call."""
+
+    def __init__(self) -> None:
+        super().__init__("127.0.0.1:1", "controller", _Identity(), lambda *a: None)  # type: ignore[arg-type]
+        self.started = asyncio.Event()
+        self.converted = False
+
+    async def _session(self) -> None:
+        self.started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            if self.converted:
+                raise
+            self.converted = True  # the first cancel only, so that the test can clean up
+            raise ConnectionError("the call was cancelled") from None
+
+
+async def test_stopping_ends_the_client_even_when_the_cancel_comes_back_as_an_error() -> None:
+    client = _CancelledByGrpc()
+    task = asyncio.create_task(client.run())
+    await client.started.wait()
+    task.cancel()
+    await asyncio.wait({task}, timeout=3)  # the sidecar's drain waits for this task
+    stopped = task.done()
+    if not stopped:  # the bug: the cancel was swallowed and the client went on to reconnect
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stopped and client.converted
