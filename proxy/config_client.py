@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from sidemesh.api import config_pb2 as pb
+from sidemesh.cancel import stop_if_cancelling
 from sidemesh.identity import rotation
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.mesh import wire
@@ -55,11 +56,7 @@ class ConfigClient:
                 await self._session()
                 attempt = 0  # a rotation ended a healthy session: reconnect at once
             except (grpc.aio.AioRpcError, ConnectionError) as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # Being stopped: grpc.aio can turn our cancellation into a CANCELLED error; going
-                    # on to the backoff sleep would swallow it and hold the sidecar's drain forever.
-                    raise asyncio.CancelledError from exc
+                stop_if_cancelling(exc)  # being stopped, whatever grpc made of the cancellation
                 if self.connected:  # the stream had delivered configuration: a new outage starts here
                     attempt = 0
                 self.connected = False

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
+from sidemesh.cancel import stop_if_cancelling
 from sidemesh.clock import SYSTEM_CLOCK, Clock
 from sidemesh.identity import rotation, tls
 from sidemesh.identity.client import CAClient, CAClientError
@@ -148,6 +149,7 @@ class WorkloadIdentity:
                     rotation.renewal_time(svid.not_before, svid.not_after, self.rand(), received=now) - now
                 ).total_seconds()
             except (CAClientError, SvidError, OSError) as exc:
+                stop_if_cancelling(exc)  # being stopped, whatever grpc made of the cancellation
                 attempt += 1
                 self.last_error = str(exc)
                 # No certificate yet counts as expired: the workload cannot serve until it has one.
