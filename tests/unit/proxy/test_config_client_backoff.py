@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from proxy.config_client import RECONNECT_BACKOFF_MAX, ConfigClient
+from tests.support.cancel import CancelBecomesError, stops_on_one_cancel
 
 
 class _Identity:
@@ -68,29 +69,12 @@ class _CancelledByGrpc(ConfigClient):
 
     def __init__(self) -> None:
         super().__init__("127.0.0.1:1", "controller", _Identity(), lambda *a: None)  # type: ignore[arg-type]
-        self.started = asyncio.Event()
-        self.converted = False
+        self.grpc = CancelBecomesError(ConnectionError("the call was cancelled"))
 
     async def _session(self) -> None:
-        self.started.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            if self.converted:
-                raise
-            self.converted = True  # the first cancel only, so that the test can clean up
-            raise ConnectionError("the call was cancelled") from None
+        await self.grpc.call()
 
 
 async def test_stopping_ends_the_client_even_when_the_cancel_comes_back_as_an_error() -> None:
     client = _CancelledByGrpc()
-    task = asyncio.create_task(client.run())
-    await client.started.wait()
-    task.cancel()
-    await asyncio.wait({task}, timeout=3)  # the sidecar's drain waits for this task
-    stopped = task.done()
-    if not stopped:  # the bug: the cancel was swallowed and the client went on to reconnect
-        task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert stopped and client.converted
+    assert await stops_on_one_cancel(asyncio.create_task(client.run()), client.grpc)
