@@ -237,6 +237,7 @@ async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Ro
         source=ctx.source,
         service=ctx.service,
         peer_address=ctx.peer_address,
+        traced=req.traced,
     )
     span = ctx.observer.start(info)
     result = RequestResult(status=None)
@@ -286,7 +287,10 @@ async def _answer_locally(conn: h1.Connection, down: Pipe, local: Local, result:
 def _request_head(req: h1.Request, raw: list[tuple[bytes, bytes]], span: RequestSpan) -> h1.Request:
     upgrade = req.upgrade and is_upgrade(raw)
     trace = span.trace_headers()
-    if req.known and not req.hop and not upgrade:  # most requests: nothing to take out but trace headers
+    simple = req.known and not req.hop and not upgrade  # most requests: nothing to take out but trace headers
+    if trace is None:  # the request's own trace headers go on as they came
+        headers = raw.copy() if simple else forwarded(raw, upgrade=upgrade)
+    elif simple:
         headers = [h for h in raw if h[0] not in TRACE_HEADERS] if req.traced else raw.copy()
         headers += trace
     else:
@@ -305,7 +309,7 @@ def _request_head(req: h1.Request, raw: list[tuple[bytes, bytes]], span: Request
         known=req.known,
         host=host,
         hop=upgrade,
-        traced=bool(trace),
+        traced=req.traced if trace is None else bool(trace),
     )
 
 

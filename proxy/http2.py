@@ -411,7 +411,8 @@ class H2Proxy:
             peer_address=str(self.info.get("client")),
         )
         span = self.start_span(info)
-        head = [(n, v) for n, v in headers if n not in TRACE_HEADERS] + span.trace_headers()
+        trace = span.trace_headers()
+        head = headers if trace is None else [(n, v) for n, v in headers if n not in TRACE_HEADERS] + trace
         stream = _Stream(event.stream_id, info, span, RequestResult(status=None), grpc, head)
         stream.request_ended = event.stream_ended is not None
         self.streams[event.stream_id] = stream

@@ -3,8 +3,9 @@
 The HTTP layer calls ``observer.start(info)`` once per request, as soon as the request's headers are
 parsed (on the inbound side: before authorization, so that denied requests are observed too). It
 removes every header named in ``TRACE_HEADERS`` from the request it forwards and adds
-``span.trace_headers()`` in their place, then calls ``span.finish(result)`` exactly once: when the
-response is complete, or when the request failed or was denied.
+``span.trace_headers()`` in their place (None: the request's own trace headers go on unchanged),
+then calls ``span.finish(result)`` exactly once: when the response is complete, or when the
+request failed or was denied.
 
 ``NullObserver`` is what runs when telemetry is off: trace headers pass through unchanged.
 """
@@ -42,6 +43,7 @@ class RequestInfo:
     destination: str | None = None  # callee's SPIFFE ID (outbound: known once an endpoint is chosen)
     service: str | None = None  # outbound: the destination service, e.g. "cart.shop:80"
     peer_address: str | None = None  # "ip:port" of the other side of the connection
+    traced: bool = True  # a TRACE_HEADERS header may be among ``headers`` (False: the parser saw none)
 
 
 @dataclass(slots=True)
@@ -60,8 +62,9 @@ class RequestResult:
 
 
 class RequestSpan(Protocol):
-    def trace_headers(self) -> list[tuple[bytes, bytes]]:
-        """The trace headers to put on the forwarded request (replacing every TRACE_HEADERS one)."""
+    def trace_headers(self) -> list[tuple[bytes, bytes]] | None:
+        """The trace headers to put on the forwarded request (replacing every TRACE_HEADERS one), or
+        None: the request's own trace headers go on unchanged."""
         ...
 
     def finish(self, result: RequestResult) -> None: ...
@@ -72,20 +75,20 @@ class Observer(Protocol):
 
 
 class _PassThrough:
-    __slots__ = ("_headers",)
+    __slots__ = ()
 
-    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self._headers = headers
-
-    def trace_headers(self) -> list[tuple[bytes, bytes]]:
-        return self._headers
+    def trace_headers(self) -> None:
+        return None
 
     def finish(self, result: RequestResult) -> None:
         pass
+
+
+_PASS_THROUGH = _PassThrough()
 
 
 class NullObserver:
     """Telemetry off: the incoming trace headers are forwarded as they came."""
 
     def start(self, info: RequestInfo) -> RequestSpan:
-        return _PassThrough([(k, v) for k, v in info.headers if k in TRACE_HEADERS])
+        return _PASS_THROUGH

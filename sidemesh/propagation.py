@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from opentelemetry.context import Context
 from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
-from opentelemetry.trace import Span, set_span_in_context
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _W3C = TraceContextTextMapPropagator()
@@ -46,11 +46,21 @@ def extract(carrier: Mapping[str, str]) -> tuple[Context | None, Format]:
 
 def inject(span: Span, fmt: Format) -> list[tuple[bytes, bytes]]:
     """The headers that carry ``span`` as the parent of the next hop, in ``fmt``."""
+    return headers_of(span.get_span_context(), fmt)
+
+
+def headers_of(sc: SpanContext, fmt: Format) -> list[tuple[bytes, bytes]]:
+    """The headers that carry the span ``sc`` as the parent of the next hop, in ``fmt``."""
+    if not sc.is_valid:
+        return []
+    if fmt is Format.W3C:  # written here as the SDK's propagator writes it, without a Context
+        out = [(b"traceparent", b"00-%032x-%016x-%02x" % (sc.trace_id, sc.span_id, sc.trace_flags))]
+        if sc.trace_state:
+            out.append((b"tracestate", sc.trace_state.to_header().encode("latin-1")))
+        return out
     carrier: dict[str, str] = {}
-    ctx = set_span_in_context(span)
-    if fmt is Format.W3C:
-        _W3C.inject(carrier, ctx)
-    elif fmt is Format.B3_SINGLE:
+    ctx = set_span_in_context(NonRecordingSpan(sc))
+    if fmt is Format.B3_SINGLE:
         _B3_SINGLE.inject(carrier, ctx)
     else:
         _B3_MULTI.inject(carrier, ctx)

@@ -20,7 +20,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -28,6 +28,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace import sampling as samplers
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from prometheus_client import CollectorRegistry, Counter
 
 from sidemesh.config import ConfigError
@@ -44,6 +45,8 @@ SAMPLERS = (
 )
 PROTOCOLS = ("grpc", "http/protobuf")
 WARN_EVERY = 60.0  # seconds between two "spans not exported" warnings
+DEFER_S = 0.25  # a deferred span is made at most this long after its request ended (Tracing.defer)
+DEFER_BATCH = 64  # ... or as soon as this many are waiting
 # The OTLP exporters log every failed attempt; failures are counted and warned about here instead.
 _EXPORTER_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.grpc.exporter",
@@ -253,6 +256,26 @@ class CountingBatchProcessor(BatchSpanProcessor):
         super().on_end(span)
 
 
+class PresetIds(RandomIdGenerator):
+    """The SDK's random ids, except that a caller that chose a span's ids before making it (to write
+    the next hop's trace headers first) hands them over with ``preset`` just before ``start_span``.
+    Only the thread that makes the spans may preset."""
+
+    def __init__(self) -> None:
+        self._trace_id = self._span_id = 0
+
+    def preset(self, trace_id: int, span_id: int) -> None:
+        self._trace_id, self._span_id = trace_id, span_id
+
+    def generate_trace_id(self) -> int:
+        trace_id, self._trace_id = self._trace_id, 0
+        return trace_id or super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        span_id, self._span_id = self._span_id, 0
+        return span_id or super().generate_span_id()
+
+
 class Tracing:
     """A component's tracer provider and its tracer."""
 
@@ -262,16 +285,42 @@ class Tracing:
         settings: TracingSettings,
         counters: SpanCounters,
         caller_samples_roots: bool = False,
+        ids: PresetIds | None = None,
     ) -> None:
         self.provider = provider
         self.settings = settings
         self.counters = counters
+        self.ids = ids or PresetIds()
         self.tracer: trace.Tracer = provider.get_tracer("sidemesh")
+        self._deferred: list[Callable[[], None]] = []
         # Parent-based sampling decided before any SDK call (the sidecar's fast path for unsampled
         # requests): a parent's flag decides, else sample_root().
         self.fast_sampling = caller_samples_roots and settings.sampler.startswith("parentbased_")
         root = settings.sampler.removeprefix("parentbased_")
         self.root_ratio = {"always_on": 1.0, "always_off": 0.0}.get(root, settings.ratio)
+
+    def defer(self, make_span: Callable[[], None]) -> None:
+        """Make a span a little later, with others: at most DEFER_S later, or once DEFER_BATCH (or
+        the export queue's size, if smaller) are waiting; on the event loop's thread, or at once
+        when no loop runs. So no more wait here than the export queue holds."""
+        deferred = self._deferred
+        deferred.append(make_span)
+        if len(deferred) >= min(DEFER_BATCH, self.settings.max_queue_size):
+            self.make_deferred()
+        elif len(deferred) == 1:
+            try:
+                asyncio.get_running_loop().call_later(DEFER_S, self.make_deferred)
+            except RuntimeError:  # no loop in this thread
+                self.make_deferred()
+
+    def make_deferred(self) -> None:
+        """Make every waiting span now (they go to the export queue)."""
+        deferred, self._deferred = self._deferred, []
+        for make_span in deferred:
+            try:
+                make_span()
+            except Exception:  # a span is never worth a request: log it, go on
+                log.exception("could not make a span")
 
     def sample_root(self) -> bool:
         """Whether a request that carries no trace context starts a sampled trace."""
@@ -280,6 +329,7 @@ class Tracing:
     async def close(self, timeout: float = 2.0) -> None:
         """Flush and stop, waiting at most ``timeout`` seconds (an absent collector must not hold up
         a drain): the SDK's shutdown blocks, so it runs in a daemon thread that may outlive us."""
+        self.make_deferred()
         loop = asyncio.get_running_loop()
         finished = asyncio.Event()
 
@@ -318,9 +368,11 @@ def start_tracing(
     attrs = {k: v for k, v in (attributes or {}).items() if v}
     attrs["service.name"] = settings.service_name or default_service
     counters = SpanCounters(registry)
+    ids = PresetIds()
     provider = TracerProvider(
         resource=Resource.create(attrs),
         sampler=make_sampler(settings, caller_samples_roots),
+        id_generator=ids,
         shutdown_on_exit=False,  # Tracing.close() flushes within a bound; the SDK's atexit waits 30 s
     )
     provider.add_span_processor(
@@ -336,4 +388,4 @@ def start_tracing(
             "service": attrs["service.name"],
         },
     )
-    return Tracing(provider, settings, counters, caller_samples_roots)
+    return Tracing(provider, settings, counters, caller_samples_roots, ids)

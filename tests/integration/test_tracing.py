@@ -1,7 +1,8 @@
 """The sidecar's observer against a real OTLP/gRPC receiver: spans, propagation, the slow collector.
 
 The observer is driven the way the HTTP data path drives it (proxy/observe.py): ``start`` when the
-request's headers are parsed, ``trace_headers`` onto the forwarded request, ``finish`` once.
+request's headers are parsed, ``trace_headers`` onto the forwarded request (None: the request's
+own go on), ``finish`` once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.metrics import ProxyMetrics
-from proxy.observe import RequestInfo, RequestResult
+from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.routes import RouteStats
 from proxy.telemetry import ProxyObserver
 from sidemesh.telemetry import Tracing, start_tracing
@@ -75,6 +76,12 @@ def inbound(headers: list[tuple[bytes, bytes]], path: str = "/cart/1") -> Reques
     return RequestInfo(
         "inbound", "http/1.1", "GET", path, "cart.shop:80", headers, source=A, peer_address="127.0.0.1:5000"
     )
+
+
+def sent(request: RequestSpan, info: RequestInfo) -> list[tuple[bytes, bytes]]:
+    """The trace headers the forwarded request carries, as the HTTP layer puts them on."""
+    hop = request.trace_headers()
+    return [(k, v) for k, v in info.headers if k in TRACE_HEADERS] if hop is None else hop
 
 
 def sampled(traceparent: bytes) -> bool:
@@ -154,14 +161,29 @@ async def test_an_unsampled_request_sends_nothing_and_says_so_downstream(
 ) -> None:
     observer, _ = observers(A, OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="0")
     for headers in ([], [(b"traceparent", f"00-{TRACE}-{APP_SPAN}-00".encode())]):
-        request = observer.start(outbound(headers))
-        assert not sampled(dict(request.trace_headers())[b"traceparent"])
+        info = outbound(headers)
+        request = observer.start(info)
+        assert not sampled(dict(sent(request, info))[b"traceparent"])
         request.finish(RequestResult(200))
     kept = observer.start(outbound([(b"traceparent", f"00-{TRACE}-{APP_SPAN}-01".encode())]))
     kept.finish(RequestResult(200))  # the caller decided: parent-based sampling keeps it
     spans = await receiver.wait_for(lambda s: len(s) >= 1)
     await asyncio.sleep(0.2)
     assert len(spans) == 1 and spans[0].trace_id == TRACE
+
+
+async def test_spans_still_waiting_to_be_made_are_exported_at_close(
+    receiver: Receiver, observers: Make
+) -> None:
+    """The sidecar makes a sampled request's span a little after the request ended, with others
+    (Tracing.defer); a drain right after that request must not lose it."""
+    observer, _ = observers(A)
+    request = observer.start(outbound([]))
+    (_, value), *_ = request.trace_headers() or []
+    request.finish(RequestResult(200))
+    assert observer.tracing is not None
+    await observer.tracing.close()
+    assert [s.span_id for s in receiver.spans] == [value.split(b"-")[2].decode()]
 
 
 async def test_new_traces_are_sampled_at_the_configured_ratio(receiver: Receiver, observers: Make) -> None:
@@ -294,7 +316,7 @@ async def test_a_callers_no_passes_its_trace_headers_on_unchanged(
         info = outbound(app_headers)
         info.direction = direction  # type: ignore[assignment]
         request = observer.start(info)
-        out = request.trace_headers()
+        out = sent(request, info)
         request.finish(RequestResult(200))
         assert out == app_headers, direction
     await asyncio.sleep(0.2)

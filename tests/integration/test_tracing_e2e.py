@@ -52,12 +52,14 @@ class App:
 
     def __init__(self) -> None:
         self.headers: list[dict[str, str]] = []
+        self.raw: list[list[tuple[bytes, bytes]]] = []  # as on the wire, repeats and all
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self.runner = web.AppRunner(app)
 
     async def handle(self, request: web.Request) -> web.Response:
         self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        self.raw.append([(k.lower(), v) for k, v in request.raw_headers])
         return web.json_response({"path": request.path}, status=int(request.query.get("status", 200)))
 
 
@@ -142,6 +144,51 @@ async def test_a_request_without_trace_context_starts_one(pair: tuple[Mesh, App]
     client = by_kind(spans, server.trace_id, "CLIENT")
     assert client.parent_id == "" and server.parent_id == client.span_id
     assert app.headers[-1]["traceparent"].startswith(f"00-{server.trace_id}-{server.span_id}-")
+
+
+async def _keepalive_get(mesh: Mesh, head: bytes) -> bytes:
+    """One request with no Connection header (the sidecars' plain path: no hop-by-hop header to
+    take out), the connection left open as HTTP/1.1 clients leave it."""
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    try:
+        writer.write(head)
+        status = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in status.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+        return status
+    finally:
+        writer.close()
+
+
+async def test_an_unsampled_callers_trace_headers_reach_the_app_as_sent(
+    pair: tuple[Mesh, App], receiver: Receiver
+) -> None:
+    """The caller said "not sampled": neither sidecar records a span, and its traceparent and
+    tracestate reach app B byte for byte, once each, on both header paths (with a Connection
+    header, whose hop-by-hop headers are taken out, and without)."""
+    mesh, app = pair
+    parent = f"00-{TRACE}-{APP_SPAN}-00"
+    status, _ = await get(mesh, "/cart/quiet", traceparent=parent, tracestate="vendor=a")
+    assert status == 200
+    head = (
+        f"GET /cart/quiet HTTP/1.1\r\nHost: cart\r\ntraceparent: {parent}\r\ntracestate: vendor=a\r\n\r\n"
+    ).encode()
+    assert (await _keepalive_get(mesh, head)).startswith(b"HTTP/1.1 200")
+    assert len(app.raw) == 2
+    for seen in app.raw:
+        trace = [(k, v) for k, v in seen if k in (b"traceparent", b"tracestate")]
+        assert trace == [(b"traceparent", parent.encode()), (b"tracestate", b"vendor=a")], seen
+    # Without trace headers, the client sidecar starts a trace: app B sees exactly one traceparent.
+    assert (await _keepalive_get(mesh, b"GET /cart/new HTTP/1.1\r\nHost: cart\r\n\r\n")).startswith(
+        b"HTTP/1.1 200"
+    )
+    assert len([v for k, v in app.raw[-1] if k == b"traceparent"]) == 1
+    await asyncio.sleep(0.3)
+    assert [s for s in receiver.spans if s.trace_id == TRACE] == []
 
 
 async def test_b3_single_in_b3_out_to_the_app(pair: tuple[Mesh, App], receiver: Receiver) -> None:

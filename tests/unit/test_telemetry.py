@@ -5,6 +5,15 @@ from __future__ import annotations
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import DEFAULT_ON
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    NonRecordingSpan,
+    SpanContext,
+    TraceFlags,
+    TraceState,
+    set_span_in_context,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry
 
 from proxy.observe import TRACE_HEADERS, RequestResult
@@ -13,6 +22,7 @@ from proxy.telemetry import identity_label, status_class, succeeded
 from sidemesh import propagation
 from sidemesh.propagation import Format
 from sidemesh.telemetry import (
+    PresetIds,
     SpanCounters,
     TelemetryConfigError,
     TracingSettings,
@@ -144,6 +154,29 @@ def test_inject_writes_the_format_it_is_given(fmt: Format, names: set[bytes]) ->
     assert TRACE.encode() in b"".join(out.values())
     span_id = f"{span.get_span_context().span_id:016x}".encode()  # type: ignore[attr-defined]
     assert span_id in b"".join(out.values())
+
+
+@pytest.mark.parametrize("flags", [0x01, 0x03])
+def test_w3c_headers_are_what_the_sdks_propagator_writes(flags: int) -> None:
+    """``headers_of`` writes W3C by hand (no Context on the request path): the SDK's propagator is
+    the reference."""
+    state = TraceState([("vendor", "abc"), ("other", "x=1")])
+    sc = SpanContext(int(TRACE, 16), int(PARENT, 16), False, TraceFlags(flags), state)
+    reference: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(reference, set_span_in_context(NonRecordingSpan(sc)))
+    ours = propagation.headers_of(sc, Format.W3C)
+    assert ours == [(k.encode(), v.encode()) for k, v in reference.items()]
+    assert propagation.headers_of(INVALID_SPAN_CONTEXT, Format.W3C) == []
+
+
+def test_preset_ids_make_the_next_span_and_only_it() -> None:
+    ids = PresetIds()
+    tracer = TracerProvider(sampler=DEFAULT_ON, id_generator=ids).get_tracer("t")
+    ids.preset(int(TRACE, 16), int(PARENT, 16))
+    first = tracer.start_span("a").get_span_context()
+    second = tracer.start_span("b").get_span_context()
+    assert (first.trace_id, first.span_id) == (int(TRACE, 16), int(PARENT, 16))
+    assert second.trace_id not in (0, first.trace_id) and second.span_id not in (0, first.span_id)
 
 
 def test_tracestate_is_carried_on() -> None:
