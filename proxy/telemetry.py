@@ -51,8 +51,9 @@ SERVICE = "sidemesh.destination.service"
 ERROR = "sidemesh.error"
 RETRIES = "http.request.resend_count"
 _MAX_IDENTITIES = 4096
-_TRACEPARENT_00 = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
+# A valid version-00 traceparent whose caller said "not sampled" (ids not all zero, flag bit 0 clear).
+_UNSAMPLED_00 = re.compile(rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f][02468ace]")
+_random = random.random
 _getrandbits = random.getrandbits
 _SAMPLED, _RANDOM = TraceFlags.SAMPLED, TraceFlags.RANDOM_TRACE_ID
 _NEW_SAMPLED_TRACE: list[tuple[bytes, bytes]] = []  # markers, compared by identity
@@ -328,13 +329,11 @@ def _unsampled_w3c(info: RequestInfo, tracing: Tracing) -> list[tuple[bytes, byt
         if value is None and seen_state:
             return None
     if value is None:
-        if tracing.sample_root():
+        ratio = tracing.root_ratio  # Tracing.sample_root, inline: this runs for most requests
+        if ratio >= 1.0 or (ratio > 0.0 and _random() < ratio):
             return _NEW_SAMPLED_TRACE  # decided here: the general path must not draw again
         return [(b"traceparent", b"00-%032x-%016x-00" % (_getrandbits(128) or 1, _getrandbits(64) or 1))]
-    m = _TRACEPARENT_00.fullmatch(value)
-    if m is None or m[3][1] in b"13579bdf":  # invalid, or the caller's sampled flag is set
-        return None
-    if m[1] == _ZERO_TRACE or m[2] == _ZERO_SPAN:
+    if _UNSAMPLED_00.fullmatch(value) is None:  # invalid, or the caller said "sampled": the general path
         return None
     return _UNCHANGED
 

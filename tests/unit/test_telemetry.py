@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import DEFAULT_ON
@@ -16,9 +18,9 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry
 
-from proxy.observe import TRACE_HEADERS, RequestResult
+from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult
 from proxy.routes import BUCKETS, RouteStats, route_of
-from proxy.telemetry import identity_label, status_class, succeeded
+from proxy.telemetry import _UNCHANGED, _unsampled_w3c, identity_label, status_class, succeeded
 from sidemesh import propagation
 from sidemesh.propagation import Format
 from sidemesh.telemetry import (
@@ -307,3 +309,26 @@ def test_unsampled_headers_in_each_format() -> None:
         assert got is fmt and ctx is not None
         sc = _child_span(ctx).get_span_context()  # type: ignore[attr-defined]
         assert sc.trace_id == t and not sc.trace_flags.sampled
+
+
+@pytest.mark.parametrize(
+    ("value", "unchanged"),
+    [
+        (f"00-{TRACE}-{PARENT}-00", True),
+        (f"00-{TRACE}-{PARENT}-02", True),  # "random" (W3C level 2), not sampled
+        (f"00-{TRACE}-{PARENT}-01", False),  # sampled: the general path makes a span
+        (f"00-{TRACE}-{PARENT}-03", False),
+        (f"00-{'0' * 32}-{PARENT}-00", False),  # invalid ids: the general path starts a new trace
+        (f"00-{TRACE}-{'0' * 16}-00", False),
+        (f"00-{TRACE.upper()}-{PARENT}-00", False),
+        (f"00-{TRACE}-{PARENT}-00-extra", False),
+        (f"01-{TRACE}-{PARENT}-00", False),  # a later version: the SDK's parser decides
+    ],
+)
+def test_the_unsampled_fast_path_passes_only_valid_unsampled_parents(value: str, unchanged: bool) -> None:
+    info = RequestInfo("inbound", "http/1.1", "GET", "/", "cart", [(b"traceparent", value.encode())])
+    tracing = SimpleNamespace(root_ratio=0.0)
+    out = _unsampled_w3c(info, tracing)  # type: ignore[arg-type]
+    assert (out is _UNCHANGED) == unchanged
+    if not unchanged:
+        assert out is None
