@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 from opentelemetry.context import Context
 from opentelemetry.trace import (
@@ -134,7 +134,6 @@ class ProxyObserver:
         self.access_log_sample = access_log_sample
         self.rand = rand
         self._identities: dict[str, str] = {}
-        self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         # Requests in flight: plain counts, read by the gauge when scraped (not a locked update twice
         # per request).
         self.in_flight = {"inbound": 0, "outbound": 0}
@@ -147,16 +146,6 @@ class ProxyObserver:
     def start(self, info: RequestInfo) -> RequestSpan:
         self.in_flight[info.direction] += 1
         return _Request(self, info)
-
-    def _series(self, labels: tuple[str, str, str, str, str]) -> tuple[Any, Any]:
-        children = self._children.get(labels)
-        if children is None:
-            children = (
-                self.metrics.requests.labels(*labels),
-                self.metrics.request_duration.labels(*labels[:4]),
-            )
-            self._children[labels] = children
-        return children
 
 
 class _Request:
@@ -273,7 +262,7 @@ class _Request:
         destination = (result.destination or info.destination) if outbound else obs.own_identity
         klass = status_class(result)
         ids = obs._identities
-        counter, histogram = obs._series(
+        obs.metrics.requests.of(
             (
                 info.direction,
                 identity_label(source, ids),
@@ -281,9 +270,7 @@ class _Request:
                 klass,
                 result.decision,
             )
-        )
-        counter.inc()
-        histogram.observe(seconds)
+        ).add(seconds)
         obs.in_flight[info.direction] -= 1
         denied = result.decision == "deny"  # counted in ..._denials_total where it is decided
         ok = succeeded(result)
