@@ -213,13 +213,16 @@ class _Request:
         assert tracing is not None
         ctx, parent, start_ns = self._sampled
         tracing.ids.preset(ctx.trace_id, ctx.span_id)
-        span = tracing.tracer.start_span(
-            _span_name(info),
-            context=parent,
-            kind=SpanKind.CLIENT if info.direction == "outbound" else SpanKind.SERVER,
-            attributes=_start_attributes(info, self.observer.own_identity),
-            start_time=start_ns,
-        )
+        try:
+            span = tracing.tracer.start_span(
+                _span_name(info),
+                context=parent,
+                kind=SpanKind.CLIENT if info.direction == "outbound" else SpanKind.SERVER,
+                attributes=_start_attributes(info, self.observer.own_identity),
+                start_time=start_ns,
+            )
+        finally:
+            tracing.ids.preset(0, 0)  # whatever happened, no later span takes these ids
         _end_span(span, result, destination, end_ns)
 
     def _decide(self, carrier: dict[str, str], tracing: Tracing) -> Context | Literal[False] | None:
@@ -238,7 +241,7 @@ class _Request:
             if tracing.sample_root():
                 return None  # a new sampled trace
             self._headers = propagation.unsampled_headers(
-                self._fmt, random.getrandbits(128) or 1, random.getrandbits(64) or 1, None
+                self._fmt, random.getrandbits(128) or 1, random.getrandbits(64) or 1, None, random_ids=True
             )
             return False
         trace_id, span_id, flags = parsed
@@ -297,7 +300,7 @@ class _Request:
 
 def _unsampled_w3c(info: RequestInfo, tracing: Tracing) -> list[tuple[bytes, bytes]] | None:
     """The common unsampled hops, on bytes and in one pass: no trace header (a new trace that the
-    ratio does not sample: a new traceparent with the flag 0) or a version-00 ``traceparent`` (and
+    ratio does not sample: a new traceparent with flags 02, random ids not sampled) or a version-00 ``traceparent`` (and
     any ``tracestate``) whose caller said no: this hop takes no part in the trace
     (``_UNCHANGED``: its trace headers pass on as they came, as ``_Request._decide`` passes them).
     ``_NEW_SAMPLED_TRACE``: no trace header and the ratio sampled a new trace. None: anything else
@@ -319,7 +322,7 @@ def _unsampled_w3c(info: RequestInfo, tracing: Tracing) -> list[tuple[bytes, byt
         ratio = tracing.root_ratio  # Tracing.sample_root, inline: this runs for most requests
         if ratio >= 1.0 or (ratio > 0.0 and _random() < ratio):
             return _NEW_SAMPLED_TRACE  # decided here: the general path must not draw again
-        return [(b"traceparent", b"00-%032x-%016x-00" % (_getrandbits(128) or 1, _getrandbits(64) or 1))]
+        return [(b"traceparent", b"00-%032x-%016x-02" % (_getrandbits(128) or 1, _getrandbits(64) or 1))]
     if _UNSAMPLED_00.fullmatch(value) is None:  # invalid, or the caller said "sampled": the general path
         return None
     return _UNCHANGED

@@ -41,6 +41,7 @@ class ReceivedSpan:
     start_ns: int = 0  # Unix time, nanoseconds
     end_ns: int = 0
     status_message: str = ""
+    trace_state: str = ""  # W3C tracestate
 
     @property
     def duration_ms(self) -> float:
@@ -97,6 +98,7 @@ class Receiver(pb_grpc.TraceServiceServicer):
                             start_ns=s.start_time_unix_nano,
                             end_ns=s.end_time_unix_nano,
                             status_message=s.status.message,
+                            trace_state=s.trace_state,
                         )
                     )
         self._changed.set()

@@ -27,8 +27,14 @@ class Format(enum.Enum):
 
 
 def carrier_of(headers: Iterable[tuple[bytes, bytes]], names: frozenset[bytes]) -> dict[str, str]:
-    """The trace headers among ``headers`` (lower-case names), as a text map."""
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in names}
+    """The trace headers among ``headers`` (lower-case names), as a text map; a header that comes
+    more than once is one comma-separated list (RFC 9110 section 5.3; W3C tracestate may be split)."""
+    out: dict[str, str] = {}
+    for k, v in headers:
+        if k in names:
+            name, value = k.decode("latin-1"), v.decode("latin-1")
+            out[name] = f"{out[name]},{value}" if name in out else value
+    return out
 
 
 def extract(carrier: Mapping[str, str]) -> tuple[Context | None, Format]:
@@ -90,12 +96,14 @@ def parse_traceparent(value: str) -> tuple[int, int, int] | None:
 
 
 def unsampled_headers(
-    fmt: Format, trace_id: int, span_id: int, tracestate: str | None
+    fmt: Format, trace_id: int, span_id: int, tracestate: str | None, *, random_ids: bool = False
 ) -> list[tuple[bytes, bytes]]:
-    """The headers of an unsampled hop ``span_id`` in trace ``trace_id``, in ``fmt``."""
+    """The headers of an unsampled hop ``span_id`` in trace ``trace_id``, in ``fmt``;
+    ``random_ids``: a new trace whose ids were drawn at random (W3C's flag 02, as the SDK sets it)."""
     trace, span = f"{trace_id:032x}", f"{span_id:016x}"
     if fmt is Format.W3C:
-        out = [(b"traceparent", f"00-{trace}-{span}-00".encode())]
+        flags = "02" if random_ids else "00"  # W3C level 2: the trace id is random; not sampled
+        out = [(b"traceparent", f"00-{trace}-{span}-{flags}".encode())]
         if tracestate:
             out.append((b"tracestate", tracestate.encode("latin-1")))
         return out

@@ -272,7 +272,9 @@ class PresetIds(RandomIdGenerator):
         return trace_id or super().generate_trace_id()
 
     def generate_span_id(self) -> int:
-        span_id, self._span_id = self._span_id, 0
+        # The SDK asks once per span, after the trace id (which it does not ask for when the span
+        # has a parent): both presets end here, so none outlives its span.
+        span_id, self._span_id, self._trace_id = self._span_id, 0, 0
         return span_id or super().generate_span_id()
 
 
@@ -293,6 +295,7 @@ class Tracing:
         self.ids = ids or PresetIds()
         self.tracer: trace.Tracer = provider.get_tracer("sidemesh")
         self._deferred: list[Callable[[], None]] = []
+        self._timer: asyncio.TimerHandle | None = None
         # Parent-based sampling decided before any SDK call (the sidecar's fast path for unsampled
         # requests): a parent's flag decides, else sample_root().
         self.fast_sampling = caller_samples_roots and settings.sampler.startswith("parentbased_")
@@ -307,14 +310,17 @@ class Tracing:
         deferred.append(make_span)
         if len(deferred) >= min(DEFER_BATCH, self.settings.max_queue_size):
             self.make_deferred()
-        elif len(deferred) == 1:
+        elif self._timer is None:
             try:
-                asyncio.get_running_loop().call_later(DEFER_S, self.make_deferred)
+                self._timer = asyncio.get_running_loop().call_later(DEFER_S, self.make_deferred)
             except RuntimeError:  # no loop in this thread
                 self.make_deferred()
 
     def make_deferred(self) -> None:
         """Make every waiting span now (they go to the export queue)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         deferred, self._deferred = self._deferred, []
         for make_span in deferred:
             try:

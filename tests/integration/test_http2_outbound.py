@@ -92,6 +92,7 @@ class Server:
         self.hits = 0
         self.sizes: list[int] = []  # of the unary requests
         self.traceparents: list[str] = []
+        self.trace_metadata: list[list[tuple[str, str]]] = []  # every trace header, as received
         self.server = grpc.aio.server()
         self.server.add_generic_rpc_handlers(
             (
@@ -110,6 +111,13 @@ class Server:
         self.sizes.append(len(request))
         meta = dict(context.invocation_metadata() or ())
         self.traceparents.append(str(meta.get("traceparent", "")))
+        self.trace_metadata.append(
+            [
+                (k, str(v))
+                for k, v in context.invocation_metadata() or ()
+                if k in ("traceparent", "tracestate")
+            ]
+        )
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail > 0:
@@ -376,6 +384,21 @@ def by_kind(spans: list[ReceivedSpan], kind: str) -> ReceivedSpan:
     found = [s for s in spans if s.trace_id == TRACE and s.kind == kind]
     assert len(found) == 1, spans
     return found[0]
+
+
+async def test_an_unsampled_callers_trace_metadata_reaches_the_server_as_sent(
+    mesh: Mesh, carts: Carts, receiver: Receiver
+) -> None:
+    """The caller said "not sampled": neither sidecar records the call, and its traceparent and
+    tracestate reach the server unchanged, once each."""
+    a = Server("a")
+    await carts.start((CART1, a))
+    sent = [("traceparent", f"00-{TRACE}-{APP_SPAN}-00"), ("tracestate", "vendor=a")]
+    async with channel(mesh) as ch:
+        assert await unary(ch)(b"x", metadata=tuple(sent)) == b"a:x"
+    assert a.trace_metadata == [sent]
+    await asyncio.sleep(0.3)
+    assert [s for s in receiver.spans if s.trace_id == TRACE] == []
 
 
 async def test_a_call_gives_a_client_span_whose_child_is_the_server_span(

@@ -18,7 +18,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.routes import RouteStats
 from proxy.telemetry import ProxyObserver
-from sidemesh.telemetry import Tracing, start_tracing
+from sidemesh.telemetry import DEFER_BATCH, DEFER_S, Tracing, start_tracing
 from tests.support.otlp import ReceivedSpan, Receiver
 
 A = "spiffe://cluster.local/ns/shop/sa/frontend"
@@ -184,6 +184,46 @@ async def test_spans_still_waiting_to_be_made_are_exported_at_close(
     assert observer.tracing is not None
     await observer.tracing.close()
     assert [s.span_id for s in receiver.spans] == [value.split(b"-")[2].decode()]
+
+
+async def test_the_span_carries_what_its_headers_said_and_the_requests_own_times(
+    receiver: Receiver, observers: Make
+) -> None:
+    observer, _ = observers(A)
+    app_headers = [
+        (b"traceparent", f"00-{TRACE}-{APP_SPAN}-03".encode()),  # sampled, random trace id
+        (b"tracestate", b"vendor=1"),
+        (b"tracestate", b"other=2"),  # one list, split over two header lines
+    ]
+    began = time.time_ns()
+    request = observer.start(outbound(app_headers))
+    hop = dict(request.trace_headers() or [])
+    await asyncio.sleep(0.05)
+    request.finish(RequestResult(200))
+    ended = time.time_ns()
+    span = one(await receiver.wait_for(lambda s: len(s) >= 1), "CLIENT")
+    assert hop[b"traceparent"] == f"00-{TRACE}-{span.span_id}-03".encode()
+    assert hop[b"tracestate"] == b"vendor=1,other=2" == span.trace_state.encode()
+    assert began <= span.start_ns and span.start_ns + 50_000_000 <= span.end_ns <= ended
+
+
+async def test_deferred_spans_wait_their_time_after_a_full_batch(receiver: Receiver, observers: Make) -> None:
+    """A full batch is made at once; a span after it waits its own DEFER_S (the first span's timer
+    must not make it early)."""
+    observer, _ = observers(A)
+    tracing = observer.tracing
+    assert tracing is not None
+    made: list[int] = []
+    tracing.defer(lambda: made.append(0))
+    await asyncio.sleep(DEFER_S * 0.6)
+    for i in range(1, DEFER_BATCH):
+        tracing.defer(lambda i=i: made.append(i))  # type: ignore[misc]
+    assert len(made) == DEFER_BATCH  # the full batch, at once
+    tracing.defer(lambda: made.append(-1))
+    await asyncio.sleep(DEFER_S * 0.6)  # past the first span's DEFER_S
+    assert made[-1] != -1
+    await asyncio.sleep(DEFER_S * 0.6)
+    assert made[-1] == -1
 
 
 async def test_new_traces_are_sampled_at_the_configured_ratio(receiver: Receiver, observers: Make) -> None:

@@ -179,6 +179,12 @@ def test_preset_ids_make_the_next_span_and_only_it() -> None:
     second = tracer.start_span("b").get_span_context()
     assert (first.trace_id, first.span_id) == (int(TRACE, 16), int(PARENT, 16))
     assert second.trace_id not in (0, first.trace_id) and second.span_id not in (0, first.span_id)
+    # A span with a parent takes no trace id from the generator: the preset must not outlive it.
+    ids.preset(int(TRACE, 16) + 1, int(PARENT, 16) + 1)
+    child = tracer.start_span("c", context=set_span_in_context(NonRecordingSpan(first))).get_span_context()
+    root = tracer.start_span("d").get_span_context()
+    assert child.trace_id == first.trace_id and child.span_id == int(PARENT, 16) + 1
+    assert root.trace_id not in (first.trace_id, int(TRACE, 16) + 1)
 
 
 def test_tracestate_is_carried_on() -> None:
@@ -297,6 +303,9 @@ def test_unsampled_headers_in_each_format() -> None:
     assert propagation.unsampled_headers(Format.W3C, t, s, "k=v") == [
         (b"traceparent", f"00-{TRACE}-{PARENT}-00".encode()),
         (b"tracestate", b"k=v"),
+    ]
+    assert propagation.unsampled_headers(Format.W3C, t, s, None, random_ids=True) == [
+        (b"traceparent", f"00-{TRACE}-{PARENT}-02".encode())
     ]
     assert propagation.unsampled_headers(Format.B3_SINGLE, t, s, None) == [
         (b"b3", f"{TRACE}-{PARENT}-0".encode())
