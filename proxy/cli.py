@@ -79,17 +79,23 @@ async def _main(config: ProxyConfig) -> int:
     identity = WorkloadIdentity(
         spiffe_id, client, token_from_file(config.token_file), bundle_file=config.bundle_file
     )
-    sidecar = Sidecar(config, identity)
+    # The access log goes out in batches (sidemesh/logging.py BufferedLines), flushed by the drain.
+    lines = smlog.BufferedLines("sidemesh.proxy.access") if config.access_log else None
+    sidecar = Sidecar(config, identity, access_lines=lines)
     try:
-        await sidecar.start()
-    except OSError as exc:
-        await identity.stop()
-        raise CLIError(f"cannot listen: {exc}; is another sidecar using these ports?") from exc
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await sidecar.drain()
-    await client.close()
-    return 0
+        try:
+            await sidecar.start()
+        except OSError as exc:
+            await identity.stop()
+            raise CLIError(f"cannot listen: {exc}; is another sidecar using these ports?") from exc
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await sidecar.drain()
+        await client.close()
+        return 0
+    finally:
+        if lines is not None:
+            lines.flush()

@@ -28,6 +28,7 @@ from proxy.telemetry import ProxyObserver, start_sidecar_tracing
 from sidemesh.config import parse_hostport
 from sidemesh.httpd import HTTPServer, json_response
 from sidemesh.identity.workload import WorkloadIdentity
+from sidemesh.logging import BufferedLines
 from sidemesh.mesh import directory
 from sidemesh.mesh.compile import (
     CompileError,
@@ -64,9 +65,14 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class Sidecar:
-    def __init__(self, config: ProxyConfig, identity: WorkloadIdentity) -> None:
+    def __init__(
+        self, config: ProxyConfig, identity: WorkloadIdentity, access_lines: BufferedLines | None = None
+    ) -> None:
+        """``access_lines``: write the access log in batches (the CLI does); None: through the
+        logging module, a line at a time (tests capture it there)."""
         self.config = config
         self.identity = identity
+        self.access_lines = access_lines
         self.metrics = ProxyMetrics()
         self.routes = RouteStats()  # for `sidemesh top` (admin /stats/routes)
         self.tracing = start_sidecar_tracing(config.workload, str(identity.spiffe_id), self.metrics.registry)
@@ -77,6 +83,7 @@ class Sidecar:
             self.tracing,
             config.access_log,
             config.access_log_sample,
+            access_lines=access_lines,
         )
         self.relays: set[Relay] = set()
         self.heap_trimmer = heap.Trimmer()
@@ -166,15 +173,16 @@ class Sidecar:
             self.routes.record(direction, f"TCP {target}", seconds, ok, denied)
         sample = self.config.access_log_sample
         if self.config.access_log and relay.info.get("linked") and (not ok or random.random() < sample):
-            access.info(
-                "connection",
-                extra={
-                    **relay.info,
-                    "outcome": outcome,
-                    "bytes_received": received,
-                    "duration_ms": round(seconds * 1000, 3),
-                },
-            )
+            fields = {
+                **relay.info,
+                "outcome": outcome,
+                "bytes_received": received,
+                "duration_ms": round(seconds * 1000, 3),
+            }
+            if self.access_lines is None:
+                access.info("connection", extra=fields)
+            elif access.isEnabledFor(logging.INFO):
+                self.access_lines.info("connection", fields)
 
     def _timed_out(self, direction: str, reason: str, relay: Relay, seconds: float) -> None:
         """Counted every time, logged once (then at most every 10 s per reason, with how many were
@@ -438,6 +446,8 @@ class Sidecar:
         await self.identity.stop()
         if self.tracing is not None:
             await self.tracing.close()
+        if self.access_lines is not None:
+            self.access_lines.flush()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -36,6 +36,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.routes import RouteStats, route_of
 from sidemesh import propagation
+from sidemesh.logging import BufferedLines
 from sidemesh.spiffe import SpiffeId, SpiffeIdError, WorkloadId
 from sidemesh.telemetry import Tracing, start_tracing
 
@@ -124,6 +125,7 @@ class ProxyObserver:
         access_log: bool = True,
         access_log_sample: float = 1.0,
         rand: Callable[[], float] = random.random,
+        access_lines: BufferedLines | None = None,
     ) -> None:
         self.metrics = metrics
         self.routes = routes
@@ -132,6 +134,7 @@ class ProxyObserver:
         self.tracer = tracing.tracer if tracing is not None else None
         self.access_log = access_log
         self.access_log_sample = access_log_sample
+        self.access_lines = access_lines  # None: access lines go through the logging module
         self.rand = rand
         self._identities: dict[str, str] = {}
         # Requests in flight: plain counts, read by the gauge when scraped (not a locked update twice
@@ -295,7 +298,7 @@ class _Request:
             and (not ok or obs.access_log_sample >= 1.0 or obs.rand() < obs.access_log_sample)
         ):
             ctx = sampled[0] if sampled is not None else span.get_span_context() if span is not None else None
-            _log(info, result, source, destination, seconds, ctx)
+            _log(info, result, source, destination, seconds, ctx, obs.access_lines)
 
 
 def _unsampled_w3c(info: RequestInfo, tracing: Tracing) -> list[tuple[bytes, bytes]] | None:
@@ -392,6 +395,7 @@ def _log(
     destination: str | None,
     seconds: float,
     trace: SpanContext | None,
+    lines: BufferedLines | None,
 ) -> None:
     fields: dict[str, object] = {
         "direction": info.direction,
@@ -417,4 +421,7 @@ def _log(
     if trace is not None and trace.trace_flags.sampled:
         fields["trace_id"] = f"{trace.trace_id:032x}"
         fields["span_id"] = f"{trace.span_id:016x}"
-    access.info("request", extra=fields)
+    if lines is not None:
+        lines.info("request", fields)
+    else:
+        access.info("request", extra=fields)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
+import re
+import time
 
-from sidemesh.logging import JsonFormatter
+from sidemesh.logging import FLUSH_BYTES, FLUSH_S, BufferedLines, JsonFormatter
 
 
 def record(created: float, **extra: object) -> logging.LogRecord:
@@ -25,3 +29,48 @@ def test_lines_carry_the_time_of_each_record_and_its_extras() -> None:
     assert first["event"] == "request x" and first["level"] == "info"
     assert first["logger"] == "sidemesh.proxy.access" and (first["status"], first["path"]) == (200, "/a")
     assert "pathname" not in first and "process" not in first and "thread" not in first
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+FIELDS = {"direction": "inbound", "status": 200, "path": "/a", "source": None, "bytes": {"up": 1}}
+
+
+def test_buffered_lines_have_the_formatters_layout() -> None:
+    stream = CountingStream()
+    BufferedLines("sidemesh.proxy.access", stream).info("request", FIELDS)  # no loop: written at once
+    ours = json.loads(stream.getvalue())
+    theirs = json.loads(JsonFormatter().format(record(time.time(), **FIELDS)))
+    theirs["event"] = "request"  # the record's message is "request %s" % "x"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ours.pop("ts"))
+    theirs.pop("ts")
+    assert ours == theirs
+    assert list(ours) == list(theirs)  # the same order too: ts, level, logger, event, fields
+
+
+async def test_buffered_lines_go_out_together_within_the_flush_interval() -> None:
+    stream = CountingStream()
+    lines = BufferedLines("sidemesh.proxy.access", stream)
+    for i in range(3):
+        lines.info("request", {"n": i})
+    assert stream.getvalue() == ""
+    await asyncio.sleep(FLUSH_S + 0.1)
+    assert [json.loads(line)["n"] for line in stream.getvalue().splitlines()] == [0, 1, 2]
+    assert stream.writes == 1
+    big = "x" * 1000
+    written = 0
+    while stream.writes == 1 and written <= FLUSH_BYTES // 1000:  # past the size bound: out at once
+        lines.info("request", {"n": written, "pad": big})
+        written += 1
+    assert stream.writes == 2 and len(stream.getvalue().splitlines()) == 3 + written
+    lines.info("request", {"n": -1})
+    lines.flush()  # as the drain does
+    assert json.loads(stream.getvalue().splitlines()[-1])["n"] == -1
