@@ -32,7 +32,7 @@ from opentelemetry.trace import (
 )
 from prometheus_client import CollectorRegistry
 
-from proxy.metrics import ProxyMetrics
+from proxy.metrics import ProxyMetrics, RequestSeries
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.routes import RouteStats, route_of
 from sidemesh import propagation
@@ -137,6 +137,9 @@ class ProxyObserver:
         self.access_lines = access_lines  # None: access lines go through the logging module
         self.rand = rand
         self._identities: dict[str, str] = {}
+        # (direction, source, destination, status, decision) as the request had them -> its series:
+        # one lookup per request instead of two identity labels, a status class and a label tuple.
+        self._series: dict[tuple[str, str | None, str | None, int | None, str], RequestSeries] = {}
         # Requests in flight: plain counts, read by the gauge when scraped (not a locked update twice
         # per request).
         self.in_flight = {"inbound": 0, "outbound": 0}
@@ -266,17 +269,21 @@ class _Request:
         outbound = info.direction == "outbound"
         source = obs.own_identity if outbound else info.source
         destination = (result.destination or info.destination) if outbound else obs.own_identity
-        klass = status_class(result)
-        ids = obs._identities
-        obs.metrics.requests.of(
-            (
+        key = (info.direction, source, destination, result.status, result.decision)
+        series = obs._series.get(key)
+        if series is None:
+            if len(obs._series) >= _MAX_IDENTITIES:
+                obs._series.clear()
+            ids = obs._identities
+            labels = (
                 info.direction,
                 identity_label(source, ids),
                 identity_label(destination, ids),
-                klass,
+                status_class(result),
                 result.decision,
             )
-        ).add(seconds)
+            series = obs._series[key] = obs.metrics.requests.of(labels)
+        series.add(seconds)
         obs.in_flight[info.direction] -= 1
         denied = result.decision == "deny"  # counted in ..._denials_total where it is decided
         ok = succeeded(result)
