@@ -88,6 +88,7 @@ class BufferedLines:
         self._lines: list[str] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # a timer of a closed loop never fires
 
     def info(self, event: str, fields: Mapping[str, Any]) -> None:
         now = time.time()
@@ -103,11 +104,15 @@ class BufferedLines:
         self._size += len(line) + 1
         if self._size >= FLUSH_BYTES:
             self.flush()
-        elif self._timer is None:
-            try:
-                self._timer = asyncio.get_running_loop().call_later(FLUSH_S, self.flush)
-            except RuntimeError:  # no loop in this thread: at once
-                self.flush()
+            return
+        if self._timer is not None and self._timer_loop is not None and not self._timer_loop.is_closed():
+            return  # a flush is due (the common case: no system call to find the loop)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: at once
+            self.flush()
+            return
+        self._timer, self._timer_loop = loop.call_later(FLUSH_S, self.flush), loop
 
     def flush(self) -> None:
         if self._timer is not None:

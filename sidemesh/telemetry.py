@@ -296,6 +296,7 @@ class Tracing:
         self.tracer: trace.Tracer = provider.get_tracer("sidemesh")
         self._deferred: list[Callable[[], None]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # a timer of a closed loop never fires
         # Parent-based sampling decided before any SDK call (the sidecar's fast path for unsampled
         # requests): a parent's flag decides, else sample_root().
         self.fast_sampling = caller_samples_roots and settings.sampler.startswith("parentbased_")
@@ -310,11 +311,15 @@ class Tracing:
         deferred.append(make_span)
         if len(deferred) >= min(DEFER_BATCH, self.settings.max_queue_size):
             self.make_deferred()
-        elif self._timer is None:
-            try:
-                self._timer = asyncio.get_running_loop().call_later(DEFER_S, self.make_deferred)
-            except RuntimeError:  # no loop in this thread
-                self.make_deferred()
+            return
+        if self._timer is not None and self._timer_loop is not None and not self._timer_loop.is_closed():
+            return  # a flush is due (the common case: no system call to find the loop)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: at once
+            self.make_deferred()
+            return
+        self._timer, self._timer_loop = loop.call_later(DEFER_S, self.make_deferred), loop
 
     def make_deferred(self) -> None:
         """Make every waiting span now (they go to the export queue)."""

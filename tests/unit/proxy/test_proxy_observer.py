@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 from typing import Literal
 
@@ -11,6 +13,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.observe import RequestInfo, RequestResult
 from proxy.routes import RouteStats
 from proxy.telemetry import ProxyObserver
+from sidemesh.logging import BufferedLines
 
 ME = "spiffe://cluster.local/ns/shop/sa/frontend"
 CART = "spiffe://cluster.local/ns/shop/sa/cart"
@@ -60,3 +63,21 @@ def test_access_log_lines_only_when_the_logger_takes_info(caplog: pytest.LogCapt
         obs.start(info("inbound")).finish(RequestResult(status=200))
     (line,) = [r for r in caplog.records if r.name == "sidemesh.proxy.access"]
     assert line.path == "/cart/1" and line.status == 200 and line.source == CART  # type: ignore[attr-defined]
+
+
+async def test_batched_access_lines_only_when_the_logger_takes_info(caplog: pytest.LogCaptureFixture) -> None:
+    """What `sidemesh proxy run` does: the same lines, written in batches (sidemesh/logging.py)."""
+    stream = io.StringIO()
+    lines = BufferedLines("sidemesh.proxy.access", stream)
+    obs = ProxyObserver(ProxyMetrics(), RouteStats(), ME, access_lines=lines)
+    with caplog.at_level(logging.WARNING, logger="sidemesh.proxy.access"):
+        obs.start(info("inbound")).finish(RequestResult(status=200))
+    lines.flush()
+    assert stream.getvalue() == ""
+    with caplog.at_level(logging.INFO, logger="sidemesh.proxy.access"):
+        obs.start(info("inbound")).finish(RequestResult(status=503))
+        assert stream.getvalue() == ""  # waiting for its batch
+        lines.flush()  # as the drain does
+    (line,) = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert (line["event"], line["path"], line["status"], line["source"]) == ("request", "/cart/1", 503, CART)
+    assert not [r for r in caplog.records if r.name == "sidemesh.proxy.access"]  # not through logging too

@@ -51,6 +51,10 @@ def test_a_scrape_matches_prometheus_clients_counter_and_histogram() -> None:
     expected = _samples(list(reference.collect()))
     scraped = list(text_string_to_metric_families(generate_latest(ours.registry).decode()))
     assert _samples(scraped) == pytest.approx(expected)  # sums add in another order
+    created = [s for f in scraped for s in f.samples if s.name == "sidemesh_proxy_requests_created"]
+    assert len(created) == len(
+        {k for k in expected if k[0] == "sidemesh_proxy_requests_total"}
+    )  # one per series
     types = {f.name: f.type for f in scraped}
     assert types["sidemesh_proxy_requests"] == "counter"
     assert types["sidemesh_proxy_request_duration_seconds"] == "histogram"
