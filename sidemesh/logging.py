@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any, TextIO
+
+from sidemesh.later import Later
 
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -87,8 +88,7 @@ class BufferedLines:
         self._stamps = _Stamps()
         self._lines: list[str] = []
         self._size = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_loop: asyncio.AbstractEventLoop | None = None  # a timer of a closed loop never fires
+        self._later = Later(FLUSH_S, self.flush)
 
     def info(self, event: str, fields: Mapping[str, Any]) -> None:
         now = time.time()
@@ -104,20 +104,11 @@ class BufferedLines:
         self._size += len(line) + 1
         if self._size >= FLUSH_BYTES:
             self.flush()
-            return
-        if self._timer is not None and self._timer_loop is not None and not self._timer_loop.is_closed():
-            return  # a flush is due (the common case: no system call to find the loop)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop in this thread: at once
-            self.flush()
-            return
-        self._timer, self._timer_loop = loop.call_later(FLUSH_S, self.flush), loop
+        else:
+            self._later.due()
 
     def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._later.cancel()
         if not self._lines:
             return
         data = "\n".join(self._lines) + "\n"

@@ -32,6 +32,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from prometheus_client import CollectorRegistry, Counter
 
 from sidemesh.config import ConfigError
+from sidemesh.later import Later
 
 log = logging.getLogger("sidemesh.telemetry")
 
@@ -295,8 +296,7 @@ class Tracing:
         self.ids = ids or PresetIds()
         self.tracer: trace.Tracer = provider.get_tracer("sidemesh")
         self._deferred: list[Callable[[], None]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_loop: asyncio.AbstractEventLoop | None = None  # a timer of a closed loop never fires
+        self._later = Later(DEFER_S, self.make_deferred)
         # Parent-based sampling decided before any SDK call (the sidecar's fast path for unsampled
         # requests): a parent's flag decides, else sample_root().
         self.fast_sampling = caller_samples_roots and settings.sampler.startswith("parentbased_")
@@ -311,21 +311,12 @@ class Tracing:
         deferred.append(make_span)
         if len(deferred) >= min(DEFER_BATCH, self.settings.max_queue_size):
             self.make_deferred()
-            return
-        if self._timer is not None and self._timer_loop is not None and not self._timer_loop.is_closed():
-            return  # a flush is due (the common case: no system call to find the loop)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop in this thread: at once
-            self.make_deferred()
-            return
-        self._timer, self._timer_loop = loop.call_later(DEFER_S, self.make_deferred), loop
+        else:
+            self._later.due()
 
     def make_deferred(self) -> None:
         """Make every waiting span now (they go to the export queue)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._later.cancel()
         deferred, self._deferred = self._deferred, []
         for make_span in deferred:
             try:
