@@ -32,13 +32,14 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import h2.config
 import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+from hpack import NeverIndexedHeaderTuple
 
 from proxy import framing
 from proxy.headers import DENIED_REASON, BadPath, normalize_target
@@ -198,10 +199,16 @@ class _Stream:
 
 class _Side:
     def __init__(self, pipe: Pipe, client: bool) -> None:
-        # What is sent was validated when received on the other side (or is the sidecar's own):
-        # validating it again costs time on every stream for nothing.
+        # What is sent was validated (and so is already normal: lower-case names, no surrounding
+        # whitespace, no connection-specific fields) when it was received on the other side, or is
+        # the sidecar's own: validating or normalizing it again costs time on every stream for
+        # nothing. What h2's normalizing also did, marking credentials never-indexed, `_headers`
+        # does.
         config = h2.config.H2Configuration(
-            client_side=client, header_encoding=None, validate_outbound_headers=False
+            client_side=client,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self.pipe = pipe
         self.conn = h2.connection.H2Connection(config=config)
@@ -242,8 +249,22 @@ class _Up(_Side):
             self.flush()
 
 
-def _headers(raw: object) -> list[Header]:
-    return [(bytes(n), bytes(v)) for n, v in raw]  # type: ignore[attr-defined]
+_CREDENTIALS = frozenset({b"authorization", b"proxy-authorization"})
+
+
+def _headers(raw: list[Any]) -> list[Header]:  # hpack's tuples (h2 types them loosely)
+    """A received header block, to be sent on. hpack's tuples are kept, so a field the sender
+    marked never-indexed is forwarded never-indexed (RFC 7541 section 7.1.3); fields that carry
+    credentials are made never-indexed too, as h2 and nghttp2 do (authorization,
+    proxy-authorization, a cookie shorter than 20 bytes): they stay out of the compression
+    contexts, where a guessing attacker could find them (section 7.1)."""
+    out: list[Header] = list(raw)
+    for i, (n, v) in enumerate(out):
+        if (n in _CREDENTIALS or (n == b"cookie" and len(v) < 20)) and not isinstance(
+            out[i], NeverIndexedHeaderTuple
+        ):
+            out[i] = NeverIndexedHeaderTuple(n, v)
+    return out
 
 
 def _grpc_status_of(headers: list[Header]) -> int | None:
@@ -397,7 +418,7 @@ class H2Proxy:
             except BadPath as exc:
                 normal, bad_path = path, str(exc)
             if normal != path:
-                headers = [(n, normal if n == b":path" else v) for n, v in headers]
+                headers = [(b":path", normal) if h[0] == b":path" else h for h in headers]
                 path = normal
         info = RequestInfo(
             direction=router.direction,
@@ -412,7 +433,7 @@ class H2Proxy:
         )
         span = self.start_span(info)
         trace = span.trace_headers()
-        head = headers if trace is None else [(n, v) for n, v in headers if n not in TRACE_HEADERS] + trace
+        head = headers if trace is None else [h for h in headers if h[0] not in TRACE_HEADERS] + trace
         stream = _Stream(event.stream_id, info, span, RequestResult(status=None), grpc, head)
         stream.request_ended = event.stream_ended is not None
         self.streams[event.stream_id] = stream

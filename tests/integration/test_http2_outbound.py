@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import h2.errors
 import h2.events
 import pytest
 from grpc.aio import EOF  # type: ignore[attr-defined]
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import Mesh, free_net
@@ -530,6 +531,7 @@ class H2App:
         self.name = name
         self.status = status
         self.hits = 0
+        self.heads: list[list[Any]] = []  # each request's header block, as hpack's tuples
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
@@ -539,7 +541,9 @@ class H2App:
         try:
             while data := await reader.read(65536):
                 for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.DataReceived):
+                    if isinstance(event, h2.events.RequestReceived):
+                        self.heads.append(list(event.headers))
+                    elif isinstance(event, h2.events.DataReceived):
                         conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                     elif isinstance(event, h2.events.StreamEnded):
                         self.hits += 1
@@ -554,8 +558,11 @@ class H2App:
             writer.close()
 
 
-async def h2_gets(host: str, port: int, paths: list[str]) -> list[tuple[int, bytes]]:
-    """GET each path, all at once on one HTTP/2 connection: (status, body) of each."""
+async def h2_gets(
+    host: str, port: int, paths: list[str], extra: Sequence[tuple[bytes, bytes]] = ()
+) -> list[tuple[int, bytes]]:
+    """GET each path, all at once on one HTTP/2 connection (``extra``: more request headers, as
+    they are given to h2): (status, body) of each."""
     reader, writer = await asyncio.open_connection(host, port)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
@@ -563,8 +570,13 @@ async def h2_gets(host: str, port: int, paths: list[str]) -> list[tuple[int, byt
     bodies: dict[int, bytes] = {}
     for path in paths:
         sid = conn.get_next_available_stream_id()
-        head = [(":method", "GET"), (":scheme", "http"), (":authority", "cart.shop"), (":path", path)]
-        conn.send_headers(sid, head, end_stream=True)
+        head: list[Any] = [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", "cart.shop"),
+            (":path", path),
+        ]
+        conn.send_headers(sid, head + list(extra), end_stream=True)
         bodies[sid] = b""
     writer.write(conn.data_to_send())
     ended: set[int] = set()
@@ -604,6 +616,32 @@ async def test_an_http2_get_answered_503_goes_to_the_other_endpoint(mesh: Mesh) 
     assert unavailable.hits >= 1 and ok.hits == 30
     frontend = mesh.sidecars["frontend"]
     assert all(st.outstanding == 0 for st in frontend.balancer.states.values())
+
+
+async def test_never_indexed_fields_reach_the_app_never_indexed(mesh: Mesh) -> None:
+    """RFC 7541 section 7.1.3: a field the client sent never-indexed goes on never-indexed through
+    both sidecars; credentials become never-indexed even when sent plain (as h2 and nghttp2 do);
+    other fields stay indexable."""
+    write_mesh(mesh, two=False)
+    mesh.write("allow-get.yaml", ALLOW_GET)
+    app = H2App("ok", 200)
+    await mesh.app(CART1, app.handle, APP)
+    await mesh.sidecar("carta", CART1, identity_of="cart")
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    extra = [
+        NeverIndexedHeaderTuple(b"x-secret", b"s3cret"),
+        (b"authorization", b"Bearer abc"),
+        (b"cookie", b"id=1"),
+        (b"x-plain", b"p"),
+    ]
+    assert await h2_gets(mesh.addr(FRONTEND), OUT, ["/h2/a", "/h2/b"], extra) == [(200, b"ok")] * 2
+    assert len(app.heads) == 2
+    for head in app.heads:
+        fields = {bytes(h[0]): h for h in head}
+        for name in (b"x-secret", b"authorization", b"cookie"):
+            assert isinstance(fields[name], NeverIndexedHeaderTuple), (name, type(fields[name]))
+        assert isinstance(fields[b"x-plain"], HeaderTuple) and fields[b"x-plain"].indexable
+        assert fields[b"x-secret"][1] == b"s3cret" and fields[b"authorization"][1] == b"Bearer abc"
 
 
 async def test_a_retried_call_gives_one_client_span_with_its_retries(
