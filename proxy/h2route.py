@@ -11,8 +11,10 @@ Retries (``may_retry``) follow ``proxy.retry`` with the Service's policy and the
 budget: a stream not processed, a broken connection, a 502-504 head, a trailers-only gRPC
 UNAVAILABLE.
 
-The upstream connections belong to one app connection (``H2Proxy.ups``); sharing them between the
-app's connections is a later step.
+The upstream connections belong to one app connection at a time (``H2Proxy.ups``): when it ends,
+those with no stream open and nothing unread go to the sidecar's pool (``pool.h2_pool_of``), and
+the next app connection to the same endpoint takes one instead of paying a handshake. Streams of
+app connections open at the same time do not share a connection yet.
 """
 
 from __future__ import annotations
@@ -127,6 +129,6 @@ async def serve(sc: Sidecar, relay: Relay, conn: socket.socket, dest: Destinatio
     relay.on_fail = down.abort
     await asyncio.get_running_loop().connect_accepted_socket(lambda: down, conn)
     router = OutboundStreams(sc, dest.name, relay.info)
-    proxy = H2Proxy(down, None, None, sc.observer.start, relay.info, router=router)
+    proxy = H2Proxy(down, None, None, sc.observer.start, relay.info, router=router, pool=pool.h2_pool_of(sc))
     # The app's connections stay usable while the sidecar drains (it finishes its work).
     await tracked(relay, down, "HTTP/2", proxy.run(sc.config.idle_timeout.total_seconds()))

@@ -45,6 +45,7 @@ from proxy import framing
 from proxy.headers import DENIED_REASON, BadPath, normalize_target
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed
+from proxy.pool import Pool
 from proxy.retry import GRPC_RETRY_STATUSES, MAX_REPLAY_BODY, RETRY_STATUSES, Failure, backoff
 
 log = logging.getLogger("sidemesh.proxy.http2")
@@ -232,6 +233,21 @@ class _Up(_Side):
         self.last_stream_id: int | None = None  # from the GOAWAY: streams above were not processed
         self.limit: int | None = None  # streams open when h2 refused one more (our count drifted)
         self.settled = False  # the peer's SETTINGS (its MAX_CONCURRENT_STREAMS) arrived
+        self.pooling = False  # its app connection is over: its reader stops, the pipe stays open
+
+    def reusable(self) -> bool:
+        """Fit for the next app connection: nothing in flight or odd, and nothing unread."""
+        return (
+            not self.streams
+            and not self.closing
+            and self.settled
+            and self.limit is None
+            and self.task is not None
+            and self.pipe.usable
+        )
+
+    def release(self) -> None:
+        """Dropped from the pool (``proxy.pool.Reusable``): nothing to let go of."""
 
     def has_room(self) -> bool:
         transport = self.pipe.transport
@@ -287,8 +303,10 @@ class H2Proxy:
         start_span: Callable[[RequestInfo], RequestSpan],
         info: dict[str, object],
         router: StreamRouter | None = None,
+        pool: Pool[_Up] | None = None,
     ) -> None:
         self.down = _Side(down, client=False)
+        self.pool = pool  # where upstream connections go when this connection ends, and come from
         if router is None:
             if authorize is None or connect_app is None:
                 raise TypeError("H2Proxy needs a router, or authorize and connect_app")
@@ -351,16 +369,31 @@ class H2Proxy:
     async def _close(self) -> None:
         self.closed = True
         for stream in list(self.streams.values()):
+            # The caller is gone: its streams still open upstream are cancelled (the connection,
+            # which may go on in the pool, does not end them). (_finish resets those whose request
+            # was still being sent.)
+            if stream.up is not None and stream.up_id is not None and stream.ended_up:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    stream.up.conn.reset_stream(stream.up_id, h2.errors.ErrorCodes.CANCEL)
             self._finish(stream, error="connection closed")
+        ups = [up for ups in self.ups.values() for up in ups]
+        if self.pool is not None and not self.pool.closed:
+            for up in ups:  # (its streams were reset just now: the resets go out first)
+                up.pooling = up.reusable()
+                if up.pooling:
+                    up.try_flush()
         tasks: list[asyncio.Task[None] | asyncio.Task[_Up]] = list(self._connecting.values())
-        tasks += [up.task for ups in self.ups.values() for up in ups if up.task is not None]
+        tasks += [up.task for up in ups if up.task is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for ups in self.ups.values():
-            for up in ups:
+        for up in ups:
+            if up.pooling and self.pool is not None:
+                up.task = None
+                self.pool.put(up.key, up.pipe, up)  # (closed there if unfit by now)
+            else:
                 up.pipe.close()
         self.down.pipe.close()
 
@@ -559,12 +592,19 @@ class H2Proxy:
             task.exception()  # retrieved: every waiter has it (or none is left to care)
 
     async def _open(self, target: Target) -> _Up:
-        pipe = await target.connect()
-        if self.closed:
-            pipe.close()
-            raise PipeClosed("the downstream connection is closed")
-        up = _Up(pipe, target.key)
-        up.flush()
+        idle = self.pool.take(target.key) if self.pool is not None else None
+        if idle is not None:  # an earlier app connection's: no connect, no handshake
+            up = idle[1]
+            up.pooling = False
+        else:
+            pipe = await target.connect()
+            if self.closed:
+                pipe.close()
+                raise PipeClosed("the downstream connection is closed")
+            if self.pool is not None:
+                self.pool.opened += 1
+            up = _Up(pipe, target.key)
+            up.flush()
         self.ups.setdefault(target.key, []).append(up)
         up.task = asyncio.create_task(self._up_loop(up))
         return up
@@ -708,15 +748,16 @@ class H2Proxy:
         except (PipeClosed, ConnectionError, h2.exceptions.ProtocolError) as exc:
             log.info("HTTP/2 connection upstream failed", extra={**self.info, "reason": str(exc)})
         finally:
-            up.closing = True
             ups = self.ups.get(up.key, [])
             if up in ups:
                 ups.remove(up)
-            for sid, stream in list(up.streams.items()):  # in flight on the lost connection
-                self._lost(up, sid, stream)
-            with contextlib.suppress(PipeClosed):
-                self._flush_now()
-            up.pipe.close()
+            if not up.pooling:  # (else stopped to go to the pool by ``_close``: it stays open)
+                up.closing = True
+                for sid, stream in list(up.streams.items()):  # in flight on the lost connection
+                    self._lost(up, sid, stream)
+                with contextlib.suppress(PipeClosed):
+                    self._flush_now()
+                up.pipe.close()
 
     def _lost(self, up: _Up, sid: int, stream: _Stream) -> None:
         """``up`` failed or went away under the stream: an attempt without a response head may be

@@ -1,9 +1,10 @@
 """Pooled upstream connections for the HTTP layer: keep-alive connections to the app (inbound), and
 mTLS connections to other sidecars (outbound), so a request pays no connect and no handshake.
 
-A connection goes back to the pool only between requests (both messages complete, keep-alive) and
-is dropped when the other side has closed it, when the pool for its key is full, or when the
-sidecar drains.
+A connection goes back to the pool only between requests (HTTP/1.1: both messages complete,
+keep-alive; HTTP/2: no stream open, see ``proxy.http2``) and is dropped when the other side has
+closed it or sent anything meanwhile, when the pool for its key is full, or when the sidecar
+drains. HTTP/1.1 connections (`pool_of`) and HTTP/2 ones (`h2_pool_of`) have a pool each.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import socket
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from proxy import framing, h1
 from proxy.dial import DialError, dial_sidecar
@@ -30,18 +31,26 @@ class ConnectError(Exception):
     """No connection could be made (the reason is the message)."""
 
 
-Idle = tuple[Pipe, h1.Connection]
+class Reusable(Protocol):
+    def release(self) -> None:
+        """Dropped from the pool (its pipe is closed): let go of what it holds."""
+        ...
 
 
-class Pool:
+C = TypeVar("C", bound=Reusable)
+
+
+class Pool(Generic[C]):
+    """Idle connections by key: each a pipe and its protocol state (``C``)."""
+
     def __init__(self, max_idle: int = MAX_IDLE_PER_KEY) -> None:
         self.max_idle = max_idle
-        self._idle: dict[object, deque[Idle]] = {}
+        self._idle: dict[object, deque[tuple[Pipe, C]]] = {}
         self.closed = False
         self.opened = 0  # connections made (tests and the admin page)
         self.reused = 0
 
-    def take(self, key: object) -> Idle | None:
+    def take(self, key: object) -> tuple[Pipe, C] | None:
         idle = self._idle.get(key)
         while idle:
             pipe, conn = idle.pop()  # the most recently used: warmest, least likely closed
@@ -52,7 +61,7 @@ class Pool:
             conn.release()
         return None
 
-    def put(self, key: object, pipe: Pipe, conn: h1.Connection) -> None:
+    def put(self, key: object, pipe: Pipe, conn: C) -> None:
         idle = self._idle.setdefault(key, deque())
         if self.closed or not pipe.usable or len(idle) >= self.max_idle:
             pipe.close()
@@ -73,14 +82,30 @@ class Pool:
         self._idle.clear()
 
 
-_pools: weakref.WeakKeyDictionary[Sidecar, Pool] = weakref.WeakKeyDictionary()
+_pools: weakref.WeakKeyDictionary[Sidecar, Pool[h1.Connection]] = weakref.WeakKeyDictionary()
+_h2_pools: weakref.WeakKeyDictionary[Sidecar, Pool[Any]] = weakref.WeakKeyDictionary()
 
 
-def pool_of(sc: Sidecar) -> Pool:
+def pool_of(sc: Sidecar) -> Pool[h1.Connection]:
+    """The sidecar's idle HTTP/1.1 connections (to the app, and to other sidecars)."""
     pool = _pools.get(sc)
     if pool is None:
         pool = _pools[sc] = Pool()
     return pool
+
+
+def h2_pool_of(sc: Sidecar) -> Pool[Any]:
+    """The sidecar's idle HTTP/2 connections to other sidecars (``proxy.http2._Up``): those an app
+    connection no longer needs, for the next one, so its first stream pays no handshake."""
+    pool = _h2_pools.get(sc)
+    if pool is None:
+        pool = _h2_pools[sc] = Pool()
+    return pool
+
+
+def close_pools(sc: Sidecar) -> None:
+    pool_of(sc).close()
+    h2_pool_of(sc).close()
 
 
 async def connect_app(sc: Sidecar, port: int) -> Pipe:

@@ -440,7 +440,7 @@ class Sidecar:
             await asyncio.wait(late, timeout=LATE_GRACE_S)
             for relay in list(self.relays):
                 relay.fail("drain timeout")
-        pool.pool_of(self).close()  # idle HTTP connections to the app and to other sidecars
+        pool.close_pools(self)  # idle HTTP connections to the app and to other sidecars
         for server in self._servers:
             await server.stop()
         await self.identity.stop()

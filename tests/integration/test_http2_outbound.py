@@ -25,6 +25,8 @@ import pytest
 from grpc.aio import EOF  # type: ignore[attr-defined]
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
+from proxy import pool
+from proxy.pool import Pool
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import Mesh, free_net
 from tests.support.otlp import ReceivedSpan, Receiver
@@ -91,6 +93,7 @@ class Server:
         self.delay = delay
         self.fail = fail
         self.hits = 0
+        self.answered = 0  # unary calls answered (not cancelled while waiting ``delay``)
         self.sizes: list[int] = []  # of the unary requests
         self.traceparents: list[str] = []
         self.trace_metadata: list[list[tuple[str, str]]] = []  # every trace header, as received
@@ -125,6 +128,7 @@ class Server:
             self.fail -= 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is down")
         context.set_trailing_metadata((("x-served-by", self.name),))
+        self.answered += 1
         return self.name.encode() + b":" + request
 
     async def bidi(
@@ -295,6 +299,79 @@ async def test_the_service_timeout_answers_deadline_exceeded(mesh: Mesh, carts: 
         assert time.monotonic() - began < 1.5
         slow.delay = 0.0
         assert await unary(ch)(b"y") == b"slow:y"  # the same connection goes on
+
+
+async def pooled(p: Pool[Any], n: int = 1) -> None:
+    """Until ``n`` connections are idle in ``p`` (an app connection's end reaches the sidecar a
+    moment after the client closed it)."""
+    for _ in range(200):
+        if p.idle_count() >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{p.idle_count()} idle connections, not {n}")
+
+
+async def test_the_next_app_connection_takes_the_last_ones_connection_to_the_endpoint(
+    mesh: Mesh, carts: Carts
+) -> None:
+    """Three channels one after the other: one mTLS connection between the sidecars, made once."""
+    await carts.start((CART1, Server("a")), two=False)
+    h2_pool = pool.h2_pool_of(mesh.sidecars["frontend"])
+    for i in range(3):
+        async with channel(mesh) as ch:
+            assert await unary(ch)(f"{i}".encode()) == f"a:{i}".encode()
+        await pooled(h2_pool)
+    assert (h2_pool.opened, h2_pool.reused, h2_pool.idle_count()) == (1, 2, 1)
+
+
+async def test_a_pooled_connection_its_endpoint_closed_is_not_used(mesh: Mesh, carts: Carts) -> None:
+    await carts.start((CART1, Server("a")), two=False)
+    h2_pool = pool.h2_pool_of(mesh.sidecars["frontend"])
+    async with channel(mesh) as ch:
+        assert await unary(ch)(b"1") == b"a:1"
+    await pooled(h2_pool)
+    await mesh.sidecars["carta"].drain(timeout=0)  # the cart's sidecar restarts: its connections close
+    await mesh.sidecar("carta", CART1, identity_of="cart")
+    await asyncio.sleep(0.2)  # (the close reaches the frontend's sidecar)
+    async with channel(mesh) as ch:
+        assert await unary(ch)(b"2") == b"a:2"
+    assert (h2_pool.opened, h2_pool.reused) == (2, 0)
+
+
+async def test_an_app_connection_closed_during_a_call_cancels_it_and_leaves_a_usable_pool(
+    mesh: Mesh, carts: Carts
+) -> None:
+    """The call in flight is cancelled upstream (the app's server never answers it), though the
+    connection it rode may go on in the pool; the next channels' calls all succeed."""
+    slow = Server("slow", delay=0.5)
+    await carts.start((CART1, slow), two=False)
+    h2_pool = pool.h2_pool_of(mesh.sidecars["frontend"])
+    _, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    head = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "cart.shop"),
+        (":path", "/test.Echo/Unary"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    conn.send_headers(1, head)
+    conn.send_data(1, b"\x00\x00\x00\x00\x01x", end_stream=True)
+    writer.write(conn.data_to_send())
+    for _ in range(500):
+        if slow.hits:
+            break
+        await asyncio.sleep(0.01)
+    writer.close()  # with the call in flight
+    await pooled(h2_pool)
+    await asyncio.sleep(0.7)  # past the server's delay: an answer would have come by now
+    assert (slow.hits, slow.answered) == (1, 0)
+    for i in range(3):
+        async with channel(mesh) as ch:
+            assert await unary(ch)(f"{i}".encode()) == f"slow:{i}".encode()
+    assert h2_pool.opened + h2_pool.reused == 4
 
 
 async def test_losing_one_endpoint_fails_only_its_streams(mesh: Mesh, carts: Carts) -> None:
