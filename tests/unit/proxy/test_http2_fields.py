@@ -1,0 +1,114 @@
+"""Header fields the HTTP/2 proxy sends with h2's outbound normalizing off: its own (a denial's
+reason) must be valid as they are, and received ones keep or gain their never-indexed mark."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
+
+from proxy import http2
+from proxy.observe import NullObserver
+from proxy.pipe import Pipe
+
+# A denial as sidemesh/policy/evaluate.py words it, with enough policies that the 512-byte cut
+# falls right after a ", ": the value would end in a space, which h2 refuses as a connection error.
+def _reason(pad: int) -> str:
+    refs = ["shop/policy-" + "a" * pad, *(f"shop/policy-{i:03d}" for i in range(60))]
+    return "no rule of " + ", ".join(refs) + " allows it"
+
+
+REASON = next(r for r in map(_reason, range(40)) if r[511] == " ")
+
+
+def test_field_value_is_ascii_without_controls_or_surrounding_whitespace() -> None:
+    assert http2._field_value(REASON).endswith(b",")
+    assert len(http2._field_value(REASON)) == 511
+    assert http2._field_value(" a\r\nb\x00c\u00e9 ") == b"a  b c?"
+    assert len(http2._field_value("y" * 900)) == 512
+
+
+async def denied_by_the_proxy(grpc: bool) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """One request to an inbound H2Proxy that denies it with REASON, read by a default h2 client:
+    the response (or trailers-only) head, and whether the connection is still usable after it."""
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    pipe = Pipe(framed=False, name="down")
+    await loop.connect_accepted_socket(lambda: pipe, a)
+
+    async def no_app() -> Pipe:
+        raise AssertionError("a denied stream never reaches the app")
+
+    proxy = http2.H2Proxy(
+        pipe, lambda m, p: http2.Denial(403, REASON, "shop/x"), no_app, NullObserver().start, {}
+    )
+    server = asyncio.create_task(proxy.run(idle_timeout=5))
+    reader, writer = await asyncio.open_connection(sock=b)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    head = [(":method", "POST"), (":scheme", "http"), (":authority", "cart"), (":path", "/a.B/C")]
+    if grpc:
+        head += [("content-type", "application/grpc"), ("te", "trailers")]
+    try:
+        got: list[tuple[bytes, bytes]] = []
+        for sid in (1, 3):  # the second request: the connection survived the first answer
+            client.send_headers(sid, head, end_stream=True)
+            writer.write(client.data_to_send())
+            while True:
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                assert data, "the proxy closed the connection"
+                events = client.receive_data(data)  # raises ProtocolError on an invalid field
+                writer.write(client.data_to_send())
+                heads = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+                if heads:
+                    got = [(bytes(n), bytes(v)) for n, v in heads[0].headers]
+                    break
+        return got, True
+    finally:
+        writer.close()
+        server.cancel()
+        with contextlib.suppress(BaseException):
+            await server
+
+
+@pytest.mark.parametrize("grpc", [True, False])
+async def test_a_long_denial_reason_is_a_valid_field_and_the_connection_lives_on(grpc: bool) -> None:
+    head, alive = await denied_by_the_proxy(grpc)
+    fields = dict(head)
+    assert alive
+    assert fields[b"sidemesh-denied-reason"] == REASON.encode()[:511]
+    if grpc:
+        assert fields[b"grpc-status"] == b"7" and fields[b"grpc-message"] == REASON.encode()[:511]
+    else:
+        assert fields[b":status"] == b"403"
+
+
+def test_received_fields_keep_their_mark_and_credentials_gain_one() -> None:
+    out = http2._headers(
+        [
+            HeaderTuple(b":path", b"/"),
+            NeverIndexedHeaderTuple(b"x-secret", b"s"),
+            HeaderTuple(b"authorization", b"Bearer t"),
+            HeaderTuple(b"proxy-authorization", b"Basic x"),
+            HeaderTuple(b"cookie", b"short=1"),
+            HeaderTuple(b"x-plain", b"p"),
+        ]
+    )
+    never = [h[0] for h in out if isinstance(h, NeverIndexedHeaderTuple)]
+    assert never == [b"x-secret", b"authorization", b"proxy-authorization", b"cookie"]
+    assert [(bytes(n), bytes(v)) for n, v in out] == [
+        (b":path", b"/"),
+        (b"x-secret", b"s"),
+        (b"authorization", b"Bearer t"),
+        (b"proxy-authorization", b"Basic x"),
+        (b"cookie", b"short=1"),
+        (b"x-plain", b"p"),
+    ]
