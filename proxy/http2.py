@@ -748,6 +748,7 @@ class H2Proxy:
     # -- upstream (the app, an endpoint) ------------------------------------------------------
 
     async def _up_loop(self, up: _Up) -> None:
+        app_gone = False
         try:
             while data := await up.pipe.read():
                 for event in up.conn.receive_data(data):
@@ -755,14 +756,20 @@ class H2Proxy:
                         self._on_up(up, event)
                 up.flush()
                 self._flush_now()
-                await self.down.pipe.drain()
+                try:
+                    await self.down.pipe.drain()
+                except (PipeClosed, ConnectionError):
+                    # The app's connection is gone, not this one: ``run`` ends and ``_close``
+                    # decides what becomes of it (the pool, or closed).
+                    app_gone = True
+                    return
         except (PipeClosed, ConnectionError, h2.exceptions.ProtocolError) as exc:
             log.info("HTTP/2 connection upstream failed", extra={**self.info, "reason": str(exc)})
         finally:
             ups = self.ups.get(up.key, [])
-            if up in ups:
+            if up in ups and not app_gone:
                 ups.remove(up)
-            if not up.pooling:  # (else stopped to go to the pool by ``_close``: it stays open)
+            if not (up.pooling or app_gone):  # (pooling: stopped by ``_close``, it stays open)
                 up.closing = True
                 for sid, stream in list(up.streams.items()):  # in flight on the lost connection
                     self._lost(up, sid, stream)

@@ -95,8 +95,9 @@ def pool_of(sc: Sidecar) -> Pool[h1.Connection]:
 
 
 def h2_pool_of(sc: Sidecar) -> Pool[Any]:
-    """The sidecar's idle HTTP/2 connections to other sidecars (``proxy.http2._Up``): those an app
-    connection no longer needs, for the next one, so its first stream pays no handshake."""
+    """The sidecar's idle upstream HTTP/2 connections (``proxy.http2._Up``; to other sidecars, or
+    plain to endpoints outside the mesh): those an app connection no longer needs, for the next
+    one, so its first stream pays no connect and no handshake."""
     pool = _h2_pools.get(sc)
     if pool is None:
         pool = _h2_pools[sc] = Pool()

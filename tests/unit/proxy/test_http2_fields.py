@@ -17,6 +17,7 @@ from proxy import http2
 from proxy.observe import NullObserver
 from proxy.pipe import Pipe
 
+
 # A denial as sidemesh/policy/evaluate.py words it, with enough policies that the 512-byte cut
 # falls right after a ", ": the value would end in a space, which h2 refuses as a connection error.
 def _reason(pad: int) -> str:
