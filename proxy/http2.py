@@ -234,6 +234,8 @@ class _Up(_Side):
         self.limit: int | None = None  # streams open when h2 refused one more (our count drifted)
         self.settled = False  # the peer's SETTINGS (its MAX_CONCURRENT_STREAMS) arrived
         self.pooling = False  # its app connection is over: its reader stops, the pipe stays open
+        self.reused = False  # taken from the pool
+        self.heard = True  # something came from the peer since (False: nothing since it was taken)
 
     def reusable(self) -> bool:
         """Fit for the next app connection: nothing in flight or odd, and nothing unread."""
@@ -607,6 +609,7 @@ class H2Proxy:
         if idle is not None:  # an earlier app connection's: no connect, no handshake
             up = idle[1]
             up.pooling = False
+            up.reused, up.heard = True, False
         else:
             pipe = await target.connect()
             if self.closed:
@@ -751,6 +754,7 @@ class H2Proxy:
         app_gone = False
         try:
             while data := await up.pipe.read():
+                up.heard = True
                 for event in up.conn.receive_data(data):
                     with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset meanwhile
                         self._on_up(up, event)
@@ -779,7 +783,10 @@ class H2Proxy:
 
     def _lost(self, up: _Up, sid: int, stream: _Stream) -> None:
         """``up`` failed or went away under the stream: an attempt without a response head may be
-        retried (not processed at all, by the GOAWAY: whatever its method)."""
+        retried (not processed at all, by the GOAWAY: whatever its method). A connection taken from
+        the pool that failed before the peer sent anything counts as never reached, as HTTP/1.1's
+        pool does: the peer most likely closed it while it was idle (a crash, no GOAWAY), its
+        close crossing the streams."""
         if stream.responded or self.closed:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.down.conn.reset_stream(stream.down_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
@@ -789,6 +796,7 @@ class H2Proxy:
             (up.last_stream_id is not None and sid > up.last_stream_id)
             or not up.settled  # the peer never spoke HTTP/2 (its SETTINGS come first)
             or any(kind == framing.DENY for kind, _ in up.pipe.control)  # the sidecar refused
+            or (up.reused and not up.heard)
         )
         self._failed(stream, Failure.CONNECT if unprocessed else Failure.RESET, "connection lost", sent=True)
 

@@ -17,7 +17,7 @@ from proxy.http2 import H2Proxy, Target
 from proxy.observe import NullObserver, RequestInfo
 from proxy.pipe import Pipe
 from proxy.pool import Pool
-from proxy.retry import Failure
+from proxy.retry import Failure, RoutePolicy, retryable
 
 
 class Upstream:
@@ -56,12 +56,13 @@ class Upstream:
 
 
 class Router:
-    """Every stream to the upstream on ``port``, plain HTTP/2; no retries."""
+    """Every stream to the upstream on ``port``, plain HTTP/2; retries as a Service without a retry
+    policy has them (only streams the upstream never got)."""
 
     direction = "outbound"
     source = None
     service = "up"
-    retries = False
+    retries = True
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -83,8 +84,50 @@ class Router:
     def release(self, target: Target, ok: bool) -> None:
         pass
 
-    def may_retry(self, method: str, failure: Failure | None, attempt: int, *_: object) -> bool:
-        return False
+    def may_retry(
+        self,
+        method: str,
+        failure: Failure | None,
+        attempt: int,
+        status: int | None = None,
+        grpc: int | None = None,
+    ) -> bool:
+        policy = RoutePolicy()
+        return attempt < policy.retries_for(failure) and retryable(method, status, failure, policy, grpc)
+
+
+async def start_proxy(
+    port: int, pool: Pool[object]
+) -> tuple[H2Proxy, asyncio.Task[None], socket.socket, Pipe]:
+    """An H2Proxy on one end of a socket pair (the app's connection) and running: the other end."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    down = Pipe(framed=False, name="app")
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: down, a)
+    proxy = H2Proxy(down, None, None, NullObserver().start, {}, router=Router(port), pool=pool)  # type: ignore[arg-type]
+    return proxy, asyncio.create_task(proxy.run(30)), b, down
+
+
+async def call(app_sock: socket.socket, method: str = "GET") -> int:
+    """One request on a new HTTP/2 connection from the app's end: the response's status."""
+    reader, writer = await asyncio.open_connection(sock=app_sock)
+    app = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    app.initiate_connection()
+    head = [(":method", method), (":scheme", "http"), (":authority", "up"), (":path", "/a.B/C")]
+    app.send_headers(1, head, end_stream=True)
+    writer.write(app.data_to_send())
+    try:
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "the proxy closed the app's connection"
+            for event in app.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    return int(dict(event.headers)[b":status"])
+                assert not isinstance(event, h2.events.StreamReset), event
+            writer.write(app.data_to_send())
+    finally:
+        writer.close()
 
 
 async def test_the_apps_connection_lost_while_an_answer_comes_leaves_the_upstream_one_to_the_pool(
@@ -97,12 +140,8 @@ async def test_the_apps_connection_lost_while_an_answer_comes_leaves_the_upstrea
     up = Upstream(delay=0.2)
     port = await up.start()
     pool: Pool[object] = Pool()
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    down = Pipe(framed=False, name="app")
-    await asyncio.get_running_loop().connect_accepted_socket(lambda: down, a)
-    proxy = H2Proxy(down, None, None, NullObserver().start, {}, router=Router(port), pool=pool)  # type: ignore[arg-type]
-    run = asyncio.create_task(proxy.run(30))
+    _, run, b, down = await start_proxy(port, pool)
+    b.setblocking(True)
     app = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     app.initiate_connection()
     app.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "up"), (":path", "/")], True)
@@ -123,3 +162,33 @@ async def test_the_apps_connection_lost_while_an_answer_comes_leaves_the_upstrea
     up.server.close()
     await up.server.wait_closed()  # (its connection's handler ends with the pooled connection)
     await asyncio.sleep(0.05)  # the transports finish closing in this loop, not in the next test's
+
+
+async def test_a_pooled_connection_whose_peer_closes_as_it_is_taken_costs_no_call() -> None:
+    """The peer closes (no GOAWAY: a crash) an idle pooled connection just as the next app
+    connection sends a POST on it; the close crosses the stream. As with HTTP/1.1's pool, the
+    stream counts as never reached and goes once more on a fresh connection."""
+    up = Upstream(delay=0)
+    port = await up.start()
+    pool: Pool[object] = Pool()
+    _, run, app_sock, _ = await start_proxy(port, pool)
+    assert await call(app_sock) == 200
+    await asyncio.wait_for(run, 5)
+    assert pool.idle_count() == 1
+    pipe, pooled = pool._idle[("plain", port)][-1]
+    flush = pooled.try_flush
+
+    def flush_then_the_peer_is_gone() -> None:  # what the next stream's HEADERS meet
+        flush()
+        pipe.flush()
+        asyncio.get_running_loop().call_soon(pipe.eof_received)
+
+    pooled.try_flush = flush_then_the_peer_is_gone  # type: ignore[method-assign]
+    _, run, app_sock, _ = await start_proxy(port, pool)
+    assert await call(app_sock, "POST") == 200
+    await asyncio.wait_for(run, 5)
+    assert (pool.opened, pool.reused) == (2, 1)
+    pool.close()
+    up.server.close()
+    await up.server.wait_closed()
+    await asyncio.sleep(0.05)
