@@ -605,9 +605,10 @@ ALLOW_GET = ALLOW_HTTP.format(name="cart-get", method="GET", path="/h2/*")
 class H2App:
     """A plain HTTP/2 app (h2, not gRPC): answers every request ``status`` with its name as body."""
 
-    def __init__(self, name: str, status: int) -> None:
+    def __init__(self, name: str, status: int, extra: Sequence[Any] = ()) -> None:
         self.name = name
         self.status = status
+        self.extra = list(extra)  # more response header fields, as given to h2
         self.hits = 0
         self.heads: list[list[Any]] = []  # each request's header block, as hpack's tuples
 
@@ -626,7 +627,7 @@ class H2App:
                     elif isinstance(event, h2.events.StreamEnded):
                         self.hits += 1
                         head = [(":status", str(self.status)), ("content-length", str(len(body)))]
-                        conn.send_headers(event.stream_id, head)
+                        conn.send_headers(event.stream_id, head + self.extra)
                         conn.send_data(event.stream_id, body, end_stream=True)
                 writer.write(conn.data_to_send())
                 await writer.drain()
@@ -637,10 +638,15 @@ class H2App:
 
 
 async def h2_gets(
-    host: str, port: int, paths: list[str], extra: Sequence[tuple[bytes, bytes]] = ()
+    host: str,
+    port: int,
+    paths: list[str],
+    extra: Sequence[tuple[bytes, bytes]] = (),
+    heads: list[list[Any]] | None = None,
 ) -> list[tuple[int, bytes]]:
     """GET each path, all at once on one HTTP/2 connection (``extra``: more request headers, as
-    they are given to h2): (status, body) of each."""
+    they are given to h2): (status, body) of each; ``heads`` gets each response head as hpack's
+    tuples."""
     reader, writer = await asyncio.open_connection(host, port)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
@@ -665,6 +671,8 @@ async def h2_gets(
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.ResponseReceived):
                     statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                    if heads is not None:
+                        heads.append(list(event.headers))
                 elif isinstance(event, h2.events.DataReceived):
                     bodies[event.stream_id] += event.data
                     conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -697,12 +705,12 @@ async def test_an_http2_get_answered_503_goes_to_the_other_endpoint(mesh: Mesh) 
 
 
 async def test_never_indexed_fields_reach_the_app_never_indexed(mesh: Mesh) -> None:
-    """RFC 7541 section 7.1.3: a field the client sent never-indexed goes on never-indexed through
-    both sidecars; credentials become never-indexed even when sent plain (as h2 and nghttp2 do);
+    """RFC 7541 section 7.1.3: a field the client (or the app, in its response) sent never-indexed
+    goes on never-indexed through both sidecars; credentials become never-indexed even when sent plain (as h2 and nghttp2 do);
     other fields stay indexable."""
     write_mesh(mesh, two=False)
     mesh.write("allow-get.yaml", ALLOW_GET)
-    app = H2App("ok", 200)
+    app = H2App("ok", 200, [NeverIndexedHeaderTuple(b"x-token", b"t0k"), (b"x-plain", b"p")])
     await mesh.app(CART1, app.handle, APP)
     await mesh.sidecar("carta", CART1, identity_of="cart")
     await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
@@ -712,7 +720,8 @@ async def test_never_indexed_fields_reach_the_app_never_indexed(mesh: Mesh) -> N
         (b"cookie", b"id=1"),
         (b"x-plain", b"p"),
     ]
-    assert await h2_gets(mesh.addr(FRONTEND), OUT, ["/h2/a", "/h2/b"], extra) == [(200, b"ok")] * 2
+    responses: list[list[Any]] = []
+    assert await h2_gets(mesh.addr(FRONTEND), OUT, ["/h2/a", "/h2/b"], extra, responses) == [(200, b"ok")] * 2
     assert len(app.heads) == 2
     for head in app.heads:
         fields = {bytes(h[0]): h for h in head}
@@ -720,6 +729,11 @@ async def test_never_indexed_fields_reach_the_app_never_indexed(mesh: Mesh) -> N
             assert isinstance(fields[name], NeverIndexedHeaderTuple), (name, type(fields[name]))
         assert isinstance(fields[b"x-plain"], HeaderTuple) and fields[b"x-plain"].indexable
         assert fields[b"x-secret"][1] == b"s3cret" and fields[b"authorization"][1] == b"Bearer abc"
+    assert len(responses) == 2  # and the other way, the app's response through both sidecars
+    for head in responses:
+        fields = {bytes(h[0]): h for h in head}
+        assert isinstance(fields[b"x-token"], NeverIndexedHeaderTuple) and fields[b"x-token"][1] == b"t0k"
+        assert isinstance(fields[b"x-plain"], HeaderTuple) and fields[b"x-plain"].indexable
 
 
 async def test_a_retried_call_gives_one_client_span_with_its_retries(
