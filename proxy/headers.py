@@ -29,6 +29,15 @@ HOP_BY_HOP = frozenset(
 # the next request (request smuggling), or a request without a Host.
 NOT_NOMINATED = frozenset({b"content-length", b"transfer-encoding", b"host"})
 DENIED_REASON = b"sidemesh-denied-reason"  # why the sidecar answered itself (403, 502, 503, 504)
+_CONTROL = bytes(range(32)) + b"\x7f"
+_AS_SPACES = bytes.maketrans(_CONTROL, b" " * len(_CONTROL))
+
+
+def field_value(text: str, limit: int = 512) -> bytes:
+    """Text of ours (a denial's reason) as a header field value: ASCII, control characters as
+    spaces, at most ``limit`` bytes, no surrounding whitespace (RFC 9110 5.5; HTTP/2 peers refuse
+    such a value as a connection error, and nothing normalizes what the sidecar sends)."""
+    return text.encode("ascii", "replace").translate(_AS_SPACES)[:limit].strip(b" ")
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:

@@ -21,6 +21,7 @@ from proxy import h1
 from proxy.headers import (
     DENIED_REASON,
     BadPath,
+    field_value,
     forwarded,
     header,
     is_upgrade,
@@ -163,7 +164,7 @@ def _local_response(local: Local, close: bool) -> list[h1.Event]:
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
-        (DENIED_REASON, local.reason.encode("ascii", "replace")[:512]),
+        (DENIED_REASON, field_value(local.reason)),
     ]
     if close:
         headers.append((b"connection", b"close"))

@@ -42,7 +42,7 @@ import h2.exceptions
 from hpack import NeverIndexedHeaderTuple
 
 from proxy import framing
-from proxy.headers import DENIED_REASON, BadPath, normalize_target
+from proxy.headers import DENIED_REASON, BadPath, field_value, normalize_target
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed
 from proxy.pool import Pool
@@ -285,17 +285,6 @@ def _headers(raw: list[Any]) -> list[Header]:  # hpack's tuples (h2 types them l
     return out
 
 
-_CONTROL = bytes(range(32)) + b"\x7f"
-_AS_SPACES = bytes.maketrans(_CONTROL, b" " * len(_CONTROL))
-
-
-def _field_value(text: str, limit: int = 512) -> bytes:
-    """Text of ours as a header field value: ASCII, control characters as spaces, at most ``limit``
-    bytes, no surrounding whitespace (RFC 9110 5.5; h2 refuses such a value as a connection error,
-    and nothing normalizes what the sidecar sends)."""
-    return text.encode("ascii", "replace").translate(_AS_SPACES)[:limit].strip(b" ")
-
-
 def _grpc_status_of(headers: list[Header]) -> int | None:
     status = None
     for n, v in headers:
@@ -497,7 +486,7 @@ class H2Proxy:
 
     def _deny(self, stream: _Stream, denial: Denial) -> None:
         """Answer the stream here (before any response head went down) and end it."""
-        reason = _field_value(denial.reason)
+        reason = field_value(denial.reason)
         r = stream.result
         r.decision, r.reason, r.policy = denial.decision, denial.reason, denial.policy
         if denial.error is not None:
