@@ -54,9 +54,13 @@ class SigningAuthority:
         encode = lambda c: c.public_bytes(serialization.Encoding.PEM).decode()  # noqa: E731
         object.__setattr__(self, "chain_pem", tuple(map(encode, self.chain)))
         object.__setattr__(self, "bundle_pem", tuple(map(encode, self.roots)))
-        object.__setattr__(
-            self, "not_after_limit", min(c.not_valid_after_utc for c in (self.cert, *self.chain))
-        )
+        # The root the chain ends at counts too: an operator's intermediate may outlive its root.
+        top = self.chain[-1] if self.chain else self.cert
+        issuing_roots = [r for r in self.roots if r == top or _issued_by(top, r)]
+        ends = [c.not_valid_after_utc for c in (self.cert, *self.chain)]
+        if issuing_roots:
+            ends.append(max(r.not_valid_after_utc for r in issuing_roots))
+        object.__setattr__(self, "not_after_limit", min(ends))
         try:
             template = LeafTemplate.for_issuer(self.cert, self.key, self.chain)
         except (TemplateMismatch, ValueError, TypeError) as exc:

@@ -43,7 +43,7 @@ def _ca_extensions(
         builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True,
+                digital_signature=False,  # X509-SVID appendix A: set if and only if the SVID is a leaf
                 content_commitment=False,
                 key_encipherment=False,
                 data_encipherment=False,

@@ -12,10 +12,11 @@ SCHEME = "spiffe://"
 MAX_ID_LENGTH = 2048
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 
-_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]+$")
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+# fullmatch, never match with "$": "$" also matches before a final newline.
+_TRUST_DOMAIN_RE = re.compile(r"[a-z0-9._-]+")
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]+")
 # Kubernetes names: namespaces and service accounts are DNS-1123 labels / subdomains.
-_K8S_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_K8S_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 
 
 class SpiffeIdError(ValueError):
@@ -27,7 +28,7 @@ def validate_trust_domain(name: str) -> str:
         raise SpiffeIdError("trust domain is empty")
     if len(name) > 255:
         raise SpiffeIdError("trust domain is longer than 255 characters")
-    if not _TRUST_DOMAIN_RE.match(name):
+    if not _TRUST_DOMAIN_RE.fullmatch(name):
         raise SpiffeIdError(
             f"trust domain {name!r} may contain only lowercase letters, digits, '.', '-' and '_'"
         )
@@ -57,7 +58,7 @@ class SpiffeId:
             for segment in path[1:].split("/"):
                 if segment in ("", ".", ".."):
                     raise SpiffeIdError(f"{uri!r}: empty, '.' or '..' path segment")
-                if not _SEGMENT_RE.match(segment):
+                if not _SEGMENT_RE.fullmatch(segment):
                     raise SpiffeIdError(f"{uri!r}: path segment {segment!r} has a forbidden character")
         return cls(td, path)
 
@@ -74,7 +75,7 @@ class WorkloadId:
 
     def __post_init__(self) -> None:
         for what, value in (("namespace", self.namespace), ("service account", self.service_account)):
-            if not value or len(value) > 253 or not _K8S_NAME_RE.match(value):
+            if not value or len(value) > 253 or not _K8S_NAME_RE.fullmatch(value):
                 raise SpiffeIdError(f"{what} {value!r} is not a valid Kubernetes name")
 
     def spiffe_id(self, trust_domain: str) -> SpiffeId:

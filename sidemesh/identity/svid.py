@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sidemesh.spiffe import SpiffeId
+from sidemesh.spiffe import SpiffeId, SpiffeIdError
 
 
 class SvidError(ValueError):
@@ -42,15 +42,36 @@ def make_csr(key: ec.EllipticCurvePrivateKey, spiffe_id: SpiffeId, dns_names: tu
 
 
 def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
-    """The SPIFFE ID of an X.509-SVID: its one URI SAN."""
+    """The SPIFFE ID of a leaf X.509-SVID, validated as the X509-SVID standard's leaf validation
+    (section 5.2) says: not a CA, no keyCertSign or cRLSign, exactly one URI SAN, a SPIFFE ID with
+    a path below the trust domain. The chain itself is the TLS library's to verify."""
+    extensions = cert.extensions
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        if extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise SvidError("certificate is a CA (basicConstraints CA:true), not a leaf SVID")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        if usage.key_cert_sign or usage.crl_sign:
+            raise SvidError("a leaf SVID must not have keyCertSign or cRLSign in its key usage")
+    try:
+        san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise SvidError("certificate has no subjectAltName") from None
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
         raise SvidError(f"an X.509-SVID has exactly one URI SAN, this one has {len(uris)}")
-    return SpiffeId.parse(uris[0])
+    try:
+        spiffe_id = SpiffeId.parse(uris[0])
+    except SpiffeIdError as exc:
+        raise SvidError(f"URI SAN is not a SPIFFE ID: {exc}") from exc
+    if not spiffe_id.path:
+        raise SvidError(f"{spiffe_id} names a trust domain, not a workload (a leaf SVID's ID has a path)")
+    return spiffe_id
 
 
 def _pem(certs: Sequence[x509.Certificate]) -> bytes:

@@ -1,7 +1,8 @@
 """TLS contexts from an SVID, and the peer's SPIFFE ID from a connection.
 
-Peers are verified against the trust bundle by OpenSSL (chain, validity, key usage); hostnames are
-not checked; the caller checks the peer's SPIFFE ID instead (secure naming). TLS 1.3 only, as
+Peers are verified against the trust bundle by OpenSSL (chain, validity, key usage), then their
+leaf certificate as the X509-SVID standard asks (not a CA, one URI SAN: ``spiffe_id_from_der``);
+hostnames are not checked; the caller checks the peer's SPIFFE ID instead (secure naming). TLS 1.3 only, as
 between Linkerd proxies.
 
 Python's ``ssl`` loads a certificate and key only from a path, and the key must never touch disk:
@@ -10,12 +11,15 @@ it is written to an anonymous in-memory file (memfd) that exists only while it i
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 from typing import Any
 
-from sidemesh.identity.svid import SVID
-from sidemesh.spiffe import SpiffeId, SpiffeIdError
+from cryptography import x509
+
+from sidemesh.identity.svid import SVID, SvidError, spiffe_id_of
+from sidemesh.spiffe import SpiffeId
 
 ALPN = "sidemesh/1"
 
@@ -75,18 +79,27 @@ def client_context(svid: SVID, alpn: list[str] | None = None) -> ssl.SSLContext:
     return _base(ssl.Purpose.SERVER_AUTH, svid, [ALPN] if alpn is None else alpn)
 
 
-def spiffe_id_from_peercert(peercert: dict[str, Any] | None) -> SpiffeId:
-    if not peercert:
-        raise PeerIdentityError("peer presented no certificate")
-    uris = [value for kind, value in peercert.get("subjectAltName", ()) if kind == "URI"]
-    if len(uris) != 1:
-        raise PeerIdentityError(f"peer certificate has {len(uris)} URI SANs; an X.509-SVID has exactly one")
+@functools.lru_cache(maxsize=1024)
+def _leaf_id(der: bytes) -> SpiffeId | str:
     try:
-        return SpiffeId.parse(uris[0])
-    except SpiffeIdError as exc:
-        raise PeerIdentityError(f"peer URI SAN is not a SPIFFE ID: {exc}") from exc
+        return spiffe_id_of(x509.load_der_x509_certificate(der))
+    except (ValueError, SvidError) as exc:  # SpiffeIdError is a ValueError
+        return str(exc)
+
+
+def spiffe_id_from_der(der: bytes | None) -> SpiffeId:
+    """The SPIFFE ID of a peer's leaf certificate (DER), after the leaf checks of the X509-SVID
+    standard (section 5.2; OpenSSL has verified the chain): a CA certificate, one with keyCertSign
+    or cRLSign, or one whose ID has no path is refused. Peers reconnect with the same certificate
+    many times: the answer is cached by the certificate's bytes."""
+    if not der:
+        raise PeerIdentityError("peer presented no certificate")
+    got = _leaf_id(der)
+    if isinstance(got, str):
+        raise PeerIdentityError(f"peer certificate is not a leaf X.509-SVID: {got}")
+    return got
 
 
 def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
     """The verified peer's SPIFFE ID (the handshake has already checked the chain)."""
-    return spiffe_id_from_peercert(ssl_object.getpeercert())
+    return spiffe_id_from_der(ssl_object.getpeercert(binary_form=True))

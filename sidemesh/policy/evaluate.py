@@ -26,8 +26,8 @@ def source_matches(source: Source, peer: Peer, policy_namespace: str, trust_doma
         return not peer.authenticated
     if not peer.authenticated or peer.trust_domain != trust_domain:
         return False
-    assert peer.namespace is not None
-    assert peer.service_account is not None
+    if peer.namespace is None or peer.service_account is None:
+        return False  # authenticated, but not a workload a rule can name
     if source.service_account is not None:
         namespace = source.namespace or policy_namespace
         return _name_matches(namespace, peer.namespace) and _name_matches(
@@ -74,13 +74,18 @@ def _first_allowing(
     return None
 
 
-def _default(default: DefaultPolicy, peer: Peer) -> Decision:
+def _default(default: DefaultPolicy, peer: Peer, trust_domain: str) -> Decision:
     if default is DefaultPolicy.ALLOW_ALL:
         return Decision(True, "default allow-all")
     if default is DefaultPolicy.ALLOW_AUTHENTICATED:
-        if peer.authenticated:
-            return Decision(True, "default allow-authenticated")
-        return Decision(False, "default allow-authenticated: client is not authenticated")
+        if not peer.authenticated:
+            return Decision(False, "default allow-authenticated: client is not authenticated")
+        if peer.trust_domain != trust_domain:
+            return Decision(
+                False,
+                f"default allow-authenticated: client is in trust domain {peer.trust_domain}, not {trust_domain}",
+            )
+        return Decision(True, "default allow-authenticated")
     return Decision(False, "default deny: no ServiceAuthorization selects this workload")
 
 
@@ -104,7 +109,7 @@ def evaluate(
             return Decision(False, f"no rule of {names} allows it", names)
         decision = Decision(True, f"allowed by {hit[0].ref} rule {hit[1]}", hit[0].ref, hit[1])
     else:
-        decision = _default(default, request.peer)
+        decision = _default(default, request.peer, trust_domain)
     if decision.allowed and audited and _first_allowing(audited, request, trust_domain) is None:
         names = ", ".join(p.ref for p in audited)
         return Decision(

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
-from ca import keys
+from ca import keys, templates
 from sidemesh.identity import tls
 from sidemesh.identity.client import CAClientError
 from sidemesh.identity.rotation import renewal_time
@@ -161,12 +163,68 @@ async def test_negative_twins(ca: RunningCA, tmp_path: Path) -> None:
     )
 
 
-async def test_wrong_san_is_visible_to_the_caller() -> None:
-    with pytest.raises(tls.PeerIdentityError):
-        tls.spiffe_id_from_peercert({"subjectAltName": (("DNS", "cart"),)})
-    with pytest.raises(tls.PeerIdentityError):
-        tls.spiffe_id_from_peercert({"subjectAltName": (("URI", "spiffe://a/x"), ("URI", "spiffe://a/y"))})
-    assert tls.spiffe_id_from_peercert({"subjectAltName": (("URI", str(CART)),)}) == CART
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+@pytest.mark.parametrize(
+    ("uris", "bend", "why"),
+    [
+        ([str(CART)], {"ca": True}, "is a CA"),
+        ([str(CART)], {"key_cert_sign": True}, "keyCertSign or cRLSign"),
+        ([str(CART)], {"crl_sign": True}, "keyCertSign or cRLSign"),
+        (["spiffe://cluster.local"], {}, "names a trust domain"),
+        (["spiffe://a/x", "spiffe://a/y"], {}, "exactly one URI SAN"),
+        ([], {}, "exactly one URI SAN"),
+        (["https://cart.shop"], {}, "not a SPIFFE ID"),
+    ],
+)
+def test_a_peer_certificate_must_be_a_leaf_svid(
+    tmp_path: Path, uris: list[str], bend: dict[str, bool], why: str
+) -> None:
+    """X509-SVID section 5.2: what OpenSSL's chain check lets through and the validator refuses."""
+    authority = pki.make_authority(tmp_path)
+    with pytest.raises(tls.PeerIdentityError, match=why):
+        tls.spiffe_id_from_der(_der(pki.leaf_with(authority, uris, **bend)))
+    assert tls.spiffe_id_from_der(_der(pki.leaf_with(authority, [str(CART)]))) == CART
+    with pytest.raises(tls.PeerIdentityError, match="no certificate"):
+        tls.spiffe_id_from_der(None)
+    with pytest.raises(tls.PeerIdentityError, match="not a leaf"):
+        tls.spiffe_id_from_der(b"not DER")
+
+
+async def test_a_ca_certificate_presented_as_a_client_identity_is_refused(ca: RunningCA) -> None:
+    """A certificate from the trusted CA that is itself a CA (as a signing certificate carrying a
+    workload's URI SAN would be) passes OpenSSL's chain check as a client certificate; the server
+    must still not take it for that workload."""
+    cart = pki.make_svid(ca.authority, CART)
+    key = templates.new_key()
+    bent = pki.leaf_with(ca.authority, [str(FRONTEND)], ca=True, key_cert_sign=True)
+    # leaf_with makes its own key: sign again with one we hold, keeping every extension.
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(bent.subject)
+        .issuer_name(bent.issuer)
+        .public_key(key.public_key())
+        .serial_number(bent.serial_number)
+        .not_valid_before(bent.not_valid_before_utc)
+        .not_valid_after(bent.not_valid_after_utc)
+    )
+    for ext in bent.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    cert = builder.sign(ca.authority.key, hashes.SHA256())
+    client = SVID(FRONTEND, key, (cert, *ca.authority.chain), ca.authority.roots)
+    async with EchoServer(lambda: tls.server_context(cart)) as server:
+        reader, writer = await connect(server.port, tls.client_context(client))
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            await roundtrip(reader, writer, b"x")
+        writer.close()
+        for _ in range(100):
+            if server.errors:
+                break
+            await asyncio.sleep(0.01)
+    assert server.peers == []
+    assert any("is a CA" in e for e in server.errors), server.errors
 
 
 async def test_rotation_keeps_open_connections_and_new_ones_get_the_new_certificate(

@@ -107,3 +107,47 @@ def csr_signed_by_other_key(spiffe_id: SpiffeId) -> str:
     body = tbs + alg + bits
     der = b"\x30" + _der_len(len(body)) + body
     return x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def leaf_with(
+    authority: keys.SigningAuthority,
+    uris: list[str],
+    *,
+    ca: bool = False,
+    key_cert_sign: bool = False,
+    crl_sign: bool = False,
+) -> x509.Certificate:
+    """A certificate our CA signed, with the leaf profile bent: a CA flag, signing key usages, any
+    URI SANs (the negative twins of the X509-SVID leaf checks)."""
+    key = templates.new_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(authority.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now() - dt.timedelta(minutes=1))
+        .not_valid_after(now() + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=key_cert_sign,
+                crl_sign=crl_sign,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=True
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.cert.public_key()), critical=False
+        )
+        .sign(authority.key, hashes.SHA256())
+    )

@@ -13,6 +13,7 @@ STRANGER = Peer(TD, "shop", "stranger")
 PROMETHEUS = Peer(TD, "monitoring", "prometheus")
 BATCH_7 = Peer(TD, "shop", "batch-7")
 OTHER_TD = Peer("evil.example", "shop", "frontend")
+NOT_A_WORKLOAD = Peer(TD)
 PLAIN = Peer()
 
 
@@ -36,6 +37,20 @@ CASES = [
     ([], DefaultPolicy.DENY, FRONTEND, 8080, None, None, False, "default deny"),
     ([], DefaultPolicy.ALLOW_AUTHENTICATED, FRONTEND, 8080, None, None, True, "default allow-authenticated"),
     ([], DefaultPolicy.ALLOW_AUTHENTICATED, PLAIN, 8080, None, None, False, "not authenticated"),
+    # Authenticated by a certificate some other CA in the bundle signed, for another trust domain.
+    (
+        [],
+        DefaultPolicy.ALLOW_AUTHENTICATED,
+        OTHER_TD,
+        8080,
+        None,
+        None,
+        False,
+        "in trust domain evil.example",
+    ),
+    # Authenticated, but no workload (an ID outside /ns/<ns>/sa/<sa>): no rule naming workloads matches.
+    ([ALLOW_FRONTEND], DefaultPolicy.ALLOW_ALL, NOT_A_WORKLOAD, 8080, None, None, False, "no rule"),
+    ([ALLOW_MONITORING], DefaultPolicy.ALLOW_ALL, NOT_A_WORKLOAD, 9090, None, None, False, "no rule"),
     ([], DefaultPolicy.ALLOW_ALL, PLAIN, 8080, None, None, True, "default allow-all"),
     (
         [ALLOW_FRONTEND],

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidemesh.spiffe import SpiffeId, SpiffeIdError, WorkloadId
+from sidemesh.spiffe import SpiffeId, SpiffeIdError, WorkloadId, validate_trust_domain
 
 
 @pytest.mark.parametrize(
@@ -35,6 +35,10 @@ def test_valid_ids(uri: str, td: str, path: str) -> None:
         ("spiffe://td/ns/a b", "forbidden character"),
         ("spiffe://td/ns/a/", "empty"),
         ("spiffe://td/" + "a" * 2100, "longer than 2048"),
+        # "$" in a regular expression also matches before a final newline: every part is checked whole.
+        ("spiffe://example.org\n", "lowercase"),
+        ("spiffe://example.org\n/ns/a/sa/b", "lowercase"),
+        ("spiffe://example.org/ns/a/sa/b\n", "forbidden character"),
     ],
 )
 def test_invalid_ids(uri: str, why: str) -> None:
@@ -50,7 +54,9 @@ def test_workload_id_round_trip() -> None:
     assert str(wid) == "shop/cart"
 
 
-@pytest.mark.parametrize("text", ["shop", "Shop/cart", "shop/", "/cart", "shop/cart_1", "shop/-cart"])
+@pytest.mark.parametrize(
+    "text", ["shop", "Shop/cart", "shop/", "/cart", "shop/cart_1", "shop/-cart", "shop\n/cart", "shop/cart\n"]
+)
 def test_invalid_workload_ids(text: str) -> None:
     with pytest.raises(SpiffeIdError):
         WorkloadId.parse(text)
@@ -59,3 +65,10 @@ def test_invalid_workload_ids(text: str) -> None:
 def test_non_workload_spiffe_id() -> None:
     with pytest.raises(SpiffeIdError, match="not of the form"):
         WorkloadId.from_spiffe_id(SpiffeId.parse("spiffe://td/ns/shop/pod/x"))
+
+
+def test_a_trust_domain_with_a_trailing_newline_is_refused() -> None:
+    # The case: SIDEMESH_TRUST_DOMAIN from a ConfigMap's "|" block ends in a newline; the CA would
+    # otherwise issue a URI SAN no other SPIFFE implementation can parse.
+    with pytest.raises(SpiffeIdError, match="lowercase"):
+        validate_trust_domain("cluster.local\n")
