@@ -6,6 +6,7 @@ passes through unchanged. Comments and key order of the input are not preserved 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +32,28 @@ TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
 }
 
 
+# kubectl reads YAML with go-yaml v2 (YAML 1.1 and Go's number parsing), which takes more plain
+# scalars for booleans and numbers than PyYAML does: y/n/Y/N, 1e3, 0o17, 1_000. A string that
+# could be read as anything but a string is written quoted (over-quoting is harmless).
+_NOT_STRINGS = frozenset(
+    ["y", "yes", "n", "no", "true", "false", "on", "off", "null", "~", "", ".inf", "-.inf", "+.inf", ".nan"]
+)  # compared in lower case: a few more are quoted than need be
+_NUMBER_LIKE = re.compile(r"[-+]?\.?[0-9]")
+
+
 class _Dumper(yaml.SafeDumper):
     """No &anchors/*aliases for objects the patcher shares between places: plain YAML for kubectl."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    quoted = data.lower() in _NOT_STRINGS or _NUMBER_LIKE.match(data) is not None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style='"' if quoted else None)
+
+
+_Dumper.add_representer(str, _represent_str)
 
 
 @dataclass(frozen=True, slots=True)

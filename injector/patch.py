@@ -167,13 +167,21 @@ def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
             container, found = probes.rewrite_container(container)
             records.update(found)
         app.append(container)
+    app_init: list[Json] = []
+    for container in _list(spec, "initContainers", "spec"):
+        if rewrite and container.get("restartPolicy") == "Always":
+            # The app's own native sidecar: it runs beside the app, under the capture. Classic
+            # mode: its startup probe passes before the capture exists, and before the proxy runs.
+            fields = tuple(probes.KINDS) if options.native else ("livenessProbe", "readinessProbe")
+            container, found = probes.rewrite_container(container, fields)
+            records.update(found)
+        app_init.append(container)
     if records:
         options = PodOptions(
             options.native, options.default_policy, options.exclusions, probes.encode(records)
         )
     init = containers.init_container(settings, options)
     proxy = containers.proxy_container(settings, options)
-    app_init = _list(spec, "initContainers", "spec")
     new_spec = dict(spec)
     if options.native:
         # iptables first, then the proxy; the app's own init containers run meshed after both.

@@ -9,6 +9,11 @@ captured), and the original is recorded in the sidecar's SIDEMESH_APP_PROBES env
 (JSON, path -> probe); the sidecar runs it against the app on 127.0.0.1, which is not captured
 either. `exec` probes run inside the container and never cross the capture: left as they are.
 
+The app's own native sidecars (init containers with `restartPolicy: Always`) keep running beside
+the app, under the capture: their probes are rewritten too. In classic mode their startup probe
+is not: it runs and passes before the capture is installed, and the proxy that would answer the
+rewritten one only starts after it.
+
 A probe is also left alone when it names another `host` (it does not go to this pod), when its
 named port does not resolve (the kubelet would fail it anyway; rewriting would hide the mistake),
 or when it already targets one of the proxy's own ports.
@@ -74,12 +79,16 @@ def _original(probe: Json, container: Json) -> Json | None:
     return None  # exec, or no handler at all
 
 
-def rewrite_container(container: Json) -> tuple[Json, dict[str, Json]]:
-    """The container with its network probes pointed at the sidecar, and path -> original probe."""
+def rewrite_container(
+    container: Json, fields: tuple[str, ...] = tuple(KINDS)
+) -> tuple[Json, dict[str, Json]]:
+    """The container with its network probes (of ``fields``) pointed at the sidecar, and path ->
+    original probe."""
     name = str(container.get("name", ""))
     out = container
     records: dict[str, Json] = {}
-    for field, kind in KINDS.items():
+    for field in fields:
+        kind = KINDS[field]
         probe = container.get(field)
         if not isinstance(probe, dict):
             continue

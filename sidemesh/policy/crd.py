@@ -13,7 +13,11 @@ from sidemesh.policy.model import Authorization, HTTPMatch, Mode, Rule, Source
 
 API_VERSION = "sidemesh.io/v1alpha1"
 KIND = "ServiceAuthorization"
-_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\*?|\*")
+# Namespaces are DNS-1123 labels; ServiceAccount names are DNS-1123 subdomains (dots allowed).
+_NAME_RE = {
+    "namespace": re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\*?|\*"),
+    "serviceAccount": re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?\*?|\*"),
+}
 _PATH_RE = re.compile(r"/[^*?#\s]*\*?")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 # The CRD schema's limits (manifests/crds/serviceauthorization.yaml), enforced here too.
@@ -52,9 +56,10 @@ def _list(value: Any, where: str, *, nonempty: bool = False, limit: int = 64) ->
 
 
 def _name(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+    field = where.rsplit(".", 1)[-1]
+    if not isinstance(value, str) or not _NAME_RE[field].fullmatch(value):
         raise PolicyError(where, f"{value!r} is not a Kubernetes name (a trailing * matches a prefix)")
-    limit = MAX_NAME[where.rsplit(".", 1)[-1]]
+    limit = MAX_NAME[field]
     if len(value) > limit:
         raise PolicyError(where, f"is {len(value)} characters long, at most {limit} are allowed")
     return value

@@ -400,6 +400,10 @@ CASES = [
     bad("an empty from", rule(), "spec.rules[0].from", "[] should be non-empty", r"from: must not be empty"),
     bad("upper case in a name", source(serviceAccount="Frontend"), f"{SRC}.serviceAccount", NO_MATCH, NOT_A_NAME),
     bad("underscore in a name", source(namespace="my_ns"), f"{SRC}.namespace", NO_MATCH, NOT_A_NAME),
+    # ServiceAccount names are DNS subdomains (Kubernetes' ValidateServiceAccountName), namespaces labels.
+    good("a ServiceAccount name with dots", source(serviceAccount="build.bot", namespace="ci")),
+    bad("a dot in a namespace", source(namespace="team.a"), f"{SRC}.namespace", NO_MATCH, NOT_A_NAME),
+    bad("a dot before the star", source(serviceAccount="build.*"), f"{SRC}.serviceAccount", NO_MATCH, NOT_A_NAME),
     bad("star inside a name", source(serviceAccount="fr*nt"), f"{SRC}.serviceAccount", NO_MATCH, NOT_A_NAME),
     # Refused by both today: what comes before the * must end in a letter or digit (docs/policy.md).
     bad("dash before the star", source(serviceAccount="web-*"), f"{SRC}.serviceAccount", NO_MATCH, NOT_A_NAME),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,69 @@ def test_every_kind_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     ]
     for doc in [deploy, service, cron, sts, *lst["items"]]:
         kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+class GoYamlV2Loader(yaml.SafeLoader):
+    """Reads plain scalars as kubectl's go-yaml v2 does where it differs from PyYAML: y/n are
+    booleans, Go's ParseFloat and ParseInt (base 0) read 1e3, 0o17, 1_000 as numbers."""
+
+    bool_values = {**yaml.SafeLoader.bool_values, "y": True, "n": False}  # noqa: RUF012
+
+
+GoYamlV2Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
+GoYamlV2Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+GoYamlV2Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?0[oO][0-7_]+$"), list("-+0"))
+
+
+def test_strings_stay_strings_for_kubectl(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Values PyYAML writes plain but go-yaml v2 (kubectl) reads as booleans or numbers: kubectl
+    would refuse the object ("cannot unmarshal bool into ... of type string")."""
+    values = [
+        "n",
+        "y",
+        "Y",
+        "N",
+        "yes",
+        "off",
+        "1e3",
+        "0o17",
+        "1234e56",
+        "1_000",
+        ".5",
+        "-1",
+        "null",
+        "~",
+        "",
+    ]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "labels": {f"l{i}": v for i, v in enumerate(values)}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "app:1",
+                    "env": [{"name": f"E{i}", "value": v} for i, v in enumerate(values)],
+                }
+            ]
+        },
+    }
+    code, out, err = run(["-"], yaml.safe_dump(pod), monkeypatch, capsys)
+    assert code == 0, err
+    for loader in (yaml.SafeLoader, GoYamlV2Loader):
+        doc = yaml.load(out, Loader=loader)
+        assert doc["metadata"]["labels"] == pod["metadata"]["labels"]
+        app = next(c for c in doc["spec"]["containers"] if c["name"] == "app")
+        assert app["env"] == pod["spec"]["containers"][0]["env"]
+    # The emulation does read the plain forms as kubectl would (the test can fail).
+    assert yaml.load("a: n\nb: 1e3\nc: 0o17\n", Loader=GoYamlV2Loader) == {"a": False, "b": 1000.0, "c": 15}
 
 
 def test_files_settings_and_overrides(

@@ -401,6 +401,71 @@ def test_probes_left_alone(probe: Json) -> None:
     assert app_probes(out) == {}
 
 
+def _with_native_app_sidecar() -> Json:
+    """The app's own native sidecar (an init container with restartPolicy Always, such as a log
+    shipper or a database proxy) and an ordinary init container, both with probes."""
+    pod = a_pod()
+    pod["spec"]["initContainers"] = [
+        {"name": "setup", "image": "setup:1", "startupProbe": {"httpGet": {"path": "/ready", "port": 9000}}},
+        {
+            "name": "logship",
+            "image": "logship:1",
+            "restartPolicy": "Always",
+            "ports": [{"containerPort": 9000}],
+            "startupProbe": {"httpGet": {"path": "/ready", "port": 9000}},
+            "livenessProbe": {"tcpSocket": {"port": 9000}},
+        },
+    ]
+    return pod
+
+
+def test_the_probes_of_the_apps_own_native_sidecars_are_rewritten() -> None:
+    """They run beside the app, under the capture, and in native mode start after the proxy: an
+    httpGet startup probe left alone would be refused by the sidecar (strict mode) and the pod
+    would stay in Init; a TCP probe would be answered by the sidecar itself."""
+    out = injected(_with_native_app_sidecar())
+    assert [c["name"] for c in out["spec"]["initContainers"]] == [
+        "sidemesh-init",
+        "sidemesh-proxy",
+        "setup",
+        "logship",
+    ]
+    logship = container(out, "logship")
+    for field, kind in (("startupProbe", "startupz"), ("livenessProbe", "livez")):
+        assert logship[field] == {
+            "httpGet": {"path": f"/app-health/logship/{kind}", "port": 15020, "scheme": "HTTP"}
+        }
+    assert app_probes(out) == {
+        "/app-health/logship/startupz": {
+            "httpGet": {"path": "/ready", "port": 9000, "scheme": "HTTP"},
+            "timeoutSeconds": 1,
+        },
+        "/app-health/logship/livez": {"tcpSocket": {"port": 9000}, "timeoutSeconds": 1},
+    }
+    # An ordinary init container runs to completion before the app: its probes are not the
+    # sidecar's to answer (the kubelet does not probe it anyway).
+    assert container(out, "setup")["startupProbe"] == {"httpGet": {"path": "/ready", "port": 9000}}
+    validate_pod(out)
+    result = patch.inject(_with_native_app_sidecar(), SETTINGS)
+    assert jsonpatch.apply_patch(_with_native_app_sidecar(), result.patch) == result.pod
+
+
+def test_classic_mode_leaves_a_native_app_sidecars_startup_probe_alone() -> None:
+    """Classic mode: the app's init containers start before sidemesh-init installs the capture,
+    and the next init container waits for their startup probe, which the proxy (a regular
+    container, not yet running) could not answer. Liveness runs on under the capture: rewritten."""
+    classic = dataclasses.replace(SETTINGS, native_sidecar=False)
+    out = injected(_with_native_app_sidecar(), classic)
+    assert [c["name"] for c in out["spec"]["initContainers"]] == ["setup", "logship", "sidemesh-init"]
+    logship = container(out, "logship")
+    assert logship["startupProbe"] == {"httpGet": {"path": "/ready", "port": 9000}}
+    assert logship["livenessProbe"]["httpGet"]["path"] == "/app-health/logship/livez"
+    assert list(app_probes(out)) == ["/app-health/logship/livez"]
+    validate_pod(out)
+    result = patch.inject(_with_native_app_sidecar(), classic)
+    assert jsonpatch.apply_patch(_with_native_app_sidecar(), result.patch) == result.pod
+
+
 def test_probe_rewrite_can_be_turned_off() -> None:
     pod = with_probe("readinessProbe", {"httpGet": {"path": "/", "port": 8080}})
     pod["metadata"]["annotations"] = {patch.REWRITE_PROBES: "false"}
