@@ -37,6 +37,7 @@ from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.routes import RouteStats, route_of
 from sidemesh import propagation
 from sidemesh.logging import BufferedLines
+from sidemesh.semconv import GRPC_SERVER_ERRORS, KNOWN_METHODS, OTHER_METHOD, host_port
 from sidemesh.spiffe import SpiffeId, SpiffeIdError, WorkloadId
 from sidemesh.telemetry import Tracing, start_tracing
 
@@ -185,7 +186,10 @@ class _Request:
                     return  # not sampled: no span, the headers were written by _decide
             self._defer_span(parent)
             return
-        parent, self._fmt = propagation.extract(propagation.carrier_of(info.headers, TRACE_HEADERS))
+        carrier = propagation.carrier_of(info.headers, TRACE_HEADERS)
+        parent, self._fmt = propagation.extract(carrier)
+        if parent is None and propagation.denied(carrier):
+            return  # B3 "deny": no span, the caller's headers go on
         span = tracer.start_span(
             _span_name(info),
             context=parent,
@@ -229,7 +233,7 @@ class _Request:
             )
         finally:
             tracing.ids.preset(0, 0)  # whatever happened, no later span takes these ids
-        _end_span(span, result, destination, end_ns)
+        _end_span(span, result, destination, info.direction == "outbound", end_ns)
 
     def _decide(self, carrier: dict[str, str], tracing: Tracing) -> Context | Literal[False] | None:
         """Parent-based sampling before any SDK call: the parent context for a sampled span, or
@@ -244,6 +248,8 @@ class _Request:
             if sc is not None and sc.is_valid:
                 parsed = (sc.trace_id, sc.span_id, int(sc.trace_flags))
         if parsed is None:
+            if propagation.denied(carrier):
+                return False  # B3 "deny" without ids: no part in the trace, its headers pass on
             if tracing.sample_root():
                 return None  # a new sampled trace
             self._headers = propagation.unsampled_headers(
@@ -296,7 +302,7 @@ class _Request:
                 partial(self._make_span, result, destination if outbound else None, time.time_ns())
             )
         elif span is not None and span.is_recording():
-            _end_span(span, result, destination if outbound else None)
+            _end_span(span, result, destination if outbound else None, outbound)
         elif span is not None:
             span.end()
         if (
@@ -339,21 +345,40 @@ def _unsampled_w3c(info: RequestInfo, tracing: Tracing) -> list[tuple[bytes, byt
 
 
 def _span_name(info: RequestInfo) -> str:
+    """Low-cardinality names only: never the Host header, which any client chooses."""
     if info.protocol == "grpc":
         return info.path.split("?", 1)[0].lstrip("/")  # package.Service/Method
-    return f"{info.method} {info.service or info.authority}"
+    method = info.method if info.method in KNOWN_METHODS else "HTTP"
+    return f"{method} {info.service}" if info.service else method
 
 
-def _start_attributes(info: RequestInfo, own_identity: str) -> dict[str, str]:
+def _peer_attributes(attrs: dict[str, str | int], address: str) -> None:
+    host, port = host_port(address)
+    attrs["network.peer.address"] = host
+    if port is not None:
+        attrs["network.peer.port"] = port
+
+
+def _start_attributes(info: RequestInfo, own_identity: str) -> dict[str, str | int]:
     outbound = info.direction == "outbound"
     source = info.source if not outbound else own_identity
     destination = info.destination if outbound else own_identity
-    attrs: dict[str, str] = {
-        "http.request.method": info.method,
-        "url.path": info.path.split("?", 1)[0],
-        "server.address": info.authority,
+    path = info.path.split("?", 1)[0]
+    host, port = host_port(info.authority) if info.authority else ("", None)
+    attrs: dict[str, str | int] = {
+        "http.request.method": info.method if info.method in KNOWN_METHODS else OTHER_METHOD,
+        "url.path": path,
+        "url.scheme": "http",
         "network.protocol.version": "2" if info.protocol in ("h2", "grpc") else "1.1",
     }
+    if info.method not in KNOWN_METHODS:
+        attrs["http.request.method_original"] = info.method
+    if host:
+        attrs["server.address"] = host
+        if port is not None:
+            attrs["server.port"] = port
+        if outbound:  # the query is left out: it may carry credentials
+            attrs["url.full"] = f"http://{info.authority}{path}"
     if source:
         attrs[SOURCE_ID] = source
     if destination:
@@ -361,13 +386,18 @@ def _start_attributes(info: RequestInfo, own_identity: str) -> dict[str, str]:
     if info.service:
         attrs[SERVICE] = info.service
     if info.peer_address and not outbound:  # outbound: the endpoint that answered, set at the end
-        attrs["network.peer.address"] = info.peer_address
+        _peer_attributes(attrs, info.peer_address)
     if info.protocol == "grpc":
         attrs["rpc.system"] = "grpc"
+        service, _, method = path.lstrip("/").rpartition("/")
+        if service and method:
+            attrs["rpc.service"], attrs["rpc.method"] = service, method
     return attrs
 
 
-def _end_span(span: Span, result: RequestResult, destination: str | None, end_ns: int | None = None) -> None:
+def _end_span(
+    span: Span, result: RequestResult, destination: str | None, outbound: bool, end_ns: int | None = None
+) -> None:
     attrs: dict[str, str | int] = {DECISION: result.decision}
     if result.reason:
         attrs[REASON] = result.reason
@@ -380,7 +410,7 @@ def _end_span(span: Span, result: RequestResult, destination: str | None, end_ns
     if result.retries:
         attrs[RETRIES] = result.retries
     if result.endpoint:
-        attrs["network.peer.address"] = result.endpoint
+        _peer_attributes(attrs, result.endpoint)
     if destination:
         attrs[DESTINATION_ID] = destination
     if result.error:
@@ -388,9 +418,10 @@ def _end_span(span: Span, result: RequestResult, destination: str | None, end_ns
     span.set_attributes(attrs)
     if result.decision == "deny":
         span.set_status(Status(StatusCode.ERROR, f"denied: {result.reason}"))
-    elif result.error or result.status is None or result.status >= 500:
+    elif result.error or result.status is None or result.status >= 500 or (outbound and result.status >= 400):
+        # HTTP semantic conventions: 4xx is the client's error, so an error of the CLIENT span only.
         span.set_status(Status(StatusCode.ERROR, result.error or f"status {result.status}"))
-    elif result.grpc_status not in (None, 0):
+    elif result.grpc_status not in (None, 0) and (outbound or result.grpc_status in GRPC_SERVER_ERRORS):
         span.set_status(Status(StatusCode.ERROR, f"grpc-status {result.grpc_status}"))
     span.end(end_ns)
 

@@ -28,12 +28,16 @@ class Format(enum.Enum):
 
 def carrier_of(headers: Iterable[tuple[bytes, bytes]], names: frozenset[bytes]) -> dict[str, str]:
     """The trace headers among ``headers`` (lower-case names), as a text map; a header that comes
-    more than once is one comma-separated list (RFC 9110 section 5.3; W3C tracestate may be split)."""
+    more than once is one comma-separated list (RFC 9110 section 5.3; W3C tracestate may be split,
+    and two traceparent headers make one invalid value: a new trace)."""
+    return combined((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k in names)
+
+
+def combined(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Header (or gRPC metadata) pairs as a text map, repeated names joined with commas."""
     out: dict[str, str] = {}
-    for k, v in headers:
-        if k in names:
-            name, value = k.decode("latin-1"), v.decode("latin-1")
-            out[name] = f"{out[name]},{value}" if name in out else value
+    for name, value in pairs:
+        out[name] = f"{out[name]},{value}" if name in out else value
     return out
 
 
@@ -48,6 +52,18 @@ def extract(carrier: Mapping[str, str]) -> tuple[Context | None, Format]:
     if "x-b3-traceid" in carrier:
         return _B3_MULTI.extract(carrier) or None, Format.B3_MULTI
     return None, Format.W3C
+
+
+def denied(carrier: Mapping[str, str]) -> bool:
+    """B3's sampling decision "deny" sent without ids (``b3: 0``, or ``X-B3-Sampled: 0`` without a
+    trace id): the caller asks that nobody downstream record the request. Such a request takes no
+    part in tracing and its headers pass on unchanged, as for a caller that said "not sampled"."""
+    single = carrier.get("b3")
+    if single is not None:
+        return single.strip(" \t") == "0"
+    if "x-b3-traceid" in carrier:
+        return False  # with ids: the extractor reads the sampled flag
+    return carrier.get("x-b3-sampled", "").strip(" \t").lower() in ("0", "false")
 
 
 def inject(span: Span, fmt: Format) -> list[tuple[bytes, bytes]]:
@@ -81,13 +97,16 @@ _HEX = frozenset("0123456789abcdef")
 
 
 def parse_traceparent(value: str) -> tuple[int, int, int] | None:
-    """(trace id, parent span id, flags) of a version-00 ``traceparent``, or None when invalid."""
+    """(trace id, parent span id, flags) of a ``traceparent``, or None when invalid. Surrounding
+    spaces and tabs (HTTP's optional whitespace, which parsers keep at a value's end) are not part
+    of it; a later version may carry more fields, each after a dash (W3C Trace Context 4.3)."""
+    value = value.strip(" \t")
     if len(value) < 55 or value[2] != "-" or value[35] != "-" or value[52] != "-":
         return None
     version, trace, span, flags = value[:2], value[3:35], value[36:52], value[53:55]
     if version == "ff" or not _HEX.issuperset(version + trace + span + flags):
         return None
-    if version == "00" and len(value) != 55:
+    if len(value) > 55 and (version == "00" or value[55] != "-"):
         return None
     trace_id, span_id = int(trace, 16), int(span, 16)
     if not trace_id or not span_id:

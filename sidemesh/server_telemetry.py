@@ -20,13 +20,14 @@ import grpc
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, use_span
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from sidemesh import propagation
+from sidemesh import propagation, semconv
 from sidemesh.telemetry import Tracing
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _TRACE_KEYS = frozenset(
     {"traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags"}
 )
+_TRACE_NAMES = frozenset(k.encode() for k in _TRACE_KEYS)
 
 
 def _span_status(span: Span, error: str | None) -> None:
@@ -115,19 +116,19 @@ class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if self.tracing is None:
             return None
         metadata = context.invocation_metadata() or ()
-        carrier = {str(k): str(v) for k, v in metadata if k in _TRACE_KEYS}
+        carrier = propagation.combined((str(k), str(v)) for k, v in metadata if k in _TRACE_KEYS)
         parent, _ = propagation.extract(carrier)
+        if parent is None and propagation.denied(carrier):
+            return None  # B3 "deny": the caller asks that nobody record it
         service, _, name = method.lstrip("/").rpartition("/")
         span = self.tracing.tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER)
         if span.is_recording():
-            span.set_attributes(
-                {
-                    "rpc.system": "grpc",
-                    "rpc.service": service,
-                    "rpc.method": name,
-                    "network.peer.address": str(context.peer()),
-                }
-            )
+            attrs: dict[str, str | int] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+            address, port = semconv.grpc_peer(str(context.peer()))
+            attrs["network.peer.address"] = address
+            if port is not None:
+                attrs["network.peer.port"] = port
+            span.set_attributes(attrs)
         return span
 
     def _wrap(self, method: str, behavior: Any) -> Any:
@@ -185,7 +186,7 @@ class _MethodMetrics:
         self._seconds.observe(time.perf_counter() - started)
         if span is not None:
             span.set_attribute("rpc.grpc.status_code", code.value[0])
-            _span_status(span, None if code is grpc.StatusCode.OK else code.name)
+            _span_status(span, code.name if code.value[0] in semconv.GRPC_SERVER_ERRORS else None)
 
 
 class _InstrumentedServer:
@@ -287,7 +288,7 @@ class AsgiTelemetry:
         started = time.perf_counter()
         path = str(scope.get("path", ""))
         route = path if path in self.routes else "other"
-        method = str(scope.get("method", "GET"))
+        method = semconv.method_of(str(scope.get("method", "GET")))  # a bounded label and span name
         status = {"code": 500}
         span = self._start(scope, method, route)
 
@@ -318,19 +319,26 @@ class AsgiTelemetry:
         if self.tracing is None:
             return None
         headers = typing.cast(list[tuple[bytes, bytes]], scope.get("headers") or [])
-        carrier = {
-            k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k.decode("latin-1") in _TRACE_KEYS
-        }
+        carrier = propagation.carrier_of(headers, _TRACE_NAMES)
         parent, _ = propagation.extract(carrier)
-        span = self.tracing.tracer.start_span(f"{method} {route}", context=parent, kind=SpanKind.SERVER)
+        if parent is None and propagation.denied(carrier):
+            return None  # B3 "deny": the caller asks that nobody record it
+        span = self.tracing.tracer.start_span(
+            f"{'HTTP' if method == semconv.OTHER_METHOD else method} {route}",
+            context=parent,
+            kind=SpanKind.SERVER,
+        )
         if span.is_recording():
-            client = scope.get("client") or ("", 0)
-            span.set_attributes(
-                {
-                    "http.request.method": method,
-                    "url.path": str(scope.get("path", "")),
-                    "http.route": route,
-                    "network.peer.address": f"{client[0]}:{client[1]}",
-                }
-            )
+            attrs: dict[str, str | int] = {
+                "http.request.method": method,
+                "url.path": str(scope.get("path", "")),
+                "url.scheme": str(scope.get("scheme", "http")),
+                "http.route": route,
+            }
+            if method == semconv.OTHER_METHOD:
+                attrs["http.request.method_original"] = str(scope.get("method", ""))
+            client = scope.get("client")
+            if client:
+                attrs["network.peer.address"], attrs["network.peer.port"] = str(client[0]), int(client[1])
+            span.set_attributes(attrs)
         return span

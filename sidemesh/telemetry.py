@@ -20,6 +20,7 @@ import os
 import random
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -182,7 +183,9 @@ class SpanCounters:
             registry=registry,
         )
         self.exported = Counter(
-            "sidemesh_tracing_spans_exported", "Spans the collector accepted.", registry=registry
+            "sidemesh_tracing_spans_exported",
+            "Spans the collector acknowledged (an OTLP partial success's rejected spans included: the exporters do not report them).",
+            registry=registry,
         )
         for reason in ("queue_full", "export_failed"):
             self.dropped.labels(reason)
@@ -199,6 +202,15 @@ class SpanCounters:
     def dequeue(self, count: int) -> None:
         with self._lock:
             self.queued = max(0, self.queued - count)
+
+
+def _resource_attribute(text: str, key: str) -> str | None:
+    """One attribute of an OTEL_RESOURCE_ATTRIBUTES value (``k=v,k2=v2``, percent-encoded)."""
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if sep and urllib.parse.unquote(name.strip()) == key:
+            return urllib.parse.unquote(value.strip()) or None
+    return None
 
 
 class CountingExporter(SpanExporter):
@@ -360,7 +372,9 @@ def start_tracing(
     """Tracing as the environment configures it, or None when it is off.
 
     ``attributes`` become resource attributes (k8s.namespace.name, sidemesh.identity, ...);
-    OTEL_SERVICE_NAME overrides ``default_service``; OTEL_RESOURCE_ATTRIBUTES is merged by the SDK.
+    The service name is OTEL_SERVICE_NAME, else the ``service.name`` of OTEL_RESOURCE_ATTRIBUTES,
+    else ``default_service`` (the SDK's order); the rest of OTEL_RESOURCE_ATTRIBUTES is merged by
+    the SDK, under ``attributes``.
     """
     settings = settings_from_env(environ)
     if settings is None:
@@ -368,7 +382,12 @@ def start_tracing(
     for name in _EXPORTER_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     attrs = {k: v for k, v in (attributes or {}).items() if v}
-    attrs["service.name"] = settings.service_name or default_service
+    env = os.environ if environ is None else environ
+    attrs["service.name"] = (
+        settings.service_name
+        or _resource_attribute(env.get("OTEL_RESOURCE_ATTRIBUTES", ""), "service.name")
+        or default_service
+    )
     counters = SpanCounters(registry)
     ids = PresetIds()
     provider = TracerProvider(

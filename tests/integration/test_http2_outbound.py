@@ -499,7 +499,9 @@ async def test_a_call_gives_a_client_span_whose_child_is_the_server_span(
     assert client.attributes["rpc.grpc.status_code"] == 0
     assert client.attributes["sidemesh.destination.id"] == "spiffe://cluster.local/ns/shop/sa/cart"
     assert client.attributes["sidemesh.destination.service"] == "cart.shop:80"
-    assert client.attributes["network.peer.address"] == f"{mesh.addr(CART1)}:{APP}"
+    assert client.attributes["network.peer.address"] == mesh.addr(CART1)
+    assert client.attributes["network.peer.port"] == APP
+    assert (client.attributes["rpc.service"], client.attributes["rpc.method"]) == ("test.Echo", "Unary")
 
 
 # -- retries of responses: 502-504, and gRPC's UNAVAILABLE ------------------------------------

@@ -116,7 +116,10 @@ async def test_w3c_in_w3c_out_one_trace_client_then_server(receiver: Receiver, o
     assert c.attributes["sidemesh.destination.id"] == s.attributes["sidemesh.destination.id"] == B
     assert c.attributes["http.request.method"] == "GET" and c.attributes["url.path"] == "/cart/1"
     assert c.attributes["http.response.status_code"] == 200
-    assert c.attributes["network.peer.address"] == "127.0.0.9:15006"
+    # Semantic conventions: the address alone, the port in its own attribute.
+    assert c.attributes["network.peer.address"] == "127.0.0.9"
+    assert c.attributes["network.peer.port"] == 15006
+    assert "server.port" not in c.attributes or isinstance(c.attributes["server.port"], int)
     assert s.attributes["sidemesh.authz.decision"] == "allow"
     assert s.attributes["sidemesh.authz.policy"] == "shop/cart-allow"
     assert (c.status, s.status) == ("UNSET", "UNSET")
@@ -343,6 +346,11 @@ async def test_a_slow_collector_does_not_slow_requests(receiver: Receiver, obser
         [(b"traceparent", f"00-{TRACE}-{APP_SPAN}-00".encode())],
         [(b"b3", f"{TRACE}-{APP_SPAN}-0".encode())],
         [(b"x-b3-traceid", TRACE.encode()), (b"x-b3-spanid", APP_SPAN.encode()), (b"x-b3-sampled", b"0")],
+        # B3's "deny" without ids: nobody downstream records the request.
+        [(b"b3", b"0")],
+        [(b"x-b3-sampled", b"0")],
+        # HTTP parsers keep whitespace at the end of a value: the caller's "no" still counts.
+        [(b"traceparent", f"00-{TRACE}-{APP_SPAN}-00 \t".encode())],
     ],
 )
 async def test_a_callers_no_passes_its_trace_headers_on_unchanged(
@@ -361,3 +369,71 @@ async def test_a_callers_no_passes_its_trace_headers_on_unchanged(
         assert out == app_headers, direction
     await asyncio.sleep(0.2)
     assert receiver.spans == []
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "continued"),
+    [
+        (f"00-{TRACE}-{APP_SPAN}-01 \t ", True),  # trailing whitespace is not part of the value
+        (f"cc-{TRACE}-{APP_SPAN}-01-what-the-future-will-be-like", True),  # a later version's fields
+        (f"cc-{TRACE}-{APP_SPAN}-01.what-the-future-will-be-like", False),  # not after a dash: invalid
+        (f"cc-{TRACE}-{APP_SPAN}-01,cc-{TRACE}-{APP_SPAN}-01", False),  # two headers: invalid
+    ],
+)
+async def test_traceparent_as_the_w3c_test_suite_reads_it(
+    receiver: Receiver, observers: Make, traceparent: str, continued: bool
+) -> None:
+    observer, _ = observers(A)
+    request = observer.start(outbound([(b"traceparent", traceparent.encode())]))
+    request.finish(RequestResult(200))
+    span = one(await receiver.wait_for(lambda s: len(s) >= 1), "CLIENT")
+    assert (span.trace_id == TRACE and span.parent_id == APP_SPAN) is continued, span
+
+
+async def test_span_status_names_and_addresses_follow_the_semantic_conventions(
+    receiver: Receiver, observers: Make
+) -> None:
+    """HTTP: 4xx is an error of the CLIENT span only. gRPC: a SERVER span is an error only for the
+    codes that say the server failed. Names never come from the Host header (any client sets it)
+    and an unknown method is "_OTHER"; addresses and ports are separate attributes."""
+    observer, _ = observers(B)
+    cases = [
+        ("c404", outbound([], path="/c404"), RequestResult(404), "ERROR"),
+        ("s404", inbound([], path="/s404"), RequestResult(404), "UNSET"),
+        ("cg5", RequestInfo("outbound", "grpc", "POST", "/p.S/C5", "cart", [], destination=B), 5, "ERROR"),
+        ("sg5", RequestInfo("inbound", "grpc", "POST", "/p.S/S5", "cart", [], source=A), 5, "UNSET"),
+        ("sg13", RequestInfo("inbound", "grpc", "POST", "/p.S/S13", "cart", [], source=A), 13, "ERROR"),
+    ]
+    for _, info, result, _ in cases:
+        observer.start(info).finish(
+            result if isinstance(result, RequestResult) else RequestResult(200, grpc_status=result)
+        )
+    odd = RequestInfo(
+        "inbound",
+        "h2",
+        "FOO123",
+        "/x?secret=1",
+        "evil-1.example:1",
+        [],
+        source=A,
+        peer_address="[fd00::7]:5000",
+    )
+    observer.start(odd).finish(RequestResult(200))
+    spans = await receiver.wait_for(lambda s: len(s) >= len(cases) + 1)
+    by_path = {s.attributes["url.path"]: s for s in spans}
+    for name, info, _, status in cases:
+        assert by_path[info.path].status == status, name
+    other = by_path["/x"]
+    assert other.name == "HTTP" and other.kind == "SERVER"
+    assert other.attributes["http.request.method"] == "_OTHER"
+    assert other.attributes["http.request.method_original"] == "FOO123"
+    assert (other.attributes["server.address"], other.attributes["server.port"]) == ("evil-1.example", 1)
+    assert (other.attributes["network.peer.address"], other.attributes["network.peer.port"]) == (
+        "fd00::7",
+        5000,
+    )
+    assert other.attributes["url.scheme"] == "http"
+    client = by_path["/c404"]
+    assert client.name == "GET cart.shop:80"  # the destination service from the mesh's config
+    assert client.attributes["url.full"] == "http://cart.shop:80/c404"
+    assert (client.attributes["server.address"], client.attributes["server.port"]) == ("cart.shop", 80)

@@ -51,20 +51,28 @@ async def test_ca_signing_is_traced_and_counted(receiver: Receiver, start_ca: St
         with pytest.raises(grpc.aio.AioRpcError) as refused_call:
             await stub.Sign(request, metadata=(("authorization", "Bearer wrong"),))
         assert refused_call.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        # B3's "deny": the caller asks that nobody record the call.
+        await stub.Sign(request, metadata=(("authorization", "Bearer cart-token"), ("b3", "0")))
     finally:
         await client.close()
     spans = await receiver.wait_for(lambda s: len(s) >= 2)
+    await asyncio.sleep(0.2)
+    assert len(spans) == 2, spans
     ok = next(s for s in spans if s.trace_id == TRACE)
     assert ok.kind == "SERVER" and ok.parent_id == PARENT and ok.service == "sidemesh-ca"
     assert ok.name == SIGN.lstrip("/") and ok.attributes["rpc.grpc.status_code"] == 0
     assert ok.resource["sidemesh.identity"].startswith("spiffe://cluster.local/ns/sidemesh-system/")
+    assert ok.attributes["network.peer.address"] == "127.0.0.1"  # not gRPC's "ipv4:127.0.0.1:port"
+    assert isinstance(ok.attributes["network.peer.port"], int)
     refused = next(s for s in spans if s.trace_id != TRACE)
-    assert refused.status == "ERROR" and refused.parent_id == ""
+    assert refused.parent_id == ""
+    # RPC semantic conventions: UNAUTHENTICATED answers the call correctly; not a server error.
+    assert refused.status == "UNSET" and refused.attributes["rpc.grpc.status_code"] == 16
     handled = ca.server.metrics.registry.get_sample_value
-    assert handled("sidemesh_grpc_server_handled_total", {"method": SIGN, "code": "OK"}) == 1
+    assert handled("sidemesh_grpc_server_handled_total", {"method": SIGN, "code": "OK"}) == 2
     assert handled("sidemesh_grpc_server_handled_total", {"method": SIGN, "code": "UNAUTHENTICATED"}) == 1
     registry = ca.server.metrics.registry
-    assert registry.get_sample_value("sidemesh_grpc_server_handling_seconds_count", {"method": SIGN}) == 2
+    assert registry.get_sample_value("sidemesh_grpc_server_handling_seconds_count", {"method": SIGN}) == 3
 
 
 async def test_ca_without_an_endpoint_traces_nothing(
@@ -82,13 +90,23 @@ async def test_ca_without_an_endpoint_traces_nothing(
 
 
 def _request(
-    port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str | list[str]] | None = None,
 ) -> int:
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        conn.putrequest(method, path)
+        if body is not None:
+            conn.putheader("content-length", str(len(body)))
+        for name, value in (headers or {}).items():
+            for one in value if isinstance(value, list) else [value]:
+                conn.putheader(name, one)  # a list: the header once per value
+        conn.endheaders(body)
         response = conn.getresponse()
         response.read()
         return response.status
@@ -114,7 +132,9 @@ async def test_injector_requests_are_traced_and_counted(receiver: Receiver, tmp_
         headers = {"traceparent": f"00-{TRACE}-{PARENT}-01", "content-type": "application/json"}
         assert await asyncio.to_thread(_request, port, "POST", "/mutate", b"not json", headers) == 400
         assert await asyncio.to_thread(_request, port, "GET", "/healthz") == 200
-        assert await asyncio.to_thread(_request, port, "GET", "/nope") == 404
+        # Two traceparent headers are no trace context (W3C): a new trace, not the last one's.
+        twice = {"traceparent": [f"00-{TRACE}-{PARENT}-01", f"00-{TRACE}-{'1' * 16}-01"]}
+        assert await asyncio.to_thread(_request, port, "GET", "/nope", None, twice) == 404
     finally:
         await server.stop()
     spans = await receiver.wait_for(lambda s: len(s) >= 3)
@@ -124,6 +144,11 @@ async def test_injector_requests_are_traced_and_counted(receiver: Receiver, tmp_
     assert mutate.attributes["sidemesh.injector.outcome"] == "bad request"
     assert mutate.attributes["http.response.status_code"] == 400
     assert {s.name for s in spans} == {"POST /mutate", "GET /healthz", "GET other"}
+    assert next(s for s in spans if s.name == "GET other").parent_id == ""
+    assert (
+        mutate.attributes["network.peer.address"] == "127.0.0.1"
+        and mutate.attributes["url.scheme"] == "https"
+    )
     get = registry.get_sample_value
     assert (
         get("sidemesh_http_server_requests_total", {"path": "/mutate", "method": "POST", "code": "400"}) == 1

@@ -30,6 +30,7 @@ from sidemesh.telemetry import (
     TracingSettings,
     make_sampler,
     settings_from_env,
+    start_tracing,
 )
 
 EP = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger.sidemesh-system.svc:4317"}
@@ -341,3 +342,22 @@ def test_the_unsampled_fast_path_passes_only_valid_unsampled_parents(value: str,
     assert (out is _UNCHANGED) == unchanged
     if not unchanged:
         assert out is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "service"),
+    [
+        ({}, "sidemesh-ca"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "k8s.pod.name=x,service.name=check%20out"}, "check out"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=checkout", "OTEL_SERVICE_NAME": "cart"}, "cart"),
+    ],
+)
+def test_the_service_name_is_taken_in_the_sdks_order(environ: dict[str, str], service: str) -> None:
+    """OTEL_SERVICE_NAME, then OTEL_RESOURCE_ATTRIBUTES' service.name, then the component's name."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", **environ}
+    tracing = start_tracing("sidemesh-ca", CollectorRegistry(), {"k8s.pod.name": "ca-1"}, env)
+    assert tracing is not None
+    try:
+        assert tracing.provider.resource.attributes["service.name"] == service
+    finally:
+        tracing.provider.shutdown()
