@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import logging
 import os
 import secrets
@@ -23,8 +24,9 @@ from ca.errors import KeyMaterialError
 from sidemesh import config as cfg
 from sidemesh import logging as smlog
 from sidemesh.cli import CLIError
+from sidemesh.identity.bundle import spiffe_bundle
 from sidemesh.identity.client import CAClient, CAClientError
-from sidemesh.identity.svid import SVID, SvidError, make_csr, new_key
+from sidemesh.identity.svid import SVID, SvidError, load_bundle, make_csr, new_key
 from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId
 
 
@@ -111,6 +113,32 @@ def register(sub: Any) -> None:
         "--expires-in", type=cfg.parse_duration, default=None, help="token lifetime (default: never expires)"
     )
     p.set_defaults(handler=_local_token)
+
+    p = ca_sub.add_parser(
+        "bundle",
+        help="print the trust bundle (PEM, or a SPIFFE bundle for federation)",
+        description=(
+            "Print the roots a workload trusts: as PEM (root-cert.pem's format), or as a SPIFFE bundle "
+            "(a JWK Set with one x509-svid entry per root, as SPIRE and go-spiffe read it for federation)."
+        ),
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ca-dir", type=Path, help="the CA's directory (reads its root-cert.pem)")
+    src.add_argument("--bundle-file", type=Path, help="a PEM file of root certificates")
+    p.add_argument("--format", choices=["pem", "spiffe"], default="pem", help="output format (default: pem)")
+    p.add_argument(
+        "--refresh-hint",
+        type=cfg.parse_duration,
+        default=None,
+        help="spiffe format: how often a consumer should fetch the bundle again, e.g. 5m (default: none)",
+    )
+    p.add_argument(
+        "--sequence",
+        type=int,
+        default=None,
+        help="spiffe format: the bundle's spiffe_sequence (default: none)",
+    )
+    p.set_defaults(handler=_bundle)
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
@@ -242,6 +270,27 @@ def _issue(args: argparse.Namespace) -> int:
         f"issued {svid.spiffe_id} serial {svid.serial_hex}, valid until {svid.not_after:%Y-%m-%d %H:%M:%S} UTC"
     )
     print(f"  wrote key.pem, cert-chain.pem, bundle.pem to {args.out_dir}")
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    path = args.ca_dir / keys.ROOTS if args.ca_dir is not None else args.bundle_file
+    try:
+        roots = load_bundle(path.read_bytes())
+    except OSError as exc:
+        hint = " (the directory `sidemesh ca bootstrap --dir` wrote)" if args.ca_dir is not None else ""
+        raise CLIError(f"cannot read {path}: {exc.strerror}{hint}") from exc
+    except SvidError as exc:
+        raise CLIError(f"{path}: {exc}") from exc
+    if args.format == "pem":
+        sys.stdout.write(keys.cert_pem(*roots).decode())
+        return 0
+    refresh = int(args.refresh_hint.total_seconds()) if args.refresh_hint is not None else None
+    try:
+        doc = spiffe_bundle(roots, refresh_hint=refresh, sequence=args.sequence)
+    except ValueError as exc:
+        raise CLIError(f"{path}: {exc}") from exc
+    print(json.dumps(doc, indent=2))
     return 0
 
 

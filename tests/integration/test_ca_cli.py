@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
 import os
 import stat
@@ -10,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from spiffe.svid.x509_svid import X509Svid
 
+from ca import keys
 from sidemesh.cli import main
 
 SIDEMESH = [sys.executable, "-m", "sidemesh"]
@@ -25,6 +29,7 @@ def test_help_is_complete(capsys: pytest.CaptureFixture[str]) -> None:
         ["ca", "serve", "--help"],
         ["ca", "issue", "--help"],
         ["ca", "bootstrap", "--help"],
+        ["ca", "bundle", "--help"],
     ):
         with pytest.raises(SystemExit) as info:
             main(argv)
@@ -39,6 +44,7 @@ def test_help_is_complete(capsys: pytest.CaptureFixture[str]) -> None:
         "--out-dir",
         "--rate-limit",
         "SIDEMESH_CA_LISTEN",
+        "--refresh-hint",
     ):
         assert word in out
 
@@ -197,3 +203,39 @@ def test_issue_against_nothing_says_what_to_do(tmp_path: Path, capsys: pytest.Ca
     )
     assert code == 2
     assert "is the CA running" in capsys.readouterr().err
+
+
+def test_bundle_as_pem_and_as_a_spiffe_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """X509-SVID section 6.1: one JWK per root, use x509-svid, x5c holding exactly that DER
+    certificate, no kid; the JWK's key is the certificate's (RFC 7518: base64url, no padding)."""
+    assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")]) == 0
+    other = keys.bootstrap(tmp_path / "other", "cluster.local", dt.datetime.now(dt.UTC))
+    both = tmp_path / "both.pem"
+    both.write_bytes((tmp_path / "ca" / keys.ROOTS).read_bytes() + keys.cert_pem(*other.roots))
+    capsys.readouterr()
+
+    assert main(["ca", "bundle", "--ca-dir", str(tmp_path / "ca")]) == 0
+    assert capsys.readouterr().out.encode() == (tmp_path / "ca" / keys.ROOTS).read_bytes()
+
+    assert (
+        main(["ca", "bundle", "--bundle-file", str(both), "--format", "spiffe", "--refresh-hint", "5m"]) == 0
+    )
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["spiffe_refresh_hint"] == 300 and "spiffe_sequence" not in doc
+    roots = x509.load_pem_x509_certificates(both.read_bytes())
+    assert len(doc["keys"]) == len(roots) == 2
+    for jwk, root in zip(doc["keys"], roots, strict=True):
+        assert jwk["use"] == "x509-svid" and "kid" not in jwk
+        assert len(jwk["x5c"]) == 1
+        assert x509.load_der_x509_certificate(base64.b64decode(jwk["x5c"][0])) == root
+        assert (jwk["kty"], jwk["crv"]) == ("EC", "P-256")
+        point = root.public_key().public_numbers()  # type: ignore[union-attr]
+        for name, value in (("x", point.x), ("y", point.y)):
+            assert "=" not in jwk[name]
+            assert int.from_bytes(base64.urlsafe_b64decode(jwk[name] + "=="), "big") == value
+
+    assert main(["ca", "bundle", "--ca-dir", str(tmp_path / "nothing")]) == 2
+    assert "sidemesh ca bootstrap" in capsys.readouterr().err
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    assert main(["ca", "bundle", "--bundle-file", str(tmp_path / "junk.pem")]) == 2
+    assert "junk.pem" in capsys.readouterr().err
