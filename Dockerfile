@@ -18,9 +18,11 @@ COPY proxy ./proxy
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim
-# iptables ships both the nft and the legacy backends; `proxy init` uses the one the node uses.
+# iptables ships both the nft and the legacy backends; `proxy init` runs `iptables-restore`, which
+# Debian's alternatives point at nft (a node whose kernel has no nf_tables needs the image switched to
+# legacy: update-alternatives --set iptables /usr/sbin/iptables-legacy). iproute2: `ip` puts ::6 on lo.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables \
+    && apt-get install -y --no-install-recommends iptables iproute2 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 1337 sidemesh \
     && useradd --uid 1337 --gid 1337 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin sidemesh

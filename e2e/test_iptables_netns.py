@@ -12,6 +12,7 @@ listeners that answer with `original_dst()`; connections that must not be captur
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import secrets
@@ -25,7 +26,10 @@ from pathlib import Path
 
 import pytest
 
+from proxy.config import ProxyConfig
 from proxy.iptables.rules import FAMILIES, Family
+from proxy.sidecar import _listen_addresses
+from sidemesh.config import parse_hostport
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = REPO / "tests" / "golden" / "iptables"
@@ -253,9 +257,12 @@ sys.stdin.read()
 CLIENT = """
 import os, socket, sys
 host, port, uid, gid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+source = sys.argv[5] if len(sys.argv) > 5 else ""
 family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
 os.setgroups([]); os.setgid(gid); os.setuid(uid)
 s = socket.socket(family, kind, proto)  # after dropping privileges: iptables' owner match sees uid/gid
+if source:
+    s.bind((source, 0))
 s.settimeout(3)
 try:
     s.connect(addr)
@@ -298,17 +305,18 @@ def test_connections_are_captured_or_not(make_netns: Callable[[], Netns]) -> Non
         "--exclude-outbound-cidrs",
         "10.99.1.0/24",
     )
-    _serve(
-        pod,
-        "outbound,0.0.0.0,15001",
-        "outbound,::,15001",
-        "inbound,::,15006",
-        "app,0.0.0.0,8080",
-        "app,0.0.0.0,9090",
-    )
+    # Listeners where the sidecar binds them by default in a pod with IPv6 (its real choice).
+    defaults = {f.name: f for f in dataclasses.fields(ProxyConfig)}
+    listeners = [
+        f"{kind},{parse_hostport(name, address)[0]},{parse_hostport(name, address)[1]}"
+        for kind, name in (("outbound", "outbound_listen"), ("inbound", "inbound_listen"))
+        for address in _listen_addresses(name, defaults[name].default, "iptables")
+    ]
+    assert listeners == ["outbound,127.0.0.1,15001", "outbound,::1,15001", "inbound,::,15006"]
+    _serve(pod, *listeners, "app,0.0.0.0,8080", "app,::,8080", "app,0.0.0.0,9090")
     _serve(peer, "peer,0.0.0.0,8080", "peer,0.0.0.0,5432", "peer,::,8080")
 
-    probes: dict[str, tuple[Netns, str, int, int, int, str]] = {
+    probes: dict[str, tuple[Netns, str, int, int, int, str] | tuple[Netns, str, int, int, int, str, str]] = {
         "app -> peer is captured": (pod, "10.99.0.2", 8080, 0, 0, "outbound 10.99.0.2 8080"),
         "proxy uid -> peer is not": (pod, "10.99.0.2", 8080, 1337, 1337, "peer 8080"),
         "proxy gid -> peer is not": (pod, "10.99.0.2", 8080, 0, 1337, "peer 8080"),
@@ -325,6 +333,25 @@ def test_connections_are_captured_or_not(make_netns: Callable[[], Netns]) -> Non
             "inbound 10.99.0.1 8080",
         ),
         "own pod ip, excluded inbound port": (pod, "10.99.0.1", 9090, 0, 0, "app 9090"),
+        # The sidecar delivering inbound connections to the app's own pod address, from 127.0.0.6/::6.
+        "proxy from 127.0.0.6 -> own pod ip is not": (
+            pod,
+            "10.99.0.1",
+            8080,
+            1337,
+            1337,
+            "app 8080",
+            "127.0.0.6",
+        ),
+        "ipv6 proxy uid -> own pod ip goes inbound": (
+            pod,
+            "fd99::1",
+            8080,
+            1337,
+            1337,
+            "inbound fd99::1 8080",
+        ),
+        "ipv6 proxy from ::6 -> own pod ip is not": (pod, "fd99::1", 8080, 1337, 1337, "app 8080", "::6"),
         "ipv6 app -> peer is captured": (pod, "fd99::2", 8080, 0, 0, "outbound fd99::2 8080"),
         "ipv6 proxy uid -> peer is not": (pod, "fd99::2", 8080, 1337, 1337, "peer 8080"),
         "peer -> pod is captured inbound": (peer, "10.99.0.1", 8080, 0, 0, "inbound 10.99.0.1 8080"),
@@ -332,7 +359,9 @@ def test_connections_are_captured_or_not(make_netns: Callable[[], Netns]) -> Non
         "ipv6 peer -> pod is captured": (peer, "fd99::1", 8080, 0, 0, "inbound fd99::1 8080"),
     }
     results = {
-        name: ns.run(sys.executable, "-c", CLIENT, host, str(port), str(uid), str(gid)).stdout.strip()
-        for name, (ns, host, port, uid, gid, _) in probes.items()
+        name: ns.run(
+            sys.executable, "-c", CLIENT, host, str(port), str(uid), str(gid), *source
+        ).stdout.strip()
+        for name, (ns, host, port, uid, gid, _, *source) in probes.items()
     }
-    assert results == {name: probe[-1] for name, probe in probes.items()}
+    assert results == {name: probe[5] for name, probe in probes.items()}

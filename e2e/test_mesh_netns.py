@@ -61,7 +61,7 @@ WORKLOAD = """\
 apiVersion: sidemesh.io/v1alpha1
 kind: Workload
 metadata: {{name: {name}-1, namespace: shop, labels: {{app: {name}}}}}
-spec: {{serviceAccount: {name}, address: {address}, ports: [{{port: 8080}}], meshed: {meshed}}}
+spec: {{serviceAccount: {name}, address: {address}, ports: [{ports}], meshed: {meshed}}}
 """
 
 SERVICE = """\
@@ -81,7 +81,7 @@ spec:
   selector: {matchLabels: {app: cart}}
   rules:
   - from: [{serviceAccount: frontend}]
-    to: {ports: [8080]}
+    to: {ports: [8080, 6060, 7070]}
 """
 
 ALLOW_PLAINTEXT = """\
@@ -95,7 +95,8 @@ spec:
     to: {ports: [8080]}
 """
 
-# cart's app: answers every GET with "cart:<port>:<path>", on each port it is given.
+# cart's app: answers every GET with "cart:<port>:<path> from <client address>", on each
+# [address:]port it is given (address default 0.0.0.0).
 APP = """
 import sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -103,6 +104,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         body = f"cart:{self.server.server_port}:{self.path}\\n".encode()
+        if self.path.startswith("/who"):
+            body = f"cart:{self.server.server_port}:{self.path} from {self.client_address[0]}\\n".encode()
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -111,7 +114,10 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-servers = [ThreadingHTTPServer(("0.0.0.0", int(port)), Handler) for port in sys.argv[1:]]
+servers = []
+for arg in sys.argv[1:]:
+    host, _, port = arg.rpartition(":")
+    servers.append(ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler))
 for server in servers:
     threading.Thread(target=server.serve_forever, daemon=True).start()
 print("serving", flush=True)
@@ -168,7 +174,14 @@ class Shop:
             os.chown(token, PROXY_UID, PROXY_UID)
         self.config_dir.mkdir(mode=0o755)
         docs = [
-            WORKLOAD.format(name=name, address=self.addr(name), meshed=str(name in MESHED).lower())
+            WORKLOAD.format(
+                name=name,
+                address=self.addr(name),
+                meshed=str(name in MESHED).lower(),
+                ports=", ".join(
+                    f"{{port: {p}}}" for p in ((8080, 6060, 7070) if name == "cart" else (8080,))
+                ),
+            )
             for name in HOSTS
         ]
         (self.config_dir / "workloads.yaml").write_text("---\n".join([*docs, SERVICE]))
@@ -193,7 +206,9 @@ class Shop:
         # 2. the pods: init in each meshed one, cart's app, then the sidecars (all at once).
         for name, host in HOSTS.items():
             self.cluster.add_pod(name, host)
-        app = self.app = self.pod("cart").start("cart-app", sys.executable, "-c", APP, "8080", "9090")
+        # Also a port on loopback only (a debug endpoint) and one on the pod's address only.
+        ports = ["8080", "9090", "127.0.0.1:6060", f"{self.addr('cart')}:7070"]
+        app = self.app = self.pod("cart").start("cart-app", sys.executable, "-c", APP, *ports)
         for name in MESHED:
             exclude = ["--exclude-inbound-ports", "9090"] if name == "cart" else []
             self.pod(name).run(*SIDEMESH, "proxy", "init", *exclude)
@@ -484,3 +499,18 @@ def test_9_a_pod_cannot_reach_another_pods_admin_or_bypass_its_sidecar(shop: Sho
     )  # fmt: skip
     assert trick.returncode != 0 and "cart:" not in trick.stdout, trick
     assert "not permitted" in trick.stderr.lower(), trick.stderr
+
+
+def test_10_inbound_goes_to_the_address_the_caller_asked_for(shop: Shop) -> None:
+    """As Istio (1.10) and Linkerd (2.11) deliver: a port the app binds to its pod's address only
+    is reached, one it binds to 127.0.0.1 only (a debug endpoint) is not reachable from other
+    pods, as without the mesh; the app sees the sidecar's 127.0.0.6, and the proxy's connection
+    to its own pod's address does not loop back into its inbound listener."""
+    pod_only = shop.curl("frontend", shop.url(7070, "/who"))
+    assert pod_only.ok and pod_only.body == "cart:7070:/who from 127.0.0.6\n", shop.explain(pod_only)
+    loopback_only = shop.curl("frontend", shop.url(6060, "/who"))
+    assert "cart:6060" not in loopback_only.body, loopback_only
+    # Without the mesh the same two ports answer the same way (from cart's own pod, uncaptured).
+    assert shop.http_get("cart", f"http://{shop.addr('cart')}:7070/direct").startswith("cart:7070:")
+    assert shop.http_get("cart", "http://127.0.0.1:6060/direct").startswith("cart:6060:")
+    assert "cart:6060" not in shop.curl("outsider", shop.url(6060, "/who"), max_time=3).body

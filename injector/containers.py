@@ -76,7 +76,9 @@ def init_container(settings: InjectionSettings, options: PodOptions) -> Json:
             "runAsNonRoot": False,
             "privileged": False,
             "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": False,  # iptables takes its lock under /run
+            # Nothing is written: iptables-restore takes no lock without -w (nf_tables: none at
+            # all), and `ip addr` and the rules live in the kernel (tested with / and /run read-only).
+            "readOnlyRootFilesystem": True,
             "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },

@@ -78,7 +78,10 @@ class ProxyConfig:
     )
     health_listen: str = option("0.0.0.0:15020", "readiness and /metrics", env="SIDEMESH_HEALTH_LISTEN")
     app_host: str = option(
-        "127.0.0.1", "where inbound connections are delivered (the app's address)", env="SIDEMESH_APP_HOST"
+        "127.0.0.1",
+        "the app's address for inbound connections in local mode (--capture none) and for the app's "
+        "probes; under the iptables capture they go to the address the caller asked for (the pod's)",
+        env="SIDEMESH_APP_HOST",
     )
     passthrough: bool = option(
         True,

@@ -118,10 +118,12 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
     mesh_pipe: Pipe | None = None
     try:
         redirected_port: int | None = None
+        original_ip: str | None = None
         if sc.config.capture == "iptables":
             orig = original_dst(conn)
             if not sc.is_own_listener(orig):
-                redirected_port = orig[1]
+                original_ip, redirected_port = orig
+        app_host, app_source = sc.app_address(original_ip)
         kind = await detect(conn, sc.config.detect_timeout.total_seconds())
         relay.info["protocol"] = kind.value
         if kind is Kind.CLOSED:
@@ -141,7 +143,7 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
                 kind = await detect_inner(mesh_pipe, sc.config.detect_timeout.total_seconds())
             relay.info["protocol"] = kind.value
             if kind.http:
-                await _serve_http(sc, relay, mesh_pipe, peer, port, kind)
+                await _serve_http(sc, relay, mesh_pipe, peer, port, kind, original_ip)
                 return
             down = _to_half(relay, mesh_pipe)
         else:
@@ -157,7 +159,7 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
                 plain = Pipe(framed=False, name="downstream")
                 relay.on_fail = plain.abort
                 await asyncio.get_running_loop().connect_accepted_socket(lambda: plain, conn)
-                await _serve_http(sc, relay, plain, peer, port, kind)
+                await _serve_http(sc, relay, plain, peer, port, kind, original_ip)
                 return
         relay.info["port"] = port
         decision = authorize(sc, peer, port)
@@ -178,11 +180,13 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
         app = relay.half(framed=False, name="app")
         try:
             await asyncio.wait_for(
-                asyncio.get_running_loop().create_connection(lambda: app, sc.config.app_host, port),
+                asyncio.get_running_loop().create_connection(
+                    lambda: app, app_host, port, local_addr=app_source
+                ),
                 sc.config.connect_timeout.total_seconds(),
             )
         except (OSError, TimeoutError) as exc:
-            raise Refused(f"app not reachable at {sc.config.app_host}:{port}: {exc or 'timeout'}") from exc
+            raise Refused(f"app not reachable at {app_host}:{port}: {exc or 'timeout'}") from exc
         if down is None:
             down = relay.half(framed=False, name="downstream")
             await asyncio.get_running_loop().connect_accepted_socket(lambda: down, conn)
@@ -201,8 +205,10 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
             reset_socket(conn)
 
 
-async def _serve_http(sc: Sidecar, relay: Relay, pipe: Pipe, peer: Peer, port: int, kind: Kind) -> None:
-    router = InboundRouter(sc, peer, port, relay.info)
+async def _serve_http(
+    sc: Sidecar, relay: Relay, pipe: Pipe, peer: Peer, port: int, kind: Kind, original_ip: str | None
+) -> None:
+    router = InboundRouter(sc, peer, port, relay.info, sc.app_address(original_ip))
     if kind is Kind.H2:
         await serve_h2(sc, relay, pipe, router)
         return

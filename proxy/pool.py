@@ -109,15 +109,19 @@ def close_pools(sc: Sidecar) -> None:
     h2_pool_of(sc).close()
 
 
-async def connect_app(sc: Sidecar, port: int) -> Pipe:
+async def connect_app(
+    sc: Sidecar, port: int, host: str | None = None, local: tuple[str, int] | None = None
+) -> Pipe:
+    """A new connection to the app's ``port`` at ``host`` (default ``--app-host``), from ``local``."""
     pipe = Pipe(framed=False, name="app")
     timeout = sc.config.connect_timeout.total_seconds()
+    host = sc.config.app_host if host is None else host
     try:
         await asyncio.wait_for(
-            asyncio.get_running_loop().create_connection(lambda: pipe, sc.config.app_host, port), timeout
+            asyncio.get_running_loop().create_connection(lambda: pipe, host, port, local_addr=local), timeout
         )
     except (OSError, TimeoutError) as exc:
-        raise ConnectError(f"app not reachable at {sc.config.app_host}:{port}: {exc or 'timeout'}") from exc
+        raise ConnectError(f"app not reachable at {host}:{port}: {exc or 'timeout'}") from exc
     _nodelay(pipe)
     sc.metrics.connections.labels("inbound", "allow").inc()
     return pipe

@@ -44,11 +44,20 @@ def budget_of(sc: Sidecar, destination: str) -> RetryBudget:
 
 
 class InboundRouter:
-    def __init__(self, sc: Sidecar, peer: Peer, port: int, log_extra: dict[str, object]) -> None:
+    def __init__(
+        self,
+        sc: Sidecar,
+        peer: Peer,
+        port: int,
+        log_extra: dict[str, object],
+        app: tuple[str, tuple[str, int] | None] | None = None,
+    ) -> None:
+        """``app``: the app's address and the local address to connect from (``Sidecar.app_address``)."""
         self.sc = sc
         self.peer = peer
         self.port = port
-        self.key = ("app", port)
+        self.app = app if app is not None else (sc.config.app_host, None)
+        self.key = ("app", self.app[0], port)
         self.pool = pool.pool_of(sc)
         self.log_extra = log_extra
         # Decisions already taken on this connection (same peer, same port), by (method, path),
@@ -115,7 +124,7 @@ class InboundRouter:
         if idle is not None:
             return Upstream(idle[0], idle[1], reused=True, key=self.key)
         try:
-            pipe = await pool.connect_app(self.sc, self.port)
+            pipe = await pool.connect_app(self.sc, self.port, *self.app)
         except pool.ConnectError as exc:
             return Local(502, "app not reachable", "allow", error=str(exc))
         self.pool.opened += 1
@@ -282,7 +291,11 @@ def context(
 async def serve_h2(sc: Sidecar, relay: Relay, down: Pipe, router: InboundRouter) -> None:
     """Serve one inbound HTTP/2 connection: each stream authorized, allowed ones to the app."""
     proxy = H2Proxy(
-        down, router.h2_verdict, lambda: pool.connect_app(sc, router.port), sc.observer.start, relay.info
+        down,
+        router.h2_verdict,
+        lambda: pool.connect_app(sc, router.port, *router.app),
+        sc.observer.start,
+        relay.info,
     )
     await tracked(
         relay, down, "HTTP/2", proxy.run(sc.config.idle_timeout.total_seconds(), lambda: sc.draining)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import socket
@@ -51,10 +52,18 @@ ACCEPT_BATCH = 16  # connections accepted from a backlog before the loop runs ot
 TIMED_OUT = {relays.UNANSWERED: "undecided", relays.IDLE_TIMEOUT: "idle"}
 
 
+# The inbound sidecar connects to the app at the address the client asked for (the pod's), from
+# this source: the capture lets it through (`proxy.iptables.rules`), where any other connection
+# of the proxy to its own pod's address goes to the inbound listener (Istio's 127.0.0.6 and ::6).
+INBOUND_SOURCE = {4: "127.0.0.6", 6: "::6"}
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """Bound now (a port in use fails the start), listening only once the sidecar can serve."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
+    if host == "::":  # every address of both families (IPv4 as ::ffff:a.b.c.d)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # A replacement sidecar (same UID: the kernel refuses other users) can bind while this one
     # drains, so a restart in place has no window of refused connections (Envoy binds so too).
@@ -62,6 +71,29 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.bind((host, port))
     sock.setblocking(False)
     return sock
+
+
+def _can_bind(host: str) -> bool:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _listen_addresses(name: str, address: str, capture: str) -> list[str]:
+    """Under the iptables capture, the default listeners take IPv6 too when the pod has it
+    (ip6tables redirects to the same ports): the inbound one on every address of both families,
+    the outbound one on ::1 beside 127.0.0.1. An address set explicitly is taken as it is."""
+    host, port = parse_hostport(name, address)
+    if capture != "iptables" or not _can_bind("::1"):
+        return [address]
+    if name == "inbound_listen" and host == "0.0.0.0":
+        return [f"[::]:{port}"]
+    if name == "outbound_listen" and host == "127.0.0.1":
+        return [address, f"[::1]:{port}"]
+    return [address]
 
 
 class Sidecar:
@@ -113,6 +145,7 @@ class Sidecar:
         self._inbound: InboundConfig | None = None
         self._outbound: OutboundTable | None = None
         self.app_prober = AppProber(parse_app_probes(config.app_probes), config.app_host)
+        self._v6_source = config.capture == "iptables" and _can_bind(INBOUND_SOURCE[6])
         self.controller: ConfigClient | None = None
         if config.controller:
             self.controller = ConfigClient(
@@ -130,6 +163,24 @@ class Sidecar:
     def ready(self) -> bool:
         return self.identity.ready and self._mesh is not None and not self.draining
 
+    def app_address(self, original_ip: str | None) -> tuple[str, tuple[str, int] | None]:
+        """Where an inbound connection goes, and the local address to connect from.
+
+        Redirected by iptables: to the address the client connected to (the pod's own), as Istio
+        (1.10) and Linkerd (2.11) deliver: an app port bound to 127.0.0.1 only stays unreachable
+        from other pods, one bound to the pod IP only is reachable, as without the mesh. Not
+        redirected (local mode, or a link-local or loopback address): ``--app-host``."""
+        if original_ip is None:
+            return self.config.app_host, None
+        ip = ipaddress.ip_address(original_ip)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_loopback or ip.is_link_local or ip.is_unspecified:
+            return self.config.app_host if ip.version == 4 else "::1", None
+        if ip.version == 6 and not self._v6_source:
+            return "::1", None  # ::6 is not on lo (`proxy init` adds it): the old way, not a loop
+        return str(ip), (INBOUND_SOURCE[ip.version], 0)
+
     def default_app_port(self) -> int | None:
         """Plaintext in local mode carries no port: deliver to the workload's first port."""
         ports = self._mesh.ports if self._mesh is not None else ()
@@ -140,9 +191,10 @@ class Sidecar:
 
     def new_relay(self, direction: str, client: tuple[str, int]) -> Relay:
         relay = Relay(on_close=self._closed, idle_timeout=self.config.idle_timeout.total_seconds())
-        relay.info.update(
-            direction=direction, client=f"{client[0]}:{client[1]}", workload=self.config.workload
-        )
+        host = client[0]
+        if host.startswith("::ffff:") and "." in host:  # IPv4, accepted on a dual-stack listener
+            host = host[7:]
+        relay.info.update(direction=direction, client=f"{host}:{client[1]}", workload=self.config.workload)
         self.relays.add(relay)
         if len(self.relays) > self.heap_trimmer.peak:
             self.heap_trimmer.peak = len(self.relays)
@@ -346,9 +398,13 @@ class Sidecar:
         else:
             self._spawn(self._watch_config())
         self._spawn(self._trim_heap())
-        self._add_listener("inbound", self.config.inbound_listen, "inbound")
-        if self.config.capture == "iptables":
-            self._add_listener("outbound", self.config.outbound_listen, "outbound")
+        capture = self.config.capture
+        for i, address in enumerate(_listen_addresses("inbound_listen", self.config.inbound_listen, capture)):
+            self._add_listener("inbound" if i == 0 else f"inbound-{i}", address, "inbound")
+        if capture == "iptables":
+            addresses = _listen_addresses("outbound_listen", self.config.outbound_listen, capture)
+            for i, address in enumerate(addresses):
+                self._add_listener("outbound" if i == 0 else f"outbound-v6-{i}", address, "outbound")
         for i, ((host, port), target) in enumerate(self.config.outbound_maps()):
             self._add_listener(f"outbound-{i}", f"{host}:{port}", "outbound", target)
         admin = HTTPServer(

@@ -30,22 +30,30 @@ class CaptureError(Exception):
     """Installing or removing the capture failed; the message says what to do about it."""
 
 
-def has_global_ipv6(path: Path = IF_INET6) -> bool:
-    """Whether any interface but `lo` has an IPv6 address of global scope (what `--ipv6 auto` asks).
+def has_ipv6(path: Path = IF_INET6) -> bool:
+    """Whether any interface but `lo` has an IPv6 address (what `--ipv6 auto` asks).
 
-    Each line of /proc/net/if_inet6 is `address ifindex prefixlen scope flags name`; scope 00 is
-    global (unique local addresses such as fd00::/8 count, link-local fe80::/10 does not). A kernel
-    without IPv6 has no such file.
+    Each line of /proc/net/if_inet6 is `address ifindex prefixlen scope flags name`. A link-local
+    address (fe80::/10, which every IPv6-enabled interface has) counts: a pod without a global
+    address is still reachable over IPv6 from its neighbours, and left uncaptured an app listening
+    on `[::]` would take plaintext past the sidecar. A kernel without IPv6 has no such file.
     """
     try:
         text = path.read_text()
     except FileNotFoundError:
         return False
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) >= 6 and int(fields[3], 16) == 0 and fields[5] != "lo":
-            return True
-    return False
+    return any(len(fields) >= 6 and fields[5] != "lo" for fields in map(str.split, text.splitlines()))
+
+
+def add_inbound_source() -> str | None:
+    """Put ::6 on `lo` (the IPv6 source of the sidecar's connections to the app, which the capture
+    lets through: `rules.INBOUND_SOURCE`); 127.0.0.6 needs nothing (all of 127/8 is local).
+    Returns why it could not, or None. Without it the sidecar delivers IPv6 to ::1 instead."""
+    try:
+        _run(["ip", "-6", "addr", "replace", "::6/128", "dev", "lo"])
+    except CaptureError as exc:
+        return str(exc)
+    return None
 
 
 def _run(argv: Sequence[str], stdin: str | None = None) -> str:
@@ -89,6 +97,16 @@ def install(config: CaptureConfig) -> dict[Family, str]:
         restore(family, text)
         applied[family] = text
     return applied
+
+
+def installed_families() -> tuple[Family, ...]:
+    """IPv4, and IPv6 when ip6tables' nat table holds our chains (what `--cleanup` removes,
+    whatever `--ipv6` says now: an earlier run may have captured IPv6)."""
+    try:
+        ipv6 = rules.CHAIN_PREFIX in read_nat("ipv6")
+    except CaptureError:  # no ip6tables, or a kernel without IPv6
+        ipv6 = False
+    return ("ipv4", "ipv6") if ipv6 else ("ipv4",)
 
 
 def uninstall(families: Sequence[Family]) -> dict[Family, str]:

@@ -114,7 +114,7 @@ _OPTIONS = (
         "SIDEMESH_IPV6",
         "{auto,on,off}",
         "auto",
-        "also capture IPv6 with ip6tables; auto: when the pod has a global IPv6 address",
+        "also capture IPv6 with ip6tables; auto: when the pod has any IPv6 address (link-local too)",
     ),
 )
 
@@ -203,7 +203,7 @@ def _ipv6_mode(text: str) -> str:
 
 
 def _init(args: argparse.Namespace) -> int:
-    config = capture_config(args, os.environ, apply.has_global_ipv6)
+    config = capture_config(args, os.environ, apply.has_ipv6)
     if args.dry_run:
         if args.cleanup:
             installed = {f: rules.render(config, f, "") for f in config.families}
@@ -213,11 +213,17 @@ def _init(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     try:
-        applied = apply.uninstall(config.families) if args.cleanup else apply.install(config)
+        applied = apply.uninstall(apply.installed_families()) if args.cleanup else apply.install(config)
     except apply.CaptureError as exc:
         raise CLIError(str(exc)) from exc
-    sys.stdout.write("".join(rules.section(f, text) for f, text in applied.items()))
     smlog.setup()
+    if not args.cleanup and "ipv6" in applied and (why := apply.add_inbound_source()) is not None:
+        log.warning(
+            "could not add ::6 to lo: the sidecar delivers inbound IPv6 to ::1 (apps listening on the "
+            "pod's IPv6 address only are not reached)",
+            extra={"reason": why},
+        )
+    sys.stdout.write("".join(rules.section(f, text) for f, text in applied.items()))
     log.info(
         "capture removed" if args.cleanup else "capture installed",
         extra={

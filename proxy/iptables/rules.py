@@ -13,9 +13,11 @@ to `iptables-restore --noflush` (or ip6tables-restore) and touches only the nat 
 Loopback: when the *proxy* (UID 1337) connects to its own pod's IP (it may pick its own pod as
 an endpoint), the connection leaves through `lo` and goes through the inbound chain, so the inbound
 listener terminates the mTLS it carries (with the same port exclusions as traffic from other pods).
-When the *app* connects to its own pod IP it talks to itself, crossing no trust boundary: that,
-like all other `lo` traffic (127.0.0.0/8, ::1), is not captured, as in Istio. The sidecar forwards
-inbound connections to the app on 127.0.0.1, so this cannot loop.
+The one exception is the inbound sidecar delivering a connection to the app: it connects to the
+pod's address the client asked for (as Istio and Linkerd deliver), from 127.0.0.6 (IPv6: ::6,
+which `proxy init` adds to `lo`), and that source is let through, as Istio's rules do. When the
+*app* connects to its own pod IP it talks to itself, crossing no trust boundary: that, like all
+other `lo` traffic (127.0.0.0/8, ::1), is not captured, as in Istio.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ CHAINS = (INBOUND, IN_REDIRECT, OUTPUT, OUT_REDIRECT)
 CHAIN_PREFIX = "SIDEMESH_"
 JUMPS = (("PREROUTING", f"-p tcp -j {INBOUND}"), ("OUTPUT", f"-p tcp -j {OUTPUT}"))
 LOOPBACK: Mapping[Family, str] = {"ipv4": "127.0.0.0/8", "ipv6": "::1/128"}
+# The source of the inbound sidecar's connections to the app (proxy/sidecar.py INBOUND_SOURCE).
+INBOUND_SOURCE: Mapping[Family, str] = {"ipv4": "127.0.0.6/32", "ipv6": "::6/128"}
 DEFAULT_PROXY_PORTS = (15000, 15001, 15006, 15020)
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel
 
@@ -152,9 +156,10 @@ def _outbound(config: CaptureConfig, family: Family) -> list[str]:
     version = 4 if family == "ipv4" else 6
     rules = []
     if config.capture_inbound:
-        rules.append(
-            f"-A {OUTPUT} ! -d {LOOPBACK[family]} -o lo -m owner --uid-owner {config.proxy_uid} -j {INBOUND}"
-        )
+        rules += [
+            f"-A {OUTPUT} -s {INBOUND_SOURCE[family]} -o lo -j RETURN",
+            f"-A {OUTPUT} ! -d {LOOPBACK[family]} -o lo -m owner --uid-owner {config.proxy_uid} -j {INBOUND}",
+        ]
     rules += [
         f"-A {OUTPUT} -m owner --uid-owner {config.proxy_uid} -j RETURN",
         f"-A {OUTPUT} -m owner --gid-owner {config.proxy_gid} -j RETURN",

@@ -186,6 +186,7 @@ def test_security_contexts() -> None:
     assert init["runAsUser"] == 0 and init["runAsNonRoot"] is False
     assert init["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
     assert init["allowPrivilegeEscalation"] is False and init["privileged"] is False
+    assert init["readOnlyRootFilesystem"] is True  # iptables-restore and `ip addr` write no file
     proxy = container(out, "sidemesh-proxy")["securityContext"]
     assert proxy == {
         "runAsUser": 1337,

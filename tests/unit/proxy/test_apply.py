@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.iptables.apply import has_global_ipv6
+from proxy.iptables.apply import has_ipv6
 
 LO = "00000000000000000000000000000001 01 80 10 80       lo\n"
 LINK_LOCAL = "fe8000000000000000fc00fffe000001 04 40 20 80     eth0\n"
@@ -20,17 +20,17 @@ GLOBAL_ON_LO = "20010db8000000000000000000000009 01 80 00 80       lo\n"
     [
         ("", False),
         (LO, False),
-        (LO + LINK_LOCAL, False),
+        (LO + LINK_LOCAL, True),  # reachable over IPv6 from its neighbours: captured too
         (LO + GLOBAL_ON_LO, False),
         (LO + LINK_LOCAL + GLOBAL, True),
         (LO + ULA, True),
     ],
 )
-def test_has_global_ipv6(tmp_path: Path, content: str, expected: bool) -> None:
+def test_has_ipv6(tmp_path: Path, content: str, expected: bool) -> None:
     path = tmp_path / "if_inet6"
     path.write_text(content)
-    assert has_global_ipv6(path) is expected
+    assert has_ipv6(path) is expected
 
 
 def test_kernel_without_ipv6(tmp_path: Path) -> None:
-    assert has_global_ipv6(tmp_path / "missing") is False
+    assert has_ipv6(tmp_path / "missing") is False
