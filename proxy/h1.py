@@ -25,13 +25,14 @@ sizes, obsolete line folding) are llhttp's errors.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Final, Literal, cast
 
 import httptools
 
-from proxy.headers import HOP_BY_HOP
+from proxy.headers import HOP_BY_HOP, absolute_authority
 from proxy.observe import TRACE_HEADERS
 
 Header = tuple[bytes, bytes]
@@ -39,6 +40,9 @@ Role = Literal["server", "client"]
 SERVER: Final = "server"
 CLIENT: Final = "client"
 MAX_HEAD = 64 * 1024
+MAX_HEADERS = 100  # header fields in a request head (Envoy's default max_headers_count): else 431
+# RFC 3986 host (reg-name, IPv4, or [IP-literal]) and optional port; empty is allowed for HTTP/1.1.
+_HOST_RE = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*|\[[0-9A-Fa-f:.vV\-._~!$&'()*+,;=]+\])(?::[0-9]*)?")
 
 
 class _Sentinel:
@@ -166,6 +170,7 @@ class _Scan:
     chunked: bool = False
     length: int | None = None
     host: bytes | None = None
+    hosts: int = 0
     expect: bool = False
     hop: bool = False
     traced: bool = False
@@ -181,6 +186,7 @@ def _scan(headers: list[Header]) -> _Scan:
         elif name == b"content-length":
             out.length = int(value)
         elif name == b"host":
+            out.hosts += 1
             if out.host is None:
                 out.host = value
         elif name == b"expect":
@@ -190,6 +196,26 @@ def _scan(headers: list[Header]) -> _Scan:
         else:
             out.traced = True
     return out
+
+
+def _request_host(target: bytes, headers: list[Header], scan: _Scan, version: bytes) -> bytes | None:
+    """The request's Host, as RFC 9112 section 3.2 has a server check it: an HTTP/1.1 request
+    without one, with two, or with an invalid one is a 400. A request in absolute form (to a
+    proxy) has its target's authority as its Host, whatever the header said (section 3.2.2)."""
+    if scan.hosts > 1:
+        raise ProtocolError("more than one Host header", 400)
+    authority = absolute_authority(target) if not target.startswith(b"/") else None
+    if authority is not None:
+        if not authority or not _HOST_RE.fullmatch(authority):
+            raise ProtocolError("request target has no valid authority", 400)
+        return authority
+    if scan.host is None:
+        if version == b"1.1":
+            raise ProtocolError("HTTP/1.1 request without a Host header", 400)
+        return None
+    if not _HOST_RE.fullmatch(scan.host.strip(b" \t")):
+        raise ProtocolError("invalid Host header", 400)
+    return scan.host
 
 
 class _ReleasedParser:
@@ -320,14 +346,24 @@ class Connection:
             method = parser.get_method()
             if method == b"CONNECT":
                 raise ProtocolError("CONNECT is not proxied by the sidecar", 405)
+            if len(headers) > MAX_HEADERS:
+                raise ProtocolError(f"more than {MAX_HEADERS} header fields", 431)
             scan = _scan(headers)
+            keep_alive = parser.should_keep_alive()
+            host = _request_host(self._url, headers, scan, version)
+            if host is not None and host is not scan.host:  # absolute form: Host is the target's authority
+                headers = [(n, v) for n, v in headers if n != b"host"]
+                headers.insert(0, (b"host", host))
+                scan.host = host
+            if version == b"1.0" and scan.chunked:
+                keep_alive = False  # RFC 9112 6.1: faulty framing, close after this request
             self._events.append(
                 Request(
                     method,
                     self._url,
                     headers,
                     version,
-                    parser.should_keep_alive(),
+                    keep_alive,
                     scan.chunked,
                     scan.length,
                     version == b"1.1" and scan.expect,
@@ -477,8 +513,13 @@ class Connection:
 
     @property
     def reusable(self) -> bool:
-        """Both messages complete and nobody asked to close."""
-        return self.our_done and self.their_done and not self.must_close and self._error is None
+        """Both messages complete and nobody asked to close. A client connection also holds
+        nothing more from its server: bytes after the response (a body longer than its framing
+        said, a second response) answer no request, and on a pooled connection they would be
+        taken for the next request's answer, another client's (Envoy closes such a connection)."""
+        if not (self.our_done and self.their_done and not self.must_close and self._error is None):
+            return False
+        return self.role == SERVER or not (self._events or self._in_message)
 
     def start_next_cycle(self) -> None:
         if not self.reusable:

@@ -48,8 +48,27 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return out
 
 
+# The protocols a request may upgrade to through the mesh (as Istio configures Envoy: websocket
+# only). Others, h2c above all, are not passed on: the Upgrade header is dropped (it is hop-by-hop)
+# and the app answers the request as plain HTTP/1.1. Spliced after a 101, an h2c connection would
+# carry HTTP/2 requests that no per-request policy sees (h2c smuggling; RFC 9113 section 3.1
+# deprecates the upgrade).
+UPGRADES = frozenset({b"websocket"})
+
+
 def is_upgrade(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    return b"upgrade" in connection_tokens(headers) and any(n.lower() == b"upgrade" for n, _ in headers)
+    """An upgrade the mesh passes on: Connection names upgrade, and every protocol in Upgrade is
+    one of ``UPGRADES``."""
+    if b"upgrade" not in connection_tokens(headers):
+        return False
+    offered = [
+        token.strip().split(b"/", 1)[0].lower()
+        for name, value in headers
+        if name.lower() == b"upgrade"
+        for token in value.split(b",")
+        if token.strip()
+    ]
+    return bool(offered) and all(token in UPGRADES for token in offered)
 
 
 def forwarded(
@@ -90,9 +109,25 @@ def request_path(target: bytes) -> str:
         return text
     scheme, sep, rest = text.partition("://")
     if sep and scheme.isalpha():
-        slash = rest.find("/")
-        return rest[slash:] if slash >= 0 else "/"
+        end = _authority_end(rest)  # RFC 3986: the authority ends at the first /, ? or #
+        path_query = rest[end:]
+        return path_query if path_query.startswith("/") else "/" + path_query
     return text  # authority form (CONNECT)
+
+
+def _authority_end(rest: str | bytes) -> int:
+    """Where the authority after ``scheme://`` ends: the first /, ? or # (RFC 3986 section 3.2)."""
+    text = rest.decode("latin-1") if isinstance(rest, bytes) else rest
+    ends = [i for i in (text.find("/"), text.find("?"), text.find("#")) if i >= 0]
+    return min(ends) if ends else len(text)
+
+
+def absolute_authority(target: bytes) -> bytes | None:
+    """The authority of an absolute-form target (``http://cart:80/x`` -> ``cart:80``), else None."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or not scheme.isalpha():
+        return None
+    return rest[: _authority_end(rest)]
 
 
 def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -169,10 +204,9 @@ def _split_absolute(target: bytes) -> tuple[bytes, bytes, bytes]:
     scheme, sep, rest = target.partition(b"://")
     if not sep or not scheme.isalpha():
         return b"", target, b""
-    slash = rest.find(b"/")
-    if slash < 0:
-        authority, path_query = rest, b"/"
-    else:
-        authority, path_query = rest[:slash], rest[slash:]
+    end = _authority_end(rest)  # RFC 3986: the authority ends at the first /, ? or #
+    authority, path_query = rest[:end], rest[end:]
+    if not path_query.startswith(b"/"):
+        path_query = b"/" + path_query
     path, sep, query = path_query.partition(b"?")
     return scheme + b"://" + authority, path, sep + query

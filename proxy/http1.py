@@ -30,7 +30,7 @@ from proxy.headers import (
 )
 from proxy.observe import TRACE_HEADERS, Observer, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed
-from proxy.retry import RETRY_STATUSES, backoff
+from proxy.retry import IDEMPOTENT, RETRY_STATUSES, backoff
 
 log = logging.getLogger("sidemesh.proxy.http")
 MAX_HEAD = h1.MAX_HEAD  # request line and headers; more gets 431
@@ -413,7 +413,14 @@ async def _forward(
                     return True
                 up = again
                 continue
-            if pump_exc is None and not started[0] and not retried and up.reused and body.replayable:
+            if (
+                pump_exc is None
+                and not started[0]
+                and not retried
+                and up.reused
+                and body.replayable
+                and info.method in IDEMPOTENT  # RFC 9112 9.3.1: never a non-idempotent one
+            ):
                 retried = True  # a pooled connection was closed under the request: once more, fresh
                 up.pipe.abort()
                 fresh = await router.fresh(up)
@@ -598,6 +605,8 @@ async def _relay_response(
             switching = event.status_code == 101
             if switching and not (up.conn.request is not None and up.conn.request.upgrade):
                 raise h1.ProtocolError("101 Switching Protocols to a request that asked for no upgrade")
+            if not switching and conn.request is not None and conn.request.http_version == b"1.0":
+                continue  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client (the app was spoken to in 1.1)
             headers = forwarded(event.headers, upgrade=switching)
             _write_down(down, conn, [h1.InformationalResponse(event.status_code, headers, event.reason)])
             if switching:

@@ -259,6 +259,42 @@ async def test_hop_by_hop_headers_are_not_forwarded(pair: tuple[str, int]) -> No
     assert "x-private" not in seen and "keep-alive" not in seen
 
 
+async def test_an_h2c_upgrade_is_not_passed_on(pair: tuple[str, int], cart_app: CartApp) -> None:
+    """Only WebSocket upgrades cross the mesh (as Istio configures Envoy). Passed on, an app that
+    speaks h2c would answer 101 and the spliced connection would carry HTTP/2 requests that no
+    per-request policy sees (h2c smuggling). The request is answered as plain HTTP/1.1 instead,
+    and what follows it on the connection is still parsed and authorized as HTTP/1.1."""
+    req = (
+        b"GET /cart/up HTTP/1.1\r\nHost: cart\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        b"GET /admin HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n"
+    )
+    raw = await exchange(pair, req)
+    assert re.findall(rb"HTTP/1\.1 (\d\d\d)", raw) == [b"200", b"403"], raw
+    seen = json.loads(raw.split(b"\r\n\r\n")[1].split(b"HTTP/1.1")[0])["headers"]
+    assert "upgrade" not in seen and "http2-settings" not in seen, seen
+    assert cart_app.seen == ["GET /cart/up"]
+
+
+async def test_an_absolute_form_target_is_judged_and_sent_as_the_app_reads_it(
+    pair: tuple[str, int], cart_app: CartApp
+) -> None:
+    """RFC 3986: the authority ends at the first /, ? or #, so ``http://cart?/cart/x`` is the path
+    ``/`` (with a query), which the policy (only /cart/*) denies; RFC 9112 section 3.2.2: the Host
+    a proxy sends is the target's authority, not the Host header that came with it."""
+    denied = await exchange(
+        pair, b"GET http://cart?/cart/x HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n"
+    )
+    assert denied.startswith(b"HTTP/1.1 403"), denied
+    raw = await exchange(
+        pair, b"GET http://cart.shop/cart/abs?q=1 HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+    )
+    assert raw.startswith(b"HTTP/1.1 200"), raw
+    seen = json.loads(raw.partition(b"\r\n\r\n")[2])
+    assert seen["path"] == "/cart/abs?q=1" and seen["headers"]["host"] == "cart.shop", seen
+    assert cart_app.seen == ["GET /cart/abs?q=1"]
+
+
 async def test_pipelined_requests_answered_in_order(pair: tuple[str, int], mesh: Mesh) -> None:
     reqs = (
         b"".join(f"GET /cart/{i} HTTP/1.1\r\nHost: cart\r\n\r\n".encode() for i in range(3))
@@ -373,8 +409,22 @@ async def test_websocket_upgrade(pair: tuple[str, int], mesh: Mesh) -> None:
         (b"GET / HTTP/1.1\r\nHost cart\r\n\r\n", b"400"),
         (b"GET /cart/x HTTP/1.1\r\nHost: cart\r\n" + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
         (b"POST /cart/echo HTTP/1.1\r\nHost: cart\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", b"400"),
+        # RFC 9112 section 3.2: a server answers 400 to no Host, two, or an invalid one.
+        (b"GET /cart/x HTTP/1.1\r\n\r\n", b"400"),
+        (b"GET /cart/x HTTP/1.1\r\nHost: cart\r\nHost: admin\r\n\r\n", b"400"),
+        (b"GET /cart/x HTTP/1.1\r\nHost: a b\r\n\r\n", b"400"),
+        (b"GET /cart/x HTTP/1.1\r\nHost: cart\r\n" + b"X-A: 1\r\n" * 100 + b"\r\n", b"431"),
     ],
-    ids=["content-length", "header-line", "huge-headers", "bad-chunk"],
+    ids=[
+        "content-length",
+        "header-line",
+        "huge-headers",
+        "bad-chunk",
+        "no-host",
+        "two-hosts",
+        "bad-host",
+        "101-fields",
+    ],
 )
 async def test_malformed_requests_get_an_error_and_a_close(
     pair: tuple[str, int], request_bytes: bytes, status: bytes
@@ -429,6 +479,74 @@ async def test_app_closing_an_idle_pooled_connection_is_not_an_error(mesh: Mesh)
         assert len(app.peers) == 2  # the first connection was closed by the app, not reused
     finally:
         await app.runner.cleanup()
+
+
+async def test_a_post_is_never_sent_twice_when_a_pooled_connection_breaks_under_it(mesh: Mesh) -> None:
+    """The app reads a POST on a reused connection and drops the connection without answering (it
+    may have acted on it): RFC 9112 9.3.1 forbids a proxy to send it again by itself. The client
+    gets 502 and the app saw the POST once."""
+    seen: list[str] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                line = head.split(b"\r\n")[0].decode()
+                length = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+                if length:
+                    await reader.readexactly(int(length[1]))
+                seen.append(line)
+                if line.startswith("POST") and seen.count(line) == 1:
+                    return  # acted on it (charged the card), then the connection broke: no answer
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(app, mesh.addr(CART), APP)
+    try:
+        await mesh.sidecar("cart", CART)
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        pair = (mesh.addr(FRONTEND), OUT)
+        post = (
+            b"POST /cart/pay HTTP/1.1\r\nHost: cart\r\nContent-Length: 7\r\nConnection: close\r\n\r\ncharge1"
+        )
+        raw = await exchange(pair, b"GET /cart/warm HTTP/1.1\r\nHost: cart\r\n\r\n" + post)
+        assert re.findall(rb"HTTP/1\.1 (\d\d\d)", raw) == [b"200", b"502"], raw
+        assert seen == ["GET /cart/warm HTTP/1.1", "POST /cart/pay HTTP/1.1"], seen
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_no_1xx_reaches_an_http10_client(mesh: Mesh) -> None:
+    """The app is spoken to in HTTP/1.1 and may send 103 Early Hints; RFC 9110 15.2: a server
+    never sends a 1xx to an HTTP/1.0 client, so the sidecar keeps it back. An HTTP/1.1 client
+    gets it."""
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                )
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(app, mesh.addr(CART), APP)
+    try:
+        await mesh.sidecar("cart", CART)
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        pair = (mesh.addr(FRONTEND), OUT)
+        old = await exchange(pair, b"GET /cart/a HTTP/1.0\r\nHost: cart\r\n\r\n")
+        assert re.findall(rb"HTTP/1\.\d (\d\d\d)", old) == [b"200"], old
+        new = await exchange(pair, b"GET /cart/b HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n")
+        assert re.findall(rb"HTTP/1\.1 (\d\d\d)", new) == [b"103", b"200"], new
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_draining_closes_idle_inbound_keepalive_connections(pair: tuple[str, int], mesh: Mesh) -> None:

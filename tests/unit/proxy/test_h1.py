@@ -93,6 +93,20 @@ def test_http10_keep_alive_is_acknowledged() -> None:
     assert server.reusable
 
 
+def test_http10_with_transfer_encoding_is_not_kept_alive() -> None:
+    """RFC 9112 section 6.1: Transfer-Encoding in an HTTP/1.0 request is faulty framing; the
+    server closes the connection after it (what follows could be smuggled)."""
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(
+        b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    request = events(server)[0]
+    assert isinstance(request, h1.Request) and request.keep_alive is False
+    server.send(h1.Response(200, [(b"content-length", b"0")]))
+    server.send(h1.EndOfMessage())
+    assert not server.reusable
+
+
 @pytest.mark.parametrize("status", [204, 304])
 def test_bodiless_statuses(status: int) -> None:
     server = h1.Connection(h1.SERVER)
@@ -142,6 +156,31 @@ def test_close_delimited_response_ends_at_eof_and_is_not_reused() -> None:
     client.receive_data(b"")
     assert events(client) == [h1.EndOfMessage(), h1.ConnectionClosed()]
     assert not client.reusable
+
+
+@pytest.mark.parametrize(
+    "surplus",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSECRET",  # a body longer than its framing
+        b"HTTP/1.1 200 OK\r\nContent-Le",  # the start of a second response
+        b"EVIL",
+    ],
+)
+def test_bytes_after_the_response_make_the_connection_not_reusable(surplus: bytes) -> None:
+    """They answer no request: pooled, they would be the next request's answer (another client)."""
+    client, _ = _client()
+    client.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + surplus)
+    seen = []
+    while not isinstance(seen[-1] if seen else None, h1.EndOfMessage):
+        try:
+            seen.append(client.next_event())
+        except h1.ProtocolError:
+            break
+    assert not client.reusable
+    clean, _ = _client()
+    clean.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    events(clean)
+    assert clean.reusable
 
 
 def test_truncated_response_is_an_error() -> None:
