@@ -61,6 +61,7 @@ CONNECT_ROUNDS = 3  # connections a stream waits for before it counts as not con
 Header = tuple[bytes, bytes]
 Item = tuple[bytes | list[Header] | None, int]  # (data | trailers | end, flow-controlled length)
 _REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
+PREMATURE_RESET_MIN_STREAMS = 100  # streams before the rapid-reset rule applies (half reset: GOAWAY)
 
 
 @dataclass(slots=True)
@@ -321,6 +322,10 @@ class H2Proxy:
         self._connecting: dict[object, asyncio.Task[_Up]] = {}
         self._written: set[_Up] = set()  # upstream connections written to in this batch
         self.closed = False
+        # Rapid reset (CVE-2023-44487): streams the client opened, and those it reset before
+        # their response began. Mostly premature resets: the connection is closed (as Envoy does).
+        self._opened = 0
+        self._premature = 0
 
     async def run(self, idle_timeout: float, draining: Callable[[], bool] = lambda: False) -> None:
         self.down.flush()
@@ -342,6 +347,14 @@ class H2Proxy:
                 for event in events:
                     with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset meanwhile
                         self._on_down(event)
+                if self._opened >= PREMATURE_RESET_MIN_STREAMS and 2 * self._premature >= self._opened:
+                    log.warning(
+                        "HTTP/2 client reset most of its streams before their response: connection closed",
+                        extra={**self.info, "streams": self._opened, "premature_resets": self._premature},
+                    )
+                    self.down.conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                    self.down.flush()
+                    break
                 self.down.flush()
                 await self._flush_written()
         except (PipeClosed, ConnectionError):
@@ -403,6 +416,7 @@ class H2Proxy:
 
     def _on_down(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
+            self._opened += 1
             self._request(event)
         elif isinstance(event, h2.events.DataReceived):
             stream = self.streams.get(event.stream_id)
@@ -429,6 +443,8 @@ class H2Proxy:
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
+                if not stream.responded:
+                    self._premature += 1
                 if stream.up is not None and stream.up_id is not None:
                     with contextlib.suppress(h2.exceptions.ProtocolError):
                         stream.up.conn.reset_stream(stream.up_id, event.error_code or 0)

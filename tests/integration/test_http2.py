@@ -6,6 +6,7 @@ PERMISSION_DENIED with the reason), and h2load as a second, independent HTTP/2 c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -16,7 +17,9 @@ import grpc
 import grpc.aio
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.exceptions
 import pytest
 from grpc.aio import EOF  # type: ignore[attr-defined]
 
@@ -271,3 +274,45 @@ async def test_stream_paths_are_normalized_before_authorization(
 ) -> None:
     got = await _h2_status(pair, path)
     assert got.get(b"grpc-status") == grpc_status, got
+
+
+async def test_a_rapid_reset_flood_gets_goaway(pair: tuple[str, int]) -> None:
+    """CVE-2023-44487: a client that opens streams and resets them at once, before any answer,
+    makes the sidecar open upstream streams for nothing. After 100 streams, mostly reset early,
+    the connection is closed with GOAWAY ENHANCE_YOUR_CALM (as Envoy does); a well-behaved client
+    on another connection is not affected."""
+    reader, writer = await asyncio.open_connection(*pair)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    head = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"cart"),
+        (b":path", b"/test.Echo/Unary"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    terminated: list[h2.events.ConnectionTerminated] = []
+    try:
+        for batch in range(10):
+            for i in range(50):
+                sid = 1 + 2 * (batch * 50 + i)
+                conn.send_headers(sid, head)
+                conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            writer.write(conn.data_to_send())
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                data = await asyncio.wait_for(reader.read(65536), 0.2)
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    terminated += [
+                        e for e in conn.receive_data(data) if isinstance(e, h2.events.ConnectionTerminated)
+                    ]
+            if terminated:
+                break
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+    assert terminated and terminated[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, terminated
+    ok = await _h2_status(pair, b"/test.Echo/Unary")
+    assert ok.get(b"grpc-status") == b"0", ok
