@@ -365,3 +365,34 @@ def test_connections_are_captured_or_not(make_netns: Callable[[], Netns]) -> Non
         for name, (ns, host, port, uid, gid, _, *source) in probes.items()
     }
     assert results == {name: probe[5] for name, probe in probes.items()}
+
+
+def test_ipv6_auto_without_ip6tables_keeps_ipv4_in_a_pod_with_link_local_only(
+    make_netns: Callable[[], Netns], tmp_path: Path
+) -> None:
+    """`--ipv6 auto` captures IPv6 whenever the pod has an IPv6 address, link-local included.
+    Without ip6tables (or IPv6 NAT), a pod with no global IPv6 address still starts: IPv4 is
+    captured and the gap is logged. Asked for explicitly (`--ipv6 on`), it is an error that takes
+    the IPv4 rules back out (all or nothing)."""
+    pod, peer = make_netns(), make_netns()
+    pod.run("ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth0", "netns", peer.name)
+    for ns in (pod, peer):
+        ns.run("ip", "link", "set", "lo", "up")
+        ns.run("ip", "link", "set", "veth0", "up")  # IPv6 link-local only (fe80::, from the kernel)
+    bin_dir = tmp_path / "bin"  # a PATH with iptables but no ip6tables
+    bin_dir.mkdir()
+    for tool in ("iptables", "iptables-save", "iptables-restore", "ip"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bin_dir / tool).symlink_to(found)
+    env = ["env", f"PATH={bin_dir}"]
+    auto = pod.run(*env, sys.executable, "-m", "sidemesh", "proxy", "init", check=False)
+    assert auto.returncode == 0, auto.stderr
+    assert "IPv6 not captured" in auto.stderr
+    assert any(
+        "SIDEMESH_INBOUND" in rule for rule in pod.run("iptables-save", "-t", "nat").stdout.splitlines()
+    )
+    pod.sidemesh("proxy", "init", "--cleanup")
+    on = pod.run(*env, sys.executable, "-m", "sidemesh", "proxy", "init", "--ipv6", "on", check=False)
+    assert on.returncode == 2 and "ip6tables" in on.stderr, on.stderr
+    assert "SIDEMESH" not in pod.run("iptables-save", "-t", "nat").stdout

@@ -61,7 +61,8 @@ CONNECT_ROUNDS = 3  # connections a stream waits for before it counts as not con
 Header = tuple[bytes, bytes]
 Item = tuple[bytes | list[Header] | None, int]  # (data | trailers | end, flow-controlled length)
 _REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
-PREMATURE_RESET_MIN_STREAMS = 100  # streams before the rapid-reset rule applies (half reset: GOAWAY)
+PREMATURE_RESET_MIN_STREAMS = 500  # streams before the rapid-reset rule applies (Envoy's default)
+PREMATURE_RESET_S = 1.0  # a reset this soon after the stream opened is premature (Envoy's default)
 
 
 @dataclass(slots=True)
@@ -197,6 +198,7 @@ class _Stream:
     deadline: float | None = None
     timer: asyncio.TimerHandle | None = None
     task: asyncio.Task[None] | None = None  # connecting, or waiting to retry
+    opened: float = field(default_factory=time.monotonic)
 
 
 class _Side:
@@ -307,8 +309,12 @@ class H2Proxy:
         info: dict[str, object],
         router: StreamRouter | None = None,
         pool: Pool[_Up] | None = None,
+        reset_guard: bool = True,
     ) -> None:
+        """``reset_guard``: close the connection of a client that resets most streams early (off
+        for another sidecar: its resets are its app's cancellations, already guarded there)."""
         self.down = _Side(down, client=False)
+        self.reset_guard = reset_guard
         self.pool = pool  # where upstream connections go when this connection ends, and come from
         if router is None:
             if authorize is None or connect_app is None:
@@ -322,8 +328,9 @@ class H2Proxy:
         self._connecting: dict[object, asyncio.Task[_Up]] = {}
         self._written: set[_Up] = set()  # upstream connections written to in this batch
         self.closed = False
-        # Rapid reset (CVE-2023-44487): streams the client opened, and those it reset before
-        # their response began. Mostly premature resets: the connection is closed (as Envoy does).
+        # Rapid reset (CVE-2023-44487): streams the client opened, and those it reset within a
+        # second of opening, before their response began. Envoy's rule: after 500 streams, half
+        # of them reset so: the connection is closed.
         self._opened = 0
         self._premature = 0
 
@@ -347,7 +354,11 @@ class H2Proxy:
                 for event in events:
                     with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset meanwhile
                         self._on_down(event)
-                if self._opened >= PREMATURE_RESET_MIN_STREAMS and 2 * self._premature >= self._opened:
+                if (
+                    self.reset_guard
+                    and self._opened >= PREMATURE_RESET_MIN_STREAMS
+                    and 2 * self._premature >= self._opened
+                ):
                     log.warning(
                         "HTTP/2 client reset most of its streams before their response: connection closed",
                         extra={**self.info, "streams": self._opened, "premature_resets": self._premature},
@@ -443,7 +454,7 @@ class H2Proxy:
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                if not stream.responded:
+                if not stream.responded and time.monotonic() - stream.opened < PREMATURE_RESET_S:
                     self._premature += 1
                 if stream.up is not None and stream.up_id is not None:
                     with contextlib.suppress(h2.exceptions.ProtocolError):

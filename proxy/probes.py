@@ -93,13 +93,16 @@ def parse_app_probes(text: str) -> dict[str, AppProbe]:
     return probes
 
 
-async def _http(probe: AppProbe, host: str) -> tuple[bool, str]:
+Local = tuple[str, int] | None
+
+
+async def _http(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, str]:
     context = None
     if probe.scheme == "HTTPS":
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    reader, writer = await asyncio.open_connection(host, probe.port, ssl=context)
+    reader, writer = await asyncio.open_connection(host, probe.port, ssl=context, local_addr=local)
     try:
         names = {name.lower() for name, _ in probe.headers}
         headers = [
@@ -126,8 +129,8 @@ async def _http(probe: AppProbe, host: str) -> tuple[bool, str]:
             await writer.wait_closed()
 
 
-async def _tcp(probe: AppProbe, host: str) -> tuple[bool, str]:
-    _, writer = await asyncio.open_connection(host, probe.port)
+async def _tcp(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, str]:
+    _, writer = await asyncio.open_connection(host, probe.port, local_addr=local)
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
@@ -155,8 +158,11 @@ def _health_status(data: bytes) -> int:
     return 0
 
 
-async def _grpc(probe: AppProbe, host: str) -> tuple[bool, str]:
+async def _grpc(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, str]:
     import grpc
+
+    if local is not None:  # grpcio's channels cannot choose their source address
+        raise ConnectionRefusedError("a gRPC probe runs against --app-host only")
 
     async with grpc.aio.insecure_channel(f"{host}:{probe.port}") as channel:
         check = channel.unary_unary(GRPC_HEALTH_CHECK, request_serializer=None, response_deserializer=None)
@@ -174,17 +180,32 @@ _RUNNERS = {"httpGet": _http, "tcpSocket": _tcp, "grpc": _grpc}
 class AppProber:
     """`/app-health/...` requests of the kubelet, answered by running the original probe."""
 
-    def __init__(self, probes: dict[str, AppProbe], host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, probes: dict[str, AppProbe], host: str = "127.0.0.1", pod: tuple[str, Local] | None = None
+    ) -> None:
+        """``pod``: the pod's address and the source to probe it from (127.0.0.6 under the capture):
+        tried when nothing listens on ``host``, for an app bound to its pod address only (which
+        the kubelet's own probe would reach)."""
         self.probes = probes
         self.host = host
+        self.pod = pod
 
     async def check(self, probe: AppProbe) -> tuple[bool, str]:
+        ok, detail, refused = await self._run(probe, self.host, None)
+        if refused and self.pod is not None:
+            ok, detail, _ = await self._run(probe, *self.pod)
+        return ok, detail
+
+    async def _run(self, probe: AppProbe, host: str, local: Local) -> tuple[bool, str, bool]:
         try:
-            return await asyncio.wait_for(_RUNNERS[probe.kind](probe, self.host), probe.timeout)
+            ok, detail = await asyncio.wait_for(_RUNNERS[probe.kind](probe, host, local), probe.timeout)
         except TimeoutError:
-            return False, f"no answer within {probe.timeout:g}s"
+            return False, f"no answer within {probe.timeout:g}s", False
+        except ConnectionRefusedError as exc:
+            return False, f"{type(exc).__name__}: {exc}", True
         except (OSError, ssl.SSLError, h11.ProtocolError) as exc:
-            return False, f"{type(exc).__name__}: {exc}"
+            return False, f"{type(exc).__name__}: {exc}", False
+        return ok, detail, False
 
     async def handle(self, path: str) -> Response:
         probe = self.probes.get(path)

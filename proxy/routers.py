@@ -296,6 +296,7 @@ async def serve_h2(sc: Sidecar, relay: Relay, down: Pipe, router: InboundRouter)
         lambda: pool.connect_app(sc, router.port, *router.app),
         sc.observer.start,
         relay.info,
+        reset_guard=not router.peer.authenticated,  # another sidecar's resets are its app's cancels
     )
     await tracked(
         relay, down, "HTTP/2", proxy.run(sc.config.idle_timeout.total_seconds(), lambda: sc.draining)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import random
 import socket
 import time
@@ -144,8 +145,11 @@ class Sidecar:
         self._own: set[tuple[str, int]] = set()
         self._inbound: InboundConfig | None = None
         self._outbound: OutboundTable | None = None
-        self.app_prober = AppProber(parse_app_probes(config.app_probes), config.app_host)
         self._v6_source = config.capture == "iptables" and _can_bind(INBOUND_SOURCE[6])
+        pod_ip = os.environ.get("POD_IP", "") if config.capture == "iptables" else ""
+        self.app_prober = AppProber(
+            parse_app_probes(config.app_probes), config.app_host, self.app_address(pod_ip) if pod_ip else None
+        )
         self.controller: ConfigClient | None = None
         if config.controller:
             self.controller = ConfigClient(

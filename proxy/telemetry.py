@@ -37,7 +37,7 @@ from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.routes import RouteStats, route_of
 from sidemesh import propagation
 from sidemesh.logging import BufferedLines
-from sidemesh.semconv import GRPC_SERVER_ERRORS, KNOWN_METHODS, OTHER_METHOD, host_port
+from sidemesh.semconv import GRPC_SERVER_ERRORS, KNOWN_METHODS, OTHER_METHOD, host_port, peer_port
 from sidemesh.spiffe import SpiffeId, SpiffeIdError, WorkloadId
 from sidemesh.telemetry import Tracing, start_tracing
 
@@ -353,7 +353,7 @@ def _span_name(info: RequestInfo) -> str:
 
 
 def _peer_attributes(attrs: dict[str, str | int], address: str) -> None:
-    host, port = host_port(address)
+    host, port = peer_port(address)
     attrs["network.peer.address"] = host
     if port is not None:
         attrs["network.peer.port"] = port

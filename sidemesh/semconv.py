@@ -21,19 +21,32 @@ def method_of(method: str) -> str:
     return method if method in KNOWN_METHODS else OTHER_METHOD
 
 
-def host_port(address: str) -> tuple[str, int | None]:
-    """``host[:port]`` split: a Host header or ``:authority`` (an IPv6 host in brackets), or a
-    peer's ``address:port`` as the sidecar writes it (IPv6 with or without brackets)."""
+def _port(text: str) -> int | None:
+    if text.isascii() and text.isdigit() and int(text) < 65536:  # ("²".isdigit() is true)
+        return int(text)
+    return None
+
+
+def host_port(authority: str) -> tuple[str, int | None]:
+    """A Host header or ``:authority`` split into host and port: ``cart:80``, ``[fd00::1]:80``;
+    an IPv6 address without brackets (not valid there) is all host."""
+    if authority.startswith("["):
+        host, _, rest = authority[1:].partition("]")
+        return host, _port(rest[1:]) if rest.startswith(":") else None
+    host, sep, port = authority.rpartition(":")
+    if not sep or ":" in host or _port(port) is None:
+        return authority, None
+    return host, _port(port)
+
+
+def peer_port(address: str) -> tuple[str, int | None]:
+    """A peer or endpoint as the sidecar writes it, ``address:port``, where an IPv6 address may
+    come without brackets (``fd00::1:8080``): the port is what follows the last colon."""
     if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, sep, port = address.rpartition(":")
-        if not sep:
-            return address, None
-    if port.isdigit() and int(port) < 65536:
-        return host, int(port)
-    return (host if address.startswith("[") else address), None
+        return host_port(address)
+    host, sep, port = address.rpartition(":")
+    number = _port(port) if sep else None
+    return (host, number) if number is not None else (address, None)
 
 
 def grpc_peer(peer: str) -> tuple[str, int | None]:
@@ -44,5 +57,5 @@ def grpc_peer(peer: str) -> tuple[str, int | None]:
         return peer, None
     rest = unquote(rest)
     if scheme in ("ipv4", "ipv6"):
-        return host_port(rest)
+        return peer_port(rest)
     return rest, None

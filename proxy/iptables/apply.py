@@ -8,6 +8,8 @@ for both.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +20,7 @@ from proxy.iptables.rules import CaptureConfig, Family
 SAVE_COMMAND: Mapping[Family, str] = {"ipv4": "iptables-save", "ipv6": "ip6tables-save"}
 RESTORE_COMMAND = rules.RESTORE_COMMAND
 IF_INET6 = Path("/proc/net/if_inet6")
+log = logging.getLogger("sidemesh.proxy.init")
 TIMEOUT_SECONDS = 30.0
 _DENIED = ("permission denied", "operation not permitted", "you must be root")
 _NEED_NET_ADMIN = (
@@ -28,6 +31,19 @@ _NEED_NET_ADMIN = (
 
 class CaptureError(Exception):
     """Installing or removing the capture failed; the message says what to do about it."""
+
+
+def has_global_ipv6(path: Path = IF_INET6) -> bool:
+    """Whether any interface but `lo` has an IPv6 address of global scope (scope 00; unique local
+    addresses such as fd00::/8 count, link-local fe80::/10 does not)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return False
+    return any(
+        len(fields) >= 6 and int(fields[3], 16) == 0 and fields[5] != "lo"
+        for fields in map(str.split, text.splitlines())
+    )
 
 
 def has_ipv6(path: Path = IF_INET6) -> bool:
@@ -89,12 +105,29 @@ def restore(family: Family, text: str) -> None:
     _run([RESTORE_COMMAND[family], "--noflush"], stdin=text)
 
 
-def install(config: CaptureConfig) -> dict[Family, str]:
-    """Install the capture for every family the config enables; returns what was applied."""
+def install(config: CaptureConfig, ipv6_optional: bool = False) -> dict[Family, str]:
+    """Install the capture for every family the config enables; returns what was applied.
+
+    IPv6 failing (no ip6tables, a kernel without IPv6 NAT) is an error that also takes the IPv4
+    capture back out, unless ``ipv6_optional`` (``--ipv6 auto`` in a pod without a global IPv6
+    address): then IPv4 stays and the failure is returned under "ipv6-error"."""
     applied: dict[Family, str] = {}
     for family in config.families:
-        text = rules.render(config, family, read_nat(family))
-        restore(family, text)
+        try:
+            text = rules.render(config, family, read_nat(family))
+            restore(family, text)
+        except CaptureError as exc:
+            if family == "ipv6" and ipv6_optional:
+                log.warning(
+                    "IPv6 not captured: ip6tables failed in a pod without a global IPv6 address; "
+                    "its link-local IPv6 is not covered by the sidecar",
+                    extra={"reason": str(exc)},
+                )
+                break
+            if family == "ipv6":
+                with contextlib.suppress(CaptureError):
+                    uninstall(["ipv4"])  # all or nothing
+            raise
         applied[family] = text
     return applied
 

@@ -212,11 +212,15 @@ def _init(args: argparse.Namespace) -> int:
             text = rules.render_families(config)
         sys.stdout.write(text)
         return 0
+    smlog.setup()
     try:
-        applied = apply.uninstall(apply.installed_families()) if args.cleanup else apply.install(config)
+        if args.cleanup:
+            applied = apply.uninstall(apply.installed_families())
+        else:
+            mode = _ipv6_mode(_raw(args, os.environ, next(o for o in _OPTIONS if o.dest == "ipv6"))[0])
+            applied = apply.install(config, ipv6_optional=mode == "auto" and not apply.has_global_ipv6())
     except apply.CaptureError as exc:
         raise CLIError(str(exc)) from exc
-    smlog.setup()
     if not args.cleanup and "ipv6" in applied and (why := apply.add_inbound_source()) is not None:
         log.warning(
             "could not add ::6 to lo: the sidecar delivers inbound IPv6 to ::1 (apps listening on the "

@@ -164,3 +164,23 @@ async def test_wait_ready(app_port: int) -> None:
     started = time.monotonic()
     assert not await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{app_port}/fail", 0.5, 0.1)
     assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("kind", ["httpGet", "tcpSocket"])
+async def test_an_app_bound_to_its_pod_address_only_passes_its_probe(kind: str) -> None:
+    """Nothing listens on --app-host (127.0.0.1): the probe runs against the pod's address (here
+    127.0.0.9), from the source the capture lets through (here 127.0.0.6), as the kubelet's own
+    probe would reach the app. A refusal there too still fails the probe."""
+    server = await asyncio.start_server(_app, "127.0.0.9", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        probe = AppProbe(kind, port, 1.0, "/ok")
+        alone = AppProber({"/p": probe})
+        assert (await alone.check(probe))[0] is False  # 127.0.0.1: refused
+        with_pod = AppProber({"/p": probe}, pod=("127.0.0.9", ("127.0.0.6", 0)))
+        assert await with_pod.check(probe) == (True, "HTTP 200" if kind == "httpGet" else "connected")
+        nobody = AppProber({"/p": probe}, pod=("127.0.0.10", ("127.0.0.6", 0)))
+        assert (await nobody.check(probe))[0] is False
+    finally:
+        server.close()
+        await server.wait_closed()

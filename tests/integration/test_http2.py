@@ -278,9 +278,9 @@ async def test_stream_paths_are_normalized_before_authorization(
 
 async def test_a_rapid_reset_flood_gets_goaway(pair: tuple[str, int]) -> None:
     """CVE-2023-44487: a client that opens streams and resets them at once, before any answer,
-    makes the sidecar open upstream streams for nothing. After 100 streams, mostly reset early,
-    the connection is closed with GOAWAY ENHANCE_YOUR_CALM (as Envoy does); a well-behaved client
-    on another connection is not affected."""
+    makes the sidecar open upstream streams for nothing. After 500 streams, half of them reset
+    within a second of opening, the connection is closed with GOAWAY ENHANCE_YOUR_CALM (Envoy's
+    rule); a well-behaved client on another connection is not affected."""
     reader, writer = await asyncio.open_connection(*pair)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     conn.initiate_connection()
@@ -294,7 +294,7 @@ async def test_a_rapid_reset_flood_gets_goaway(pair: tuple[str, int]) -> None:
     ]
     terminated: list[h2.events.ConnectionTerminated] = []
     try:
-        for batch in range(10):
+        for batch in range(30):
             for i in range(50):
                 sid = 1 + 2 * (batch * 50 + i)
                 conn.send_headers(sid, head)
@@ -316,3 +316,53 @@ async def test_a_rapid_reset_flood_gets_goaway(pair: tuple[str, int]) -> None:
     assert terminated and terminated[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, terminated
     ok = await _h2_status(pair, b"/test.Echo/Unary")
     assert ok.get(b"grpc-status") == b"0", ok
+
+
+async def test_calls_cancelled_late_do_not_trip_the_rapid_reset_rule(
+    pair: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client whose calls time out (resets after the premature window, here shortened to 0.2 s
+    with the stream count to 100 so the test is quick) keeps its connection."""
+    from proxy import http2
+
+    monkeypatch.setattr(http2, "PREMATURE_RESET_S", 0.2)
+    monkeypatch.setattr(http2, "PREMATURE_RESET_MIN_STREAMS", 100)
+    reader, writer = await asyncio.open_connection(*pair)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    head = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"cart"),
+        (b":path", b"/test.Echo/Unary"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    events: list[h2.events.Event] = []
+    try:
+        sid = 1
+        for _ in range(3):
+            opened = []
+            for _ in range(50):
+                conn.send_headers(sid, head)  # no body yet: the app waits, no answer comes
+                opened.append(sid)
+                sid += 2
+            writer.write(conn.data_to_send())
+            await asyncio.sleep(0.3)  # past the premature window
+            for s in opened:
+                conn.reset_stream(s, h2.errors.ErrorCodes.CANCEL)
+            writer.write(conn.data_to_send())
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                events += conn.receive_data(await asyncio.wait_for(reader.read(65536), 0.1))
+        conn.send_headers(sid, head)
+        conn.send_data(sid, _grpc_frame(b"ping"), end_stream=True)
+        writer.write(conn.data_to_send())
+        while not any(isinstance(e, h2.events.StreamEnded) and e.stream_id == sid for e in events):
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "the connection was closed"
+            events += conn.receive_data(data)
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    assert not [e for e in events if isinstance(e, h2.events.ConnectionTerminated)], events
