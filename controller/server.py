@@ -74,6 +74,19 @@ class Metrics:
         )
 
 
+# gRPC servers refuse client pings more often than every 5 minutes by default (GOAWAY
+# "too_many_pings" after two): the sidecars ping their idle config stream every 30 s
+# (proxy/config_client.py KEEPALIVE_MS), and each refusal cost a reconnect and a full resend of the
+# configuration. Pings are permitted every 10 s, and the server pings its side every 30 s too.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
 def peer_identity(context: grpc.aio.ServicerContext[typing.Any, typing.Any], trust_domain: str) -> WorkloadId:
     pems = list(context.auth_context().get("x509_pem_cert") or [])
     if not pems:
@@ -237,8 +250,7 @@ class ConfigServer:
         await self.identity.wait_ready()
         self._tasks.append(asyncio.create_task(self.source.run(self.on_change)))
         server = grpc.aio.server(
-            interceptors=[GrpcTelemetry(self.metrics.registry, self.tracing)],
-            options=[("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)],
+            interceptors=[GrpcTelemetry(self.metrics.registry, self.tracing)], options=SERVER_OPTIONS
         )
         handler = grpc.method_handlers_generic_handler(
             SERVICE,

@@ -23,8 +23,8 @@ doubles with each ejection in a row (``ejection_s`` .. ``max_ejection_s``). When
 endpoint is on probation: one lease at a time; a success returns it fully (and resets the
 backoff), a failure ejects it again at once with the next backoff. An outcome of a lease taken
 before the current ejection began does not end it. When *every* endpoint of a
-destination is ejected the balancer ignores ejection (as Envoy's panic threshold does): trying
-a maybe-broken endpoint beats failing every request.
+destination is ejected the balancer ignores ejection (as Linkerd does; Envoy's panic threshold
+is at 50% healthy): trying a maybe-broken endpoint beats failing every request.
 
 State is keyed by ``(address, port)`` and shared by every destination naming that endpoint, so it
 survives configuration updates; an endpoint the current configuration no longer lists is never
@@ -227,6 +227,8 @@ class Balancer:
                 st.ejected_until = st.ejected_at = None
             return
         st.observe(min(MAX_PENALTY_S, 2 * max(latency, DEFAULT_RTT_S, st.estimate(now))), now)
+        if st.ejected_at is not None and lease.started < st.ejected_at and not lease.probe:
+            return  # a request from before the ejection: old news, not another run of failures
         st.failures += 1
         if st.failures >= self.max_failures or lease.probe:
             st.ejected_until = now + min(self.max_ejection_s, self.ejection_s * 2 ** min(st.ejections, 30))

@@ -23,6 +23,9 @@ from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.mesh import wire
 from sidemesh.mesh.compile import CompileError, InboundConfig, OutboundTable
 
+# The stream's keepalive ping: a partition without a FIN is noticed within about a minute. The
+# controller permits pings this often (controller/server.py SERVER_OPTIONS).
+KEEPALIVE_MS = 30_000
 log = logging.getLogger("sidemesh.proxy.config")
 METHOD = "/sidemesh.config.v1.ConfigDiscovery/Stream"
 
@@ -83,7 +86,7 @@ class ConfigClient:
         options = [
             ("grpc.ssl_target_name_override", self.server_name),
             ("grpc.max_reconnect_backoff_ms", 1000),
-            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ]
         async with grpc.aio.secure_channel(self.address, creds, options=options) as channel:

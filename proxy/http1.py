@@ -245,7 +245,7 @@ async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Ro
     try:
         timeout = router.begin(info)
         deadline = None if timeout is None else time.monotonic() + timeout
-        route = await router.route(req, info)
+        route = await _route(router, req, info, deadline)
         if isinstance(route, Local):
             await _answer_locally(conn, down, route, result)
             return True
@@ -360,7 +360,7 @@ async def _forward(
                 # The response is complete before the request body: the server will not read the
                 # rest (a denial, an early error). Stop both, as a server would (RFC 9112 9.6).
                 await _stop(pump)
-                router.release(up, False, True)
+                router.release(up, False, result.status is None or result.status < 500)
                 down.write_eof()
                 down.close()
                 return False
@@ -450,7 +450,8 @@ async def _forward(
         reusable = up.conn.reusable
         if reusable:
             up.conn.start_next_cycle()
-        router.release(up, reusable, True)
+        # A 5xx is a failure for the balancer: an endpoint that fails fast must not look fast.
+        router.release(up, reusable, result.status is None or result.status < 500)
         return not spliced
 
 
@@ -496,7 +497,20 @@ async def _reroute(
     if deadline is not None and time.monotonic() + pause >= deadline:
         return Local(504, "upstream timeout", "allow", error="timeout")
     await asyncio.sleep(pause)
-    return await router.route(req, info)
+    return await _route(router, req, info, deadline)
+
+
+async def _route(
+    router: Router, req: h1.Request, info: RequestInfo, deadline: float | None
+) -> Local | Upstream:
+    """``router.route`` within the request's deadline: the Service's timeout covers finding and
+    connecting to an endpoint too (as Envoy's route timeout), not only waiting for the response."""
+    if deadline is None:
+        return await router.route(req, info)
+    try:
+        return await asyncio.wait_for(router.route(req, info), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        return Local(504, "upstream timeout", "allow", error="timeout")
 
 
 def _write_down(down: Pipe, conn: h1.Connection, events: list[h1.Event]) -> None:

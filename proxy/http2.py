@@ -288,6 +288,15 @@ def _headers(raw: list[Any]) -> list[Header]:  # hpack's tuples (h2 types them l
     return out
 
 
+# gRPC statuses that count as the endpoint failing, for the balancer: UNKNOWN, DEADLINE_EXCEEDED,
+# INTERNAL, UNAVAILABLE, DATA_LOSS: the server failed (as for the span status).
+GRPC_FAILURES = frozenset({2, 4, 13, 14, 15})
+
+
+def _succeeded(status: int, grpc_status: int | None) -> bool:
+    return status < 500 and grpc_status not in GRPC_FAILURES
+
+
 def _grpc_status_of(headers: list[Header]) -> int | None:
     status = None
     for n, v in headers:
@@ -835,6 +844,10 @@ class H2Proxy:
                 trailers = _headers(event.headers) if isinstance(event, h2.events.TrailersReceived) else None
                 if trailers is not None:
                     self._grpc_status(stream, trailers)
+                if stream.target is not None and stream.result.status is not None:
+                    self.router.report(
+                        stream.target, _succeeded(stream.result.status, stream.result.grpc_status)
+                    )
                 stream.to_down.append((trailers, 0))
                 self._pump(stream, up=False)
         elif isinstance(event, h2.events.StreamReset):
@@ -870,9 +883,12 @@ class H2Proxy:
             if stream.timer is not None:
                 stream.timer.cancel()
                 stream.timer = None
-            if stream.target is not None:
-                self.router.report(stream.target, status < 500)
             self._grpc_status(stream, headers)
+            # For the balancer a 5xx is a failure, and so is a gRPC status that says the server
+            # failed: an endpoint that fails fast must not look fast (Linkerd counts them too).
+            # A gRPC call's status comes in its trailers: reported then (or at its end).
+            if stream.target is not None and (status >= 500 or not stream.grpc or ended):
+                self.router.report(stream.target, _succeeded(status, stream.result.grpc_status))
         self.down.conn.send_headers(stream.down_id, headers, end_stream=ended)
         if ended:
             stream.end_queued_down = True

@@ -183,7 +183,11 @@ class OutboundRouter:
                 lease = self.sc.balancer.acquire(dest, avoid=tried)
             except NoEndpoint as exc:
                 return Local(503, str(exc), "allow", error="no endpoints")
-            up = await self._connect(lease.endpoint)
+            try:
+                up = await self._connect(lease.endpoint)
+            except BaseException:  # the request's deadline passed while connecting
+                lease.release(False)
+                raise
             if isinstance(up, Upstream):
                 self._leases[id(up)] = lease
                 return up

@@ -14,6 +14,7 @@ ignored: the object keeps everything else.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -45,27 +46,34 @@ class Delivery:
 DEFAULT = Delivery()
 
 
+def _shown(value: str) -> str:
+    """A value as an error message quotes it: at most 64 characters (annotations may be huge)."""
+    return repr(value) if len(value) <= 64 else f"{value[:64]!r}... ({len(value)} characters)"
+
+
 def parse_timeout(value: str) -> float | None:
     try:
         seconds = parse_duration(value).total_seconds()
     except (ValueError, OverflowError):
         seconds = -1.0
     if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{value!r} is not a duration (examples: 2s, 500ms, 1m30s; 0s for none)")
+        raise ValueError(f"{_shown(value)} is not a duration (examples: 2s, 500ms, 1m30s; 0s for none)")
+    if seconds < 0.001 and re.search(r"[1-9]", value):  # not a zero: it must not mean "no timeout"
+        raise ValueError(f"{_shown(value)} is shorter than 1ms (0s: no timeout)")
     return seconds or None
 
 
 def parse_retries(value: str) -> int:
     text = value.strip()
     if not (text.isascii() and text.isdigit()) or int(text) > MAX_RETRIES:
-        raise ValueError(f"{value!r} is not a number of retries from 0 to {MAX_RETRIES}")
+        raise ValueError(f"{_shown(value)} is not a number of retries from 0 to {MAX_RETRIES}")
     return int(text)
 
 
 def parse_bool(value: str) -> bool:
     text = value.strip().lower()
     if text not in ("true", "false"):
-        raise ValueError(f"{value!r} is not true or false")
+        raise ValueError(f"{_shown(value)} is not true or false")
     return text == "true"
 
 

@@ -88,10 +88,17 @@ class Server:
     """A grpcio server answering /test.Echo/*: counts calls, waits ``delay`` before answering, and
     answers its next ``fail`` unary calls UNAVAILABLE (an abort: a trailers-only response)."""
 
-    def __init__(self, name: str, delay: float = 0.0, fail: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        delay: float = 0.0,
+        fail: int = 0,
+        code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+    ) -> None:
         self.name = name
         self.delay = delay
         self.fail = fail
+        self.code = code
         self.hits = 0
         self.answered = 0  # unary calls answered (not cancelled while waiting ``delay``)
         self.sizes: list[int] = []  # of the unary requests
@@ -126,7 +133,7 @@ class Server:
             await asyncio.sleep(self.delay)
         if self.fail > 0:
             self.fail -= 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is down")
+            await context.abort(self.code, f"{self.name} is down")
         context.set_trailing_metadata((("x-served-by", self.name),))
         self.answered += 1
         return self.name.encode() + b":" + request
@@ -524,6 +531,19 @@ async def test_unavailable_calls_go_to_the_other_endpoint_with_retry_non_idempot
     assert dest is not None
     st = frontend.balancer.state(next(e for e in dest.endpoints if e.address == mesh.addr(CART2)))
     assert st is not None and (st.failures >= 1 or st.ejections >= 1)  # UNAVAILABLE counts as a failure
+
+
+async def test_an_endpoint_failing_calls_fast_does_not_attract_them(mesh: Mesh, carts: Carts) -> None:
+    """INTERNAL at once (a failure, not retried) against OK in 20 ms: a gRPC status that says the
+    server failed counts against the endpoint (its response is a 200), so it is ejected instead
+    of winning every choice for being fast."""
+    bad, good = Server("bad", fail=10**6, code=grpc.StatusCode.INTERNAL), Server("good", delay=0.02)
+    await carts.start((CART1, bad), (CART2, good))
+    async with channel(mesh) as ch:
+        for _ in range(5):
+            await asyncio.gather(*(unary(ch)(b"x") for _ in range(40)), return_exceptions=True)
+    assert bad.hits + good.hits == 200
+    assert bad.hits < 30, (bad.hits, good.hits)
 
 
 async def test_without_retry_non_idempotent_unavailable_reaches_the_client(mesh: Mesh, carts: Carts) -> None:

@@ -60,6 +60,7 @@ class App:
         self.delay = delay
         self.hits = 0
         self.fail_next = 0  # answer this many requests with 503
+        self.broken = False  # answer every request with 500 at once
         self.bodies: list[bytes] = []  # the body of every request that reached the app
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
@@ -68,6 +69,8 @@ class App:
     async def handle(self, request: web.Request) -> web.Response:
         self.hits += 1
         self.bodies.append(await request.read())
+        if self.broken:
+            return web.Response(status=500, text="broken")
         if self.fail_next > 0:
             self.fail_next -= 1
             return web.Response(status=503, text="busy")
@@ -129,6 +132,23 @@ async def test_a_slow_endpoint_gets_fewer_requests(mesh: Mesh) -> None:
     assert all(status == 200 for batch in results for status, _ in batch)
     assert fast.hits + slow.hits == 160
     assert fast.hits > 3 * slow.hits, (fast.hits, slow.hits)
+
+
+async def test_an_endpoint_that_fails_fast_does_not_attract_the_traffic(mesh: Mesh) -> None:
+    """500 at once (not retried: only 502-504 are) against 200 in 20 ms: counted as successes,
+    the failing endpoint's latency estimate was the lower one and it took nearly everything.
+    A 5xx is a failure for the balancer: penalized, then ejected after 5 in a row."""
+    write_mesh(mesh, two=True)
+    bad, good = App("bad"), App("good", delay=0.02)
+    bad.broken = True
+    await start_mesh(mesh, [(CART1, bad), (CART2, good)])
+    addr = (mesh.addr(FRONTEND), OUT)
+    results = await asyncio.gather(
+        *(asyncio.to_thread(session, addr, [("GET", "/x")] * 50) for _ in range(4))
+    )
+    statuses = [status for batch in results for status, _ in batch]
+    assert bad.hits + good.hits == 200
+    assert bad.hits < 20 and statuses.count(200) > 180, (bad.hits, good.hits)
 
 
 async def test_idempotent_requests_are_retried_post_is_not(mesh: Mesh) -> None:
@@ -200,6 +220,32 @@ async def test_timeout_answers_504(mesh: Mesh) -> None:
     status, body = (await asyncio.to_thread(session, (mesh.addr(FRONTEND), OUT), [("GET", "/t")]))[0]
     assert status == 504 and b"timeout" in body
     assert time.monotonic() - began < 1.5
+
+
+async def test_the_timeout_covers_connecting_to_the_endpoint(mesh: Mesh) -> None:
+    """cart's "sidecar" takes the TCP connection and never completes TLS: the Service's 200 ms
+    timeout answers 504, as Envoy's route timeout does; before, three connection attempts of 5 s
+    each (--connect-timeout) ran first and the client waited 15 s for a 502."""
+    write_mesh(mesh, two=False, timeout="200ms")
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # kept open, never answered
+
+    port = mesh.sidecars["frontend"].inbound_port
+    server = await asyncio.start_server(hang, mesh.addr(CART1), port)
+    try:
+        began = time.monotonic()
+        status, body = (await asyncio.to_thread(session, (mesh.addr(FRONTEND), OUT), [("GET", "/t")]))[0]
+        took = time.monotonic() - began
+        assert status == 504 and b"timeout" in body, (status, body)
+        assert took < 1.5, took
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_endpoint_changes_apply_to_the_next_request(mesh: Mesh) -> None:

@@ -70,3 +70,14 @@ def test_help_lists_every_option_with_default_and_env() -> None:
     for flag in ("--listen", "--ca-dir", "--token-file", "--default-ttl", "--rate-limit", "--dns-names"):
         assert flag in text
     assert "SIDEMESH_CA_DEFAULT_TTL" in text and "(default: 1h)" in text
+
+
+def test_the_controller_permits_the_sidecars_keepalive_pings() -> None:
+    """gRPC servers answer pings more frequent than their minimum (5 minutes by default) with
+    GOAWAY too_many_pings: every idle config stream was cut and the whole configuration sent again."""
+    from controller.server import SERVER_OPTIONS
+    from proxy.config_client import KEEPALIVE_MS
+
+    options = dict(SERVER_OPTIONS)
+    assert options["grpc.http2.min_recv_ping_interval_without_data_ms"] <= KEEPALIVE_MS
+    assert options["grpc.keepalive_permit_without_calls"] == 1

@@ -40,6 +40,18 @@ def test_bad_timeouts(text: str) -> None:
         parse_timeout(text)
 
 
+@pytest.mark.parametrize("text", ["1e-9", "0.0000001", "0.5ms"])
+def test_a_timeout_under_a_millisecond_is_refused_not_taken_for_none(text: str) -> None:
+    with pytest.raises(ValueError, match="shorter than 1ms"):
+        parse_timeout(text)
+
+
+def test_a_huge_bad_value_is_quoted_short() -> None:
+    with pytest.raises(ValueError, match="is not a duration") as err:
+        parse_timeout("x" * 5000)
+    assert len(str(err.value)) < 200 and "5000 characters" in str(err.value)
+
+
 @pytest.mark.parametrize(("text", "n"), [("0", 0), ("3", 3), (" 10 ", 10)])
 def test_retries(text: str, n: int) -> None:
     assert parse_retries(text) == n

@@ -299,6 +299,23 @@ def test_news_from_before_an_ejection_does_not_end_it() -> None:
     assert st is not None and st.outstanding == 0
 
 
+def test_requests_in_flight_when_it_was_ejected_do_not_eject_it_again() -> None:
+    """An endpoint crashes with 20 requests in flight: the first 5 failures eject it for 30 s; the
+    other 15 failures are of requests sent before that, not a new run (Envoy skips a host already
+    ejected). The backoff stays at its first step."""
+    b, clock = make(max_failures=5, ejection_s=30.0)
+    d = dest(1, 2)
+    bad = d.endpoints[0]
+    in_flight = [lease for lease in (b.acquire(d) for _ in range(80)) if lease.endpoint == bad][:20]
+    assert len(in_flight) == 20
+    clock.now += 0.5
+    for lease in in_flight:
+        lease.release(False)
+    st = b.state(bad)
+    assert st is not None and st.ejections == 1
+    assert st.ejected_until == pytest.approx(clock.now + 30.0)
+
+
 def test_report_then_release_counts_once() -> None:
     b, _ = make()
     d = dest(1)
