@@ -227,7 +227,7 @@ class Balancer:
                 st.ejected_until = st.ejected_at = None
             return
         st.observe(min(MAX_PENALTY_S, 2 * max(latency, DEFAULT_RTT_S, st.estimate(now))), now)
-        if st.ejected_at is not None and lease.started < st.ejected_at and not lease.probe:
+        if st.ejected_at is not None and lease.started < st.ejected_at:
             return  # a request from before the ejection: old news, not another run of failures
         st.failures += 1
         if st.failures >= self.max_failures or lease.probe:

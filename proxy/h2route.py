@@ -100,9 +100,9 @@ class OutboundStreams:
             ticket=lease,
         )
 
-    def report(self, target: Target, ok: bool) -> None:
+    def report(self, target: Target, ok: bool, latency: float | None = None) -> None:
         if isinstance(target.ticket, Lease):
-            target.ticket.report(ok)
+            target.ticket.report(ok, latency)
 
     def release(self, target: Target, ok: bool) -> None:
         if isinstance(target.ticket, Lease):

@@ -62,6 +62,7 @@ Header = tuple[bytes, bytes]
 Item = tuple[bytes | list[Header] | None, int]  # (data | trailers | end, flow-controlled length)
 _REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
 PREMATURE_RESET_MIN_STREAMS = 500  # streams before the rapid-reset rule applies (Envoy's default)
+CLIENT_RESET = "reset by the client"
 PREMATURE_RESET_S = 1.0  # a reset this soon after the stream opened is premature (Envoy's default)
 
 
@@ -109,8 +110,9 @@ class StreamRouter(Protocol):
         """Where the stream goes (``tried``: the targets of its earlier attempts), or its answer."""
         ...
 
-    def report(self, target: Target, ok: bool) -> None:
-        """The attempt's response head came (``ok``: not a 5xx), or it failed before."""
+    def report(self, target: Target, ok: bool, latency: float | None = None) -> None:
+        """The attempt's outcome (``ok``: no 5xx, no failing gRPC status), once; ``latency``: the
+        time to its response head (default: until now)."""
         ...
 
     def release(self, target: Target, ok: bool) -> None:
@@ -155,7 +157,7 @@ class _AppRouter:
             return verdict
         return Target("app", self.connect_app, verdict[0], verdict[1])
 
-    def report(self, target: Target, ok: bool) -> None:
+    def report(self, target: Target, ok: bool, latency: float | None = None) -> None:
         pass
 
     def release(self, target: Target, ok: bool) -> None:
@@ -199,6 +201,8 @@ class _Stream:
     timer: asyncio.TimerHandle | None = None
     task: asyncio.Task[None] | None = None  # connecting, or waiting to retry
     opened: float = field(default_factory=time.monotonic)
+    target_since: float = 0.0  # when the current attempt began
+    head_s: float | None = None  # its time to the response head (the balancer's latency)
 
 
 class _Side:
@@ -469,7 +473,7 @@ class H2Proxy:
                     with contextlib.suppress(h2.exceptions.ProtocolError):
                         stream.up.conn.reset_stream(stream.up_id, event.error_code or 0)
                     self._written.add(stream.up)
-                self._finish(stream, error="reset by the client")
+                self._finish(stream, error=CLIENT_RESET)
         elif isinstance(event, h2.events.WindowUpdated):
             self._pump_all(self.streams, event.stream_id, up=False)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
@@ -561,6 +565,7 @@ class H2Proxy:
             self._deny(stream, target)
             return
         stream.target = target
+        stream.target_since = time.monotonic()
         r = stream.result
         r.reason, r.policy, r.endpoint, r.destination = (
             target.reason,
@@ -845,9 +850,8 @@ class H2Proxy:
                 if trailers is not None:
                     self._grpc_status(stream, trailers)
                 if stream.target is not None and stream.result.status is not None:
-                    self.router.report(
-                        stream.target, _succeeded(stream.result.status, stream.result.grpc_status)
-                    )
+                    ok = _succeeded(stream.result.status, stream.result.grpc_status)
+                    self.router.report(stream.target, ok, stream.head_s)
                 stream.to_down.append((trailers, 0))
                 self._pump(stream, up=False)
         elif isinstance(event, h2.events.StreamReset):
@@ -886,9 +890,13 @@ class H2Proxy:
             self._grpc_status(stream, headers)
             # For the balancer a 5xx is a failure, and so is a gRPC status that says the server
             # failed: an endpoint that fails fast must not look fast (Linkerd counts them too).
-            # A gRPC call's status comes in its trailers: reported then (or at its end).
+            # A gRPC call's status comes in its trailers: reported then (or at its end), with the
+            # time to this head as its latency (not the life of a long stream).
+            stream.head_s = time.monotonic() - stream.target_since
             if stream.target is not None and (status >= 500 or not stream.grpc or ended):
-                self.router.report(stream.target, _succeeded(status, stream.result.grpc_status))
+                self.router.report(
+                    stream.target, _succeeded(status, stream.result.grpc_status), stream.head_s
+                )
         self.down.conn.send_headers(stream.down_id, headers, end_stream=ended)
         if ended:
             stream.end_queued_down = True
@@ -993,6 +1001,11 @@ class H2Proxy:
         if error is not None and stream.result.error is None:
             stream.result.error = error
         if stream.target is not None:
+            if error == CLIENT_RESET:  # the caller's choice, not the endpoint's failure: what it
+                # answered counts (or, unanswered, the time it took so far, as its latency)
+                status = stream.result.status
+                ok = status is None or _succeeded(status, stream.result.grpc_status)
+                self.router.report(stream.target, ok, stream.head_s)
             self.router.release(stream.target, stream.result.error is None)
             stream.target = None
         stream.span.finish(stream.result)

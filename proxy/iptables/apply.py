@@ -110,7 +110,7 @@ def install(config: CaptureConfig, ipv6_optional: bool = False) -> dict[Family, 
 
     IPv6 failing (no ip6tables, a kernel without IPv6 NAT) is an error that also takes the IPv4
     capture back out, unless ``ipv6_optional`` (``--ipv6 auto`` in a pod without a global IPv6
-    address): then IPv4 stays and the failure is returned under "ipv6-error"."""
+    address): then IPv4 stays, ``"ipv6"`` is missing from what is returned, and a warning says why."""
     applied: dict[Family, str] = {}
     for family in config.families:
         try:

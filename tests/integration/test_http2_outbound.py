@@ -546,6 +546,43 @@ async def test_an_endpoint_failing_calls_fast_does_not_attract_them(mesh: Mesh, 
     assert bad.hits < 30, (bad.hits, good.hits)
 
 
+def _cart1_state(mesh: Mesh) -> Any:
+    frontend = mesh.sidecars["frontend"]
+    dest = frontend.mesh_config().lookup_name("cart.shop:80")
+    assert dest is not None
+    st = frontend.balancer.state(next(e for e in dest.endpoints if e.address == mesh.addr(CART1)))
+    assert st is not None
+    return frontend.balancer, st
+
+
+async def test_a_streams_outcome_is_its_status_and_its_latency_the_time_to_its_head(
+    mesh: Mesh, carts: Carts
+) -> None:
+    """A gRPC call's outcome waits for its status (in the trailers), but the latency the balancer
+    learns is the time to the response head, not the stream's life: a 2 s bidi stream must not make
+    its endpoint look 2 s slow. A client cancelling calls it got answers on is not the endpoint
+    failing: no ejection."""
+    await carts.start((CART1, Server("a")), two=False)
+    async with channel(mesh) as ch:
+        await unary(ch)(b"warm")
+        stream = ch.stream_stream("/test.Echo/Bidi")()
+        await stream.write(b"m")
+        await read(stream)
+        await asyncio.sleep(2.0)
+        await stream.done_writing()
+        assert await stream.read() is EOF
+        balancer, st = _cart1_state(mesh)
+        assert st.estimate(balancer.clock()) < 0.5, balancer.describe()
+        for _ in range(6):
+            stream = ch.stream_stream("/test.Echo/Bidi")()
+            await stream.write(b"m")
+            await read(stream)  # answered
+            stream.cancel()  # the client gives up on a healthy endpoint
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+    assert (st.ejections, st.failures) == (0, 0), balancer.describe()
+
+
 async def test_without_retry_non_idempotent_unavailable_reaches_the_client(mesh: Mesh, carts: Carts) -> None:
     down = Server("down", fail=10**6)
     await carts.start((CART1, down), two=False, retries=2)

@@ -79,5 +79,5 @@ def test_the_controller_permits_the_sidecars_keepalive_pings() -> None:
     from proxy.config_client import KEEPALIVE_MS
 
     options = dict(SERVER_OPTIONS)
-    assert options["grpc.http2.min_recv_ping_interval_without_data_ms"] <= KEEPALIVE_MS
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] <= KEEPALIVE_MS
     assert options["grpc.keepalive_permit_without_calls"] == 1

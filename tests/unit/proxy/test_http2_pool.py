@@ -78,7 +78,7 @@ class Router:
     def route(self, info: RequestInfo, tried: list[Target]) -> Target:
         return Target(("plain", self.port), self.connect)
 
-    def report(self, target: Target, ok: bool) -> None:
+    def report(self, target: Target, ok: bool, latency: float | None = None) -> None:
         pass
 
     def release(self, target: Target, ok: bool) -> None:
