@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import datetime as dt
 import hashlib
 import json
@@ -33,6 +34,15 @@ SA_PREFIX = "system:serviceaccount:"
 RELOAD_CHECK_SECONDS = 1.0
 TOKEN_CACHE_TTL = dt.timedelta(seconds=60)
 MAX_CACHED_TOKENS = 10_000
+# A refused token is refused again for this long without asking the API server: a workload retrying
+# with a dead token (its ServiceAccount deleted) costs one TokenReview per 10 s, not one per call.
+# (Tokens only stop being valid: a refusal cannot turn into an acceptance, short of the API server's
+# own mistake, which this delays by at most as long.)
+REFUSAL_CACHE_TTL = dt.timedelta(seconds=10)
+# A TokenReview that takes longer fails (UNAVAILABLE: retry); reviews run on their own threads, so a
+# hung API server holds at most these, never the CA's other work, and never for good.
+REVIEW_TIMEOUT_S = 5.0
+REVIEW_THREADS = 8
 
 
 class Authenticator(Protocol):
@@ -188,7 +198,9 @@ class KubernetesTokenAuthenticator:
     An accepted token is remembered (by its SHA-256 digest) for ``cache_for``, and never past its own
     ``exp``: a workload that retries, or renews with the same token, costs the API server one review
     rather than one per call. The API server caches its own webhook token reviews the same way
-    (``--authentication-token-webhook-cache-ttl``, 2 minutes). Refusals are not cached.
+    (``--authentication-token-webhook-cache-ttl``, 2 minutes). A refusal is remembered for
+    ``REFUSAL_CACHE_TTL`` (10 s). A review times out after ``REVIEW_TIMEOUT_S`` on one of
+    ``REVIEW_THREADS`` threads of its own.
     """
 
     def __init__(
@@ -205,6 +217,10 @@ class KubernetesTokenAuthenticator:
         self.cache_for = cache_for
         self.max_cached = max_cached
         self._cache: OrderedDict[bytes, tuple[WorkloadId, dt.datetime]] = OrderedDict()
+        self._refused: OrderedDict[bytes, tuple[Unauthenticated, dt.datetime]] = OrderedDict()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            REVIEW_THREADS, thread_name_prefix="tokenreview"
+        )
         self.reviews = 0  # TokenReviews sent (for tests and the curious)
 
     def _review(self, token: str) -> Any:
@@ -215,7 +231,9 @@ class KubernetesTokenAuthenticator:
             kind="TokenReview",
             spec=client.V1TokenReviewSpec(token=token, audiences=[self.audience]),
         )
-        return client.AuthenticationV1Api(self.api_client).create_token_review(body)
+        return client.AuthenticationV1Api(self.api_client).create_token_review(
+            body, _request_timeout=REVIEW_TIMEOUT_S
+        )
 
     async def authenticate(self, token: str) -> WorkloadId:
         key = _digest(token)
@@ -225,7 +243,18 @@ class KubernetesTokenAuthenticator:
             if now < cached[1]:
                 return cached[0]
             del self._cache[key]
-        identity = await self._authenticate(token)
+        refused = self._refused.get(key)
+        if refused is not None:
+            if now < refused[1]:
+                raise refused[0]
+            del self._refused[key]
+        try:
+            identity = await self._authenticate(token)
+        except Unauthenticated as exc:
+            self._refused[key] = (exc, now + REFUSAL_CACHE_TTL)
+            while len(self._refused) > self.max_cached:
+                self._refused.popitem(last=False)
+            raise
         if self.cache_for > dt.timedelta(0):
             until = now + self.cache_for
             expiry = token_expiry(token)
@@ -242,7 +271,7 @@ class KubernetesTokenAuthenticator:
 
         self.reviews += 1
         try:
-            review = await asyncio.to_thread(self._review, token)
+            review = await asyncio.get_running_loop().run_in_executor(self._executor, self._review, token)
         except (ApiException, HTTPError, OSError) as exc:
             raise AuthenticatorUnavailable(
                 "cannot verify the token now; retry later", f"TokenReview failed: {exc}"

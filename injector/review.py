@@ -76,7 +76,7 @@ def parse_review(body: bytes) -> dict[str, Any]:
     """The `request` of an AdmissionReview v1, with a uid; BadReview otherwise."""
     try:
         review = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadReview(f"the body is not JSON ({exc}); expected an AdmissionReview {API_VERSION}") from None
     if not isinstance(review, dict):
         raise BadReview(f"the body is not a JSON object; expected an AdmissionReview {API_VERSION}")

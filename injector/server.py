@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from injector import review
 from injector.settings import InjectionSettings
@@ -101,6 +102,50 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+# A request must arrive whole within this long of the connection (or of its first byte): uvicorn
+# closes an idle keep-alive connection but not one that sends part of a request, or nothing after
+# the TLS handshake, and thousands of those held the injector's memory past its limit. The API
+# server sends a whole AdmissionReview at once and waits at most 30 s for the answer.
+REQUEST_READ_S = 10.0
+MAX_CONNECTIONS = 1000  # connections or requests at once; beyond, uvicorn answers 503
+
+
+class _ReadGuard(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline on reading each request."""
+
+    _read_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._read_timer = self.loop.call_later(REQUEST_READ_S, self._expire)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _expire(self) -> None:
+        self._read_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
 class WebhookServer:
     """uvicorn over HTTPS with a ServingCertificate whose context is updated in place."""
 
@@ -116,6 +161,8 @@ class WebhookServer:
             lifespan="off",
             server_header=False,
             timeout_keep_alive=30,  # the API server reuses connections; spare it handshakes
+            http=_ReadGuard,
+            limit_concurrency=MAX_CONNECTIONS,
         )
         self.server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None

@@ -3,14 +3,18 @@ format (the real `kubernetes` client code runs)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
+import threading
+import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
+from ca import authn as authn_module
 from ca.authn import KubernetesTokenAuthenticator, token_expiry
 from sidemesh.identity.client import CAClientError
 from sidemesh.spiffe import WorkloadId
@@ -96,10 +100,14 @@ async def test_an_accepted_token_is_reviewed_once_per_cache_period(
     clock.offset += dt.timedelta(seconds=61)  # the cached answer has expired: ask again
     await ca.issue("projected", FRONTEND)
     assert authn.reviews == len(kube.requests) == 2
-    # Refusals are not cached: the API server is asked every time.
-    for _ in range(2):
+    # A refusal is remembered for 10 s: a workload retrying a dead token costs one review per 10 s.
+    for _ in range(3):
         with pytest.raises(CAClientError):
             await ca.issue("unknown", FRONTEND)
+    assert len(kube.requests) == 3
+    clock.offset += dt.timedelta(seconds=11)
+    with pytest.raises(CAClientError):
+        await ca.issue("unknown", FRONTEND)
     assert len(kube.requests) == 4
     # A token the API server stops accepting is refused once its cached answer has expired.
     del kube.tokens["projected"]
@@ -143,3 +151,29 @@ def _jwt(claims: object) -> str:
 )
 def test_token_expiry_bounds_the_cache_only_when_readable(token: str, expected: dt.datetime | None) -> None:
     assert token_expiry(token) == expected
+
+
+async def test_a_hung_api_server_fails_reviews_in_time_and_never_wedges_the_ca(
+    start_ca: StartCA, kube: FakeKubeAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API server takes TokenReviews and never answers: each call fails UNAVAILABLE (retry)
+    after the review timeout (here 0.5 s), more of them than the CA has review threads; once the
+    API server answers again, so does the CA (before, the hung reviews held the threads for good)."""
+    monkeypatch.setattr(authn_module, "REVIEW_TIMEOUT_S", 0.5)
+    kube.hang = threading.Event()
+    ca = await start_ca(
+        authenticator=KubernetesTokenAuthenticator(api_client(kube.url), cache_for=dt.timedelta(0))
+    )
+    began = time.monotonic()
+    results = await asyncio.gather(
+        *(ca.issue("projected", FRONTEND) for _ in range(authn_module.REVIEW_THREADS + 4)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, CAClientError) and r.code == grpc.StatusCode.UNAVAILABLE for r in results), (
+        results
+    )
+    assert time.monotonic() - began < 5
+    kube.hang.set()
+    kube.hang = None
+    svid = await asyncio.wait_for(ca.issue("projected", FRONTEND), 5)
+    assert str(svid.spiffe_id).endswith("/sa/frontend")

@@ -239,6 +239,12 @@ BAD_INPUTS: list[tuple[str, bytes | Json, int, str]] = [
     ("empty body", b"", 400, "the body is not JSON"),
     ("JSON array", b"[]", 400, "not a JSON object"),
     (
+        "nested too deep",
+        b'{"uid": "u", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        400,
+        "the body is not JSON",
+    ),
+    (
         "wrong version",
         {**review(), "apiVersion": "admission.k8s.io/v1beta1"},
         400,
@@ -301,6 +307,35 @@ async def test_other_methods_paths_and_sizes(injector: Injector) -> None:
     assert status == 413 and "over" in body["error"]
     status, body = await asyncio.to_thread(injector.client.post, review())
     assert status == 200
+
+
+async def test_a_client_that_never_sends_a_whole_request_is_closed(
+    injector: Injector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the TLS handshake: nothing, half a head, or a head and half a body. Each is closed
+    once the request-read deadline (here 0.5 s) passes; uvicorn alone held them forever, and
+    thousands held the injector's memory past its limit. Normal requests are unaffected."""
+    from injector import server as server_module
+
+    monkeypatch.setattr(server_module, "REQUEST_READ_S", 0.5)
+    ctx = ssl.create_default_context(cadata=injector.client.bundle.decode())
+    partial = [
+        b"",
+        b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Le",
+        b'POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"uid":',
+    ]
+    for sent in partial:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", injector.client.port, ssl=ctx, server_hostname=INJECTOR_SERVER_NAME
+        )
+        writer.write(sent)
+        began = time.monotonic()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            assert await asyncio.wait_for(reader.read(), 5) in (b"", b"HTTP/1.1 400 Bad Request\r\n")
+        assert time.monotonic() - began < 3, sent
+        writer.close()
+    status, answer = await asyncio.to_thread(injector.client.post, review())
+    assert status == 200 and answer["response"]["allowed"] is True
 
 
 async def test_not_a_pod_create_is_allowed_untouched(injector: Injector) -> None:

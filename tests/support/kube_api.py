@@ -27,6 +27,8 @@ class FakeKubeAPI:
     # Emulates an API server that does not report audiences back (must be refused by the CA).
     omit_audiences: bool = False
     requests: list[dict[str, Any]] = field(default_factory=list)
+    # Emulates an API server that takes a review and never answers while set (a hung apiserver).
+    hang: threading.Event | None = None
 
     def __post_init__(self) -> None:
         api = self
@@ -49,6 +51,10 @@ class FakeKubeAPI:
                     return
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
                 api.requests.append(body)
+                hang = api.hang
+                if hang is not None:
+                    hang.wait(30)  # until the test lets it go
+                    return
                 if body.get("apiVersion") != "authentication.k8s.io/v1" or body.get("kind") != "TokenReview":
                     self._send(400, _status(400, "BadRequest", "expected a TokenReview"))
                     return
