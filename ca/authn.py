@@ -35,13 +35,15 @@ RELOAD_CHECK_SECONDS = 1.0
 TOKEN_CACHE_TTL = dt.timedelta(seconds=60)
 MAX_CACHED_TOKENS = 10_000
 # A refused token is refused again for this long without asking the API server: a workload retrying
-# with a dead token (its ServiceAccount deleted) costs one TokenReview per 10 s, not one per call.
-# (Tokens only stop being valid: a refusal cannot turn into an acceptance, short of the API server's
-# own mistake, which this delays by at most as long.)
-REFUSAL_CACHE_TTL = dt.timedelta(seconds=10)
-# A TokenReview that takes longer fails (UNAVAILABLE: retry); reviews run on their own threads, so a
-# hung API server holds at most these, never the CA's other work, and never for good.
+# with a dead token (its ServiceAccount deleted) in a loop costs one TokenReview per 2 s, not one
+# per call. Short, because a refusal can turn into an acceptance (a ServiceAccount created just
+# after its token was first tried, an API server whose caches were behind).
+REFUSAL_CACHE_TTL = dt.timedelta(seconds=2)
+# A call waits at most this long for its TokenReview, then fails UNAVAILABLE (retry). Reviews run
+# on threads of their own; with all of them busy (a hung API server), a call fails at once rather
+# than queueing behind them.
 REVIEW_TIMEOUT_S = 5.0
+REVIEW_CONNECT_TIMEOUT_S = 2.0
 REVIEW_THREADS = 8
 
 
@@ -199,8 +201,8 @@ class KubernetesTokenAuthenticator:
     ``exp``: a workload that retries, or renews with the same token, costs the API server one review
     rather than one per call. The API server caches its own webhook token reviews the same way
     (``--authentication-token-webhook-cache-ttl``, 2 minutes). A refusal is remembered for
-    ``REFUSAL_CACHE_TTL`` (10 s). A review times out after ``REVIEW_TIMEOUT_S`` on one of
-    ``REVIEW_THREADS`` threads of its own.
+    ``REFUSAL_CACHE_TTL`` (2 s). A call waits at most ``REVIEW_TIMEOUT_S`` for its review, which
+    runs on one of ``REVIEW_THREADS`` threads of its own (none free: UNAVAILABLE at once).
     """
 
     def __init__(
@@ -217,10 +219,11 @@ class KubernetesTokenAuthenticator:
         self.cache_for = cache_for
         self.max_cached = max_cached
         self._cache: OrderedDict[bytes, tuple[WorkloadId, dt.datetime]] = OrderedDict()
-        self._refused: OrderedDict[bytes, tuple[Unauthenticated, dt.datetime]] = OrderedDict()
+        self._refused: OrderedDict[bytes, tuple[str, str, dt.datetime]] = OrderedDict()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             REVIEW_THREADS, thread_name_prefix="tokenreview"
         )
+        self._busy = 0  # reviews running on the executor's threads
         self.reviews = 0  # TokenReviews sent (for tests and the curious)
 
     def _review(self, token: str) -> Any:
@@ -232,8 +235,18 @@ class KubernetesTokenAuthenticator:
             spec=client.V1TokenReviewSpec(token=token, audiences=[self.audience]),
         )
         return client.AuthenticationV1Api(self.api_client).create_token_review(
-            body, _request_timeout=REVIEW_TIMEOUT_S
+            body, _request_timeout=(REVIEW_CONNECT_TIMEOUT_S, REVIEW_TIMEOUT_S)
         )
+
+    def _review_counted(self, token: str) -> Any:
+        try:
+            return self._review(token)
+        finally:
+            self._busy -= 1
+
+    def close(self) -> None:
+        """Let the review threads go (a review still hung is abandoned, not waited for)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def authenticate(self, token: str) -> WorkloadId:
         key = _digest(token)
@@ -245,13 +258,13 @@ class KubernetesTokenAuthenticator:
             del self._cache[key]
         refused = self._refused.get(key)
         if refused is not None:
-            if now < refused[1]:
-                raise refused[0]
+            if now < refused[2]:
+                raise Unauthenticated(refused[0], refused[1])  # a new one: no traceback grows
             del self._refused[key]
         try:
             identity = await self._authenticate(token)
         except Unauthenticated as exc:
-            self._refused[key] = (exc, now + REFUSAL_CACHE_TTL)
+            self._refused[key] = (exc.public, exc.detail, now + REFUSAL_CACHE_TTL)
             while len(self._refused) > self.max_cached:
                 self._refused.popitem(last=False)
             raise
@@ -271,7 +284,18 @@ class KubernetesTokenAuthenticator:
 
         self.reviews += 1
         try:
-            review = await asyncio.get_running_loop().run_in_executor(self._executor, self._review, token)
+            if self._busy >= REVIEW_THREADS:
+                raise AuthenticatorUnavailable(
+                    "cannot verify the token now; retry later",
+                    f"all {REVIEW_THREADS} TokenReview threads are waiting on the API server",
+                )
+            self._busy += 1  # (the thread's -= and this += each hold the GIL: no lost update)
+            work = asyncio.get_running_loop().run_in_executor(self._executor, self._review_counted, token)
+            review = await asyncio.wait_for(work, REVIEW_TIMEOUT_S + 1.0)
+        except TimeoutError as exc:
+            raise AuthenticatorUnavailable(
+                "cannot verify the token now; retry later", f"TokenReview took over {REVIEW_TIMEOUT_S:g}s"
+            ) from exc
         except (ApiException, HTTPError, OSError) as exc:
             raise AuthenticatorUnavailable(
                 "cannot verify the token now; retry later", f"TokenReview failed: {exc}"

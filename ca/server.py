@@ -270,6 +270,9 @@ class CAServer:
             self._metrics_server.server_close()  # type: ignore[attr-defined]
         if self.tracing is not None:
             await self.tracing.close()
+        close = getattr(self.service.authenticator, "close", None)
+        if close is not None:
+            close()
 
     async def wait(self) -> None:
         assert self._server is not None

@@ -102,38 +102,55 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-# A request must arrive whole within this long of the connection (or of its first byte): uvicorn
-# closes an idle keep-alive connection but not one that sends part of a request, or nothing after
-# the TLS handshake, and thousands of those held the injector's memory past its limit. The API
-# server sends a whole AdmissionReview at once and waits at most 30 s for the answer.
-REQUEST_READ_S = 10.0
-MAX_CONNECTIONS = 1000  # connections or requests at once; beyond, uvicorn answers 503
+# A connection must not go this long without a byte while a request is being read (or after its
+# TLS handshake, before any): uvicorn closes an idle keep-alive connection but not one that sends
+# part of a request, or nothing at all, and thousands of those held the injector's memory past its
+# limit. The API server sends an AdmissionReview at once; a slow but steady body is not cut.
+REQUEST_IDLE_S = 10.0
 
 
 class _ReadGuard(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline on reading each request."""
+    """uvicorn's httptools protocol with a deadline on silence while reading a request."""
 
     _read_timer: asyncio.TimerHandle | None = None
+    _reading = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        if self._read_timer is not None:
+            self._arm()  # bytes came: the silence starts again
+        super().data_received(data)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm()
+        self._reading = True
+        if not self._answering():  # a pipelined request waits for the answer to the one before
+            self._arm()
 
     def on_message_complete(self) -> None:
+        self._reading = False
         self._disarm()
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._reading:  # the next request was begun meanwhile: reading it resumes now
+            self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
+    def _answering(self) -> bool:
+        cycle = self.cycle
+        return cycle is not None and not cycle.response_complete
+
     def _arm(self) -> None:
         self._disarm()
-        self._read_timer = self.loop.call_later(REQUEST_READ_S, self._expire)
+        self._read_timer = self.loop.call_later(REQUEST_IDLE_S, self._expire)
 
     def _disarm(self) -> None:
         if self._read_timer is not None:
@@ -142,7 +159,8 @@ class _ReadGuard(HttpToolsProtocol):
 
     def _expire(self) -> None:
         self._read_timer = None
-        if not self.transport.is_closing():
+        # (never while the app answers a request read whole: the timer stops at its end)
+        if (self._reading or not self._answering()) and not self.transport.is_closing():
             self.transport.close()
 
 
@@ -162,7 +180,6 @@ class WebhookServer:
             server_header=False,
             timeout_keep_alive=30,  # the API server reuses connections; spare it handshakes
             http=_ReadGuard,
-            limit_concurrency=MAX_CONNECTIONS,
         )
         self.server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None

@@ -313,11 +313,12 @@ async def test_a_client_that_never_sends_a_whole_request_is_closed(
     injector: Injector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After the TLS handshake: nothing, half a head, or a head and half a body. Each is closed
-    once the request-read deadline (here 0.5 s) passes; uvicorn alone held them forever, and
-    thousands held the injector's memory past its limit. Normal requests are unaffected."""
+    once it has been silent for the deadline (here 0.5 s); uvicorn alone held them forever, and
+    thousands held the injector's memory past its limit. A body that keeps coming, slowly, over
+    more than the deadline, and a normal request are unaffected."""
     from injector import server as server_module
 
-    monkeypatch.setattr(server_module, "REQUEST_READ_S", 0.5)
+    monkeypatch.setattr(server_module, "REQUEST_IDLE_S", 0.5)
     ctx = ssl.create_default_context(cadata=injector.client.bundle.decode())
     partial = [
         b"",
@@ -334,6 +335,20 @@ async def test_a_client_that_never_sends_a_whole_request_is_closed(
             assert await asyncio.wait_for(reader.read(), 5) in (b"", b"HTTP/1.1 400 Bad Request\r\n")
         assert time.monotonic() - began < 3, sent
         writer.close()
+    body = json.dumps(review()).encode()
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", injector.client.port, ssl=ctx, server_hostname=INJECTOR_SERVER_NAME
+    )
+    writer.write(b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+    writer.write(b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+    step = len(body) // 6 + 1
+    for i in range(0, len(body), step):  # 6 pieces, 0.25 s apart: 1.5 s in all, never 0.5 s silent
+        writer.write(body[i : i + step])
+        await writer.drain()
+        await asyncio.sleep(0.25)
+    answer_bytes = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer_bytes.startswith(b"HTTP/1.1 200"), answer_bytes[:100]
     status, answer = await asyncio.to_thread(injector.client.post, review())
     assert status == 200 and answer["response"]["allowed"] is True
 
