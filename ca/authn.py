@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -223,7 +224,8 @@ class KubernetesTokenAuthenticator:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             REVIEW_THREADS, thread_name_prefix="tokenreview"
         )
-        self._busy = 0  # reviews running on the executor's threads
+        self._busy = 0  # reviews submitted and not yet done (run, failed, or cancelled while queued)
+        self._busy_lock = threading.Lock()
         self.reviews = 0  # TokenReviews sent (for tests and the curious)
 
     def _review(self, token: str) -> Any:
@@ -238,10 +240,8 @@ class KubernetesTokenAuthenticator:
             body, _request_timeout=(REVIEW_CONNECT_TIMEOUT_S, REVIEW_TIMEOUT_S)
         )
 
-    def _review_counted(self, token: str) -> Any:
-        try:
-            return self._review(token)
-        finally:
+    def _done(self, _future: concurrent.futures.Future[Any]) -> None:
+        with self._busy_lock:
             self._busy -= 1
 
     def close(self) -> None:
@@ -289,9 +289,11 @@ class KubernetesTokenAuthenticator:
                     "cannot verify the token now; retry later",
                     f"all {REVIEW_THREADS} TokenReview threads are waiting on the API server",
                 )
-            self._busy += 1  # (the thread's -= and this += each hold the GIL: no lost update)
-            work = asyncio.get_running_loop().run_in_executor(self._executor, self._review_counted, token)
-            review = await asyncio.wait_for(work, REVIEW_TIMEOUT_S + 1.0)
+            with self._busy_lock:
+                self._busy += 1
+            submitted = self._executor.submit(self._review, token)
+            submitted.add_done_callback(self._done)  # when done, failed, or cancelled while queued
+            review = await asyncio.wait_for(asyncio.wrap_future(submitted), REVIEW_TIMEOUT_S + 1.0)
         except TimeoutError as exc:
             raise AuthenticatorUnavailable(
                 "cannot verify the token now; retry later", f"TokenReview took over {REVIEW_TIMEOUT_S:g}s"

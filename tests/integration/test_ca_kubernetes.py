@@ -161,9 +161,8 @@ async def test_a_hung_api_server_fails_reviews_in_time_and_never_wedges_the_ca(
     API server answers again, so does the CA (before, the hung reviews held the threads for good)."""
     monkeypatch.setattr(authn_module, "REVIEW_TIMEOUT_S", 0.5)
     kube.hang = threading.Event()
-    ca = await start_ca(
-        authenticator=KubernetesTokenAuthenticator(api_client(kube.url), cache_for=dt.timedelta(0))
-    )
+    authn = KubernetesTokenAuthenticator(api_client(kube.url), cache_for=dt.timedelta(0))
+    ca = await start_ca(authenticator=authn)
     began = time.monotonic()
     results = await asyncio.gather(
         *(ca.issue("projected", FRONTEND) for _ in range(5 * authn_module.REVIEW_THREADS)),
@@ -178,3 +177,8 @@ async def test_a_hung_api_server_fails_reviews_in_time_and_never_wedges_the_ca(
     kube.hang = None
     svid = await asyncio.wait_for(ca.issue("projected", FRONTEND), 5)
     assert str(svid.spiffe_id).endswith("/sa/frontend")
+    for _ in range(50):  # every review is accounted for once done: none is held for good
+        if authn._busy == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert authn._busy == 0
