@@ -10,7 +10,7 @@ import contextlib
 import http.client
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -133,6 +133,22 @@ async def pair(mesh: Mesh, cart_app: CartApp) -> tuple[str, int]:
     await mesh.sidecar("cart", CART)
     await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
     return mesh.addr(FRONTEND), OUT
+
+
+@contextlib.asynccontextmanager
+async def raw_app_pair(
+    mesh: Mesh, app: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+) -> AsyncIterator[tuple[str, int]]:
+    """A hand-written app (bytes the tests choose, HTTP libraries would not send) behind the cart
+    sidecar; yields the frontend's outbound address for it."""
+    server = await asyncio.start_server(app, mesh.addr(CART), APP)
+    try:
+        await mesh.sidecar("cart", CART)
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        yield mesh.addr(FRONTEND), OUT
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def both(mesh: Mesh) -> list[tuple[str, int]]:
@@ -504,20 +520,13 @@ async def test_a_post_is_never_sent_twice_when_a_pooled_connection_breaks_under_
         finally:
             writer.close()
 
-    server = await asyncio.start_server(app, mesh.addr(CART), APP)
-    try:
-        await mesh.sidecar("cart", CART)
-        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
-        pair = (mesh.addr(FRONTEND), OUT)
+    async with raw_app_pair(mesh, app) as pair:
         post = (
             b"POST /cart/pay HTTP/1.1\r\nHost: cart\r\nContent-Length: 7\r\nConnection: close\r\n\r\ncharge1"
         )
         raw = await exchange(pair, b"GET /cart/warm HTTP/1.1\r\nHost: cart\r\n\r\n" + post)
         assert re.findall(rb"HTTP/1\.1 (\d\d\d)", raw) == [b"200", b"502"], raw
         assert seen == ["GET /cart/warm HTTP/1.1", "POST /cart/pay HTTP/1.1"], seen
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def test_no_1xx_reaches_an_http10_client(mesh: Mesh) -> None:
@@ -535,18 +544,11 @@ async def test_no_1xx_reaches_an_http10_client(mesh: Mesh) -> None:
                 await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(app, mesh.addr(CART), APP)
-    try:
-        await mesh.sidecar("cart", CART)
-        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
-        pair = (mesh.addr(FRONTEND), OUT)
+    async with raw_app_pair(mesh, app) as pair:
         old = await exchange(pair, b"GET /cart/a HTTP/1.0\r\nHost: cart\r\n\r\n")
         assert re.findall(rb"HTTP/1\.\d (\d\d\d)", old) == [b"200"], old
         new = await exchange(pair, b"GET /cart/b HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n")
         assert re.findall(rb"HTTP/1\.1 (\d\d\d)", new) == [b"103", b"200"], new
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def test_draining_closes_idle_inbound_keepalive_connections(pair: tuple[str, int], mesh: Mesh) -> None:

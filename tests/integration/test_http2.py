@@ -226,13 +226,10 @@ async def test_plaintext_grpc_in_permissive_mode_is_authorized_per_call(mesh: Me
         await server.stop(0)
 
 
-async def _h2_status(addr: tuple[str, int], path: bytes) -> dict[bytes, bytes]:
-    """One gRPC-shaped request with a raw ``:path`` (grpcio would not send a path like these);
-    the response's headers (trailers-only answers included)."""
-    reader, writer = await asyncio.open_connection(*addr)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-    conn.initiate_connection()
-    headers = [
+def _grpc_head(path: bytes = b"/test.Echo/Unary") -> list[tuple[bytes, bytes]]:
+    """A gRPC request's HEADERS, written by hand (grpcio would not send the odd paths or the
+    resets the tests need)."""
+    return [
         (b":method", b"POST"),
         (b":scheme", b"http"),
         (b":authority", b"cart"),
@@ -240,7 +237,22 @@ async def _h2_status(addr: tuple[str, int], path: bytes) -> dict[bytes, bytes]:
         (b"content-type", b"application/grpc"),
         (b"te", b"trailers"),
     ]
-    conn.send_headers(1, headers)
+
+
+async def _h2_client(
+    addr: tuple[str, int],
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, h2.connection.H2Connection]:
+    reader, writer = await asyncio.open_connection(*addr)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    return reader, writer, conn
+
+
+async def _h2_status(addr: tuple[str, int], path: bytes) -> dict[bytes, bytes]:
+    """One gRPC-shaped request with a raw ``:path`` (grpcio would not send a path like these);
+    the response's headers (trailers-only answers included)."""
+    reader, writer, conn = await _h2_client(addr)
+    conn.send_headers(1, _grpc_head(path))
     conn.send_data(1, _grpc_frame(b"ping"), end_stream=True)
     writer.write(conn.data_to_send())
     got: dict[bytes, bytes] = {}
@@ -281,17 +293,8 @@ async def test_a_rapid_reset_flood_gets_goaway(pair: tuple[str, int]) -> None:
     makes the sidecar open upstream streams for nothing. After 500 streams, half of them reset
     within a second of opening, the connection is closed with GOAWAY ENHANCE_YOUR_CALM (Envoy's
     rule); a well-behaved client on another connection is not affected."""
-    reader, writer = await asyncio.open_connection(*pair)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-    conn.initiate_connection()
-    head = [
-        (b":method", b"POST"),
-        (b":scheme", b"http"),
-        (b":authority", b"cart"),
-        (b":path", b"/test.Echo/Unary"),
-        (b"content-type", b"application/grpc"),
-        (b"te", b"trailers"),
-    ]
+    reader, writer, conn = await _h2_client(pair)
+    head = _grpc_head()
     terminated: list[h2.events.ConnectionTerminated] = []
     try:
         for batch in range(30):
@@ -327,17 +330,8 @@ async def test_calls_cancelled_late_do_not_trip_the_rapid_reset_rule(
 
     monkeypatch.setattr(http2, "PREMATURE_RESET_S", 0.2)
     monkeypatch.setattr(http2, "PREMATURE_RESET_MIN_STREAMS", 100)
-    reader, writer = await asyncio.open_connection(*pair)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-    conn.initiate_connection()
-    head = [
-        (b":method", b"POST"),
-        (b":scheme", b"http"),
-        (b":authority", b"cart"),
-        (b":path", b"/test.Echo/Unary"),
-        (b"content-type", b"application/grpc"),
-        (b"te", b"trailers"),
-    ]
+    reader, writer, conn = await _h2_client(pair)
+    head = _grpc_head()
     events: list[h2.events.Event] = []
     try:
         sid = 1

@@ -43,19 +43,29 @@ def expired_svid(authority: keys.SigningAuthority, spiffe_id: SpiffeId) -> SVID:
     good = templates.leaf_builder(params, authority.cert, authority.chain).sign(
         authority.key, hashes.SHA256()
     )
+    cert = reissued(good, authority.key, now() - dt.timedelta(hours=2), now() - dt.timedelta(hours=1))
+    return SVID(spiffe_id, key, (cert, *authority.chain), authority.roots)
+
+
+def reissued(
+    cert: x509.Certificate,
+    signer: ec.EllipticCurvePrivateKey,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    """``cert`` again, same names, key and extensions, with another validity (and a new serial)."""
     builder = (
         x509.CertificateBuilder()
-        .subject_name(good.subject)
-        .issuer_name(good.issuer)
-        .public_key(key.public_key())
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())  # type: ignore[arg-type]
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now() - dt.timedelta(hours=2))
-        .not_valid_after(now() - dt.timedelta(hours=1))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
     )
-    for ext in good.extensions:
+    for ext in cert.extensions:
         builder = builder.add_extension(ext.value, ext.critical)
-    cert = builder.sign(authority.key, hashes.SHA256())
-    return SVID(spiffe_id, key, (cert, *authority.chain), authority.roots)
+    return builder.sign(signer, hashes.SHA256())
 
 
 def self_signed_svid(spiffe_id: SpiffeId) -> SVID:
@@ -116,10 +126,11 @@ def leaf_with(
     ca: bool = False,
     key_cert_sign: bool = False,
     crl_sign: bool = False,
+    key: ec.EllipticCurvePrivateKey | None = None,
 ) -> x509.Certificate:
-    """A certificate our CA signed, with the leaf profile bent: a CA flag, signing key usages, any
-    URI SANs (the negative twins of the X509-SVID leaf checks)."""
-    key = templates.new_key()
+    """A certificate our CA signed (for ``key``, default a new one), with the leaf profile bent: a
+    CA flag, signing key usages, any URI SANs (the negative twins of the X509-SVID leaf checks)."""
+    key = key or templates.new_key()
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))

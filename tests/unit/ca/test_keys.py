@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from ca import keys, templates
+from tests.support import pki
 
 NOW = dt.datetime(2026, 12, 5, 6, 0, tzinfo=dt.UTC)
 
@@ -21,18 +21,7 @@ def test_a_leaf_may_not_outlive_the_root_an_intermediate_chains_to() -> None:
     clamped = templates.intermediate_certificate(
         inter_key.public_key(), "cluster.local", root, root_key, NOW, dt.timedelta(days=1)
     )
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(clamped.subject)
-        .issuer_name(clamped.issuer)
-        .public_key(inter_key.public_key())
-        .serial_number(clamped.serial_number)
-        .not_valid_before(NOW)
-        .not_valid_after(NOW + dt.timedelta(days=30))
-    )
-    for ext in clamped.extensions:
-        builder = builder.add_extension(ext.value, ext.critical)
-    inter = builder.sign(root_key, hashes.SHA256())
+    inter = pki.reissued(clamped, root_key, NOW, NOW + dt.timedelta(days=30))
     assert inter.not_valid_after_utc > root.not_valid_after_utc
 
     authority = keys.assemble(inter, inter_key, [inter, root], [root])
