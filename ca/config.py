@@ -22,7 +22,9 @@ DEFAULT_DNS_NAMES = (
 class CAConfig:
     listen: str = option("0.0.0.0:15012", "gRPC (TLS) address to serve on", env="SIDEMESH_CA_LISTEN")
     metrics_listen: str = option(
-        "0.0.0.0:15014", "Prometheus /metrics address; empty disables", env="SIDEMESH_CA_METRICS_LISTEN"
+        "0.0.0.0:15014",
+        "address of /metrics and the /healthz/ready, /healthz/live probes; empty disables",
+        env="SIDEMESH_CA_METRICS_LISTEN",
     )
     ca_dir: Path = option(
         Path("/var/run/secrets/sidemesh/ca"),

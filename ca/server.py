@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 import grpc
-from prometheus_client import start_http_server
+from prometheus_client import generate_latest
 
 from ca import issuer, keys, templates
 from ca.authn import Authenticator, bearer_token
@@ -27,6 +27,7 @@ from ca.ratelimit import RateLimiter
 from sidemesh.api import ca_pb2, ca_pb2_grpc
 from sidemesh.clock import SYSTEM_CLOCK, Clock
 from sidemesh.config import parse_hostport
+from sidemesh.httpd import HTTPServer, json_response
 from sidemesh.server_telemetry import GrpcTelemetry
 from sidemesh.spiffe import SpiffeId, WorkloadId
 from sidemesh.telemetry import start_tracing
@@ -190,7 +191,8 @@ class CAServer:
         self._material_stamp = self._stamp()
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._metrics_server: object | None = None
+        self._http: HTTPServer | None = None
+        self._stopping = False
         self.port = 0
         self.metrics_port = 0
         self._record_expiry()
@@ -220,9 +222,16 @@ class CAServer:
         self._server = server
         if self.config.metrics_listen:
             mhost, mport = parse_hostport("metrics_listen", self.config.metrics_listen)
-            httpd, _thread = start_http_server(mport, mhost, registry=self.metrics.registry)
-            self._metrics_server = httpd
-            self.metrics_port = httpd.server_port
+            # Served by the event loop that serves the gRPC calls: a loop that no longer runs
+            # fails the liveness probe instead of answering it from a thread of its own.
+            self._http = HTTPServer(
+                {
+                    "/metrics": self._page_metrics,
+                    "/healthz/ready": self._page_ready,
+                    "/healthz/live": self._page_live,
+                }
+            )
+            self.metrics_port = await self._http.start(mhost, mport)
         self._tasks.append(asyncio.create_task(self._watch_material()))
         log.info(
             "CA serving",
@@ -233,6 +242,40 @@ class CAServer:
                 "signing_cert_not_after": self.service.authority.cert.not_valid_after_utc.isoformat(),
             },
         )
+
+    # -- pages -----------------------------------------------------------------------------------
+
+    def _page_metrics(self) -> tuple[int, str, bytes]:
+        return 200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(self.metrics.registry)
+
+    def _page_live(self) -> tuple[int, str, bytes]:
+        """Answered by the CA's event loop: it runs, and its gRPC server was not stopped."""
+        live = self._server is not None and not self._stopping
+        return json_response(200 if live else 503, {"live": live})
+
+    def _page_ready(self) -> tuple[int, str, bytes]:
+        """Ready while the gRPC server serves and the signing certificate is valid: with an expired
+        one every certificate it signed would be refused, so other CA replicas should take the calls."""
+        cert = self.service.authority.cert
+        now = self.service.clock.now()
+        reasons = []
+        if self._server is None or self._stopping:
+            reasons.append("the gRPC server is not serving")
+        if now < cert.not_valid_before_utc:
+            reasons.append(
+                f"the signing certificate is not valid before {cert.not_valid_before_utc.isoformat()}"
+            )
+        if now >= cert.not_valid_after_utc:
+            reasons.append(
+                f"the signing certificate expired at {cert.not_valid_after_utc.isoformat()}: "
+                "put a new intermediate into --ca-dir (docs/ca.md, Keys and rotation)"
+            )
+        body = {
+            "ready": not reasons,
+            "signing_cert_not_after": cert.not_valid_after_utc.isoformat(),
+            "reasons": reasons,
+        }
+        return json_response(503 if reasons else 200, body)
 
     async def _watch_material(self) -> None:
         """Pick up a new intermediate or trust bundle written into the CA directory."""
@@ -261,13 +304,13 @@ class CAServer:
         return True
 
     async def stop(self, grace: float = 5.0) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         if self._server is not None:
             await self._server.stop(grace)
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()  # type: ignore[attr-defined]
-            self._metrics_server.server_close()  # type: ignore[attr-defined]
+        if self._http is not None:
+            await self._http.stop()
         if self.tracing is not None:
             await self.tracing.close()
         close = getattr(self.service.authenticator, "close", None)

@@ -272,6 +272,7 @@ class ConfigServer:
                     "/metrics": self._page_metrics,
                     "/status": self._page_status,
                     "/healthz/ready": self._page_ready,
+                    "/healthz/live": self._page_live,
                 },
                 guard=self._status_guard,
             )
@@ -298,6 +299,11 @@ class ConfigServer:
 
     def _page_metrics(self) -> tuple[int, str, bytes]:
         return 200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(self.metrics.registry)
+
+    def _page_live(self) -> tuple[int, str, bytes]:
+        """Answered by the event loop that serves the config streams: it runs (a tcpSocket probe on
+        15010 passes as long as grpc's own threads accept connections, whatever the loop does)."""
+        return json_response(200, {"live": True})
 
     def _page_ready(self) -> tuple[int, str, bytes]:
         ready = self.ready.is_set() and self.identity.ready

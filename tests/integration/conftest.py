@@ -18,6 +18,7 @@ from ca import keys
 from ca.authn import Authenticator, LocalTokenAuthenticator
 from ca.config import CAConfig
 from ca.server import CAServer
+from sidemesh.clock import SYSTEM_CLOCK, Clock
 from sidemesh.identity.client import CAClient
 from sidemesh.identity.svid import SVID, make_csr, new_key
 from sidemesh.spiffe import WorkloadId
@@ -101,6 +102,7 @@ async def start_ca(tmp_path: Path) -> AsyncIterator[StartCA]:
         authenticator: Authenticator | None = None,
         bootstrap: bool = True,
         intermediate_lifetime: dt.timedelta = dt.timedelta(days=365),
+        clock: Clock = SYSTEM_CLOCK,
         **overrides: Any,
     ) -> RunningCA:
         if bootstrap and not (ca_dir / keys.CA_KEY).exists():
@@ -117,7 +119,7 @@ async def start_ca(tmp_path: Path) -> AsyncIterator[StartCA]:
             ),
             **overrides,
         )
-        server = CAServer(config, authenticator or LocalTokenAuthenticator(token_file))
+        server = CAServer(config, authenticator or LocalTokenAuthenticator(token_file), clock)
         await server.start()
         servers.append(server)
         return RunningCA(server, ca_dir, keys.load(ca_dir))

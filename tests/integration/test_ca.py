@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
+import json
 import logging
 import subprocess
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -24,17 +28,27 @@ from sidemesh.identity.svid import make_csr, new_key
 from sidemesh.spiffe import SpiffeId, WorkloadId
 from tests.integration.conftest import RunningCA, StartCA
 from tests.support import pki
+from tests.support.clock import FakeClock
 
 FRONTEND = WorkloadId("shop", "frontend")
 FRONTEND_ID = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/frontend")
 
 
-def metric(ca: RunningCA, name: str, labels: dict[str, str] | None = None) -> float:
-    body = (
-        urllib.request.urlopen(f"http://127.0.0.1:{ca.server.metrics_port}/metrics", timeout=5)
-        .read()
-        .decode()
-    )
+def http_get(ca: RunningCA, path: str, timeout: float = 5) -> tuple[int, bytes]:
+    """Blocking: call it on a thread (the CA's pages are served by the test's event loop)."""
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{ca.server.metrics_port}{path}", timeout=timeout
+        ) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+async def metric(ca: RunningCA, name: str, labels: dict[str, str] | None = None) -> float:
+    status, raw = await asyncio.to_thread(http_get, ca, "/metrics")
+    assert status == 200
+    body = raw.decode()
     for family in text_string_to_metric_families(body):
         for sample in family.samples:
             if sample.name == name and (
@@ -249,15 +263,16 @@ async def test_bad_csrs_are_refused_clearly_and_nothing_is_issued(start_ca: Star
             await sign_raw(ca, make())
         assert info.value.code == code, name
         assert message in info.value.message, (name, info.value.message)
-    assert metric(ca, "sidemesh_ca_certificates_issued_total") == 0
+    assert await metric(ca, "sidemesh_ca_certificates_issued_total") == 0
     # over-grpc-limit is refused by grpc before it reaches the service
     assert (
-        metric(ca, "sidemesh_ca_requests_refused_total", {"reason": "invalid_request"}) == len(BAD_CSRS) - 3
+        await metric(ca, "sidemesh_ca_requests_refused_total", {"reason": "invalid_request"})
+        == len(BAD_CSRS) - 3
     )
-    assert metric(ca, "sidemesh_ca_requests_refused_total", {"reason": "identity_mismatch"}) == 2
+    assert await metric(ca, "sidemesh_ca_requests_refused_total", {"reason": "identity_mismatch"}) == 2
     # The server is unharmed: a good request still works.
     await ca.issue("frontend-token", FRONTEND)
-    assert metric(ca, "sidemesh_ca_certificates_issued_total") == 1
+    assert await metric(ca, "sidemesh_ca_certificates_issued_total") == 1
 
 
 @pytest.mark.parametrize(
@@ -275,7 +290,7 @@ async def test_bad_tokens_are_unauthenticated(start_ca: StartCA, token: str | No
         await sign_raw(ca, own_csr(), token=token)
     assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
     assert message in info.value.message
-    assert metric(ca, "sidemesh_ca_requests_refused_total", {"reason": "unauthenticated"}) == 1
+    assert await metric(ca, "sidemesh_ca_requests_refused_total", {"reason": "unauthenticated"}) == 1
 
 
 @pytest.mark.parametrize("ttl", [-1, 10**9])
@@ -316,6 +331,39 @@ async def test_audit_log_line_per_issuance_without_secrets(
     assert "token not recognized" in everything  # the refusal is logged, without the token
 
 
+async def test_probes_come_from_the_serving_loop_and_readiness_follows_the_signing_certificate(
+    start_ca: StartCA,
+) -> None:
+    clock = FakeClock()
+    ca = await start_ca(clock=clock)
+    status, body = await asyncio.to_thread(http_get, ca, "/healthz/ready")
+    assert status == 200 and json.loads(body)["ready"] is True
+    assert (await asyncio.to_thread(http_get, ca, "/healthz/live"))[0] == 200
+
+    # The event loop that serves the gRPC calls stops running: the liveness probe gets no answer
+    # (a probe answered by a thread of its own, or a tcpSocket probe, would still pass).
+    def late_probe() -> tuple[int, bytes]:
+        time.sleep(0.1)  # asks once the loop is blocked
+        return http_get(ca, "/healthz/live", 0.5)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        probe = pool.submit(late_probe)
+        time.sleep(1.0)  # noqa: ASYNC251 - the point: the loop is blocked here
+        with pytest.raises(TimeoutError):
+            probe.result()
+    assert (await asyncio.to_thread(http_get, ca, "/healthz/live"))[0] == 200
+    # The intermediate expires: not ready (every certificate it signed would be refused), still live.
+    clock.offset = ca.authority.cert.not_valid_after_utc - dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    status, body = await asyncio.to_thread(http_get, ca, "/healthz/ready")
+    assert status == 503
+    page = json.loads(body)
+    assert page["ready"] is False and "expired" in page["reasons"][0] and "--ca-dir" in page["reasons"][0]
+    assert (await asyncio.to_thread(http_get, ca, "/healthz/live"))[0] == 200
+    await ca.server.stop(grace=0)
+    with pytest.raises(urllib.error.URLError, match="refused"):  # the pages stop with the CA
+        await asyncio.to_thread(http_get, ca, "/healthz/live", 1)
+
+
 async def test_restart_keeps_the_same_root(start_ca: StartCA) -> None:
     first = await start_ca()
     before = await first.issue("frontend-token", FRONTEND)
@@ -337,7 +385,7 @@ async def test_client_with_a_foreign_bundle_cannot_talk_to_the_ca(start_ca: Star
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         await client.close()
-    assert metric(ca, "sidemesh_ca_certificates_issued_total") == 0
+    assert await metric(ca, "sidemesh_ca_certificates_issued_total") == 0
 
 
 async def test_plug_in_intermediate_and_multi_root_bundle(start_ca: StartCA, tmp_path: Path) -> None:

@@ -251,6 +251,8 @@ async def test_status_names_sidecars_only_to_the_networks_allowed(mesh: Mesh) ->
         assert "--status-from 10.0.0.0/8" in why and "port-forward" in why
         with await asyncio.to_thread(urllib.request.urlopen, f"{base}/metrics", timeout=5) as metrics:
             assert metrics.status == 200
+        with await asyncio.to_thread(urllib.request.urlopen, f"{base}/healthz/live", timeout=5) as live:
+            assert live.status == 200 and json.loads(live.read()) == {"live": True}
     finally:
         await c.stop()
     with pytest.raises(ConfigError, match="--status-from"):
