@@ -174,7 +174,7 @@ class _Request:
         if tracing.fast_sampling:
             quick = _unsampled_w3c(info, tracing)
             if quick is _NEW_SAMPLED_TRACE:  # no trace headers, and the ratio sampled a new trace
-                parent, self._fmt = None, propagation.Format.W3C
+                parent, self._fmt = None, None
             elif quick is _UNCHANGED:
                 return  # the caller said "not sampled": no span, its headers go on
             elif quick is not None:
@@ -187,7 +187,8 @@ class _Request:
             self._defer_span(parent)
             return
         carrier = propagation.carrier_of(info.headers, TRACE_HEADERS)
-        parent, self._fmt = propagation.extract(carrier)
+        parent, fmt = propagation.extract(carrier)
+        self._fmt = fmt if parent is not None else None  # None: a new trace, in the configured formats
         if parent is None and propagation.denied(carrier):
             return  # B3 "deny": no span, the caller's headers go on
         span = tracer.start_span(
@@ -198,7 +199,7 @@ class _Request:
         )
         self.span = span
         if span.is_recording() or not (parent and get_current_span(parent).get_span_context().is_valid):
-            self._headers = propagation.inject(span, self._fmt)
+            self._headers = self._headers_of(span.get_span_context(), tracing)
         # else: a caller's trace this hop does not record: its headers pass on unchanged.
 
     def _defer_span(self, parent: Context | None) -> None:
@@ -214,7 +215,14 @@ class _Request:
             trace_id, state, flags = _getrandbits(128) or 1, None, _RANDOM | _SAMPLED
         ctx = SpanContext(trace_id, _getrandbits(64) or 1, False, TraceFlags(flags), state)
         self._sampled = (ctx, parent, time.time_ns())
-        self._headers = propagation.headers_of(ctx, self._fmt)
+        self._headers = self._headers_of(ctx, self.observer.tracing)
+
+    def _headers_of(self, ctx: SpanContext, tracing: Tracing | None) -> list[tuple[bytes, bytes]]:
+        """The next hop's trace headers: in the caller's format, or a new trace's configured ones."""
+        if self._fmt is not None:
+            return propagation.headers_of(ctx, self._fmt)
+        assert tracing is not None
+        return propagation.headers_in(ctx, tracing.settings.new_trace_formats)
 
     def _make_span(self, result: RequestResult, destination: str | None, end_ns: int) -> None:
         """The deferred span of a sampled hop, with its recorded times and ids (Tracing.defer)."""
@@ -250,10 +258,11 @@ class _Request:
         if parsed is None:
             if propagation.denied(carrier):
                 return False  # B3 "deny" without ids: no part in the trace, its headers pass on
+            self._fmt = None  # a new trace: in the formats OTEL_PROPAGATORS names
             if tracing.sample_root():
                 return None  # a new sampled trace
-            self._headers = propagation.unsampled_headers(
-                self._fmt, random.getrandbits(128) or 1, random.getrandbits(64) or 1, None, random_ids=True
+            self._headers = propagation.new_unsampled_headers(
+                tracing.settings.new_trace_formats, random.getrandbits(128) or 1, random.getrandbits(64) or 1
             )
             return False
         trace_id, span_id, flags = parsed
@@ -338,7 +347,11 @@ def _unsampled_w3c(info: RequestInfo, tracing: Tracing) -> list[tuple[bytes, byt
         ratio = tracing.root_ratio  # Tracing.sample_root, inline: this runs for most requests
         if ratio >= 1.0 or (ratio > 0.0 and _random() < ratio):
             return _NEW_SAMPLED_TRACE  # decided here: the general path must not draw again
-        return [(b"traceparent", b"00-%032x-%016x-02" % (_getrandbits(128) or 1, _getrandbits(64) or 1))]
+        if tracing.w3c_only:
+            return [(b"traceparent", b"00-%032x-%016x-02" % (_getrandbits(128) or 1, _getrandbits(64) or 1))]
+        return propagation.new_unsampled_headers(
+            tracing.settings.new_trace_formats, _getrandbits(128) or 1, _getrandbits(64) or 1
+        )
     if _UNSAMPLED_00.fullmatch(value) is None:  # invalid, or the caller said "sampled": the general path
         return None
     return _UNCHANGED

@@ -326,6 +326,9 @@ def run(args: argparse.Namespace) -> int:
             demo.sidecar_env = {
                 "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.start(),
                 "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                # The signal's own variables win over the generic ones: the user's shell may set them.
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+                "OTEL_PROPAGATORS": "tracecontext",
                 "OTEL_TRACES_EXPORTER": "otlp",
                 "OTEL_SDK_DISABLED": "false",
                 "OTEL_TRACES_SAMPLER": "parentbased_always_on",  # every request: it is a demo

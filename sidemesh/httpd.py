@@ -60,15 +60,18 @@ class HTTPServer:
                 if isinstance(event, h11.Request):
                     status, ctype, body = await self._dispatch(event, client)
                     headers = [("content-type", ctype), ("content-length", str(len(body)))]
+                    if status == 405:
+                        headers.append(("allow", "GET, HEAD"))
                     writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
-                    writer.write(conn.send(h11.Data(data=body)) or b"")
+                    if event.method != b"HEAD":  # HEAD: GET's headers, no body (RFC 9110 9.3.2)
+                        writer.write(conn.send(h11.Data(data=body)) or b"")
                     writer.write(conn.send(h11.EndOfMessage()) or b"")
                     await writer.drain()
                 elif isinstance(event, h11.ConnectionClosed) or conn.our_state is h11.MUST_CLOSE:
                     break
                 elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
-        except (h11.RemoteProtocolError, ConnectionError, TimeoutError):
+        except (h11.ProtocolError, ConnectionError, TimeoutError):
             pass
         finally:
             writer.close()
@@ -90,7 +93,7 @@ class HTTPServer:
     def _route(self, request: h11.Request) -> tuple[int, str, bytes]:
         path = request.target.decode("latin-1").split("?", 1)[0]
         if request.method not in (b"GET", b"HEAD"):
-            return json_response(405, {"error": "only GET"})
+            return json_response(405, {"error": "only GET and HEAD"})
         route = self.routes.get(path)
         if route is None:
             return json_response(404, {"error": f"no {path}", "paths": sorted(self.routes)})

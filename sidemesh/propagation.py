@@ -1,7 +1,8 @@
 """Trace context on the wire: W3C ``traceparent``/``tracestate`` and B3 (single and multi header).
 
-All three are read; the forwarded request carries the format the request came in with (W3C when
-it came with none), so an app that speaks B3 gets B3 back. Baggage is not propagated by the mesh:
+All three are read; the forwarded request carries the format the request came in with (when it
+came with none, the formats OTEL_PROPAGATORS names: W3C by default), so an app that speaks B3 gets
+B3 back. Baggage is not propagated by the mesh:
 the app's own ``baggage`` header passes through untouched.
 """
 
@@ -71,6 +72,11 @@ def inject(span: Span, fmt: Format) -> list[tuple[bytes, bytes]]:
     return headers_of(span.get_span_context(), fmt)
 
 
+def headers_in(sc: SpanContext, formats: Iterable[Format]) -> list[tuple[bytes, bytes]]:
+    """``headers_of`` in each of ``formats`` (a new trace: OTEL_PROPAGATORS may name several)."""
+    return [header for fmt in formats for header in headers_of(sc, fmt)]
+
+
 def headers_of(sc: SpanContext, fmt: Format) -> list[tuple[bytes, bytes]]:
     """The headers that carry the span ``sc`` as the parent of the next hop, in ``fmt``."""
     if not sc.is_valid:
@@ -112,6 +118,13 @@ def parse_traceparent(value: str) -> tuple[int, int, int] | None:
     if not trace_id or not span_id:
         return None
     return trace_id, span_id, int(flags, 16)
+
+
+def new_unsampled_headers(
+    formats: Iterable[Format], trace_id: int, span_id: int
+) -> list[tuple[bytes, bytes]]:
+    """The headers of a new trace that is not sampled, its ids drawn at random, in each of ``formats``."""
+    return [h for fmt in formats for h in unsampled_headers(fmt, trace_id, span_id, None, random_ids=True)]
 
 
 def unsampled_headers(

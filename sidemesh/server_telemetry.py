@@ -323,18 +323,20 @@ class AsgiTelemetry:
         parent, _ = propagation.extract(carrier)
         if parent is None and propagation.denied(carrier):
             return None  # B3 "deny": the caller asks that nobody record it
+        # semconv: "{method} {http.route}", the method alone when no route matched (never the raw path).
+        matched = route in self.routes
+        name = "HTTP" if method == semconv.OTHER_METHOD else method
         span = self.tracing.tracer.start_span(
-            f"{'HTTP' if method == semconv.OTHER_METHOD else method} {route}",
-            context=parent,
-            kind=SpanKind.SERVER,
+            f"{name} {route}" if matched else name, context=parent, kind=SpanKind.SERVER
         )
         if span.is_recording():
             attrs: dict[str, str | int] = {
                 "http.request.method": method,
                 "url.path": str(scope.get("path", "")),
                 "url.scheme": str(scope.get("scheme", "http")),
-                "http.route": route,
             }
+            if matched:
+                attrs["http.route"] = route
             if method == semconv.OTHER_METHOD:
                 attrs["http.request.method_original"] = str(scope.get("method", ""))
             client = scope.get("client")

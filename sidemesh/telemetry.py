@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from sidemesh.config import ConfigError
 from sidemesh.later import Later
+from sidemesh.propagation import Format
 
 log = logging.getLogger("sidemesh.telemetry")
 
@@ -74,7 +75,10 @@ class TracingSettings:
     max_queue_size: int = 2048
     schedule_delay_ms: float = 5000
     max_export_batch_size: int = 512
+    export_timeout_ms: float = 30000  # OTEL_BSP_EXPORT_TIMEOUT: the batch processor's wait for an export
     service_name: str = ""  # OTEL_SERVICE_NAME; empty: the component's default
+    # OTEL_PROPAGATORS: the formats a new trace's headers are written in (incoming ones are all read)
+    new_trace_formats: tuple[Format, ...] = (Format.W3C,)
 
 
 def _get(environ: Mapping[str, str], *names: str) -> tuple[str, str] | None:
@@ -83,6 +87,32 @@ def _get(environ: Mapping[str, str], *names: str) -> tuple[str, str] | None:
         if value:
             return name, value
     return None
+
+
+# OTEL_PROPAGATORS names -> the trace header format each writes; baggage and none write no trace header.
+PROPAGATORS: dict[str, Format | None] = {
+    "tracecontext": Format.W3C,
+    "b3": Format.B3_SINGLE,
+    "b3multi": Format.B3_MULTI,
+    "baggage": None,  # the app's baggage header passes through; the mesh adds none
+    "none": None,
+}
+
+
+def new_trace_formats(environ: Mapping[str, str]) -> tuple[Format, ...]:
+    """OTEL_PROPAGATORS (default ``tracecontext,baggage``) as the formats a new trace is written in,
+    in the order given, each once. A name the mesh does not write (jaeger, xray, ottrace) is refused."""
+    raw = environ.get("OTEL_PROPAGATORS", "").strip().lower() or "tracecontext,baggage"
+    formats: list[Format] = []
+    for name in (n.strip() for n in raw.split(",")):
+        if name not in PROPAGATORS:
+            raise TelemetryConfigError(
+                "OTEL_PROPAGATORS", f"{name!r} is not one of {', '.join(PROPAGATORS)} (comma-separated)"
+            )
+        fmt = PROPAGATORS[name]
+        if fmt is not None and fmt not in formats:
+            formats.append(fmt)
+    return tuple(formats)
 
 
 def _number(environ: Mapping[str, str], name: str, default: float, minimum: float) -> float:
@@ -141,7 +171,9 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
         max_queue_size=queue,
         schedule_delay_ms=_number(env, "OTEL_BSP_SCHEDULE_DELAY", 5000, 1),
         max_export_batch_size=min(batch, queue),
+        export_timeout_ms=_number(env, "OTEL_BSP_EXPORT_TIMEOUT", 30000, 1),
         service_name=env.get("OTEL_SERVICE_NAME", "").strip(),
+        new_trace_formats=new_trace_formats(env),
     )
 
 
@@ -163,7 +195,7 @@ def make_exporter(settings: TracingSettings) -> SpanExporter:
 
         return GrpcExporter(
             endpoint=settings.endpoint,
-            insecure=settings.endpoint.startswith("http://"),
+            insecure=settings.endpoint.lower().startswith("http://"),
             timeout=settings.timeout,
         )
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
@@ -258,7 +290,7 @@ class CountingBatchProcessor(BatchSpanProcessor):
             max_queue_size=settings.max_queue_size,
             schedule_delay_millis=settings.schedule_delay_ms,
             max_export_batch_size=settings.max_export_batch_size,
-            export_timeout_millis=settings.timeout * 1000,
+            export_timeout_millis=settings.export_timeout_ms,
         )
         self.capacity = settings.max_queue_size
         self.counters = counters
@@ -314,6 +346,7 @@ class Tracing:
         self.fast_sampling = caller_samples_roots and settings.sampler.startswith("parentbased_")
         root = settings.sampler.removeprefix("parentbased_")
         self.root_ratio = {"always_on": 1.0, "always_off": 0.0}.get(root, settings.ratio)
+        self.w3c_only = settings.new_trace_formats == (Format.W3C,)  # new traces: the default
 
     def defer(self, make_span: Callable[[], None]) -> None:
         """Make a span a little later, with others: at most DEFER_S later, or once DEFER_BATCH (or

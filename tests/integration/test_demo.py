@@ -29,7 +29,9 @@ def test_demo_once_behaves_as_described_and_leaves_nothing_behind() -> None:
         capture_output=True,
         text=True,
         timeout=180,
-        env=_demo_env(),
+        # A shell with the signal's own OTEL_* settings for some other collector: the demo's receiver
+        # still gets the spans (the signal's variables win over the generic ones the demo sets).
+        env=_demo_env(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf", OTEL_PROPAGATORS="b3"),
     )
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout

@@ -361,3 +361,75 @@ def test_the_service_name_is_taken_in_the_sdks_order(environ: dict[str, str], se
         assert tracing.provider.resource.attributes["service.name"] == service
     finally:
         tracing.provider.shutdown()
+
+
+# -- OTEL_PROPAGATORS: the formats a new trace is written in ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "formats"),
+    [
+        ("", (Format.W3C,)),  # the SDK's default: tracecontext,baggage
+        ("b3multi", (Format.B3_MULTI,)),
+        (" TraceContext , b3 ,tracecontext", (Format.W3C, Format.B3_SINGLE)),
+        ("baggage", ()),
+        ("none", ()),
+    ],
+)
+def test_propagators_choose_the_formats_of_a_new_trace(value: str, formats: tuple[Format, ...]) -> None:
+    s = settings_from_env({**EP, "OTEL_PROPAGATORS": value})
+    assert s is not None and s.new_trace_formats == formats
+
+
+def test_an_unsupported_propagator_and_the_batch_export_timeout() -> None:
+    with pytest.raises(TelemetryConfigError, match=r"^OTEL_PROPAGATORS: 'jaeger' is not one of"):
+        settings_from_env({**EP, "OTEL_PROPAGATORS": "tracecontext,jaeger"})
+    s = settings_from_env({**EP, "OTEL_BSP_EXPORT_TIMEOUT": "1000"})
+    assert s is not None and s.export_timeout_ms == 1000
+    assert settings_from_env(EP).export_timeout_ms == 30000  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        {"OTEL_TRACES_SAMPLER": "parentbased_always_off"},  # the unsampled fast path
+        {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},  # sampled, decided before the SDK
+        {"OTEL_TRACES_SAMPLER": "always_on"},  # the SDK decides
+        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"},
+    ],
+)
+@pytest.mark.parametrize(
+    ("propagators", "names"),
+    [
+        ("", {b"traceparent"}),
+        ("b3multi", {b"x-b3-traceid", b"x-b3-spanid", b"x-b3-sampled"}),
+        ("b3", {b"b3"}),
+        ("tracecontext,b3", {b"traceparent", b"b3"}),
+        ("none", set()),
+    ],
+)
+def test_a_request_without_trace_headers_goes_on_in_the_configured_formats(
+    sampler: dict[str, str], propagators: str, names: set[bytes]
+) -> None:
+    """A B3-only app (Zipkin's, Istio's old default) behind a sidecar started with OTEL_PROPAGATORS=b3multi
+    gets B3 for the traces the mesh starts; a caller's own format still wins (test above)."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from proxy.metrics import ProxyMetrics
+    from proxy.telemetry import ProxyObserver
+    from sidemesh.telemetry import start_tracing
+
+    environ = {**EP, **sampler, "OTEL_PROPAGATORS": propagators}
+    tracing = start_tracing(
+        "t", CollectorRegistry(), environ=environ, exporter=InMemorySpanExporter(), caller_samples_roots=True
+    )
+    assert tracing is not None
+    obs = ProxyObserver(ProxyMetrics(), RouteStats(), "spiffe://cluster.local/ns/shop/sa/cart", tracing)
+    for _ in range(20):  # the 0.5 ratio: both ways
+        request = obs.start(RequestInfo("inbound", "http/1.1", "GET", "/", "cart", []))
+        headers = request.trace_headers() or []
+        assert {name for name, _ in headers} == names
+        request.finish(RequestResult(status=200))
+    carrier = {k.decode(): v.decode() for k, v in headers}
+    if names:  # what the next hop reads: one valid context
+        assert propagation.extract(carrier)[0] is not None
