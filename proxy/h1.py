@@ -32,7 +32,7 @@ from typing import Final, Literal, cast
 
 import httptools
 
-from proxy.headers import HOP_BY_HOP, absolute_authority
+from proxy.headers import HOP_BY_HOP, IDENTITY_HEADERS, absolute_authority
 from proxy.observe import TRACE_HEADERS
 
 Header = tuple[bytes, bytes]
@@ -85,6 +85,7 @@ class Request:
     host: bytes | None = None  # the Host header (when known)
     hop: bool = True  # a hop-by-hop header may be among the headers
     traced: bool = True  # a trace header may be among the headers
+    identity: bool = True  # an identity header (XFCC, l5d-client-id) may be among the headers
 
 
 @dataclass(slots=True)
@@ -160,7 +161,7 @@ def _is_chunked(transfer_encoding: bytes) -> bool:
 
 
 _FRAMING_NAMES = frozenset({b"transfer-encoding", b"content-length", b"host", b"expect"})
-_NOTABLE = _FRAMING_NAMES | HOP_BY_HOP | TRACE_HEADERS
+_NOTABLE = _FRAMING_NAMES | HOP_BY_HOP | TRACE_HEADERS | IDENTITY_HEADERS
 
 
 @dataclass(slots=True)
@@ -174,6 +175,7 @@ class _Scan:
     expect: bool = False
     hop: bool = False
     traced: bool = False
+    identity: bool = False
 
 
 def _scan(headers: list[Header]) -> _Scan:
@@ -193,6 +195,8 @@ def _scan(headers: list[Header]) -> _Scan:
             out.expect = out.expect or value.strip().lower() == b"100-continue"
         elif name in HOP_BY_HOP:
             out.hop = True
+        elif name in IDENTITY_HEADERS:
+            out.identity = True
         else:
             out.traced = True
     return out
@@ -372,6 +376,7 @@ class Connection:
                     scan.host,
                     scan.hop,
                     scan.traced,
+                    scan.identity,
                 )
             )
             return

@@ -29,6 +29,33 @@ HOP_BY_HOP = frozenset(
 # the next request (request smuggling), or a request without a Host.
 NOT_NOMINATED = frozenset({b"content-length", b"transfer-encoding", b"host"})
 DENIED_REASON = b"sidemesh-denied-reason"  # why the sidecar answered itself (403, 502, 503, 504)
+# Who called, as a sidecar tells the app behind it: Envoy's (Istio's) and Linkerd's. The inbound
+# sidecar removes any a request brings (only a sidecar may say who called: Envoy's SANITIZE_SET,
+# Linkerd's l5d-client-id) and sets XFCC for a caller that authenticated with mTLS.
+XFCC = b"x-forwarded-client-cert"
+IDENTITY_HEADERS = frozenset({XFCC, b"l5d-client-id"})
+
+
+def xfcc(own: str, peer: str) -> bytes:
+    """The XFCC value for a caller ``peer`` (its SPIFFE ID) of the workload ``own``, in Envoy's
+    format (By: the server's URI SAN, URI: the client's). SPIFFE IDs need no quoting (no , ; = ")."""
+    return f"By={own};URI={peer}".encode()
+
+
+def with_identity(
+    headers: list[tuple[bytes, bytes]], value: bytes | None, lower: bool = False
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` without any identity header, plus XFCC ``value`` if given. ``lower``: the names
+    may be in any case (else they are lower-case, as the parsers give them)."""
+    if lower:
+        out = [h for h in headers if h[0].lower() not in IDENTITY_HEADERS]
+    else:
+        out = [h for h in headers if h[0] not in IDENTITY_HEADERS]
+    if value is not None:
+        out.append((XFCC, value))
+    return out
+
+
 _CONTROL = bytes(range(32)) + b"\x7f"
 _AS_SPACES = bytes.maketrans(_CONTROL, b" " * len(_CONTROL))
 

@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 from proxy import h1
 from proxy.headers import (
     DENIED_REASON,
+    XFCC,
     BadPath,
     field_value,
     forwarded,
@@ -27,6 +28,7 @@ from proxy.headers import (
     is_upgrade,
     normalize_target,
     request_path,
+    with_identity,
 )
 from proxy.observe import TRACE_HEADERS, Observer, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed
@@ -96,6 +98,8 @@ class Context:
     service: str | None = None
     peer_address: str | None = None
     log_extra: dict[str, object] = field(default_factory=dict)
+    # Inbound: the XFCC value for the app (the caller authenticated), None for a plaintext caller.
+    xfcc: bytes | None = None
 
 
 class _BadRequest(Exception):
@@ -249,7 +253,7 @@ async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Ro
         if isinstance(route, Local):
             await _answer_locally(conn, down, route, result)
             return True
-        return await _forward(conn, down, req, raw, span, route, router, result, info, deadline)
+        return await _forward(conn, down, req, raw, span, route, router, result, info, deadline, ctx)
     except _BadRequest as exc:
         result.error = f"bad request: {exc}"
         _send_error(conn, down, exc.status, str(exc), ctx)
@@ -285,7 +289,9 @@ async def _answer_locally(conn: h1.Connection, down: Pipe, local: Local, result:
         raise _DownstreamGone(str(exc)) from exc
 
 
-def _request_head(req: h1.Request, raw: list[tuple[bytes, bytes]], span: RequestSpan) -> h1.Request:
+def _request_head(
+    req: h1.Request, raw: list[tuple[bytes, bytes]], span: RequestSpan, ctx: Context
+) -> h1.Request:
     upgrade = req.upgrade and is_upgrade(raw)
     trace = span.trace_headers()
     simple = req.known and not req.hop and not upgrade  # most requests: nothing to take out but trace headers
@@ -296,6 +302,11 @@ def _request_head(req: h1.Request, raw: list[tuple[bytes, bytes]], span: Request
         headers += trace
     else:
         headers = forwarded(raw, trace, upgrade=upgrade, replace_trace=True)
+    if ctx.direction == "inbound":  # only the sidecar says who called (headers.IDENTITY_HEADERS)
+        if req.identity or not req.known:
+            headers = with_identity(headers, ctx.xfcc, lower=not req.known)
+        elif ctx.xfcc is not None:
+            headers.append((XFCC, ctx.xfcc))
     host = req.host if req.known else header(headers, b"host")
     if host is None:  # an HTTP/1.0 request may have none; HTTP/1.1 needs one
         host = b"localhost"
@@ -325,9 +336,10 @@ async def _forward(
     result: RequestResult,
     info: RequestInfo,
     deadline: float | None,
+    ctx: Context,
 ) -> bool:
     result.reason, result.policy = up.reason, up.policy
-    head = _request_head(req, raw, span)
+    head = _request_head(req, raw, span, ctx)
     try:
         first = conn.next_event()  # without I/O: a request without a body ends at once
     except h1.ProtocolError as exc:

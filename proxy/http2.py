@@ -42,7 +42,7 @@ import h2.exceptions
 from hpack import NeverIndexedHeaderTuple
 
 from proxy import framing
-from proxy.headers import DENIED_REASON, BadPath, field_value, normalize_target
+from proxy.headers import DENIED_REASON, BadPath, field_value, normalize_target, with_identity
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed
 from proxy.pool import Pool
@@ -323,11 +323,14 @@ class H2Proxy:
         router: StreamRouter | None = None,
         pool: Pool[_Up] | None = None,
         reset_guard: bool = True,
+        xfcc: bytes | None = None,
     ) -> None:
         """``reset_guard``: close the connection of a client that resets most streams early (off
-        for another sidecar: its resets are its app's cancellations, already guarded there)."""
+        for another sidecar: its resets are its app's cancellations, already guarded there).
+        ``xfcc``: inbound, what the app is told of an authenticated caller (None: a plaintext one)."""
         self.down = _Side(down, client=False)
         self.reset_guard = reset_guard
+        self.xfcc = xfcc
         self.pool = pool  # where upstream connections go when this connection ends, and come from
         if router is None:
             if authorize is None or connect_app is None:
@@ -509,6 +512,8 @@ class H2Proxy:
         span = self.start_span(info)
         trace = span.trace_headers()
         head = headers if trace is None else [h for h in headers if h[0] not in TRACE_HEADERS] + trace
+        if router.direction == "inbound":  # only the sidecar says who called (headers.IDENTITY_HEADERS)
+            head = with_identity(head, self.xfcc)
         stream = _Stream(event.stream_id, info, span, RequestResult(status=None), grpc, head)
         stream.request_ended = event.stream_ended is not None
         self.streams[event.stream_id] = stream

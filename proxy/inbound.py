@@ -213,6 +213,7 @@ async def _serve_http(
         await serve_h2(sc, relay, pipe, router)
         return
     ctx = context(sc, "inbound", relay, source=str(relay.info.get("source")))
+    ctx.xfcc = router.xfcc
     await serve_connection(sc, relay, pipe, router, ctx)
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 from proxy import h1, http1, pool
 from proxy.balance import Lease, NoEndpoint
+from proxy.headers import xfcc
 from proxy.http1 import Context, Local, Router, Upstream
 from proxy.http2 import Denial, H2Proxy
 from proxy.observe import RequestInfo
@@ -60,6 +61,13 @@ class InboundRouter:
         self.key = ("app", self.app[0], port)
         self.pool = pool.pool_of(sc)
         self.log_extra = log_extra
+        # What the app is told of the caller (x-forwarded-client-cert), when it authenticated.
+        source = log_extra.get("source")
+        self.xfcc = (
+            xfcc(str(sc.identity.spiffe_id), str(source))
+            if peer.authenticated and source is not None
+            else None
+        )
         # Decisions already taken on this connection (same peer, same port), by (method, path),
         # for the configuration they were taken under: a keep-alive client repeats its requests.
         self._decisions: dict[tuple[str, str], Decision] = {}
@@ -301,6 +309,7 @@ async def serve_h2(sc: Sidecar, relay: Relay, down: Pipe, router: InboundRouter)
         sc.observer.start,
         relay.info,
         reset_guard=not router.peer.authenticated,  # another sidecar's resets are its app's cancels
+        xfcc=router.xfcc,
     )
     await tracked(
         relay, down, "HTTP/2", proxy.run(sc.config.idle_timeout.total_seconds(), lambda: sc.draining)

@@ -275,6 +275,43 @@ async def test_hop_by_hop_headers_are_not_forwarded(pair: tuple[str, int]) -> No
     assert "x-private" not in seen and "keep-alive" not in seen
 
 
+SPOOFED = (
+    b"X-Forwarded-Client-Cert: By=spiffe://cluster.local/ns/shop/sa/cart;URI=spiffe://cluster.local/ns/shop/sa/admin\r\n"
+    b"l5d-client-id: admin.shop.serviceaccount.identity.linkerd.cluster.local\r\n"
+)
+
+
+async def test_only_the_sidecar_tells_the_app_who_called(mesh: Mesh, cart_app: CartApp) -> None:
+    """Identity headers a caller sends (Envoy's XFCC, Linkerd's l5d-client-id) never reach the app:
+    an app moved from Istio or Linkerd trusts them. An mTLS caller's identity is set in XFCC as
+    Envoy's SANITIZE_SET writes it; a plaintext caller (permissive mode) gets none."""
+    mesh.write(
+        "allow.yaml", ALLOW_CART_PATHS + "  - from: [{unauthenticated: true}]\n    to: {ports: [8080]}\n"
+    )
+    await mesh.sidecar("cart", CART, mode="permissive")
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    cart_id, frontend_id = (
+        "spiffe://cluster.local/ns/shop/sa/cart",
+        "spiffe://cluster.local/ns/shop/sa/frontend",
+    )
+    for addr, expected in (
+        ((mesh.addr(FRONTEND), OUT), f"By={cart_id};URI={frontend_id}"),  # through the pair: mTLS
+        ((mesh.addr(CART), 15006), None),  # straight at cart's sidecar: plaintext
+    ):
+        reader, writer = await asyncio.open_connection(*addr)
+        try:
+            for extra in (SPOOFED, b"", SPOOFED.upper()):  # keep-alive: with, without, other case
+                writer.write(b"GET /cart/who HTTP/1.1\r\nHost: cart\r\n" + extra + b"\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert head.startswith(b"HTTP/1.1 200 "), head
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                seen = json.loads(await reader.readexactly(length))["headers"]
+                assert seen.get("x-forwarded-client-cert") == expected, (addr, extra, seen)
+                assert "l5d-client-id" not in seen
+        finally:
+            writer.close()
+
+
 async def test_an_h2c_upgrade_is_not_passed_on(pair: tuple[str, int], cart_app: CartApp) -> None:
     """Only WebSocket upgrades cross the mesh (as Istio configures Envoy). Passed on, an app that
     speaks h2c would answer 101 and the spliced connection would carry HTTP/2 requests that no

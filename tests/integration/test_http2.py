@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -58,10 +59,17 @@ async def bidi(
     context.set_trailing_metadata((("x-count", "done"),))
 
 
+async def who(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    """The identity headers that reached the app, as JSON."""
+    meta = dict(context.invocation_metadata() or ())
+    return json.dumps({k: meta.get(k) for k in ("x-forwarded-client-cert", "l5d-client-id")}).encode()
+
+
 def handlers(service: str) -> grpc.GenericRpcHandler[bytes, bytes]:
     return grpc.method_handlers_generic_handler(
         service,
         {
+            "Who": grpc.unary_unary_rpc_method_handler(who),
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
         },
@@ -222,6 +230,37 @@ async def test_plaintext_grpc_in_permissive_mode_is_authorized_per_call(mesh: Me
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await unary_method(ch, "/test.Echo/Unary")(b"x")
             assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await server.stop(0)
+
+
+async def test_only_the_sidecar_tells_the_app_who_called(mesh: Mesh) -> None:
+    """gRPC metadata is HTTP/2 headers: a caller's XFCC or l5d-client-id never reaches the app; an
+    mTLS caller's identity is set in XFCC, a plaintext caller (permissive) gets none."""
+    mesh.write("allow.yaml", ALLOW_ECHO + "  - from: [{unauthenticated: true}]\n    to: {ports: [8080]}\n")
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handlers("test.Echo"),))
+    server.add_insecure_port(f"{mesh.addr(CART)}:{APP}")
+    await server.start()
+    spoofed = (
+        ("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/shop/sa/admin"),
+        ("l5d-client-id", "admin.shop.serviceaccount.identity.linkerd.cluster.local"),
+    )
+    cart_id, frontend_id = (
+        "spiffe://cluster.local/ns/shop/sa/cart",
+        "spiffe://cluster.local/ns/shop/sa/frontend",
+    )
+    try:
+        await mesh.sidecar("cart", CART, mode="permissive")
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        for addr, expected in (
+            ((mesh.addr(FRONTEND), OUT), f"By={cart_id};URI={frontend_id}"),  # through the pair: mTLS
+            ((mesh.addr(CART), 15006), None),  # straight at cart's sidecar: plaintext
+        ):
+            async with channel(addr) as ch:
+                for metadata in (spoofed, ()):
+                    seen = json.loads(await unary_method(ch, "/test.Echo/Who")(b"", metadata=metadata))
+                    assert seen == {"x-forwarded-client-cert": expected, "l5d-client-id": None}, (addr, seen)
     finally:
         await server.stop(0)
 
