@@ -51,7 +51,8 @@ def http_matches(match: HTTPMatch | None, request: Request) -> bool:
         return True
     if request.method is None:  # an opaque connection cannot satisfy an HTTP condition
         return False
-    if match.methods and request.method.upper() not in match.methods:
+    # Methods are case-sensitive (RFC 9110 9.1): `get` is not GET, and an app may treat it as a write.
+    if match.methods and request.method not in match.methods:
         return False
     return not match.paths or any(path_matches(p, request.path or "/") for p in match.paths)
 

@@ -89,10 +89,13 @@ CASES = [
     ([ALLOW_BATCH], DefaultPolicy.DENY, BATCH_7, 1234, None, None, True, "allow-batch"),
     ([ALLOW_BATCH], DefaultPolicy.DENY, FRONTEND, 1234, None, None, False, "no rule"),
     ([ALLOW_HTTP], DefaultPolicy.DENY, FRONTEND, 8080, "GET", "/cart/1", True, "allow-http"),
+    # Methods are case-sensitive (RFC 9110 9.1): HTTP/2 passes `get` as sent, and it is not GET.
+    ([ALLOW_HTTP], DefaultPolicy.DENY, FRONTEND, 8080, "get", "/cart/1", False, "no rule"),
+    ([ALLOW_HTTP], DefaultPolicy.DENY, FRONTEND, 8080, "Post", "/cart/1", False, "no rule"),
     ([ALLOW_HTTP], DefaultPolicy.DENY, FRONTEND, 8080, "GET", "/cart", True, "allow-http"),
     ([ALLOW_HTTP], DefaultPolicy.DENY, FRONTEND, 8080, "GET", "/cartography", False, "no rule"),
     ([ALLOW_HTTP], DefaultPolicy.DENY, FRONTEND, 8080, "DELETE", "/cart/1", False, "no rule"),
-    ([ALLOW_HTTP], DefaultPolicy.DENY, FRONTEND, 8080, "get", "/health?x=1", True, "allow-http"),
+    ([ALLOW_HTTP], DefaultPolicy.DENY, FRONTEND, 8080, "GET", "/health?x=1", True, "allow-http"),
     (
         [ALLOW_HTTP],
         DefaultPolicy.DENY,
