@@ -156,7 +156,9 @@ def _check(args: argparse.Namespace) -> int:
         raise CLIError(f"--port {args.port} is not a port number")
     snapshot = _load(args)
     for error in snapshot.errors:
-        print(f"warning: ignored invalid resource: {error}")
+        print(
+            f"warning: invalid resource (a ServiceAuthorization allows nothing until it is fixed, anything else is ignored): {error}"
+        )
     request = Request(
         peer,
         args.port,

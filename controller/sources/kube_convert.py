@@ -29,7 +29,7 @@ from sidemesh.mesh.resources import (
     parse_service,
 )
 from sidemesh.policy import crd
-from sidemesh.policy.model import Authorization, DefaultPolicy
+from sidemesh.policy.model import Authorization, DefaultPolicy, Mode
 
 GROUP, VERSION, PLURAL = "sidemesh.io", "v1alpha1", "serviceauthorizations"
 MESHED_ANNOTATION = "sidemesh.io/status"  # the injector records what it injected here
@@ -80,6 +80,7 @@ class PolicyObject:
     observed: AuthorizationStatus | None  # its status as last seen from the API server
     policy: Authorization | None
     error: str | None = None
+    stand_in: Authorization | None = None  # invalid: what is enforced instead (crd.stand_in)
 
     @property
     def key(self) -> str:
@@ -241,11 +242,12 @@ def authorization_from(obj: Obj) -> Converted[PolicyObject]:
     try:
         doc = {"apiVersion": crd.API_VERSION, "kind": crd.KIND, **obj}  # list items may omit them
         return Converted(dataclasses.replace(base, policy=crd.parse(doc)))
-    except crd.PolicyError as exc:
+    except (crd.PolicyError, TypeError, AttributeError, ValueError) as exc:  # the last: shapes unforeseen
         where = (
             f"{crd.KIND} {exc}" if str(exc).startswith(f"{ns}/{name}:") else f"{crd.KIND} {ns}/{name}: {exc}"
         )
-        return Converted(dataclasses.replace(base, error=str(exc)), (where,))
+        stand_in = crd.stand_in(doc, str(exc))
+        return Converted(dataclasses.replace(base, error=str(exc), stand_in=stand_in), (where,))
 
 
 CONVERTERS: dict[str, Callable[[Obj], Converted[Any]]] = {
@@ -284,7 +286,9 @@ def assemble(entries: Mapping[str, Mapping[str, Converted[Any]]]) -> Snapshot:
     def values(kind: str, cls: type[T]) -> list[T]:
         return [e.value for e in entries.get(kind, {}).values() if isinstance(e.value, cls)]
 
-    policies = [p.policy for p in values(PLURAL, PolicyObject) if p.policy is not None]
+    # An invalid policy is enforced as its stand-in: it allows nothing (fail closed).
+    enforced = (p.policy or p.stand_in for p in values(PLURAL, PolicyObject))
+    policies = [p for p in enforced if p is not None]
     return Snapshot(
         services=tuple(sorted(values("services", Service), key=lambda s: (s.namespace, s.name))),
         workloads=tuple(sorted(values("pods", Workload), key=lambda w: (w.namespace, w.name))),
@@ -314,11 +318,20 @@ def desired_status(
         type="Accepted",
         status=status,
         reason="Accepted" if p.policy is not None else "Invalid",
-        message=ACCEPTED_MESSAGE if p.policy is not None else (p.error or "invalid")[:32768],
+        message=ACCEPTED_MESSAGE if p.policy is not None else _invalid_message(p),
         lastTransitionTime=since,
         observedGeneration=p.generation,
     )
     return AuthorizationStatus(conditions=[condition], selectedWorkloads=selected)
+
+
+def _invalid_message(p: PolicyObject) -> str:
+    tail = (
+        "; until it is fixed it allows nothing to the workloads it selects"
+        if p.stand_in is not None and p.stand_in.mode is Mode.ENFORCE
+        else ""
+    )
+    return (p.error or "invalid")[: 32768 - len(tail)] + tail
 
 
 def backoff_delay(failures: int, initial: float, maximum: float) -> float:

@@ -341,7 +341,7 @@ class KubernetesSource:
         for error in snapshot.errors:
             if error not in known:
                 log.error(
-                    "invalid resource or annotation ignored; everything else still applies",
+                    "invalid resource: an invalid ServiceAuthorization allows nothing until fixed, anything else is ignored; everything else still applies",
                     extra={"error": error},
                 )
         self.snapshot = snapshot
@@ -361,7 +361,8 @@ class KubernetesSource:
                 continue
             live.add(p.key)
             previous = self._written.get(p.key) or p.observed
-            selected = selected_workloads(p.policy, workloads[p.namespace]) if p.policy else 0
+            enforced = p.policy or p.stand_in  # an invalid policy's stand-in blocks what it selects
+            selected = selected_workloads(enforced, workloads[p.namespace]) if enforced else 0
             desired = desired_status(p, selected, previous, now)
             if desired != previous:
                 plan.append((p, desired))

@@ -165,10 +165,13 @@ class Policy(_message.Message):
     NAMESPACE_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     RULES_FIELD_NUMBER: _builtins.int
+    INVALID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     namespace: _builtins.str
     mode: _builtins.str
     """enforce | audit"""
+    invalid: _builtins.str
+    """non-empty: the resource could not be read (why); no rules"""
     @_builtins.property
     def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rule]: ...
     def __init__(
@@ -178,10 +181,11 @@ class Policy(_message.Message):
         namespace: _builtins.str = ...,
         mode: _builtins.str = ...,
         rules: _abc.Iterable[Global___Rule] | None = ...,
+        invalid: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "name", b"name", "namespace", b"namespace", "rules", b"rules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invalid", b"invalid", "mode", b"mode", "name", b"name", "namespace", b"namespace", "rules", b"rules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -271,12 +271,22 @@ def build_snapshot(docs: list[tuple[str, Any]]) -> Snapshot:
             elif kind == "Namespace" and api == "v1":
                 namespaces.append(parse_namespace(doc))
             elif kind == crd.KIND:
-                policies.append(crd.parse(doc))
+                try:
+                    policies.append(crd.parse(doc))
+                except crd.PolicyError as exc:
+                    if (stand_in := crd.stand_in(doc, str(exc))) is not None:
+                        policies.append(stand_in)  # it allows nothing until fixed (fail closed)
+                    raise
             # Other kinds are not ours: ignored.
             errors.extend(f"{source}: {w}" for w in warnings)
         except (ResourceError, crd.PolicyError) as exc:
             errors.append(f"{source}: {exc}")
         except (TypeError, AttributeError, ValueError) as exc:  # a shape no check above anticipated
+            stand_in = (
+                crd.stand_in(doc, str(exc)) if isinstance(doc, dict) and doc.get("kind") == crd.KIND else None
+            )
+            if stand_in is not None:
+                policies.append(stand_in)
             errors.append(
                 f"{source}: malformed {doc.get('kind') if isinstance(doc, dict) else 'document'}: {exc}"
             )

@@ -32,7 +32,7 @@ def _policy_to_pb(p: Authorization) -> pb.Policy:
         if r.http is not None:
             rule.http.CopyFrom(pb.HTTPMatch(methods=list(r.http.methods), paths=list(r.http.paths)))
         rules.append(rule)
-    return pb.Policy(name=p.name, namespace=p.namespace, mode=p.mode.value, rules=rules)
+    return pb.Policy(name=p.name, namespace=p.namespace, mode=p.mode.value, rules=rules, invalid=p.invalid)
 
 
 def _policy_from_pb(m: pb.Policy) -> Authorization:
@@ -46,7 +46,7 @@ def _policy_from_pb(m: pb.Policy) -> Authorization:
         )
         for r in m.rules
     )
-    return Authorization(m.name, m.namespace, (), rules, Mode(m.mode))
+    return Authorization(m.name, m.namespace, (), rules, Mode(m.mode), m.invalid)
 
 
 def inbound_to_pb(c: InboundConfig) -> pb.Inbound:

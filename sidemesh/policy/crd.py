@@ -34,9 +34,17 @@ class PolicyError(ValueError):
         self.where = where
 
 
+_NULL = "is null (an empty value in a template?): give a value, or leave the field out"
+
+
 def _mapping(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if value is None:
+        raise PolicyError(where, _NULL)
     if not isinstance(value, dict):
         raise PolicyError(where, f"must be an object, got {type(value).__name__}")
+    for key, item in value.items():  # a null would read as "not given": a wider policy
+        if item is None:
+            raise PolicyError(f"{where}.{key}", _NULL)
     unknown = sorted(set(value) - allowed)
     if unknown:
         raise PolicyError(
@@ -124,6 +132,37 @@ def _rule(doc: Any, where: str) -> Rule:
     return Rule(sources=sources, ports=ports, http=http)
 
 
+def stand_in(doc: Any, error: str, default_namespace: str | None = None) -> Authorization | None:
+    """What a ServiceAuthorization that cannot be read enforces until it is fixed: nothing is allowed
+    to the workloads it selects (fail closed; Istio, too, drops the ALLOW rules it cannot read,
+    never the policy). Its selector as written when that can be read, else every workload of its
+    namespace; audit mode if it says so. None when it names no policy (no name or namespace).
+
+    Without this, an invalid policy was skipped and its workloads fell back to the default policy:
+    a typo (or a null the API server pruned into something else) opened them to every caller."""
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        return None
+    namespace = meta.get("namespace") or default_namespace
+    if not isinstance(namespace, str) or not namespace:
+        return None
+    spec = doc.get("spec")
+    spec = spec if isinstance(spec, dict) else {}
+    selector = spec.get("selector", {})
+    labels = selector.get("matchLabels", {}) if isinstance(selector, dict) else None
+    readable = isinstance(labels, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    )
+    return Authorization(
+        name=meta["name"],
+        namespace=namespace,
+        selector=tuple(sorted(labels.items())) if readable and isinstance(labels, dict) else (),
+        rules=(),
+        mode=Mode.AUDIT if spec.get("mode") == Mode.AUDIT.value else Mode.ENFORCE,
+        invalid=error or "invalid",
+    )
+
+
 def parse(doc: Any, default_namespace: str | None = None) -> Authorization:
     """Convert one ServiceAuthorization document; raise :class:`PolicyError` saying where and why."""
     top = _mapping(doc, KIND, {"apiVersion", "kind", "metadata", "spec", "status"})
@@ -137,7 +176,9 @@ def parse(doc: Any, default_namespace: str | None = None) -> Authorization:
     if not isinstance(namespace, str) or not namespace:
         raise PolicyError("metadata", "needs a namespace (ServiceAuthorization is namespaced)")
     where = f"{namespace}/{name}: spec"
-    spec = _mapping(top.get("spec"), where, {"selector", "rules", "mode"})
+    if "spec" not in top:
+        raise PolicyError(where, "must be an object (it is missing)")
+    spec = _mapping(top["spec"], where, {"selector", "rules", "mode"})
     selector = _mapping(spec.get("selector", {}), f"{where}.selector", {"matchLabels"})
     raw_labels = selector.get("matchLabels", {})
     labels = _mapping(  # any key is allowed; _mapping refuses what is not a mapping

@@ -107,7 +107,9 @@ def evaluate(
         hit = _first_allowing(enforced, request, trust_domain)
         if hit is None:
             names = ", ".join(p.ref for p in enforced)
-            return Decision(False, f"no rule of {names} allows it", names)
+            broken = [p.ref for p in enforced if p.invalid]
+            why = f" ({', '.join(broken)}: invalid, allows nothing until fixed)" if broken else ""
+            return Decision(False, f"no rule of {names} allows it{why}", names)
         decision = Decision(True, f"allowed by {hit[0].ref} rule {hit[1]}", hit[0].ref, hit[1])
     else:
         decision = _default(default, request.peer, trust_domain)

@@ -49,6 +49,8 @@ class Authorization:
     selector: tuple[tuple[str, str], ...]  # matchLabels, sorted
     rules: tuple[Rule, ...]
     mode: Mode = Mode.ENFORCE
+    # Non-empty: the resource could not be read (why). It stands in allowing nothing (crd.stand_in).
+    invalid: str = ""
 
     @property
     def ref(self) -> str:

@@ -293,7 +293,11 @@ async def test_cancel_stops_every_watch_thread_at_once(start: Start) -> None:
 async def test_an_invalid_authorization_is_reported_and_everything_else_applies(start: Start) -> None:
     kube = await start(FakeWatchAPI([*SEED, INVALID]))
     first = await kube.synced()
-    assert [p.ref for p in first.policies] == ["shop/cart-allow-frontend"]
+    # The broken policy stands in allowing nothing to what it selects (fail closed), not skipped.
+    assert [(p.ref, len(p.rules), bool(p.invalid)) for p in first.policies] == [
+        ("shop/broken", 0, True),
+        ("shop/cart-allow-frontend", 1, False),
+    ]
     assert len(first.errors) == 1 and first.errors[0].startswith("ServiceAuthorization shop/broken: ")
     assert "needs 'from'" in first.errors[0] and len(first.workloads) == 4
     broken = await eventually(
@@ -302,7 +306,9 @@ async def test_an_invalid_authorization_is_reported_and_everything_else_applies(
     condition = accepted(broken)
     assert (condition["status"], condition["reason"]) == ("False", "Invalid")
     assert "rules[0]: a rule needs 'from'" in condition["message"]
-    assert condition["observedGeneration"] == 1 and broken["status"]["selectedWorkloads"] == 0
+    assert condition["message"].endswith("until it is fixed it allows nothing to the workloads it selects")
+    # The meshed cart pod it blocks (app: cart in shop), as for a valid policy.
+    assert condition["observedGeneration"] == 1 and broken["status"]["selectedWorkloads"] == 1
     assert {p.content_type for p in kube.api.status_patches()} == {"application/merge-patch+json"}
 
 

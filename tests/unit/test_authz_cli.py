@@ -95,3 +95,37 @@ def test_errors_say_what_to_do(
 ) -> None:
     assert main(["authz", "check", "--dir", str(manifests), *argv]) == 2
     assert err in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("mistake", "who"),
+    [
+        ("  - from: [{serviceAccount: stranger}]\n    to: {http: {methods: [get]}}\n", "shop/stranger"),
+        ("  - from: [{namespace: monitoring, serviceAccount: null}]\n", "monitoring/grafana"),
+        ("  selector: {matchLabels: {app: cart, tier: null}}\n", "shop/stranger"),
+    ],
+)
+def test_an_invalid_policy_allows_nothing_until_fixed(
+    manifests: Path, mistake: str, who: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A policy that cannot be read stands in allowing nothing to the workloads it would select
+    (fail closed): before, it was skipped and the workload fell back to the default policy, which
+    let every authenticated caller in (allow-authenticated, the mesh's default)."""
+    policy = (
+        "apiVersion: sidemesh.io/v1alpha1\nkind: ServiceAuthorization\n"
+        "metadata: {name: cart-broken, namespace: shop}\nspec:\n"
+    )
+    body = "  selector: {matchLabels: {app: cart}}\n  rules:\n"
+    if mistake.startswith("  selector"):
+        body = mistake + "  rules:\n  - from: [{serviceAccount: stranger}]\n"
+    else:
+        body += mistake
+    (manifests / "allow.yaml").write_text(policy + body)
+    argv = ["authz", "check", "--dir", str(manifests), "--from", who, "--to", "shop/cart", "--port", "8080"]
+    assert main([*argv, "--default-policy", "allow-authenticated"]) == 1
+    out = capsys.readouterr().out
+    assert "warning: invalid resource" in out and "allows nothing until it is fixed" in out
+    assert (
+        f"DENY {who} -> shop/cart-1:8080: no rule of shop/cart-broken allows it (shop/cart-broken: invalid"
+        in out
+    )

@@ -11,10 +11,12 @@ sidemesh.policy.crd, which must accept and refuse the same documents.
 3. Every example in manifests/examples/ and in docs/policy.md passes both.
 
 The emulation of the API server (`api_server_errors`):
-- openAPIV3Schema is checked with jsonschema's Draft 7 validator. No keyword needs translating for
-  this schema: it uses no `nullable`, no `x-kubernetes-int-or-string`, no Draft 4 boolean
-  `exclusiveMinimum`; jsonschema ignores the x-kubernetes-* extensions, `default` and `format`
-  (format: date-time appears in the status only).
+- openAPIV3Schema is checked with jsonschema's Draft 7 validator. One keyword is translated:
+  `nullable: true` becomes the type list [type, "null"]. The schema uses no
+  `x-kubernetes-int-or-string`, no Draft 4 boolean `exclusiveMinimum`; jsonschema ignores the
+  x-kubernetes-* extensions, `default` and `format` (format: date-time appears in the status only).
+- Before validating, the API server drops null values of fields that are not nullable (and have no
+  default): `prune_nulls`.
 - `pattern` is matched with RE2 (google-re2), whose syntax and semantics Go's regexp shares: the API
   server's engine. Python's re differs: `$` also matches before a final newline, `\\s` is Unicode.
 - Strict field validation (kubectl's default, --validate=strict) is mimicked by adding
@@ -22,8 +24,9 @@ The emulation of the API server (`api_server_errors`):
   itself has none: by default the API server prunes unknown fields (see `prune`).
 - x-kubernetes-validations (CEL) are evaluated with cel-python on each node they sit on, property
   names escaped as Kubernetes escapes them (`namespace` is a CEL keyword: `__namespace__`).
-- Not reproduced: the API server's pruning of null values before validation (the table has no
-  nulls) and its CEL cost estimate (instead, every list, map and string here must be bounded).
+- Not reproduced: the API server's CEL cost estimate (instead, every list, map and string here
+  must be bounded), and how its CEL sees a null (here: a present field holding null; the
+  controller refuses every null either way, so a null never widens a policy).
 """
 
 from __future__ import annotations
@@ -97,6 +100,8 @@ def strict_validator() -> Any:
     for _, sub in nodes(node):
         if "properties" in sub:
             sub["additionalProperties"] = False
+        if sub.get("nullable"):
+            sub["type"] = [sub["type"], "null"]
     return _Validator(node)
 
 
@@ -164,8 +169,31 @@ def field_path(parts: Any) -> str:
     return text.lstrip(".") or "<root>"
 
 
+def prune_nulls(value: Json, node: Json) -> Json:
+    """The API server drops null values of fields (and map values) that are not nullable and have
+    no default, before validating (apiextensions PruneNonNullableNullsWithoutDefaults)."""
+
+    def kept(v: Json, sub: Json) -> bool:
+        return v is not None or bool(sub.get("nullable")) or "default" in sub
+
+    if isinstance(value, dict) and "properties" in node:
+        props = node["properties"]
+        return {
+            k: prune_nulls(v, props.get(k, {}))
+            for k, v in value.items()
+            if k not in props or kept(v, props[k])
+        }
+    if isinstance(value, dict) and isinstance(node.get("additionalProperties"), dict):
+        sub = node["additionalProperties"]
+        return {k: prune_nulls(v, sub) for k, v in value.items() if kept(v, sub)}
+    if isinstance(value, list) and "items" in node:
+        return [prune_nulls(v, node["items"]) for v in value]
+    return value
+
+
 def api_server_errors(doc: Json) -> list[str]:
     """What the API server would refuse `doc` for, with strict field validation; [] if nothing."""
+    doc = prune_nulls(doc, schema())
     errors = [f"{field_path(e.absolute_path)}: {e.message}" for e in strict_validator().iter_errors(doc)]
     return errors + list(cel_errors(doc, schema(), ""))
 
@@ -551,3 +579,54 @@ def test_example_is_accepted_by_both(doc: Json) -> None:
     assert doc["kind"] == crd.KIND
     assert api_server_errors(doc) == []
     assert parse_error(doc) is None
+
+
+# --- nulls: never a wider policy ----------------------------------------------------------------------
+
+NULL_CASES = {
+    # A template with an empty value writes these. Dropped (as the API server drops a null of a
+    # field that is not nullable), each would leave a wider policy.
+    "serviceAccount next to a namespace": {"from": [{"namespace": "monitoring", "serviceAccount": None}]},
+    "namespace next to a serviceAccount": {"from": [{"namespace": None, "serviceAccount": "*"}]},
+    "a label value": "selector-tier",
+    "matchLabels": "selector-null-labels",
+    "selector": "selector-null",
+    "to": {"from": [{"serviceAccount": "frontend"}], "to": None},
+    "ports": {"from": [{"serviceAccount": "frontend"}], "to": {"ports": None}},
+    "http": {"from": [{"serviceAccount": "frontend"}], "to": {"http": None}},
+    "methods": {"from": [{"serviceAccount": "frontend"}], "to": {"http": {"methods": None}}},
+    "paths": {"from": [{"serviceAccount": "frontend"}], "to": {"http": {"paths": None}}},
+}
+
+
+def _null_doc(case: Json) -> Json:
+    spec: Json = {
+        "selector": {"matchLabels": {"app": "cart"}},
+        "rules": [{"from": [{"serviceAccount": "x"}]}],
+    }
+    if case == "selector-tier":
+        spec["selector"]["matchLabels"]["tier"] = None
+    elif case == "selector-null-labels":
+        spec["selector"]["matchLabels"] = None
+    elif case == "selector-null":
+        spec["selector"] = None
+    else:
+        spec["rules"] = [case]
+    return {
+        "apiVersion": crd.API_VERSION,
+        "kind": crd.KIND,
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": spec,
+    }
+
+
+@pytest.mark.parametrize("case", NULL_CASES.values(), ids=NULL_CASES.keys())
+def test_a_null_is_kept_and_the_policy_fails_closed(case: Json) -> None:
+    """Where dropping a field widens a policy, the schema keeps a null (nullable) so that the
+    controller sees it, refuses the policy, and enforces its stand-in, which allows nothing."""
+    doc = _null_doc(case)
+    assert prune_nulls(doc, schema()) == doc, "the API server would drop the null: a wider policy"
+    error = parse_error(doc)
+    assert error is not None and "is null (an empty value in a template?)" in error, error
+    stand_in = crd.stand_in(doc, error)
+    assert stand_in is not None and stand_in.rules == () and stand_in.namespace == "shop"

@@ -281,5 +281,5 @@ def test_match_labels_that_are_not_a_mapping_are_a_policy_error(labels: Any) -> 
         "metadata": {"name": "a", "namespace": "shop"},
         "spec": {"selector": {"matchLabels": labels}},
     }
-    with pytest.raises(crd.PolicyError, match="matchLabels: must be an object"):
+    with pytest.raises(crd.PolicyError, match=r"matchLabels: (must be an object|is null)"):
         crd.parse(doc)

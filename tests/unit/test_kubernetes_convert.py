@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -416,9 +417,12 @@ def test_assemble_sorts_and_collects_errors() -> None:
     }
     snapshot = assemble(entries)
     assert [w.name for w in snapshot.workloads] == ["a", "b"]
-    assert [p.name for p in snapshot.policies] == ["allow"] and [s.name for s in snapshot.services] == [
-        "cart"
+    # The invalid policy is enforced as its stand-in: no rules, it allows nothing (fail closed).
+    assert [(p.name, bool(p.rules), p.invalid) for p in snapshot.policies] == [
+        ("allow", True, ""),
+        ("bad", False, "shop/bad: spec.rules: must be a list, got int"),
     ]
+    assert [s.name for s in snapshot.services] == ["cart"]
     assert snapshot.endpoints == (ServiceEndpoints("shop", "cart", ()),)
     assert snapshot.errors == ("ServiceAuthorization shop/bad: spec.rules: must be a list, got int",)
 
@@ -447,7 +451,7 @@ def condition(
 
 
 VALID = PolicyObject("shop", "allow", "u-1", 1, None, ALLOW)
-INVALID = PolicyObject("shop", "bad", "u-2", 2, None, None, "shop/bad: spec.rules: must be a list, got int")
+INVALID = dataclasses.replace(authorization_from(authorization("bad", spec={"rules": 1})).value, generation=2)
 EARLIER = "2025-01-01T00:00:00Z"
 
 
@@ -478,7 +482,8 @@ EARLIER = "2025-01-01T00:00:00Z"
                         "False",
                         "2025-03-01T12:00:00Z",
                         "Invalid",
-                        "shop/bad: spec.rules: must be a list, got int",
+                        "shop/bad: spec.rules: must be a list, got int; until it is fixed it allows nothing"
+                        " to the workloads it selects",
                         2,
                     )
                 ],

@@ -95,13 +95,20 @@ def test_inbound_per_identity_with_defaults_from_annotations() -> None:
         snap, WorkloadId("shop", "cart"), "cluster.local", DefaultPolicy.ALLOW_AUTHENTICATED
     )
     by_ref = {w.ref: w for w in inbound.workloads}
-    assert by_ref["shop/cart-1"].policies == ("shop/stable-only",)
-    assert by_ref["shop/cart-2"].policies == ()
+    # shop/broken cannot be read: it stands in allowing nothing to what it selects (no selector:
+    # every workload of shop), never falling back to the default (fail closed).
+    assert by_ref["shop/cart-1"].policies == ("shop/broken", "shop/stable-only")
+    assert by_ref["shop/cart-2"].policies == ("shop/broken",)
     assert by_ref["shop/cart-1"].default_policy is DefaultPolicy.DENY  # namespace annotation
     assert by_ref["shop/cart-2"].default_policy is DefaultPolicy.ALLOW_ALL  # pod annotation wins
-    assert [p.ref for p in inbound.policies] == ["shop/stable-only"]
+    assert [(p.ref, len(p.rules), bool(p.invalid)) for p in inbound.policies] == [
+        ("shop/broken", 0, True),
+        ("shop/stable-only", 1, False),
+    ]
     canary = compile_sidecar(snap, "shop/cart-2", "cluster.local", DefaultPolicy.DENY)
-    assert canary.policies == () and canary.default_policy is DefaultPolicy.ALLOW_ALL
+    assert [p.ref for p in canary.policies] == [
+        "shop/broken"
+    ] and canary.default_policy is DefaultPolicy.ALLOW_ALL
 
 
 def test_hashes_change_only_with_content() -> None:
@@ -121,6 +128,7 @@ def test_wire_round_trip() -> None:
     back_out = wire.outbound_from_pb(wire.outbound_to_pb(outbound))
     assert back_in.workloads == inbound.workloads and back_in.hash == inbound.hash
     assert [p.rules for p in back_in.policies] == [p.rules for p in inbound.policies]
+    assert [p.invalid for p in back_in.policies] == [p.invalid for p in inbound.policies] != ["", ""]
     assert back_out.destinations == outbound.destinations
 
 
