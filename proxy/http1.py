@@ -367,7 +367,9 @@ async def _forward(
                 pump.add_done_callback(_abort_on_failure(up.pipe))
             # A request can be sent again if its body (if any) was read whole and kept.
             retry_status = _retry_check(router, info.method, attempt, body)
-            spliced = await _relay_response(conn, down, up, result, started, deadline, retry_status)
+            spliced = await _relay_response(
+                conn, down, up, result, started, deadline, retry_status, ctx.draining
+            )
             if pump is not None and not pump.done():
                 # The response is complete before the request body: the server will not read the
                 # rest (a denial, an early error). Stop both, as a server would (RFC 9112 9.6).
@@ -601,10 +603,13 @@ async def _relay_response(
     started: list[bool],
     deadline: float | None = None,
     retry_status: Callable[[int], bool] | None = None,
+    draining: Callable[[], bool] = lambda: False,
 ) -> bool:
     """Response, upstream -> downstream. True when the connections were switched (101) and spliced.
     Until the head: bounded by ``deadline``, and a head that ``retry_status`` accepts is dropped
-    (``_Retry``)."""
+    (``_Retry``). A response that starts while ``draining`` says ``Connection: close`` and the
+    connection closes after it (RFC 9112 9.6, as Envoy drains): the client sends its next request
+    elsewhere rather than on a connection about to close under it."""
     while True:
         event: object = up.conn.next_event()  # without I/O when the last read held more than one event
         if event is not h1.NEED_DATA:
@@ -643,6 +648,8 @@ async def _relay_response(
         elif isinstance(event, h1.Response):
             started[0] = True
             result.status = event.status_code
+            if draining():
+                conn.must_close = True
             headers = forwarded(event.headers) if event.hop else event.headers
             response = h1.Response(
                 event.status_code,

@@ -40,6 +40,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 from hpack import NeverIndexedHeaderTuple
+from hyperframe.frame import GoAwayFrame
 
 from proxy import framing
 from proxy.headers import DENIED_REASON, BadPath, field_value, normalize_target, with_identity
@@ -54,6 +55,11 @@ GRPC_DEADLINE_EXCEEDED = 4
 GRPC_PERMISSION_DENIED = 7
 GRPC_UNAVAILABLE = 14
 DRAIN_CHECK = 1.0  # how often an idle connection looks whether the sidecar is draining
+# A draining sidecar's graceful GOAWAY (RFC 9113 6.8): a first GOAWAY naming the highest stream id,
+# then, once the client answered a PING (or after DRAIN_PING_WAIT), the real one.
+DRAIN_PING = b"sm-drain"
+DRAIN_PING_WAIT = 1.0
+MAX_STREAM_ID = 2**31 - 1
 # Streams sent on a new connection before the peer's SETTINGS come (h2 enforces its limit, 100 by
 # default, from the start, and a stream over it fails the whole connection).
 UNSETTLED_MAX_STREAMS = 100
@@ -205,6 +211,25 @@ class _Stream:
     head_s: float | None = None  # its time to the response head (the balancer's latency)
 
 
+class _Connection(h2.connection.H2Connection):
+    """h2's connection, except that a graceful GOAWAY (NO_ERROR) leaves the streams already open
+    to finish, as RFC 9113 section 6.8 has it ("activity on streams numbered lower than or equal to
+    the last stream identifier might still complete successfully"): h2 closes the whole connection
+    on any GOAWAY, refusing even the DATA still coming for those streams and dropping what was
+    queued to send. The peer's GOAWAY is still reported (ConnectionTerminated); opening no new
+    stream afterwards is the caller's part (``_Up.closing``). A GOAWAY with an error closes all,
+    as h2 does."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[h2.events.Event]]:
+        if frame.error_code != h2.errors.ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors.ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
 class _Side:
     def __init__(self, pipe: Pipe, client: bool) -> None:
         # What is sent was validated (and so is already normal: lower-case names, no surrounding
@@ -219,7 +244,7 @@ class _Side:
             normalize_outbound_headers=False,
         )
         self.pipe = pipe
-        self.conn = h2.connection.H2Connection(config=config)
+        self.conn = _Connection(config=config)
         self.conn.initiate_connection()
 
     def flush(self) -> None:
@@ -324,13 +349,20 @@ class H2Proxy:
         pool: Pool[_Up] | None = None,
         reset_guard: bool = True,
         xfcc: bytes | None = None,
+        drain_started: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         """``reset_guard``: close the connection of a client that resets most streams early (off
         for another sidecar: its resets are its app's cancellations, already guarded there).
-        ``xfcc``: inbound, what the app is told of an authenticated caller (None: a plaintext one)."""
+        ``xfcc``: inbound, what the app is told of an authenticated caller (None: a plaintext one).
+        ``drain_started``: returns when the sidecar starts draining; the connection then gets a
+        graceful GOAWAY even with streams open (they finish; new ones go elsewhere)."""
         self.down = _Side(down, client=False)
         self.reset_guard = reset_guard
         self.xfcc = xfcc
+        self.drain_started = drain_started
+        self._refuse_above: int | None = None  # the final GOAWAY's last stream id, once sent
+        self._drain_acked = asyncio.Event()  # the client answered the drain's PING
+        self._no_streams = asyncio.Event()  # after the final GOAWAY: the last stream ended
         self.pool = pool  # where upstream connections go when this connection ends, and come from
         if router is None:
             if authorize is None or connect_app is None:
@@ -352,10 +384,12 @@ class H2Proxy:
 
     async def run(self, idle_timeout: float, draining: Callable[[], bool] = lambda: False) -> None:
         self.down.flush()
+        drain = asyncio.create_task(self._drain()) if self.drain_started is not None else None
         try:
             while True:
                 if not self.streams and not await self._wait_idle(idle_timeout, draining):
-                    self.down.conn.close_connection()  # idle or draining: GOAWAY, then close
+                    # idle or draining: GOAWAY, then close (never a higher id than a GOAWAY before)
+                    self.down.conn.close_connection(last_stream_id=self._refuse_above)
                     self.down.flush()
                     break
                 data = await self.down.pipe.read()
@@ -387,7 +421,42 @@ class H2Proxy:
         except (PipeClosed, ConnectionError):
             pass
         finally:
+            if drain is not None:
+                drain.cancel()
             await self._close()
+
+    def _goaway(self, last_stream_id: int) -> None:
+        """A GOAWAY (NO_ERROR) written by hand: h2's close_connection would also stop the streams
+        still open from sending anything more."""
+        self.down.flush()  # what h2 queued goes first: frames stay whole
+        self.down.pipe.write(GoAwayFrame(0, last_stream_id=last_stream_id, error_code=0).serialize())
+
+    async def _drain(self) -> None:
+        """The sidecar drains: a graceful GOAWAY with streams open (RFC 9113 6.8, as Envoy and
+        Linkerd do): the client sends new requests elsewhere at once, the open streams finish (up
+        to the drain timeout), then the connection closes. Without it, a connection with one
+        long-lived stream (a gRPC watch) went on taking new calls until the drain timeout cut
+        them all."""
+        assert self.drain_started is not None
+        await self.drain_started()
+        if self.closed or not self.streams:
+            return  # no stream open: the idle check closes it
+        self._goaway(MAX_STREAM_ID)  # "stop opening streams": ones already on their way still count
+        self.down.conn.ping(DRAIN_PING)
+        self.down.flush()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain_acked.wait(), DRAIN_PING_WAIT)
+        if self.closed:
+            return
+        self._refuse_above = self.down.conn.highest_inbound_stream_id
+        self._goaway(self._refuse_above)  # streams above it are refused: the client retries them
+        if self.streams:
+            await self._no_streams.wait()
+        if not self.closed:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.down.conn.close_connection(last_stream_id=self._refuse_above)
+            self.down.flush()
+            self.down.pipe.close()  # the reader sees the end and cleans up
 
     async def _flush_written(self) -> None:
         """Send what the batch queued upstream; wait while a connection's socket is backed up."""
@@ -443,6 +512,10 @@ class H2Proxy:
 
     def _on_down(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
+            if self._refuse_above is not None and event.stream_id > self._refuse_above:
+                # After the final GOAWAY: not processed, so the client may send it elsewhere.
+                self.down.conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
             self._opened += 1
             self._request(event)
         elif isinstance(event, h2.events.DataReceived):
@@ -481,6 +554,8 @@ class H2Proxy:
             self._pump_all(self.streams, event.stream_id, up=False)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self._pump_all(self.streams, 0, up=False)  # the initial window may have grown
+        elif isinstance(event, h2.events.PingAckReceived) and event.ping_data == DRAIN_PING:
+            self._drain_acked.set()
 
     def _request(self, event: h2.events.RequestReceived) -> None:
         headers = _headers(event.headers)
@@ -822,6 +897,21 @@ class H2Proxy:
         the pool that failed before the peer sent anything counts as never reached, as HTTP/1.1's
         pool does: the peer most likely closed it while it was idle (a crash, no GOAWAY), its
         close crossing the streams."""
+        if stream.responded and stream.grpc and not self.closed and not stream.end_queued_down:
+            # A gRPC call whose response had begun: its transport was lost, which a gRPC client
+            # sees as UNAVAILABLE without the mesh (a reset would read as INTERNAL, a server bug,
+            # which retry policies and watch reconnect logic do not retry).
+            stream.to_down.clear()  # (its connection is gone: nothing to acknowledge to it)
+            stream.end_queued_down = True
+            stream.result.error = "connection lost"
+            stream.result.grpc_status = GRPC_UNAVAILABLE
+            trailers = [
+                (b"grpc-status", b"%d" % GRPC_UNAVAILABLE),
+                (b"grpc-message", b"upstream connection lost"),
+            ]
+            stream.to_down.append((trailers, 0))
+            self._pump(stream, up=False)
+            return
         if stream.responded or self.closed:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.down.conn.reset_stream(stream.down_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
@@ -985,6 +1075,8 @@ class H2Proxy:
     def _finish(self, stream: _Stream, error: str | None = None) -> None:
         if self.streams.pop(stream.down_id, None) is None:
             return
+        if not self.streams and self._refuse_above is not None:
+            self._no_streams.set()
         if stream.timer is not None:
             stream.timer.cancel()
         if stream.task is not None and stream.task is not asyncio.current_task():

@@ -310,6 +310,7 @@ async def serve_h2(sc: Sidecar, relay: Relay, down: Pipe, router: InboundRouter)
         relay.info,
         reset_guard=not router.peer.authenticated,  # another sidecar's resets are its app's cancels
         xfcc=router.xfcc,
+        drain_started=sc.drain_started.wait,
     )
     await tracked(
         relay, down, "HTTP/2", proxy.run(sc.config.idle_timeout.total_seconds(), lambda: sc.draining)

@@ -136,6 +136,7 @@ class Sidecar:
         self._servers: list[HTTPServer] = []
         self.ports: dict[str, int] = {}
         self.draining = False
+        self.drain_started = asyncio.Event()  # set when draining begins (HTTP/2 connections GOAWAY)
         self._no_relays = asyncio.Event()
         # Set once there is an SVID and a configuration: only then do the data listeners listen,
         # so that a replacement sidecar (SO_REUSEPORT) takes no connection it cannot serve yet.
@@ -482,6 +483,7 @@ class Sidecar:
         drain timeout; the sidecar stops as soon as none is left.
         """
         self.draining = True
+        self.drain_started.set()
         await self._close_listeners(("inbound",))
         limit = self.config.drain_timeout.total_seconds() if timeout is None else timeout
         grace = self.config.drain_grace.total_seconds() if grace is None else grace

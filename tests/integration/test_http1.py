@@ -611,3 +611,32 @@ async def test_a_slow_request_head_gets_408_and_is_counted(mesh: Mesh, pair: tup
     assert (
         frontend.metrics.registry.get_sample_value("sidemesh_proxy_connections_timed_out_total", sample) == 1
     )
+
+
+async def test_a_response_that_starts_while_draining_closes_the_connection(
+    mesh: Mesh, cart_app: CartApp
+) -> None:
+    """RFC 9112 9.6, as Envoy drains: the request in flight when the drain begins is answered, with
+    `Connection: close`, and the connection closes after it (the client sends its next request
+    elsewhere, not on a connection about to close under it)."""
+    mesh.write(
+        "allow.yaml", ALLOW_CART_PATHS + "  - from: [{unauthenticated: true}]\n    to: {ports: [8080]}\n"
+    )
+    cart = await mesh.sidecar("cart", CART, mode="permissive")
+    reader, writer = await asyncio.open_connection(mesh.addr(CART), 15006)
+    try:
+        writer.write(b"GET /cart/1 HTTP/1.1\r\nHost: cart\r\n\r\n")  # before: kept alive
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert b"connection: close" not in head.lower()
+        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+        writer.write(b"POST /cart/2 HTTP/1.1\r\nHost: cart\r\nContent-Length: 10\r\n\r\nhello")
+        await asyncio.sleep(0.2)
+        drain = asyncio.create_task(cart.drain(timeout=10))
+        await asyncio.sleep(0.2)
+        writer.write(b"world")  # the app answers now: its head goes out during the drain
+        rest = await asyncio.wait_for(reader.read(), 10)  # to EOF: the sidecar closes after it
+        assert rest.startswith(b"HTTP/1.1 200 ") and b"\r\nconnection: close\r\n" in rest.lower()
+        assert json.loads(rest.partition(b"\r\n\r\n")[2])["body"] == 10
+        await asyncio.wait_for(drain, 5)
+    finally:
+        writer.close()

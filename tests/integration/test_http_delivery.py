@@ -9,7 +9,10 @@ import http.client
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 from aiohttp import web
 
@@ -270,3 +273,95 @@ async def test_endpoint_changes_apply_to_the_next_request(mesh: Mesh) -> None:
         await asyncio.sleep(0.05)
     assert {await asyncio.to_thread(get) for _ in range(10)} == {b"one"}
     conn.close()
+
+
+class GrpcApp:
+    """A gRPC app that counts its unary calls and tags its bidi answers with its name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.unary_calls = 0
+        self.server = grpc.aio.server()
+        self.server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "test.Echo",
+                    {
+                        "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
+                        "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
+                    },
+                ),
+            )
+        )
+
+    async def unary(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        self.unary_calls += 1
+        await asyncio.sleep(0.02)
+        return self.name.encode()
+
+    async def bidi(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            yield self.name.encode()
+
+
+async def test_a_draining_endpoint_gets_no_new_grpc_calls_while_its_streams_finish(mesh: Mesh) -> None:
+    """RFC 9113 6.8: the draining sidecar sends GOAWAY at once, with long-lived streams open on the
+    connection (gRPC watches); the caller's sidecar sends new calls to the other endpoint, none
+    fails, the streams already open go on until the drain timeout, and those cut there end
+    UNAVAILABLE, as a lost transport does without the mesh (not INTERNAL)."""
+    write_mesh(mesh, two=True)
+    apps = {CART1: GrpcApp("a"), CART2: GrpcApp("b")}
+    for host, app in apps.items():
+        app.server.add_insecure_port(f"{mesh.addr(host)}:{APP}")
+        await app.server.start()
+    try:
+        for host in apps:
+            await mesh.sidecar("carta" if host == CART1 else "cartb", host, identity_of="cart")
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        async with grpc.aio.insecure_channel(f"{mesh.addr(FRONTEND)}:{OUT}") as ch:
+            unary = ch.unary_unary("/test.Echo/Unary")  # type: ignore[call-arg]
+            streams: dict[str, list[Any]] = {"a": [], "b": []}
+            for _ in range(40):  # long-lived streams on both endpoints
+                call = ch.stream_stream("/test.Echo/Bidi")()  # type: ignore[call-arg]
+                await call.write(b"x")
+                streams[(await call.read()).decode()].append(call)
+                if len(streams["a"]) >= 2 and len(streams["b"]) >= 2:
+                    break
+            assert len(streams["a"]) >= 2 and len(streams["b"]) >= 2
+            errors: list[str] = []
+            stop = asyncio.Event()
+
+            async def load() -> None:
+                while not stop.is_set():
+                    try:
+                        await unary(b"x", timeout=5)
+                    except grpc.aio.AioRpcError as exc:
+                        errors.append(f"{exc.code().name}: {exc.details()}")
+
+            started = time.monotonic()
+            drain = asyncio.create_task(mesh.sidecars["carta"].drain(timeout=2.5))
+            loaders = [asyncio.create_task(load()) for _ in range(4)]
+            await asyncio.sleep(0.5)  # the GOAWAY and its PING: one round trip here
+            before = apps[CART1].unary_calls
+            await asyncio.sleep(1.0)
+            assert apps[CART1].unary_calls == before, "the draining endpoint still got new calls"
+            assert apps[CART2].unary_calls > 20
+            for call in streams["a"] + streams["b"]:  # the open streams go on during the drain
+                await call.write(b"y")
+                assert (await asyncio.wait_for(call.read(), 5)) in (b"a", b"b")
+            await drain
+            assert time.monotonic() - started >= 2.4  # the streams held it open until the timeout
+            stop.set()
+            await asyncio.gather(*loaders)
+            assert errors == []
+            for call in streams["a"]:  # cut at the drain timeout
+                assert await asyncio.wait_for(call.code(), 5) is grpc.StatusCode.UNAVAILABLE
+            for call in streams["b"]:
+                await call.write(b"z")
+                assert await asyncio.wait_for(call.read(), 5) == b"b"
+                call.cancel()
+    finally:
+        for app in apps.values():
+            await app.server.stop(0)
