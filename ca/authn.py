@@ -105,7 +105,13 @@ def parse_token_file(text: str) -> dict[bytes, _LocalEntry]:
       serviceAccount: frontend
       expiresAt: "2026-12-01T00:00:00Z"   # optional
     """
-    doc = yaml.safe_load(text) or {}
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:  # one line: what and where, not the YAML library's drawing
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"not valid YAML{where}: {problem}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("tokens", []), list):
         raise ValueError("token file must be a mapping with a 'tokens' list")
     entries: dict[bytes, _LocalEntry] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -23,11 +24,19 @@ from ca.config import CAConfig
 from ca.errors import KeyMaterialError
 from sidemesh import config as cfg
 from sidemesh import logging as smlog
-from sidemesh.cli import CLIError
+from sidemesh.cli import CLIError, listen_error
 from sidemesh.identity.bundle import spiffe_bundle
 from sidemesh.identity.client import CAClient, CAClientError
 from sidemesh.identity.svid import SVID, SvidError, load_bundle, make_csr, new_key
-from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId
+from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId, validate_trust_domain
+
+
+def _trust_domain(text: str) -> str:
+    try:
+        return validate_trust_domain(text)
+    except SpiffeIdError as exc:
+        hint = " (the name alone, without spiffe://)" if text.startswith("spiffe://") else ""
+        raise argparse.ArgumentTypeError(f"{exc}{hint}") from None
 
 
 def register(sub: Any) -> None:
@@ -47,19 +56,22 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--dir", type=Path, required=True, help="where to write the files")
     p.add_argument(
-        "--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="SPIFFE trust domain (default: %(default)s)"
+        "--trust-domain",
+        type=_trust_domain,
+        default=DEFAULT_TRUST_DOMAIN,
+        help="SPIFFE trust domain: lowercase letters, digits, '.', '-', '_' (default: %(default)s)",
     )
     p.add_argument(
         "--root-lifetime",
-        type=cfg.parse_duration,
+        type=cfg.duration_arg(dt.timedelta(days=1)),
         default=dt.timedelta(days=3650),
-        help="root lifetime (default: 3650d)",
+        help="root lifetime, at least 1d (default: 3650d)",
     )
     p.add_argument(
         "--intermediate-lifetime",
-        type=cfg.parse_duration,
+        type=cfg.duration_arg(dt.timedelta(days=1)),
         default=dt.timedelta(days=365),
-        help="intermediate lifetime (default: 365d)",
+        help="intermediate lifetime, at least 1d and less than the root's (default: 365d)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
     p.set_defaults(handler=_bootstrap)
@@ -89,10 +101,16 @@ def register(sub: Any) -> None:
     g.add_argument("--token-file", type=Path, help="file holding the bearer token")
     p.add_argument("--identity", required=True, help="NAMESPACE/SERVICEACCOUNT the token belongs to")
     p.add_argument(
-        "--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="SPIFFE trust domain (default: %(default)s)"
+        "--trust-domain",
+        type=_trust_domain,
+        default=DEFAULT_TRUST_DOMAIN,
+        help="SPIFFE trust domain: lowercase letters, digits, '.', '-', '_' (default: %(default)s)",
     )
     p.add_argument(
-        "--ttl", type=cfg.parse_duration, default=None, help="requested lifetime, e.g. 1h (default: the CA's)"
+        "--ttl",
+        type=cfg.duration_arg(dt.timedelta(seconds=1)),
+        default=None,
+        help="requested lifetime, e.g. 1h (default: the CA's)",
     )
     p.add_argument(
         "--out-dir", type=Path, required=True, help="directory for key.pem, cert-chain.pem, bundle.pem"
@@ -110,7 +128,10 @@ def register(sub: Any) -> None:
     p.add_argument("--file", type=Path, required=True, help="token file (created if missing)")
     p.add_argument("--identity", required=True, help="NAMESPACE/SERVICEACCOUNT")
     p.add_argument(
-        "--expires-in", type=cfg.parse_duration, default=None, help="token lifetime (default: never expires)"
+        "--expires-in",
+        type=cfg.duration_arg(dt.timedelta(minutes=1)),
+        default=None,
+        help="token lifetime, at least 1m, e.g. 30d (default: never expires)",
     )
     p.set_defaults(handler=_local_token)
 
@@ -128,7 +149,7 @@ def register(sub: Any) -> None:
     p.add_argument("--format", choices=["pem", "spiffe"], default="pem", help="output format (default: pem)")
     p.add_argument(
         "--refresh-hint",
-        type=cfg.parse_duration,
+        type=cfg.duration_arg(dt.timedelta(seconds=1)),
         default=None,
         help="spiffe format: how often a consumer should fetch the bundle again, e.g. 5m (default: none)",
     )
@@ -166,9 +187,14 @@ def make_authenticator(config: CAConfig) -> Authenticator:
         assert config.token_file is not None
         try:
             return LocalTokenAuthenticator(config.token_file)
-        except (OSError, ValueError) as exc:
+        except FileNotFoundError as exc:
             raise CLIError(
                 f"{exc}; create one with `sidemesh ca local-token --file {config.token_file} --identity NS/SA`"
+            ) from exc
+        except (OSError, ValueError) as exc:  # there, but unreadable or broken: fix it, or start anew
+            raise CLIError(
+                f"{exc}; fix it, or move it away and create one with "
+                f"`sidemesh ca local-token --file {config.token_file} --identity NS/SA`"
             ) from exc
     from kubernetes import client
     from kubernetes import config as kconfig
@@ -201,7 +227,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from exc
 
     async def run() -> None:
-        await server.start()
+        try:
+            await server.start()
+        except (RuntimeError, OSError) as exc:
+            await server.stop(grace=0)
+            raise listen_error(
+                exc, {"--listen": config.listen, "--metrics-listen": config.metrics_listen}
+            ) from exc
         if config.batch_helper_threads:  # this process is the CA's alone: its threads are ours to tune
             changed = sched.batch_helper_threads()
             logging.getLogger("sidemesh.ca").info(
@@ -238,7 +270,20 @@ def _issue(args: argparse.Namespace) -> int:
         bundle = args.bundle.read_bytes()
     except (SpiffeIdError, OSError) as exc:
         raise CLIError(str(exc)) from exc
+    if not token or not token.isascii() or not token.isprintable():  # one line of printable ASCII
+        where = "--token-file" if args.token is None else "--token"
+        raise CLIError(
+            f"{where} must be one token, as `sidemesh ca local-token` prints it or a ServiceAccount "
+            "token (not the token file that `sidemesh ca serve --token-file` reads)"
+        )
     ttl = int(args.ttl.total_seconds()) if args.ttl else 0
+    created = not args.out_dir.exists()
+    try:  # before asking the CA: a certificate issued and then not written helps nobody
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(
+            f"cannot create --out-dir {args.out_dir}: {exc.strerror}; pick another directory"
+        ) from exc
 
     async def run() -> SVID:
         client = CAClient(args.ca, bundle)
@@ -251,16 +296,18 @@ def _issue(args: argparse.Namespace) -> int:
 
     try:
         svid = asyncio.run(run())
-    except CAClientError as exc:
+    except (CAClientError, SvidError) as exc:
+        if created:  # nothing was issued: no empty directory left behind
+            with contextlib.suppress(OSError):
+                args.out_dir.rmdir()
+        if isinstance(exc, SvidError):
+            raise CLIError(str(exc)) from exc
         hint = {
             "UNAVAILABLE": "is the CA running at that address, and is --bundle its root-cert.pem?",
             "UNAUTHENTICATED": "check the token (and that it belongs to --identity)",
             "PERMISSION_DENIED": "--identity must be the identity the token belongs to",
         }.get(exc.code.name, "")
         raise CLIError(f"the CA refused: {exc}{'; ' + hint if hint else ''}") from exc
-    except SvidError as exc:
-        raise CLIError(str(exc)) from exc
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(args.out_dir / "key.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(svid.key_pem)

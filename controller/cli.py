@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from controller.config import ControllerConfig
 from sidemesh import config as cfg
 from sidemesh import logging as smlog
-from sidemesh.cli import CLIError
+from sidemesh.cli import CLIError, listen_error
 
 if TYPE_CHECKING:
     from controller.bundle import BundlePublisher
@@ -92,7 +92,14 @@ def _serve(args: argparse.Namespace) -> int:
             dns_names=(config.server_name,),
         )
         server = ConfigServer(config, identity, source)
-        await server.start()
+        try:
+            await server.start()
+        except (RuntimeError, OSError) as exc:
+            await server.stop()
+            await client.close()
+            raise listen_error(
+                exc, {"--listen": config.listen, "--metrics-listen": config.metrics_listen}
+            ) from exc
         publishing = (
             asyncio.create_task(publisher.run(), name="sidemesh-bundle-publisher") if publisher else None
         )

@@ -63,6 +63,11 @@ async def _main(config: ProxyConfig) -> int:
     try:
         bundle = config.bundle_file.read_bytes()
         if config.config_dir is not None:
+            if not config.config_dir.is_dir():
+                raise CLIError(
+                    f"--config-dir {config.config_dir} is not a directory: give the directory of "
+                    "Workload, Service and ServiceAuthorization YAML (docs/sidecar.md)"
+                )
             snapshot = directory.load_directory(config.config_dir)
             default = DefaultPolicy(config.default_policy)
             spiffe_id = compile_sidecar(snapshot, config.workload, config.trust_domain, default).identity
@@ -72,7 +77,9 @@ async def _main(config: ProxyConfig) -> int:
     except OSError as exc:
         raise CLIError(f"{exc.filename}: {exc.strerror}; check --bundle-file and --config-dir") from exc
     except CompileError as exc:
-        raise CLIError(f"{exc}; add a Workload named {config.workload} to {config.config_dir}") from exc
+        unread = "; ".join(e for e in snapshot.errors if "cannot read" in e)
+        also = f" (files that could not be read: {unread})" if unread else ""
+        raise CLIError(f"{exc}; add a Workload named {config.workload} to {config.config_dir}{also}") from exc
     except SpiffeIdError as exc:
         raise CLIError(f"{exc}; check --workload and --service-account") from exc
     client = CAClient(config.ca_address, bundle)

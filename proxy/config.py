@@ -173,8 +173,10 @@ class ProxyConfig:
             raise ConfigError("undecided_timeout", "must not be negative")
         if not 0.0 <= self.access_log_sample <= 1.0:
             raise ConfigError("access_log_sample", f"{self.access_log_sample:g} is not between 0 and 1")
-        if not self.workload or "/" not in self.workload:
+        if not self.workload:
             raise ConfigError("workload", "required: NAMESPACE/NAME (POD_NAMESPACE/POD_NAME in a pod)")
+        if "/" not in self.workload:
+            raise ConfigError("workload", f"{self.workload!r} is not NAMESPACE/NAME (e.g. shop/{self.workload})")
         for name in ("inbound_listen", "outbound_listen", "admin_listen", "health_listen"):
             parse_hostport(name, getattr(self, name))
         for entry in self.outbound:

@@ -257,7 +257,7 @@ def register_wait(sub: Any) -> None:
     )
     p.add_argument(
         "--timeout",
-        type=cfg.parse_duration,
+        type=cfg.duration_arg(),
         default=cfg.parse_duration("120s"),
         help="give up after (default: 120s)",
     )

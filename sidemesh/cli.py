@@ -20,6 +20,21 @@ class CLIError(Exception):
     """A failure the user can act on: the message says what went wrong and what to do next."""
 
 
+def listen_error(exc: Exception, addresses: dict[str, str]) -> CLIError:
+    """A server that could not listen (``addresses``: option -> its value), as one line that names
+    the option: grpc raises RuntimeError("Failed to bind to address ..."), asyncio an OSError."""
+    text = str(exc)
+    option = next((o for o, a in addresses.items() if a and a in text), None)
+    if option is None and isinstance(exc, OSError):  # asyncio's errors name no address
+        option = next((o for o in addresses if o != "--listen" and addresses[o]), None)
+    option = option or "--listen"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "address in use or not available"
+    return CLIError(
+        f"cannot listen on {option} {addresses.get(option, '')}: {reason.lower()}; stop the process "
+        "that holds it (ss -ltnp shows which) or pick another address"
+    )
+
+
 Handler = Callable[[argparse.Namespace], int]
 
 

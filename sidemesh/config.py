@@ -15,6 +15,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +59,25 @@ def parse_duration(text: str) -> dt.timedelta:
     if not _DURATION_RE.match(text):
         raise ValueError(f"{text!r} is not a duration (examples: 30s, 5m, 1h30m, 250ms)")
     return dt.timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in _DURATION_PART_RE.findall(text)))
+
+
+def duration_arg(minimum: dt.timedelta | None = None) -> Callable[[str], dt.timedelta]:
+    """An argparse ``type`` for a duration: argparse shows the reason (``'1y' is not a duration
+    ...``) instead of ``invalid parse_duration value``; ``minimum`` refuses values below it."""
+
+    def parse(text: str) -> dt.timedelta:
+        try:
+            value = parse_duration(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}; units: ms, s, m, h, d") from None
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is shorter than {format_duration(minimum)} (a bare number is seconds)"
+            )
+        return value
+
+    parse.__name__ = "duration"
+    return parse
 
 
 def format_duration(value: dt.timedelta) -> str:
@@ -154,6 +174,8 @@ def load(
 
 def parse_hostport(option_name: str, text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not port.isdigit():
         raise ConfigError(option_name, f"{text!r} is not HOST:PORT")
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError(option_name, f"{text!r}: port {port} is not 0-65535")
     return host.strip("[]") or "0.0.0.0", int(port)

@@ -199,9 +199,15 @@ def _main(args: argparse.Namespace) -> int:
         raise CLIError("--interval: must be above 0 (e.g. 1s)")
     if args.limit < 1:
         raise CLIError("--limit: must be at least 1")
-    try:
-        for address in args.addresses:
+    for address in args.addresses:
+        try:
             parse_hostport("address", address)
+        except ValueError as exc:
+            why = str(exc).split(": ", 1)[1]  # without the option's name: ADMIN_ADDRESS is positional
+            raise CLIError(
+                f"ADMIN_ADDRESS {why}: give sidecar admin addresses as HOST:PORT, e.g. 127.0.0.1:15000"
+            ) from exc
+    try:
         return run_top(args.addresses, interval, args.once, args.limit, args.direction)
     except TopError as exc:
         raise CLIError(str(exc)) from exc

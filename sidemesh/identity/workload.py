@@ -18,6 +18,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 from cryptography.hazmat.primitives import serialization
 
 from sidemesh.cancel import stop_if_cancelling
@@ -35,6 +36,25 @@ BUNDLE_POLL_SECONDS = 5.0
 def token_from_file(path: Path) -> Callable[[], str]:
     """A projected ServiceAccount token is rotated by the kubelet: read it fresh every time."""
     return lambda: path.read_text().strip()
+
+
+def renewal_hint(exc: Exception) -> str:
+    """What to check when a renewal fails, for the log line (the retries go on regardless)."""
+    if isinstance(exc, FileNotFoundError):
+        return (
+            f"{exc.filename} is missing: in a pod the injector mounts the ServiceAccount token there; "
+            "outside a cluster give --token-file a token from `sidemesh ca local-token`"
+        )
+    if isinstance(exc, OSError):
+        return "check that --token-file can be read"
+    if isinstance(exc, CAClientError):
+        if exc.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return "the CA refused the token: check that --token-file holds this workload's token"
+        if exc.code is grpc.StatusCode.INVALID_ARGUMENT:
+            return "the CA refused the request: check that the token's identity is this workload's"
+        if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return "is the CA running at --ca-address, and is --bundle-file its root-cert.pem?"
+    return ""
 
 
 class WorkloadIdentity:
@@ -165,6 +185,7 @@ class WorkloadIdentity:
                         "retry_in": round(delay, 2),
                         "error": str(exc),
                         "state": self.state,
+                        "hint": renewal_hint(exc),
                     },
                 )
             await self.clock.sleep(max(delay, 0.0))

@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -239,3 +240,94 @@ def test_bundle_as_pem_and_as_a_spiffe_bundle(tmp_path: Path, capsys: pytest.Cap
     (tmp_path / "junk.pem").write_text("not a certificate")
     assert main(["ca", "bundle", "--bundle-file", str(tmp_path / "junk.pem")]) == 2
     assert "junk.pem" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("held", ["--listen", "--metrics-listen"])
+def test_serve_on_an_address_in_use_names_the_option(
+    held: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")]) == 0
+    (tmp_path / "tokens.yaml").write_text("tokens: []\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        listen = {"--listen": "127.0.0.1:0", "--metrics-listen": "127.0.0.1:0", held: address}
+        code = main(
+            [
+                "ca",
+                "serve",
+                "--authenticator",
+                "local",
+                "--token-file",
+                str(tmp_path / "tokens.yaml"),
+                "--ca-dir",
+                str(tmp_path / "ca"),
+                *[x for option, value in listen.items() for x in (option, value)],
+            ]
+        )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on {held} {address}: " in err and "pick another address" in err
+    assert "Traceback" not in err
+
+
+def test_issue_with_the_token_file_instead_of_a_token_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")])
+    tokens = tmp_path / "tokens.yaml"
+    assert main(["ca", "local-token", "--file", str(tokens), "--identity", "shop/cart"]) == 0
+    capsys.readouterr()
+    common = ["ca", "issue", "--ca", "127.0.0.1:1", "--bundle", str(tmp_path / "ca" / "root-cert.pem")]
+    code = main([*common, "--token-file", str(tokens), "--identity", "shop/cart", "--out-dir", str(tmp_path)])
+    assert code == 2
+    assert "not the token file that `sidemesh ca serve --token-file` reads" in capsys.readouterr().err
+    (tmp_path / "token").write_text("x\n")
+    code = main(
+        [*common, "--token-file", str(tmp_path / "token"), "--identity", "shop/cart", "--out-dir", "/proc/x"]
+    )
+    assert code == 2
+    assert "cannot create --out-dir /proc/x" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--root-lifetime", "10"],
+            "argument --root-lifetime: '10' is shorter than 1d (a bare number is seconds)",
+        ),
+        (
+            ["--intermediate-lifetime", "1y"],
+            "'1y' is not a duration (examples: 30s, 5m, 1h30m, 250ms); units:",
+        ),
+        (
+            ["--trust-domain", "bad domain"],
+            "argument --trust-domain: trust domain 'bad domain' may contain only",
+        ),
+        (["--trust-domain", "spiffe://x.org"], "(the name alone, without spiffe://)"),
+    ],
+)
+def test_bootstrap_refuses_what_would_make_a_useless_ca(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A root or intermediate that expires within seconds (a bare number is seconds), or a trust
+    domain no SPIFFE implementation parses, was written without a word."""
+    with pytest.raises(SystemExit) as info:
+        main(["ca", "bootstrap", "--dir", str(tmp_path / "ca"), *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "ca").exists()
+
+
+def test_serve_with_a_broken_token_file_says_where(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")]) == 0
+    (tmp_path / "tokens.yaml").write_text("tokens: [unclosed\n")
+    argv = ["ca", "serve", "--authenticator", "local", "--ca-dir", str(tmp_path / "ca")]
+    assert main([*argv, "--token-file", str(tmp_path / "tokens.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML at line 2, column 1" in err and "fix it, or move it away" in err
+    assert len(err.strip().splitlines()) == 1  # one line, not the YAML library's drawing

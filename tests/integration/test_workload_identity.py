@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from sidemesh.identity import tls
 from sidemesh.identity.client import CAClientError
 from sidemesh.identity.rotation import renewal_time
 from sidemesh.identity.svid import SVID
-from sidemesh.identity.workload import WorkloadIdentity
+from sidemesh.identity.workload import WorkloadIdentity, token_from_file
 from sidemesh.spiffe import SpiffeId, WorkloadId
 from tests.integration.conftest import RunningCA, StartCA
 from tests.support import pki
@@ -395,3 +396,29 @@ async def test_root_rotation_without_restarts(start_ca: StartCA, tmp_path: Path)
     finally:
         await wi.stop()
         await client.close()
+
+
+async def test_a_failing_renewal_says_what_to_check(
+    start_ca: StartCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A missing token file, or another workload's token, were retried for ever with nothing but
+    the bare error in the log; the log line now says what to check."""
+    ca = await start_ca()
+    missing = tmp_path / "no-token"
+    for token, hint in (
+        (token_from_file(missing), f"{missing} is missing: in a pod the injector mounts"),
+        (lambda: "frontend-token", "the CA refused"),
+    ):
+        caplog.clear()
+        clock = FakeClock()
+        client = ca.client()
+        wi = WorkloadIdentity(CART, client, token, clock=clock, rand=lambda: 1.0)
+        with caplog.at_level(logging.WARNING, logger="sidemesh.identity"):
+            await wi.start()
+            try:
+                await clock.next_sleep()
+            finally:
+                await wi.stop()
+                await client.close()
+        (line,) = [r for r in caplog.records if r.getMessage() == "SVID renewal failed; retrying"]
+        assert hint in line.hint, line.hint  # type: ignore[attr-defined]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,29 @@ def test_the_sidecar_process_does_not_import_the_other_components() -> None:
     assert "proxy.cli" in loaded
     assert not [m for m in loaded if m.split(".")[0] in ("controller", "injector")], loaded
     assert "ca.cli" not in loaded, loaded
+
+
+def test_proxy_run_with_a_config_dir_that_is_not_there_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text("")
+    code = main(
+        [
+            "proxy", "run", "--capture", "none", "--workload", "shop/cart-1", "--bundle-file", str(bundle),
+            "--config-dir", str(tmp_path / "nothing"), "--token-file", str(tmp_path / "token"),
+        ]
+    )  # fmt: skip
+    assert code == 2
+    assert f"--config-dir {tmp_path / 'nothing'} is not a directory" in capsys.readouterr().err
+    (tmp_path / "mesh").mkdir()
+    (tmp_path / "mesh" / "bad.yaml").write_text("kind: [unclosed\n")
+    code = main(
+        [
+            "proxy", "run", "--capture", "none", "--workload", "shop/cart-1", "--bundle-file", str(bundle),
+            "--config-dir", str(tmp_path / "mesh"), "--token-file", str(tmp_path / "token"),
+        ]
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no workload shop/cart-1" in err and "files that could not be read: bad.yaml: cannot read" in err

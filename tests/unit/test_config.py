@@ -81,3 +81,11 @@ def test_the_controller_permits_the_sidecars_keepalive_pings() -> None:
     options = dict(SERVER_OPTIONS)
     assert options["grpc.http2.min_ping_interval_without_data_ms"] <= KEEPALIVE_MS
     assert options["grpc.keepalive_permit_without_calls"] == 1
+
+
+def test_a_workload_without_a_namespace_is_named_as_such() -> None:
+    from proxy.config import ProxyConfig
+    from sidemesh.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--workload: 'cart' is not NAMESPACE/NAME \(e.g. shop/cart\)"):
+        ProxyConfig(workload="cart", capture="none")

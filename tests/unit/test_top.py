@@ -101,7 +101,8 @@ def test_an_unreachable_sidecar_is_a_clear_error(capsys: pytest.CaptureFixture[s
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["top", "nonsense", "--once"], "HOST:PORT"),
+        (["top", "nonsense", "--once"], "ADMIN_ADDRESS 'nonsense' is not HOST:PORT"),  # no --address flag
+        (["top", "1.2.3.4:99999", "--once"], "ADMIN_ADDRESS '1.2.3.4:99999': port 99999 is not 0-65535"),
         (["top", "--interval", "0s", "--once"], "--interval"),
         (["top", "--interval", "soon", "--once"], "--interval"),
         (["top", "--limit", "0", "--once"], "--limit"),
