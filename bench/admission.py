@@ -250,6 +250,7 @@ def start_injector(tmp: Path, pin: list[str]) -> tuple[subprocess.Popen[bytes], 
         "injector", "serve", "--listen", "127.0.0.1:0",
         "--tls-cert", str(tmp / "tls.crt"), "--tls-key", str(tmp / "tls.key"),
         "--settings-file", str(tmp / "config.yaml"), "--webhook-configuration", "",
+        "--shutdown-delay", "0s",  # no API server routes to it: stop at once
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen([*pin, str(Path(sys.executable).parent / "sidemesh"), *args], stderr=out)

@@ -217,7 +217,10 @@ async def serve(
     except SpiffeIdError:
         own_id = ""  # serving a certificate from files: no identity of its own
     tracing = start_tracing("sidemesh-injector", registry, {"sidemesh.identity": own_id})
-    app = create_app(lambda: settings.current, lambda: serving.loaded, registry, tracing)
+    stopping = asyncio.Event()
+    app = create_app(
+        lambda: settings.current, lambda: serving.loaded and not stopping.is_set(), registry, tracing
+    )
     server = WebhookServer(app, serving, host, port)
     await server.start()
     metrics = None
@@ -234,6 +237,14 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # Endpoints are removed from the webhook's Service only once the kubelet saw the pod go (or
+    # its readiness fail): until then the API server still calls here, and under failurePolicy
+    # Fail a refused call is a pod that cannot be created. So: not ready, still serving, a while.
+    stopping.set()
+    delay = config.shutdown_delay.total_seconds()
+    log.info("stopping: not ready, still answering admissions", extra={"for_s": delay})
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_second_signal(loop), delay)  # a second SIGTERM/SIGINT: at once
     await server.stop()
     if metrics is not None:
         await metrics.stop()
@@ -250,6 +261,13 @@ async def serve(
         await client.close()
     log.info("injector stopped")
     return 0
+
+
+async def _second_signal(loop: asyncio.AbstractEventLoop) -> None:
+    again = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, again.set)
+    await again.wait()
 
 
 async def _reload_loop(

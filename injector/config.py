@@ -72,6 +72,12 @@ class InjectorConfig:
         "how often the settings and certificate files are checked for changes",
         env="SIDEMESH_INJECTOR_RELOAD_INTERVAL",
     )
+    shutdown_delay: dt.timedelta = option(
+        dt.timedelta(seconds=5),
+        "on SIGTERM, keep answering admissions this long while /healthz says 503, so that the API "
+        "server stops calling this pod before it stops listening (as a preStop sleep does)",
+        env="SIDEMESH_INJECTOR_SHUTDOWN_DELAY",
+    )
     log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
@@ -90,3 +96,5 @@ class InjectorConfig:
                 raise ConfigError("identity", str(exc)) from exc
         if self.reload_interval <= dt.timedelta(0):
             raise ConfigError("reload_interval", "must be positive")
+        if self.shutdown_delay < dt.timedelta(0):
+            raise ConfigError("shutdown_delay", "must not be negative")

@@ -176,7 +176,9 @@ class ProxyConfig:
         if not self.workload:
             raise ConfigError("workload", "required: NAMESPACE/NAME (POD_NAMESPACE/POD_NAME in a pod)")
         if "/" not in self.workload:
-            raise ConfigError("workload", f"{self.workload!r} is not NAMESPACE/NAME (e.g. shop/{self.workload})")
+            raise ConfigError(
+                "workload", f"{self.workload!r} is not NAMESPACE/NAME (e.g. shop/{self.workload})"
+            )
         for name in ("inbound_listen", "outbound_listen", "admin_listen", "health_listen"):
             parse_hostport(name, getattr(self, name))
         for entry in self.outbound:

@@ -672,6 +672,7 @@ async def test_the_serve_command(start_ca: StartCA, tmp_path: Path) -> None:
         "--settings-file", str(settings),
         "--webhook-configuration", "",
         "--reload-interval", "100ms",
+        "--shutdown-delay", "1s",
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stderr is not None
@@ -696,6 +697,16 @@ async def test_the_serve_command(start_ca: StartCA, tmp_path: Path) -> None:
         assert await asyncio.to_thread(image) == "registry.local/sidemesh:2"
         admissions = [r for r in seen if r.get("event") == "admission"]
         assert admissions and admissions[0]["outcome"] == "injected" and admissions[0]["namespace"] == "shop"
+        # SIGTERM: not ready at once, still answering admissions for --shutdown-delay, then gone.
+        proc.send_signal(signal.SIGTERM)
+        await _read_until(proc.stderr, "stopping: not ready, still answering admissions", seen)
+        conn = client.connect()
+        try:
+            assert (await asyncio.to_thread(Client.call, conn, "GET", "/healthz"))[0] == 503
+            assert await asyncio.to_thread(image) == "registry.local/sidemesh:2"
+        finally:
+            conn.close()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
