@@ -50,6 +50,7 @@ class Local:
     decision: Literal["allow", "deny"] = "deny"
     policy: str | None = None
     error: str | None = None
+    told: str | None = None  # what the caller is told, when not the reason (logs and spans keep it)
 
 
 @dataclass(slots=True)
@@ -164,11 +165,12 @@ async def _wait_request(pipe: Pipe, ctx: Context) -> bool:
 
 
 def _local_response(local: Local, close: bool) -> list[h1.Event]:
-    body = f"{local.reason}\n".encode()
+    told = local.reason if local.told is None else local.told
+    body = f"{told}\n".encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
-        (DENIED_REASON, field_value(local.reason)),
+        (DENIED_REASON, field_value(told)),
     ]
     if close:
         headers.append((b"connection", b"close"))

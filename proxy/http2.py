@@ -82,6 +82,7 @@ class Denial:
     grpc_status: int = GRPC_PERMISSION_DENIED
     decision: Literal["allow", "deny"] = "deny"
     error: str | None = None  # for the span and the access log (e.g. "no endpoints")
+    told: str | None = None  # what the caller is told, when not the reason (logs and spans keep it)
 
 
 ConnectApp = Callable[[], Awaitable[Pipe]]
@@ -606,7 +607,7 @@ class H2Proxy:
 
     def _deny(self, stream: _Stream, denial: Denial) -> None:
         """Answer the stream here (before any response head went down) and end it."""
-        reason = field_value(denial.reason)
+        reason = field_value(denial.reason if denial.told is None else denial.told)
         r = stream.result
         r.decision, r.reason, r.policy = denial.decision, denial.reason, denial.policy
         if denial.error is not None:

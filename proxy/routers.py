@@ -44,6 +44,9 @@ def budget_of(sc: Sidecar, destination: str) -> RetryBudget:
     return budget
 
 
+NOT_TOLD = "denied by the workload's policy (callers outside the mesh are told no more; its sidecar logs why)"
+
+
 class InboundRouter:
     def __init__(
         self,
@@ -61,6 +64,10 @@ class InboundRouter:
         self.key = ("app", self.app[0], port)
         self.pool = pool.pool_of(sc)
         self.log_extra = log_extra
+        # Why a request was denied is told to callers of the mesh (its trust domain) only: others
+        # (plaintext callers in permissive mode, another trust domain) learn no policy names or
+        # defaults, as Envoy's RBAC answers "access denied"; the log and the span keep the reason.
+        self.told = None if peer.authenticated and peer.trust_domain == sc.config.trust_domain else NOT_TOLD
         # What the app is told of the caller (x-forwarded-client-cert), when it authenticated.
         source = log_extra.get("source")
         self.xfcc = (
@@ -109,7 +116,7 @@ class InboundRouter:
     def h2_verdict(self, method: str, path: str) -> Denial | tuple[str, str | None]:
         decision = self.decide(method, path)
         if not decision.allowed:
-            return Denial(403, decision.reason, decision.policy)
+            return Denial(403, decision.reason, decision.policy, told=self.told)
         return decision.reason, decision.policy
 
     def begin(self, info: RequestInfo) -> float | None:
@@ -121,7 +128,7 @@ class InboundRouter:
     async def route(self, request: h1.Request, info: RequestInfo) -> Local | Upstream:
         decision = self.decide(info.method, info.path)
         if not decision.allowed:
-            return Local(403, decision.reason, "deny", decision.policy)
+            return Local(403, decision.reason, "deny", decision.policy, told=self.told)
         up = await self._connect()
         if isinstance(up, Upstream):
             up.reason, up.policy = decision.reason, decision.policy

@@ -502,7 +502,9 @@ async def test_plaintext_http_in_permissive_mode_is_authorized_per_request(
         (mesh.addr(CART), 15006), b"GET /cart/1 HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n"
     )
     assert raw.startswith(b"HTTP/1.1 403")
-    assert b"sidemesh-denied-reason: " in raw
+    # A caller outside the mesh learns no policy names or defaults (Envoy: "access denied").
+    assert b"sidemesh-denied-reason: denied by the workload's policy (callers outside the mesh" in raw
+    assert b"cart-http" not in raw and b"default" not in raw
     assert cart_app.seen == []
 
 

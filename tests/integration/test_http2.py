@@ -230,6 +230,9 @@ async def test_plaintext_grpc_in_permissive_mode_is_authorized_per_call(mesh: Me
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await unary_method(ch, "/test.Echo/Unary")(b"x")
             assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            # A caller outside the mesh learns no policy names (the sidecar's log has them).
+            details = err.value.details() or ""
+            assert "callers outside the mesh are told no more" in details and "cart-grpc" not in details
     finally:
         await server.stop(0)
 
