@@ -71,7 +71,7 @@ def register(sub: Any) -> None:
         "--intermediate-lifetime",
         type=cfg.duration_arg(dt.timedelta(days=1)),
         default=dt.timedelta(days=365),
-        help="intermediate lifetime, at least 1d and less than the root's (default: 365d)",
+        help="intermediate lifetime, at least 1d; it never outlives the root (capped at its end) (default: 365d)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
     p.set_defaults(handler=_bootstrap)

@@ -162,7 +162,7 @@ def _check(args: argparse.Namespace) -> int:
     request = Request(
         peer,
         args.port,
-        args.method.upper() if args.method else None,
+        args.method or None,  # as given: methods are case-sensitive, as the sidecars compare them
         args.path or ("/" if args.method else None),
     )
     verdicts = check(snapshot, peer, target, request, args.trust_domain, DefaultPolicy(args.default_policy))

@@ -75,7 +75,8 @@ class InjectorConfig:
     shutdown_delay: dt.timedelta = option(
         dt.timedelta(seconds=5),
         "on SIGTERM, keep answering admissions this long while /healthz says 503, so that the API "
-        "server stops calling this pod before it stops listening (as a preStop sleep does)",
+        "server stops calling this pod before it stops listening (as a preStop sleep does); keep it "
+        "well under the pod's terminationGracePeriodSeconds (30 s by default), which kills it after",
         env="SIDEMESH_INJECTOR_SHUTDOWN_DELAY",
     )
     log_level: str = log_level_option()

@@ -253,6 +253,8 @@ async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Ro
         deadline = None if timeout is None else time.monotonic() + timeout
         route = await _route(router, req, info, deadline)
         if isinstance(route, Local):
+            if ctx.draining():  # as for a forwarded response: Connection: close, then close
+                conn.must_close = True
             await _answer_locally(conn, down, route, result)
             return True
         return await _forward(conn, down, req, raw, span, route, router, result, info, deadline, ctx)

@@ -440,23 +440,27 @@ class H2Proxy:
         them all."""
         assert self.drain_started is not None
         await self.drain_started()
-        if self.closed or not self.streams:
-            return  # no stream open: the idle check closes it
-        self._goaway(MAX_STREAM_ID)  # "stop opening streams": ones already on their way still count
-        self.down.conn.ping(DRAIN_PING)
-        self.down.flush()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drain_acked.wait(), DRAIN_PING_WAIT)
+        # Every connection, streams open or not: between two calls the reader waits for the next
+        # request, and the idle check would only run once one came (it never does, from a sidecar).
         if self.closed:
             return
-        self._refuse_above = self.down.conn.highest_inbound_stream_id
-        self._goaway(self._refuse_above)  # streams above it are refused: the client retries them
-        if self.streams:
-            await self._no_streams.wait()
-        if not self.closed:
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.down.conn.close_connection(last_stream_id=self._refuse_above)
+        with contextlib.suppress(h2.exceptions.ProtocolError, PipeClosed):  # (the client may be gone)
+            self._goaway(MAX_STREAM_ID)  # "stop opening streams": ones on their way still count
+            self.down.conn.ping(DRAIN_PING)
             self.down.flush()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain_acked.wait(), DRAIN_PING_WAIT)
+            if self.closed:
+                return
+            self._refuse_above = self.down.conn.highest_inbound_stream_id
+            self._goaway(self._refuse_above)  # streams above it are refused: the client retries them
+            if self.streams:
+                await self._no_streams.wait()
+            if self.closed:
+                return
+            self.down.conn.close_connection(last_stream_id=self._refuse_above)
+            self.down.flush()
+        if not self.closed:
             self.down.pipe.close()  # the reader sees the end and cleans up
 
     async def _flush_written(self) -> None:

@@ -87,7 +87,7 @@ def retryable(
         return True
     if error is Failure.TIMEOUT:
         return False
-    if method.upper() not in IDEMPOTENT and not policy.retry_non_idempotent:
+    if method not in IDEMPOTENT and not policy.retry_non_idempotent:  # case-sensitive (RFC 9110 9.1)
         return False
     if error is Failure.RESET:
         return True

@@ -365,3 +365,35 @@ async def test_a_draining_endpoint_gets_no_new_grpc_calls_while_its_streams_fini
     finally:
         for app in apps.values():
             await app.server.stop(0)
+
+
+async def test_a_drain_between_calls_sends_goaway_too(mesh: Mesh) -> None:
+    """No stream open when the drain begins (the calls were short): the connection from the
+    caller's sidecar still gets its GOAWAY at once (its reader was waiting for the next request,
+    which a sidecar never sends to a draining endpoint: before, it went on sending them)."""
+    write_mesh(mesh, two=True)
+    apps = {CART1: GrpcApp("a"), CART2: GrpcApp("b")}
+    for host, app in apps.items():
+        app.server.add_insecure_port(f"{mesh.addr(host)}:{APP}")
+        await app.server.start()
+    try:
+        for host in apps:
+            await mesh.sidecar("carta" if host == CART1 else "cartb", host, identity_of="cart")
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        async with grpc.aio.insecure_channel(f"{mesh.addr(FRONTEND)}:{OUT}") as ch:
+            unary = ch.unary_unary("/test.Echo/Unary")  # type: ignore[call-arg]
+            for _ in range(20):  # a connection to each endpoint; then quiet
+                await unary(b"x", timeout=5)
+            assert apps[CART1].unary_calls and apps[CART2].unary_calls
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            drain = asyncio.create_task(mesh.sidecars["carta"].drain(timeout=5))
+            await asyncio.sleep(0.5)
+            before = apps[CART1].unary_calls
+            answers = [await unary(b"x", timeout=5) for _ in range(40)]
+            assert answers == [b"b"] * 40 and apps[CART1].unary_calls == before
+            await drain
+            assert time.monotonic() - started < 3  # nothing held it open: closed, not cut at 5 s
+    finally:
+        for app in apps.values():
+            await app.server.stop(0)

@@ -129,3 +129,20 @@ def test_an_invalid_policy_allows_nothing_until_fixed(
         f"DENY {who} -> shop/cart-1:8080: no rule of shop/cart-broken allows it (shop/cart-broken: invalid"
         in out
     )
+
+
+def test_methods_are_checked_as_the_sidecars_compare_them(
+    manifests: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Case-sensitive (RFC 9110 9.1): `--method get` was upper-cased and said ALLOW for a request
+    the sidecars deny."""
+    (manifests / "allow.yaml").write_text(
+        ALLOW_FRONTEND.replace("to: {ports: [8080]}", "to: {ports: [8080], http: {methods: [GET]}}")
+    )
+    argv = ["authz", "check", "--dir", str(manifests), "--from", "shop/frontend", "--to", "shop/cart"]
+    assert main([*argv, "--port", "8080", "--method", "GET"]) == 0
+    assert main([*argv, "--port", "8080", "--method", "get"]) == 1
+    assert (
+        "DENY shop/frontend -> shop/cart-1:8080: no rule of shop/cart-allow-frontend"
+        in capsys.readouterr().out
+    )

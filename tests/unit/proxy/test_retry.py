@@ -26,7 +26,8 @@ ANY_METHOD = RoutePolicy(retries=2, retry_non_idempotent=True)
     ("method", "status", "error", "policy", "expected"),
     [
         ("GET", 503, None, DEFAULT, True),
-        ("get", 502, None, DEFAULT, True),
+        ("GET", 502, None, DEFAULT, True),
+        ("get", 502, None, DEFAULT, False),  # case-sensitive (RFC 9110 9.1): not GET
         ("PUT", 504, None, DEFAULT, True),
         ("DELETE", None, Failure.RESET, DEFAULT, True),
         ("GET", 500, None, DEFAULT, False),
@@ -144,3 +145,11 @@ def test_each_destination_has_its_own_budget() -> None:
     while budgets.of(cart).try_withdraw():
         pass
     assert budgets.of(db).try_withdraw()
+
+
+def test_an_unknown_method_is_not_retried_whatever_its_case() -> None:
+    """Methods are case-sensitive (RFC 9110 9.1): HTTP/2 passes `get` as sent; it is not GET, and an
+    app may treat it as a write, so it is not retried on a 503 or a reset."""
+    assert retryable("GET", 503, None, RoutePolicy())
+    assert not retryable("get", 503, None, RoutePolicy())
+    assert not retryable("get", None, Failure.RESET, RoutePolicy())
