@@ -79,6 +79,20 @@ def api_client_from(kubeconfig: Path | None) -> Any:
     return client.ApiClient()
 
 
+NATIVE_SIDECARS_SINCE = (1, 29)  # SidecarContainers on by default (beta; GA in 1.33)
+
+
+def native_sidecars_supported(api: Any) -> tuple[bool, str]:
+    """Whether the API server runs Kubernetes 1.29+ (native sidecars on by default), and its
+    version as it says it (`/version`, readable by every authenticated client). On 1.28 the feature
+    gate is off by default and the API server refuses a pod whose init container has probes."""
+    from kubernetes import client
+
+    info = client.VersionApi(api).get_code()
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in (info.major, info.minor))
+    return (major, minor) >= NATIVE_SIDECARS_SINCE, str(info.git_version)
+
+
 class CABundleKeeper:
     """Writes the bundle into the webhook configuration when it differs; retries on failure."""
 

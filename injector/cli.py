@@ -11,6 +11,7 @@ import os
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,8 @@ def register_inject(sub: Any) -> None:
         "--native-sidecar",
         choices=("true", "false"),
         default=None,
-        help="native sidecar (Kubernetes 1.29+) or classic; a pod's sidemesh.io/native-sidecar annotation wins",
+        help="native sidecar (Kubernetes 1.29+) or classic (default: the settings' nativeSidecar; its auto is "
+        "native here, offline); a pod's sidemesh.io/native-sidecar annotation wins",
     )
     p.set_defaults(handler=_inject)
 
@@ -178,6 +180,7 @@ async def serve(
     from sidemesh.telemetry import start_tracing
 
     keeper = None
+    native_supported = True  # nativeSidecar "auto" without an API server to ask: native
     if config.webhook_configuration:
         try:
             api = cabundle.api_client_from(config.kubeconfig)
@@ -187,6 +190,7 @@ async def serve(
                 "to leave the caBundle alone"
             ) from exc
         webhooks = cabundle.WebhookConfigurations(api)
+        native_supported = await _native_sidecars(api)
         keeper = cabundle.CABundleKeeper(
             webhooks, config.webhook_configuration, config.bundle_file.read_bytes
         )
@@ -219,7 +223,10 @@ async def serve(
     tracing = start_tracing("sidemesh-injector", registry, {"sidemesh.identity": own_id})
     stopping = asyncio.Event()
     app = create_app(
-        lambda: settings.current, lambda: serving.loaded and not stopping.is_set(), registry, tracing
+        _resolving(settings, native_supported),
+        lambda: serving.loaded and not stopping.is_set(),
+        registry,
+        tracing,
     )
     server = WebhookServer(app, serving, host, port)
     await server.start()
@@ -261,6 +268,41 @@ async def serve(
         await client.close()
     log.info("injector stopped")
     return 0
+
+
+def _resolving(settings: SettingsFile, native_supported: bool) -> Callable[[], InjectionSettings]:
+    """The current settings with nativeSidecar "auto" decided, resolved once per settings object."""
+    last: list[Any] = [None, None]
+
+    def current() -> InjectionSettings:
+        raw = settings.current
+        if last[0] is not raw:
+            last[0], last[1] = raw, raw.resolved(native_supported)
+        resolved: InjectionSettings = last[1]
+        return resolved
+
+    return current
+
+
+async def _native_sidecars(api: Any) -> bool:
+    """For nativeSidecar "auto": whether the cluster takes native sidecars (1.29+)."""
+    from injector import cabundle
+
+    try:
+        supported, version = await asyncio.to_thread(cabundle.native_sidecars_supported, api)
+    except Exception as exc:  # the caBundle keeper reports API trouble; this is only a default
+        log.warning(
+            "cannot read the API server's version: nativeSidecar auto means native sidecars; set "
+            "nativeSidecar: false in the injection settings on a cluster older than 1.29",
+            extra={"error": str(exc)},
+        )
+        return True
+    log.info(
+        "nativeSidecar auto: "
+        + ("native sidecars" if supported else "classic sidecars (native ones need 1.29+)"),
+        extra={"kubernetes": version},
+    )
+    return supported
 
 
 async def _second_signal(loop: asyncio.AbstractEventLoop) -> None:

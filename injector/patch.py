@@ -109,7 +109,7 @@ def pod_options(annotations: dict[str, str], settings: InjectionSettings) -> Pod
         if key in annotations and (value := _exclusion(key, annotations[key])):
             exclusions.append((flag, value))
     return PodOptions(
-        native=_bool(annotations, NATIVE, settings.native_sidecar),
+        native=_bool(annotations, NATIVE, settings.native_sidecar is not False),  # auto: native
         default_policy=policy,
         exclusions=tuple(exclusions),
     )

@@ -56,7 +56,9 @@ class InjectionSettings:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     default_policy: str = DefaultPolicy.ALLOW_AUTHENTICATED.value
     mode: str = "strict"
-    native_sidecar: bool = True
+    # True: native sidecars (Kubernetes 1.29+); False: classic; None ("auto", the default): native
+    # when the API server is 1.29 or later (the injector asks it at start; offline: native).
+    native_sidecar: bool | None = None
     rewrite_app_probes: bool = True
     controller_address: str = "sidemesh-controller.sidemesh-system.svc:15010"
     ca_address: str = "sidemesh-ca.sidemesh-system.svc:15012"
@@ -73,6 +75,12 @@ class InjectionSettings:
     tracing_sampling_ratio: float = 0.01  # parent-based: a caller's decision wins
     access_log: bool = False  # the sidecars' per-request JSON access log (SIDEMESH_ACCESS_LOG)
     version: str = __version__
+
+    def resolved(self, native_supported: bool) -> InjectionSettings:
+        """With nativeSidecar "auto" decided: native when the cluster supports native sidecars."""
+        if self.native_sidecar is not None:
+            return self
+        return dataclasses.replace(self, native_sidecar=native_supported)
 
     def __post_init__(self) -> None:
         if not self.image.strip() or any(c.isspace() for c in self.image):
@@ -120,7 +128,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "trustDomain": ("trust_domain", str),
     "defaultPolicy": ("default_policy", str),
     "mode": ("mode", str),
-    "nativeSidecar": ("native_sidecar", bool),
+    "nativeSidecar": ("native_sidecar", bool),  # or "auto"
     "rewriteAppProbes": ("rewrite_app_probes", bool),
     "controllerAddress": ("controller_address", str),
     "caAddress": ("ca_address", str),
@@ -165,7 +173,9 @@ def parse_settings(text: str, base: InjectionSettings | None = None) -> Injectio
         if key not in _KEYS:
             raise SettingsError(str(key), f"unknown setting; known: {', '.join(_KEYS)}")
         name, kind = _KEYS[key]
-        if kind is Resources:
+        if key == "nativeSidecar" and value == "auto":
+            values[name] = None
+        elif kind is Resources:
             values[name] = _resources(key, value)
         elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
             values[name] = value

@@ -84,3 +84,33 @@ def test_configmap_symlink_swap_is_seen(tmp_path: Path) -> None:
     (tmp_path / "..data_tmp").symlink_to(second.name)
     os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
     assert watched.reload() is True and watched.current.log_level == "debug"
+
+
+def test_native_sidecar_auto_follows_the_cluster() -> None:
+    """On 1.28 the SidecarContainers gate is off by default: the API server drops restartPolicy and
+    refuses the pod (probes on an init container), so "auto" (the default) makes classic sidecars
+    there; an explicit true or false is kept."""
+    auto = parse_settings("nativeSidecar: auto\n")
+    assert auto.native_sidecar is None and auto == InjectionSettings()
+    assert auto.resolved(native_supported=False).native_sidecar is False
+    assert auto.resolved(native_supported=True).native_sidecar is True
+    assert parse_settings("nativeSidecar: true\n").resolved(native_supported=False).native_sidecar is True
+    with pytest.raises(SettingsError, match="nativeSidecar"):
+        parse_settings("nativeSidecar: sometimes\n")
+
+
+@pytest.mark.parametrize(
+    ("major", "minor", "supported"),
+    [("1", "28", False), ("1", "28+", False), ("1", "29", True), ("1", "31+", True), ("2", "0", True)],
+)
+def test_the_api_servers_version_decides(major: str, minor: str, supported: bool) -> None:
+    """`/version` as Kubernetes answers it (EKS and GKE write minor "28+")."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from injector import cabundle
+
+    info = SimpleNamespace(major=major, minor=minor, git_version=f"v{major}.{minor}")
+    with mock.patch("kubernetes.client.VersionApi") as api:
+        api.return_value.get_code.return_value = info
+        assert cabundle.native_sidecars_supported(object()) == (supported, f"v{major}.{minor}")
