@@ -25,6 +25,8 @@ from sidemesh.policy.model import DefaultPolicy
 Json = dict[str, Any]
 
 INJECT = "sidemesh.io/inject"
+OPT_OUT = frozenset({"false", "disabled"})  # as the namespace label says it: enabled / disabled
+OPT_IN = frozenset({"", "true", "enabled"})
 STATUS = "sidemesh.io/status"
 NATIVE = "sidemesh.io/native-sidecar"
 REWRITE_PROBES = "sidemesh.io/rewrite-app-probes"
@@ -121,17 +123,53 @@ def skip_reason(pod: Json) -> str | None:
     annotations = _map(meta, "annotations", "metadata")
     labels = _map(meta, "labels", "metadata")
     for where, values in (("annotation", annotations), ("label", labels)):
-        if str(values.get(INJECT, "")).strip().lower() == "false":
-            return f'opted out: {where} {INJECT}: "false"'
+        value = str(values.get(INJECT, "")).strip().lower()
+        if value in OPT_OUT:
+            return f'opted out: {where} {INJECT}: "{value}"'
+        if value not in OPT_IN:  # "no", "off", "0": a mistake, not a choice to guess
+            raise PodError(
+                f'{where} {INJECT}: {values.get(INJECT)!r} is not "false" or "disabled" (no sidecar), '
+                f'nor "true" or "enabled"; {_FIX}'
+            )
+    spec = _map(pod, "spec", "pod")
+    if _is_windows(spec):
+        return "Windows pod: the sidecar and its iptables init container run on Linux only"
     if STATUS in annotations:
         return f"already injected ({STATUS} is set)"
-    spec = _map(pod, "spec", "pod")
     if spec.get("hostNetwork") is True:
         return "hostNetwork pod: it shares the node's network, which the sidecar must not capture"
     for key in ("initContainers", "containers"):
         if any(c.get("name") == containers.PROXY_NAME for c in _list(spec, key, "spec")):
             return f"already has a container named {containers.PROXY_NAME}"
     return None
+
+
+def _dict(value: Any) -> Json:
+    return value if isinstance(value, dict) else {}
+
+
+def _is_windows(spec: Json) -> bool:
+    return (
+        _dict(spec.get("os")).get("name") == "windows"
+        or _dict(spec.get("nodeSelector")).get("kubernetes.io/os") == "windows"
+    )
+
+
+def _proxy_uid_users(spec: Json, uid: int) -> list[str]:
+    """Where the pod's own containers would run as the proxy's UID or GID: the capture lets that
+    user's traffic out as it is (so that the proxy's own is not captured), so the app's would
+    leave unencrypted and strict peers would refuse it (Istio reserves UID 1337 likewise)."""
+    found = [
+        f"spec.securityContext.{name}"
+        for name in ("runAsUser", "runAsGroup")
+        if _dict(spec.get("securityContext")).get(name) == uid
+    ]
+    for key in ("initContainers", "containers"):
+        for container in _list(spec, key, "spec"):
+            for name in ("runAsUser", "runAsGroup"):
+                if _dict(container.get("securityContext")).get(name) == uid:
+                    found.append(f"spec.{key}[{container.get('name')}].securityContext.{name}")
+    return found
 
 
 def _check(pod: Any) -> tuple[Json, Json, dict[str, str]]:
@@ -158,6 +196,11 @@ def _check(pod: Any) -> tuple[Json, Json, dict[str, str]]:
 def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
     """The injected pod; shares unchanged sub-objects with ``pod`` and never modifies it."""
     meta, spec, annotations = _check(pod)
+    if users := _proxy_uid_users(spec, settings.proxy_uid):
+        raise PodError(
+            f"{', '.join(users)} is {settings.proxy_uid}, the proxy's own user and group: the capture "
+            "lets its traffic out unencrypted, past the mesh; run the app as another user"
+        )
     options = pod_options(annotations, settings)
     app: list[Json] = []
     records: dict[str, Json] = {}

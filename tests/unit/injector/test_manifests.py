@@ -112,7 +112,7 @@ def test_webhook_configuration() -> None:
     (hook,) = objects("MutatingWebhookConfiguration")["sidemesh-injector"]["webhooks"]
     assert hook["namespaceSelector"]["matchLabels"] == {"sidemesh.io/inject": "enabled"}
     assert hook["objectSelector"]["matchExpressions"] == [
-        {"key": "sidemesh.io/inject", "operator": "NotIn", "values": ["false"]}
+        {"key": "sidemesh.io/inject", "operator": "NotIn", "values": ["false", "disabled"]}
     ]
     assert hook["sideEffects"] == "None" and hook["admissionReviewVersions"] == ["v1"]
     assert hook["failurePolicy"] == "Fail" and hook["reinvocationPolicy"] == "IfNeeded"

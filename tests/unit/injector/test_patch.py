@@ -477,3 +477,59 @@ def test_probe_rewrite_can_be_turned_off() -> None:
         app_probes(injected(with_probe("readinessProbe", {"httpGet": {"path": "/", "port": 8080}}), off))
         == {}
     )
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"securityContext": {"runAsUser": 1337}},
+        {"securityContext": {"runAsGroup": 1337}},
+        {"containers": [{"name": "app", "image": "app:1", "securityContext": {"runAsUser": 1337}}]},
+    ],
+)
+def test_an_app_running_as_the_proxy_user_is_refused(context: dict[str, Any]) -> None:
+    """The capture lets UID/GID 1337 out as it is (the proxy's own traffic): an app running so
+    would talk past the mesh in plaintext (Istio reserves 1337 likewise)."""
+    pod = {
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": {"containers": [{"name": "app", "image": "a"}]},
+    }
+    pod["spec"].update(context)
+    with pytest.raises(PodError, match="1337, the proxy's own user and group"):
+        patch.desired_pod(pod, SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{"os": {"name": "windows"}}, {"nodeSelector": {"kubernetes.io/os": "windows"}}],
+)
+def test_windows_pods_are_skipped(spec: dict[str, Any]) -> None:
+    pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": "a"}], **spec}}
+    assert (
+        patch.skip_reason(pod) == "Windows pod: the sidecar and its iptables init container run on Linux only"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "outcome"),
+    [
+        ("false", "skip"),
+        ("Disabled", "skip"),
+        ("true", "inject"),
+        ("enabled", "inject"),
+        ("no", "refuse"),
+        ("0", "refuse"),
+    ],
+)
+def test_the_inject_annotation_takes_the_namespace_labels_words(value: str, outcome: str) -> None:
+    """`disabled` is what the namespace label says: it opted a pod in before; `no` or `0` are
+    mistakes, refused by name rather than read as yes."""
+    pod = {
+        "metadata": {"name": "p", "annotations": {"sidemesh.io/inject": value}},
+        "spec": {"containers": [{"name": "app", "image": "a"}]},
+    }
+    if outcome == "refuse":
+        with pytest.raises(PodError, match=r'annotation sidemesh.io/inject: .* is not "false" or "disabled"'):
+            patch.skip_reason(pod)
+    else:
+        assert (patch.skip_reason(pod) is not None) == (outcome == "skip")
