@@ -14,8 +14,7 @@ DEFAULT_DNS_NAMES = (
     "sidemesh-ca.sidemesh-system",
     "sidemesh-ca.sidemesh-system.svc",
     "sidemesh-ca.sidemesh-system.svc.cluster.local",
-    "localhost",
-)
+)  # (clients check sidemesh-ca.sidemesh-system.svc whatever address they dial: no localhost)
 
 
 @dataclass(frozen=True, slots=True)

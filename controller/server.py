@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import ipaddress
 import itertools
 import logging
@@ -93,7 +94,15 @@ def peer_identity(context: grpc.aio.ServicerContext[typing.Any, typing.Any], tru
     if not pems:
         raise PermissionError("no client certificate")
     try:
-        spiffe_id = spiffe_id_of(x509.load_pem_x509_certificate(pems[0]))
+        cert = x509.load_pem_x509_certificate(pems[0])
+        # A resumed TLS session (gRPC's BoringSSL issues tickets, and grpcio has no switch for them)
+        # carries the certificate of its first handshake, checked then, not now.
+        now = dt.datetime.now(dt.UTC)
+        if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+            raise PermissionError(
+                f"client certificate not valid now (until {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})"
+            )
+        spiffe_id = spiffe_id_of(cert)
         if spiffe_id.trust_domain != trust_domain:
             raise PermissionError(f"{spiffe_id} is not in trust domain {trust_domain}")
         return WorkloadId.from_spiffe_id(spiffe_id)

@@ -65,8 +65,14 @@ async def _accept_mesh(sc: Sidecar, relay: Relay, conn: socket.socket) -> tuple[
         reason = getattr(exc, "reason", None) or exc.__class__.__name__
         sc.metrics.tls_failures.labels("inbound", str(reason)).inc()
         raise Refused(f"TLS handshake failed: {reason}") from exc
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object.selected_alpn_protocol() != tls.ALPN:
+        # Detection saw the ALPN bytes somewhere in the ClientHello (an SNI, say): only a sidecar
+        # that negotiated the mesh's protocol speaks it (Envoy picks the filter chain by it too).
+        sc.metrics.tls_failures.labels("inbound", "wrong_alpn").inc()
+        raise Refused(f"TLS without ALPN {tls.ALPN} (negotiated: {ssl_object.selected_alpn_protocol()})")
     try:
-        spiffe_id = tls.peer_spiffe_id(transport.get_extra_info("ssl_object"))
+        spiffe_id = tls.peer_spiffe_id(ssl_object)
     except tls.PeerIdentityError:
         sc.metrics.tls_failures.labels("inbound", "no_spiffe_id").inc()
         raise

@@ -66,6 +66,12 @@ def _base(purpose: ssl.Purpose, svid: SVID, alpn: list[str] | None) -> ssl.SSLCo
     _load_chain_in_memory(ctx, svid.chain_pem, svid.key_pem)
     if alpn:
         ctx.set_alpn_protocols(alpn)
+    if purpose is ssl.Purpose.CLIENT_AUTH:
+        # No session tickets: a resumed session keeps the client certificate of its first handshake,
+        # which OpenSSL does not check again, so a client could go on as an identity whose
+        # certificate had expired (Go's crypto/tls, SPIRE's, refuses that). Sidecars never resume
+        # (asyncio passes no session), so nothing is lost.
+        ctx.num_tickets = 0
     return ctx
 
 

@@ -149,6 +149,30 @@ async def test_mesh_certificate_without_the_mesh_alpn_is_plaintext_to_a_strict_w
     _refused(app, await _attempt(mesh, ctx))
 
 
+async def test_the_mesh_alpn_hidden_elsewhere_in_the_client_hello_is_not_the_mesh(
+    target: tuple[Mesh, Sidecar, CountingApp],
+) -> None:
+    """Detection looks for the ALPN bytes in the ClientHello; a client that puts them in its SNI
+    and offers no ALPN negotiates none: it is not a sidecar speaking the mesh's protocol (Envoy
+    picks the filter chain by the negotiated ALPN), whatever certificate it holds."""
+    mesh, cart, app = target
+    ctx = tls.client_context(pki.make_svid(mesh.ca.authority, FRONTEND_ID), alpn=[])
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(mesh.addr(CART), INBOUND, ssl=ctx, server_hostname=tls.ALPN), 5
+        )
+        writer.write(framing.open_frame(8080) + framing.data_header(6) + b"secret" + framing.EOF_FRAME)
+        reply = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    except (ssl.SSLError, ConnectionError):
+        reply = b""
+    _refused(app, reply)
+    refused = cart.metrics.registry.get_sample_value(
+        "sidemesh_proxy_tls_handshake_failures_total", {"direction": "inbound", "reason": "wrong_alpn"}
+    )
+    assert refused == 1
+
+
 @pytest.mark.parametrize("port", [15000, 15020])
 async def test_allowed_peer_cannot_reach_the_proxys_own_ports(
     target: tuple[Mesh, Sidecar, CountingApp], port: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import time
 import urllib.error
@@ -13,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc.experimental import session_cache
 
 from controller.config import ControllerConfig
 from controller.server import ConfigServer
@@ -257,3 +259,36 @@ async def test_status_names_sidecars_only_to_the_networks_allowed(mesh: Mesh) ->
         await c.stop()
     with pytest.raises(ConfigError, match="--status-from"):
         ControllerConfig(status_from="not-a-network")
+
+
+async def test_a_resumed_session_does_not_outlive_the_client_certificate(
+    mesh: Mesh, controller: Controller
+) -> None:
+    """grpc's TLS (BoringSSL) issues session tickets and grpcio cannot turn them off: a client that
+    resumes a session is not asked for its certificate again, and the one from the first handshake
+    may have expired since. The controller checks its validity on every stream."""
+    expires = dt.timedelta(seconds=3)
+    svid = pki.make_svid(
+        mesh.ca.authority, WorkloadId("shop", "frontend").spiffe_id("cluster.local"), expires
+    )
+    creds = grpc.ssl_channel_credentials(svid.bundle_pem, svid.key_pem, svid.chain_pem)
+    cache = session_cache.ssl_session_cache_lru(4)
+    options = [("grpc.ssl_target_name_override", NAME), ("grpc.ssl_session_cache", cache)]
+
+    async def first_update() -> pb.Update:
+        async with grpc.aio.secure_channel(controller.address, creds, options=options) as channel:
+            call = channel.stream_stream(
+                "/sidemesh.config.v1.ConfigDiscovery/Stream",
+                pb.StreamRequest.SerializeToString,
+                pb.Update.FromString,
+            )(iter([pb.StreamRequest()]))
+            try:
+                return await asyncio.wait_for(call.read(), 5)
+            finally:
+                call.cancel()
+
+    assert (await first_update()).inbound.identity == "spiffe://cluster.local/ns/shop/sa/frontend"
+    await asyncio.sleep(max(0.0, (svid.not_after - dt.datetime.now(dt.UTC)).total_seconds()) + 1)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await first_update()  # resumes the first session: no handshake checks the certificate
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, info.value

@@ -204,6 +204,31 @@ async def test_good_review(injector: Injector) -> None:
     assert body["response"] == {"uid": "b8f3c0e2-4d1a-4c7e-9f00-000000000001", "allowed": True}
 
 
+@pytest.mark.parametrize(
+    ("ciphers", "ok"),
+    [("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384", False), ("ECDHE-ECDSA-AES128-GCM-SHA256", True)],
+)
+async def test_tls_1_2_clients_get_forward_secret_aead_suites_only(
+    injector: Injector, ciphers: str, ok: bool
+) -> None:
+    """As the API server and istiod offer: TLS 1.2 with ECDHE and AES-GCM or ChaCha20 (Python's
+    default list also took CBC suites)."""
+    ctx = ssl.create_default_context(cadata=injector.ca.bundle.decode())
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(ciphers)
+
+    def handshake() -> str:
+        raw = socket.create_connection(("127.0.0.1", injector.client.port), timeout=5)
+        with raw, ctx.wrap_socket(raw, server_hostname=INJECTOR_SERVER_NAME) as s:
+            return str(s.cipher()[0])
+
+    if ok:
+        assert await asyncio.to_thread(handshake) == ciphers
+    else:
+        with pytest.raises(ssl.SSLError):
+            await asyncio.to_thread(handshake)
+
+
 async def test_serving_certificate_is_an_svid_for_the_service_name(injector: Injector) -> None:
     conn = injector.client.connect()
     try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -422,3 +424,34 @@ async def test_a_failing_renewal_says_what_to_check(
                 await client.close()
         (line,) = [r for r in caplog.records if r.getMessage() == "SVID renewal failed; retrying"]
         assert hint in line.hint, line.hint  # type: ignore[attr-defined]
+
+
+def test_a_sidecar_server_resumes_no_session(tmp_path: Path) -> None:
+    """A resumed TLS session keeps the client certificate of its first handshake, which OpenSSL
+    does not check again: with tickets a client could go on as an identity whose certificate had
+    expired (or whose bundle entry was removed without a restart). The server issues none."""
+    authority = pki.make_authority(tmp_path)
+    server_ctx = tls.server_context(pki.make_svid(authority, CART))
+    client_ctx = tls.client_context(pki.make_svid(authority, FRONTEND))
+    reused: list[bool] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve() -> None:
+            for _ in range(2):
+                conn, _ = listener.accept()
+                with server_ctx.wrap_socket(conn, server_side=True) as s:
+                    reused.append(s.session_reused)
+                    s.sendall(b"x")
+
+        server = threading.Thread(target=serve)
+        server.start()
+        port = listener.getsockname()[1]
+        with client_ctx.wrap_socket(socket.create_connection(("127.0.0.1", port))) as first:
+            first.recv(1)  # TLS 1.3 tickets come after the handshake
+            session = first.session
+        with client_ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), session=session) as second:
+            second.recv(1)
+            assert not second.session_reused
+        server.join(5)
+    assert reused == [False, False]
+    assert session is None or not session.has_ticket
