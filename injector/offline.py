@@ -65,7 +65,9 @@ class Report:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.ref} {self.outcome}" + (f" ({self.reason})" if self.outcome == "skipped" else "")
+        return f"{self.ref} {self.outcome}" + (
+            f" ({self.reason})" if self.reason and self.outcome != "unchanged" else ""
+        )
 
 
 def _ref(doc: Json) -> str:
@@ -113,7 +115,7 @@ def inject_document(doc: Any, settings: InjectionSettings) -> tuple[Any, list[Re
         raise PodError(f"{ref}: {exc}") from None
     if not result.injected:
         return doc, [Report(ref, "skipped", result.reason)]
-    return _with_template(doc, path, result.pod), [Report(ref, "injected", "")]
+    return _with_template(doc, path, result.pod), [Report(ref, "injected", "; ".join(result.warnings))]
 
 
 def inject_yaml(texts: Iterable[str], settings: InjectionSettings) -> tuple[str, list[Report]]:

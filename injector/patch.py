@@ -47,6 +47,7 @@ class Result:
     reason: str
     patch: list[Json] = field(default_factory=list)
     pod: Json = field(default_factory=dict)  # the pod as it is after the patch
+    warnings: list[str] = field(default_factory=list)  # for the AdmissionResponse (kubectl shows them)
 
 
 def pod_name(pod: Any) -> str:
@@ -261,4 +262,13 @@ def inject(pod: Any, settings: InjectionSettings) -> Result:
     if reason is not None:
         return Result(False, reason, [], pod)
     desired = desired_pod(pod, settings)
-    return Result(True, "injected", diff(pod, desired), desired)
+    warnings = []
+    spec = _map(pod, "spec", "pod")
+    native = pod_options(_map(_map(pod, "metadata", "pod"), "annotations", "metadata"), settings).native
+    if not native and spec.get("restartPolicy") in ("Never", "OnFailure"):
+        warnings.append(
+            "sidemesh: a classic sidecar keeps a pod that should end (a Job's) running: have the app "
+            "POST http://127.0.0.1:15020/quitquitquit when it is done, or use native sidecars "
+            "(Kubernetes 1.29+, nativeSidecar or the sidemesh.io/native-sidecar annotation)"
+        )
+    return Result(True, "injected", diff(pod, desired), desired, warnings)

@@ -46,6 +46,7 @@ class AdmissionResponse(TypedDict):
     patchType: NotRequired[str]
     patch: NotRequired[str]
     status: NotRequired[Status]
+    warnings: NotRequired[list[str]]
 
 
 class AdmissionReviewResponse(TypedDict):
@@ -158,4 +159,5 @@ def admit(body: bytes, settings: InjectionSettings) -> Outcome:
         return Outcome(200, dict(_response(uid, True)), fields)
     encoded = base64.b64encode(json.dumps(result.patch, separators=(",", ":")).encode()).decode()
     fields["patch_ops"] = len(result.patch)
-    return Outcome(200, dict(_response(uid, True, patchType="JSONPatch", patch=encoded)), fields)
+    extra: dict[str, Any] = {"warnings": result.warnings} if result.warnings else {}
+    return Outcome(200, dict(_response(uid, True, patchType="JSONPatch", patch=encoded, **extra)), fields)

@@ -99,7 +99,11 @@ async def _main(config: ProxyConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        quit_requested = asyncio.create_task(sidecar.quit_requested.wait())
+        stop_requested = asyncio.create_task(stop.wait())
+        await asyncio.wait((quit_requested, stop_requested), return_when=asyncio.FIRST_COMPLETED)
+        quit_requested.cancel()
+        stop_requested.cancel()
         await sidecar.drain()
         await client.close()
         return 0

@@ -97,6 +97,17 @@ def _listen_addresses(name: str, address: str, capture: str) -> list[str]:
     return [address]
 
 
+def _own_pod_only(path: str, client: str) -> str | None:
+    """/quitquitquit answers the pod's own containers only (a loopback address): the health port
+    is open to the kubelet and so to every pod, which must not stop this sidecar."""
+    if path != "/quitquitquit":
+        return None
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(client).is_loopback:
+            return None
+    return "/quitquitquit is for the pod's own containers: POST http://127.0.0.1:15020/quitquitquit"
+
+
 class Sidecar:
     def __init__(
         self, config: ProxyConfig, identity: WorkloadIdentity, access_lines: BufferedLines | None = None
@@ -136,6 +147,7 @@ class Sidecar:
         self._servers: list[HTTPServer] = []
         self.ports: dict[str, int] = {}
         self.draining = False
+        self.quit_requested = asyncio.Event()  # POST /quitquitquit from the pod (`proxy run` drains)
         self.drain_started = asyncio.Event()  # set when draining begins (HTTP/2 connections GOAWAY)
         self._no_relays = asyncio.Event()
         # Set once there is an SVID and a configuration: only then do the data listeners listen,
@@ -430,6 +442,8 @@ class Sidecar:
             prefixes={
                 APP_HEALTH_PREFIX: self.app_prober.handle
             },  # the app's probes, rewritten by the injector
+            posts={"/quitquitquit": self._page_quit},
+            guard=_own_pod_only,
         )
         self._servers = [admin, health]
         self.ports["admin"] = await admin.start(
@@ -523,6 +537,13 @@ class Sidecar:
         log.info("sidecar stopped")
 
     # -- admin pages -------------------------------------------------------------------------
+
+    def _page_quit(self) -> tuple[int, str, bytes]:
+        """Istio's /quitquitquit: the pod's app, done (a Job), stops its classic sidecar, which
+        would otherwise keep the pod running for ever (a native sidecar stops by itself)."""
+        log.info("quit requested by the pod: draining")
+        self.quit_requested.set()
+        return json_response(200, {"quitting": True})
 
     def _page_ready(self) -> tuple[int, str, bytes]:
         body = {

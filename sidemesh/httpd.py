@@ -30,8 +30,10 @@ class HTTPServer:
         routes: dict[str, Route],
         prefixes: dict[str, PrefixRoute] | None = None,
         guard: Guard | None = None,
+        posts: dict[str, Route] | None = None,
     ) -> None:
         self.routes = routes
+        self.posts = posts or {}  # POST-only paths (actions, such as the sidecar's quitquitquit)
         self.prefixes = prefixes or {}
         self.guard = guard
         self.server: asyncio.Server | None = None
@@ -61,7 +63,7 @@ class HTTPServer:
                     status, ctype, body = await self._dispatch(event, client)
                     headers = [("content-type", ctype), ("content-length", str(len(body)))]
                     if status == 405:
-                        headers.append(("allow", "GET, HEAD"))
+                        headers.append(("allow", "POST" if self._path(event) in self.posts else "GET, HEAD"))
                     writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
                     if event.method != b"HEAD":  # HEAD: GET's headers, no body (RFC 9110 9.3.2)
                         writer.write(conn.send(h11.Data(data=body)) or b"")
@@ -90,11 +92,21 @@ class HTTPServer:
                         return json_response(500, {"error": str(exc)})
         return self._route(request)
 
+    @staticmethod
+    def _path(request: h11.Request) -> str:
+        return request.target.decode("latin-1").split("?", 1)[0]
+
     def _route(self, request: h11.Request) -> tuple[int, str, bytes]:
-        path = request.target.decode("latin-1").split("?", 1)[0]
-        if request.method not in (b"GET", b"HEAD"):
+        path = self._path(request)
+        route: Route | None
+        if path in self.posts:
+            if request.method != b"POST":
+                return json_response(405, {"error": "only POST"})
+            route = self.posts[path]
+        elif request.method not in (b"GET", b"HEAD"):
             return json_response(405, {"error": "only GET and HEAD"})
-        route = self.routes.get(path)
+        else:
+            route = self.routes.get(path)
         if route is None:
             return json_response(404, {"error": f"no {path}", "paths": sorted(self.routes)})
         try:

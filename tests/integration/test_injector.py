@@ -229,6 +229,18 @@ async def test_tls_1_2_clients_get_forward_secret_aead_suites_only(
             await asyncio.to_thread(handshake)
 
 
+async def test_a_classic_sidecar_in_a_job_pod_comes_with_a_warning(injector: Injector) -> None:
+    """AdmissionResponse.warnings: kubectl prints them, controllers record them as events."""
+    injector.settings.append(InjectionSettings(native_sidecar=False))
+    job_pod = {**POD, "spec": {**POD["spec"], "restartPolicy": "Never"}}
+    status, body = await asyncio.to_thread(injector.client.post, review(object=job_pod))
+    assert status == 200 and body["response"]["allowed"] is True
+    (warning,) = body["response"]["warnings"]
+    assert "quitquitquit" in warning
+    status, body = await asyncio.to_thread(injector.client.post, review())  # a Deployment's: none
+    assert "warnings" not in body["response"]
+
+
 async def test_serving_certificate_is_an_svid_for_the_service_name(injector: Injector) -> None:
     conn = injector.client.connect()
     try:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import socket
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -513,3 +514,29 @@ async def test_app_probes_through_the_sidecar_health_port(mesh: Mesh) -> None:
     assert (await get(f"{health}/cart/livez"))[0] == 200
     assert (await get(f"{health}/other/readyz"))[0] == 404
     server.close()
+
+
+async def test_quitquitquit_from_the_pod_asks_the_sidecar_to_stop(mesh: Mesh) -> None:
+    """A Job's app, done, stops its classic sidecar (which would keep the pod running): Istio's
+    POST /quitquitquit on 15020. GET is a 405 that names POST; only the pod's own containers
+    (a loopback address) may ask."""
+    from proxy.sidecar import _own_pod_only
+
+    await frontend_and_cart(mesh)
+    cart = mesh.sidecars["cart"]
+    url = f"http://{mesh.addr(CART)}:{cart.ports['health']}/quitquitquit"
+
+    def call(method: str) -> tuple[int, str]:
+        request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                return resp.status, resp.headers.get("allow", "")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get("allow", "")
+
+    assert await asyncio.to_thread(call, "GET") == (405, "POST")
+    assert not cart.quit_requested.is_set()
+    assert (await asyncio.to_thread(call, "POST"))[0] == 200
+    assert cart.quit_requested.is_set()
+    assert _own_pod_only("/quitquitquit", "10.0.0.7") is not None  # another pod: refused
+    assert _own_pod_only("/quitquitquit", "::1") is None and _own_pod_only("/metrics", "10.0.0.7") is None

@@ -533,3 +533,23 @@ def test_the_inject_annotation_takes_the_namespace_labels_words(value: str, outc
             patch.skip_reason(pod)
     else:
         assert (patch.skip_reason(pod) is not None) == (outcome == "skip")
+
+
+@pytest.mark.parametrize(
+    ("restart", "native", "warned"),
+    [("Never", False, True), ("OnFailure", False, True), ("Never", True, False), ("Always", False, False)],
+)
+def test_a_classic_sidecar_in_a_pod_that_ends_is_warned_about(
+    restart: str, native: bool, warned: bool
+) -> None:
+    """A Job's pod with a classic sidecar never completes (the proxy keeps running) unless the app
+    POSTs /quitquitquit: the AdmissionResponse warns (kubectl and the ReplicaSet/Job events show it)."""
+    pod = {
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": {"restartPolicy": restart, "containers": [{"name": "app", "image": "a"}]},
+    }
+    result = patch.inject(pod, dataclasses.replace(SETTINGS, native_sidecar=native))
+    assert result.injected
+    assert bool(result.warnings) is warned
+    if warned:
+        assert "POST http://127.0.0.1:15020/quitquitquit" in result.warnings[0]
