@@ -41,6 +41,7 @@ CONFIGMAP_NAME = "sidemesh-trust-bundle"
 BUNDLE_KEY = "root-cert.pem"
 MANAGED_BY_LABEL, MANAGED_BY = "app.kubernetes.io/managed-by", "sidemesh"
 INJECT_SELECTOR = "sidemesh.io/inject=enabled"
+POD_SECURITY_ENFORCE = "pod-security.kubernetes.io/enforce"
 
 
 # -- what to write (pure) -------------------------------------------------------------------------
@@ -193,6 +194,7 @@ class BundlePublisher:
         self._problem: str | None = None
         self._current: dict[str, tuple[str, str]] = {}  # namespace -> (uid, bundle) seen in place
         self._nudged: dict[str, Obj] = {}  # namespaces the watch reported since the last look
+        self._pod_security: dict[str, str] = {}  # namespace -> the Pod Security level warned about
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -301,6 +303,8 @@ class BundlePublisher:
         (a watch event): skip namespaces whose ConfigMap was seen current since they appeared."""
         bundle = self.bundle
         assert bundle is not None
+        for ns in namespaces:
+            self._check_pod_security(ns)
         uids = {_name(n): str(metadata_of(n).get("uid") or "") for n in namespaces}
         if not recheck:
             namespaces = [n for n in namespaces if self._current.get(_name(n)) != (uids[_name(n)], bundle)]
@@ -320,6 +324,26 @@ class BundlePublisher:
                 self._current[name] = (uids[name], bundle)
         for write in plan(namespaces, existing, bundle):
             await self._write(write, uids[write.namespace], bundle)
+
+    def _check_pod_security(self, ns: Obj) -> None:
+        """A meshed namespace that enforces Pod Security baseline or restricted refuses every
+        injected pod (the init container's NET_ADMIN and NET_RAW), and only the ReplicaSets'
+        events would say so: said once per namespace and level, in the controller's log."""
+        name = _name(ns)
+        labels = metadata_of(ns).get("labels") or {}
+        level = str(labels.get(POD_SECURITY_ENFORCE, "")) if isinstance(labels, dict) else ""
+        if level not in ("baseline", "restricted"):
+            self._pod_security.pop(name, None)
+            return
+        if self._pod_security.get(name) == level:
+            return
+        self._pod_security[name] = level
+        log.warning(
+            "meshed namespace enforces Pod Security: its injected pods will be refused (the sidecar's "
+            "init container needs NET_ADMIN and NET_RAW); label it "
+            f"{POD_SECURITY_ENFORCE}=privileged, or take {INJECT_SELECTOR} off it",
+            extra={"namespace": name, "level": level},
+        )
 
     async def _write(self, write: Write, uid: str, bundle: str) -> None:
         ns = write.namespace

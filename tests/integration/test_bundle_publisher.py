@@ -5,6 +5,7 @@ namespace, kept equal to the bundle file, never deleted, one namespace's failure
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -287,3 +288,24 @@ async def test_cancel_stops_it_while_watch_events_pour_in(publish: Start) -> Non
     finally:
         stop.set()
         churner.join()
+
+
+async def test_a_meshed_namespace_that_enforces_pod_security_is_reported_once(
+    publish: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pod Security baseline or restricted refuses the injected init container (NET_ADMIN,
+    NET_RAW): every pod there would be refused, with only the ReplicaSets' events to say why."""
+    caplog.set_level(logging.WARNING, logger="sidemesh.controller")
+    api = FakeWatchAPI(
+        [
+            namespace("shop", labels={**MESHED, "pod-security.kubernetes.io/enforce": "baseline"}),
+            namespace("ok", labels={**MESHED, "pod-security.kubernetes.io/enforce": "privileged"}),
+            namespace("warned", labels={**MESHED, "pod-security.kubernetes.io/warn": "restricted"}),
+        ]
+    )
+    run = await publish(api)
+    await eventually(lambda: bundle_in(api, "shop"))
+    await run.after_rounds(2)
+    lines = [r for r in caplog.records if r.getMessage().startswith("meshed namespace enforces Pod Security")]
+    assert [(r.namespace, r.level) for r in lines] == [("shop", "baseline")]  # type: ignore[attr-defined]
+    assert "pod-security.kubernetes.io/enforce=privileged" in lines[0].getMessage()
