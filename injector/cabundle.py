@@ -88,9 +88,14 @@ def native_sidecars_supported(api: Any) -> tuple[bool, str]:
     gate is off by default and the API server refuses a pod whose init container has probes."""
     from kubernetes import client
 
-    info = client.VersionApi(api).get_code()
-    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in (info.major, info.minor))
-    return (major, minor) >= NATIVE_SIDECARS_SINCE, str(info.git_version)
+    # Read as the server wrote it (_preload_content=False): the client's model refuses a /version
+    # that leaves out a field it expects, and only these three matter here.
+    resp: Any = client.VersionApi(api).get_code(_preload_content=False, _request_timeout=(3, 5))
+    info = json.loads(resp.data)
+    major, minor = (
+        int("".join(c for c in str(info.get(k, "")) if c.isdigit()) or 0) for k in ("major", "minor")
+    )
+    return (major, minor) >= NATIVE_SIDECARS_SINCE, str(info.get("gitVersion", f"{major}.{minor}"))
 
 
 class CABundleKeeper:

@@ -26,6 +26,7 @@ from sidemesh import logging as smlog
 from sidemesh.cli import CLIError
 
 log = logging.getLogger("sidemesh.injector")
+VERSION_WAIT_S = 5.0  # the longest the start waits for the API server's version
 
 SERVE_DESCRIPTION = """\
 Serve the mutating admission webhook (POST /mutate, AdmissionReview admission.k8s.io/v1) over HTTPS:
@@ -180,7 +181,7 @@ async def serve(
     from sidemesh.telemetry import start_tracing
 
     keeper = None
-    native_supported = True  # nativeSidecar "auto" without an API server to ask: native
+    api = None
     if config.webhook_configuration:
         try:
             api = cabundle.api_client_from(config.kubeconfig)
@@ -190,10 +191,10 @@ async def serve(
                 "to leave the caBundle alone"
             ) from exc
         webhooks = cabundle.WebhookConfigurations(api)
-        native_supported = await _native_sidecars(api)
         keeper = cabundle.CABundleKeeper(
             webhooks, config.webhook_configuration, config.bundle_file.read_bytes
         )
+    native_supported = await _native_sidecars(api, config)
     tasks: list[asyncio.Task[None]] = []
     client = identity = None
     if files is None:
@@ -284,12 +285,24 @@ def _resolving(settings: SettingsFile, native_supported: bool) -> Callable[[], I
     return current
 
 
-async def _native_sidecars(api: Any) -> bool:
-    """For nativeSidecar "auto": whether the cluster takes native sidecars (1.29+)."""
+async def _native_sidecars(api: Any, config: InjectorConfig) -> bool:
+    """For nativeSidecar "auto" (now, or after a settings reload): whether the cluster takes native
+    sidecars (1.29+). Asked once, with --webhook-configuration or without (cert-manager setups),
+    at most VERSION_WAIT_S: an API server that does not answer does not keep the webhook down."""
     from injector import cabundle
 
     try:
-        supported, version = await asyncio.to_thread(cabundle.native_sidecars_supported, api)
+        if api is None:
+            api = cabundle.api_client_from(config.kubeconfig)
+    except Exception as exc:  # no API server here (local runs, tests): auto means native
+        log.info(
+            "no Kubernetes API to ask its version: nativeSidecar auto means native", extra={"error": str(exc)}
+        )
+        return True
+    try:
+        supported, version = await asyncio.wait_for(
+            asyncio.to_thread(cabundle.native_sidecars_supported, api), VERSION_WAIT_S
+        )
     except Exception as exc:  # the caBundle keeper reports API trouble; this is only a default
         log.warning(
             "cannot read the API server's version: nativeSidecar auto means native sidecars; set "

@@ -157,19 +157,20 @@ def _is_windows(spec: Json) -> bool:
 
 
 def _proxy_uid_users(spec: Json, uid: int) -> list[str]:
-    """Where the pod's own containers would run as the proxy's UID or GID: the capture lets that
-    user's traffic out as it is (so that the proxy's own is not captured), so the app's would
-    leave unencrypted and strict peers would refuse it (Istio reserves UID 1337 likewise)."""
-    found = [
-        f"spec.securityContext.{name}"
-        for name in ("runAsUser", "runAsGroup")
-        if _dict(spec.get("securityContext")).get(name) == uid
-    ]
+    """The pod's own containers that would run as the proxy's UID or GID (a container's own
+    runAsUser/runAsGroup, else the pod's): the capture lets that user's traffic out as it is (so
+    that the proxy's own is not captured), so the app's would leave unencrypted and strict peers
+    would refuse it (Istio reserves UID 1337 likewise)."""
+    pod_ctx = _dict(spec.get("securityContext"))
+    found = []
     for key in ("initContainers", "containers"):
         for container in _list(spec, key, "spec"):
+            ctx = _dict(container.get("securityContext"))
             for name in ("runAsUser", "runAsGroup"):
-                if _dict(container.get("securityContext")).get(name) == uid:
-                    found.append(f"spec.{key}[{container.get('name')}].securityContext.{name}")
+                value = ctx.get(name, pod_ctx.get(name))
+                if value == uid:
+                    where = "securityContext" if name in ctx else "the pod's securityContext"
+                    found.append(f"container {container.get('name')} ({name} {value}, from {where})")
     return found
 
 
@@ -199,8 +200,8 @@ def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
     meta, spec, annotations = _check(pod)
     if users := _proxy_uid_users(spec, settings.proxy_uid):
         raise PodError(
-            f"{', '.join(users)} is {settings.proxy_uid}, the proxy's own user and group: the capture "
-            "lets its traffic out unencrypted, past the mesh; run the app as another user"
+            f"{', '.join(users)} would run as {settings.proxy_uid}, the proxy's own user and group: the "
+            "capture lets that traffic out unencrypted, past the mesh; run the app as another user"
         )
     options = pod_options(annotations, settings)
     app: list[Json] = []

@@ -103,7 +103,9 @@ def _own_pod_only(path: str, client: str) -> str | None:
     if path != "/quitquitquit":
         return None
     with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(client).is_loopback:
+        address = ipaddress.ip_address(client)
+        # 127.0.0.6 and ::6 are where the sidecar delivers other pods' connections from.
+        if address.is_loopback and str(address) not in INBOUND_SOURCE.values():
             return None
     return "/quitquitquit is for the pod's own containers: POST http://127.0.0.1:15020/quitquitquit"
 
@@ -154,7 +156,12 @@ class Sidecar:
         # so that a replacement sidecar (SO_REUSEPORT) takes no connection it cannot serve yet.
         self._can_serve = asyncio.Event()
         self.inbound_port = parse_hostport("inbound_listen", config.inbound_listen)[1]
+        # The proxy's own ports, never a destination for a peer: the defaults and the configured
+        # ones (a health port moved off 15020 must not become reachable from other pods).
         self.proxy_ports = {15000, 15001, 15006, 15020, self.inbound_port}
+        for option in ("admin_listen", "health_listen", "outbound_listen"):
+            if value := getattr(config, option):
+                self.proxy_ports.add(parse_hostport(option, value)[1])
         self._own: set[tuple[str, int]] = set()
         self._inbound: InboundConfig | None = None
         self._outbound: OutboundTable | None = None
@@ -452,6 +459,7 @@ class Sidecar:
         self.ports["health"] = await health.start(
             *parse_hostport("health_listen", self.config.health_listen), reuse_port=True
         )
+        self.proxy_ports.update((self.ports["admin"], self.ports["health"]))  # (port 0: as bound)
         log.info(
             "sidecar started",
             extra={

@@ -173,13 +173,18 @@ async def test_the_mesh_alpn_hidden_elsewhere_in_the_client_hello_is_not_the_mes
     assert refused == 1
 
 
-@pytest.mark.parametrize("port", [15000, 15020])
+@pytest.mark.parametrize("port", [15000, 15020, "admin", "health"])
 async def test_allowed_peer_cannot_reach_the_proxys_own_ports(
-    target: tuple[Mesh, Sidecar, CountingApp], port: int
+    target: tuple[Mesh, Sidecar, CountingApp], port: int | str
 ) -> None:
-    # An allowed identity asks the sidecar to deliver to its admin (15000) or health (15020) port.
-    mesh, _, app = target
-    reply = await _attempt(mesh, tls.client_context(pki.make_svid(mesh.ca.authority, FRONTEND_ID)), port=port)
+    # An allowed identity asks the sidecar to deliver to its admin (15000) or health (15020) port,
+    # or to the ports they were configured on instead (the health port's POST /quitquitquit
+    # stops the sidecar, and it answers loopback callers, as the sidecar's deliveries are).
+    mesh, cart, app = target
+    number = cart.ports[port] if isinstance(port, str) else port
+    reply = await _attempt(
+        mesh, tls.client_context(pki.make_svid(mesh.ca.authority, FRONTEND_ID)), port=number
+    )
     _refused(app, reply)
     assert reply[:1] == bytes([framing.DENY]) and b"proxy's own" in reply
 
@@ -193,3 +198,16 @@ async def test_one_attackers_refusal_does_not_disturb_a_valid_client(
     replies = await asyncio.gather(*[_attempt(mesh, bad) for _ in range(20)], _attempt(mesh, good))
     assert all(b"SECRET" not in r for r in replies[:-1])
     assert b"SECRET" in replies[-1] and app.connections == 1
+
+
+async def test_a_caller_of_another_trust_domain_is_not_told_the_policy(
+    target: tuple[Mesh, Sidecar, CountingApp],
+) -> None:
+    """Signed by a CA in the bundle but of another trust domain (federation, a shared root): it is
+    not a caller of this mesh, so its refusal names no policy (opaque connections too)."""
+    mesh, _, app = target
+    other = SpiffeId.parse("spiffe://other.example/ns/shop/sa/frontend")
+    reply = await _attempt(mesh, tls.client_context(pki.make_svid(mesh.ca.authority, other)))
+    _refused(app, reply)
+    assert reply[:1] == bytes([framing.DENY]) and b"callers outside the mesh are told no more" in reply
+    assert b"cart-allow-frontend" not in reply

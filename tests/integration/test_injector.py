@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import http.client
+import http.server
 import json
 import logging
 import os
@@ -749,6 +750,83 @@ async def test_the_serve_command(start_ca: StartCA, tmp_path: Path) -> None:
             proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 20)
     assert code == 0
+
+
+def _kubeconfig(path: Path, port: int) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize("api", ["1.28", "silent"])
+async def test_native_sidecar_auto_asks_the_api_server_and_never_waits_for_long(
+    start_ca: StartCA, tmp_path: Path, api: str
+) -> None:
+    """nativeSidecar auto: a 1.28 API server gets classic sidecars, also without
+    --webhook-configuration (cert-manager setups); an API server that accepts the connection and
+    never answers does not keep the webhook from serving (it was blocked for good)."""
+    ca, token_file = await start_injector_ca(start_ca, tmp_path)
+    write_pair(tmp_path, await issue_injector_svid(ca, token_file))
+    settings = tmp_path / "config.yaml"
+    settings.write_text("nativeSidecar: auto\n")
+    version = json.dumps({"major": "1", "minor": "28+", "gitVersion": "v1.28.15-eks-1"}).encode()
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if api == "silent":
+                time.sleep(30)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(version)))
+            self.end_headers()
+            self.wfile.write(version)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "sidemesh"), "injector", "serve",
+        "--listen", "127.0.0.1:0",
+        "--tls-cert", str(tmp_path / "tls.crt"),
+        "--tls-key", str(tmp_path / "tls.key"),
+        "--settings-file", str(settings),
+        "--webhook-configuration", "",
+        "--kubeconfig", str(_kubeconfig(tmp_path / "kubeconfig", server.server_address[1])),
+        "--shutdown-delay", "0s",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen: list[Json] = []
+    try:
+        serving = await _read_until(proc.stderr, "injector serving", seen)
+        assert time.monotonic() - started < 15
+        client = Client(int(serving["address"].rsplit(":", 1)[1]), ca.bundle)
+        status, body = await asyncio.to_thread(client.post, review())
+        assert status == 200, body
+        ops = json.loads(base64.b64decode(body["response"]["patch"]))
+        pod = jsonpatch.apply_patch(POD, ops)
+        proxy_in_containers = any(c["name"] == "sidemesh-proxy" for c in pod["spec"]["containers"])
+        assert proxy_in_containers is (api == "1.28"), seen  # classic on 1.28; native when unknown
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize(

@@ -495,8 +495,17 @@ def test_an_app_running_as_the_proxy_user_is_refused(context: dict[str, Any]) ->
         "spec": {"containers": [{"name": "app", "image": "a"}]},
     }
     pod["spec"].update(context)
-    with pytest.raises(PodError, match="1337, the proxy's own user and group"):
+    with pytest.raises(PodError, match="would run as 1337, the proxy's own user and group"):
         patch.desired_pod(pod, SETTINGS)
+
+
+def test_a_pod_level_1337_that_every_container_overrides_is_fine() -> None:
+    app = {"name": "app", "image": "a", "securityContext": {"runAsUser": 1000, "runAsGroup": 1000}}
+    pod = {
+        "metadata": {"name": "p", "namespace": "shop"},
+        "spec": {"securityContext": {"runAsUser": 1337, "runAsGroup": 1337}, "containers": [app]},
+    }
+    assert patch.desired_pod(pod, SETTINGS)["spec"]["containers"][0]["name"] == "app"
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def test_the_api_servers_version_decides(major: str, minor: str, supported: bool
 
     from injector import cabundle
 
-    info = SimpleNamespace(major=major, minor=minor, git_version=f"v{major}.{minor}")
+    body = {"major": major, "minor": minor, "gitVersion": f"v{major}.{minor}"}  # (a real one has more)
     with mock.patch("kubernetes.client.VersionApi") as api:
-        api.return_value.get_code.return_value = info
+        api.return_value.get_code.return_value = SimpleNamespace(data=json.dumps(body).encode())
         assert cabundle.native_sidecars_supported(object()) == (supported, f"v{major}.{minor}")
