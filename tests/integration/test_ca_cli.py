@@ -23,6 +23,14 @@ from sidemesh.cli import main
 SIDEMESH = [sys.executable, "-m", "sidemesh"]
 
 
+def serve_local(tmp_path: Path) -> list[str]:
+    """`ca serve` on the CA directory and local token file under ``tmp_path``."""
+    return [
+        "ca", "serve", "--authenticator", "local",
+        "--token-file", str(tmp_path / "tokens.yaml"), "--ca-dir", str(tmp_path / "ca"),
+    ]  # fmt: skip
+
+
 def test_help_is_complete(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (
         ["--help"],
@@ -90,21 +98,7 @@ def test_serve_and_issue_as_processes(tmp_path: Path) -> None:
     assert len(token) >= 40
     (tmp_path / "token").write_text(token)
     proc = subprocess.Popen(
-        [
-            *SIDEMESH,
-            "ca",
-            "serve",
-            "--authenticator",
-            "local",
-            "--token-file",
-            str(tmp_path / "tokens.yaml"),
-            "--ca-dir",
-            str(tmp_path / "ca"),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "",
-        ],
+        [*SIDEMESH, *serve_local(tmp_path), "--listen", "127.0.0.1:0", "--metrics-listen", ""],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -254,17 +248,7 @@ def test_serve_on_an_address_in_use_names_the_option(
         address = f"127.0.0.1:{busy.getsockname()[1]}"
         listen = {"--listen": "127.0.0.1:0", "--metrics-listen": "127.0.0.1:0", held: address}
         code = main(
-            [
-                "ca",
-                "serve",
-                "--authenticator",
-                "local",
-                "--token-file",
-                str(tmp_path / "tokens.yaml"),
-                "--ca-dir",
-                str(tmp_path / "ca"),
-                *[x for option, value in listen.items() for x in (option, value)],
-            ]
+            [*serve_local(tmp_path), *[x for option, value in listen.items() for x in (option, value)]]
         )
     assert code == 2
     err = capsys.readouterr().err

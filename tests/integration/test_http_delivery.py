@@ -5,6 +5,7 @@ endpoint gets fewer requests), retries of idempotent requests on 503 (not of POS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from aiohttp import web
 
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import ALLOW_FRONTEND, Mesh, free_net
+from tests.integration.test_http2_outbound import Server
 
 FRONTEND, CART1, CART2 = 1, 2, 4
 OUT = 18080
@@ -275,35 +277,28 @@ async def test_endpoint_changes_apply_to_the_next_request(mesh: Mesh) -> None:
     conn.close()
 
 
-class GrpcApp:
-    """A gRPC app that counts its unary calls and tags its bidi answers with its name."""
+@contextlib.asynccontextmanager
+async def two_grpc_endpoints(mesh: Mesh) -> AsyncIterator[tuple[dict[int, Server], grpc.aio.Channel]]:
+    """gRPC apps "a" (cart-1, the one that drains) and "b" behind their sidecars, the frontend's
+    sidecar, and an app channel through it. Unary answers are b"a:..." or b"b:..."."""
+    write_mesh(mesh, two=True)
+    apps = {CART1: Server("a", delay=0.02), CART2: Server("b", delay=0.02)}
+    for host, app in apps.items():
+        app.server.add_insecure_port(f"{mesh.addr(host)}:{APP}")
+        await app.server.start()
+    try:
+        for host in apps:
+            await mesh.sidecar("carta" if host == CART1 else "cartb", host, identity_of="cart")
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        async with grpc.aio.insecure_channel(f"{mesh.addr(FRONTEND)}:{OUT}") as ch:
+            yield apps, ch
+    finally:
+        for app in apps.values():
+            await app.server.stop(0)
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.unary_calls = 0
-        self.server = grpc.aio.server()
-        self.server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    "test.Echo",
-                    {
-                        "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
-                        "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
-                    },
-                ),
-            )
-        )
 
-    async def unary(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        self.unary_calls += 1
-        await asyncio.sleep(0.02)
-        return self.name.encode()
-
-    async def bidi(
-        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
-    ) -> AsyncIterator[bytes]:
-        async for _ in requests:
-            yield self.name.encode()
+def unary_calls(app: Server) -> int:
+    return len(app.sizes)  # one per unary call that reached it
 
 
 async def test_a_draining_endpoint_gets_no_new_grpc_calls_while_its_streams_finish(mesh: Mesh) -> None:
@@ -311,89 +306,65 @@ async def test_a_draining_endpoint_gets_no_new_grpc_calls_while_its_streams_fini
     connection (gRPC watches); the caller's sidecar sends new calls to the other endpoint, none
     fails, the streams already open go on until the drain timeout, and those cut there end
     UNAVAILABLE, as a lost transport does without the mesh (not INTERNAL)."""
-    write_mesh(mesh, two=True)
-    apps = {CART1: GrpcApp("a"), CART2: GrpcApp("b")}
-    for host, app in apps.items():
-        app.server.add_insecure_port(f"{mesh.addr(host)}:{APP}")
-        await app.server.start()
-    try:
-        for host in apps:
-            await mesh.sidecar("carta" if host == CART1 else "cartb", host, identity_of="cart")
-        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
-        async with grpc.aio.insecure_channel(f"{mesh.addr(FRONTEND)}:{OUT}") as ch:
-            unary = ch.unary_unary("/test.Echo/Unary")  # type: ignore[call-arg]
-            streams: dict[str, list[Any]] = {"a": [], "b": []}
-            for _ in range(40):  # long-lived streams on both endpoints
-                call = ch.stream_stream("/test.Echo/Bidi")()  # type: ignore[call-arg]
-                await call.write(b"x")
-                streams[(await call.read()).decode()].append(call)
-                if len(streams["a"]) >= 2 and len(streams["b"]) >= 2:
-                    break
-            assert len(streams["a"]) >= 2 and len(streams["b"]) >= 2
-            errors: list[str] = []
-            stop = asyncio.Event()
+    async with two_grpc_endpoints(mesh) as (apps, ch):
+        unary = ch.unary_unary("/test.Echo/Unary")  # type: ignore[call-arg]
+        streams: dict[bytes, list[Any]] = {b"a": [], b"b": []}
+        for _ in range(40):  # long-lived streams on both endpoints
+            call = ch.stream_stream("/test.Echo/Bidi")()  # type: ignore[call-arg]
+            await call.write(b"x")
+            streams[(await call.read()).split(b":")[0]].append(call)
+            if len(streams[b"a"]) >= 2 and len(streams[b"b"]) >= 2:
+                break
+        assert len(streams[b"a"]) >= 2 and len(streams[b"b"]) >= 2
+        errors: list[str] = []
+        stop = asyncio.Event()
 
-            async def load() -> None:
-                while not stop.is_set():
-                    try:
-                        await unary(b"x", timeout=5)
-                    except grpc.aio.AioRpcError as exc:
-                        errors.append(f"{exc.code().name}: {exc.details()}")
+        async def load() -> None:
+            while not stop.is_set():
+                try:
+                    await unary(b"x", timeout=5)
+                except grpc.aio.AioRpcError as exc:
+                    errors.append(f"{exc.code().name}: {exc.details()}")
 
-            started = time.monotonic()
-            drain = asyncio.create_task(mesh.sidecars["carta"].drain(timeout=2.5))
-            loaders = [asyncio.create_task(load()) for _ in range(4)]
-            await asyncio.sleep(0.5)  # the GOAWAY and its PING: one round trip here
-            before = apps[CART1].unary_calls
-            await asyncio.sleep(1.0)
-            assert apps[CART1].unary_calls == before, "the draining endpoint still got new calls"
-            assert apps[CART2].unary_calls > 20
-            for call in streams["a"] + streams["b"]:  # the open streams go on during the drain
-                await call.write(b"y")
-                assert (await asyncio.wait_for(call.read(), 5)) in (b"a", b"b")
-            await drain
-            assert time.monotonic() - started >= 2.4  # the streams held it open until the timeout
-            stop.set()
-            await asyncio.gather(*loaders)
-            assert errors == []
-            for call in streams["a"]:  # cut at the drain timeout
-                assert await asyncio.wait_for(call.code(), 5) is grpc.StatusCode.UNAVAILABLE
-            for call in streams["b"]:
-                await call.write(b"z")
-                assert await asyncio.wait_for(call.read(), 5) == b"b"
-                call.cancel()
-    finally:
-        for app in apps.values():
-            await app.server.stop(0)
+        started = time.monotonic()
+        drain = asyncio.create_task(mesh.sidecars["carta"].drain(timeout=2.5))
+        loaders = [asyncio.create_task(load()) for _ in range(4)]
+        await asyncio.sleep(0.5)  # the GOAWAY and its PING: one round trip here
+        before = unary_calls(apps[CART1])
+        await asyncio.sleep(1.0)
+        assert unary_calls(apps[CART1]) == before, "the draining endpoint still got new calls"
+        assert unary_calls(apps[CART2]) > 20
+        for call in streams[b"a"] + streams[b"b"]:  # the open streams go on during the drain
+            await call.write(b"y")
+            assert (await asyncio.wait_for(call.read(), 5)) in (b"a:Y", b"b:Y")
+        await drain
+        assert time.monotonic() - started >= 2.4  # the streams held it open until the timeout
+        stop.set()
+        await asyncio.gather(*loaders)
+        assert errors == []
+        for call in streams[b"a"]:  # cut at the drain timeout
+            assert await asyncio.wait_for(call.code(), 5) is grpc.StatusCode.UNAVAILABLE
+        for call in streams[b"b"]:
+            await call.write(b"z")
+            assert await asyncio.wait_for(call.read(), 5) == b"b:Z"
+            call.cancel()
 
 
 async def test_a_drain_between_calls_sends_goaway_too(mesh: Mesh) -> None:
     """No stream open when the drain begins (the calls were short): the connection from the
     caller's sidecar still gets its GOAWAY at once (its reader was waiting for the next request,
     which a sidecar never sends to a draining endpoint: before, it went on sending them)."""
-    write_mesh(mesh, two=True)
-    apps = {CART1: GrpcApp("a"), CART2: GrpcApp("b")}
-    for host, app in apps.items():
-        app.server.add_insecure_port(f"{mesh.addr(host)}:{APP}")
-        await app.server.start()
-    try:
-        for host in apps:
-            await mesh.sidecar("carta" if host == CART1 else "cartb", host, identity_of="cart")
-        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
-        async with grpc.aio.insecure_channel(f"{mesh.addr(FRONTEND)}:{OUT}") as ch:
-            unary = ch.unary_unary("/test.Echo/Unary")  # type: ignore[call-arg]
-            for _ in range(20):  # a connection to each endpoint; then quiet
-                await unary(b"x", timeout=5)
-            assert apps[CART1].unary_calls and apps[CART2].unary_calls
-            await asyncio.sleep(0.3)
-            started = time.monotonic()
-            drain = asyncio.create_task(mesh.sidecars["carta"].drain(timeout=5))
-            await asyncio.sleep(0.5)
-            before = apps[CART1].unary_calls
-            answers = [await unary(b"x", timeout=5) for _ in range(40)]
-            assert answers == [b"b"] * 40 and apps[CART1].unary_calls == before
-            await drain
-            assert time.monotonic() - started < 3  # nothing held it open: closed, not cut at 5 s
-    finally:
-        for app in apps.values():
-            await app.server.stop(0)
+    async with two_grpc_endpoints(mesh) as (apps, ch):
+        unary = ch.unary_unary("/test.Echo/Unary")  # type: ignore[call-arg]
+        for _ in range(20):  # a connection to each endpoint; then quiet
+            await unary(b"x", timeout=5)
+        assert unary_calls(apps[CART1]) and unary_calls(apps[CART2])
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        drain = asyncio.create_task(mesh.sidecars["carta"].drain(timeout=5))
+        await asyncio.sleep(0.5)
+        before = unary_calls(apps[CART1])
+        answers = [await unary(b"x", timeout=5) for _ in range(40)]
+        assert answers == [b"b:x"] * 40 and unary_calls(apps[CART1]) == before
+        await drain
+        assert time.monotonic() - started < 3  # nothing held it open: closed, not cut at 5 s

@@ -696,23 +696,28 @@ async def _read_until(stream: asyncio.StreamReader, event: str, seen: list[Json]
                 return record
 
 
+async def _injector_process(
+    tmp_path: Path, settings: Path, *args: str, listen: str = "127.0.0.1:0"
+) -> asyncio.subprocess.Process:
+    """`sidemesh injector serve` with the serving certificate of ``write_pair``, no caBundle upkeep."""
+    return await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "sidemesh"), "injector", "serve",
+        "--listen", listen,
+        "--tls-cert", str(tmp_path / "tls.crt"),
+        "--tls-key", str(tmp_path / "tls.key"),
+        "--settings-file", str(settings),
+        "--webhook-configuration", "",
+        *args,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
 async def test_the_serve_command(start_ca: StartCA, tmp_path: Path) -> None:
     ca, token_file = await start_injector_ca(start_ca, tmp_path)
     write_pair(tmp_path, await issue_injector_svid(ca, token_file))
     settings = tmp_path / "config.yaml"
     settings.write_text("image: registry.local/sidemesh:1\n")
-    sidemesh = Path(sys.executable).parent / "sidemesh"
-    proc = await asyncio.create_subprocess_exec(
-        str(sidemesh), "injector", "serve",
-        "--listen", "127.0.0.1:0",
-        "--tls-cert", str(tmp_path / "tls.crt"),
-        "--tls-key", str(tmp_path / "tls.key"),
-        "--settings-file", str(settings),
-        "--webhook-configuration", "",
-        "--reload-interval", "100ms",
-        "--shutdown-delay", "1s",
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    proc = await _injector_process(tmp_path, settings, "--reload-interval", "100ms", "--shutdown-delay", "1s")
     assert proc.stderr is not None
     seen: list[Json] = []
     try:
@@ -799,17 +804,10 @@ async def test_native_sidecar_auto_asks_the_api_server_and_never_waits_for_long(
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "sidemesh"), "injector", "serve",
-        "--listen", "127.0.0.1:0",
-        "--tls-cert", str(tmp_path / "tls.crt"),
-        "--tls-key", str(tmp_path / "tls.key"),
-        "--settings-file", str(settings),
-        "--webhook-configuration", "",
-        "--kubeconfig", str(_kubeconfig(tmp_path / "kubeconfig", server.server_address[1])),
-        "--shutdown-delay", "0s",
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    kubeconfig = _kubeconfig(tmp_path / "kubeconfig", server.server_address[1])
+    proc = await _injector_process(
+        tmp_path, settings, "--kubeconfig", str(kubeconfig), "--shutdown-delay", "0s"
+    )
     assert proc.stderr is not None
     seen: list[Json] = []
     try:
@@ -950,16 +948,9 @@ async def test_injector_restarted_under_admissions_never_half_injects(
         port = probe.getsockname()[1]
 
     async def start() -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "sidemesh"), "injector", "serve",
-            "--listen", f"127.0.0.1:{port}",
-            "--tls-cert", str(tmp_path / "tls.crt"),
-            "--tls-key", str(tmp_path / "tls.key"),
-            "--settings-file", str(tmp_path / "config.yaml"),
-            "--webhook-configuration", "",
-            "--shutdown-delay", "1s",
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        proc = await _injector_process(
+            tmp_path, tmp_path / "config.yaml", "--shutdown-delay", "1s", listen=f"127.0.0.1:{port}"
+        )
         assert proc.stderr is not None
         await _read_until(proc.stderr, "injector serving", [])
         readers.append(asyncio.create_task(proc.stderr.read()))  # a full pipe would stall its logging
