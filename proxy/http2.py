@@ -68,6 +68,13 @@ Header = tuple[bytes, bytes]
 Item = tuple[bytes | list[Header] | None, int]  # (data | trailers | end, flow-controlled length)
 _REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
 PREMATURE_RESET_MIN_STREAMS = 500  # streams before the rapid-reset rule applies (Envoy's default)
+# Frame floods (the CVE-2019-95xx family): DATA frames with nothing in them and no end of stream
+# in a row (Envoy allows 1; a few here), and frames that carry neither a request nor data (PING,
+# PRIORITY, SETTINGS) per second beyond an allowance that grows with the streams opened. Either:
+# GOAWAY ENHANCE_YOUR_CALM, as Envoy and nghttp2 answer.
+MAX_EMPTY_DATA_FRAMES = 10
+CONTROL_FRAMES_PER_S = 1000
+CONTROL_FRAMES_PER_STREAM = 10
 CLIENT_RESET = "reset by the client"
 PREMATURE_RESET_S = 1.0  # a reset this soon after the stream opened is premature (Envoy's default)
 
@@ -382,6 +389,11 @@ class H2Proxy:
         # of them reset so: the connection is closed.
         self._opened = 0
         self._premature = 0
+        self._empty_data = 0  # DATA frames in a row with no payload and no end of stream
+        self._control = 0  # PING, PRIORITY, SETTINGS frames in the current second
+        self._control_allowance = CONTROL_FRAMES_PER_S
+        self._control_since = 0.0
+        self._flood: str | None = None  # why the client is cut off
 
     async def run(self, idle_timeout: float, draining: Callable[[], bool] = lambda: False) -> None:
         self.down.flush()
@@ -405,6 +417,14 @@ class H2Proxy:
                 for event in events:
                     with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset meanwhile
                         self._on_down(event)
+                if self._flood is not None:
+                    log.warning(
+                        "HTTP/2 client flooded the connection: closed",
+                        extra={**self.info, "flood": self._flood},
+                    )
+                    self.down.conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                    self.down.flush()
+                    break
                 if (
                     self.reset_guard
                     and self._opened >= PREMATURE_RESET_MIN_STREAMS
@@ -417,7 +437,10 @@ class H2Proxy:
                     self.down.conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
                     self.down.flush()
                     break
+                # What h2 answers by itself (PING and SETTINGS acks, local answers) waits for the
+                # client to read, as the responses do: no reading while it does not.
                 self.down.flush()
+                await self.down.pipe.drain()
                 await self._flush_written()
         except (PipeClosed, ConnectionError):
             pass
@@ -522,10 +545,20 @@ class H2Proxy:
                 self.down.conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
                 return
             self._opened += 1
+            self._control_allowance += CONTROL_FRAMES_PER_STREAM
             self._request(event)
         elif isinstance(event, h2.events.DataReceived):
             stream = self.streams.get(event.stream_id)
-            if stream is None:  # denied or over: its body is dropped
+            if not event.data:  # nothing to forward (END_STREAM comes as its own event)
+                if event.flow_controlled_length:  # padding only
+                    self.down.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if event.stream_ended is None:
+                    self._empty_data += 1
+                    if self._empty_data > MAX_EMPTY_DATA_FRAMES:
+                        self._flood = "empty DATA frames"
+                return
+            self._empty_data = 0
+            if stream is None or stream.ended_up:  # denied or over: its body is dropped
                 self.down.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 return
             stream.result.request_bytes += len(event.data)
@@ -561,6 +594,19 @@ class H2Proxy:
             self._pump_all(self.streams, 0, up=False)  # the initial window may have grown
         elif isinstance(event, h2.events.PingAckReceived) and event.ping_data == DRAIN_PING:
             self._drain_acked.set()
+        if isinstance(
+            event, (h2.events.PingReceived, h2.events.PriorityUpdated, h2.events.RemoteSettingsChanged)
+        ):
+            self._count_control()
+
+    def _count_control(self) -> None:
+        now = time.monotonic()
+        if now - self._control_since >= 1.0:
+            self._control_since, self._control = now, 0
+            self._control_allowance = CONTROL_FRAMES_PER_S
+        self._control += 1
+        if self._control > self._control_allowance:
+            self._flood = "PING, PRIORITY or SETTINGS frames"
 
     def _request(self, event: h2.events.RequestReceived) -> None:
         headers = _headers(event.headers)
@@ -636,7 +682,13 @@ class H2Proxy:
                 (DENIED_REASON, reason),
             ]
             self.down.conn.send_headers(stream.down_id, headers)
-            self.down.conn.send_data(stream.down_id, body, end_stream=True)
+            # The body goes as the client's window allows (it may be spent: sending at once
+            # raised FlowControlError and took the whole connection down); the stream ends after.
+            stream.ended_up = True  # nothing goes upstream
+            stream.end_queued_down = True
+            stream.to_down.extend(((body, 0), (None, 0)))
+            self._pump(stream, up=False)
+            return
         stream.ended_up = True  # nothing more goes anywhere
         self._finish(stream)
 
@@ -937,6 +989,10 @@ class H2Proxy:
             if stream is not None:
                 self._response_head(stream, event)
         elif isinstance(event, h2.events.DataReceived):
+            if not event.data:  # nothing to forward (END_STREAM comes as its own event)
+                if event.flow_controlled_length:
+                    up.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                return
             if stream is None:
                 up.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 return

@@ -10,7 +10,7 @@ import contextlib
 import json
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import h2.events
 import h2.exceptions
 import pytest
 from grpc.aio import EOF  # type: ignore[attr-defined]
+from hyperframe.frame import DataFrame, PingFrame, PriorityFrame
 
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import Mesh, new_mesh
@@ -328,6 +329,102 @@ async def test_stream_paths_are_normalized_before_authorization(
 ) -> None:
     got = await _h2_status(pair, path)
     assert got.get(b"grpc-status") == grpc_status, got
+
+
+async def _terminated_by(addr: tuple[str, int], frames: bytes, reads: float = 2.0) -> list[h2.events.Event]:
+    """Send the client preface (via h2) then ``frames`` written by hand; the connection's end events."""
+    reader, writer, conn = await _h2_client(addr)
+    ended: list[h2.events.Event] = []
+    try:
+        conn.send_headers(1, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"cart"),
+                              (b":path", b"/test.Echo/Unary"), (b"content-type", b"application/grpc")])  # fmt: skip
+        writer.write(conn.data_to_send() + frames)
+        await writer.drain()
+        deadline = asyncio.get_running_loop().time() + reads
+        while not ended and asyncio.get_running_loop().time() < deadline:
+            with contextlib.suppress(TimeoutError):
+                data = await asyncio.wait_for(reader.read(65536), 0.2)
+                if not data:
+                    break
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    ended += [
+                        e for e in conn.receive_data(data) if isinstance(e, h2.events.ConnectionTerminated)
+                    ]
+                writer.write(conn.data_to_send())
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+    return ended
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [
+        pytest.param(lambda: b"".join(DataFrame(1).serialize() for _ in range(50)), id="empty-data"),
+        pytest.param(
+            lambda: b"".join(PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize() for i in range(3000)),
+            id="ping",
+        ),
+        pytest.param(
+            lambda: b"".join(
+                PriorityFrame(2 * i + 3, depends_on=0, stream_weight=15).serialize() for i in range(3000)
+            ),
+            id="priority",
+        ),
+    ],
+)
+async def test_a_frame_flood_gets_goaway(pair: tuple[str, int], flood: Callable[[], bytes]) -> None:
+    """The CVE-2019-95xx family: frames that carry nothing (empty DATA without END_STREAM, which
+    were queued without limit against a full window), PING (answered one by one), PRIORITY: the
+    connection is closed with GOAWAY ENHANCE_YOUR_CALM (Envoy's and nghttp2's answer), and
+    another connection is served as before."""
+    ended = await _terminated_by(pair, flood())
+    assert ended and ended[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, ended
+    ok = await _h2_status(pair, b"/test.Echo/Unary")
+    assert ok.get(b"grpc-status") == b"0", ok
+
+
+async def test_denials_wait_for_the_clients_window(mesh: Mesh) -> None:
+    """A plain HTTP/2 denial's body goes as the client's window allows: a client that does not open
+    its window any more left the sidecar sending past it (FlowControlError, the whole connection
+    reset). Now the answers wait, and come once the window opens."""
+    await mesh.sidecar("cart", CART, mode="permissive")  # the policy admits no plaintext: 403s
+    reader, writer, conn = await _h2_client((mesh.addr(CART), 15006))
+    ended: set[int] = set()
+    received = 0
+    try:
+        for i in range(720):  # ~100 bytes of body each: the 65,535-byte window runs out on the way
+            sid = 1 + 2 * i
+            conn.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"cart"),
+                                    (b":path", b"/denied")], end_stream=True)  # fmt: skip
+            writer.write(conn.data_to_send())
+            responded = False
+            while not responded:
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                assert data, "the sidecar closed the connection"
+                for event in conn.receive_data(data):
+                    assert not isinstance(event, h2.events.ConnectionTerminated), event
+                    if isinstance(event, h2.events.ResponseReceived) and event.stream_id == sid:
+                        responded = True
+                    elif isinstance(event, h2.events.DataReceived):
+                        received += event.flow_controlled_length  # never acknowledged (yet)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended.add(event.stream_id)
+        assert len(ended) < 720  # the window ran out: some answers wait
+        conn.increment_flow_control_window(received)  # the client reads again
+        writer.write(conn.data_to_send())
+        while len(ended) < 720:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "the sidecar closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
 
 
 async def test_a_rapid_reset_flood_gets_goaway(pair: tuple[str, int]) -> None:
