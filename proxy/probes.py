@@ -26,6 +26,7 @@ import json
 import ssl
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,6 +240,15 @@ def wait_ready(url: str, timeout: float, interval: float = 0.25) -> bool:
         time.sleep(interval)
 
 
+def _http_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an http:// URL (e.g. http://127.0.0.1:15020/healthz/ready)"
+        )
+    return text
+
+
 def register_wait(sub: Any) -> None:
     """`sidemesh proxy wait`: register under `sidemesh proxy` (proxy/cli.py)."""
     from sidemesh import config as cfg
@@ -253,7 +263,10 @@ def register_wait(sub: Any) -> None:
         ),
     )
     p.add_argument(
-        "--url", default="http://127.0.0.1:15020/healthz/ready", help="readiness URL (default: %(default)s)"
+        "--url",
+        type=_http_url,
+        default="http://127.0.0.1:15020/healthz/ready",
+        help="readiness URL, http://HOST:PORT/PATH (default: %(default)s)",
     )
     p.add_argument(
         "--timeout",

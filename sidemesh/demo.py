@@ -573,9 +573,22 @@ def _walk(demo: Demo, receiver: ReceiverThread | None, collector: str | None) ->
             print(f"      {line}")
     else:
         demo.fail("cart's sidecar metrics have no sidemesh_proxy_requests_total")
-    print(f"      live table of cart's routes: sidemesh top {cart}:15000")
+    print(f"      live table of cart's routes: {_command()} top {cart}:15000")
     print(f"      controller status http://{control}:{started['status_port']}/status   logs: {root}/*.log")
     return cart_app
+
+
+def _command() -> str:
+    """How to run `sidemesh` from here: the command itself when it is on PATH (an activated
+    virtualenv), else the virtualenv's script by its path (after `make demo`: .venv/bin/sidemesh)."""
+    script = Path(sys.executable).parent / "sidemesh"
+    found = shutil.which("sidemesh")
+    if found and Path(found).resolve() == script.resolve():
+        return "sidemesh"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def _traces(

@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from tests.support.otlp import ReceivedSpan, ReceiverThread, trace_tree
 
 FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"
@@ -143,3 +145,16 @@ def test_demo_help_names_every_option_and_what_netns_needs() -> None:
     assert "needs root" in text
     assert "With --netns (as root) each workload is instead a network namespace" in text
     assert "unless OTEL_EXPORTER_OTLP_ENDPOINT" in text
+
+
+def test_the_commands_the_demo_prints_run_as_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After `make demo` only .venv/bin/sidemesh exists (no activated virtualenv): the demo prints
+    the command by its path then, and as `sidemesh` when that is what PATH finds."""
+    from sidemesh.demo import _command
+
+    venv_bin = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    printed = _command()
+    assert printed != "sidemesh" and Path(printed).name == "sidemesh" and Path(printed).exists()
+    monkeypatch.setenv("PATH", f"{venv_bin}:/usr/bin:/bin")
+    assert _command() == "sidemesh"

@@ -88,3 +88,11 @@ def test_proxy_run_with_a_config_dir_that_is_not_there_says_so(
     assert code == 2
     err = capsys.readouterr().err
     assert "no workload shop/cart-1" in err and "files that could not be read: bad.yaml: cannot read" in err
+
+
+@pytest.mark.parametrize("url", ["localhost:1", "ftp://x/", "http:///healthz"])
+def test_proxy_wait_refuses_what_is_not_an_http_url(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["proxy", "wait", "--url", url, "--timeout", "1s"])
+    assert info.value.code == 2
+    assert f"argument --url: {url!r} is not an http:// URL" in capsys.readouterr().err
