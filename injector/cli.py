@@ -11,6 +11,7 @@ import os
 import signal
 import ssl
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,29 @@ def _resolving(settings: SettingsFile, native_supported: bool) -> Callable[[], I
     return current
 
 
+async def _on_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on a thread of its own that nobody waits for at exit (the default executor's
+    threads are joined when the loop closes: a call retried by urllib3 after we stopped waiting for
+    it held up the injector's exit by 20 s)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not done.done():
+            done.set_result(value) if ok else done.set_exception(value)
+
+    def work() -> None:
+        try:
+            result: tuple[bool, Any] = (True, fn(*args))
+        except Exception as exc:
+            result = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody wants the answer
+            loop.call_soon_threadsafe(settle, *result)
+
+    threading.Thread(target=work, name="sidemesh-injector-version", daemon=True).start()
+    return await done
+
+
 async def _native_sidecars(api: Any, config: InjectorConfig) -> bool:
     """For nativeSidecar "auto" (now, or after a settings reload): whether the cluster takes native
     sidecars (1.29+). Asked once, with --webhook-configuration or without (cert-manager setups),
@@ -301,7 +325,7 @@ async def _native_sidecars(api: Any, config: InjectorConfig) -> bool:
         return True
     try:
         supported, version = await asyncio.wait_for(
-            asyncio.to_thread(cabundle.native_sidecars_supported, api), VERSION_WAIT_S
+            _on_daemon_thread(cabundle.native_sidecars_supported, api), VERSION_WAIT_S
         )
     except Exception as exc:  # the caBundle keeper reports API trouble; this is only a default
         log.warning(
@@ -315,7 +339,7 @@ async def _native_sidecars(api: Any, config: InjectorConfig) -> bool:
         + ("native sidecars" if supported else "classic sidecars (native ones need 1.29+)"),
         extra={"kubernetes": version},
     )
-    return supported
+    return bool(supported)
 
 
 async def _second_signal(loop: asyncio.AbstractEventLoop) -> None:

@@ -69,12 +69,14 @@ Item = tuple[bytes | list[Header] | None, int]  # (data | trailers | end, flow-c
 _REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
 PREMATURE_RESET_MIN_STREAMS = 500  # streams before the rapid-reset rule applies (Envoy's default)
 # Frame floods (the CVE-2019-95xx family): DATA frames with nothing in them and no end of stream
-# in a row (Envoy allows 1; a few here), and frames that carry neither a request nor data (PING,
-# PRIORITY, SETTINGS) per second beyond an allowance that grows with the streams opened. Either:
-# GOAWAY ENHANCE_YOUR_CALM, as Envoy and nghttp2 answer.
+# in a row (Envoy allows 1; a few here), and PRIORITY or SETTINGS frames beyond 100 per stream the
+# client opened (Envoy's max_inbound_priority_frames_per_stream). Either: GOAWAY ENHANCE_YOUR_CALM,
+# as Envoy and nghttp2 answer. PINGs are not counted (grpc-go's bandwidth estimator sends one per
+# DATA frame it receives: a rate rule cut off normal streaming clients); their acks, like every
+# frame h2 answers by itself, wait for the client to read (Envoy bounds its queued acks).
 MAX_EMPTY_DATA_FRAMES = 10
-CONTROL_FRAMES_PER_S = 1000
-CONTROL_FRAMES_PER_STREAM = 10
+CONTROL_FRAMES_BASE = 100
+CONTROL_FRAMES_PER_STREAM = 100
 CLIENT_RESET = "reset by the client"
 PREMATURE_RESET_S = 1.0  # a reset this soon after the stream opened is premature (Envoy's default)
 
@@ -390,9 +392,8 @@ class H2Proxy:
         self._opened = 0
         self._premature = 0
         self._empty_data = 0  # DATA frames in a row with no payload and no end of stream
-        self._control = 0  # PING, PRIORITY, SETTINGS frames in the current second
-        self._control_allowance = CONTROL_FRAMES_PER_S
-        self._control_since = 0.0
+        self._control = 0  # PRIORITY and SETTINGS frames so far
+        self._control_allowance = CONTROL_FRAMES_BASE
         self._flood: str | None = None  # why the client is cut off
 
     async def run(self, idle_timeout: float, draining: Callable[[], bool] = lambda: False) -> None:
@@ -594,19 +595,10 @@ class H2Proxy:
             self._pump_all(self.streams, 0, up=False)  # the initial window may have grown
         elif isinstance(event, h2.events.PingAckReceived) and event.ping_data == DRAIN_PING:
             self._drain_acked.set()
-        if isinstance(
-            event, (h2.events.PingReceived, h2.events.PriorityUpdated, h2.events.RemoteSettingsChanged)
-        ):
-            self._count_control()
-
-    def _count_control(self) -> None:
-        now = time.monotonic()
-        if now - self._control_since >= 1.0:
-            self._control_since, self._control = now, 0
-            self._control_allowance = CONTROL_FRAMES_PER_S
-        self._control += 1
-        if self._control > self._control_allowance:
-            self._flood = "PING, PRIORITY or SETTINGS frames"
+        if isinstance(event, (h2.events.PriorityUpdated, h2.events.RemoteSettingsChanged)):
+            self._control += 1
+            if self._control > self._control_allowance:
+                self._flood = "PRIORITY or SETTINGS frames"
 
     def _request(self, event: h2.events.RequestReceived) -> None:
         headers = _headers(event.headers)
@@ -657,6 +649,9 @@ class H2Proxy:
 
     def _deny(self, stream: _Stream, denial: Denial) -> None:
         """Answer the stream here (before any response head went down) and end it."""
+        if stream.timer is not None:  # answered here: no timeout answers it again
+            stream.timer.cancel()
+            stream.timer = None
         reason = field_value(denial.reason if denial.told is None else denial.told)
         r = stream.result
         r.decision, r.reason, r.policy = denial.decision, denial.reason, denial.policy
@@ -902,17 +897,18 @@ class H2Proxy:
         """No response head within the Service's timeout: the upstream stream is reset and the
         caller answered (gRPC: DEADLINE_EXCEEDED; otherwise 504)."""
         stream.timer = None
-        if self.streams.get(stream.down_id) is not stream or stream.responded:
-            return
+        if self.streams.get(stream.down_id) is not stream or stream.responded or stream.end_queued_down:
+            return  # (answered already: a local answer whose body waits for the client's window)
         if stream.task is not None:
             stream.task.cancel()
             stream.task = None
         policy = stream.result.policy
         self._detach(stream, ok=False)
         denial = Denial(504, "upstream timeout", policy, GRPC_DEADLINE_EXCEEDED, "allow", "timeout")
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self._deny(stream, denial)
-        self._finish(stream)
+        try:
+            self._deny(stream, denial)  # it ends the stream, now or once the client's window allows
+        except h2.exceptions.ProtocolError:
+            self._finish(stream)
         self._flush_now()
 
     # -- upstream (the app, an endpoint) ------------------------------------------------------
@@ -1140,6 +1136,7 @@ class H2Proxy:
             self._no_streams.set()
         if stream.timer is not None:
             stream.timer.cancel()
+            stream.timer = None
         if stream.task is not None and stream.task is not asyncio.current_task():
             stream.task.cancel()
         self._ack(self.down, stream.down_id, stream.to_up)
