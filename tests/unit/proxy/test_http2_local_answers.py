@@ -47,7 +47,8 @@ class TimedRouter(harness.Router):
 async def test_a_timeout_answer_waiting_for_the_window_still_ends_its_stream() -> None:
     upstream = Upstream(delay=0)
     port = await upstream.start()
-    proxy, task, app_sock, _ = await harness.start_proxy(port, Pool())
+    pool: Pool[object] = Pool()
+    proxy, task, app_sock, _ = await harness.start_proxy(port, pool)
     proxy.router = TimedRouter(port)
     reader, writer = await asyncio.open_connection(sock=app_sock)
     app = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
@@ -88,6 +89,7 @@ async def test_a_timeout_answer_waiting_for_the_window_still_ends_its_stream() -
     finally:
         writer.close()
         await asyncio.wait_for(task, 5)  # the app's connection ended: the proxy ends too
+        pool.close()  # (the upstream connection went there)
         upstream.server.close()
         await upstream.server.wait_closed()
         await asyncio.sleep(0.05)  # the transports finish closing in this loop
