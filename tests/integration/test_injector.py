@@ -108,8 +108,8 @@ class Client:
     def call(conn: _Connection, method: str, path: str, body: bytes | None = None) -> tuple[int, Json]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
+        with conn.getresponse() as resp:  # closed even when the read fails (its socket with it)
+            data = resp.read()
         return resp.status, json.loads(data) if data else {}
 
     def post(self, body: Any, conn: _Connection | None = None) -> tuple[int, Json]:
