@@ -157,7 +157,8 @@ def _check(args: argparse.Namespace) -> int:
     snapshot = _load(args)
     for error in snapshot.errors:
         print(
-            f"warning: invalid resource (a ServiceAuthorization allows nothing until it is fixed, anything else is ignored): {error}"
+            f"warning: invalid resource (a ServiceAuthorization allows nothing until it is fixed; "
+            f"a file that is not YAML contributes nothing; anything else is ignored): {error}"
         )
     request = Request(
         peer,

@@ -31,8 +31,9 @@ VERSION_WAIT_S = 5.0  # the longest the start waits for the API server's version
 
 SERVE_DESCRIPTION = """\
 Serve the mutating admission webhook (POST /mutate, AdmissionReview admission.k8s.io/v1) over HTTPS:
-every pod created in a namespace labelled sidemesh.io/inject=enabled gets the sidemesh-init container
-and the sidemesh-proxy sidecar. GET /healthz answers 200 while it serves.
+pods created in a namespace labelled sidemesh.io/inject=enabled get the sidemesh-init container and
+the sidemesh-proxy sidecar (not: opted out, hostNetwork, Windows; refused: an app running as the
+proxy's UID). GET /healthz answers 200 while it serves, 503 during --shutdown-delay after SIGTERM.
 
 The serving certificate comes from --tls-cert/--tls-key (reloaded when the files change) or, without
 them, from the mesh CA (SVID of --identity with --server-name as DNS name, renewed automatically).

@@ -51,7 +51,17 @@ class Reader:
                 continue  # removed meanwhile
             stamp = (st.st_mtime_ns, st.st_size)
             cached = self._cache.get(path)
-            entry = cached if cached is not None and cached[0] == stamp else (stamp, *_parse(path))
+            if cached is not None and cached[0] == stamp:
+                entry = cached
+            else:
+                docs_now, errors_now = _parse(path)
+                if errors_now and cached is not None and cached[1]:
+                    # Not YAML any more (half written, or broken): its last good documents stay in
+                    # force, as a failed `kubectl apply` leaves the stored object; dropping them would
+                    # drop its ServiceAuthorizations, and their workloads would fall back to the default.
+                    docs_now = cached[1]
+                    errors_now = [f"{e}; its last good contents stay in force" for e in errors_now]
+                entry = (stamp, docs_now, errors_now)
             seen[path] = entry
             docs += entry[1]
             errors += entry[2]

@@ -4,6 +4,7 @@ format's round trip."""
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import yaml
 
@@ -295,3 +296,28 @@ def test_wire_rejects_impossible_delivery_settings() -> None:
     for bad in (pb.Destination(name="x", retries=11), pb.Destination(name="x", timeout_seconds=-1.0)):
         with pytest.raises(wire.WireError, match="x: "):
             wire.outbound_from_pb(pb.Outbound(destinations=[bad]))
+
+
+def test_a_file_that_stops_being_yaml_keeps_its_last_good_contents(tmp_path: Path) -> None:
+    """Local mode and the directory source: a policy file saved half-written (or broken) is not
+    YAML; dropping it dropped its ServiceAuthorization, and the workload fell back to the default
+    (allow-authenticated: every caller). Its last good documents stay, as a failed `kubectl apply`
+    leaves the stored object; the error says so."""
+    from sidemesh.mesh.directory import Reader
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "apiVersion: sidemesh.io/v1alpha1\nkind: ServiceAuthorization\n"
+        "metadata: {name: cart-only-frontend, namespace: shop}\n"
+        "spec: {selector: {matchLabels: {app: cart}}, rules: [{from: [{serviceAccount: frontend}]}]}\n"
+    )
+    reader = Reader(tmp_path)
+    assert [p.name for p in reader.load().policies] == ["cart-only-frontend"]
+    policy.write_text(
+        policy.read_text().replace("[{serviceAccount: frontend}]", "[{serviceAccount: frontend}")
+    )
+    snapshot = reader.load()
+    assert [p.name for p in snapshot.policies] == ["cart-only-frontend"]
+    assert len(snapshot.errors) == 1 and "its last good contents stay in force" in snapshot.errors[0]
+    fresh = Reader(tmp_path).load()  # a process started on the broken file has nothing to keep
+    assert fresh.policies == () and "cannot read" in fresh.errors[0]
