@@ -393,7 +393,6 @@ class H2Proxy:
         self._premature = 0
         self._empty_data = 0  # DATA frames in a row with no payload and no end of stream
         self._control = 0  # PRIORITY and SETTINGS frames so far
-        self._control_allowance = CONTROL_FRAMES_BASE
         self._flood: str | None = None  # why the client is cut off
 
     async def run(self, idle_timeout: float, draining: Callable[[], bool] = lambda: False) -> None:
@@ -546,7 +545,6 @@ class H2Proxy:
                 self.down.conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
                 return
             self._opened += 1
-            self._control_allowance += CONTROL_FRAMES_PER_STREAM
             self._request(event)
         elif isinstance(event, h2.events.DataReceived):
             stream = self.streams.get(event.stream_id)
@@ -592,13 +590,17 @@ class H2Proxy:
         elif isinstance(event, h2.events.WindowUpdated):
             self._pump_all(self.streams, event.stream_id, up=False)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._count_control()
             self._pump_all(self.streams, 0, up=False)  # the initial window may have grown
+        elif isinstance(event, h2.events.PriorityUpdated):
+            self._count_control()
         elif isinstance(event, h2.events.PingAckReceived) and event.ping_data == DRAIN_PING:
             self._drain_acked.set()
-        if isinstance(event, (h2.events.PriorityUpdated, h2.events.RemoteSettingsChanged)):
-            self._control += 1
-            if self._control > self._control_allowance:
-                self._flood = "PRIORITY or SETTINGS frames"
+
+    def _count_control(self) -> None:
+        self._control += 1
+        if self._control > CONTROL_FRAMES_BASE + CONTROL_FRAMES_PER_STREAM * self._opened:
+            self._flood = "PRIORITY or SETTINGS frames"
 
     def _request(self, event: h2.events.RequestReceived) -> None:
         headers = _headers(event.headers)

@@ -16,7 +16,7 @@ from proxy.original_dst import original_dst
 from proxy.outbound import Refused
 from proxy.pipe import Pipe
 from proxy.relay import Half, Relay, reset_socket
-from proxy.routers import NOT_TOLD, InboundRouter, context, serve_connection, serve_h2
+from proxy.routers import InboundRouter, context, serve_connection, serve_h2, told
 from sidemesh.identity import tls
 from sidemesh.policy.evaluate import evaluate
 from sidemesh.policy.model import Decision, Peer, Request
@@ -174,9 +174,8 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
             sc.metrics.denials.labels(decision.policy or "default").inc()
             sc.metrics.connections.labels("inbound", "deny").inc()
             log.warning("connection denied", extra={**relay.info, "reason": decision.reason})
-            if down is not None:  # (the reason names policies: for callers of the mesh only)
-                told = decision.reason if peer.trust_domain == sc.config.trust_domain else NOT_TOLD
-                down.write_raw(framing.deny_frame(told))
+            if down is not None:
+                down.write_raw(framing.deny_frame(told(peer, sc.config.trust_domain) or decision.reason))
                 relay.close_gracefully()
             else:
                 relay.fail("denied")

@@ -47,6 +47,14 @@ def budget_of(sc: Sidecar, destination: str) -> RetryBudget:
 NOT_TOLD = "denied by the workload's policy (callers outside the mesh are told no more; its sidecar logs why)"
 
 
+def told(peer: Peer, trust_domain: str) -> str | None:
+    """What a denied ``peer`` is told instead of the reason, None for the reason itself. The reason
+    names policies and defaults: callers of the mesh (its trust domain) only get it; others
+    (plaintext callers in permissive mode, another trust domain) do not, as Envoy's RBAC answers
+    "access denied"; the log and the span keep the reason."""
+    return None if peer.trust_domain == trust_domain else NOT_TOLD
+
+
 class InboundRouter:
     def __init__(
         self,
@@ -64,10 +72,7 @@ class InboundRouter:
         self.key = ("app", self.app[0], port)
         self.pool = pool.pool_of(sc)
         self.log_extra = log_extra
-        # Why a request was denied is told to callers of the mesh (its trust domain) only: others
-        # (plaintext callers in permissive mode, another trust domain) learn no policy names or
-        # defaults, as Envoy's RBAC answers "access denied"; the log and the span keep the reason.
-        self.told = None if peer.authenticated and peer.trust_domain == sc.config.trust_domain else NOT_TOLD
+        self.told = told(peer, sc.config.trust_domain)
         # What the app is told of the caller (x-forwarded-client-cert), when it authenticated.
         source = log_extra.get("source")
         self.xfcc = (
