@@ -186,6 +186,11 @@ class ProxyConfig:
             if not sep or ":" not in target:
                 raise ConfigError("outbound", f"{entry!r} is not LISTEN=SERVICE:PORT")
             parse_hostport("outbound", listen)
+            service, _, port = target.rpartition(":")
+            if not service or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ConfigError(
+                    "outbound", f"{entry!r}: {target!r} is not SERVICE:PORT (e.g. cart.shop:80, port 1-65535)"
+                )
         try:
             parse_app_probes(self.app_probes)
         except ValueError as exc:

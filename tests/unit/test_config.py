@@ -89,3 +89,20 @@ def test_a_workload_without_a_namespace_is_named_as_such() -> None:
 
     with pytest.raises(ConfigError, match=r"--workload: 'cart' is not NAMESPACE/NAME \(e.g. shop/cart\)"):
         ProxyConfig(workload="cart", capture="none")
+
+
+@pytest.mark.parametrize("target", ["cart.shop:http", ":80", "cart.shop:0", "cart.shop:70000", "cart.shop:"])
+def test_a_local_mode_target_needs_a_service_and_a_port(target: str) -> None:
+    """The target was checked for a colon only: `cart.shop:http` started, and every connection to
+    the listener was then refused as "not a service in the mesh"."""
+    from proxy.config import ProxyConfig
+
+    def config(entry: str) -> ProxyConfig:
+        argv = ["--workload", "shop/cart", "--capture", "none", "--config-dir", "/tmp", "--outbound", entry]
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, ProxyConfig)
+        return load(ProxyConfig, parser.parse_args(argv), {})
+
+    with pytest.raises(ConfigError, match=r"--outbound: .* is not SERVICE:PORT \(e.g. cart.shop:80"):
+        config(f"127.0.0.1:18080={target}")
+    assert config("127.0.0.1:18080=cart.shop:80").outbound_maps() == [(("127.0.0.1", 18080), "cart.shop:80")]
