@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from injector.probes import APP_PROBES_ENV, HEALTH_PORT
-from injector.settings import InjectionSettings
+from injector.settings import InjectionSettings, Resources
 
 Json = dict[str, Any]
 
@@ -41,6 +41,7 @@ class PodOptions:
     default_policy: str
     exclusions: Sequence[tuple[str, str]] = ()  # (proxy init flag, value)
     app_probes: str = ""  # SIDEMESH_APP_PROBES JSON, empty when no probe was rewritten
+    proxy_resources: Resources | None = None  # None: the settings'
 
 
 def _probe(path: str, period: int, failures: int) -> Json:
@@ -128,7 +129,7 @@ def proxy_container(settings: InjectionSettings, options: PodOptions) -> Json:
         ],
         "env": env,
         "ports": [{"name": "http-health", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
-        "resources": settings.proxy_resources.to_k8s(),
+        "resources": (options.proxy_resources or settings.proxy_resources).to_k8s(),
         "securityContext": {
             "runAsUser": settings.proxy_uid,
             "runAsGroup": settings.proxy_uid,

@@ -8,6 +8,7 @@ records what was added, which makes a second pass (`reinvocationPolicy: IfNeeded
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import re
@@ -18,7 +19,7 @@ from injector import containers, probes
 from injector.containers import PodOptions
 from injector.diff import diff
 from injector.errors import PodError
-from injector.settings import InjectionSettings
+from injector.settings import InjectionSettings, Resources, quantity
 from sidemesh.mesh.resources import DEFAULT_POLICY_ANNOTATION
 from sidemesh.policy.model import DefaultPolicy
 
@@ -38,6 +39,14 @@ EXCLUSIONS = {
     "sidemesh.io/exclude-outbound-cidrs": "--exclude-outbound-cidrs",
 }
 _PORT_RE = re.compile(r"^[0-9]{1,5}$")
+# Per-pod proxy resources (Linkerd: config.linkerd.io/proxy-cpu-request, ...): (part, resource name)
+PROXY_RESOURCES = {
+    "sidemesh.io/proxy-cpu-request": ("requests", "cpu"),
+    "sidemesh.io/proxy-cpu-limit": ("limits", "cpu"),
+    "sidemesh.io/proxy-memory-request": ("requests", "memory"),
+    "sidemesh.io/proxy-memory-limit": ("limits", "memory"),
+}
+
 _FIX = 'fix the annotation, or opt the pod out with sidemesh.io/inject: "false"'
 
 
@@ -115,7 +124,35 @@ def pod_options(annotations: dict[str, str], settings: InjectionSettings) -> Pod
         native=_bool(annotations, NATIVE, settings.native_sidecar is not False),  # auto: native
         default_policy=policy,
         exclusions=tuple(exclusions),
+        proxy_resources=_proxy_resources(annotations, settings.proxy_resources),
     )
+
+
+def _proxy_resources(annotations: dict[str, str], base: Resources) -> Resources:
+    """The settings' proxy resources with the pod's annotations over them; a request above its limit
+    is refused here (the API server would refuse the pod with the sidecar's name, not the annotation)."""
+    parts = {"requests": dict(base.requests), "limits": dict(base.limits)}
+    given = {key: annotations[key].strip() for key in PROXY_RESOURCES if key in annotations}
+    for key, value in given.items():
+        part, name = PROXY_RESOURCES[key]
+        try:
+            if quantity(value) < 0:
+                raise ValueError
+        except ValueError:
+            raise PodError(
+                f"annotation {key}: {value!r} is not a resource quantity (e.g. 200m, 1, 256Mi, 1Gi); {_FIX}"
+            ) from None
+        parts[part][name] = value
+    if not given:
+        return base
+    for name in ("cpu", "memory"):
+        request, limit = parts["requests"].get(name), parts["limits"].get(name)
+        if request is not None and limit is not None and quantity(request) > quantity(limit):
+            raise PodError(
+                f"the proxy's {name} request {request} is above its limit {limit}: set both "
+                f"sidemesh.io/proxy-{name}-request and sidemesh.io/proxy-{name}-limit; {_FIX}"
+            )
+    return Resources(requests=parts["requests"], limits=parts["limits"])
 
 
 def skip_reason(pod: Json) -> str | None:
@@ -222,9 +259,7 @@ def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
             records.update(found)
         app_init.append(container)
     if records:
-        options = PodOptions(
-            options.native, options.default_policy, options.exclusions, probes.encode(records)
-        )
+        options = dataclasses.replace(options, app_probes=probes.encode(records))
     init = containers.init_container(settings, options)
     proxy = containers.proxy_container(settings, options)
     new_spec = dict(spec)

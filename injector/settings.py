@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,25 @@ log = logging.getLogger("sidemesh.injector.settings")
 DEFAULT_IMAGE = "ghcr.io/sidemesh/sidemesh:latest"
 _QUANTITY_RE = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
 _RESOURCE_NAME_RE = re.compile(r"^([a-z0-9.-]+/)?[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+_QUANTITY_SUFFIXES = {
+    **{"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18},
+    **{f"{p}i": 10 * (i + 1) for i, p in enumerate("KMGTPE")},  # binary: powers of 2
+}
+
+
+def quantity(text: str) -> Decimal:
+    """The value of a Kubernetes resource quantity ("500m", "1.5Gi", "2e3"); ValueError if it is none."""
+    match = _QUANTITY_RE.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a resource quantity")
+    number, suffix = text[: match.start(3)] if match.group(3) else text, match.group(3) or ""
+    if suffix not in _QUANTITY_SUFFIXES:  # a decimal exponent: "1e3" ("1E" alone is exa)
+        return Decimal(number) * Decimal(10) ** int(suffix[1:])
+    exponent = _QUANTITY_SUFFIXES[suffix]
+    base = Decimal(2) if suffix.endswith("i") else Decimal(10)
+    return Decimal(number) * base**exponent
 
 
 @dataclass(frozen=True, slots=True)

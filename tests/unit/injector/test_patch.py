@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import json
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import yaml
 
 from injector import containers, patch, probes
 from injector.errors import PodError
-from injector.settings import InjectionSettings, Resources
+from injector.settings import InjectionSettings, Resources, quantity
 
 GOLDEN_DIR = Path(__file__).resolve().parents[2] / "golden" / "injector"
 UPDATE_GOLDEN = os.environ.get("SIDEMESH_UPDATE_GOLDEN") == "1"
@@ -288,6 +289,13 @@ def test_skips(meta: Json, spec: Json, reason: str) -> None:
         ({"sidemesh.io/native-sidecar": "yes"}, 'native-sidecar: \'yes\' is not "true" or "false"'),
         ({"sidemesh.io/default-policy": "open"}, "default-policy: 'open' is not one of deny"),
         ({"sidemesh.io/rewrite-app-probes": "1"}, "rewrite-app-probes"),
+        ({"sidemesh.io/proxy-cpu-limit": "two"}, "proxy-cpu-limit: 'two' is not a resource quantity"),
+        ({"sidemesh.io/proxy-memory-request": "-1Gi"}, "'-1Gi' is not a resource quantity"),
+        ({"sidemesh.io/proxy-memory-request": "1Gi"}, "memory request 1Gi is above its limit 512Mi"),
+        (
+            {"sidemesh.io/proxy-cpu-request": "3", "sidemesh.io/proxy-cpu-limit": "2500m"},
+            "cpu request 3 is above its limit 2500m: set both sidemesh.io/proxy-cpu-request and",
+        ),
     ],
 )
 def test_bad_annotations_are_refused_with_the_annotation_named(
@@ -330,6 +338,36 @@ def test_exclusions_become_init_flags() -> None:
     args = container(injected(pod), "sidemesh-init")["args"]
     assert args[-2:] == ["--exclude-inbound-ports", "*"]
     assert "--exclude-outbound-ports" not in args  # empty: nothing to pass
+
+
+def test_the_pods_annotations_set_the_proxys_resources() -> None:
+    """As Linkerd's config.linkerd.io/proxy-*-request/limit: a busy pod's sidecar gets more than the
+    mesh-wide settings give every sidecar, and only that pod."""
+    pod = a_pod(
+        annotations={
+            "sidemesh.io/proxy-cpu-request": "500m",
+            "sidemesh.io/proxy-memory-request": " 256Mi ",
+            "sidemesh.io/proxy-memory-limit": "1Gi",
+        }
+    )
+    assert container(injected(pod), "sidemesh-proxy")["resources"] == {
+        "requests": {"cpu": "500m", "memory": "256Mi"},
+        "limits": {"cpu": "2", "memory": "1Gi"},  # the cpu limit: the settings'
+    }
+    assert container(injected(a_pod()), "sidemesh-proxy")["resources"] == SETTINGS.proxy_resources.to_k8s()
+    # the init container keeps the settings' own
+    assert container(injected(pod), "sidemesh-init")["resources"] == SETTINGS.init_resources.to_k8s()
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        *(("500m", "0.5"), ("2", "2"), ("1.5Gi", str(3 << 29)), ("128Mi", str(128 << 20)), ("1e3", "1000")),
+        *(("1E", "1e18"), ("1Ei", str(1 << 60)), (".5", "0.5"), ("100k", "1e5"), ("3e-2", "0.03")),
+    ],
+)
+def test_resource_quantities_are_read_as_kubernetes_does(text: str, value: str) -> None:
+    assert quantity(text) == Decimal(value)
 
 
 # -- probes ------------------------------------------------------------------------------------
