@@ -74,9 +74,13 @@ PREMATURE_RESET_MIN_STREAMS = 500  # streams before the rapid-reset rule applies
 # as Envoy and nghttp2 answer. PINGs are not counted (grpc-go's bandwidth estimator sends one per
 # DATA frame it receives: a rate rule cut off normal streaming clients); their acks, like every
 # frame h2 answers by itself, wait for the client to read (Envoy bounds its queued acks).
+# WINDOW_UPDATE frames beyond 5 + 2 x (streams opened + 10 x DATA frames sent to the client)
+# (Envoy's max_inbound_window_update_frames_per_data_frame_sent): each one walks the streams.
 MAX_EMPTY_DATA_FRAMES = 10
 CONTROL_FRAMES_BASE = 100
 CONTROL_FRAMES_PER_STREAM = 100
+WINDOW_UPDATES_BASE = 5
+WINDOW_UPDATES_PER_DATA_FRAME = 10
 CLIENT_RESET = "reset by the client"
 PREMATURE_RESET_S = 1.0  # a reset this soon after the stream opened is premature (Envoy's default)
 
@@ -393,6 +397,8 @@ class H2Proxy:
         self._premature = 0
         self._empty_data = 0  # DATA frames in a row with no payload and no end of stream
         self._control = 0  # PRIORITY and SETTINGS frames so far
+        self._window_updates = 0  # WINDOW_UPDATE frames so far
+        self._data_down = 0  # DATA frames sent to the client so far
         self._flood: str | None = None  # why the client is cut off
 
     async def run(self, idle_timeout: float, draining: Callable[[], bool] = lambda: False) -> None:
@@ -588,6 +594,12 @@ class H2Proxy:
                     self._written.add(stream.up)
                 self._finish(stream, error=CLIENT_RESET)
         elif isinstance(event, h2.events.WindowUpdated):
+            self._window_updates += 1
+            if self._window_updates > WINDOW_UPDATES_BASE + 2 * (
+                self._opened + WINDOW_UPDATES_PER_DATA_FRAME * self._data_down
+            ):
+                self._flood = "WINDOW_UPDATE frames"
+                return
             self._pump_all(self.streams, event.stream_id, up=False)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self._count_control()
@@ -1099,6 +1111,8 @@ class H2Proxy:
                     window = min(dst.conn.local_flow_control_window(sid), dst.conn.max_outbound_frame_size)
                     if window <= 0:
                         return
+                    if not up:
+                        self._data_down += 1  # one frame: at most max_outbound_frame_size
                     if len(item) > window:
                         dst.conn.send_data(sid, item[:window])
                         queue[0] = (item[window:], flow)

@@ -23,7 +23,7 @@ import h2.events
 import h2.exceptions
 import pytest
 from grpc.aio import EOF  # type: ignore[attr-defined]
-from hyperframe.frame import DataFrame, PingFrame, PriorityFrame
+from hyperframe.frame import DataFrame, PingFrame, PriorityFrame, WindowUpdateFrame
 
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import Mesh, new_mesh
@@ -368,6 +368,10 @@ async def _terminated_by(addr: tuple[str, int], frames: bytes, reads: float = 2.
             ),
             id="priority",
         ),
+        pytest.param(
+            lambda: b"".join(WindowUpdateFrame(0, window_increment=1).serialize() for _ in range(3000)),
+            id="window-update",
+        ),
     ],
 )
 async def test_a_frame_flood_gets_goaway(pair: tuple[str, int], flood: Callable[[], bytes]) -> None:
@@ -379,6 +383,42 @@ async def test_a_frame_flood_gets_goaway(pair: tuple[str, int], flood: Callable[
     assert ended and ended[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, ended
     ok = await _h2_status(pair, b"/test.Echo/Unary")
     assert ok.get(b"grpc-status") == b"0", ok
+
+
+async def test_a_client_opening_its_windows_for_every_data_frame_is_not_a_flood(
+    pair: tuple[str, int],
+) -> None:
+    """The WINDOW_UPDATE rule counts against the DATA frames sent: a client that opens both windows
+    (stream and connection) for every frame it gets, on a 2 MB answer, is served to the end."""
+    body = bytes(range(256)) * (8 << 10)
+    message = _grpc_frame(body)
+    reader, writer, conn = await _h2_client(pair)
+    conn.send_headers(1, _grpc_head())
+    answer, sent, updates, ended = bytearray(), 0, 0, None
+    try:
+        while ended is None:
+            while sent < len(message) and (window := min(conn.local_flow_control_window(1), 16384)) > 0:
+                chunk = message[sent : sent + window]
+                sent += len(chunk)
+                conn.send_data(1, chunk, end_stream=sent == len(message))
+            writer.write(conn.data_to_send())
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "the sidecar closed the connection"
+            for event in conn.receive_data(data):
+                assert not isinstance(event, (h2.events.ConnectionTerminated, h2.events.StreamReset)), event
+                if isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
+                    answer += event.data
+                    conn.increment_flow_control_window(event.flow_controlled_length)
+                    with contextlib.suppress(h2.exceptions.StreamClosedError):  # ended in this read
+                        conn.increment_flow_control_window(event.flow_controlled_length, 1)
+                    updates += 2
+                elif isinstance(event, h2.events.TrailersReceived):
+                    ended = dict(event.headers)
+        writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    assert ended.get(b"grpc-status") == b"0", ended
+    assert bytes(answer) == _grpc_frame(body[::-1]) and updates > 200, updates
 
 
 async def test_pings_are_answered_not_counted_as_a_flood(pair: tuple[str, int]) -> None:
