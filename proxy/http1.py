@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -39,6 +39,11 @@ MAX_HEAD = h1.MAX_HEAD  # request line and headers; more gets 431
 REPLAY_MAX = 64 * 1024  # request bodies up to this size are kept for a retry
 DRAIN_CHECK = 1.0  # how often an idle keep-alive connection looks whether the sidecar is draining
 HEAD_TIMEOUT = 10.0  # from a request's first byte to the end of its head; then 408 (slow clients)
+# A retried 5xx's body is skipped if it comes at once (the connection is then reused); one that
+# does not come within this, or is bigger, is not waited for: the connection is dropped, as Envoy
+# resets the upstream stream of a response it retries.
+SKIP_BODY_WAIT = 0.05
+SKIP_BODY_MAX = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -73,7 +78,12 @@ class Router(Protocol):
         (retries included), or None."""
         ...
 
-    async def route(self, request: h1.Request, info: RequestInfo) -> Local | Upstream: ...
+    async def route(
+        self, request: h1.Request, info: RequestInfo, avoid: Sequence[str] = ()
+    ) -> Local | Upstream:
+        """An upstream for the request; ``avoid``: endpoints (ADDRESS:PORT) that failed it, not
+        chosen again if another can be."""
+        ...
 
     def may_retry(self, method: str, status: int | None, reset: bool, attempt: int) -> bool:
         """Whether attempt number ``attempt`` (0: the first) may be retried after it got a
@@ -114,7 +124,20 @@ class _DownstreamGone(Exception):
 
 
 class _Retry(Exception):
-    """The response head asked for a retry (502/503/504); its body was read and dropped."""
+    """The response head asked for a retry (502/503/504); its body was dropped."""
+
+
+@dataclass(slots=True)
+class _Clock:
+    """A request's Service timeout, counted as Envoy's route timeout: finding an endpoint counts
+    from the request head, the wait for the response head from the end of the request (a slow
+    upload is not cut). ``at`` is None while the request body is still coming."""
+
+    timeout: float
+    at: float | None
+
+    def start(self) -> None:
+        self.at = time.monotonic() + self.timeout
 
 
 class _Timeout(Exception):
@@ -250,14 +273,14 @@ async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Ro
     result = RequestResult(status=None)
     try:
         timeout = router.begin(info)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        route = await _route(router, req, info, deadline)
+        clock = None if timeout is None else _Clock(timeout, time.monotonic() + timeout)
+        route = await _route(router, req, info, None if clock is None else clock.at)
         if isinstance(route, Local):
             if ctx.draining():  # as for a forwarded response: Connection: close, then close
                 conn.must_close = True
             await _answer_locally(conn, down, route, result)
             return True
-        return await _forward(conn, down, req, raw, span, route, router, result, info, deadline, ctx)
+        return await _forward(conn, down, req, raw, span, route, router, result, info, clock, ctx)
     except _BadRequest as exc:
         result.error = f"bad request: {exc}"
         _send_error(conn, down, exc.status, str(exc), ctx)
@@ -339,7 +362,7 @@ async def _forward(
     router: Router,
     result: RequestResult,
     info: RequestInfo,
-    deadline: float | None,
+    clock: _Clock | None,
     ctx: Context,
 ) -> bool:
     result.reason, result.policy = up.reason, up.policy
@@ -351,6 +374,9 @@ async def _forward(
         raise _BadRequest(exc) from exc
     bodiless = isinstance(first, h1.EndOfMessage)
     body = _Body(bodiless)
+    if clock is not None and not bodiless:
+        clock.at = None  # started by the end of the body
+    tried: list[str] = []  # endpoints that failed this request: a retry goes elsewhere if it can
     started = [False]  # a response head went downstream
     retried = False  # the one free retry of a request on a pooled connection closed under it
     attempt = 0  # retries by the route's policy (502/503/504, reset), from the budget
@@ -367,12 +393,12 @@ async def _forward(
             if body.complete:
                 up.pipe.flush()  # the request is whole: out now
             if not body.complete:
-                pump = asyncio.create_task(_pump_body(conn, down, up, first, body))
+                pump = asyncio.create_task(_pump_body(conn, down, up, first, body, clock))
                 pump.add_done_callback(_abort_on_failure(up.pipe))
             # A request can be sent again if its body (if any) was read whole and kept.
             retry_status = _retry_check(router, info.method, attempt, body)
             spliced = await _relay_response(
-                conn, down, up, result, started, deadline, retry_status, ctx.draining
+                conn, down, up, result, started, clock, retry_status, ctx.draining
             )
             if pump is not None and not pump.done():
                 # The response is complete before the request body: the server will not read the
@@ -393,7 +419,9 @@ async def _forward(
             attempt += 1
             result.retries += 1
             log.info("retrying", extra={"status": str(exc), "attempt": attempt, "endpoint": up.endpoint})
-            again = await _reroute(router, req, info, attempt, deadline)
+            if up.endpoint is not None:
+                tried.append(up.endpoint)
+            again = await _reroute(router, req, info, attempt, clock, tried)
             if isinstance(again, Local):
                 await _answer_locally(conn, down, again, result)
                 return True
@@ -425,7 +453,9 @@ async def _forward(
                 router.release(up, False, False)
                 attempt += 1
                 result.retries += 1
-                again = await _reroute(router, req, info, attempt, deadline)
+                if up.endpoint is not None:
+                    tried.append(up.endpoint)
+                again = await _reroute(router, req, info, attempt, clock, tried)
                 if isinstance(again, Local):
                     await _answer_locally(conn, down, again, result)
                     return True
@@ -509,24 +539,26 @@ class _Body:
 
 
 async def _reroute(
-    router: Router, req: h1.Request, info: RequestInfo, attempt: int, deadline: float | None
+    router: Router, req: h1.Request, info: RequestInfo, attempt: int, clock: _Clock | None, tried: list[str]
 ) -> Local | Upstream:
+    """A retry (the request is whole by now, so its clock runs), elsewhere than ``tried`` if it can."""
+    deadline = None if clock is None else clock.at
     pause = backoff(attempt - 1)
     if deadline is not None and time.monotonic() + pause >= deadline:
         return Local(504, "upstream timeout", "allow", error="timeout")
     await asyncio.sleep(pause)
-    return await _route(router, req, info, deadline)
+    return await _route(router, req, info, deadline, tried)
 
 
 async def _route(
-    router: Router, req: h1.Request, info: RequestInfo, deadline: float | None
+    router: Router, req: h1.Request, info: RequestInfo, deadline: float | None, avoid: Sequence[str] = ()
 ) -> Local | Upstream:
     """``router.route`` within the request's deadline: the Service's timeout covers finding and
     connecting to an endpoint too (as Envoy's route timeout), not only waiting for the response."""
     if deadline is None:
-        return await router.route(req, info)
+        return await router.route(req, info, avoid)
     try:
-        return await asyncio.wait_for(router.route(req, info), max(0.0, deadline - time.monotonic()))
+        return await asyncio.wait_for(router.route(req, info, avoid), max(0.0, deadline - time.monotonic()))
     except TimeoutError:
         return Local(504, "upstream timeout", "allow", error="timeout")
 
@@ -569,8 +601,11 @@ def _pump_error(task: asyncio.Task[None]) -> Exception | None:
     return None
 
 
-async def _pump_body(conn: h1.Connection, down: Pipe, up: Upstream, first: object, body: _Body) -> None:
-    """Request body, downstream -> upstream, kept in ``body`` while it is small."""
+async def _pump_body(
+    conn: h1.Connection, down: Pipe, up: Upstream, first: object, body: _Body, clock: _Clock | None
+) -> None:
+    """Request body, downstream -> upstream, kept in ``body`` while it is small; its end starts
+    the ``clock``."""
     event = first
     while True:
         if event is h1.NEED_DATA:
@@ -589,6 +624,8 @@ async def _pump_body(conn: h1.Connection, down: Pipe, up: Upstream, first: objec
         elif isinstance(event, h1.EndOfMessage):
             body.trailers = event.headers
             body.complete = True
+            if clock is not None:
+                clock.start()
             up.pipe.write(up.conn.send(event))
             return
         elif isinstance(event, h1.ConnectionClosed):
@@ -605,12 +642,12 @@ async def _relay_response(
     up: Upstream,
     result: RequestResult,
     started: list[bool],
-    deadline: float | None = None,
+    clock: _Clock | None = None,
     retry_status: Callable[[int], bool] | None = None,
     draining: Callable[[], bool] = lambda: False,
 ) -> bool:
     """Response, upstream -> downstream. True when the connections were switched (101) and spliced.
-    Until the head: bounded by ``deadline``, and a head that ``retry_status`` accepts is dropped
+    Until the head: bounded by the ``clock``, and a head that ``retry_status`` accepts is dropped
     (``_Retry``). A response that starts while ``draining`` says ``Connection: close`` and the
     connection closes after it (RFC 9112 9.6, as Envoy drains): the client sends its next request
     elsewhere rather than on a connection about to close under it."""
@@ -618,11 +655,16 @@ async def _relay_response(
         event: object = up.conn.next_event()  # without I/O when the last read held more than one event
         if event is not h1.NEED_DATA:
             pass
-        elif deadline is not None and not started[0]:
+        elif clock is not None and not started[0]:
             while event is h1.NEED_DATA:  # a timer, not wait_for's task per wait
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not await up.pipe.wait_input(remaining):
-                    raise _Timeout
+                if clock.at is None:  # the request body is still coming: not started yet
+                    remaining = clock.timeout  # (it cannot end later than this after its start)
+                else:
+                    remaining = clock.at - time.monotonic()
+                    if remaining <= 0:
+                        raise _Timeout
+                if not await up.pipe.wait_input(remaining):
+                    continue
                 up.conn.receive_data(await up.pipe.read())
                 event = up.conn.next_event()
         else:
@@ -633,8 +675,7 @@ async def _relay_response(
             and event.status_code in RETRY_STATUSES
             and retry_status(event.status_code)
         ):
-            while not isinstance(await next_event(up.conn, up.pipe), (h1.EndOfMessage, h1.ConnectionClosed)):
-                pass  # the body of the response that is not passed on
+            await _skip_body(up)
             raise _Retry(event.status_code)
         if isinstance(event, h1.InformationalResponse):
             switching = event.status_code == 101
@@ -680,6 +721,25 @@ async def _relay_response(
             return False
         else:
             raise PipeClosed("upstream closed before responding")
+
+
+async def _skip_body(up: Upstream) -> None:
+    """The body of a response that is not passed on, read if it is at hand; else the connection is
+    left unfinished (not reusable: closed on release)."""
+    skipped = 0
+    try:
+        while skipped <= SKIP_BODY_MAX:
+            event = up.conn.next_event()
+            if event is h1.NEED_DATA:
+                if not await up.pipe.wait_input(SKIP_BODY_WAIT):
+                    return
+                up.conn.receive_data(await up.pipe.read())
+            elif isinstance(event, (h1.EndOfMessage, h1.ConnectionClosed)):
+                return
+            elif isinstance(event, h1.Data):
+                skipped += len(event.data)
+    except (PipeClosed, ConnectionError, h1.ProtocolError):
+        up.pipe.abort()
 
 
 async def _splice(conn: h1.Connection, down: Pipe, up: Upstream) -> None:

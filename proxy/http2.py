@@ -218,6 +218,7 @@ class _Stream:
     attempt: int = 0
     tried: list[Target] = field(default_factory=list)
     deadline: float | None = None
+    timeout: float | None = None  # the Service's, armed (``timer``) once the request has ended
     timer: asyncio.TimerHandle | None = None
     task: asyncio.Task[None] | None = None  # connecting, or waiting to retry
     opened: float = field(default_factory=time.monotonic)
@@ -579,6 +580,9 @@ class H2Proxy:
             stream = self.streams.get(event.stream_id)
             if stream is not None and not stream.request_ended:
                 stream.request_ended = True
+                if stream.timeout is not None and not stream.responded and not stream.end_queued_down:
+                    stream.deadline = time.monotonic() + stream.timeout
+                    self._arm(stream)
                 if isinstance(event, h2.events.TrailersReceived):
                     stream.trailers = _headers(event.headers)
                 stream.to_up.append((stream.trailers, 0))
@@ -655,8 +659,11 @@ class H2Proxy:
             return
         timeout = router.begin(info)
         if timeout is not None:
-            stream.deadline = time.monotonic() + timeout
-            stream.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, stream)
+            # As Envoy's route timeout: from the end of the request (a client stream or a slow
+            # upload is not cut); reaching an endpoint counts from the head.
+            stream.timeout, stream.deadline = timeout, time.monotonic() + timeout
+            if stream.request_ended:
+                self._arm(stream)
         if router.retries:
             stream.replay = []
         self._route(stream)
@@ -906,6 +913,10 @@ class H2Proxy:
             stream.task = None
             self._route(stream)
             self._flush_now()
+
+    def _arm(self, stream: _Stream) -> None:
+        assert stream.timeout is not None
+        stream.timer = asyncio.get_running_loop().call_later(stream.timeout, self._timed_out, stream)
 
     def _timed_out(self, stream: _Stream) -> None:
         """No response head within the Service's timeout: the upstream stream is reset and the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from proxy import h1, http1, pool
@@ -130,7 +130,9 @@ class InboundRouter:
     def may_retry(self, method: str, status: int | None, reset: bool, attempt: int) -> bool:
         return False
 
-    async def route(self, request: h1.Request, info: RequestInfo) -> Local | Upstream:
+    async def route(
+        self, request: h1.Request, info: RequestInfo, avoid: Sequence[str] = ()
+    ) -> Local | Upstream:
         decision = self.decide(info.method, info.path)
         if not decision.allowed:
             return Local(403, decision.reason, "deny", decision.policy, told=self.told)
@@ -191,13 +193,15 @@ class OutboundRouter:
             and self.budget.try_withdraw()
         )
 
-    async def route(self, request: h1.Request, info: RequestInfo) -> Local | Upstream:
+    async def route(
+        self, request: h1.Request, info: RequestInfo, avoid: Sequence[str] = ()
+    ) -> Local | Upstream:
         """An endpoint from the balancer and a connection to it; an endpoint that cannot be
         reached is tried elsewhere (nothing was sent), up to CONNECT_RETRIES times."""
         dest = self.destination()
         if dest is None:
             return Local(503, f"{self.name} is no longer in the mesh", "allow", error="no endpoints")
-        tried: list[Endpoint] = []
+        tried = [e for e in dest.endpoints if f"{e.address}:{e.port}" in avoid] if avoid else []
         for attempt in range(CONNECT_RETRIES + 1):
             try:
                 lease = self.sc.balancer.acquire(dest, avoid=tried)

@@ -112,6 +112,7 @@ class Server:
                     {
                         "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
                         "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
+                        "Join": grpc.stream_unary_rpc_method_handler(self.join),
                     },
                 ),
             )
@@ -137,6 +138,13 @@ class Server:
         context.set_trailing_metadata((("x-served-by", self.name),))
         self.answered += 1
         return self.name.encode() + b":" + request
+
+    async def join(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> bytes:
+        """A client stream: one answer, the messages joined, once the client is done."""
+        self.hits += 1
+        return b"+".join([request async for request in requests])
 
     async def bidi(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
@@ -306,6 +314,24 @@ async def test_the_service_timeout_answers_deadline_exceeded(mesh: Mesh, carts: 
         assert time.monotonic() - began < 1.5
         slow.delay = 0.0
         assert await unary(ch)(b"y") == b"slow:y"  # the same connection goes on
+
+
+async def test_the_service_timeout_runs_from_the_end_of_the_request(mesh: Mesh, carts: Carts) -> None:
+    """As Envoy's route timeout: a client stream longer than the timeout is not cut (it ended
+    DEADLINE_EXCEEDED at the timeout); the wait for its answer after it ends still is."""
+    slow = Server("slow")
+    await carts.start((CART1, slow), timeout="500ms")
+    async with channel(mesh) as ch:
+        join = ch.stream_unary("/test.Echo/Join")  # type: ignore[call-arg]  # raw bytes
+
+        async def messages() -> AsyncIterator[bytes]:
+            for i in range(5):
+                await asyncio.sleep(0.3)
+                yield b"%d" % i
+
+        began = time.monotonic()
+        assert await join(messages()) == b"0+1+2+3+4"
+        assert time.monotonic() - began > 1.4
 
 
 async def pooled(p: Pool[Any], n: int = 1) -> None:

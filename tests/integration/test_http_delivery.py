@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import http.client
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +66,25 @@ class App:
         self.hits = 0
         self.fail_next = 0  # answer this many requests with 503
         self.broken = False  # answer every request with 500 at once
+        self.stall = False  # answer 503 with a chunked body whose end does not come until unstalled
+        self.unstalled = asyncio.Event()
         self.bodies: list[bytes] = []  # the body of every request that reached the app
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self.runner = web.AppRunner(app)
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
         self.bodies.append(await request.read())
         if self.broken:
             return web.Response(status=500, text="broken")
+        if self.stall:
+            stalled = web.StreamResponse(status=503)
+            stalled.enable_chunked_encoding()
+            await stalled.prepare(request)
+            await stalled.write(b"busy, and then nothing")
+            await self.unstalled.wait()
+            return stalled
         if self.fail_next > 0:
             self.fail_next -= 1
             return web.Response(status=503, text="busy")
@@ -198,6 +207,75 @@ async def test_a_request_body_is_replayed_on_retry_when_small(mesh: Mesh) -> Non
     app.fail_next, app.bodies = 1, []
     assert (await asyncio.to_thread(put, addr, big))[0] == 503
     assert app.bodies == [big]
+
+
+async def test_a_retried_503_whose_body_stalls_is_not_waited_for(mesh: Mesh) -> None:
+    """Envoy resets the upstream stream of a response it retries: the sidecar read the whole body
+    of the 503 first, with no deadline, and a body that never ended held the request for good
+    (the client got no answer at all, the Service timeout did not apply)."""
+    write_mesh(mesh, two=False, timeout="5s")
+    app = App("cart")
+    app.stall = True
+    await start_mesh(mesh, [(CART1, app)])
+    conn = http.client.HTTPConnection(mesh.addr(FRONTEND), OUT, timeout=10)
+    began = time.monotonic()
+    try:
+        await asyncio.to_thread(conn.request, "GET", "/r")
+        response = await asyncio.to_thread(conn.getresponse)
+        took = time.monotonic() - began
+    finally:
+        conn.close()
+        app.unstalled.set()
+    # Two retries, each after a stalled 503; the third's 503 goes to the client as it comes.
+    assert response.status == 503 and app.hits == 3, (response.status, app.hits)
+    assert took < 2.0, took
+
+
+async def test_a_retry_goes_to_another_endpoint(mesh: Mesh) -> None:
+    """Envoy's previous-hosts predicate: the endpoint that answered 503 is not chosen again while
+    another can be. The HTTP/1.1 path forgot it between attempts: with a healthy endpoint slower
+    than the failing one's penalized estimate, one request spent all three attempts on it."""
+    write_mesh(mesh, two=True)
+    bad, good = App("bad"), App("good", delay=0.3)
+    bad.fail_next = 1000
+    await start_mesh(mesh, [(CART1, bad), (CART2, good)])
+    for _ in range(4):
+        before = bad.hits
+        assert await asyncio.to_thread(session, (mesh.addr(FRONTEND), OUT), [("GET", "/r")]) == [
+            (200, b"good")
+        ]
+        assert bad.hits - before <= 1, bad.hits - before
+
+
+def slow_put(addr: tuple[str, int], pieces: int, pause: float) -> tuple[int, bytes]:
+    def body() -> Iterator[bytes]:
+        for _ in range(pieces):
+            time.sleep(pause)
+            yield b"x" * 1000
+
+    conn = http.client.HTTPConnection(*addr, timeout=10)
+    try:
+        conn.request("PUT", "/upload", body=body(), encode_chunked=True)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+async def test_the_timeout_counts_from_the_end_of_the_request(mesh: Mesh) -> None:
+    """As Envoy's route timeout: an upload that takes longer than the Service's timeout is not cut
+    (it was, at the timeout, with no answer); the wait for the answer after it still is."""
+    write_mesh(mesh, two=False, timeout="500ms")
+    app = App("cart")
+    await start_mesh(mesh, [(CART1, app)])
+    addr = (mesh.addr(FRONTEND), OUT)
+    began = time.monotonic()
+    assert await asyncio.to_thread(slow_put, addr, 6, 0.2) == (200, b"cart")
+    assert time.monotonic() - began > 1.0 and app.bodies[-1] == b"x" * 6000
+    app.delay = 2.0
+    began = time.monotonic()
+    status, _ = await asyncio.to_thread(slow_put, addr, 3, 0.2)
+    assert status == 504 and time.monotonic() - began < 1.8, (status, time.monotonic() - began)
 
 
 async def test_retries_stop_when_the_budget_is_spent(mesh: Mesh) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Sequence
 
 import h11
 
@@ -25,7 +26,9 @@ class ToUpstream:
     def begin(self, info: RequestInfo) -> float | None:
         return None
 
-    async def route(self, request: h1.Request, info: RequestInfo) -> http1.Local | http1.Upstream:
+    async def route(
+        self, request: h1.Request, info: RequestInfo, avoid: Sequence[str] = ()
+    ) -> http1.Local | http1.Upstream:
         return http1.Upstream(self.pipe, h1.Connection(h1.CLIENT), reused=False)
 
     def may_retry(self, method: str, status: int | None, reset: bool, attempt: int) -> bool:

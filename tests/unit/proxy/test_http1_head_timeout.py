@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Sequence
 
 import pytest
 
@@ -17,7 +18,9 @@ from proxy.pipe import Pipe
 
 
 class Answer:
-    async def route(self, request: h1.Request, info: RequestInfo) -> http1.Local | http1.Upstream:
+    async def route(
+        self, request: h1.Request, info: RequestInfo, avoid: Sequence[str] = ()
+    ) -> http1.Local | http1.Upstream:
         return http1.Local(200, f"{info.method} {info.path}", "allow")
 
     def begin(self, info: RequestInfo) -> float | None:

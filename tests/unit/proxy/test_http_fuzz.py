@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Sequence
 
 import h11
 from hypothesis import HealthCheck, given, settings
@@ -28,7 +29,9 @@ class AnswerRouter:
     def may_retry(self, method: str, status: int | None, reset: bool, attempt: int) -> bool:
         return False
 
-    async def route(self, request: h1.Request, info: RequestInfo) -> http1.Local | http1.Upstream:
+    async def route(
+        self, request: h1.Request, info: RequestInfo, avoid: Sequence[str] = ()
+    ) -> http1.Local | http1.Upstream:
         self.seen.append(f"{info.method} {info.path}")
         return http1.Local(200, f"{info.method} {info.path}", "allow")
 
