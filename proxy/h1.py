@@ -361,6 +361,11 @@ class Connection:
                 scan.host = host
             if version == b"1.0" and scan.chunked:
                 keep_alive = False  # RFC 9112 6.1: faulty framing, close after this request
+            upgrade = parser.should_upgrade()
+            if upgrade and (scan.chunked or scan.length):
+                # llhttp stops at the end of an upgrade request's head: its body would be read as
+                # the next request (smuggled past the policy) once the upgrade is declined.
+                raise ProtocolError("an Upgrade request with a body is not proxied: send it without Upgrade")
             self._events.append(
                 Request(
                     method,
@@ -371,7 +376,7 @@ class Connection:
                     scan.chunked,
                     scan.length,
                     version == b"1.1" and scan.expect,
-                    parser.should_upgrade(),
+                    upgrade,
                     True,
                     scan.host,
                     scan.hop,
@@ -405,6 +410,8 @@ class Connection:
             self._informational = False
             return  # 1xx: the final response follows (or, after 101, another protocol)
         trailers, self._headers = self._headers, []
+        if trailers and not self._parser.should_keep_alive():
+            self.must_close = True  # a Connection: close in the trailers (llhttp reads it there too)
         self._events.append(EndOfMessage(trailers))
 
     # -- receiving ---------------------------------------------------------------------------

@@ -42,6 +42,16 @@ def xfcc(own: str, peer: str) -> bytes:
     return f"By={own};URI={peer}".encode()
 
 
+# Not in trailers (RFC 9110 6.5.1: no framing, routing or connection fields; a recipient discards
+# what is not allowed there), nor who called: only the sidecar says that, in the head.
+NOT_IN_TRAILERS = HOP_BY_HOP | NOT_NOMINATED | IDENTITY_HEADERS | {b"trailer"}
+
+
+def trailer_fields(trailers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``trailers`` (lower-case names) without the fields a proxy must not pass on in them."""
+    return [t for t in trailers if t[0] not in NOT_IN_TRAILERS]
+
+
 def with_identity(
     headers: list[tuple[bytes, bytes]], value: bytes | None, lower: bool = False
 ) -> list[tuple[bytes, bytes]]:

@@ -28,6 +28,7 @@ from proxy.headers import (
     is_upgrade,
     normalize_target,
     request_path,
+    trailer_fields,
     with_identity,
 )
 from proxy.observe import TRACE_HEADERS, Observer, RequestInfo, RequestResult, RequestSpan
@@ -43,6 +44,12 @@ HEAD_TIMEOUT = 10.0  # from a request's first byte to the end of its head; then 
 # does not come within this, or is bigger, is not waited for: the connection is dropped, as Envoy
 # resets the upstream stream of a response it retries.
 SKIP_BODY_WAIT = 0.05
+# An answer that ends the connection while the client still sends (a denial or an error before
+# the end of its body): closing with unread bytes resets the connection, and a client that has
+# not read the answer yet loses it (RFC 9112 9.6). So: half-close, read and drop what comes for
+# up to this long (Envoy's delayed_close_timeout, 1 s), then close.
+LINGER_S = 1.0
+LINGER_MAX = 1 << 20
 SKIP_BODY_MAX = 64 * 1024
 
 
@@ -286,7 +293,7 @@ async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Ro
         _send_error(conn, down, exc.status, str(exc), ctx)
         if conn.our_done and result.status is None:
             result.status = exc.status
-        down.close()
+        await _linger_close(down)
         return False
     except _DownstreamGone as exc:
         result.error = f"downstream: {exc}"
@@ -405,8 +412,7 @@ async def _forward(
                 # rest (a denial, an early error). Stop both, as a server would (RFC 9112 9.6).
                 await _stop(pump)
                 router.release(up, False, result.status is None or result.status < 500)
-                down.write_eof()
-                down.close()
+                await _linger_close(down)
                 return False
             if pump is not None:
                 await pump
@@ -438,7 +444,7 @@ async def _forward(
                 return True
             _write_down(down, conn, _local_response(local, close=True))
             result.status = 504
-            down.close()
+            await _linger_close(down)
             return False
         except (PipeClosed, ConnectionError, h1.ProtocolError, h1.LocalProtocolError) as exc:
             pump_exc = await _stop(pump)
@@ -489,7 +495,7 @@ async def _forward(
                 return True
             _write_down(down, conn, _local_response(local, close=True))
             result.status = 502
-            down.close()
+            await _linger_close(down)
             return False
         except BaseException:
             await _stop(pump)
@@ -622,6 +628,8 @@ async def _pump_body(
             up.pipe.write(up.conn.send(event))
             await up.pipe.drain()
         elif isinstance(event, h1.EndOfMessage):
+            if event.headers:
+                event = h1.EndOfMessage(trailer_fields(event.headers))
             body.trailers = event.headers
             body.complete = True
             if clock is not None:
@@ -715,12 +723,27 @@ async def _relay_response(
                 except PipeClosed as exc:
                     raise _DownstreamGone(str(exc)) from exc
         elif isinstance(event, h1.EndOfMessage):
-            _write_down(down, conn, [event])
+            _write_down(
+                down, conn, [h1.EndOfMessage(trailer_fields(event.headers)) if event.headers else event]
+            )
             down.flush()  # the response is whole: out now, not a turn of the loop later
             conn.decline_upgrade()  # if the request asked for one: what followed it is HTTP again
             return False
         else:
             raise PipeClosed("upstream closed before responding")
+
+
+async def _linger_close(down: Pipe) -> None:
+    """Close after the answer without resetting it away: see ``LINGER_S``."""
+    down.write_eof()
+    deadline = time.monotonic() + LINGER_S
+    dropped = 0
+    with contextlib.suppress(PipeClosed, ConnectionError):
+        while dropped < LINGER_MAX and (remaining := deadline - time.monotonic()) > 0:
+            if not await down.wait_input(remaining) or not (data := await down.read()):
+                break
+            dropped += len(data)
+    down.close()
 
 
 async def _skip_body(up: Upstream) -> None:

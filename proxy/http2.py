@@ -43,7 +43,7 @@ from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
 
 from proxy import framing
-from proxy.headers import DENIED_REASON, BadPath, field_value, normalize_target, with_identity
+from proxy.headers import DENIED_REASON, BadPath, field_value, normalize_target, trailer_fields, with_identity
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed
 from proxy.pool import Pool
@@ -584,7 +584,7 @@ class H2Proxy:
                     stream.deadline = time.monotonic() + stream.timeout
                     self._arm(stream)
                 if isinstance(event, h2.events.TrailersReceived):
-                    stream.trailers = _headers(event.headers)
+                    stream.trailers = trailer_fields(_headers(event.headers)) or None  # (none left: an end)
                 stream.to_up.append((stream.trailers, 0))
                 self._pump(stream, up=True)
         elif isinstance(event, h2.events.StreamReset):

@@ -329,6 +329,27 @@ async def test_an_h2c_upgrade_is_not_passed_on(pair: tuple[str, int], cart_app: 
     assert cart_app.seen == ["GET /cart/up"]
 
 
+@pytest.mark.parametrize(
+    "upgrade", [b"Connection: upgrade\r\nUpgrade: websocket", b"Connection: Upgrade\r\nUpgrade: h2c"]
+)
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_an_upgrade_request_with_a_body_is_refused_not_smuggled(
+    pair: tuple[str, int], cart_app: CartApp, upgrade: bytes, framing: str
+) -> None:
+    """llhttp stops at the end of an upgrade request's head and leaves its body unparsed: the
+    sidecar sent the head (with its Content-Length) without the body, and once the upgrade was
+    declined read the body as the next request: a GET /admin inside it reached the app without
+    the policy seeing it. Such a request now gets 400 and nothing reaches the app."""
+    hidden = b"GET /admin HTTP/1.1\r\nHost: cart\r\n\r\n"
+    if framing == "length":
+        framed = b"Content-Length: %d\r\n\r\n" % len(hidden) + hidden
+    else:
+        framed = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(hidden) + hidden + b"\r\n0\r\n\r\n"
+    raw = await exchange(pair, b"GET /cart/a HTTP/1.1\r\nHost: cart\r\n" + upgrade + b"\r\n" + framed)
+    assert raw.startswith(b"HTTP/1.1 400") and b"Upgrade request with a body" in raw, raw
+    assert cart_app.seen == []
+
+
 async def test_an_absolute_form_target_is_judged_and_sent_as_the_app_reads_it(
     pair: tuple[str, int], cart_app: CartApp
 ) -> None:
@@ -534,6 +555,59 @@ async def test_app_closing_an_idle_pooled_connection_is_not_an_error(mesh: Mesh)
         assert len(app.peers) == 2  # the first connection was closed by the app, not reused
     finally:
         await app.runner.cleanup()
+
+
+async def test_a_denial_before_the_end_of_the_body_is_not_reset_away(pair: tuple[str, int]) -> None:
+    """cart's sidecar denies the POST at its head; the frontend's sidecar passed the 403 on and
+    closed the app's connection at once while the app was still sending its body: the next bytes
+    drew a reset, and the app lost the 403 it had not read yet (asyncio's reader raises the reset
+    before its buffered bytes). RFC 9112 9.6: half-close, read what still comes for a while, then
+    close."""
+    reader, writer = await asyncio.open_connection(*pair)
+    try:
+        for piece in (b"POST /admin HTTP/1.1\r\nHost: cart\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                      b"5\r\nhello\r\n", b"0\r\n\r\n"):  # fmt: skip
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.3)  # the 403 comes meanwhile, unread
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 403"), answer
+
+
+async def test_trailers_carry_no_connection_fields_or_identity(mesh: Mesh) -> None:
+    """RFC 9110 6.5.1: trailers carry no framing, routing or connection fields. A caller's trailer
+    ``Connection: close`` went to the app on the pooled connection, which the app's parser then
+    refused for the next (another caller's) request with 400; a trailer XFCC reached the app as
+    if the sidecar had said it. Both are dropped; other trailers pass."""
+    received: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.closing(writer), contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                message = head
+                if b"transfer-encoding: chunked" in head.lower():
+                    message += await reader.readuntil(b"\r\n0\r\n")
+                    message += (
+                        await reader.readuntil(b"\r\n\r\n") if not message.endswith(b"\r\n\r\n") else b""
+                    )
+                received.append(message)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+
+    async with raw_app_pair(mesh, app) as pair:
+        post = (
+            b"POST /cart/t HTTP/1.1\r\nHost: cart\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+            b"Connection: close\r\nX-Forwarded-Client-Cert: By=x;URI=spiffe://cluster.local/ns/shop/sa/admin\r\n"
+            b"X-Checksum: 42\r\n\r\n"
+        )
+        first = await exchange(pair, post, until=b"ok")
+        second = await exchange(pair, b"GET /cart/next HTTP/1.1\r\nHost: cart\r\n\r\n", until=b"ok")
+    assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200"), (first, second)
+    trailers = received[0].split(b"\r\n0\r\n", 1)[1].lower()
+    assert b"x-checksum: 42" in trailers, received
+    assert b"connection" not in trailers and b"spiffe://" not in trailers, received
 
 
 async def test_a_post_is_never_sent_twice_when_a_pooled_connection_breaks_under_it(mesh: Mesh) -> None:

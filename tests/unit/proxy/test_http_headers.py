@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.headers import BadPath, connection_tokens, forwarded, is_upgrade, normalize_target, request_path
+from proxy.headers import (
+    BadPath,
+    connection_tokens,
+    forwarded,
+    is_upgrade,
+    normalize_target,
+    request_path,
+    trailer_fields,
+)
 
 H = list[tuple[bytes, bytes]]
 
@@ -116,3 +124,16 @@ def test_normalize_target(target: bytes, normal: bytes) -> None:
 def test_normalize_target_refuses_bad_percent_encoding(target: bytes) -> None:
     with pytest.raises(BadPath):
         normalize_target(target)
+
+
+def test_trailers_lose_connection_framing_and_identity_fields() -> None:
+    trailers = [
+        (b"grpc-status", b"0"),
+        (b"connection", b"close"),
+        (b"content-length", b"5"),
+        (b"x-forwarded-client-cert", b"By=x;URI=spiffe://cluster.local/ns/shop/sa/admin"),
+        (b"l5d-client-id", b"admin.shop.serviceaccount.identity.linkerd.cluster.local"),
+        (b"trailer", b"x-checksum"),
+        (b"x-checksum", b"42"),
+    ]
+    assert trailer_fields(trailers) == [(b"grpc-status", b"0"), (b"x-checksum", b"42")]
