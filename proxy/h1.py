@@ -350,6 +350,8 @@ class Connection:
             method = parser.get_method()
             if method == b"CONNECT":
                 raise ProtocolError("CONNECT is not proxied by the sidecar", 405)
+            if self._url == b"*" and method != b"OPTIONS":
+                raise ProtocolError("the asterisk-form target is for OPTIONS only (RFC 9112 3.2.4)", 400)
             if len(headers) > MAX_HEADERS:
                 raise ProtocolError(f"more than {MAX_HEADERS} header fields", 431)
             scan = _scan(headers)
@@ -387,6 +389,8 @@ class Connection:
             return
         assert isinstance(parser, httptools.HttpResponseParser)
         status = parser.get_status_code()
+        if not 100 <= status <= 599:  # RFC 9110 15: a three-digit code of a class 1xx-5xx
+            raise ProtocolError(f"response status {status} is not 100-599")
         if 100 <= status < 200:
             self._events.append(InformationalResponse(status, headers, self._reason))
             self._informational = True

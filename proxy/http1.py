@@ -238,7 +238,7 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
             break
         down.write_eof()
         down.close()
-    except (PipeClosed, ConnectionError):
+    except (PipeClosed, OSError):  # the client is gone (ENOTCONN from a write_eof too)
         down.abort()
     finally:
         down.stop_ticks()

@@ -488,6 +488,7 @@ async def test_websocket_upgrade(pair: tuple[str, int], mesh: Mesh) -> None:
         (b"GET /cart/x HTTP/1.1\r\nHost: cart\r\nHost: admin\r\n\r\n", b"400"),
         (b"GET /cart/x HTTP/1.1\r\nHost: a b\r\n\r\n", b"400"),
         (b"GET /cart/x HTTP/1.1\r\nHost: cart\r\n" + b"X-A: 1\r\n" * 100 + b"\r\n", b"431"),
+        (b"GET * HTTP/1.1\r\nHost: cart\r\n\r\n", b"400"),  # RFC 9112 3.2.4: OPTIONS only
     ],
     ids=[
         "content-length",
@@ -498,6 +499,7 @@ async def test_websocket_upgrade(pair: tuple[str, int], mesh: Mesh) -> None:
         "two-hosts",
         "bad-host",
         "101-fields",
+        "asterisk-get",
     ],
 )
 async def test_malformed_requests_get_an_error_and_a_close(

@@ -183,6 +183,15 @@ def test_bytes_after_the_response_make_the_connection_not_reusable(surplus: byte
     assert clean.reusable
 
 
+@pytest.mark.parametrize("status", [b"099", b"600", b"999"])
+def test_a_status_outside_100_599_is_an_error(status: bytes) -> None:
+    """RFC 9110 15: 100-599. A 099 was read as a 1xx (its body dropped, the client left waiting)."""
+    client, _ = _client()
+    client.receive_data(b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nok")
+    with pytest.raises(h1.ProtocolError, match="is not 100-599"):
+        events(client)
+
+
 def test_truncated_response_is_an_error() -> None:
     client, _ = _client()
     client.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
