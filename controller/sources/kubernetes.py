@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import urllib3
 from kubernetes import client, watch
 from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
@@ -75,6 +76,9 @@ class Settings:
     backoff_max: float = 30.0
     watch_timeout_seconds: int = 300
     request_timeout: float = 30.0
+    # A watch that sends nothing for this long is taken as dead (a half-open connection: the API
+    # server sends a BOOKMARK about every minute); resumed from its resourceVersion.
+    watch_idle_seconds: float = 120.0
     list_page_size: int = 500
     status_retry_seconds: float = 10.0
 
@@ -109,6 +113,13 @@ class _Watcher:
                     self.failures += 1
                     delay = self._backoff()
                     log.warning("watch ended at once without events", extra=self._extra(delay=delay))
+            except urllib3.exceptions.ReadTimeoutError:
+                if self._stop.is_set():
+                    break
+                log.info(
+                    "watch silent; reconnecting",
+                    extra=self._extra(idle_seconds=self._s.watch_idle_seconds),
+                )
             except ApiException as exc:
                 if self._stop.is_set():
                     break
@@ -149,11 +160,23 @@ class _Watcher:
     def _list(self) -> None:
         items: list[Obj] = []
         version, token = None, None
+        paged = True
         while True:
-            kwargs: dict[str, Any] = {"limit": self._s.list_page_size, "_preload_content": False}
+            kwargs: dict[str, Any] = {"_preload_content": False}
+            if paged:
+                kwargs["limit"] = self._s.list_page_size
             if token:
                 kwargs["_continue"] = token
-            response = self._list_fn(**kwargs, _request_timeout=self._s.request_timeout)
+            try:
+                response = self._list_fn(**kwargs, _request_timeout=self._s.request_timeout)
+            except ApiException as exc:
+                if exc.status != 410 or not token:
+                    raise
+                # The continue token outlived etcd's compaction (a long list in a big cluster):
+                # paging again would expire again. One list, unpaged, as client-go's pager does.
+                log.info("list continue token expired; listing in one page", extra=self._extra())
+                items, version, token, paged = [], None, None, False
+                continue
             try:
                 body = json.loads(response.data)
             finally:
@@ -182,7 +205,10 @@ class _Watcher:
             resource_version=self.resource_version,
             allow_watch_bookmarks=True,
             timeout_seconds=timeout,
-            _request_timeout=(self._s.request_timeout, timeout + self._s.request_timeout),
+            _request_timeout=(
+                self._s.request_timeout,
+                min(timeout + self._s.request_timeout, self._s.watch_idle_seconds),
+            ),
         )
         for event in stream:
             if self._stop.is_set():
@@ -252,6 +278,7 @@ class KubernetesSource:
         request_timeout: float = 30.0,
         list_page_size: int = 500,
         status_retry_seconds: float = 10.0,
+        watch_idle_seconds: float = 120.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = Settings(
@@ -259,6 +286,7 @@ class KubernetesSource:
             resync_backoff_max,
             watch_timeout_seconds,
             request_timeout,
+            watch_idle_seconds,
             list_page_size,
             status_retry_seconds,
         )

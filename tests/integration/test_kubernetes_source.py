@@ -279,6 +279,38 @@ async def test_a_paged_list_is_one_consistent_list(start: Start) -> None:
     assert [p.query.get("continue") for p in pages] == [None, "2", "4"]
 
 
+async def test_an_expired_continue_token_gives_one_unpaged_list(start: Start) -> None:
+    """A list longer than etcd keeps its compaction window: its continue token expires (410).
+    Paging again from the start expired again, for good, and nothing was ever served; client-go's
+    pager then lists in one page, and so does the source."""
+    api = FakeWatchAPI(SEED)
+    api.expire_continue_tokens = True
+    kube = await start(api, list_page_size=2)
+    first = await kube.synced()
+    assert len(refs(first)) == 4
+    pages = kube.api.lists("pods")
+    assert [(p.query.get("continue"), p.query.get("limit")) for p in pages] == [
+        (None, "2"),
+        ("2", "2"),
+        (None, None),
+    ]
+
+
+async def test_a_silent_watch_is_given_up_and_resumed(start: Start) -> None:
+    """A half-open watch connection (a node or a load balancer gone) sends nothing; it was noticed
+    after timeoutSeconds plus the request timeout (330 s by default). The API server sends a
+    BOOKMARK about every minute: a watch silent for longer is reconnected from its
+    resourceVersion, without a relist."""
+    api = FakeWatchAPI(SEED)
+    api.silent_watches["pods"] = 1
+    kube = await start(api, watch_timeout_seconds=30, watch_idle_seconds=0.5)
+    await kube.synced()
+    await eventually(lambda: len(kube.api.watches("pods")) >= 2, 3.0)
+    kube.api.put(pod("cart-2", ip="10.0.0.4"))
+    await kube.snapshots.until(lambda s: "shop/cart-2" in refs(s))
+    assert len(kube.api.lists("pods")) == 1 and kube.watcher("pods").failures == 0
+
+
 async def test_cancel_stops_every_watch_thread_at_once(start: Start) -> None:
     kube = await start(watch_timeout_seconds=60)
     await kube.synced()

@@ -155,6 +155,8 @@ class FakeWatchAPI:
         self.end_watches_at_once: dict[str, int] = {r: 0 for r in KINDS}  # the next N end, empty
         self.fail_status_patches = False
         self.fail_lists: dict[str, int] = {r: 0 for r in KINDS}  # the next N lists answer 500
+        self.expire_continue_tokens = False  # every list page after the first answers 410 Expired
+        self.silent_watches: dict[str, int] = {r: 0 for r in KINDS}  # the next N send nothing, ever
         self.fail_namespaces: set[str] = set()  # ConfigMap requests in these answer 500
         self.requests: list[Recorded] = []
         self._drops: dict[str, int] = {r: 0 for r in KINDS}
@@ -353,6 +355,11 @@ class FakeWatchAPI:
                     api._watch(self, kind, query)
                 elif api._take(api.fail_lists, kind.resource):
                     self._send(500, status(500, "InternalError", "etcdserver: leader changed"))
+                elif query.get("continue") and api.expire_continue_tokens:
+                    message = (
+                        "The provided continue parameter is too old to display a consistent list result."
+                    )
+                    self._send(410, status(410, "Expired", message))
                 else:
                     self._send(200, api._list(kind, query))
 
@@ -499,6 +506,7 @@ class FakeWatchAPI:
         with self._cond:
             expired = 0 < since < self.compacted
             refused = self._take(self.refuse_watches, kind.resource)
+            silent = self._take(self.silent_watches, kind.resource)
             empty = self._take(self.end_watches_at_once, kind.resource)
             drops = self._drops[kind.resource]
             position = next((i for i, e in enumerate(self.log[kind.resource]) if e.rv > since), None)
@@ -523,6 +531,12 @@ class FakeWatchAPI:
         try:
             if refused:
                 self._abort(handler)
+                return
+            if silent:  # a half-open connection: nothing comes, not even the end
+                handler.wfile.flush()
+                with self._cond:
+                    while not self._closing:
+                        self._cond.wait(0.05)
                 return
             if expired:
                 self._chunk(handler, {"type": "ERROR", "object": gone})
