@@ -6,6 +6,7 @@ A malformed object becomes an error line, never an exception.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import ipaddress
@@ -123,6 +124,12 @@ def workload_from_pod(pod: Obj) -> Converted[Workload]:
     except ValueError:
         return Converted(None, (f"Pod {ref}: status.podIP {status['podIP']!r} is not an IP address",))
     errors: list[str] = []
+    others: list[str] = []  # dual stack: status.podIPs lists podIP first, then the other family's
+    for entry in status.get("podIPs") or []:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            ip = str(ipaddress.ip_address(entry.get("ip")))
+            if ip != address and ip not in others:
+                others.append(ip)
     annotations = _pairs(meta.get("annotations"))
     policy = dict(annotations).get(DEFAULT_POLICY_ANNOTATION)
     if policy is not None and policy not in {d.value for d in DefaultPolicy}:
@@ -157,6 +164,7 @@ def workload_from_pod(pod: Obj) -> Converted[Workload]:
         ports=tuple(sorted(ports.values(), key=lambda wp: wp.port)),
         meshed=meshed,
         opaque_ports=opaque_ports(annotations, f"Pod {ref}", errors),
+        other_addresses=tuple(others),
     )
     return Converted(workload, tuple(errors))
 
@@ -196,8 +204,12 @@ def slice_from(obj: Obj) -> Converted[SliceEndpoints]:
     ]
     found: list[EndpointAddress] = []
     for ep in obj.get("endpoints") or []:
-        if not isinstance(ep, dict) or (ep.get("conditions") or {}).get("ready") is False:
-            continue  # ready: true or unknown (absent) counts as ready
+        if not isinstance(ep, dict):
+            continue
+        conditions = ep.get("conditions") or {}
+        ready = conditions.get("ready") is not False  # ready: true or unknown (absent) counts as ready
+        if not ready and not (conditions.get("serving") is True and conditions.get("terminating") is True):
+            continue  # not ready, and not a terminating endpoint still serving (the fallback)
         ref = ep.get("targetRef") or {}
         workload = (
             f"{ref.get('namespace') or ns}/{ref['name']}"
@@ -205,7 +217,7 @@ def slice_from(obj: Obj) -> Converted[SliceEndpoints]:
             else None
         )
         for address in ep.get("addresses") or []:
-            found.extend(EndpointAddress(str(address), name, port, workload) for name, port in ports)
+            found.extend(EndpointAddress(str(address), name, port, workload, ready) for name, port in ports)
     return Converted(SliceEndpoints(ns, str(service), tuple(found)))
 
 

@@ -70,6 +70,11 @@ class Workload:
     ports: tuple[WorkloadPort, ...] = ()
     meshed: bool = True
     opaque_ports: frozenset[int] = DEFAULT_OPAQUE_PORTS  # from sidemesh.io/opaque-ports
+    other_addresses: tuple[str, ...] = ()  # a dual-stack pod's address of the other family
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return (self.address, *self.other_addresses)
 
     @property
     def ref(self) -> str:
@@ -94,12 +99,15 @@ class Namespace:
 
 @dataclass(frozen=True, slots=True)
 class EndpointAddress:
-    """One ready endpoint of a service port, as an EndpointSlice lists it."""
+    """One endpoint of a service port, as an EndpointSlice lists it: ready, or (``ready`` False)
+    still serving while it terminates, used only when a port has no ready endpoint (kube-proxy's
+    ProxyTerminatingEndpoints)."""
 
     address: str
     port_name: str
     port: int
     workload: str | None  # namespace/name of the pod behind it, when known
+    ready: bool = True
 
 
 @dataclass(frozen=True, slots=True)

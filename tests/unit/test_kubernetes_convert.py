@@ -209,6 +209,12 @@ def test_pod_with_an_invalid_default_policy_keeps_its_identity_without_the_annot
     )
 
 
+def test_a_dual_stack_pod_has_both_addresses() -> None:
+    obj = with_(CART, "status.podIPs", [{"ip": "10.0.0.2"}, {"ip": "fd00:0::2"}, {"ip": "garbage"}, "x"])
+    workload = workload_from_pod(obj).value
+    assert workload is not None and workload.addresses == ("10.0.0.2", "fd00::2")
+
+
 def test_pod_with_a_garbage_ip_is_an_error() -> None:
     converted = workload_from_pod(with_(CART, "status.podIP", "ten.0.0.1"))
     assert converted.value is None and "status.podIP 'ten.0.0.1' is not an IP address" in converted.errors[0]
@@ -312,6 +318,25 @@ def test_service_that_cannot_be_read_is_an_error() -> None:
         ),
         pytest.param(
             endpoint_slice("cart-a", "cart", pods=()), SliceEndpoints("shop", "cart", ()), id="none-ready"
+        ),
+        pytest.param(
+            with_(
+                endpoint_slice("cart-a", "cart"),
+                "endpoints",
+                [
+                    {
+                        "addresses": ["10.0.0.2"],
+                        "conditions": {"ready": False, "serving": True, "terminating": True},
+                    },
+                    {
+                        "addresses": ["10.0.0.3"],
+                        "conditions": {"ready": False, "serving": False, "terminating": True},
+                    },
+                    {"addresses": ["10.0.0.4"], "conditions": {"ready": False, "serving": True}},
+                ],
+            ),
+            SliceEndpoints("shop", "cart", (EndpointAddress("10.0.0.2", "http", 8080, None, ready=False),)),
+            id="terminating-but-serving-kept-as-not-ready",
         ),
         pytest.param(
             with_(endpoint_slice("x", "cart"), "metadata.labels", {}), None, id="not-a-services-slice"

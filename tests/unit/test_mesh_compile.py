@@ -3,6 +3,7 @@ format's round trip."""
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import yaml
 
 from sidemesh.mesh import wire
 from sidemesh.mesh.compile import compile_inbound, compile_outbound, compile_sidecar, identities
-from sidemesh.mesh.resources import EndpointAddress, ServiceEndpoints, Snapshot, build_snapshot
+from sidemesh.mesh.resources import EndpointAddress, ServiceEndpoints, Snapshot, Workload, build_snapshot
 from sidemesh.policy.model import DefaultPolicy
 from sidemesh.spiffe import WorkloadId
 
@@ -87,6 +88,77 @@ def test_endpoint_slices_take_precedence_over_selectors() -> None:
     assert [(e.address, e.workload) for e in cart.endpoints] == [
         ("10.0.0.3", "shop/cart-2")
     ]  # only the ready one
+
+
+def with_endpoints(*endpoints: EndpointAddress, workloads: tuple[Workload, ...] | None = None) -> Snapshot:
+    snap = snapshot()
+    return dataclasses.replace(
+        snap,
+        workloads=snap.workloads if workloads is None else workloads,
+        endpoints=(ServiceEndpoints("shop", "cart", endpoints),),
+    )
+
+
+def test_a_pod_is_reached_by_address_on_the_ports_its_services_give_it() -> None:
+    """Declaring containerPort is optional: a headless Service's DNS (a StatefulSet's peers, gRPC
+    client-side balancing) sends the app to podIP:targetPort, which had no destination and went
+    out in plaintext (refused by the meshed pod in strict mode). Istio derives these from the
+    endpoints too."""
+    snap = snapshot()
+    bare = tuple(dataclasses.replace(w, ports=()) for w in snap.workloads)  # no containerPort
+    table = compile_outbound(
+        with_endpoints(EndpointAddress("10.0.0.2", "web", 5432, "shop/cart-1"), workloads=bare),
+        "cluster.local",
+    )
+    direct = table._by_address[("10.0.0.2", 5432)]
+    assert direct.name == "pod shop/cart-1:5432"
+    assert [(e.workload, str(e.identity)) for e in direct.endpoints] == [
+        ("shop/cart-1", "spiffe://cluster.local/ns/shop/sa/cart")
+    ]
+
+
+def test_an_endpoint_whose_pod_is_not_known_yet_is_left_out() -> None:
+    """The Pod and EndpointSlice watches are not ordered: a new pod can be in a slice before its
+    Pod event. Its endpoint had no identity, so it was reached in plaintext (refused in strict
+    mode); until its pod is known it is not used. Endpoints of no pod (a Node) stay plain."""
+    table = compile_outbound(
+        with_endpoints(
+            EndpointAddress("10.0.0.2", "web", 8080, "shop/cart-1"),
+            EndpointAddress("10.0.0.7", "web", 8080, "shop/cart-new"),
+            EndpointAddress("10.0.0.8", "web", 8080, None),
+        ),
+        "cluster.local",
+    )
+    cart = table._by_name["cart.shop:80"]
+    assert [(e.address, e.identity is None) for e in cart.endpoints] == [
+        ("10.0.0.2", False),
+        ("10.0.0.8", True),
+    ]
+
+
+def test_terminating_endpoints_serve_only_when_none_is_ready() -> None:
+    """kube-proxy's ProxyTerminatingEndpoints: a one-replica rollout with a long preStop has only a
+    terminating (still serving) endpoint for a while; it had none, and connections failed."""
+    old = EndpointAddress("10.0.0.2", "web", 8080, "shop/cart-1", ready=False)
+    new = EndpointAddress("10.0.0.3", "web", 8080, "shop/cart-2")
+    only_old = compile_outbound(with_endpoints(old), "cluster.local")._by_name["cart.shop:80"]
+    assert [e.address for e in only_old.endpoints] == ["10.0.0.2"]
+    both = compile_outbound(with_endpoints(old, new), "cluster.local")._by_name["cart.shop:80"]
+    assert [e.address for e in both.endpoints] == ["10.0.0.3"]
+
+
+def test_a_dual_stack_pod_is_reached_and_enforced_at_both_addresses() -> None:
+    snap = snapshot()
+    dual = tuple(
+        dataclasses.replace(w, other_addresses=("fd00::2",)) if w.ref == "shop/cart-1" else w
+        for w in snap.workloads
+    )
+    snap = dataclasses.replace(snap, workloads=dual)
+    table = compile_outbound(snap, "cluster.local")
+    assert table._by_address[("fd00::2", 8080)] is not None
+    assert table._by_address[("fd00::2", 8080)].endpoints[0].address == "fd00::2"
+    inbound = compile_inbound(snap, WorkloadId("shop", "cart"), "cluster.local", DefaultPolicy.DENY)
+    assert next(w for w in inbound.workloads if w.ref == "shop/cart-1").addresses == ("10.0.0.2", "fd00::2")
 
 
 def test_inbound_per_identity_with_defaults_from_annotations() -> None:
