@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -386,6 +387,7 @@ async def _forward(
     tried: list[str] = []  # endpoints that failed this request: a retry goes elsewhere if it can
     started = [False]  # a response head went downstream
     retried = False  # the one free retry of a request on a pooled connection closed under it
+    gone = [False]  # the client left while the response was awaited
     attempt = 0  # retries by the route's policy (502/503/504, reset), from the budget
     while True:
         result.endpoint, result.destination = up.endpoint, up.destination
@@ -404,9 +406,18 @@ async def _forward(
                 pump.add_done_callback(_abort_on_failure(up.pipe))
             # A request can be sent again if its body (if any) was read whole and kept.
             retry_status = _retry_check(router, info.method, attempt, body)
-            spliced = await _relay_response(
-                conn, down, up, result, started, clock, retry_status, ctx.draining
-            )
+            # A client that leaves (reset, or FIN: no half-close for HTTP, as Envoy) gives up the
+            # request: the upstream is dropped, not waited on (a hung app held both for good).
+            if down.ended and body.complete:
+                gone[0] = True
+                up.pipe.abort()
+            down.on_end = functools.partial(_client_gone, gone, up.pipe)
+            try:
+                spliced = await _relay_response(
+                    conn, down, up, result, started, clock, retry_status, ctx.draining
+                )
+            finally:
+                down.on_end = None
             if pump is not None and not pump.done():
                 # The response is complete before the request body: the server will not read the
                 # rest (a denial, an early error). Stop both, as a server would (RFC 9112 9.6).
@@ -448,6 +459,9 @@ async def _forward(
             return False
         except (PipeClosed, ConnectionError, h1.ProtocolError, h1.LocalProtocolError) as exc:
             pump_exc = await _stop(pump)
+            if gone[0] and pump_exc is None:
+                router.release(up, False, True)  # not the endpoint's failure
+                raise _DownstreamGone("the client closed before the response ended") from exc
             if (
                 pump_exc is None
                 and not started[0]
@@ -696,6 +710,7 @@ async def _relay_response(
             if switching:
                 started[0] = True
                 result.status = 101
+                down.on_end = None  # spliced: a half-close is the app's to pass on
                 await _splice(conn, down, up)
                 return True
         elif isinstance(event, h1.Response):
@@ -731,6 +746,11 @@ async def _relay_response(
             return False
         else:
             raise PipeClosed("upstream closed before responding")
+
+
+def _client_gone(gone: list[bool], up: Pipe) -> None:
+    gone[0] = True
+    up.abort()
 
 
 async def _linger_close(down: Pipe) -> None:

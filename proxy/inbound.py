@@ -115,6 +115,10 @@ def _to_half(relay: Relay, pipe: Pipe) -> Half:
     transport.set_protocol(half)
     pipe.on_control = None  # the pipe is done with (and its OPEN closure would hold it in a cycle)
     relay.on_fail = None
+    if pipe.lost:
+        # Lost in the same turn as its OPEN: the loss was told (or is on its way) to the pipe, not
+        # to the half, and the app's side would wait for it until the idle timeout.
+        relay.lost(half, ConnectionResetError("the caller's connection was lost before the relay"))
     return half
 
 

@@ -38,6 +38,8 @@ class Pipe(asyncio.Protocol):
         self._flush_scheduled = False
         self.control: list[tuple[int, bytes]] = []  # OPEN / DENY frames received
         self.on_control: typing.Callable[[int, bytes], None] | None = None
+        # Called once when the other side ends (EOF or loss), e.g. to give up what was done for it.
+        self.on_end: typing.Callable[[], None] | None = None
         # Python 3.11's get_running_loop() costs a getpid() system call: once per pipe, not per read.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -62,6 +64,7 @@ class Pipe(asyncio.Protocol):
                     self._push(bytes(payload))
                 elif kind == framing.EOF:
                     self._eof = True
+                    self._ended()
                 else:
                     self.control.append((kind, bytes(payload)))
                     if self.on_control is not None:
@@ -85,6 +88,7 @@ class Pipe(asyncio.Protocol):
             self._lost = PipeClosed(f"{self.name}: stream ended without EOF")
         self._eof = True
         self._wake()
+        self._ended()
         return not self.framed  # raw: keep our write side open (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -95,6 +99,7 @@ class Pipe(asyncio.Protocol):
             self._lost = exc
         self._eof = True
         self._wake()
+        self._ended()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
 
@@ -110,6 +115,16 @@ class Pipe(asyncio.Protocol):
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         return self._loop
+
+    def _ended(self) -> None:
+        hook, self.on_end = self.on_end, None
+        if hook is not None:
+            hook()
+
+    @property
+    def lost(self) -> bool:
+        """The connection is gone (or going: its transport is closing)."""
+        return self._closed or (self.transport is not None and self.transport.is_closing())
 
     def _wake(self) -> None:
         if self._reader is not None and not self._reader.done():

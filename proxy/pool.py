@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from proxy.sidecar import Sidecar
 
 MAX_IDLE_PER_KEY = 64
+# An idle connection is closed after this long: each holds a TLS read buffer (256 KiB with
+# uvloop), so a burst's connections would otherwise keep RSS up until the peer's idle timeout.
+MAX_IDLE_S = 30.0
 
 
 class ConnectError(Exception):
@@ -43,9 +47,10 @@ C = TypeVar("C", bound=Reusable)
 class Pool(Generic[C]):
     """Idle connections by key: each a pipe and its protocol state (``C``)."""
 
-    def __init__(self, max_idle: int = MAX_IDLE_PER_KEY) -> None:
+    def __init__(self, max_idle: int = MAX_IDLE_PER_KEY, max_idle_s: float = MAX_IDLE_S) -> None:
         self.max_idle = max_idle
-        self._idle: dict[object, deque[tuple[Pipe, C]]] = {}
+        self.max_idle_s = max_idle_s
+        self._idle: dict[object, deque[tuple[Pipe, C, float]]] = {}
         self.closed = False
         self.opened = 0  # connections made (tests and the admin page)
         self.reused = 0
@@ -53,7 +58,7 @@ class Pool(Generic[C]):
     def take(self, key: object) -> tuple[Pipe, C] | None:
         idle = self._idle.get(key)
         while idle:
-            pipe, conn = idle.pop()  # the most recently used: warmest, least likely closed
+            pipe, conn, _ = idle.pop()  # the most recently used: warmest, least likely closed
             if pipe.usable:
                 self.reused += 1
                 return pipe, conn
@@ -67,7 +72,22 @@ class Pool(Generic[C]):
             pipe.close()
             conn.release()
             return
-        idle.append((pipe, conn))
+        idle.append((pipe, conn, time.monotonic()))
+
+    def expire(self, now: float | None = None) -> int:
+        """Close the connections idle for longer than ``max_idle_s`` (the oldest are at the
+        left of each queue); how many."""
+        limit = (time.monotonic() if now is None else now) - self.max_idle_s
+        closed = 0
+        for key, idle in list(self._idle.items()):
+            while idle and idle[0][2] < limit:
+                pipe, conn, _ = idle.popleft()
+                pipe.close()
+                conn.release()
+                closed += 1
+            if not idle:
+                del self._idle[key]
+        return closed
 
     def idle_count(self) -> int:
         return sum(len(q) for q in self._idle.values())
@@ -76,7 +96,7 @@ class Pool(Generic[C]):
         """Close every idle connection; later ``put``s close theirs."""
         self.closed = True
         for idle in self._idle.values():
-            for pipe, conn in idle:
+            for pipe, conn, _ in idle:
                 pipe.close()
                 conn.release()
         self._idle.clear()
@@ -102,6 +122,11 @@ def h2_pool_of(sc: Sidecar) -> Pool[Any]:
     if pool is None:
         pool = _h2_pools[sc] = Pool()
     return pool
+
+
+def expire_pools(sc: Sidecar) -> None:
+    pool_of(sc).expire()
+    h2_pool_of(sc).expire()
 
 
 def close_pools(sc: Sidecar) -> None:

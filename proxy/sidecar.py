@@ -340,6 +340,7 @@ class Sidecar:
     async def _trim_heap(self) -> None:
         while True:
             await asyncio.sleep(HEAP_TRIM_SECONDS)
+            pool.expire_pools(self)  # before the trim: what they free is given back
             self.heap_trimmer.tick(len(self.relays))
 
     async def _watch_config(self) -> None:

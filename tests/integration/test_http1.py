@@ -10,6 +10,9 @@ import contextlib
 import http.client
 import json
 import re
+import socket
+import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -576,6 +579,52 @@ async def test_a_denial_before_the_end_of_the_body_is_not_reset_away(pair: tuple
     finally:
         writer.close()
     assert answer.startswith(b"HTTP/1.1 403"), answer
+
+
+@pytest.mark.parametrize("leave", ["reset", "fin"])
+async def test_a_client_that_leaves_gives_up_its_request(mesh: Mesh, leave: str) -> None:
+    """The app never answers (no Service timeout, the default); the clients give up. Nothing
+    cancelled the requests: each held its relay, a pooled mTLS connection and an app connection
+    until the app answered, for good with a hung app (Envoy resets the upstream when its
+    downstream goes, a FIN included: HTTP has no half-close there)."""
+    app_closed = 0
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal app_closed
+        try:
+            await reader.readuntil(b"\r\n\r\n")  # and never answer
+            await reader.read()  # until the sidecar gives the connection up (FIN or reset)
+        except ConnectionError:
+            pass
+        finally:
+            app_closed += 1
+            writer.close()
+
+    async with raw_app_pair(mesh, app) as pair:
+        frontend, cart = mesh.sidecars["frontend"], mesh.sidecars["cart"]
+        writers = []
+        for _ in range(5):
+            _, writer = await asyncio.open_connection(*pair)
+            writers.append(writer)
+            writer.write(b"GET /cart/hang HTTP/1.1\r\nHost: cart\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            if leave == "reset":
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.close()
+            else:
+                writer.write_eof()
+        deadline = time.monotonic() + 3
+        while (app_closed < 5 or frontend.relays or cart.relays) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        assert app_closed == 5 and not frontend.relays and not cart.relays, (
+            app_closed,
+            frontend.relays,
+            cart.relays,
+        )
+        for writer in writers:
+            writer.close()
 
 
 async def test_trailers_carry_no_connection_fields_or_identity(mesh: Mesh) -> None:

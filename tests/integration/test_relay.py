@@ -33,3 +33,30 @@ async def test_a_half_linked_after_the_relay_failed_is_reset_not_left_open() -> 
     assert data == b""  # reset (or at least closed): the app is told, not left waiting
     app_peer.close()
     upstream_app.close()
+
+
+async def test_a_connection_lost_in_the_turn_of_its_open_fails_the_relay() -> None:
+    """The caller's mTLS connection was lost in the same turn of the loop as its OPEN: the loss
+    went to the pipe (the protocol at that moment), the half that took over was never told, and
+    the app's connection waited for it until the idle timeout (1 h)."""
+    from proxy.inbound import _to_half
+    from proxy.pipe import Pipe
+
+    relay = Relay()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    pipe = Pipe(framed=True, name="downstream")
+    transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: pipe, ours)
+    transport.abort()  # lost; its connection_lost is scheduled for the pipe
+    down = _to_half(relay, pipe)
+    assert relay.closed
+    app_peer, app = await _pair(relay, "app")
+    relay.link(app, down)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    try:
+        data = await asyncio.wait_for(loop.sock_recv(app_peer, 10), 2)
+    except (ConnectionResetError, ConnectionAbortedError):
+        data = b""
+    assert data == b""  # the app's side is reset, not left open
+    app_peer.close()
+    theirs.close()

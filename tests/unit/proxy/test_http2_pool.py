@@ -175,7 +175,7 @@ async def test_a_pooled_connection_whose_peer_closes_as_it_is_taken_costs_no_cal
     assert await call(app_sock) == 200
     await asyncio.wait_for(run, 5)
     assert pool.idle_count() == 1
-    pipe, pooled = pool._idle[("plain", port)][-1]
+    pipe, pooled, _ = pool._idle[("plain", port)][-1]
     flush = pooled.try_flush
 
     def flush_then_the_peer_is_gone() -> None:  # what the next stream's HEADERS meet
