@@ -17,7 +17,6 @@ from typing import Any, Generic, TypedDict, TypeVar
 
 from sidemesh.mesh.delivery import opaque_ports
 from sidemesh.mesh.resources import (
-    DEFAULT_POLICY_ANNOTATION,
     EndpointAddress,
     Namespace,
     ResourceError,
@@ -26,17 +25,18 @@ from sidemesh.mesh.resources import (
     Snapshot,
     Workload,
     WorkloadPort,
+    check_default_policy,
     parse_namespace,
     parse_service,
 )
 from sidemesh.policy import crd
-from sidemesh.policy.model import Authorization, DefaultPolicy, Mode
+from sidemesh.policy.model import Authorization, Mode
 
 GROUP, VERSION, PLURAL = "sidemesh.io", "v1alpha1", "serviceauthorizations"
 MESHED_ANNOTATION = "sidemesh.io/status"  # the injector records what it injected here
 PROXY_CONTAINER = "sidemesh-proxy"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-KINDS = ("namespaces", "serviceaccounts", "pods", "services", "endpointslices", PLURAL)
+KINDS = ("namespaces", "pods", "services", "endpointslices", PLURAL)  # (identities come from pods)
 ACCEPTED_MESSAGE = "valid; sent to the sidecars of the workloads it selects"
 
 Obj = dict[str, Any]  # an object as the API server sends it (JSON)
@@ -113,8 +113,8 @@ def _tcp(port: Obj) -> bool:
 
 
 def workload_from_pod(pod: Obj) -> Converted[Workload]:
-    """A running pod with an IP -> Workload; an invalid default-policy annotation is dropped and
-    reported (the pod keeps its identity and the namespace or mesh default applies)."""
+    """A running pod with an IP -> Workload; an invalid default-policy annotation is reported and
+    enforced as deny (fail closed; the pod keeps its identity)."""
     meta, spec, status = metadata_of(pod), pod.get("spec") or {}, pod.get("status") or {}
     ref = f"{meta.get('namespace', 'default')}/{meta.get('name', '')}"
     if not status.get("podIP") or status.get("phase") in ("Succeeded", "Failed"):
@@ -131,13 +131,7 @@ def workload_from_pod(pod: Obj) -> Converted[Workload]:
             if ip != address and ip not in others:
                 others.append(ip)
     annotations = _pairs(meta.get("annotations"))
-    policy = dict(annotations).get(DEFAULT_POLICY_ANNOTATION)
-    if policy is not None and policy not in {d.value for d in DefaultPolicy}:
-        errors.append(
-            f"Pod {ref}: annotation {DEFAULT_POLICY_ANNOTATION}={policy!r} is not one of deny, "
-            "allow-authenticated, allow-all; ignored"
-        )
-        annotations = tuple(a for a in annotations if a[0] != DEFAULT_POLICY_ANNOTATION)
+    check_default_policy(annotations, f"Pod {ref}", errors)
     containers = [c for c in spec.get("containers") or [] if isinstance(c, dict)]
     init = [c for c in spec.get("initContainers") or [] if isinstance(c, dict)]
     meshed = MESHED_ANNOTATION in dict(annotations) or any(
@@ -181,14 +175,11 @@ def service_from(obj: Obj) -> Converted[Service]:
 
 
 def namespace_from(obj: Obj) -> Converted[Namespace]:
+    warnings: list[str] = []
     try:
-        return Converted(parse_namespace(obj))
+        return Converted(parse_namespace(obj, warnings), tuple(warnings))
     except ResourceError as exc:
         return Converted(None, (str(exc),))
-
-
-def service_account_from(obj: Obj) -> Converted[str]:
-    return Converted(object_key(obj))
 
 
 def slice_from(obj: Obj) -> Converted[SliceEndpoints]:
@@ -264,7 +255,6 @@ def authorization_from(obj: Obj) -> Converted[PolicyObject]:
 
 CONVERTERS: dict[str, Callable[[Obj], Converted[Any]]] = {
     "namespaces": namespace_from,
-    "serviceaccounts": service_account_from,
     "pods": workload_from_pod,
     "services": service_from,
     "endpointslices": slice_from,

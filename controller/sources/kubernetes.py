@@ -295,7 +295,6 @@ class KubernetesSource:
         self._custom = custom
         self._lists: dict[str, Callable[..., Any]] = {
             "namespaces": core.list_namespace,
-            "serviceaccounts": core.list_service_account_for_all_namespaces,
             "pods": core.list_pod_for_all_namespaces,
             "services": core.list_service_for_all_namespaces,
             "endpointslices": client.DiscoveryV1Api(api_client).list_endpoint_slice_for_all_namespaces,

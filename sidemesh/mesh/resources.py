@@ -22,12 +22,23 @@ class ResourceError(ValueError):
 
 
 def _default_policy(annotations: tuple[tuple[str, str], ...]) -> DefaultPolicy | None:
-    """The annotation's value; an invalid one counts as absent (parsers report it as an error)."""
+    """The annotation's value; an invalid one is deny (fail closed, as an invalid
+    ServiceAuthorization: a typo must not open what it meant to close; parsers report it)."""
     value = dict(annotations).get(DEFAULT_POLICY_ANNOTATION)
     try:
         return DefaultPolicy(value) if value else None
     except ValueError:
-        return None
+        return DefaultPolicy.DENY
+
+
+def check_default_policy(annotations: tuple[tuple[str, str], ...], where: str, warnings: list[str]) -> None:
+    """Report an invalid default-policy annotation (the object stays, enforced as deny)."""
+    value = dict(annotations).get(DEFAULT_POLICY_ANNOTATION)
+    if value is not None and value not in {d.value for d in DefaultPolicy}:
+        warnings.append(
+            f"{where}: annotation {DEFAULT_POLICY_ANNOTATION}={value!r} is not one of deny, "
+            "allow-authenticated, allow-all; enforced as deny until fixed"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,11 +239,7 @@ def parse_workload(doc: dict[str, Any], warnings: list[str] | None = None) -> Wo
         for i, p in enumerate(_items(spec.get("ports"), f"{where}: spec.ports"))
     )
     annotations = _pairs(meta.get("annotations"), f"{where}: metadata.annotations")
-    value = dict(annotations).get(DEFAULT_POLICY_ANNOTATION)
-    if value is not None and value not in {d.value for d in DefaultPolicy}:
-        raise ResourceError(
-            f"{where}: annotation {DEFAULT_POLICY_ANNOTATION}={value!r} is not one of deny, allow-authenticated, allow-all"
-        )
+    check_default_policy(annotations, where, [] if warnings is None else warnings)
     return Workload(
         name,
         ns,
@@ -246,14 +253,10 @@ def parse_workload(doc: dict[str, Any], warnings: list[str] | None = None) -> Wo
     )
 
 
-def parse_namespace(doc: dict[str, Any]) -> Namespace:
+def parse_namespace(doc: dict[str, Any], warnings: list[str] | None = None) -> Namespace:
     name, _, meta = _meta(doc, "Namespace", namespaced=False)
     annotations = _pairs(meta.get("annotations"), f"Namespace {name}: metadata.annotations")
-    value = dict(annotations).get(DEFAULT_POLICY_ANNOTATION)
-    if value is not None and value not in {d.value for d in DefaultPolicy}:
-        raise ResourceError(
-            f"Namespace {name}: annotation {DEFAULT_POLICY_ANNOTATION}={value!r} is not one of deny, allow-authenticated, allow-all"
-        )
+    check_default_policy(annotations, f"Namespace {name}", [] if warnings is None else warnings)
     return Namespace(name, annotations)
 
 
@@ -277,7 +280,7 @@ def build_snapshot(docs: list[tuple[str, Any]]) -> Snapshot:
             elif kind == "Workload" and api == crd.API_VERSION:
                 workloads.append(parse_workload(doc, warnings))
             elif kind == "Namespace" and api == "v1":
-                namespaces.append(parse_namespace(doc))
+                namespaces.append(parse_namespace(doc, warnings))
             elif kind == crd.KIND:
                 try:
                     policies.append(crd.parse(doc))

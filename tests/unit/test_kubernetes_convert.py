@@ -39,7 +39,7 @@ from sidemesh.mesh.resources import (
     Workload,
     WorkloadPort,
 )
-from sidemesh.policy.model import Authorization, Rule, Source
+from sidemesh.policy.model import Authorization, DefaultPolicy, Rule, Source
 from tests.support.kube_watch_api import authorization, endpoint_slice, pod, service
 
 NOW = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -199,14 +199,25 @@ def test_pod_to_workload(obj: dict[str, Any], expected: Workload | None) -> None
     assert workload_from_pod(obj) == Converted(expected)
 
 
-def test_pod_with_an_invalid_default_policy_keeps_its_identity_without_the_annotation() -> None:
-    obj = with_(CART, "metadata.annotations", {**STATUS, "sidemesh.io/default-policy": "allow-everything"})
+def test_pod_with_an_invalid_default_policy_keeps_its_identity_and_is_enforced_as_deny() -> None:
+    """Fail closed, as an invalid ServiceAuthorization: the annotation was dropped, and a pod meant
+    to be closed (``Deny``, a typo of ``deny``) fell back to its namespace's, often more open."""
+    obj = with_(CART, "metadata.annotations", {**STATUS, "sidemesh.io/default-policy": "Deny"})
     converted = workload_from_pod(obj)
-    assert converted.value == CART_WORKLOAD
+    assert converted.value is not None and converted.value.ref == CART_WORKLOAD.ref
+    assert converted.value.default_policy() is DefaultPolicy.DENY
     assert converted.errors == (
-        "Pod shop/cart-1: annotation sidemesh.io/default-policy='allow-everything' is not one of deny, "
-        "allow-authenticated, allow-all; ignored",
+        "Pod shop/cart-1: annotation sidemesh.io/default-policy='Deny' is not one of deny, "
+        "allow-authenticated, allow-all; enforced as deny until fixed",
     )
+
+
+def test_namespace_with_an_invalid_default_policy_is_kept_and_enforced_as_deny() -> None:
+    converted = namespace_from(
+        {"metadata": {"name": "shop", "annotations": {"sidemesh.io/default-policy": "Deny"}}}
+    )
+    assert converted.value is not None and converted.value.default_policy() is DefaultPolicy.DENY
+    assert "enforced as deny until fixed" in converted.errors[0]
 
 
 def test_a_dual_stack_pod_has_both_addresses() -> None:
@@ -372,7 +383,11 @@ def test_slices_of_one_service_merge() -> None:
             None,
         ),
         (None, Namespace("shop"), None),
-        ({"sidemesh.io/default-policy": "sometimes"}, None, "is not one of deny"),
+        (
+            {"sidemesh.io/default-policy": "sometimes"},
+            Namespace("shop", (("sidemesh.io/default-policy", "sometimes"),)),  # enforced as deny
+            "is not one of deny",
+        ),
     ],
 )
 def test_namespace(annotations: dict[str, str] | None, expected: Namespace | None, error: str | None) -> None:
@@ -438,7 +453,6 @@ def test_assemble_sorts_and_collects_errors() -> None:
             "bad": authorization_from(authorization("bad", spec={"rules": 1})),
         },
         "namespaces": {"shop": namespace_from({"metadata": {"name": "shop"}})},
-        "serviceaccounts": {},
     }
     snapshot = assemble(entries)
     assert [w.name for w in snapshot.workloads] == ["a", "b"]

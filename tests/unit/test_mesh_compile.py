@@ -267,7 +267,14 @@ def test_an_invalid_default_policy_annotation_never_breaks_compilation() -> None
         "cluster.local",
         DefaultPolicy.ALLOW_ALL,
     )
-    assert inbound.workloads[0].default_policy is DefaultPolicy.DENY  # the namespace's, as if absent
+    assert inbound.workloads[0].default_policy is DefaultPolicy.DENY  # fail closed
+    in_open_namespace = compile_inbound(
+        Snapshot(snap.services, (odd,), ()),
+        WorkloadId("shop", "cart"),
+        "cluster.local",
+        DefaultPolicy.ALLOW_ALL,
+    )
+    assert in_open_namespace.workloads[0].default_policy is DefaultPolicy.DENY  # not the mesh's allow-all
 
 
 DELIVERY_DOCS = textwrap.dedent("""\

@@ -173,8 +173,9 @@ def test_rbac_is_least_privilege() -> None:
         for g in rule["apiGroups"]
         for r in rule["resources"]
     }
-    for resource in ("pods", "services", "namespaces", "serviceaccounts"):
+    for resource in ("pods", "services", "namespaces"):
         assert controller[("", resource)] == {"get", "list", "watch"}
+    assert ("", "serviceaccounts") not in controller  # identities come from pods: not watched
     assert controller[("discovery.k8s.io", "endpointslices")] == {"get", "list", "watch"}
     assert controller[("sidemesh.io", "serviceauthorizations")] == {"get", "list", "watch"}
     assert controller[("sidemesh.io", "serviceauthorizations/status")] >= {"patch"}
