@@ -201,6 +201,40 @@ def test_recorded_existing_table_is_what_iptables_prints(make_netns: Callable[[]
     assert ns.nat("ipv4") == nat_state((GOLDEN_DIR / "after-default-init.nat").read_text())
 
 
+def _chains(ns: Netns, save: str) -> bool:
+    return "SIDEMESH_" in ns.run(save, "-t", "nat").stdout
+
+
+@pytest.mark.parametrize(("existing", "expected"), [("legacy", "legacy"), ("nft", "nft")])
+def test_the_capture_goes_to_the_backend_that_already_holds_rules(
+    make_netns: Callable[[], Netns], existing: str, expected: str
+) -> None:
+    """nf_tables and legacy iptables do not see each other's rules: a legacy REDIRECT already in
+    the pod (a CNI plugin's, a node on legacy iptables) ran before our nft chains, and connections
+    it matched bypassed the sidecar. As Istio, auto picks the backend that holds rules."""
+    for tool in ("iptables-legacy-save", "iptables-nft-save", "iptables-legacy", "iptables-nft"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not found: both iptables backends are needed (Debian's iptables package)")
+    ns = make_netns()
+    ns.run(f"iptables-{existing}", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "10.98.0.3", "--dport", "8080",
+           "-j", "REDIRECT", "--to-ports", "9090")  # fmt: skip
+    ns.sidemesh("proxy", "init", "--ipv6", "off")
+    other = "nft" if expected == "legacy" else "legacy"
+    assert _chains(ns, f"iptables-{expected}-save") and not _chains(ns, f"iptables-{other}-save")
+    ns.sidemesh("proxy", "init", "--ipv6", "off", "--cleanup")
+    assert not _chains(ns, f"iptables-{expected}-save")
+
+
+def test_a_forced_backend_is_used(make_netns: Callable[[], Netns]) -> None:
+    if shutil.which("iptables-legacy-save") is None:
+        pytest.skip("iptables-legacy-save not found")
+    ns = make_netns()
+    ns.sidemesh("proxy", "init", "--ipv6", "off", "--iptables-mode", "legacy")
+    assert _chains(ns, "iptables-legacy-save")
+    bad = ns.run(sys.executable, "-m", "sidemesh", "proxy", "init", "--iptables-mode", "xtables", check=False)
+    assert bad.returncode == 2 and "--iptables-mode: 'xtables' is not one of auto, legacy, nft" in bad.stderr
+
+
 def test_without_net_admin_says_what_is_needed(make_netns: Callable[[], Netns]) -> None:
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) not found: needed to drop NET_ADMIN")

@@ -64,6 +64,8 @@ def init_container(settings: InjectionSettings, options: PodOptions) -> Json:
     ]
     for flag, value in options.exclusions:
         args += [flag, value]
+    if settings.iptables_mode != "auto":
+        args += ["--iptables-mode", settings.iptables_mode]
     return {
         "name": INIT_NAME,
         "image": settings.image,

@@ -94,6 +94,8 @@ class InjectionSettings:
     tracing_endpoint: str = "http://jaeger.sidemesh-system.svc:4317"
     tracing_sampling_ratio: float = 0.01  # parent-based: a caller's decision wins
     access_log: bool = False  # the sidecars' per-request JSON access log (SIDEMESH_ACCESS_LOG)
+    # The init container's iptables backend (SIDEMESH_IPTABLES_MODE): auto, legacy or nft.
+    iptables_mode: str = "auto"
     version: str = __version__
 
     def resolved(self, native_supported: bool) -> InjectionSettings:
@@ -122,6 +124,7 @@ class InjectionSettings:
             raise SettingsError(
                 "tracingEndpoint", f"{self.tracing_endpoint!r}: give http://HOST:PORT (OTLP gRPC, e.g. :4317)"
             )
+        _one_of("iptablesMode", self.iptables_mode, ("auto", "legacy", "nft"))
         if not 0.0 <= self.tracing_sampling_ratio <= 1.0:
             raise SettingsError(
                 "tracingSamplingRatio", f"{self.tracing_sampling_ratio} is not between 0 and 1"
@@ -158,6 +161,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "tracingEndpoint": ("tracing_endpoint", str),
     "tracingSamplingRatio": ("tracing_sampling_ratio", float),
     "accessLog": ("access_log", bool),
+    "iptablesMode": ("iptables_mode", str),
 }
 
 

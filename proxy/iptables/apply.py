@@ -1,15 +1,20 @@
 """The I/O shell around `rules`: read the nat table, pipe the rendered rules into iptables-restore.
 
 Each family is one `iptables-restore --noflush` transaction, so a family's capture is installed
-completely or not at all. The `iptables`/`ip6tables` binaries are whatever the image's PATH
-provides (Debian's alternatives pick the nf_tables or the legacy backend); the rules are the same
-for both.
+completely or not at all. The rules are the same for the nf_tables and the legacy
+backend, but the two do not see each other's rules: a pod whose network namespace already holds
+legacy rules (a CNI plugin's, a node on iptables-legacy) must get ours in legacy too, or the legacy
+ones run first and ours are bypassed. ``--iptables-mode auto`` (the default) picks the backend as
+Istio does, by the rules each already holds; ``legacy``/``nft`` force one (Linkerd's
+``--iptables-mode``); with neither ``iptables-legacy`` nor ``iptables-nft`` installed, the plain
+`iptables` of the PATH is used.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +24,8 @@ from proxy.iptables.rules import CaptureConfig, Family
 
 SAVE_COMMAND: Mapping[Family, str] = {"ipv4": "iptables-save", "ipv6": "ip6tables-save"}
 RESTORE_COMMAND = rules.RESTORE_COMMAND
+BACKENDS = ("legacy", "nft")
+_backend = ""  # "" (the PATH's iptables), "legacy" or "nft": see use_backend
 IF_INET6 = Path("/proc/net/if_inet6")
 log = logging.getLogger("sidemesh.proxy.init")
 TIMEOUT_SECONDS = 30.0
@@ -91,18 +98,60 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> str:
         err = proc.stderr.strip() or proc.stdout.strip() or "no output"
         if any(marker in err.lower() for marker in _DENIED):
             raise CaptureError(f"`{command}` was not permitted ({err}): {_NEED_NET_ADMIN}")
+        if "rule set generation id" in err.lower() or "nf_tables" in err.lower():
+            err += (
+                " (the node's kernel has no nf_tables: use the legacy backend, --iptables-mode legacy "
+                "or SIDEMESH_IPTABLES_MODE=legacy)"
+            )
         raise CaptureError(f"`{command}` failed with exit status {proc.returncode}: {err}")
     return proc.stdout
 
 
+def binary(base: str, backend: str | None = None) -> str:
+    """``iptables-save`` etc. for the chosen backend: ``iptables-legacy-save``, ``iptables-nft-save``."""
+    backend = _backend if backend is None else backend
+    if not backend:
+        return base
+    name, _, verb = base.partition("-")
+    return f"{name}-{backend}-{verb}" if verb else f"{name}-{backend}"
+
+
+def use_backend(backend: str) -> None:
+    global _backend
+    _backend = backend
+
+
+def detect_backend() -> tuple[str, str]:
+    """The backend whose tables already hold rules (the legacy one when it holds more), as Istio
+    decides; ("", why) when no backend-specific binary is installed or neither holds any rule."""
+    counts: dict[str, int] = {}
+    for backend in BACKENDS:
+        save = binary("iptables-save", backend)
+        if shutil.which(save) is None:
+            continue
+        try:
+            text = _run([save])
+        except CaptureError:
+            continue
+        counts[backend] = sum(line.startswith("-A ") for line in text.splitlines())
+    if not counts:
+        return "", "no iptables-legacy or iptables-nft binaries: the iptables of the PATH"
+    found = ", ".join(f"{n} rules in {b}" for b, n in counts.items())
+    if counts.get("legacy", 0) > counts.get("nft", 0):
+        return "legacy", found
+    if counts.get("nft", 0) > 0:
+        return "nft", found
+    return "", f"{found}: the iptables of the PATH"
+
+
 def read_nat(family: Family) -> str:
     """The current nat table, as `iptables-save -t nat` prints it."""
-    return _run([SAVE_COMMAND[family], "-t", "nat"])
+    return _run([binary(SAVE_COMMAND[family]), "-t", "nat"])
 
 
 def restore(family: Family, text: str) -> None:
     """Apply `text` atomically, leaving the rules and chains it does not name alone."""
-    _run([RESTORE_COMMAND[family], "--noflush"], stdin=text)
+    _run([binary(RESTORE_COMMAND[family]), "--noflush"], stdin=text)
 
 
 def install(config: CaptureConfig, ipv6_optional: bool = False) -> dict[Family, str]:

@@ -116,6 +116,14 @@ _OPTIONS = (
         "auto",
         "also capture IPv6 with ip6tables; auto: when the pod has any IPv6 address (link-local too)",
     ),
+    _Option(
+        "--iptables-mode",
+        "SIDEMESH_IPTABLES_MODE",
+        "{auto,legacy,nft}",
+        "auto",
+        "iptables backend; auto: the one whose tables already hold rules in the pod (legacy when it "
+        "holds more; neither: the iptables of the PATH); legacy on nodes whose kernel has no nf_tables",
+    ),
 )
 
 
@@ -174,6 +182,7 @@ def capture_config(
         "exclude_outbound_ports": rules.parse_ports,
         "exclude_outbound_cidrs": rules.parse_cidrs,
         "ipv6": _ipv6_mode,
+        "iptables_mode": _iptables_mode,  # (validated here; used by init, not by the rules)
     }
     values: dict[str, Any] = {}
     for opt in _OPTIONS:
@@ -184,6 +193,7 @@ def capture_config(
             raise CLIError(f"{source}: {exc}") from None
     capture_inbound, inbound_ports = values.pop("exclude_inbound_ports")
     mode = values.pop("ipv6")
+    values.pop("iptables_mode")
     try:
         return CaptureConfig(
             **values,
@@ -202,8 +212,18 @@ def _ipv6_mode(text: str) -> str:
     return mode
 
 
+def _iptables_mode(text: str) -> str:
+    mode = text.strip().lower()
+    if mode not in ("auto", *apply.BACKENDS):
+        raise ValueError(f"{text!r} is not one of auto, legacy, nft")
+    return mode
+
+
 def _init(args: argparse.Namespace) -> int:
     config = capture_config(args, os.environ, apply.has_ipv6)
+    backend = _iptables_mode(
+        _raw(args, os.environ, next(o for o in _OPTIONS if o.dest == "iptables_mode"))[0]
+    )
     if args.dry_run:
         if args.cleanup:
             installed = {f: rules.render(config, f, "") for f in config.families}
@@ -214,6 +234,11 @@ def _init(args: argparse.Namespace) -> int:
         return 0
     smlog.setup()
     try:
+        chosen = "chosen"
+        if backend == "auto":
+            backend, chosen = apply.detect_backend()
+        apply.use_backend(backend)
+        log.info("iptables backend", extra={"backend": backend or "PATH", "why": chosen})
         if args.cleanup:
             applied = apply.uninstall(apply.installed_families())
         else:

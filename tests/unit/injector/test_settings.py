@@ -42,6 +42,7 @@ def test_values_and_defaults() -> None:
         ("proxyUID: true", "proxyUID"),
         ("nativeSidecar: 'yes'", "nativeSidecar"),
         ("accessLog: 1", "accessLog"),
+        ("iptablesMode: xtables", "iptablesMode"),
         ("proxyResources: {requests: {cpu: lots}}", "proxyResources.requests"),
         ("proxyResources: {request: {}}", "proxyResources"),
         ("imag: x", "imag"),
@@ -115,3 +116,12 @@ def test_the_api_servers_version_decides(major: str, minor: str, supported: bool
     with mock.patch("kubernetes.client.VersionApi") as api:
         api.return_value.get_code.return_value = SimpleNamespace(data=json.dumps(body).encode())
         assert cabundle.native_sidecars_supported(object()) == (supported, f"v{major}.{minor}")
+
+
+def test_the_iptables_backend_reaches_the_init_container() -> None:
+    from injector.containers import PodOptions, init_container
+
+    options = PodOptions(native=True, default_policy="deny")
+    assert "--iptables-mode" not in init_container(InjectionSettings(), options)["args"]  # auto: init decides
+    legacy = init_container(parse_settings("iptablesMode: legacy"), options)["args"]
+    assert legacy[-2:] == ["--iptables-mode", "legacy"]
