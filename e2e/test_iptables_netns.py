@@ -430,3 +430,43 @@ def test_ipv6_auto_without_ip6tables_keeps_ipv4_in_a_pod_with_link_local_only(
     on = pod.run(*env, sys.executable, "-m", "sidemesh", "proxy", "init", "--ipv6", "on", check=False)
     assert on.returncode == 2 and "ip6tables" in on.stderr, on.stderr
     assert "SIDEMESH" not in pod.run("iptables-save", "-t", "nat").stdout
+
+
+def test_a_failed_ipv6_rerun_leaves_neither_family_half_installed(
+    make_netns: Callable[[], Netns], tmp_path: Path
+) -> None:
+    """All or nothing across runs: when a second run's ip6tables-restore failed, the IPv4 rules were
+    taken out but the first run's IPv6 chains stayed (22 lines), half a capture."""
+    pod = make_netns()
+    pod.sidemesh("proxy", "init", "--ipv6", "on")
+    assert _chains(pod, "ip6tables-save")
+    bin_dir = tmp_path / "bin"  # the same tools, but ip6tables-restore fails
+    bin_dir.mkdir()
+    for tool in ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bin_dir / tool).symlink_to(found)
+    real = shutil.which("ip6tables-restore")
+    failing = bin_dir / "ip6tables-restore"
+    grep, cat = shutil.which("grep"), shutil.which("cat")
+    script = (  # an install (rules to add) fails; a cleanup goes through
+        f"#!/bin/sh\nrules=$({cat})\n"
+        f'if printf "%s" "$rules" | {grep} -q -- "-A SIDEMESH"; then echo "no IPv6 NAT" >&2; exit 1; fi\n'
+        f'printf "%s\\n" "$rules" | {real} "$@"\n'
+    )
+    failing.write_text(script)
+    failing.chmod(0o755)
+    again = pod.run(
+        "env",
+        f"PATH={bin_dir}",
+        sys.executable,
+        "-m",
+        "sidemesh",
+        "proxy",
+        "init",
+        "--ipv6",
+        "on",
+        check=False,
+    )
+    assert again.returncode == 2 and "no IPv6 NAT" in again.stderr, again.stderr
+    assert not _chains(pod, "iptables-save") and not _chains(pod, "ip6tables-save")

@@ -173,9 +173,10 @@ def install(config: CaptureConfig, ipv6_optional: bool = False) -> dict[Family, 
                     extra={"reason": str(exc)},
                 )
                 break
-            if family == "ipv6":
-                with contextlib.suppress(CaptureError):
-                    uninstall(["ipv4"])  # all or nothing
+            if family == "ipv6":  # all or nothing: the IPv4 capture, and an earlier run's IPv6 one
+                for installed in ("ipv4", "ipv6"):
+                    with contextlib.suppress(CaptureError):
+                        uninstall([installed])
             raise
         applied[family] = text
     return applied
