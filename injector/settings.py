@@ -39,6 +39,9 @@ _QUANTITY_SUFFIXES = {
 }
 
 
+MAX_QUANTITY = Decimal(2**63 - 1)
+
+
 def quantity(text: str) -> Decimal:
     """The value of a Kubernetes resource quantity ("500m", "1.5Gi", "2e3"); ValueError if it is none."""
     match = _QUANTITY_RE.match(text)
@@ -46,10 +49,16 @@ def quantity(text: str) -> Decimal:
         raise ValueError(f"{text!r} is not a resource quantity")
     number, suffix = text[: match.start(3)] if match.group(3) else text, match.group(3) or ""
     if suffix not in _QUANTITY_SUFFIXES:  # a decimal exponent: "1e3" ("1E" alone is exa)
-        return Decimal(number) * Decimal(10) ** int(suffix[1:])
-    exponent = _QUANTITY_SUFFIXES[suffix]
-    base = Decimal(2) if suffix.endswith("i") else Decimal(10)
-    return Decimal(number) * base**exponent
+        exponent, base = int(suffix[1:]), Decimal(10)
+    else:
+        exponent = _QUANTITY_SUFFIXES[suffix]
+        base = Decimal(2) if suffix.endswith("i") else Decimal(10)
+    if abs(exponent) > 64:  # (Kubernetes keeps quantities within 64 bits; 1e999999999 overflowed)
+        raise ValueError(f"{text!r} is not a resource quantity Kubernetes can hold")
+    value = Decimal(number) * base**exponent
+    if value > MAX_QUANTITY:
+        raise ValueError(f"{text!r} is not a resource quantity Kubernetes can hold")
+    return value
 
 
 @dataclass(frozen=True, slots=True)

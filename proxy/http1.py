@@ -45,6 +45,10 @@ HEAD_TIMEOUT = 10.0  # from a request's first byte to the end of its head; then 
 # does not come within this, or is bigger, is not waited for: the connection is dropped, as Envoy
 # resets the upstream stream of a response it retries.
 SKIP_BODY_WAIT = 0.05
+# A request body that sends nothing for this long is given up with 408 (Envoy's stream idle
+# timeout, 5 minutes): the Service timeout starts only at the body's end, so without it a client
+# stalled mid-body held its request, and the app's connection, for good.
+BODY_IDLE_S = 300.0
 # An answer that ends the connection while the client still sends (a denial or an error before
 # the end of its body): closing with unread bytes resets the connection, and a client that has
 # not read the answer yet loses it (RFC 9112 9.6). So: half-close, read and drop what comes for
@@ -139,13 +143,21 @@ class _Retry(Exception):
 class _Clock:
     """A request's Service timeout, counted as Envoy's route timeout: finding an endpoint counts
     from the request head, the wait for the response head from the end of the request (a slow
-    upload is not cut). ``at`` is None while the request body is still coming."""
+    upload is not cut). ``at`` is None while the request body is still coming. A request that
+    waits for ``100 Continue`` keeps its clock from the head until the 100 comes (an app that never
+    answers is still cut)."""
 
     timeout: float
     at: float | None
+    ended: bool = False  # started by the end of the request body
 
     def start(self) -> None:
         self.at = time.monotonic() + self.timeout
+        self.ended = True
+
+    def body_coming(self) -> None:
+        if not self.ended:
+            self.at = None
 
 
 class _Timeout(Exception):
@@ -382,8 +394,8 @@ async def _forward(
         raise _BadRequest(exc) from exc
     bodiless = isinstance(first, h1.EndOfMessage)
     body = _Body(bodiless)
-    if clock is not None and not bodiless:
-        clock.at = None  # started by the end of the body
+    if clock is not None and not bodiless and not req.expect_continue:
+        clock.body_coming()  # started by the end of the body
     tried: list[str] = []  # endpoints that failed this request: a retry goes elsewhere if it can
     started = [False]  # a response head went downstream
     retried = False  # the one free retry of a request on a pooled connection closed under it
@@ -630,6 +642,8 @@ async def _pump_body(
     while True:
         if event is h1.NEED_DATA:
             try:
+                if not down.has_input and not await down.wait_input(BODY_IDLE_S):
+                    raise _BadRequest(h1.ProtocolError(f"request body idle for {BODY_IDLE_S:.0f} s", 408))
                 conn.receive_data(await down.read())
                 event = conn.next_event()
             except h1.ProtocolError as exc:
@@ -703,6 +717,8 @@ async def _relay_response(
             switching = event.status_code == 101
             if switching and not (up.conn.request is not None and up.conn.request.upgrade):
                 raise h1.ProtocolError("101 Switching Protocols to a request that asked for no upgrade")
+            if event.status_code == 100 and clock is not None:
+                clock.body_coming()  # the body comes now: the clock starts again at its end
             if not switching and conn.request is not None and conn.request.http_version == b"1.0":
                 continue  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client (the app was spoken to in 1.1)
             headers = forwarded(event.headers, upgrade=switching)

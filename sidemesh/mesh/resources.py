@@ -34,7 +34,7 @@ def _default_policy(annotations: tuple[tuple[str, str], ...]) -> DefaultPolicy |
 def check_default_policy(annotations: tuple[tuple[str, str], ...], where: str, warnings: list[str]) -> None:
     """Report an invalid default-policy annotation (the object stays, enforced as deny)."""
     value = dict(annotations).get(DEFAULT_POLICY_ANNOTATION)
-    if value is not None and value not in {d.value for d in DefaultPolicy}:
+    if value and value not in {d.value for d in DefaultPolicy}:  # (empty: as if absent)
         warnings.append(
             f"{where}: annotation {DEFAULT_POLICY_ANNOTATION}={value!r} is not one of deny, "
             "allow-authenticated, allow-all; enforced as deny until fixed"

@@ -278,6 +278,47 @@ async def test_the_timeout_counts_from_the_end_of_the_request(mesh: Mesh) -> Non
     assert status == 504 and time.monotonic() - began < 1.8, (status, time.monotonic() - began)
 
 
+async def test_a_request_waiting_for_100_continue_is_still_cut_by_the_timeout(mesh: Mesh) -> None:
+    """The clock runs from the end of the request body; a client that waits for 100 Continue sends
+    no body until the app says so, and an app that never answers would then never be cut: for
+    such a request the clock runs from the head until the 100 comes."""
+    write_mesh(mesh, two=False, timeout="300ms")
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.closing(writer), contextlib.suppress(ConnectionError):
+            await reader.read()  # never a 100, never an answer
+
+    server = await asyncio.start_server(silent, mesh.addr(CART1), APP)
+    try:
+        await mesh.sidecar("carta", CART1, identity_of="cart")
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+        began = time.monotonic()
+        writer.write(b"PUT /r HTTP/1.1\r\nHost: cart\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 504") and time.monotonic() - began < 1.5, head
+    finally:
+        server.close()
+
+
+async def test_a_request_body_that_stalls_gets_408(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Service timeout covers a request body (it starts at its end): a client stalled mid-body
+    held the request and the app's connection for good; after the body idle timeout (Envoy's
+    stream idle timeout, 5 minutes; here shortened) it gets 408."""
+    from proxy import http1
+
+    monkeypatch.setattr(http1, "BODY_IDLE_S", 0.5)
+    write_mesh(mesh, two=False)
+    app = App("cart")
+    await start_mesh(mesh, [(CART1, app)])
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    writer.write(b"PUT /r HTTP/1.1\r\nHost: cart\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408"), head
+
+
 async def test_retries_stop_when_the_budget_is_spent(mesh: Mesh) -> None:
     from proxy.routers import budget_of
 

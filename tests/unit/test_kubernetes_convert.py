@@ -383,6 +383,11 @@ def test_slices_of_one_service_merge() -> None:
             None,
         ),
         (None, Namespace("shop"), None),
+        (  # empty: as if absent, not reported (nor enforced) as invalid
+            {"sidemesh.io/default-policy": ""},
+            Namespace("shop", (("sidemesh.io/default-policy", ""),)),
+            None,
+        ),
         (
             {"sidemesh.io/default-policy": "sometimes"},
             Namespace("shop", (("sidemesh.io/default-policy", "sometimes"),)),  # enforced as deny

@@ -291,6 +291,7 @@ def test_skips(meta: Json, spec: Json, reason: str) -> None:
         ({"sidemesh.io/rewrite-app-probes": "1"}, "rewrite-app-probes"),
         ({"sidemesh.io/proxy-cpu-limit": "two"}, "proxy-cpu-limit: 'two' is not a resource quantity"),
         ({"sidemesh.io/proxy-memory-request": "-1Gi"}, "'-1Gi' is not a resource quantity"),
+        ({"sidemesh.io/proxy-cpu-limit": "1e999999999"}, "'1e999999999' is not a resource quantity"),
         ({"sidemesh.io/proxy-memory-request": "1Gi"}, "memory request 1Gi is above its limit 512Mi"),
         (
             {"sidemesh.io/proxy-cpu-request": "3", "sidemesh.io/proxy-cpu-limit": "2500m"},
