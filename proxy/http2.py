@@ -53,6 +53,7 @@ log = logging.getLogger("sidemesh.proxy.http2")
 GRPC_INVALID_ARGUMENT = 3
 GRPC_DEADLINE_EXCEEDED = 4
 GRPC_PERMISSION_DENIED = 7
+GRPC_INTERNAL = 13
 GRPC_UNAVAILABLE = 14
 DRAIN_CHECK = 1.0  # how often an idle connection looks whether the sidecar is draining
 # A draining sidecar's graceful GOAWAY (RFC 9113 6.8): a first GOAWAY naming the highest stream id,
@@ -207,6 +208,7 @@ class _Stream:
     target: Target | None = None
     request_ended: bool = False  # the request's end (END_STREAM or trailers) came from downstream
     responded: bool = False  # a final response head came from upstream
+    no_content: bool = False  # that head may have no content (204, 304, or to a HEAD)
     ended_up: bool = False  # the request's end went upstream
     end_queued_down: bool = False  # the response's end is queued or sent
     # per direction: queued (data | trailers | end) not yet sent for lack of window
@@ -252,11 +254,15 @@ class _Side:
         # the sidecar's own: validating or normalizing it again costs time on every stream for
         # nothing. What h2's normalizing also did, marking credentials never-indexed, `_headers`
         # does.
+        # Upstream (client side), what comes in is checked per stream (`_malformed`): h2 checks it
+        # per connection, and one malformed response reset every stream on it (RFC 9113 8.1.1
+        # makes it a stream error).
         config = h2.config.H2Configuration(
             client_side=client,
             header_encoding=None,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
+            validate_inbound_headers=not client,
         )
         self.pipe = pipe
         self.conn = _Connection(config=config)
@@ -315,6 +321,37 @@ class _Up(_Side):
 
 
 _CREDENTIALS = frozenset({b"authorization", b"proxy-authorization"})
+
+
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+
+
+def _malformed(headers: list[Header], trailers: bool) -> str | None:
+    """Why a response head (or trailers) from upstream is malformed (RFC 9113 8.1.1, 8.2, 8.3.2),
+    or None: pseudo-headers (only one :status, 100-599) first, lower-case names, no
+    connection-specific field, no CR, LF or NUL in a value."""
+    status = False
+    regular = False
+    for name, value in headers:
+        if name[:1] == b":":
+            if trailers or regular or status or name != b":status":
+                return f"pseudo-header {name.decode('latin-1')} out of place"
+            if len(value) != 3 or not value.isdigit() or not b"100" <= value <= b"599":
+                return f":status {value.decode('latin-1')!r} is not 100-599"
+            status = True
+            continue
+        regular = True
+        if name != name.lower():
+            return f"field name {name.decode('latin-1')!r} is not lower-case"
+        if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+            return f"connection-specific field {name.decode('latin-1')}"
+        if b"\r" in value or b"\n" in value or b"\0" in value:
+            return f"field {name.decode('latin-1')} has CR, LF or NUL in its value"
+    if not trailers and not status:
+        return "no :status"
+    return None
 
 
 def _headers(raw: list[Any]) -> list[Header]:  # hpack's tuples (h2 types them loosely)
@@ -625,8 +662,13 @@ class H2Proxy:
         grpc = content_type.startswith(b"application/grpc")
         router = self.router
         path = pseudo.get(b":path", b"/")
-        bad_path = None
-        if router.direction == "inbound":  # the enforcing side: the app gets the path the policy saw
+        method = pseudo.get(b":method", b"")
+        bad_path, bad_status = None, 400
+        if method == b"CONNECT":  # extended CONNECT (RFC 8441) too: not offered, not proxied
+            bad_path, bad_status = "CONNECT is not proxied by the sidecar", 405
+        elif not path.startswith(b"/") and not (path == b"*" and method == b"OPTIONS"):
+            bad_path = "the path must start with / (RFC 9113 8.3.1)"  # (normalizing invented one)
+        elif router.direction == "inbound":  # the enforcing side: the app gets the path the policy saw
             try:
                 normal = normalize_target(path)
             except BadPath as exc:
@@ -637,7 +679,7 @@ class H2Proxy:
         info = RequestInfo(
             direction=router.direction,
             protocol="grpc" if grpc else "h2",
-            method=pseudo.get(b":method", b"").decode("latin-1"),
+            method=method.decode("latin-1"),
             path=path.decode("latin-1"),
             authority=pseudo.get(b":authority", b"").decode("latin-1"),
             headers=[(n, v) for n, v in headers if not n.startswith(b":")],
@@ -654,8 +696,8 @@ class H2Proxy:
         stream.request_ended = event.stream_ended is not None
         self.streams[event.stream_id] = stream
         if bad_path is not None:
-            why = f"bad request target: {bad_path}"
-            self._deny(stream, Denial(400, why, grpc_status=GRPC_INVALID_ARGUMENT, error=why))
+            why = bad_path if bad_status == 405 else f"bad request target: {bad_path}"
+            self._deny(stream, Denial(bad_status, why, grpc_status=GRPC_INVALID_ARGUMENT, error=why))
             return
         timeout = router.begin(info)
         if timeout is not None:
@@ -1008,6 +1050,10 @@ class H2Proxy:
         stream = up.streams.get(sid) if sid is not None else None
         if isinstance(event, (h2.events.ResponseReceived, h2.events.InformationalResponseReceived)):
             if stream is not None:
+                why = _malformed(_headers(event.headers), trailers=False)
+                if why is not None:
+                    self._malformed_response(up, stream, why)
+                    return
                 self._response_head(stream, event)
         elif isinstance(event, h2.events.DataReceived):
             if not event.data:  # nothing to forward (END_STREAM comes as its own event)
@@ -1017,6 +1063,10 @@ class H2Proxy:
             if stream is None:
                 up.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 return
+            if stream.no_content:  # RFC 9110 6.4.1: content where none may be
+                up.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                self._malformed_response(up, stream, f"content in a {stream.result.status} response")
+                return
             stream.result.response_bytes += len(event.data)
             stream.to_down.append((event.data, event.flow_controlled_length))
             self._pump(stream, up=False)
@@ -1025,6 +1075,10 @@ class H2Proxy:
                 stream.end_queued_down = True
                 trailers = _headers(event.headers) if isinstance(event, h2.events.TrailersReceived) else None
                 if trailers is not None:
+                    if (why := _malformed(trailers, trailers=True)) is not None:
+                        stream.end_queued_down = False
+                        self._malformed_response(up, stream, why)
+                        return
                     self._grpc_status(stream, trailers)
                 if stream.target is not None and stream.result.status is not None:
                     ok = _succeeded(stream.result.status, stream.result.grpc_status)
@@ -1046,6 +1100,26 @@ class H2Proxy:
                 if other > up.last_stream_id:
                     self._failed(s, Failure.CONNECT, "GOAWAY", sent=True)
 
+    def _malformed_response(self, up: _Up, stream: _Stream, why: str) -> None:
+        """That stream only is reset upstream (PROTOCOL_ERROR); the caller gets 502 if nothing of
+        the response went down yet, else a reset, as Envoy answers."""
+        log.warning("malformed HTTP/2 response from upstream", extra={**self.info, "reason": why})
+        sid = stream.up_id
+        if sid is not None:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                up.conn.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self._written.add(up)
+        if stream.responded:
+            self._detach(stream, ok=False)
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.down.conn.reset_stream(stream.down_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self._finish(stream, error=f"malformed response: {why}")
+            return
+        policy = stream.result.policy
+        self._detach(stream, ok=False)
+        reason, error = f"malformed response from upstream: {why}", f"malformed response: {why}"
+        self._deny(stream, Denial(502, reason, policy, GRPC_INTERNAL, "allow", error))
+
     def _response_head(
         self,
         stream: _Stream,
@@ -1060,6 +1134,7 @@ class H2Proxy:
                 return  # not passed on: the request goes elsewhere
             stream.result.status = status
             stream.responded = True
+            stream.no_content = status in (204, 304) or stream.info.method == "HEAD"
             stream.replay = None  # no retry after a response head
             if stream.timer is not None:
                 stream.timer.cancel()

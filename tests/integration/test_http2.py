@@ -322,6 +322,8 @@ async def _h2_status(addr: tuple[str, int], path: bytes) -> dict[bytes, bytes]:
         (b"/test.Echo/%2e%2e/admin", b"7"),
         (b"/test.Echo/%zz", b"3"),  # a broken escape: INVALID_ARGUMENT
         (b"/test.Echo/x/../Unary", b"0"),  # /test.Echo/Unary for the policy and for the app
+        (b"test.Echo/Unary", b"3"),  # RFC 9113 8.3.1: not starting with / (it was given one)
+        (b"*", b"3"),  # asterisk form: OPTIONS only
     ],
 )
 async def test_stream_paths_are_normalized_before_authorization(
@@ -545,3 +547,101 @@ async def test_calls_cancelled_late_do_not_trip_the_rapid_reset_rule(
     finally:
         writer.close()
     assert not [e for e in events if isinstance(e, h2.events.ConnectionTerminated)], events
+
+
+BAD_ANSWERS: dict[bytes, list[tuple[bytes, bytes]]] = {
+    b"/test.Echo/connection": [(b":status", b"200"), (b"connection", b"close")],
+    b"/test.Echo/upper": [(b":status", b"200"), (b"X-Up", b"1")],
+    b"/test.Echo/status": [(b":status", b"099")],
+    b"/test.Echo/lf": [(b":status", b"200"), (b"x-a", b"1\r\nx-b: 2")],
+}
+
+
+async def _raw_h2_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An HTTP/2 app that answers each bad path with its malformed head (h2 would not send it: no
+    validation), /test.Echo/empty with 204 and then content, and never answers the rest."""
+    config = h2.config.H2Configuration(
+        client_side=False,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+    )
+    conn = h2.connection.H2Connection(config)
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    with contextlib.closing(writer), contextlib.suppress(ConnectionError, h2.exceptions.ProtocolError):
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    path = dict(event.headers)[b":path"]
+                    if path in BAD_ANSWERS:
+                        conn.send_headers(event.stream_id, BAD_ANSWERS[path], end_stream=True)
+                    elif path == b"/test.Echo/empty":
+                        conn.send_headers(event.stream_id, [(b":status", b"204")])
+                        conn.send_data(event.stream_id, b"content!", end_stream=True)
+            writer.write(conn.data_to_send())
+
+
+@pytest.mark.parametrize("path", [*BAD_ANSWERS, b"/test.Echo/empty"])
+async def test_a_malformed_response_fails_its_stream_only(mesh: Mesh, path: bytes) -> None:
+    """RFC 9113 8.1.1: a malformed response is a stream error. h2 checked responses per
+    connection: one (a connection-specific field, an upper-case name, a status of 099, a CR LF
+    in a value, content in a 204) reset every stream on the app's connection, and other
+    callers' calls failed with it. Now that stream gets 502 (or a reset once its head went down)
+    and the others go on."""
+    server = await asyncio.start_server(_raw_h2_app, mesh.addr(CART), APP)
+    try:
+        await mesh.sidecar("cart", CART)
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        reader, writer, conn = await _h2_client((mesh.addr(FRONTEND), OUT))
+        conn.send_headers(1, _grpc_head(b"/test.Echo/slow"))  # a long call, still open
+        writer.write(conn.data_to_send())
+        await asyncio.sleep(0.3)
+        conn.send_headers(3, _grpc_head(path), end_stream=True)
+        writer.write(conn.data_to_send())
+        seen: list[h2.events.Event] = []
+        with contextlib.suppress(TimeoutError):
+            while not any(
+                getattr(e, "stream_id", None) == 3
+                and isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))
+                for e in seen
+            ):
+                data = await asyncio.wait_for(reader.read(65536), 3)
+                assert data, "the sidecar closed the connection"
+                seen += conn.receive_data(data)
+        writer.close()
+    finally:
+        server.close()
+    mine = [e for e in seen if getattr(e, "stream_id", None) == 3]
+    heads = [dict(e.headers) for e in mine if isinstance(e, h2.events.ResponseReceived)]
+    answered = any(
+        h.get(b"grpc-status") == b"13" and b"malformed" in h.get(b"sidemesh-denied-reason", b"")
+        for h in heads
+    )
+    assert answered or any(isinstance(e, h2.events.StreamReset) for e in mine), mine
+    assert not [
+        e
+        for e in seen
+        if isinstance(e, (h2.events.ConnectionTerminated, h2.events.StreamReset))
+        and getattr(e, "stream_id", 3) != 3
+    ]
+
+
+async def test_connect_is_not_proxied(pair: tuple[str, int]) -> None:
+    """As on HTTP/1.1 (405): CONNECT, extended CONNECT (RFC 8441, never offered) included, was
+    forwarded to the app and authorized as the path /."""
+    reader, writer, conn = await _h2_client(pair)
+    conn.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"cart:443")])
+    writer.write(conn.data_to_send())
+    got: dict[bytes, bytes] = {}
+    try:
+        while not got:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    got = dict(event.headers)
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    assert got[b":status"] == b"405", got
