@@ -9,6 +9,7 @@ records what was added, which makes a second pass (`reinvocationPolicy: IfNeeded
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import json
 import re
@@ -20,6 +21,7 @@ from injector.containers import PodOptions
 from injector.diff import diff
 from injector.errors import PodError
 from injector.settings import InjectionSettings, Resources, quantity
+from sidemesh.mesh.delivery import OPAQUE_PORTS
 from sidemesh.mesh.resources import DEFAULT_POLICY_ANNOTATION
 from sidemesh.policy.model import DefaultPolicy
 
@@ -101,8 +103,12 @@ def _exclusion(key: str, value: str) -> str:
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise PodError(f"annotation {key}: {item!r} is not an IP network (CIDR); {_FIX}") from None
-        elif item == "*" and key.endswith("inbound-ports") and len(items) == 1:
-            continue
+        elif item == "*" and key.endswith("inbound-ports"):
+            if len(items) == 1:
+                continue
+            raise PodError(
+                f"annotation {key}: '*' (no inbound capture) cannot be combined with port numbers; {_FIX}"
+            )
         elif not _PORT_RE.match(item) or not 1 <= int(item) <= 65535:
             raise PodError(f"annotation {key}: {item!r} is not a port number (1-65535); {_FIX}")
     return ",".join(items)
@@ -290,6 +296,32 @@ def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
     return {**pod, "metadata": new_meta, "spec": new_spec}
 
 
+# The pod annotations sidemesh reads (injector, controller, sidecar): any other sidemesh.io/ key is
+# likely a typo, which would otherwise be ignored without a word (kubectl shows the warning).
+POD_ANNOTATIONS = frozenset(
+    {
+        INJECT,
+        STATUS,
+        NATIVE,
+        REWRITE_PROBES,
+        DEFAULT_POLICY_ANNOTATION,
+        OPAQUE_PORTS,
+        *EXCLUSIONS,
+        *PROXY_RESOURCES,
+    }
+)
+
+
+def _is_unknown(key: str) -> bool:
+    return key.startswith("sidemesh.io/") and key not in POD_ANNOTATIONS
+
+
+def _unknown_annotation(key: str) -> str:
+    close = difflib.get_close_matches(key, sorted(POD_ANNOTATIONS), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"sidemesh: annotation {key} is not one sidemesh reads: ignored{hint}"
+
+
 def inject(pod: Any, settings: InjectionSettings) -> Result:
     """Decide, build and diff. Raises PodError when the pod cannot be injected as it is."""
     if not isinstance(pod, dict):
@@ -298,9 +330,10 @@ def inject(pod: Any, settings: InjectionSettings) -> Result:
     if reason is not None:
         return Result(False, reason, [], pod)
     desired = desired_pod(pod, settings)
-    warnings = []
+    annotations = _map(_map(pod, "metadata", "pod"), "annotations", "metadata")
+    warnings = [_unknown_annotation(key) for key in sorted(annotations) if _is_unknown(key)]
     spec = _map(pod, "spec", "pod")
-    native = pod_options(_map(_map(pod, "metadata", "pod"), "annotations", "metadata"), settings).native
+    native = pod_options(annotations, settings).native
     if not native and spec.get("restartPolicy") in ("Never", "OnFailure"):
         warnings.append(
             "sidemesh: a classic sidecar keeps a pod that should end (a Job's) running: have the app "

@@ -283,7 +283,10 @@ def test_skips(meta: Json, spec: Json, reason: str) -> None:
     ("annotations", "message"),
     [
         ({"sidemesh.io/exclude-inbound-ports": "http"}, "exclude-inbound-ports: 'http' is not a port number"),
-        ({"sidemesh.io/exclude-inbound-ports": "80,*"}, "'*' is not a port number"),
+        (
+            {"sidemesh.io/exclude-inbound-ports": "80,*"},
+            "'*' (no inbound capture) cannot be combined with port",
+        ),
         ({"sidemesh.io/exclude-outbound-ports": "70000"}, "'70000' is not a port number"),
         ({"sidemesh.io/exclude-outbound-cidrs": "10.0.0.0/33"}, "'10.0.0.0/33' is not an IP network"),
         ({"sidemesh.io/native-sidecar": "yes"}, 'native-sidecar: \'yes\' is not "true" or "false"'),
@@ -330,6 +333,20 @@ def test_pods_the_patcher_cannot_handle(pod: Any, message: str) -> None:
     with pytest.raises(PodError) as info:
         patch.inject(pod, SETTINGS)
     assert message in str(info.value)
+
+
+def test_a_mistyped_sidemesh_annotation_gets_a_warning() -> None:
+    """An annotation sidemesh does not read (a typo) was ignored without a word: the pod ran with
+    its port captured. kubectl shows admission warnings."""
+    pod = a_pod(
+        annotations={"sidemesh.io/exclude-outbound-port": "5432", "sidemesh.io/default-policy": "deny"}
+    )
+    result = patch.inject(pod, SETTINGS)
+    assert result.warnings == [
+        "sidemesh: annotation sidemesh.io/exclude-outbound-port is not one sidemesh reads: ignored "
+        "(did you mean sidemesh.io/exclude-outbound-ports?)"
+    ]
+    assert patch.inject(a_pod(annotations={"sidemesh.io/opaque-ports": "5432"}), SETTINGS).warnings == []
 
 
 def test_exclusions_become_init_flags() -> None:
