@@ -82,6 +82,9 @@ class PolicyObject:
     policy: Authorization | None
     error: str | None = None
     stand_in: Authorization | None = None  # invalid: what is enforced instead (crd.stand_in)
+    # Conditions of other types, other writers': kept in what we write (a merge patch replaces
+    # the whole list).
+    other_conditions: tuple[Obj, ...] = ()
 
     @property
     def key(self) -> str:
@@ -241,7 +244,14 @@ def authorization_from(obj: Obj) -> Converted[PolicyObject]:
     meta = metadata_of(obj)
     ns, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
     generation = _int(meta.get("generation"), 0)
-    base = PolicyObject(ns, name, str(meta.get("uid", "")), generation, observed_status(obj), None)
+    raw_status = obj.get("status")
+    status: Obj = raw_status if isinstance(raw_status, dict) else {}
+    others = tuple(
+        c for c in status.get("conditions") or [] if isinstance(c, dict) and c.get("type") != "Accepted"
+    )
+    base = PolicyObject(
+        ns, name, str(meta.get("uid", "")), generation, observed_status(obj), None, other_conditions=others
+    )
     try:
         doc = {"apiVersion": crd.API_VERSION, "kind": crd.KIND, **obj}  # list items may omit them
         return Converted(dataclasses.replace(base, policy=crd.parse(doc)))

@@ -391,7 +391,9 @@ class KubernetesSource:
             enforced = p.policy or p.stand_in  # an invalid policy's stand-in blocks what it selects
             selected = selected_workloads(enforced, workloads[p.namespace]) if enforced else 0
             desired = desired_status(p, selected, previous, now)
-            if desired != previous:
+            # Against what we wrote, and against what the object has: a status someone else
+            # overwrote is put right (once our write's event is in, the two agree).
+            if desired != previous or (p.observed is not None and desired != p.observed):
                 plan.append((p, desired))
         for gone in set(self._written) - live:
             del self._written[gone]
@@ -434,7 +436,7 @@ class KubernetesSource:
                     p.namespace,
                     PLURAL,
                     p.name,
-                    {"status": status},
+                    {"status": {**status, "conditions": [*p.other_conditions, *status["conditions"]]}},
                     _request_timeout=self.settings.request_timeout,
                 )
                 outcomes.append("written")

@@ -376,6 +376,38 @@ async def test_a_valid_authorization_is_accepted_with_the_meshed_workloads_it_se
     assert status["conditions"][0]["lastTransitionTime"] != since
 
 
+async def test_a_status_overwritten_by_another_writer_is_put_right_and_its_conditions_kept(
+    start: Start,
+) -> None:
+    """Our merge patch replaced the whole conditions list (another controller's condition was lost),
+    and once written, our Accepted condition was never compared with the object again: a status
+    overwritten by someone else stayed wrong."""
+    kube = await start()
+    await kube.synced()
+
+    def conditions() -> dict[str, str]:
+        obj = kube.api.get("ServiceAuthorization", "shop", "cart-allow-frontend")
+        return {c["type"]: c["status"] for c in obj.get("status", {}).get("conditions", [])}
+
+    await eventually(lambda: conditions().get("Accepted") == "True")
+    tampered = {"reason": "Other", "message": "", "lastTransitionTime": "2025-01-01T00:00:00Z"}
+    kube.api._patch_status(
+        "shop",
+        "cart-allow-frontend",
+        {
+            "status": {
+                "conditions": [
+                    {"type": "Programmed", "status": "True", **tampered},
+                    {"type": "Accepted", "status": "False", **tampered},
+                ]
+            }
+        },
+    )
+    assert await eventually(
+        lambda: conditions() == {"Programmed": "True", "Accepted": "True"} and conditions()
+    )
+
+
 async def test_no_status_write_when_nothing_changed(start: Start) -> None:
     api = FakeWatchAPI([*SEED, INVALID])
     kube = await start(api)
