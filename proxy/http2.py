@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -328,6 +329,10 @@ _CONNECTION_SPECIFIC = frozenset(
 )
 
 
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")  # RFC 9110 5.6.2 token, lower-case (RFC 9113 8.2.1)
+_WS = (b" ", b"\t")
+
+
 def _malformed(headers: list[Header], trailers: bool) -> str | None:
     """Why a response head (or trailers) from upstream is malformed (RFC 9113 8.1.1, 8.2, 8.3.2),
     or None: pseudo-headers (only one :status, 100-599) first, lower-case names, no
@@ -343,12 +348,12 @@ def _malformed(headers: list[Header], trailers: bool) -> str | None:
             status = True
             continue
         regular = True
-        if name != name.lower():
-            return f"field name {name.decode('latin-1')!r} is not lower-case"
-        if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+        if _FIELD_NAME.fullmatch(name) is None:
+            return f"field name {name.decode('latin-1')!r} is not a lower-case token"
+        if name in _CONNECTION_SPECIFIC or (name == b"te" and value.lower() != b"trailers"):
             return f"connection-specific field {name.decode('latin-1')}"
-        if b"\r" in value or b"\n" in value or b"\0" in value:
-            return f"field {name.decode('latin-1')} has CR, LF or NUL in its value"
+        if b"\r" in value or b"\n" in value or b"\0" in value or value[:1] in _WS or value[-1:] in _WS:
+            return f"field {name.decode('latin-1')} has CR, LF, NUL or surrounding whitespace in its value"
     if not trailers and not status:
         return "no :status"
     return None

@@ -70,6 +70,9 @@ class _Event:
     obj: Obj
 
 
+MAX_CONDITIONS = 8  # the CRD's maxItems for status.conditions
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     backoff_initial: float = 0.5
@@ -391,9 +394,9 @@ class KubernetesSource:
             enforced = p.policy or p.stand_in  # an invalid policy's stand-in blocks what it selects
             selected = selected_workloads(enforced, workloads[p.namespace]) if enforced else 0
             desired = desired_status(p, selected, previous, now)
-            # Against what we wrote, and against what the object has: a status someone else
-            # overwrote is put right (once our write's event is in, the two agree).
-            if desired != previous or (p.observed is not None and desired != p.observed):
+            # Against what we wrote last (not against the live object: two controller replicas
+            # would take each other's writes, stamped a second apart, for overwrites, for good).
+            if desired != previous:
                 plan.append((p, desired))
         for gone in set(self._written) - live:
             del self._written[gone]
@@ -436,7 +439,12 @@ class KubernetesSource:
                     p.namespace,
                     PLURAL,
                     p.name,
-                    {"status": {**status, "conditions": [*p.other_conditions, *status["conditions"]]}},
+                    {
+                        "status": {
+                            **status,
+                            "conditions": [*p.other_conditions[: MAX_CONDITIONS - 1], *status["conditions"]],
+                        }
+                    },
                     _request_timeout=self.settings.request_timeout,
                 )
                 outcomes.append("written")

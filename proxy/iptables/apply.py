@@ -125,17 +125,21 @@ def detect_backend() -> tuple[str, str]:
     """The backend whose tables already hold rules (the legacy one when it holds more), as Istio
     decides; ("", why) when no backend-specific binary is installed or neither holds any rule."""
     counts: dict[str, int] = {}
+    failed: dict[str, str] = {}
     for backend in BACKENDS:
         save = binary("iptables-save", backend)
         if shutil.which(save) is None:
             continue
         try:
             text = _run([save])
-        except CaptureError:
+        except CaptureError as exc:
+            failed[backend] = str(exc)
             continue
         counts[backend] = sum(line.startswith("-A ") for line in text.splitlines())
     if not counts:
         return "", "no iptables-legacy or iptables-nft binaries: the iptables of the PATH"
+    if "nft" in failed and "legacy" in counts:  # a kernel without nf_tables: what legacy is for
+        return "legacy", f"nf_tables not usable ({failed['nft']})"
     found = ", ".join(f"{n} rules in {b}" for b, n in counts.items())
     if counts.get("legacy", 0) > counts.get("nft", 0):
         return "legacy", found

@@ -34,3 +34,36 @@ def test_has_ipv6(tmp_path: Path, content: str, expected: bool) -> None:
 
 def test_kernel_without_ipv6(tmp_path: Path) -> None:
     assert has_ipv6(tmp_path / "missing") is False
+
+
+def _fake(bin_dir: Path, name: str, script: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("legacy", "nft", "expected"),
+    [
+        ("-A OUTPUT -j X\n", "", "legacy"),  # rules in legacy only
+        ("", "-A OUTPUT -j X\n", "nft"),
+        ("", "", ""),  # none: the PATH's iptables
+        # a kernel without nf_tables: iptables-nft-save fails; legacy is what works there
+        ("", "Could not fetch rule set generation id: Invalid argument\n", "legacy"),
+    ],
+)
+def test_the_backend_is_the_one_holding_rules_or_the_one_that_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, legacy: str, nft: str, expected: str
+) -> None:
+    from proxy.iptables import apply
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake(bin_dir, "iptables-legacy-save", f"printf '%s' '{legacy}'\n")
+    if nft.startswith("Could not"):
+        _fake(bin_dir, "iptables-nft-save", f"echo '{nft.strip()}' >&2; exit 1\n")
+    else:
+        _fake(bin_dir, "iptables-nft-save", f"printf '%s' '{nft}'\n")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    backend, why = apply.detect_backend()
+    assert backend == expected, why
