@@ -21,8 +21,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h|d))+$")
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# ASCII digits only (\d and float() take any script's digits, and float() takes "1_000" and "inf").
+_NUMBER_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+_DURATION_RE = re.compile(r"^(?:([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d))+$")
+_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -52,10 +54,8 @@ def trust_domain_option() -> Any:
 def parse_duration(text: str) -> dt.timedelta:
     """``90s``, ``5m``, ``1h30m``, ``250ms``, ``2d``; a bare number means seconds."""
     text = text.strip()
-    try:
+    if _NUMBER_RE.fullmatch(text):
         return dt.timedelta(seconds=float(text))
-    except ValueError:
-        pass
     if not _DURATION_RE.match(text):
         raise ValueError(f"{text!r} is not a duration (examples: 30s, 5m, 1h30m, 250ms)")
     return dt.timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in _DURATION_PART_RE.findall(text)))

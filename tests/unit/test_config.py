@@ -18,7 +18,9 @@ def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text).total_seconds() == seconds
 
 
-@pytest.mark.parametrize("text", ["", "5 minutes", "h", "1x", "-5m"])
+@pytest.mark.parametrize(
+    "text", ["", "5 minutes", "h", "1x", "-5m", "\u0663s", "\u0663", "1_000", "inf", "nan", "1e3"]
+)
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration(text)

@@ -34,13 +34,15 @@ def test_timeouts(text: str, seconds: float | None) -> None:
     assert parse_timeout(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "soon", "-1s", "-2", "inf", "nan", "1e999", "2 s", "5x"])
+@pytest.mark.parametrize(
+    "text", ["", "soon", "-1s", "-2", "inf", "nan", "1e999", "2 s", "5x", "1e-9", "\u0663s", "1_000"]
+)
 def test_bad_timeouts(text: str) -> None:
     with pytest.raises(ValueError, match="is not a duration"):
         parse_timeout(text)
 
 
-@pytest.mark.parametrize("text", ["1e-9", "0.0000001", "0.5ms"])
+@pytest.mark.parametrize("text", ["0.0000001", "0.5ms"])
 def test_a_timeout_under_a_millisecond_is_refused_not_taken_for_none(text: str) -> None:
     with pytest.raises(ValueError, match="shorter than 1ms"):
         parse_timeout(text)
