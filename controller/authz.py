@@ -158,7 +158,8 @@ def _check(args: argparse.Namespace) -> int:
     for error in snapshot.errors:
         print(
             f"warning: invalid resource (a ServiceAuthorization allows nothing until it is fixed; "
-            f"a file that is not YAML contributes nothing; anything else is ignored): {error}"
+            f"an invalid default-policy annotation counts as deny; a file that is not YAML contributes "
+            f"nothing; anything else is ignored): {error}"
         )
     request = Request(
         peer,

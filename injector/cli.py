@@ -124,9 +124,10 @@ def _inject(args: argparse.Namespace) -> int:
     except yaml.YAMLError as exc:
         raise CLIError(f"the input is not valid YAML: {exc}") from exc
     except PodError as exc:
-        raise CLIError(
-            f'{exc}; or opt the workload out with the annotation sidemesh.io/inject: "false"'
-        ) from exc
+        message = str(exc)
+        if "sidemesh.io/inject" not in message:  # (the annotation errors say it already)
+            message += '; or opt the workload out with the annotation sidemesh.io/inject: "false"'
+        raise CLIError(message) from exc
     sys.stdout.write(text)
     for report in reports:
         print(report, file=sys.stderr)

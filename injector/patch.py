@@ -116,7 +116,7 @@ def _exclusion(key: str, value: str) -> str:
 
 def pod_options(annotations: dict[str, str], settings: InjectionSettings) -> PodOptions:
     """Validate the pod's sidemesh.io annotations; a bad value is a PodError naming the annotation."""
-    policy = annotations.get(DEFAULT_POLICY_ANNOTATION, settings.default_policy)
+    policy = annotations.get(DEFAULT_POLICY_ANNOTATION) or settings.default_policy  # empty: as absent
     choices = tuple(d.value for d in DefaultPolicy)
     if policy not in choices:
         raise PodError(

@@ -30,7 +30,7 @@ class DirectorySource:
                     snapshot = await asyncio.to_thread(reader.load)
                     for error in snapshot.errors:
                         log.error(
-                            "invalid resource: an invalid ServiceAuthorization allows nothing until fixed, anything else is ignored; everything else still applies",
+                            "invalid resource: an invalid ServiceAuthorization allows nothing until fixed, an invalid default-policy annotation counts as deny, anything else is ignored; everything else still applies",
                             extra={"error": error},
                         )
                     on_change(snapshot)

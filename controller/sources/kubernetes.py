@@ -371,7 +371,7 @@ class KubernetesSource:
         for error in snapshot.errors:
             if error not in known:
                 log.error(
-                    "invalid resource: an invalid ServiceAuthorization allows nothing until fixed, anything else is ignored; everything else still applies",
+                    "invalid resource: an invalid ServiceAuthorization allows nothing until fixed, an invalid default-policy annotation counts as deny, anything else is ignored; everything else still applies",
                     extra={"error": error},
                 )
         self.snapshot = snapshot

@@ -122,7 +122,8 @@ _OPTIONS = (
         "{auto,legacy,nft}",
         "auto",
         "iptables backend; auto: the one whose tables already hold rules in the pod (legacy when it "
-        "holds more; neither: the iptables of the PATH); legacy on nodes whose kernel has no nf_tables",
+        "holds more; neither: the iptables of the PATH), and legacy when nf_tables is not usable "
+        "(a kernel without it)",
     ),
 )
 

@@ -335,6 +335,17 @@ def test_pods_the_patcher_cannot_handle(pod: Any, message: str) -> None:
     assert message in str(info.value)
 
 
+def test_an_empty_default_policy_annotation_counts_as_absent() -> None:
+    """As the controller reads it: the settings' default, not a refused pod."""
+    env = {
+        e["name"]: e.get("value")
+        for e in container(injected(a_pod(annotations={"sidemesh.io/default-policy": ""})), "sidemesh-proxy")[
+            "env"
+        ]
+    }
+    assert env["SIDEMESH_DEFAULT_POLICY"] == SETTINGS.default_policy
+
+
 def test_a_mistyped_sidemesh_annotation_gets_a_warning() -> None:
     """An annotation sidemesh does not read (a typo) was ignored without a word: the pod ran with
     its port captured. kubectl shows admission warnings."""
