@@ -33,7 +33,7 @@ from proxy.headers import (
     with_identity,
 )
 from proxy.observe import TRACE_HEADERS, Observer, RequestInfo, RequestResult, RequestSpan
-from proxy.pipe import Pipe, PipeClosed
+from proxy.pipe import Pipe, PipeClosed, linger_close
 from proxy.retry import IDEMPOTENT, RETRY_STATUSES, backoff
 
 log = logging.getLogger("sidemesh.proxy.http")
@@ -50,11 +50,7 @@ SKIP_BODY_WAIT = 0.05
 # stalled mid-body held its request, and the app's connection, for good.
 BODY_IDLE_S = 300.0
 # An answer that ends the connection while the client still sends (a denial or an error before
-# the end of its body): closing with unread bytes resets the connection, and a client that has
-# not read the answer yet loses it (RFC 9112 9.6). So: half-close, read and drop what comes for
-# up to this long (Envoy's delayed_close_timeout, 1 s), then close.
-LINGER_S = 1.0
-LINGER_MAX = 1 << 20
+# the end of its body) is followed by `linger_close` (proxy/pipe.py), not a plain close.
 SKIP_BODY_MAX = 64 * 1024
 
 
@@ -306,7 +302,7 @@ async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Ro
         _send_error(conn, down, exc.status, str(exc), ctx)
         if conn.our_done and result.status is None:
             result.status = exc.status
-        await _linger_close(down)
+        await linger_close(down)
         return False
     except _DownstreamGone as exc:
         result.error = f"downstream: {exc}"
@@ -435,7 +431,7 @@ async def _forward(
                 # rest (a denial, an early error). Stop both, as a server would (RFC 9112 9.6).
                 await _stop(pump)
                 router.release(up, False, result.status is None or result.status < 500)
-                await _linger_close(down)
+                await linger_close(down)
                 return False
             if pump is not None:
                 await pump
@@ -467,7 +463,7 @@ async def _forward(
                 return True
             _write_down(down, conn, _local_response(local, close=True))
             result.status = 504
-            await _linger_close(down)
+            await linger_close(down)
             return False
         except (PipeClosed, ConnectionError, h1.ProtocolError, h1.LocalProtocolError) as exc:
             pump_exc = await _stop(pump)
@@ -521,7 +517,7 @@ async def _forward(
                 return True
             _write_down(down, conn, _local_response(local, close=True))
             result.status = 502
-            await _linger_close(down)
+            await linger_close(down)
             return False
         except BaseException:
             await _stop(pump)
@@ -767,19 +763,6 @@ async def _relay_response(
 def _client_gone(gone: list[bool], up: Pipe) -> None:
     gone[0] = True
     up.abort()
-
-
-async def _linger_close(down: Pipe) -> None:
-    """Close after the answer without resetting it away: see ``LINGER_S``."""
-    down.write_eof()
-    deadline = time.monotonic() + LINGER_S
-    dropped = 0
-    with contextlib.suppress(PipeClosed, ConnectionError):
-        while dropped < LINGER_MAX and (remaining := deadline - time.monotonic()) > 0:
-            if not await down.wait_input(remaining) or not (data := await down.read()):
-                break
-            dropped += len(data)
-    down.close()
 
 
 async def _skip_body(up: Upstream) -> None:

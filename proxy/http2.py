@@ -46,7 +46,7 @@ from hyperframe.frame import GoAwayFrame
 from proxy import framing
 from proxy.headers import DENIED_REASON, BadPath, field_value, normalize_target, trailer_fields, with_identity
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
-from proxy.pipe import Pipe, PipeClosed
+from proxy.pipe import Pipe, PipeClosed, linger_close
 from proxy.pool import Pool
 from proxy.retry import GRPC_RETRY_STATUSES, MAX_REPLAY_BODY, RETRY_STATUSES, Failure, backoff
 
@@ -443,6 +443,7 @@ class H2Proxy:
         self._window_updates = 0  # WINDOW_UPDATE frames so far
         self._data_down = 0  # DATA frames sent to the client so far
         self._flood: str | None = None  # why the client is cut off
+        self._linger = False  # close after a GOAWAY of ours: without resetting it away
 
     async def run(self, idle_timeout: float, draining: Callable[[], bool] = lambda: False) -> None:
         self.down.flush()
@@ -462,6 +463,7 @@ class H2Proxy:
                 except h2.exceptions.ProtocolError as exc:
                     log.info("HTTP/2 protocol error from the client", extra={**self.info, "reason": str(exc)})
                     self.down.flush()  # h2 queued a GOAWAY
+                    self._linger = True  # which an immediate close would reset away
                     break
                 for event in events:
                     with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset meanwhile
@@ -473,6 +475,7 @@ class H2Proxy:
                     )
                     self.down.conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
                     self.down.flush()
+                    self._linger = True
                     break
                 if (
                     self.reset_guard
@@ -485,6 +488,7 @@ class H2Proxy:
                     )
                     self.down.conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
                     self.down.flush()
+                    self._linger = True
                     break
                 # What h2 answers by itself (PING and SETTINGS acks, local answers) waits for the
                 # client to read, as the responses do: no reading while it does not.
@@ -583,7 +587,10 @@ class H2Proxy:
                 self.pool.put(up.key, up.pipe, up)  # (closed there if unfit by now)
             else:
                 up.pipe.close()
-        self.down.pipe.close()
+        if self._linger:
+            await linger_close(self.down.pipe)
+        else:
+            self.down.pipe.close()
 
     # -- downstream (the caller) -------------------------------------------------------------
 

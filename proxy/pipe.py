@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import time
 import typing
 
 from proxy import framing
@@ -17,6 +19,26 @@ READ_LIMIT = 256 * 1024
 
 class PipeClosed(ConnectionError):
     pass
+
+
+# Closing with unread bytes resets the connection, and a peer that has not read what was sent last
+# (an answer, a GOAWAY) loses it (RFC 9112 9.6). So: half-close, read and drop what comes for up to
+# this long (Envoy's delayed_close_timeout, 1 s), then close.
+LINGER_S = 1.0
+LINGER_MAX = 1 << 20
+
+
+async def linger_close(pipe: Pipe) -> None:
+    """Close after the last thing sent without resetting it away: see ``LINGER_S``."""
+    pipe.write_eof()
+    deadline = time.monotonic() + LINGER_S
+    dropped = 0
+    with contextlib.suppress(PipeClosed, ConnectionError):
+        while dropped < LINGER_MAX and (remaining := deadline - time.monotonic()) > 0:
+            if not await pipe.wait_input(remaining) or not (data := await pipe.read()):
+                break
+            dropped += len(data)
+    pipe.close()
 
 
 class Pipe(asyncio.Protocol):

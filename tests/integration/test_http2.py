@@ -647,3 +647,26 @@ async def test_connect_is_not_proxied(pair: tuple[str, int]) -> None:
     finally:
         writer.close()
     assert got[b":status"] == b"405", got
+
+
+async def test_a_protocol_error_goaway_is_not_reset_away(pair: tuple[str, int]) -> None:
+    """A request h2 finds malformed (a body longer than its content-length) ends the connection
+    with GOAWAY PROTOCOL_ERROR; the sidecar closed at once while the client's next frames were
+    coming, and the reset took the GOAWAY with it (asyncio raises the reset before buffered
+    bytes). It now half-closes and drops what comes for a moment, as HTTP/1.1 does."""
+    reader, writer, conn = await _h2_client(pair)
+    conn.send_headers(1, [*_grpc_head(), (b"content-length", b"1")])
+    writer.write(conn.data_to_send() + DataFrame(1, data=b"too long", flags=["END_STREAM"]).serialize())
+    await writer.drain()
+    ended: list[h2.events.Event] = []
+    try:
+        for i in range(3):
+            await asyncio.sleep(0.2)
+            writer.write(PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize())  # the client goes on
+            await writer.drain()
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            ended = [e for e in conn.receive_data(data) if isinstance(e, h2.events.ConnectionTerminated)]
+    finally:
+        writer.close()
+    assert ended and ended[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR, ended
