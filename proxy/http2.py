@@ -40,6 +40,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
 
@@ -65,6 +66,7 @@ MAX_STREAM_ID = 2**31 - 1
 # Streams sent on a new connection before the peer's SETTINGS come (h2 enforces its limit, 100 by
 # default, from the start, and a stream over it fails the whole connection).
 UNSETTLED_MAX_STREAMS = 100
+APP_MAX_STREAMS = 2**31 - 1  # what the app's connections may open at once (Envoy's default)
 CONNECT_ROUNDS = 3  # connections a stream waits for before it counts as not connected
 Header = tuple[bytes, bytes]
 Item = tuple[bytes | list[Header] | None, int]  # (data | trailers | end, flow-controlled length)
@@ -249,7 +251,7 @@ class _Connection(h2.connection.H2Connection):
 
 
 class _Side:
-    def __init__(self, pipe: Pipe, client: bool) -> None:
+    def __init__(self, pipe: Pipe, client: bool, max_streams: int | None = None) -> None:
         # What is sent was validated (and so is already normal: lower-case names, no surrounding
         # whitespace, no connection-specific fields) when it was received on the other side, or is
         # the sidecar's own: validating or normalizing it again costs time on every stream for
@@ -267,6 +269,14 @@ class _Side:
         )
         self.pipe = pipe
         self.conn = _Connection(config=config)
+        if max_streams is not None:  # (h2 fixes 100 in its constructor; sent in the preface)
+            self.conn.local_settings = h2.settings.Settings(
+                client=client,
+                initial_values={
+                    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
+                    h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.conn.DEFAULT_MAX_HEADER_LIST_SIZE,
+                },
+            )
         self.conn.initiate_connection()
 
     def flush(self) -> None:
@@ -413,7 +423,6 @@ class H2Proxy:
         ``xfcc``: inbound, what the app is told of an authenticated caller (None: a plaintext one).
         ``drain_started``: returns when the sidecar starts draining; the connection then gets a
         graceful GOAWAY even with streams open (they finish; new ones go elsewhere)."""
-        self.down = _Side(down, client=False)
         self.reset_guard = reset_guard
         self.xfcc = xfcc
         self.drain_started = drain_started
@@ -426,6 +435,11 @@ class H2Proxy:
                 raise TypeError("H2Proxy needs a router, or authorize and connect_app")
             router = _AppRouter(authorize, connect_app, str(info.get("source")))
         self.router: StreamRouter = router
+        # The app's own connections (outbound) may open as many streams as Envoy allows: with h2's
+        # 100, a channel's long-lived streams (watches) left its other calls queued for good.
+        # Other callers (inbound: sidecars, which open more connections as needed) keep 100.
+        outbound = router.direction == "outbound"
+        self.down = _Side(down, client=False, max_streams=APP_MAX_STREAMS if outbound else None)
         self.start_span = start_span
         self.info = info
         self.streams: dict[int, _Stream] = {}  # by downstream id

@@ -836,3 +836,22 @@ async def test_a_retried_call_gives_one_client_span_with_its_retries(
     assert client.attributes["rpc.grpc.status_code"] == 0
     servers = [s for s in spans if s.trace_id == TRACE and s.kind == "SERVER"]
     assert len(servers) == 2 and all(s.parent_id == client.span_id for s in servers)
+
+
+async def test_an_apps_channel_may_hold_more_than_100_streams(mesh: Mesh, carts: Carts) -> None:
+    """The app-facing side advertised h2's default of 100 concurrent streams: a channel holding 100
+    long-lived streams (watches) queued every later call for good, where the direct connection
+    serves them (Envoy allows 2^31-1)."""
+    app = Server("a")
+    await carts.start((CART1, app), two=False)
+    async with channel(mesh) as ch:
+        streams = [ch.stream_stream("/test.Echo/Bidi")() for _ in range(150)]  # type: ignore[call-arg]
+        try:
+            for i, stream in enumerate(streams):
+                await stream.write(b"w%d" % i)
+            first = await asyncio.wait_for(asyncio.gather(*(read(s) for s in streams)), 10)
+            assert first[149] == b"a:W149"
+            assert await asyncio.wait_for(unary(ch)(b"x"), 5) == b"a:x"  # and other calls still go
+        finally:
+            for stream in streams:
+                stream.cancel()
