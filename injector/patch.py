@@ -173,7 +173,7 @@ def skip_reason(pod: Json) -> str | None:
         if value not in OPT_IN:  # "no", "off", "0": a mistake, not a choice to guess
             raise PodError(
                 f'{where} {INJECT}: {values.get(INJECT)!r} is not "false" or "disabled" (no sidecar), '
-                f'nor "true" or "enabled"; {_FIX}'
+                f'nor "true" or "enabled"; fix the {where}'
             )
     spec = _map(pod, "spec", "pod")
     if _is_windows(spec):

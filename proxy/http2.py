@@ -340,13 +340,14 @@ _CONNECTION_SPECIFIC = frozenset(
 
 
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")  # RFC 9110 5.6.2 token, lower-case (RFC 9113 8.2.1)
-_WS = (b" ", b"\t")
 
 
 def _malformed(headers: list[Header], trailers: bool) -> str | None:
     """Why a response head (or trailers) from upstream is malformed (RFC 9113 8.1.1, 8.2, 8.3.2),
-    or None: pseudo-headers (only one :status, 100-599) first, lower-case names, no
-    connection-specific field, no CR, LF or NUL in a value."""
+    or None: pseudo-headers (only one :status, 100-599) first, lower-case token names, no
+    connection-specific field, no CR, LF or NUL in a value. Whitespace around a value passes, as
+    with Envoy and as the direct connection would: gRPC servers send it (a grpc-message ending in
+    a space, "failed: " with an empty cause)."""
     status = False
     regular = False
     for name, value in headers:
@@ -362,8 +363,8 @@ def _malformed(headers: list[Header], trailers: bool) -> str | None:
             return f"field name {name.decode('latin-1')!r} is not a lower-case token"
         if name in _CONNECTION_SPECIFIC or (name == b"te" and value.lower() != b"trailers"):
             return f"connection-specific field {name.decode('latin-1')}"
-        if b"\r" in value or b"\n" in value or b"\0" in value or value[:1] in _WS or value[-1:] in _WS:
-            return f"field {name.decode('latin-1')} has CR, LF, NUL or surrounding whitespace in its value"
+        if b"\r" in value or b"\n" in value or b"\0" in value:
+            return f"field {name.decode('latin-1')} has CR, LF or NUL in its value"
     if not trailers and not status:
         return "no :status"
     return None
@@ -1076,11 +1077,12 @@ class H2Proxy:
         stream = up.streams.get(sid) if sid is not None else None
         if isinstance(event, (h2.events.ResponseReceived, h2.events.InformationalResponseReceived)):
             if stream is not None:
-                why = _malformed(_headers(event.headers), trailers=False)
+                head = _headers(event.headers)
+                why = _malformed(head, trailers=False)
                 if why is not None:
                     self._malformed_response(up, stream, why)
                     return
-                self._response_head(stream, event)
+                self._response_head(stream, event, head)
         elif isinstance(event, h2.events.DataReceived):
             if not event.data:  # nothing to forward (END_STREAM comes as its own event)
                 if event.flow_controlled_length:
@@ -1150,8 +1152,8 @@ class H2Proxy:
         self,
         stream: _Stream,
         event: h2.events.ResponseReceived | h2.events.InformationalResponseReceived,
+        headers: list[Header],
     ) -> None:
-        headers = _headers(event.headers)
         final = isinstance(event, h2.events.ResponseReceived)
         ended = final and event.stream_ended is not None  # type: ignore[union-attr]
         if final:

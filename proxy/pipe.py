@@ -33,12 +33,14 @@ async def linger_close(pipe: Pipe) -> None:
     pipe.write_eof()
     deadline = time.monotonic() + LINGER_S
     dropped = 0
-    with contextlib.suppress(PipeClosed, ConnectionError):
-        while dropped < LINGER_MAX and (remaining := deadline - time.monotonic()) > 0:
-            if not await pipe.wait_input(remaining) or not (data := await pipe.read()):
-                break
-            dropped += len(data)
-    pipe.close()
+    try:
+        with contextlib.suppress(PipeClosed, ConnectionError):
+            while dropped < LINGER_MAX and (remaining := deadline - time.monotonic()) > 0:
+                if not await pipe.wait_input(remaining) or not (data := await pipe.read()):
+                    break
+                dropped += len(data)
+    finally:  # (cancelled too: a drain's end)
+        pipe.close()
 
 
 class Pipe(asyncio.Protocol):

@@ -53,12 +53,15 @@ def trust_domain_option() -> Any:
 
 def parse_duration(text: str) -> dt.timedelta:
     """``90s``, ``5m``, ``1h30m``, ``250ms``, ``2d``; a bare number means seconds."""
-    text = text.strip()
-    if _NUMBER_RE.fullmatch(text):
-        return dt.timedelta(seconds=float(text))
-    if not _DURATION_RE.match(text):
-        raise ValueError(f"{text!r} is not a duration (examples: 30s, 5m, 1h30m, 250ms)")
-    return dt.timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in _DURATION_PART_RE.findall(text)))
+    text = text.strip(" \t")
+    try:
+        if _NUMBER_RE.fullmatch(text):
+            return dt.timedelta(seconds=float(text))
+        if _DURATION_RE.match(text):
+            return dt.timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in _DURATION_PART_RE.findall(text)))
+    except OverflowError:
+        raise ValueError(f"{text!r} is too long a duration") from None
+    raise ValueError(f"{text!r} is not a duration (examples: 30s, 5m, 1h30m, 250ms)")
 
 
 def duration_arg(minimum: dt.timedelta | None = None) -> Callable[[str], dt.timedelta]:

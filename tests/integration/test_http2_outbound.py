@@ -94,8 +94,10 @@ class Server:
         delay: float = 0.0,
         fail: int = 0,
         code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+        message: str | None = None,
     ) -> None:
         self.name = name
+        self.message = message or f"{name} is down"
         self.delay = delay
         self.fail = fail
         self.code = code
@@ -134,7 +136,7 @@ class Server:
             await asyncio.sleep(self.delay)
         if self.fail > 0:
             self.fail -= 1
-            await context.abort(self.code, f"{self.name} is down")
+            await context.abort(self.code, self.message)
         context.set_trailing_metadata((("x-served-by", self.name),))
         self.answered += 1
         return self.name.encode() + b":" + request
@@ -855,3 +857,16 @@ async def test_an_apps_channel_may_hold_more_than_100_streams(mesh: Mesh, carts:
         finally:
             for stream in streams:
                 stream.cancel()
+
+
+async def test_a_grpc_message_ending_in_a_space_arrives_as_sent(mesh: Mesh, carts: Carts) -> None:
+    """gRPC servers send a grpc-message ending in a space ("failed: " with an empty cause). Refused
+    as malformed (RFC 9113 8.2.1), the call ended INTERNAL through the mesh where the direct
+    connection gave the server's status; it passes, as Envoy lets it."""
+    app = Server("a", fail=1, code=grpc.StatusCode.INVALID_ARGUMENT, message="not found: ")
+    await carts.start((CART1, app), two=False)
+    async with channel(mesh) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await unary(ch)(b"x")
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert err.value.details() == "not found: "

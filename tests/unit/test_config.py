@@ -19,7 +19,7 @@ def test_durations(text: str, seconds: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "5 minutes", "h", "1x", "-5m", "\u0663s", "\u0663", "1_000", "inf", "nan", "1e3"]
+    "text", ["", "5 minutes", "h", "1x", "-5m", "\u0663s", "\u0663", "1_000", "inf", "nan", "1e3", "5\xa0"]
 )
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
@@ -108,3 +108,8 @@ def test_a_local_mode_target_needs_a_service_and_a_port(target: str) -> None:
     with pytest.raises(ConfigError, match=r"--outbound: .* is not SERVICE:PORT \(e.g. cart.shop:80"):
         config(f"127.0.0.1:18080={target}")
     assert config("127.0.0.1:18080=cart.shop:80").outbound_maps() == [(("127.0.0.1", 18080), "cart.shop:80")]
+
+
+def test_a_huge_duration_is_an_error_not_a_traceback() -> None:
+    with pytest.raises(ValueError, match="too long a duration"):
+        parse_duration("9999999999d")
