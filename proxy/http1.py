@@ -45,13 +45,13 @@ HEAD_TIMEOUT = 10.0  # from a request's first byte to the end of its head; then 
 # does not come within this, or is bigger, is not waited for: the connection is dropped, as Envoy
 # resets the upstream stream of a response it retries.
 SKIP_BODY_WAIT = 0.05
+SKIP_BODY_MAX = 64 * 1024
 # A request body that sends nothing for this long is given up with 408 (Envoy's stream idle
 # timeout, 5 minutes): the Service timeout starts only at the body's end, so without it a client
 # stalled mid-body held its request, and the app's connection, for good.
 BODY_IDLE_S = 300.0
 # An answer that ends the connection while the client still sends (a denial or an error before
 # the end of its body) is followed by `linger_close` (proxy/pipe.py), not a plain close.
-SKIP_BODY_MAX = 64 * 1024
 
 
 @dataclass(slots=True)
