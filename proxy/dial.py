@@ -5,6 +5,8 @@ endpoint the controller listed. Used by opaque TCP (`outbound.py`) and by the HT
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -20,6 +22,22 @@ if TYPE_CHECKING:
 
 class DialError(Exception):
     """No usable connection to the endpoint's sidecar; the message says why."""
+
+
+# TCP keepalive on the connections between sidecars, as Linkerd's proxy sets by default (10 s): a
+# peer that vanished without a FIN (a node gone, a partition) is noticed in about 40 s, not when the
+# next write times out, and an idle pooled connection to it is not handed out as usable.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 10, 10, 3
+
+
+def set_keepalive(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # (AttributeError: no TCP_KEEPIDLE off Linux)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
 
 
 async def dial_sidecar(
@@ -46,6 +64,7 @@ async def dial_sidecar(
         raise DialError(f"TLS handshake with {ep.workload} at {where} failed: {exc.reason or exc}") from exc
     except (OSError, TimeoutError) as exc:  # not a TLS failure: nothing answered
         raise DialError(f"cannot connect to {ep.workload} at {where}: {exc or 'timeout'}") from exc
+    set_keepalive(transport.get_extra_info("socket"))
     ssl_object = transport.get_extra_info("ssl_object")
     try:
         peer = tls.peer_spiffe_id(ssl_object)

@@ -20,6 +20,7 @@ from proxy import relay as relays
 from proxy.balance import Balancer
 from proxy.config import ProxyConfig
 from proxy.config_client import ConfigClient
+from proxy.dial import set_keepalive
 from proxy.limits import Pacer, Throttle
 from proxy.metrics import ProxyMetrics
 from proxy.observe import Observer
@@ -390,6 +391,7 @@ class Sidecar:
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if kind == "inbound":
+            set_keepalive(conn)  # callers are other pods (the app's side is this pod's own)
             return self._spawn(inbound.handle(self, conn, addr))
         return self._spawn(outbound.handle(self, conn, addr, target))
 

@@ -767,3 +767,15 @@ async def test_a_response_that_starts_while_draining_closes_the_connection(
         await asyncio.wait_for(drain, 5)
     finally:
         writer.close()
+
+
+async def test_connections_between_sidecars_have_tcp_keepalive(pair: tuple[str, int], mesh: Mesh) -> None:
+    """Linkerd's default (10 s): a peer gone without a FIN is noticed, idle pooled ones included."""
+    from proxy import pool
+
+    await asyncio.to_thread(_keepalive_session, *pair, [("GET", "/cart/1")])
+    idle = [p for q in pool.pool_of(mesh.sidecars["frontend"])._idle.values() for p, _, _ in q]
+    assert idle, "the connection to cart's sidecar went back to the pool"
+    sock = idle[0].transport.get_extra_info("socket") if idle[0].transport is not None else None
+    assert sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
