@@ -10,8 +10,10 @@ import contextlib
 import http.client
 import json
 import re
+import shutil
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -779,3 +781,23 @@ async def test_connections_between_sidecars_have_tcp_keepalive(pair: tuple[str, 
     sock = idle[0].transport.get_extra_info("socket") if idle[0].transport is not None else None
     assert sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+
+
+async def test_connections_a_sidecar_accepts_from_callers_have_tcp_keepalive(
+    pair: tuple[str, int], mesh: Mesh
+) -> None:
+    """The accepted side too: cart's sidecar holds the frontend's pooled connection open, and its
+    socket has a keepalive timer (``ss -o`` shows the kernel's timers)."""
+    if shutil.which("ss") is None:
+        pytest.skip("ss not found: install iproute2")
+    await asyncio.to_thread(_keepalive_session, *pair, [("GET", "/cart/1")])
+    await asyncio.sleep(0.5)  # idle (all acknowledged): ss shows the keepalive timer, not a retransmit one
+    port = mesh.sidecars["cart"].inbound_port
+    out = subprocess.run(
+        ["ss", "-tnoH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    accepted = [line for line in out.splitlines() if mesh.addr(CART) in line]
+    assert accepted and all("keepalive" in line for line in accepted), out
