@@ -257,15 +257,15 @@ class _Side:
         # the sidecar's own: validating or normalizing it again costs time on every stream for
         # nothing. What h2's normalizing also did, marking credentials never-indexed, `_headers`
         # does.
-        # Upstream (client side), what comes in is checked per stream (`_malformed`): h2 checks it
-        # per connection, and one malformed response reset every stream on it (RFC 9113 8.1.1
-        # makes it a stream error).
+        # What comes in is checked per stream (`_malformed` for responses, `_malformed_request`
+        # and `_malformed_trailers` for requests): h2 checks it per connection, and one malformed
+        # head reset every stream on it (RFC 9113 8.1.1 makes it a stream error).
         config = h2.config.H2Configuration(
             client_side=client,
             header_encoding=None,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
-            validate_inbound_headers=not client,
+            validate_inbound_headers=False,
         )
         self.pipe = pipe
         self.conn = _Connection(config=config)
@@ -340,6 +340,85 @@ _CONNECTION_SPECIFIC = frozenset(
 
 
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")  # RFC 9110 5.6.2 token, lower-case (RFC 9113 8.2.1)
+# RFC 9113 8.2.1: no NUL, CR or LF in a value; in a request, no whitespace at either end either
+_BAD_VALUE = re.compile(rb"[\0\r\n]")
+_BAD_REQUEST_VALUE = re.compile(rb"[\0\r\n]|\A[ \t]|[ \t]\Z")
+_NOT_IN_VALUES = {_BAD_VALUE: "NUL, CR or LF", _BAD_REQUEST_VALUE: "NUL, CR or LF, or whitespace at an end,"}
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+
+
+def _bad_field(name: bytes, value: bytes, values: re.Pattern[bytes]) -> str | None:
+    """Why a regular field is not valid in HTTP/2 (RFC 9113 8.2.1, 8.2.2), or None."""
+    if _FIELD_NAME.fullmatch(name) is None:
+        return f"field name {name.decode('latin-1')!r} is not a lower-case token"
+    if name in _CONNECTION_SPECIFIC or (name == b"te" and value.lower() != b"trailers"):
+        return f"connection-specific field {name.decode('latin-1')}"
+    if values.search(value) is not None:
+        return f"field {name.decode('latin-1')} has {_NOT_IN_VALUES[values]} in its value"
+    return None
+
+
+def _malformed_request(headers: list[Header]) -> str | None:
+    """Why a request head from the client is malformed (RFC 9113 8.1.1, 8.2, 8.3.1), or None.
+    h2 checked this per connection: one malformed request (a value with a space at its end, an
+    upper-case name) reset every call on the client's connection; it is a stream error, answered
+    400 on that stream. The checks are h2's: valid names and values, no connection-specific
+    field, request pseudo-headers only, each once and first, :method, :scheme and a non-empty
+    :path (not for CONNECT, which is refused anyway), :authority or one Host for http(s) and the
+    two alike. (h2 itself still checks Content-Length, per connection, before this runs.)"""
+    seen: set[bytes] = set()
+    regular = False
+    host: bytes | None = None
+    for name, value in headers:
+        if name[:1] == b":":
+            shown = name.decode("latin-1")
+            if regular:
+                return f"pseudo-header {shown} after a regular field"
+            if name not in _REQUEST_PSEUDO:
+                return f"pseudo-header {shown} is not a request's"
+            if name in seen:
+                return f"pseudo-header {shown} twice"
+            seen.add(name)
+            if _BAD_REQUEST_VALUE.search(value) is not None:
+                return f"{shown} has {_NOT_IN_VALUES[_BAD_REQUEST_VALUE]} in its value"
+            continue
+        regular = True
+        if (why := _bad_field(name, value, _BAD_REQUEST_VALUE)) is not None:
+            return why
+        if name == b"host":
+            if host is not None:
+                return "more than one host field"
+            host = value
+    pseudo = {n: v for n, v in headers if n in seen}
+    method = pseudo.get(b":method")
+    if method is None:
+        return "no :method"
+    if method == b"CONNECT":
+        return None
+    if b":protocol" in pseudo:
+        return ":protocol in a request other than CONNECT"
+    if b":scheme" not in pseudo or not pseudo.get(b":path"):
+        return "no :scheme or no :path"
+    authority = pseudo.get(b":authority")
+    if pseudo[b":scheme"] in (b"http", b"https") and authority is None and host is None:
+        return "no :authority and no host"
+    if authority is not None and host is not None and authority != host:
+        return "host differs from :authority"
+    return None
+
+
+def _malformed_trailers(headers: list[Header]) -> str | None:
+    """Why a request's trailers are malformed (RFC 9113 8.1, 8.2.1), or None. Fields a proxy
+    does not pass on in trailers (connection-specific, framing, routing) are dropped
+    (`trailer_fields`), not refused."""
+    for name, value in headers:
+        if name[:1] == b":":
+            return f"pseudo-header {name.decode('latin-1')} in trailers"
+        if _FIELD_NAME.fullmatch(name) is None:
+            return f"field name {name.decode('latin-1')!r} is not a lower-case token"
+        if _BAD_REQUEST_VALUE.search(value) is not None:
+            return f"field {name.decode('latin-1')} has {_NOT_IN_VALUES[_BAD_REQUEST_VALUE]} in its value"
+    return None
 
 
 def _malformed(headers: list[Header], trailers: bool) -> str | None:
@@ -359,12 +438,8 @@ def _malformed(headers: list[Header], trailers: bool) -> str | None:
             status = True
             continue
         regular = True
-        if _FIELD_NAME.fullmatch(name) is None:
-            return f"field name {name.decode('latin-1')!r} is not a lower-case token"
-        if name in _CONNECTION_SPECIFIC or (name == b"te" and value.lower() != b"trailers"):
-            return f"connection-specific field {name.decode('latin-1')}"
-        if b"\r" in value or b"\n" in value or b"\0" in value:
-            return f"field {name.decode('latin-1')} has CR, LF or NUL in its value"
+        if (why := _bad_field(name, value, _BAD_VALUE)) is not None:
+            return why
     if not trailers and not status:
         return "no :status"
     return None
@@ -644,6 +719,11 @@ class H2Proxy:
             stream = self.streams.get(event.stream_id)
             if stream is not None and not stream.request_ended:
                 stream.request_ended = True
+                if isinstance(event, h2.events.TrailersReceived) and (
+                    why := _malformed_trailers(_headers(event.headers))
+                ):
+                    self._malformed_trailers(stream, why)
+                    return
                 if stream.timeout is not None and not stream.responded and not stream.end_queued_down:
                     stream.deadline = time.monotonic() + stream.timeout
                     self._arm(stream)
@@ -690,16 +770,19 @@ class H2Proxy:
         router = self.router
         path = pseudo.get(b":path", b"/")
         method = pseudo.get(b":method", b"")
-        bad_path, bad_status = None, 400
-        if method == b"CONNECT":  # extended CONNECT (RFC 8441) too: not offered, not proxied
-            bad_path, bad_status = "CONNECT is not proxied by the sidecar", 405
+        refusal, bad_status = _malformed_request(headers), 400
+        if refusal is not None:
+            refusal = f"malformed request: {refusal}"
+        elif method == b"CONNECT":  # extended CONNECT (RFC 8441) too: not offered, not proxied
+            refusal, bad_status = "CONNECT is not proxied by the sidecar", 405
         elif not path.startswith(b"/") and not (path == b"*" and method == b"OPTIONS"):
-            bad_path = "the path must start with / (RFC 9113 8.3.1)"  # (normalizing invented one)
+            # (normalizing invented one)
+            refusal = "bad request target: the path must start with / (RFC 9113 8.3.1)"
         elif router.direction == "inbound":  # the enforcing side: the app gets the path the policy saw
             try:
                 normal = normalize_target(path)
             except BadPath as exc:
-                normal, bad_path = path, str(exc)
+                normal, refusal = path, f"bad request target: {exc}"
             if normal != path:
                 headers = [(b":path", normal) if h[0] == b":path" else h for h in headers]
                 path = normal
@@ -722,9 +805,8 @@ class H2Proxy:
         stream = _Stream(event.stream_id, info, span, RequestResult(status=None), grpc, head)
         stream.request_ended = event.stream_ended is not None
         self.streams[event.stream_id] = stream
-        if bad_path is not None:
-            why = bad_path if bad_status == 405 else f"bad request target: {bad_path}"
-            self._deny(stream, Denial(bad_status, why, grpc_status=GRPC_INVALID_ARGUMENT, error=why))
+        if refusal is not None:
+            self._deny(stream, Denial(bad_status, refusal, grpc_status=GRPC_INVALID_ARGUMENT, error=refusal))
             return
         timeout = router.begin(info)
         if timeout is not None:
@@ -1127,6 +1209,24 @@ class H2Proxy:
             for other, s in list(up.streams.items()):
                 if other > up.last_stream_id:
                     self._failed(s, Failure.CONNECT, "GOAWAY", sent=True)
+
+    def _malformed_trailers(self, stream: _Stream, why: str) -> None:
+        """The request's trailers are malformed: a stream error (RFC 9113 8.1.1). Its upstream
+        stream is reset (the app never sees a request ending as it should not); the caller gets
+        400 (INVALID_ARGUMENT) if nothing of the response went down yet, else a reset."""
+        reason = f"malformed request trailers: {why}"
+        log.info("malformed HTTP/2 request from the client", extra={**self.info, "reason": reason})
+        if stream.task is not None:  # connecting, or waiting to retry: not any more
+            stream.task.cancel()
+            stream.task = None
+        policy = stream.result.policy
+        self._detach(stream, ok=True)  # (the client's doing, not the endpoint's)
+        if stream.responded:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.down.conn.reset_stream(stream.down_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self._finish(stream, error=reason)
+            return
+        self._deny(stream, Denial(400, reason, policy, GRPC_INVALID_ARGUMENT, "allow", reason))
 
     def _malformed_response(self, up: _Up, stream: _Stream, why: str) -> None:
         """That stream only is reset upstream (PROTOCOL_ERROR); the caller gets 502 if nothing of

@@ -628,6 +628,135 @@ async def test_a_malformed_response_fails_its_stream_only(mesh: Mesh, path: byte
     ]
 
 
+def _with(head: list[tuple[bytes, bytes]], *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    return [*head, *extra]
+
+
+BAD_REQUESTS: dict[str, list[tuple[bytes, bytes]]] = {
+    "space at a value's end": _with(_grpc_head(), (b"x-note", b"hi ")),
+    "tab at a value's start": _with(_grpc_head(), (b"x-note", b"\thi")),
+    "NUL in a value": _with(_grpc_head(), (b"x-note", b"a\0b")),
+    "upper-case name": _with(_grpc_head(), (b"X-Note", b"1")),
+    "connection-specific field": _with(_grpc_head(), (b"connection", b"keep-alive")),
+    "te other than trailers": [*_grpc_head()[:-1], (b"te", b"gzip")],
+    "unknown pseudo-header": [(b":color", b"red"), *_grpc_head()],
+    "pseudo-header after a field": [*_grpc_head()[:3], (b"x-a", b"1"), *_grpc_head()[3:]],
+    "pseudo-header twice": _with(_grpc_head()[:4], (b":path", b"/test.Echo/Unary"), *_grpc_head()[4:]),
+    "no :scheme": [h for h in _grpc_head() if h[0] != b":scheme"],
+    "host differs from :authority": _with(_grpc_head(), (b"host", b"elsewhere")),
+}
+
+
+def _lenient_h2_client_config() -> h2.config.H2Configuration:
+    """A client that sends what it is given (h2 would refuse to send the malformed heads)."""
+    return h2.config.H2Configuration(
+        client_side=True,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+    )
+
+
+async def _one_bad_stream(
+    addr: tuple[str, int], send_bad: Callable[[h2.connection.H2Connection], None]
+) -> tuple[list[h2.events.Event], list[h2.events.Event]]:
+    """On one connection: a long bidi call on stream 1 stays open; stream 3 is sent by
+    ``send_bad``; once it is over, a good unary call on stream 5. Events of stream 3, and every
+    event of the others (and of the connection)."""
+    reader, writer = await asyncio.open_connection(*addr)
+    conn = h2.connection.H2Connection(_lenient_h2_client_config())
+    conn.initiate_connection()
+    seen: list[h2.events.Event] = []
+
+    async def until(done: Callable[[], bool]) -> None:
+        while not done():
+            writer.write(conn.data_to_send())
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "the sidecar closed the connection"
+            seen.extend(conn.receive_data(data))
+
+    def over(sid: int) -> Callable[[], bool]:
+        return lambda: any(
+            getattr(e, "stream_id", None) == sid
+            and isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))
+            for e in seen
+        )
+
+    try:
+        conn.send_headers(1, _grpc_head(b"/test.Echo/Bidi"))
+        conn.send_data(1, b"\x00\x00\x00\x00\x02hi")
+        await until(lambda: any(isinstance(e, h2.events.DataReceived) and e.stream_id == 1 for e in seen))
+        send_bad(conn)
+        await until(over(3))
+        conn.send_headers(5, _grpc_head(b"/test.Echo/Unary"))
+        conn.send_data(5, b"\x00\x00\x00\x00\x02ok", end_stream=True)
+        await until(over(5))
+    finally:
+        writer.close()
+    return [e for e in seen if getattr(e, "stream_id", None) == 3], [
+        e for e in seen if getattr(e, "stream_id", None) != 3
+    ]
+
+
+def _refused_as_malformed(mine: list[h2.events.Event]) -> bool:
+    heads = [
+        dict(e.headers)
+        for e in mine
+        if isinstance(e, (h2.events.ResponseReceived, h2.events.TrailersReceived))
+    ]
+    return any(
+        h.get(b"grpc-status") == b"3" and b"malformed request" in h.get(b"sidemesh-denied-reason", b"")
+        for h in heads
+    )
+
+
+def _others_unharmed(others: list[h2.events.Event]) -> None:
+    assert not [e for e in others if isinstance(e, (h2.events.ConnectionTerminated, h2.events.StreamReset))]
+    on_5 = [e for e in others if getattr(e, "stream_id", None) == 5]
+    assert b"ko" in b"".join(e.data for e in on_5 if isinstance(e, h2.events.DataReceived)), on_5
+    assert any(
+        isinstance(e, h2.events.TrailersReceived) and dict(e.headers).get(b"grpc-status") == b"0"
+        for e in on_5
+    ), on_5
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+async def test_a_malformed_request_fails_its_stream_only(pair: tuple[str, int], case: str) -> None:
+    """RFC 9113 8.1.1: a malformed request is a stream error. h2 checked requests per connection:
+    one (a metadata value ending in a space, an upper-case name, a connection-specific field, a
+    stray or doubled pseudo-header...) ended the client's connection with GOAWAY, and every other
+    call on it failed. Now that stream is answered INVALID_ARGUMENT (400 for plain HTTP/2), with
+    the reason, and the others go on."""
+
+    def send(conn: h2.connection.H2Connection) -> None:
+        conn.send_headers(3, BAD_REQUESTS[case], end_stream=True)
+
+    mine, others = await _one_bad_stream(pair, send)
+    assert _refused_as_malformed(mine), mine
+    _others_unharmed(others)
+
+
+@pytest.mark.parametrize(
+    "trailers",
+    [[(b":path", b"/x")], [(b"X-Trailer", b"1")], [(b"x-trailer", b"1\r\nx-b: 2")], [(b"x-trailer", b"1 ")]],
+    ids=["pseudo-header", "upper-case", "CR LF", "space at the end"],
+)
+async def test_malformed_request_trailers_fail_their_stream_only(
+    pair: tuple[str, int], trailers: list[tuple[bytes, bytes]]
+) -> None:
+    """The same for a request's trailers, which came after the request went upstream: that stream
+    is reset upstream and answered INVALID_ARGUMENT (or reset once its response began)."""
+
+    def send(conn: h2.connection.H2Connection) -> None:
+        conn.send_headers(3, _grpc_head(b"/test.Echo/Unary"))
+        conn.send_data(3, b"\x00\x00\x00\x00\x02hi")
+        conn.send_headers(3, trailers, end_stream=True)
+
+    mine, others = await _one_bad_stream(pair, send)
+    assert _refused_as_malformed(mine) or any(isinstance(e, h2.events.StreamReset) for e in mine), mine
+    _others_unharmed(others)
+
+
 async def test_connect_is_not_proxied(pair: tuple[str, int]) -> None:
     """As on HTTP/1.1 (405): CONNECT, extended CONNECT (RFC 8441, never offered) included, was
     forwarded to the app and authorized as the path /."""
