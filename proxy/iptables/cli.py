@@ -226,11 +226,13 @@ def _init(args: argparse.Namespace) -> int:
         _raw(args, os.environ, next(o for o in _OPTIONS if o.dest == "iptables_mode"))[0]
     )
     if args.dry_run:
+        # (auto is decided from the pod's tables when applied: the generic command is shown)
+        named = "" if backend == "auto" else backend
         if args.cleanup:
             installed = {f: rules.render(config, f, "") for f in config.families}
-            text = "".join(rules.section(f, rules.cleanup(installed[f])) for f in config.families)
+            text = "".join(rules.section(f, rules.cleanup(installed[f]), named) for f in config.families)
         else:
-            text = rules.render_families(config)
+            text = rules.render_families(config, backend=named)
         sys.stdout.write(text)
         return 0
     smlog.setup()
@@ -253,7 +255,7 @@ def _init(args: argparse.Namespace) -> int:
             "pod's IPv6 address only are not reached)",
             extra={"reason": why},
         )
-    sys.stdout.write("".join(rules.section(f, text) for f, text in applied.items()))
+    sys.stdout.write("".join(rules.section(f, text, backend) for f, text in applied.items()))
     log.info(
         "capture removed" if args.cleanup else "capture installed",
         extra={

@@ -214,15 +214,24 @@ def cleanup(existing_nat: str) -> str:
     return "\n".join([*lines, "COMMIT", ""])
 
 
-def section(family: Family, text: str) -> str:
-    """`text` under a `# ipv4: iptables-restore --noflush` comment line (restore ignores comments)."""
-    return f"# {family}: {RESTORE_COMMAND[family]} --noflush\n{text}"
+def restore_command(family: Family, backend: str = "") -> str:
+    """``iptables-restore``, or the backend's own (``iptables-legacy-restore``, ``ip6tables-nft-restore``)."""
+    name, _, verb = RESTORE_COMMAND[family].partition("-")
+    return f"{name}-{backend}-{verb}" if backend else RESTORE_COMMAND[family]
 
 
-def render_families(config: CaptureConfig, existing: Mapping[Family, str] | None = None) -> str:
+def section(family: Family, text: str, backend: str = "") -> str:
+    """`text` under a `# ipv4: iptables-restore --noflush` comment line (restore ignores comments),
+    naming the backend's command when one was chosen."""
+    return f"# {family}: {restore_command(family, backend)} --noflush\n{text}"
+
+
+def render_families(
+    config: CaptureConfig, existing: Mapping[Family, str] | None = None, backend: str = ""
+) -> str:
     """`render` for every family the config enables, each as a `section`: what --dry-run prints."""
     existing = existing or {}
-    return "".join(section(f, render(config, f, existing.get(f, ""))) for f in config.families)
+    return "".join(section(f, render(config, f, existing.get(f, "")), backend) for f in config.families)
 
 
 def parse_nat(text: str) -> tuple[list[str], list[tuple[str, str]]]:

@@ -71,6 +71,26 @@ def test_dry_run_cleanup(capsys: pytest.CaptureFixture[str]) -> None:
     assert "# ipv6: ip6tables-restore --noflush" in out
 
 
+@pytest.mark.parametrize(
+    ("mode", "v4", "v6"),
+    [
+        ("legacy", "iptables-legacy-restore", "ip6tables-legacy-restore"),
+        ("nft", "iptables-nft-restore", "ip6tables-nft-restore"),
+        ("auto", "iptables-restore", "ip6tables-restore"),  # decided when applied
+    ],
+)
+@pytest.mark.parametrize("cleanup", [[], ["--cleanup"]])
+def test_dry_run_names_the_backends_restore_command(
+    capsys: pytest.CaptureFixture[str], mode: str, v4: str, v6: str, cleanup: list[str]
+) -> None:
+    """The printed rules go to the command of the backend chosen with --iptables-mode (it said
+    iptables-restore whatever the mode: restored with another backend, they miss the pod's)."""
+    assert main(["proxy", "init", "--dry-run", "--ipv6", "on", "--iptables-mode", mode, *cleanup]) == 0
+    out = capsys.readouterr().out
+    assert f"# ipv4: {v4} --noflush\n" in out
+    assert f"# ipv6: {v6} --noflush\n" in out
+
+
 def test_bad_flag_exits_2_with_advice(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["proxy", "init", "--dry-run", "--exclude-outbound-ports", "http"]) == 2
     assert "sidemesh: error: --exclude-outbound-ports: 'http' is not a port number" in capsys.readouterr().err
