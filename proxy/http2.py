@@ -362,10 +362,11 @@ def _malformed_request(headers: list[Header]) -> str | None:
     """Why a request head from the client is malformed (RFC 9113 8.1.1, 8.2, 8.3.1), or None.
     h2 checked this per connection: one malformed request (a value with a space at its end, an
     upper-case name) reset every call on the client's connection; it is a stream error, answered
-    400 on that stream. The checks are h2's: valid names and values, no connection-specific
-    field, request pseudo-headers only, each once and first, :method, :scheme and a non-empty
-    :path (not for CONNECT, which is refused anyway), :authority or one Host for http(s) and the
-    two alike. (h2 itself still checks Content-Length, per connection, before this runs.)"""
+    400 on that stream. The checks are h2's: valid values, no connection-specific field, request
+    pseudo-headers only, each once and first, :method, :scheme and a non-empty :path (not for
+    CONNECT, which is refused anyway), :authority or one Host and the two alike; names must be
+    lower-case tokens (RFC 9110 5.1; h2 took any visible ASCII but upper case). (h2 itself still
+    checks Content-Length, per connection, before this runs.)"""
     seen: set[bytes] = set()
     regular = False
     host: bytes | None = None
@@ -400,7 +401,7 @@ def _malformed_request(headers: list[Header]) -> str | None:
     if b":scheme" not in pseudo or not pseudo.get(b":path"):
         return "no :scheme or no :path"
     authority = pseudo.get(b":authority")
-    if pseudo[b":scheme"] in (b"http", b"https") and authority is None and host is None:
+    if authority is None and host is None:
         return "no :authority and no host"
     if authority is not None and host is not None and authority != host:
         return "host differs from :authority"
@@ -1216,6 +1217,8 @@ class H2Proxy:
         400 (INVALID_ARGUMENT) if nothing of the response went down yet, else a reset."""
         reason = f"malformed request trailers: {why}"
         log.info("malformed HTTP/2 request from the client", extra={**self.info, "reason": reason})
+        if stream.end_queued_down and not stream.responded:
+            return  # the sidecar's own answer (a 400, 403, 502...) is on its way: it stands
         if stream.task is not None:  # connecting, or waiting to retry: not any more
             stream.task.cancel()
             stream.task = None

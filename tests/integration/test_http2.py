@@ -21,6 +21,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 import pytest
 from grpc.aio import EOF  # type: ignore[attr-defined]
 from hyperframe.frame import DataFrame, PingFrame, PriorityFrame, WindowUpdateFrame
@@ -644,6 +645,9 @@ BAD_REQUESTS: dict[str, list[tuple[bytes, bytes]]] = {
     "pseudo-header twice": _with(_grpc_head()[:4], (b":path", b"/test.Echo/Unary"), *_grpc_head()[4:]),
     "no :scheme": [h for h in _grpc_head() if h[0] != b":scheme"],
     "host differs from :authority": _with(_grpc_head(), (b"host", b"elsewhere")),
+    "no :authority and no host": [
+        (b":scheme", b"foo") if h[0] == b":scheme" else h for h in _grpc_head() if h[0] != b":authority"
+    ],
 }
 
 
@@ -755,6 +759,52 @@ async def test_malformed_request_trailers_fail_their_stream_only(
     mine, others = await _one_bad_stream(pair, send)
     assert _refused_as_malformed(mine) or any(isinstance(e, h2.events.StreamReset) for e in mine), mine
     _others_unharmed(others)
+
+
+async def test_malformed_trailers_after_the_sidecars_own_answer_leave_it_standing(
+    pair: tuple[str, int],
+) -> None:
+    """A stream the sidecar answered itself (400 for a path without /) whose answer's body waits
+    for the client's window, and whose request body goes on: malformed trailers then sent a
+    second head on the stream (h2 refused it: an exception that aborted the client's whole
+    connection). The answer stands; the connection and its other calls go on."""
+    reader, writer = await asyncio.open_connection(*pair)
+    conn = h2.connection.H2Connection(_lenient_h2_client_config())
+    conn.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+    )
+    conn.initiate_connection()
+    seen: list[h2.events.Event] = []
+
+    async def exchange(seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while (left := until - loop.time()) > 0:
+            writer.write(conn.data_to_send())
+            with contextlib.suppress(TimeoutError):
+                data = await asyncio.wait_for(reader.read(65536), left)
+                assert data, "the sidecar closed the connection"
+                seen.extend(conn.receive_data(data))
+
+    try:
+        conn.send_headers(1, _grpc_head(b"/test.Echo/Bidi"))  # open all along
+        head = [(b":path", b"x") if h[0] == b":path" else h for h in _grpc_head()]
+        conn.send_headers(3, [h for h in head if h[0] != b"content-type"])  # not gRPC: a 400 with a body
+        conn.send_data(3, b"hello")
+        await exchange(0.5)
+        assert [dict(e.headers)[b":status"] for e in seen if isinstance(e, h2.events.ResponseReceived)] == [
+            b"400"
+        ]
+        conn.send_headers(3, [(b"X-T", b"1")], end_stream=True)
+        await exchange(0.5)
+        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65_535})
+        await exchange(0.5)
+    finally:
+        writer.close()
+    assert not [e for e in seen if isinstance(e, (h2.events.ConnectionTerminated, h2.events.StreamReset))], (
+        seen
+    )
+    assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 3 for e in seen), seen
 
 
 async def test_connect_is_not_proxied(pair: tuple[str, int]) -> None:
