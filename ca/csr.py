@@ -63,7 +63,7 @@ def parse_csr(pem: str) -> tuple[x509.CertificateSigningRequest, bytes]:
 def _public_key(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKey:
     try:
         key = csr.public_key()
-    except (ValueError, TypeError) as exc:  # a key OpenSSL cannot load (a point off the curve, ...)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # a point off the curve, an unknown curve
         raise InvalidRequest("csr public key is not a valid key", str(exc)) from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         kind = f"EC {key.curve.name}" if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
@@ -154,7 +154,8 @@ def validate_csr(pem: str, expected: SpiffeId, allowed_dns: frozenset[str] = fro
                 constraints = extension.value
             elif oid == _SUBJECT_ALT_NAME:
                 san = extension.value
-    except ValueError as exc:  # duplicate or undecodable extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        # duplicate or undecodable extensions, a SAN of a kind cryptography cannot read (x400Address)
         raise InvalidRequest("csr has malformed extensions", str(exc)) from exc
     key = _public_key(csr)
     info, key_info = _parts(csr, data)

@@ -88,6 +88,11 @@ def sign_key_info(
     not_after = min(now + ttl, authority.not_after_limit)
     if not_after <= now:
         raise SigningUnavailable("the CA cannot issue now", "the CA's signing certificate has expired")
+    if now < authority.not_before_limit:  # a leaf not valid yet (or never: notAfter before notBefore)
+        raise SigningUnavailable(
+            "the CA cannot issue now",
+            f"the CA's signing chain is not valid before {authority.not_before_limit.isoformat()}",
+        )
     not_after = not_after.replace(microsecond=0)
     serial = x509.random_serial_number()
     template = authority.leaf_template

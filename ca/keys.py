@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -27,6 +27,7 @@ from ca.leaf import LeafTemplate, TemplateMismatch
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _END_OF_TIME = dt.datetime.max.replace(tzinfo=dt.UTC)
+_START_OF_TIME = dt.datetime.min.replace(tzinfo=dt.UTC)
 
 CA_CERT, CA_KEY, CHAIN, ROOTS, ROOT_KEY = (
     "ca-cert.pem",
@@ -47,6 +48,7 @@ class SigningAuthority:
     chain_pem: tuple[str, ...] = ()
     bundle_pem: tuple[str, ...] = ()
     not_after_limit: dt.datetime = _END_OF_TIME  # no leaf lives past it
+    not_before_limit: dt.datetime = _START_OF_TIME  # no leaf is valid before it
     leaf_template: LeafTemplate | None = None  # None: sign with the reference builder (see template_error)
     template_error: str | None = None
 
@@ -61,6 +63,9 @@ class SigningAuthority:
         if issuing_roots:
             ends.append(max(r.not_valid_after_utc for r in issuing_roots))
         object.__setattr__(self, "not_after_limit", min(ends))
+        object.__setattr__(
+            self, "not_before_limit", max(c.not_valid_before_utc for c in (self.cert, *self.chain))
+        )
         try:
             template = LeafTemplate.for_issuer(self.cert, self.key, self.chain)
         except (TemplateMismatch, ValueError, TypeError) as exc:
@@ -101,6 +106,12 @@ def assemble(
         bc = None
     if bc is None or not bc.ca:
         raise KeyMaterialError("the signing certificate is not a CA (basicConstraints CA:true)")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and not usage.key_cert_sign:  # verifiers would refuse every leaf it signs
+        raise KeyMaterialError("the signing certificate's key usage lacks keyCertSign (RFC 5280 4.2.1.3)")
     links = [c for c in chain if not _is_self_signed(c)] or [cert]
     if links[0] != cert:
         links.insert(0, cert)
@@ -137,8 +148,10 @@ def load(directory: Path) -> SigningAuthority:
         chain_path = directory / CHAIN
         chain = x509.load_pem_x509_certificates(chain_path.read_bytes()) if chain_path.exists() else [cert]
         roots = x509.load_pem_x509_certificates(_read(directory, ROOTS))
-    except ValueError as exc:
-        raise KeyMaterialError(f"unusable CA material in {directory}: {exc}") from exc
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # TypeError: an encrypted key
+        raise KeyMaterialError(
+            f"unusable CA material in {directory}: {exc} (PEM certificates and an unencrypted PEM key)"
+        ) from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise KeyMaterialError(f"{directory / CA_KEY}: only EC and RSA signing keys are supported")
     return assemble(cert, key, chain, roots)

@@ -116,7 +116,7 @@ class LeafTemplate:
             pkcs1 = padding.PKCS1v15()
             sha256 = hashes.SHA256()
             sign_tbs = lambda tbs: key.sign(tbs, pkcs1, sha256)  # noqa: E731
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key())  # type: ignore[arg-type]
+        aki = templates.authority_key_id(issuer)
         assert aki.key_identifier is not None
         template = cls(
             head=_VERSION_3,

@@ -281,7 +281,10 @@ class CAServer:
         """Pick up a new intermediate or trust bundle written into the CA directory."""
         while True:
             await asyncio.sleep(MATERIAL_CHECK_INTERVAL)
-            self.reload_if_changed()
+            try:
+                self.reload_if_changed()
+            except Exception:  # the watch goes on: a later write may put it right
+                log.exception("checking the CA material failed; still signing with the current one")
 
     def reload_if_changed(self) -> bool:
         stamp = self._stamp()

@@ -76,6 +76,17 @@ def root_certificate(
     return _ca_extensions(builder, key.public_key(), path_length=1).sign(key, hashes.SHA256())
 
 
+def authority_key_id(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """The AKI of a certificate ``issuer`` signs: the issuer's own SKI when it has one (RFC 5280
+    4.2.1.1; OpenSSL and BoringSSL look the issuer up by it, and an operator's intermediate may
+    derive its SKI otherwise, e.g. RFC 7093's truncated SHA-256), else the SHA-1 of its key."""
+    try:
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key())  # type: ignore[arg-type]
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
 def intermediate_certificate(
     key: PublicKey,
     trust_domain: str,
@@ -93,9 +104,7 @@ def intermediate_certificate(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - BACKDATE)
         .not_valid_after(not_after)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
-        )
+        .add_extension(authority_key_id(issuer), critical=False)
     )
     return _ca_extensions(builder, key, path_length=0).sign(issuer_key, hashes.SHA256())
 
@@ -158,8 +167,5 @@ def leaf_builder(
         )
         .add_extension(x509.SubjectAlternativeName(sans), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(params.public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
+        .add_extension(authority_key_id(issuer), critical=False)
     )

@@ -45,7 +45,10 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     """The SPIFFE ID of a leaf X.509-SVID, validated as the X509-SVID standard's leaf validation
     (section 5.2) says: not a CA, no keyCertSign or cRLSign, exactly one URI SAN, a SPIFFE ID with
     a path below the trust domain. The chain itself is the TLS library's to verify."""
-    extensions = cert.extensions
+    try:
+        extensions = cert.extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise SvidError(f"certificate extensions cannot be read: {exc}") from exc
     try:
         if extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
             raise SvidError("certificate is a CA (basicConstraints CA:true), not a leaf SVID")

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client.parser import text_string_to_metric_families
@@ -417,9 +418,20 @@ async def test_ca_reloads_a_new_intermediate_without_restart(start_ca: StartCA, 
     new = keys.load(ca.dir)
     assert new.cert != old.cert
     leaf.verify_directly_issued_by(new.cert)
-    # Broken material is refused and the CA keeps signing with what it had.
+    # Broken material is refused and the CA keeps signing with what it had; an encrypted key as
+    # well (its TypeError escaped and ended the CA's watch of its directory for good).
+    good_key = (ca.dir / keys.CA_KEY).read_bytes()
     (ca.dir / keys.CA_KEY).write_text("garbage")
     assert not ca.server.reload_if_changed()
+    encrypted = serialization.load_pem_private_key(good_key, None).private_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pw"),
+    )
+    (ca.dir / keys.CA_KEY).write_bytes(encrypted)
+    assert not ca.server.reload_if_changed()
+    (ca.dir / keys.CA_KEY).write_bytes(good_key + b"\n")  # put right (another stamp)
+    assert ca.server.reload_if_changed()
     client = CAClient(ca.address, (ca.dir / keys.ROOTS).read_bytes(), timeout=5)
     await client.sign("frontend-token", own_csr())
     await client.close()

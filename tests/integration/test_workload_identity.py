@@ -196,6 +196,35 @@ def test_a_peer_certificate_must_be_a_leaf_svid(
         tls.spiffe_id_from_der(b"not DER")
 
 
+def test_a_peer_certificate_whose_san_cryptography_cannot_read_is_refused_cleanly(tmp_path: Path) -> None:
+    """A SAN with an x400Address (signed by a trusted CA): cryptography raises
+    UnsupportedGeneralNameType, not a ValueError, and it escaped as a crash of the connection's
+    handling instead of the peer identity refusal the sidecar reacts to."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+
+    from ca import der
+
+    authority = pki.make_authority(tmp_path)
+    names = der.tlv(0x86, str(CART).encode()) + der.tlv(0xA3, der.sequence())
+    san = x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.17"), der.tlv(der.SEQUENCE, names))
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(authority.cert.subject)
+        .public_key(templates.new_key().public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(san, critical=True)
+        .sign(authority.key, hashes.SHA256())
+    )
+    with pytest.raises(tls.PeerIdentityError, match="extensions cannot be read"):
+        tls.spiffe_id_from_der(_der(cert))
+
+
 async def test_a_ca_certificate_presented_as_a_client_identity_is_refused(ca: RunningCA) -> None:
     """A certificate from the trusted CA that is itself a CA (as a signing certificate carrying a
     workload's URI SAN would be) passes OpenSSL's chain check as a client certificate; the server

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -27,16 +26,23 @@ def key_info(key: ec.EllipticCurvePrivateKey, fmt: serialization.PublicFormat) -
     return der.sequence(algorithm, der.bit_string(point))
 
 
+def san_extension(names: bytes) -> bytes:
+    """A subjectAltName extension holding the GeneralNames ``names`` (DER, as given)."""
+    return der.sequence(der.oid("2.5.29.17"), der.tlv(der.OCTET_STRING, der.tlv(der.SEQUENCE, names)))
+
+
 def hand_made_csr(
     key: ec.EllipticCurvePrivateKey,
     public_key_info: bytes,
     label: str = "CERTIFICATE REQUEST",
     digest: hashes.HashAlgorithm = SHA256,
+    extensions: list[bytes] | None = None,
 ) -> str:
-    """A PKCS#10 request with exactly the SubjectPublicKeyInfo given, signed by ``key``."""
-    san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(CART))]).public_bytes()
-    extension = der.sequence(der.oid("2.5.29.17"), der.tlv(der.OCTET_STRING, san))
-    request = der.sequence(der.oid("1.2.840.113549.1.9.14"), der.tlv(0x31, der.sequence(extension)))
+    """A PKCS#10 request with exactly the SubjectPublicKeyInfo given, signed by ``key``; its
+    extensions are ``extensions`` (DER), by default the one URI SAN."""
+    if extensions is None:
+        extensions = [san_extension(der.tlv(0x86, str(CART).encode()))]
+    request = der.sequence(der.oid("1.2.840.113549.1.9.14"), der.tlv(0x31, der.sequence(*extensions)))
     info = der.sequence(der.integer(0), der.sequence(), public_key_info, der.tlv(0xA0, request))
     signature = key.sign(info, ec.ECDSA(digest))
     algorithm = {"sha256": "1.2.840.10045.4.3.2", "sha384": "1.2.840.10045.4.3.3"}[digest.name]
@@ -73,6 +79,45 @@ def test_a_point_off_the_curve_is_a_clear_refusal() -> None:
     info[-1] ^= 0x01  # no longer on P-256
     with pytest.raises(InvalidRequest, match="not a valid key"):
         validate_csr(hand_made_csr(key, bytes(info)), CART)
+
+
+def spki(algorithm: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
+    point = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    return der.sequence(algorithm, der.bit_string(point))
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        der.sequence(der.oid("1.2.643.2.2.19")),  # GOST R 34.10-2001: a key algorithm OpenSSL does not know
+        der.sequence(der.oid("1.2.840.10045.2.1"), der.oid("1.2.3.4.5")),  # EC on a curve nobody knows
+    ],
+    ids=["unknown key algorithm", "unknown curve"],
+)
+def test_an_unknown_key_algorithm_or_curve_is_a_clear_refusal(algorithm: bytes) -> None:
+    """cryptography raises UnsupportedAlgorithm (not a ValueError) for these: the CA answered
+    UNKNOWN, which clients retry, with a traceback in its log, instead of INVALID_ARGUMENT."""
+    key = new_key()
+    with pytest.raises(InvalidRequest, match="not a valid key"):
+        validate_csr(hand_made_csr(key, spki(algorithm, key)), CART)
+
+
+@pytest.mark.parametrize(
+    "extensions",
+    [
+        [san_extension(der.tlv(0x86, str(CART).encode()))] * 2,
+        [san_extension(der.tlv(0x86, str(CART).encode()) + der.tlv(0xA3, der.sequence()))],
+    ],
+    ids=["the SAN twice", "an x400Address in the SAN"],
+)
+def test_extensions_cryptography_cannot_read_are_a_clear_refusal(extensions: list[bytes]) -> None:
+    """DuplicateExtension and UnsupportedGeneralNameType are not ValueErrors either."""
+    key = new_key()
+    info = key_info(key, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with pytest.raises(InvalidRequest, match="malformed extensions"):
+        validate_csr(hand_made_csr(key, info, extensions=extensions), CART)
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,26 @@
-"""The signing authority's limits: no leaf outlives any certificate its chain ends at."""
+"""The signing authority: its limits (no leaf outlives any certificate its chain ends at, none is
+valid before it), what it refuses to load, and the AKI of what it signs."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
 
+import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca import keys, templates
+from ca import issuer, keys, templates
+from ca.errors import KeyMaterialError, SigningUnavailable
+from sidemesh.identity.svid import make_csr
+from sidemesh.spiffe import SpiffeId
 from tests.support import pki
+
+CART = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")
 
 NOW = dt.datetime(2026, 12, 5, 6, 0, tzinfo=dt.UTC)
 
@@ -45,3 +58,124 @@ def test_signing_certificates_have_no_leaf_key_usage() -> None:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
         assert usage.critical
         assert usage.value.key_cert_sign and usage.value.crl_sign and not usage.value.digital_signature
+
+
+def _operator_intermediate(
+    root: x509.Certificate,
+    root_key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey,
+    not_before: dt.datetime,
+    ski: bytes | None = None,
+    key_cert_sign: bool = True,
+) -> x509.Certificate:
+    """An intermediate as an operator's own PKI may make it: its SKI derived otherwise than by
+    SHA-1 (RFC 7093), or a key usage without keyCertSign."""
+    public = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "operator intermediate")]))
+        .issuer_name(root.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_before + dt.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, key_cert_sign, True, False, False), critical=True
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier(ski) if ski else x509.SubjectKeyIdentifier.from_public_key(public),
+            critical=False,
+        )
+        .add_extension(templates.authority_key_id(root), critical=False)
+        .sign(root_key, hashes.SHA256())
+    )
+
+
+def test_a_leafs_authority_key_id_is_its_issuers_subject_key_id(tmp_path: Path) -> None:
+    """RFC 5280 4.2.1.1: OpenSSL and BoringSSL look the issuer up by the AKI. It was the SHA-1 of
+    the issuer's key whatever the issuer's SKI said: with an operator's intermediate whose SKI is
+    RFC 7093's truncated SHA-256, `openssl verify` (and so Envoy and our sidecars) refused every
+    leaf; cryptography's verifier did not mind."""
+    now = dt.datetime.now(dt.UTC)
+    root_key = templates.new_key()
+    root = templates.root_certificate(
+        root_key, "cluster.local", now - dt.timedelta(hours=1), dt.timedelta(days=30)
+    )
+    key = templates.new_key()
+    point = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    ski = hashlib.sha256(point).digest()[:20]
+    inter = _operator_intermediate(root, root_key, key, now - dt.timedelta(hours=1), ski=ski)
+    authority = keys.assemble(inter, key, [inter, root], [root])
+    assert authority.leaf_template is not None  # (the reference builder agrees byte for byte)
+    issued = issuer.issue(authority, CART, make_csr(templates.new_key(), CART), dt.timedelta(hours=1), now)
+    aki = issued.certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == ski
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed: the chain is not checked with `openssl verify`")
+    (tmp_path / "leaf.pem").write_text(issued.chain_pem[0])
+    (tmp_path / "chain.pem").write_text("".join(issued.chain_pem[1:]))
+    (tmp_path / "root.pem").write_bytes(keys.cert_pem(root))
+    out = subprocess.run(
+        [
+            openssl,
+            "verify",
+            "-CAfile",
+            str(tmp_path / "root.pem"),
+            "-untrusted",
+            str(tmp_path / "chain.pem"),
+            str(tmp_path / "leaf.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_signing_certificate_without_key_cert_sign_is_refused() -> None:
+    """Verifiers refuse every leaf such a certificate signs (RFC 5280 4.2.1.3): refused at load."""
+    root_key = templates.new_key()
+    root = templates.root_certificate(root_key, "cluster.local", NOW, dt.timedelta(days=30))
+    key = templates.new_key()
+    inter = _operator_intermediate(root, root_key, key, NOW, key_cert_sign=False)
+    with pytest.raises(KeyMaterialError, match="keyCertSign"):
+        keys.assemble(inter, key, [inter, root], [root])
+
+
+def test_nothing_is_issued_before_the_signing_chain_is_valid() -> None:
+    """An intermediate made on a clock running ahead, or staged early: its leaves were not valid
+    yet, and with a skew above their lifetime their notAfter came before their notBefore."""
+    root_key = templates.new_key()
+    root = templates.root_certificate(
+        root_key, "cluster.local", NOW - dt.timedelta(days=1), dt.timedelta(days=30)
+    )
+    key = templates.new_key()
+    inter = _operator_intermediate(root, root_key, key, NOW + dt.timedelta(minutes=11))
+    authority = keys.assemble(inter, key, [inter, root], [root])
+    assert authority.not_before_limit == inter.not_valid_before_utc
+    csr = make_csr(templates.new_key(), CART)
+    with pytest.raises(SigningUnavailable) as refused:
+        issuer.issue(authority, CART, csr, dt.timedelta(minutes=5), NOW)
+    assert "not valid before" in refused.value.detail
+    later = issuer.issue(authority, CART, csr, dt.timedelta(minutes=5), NOW + dt.timedelta(minutes=12))
+    assert later.certificate.not_valid_before_utc < later.certificate.not_valid_after_utc
+
+
+def test_an_encrypted_signing_key_is_unusable_material(tmp_path: Path) -> None:
+    """cryptography raises TypeError for it (not ValueError): it escaped, killing the CA's watch of
+    its directory for good (no reload after the key was put right) or its start with a traceback."""
+    keys.bootstrap(tmp_path, "cluster.local", NOW)
+    key = serialization.load_pem_private_key((tmp_path / keys.CA_KEY).read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    (tmp_path / keys.CA_KEY).write_bytes(encrypted)
+    with pytest.raises(KeyMaterialError, match="unencrypted PEM key"):
+        keys.load(tmp_path)
