@@ -37,7 +37,16 @@ from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.routes import RouteStats, route_of
 from sidemesh import propagation
 from sidemesh.logging import BufferedLines
-from sidemesh.semconv import GRPC_SERVER_ERRORS, KNOWN_METHODS, OTHER_METHOD, host_port, peer_port
+from sidemesh.semconv import (
+    GRPC_CODE_NAMES,
+    GRPC_SERVER_ERRORS,
+    GRPC_UNIMPLEMENTED,
+    KNOWN_METHODS,
+    MAX_REQUEST_ATTRIBUTE,
+    OTHER_METHOD,
+    host_port,
+    peer_port,
+)
 from sidemesh.spiffe import SpiffeId, SpiffeIdError, WorkloadId
 from sidemesh.telemetry import Tracing, start_tracing
 
@@ -156,12 +165,14 @@ class ProxyObserver:
 
 
 class _Request:
-    __slots__ = ("_fmt", "_headers", "_sampled", "_started", "info", "observer", "span")
+    __slots__ = ("_debug", "_fmt", "_headers", "_sampled", "_started", "info", "observer", "span")
 
     def __init__(self, observer: ProxyObserver, info: RequestInfo) -> None:
         self.observer = observer
         self.info = info
         self._started = time.perf_counter()
+        self._fmt: tuple[propagation.Format, ...] | None = None  # None: a new trace's formats
+        self._debug = False  # B3's debug flag, to pass on
         tracer = observer.tracer
         self.span: Span | None = None  # the SDK's span, when the SDK decides sampling
         self._sampled: tuple[SpanContext, Context | None, int] | None = None  # a deferred span
@@ -187,8 +198,13 @@ class _Request:
             self._defer_span(parent)
             return
         carrier = propagation.carrier_of(info.headers, TRACE_HEADERS)
-        parent, fmt = propagation.extract(carrier)
-        self._fmt = fmt if parent is not None else None  # None: a new trace, in the configured formats
+        parent, _ = propagation.extract(carrier, tracing.sample_root)
+        b3 = propagation.parse_b3(carrier)
+        self._debug = b3 is not None and b3.debug
+        if parent is not None:  # (None: a new trace, in the configured formats)
+            self._fmt = propagation.formats_in(carrier)
+        elif b3 is not None and b3.sampled:  # "sample this" sent alone (the SDK's sampler decides)
+            self._fmt = (b3.fmt,)
         if parent is None and propagation.denied(carrier):
             return  # B3 "deny": no span, the caller's headers go on
         span = tracer.start_span(
@@ -218,11 +234,12 @@ class _Request:
         self._headers = self._headers_of(ctx, self.observer.tracing)
 
     def _headers_of(self, ctx: SpanContext, tracing: Tracing | None) -> list[tuple[bytes, bytes]]:
-        """The next hop's trace headers: in the caller's format, or a new trace's configured ones."""
+        """The next hop's trace headers: in each of the caller's formats, or a new trace's
+        configured ones."""
         if self._fmt is not None:
-            return propagation.headers_of(ctx, self._fmt)
+            return propagation.headers_in(ctx, self._fmt, self._debug)
         assert tracing is not None
-        return propagation.headers_in(ctx, tracing.settings.new_trace_formats)
+        return propagation.headers_in(ctx, tracing.settings.new_trace_formats, self._debug)
 
     def _make_span(self, result: RequestResult, destination: str | None, end_ns: int) -> None:
         """The deferred span of a sampled hop, with its recorded times and ids (Tracing.defer)."""
@@ -233,7 +250,7 @@ class _Request:
         tracing.ids.preset(ctx.trace_id, ctx.span_id)
         try:
             span = tracing.tracer.start_span(
-                _span_name(info),
+                _span_name(info, result),
                 context=parent,
                 kind=SpanKind.CLIENT if info.direction == "outbound" else SpanKind.SERVER,
                 attributes=_start_attributes(info, self.observer.own_identity),
@@ -245,16 +262,25 @@ class _Request:
 
     def _decide(self, carrier: dict[str, str], tracing: Tracing) -> Context | Literal[False] | None:
         """Parent-based sampling before any SDK call: the parent context for a sampled span, or
-        False after writing the unsampled hop's headers (most requests: no span at all)."""
-        self._fmt = propagation.Format.W3C
+        False after writing the unsampled hop's headers (most requests: no span at all). The next
+        hop gets every format the request came with (W3C and B3 both, from a composite
+        propagator)."""
+        self._fmt = propagation.formats_in(carrier)
         parsed = None
         if "traceparent" in carrier:
             parsed = propagation.parse_traceparent(carrier["traceparent"])
-        if parsed is None and ("b3" in carrier or "x-b3-traceid" in carrier):
-            ctx, self._fmt = propagation.extract(carrier)
-            sc = get_current_span(ctx).get_span_context() if ctx is not None else None
-            if sc is not None and sc.is_valid:
-                parsed = (sc.trace_id, sc.span_id, int(sc.trace_flags))
+        if parsed is None and (b3 := propagation.parse_b3(carrier)) is not None:
+            self._debug = b3.debug
+            if b3.trace_id is None or b3.span_id is None:  # a decision sent alone
+                if not b3.sampled:
+                    return False  # B3 "deny": no part in the trace, its headers pass on
+                self._fmt = (b3.fmt,)
+                return None  # "sample this" (b3: 1 or d): a new sampled trace, in B3
+            # No sampling flag: B3 leaves the decision to the receiver, as for a new trace.
+            if not (tracing.sample_root() if b3.sampled is None else b3.sampled):
+                return False  # no part in the trace, its headers pass on unchanged
+            remote = SpanContext(b3.trace_id, b3.span_id, True, TraceFlags(_SAMPLED))
+            return set_span_in_context(NonRecordingSpan(remote))
         if parsed is None:
             if propagation.denied(carrier):
                 return False  # B3 "deny" without ids: no part in the trace, its headers pass on
@@ -268,8 +294,6 @@ class _Request:
         trace_id, span_id, flags = parsed
         if not flags & 1:  # the caller said no: no part in the trace, its headers pass on unchanged
             return False
-        if self._fmt is not propagation.Format.W3C:
-            return ctx
         state = TraceState.from_header([carrier["tracestate"]]) if "tracestate" in carrier else None
         remote = SpanContext(trace_id, span_id, True, TraceFlags(flags), state)
         return set_span_in_context(NonRecordingSpan(remote))
@@ -311,6 +335,8 @@ class _Request:
                 partial(self._make_span, result, destination if outbound else None, time.time_ns())
             )
         elif span is not None and span.is_recording():
+            if info.protocol == "grpc":  # named once the outcome is known (_span_name)
+                span.update_name(_span_name(info, result))
             _end_span(span, result, destination if outbound else None, outbound)
         elif span is not None:
             span.end()
@@ -357,10 +383,32 @@ def _unsampled_w3c(info: RequestInfo, tracing: Tracing) -> list[tuple[bytes, byt
     return _UNCHANGED
 
 
-def _span_name(info: RequestInfo) -> str:
-    """Low-cardinality names only: never the Host header, which any client chooses."""
+def _rpc_of(path: str) -> tuple[str, str]:
+    """(package.Service, Method) of a gRPC path, each cut to MAX_REQUEST_ATTRIBUTE; ("", "") if
+    the path is not of that form."""
+    service, _, method = path.split("?", 1)[0].lstrip("/").rpartition("/")
+    if not service or not method:
+        return "", ""
+    return service[:MAX_REQUEST_ATTRIBUTE], method[:MAX_REQUEST_ATTRIBUTE]
+
+
+def _span_name(info: RequestInfo, result: RequestResult | None = None) -> str:
+    """Low-cardinality names only: never the Host header, which any client chooses. A gRPC span is
+    named after its method (package.Service/Method) only once the call was let through and the
+    server knew the method (not UNIMPLEMENTED, not an HTTP error): any caller chooses the path, and
+    every name it made up would be one more operation for Jaeger to index; other calls are "grpc"."""
     if info.protocol == "grpc":
-        return info.path.split("?", 1)[0].lstrip("/")  # package.Service/Method
+        if (
+            result is not None
+            and result.decision == "allow"
+            and result.status is not None
+            and result.status < 400
+            and result.grpc_status != GRPC_UNIMPLEMENTED
+        ):
+            service, method = _rpc_of(info.path)
+            if service:
+                return f"{service}/{method}"
+        return "grpc"
     method = info.method if info.method in KNOWN_METHODS else "HTTP"
     return f"{method} {info.service}" if info.service else method
 
@@ -378,20 +426,23 @@ def _start_attributes(info: RequestInfo, own_identity: str) -> dict[str, str | i
     destination = info.destination if outbound else own_identity
     path = info.path.split("?", 1)[0]
     host, port = host_port(info.authority) if info.authority else ("", None)
+    limit = MAX_REQUEST_ATTRIBUTE  # what the caller chose is cut (semconv.MAX_REQUEST_ATTRIBUTE)
     attrs: dict[str, str | int] = {
         "http.request.method": info.method if info.method in KNOWN_METHODS else OTHER_METHOD,
-        "url.path": path,
+        "url.path": path[:limit],
         "url.scheme": "http",
         "network.protocol.version": "2" if info.protocol in ("h2", "grpc") else "1.1",
     }
     if info.method not in KNOWN_METHODS:
-        attrs["http.request.method_original"] = info.method
+        attrs["http.request.method_original"] = info.method[:limit]
     if host:
-        attrs["server.address"] = host
+        attrs["server.address"] = host[:limit]
         if port is not None:
             attrs["server.port"] = port
+        elif outbound:  # required on CLIENT spans: the scheme's default
+            attrs["server.port"] = 80
         if outbound:  # the query is left out: it may carry credentials
-            attrs["url.full"] = f"http://{info.authority}{path}"
+            attrs["url.full"] = f"http://{info.authority}{path}"[:limit]
     if source:
         attrs[SOURCE_ID] = source
     if destination:
@@ -402,10 +453,40 @@ def _start_attributes(info: RequestInfo, own_identity: str) -> dict[str, str | i
         _peer_attributes(attrs, info.peer_address)
     if info.protocol == "grpc":
         attrs["rpc.system"] = "grpc"
-        service, _, method = path.lstrip("/").rpartition("/")
-        if service and method:
+        service, method = _rpc_of(path)
+        if service:
             attrs["rpc.service"], attrs["rpc.method"] = service, method
     return attrs
+
+
+# error.type of a request that failed before (or while) its response came: a low-cardinality
+# identifier (HTTP semantic conventions), from the sidecar's own error texts; "_OTHER" for the rest.
+_ERROR_TYPES = {
+    "timeout": "timeout",
+    "no endpoints": "no_endpoints",
+    "upstream reset": "upstream_reset",
+    "connection lost": "upstream_reset",
+    "connection closed": "connection_closed",
+    "reset by the client": "client_reset",
+}
+
+
+def _error_type(result: RequestResult, outbound: bool) -> str | None:
+    """The request's error.type, None when it did not fail. As the HTTP conventions have it, 4xx
+    fails a CLIENT span only (a denial, a 400 is the caller's error, not the server's); a gRPC
+    status fails a CLIENT span unless OK, a SERVER span for the server's errors only."""
+    status = result.status
+    if status is None or (status < 400 and result.error):  # no response, or one cut short
+        error = result.error or ""
+        return _ERROR_TYPES.get(error) or (
+            "malformed_response" if error.startswith("malformed response") else "_OTHER"
+        )
+    if status >= 500 or (outbound and status >= 400):
+        return str(status)
+    grpc = result.grpc_status
+    if grpc not in (None, 0) and (outbound or grpc in GRPC_SERVER_ERRORS):
+        return GRPC_CODE_NAMES[grpc] if 0 <= grpc < len(GRPC_CODE_NAMES) else str(grpc)
+    return None
 
 
 def _end_span(
@@ -428,14 +509,20 @@ def _end_span(
         attrs[DESTINATION_ID] = destination
     if result.error:
         attrs[ERROR] = result.error
+    error_type = _error_type(result, outbound)
+    if error_type is not None:
+        attrs["error.type"] = error_type
     span.set_attributes(attrs)
-    if result.decision == "deny":
-        span.set_status(Status(StatusCode.ERROR, f"denied: {result.reason}"))
-    elif result.error or result.status is None or result.status >= 500 or (outbound and result.status >= 400):
-        # HTTP semantic conventions: 4xx is the client's error, so an error of the CLIENT span only.
-        span.set_status(Status(StatusCode.ERROR, result.error or f"status {result.status}"))
-    elif result.grpc_status not in (None, 0) and (outbound or result.grpc_status in GRPC_SERVER_ERRORS):
-        span.set_status(Status(StatusCode.ERROR, f"grpc-status {result.grpc_status}"))
+    if error_type is not None:
+        if result.decision == "deny":
+            why = f"denied: {result.reason}"
+        elif result.error:
+            why = result.error
+        elif result.status is not None and result.status >= 400:
+            why = f"status {result.status}"
+        else:
+            why = f"grpc-status {result.grpc_status}"
+        span.set_status(Status(StatusCode.ERROR, why))
     span.end(end_ns)
 
 

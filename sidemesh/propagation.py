@@ -1,30 +1,95 @@
 """Trace context on the wire: W3C ``traceparent``/``tracestate`` and B3 (single and multi header).
 
-All three are read; the forwarded request carries the format the request came in with (when it
-came with none, the formats OTEL_PROPAGATORS names: W3C by default), so an app that speaks B3 gets
-B3 back. Baggage is not propagated by the mesh:
-the app's own ``baggage`` header passes through untouched.
+All three are read (W3C first); the forwarded request carries every format the request came in
+with (when it came with none, the formats OTEL_PROPAGATORS names: W3C by default), so an app that
+speaks B3, or B3 and W3C at once (a composite propagator), gets them back. B3 is read here rather
+than by OpenTelemetry's propagator, which lost the debug flag, took a missing sampling flag as "no"
+(multi-header) or "yes" (single header) where B3 leaves the decision to the receiver, and ignored a
+decision sent without ids (``b3: 1``). Baggage is not propagated by the mesh: the app's own
+``baggage`` header passes through untouched.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from opentelemetry.context import Context
-from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, set_span_in_context
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _W3C = TraceContextTextMapPropagator()
-_B3_SINGLE = B3SingleFormat()
-_B3_MULTI = B3MultiFormat()  # its extract reads the single header too
 
 
 class Format(enum.Enum):
     W3C = "w3c"
     B3_SINGLE = "b3"
     B3_MULTI = "b3multi"
+
+
+@dataclass(frozen=True, slots=True)
+class B3:
+    """What the B3 headers of a request say (openzipkin/b3-propagation)."""
+
+    fmt: Format
+    trace_id: int | None  # None: a sampling decision sent alone (``b3: 1``, ``X-B3-Sampled: 0``)
+    span_id: int | None
+    sampled: bool | None  # None: the caller left the decision to the receiver
+    debug: bool  # "d" / X-B3-Flags: 1 (sampled, and asked to be recorded whatever the rate)
+
+
+_B3_TRACE = re.compile(r"(?:[0-9a-f]{16}){1,2}")
+_B3_SPAN = re.compile(r"[0-9a-f]{16}")
+
+
+def _b3_ids(trace: str, span: str) -> tuple[int, int] | None:
+    if _B3_TRACE.fullmatch(trace) is None or _B3_SPAN.fullmatch(span) is None:
+        return None
+    trace_id, span_id = int(trace, 16), int(span, 16)
+    return (trace_id, span_id) if trace_id and span_id else None
+
+
+def parse_b3(carrier: Mapping[str, str]) -> B3 | None:
+    """The B3 headers of ``carrier`` (the single header first), or None: none, or invalid."""
+    single = carrier.get("b3")
+    if single is not None:
+        parts = single.strip(" \t").split("-")
+        if len(parts) == 1:  # a decision alone: 0, 1 or d
+            flag = parts[0]
+            return (
+                B3(Format.B3_SINGLE, None, None, flag != "0", flag == "d")
+                if flag in ("0", "1", "d")
+                else None
+            )
+        if len(parts) > 4 or (len(parts) == 4 and _B3_SPAN.fullmatch(parts[3]) is None):
+            return None
+        ids = _b3_ids(parts[0], parts[1])
+        if ids is None or (len(parts) > 2 and parts[2] not in ("0", "1", "d")):
+            return None
+        decision = parts[2] if len(parts) > 2 else None
+        return B3(Format.B3_SINGLE, *ids, None if decision is None else decision != "0", decision == "d")
+    debug = carrier.get("x-b3-flags", "").strip(" \t") == "1"
+    text = carrier.get("x-b3-sampled", "").strip(" \t").lower()
+    sampled = True if debug or text in ("1", "true") else False if text in ("0", "false") else None
+    trace = carrier.get("x-b3-traceid")
+    if trace is None:
+        return None if sampled is None else B3(Format.B3_MULTI, None, None, sampled, debug)
+    ids = _b3_ids(trace.strip(" \t"), carrier.get("x-b3-spanid", "").strip(" \t"))
+    return None if ids is None else B3(Format.B3_MULTI, *ids, sampled, debug)
+
+
+def formats_in(carrier: Mapping[str, str]) -> tuple[Format, ...]:
+    """The trace context formats the request carries, W3C first: the next hop gets each of them."""
+    found = []
+    if "traceparent" in carrier:
+        found.append(Format.W3C)
+    if "b3" in carrier:
+        found.append(Format.B3_SINGLE)
+    if "x-b3-traceid" in carrier:
+        found.append(Format.B3_MULTI)
+    return tuple(found)
 
 
 def carrier_of(headers: Iterable[tuple[bytes, bytes]], names: frozenset[bytes]) -> dict[str, str]:
@@ -42,29 +107,29 @@ def combined(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
-def extract(carrier: Mapping[str, str]) -> tuple[Context | None, Format]:
-    """The parent context the headers carry (None: start a new trace) and the format they used."""
+def extract(
+    carrier: Mapping[str, str], decide: Callable[[], bool] = lambda: False
+) -> tuple[Context | None, Format]:
+    """The parent context the headers carry (None: start a new trace) and the format they used.
+    A B3 caller that left the sampling decision to the receiver gets ``decide()``'s."""
     if "traceparent" in carrier:
         ctx = _W3C.extract(carrier)
         if ctx:
             return ctx, Format.W3C
-    if "b3" in carrier:
-        return _B3_MULTI.extract(carrier) or None, Format.B3_SINGLE
-    if "x-b3-traceid" in carrier:
-        return _B3_MULTI.extract(carrier) or None, Format.B3_MULTI
-    return None, Format.W3C
+    b3 = parse_b3(carrier)
+    if b3 is None or b3.trace_id is None or b3.span_id is None:
+        return None, Format.W3C if b3 is None else b3.fmt
+    sampled = decide() if b3.sampled is None else b3.sampled
+    remote = SpanContext(b3.trace_id, b3.span_id, True, TraceFlags(TraceFlags.SAMPLED if sampled else 0))
+    return set_span_in_context(NonRecordingSpan(remote)), b3.fmt
 
 
 def denied(carrier: Mapping[str, str]) -> bool:
     """B3's sampling decision "deny" sent without ids (``b3: 0``, or ``X-B3-Sampled: 0`` without a
     trace id): the caller asks that nobody downstream record the request. Such a request takes no
     part in tracing and its headers pass on unchanged, as for a caller that said "not sampled"."""
-    single = carrier.get("b3")
-    if single is not None:
-        return single.strip(" \t") == "0"
-    if "x-b3-traceid" in carrier:
-        return False  # with ids: the extractor reads the sampled flag
-    return carrier.get("x-b3-sampled", "").strip(" \t").lower() in ("0", "false")
+    b3 = parse_b3(carrier) if "b3" in carrier or "x-b3-sampled" in carrier else None
+    return b3 is not None and b3.trace_id is None and b3.sampled is False
 
 
 def inject(span: Span, fmt: Format) -> list[tuple[bytes, bytes]]:
@@ -72,27 +137,27 @@ def inject(span: Span, fmt: Format) -> list[tuple[bytes, bytes]]:
     return headers_of(span.get_span_context(), fmt)
 
 
-def headers_in(sc: SpanContext, formats: Iterable[Format]) -> list[tuple[bytes, bytes]]:
-    """``headers_of`` in each of ``formats`` (a new trace: OTEL_PROPAGATORS may name several)."""
-    return [header for fmt in formats for header in headers_of(sc, fmt)]
+def headers_in(sc: SpanContext, formats: Iterable[Format], debug: bool = False) -> list[tuple[bytes, bytes]]:
+    """``headers_of`` in each of ``formats`` (the caller's, or OTEL_PROPAGATORS' for a new trace)."""
+    return [header for fmt in formats for header in headers_of(sc, fmt, debug)]
 
 
-def headers_of(sc: SpanContext, fmt: Format) -> list[tuple[bytes, bytes]]:
-    """The headers that carry the span ``sc`` as the parent of the next hop, in ``fmt``."""
+def headers_of(sc: SpanContext, fmt: Format, debug: bool = False) -> list[tuple[bytes, bytes]]:
+    """The headers that carry the span ``sc`` as the parent of the next hop, in ``fmt``;
+    ``debug``: B3's debug flag goes on (the caller set it)."""
     if not sc.is_valid:
         return []
+    trace, span = b"%032x" % sc.trace_id, b"%016x" % sc.span_id
     if fmt is Format.W3C:  # written here as the SDK's propagator writes it, without a Context
-        out = [(b"traceparent", b"00-%032x-%016x-%02x" % (sc.trace_id, sc.span_id, sc.trace_flags))]
+        out = [(b"traceparent", b"00-%s-%s-%02x" % (trace, span, sc.trace_flags))]
         if sc.trace_state:
             out.append((b"tracestate", sc.trace_state.to_header().encode("latin-1")))
         return out
-    carrier: dict[str, str] = {}
-    ctx = set_span_in_context(NonRecordingSpan(sc))
+    flag = b"d" if debug and sc.trace_flags.sampled else b"1" if sc.trace_flags.sampled else b"0"
     if fmt is Format.B3_SINGLE:
-        _B3_SINGLE.inject(carrier, ctx)
-    else:
-        _B3_MULTI.inject(carrier, ctx)
-    return [(k.encode(), v.encode("latin-1")) for k, v in carrier.items()]
+        return [(b"b3", b"%s-%s-%s" % (trace, span, flag))]
+    decision = (b"x-b3-flags", b"1") if flag == b"d" else (b"x-b3-sampled", flag)
+    return [(b"x-b3-traceid", trace), (b"x-b3-spanid", span), decision]
 
 
 # -- the unsampled fast path ----------------------------------------------------------------------

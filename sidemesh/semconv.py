@@ -15,6 +15,31 @@ OTHER_METHOD = "_OTHER"
 # INTERNAL, UNAVAILABLE, DATA_LOSS (the server failed; NOT_FOUND or PERMISSION_DENIED answer the
 # request correctly). A CLIENT span is an error for any code but OK.
 GRPC_SERVER_ERRORS = frozenset({2, 4, 12, 13, 14, 15})
+GRPC_UNIMPLEMENTED = 12
+# The codes' names (error.type of a failed call, as the RPC conventions write status codes).
+GRPC_CODE_NAMES = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
+# Span attribute values taken from a request (path, host, method) are cut to this many characters,
+# as Envoy cuts its path tag (max_path_tag_length): any caller chooses them, and one span with a
+# 64 KiB path made export batches bigger than collectors accept (4 MiB).
+MAX_REQUEST_ATTRIBUTE = 256
 
 
 def method_of(method: str) -> str:

@@ -30,8 +30,11 @@ _TRACE_KEYS = frozenset(
 _TRACE_NAMES = frozenset(k.encode() for k in _TRACE_KEYS)
 
 
-def _span_status(span: Span, error: str | None) -> None:
+def _span_status(span: Span, error: str | None, error_type: str | None = None) -> None:
+    """End ``span``; failed (``error``): status ERROR and error.type (the conventions' conditionally
+    required attribute: the gRPC code's name, the HTTP status, or the exception's class)."""
     if error is not None:
+        span.set_attribute("error.type", error_type or error)
         span.set_status(Status(StatusCode.ERROR, error))
     span.end()
 
@@ -313,7 +316,7 @@ class AsgiTelemetry:
             self.seconds.labels(route).observe(time.perf_counter() - started)
             if span is not None:
                 span.set_attribute("http.response.status_code", code)
-                _span_status(span, error or (f"status {code}" if code >= 500 else None))
+                _span_status(span, error or (f"status {code}" if code >= 500 else None), error or str(code))
 
     def _start(self, scope: Scope, method: str, route: str) -> Span | None:
         if self.tracing is None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace import sampling as samplers
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
@@ -55,6 +55,22 @@ _EXPORTER_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.grpc.exporter",
     "opentelemetry.exporter.otlp.proto.http",
 )
+# Warns for every invalid tracestate it is given (the caller's text in each line): any caller could
+# write a log line per request. An invalid tracestate is dropped, as W3C Trace Context says.
+_PER_REQUEST_LOGGERS = ("opentelemetry.trace.span",)
+# Every span attribute value is cut to this many characters unless OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT
+# or OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT says otherwise (the SDK's default is no limit). What
+# callers choose is cut shorter where it is recorded (semconv.MAX_REQUEST_ATTRIBUTE).
+DEFAULT_ATTRIBUTE_LENGTH = 1024
+
+
+def span_limits(environ: Mapping[str, str]) -> SpanLimits:
+    """The SDK's limits as OTEL_* sets them, with a bound on attribute values by default."""
+    configured = any(
+        environ.get(name)
+        for name in ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT")
+    )
+    return SpanLimits() if configured else SpanLimits(max_span_attribute_length=DEFAULT_ATTRIBUTE_LENGTH)
 
 
 class TelemetryConfigError(ConfigError):
@@ -414,6 +430,8 @@ def start_tracing(
         return None
     for name in _EXPORTER_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in _PER_REQUEST_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     attrs = {k: v for k, v in (attributes or {}).items() if v}
     env = os.environ if environ is None else environ
     attrs["service.name"] = (
@@ -427,6 +445,7 @@ def start_tracing(
         resource=Resource.create(attrs),
         sampler=make_sampler(settings, caller_samples_roots),
         id_generator=ids,
+        span_limits=span_limits(env),
         shutdown_on_exit=False,  # Tracing.close() flushes within a bound; the SDK's atexit waits 30 s
     )
     provider.add_span_processor(

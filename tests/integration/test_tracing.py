@@ -240,9 +240,10 @@ async def test_new_traces_are_sampled_at_the_configured_ratio(receiver: Receiver
     assert 850 <= kept <= 1150, kept  # binomial(2000, 0.5): sd 22
 
 
-async def test_a_denied_request_gets_an_error_span_with_the_reason(
-    receiver: Receiver, observers: Make
-) -> None:
+async def test_a_denied_request_gets_a_span_with_the_reason(receiver: Receiver, observers: Make) -> None:
+    """HTTP semantic conventions: a 4xx leaves a SERVER span's status unset (the caller's error,
+    not the service's: error-rate tools such as Jaeger's SPM counted every denial as a failure of
+    the service called); the decision and reason are attributes."""
     observer, metrics = observers(B)
     request = observer.start(inbound([]))
     request.finish(
@@ -254,7 +255,7 @@ async def test_a_denied_request_gets_an_error_span_with_the_reason(
         )
     )
     span = one(await receiver.wait_for(lambda s: len(s) >= 1), "SERVER")
-    assert span.status == "ERROR"
+    assert span.status == "UNSET" and "error.type" not in span.attributes
     assert span.attributes["sidemesh.authz.decision"] == "deny"
     assert span.attributes["sidemesh.authz.reason"] == "no rule of shop/cart-allow allows shop/frontend"
     r = metrics.registry
@@ -437,3 +438,146 @@ async def test_span_status_names_and_addresses_follow_the_semantic_conventions(
     assert client.name == "GET cart.shop:80"  # the destination service from the mesh's config
     assert client.attributes["url.full"] == "http://cart.shop:80/c404"
     assert (client.attributes["server.address"], client.attributes["server.port"]) == ("cart.shop", 80)
+
+
+async def test_w3c_and_b3_both_go_on(receiver: Receiver, observers: Make) -> None:
+    """An app with a composite propagator (tracecontext,b3multi) sends both: a B3-only service
+    downstream lost the trace when only the W3C headers went on."""
+    observer, _ = observers(A)
+    app_headers = [
+        (b"traceparent", f"00-{TRACE}-{APP_SPAN}-01".encode()),
+        (b"x-b3-traceid", TRACE.encode()),
+        (b"x-b3-spanid", APP_SPAN.encode()),
+        (b"x-b3-sampled", b"1"),
+    ]
+    request = observer.start(outbound(app_headers))
+    hop = dict(request.trace_headers())
+    request.finish(RequestResult(200))
+    span = one(await receiver.wait_for(lambda s: len(s) >= 1), "CLIENT")
+    assert hop[b"traceparent"].startswith(f"00-{TRACE}-{span.span_id}-".encode())
+    assert (hop[b"x-b3-traceid"], hop[b"x-b3-spanid"], hop[b"x-b3-sampled"]) == (
+        TRACE.encode(),
+        span.span_id.encode(),
+        b"1",
+    )
+
+
+@pytest.mark.parametrize(
+    "app_headers",
+    [
+        [(b"x-b3-traceid", TRACE.encode()), (b"x-b3-spanid", APP_SPAN.encode())],
+        [(b"b3", f"{TRACE}-{APP_SPAN}".encode())],
+    ],
+    ids=["multi", "single"],
+)
+@pytest.mark.parametrize("ratio", ["1", "0"])
+async def test_b3_without_a_sampling_flag_leaves_the_decision_here(
+    receiver: Receiver, observers: Make, app_headers: list[tuple[bytes, bytes]], ratio: str
+) -> None:
+    """B3: with no sampling flag the receiver decides. The multi-header form was taken as "no" and
+    the single one as "yes" (OpenTelemetry's propagator): now both follow this hop's own sampler."""
+    observer, _ = observers(A, OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG=ratio)
+    info = outbound(app_headers)
+    request = observer.start(info)
+    out = sent(request, info)
+    request.finish(RequestResult(200))
+    if ratio == "1":
+        span = one(await receiver.wait_for(lambda s: len(s) >= 1), "CLIENT")
+        assert span.trace_id == TRACE and span.parent_id == APP_SPAN
+        assert span.span_id.encode() in b" ".join(v for _, v in out)
+    else:
+        await asyncio.sleep(0.2)
+        assert receiver.spans == [] and out == app_headers  # unchanged: the next hop decides
+
+
+@pytest.mark.parametrize(
+    ("app_headers", "wanted"),
+    [
+        ([(b"b3", f"{TRACE}-{APP_SPAN}-d".encode())], {b"b3": b"-d"}),
+        (
+            [(b"x-b3-traceid", TRACE.encode()), (b"x-b3-spanid", APP_SPAN.encode()), (b"x-b3-flags", b"1")],
+            {b"x-b3-flags": b"1"},
+        ),
+    ],
+    ids=["single", "multi"],
+)
+async def test_b3_debug_goes_on(
+    receiver: Receiver, observers: Make, app_headers: list[tuple[bytes, bytes]], wanted: dict[bytes, bytes]
+) -> None:
+    """The debug flag (record this whatever the rates) went on as a plain "sampled"."""
+    observer, _ = observers(A)
+    request = observer.start(outbound(app_headers))
+    hop = dict(request.trace_headers())
+    request.finish(RequestResult(200))
+    for name, ending in wanted.items():
+        assert hop[name].endswith(ending), hop
+    assert b"x-b3-sampled" not in hop
+
+
+async def test_a_b3_decision_sent_alone_starts_a_trace_in_b3(receiver: Receiver, observers: Make) -> None:
+    """``b3: 1`` without ids asks for a sampled trace: it went on as a W3C traceparent and the
+    caller's B3 header was dropped."""
+    observer, _ = observers(A)
+    request = observer.start(outbound([(b"b3", b"1")]))
+    hop = dict(request.trace_headers())
+    request.finish(RequestResult(200))
+    span = one(await receiver.wait_for(lambda s: len(s) >= 1), "CLIENT")
+    assert list(hop) == [b"b3"] and hop[b"b3"] == f"{span.trace_id}-{span.span_id}-1".encode()
+
+
+async def test_grpc_span_names_come_from_the_path_only_for_calls_the_server_knew(
+    receiver: Receiver, observers: Make
+) -> None:
+    """Span names must stay few (Jaeger indexes each as an operation), and any caller chooses the
+    path: a made-up method (UNIMPLEMENTED) or a denied call is named "grpc"."""
+    observer, _ = observers(B)
+    calls = {
+        "/shop.Cart/Get": RequestResult(200, grpc_status=0),
+        "/shop.Cart/NotFound": RequestResult(200, grpc_status=5),
+        "/random.Svc/Xyz123": RequestResult(200, grpc_status=12),
+        "/shop.Cart/Secret": RequestResult(200, grpc_status=7, decision="deny", reason="no rule"),
+    }
+    for path, result in calls.items():
+        observer.start(RequestInfo("inbound", "grpc", "POST", path, "cart", [], source=A)).finish(result)
+    spans = await receiver.wait_for(lambda s: len(s) >= len(calls))
+    names = {s.attributes["url.path"]: s.name for s in spans}
+    assert names == {
+        "/shop.Cart/Get": "shop.Cart/Get",
+        "/shop.Cart/NotFound": "shop.Cart/NotFound",
+        "/random.Svc/Xyz123": "grpc",
+        "/shop.Cart/Secret": "grpc",
+    }
+
+
+async def test_what_callers_choose_is_cut_and_errors_have_a_type(receiver: Receiver, observers: Make) -> None:
+    """A 60 KB path went whole into the span: 512 such spans made a 30 MB export batch that
+    collectors refuse (4 MiB), losing every span in it. error.type (conditionally required) is set
+    on failed requests; a CLIENT span has a server.port (required) even when Host has none."""
+    observer, _ = observers(A)
+    long_path = "/" + "a" * 60_000
+    observer.start(outbound([], path=long_path)).finish(RequestResult(503))
+    reset = outbound([], path="/reset")
+    reset.authority = "cart.shop"
+    observer.start(reset).finish(RequestResult(None, error="upstream reset"))
+    observer.start(inbound([], path="/ok")).finish(RequestResult(200))
+    spans = await receiver.wait_for(lambda s: len(s) >= 3)
+    by_path = {s.attributes["url.path"][:10]: s for s in spans}
+    cut = by_path["/" + "a" * 9]
+    assert len(cut.attributes["url.path"]) == 256 and len(cut.attributes["url.full"]) == 256
+    assert cut.attributes["error.type"] == "503" and cut.status == "ERROR"
+    failed = by_path["/reset"]
+    assert failed.attributes["error.type"] == "upstream_reset" and failed.status == "ERROR"
+    assert failed.attributes["server.port"] == 80
+    assert "error.type" not in by_path["/ok"].attributes
+
+
+async def test_an_invalid_tracestate_is_not_logged_per_request(
+    receiver: Receiver, observers: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SDK warned once per request with the caller's text: a log line per request for anyone."""
+    observer, _ = observers(A)
+    headers = [(b"traceparent", f"00-{TRACE}-{APP_SPAN}-01".encode()), (b"tracestate", b"A0=1")]
+    for _ in range(3):
+        observer.start(outbound(headers)).finish(RequestResult(200))
+    await receiver.wait_for(lambda s: len(s) >= 3)
+    assert not [r for r in caplog.records if "A0=1" in r.getMessage()]
