@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import logging
 from collections.abc import Callable
@@ -82,10 +83,48 @@ def api_client_from(kubeconfig: Path | None) -> Any:
 NATIVE_SIDECARS_SINCE = (1, 29)  # SidecarContainers on by default (beta; GA in 1.33)
 
 
+def _kubelet_version(text: str) -> tuple[int, int] | None:
+    """``v1.28.5-eks-5e0fdde`` -> (1, 28); None if it does not read as a version."""
+    major, _, rest = text.lstrip("v").partition(".")
+    minor = "".join(itertools.takewhile(str.isdigit, rest))
+    return (int(major), int(minor)) if major.isdigit() and minor else None
+
+
+NODES_PAGE = 500
+
+
+def oldest_kubelet(api: Any) -> tuple[tuple[int, int], str] | None:
+    """The oldest kubelet version among the nodes, and that node's name (None: no node says one).
+    Read page by page, as the server wrote it (the client's models are not needed)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    oldest: tuple[tuple[int, int], str] | None = None
+    token = None
+    while True:
+        kwargs: dict[str, Any] = {"limit": NODES_PAGE, "_preload_content": False, "_request_timeout": (3, 5)}
+        if token:
+            kwargs["_continue"] = token
+        resp: Any = core.list_node(**kwargs)
+        page = json.loads(resp.data)
+        for node in page.get("items") or ():
+            version = _kubelet_version(
+                str(((node.get("status") or {}).get("nodeInfo") or {}).get("kubeletVersion", ""))
+            )
+            if version is not None and (oldest is None or version < oldest[0]):
+                oldest = (version, str((node.get("metadata") or {}).get("name", "?")))
+        token = (page.get("metadata") or {}).get("continue")
+        if not token:
+            return oldest
+
+
 def native_sidecars_supported(api: Any) -> tuple[bool, str]:
-    """Whether the API server runs Kubernetes 1.29+ (native sidecars on by default), and its
-    version as it says it (`/version`, readable by every authenticated client). On 1.28 the feature
-    gate is off by default and the API server refuses a pod whose init container has probes."""
+    """Whether the cluster takes native sidecars: an API server of Kubernetes 1.29+ (on by default;
+    on 1.28 the API server refuses a pod whose init container has probes) and no kubelet older than
+    that (kubelets may be three minor versions behind the API server, as during an upgrade, which
+    does the control plane first; an old kubelet runs a native sidecar as an ordinary init
+    container, which never exits: the pod would stay in Init for good). With the versions, as
+    they said them."""
     from kubernetes import client
 
     # Read as the server wrote it (_preload_content=False): the client's model refuses a /version
@@ -95,7 +134,13 @@ def native_sidecars_supported(api: Any) -> tuple[bool, str]:
     major, minor = (
         int("".join(c for c in str(info.get(k, "")) if c.isdigit()) or 0) for k in ("major", "minor")
     )
-    return (major, minor) >= NATIVE_SIDECARS_SINCE, str(info.get("gitVersion", f"{major}.{minor}"))
+    version = str(info.get("gitVersion", f"{major}.{minor}"))
+    if (major, minor) < NATIVE_SIDECARS_SINCE:
+        return False, version
+    oldest = oldest_kubelet(api)
+    if oldest is not None and oldest[0] < NATIVE_SIDECARS_SINCE:
+        return False, f"{version}, kubelet {oldest[0][0]}.{oldest[0][1]} on node {oldest[1]}"
+    return True, version
 
 
 class CABundleKeeper:

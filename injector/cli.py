@@ -313,8 +313,9 @@ async def _on_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 async def _native_sidecars(api: Any, config: InjectorConfig) -> bool:
     """For nativeSidecar "auto" (now, or after a settings reload): whether the cluster takes native
-    sidecars (1.29+). Asked once, with --webhook-configuration or without (cert-manager setups),
-    at most VERSION_WAIT_S: an API server that does not answer does not keep the webhook down."""
+    sidecars (API server and every kubelet 1.29+). Asked once, with --webhook-configuration or
+    without (cert-manager setups), at most VERSION_WAIT_S: an API server that does not answer does
+    not keep the webhook down, and gets classic sidecars, which every version runs."""
     from injector import cabundle
 
     try:
@@ -331,14 +332,15 @@ async def _native_sidecars(api: Any, config: InjectorConfig) -> bool:
         )
     except Exception as exc:  # the caBundle keeper reports API trouble; this is only a default
         log.warning(
-            "cannot read the API server's version: nativeSidecar auto means native sidecars; set "
-            "nativeSidecar: false in the injection settings on a cluster older than 1.29",
+            "cannot read the API server's or the nodes' versions: nativeSidecar auto means classic "
+            "sidecars (they run everywhere); set nativeSidecar: true in the injection settings when "
+            "the API server and every kubelet run 1.29 or later (reading nodes needs list on nodes)",
             extra={"error": str(exc)},
         )
-        return True
+        return False
     log.info(
         "nativeSidecar auto: "
-        + ("native sidecars" if supported else "classic sidecars (native ones need 1.29+)"),
+        + ("native sidecars" if supported else "classic sidecars (native ones need 1.29+ everywhere)"),
         extra={"kubernetes": version},
     )
     return bool(supported)

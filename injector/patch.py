@@ -161,6 +161,9 @@ def _proxy_resources(annotations: dict[str, str], base: Resources) -> Resources:
     return Resources(requests=parts["requests"], limits=parts["limits"])
 
 
+MIRROR = "kubernetes.io/config.mirror"
+
+
 def skip_reason(pod: Json) -> str | None:
     """Why this pod gets no sidecar, or None to inject it."""
     meta = _map(pod, "metadata", "pod")
@@ -175,6 +178,8 @@ def skip_reason(pod: Json) -> str | None:
                 f'{where} {INJECT}: {values.get(INJECT)!r} is not "false" or "disabled" (no sidecar), '
                 f'nor "true" or "enabled"; fix the {where}'
             )
+    if MIRROR in annotations:  # the API server refuses a mirror pod with a projected token volume
+        return "mirror pod of a static pod: the kubelet runs it, and the API server would refuse it injected"
     spec = _map(pod, "spec", "pod")
     if _is_windows(spec):
         return "Windows pod: the sidecar and its iptables init container run on Linux only"
@@ -340,4 +345,13 @@ def inject(pod: Any, settings: InjectionSettings) -> Result:
             "POST http://127.0.0.1:15020/quitquitquit when it is done, or use native sidecars "
             "(Kubernetes 1.29+, nativeSidecar or the sidemesh.io/native-sidecar annotation)"
         )
+    for container in [*_list(spec, "initContainers", "spec"), *_list(spec, "containers", "spec")]:
+        for port in container.get("ports") or ():
+            number = port.get("containerPort") if isinstance(port, dict) else None
+            if number in probes.PROXY_PORTS:
+                warnings.append(
+                    f"sidemesh: container {container.get('name')} declares port {number}, one of the "
+                    f"sidecar's ({', '.join(map(str, sorted(probes.PROXY_PORTS)))}): if it listens there, "
+                    "one of the two cannot bind it and the pod crash-loops; move the app's port"
+                )
     return Result(True, "injected", diff(pod, desired), desired, warnings)

@@ -25,6 +25,8 @@ import copy
 import json
 from typing import Any
 
+from injector.errors import PodError
+
 Json = dict[str, Any]
 
 HEALTH_PORT = 15020
@@ -50,28 +52,44 @@ def _resolve_port(port: Any, container: Json) -> int | None:
     return None
 
 
-def _original(probe: Json, container: Json) -> Json | None:
-    """The record the sidecar needs to run ``probe`` itself, or None to leave the probe alone."""
+def _handler(probe: Json, kind: str, where: str) -> Json:
+    handler = probe[kind] or {}
+    if not isinstance(handler, dict):
+        raise PodError(f"{where}.{kind} must be a map, not {type(handler).__name__}")
+    return handler
+
+
+def _headers(get: Json, where: str) -> list[Json]:
+    """httpGet.httpHeaders as the kubelet reads them (a header without a value sends an empty one)."""
+    headers = get.get("httpHeaders") or []
+    if not isinstance(headers, list) or not all(isinstance(h, dict) and h.get("name") for h in headers):
+        raise PodError(f"{where}.httpGet.httpHeaders must be a list of {{name, value}} maps")
+    return [{"name": str(h["name"]), "value": str(h.get("value") or "")} for h in headers]
+
+
+def _original(probe: Json, container: Json, where: str = "probe") -> Json | None:
+    """The record the sidecar needs to run ``probe`` itself, or None to leave the probe alone.
+    A handler of the wrong shape is a PodError naming it (it was a crash: a 500 from the webhook)."""
     timeout = probe.get("timeoutSeconds", 1)
     if "httpGet" in probe:
-        get = probe["httpGet"] or {}
+        get = _handler(probe, "httpGet", where)
         if get.get("host"):
             return None
         port = _resolve_port(get.get("port"), container)
         if port is None or port in PROXY_PORTS:
             return None
         record: Json = {"path": get.get("path") or "/", "port": port, "scheme": get.get("scheme") or "HTTP"}
-        if get.get("httpHeaders"):
-            record["httpHeaders"] = [{"name": h["name"], "value": h["value"]} for h in get["httpHeaders"]]
+        if headers := _headers(get, where):
+            record["httpHeaders"] = headers
         return {"httpGet": record, "timeoutSeconds": timeout}
     if "tcpSocket" in probe:
-        tcp = probe["tcpSocket"] or {}
+        tcp = _handler(probe, "tcpSocket", where)
         port = _resolve_port(tcp.get("port"), container)
         if tcp.get("host") or port is None or port in PROXY_PORTS:
             return None
         return {"tcpSocket": {"port": port}, "timeoutSeconds": timeout}
     if "grpc" in probe:
-        grpc = probe["grpc"] or {}
+        grpc = _handler(probe, "grpc", where)
         port = _resolve_port(grpc.get("port"), container)
         if port is None or port in PROXY_PORTS:
             return None
@@ -92,7 +110,7 @@ def rewrite_container(
         probe = container.get(field)
         if not isinstance(probe, dict):
             continue
-        record = _original(probe, container)
+        record = _original(probe, container, f"container {name}: {field}")
         if record is None:
             continue
         path = app_health_path(name, kind)

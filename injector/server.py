@@ -178,7 +178,10 @@ class WebhookServer:
             access_log=False,
             lifespan="off",
             server_header=False,
-            timeout_keep_alive=30,  # the API server reuses connections; spare it handshakes
+            # The API server reuses connections, idle up to 90 s (Go's transport), and does not
+            # retry a POST: closing first, the webhook could race its next call (an EOF, which
+            # failurePolicy Fail makes a refused pod). Longer than that: the client closes first.
+            timeout_keep_alive=120,
             http=_ReadGuard,
         )
         self.server = _EmbeddedServer(config)

@@ -140,11 +140,22 @@ class InjectionSettings:
             )
         if not 1 <= self.proxy_uid <= 2**31 - 1:
             raise SettingsError("proxyUID", f"{self.proxy_uid} is not a non-root user id")
+        # As the API server checks a container's resources (a pod it refuses is refused after the
+        # webhook said yes: every meshed pod, until the settings are put right).
         for key, res in (("proxyResources", self.proxy_resources), ("initResources", self.init_resources)):
             for part, values in (("requests", res.requests), ("limits", res.limits)):
                 for name, qty in values.items():
-                    if not _RESOURCE_NAME_RE.match(name) or not _QUANTITY_RE.match(qty):
-                        raise SettingsError(f"{key}.{part}", f"{name}: {qty!r} is not a resource quantity")
+                    try:
+                        if not _RESOURCE_NAME_RE.match(name) or quantity(qty) < 0:
+                            raise ValueError
+                    except ValueError:
+                        raise SettingsError(
+                            f"{key}.{part}", f"{name}: {qty!r} is not a resource quantity of 0 or more"
+                        ) from None
+            for name, request in res.requests.items():
+                limit = res.limits.get(name)
+                if limit is not None and quantity(request) > quantity(limit):
+                    raise SettingsError(f"{key}.requests", f"{name}: {request} is above the limit {limit}")
 
 
 def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -773,29 +773,45 @@ def _kubeconfig(path: Path, port: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("api", ["1.28", "silent"])
+@pytest.mark.parametrize("api", ["1.28", "silent", "1.30 with a 1.28 node", "1.30"])
 async def test_native_sidecar_auto_asks_the_api_server_and_never_waits_for_long(
     start_ca: StartCA, tmp_path: Path, api: str
 ) -> None:
     """nativeSidecar auto: a 1.28 API server gets classic sidecars, also without
-    --webhook-configuration (cert-manager setups); an API server that accepts the connection and
-    never answers does not keep the webhook from serving (it was blocked for good)."""
+    --webhook-configuration (cert-manager setups), and so does a newer one with a kubelet older
+    than 1.29 (native sidecars on it never let the pod start); an API server that accepts the
+    connection and never answers does not keep the webhook from serving (it was blocked for good)
+    and gets classic sidecars, which every version runs (native ones were refused by 1.28)."""
     ca, token_file = await start_injector_ca(start_ca, tmp_path)
     write_pair(tmp_path, await issue_injector_svid(ca, token_file))
     settings = tmp_path / "config.yaml"
     settings.write_text("nativeSidecar: auto\n")
-    version = json.dumps({"major": "1", "minor": "28+", "gitVersion": "v1.28.15-eks-1"}).encode()
+    minor = "28+" if api == "1.28" else "30"
+    version = json.dumps({"major": "1", "minor": minor, "gitVersion": f"v1.{minor}-eks-1"}).encode()
+    kubelets = ["v1.30.2", "v1.28.9"] if "node" in api else ["v1.30.2"]
+    nodes = json.dumps(
+        {
+            "kind": "NodeList",
+            "apiVersion": "v1",
+            "metadata": {},
+            "items": [
+                {"metadata": {"name": f"n{i}"}, "status": {"nodeInfo": {"kubeletVersion": v}}}
+                for i, v in enumerate(kubelets)
+            ],
+        }
+    ).encode()
 
     class Api(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if api == "silent":
                 time.sleep(30)
                 return
+            body = nodes if self.path.startswith("/api/v1/nodes") else version
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(version)))
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(version)
+            self.wfile.write(body)
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -819,7 +835,7 @@ async def test_native_sidecar_auto_asks_the_api_server_and_never_waits_for_long(
         ops = json.loads(base64.b64decode(body["response"]["patch"]))
         pod = jsonpatch.apply_patch(POD, ops)
         proxy_in_containers = any(c["name"] == "sidemesh-proxy" for c in pod["spec"]["containers"])
-        assert proxy_in_containers is (api == "1.28"), seen  # classic on 1.28; native when unknown
+        assert proxy_in_containers is (api != "1.30"), seen  # native only where all run 1.29+
     finally:
         proc.send_signal(signal.SIGTERM)
         stopping = time.monotonic()

@@ -165,7 +165,8 @@ def test_rbac_is_least_privilege() -> None:
             "resources": ["mutatingwebhookconfigurations"],
             "resourceNames": ["sidemesh-injector"],
             "verbs": ["get", "patch"],
-        }
+        },
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},  # kubelet versions (nativeSidecar)
     ]
     controller = {
         (g, r): set(rule["verbs"])

@@ -269,6 +269,9 @@ def test_status_annotation_records_what_was_added() -> None:
         ({"annotations": {"sidemesh.io/status": "{}"}}, {}, "already injected"),
         ({}, {"hostNetwork": True}, "hostNetwork"),
         ({}, {"initContainers": [{"name": "sidemesh-proxy", "image": "x"}]}, "already has a container"),
+        # The API server refuses a mirror pod with a projected token volume: the static pod would
+        # run, its mirror never appear.
+        ({"annotations": {"kubernetes.io/config.mirror": "abc"}}, {}, "mirror pod"),
     ],
 )
 def test_skips(meta: Json, spec: Json, reason: str) -> None:
@@ -358,6 +361,41 @@ def test_a_mistyped_sidemesh_annotation_gets_a_warning() -> None:
         "(did you mean sidemesh.io/exclude-outbound-ports?)"
     ]
     assert patch.inject(a_pod(annotations={"sidemesh.io/opaque-ports": "5432"}), SETTINGS).warnings == []
+
+
+def test_an_app_port_that_is_the_sidecars_gets_a_warning() -> None:
+    """The API server only warns of a duplicate port; at run time one of the two cannot bind it."""
+    pod = a_pod()
+    pod["spec"]["containers"][0]["ports"] = [{"containerPort": 8080}, {"containerPort": 15020}]
+    (warning,) = patch.inject(pod, SETTINGS).warnings
+    assert "declares port 15020, one of the sidecar's" in warning
+
+
+@pytest.mark.parametrize(
+    ("probe", "message"),
+    [
+        ({"httpGet": "x"}, "livenessProbe.httpGet must be a map"),
+        ({"tcpSocket": ["8080"]}, "livenessProbe.tcpSocket must be a map"),
+        ({"httpGet": {"port": 8080, "httpHeaders": ["X: 1"]}}, "httpHeaders must be a list of"),
+    ],
+)
+def test_a_probe_of_the_wrong_shape_is_a_clear_refusal(probe: Json, message: str) -> None:
+    """It raised AttributeError: the webhook answered 500 "internal error", `sidemesh inject` a traceback."""
+    pod = a_pod()
+    pod["spec"]["containers"][0]["livenessProbe"] = probe
+    with pytest.raises(PodError, match=message):
+        patch.inject(pod, SETTINGS)
+
+
+def test_a_probe_header_without_a_value_sends_an_empty_one() -> None:
+    """The API server takes {name: X} without a value (the kubelet sends it empty); it was a KeyError."""
+    pod = a_pod()
+    pod["spec"]["containers"][0]["livenessProbe"] = {
+        "httpGet": {"port": 8080, "httpHeaders": [{"name": "X"}]}
+    }
+    env = {e["name"]: e.get("value") for e in container(injected(pod), "sidemesh-proxy")["env"]}
+    records = json.loads(env["SIDEMESH_APP_PROBES"])
+    assert [r["httpGet"]["httpHeaders"] for r in records.values()] == [[{"name": "X", "value": ""}]]
 
 
 def test_exclusions_become_init_flags() -> None:

@@ -55,6 +55,15 @@ def test_good_review_gets_a_patch_that_injects() -> None:
     )
 
 
+def test_warnings_go_to_the_caller_and_to_the_log() -> None:
+    """A controller-made pod's creator (kube-controller-manager) only logs warnings: the injector's
+    own log line says them too."""
+    pod = {**POD, "metadata": {**POD["metadata"], "annotations": {"sidemesh.io/exclude-port": "1"}}}
+    outcome = admit(a_review(object=pod))
+    (warning,) = outcome.body["response"]["warnings"]
+    assert "sidemesh.io/exclude-port" in warning and outcome.log["warnings"] == [warning]
+
+
 def test_skipped_pod_is_allowed_without_patch() -> None:
     pod = {**POD, "metadata": {"name": "x", "annotations": {"sidemesh.io/inject": "false"}}}
     outcome = admit(a_review(object=pod))

@@ -45,6 +45,11 @@ def test_values_and_defaults() -> None:
         ("iptablesMode: xtables", "iptablesMode"),
         ("proxyResources: {requests: {cpu: lots}}", "proxyResources.requests"),
         ("proxyResources: {request: {}}", "proxyResources"),
+        # What the API server refuses in every pod (after the webhook said yes):
+        ("proxyResources: {requests: {cpu: '3'}, limits: {cpu: '2'}}", "proxyResources.requests"),
+        ("proxyResources: {requests: {cpu: '-1'}}", "proxyResources.requests"),
+        ("initResources: {requests: {memory: 1Gi}, limits: {memory: 128Mi}}", "initResources.requests"),
+        ("initResources: {limits: {memory: 1e999}}", "initResources.limits"),
         ("imag: x", "imag"),
         ("- a list", "config.yaml"),
         ("a: [", "config.yaml"),
@@ -113,9 +118,38 @@ def test_the_api_servers_version_decides(major: str, minor: str, supported: bool
     from injector import cabundle
 
     body = {"major": major, "minor": minor, "gitVersion": f"v{major}.{minor}"}  # (a real one has more)
-    with mock.patch("kubernetes.client.VersionApi") as api:
+    nodes = {"items": [{"metadata": {"name": "n1"}, "status": {"nodeInfo": {"kubeletVersion": "v1.31.2"}}}]}
+    with mock.patch("kubernetes.client.VersionApi") as api, mock.patch("kubernetes.client.CoreV1Api") as core:
         api.return_value.get_code.return_value = SimpleNamespace(data=json.dumps(body).encode())
+        core.return_value.list_node.return_value = SimpleNamespace(data=json.dumps(nodes).encode())
         assert cabundle.native_sidecars_supported(object()) == (supported, f"v{major}.{minor}")
+
+
+def test_an_older_kubelet_means_classic_sidecars() -> None:
+    """Kubelets may be three minor versions behind the API server (an upgrade does the control plane
+    first): an old kubelet runs a native sidecar as an init container that never exits, so its
+    pods stayed in Init for good. Nodes are read page by page."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from injector import cabundle
+
+    def node(name: str, version: str) -> dict[str, object]:
+        return {"metadata": {"name": name}, "status": {"nodeInfo": {"kubeletVersion": version}}}
+
+    pages = [
+        {"items": [node("a", "v1.30.1"), node("b", "v1.31.0-eks-5e0fdde")], "metadata": {"continue": "next"}},
+        {"items": [node("c", "v1.28.9-gke.100"), node("d", "weird")], "metadata": {}},
+    ]
+    version = {"major": "1", "minor": "31", "gitVersion": "v1.31.0"}
+    with mock.patch("kubernetes.client.VersionApi") as api, mock.patch("kubernetes.client.CoreV1Api") as core:
+        api.return_value.get_code.return_value = SimpleNamespace(data=json.dumps(version).encode())
+        core.return_value.list_node.side_effect = [
+            SimpleNamespace(data=json.dumps(p).encode()) for p in pages
+        ]
+        assert cabundle.native_sidecars_supported(object()) == (False, "v1.31.0, kubelet 1.28 on node c")
+        calls = core.return_value.list_node.call_args_list
+        assert [c.kwargs.get("_continue") for c in calls] == [None, "next"]
 
 
 def test_the_iptables_backend_reaches_the_init_container() -> None:
