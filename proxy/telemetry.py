@@ -201,9 +201,11 @@ class _Request:
         parent, _ = propagation.extract(carrier, tracing.sample_root)
         b3 = propagation.parse_b3(carrier)
         self._debug = b3 is not None and b3.debug
+        forced = b3 is not None and b3.trace_id is None and b3.sampled  # "sample this" sent alone
         if parent is not None:  # (None: a new trace, in the configured formats)
             self._fmt = propagation.formats_in(carrier)
-        elif b3 is not None and b3.sampled:  # "sample this" sent alone (the SDK's sampler decides)
+        elif forced:
+            assert b3 is not None
             self._fmt = (b3.fmt,)
         if parent is None and propagation.denied(carrier):
             return  # B3 "deny": no span, the caller's headers go on
@@ -214,7 +216,12 @@ class _Request:
             attributes=_start_attributes(info, observer.own_identity),
         )
         self.span = span
-        if span.is_recording() or not (parent and get_current_span(parent).get_span_context().is_valid):
+        decided_here = b3 is not None and b3.sampled is None and "traceparent" not in carrier
+        if span.is_recording() or decided_here:  # (a B3 hop that decided says so downstream)
+            self._headers = self._headers_of(span.get_span_context(), tracing)
+        elif forced:
+            pass  # the SDK's sampler said no to "sample this": the caller's header goes on, not a "0"
+        elif not (parent and get_current_span(parent).get_span_context().is_valid):
             self._headers = self._headers_of(span.get_span_context(), tracing)
         # else: a caller's trace this hop does not record: its headers pass on unchanged.
 
@@ -266,18 +273,26 @@ class _Request:
         hop gets every format the request came with (W3C and B3 both, from a composite
         propagator)."""
         self._fmt = propagation.formats_in(carrier)
+        b3 = (
+            propagation.parse_b3(carrier)
+            if "b3" in carrier or "x-b3-sampled" in carrier or "x-b3-traceid" in carrier
+            else None
+        )
+        self._debug = b3 is not None and b3.debug
         parsed = None
         if "traceparent" in carrier:
             parsed = propagation.parse_traceparent(carrier["traceparent"])
-        if parsed is None and (b3 := propagation.parse_b3(carrier)) is not None:
-            self._debug = b3.debug
+        if parsed is None and b3 is not None:
             if b3.trace_id is None or b3.span_id is None:  # a decision sent alone
                 if not b3.sampled:
                     return False  # B3 "deny": no part in the trace, its headers pass on
                 self._fmt = (b3.fmt,)
                 return None  # "sample this" (b3: 1 or d): a new sampled trace, in B3
-            # No sampling flag: B3 leaves the decision to the receiver, as for a new trace.
-            if not (tracing.sample_root() if b3.sampled is None else b3.sampled):
+            if b3.sampled is None:  # no sampling flag: B3 leaves the decision to the receiver
+                if not tracing.sample_root():  # "no", said downstream (as Envoy and Brave do)
+                    self._headers = propagation.unsampled_headers(b3.fmt, b3.trace_id, b3.span_id, None)
+                    return False
+            elif not b3.sampled:
                 return False  # no part in the trace, its headers pass on unchanged
             remote = SpanContext(b3.trace_id, b3.span_id, True, TraceFlags(_SAMPLED))
             return set_span_in_context(NonRecordingSpan(remote))

@@ -40,8 +40,9 @@ class B3:
     debug: bool  # "d" / X-B3-Flags: 1 (sampled, and asked to be recorded whatever the rate)
 
 
-_B3_TRACE = re.compile(r"(?:[0-9a-f]{16}){1,2}")
-_B3_SPAN = re.compile(r"[0-9a-f]{16}")
+# B3 says lower-case hex; upper case is read too, as OpenTelemetry's and Zipkin's propagators do.
+_B3_TRACE = re.compile(r"(?:[0-9a-fA-F]{16}){1,2}")
+_B3_SPAN = re.compile(r"[0-9a-fA-F]{16}")
 
 
 def _b3_ids(trace: str, span: str) -> tuple[int, int] | None:

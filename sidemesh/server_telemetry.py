@@ -120,7 +120,7 @@ class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return None
         metadata = context.invocation_metadata() or ()
         carrier = propagation.combined((str(k), str(v)) for k, v in metadata if k in _TRACE_KEYS)
-        parent, _ = propagation.extract(carrier)
+        parent, _ = propagation.extract(carrier, self.tracing.sample_root)
         if parent is None and propagation.denied(carrier):
             return None  # B3 "deny": the caller asks that nobody record it
         service, _, name = method.lstrip("/").rpartition("/")
@@ -323,7 +323,7 @@ class AsgiTelemetry:
             return None
         headers = typing.cast(list[tuple[bytes, bytes]], scope.get("headers") or [])
         carrier = propagation.carrier_of(headers, _TRACE_NAMES)
-        parent, _ = propagation.extract(carrier)
+        parent, _ = propagation.extract(carrier, self.tracing.sample_root)
         if parent is None and propagation.denied(carrier):
             return None  # B3 "deny": the caller asks that nobody record it
         # semconv: "{method} {http.route}", the method alone when no route matched (never the raw path).

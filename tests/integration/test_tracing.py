@@ -485,9 +485,14 @@ async def test_b3_without_a_sampling_flag_leaves_the_decision_here(
         span = one(await receiver.wait_for(lambda s: len(s) >= 1), "CLIENT")
         assert span.trace_id == TRACE and span.parent_id == APP_SPAN
         assert span.span_id.encode() in b" ".join(v for _, v in out)
-    else:
+    else:  # "no", said downstream (as Envoy and Brave do): later hops do not draw again
         await asyncio.sleep(0.2)
-        assert receiver.spans == [] and out == app_headers  # unchanged: the next hop decides
+        assert receiver.spans == []
+        said = dict(out)
+        if b"b3" in said:
+            assert said[b"b3"].startswith(TRACE.encode()) and said[b"b3"].endswith(b"-0"), out
+        else:
+            assert (said[b"x-b3-traceid"], said[b"x-b3-sampled"]) == (TRACE.encode(), b"0"), out
 
 
 @pytest.mark.parametrize(
@@ -512,6 +517,43 @@ async def test_b3_debug_goes_on(
     for name, ending in wanted.items():
         assert hop[name].endswith(ending), hop
     assert b"x-b3-sampled" not in hop
+
+
+async def test_upper_case_b3_ids_continue_the_trace(receiver: Receiver, observers: Make) -> None:
+    """B3 says lower-case hex; OpenTelemetry's and Zipkin's propagators read upper case too (the
+    trace was lost: a new one went on, in W3C only)."""
+    observer, _ = observers(A)
+    headers = [(b"b3", f"{TRACE.upper()}-{APP_SPAN.upper()}-1".encode())]
+    request = observer.start(outbound(headers))
+    hop = dict(request.trace_headers())
+    request.finish(RequestResult(200))
+    span = one(await receiver.wait_for(lambda s: len(s) >= 1), "CLIENT")
+    assert span.trace_id == TRACE and span.parent_id == APP_SPAN and list(hop) == [b"b3"]
+
+
+async def test_b3_debug_goes_on_next_to_w3c(receiver: Receiver, observers: Make) -> None:
+    observer, _ = observers(A)
+    headers = [
+        (b"traceparent", f"00-{TRACE}-{APP_SPAN}-01".encode()),
+        (b"b3", f"{TRACE}-{APP_SPAN}-d".encode()),
+    ]
+    request = observer.start(outbound(headers))
+    hop = dict(request.trace_headers())
+    request.finish(RequestResult(200))
+    assert hop[b"b3"].endswith(b"-d") and hop[b"traceparent"].endswith(b"-01"), hop
+
+
+async def test_a_sampler_that_says_no_to_b3_sample_this_passes_the_callers_header_on(
+    receiver: Receiver, observers: Make
+) -> None:
+    """Samplers that are not parent-based decide for themselves: when one says no, the caller's
+    "sample this" goes on as it came, not turned into "do not sample"."""
+    observer, _ = observers(A, OTEL_TRACES_SAMPLER="always_off")
+    info = outbound([(b"b3", b"1")])
+    request = observer.start(info)
+    out = sent(request, info)
+    request.finish(RequestResult(200))
+    assert out == [(b"b3", b"1")]
 
 
 async def test_a_b3_decision_sent_alone_starts_a_trace_in_b3(receiver: Receiver, observers: Make) -> None:

@@ -75,6 +75,24 @@ async def test_ca_signing_is_traced_and_counted(receiver: Receiver, start_ca: St
     assert registry.get_sample_value("sidemesh_grpc_server_handling_seconds_count", {"method": SIGN}) == 3
 
 
+async def test_a_b3_caller_that_left_the_decision_to_the_ca_is_sampled_by_its_sampler(
+    receiver: Receiver, start_ca: StartCA
+) -> None:
+    """B3 without a sampling flag: the receiver decides (the default sampler: yes). It was read as
+    "not sampled", so no span."""
+    ca = await start_ca()
+    client = ca.client()
+    sid = WorkloadId("shop", "cart").spiffe_id("cluster.local")
+    try:
+        request = ca_pb2.SignRequest(csr=make_csr(new_key(), sid))
+        metadata = (("authorization", "Bearer cart-token"), ("b3", f"{TRACE}-{PARENT}"))
+        await client._stub.Sign(request, metadata=metadata)
+    finally:
+        await client.close()
+    spans = await receiver.wait_for(lambda s: len(s) >= 1)
+    assert spans[0].trace_id == TRACE and spans[0].parent_id == PARENT
+
+
 async def test_ca_without_an_endpoint_traces_nothing(
     start_ca: StartCA, monkeypatch: pytest.MonkeyPatch
 ) -> None:
