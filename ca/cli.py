@@ -21,7 +21,7 @@ import yaml
 from ca import keys, sched
 from ca.authn import Authenticator, KubernetesTokenAuthenticator, LocalTokenAuthenticator
 from ca.config import CAConfig
-from ca.errors import KeyMaterialError
+from ca.errors import KeyMaterialError, SigningUnavailable
 from sidemesh import config as cfg
 from sidemesh import logging as smlog
 from sidemesh.cli import CLIError, listen_error
@@ -225,6 +225,10 @@ def _serve(args: argparse.Namespace) -> int:
         server = CAServer(config, authenticator)
     except KeyMaterialError as exc:
         raise CLIError(str(exc)) from exc
+    except SigningUnavailable as exc:  # its own serving certificate: an expired or future chain
+        raise CLIError(
+            f"{exc.detail}: put a signing certificate valid now into {config.ca_dir} (or check the clock)"
+        ) from exc
 
     async def run() -> None:
         try:

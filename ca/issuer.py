@@ -76,6 +76,11 @@ def sign(authority: SigningAuthority, params: templates.LeafParams) -> Issued:
     return sign_key_info(authority, info, params.spiffe_id, params.ttl, params.now, params.dns_names)
 
 
+# A signing chain that starts at most this far in the future still signs (its leaves start with it,
+# as before): an intermediate made without backdating (cert-manager's) on a clock seconds ahead.
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
 def sign_key_info(
     authority: SigningAuthority,
     public_key_info: bytes,
@@ -88,10 +93,14 @@ def sign_key_info(
     not_after = min(now + ttl, authority.not_after_limit)
     if not_after <= now:
         raise SigningUnavailable("the CA cannot issue now", "the CA's signing certificate has expired")
-    if now < authority.not_before_limit:  # a leaf not valid yet (or never: notAfter before notBefore)
+    if now + CLOCK_SKEW < authority.not_before_limit:  # its leaves would not be valid for a while
         raise SigningUnavailable(
             "the CA cannot issue now",
             f"the CA's signing chain is not valid before {authority.not_before_limit.isoformat()}",
+        )
+    if not_after <= max(now - templates.BACKDATE, authority.not_before_limit):
+        raise SigningUnavailable(
+            "the CA cannot issue now", "a leaf would never be valid (its chain starts too late)"
         )
     not_after = not_after.replace(microsecond=0)
     serial = x509.random_serial_number()

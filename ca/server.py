@@ -188,7 +188,8 @@ class CAServer:
         self.tracing = start_tracing(
             "sidemesh-ca", self.metrics.registry, {"sidemesh.identity": str(spiffe_id)}
         )
-        self._material_stamp = self._stamp()
+        self._material_stamp: tuple[int, ...] | None = self._stamp()
+        self._waiting_for: dt.datetime | None = None  # the start of new material not valid yet
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._http: HTTPServer | None = None
@@ -292,12 +293,24 @@ class CAServer:
             return False
         self._material_stamp = stamp
         try:
-            self.service.authority = keys.load(self.config.ca_dir)
+            authority = keys.load(self.config.ca_dir)
         except KeyMaterialError as exc:
             log.error(
                 "new CA material rejected; still signing with the previous one", extra={"error": str(exc)}
             )
             return False
+        starts = authority.not_before_limit
+        if starts > self.service.clock.now() + issuer.CLOCK_SKEW:  # staged early: taken once valid
+            self._material_stamp = None  # (looked at again at the next check)
+            if self._waiting_for != starts:
+                self._waiting_for = starts
+                log.warning(
+                    "new CA material is not valid yet; still signing with the previous one until then",
+                    extra={"not_before": starts.isoformat()},
+                )
+            return False
+        self._waiting_for = None
+        self.service.authority = authority
         self.serving.force_renewal()
         self._record_expiry()
         log.info(

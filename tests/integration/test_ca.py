@@ -437,6 +437,27 @@ async def test_ca_reloads_a_new_intermediate_without_restart(start_ca: StartCA, 
     await client.close()
 
 
+async def test_material_not_valid_yet_is_taken_once_it_is(start_ca: StartCA) -> None:
+    """An intermediate staged early replaced the working one at once, and nothing could be signed
+    until it became valid; now the CA keeps signing with what it had and takes the new material
+    once it is valid."""
+    from tests.support.clock import FakeClock
+
+    clock = FakeClock()
+    ca = await start_ca(clock=clock)
+    old = ca.authority
+    keys.bootstrap(ca.dir, "cluster.local", dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30), force=True)
+    assert not ca.server.reload_if_changed()
+    assert ca.server.service.authority.cert == old.cert
+    client = CAClient(ca.address, keys.cert_pem(*old.roots), timeout=5)  # still signing, with the old
+    resp = await client.sign("frontend-token", own_csr())
+    await client.close()
+    x509.load_pem_x509_certificate(resp.cert_chain[0].encode()).verify_directly_issued_by(old.cert)
+    clock.offset = dt.timedelta(minutes=31)
+    assert ca.server.reload_if_changed()  # looked at again, and valid now
+    assert ca.server.service.authority.cert != old.cert
+
+
 async def test_local_token_file_is_reloaded(start_ca: StartCA, tmp_path: Path) -> None:
     ca = await start_ca()
     token_file = tmp_path / "tokens.yaml"

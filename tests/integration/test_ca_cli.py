@@ -315,3 +315,30 @@ def test_serve_with_a_broken_token_file_says_where(
     err = capsys.readouterr().err
     assert "not valid YAML at line 2, column 1" in err and "fix it, or move it away" in err
     assert len(err.strip().splitlines()) == 1  # one line, not the YAML library's drawing
+
+
+def test_serve_with_a_signing_chain_not_valid_now_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CA signs its own serving certificate at start: a chain not valid yet (or expired) was a
+    traceback (SigningUnavailable), not a line saying what to do."""
+    import datetime as dt
+
+    from ca import keys
+
+    keys.bootstrap(tmp_path / "ca", "cluster.local", dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))
+    assert main(["ca", "local-token", "--file", str(tmp_path / "tokens.yaml"), "--identity", "shop/a"]) == 0
+    capsys.readouterr()
+    argv = [
+        "ca",
+        "serve",
+        "--authenticator",
+        "local",
+        "--ca-dir",
+        str(tmp_path / "ca"),
+        "--listen",
+        "127.0.0.1:0",
+    ]
+    assert main([*argv, "--token-file", str(tmp_path / "tokens.yaml"), "--metrics-listen", ""]) == 2
+    err = capsys.readouterr().err
+    assert "signing chain is not valid before" in err and "valid now" in err

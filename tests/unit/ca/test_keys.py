@@ -147,22 +147,35 @@ def test_a_signing_certificate_without_key_cert_sign_is_refused() -> None:
 
 
 def test_nothing_is_issued_before_the_signing_chain_is_valid() -> None:
-    """An intermediate made on a clock running ahead, or staged early: its leaves were not valid
-    yet, and with a skew above their lifetime their notAfter came before their notBefore."""
+    """An intermediate staged early, or made on a clock running well ahead: its leaves would not be
+    valid for a while, and with a skew above their lifetime their notAfter came before their
+    notBefore. A chain that starts a few seconds ahead (no backdating, as cert-manager makes them)
+    still signs, its leaves starting with it."""
     root_key = templates.new_key()
     root = templates.root_certificate(
         root_key, "cluster.local", NOW - dt.timedelta(days=1), dt.timedelta(days=30)
     )
     key = templates.new_key()
-    inter = _operator_intermediate(root, root_key, key, NOW + dt.timedelta(minutes=11))
-    authority = keys.assemble(inter, key, [inter, root], [root])
-    assert authority.not_before_limit == inter.not_valid_before_utc
     csr = make_csr(templates.new_key(), CART)
+
+    def authority(ahead: dt.timedelta) -> keys.SigningAuthority:
+        inter = _operator_intermediate(root, root_key, key, (NOW + ahead).replace(microsecond=0))
+        return keys.assemble(inter, key, [inter, root], [root])
+
+    later = authority(dt.timedelta(minutes=11))
+    assert later.not_before_limit == later.cert.not_valid_before_utc
     with pytest.raises(SigningUnavailable) as refused:
-        issuer.issue(authority, CART, csr, dt.timedelta(minutes=5), NOW)
+        issuer.issue(later, CART, csr, dt.timedelta(hours=1), NOW)
     assert "not valid before" in refused.value.detail
-    later = issuer.issue(authority, CART, csr, dt.timedelta(minutes=5), NOW + dt.timedelta(minutes=12))
-    assert later.certificate.not_valid_before_utc < later.certificate.not_valid_after_utc
+    taken = issuer.issue(later, CART, csr, dt.timedelta(hours=1), NOW + dt.timedelta(minutes=12))
+    assert taken.certificate.not_valid_before_utc < taken.certificate.not_valid_after_utc
+
+    soon = authority(dt.timedelta(seconds=4))
+    leaf = issuer.issue(soon, CART, csr, dt.timedelta(hours=1), NOW).certificate
+    assert leaf.not_valid_before_utc == soon.cert.not_valid_before_utc < leaf.not_valid_after_utc
+    with pytest.raises(SigningUnavailable) as never:  # starts 4 min ahead, would end in 2
+        issuer.issue(authority(dt.timedelta(minutes=4)), CART, csr, dt.timedelta(minutes=2), NOW)
+    assert "never be valid" in never.value.detail
 
 
 def test_an_encrypted_signing_key_is_unusable_material(tmp_path: Path) -> None:
