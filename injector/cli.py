@@ -27,7 +27,9 @@ from sidemesh import logging as smlog
 from sidemesh.cli import CLIError
 
 log = logging.getLogger("sidemesh.injector")
-VERSION_WAIT_S = 5.0  # the longest the start waits for the API server's version
+VERSION_WAIT_S = 5.0  # the longest the start waits for the API server's and the nodes' versions
+NATIVE_RECHECK_S = 600.0  # nativeSidecar auto is asked again this often (nodes come and go, upgrade)
+NODES_WAIT_S = 120.0  # ... with this long for it (a large cluster's nodes, page by page)
 
 SERVE_DESCRIPTION = """\
 Serve the mutating admission webhook (POST /mutate, AdmissionReview admission.k8s.io/v1) over HTTPS:
@@ -197,7 +199,7 @@ async def serve(
         keeper = cabundle.CABundleKeeper(
             webhooks, config.webhook_configuration, config.bundle_file.read_bytes
         )
-    native_supported = await _native_sidecars(api, config)
+    native = await _native_sidecars(api, config)
     tasks: list[asyncio.Task[None]] = []
     client = identity = None
     if files is None:
@@ -227,7 +229,7 @@ async def serve(
     tracing = start_tracing("sidemesh-injector", registry, {"sidemesh.identity": own_id})
     stopping = asyncio.Event()
     app = create_app(
-        _resolving(settings, native_supported),
+        _resolving(settings, native),
         lambda: serving.loaded and not stopping.is_set(),
         registry,
         tracing,
@@ -243,6 +245,8 @@ async def serve(
     if keeper is not None:
         tasks.append(asyncio.create_task(keeper.run(), name="cabundle"))
     tasks.append(asyncio.create_task(_reload_loop(config, settings, files, keeper), name="reload"))
+    auto = lambda: settings.current.native_sidecar is None  # noqa: E731
+    tasks.append(asyncio.create_task(native.watch(auto), name="native-sidecars"))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -274,14 +278,15 @@ async def serve(
     return 0
 
 
-def _resolving(settings: SettingsFile, native_supported: bool) -> Callable[[], InjectionSettings]:
-    """The current settings with nativeSidecar "auto" decided, resolved once per settings object."""
-    last: list[Any] = [None, None]
+def _resolving(settings: SettingsFile, native: NativeSidecars) -> Callable[[], InjectionSettings]:
+    """The current settings with nativeSidecar "auto" decided, resolved once per settings object
+    and answer."""
+    last: list[Any] = [None, None, None]
 
     def current() -> InjectionSettings:
         raw = settings.current
-        if last[0] is not raw:
-            last[0], last[1] = raw, raw.resolved(native_supported)
+        if last[0] is not raw or last[2] is not native.supported:
+            last[0], last[1], last[2] = raw, raw.resolved(native.supported), native.supported
         resolved: InjectionSettings = last[1]
         return resolved
 
@@ -311,7 +316,48 @@ async def _on_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await done
 
 
-async def _native_sidecars(api: Any, config: InjectorConfig) -> bool:
+class NativeSidecars:
+    """nativeSidecar auto's answer, kept current: asked at start (at most VERSION_WAIT_S, so that a
+    slow API server does not hold the webhook up), then again every NATIVE_RECHECK_S with up to
+    NODES_WAIT_S for the answer (at once after a start that got none: a large cluster's nodes take
+    longer than the start may wait). Nodes are added and upgraded: a cluster that finishes its
+    upgrade to 1.29 gets native sidecars without a restart, one that gains an old node classic."""
+
+    def __init__(self, supported: bool, api: Any = None, known: bool = True) -> None:
+        self.supported = supported
+        self.api = api  # None: no cluster to ask (local runs)
+        self.known = known
+
+    async def watch(self, auto: Callable[[], bool]) -> None:
+        from injector import cabundle
+
+        delay = NATIVE_RECHECK_S if self.known else VERSION_WAIT_S
+        while self.api is not None:
+            await asyncio.sleep(delay)
+            delay = NATIVE_RECHECK_S
+            if not auto():
+                continue  # the settings decide; nothing to ask
+            try:
+                supported, version = await asyncio.wait_for(
+                    _on_daemon_thread(cabundle.native_sidecars_supported, self.api), NODES_WAIT_S
+                )
+            except Exception as exc:
+                log.warning(
+                    "cannot read the API server's or the nodes' versions; nativeSidecar auto keeps "
+                    + ("native" if self.supported else "classic")
+                    + " sidecars",
+                    extra={"error": str(exc) or type(exc).__name__},
+                )
+                continue
+            if supported != self.supported or not self.known:
+                log.info(
+                    "nativeSidecar auto: " + ("native sidecars" if supported else "classic sidecars"),
+                    extra={"kubernetes": version},
+                )
+            self.supported, self.known = bool(supported), True
+
+
+async def _native_sidecars(api: Any, config: InjectorConfig) -> NativeSidecars:
     """For nativeSidecar "auto" (now, or after a settings reload): whether the cluster takes native
     sidecars (API server and every kubelet 1.29+). Asked once, with --webhook-configuration or
     without (cert-manager setups), at most VERSION_WAIT_S: an API server that does not answer does
@@ -325,25 +371,26 @@ async def _native_sidecars(api: Any, config: InjectorConfig) -> bool:
         log.info(
             "no Kubernetes API to ask its version: nativeSidecar auto means native", extra={"error": str(exc)}
         )
-        return True
+        return NativeSidecars(True)
     try:
         supported, version = await asyncio.wait_for(
             _on_daemon_thread(cabundle.native_sidecars_supported, api), VERSION_WAIT_S
         )
     except Exception as exc:  # the caBundle keeper reports API trouble; this is only a default
         log.warning(
-            "cannot read the API server's or the nodes' versions: nativeSidecar auto means classic "
-            "sidecars (they run everywhere); set nativeSidecar: true in the injection settings when "
-            "the API server and every kubelet run 1.29 or later (reading nodes needs list on nodes)",
-            extra={"error": str(exc)},
+            "cannot read the API server's or the nodes' versions yet: nativeSidecar auto means classic "
+            "sidecars (they run everywhere) until they are read; set nativeSidecar: true in the "
+            "injection settings when the API server and every kubelet run 1.29 or later (reading "
+            "nodes needs list on nodes)",
+            extra={"error": str(exc) or type(exc).__name__},
         )
-        return False
+        return NativeSidecars(False, api, known=False)
     log.info(
         "nativeSidecar auto: "
         + ("native sidecars" if supported else "classic sidecars (native ones need 1.29+ everywhere)"),
         extra={"kubernetes": version},
     )
-    return bool(supported)
+    return NativeSidecars(bool(supported), api)
 
 
 async def _second_signal(loop: asyncio.AbstractEventLoop) -> None:

@@ -30,7 +30,64 @@ log = logging.getLogger("sidemesh.injector.settings")
 
 DEFAULT_IMAGE = "ghcr.io/sidemesh/sidemesh:latest"
 _QUANTITY_RE = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
-_RESOURCE_NAME_RE = re.compile(r"^([a-z0-9.-]+/)?[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Container resources as the API server takes them: the standard ones, hugepages of a page size,
+# and extended resources (a name under a domain other than kubernetes.io, e.g. nvidia.com/gpu).
+_STANDARD_RESOURCES = frozenset({"cpu", "memory", "ephemeral-storage"})
+_EXTENDED_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+def _resource_kind(name: str) -> str | None:
+    """ "standard", "hugepages", "extended", or None for a name no container may use."""
+    if name in _STANDARD_RESOURCES:
+        return "standard"
+    if name.startswith("hugepages-"):
+        try:
+            return "hugepages" if quantity(name.removeprefix("hugepages-")) > 0 else None
+        except ValueError:
+            return None
+    domain = name.split("/", 1)[0]
+    if _EXTENDED_RE.match(name) and domain != "kubernetes.io" and not domain.endswith(".kubernetes.io"):
+        return "extended"
+    return None
+
+
+def check_resources(key: str, res: Resources) -> None:
+    """``res`` as the API server checks a container's resources (a pod it refuses is refused after
+    the webhook said yes: every meshed pod, until the settings are put right): names a container
+    may use, quantities of 0 or more, no request above its limit; hugepages and extended resources
+    cannot be overcommitted (request equal to the limit, and a limit for every request) and
+    extended ones are whole numbers."""
+    for part, values in (("requests", res.requests), ("limits", res.limits)):
+        for name, qty in values.items():
+            kind = _resource_kind(name)
+            if kind is None:
+                raise SettingsError(
+                    f"{key}.{part}",
+                    f"{name!r} is not a container resource (cpu, memory, ephemeral-storage, "
+                    "hugepages-<size>, or an extended resource such as example.com/device)",
+                )
+            try:
+                value = quantity(qty)
+            except ValueError:
+                value = Decimal(-1)
+            if value < 0:
+                raise SettingsError(
+                    f"{key}.{part}", f"{name}: {qty!r} is not a resource quantity of 0 or more"
+                )
+            if kind == "extended" and value != value.to_integral_value():
+                raise SettingsError(
+                    f"{key}.{part}", f"{name}: {qty!r} is not a whole number (an extended resource)"
+                )
+    for name, request in res.requests.items():
+        limit = res.limits.get(name)
+        kind = _resource_kind(name)
+        if kind in ("hugepages", "extended"):
+            if limit is None or quantity(request) != quantity(limit):
+                raise SettingsError(
+                    f"{key}.requests", f"{name}: cannot be overcommitted: set its limit, equal to the request"
+                )
+        elif limit is not None and quantity(request) > quantity(limit):
+            raise SettingsError(f"{key}.requests", f"{name}: {request} is above the limit {limit}")
 
 
 _QUANTITY_SUFFIXES = {
@@ -140,22 +197,8 @@ class InjectionSettings:
             )
         if not 1 <= self.proxy_uid <= 2**31 - 1:
             raise SettingsError("proxyUID", f"{self.proxy_uid} is not a non-root user id")
-        # As the API server checks a container's resources (a pod it refuses is refused after the
-        # webhook said yes: every meshed pod, until the settings are put right).
         for key, res in (("proxyResources", self.proxy_resources), ("initResources", self.init_resources)):
-            for part, values in (("requests", res.requests), ("limits", res.limits)):
-                for name, qty in values.items():
-                    try:
-                        if not _RESOURCE_NAME_RE.match(name) or quantity(qty) < 0:
-                            raise ValueError
-                    except ValueError:
-                        raise SettingsError(
-                            f"{key}.{part}", f"{name}: {qty!r} is not a resource quantity of 0 or more"
-                        ) from None
-            for name, request in res.requests.items():
-                limit = res.limits.get(name)
-                if limit is not None and quantity(request) > quantity(limit):
-                    raise SettingsError(f"{key}.requests", f"{name}: {request} is above the limit {limit}")
+            check_resources(key, res)
 
 
 def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:

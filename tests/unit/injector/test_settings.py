@@ -50,6 +50,21 @@ def test_values_and_defaults() -> None:
         ("proxyResources: {requests: {cpu: '-1'}}", "proxyResources.requests"),
         ("initResources: {requests: {memory: 1Gi}, limits: {memory: 128Mi}}", "initResources.requests"),
         ("initResources: {limits: {memory: 1e999}}", "initResources.limits"),
+        ("proxyResources: {requests: {storage: 1Gi}}", "proxyResources.requests"),  # not a container's
+        ("proxyResources: {limits: {pods: '1'}}", "proxyResources.limits"),
+        ("proxyResources: {requests: {example.com/dev: '1'}}", "proxyResources.requests"),  # no limit
+        (
+            "proxyResources: {requests: {example.com/dev: '1'}, limits: {example.com/dev: '2'}}",
+            "proxyResources.requests",
+        ),
+        (
+            "proxyResources: {requests: {example.com/dev: 500m}, limits: {example.com/dev: 500m}}",
+            "proxyResources.requests",
+        ),
+        (
+            "proxyResources: {requests: {hugepages-2Mi: 2Mi}, limits: {hugepages-2Mi: 4Mi}}",
+            "proxyResources.requests",
+        ),
         ("imag: x", "imag"),
         ("- a list", "config.yaml"),
         ("a: [", "config.yaml"),
@@ -60,6 +75,17 @@ def test_bad_settings_name_the_key(text: str, key: str) -> None:
     with pytest.raises(SettingsError) as info:
         parse_settings(text)
     assert info.value.key == key
+
+
+def test_resources_the_api_server_takes_are_taken() -> None:
+    """Hugepages (a page size in the name, upper case included) and extended resources, set as
+    the API server wants them; the name check refused hugepages-2Mi, blaming its quantity."""
+    text = (
+        "proxyResources:\n"
+        "  requests: {cpu: 100m, memory: 64Mi, hugepages-2Mi: 4Mi, example.com/dev: '1', ephemeral-storage: 1Gi}\n"
+        "  limits: {memory: 128Mi, hugepages-2Mi: 4Mi, example.com/dev: '1'}\n"
+    )
+    assert parse_settings(text).proxy_resources.requests["hugepages-2Mi"] == "4Mi"
 
 
 def test_reload_applies_good_changes_and_keeps_the_last_good(tmp_path: Path) -> None:
