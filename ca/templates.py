@@ -37,10 +37,14 @@ def _ca_name(common_name: str, trust_domain: str) -> x509.Name:
 
 
 def _ca_extensions(
-    builder: x509.CertificateBuilder, key: PublicKey, path_length: int
+    builder: x509.CertificateBuilder, key: PublicKey, path_length: int, trust_domain: str
 ) -> x509.CertificateBuilder:
+    """A signing certificate's extensions. It is an SVID of the trust domain itself (X509-SVID 3.2:
+    a signing certificate SHOULD be one, its SPIFFE ID without a path)."""
+    trust_domain_id = x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")
     return (
         builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(x509.SubjectAlternativeName([trust_domain_id]), critical=False)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False,  # X509-SVID appendix A: set if and only if the SVID is a leaf
@@ -73,7 +77,7 @@ def root_certificate(
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now + lifetime)
     )
-    return _ca_extensions(builder, key.public_key(), path_length=1).sign(key, hashes.SHA256())
+    return _ca_extensions(builder, key.public_key(), 1, trust_domain).sign(key, hashes.SHA256())
 
 
 def authority_key_id(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
@@ -106,7 +110,7 @@ def intermediate_certificate(
         .not_valid_after(not_after)
         .add_extension(authority_key_id(issuer), critical=False)
     )
-    return _ca_extensions(builder, key, path_length=0).sign(issuer_key, hashes.SHA256())
+    return _ca_extensions(builder, key, 0, trust_domain).sign(issuer_key, hashes.SHA256())
 
 
 @dataclass(frozen=True, slots=True)

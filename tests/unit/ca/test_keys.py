@@ -58,6 +58,9 @@ def test_signing_certificates_have_no_leaf_key_usage() -> None:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
         assert usage.critical
         assert usage.value.key_cert_sign and usage.value.crl_sign and not usage.value.digital_signature
+        # X509-SVID 3.2: a signing certificate SHOULD be an SVID, of the trust domain (no path).
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://cluster.local"]
 
 
 def _operator_intermediate(
