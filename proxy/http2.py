@@ -212,6 +212,11 @@ class _Stream:
     request_ended: bool = False  # the request's end (END_STREAM or trailers) came from downstream
     responded: bool = False  # a final response head came from upstream
     no_content: bool = False  # that head may have no content (204, 304, or to a HEAD)
+    # content-length against the body, per direction (h2 checked it per connection)
+    request_expected: int | None = None
+    request_received: int = 0
+    response_expected: int | None = None
+    response_received: int = 0
     ended_up: bool = False  # the request's end went upstream
     end_queued_down: bool = False  # the response's end is queued or sent
     # per direction: queued (data | trailers | end) not yet sent for lack of window
@@ -231,6 +236,15 @@ class _Stream:
     head_s: float | None = None  # its time to the response head (the balancer's latency)
 
 
+def _no_content_length(headers: Any) -> None:
+    """(in place of h2's H2Stream._initialize_content_length: see _Connection)"""
+
+
+def _content_length(headers: list[Header]) -> int | None:
+    """The content-length of a head (checked before: digits, one value), None without one."""
+    return next((int(v) for n, v in headers if n == b"content-length"), None)
+
+
 class _Connection(h2.connection.H2Connection):
     """h2's connection, except that a graceful GOAWAY (NO_ERROR) leaves the streams already open
     to finish, as RFC 9113 section 6.8 has it ("activity on streams numbered lower than or equal to
@@ -239,6 +253,15 @@ class _Connection(h2.connection.H2Connection):
     queued to send. The peer's GOAWAY is still reported (ConnectionTerminated); opening no new
     stream afterwards is the caller's part (``_Up.closing``). A GOAWAY with an error closes all,
     as h2 does."""
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
+        """h2's stream, except that h2 does not check content-length against the body: it did so
+        per connection (one request or response whose body disagreed with its content-length
+        ended every stream on the connection; RFC 9113 8.1.1 makes it a stream error).
+        ``H2Proxy`` checks it per stream (``_Stream.expected``/``received``)."""
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream._initialize_content_length = _no_content_length  # type: ignore[method-assign]
+        return stream
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[h2.events.Event]]:
         if frame.error_code != h2.errors.ErrorCodes.NO_ERROR:
@@ -358,6 +381,15 @@ def _bad_field(name: bytes, value: bytes, values: re.Pattern[bytes]) -> str | No
     return None
 
 
+def _bad_content_length(value: bytes, before: bytes | None) -> str | None:
+    """Why a content-length value is malformed (RFC 9110 8.6: 1*DIGIT; several must agree)."""
+    if not value.isdigit() or len(value) > 18:
+        return f"content-length {value.decode('latin-1')!r} is not a number"
+    if before is not None and int(before) != int(value):
+        return "content-length values that disagree"
+    return None
+
+
 def _malformed_request(headers: list[Header]) -> str | None:
     """Why a request head from the client is malformed (RFC 9113 8.1.1, 8.2, 8.3.1), or None.
     h2 checked this per connection: one malformed request (a value with a space at its end, an
@@ -365,11 +397,12 @@ def _malformed_request(headers: list[Header]) -> str | None:
     400 on that stream. The checks are h2's: valid values, no connection-specific field, request
     pseudo-headers only, each once and first, :method, :scheme and a non-empty :path (not for
     CONNECT, which is refused anyway), :authority or one Host and the two alike; names must be
-    lower-case tokens (RFC 9110 5.1; h2 took any visible ASCII but upper case). (h2 itself still
-    checks Content-Length, per connection, before this runs.)"""
+    lower-case tokens (RFC 9110 5.1; h2 took any visible ASCII but upper case); content-length
+    digits only, several values alike (the body is held to it per stream as it comes)."""
     seen: set[bytes] = set()
     regular = False
     host: bytes | None = None
+    length: bytes | None = None
     for name, value in headers:
         if name[:1] == b":":
             shown = name.decode("latin-1")
@@ -390,6 +423,10 @@ def _malformed_request(headers: list[Header]) -> str | None:
             if host is not None:
                 return "more than one host field"
             host = value
+        elif name == b"content-length" and (why := _bad_content_length(value, length)) is not None:
+            return why
+        elif name == b"content-length":
+            length = value
     pseudo = {n: v for n, v in headers if n in seen}
     method = pseudo.get(b":method")
     if method is None:
@@ -430,7 +467,12 @@ def _malformed(headers: list[Header], trailers: bool) -> str | None:
     a space, "failed: " with an empty cause)."""
     status = False
     regular = False
+    length: bytes | None = None
     for name, value in headers:
+        if name == b"content-length" and not trailers:
+            if (why := _bad_content_length(value, length)) is not None:
+                return why
+            length = value
         if name[:1] == b":":
             if trailers or regular or status or name != b":status":
                 return f"pseudo-header {name.decode('latin-1')} out of place"
@@ -707,6 +749,20 @@ class H2Proxy:
             if stream is None or stream.ended_up:  # denied or over: its body is dropped
                 self.down.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 return
+            stream.request_received += len(event.data)
+            expected = stream.request_expected
+            if expected is not None and (
+                stream.request_received > expected
+                or (event.stream_ended is not None and stream.request_received != expected)
+            ):
+                self.down.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if event.stream_ended is not None:
+                    stream.request_ended = True
+                self._malformed_later(
+                    stream,
+                    f"malformed request: {stream.request_received} bytes of content, content-length {expected}",
+                )
+                return
             stream.result.request_bytes += len(event.data)
             if stream.replay is not None:
                 stream.replay_size += len(event.data)
@@ -723,7 +779,14 @@ class H2Proxy:
                 if isinstance(event, h2.events.TrailersReceived) and (
                     why := _malformed_trailers(_headers(event.headers))
                 ):
-                    self._malformed_trailers(stream, why)
+                    self._malformed_later(stream, f"malformed request trailers: {why}")
+                    return
+                expected = stream.request_expected
+                if expected is not None and stream.request_received != expected and not stream.ended_up:
+                    self._malformed_later(
+                        stream,
+                        f"malformed request: {stream.request_received} bytes of content, content-length {expected}",
+                    )
                     return
                 if stream.timeout is not None and not stream.responded and not stream.end_queued_down:
                     stream.deadline = time.monotonic() + stream.timeout
@@ -772,6 +835,9 @@ class H2Proxy:
         path = pseudo.get(b":path", b"/")
         method = pseudo.get(b":method", b"")
         refusal, bad_status = _malformed_request(headers), 400
+        expected = _content_length(headers) if refusal is None else None
+        if refusal is None and expected and event.stream_ended is not None:
+            refusal = f"content-length {expected} but no content"
         if refusal is not None:
             refusal = f"malformed request: {refusal}"
         elif method == b"CONNECT":  # extended CONNECT (RFC 8441) too: not offered, not proxied
@@ -805,6 +871,7 @@ class H2Proxy:
             head = with_identity(head, self.xfcc)
         stream = _Stream(event.stream_id, info, span, RequestResult(status=None), grpc, head)
         stream.request_ended = event.stream_ended is not None
+        stream.request_expected = expected
         self.streams[event.stream_id] = stream
         if refusal is not None:
             self._deny(stream, Denial(bad_status, refusal, grpc_status=GRPC_INVALID_ARGUMENT, error=refusal))
@@ -1162,6 +1229,14 @@ class H2Proxy:
             if stream is not None:
                 head = _headers(event.headers)
                 why = _malformed(head, trailers=False)
+                if why is None and isinstance(event, h2.events.ResponseReceived) and event.stream_ended:
+                    status = next((v for n, v in head if n == b":status"), b"")
+                    if (
+                        _content_length(head)
+                        and status not in (b"204", b"304")
+                        and stream.info.method != "HEAD"
+                    ):
+                        why = f"content-length {_content_length(head)} but no content"
                 if why is not None:
                     self._malformed_response(up, stream, why)
                     return
@@ -1178,11 +1253,28 @@ class H2Proxy:
                 up.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 self._malformed_response(up, stream, f"content in a {stream.result.status} response")
                 return
+            stream.response_received += len(event.data)
+            expected = stream.response_expected
+            if expected is not None and (
+                stream.response_received > expected
+                or (event.stream_ended is not None and stream.response_received != expected)
+            ):
+                up.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                self._malformed_response(
+                    up, stream, f"{stream.response_received} bytes of content, content-length {expected}"
+                )
+                return
             stream.result.response_bytes += len(event.data)
             stream.to_down.append((event.data, event.flow_controlled_length))
             self._pump(stream, up=False)
         elif isinstance(event, (h2.events.TrailersReceived, h2.events.StreamEnded)):
             if stream is not None and not stream.end_queued_down:
+                expected = stream.response_expected
+                if expected is not None and stream.response_received != expected and stream.responded:
+                    self._malformed_response(
+                        up, stream, f"{stream.response_received} bytes of content, content-length {expected}"
+                    )
+                    return
                 stream.end_queued_down = True
                 trailers = _headers(event.headers) if isinstance(event, h2.events.TrailersReceived) else None
                 if trailers is not None:
@@ -1211,11 +1303,11 @@ class H2Proxy:
                 if other > up.last_stream_id:
                     self._failed(s, Failure.CONNECT, "GOAWAY", sent=True)
 
-    def _malformed_trailers(self, stream: _Stream, why: str) -> None:
-        """The request's trailers are malformed: a stream error (RFC 9113 8.1.1). Its upstream
-        stream is reset (the app never sees a request ending as it should not); the caller gets
-        400 (INVALID_ARGUMENT) if nothing of the response went down yet, else a reset."""
-        reason = f"malformed request trailers: {why}"
+    def _malformed_later(self, stream: _Stream, reason: str) -> None:
+        """The request turned out malformed after its head (its trailers, or a body that disagrees
+        with its content-length): a stream error (RFC 9113 8.1.1). Its upstream stream is reset
+        (the app never sees a request ending as it should not); the caller gets 400
+        (INVALID_ARGUMENT) if nothing of the response went down yet, else a reset."""
         log.info("malformed HTTP/2 request from the client", extra={**self.info, "reason": reason})
         if stream.end_queued_down and not stream.responded:
             return  # the sidecar's own answer (a 400, 403, 502...) is on its way: it stands
@@ -1266,6 +1358,8 @@ class H2Proxy:
             stream.result.status = status
             stream.responded = True
             stream.no_content = status in (204, 304) or stream.info.method == "HEAD"
+            stream.response_expected = None if stream.no_content else _content_length(headers)
+            stream.response_received = 0
             stream.replay = None  # no retry after a response head
             if stream.timer is not None:
                 stream.timer.cancel()

@@ -807,6 +807,94 @@ async def test_malformed_trailers_after_the_sidecars_own_answer_leave_it_standin
     assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 3 for e in seen), seen
 
 
+@pytest.mark.parametrize(
+    ("length", "body"),
+    [(b"10", b"\x00\x00\x00\x00\x02hi"), (b"1", b"\x00\x00\x00\x00\x02hi"), (b"7", None)],
+    ids=["shorter", "longer", "no content"],
+)
+async def test_a_request_body_that_disagrees_with_its_content_length_fails_its_stream_only(
+    pair: tuple[str, int], length: bytes, body: bytes | None
+) -> None:
+    """RFC 9113 8.1.1: content-length other than the DATA's length makes the request malformed, a
+    stream error. h2 checked it per connection: GOAWAY, every call on the connection failed."""
+
+    def send(conn: h2.connection.H2Connection) -> None:
+        head = [*_grpc_head(b"/test.Echo/Unary"), (b"content-length", length)]
+        if body is None:
+            conn.send_headers(3, head, end_stream=True)
+        else:
+            conn.send_headers(3, head)
+            conn.send_data(3, body, end_stream=True)
+
+    mine, others = await _one_bad_stream(pair, send)
+    assert _refused_as_malformed(mine) or any(isinstance(e, h2.events.StreamReset) for e in mine), mine
+    _others_unharmed(others)
+
+
+async def _content_length_liar(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An HTTP/2 app that answers /test.Echo/lie with content-length 100 and 5 bytes of content,
+    and never answers anything else."""
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None, validate_outbound_headers=False)
+    )
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    with contextlib.closing(writer), contextlib.suppress(ConnectionError, h2.exceptions.ProtocolError):
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if (
+                    isinstance(event, h2.events.RequestReceived)
+                    and dict(event.headers)[b":path"] == b"/test.Echo/lie"
+                ):
+                    head = [
+                        (b":status", b"200"),
+                        (b"content-type", b"application/grpc"),
+                        (b"content-length", b"100"),
+                    ]
+                    conn.send_headers(event.stream_id, head)
+                    conn.send_data(event.stream_id, b"\x00\x00\x00\x00\x00", end_stream=True)
+            writer.write(conn.data_to_send())
+
+
+async def test_a_response_body_that_disagrees_with_its_content_length_fails_its_stream_only(
+    mesh: Mesh,
+) -> None:
+    server = await asyncio.start_server(_content_length_liar, mesh.addr(CART), APP)
+    try:
+        await mesh.sidecar("cart", CART)
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        reader, writer, conn = await _h2_client((mesh.addr(FRONTEND), OUT))
+        conn.send_headers(1, _grpc_head(b"/test.Echo/slow"))  # a long call on the same connections
+        writer.write(conn.data_to_send())
+        await asyncio.sleep(0.3)
+        conn.send_headers(3, _grpc_head(b"/test.Echo/lie"), end_stream=True)
+        writer.write(conn.data_to_send())
+        seen: list[h2.events.Event] = []
+        with contextlib.suppress(TimeoutError):
+            while not any(
+                getattr(e, "stream_id", None) == 3
+                and isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))
+                for e in seen
+            ):
+                data = await asyncio.wait_for(reader.read(65536), 3)
+                assert data, "the sidecar closed the connection"
+                seen += conn.receive_data(data)
+        writer.close()
+    finally:
+        server.close()
+    mine = [e for e in seen if getattr(e, "stream_id", None) == 3]
+    assert any(isinstance(e, h2.events.StreamReset) for e in mine) or any(
+        isinstance(e, h2.events.ResponseReceived) and dict(e.headers).get(b"grpc-status") == b"13"
+        for e in mine
+    ), mine
+    assert not [
+        e
+        for e in seen
+        if isinstance(e, (h2.events.ConnectionTerminated, h2.events.StreamReset))
+        and getattr(e, "stream_id", 3) != 3
+    ]
+
+
 async def test_connect_is_not_proxied(pair: tuple[str, int]) -> None:
     """As on HTTP/1.1 (405): CONNECT, extended CONNECT (RFC 8441, never offered) included, was
     forwarded to the app and authorized as the path /."""
@@ -828,13 +916,13 @@ async def test_connect_is_not_proxied(pair: tuple[str, int]) -> None:
 
 
 async def test_a_protocol_error_goaway_is_not_reset_away(pair: tuple[str, int]) -> None:
-    """A request h2 finds malformed (a body longer than its content-length) ends the connection
-    with GOAWAY PROTOCOL_ERROR; the sidecar closed at once while the client's next frames were
-    coming, and the reset took the GOAWAY with it (asyncio raises the reset before buffered
-    bytes). It now half-closes and drops what comes for a moment, as HTTP/1.1 does."""
+    """A connection error (a WINDOW_UPDATE of 0 on the connection) ends the connection with GOAWAY
+    PROTOCOL_ERROR; the sidecar closed at once while the client's next frames were coming, and the
+    reset took the GOAWAY with it (asyncio raises the reset before buffered bytes). It now
+    half-closes and drops what comes for a moment, as HTTP/1.1 does."""
     reader, writer, conn = await _h2_client(pair)
-    conn.send_headers(1, [*_grpc_head(), (b"content-length", b"1")])
-    writer.write(conn.data_to_send() + DataFrame(1, data=b"too long", flags=["END_STREAM"]).serialize())
+    conn.send_headers(1, _grpc_head())
+    writer.write(conn.data_to_send() + WindowUpdateFrame(0, window_increment=0).serialize())
     await writer.drain()
     ended: list[h2.events.Event] = []
     try:
