@@ -4,7 +4,6 @@ controller and the sidecars run, against a directory of manifests or a live clus
 from __future__ import annotations
 
 import argparse
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,24 +119,27 @@ def _load(args: argparse.Namespace) -> Snapshot:
         return directory.load_directory(args.dir)
     from controller.sources.kubernetes import KubernetesSource, api_client_from
 
-    async def once() -> Snapshot:
-        source = KubernetesSource(api_client_from(args.kubeconfig))
-        got: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
-
-        def first(snapshot: Snapshot) -> None:
-            if not got.done():
-                got.set_result(snapshot)
-
-        task = asyncio.create_task(source.run(first))
-        try:
-            return await asyncio.wait_for(got, 30)
-        finally:
-            task.cancel()
-
-    try:
-        return asyncio.run(once())
+    try:  # one list of each kind; read-only (the controller writes the statuses, not a check)
+        return KubernetesSource(api_client_from(args.kubeconfig), request_timeout=30.0).list_once()
     except Exception as exc:
         raise CLIError(f"cannot read the cluster: {exc}; check --kubeconfig") from exc
+
+
+def _as_the_sidecar_sees(path: str) -> str:
+    """``--path`` normalized as the inbound sidecar normalizes a request's before authorizing it
+    (``sidemesh.policy.paths.normalize_path``: ``/cart/../debug`` is ``/debug``, ``%61`` is ``a``)."""
+    from sidemesh.policy.paths import BadPath, normalize_path
+
+    if not path.startswith("/"):
+        raise CLIError(f"--path {path!r} must start with / (the sidecar answers 400 otherwise)")
+    path = path.partition("?")[0]  # (the query is not part of what policies match)
+    try:
+        normal = normalize_path(path.encode("utf-8")).decode("latin-1")
+    except BadPath as exc:
+        raise CLIError(f"--path {path!r}: {exc} (the sidecar answers 400)") from exc
+    if normal != path:
+        print(f"note: the sidecar sees the path as {normal}")
+    return normal
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -161,11 +163,14 @@ def _check(args: argparse.Namespace) -> int:
             f"an invalid default-policy annotation counts as deny; a file that is not YAML contributes "
             f"nothing; anything else is ignored): {error}"
         )
+    path = args.path or ("/" if args.method else None)
+    if path is not None:
+        path = _as_the_sidecar_sees(path)
     request = Request(
         peer,
         args.port,
         args.method or None,  # as given: methods are case-sensitive, as the sidecars compare them
-        args.path or ("/" if args.method else None),
+        path,
     )
     verdicts = check(snapshot, peer, target, request, args.trust_domain, DefaultPolicy(args.default_policy))
     if not verdicts:

@@ -3,10 +3,11 @@ replacement, and the path a request names."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 
 from proxy.observe import TRACE_HEADERS
+from sidemesh.policy.paths import BadPath as BadPath  # (re-exported: the HTTP layers raise it)
+from sidemesh.policy.paths import normalize_path
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -174,43 +175,6 @@ def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return None
 
 
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_PCT = re.compile(rb"%(..)?")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-
-
-class BadPath(ValueError):
-    """A request target that cannot be normalized (bad percent-encoding). Spaces and control
-    characters never get here: the parser refuses them."""
-
-
-def _decode_unreserved(match: re.Match[bytes]) -> bytes:
-    pair = match.group(1)
-    if pair is None or pair[0] not in _HEX or pair[1] not in _HEX:
-        raise BadPath("invalid percent-encoding")
-    char = int(pair, 16)
-    return bytes([char]) if char in _UNRESERVED else b"%" + pair.upper()
-
-
-def remove_dot_segments(path: bytes) -> bytes:
-    """RFC 3986 section 5.2.4, for an absolute path."""
-    out: list[bytes] = []
-    segments = path.split(b"/")[1:]
-    for i, segment in enumerate(segments):
-        last = i == len(segments) - 1
-        if segment == b"..":
-            if out:
-                out.pop()
-            if last:
-                out.append(b"")
-        elif segment == b".":
-            if last:
-                out.append(b"")
-        else:
-            out.append(segment)
-    return b"/" + b"/".join(out)
-
-
 def normalize_target(target: bytes) -> bytes:
     """The request target the inbound sidecar authorizes and forwards, normalized as Istio's
     default (``BASE``) does with Envoy's ``normalize_path``: backslashes become slashes,
@@ -227,12 +191,7 @@ def normalize_target(target: bytes) -> bytes:
         query = sep + rest
     if path == b"*":
         return target
-    path = path.replace(b"\\", b"/")
-    if b"%" in path:
-        path = _PCT.sub(_decode_unreserved, path)
-    if b"/." in path:  # a dot segment always follows a slash
-        path = remove_dot_segments(path)
-    return prefix + path + query
+    return prefix + normalize_path(path) + query
 
 
 def _split_absolute(target: bytes) -> tuple[bytes, bytes, bytes]:

@@ -309,6 +309,15 @@ class KubernetesSource:
         self.watchers: list[_Watcher] = []
         self._written: dict[str, AuthorizationStatus] = {}  # what we last wrote, by policy uid
 
+    def list_once(self) -> Snapshot:
+        """The cluster as one list of every kind shows it: no watch, no status written (what
+        `sidemesh authz check --kubeconfig` reads: a check must not write to the cluster, and
+        watch threads left blocked at exit could abort the interpreter)."""
+        stop = threading.Event()
+        for kind in KINDS:
+            _Watcher(kind, self._lists[kind], self._apply, stop, self.settings)._list()
+        return assemble(self.entries)
+
     async def run(self, on_change: OnChange) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_Reset | _Event] = asyncio.Queue()

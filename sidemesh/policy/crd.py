@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from sidemesh.policy.model import Authorization, HTTPMatch, Mode, Rule, Source
+from sidemesh.policy.paths import BadPath, normalize_path
 
 API_VERSION = "sidemesh.io/v1alpha1"
 KIND = "ServiceAuthorization"
@@ -18,7 +19,8 @@ _NAME_RE = {
     "namespace": re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\*?|\*"),
     "serviceAccount": re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?\*?|\*"),
 }
-_PATH_RE = re.compile(r"/[^*?#\s]*\*?")
+# Visible ASCII but * ? # \ and %, which comes as an escape (%C3): manifests/crds has the same.
+_PATH_RE = re.compile(r"/([\x21\x22\x24\x26-\x29\x2B-\x3E\x40-\x5B\x5D-\x7E]|%[0-9A-Fa-f]{2})*\*?")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 # The CRD schema's limits (manifests/crds/serviceauthorization.yaml), enforced here too.
 MAX_RULES = MAX_SOURCES = MAX_PORTS = MAX_PATHS = MAX_LABELS = 64
@@ -112,7 +114,31 @@ def _http(doc: Any, where: str) -> HTTPMatch:
             raise PolicyError(
                 f"{where}.paths[{i}]", f"{p!r} is not a path: it starts with / and may end in * (prefix)"
             )
+        if (normal := _as_the_sidecar_sees(p)) != p:
+            raise PolicyError(
+                f"{where}.paths[{i}]",
+                f"{p!r} can never match: the sidecar compares requests' normalized paths "
+                + (
+                    f"(write {normal!r})"
+                    if normal
+                    else "(write it in ASCII, other characters percent-encoded)"
+                ),
+            )
     return HTTPMatch(methods=methods, paths=paths)
+
+
+def _as_the_sidecar_sees(path: str) -> str:
+    """A policy path (``*`` for a prefix) written as the sidecar sees requests' paths (dot segments
+    removed, unreserved characters decoded, other escapes in upper case, slashes for backslashes:
+    ``paths.normalize_path``); "" when it cannot be (not ASCII, a broken escape)."""
+    prefix = path.endswith("*")
+    base = path[:-1] if prefix else path
+    try:  # (a prefix may end inside a segment: "/cart/." is a prefix of "/cart/.well-known")
+        raw = base.encode("ascii") + (b"x" if prefix else b"")
+        normal = normalize_path(raw).decode("ascii")
+    except (UnicodeError, BadPath):
+        return ""
+    return (normal[:-1] + "*") if prefix else normal
 
 
 def _rule(doc: Any, where: str) -> Rule:

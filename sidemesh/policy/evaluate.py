@@ -113,6 +113,10 @@ def evaluate(
         decision = Decision(True, f"allowed by {hit[0].ref} rule {hit[1]}", hit[0].ref, hit[1])
     else:
         decision = _default(default, request.peer, trust_domain)
+        if not decision.allowed and audited:  # (they select it, but never decide)
+            names = ", ".join(p.ref for p in audited)
+            why = decision.reason.replace("no ServiceAuthorization", "no enforce-mode ServiceAuthorization")
+            decision = Decision(False, f"{why} (audit-mode: {names})")
     if decision.allowed and audited and _first_allowing(audited, request, trust_domain) is None:
         names = ", ".join(p.ref for p in audited)
         return Decision(

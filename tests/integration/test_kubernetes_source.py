@@ -489,3 +489,41 @@ async def test_api_client_from_a_kubeconfig(start: Start, tmp_path: Path) -> Non
     finally:
         client.close()
         api.close()
+
+
+def test_authz_check_against_a_cluster_reads_once_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sidemesh authz check --kubeconfig` ran the controller's source: watches in daemon threads
+    (left blocked at exit, they aborted the interpreter now and then: exit code 134) and its status
+    writer, which patched ServiceAuthorization status with the user's credentials. Now: one list of
+    each kind, nothing else."""
+    import yaml
+
+    from sidemesh.cli import main
+
+    api = FakeWatchAPI([*SEED, INVALID])
+    try:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "c", "cluster": {"server": api.url}}],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                    "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                    "current-context": "x",
+                }
+            )
+        )
+        argv = ["authz", "check", "--kubeconfig", str(kubeconfig), "--port", "8080", "--to", "shop/cart"]
+        assert main([*argv, "--from", "shop/stranger"]) == 1
+        out = capsys.readouterr().out
+        assert "DENY shop/stranger -> shop/cart-1:8080" in out and "broken" in out  # the invalid one said
+        requests = list(api.requests)
+    finally:
+        api.close()
+    assert requests and all(r.method == "GET" and "watch" not in r.query for r in requests), [
+        (r.method, r.path, r.query) for r in requests
+    ]

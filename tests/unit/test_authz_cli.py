@@ -97,6 +97,39 @@ def test_errors_say_what_to_do(
     assert err in capsys.readouterr().err
 
 
+ROUTES = """\
+apiVersion: sidemesh.io/v1alpha1
+kind: ServiceAuthorization
+metadata: {name: cart-routes, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  rules:
+  - from: [{serviceAccount: frontend}]
+    to: {ports: [8080], http: {methods: [GET], paths: ["/cart/*"]}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "seen"),
+    [
+        ("/cart/../debug/x", 1, "/debug/x"),  # the sidecar removes dot segments: not under /cart
+        ("/c%61rt/1", 0, "/cart/1"),  # and decodes unreserved characters
+    ],
+)
+def test_the_path_is_checked_as_the_sidecar_sees_it(
+    tmp_path: Path, path: str, code: int, seen: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The check took --path as given: /cart/../debug/x was ALLOW (the sidecar denies it) and
+    /c%61rt/1 DENY (the sidecar allows it)."""
+    (tmp_path / "mesh.yaml").write_text(MESH_YAML.format(net="127.0.9"))
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    argv = ["authz", "check", "--dir", str(tmp_path), "--from", "shop/frontend", "--to", "shop/cart"]
+    assert main([*argv, "--port", "8080", "--method", "GET", "--path", path]) == code
+    assert f"the sidecar sees the path as {seen}" in capsys.readouterr().out
+    assert main([*argv, "--port", "8080", "--method", "GET", "--path", "/c%zzrt"]) == 2
+    assert "invalid percent-encoding" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("mistake", "who"),
     [

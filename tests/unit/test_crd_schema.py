@@ -413,7 +413,7 @@ CASES = [
     good("lowest and highest port", to(ports=[1, 65535])),
     good("every standard method", http(methods=METHODS)),
     good("exact and prefix paths", http(paths=["/", "/*", "/cart/*", "/api*", "/healthz"])),
-    good("path characters", http(paths=["/a-b_c.d~e/%20!$&'()+,;=:@/café"])),
+    good("path characters", http(paths=["/a-b_c.d~e/%20!$&'()+,;=:@/caf%C3%A9"])),
     good("audit mode", mode("audit")),
     good("enforce mode", mode("enforce")),
     good("prefixed label key, empty value", {"selector": {"matchLabels": {"app.kubernetes.io/name": "", "x": ""}}}),
@@ -535,6 +535,27 @@ def test_both_allow_the_same_characters(where: str, template: str, make: Any) ->
         if schema_accepts != parse_accepts:
             disagree.append(f"{ord(char):#06x}: schema {schema_accepts}, crd.parse {parse_accepts}")
     assert disagree == []
+
+
+@pytest.mark.parametrize(
+    ("path", "write"),
+    [
+        ("/cart/../admin", "/admin"),
+        ("/./cart", "/cart"),
+        ("/caf%c3%a9", "/caf%C3%A9"),
+        ("/%7Euser/*", "/~user/*"),
+        ("/c%61rt", "/cart"),
+    ],
+)
+def test_a_path_the_sidecar_never_sees_is_refused_by_the_controller(path: str, write: str) -> None:
+    """The sidecar compares requests' normalized paths: such a rule never matched, and the policy
+    said Accepted. The API server takes it (its pattern cannot say this); the controller refuses
+    it, naming the path to write."""
+    doc = doc_with(http(paths=[path]))
+    assert api_server_errors(doc) == []
+    error = parse_error(doc)
+    assert error is not None and "can never match" in error and repr(write) in error, error
+    assert parse_error(doc_with(http(paths=[write]))) is None
 
 
 def test_a_misspelt_source_is_pruned_into_one_that_names_nobody() -> None:

@@ -182,6 +182,15 @@ def test_audit_decisions_are_marked() -> None:
     assert evaluate([ALLOW_FRONTEND], DefaultPolicy.DENY, Request(STRANGER, 8080), TD).label == "deny"
 
 
+def test_a_default_denial_under_audit_policies_does_not_say_nothing_selects_the_workload() -> None:
+    """It said "no ServiceAuthorization selects this workload" while an audit-mode one did."""
+    decision = evaluate([AUDIT], DefaultPolicy.DENY, Request(FRONTEND, 8080), TD)
+    assert not decision.allowed
+    assert decision.reason == (
+        "default deny: no enforce-mode ServiceAuthorization selects this workload (audit-mode: shop/audit-frontend)"
+    )
+
+
 @pytest.mark.parametrize(
     ("pattern", "path", "matches"),
     [
