@@ -213,7 +213,11 @@ class CAServer:
         # grpc documents a fetcher answering None ("keep the current one"); grpc-stubs omit it.
         fetch = typing.cast(typing.Callable[[], grpc.ServerCertificateConfiguration], self.serving.fetch)
         creds = grpc.dynamic_ssl_server_credentials(self.serving.current, fetch)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024)])
+        # SO_REUSEPORT off (grpc's default is on): a second CA started on a port in use shared it
+        # and took half the calls with its own keys; now it says the port is taken.
+        server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", 64 * 1024), ("grpc.so_reuseport", 0)]
+        )
         # Telemetry wraps the handler once, at registration, rather than as an interceptor that
         # grpc.aio would run on every call.
         telemetry = GrpcTelemetry(self.metrics.registry, self.tracing)

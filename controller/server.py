@@ -86,6 +86,7 @@ SERVER_OPTIONS = [
     # the client's pings it accepts (5 minutes by default).
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.so_reuseport", 0),  # a second controller on a port in use is told so, not let share it
 ]
 
 

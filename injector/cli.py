@@ -118,9 +118,13 @@ def _inject(args: argparse.Namespace) -> int:
     texts = []
     for name in args.files:
         try:
-            texts.append(sys.stdin.read() if name == "-" else Path(name).read_text())
+            texts.append(sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8"))
         except OSError as exc:
             raise CLIError(f"{name}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:  # e.g. UTF-16, as PowerShell's `>` writes it
+            raise CLIError(
+                f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 and try again"
+            ) from exc
     try:
         text, reports = inject_yaml(texts, settings)
     except yaml.YAMLError as exc:

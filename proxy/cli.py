@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _main(config: ProxyConfig) -> int:
-    from proxy.sidecar import Sidecar
+    from proxy.sidecar import ListenError, Sidecar
     from sidemesh.identity.client import CAClient
     from sidemesh.identity.workload import WorkloadIdentity, token_from_file
     from sidemesh.mesh import directory
@@ -94,7 +94,11 @@ async def _main(config: ProxyConfig) -> int:
             await sidecar.start()
         except OSError as exc:
             await identity.stop()
-            raise CLIError(f"cannot listen: {exc}; is another sidecar using these ports?") from exc
+            where = f" on {exc.option} {exc.address}" if isinstance(exc, ListenError) else ""
+            raise CLIError(
+                f"cannot listen{where}: {(exc.strerror or str(exc)).lower()}; stop the process that "
+                "holds it (ss -ltnp shows which; another sidecar?) or pick another address"
+            ) from exc
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -74,9 +74,16 @@ class ProxyConfig:
         (), "local mode: LISTEN=SERVICE:PORT maps, e.g. 127.0.1.1:18080=cart.shop:80", env="SIDEMESH_OUTBOUND"
     )
     admin_listen: str = option(
-        "127.0.0.1:15000", "admin endpoint (config, certificate, connections)", env="SIDEMESH_ADMIN_LISTEN"
+        "127.0.0.1:15000",
+        "admin endpoint: /config, /certs, /connections, /stats/routes (what `sidemesh top` reads), /healthz/ready",
+        env="SIDEMESH_ADMIN_LISTEN",
     )
-    health_listen: str = option("0.0.0.0:15020", "readiness and /metrics", env="SIDEMESH_HEALTH_LISTEN")
+    health_listen: str = option(
+        "0.0.0.0:15020",
+        "/healthz/ready, /healthz/live, /metrics, the app's rewritten probes (/app-health/...) and "
+        "POST /quitquitquit (from the pod itself)",
+        env="SIDEMESH_HEALTH_LISTEN",
+    )
     app_host: str = option(
         "127.0.0.1",
         "the app's address for inbound connections in local mode (--capture none) and for the app's "

@@ -60,6 +60,14 @@ TIMED_OUT = {relays.UNANSWERED: "undecided", relays.IDLE_TIMEOUT: "idle"}
 INBOUND_SOURCE = {4: "127.0.0.6", 6: "::6"}
 
 
+class ListenError(OSError):
+    """A listener that could not bind, with the option it comes from (for the one-line error)."""
+
+    def __init__(self, option: str, address: str, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.option, self.address = option, address
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """Bound now (a port in use fails the start), listening only once the sidecar can serve."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -70,7 +78,11 @@ def _bind(host: str, port: int) -> socket.socket:
     # A replacement sidecar (same UID: the kernel refuses other users) can bind while this one
     # drains, so a restart in place has no window of refused connections (Envoy binds so too).
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 
@@ -407,9 +419,14 @@ class Sidecar:
                 extra={"direction": kind, "max_connections": self.config.max_connections},
             )
 
-    def _add_listener(self, name: str, address: str, kind: str, target: str | None = None) -> None:
+    def _add_listener(
+        self, name: str, address: str, kind: str, target: str | None = None, option: str = ""
+    ) -> None:
         host, port = parse_hostport(name, address)
-        sock = _bind(host, port)
+        try:
+            sock = _bind(host, port)
+        except OSError as exc:
+            raise ListenError(option or f"--{kind}-listen", address, exc) from exc
         bound = sock.getsockname()[:2]
         self.ports[name] = bound[1]
         self._own.add((bound[0], bound[1]))
@@ -433,7 +450,7 @@ class Sidecar:
             for i, address in enumerate(addresses):
                 self._add_listener("outbound" if i == 0 else f"outbound-v6-{i}", address, "outbound")
         for i, ((host, port), target) in enumerate(self.config.outbound_maps()):
-            self._add_listener(f"outbound-{i}", f"{host}:{port}", "outbound", target)
+            self._add_listener(f"outbound-{i}", f"{host}:{port}", "outbound", target, option="--outbound")
         admin = HTTPServer(
             {
                 "/config": self._page_config,
@@ -456,12 +473,16 @@ class Sidecar:
             guard=_own_pod_only,
         )
         self._servers = [admin, health]
-        self.ports["admin"] = await admin.start(
-            *parse_hostport("admin_listen", self.config.admin_listen), reuse_port=True
-        )
-        self.ports["health"] = await health.start(
-            *parse_hostport("health_listen", self.config.health_listen), reuse_port=True
-        )
+        for name, server, address in (
+            ("admin", admin, self.config.admin_listen),
+            ("health", health, self.config.health_listen),
+        ):
+            try:
+                self.ports[name] = await server.start(
+                    *parse_hostport(f"{name}_listen", address), reuse_port=True
+                )
+            except OSError as exc:
+                raise ListenError(f"--{name}-listen", address, exc) from exc
         self.proxy_ports.update((self.ports["admin"], self.ports["health"]))  # (port 0: as bound)
         log.info(
             "sidecar started",

@@ -109,8 +109,14 @@ def _convert(kind: Any, text: str) -> Any:
         return parse_duration(text)
     if kind is Path:
         return Path(text)
-    if kind in (int, float, str):
-        return kind(text)
+    if kind is str:
+        return text
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"{text!r} is not {what}") from None
     raise TypeError(f"unsupported option type {kind}")
 
 
@@ -156,17 +162,18 @@ def load(
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         raw = getattr(args, f.name, None) if args is not None else None
         env = f.metadata.get("env")
+        source = ""
         if raw is None and env and env in environ:
-            raw = environ[env]
+            raw, source = environ[env], f" (from {env})"  # the user set a variable, not the flag
         if raw is None:
             continue
         choices = f.metadata.get("choices")
         if choices and raw not in choices:
-            raise ConfigError(f.name, f"{raw!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f.name, f"{raw!r}{source} is not one of {', '.join(choices)}")
         try:
             values[f.name] = _convert(hints[f.name], raw)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f.name, str(exc)) from exc
+            raise ConfigError(f.name, f"{exc}{source}") from exc
     try:
         return cls(**values)
     except ConfigError:

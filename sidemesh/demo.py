@@ -22,6 +22,7 @@ sidecar shows plaintext refused. The namespaces, bridge and rules are deleted at
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -133,6 +134,14 @@ class Proc:
                 continue
         return out
 
+    def last_lines(self, count: int = 6) -> list[str]:
+        """The end of its log (where a process that would not start says why), each line cut short."""
+        try:
+            lines = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return []
+        return [line if len(line) <= 300 else line[:297] + "..." for line in lines[-count:]]
+
     def wait_event(self, event: str, timeout: float = 30.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -140,7 +149,10 @@ class Proc:
                 if record.get("event") == event:
                     return record
             if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.popen.returncode}); its log: {self.log}")
+                raise RuntimeError(
+                    f"{self.name} exited ({self.popen.returncode}); the end of its log ({self.log}):\n"
+                    + "\n".join(f"      | {line}" for line in self.last_lines())
+                )
             time.sleep(0.05)
         raise TimeoutError(f"{self.name}: no {event!r} within {timeout}s; its log: {self.log}")
 
@@ -153,6 +165,7 @@ class Demo:
     sidecar_env: dict[str, str] = field(default_factory=dict)  # the OTEL_* variables of the sidecars
     failures: int = 0
     step_no: int = 0
+    interrupted: bool = False  # stopped (Ctrl-C, kill, the terminal closed) before the last step
 
     def addr(self, host: int) -> str:
         return f"{self.net}.{host}"
@@ -195,6 +208,28 @@ class Demo:
     def fail(self, text: str) -> None:
         self.failures += 1
         print(f"    UNEXPECTED: {text}", flush=True)
+
+
+def say(text: str) -> None:
+    """``print``, except that a terminal gone (closed: SIGHUP) does not stop the clean-up."""
+    with contextlib.suppress(OSError):
+        print(text, flush=True)
+
+
+def outcome(demo: Demo, root: Path, keep: bool) -> int:
+    """The last lines and the exit status: 0 all steps as described, 1 some did not, 130 stopped
+    before the end (a run that was cut short has not shown that the mesh works)."""
+    if demo.failures and not keep:
+        say(f"kept {root} for the logs of what went wrong (delete it when done)")
+    if demo.interrupted:
+        say(f"\ninterrupted at step {demo.step_no}: the steps after it did not run")
+        return 130
+    say(
+        "\nall steps behaved as described"
+        if not demo.failures
+        else f"\n{demo.failures} step(s) did not behave as described"
+    )
+    return 1 if demo.failures else 0
 
 
 def _free_net() -> str:
@@ -314,11 +349,13 @@ def run(args: argparse.Namespace) -> int:
         from sidemesh import demo_netns
 
         return demo_netns.run(once=args.once, keep=args.keep)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the demo as cleanly as Ctrl-C
+    for signo in (signal.SIGTERM, signal.SIGHUP):  # `kill`, or the terminal closed: as Ctrl-C
+        signal.signal(signo, _interrupt)
     root = Path(tempfile.mkdtemp(prefix="sidemesh-demo-"))
     demo = Demo(root, _free_net())
     cart_app: ThreadingHTTPServer | None = None
     receiver: ReceiverThread | None = None
+    finished = False
     try:
         collector = _user_collector()
         if collector is None:
@@ -335,16 +372,19 @@ def run(args: argparse.Namespace) -> int:
                 "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within 0.1 s, not the default 5 s
             }
         cart_app = _walk(demo, receiver, collector)
+        finished = True
         if not args.once and not demo.failures:
             print("\nThe mesh keeps running; press Ctrl-C to stop it and remove everything.", flush=True)
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        demo.interrupted = not finished
     except (RuntimeError, TimeoutError, OSError, subprocess.CalledProcessError) as exc:
         demo.fail(f"{exc}")
     finally:
-        print("\nstopping: sidecars, controller, CA ...", flush=True)
+        for signo in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # nothing stops the clean-up
+            signal.signal(signo, signal.SIG_IGN)
+        say("\nstopping: sidecars, controller, CA ...")
         demo.stop_all()
         if receiver is not None:  # after the sidecars: they flush their last spans when stopping
             receiver.stop()
@@ -352,16 +392,14 @@ def run(args: argparse.Namespace) -> int:
             cart_app.shutdown()
             cart_app.server_close()
         if args.keep:
-            print(f"kept {root}")
-        else:
+            say(f"kept {root}")
+        elif not demo.failures:
             shutil.rmtree(root, ignore_errors=True)
-            print("stopped; temporary files removed")
-    print(
-        "\nall steps behaved as described"
-        if not demo.failures
-        else f"\n{demo.failures} step(s) did not behave as described"
-    )
-    return 1 if demo.failures else 0
+            say("stopped; temporary files removed")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signo in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signo, signal.SIG_DFL)
+    return outcome(demo, root, args.keep)
 
 
 def _user_collector() -> str | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sidemesh.cli import CLIError
-from sidemesh.demo import ALLOW, TD, Demo, denial_of, identity_seen
+from sidemesh.demo import ALLOW, TD, Demo, denial_of, identity_seen, outcome, say
 from sidemesh.netns import (
     CLEAN_ENV,
     Cluster,
@@ -111,12 +111,14 @@ def check_can_run() -> None:
 
 def run(once: bool, keep: bool) -> int:
     check_can_run()
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the demo as cleanly as Ctrl-C
+    for signo in (signal.SIGTERM, signal.SIGHUP):  # `kill`, or the terminal closed: as Ctrl-C
+        signal.signal(signo, _interrupt)
     root = Path(tempfile.mkdtemp(prefix="sidemesh-netns-demo-"))
     root.chmod(0o755)  # the sidecars (UID 1337) read their token, the bundle and the manifests here
     subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 250)}"
     demo = Demo(root, subnet)
     cluster: Cluster | None = None
+    finished = False
     try:
         demo.step("Build the pods: network namespaces on a bridge, each with its own IP")
         cluster = Cluster.create(root, subnet, prefix=PREFIX)
@@ -129,18 +131,19 @@ def run(once: bool, keep: bool) -> int:
             role = "no sidecar" if name not in MESHED else "meshed"
             print(f"      {name:9} {subnet}.{host:<4} namespace {cluster.pods[name].name}  ({role})")
         _walk(demo, cluster)
+        finished = True
         if not once and not demo.failures:
             print("\nThe mesh keeps running; press Ctrl-C to stop it and remove everything.", flush=True)
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        demo.interrupted = not finished
     except (NetnsError, RuntimeError, TimeoutError, OSError, ValueError, subprocess.SubprocessError) as exc:
         demo.fail(f"{exc}")
     finally:
-        for signo in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not stop the clean-up
+        for signo in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # nothing stops the clean-up
             signal.signal(signo, signal.SIG_IGN)
-        print("\nstopping: sidecars, apps, controller, CA; deleting the namespaces ...", flush=True)
+        say("\nstopping: sidecars, apps, controller, CA; deleting the namespaces ...")
         problems = cluster.close() if cluster is not None else []
         left = [
             n for n in list_netns() if cluster is not None and n.startswith(f"{PREFIX}-{cluster.run_id}-")
@@ -148,21 +151,17 @@ def run(once: bool, keep: bool) -> int:
         for problem in [*problems, *(f"namespace {n} is still there" for n in left)]:
             demo.fail(problem)
         if keep:
-            print(f"kept {root} (logs, keys, manifests)")
-        else:
+            say(f"kept {root} (logs, keys, manifests)")
+        elif not demo.failures:
             shutil.rmtree(root, ignore_errors=True)
         if cluster is not None and not left:
-            print(
+            say(
                 f"stopped; {len(cluster.namespaces())} namespaces deleted (with the bridge, the veths and the iptables rules)"
             )
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    print(
-        "\nall steps behaved as described"
-        if not demo.failures
-        else f"\n{demo.failures} step(s) did not behave as described"
-    )
-    return 1 if demo.failures else 0
+        for signo in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signo, signal.SIG_DFL)
+    return outcome(demo, root, keep)
 
 
 def _interrupt(_signo: int, _frame: object) -> None:

@@ -12,6 +12,7 @@ Example: sidemesh top 127.0.0.1:15000 127.0.0.1:15001 --interval 2s
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import shutil
 import sys
@@ -53,7 +54,7 @@ def fetch(address: str, timeout: float = 3.0) -> Snapshot:
     except urllib.error.HTTPError as exc:
         hint = "is this a sidecar of this version's admin port?" if exc.code == 404 else ""
         raise TopError(f"{url} answered {exc.code} {exc.reason}; {hint}".rstrip("; ")) from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # (not HTTP: BadStatusLine)
         raise TopError(
             f"cannot read {url} ({getattr(exc, 'reason', exc)}). The sidecar's admin port listens on "
             "127.0.0.1:15000 inside the pod: run `kubectl port-forward pod/POD 15000` and pass "

@@ -342,3 +342,39 @@ def test_serve_with_a_signing_chain_not_valid_now_says_so(
     assert main([*argv, "--token-file", str(tmp_path / "tokens.yaml"), "--metrics-listen", ""]) == 2
     err = capsys.readouterr().err
     assert "signing chain is not valid before" in err and "valid now" in err
+
+
+def test_a_second_ca_on_a_port_in_use_says_so(tmp_path: Path) -> None:
+    """grpc sets SO_REUSEPORT by default: a second CA on the same --listen shared the port and took
+    half the calls with its own keys (clients: CERTIFICATE_VERIFY_FAILED)."""
+    import time
+
+    for name in ("a", "b"):
+        assert main(["ca", "bootstrap", "--dir", str(tmp_path / name)]) == 0
+    assert main(["ca", "local-token", "--file", str(tmp_path / "t.yaml"), "--identity", "shop/a"]) == 0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def serve(name: str, stderr: int) -> subprocess.Popen[str]:
+        argv = ["ca", "serve", "--authenticator", "local", "--token-file", str(tmp_path / "t.yaml")]
+        argv += ["--ca-dir", str(tmp_path / name), "--listen", f"127.0.0.1:{port}", "--metrics-listen", ""]
+        return subprocess.Popen(
+            [sys.executable, "-m", "sidemesh", *argv], stderr=stderr, text=True, cwd=tmp_path
+        )
+
+    first = serve("a", subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until the first one listens
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        second = serve("b", subprocess.PIPE)
+        _, err = second.communicate(timeout=30)
+        assert second.returncode == 2, err
+        assert f"cannot listen on --listen 127.0.0.1:{port}" in err
+    finally:
+        first.terminate()
+        first.wait(timeout=20)

@@ -74,6 +74,62 @@ def test_demo_once_behaves_as_described_and_leaves_nothing_behind() -> None:
     assert "sidemesh-demo-" not in ps
 
 
+def test_a_demo_cut_short_says_so_and_leaves_nothing_behind() -> None:
+    """The terminal closed (SIGHUP) while the demo ran: it died and left the CA, the controller and
+    the sidecars running (their own sessions) with its keys on disk; Ctrl-C or a kill before the
+    last step said "all steps behaved as described" and exited 0."""
+    import signal
+    import time
+
+    before = set(Path(tempfile.gettempdir()).glob("sidemesh-demo-*"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidemesh", "demo", "--once"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_demo_env(),
+    )
+    assert proc.stdout is not None
+    seen = ""
+    deadline = time.monotonic() + 60
+    while "[2]" not in seen and time.monotonic() < deadline:  # the CA and the controller run
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+    proc.send_signal(signal.SIGHUP)
+    rest, _ = proc.communicate(timeout=60)
+    text = seen + rest
+    assert proc.returncode == 130, text
+    assert "interrupted at step" in text and "all steps behaved as described" not in text
+    assert set(Path(tempfile.gettempdir()).glob("sidemesh-demo-*")) == before
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "sidemesh-demo-" not in ps
+
+
+def test_a_component_that_does_not_start_shows_why_and_its_log_is_kept() -> None:
+    """It pointed at the CA's log, then deleted it: the reason was nowhere to be seen."""
+    import shutil
+
+    before = set(Path(tempfile.gettempdir()).glob("sidemesh-demo-*"))
+    out = subprocess.run(
+        [sys.executable, "-m", "sidemesh", "demo", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_demo_env(OTEL_EXPORTER_OTLP_ENDPOINT="127.0.0.1:4317"),  # no scheme: the CA refuses it
+    )
+    kept = set(Path(tempfile.gettempdir()).glob("sidemesh-demo-*")) - before
+    try:
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "needs a scheme" in out.stdout  # the CA's own words, from the end of its log
+        assert len(kept) == 1 and (next(iter(kept)) / "ca.log").exists()
+        assert f"kept {next(iter(kept))} for the logs" in out.stdout
+    finally:
+        for path in kept:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def test_demo_sends_traces_to_the_users_collector_when_one_is_configured() -> None:
     collector = ReceiverThread()  # stands for the user's Jaeger
     endpoint = collector.start()

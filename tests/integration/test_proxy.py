@@ -540,3 +540,42 @@ async def test_quitquitquit_from_the_pod_asks_the_sidecar_to_stop(mesh: Mesh) ->
     assert cart.quit_requested.is_set()
     assert _own_pod_only("/quitquitquit", "10.0.0.7") is not None  # another pod: refused
     assert _own_pod_only("/quitquitquit", "::1") is None and _own_pod_only("/metrics", "10.0.0.7") is None
+
+
+@pytest.mark.parametrize("option", ["--inbound-listen", "--health-listen", "--outbound"])
+async def test_a_port_held_by_another_process_is_named_with_its_option(mesh: Mesh, option: str) -> None:
+    """`proxy run` said "cannot listen: [Errno 98] Address already in use" without saying which of
+    its five addresses it was."""
+    from proxy.config import ProxyConfig
+    from proxy.sidecar import ListenError, Sidecar
+    from sidemesh.identity.workload import WorkloadIdentity
+    from sidemesh.spiffe import WorkloadId
+
+    host = mesh.addr(FRONTEND)
+    with socket.socket() as held:  # a plain socket (no SO_REUSEPORT): the port is not shared
+        held.bind((host, 0))
+        held.listen()
+        taken = f"{host}:{held.getsockname()[1]}"
+        free = f"{host}:0"
+        config = ProxyConfig(
+            workload="shop/frontend-1",
+            config_dir=mesh.config_dir,
+            capture="none",
+            inbound_listen=taken if option == "--inbound-listen" else free,
+            admin_listen=free,
+            health_listen=taken if option == "--health-listen" else free,
+            outbound=(f"{taken}=cart.shop:80",) if option == "--outbound" else (),
+            app_host=host,
+            trust_domain="cluster.local",
+        )
+        identity = WorkloadIdentity(
+            WorkloadId("shop", "frontend").spiffe_id("cluster.local"),
+            mesh.ca.client(),
+            lambda: "frontend-token",
+        )
+        sidecar = Sidecar(config, identity)
+        with pytest.raises(ListenError) as failed:
+            await sidecar.start()
+        await sidecar.drain(timeout=0)
+        await identity.ca.close()
+    assert (failed.value.option, failed.value.address) == (option, taken)

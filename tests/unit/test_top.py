@@ -98,6 +98,29 @@ def test_an_unreachable_sidecar_is_a_clear_error(capsys: pytest.CaptureFixture[s
     assert "kubectl port-forward" in err
 
 
+def test_a_port_that_does_not_speak_http_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """A port-forward to the wrong port (SSH, Redis): BadStatusLine was a traceback."""
+    import threading
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def garbage() -> None:  # one answer: the first read fails
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"garbage\r\n")
+
+        thread = threading.Thread(target=garbage, daemon=True)
+        thread.start()
+        assert cli.main(["top", f"127.0.0.1:{port}", "--once", "--interval", "10ms"]) == 2
+        thread.join(5)
+    err = capsys.readouterr().err
+    assert f"cannot read http://127.0.0.1:{port}/stats/routes" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

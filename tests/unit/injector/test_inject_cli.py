@@ -266,6 +266,16 @@ def test_errors_say_what_to_do(
     assert message in err
 
 
+def test_a_file_that_is_not_utf8_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """UTF-16 with a byte-order mark (PowerShell's `kubectl get -o yaml > f.yaml`): a traceback."""
+    path = tmp_path / "pod.yaml"
+    path.write_bytes("kind: Pod\n".encode("utf-16"))
+    code, out, err = run([str(path)], "", monkeypatch, capsys)
+    assert code == 2 and out == "" and "not UTF-8 text" in err and "save it as UTF-8" in err
+
+
 def test_help_lists_the_options() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "sidemesh", "inject", "--help"], capture_output=True, text=True, check=True
