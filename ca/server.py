@@ -304,7 +304,9 @@ class CAServer:
             )
             return False
         starts = authority.not_before_limit
-        if starts > self.service.clock.now() + issuer.CLOCK_SKEW:  # staged early: taken once valid
+        # Staged early: taken once valid, not before (the working one goes on meanwhile; taken
+        # early, even by seconds, it serves the CA a certificate its clients refuse as not valid yet).
+        if starts > self.service.clock.now():
             self._material_stamp = None  # (looked at again at the next check)
             if self._waiting_for != starts:
                 self._waiting_for = starts

@@ -383,7 +383,7 @@ def _bad_field(name: bytes, value: bytes, values: re.Pattern[bytes]) -> str | No
 
 def _bad_content_length(value: bytes, before: bytes | None) -> str | None:
     """Why a content-length value is malformed (RFC 9110 8.6: 1*DIGIT; several must agree)."""
-    if not value.isdigit() or len(value) > 18:
+    if not value.isdigit() or len(value.lstrip(b"0")) > 18:
         return f"content-length {value.decode('latin-1')!r} is not a number"
     if before is not None and int(before) != int(value):
         return "content-length values that disagree"
@@ -916,14 +916,18 @@ class H2Proxy:
                 (b"content-length", str(len(body)).encode()),
                 (DENIED_REASON, reason),
             ]
-            self.down.conn.send_headers(stream.down_id, headers)
-            # The body goes as the client's window allows (it may be spent: sending at once
-            # raised FlowControlError and took the whole connection down); the stream ends after.
-            stream.ended_up = True  # nothing goes upstream
-            stream.end_queued_down = True
-            stream.to_down.extend(((body, 0), (None, 0)))
-            self._pump(stream, up=False)
-            return
+            if stream.info.method == "HEAD":  # RFC 9110 9.3.2: the head alone (a peer refuses content)
+                self.down.conn.send_headers(stream.down_id, headers, end_stream=True)
+                stream.end_queued_down = True
+            else:
+                self.down.conn.send_headers(stream.down_id, headers)
+                # The body goes as the client's window allows (it may be spent: sending at once
+                # raised FlowControlError and took the whole connection down); the stream ends after.
+                stream.ended_up = True  # nothing goes upstream
+                stream.end_queued_down = True
+                stream.to_down.extend(((body, 0), (None, 0)))
+                self._pump(stream, up=False)
+                return
         stream.ended_up = True  # nothing more goes anywhere
         self._finish(stream)
 

@@ -349,8 +349,10 @@ def run(args: argparse.Namespace) -> int:
         from sidemesh import demo_netns
 
         return demo_netns.run(once=args.once, keep=args.keep)
+    hangup = signal.getsignal(signal.SIGHUP)  # (ignored under nohup: the demo is to outlive the terminal)
     for signo in (signal.SIGTERM, signal.SIGHUP):  # `kill`, or the terminal closed: as Ctrl-C
-        signal.signal(signo, _interrupt)
+        if not (signo == signal.SIGHUP and hangup == signal.SIG_IGN):
+            signal.signal(signo, _interrupt)
     root = Path(tempfile.mkdtemp(prefix="sidemesh-demo-"))
     demo = Demo(root, _free_net())
     cart_app: ThreadingHTTPServer | None = None
@@ -397,8 +399,8 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
             say("stopped; temporary files removed")
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        for signo in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signo, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, hangup)
     return outcome(demo, root, args.keep)
 
 

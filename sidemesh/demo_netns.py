@@ -111,8 +111,10 @@ def check_can_run() -> None:
 
 def run(once: bool, keep: bool) -> int:
     check_can_run()
+    hangup = signal.getsignal(signal.SIGHUP)  # (ignored under nohup: the demo is to outlive the terminal)
     for signo in (signal.SIGTERM, signal.SIGHUP):  # `kill`, or the terminal closed: as Ctrl-C
-        signal.signal(signo, _interrupt)
+        if not (signo == signal.SIGHUP and hangup == signal.SIG_IGN):
+            signal.signal(signo, _interrupt)
     root = Path(tempfile.mkdtemp(prefix="sidemesh-netns-demo-"))
     root.chmod(0o755)  # the sidecars (UID 1337) read their token, the bundle and the manifests here
     subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 250)}"
@@ -159,8 +161,8 @@ def run(once: bool, keep: bool) -> int:
                 f"stopped; {len(cluster.namespaces())} namespaces deleted (with the bridge, the veths and the iptables rules)"
             )
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        for signo in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signo, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, hangup)
     return outcome(demo, root, keep)
 
 

@@ -110,6 +110,12 @@ def _http(doc: Any, where: str) -> HTTPMatch:
             raise PolicyError(
                 f"{where}.paths[{i}]", f"is {len(p)} characters long, at most {MAX_PATH_LENGTH} are allowed"
             )
+        if isinstance(p, str) and p.startswith("/") and not p.isascii():
+            raise PolicyError(
+                f"{where}.paths[{i}]",
+                f"{p!r} can never match: write it in ASCII, other characters percent-encoded in upper "
+                "case, as the sidecar sees requests' paths (/caf%C3%A9, not /café)",
+            )
         if not isinstance(p, str) or not _PATH_RE.fullmatch(p):
             raise PolicyError(
                 f"{where}.paths[{i}]", f"{p!r} is not a path: it starts with / and may end in * (prefix)"

@@ -107,6 +107,30 @@ def test_a_demo_cut_short_says_so_and_leaves_nothing_behind() -> None:
     assert "sidemesh-demo-" not in ps
 
 
+def test_under_nohup_the_demo_outlives_the_terminal() -> None:
+    """A SIGHUP the user chose to ignore (`nohup sidemesh demo &`) stays ignored."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidemesh", "demo", "--once"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_demo_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup leaves it
+    )
+    assert proc.stdout is not None
+    seen = ""
+    deadline = time.monotonic() + 60
+    while "[2]" not in seen and time.monotonic() < deadline:
+        seen += proc.stdout.readline() or ""
+    proc.send_signal(signal.SIGHUP)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, seen + rest
+    assert "all steps behaved as described" in rest
+
+
 def test_a_component_that_does_not_start_shows_why_and_its_log_is_kept() -> None:
     """It pointed at the CA's log, then deleted it: the reason was nowhere to be seen."""
     import shutil

@@ -468,6 +468,19 @@ async def test_head_204_304_have_no_body(pair: tuple[str, int], mesh: Mesh) -> N
         assert raw.count(b'{"method"') == 1  # only the last one has a body
 
 
+async def test_the_sidecars_own_answer_to_head_has_no_body(pair: tuple[str, int]) -> None:
+    """RFC 9110 9.3.2: a denial (403) of a HEAD is the head alone; the next request on the
+    connection is read as a request, not after a stray body."""
+    req = (
+        b"HEAD /admin HTTP/1.1\r\nHost: cart\r\n\r\n"  # no rule allows /admin
+        b"GET /cart/end HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n"
+    )
+    raw = await exchange(pair, req)
+    assert re.findall(rb"HTTP/1\.1 (\d\d\d)", raw) == [b"403", b"200"], raw
+    first = raw.split(b"\r\n\r\n", 1)[1]
+    assert first.startswith(b"HTTP/1.1 200"), raw  # nothing between the 403's head and the next answer
+
+
 async def test_websocket_upgrade(pair: tuple[str, int], mesh: Mesh) -> None:
     for host, port in both(mesh):
         async with (

@@ -895,6 +895,28 @@ async def test_a_response_body_that_disagrees_with_its_content_length_fails_its_
     ]
 
 
+async def test_a_denied_head_gets_the_head_alone(pair: tuple[str, int]) -> None:
+    """RFC 9110 9.3.2: the sidecar's own 403 to a HEAD carried its reason as content; between two
+    sidecars the calling one (now checking content per stream) reset the stream as malformed."""
+    reader, writer, conn = await _h2_client(pair)
+    head = [(b":method", b"HEAD"), (b":scheme", b"http"), (b":authority", b"cart"), (b":path", b"/admin")]
+    conn.send_headers(1, head, end_stream=True)
+    writer.write(conn.data_to_send())
+    seen: list[h2.events.Event] = []
+    try:
+        while not any(isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)) for e in seen):
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "the sidecar closed the connection"
+            seen += conn.receive_data(data)
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    assert [dict(e.headers)[b":status"] for e in seen if isinstance(e, h2.events.ResponseReceived)] == [
+        b"403"
+    ]
+    assert not [e for e in seen if isinstance(e, (h2.events.DataReceived, h2.events.StreamReset))], seen
+
+
 async def test_connect_is_not_proxied(pair: tuple[str, int]) -> None:
     """As on HTTP/1.1 (405): CONNECT, extended CONNECT (RFC 8441, never offered) included, was
     forwarded to the app and authorized as the path /."""

@@ -558,6 +558,12 @@ def test_a_path_the_sidecar_never_sees_is_refused_by_the_controller(path: str, w
     assert parse_error(doc_with(http(paths=[write]))) is None
 
 
+def test_a_path_that_is_not_ascii_says_how_to_write_it() -> None:
+    """Refused by the API server's pattern and by crd.py (a policy that got past an older CRD)."""
+    error = parse_error(doc_with(http(paths=["/café"])))
+    assert error is not None and "write it in ASCII" in error and "/caf%C3%A9" in error, error
+
+
 def test_a_misspelt_source_is_pruned_into_one_that_names_nobody() -> None:
     """Without strict validation the API server drops unknown fields; a misspelt source must then
     be refused rather than stored as a source that allows somebody else."""
