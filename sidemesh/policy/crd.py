@@ -110,7 +110,7 @@ def _http(doc: Any, where: str) -> HTTPMatch:
             raise PolicyError(
                 f"{where}.paths[{i}]", f"is {len(p)} characters long, at most {MAX_PATH_LENGTH} are allowed"
             )
-        if isinstance(p, str) and p.startswith("/") and not p.isascii():
+        if isinstance(p, str) and p.startswith("/") and not p.isascii() and not any(c.isspace() for c in p):
             raise PolicyError(
                 f"{where}.paths[{i}]",
                 f"{p!r} can never match: write it in ASCII, other characters percent-encoded in upper "
