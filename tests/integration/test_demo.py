@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,29 +75,38 @@ def test_demo_once_behaves_as_described_and_leaves_nothing_behind() -> None:
     assert "sidemesh-demo-" not in ps
 
 
-def test_a_demo_cut_short_says_so_and_leaves_nothing_behind() -> None:
-    """The terminal closed (SIGHUP) while the demo ran: it died and left the CA, the controller and
-    the sidecars running (their own sessions) with its keys on disk; Ctrl-C or a kill before the
-    last step said "all steps behaved as described" and exited 0."""
-    import signal
+def _demo_at_step_2(**popen: Any) -> tuple[subprocess.Popen[str], str]:
+    """`sidemesh demo --once` started and read until its step [2] (the CA and the controller run):
+    the process and what it printed so far."""
     import time
 
-    before = set(Path(tempfile.gettempdir()).glob("sidemesh-demo-*"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidemesh", "demo", "--once"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=_demo_env(),
+        **popen,
     )
     assert proc.stdout is not None
     seen = ""
     deadline = time.monotonic() + 60
-    while "[2]" not in seen and time.monotonic() < deadline:  # the CA and the controller run
+    while "[2]" not in seen and time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
             break
         seen += line
+    return proc, seen
+
+
+def test_a_demo_cut_short_says_so_and_leaves_nothing_behind() -> None:
+    """The terminal closed (SIGHUP) while the demo ran: it died and left the CA, the controller and
+    the sidecars running (their own sessions) with its keys on disk; Ctrl-C or a kill before the
+    last step said "all steps behaved as described" and exited 0."""
+    import signal
+
+    before = set(Path(tempfile.gettempdir()).glob("sidemesh-demo-*"))
+    proc, seen = _demo_at_step_2()
     proc.send_signal(signal.SIGHUP)
     rest, _ = proc.communicate(timeout=60)
     text = seen + rest
@@ -110,21 +120,8 @@ def test_a_demo_cut_short_says_so_and_leaves_nothing_behind() -> None:
 def test_under_nohup_the_demo_outlives_the_terminal() -> None:
     """A SIGHUP the user chose to ignore (`nohup sidemesh demo &`) stays ignored."""
     import signal
-    import time
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidemesh", "demo", "--once"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_demo_env(),
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup leaves it
-    )
-    assert proc.stdout is not None
-    seen = ""
-    deadline = time.monotonic() + 60
-    while "[2]" not in seen and time.monotonic() < deadline:
-        seen += proc.stdout.readline() or ""
+    proc, seen = _demo_at_step_2(preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup
     proc.send_signal(signal.SIGHUP)
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, seen + rest

@@ -10,7 +10,7 @@ import contextlib
 import json
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -584,14 +584,13 @@ async def _raw_h2_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
             writer.write(conn.data_to_send())
 
 
-@pytest.mark.parametrize("path", [*BAD_ANSWERS, b"/test.Echo/empty"])
-async def test_a_malformed_response_fails_its_stream_only(mesh: Mesh, path: bytes) -> None:
-    """RFC 9113 8.1.1: a malformed response is a stream error. h2 checked responses per
-    connection: one (a connection-specific field, an upper-case name, a status of 099, a CR LF
-    in a value, content in a 204) reset every stream on the app's connection, and other
-    callers' calls failed with it. Now that stream gets 502 (or a reset once its head went down)
-    and the others go on."""
-    server = await asyncio.start_server(_raw_h2_app, mesh.addr(CART), APP)
+async def _malformed_answer_beside_a_long_call(
+    mesh: Mesh, app: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], path: bytes
+) -> None:
+    """``app`` (a raw HTTP/2 server at cart) answers ``path`` malformed; the call to it, on stream
+    3, gets INTERNAL naming the malformed answer (or a reset once its head went down), while a long
+    call on stream 1 of the same connection goes on."""
+    server = await asyncio.start_server(app, mesh.addr(CART), APP)
     try:
         await mesh.sidecar("cart", CART)
         await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
@@ -627,6 +626,16 @@ async def test_a_malformed_response_fails_its_stream_only(mesh: Mesh, path: byte
         if isinstance(e, (h2.events.ConnectionTerminated, h2.events.StreamReset))
         and getattr(e, "stream_id", 3) != 3
     ]
+
+
+@pytest.mark.parametrize("path", [*BAD_ANSWERS, b"/test.Echo/empty"])
+async def test_a_malformed_response_fails_its_stream_only(mesh: Mesh, path: bytes) -> None:
+    """RFC 9113 8.1.1: a malformed response is a stream error. h2 checked responses per
+    connection: one (a connection-specific field, an upper-case name, a status of 099, a CR LF
+    in a value, content in a 204) reset every stream on the app's connection, and other
+    callers' calls failed with it. Now that stream gets 502 (or a reset once its head went down)
+    and the others go on."""
+    await _malformed_answer_beside_a_long_call(mesh, _raw_h2_app, path)
 
 
 def _with(head: list[tuple[bytes, bytes]], *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
@@ -859,40 +868,7 @@ async def _content_length_liar(reader: asyncio.StreamReader, writer: asyncio.Str
 async def test_a_response_body_that_disagrees_with_its_content_length_fails_its_stream_only(
     mesh: Mesh,
 ) -> None:
-    server = await asyncio.start_server(_content_length_liar, mesh.addr(CART), APP)
-    try:
-        await mesh.sidecar("cart", CART)
-        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
-        reader, writer, conn = await _h2_client((mesh.addr(FRONTEND), OUT))
-        conn.send_headers(1, _grpc_head(b"/test.Echo/slow"))  # a long call on the same connections
-        writer.write(conn.data_to_send())
-        await asyncio.sleep(0.3)
-        conn.send_headers(3, _grpc_head(b"/test.Echo/lie"), end_stream=True)
-        writer.write(conn.data_to_send())
-        seen: list[h2.events.Event] = []
-        with contextlib.suppress(TimeoutError):
-            while not any(
-                getattr(e, "stream_id", None) == 3
-                and isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))
-                for e in seen
-            ):
-                data = await asyncio.wait_for(reader.read(65536), 3)
-                assert data, "the sidecar closed the connection"
-                seen += conn.receive_data(data)
-        writer.close()
-    finally:
-        server.close()
-    mine = [e for e in seen if getattr(e, "stream_id", None) == 3]
-    assert any(isinstance(e, h2.events.StreamReset) for e in mine) or any(
-        isinstance(e, h2.events.ResponseReceived) and dict(e.headers).get(b"grpc-status") == b"13"
-        for e in mine
-    ), mine
-    assert not [
-        e
-        for e in seen
-        if isinstance(e, (h2.events.ConnectionTerminated, h2.events.StreamReset))
-        and getattr(e, "stream_id", 3) != 3
-    ]
+    await _malformed_answer_beside_a_long_call(mesh, _content_length_liar, b"/test.Echo/lie")
 
 
 async def test_a_denied_head_gets_the_head_alone(pair: tuple[str, int]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
+import subprocess
 from pathlib import Path
 
 from cryptography import x509
@@ -162,3 +164,20 @@ def leaf_with(
         )
         .sign(authority.key, hashes.SHA256())
     )
+
+
+def openssl_verify(tmp: Path, leaf_pem: str, chain_pem: str, roots_pem: str, purpose: str = "") -> str | None:
+    """``openssl verify`` of a leaf with its intermediates against the roots (OpenSSL, as Envoy's
+    BoringSSL and Python's ssl verify): None when it says OK, else what it said. Skips the calling
+    test when openssl is not installed."""
+    import pytest
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed: the chain is not checked with `openssl verify`")
+    for name, text in (("leaf.pem", leaf_pem), ("chain.pem", chain_pem), ("roots.pem", roots_pem)):
+        (tmp / name).write_text(text)
+    argv = [openssl, "verify", *(["-purpose", purpose] if purpose else []), "-CAfile", str(tmp / "roots.pem")]
+    argv += ["-untrusted", str(tmp / "chain.pem"), str(tmp / "leaf.pem")]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return None if out.returncode == 0 and out.stdout.strip().endswith("OK") else out.stdout + out.stderr
