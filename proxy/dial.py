@@ -16,6 +16,12 @@ from sidemesh.identity import tls
 from sidemesh.mesh.compile import Endpoint
 from sidemesh.spiffe import SpiffeId
 
+
+def why(exc: BaseException) -> str:
+    """An error's text for a message: a timeout's own text is empty."""
+    return str(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
+
+
 if TYPE_CHECKING:
     from proxy.sidecar import Sidecar
 
@@ -63,7 +69,7 @@ async def dial_sidecar(
         sc.metrics.tls_failures.labels("outbound", exc.reason or "ssl_error").inc()
         raise DialError(f"TLS handshake with {ep.workload} at {where} failed: {exc.reason or exc}") from exc
     except (OSError, TimeoutError) as exc:  # not a TLS failure: nothing answered
-        raise DialError(f"cannot connect to {ep.workload} at {where}: {exc or 'timeout'}") from exc
+        raise DialError(f"cannot connect to {ep.workload} at {where}: {why(exc)}") from exc
     set_keepalive(transport.get_extra_info("socket"))
     ssl_object = transport.get_extra_info("ssl_object")
     try:

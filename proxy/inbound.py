@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from proxy import framing
 from proxy.detect import Kind, classify, detect, undecided_kind
+from proxy.dial import why as _why
 from proxy.original_dst import original_dst
 from proxy.outbound import Refused
 from proxy.pipe import Pipe
@@ -178,6 +179,7 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
             sc.metrics.denials.labels(decision.policy or "default").inc()
             sc.metrics.connections.labels("inbound", "deny").inc()
             log.warning("connection denied", extra={**relay.info, "reason": decision.reason})
+            relay.info["denied"] = decision.reason  # (counted as a denial however the relay ends)
             if down is not None:
                 down.write_raw(framing.deny_frame(told(peer, sc.config.trust_domain) or decision.reason))
                 relay.close_gracefully()
@@ -196,7 +198,7 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
                 sc.config.connect_timeout.total_seconds(),
             )
         except (OSError, TimeoutError) as exc:
-            raise Refused(f"app not reachable at {app_host}:{port}: {exc or 'timeout'}") from exc
+            raise Refused(f"app not reachable at {app_host}:{port}: {_why(exc)}") from exc
         if down is None:
             down = relay.half(framed=False, name="downstream")
             await asyncio.get_running_loop().connect_accepted_socket(lambda: down, conn)

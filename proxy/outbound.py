@@ -12,6 +12,7 @@ from proxy import framing, h2route
 from proxy.balance import Lease, NoEndpoint
 from proxy.detect import Kind, detect_outcome
 from proxy.dial import DialError, dial_sidecar
+from proxy.dial import why as _why
 from proxy.original_dst import original_dst
 from proxy.pipe import Pipe
 from proxy.relay import UNANSWERED, Half, Relay, reset_socket
@@ -65,10 +66,16 @@ async def _connect_balanced(sc: Sidecar, relay: Relay, dest: Destination) -> Hal
                 up = await _connect_mesh(sc, relay, ep, dial, hint)
         except Refused as exc:
             lease.release(False)
-            if attempt == CONNECT_RETRIES or any(h.transport is not None for h in relay.halves[halves:]):
-                raise  # out of attempts, or the failed half is attached to the relay: no retry
-            del relay.halves[halves:]
             tried.append(ep)
+            if (
+                attempt == CONNECT_RETRIES
+                or any(h.transport is not None for h in relay.halves[halves:])
+                or all(e in tried for e in dest.endpoints)
+            ):
+                # out of attempts, the failed half is attached to the relay, or no other endpoint
+                # (the same one again made a black-holed address cost 3 connect timeouts)
+                raise
+            del relay.halves[halves:]
             log.info("endpoint unreachable; trying another", extra={**relay.info, "reason": str(exc)})
             continue
         lease.report(True)  # connected: its latency is the connect time
@@ -123,7 +130,7 @@ async def _connect_plain(sc: Sidecar, relay: Relay, dial: tuple[str, int]) -> Ha
             loop.create_connection(lambda: up, dial[0], dial[1]), sc.config.connect_timeout.total_seconds()
         )
     except (OSError, TimeoutError) as exc:
-        raise Refused(f"cannot connect to {dial[0]}:{dial[1]}: {exc or 'timeout'}") from exc
+        raise Refused(f"cannot connect to {dial[0]}:{dial[1]}: {_why(exc)}") from exc
     return up
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from proxy import framing, h1
 from proxy.dial import DialError, dial_sidecar
+from proxy.dial import why as _why
 from proxy.pipe import Pipe
 from sidemesh.mesh.compile import Endpoint
 
@@ -146,7 +147,7 @@ async def connect_app(
             asyncio.get_running_loop().create_connection(lambda: pipe, host, port, local_addr=local), timeout
         )
     except (OSError, TimeoutError) as exc:
-        raise ConnectError(f"app not reachable at {host}:{port}: {exc or 'timeout'}") from exc
+        raise ConnectError(f"app not reachable at {host}:{port}: {_why(exc)}") from exc
     _nodelay(pipe)
     sc.metrics.connections.labels("inbound", "allow").inc()
     return pipe
@@ -160,7 +161,7 @@ async def connect_plain(sc: Sidecar, host: str, port: int) -> Pipe:
             asyncio.get_running_loop().create_connection(lambda: pipe, host, port), timeout
         )
     except (OSError, TimeoutError) as exc:
-        raise ConnectError(f"cannot connect to {host}:{port}: {exc or 'timeout'}") from exc
+        raise ConnectError(f"cannot connect to {host}:{port}: {_why(exc)}") from exc
     _nodelay(pipe)
     return pipe
 

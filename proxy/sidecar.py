@@ -50,6 +50,7 @@ HEAP_TRIM_SECONDS = 5.0
 LATE_GRACE_S = 2.0  # for connections taken from the accept queues when the listeners close
 TASKS_STOP_S = 5.0  # for the background tasks (config stream, accept loops) to end once cancelled
 ACCEPT_BATCH = 16  # connections accepted from a backlog before the loop runs other work
+ACCEPT_BACKOFF, ACCEPT_BACKOFF_MAX = 0.01, 1.0  # after a failed accept (out of file descriptors)
 # Relay outcomes the sidecar chose by a timer: counted and logged by reason (bounded labels).
 TIMED_OUT = {relays.UNANSWERED: "undecided", relays.IDLE_TIMEOUT: "idle"}
 
@@ -381,11 +382,29 @@ class Sidecar:
         await self._can_serve.wait()
         sock.listen(1024)
         accepted = 0
+        failures = 0
         while True:
             try:
                 conn, addr = await loop.sock_accept(sock)
-            except OSError:
-                return  # listener closed
+            except OSError as exc:
+                if sock.fileno() == -1 or self.draining:
+                    return  # listener closed
+                # Out of file descriptors (EMFILE, ENFILE), of buffers, a connection aborted while
+                # queued: passing. Giving up ended this listener for good, silently (the backlog
+                # filled, nothing was accepted again); Envoy and Linkerd back off and go on.
+                failures += 1
+                delay = min(ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF * 2 ** min(failures - 1, 10))
+                if failures == 1 or failures % 100 == 0:
+                    log.error(
+                        "cannot accept connections; retrying",
+                        extra={"direction": kind, "error": str(exc), "failures": failures, "retry_in": delay},
+                    )
+                self.metrics.connections.labels(kind, "accept_error").inc()
+                await asyncio.sleep(delay)
+                continue
+            if failures:
+                log.info("accepting connections again", extra={"direction": kind, "failures": failures})
+                failures = 0
             accepted += 1
             if accepted % ACCEPT_BATCH == 0:
                 # An accept that finds a connection waiting does not yield: without this, a backlog

@@ -87,6 +87,20 @@ async def test_identity_not_allowed_is_refused_and_logged(
     client_side = [r for r in caplog.records if r.getMessage() == "connection denied by the destination"]
     assert client_side and "cart-allow-frontend" in client_side[0].__dict__["reason"]
     assert mesh.sidecars["cart"].metrics.denials.labels("shop/cart-allow-frontend")._value.get() == 1
+    # Counted as a denial in the route stats (`sidemesh top`), not as an error: the caller's
+    # sidecar resets after the DENY frame, and the relay ended as "downstream: SSLError".
+    await asyncio.sleep(0.2)
+    routes = mesh.sidecars["cart"].routes.snapshot()["routes"]
+    tcp = [r for r in routes if r["direction"] == "inbound" and r["route"].startswith("TCP")]
+    assert [(r["requests"], r["denials"]) for r in tcp] == [(1, 1)], routes
+
+
+def test_a_timeouts_reason_is_not_empty() -> None:
+    """`str(TimeoutError())` is "": connect timeouts were logged as "cannot connect to ...: "."""
+    from proxy.dial import why
+
+    assert why(TimeoutError()) == "timed out"
+    assert why(ConnectionRefusedError(111, "Connection refused")) == "[Errno 111] Connection refused"
 
 
 async def test_policy_change_reaches_the_running_sidecar(mesh: Mesh) -> None:
@@ -579,3 +593,55 @@ async def test_a_port_held_by_another_process_is_named_with_its_option(mesh: Mes
         await sidecar.drain(timeout=0)
         await identity.ca.close()
     assert (failed.value.option, failed.value.address) == (option, taken)
+
+
+async def test_a_listener_goes_on_accepting_after_running_out_of_file_descriptors(mesh: Mesh) -> None:
+    """One failed accept (EMFILE) ended the listener's accept loop for good, silently: the backlog
+    filled and nothing was accepted again, though readiness said ready. Envoy backs off and goes on."""
+    import os
+    import resource
+
+    await mesh.app(CART)
+    await mesh.sidecar("cart", CART)
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
+    )
+    assert await talk(mesh.addr(FRONTEND), OUT, b"before") == b"BEFOREBYE"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hogs: list[int] = []
+    client = socket.socket()
+    client.setblocking(False)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                hogs.append(os.open("/dev/null", os.O_RDONLY))
+        with contextlib.suppress(BlockingIOError):
+            client.connect((mesh.addr(FRONTEND), OUT))
+        await asyncio.sleep(0.5)  # the sidecar's accept fails: no descriptor left
+    finally:
+        for fd in hogs:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        client.close()
+    assert all(not task.done() for _, task, _, _ in frontend._listeners)
+    assert await talk(mesh.addr(FRONTEND), OUT, b"after") == b"AFTERBYE"
+    errors = frontend.metrics.registry.get_sample_value(
+        "sidemesh_proxy_connections_total", {"direction": "outbound", "decision": "accept_error"}
+    )
+    assert errors and errors >= 1
+
+
+async def test_the_only_endpoint_is_not_dialled_again(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    """A connection that could not reach cart's only endpoint tried it twice more (a black-holed
+    address cost three connect timeouts, each logged "trying another")."""
+    caplog.set_level(logging.INFO, "sidemesh.proxy.outbound")
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)  # cart's sidecar: not running
+    writer.write(b"hello")
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    tries = [r for r in caplog.records if r.getMessage() == "endpoint unreachable; trying another"]
+    refused = [r for r in caplog.records if r.getMessage() == "outbound connection refused"]
+    assert tries == [] and len(refused) == 1, [r.getMessage() for r in caplog.records]
