@@ -52,6 +52,11 @@ class StreamInfo:
     sent_version: str = ""
     acked_version: str = ""
     last_error: str = ""
+    # hashes of the (inbound, outbound) parts the sidecar holds, as far as we know: what an update
+    # leaves out; reset by a NACK (the sidecar dropped that update's parts)
+    parts: tuple[str, str] = ("", "")
+    resend: bool = False  # a NACK of an older version: the current one goes again, whole
+    nacks_logged: float = 0.0
 
 
 class Metrics:
@@ -90,7 +95,14 @@ SERVER_OPTIONS = [
 ]
 
 
-def peer_identity(context: grpc.aio.ServicerContext[typing.Any, typing.Any], trust_domain: str) -> WorkloadId:
+MAX_NACK_TEXT = 1024  # of a sidecar's error, kept and logged (a sidecar may send megabytes)
+NACK_LOG_INTERVAL = 10.0  # a stream's NACKs are logged at most this often (its last one is in /status)
+
+
+def peer_identity(
+    context: grpc.aio.ServicerContext[typing.Any, typing.Any], trust_domain: str
+) -> tuple[WorkloadId, dt.datetime]:
+    """The sidecar's identity, and until when its certificate vouches for it."""
     pems = list(context.auth_context().get("x509_pem_cert") or [])
     if not pems:
         raise PermissionError("no client certificate")
@@ -106,7 +118,7 @@ def peer_identity(context: grpc.aio.ServicerContext[typing.Any, typing.Any], tru
         spiffe_id = spiffe_id_of(cert)
         if spiffe_id.trust_domain != trust_domain:
             raise PermissionError(f"{spiffe_id} is not in trust domain {trust_domain}")
-        return WorkloadId.from_spiffe_id(spiffe_id)
+        return WorkloadId.from_spiffe_id(spiffe_id), cert.not_valid_after_utc
     except (ValueError, SvidError, SpiffeIdError) as exc:
         raise PermissionError(str(exc)) from exc
 
@@ -151,7 +163,12 @@ class ConfigServer:
         snapshot, self._pending = self._pending, None
         if snapshot is None:
             return
-        self.state.update(snapshot)
+        try:
+            self.state.update(snapshot)
+        except Exception:  # a bug must not freeze the mesh's configuration for good: said, and the
+            log.exception("compiling the mesh failed; the sidecars keep the last configuration")
+            self.metrics.resource_errors.set(len(snapshot.errors) + 1)  # next change tries again
+            return
         self.metrics.compile.observe(self.state.compile_seconds)
         self.metrics.resource_errors.set(len(snapshot.errors))
         self.metrics.version.set(self.state.generation)
@@ -169,7 +186,7 @@ class ConfigServer:
         """Writes with ``context.write`` rather than yielding: a generator (and grpc's loop over
         it) would keep each stream's last message alive, 1,000 copies of a multi-megabyte table."""
         try:
-            identity = peer_identity(context, self.config.trust_domain)
+            identity, expires = peer_identity(context, self.config.trust_domain)
         except PermissionError as exc:
             self.metrics.refused.labels("identity").inc()
             log.warning("config stream refused", extra={"peer": context.peer(), "reason": str(exc)})
@@ -182,17 +199,26 @@ class ConfigServer:
         self.metrics.streams.inc()
         reader = asyncio.create_task(self._read_acks(requests, info))
         log.info("sidecar connected", extra={"identity": str(identity), "peer": info.peer})
-        sent = ("", "")
+        # The stream lasts as long as the certificate it was opened with: a sidecar renews at half
+        # its life and reconnects, so only one whose identity ended is cut off (it kept getting
+        # policy and topology after its certificate expired).
+        expiry = asyncio.get_running_loop().call_later(
+            max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()),
+            asyncio.current_task().cancel,  # type: ignore[union-attr]
+        )
         try:
             await self.ready.wait()
             while True:
                 async with self._changed:
-                    await self._changed.wait_for(lambda: info.sent_version != self.state.version)
-                if self.state.outbound().hash != sent[1]:
+                    await self._changed.wait_for(
+                        lambda: info.sent_version != self.state.version or info.resend
+                    )
+                info.resend = False
+                if self.state.outbound().hash != info.parts[1]:
                     # A full table goes out: bound how many are built and in flight at once, so
                     # that memory stays near FULL_SENDS tables instead of one per stream.
                     async with self._full_sends:
-                        data, sent = self.state.message(identity, sent)
+                        data, info.parts = self.state.message(identity, info.parts)
                         info.sent_version = self.state.version
                         try:
                             # A sidecar that stops reading (a frozen pod, a dead node) must not keep
@@ -209,12 +235,20 @@ class ConfigServer:
                                 grpc.StatusCode.UNAVAILABLE, "configuration not read in time; reconnect"
                             )
                 else:
-                    data, sent = self.state.message(identity, sent)
+                    data, info.parts = self.state.message(identity, info.parts)
                     info.sent_version = self.state.version
                     await context.write(data)
                 del data
                 self.metrics.updates.inc()
+        except asyncio.CancelledError:
+            if expiry.when() > asyncio.get_running_loop().time():
+                raise  # not the certificate's end: the stream or the server is going away
+            log.info("sidecar's certificate expired; stream ended", extra={"identity": str(identity)})
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "certificate expired; reconnect with a current one"
+            )
         finally:
+            expiry.cancel()
             reader.cancel()
             del self.streams[sid]
             self.metrics.streams.dec()
@@ -224,18 +258,31 @@ class ConfigServer:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
             async for request in requests:
                 if request.error:
-                    info.last_error = request.error
+                    info.last_error = request.error[:MAX_NACK_TEXT]
                     self.metrics.nacks.inc()
-                    log.error(
-                        "sidecar could not apply an update",
-                        extra={
-                            "identity": str(info.identity),
-                            "version": request.ack_version,
-                            "error": request.error,
-                        },
-                    )
+                    # It dropped that update's parts: what it holds is not what we sent. The next
+                    # update carries both parts; at once when the NACK is of an older version (the
+                    # current one went out as a delta on what it does not have). Envoy's xDS
+                    # server tracks what the client ACKed, not what it sent, the same way.
+                    info.parts = ("", "")
+                    if request.ack_version != self.state.version:
+                        info.resend = True
+                        async with self._changed:
+                            self._changed.notify_all()
+                    now = time.monotonic()
+                    if now - info.nacks_logged >= NACK_LOG_INTERVAL:
+                        info.nacks_logged = now
+                        log.error(
+                            "sidecar could not apply an update",
+                            extra={
+                                "identity": str(info.identity),
+                                "version": request.ack_version,
+                                "error": info.last_error,
+                            },
+                        )
                 elif request.ack_version:
                     info.acked_version = request.ack_version
+                    info.last_error = ""
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ class ConfigClient:
         self.last_update = 0.0
         self.last_error: str | None = None
         self._rotated = asyncio.Event()
+        self._need_whole = False  # an update was refused: only a whole one (both parts) is applied
         identity.on_rotate(lambda _svid: self._rotated.set())
 
     async def run(self) -> None:
@@ -87,6 +88,9 @@ class ConfigClient:
             ("grpc.ssl_target_name_override", self.server_name),
             ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            # (grpc's default of 2 pings without data, then one a minute: an idle stream's dead
+            # controller took over 80 s to notice; the controller permits these, SERVER_OPTIONS)
+            ("grpc.http2.max_pings_without_data", 0),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ]
         async with grpc.aio.secure_channel(self.address, creds, options=options) as channel:
@@ -124,6 +128,10 @@ class ConfigClient:
 
     def _handle(self, update: pb.Update) -> pb.StreamRequest:
         try:
+            if self._need_whole and not (update.HasField("inbound") and update.HasField("outbound")):
+                # A part it left out is one of the update we refused, which we do not hold: applied
+                # on what we hold, the result would be neither (a stale policy, acknowledged).
+                raise CompileError("after a refused update the next must carry both parts; waiting for it")
             inbound = wire.inbound_from_pb(update.inbound) if update.HasField("inbound") else None
             outbound = wire.outbound_from_pb(update.outbound) if update.HasField("outbound") else None
             self.apply(inbound, outbound, update.version)
@@ -132,7 +140,9 @@ class ConfigClient:
                 "configuration update not applied; keeping the last one",
                 extra={"version": update.version, "error": str(exc)},
             )
+            self._need_whole, self.last_error = True, str(exc)
             return pb.StreamRequest(ack_version=update.version, error=str(exc))
+        self._need_whole = False
         if not self.connected:
             log.info(
                 "controller stream established", extra={"controller": self.address, "version": update.version}

@@ -98,7 +98,9 @@ def _excluded_ports(workload: Workload) -> set[int] | None:
     value = dict(workload.annotations).get(EXCLUDE_INBOUND, "")
     if value.strip() == "*":
         return None
-    return {int(p) for p in value.split(",") if p.strip().isdigit()}
+    # (ASCII digits only: "²".isdigit() is true and int() refuses it, which took the whole
+    # controller's compile down with one pod annotation)
+    return {int(p) for p in value.split(",") if p.strip().isascii() and p.strip().isdigit()}
 
 
 class _Identities:

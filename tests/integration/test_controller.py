@@ -24,7 +24,7 @@ from sidemesh.config import ConfigError
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.spiffe import WorkloadId
 from tests.integration.conftest import StartCA
-from tests.integration.mesh_fixture import ALLOW_FRONTEND, Mesh, new_mesh, talk
+from tests.integration.mesh_fixture import ALLOW_FRONTEND, INBOUND, Mesh, new_mesh, talk
 from tests.support import pki
 
 FRONTEND, CART, STRANGER = 1, 2, 3
@@ -292,3 +292,128 @@ async def test_a_resumed_session_does_not_outlive_the_client_certificate(
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await first_update()  # resumes the first session: no handshake checks the certificate
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, info.value
+
+
+_NEW_POD = """
+apiVersion: sidemesh.io/v1alpha1
+kind: Workload
+metadata: {name: cart2-1, namespace: shop, labels: {app: batch}}
+spec: {serviceAccount: cart, address: NET.4}
+"""
+
+
+async def test_a_sidecar_whose_first_update_was_refused_gets_a_whole_one(
+    mesh: Mesh, controller: Controller
+) -> None:
+    """A sidecar that connected before the controller knew its pod refused its first update (no
+    workload runs as it); the controller took it as held, so the next update, carrying only the
+    changed inbound part, was refused too ("the first must carry both") and the pod stayed NotReady
+    until something unrelated changed the outbound table. A NACK now resets what the sidecar is
+    taken to hold: the next update is whole."""
+    from proxy.config import ProxyConfig
+    from proxy.sidecar import Sidecar
+
+    await mesh.app(4)
+    config = ProxyConfig(
+        workload="shop/cart2-1",
+        controller=controller.address,
+        service_account="cart",
+        capture="none",
+        inbound_listen=f"{mesh.addr(4)}:{INBOUND}",
+        admin_listen=f"{mesh.addr(4)}:0",
+        health_listen=f"{mesh.addr(4)}:0",
+        app_host=mesh.addr(4),
+        trust_domain="cluster.local",
+    )
+    identity = WorkloadIdentity(
+        WorkloadId("shop", "cart").spiffe_id("cluster.local"), mesh.ca.client(), lambda: "cart-token"
+    )
+    sidecar = Sidecar(config, identity)
+    await sidecar.start()
+    mesh.sidecars["cart2"] = sidecar
+    assert sidecar.controller is not None
+    for _ in range(100):  # connected; its first update refused
+        if sidecar.controller.last_error:
+            break
+        await asyncio.sleep(0.05)
+    assert not sidecar.ready and "no workload" in (sidecar.controller.last_error or "")
+    outbound = controller.server.state.outbound().hash
+    mesh.write("newpod.yaml", _NEW_POD.replace("NET", mesh.net))  # the controller catches up
+    for _ in range(100):
+        if sidecar.ready:
+            break
+        await asyncio.sleep(0.05)
+    assert controller.server.state.outbound().hash == outbound  # (only the inbound part changed)
+    assert sidecar.ready and sidecar.controller.last_error is None
+    streams = [s for s in (await controller.status())["streams"] if s["identity"] == "shop/cart"]
+    assert streams and all(s["error"] == "" for s in streams), streams
+
+
+async def _open_stream(
+    mesh: Mesh, controller: Controller, wid: WorkloadId, ttl: dt.timedelta = dt.timedelta(hours=1)
+) -> tuple[Any, Any, asyncio.Queue[pb.StreamRequest]]:
+    """A raw config stream with an SVID of ``wid`` lasting ``ttl``: (channel, call, outbox)."""
+    svid = pki.make_svid(mesh.ca.authority, wid.spiffe_id("cluster.local"), ttl)
+    creds = grpc.ssl_channel_credentials(svid.bundle_pem, svid.key_pem, svid.chain_pem)
+    channel = grpc.aio.secure_channel(
+        controller.address, creds, options=[("grpc.ssl_target_name_override", NAME)]
+    )
+    outbox: asyncio.Queue[pb.StreamRequest] = asyncio.Queue()
+    outbox.put_nowait(pb.StreamRequest())
+
+    async def requests() -> AsyncIterator[pb.StreamRequest]:
+        while True:
+            yield await outbox.get()
+
+    method = channel.stream_stream(
+        "/sidemesh.config.v1.ConfigDiscovery/Stream", pb.StreamRequest.SerializeToString, pb.Update.FromString
+    )
+    return channel, method(requests()), outbox
+
+
+async def test_a_stream_ends_with_its_certificate(mesh: Mesh, controller: Controller) -> None:
+    """A stream went on receiving policy and topology after the certificate it was opened with
+    expired (checked only at the start). A sidecar renews at half-life and reconnects first."""
+    channel, call, _ = await _open_stream(
+        mesh, controller, WorkloadId("shop", "frontend"), dt.timedelta(seconds=2)
+    )
+    try:
+        await asyncio.wait_for(call.read(), 5)  # the first update
+
+        async def read_to_the_end() -> None:
+            while True:
+                await asyncio.wait_for(call.read(), 10)
+
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await read_to_the_end()
+        assert ended.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert "certificate expired" in (ended.value.details() or "")
+    finally:
+        await channel.close()
+
+
+async def test_refusals_are_kept_short_and_logged_now_and_then(
+    mesh: Mesh, controller: Controller, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any SVID of the trust domain could send NACKs of megabytes, each logged whole: 50 of them
+    logged 157 MB in 0.4 s."""
+    import logging
+
+    caplog.set_level(logging.ERROR, "sidemesh.controller")
+    channel, call, outbox = await _open_stream(mesh, controller, WorkloadId("shop", "frontend"))
+    try:
+        await asyncio.wait_for(call.read(), 5)
+        for _ in range(50):
+            outbox.put_nowait(pb.StreamRequest(ack_version="x", error="E" * 100_000))
+        for _ in range(100):
+            streams = (await controller.status())["streams"]
+            if any(s["error"] for s in streams):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+    finally:
+        call.cancel()
+        await channel.close()
+    assert [len(s["error"]) for s in streams if s["error"]] == [1024]
+    logged = [r for r in caplog.records if r.getMessage() == "sidecar could not apply an update"]
+    assert len(logged) == 1 and len(logged[0].__dict__["error"]) == 1024

@@ -400,3 +400,17 @@ def test_a_file_that_stops_being_yaml_keeps_its_last_good_contents(tmp_path: Pat
     assert len(snapshot.errors) == 1 and "its last good contents stay in force" in snapshot.errors[0]
     fresh = Reader(tmp_path).load()  # a process started on the broken file has nothing to keep
     assert fresh.policies == () and "cannot read" in fresh.errors[0]
+
+
+def test_a_port_annotation_in_other_digits_does_not_stop_the_compile() -> None:
+    """`sidemesh.io/exclude-inbound-ports: "²"`: "²".isdigit() is true and int() refuses it; the
+    ValueError stopped the controller's compile, and with it every later version of the mesh."""
+    snap = snapshot()
+    odd = dataclasses.replace(
+        snap.workloads[0], annotations=(("sidemesh.io/exclude-inbound-ports", "²,8080"),)
+    )
+    table = compile_outbound(
+        Snapshot(snap.services, (odd, *snap.workloads[1:]), snap.namespaces, snap.policies), "cluster.local"
+    )
+    endpoints = {e.workload: e for e in table._by_name["cart.shop:80"].endpoints}
+    assert endpoints["shop/cart-1"].identity is None  # 8080 still excluded; "²" ignored
