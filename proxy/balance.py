@@ -121,6 +121,15 @@ class Lease:
         self.reported = True
         self._balancer._record(self, self._state, ok, self.elapsed() if latency is None else latency)
 
+    def cancel(self) -> None:
+        """Not used after all (a retry that found no other endpoint): released, nothing reported."""
+        if self.released:
+            return
+        self.reported = self.released = True
+        self._state.outstanding = max(0, self._state.outstanding - 1)
+        if self.probe:
+            self._state.probing = False
+
     def release(self, ok: bool, latency: float | None = None) -> None:
         """``latency`` defaults to the time since acquire."""
         if self.released:

@@ -41,11 +41,17 @@ async def _connect_balanced(sc: Sidecar, relay: Relay, dest: Destination) -> Hal
     reported once connected (latency: the connect time); the lease is held while the connection
     lives, so the endpoint's load counts its open connections."""
     tried: list[Endpoint] = []
+    failed: Refused | None = None
     for attempt in range(CONNECT_RETRIES + 1):
         try:
             lease = sc.balancer.acquire(dest, avoid=tried)
         except NoEndpoint as exc:
             raise Refused(str(exc)) from None
+        if failed is not None:
+            if lease.endpoint in tried:  # no other endpoint (the rest ejected, or none): not again
+                lease.cancel()  # (a black-holed address cost three connect timeouts)
+                raise failed
+            log.info("endpoint unreachable; trying another", extra={**relay.info, "reason": str(failed)})
         ep, halves = lease.endpoint, len(relay.halves)
         relay.info["endpoint"] = f"{ep.address}:{ep.port}"
         relay.info["mtls"] = ep.identity is not None
@@ -67,16 +73,10 @@ async def _connect_balanced(sc: Sidecar, relay: Relay, dest: Destination) -> Hal
         except Refused as exc:
             lease.release(False)
             tried.append(ep)
-            if (
-                attempt == CONNECT_RETRIES
-                or any(h.transport is not None for h in relay.halves[halves:])
-                or all(e in tried for e in dest.endpoints)
-            ):
-                # out of attempts, the failed half is attached to the relay, or no other endpoint
-                # (the same one again made a black-holed address cost 3 connect timeouts)
-                raise
+            if attempt == CONNECT_RETRIES or any(h.transport is not None for h in relay.halves[halves:]):
+                raise  # out of attempts, or the failed half is attached to the relay: no retry
             del relay.halves[halves:]
-            log.info("endpoint unreachable; trying another", extra={**relay.info, "reason": str(exc)})
+            failed = exc
             continue
         lease.report(True)  # connected: its latency is the connect time
         _release_on_close(relay, lease)

@@ -387,8 +387,8 @@ class Sidecar:
             try:
                 conn, addr = await loop.sock_accept(sock)
             except OSError as exc:
-                if sock.fileno() == -1 or self.draining:
-                    return  # listener closed
+                if sock.fileno() == -1:
+                    return  # listener closed (a drain's grace goes on accepting: not on draining)
                 # Out of file descriptors (EMFILE, ENFILE), of buffers, a connection aborted while
                 # queued: passing. Giving up ended this listener for good, silently (the backlog
                 # filled, nothing was accepted again); Envoy and Linkerd back off and go on.

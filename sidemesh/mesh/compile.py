@@ -98,9 +98,10 @@ def _excluded_ports(workload: Workload) -> set[int] | None:
     value = dict(workload.annotations).get(EXCLUDE_INBOUND, "")
     if value.strip() == "*":
         return None
-    # (ASCII digits only: "²".isdigit() is true and int() refuses it, which took the whole
-    # controller's compile down with one pod annotation)
-    return {int(p) for p in value.split(",") if p.strip().isascii() and p.strip().isdigit()}
+    # Port numbers only: "²".isdigit() is true and int() refuses it, as it refuses 5,000 digits;
+    # either took the whole controller's compile down with one pod annotation.
+    parts = (p.strip() for p in value.split(","))
+    return {int(p) for p in parts if len(p) <= 5 and p.isascii() and p.isdigit() and 0 < int(p) < 65536}
 
 
 class _Identities:

@@ -417,3 +417,38 @@ async def test_refusals_are_kept_short_and_logged_now_and_then(
     assert [len(s["error"]) for s in streams if s["error"]] == [1024]
     logged = [r for r in caplog.records if r.getMessage() == "sidecar could not apply an update"]
     assert len(logged) == 1 and len(logged[0].__dict__["error"]) == 1024
+
+
+async def test_nacks_of_versions_never_sent_do_not_bring_whole_tables(
+    mesh: Mesh, controller: Controller
+) -> None:
+    """A NACK of an older version sends the current one again, whole; a client answering every
+    update with a NACK of a made-up version had whole tables sent nonstop (6,100 in 2 s)."""
+    await start_pair(mesh, controller)
+    channel, call, outbox = await _open_stream(mesh, controller, WorkloadId("shop", "frontend"))
+    try:
+        await asyncio.wait_for(call.read(), 5)
+        for _ in range(20):
+            outbox.put_nowait(pb.StreamRequest(ack_version="0", error="x"))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(call.read(), 1.0)  # nothing new: nothing sent
+    finally:
+        call.cancel()
+        await channel.close()
+
+
+async def test_a_long_port_annotation_does_not_freeze_the_mesh(mesh: Mesh, controller: Controller) -> None:
+    """5,000 digits are ASCII digits that int() refuses (Python's limit): the compile failed for
+    every later snapshot, and no change reached the sidecars."""
+    await start_pair(mesh, controller)
+    before = controller.server.state.version
+    pod = _NEW_POD.replace("NET", mesh.net).replace(
+        "labels: {app: batch}",
+        "labels: {app: cart}, annotations: {sidemesh.io/exclude-inbound-ports: '" + "9" * 5000 + "'}",
+    )
+    mesh.write("evil.yaml", pod)
+    for _ in range(100):
+        if controller.server.state.version != before:
+            break
+        await asyncio.sleep(0.05)
+    assert controller.server.state.version != before

@@ -645,3 +645,40 @@ async def test_the_only_endpoint_is_not_dialled_again(mesh: Mesh, caplog: pytest
     tries = [r for r in caplog.records if r.getMessage() == "endpoint unreachable; trying another"]
     refused = [r for r in caplog.records if r.getMessage() == "outbound connection refused"]
     assert tries == [] and len(refused) == 1, [r.getMessage() for r in caplog.records]
+
+
+async def test_a_draining_listener_goes_on_accepting_after_a_failed_accept(mesh: Mesh) -> None:
+    """During the drain's grace the app's outbound listeners still accept; one failed accept
+    there ended the listener (the first fix returned on any failure while draining)."""
+    import os
+    import resource
+
+    await mesh.app(CART)
+    await mesh.sidecar("cart", CART)
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
+    )
+    drain = asyncio.create_task(frontend.drain(timeout=30, grace=2))
+    await asyncio.sleep(0.2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hogs: list[int] = []
+    client = socket.socket()
+    client.setblocking(False)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                hogs.append(os.open("/dev/null", os.O_RDONLY))
+        with contextlib.suppress(BlockingIOError):
+            client.connect((mesh.addr(FRONTEND), OUT))
+        await asyncio.sleep(0.3)
+    finally:
+        for fd in hogs:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        client.close()
+    try:
+        assert await talk(mesh.addr(FRONTEND), OUT, b"grace") == b"GRACEBYE"
+    finally:
+        await drain
+        mesh.sidecars.pop("frontend", None)
