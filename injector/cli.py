@@ -335,12 +335,17 @@ class NativeSidecars:
     async def watch(self, auto: Callable[[], bool]) -> None:
         from injector import cabundle
 
-        delay = NATIVE_RECHECK_S if self.known else VERSION_WAIT_S
+        loop = asyncio.get_running_loop()
+        due = loop.time() + (NATIVE_RECHECK_S if self.known else VERSION_WAIT_S)
+        was_auto = auto()
         while self.api is not None:
-            await asyncio.sleep(delay)
-            delay = NATIVE_RECHECK_S
-            if not auto():
-                continue  # the settings decide; nothing to ask
+            await asyncio.sleep(min(VERSION_WAIT_S, max(0.0, due - loop.time())))
+            now_auto = auto()
+            switched, was_auto = now_auto and not was_auto, now_auto
+            if not now_auto or (loop.time() < due and not switched):
+                continue  # the settings decide (nothing to ask), or not yet
+            # (settings switched back to auto: what was known may be old, or was never asked)
+            due = loop.time() + NATIVE_RECHECK_S
             try:
                 supported, version = await asyncio.wait_for(
                     _on_daemon_thread(cabundle.native_sidecars_supported, self.api), NODES_WAIT_S

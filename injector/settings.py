@@ -33,11 +33,16 @@ _QUANTITY_RE = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numk
 # Container resources as the API server takes them: the standard ones, hugepages of a page size,
 # and extended resources (a name under a domain other than kubernetes.io, e.g. nvidia.com/gpu).
 _STANDARD_RESOURCES = frozenset({"cpu", "memory", "ephemeral-storage"})
-_EXTENDED_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+# A qualified name (Kubernetes' IsQualifiedName): a DNS subdomain prefix, a name part of at most 63.
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_SUBDOMAIN_RE = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
+_NAME_PART_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
 
 def _resource_kind(name: str) -> str | None:
-    """ "standard", "hugepages", "extended", or None for a name no container may use."""
+    """ "standard", "hugepages", "extended", or None for a name no container may use (Kubernetes'
+    IsStandardContainerResourceName and IsExtendedResourceName: a name with kubernetes.io/ in it
+    is native, so standard or nothing; an extended one is a qualified name, "requests." + it too)."""
     if name in _STANDARD_RESOURCES:
         return "standard"
     if name.startswith("hugepages-"):
@@ -45,8 +50,16 @@ def _resource_kind(name: str) -> str | None:
             return "hugepages" if quantity(name.removeprefix("hugepages-")) > 0 else None
         except ValueError:
             return None
-    domain = name.split("/", 1)[0]
-    if _EXTENDED_RE.match(name) and domain != "kubernetes.io" and not domain.endswith(".kubernetes.io"):
+    prefix, slash, part = ("requests." + name).partition("/")
+    if (
+        slash
+        and "kubernetes.io/" not in name
+        and not name.startswith("requests.")
+        and len(prefix) <= 253
+        and _SUBDOMAIN_RE.match(prefix)
+        and len(part) <= 63
+        and _NAME_PART_RE.match(part)
+    ):
         return "extended"
     return None
 
@@ -78,6 +91,16 @@ def check_resources(key: str, res: Resources) -> None:
                 raise SettingsError(
                     f"{key}.{part}", f"{name}: {qty!r} is not a whole number (an extended resource)"
                 )
+    huge = [n for n in (*res.requests, *res.limits) if _resource_kind(n) == "hugepages"]
+    for name in huge:
+        page = quantity(name.removeprefix("hugepages-"))
+        for part, values in (("requests", res.requests), ("limits", res.limits)):
+            if name in values and quantity(values[name]) % page:
+                raise SettingsError(f"{key}.{part}", f"{name}: {values[name]} is not a whole number of pages")
+    if huge and not {"cpu", "memory"} & {*res.requests, *res.limits}:
+        raise SettingsError(
+            key, "hugepages need a cpu or memory request or limit too (the API server's rule)"
+        )
     for name, request in res.requests.items():
         limit = res.limits.get(name)
         kind = _resource_kind(name)

@@ -52,3 +52,31 @@ async def test_without_a_cluster_nothing_is_asked() -> None:
     native = cli.NativeSidecars(True)
     await asyncio.wait_for(native.watch(lambda: True), 1)  # returns at once
     assert native.supported
+
+
+async def test_settings_switched_back_to_auto_ask_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the settings said true or false nothing was asked; back to auto, the answer in hand
+    (hours old, or never read) decided pods until the next 10-minute tick."""
+    asked: list[object] = []
+
+    def supported(api: object) -> tuple[bool, str]:
+        asked.append(api)
+        return True, "v1.31.0"
+
+    monkeypatch.setattr(cabundle, "native_sidecars_supported", supported)
+    monkeypatch.setattr(cli, "VERSION_WAIT_S", 0.01)
+    monkeypatch.setattr(cli, "NATIVE_RECHECK_S", 100.0)  # the tick does not come during the test
+    native = cli.NativeSidecars(False, object(), known=True)
+    auto = [False]
+    task = asyncio.create_task(native.watch(lambda: auto[0]))
+    try:
+        await asyncio.sleep(0.1)
+        assert asked == []
+        auto[0] = True
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if native.supported:
+                break
+        assert native.supported and len(asked) == 1
+    finally:
+        task.cancel()

@@ -62,9 +62,19 @@ def test_values_and_defaults() -> None:
             "proxyResources.requests",
         ),
         (
-            "proxyResources: {requests: {hugepages-2Mi: 2Mi}, limits: {hugepages-2Mi: 4Mi}}",
+            "proxyResources: {requests: {hugepages-2Mi: 2Mi}, limits: {memory: 1Gi, hugepages-2Mi: 4Mi}}",
             "proxyResources.requests",
         ),
+        ("proxyResources: {limits: {hugepages-2Mi: 4Mi}}", "proxyResources"),  # no cpu or memory
+        ("proxyResources: {limits: {memory: 1Gi, hugepages-2Mi: 3Mi}}", "proxyResources.limits"),  # 1.5 pages
+        ("proxyResources: {limits: {requests.example.com/dev: '1'}}", "proxyResources.limits"),
+        ("proxyResources: {limits: {example..com/dev: '1'}}", "proxyResources.limits"),
+        ("proxyResources: {limits: {example.-com/dev: '1'}}", "proxyResources.limits"),
+        ("proxyResources: {limits: {example.com/" + "a" * 64 + ": '1'}}", "proxyResources.limits"),
+        (
+            "proxyResources: {limits: {notkubernetes.io/x: '1'}}",
+            "proxyResources.limits",
+        ),  # native, not standard
         ("imag: x", "imag"),
         ("- a list", "config.yaml"),
         ("a: [", "config.yaml"),
