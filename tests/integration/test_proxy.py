@@ -595,18 +595,12 @@ async def test_a_port_held_by_another_process_is_named_with_its_option(mesh: Mes
     assert (failed.value.option, failed.value.address) == (option, taken)
 
 
-async def test_a_listener_goes_on_accepting_after_running_out_of_file_descriptors(mesh: Mesh) -> None:
-    """One failed accept (EMFILE) ended the listener's accept loop for good, silently: the backlog
-    filled and nothing was accepted again, though readiness said ready. Envoy backs off and goes on."""
+async def _connect_with_no_descriptor_left(mesh: Mesh) -> None:
+    """A connection to the frontend's outbound listener while this process (the sidecar's) has no
+    file descriptor left: its accept fails (EMFILE); then the descriptors are free again."""
     import os
     import resource
 
-    await mesh.app(CART)
-    await mesh.sidecar("cart", CART)
-    frontend = await mesh.sidecar(
-        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
-    )
-    assert await talk(mesh.addr(FRONTEND), OUT, b"before") == b"BEFOREBYE"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     hogs: list[int] = []
     client = socket.socket()
@@ -618,12 +612,25 @@ async def test_a_listener_goes_on_accepting_after_running_out_of_file_descriptor
                 hogs.append(os.open("/dev/null", os.O_RDONLY))
         with contextlib.suppress(BlockingIOError):
             client.connect((mesh.addr(FRONTEND), OUT))
-        await asyncio.sleep(0.5)  # the sidecar's accept fails: no descriptor left
+        await asyncio.sleep(0.4)  # the sidecar's accept fails: no descriptor left
     finally:
         for fd in hogs:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         client.close()
+
+
+async def test_a_listener_goes_on_accepting_after_running_out_of_file_descriptors(mesh: Mesh) -> None:
+    """One failed accept (EMFILE) ended the listener's accept loop for good, silently: the backlog
+    filled and nothing was accepted again, though readiness said ready. Envoy backs off and goes on."""
+
+    await mesh.app(CART)
+    await mesh.sidecar("cart", CART)
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
+    )
+    assert await talk(mesh.addr(FRONTEND), OUT, b"before") == b"BEFOREBYE"
+    await _connect_with_no_descriptor_left(mesh)
     assert all(not task.done() for _, task, _, _ in frontend._listeners)
     assert await talk(mesh.addr(FRONTEND), OUT, b"after") == b"AFTERBYE"
     errors = frontend.metrics.registry.get_sample_value(
@@ -650,8 +657,6 @@ async def test_the_only_endpoint_is_not_dialled_again(mesh: Mesh, caplog: pytest
 async def test_a_draining_listener_goes_on_accepting_after_a_failed_accept(mesh: Mesh) -> None:
     """During the drain's grace the app's outbound listeners still accept; one failed accept
     there ended the listener (the first fix returned on any failure while draining)."""
-    import os
-    import resource
 
     await mesh.app(CART)
     await mesh.sidecar("cart", CART)
@@ -660,23 +665,7 @@ async def test_a_draining_listener_goes_on_accepting_after_a_failed_accept(mesh:
     )
     drain = asyncio.create_task(frontend.drain(timeout=30, grace=2))
     await asyncio.sleep(0.2)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    hogs: list[int] = []
-    client = socket.socket()
-    client.setblocking(False)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
-        with contextlib.suppress(OSError):
-            while True:
-                hogs.append(os.open("/dev/null", os.O_RDONLY))
-        with contextlib.suppress(BlockingIOError):
-            client.connect((mesh.addr(FRONTEND), OUT))
-        await asyncio.sleep(0.3)
-    finally:
-        for fd in hogs:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        client.close()
+    await _connect_with_no_descriptor_left(mesh)
     try:
         assert await talk(mesh.addr(FRONTEND), OUT, b"grace") == b"GRACEBYE"
     finally:
