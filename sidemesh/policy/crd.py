@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from sidemesh.policy.model import Authorization, HTTPMatch, Mode, Rule, Source
-from sidemesh.policy.paths import BadPath, normalize_path
+from sidemesh.policy.paths import normalize_path
 
 API_VERSION = "sidemesh.io/v1alpha1"
 KIND = "ServiceAuthorization"
@@ -123,27 +123,19 @@ def _http(doc: Any, where: str) -> HTTPMatch:
         if (normal := _as_the_sidecar_sees(p)) != p:
             raise PolicyError(
                 f"{where}.paths[{i}]",
-                f"{p!r} can never match: the sidecar compares requests' normalized paths "
-                + (
-                    f"(write {normal!r})"
-                    if normal
-                    else "(write it in ASCII, other characters percent-encoded)"
-                ),
+                f"{p!r} can never match: the sidecar compares requests' normalized paths (write {normal!r})",
             )
     return HTTPMatch(methods=methods, paths=paths)
 
 
 def _as_the_sidecar_sees(path: str) -> str:
-    """A policy path (``*`` for a prefix) written as the sidecar sees requests' paths (dot segments
-    removed, unreserved characters decoded, other escapes in upper case, slashes for backslashes:
-    ``paths.normalize_path``); "" when it cannot be (not ASCII, a broken escape)."""
+    """A policy path (``*`` for a prefix; ASCII with whole %XX escapes, as ``_PATH_RE`` made sure)
+    written as the sidecar sees requests' paths (dot segments removed, unreserved characters
+    decoded, other escapes in upper case: ``paths.normalize_path``)."""
     prefix = path.endswith("*")
     base = path[:-1] if prefix else path
-    try:  # (a prefix may end inside a segment: "/cart/." is a prefix of "/cart/.well-known")
-        raw = base.encode("ascii") + (b"x" if prefix else b"")
-        normal = normalize_path(raw).decode("ascii")
-    except (UnicodeError, BadPath):
-        return ""
+    # (a prefix may end inside a segment: "/cart/." is a prefix of "/cart/.well-known")
+    normal = normalize_path(base.encode("ascii") + (b"x" if prefix else b"")).decode("ascii")
     return (normal[:-1] + "*") if prefix else normal
 
 
