@@ -212,11 +212,10 @@ class _Stream:
     request_ended: bool = False  # the request's end (END_STREAM or trailers) came from downstream
     responded: bool = False  # a final response head came from upstream
     no_content: bool = False  # that head may have no content (204, 304, or to a HEAD)
-    # content-length against the body, per direction (h2 checked it per connection)
+    # content-length, per direction, held to the body (``result``'s byte counts) as it comes (h2
+    # checked it per connection)
     request_expected: int | None = None
-    request_received: int = 0
     response_expected: int | None = None
-    response_received: int = 0
     ended_up: bool = False  # the request's end went upstream
     end_queued_down: bool = False  # the response's end is queued or sent
     # per direction: queued (data | trailers | end) not yet sent for lack of window
@@ -243,6 +242,14 @@ def _no_content_length(headers: Any) -> None:
 def _content_length(headers: list[Header]) -> int | None:
     """The content-length of a head (checked before: digits, one value), None without one."""
     return next((int(v) for n, v in headers if n == b"content-length"), None)
+
+
+def _against_length(expected: int | None, received: int, ended: bool) -> str | None:
+    """Why a body of ``received`` bytes so far (all of it when ``ended``) disagrees with its
+    content-length (RFC 9113 8.1.1: malformed), or None."""
+    if expected is None or received == expected or (received < expected and not ended):
+        return None
+    return f"{received} bytes of content, content-length {expected}"
 
 
 class _Connection(h2.connection.H2Connection):
@@ -749,21 +756,15 @@ class H2Proxy:
             if stream is None or stream.ended_up:  # denied or over: its body is dropped
                 self.down.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 return
-            stream.request_received += len(event.data)
-            expected = stream.request_expected
-            if expected is not None and (
-                stream.request_received > expected
-                or (event.stream_ended is not None and stream.request_received != expected)
+            stream.result.request_bytes += len(event.data)
+            if why := _against_length(
+                stream.request_expected, stream.result.request_bytes, event.stream_ended is not None
             ):
                 self.down.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 if event.stream_ended is not None:
                     stream.request_ended = True
-                self._malformed_later(
-                    stream,
-                    f"malformed request: {stream.request_received} bytes of content, content-length {expected}",
-                )
+                self._malformed_later(stream, f"malformed request: {why}")
                 return
-            stream.result.request_bytes += len(event.data)
             if stream.replay is not None:
                 stream.replay_size += len(event.data)
                 if stream.replay_size > MAX_REPLAY_BODY:
@@ -781,12 +782,9 @@ class H2Proxy:
                 ):
                     self._malformed_later(stream, f"malformed request trailers: {why}")
                     return
-                expected = stream.request_expected
-                if expected is not None and stream.request_received != expected and not stream.ended_up:
-                    self._malformed_later(
-                        stream,
-                        f"malformed request: {stream.request_received} bytes of content, content-length {expected}",
-                    )
+                why = _against_length(stream.request_expected, stream.result.request_bytes, ended=True)
+                if why and not stream.ended_up:
+                    self._malformed_later(stream, f"malformed request: {why}")
                     return
                 if stream.timeout is not None and not stream.responded and not stream.end_queued_down:
                     stream.deadline = time.monotonic() + stream.timeout
@@ -1257,27 +1255,20 @@ class H2Proxy:
                 up.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 self._malformed_response(up, stream, f"content in a {stream.result.status} response")
                 return
-            stream.response_received += len(event.data)
-            expected = stream.response_expected
-            if expected is not None and (
-                stream.response_received > expected
-                or (event.stream_ended is not None and stream.response_received != expected)
+            stream.result.response_bytes += len(event.data)
+            if why := _against_length(
+                stream.response_expected, stream.result.response_bytes, event.stream_ended is not None
             ):
                 up.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                self._malformed_response(
-                    up, stream, f"{stream.response_received} bytes of content, content-length {expected}"
-                )
+                self._malformed_response(up, stream, why)
                 return
-            stream.result.response_bytes += len(event.data)
             stream.to_down.append((event.data, event.flow_controlled_length))
             self._pump(stream, up=False)
         elif isinstance(event, (h2.events.TrailersReceived, h2.events.StreamEnded)):
             if stream is not None and not stream.end_queued_down:
-                expected = stream.response_expected
-                if expected is not None and stream.response_received != expected and stream.responded:
-                    self._malformed_response(
-                        up, stream, f"{stream.response_received} bytes of content, content-length {expected}"
-                    )
+                why = _against_length(stream.response_expected, stream.result.response_bytes, ended=True)
+                if why and stream.responded:
+                    self._malformed_response(up, stream, why)
                     return
                 stream.end_queued_down = True
                 trailers = _headers(event.headers) if isinstance(event, h2.events.TrailersReceived) else None
@@ -1363,7 +1354,6 @@ class H2Proxy:
             stream.responded = True
             stream.no_content = status in (204, 304) or stream.info.method == "HEAD"
             stream.response_expected = None if stream.no_content else _content_length(headers)
-            stream.response_received = 0
             stream.replay = None  # no retry after a response head
             if stream.timer is not None:
                 stream.timer.cancel()
