@@ -8,6 +8,7 @@ error) when namespaces cannot be made, and packet capture on a namespace's inter
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import secrets
 import struct
 import sys
@@ -63,9 +64,9 @@ class Cluster(_netns.Cluster):
     """`sidemesh.netns.Cluster`, skipping the test when this machine cannot make namespaces."""
 
     @classmethod
-    def create(cls, workdir: Path, subnet: str, prefix: str = "sm") -> Cluster:
+    def create(cls, workdir: Path, subnet: str, prefix: str = "sm", subnet6: str | None = None) -> Cluster:
         try:
-            cluster = super().create(workdir, subnet, prefix)
+            cluster = super().create(workdir, subnet, prefix, subnet6)
         except NetnsUnavailable as exc:
             pytest.skip(str(exc))
         assert isinstance(cluster, Cluster)
@@ -135,23 +136,30 @@ class Segment:
 
 
 def tcp_segments(frames: Iterable[bytes]) -> list[Segment]:
-    """The TCP/IPv4 segments in Ethernet frames; everything else is skipped."""
+    """The TCP segments in Ethernet frames, IPv4 and IPv6 (without extension headers); everything
+    else is skipped."""
     out = []
     for frame in frames:
-        if len(frame) < 34 or frame[12:14] != b"\x08\x00":
-            continue
         ip = frame[14:]
-        header = (ip[0] & 0x0F) * 4
-        total = int.from_bytes(ip[2:4], "big") or len(ip)  # 0 in GSO frames: take the frame's size
-        if ip[9] != 6 or len(ip) < header + 20:
+        if frame[12:14] == b"\x08\x00" and len(ip) >= 20:
+            header = (ip[0] & 0x0F) * 4
+            total = int.from_bytes(ip[2:4], "big") or len(ip)  # 0 in GSO frames: take the frame's size
+            proto, src, dst = ip[9], ipaddress.IPv4Address(ip[12:16]), ipaddress.IPv4Address(ip[16:20])
+        elif frame[12:14] == b"\x86\xdd" and len(ip) >= 40:
+            header = 40
+            total = (40 + int.from_bytes(ip[4:6], "big")) if ip[4:6] != b"\0\0" else len(ip)
+            proto, src, dst = ip[6], ipaddress.IPv6Address(ip[8:24]), ipaddress.IPv6Address(ip[24:40])
+        else:
+            continue
+        if proto != 6 or len(ip) < header + 20:
             continue
         tcp = ip[header:total]
         offset = (tcp[12] >> 4) * 4
         out.append(
             Segment(
-                ".".join(str(b) for b in ip[12:16]),
+                str(src),
                 int.from_bytes(tcp[0:2], "big"),
-                ".".join(str(b) for b in ip[16:20]),
+                str(dst),
                 int.from_bytes(tcp[2:4], "big"),
                 bytes(tcp[offset:]),
             )

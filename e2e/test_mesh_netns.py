@@ -1,10 +1,10 @@
 """A small shop as network namespaces: the real `proxy init`, real sidecars as UID 1337, a real CA.
 
-1. A node namespace holds a bridge (10.77.0.1/24) and the CA, a process serving on
-   10.77.0.1:15012. The CA is not meshed: the sidecars' own traffic (UID 1337) is never captured,
+1. A node namespace holds a bridge (10.77.0.1/24, and fd77::1/64: the cluster is dual stack) and
+   the CA, a process serving on 10.77.0.1:15012. The CA is not meshed: the sidecars' own traffic (UID 1337) is never captured,
    so they reach it directly.
-2. One namespace per pod, wired to the bridge: frontend (.10), cart (.11) and stranger (.12) are
-   meshed (`sidemesh proxy init`, then `sidemesh proxy run` as UID 1337 and ready); outsider (.13)
+2. One namespace per pod, wired to the bridge: frontend (.10, fd77::10), cart (.11, fd77::11) and
+   stranger (.12, fd77::12) are meshed (`sidemesh proxy init`, then `sidemesh proxy run` as UID 1337 and ready); outsider (.13)
    has neither. cart serves HTTP on 8080 (captured) and on 9090 (--exclude-inbound-ports 9090).
    A ServiceAuthorization allows frontend -> cart on 8080; stranger has its own service account.
 3. The scenarios, one test each, in this order; a test that changes the mesh puts it back.
@@ -45,11 +45,15 @@ from e2e.netns import (
     why_skip,
 )
 
-SKIP = why_skip("ip", "iptables", "iptables-save", "iptables-restore", "curl", "unshare", "setpriv", "mount")
+SKIP = why_skip(
+    "ip", "iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore",
+    "curl", "unshare", "setpriv", "mount",
+)  # fmt: skip
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
 
 SIDEMESH = [sys.executable, "-m", "sidemesh"]
 SUBNET = "10.77.0"
+SUBNET6 = "fd77::"  # pod `host` is also fd77::<host>, so `proxy init` captures IPv6 as well
 HOSTS = {"frontend": 10, "cart": 11, "stranger": 12, "outsider": 13}
 MESHED = ("frontend", "cart", "stranger")
 PROXY_UID = 1337
@@ -61,7 +65,7 @@ WORKLOAD = """\
 apiVersion: sidemesh.io/v1alpha1
 kind: Workload
 metadata: {{name: {name}-1, namespace: shop, labels: {{app: {name}}}}}
-spec: {{serviceAccount: {name}, address: {address}, ports: [{ports}], meshed: {meshed}}}
+spec: {{serviceAccount: {name}, addresses: [{address}, "{address6}"], ports: [{ports}], meshed: {meshed}}}
 """
 
 SERVICE = """\
@@ -96,10 +100,17 @@ spec:
 """
 
 # cart's app: answers every GET with "cart:<port>:<path> from <client address>", on each
-# [address:]port it is given (address default 0.0.0.0).
+# [address:]port it is given (a port alone: 0.0.0.0 and [::]).
 APP = """
-import sys, threading
+import socket, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
@@ -118,6 +129,8 @@ servers = []
 for arg in sys.argv[1:]:
     host, _, port = arg.rpartition(":")
     servers.append(ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler))
+    if not host:
+        servers.append(Server6(("::", int(port)), Handler))
 for server in servers:
     threading.Thread(target=server.serve_forever, daemon=True).start()
 print("serving", flush=True)
@@ -152,8 +165,14 @@ class Shop:
     def addr(self, pod: str) -> str:
         return f"{SUBNET}.{HOSTS[pod]}"
 
+    def addr6(self, pod: str) -> str:
+        return f"{SUBNET6}{HOSTS[pod]}"
+
     def url(self, port: int, path: str) -> str:
         return f"http://{self.addr('cart')}:{port}{path}"
+
+    def url6(self, port: int, path: str) -> str:
+        return f"http://[{self.addr6('cart')}]:{port}{path}"
 
     def pod(self, name: str) -> Netns:
         return self.cluster.pods[name]
@@ -177,6 +196,7 @@ class Shop:
             WORKLOAD.format(
                 name=name,
                 address=self.addr(name),
+                address6=self.addr6(name),
                 meshed=str(name in MESHED).lower(),
                 ports=", ".join(
                     f"{{port: {p}}}" for p in ((8080, 6060, 7070) if name == "cart" else (8080,))
@@ -316,7 +336,7 @@ def shop() -> Iterator[Shop]:
     workdir.chmod(0o755)  # the sidecars (UID 1337) read their configuration, token and bundle here
     cluster: Cluster | None = None
     try:
-        cluster = Cluster.create(workdir, SUBNET)
+        cluster = Cluster.create(workdir, SUBNET, subnet6=SUBNET6)
         shop = Shop(cluster, workdir)
         started = time.monotonic()
         shop.build()
@@ -518,3 +538,39 @@ def test_10_inbound_goes_to_the_address_the_caller_asked_for(shop: Shop) -> None
     assert shop.http_get("cart", f"http://{shop.addr('cart')}:7070/direct").startswith("cart:7070:")
     assert shop.http_get("cart", "http://127.0.0.1:6060/direct").startswith("cart:6060:")
     assert "cart:6060" not in shop.curl("outsider", shop.url(6060, "/who"), max_time=3).body
+
+
+def test_11_ipv6_the_same_mesh_over_the_pods_ipv6_addresses(shop: Shop) -> None:
+    """The pods are dual stack, so `proxy init` captured IPv6 too (ip6tables, ::6 on lo) and the
+    sidecars listen on both families: an app calling cart's IPv6 address gets the same mesh as
+    over IPv4 (mTLS on the wire, policy, strict mode, the excluded port), and cart's app sees the
+    sidecar's ::6."""
+    before = shop.metric("cart", "sidemesh_proxy_connections_total", direction="inbound", decision="allow")
+    secret, plain = f"/secret6-{secrets.token_hex(8)}", f"/plain6-{secrets.token_hex(8)}"
+    with capture(shop.cluster.node, Cluster.BRIDGE) as frames:
+        meshed = shop.curl("frontend", shop.url6(8080, "/who" + secret))
+        direct = shop.curl("outsider", shop.url6(9090, plain))  # excluded port: plaintext on the wire
+    assert meshed.ok and meshed.body == f"cart:8080:/who{secret} from ::6\n", shop.explain(meshed)
+    assert direct.ok and direct.body == f"cart:9090:{plain}\n", direct
+    after = shop.metric("cart", "sidemesh_proxy_connections_total", direction="inbound", decision="allow")
+    assert after >= before + 1, "the IPv6 connection did not arrive through cart's sidecar"
+    wire = b"".join(frames)
+    assert plain.encode() in wire, "the capture does not see plaintext where there is plaintext"
+    assert secret.encode() not in wire, "frontend -> cart crossed the bridge in plaintext over IPv6"
+    front, cart = shop.addr6("frontend"), shop.addr6("cart")
+    between = [
+        s for s in tcp_segments(frames) if {s.src, s.dst} == {front, cart} and 8080 in (s.sport, s.dport)
+    ]
+    assert {s.src for s in between if s.payload[:3] == b"\x17\x03\x03"} == {front, cart}, (
+        "no TLS records both ways between the pods' IPv6 addresses"
+    )
+
+    stranger = shop.pod("stranger").run(
+        "curl", "-sS", "--max-time", "5", "-D", "-", shop.url6(8080, "/stranger6"), check=False, timeout=15
+    )
+    assert stranger.stdout.lower().startswith("http/1.1 403"), stranger.stdout
+    shop.sidecars["cart"].wait_for_record(
+        "request denied", 5, where=lambda r: r.get("source") == STRANGER_ID and r.get("path") == "/stranger6"
+    )
+    outsider = shop.curl("outsider", shop.url6(8080, "/strict6"))
+    assert not outsider.ok and "cart:" not in outsider.body and outsider.rc in (52, 56), outsider

@@ -174,7 +174,9 @@ class Netns:
 @dataclass
 class Cluster:
     """A node namespace with a bridge at `<subnet>.1`, and pod namespaces attached to it. Namespace
-    names are `<prefix>-<pid>-<random>-<name>`, so concurrent runs never collide."""
+    names are `<prefix>-<pid>-<random>-<name>`, so concurrent runs never collide. With `subnet6`
+    (an IPv6 /64 prefix such as `fd77::`) it is dual stack: the bridge is also `<subnet6>1` and
+    pod `host` also gets `<subnet6><host>`."""
 
     workdir: Path
     subnet: str
@@ -182,18 +184,21 @@ class Cluster:
     pods: dict[str, Netns] = field(default_factory=dict)
     run_id: str = ""
     prefix: str = "sm"
+    subnet6: str | None = None
 
     BRIDGE = "br0"
 
     @classmethod
-    def create(cls, workdir: Path, subnet: str, prefix: str = "sm") -> Cluster:
+    def create(cls, workdir: Path, subnet: str, prefix: str = "sm", subnet6: str | None = None) -> Cluster:
         run_id = f"{os.getpid()}-{secrets.token_hex(2)}"
         node = _add_netns(f"{prefix}-{run_id}-node", workdir)
-        cluster = cls(workdir, subnet, node, run_id=run_id, prefix=prefix)
+        cluster = cls(workdir, subnet, node, run_id=run_id, prefix=prefix, subnet6=subnet6)
         try:
             cluster.ip("link", "set", "lo", "up")
             cluster.ip("link", "add", cls.BRIDGE, "type", "bridge")
             cluster.ip("addr", "add", f"{subnet}.1/24", "dev", cls.BRIDGE)
+            if subnet6 is not None:  # nodad: usable at once, not "tentative" for a second
+                cluster.ip("-6", "addr", "add", f"{subnet6}1/64", "dev", cls.BRIDGE, "nodad")
             # promisc: frames forwarded between pods also reach the bridge's own packet taps.
             cluster.ip("link", "set", cls.BRIDGE, "promisc", "on", "up")
         except BaseException:
@@ -221,6 +226,22 @@ class Cluster:
             ("route", "add", "default", "via", self.gateway),
         ):
             _check(["ip", "-n", pod.name, *args])
+        if self.subnet6 is not None:
+            _check(
+                [
+                    "ip",
+                    "-n",
+                    pod.name,
+                    "-6",
+                    "addr",
+                    "add",
+                    f"{self.subnet6}{host}/64",
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ]
+            )
+            _check(["ip", "-n", pod.name, "-6", "route", "add", "default", "via", f"{self.subnet6}1"])
         return pod
 
     def namespaces(self) -> list[Netns]:

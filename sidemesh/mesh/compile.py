@@ -9,6 +9,7 @@ selecting them) is compiled per identity. A sidecar's own view is derived from b
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -181,25 +182,41 @@ def _service_destinations(
             for w in index.select(svc.namespace, svc.selector):
                 port_or_none = _target_port(sp.target_port, w)
                 if port_or_none is not None:
-                    endpoints.append(Endpoint(w.address, port_or_none, ids.of(w, port_or_none), w.ref))
-        name = f"{svc.host}:{sp.port}"
-        names = (f"{svc.host}.svc:{sp.port}", f"{svc.host}.svc.cluster.local:{sp.port}")
+                    endpoints.extend(
+                        Endpoint(a, port_or_none, ids.of(w, port_or_none), w.ref) for a in w.addresses
+                    )
         ips = svc.cluster_ips or ((svc.cluster_ip,) if svc.cluster_ip else ())
-        addresses = tuple((ip, sp.port) for ip in ips)  # dual stack: each family's ClusterIP
+        families = list(dict.fromkeys(_family(ip) for ip in ips))  # the Service's primary family first
+        if not families:  # headless: reached by name only; the pods' primary addresses (kube: all listed)
+            primary = {w.address for w in index.by_ref.values()}
+            endpoints = [e for e in endpoints if listed is not None or e.address in primary]
+            families = [0]
         d = svc.delivery
-        out.append(
-            Destination(
-                name,
-                tuple(sorted(endpoints, key=lambda e: (e.address, e.port))),
-                names,
-                addresses,
-                d.timeout_s,
-                d.retries,
-                d.retry_non_idempotent,
-                sp.port in d.opaque_ports,
+        for i, family in enumerate(families):
+            # Dual stack: one destination per family, so that a connection to the IPv4 ClusterIP
+            # reaches an IPv4 endpoint, as kube-proxy does (the callee's sidecar delivers to the
+            # address the caller chose: an app listening on 0.0.0.0 only is not reached over IPv6).
+            name = f"{svc.host}:{sp.port}" + (f" (IPv{family})" if i else "")
+            names = (f"{svc.host}.svc:{sp.port}", f"{svc.host}.svc.cluster.local:{sp.port}") if i == 0 else ()
+            # A family without endpoints of its own (single-stack pods) uses the others.
+            chosen = [e for e in endpoints if family in (0, _family(e.address))] or endpoints
+            out.append(
+                Destination(
+                    name,
+                    tuple(sorted(chosen, key=lambda e: (e.address, e.port))),
+                    names,
+                    tuple((ip, sp.port) for ip in ips if _family(ip) == family),
+                    d.timeout_s,
+                    d.retries,
+                    d.retry_non_idempotent,
+                    sp.port in d.opaque_ports,
+                )
             )
-        )
     return out
+
+
+def _family(ip: str) -> int:
+    return ipaddress.ip_address(ip).version
 
 
 def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
@@ -214,9 +231,9 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
             direct.add((address, port))
             ep = Endpoint(address, port, ids.of(w, port), w.ref)
             opaque = port in w.opaque_ports
-            destinations.append(
-                Destination(f"pod {w.ref}:{port}", (ep,), (), ((address, port),), opaque=opaque)
-            )
+            # Names are keys: a dual-stack pod's other address is a destination of its own.
+            name = f"pod {w.ref}:{port}" + ("" if address == w.address else f" ({address})")
+            destinations.append(Destination(name, (ep,), (), ((address, port),), opaque=opaque))
 
     for w in snapshot.workloads:  # a pod addressed directly, by its IP
         for p in w.ports:

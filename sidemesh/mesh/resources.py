@@ -240,17 +240,41 @@ def parse_workload(doc: dict[str, Any], warnings: list[str] | None = None) -> Wo
     )
     annotations = _pairs(meta.get("annotations"), f"{where}: metadata.annotations")
     check_default_policy(annotations, where, [] if warnings is None else warnings)
+    address, *others = _workload_addresses(spec, where)
     return Workload(
         name,
         ns,
         str(spec.get("serviceAccount") or "default"),
-        _ip(spec.get("address"), f"{where}: spec.address"),
+        address,
         _pairs(meta.get("labels"), f"{where}: metadata.labels"),
         annotations,
         ports,
         bool(spec.get("meshed", True)),
         opaque_ports(annotations, where, [] if warnings is None else warnings),
+        tuple(others),
     )
+
+
+def _workload_addresses(spec: dict[str, Any], where: str) -> list[str]:
+    """A Workload's pod IPs, primary first: ``address``, or ``addresses`` for a dual-stack pod
+    (as a Pod's ``podIP`` and ``podIPs``: at most one of each family, the first being ``address``
+    when both are given)."""
+    if spec.get("addresses") is None:
+        return [_ip(spec.get("address"), f"{where}: spec.address")]
+    listed = _items(spec.get("addresses"), f"{where}: spec.addresses")
+    ips = [_ip(value, f"{where}: spec.addresses[{i}]") for i, value in enumerate(listed)]
+    families = [ipaddress.ip_address(ip).version for ip in ips]
+    if not ips or len(ips) > 2 or len(set(families)) != len(families):
+        raise ResourceError(
+            f"{where}: spec.addresses must hold one or two addresses, at most one IPv4 and one IPv6 "
+            f"(got {ips})"
+        )
+    if spec.get("address") is not None and _ip(spec.get("address"), f"{where}: spec.address") != ips[0]:
+        raise ResourceError(
+            f"{where}: spec.address {spec.get('address')!r} must be the first of spec.addresses {ips}, "
+            "as a Pod's podIP is the first of its podIPs (or leave spec.address out)"
+        )
+    return ips
 
 
 def parse_namespace(doc: dict[str, Any], warnings: list[str] | None = None) -> Namespace:

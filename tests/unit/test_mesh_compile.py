@@ -157,6 +157,11 @@ def test_a_dual_stack_pod_is_reached_and_enforced_at_both_addresses() -> None:
     table = compile_outbound(snap, "cluster.local")
     assert table._by_address[("fd00::2", 8080)] is not None
     assert table._by_address[("fd00::2", 8080)].endpoints[0].address == "fd00::2"
+    # Each address is a destination of its own, found by its name too (the sidecar looks a
+    # destination up by name for every request: one name for both sent IPv4 calls to IPv6).
+    for address in ("10.0.0.2", "fd00::2"):
+        dest = table._by_address[(address, 8080)]
+        assert table._by_name[dest.name] is dest and [e.address for e in dest.endpoints] == [address]
     inbound = compile_inbound(snap, WorkloadId("shop", "cart"), "cluster.local", DefaultPolicy.DENY)
     assert next(w for w in inbound.workloads if w.ref == "shop/cart-1").addresses == ("10.0.0.2", "fd00::2")
 
@@ -253,7 +258,37 @@ def test_dual_stack_services_are_reached_at_each_cluster_ip() -> None:
     snap = snapshot()
     services = build_snapshot([("svc", doc)]).services
     table = compile_outbound(Snapshot(services, snap.workloads), "cluster.local")
-    assert table._by_address[("10.96.0.10", 80)] is table._by_address[("fd00::a", 80)]
+    v4, v6 = table._by_address[("10.96.0.10", 80)], table._by_address[("fd00::a", 80)]
+    # Single-stack pods: both ClusterIPs lead to their IPv4 addresses.
+    assert (
+        [e.address for e in v4.endpoints]
+        == [e.address for e in v6.endpoints]
+        == ["10.0.0.2", "10.0.0.3", "10.0.0.4"]
+    )
+    assert table._by_name["cart.shop.svc:80"] is v4
+
+    # Dual-stack pods: each ClusterIP leads to the endpoints of its own family (as kube-proxy: the
+    # callee's sidecar delivers to the address the caller's sidecar dialled, and an app listening
+    # on 0.0.0.0 only is not reached at its IPv6 address), primary family first.
+    dual = tuple(
+        dataclasses.replace(w, other_addresses=(f"fd00::{i + 2}",)) for i, w in enumerate(snap.workloads)
+    )
+    table = compile_outbound(Snapshot(services, dual), "cluster.local")
+    v4, v6 = table._by_address[("10.96.0.10", 80)], table._by_address[("fd00::a", 80)]
+    assert [e.address for e in v4.endpoints] == ["10.0.0.2", "10.0.0.3", "10.0.0.4"]
+    assert [e.address for e in v6.endpoints] == ["fd00::2", "fd00::3", "fd00::4"]
+    assert (v4.name, v6.name) == ("cart.shop:80", "cart.shop:80 (IPv6)")
+    assert table._by_name["cart.shop:80"] is v4 and table._by_name["cart.shop:80 (IPv6)"] is v6
+    # So do EndpointSlices of both families (a cluster's dual-stack Service).
+    slices = (
+        EndpointAddress("10.0.0.2", "", 8080, "shop/cart-1"),
+        EndpointAddress("fd00::2", "", 8080, "shop/cart-1"),
+    )
+    table = compile_outbound(
+        Snapshot(services, dual, endpoints=(ServiceEndpoints("shop", "cart", slices),)), "cluster.local"
+    )
+    assert [e.address for e in table._by_address[("fd00::a", 80)].endpoints] == ["fd00::2"]
+    assert [e.address for e in table._by_address[("10.96.0.10", 80)].endpoints] == ["10.0.0.2"]
 
 
 def test_an_invalid_default_policy_annotation_never_breaks_compilation() -> None:
@@ -414,3 +449,34 @@ def test_a_port_annotation_in_other_digits_does_not_stop_the_compile() -> None:
     )
     endpoints = {e.workload: e for e in table._by_name["cart.shop:80"].endpoints}
     assert endpoints["shop/cart-1"].identity is None  # 8080 still excluded; "²" ignored
+
+
+def test_a_local_mode_workload_is_dual_stack_with_addresses() -> None:
+    """A Workload's `addresses` are a Pod's podIPs: one or two, one of each family, primary first."""
+
+    def parse(spec: str) -> Snapshot:
+        doc = f"""
+            apiVersion: sidemesh.io/v1alpha1
+            kind: Workload
+            metadata: {{name: cart-1, namespace: shop}}
+            spec: {spec}
+        """
+        return build_snapshot([("w.yaml", yaml.safe_load(textwrap.dedent(doc)))])
+
+    dual = parse('{addresses: [10.0.0.2, "fd00::2"]}').workloads[0]
+    assert (dual.address, dual.other_addresses) == ("10.0.0.2", ("fd00::2",))
+    assert parse('{address: "fd00::2", addresses: ["fd00::2", 10.0.0.2]}').workloads[0].addresses == (
+        "fd00::2",
+        "10.0.0.2",
+    )
+    assert parse("{address: 10.0.0.2}").workloads[0].addresses == ("10.0.0.2",)
+    for spec, says in (
+        ("{addresses: [10.0.0.2, 10.0.0.3]}", "at most one IPv4 and one IPv6"),
+        ('{addresses: [10.0.0.2, "fd00::2", "fd00::3"]}', "one or two addresses"),
+        ("{addresses: []}", "one or two addresses"),
+        ('{addresses: [10.0.0.2, "fd00::x"]}', "spec.addresses[1]: 'fd00::x' is not an IP address"),
+        ('{address: 10.0.0.9, addresses: [10.0.0.2, "fd00::2"]}', "must be the first of spec.addresses"),
+        ("{addresses: 10.0.0.2}", "spec.addresses must be a list"),
+    ):
+        snap = parse(spec)
+        assert not snap.workloads and len(snap.errors) == 1 and says in snap.errors[0], (spec, snap.errors)
