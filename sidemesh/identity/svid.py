@@ -142,7 +142,43 @@ class SVID:
         got = spiffe_id_of(chain[0])
         if got != expected:
             raise SvidError(f"CA returned a certificate for {got}, expected {expected}")
-        return cls(expected, key, tuple(chain), tuple(bundle))
+        return cls(expected, key, tuple(chain), own_roots(bundle, expected.trust_domain))
+
+
+def root_trust_domains(cert: x509.Certificate) -> set[str]:
+    """The trust domains a CA certificate names in SPIFFE URI SANs (X509-SVID 3.2: a signing
+    certificate SHOULD carry its trust domain's ID; ours do); empty when it names none."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        return set()
+    domains = set()
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        try:
+            domains.add(SpiffeId.parse(uri).trust_domain)
+        except SpiffeIdError:
+            continue
+    return domains
+
+
+def foreign_roots(bundle: Sequence[x509.Certificate], trust_domain: str) -> list[x509.Certificate]:
+    """Roots that name other trust domains only: the mesh does not federate, and OpenSSL would
+    let any root in the store vouch for any ID, this trust domain's included (the SPIFFE specs
+    validate an SVID only against the bundle of its own trust domain)."""
+    return [c for c in bundle if (domains := root_trust_domains(c)) and trust_domain not in domains]
+
+
+def own_roots(bundle: Sequence[x509.Certificate], trust_domain: str) -> tuple[x509.Certificate, ...]:
+    """The roots trusted for ``trust_domain``: the bundle without ``foreign_roots`` (a root naming
+    no trust domain, such as an operator's own CA, is taken as this one's)."""
+    foreign = foreign_roots(bundle, trust_domain)
+    own = tuple(c for c in bundle if c not in foreign)
+    if not own:
+        raise SvidError(
+            f"the trust bundle holds no root for trust domain {trust_domain!r} "
+            f"(its roots name {sorted(set().union(*map(root_trust_domains, bundle)))})"
+        )
+    return own
 
 
 def load_bundle(pem: bytes) -> tuple[x509.Certificate, ...]:

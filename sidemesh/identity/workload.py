@@ -19,13 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from sidemesh.cancel import stop_if_cancelling
 from sidemesh.clock import SYSTEM_CLOCK, Clock
 from sidemesh.identity import rotation, tls
 from sidemesh.identity.client import CAClient, CAClientError
-from sidemesh.identity.svid import SVID, SvidError, load_bundle, make_csr, new_key
+from sidemesh.identity.svid import SVID, SvidError, foreign_roots, load_bundle, make_csr, new_key, own_roots
 from sidemesh.spiffe import SpiffeId
 
 log = logging.getLogger("sidemesh.identity")
@@ -33,9 +34,25 @@ log = logging.getLogger("sidemesh.identity")
 BUNDLE_POLL_SECONDS = 5.0
 
 
+class TokenFileError(ValueError):
+    """The token file holds something that cannot be a bearer token."""
+
+
 def token_from_file(path: Path) -> Callable[[], str]:
-    """A projected ServiceAccount token is rotated by the kubelet: read it fresh every time."""
-    return lambda: path.read_text().strip()
+    """A projected ServiceAccount token is rotated by the kubelet: read it fresh every time. A
+    token is one word of visible ASCII (a JWT, or `sidemesh ca local-token`'s); anything else
+    (another encoding, a byte-order mark, two lines) is told as such, not sent."""
+
+    def read() -> str:
+        token = path.read_bytes().strip()
+        if not token or not all(0x21 <= b <= 0x7E for b in token):
+            raise TokenFileError(
+                f"{path} does not hold a token (one word of visible ASCII characters; "
+                f"{'it is empty' if not token else 'it has other bytes: a byte-order mark, spaces or lines?'})"
+            )
+        return token.decode("ascii")
+
+    return read
 
 
 def renewal_hint(exc: Exception) -> str:
@@ -47,6 +64,8 @@ def renewal_hint(exc: Exception) -> str:
         )
     if isinstance(exc, OSError):
         return "check that --token-file can be read"
+    if isinstance(exc, TokenFileError):
+        return "write only the token into --token-file (as the kubelet's projected token file holds it)"
     if isinstance(exc, CAClientError):
         if exc.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             return "the CA refused the token: check that --token-file holds this workload's token"
@@ -137,8 +156,15 @@ class WorkloadIdentity:
             self.token(), make_csr(key, self.spiffe_id, self.dns_names), self.ttl_seconds
         )
         svid = SVID.from_pem(key, list(resp.cert_chain), list(resp.trust_bundle), self.spiffe_id)
+        now = self.clock.now()
+        if svid.not_after <= now:
+            # Renewing it at once would only get another one like it, in a loop without pause.
+            raise SvidError(
+                f"the CA's certificate expired at {svid.not_after.isoformat()}, before it arrived "
+                f"(this clock says {now.isoformat()}): is this node's clock ahead of the CA's?"
+            )
         if self.bundle_file is not None:
-            svid = svid.with_bundle(load_bundle(self.bundle_file.read_bytes()))
+            svid = svid.with_bundle(self._file_bundle())
         self._install(svid)
         self.rotations += 1
         log.info(
@@ -168,17 +194,25 @@ class WorkloadIdentity:
                 delay = (
                     rotation.renewal_time(svid.not_before, svid.not_after, self.rand(), received=now) - now
                 ).total_seconds()
-            except (CAClientError, SvidError, OSError) as exc:
+            except Exception as exc:  # whatever it is, the loop goes on: it is the workload's identity
                 stop_if_cancelling(exc)  # being stopped, whatever grpc made of the cancellation
                 attempt += 1
-                self.last_error = str(exc)
-                # No certificate yet counts as expired: the workload cannot serve until it has one.
+                self.last_error = str(exc) or type(exc).__name__
+                # No certificate yet counts as expired: the workload cannot serve until it has one,
+                # so it asks again within 2 s, when asking again can help (the CA unreachable or
+                # busy, the token not mounted yet). A refusal (the wrong token or identity) or an
+                # answer that cannot be used needs a change somewhere first: backoff up to 60 s.
                 until_expiry = (self.svid.not_after - self.clock.now()).total_seconds() if self.svid else 0.0
-                delay = rotation.backoff(attempt, self.rand(), until_expiry)
-                level = logging.ERROR if self.state == "expired" else logging.WARNING
+                heals = isinstance(exc, OSError) or (isinstance(exc, CAClientError) and exc.retryable)
+                delay = rotation.backoff(
+                    attempt, self.rand(), until_expiry if heals or until_expiry > 0 else None
+                )
+                expected = isinstance(exc, (CAClientError, SvidError, OSError, TokenFileError))
+                level = logging.ERROR if self.state == "expired" or not expected else logging.WARNING
                 log.log(
                     level,
                     "SVID renewal failed; retrying",
+                    exc_info=None if expected else exc,
                     extra={
                         "identity": str(self.spiffe_id),
                         "attempt": attempt,
@@ -195,6 +229,23 @@ class WorkloadIdentity:
             await self.clock.sleep(BUNDLE_POLL_SECONDS)
             self.reload_bundle()
 
+    def _file_bundle(self) -> tuple[x509.Certificate, ...]:
+        """The bundle file's roots for our trust domain; roots of other trust domains are left
+        out, with a warning (the mesh does not federate: see ``own_roots``)."""
+        assert self.bundle_file is not None
+        bundle = load_bundle(self.bundle_file.read_bytes())
+        td = self.spiffe_id.trust_domain
+        if foreign := foreign_roots(bundle, td):
+            log.warning(
+                "trust bundle roots of other trust domains left out: they would vouch for this one's IDs",
+                extra={
+                    "bundle_file": str(self.bundle_file),
+                    "trust_domain": td,
+                    "left_out": [c.subject.rfc4514_string() for c in foreign],
+                },
+            )
+        return own_roots(bundle, td)
+
     def reload_bundle(self) -> bool:
         """Re-read the trust bundle file; rebuild the contexts if it changed."""
         assert self.bundle_file is not None
@@ -204,7 +255,7 @@ class WorkloadIdentity:
             if stamp == self._bundle_stamp:
                 return False
             self._bundle_stamp = stamp
-            bundle = load_bundle(self.bundle_file.read_bytes())
+            bundle = self._file_bundle()
         except (OSError, SvidError) as exc:
             log.error("trust bundle unreadable; keeping the current one", extra={"error": str(exc)})
             return False

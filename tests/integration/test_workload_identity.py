@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import socket
 import ssl
@@ -17,9 +18,9 @@ from cryptography.hazmat.primitives import serialization
 
 from ca import keys, templates
 from sidemesh.identity import tls
-from sidemesh.identity.client import CAClientError
+from sidemesh.identity.client import CAClient, CAClientError
 from sidemesh.identity.rotation import renewal_time
-from sidemesh.identity.svid import SVID
+from sidemesh.identity.svid import SVID, SvidError
 from sidemesh.identity.workload import WorkloadIdentity, token_from_file
 from sidemesh.spiffe import SpiffeId, WorkloadId
 from tests.integration.conftest import RunningCA, StartCA
@@ -484,3 +485,168 @@ def test_a_sidecar_server_resumes_no_session(tmp_path: Path) -> None:
         server.join(5)
     assert reused == [False, False]
     assert session is None or not session.has_ticket
+
+
+async def test_a_root_of_another_trust_domain_in_the_bundle_file_cannot_vouch_for_ours(
+    ca: RunningCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A foreign SPIFFE root added to the PEM bundle let its CA mint identities of *our* trust
+    domain: OpenSSL takes any root in the store for any ID. The SPIFFE specs validate an SVID
+    against its own trust domain's bundle only; the mesh does not federate, so roots naming other
+    trust domains are left out, with a warning (a root naming none, as an operator's own CA, is
+    taken as ours)."""
+    foreign = pki.make_authority(tmp_path / "foreign", trust_domain="partner.example")
+    bundle_file = tmp_path / "bundle.pem"
+    bundle_file.write_bytes(
+        ca.bundle + b"".join(c.public_bytes(serialization.Encoding.PEM) for c in foreign.roots)
+    )
+    client = ca.client()
+    wi = WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=FakeClock())
+    with caplog.at_level(logging.WARNING, logger="sidemesh.identity"):
+        try:
+            svid = await wi.renew()
+        finally:
+            await client.close()
+    assert [c.subject for c in svid.bundle] == [c.subject for c in x509.load_pem_x509_certificates(ca.bundle)]
+    (line,) = [r for r in caplog.records if "other trust domains left out" in r.getMessage()]
+    assert line.left_out == [foreign.roots[0].subject.rfc4514_string()]  # type: ignore[attr-defined]
+
+    # partner.example's CA signs our trust domain's frontend: refused at the handshake.
+    forged = pki.make_svid(foreign, FRONTEND).with_bundle(x509.load_pem_x509_certificates(ca.bundle))
+    seen: list[SpiffeId | str] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            try:
+                with wi.server_context().wrap_socket(conn, server_side=True) as s:
+                    seen.append(tls.peer_spiffe_id(s))
+            except (ssl.SSLError, OSError) as exc:
+                seen.append(str(exc))
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        with (
+            contextlib.suppress(ssl.SSLError, OSError),
+            tls.client_context(forged).wrap_socket(socket.create_connection(listener.getsockname())) as s,
+        ):
+            s.recv(1)
+        thread.join(10)
+    assert len(seen) == 1 and "certificate verify failed" in str(seen[0]), seen
+
+    # A bundle file of other trust domains only is no bundle for this one.
+    bundle_file.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in foreign.roots))
+    with pytest.raises(SvidError, match=r"no root for trust domain 'cluster\.local'.*partner\.example"):
+        wi._file_bundle()
+
+
+async def test_the_renewal_loop_survives_what_it_did_not_expect(
+    start_ca: StartCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token file in another encoding (UnicodeDecodeError) or one grpc refuses as metadata (a
+    byte-order mark: ExecuteBatchError) ended the renewal task for good, silently: the workload
+    stayed pending after the file was fixed, and stop() raised the error. Now it is told, and the
+    loop goes on (a fixed file is taken at the next attempt)."""
+    ca = await start_ca()
+    token_file = tmp_path / "token"
+    client = ca.client()
+    clock = FakeClock()
+    wi = WorkloadIdentity(CART, client, token_from_file(token_file), clock=clock, rand=lambda: 1.0)
+    try:
+        for bad in ("cart-token".encode("utf-16"), "\ufeffcart-token".encode(), b"cart-token\nsecond line"):
+            token_file.write_bytes(bad)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="sidemesh.identity"):
+                if not wi._tasks:
+                    await wi.start()
+                else:
+                    clock.wake()
+                await clock.next_sleep()
+            (line,) = [r for r in caplog.records if r.getMessage() == "SVID renewal failed; retrying"]
+            assert "does not hold a token" in line.error and "write only the token" in line.hint  # type: ignore[attr-defined]
+            assert wi.state == "pending" and not any(t.done() for t in wi._tasks)
+        token_file.write_text("cart-token\n")
+        clock.wake()
+        await asyncio.wait_for(wi.wait_ready(), 10)
+        assert wi.state == "valid"
+    finally:
+        await wi.stop()  # raised the loop's exception before
+        await client.close()
+
+
+async def test_an_unexpected_error_is_logged_with_its_traceback_and_retried(
+    ca: RunningCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = []
+
+    def token() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("surprise")
+        return "cart-token"
+
+    client = ca.client()
+    clock = FakeClock()
+    wi = WorkloadIdentity(CART, client, token, clock=clock, rand=lambda: 1.0)
+    with caplog.at_level(logging.WARNING, logger="sidemesh.identity"):
+        await wi.start()
+        try:
+            await clock.next_sleep()
+            clock.wake()
+            await asyncio.wait_for(wi.wait_ready(), 10)
+        finally:
+            await wi.stop()
+            await client.close()
+    (line,) = [r for r in caplog.records if r.getMessage() == "SVID renewal failed; retrying"]
+    assert line.levelno == logging.ERROR and line.exc_info is not None and "surprise" in line.error  # type: ignore[attr-defined]
+
+
+async def test_a_clock_ahead_of_the_cas_by_a_lifetime_backs_off(
+    ca: RunningCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Certificates that arrive expired (this clock ahead of the CA's by their lifetime) were
+    renewed at once, again and again without a pause (200 CSRs in 3 s); now each is a failure
+    that names the skew, with backoff."""
+    clock = FakeClock()
+    clock.offset = dt.timedelta(hours=2)  # the default lifetime is 1 h
+    client = ca.client()
+    wi = WorkloadIdentity(CART, client, lambda: "cart-token", clock=clock, rand=lambda: 1.0)
+    delays = []
+    with caplog.at_level(logging.WARNING, logger="sidemesh.identity"):
+        await wi.start()
+        try:
+            for _ in range(4):
+                delays.append(await clock.next_sleep())
+                clock.wake()
+        finally:
+            await wi.stop()
+            await client.close()
+    assert delays == [1.0, 2.0, 4.0, 8.0], delays
+    assert wi.rotations == 0 and wi.svid is None
+    line = next(r for r in caplog.records if r.getMessage() == "SVID renewal failed; retrying")
+    assert "clock ahead of the CA's" in line.error  # type: ignore[attr-defined]
+
+
+async def test_a_refusal_before_the_first_certificate_backs_off_further_than_an_outage(
+    start_ca: StartCA,
+) -> None:
+    """Before the first certificate the workload asks again within 2 s when that can help (the CA
+    unreachable or busy); a refusal (another workload's token) needs a change first, and was
+    asked again every 2 s for ever, a warning and a CA refusal each time: backoff up to 60 s."""
+    ca = await start_ca()
+    delays: dict[str, list[float]] = {}
+    for name, token in (("refused", "frontend-token"), ("unreachable", "cart-token")):
+        client = ca.client() if name == "refused" else CAClient("127.0.0.1:1", ca.bundle, timeout=0.5)
+        clock = FakeClock()
+        wi = WorkloadIdentity(CART, client, lambda token=token: token, clock=clock, rand=lambda: 1.0)
+        await wi.start()
+        try:
+            got = delays[name] = []
+            for _ in range(7):
+                got.append(await clock.next_sleep())
+                clock.wake()
+        finally:
+            await wi.stop()
+            await client.close()
+    assert delays["refused"] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0]
+    assert delays["unreachable"] == [1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
