@@ -574,3 +574,52 @@ def test_11_ipv6_the_same_mesh_over_the_pods_ipv6_addresses(shop: Shop) -> None:
     )
     outsider = shop.curl("outsider", shop.url6(8080, "/strict6"))
     assert not outsider.ok and "cart:" not in outsider.body and outsider.rc in (52, 56), outsider
+
+
+ALLOW_PLAINTEXT_ALL_PORTS = """\
+apiVersion: sidemesh.io/v1alpha1
+kind: ServiceAuthorization
+metadata: {name: cart-allow-plaintext, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  rules:
+  - from: [{unauthenticated: true}]
+    to: {ports: [8080, 6060]}
+"""
+
+
+def test_12_a_link_local_destination_reaches_no_loopback_only_port(shop: Shop) -> None:
+    """A caller the policy admits (here: plaintext in permissive mode) that connects to the pod's
+    link-local address was delivered to the app's loopback, so a port the app binds to 127.0.0.1
+    or ::1 only (a debug endpoint) was reachable from the pod's neighbours. IPv4 link-local is now
+    delivered to the address the caller asked for; IPv6 link-local is refused."""
+    cart, outsider = shop.pod("cart"), shop.pod("outsider")
+    cart.run("ip", "addr", "add", "169.254.77.11/16", "dev", "eth0")
+    outsider.run("ip", "addr", "add", "169.254.77.13/16", "dev", "eth0")
+    found = re.search(
+        r"inet6 (fe80::[0-9a-f:]+)/64", cart.run("ip", "-6", "addr", "show", "dev", "eth0").stdout
+    )
+    assert found, cart.run("ip", "-6", "addr").stdout
+    extra = shop.config_dir / "cart-allow-plaintext.yaml"
+    extra.write_text(ALLOW_PLAINTEXT_ALL_PORTS)
+    try:
+        shop.restart_sidecar("cart", "--mode", "permissive")
+        assert shop.curl("outsider", shop.url(8080, "/plain")).ok  # the policy lets plaintext in
+        v4 = shop.curl("outsider", "http://169.254.77.11:6060/who", max_time=3)
+        assert "cart:6060" not in v4.body, f"a loopback-only port answered at a link-local address: {v4}"
+        assert v4.body == "app not reachable\n", v4  # the sidecar's 502: nothing there, as without the mesh
+        # A port the app binds on every address is reached there, from the sidecar's 127.0.0.6.
+        every = shop.curl("outsider", "http://169.254.77.11:8080/who", max_time=3)
+        assert every.body == "cart:8080:/who from 127.0.0.6\n", shop.explain(every)
+        v6 = shop.curl("outsider", f"http://[{found[1]}%25eth0]:8080/who", max_time=3)
+        assert not v6.ok and "cart:" not in v6.body, f"delivered from an IPv6 link-local address: {v6}"
+        shop.sidecars["cart"].wait_for_record(
+            "inbound connection refused",
+            5,
+            where=lambda r: "link-local address fe80::" in str(r.get("reason")),
+        )
+    finally:
+        extra.unlink(missing_ok=True)
+        cart.run("ip", "addr", "del", "169.254.77.11/16", "dev", "eth0", check=False)
+        outsider.run("ip", "addr", "del", "169.254.77.13/16", "dev", "eth0", check=False)
+        shop.restart_sidecar("cart")

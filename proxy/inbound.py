@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from proxy import framing
 from proxy.detect import Kind, classify, detect, undecided_kind
 from proxy.dial import why as _why
-from proxy.original_dst import original_dst
+from proxy.original_dst import NoOriginalDestination, original_dst
 from proxy.outbound import Refused
 from proxy.pipe import Pipe
 from proxy.relay import Half, Relay, reset_socket
@@ -131,9 +131,13 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
         redirected_port: int | None = None
         original_ip: str | None = None
         if sc.config.capture == "iptables":
-            orig = original_dst(conn)
-            if not sc.is_own_listener(orig):
-                original_ip, redirected_port = orig
+            # A connection made straight to this listener (not redirected) names the listener's
+            # own port here, which no policy can allow (it was taken as local mode when the
+            # listener is bound to the pod IP: OPEN's port unchecked, delivered to loopback).
+            try:
+                original_ip, redirected_port = original_dst(conn)
+            except NoOriginalDestination as exc:  # IPv6 not captured, straight to [::]:15006
+                raise Refused(str(exc)) from None
         app_host, app_source = sc.app_address(original_ip)
         kind = await detect(conn, sc.config.detect_timeout.total_seconds())
         relay.info["protocol"] = kind.value

@@ -206,14 +206,21 @@ class Sidecar:
 
         Redirected by iptables: to the address the client connected to (the pod's own), as Istio
         (1.10) and Linkerd (2.11) deliver: an app port bound to 127.0.0.1 only stays unreachable
-        from other pods, one bound to the pod IP only is reachable, as without the mesh. Not
-        redirected (local mode, or a link-local or loopback address): ``--app-host``."""
+        from other pods, one bound to the pod IP only is reachable, as without the mesh. So is an
+        IPv4 link-local address (169.254/16); an IPv6 one is refused (Linux does not connect
+        from ::6 to it): delivered to ``--app-host``, both made loopback-only ports reachable
+        from the pod's neighbours. Not redirected (local mode, or a loopback address):
+        ``--app-host``."""
         if original_ip is None:
             return self.config.app_host, None
         ip = ipaddress.ip_address(original_ip)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        if ip.is_loopback or ip.is_link_local or ip.is_unspecified:
+        if ip.version == 6 and ip.is_link_local:
+            raise outbound.Refused(
+                f"connection to the link-local address {original_ip}: not delivered (reach the pod at its pod IP)"
+            )
+        if ip.is_loopback or ip.is_unspecified:
             return self.config.app_host if ip.version == 4 else "::1", None
         if ip.version == 6 and not self._v6_source:
             return "::1", None  # ::6 is not on lo (`proxy init` adds it): the old way, not a loop

@@ -79,6 +79,7 @@ class Mesh:
         app_probes: str = "",
         max_connections: int = 10_000,
         access_log: bool = True,  # off by default in the product; the tests read it
+        capture: str = "none",  # "iptables": every inbound connection must have been redirected
     ) -> Sidecar:
         who = identity_of or name
         config = ProxyConfig(
@@ -86,7 +87,8 @@ class Mesh:
             config_dir=None if controller else self.config_dir,
             controller=controller,
             service_account=who if controller else "",
-            capture="none",
+            capture=capture,
+            outbound_listen=f"{self.addr(host)}:0",
             mode=mode,
             default_policy=default_policy,
             inbound_listen=f"{self.addr(host)}:{INBOUND}",

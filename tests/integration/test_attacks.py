@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -211,3 +212,31 @@ async def test_a_caller_of_another_trust_domain_is_not_told_the_policy(
     _refused(app, reply)
     assert reply[:1] == bytes([framing.DENY]) and b"callers outside the mesh are told no more" in reply
     assert b"cart-allow-frontend" not in reply
+
+
+async def test_a_connection_iptables_did_not_redirect_is_refused_cleanly(
+    start_ca: StartCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under the capture, a connection straight to the inbound listener that has no original
+    destination (IPv6 when only IPv4 is captured: the listener is [::]) was an internal error:
+    a traceback per connection, which any neighbour could have the sidecar log. Now it is refused,
+    counted and logged as such, and the app never sees it."""
+    mesh = new_mesh(await start_ca(), tmp_path)
+    app = CountingApp()
+    await mesh.app(CART, app)
+    cart = await mesh.sidecar("cart", CART, capture="iptables", mode="permissive")
+    try:
+        with caplog.at_level(logging.WARNING, logger="sidemesh.proxy"):
+            for ctx in (None, tls.client_context(pki.make_svid(mesh.ca.authority, FRONTEND_ID))):
+                _refused(app, await _attempt(mesh, ctx))
+            for _ in range(50):
+                if cart.metrics.connections.labels("inbound", "refused")._value.get() >= 2:
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        await mesh.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records
+    ]
+    refused = [r for r in caplog.records if r.getMessage() == "inbound connection refused"]
+    assert len(refused) == 2 and all("not redirected by iptables" in r.reason for r in refused)  # type: ignore[attr-defined]
