@@ -40,6 +40,7 @@ CHAINS = (INBOUND, IN_REDIRECT, OUTPUT, OUT_REDIRECT)
 CHAIN_PREFIX = "SIDEMESH_"
 JUMPS = (("PREROUTING", f"-p tcp -j {INBOUND}"), ("OUTPUT", f"-p tcp -j {OUTPUT}"))
 LOOPBACK: Mapping[Family, str] = {"ipv4": "127.0.0.0/8", "ipv6": "::1/128"}
+LINK_LOCAL_V6 = "fe80::/10"
 # The source of the inbound sidecar's connections to the app (proxy/sidecar.py INBOUND_SOURCE).
 INBOUND_SOURCE: Mapping[Family, str] = {"ipv4": "127.0.0.6/32", "ipv6": "::6/128"}
 DEFAULT_PROXY_PORTS = (15000, 15001, 15006, 15020)
@@ -165,6 +166,10 @@ def _outbound(config: CaptureConfig, family: Family) -> list[str]:
         f"-A {OUTPUT} -m owner --gid-owner {config.proxy_gid} -j RETURN",
         f"-A {OUTPUT} -o lo -j RETURN",
     ]
+    if family == "ipv6":
+        # On-link IPv6 (fe80::/10) is never a mesh endpoint, and cannot be captured: REDIRECT
+        # sends the app's connection to ::1 while its socket is tied to the interface (it hung).
+        rules.append(f"-A {OUTPUT} -d {LINK_LOCAL_V6} -j RETURN")
     rules += [
         f"-A {OUTPUT} -p tcp -m tcp --dport {port} -j RETURN"
         for port in sorted(set(config.exclude_outbound_ports))
