@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+import sidemesh.prometheus  # noqa: F401  (no *_created series)
+
 
 class CAMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:

@@ -370,6 +370,7 @@ _CONNECTION_SPECIFIC = frozenset(
 
 
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")  # RFC 9110 5.6.2 token, lower-case (RFC 9113 8.2.1)
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")  # RFC 9110 9.1 token (64: longer is no method)
 # RFC 9113 8.2.1: no NUL, CR or LF in a value; in a request, no whitespace at either end either
 _BAD_VALUE = re.compile(rb"[\0\r\n]")
 _BAD_REQUEST_VALUE = re.compile(rb"[\0\r\n]|\A[ \t]|[ \t]\Z")
@@ -438,6 +439,8 @@ def _malformed_request(headers: list[Header]) -> str | None:
     method = pseudo.get(b":method")
     if method is None:
         return "no :method"
+    if _METHOD.fullmatch(method) is None:
+        return f":method {method[:64].decode('latin-1')!r} is not a method (a token of at most 64 characters)"
     if method == b"CONNECT":
         return None
     if b":protocol" in pseudo:

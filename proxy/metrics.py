@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from bisect import bisect_left
 from collections.abc import Iterator
 
@@ -10,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+import sidemesh.prometheus  # noqa: F401  (no *_created series)
 
 # Seconds; request latencies in a mesh are mostly 1-100 ms.
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -96,20 +97,21 @@ class ProxyMetrics:
         )
 
 
-REQUEST_LABELS = ("direction", "source", "destination", "status_class", "decision")
+# grpc_status: a gRPC call's status code ("0" OK .. "16"; "" for plain HTTP), as Istio's
+# grpc_response_status: a failed call is an HTTP 200, so status_class alone counts it a success.
+REQUEST_LABELS = ("direction", "source", "destination", "status_class", "decision", "grpc_status")
 _LE = [floatToGoString(b) for b in REQUEST_BUCKETS] + ["+Inf"]  # type: ignore[no-untyped-call]
 
 
 class RequestSeries:
     """One series of requests (``REQUEST_LABELS``): plain numbers that the request path adds to."""
 
-    __slots__ = ("buckets", "count", "created", "sum")
+    __slots__ = ("buckets", "count", "sum")
 
     def __init__(self) -> None:
         self.count = 0
         self.sum = 0.0
         self.buckets = [0] * (len(REQUEST_BUCKETS) + 1)  # not cumulative; the last is +Inf
-        self.created = time.time()
 
     def add(self, seconds: float) -> None:
         self.count += 1
@@ -127,7 +129,7 @@ class RequestMetrics(Collector):
     def __init__(self) -> None:
         self.series: dict[tuple[str, ...], RequestSeries] = {}
 
-    def of(self, labels: tuple[str, str, str, str, str]) -> RequestSeries:
+    def of(self, labels: tuple[str, str, str, str, str, str]) -> RequestSeries:
         series = self.series.get(labels)
         if series is None:
             series = self.series[labels] = RequestSeries()
@@ -140,7 +142,7 @@ class RequestMetrics(Collector):
         requests, duration = self._families()
         histograms: dict[tuple[str, ...], tuple[list[int], float]] = {}
         for labels, s in list(self.series.items()):
-            requests.add_metric(labels, s.count, created=s.created)
+            requests.add_metric(labels, s.count)
             seen = histograms.get(labels[:4])
             if seen is None:
                 histograms[labels[:4]] = (list(s.buckets), s.sum)

@@ -189,6 +189,8 @@ class Sidecar:
             self.controller = ConfigClient(
                 config.controller, config.controller_name, identity, self.apply_stream
             )
+        else:  # configuration from files: no stream to be up or down (0 read as "lost the controller")
+            self.metrics.registry.unregister(self.metrics.controller_connected)
 
     # -- state the handlers read -------------------------------------------------------------
 

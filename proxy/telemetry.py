@@ -114,6 +114,14 @@ def status_class(result: RequestResult) -> str:
     return f"{result.status // 100}xx" if 100 <= result.status < 600 else "other"
 
 
+def grpc_status_label(code: int | None) -> str:
+    """The code as a label value: "" for plain HTTP, "other" for a number gRPC does not define
+    (a peer's trailer: its values must not grow the series)."""
+    if code is None:
+        return ""
+    return str(code) if 0 <= code <= 16 else "other"
+
+
 def succeeded(result: RequestResult) -> bool:
     """Linkerd's success rate: no 5xx, no reset, a gRPC status of OK (or none), not denied."""
     return (
@@ -149,7 +157,9 @@ class ProxyObserver:
         self._identities: dict[str, str] = {}
         # (direction, source, destination, status, decision) as the request had them -> its series:
         # one lookup per request instead of two identity labels, a status class and a label tuple.
-        self._series: dict[tuple[str, str | None, str | None, int | None, str], RequestSeries] = {}
+        self._series: dict[
+            tuple[str, str | None, str | None, int | None, str, int | None], RequestSeries
+        ] = {}
         # Requests in flight: plain counts, read by the gauge when scraped (not a locked update twice
         # per request).
         self.in_flight = {"inbound": 0, "outbound": 0}
@@ -323,7 +333,7 @@ class _Request:
         outbound = info.direction == "outbound"
         source = obs.own_identity if outbound else info.source
         destination = (result.destination or info.destination) if outbound else obs.own_identity
-        key = (info.direction, source, destination, result.status, result.decision)
+        key = (info.direction, source, destination, result.status, result.decision, result.grpc_status)
         series = obs._series.get(key)
         if series is None:
             if len(obs._series) >= _MAX_IDENTITIES:
@@ -335,6 +345,7 @@ class _Request:
                 identity_label(destination, ids),
                 status_class(result),
                 result.decision,
+                grpc_status_label(result.grpc_status),
             )
             series = obs._series[key] = obs.metrics.requests.of(labels)
         series.add(seconds)

@@ -1,4 +1,11 @@
-"""A small HTTP/1.1 server (h11) for admin, status, readiness and metrics pages. Not on any data path."""
+"""A small HTTP/1.1 server (h11) for admin, status, readiness and metrics pages. Not on any data path.
+
+Its ports can be open to every pod (the sidecar's 15020 is the kubelet's), so it holds at most
+``MAX_CONNECTIONS`` connections (more are closed at once: they would spend file descriptors the
+data path needs), a request head must arrive whole within ``HEAD_TIMEOUT`` of its first byte (a
+trickling client no longer holds a connection for ever), and a connection idle for
+``IDLE_TIMEOUT`` between requests is closed. A request h11 cannot read gets the status it hints
+(400, 431 for an oversized head) before the close."""
 
 from __future__ import annotations
 
@@ -6,12 +13,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
 
 log = logging.getLogger("sidemesh.httpd")
+
+MAX_CONNECTIONS = 128  # scrapers, probes and operators: a handful at a time
+HEAD_TIMEOUT = 10.0
+IDLE_TIMEOUT = 30.0
 
 Route = Callable[[], tuple[int, str, bytes]]
 # (path, the client's IP address) -> why it may not read that path, or None when it may.
@@ -37,6 +49,8 @@ class HTTPServer:
         self.prefixes = prefixes or {}
         self.guard = guard
         self.server: asyncio.Server | None = None
+        self.max_connections = MAX_CONNECTIONS
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         self.server = await asyncio.start_server(self._serve, host, port, reuse_port=reuse_port or None)
@@ -45,20 +59,38 @@ class HTTPServer:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+            for writer in list(self._writers):  # a scraper's keep-alive connection too
+                writer.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 1)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._writers) >= self.max_connections:
+            writer.transport.abort()
+            return
+        self._writers.add(writer)
         conn = h11.Connection(h11.SERVER)
         peer = writer.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        loop = asyncio.get_running_loop()
+        head_deadline: float | None = None  # from the first byte of a request head
         try:
             while True:
-                event = conn.next_event()
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    self._refuse(conn, writer, exc)
+                    break
                 if event is h11.NEED_DATA:
-                    data = await asyncio.wait_for(reader.read(65536), 30)
+                    if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                        head_deadline, wait = None, IDLE_TIMEOUT
+                    else:
+                        head_deadline = head_deadline or loop.time() + HEAD_TIMEOUT
+                        wait = head_deadline - loop.time()
+                    data = await asyncio.wait_for(reader.read(65536), max(wait, 0.0))
                     conn.receive_data(data)
                     continue
+                head_deadline = None
                 if isinstance(event, h11.Request):
                     status, ctype, body = await self._dispatch(event, client)
                     headers = [("content-type", ctype), ("content-length", str(len(body)))]
@@ -76,10 +108,27 @@ class HTTPServer:
         except (h11.ProtocolError, ConnectionError, TimeoutError):
             pass
         finally:
+            self._writers.discard(writer)
             writer.close()
 
+    @staticmethod
+    def _refuse(conn: h11.Connection, writer: asyncio.StreamWriter, exc: h11.RemoteProtocolError) -> None:
+        """Answer a request h11 cannot read with the status it hints (400, 431), then close."""
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = json.dumps({"error": str(exc)}).encode() + b"\n"
+        headers = [
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+            ("connection", "close"),
+        ]
+        with contextlib.suppress(h11.LocalProtocolError):
+            writer.write(conn.send(h11.Response(status_code=exc.error_status_hint, headers=headers)) or b"")
+            writer.write(conn.send(h11.Data(data=body)) or b"")
+            writer.write(conn.send(h11.EndOfMessage()) or b"")
+
     async def _dispatch(self, request: h11.Request, client: str = "") -> tuple[int, str, bytes]:
-        path = request.target.decode("latin-1").split("?", 1)[0]
+        path = self._path(request)
         if self.guard is not None and (why := self.guard(path, client)) is not None:
             return json_response(403, {"error": why})
         if request.method in (b"GET", b"HEAD"):
@@ -94,11 +143,16 @@ class HTTPServer:
 
     @staticmethod
     def _path(request: h11.Request) -> str:
-        return request.target.decode("latin-1").split("?", 1)[0]
+        target = request.target.decode("latin-1")
+        if not target.startswith("/") and "://" in target:  # absolute-form (RFC 9112 3.2.2)
+            target = urllib.parse.urlsplit(target).path or "/"
+        return target.split("?", 1)[0]
 
     def _route(self, request: h11.Request) -> tuple[int, str, bytes]:
         path = self._path(request)
         route: Route | None
+        if not (path in self.posts or path in self.routes or any(map(path.startswith, self.prefixes))):
+            return json_response(404, {"error": f"no {path}", "paths": sorted(self.routes)})
         if path in self.posts:
             if request.method != b"POST":
                 return json_response(405, {"error": "only POST"})

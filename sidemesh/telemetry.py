@@ -32,6 +32,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from prometheus_client import CollectorRegistry, Counter
 
+import sidemesh.prometheus  # noqa: F401  (no *_created series)
 from sidemesh.config import ConfigError
 from sidemesh.later import Later
 from sidemesh.propagation import Format

@@ -657,6 +657,12 @@ BAD_REQUESTS: dict[str, list[tuple[bytes, bytes]]] = {
     "no :authority and no host": [
         (b":scheme", b"foo") if h[0] == b":scheme" else h for h in _grpc_head() if h[0] != b":authority"
     ],
+    # RFC 9110 9.1: a token (it was taken as it came, up to 64 KiB, and became a route name in
+    # /stats/routes and sidemesh top).
+    "method that is no token": [(b":method", b"GET /x") if h[0] == b":method" else h for h in _grpc_head()],
+    "method of 60,000 characters": [
+        (b":method", b"M" * 60_000) if h[0] == b":method" else h for h in _grpc_head()
+    ],
 }
 
 

@@ -120,7 +120,7 @@ async def test_request_metrics_have_bounded_labels_and_count_each_request(mesh: 
     denied = RequestInfo("inbound", "h2", "POST", "/admin", "cart", [], source="unauthenticated")
     cart.observer.start(denied).finish(RequestResult(403, decision="deny", reason="no rule", policy="shop/x"))
     m = await scrape(cart)
-    base = {"direction": "inbound", "source": "shop/frontend", "destination": "shop/cart"}
+    base = {"direction": "inbound", "source": "shop/frontend", "destination": "shop/cart", "grpc_status": ""}
     assert value(m, "sidemesh_proxy_requests_total", **base, status_class="2xx", decision="allow") == 3
     assert value(m, "sidemesh_proxy_requests_total", **base, status_class="4xx", decision="allow") == 1
     assert value(m, "sidemesh_proxy_requests_total", **base, status_class="5xx", decision="allow") == 1
@@ -133,12 +133,41 @@ async def test_request_metrics_have_bounded_labels_and_count_each_request(mesh: 
             destination="shop/cart",
             status_class="4xx",
             decision="deny",
+            grpc_status="",
         )
         == 1
     )
     assert total(m, "sidemesh_proxy_request_duration_seconds_count", direction="inbound") == 6
     assert value(m, "sidemesh_proxy_requests_active", direction="inbound") == 0
+    # A failed gRPC call is an HTTP 200: its code is a label of its own (Istio's grpc_response_status).
+    call = RequestInfo("inbound", "h2", "POST", "/shop.Cart/Get", "cart", [], source=frontend_id)
+    for code in (0, 14, 14, 99):
+        cart.observer.start(call).finish(
+            RequestResult(200, grpc_status=code, reason="shop/cart-allow-frontend")
+        )
+    m = await scrape(cart)
+    grpc = {**base, "status_class": "2xx", "decision": "allow"}
+    assert value(m, "sidemesh_proxy_requests_total", **{**grpc, "grpc_status": "0"}) == 1
+    assert value(m, "sidemesh_proxy_requests_total", **{**grpc, "grpc_status": "14"}) == 2
+    assert value(m, "sidemesh_proxy_requests_total", **{**grpc, "grpc_status": "other"}) == 1  # not a code
     # No label carries a path or a pod name.
     for (name, labels), _ in m.items():
         if name.startswith("sidemesh_proxy_request"):
             assert not any("/cart/" in v or "cart-1" in v for _, v in labels), (name, labels)
+
+
+async def test_a_sidecar_configured_from_files_has_no_controller_gauge_and_no_created_series(
+    mesh: Mesh,
+) -> None:
+    """sidemesh_proxy_controller_connected read 0 ("serving the last-known-good configuration")
+    in every sidecar configured from files: an alert on it fired for all of them. And no
+    *_created series (prometheus-client wrote one more gauge family per counter)."""
+    cart = await mesh.sidecar("cart", CART)
+    info = RequestInfo("inbound", "http/1.1", "GET", "/", "cart", [], source="unauthenticated")
+    cart.observer.start(info).finish(RequestResult(200))
+    cart.metrics.connections.labels("inbound", "allow").inc()
+    m = await scrape(cart)
+    names = {name for name, _ in m}
+    assert "sidemesh_proxy_controller_connected" not in names
+    assert {"sidemesh_proxy_connections_total", "sidemesh_proxy_requests_total"} <= names  # a real scrape
+    assert not [n for n in names if n.endswith("_created")], sorted(names)

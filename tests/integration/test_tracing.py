@@ -262,7 +262,8 @@ async def test_a_denied_request_gets_a_span_with_the_reason(receiver: Receiver, 
     labels = {"direction": "inbound", "source": "shop/frontend", "destination": "shop/cart"}
     assert (
         r.get_sample_value(
-            "sidemesh_proxy_requests_total", {**labels, "status_class": "4xx", "decision": "deny"}
+            "sidemesh_proxy_requests_total",
+            {**labels, "status_class": "4xx", "decision": "deny", "grpc_status": ""},
         )
         == 1
     )
@@ -316,6 +317,7 @@ async def test_collector_down_requests_unaffected_and_drops_counted(
                 "destination": "shop/cart",
                 "status_class": "2xx",
                 "decision": "allow",
+                "grpc_status": "",
             },
         )
         == 500

@@ -246,7 +246,13 @@ async def test_metrics_and_top_count_the_requests_sent(pair: tuple[Mesh, App], r
     key = {"source": "shop/frontend", "destination": "shop/cart"}
 
     def requests(m: dict[Any, float], direction: str, klass: str, decision: str) -> float:
-        labels = {**key, "direction": direction, "status_class": klass, "decision": decision}
+        labels = {
+            **key,
+            "direction": direction,
+            "status_class": klass,
+            "decision": decision,
+            "grpc_status": "",
+        }
         return m.get(("sidemesh_proxy_requests_total", frozenset(labels.items())), 0.0)
 
     assert requests(inn, "inbound", "2xx", "allow") == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import logging
 
@@ -51,3 +52,103 @@ async def test_head_and_other_methods_keep_the_connection(caplog: pytest.LogCapt
     assert post[0] == 405 and post[1]["allow"] == "GET, HEAD"
     assert after[0] == 200 and after[2].startswith(b"{")
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def _raw(port: int, data: bytes, wait: float = 5.0) -> bytes:
+    """Send ``data`` on a new connection; everything that comes back until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), wait)
+    finally:
+        writer.close()
+
+
+async def test_requests_it_cannot_read_get_the_status_h11_hints() -> None:
+    """RFC 9112 3.2: a request without Host is answered 400; RFC 6585 5: a head too large, 431.
+    They were closed without a word. Absolute-form targets are served (RFC 9112 3.2.2), and a
+    path that does not exist is 404 whatever the method (405 said it existed)."""
+    server = HTTPServer({"/metrics": _metrics}, posts={"/quitquitquit": lambda: json_response(200, {})})
+    port = await server.start("127.0.0.1", 0)
+    try:
+        no_host = await _raw(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        huge = await _raw(port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n")
+        garbage = await _raw(port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n")
+        absolute = await _raw(
+            port, b"GET http://x/metrics?a=1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+        options = await _raw(port, b"OPTIONS /nope HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        post_get = await _raw(port, b"GET /quitquitquit HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    finally:
+        await server.stop()
+    assert no_host.startswith(b"HTTP/1.1 400 ") and b"connection: close" in no_host.lower(), no_host
+    assert huge.startswith(b"HTTP/1.1 431 "), huge[:100]
+    assert garbage.startswith(b"HTTP/1.1 400 "), garbage
+    assert absolute.startswith(b"HTTP/1.1 200 ") and absolute.endswith(BODY), absolute
+    assert options.startswith(b"HTTP/1.1 404 "), options
+    assert post_get.startswith(b"HTTP/1.1 405 ") and b"allow: post" in post_get.lower(), post_get
+
+
+async def test_a_trickling_client_is_cut_off_and_connections_are_capped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The health port is open to every pod: a client sending a header byte every 20 s held a
+    connection (and a file descriptor) as long as it liked, and any number of them."""
+    import sidemesh.httpd as httpd
+
+    monkeypatch.setattr(httpd, "HEAD_TIMEOUT", 0.6)
+    server = HTTPServer({"/metrics": _metrics})
+    server.max_connections = 4
+    port = await server.start("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = loop.time()
+        writer.write(b"GET /metrics HTTP/1.1\r\n")
+        for _ in range(10):  # a byte every 0.2 s: each read is quick, the head never ends
+            await asyncio.sleep(0.2)
+            if reader.at_eof():
+                break
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"x")
+        try:
+            closed = await asyncio.wait_for(reader.read(), 2)
+        except ConnectionResetError:  # closed with our last bytes unread
+            closed = b""
+        finally:
+            writer.close()
+        assert closed == b"" and loop.time() - started < 1.5
+
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        try:  # the fifth: closed at once (reset)
+            fifth = await _raw(port, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n", wait=2)
+        except ConnectionResetError:
+            fifth = b""
+        assert fifth == b""
+        for _, w in held:
+            w.close()
+        await asyncio.sleep(0.05)
+        served = await _raw(port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        assert served.startswith(b"HTTP/1.1 200 ")
+    finally:
+        await server.stop()
+
+
+def test_stop_closes_a_scrapers_keep_alive_connection() -> None:
+    """Under plain asyncio (the controller's loop) a scraper's open connection made the loop's
+    shutdown log a CancelledError traceback."""
+
+    async def scenario() -> bytes:
+        server = HTTPServer({"/metrics": _metrics})
+        port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        await asyncio.sleep(0.1)
+        await server.stop()
+        rest = await asyncio.wait_for(reader.read(), 2)  # the server closed it
+        writer.close()
+        return rest
+
+    assert asyncio.run(scenario()).startswith(b"HTTP/1.1 200 ")

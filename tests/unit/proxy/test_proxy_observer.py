@@ -49,6 +49,7 @@ def test_requests_in_flight_are_counted_per_direction_until_they_finish() -> Non
             "destination": "unknown",
             "status_class": "5xx",
             "decision": "allow",
+            "grpc_status": "",
         },
     )
     assert total == 2
