@@ -657,7 +657,14 @@ class Sidecar:
     def _page_certs(self) -> tuple[int, str, bytes]:
         svid = self.identity.svid
         if svid is None:
-            return json_response(503, {"state": self.identity.state, "error": self.identity.last_error})
+            return json_response(
+                503,
+                {
+                    "state": self.identity.state,
+                    "error": self.identity.last_error,
+                    "next_attempt": self.identity.next_attempt,
+                },
+            )
         return json_response(
             200,
             {
@@ -668,7 +675,12 @@ class Sidecar:
                 "state": self.identity.state,
                 "rotations": self.identity.rotations,
                 "last_error": self.identity.last_error,
+                "next_attempt": self.identity.next_attempt,  # the renewal, or the retry after an error
                 "bundle_roots": len(svid.bundle),
+                "bundle": [
+                    {"subject": c.subject.rfc4514_string(), "not_after": c.not_valid_after_utc}
+                    for c in svid.bundle
+                ],
             },
         )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import random
@@ -99,6 +100,7 @@ class WorkloadIdentity:
         self.svid: SVID | None = None
         self.rotations = 0
         self.last_error: str | None = None
+        self.next_attempt: dt.datetime | None = None  # when the renewal loop asks the CA next
         self._server_ctx: ssl.SSLContext | None = None
         self._client_ctx: ssl.SSLContext | None = None
         self._bundle_stamp: tuple[int, int] | None = None
@@ -222,6 +224,7 @@ class WorkloadIdentity:
                         "hint": renewal_hint(exc),
                     },
                 )
+            self.next_attempt = self.clock.now() + dt.timedelta(seconds=max(delay, 0.0))
             await self.clock.sleep(max(delay, 0.0))
 
     async def _bundle_loop(self) -> None:

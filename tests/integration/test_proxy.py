@@ -248,6 +248,12 @@ async def test_readiness_admin_and_live_connections(mesh: Mesh) -> None:
     assert status == 200 and body["ready"] is True
     status, certs = await get(f"http://{mesh.addr(CART)}:{cart.ports['admin']}/certs")
     assert certs["identity"] == "spiffe://cluster.local/ns/shop/sa/cart"
+    # When the next renewal is due (as Envoy's /certs says how long each certificate has left),
+    # within the certificate's life, and which roots are trusted.
+    assert certs["not_before"] < certs["next_attempt"] < certs["not_after"], certs
+    assert [r["subject"] for r in certs["bundle"]] == [
+        c.subject.rfc4514_string() for c in mesh.ca.authority.roots
+    ] and certs["bundle_roots"] == len(mesh.ca.authority.roots)
     reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
     writer.write(b"hold")
     assert await reader.readexactly(4) == b"HOLD"
