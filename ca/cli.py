@@ -27,7 +27,7 @@ from sidemesh import logging as smlog
 from sidemesh.cli import CLIError, listen_error
 from sidemesh.identity.bundle import spiffe_bundle
 from sidemesh.identity.client import CAClient, CAClientError
-from sidemesh.identity.svid import SVID, SvidError, load_bundle, make_csr, new_key
+from sidemesh.identity.svid import SVID, SvidError, load_bundle, make_csr, new_key, own_roots, pem_of
 from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId, validate_trust_domain
 
 
@@ -271,8 +271,9 @@ def _issue(args: argparse.Namespace) -> int:
     try:
         identity = WorkloadId.parse(args.identity).spiffe_id(args.trust_domain)
         token = args.token if args.token is not None else args.token_file.read_text().strip()
-        bundle = args.bundle.read_bytes()
-    except (SpiffeIdError, OSError) as exc:
+        roots = own_roots(load_bundle(args.bundle.read_bytes()), identity.trust_domain)
+        bundle = pem_of(roots)
+    except (SpiffeIdError, OSError, SvidError) as exc:
         raise CLIError(str(exc)) from exc
     if not token or not token.isascii() or not token.isprintable():  # one line of printable ASCII
         where = "--token-file" if args.token is None else "--token"

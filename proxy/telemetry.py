@@ -157,9 +157,7 @@ class ProxyObserver:
         self._identities: dict[str, str] = {}
         # (direction, source, destination, status, decision) as the request had them -> its series:
         # one lookup per request instead of two identity labels, a status class and a label tuple.
-        self._series: dict[
-            tuple[str, str | None, str | None, int | None, str, int | None], RequestSeries
-        ] = {}
+        self._series: dict[tuple[str, str | None, str | None, int | None, str, str], RequestSeries] = {}
         # Requests in flight: plain counts, read by the gauge when scraped (not a locked update twice
         # per request).
         self.in_flight = {"inbound": 0, "outbound": 0}
@@ -333,7 +331,8 @@ class _Request:
         outbound = info.direction == "outbound"
         source = obs.own_identity if outbound else info.source
         destination = (result.destination or info.destination) if outbound else obs.own_identity
-        key = (info.direction, source, destination, result.status, result.decision, result.grpc_status)
+        grpc = grpc_status_label(result.grpc_status)  # bounded, as the key must be
+        key = (info.direction, source, destination, result.status, result.decision, grpc)
         series = obs._series.get(key)
         if series is None:
             if len(obs._series) >= _MAX_IDENTITIES:
@@ -345,7 +344,7 @@ class _Request:
                 identity_label(destination, ids),
                 status_class(result),
                 result.decision,
-                grpc_status_label(result.grpc_status),
+                grpc,
             )
             series = obs._series[key] = obs.metrics.requests.of(labels)
         series.add(seconds)

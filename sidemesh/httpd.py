@@ -1,10 +1,11 @@
 """A small HTTP/1.1 server (h11) for admin, status, readiness and metrics pages. Not on any data path.
 
 Its ports can be open to every pod (the sidecar's 15020 is the kubelet's), so it holds at most
-``MAX_CONNECTIONS`` connections (more are closed at once: they would spend file descriptors the
-data path needs), a request head must arrive whole within ``HEAD_TIMEOUT`` of its first byte (a
-trickling client no longer holds a connection for ever), and a connection idle for
-``IDLE_TIMEOUT`` between requests is closed. A request h11 cannot read gets the status it hints
+``MAX_CONNECTIONS`` connections (they would spend file descriptors the data path needs): a new one
+beyond that closes the oldest that is not being answered, so connections held open by anyone
+cannot keep the kubelet's probes or a scrape out. A request, body included, must arrive whole
+within ``REQUEST_TIMEOUT`` of its first byte (a trickling client no longer holds a connection for
+ever), and a connection idle for ``IDLE_TIMEOUT`` between requests is closed. A request h11 cannot read gets the status it hints
 (400, 431 for an oversized head) before the close."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import h11
 log = logging.getLogger("sidemesh.httpd")
 
 MAX_CONNECTIONS = 128  # scrapers, probes and operators: a handful at a time
-HEAD_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 10.0
 IDLE_TIMEOUT = 30.0
 
 Route = Callable[[], tuple[int, str, bytes]]
@@ -50,7 +51,7 @@ class HTTPServer:
         self.guard = guard
         self.server: asyncio.Server | None = None
         self.max_connections = MAX_CONNECTIONS
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._writers: dict[asyncio.StreamWriter, bool] = {}  # oldest first -> being answered
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         self.server = await asyncio.start_server(self._serve, host, port, reuse_port=reuse_port or None)
@@ -64,16 +65,27 @@ class HTTPServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 1)
 
+    def _make_room(self) -> bool:
+        """At the cap, close the oldest connection not being answered (False: all are)."""
+        if len(self._writers) < self.max_connections:
+            return True
+        oldest = next((w for w, busy in self._writers.items() if not busy), None)
+        if oldest is None:
+            return False
+        del self._writers[oldest]
+        oldest.transport.abort()
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._writers) >= self.max_connections:
+        if not self._make_room():
             writer.transport.abort()
             return
-        self._writers.add(writer)
+        self._writers[writer] = False
         conn = h11.Connection(h11.SERVER)
         peer = writer.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         loop = asyncio.get_running_loop()
-        head_deadline: float | None = None  # from the first byte of a request head
+        deadline: float | None = None  # from the first byte of a request to its end
         try:
             while True:
                 try:
@@ -83,15 +95,16 @@ class HTTPServer:
                     break
                 if event is h11.NEED_DATA:
                     if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
-                        head_deadline, wait = None, IDLE_TIMEOUT
+                        deadline, wait = None, IDLE_TIMEOUT
                     else:
-                        head_deadline = head_deadline or loop.time() + HEAD_TIMEOUT
-                        wait = head_deadline - loop.time()
+                        deadline = deadline or loop.time() + REQUEST_TIMEOUT
+                        wait = deadline - loop.time()
                     data = await asyncio.wait_for(reader.read(65536), max(wait, 0.0))
                     conn.receive_data(data)
                     continue
-                head_deadline = None
                 if isinstance(event, h11.Request):
+                    deadline = deadline or loop.time() + REQUEST_TIMEOUT  # the body is held to it too
+                    self._writers[writer] = True
                     status, ctype, body = await self._dispatch(event, client)
                     headers = [("content-type", ctype), ("content-length", str(len(body)))]
                     if status == 405:
@@ -101,14 +114,17 @@ class HTTPServer:
                         writer.write(conn.send(h11.Data(data=body)) or b"")
                     writer.write(conn.send(h11.EndOfMessage()) or b"")
                     await writer.drain()
+                    if writer in self._writers:
+                        self._writers[writer] = False
                 elif isinstance(event, h11.ConnectionClosed) or conn.our_state is h11.MUST_CLOSE:
                     break
                 elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
+                    deadline = None  # a pipelined request has its own
         except (h11.ProtocolError, ConnectionError, TimeoutError):
             pass
         finally:
-            self._writers.discard(writer)
+            self._writers.pop(writer, None)
             writer.close()
 
     @staticmethod

@@ -77,7 +77,7 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     return spiffe_id
 
 
-def _pem(certs: Sequence[x509.Certificate]) -> bytes:
+def pem_of(certs: Sequence[x509.Certificate]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
@@ -106,11 +106,11 @@ class SVID:
 
     @property
     def chain_pem(self) -> bytes:
-        return _pem(self.chain)
+        return pem_of(self.chain)
 
     @property
     def bundle_pem(self) -> bytes:
-        return _pem(self.bundle)
+        return pem_of(self.bundle)
 
     @property
     def key_pem(self) -> bytes:

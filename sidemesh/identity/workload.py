@@ -21,13 +21,21 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from sidemesh.cancel import stop_if_cancelling
 from sidemesh.clock import SYSTEM_CLOCK, Clock
 from sidemesh.identity import rotation, tls
 from sidemesh.identity.client import CAClient, CAClientError
-from sidemesh.identity.svid import SVID, SvidError, foreign_roots, load_bundle, make_csr, new_key, own_roots
+from sidemesh.identity.svid import (
+    SVID,
+    SvidError,
+    foreign_roots,
+    load_bundle,
+    make_csr,
+    new_key,
+    own_roots,
+    pem_of,
+)
 from sidemesh.spiffe import SpiffeId
 
 log = logging.getLogger("sidemesh.identity")
@@ -139,6 +147,11 @@ class WorkloadIdentity:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.bundle_file is not None:
+            # The first Sign carries the token: the channel to the CA trusts this trust domain's
+            # roots only from the start (another's could vouch for the CA's name).
+            with contextlib.suppress(OSError, SvidError):  # the renewal says what is wrong with it
+                self.ca.set_bundle(pem_of(self._file_bundle()))
         self._tasks = [asyncio.create_task(self._renew_loop(), name="svid-renewal")]
         if self.bundle_file is not None:
             self._tasks.append(asyncio.create_task(self._bundle_loop(), name="bundle-watch"))
@@ -262,7 +275,7 @@ class WorkloadIdentity:
         except (OSError, SvidError) as exc:
             log.error("trust bundle unreadable; keeping the current one", extra={"error": str(exc)})
             return False
-        self.ca.set_bundle(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in bundle))
+        self.ca.set_bundle(pem_of(bundle))
         if self.svid is None or bundle == self.svid.bundle:
             return False
         self._install(self.svid.with_bundle(bundle))

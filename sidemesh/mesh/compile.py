@@ -188,8 +188,8 @@ def _service_destinations(
         ips = svc.cluster_ips or ((svc.cluster_ip,) if svc.cluster_ip else ())
         families = list(dict.fromkeys(_family(ip) for ip in ips))  # the Service's primary family first
         if not families:  # headless: reached by name only; the pods' primary addresses (kube: all listed)
-            primary = {w.address for w in index.by_ref.values()}
-            endpoints = [e for e in endpoints if listed is not None or e.address in primary]
+            if listed is None:
+                endpoints = [e for e in endpoints if e.address == index.by_ref[e.workload].address]
             families = [0]
         d = svc.delivery
         for i, family in enumerate(families):

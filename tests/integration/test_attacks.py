@@ -238,5 +238,17 @@ async def test_a_connection_iptables_did_not_redirect_is_refused_cleanly(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
         r.getMessage() for r in caplog.records
     ]
-    refused = [r for r in caplog.records if r.getMessage() == "inbound connection refused"]
-    assert len(refused) == 2 and all("not redirected by iptables" in r.reason for r in refused)  # type: ignore[attr-defined]
+    # Without connection tracking on loopback there is no original destination: refused. With it
+    # (a host with nat rules of its own), the destination is the listener itself: port 15006,
+    # which no policy allows. Either way, not the local mode that delivered it to the app.
+    told = [
+        r.reason  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage() in ("inbound connection refused", "connection denied")
+    ]
+    assert len(told) == 2 and all(
+        "not redirected by iptables" in why
+        or f"port {INBOUND} is the proxy's own" in why
+        or f"the connection was for port {INBOUND}" in why
+        for why in told
+    ), told

@@ -378,3 +378,30 @@ def test_a_second_ca_on_a_port_in_use_says_so(tmp_path: Path) -> None:
     finally:
         first.terminate()
         first.wait(timeout=20)
+
+
+def test_issue_with_only_another_trust_domains_roots_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ca issue` trusts the bundle's roots of the identity's trust domain only, as the components
+    do (a foreign root could vouch for the CA's name and receive the token)."""
+    main(["ca", "bootstrap", "--dir", str(tmp_path / "ca"), "--trust-domain", "partner.example"])
+    capsys.readouterr()
+    code = main(
+        [
+            "ca",
+            "issue",
+            "--ca",
+            "127.0.0.1:1",
+            "--bundle",
+            str(tmp_path / "ca" / "root-cert.pem"),
+            "--token",
+            "x",
+            "--identity",
+            "shop/cart",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 2
+    assert "no root for trust domain 'cluster.local'" in capsys.readouterr().err

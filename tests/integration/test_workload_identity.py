@@ -500,15 +500,25 @@ async def test_a_root_of_another_trust_domain_in_the_bundle_file_cannot_vouch_fo
     bundle_file.write_bytes(
         ca.bundle + b"".join(c.public_bytes(serialization.Encoding.PEM) for c in foreign.roots)
     )
-    client = ca.client()
-    wi = WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=FakeClock())
+    # The components build their CA client from the file as it is: the first Sign (it carries the
+    # token) went over a channel that trusted the foreign root, which could vouch for the CA's name.
+    client = CAClient(ca.address, bundle_file.read_bytes())
+    clock = FakeClock()
+    wi = WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=clock)
     with caplog.at_level(logging.WARNING, logger="sidemesh.identity"):
         try:
-            svid = await wi.renew()
+            await wi.start()
+            assert x509.load_pem_x509_certificates(client._bundle) == x509.load_pem_x509_certificates(
+                ca.bundle
+            )
+            await asyncio.wait_for(wi.wait_ready(), 10)
+            assert wi.svid is not None
+            svid = wi.svid
         finally:
+            await wi.stop()
             await client.close()
     assert [c.subject for c in svid.bundle] == [c.subject for c in x509.load_pem_x509_certificates(ca.bundle)]
-    (line,) = [r for r in caplog.records if "other trust domains left out" in r.getMessage()]
+    (line, *_) = [r for r in caplog.records if "other trust domains left out" in r.getMessage()]
     assert line.left_out == [foreign.roots[0].subject.rfc4514_string()]  # type: ignore[attr-defined]
 
     # partner.example's CA signs our trust domain's frontend: refused at the handshake.

@@ -90,48 +90,57 @@ async def test_requests_it_cannot_read_get_the_status_h11_hints() -> None:
     assert post_get.startswith(b"HTTP/1.1 405 ") and b"allow: post" in post_get.lower(), post_get
 
 
-async def test_a_trickling_client_is_cut_off_and_connections_are_capped(
+async def test_a_trickling_client_is_cut_off_and_held_connections_do_not_keep_probes_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The health port is open to every pod: a client sending a header byte every 20 s held a
-    connection (and a file descriptor) as long as it liked, and any number of them."""
+    connection (and a file descriptor) as long as it liked, and any number of them. Now a request
+    (head and body) must be whole within REQUEST_TIMEOUT, connections are capped, and a new one at
+    the cap closes the oldest idle one, so held connections cannot keep the kubelet out."""
     import sidemesh.httpd as httpd
 
-    monkeypatch.setattr(httpd, "HEAD_TIMEOUT", 0.6)
+    monkeypatch.setattr(httpd, "REQUEST_TIMEOUT", 0.6)
     server = HTTPServer({"/metrics": _metrics})
     server.max_connections = 4
     port = await server.start("127.0.0.1", 0)
     loop = asyncio.get_running_loop()
-    try:
+
+    async def trickle(first: bytes) -> float:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         started = loop.time()
-        writer.write(b"GET /metrics HTTP/1.1\r\n")
-        for _ in range(10):  # a byte every 0.2 s: each read is quick, the head never ends
-            await asyncio.sleep(0.2)
-            if reader.at_eof():
-                break
-            with contextlib.suppress(ConnectionError):
-                writer.write(b"x")
+
+        async def until_closed() -> None:
+            with contextlib.suppress(ConnectionError):  # closed with our last bytes unread (reset)
+                await reader.read()
+
+        closed = asyncio.ensure_future(until_closed())
+        writer.write(first)
         try:
-            closed = await asyncio.wait_for(reader.read(), 2)
-        except ConnectionResetError:  # closed with our last bytes unread
-            closed = b""
+            for _ in range(10):  # a byte every 0.2 s: each read is quick, the request never ends
+                await asyncio.sleep(0.2)
+                if closed.done():
+                    break
+                with contextlib.suppress(ConnectionError):
+                    writer.write(b"x")
+            await asyncio.wait_for(closed, 2)
         finally:
             writer.close()
-        assert closed == b"" and loop.time() - started < 1.5
+        return loop.time() - started
+
+    try:
+        assert await trickle(b"GET /metrics HTTP/1.1\r\n") < 1.5  # a head
+        # ... or a body (answered at once, then held by a body that never ends)
+        assert await trickle(b"GET /metrics HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n") < 1.5
 
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
         await asyncio.sleep(0.05)
-        try:  # the fifth: closed at once (reset)
-            fifth = await _raw(port, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n", wait=2)
-        except ConnectionResetError:
-            fifth = b""
-        assert fifth == b""
+        served = await _raw(port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        assert served.startswith(b"HTTP/1.1 200 "), served  # the fifth, at the cap
+        oldest_reader = held[0][0]
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(oldest_reader.read(), 2) == b""  # closed to make room
         for _, w in held:
             w.close()
-        await asyncio.sleep(0.05)
-        served = await _raw(port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        assert served.startswith(b"HTTP/1.1 200 ")
     finally:
         await server.stop()
 
