@@ -500,6 +500,11 @@ async def _forward(
                 retried = True  # a pooled connection was closed under the request: once more, fresh
                 up.pipe.abort()
                 fresh = await router.fresh(up)
+                if isinstance(fresh, Local) and fresh.status == 502 and up.endpoint is not None:
+                    # Not even a new connection (a draining peer closed its pooled connections
+                    # and its listener): nothing was sent, so elsewhere, as any failed connect.
+                    tried.append(up.endpoint)
+                    fresh = await _route(router, req, info, None if clock is None else clock.at, tried)
                 if isinstance(fresh, Local):
                     await _answer_locally(conn, down, fresh, result)
                     return True

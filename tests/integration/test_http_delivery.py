@@ -487,3 +487,93 @@ async def test_a_drain_between_calls_sends_goaway_too(mesh: Mesh) -> None:
         assert answers == [b"b:x"] * 40 and unary_calls(apps[CART1]) == before
         await drain
         assert time.monotonic() - started < 3  # nothing held it open: closed, not cut at 5 s
+
+
+async def _delaying_relay(
+    listen: tuple[str, int], target: tuple[str, int], delay: float, opened: list[asyncio.StreamWriter]
+) -> asyncio.Server:
+    """A TCP relay adding ``delay`` each way: a network where a close takes time to arrive. Its
+    connections' writers go to ``opened`` (to be closed at the end)."""
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def later() -> None:
+            while True:
+                due, data = await queue.get()
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                if not data:
+                    with contextlib.suppress(OSError):
+                        writer.write_eof()
+                    return
+                writer.write(data)
+
+        sending = asyncio.create_task(later())
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                queue.put_nowait((time.monotonic() + delay, data))
+        queue.put_nowait((time.monotonic() + delay, b""))
+        await sending
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*target)
+        except OSError:
+            writer.transport.abort()  # as a closed listener: refused
+            return
+        opened.extend((writer, up_writer))
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer), return_exceptions=True)
+        writer.close()
+        up_writer.close()
+
+    return await asyncio.start_server(handle, *listen)
+
+
+async def test_a_request_on_a_pooled_connection_a_draining_peer_closed_goes_elsewhere(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A draining cart sidecar closes its listener and its idle connections; a GET the frontend
+    sent on one of them while the close was on its way (20 ms of network) was tried again on a
+    fresh connection to the same endpoint, refused there, and answered 502, with another endpoint
+    healthy (6 of 6 runs). Nothing was sent: it goes to the other endpoint, as any failed connect."""
+    from tests.integration import mesh_fixture
+
+    write_mesh(mesh, two=True)
+    a, b = App("a"), App("b", delay=0.3)  # b slow: the balancer prefers a
+    relays, opened = [], []
+    for host, app in ((CART1, a), (CART2, b)):
+        await app.runner.setup()
+        RUNNERS.append(app.runner)
+        await web.TCPSite(app.runner, mesh.addr(host), APP).start()
+        await mesh.sidecar("carta" if host == CART1 else "cartb", host, identity_of="cart")
+        relays.append(await _delaying_relay((mesh.addr(host), 15007), (mesh.addr(host), 15006), 0.02, opened))
+    monkeypatch.setattr(mesh_fixture, "INBOUND", 15007)  # the frontend dials the carts through the relays
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    carta = mesh.sidecars["carta"]
+    addr = (mesh.addr(FRONTEND), OUT)
+    try:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        for _ in range(10):  # the frontend's pool holds connections to carta
+            await asyncio.to_thread(conn.request, "GET", "/warm")
+            (await asyncio.to_thread(conn.getresponse)).read()
+        assert a.hits >= 5, (a.hits, b.hits)
+        drain = asyncio.create_task(carta.drain(timeout=5))
+        for _ in range(5000):  # until carta closed them (the frontend does not know yet)
+            if not any(r.info.get("direction") == "inbound" for r in carta.relays):
+                break
+            await asyncio.sleep(0.001)
+        hits_b = b.hits
+        await asyncio.to_thread(conn.request, "GET", "/during-the-drain")
+        resp = await asyncio.to_thread(conn.getresponse)
+        body = resp.read()
+        conn.close()
+        await drain
+    finally:
+        await mesh.sidecars["frontend"].drain(timeout=0)  # first: its pooled connections use the relays
+        for relay in relays:
+            relay.close()
+        for writer in opened:
+            writer.close()
+        await asyncio.sleep(0.05)
+    assert (resp.status, body) == (200, b"b"), (resp.status, body)
+    assert b.hits == hits_b + 1
