@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -43,8 +44,8 @@ def register(sub: Any) -> None:
     ca = sub.add_parser(
         "ca", help="the certificate authority", description="The Sidemesh certificate authority."
     )
+    ca.set_defaults(group_parser=ca)  # alone: its help, on stderr
     ca_sub = ca.add_subparsers(title="ca commands", metavar="COMMAND")
-    ca.set_defaults(handler=lambda _a: (ca.print_help(), 2)[1])
 
     p = ca_sub.add_parser(
         "bootstrap",
@@ -163,17 +164,30 @@ def register(sub: Any) -> None:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
+    now = dt.datetime.now(dt.UTC)
+    for option, lifetime in (
+        ("--root-lifetime", args.root_lifetime),
+        ("--intermediate-lifetime", args.intermediate_lifetime),
+    ):
+        try:  # before anything is written: a certificate cannot end past the year 9999
+            now + lifetime
+        except OverflowError:
+            raise CLIError(f"{option} {lifetime} goes past the year 9999; give less") from None
     try:
         authority = keys.bootstrap(
             args.dir,
             args.trust_domain,
-            dt.datetime.now(dt.UTC),
+            now,
             args.root_lifetime,
             args.intermediate_lifetime,
             force=args.force,
         )
     except (KeyMaterialError, SpiffeIdError) as exc:
         raise CLIError(str(exc)) from exc
+    except OSError as exc:  # not a directory, not writable
+        raise CLIError(
+            f"cannot write --dir {args.dir}: {exc.strerror}; pick a directory you can write"
+        ) from exc
     print(f"wrote a root and an intermediate CA for trust domain {args.trust_domain} to {args.dir}")
     print(f"  intermediate valid until {authority.cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
     print(
@@ -270,24 +284,44 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def _issue(args: argparse.Namespace) -> int:
     try:
         identity = WorkloadId.parse(args.identity).spiffe_id(args.trust_domain)
+    except SpiffeIdError as exc:
+        raise CLIError(f"{exc}; --identity takes NAMESPACE/SERVICEACCOUNT") from exc
+    if not (m := re.fullmatch(r".+:(\d{1,5})", args.ca)) or not 1 <= int(m[1]) <= 65535:
+        raise CLIError(f"--ca {args.ca!r} is not HOST:PORT with a port of 1-65535")
+    try:
         token = args.token if args.token is not None else args.token_file.read_text().strip()
-        roots = own_roots(load_bundle(args.bundle.read_bytes()), identity.trust_domain)
-        bundle = pem_of(roots)
-    except (SpiffeIdError, OSError, SvidError) as exc:
-        raise CLIError(str(exc)) from exc
+    except OSError as exc:
+        raise CLIError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        token = ""  # not a token: said below
     if not token or not token.isascii() or not token.isprintable():  # one line of printable ASCII
         where = "--token-file" if args.token is None else "--token"
         raise CLIError(
             f"{where} must be one token, as `sidemesh ca local-token` prints it or a ServiceAccount "
             "token (not the token file that `sidemesh ca serve --token-file` reads)"
         )
+    try:
+        roots = own_roots(load_bundle(args.bundle.read_bytes()), identity.trust_domain)
+    except OSError as exc:
+        raise CLIError(
+            f"cannot read --bundle {args.bundle}: {exc.strerror}; give the CA's root-cert.pem"
+        ) from exc
+    except SvidError as exc:
+        raise CLIError(f"--bundle {args.bundle}: {exc}; give the CA's root-cert.pem") from exc
+    bundle = pem_of(roots)
     ttl = int(args.ttl.total_seconds()) if args.ttl else 0
     created = not args.out_dir.exists()
     try:  # before asking the CA: a certificate issued and then not written helps nobody
         args.out_dir.mkdir(parents=True, exist_ok=True)
+        probe = args.out_dir / f".sidemesh-write-check-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
     except OSError as exc:
+        if created:
+            with contextlib.suppress(OSError):
+                args.out_dir.rmdir()
         raise CLIError(
-            f"cannot create --out-dir {args.out_dir}: {exc.strerror}; pick another directory"
+            f"cannot write --out-dir {args.out_dir}: {exc.strerror}; pick another directory"
         ) from exc
 
     async def run() -> SVID:
@@ -353,7 +387,7 @@ def _local_token(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from exc
     doc: dict[str, Any] = {"tokens": []}
     if args.file.exists():
-        doc = yaml.safe_load(args.file.read_text()) or {"tokens": []}
+        doc = _token_file(args.file)
     token = secrets.token_urlsafe(32)
     entry: dict[str, Any] = {
         "token": token,
@@ -361,11 +395,49 @@ def _local_token(args: argparse.Namespace) -> int:
         "serviceAccount": identity.service_account,
     }
     if args.expires_in is not None:
-        entry["expiresAt"] = (dt.datetime.now(dt.UTC) + args.expires_in).strftime("%Y-%m-%dT%H:%M:%SZ")
-    doc.setdefault("tokens", []).append(entry)
-    args.file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(doc, f, sort_keys=False)
+        try:
+            entry["expiresAt"] = (dt.datetime.now(dt.UTC) + args.expires_in).strftime("%Y-%m-%dT%H:%M:%SZ")
+        except OverflowError:
+            raise CLIError(f"--expires-in {args.expires_in} goes past the year 9999; give less") from None
+    doc["tokens"].append(entry)
+    try:
+        args.file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(doc, f, sort_keys=False)
+    except OSError as exc:
+        raise CLIError(f"cannot write --file {args.file}: {exc.strerror}; pick a file you can write") from exc
     sys.stdout.write(token + "\n")
     return 0
+
+
+def _token_file(path: Path) -> dict[str, Any]:
+    """An existing local token file, read to add to it: `tokens:` and nothing else (anything
+    else is some other file, which would be rewritten without its comments)."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CLIError(f"cannot read --file {path}: {exc.strerror}; give a local token file") from exc
+    except UnicodeDecodeError as exc:
+        raise CLIError(
+            f"--file {path} is not YAML text (not UTF-8); give a local token file or a new path"
+        ) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise CLIError(
+            f"--file {path} is not YAML text ({getattr(exc, 'problem', None) or 'unreadable'}{where}); "
+            "give a local token file or a new path"
+        ) from exc
+    if doc is None:
+        return {"tokens": []}
+    if not isinstance(doc, dict) or set(doc) - {"tokens"}:
+        keys = sorted(map(str, doc)) if isinstance(doc, dict) else type(doc).__name__
+        raise CLIError(
+            f"--file {path} is not a local token file (it holds {keys}, not only `tokens:`); give a new path"
+        )
+    if doc.get("tokens") is None:
+        doc["tokens"] = []
+    if not isinstance(doc["tokens"], list):
+        raise CLIError(f"--file {path}: `tokens:` is not a list; fix the file or give a new path")
+    return doc

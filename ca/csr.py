@@ -128,7 +128,13 @@ def _requested(
         others = []  # DNS names the operator allows for this (control-plane) identity
     if others:
         kinds = sorted({type(name).__name__ for name in others})
-        raise InvalidRequest(f"csr may carry only a URI SAN, found {', '.join(kinds)}")
+        why = f"csr may carry only a URI SAN, found {', '.join(kinds)}"
+        if dns:  # a control-plane identity the operator has not listed, or other names than listed
+            why += (
+                f" (DNS names {', '.join(sorted(dns))} are signed only for the identities and names in the "
+                "CA's --control-plane-dns)"
+            )
+        raise InvalidRequest(why)
     if len(uris) != 1:
         raise InvalidRequest(f"csr must carry exactly one URI SAN, found {len(uris)}")
     if uris[0] == str(expected):

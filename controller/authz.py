@@ -4,6 +4,9 @@ controller and the sidecars run, against a directory of manifests or a live clus
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,21 +17,24 @@ from sidemesh.mesh.compile import compile_inbound
 from sidemesh.mesh.resources import Snapshot, Workload
 from sidemesh.policy.evaluate import evaluate
 from sidemesh.policy.model import Decision, DefaultPolicy, Peer, Request
-from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId
+from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId, validate_trust_domain
+
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")  # RFC 9110 9.1: a token
 
 
 def register(sub: Any) -> None:
     authz = sub.add_parser(
         "authz", help="inspect authorization", description="Inspect ServiceAuthorization decisions."
     )
+    authz.set_defaults(group_parser=authz)  # alone: its help, on stderr
     authz_sub = authz.add_subparsers(title="authz commands", metavar="COMMAND")
-    authz.set_defaults(handler=lambda _a: (authz.print_help(), 2)[1])
     p = authz_sub.add_parser(
         "check",
         help="may a source call a destination? prints allow or deny and why",
         description=(
             "Evaluate one request the way the destination's sidecar would, and print ALLOW or DENY with the reason "
-            "(policy and rule, or the default). Exit status: 0 allow, 1 deny, 2 error. Example: sidemesh authz check "
+            "(policy and rule, or the default), one line per workload --to names. Exit status: 0 allow (every workload), 1 deny (any "
+            "of them), 2 error (a bad option or input, said on stderr, as are warnings). Example: sidemesh authz check "
             "--dir mesh/ --from shop/frontend --to shop/cart --port 8080 --method GET --path /cart/1 (mesh/ holding the YAML the controller reads, as in the demo)"
         ),
     )
@@ -133,12 +139,12 @@ def _as_the_sidecar_sees(path: str) -> str:
     if not path.startswith("/"):
         raise CLIError(f"--path {path!r} must start with / (the sidecar answers 400 otherwise)")
     path = path.partition("?")[0]  # (the query is not part of what policies match)
-    try:
-        normal = normalize_path(path.encode("utf-8")).decode("latin-1")
+    try:  # the bytes as given (os.fsencode: a byte that is not UTF-8 stays that byte)
+        normal = normalize_path(os.fsencode(path)).decode("latin-1")
     except BadPath as exc:
         raise CLIError(f"--path {path!r}: {exc} (the sidecar answers 400)") from exc
     if normal != path:
-        print(f"note: the sidecar sees the path as {normal}")
+        print(f"note: the sidecar sees the path as {normal}", file=sys.stderr)
     return normal
 
 
@@ -150,8 +156,13 @@ def _check(args: argparse.Namespace) -> int:
         else:
             src = WorkloadId.parse(args.source)
             peer = Peer(args.trust_domain, src.namespace, src.service_account)
+        validate_trust_domain(args.trust_domain)
     except SpiffeIdError as exc:
-        raise CLIError(f"{exc}; --from and --to take NAMESPACE/NAME") from exc
+        raise CLIError(
+            f"{exc}; --from and --to take NAMESPACE/NAME, --trust-domain a name such as cluster.local"
+        ) from exc
+    if args.method is not None and _METHOD.fullmatch(args.method) is None:
+        raise CLIError(f"--method {args.method!r} is not an HTTP method (a token, such as GET or POST)")
     if args.path and not args.method:
         raise CLIError("--path needs --method (an HTTP request has both)")
     if not 1 <= args.port <= 65535:
@@ -161,7 +172,8 @@ def _check(args: argparse.Namespace) -> int:
         print(
             f"warning: invalid resource (a ServiceAuthorization allows nothing until it is fixed; "
             f"an invalid default-policy annotation counts as deny; a file that is not YAML contributes "
-            f"nothing; anything else is ignored): {error}"
+            f"nothing; anything else is ignored): {error}",
+            file=sys.stderr,
         )
     path = args.path or ("/" if args.method else None)
     if path is not None:

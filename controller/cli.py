@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 def register(sub: Any) -> None:
     ctl = sub.add_parser("controller", help="the control plane", description="The Sidemesh controller.")
+    ctl.set_defaults(group_parser=ctl)  # alone: its help, on stderr
     ctl_sub = ctl.add_subparsers(title="controller commands", metavar="COMMAND")
-    ctl.set_defaults(handler=lambda _a: (ctl.print_help(), 2)[1])
     p = ctl_sub.add_parser(
         "serve",
         help="watch the mesh and stream configuration to the sidecars",

@@ -92,6 +92,7 @@ class ControllerConfig:
 
     def __post_init__(self) -> None:
         parse_hostport("listen", self.listen)
+        parse_hostport("ca_address", self.ca_address)  # (grpc dials a port over 65535 modulo 65536)
         if self.metrics_listen:
             parse_hostport("metrics_listen", self.metrics_listen)
         self.status_networks()

@@ -24,7 +24,7 @@ from injector.settings import InjectionSettings, SettingsFile, load_settings
 from injector.tls import CertificateFiles, ServingCertificate
 from sidemesh import config as cfg
 from sidemesh import logging as smlog
-from sidemesh.cli import CLIError
+from sidemesh.cli import CLIError, listen_error
 
 log = logging.getLogger("sidemesh.injector")
 VERSION_WAIT_S = 5.0  # the longest the start waits for the API server's and the nodes' versions
@@ -64,8 +64,8 @@ def register(sub: Any) -> None:
     injector = sub.add_parser(
         "injector", help="the sidecar injector webhook", description="The Sidemesh sidecar injector."
     )
+    injector.set_defaults(group_parser=injector)  # alone: its help, on stderr
     injector_sub = injector.add_subparsers(title="injector commands", metavar="COMMAND")
-    injector.set_defaults(handler=lambda _a: (injector.print_help(), 2)[1])
     p = injector_sub.add_parser(
         "serve",
         help="serve the mutating admission webhook over HTTPS",
@@ -239,13 +239,28 @@ async def serve(
         tracing,
     )
     server = WebhookServer(app, serving, host, port)
-    await server.start()
     metrics = None
-    if config.metrics_listen:
-        metrics = HTTPServer(
-            {"/metrics": lambda: (200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(registry))}
-        )
-        await metrics.start(*cfg.parse_hostport("metrics_listen", config.metrics_listen))
+    option = "--listen"
+    try:
+        await server.start()
+        if config.metrics_listen:
+            option = "--metrics-listen"
+            metrics = HTTPServer(
+                {
+                    "/metrics": lambda: (
+                        200,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        generate_latest(registry),
+                    )
+                }
+            )
+            await metrics.start(*cfg.parse_hostport("metrics_listen", config.metrics_listen))
+    except OSError as exc:  # a port in use, an address not this machine's
+        await server.stop()
+        for task in tasks:
+            task.cancel()
+        address = config.listen if option == "--listen" else config.metrics_listen
+        raise listen_error(exc, {option: address}) from exc
     if keeper is not None:
         tasks.append(asyncio.create_task(keeper.run(), name="cabundle"))
     tasks.append(asyncio.create_task(_reload_loop(config, settings, files, keeper), name="reload"))
@@ -418,9 +433,15 @@ async def _reload_loop(
     bundle_stamp = _stamp(config.bundle_file)
     while True:
         await asyncio.sleep(config.reload_interval.total_seconds())
-        settings.reload()
-        if files is not None:
-            files.reload()
+        # Settings, serving certificate and caBundle each on their own: whatever one of them does,
+        # the others (and the next round) go on (an escaped error ended all three for good).
+        for what, step in (("settings", settings.reload), ("certificate", files.reload if files else None)):
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception:
+                log.exception("reload failed; keeping what is in force", extra={"what": what})
         stamp = _stamp(config.bundle_file)
         if stamp != bundle_stamp and keeper is not None:
             keeper.poke()

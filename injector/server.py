@@ -191,7 +191,11 @@ class WebhookServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.requested_port))
+        try:
+            sock.bind((self.host, self.requested_port))
+        except OSError:
+            sock.close()
+            raise
         self.port = int(sock.getsockname()[1])
         self._task = asyncio.create_task(self.server.serve(sockets=[sock]), name="injector-uvicorn")
         while not self.server.started:

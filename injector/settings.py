@@ -298,9 +298,13 @@ def parse_settings(text: str, base: InjectionSettings | None = None) -> Injectio
 
 def load_settings(path: Path) -> InjectionSettings:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SettingsError(str(path), f"cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise SettingsError(
+            str(path), f"is not UTF-8 text (byte {exc.start}): save it as UTF-8 YAML"
+        ) from exc
     return parse_settings(text)
 
 

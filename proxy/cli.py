@@ -16,8 +16,8 @@ from sidemesh.cli import CLIError
 
 def register(sub: Any) -> None:
     proxy = sub.add_parser("proxy", help="the sidecar proxy", description="The Sidemesh sidecar proxy.")
+    proxy.set_defaults(group_parser=proxy)  # alone: its help, on stderr
     proxy_sub = proxy.add_subparsers(title="proxy commands", metavar="COMMAND")
-    proxy.set_defaults(handler=lambda _a: (proxy.print_help(), 2)[1])
     from proxy.iptables.cli import register_init
 
     register_init(proxy_sub)

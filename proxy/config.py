@@ -186,8 +186,8 @@ class ProxyConfig:
             raise ConfigError(
                 "workload", f"{self.workload!r} is not NAMESPACE/NAME (e.g. shop/{self.workload})"
             )
-        for name in ("inbound_listen", "outbound_listen", "admin_listen", "health_listen"):
-            parse_hostport(name, getattr(self, name))
+        for name in ("inbound_listen", "outbound_listen", "admin_listen", "health_listen", "ca_address"):
+            parse_hostport(name, getattr(self, name))  # (grpc dials a port over 65535 modulo 65536)
         for entry in self.outbound:
             listen, sep, target = entry.partition("=")
             if not sep or ":" not in target:

@@ -221,14 +221,16 @@ class AppProber:
 
 def wait_ready(url: str, timeout: float, interval: float = 0.25) -> bool:
     """Poll ``url`` (http://HOST:PORT/PATH) until it answers 200 or ``timeout`` seconds pass."""
-    rest = url.removeprefix("http://")
-    hostport, _, path = rest.partition("/")
-    host, _, port = hostport.rpartition(":")
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port or 80
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
     deadline = time.monotonic() + timeout
     while True:
-        conn = http.client.HTTPConnection(host, int(port), timeout=max(interval, 1.0))
+        conn = http.client.HTTPConnection(host, port, timeout=max(interval, 1.0))
         try:
-            conn.request("GET", "/" + path, headers={"User-Agent": "sidemesh-proxy-wait"})
+            conn.request("GET", path, headers={"User-Agent": "sidemesh-proxy-wait"})
             if conn.getresponse().status == 200:
                 return True
         except (OSError, http.client.HTTPException):
@@ -241,10 +243,15 @@ def wait_ready(url: str, timeout: float, interval: float = 0.25) -> bool:
 
 
 def _http_url(text: str) -> str:
+    """http://HOST[:PORT]/PATH (the sidecar's health port speaks plain HTTP: no https)."""
     parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        port = parts.port  # a port out of range or not a number raises
+    except ValueError:
+        port = -1
+    if parts.scheme != "http" or not parts.hostname or port == -1 or port == 0:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not an http:// URL (e.g. http://127.0.0.1:15020/healthz/ready)"
+            f"{text!r} is not an http:// URL with a port of 1-65535 (e.g. http://127.0.0.1:15020/healthz/ready)"
         )
     return text
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
@@ -28,7 +30,12 @@ def listen_error(exc: Exception, addresses: dict[str, str]) -> CLIError:
     if option is None and isinstance(exc, OSError):  # asyncio's errors name no address
         option = next((o for o in addresses if o != "--listen" and addresses[o]), None)
     option = option or "--listen"
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "address in use or not available"
+    if isinstance(exc, OSError) and exc.errno:  # (asyncio's strerror repeats the address)
+        reason = os.strerror(exc.errno)
+    else:
+        reason = (
+            exc.strerror if isinstance(exc, OSError) and exc.strerror else "address in use or not available"
+        )
     return CLIError(
         f"cannot listen on {option} {addresses.get(option, '')}: {reason.lower()}; stop the process "
         "that holds it (ss -ltnp shows which) or pick another address"
@@ -36,6 +43,11 @@ def listen_error(exc: Exception, addresses: dict[str, str]) -> CLIError:
 
 
 Handler = Callable[[argparse.Namespace], int]
+
+# Exit codes: 0 success (authz check: allow), 1 a failure the command reports (authz check: deny,
+# demo --once: a step misbehaved, proxy wait: not ready in time), 2 bad usage or input it names
+# (CLIError, ConfigError, argparse), 130 interrupted, 70 (EX_SOFTWARE) an error it did not expect.
+INTERNAL_ERROR = 70
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -77,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help()
+    if handler is None:  # a command group without its subcommand: a usage error, on stderr
+        (getattr(args, "group_parser", None) or parser).print_help(sys.stderr)
         return 2
     try:
         return handler(args)
@@ -87,6 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: one line, not a traceback for the user to read
+        if os.environ.get("SIDEMESH_DEBUG"):
+            traceback.print_exc()
+        where = "" if os.environ.get("SIDEMESH_DEBUG") else "; SIDEMESH_DEBUG=1 prints the traceback"
+        print(
+            f"sidemesh: internal error: {type(exc).__name__}: {exc}{where} (please report it)",
+            file=sys.stderr,
+        )
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -78,6 +78,11 @@ def renewal_hint(exc: Exception) -> str:
     if isinstance(exc, CAClientError):
         if exc.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             return "the CA refused the token: check that --token-file holds this workload's token"
+        if exc.code is grpc.StatusCode.INVALID_ARGUMENT and "--control-plane-dns" in exc.message:
+            return (
+                "run as an identity the CA's --control-plane-dns lists with this DNS name (--identity, "
+                "--server-name), or add it there"
+            )
         if exc.code is grpc.StatusCode.INVALID_ARGUMENT:
             return "the CA refused the request: check that the token's identity is this workload's"
         if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

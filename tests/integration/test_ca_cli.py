@@ -272,7 +272,7 @@ def test_issue_with_the_token_file_instead_of_a_token_says_so(
         [*common, "--token-file", str(tmp_path / "token"), "--identity", "shop/cart", "--out-dir", "/proc/x"]
     )
     assert code == 2
-    assert "cannot create --out-dir /proc/x" in capsys.readouterr().err
+    assert "cannot write --out-dir /proc/x" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

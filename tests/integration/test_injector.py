@@ -738,6 +738,14 @@ async def test_the_serve_command(start_ca: StartCA, tmp_path: Path) -> None:
         settings.write_text("image: [broken\n")
         await _read_until(proc.stderr, "injection settings invalid; keeping the last good ones", seen)
         assert await asyncio.to_thread(image) == "registry.local/sidemesh:2"
+        # Not UTF-8: it ended the reload task for good, silently (settings, certificate and
+        # caBundle upkeep with it); now said, and the next good version is taken.
+        settings.write_bytes(b"image: \xff\xfe\n")
+        bad = await _read_until(proc.stderr, "injection settings invalid; keeping the last good ones", seen)
+        assert "is not UTF-8 text" in bad["error"], bad
+        settings.write_text("image: registry.local/sidemesh:3\n")
+        await _read_until(proc.stderr, "injection settings reloaded", seen)
+        assert await asyncio.to_thread(image) == "registry.local/sidemesh:3"
         admissions = [r for r in seen if r.get("event") == "admission"]
         assert admissions and admissions[0]["outcome"] == "injected" and admissions[0]["namespace"] == "shop"
         # SIGTERM: not ready at once, still answering admissions for --shutdown-delay, then gone.
@@ -746,7 +754,7 @@ async def test_the_serve_command(start_ca: StartCA, tmp_path: Path) -> None:
         conn = client.connect()
         try:
             assert (await asyncio.to_thread(Client.call, conn, "GET", "/healthz"))[0] == 503
-            assert await asyncio.to_thread(image) == "registry.local/sidemesh:2"
+            assert await asyncio.to_thread(image) == "registry.local/sidemesh:3"
         finally:
             conn.close()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
@@ -1024,3 +1032,25 @@ async def test_injector_restarted_under_admissions_never_half_injects(
     assert gone_at - down_at >= 0.9
     assert all(down_at + 0.8 <= o.at <= up_at for o in refused), [(o.at - down_at, o.detail) for o in refused]
     assert any(down_at + 0.1 <= o.at <= down_at + 0.8 for o in injected)
+
+
+async def test_serve_on_an_address_in_use_names_the_option(start_ca: StartCA, tmp_path: Path) -> None:
+    """A port in use was a traceback (exit 1); as ca serve and controller serve: one line naming
+    the option, exit 2."""
+    ca, token_file = await start_injector_ca(start_ca, tmp_path)
+    write_pair(tmp_path, await issue_injector_svid(ca, token_file))
+    settings = tmp_path / "config.yaml"
+    settings.write_text("")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        for args, option in (
+            ((), "--listen"),
+            (("--metrics-listen", f"127.0.0.1:{port}"), "--metrics-listen"),
+        ):
+            listen = f"127.0.0.1:{port}" if option == "--listen" else "127.0.0.1:0"
+            proc = await _injector_process(tmp_path, settings, *args, listen=listen)
+            assert proc.stderr is not None
+            err = (await asyncio.wait_for(proc.stderr.read(), 20)).decode()
+            assert await asyncio.wait_for(proc.wait(), 20) == 2, err
+            assert f"cannot listen on {option} 127.0.0.1:{port}: address already in use" in err, err
+            assert "Traceback" not in err

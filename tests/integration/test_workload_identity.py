@@ -437,14 +437,16 @@ async def test_a_failing_renewal_says_what_to_check(
     the bare error in the log; the log line now says what to check."""
     ca = await start_ca()
     missing = tmp_path / "no-token"
-    for token, hint in (
-        (token_from_file(missing), f"{missing} is missing: in a pod the injector mounts"),
-        (lambda: "frontend-token", "the CA refused"),
+    for token, hint, dns in (
+        (token_from_file(missing), f"{missing} is missing: in a pod the injector mounts", ()),
+        (lambda: "frontend-token", "the CA refused", ()),
+        # A controller run as an identity the CA signs no DNS name for: it said to check the token.
+        (lambda: "cart-token", "run as an identity the CA's --control-plane-dns lists", ("cart.shop.svc",)),
     ):
         caplog.clear()
         clock = FakeClock()
         client = ca.client()
-        wi = WorkloadIdentity(CART, client, token, clock=clock, rand=lambda: 1.0)
+        wi = WorkloadIdentity(CART, client, token, clock=clock, rand=lambda: 1.0, dns_names=dns)
         with caplog.at_level(logging.WARNING, logger="sidemesh.identity"):
             await wi.start()
             try:

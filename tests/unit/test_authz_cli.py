@@ -125,7 +125,8 @@ def test_the_path_is_checked_as_the_sidecar_sees_it(
     (tmp_path / "routes.yaml").write_text(ROUTES)
     argv = ["authz", "check", "--dir", str(tmp_path), "--from", "shop/frontend", "--to", "shop/cart"]
     assert main([*argv, "--port", "8080", "--method", "GET", "--path", path]) == code
-    assert f"the sidecar sees the path as {seen}" in capsys.readouterr().out
+    told = capsys.readouterr()
+    assert f"the sidecar sees the path as {seen}" in told.err and "sees" not in told.out  # (stdout: verdicts)
     assert main([*argv, "--port", "8080", "--method", "GET", "--path", "/c%zzrt"]) == 2
     assert "invalid percent-encoding" in capsys.readouterr().err
 
@@ -156,8 +157,10 @@ def test_an_invalid_policy_allows_nothing_until_fixed(
     (manifests / "allow.yaml").write_text(policy + body)
     argv = ["authz", "check", "--dir", str(manifests), "--from", who, "--to", "shop/cart", "--port", "8080"]
     assert main([*argv, "--default-policy", "allow-authenticated"]) == 1
-    out = capsys.readouterr().out
-    assert "warning: invalid resource" in out and "allows nothing until it is fixed" in out
+    told = capsys.readouterr()
+    out = told.out
+    assert "warning: invalid resource" in told.err and "allows nothing until it is fixed" in told.err
+    assert "warning" not in out  # stdout holds the verdicts only
     assert (
         f"DENY {who} -> shop/cart-1:8080: no rule of shop/cart-broken allows it (shop/cart-broken: invalid"
         in out

@@ -90,9 +90,122 @@ def test_proxy_run_with_a_config_dir_that_is_not_there_says_so(
     assert "no workload shop/cart-1" in err and "files that could not be read: bad.yaml: cannot read" in err
 
 
-@pytest.mark.parametrize("url", ["localhost:1", "ftp://x/", "http:///healthz"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "localhost:1",
+        "ftp://x/",
+        "http:///healthz",
+        "https://127.0.0.1:15020/x",
+        "http://127.0.0.1:99999/x",
+        "http://h:x/",
+    ],
+)
 def test_proxy_wait_refuses_what_is_not_an_http_url(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["proxy", "wait", "--url", url, "--timeout", "1s"])
     assert info.value.code == 2
-    assert f"argument --url: {url!r} is not an http:// URL" in capsys.readouterr().err
+    assert f"argument --url: {url!r} is not an http:// URL with a port of 1-65535" in capsys.readouterr().err
+
+
+def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
+    """(argv, what the one-line error says): each was a traceback (exit 1) before."""
+    (tmp / "kubeconfig.yaml").write_text("apiVersion: v1\nclusters: []\n")
+    (tmp / "not-utf8").write_bytes(b"\xff\xfe token")
+    (tmp / "broken.yaml").write_text("a: [")
+    (tmp / "tokens-not-a-list.yaml").write_text("tokens: x\n")
+    mesh = tmp / "mesh"
+    mesh.mkdir(exist_ok=True)
+    authz = ["authz", "check", "--dir", str(mesh), "--from", "shop/a", "--to", "shop/b", "--port", "80"]
+    issue = [
+        "ca",
+        "issue",
+        "--bundle",
+        str(tmp / "nope.pem"),
+        "--identity",
+        "shop/cart",
+        "--out-dir",
+        str(tmp / "o"),
+    ]
+    return [
+        (["ca", "bootstrap", "--dir", str(tmp / "kubeconfig.yaml")], "cannot write --dir"),
+        (
+            ["ca", "bootstrap", "--dir", str(tmp / "far"), "--root-lifetime", "99999999d"],
+            "goes past the year 9999",
+        ),
+        (["ca", "local-token", "--file", str(tmp), "--identity", "a/b"], "cannot read --file"),
+        (
+            ["ca", "local-token", "--file", str(tmp / "kubeconfig.yaml"), "--identity", "a/b"],
+            "is not a local token file",
+        ),
+        (["ca", "local-token", "--file", str(tmp / "not-utf8"), "--identity", "a/b"], "is not YAML text"),
+        (["ca", "local-token", "--file", str(tmp / "broken.yaml"), "--identity", "a/b"], "is not YAML text"),
+        (
+            ["ca", "local-token", "--file", str(tmp / "tokens-not-a-list.yaml"), "--identity", "a/b"],
+            "is not a list",
+        ),
+        (
+            [
+                "ca",
+                "local-token",
+                "--file",
+                str(tmp / "t.yaml"),
+                "--identity",
+                "a/b",
+                "--expires-in",
+                "999999999d",
+            ],
+            "year 9999",
+        ),
+        (
+            [*issue, "--ca", "127.0.0.1:99999", "--token", "x"],
+            "--ca '127.0.0.1:99999' is not HOST:PORT with a port of 1-65535",
+        ),
+        (
+            [*issue, "--ca", "127.0.0.1:1", "--token-file", str(tmp / "not-utf8")],
+            "--token-file must be one token",
+        ),
+        ([*issue, "--ca", "127.0.0.1:1", "--token", "x"], "cannot read --bundle"),
+        ([*authz, "--trust-domain", "BAD DOMAIN"], "trust domain 'BAD DOMAIN' may contain only"),
+        ([*authz, "--method", "G T"], "--method 'G T' is not an HTTP method"),
+    ]
+
+
+def test_bad_input_gets_one_line_and_exit_2_never_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv, says in _bad_inputs(tmp_path):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert says in err and err.startswith("sidemesh: error: ") and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "far").exists()  # the lifetime is checked before anything is written
+    assert (tmp_path / "kubeconfig.yaml").read_text() == "apiVersion: v1\nclusters: []\n"  # not rewritten
+
+
+def test_a_command_group_alone_prints_its_help_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    for group in ("ca", "proxy", "controller", "injector", "authz"):
+        assert main([group]) == 2
+        told = capsys.readouterr()
+        assert told.out == "" and told.err.startswith(f"usage: sidemesh {group} "), told
+
+
+def test_an_error_nobody_expected_is_one_line_and_exit_70(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 1 is a command's own answer (authz check: deny); a bug must not look like one."""
+    import controller.authz
+    import sidemesh.cli as cli
+
+    def broken(_args: object) -> object:
+        return {}["missing"]
+
+    monkeypatch.setattr(controller.authz, "_load", broken)
+    monkeypatch.delenv("SIDEMESH_DEBUG", raising=False)
+    argv = ["authz", "check", "--dir", str(tmp_path), "--from", "a/b", "--to", "a/c", "--port", "80"]
+    assert main(argv) == cli.INTERNAL_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("sidemesh: internal error: KeyError: 'missing'") and err.count("\n") == 1, err
+    monkeypatch.setenv("SIDEMESH_DEBUG", "1")
+    assert main(argv) == cli.INTERNAL_ERROR
+    assert "Traceback" in capsys.readouterr().err
