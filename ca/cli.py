@@ -156,11 +156,18 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--sequence",
-        type=int,
+        type=_uint64,
         default=None,
-        help="spiffe format: the bundle's spiffe_sequence (default: none)",
+        help="spiffe format: the bundle's spiffe_sequence, 0 to 2^64-1 (default: none)",
     )
     p.set_defaults(handler=_bundle)
+
+
+def _uint64(text: str) -> int:
+    """spiffe_sequence is an unsigned 64-bit number (SPIFFE Trust Domain and Bundle, 4.1.2)."""
+    if not text.isdigit() or int(text) >= 2**64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 2^64-1")
+    return int(text)
 
 
 def _bootstrap(args: argparse.Namespace) -> int:

@@ -129,5 +129,7 @@ def inject_yaml(texts: Iterable[str], settings: InjectionSettings) -> tuple[str,
             new, found = inject_document(doc, settings)
             out.append(new)
             reports.extend(found)
-    text = yaml.dump_all(out, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
+    text = yaml.dump_all(
+        out, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000, allow_unicode=True
+    )  # (allow_unicode: "café" stays café, not "caf\xE9", as kubectl writes it)
     return text, reports

@@ -45,11 +45,16 @@ class Row:
     requests: int
 
 
+# Straight to the admin port: an http_proxy in the environment is for the internet, and took even
+# 127.0.0.1 elsewhere (blaming the sidecar for the proxy's error).
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def fetch(address: str, timeout: float = 3.0) -> Snapshot:
     host, port = parse_hostport("address", address)
     url = f"http://{host}:{port}/stats/routes"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with _DIRECT.open(url, timeout=timeout) as response:
             body = json.load(response)
     except urllib.error.HTTPError as exc:
         hint = "is this a sidecar of this version's admin port?" if exc.code == 404 else ""

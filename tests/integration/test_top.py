@@ -70,3 +70,19 @@ async def test_route_stats_page_is_json_with_the_sidecars_identity(mesh: Mesh) -
     body = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read()))
     assert body["identity"] == "spiffe://cluster.local/ns/shop/sa/cart"
     assert body["routes"] == [] and body["capacity"] > 0 and len(body["buckets"]) > 10
+
+
+async def test_top_goes_straight_to_the_admin_port_whatever_http_proxy_says(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With http_proxy set (for the internet), top sent even 127.0.0.1 through it and blamed the
+    sidecar for the proxy's error."""
+    from sidemesh.top import fetch
+
+    cart = await mesh.sidecar("cart", CART)
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:1")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    snapshot = await asyncio.to_thread(fetch, f"{mesh.addr(CART)}:{cart.ports['admin']}")
+    assert snapshot["workload"] == "shop/cart-1"

@@ -176,6 +176,7 @@ def test_strings_stay_strings_for_kubectl(
         "null",
         "~",
         "",
+        "café ☕",  # written as it is (it was "caf\xE9 \u2615": the same to a parser, not to a reader)
     ]
     pod = {
         "apiVersion": "v1",
@@ -193,6 +194,7 @@ def test_strings_stay_strings_for_kubectl(
     }
     code, out, err = run(["-"], yaml.safe_dump(pod), monkeypatch, capsys)
     assert code == 0, err
+    assert "café ☕" in out
     for loader in (yaml.SafeLoader, GoYamlV2Loader):
         doc = yaml.load(out, Loader=loader)
         assert doc["metadata"]["labels"] == pod["metadata"]["labels"]
