@@ -495,7 +495,10 @@ async def _forward(
                 and not retried
                 and up.reused
                 and body.replayable
-                and info.method in IDEMPOTENT  # RFC 9112 9.3.1: never a non-idempotent one
+                # RFC 9112 9.3.1: never a non-idempotent one, unless the other sidecar's orderly
+                # close (EOF, no answer) says the request was never read: what HTTP/2's GOAWAY
+                # tells Linkerd's proxies (a draining peer closes its idle pooled connections).
+                and (info.method in IDEMPOTENT or up.pipe.ended_in_order)
             ):
                 retried = True  # a pooled connection was closed under the request: once more, fresh
                 up.pipe.abort()

@@ -490,12 +490,20 @@ async def test_a_drain_between_calls_sends_goaway_too(mesh: Mesh) -> None:
 
 
 async def _delaying_relay(
-    listen: tuple[str, int], target: tuple[str, int], delay: float, opened: list[asyncio.StreamWriter]
+    listen: tuple[str, int],
+    target: tuple[str, int],
+    delay: float,
+    opened: list[asyncio.StreamWriter],
+    cut: list[bool] | None = None,
 ) -> asyncio.Server:
     """A TCP relay adding ``delay`` each way: a network where a close takes time to arrive. Its
-    connections' writers go to ``opened`` (to be closed at the end)."""
+    connections' writers go to ``opened`` (to be closed at the end). With ``cut[0]`` set, the
+    next bytes from the client are passed on, then the client's connection is reset (a peer
+    that read the request and died: no orderly close)."""
 
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def pump(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: asyncio.StreamWriter | None = None
+    ) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
         async def later() -> None:
@@ -507,6 +515,9 @@ async def _delaying_relay(
                         writer.write_eof()
                     return
                 writer.write(data)
+                if client is not None and cut is not None and cut[0]:
+                    cut[0] = False
+                    client.transport.abort()
 
         sending = asyncio.create_task(later())
         with contextlib.suppress(OSError):
@@ -522,20 +533,23 @@ async def _delaying_relay(
             writer.transport.abort()  # as a closed listener: refused
             return
         opened.extend((writer, up_writer))
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer), return_exceptions=True)
+        await asyncio.gather(pump(reader, up_writer, writer), pump(up_reader, writer), return_exceptions=True)
         writer.close()
         up_writer.close()
 
     return await asyncio.start_server(handle, *listen)
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
 async def test_a_request_on_a_pooled_connection_a_draining_peer_closed_goes_elsewhere(
-    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
     """A draining cart sidecar closes its listener and its idle connections; a GET the frontend
     sent on one of them while the close was on its way (20 ms of network) was tried again on a
     fresh connection to the same endpoint, refused there, and answered 502, with another endpoint
-    healthy (6 of 6 runs). Nothing was sent: it goes to the other endpoint, as any failed connect."""
+    healthy (6 of 6 runs). Nothing was sent: it goes to the other endpoint, as any failed connect.
+    A POST got 502 at once: the peer's orderly close (an EOF frame, no answer) says it never read
+    the request, as HTTP/2's GOAWAY tells Linkerd's proxies, so it goes elsewhere too."""
     from tests.integration import mesh_fixture
 
     write_mesh(mesh, two=True)
@@ -563,7 +577,9 @@ async def test_a_request_on_a_pooled_connection_a_draining_peer_closed_goes_else
                 break
             await asyncio.sleep(0.001)
         hits_b = b.hits
-        await asyncio.to_thread(conn.request, "GET", "/during-the-drain")
+        await asyncio.to_thread(
+            conn.request, method, "/during-the-drain", b"order" if method == "POST" else None
+        )
         resp = await asyncio.to_thread(conn.getresponse)
         body = resp.read()
         conn.close()
@@ -577,3 +593,49 @@ async def test_a_request_on_a_pooled_connection_a_draining_peer_closed_goes_else
         await asyncio.sleep(0.05)
     assert (resp.status, body) == (200, b"b"), (resp.status, body)
     assert b.hits == hits_b + 1
+    assert a.bodies.count(b"order") == 0 and b.bodies[-1] == (b"order" if method == "POST" else b"")
+
+
+async def test_a_post_is_not_sent_again_when_the_peer_sidecar_dies_with_it(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side of the orderly-close rule: the cart sidecar read the POST (its app acted on
+    it) and the connection broke without an EOF frame (a reset, as a killed sidecar's): the POST
+    is not sent elsewhere (RFC 9112 9.3.1); the client gets 502 and the POST reached one app once."""
+    from tests.integration import mesh_fixture
+
+    write_mesh(mesh, two=True)
+    a, b = App("a"), App("b", delay=0.3)
+    relays, opened, cut = [], [], [False]
+    for host, app in ((CART1, a), (CART2, b)):
+        await app.runner.setup()
+        RUNNERS.append(app.runner)
+        await web.TCPSite(app.runner, mesh.addr(host), APP).start()
+        await mesh.sidecar("carta" if host == CART1 else "cartb", host, identity_of="cart")
+        relays.append(
+            await _delaying_relay((mesh.addr(host), 15007), (mesh.addr(host), 15006), 0.005, opened, cut)
+        )
+    monkeypatch.setattr(mesh_fixture, "INBOUND", 15007)
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    addr = (mesh.addr(FRONTEND), OUT)
+    try:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        for _ in range(10):
+            await asyncio.to_thread(conn.request, "GET", "/warm")
+            (await asyncio.to_thread(conn.getresponse)).read()
+        conn.close()
+        cut[0] = True
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        await asyncio.to_thread(conn.request, "POST", "/pay", b"charge")
+        resp = await asyncio.to_thread(conn.getresponse)
+        body = resp.read()
+        conn.close()
+    finally:
+        await mesh.sidecars["frontend"].drain(timeout=0)
+        for relay in relays:
+            relay.close()
+        for writer in opened:
+            writer.close()
+        await asyncio.sleep(0.05)
+    assert resp.status == 502, (resp.status, body)
+    assert (a.bodies + b.bodies).count(b"charge") == 1
