@@ -165,7 +165,7 @@ def register(sub: Any) -> None:
 
 def _uint64(text: str) -> int:
     """spiffe_sequence is an unsigned 64-bit number (SPIFFE Trust Domain and Bundle, 4.1.2)."""
-    if not text.isdigit() or int(text) >= 2**64:
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2**64:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 2^64-1")
     return int(text)
 

@@ -50,6 +50,9 @@ class _Dumper(yaml.SafeDumper):
 
 def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
     quoted = data.lower() in _NOT_STRINGS or _NUMBER_LIKE.match(data) is not None
+    # Line breaks YAML 1.1 readers (go-yaml, so kubectl) fold in other styles: NEL, LS, PS are
+    # escaped only in double quotes (\N, \L, \P) once non-ASCII is written as it is.
+    quoted = quoted or any(ch in data for ch in "\x85\u2028\u2029")
     return dumper.represent_scalar("tag:yaml.org,2002:str", data, style='"' if quoted else None)
 
 

@@ -274,7 +274,8 @@ def parse_settings(text: str, base: InjectionSettings | None = None) -> Injectio
     if not isinstance(raw, dict):
         raise SettingsError("config.yaml", "must be a map of settings")
     if raw.get("kind") == "ConfigMap":  # a whole ConfigMap manifest: take its config.yaml
-        data = (raw.get("data") or {}).get("config.yaml")
+        data = raw.get("data") or {}
+        data = data.get("config.yaml") if isinstance(data, dict) else None
         if not isinstance(data, str):
             raise SettingsError("config.yaml", "the ConfigMap has no data key config.yaml")
         return parse_settings(data, base)
@@ -332,8 +333,8 @@ class SettingsFile:
         self._stamp = stamp
         try:
             settings = load_settings(self.path)
-        except SettingsError as exc:
-            self.last_error = str(exc)
+        except Exception as exc:  # (whatever it is: said, and the file read again when it changes)
+            self.last_error = str(exc) if isinstance(exc, SettingsError) else f"{type(exc).__name__}: {exc}"
             log.error("injection settings invalid; keeping the last good ones", extra={"error": str(exc)})
             return False
         self.last_error = None

@@ -251,7 +251,8 @@ def _http_url(text: str) -> str:
         port = -1
     if parts.scheme != "http" or not parts.hostname or port == -1 or port == 0:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not an http:// URL with a port of 1-65535 (e.g. http://127.0.0.1:15020/healthz/ready)"
+            f"{text!r} is not an http:// URL with a port of 1-65535 if it has one "
+            "(e.g. http://127.0.0.1:15020/healthz/ready)"
         )
     return text
 

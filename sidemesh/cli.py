@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
+import socket
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -30,7 +32,12 @@ def listen_error(exc: Exception, addresses: dict[str, str]) -> CLIError:
     if option is None and isinstance(exc, OSError):  # asyncio's errors name no address
         option = next((o for o in addresses if o != "--listen" and addresses[o]), None)
     option = option or "--listen"
-    if isinstance(exc, OSError) and exc.errno:  # (asyncio's strerror repeats the address)
+    if isinstance(exc, socket.gaierror):  # a name that does not resolve: nothing holds it
+        return CLIError(
+            f"cannot listen on {option} {addresses.get(option, '')}: {exc.strerror or exc}; give an "
+            "address of this machine (0.0.0.0, 127.0.0.1, or one of its IPs)"
+        )
+    if isinstance(exc, OSError) and exc.errno and exc.errno > 0:  # (asyncio's strerror repeats the address)
         reason = os.strerror(exc.errno)
     else:
         reason = (
@@ -102,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line, not a traceback for the user to read
         if os.environ.get("SIDEMESH_DEBUG"):
             traceback.print_exc()
+        elif logging.getLogger().handlers:  # a server (it set up its JSON log): the traceback there
+            logging.getLogger("sidemesh").critical("internal error; exiting", exc_info=exc)
         where = "" if os.environ.get("SIDEMESH_DEBUG") else "; SIDEMESH_DEBUG=1 prints the traceback"
         print(
             f"sidemesh: internal error: {type(exc).__name__}: {exc}{where} (please report it)",

@@ -2,8 +2,9 @@
 
 Its ports can be open to every pod (the sidecar's 15020 is the kubelet's), so it holds at most
 ``MAX_CONNECTIONS`` connections (they would spend file descriptors the data path needs): a new one
-beyond that closes the oldest that is not being answered, so connections held open by anyone
-cannot keep the kubelet's probes or a scrape out. A request, body included, must arrive whole
+beyond that closes the oldest that is not being answered, or else the oldest whose answer has not
+gone out for ``STALLED`` (its client does not read: pipelined requests, a page it never takes), so
+connections held open by anyone cannot keep the kubelet's probes or a scrape out. A request, body included, must arrive whole
 within ``REQUEST_TIMEOUT`` of its first byte (a trickling client no longer holds a connection for
 ever), and a connection idle for ``IDLE_TIMEOUT`` between requests is closed. A request h11 cannot read gets the status it hints
 (400, 431 for an oversized head) before the close."""
@@ -24,6 +25,7 @@ log = logging.getLogger("sidemesh.httpd")
 
 MAX_CONNECTIONS = 128  # scrapers, probes and operators: a handful at a time
 REQUEST_TIMEOUT = 10.0
+STALLED = 2.0  # a probe or a scrape is answered in milliseconds
 IDLE_TIMEOUT = 30.0
 
 Route = Callable[[], tuple[int, str, bytes]]
@@ -51,7 +53,9 @@ class HTTPServer:
         self.guard = guard
         self.server: asyncio.Server | None = None
         self.max_connections = MAX_CONNECTIONS
-        self._writers: dict[asyncio.StreamWriter, bool] = {}  # oldest first -> being answered
+        # Oldest first -> since when it is being answered (None: waiting for a request with its
+        # answers gone out). Pipelined requests answered back to back are one stretch.
+        self._writers: dict[asyncio.StreamWriter, float | None] = {}
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         self.server = await asyncio.start_server(self._serve, host, port, reuse_port=reuse_port or None)
@@ -61,15 +65,25 @@ class HTTPServer:
         if self.server is not None:
             self.server.close()
             for writer in list(self._writers):  # a scraper's keep-alive connection too
-                writer.close()
+                if writer.transport.get_write_buffer_size():
+                    writer.transport.abort()  # a client that does not read: close() would wait on it
+                else:
+                    writer.close()
+            await asyncio.sleep(0)  # (their tasks see it and end)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 1)
 
     def _make_room(self) -> bool:
-        """At the cap, close the oldest connection not being answered (False: all are)."""
+        """At the cap, close the oldest connection not being answered, or else the oldest whose
+        answer is stalled (False: every one is being answered, and recently)."""
         if len(self._writers) < self.max_connections:
             return True
-        oldest = next((w for w, busy in self._writers.items() if not busy), None)
+        stalled = asyncio.get_running_loop().time() - STALLED
+        oldest = next((w for w, since in self._writers.items() if since is None), None)
+        if oldest is None:
+            oldest = next(
+                (w for w, since in self._writers.items() if since is not None and since < stalled), None
+            )
         if oldest is None:
             return False
         del self._writers[oldest]
@@ -80,7 +94,7 @@ class HTTPServer:
         if not self._make_room():
             writer.transport.abort()
             return
-        self._writers[writer] = False
+        self._writers[writer] = None
         conn = h11.Connection(h11.SERVER)
         peer = writer.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
@@ -96,6 +110,8 @@ class HTTPServer:
                 if event is h11.NEED_DATA:
                     if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
                         deadline, wait = None, IDLE_TIMEOUT
+                        if writer in self._writers and not writer.transport.get_write_buffer_size():
+                            self._writers[writer] = None  # answered, all of it: waiting for a request
                     else:
                         deadline = deadline or loop.time() + REQUEST_TIMEOUT
                         wait = deadline - loop.time()
@@ -104,7 +120,10 @@ class HTTPServer:
                     continue
                 if isinstance(event, h11.Request):
                     deadline = deadline or loop.time() + REQUEST_TIMEOUT  # the body is held to it too
-                    self._writers[writer] = True
+                    if writer not in self._writers or writer.is_closing():  # closed (made room, stop)
+                        break  # (pipelined requests still buffered are not answered into the void)
+                    if self._writers[writer] is None:  # (pipelined ones continue the streak)
+                        self._writers[writer] = loop.time()
                     status, ctype, body = await self._dispatch(event, client)
                     headers = [("content-type", ctype), ("content-length", str(len(body)))]
                     if status == 405:
@@ -113,9 +132,13 @@ class HTTPServer:
                     if event.method != b"HEAD":  # HEAD: GET's headers, no body (RFC 9110 9.3.2)
                         writer.write(conn.send(h11.Data(data=body)) or b"")
                     writer.write(conn.send(h11.EndOfMessage()) or b"")
-                    await writer.drain()
-                    if writer in self._writers:
-                        self._writers[writer] = False
+                    # A client that does not read (pipelined requests, a big page) is not waited
+                    # for past REQUEST_TIMEOUT: answering, it could not be made room for.
+                    try:
+                        await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+                    except TimeoutError:
+                        writer.transport.abort()  # (close() would wait for a reader that does not read)
+                        break
                 elif isinstance(event, h11.ConnectionClosed) or conn.our_state is h11.MUST_CLOSE:
                     break
                 elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:

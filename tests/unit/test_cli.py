@@ -105,7 +105,10 @@ def test_proxy_wait_refuses_what_is_not_an_http_url(url: str, capsys: pytest.Cap
     with pytest.raises(SystemExit) as info:
         main(["proxy", "wait", "--url", url, "--timeout", "1s"])
     assert info.value.code == 2
-    assert f"argument --url: {url!r} is not an http:// URL with a port of 1-65535" in capsys.readouterr().err
+    assert (
+        f"argument --url: {url!r} is not an http:// URL with a port of 1-65535 if it has one"
+        in capsys.readouterr().err
+    )
 
 
 def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
@@ -202,6 +205,11 @@ def test_an_error_nobody_expected_is_one_line_and_exit_70(
 
     monkeypatch.setattr(controller.authz, "_load", broken)
     monkeypatch.delenv("SIDEMESH_DEBUG", raising=False)
+    import logging
+
+    monkeypatch.setattr(
+        logging.getLogger(), "handlers", []
+    )  # a CLI command: no log set up (other tests set one)
     argv = ["authz", "check", "--dir", str(tmp_path), "--from", "a/b", "--to", "a/c", "--port", "80"]
     assert main(argv) == cli.INTERNAL_ERROR
     err = capsys.readouterr().err
@@ -209,3 +217,56 @@ def test_an_error_nobody_expected_is_one_line_and_exit_70(
     monkeypatch.setenv("SIDEMESH_DEBUG", "1")
     assert main(argv) == cli.INTERNAL_ERROR
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_listen_address_that_does_not_resolve_says_so() -> None:
+    """os.strerror of a resolver error (-2) read "unknown error -2", and the advice was to stop
+    the process holding the port."""
+    import socket
+
+    from sidemesh.cli import listen_error
+
+    try:
+        socket.getaddrinfo("no-such-host.invalid", 1)
+    except socket.gaierror as exc:
+        said = str(listen_error(exc, {"--metrics-listen": "no-such-host.invalid:9090"}))
+    else:
+        pytest.skip("this machine resolves no-such-host.invalid")
+    assert said.startswith("cannot listen on --metrics-listen no-such-host.invalid:9090: ")
+    assert "unknown error" not in said.lower() and "give an address of this machine" in said
+    taken = OSError(98, "error while attempting to bind on address ('127.0.0.1', 1): address already in use")
+    assert "127.0.0.1:1: address already in use; stop the process" in str(
+        listen_error(taken, {"--listen": "127.0.0.1:1"})
+    )
+
+
+def test_a_server_that_crashes_logs_the_traceback_in_its_json_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server's crash in a pod left one plain line and no traceback (SIDEMESH_DEBUG needed a
+    redeploy): with its JSON log set up, the traceback goes there."""
+    import logging
+
+    import controller.authz
+    import sidemesh.cli as cli
+    from sidemesh import logging as smlog
+
+    def broken(_args: object) -> object:
+        return {}["missing"]
+
+    monkeypatch.setattr(controller.authz, "_load", broken)
+    monkeypatch.delenv("SIDEMESH_DEBUG", raising=False)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # (other tests leave theirs, on streams since closed)
+    before: list[logging.Handler] = []
+    smlog.setup("info")
+    try:
+        argv = ["authz", "check", "--dir", str(tmp_path), "--from", "a/b", "--to", "a/c", "--port", "80"]
+        assert main(argv) == cli.INTERNAL_ERROR
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+    err = capsys.readouterr().err
+    record = next(json.loads(line) for line in err.splitlines() if line.startswith("{"))
+    assert record["event"] == "internal error; exiting" and "KeyError" in record["exception"], record
+    assert err.rstrip().splitlines()[-1].startswith("sidemesh: internal error: KeyError")

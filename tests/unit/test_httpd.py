@@ -161,3 +161,44 @@ def test_stop_closes_a_scrapers_keep_alive_connection() -> None:
         return rest
 
     assert asyncio.run(scenario()).startswith(b"HTTP/1.1 200 ")
+
+
+async def test_clients_that_never_read_their_answers_do_not_keep_a_probe_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pipelined requests from clients that never read held their connections "being answered"
+    (stuck writing) for ever, and at the cap every new connection, the kubelet's probe too, was
+    refused. An answer stalled for STALLED makes its connection the one closed to make room."""
+    import socket
+    import threading
+
+    import sidemesh.httpd as httpd
+
+    monkeypatch.setattr(httpd, "STALLED", 0.3, raising=False)
+    big = b"m" * 65536  # a big page: the kernel's buffers fill after a few answers
+    server = HTTPServer(
+        {"/healthz/ready": lambda: (200, "text/plain", b"ok"), "/metrics": lambda: (200, "text/plain", big)}
+    )
+    server.max_connections = 4
+    port = await server.start("127.0.0.1", 0)
+    floods: list[socket.socket] = []
+
+    def flood(s: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            s.sendall(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n" * 10_000)  # and never reads
+
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            floods.append(s)
+            threading.Thread(target=flood, args=(s,), daemon=True).start()
+        await asyncio.sleep(1.0)
+        assert all(since is not None for since in server._writers.values())  # all stuck answering
+        probe = await _raw(port, b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        assert probe.startswith(b"HTTP/1.1 200 ") and probe.endswith(b"ok"), probe
+    finally:
+        for s in floods:
+            s.close()
+        await server.stop()

@@ -177,6 +177,8 @@ def test_strings_stay_strings_for_kubectl(
         "~",
         "",
         "café ☕",  # written as it is (it was "caf\xE9 \u2615": the same to a parser, not to a reader)
+        "a\x85b",  # NEL: a line break to YAML 1.1 readers, folded to a space unless escaped
+        "a\u2028b\u2029",
     ]
     pod = {
         "apiVersion": "v1",

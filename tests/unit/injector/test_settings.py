@@ -79,6 +79,8 @@ def test_values_and_defaults() -> None:
         ("- a list", "config.yaml"),
         ("a: [", "config.yaml"),
         ("kind: ConfigMap\ndata: {}", "config.yaml"),
+        ("kind: ConfigMap\ndata: [1]", "config.yaml"),  # (an AttributeError: exit 70, not 2)
+        ("kind: ConfigMap\ndata: x", "config.yaml"),
     ],
 )
 def test_bad_settings_name_the_key(text: str, key: str) -> None:
