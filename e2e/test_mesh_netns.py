@@ -576,16 +576,7 @@ def test_11_ipv6_the_same_mesh_over_the_pods_ipv6_addresses(shop: Shop) -> None:
     assert not outsider.ok and "cart:" not in outsider.body and outsider.rc in (52, 56), outsider
 
 
-ALLOW_PLAINTEXT_ALL_PORTS = """\
-apiVersion: sidemesh.io/v1alpha1
-kind: ServiceAuthorization
-metadata: {name: cart-allow-plaintext, namespace: shop}
-spec:
-  selector: {matchLabels: {app: cart}}
-  rules:
-  - from: [{unauthenticated: true}]
-    to: {ports: [8080, 6060]}
-"""
+ALLOW_PLAINTEXT_ALL_PORTS = ALLOW_PLAINTEXT.replace("ports: [8080]", "ports: [8080, 6060]")
 
 
 def test_12_a_link_local_destination_reaches_no_loopback_only_port(shop: Shop) -> None:

@@ -178,25 +178,16 @@ def test_serve_and_issue_as_processes(tmp_path: Path) -> None:
     assert proc.returncode == 0
 
 
+def _issue_nowhere(tmp_path: Path) -> list[str]:
+    """`ca issue` with the bundle of the CA in tmp_path/ca, against an address where no CA is."""
+    bundle = str(tmp_path / "ca" / "root-cert.pem")
+    return ["ca", "issue", "--ca", "127.0.0.1:1", "--bundle", bundle, "--token", "x", "--identity", "shop/cart",
+            "--out-dir", str(tmp_path / "out")]  # fmt: skip
+
+
 def test_issue_against_nothing_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")])
-    code = main(
-        [
-            "ca",
-            "issue",
-            "--ca",
-            "127.0.0.1:1",
-            "--bundle",
-            str(tmp_path / "ca" / "root-cert.pem"),
-            "--token",
-            "x",
-            "--identity",
-            "shop/cart",
-            "--out-dir",
-            str(tmp_path / "out"),
-        ]
-    )
-    assert code == 2
+    assert main(_issue_nowhere(tmp_path)) == 2
     assert "is the CA running" in capsys.readouterr().err
 
 
@@ -387,21 +378,5 @@ def test_issue_with_only_another_trust_domains_roots_says_so(
     do (a foreign root could vouch for the CA's name and receive the token)."""
     main(["ca", "bootstrap", "--dir", str(tmp_path / "ca"), "--trust-domain", "partner.example"])
     capsys.readouterr()
-    code = main(
-        [
-            "ca",
-            "issue",
-            "--ca",
-            "127.0.0.1:1",
-            "--bundle",
-            str(tmp_path / "ca" / "root-cert.pem"),
-            "--token",
-            "x",
-            "--identity",
-            "shop/cart",
-            "--out-dir",
-            str(tmp_path / "out"),
-        ]
-    )
-    assert code == 2
+    assert main(_issue_nowhere(tmp_path)) == 2
     assert "no root for trust domain 'cluster.local'" in capsys.readouterr().err
