@@ -2,9 +2,9 @@
 
 Its ports can be open to every pod (the sidecar's 15020 is the kubelet's), so it holds at most
 ``MAX_CONNECTIONS`` connections (they would spend file descriptors the data path needs): a new one
-beyond that closes the oldest that is not being answered, or else the oldest whose answer has not
-gone out for ``STALLED`` (its client does not read: pipelined requests, a page it never takes), so
-connections held open by anyone cannot keep the kubelet's probes or a scrape out. A request, body included, must arrive whole
+beyond that closes the oldest whose answer is not on its way out, or else the oldest whose answer
+has not gone out for ``STALLED`` (its client does not read: pipelined requests, a page it never
+takes), so connections held open by anyone cannot keep the kubelet's probes or a scrape out. A request, body included, must arrive whole
 within ``REQUEST_TIMEOUT`` of its first byte (a trickling client no longer holds a connection for
 ever), and a connection idle for ``IDLE_TIMEOUT`` between requests is closed. A request h11 cannot read gets the status it hints
 (400, 431 for an oversized head) before the close."""
@@ -53,9 +53,10 @@ class HTTPServer:
         self.guard = guard
         self.server: asyncio.Server | None = None
         self.max_connections = MAX_CONNECTIONS
-        # Oldest first -> since when it is being answered (None: waiting for a request with its
-        # answers gone out). Pipelined requests answered back to back are one stretch.
+        # Oldest first -> since when its answer is on its way out (None: nothing of an answer left
+        # to send: waiting for a request, or for a body whose answer went out already).
         self._writers: dict[asyncio.StreamWriter, float | None] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         self.server = await asyncio.start_server(self._serve, host, port, reuse_port=reuse_port or None)
@@ -69,7 +70,10 @@ class HTTPServer:
                     writer.transport.abort()  # a client that does not read: close() would wait on it
                 else:
                     writer.close()
-            await asyncio.sleep(0)  # (their tasks see it and end)
+            for task in list(self._tasks):  # one awaiting an app probe, say: ended, not left to the loop
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=1)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 1)
 
@@ -90,10 +94,18 @@ class HTTPServer:
         oldest.transport.abort()
         return True
 
+    def _sent(self, writer: asyncio.StreamWriter) -> None:
+        """Nothing of an answer left to send (so far): the connection may be made room with."""
+        if writer in self._writers and not writer.transport.get_write_buffer_size():
+            self._writers[writer] = None
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._make_room():
             writer.transport.abort()
             return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         self._writers[writer] = None
         conn = h11.Connection(h11.SERVER)
         peer = writer.get_extra_info("peername")
@@ -108,21 +120,26 @@ class HTTPServer:
                     self._refuse(conn, writer, exc)
                     break
                 if event is h11.NEED_DATA:
+                    self._sent(writer)  # waiting for bytes: for a request, or a body already answered
                     if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
                         deadline, wait = None, IDLE_TIMEOUT
-                        if writer in self._writers and not writer.transport.get_write_buffer_size():
-                            self._writers[writer] = None  # answered, all of it: waiting for a request
                     else:
                         deadline = deadline or loop.time() + REQUEST_TIMEOUT
                         wait = deadline - loop.time()
                     data = await asyncio.wait_for(reader.read(65536), max(wait, 0.0))
+                    if data and conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                        # RFC 9112 2.2: empty lines before a request line are ignored (a CRLF
+                        # some clients send after a POST body); h11 answers them 400.
+                        data = data.lstrip(b"\r\n")
+                        if not data:
+                            continue  # (b"" would be the end of the stream to h11)
                     conn.receive_data(data)
                     continue
                 if isinstance(event, h11.Request):
                     deadline = deadline or loop.time() + REQUEST_TIMEOUT  # the body is held to it too
                     if writer not in self._writers or writer.is_closing():  # closed (made room, stop)
                         break  # (pipelined requests still buffered are not answered into the void)
-                    if self._writers[writer] is None:  # (pipelined ones continue the streak)
+                    if self._writers[writer] is None:  # (one still going out keeps its time)
                         self._writers[writer] = loop.time()
                     status, ctype, body = await self._dispatch(event, client)
                     headers = [("content-type", ctype), ("content-length", str(len(body)))]
@@ -139,6 +156,7 @@ class HTTPServer:
                     except TimeoutError:
                         writer.transport.abort()  # (close() would wait for a reader that does not read)
                         break
+                    self._sent(writer)
                 elif isinstance(event, h11.ConnectionClosed) or conn.our_state is h11.MUST_CLOSE:
                     break
                 elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:
@@ -146,9 +164,16 @@ class HTTPServer:
                     deadline = None  # a pipelined request has its own
         except (h11.ProtocolError, ConnectionError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            # stop(), or the loop's end: the connection's task ends here, as a task of its own (a
+            # cancelled one is logged as an error by Python 3.11's stream callback).
+            writer.transport.abort()
         finally:
             self._writers.pop(writer, None)
+            self._tasks.discard(task)
             writer.close()
+            if writer.transport.get_write_buffer_size():  # the last answer still going out: a bound on it
+                loop.call_later(REQUEST_TIMEOUT, writer.transport.abort)
 
     @staticmethod
     def _refuse(conn: h11.Connection, writer: asyncio.StreamWriter, exc: h11.RemoteProtocolError) -> None:

@@ -79,6 +79,9 @@ async def test_requests_it_cannot_read_get_the_status_h11_hints() -> None:
             port, b"GET http://x/metrics?a=1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
         )
         options = await _raw(port, b"OPTIONS /nope HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        crlf_first = await _raw(
+            port, b"\r\n\r\nGET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
         post_get = await _raw(port, b"GET /quitquitquit HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
     finally:
         await server.stop()
@@ -87,6 +90,7 @@ async def test_requests_it_cannot_read_get_the_status_h11_hints() -> None:
     assert garbage.startswith(b"HTTP/1.1 400 "), garbage
     assert absolute.startswith(b"HTTP/1.1 200 ") and absolute.endswith(BODY), absolute
     assert options.startswith(b"HTTP/1.1 404 "), options
+    assert crlf_first.startswith(b"HTTP/1.1 200 "), crlf_first  # RFC 9112 2.2: empty lines first, ignored
     assert post_get.startswith(b"HTTP/1.1 405 ") and b"allow: post" in post_get.lower(), post_get
 
 
@@ -202,3 +206,67 @@ async def test_clients_that_never_read_their_answers_do_not_keep_a_probe_out(
         for s in floods:
             s.close()
         await server.stop()
+
+
+async def test_a_connection_whose_answer_went_out_is_not_shielded_while_its_body_trickles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request with a body is answered at once; its connection then waited for the body and
+    counted as "being answered": clients refreshing that every second kept every slot shielded
+    and ~90% of the kubelet's probes out. Only an answer still going out shields a connection."""
+    server = HTTPServer({"/healthz/ready": lambda: (200, "text/plain", b"ok")})
+    server.max_connections = 4
+    port = await server.start("127.0.0.1", 0)
+    stop = asyncio.Event()
+
+    async def refresher() -> None:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with contextlib.suppress(ConnectionError):
+            while not stop.is_set():
+                writer.write(b"GET /x HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\n")
+                await asyncio.sleep(0.2)
+                writer.write(b"y")
+                await asyncio.sleep(0.001)
+        writer.close()
+
+    attackers = [asyncio.create_task(refresher()) for _ in range(4)]
+    try:
+        await asyncio.sleep(0.5)
+        probes = [
+            await _raw(port, b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n", wait=2)
+            for _ in range(5)
+        ]
+    finally:
+        stop.set()
+        await asyncio.gather(*attackers, return_exceptions=True)
+        await server.stop()
+    assert all(p.startswith(b"HTTP/1.1 200 ") for p in probes), probes
+
+
+async def test_stop_ends_a_connection_waiting_on_a_slow_page_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """stop() left the task of a connection awaiting an app probe running; the loop's end then
+    cancelled it, and Python 3.11's stream callback logged an ERROR traceback."""
+    caplog.set_level(logging.ERROR)
+
+    async def slow(_path: str) -> tuple[int, str, bytes]:
+        await asyncio.sleep(5)
+        return json_response(200, {})
+
+    server = HTTPServer({}, prefixes={"/app-health/": slow})
+    port = await server.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /app-health/x HTTP/1.1\r\nhost: x\r\n\r\n")
+    await asyncio.sleep(0.1)
+    started = asyncio.get_running_loop().time()
+    await server.stop()
+    assert asyncio.get_running_loop().time() - started < 1.5
+    assert not server._tasks
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+    writer.close()
+    await asyncio.sleep(0.05)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records
+    ]
