@@ -28,6 +28,7 @@ import json
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -253,11 +254,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="warm-up before each wrk run (default 3)")
     p.add_argument("--grpc-seconds", type=int, default=8, help="each h2load run (default 8)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where http.md and http.json go")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="before the runs, wait up to this long for other processes' CPU use to drop under "
+        f"{l4.OTHER_LOAD:.0%}% of a core (default: %(default)s)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="measure a window again when other processes used more than "
+        f"{l4.OTHER_LOAD:.0%}% of a core during it, up to this many times (default: %(default)s)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM, SIGHUP (a `timeout`, a closed terminal): the processes are stopped as on Ctrl-C
+    # (they were left running, pinned to the proxies' core, with the temporary directory).
+    signal.signal(signal.SIGTERM, l4._interrupt)
+    signal.signal(signal.SIGHUP, l4._interrupt)
     tools = l4.find_tools()
     h2load_bin = shutil.which("h2load")
     proxy_core, load_core, layout = l4._cores(tools.taskset)
@@ -285,13 +305,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             lua = tmp / "report.lua"
             lua.write_text(l4.WRK_LUA)
             runner = l4.Runner(ps, setup, tools, load_core, lua)
+            other = l4.wait_quiet(runner, args.wait_quiet, progress)
+            if other > l4.OTHER_LOAD:
+                notes.append(
+                    f"Before the runs, {other:.0%} of a core was busy with processes not of this bench: "
+                    "the figures may be low (see 'other' in each window, http.json)."
+                )
             if tools.wrk is not None:
                 for conns, threads in ((1, 1), (16, 2)):
                     for path in paths:
                         progress.phase(f"wrk -c {conns}: {l4.LABELS[path]}")
-                        results[path][f"c{conns}"] = runner.measure_wrk(
-                            path, conns, threads, args.seconds, args.warmup
+                        r = results[path][f"c{conns}"] = l4.undisturbed(
+                            functools.partial(
+                                runner.measure_wrk, path, conns, threads, args.seconds, args.warmup
+                            ),
+                            runner,
+                            args.retries,
+                            progress,
                         )
+                        if errors := {k: v for k, v in r["errors"].items() if v}:
+                            notes.append(
+                                f"c{conns} {l4.LABELS[path]}: wrk errors {errors}; that figure is not valid."
+                            )
             if h2load_bin is not None:
                 start_grpc_upstream(ps, setup, load_core)
                 body = tmp / "call.bin"
@@ -300,7 +335,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for path in paths:
                         progress.phase(f"h2load gRPC {name}: {l4.LABELS[path]}")
                         grpc = results[path].setdefault("grpc", {})
-                        grpc[name] = h2load(runner, h2load_bin, path, conns, streams, args.grpc_seconds, body)
+                        g = grpc[name] = l4.undisturbed(
+                            functools.partial(
+                                h2load, runner, h2load_bin, path, conns, streams, args.grpc_seconds, body
+                            ),
+                            runner,
+                            args.retries,
+                            progress,
+                        )
+                        if g["failed"] or g["errored"]:
+                            notes.append(
+                                f"gRPC {name} {l4.LABELS[path]}: {g['failed']} failed, {g['errored']} errored calls "
+                                "(h2load); that figure is not valid."
+                            )
             rss = {
                 p.name: l4._status_kb(p.pid, "VmRSS")
                 for p in ps.procs
@@ -308,6 +355,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         finally:
             ps.stop_all()
+    for path, by in results.items():  # windows disturbed by others even after the retries
+        windows = [(f"wrk {run}", r) for run, r in by.items() if run != "grpc"]
+        windows += [(f"gRPC {run}", r) for run, r in by.get("grpc", {}).items()]
+        for name, r in windows:
+            if r["cpu"]["other"] > l4.OTHER_LOAD:
+                notes.append(
+                    f"{name} {l4.LABELS[path]}: {r['cpu']['other']:.0%} of a core was busy with other "
+                    "processes during the window: that figure may be low."
+                )
     notes += [
         "Sidemesh between the sidecars: HTTP/1.1 over pooled mTLS connections (`sidemesh/1` frames); "
         "Envoy: the downstream protocol (HTTP/1.1 for wrk, HTTP/2 for gRPC).",
