@@ -495,10 +495,10 @@ async def _forward(
                 and not retried
                 and up.reused
                 and body.replayable
-                # RFC 9112 9.3.1: never a non-idempotent one, unless the other sidecar's orderly
-                # close (EOF, no answer) says the request was never read: what HTTP/2's GOAWAY
-                # tells Linkerd's proxies (a draining peer closes its idle pooled connections).
-                and (info.method in IDEMPOTENT or up.pipe.ended_in_order)
+                # RFC 9112 9.3.1: never a non-idempotent one. (An EOF frame is no proof that the
+                # other sidecar never read it: one relaying the port as opaque sends it when its
+                # app closes, after the app may have acted on the request.)
+                and info.method in IDEMPOTENT
             ):
                 retried = True  # a pooled connection was closed under the request: once more, fresh
                 up.pipe.abort()

@@ -146,13 +146,6 @@ class Pipe(asyncio.Protocol):
             hook()
 
     @property
-    def ended_in_order(self) -> bool:
-        """The other sidecar ended the stream with an EOF frame (not a reset, not a bare close): an
-        orderly close, which a sidecar sends on a connection only after answering or while it
-        holds no request (an idle one it closes: drain, idle timeout)."""
-        return self.framed and self._eof and self._lost is None
-
-    @property
     def lost(self) -> bool:
         """The connection is gone (or going: its transport is closing)."""
         return self._closed or (self.transport is not None and self.transport.is_closing())

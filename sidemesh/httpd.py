@@ -162,6 +162,13 @@ class HTTPServer:
                 elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
                     deadline = None  # a pipelined request has its own
+                    rest, closed = conn.trailing_data
+                    if rest[:1] in (b"\r", b"\n"):  # empty lines after a body, in the same read
+                        conn = h11.Connection(h11.SERVER)  # (h11 keeps them: "no request line")
+                        if stripped := rest.lstrip(b"\r\n"):
+                            conn.receive_data(stripped)
+                        if closed:
+                            conn.receive_data(b"")
         except (h11.ProtocolError, ConnectionError, TimeoutError):
             pass
         except asyncio.CancelledError:

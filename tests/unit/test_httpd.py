@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import http.client
 import logging
+import re
 
 import pytest
 
@@ -82,6 +83,11 @@ async def test_requests_it_cannot_read_get_the_status_h11_hints() -> None:
         crlf_first = await _raw(
             port, b"\r\n\r\nGET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
         )
+        crlf_after_body = await _raw(
+            port,
+            b"POST /quitquitquit HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}\r\n"
+            b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
         post_get = await _raw(port, b"GET /quitquitquit HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
     finally:
         await server.stop()
@@ -91,6 +97,8 @@ async def test_requests_it_cannot_read_get_the_status_h11_hints() -> None:
     assert absolute.startswith(b"HTTP/1.1 200 ") and absolute.endswith(BODY), absolute
     assert options.startswith(b"HTTP/1.1 404 "), options
     assert crlf_first.startswith(b"HTTP/1.1 200 "), crlf_first  # RFC 9112 2.2: empty lines first, ignored
+    # ... a CRLF after a POST body, in the same read as the body (was a 400 and a close)
+    assert re.findall(rb"HTTP/1\.1 (\d\d\d)", crlf_after_body) == [b"200", b"200"], crlf_after_body
     assert post_get.startswith(b"HTTP/1.1 405 ") and b"allow: post" in post_get.lower(), post_get
 
 
