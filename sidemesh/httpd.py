@@ -2,12 +2,14 @@
 
 Its ports can be open to every pod (the sidecar's 15020 is the kubelet's), so it holds at most
 ``MAX_CONNECTIONS`` connections (they would spend file descriptors the data path needs): a new one
-beyond that closes the oldest whose answer is not on its way out, or else the oldest whose answer
-has not gone out for ``STALLED`` (its client does not read: pipelined requests, a page it never
-takes), so connections held open by anyone cannot keep the kubelet's probes or a scrape out. A request, body included, must arrive whole
-within ``REQUEST_TIMEOUT`` of its first byte (a trickling client no longer holds a connection for
-ever), and a connection idle for ``IDLE_TIMEOUT`` between requests is closed. A request h11 cannot read gets the status it hints
-(400, 431 for an oversized head) before the close."""
+beyond that closes the oldest with nothing of an answer left to send, or else the oldest whose
+answer has not gone out for ``STALLED`` (its client does not read: pipelined requests, a page it
+never takes), so connections held open by anyone cannot keep the kubelet's probes or a scrape
+out. A request, body included, must arrive whole within ``REQUEST_TIMEOUT`` of its first byte (a
+trickling client no longer holds a connection for ever), an answer must go out within it too, and
+a connection idle for ``IDLE_TIMEOUT`` between requests is closed. A request h11 cannot read gets
+the status it hints (400, 431 for an oversized head) before the close; empty lines before a
+request line are ignored (RFC 9112 2.2)."""
 
 from __future__ import annotations
 
@@ -78,8 +80,8 @@ class HTTPServer:
                 await asyncio.wait_for(self.server.wait_closed(), 1)
 
     def _make_room(self) -> bool:
-        """At the cap, close the oldest connection not being answered, or else the oldest whose
-        answer is stalled (False: every one is being answered, and recently)."""
+        """At the cap, close the oldest connection with nothing of an answer left to send, or else
+        the oldest whose answer is stalled (False: every one is sending an answer, and recently)."""
         if len(self._writers) < self.max_connections:
             return True
         stalled = asyncio.get_running_loop().time() - STALLED
