@@ -197,6 +197,8 @@ def slice_from(obj: Obj) -> Converted[SliceEndpoints]:
         if isinstance(p, dict) and isinstance(p.get("port"), int) and _tcp(p)
     ]
     found: list[EndpointAddress] = []
+    errors: list[str] = []
+    family = 4 if obj.get("addressType") == "IPv4" else 6
     for ep in obj.get("endpoints") or []:
         if not isinstance(ep, dict):
             continue
@@ -211,8 +213,20 @@ def slice_from(obj: Obj) -> Converted[SliceEndpoints]:
             else None
         )
         for address in ep.get("addresses") or []:
-            found.extend(EndpointAddress(str(address), name, port, workload, ready) for name, port in ports)
-    return Converted(SliceEndpoints(ns, str(service), tuple(found)))
+            # As a connection's original destination reads it (compressed IPv6); one Python cannot
+            # read (10.1.2.03, stored before Kubernetes refused leading zeros) is left out.
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                ip = None
+            if ip is None or ip.version != family:
+                errors.append(
+                    f"EndpointSlice {ns}/{meta.get('name', '')}: {address!r} is not an "
+                    f"{obj.get('addressType')} address; left out"
+                )
+                continue
+            found.extend(EndpointAddress(str(ip), name, port, workload, ready) for name, port in ports)
+    return Converted(SliceEndpoints(ns, str(service), tuple(found)), tuple(errors))
 
 
 def observed_status(obj: Obj) -> AuthorizationStatus | None:

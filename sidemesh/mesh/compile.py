@@ -9,7 +9,6 @@ selecting them) is compiled per identity. A sidecar's own view is derived from b
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -166,8 +165,8 @@ def _service_destinations(
     listed = snapshot_endpoints.get((svc.namespace, svc.name))
     for sp in svc.ports:
         endpoints: list[Endpoint] = []
+        terminating: list[Endpoint] = []
         if listed is not None:  # EndpointSlices: ready endpoints, ports resolved by Kubernetes
-            terminating: list[Endpoint] = []
             for e in listed:
                 if e.port_name == sp.name or (not sp.name and len(svc.ports) == 1):
                     w = index.by_ref.get(e.workload) if e.workload else None
@@ -177,7 +176,6 @@ def _service_destinations(
                         continue
                     ep = Endpoint(e.address, e.port, ids.of(w, e.port), e.workload or "")
                     (endpoints if e.ready else terminating).append(ep)
-            endpoints = endpoints or terminating  # none ready: those still serving (kube-proxy)
         else:
             for w in index.select(svc.namespace, svc.selector):
                 port_or_none = _target_port(sp.target_port, w)
@@ -191,6 +189,7 @@ def _service_destinations(
             if listed is None:
                 endpoints = [e for e in endpoints if e.address == index.by_ref[e.workload].address]
             families = [0]
+
         d = svc.delivery
         for i, family in enumerate(families):
             # Dual stack: one destination per family, so that a connection to the IPv4 ClusterIP
@@ -199,7 +198,7 @@ def _service_destinations(
             name = f"{svc.host}:{sp.port}" + (f" (IPv{family})" if i else "")
             names = (f"{svc.host}.svc:{sp.port}", f"{svc.host}.svc.cluster.local:{sp.port}") if i == 0 else ()
             # A family without endpoints of its own (single-stack pods) uses the others.
-            chosen = [e for e in endpoints if family in (0, _family(e.address))] or endpoints
+            chosen = _serving(endpoints, terminating, family) or _serving(endpoints, terminating, 0)
             out.append(
                 Destination(
                     name,
@@ -215,8 +214,18 @@ def _service_destinations(
     return out
 
 
+def _serving(ready: list[Endpoint], terminating: list[Endpoint], family: int) -> list[Endpoint]:
+    """The family's ready endpoints (0: any family), or else its terminating ones still serving:
+    kube-proxy's fallback, per family, as each of its proxiers sees only its own family's slices."""
+    return [e for e in ready if family in (0, _family(e.address))] or [
+        e for e in terminating if family in (0, _family(e.address))
+    ]
+
+
 def _family(ip: str) -> int:
-    return ipaddress.ip_address(ip).version
+    """4 or 6 (by its form: an address Python would not parse, such as an old EndpointSlice's
+    10.1.2.03, must not stop the compile; the conversion canonicalizes what it can)."""
+    return 6 if ":" in ip else 4
 
 
 def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:

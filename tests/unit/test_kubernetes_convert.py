@@ -592,3 +592,20 @@ def test_pod_opaque_ports_annotation() -> None:
         "Pod shop/cart-1: annotation sidemesh.io/opaque-ports: 'db' is not a port number "
         "(1-65535; ranges are not supported); annotation ignored",
     )
+
+
+def test_slice_addresses_are_canonical_and_unreadable_ones_left_out() -> None:
+    """An address Python cannot read (10.1.2.03, stored before Kubernetes refused leading zeros)
+    made every later compile of the whole mesh fail; an IPv6 address as written (FD00:0:0::2)
+    never matched a connection's original destination (fd00::2)."""
+    v4 = endpoint_slice("e4", "cart", pods=(("cart-1", "10.1.2.03", True), ("cart-2", "10.0.0.3", True)))
+    got = slice_from(v4)
+    assert got.value is not None and [e.address for e in got.value.endpoints] == ["10.0.0.3"]
+    assert got.errors == ("EndpointSlice shop/e4: '10.1.2.03' is not an IPv4 address; left out",)
+    v6 = with_(endpoint_slice("e6", "cart", pods=(("cart-1", "FD00:0:0::2", True),)), "addressType", "IPv6")
+    got = slice_from(v6)
+    assert (
+        got.value is not None and [e.address for e in got.value.endpoints] == ["fd00::2"] and not got.errors
+    )
+    mixed = with_(endpoint_slice("m", "cart", pods=(("cart-1", "10.0.0.2", True),)), "addressType", "IPv6")
+    assert slice_from(mixed).errors == ("EndpointSlice shop/m: '10.0.0.2' is not an IPv6 address; left out",)

@@ -480,3 +480,38 @@ def test_a_local_mode_workload_is_dual_stack_with_addresses() -> None:
     ):
         snap = parse(spec)
         assert not snap.workloads and len(snap.errors) == 1 and says in snap.errors[0], (spec, snap.errors)
+
+
+def test_terminating_endpoints_are_the_fallback_per_family() -> None:
+    """kube-proxy's proxier for each family sees only that family's slices: an IPv4 endpoint still
+    serving while it terminates is the IPv4 ClusterIP's, even when the IPv6 slice has a ready one
+    (the fallback was decided over both families first, and IPv4 callers went to IPv6 addresses)."""
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "cart", "namespace": "shop"},
+        "spec": {
+            "clusterIP": "10.96.0.10",
+            "clusterIPs": ["10.96.0.10", "fd00::a"],
+            "selector": {"app": "cart"},
+            "ports": [{"port": 80, "targetPort": 8080}],
+        },
+    }
+    snap = snapshot()
+    services = build_snapshot([("svc", doc)]).services
+    slices = (
+        EndpointAddress("10.0.0.2", "", 8080, "shop/cart-1", ready=False),  # terminating, serving
+        EndpointAddress("fd00::3", "", 8080, "shop/cart-2"),
+    )
+    table = compile_outbound(
+        Snapshot(services, snap.workloads, endpoints=(ServiceEndpoints("shop", "cart", slices),)),
+        "cluster.local",
+    )
+    assert [e.address for e in table._by_address[("10.96.0.10", 80)].endpoints] == ["10.0.0.2"]
+    assert [e.address for e in table._by_address[("fd00::a", 80)].endpoints] == ["fd00::3"]
+    # An address no parser takes does not stop the compile (it is left out at the conversion).
+    odd = (EndpointAddress("10.1.2.03", "", 8080, "shop/cart-1"),)
+    compile_outbound(
+        Snapshot(services, snap.workloads, endpoints=(ServiceEndpoints("shop", "cart", odd),)),
+        "cluster.local",
+    )
