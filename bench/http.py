@@ -254,21 +254,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="warm-up before each wrk run (default 3)")
     p.add_argument("--grpc-seconds", type=int, default=8, help="each h2load run (default 8)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where http.md and http.json go")
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="before the runs, wait up to this long for other processes' CPU use to drop under "
-        f"{l4.OTHER_LOAD:.0%}% of a core (default: %(default)s)",
-    )
-    p.add_argument(
-        "--retries",
-        type=int,
-        default=3,
-        help="measure a window again when other processes used more than "
-        f"{l4.OTHER_LOAD:.0%}% of a core during it, up to this many times (default: %(default)s)",
-    )
+    l4.add_quiet_options(p)
     return p.parse_args(argv)
 
 

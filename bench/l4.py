@@ -1306,6 +1306,25 @@ def analyse(report: Result, proxy_core: int | None, load_core: int | None) -> li
     return notes
 
 
+def add_quiet_options(p: argparse.ArgumentParser) -> None:
+    """--wait-quiet and --retries (for ``wait_quiet`` and ``undisturbed``), in bench.l4 and bench.http."""
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="before the runs, wait up to this long for other processes' CPU use to drop under "
+        f"{OTHER_LOAD:.0%}% of a core (default: %(default)s)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="measure a window again when other processes used more than "
+        f"{OTHER_LOAD:.0%}% of a core during it, up to this many times (default: %(default)s)",
+    )
+
+
 def undisturbed(measure: Callable[[], Result], runner: Runner, retries: int, progress: Progress) -> Result:
     """Measure; while other processes used more than OTHER_LOAD of a core in the window, wait for
     quiet (up to 60 s) and measure again, up to ``retries`` times. Keeps the least disturbed."""
@@ -1448,21 +1467,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="event loop of the sidecars: uvloop, as `sidemesh proxy run` installs it (default), or plain "
         "asyncio (uvloop made unimportable)",
     )
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="before the runs, wait up to this long for other processes' CPU use to drop under "
-        f"{OTHER_LOAD:.0%}% of a core (default: %(default)s)",
-    )
-    p.add_argument(
-        "--retries",
-        type=int,
-        default=3,
-        help="measure a window again when other processes used more than "
-        f"{OTHER_LOAD:.0%}% of a core during it, up to this many times (default: %(default)s)",
-    )
+    add_quiet_options(p)
     p.add_argument(
         "--profile",
         action="store_true",

@@ -643,35 +643,14 @@ async def test_a_post_is_not_sent_again_when_the_peer_sidecar_dies_with_it(
     assert (a.bodies + b.bodies).count(b"charge") == 1
 
 
-OPAQUE_CALLEE = """\
-apiVersion: v1
-kind: Namespace
-metadata: {{name: shop}}
----
-apiVersion: sidemesh.io/v1alpha1
-kind: Workload
-metadata: {{name: frontend-1, namespace: shop, labels: {{app: frontend}}}}
-spec: {{serviceAccount: frontend, address: {net}.1, ports: [{{port: 8080}}]}}
----
-apiVersion: sidemesh.io/v1alpha1
-kind: Workload
-metadata: {{name: carta-1, namespace: shop, labels: {{app: cart}}, annotations: {{sidemesh.io/opaque-ports: "8080"}}}}
-spec: {{serviceAccount: cart, address: {net}.2, ports: [{{port: 8080}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: cart, namespace: shop}}
-spec:
-  selector: {{app: cart}}
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
-"""
-
-
 async def test_a_post_is_sent_once_when_the_callee_relays_its_port_as_opaque(mesh: Mesh) -> None:
     """The caller's sidecar speaks HTTP (the Service is not opaque) and pools the connection; the
     callee's relays it as opaque (its pod says so), so its app's close arrives as the stream's
     orderly end. Taking that end as "never read" sent a POST the app had acted on a second time."""
-    mesh.write("workloads.yaml", OPAQUE_CALLEE.format(net=mesh.net))
+    callee_opaque = MESH.format(net=mesh.net, cart2="", timeout="0s").replace(
+        "labels: {app: cart}}", 'labels: {app: cart}, annotations: {sidemesh.io/opaque-ports: "8080"}}', 1
+    )  # (the pod's annotation, not the Service's)
+    mesh.write("workloads.yaml", callee_opaque)
     bodies: list[bytes] = []
 
     async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -11,7 +11,14 @@ import yaml
 
 from sidemesh.mesh import wire
 from sidemesh.mesh.compile import compile_inbound, compile_outbound, compile_sidecar, identities
-from sidemesh.mesh.resources import EndpointAddress, ServiceEndpoints, Snapshot, Workload, build_snapshot
+from sidemesh.mesh.resources import (
+    EndpointAddress,
+    Service,
+    ServiceEndpoints,
+    Snapshot,
+    Workload,
+    build_snapshot,
+)
 from sidemesh.policy.model import DefaultPolicy
 from sidemesh.spiffe import WorkloadId
 
@@ -243,7 +250,8 @@ def test_ports_excluded_from_inbound_capture_are_reached_in_plaintext() -> None:
     assert table._by_address[("10.0.0.2", 8080)].endpoints[0].identity is None
 
 
-def test_dual_stack_services_are_reached_at_each_cluster_ip() -> None:
+def _dual_stack_cart() -> tuple[Service, ...]:
+    """Service shop/cart with an IPv4 and an IPv6 ClusterIP (IPv4 primary), selecting app=cart."""
     doc = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -255,8 +263,12 @@ def test_dual_stack_services_are_reached_at_each_cluster_ip() -> None:
             "ports": [{"port": 80, "targetPort": 8080}],
         },
     }
+    return build_snapshot([("svc", doc)]).services
+
+
+def test_dual_stack_services_are_reached_at_each_cluster_ip() -> None:
     snap = snapshot()
-    services = build_snapshot([("svc", doc)]).services
+    services = _dual_stack_cart()
     table = compile_outbound(Snapshot(services, snap.workloads), "cluster.local")
     v4, v6 = table._by_address[("10.96.0.10", 80)], table._by_address[("fd00::a", 80)]
     # Single-stack pods: both ClusterIPs lead to their IPv4 addresses.
@@ -486,19 +498,8 @@ def test_terminating_endpoints_are_the_fallback_per_family() -> None:
     """kube-proxy's proxier for each family sees only that family's slices: an IPv4 endpoint still
     serving while it terminates is the IPv4 ClusterIP's, even when the IPv6 slice has a ready one
     (the fallback was decided over both families first, and IPv4 callers went to IPv6 addresses)."""
-    doc = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "cart", "namespace": "shop"},
-        "spec": {
-            "clusterIP": "10.96.0.10",
-            "clusterIPs": ["10.96.0.10", "fd00::a"],
-            "selector": {"app": "cart"},
-            "ports": [{"port": 80, "targetPort": 8080}],
-        },
-    }
     snap = snapshot()
-    services = build_snapshot([("svc", doc)]).services
+    services = _dual_stack_cart()
     slices = (
         EndpointAddress("10.0.0.2", "", 8080, "shop/cart-1", ready=False),  # terminating, serving
         EndpointAddress("fd00::3", "", 8080, "shop/cart-2"),
