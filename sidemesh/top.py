@@ -189,7 +189,10 @@ def run_top(
         if once:
             print(text, file=out)
             return 0
-        out.write("\x1b[H\x1b[2J" + text + f"\n\nevery {interval:g}s; Ctrl-C to stop\n")
+        # A terminal is redrawn in place; a pipe or a file gets each reading after the last, with
+        # no escape codes in it (they were written there too).
+        home = "\x1b[H\x1b[2J" if out.isatty() else "\n"
+        out.write(home + text + f"\n\nevery {interval:g}s; Ctrl-C to stop\n")
         out.flush()
         before, started = after, now
 

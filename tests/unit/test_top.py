@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -134,3 +135,27 @@ def test_a_port_that_does_not_speak_http_is_a_clear_error(capsys: pytest.Capture
 def test_bad_flags_are_named(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_live_mode_writes_escape_codes_to_a_terminal_only() -> None:
+    """Piped to a file (`sidemesh top ... > log`), each reading came with the terminal's
+    clear-screen codes in it."""
+    stats = _stats()
+    readings: Iterator[int] = iter(())
+
+    def sleep(seconds: float) -> None:
+        if next(readings) == 2:
+            raise KeyboardInterrupt  # the user's Ctrl-C after two readings
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for out, codes in ((io.StringIO(), False), (Terminal(), True)):
+        readings = iter(range(3))
+        with pytest.raises(KeyboardInterrupt):
+            run_top(
+                ["h:1"], 0.5, False, 10, "all", out, lambda _a: stats.snapshot(workload="shop/cart-1"), sleep
+            )
+        text = out.getvalue()
+        assert text.count("shop/cart-1") == 2 and ("\x1b[2J" in text) is codes, text
