@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import sys
@@ -293,7 +292,11 @@ def _issue(args: argparse.Namespace) -> int:
         identity = WorkloadId.parse(args.identity).spiffe_id(args.trust_domain)
     except SpiffeIdError as exc:
         raise CLIError(f"{exc}; --identity takes NAMESPACE/SERVICEACCOUNT") from exc
-    if not (m := re.fullmatch(r".+:(\d{1,5})", args.ca)) or not 1 <= int(m[1]) <= 65535:
+    try:
+        port = cfg.parse_hostport("ca", args.ca)[1]
+    except cfg.ConfigError:
+        port = 0
+    if port == 0:  # (grpc would dial a port over 65535 modulo 65536)
         raise CLIError(f"--ca {args.ca!r} is not HOST:PORT with a port of 1-65535")
     try:
         token = args.token if args.token is not None else args.token_file.read_text().strip()

@@ -19,6 +19,7 @@ from grpc.experimental import session_cache
 from controller.config import ControllerConfig
 from controller.server import ConfigServer
 from controller.sources.directory import DirectorySource
+from proxy.config_client import METHOD
 from sidemesh.api import config_pb2 as pb
 from sidemesh.config import ConfigError
 from sidemesh.identity.workload import WorkloadIdentity
@@ -166,7 +167,7 @@ async def test_only_changed_parts_are_sent(mesh: Mesh, controller: Controller) -
                 yield await outbox.get()
 
         call = channel.stream_stream(
-            "/sidemesh.config.v1.ConfigDiscovery/Stream",
+            METHOD,
             pb.StreamRequest.SerializeToString,
             pb.Update.FromString,
         )(requests())
@@ -206,7 +207,7 @@ async def test_stream_refuses_clients_without_a_mesh_certificate(
             controller.address, creds, options=[("grpc.ssl_target_name_override", NAME)]
         ) as ch:
             call = ch.stream_stream(
-                "/sidemesh.config.v1.ConfigDiscovery/Stream",
+                METHOD,
                 pb.StreamRequest.SerializeToString,
                 pb.Update.FromString,
             )(iter([pb.StreamRequest()]))
@@ -278,7 +279,7 @@ async def test_a_resumed_session_does_not_outlive_the_client_certificate(
     async def first_update() -> pb.Update:
         async with grpc.aio.secure_channel(controller.address, creds, options=options) as channel:
             call = channel.stream_stream(
-                "/sidemesh.config.v1.ConfigDiscovery/Stream",
+                METHOD,
                 pb.StreamRequest.SerializeToString,
                 pb.Update.FromString,
             )(iter([pb.StreamRequest()]))
@@ -365,9 +366,7 @@ async def _open_stream(
         while True:
             yield await outbox.get()
 
-    method = channel.stream_stream(
-        "/sidemesh.config.v1.ConfigDiscovery/Stream", pb.StreamRequest.SerializeToString, pb.Update.FromString
-    )
+    method = channel.stream_stream(METHOD, pb.StreamRequest.SerializeToString, pb.Update.FromString)
     return channel, method(requests()), outbox
 
 
