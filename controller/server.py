@@ -205,9 +205,16 @@ class ConfigServer:
         # The stream lasts as long as the certificate it was opened with: a sidecar renews at half
         # its life and reconnects, so only one whose identity ended is cut off (it kept getting
         # policy and topology after its certificate expired).
+        task = asyncio.current_task()
+        assert task is not None
+        ended: list[bool] = []  # the certificate's end came (not the stream's or the server's)
+
+        def certificate_ended() -> None:
+            ended.append(True)
+            task.cancel()
+
         expiry = asyncio.get_running_loop().call_later(
-            max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()),
-            asyncio.current_task().cancel,  # type: ignore[union-attr]
+            max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()), certificate_ended
         )
         try:
             await self.ready.wait()
@@ -246,7 +253,9 @@ class ConfigServer:
                 del data
                 self.metrics.updates.inc()
         except asyncio.CancelledError:
-            if expiry.when() > asyncio.get_running_loop().time():
+            # (a flag, not the timer's when() against the loop's time: uvloop's timers fire with
+            # when() a rounding error above time(), and the stream hung instead of ending)
+            if not ended:
                 raise  # not the certificate's end: the stream or the server is going away
             log.info("sidecar's certificate expired; stream ended", extra={"identity": str(identity)})
             await context.abort(
