@@ -157,7 +157,11 @@ def leaf_with(
             critical=True,
         )
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=True
+            # No URI: a DNS name alone (cryptography 51 refuses an empty SAN, as RFC 5280 does).
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(u) for u in uris] or [x509.DNSName("cart.shop")]
+            ),
+            critical=True,
         )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.cert.public_key()), critical=False
