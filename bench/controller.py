@@ -9,8 +9,9 @@ Phases, each in a process of its own so that every figure (time, CPU, RSS) is th
    conditions), made three ways with the same content: the ``Snapshot`` built directly in Python,
    ``build_snapshot`` from the documents as dicts, and ``load_directory`` of the same documents
    written as YAML (one file per namespace). The three are checked to be equal.
-2. Compile, as the controller does it: ``MeshState.update(snapshot)`` (the shared outbound table,
-   compiled and serialized) + ``MeshState.inbound(identity)`` for every identity; median of
+2. Compile, as the controller does it: ``MeshState.update(snapshot)`` (the shared outbound table)
+   + ``MeshState.outbound()`` (that table serialized whole, which the controller does when a
+   stream first needs it) + ``MeshState.inbound(identity)`` for every identity; median of
    --repeat runs on fresh ``MeshState`` objects, with a breakdown of where the time goes.
 3. The controller: ``ConfigServer`` (controller/server.py, unchanged, plain asyncio as
    ``sidemesh controller serve`` runs it, log level info with its stderr going to a file) in its
@@ -688,11 +689,11 @@ def _cluster_main(p: ClusterParams) -> Result:
     runs = []
     for i in range(p.repeat):
         state = MeshState(TRUST_DOMAIN, DefaultPolicy.ALLOW_AUTHENTICATED)
-        _, outbound_s = _timed(lambda s=state: s.update(snapshot))  # type: ignore[misc]
+        _, outbound_s = _timed(lambda s=state: (s.update(snapshot), s.outbound()))  # type: ignore[misc]
         _, inbound_s = _timed(lambda s=state: [s.inbound(w) for w in ids])  # type: ignore[misc]
         runs.append({"outbound_s": outbound_s, "inbound_s": inbound_s, "total_s": outbound_s + inbound_s})
         _say(
-            f"compile run {i + 1}/{p.repeat}: MeshState.update {_secs(outbound_s)} + inbound for "
+            f"compile run {i + 1}/{p.repeat}: MeshState.update + outbound() {_secs(outbound_s)} + inbound for "
             f"{len(ids)} identities {_secs(inbound_s)} = {_secs(outbound_s + inbound_s)}"
         )
         del state
@@ -723,7 +724,19 @@ def _cluster_main(p: ClusterParams) -> Result:
     bd["inbound_to_pb_and_serialize_all_s"] = convert_s
     # What every sidecar then does with the outbound part (proxy/config_client.py _handle).
     parsed, bd["sidecar_parse_outbound_s"] = _timed(lambda: pb.Update.FromString(outbound_wire))
-    _, bd["sidecar_outbound_from_pb_s"] = _timed(lambda: wire.outbound_from_pb(parsed.outbound))
+    held, bd["sidecar_outbound_from_pb_s"] = _timed(lambda: wire.outbound_from_pb(parsed.outbound))
+    # A pod added: the delta the controller computes once, and what every sidecar does with it.
+    new_table = mc.compile_outbound(pod_added(spec, snapshot)[0], TRUST_DOMAIN)
+    delta, bd["outbound_delta_s"] = _timed(lambda: mc.outbound_delta(table, new_table))
+    delta_wire = pb.Update(outbound_delta=wire.outbound_delta_to_pb(delta)).SerializeToString()
+
+    def sidecar_apply() -> mc.OutboundTable:
+        update = pb.Update.FromString(delta_wire)
+        return mc.apply_outbound_delta(held, wire.outbound_delta_from_pb(update.outbound_delta))
+
+    applied, bd["sidecar_apply_delta_s"] = _timed(sidecar_apply)
+    if applied.destinations != new_table.destinations:
+        raise RuntimeError("the pod change's delta, applied, is not the new outbound table")
     out["breakdown"] = bd
     inbound_sizes.sort()
     out["sizes"] = {
@@ -733,6 +746,8 @@ def _cluster_main(p: ClusterParams) -> Result:
         "inbound_bytes_min": inbound_sizes[0] if inbound_sizes else 0,
         "inbound_bytes_median": _percentile(inbound_sizes, 50),
         "inbound_bytes_max": inbound_sizes[-1] if inbound_sizes else 0,
+        "pod_delta_bytes": len(delta_wire),
+        "pod_delta_destinations": len(delta.upserted) + len(delta.removed),
     }
     out["rss_mb"] = _rss_mb()
     out["cpu_s"] = _self_cpu_seconds()
@@ -960,8 +975,9 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
 
 def scan_update(data: bytes) -> tuple[int, int, int]:
     """(version, inbound part bytes, outbound part bytes) of a serialized ``Update``, from its
-    top-level fields only (1 version, 2 inbound, 3 outbound: all length-delimited)."""
-    version, sizes, i = 0, [0, 0, 0, 0], 0
+    top-level fields only (1 version, 2 inbound, 3 outbound, 4 outbound delta: all
+    length-delimited; the outbound bytes are the table's or the delta's)."""
+    version, sizes, i = 0, [0, 0, 0, 0, 0], 0
     while i < len(data):
         start = i
         key, i = _varint(data, i)
@@ -970,10 +986,10 @@ def scan_update(data: bytes) -> tuple[int, int, int]:
         length, i = _varint(data, i)
         if key >> 3 == 1:
             version = int(data[i : i + length])
-        elif key >> 3 in (2, 3):
+        elif key >> 3 in (2, 3, 4):
             sizes[key >> 3] += i + length - start  # the whole field: tag, length, message
         i += length
-    return version, sizes[2], sizes[3]
+    return version, sizes[2], sizes[3] + sizes[4]
 
 
 @dataclass(frozen=True, slots=True)
@@ -1042,7 +1058,7 @@ async def _stream(channel: grpc.aio.Channel, s: StreamProbe, tracker: Tracker) -
     from sidemesh.api import config_pb2 as pb
 
     async def requests() -> AsyncIterator[Any]:
-        yield pb.StreamRequest()
+        yield pb.StreamRequest(outbound_deltas=True)  # as proxy/config_client.py
         while True:
             yield await s.outbox.get()
 
@@ -1628,13 +1644,16 @@ def _findings(report: Result) -> list[str]:
     out: list[str] = []
     cfg, cl = report["config"], report["cluster"]
     outbound_mb = cl["sizes"]["outbound_bytes"] / MB
+    bd, sz = cl["breakdown"], cl["sizes"]
     out.append(
-        f"- The outbound part is {outbound_mb:.1f} MB ({cl['sizes']['destinations']:,} destinations, "
-        f"{cl['sizes']['endpoints']:,} endpoints) and the same for every sidecar. Any change to a "
-        f"Workload, Service or endpoint resends it whole to every stream: "
-        f"{cfg['streams'] * outbound_mb / 1e3:.2f} GB for {cfg['streams']:,} streams, and each sidecar "
-        f"then decodes it (`wire.outbound_from_pb`: {_secs(cl['breakdown']['sidecar_outbound_from_pb_s'])} "
-        "here, per update, per sidecar)."
+        f"- The outbound part is {outbound_mb:.1f} MB ({sz['destinations']:,} destinations, "
+        f"{sz['endpoints']:,} endpoints) and the same for every sidecar. It goes whole on a new "
+        f"stream ({cfg['streams'] * outbound_mb / 1e3:.2f} GB for {cfg['streams']:,} streams; each "
+        f"sidecar decodes it: `wire.outbound_from_pb` {_secs(bd['sidecar_outbound_from_pb_s'])} here). "
+        f"A change to a Workload, Service or endpoint goes as a delta: for the pod added, "
+        f"{sz['pod_delta_bytes']:,} bytes ({sz['pod_delta_destinations']} destinations; "
+        f"`outbound_delta` {_secs(bd['outbound_delta_s'])} once in the controller, "
+        f"`apply_outbound_delta` {_secs(bd['sidecar_apply_delta_s'])} per sidecar)."
     )
     c = cl["compile"]
     out.append(
@@ -1747,7 +1766,7 @@ def table_rows(report: Result) -> list[tuple[str, str]]:
         )
     rows += [
         (
-            f"compile: MeshState.update (outbound), median of {cfg['repeat']} (min-max)",
+            f"compile: MeshState.update + outbound() (whole table), median of {cfg['repeat']} (min-max)",
             f"{_secs(c['outbound_s'])} ({_spread(cl, 'outbound_s')})",
         ),
         (
@@ -1782,8 +1801,13 @@ def table_rows(report: Result) -> list[tuple[str, str]]:
             f"{sz['inbound_bytes_min']:,} / {sz['inbound_bytes_median']:,} / {sz['inbound_bytes_max']:,}",
         ),
         (
-            "sidecar side, per outbound update: parse / outbound_from_pb",
+            "sidecar side, per whole outbound table: parse / outbound_from_pb",
             f"{_secs(bd['sidecar_parse_outbound_s'])} / {_secs(bd['sidecar_outbound_from_pb_s'])}",
+        ),
+        (
+            "one pod added: delta bytes (destinations) / outbound_delta in the controller / applied per sidecar",
+            f"{sz['pod_delta_bytes']:,} B ({sz['pod_delta_destinations']}) / {_secs(bd['outbound_delta_s'])} / "
+            f"{_secs(bd['sidecar_apply_delta_s'])}",
         ),
     ]
     ctl = report.get("controller")

@@ -43,6 +43,7 @@ SERVICE = "sidemesh.config.v1.ConfigDiscovery"
 _ids = itertools.count(1)
 FULL_SENDS = 16  # streams that may be sent a full outbound table at the same moment
 FULL_SEND_TIMEOUT = 10.0  # seconds a stream may take to accept a full table
+LARGE_SEND = 256 * 1024  # a delta this large is bounded as a full table is
 
 
 @dataclass
@@ -57,6 +58,8 @@ class StreamInfo:
     # leaves out; reset by a NACK (the sidecar dropped that update's parts)
     parts: tuple[str, str] = ("", "")
     resend: bool = False  # a NACK of an older version: the current one goes again, whole
+    deltas: bool = False  # it said it applies outbound deltas (an older sidecar gets whole tables)
+    delta_version: str = ""  # the version last sent, when it carried an outbound delta
     versions: deque[str] = field(default_factory=lambda: deque(maxlen=8))  # the last ones sent
     resent: str = ""  # the version last sent again after a NACK (once per version)
     nacks_logged: float = 0.0
@@ -68,6 +71,13 @@ class Metrics:
         r = self.registry
         self.streams = Gauge("sidemesh_controller_streams", "Sidecar streams connected.", registry=r)
         self.updates = Counter("sidemesh_controller_updates_sent", "Updates sent to sidecars.", registry=r)
+        self.outbound = Counter(
+            "sidemesh_controller_outbound_updates",
+            "Updates sent to sidecars, by what they carried of the outbound table: whole, delta "
+            "(only what changed since the stream's last), none (unchanged).",
+            ["kind"],
+            registry=r,
+        )
         self.nacks = Counter("sidemesh_controller_nacks", "Updates sidecars could not apply.", registry=r)
         self.refused = Counter(
             "sidemesh_controller_streams_refused", "Streams refused, by reason.", ["reason"], registry=r
@@ -224,32 +234,30 @@ class ConfigServer:
                         lambda: info.sent_version != self.state.version or info.resend
                     )
                 info.resend = False
-                if self.state.outbound().hash != info.parts[1]:
-                    # A full table goes out: bound how many are built and in flight at once, so
-                    # that memory stays near FULL_SENDS tables instead of one per stream.
-                    async with self._full_sends:
-                        data, info.parts = self.state.message(identity, info.parts)
-                        info.sent_version = self.state.version
-                        info.versions.append(info.sent_version)
-                        try:
-                            # A sidecar that stops reading (a frozen pod, a dead node) must not keep
-                            # its permit: 16 of them would stall every full send in the mesh.
-                            async with asyncio.timeout(FULL_SEND_TIMEOUT):
-                                await context.write(data)
-                        except TimeoutError:
-                            self.metrics.refused.labels("slow_reader").inc()
-                            log.warning(
-                                "sidecar not reading its configuration; stream ended",
-                                extra={"identity": str(identity), "peer": info.peer},
-                            )
-                            await context.abort(
-                                grpc.StatusCode.UNAVAILABLE, "configuration not read in time; reconnect"
-                            )
-                else:
-                    data, info.parts = self.state.message(identity, info.parts)
+                outbound = self.state.outbound_for(info.parts[1], info.deltas)
+                # A full table (or a delta as large) goes out: bound how many are built and in
+                # flight at once, so that memory stays near FULL_SENDS tables, not one per stream.
+                large = outbound is not None and (not outbound.delta or len(outbound.wire) >= LARGE_SEND)
+                async with self._full_sends if large else contextlib.nullcontext():
+                    data, info.parts, kind = self.state.message(identity, info.parts, info.deltas)
                     info.sent_version = self.state.version
                     info.versions.append(info.sent_version)
-                    await context.write(data)
+                    info.delta_version = info.sent_version if kind == "delta" else ""
+                    self.metrics.outbound.labels(kind).inc()
+                    try:
+                        # A sidecar that stops reading (a frozen pod, a dead node) must not keep
+                        # its permit: 16 of them would stall every full send in the mesh.
+                        async with asyncio.timeout(FULL_SEND_TIMEOUT if large else None):
+                            await context.write(data)
+                    except TimeoutError:
+                        self.metrics.refused.labels("slow_reader").inc()
+                        log.warning(
+                            "sidecar not reading its configuration; stream ended",
+                            extra={"identity": str(identity), "peer": info.peer},
+                        )
+                        await context.abort(
+                            grpc.StatusCode.UNAVAILABLE, "configuration not read in time; reconnect"
+                        )
                 del data
                 self.metrics.updates.inc()
         except asyncio.CancelledError:
@@ -271,6 +279,8 @@ class ConfigServer:
     async def _read_acks(self, requests: AsyncIterator[pb.StreamRequest], info: StreamInfo) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
             async for request in requests:
+                if request.outbound_deltas:
+                    info.deltas = True
                 if request.error:
                     info.last_error = request.error[:MAX_NACK_TEXT]
                     self.metrics.nacks.inc()
@@ -283,7 +293,10 @@ class ConfigServer:
                     # its latest, and once per latest (a client NACKing made-up versions had
                     # whole tables sent nonstop: 6,100 in 2 s).
                     older = request.ack_version in info.versions and request.ack_version != info.sent_version
-                    if older and info.resent != info.sent_version:
+                    # A refused delta (a table the sidecar does not hold, a hash that does not add
+                    # up) is no fault of the configuration: the whole table goes at once, too.
+                    delta = request.ack_version == info.delta_version != ""
+                    if (older or delta) and info.resent != info.sent_version:
                         info.resent, info.resend = info.sent_version, True
                         async with self._changed:
                             self._changed.notify_all()

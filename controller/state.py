@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from sidemesh.api import config_pb2 as pb
@@ -14,12 +15,19 @@ from sidemesh.policy.model import Authorization, DefaultPolicy
 from sidemesh.spiffe import WorkloadId
 
 log = logging.getLogger("sidemesh.controller")
+# Outbound deltas kept: a stream up to this many outbound changes behind (a slow sidecar during a
+# rollout) still gets only what changed; one further behind, or new, gets the whole table. Fewer
+# when together they change more destinations than the table holds (a delta that large is no use).
+DELTA_STEPS = 64
+# Deltas built for different bases kept at once (streams cluster on a few; others are built anew).
+DELTA_CACHE = 16
 
 
 @dataclass(frozen=True, slots=True)
 class Part:
     hash: str
     wire: bytes  # a serialized Update holding only this part: concatenated into any Update
+    delta: bool = False  # an outbound delta, not the whole table
 
 
 def _by_namespace(snapshot: Snapshot) -> dict[str, tuple[object, ...]]:
@@ -45,7 +53,9 @@ def _by_namespace(snapshot: Snapshot) -> dict[str, tuple[object, ...]]:
 class MeshState:
     """Compiles each snapshot. Parts whose inputs did not change are reused, not recompiled: the
     outbound table when services, workloads and endpoints are the same; an identity's inbound part
-    when nothing in its namespace changed."""
+    when nothing in its namespace changed. The outbound table goes to a stream as a delta from the
+    one it was sent last when that is known and smaller (a pod change: a few destinations of tens
+    of thousands), else whole."""
 
     def __init__(self, trust_domain: str, mesh_default: DefaultPolicy) -> None:
         self.trust_domain = trust_domain
@@ -53,7 +63,10 @@ class MeshState:
         self.snapshot = Snapshot()
         self.generation = 0
         self.compile_seconds = 0.0
-        self._outbound = Part("", b"")
+        self._table: mc.OutboundTable | None = None
+        self._whole: Part | None = None  # _table serialized, when a stream first needs it whole
+        self._steps: deque[mc.OutboundDelta] = deque(maxlen=DELTA_STEPS)  # the last changes, in order
+        self._deltas: dict[str, Part | None] = {}  # from a held hash to the current table (None: whole)
         self._inbound: dict[WorkloadId, Part] = {}
         self._index = mc.InboundIndex(self.snapshot)
         self._namespaces: dict[str, tuple[object, ...]] = {}
@@ -69,12 +82,16 @@ class MeshState:
             old.workloads,
             old.services,
             old.endpoints,
-        ) or not self._outbound.hash:
+        ) or self._table is None:
             outbound = mc.compile_outbound(snapshot, self.trust_domain)
-            if outbound.hash != self._outbound.hash:
-                self._outbound = Part(
-                    outbound.hash, pb.Update(outbound=wire.outbound_to_pb(outbound)).SerializeToString()
-                )
+            if outbound.hash != self.outbound_hash():
+                if self._table is not None:
+                    self._steps.append(mc.outbound_delta(self._table, outbound))
+                    changes = [len(s.upserted) + len(s.removed) for s in self._steps]
+                    while self._steps and sum(changes) > len(outbound.destinations):
+                        self._steps.popleft()
+                        changes.pop(0)
+                self._table, self._whole, self._deltas = outbound, None, {}
         namespaces = _by_namespace(snapshot)
         changed = {
             ns
@@ -101,7 +118,51 @@ class MeshState:
         )
 
     def outbound(self) -> Part:
-        return self._outbound
+        """The whole outbound table, serialized once per table when a stream first needs it (a new
+        stream, one after a NACK): a pod change that every stream gets as a delta costs none."""
+        if self._whole is None:
+            if self._table is None:
+                return Part("", b"")
+            update = pb.Update(outbound=wire.outbound_to_pb(self._table))
+            self._whole = Part(self._table.hash, update.SerializeToString())
+        return self._whole
+
+    def outbound_hash(self) -> str:
+        return self._table.hash if self._table is not None else ""
+
+    def outbound_table(self) -> mc.OutboundTable | None:
+        """The compiled outbound table being served (None before the first snapshot)."""
+        return self._table
+
+    def outbound_for(self, held: str, deltas: bool = True) -> Part | None:
+        """What brings a stream that holds the outbound table with hash ``held`` to the current
+        one: nothing when it holds it, else a delta when the stream takes them (once per held
+        hash and version, shared by every stream) or the whole table (``outbound()``)."""
+        if held == self.outbound_hash():
+            return None
+        if not deltas:
+            return self.outbound()
+        if held in self._deltas:
+            return self._deltas[held] or self.outbound()
+        delta = self._delta_from(held)
+        if len(self._deltas) < DELTA_CACHE:
+            self._deltas[held] = delta
+        return delta or self.outbound()
+
+    def _delta_from(self, held: str) -> Part | None:
+        steps = list(self._steps)
+        start = (
+            next((i for i in reversed(range(len(steps))) if steps[i].base == held), None) if held else None
+        )
+        if start is None or self._table is None or steps[-1].hash != self._table.hash:
+            return None
+        delta = mc.chain_deltas(steps[start:])
+        # (upserted destinations are the new table's: a delta changing no more than it holds is
+        # smaller than it; the steps kept change no more than that together)
+        if len(delta.upserted) + len(delta.removed) > len(self._table.destinations):
+            return None
+        data = pb.Update(outbound_delta=wire.outbound_delta_to_pb(delta)).SerializeToString()
+        return Part(delta.hash, data, delta=True)
 
     def inbound(self, identity: WorkloadId) -> Part:
         part = self._inbound.get(identity)
@@ -113,12 +174,17 @@ class MeshState:
             self._inbound[identity] = part
         return part
 
-    def message(self, identity: WorkloadId, sent: tuple[str, str]) -> tuple[bytes, tuple[str, str]]:
-        """The update for a stream that last got parts with hashes ``sent`` (inbound, outbound)."""
-        inbound, outbound = self.inbound(identity), self.outbound()
+    def message(
+        self, identity: WorkloadId, sent: tuple[str, str], deltas: bool = True
+    ) -> tuple[bytes, tuple[str, str], str]:
+        """The update for a stream that last got parts with hashes ``sent`` (inbound, outbound)
+        and takes outbound deltas or not; the hashes it then holds; what it got of the outbound
+        table: "whole", "delta" or "none"."""
+        inbound, outbound = self.inbound(identity), self.outbound_for(sent[1], deltas)
         data = pb.Update(version=self.version).SerializeToString()
         if inbound.hash != sent[0]:
             data += inbound.wire
-        if outbound.hash != sent[1]:
+        if outbound is not None:
             data += outbound.wire
-        return data, (inbound.hash, outbound.hash)
+        kind = "none" if outbound is None else "delta" if outbound.delta else "whole"
+        return data, (inbound.hash, self.outbound_hash()), kind

@@ -21,7 +21,7 @@ from sidemesh.cancel import stop_if_cancelling
 from sidemesh.identity import rotation
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.mesh import wire
-from sidemesh.mesh.compile import CompileError, InboundConfig, OutboundTable
+from sidemesh.mesh.compile import CompileError, InboundConfig, OutboundTable, apply_outbound_delta
 
 # The stream's keepalive ping: a partition without a FIN is noticed within about a minute. The
 # controller permits pings this often (controller/server.py SERVER_OPTIONS).
@@ -49,6 +49,7 @@ class ConfigClient:
         self.last_error: str | None = None
         self._rotated = asyncio.Event()
         self._need_whole = False  # an update was refused: only a whole one (both parts) is applied
+        self.outbound: OutboundTable | None = None  # the outbound table applied last (deltas apply to it)
         identity.on_rotate(lambda _svid: self._rotated.set())
 
     async def run(self) -> None:
@@ -95,7 +96,7 @@ class ConfigClient:
         ]
         async with grpc.aio.secure_channel(self.address, creds, options=options) as channel:
             outbox: asyncio.Queue[pb.StreamRequest] = asyncio.Queue()
-            outbox.put_nowait(pb.StreamRequest())
+            outbox.put_nowait(pb.StreamRequest(outbound_deltas=True))
 
             async def requests() -> AsyncIterator[pb.StreamRequest]:
                 while True:
@@ -134,7 +135,15 @@ class ConfigClient:
                 raise CompileError("after a refused update the next must carry both parts; waiting for it")
             inbound = wire.inbound_from_pb(update.inbound) if update.HasField("inbound") else None
             outbound = wire.outbound_from_pb(update.outbound) if update.HasField("outbound") else None
+            if update.HasField("outbound_delta"):
+                if outbound is not None:
+                    raise CompileError("the update carries both the outbound table and a delta of it")
+                outbound = apply_outbound_delta(
+                    self.outbound, wire.outbound_delta_from_pb(update.outbound_delta)
+                )
             self.apply(inbound, outbound, update.version)
+            if outbound is not None:
+                self.outbound = outbound
         except (wire.WireError, CompileError) as exc:
             log.error(
                 "configuration update not applied; keeping the last one",

@@ -6,7 +6,8 @@ The controller's configuration stream to the sidecars.
 A sidecar authenticates with its SVID (mTLS); the controller derives its identity from the
 certificate alone. It receives, per identity, what it needs: the inbound policies of the
 workloads that run as that identity, and the outbound table (service -> endpoints, each with the
-identity it must present). Updates are versioned snapshots; the sidecar acknowledges each.
+identity it must present). Updates are versioned snapshots; the sidecar acknowledges each. The
+outbound table goes whole on a new stream and after a NACK, otherwise as a delta.
 """
 
 from collections import abc as _abc
@@ -30,19 +31,26 @@ class StreamRequest(_message.Message):
 
     ACK_VERSION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    OUTBOUND_DELTAS_FIELD_NUMBER: _builtins.int
     ack_version: _builtins.str
     """The version being acknowledged ("" in the first request)."""
     error: _builtins.str
     """Set when the sidecar could not apply the update named in ack_version."""
+    outbound_deltas: _builtins.bool
+    """Set in the first request by a sidecar that applies Update.outbound_delta. One that does not
+    (an older sidecar, which would ignore the field and acknowledge a stale table) gets the
+    outbound table whole on every change.
+    """
     def __init__(
         self,
         *,
         ack_version: _builtins.str = ...,
         error: _builtins.str = ...,
+        outbound_deltas: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_version", b"ack_version", "error", b"error"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_version", b"ack_version", "error", b"error", "outbound_deltas", b"outbound_deltas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -55,6 +63,7 @@ class Update(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     INBOUND_FIELD_NUMBER: _builtins.int
     OUTBOUND_FIELD_NUMBER: _builtins.int
+    OUTBOUND_DELTA_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """The snapshot version. Every update carries it; the parts below are sent only when they
     changed for this sidecar since the last update on this stream.
@@ -62,21 +71,69 @@ class Update(_message.Message):
     @_builtins.property
     def inbound(self) -> Global___Inbound: ...
     @_builtins.property
-    def outbound(self) -> Global___Outbound: ...
+    def outbound(self) -> Global___Outbound:
+        """the whole outbound table"""
+
+    @_builtins.property
+    def outbound_delta(self) -> Global___OutboundDelta:
+        """or only what changed in it (never both)"""
+
     def __init__(
         self,
         *,
         version: _builtins.str = ...,
         inbound: Global___Inbound | None = ...,
         outbound: Global___Outbound | None = ...,
+        outbound_delta: Global___OutboundDelta | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inbound", b"inbound", "outbound", b"outbound"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inbound", b"inbound", "outbound", b"outbound", "outbound_delta", b"outbound_delta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inbound", b"inbound", "outbound", b"outbound", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inbound", b"inbound", "outbound", b"outbound", "outbound_delta", b"outbound_delta", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Update: _TypeAlias = Update  # noqa: Y015
+
+@_typing.final
+class OutboundDelta(_message.Message):
+    """The changes from the outbound table with hash `base` (the one this stream was sent last) to
+    the one with hash `hash`: destinations added or changed, sent whole, and the names of those
+    gone. A sidecar that does not hold `base`, or whose result does not hash to `hash`, refuses
+    the update (a NACK); the controller then sends the whole table. A pod change touches a few
+    destinations of a table of tens of thousands: the delta is what goes to every sidecar.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    UPSERTED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    base: _builtins.str
+    hash: _builtins.str
+    @_builtins.property
+    def upserted(self) -> _containers.RepeatedCompositeFieldContainer[Global___Destination]:
+        """by name: replaces the destination of that name"""
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """names of destinations no longer in the table"""
+
+    def __init__(
+        self,
+        *,
+        base: _builtins.str = ...,
+        hash: _builtins.str = ...,
+        upserted: _abc.Iterable[Global___Destination] | None = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "hash", b"hash", "removed", b"removed", "upserted", b"upserted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutboundDelta: _TypeAlias = OutboundDelta  # noqa: Y015
 
 @_typing.final
 class Inbound(_message.Message):

@@ -6,7 +6,8 @@ The controller's configuration stream to the sidecars.
 A sidecar authenticates with its SVID (mTLS); the controller derives its identity from the
 certificate alone. It receives, per identity, what it needs: the inbound policies of the
 workloads that run as that identity, and the outbound table (service -> endpoints, each with the
-identity it must present). Updates are versioned snapshots; the sidecar acknowledges each.
+identity it must present). Updates are versioned snapshots; the sidecar acknowledges each. The
+outbound table goes whole on a new stream and after a NACK, otherwise as a delta.
 """
 
 from collections import abc as _abc

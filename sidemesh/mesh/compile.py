@@ -9,7 +9,9 @@ selecting them) is compiled per identity. A sidecar's own view is derived from b
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sidemesh.mesh.resources import EndpointAddress, Service, Snapshot, Workload
@@ -79,15 +81,102 @@ def _digest(value: object) -> str:
     return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
 
 
+def _destination_digest(d: Destination) -> int:
+    """64 bits of SHA-256 of one destination's content (no dataclass reprs: ~10^5 of them)."""
+    text = f"{d.name}|{','.join(d.names)}|{d.addresses}|"
+    if d.timeout_s or d.retries or d.retry_non_idempotent or d.opaque:  # most have none: no cost
+        text += f"~{d.timeout_s}|{d.retries}|{d.retry_non_idempotent}|{d.opaque}|"
+    text += "".join(f"{e.address}:{e.port}:{e.identity}:{e.workload};" for e in d.endpoints)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+_MOD = 1 << 64
+
+
 def _outbound_digest(destinations: tuple[Destination, ...]) -> str:
-    """The table's content hash, without the cost of dataclass reprs (it holds ~10^5 objects)."""
-    h = hashlib.sha256()
+    """The table's content hash: the sum of its destinations' digests (names are unique), so that a
+    sidecar applying a delta checks the result by digesting only what the delta changed."""
+    return f"{sum(map(_destination_digest, destinations)) % _MOD:016x}"
+
+
+_by_name = operator.attrgetter("name")
+
+
+def _canonical(destinations: Iterable[Destination]) -> tuple[Destination, ...]:
+    """The table's order, the same in the controller and in a sidecar that applied deltas: pod
+    destinations, then Services, each by name (where two share an address, the later one wins)."""
+    pods: list[Destination] = []
+    services: list[Destination] = []
     for d in destinations:
-        h.update(f"{d.name}|{','.join(d.names)}|{d.addresses}|".encode())
-        if d.timeout_s or d.retries or d.retry_non_idempotent or d.opaque:  # most have none: no cost
-            h.update(f"~{d.timeout_s}|{d.retries}|{d.retry_non_idempotent}|{d.opaque}|".encode())
-        h.update("".join(f"{e.address}:{e.port}:{e.identity}:{e.workload};" for e in d.endpoints).encode())
-    return h.hexdigest()[:16]
+        (pods if d.name.startswith("pod ") else services).append(d)
+    pods.sort(key=_by_name)
+    services.sort(key=_by_name)
+    return (*pods, *services)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundDelta:
+    """What changed from the outbound table with hash ``base`` to the one with hash ``hash``."""
+
+    base: str
+    hash: str
+    upserted: tuple[Destination, ...]  # new or changed, whole; by name
+    removed: tuple[str, ...]  # names
+
+
+def outbound_delta(old: OutboundTable, new: OutboundTable) -> OutboundDelta:
+    before = {d.name: d for d in old.destinations}
+    upserted = tuple(d for d in new.destinations if before.pop(d.name, None) != d)
+    return OutboundDelta(old.hash, new.hash, upserted, tuple(before))
+
+
+def chain_deltas(steps: list[OutboundDelta]) -> OutboundDelta:
+    """One delta doing what ``steps`` (each based on the one before) do in turn."""
+    upserted: dict[str, Destination] = {}
+    removed: dict[str, None] = {}
+    for step in steps:
+        for name in step.removed:
+            upserted.pop(name, None)
+            removed[name] = None
+        for d in step.upserted:
+            upserted[d.name] = d
+            removed.pop(d.name, None)
+    # A name added and then removed again is in ``removed`` though ``base`` lacks it: removing a
+    # name that is not there changes nothing, and the hash check holds either way.
+    return OutboundDelta(steps[0].base, steps[-1].hash, tuple(upserted.values()), tuple(removed))
+
+
+def apply_outbound_delta(table: OutboundTable | None, delta: OutboundDelta) -> OutboundTable:
+    """The table ``delta`` leads to from ``table``; CompileError when ``table`` is not its base or
+    the result does not hash to what the delta says (the sender then sends the whole table)."""
+    held = table.hash if table is not None else ""
+    if table is None or held != delta.base:
+        raise CompileError(
+            f"the update changes outbound table {delta.base or '(none)'} but this sidecar holds "
+            f"{held or 'none'}; waiting for the whole table"
+        )
+    try:
+        total = int(table.hash, 16)
+    except ValueError:
+        raise CompileError(f"outbound table hash {table.hash!r} is not hexadecimal") from None
+    by_name = {d.name: d for d in table.destinations}
+    upserted = {d.name for d in delta.upserted}
+    if len(upserted) != len(delta.upserted) or not upserted.isdisjoint(delta.removed):
+        raise CompileError("the update's outbound delta names a destination twice")
+    for name in delta.removed:
+        if (gone := by_name.pop(name, None)) is not None:
+            total -= _destination_digest(gone)
+    for d in delta.upserted:
+        if (replaced := by_name.get(d.name)) is not None:
+            total -= _destination_digest(replaced)
+        by_name[d.name] = d
+        total += _destination_digest(d)
+    if f"{total % _MOD:016x}" != delta.hash:
+        raise CompileError(
+            f"the outbound table after the update's delta hashes to {total % _MOD:016x}, not {delta.hash} "
+            "as the controller's; waiting for the whole table"
+        )
+    return OutboundTable(_canonical(by_name.values()), delta.hash)
 
 
 EXCLUDE_INBOUND = "sidemesh.io/exclude-inbound-ports"
@@ -258,7 +347,7 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
         for e in d.endpoints:
             if (pod := index.by_ref.get(e.workload)) is not None:
                 pod_destination(pod, e.address, e.port)
-    table = tuple(destinations + services)
+    table = _canonical(destinations + services)
     return OutboundTable(table, _outbound_digest(table))
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 
 from sidemesh.api import config_pb2 as pb
-from sidemesh.mesh.compile import Destination, Endpoint, InboundConfig, InboundWorkload, OutboundTable
+from sidemesh.mesh.compile import (
+    Destination,
+    Endpoint,
+    InboundConfig,
+    InboundWorkload,
+    OutboundDelta,
+    OutboundTable,
+)
 from sidemesh.mesh.delivery import MAX_RETRIES
 from sidemesh.policy.model import Authorization, DefaultPolicy, HTTPMatch, Mode, Rule, Source
 from sidemesh.spiffe import SpiffeId
@@ -95,30 +102,37 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def outbound_to_pb(t: OutboundTable) -> pb.Outbound:
-    return pb.Outbound(
-        hash=t.hash,
-        destinations=[
-            pb.Destination(
-                name=d.name,
-                names=list(d.names),
-                addresses=[f"{h}:{p}" for h, p in d.addresses],
-                endpoints=[
-                    pb.Endpoint(
-                        address=e.address,
-                        port=e.port,
-                        identity=str(e.identity) if e.identity else "",
-                        workload=e.workload,
-                    )
-                    for e in d.endpoints
-                ],
-                timeout_seconds=d.timeout_s or 0.0,
-                retries=d.retries,
-                retry_non_idempotent=d.retry_non_idempotent,
-                opaque=d.opaque,
+def _destination_to_pb(d: Destination) -> pb.Destination:
+    return pb.Destination(
+        name=d.name,
+        names=list(d.names),
+        addresses=[f"{h}:{p}" for h, p in d.addresses],
+        endpoints=[
+            pb.Endpoint(
+                address=e.address,
+                port=e.port,
+                identity=str(e.identity) if e.identity else "",
+                workload=e.workload,
             )
-            for d in t.destinations
+            for e in d.endpoints
         ],
+        timeout_seconds=d.timeout_s or 0.0,
+        retries=d.retries,
+        retry_non_idempotent=d.retry_non_idempotent,
+        opaque=d.opaque,
+    )
+
+
+def outbound_to_pb(t: OutboundTable) -> pb.Outbound:
+    return pb.Outbound(hash=t.hash, destinations=[_destination_to_pb(d) for d in t.destinations])
+
+
+def outbound_delta_to_pb(delta: OutboundDelta) -> pb.OutboundDelta:
+    return pb.OutboundDelta(
+        base=delta.base,
+        hash=delta.hash,
+        upserted=[_destination_to_pb(d) for d in delta.upserted],
+        removed=list(delta.removed),
     )
 
 
@@ -147,3 +161,11 @@ def outbound_from_pb(m: pb.Outbound) -> OutboundTable:
         return OutboundTable(tuple(_destination_from_pb(d) for d in m.destinations), m.hash)
     except ValueError as exc:
         raise WireError(f"invalid outbound configuration: {exc}") from exc
+
+
+def outbound_delta_from_pb(m: pb.OutboundDelta) -> OutboundDelta:
+    try:
+        upserted = tuple(_destination_from_pb(d) for d in m.upserted)
+    except ValueError as exc:
+        raise WireError(f"invalid outbound configuration: {exc}") from exc
+    return OutboundDelta(m.base, m.hash, upserted, tuple(m.removed))

@@ -23,6 +23,7 @@ from proxy.config_client import METHOD
 from sidemesh.api import config_pb2 as pb
 from sidemesh.config import ConfigError
 from sidemesh.identity.workload import WorkloadIdentity
+from sidemesh.mesh.compile import OutboundTable
 from sidemesh.spiffe import WorkloadId
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import ALLOW_FRONTEND, INBOUND, Mesh, new_mesh, talk
@@ -153,14 +154,18 @@ async def test_controller_down_keeps_last_known_good_then_resyncs(mesh: Mesh, co
         await back.stop()
 
 
-async def test_only_changed_parts_are_sent(mesh: Mesh, controller: Controller) -> None:
+@pytest.mark.parametrize("deltas", [True, False], ids=["sidecar", "older-sidecar"])
+async def test_only_changed_parts_are_sent(mesh: Mesh, controller: Controller, deltas: bool) -> None:
+    """Only the parts that changed; of the outbound table only what changed, to a sidecar that
+    says it applies deltas. An older one (it would ignore the delta field and acknowledge a table
+    it does not hold) gets the whole table."""
     svid = pki.make_svid(mesh.ca.authority, WorkloadId("shop", "frontend").spiffe_id("cluster.local"))
     creds = grpc.ssl_channel_credentials(svid.bundle_pem, svid.key_pem, svid.chain_pem)
     async with grpc.aio.secure_channel(
         controller.address, creds, options=[("grpc.ssl_target_name_override", NAME)]
     ) as channel:
         outbox: asyncio.Queue[pb.StreamRequest] = asyncio.Queue()
-        outbox.put_nowait(pb.StreamRequest())
+        outbox.put_nowait(pb.StreamRequest(outbound_deltas=deltas))
 
         async def requests() -> AsyncIterator[pb.StreamRequest]:
             while True:
@@ -188,9 +193,74 @@ async def test_only_changed_parts_are_sent(mesh: Mesh, controller: Controller) -
             "spec: {selector: {app: cart}, ports: [{port: 81, targetPort: 8080}]}\n",
         )
         third = await asyncio.wait_for(call.read(), 5)
-        assert third.HasField("outbound") and not third.HasField("inbound")
-        assert any(d.name == "extra.shop:81" for d in third.outbound.destinations)
+        assert not third.HasField("inbound")
+        if not deltas:
+            assert third.HasField("outbound") and not third.HasField("outbound_delta")
+            assert any(d.name == "extra.shop:81" for d in third.outbound.destinations)
+            call.cancel()
+            return
+        # ... and of it only what changed: the new destinations, on the table the stream holds.
+        assert third.HasField("outbound_delta") and not third.HasField("outbound")
+        delta = third.outbound_delta
+        assert delta.base == first.outbound.hash and delta.hash != first.outbound.hash
+        assert [d.name for d in delta.upserted] == ["extra.shop:81"] and not delta.removed
+        # The delta refused (say, a table the sidecar does not hold): at once, nothing having
+        # changed, the same version again, whole, as the controller cannot know what it holds.
+        outbox.put_nowait(pb.StreamRequest(ack_version=third.version, error="holds another table"))
+        fourth = await asyncio.wait_for(call.read(), 5)
+        assert fourth.version == third.version
+        assert fourth.HasField("inbound") and fourth.HasField("outbound")
+        assert not fourth.HasField("outbound_delta") and fourth.outbound.hash == delta.hash
+        # That refused too (not a delta now): no more at once; the next change goes whole.
+        outbox.put_nowait(pb.StreamRequest(ack_version=fourth.version, error="still cannot"))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(read := asyncio.ensure_future(call.read())), 0.5)
+        mesh.write("allow-other.yaml", ALLOW_FRONTEND.replace("frontend", "other"))
+        fifth = await asyncio.wait_for(read, 5)
+        assert fifth.version != fourth.version and fifth.HasField("inbound") and fifth.HasField("outbound")
         call.cancel()
+
+
+async def test_sidecars_apply_outbound_deltas_to_the_controllers_table(
+    mesh: Mesh, controller: Controller
+) -> None:
+    """A Service added, then removed: each change reaches the running sidecars as a delta, and what
+    each holds after applying it is the controller's table, destination for destination."""
+    await start_pair(mesh, controller)
+    sent = controller.server.metrics.outbound
+
+    def extra(table: OutboundTable | None) -> bool:
+        return table is not None and any(d.name == "extra.shop:81" for d in table.destinations)
+
+    async def settled(with_extra: bool) -> None:
+        """Until the controller's table has (or lacks) the new Service and every sidecar holds it."""
+        for _ in range(200):
+            table = controller.server.state.outbound_table()
+            if extra(table) == with_extra and all(
+                s.controller is not None and s.controller.outbound == table for s in mesh.sidecars.values()
+            ):
+                return
+            await asyncio.sleep(0.05)
+        table = controller.server.state.outbound_table()
+        assert extra(table) == with_extra
+        for s in mesh.sidecars.values():
+            assert s.controller is not None and s.controller.outbound == table, s.controller.last_error
+
+    await settled(with_extra=False)
+    wholes, deltas = sent.labels("whole")._value.get(), sent.labels("delta")._value.get()
+    mesh.write(
+        "svc.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: extra, namespace: shop}\n"
+        "spec: {selector: {app: cart}, ports: [{port: 81, targetPort: 8080}]}\n",
+    )
+    await settled(with_extra=True)
+    (mesh.config_dir / "svc.yaml").unlink()
+    await settled(with_extra=False)
+    assert sent.labels("whole")._value.get() == wholes  # no sidecar was sent the whole table again
+    assert sent.labels("delta")._value.get() >= deltas + 2 * len(mesh.sidecars)
+    assert all(s.controller is not None and s.controller.last_error is None for s in mesh.sidecars.values())
+    # The sidecars route by what they hold: the frontend still reaches cart.
+    assert await talk(mesh.addr(FRONTEND), OUT, b"delta") == b"DELTABYE"
 
 
 async def test_stream_refuses_clients_without_a_mesh_certificate(
@@ -338,15 +408,19 @@ async def test_a_sidecar_whose_first_update_was_refused_gets_a_whole_one(
             break
         await asyncio.sleep(0.05)
     assert not sidecar.ready and "no workload" in (sidecar.controller.last_error or "")
-    outbound = controller.server.state.outbound().hash
+    outbound = controller.server.state.outbound_hash()
     mesh.write("newpod.yaml", _NEW_POD.replace("NET", mesh.net))  # the controller catches up
     for _ in range(100):
         if sidecar.ready:
             break
         await asyncio.sleep(0.05)
-    assert controller.server.state.outbound().hash == outbound  # (only the inbound part changed)
+    assert controller.server.state.outbound_hash() == outbound  # (only the inbound part changed)
     assert sidecar.ready and sidecar.controller.last_error is None
-    streams = [s for s in (await controller.status())["streams"] if s["identity"] == "shop/cart"]
+    for _ in range(100):  # (its acknowledgement is on its way to the controller)
+        streams = [s for s in (await controller.status())["streams"] if s["identity"] == "shop/cart"]
+        if streams and all(s["error"] == "" for s in streams):
+            break
+        await asyncio.sleep(0.05)
     assert streams and all(s["error"] == "" for s in streams), streams
 
 
