@@ -141,6 +141,15 @@ def _read(directory: Path, name: str) -> bytes:
         ) from exc
 
 
+def _extensions_readable(cert: x509.Certificate, what: str) -> None:
+    try:
+        cert.extensions  # noqa: B018 (parsed on access)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise KeyMaterialError(
+            f"the {what} {cert.subject.rfc4514_string()!r} has extensions that cannot be read: {exc}"
+        ) from exc
+
+
 def load(directory: Path) -> SigningAuthority:
     try:
         cert = x509.load_pem_x509_certificate(_read(directory, CA_CERT))
@@ -154,6 +163,12 @@ def load(directory: Path) -> SigningAuthority:
         ) from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise KeyMaterialError(f"{directory / CA_KEY}: only EC and RSA signing keys are supported")
+    # (the CA's own, or an operator's; a raw ValueError stopped `ca serve` with a traceback)
+    _extensions_readable(cert, "signing certificate")
+    for c in chain:
+        _extensions_readable(c, "chain certificate")
+    for c in roots:
+        _extensions_readable(c, "root")
     return assemble(cert, key, chain, roots)
 
 

@@ -145,13 +145,21 @@ class SVID:
         return cls(expected, key, tuple(chain), own_roots(bundle, expected.trust_domain))
 
 
+UNREADABLE = "(extensions that cannot be read)"
+
+
 def root_trust_domains(cert: x509.Certificate) -> set[str]:
     """The trust domains a CA certificate names in SPIFFE URI SANs (X509-SVID 3.2: a signing
-    certificate SHOULD carry its trust domain's ID; ours do); empty when it names none."""
+    certificate SHOULD carry its trust domain's ID; ours do); empty when it names none.
+    ``{UNREADABLE}`` when its extensions cannot be read (cryptography 51 refuses an empty
+    certificatePolicies or issuerAltName that OpenSSL takes): such a root is never taken as this
+    trust domain's (as "names none" it vouched for our IDs, whatever trust domain it was of)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (x509.ExtensionNotFound, ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+    except x509.ExtensionNotFound:
         return set()
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        return {UNREADABLE}
     domains = set()
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
         try:

@@ -552,6 +552,44 @@ async def test_a_root_of_another_trust_domain_in_the_bundle_file_cannot_vouch_fo
         wi._file_bundle()
 
 
+def test_a_foreign_root_whose_extensions_cannot_be_read_is_not_taken_for_ours(tmp_path: Path) -> None:
+    """cryptography 51 refuses to read a certificate's extensions when one of them is an empty
+    certificatePolicies or issuerAltName (OpenSSL takes both). A foreign root carrying one was read
+    as naming no trust domain, so it was kept as ours, and its CA could mint our IDs."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    from sidemesh.identity.svid import UNREADABLE, foreign_roots, own_roots, root_trust_domains
+
+    ours = pki.make_authority(tmp_path / "ours")
+    for oid in (ExtensionOID.CERTIFICATE_POLICIES, ExtensionOID.ISSUER_ALTERNATIVE_NAME):
+        key = templates.new_key()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "partner root")])
+        now = dt.datetime.now(dt.UTC)
+        root = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://partner.example")]),
+                critical=False,
+            )
+            .add_extension(x509.UnrecognizedExtension(oid, b"\x30\x00"), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        assert root_trust_domains(root) == {UNREADABLE}
+        bundle = (*ours.roots, root)
+        assert foreign_roots(bundle, "cluster.local") == [root]
+        assert own_roots(bundle, "cluster.local") == ours.roots
+        with pytest.raises(SvidError, match="cannot be read"):
+            own_roots((root,), "cluster.local")
+
+
 async def test_the_renewal_loop_survives_what_it_did_not_expect(
     start_ca: StartCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -174,3 +174,32 @@ def test_an_encrypted_signing_key_is_unusable_material(tmp_path: Path) -> None:
     (tmp_path / keys.CA_KEY).write_bytes(encrypted)
     with pytest.raises(KeyMaterialError, match="unencrypted PEM key"):
         keys.load(tmp_path)
+
+
+def test_ca_material_whose_extensions_cannot_be_read_is_refused_clearly(tmp_path: Path) -> None:
+    """An operator's intermediate with an empty certificatePolicies (OpenSSL takes it, cryptography
+    51 refuses to read the extensions): a raw ValueError stopped `ca serve` with a traceback, and a
+    reload logged only that checking the material failed."""
+    from cryptography.x509.oid import ExtensionOID
+
+    authority = keys.bootstrap(tmp_path, "cluster.local", NOW)
+    root_key = serialization.load_pem_private_key((tmp_path / keys.ROOT_KEY).read_bytes(), None)
+    assert isinstance(root_key, ec.EllipticCurvePrivateKey)
+    inter = authority.cert
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(inter.subject)
+        .issuer_name(inter.issuer)
+        .public_key(inter.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(inter.not_valid_before_utc)
+        .not_valid_after(inter.not_valid_after_utc)
+    )
+    for ext in inter.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    empty = x509.UnrecognizedExtension(ExtensionOID.CERTIFICATE_POLICIES, b"\x30\x00")
+    odd = builder.add_extension(empty, critical=False).sign(root_key, hashes.SHA256())
+    (tmp_path / keys.CA_CERT).write_bytes(keys.cert_pem(odd))
+    (tmp_path / keys.CHAIN).write_bytes(keys.cert_pem(odd, authority.roots[0]))
+    with pytest.raises(KeyMaterialError, match=r"signing certificate .* extensions that cannot be read"):
+        keys.load(tmp_path)
