@@ -238,6 +238,7 @@ class ConfigServer:
                 # A full table (or a delta as large) goes out: bound how many are built and in
                 # flight at once, so that memory stays near FULL_SENDS tables, not one per stream.
                 large = outbound is not None and (not outbound.delta or len(outbound.wire) >= LARGE_SEND)
+                del outbound  # (not held while waiting for a permit: message() builds what goes)
                 async with self._full_sends if large else contextlib.nullcontext():
                     data, info.parts, kind = self.state.message(identity, info.parts, info.deltas)
                     info.sent_version = self.state.version

@@ -19,8 +19,9 @@ log = logging.getLogger("sidemesh.controller")
 # rollout) still gets only what changed; one further behind, or new, gets the whole table. Fewer
 # when together they change more destinations than the table holds (a delta that large is no use).
 DELTA_STEPS = 64
-# Deltas built for different bases kept at once (streams cluster on a few; others are built anew).
-DELTA_CACHE = 16
+# The deltas kept for the bases streams hold name at most this many destinations, or twice the
+# table's when that is more (one destination as sent: ~150 bytes, plus its endpoints).
+DELTA_CACHE_MIN = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,8 @@ class MeshState:
         self._table: mc.OutboundTable | None = None
         self._whole: Part | None = None  # _table serialized, when a stream first needs it whole
         self._steps: deque[mc.OutboundDelta] = deque(maxlen=DELTA_STEPS)  # the last changes, in order
-        self._deltas: dict[str, Part | None] = {}  # from a held hash to the current table (None: whole)
+        self._deltas: dict[str, Part] = {}  # from a held hash (a base in _steps) to the current table
+        self._cached = 0  # destinations in the deltas of _deltas
         self._inbound: dict[WorkloadId, Part] = {}
         self._index = mc.InboundIndex(self.snapshot)
         self._namespaces: dict[str, tuple[object, ...]] = {}
@@ -91,7 +93,7 @@ class MeshState:
                     while self._steps and sum(changes) > len(outbound.destinations):
                         self._steps.popleft()
                         changes.pop(0)
-                self._table, self._whole, self._deltas = outbound, None, {}
+                self._table, self._whole, self._deltas, self._cached = outbound, None, {}, 0
         namespaces = _by_namespace(snapshot)
         changed = {
             ns
@@ -142,14 +144,22 @@ class MeshState:
             return None
         if not deltas:
             return self.outbound()
-        if held in self._deltas:
-            return self._deltas[held] or self.outbound()
-        delta = self._delta_from(held)
-        if len(self._deltas) < DELTA_CACHE:
-            self._deltas[held] = delta
-        return delta or self.outbound()
+        if (part := self._deltas.get(held)) is not None:
+            return part
+        found = self._delta_from(held)
+        if found is None:
+            return self.outbound()
+        part, size = found
+        # Every base a stream may hold is kept (at most DELTA_STEPS of them), within a budget of
+        # destinations in all: past that (many bases, each far behind) each is built anew.
+        budget = max(2 * len(self._table.destinations), DELTA_CACHE_MIN) if self._table is not None else 0
+        if self._cached + size <= budget:
+            self._deltas[held] = part
+            self._cached += size
+        return part
 
-    def _delta_from(self, held: str) -> Part | None:
+    def _delta_from(self, held: str) -> tuple[Part, int] | None:
+        """The delta from ``held`` to the current table, and how many destinations it names."""
         steps = list(self._steps)
         start = (
             next((i for i in reversed(range(len(steps))) if steps[i].base == held), None) if held else None
@@ -162,7 +172,7 @@ class MeshState:
         if len(delta.upserted) + len(delta.removed) > len(self._table.destinations):
             return None
         data = pb.Update(outbound_delta=wire.outbound_delta_to_pb(delta)).SerializeToString()
-        return Part(delta.hash, data, delta=True)
+        return Part(delta.hash, data, delta=True), len(delta.upserted) + len(delta.removed)
 
     def inbound(self, identity: WorkloadId) -> Part:
         part = self._inbound.get(identity)

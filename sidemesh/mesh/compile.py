@@ -160,6 +160,8 @@ def apply_outbound_delta(table: OutboundTable | None, delta: OutboundDelta) -> O
     except ValueError:
         raise CompileError(f"outbound table hash {table.hash!r} is not hexadecimal") from None
     by_name = {d.name: d for d in table.destinations}
+    if len(by_name) != len(table.destinations):
+        raise CompileError("the outbound table held names a destination twice; waiting for the whole table")
     upserted = {d.name for d in delta.upserted}
     if len(upserted) != len(delta.upserted) or not upserted.isdisjoint(delta.removed):
         raise CompileError("the update's outbound delta names a destination twice")
@@ -347,7 +349,10 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
         for e in d.endpoints:
             if (pod := index.by_ref.get(e.workload)) is not None:
                 pod_destination(pod, e.address, e.port)
-    table = _canonical(destinations + services)
+    # Names are keys (deltas, hashes): one destination per name, the later one as the table's
+    # address index always took (a Service listing port 80 twice, two files of one Workload; the
+    # Kubernetes API refuses both, a directory of YAML does not).
+    table = _canonical({d.name: d for d in destinations + services}.values())
     return OutboundTable(table, _outbound_digest(table))
 
 

@@ -167,3 +167,69 @@ def test_the_controller_sends_deltas_to_streams_behind_and_whole_tables_otherwis
     # When the delta would be no smaller than the table (everything changed), the table goes whole.
     state.update(cluster({n: "cart" for n in range(500, 503)}, {"other": ("cart", 81)}))
     assert state.outbound_for(whole.hash) is state.outbound()
+
+
+def test_one_destination_per_name_so_deltas_apply_with_duplicates_in_the_sources() -> None:
+    """A Service listing port 80 twice (the Kubernetes API refuses it, a directory of YAML does
+    not) made two destinations of one name: every delta then failed its hash check at every
+    sidecar, and each change cost a refusal and the whole table."""
+
+    def snap(pods: int) -> Snapshot:
+        docs: list[dict[str, Any]] = [
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "cart", "namespace": "shop"},
+                "spec": {
+                    "clusterIP": "10.96.0.1",
+                    "selector": {"app": "cart"},
+                    "ports": [
+                        {"port": 80, "targetPort": 8080, "name": "a"},
+                        {"port": 80, "targetPort": 9090, "name": "b"},
+                    ],
+                },
+            }
+        ]
+        docs += [
+            {
+                "apiVersion": "sidemesh.io/v1alpha1",
+                "kind": "Workload",
+                "metadata": {"name": f"cart-{n}", "namespace": "shop", "labels": {"app": "cart"}},
+                "spec": {
+                    "serviceAccount": "cart",
+                    "address": f"10.0.0.{n + 1}",
+                    "ports": [{"port": 8080}, {"port": 9090}],
+                },
+            }
+            for n in range(pods)
+        ]
+        return build_snapshot([(f"doc{i}", d) for i, d in enumerate(docs)])
+
+    held = compile_outbound(snap(3), "cluster.local")
+    names = [d.name for d in held.destinations]
+    assert len(names) == len(set(names))
+    # the later port entry, as the address index always took
+    assert {e.port for e in held._by_name["cart.shop:80"].endpoints} == {9090}
+    new = compile_outbound(snap(4), "cluster.local")
+    assert apply_outbound_delta(held, outbound_delta(held, new)).destinations == new.destinations
+    twice = OutboundTable((*held.destinations, held.destinations[0]), held.hash)
+    with pytest.raises(CompileError, match="twice"):
+        apply_outbound_delta(twice, outbound_delta(held, new))
+
+
+def test_every_base_a_stream_holds_gets_one_delta_shared_by_its_streams() -> None:
+    """Only the first 16 bases asked for were kept: a stream on any other built its own delta, twice
+    per send, during a rollout (versions every 100 ms, streams spread over many)."""
+    state = MeshState("cluster.local", DefaultPolicy.ALLOW_AUTHENTICATED)
+    apps = [f"app{i}" for i in range(10)]
+    pods = {n: apps[n % 10] for n in range(100)}
+    services = {app: (app, 80) for app in apps}
+    state.update(cluster(pods, services))
+    bases = [state.outbound_hash()]
+    for n in range(100, 130):
+        pods[n] = apps[n % 10]
+        state.update(cluster(pods, services))
+        bases.append(state.outbound_hash())
+    parts = [state.outbound_for(b) for b in bases[:-1]]
+    assert all(p is not None and p.delta for p in parts)
+    assert all(state.outbound_for(b) is p for b, p in zip(bases[:-1], parts, strict=True))
