@@ -8,6 +8,11 @@ stream is a sequence of frames, each a 5-byte header (type, length) and a payloa
     DATA                             bytes of the application stream
     EOF                              the sender will send no more data (TCP half-close)
     DENY  (server -> client)         UTF-8 reason; the server closes after it
+    UNREAD (server -> client, after its EOF, empty)  the server is closing an idle connection and
+                                     dropped, unread, what came after its last response: a
+                                     request sent then was never seen by the app, so the client
+                                     sidecar may send it again elsewhere, a POST too (HTTP/2's
+                                     GOAWAY says the same with its last stream ID)
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from __future__ import annotations
 import struct
 
 HEADER = struct.Struct("!BI")
-OPEN, DATA, EOF, DENY = 1, 2, 3, 4
+OPEN, DATA, EOF, DENY, UNREAD = 1, 2, 3, 4, 5
 MAX_DATA = 256 * 1024  # what one DATA frame may carry
 MAX_CONTROL = 4096  # OPEN, EOF, DENY: small, buffered whole
-_KNOWN = {OPEN, DATA, EOF, DENY}
+_KNOWN = {OPEN, DATA, EOF, DENY, UNREAD}
 
 
 class FramingError(ValueError):
@@ -41,6 +46,7 @@ def data_header(length: int) -> bytes:
 
 
 EOF_FRAME = HEADER.pack(EOF, 0)
+UNREAD_FRAME = HEADER.pack(UNREAD, 0)
 
 
 def deny_frame(reason: str) -> bytes:

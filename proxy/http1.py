@@ -33,7 +33,7 @@ from proxy.headers import (
     with_identity,
 )
 from proxy.observe import TRACE_HEADERS, Observer, RequestInfo, RequestResult, RequestSpan
-from proxy.pipe import Pipe, PipeClosed, linger_close
+from proxy.pipe import LINGER_S, Pipe, PipeClosed, close_idle, linger_close
 from proxy.retry import IDEMPOTENT, RETRY_STATUSES, backoff
 
 log = logging.getLogger("sidemesh.proxy.http")
@@ -227,6 +227,9 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
                 event = conn.next_event()  # a pipelined request may be buffered already
                 if event is h1.NEED_DATA:
                     if not await _wait_request(down, ctx):
+                        if down.framed:  # a client sidecar's pooled connection: tell it what it
+                            await close_idle(down)  # sends meanwhile goes unread
+                            return
                         break
                     event = await _next_head(conn, down, ctx.head_timeout)
             except h1.ProtocolError as exc:
@@ -495,10 +498,10 @@ async def _forward(
                 and not retried
                 and up.reused
                 and body.replayable
-                # RFC 9112 9.3.1: never a non-idempotent one. (An EOF frame is no proof that the
-                # other sidecar never read it: one relaying the port as opaque sends it when its
-                # app closes, after the app may have acted on the request.)
-                and info.method in IDEMPOTENT
+                # RFC 9112 9.3.1: never a non-idempotent one, unless the other sidecar said it
+                # dropped the request unread (an EOF frame alone is no proof: one relaying the
+                # port as opaque sends it when its app closes, after the app may have acted).
+                and (info.method in IDEMPOTENT or await _left_unread(up.pipe))
             ):
                 retried = True  # a pooled connection was closed under the request: once more, fresh
                 up.pipe.abort()
@@ -537,6 +540,13 @@ async def _forward(
         # A 5xx is a failure for the balancer: an endpoint that fails fast must not look fast.
         router.release(up, reusable, result.status is None or result.status < 500)
         return not spliced
+
+
+async def _left_unread(pipe: Pipe) -> bool:
+    """Whether the other sidecar closed this idle pooled connection and dropped the request unread
+    (an UNREAD frame after its EOF: ``close_idle``), waiting for it as long as that sidecar waits
+    for a request (one that never sends it, an older one or an opaque relay, closes sooner)."""
+    return pipe.framed and pipe.ended and (pipe.left_unread or await pipe.wait_unread(LINGER_S + 0.5))
 
 
 def _retry_check(router: Router, method: str, attempt: int, body: _Body) -> Callable[[int], bool]:

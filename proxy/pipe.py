@@ -43,6 +43,28 @@ async def linger_close(pipe: Pipe) -> None:
         pipe.close()
 
 
+async def close_idle(pipe: Pipe) -> None:
+    """Close an idle `sidemesh/1` connection (the idle timeout, a drain) without losing a request
+    the client sidecar sent on it meanwhile: EOF, then, for up to ``LINGER_S``, what comes is
+    dropped unread and answered UNREAD once, so that the client sends it again on another
+    connection (a POST too: the app never saw it). The client closes on it (or ends the wait)."""
+    pipe.write_eof()
+    deadline = time.monotonic() + LINGER_S
+    dropped = 0
+    told = False
+    try:
+        with contextlib.suppress(PipeClosed, ConnectionError):
+            while dropped < LINGER_MAX and (remaining := deadline - time.monotonic()) > 0:
+                if not await pipe.wait_input(remaining) or not (data := await pipe.read()):
+                    break
+                dropped += len(data)
+                if not told:
+                    told = True
+                    pipe.write_frame(framing.UNREAD_FRAME)
+    finally:  # (cancelled too: a drain's end)
+        pipe.close()
+
+
 class Pipe(asyncio.Protocol):
     def __init__(self, framed: bool, name: str = "") -> None:
         self.framed = framed
@@ -61,6 +83,7 @@ class Pipe(asyncio.Protocol):
         self._out_len = 0
         self._flush_scheduled = False
         self.control: list[tuple[int, bytes]] = []  # OPEN / DENY frames received
+        self.left_unread = False  # the other side said it dropped what we sent unread (UNREAD frame)
         self.on_control: typing.Callable[[int, bytes], None] | None = None
         # Called once when the other side ends (EOF or loss), e.g. to give up what was done for it.
         self.on_end: typing.Callable[[], None] | None = None
@@ -89,6 +112,8 @@ class Pipe(asyncio.Protocol):
                 elif kind == framing.EOF:
                     self._eof = True
                     self._ended()
+                elif kind == framing.UNREAD:
+                    self.left_unread = True
                 else:
                     self.control.append((kind, bytes(payload)))
                     if self.on_control is not None:
@@ -206,6 +231,20 @@ class Pipe(asyncio.Protocol):
         finally:
             timer.cancel()
         return self.has_input
+
+    async def wait_unread(self, timeout: float) -> bool:
+        """After the other side's end: until it says what we sent went unread (True), or closes,
+        or ``timeout`` passes (False)."""
+        loop = self._get_loop()
+        deadline = loop.time() + timeout
+        while not self.left_unread and not self._closed and (remaining := deadline - loop.time()) > 0:
+            self._reader = loop.create_future()
+            timer = loop.call_later(remaining, self._wake)
+            try:
+                await self._reader
+            finally:
+                timer.cancel()
+        return self.left_unread
 
     def _expire(self, expired: asyncio.Future[None]) -> None:
         expired.set_result(None)

@@ -60,6 +60,7 @@ class Pool(Generic[C]):
         idle = self._idle.get(key)
         while idle:
             pipe, conn, _ = idle.pop()  # the most recently used: warmest, least likely closed
+            pipe.on_end = None
             if pipe.usable:
                 self.reused += 1
                 return pipe, conn
@@ -74,6 +75,9 @@ class Pool(Generic[C]):
             conn.release()
             return
         idle.append((pipe, conn, time.monotonic()))
+        # Closed as soon as the other side ends it (a draining sidecar waits for that, a second
+        # at most, to answer UNREAD to a request sent meanwhile: proxy/pipe.py close_idle).
+        pipe.on_end = pipe.close
 
     def expire(self, now: float | None = None) -> int:
         """Close the connections idle for longer than ``max_idle_s`` (the oldest are at the
