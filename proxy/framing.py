@@ -6,10 +6,12 @@ stream is a sequence of frames, each a 5-byte header (type, length) and a payloa
 
     OPEN  (client -> server, first)  2-byte destination port [+ 1-byte protocol hint]
     DATA                             bytes of the application stream
-    EOF                              the sender will send no more data (TCP half-close)
+    EOF                              the sender will send no more data (TCP half-close); from a
+                                     server, a payload of 0x01 says it is closing an idle
+                                     connection and will answer UNREAD to what comes after
     DENY  (server -> client)         UTF-8 reason; the server closes after it
-    UNREAD (server -> client, after its EOF, empty)  the server is closing an idle connection and
-                                     dropped, unread, what came after its last response: a
+    UNREAD (server -> client, after its idle EOF, empty)  the server is closing an idle connection
+                                     and dropped, unread, what came after its last response: a
                                      request sent then was never seen by the app, so the client
                                      sidecar may send it again elsewhere, a POST too (HTTP/2's
                                      GOAWAY says the same with its last stream ID)
@@ -46,6 +48,8 @@ def data_header(length: int) -> bytes:
 
 
 EOF_FRAME = HEADER.pack(EOF, 0)
+IDLE = b"\x01"  # an EOF's payload: an idle connection closing (UNREAD follows if a request comes)
+EOF_IDLE_FRAME = HEADER.pack(EOF, 1) + IDLE
 UNREAD_FRAME = HEADER.pack(UNREAD, 0)
 
 

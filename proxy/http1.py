@@ -33,7 +33,7 @@ from proxy.headers import (
     with_identity,
 )
 from proxy.observe import TRACE_HEADERS, Observer, RequestInfo, RequestResult, RequestSpan
-from proxy.pipe import LINGER_S, Pipe, PipeClosed, close_idle, linger_close
+from proxy.pipe import LINGER_S, Pipe, PipeClosed, linger_close
 from proxy.retry import IDEMPOTENT, RETRY_STATUSES, backoff
 
 log = logging.getLogger("sidemesh.proxy.http")
@@ -228,7 +228,7 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
                 if event is h1.NEED_DATA:
                     if not await _wait_request(down, ctx):
                         if down.framed:  # a client sidecar's pooled connection: tell it what it
-                            await close_idle(down)  # sends meanwhile goes unread
+                            await linger_close(down, idle=True)  # sends meanwhile goes unread
                             return
                         break
                     event = await _next_head(conn, down, ctx.head_timeout)
@@ -247,6 +247,9 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
             if conn.reusable and not ctx.draining():
                 conn.start_next_cycle()
                 continue
+            if conn.reusable and down.framed:  # a drain began during a response the caller may
+                await linger_close(down, idle=True)  # pool (its head went out without close)
+                return
             break
         down.write_eof()
         down.close()
@@ -501,7 +504,8 @@ async def _forward(
                 # RFC 9112 9.3.1: never a non-idempotent one, unless the other sidecar said it
                 # dropped the request unread (an EOF frame alone is no proof: one relaying the
                 # port as opaque sends it when its app closes, after the app may have acted).
-                and (info.method in IDEMPOTENT or await _left_unread(up.pipe))
+                and (info.method in IDEMPOTENT or await _left_unread(up.pipe, clock))
+                and not down.ended  # (the client left while it waited)
             ):
                 retried = True  # a pooled connection was closed under the request: once more, fresh
                 up.pipe.abort()
@@ -542,11 +546,17 @@ async def _forward(
         return not spliced
 
 
-async def _left_unread(pipe: Pipe) -> bool:
+async def _left_unread(pipe: Pipe, clock: _Clock | None) -> bool:
     """Whether the other sidecar closed this idle pooled connection and dropped the request unread
-    (an UNREAD frame after its EOF: ``close_idle``), waiting for it as long as that sidecar waits
-    for a request (one that never sends it, an older one or an opaque relay, closes sooner)."""
-    return pipe.framed and pipe.ended and (pipe.left_unread or await pipe.wait_unread(LINGER_S + 0.5))
+    (its EOF said idle, an UNREAD frame followed: ``linger_close(idle=True)``), waiting for it as
+    long as that sidecar waits for a request, within the request's deadline. Any other end (an
+    opaque relay's, an older sidecar's) is no such proof, and is not waited on."""
+    if not (pipe.framed and pipe.ended and pipe.idle_closed):
+        return False
+    wait = LINGER_S + 0.5
+    if clock is not None and clock.at is not None:
+        wait = min(wait, clock.at - time.monotonic())
+    return pipe.left_unread or (wait > 0 and await pipe.wait_unread(wait))
 
 
 def _retry_check(router: Router, method: str, attempt: int, body: _Body) -> Callable[[int], bool]:

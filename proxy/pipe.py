@@ -28,9 +28,12 @@ LINGER_S = 1.0
 LINGER_MAX = 1 << 20
 
 
-async def linger_close(pipe: Pipe) -> None:
-    """Close after the last thing sent without resetting it away: see ``LINGER_S``."""
-    pipe.write_eof()
+async def linger_close(pipe: Pipe, idle: bool = False) -> None:
+    """Close after the last thing sent without resetting it away: see ``LINGER_S``. With ``idle``
+    (an idle `sidemesh/1` connection: the idle timeout, a drain), the EOF says so and what comes
+    meanwhile is answered UNREAD, once: the client sidecar sends that request again on another
+    connection (a POST too: the app never saw it)."""
+    pipe.write_eof(idle)
     deadline = time.monotonic() + LINGER_S
     dropped = 0
     try:
@@ -38,29 +41,9 @@ async def linger_close(pipe: Pipe) -> None:
             while dropped < LINGER_MAX and (remaining := deadline - time.monotonic()) > 0:
                 if not await pipe.wait_input(remaining) or not (data := await pipe.read()):
                     break
-                dropped += len(data)
-    finally:  # (cancelled too: a drain's end)
-        pipe.close()
-
-
-async def close_idle(pipe: Pipe) -> None:
-    """Close an idle `sidemesh/1` connection (the idle timeout, a drain) without losing a request
-    the client sidecar sent on it meanwhile: EOF, then, for up to ``LINGER_S``, what comes is
-    dropped unread and answered UNREAD once, so that the client sends it again on another
-    connection (a POST too: the app never saw it). The client closes on it (or ends the wait)."""
-    pipe.write_eof()
-    deadline = time.monotonic() + LINGER_S
-    dropped = 0
-    told = False
-    try:
-        with contextlib.suppress(PipeClosed, ConnectionError):
-            while dropped < LINGER_MAX and (remaining := deadline - time.monotonic()) > 0:
-                if not await pipe.wait_input(remaining) or not (data := await pipe.read()):
-                    break
-                dropped += len(data)
-                if not told:
-                    told = True
+                if idle and not dropped:
                     pipe.write_frame(framing.UNREAD_FRAME)
+                dropped += len(data)
     finally:  # (cancelled too: a drain's end)
         pipe.close()
 
@@ -83,7 +66,8 @@ class Pipe(asyncio.Protocol):
         self._out_len = 0
         self._flush_scheduled = False
         self.control: list[tuple[int, bytes]] = []  # OPEN / DENY frames received
-        self.left_unread = False  # the other side said it dropped what we sent unread (UNREAD frame)
+        self.idle_closed = False  # the other side's EOF said it closes an idle connection
+        self.left_unread = False  # ... and then that it dropped what we sent unread (UNREAD frame)
         self.on_control: typing.Callable[[int, bytes], None] | None = None
         # Called once when the other side ends (EOF or loss), e.g. to give up what was done for it.
         self.on_end: typing.Callable[[], None] | None = None
@@ -111,9 +95,10 @@ class Pipe(asyncio.Protocol):
                     self._push(bytes(payload))
                 elif kind == framing.EOF:
                     self._eof = True
+                    self.idle_closed = payload == framing.IDLE
                     self._ended()
                 elif kind == framing.UNREAD:
-                    self.left_unread = True
+                    self.left_unread = self.idle_closed  # (only after an idle EOF, as the frame means)
                 else:
                     self.control.append((kind, bytes(payload)))
                     if self.on_control is not None:
@@ -233,8 +218,8 @@ class Pipe(asyncio.Protocol):
         return self.has_input
 
     async def wait_unread(self, timeout: float) -> bool:
-        """After the other side's end: until it says what we sent went unread (True), or closes,
-        or ``timeout`` passes (False)."""
+        """After the other side's idle EOF: until it says what we sent went unread (True), or
+        closes, or ``timeout`` passes (False)."""
         loop = self._get_loop()
         deadline = loop.time() + timeout
         while not self.left_unread and not self._closed and (remaining := deadline - loop.time()) > 0:
@@ -356,12 +341,12 @@ class Pipe(asyncio.Protocol):
         if self._closed:
             raise PipeClosed(f"{self.name}: connection closed")
 
-    def write_eof(self) -> None:
+    def write_eof(self, idle: bool = False) -> None:
         self.flush()
         if self.transport is None or self.transport.is_closing():
             return
         if self.framed:
-            self.transport.write(framing.EOF_FRAME)
+            self.transport.write(framing.EOF_IDLE_FRAME if idle else framing.EOF_FRAME)
         elif self.transport.can_write_eof():
             self.transport.write_eof()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import time
 import weakref
@@ -75,9 +76,17 @@ class Pool(Generic[C]):
             conn.release()
             return
         idle.append((pipe, conn, time.monotonic()))
-        # Closed as soon as the other side ends it (a draining sidecar waits for that, a second
-        # at most, to answer UNREAD to a request sent meanwhile: proxy/pipe.py close_idle).
-        pipe.on_end = pipe.close
+        # Closed and let go as soon as the other side ends it (a draining sidecar waits for
+        # that, a second at most, to answer UNREAD to a request sent meanwhile: linger_close).
+        pipe.on_end = functools.partial(self._ended, key, pipe)
+
+    def _ended(self, key: object, pipe: Pipe) -> None:
+        for entry in self._idle.get(key, deque()):
+            if entry[0] is pipe:
+                self._idle[key].remove(entry)
+                pipe.close()
+                entry[1].release()
+                return
 
     def expire(self, now: float | None = None) -> int:
         """Close the connections idle for longer than ``max_idle_s`` (the oldest are at the

@@ -43,3 +43,30 @@ async def test_connections_idle_for_longer_than_the_limit_are_closed() -> None:
     new.close()
     for sock in (old_peer, new_peer):
         sock.close()
+
+
+async def test_a_connection_the_other_side_ends_while_idle_is_closed_and_let_go_at_once() -> None:
+    """It stayed in the pool, closed or not, until taken or expired: a draining sidecar, which
+    waits for the caller's close to answer UNREAD meanwhile, waited its whole second."""
+    pool: Pool[_Conn] = Pool(max_idle_s=30.0)
+    ended, ended_peer = await _pipe()
+    kept, kept_peer = await _pipe()
+    pool.put("a", ended, _Conn())
+    pool.put("a", kept, _Conn())
+    released = _Conn.released
+    try:
+        ended_peer.shutdown(socket.SHUT_WR)  # the other side ends it
+        for _ in range(100):
+            if pool.idle_count() == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.idle_count() == 1 and _Conn.released == released + 1
+        assert ended.transport is not None and ended.transport.is_closing()
+        taken = pool.take("a")
+        assert taken is not None and taken[0] is kept and kept.on_end is None  # (in use: not the pool's)
+    finally:
+        pool.close()
+        kept.close()
+        await asyncio.sleep(0)
+        ended_peer.close()
+        kept_peer.close()
