@@ -201,22 +201,25 @@ class _Identities:
     def __init__(self, trust_domain: str) -> None:
         self.trust_domain = trust_domain
         self._ids: dict[tuple[str, str], SpiffeId] = {}
-        self._excluded: dict[str, set[int] | None] = {}
+        # By the workload object (the snapshot holds them all while a compile runs): its excluded
+        # ports and its ID, found once (52,500 endpoints of 10,000 pods took 0.25 s by ref).
+        self._of: dict[int, tuple[set[int] | None, SpiffeId]] = {}
 
     def of(self, workload: Workload | None, port: int | None = None) -> SpiffeId | None:
         """The identity a client sidecar must see, or None to send plain TCP: the destination is not
         meshed, or its sidecar does not capture that port (nothing there would terminate mTLS)."""
         if workload is None or not workload.meshed:
             return None
-        if workload.ref not in self._excluded:
-            self._excluded[workload.ref] = _excluded_ports(workload)
-        excluded = self._excluded[workload.ref]
+        found = self._of.get(id(workload))
+        if found is None:
+            key = (workload.namespace, workload.service_account)
+            sid = self._ids.get(key)
+            if sid is None:
+                sid = self._ids[key] = WorkloadId(*key).spiffe_id(self.trust_domain)
+            found = self._of[id(workload)] = (_excluded_ports(workload), sid)
+        excluded, sid = found
         if port is not None and (excluded is None or port in excluded):
             return None
-        key = (workload.namespace, workload.service_account)
-        sid = self._ids.get(key)
-        if sid is None:
-            sid = self._ids[key] = WorkloadId(*key).spiffe_id(self.trust_domain)
         return sid
 
 
@@ -329,10 +332,11 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
     def pod_destination(w: Workload, address: str, port: int) -> None:
         if (address, port) not in direct:
             direct.add((address, port))
-            ep = Endpoint(address, port, ids.of(w, port), w.ref)
+            ref = w.ref
+            ep = Endpoint(address, port, ids.of(w, port), ref)
             opaque = port in w.opaque_ports
             # Names are keys: a dual-stack pod's other address is a destination of its own.
-            name = f"pod {w.ref}:{port}" + ("" if address == w.address else f" ({address})")
+            name = f"pod {ref}:{port}" + ("" if address == w.address else f" ({address})")
             destinations.append(Destination(name, (ep,), (), ((address, port),), opaque=opaque))
 
     for w in snapshot.workloads:  # a pod addressed directly, by its IP
