@@ -174,12 +174,13 @@ def test_rbac_is_least_privilege() -> None:
         for g in rule["apiGroups"]
         for r in rule["resources"]
     }
+    # What controller/sources/kubernetes.py calls, no more (list+watch; the status by merge patch).
     for resource in ("pods", "services", "namespaces"):
-        assert controller[("", resource)] == {"get", "list", "watch"}
+        assert controller[("", resource)] == {"list", "watch"}
     assert ("", "serviceaccounts") not in controller  # identities come from pods: not watched
-    assert controller[("discovery.k8s.io", "endpointslices")] == {"get", "list", "watch"}
-    assert controller[("sidemesh.io", "serviceauthorizations")] == {"get", "list", "watch"}
-    assert controller[("sidemesh.io", "serviceauthorizations/status")] >= {"patch"}
+    assert controller[("discovery.k8s.io", "endpointslices")] == {"list", "watch"}
+    assert controller[("sidemesh.io", "serviceauthorizations")] == {"list", "watch"}
+    assert controller[("sidemesh.io", "serviceauthorizations/status")] == {"patch"}
     configmaps = [r for r in rules_of("sidemesh-controller") if "configmaps" in r["resources"]]
     assert configmaps == [
         {
