@@ -322,6 +322,9 @@ async def _answer_locally(conn: h1.Connection, down: Pipe, local: Local, result:
     # A client waiting for "100 Continue" may or may not send its body now: close after answering.
     close = conn.waiting_for_100_continue
     _write_down(down, conn, _local_response(local, close))
+    # An upgrade asked for and answered here is declined: what follows is HTTP (the next request
+    # on a pooled connection waited for the head timeout, then 408).
+    conn.decline_upgrade()
     result.status, result.decision, result.reason = local.status, local.decision, local.reason
     result.policy, result.error = local.policy, local.error
     if close or conn.their_done:  # closing, or the request had no body (or it was read)
@@ -553,10 +556,12 @@ async def _left_unread(pipe: Pipe, clock: _Clock | None) -> bool:
     opaque relay's, an older sidecar's) is no such proof, and is not waited on."""
     if not (pipe.framed and pipe.ended and pipe.idle_closed):
         return False
-    wait = LINGER_S + 0.5
-    if clock is not None and clock.at is not None:
-        wait = min(wait, clock.at - time.monotonic())
-    return pipe.left_unread or (wait > 0 and await pipe.wait_unread(wait))
+    deadline = None if clock is None else clock.at
+    wait = LINGER_S + 0.5 if deadline is None else min(LINGER_S + 0.5, deadline - time.monotonic())
+    if wait <= 0:  # the request's time is up: no retry (the app could act on it unanswered)
+        return False
+    told = pipe.left_unread or await pipe.wait_unread(wait)
+    return told and (deadline is None or deadline > time.monotonic())
 
 
 def _retry_check(router: Router, method: str, attempt: int, body: _Body) -> Callable[[int], bool]:

@@ -448,6 +448,22 @@ async def test_expect_100_continue(pair: tuple[str, int], mesh: Mesh) -> None:
         writer.close()
 
 
+async def test_a_denied_upgrade_leaves_both_connections_usable(pair: tuple[str, int]) -> None:
+    """A WebSocket upgrade the cart's policy denies gets 403 from cart's sidecar, which did not
+    take the upgrade as declined: the frontend's sidecar pooled the connection, and the next
+    request on it waited for cart's head timeout (10 s) and got 408."""
+    upgrade = (
+        b"GET /admin HTTP/1.1\r\nHost: cart\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    began = time.monotonic()
+    raw = await exchange(pair, upgrade + b"GET /cart/1 HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n")
+    assert re.findall(rb"HTTP/1\.1 (\d\d\d)", raw) == [b"403", b"200"], raw
+    again = await exchange(pair, b"GET /cart/2 HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n")
+    assert again.startswith(b"HTTP/1.1 200"), again
+    assert time.monotonic() - began < 3
+
+
 async def test_denied_100_continue_gets_403_without_sending_the_body(pair: tuple[str, int]) -> None:
     head = b"PUT /cart/x HTTP/1.1\r\nHost: cart\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
     raw = await exchange(pair, head)

@@ -70,3 +70,38 @@ async def test_a_connection_the_other_side_ends_while_idle_is_closed_and_let_go_
         await asyncio.sleep(0)
         ended_peer.close()
         kept_peer.close()
+
+
+async def test_an_unread_frame_counts_only_after_an_idle_eof_and_within_the_deadline() -> None:
+    """The caller sends a POST again only when the other sidecar's EOF said it was closing an
+    idle connection and an UNREAD followed, and the request's time is not up (a retry after its
+    deadline could be acted on by an app while the client is told 504)."""
+    import dataclasses
+
+    from proxy import framing
+    from proxy.http1 import _Clock, _left_unread
+
+    async def told(frames: bytes, clock: _Clock | None) -> bool:
+        pipe, peer = await _pipe()
+        pipe.framed = True
+        pipe.decoder = framing.Decoder()
+        try:
+            peer.sendall(frames)
+            for _ in range(100):
+                if pipe.ended:
+                    break
+                await asyncio.sleep(0.01)
+            return await _left_unread(pipe, clock)
+        finally:
+            pipe.close()
+            await asyncio.sleep(0)
+            peer.close()
+
+    now = time.monotonic()
+    clock = _Clock(5.0, now + 5.0)
+    assert await told(framing.EOF_IDLE_FRAME + framing.UNREAD_FRAME, None)
+    assert await told(framing.EOF_IDLE_FRAME + framing.UNREAD_FRAME, clock)
+    assert not await told(framing.EOF_FRAME + framing.UNREAD_FRAME, None)  # not an idle close
+    assert not await told(
+        framing.EOF_IDLE_FRAME + framing.UNREAD_FRAME, dataclasses.replace(clock, at=now - 1)
+    )
