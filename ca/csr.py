@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
 from ca import der
 from ca.errors import IdentityMismatch, InvalidRequest
+from sidemesh.identity.svid import EXTENSION_ERRORS
 from sidemesh.spiffe import SpiffeId, SpiffeIdError
 
 MAX_CSR_BYTES = 16 * 1024
@@ -160,7 +161,7 @@ def validate_csr(pem: str, expected: SpiffeId, allowed_dns: frozenset[str] = fro
                 constraints = extension.value
             elif oid == _SUBJECT_ALT_NAME:
                 san = extension.value
-    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+    except EXTENSION_ERRORS as exc:
         # duplicate or undecodable extensions, a SAN of a kind cryptography cannot read (x400Address)
         raise InvalidRequest("csr has malformed extensions", str(exc)) from exc
     key = _public_key(csr)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from ca import templates
 from ca.errors import KeyMaterialError
 from ca.leaf import LeafTemplate, TemplateMismatch
+from sidemesh.identity.svid import EXTENSION_ERRORS
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _END_OF_TIME = dt.datetime.max.replace(tzinfo=dt.UTC)
@@ -144,7 +145,7 @@ def _read(directory: Path, name: str) -> bytes:
 def _extensions_readable(cert: x509.Certificate, what: str) -> None:
     try:
         cert.extensions  # noqa: B018 (parsed on access)
-    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+    except EXTENSION_ERRORS as exc:
         raise KeyMaterialError(
             f"the {what} {cert.subject.rfc4514_string()!r} has extensions that cannot be read: {exc}"
         ) from exc

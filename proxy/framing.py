@@ -24,7 +24,7 @@ import struct
 HEADER = struct.Struct("!BI")
 OPEN, DATA, EOF, DENY, UNREAD = 1, 2, 3, 4, 5
 MAX_DATA = 256 * 1024  # what one DATA frame may carry
-MAX_CONTROL = 4096  # OPEN, EOF, DENY: small, buffered whole
+MAX_CONTROL = 4096  # OPEN, EOF, DENY, UNREAD: small, buffered whole
 _KNOWN = {OPEN, DATA, EOF, DENY, UNREAD}
 
 

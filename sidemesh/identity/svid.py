@@ -41,13 +41,18 @@ def make_csr(key: ec.EllipticCurvePrivateKey, spiffe_id: SpiffeId, dns_names: tu
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
+# What reading a certificate's extensions raises when it cannot (malformed, duplicated, a name type
+# cryptography does not know, and since cryptography 51 an empty SAN, IAN or certificatePolicies).
+EXTENSION_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
 def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     """The SPIFFE ID of a leaf X.509-SVID, validated as the X509-SVID standard's leaf validation
     (section 5.2) says: not a CA, no keyCertSign or cRLSign, exactly one URI SAN, a SPIFFE ID with
     a path below the trust domain. The chain itself is the TLS library's to verify."""
     try:
         extensions = cert.extensions
-    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+    except EXTENSION_ERRORS as exc:
         raise SvidError(f"certificate extensions cannot be read: {exc}") from exc
     try:
         if extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
@@ -158,7 +163,7 @@ def root_trust_domains(cert: x509.Certificate) -> set[str]:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return set()
-    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+    except EXTENSION_ERRORS:
         return {UNREADABLE}
     domains = set()
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
