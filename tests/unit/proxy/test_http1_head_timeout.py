@@ -93,7 +93,8 @@ async def test_a_trickling_head_gets_408_although_bytes_keep_coming() -> None:
     sender = asyncio.create_task(trickle())
     try:
         out = await asyncio.wait_for(reader.read(), 5)
-    except ConnectionResetError:  # the next trickled byte hit the closed socket before we read
+    except (ConnectionResetError, BrokenPipeError):  # the next trickled byte hit the closed socket
+        # before we read (a reset or EPIPE, as the timing falls)
         out = b""
     sender.cancel()
     assert out.startswith(b"HTTP/1.1 408 ") or out == b"", out
