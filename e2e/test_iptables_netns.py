@@ -485,3 +485,83 @@ def test_a_failed_ipv6_rerun_leaves_neither_family_half_installed(
     )
     assert again.returncode == 2 and "no IPv6 NAT" in again.stderr, again.stderr
     assert not _chains(pod, "iptables-save") and not _chains(pod, "ip6tables-save")
+
+
+def _link_local_pair(make_netns: Callable[[], Netns]) -> tuple[Netns, Netns]:
+    """A pod and a peer on a veth pair with nothing but IPv6 link-local addresses (from the kernel)."""
+    pod, peer = make_netns(), make_netns()
+    pod.run("ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth0", "netns", peer.name)
+    for ns in (pod, peer):
+        ns.run("ip", "link", "set", "lo", "up")
+        ns.run("ip", "link", "set", "veth0", "up")
+    return pod, peer
+
+
+def _filter_rules(ns: Netns) -> list[str]:
+    return [
+        line for line in ns.run("ip6tables-save", "-t", "filter").stdout.splitlines() if "SIDEMESH" in line
+    ]
+
+
+def test_uncaptured_ipv6_refuses_new_inbound_connections(make_netns: Callable[[], Netns]) -> None:
+    """IPv6 not captured (`--ipv6 off`) in a pod with a link-local address: an app listening on
+    `[::]` took plaintext from the pod's neighbours past the sidecar. Now new inbound IPv6 TCP is
+    reset (ip6tables' filter table), except on the ports the capture lets through; the pod's own
+    outbound IPv6 still works. A re-run leaves the same rules; --cleanup opens it again."""
+    pod, peer = _link_local_pair(make_netns)
+    _serve(pod, "app,::,8080", "excluded,::,9090")
+    _serve(peer, "peer,::,8080")
+    pod_ll, peer_ll = _link_local(pod), _link_local(peer)
+
+    def probe(ns: Netns, host: str, port: int) -> str:
+        return ns.run(sys.executable, "-c", CLIENT, f"{host}%veth0", str(port), "0", "0").stdout.strip()
+
+    assert probe(peer, pod_ll, 8080) == "app 8080"  # before: open
+    pod.sidemesh("proxy", "init", "--ipv6", "off", "--exclude-inbound-ports", "9090")
+    rules = _filter_rules(pod)
+    assert "-A INPUT -p tcp -j SIDEMESH_IN_GUARD" in rules
+    assert probe(peer, pod_ll, 8080).startswith("error [Errno 111]")  # reset: refused at once
+    assert probe(peer, pod_ll, 9090) == "excluded 9090"
+    assert probe(pod, peer_ll, 8080) == "peer 8080"  # outbound IPv6 and its replies pass
+
+    pod.sidemesh("proxy", "init", "--ipv6", "off", "--exclude-inbound-ports", "9090")
+    assert _filter_rules(pod) == rules
+
+    pod.sidemesh("proxy", "init", "--cleanup")
+    assert _filter_rules(pod) == []
+    assert probe(peer, pod_ll, 8080) == "app 8080"
+
+
+def test_ipv6_nat_failing_in_auto_mode_refuses_inbound_ipv6_instead(
+    make_netns: Callable[[], Netns], tmp_path: Path
+) -> None:
+    """`--ipv6 auto` in a link-local-only pod whose ip6tables has no nat table (a kernel without
+    IPv6 NAT): IPv4 is captured, and new inbound IPv6 TCP is refused instead of left open. A later
+    run that can capture IPv6 takes the refusal out."""
+    pod, peer = _link_local_pair(make_netns)
+    _serve(pod, "app,::,8080")
+    pod_ll, _ = _link_local(pod), _link_local(peer)  # (the peer's own, to connect from)
+    bin_dir = tmp_path / "bin"  # the same tools, but ip6tables-restore fails for the nat table
+    bin_dir.mkdir()
+    for tool in ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bin_dir / tool).symlink_to(found)
+    real, grep, cat = shutil.which("ip6tables-restore"), shutil.which("grep"), shutil.which("cat")
+    failing = bin_dir / "ip6tables-restore"
+    failing.write_text(
+        f"#!/bin/sh\nrules=$({cat})\n"
+        f'if printf "%s" "$rules" | {grep} -q "^\\*nat"; then echo "no IPv6 NAT" >&2; exit 1; fi\n'
+        f'printf "%s\\n" "$rules" | {real} "$@"\n'
+    )
+    failing.chmod(0o755)
+    auto = pod.run("env", f"PATH={bin_dir}", sys.executable, "-m", "sidemesh", "proxy", "init", check=False)
+    assert auto.returncode == 0, auto.stderr
+    assert "IPv6 not captured" in auto.stderr and "refused" in auto.stderr
+    assert _chains(pod, "iptables-save") and not _chains(pod, "ip6tables-save")
+    assert "-A INPUT -p tcp -j SIDEMESH_IN_GUARD" in _filter_rules(pod)
+    client = peer.run(sys.executable, "-c", CLIENT, f"{pod_ll}%veth0", "8080", "0", "0").stdout.strip()
+    assert client.startswith("error [Errno 111]"), client
+
+    pod.sidemesh("proxy", "init")  # ip6tables' nat works now: IPv6 captured, the refusal goes
+    assert _chains(pod, "ip6tables-save") and _filter_rules(pod) == []

@@ -150,7 +150,11 @@ def detect_backend() -> tuple[str, str]:
 
 def read_nat(family: Family) -> str:
     """The current nat table, as `iptables-save -t nat` prints it."""
-    return _run([binary(SAVE_COMMAND[family]), "-t", "nat"])
+    return read_table(family, "nat")
+
+
+def read_table(family: Family, table: str) -> str:
+    return _run([binary(SAVE_COMMAND[family]), "-t", table])
 
 
 def restore(family: Family, text: str) -> None:
@@ -172,8 +176,7 @@ def install(config: CaptureConfig, ipv6_optional: bool = False) -> dict[Family, 
         except CaptureError as exc:
             if family == "ipv6" and ipv6_optional:
                 log.warning(
-                    "IPv6 not captured: ip6tables failed in a pod without a global IPv6 address; "
-                    "its link-local IPv6 is not covered by the sidecar",
+                    "IPv6 not captured: ip6tables failed in a pod without a global IPv6 address",
                     extra={"reason": str(exc)},
                 )
                 break
@@ -184,6 +187,29 @@ def install(config: CaptureConfig, ipv6_optional: bool = False) -> dict[Family, 
             raise
         applied[family] = text
     return applied
+
+
+def install_guard(config: CaptureConfig) -> str:
+    """Refuse new inbound IPv6 TCP connections (`rules.guard`) where IPv6 is not captured; returns
+    what was applied ("" when inbound is not captured at all)."""
+    text = rules.guard(config, read_table("ipv6", "filter"))
+    if text:
+        restore("ipv6", text)
+    return text
+
+
+def remove_guard() -> str:
+    """Take `install_guard`'s chain out again if it is there (IPv6 captured now, or --cleanup);
+    returns what was applied, "" when there was nothing (or no ip6tables at all)."""
+    try:
+        existing = read_table("ipv6", "filter")
+    except CaptureError:  # no ip6tables, or a kernel without IPv6: nothing of ours can be there
+        return ""
+    if rules.GUARD not in existing:
+        return ""
+    text = rules.cleanup(existing, "filter")
+    restore("ipv6", text)
+    return text
 
 
 def installed_families() -> tuple[Family, ...]:

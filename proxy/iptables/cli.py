@@ -114,7 +114,8 @@ _OPTIONS = (
         "SIDEMESH_IPV6",
         "{auto,on,off}",
         "auto",
-        "also capture IPv6 with ip6tables; auto: when the pod has any IPv6 address (link-local too)",
+        "also capture IPv6 with ip6tables; auto: when the pod has any IPv6 address (link-local too). "
+        "IPv6 not captured in a pod that has it: new inbound IPv6 TCP connections are refused",
     ),
     _Option(
         "--iptables-mode",
@@ -206,6 +207,32 @@ def capture_config(
         raise CLIError(f"{exc}; fix the flags or SIDEMESH_* environment variables") from None
 
 
+def _guard_ipv6(config: CaptureConfig, captured: bool, guarded: bool) -> str:
+    """IPv6 not captured in a pod that has it: refuse new inbound IPv6 TCP instead (`rules.guard`),
+    or warn that it is open past the sidecar. Captured: an earlier run's refusal goes. Returns what
+    was applied to ip6tables' filter table."""
+    if captured:
+        try:
+            return apply.remove_guard()
+        except apply.CaptureError as exc:  # (harmless left: the capture's ports pass it)
+            log.warning("could not remove an earlier run's IPv6 refusal", extra={"reason": str(exc)})
+            return ""
+    if not guarded:
+        return ""
+    try:
+        text = apply.install_guard(config)
+    except apply.CaptureError as exc:
+        log.warning(
+            "inbound IPv6 is open past the sidecar: IPv6 is not captured and new inbound IPv6 TCP "
+            "connections could not be refused either (ip6tables' filter table); install ip6tables "
+            "in the init image, or keep apps off [::]",
+            extra={"reason": str(exc)},
+        )
+        return ""
+    log.info("IPv6 not captured: new inbound IPv6 TCP connections are refused (ip6tables filter table)")
+    return text
+
+
 def _ipv6_mode(text: str) -> str:
     mode = text.strip().lower()
     if mode not in ("auto", "on", "off"):
@@ -225,15 +252,18 @@ def _init(args: argparse.Namespace) -> int:
     backend = _iptables_mode(
         _raw(args, os.environ, next(o for o in _OPTIONS if o.dest == "iptables_mode"))[0]
     )
+    guarded = config.capture_inbound and apply.has_ipv6()  # (if IPv6 is not captured)
     if args.dry_run:
         # (auto is decided from the pod's tables when applied: the generic command is shown)
         named = "" if backend == "auto" else backend
+        guard = rules.guard(config, "") if guarded and not config.ipv6 else ""
         if args.cleanup:
             installed = {f: rules.render(config, f, "") for f in config.families}
             text = "".join(rules.section(f, rules.cleanup(installed[f]), named) for f in config.families)
+            guard = guard and rules.cleanup(guard, "filter")
         else:
             text = rules.render_families(config, backend=named)
-        sys.stdout.write(text)
+        sys.stdout.write(text + (rules.section("ipv6", guard, named) if guard else ""))
         return 0
     smlog.setup()
     try:
@@ -244,9 +274,11 @@ def _init(args: argparse.Namespace) -> int:
         log.info("iptables backend", extra={"backend": backend or "PATH", "why": chosen})
         if args.cleanup:
             applied = apply.uninstall(apply.installed_families())
+            guard = apply.remove_guard()
         else:
             mode = _ipv6_mode(_raw(args, os.environ, next(o for o in _OPTIONS if o.dest == "ipv6"))[0])
             applied = apply.install(config, ipv6_optional=mode == "auto" and not apply.has_global_ipv6())
+            guard = _guard_ipv6(config, "ipv6" in applied, guarded)
     except apply.CaptureError as exc:
         raise CLIError(str(exc)) from exc
     if not args.cleanup and "ipv6" in applied and (why := apply.add_inbound_source()) is not None:
@@ -256,6 +288,8 @@ def _init(args: argparse.Namespace) -> int:
             extra={"reason": why},
         )
     sys.stdout.write("".join(rules.section(f, text, backend) for f, text in applied.items()))
+    if guard:
+        sys.stdout.write(rules.section("ipv6", guard, backend))
     log.info(
         "capture removed" if args.cleanup else "capture installed",
         extra={

@@ -1,7 +1,8 @@
 """The iptables capture as text: a pure function from a `CaptureConfig` to `iptables-restore` input.
 
 Nothing here runs a command or reads a file; `proxy.iptables.apply` does that. The output is fed
-to `iptables-restore --noflush` (or ip6tables-restore) and touches only the nat table:
+to `iptables-restore --noflush` (or ip6tables-restore) and touches only the nat table (but for
+`guard`, below):
 
 - Our chains are declared with `:NAME - [0:0]`, which under `--noflush` creates or flushes them,
   so a second run rebuilds them instead of appending duplicates.
@@ -18,6 +19,12 @@ pod's address the client asked for (as Istio and Linkerd deliver), from 127.0.0.
 which `proxy init` adds to `lo`), and that source is let through, as Istio's rules do. When the
 *app* connects to its own pod IP it talks to itself, crossing no trust boundary: that, like all
 other `lo` traffic (127.0.0.0/8, ::1), is not captured, as in Istio.
+
+IPv6 not captured (``--ipv6 off``, or ip6tables' nat table unusable) in a pod that has IPv6 (a
+link-local address at least): `guard` writes ip6tables' filter table instead, refusing new inbound
+IPv6 TCP connections (with a reset) except on loopback and the ports the capture lets through, so an
+app listening on `[::]` cannot be reached past the sidecar (Istio's init rejects inbound IPv6 in
+that case too). Outbound IPv6 and its replies pass: only a SYN without ACK is refused.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ OUT_REDIRECT = "SIDEMESH_OUT_REDIRECT"
 CHAINS = (INBOUND, IN_REDIRECT, OUTPUT, OUT_REDIRECT)
 CHAIN_PREFIX = "SIDEMESH_"
 JUMPS = (("PREROUTING", f"-p tcp -j {INBOUND}"), ("OUTPUT", f"-p tcp -j {OUTPUT}"))
+GUARD = "SIDEMESH_IN_GUARD"  # (ip6tables' filter table)
+GUARD_JUMP = ("INPUT", f"-p tcp -j {GUARD}")
 LOOPBACK: Mapping[Family, str] = {"ipv4": "127.0.0.0/8", "ipv6": "::1/128"}
 LINK_LOCAL_V6 = "fe80::/10"
 # The source of the inbound sidecar's connections to the app (proxy/sidecar.py INBOUND_SOURCE).
@@ -144,12 +153,16 @@ def parse_cidrs(text: str) -> tuple[str, ...]:
     return tuple(n.with_prefixlen for n in ordered)
 
 
+def _passed_inbound(config: CaptureConfig) -> list[int]:
+    """The inbound ports the capture lets through: the proxy's own, then those excluded."""
+    own = sorted({*config.proxy_ports, config.inbound_port, config.outbound_port})
+    return [*own, *sorted(set(config.exclude_inbound_ports) - set(own))]
+
+
 def _inbound(config: CaptureConfig) -> list[str]:
     if not config.capture_inbound:
         return []
-    own = sorted({*config.proxy_ports, config.inbound_port, config.outbound_port})
-    excluded = sorted(set(config.exclude_inbound_ports) - set(own))
-    rules = [f"-A {INBOUND} -p tcp -m tcp --dport {port} -j RETURN" for port in (*own, *excluded)]
+    rules = [f"-A {INBOUND} -p tcp -m tcp --dport {port} -j RETURN" for port in _passed_inbound(config)]
     return [*rules, f"-A {INBOUND} -p tcp -j {IN_REDIRECT}"]
 
 
@@ -189,7 +202,7 @@ def render(config: CaptureConfig, family: Family, existing_nat: str) -> str:
     """
     if family not in FAMILIES:
         raise ValueError(f"family: {family!r} is not one of {', '.join(FAMILIES)}")
-    present = set(parse_nat(existing_nat)[1])
+    present = set(parse_table(existing_nat, "nat")[1])
     lines = ["*nat", *(f":{chain} - [0:0]" for chain in CHAINS)]
     lines += [f"-A {chain} {spec}" for chain, spec in JUMPS if (chain, spec) not in present]
     lines += _inbound(config)
@@ -199,16 +212,35 @@ def render(config: CaptureConfig, family: Family, existing_nat: str) -> str:
     return "\n".join([*lines, "COMMIT", ""])
 
 
-def cleanup(existing_nat: str) -> str:
-    """The `iptables-restore --noflush` input that removes every rule and chain we added.
+def guard(config: CaptureConfig, existing_filter: str) -> str:
+    """The `ip6tables-restore --noflush` input (filter table) that refuses new inbound IPv6 TCP
+    connections where IPv6 is not captured; "" when inbound is not captured at all (`*`).
+
+    `existing_filter` is what `ip6tables-save -t filter` printed before: as in `render`, it only
+    decides whether the INPUT jump is already in place, and the chain is rebuilt on a re-run."""
+    if not config.capture_inbound:
+        return ""
+    present = set(parse_table(existing_filter, "filter")[1])
+    lines = ["*filter", f":{GUARD} - [0:0]"]
+    lines += [f"-A {chain} {spec}" for chain, spec in (GUARD_JUMP,) if (chain, spec) not in present]
+    lines.append(f"-A {GUARD} -i lo -j RETURN")
+    lines += [f"-A {GUARD} -p tcp -m tcp --dport {port} -j RETURN" for port in _passed_inbound(config)]
+    lines.append(
+        f"-A {GUARD} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with tcp-reset"
+    )
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+def cleanup(existing: str, table: str = "nat") -> str:
+    """The `iptables-restore --noflush` input that removes every rule and chain we added to `table`.
 
     Deletes each rule of another chain that jumps into a `SIDEMESH_*` chain (as many times as it
     occurs), then flushes and deletes the `SIDEMESH_*` chains that exist. Nothing to remove gives an
     empty transaction, so cleaning up twice is harmless.
     """
-    chains, rules = parse_nat(existing_nat)
+    chains, rules = parse_table(existing, table)
     ours = [chain for chain in chains if chain.startswith(CHAIN_PREFIX)]
-    lines = ["*nat"]
+    lines = [f"*{table}"]
     lines += [
         f"-D {chain} {spec}"
         for chain, spec in rules
@@ -239,19 +271,18 @@ def render_families(
     return "".join(section(f, render(config, f, existing.get(f, "")), backend) for f in config.families)
 
 
-def parse_nat(text: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """Chain names and `(chain, rule spec)` pairs of the nat table in `iptables-save` (or restore) text.
-
-    Comments, counters and other tables are ignored; text with no `*table` line counts as nat.
-    """
+def parse_table(text: str, wanted: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Chain names and `(chain, rule spec)` pairs of table `wanted` in `iptables-save` (or restore)
+    text. Comments, counters and other tables are ignored; text with no `*table` line counts as
+    `wanted`."""
     chains: list[str] = []
     rules: list[tuple[str, str]] = []
-    table = "nat"
+    table = wanted
     for raw in text.splitlines():
         line = _COUNTERS_RE.sub("", raw.strip())
         if line.startswith("*"):
             table = line[1:]
-        elif table != "nat" or not line or line.startswith("#"):
+        elif table != wanted or not line or line.startswith("#"):
             continue
         elif line.startswith(":"):
             chains.append(line[1:].split()[0])

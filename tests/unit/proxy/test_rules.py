@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.iptables import rules
+from proxy.iptables import apply, rules
 from proxy.iptables.cli import capture_config
 from proxy.iptables.rules import CaptureConfig
 from sidemesh.cli import build_parser, main
@@ -262,10 +262,66 @@ def test_dry_run_prints_the_rules(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no iptables needed
+    monkeypatch.setattr(apply, "has_ipv6", lambda: False)  # (else IPv6 off adds the refusal below)
     assert main(["proxy", "init", "--dry-run", "--ipv6", "off"]) == 0
     out = capsys.readouterr().out
     assert out == _golden_body("default")
     assert "-A SIDEMESH_OUT_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in out
+
+
+GUARD_RULES = [
+    "*filter",
+    ":SIDEMESH_IN_GUARD - [0:0]",
+    "-A INPUT -p tcp -j SIDEMESH_IN_GUARD",
+    "-A SIDEMESH_IN_GUARD -i lo -j RETURN",
+    *(
+        f"-A SIDEMESH_IN_GUARD -p tcp -m tcp --dport {p} -j RETURN"
+        for p in (15000, 15001, 15006, 15020, 9090)
+    ),
+    "-A SIDEMESH_IN_GUARD -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with tcp-reset",
+    "COMMIT",
+]
+
+
+def test_guard_refuses_new_inbound_tcp_but_the_ports_the_capture_lets_through() -> None:
+    config = CaptureConfig(exclude_inbound_ports=(9090, 15006))
+    assert rules.guard(config, "").splitlines() == GUARD_RULES
+    rerun = rules.guard(config, "*filter\n" + "\n".join(GUARD_RULES[2:]) + "\n")
+    assert rerun.splitlines() == [line for line in GUARD_RULES if not line.startswith("-A INPUT")]
+    assert rules.guard(CaptureConfig(capture_inbound=False), "") == ""  # nothing captured: nothing refused
+    assert rules.cleanup("\n".join(GUARD_RULES), "filter").splitlines() == [
+        "*filter",
+        "-D INPUT -p tcp -j SIDEMESH_IN_GUARD",
+        ":SIDEMESH_IN_GUARD - [0:0]",
+        "-X SIDEMESH_IN_GUARD",
+        "COMMIT",
+    ]
+    assert "GUARD" not in rules.cleanup("\n".join(GUARD_RULES), "nat")  # (another table's rules)
+
+
+@pytest.mark.parametrize(
+    ("argv", "has_ipv6", "guarded"),
+    [
+        (["--ipv6", "off"], True, True),  # a pod with IPv6 that is not captured
+        ([], True, False),  # auto: captured
+        (["--ipv6", "off"], False, False),  # no IPv6 in the pod
+        (["--ipv6", "off", "--exclude-inbound-ports", "*"], True, False),  # no inbound capture at all
+    ],
+)
+def test_dry_run_shows_the_ipv6_refusal_when_ipv6_is_not_captured(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    has_ipv6: bool,
+    guarded: bool,
+) -> None:
+    monkeypatch.setattr(apply, "has_ipv6", lambda: has_ipv6)
+    assert main(["proxy", "init", "--dry-run", *argv]) == 0
+    out = capsys.readouterr().out
+    assert ("*filter" in out) is guarded
+    assert ("-A INPUT -p tcp -j SIDEMESH_IN_GUARD" in out) is guarded
+    assert main(["proxy", "init", "--dry-run", "--cleanup", *argv]) == 0
+    assert ("-D INPUT -p tcp -j SIDEMESH_IN_GUARD" in capsys.readouterr().out) is guarded
 
 
 def test_dry_run_reads_annotation_environment(
