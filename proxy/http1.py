@@ -502,7 +502,9 @@ async def _forward(
                 pump_exc is None
                 and not started[0]
                 and not retried
-                and up.reused
+                # A pooled connection closed under the request, or a fresh one that a draining
+                # sidecar took from its closing listener's queue and closed before reading it.
+                and (up.reused or (up.pipe.framed and up.pipe.idle_closed))
                 and body.replayable
                 # RFC 9112 9.3.1: never a non-idempotent one, unless the other sidecar said it
                 # dropped the request unread (an EOF frame alone is no proof: one relaying the

@@ -105,3 +105,75 @@ async def test_an_unread_frame_counts_only_after_an_idle_eof_and_within_the_dead
     assert not await told(
         framing.EOF_IDLE_FRAME + framing.UNREAD_FRAME, dataclasses.replace(clock, at=now - 1)
     )
+
+
+async def test_a_post_on_a_fresh_connection_the_peer_closed_unread_goes_again_once() -> None:
+    """A draining sidecar takes the connections queued at its closing listener and closes them
+    idle (EOF 0x01, then UNREAD for what came): a POST sent on such a fresh connection was never
+    read, but only requests on reused connections were sent again, so the client got 502."""
+    from proxy import framing, h1, http1
+    from proxy.observe import NullObserver, RequestInfo
+
+    async def framed() -> tuple[Pipe, socket.socket]:
+        pipe, peer = await _pipe()
+        pipe.framed, pipe.decoder = True, framing.Decoder()
+        return pipe, peer
+
+    closing, closing_peer = await framed()
+    serving, serving_peer = await framed()
+    fresh_calls: list[http1.Upstream] = []
+
+    class Router:
+        def begin(self, info: RequestInfo) -> float | None:
+            return None
+
+        async def route(self, request: h1.Request, info: RequestInfo, avoid: object = ()) -> http1.Upstream:
+            return http1.Upstream(closing, h1.Connection(h1.CLIENT), reused=False, endpoint="a")
+
+        def may_retry(self, method: str, status: int | None, reset: bool, attempt: int) -> bool:
+            return False  # (the route's own retries: none)
+
+        async def fresh(self, up: http1.Upstream) -> http1.Upstream:
+            fresh_calls.append(up)
+            return http1.Upstream(serving, h1.Connection(h1.CLIENT), reused=False, endpoint="a")
+
+        def release(self, up: http1.Upstream, reusable: bool, ok: bool) -> None:
+            pass
+
+    loop = asyncio.get_running_loop()
+    for peer in (closing_peer, serving_peer):
+        peer.settimeout(5)  # (the threads below never hang the run)
+
+    def close_unread() -> None:  # the draining peer: its idle EOF, then UNREAD for what came
+        assert b"POST /orders" in closing_peer.recv(65536)  # (in DATA frames)
+        closing_peer.sendall(framing.EOF_IDLE_FRAME + framing.UNREAD_FRAME)
+        closing_peer.close()
+
+    def answer() -> None:
+        got = b""
+        while b"order" not in got:
+            got += serving_peer.recv(65536)
+        reply = b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok"
+        serving_peer.sendall(framing.data_header(len(reply)) + reply)
+
+    down, client = await _pipe()
+    ctx = http1.Context("outbound", NullObserver(), idle_timeout=30, draining=lambda: False)
+    task = asyncio.create_task(http1.serve(down, Router(), ctx))
+    client.setblocking(False)
+    try:
+        await loop.sock_sendall(
+            client, b"POST /orders HTTP/1.1\r\nhost: cart\r\ncontent-length: 5\r\n\r\norder"
+        )
+        await asyncio.wait_for(asyncio.gather(asyncio.to_thread(close_unread), asyncio.to_thread(answer)), 5)
+        got = b""
+        while b"\r\n\r\nok" not in got and not got.startswith(b"HTTP/1.1 502"):
+            got += await asyncio.wait_for(loop.sock_recv(client, 65536), 5)
+        assert got.startswith(b"HTTP/1.1 201"), got
+        assert len(fresh_calls) == 1
+    finally:
+        client.close()
+        await asyncio.wait_for(task, 5)
+        for pipe in (down, closing, serving):
+            pipe.close()
+        await asyncio.sleep(0)
+        serving_peer.close()
