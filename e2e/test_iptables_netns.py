@@ -526,6 +526,9 @@ def test_uncaptured_ipv6_refuses_new_inbound_connections(make_netns: Callable[[]
 
     pod.sidemesh("proxy", "init", "--ipv6", "off", "--exclude-inbound-ports", "9090")
     assert _filter_rules(pod) == rules
+    pod.sidemesh("proxy", "init", "--ipv6", "off", "--exclude-inbound-ports", "*")  # no inbound capture
+    assert _filter_rules(pod) == []
+    pod.sidemesh("proxy", "init", "--ipv6", "off", "--exclude-inbound-ports", "9090")
 
     pod.sidemesh("proxy", "init", "--cleanup")
     assert _filter_rules(pod) == []

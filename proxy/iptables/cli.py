@@ -209,16 +209,14 @@ def capture_config(
 
 def _guard_ipv6(config: CaptureConfig, captured: bool, guarded: bool) -> str:
     """IPv6 not captured in a pod that has it: refuse new inbound IPv6 TCP instead (`rules.guard`),
-    or warn that it is open past the sidecar. Captured: an earlier run's refusal goes. Returns what
-    was applied to ip6tables' filter table."""
-    if captured:
+    or warn that it is open past the sidecar. Captured, or no inbound capture at all: an earlier
+    run's refusal goes. Returns what was applied to ip6tables' filter table."""
+    if captured or not guarded:
         try:
             return apply.remove_guard()
-        except apply.CaptureError as exc:  # (harmless left: the capture's ports pass it)
+        except apply.CaptureError as exc:
             log.warning("could not remove an earlier run's IPv6 refusal", extra={"reason": str(exc)})
             return ""
-    if not guarded:
-        return ""
     try:
         text = apply.install_guard(config)
     except apply.CaptureError as exc:
