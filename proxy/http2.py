@@ -19,7 +19,9 @@ the peer's ``MAX_CONCURRENT_STREAMS`` is reached, and the loss of one fails only
 Flow control is end to end: DATA received on one side is acknowledged (its window reopened) only
 once it has been handed to the other side's connection, so a slow reader slows its sender instead
 of filling the proxy's memory (a stream waiting for its upstream connection holds at most its own
-window). Request and response trailers, resets and informational responses are passed on.
+window). Each connection's own window is ``CONNECTION_WINDOW``, larger than a stream's, so that
+streams whose readers are slow do not hold up the others on their connection (RFC 9113 5.2). Request
+and response trailers, resets and informational responses are passed on.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from proxy.headers import DENIED_REASON, BadPath, field_value, normalize_target,
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed, linger_close
 from proxy.pool import Pool
-from proxy.retry import GRPC_RETRY_STATUSES, MAX_REPLAY_BODY, RETRY_STATUSES, Failure, backoff
+from proxy.retry import GRPC_RETRY_STATUSES, IDEMPOTENT, MAX_REPLAY_BODY, RETRY_STATUSES, Failure, backoff
 
 log = logging.getLogger("sidemesh.proxy.http2")
 GRPC_INVALID_ARGUMENT = 3
@@ -67,7 +69,12 @@ MAX_STREAM_ID = 2**31 - 1
 # default, from the start, and a stream over it fails the whole connection).
 UNSETTLED_MAX_STREAMS = 100
 APP_MAX_STREAMS = 2**31 - 1  # what the app's connections may open at once (Envoy's default)
-CONNECT_ROUNDS = 3  # connections a stream waits for before it counts as not connected
+CONNECT_ROUNDS = 3  # connections without room a stream waits for before it counts as not connected
+# A connection's receive window (a stream's stays h2's 65,535): data waiting for a slow reader holds
+# at most its stream's window of it, so it takes 16 such streams to stop the others on the
+# connection (with the connection's window at a stream's, one did); and at most this much is
+# buffered per connection.
+CONNECTION_WINDOW = 1 << 20
 Header = tuple[bytes, bytes]
 Item = tuple[bytes | list[Header] | None, int]  # (data | trailers | end, flow-controlled length)
 _REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
@@ -308,6 +315,7 @@ class _Side:
                 },
             )
         self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(CONNECTION_WINDOW - self.conn.inbound_flow_control_window)
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -345,16 +353,24 @@ class _Up(_Side):
     def release(self) -> None:
         """Dropped from the pool (``proxy.pool.Reusable``): nothing to let go of."""
 
-    def has_room(self) -> bool:
+    def _open(self) -> bool:
         transport = self.pipe.transport
-        if self.closing or transport is None or transport.is_closing() or self.pipe.ended:
-            return False
+        return not (self.closing or transport is None or transport.is_closing() or self.pipe.ended)
+
+    def _max_streams(self) -> int:
         # (Our count, not h2's open_outbound_streams, which walks every stream: a stream leaves
         # ``streams`` when it closes or is reset. send_headers still refuses one too many.)
         limit = self.conn.remote_settings.max_concurrent_streams
         if not self.settled:
             limit = min(limit, UNSETTLED_MAX_STREAMS)
-        return len(self.streams) < (limit if self.limit is None else min(limit, self.limit))
+        return limit if self.limit is None else min(limit, self.limit)
+
+    def has_room(self) -> bool:
+        return self._open() and len(self.streams) < self._max_streams()
+
+    def full(self) -> bool:
+        """Open, but carrying all the streams it may: other streams took the room (not a failure)."""
+        return self._open() and 0 < self._max_streams() <= len(self.streams)
 
     def try_flush(self) -> None:
         with contextlib.suppress(PipeClosed):  # its reader notices and fails its streams
@@ -973,14 +989,20 @@ class H2Proxy:
     async def _connect_and_send(self, stream: _Stream, target: Target) -> None:
         me = asyncio.current_task()
         try:
-            for _ in range(CONNECT_ROUNDS):
+            useless = 0  # connections that had no room for another reason than other streams
+            while True:
                 up = await self._connection(target)
                 if self.streams.get(stream.down_id) is not stream or stream.target is not target:
                     return  # over (reset, timed out) meanwhile
                 if up.has_room() and self._send_head(stream, up):
-                    break  # (else it filled up, or closed, meanwhile: another one)
-            else:
-                raise PipeClosed("no connection took the stream")
+                    break
+                # Filled by the streams that waited with this one (the peer's MAX_CONCURRENT_STREAMS):
+                # wait for the next connection, as a gRPC client queues its calls. Closed meanwhile,
+                # or refusing streams below its limit: a few more tries, then a failure.
+                if not up.full():
+                    useless += 1
+                    if useless >= CONNECT_ROUNDS:
+                        raise PipeClosed("no connection took the stream")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # no connection (the connector's error says why)
@@ -1072,9 +1094,17 @@ class H2Proxy:
         if not sent and target is not None:  # nothing went out: answer (502 / UNAVAILABLE)
             self._deny(stream, Denial(502, target.unreachable, target.policy, GRPC_UNAVAILABLE, "allow"))
             return
-        code = _REFUSED if failure is Failure.CONNECT else h2.errors.ErrorCodes.INTERNAL_ERROR
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.down.conn.reset_stream(stream.down_id, code)
+        if failure is not Failure.CONNECT:
+            # Lost before any of the response: what a client sees of a lost transport without the
+            # mesh, UNAVAILABLE (a reset reads as INTERNAL to gRPC, a server bug its retry policies
+            # do not retry); 502 otherwise, as Envoy answers an upstream lost before its headers.
+            policy = target.policy if target is not None else None
+            self._deny(
+                stream, Denial(502, f"upstream {why}", policy, GRPC_UNAVAILABLE, "allow", "upstream reset")
+            )
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # not processed: the client may retry it
+            self.down.conn.reset_stream(stream.down_id, _REFUSED)
         self._finish(stream, error="upstream reset")
 
     def _retry_response(self, stream: _Stream, status: int, headers: list[Header], ended: bool) -> bool:
@@ -1223,7 +1253,8 @@ class H2Proxy:
             (up.last_stream_id is not None and sid > up.last_stream_id)
             or not up.settled  # the peer never spoke HTTP/2 (its SETTINGS come first)
             or any(kind == framing.DENY for kind, _ in up.pipe.control)  # the sidecar refused
-            or (up.reused and not up.heard)
+            # (a guess, not a proof: never for a method that must not run twice, RFC 9113 8.7)
+            or (up.reused and not up.heard and stream.info.method in IDEMPOTENT)
         )
         self._failed(stream, Failure.CONNECT if unprocessed else Failure.RESET, "connection lost", sent=True)
 
@@ -1379,6 +1410,17 @@ class H2Proxy:
     def _reset_by_upstream(self, stream: _Stream, code: int) -> None:
         if code == _REFUSED and not stream.responded:  # not processed: may go elsewhere
             self._failed(stream, Failure.CONNECT, "refused stream", sent=True)
+            return
+        if code == h2.errors.ErrorCodes.NO_ERROR and stream.end_queued_down:
+            # A complete response, then "send no more of the request" (RFC 9113 8.1: a client
+            # must not discard the response for it): what is queued of the response still goes
+            # down; the rest of the request is dropped, and the caller's stream reset NO_ERROR
+            # once the response is out (``_finish``), as the upstream did.
+            self._ack(self.down, stream.down_id, stream.to_up)
+            stream.to_up.clear()
+            stream.ended_up = True
+            if stream.up is not None and stream.up_id is not None:
+                stream.up.streams.pop(stream.up_id, None)
             return
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.down.conn.reset_stream(stream.down_id, code)

@@ -164,10 +164,15 @@ async def test_the_apps_connection_lost_while_an_answer_comes_leaves_the_upstrea
     await asyncio.sleep(0.05)  # the transports finish closing in this loop, not in the next test's
 
 
-async def test_a_pooled_connection_whose_peer_closes_as_it_is_taken_costs_no_call() -> None:
+@pytest.mark.parametrize(("method", "status", "opened"), [("GET", 200, 2), ("POST", 502, 1)])
+async def test_a_pooled_connection_whose_peer_closes_as_it_is_taken_costs_no_call(
+    method: str, status: int, opened: int
+) -> None:
     """The peer closes (no GOAWAY: a crash) an idle pooled connection just as the next app
-    connection sends a POST on it; the close crosses the stream. As with HTTP/1.1's pool, the
-    stream counts as never reached and goes once more on a fresh connection."""
+    connection sends a request on it; the close crosses the stream. As with HTTP/1.1's pool, a
+    GET counts as never reached and goes once more on a fresh connection. A POST does not: nothing
+    proves the peer did not act on it (RFC 9113 8.7; a peer that crashed after acting on a long
+    call looks the same); it got sent twice. The caller gets 502 instead."""
     up = Upstream(delay=0)
     port = await up.start()
     pool: Pool[object] = Pool()
@@ -185,9 +190,9 @@ async def test_a_pooled_connection_whose_peer_closes_as_it_is_taken_costs_no_cal
 
     pooled.try_flush = flush_then_the_peer_is_gone  # type: ignore[method-assign]
     _, run, app_sock, _ = await start_proxy(port, pool)
-    assert await call(app_sock, "POST") == 200
+    assert await call(app_sock, method) == status
     await asyncio.wait_for(run, 5)
-    assert (pool.opened, pool.reused) == (2, 1)
+    assert (pool.opened, pool.reused) == (opened, 1)
     pool.close()
     up.server.close()
     await up.server.wait_closed()
