@@ -920,7 +920,7 @@ class H2Proxy:
                 (b":status", b"200"),
                 (b"content-type", b"application/grpc"),
                 (b"grpc-status", str(denial.grpc_status).encode()),
-                (b"grpc-message", reason),
+                (b"grpc-message", reason.replace(b"%", b"%25")),  # percent-encoded (gRPC's spec)
                 (DENIED_REASON, reason),
             ]
             self.down.conn.send_headers(stream.down_id, headers, end_stream=True)

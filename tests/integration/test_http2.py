@@ -940,3 +940,26 @@ async def test_a_protocol_error_goaway_is_not_reset_away(pair: tuple[str, int]) 
     finally:
         writer.close()
     assert ended and ended[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR, ended
+
+
+async def test_the_sidecars_own_grpc_message_is_percent_encoded(pair: tuple[str, int]) -> None:
+    """gRPC's grpc-message is percent-encoded: a reason that echoes a client's field name holding
+    "%41" went out as is, and the client decoded it as "A"."""
+    reader, writer, conn = await _h2_client(pair)
+    conn.config.normalize_outbound_headers = conn.config.validate_outbound_headers = False  # as sent
+    conn.send_headers(1, [*_grpc_head(), (b"X%41", b"1")], end_stream=True)
+    writer.write(conn.data_to_send())
+    trailers: dict[bytes, bytes] = {}
+    try:
+        while not trailers:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "the sidecar closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    trailers = dict(event.headers)
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    assert trailers[b"grpc-status"] == b"3", trailers
+    assert b"'X%2541'" in trailers[b"grpc-message"], trailers
+    assert b"'X%41'" in trailers[b"sidemesh-denied-reason"]  # (an HTTP header: as it is)
