@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import threading
@@ -56,9 +57,10 @@ _EXPORTER_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.grpc.exporter",
     "opentelemetry.exporter.otlp.proto.http",
 )
-# Warns for every invalid tracestate it is given (the caller's text in each line): any caller could
-# write a log line per request. An invalid tracestate is dropped, as W3C Trace Context says.
-_PER_REQUEST_LOGGERS = ("opentelemetry.trace.span",)
+# Warn for every invalid tracestate, and every traceparent or tracestate over its length limit, they
+# are given: any caller could write a log line per request. Such a header is dropped, as W3C Trace
+# Context says.
+_PER_REQUEST_LOGGERS = ("opentelemetry.trace.span", "opentelemetry.trace.propagation.tracecontext")
 # Every span attribute value is cut to this many characters unless OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT
 # or OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT says otherwise (the SDK's default is no limit). What
 # callers choose is cut shorter where it is recorded (semconv.MAX_REQUEST_ATTRIBUTE).
@@ -140,6 +142,8 @@ def _number(environ: Mapping[str, str], name: str, default: float, minimum: floa
         value = float(raw)
     except ValueError:
         raise TelemetryConfigError(name, f"{raw!r} is not a number") from None
+    if not math.isfinite(value):  # (nan passed the check below; inf stopped the export thread)
+        raise TelemetryConfigError(name, f"{raw!r} is not a finite number")
     if value < minimum:
         raise TelemetryConfigError(name, f"{raw} is below {minimum:g}")
     return value

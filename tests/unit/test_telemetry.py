@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -100,6 +101,15 @@ def test_sampler_ratio_timeout_and_queue_are_read() -> None:
         ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "jaeger:4317"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
         ({"OTEL_BSP_MAX_QUEUE_SIZE": "0"}, "OTEL_BSP_MAX_QUEUE_SIZE"),
+        # not finite: nan passed (a crash at start naming nothing, or no trace ever sampled or
+        # exported); inf stopped the SDK's export thread
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "nan"},
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "nan"}, "OTEL_BSP_MAX_QUEUE_SIZE"),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "nan"}, "OTEL_EXPORTER_OTLP_TIMEOUT"),
+        ({"OTEL_BSP_SCHEDULE_DELAY": "inf"}, "OTEL_BSP_SCHEDULE_DELAY"),
     ],
 )
 def test_a_bad_value_names_the_variable(env: dict[str, str], variable: str) -> None:
@@ -433,3 +443,26 @@ def test_a_request_without_trace_headers_goes_on_in_the_configured_formats(
     carrier = {k.decode(): v.decode() for k, v in headers}
     if names:  # what the next hop reads: one valid context
         assert propagation.extract(carrier)[0] is not None
+
+
+def test_an_oversized_traceparent_or_tracestate_is_dropped_without_a_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OTel's W3C propagator warned for each traceparent over 512 characters and each tracestate
+    over 8192 (the control plane's servers, and sidecars on a sampler that is not parent-based,
+    read headers through it): anyone could write a log line per request."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from sidemesh.telemetry import start_tracing
+
+    tracing = start_tracing("t", CollectorRegistry(), environ=EP, exporter=InMemorySpanExporter())
+    assert tracing is not None
+    long_parent = f"01-{'1' * 32}-{'2' * 16}-01-" + "x" * 600  # (a future version may carry more)
+    valid = f"00-{'1' * 32}-{'2' * 16}-01"
+    with caplog.at_level(logging.DEBUG):
+        for carrier in (
+            {"traceparent": long_parent},
+            {"traceparent": valid, "tracestate": "a=" + "b" * 9000},
+        ):
+            propagation.extract(carrier)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
