@@ -186,7 +186,9 @@ def namespace_from(obj: Obj) -> Converted[Namespace]:
 
 
 def slice_from(obj: Obj) -> Converted[SliceEndpoints]:
-    """Ready endpoints of one EndpointSlice: each address x each port, with the pod behind it."""
+    """Ready endpoints of one EndpointSlice: each endpoint's address x each port, with the pod
+    behind it. Only an endpoint's first address: the API defines no meaning for more, and
+    kube-proxy reads only the first (the EndpointSlice controller writes exactly one)."""
     meta = metadata_of(obj)
     ns, service = str(meta.get("namespace", "default")), (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
     if not service or obj.get("addressType") not in ("IPv4", "IPv6"):
@@ -204,7 +206,11 @@ def slice_from(obj: Obj) -> Converted[SliceEndpoints]:
             continue
         conditions = ep.get("conditions") or {}
         ready = conditions.get("ready") is not False  # ready: true or unknown (absent) counts as ready
-        if not ready and not (conditions.get("serving") is True and conditions.get("terminating") is True):
+        # (serving: absent means true, as the API says and kube-proxy reads it; terminating: absent
+        # means false)
+        if not ready and not (
+            conditions.get("serving") is not False and conditions.get("terminating") is True
+        ):
             continue  # not ready, and not a terminating endpoint still serving (the fallback)
         ref = ep.get("targetRef") or {}
         workload = (
@@ -212,7 +218,7 @@ def slice_from(obj: Obj) -> Converted[SliceEndpoints]:
             if ref.get("kind") == "Pod" and ref.get("name")
             else None
         )
-        for address in ep.get("addresses") or []:
+        for address in (ep.get("addresses") or [])[:1]:
             # As a connection's original destination reads it (compressed IPv6); one Python cannot
             # read (10.1.2.03, stored before Kubernetes refused leading zeros) is left out.
             try:
