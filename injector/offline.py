@@ -16,6 +16,7 @@ import yaml
 from injector import patch
 from injector.errors import PodError
 from injector.settings import InjectionSettings
+from sidemesh import kubeyaml
 
 Json = dict[str, Any]
 
@@ -126,7 +127,7 @@ def inject_yaml(texts: Iterable[str], settings: InjectionSettings) -> tuple[str,
     out: list[Any] = []
     reports: list[Report] = []
     for text in texts:
-        for doc in yaml.safe_load_all(text):
+        for doc in kubeyaml.load_all(text):  # as kubectl reads it: `22:30` stays a string
             if doc is None:
                 continue
             new, found = inject_document(doc, settings)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from injector.errors import SettingsError
-from sidemesh import __version__
+from sidemesh import __version__, kubeyaml
 from sidemesh.config import parse_hostport
 from sidemesh.policy.model import DefaultPolicy
 from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, validate_trust_domain
@@ -266,7 +266,7 @@ def _resources(key: str, raw: Any) -> Resources:
 def parse_settings(text: str, base: InjectionSettings | None = None) -> InjectionSettings:
     """Settings from the YAML text of the ConfigMap's `config.yaml`; absent keys keep their defaults."""
     try:
-        raw = yaml.safe_load(text)
+        raw = kubeyaml.load(text)  # (as kubectl reads the ConfigMap's manifest)
     except yaml.YAMLError as exc:
         raise SettingsError("config.yaml", f"not YAML: {exc}") from exc
     if raw is None:

@@ -11,10 +11,10 @@ from typing import Any
 
 import yaml
 
+from sidemesh import kubeyaml
 from sidemesh.mesh.resources import Snapshot, build_snapshot
 
 SUFFIXES = (".yaml", ".yml", ".json")
-_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 Stamp = tuple[int, int]
 
@@ -27,7 +27,7 @@ def _files(directory: Path) -> list[Path]:
 
 def _parse(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
     try:
-        docs = list(yaml.load_all(path.read_text(), Loader=_LOADER))  # a safe loader (C or Python)
+        docs = kubeyaml.load_all(path.read_text())  # as kubectl reads it (a safe loader, C or Python)
         return [(f"{path.name}#{i}", doc) for i, doc in enumerate(docs)], []
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         return [], [f"{path.name}: cannot read: {str(exc).splitlines()[0]}"]

@@ -206,6 +206,40 @@ def test_strings_stay_strings_for_kubectl(
     assert yaml.load("a: n\nb: 1e3\nc: 0o17\n", Loader=GoYamlV2Loader) == {"a": False, "b": 1000.0, "c": 15}
 
 
+def test_what_kubectl_reads_as_strings_stays_strings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PyYAML read `22:30` as 1350 (YAML 1.1 base 60, which kubectl's go-yaml v2 does not have):
+    an annotation, env values and args came out as numbers (kubectl then refused the pod), a
+    custom resource's field was changed while the report said "unchanged", and a plain `=` made
+    the whole run fail."""
+    manifest = """\
+apiVersion: v1
+kind: Pod
+metadata: {name: p, annotations: {maintenance-window: 22:30}}
+spec:
+  containers:
+  - name: app
+    image: app:1
+    args: [--start, 09:30, --sep, =]
+    env: [{name: MAC, value: 52:54:00:12:34:56}]
+---
+apiVersion: example.com/v1
+kind: Backup
+metadata: {name: nightly}
+spec: {startAt: 1:30, date: 2030-01-01}
+"""
+    code, out, err = run(["-"], manifest, monkeypatch, capsys)
+    assert code == 0, err
+    pod, backup = yaml.safe_load_all(out)
+    assert pod["metadata"]["annotations"]["maintenance-window"] == "22:30"
+    app = next(c for c in pod["spec"]["containers"] if c["name"] == "app")
+    assert app["args"] == ["--start", "09:30", "--sep", "="]
+    assert app["env"] == [{"name": "MAC", "value": "52:54:00:12:34:56"}]
+    assert backup["spec"] == {"startAt": "1:30", "date": "2030-01-01"}
+    kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+
+
 def test_files_settings_and_overrides(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,0 +1,40 @@
+"""Kubernetes-style YAML is read as kubectl (go-yaml v2) reads it."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidemesh import kubeyaml
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("22:30", "22:30"),  # PyYAML: 1350 (base 60), go-yaml v2 has no base 60
+        ("1:30", "1:30"),
+        ("52:54:00:12:34:56", "52:54:00:12:34:56"),
+        ("1:30.5", "1:30.5"),
+        ("=", "="),  # PyYAML: the value tag, which no constructor takes (the whole file failed)
+        ("2030-01-01", "2030-01-01"),  # PyYAML: a date; go-yaml keeps a string in plain values
+        ("yes", True),
+        ("off", False),
+        ("y", "y"),  # (go-yaml: a boolean, refused in a string field; kept the string it looks like)
+        ("1e3", "1e3"),
+        ("017", 15),
+        ("0x1F", 31),
+        ("1_000", 1000),
+        ("-2", -2),
+        ("1.5", 1.5),
+        (".inf", float("inf")),
+        ("null", None),
+        ("8080", 8080),
+        ("/a:1", "/a:1"),
+    ],
+)
+def test_plain_scalars_read_as_kubectl_reads_them(text: str, value: object) -> None:
+    assert kubeyaml.load(f"v: {text}\n") == {"v": value}
+
+
+def test_every_document_and_quoted_values_as_they_are() -> None:
+    docs = kubeyaml.load_all("a: '22:30'\n---\nb: \"=\"\n---\n")
+    assert docs == [{"a": "22:30"}, {"b": "="}, None]
