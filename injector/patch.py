@@ -234,6 +234,8 @@ def _check(pod: Any) -> tuple[Json, Json, dict[str, str]]:
     if not app:
         raise PodError("spec.containers is missing or empty: not a pod we can inject")
     for key in ("initContainers", "containers"):
+        for container in _list(spec, key, "spec"):
+            _list(container, "ports", f"spec.{key}[{container.get('name')!r}]")
         names = [c.get("name") for c in _list(spec, key, "spec")]
         if clash := containers.CONTAINER_NAMES.intersection(n for n in names if isinstance(n, str)):
             raise PodError(f"spec.{key} already has a container named {sorted(clash)[0]}; rename it")

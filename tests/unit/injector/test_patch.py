@@ -323,6 +323,15 @@ def test_bad_annotations_are_refused_with_the_annotation_named(
         ({"metadata": {"annotations": {"a": 1}}, "spec": {"containers": [{"name": "a"}]}}, "must be strings"),
         ({"metadata": {}, "spec": {"containers": "app"}}, "spec.containers must be a list"),
         ({"metadata": {}, "spec": {"containers": [{"name": "sidemesh-init"}]}}, "named sidemesh-init"),
+        # (a TypeError and a 500 "internal error" before)
+        ({"metadata": {}, "spec": {"containers": [{"name": "a", "ports": 5}]}}, "['a'].ports must be a list"),
+        (
+            {
+                "metadata": {},
+                "spec": {"containers": [{"name": "a"}], "initContainers": [{"name": "i", "ports": [1]}]},
+            },
+            "initContainers['i'].ports must be a list of objects",
+        ),
         (
             {
                 "metadata": {},
