@@ -257,9 +257,13 @@ def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
     app: list[Json] = []
     records: dict[str, Json] = {}
     rewrite = _bool(annotations, REWRITE_PROBES, settings.rewrite_app_probes)
+    grace = spec.get("terminationGracePeriodSeconds")
+    grace = grace if isinstance(grace, int) and not isinstance(grace, bool) else probes.DEFAULT_GRACE_S
     for container in _list(spec, "containers", "spec"):
         if rewrite:
             container, found = probes.rewrite_container(container)
+            records.update(found)
+            container, found = probes.rewrite_hooks(container, grace)
             records.update(found)
         app.append(container)
     app_init: list[Json] = []
@@ -270,6 +274,9 @@ def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
             fields = tuple(probes.KINDS) if options.native else ("livenessProbe", "readinessProbe")
             container, found = probes.rewrite_container(container, fields)
             records.update(found)
+            if options.native:  # (classic: its postStart runs before the proxy does)
+                container, found = probes.rewrite_hooks(container, grace)
+                records.update(found)
         app_init.append(container)
     if records:
         options = dataclasses.replace(options, app_probes=probes.encode(records))

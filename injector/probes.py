@@ -17,6 +17,13 @@ rewritten one only starts after it.
 A probe is also left alone when it names another `host` (it does not go to this pod), when its
 named port does not resolve (the kubelet would fail it anyway; rewriting would hide the mistake),
 or when it already targets one of the proxy's own ports.
+
+The app's `httpGet` lifecycle hooks cross the capture the same way (the kubelet sends them to the
+pod IP): a strict sidecar refused them, so a pod with a `postStart` hook was killed
+(FailedPostStartHook) and a `preStop` one silently never drained. They become
+`/app-health/<container>/poststart` and `/prestop` too (Istio rewrites them likewise), with the
+time the kubelet gives them: the pod's grace period for `preStop`, ``POST_START_S`` for `postStart`
+(which the kubelet does not bound).
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ HEALTH_PORT = 15020
 PROXY_PORTS = frozenset({15000, 15001, 15006, HEALTH_PORT})
 APP_PROBES_ENV = "SIDEMESH_APP_PROBES"
 KINDS = {"livenessProbe": "livez", "readinessProbe": "readyz", "startupProbe": "startupz"}
+HOOKS = {"postStart": "poststart", "preStop": "prestop"}
+POST_START_S = 600
+DEFAULT_GRACE_S = 30  # terminationGracePeriodSeconds when the pod does not say
 _HANDLERS = ("httpGet", "tcpSocket", "grpc", "exec")
 
 
@@ -120,6 +130,36 @@ def rewrite_container(
         rewritten = {k: v for k, v in probe.items() if k not in _HANDLERS}
         rewritten["httpGet"] = {"path": path, "port": HEALTH_PORT, "scheme": "HTTP"}
         out[field] = rewritten
+    return out, records
+
+
+def rewrite_hooks(container: Json, grace: int) -> tuple[Json, dict[str, Json]]:
+    """The container with its `httpGet` lifecycle hooks pointed at the sidecar, and path -> the
+    original as a probe record (``grace``: the pod's terminationGracePeriodSeconds)."""
+    lifecycle = container.get("lifecycle")
+    if not isinstance(lifecycle, dict):
+        return container, {}
+    name = str(container.get("name", ""))
+    hooks = lifecycle
+    records: dict[str, Json] = {}
+    for hook, kind in HOOKS.items():
+        handler = lifecycle.get(hook)
+        if not isinstance(handler, dict) or "httpGet" not in handler:
+            continue
+        timeout = POST_START_S if hook == "postStart" else grace
+        as_probe = {"httpGet": handler["httpGet"], "timeoutSeconds": timeout}
+        record = _original(as_probe, container, f"container {name}: lifecycle.{hook}")
+        if record is None:
+            continue
+        path = app_health_path(name, kind)
+        records[path] = record
+        if hooks is lifecycle:
+            hooks = dict(lifecycle)
+        hooks[hook] = {"httpGet": {"path": path, "port": HEALTH_PORT, "scheme": "HTTP"}}
+    if hooks is lifecycle:
+        return container, {}
+    out = copy.copy(container)
+    out["lifecycle"] = hooks
     return out, records
 
 

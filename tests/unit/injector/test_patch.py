@@ -28,6 +28,7 @@ import yaml
 from injector import containers, patch, probes
 from injector.errors import PodError
 from injector.settings import InjectionSettings, Resources, quantity
+from proxy.probes import parse_app_probes
 
 GOLDEN_DIR = Path(__file__).resolve().parents[2] / "golden" / "injector"
 UPDATE_GOLDEN = os.environ.get("SIDEMESH_UPDATE_GOLDEN") == "1"
@@ -513,6 +514,59 @@ def test_network_probes_are_rewritten_and_recorded(field: str, probe: Json, reco
 def test_probes_left_alone(probe: Json) -> None:
     out = injected(with_probe("livenessProbe", probe))
     assert container(out, "app")["livenessProbe"] == probe
+    assert app_probes(out) == {}
+
+
+def test_http_lifecycle_hooks_are_rewritten_and_recorded() -> None:
+    """The kubelet sends an httpGet hook to the pod IP, under the capture: a strict sidecar refused
+    it, so a postStart hook killed the container (FailedPostStartHook) and a preStop one never ran.
+    As probes, they go to the health port and the sidecar runs the original; the hook's time is the
+    kubelet's: the pod's grace period for preStop."""
+    pod = a_pod()
+    pod["spec"]["terminationGracePeriodSeconds"] = 45
+    pod["spec"]["containers"][0]["lifecycle"] = {
+        "postStart": {"httpGet": {"path": "/warmup", "port": "http"}},
+        "preStop": {
+            "httpGet": {"path": "/drain", "port": 8080, "httpHeaders": [{"name": "X", "value": "y"}]}
+        },
+    }
+    out = injected(pod)
+    assert container(out, "app")["lifecycle"] == {
+        hook: {"httpGet": {"path": f"/app-health/app/{kind}", "port": 15020, "scheme": "HTTP"}}
+        for hook, kind in (("postStart", "poststart"), ("preStop", "prestop"))
+    }
+    assert app_probes(out) == {
+        "/app-health/app/poststart": {
+            "httpGet": {"path": "/warmup", "port": 8080, "scheme": "HTTP"},
+            "timeoutSeconds": probes.POST_START_S,
+        },
+        "/app-health/app/prestop": {
+            "httpGet": {
+                "path": "/drain",
+                "port": 8080,
+                "scheme": "HTTP",
+                "httpHeaders": [{"name": "X", "value": "y"}],
+            },
+            "timeoutSeconds": 45,
+        },
+    }
+    parse_app_probes(json.dumps(app_probes(out)))  # what the sidecar reads
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [
+        {"exec": {"command": ["sleep", "5"]}},  # in the container: never crosses the capture
+        {"sleep": {"seconds": 5}},
+        {"httpGet": {"path": "/", "port": 8080, "host": "example.com"}},  # not this pod
+        {"httpGet": {"path": "/", "port": "nope"}},
+    ],
+)
+def test_lifecycle_hooks_left_alone(hook: Json) -> None:
+    pod = a_pod()
+    pod["spec"]["containers"][0]["lifecycle"] = {"preStop": hook}
+    out = injected(pod)
+    assert container(out, "app")["lifecycle"] == {"preStop": hook}
     assert app_probes(out) == {}
 
 
