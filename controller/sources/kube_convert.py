@@ -162,6 +162,7 @@ def workload_from_pod(pod: Obj) -> Converted[Workload]:
         meshed=meshed,
         opaque_ports=opaque_ports(annotations, f"Pod {ref}", errors),
         other_addresses=tuple(others),
+        node=str(spec.get("nodeName") or ""),
     )
     return Converted(workload, tuple(errors))
 
@@ -231,7 +232,8 @@ def slice_from(obj: Obj) -> Converted[SliceEndpoints]:
                     f"{obj.get('addressType')} address; left out"
                 )
                 continue
-            found.extend(EndpointAddress(str(ip), name, port, workload, ready) for name, port in ports)
+            node = str(ep.get("nodeName") or "")
+            found.extend(EndpointAddress(str(ip), name, port, workload, ready, node) for name, port in ports)
     return Converted(SliceEndpoints(ns, str(service), tuple(found)), tuple(errors))
 
 

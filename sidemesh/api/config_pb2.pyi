@@ -180,10 +180,13 @@ class Workload(_message.Message):
     POLICIES_FIELD_NUMBER: _builtins.int
     PORTS_FIELD_NUMBER: _builtins.int
     OPAQUE_PORTS_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     """namespace/name"""
     default_policy: _builtins.str
     """deny | allow-authenticated | allow-all"""
+    node: _builtins.str
+    """the node it runs on ("" = not known)"""
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -205,10 +208,11 @@ class Workload(_message.Message):
         policies: _abc.Iterable[_builtins.str] | None = ...,
         ports: _abc.Iterable[_builtins.int] | None = ...,
         opaque_ports: _abc.Iterable[_builtins.int] | None = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "default_policy", b"default_policy", "opaque_ports", b"opaque_ports", "policies", b"policies", "ports", b"ports", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "default_policy", b"default_policy", "node", b"node", "opaque_ports", b"opaque_ports", "policies", b"policies", "ports", b"ports", "ref", b"ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -362,6 +366,7 @@ class Destination(_message.Message):
     RETRIES_FIELD_NUMBER: _builtins.int
     RETRY_NON_IDEMPOTENT_FIELD_NUMBER: _builtins.int
     OPAQUE_FIELD_NUMBER: _builtins.int
+    NODE_LOCAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"cart.shop:80" """
     timeout_seconds: _builtins.float
@@ -373,6 +378,8 @@ class Destination(_message.Message):
     retry_non_idempotent: _builtins.bool
     opaque: _builtins.bool
     """no protocol detection: opaque TCP"""
+    node_local: _builtins.bool
+    """internalTrafficPolicy Local: a sidecar keeps the endpoints on its own node only"""
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """other names for it ("cart.shop.svc.cluster.local:80")"""
@@ -394,10 +401,11 @@ class Destination(_message.Message):
         retries: _builtins.int = ...,
         retry_non_idempotent: _builtins.bool = ...,
         opaque: _builtins.bool = ...,
+        node_local: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "endpoints", b"endpoints", "name", b"name", "names", b"names", "opaque", b"opaque", "retries", b"retries", "retry_non_idempotent", b"retry_non_idempotent", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "endpoints", b"endpoints", "name", b"name", "names", b"names", "node_local", b"node_local", "opaque", b"opaque", "retries", b"retries", "retry_non_idempotent", b"retry_non_idempotent", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -411,11 +419,14 @@ class Endpoint(_message.Message):
     PORT_FIELD_NUMBER: _builtins.int
     IDENTITY_FIELD_NUMBER: _builtins.int
     WORKLOAD_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     port: _builtins.int
     identity: _builtins.str
     """SPIFFE ID it must present; "" = not in the mesh"""
     workload: _builtins.str
+    node: _builtins.str
+    """the node it runs on ("" = not known)"""
     def __init__(
         self,
         *,
@@ -423,10 +434,11 @@ class Endpoint(_message.Message):
         port: _builtins.int = ...,
         identity: _builtins.str = ...,
         workload: _builtins.str = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "identity", b"identity", "port", b"port", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "identity", b"identity", "node", b"node", "port", b"port", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

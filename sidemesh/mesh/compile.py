@@ -29,6 +29,7 @@ class Endpoint:
     port: int
     identity: SpiffeId | None  # None: not in the mesh (plain TCP)
     workload: str = ""
+    node: str = ""  # the node it runs on ("" not known): for node-local Services
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,9 @@ class Destination:
     retries: int = 0  # HTTP retries (see proxy/retry.py for which)
     retry_non_idempotent: bool = False
     opaque: bool = False  # no protocol detection: carried as opaque TCP
+    # A Service with internalTrafficPolicy Local: each sidecar keeps the endpoints on its own node
+    # (``for_node``), none when there are none, as kube-proxy does.
+    node_local: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class InboundWorkload:
     policies: tuple[str, ...]  # refs
     ports: tuple[int, ...]
     opaque_ports: tuple[int, ...] = ()  # inbound ports that skip protocol detection
+    node: str = ""  # the node it runs on: what node-local Services it reaches
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +91,12 @@ def _destination_digest(d: Destination) -> int:
     text = f"{d.name}|{','.join(d.names)}|{d.addresses}|"
     if d.timeout_s or d.retries or d.retry_non_idempotent or d.opaque:  # most have none: no cost
         text += f"~{d.timeout_s}|{d.retries}|{d.retry_non_idempotent}|{d.opaque}|"
-    text += "".join(f"{e.address}:{e.port}:{e.identity}:{e.workload};" for e in d.endpoints)
+    if d.node_local:
+        text += "local|"
+    text += "".join(
+        f"{e.address}:{e.port}:{e.identity}:{e.workload}{'@' + e.node if e.node else ''};"
+        for e in d.endpoints
+    )
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
@@ -257,6 +267,7 @@ def _service_destinations(
 ) -> list[Destination]:
     out = []
     listed = snapshot_endpoints.get((svc.namespace, svc.name))
+    local = svc.node_local  # (endpoints carry their node only where it is used: fewer bytes)
     for sp in svc.ports:
         endpoints: list[Endpoint] = []
         terminating: list[Endpoint] = []
@@ -268,14 +279,16 @@ def _service_destinations(
                         # Its pod is not known yet (the watches are not ordered): no identity to
                         # check, and plaintext would be refused by a meshed pod. Left out until then.
                         continue
-                    ep = Endpoint(e.address, e.port, ids.of(w, e.port), e.workload or "")
+                    node = (e.node or (w.node if w is not None else "")) if local else ""
+                    ep = Endpoint(e.address, e.port, ids.of(w, e.port), e.workload or "", node)
                     (endpoints if e.ready else terminating).append(ep)
         else:
             for w in index.select(svc.namespace, svc.selector):
                 port_or_none = _target_port(sp.target_port, w)
                 if port_or_none is not None:
                     endpoints.extend(
-                        Endpoint(a, port_or_none, ids.of(w, port_or_none), w.ref) for a in w.addresses
+                        Endpoint(a, port_or_none, ids.of(w, port_or_none), w.ref, w.node if local else "")
+                        for a in w.addresses
                     )
         ips = svc.cluster_ips or ((svc.cluster_ip,) if svc.cluster_ip else ())
         families = list(dict.fromkeys(_family(ip) for ip in ips))  # the Service's primary family first
@@ -291,8 +304,15 @@ def _service_destinations(
             # address the caller chose: an app listening on 0.0.0.0 only is not reached over IPv6).
             name = f"{svc.host}:{sp.port}" + (f" (IPv{family})" if i else "")
             names = (f"{svc.host}.svc:{sp.port}", f"{svc.host}.svc.cluster.local:{sp.port}") if i == 0 else ()
-            # A family without endpoints of its own (single-stack pods) uses the others.
-            chosen = _serving(endpoints, terminating, family) or _serving(endpoints, terminating, 0)
+            # A family without endpoints of its own (single-stack pods) uses the others. Node-local:
+            # kube-proxy's choices per node (a node whose endpoints all terminate uses those).
+            chosen = [
+                e
+                for ready, ending in (
+                    _by_node(endpoints, terminating) if svc.node_local else [(endpoints, terminating)]
+                )
+                for e in (_serving(ready, ending, family) or _serving(ready, ending, 0))
+            ]
             out.append(
                 Destination(
                     name,
@@ -303,9 +323,46 @@ def _service_destinations(
                     d.retries,
                     d.retry_non_idempotent,
                     sp.port in d.opaque_ports,
+                    svc.node_local,
                 )
             )
     return out
+
+
+def _by_node(
+    ready: list[Endpoint], terminating: list[Endpoint]
+) -> list[tuple[list[Endpoint], list[Endpoint]]]:
+    nodes: dict[str, tuple[list[Endpoint], list[Endpoint]]] = {}
+    for e in ready:
+        nodes.setdefault(e.node, ([], []))[0].append(e)
+    for e in terminating:
+        nodes.setdefault(e.node, ([], []))[1].append(e)
+    return list(nodes.values())
+
+
+def for_node(table: OutboundTable, node: str) -> OutboundTable:
+    """What a sidecar on ``node`` reaches: a node-local Service's endpoints on that node only (none
+    when it has none there: kube-proxy does not fall back to other nodes). ``table`` itself when it
+    has no node-local Service, or the node is not known ("": every endpoint, as before)."""
+    if not node or not any(d.node_local for d in table.destinations):
+        return table
+    destinations = tuple(
+        Destination(
+            d.name,
+            tuple(e for e in d.endpoints if e.node == node),
+            d.names,
+            d.addresses,
+            d.timeout_s,
+            d.retries,
+            d.retry_non_idempotent,
+            d.opaque,
+            d.node_local,
+        )
+        if d.node_local
+        else d
+        for d in table.destinations
+    )
+    return OutboundTable(destinations, table.hash)
 
 
 def _serving(ready: list[Endpoint], terminating: list[Endpoint], family: int) -> list[Endpoint]:
@@ -402,6 +459,7 @@ def compile_inbound(
                 tuple(p.ref for p in selecting),
                 tuple(p.port for p in w.ports),
                 tuple(sorted(w.opaque_ports)),
+                w.node,
             )
         )
     config = InboundConfig(
@@ -443,7 +501,7 @@ def sidecar_view(
         me.default_policy,
         tuple(by_ref[r] for r in me.policies if r in by_ref),
         me.ports,
-        outbound,
+        for_node(outbound, me.node),
         version,
         frozenset(me.opaque_ports),
     )

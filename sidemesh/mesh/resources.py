@@ -58,6 +58,8 @@ class Service:
     annotations: tuple[tuple[str, str], ...] = ()
     cluster_ips: tuple[str, ...] = ()  # all of them (dual stack); cluster_ip is the first
     delivery: Delivery = DEFAULT  # timeout, retries, opaque ports (from the annotations)
+    # spec.internalTrafficPolicy: Local: a caller reaches the endpoints on its own node only
+    node_local: bool = False
 
     @property
     def host(self) -> str:
@@ -82,6 +84,7 @@ class Workload:
     meshed: bool = True
     opaque_ports: frozenset[int] = DEFAULT_OPAQUE_PORTS  # from sidemesh.io/opaque-ports
     other_addresses: tuple[str, ...] = ()  # a dual-stack pod's address of the other family
+    node: str = ""  # the node it runs on (a Pod's spec.nodeName), "" when not known
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -119,6 +122,7 @@ class EndpointAddress:
     port: int
     workload: str | None  # namespace/name of the pod behind it, when known
     ready: bool = True
+    node: str = ""  # the slice's nodeName for it, "" when not given
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +228,17 @@ def parse_service(doc: dict[str, Any], warnings: list[str] | None = None) -> Ser
         annotations,
         tuple(ips),
         service_delivery(annotations, f"Service {ns}/{name}", [] if warnings is None else warnings),
+        _traffic_policy(spec.get("internalTrafficPolicy"), f"Service {ns}/{name}"),
     )
+
+
+def _traffic_policy(value: Any, where: str) -> bool:
+    """spec.internalTrafficPolicy: True for Local (absent: Cluster, as the API server defaults it)."""
+    if value in (None, "Cluster"):
+        return False
+    if value == "Local":
+        return True
+    raise ResourceError(f"{where}: spec.internalTrafficPolicy {value!r} is not Cluster or Local")
 
 
 def parse_workload(doc: dict[str, Any], warnings: list[str] | None = None) -> Workload:
@@ -252,6 +266,7 @@ def parse_workload(doc: dict[str, Any], warnings: list[str] | None = None) -> Wo
         bool(spec.get("meshed", True)),
         opaque_ports(annotations, where, [] if warnings is None else warnings),
         tuple(others),
+        str(spec.get("node") or ""),
     )
 
 

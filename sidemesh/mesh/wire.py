@@ -68,6 +68,7 @@ def inbound_to_pb(c: InboundConfig) -> pb.Inbound:
                 policies=list(w.policies),
                 ports=list(w.ports),
                 opaque_ports=list(w.opaque_ports),
+                node=w.node,
             )
             for w in c.workloads
         ],
@@ -87,6 +88,7 @@ def inbound_from_pb(m: pb.Inbound) -> InboundConfig:
                     tuple(w.policies),
                     tuple(w.ports),
                     tuple(w.opaque_ports),
+                    w.node,
                 )
                 for w in m.workloads
             ),
@@ -113,6 +115,7 @@ def _destination_to_pb(d: Destination) -> pb.Destination:
                 port=e.port,
                 identity=str(e.identity) if e.identity else "",
                 workload=e.workload,
+                node=e.node,
             )
             for e in d.endpoints
         ],
@@ -120,6 +123,7 @@ def _destination_to_pb(d: Destination) -> pb.Destination:
         retries=d.retries,
         retry_non_idempotent=d.retry_non_idempotent,
         opaque=d.opaque,
+        node_local=d.node_local,
     )
 
 
@@ -144,7 +148,9 @@ def _destination_from_pb(d: pb.Destination) -> Destination:
     return Destination(
         d.name,
         tuple(
-            Endpoint(e.address, e.port, SpiffeId.parse(e.identity) if e.identity else None, e.workload)
+            Endpoint(
+                e.address, e.port, SpiffeId.parse(e.identity) if e.identity else None, e.workload, e.node
+            )
             for e in d.endpoints
         ),
         tuple(d.names),
@@ -153,6 +159,7 @@ def _destination_from_pb(d: pb.Destination) -> Destination:
         d.retries,
         d.retry_non_idempotent,
         d.opaque,
+        d.node_local,
     )
 
 

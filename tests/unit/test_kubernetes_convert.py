@@ -616,3 +616,22 @@ def test_slice_addresses_are_canonical_and_unreadable_ones_left_out() -> None:
     )
     mixed = with_(endpoint_slice("m", "cart", pods=(("cart-1", "10.0.0.2", True),)), "addressType", "IPv6")
     assert slice_from(mixed).errors == ("EndpointSlice shop/m: '10.0.0.2' is not an IPv6 address; left out",)
+
+
+def test_nodes_and_the_internal_traffic_policy_are_read() -> None:
+    """What a node-local Service needs: the Service's internalTrafficPolicy, each pod's node and
+    each slice endpoint's nodeName (the API server always sets them for scheduled pods)."""
+    local = service("agent")
+    local["spec"]["internalTrafficPolicy"] = "Local"
+    converted = service_from(local).value
+    assert converted is not None and converted.node_local
+    plain = service_from(service("web")).value
+    assert plain is not None and not plain.node_local
+    scheduled = pod("agent-a")
+    scheduled["spec"]["nodeName"] = "node-a"
+    workload = workload_from_pod(scheduled).value
+    assert workload is not None and workload.node == "node-a"
+    sliced = endpoint_slice("agent-x", "agent", pods=(("agent-a", "10.0.0.2", True),))
+    sliced["endpoints"][0]["nodeName"] = "node-a"
+    found = slice_from(sliced).value
+    assert found is not None and [e.node for e in found.endpoints] == ["node-a"]

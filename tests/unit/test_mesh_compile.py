@@ -10,7 +10,14 @@ from pathlib import Path
 import yaml
 
 from sidemesh.mesh import wire
-from sidemesh.mesh.compile import compile_inbound, compile_outbound, compile_sidecar, identities
+from sidemesh.mesh.compile import (
+    compile_inbound,
+    compile_outbound,
+    compile_sidecar,
+    for_node,
+    identities,
+    sidecar_view,
+)
 from sidemesh.mesh.resources import (
     EndpointAddress,
     Service,
@@ -516,3 +523,115 @@ def test_terminating_endpoints_are_the_fallback_per_family() -> None:
         Snapshot(services, snap.workloads, endpoints=(ServiceEndpoints("shop", "cart", odd),)),
         "cluster.local",
     )
+
+
+NODE_LOCAL_DOCS = textwrap.dedent("""\
+    apiVersion: sidemesh.io/v1alpha1
+    kind: Workload
+    metadata: {name: agent-a, namespace: mon, labels: {app: agent}}
+    spec: {serviceAccount: agent, address: 10.1.0.5, node: node-a, ports: [{port: 8126}]}
+    ---
+    apiVersion: sidemesh.io/v1alpha1
+    kind: Workload
+    metadata: {name: agent-b, namespace: mon, labels: {app: agent}}
+    spec: {serviceAccount: agent, address: 10.2.0.5, node: node-b, ports: [{port: 8126}]}
+    ---
+    apiVersion: sidemesh.io/v1alpha1
+    kind: Workload
+    metadata: {name: app-a, namespace: mon, labels: {app: app}}
+    spec: {serviceAccount: app, address: 10.1.0.9, node: node-a}
+    ---
+    apiVersion: sidemesh.io/v1alpha1
+    kind: Workload
+    metadata: {name: app-c, namespace: mon, labels: {app: app}}
+    spec: {serviceAccount: app, address: 10.3.0.9, node: node-c}
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {name: agent, namespace: mon}
+    spec: {clusterIP: 10.96.0.50, internalTrafficPolicy: Local, selector: {app: agent}, ports: [{port: 8126}]}
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {name: agent-all, namespace: mon}
+    spec: {clusterIP: 10.96.0.51, selector: {app: agent}, ports: [{port: 8126}]}
+    """)
+
+
+def _node_local_snapshot() -> Snapshot:
+    return build_snapshot([(f"doc{i}", d) for i, d in enumerate(yaml.safe_load_all(NODE_LOCAL_DOCS))])
+
+
+def _view_of(snap: Snapshot, workload: str, through_wire: bool = False) -> dict[str, list[str]]:
+    inbound = compile_inbound(snap, WorkloadId("mon", "app"), "cluster.local", DefaultPolicy.DENY)
+    outbound = compile_outbound(snap, "cluster.local")
+    if through_wire:  # (the controller's stream)
+        inbound = wire.inbound_from_pb(wire.inbound_to_pb(inbound))
+        outbound = wire.outbound_from_pb(wire.outbound_to_pb(outbound))
+    view = sidecar_view(inbound, outbound, workload, "v")
+    return {
+        name: [e.address for e in view.lookup_name(name).endpoints]  # type: ignore[union-attr]
+        for name in ("agent.mon:8126", "agent-all.mon:8126")
+    }
+
+
+def test_a_node_local_service_reaches_only_the_callers_node() -> None:
+    """internalTrafficPolicy: Local (per-node agents: metrics, logs, a DNS cache): the sidecar
+    dialled a pod IP itself, so kube-proxy's rule never applied and a caller on node-a reached
+    node-b's agent. Now each sidecar keeps its node's endpoints, and none when its node has none
+    (kube-proxy does not fall back to other nodes); a Cluster Service beside it reaches all."""
+    snap = _node_local_snapshot()
+    for through_wire in (False, True):
+        assert _view_of(snap, "mon/app-a", through_wire) == {
+            "agent.mon:8126": ["10.1.0.5"],
+            "agent-all.mon:8126": ["10.1.0.5", "10.2.0.5"],
+        }
+        assert _view_of(snap, "mon/app-c", through_wire) == {
+            "agent.mon:8126": [],
+            "agent-all.mon:8126": ["10.1.0.5", "10.2.0.5"],
+        }
+    table = compile_outbound(snap, "cluster.local")
+    assert for_node(table, "") is table  # node not known: every endpoint, as before
+    assert compile_outbound(dataclasses.replace(snap, services=()), "cluster.local") == for_node(
+        compile_outbound(dataclasses.replace(snap, services=()), "cluster.local"), "node-a"
+    )
+
+
+def test_node_local_endpoints_from_slices_and_the_terminating_fallback_per_node() -> None:
+    """With EndpointSlices, the endpoint's nodeName; a node whose agent terminates (and still
+    serves) keeps it while the other node has a ready one, as kube-proxy chooses per node."""
+    snap = _node_local_snapshot()
+    slices = (
+        ServiceEndpoints(
+            "mon",
+            "agent",
+            (
+                EndpointAddress("10.1.0.5", "", 8126, "mon/agent-a", ready=False, node="node-a"),
+                EndpointAddress("10.2.0.5", "", 8126, "mon/agent-b", node="node-b"),
+            ),
+        ),
+    )
+    snap = dataclasses.replace(snap, endpoints=slices)
+    assert _view_of(snap, "mon/app-a")["agent.mon:8126"] == ["10.1.0.5"]
+    plain = compile_outbound(snap, "cluster.local")._by_name.get("agent.mon:8126")
+    assert (
+        plain is not None and plain.node_local and {e.node for e in plain.endpoints} == {"node-a", "node-b"}
+    )
+
+
+def test_the_node_of_an_endpoint_is_in_the_tables_hash() -> None:
+    snap = _node_local_snapshot()
+    moved = dataclasses.replace(
+        snap,
+        workloads=tuple(
+            dataclasses.replace(w, node="node-c") if w.name == "agent-a" else w for w in snap.workloads
+        ),
+    )
+    assert compile_outbound(snap, "cluster.local").hash != compile_outbound(moved, "cluster.local").hash
+
+
+def test_an_unknown_internal_traffic_policy_is_an_error() -> None:
+    doc = yaml.safe_load(NODE_LOCAL_DOCS.split("---")[4])
+    doc["spec"]["internalTrafficPolicy"] = "Nearby"
+    snap = build_snapshot([("svc", doc)])
+    assert snap.services == () and "internalTrafficPolicy 'Nearby' is not Cluster or Local" in snap.errors[0]
