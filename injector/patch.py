@@ -245,6 +245,18 @@ def _check(pod: Any) -> tuple[Json, Json, dict[str, str]]:
     return meta, spec, annotations
 
 
+def _rewritten(desired: Json, original: Json) -> bool:
+    """Whether the injected pod's copy of the ``original`` init container has a rewritten probe."""
+    name = original.get("name")
+    for c in _list(desired["spec"], "initContainers", "spec"):
+        if c.get("name") == name:
+            return any(
+                isinstance(c.get(f), dict) and c[f] != original.get(f)
+                for f in ("livenessProbe", "readinessProbe")
+            )
+    return False
+
+
 def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
     """The injected pod; shares unchanged sub-objects with ``pod`` and never modifies it."""
     meta, spec, annotations = _check(pod)
@@ -354,6 +366,18 @@ def inject(pod: Any, settings: InjectionSettings) -> Result:
             "POST http://127.0.0.1:15020/quitquitquit when it is done, or use native sidecars "
             "(Kubernetes 1.29+, nativeSidecar or the sidemesh.io/native-sidecar annotation)"
         )
+    if not native:
+        # The app's own native sidecars run (and are probed) from the start of the init phase, but
+        # a classic proxy answers their rewritten probes only once every init container is done.
+        for container in _list(spec, "initContainers", "spec"):
+            probed = [f for f in ("livenessProbe", "readinessProbe") if isinstance(container.get(f), dict)]
+            if container.get("restartPolicy") == "Always" and probed and _rewritten(desired, container):
+                warnings.append(
+                    f"sidemesh: init container {container.get('name')} is a native sidecar whose "
+                    f"{' and '.join(probed)} the classic proxy answers only after every init container "
+                    "has finished (a long init container after it gets it restarted): use native "
+                    'sidecars for this pod (sidemesh.io/native-sidecar: "true"; the cluster runs them)'
+                )
     for container in [*_list(spec, "initContainers", "spec"), *_list(spec, "containers", "spec")]:
         for port in container.get("ports") or ():
             number = port.get("containerPort") if isinstance(port, dict) else None

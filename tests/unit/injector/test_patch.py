@@ -633,6 +633,10 @@ def test_classic_mode_leaves_a_native_app_sidecars_startup_probe_alone() -> None
     validate_pod(out)
     result = patch.inject(_with_native_app_sidecar(), classic)
     assert jsonpatch.apply_patch(_with_native_app_sidecar(), result.patch) == result.pod
+    # Its liveness probe runs from the start of the init phase; the classic proxy answers it only
+    # after every init container: the kubelet restarts it meanwhile. Said, with what to do.
+    assert [w for w in result.warnings if "logship" in w and "native-sidecar" in w], result.warnings
+    assert not [w for w in patch.inject(_with_native_app_sidecar(), SETTINGS).warnings if "logship" in w]
 
 
 def test_probe_rewrite_can_be_turned_off() -> None:
