@@ -65,9 +65,10 @@ DRAIN_CHECK = 1.0  # how often an idle connection looks whether the sidecar is d
 DRAIN_PING = b"sm-drain"
 DRAIN_PING_WAIT = 1.0
 MAX_STREAM_ID = 2**31 - 1
-# Streams sent on a new connection before the peer's SETTINGS come (h2 enforces its limit, 100 by
-# default, from the start, and a stream over it fails the whole connection).
-UNSETTLED_MAX_STREAMS = 100
+# Streams sent on a new connection before the peer's SETTINGS say how many it takes: one, as gRPC
+# clients send none (an app server limited below what was sent reset the rest, ENHANCE_YOUR_CALM,
+# and the callers saw RESOURCE_EXHAUSTED); the others wait for the SETTINGS (``_Up.settled_or_gone``).
+UNSETTLED_MAX_STREAMS = 1
 APP_MAX_STREAMS = 2**31 - 1  # what the app's connections may open at once (Envoy's default)
 CONNECT_ROUNDS = 3  # connections without room a stream waits for before it counts as not connected
 # A connection's receive window (a stream's stays h2's 65,535): data waiting for a slow reader holds
@@ -335,6 +336,7 @@ class _Up(_Side):
         self.last_stream_id: int | None = None  # from the GOAWAY: streams above were not processed
         self.limit: int | None = None  # streams open when h2 refused one more (our count drifted)
         self.settled = False  # the peer's SETTINGS (its MAX_CONCURRENT_STREAMS) arrived
+        self.settled_or_gone = asyncio.Event()  # ... or the connection ended
         self.pooling = False  # its app connection is over: its reader stops, the pipe stays open
         self.reused = False  # taken from the pool
         self.heard = True  # something came from the peer since (False: nothing since it was taken)
@@ -994,6 +996,10 @@ class H2Proxy:
                 up = await self._connection(target)
                 if self.streams.get(stream.down_id) is not stream or stream.target is not target:
                     return  # over (reset, timed out) meanwhile
+                if not up.settled and not up.has_room():
+                    await up.settled_or_gone.wait()  # how many streams it takes
+                    if self.streams.get(stream.down_id) is not stream or stream.target is not target:
+                        return
                 if up.has_room() and self._send_head(stream, up):
                     break
                 # Filled by the streams that waited with this one (the peer's MAX_CONCURRENT_STREAMS):
@@ -1212,6 +1218,7 @@ class H2Proxy:
         except (PipeClosed, ConnectionError, h2.exceptions.ProtocolError) as exc:
             log.info("HTTP/2 connection upstream failed", extra={**self.info, "reason": str(exc)})
         finally:
+            up.settled_or_gone.set()  # (streams waiting for its SETTINGS: another connection)
             ups = self.ups.get(up.key, [])
             if up in ups and not app_gone:
                 ups.remove(up)
@@ -1229,6 +1236,11 @@ class H2Proxy:
         the pool that failed before the peer sent anything counts as never reached, as HTTP/1.1's
         pool does: the peer most likely closed it while it was idle (a crash, no GOAWAY), its
         close crossing the streams."""
+        if stream.end_queued_down and not self.closed:
+            # The whole response came before the connection went (a server closing after its
+            # last stream, RFC 9113 6.8): what the caller has not read yet still goes to it.
+            self._upstream_done(stream)
+            return
         if stream.responded and stream.grpc and not self.closed and not stream.end_queued_down:
             # A gRPC call whose response had begun: its transport was lost, which a gRPC client
             # sees as UNAVAILABLE without the mesh (a reset would read as INTERNAL, a server bug,
@@ -1324,6 +1336,7 @@ class H2Proxy:
             self._pump_all(up.streams, event.stream_id, up=True)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             up.settled = True
+            up.settled_or_gone.set()
             self._pump_all(up.streams, 0, up=True)
         elif isinstance(event, h2.events.ConnectionTerminated):
             up.closing = True  # GOAWAY: streams above its last id were not processed
@@ -1416,16 +1429,22 @@ class H2Proxy:
             # must not discard the response for it): what is queued of the response still goes
             # down; the rest of the request is dropped, and the caller's stream reset NO_ERROR
             # once the response is out (``_finish``), as the upstream did.
-            self._ack(self.down, stream.down_id, stream.to_up)
-            stream.to_up.clear()
-            stream.ended_up = True
-            if stream.up is not None and stream.up_id is not None:
-                stream.up.streams.pop(stream.up_id, None)
+            self._upstream_done(stream)
             return
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.down.conn.reset_stream(stream.down_id, code)
         where = "the app" if self.router.direction == "inbound" else "the upstream"
         self._finish(stream, error=f"reset by {where}")
+
+    def _upstream_done(self, stream: _Stream) -> None:
+        """The upstream stream is over with the whole response received: the queued rest of the
+        response still goes down; the rest of the request is dropped (and the caller's stream
+        reset NO_ERROR once the response is out, if its request has not ended: ``_finish``)."""
+        self._ack(self.down, stream.down_id, stream.to_up)
+        stream.to_up.clear()
+        stream.ended_up = True
+        if stream.up is not None and stream.up_id is not None:
+            stream.up.streams.pop(stream.up_id, None)
 
     @staticmethod
     def _grpc_status(stream: _Stream, headers: list[Header]) -> None:

@@ -344,3 +344,108 @@ async def test_a_call_whose_app_goes_away_before_answering_is_unavailable(mesh: 
     finally:
         server.close()
     assert codes == ["UNAVAILABLE", "UNAVAILABLE"], codes
+
+
+async def _answer_then_shut_down(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers its one call whole (150 KB and trailers, as the sidecar's window allows), then shuts
+    down gracefully: GOAWAY NO_ERROR and close, as a server stopping after its last stream."""
+    conn = _server()
+    writer.write(conn.data_to_send())
+    with contextlib.closing(writer), contextlib.suppress(ConnectionError, h2.exceptions.ProtocolError):
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if not isinstance(event, h2.events.StreamEnded):
+                    continue
+                sid = event.stream_id
+                conn.send_headers(sid, GRPC_HEAD)
+                body = _grpc_frame(b"z" * 150_000)
+                while body:
+                    window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                    if window <= 0:
+                        writer.write(conn.data_to_send())
+                        if not (more := await reader.read(65536)):
+                            return
+                        conn.receive_data(more)
+                        continue
+                    conn.send_data(sid, body[:window])
+                    body = body[window:]
+                conn.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+                conn.close_connection()
+                writer.write(conn.data_to_send())
+                await writer.drain()
+                return
+            writer.write(conn.data_to_send())
+
+
+async def _read_late(addr: tuple[str, int]) -> tuple[int, dict[bytes, bytes], list[int]]:
+    """One call, its response read only after 1.5 s: bytes, trailers, resets."""
+    reader, writer, conn = await _h2_client(addr)
+    conn.send_headers(1, _grpc_head(b"/test.Echo/Down"))
+    conn.send_data(1, _grpc_frame(b"a"), end_stream=True)
+    writer.write(conn.data_to_send())
+    await asyncio.sleep(1.5)
+    received, trailers, resets = 0, {}, []
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        while not resets and not trailers:
+            data = await asyncio.wait_for(reader.read(65536), 3)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    received += len(event.data)
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.TrailersReceived):
+                    trailers = dict(event.headers)
+                elif isinstance(event, h2.events.StreamReset):
+                    resets.append(event.error_code)
+            writer.write(conn.data_to_send())
+    writer.close()
+    return received, trailers, resets
+
+
+async def test_a_complete_response_outlives_the_apps_graceful_close(mesh: Mesh) -> None:
+    """RFC 9113 6.8: streams up to a GOAWAY's last one complete. The app's whole response was in
+    the sidecars, waiting for a caller that reads slowly, when the app closed: the sidecar took
+    the connection's end as a failure and reset the caller's stream (65,535 of 150,005 bytes,
+    INTERNAL_ERROR), which it would not see without the mesh."""
+    server = await asyncio.start_server(_answer_then_shut_down, mesh.addr(CART), APP)
+    try:
+        await _start_pair(mesh)
+        results = [await _read_late(addr) for addr in both(mesh)]
+    finally:
+        server.close()
+    expected = (150_005, {b"grpc-status": b"0"}, [])
+    assert results == [expected, expected], results
+
+
+async def test_an_app_with_a_low_stream_limit_gets_no_more_streams_than_it_allows(mesh: Mesh) -> None:
+    """A new connection took up to 100 streams before the app's SETTINGS said how many it takes: a
+    grpcio server limited to 1 (grpc.max_concurrent_streams) reset the others (ENHANCE_YOUR_CALM)
+    and 19 of 20 calls failed RESOURCE_EXHAUSTED. Now one stream goes before the SETTINGS, the rest
+    wait for them (and for room), as gRPC clients do."""
+    server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 1)])
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "test.Echo", {"Slow": grpc.unary_unary_rpc_method_handler(_slow)}
+            ),
+        )
+    )
+    server.add_insecure_port(f"{mesh.addr(CART)}:{APP}")
+    await server.start()
+    try:
+        await _start_pair(mesh)
+        async with grpc.aio.insecure_channel(f"{mesh.addr(FRONTEND)}:{OUT}") as channel:
+            method = unary_method(channel, "/test.Echo/Slow")
+
+            async def one() -> str:
+                try:
+                    await method(b"x", timeout=15)
+                    return "OK"
+                except grpc.aio.AioRpcError as exc:
+                    return f"{exc.code().name}: {exc.details()}"
+
+            results = collections.Counter(await asyncio.gather(*(one() for _ in range(20))))
+    finally:
+        await server.stop(0)
+    assert results == {"OK": 20}, results
