@@ -43,6 +43,7 @@ KINDS = {"livenessProbe": "livez", "readinessProbe": "readyz", "startupProbe": "
 HOOKS = {"postStart": "poststart", "preStop": "prestop"}
 POST_START_S = 600
 DEFAULT_GRACE_S = 30  # terminationGracePeriodSeconds when the pod does not say
+MIN_PRE_STOP_S = 2  # the kubelet gives a preStop hook at least this long (a grace period of 0 too)
 _HANDLERS = ("httpGet", "tcpSocket", "grpc", "exec")
 
 
@@ -146,7 +147,7 @@ def rewrite_hooks(container: Json, grace: int) -> tuple[Json, dict[str, Json]]:
         handler = lifecycle.get(hook)
         if not isinstance(handler, dict) or "httpGet" not in handler:
             continue
-        timeout = POST_START_S if hook == "postStart" else grace
+        timeout = POST_START_S if hook == "postStart" else max(grace, MIN_PRE_STOP_S)
         as_probe = {"httpGet": handler["httpGet"], "timeoutSeconds": timeout}
         record = _original(as_probe, container, f"container {name}: lifecycle.{hook}")
         if record is None:

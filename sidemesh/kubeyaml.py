@@ -1,13 +1,14 @@
 """YAML read as kubectl reads it, for the Kubernetes-style files the mesh takes.
 
-kubectl (sigs.k8s.io/yaml, go-yaml v2) reads YAML 1.1 but without base-60 numbers, the `=` value
-tag, and timestamps (kept as strings when read into plain values, for compatibility). PyYAML's
-SafeLoader has all three: `22:30` became the integer 1350, `1:30` 90, `2030-01-01` a date, and a
-plain `=` failed the whole file, where kubectl keeps each a string. ``Loader`` is PyYAML's safe
-loader (libyaml's when PyYAML has it) without those three; everything else (`yes`, octal, hex,
-`1_000`, `.inf`) is read as before. Where go-yaml reads a number or a boolean that PyYAML keeps a
-string (`y`, `n`, `1e3`, `0o17`), the string stays: a value kubectl would refuse in a string field
-is taken as the string it looks like (and written back quoted), nothing is lost.
+kubectl (sigs.k8s.io/yaml, go-yaml v2) reads YAML 1.1 in its own way, and PyYAML's SafeLoader
+differed where it mattered: it read `22:30` as 1350 and `1:30` as 90 (YAML 1.1's base 60, which
+go-yaml does not have), `2030-01-01` as a date (go-yaml keeps a string in plain values), failed
+a whole file on a plain `=` (the value tag), and kept as strings what go-yaml reads as booleans and
+numbers: `y`/`n`, `0o440`, `0X1F`, `1e3`, `+.5`, `08` (so `defaultMode: 0o440` came back out of
+`sidemesh inject` as a string, which kubectl refuses). ``Loader`` is PyYAML's safe loader
+(libyaml's when PyYAML has it) resolving plain scalars as go-yaml v2's resolve.go does: null and
+booleans from its tables, then an integer as Go's ``ParseInt(s, 0, 64)`` reads it (underscores
+removed: `0x`, `0o`, `0b`, a leading 0 for octal), then a float of its ``yamlStyleFloat`` form.
 """
 
 from __future__ import annotations
@@ -20,34 +21,46 @@ import yaml
 _BASE: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
-_DROPPED = frozenset({"tag:yaml.org,2002:value", "tag:yaml.org,2002:timestamp"})
-# PyYAML's YAML 1.1 patterns, without their base-60 alternatives
-_PATTERNS = {
-    _INT: re.compile(
-        r"""^(?:[-+]?0b[0-1_]+
-        |[-+]?0[0-7_]+
-        |[-+]?(?:0|[1-9][0-9_]*)
-        |[-+]?0x[0-9a-fA-F_]+)$""",
-        re.X,
-    ),
-    _FLOAT: re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
-        |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-}
+_BOOL = "tag:yaml.org,2002:bool"
+_DROPPED = frozenset({_INT, _FLOAT, "tag:yaml.org,2002:value", "tag:yaml.org,2002:timestamp"})
+_INT_RE = re.compile(
+    r"""^[-+]?(?:0[bB][01_]*[01][01_]*
+    |0[oO][0-7_]*[0-7][0-7_]*
+    |0[xX][0-9a-fA-F_]*[0-9a-fA-F][0-9a-fA-F_]*
+    |0[0-7_]*
+    |[1-9][0-9_]*)$""",
+    re.X,
+)
+_FLOAT_RE = re.compile(
+    r"""^(?:[-+]?(?:\.[0-9_]*[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9_]*[0-9][0-9_]*)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_OCTAL = re.compile(r"0[0-7]+")
 
 
 class Loader(_BASE):  # type: ignore[misc]
     """PyYAML's safe loader, resolving plain scalars as kubectl does (see the module)."""
 
+    bool_values = {**_BASE.bool_values, "y": True, "n": False}  # noqa: RUF012
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = str(self.construct_scalar(node)).replace("_", "")
+        sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
+        if _OCTAL.fullmatch(digits):  # Go: a leading 0 is octal (Python's base 0 refuses it)
+            return sign * int(digits, 8)
+        return sign * int(digits, 0)
+
 
 Loader.yaml_implicit_resolvers = {
-    first: [(tag, _PATTERNS.get(tag, pattern)) for tag, pattern in resolvers if tag not in _DROPPED]
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in _DROPPED]
     for first, resolvers in _BASE.yaml_implicit_resolvers.items()
 }
+Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
+Loader.add_implicit_resolver(_INT, _INT_RE, list("-+0123456789"))  # (before floats: 8 is an int)
+Loader.add_implicit_resolver(_FLOAT, _FLOAT_RE, list("-+0123456789."))
+Loader.add_constructor(_INT, Loader.construct_yaml_int)
 
 
 def load(text: str) -> Any:

@@ -267,7 +267,9 @@ def _service_destinations(
 ) -> list[Destination]:
     out = []
     listed = snapshot_endpoints.get((svc.namespace, svc.name))
-    local = svc.node_local  # (endpoints carry their node only where it is used: fewer bytes)
+    # (endpoints carry their node only where it is used: fewer bytes). A headless Service is not
+    # kube-proxy's: DNS gives every pod, whatever its traffic policy.
+    local = svc.node_local and bool(svc.cluster_ips or svc.cluster_ip)
     for sp in svc.ports:
         endpoints: list[Endpoint] = []
         terminating: list[Endpoint] = []
@@ -323,7 +325,7 @@ def _service_destinations(
                     d.retries,
                     d.retry_non_idempotent,
                     sp.port in d.opaque_ports,
-                    svc.node_local,
+                    local,
                 )
             )
     return out

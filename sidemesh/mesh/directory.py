@@ -29,7 +29,7 @@ def _parse(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
     try:
         docs = kubeyaml.load_all(path.read_text())  # as kubectl reads it (a safe loader, C or Python)
         return [(f"{path.name}#{i}", doc) for i, doc in enumerate(docs)], []
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as exc:
         return [], [f"{path.name}: cannot read: {str(exc).splitlines()[0]}"]
 
 

@@ -18,9 +18,22 @@ from sidemesh import kubeyaml
         ("2030-01-01", "2030-01-01"),  # PyYAML: a date; go-yaml keeps a string in plain values
         ("yes", True),
         ("off", False),
-        ("y", "y"),  # (go-yaml: a boolean, refused in a string field; kept the string it looks like)
-        ("1e3", "1e3"),
+        # go-yaml v2's booleans and Go's number parsers, where PyYAML kept strings (defaultMode:
+        # 0o440 came out of sidemesh inject as "0o440", which kubectl refuses)
+        ("y", True),
+        ("N", False),
+        ("1e3", 1000.0),
+        ("+.5", 0.5),
+        ("08", 8.0),
+        ("0o440", 288),
+        ("0X1F", 31),
+        ("0b101", 5),
+        ("-017", -15),
         ("017", 15),
+        # not numbers: a prefix without digits (PyYAML's pattern took them and int() crashed)
+        ("0x_", "0x_"),
+        ("0b_", "0b_"),
+        ("1e", "1e"),
         ("0x1F", 31),
         ("1_000", 1000),
         ("-2", -2),

@@ -635,3 +635,15 @@ def test_an_unknown_internal_traffic_policy_is_an_error() -> None:
     doc["spec"]["internalTrafficPolicy"] = "Nearby"
     snap = build_snapshot([("svc", doc)])
     assert snap.services == () and "internalTrafficPolicy 'Nearby' is not Cluster or Local" in snap.errors[0]
+
+
+def test_a_headless_service_is_never_node_local() -> None:
+    """kube-proxy does not handle headless Services (DNS gives every pod, whatever the policy):
+    reached by name, one with internalTrafficPolicy Local kept only the caller's node's pods."""
+    snap = _node_local_snapshot()
+    headless = tuple(
+        dataclasses.replace(s, cluster_ip=None, cluster_ips=()) if s.name == "agent" else s
+        for s in snap.services
+    )
+    view = _view_of(dataclasses.replace(snap, services=headless), "mon/app-c")
+    assert view["agent.mon:8126"] == ["10.1.0.5", "10.2.0.5"]

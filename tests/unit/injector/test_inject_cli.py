@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
 import sys
@@ -194,7 +195,7 @@ def test_strings_stay_strings_for_kubectl(
             ]
         },
     }
-    code, out, err = run(["-"], yaml.safe_dump(pod), monkeypatch, capsys)
+    code, out, err = run(["-"], json.dumps(pod), monkeypatch, capsys)  # (JSON: every string quoted)
     assert code == 0, err
     assert "café ☕" in out
     for loader in (yaml.SafeLoader, GoYamlV2Loader):
@@ -223,6 +224,7 @@ spec:
     image: app:1
     args: [--start, 09:30, --sep, =]
     env: [{name: MAC, value: 52:54:00:12:34:56}]
+  volumes: [{name: cfg, configMap: {name: cfg, defaultMode: 0o440}}]
 ---
 apiVersion: example.com/v1
 kind: Backup
@@ -233,6 +235,7 @@ spec: {startAt: 1:30, date: 2030-01-01}
     assert code == 0, err
     pod, backup = yaml.safe_load_all(out)
     assert pod["metadata"]["annotations"]["maintenance-window"] == "22:30"
+    assert pod["spec"]["volumes"][0]["configMap"]["defaultMode"] == 0o440  # (Go's 0o: a number)
     app = next(c for c in pod["spec"]["containers"] if c["name"] == "app")
     assert app["args"] == ["--start", "09:30", "--sep", "="]
     assert app["env"] == [{"name": "MAC", "value": "52:54:00:12:34:56"}]

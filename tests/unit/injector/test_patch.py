@@ -551,6 +551,12 @@ def test_http_lifecycle_hooks_are_rewritten_and_recorded() -> None:
         },
     }
     parse_app_probes(json.dumps(app_probes(out)))  # what the sidecar reads
+    # A grace period of 0 (valid: "stop at once"): the kubelet still gives preStop 2 s; a 0 s
+    # timeout made the sidecar refuse its configuration and the pod never started.
+    pod["spec"]["terminationGracePeriodSeconds"] = 0
+    zero = app_probes(injected(pod))
+    assert zero["/app-health/app/prestop"]["timeoutSeconds"] == 2
+    parse_app_probes(json.dumps(zero))
 
 
 @pytest.mark.parametrize(
