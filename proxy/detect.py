@@ -134,8 +134,13 @@ async def detect_outcome(sock: socket.socket, timeout: float) -> tuple[Kind, boo
         except BlockingIOError:
             pass
         except ConnectionError:
-            return Kind.CLOSED, True
+            return Kind.CLOSED, True  # reset
         else:
+            if not peeked:
+                # A half-close before any byte (`nc -N` with nothing to send, a client that only
+                # listens): decided, opaque, its FIN passed on; a server that speaks first still
+                # answers. (It was refused: the client got a reset.)
+                return Kind.OPAQUE, True
             kind = classify(peeked)
             if kind is not None:
                 return kind, True

@@ -80,6 +80,8 @@ class Half(asyncio.Protocol):
         try:
             for kind, payload in self.decoder.feed(data):
                 if kind == framing.DATA:
+                    if self.eof_in and payload:  # (its end was passed on: the write would raise)
+                        raise framing.FramingError("DATA after EOF")
                     if self.peer is not None:
                         self.peer.send(payload)
                     elif not self.relay.closed:
@@ -253,6 +255,12 @@ class Relay:
                 return
             if half.peer is not None:
                 half.peer.send_eof()
+        elif half.framed and not half.eof_out:
+            # The other sidecar is gone (it died: its kernel closed the connection) after its own
+            # direction ended but before ours did: what our app sends next would be dropped and
+            # its close look clean. Both apps get a reset, as Envoy closes both sides.
+            self.fail(f"{half.name}: closed before the stream's end")
+            return
         peer = half.peer
         if peer is not None and peer.transport is not None and peer.eof_in:
             self._finish("closed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 
 import pytest
 
@@ -81,12 +82,22 @@ async def test_detect_waits_for_the_rest_of_a_request_line() -> None:
         assert server.recv(100, socket.MSG_PEEK) == b"GET /x HTTP/1.1\r\n"  # nothing consumed
 
 
-async def test_detect_silent_and_closed() -> None:
+async def test_detect_silent_ended_and_reset() -> None:
     server, client = await _pair()
     with server, client:
         assert await detect.detect(server, 0.05) is Kind.SILENT
-        client.close()
-        assert await detect.detect(server, 1.0) is Kind.CLOSED
+        # A FIN before any byte is a half-close, not an abort: decided, carried as opaque (a
+        # server that speaks first still answers; it was refused with a reset).
+        client.shutdown(socket.SHUT_WR)
+        assert await detect.detect_outcome(server, 1.0) == (Kind.OPAQUE, True)
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # (TCP: a reset)
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        server.setblocking(False)
+        with server:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            assert await detect.detect(server, 1.0) is Kind.CLOSED
 
 
 async def test_partial_input_times_out_as_opaque() -> None:
