@@ -27,7 +27,17 @@ from sidemesh import logging as smlog
 from sidemesh.cli import CLIError, listen_error
 from sidemesh.identity.bundle import spiffe_bundle
 from sidemesh.identity.client import CAClient, CAClientError
-from sidemesh.identity.svid import SVID, SvidError, load_bundle, make_csr, new_key, own_roots, pem_of
+from sidemesh.identity.svid import (
+    SVID,
+    SvidError,
+    foreign_roots,
+    load_bundle,
+    make_csr,
+    new_key,
+    own_roots,
+    pem_of,
+    root_trust_domains,
+)
 from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, WorkloadId, validate_trust_domain
 
 
@@ -147,6 +157,13 @@ def register(sub: Any) -> None:
     src.add_argument("--ca-dir", type=Path, help="the CA's directory (reads its root-cert.pem)")
     src.add_argument("--bundle-file", type=Path, help="a PEM file of root certificates")
     p.add_argument("--format", choices=["pem", "spiffe"], default="pem", help="output format (default: pem)")
+    p.add_argument(
+        "--trust-domain",
+        type=_trust_domain,
+        default=DEFAULT_TRUST_DOMAIN,
+        help="the trust domain the bundle is for: roots naming only others are left out, with a warning "
+        "(default: %(default)s)",
+    )
     p.add_argument(
         "--refresh-hint",
         type=cfg.duration_arg(dt.timedelta(seconds=1)),
@@ -357,9 +374,7 @@ def _issue(args: argparse.Namespace) -> int:
             "PERMISSION_DENIED": "--identity must be the identity the token belongs to",
         }.get(exc.code.name, "")
         raise CLIError(f"the CA refused: {exc}{'; ' + hint if hint else ''}") from exc
-    fd = os.open(args.out_dir / "key.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(svid.key_pem)
+    keys.write_file(args.out_dir / "key.pem", svid.key_pem)
     (args.out_dir / "cert-chain.pem").write_bytes(svid.chain_pem)
     (args.out_dir / "bundle.pem").write_bytes(svid.bundle_pem)
     print(
@@ -378,6 +393,18 @@ def _bundle(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot read {path}: {exc.strerror}{hint}") from exc
     except SvidError as exc:
         raise CLIError(f"{path}: {exc}") from exc
+    # Only this trust domain's roots: a consumer trusts every root of the bundle for it (X509-SVID
+    # 6.2), so another trust domain's root would mint IDs of ours; workloads leave them out too.
+    for root in foreign_roots(roots, args.trust_domain):
+        print(
+            f"sidemesh ca bundle: left out {root.subject.rfc4514_string()!r}: it names trust domain "
+            f"{', '.join(sorted(root_trust_domains(root)))}, not {args.trust_domain}",
+            file=sys.stderr,
+        )
+    try:
+        roots = own_roots(roots, args.trust_domain)
+    except SvidError as exc:
+        raise CLIError(f"{path}: {exc}; give --trust-domain the bundle's trust domain") from exc
     if args.format == "pem":
         sys.stdout.write(keys.cert_pem(*roots).decode())
         return 0
@@ -412,9 +439,7 @@ def _local_token(args: argparse.Namespace) -> int:
     doc["tokens"].append(entry)
     try:
         args.file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(doc, f, sort_keys=False)
+        keys.write_file(args.file, yaml.safe_dump(doc, sort_keys=False).encode())
     except OSError as exc:
         raise CLIError(f"cannot write --file {args.file}: {exc.strerror}; pick a file you can write") from exc
     sys.stdout.write(token + "\n")

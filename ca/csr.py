@@ -57,7 +57,7 @@ def parse_csr(pem: str) -> tuple[x509.CertificateSigningRequest, bytes]:
     try:
         data = binascii.a2b_base64(match.group(1).encode("ascii"), strict_mode=False)
         return x509.load_der_x509_csr(data), data
-    except (binascii.Error, ValueError) as exc:
+    except (binascii.Error, ValueError, x509.InvalidVersion) as exc:  # (InvalidVersion: not a ValueError)
         raise InvalidRequest(_NOT_A_CSR, str(exc)) from exc
 
 

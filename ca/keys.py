@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from ca import templates
 from ca.errors import KeyMaterialError
 from ca.leaf import LeafTemplate, TemplateMismatch
-from sidemesh.identity.svid import EXTENSION_ERRORS
+from sidemesh.identity.svid import EXTENSION_ERRORS, SvidError, own_roots, root_trust_domains
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _END_OF_TIME = dt.datetime.max.replace(tzinfo=dt.UTC)
@@ -173,10 +173,29 @@ def load(directory: Path) -> SigningAuthority:
     return assemble(cert, key, chain, roots)
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_file(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` with ``mode``, also when the file exists (os.open's mode applies
+    only to a file it creates: a key written over a 0644 file stayed readable by everyone)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)  # (before the secret is in it)
         f.write(data)
+
+
+def check_trust_domain(authority: SigningAuthority, trust_domain: str) -> None:
+    """Material for another trust domain signs nothing ours: the signing certificate (X509-SVID
+    3.2: it SHOULD carry its trust domain's ID; ours do) and the roots must not name only others.
+    (Served, every workload would refuse the SVIDs: an error here rather than on each of them.)"""
+    named = root_trust_domains(authority.cert)
+    if named and trust_domain not in named:
+        raise KeyMaterialError(
+            f"the signing certificate is for trust domain {', '.join(sorted(named))}, not {trust_domain}: "
+            "give --trust-domain the CA's trust domain, or bootstrap material for this one"
+        )
+    try:
+        own_roots(authority.roots, trust_domain)
+    except SvidError as exc:
+        raise KeyMaterialError(f"{exc}: give --trust-domain the CA's trust domain") from exc
 
 
 def bootstrap(
@@ -199,9 +218,9 @@ def bootstrap(
     inter = templates.intermediate_certificate(
         inter_key.public_key(), trust_domain, root, root_key, now, intermediate_lifetime
     )
-    _write(directory / ROOT_KEY, key_pem(root_key), 0o600)
-    _write(directory / CA_KEY, key_pem(inter_key), 0o600)
-    _write(directory / ROOTS, cert_pem(root), 0o644)
-    _write(directory / CA_CERT, cert_pem(inter), 0o644)
-    _write(directory / CHAIN, cert_pem(inter, root), 0o644)
+    write_file(directory / ROOT_KEY, key_pem(root_key), 0o600)
+    write_file(directory / CA_KEY, key_pem(inter_key), 0o600)
+    write_file(directory / ROOTS, cert_pem(root), 0o644)
+    write_file(directory / CA_CERT, cert_pem(inter), 0o644)
+    write_file(directory / CHAIN, cert_pem(inter, root), 0o644)
     return assemble(inter, inter_key, [inter, root], [root])

@@ -180,9 +180,9 @@ class CAServer:
     ) -> None:
         self.config = config
         self.metrics = metrics or CAMetrics()
-        self.service = CertificateAuthorityService(
-            config, keys.load(config.ca_dir), authenticator, clock, self.metrics
-        )
+        authority = keys.load(config.ca_dir)
+        keys.check_trust_domain(authority, config.trust_domain)
+        self.service = CertificateAuthorityService(config, authority, authenticator, clock, self.metrics)
         self.serving = ServingCertificate(self.service)
         spiffe_id = WorkloadId.parse(config.identity).spiffe_id(config.trust_domain)
         self.tracing = start_tracing(
@@ -298,6 +298,7 @@ class CAServer:
         self._material_stamp = stamp
         try:
             authority = keys.load(self.config.ca_dir)
+            keys.check_trust_domain(authority, self.config.trust_domain)
         except KeyMaterialError as exc:
             log.error(
                 "new CA material rejected; still signing with the previous one", extra={"error": str(exc)}

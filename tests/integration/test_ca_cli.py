@@ -64,6 +64,18 @@ def test_bootstrap_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca"), "--force"]) == 0
+    # Over files that exist with a looser mode too (os.open's mode applies only to a new file: a
+    # root key written over a 0644 file stayed readable by everyone)
+    for name in ("root-key.pem", "ca-key.pem"):
+        os.chmod(tmp_path / "ca" / name, 0o644)
+    assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca"), "--force"]) == 0
+    for name in ("root-key.pem", "ca-key.pem"):
+        assert stat.S_IMODE(os.stat(tmp_path / "ca" / name).st_mode) == 0o600, name
+    token_file = tmp_path / "tokens.yaml"
+    token_file.write_text("tokens: []\n")
+    token_file.chmod(0o644)
+    assert main(["ca", "local-token", "--file", str(token_file), "--identity", "shop/a"]) == 0
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
 
 
 def test_serve_with_missing_material_says_what_to_do(
@@ -207,6 +219,17 @@ def test_bundle_as_pem_and_as_a_spiffe_bundle(tmp_path: Path, capsys: pytest.Cap
         main(["ca", "bundle", "--bundle-file", str(both), "--format", "spiffe", "--refresh-hint", "5m"]) == 0
     )
     doc = json.loads(capsys.readouterr().out)
+    # Another trust domain's root is left out (a consumer trusts every root of a trust domain's
+    # bundle for it: other.org's CA would mint example.org's IDs), with a warning
+    foreign = keys.bootstrap(tmp_path / "foreign", "other.org", dt.datetime.now(dt.UTC))
+    mixed = tmp_path / "mixed.pem"
+    mixed.write_bytes(both.read_bytes() + keys.cert_pem(*foreign.roots))
+    assert main(["ca", "bundle", "--bundle-file", str(mixed), "--format", "spiffe"]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)["keys"]) == 2 and "left out" in err and "other.org" in err
+    assert main(["ca", "bundle", "--bundle-file", str(mixed), "--trust-domain", "other.org"]) == 0
+    out, _ = capsys.readouterr()
+    assert x509.load_pem_x509_certificates(out.encode()) == list(foreign.roots)
     assert doc["spiffe_refresh_hint"] == 300 and "spiffe_sequence" not in doc
     roots = x509.load_pem_x509_certificates(both.read_bytes())
     assert len(doc["keys"]) == len(roots) == 2
@@ -333,6 +356,35 @@ def test_serve_with_a_signing_chain_not_valid_now_says_so(
     assert main([*argv, "--token-file", str(tmp_path / "tokens.yaml"), "--metrics-listen", ""]) == 2
     err = capsys.readouterr().err
     assert "signing chain is not valid before" in err and "valid now" in err
+
+
+def test_serve_with_material_of_another_trust_domain_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It served, and every workload refused what it signed (the bundle holds no root of its trust
+    domain): an error at start instead, naming both trust domains."""
+    assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca"), "--trust-domain", "example.org"]) == 0
+    assert main(["ca", "local-token", "--file", str(tmp_path / "tokens.yaml"), "--identity", "shop/a"]) == 0
+    capsys.readouterr()
+    argv = [
+        "ca",
+        "serve",
+        "--authenticator",
+        "local",
+        "--ca-dir",
+        str(tmp_path / "ca"),
+        "--listen",
+        "127.0.0.1:0",
+    ]
+    argv += ["--token-file", str(tmp_path / "tokens.yaml"), "--metrics-listen", ""]
+    try:  # (a process: one that serves does not return; --trust-domain: cluster.local, the default)
+        proc = subprocess.run(
+            [sys.executable, "-m", "sidemesh", *argv], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("ca serve started with another trust domain's material")
+    assert proc.returncode == 2, proc.stderr
+    assert "example.org" in proc.stderr and "cluster.local" in proc.stderr and "--trust-domain" in proc.stderr
 
 
 def test_a_second_ca_on_a_port_in_use_says_so(tmp_path: Path) -> None:

@@ -148,3 +148,16 @@ def test_other_ecdsa_digests_are_checked_too() -> None:
     assert validate_csr(hand_made_csr(key, info, digest=hashes.SHA384()), CART).public_key_info == info
     with pytest.raises(InvalidRequest, match="proof of possession"):
         validate_csr(hand_made_csr(other, info, digest=hashes.SHA384()), CART)
+
+
+def test_a_csr_version_other_than_v1_is_not_a_csr() -> None:
+    """cryptography raises InvalidVersion (not a ValueError) for it: it went through as an
+    unexpected error, gRPC UNKNOWN (retried by clients), with no refusal logged or counted."""
+    pem = make_csr(new_key(), CART)
+    data = bytearray(base64.b64decode("".join(pem.strip().splitlines()[1:-1])))
+    at = data.index(b"\x02\x01\x00")  # CertificationRequestInfo's version: INTEGER 0 (v1)
+    data[at + 2] = 5
+    text = "-----BEGIN CERTIFICATE REQUEST-----\n" + base64.b64encode(bytes(data)).decode()
+    text += "\n-----END CERTIFICATE REQUEST-----\n"
+    with pytest.raises(InvalidRequest, match="not a PEM-encoded PKCS#10"):
+        validate_csr(text, CART)
