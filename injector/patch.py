@@ -245,6 +245,13 @@ def _check(pod: Any) -> tuple[Json, Json, dict[str, str]]:
     return meta, spec, annotations
 
 
+def _excluded_inbound(options: PodOptions) -> frozenset[int] | None:
+    """The inbound ports the capture lets through (None: all, `*`)."""
+    value = dict(options.exclusions).get(EXCLUSIONS["sidemesh.io/exclude-inbound-ports"], "")
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    return None if "*" in items else frozenset(int(item) for item in items)
+
+
 def _rewritten(desired: Json, original: Json) -> bool:
     """Whether the injected pod's copy of the ``original`` init container has a rewritten probe."""
     name = original.get("name")
@@ -271,11 +278,12 @@ def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
     rewrite = _bool(annotations, REWRITE_PROBES, settings.rewrite_app_probes)
     grace = spec.get("terminationGracePeriodSeconds")
     grace = grace if isinstance(grace, int) and not isinstance(grace, bool) else probes.DEFAULT_GRACE_S
+    excluded = _excluded_inbound(options)
     for container in _list(spec, "containers", "spec"):
         if rewrite:
             container, found = probes.rewrite_container(container)
             records.update(found)
-            container, found = probes.rewrite_hooks(container, grace)
+            container, found = probes.rewrite_hooks(container, grace, excluded)
             records.update(found)
         app.append(container)
     app_init: list[Json] = []
@@ -287,7 +295,7 @@ def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
             container, found = probes.rewrite_container(container, fields)
             records.update(found)
             if options.native:  # (classic: its postStart runs before the proxy does)
-                container, found = probes.rewrite_hooks(container, grace)
+                container, found = probes.rewrite_hooks(container, grace, excluded)
                 records.update(found)
         app_init.append(container)
     if records:

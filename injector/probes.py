@@ -134,9 +134,13 @@ def rewrite_container(
     return out, records
 
 
-def rewrite_hooks(container: Json, grace: int) -> tuple[Json, dict[str, Json]]:
+def rewrite_hooks(
+    container: Json, grace: int, excluded: frozenset[int] | None = frozenset()
+) -> tuple[Json, dict[str, Json]]:
     """The container with its `httpGet` lifecycle hooks pointed at the sidecar, and path -> the
-    original as a probe record (``grace``: the pod's terminationGracePeriodSeconds)."""
+    original as a probe record (``grace``: the pod's terminationGracePeriodSeconds). A hook on an
+    inbound port the capture lets through (``excluded``; None: every port, `*`) reaches the app
+    without the sidecar: left alone (rewritten, it would depend on the sidecar's drain)."""
     lifecycle = container.get("lifecycle")
     if not isinstance(lifecycle, dict):
         return container, {}
@@ -150,7 +154,7 @@ def rewrite_hooks(container: Json, grace: int) -> tuple[Json, dict[str, Json]]:
         timeout = POST_START_S if hook == "postStart" else max(grace, MIN_PRE_STOP_S)
         as_probe = {"httpGet": handler["httpGet"], "timeoutSeconds": timeout}
         record = _original(as_probe, container, f"container {name}: lifecycle.{hook}")
-        if record is None:
+        if record is None or excluded is None or record["httpGet"]["port"] in excluded:
             continue
         path = app_health_path(name, kind)
         records[path] = record

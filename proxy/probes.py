@@ -97,23 +97,49 @@ def parse_app_probes(text: str) -> dict[str, AppProbe]:
 Local = tuple[str, int] | None
 
 
+MAX_REDIRECTS = 10  # as the kubelet's HTTP probes and hooks (Go's http.Client)
+
+
 async def _http(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, str]:
+    """The kubelet's HTTP probe: 200-399 succeeds, and a redirect to the same host is followed (a
+    `/drain` answered 301 to `/drain/`, as Go's ServeMux and Django do, ran nothing of the hook);
+    one to another host is not, and counts as success, as the kubelet has it."""
+    scheme, port, path = probe.scheme, probe.port, probe.path
+    for _ in range(MAX_REDIRECTS + 1):
+        status, location = await _get(probe, host, scheme, port, path, local)
+        if not (300 <= status < 400 and location):
+            return 200 <= status < 400, f"HTTP {status}"
+        target = urllib.parse.urlsplit(
+            urllib.parse.urljoin(f"{scheme.lower()}://{host}:{port}{path}", location)
+        )
+        if target.hostname not in (None, host.strip("[]")) or target.scheme not in ("http", "https"):
+            return True, f"HTTP {status}, to another host: not followed"
+        scheme = target.scheme.upper()
+        port = target.port or (443 if scheme == "HTTPS" else 80)
+        path = urllib.parse.urlunsplit(("", "", target.path or "/", target.query, ""))
+    return False, f"more than {MAX_REDIRECTS} redirects"
+
+
+async def _get(
+    probe: AppProbe, host: str, scheme: str, port: int, path: str, local: Local
+) -> tuple[int, str | None]:
+    """One GET: the status and the Location header."""
     context = None
-    if probe.scheme == "HTTPS":
+    if scheme == "HTTPS":
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    reader, writer = await asyncio.open_connection(host, probe.port, ssl=context, local_addr=local)
+    reader, writer = await asyncio.open_connection(host, port, ssl=context, local_addr=local)
     try:
         names = {name.lower() for name, _ in probe.headers}
         headers = [
             (k, v)
-            for k, v in (("Host", f"{host}:{probe.port}"), ("User-Agent", USER_AGENT))
+            for k, v in (("Host", f"{host}:{port}"), ("User-Agent", USER_AGENT))
             if k.lower() not in names
         ]
         headers += [*probe.headers, ("Accept", "*/*"), ("Connection", "close")]
         conn = h11.Connection(h11.CLIENT)
-        writer.write(conn.send(h11.Request(method="GET", target=probe.path, headers=headers)) or b"")
+        writer.write(conn.send(h11.Request(method="GET", target=path, headers=headers)) or b"")
         writer.write(conn.send(h11.EndOfMessage()) or b"")
         await writer.drain()
         while True:
@@ -121,9 +147,10 @@ async def _http(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, 
             if event is h11.NEED_DATA:
                 conn.receive_data(await reader.read(65536))
             elif isinstance(event, h11.Response):
-                return 200 <= event.status_code < 400, f"HTTP {event.status_code}"
+                location = dict(event.headers).get(b"location")
+                return event.status_code, location.decode("latin-1") if location else None
             elif isinstance(event, h11.ConnectionClosed):
-                return False, "connection closed before a response"
+                raise ConnectionResetError("connection closed before a response")
     finally:
         writer.close()
         with contextlib.suppress(OSError, ssl.SSLError):
@@ -190,6 +217,12 @@ class AppProber:
         self.probes = probes
         self.host = host
         self.pod = pod
+        # The app's preStop hooks (`/prestop` paths) not answered yet: a classic sidecar gets its
+        # SIGTERM as they start, and its drain waits for them (``pre_stop_done``).
+        self._pre_stop_pending = {path for path in probes if path.endswith("/prestop")}
+        self.pre_stop_done = asyncio.Event()
+        if not self._pre_stop_pending:
+            self.pre_stop_done.set()
 
     async def check(self, probe: AppProbe) -> tuple[bool, str]:
         ok, detail, refused = await self._run(probe, self.host, None)
@@ -212,7 +245,13 @@ class AppProber:
         probe = self.probes.get(path)
         if probe is None:
             return json_response(404, {"error": f"no app probe at {path}", "paths": sorted(self.probes)})
-        ok, detail = await self.check(probe)
+        try:
+            ok, detail = await self.check(probe)
+        finally:
+            if path in self._pre_stop_pending:
+                self._pre_stop_pending.discard(path)
+                if not self._pre_stop_pending:
+                    self.pre_stop_done.set()
         return json_response(200 if ok else 503, {"probe": path, "ok": ok, "detail": detail})
 
 

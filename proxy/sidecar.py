@@ -565,6 +565,14 @@ class Sidecar:
         deadline = time.monotonic() + limit
         if grace > 0:
             await asyncio.sleep(min(grace, limit))
+        if not self.app_prober.pre_stop_done.is_set():
+            # The app's preStop hook goes through the health port (rewritten by the injector): a
+            # classic sidecar is stopped as it starts; the health port stays until it is answered.
+            log.info("draining: waiting for the app's preStop hook")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.app_prober.pre_stop_done.wait(), max(0.0, deadline - time.monotonic())
+                )
         remaining = deadline - time.monotonic()
         if self.relays and remaining > 0:
             with contextlib.suppress(TimeoutError):

@@ -19,6 +19,12 @@ from sidemesh.spiffe import WorkloadId
 from tests.integration.conftest import StartCA
 
 SEEN_HEADERS: list[dict[str, str]] = []
+REDIRECTS = {  # path -> Location (301)
+    "/drain": "/ok",
+    "/to-fail": "/fail",
+    "/away": "http://example.invalid/x",
+    "/loop": "/loop",
+}
 
 
 async def _app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -34,7 +40,11 @@ async def _app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         status = {"/ok": 200, "/ok?full=1": 200, "/fail": 500, "/moved": 302, "/teapot": 418}.get(path, 404)
         if path == "/header":
             status = 200 if headers.get("X-Probe") == "yes" else 400
-        writer.write(f"HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n".encode())
+        location = REDIRECTS.get(path)
+        if location is not None:
+            status = 301
+        extra = f"location: {location}\r\n" if location is not None else ""
+        writer.write(f"HTTP/1.1 {status} X\r\n{extra}content-length: 0\r\n\r\n".encode())
         await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
@@ -184,3 +194,19 @@ async def test_an_app_bound_to_its_pod_address_only_passes_its_probe(kind: str) 
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("path", "expected", "detail"),
+    [
+        ("/drain", 200, "HTTP 200"),  # followed: the hook's handler runs (it got the 301 only)
+        ("/to-fail", 503, "HTTP 500"),  # the final answer decides, as the kubelet's probe has it
+        ("/away", 200, "another host"),  # not followed, a success (the kubelet's rule)
+        ("/loop", 503, "redirects"),
+    ],
+)
+async def test_redirects_to_the_same_host_are_followed(
+    app_port: int, path: str, expected: int, detail: str
+) -> None:
+    status, body = await run(AppProbe("httpGet", app_port, 1.0, path=path))
+    assert status == expected and detail in str(body["detail"]), body

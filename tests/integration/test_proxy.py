@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -534,6 +535,37 @@ async def test_app_probes_through_the_sidecar_health_port(mesh: Mesh) -> None:
     assert (await get(f"{health}/cart/livez"))[0] == 200
     assert (await get(f"{health}/other/readyz"))[0] == 404
     server.close()
+
+
+async def test_a_classic_sidecars_drain_answers_the_apps_pre_stop_hook(mesh: Mesh) -> None:
+    """Classic mode: the kubelet runs the app's preStop hook (rewritten to the health port) and
+    stops the sidecar at the same moment. With no connection open the drain ended at once and took
+    the health port with it: the hook's request got no answer and the app never drained. Now the
+    drain waits (up to its timeout) until each recorded preStop hook has been answered."""
+    import json as _json
+
+    drained: list[float] = []
+
+    async def http_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.5)  # the app's own drain
+        drained.append(time.monotonic())
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    probes = {"/app-health/cart/prestop": {"httpGet": {"path": "/drain", "port": 8080}, "timeoutSeconds": 30}}
+    cart = await mesh.sidecar("cart", CART, app_probes=_json.dumps(probes))
+    server = await mesh.app(CART, http_app)
+    try:
+        drain = asyncio.create_task(cart.drain(timeout=10))
+        await asyncio.sleep(0.1)  # (the hook's request comes as the drain has begun)
+        status, body = await get(f"http://{mesh.addr(CART)}:{cart.ports['health']}/app-health/cart/prestop")
+        assert (status, body["ok"]) == (200, True), body
+        await asyncio.wait_for(drain, 5)
+        assert drained and time.monotonic() - drained[0] < 2  # and then the drain went on at once
+    finally:
+        server.close()
 
 
 async def test_quitquitquit_from_the_pod_asks_the_sidecar_to_stop(mesh: Mesh) -> None:

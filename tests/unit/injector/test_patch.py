@@ -559,6 +559,18 @@ def test_http_lifecycle_hooks_are_rewritten_and_recorded() -> None:
     parse_app_probes(json.dumps(zero))
 
 
+def test_a_hook_on_an_excluded_inbound_port_is_left_alone() -> None:
+    """It reaches the app past the capture, as without the mesh; rewritten, it depended on the
+    sidecar (a classic one is stopped as the preStop hook starts)."""
+    for value in ("8080", "*"):
+        pod = a_pod(annotations={"sidemesh.io/exclude-inbound-ports": value})
+        hook = {"httpGet": {"path": "/drain", "port": 8080}}
+        pod["spec"]["containers"][0]["lifecycle"] = {"preStop": hook}
+        out = injected(pod)
+        assert container(out, "app")["lifecycle"] == {"preStop": hook}
+        assert app_probes(out) == {}
+
+
 @pytest.mark.parametrize(
     "hook",
     [
