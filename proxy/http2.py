@@ -370,6 +370,10 @@ class _Up(_Side):
     def has_room(self) -> bool:
         return self._open() and len(self.streams) < self._max_streams()
 
+    def unusable(self) -> bool:
+        """Closed, closing, or refusing streams (the peer's limit drifted): not worth waiting for."""
+        return not self._open() or self.limit is not None
+
     def full(self) -> bool:
         """Open, but carrying all the streams it may: other streams took the room (not a failure)."""
         return self._open() and 0 < self._max_streams() <= len(self.streams)
@@ -1024,7 +1028,13 @@ class H2Proxy:
     async def _connection(self, target: Target) -> _Up:
         """A connection for ``target`` with room for a stream: an open one, or a new one (made once
         for all the streams waiting for it)."""
-        up = next((u for u in self.ups.get(target.key, ()) if u.has_room()), None)
+        ups = self.ups.get(target.key, ())
+        up = next((u for u in ups if u.has_room()), None)
+        if up is not None:
+            return up
+        # One whose SETTINGS have not come yet: the caller waits for them (its one stream before
+        # them is taken), rather than opening a connection per call meanwhile (RFC 9113 9.1).
+        up = next((u for u in ups if not u.settled and not u.unusable()), None)
         if up is not None:
             return up
         task = self._connecting.get(target.key)

@@ -449,3 +449,59 @@ async def test_an_app_with_a_low_stream_limit_gets_no_more_streams_than_it_allow
     finally:
         await server.stop(0)
     assert results == {"OK": 20}, results
+
+
+async def test_calls_before_the_apps_settings_share_one_connection(mesh: Mesh) -> None:
+    """A connection takes one stream until the peer's SETTINGS: calls arriving meanwhile (an app
+    slow to send its preface) each opened a connection of their own (8 calls, 8 connections to the
+    app; RFC 9113 9.1: one per host and port). They wait for that connection's SETTINGS instead."""
+    accepted: list[float] = []
+
+    async def slow_preface(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(time.monotonic())
+        conn = _server()
+        await asyncio.sleep(0.4)  # a busy app: its SETTINGS come late
+        writer.write(conn.data_to_send())
+        with contextlib.closing(writer), contextlib.suppress(ConnectionError, h2.exceptions.ProtocolError):
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.StreamEnded):
+                        conn.send_headers(event.stream_id, GRPC_HEAD)
+                        conn.send_data(event.stream_id, _grpc_frame(b"pong"))
+                        conn.send_headers(event.stream_id, [(b"grpc-status", b"0")], end_stream=True)
+                writer.write(conn.data_to_send())
+
+    async def calls(addr: tuple[str, int], n: int = 8) -> int:
+        reader, writer, conn = await _h2_client(addr)
+        writer.write(conn.data_to_send())
+
+        async def send() -> None:
+            for i in range(n):
+                conn.send_headers(1 + 2 * i, _grpc_head(b"/test.Echo/Unary"))
+                conn.send_data(1 + 2 * i, _grpc_frame(b"a"), end_stream=True)
+                writer.write(conn.data_to_send())
+                await asyncio.sleep(0.04)
+
+        sender = asyncio.create_task(send())
+        done = 0
+        with contextlib.suppress(TimeoutError):
+            while done < n:
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                if not data:
+                    break
+                done += sum(isinstance(e, h2.events.StreamEnded) for e in conn.receive_data(data))
+                writer.write(conn.data_to_send())
+        await sender
+        writer.close()
+        return done
+
+    server = await asyncio.start_server(slow_preface, mesh.addr(CART), APP)
+    results = []
+    try:
+        await _start_pair(mesh)
+        for addr in both(mesh):
+            accepted.clear()
+            results.append((await calls(addr), len(accepted)))
+    finally:
+        server.close()
+    assert results == [(8, 1), (8, 1)], results  # (calls answered, connections the app accepted)

@@ -48,6 +48,8 @@ async def test_the_other_sidecar_gone_after_its_direction_ended_resets_the_app(m
                 await asyncio.sleep(0.01)
         except ConnectionError as exc:
             failed.append(exc)
+        finally:
+            writer.close()
 
     await mesh.app(CART, tail)
     await _pair(mesh)
@@ -109,9 +111,11 @@ async def test_data_after_an_eof_frame_resets_the_stream_quietly(
     caplog.set_level(logging.WARNING)
 
     async def holder(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        await asyncio.sleep(3)
-        writer.close()
+        try:
+            await reader.read()
+            await asyncio.sleep(3)
+        finally:
+            writer.close()
 
     await mesh.app(CART, holder)
     await _pair(mesh)
