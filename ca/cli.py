@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
 
 from ca import keys, sched
 from ca.authn import Authenticator, KubernetesTokenAuthenticator, LocalTokenAuthenticator
@@ -29,6 +30,7 @@ from sidemesh.identity.bundle import spiffe_bundle
 from sidemesh.identity.client import CAClient, CAClientError
 from sidemesh.identity.svid import (
     SVID,
+    UNREADABLE,
     SvidError,
     foreign_roots,
     load_bundle,
@@ -160,9 +162,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--trust-domain",
         type=_trust_domain,
-        default=DEFAULT_TRUST_DOMAIN,
+        default=None,
         help="the trust domain the bundle is for: roots naming only others are left out, with a warning "
-        "(default: %(default)s)",
+        f"(default: with --ca-dir, the one its signing certificate names; else {DEFAULT_TRUST_DOMAIN})",
     )
     p.add_argument(
         "--refresh-hint",
@@ -395,6 +397,8 @@ def _bundle(args: argparse.Namespace) -> int:
         raise CLIError(f"{path}: {exc}") from exc
     # Only this trust domain's roots: a consumer trusts every root of the bundle for it (X509-SVID
     # 6.2), so another trust domain's root would mint IDs of ours; workloads leave them out too.
+    if args.trust_domain is None:
+        args.trust_domain = _ca_trust_domain(args.ca_dir) if args.ca_dir is not None else DEFAULT_TRUST_DOMAIN
     for root in foreign_roots(roots, args.trust_domain):
         print(
             f"sidemesh ca bundle: left out {root.subject.rfc4514_string()!r}: it names trust domain "
@@ -415,6 +419,16 @@ def _bundle(args: argparse.Namespace) -> int:
         raise CLIError(f"{path}: {exc}") from exc
     print(json.dumps(doc, indent=2))
     return 0
+
+
+def _ca_trust_domain(ca_dir: Path) -> str:
+    """The trust domain the CA directory's signing certificate names (ours name one), else the default."""
+    try:
+        cert = x509.load_pem_x509_certificate((ca_dir / keys.CA_CERT).read_bytes())
+    except (OSError, ValueError):
+        return DEFAULT_TRUST_DOMAIN
+    named = sorted(root_trust_domains(cert))
+    return named[0] if len(named) == 1 and named[0] != UNREADABLE else DEFAULT_TRUST_DOMAIN
 
 
 def _local_token(args: argparse.Namespace) -> int:

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,11 +177,20 @@ def load(directory: Path) -> SigningAuthority:
 
 def write_file(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` with ``mode``, also when the file exists (os.open's mode applies
-    only to a file it creates: a key written over a 0644 file stayed readable by everyone)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), mode)  # (before the secret is in it)
-        f.write(data)
+    only to a file it creates: a key written over a 0644 file stayed readable by everyone): a new
+    file beside it, then renamed over it, so a failure leaves the old one whole (truncating first
+    emptied a token file that could not be written) and a reader never sees half of it."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # (the umask may have taken bits; before the secret is in)
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def check_trust_domain(authority: SigningAuthority, trust_domain: str) -> None:

@@ -283,7 +283,7 @@ def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
         if rewrite:
             container, found = probes.rewrite_container(container)
             records.update(found)
-            container, found = probes.rewrite_hooks(container, grace, excluded)
+            container, found = probes.rewrite_hooks(container, grace, excluded, classic=not options.native)
             records.update(found)
         app.append(container)
     app_init: list[Json] = []

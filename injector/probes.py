@@ -135,7 +135,7 @@ def rewrite_container(
 
 
 def rewrite_hooks(
-    container: Json, grace: int, excluded: frozenset[int] | None = frozenset()
+    container: Json, grace: int, excluded: frozenset[int] | None = frozenset(), classic: bool = False
 ) -> tuple[Json, dict[str, Json]]:
     """The container with its `httpGet` lifecycle hooks pointed at the sidecar, and path -> the
     original as a probe record (``grace``: the pod's terminationGracePeriodSeconds). A hook on an
@@ -157,6 +157,8 @@ def rewrite_hooks(
         if record is None or excluded is None or record["httpGet"]["port"] in excluded:
             continue
         path = app_health_path(name, kind)
+        if classic and hook == "preStop":  # the sidecar is stopped as it starts: its drain waits
+            record["drainWaits"] = True
         records[path] = record
         if hooks is lifecycle:
             hooks = dict(lifecycle)

@@ -106,9 +106,10 @@ async def _main(config: ProxyConfig) -> int:
         quit_requested = asyncio.create_task(sidecar.quit_requested.wait())
         stop_requested = asyncio.create_task(stop.wait())
         await asyncio.wait((quit_requested, stop_requested), return_when=asyncio.FIRST_COMPLETED)
+        quit_only = quit_requested.done() and not stop_requested.done()
         quit_requested.cancel()
         stop_requested.cancel()
-        await sidecar.drain()
+        await sidecar.drain(pre_stop=not quit_only)  # (/quitquitquit: the app is done, no preStop comes)
         await client.close()
         return 0
     finally:

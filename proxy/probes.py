@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import http.client
 import json
 import ssl
@@ -51,6 +52,7 @@ class AppProbe:
     scheme: str = "HTTP"
     headers: tuple[tuple[str, str], ...] = ()
     service: str = ""
+    drain_waits: bool = False  # a classic sidecar's preStop hook: the drain waits for it
 
 
 def _port(value: Any, where: str) -> int:
@@ -91,6 +93,8 @@ def parse_app_probes(text: str) -> dict[str, AppProbe]:
             probes[path] = AppProbe("grpc", _port(grpc.get("port"), path), timeout, service=service)
         else:
             raise ValueError(f"{path}: no httpGet, tcpSocket or grpc")
+        if entry.get("drainWaits") is True:
+            probes[path] = dataclasses.replace(probes[path], drain_waits=True)
     return probes
 
 
@@ -98,6 +102,7 @@ Local = tuple[str, int] | None
 
 
 MAX_REDIRECTS = 10  # as the kubelet's HTTP probes and hooks (Go's http.Client)
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})  # what Go's http.Client follows
 
 
 async def _http(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, str]:
@@ -105,17 +110,21 @@ async def _http(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, 
     `/drain` answered 301 to `/drain/`, as Go's ServeMux and Django do, ran nothing of the hook);
     one to another host is not, and counts as success, as the kubelet has it."""
     scheme, port, path = probe.scheme, probe.port, probe.path
+    netloc = f"[{host}]" if ":" in host else host  # (an IPv6 pod address)
     for _ in range(MAX_REDIRECTS + 1):
         status, location = await _get(probe, host, scheme, port, path, local)
-        if not (300 <= status < 400 and location):
+        if status not in REDIRECT_STATUSES or not location:
             return 200 <= status < 400, f"HTTP {status}"
         target = urllib.parse.urlsplit(
-            urllib.parse.urljoin(f"{scheme.lower()}://{host}:{port}{path}", location)
+            urllib.parse.urljoin(f"{scheme.lower()}://{netloc}:{port}{path}", location)
         )
-        if target.hostname not in (None, host.strip("[]")) or target.scheme not in ("http", "https"):
+        if target.hostname not in (None, host.lower()) or target.scheme not in ("http", "https"):
             return True, f"HTTP {status}, to another host: not followed"
         scheme = target.scheme.upper()
-        port = target.port or (443 if scheme == "HTTPS" else 80)
+        try:
+            port = target.port or (443 if scheme == "HTTPS" else 80)
+        except ValueError:
+            return False, f"HTTP {status} with an unusable Location {location!r}"
         path = urllib.parse.urlunsplit(("", "", target.path or "/", target.query, ""))
     return False, f"more than {MAX_REDIRECTS} redirects"
 
@@ -217,9 +226,10 @@ class AppProber:
         self.probes = probes
         self.host = host
         self.pod = pod
-        # The app's preStop hooks (`/prestop` paths) not answered yet: a classic sidecar gets its
-        # SIGTERM as they start, and its drain waits for them (``pre_stop_done``).
-        self._pre_stop_pending = {path for path in probes if path.endswith("/prestop")}
+        # The app's preStop hooks not answered yet, of a classic sidecar (the injector marks them
+        # drainWaits): it gets its SIGTERM as they start, and its drain waits for them
+        # (``pre_stop_done``). A native sidecar stops after the app: its hooks ran, or never will.
+        self._pre_stop_pending = {path for path, probe in probes.items() if probe.drain_waits}
         self.pre_stop_done = asyncio.Event()
         if not self._pre_stop_pending:
             self.pre_stop_done.set()

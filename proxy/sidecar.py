@@ -548,7 +548,9 @@ class Sidecar:
         self._listeners = keep
         return late
 
-    async def drain(self, timeout: float | None = None, grace: float | None = None) -> None:
+    async def drain(
+        self, timeout: float | None = None, grace: float | None = None, pre_stop: bool = True
+    ) -> None:
         """Drain, then stop: what SIGTERM does.
 
         Readiness turns 503 and the inbound listener closes at once (peers take another endpoint).
@@ -565,7 +567,7 @@ class Sidecar:
         deadline = time.monotonic() + limit
         if grace > 0:
             await asyncio.sleep(min(grace, limit))
-        if not self.app_prober.pre_stop_done.is_set():
+        if pre_stop and not self.app_prober.pre_stop_done.is_set():
             # The app's preStop hook goes through the health port (rewritten by the injector): a
             # classic sidecar is stopped as it starts; the health port stays until it is answered.
             log.info("draining: waiting for the app's preStop hook")

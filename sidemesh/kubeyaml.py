@@ -45,12 +45,16 @@ class Loader(_BASE):  # type: ignore[misc]
 
     bool_values = {**_BASE.bool_values, "y": True, "n": False}  # noqa: RUF012
 
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        text = str(self.construct_scalar(node)).replace("_", "")
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int | float | str:
+        raw = str(self.construct_scalar(node))
+        text = raw.replace("_", "")
         sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
-        if _OCTAL.fullmatch(digits):  # Go: a leading 0 is octal (Python's base 0 refuses it)
-            return sign * int(digits, 8)
-        return sign * int(digits, 0)
+        # (Go: a leading 0 is octal, which Python's base 0 refuses)
+        value = sign * int(digits, 8 if _OCTAL.fullmatch(digits) else 0)
+        if -(1 << 63) <= value < (1 << 64):  # Go's ParseInt, else ParseUint
+            return value
+        # Wider: go-yaml takes what its float form reads (decimal digits), else keeps the text
+        return float(text) if digits.isdigit() else raw
 
 
 Loader.yaml_implicit_resolvers = {

@@ -24,6 +24,7 @@ REDIRECTS = {  # path -> Location (301)
     "/to-fail": "/fail",
     "/away": "http://example.invalid/x",
     "/loop": "/loop",
+    "/not-modified": "/fail",  # (a 304: Go does not follow it)
 }
 
 
@@ -42,7 +43,7 @@ async def _app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
             status = 200 if headers.get("X-Probe") == "yes" else 400
         location = REDIRECTS.get(path)
         if location is not None:
-            status = 301
+            status = 304 if path == "/not-modified" else 301
         extra = f"location: {location}\r\n" if location is not None else ""
         writer.write(f"HTTP/1.1 {status} X\r\n{extra}content-length: 0\r\n\r\n".encode())
         await writer.drain()
@@ -203,6 +204,7 @@ async def test_an_app_bound_to_its_pod_address_only_passes_its_probe(kind: str) 
         ("/to-fail", 503, "HTTP 500"),  # the final answer decides, as the kubelet's probe has it
         ("/away", 200, "another host"),  # not followed, a success (the kubelet's rule)
         ("/loop", 503, "redirects"),
+        ("/not-modified", 200, "HTTP 304"),  # only 301, 302, 303, 307, 308 are followed
     ],
 )
 async def test_redirects_to_the_same_host_are_followed(
@@ -210,3 +212,21 @@ async def test_redirects_to_the_same_host_are_followed(
 ) -> None:
     status, body = await run(AppProbe("httpGet", app_port, 1.0, path=path))
     assert status == expected and detail in str(body["detail"]), body
+
+
+async def test_a_redirect_is_followed_on_an_ipv6_address() -> None:
+    """The pod-address fallback and --app-host ::1 give an IPv6 host: the base URL lacked brackets,
+    so a relative Location read as host "fd00" (another host: not followed) or failed outright."""
+    try:
+        server = await asyncio.start_server(_app, "::1", 0)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback: {exc}")
+    try:
+        port = server.sockets[0].getsockname()[1]
+        prober = AppProber(
+            {"/app-health/app/prestop": AppProbe("httpGet", port, 1.0, path="/drain")}, host="::1"
+        )
+        status, _, body = await prober.handle("/app-health/app/prestop")
+        assert status == 200 and b"HTTP 200" in body, body
+    finally:
+        server.close()

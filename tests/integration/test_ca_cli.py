@@ -230,6 +230,11 @@ def test_bundle_as_pem_and_as_a_spiffe_bundle(tmp_path: Path, capsys: pytest.Cap
     assert main(["ca", "bundle", "--bundle-file", str(mixed), "--trust-domain", "other.org"]) == 0
     out, _ = capsys.readouterr()
     assert x509.load_pem_x509_certificates(out.encode()) == list(foreign.roots)
+    # --ca-dir: the trust domain its signing certificate names (the command as documented works
+    # for a CA of any trust domain)
+    assert main(["ca", "bundle", "--ca-dir", str(tmp_path / "foreign")]) == 0
+    out, err = capsys.readouterr()
+    assert x509.load_pem_x509_certificates(out.encode()) == list(foreign.roots) and not err
     assert doc["spiffe_refresh_hint"] == 300 and "spiffe_sequence" not in doc
     roots = x509.load_pem_x509_certificates(both.read_bytes())
     assert len(doc["keys"]) == len(roots) == 2

@@ -554,7 +554,14 @@ async def test_a_classic_sidecars_drain_answers_the_apps_pre_stop_hook(mesh: Mes
         await writer.drain()
         writer.close()
 
-    probes = {"/app-health/cart/prestop": {"httpGet": {"path": "/drain", "port": 8080}, "timeoutSeconds": 30}}
+    hook = {"httpGet": {"path": "/drain", "port": 8080}, "timeoutSeconds": 30}
+    native = await mesh.sidecar(
+        "frontend", FRONTEND, app_probes=_json.dumps({"/app-health/cart/prestop": hook})
+    )
+    started = time.monotonic()
+    await native.drain(timeout=10)  # native: the hooks ran before its SIGTERM, or never will: no wait
+    assert time.monotonic() - started < 2
+    probes = {"/app-health/cart/prestop": {**hook, "drainWaits": True}}  # (classic, as the injector says)
     cart = await mesh.sidecar("cart", CART, app_probes=_json.dumps(probes))
     server = await mesh.app(CART, http_app)
     try:

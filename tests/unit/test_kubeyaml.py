@@ -32,6 +32,10 @@ from sidemesh import kubeyaml
         ("017", 15),
         # not numbers: a prefix without digits (PyYAML's pattern took them and int() crashed)
         ("0x_", "0x_"),
+        # wider than 64 bits: go-yaml keeps hex/octal/binary text, reads decimal digits as a float
+        ("0x1234567890abcdef1234", "0x1234567890abcdef1234"),
+        ("18446744073709551615", 18446744073709551615),
+        ("18446744073709551616", 1.8446744073709552e19),
         ("0b_", "0b_"),
         ("1e", "1e"),
         ("0x1F", 31),

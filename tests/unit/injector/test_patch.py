@@ -551,6 +551,11 @@ def test_http_lifecycle_hooks_are_rewritten_and_recorded() -> None:
         },
     }
     parse_app_probes(json.dumps(app_probes(out)))  # what the sidecar reads
+    # Classic mode: the sidecar is stopped as the preStop hook starts: its drain waits for it
+    classic = app_probes(injected(pod, dataclasses.replace(SETTINGS, native_sidecar=False)))
+    assert classic["/app-health/app/prestop"]["drainWaits"] is True
+    assert "drainWaits" not in classic["/app-health/app/poststart"]
+    assert parse_app_probes(json.dumps(classic))["/app-health/app/prestop"].drain_waits
     # A grace period of 0 (valid: "stop at once"): the kubelet still gives preStop 2 s; a 0 s
     # timeout made the sidecar refuse its configuration and the pod never started.
     pod["spec"]["terminationGracePeriodSeconds"] = 0
