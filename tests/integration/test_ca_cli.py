@@ -336,6 +336,23 @@ def test_serve_with_a_broken_token_file_says_where(
     assert len(err.strip().splitlines()) == 1  # one line, not the YAML library's drawing
 
 
+def _serve_argv(tmp_path: Path) -> list[str]:
+    """`ca serve` of tmp_path/ca with the local tokens of tmp_path/tokens.yaml, on any free port."""
+    return [
+        *(
+            "ca",
+            "serve",
+            "--authenticator",
+            "local",
+            "--ca-dir",
+            str(tmp_path / "ca"),
+            "--listen",
+            "127.0.0.1:0",
+        ),
+        *("--token-file", str(tmp_path / "tokens.yaml"), "--metrics-listen", ""),
+    ]
+
+
 def test_serve_with_a_signing_chain_not_valid_now_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -348,17 +365,7 @@ def test_serve_with_a_signing_chain_not_valid_now_says_so(
     keys.bootstrap(tmp_path / "ca", "cluster.local", dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))
     assert main(["ca", "local-token", "--file", str(tmp_path / "tokens.yaml"), "--identity", "shop/a"]) == 0
     capsys.readouterr()
-    argv = [
-        "ca",
-        "serve",
-        "--authenticator",
-        "local",
-        "--ca-dir",
-        str(tmp_path / "ca"),
-        "--listen",
-        "127.0.0.1:0",
-    ]
-    assert main([*argv, "--token-file", str(tmp_path / "tokens.yaml"), "--metrics-listen", ""]) == 2
+    assert main(_serve_argv(tmp_path)) == 2
     err = capsys.readouterr().err
     assert "signing chain is not valid before" in err and "valid now" in err
 
@@ -371,17 +378,7 @@ def test_serve_with_material_of_another_trust_domain_says_so(
     assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca"), "--trust-domain", "example.org"]) == 0
     assert main(["ca", "local-token", "--file", str(tmp_path / "tokens.yaml"), "--identity", "shop/a"]) == 0
     capsys.readouterr()
-    argv = [
-        "ca",
-        "serve",
-        "--authenticator",
-        "local",
-        "--ca-dir",
-        str(tmp_path / "ca"),
-        "--listen",
-        "127.0.0.1:0",
-    ]
-    argv += ["--token-file", str(tmp_path / "tokens.yaml"), "--metrics-listen", ""]
+    argv = _serve_argv(tmp_path)
     try:  # (a process: one that serves does not return; --trust-domain: cluster.local, the default)
         proc = subprocess.run(
             [sys.executable, "-m", "sidemesh", *argv], capture_output=True, text=True, timeout=30

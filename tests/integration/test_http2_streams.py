@@ -280,11 +280,12 @@ async def _slow(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes])
     return request
 
 
-async def test_a_burst_beyond_the_peers_stream_limit_waits_for_room(mesh: Mesh) -> None:
-    """A stream that found no room on 3 connections in a row (the ones the streams waiting with it
-    filled) counted as not connected: with 700 calls at once 160 got UNAVAILABLE, from a healthy
-    endpoint, and spent the retry budget and the endpoint's standing with the balancer."""
-    server = grpc.aio.server(maximum_concurrent_rpcs=None)
+async def _slow_calls(
+    mesh: Mesh, calls: int, options: tuple[tuple[str, int], ...] = ()
+) -> collections.Counter[str]:
+    """``calls`` unary calls at once on one grpcio channel through the pair, to a grpcio app (server
+    ``options``) whose handler takes a second: the outcomes, counted."""
+    server = grpc.aio.server(options=list(options), maximum_concurrent_rpcs=None)
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
@@ -306,9 +307,16 @@ async def test_a_burst_beyond_the_peers_stream_limit_waits_for_room(mesh: Mesh) 
                 except grpc.aio.AioRpcError as exc:
                     return f"{exc.code().name}: {exc.details()}"
 
-            results = collections.Counter(await asyncio.gather(*(one() for _ in range(BURST))))
+            return collections.Counter(await asyncio.gather(*(one() for _ in range(calls))))
     finally:
         await server.stop(0)
+
+
+async def test_a_burst_beyond_the_peers_stream_limit_waits_for_room(mesh: Mesh) -> None:
+    """A stream that found no room on 3 connections in a row (the ones the streams waiting with it
+    filled) counted as not connected: with 700 calls at once 160 got UNAVAILABLE, from a healthy
+    endpoint, and spent the retry budget and the endpoint's standing with the balancer."""
+    results = await _slow_calls(mesh, BURST)
     assert results == {"OK": BURST}, results
 
 
@@ -423,31 +431,7 @@ async def test_an_app_with_a_low_stream_limit_gets_no_more_streams_than_it_allow
     grpcio server limited to 1 (grpc.max_concurrent_streams) reset the others (ENHANCE_YOUR_CALM)
     and 19 of 20 calls failed RESOURCE_EXHAUSTED. Now one stream goes before the SETTINGS, the rest
     wait for them (and for room), as gRPC clients do."""
-    server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 1)])
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Echo", {"Slow": grpc.unary_unary_rpc_method_handler(_slow)}
-            ),
-        )
-    )
-    server.add_insecure_port(f"{mesh.addr(CART)}:{APP}")
-    await server.start()
-    try:
-        await _start_pair(mesh)
-        async with grpc.aio.insecure_channel(f"{mesh.addr(FRONTEND)}:{OUT}") as channel:
-            method = unary_method(channel, "/test.Echo/Slow")
-
-            async def one() -> str:
-                try:
-                    await method(b"x", timeout=15)
-                    return "OK"
-                except grpc.aio.AioRpcError as exc:
-                    return f"{exc.code().name}: {exc.details()}"
-
-            results = collections.Counter(await asyncio.gather(*(one() for _ in range(20))))
-    finally:
-        await server.stop(0)
+    results = await _slow_calls(mesh, 20, (("grpc.max_concurrent_streams", 1),))
     assert results == {"OK": 20}, results
 
 
