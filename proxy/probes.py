@@ -143,7 +143,10 @@ async def _get(
         names = {name.lower() for name, _ in probe.headers}
         headers = [
             (k, v)
-            for k, v in (("Host", f"{host}:{port}"), ("User-Agent", USER_AGENT))
+            for k, v in (
+                ("Host", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
+                ("User-Agent", USER_AGENT),
+            )
             if k.lower() not in names
         ]
         headers += [*probe.headers, ("Accept", "*/*"), ("Connection", "close")]

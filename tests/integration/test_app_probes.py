@@ -226,7 +226,9 @@ async def test_a_redirect_is_followed_on_an_ipv6_address() -> None:
         prober = AppProber(
             {"/app-health/app/prestop": AppProbe("httpGet", port, 1.0, path="/drain")}, host="::1"
         )
+        SEEN_HEADERS.clear()
         status, _, body = await prober.handle("/app-health/app/prestop")
         assert status == 200 and b"HTTP 200" in body, body
+        assert {h.get("Host") for h in SEEN_HEADERS} == {f"[::1]:{port}"}  # (net.JoinHostPort's form)
     finally:
         server.close()
