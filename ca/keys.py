@@ -11,10 +11,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
+import errno
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,20 +176,26 @@ def load(directory: Path) -> SigningAuthority:
 
 def write_file(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` with ``mode``, also when the file exists (os.open's mode applies
-    only to a file it creates: a key written over a 0644 file stayed readable by everyone): a new
-    file beside it, then renamed over it, so a failure leaves the old one whole (truncating first
-    emptied a token file that could not be written) and a reader never sees half of it."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    only to a file it creates: a key written over a 0644 file stayed readable by everyone). In
+    place, through symlinks and bind mounts, keeping the file's owner; not truncated before the
+    write (a failure emptied a token file), but cut to its new length after it. A file we may not
+    chmod (another user's) is written only if nobody else can read it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, mode)
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # (the umask may have taken bits; before the secret is in)
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        try:
+            os.fchmod(fd, mode)
+        except PermissionError:
+            if os.fstat(fd).st_mode & 0o077 & ~mode:
+                raise PermissionError(
+                    errno.EPERM,
+                    f"{oct(os.fstat(fd).st_mode & 0o777)} is wider than {oct(mode)} and not ours to chmod",
+                ) from None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 def check_trust_domain(authority: SigningAuthority, trust_domain: str) -> None:

@@ -157,8 +157,8 @@ def rewrite_hooks(
         if record is None or excluded is None or record["httpGet"]["port"] in excluded:
             continue
         path = app_health_path(name, kind)
-        if classic and hook == "preStop":  # the sidecar is stopped as it starts: its drain waits
-            record["drainWaits"] = True
+        if hook == "preStop":  # classic: the sidecar is stopped as it starts, its drain waits
+            record["drainWaits"] = classic  # (said either way: without it, a sidecar waits)
         records[path] = record
         if hooks is lifecycle:
             hooks = dict(lifecycle)

@@ -93,7 +93,9 @@ def parse_app_probes(text: str) -> dict[str, AppProbe]:
             probes[path] = AppProbe("grpc", _port(grpc.get("port"), path), timeout, service=service)
         else:
             raise ValueError(f"{path}: no httpGet, tcpSocket or grpc")
-        if entry.get("drainWaits") is True:
+        # A preStop hook recorded by an injector that did not say (drainWaits): waited for, the
+        # classic sidecar's need (a native one then waits out its drain timeout, no worse).
+        if entry.get("drainWaits", path.endswith("/prestop")) is True:
             probes[path] = dataclasses.replace(probes[path], drain_waits=True)
     return probes
 
@@ -111,7 +113,7 @@ async def _http(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, 
     one to another host is not, and counts as success, as the kubelet has it."""
     scheme, port, path = probe.scheme, probe.port, probe.path
     netloc = f"[{host}]" if ":" in host else host  # (an IPv6 pod address)
-    for _ in range(MAX_REDIRECTS + 1):
+    for _ in range(MAX_REDIRECTS):  # (Go stops at the 10th redirect: at most 10 requests)
         status, location = await _get(probe, host, scheme, port, path, local)
         if status not in REDIRECT_STATUSES or not location:
             return 200 <= status < 400, f"HTTP {status}"
@@ -204,7 +206,8 @@ async def _grpc(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, 
     if local is not None:  # grpcio's channels cannot choose their source address
         raise ConnectionRefusedError("a gRPC probe runs against --app-host only")
 
-    async with grpc.aio.insecure_channel(f"{host}:{probe.port}") as channel:
+    target = f"[{host}]:{probe.port}" if ":" in host else f"{host}:{probe.port}"  # (IPv6: bracketed)
+    async with grpc.aio.insecure_channel(target) as channel:
         check = channel.unary_unary(GRPC_HEALTH_CHECK, request_serializer=None, response_deserializer=None)
         try:
             reply = await check(_health_request(probe.service), timeout=probe.timeout)

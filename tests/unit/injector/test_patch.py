@@ -548,6 +548,7 @@ def test_http_lifecycle_hooks_are_rewritten_and_recorded() -> None:
                 "httpHeaders": [{"name": "X", "value": "y"}],
             },
             "timeoutSeconds": 45,
+            "drainWaits": False,  # native: the sidecar stops after the app
         },
     }
     parse_app_probes(json.dumps(app_probes(out)))  # what the sidecar reads
@@ -556,6 +557,10 @@ def test_http_lifecycle_hooks_are_rewritten_and_recorded() -> None:
     assert classic["/app-health/app/prestop"]["drainWaits"] is True
     assert "drainWaits" not in classic["/app-health/app/poststart"]
     assert parse_app_probes(json.dumps(classic))["/app-health/app/prestop"].drain_waits
+    # What an injector that did not say gave: waited for (the classic sidecar's need)
+    unsaid = {k: {f: v for f, v in r.items() if f != "drainWaits"} for k, r in classic.items()}
+    assert parse_app_probes(json.dumps(unsaid))["/app-health/app/prestop"].drain_waits
+    assert not parse_app_probes(json.dumps(app_probes(out)))["/app-health/app/prestop"].drain_waits
     # A grace period of 0 (valid: "stop at once"): the kubelet still gives preStop 2 s; a 0 s
     # timeout made the sidecar refuse its configuration and the pod never started.
     pod["spec"]["terminationGracePeriodSeconds"] = 0
