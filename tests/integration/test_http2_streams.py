@@ -187,57 +187,44 @@ async def test_a_watch_the_client_does_not_read_holds_up_no_other_call(mesh: Mes
     assert [r and r.get(b"grpc-status") for r in results] == [b"0", b"0"], results
 
 
-async def _answer_early_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A server answering a client-streaming call before the request ended (100 KB, then
-    grpc-status 3), then RST_STREAM(NO_ERROR), as grpc-go and C-core servers do (RFC 9113 8.1)."""
-    conn = _server()
-    writer.write(conn.data_to_send())
-
-    def take(data: bytes) -> None:
-        for event in conn.receive_data(data):
-            if isinstance(event, h2.events.DataReceived):
-                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-
-    with contextlib.closing(writer), contextlib.suppress(ConnectionError, h2.exceptions.ProtocolError):
-        while data := await reader.read(65536):
-            events = conn.receive_data(data)
-            for event in events:
+async def _send_as_window_allows(
+    conn: h2.connection.H2Connection,
+    sid: int,
+    body: bytes,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> bool:
+    """Send ``body`` on stream ``sid`` as the sidecar's window allows, reading (and acknowledging)
+    what comes meanwhile; False when the sidecar closed the connection first."""
+    while body:
+        window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+        if window <= 0:
+            writer.write(conn.data_to_send())
+            if not (more := await reader.read(65536)):
+                return False
+            for event in conn.receive_data(more):
                 if isinstance(event, h2.events.DataReceived):
                     conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            for event in events:
-                if not isinstance(event, h2.events.RequestReceived):
-                    continue
-                sid = event.stream_id
-                conn.send_headers(sid, GRPC_HEAD)
-                body = _grpc_frame(b"z" * 100_000)
-                while body:  # as the sidecar's window allows
-                    window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-                    if window <= 0:
-                        writer.write(conn.data_to_send())
-                        if not (more := await reader.read(65536)):
-                            return
-                        take(more)
-                        continue
-                    conn.send_data(sid, body[:window])
-                    body = body[window:]
-                conn.send_headers(
-                    sid, [(b"grpc-status", b"3"), (b"grpc-message", b"bad input")], end_stream=True
-                )
-                conn.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
-            writer.write(conn.data_to_send())
+            continue
+        conn.send_data(sid, body[:window])
+        body = body[window:]
+    return True
 
 
-async def _slow_reader(addr: tuple[str, int]) -> tuple[int, dict[bytes, bytes], list[int]]:
-    """A call whose request does not end, read only after a second (so the response waits in the
-    sidecars when the reset comes): bytes received, trailers, reset codes."""
+async def _read_late(
+    addr: tuple[str, int], path: bytes, end_request: bool, wait: float
+) -> tuple[int, dict[bytes, bytes], list[int]]:
+    """One call (its request ended or not), its response read only after ``wait`` seconds (so it
+    waits in the sidecars meanwhile), until a reset, or its trailers when the request ended: bytes
+    received, trailers, reset codes."""
     reader, writer, conn = await _h2_client(addr)
-    conn.send_headers(1, _grpc_head(b"/test.Echo/Up"))
-    conn.send_data(1, _grpc_frame(b"a"))
+    conn.send_headers(1, _grpc_head(path))
+    conn.send_data(1, _grpc_frame(b"a"), end_stream=end_request)
     writer.write(conn.data_to_send())
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(wait)
     received, trailers, resets = 0, {}, []
-    with contextlib.suppress(TimeoutError):
-        while not resets:
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        while not resets and not (end_request and trailers):
             data = await asyncio.wait_for(reader.read(65536), 3)
             if not data:
                 break
@@ -254,6 +241,31 @@ async def _slow_reader(addr: tuple[str, int]) -> tuple[int, dict[bytes, bytes], 
     return received, trailers, resets
 
 
+async def _answer_early_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A server answering a client-streaming call before the request ended (100 KB, then
+    grpc-status 3), then RST_STREAM(NO_ERROR), as grpc-go and C-core servers do (RFC 9113 8.1)."""
+    conn = _server()
+    writer.write(conn.data_to_send())
+    with contextlib.closing(writer), contextlib.suppress(ConnectionError, h2.exceptions.ProtocolError):
+        while data := await reader.read(65536):
+            events = conn.receive_data(data)
+            for event in events:
+                if isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            for event in events:
+                if not isinstance(event, h2.events.RequestReceived):
+                    continue
+                sid = event.stream_id
+                conn.send_headers(sid, GRPC_HEAD)
+                if not await _send_as_window_allows(conn, sid, _grpc_frame(b"z" * 100_000), reader, writer):
+                    return
+                conn.send_headers(
+                    sid, [(b"grpc-status", b"3"), (b"grpc-message", b"bad input")], end_stream=True
+                )
+                conn.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
+            writer.write(conn.data_to_send())
+
+
 async def test_a_complete_response_then_a_reset_no_error_arrives_whole(mesh: Mesh) -> None:
     """RFC 9113 8.1: a client must not discard a response for an RST_STREAM(NO_ERROR) after it.
     The sidecar did: what of the response still waited for the caller's window was dropped with
@@ -261,7 +273,9 @@ async def test_a_complete_response_then_a_reset_no_error_arrives_whole(mesh: Mes
     server = await asyncio.start_server(_answer_early_then_reset, mesh.addr(CART), APP)
     try:
         await _start_pair(mesh)
-        results = [await _slow_reader(addr) for addr in both(mesh)]
+        results = [
+            await _read_late(addr, b"/test.Echo/Up", end_request=False, wait=1.0) for addr in both(mesh)
+        ]
     finally:
         server.close()
     expected = (
@@ -366,49 +380,14 @@ async def _answer_then_shut_down(reader: asyncio.StreamReader, writer: asyncio.S
                     continue
                 sid = event.stream_id
                 conn.send_headers(sid, GRPC_HEAD)
-                body = _grpc_frame(b"z" * 150_000)
-                while body:
-                    window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-                    if window <= 0:
-                        writer.write(conn.data_to_send())
-                        if not (more := await reader.read(65536)):
-                            return
-                        conn.receive_data(more)
-                        continue
-                    conn.send_data(sid, body[:window])
-                    body = body[window:]
+                if not await _send_as_window_allows(conn, sid, _grpc_frame(b"z" * 150_000), reader, writer):
+                    return
                 conn.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
                 conn.close_connection()
                 writer.write(conn.data_to_send())
                 await writer.drain()
                 return
             writer.write(conn.data_to_send())
-
-
-async def _read_late(addr: tuple[str, int]) -> tuple[int, dict[bytes, bytes], list[int]]:
-    """One call, its response read only after 1.5 s: bytes, trailers, resets."""
-    reader, writer, conn = await _h2_client(addr)
-    conn.send_headers(1, _grpc_head(b"/test.Echo/Down"))
-    conn.send_data(1, _grpc_frame(b"a"), end_stream=True)
-    writer.write(conn.data_to_send())
-    await asyncio.sleep(1.5)
-    received, trailers, resets = 0, {}, []
-    with contextlib.suppress(TimeoutError, ConnectionError):
-        while not resets and not trailers:
-            data = await asyncio.wait_for(reader.read(65536), 3)
-            if not data:
-                break
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.DataReceived):
-                    received += len(event.data)
-                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, h2.events.TrailersReceived):
-                    trailers = dict(event.headers)
-                elif isinstance(event, h2.events.StreamReset):
-                    resets.append(event.error_code)
-            writer.write(conn.data_to_send())
-    writer.close()
-    return received, trailers, resets
 
 
 async def test_a_complete_response_outlives_the_apps_graceful_close(mesh: Mesh) -> None:
@@ -419,7 +398,9 @@ async def test_a_complete_response_outlives_the_apps_graceful_close(mesh: Mesh) 
     server = await asyncio.start_server(_answer_then_shut_down, mesh.addr(CART), APP)
     try:
         await _start_pair(mesh)
-        results = [await _read_late(addr) for addr in both(mesh)]
+        results = [
+            await _read_late(addr, b"/test.Echo/Down", end_request=True, wait=1.5) for addr in both(mesh)
+        ]
     finally:
         server.close()
     expected = (150_005, {b"grpc-status": b"0"}, [])
