@@ -4,6 +4,7 @@ controller and the sidecars run, against a directory of manifests or a live clus
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 
 from sidemesh.cli import CLIError
 from sidemesh.mesh import directory
-from sidemesh.mesh.compile import compile_inbound
+from sidemesh.mesh.compile import EXCLUDE_INBOUND, compile_inbound, excluded_inbound_ports
 from sidemesh.mesh.resources import Snapshot, Workload
 from sidemesh.policy.evaluate import evaluate
 from sidemesh.policy.model import Decision, DefaultPolicy, Peer, Request
@@ -109,13 +110,41 @@ def check(
 ) -> list[Verdict]:
     verdicts = []
     for w in targets(snapshot, target.namespace, target.service_account):
+        unguarded = _unguarded(w, request.port)
+        if unguarded is not None:  # nothing stands between the caller and the app: reachable
+            verdicts.append(Verdict(w.ref, Decision(True, unguarded)))
+            continue
+        asked = request
+        if request.method is not None and request.port in w.opaque_ports:
+            # The sidecar carries this port as opaque TCP: no request is seen, no HTTP rule matches.
+            asked = Request(request.peer, request.port)
         inbound = compile_inbound(
             snapshot, WorkloadId(w.namespace, w.service_account), trust_domain, mesh_default
         )
         me = next(x for x in inbound.workloads if x.ref == w.ref)
         policies = [p for p in inbound.policies if p.ref in me.policies]
-        verdicts.append(Verdict(w.ref, evaluate(policies, me.default_policy, request, trust_domain)))
+        decision = evaluate(policies, me.default_policy, asked, trust_domain)
+        if asked is not request:
+            decision = dataclasses.replace(
+                decision,
+                reason=f"{decision.reason} (port {request.port} is opaque: checked as a TCP connection)",
+            )
+        verdicts.append(Verdict(w.ref, decision))
     return verdicts
+
+
+def _unguarded(workload: Workload, port: int) -> str | None:
+    """Why no sidecar enforces policy for this workload's port, or None when one does: the pod has
+    no sidecar, or its sidecar does not capture the port (``sidemesh.io/exclude-inbound-ports``)."""
+    if not workload.meshed:
+        return "no sidecar enforces policy here (the workload is not meshed): any caller reaches it"
+    excluded = excluded_inbound_ports(workload)
+    if excluded is None or port in excluded:
+        return (
+            f"no sidecar enforces policy here (port {port} is excluded from inbound capture by "
+            f"{EXCLUDE_INBOUND}): any caller reaches it"
+        )
+    return None
 
 
 def _load(args: argparse.Namespace) -> Snapshot:

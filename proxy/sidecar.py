@@ -373,6 +373,10 @@ class Sidecar:
                 self.reload_config()
             except OSError as exc:
                 log.error("configuration directory unreadable", extra={"error": str(exc)})
+            except Exception as exc:  # (a config it cannot use must not end the watch for good)
+                log.exception(
+                    "cannot apply the configuration; keeping the last good one", extra={"error": str(exc)}
+                )
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -194,7 +194,7 @@ def apply_outbound_delta(table: OutboundTable | None, delta: OutboundDelta) -> O
 EXCLUDE_INBOUND = "sidemesh.io/exclude-inbound-ports"
 
 
-def _excluded_ports(workload: Workload) -> set[int] | None:
+def excluded_inbound_ports(workload: Workload) -> set[int] | None:
     """Ports the pod's sidecar does not capture (None: all of them, ``*``)."""
     value = dict(workload.annotations).get(EXCLUDE_INBOUND, "")
     if value.strip() == "*":
@@ -226,7 +226,7 @@ class _Identities:
             sid = self._ids.get(key)
             if sid is None:
                 sid = self._ids[key] = WorkloadId(*key).spiffe_id(self.trust_domain)
-            found = self._of[id(workload)] = (_excluded_ports(workload), sid)
+            found = self._of[id(workload)] = (excluded_inbound_ports(workload), sid)
         excluded, sid = found
         if port is not None and (excluded is None or port in excluded):
             return None

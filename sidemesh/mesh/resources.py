@@ -13,6 +13,7 @@ from typing import Any
 from sidemesh.mesh.delivery import DEFAULT, DEFAULT_OPAQUE_PORTS, Delivery, opaque_ports, service_delivery
 from sidemesh.policy import crd
 from sidemesh.policy.model import Authorization, DefaultPolicy
+from sidemesh.spiffe import SpiffeIdError, WorkloadId
 
 DEFAULT_POLICY_ANNOTATION = "sidemesh.io/default-policy"
 
@@ -255,15 +256,25 @@ def parse_workload(doc: dict[str, Any], warnings: list[str] | None = None) -> Wo
     annotations = _pairs(meta.get("annotations"), f"{where}: metadata.annotations")
     check_default_policy(annotations, where, [] if warnings is None else warnings)
     address, *others = _workload_addresses(spec, where)
+    account = spec.get("serviceAccount") or "default"
+    if not isinstance(account, str):
+        raise ResourceError(f"{where}: spec.serviceAccount {account!r} is not a name")
+    try:  # (a name that cannot be a SPIFFE ID's took the whole compile down, in every sidecar)
+        WorkloadId(ns, account)
+    except SpiffeIdError as exc:
+        raise ResourceError(f"{where}: {exc}") from None
+    meshed = spec.get("meshed", True)
+    if not isinstance(meshed, bool):  # ("false" as a string was read as meshed)
+        raise ResourceError(f"{where}: spec.meshed {meshed!r} is not true or false")
     return Workload(
         name,
         ns,
-        str(spec.get("serviceAccount") or "default"),
+        account,
         address,
         _pairs(meta.get("labels"), f"{where}: metadata.labels"),
         annotations,
         ports,
-        bool(spec.get("meshed", True)),
+        meshed,
         opaque_ports(annotations, where, [] if warnings is None else warnings),
         tuple(others),
         str(spec.get("node") or ""),
@@ -294,8 +305,34 @@ def _workload_addresses(spec: dict[str, Any], where: str) -> list[str]:
 
 def parse_namespace(doc: dict[str, Any], warnings: list[str] | None = None) -> Namespace:
     name, _, meta = _meta(doc, "Namespace", namespaced=False)
-    annotations = _pairs(meta.get("annotations"), f"Namespace {name}: metadata.annotations")
-    check_default_policy(annotations, f"Namespace {name}", [] if warnings is None else warnings)
+    where = f"Namespace {name}"
+    warnings = [] if warnings is None else warnings
+    raw = meta.get("annotations")
+    try:
+        annotations = _pairs(raw, f"{where}: metadata.annotations")
+    except ResourceError as exc:
+        # The namespace stays, closed where it cannot be read: dropping it dropped its
+        # default-policy (deny became the mesh default) for one unrelated annotation's number.
+        readable = (
+            {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
+            if isinstance(raw, dict)
+            else {}
+        )
+        unknown = not isinstance(raw, dict) or (
+            DEFAULT_POLICY_ANNOTATION in raw and DEFAULT_POLICY_ANNOTATION not in readable
+        )
+        if unknown:
+            readable[DEFAULT_POLICY_ANNOTATION] = DefaultPolicy.DENY.value
+        warnings.append(
+            f"{exc}; "
+            + (
+                f"its {DEFAULT_POLICY_ANNOTATION} cannot be read: enforced as deny until fixed"
+                if unknown
+                else "the readable ones apply"
+            )
+        )
+        annotations = tuple(sorted(readable.items()))
+    check_default_policy(annotations, where, warnings)
     return Namespace(name, annotations)
 
 
@@ -322,9 +359,10 @@ def build_snapshot(docs: list[tuple[str, Any]]) -> Snapshot:
                 namespaces.append(parse_namespace(doc, warnings))
             elif kind == crd.KIND:
                 try:
-                    policies.append(crd.parse(doc))
+                    # (no namespace: "default", as for the other kinds and as kubectl applies it)
+                    policies.append(crd.parse(doc, default_namespace="default"))
                 except crd.PolicyError as exc:
-                    if (stand_in := crd.stand_in(doc, str(exc))) is not None:
+                    if (stand_in := crd.stand_in(doc, str(exc), default_namespace="default")) is not None:
                         policies.append(stand_in)  # it allows nothing until fixed (fail closed)
                     raise
             # Other kinds are not ours: ignored.
@@ -333,7 +371,9 @@ def build_snapshot(docs: list[tuple[str, Any]]) -> Snapshot:
             errors.append(f"{source}: {exc}")
         except (TypeError, AttributeError, ValueError) as exc:  # a shape no check above anticipated
             stand_in = (
-                crd.stand_in(doc, str(exc)) if isinstance(doc, dict) and doc.get("kind") == crd.KIND else None
+                crd.stand_in(doc, str(exc), default_namespace="default")
+                if isinstance(doc, dict) and doc.get("kind") == crd.KIND
+                else None
             )
             if stand_in is not None:
                 policies.append(stand_in)

@@ -99,7 +99,7 @@ def _http(doc: Any, where: str) -> HTTPMatch:
     doc = _mapping(doc, where, {"methods", "paths"})
     methods = tuple(_list(doc.get("methods", []), f"{where}.methods", limit=MAX_METHODS))
     for i, m in enumerate(methods):
-        if m not in METHODS:
+        if not isinstance(m, str) or m not in METHODS:
             raise PolicyError(
                 f"{where}.methods[{i}]",
                 f"{m!r} is not an HTTP method in upper case ({', '.join(sorted(METHODS))})",

@@ -182,3 +182,159 @@ def test_methods_are_checked_as_the_sidecars_compare_them(
         "DENY shop/frontend -> shop/cart-1:8080: no rule of shop/cart-allow-frontend"
         in capsys.readouterr().out
     )
+
+
+VAULT = """\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: vault
+  annotations: {{sidemesh.io/default-policy: deny{extra}}}
+---
+apiVersion: sidemesh.io/v1alpha1
+kind: Workload
+metadata: {{name: vault-1, namespace: vault, labels: {{app: vault}}}}
+spec: {{serviceAccount: vault, address: 10.0.0.2, ports: [8200], meshed: false}}
+---
+apiVersion: sidemesh.io/v1alpha1
+kind: Workload
+metadata:
+  name: db-1
+  namespace: vault
+  labels: {{app: db}}
+  annotations: {{sidemesh.io/exclude-inbound-ports: "5432", sidemesh.io/opaque-ports: "7000"}}
+spec: {{serviceAccount: db, address: 10.0.0.3, ports: [5432, 7000, 8080]}}
+---
+apiVersion: sidemesh.io/v1alpha1
+kind: ServiceAuthorization
+metadata: {{name: db-http, namespace: vault}}
+spec:
+  selector: {{matchLabels: {{app: db}}}}
+  rules:
+  - from: [{{namespace: shop}}]
+    to: {{http: {{paths: ["/q/*"]}}}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("to", "port", "request_", "code", "out"),
+    [
+        ("vault/vault-1", 8200, [], 0, "ALLOW shop/anyone -> vault/vault-1:8200: no sidecar enforces"),
+        ("vault/db-1", 5432, [], 0, "excluded from inbound capture by sidemesh.io/exclude-inbound-ports"),
+        (
+            "vault/db-1",
+            8080,
+            ["--method", "GET", "--path", "/q/1"],
+            0,
+            "ALLOW shop/anyone -> vault/db-1:8080",
+        ),
+        (
+            "vault/db-1",
+            7000,
+            ["--method", "GET", "--path", "/q/1"],
+            1,
+            "(port 7000 is opaque: checked as a TCP",
+        ),
+    ],
+)
+def test_the_check_answers_for_what_the_sidecar_sees(
+    tmp_path: Path,
+    to: str,
+    port: int,
+    request_: list[str],
+    code: int,
+    out: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A pod without a sidecar, or a port its sidecar does not capture, is reachable by anyone: the
+    check said DENY (exit 1: the auditor thought it closed). On an opaque port the sidecar sees no
+    request, so no HTTP rule can match: the check said ALLOW for what the sidecar refuses."""
+    (tmp_path / "vault.yaml").write_text(VAULT.format(extra=""))
+    argv = [
+        "authz",
+        "check",
+        "--dir",
+        str(tmp_path),
+        "--from",
+        "shop/anyone",
+        "--to",
+        to,
+        "--port",
+        str(port),
+    ]
+    assert main([*argv, *request_]) == code
+    assert out in capsys.readouterr().out
+
+
+def test_directory_mode_mistakes_fail_closed_and_name_the_resource(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three documents kubectl would refuse, read from a directory: an unrelated annotation that is a
+    number dropped the whole Namespace and its default-policy deny with it; a ServiceAuthorization
+    without a namespace was dropped (its workloads fell back to allow-authenticated); a Workload whose
+    service account cannot be a SPIFFE ID made every compile fail (exit 70 here; in a sidecar's
+    config watch, no later change was applied)."""
+    (tmp_path / "vault.yaml").write_text(VAULT.format(extra=", example.com/replicas: 3"))
+    (tmp_path / "mesh.yaml").write_text(MESH_YAML.format(net="127.0.9"))
+    (tmp_path / "allow.yaml").write_text(
+        "apiVersion: sidemesh.io/v1alpha1\nkind: ServiceAuthorization\nmetadata: {name: only-frontend}\n"
+        "spec:\n  rules:\n  - from: [{namespace: shop, serviceAccount: frontend}]\n"
+        "---\napiVersion: sidemesh.io/v1alpha1\nkind: Workload\n"
+        "metadata: {name: job-1, namespace: default, labels: {app: job}}\n"
+        "spec: {serviceAccount: Nightly_Job, address: 10.0.0.9, ports: [8080]}\n"
+        "---\napiVersion: sidemesh.io/v1alpha1\nkind: Workload\n"
+        "metadata: {name: web-1, namespace: default, labels: {app: web}}\n"
+        "spec: {serviceAccount: web, address: 10.0.0.8, ports: [8080], meshed: 'false'}\n"
+        "---\napiVersion: sidemesh.io/v1alpha1\nkind: Workload\n"
+        "metadata: {name: api-1, namespace: default, labels: {app: api}}\n"
+        "spec: {serviceAccount: api, address: 10.0.0.7, ports: [8080]}\n"
+    )
+    argv = ["authz", "check", "--dir", str(tmp_path), "--from", "shop/anyone"]
+    assert main([*argv, "--to", "vault/vault", "--port", "8200"]) == 0  # (not meshed: anyone)
+    assert main([*argv, "--to", "shop/cart", "--port", "8080", "--default-policy", "allow-all"]) == 0
+    told = capsys.readouterr()
+    assert "Namespace vault: metadata.annotations must map strings to strings" in told.err
+    assert "service account 'Nightly_Job' is not a valid Kubernetes name" in told.err
+    assert "Workload default/web-1: spec.meshed 'false' is not true or false" in told.err
+    # The Namespace stays, with its deny; the namespace-less policy is default's.
+    (tmp_path / "vault.yaml").write_text(
+        VAULT.format(extra=", example.com/replicas: 3").replace("meshed: false", "")
+    )
+    assert main([*argv, "--to", "vault/vault", "--port", "8200"]) == 1
+    assert "DENY shop/anyone -> vault/vault-1:8200: default deny" in capsys.readouterr().out
+    assert main([*argv, "--to", "default/api", "--port", "8080"]) == 1
+    assert (
+        "DENY shop/anyone -> default/api-1:8080: no rule of default/only-frontend" in capsys.readouterr().out
+    )
+    assert (
+        main(
+            [
+                "authz",
+                "check",
+                "--dir",
+                str(tmp_path),
+                "--from",
+                "shop/frontend",
+                "--to",
+                "default/api",
+                "--port",
+                "8080",
+            ]
+        )
+        == 0
+    )
+
+
+def test_an_unreadable_namespace_annotations_map_is_deny(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "vault.yaml").write_text(
+        VAULT.format(extra="")
+        .replace("annotations: {sidemesh.io/default-policy: deny}", "annotations: [x]")
+        .replace("meshed: false", "")
+    )
+    argv = ["authz", "check", "--dir", str(tmp_path), "--from", "shop/anyone", "--to", "vault/vault"]
+    assert main([*argv, "--port", "8200", "--default-policy", "allow-all"]) == 1
+    told = capsys.readouterr()
+    assert "DENY shop/anyone -> vault/vault-1:8200: default deny" in told.out
+    assert "sidemesh.io/default-policy cannot be read: enforced as deny until fixed" in told.err

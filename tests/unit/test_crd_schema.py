@@ -451,6 +451,8 @@ CASES = [
     # HTTP.
     bad("lower-case method", http(methods=["get"]), METHOD, "'get' is not one of", "not an HTTP method in upper case"),
     bad("non-standard method", http(methods=["BREW"]), METHOD, "'BREW' is not one of"),
+    bad("method as a list", http(methods=[["GET"]]), METHOD, "is not of type 'string'", r"\['GET'\] is not an HTTP"),
+    bad("method as a map", http(methods=[{"GET": 1}]), METHOD, "is not of type 'string'", r"\{'GET': 1\} is not an HTTP"),
     bad("path without a leading slash", http(paths=["cart/*"]), PATH, NO_MATCH, r"\[0\]: 'cart/\*' " + NOT_A_PATH),
     bad("star in the middle of a path", http(paths=["/cart/*/items"]), PATH, NO_MATCH, NOT_A_PATH),
     bad("query in a path", http(paths=["/cart?id=1"]), PATH, NO_MATCH, NOT_A_PATH),
