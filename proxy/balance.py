@@ -97,7 +97,7 @@ class Lease:
     ``release`` it when it is over (which reports too, if that was not done); later calls are
     ignored."""
 
-    __slots__ = ("_balancer", "_state", "endpoint", "probe", "released", "reported", "started")
+    __slots__ = ("_balancer", "_state", "endpoint", "head", "probe", "released", "reported", "started")
 
     def __init__(
         self, balancer: Balancer, endpoint: Endpoint, state: EndpointState, started: float, probe: bool
@@ -109,9 +109,17 @@ class Lease:
         self.probe = probe  # the probation lease of an endpoint whose ejection just ended
         self.reported = False
         self.released = False
+        self.head: float | None = None  # seconds to the response head, when marked
 
     def elapsed(self) -> float:
         return self._balancer.clock() - self.started
+
+    def mark_head(self) -> None:
+        """The response head came: its latency is the time to here, not to the response's end
+        (Linkerd's peak EWMA measures to the head): a long download, a watch or a WebSocket made
+        its endpoint look as slow as the whole exchange, and starved it for minutes."""
+        if self.head is None:
+            self.head = self.elapsed()
 
     def report(self, ok: bool, latency: float | None = None) -> None:
         """The outcome, without ending the lease: the opaque TCP path reports when the connection
@@ -131,10 +139,10 @@ class Lease:
             self._state.probing = False
 
     def release(self, ok: bool, latency: float | None = None) -> None:
-        """``latency`` defaults to the time since acquire."""
+        """``latency`` defaults to the time to the head (``mark_head``), else since acquire."""
         if self.released:
             return
-        self.report(ok, latency)
+        self.report(ok, self.head if latency is None else latency)
         self.released = True
         self._state.outstanding = max(0, self._state.outstanding - 1)
 

@@ -20,11 +20,17 @@ import time
 from sidemesh.identity.tls import ALPN
 
 _ALPN_WIRE = bytes([len(ALPN)]) + ALPN.encode()
-PEEK_BYTES = 8192  # an HTTP/1 request line longer than this is carried as opaque TCP
+PEEK_BYTES = 8192  # what detection looks at (a longer request line: see _LONG_REQUEST)
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _METHOD_MAX = 24
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r?\n")
+# As llhttp (the sidecar's parser) reads a request line: runs of spaces between the parts, any
+# HTTP version (the parser answers one it does not serve). Whatever an app's server would take as
+# a request must be detected as one: carried as opaque, it reached the app unparsed, with the
+# identity headers the caller wrote (x-forwarded-client-cert) and not the sidecar's.
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ +[^ \r\n]+ +HTTP/[0-9]\.[0-9]\r?\n")
+# A request line longer than the peek: a method and an origin-form or http(s) target.
+_LONG_REQUEST = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ +(?:/|https?://)[^ \r\n]*", re.IGNORECASE)
 
 
 class Kind(enum.Enum):
@@ -52,15 +58,20 @@ def _classify_tls(peeked: bytes) -> Kind | None:
 
 
 def _classify_http1(peeked: bytes) -> Kind | None:
-    space = peeked.find(b" ", 0, _METHOD_MAX + 1)
-    if space <= 0:
-        return None if space < 0 and len(peeked) < _METHOD_MAX and _TOKEN.fullmatch(peeked) else Kind.OPAQUE
-    if not _TOKEN.fullmatch(peeked, 0, space):
-        return Kind.OPAQUE
-    newline = peeked.find(b"\n")
-    if newline < 0:
+    line = peeked.lstrip(b"\r\n")  # empty lines before a request are ignored (RFC 9112 2.2)
+    if not line:
         return None if len(peeked) < PEEK_BYTES else Kind.OPAQUE
-    return Kind.HTTP1 if _REQUEST_LINE.match(peeked, 0, newline + 1) else Kind.OPAQUE
+    space = line.find(b" ", 0, _METHOD_MAX + 1)
+    if space <= 0:
+        return None if space < 0 and len(line) < _METHOD_MAX and _TOKEN.fullmatch(line) else Kind.OPAQUE
+    if not _TOKEN.fullmatch(line, 0, space):
+        return Kind.OPAQUE
+    newline = line.find(b"\n")
+    if newline < 0:
+        if len(peeked) < PEEK_BYTES:
+            return None
+        return Kind.HTTP1 if _LONG_REQUEST.fullmatch(line) else Kind.OPAQUE
+    return Kind.HTTP1 if _REQUEST_LINE.match(line, 0, newline + 1) else Kind.OPAQUE
 
 
 def classify(peeked: bytes) -> Kind | None:

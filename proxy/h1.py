@@ -136,6 +136,8 @@ _REASONS = {
     404: b"Not Found",
     405: b"Method Not Allowed",
     408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     502: b"Bad Gateway",
@@ -533,7 +535,14 @@ class Connection:
         nothing more from its server: bytes after the response (a body longer than its framing
         said, a second response) answer no request, and on a pooled connection they would be
         taken for the next request's answer, another client's (Envoy closes such a connection)."""
-        if not (self.our_done and self.their_done and not self.must_close and self._error is None):
+        # (A server's parse error in a pipelined request after this one is that request's: the
+        # next cycle raises it, so it is answered 400/431/414 before the close, not dropped.)
+        if not (
+            self.our_done
+            and self.their_done
+            and not self.must_close
+            and (self._error is None or self.role == SERVER)
+        ):
             return False
         return self.role == SERVER or not (self._events or self._in_message)
 

@@ -77,6 +77,13 @@ class OutboundStreams:
             lease = self.sc.balancer.acquire(dest, avoid=avoid)
         except NoEndpoint as exc:
             return Denial(503, str(exc), None, GRPC_UNAVAILABLE, "allow", "no endpoints")
+        if any(
+            t.refused and t.ticket.endpoint == lease.endpoint for t in tried if isinstance(t.ticket, Lease)
+        ):
+            # No other endpoint, and this one could not be reached: dialled again, it cost another
+            # connect timeout for the answer already in hand (as the opaque path and HTTP/1.1).
+            lease.cancel()
+            return Denial(502, "upstream connection failed", None, GRPC_UNAVAILABLE, "allow")
         return self._target(lease)
 
     def _target(self, lease: Lease) -> Target:

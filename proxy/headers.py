@@ -86,6 +86,11 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return out
 
 
+def _tokens(value: bytes) -> set[bytes]:
+    """A list header's tokens, lower case, parameters left out (``trailers, gzip;q=0.5``)."""
+    return {t.split(b";", 1)[0].strip().lower() for t in value.split(b",")}
+
+
 # The protocols a request may upgrade to through the mesh (as Istio configures Envoy: websocket
 # only). Others, h2c above all, are not passed on: the Upgrade header is dropped (it is hop-by-hop)
 # and the app answers the request as plain HTTP/1.1. Spliced after a 101, an h2c connection would
@@ -129,6 +134,10 @@ def forwarded(
         if low in HOP_BY_HOP or low in named:
             if upgrade and low == b"upgrade":
                 out.append((name, value))
+            elif low == b"te" and b"trailers" in _tokens(value):
+                # The client takes trailers, and so does every hop of the mesh (they are relayed):
+                # a server that sends them only when asked still can (as Envoy keeps te: trailers).
+                out.append((name, b"trailers"))
             continue
         if replace_trace and low in TRACE_HEADERS:
             continue

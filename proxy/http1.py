@@ -78,6 +78,7 @@ class Upstream:
     destination: str | None = None
     reason: str = ""  # why the request was allowed (inbound: the policy decision)
     policy: str | None = None
+    at_head: Callable[[], None] | None = None  # the response head came (the balancer's latency)
 
 
 class Router(Protocol):
@@ -431,7 +432,17 @@ async def _forward(
             down.on_end = functools.partial(_client_gone, gone, up.pipe)
             try:
                 spliced = await _relay_response(
-                    conn, down, up, result, started, clock, retry_status, ctx.draining
+                    conn,
+                    down,
+                    up,
+                    result,
+                    started,
+                    clock,
+                    retry_status,
+                    # A response before the request's end says Connection: close, as Envoy's: the
+                    # connection closes if the body is still coming when the response ends
+                    # (RFC 9110 10.1.1: the client must know, or its next request is lost).
+                    ctx.draining if pump is None else functools.partial(_closing, ctx.draining, pump),
                 )
             finally:
                 down.on_end = None
@@ -482,25 +493,6 @@ async def _forward(
             if (
                 pump_exc is None
                 and not started[0]
-                and body.replayable
-                and not up.reused
-                and router.may_retry(info.method, None, True, attempt)
-            ):
-                up.pipe.abort()
-                router.release(up, False, False)
-                attempt += 1
-                result.retries += 1
-                if up.endpoint is not None:
-                    tried.append(up.endpoint)
-                again = await _reroute(router, req, info, attempt, clock, tried)
-                if isinstance(again, Local):
-                    await _answer_locally(conn, down, again, result)
-                    return True
-                up = again
-                continue
-            if (
-                pump_exc is None
-                and not started[0]
                 and not retried
                 # A pooled connection closed under the request, or a fresh one that a draining
                 # sidecar took from its closing listener's queue and closed before reading it.
@@ -514,7 +506,7 @@ async def _forward(
             ):
                 retried = True  # a pooled connection was closed under the request: once more, fresh
                 up.pipe.abort()
-                fresh = await router.fresh(up)
+                fresh = await _fresh(router, up, None if clock is None else clock.at)
                 if isinstance(fresh, Local) and fresh.status == 502 and up.endpoint is not None:
                     # Not even a new connection (a draining peer closed its pooled connections
                     # and its listener): nothing was sent, so elsewhere, as any failed connect.
@@ -524,6 +516,26 @@ async def _forward(
                     await _answer_locally(conn, down, fresh, result)
                     return True
                 up = fresh
+                continue
+            if (
+                pump_exc is None
+                and not started[0]
+                and body.replayable
+                # (after the free retry above, when that does not apply: a POST on a pooled
+                # connection when the Service allows retrying it, as Envoy's retry_on: reset)
+                and router.may_retry(info.method, None, True, attempt)
+            ):
+                up.pipe.abort()
+                router.release(up, False, False)
+                attempt += 1
+                result.retries += 1
+                if up.endpoint is not None:
+                    tried.append(up.endpoint)
+                again = await _reroute(router, req, info, attempt, clock, tried)
+                if isinstance(again, Local):
+                    await _answer_locally(conn, down, again, result)
+                    return True
+                up = again
                 continue
             router.release(up, False, False)
             if pump_exc is not None:
@@ -626,6 +638,17 @@ async def _route(
         return Local(504, "upstream timeout", "allow", error="timeout")
 
 
+async def _fresh(router: Router, up: Upstream, deadline: float | None) -> Local | Upstream:
+    """``router.fresh`` within the request's deadline, as ``_route`` (it dialled for the whole
+    connect timeout: 5 s for a Service whose timeout is 300 ms)."""
+    if deadline is None:
+        return await router.fresh(up)
+    try:
+        return await asyncio.wait_for(router.fresh(up), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        return Local(504, "upstream timeout", "allow", error="timeout")
+
+
 def _write_down(down: Pipe, conn: h1.Connection, events: list[h1.Event]) -> None:
     try:
         for ev in events:
@@ -715,9 +738,10 @@ async def _relay_response(
 ) -> bool:
     """Response, upstream -> downstream. True when the connections were switched (101) and spliced.
     Until the head: bounded by the ``clock``, and a head that ``retry_status`` accepts is dropped
-    (``_Retry``). A response that starts while ``draining`` says ``Connection: close`` and the
-    connection closes after it (RFC 9112 9.6, as Envoy drains): the client sends its next request
-    elsewhere rather than on a connection about to close under it."""
+    (``_Retry``). A response that starts while ``draining`` (or before the request's body ended)
+    says ``Connection: close`` and the connection closes after it (RFC 9112 9.6, as Envoy drains):
+    the client sends its next request elsewhere rather than on a connection about to close under
+    it."""
     while True:
         event: object = up.conn.next_event()  # without I/O when the last read held more than one event
         if event is not h1.NEED_DATA:
@@ -757,12 +781,16 @@ async def _relay_response(
             if switching:
                 started[0] = True
                 result.status = 101
+                if up.at_head is not None:
+                    up.at_head()
                 down.on_end = None  # spliced: a half-close is the app's to pass on
                 await _splice(conn, down, up)
                 return True
         elif isinstance(event, h1.Response):
             started[0] = True
             result.status = event.status_code
+            if up.at_head is not None:
+                up.at_head()
             if draining():
                 conn.must_close = True
             headers = forwarded(event.headers) if event.hop else event.headers
@@ -793,6 +821,10 @@ async def _relay_response(
             return False
         else:
             raise PipeClosed("upstream closed before responding")
+
+
+def _closing(draining: Callable[[], bool], pump: asyncio.Task[None]) -> bool:
+    return draining() or not pump.done()
 
 
 def _client_gone(gone: list[bool], up: Pipe) -> None:

@@ -126,6 +126,7 @@ class Target:
     destination: str | None = None  # the endpoint's SPIFFE ID (outbound)
     unreachable: str = "app not reachable"  # the answer when no connection can be made
     ticket: object = None  # the router's own (the outbound side's balancer lease)
+    refused: bool = False  # no connection could be made (set when the attempt failed so)
 
 
 class StreamRouter(Protocol):
@@ -1100,6 +1101,7 @@ class H2Proxy:
             return
         target = stream.target
         if target is not None:
+            target.refused = failure is Failure.CONNECT
             stream.tried.append(target)
         self._detach(stream, ok=False)
         pause = 0.0 if failure is Failure.CONNECT else backoff(stream.attempt)

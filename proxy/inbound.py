@@ -100,15 +100,18 @@ async def detect_inner(pipe: Pipe, timeout: float) -> Kind:
             await asyncio.wait_for(pipe.wait_readable(len(peeked)), remaining)
 
 
-def _to_half(relay: Relay, pipe: Pipe) -> Half:
-    """Hand a mesh connection over to the opaque relay, with the bytes read so far."""
+def _to_half(relay: Relay, pipe: Pipe, checked: bool = False) -> Half:
+    """Hand a mesh connection over to the opaque relay, with the bytes read so far; ``checked``:
+    its first bytes are refused if they are HTTP (``Half.check_opaque``)."""
     half = relay.half(framed=True, name="downstream")
     transport = pipe.transport
     assert transport is not None
     half.transport = transport
     half.decoder = pipe.decoder
+    if checked:
+        half.check_opaque()
     buffered = pipe.take_buffered()
-    if buffered:
+    if buffered and (half.unchecked is None or half._checked(buffered)):
         half._early.append(buffered)
         half.bytes_in += len(buffered)
     half.eof_in = pipe.ended
@@ -148,6 +151,7 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
             if redirected_port is not None and port != redirected_port:
                 raise Refused(f"OPEN names port {port} but the connection was for port {redirected_port}")
             relay.info["port"] = port
+            checked = port not in sc.mesh_config().opaque_ports and hint == framing.HINT_OPAQUE
             if port in sc.mesh_config().opaque_ports or hint == framing.HINT_OPAQUE:
                 kind = Kind.OPAQUE
             elif hint == framing.HINT_HTTP1:
@@ -160,7 +164,9 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
             if kind.http:
                 await _serve_http(sc, relay, mesh_pipe, peer, port, kind, original_ip)
                 return
-            down = _to_half(relay, mesh_pipe)
+            down = _to_half(relay, mesh_pipe, checked)
+            if relay.closed:  # (HTTP under the opaque hint: refused)
+                return
         else:
             if sc.config.mode == "strict":
                 raise Refused("plaintext connection refused (strict mTLS)")

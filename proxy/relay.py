@@ -16,7 +16,7 @@ import time
 import typing
 from collections.abc import Callable
 
-from proxy import framing
+from proxy import detect, framing
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 WRITE_HIGH_WATER = 256 * 1024
@@ -57,6 +57,27 @@ class Half(asyncio.Protocol):
         self._pending: list[bytes | memoryview] = []
         self._early: list[bytes | memoryview] = []  # data read before the other half exists
         self.on_frame: Callable[[int, bytes], None] | None = None  # control frames (OPEN, DENY)
+        self.unchecked: bytes | None = None  # see ``check_opaque``
+
+    def check_opaque(self) -> None:
+        """Refuse HTTP in what the other sidecar said is opaque: its first bytes are classified
+        as detection would, before any of them goes on. Only a sidecar that lies sends HTTP under
+        that hint (its own detection sees HTTP as HTTP): as opaque, it reached the app unparsed,
+        with identity headers (x-forwarded-client-cert) of the caller's choosing. Decided before a
+        request line ends, so no request reaches the app."""
+        self.unchecked = b""
+
+    def _checked(self, data: bytes | memoryview) -> bool:
+        seen = (typing.cast(bytes, self.unchecked) + bytes(data))[: detect.PEEK_BYTES]
+        kind = detect.classify(seen) if seen else None
+        if kind is None:
+            self.unchecked = seen
+            return True
+        self.unchecked = None
+        if kind.http:
+            self.relay.fail(f"{self.name}: {kind.value} sent on a connection its sidecar said is opaque")
+            return False
+        return True
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -82,6 +103,8 @@ class Half(asyncio.Protocol):
                 if kind == framing.DATA:
                     if self.eof_in and payload:  # (its end was passed on: the write would raise)
                         raise framing.FramingError("DATA after EOF")
+                    if self.unchecked is not None and not self._checked(payload):
+                        return
                     if self.peer is not None:
                         self.peer.send(payload)
                     elif not self.relay.closed:

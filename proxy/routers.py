@@ -202,11 +202,17 @@ class OutboundRouter:
         if dest is None:
             return Local(503, f"{self.name} is no longer in the mesh", "allow", error="no endpoints")
         tried = [e for e in dest.endpoints if f"{e.address}:{e.port}" in avoid] if avoid else []
+        failed: Local | None = None
         for attempt in range(CONNECT_RETRIES + 1):
             try:
                 lease = self.sc.balancer.acquire(dest, avoid=tried)
             except NoEndpoint as exc:
                 return Local(503, str(exc), "allow", error="no endpoints")
+            if failed is not None and lease.endpoint in tried:
+                # No other endpoint (the rest ejected, or none): the same dial again would cost
+                # another connect timeout for the answer already in hand (as the opaque path).
+                lease.cancel()
+                return failed
             try:
                 up = await self._connect(lease.endpoint)
             except BaseException:  # the request's deadline passed while connecting
@@ -214,9 +220,11 @@ class OutboundRouter:
                 raise
             if isinstance(up, Upstream):
                 self._leases[id(up)] = lease
+                up.at_head = lease.mark_head
                 return up
             lease.release(False)
             tried.append(lease.endpoint)
+            failed = up
             if attempt == CONNECT_RETRIES or not self.budget.try_withdraw():
                 return up
         raise AssertionError("unreachable")
@@ -253,10 +261,16 @@ class OutboundRouter:
             if lease is not None:
                 lease.release(False)
             return Local(503, f"{self.name}: endpoint {up.endpoint} is gone", "allow", error="no endpoints")
-        new = await self._connect(ep, fresh=True)
+        try:
+            new = await self._connect(ep, fresh=True)
+        except BaseException:  # the request's deadline passed while connecting
+            if lease is not None:
+                lease.release(False)
+            raise
         if lease is not None:
             if isinstance(new, Upstream):
                 self._leases[id(new)] = lease
+                new.at_head = lease.mark_head
             else:
                 lease.release(False)
         return new

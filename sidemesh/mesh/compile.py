@@ -434,6 +434,24 @@ class InboundIndex:
         self.policies: dict[str, list[Authorization]] = defaultdict(list)
         for p in sorted(snapshot.policies, key=lambda p: p.ref):
             self.policies[p.namespace].append(p)
+        self.opaque_services: dict[str, list[Service]] = defaultdict(list)  # with an opaque port
+        for svc in snapshot.services:
+            if svc.selector and any(sp.port in svc.delivery.opaque_ports for sp in svc.ports):
+                self.opaque_services[svc.namespace].append(svc)
+
+    def opaque_ports(self, w: Workload) -> tuple[int, ...]:
+        """The workload's inbound ports carried as opaque: its annotation's (or the default list),
+        and the targets of the ports a Service selecting it marks opaque. Callers skip detection
+        for those, so the callee must not take them as HTTP (nor refuse them as a lie)."""
+        ports = set(w.opaque_ports)
+        labels = w.label_map
+        for svc in self.opaque_services.get(w.namespace, ()):
+            if all(labels.get(k) == v for k, v in svc.selector):
+                for sp in svc.ports:
+                    target = _target_port(sp.target_port, w) if sp.port in svc.delivery.opaque_ports else None
+                    if target is not None:
+                        ports.add(target)
+        return tuple(sorted(ports))
 
 
 def compile_inbound(
@@ -460,7 +478,7 @@ def compile_inbound(
                 default,
                 tuple(p.ref for p in selecting),
                 tuple(p.port for p in w.ports),
-                tuple(sorted(w.opaque_ports)),
+                index.opaque_ports(w),
                 w.node,
             )
         )

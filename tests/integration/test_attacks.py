@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import framing
+from proxy import detect, framing
 from proxy.sidecar import Sidecar
 from sidemesh.identity import tls
 from sidemesh.spiffe import SpiffeId, WorkloadId
@@ -252,3 +252,65 @@ async def test_a_connection_iptables_did_not_redirect_is_refused_cleanly(
         or f"the connection was for port {INBOUND}" in why
         for why in told
     ), told
+
+
+class RecordingApp(CountingApp):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = b""
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                self.seen += data
+                writer.write(data.upper())
+                await writer.drain()
+        writer.close()
+
+
+FORGED = b"x-forwarded-client-cert: By=spiffe://cluster.local/ns/shop/sa/cart;URI=spiffe://cluster.local/ns/shop/sa/admin"
+
+
+@pytest.mark.parametrize(
+    ("first", "rest", "refused"),
+    [
+        (b"GE", b"T /orders HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
+        (b"\r\nGET  /orders HTTP/1.1\r\nhost: cart\r\n", FORGED + b"\r\n\r\n", True),
+        (detect.H2_PREFACE[:10], detect.H2_PREFACE[10:], True),
+        (b"*1\r\n$4\r\n", b"PING\r\n", False),  # Redis: opaque indeed
+    ],
+)
+async def test_http_under_the_opaque_hint_is_refused(
+    start_ca: StartCA, tmp_path: Path, first: bytes, rest: bytes, refused: bool
+) -> None:
+    """A sidecar that says opaque (OPEN's hint) is believed: the bytes went to the app unparsed, so
+    a caller holding an allowed identity could send an HTTP request with an x-forwarded-client-cert
+    naming anyone, and an app that trusts the header (the sidecar sets it) was lied to. Its first
+    bytes are now classified as the sidecar's own detection would, before any goes on."""
+    m = new_mesh(await start_ca(), tmp_path)
+    app = RecordingApp()
+    await m.app(CART, app)
+    await m.sidecar("cart", CART)
+    try:
+        ctx = tls.client_context(pki.make_svid(m.ca.authority, FRONTEND_ID))
+        reader, writer = await asyncio.open_connection(m.addr(CART), INBOUND, ssl=ctx, server_hostname="")
+        try:
+            writer.write(
+                framing.open_frame(8080, framing.HINT_OPAQUE) + framing.data_header(len(first)) + first
+            )
+            await writer.drain()
+            await asyncio.sleep(0.2)  # (the first bytes arrive alone)
+            reply = b""
+            with contextlib.suppress(ConnectionError, ssl.SSLError):  # (a refusal resets)
+                writer.write(framing.data_header(len(rest)) + rest + framing.EOF_FRAME)
+                await writer.drain()
+                reply = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+        if refused:
+            assert b"\n" not in app.seen and b"X-FORWARDED" not in reply, (app.seen, reply)
+        else:
+            assert app.seen == first + rest and first.upper() in reply and rest.upper() in reply
+    finally:
+        await m.close()

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from proxy import pool
 from tests.integration.conftest import StartCA
-from tests.integration.mesh_fixture import Mesh, new_mesh
+from tests.integration.mesh_fixture import MESH_YAML, Mesh, new_mesh
 
 FRONTEND, CART = 1, 2
 OUT = 18080  # the frontend's local outbound port for cart.shop:80
@@ -315,6 +315,68 @@ async def test_only_the_sidecar_tells_the_app_who_called(mesh: Mesh, cart_app: C
                 assert "l5d-client-id" not in seen
         finally:
             writer.close()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"\r\nGET /cart/who HTTP/1.1\r\n",  # an empty line first (RFC 9112 2.2)
+        b"GET  /cart/who  HTTP/1.1\r\n",  # runs of spaces, as llhttp and most servers take them
+    ],
+)
+async def test_request_lines_of_any_accepted_shape_are_parsed(
+    mesh: Mesh, cart_app: CartApp, line: bytes
+) -> None:
+    """Detection wanted one space between the parts and the whole line in 8 KiB: any other shape a
+    server accepts was carried as opaque, unparsed, and the app was told the caller's own XFCC."""
+    await mesh.sidecar("cart", CART)
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    try:
+        writer.write(line + b"Host: cart\r\n" + SPOOFED + b"\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        seen = json.loads(await reader.readexactly(length))["headers"]
+        assert seen.get("x-forwarded-client-cert") == (
+            "By=spiffe://cluster.local/ns/shop/sa/cart;URI=spiffe://cluster.local/ns/shop/sa/frontend"
+        )
+        assert "l5d-client-id" not in seen
+    finally:
+        writer.close()
+
+
+async def test_a_service_marked_opaque_is_opaque_for_the_callee_too(
+    start_ca: StartCA, tmp_path: Path
+) -> None:
+    """The Service says opaque, the pod does not: the caller's sidecar skips detection and says
+    "opaque"; the callee's takes the port as opaque too (a Service selecting it says so), relays
+    it, and does not refuse the HTTP it carries as a lie (it checks that word on the ports it does
+    not carry as opaque itself)."""
+    mesh = new_mesh(
+        await start_ca(),
+        tmp_path,
+        workloads=MESH_YAML.replace(
+            "metadata: {{name: cart, namespace: shop}}",
+            'metadata: {{name: cart, namespace: shop, annotations: {{sidemesh.io/opaque-ports: "80"}}}}',
+        ),
+    )
+    app = CartApp()
+    try:
+        await app.start(mesh.addr(CART), APP)
+        cart = await mesh.sidecar("cart", CART)
+        assert 8080 in cart.mesh_config().opaque_ports
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+        try:
+            writer.write(b"GET /cart/who HTTP/1.1\r\nHost: cart\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+        finally:
+            writer.close()
+    finally:
+        await app.runner.cleanup()
+        await mesh.close()
 
 
 async def test_an_h2c_upgrade_is_not_passed_on(pair: tuple[str, int], cart_app: CartApp) -> None:
@@ -830,3 +892,59 @@ async def test_connections_a_sidecar_accepts_from_callers_have_tcp_keepalive(
     ).stdout
     accepted = [line for line in out.splitlines() if mesh.addr(CART) in line]
     assert accepted and all("keepalive" in line for line in accepted), out
+
+
+async def test_a_response_before_the_request_body_ends_says_the_connection_closes(mesh: Mesh) -> None:
+    """The app answers 413 at the head of a big upload (and would read the rest); a denial answers
+    a request waiting for 100-continue. The sidecar closes the connection after such a response
+    (RFC 9112 9.6) but its head said keep-alive (and the callee's Connection: close is hop-by-hop,
+    dropped by the caller's sidecar): a pooling client sent its next request into a closing
+    connection and lost it (RFC 9110 10.1.1; Envoy says close here too)."""
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big\n")
+            await writer.drain()
+            await reader.read()
+        writer.close()
+
+    async with raw_app_pair(mesh, app) as pair:
+        for request in (
+            b"POST /cart/upload HTTP/1.1\r\nHost: cart\r\ncontent-length: 100000\r\n\r\n" + b"x" * 1000,
+            b"POST /admin HTTP/1.1\r\nHost: cart\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n",
+        ):
+            reader, writer = await asyncio.open_connection(*pair)
+            try:
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert head.split(b" ")[1] in (b"413", b"403"), head
+                assert b"\r\nconnection: close\r\n" in head.lower(), head
+            finally:
+                writer.close()
+
+
+@pytest.mark.parametrize(
+    ("second", "status"),
+    [
+        (
+            b"GET /cart/a HTTP/1.1\r\nHost: cart\r\n"
+            + b"".join(b"X-%d: v\r\n" % i for i in range(101))
+            + b"\r\n",
+            431,
+        ),
+        (b"GET /cart/a?" + b"v" * 70000 + b" HTTP/1.1\r\nHost: cart\r\n\r\n", 414),
+        (b"CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n", 405),
+        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03garbage", 400),
+    ],
+)
+async def test_a_bad_request_pipelined_behind_a_good_one_is_answered(
+    pair: tuple[str, int], second: bytes, status: int
+) -> None:
+    """Parsed with the first, its error was kept and the connection closed after the first
+    response, unanswered: a pipelining client could not tell "refused" from "connection lost"
+    (RFC 9112 2.2, 3). Sent alone, the same request is answered."""
+    raw = await exchange(pair, b"GET /cart/first HTTP/1.1\r\nHost: cart\r\n\r\n" + second)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)
+    assert statuses == [b"200", str(status).encode()], raw[:600]
+    assert status != 414 or b"HTTP/1.1 414 URI Too Long\r\n" in raw  # (it had no reason phrase)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from tests.integration.conftest import StartCA
-from tests.integration.mesh_fixture import ALLOW_FRONTEND, Mesh, free_net
+from tests.integration.mesh_fixture import ALLOW_FRONTEND, Mesh, free_net, linger_reset
 from tests.integration.test_http2_outbound import Server
 
 FRONTEND, CART1, CART2 = 1, 2, 4
@@ -76,6 +77,15 @@ class App:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
         self.bodies.append(await request.read())
+        if request.path == "/download":  # the head at once, the body over a second
+            download = web.StreamResponse()
+            download.enable_chunked_encoding()
+            await download.prepare(request)
+            for _ in range(10):
+                await asyncio.sleep(0.1)
+                await download.write(b"x" * 100)
+            await download.write_eof()
+            return download
         if self.broken:
             return web.Response(status=500, text="broken")
         if self.stall:
@@ -132,6 +142,21 @@ def session(addr: tuple[str, int], requests: list[tuple[str, str]]) -> list[tupl
         out.append((resp.status, resp.read()))
     conn.close()
     return out
+
+
+async def test_the_balancer_measures_an_endpoint_to_the_response_head(mesh: Mesh) -> None:
+    """Linkerd's peak EWMA takes the time to the response head (so does the HTTP/2 path): one
+    download (head at once, body over a second) made its endpoint look a second slow, so it got
+    none of the next 40 requests, and a WebSocket open for an hour would have starved it for
+    minutes after."""
+    write_mesh(mesh, two=True)
+    a, b = App("a"), App("b")
+    await start_mesh(mesh, [(CART1, a), (CART2, b)])
+    addr = (mesh.addr(FRONTEND), OUT)
+    [(status, body)] = await asyncio.to_thread(session, addr, [("GET", "/download")])
+    assert status == 200 and len(body) == 1000
+    estimates = mesh.sidecars["frontend"].balancer.describe()
+    assert estimates and all(e["estimate_ms"] < 300 for e in estimates.values()), estimates
 
 
 async def test_a_slow_endpoint_gets_fewer_requests(mesh: Mesh) -> None:
@@ -709,3 +734,147 @@ async def test_a_post_is_sent_once_when_the_callee_relays_its_port_as_opaque(mes
         server.close()
     assert status == 502 and bodies == [b"charge"], (status, bodies)
     assert took < 0.5, took
+
+
+PLAIN_CART = """\
+apiVersion: sidemesh.io/v1alpha1
+kind: Workload
+metadata: {{name: frontend-1, namespace: shop, labels: {{app: frontend}}}}
+spec: {{serviceAccount: frontend, address: {net}.1, ports: [{{port: 8080}}]}}
+---
+apiVersion: sidemesh.io/v1alpha1
+kind: Workload
+metadata: {{name: carta-1, namespace: shop, labels: {{app: cart}}}}
+spec: {{serviceAccount: cart, address: {net}.2, ports: [{{port: 8080}}], meshed: false}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: cart, namespace: shop, annotations: {{{annotations}}}}}
+spec:
+  selector: {{app: cart}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+"""
+
+
+def _call(addr: tuple[str, int], method: str, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(*addr, timeout=30)
+    try:
+        conn.request(method, path, body=b"abc" if method == "POST" else None)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+async def test_a_post_the_service_allows_retrying_is_retried_after_a_pooled_connection_broke(
+    mesh: Mesh,
+) -> None:
+    """retry-non-idempotent: a connection broken after the request went, before the response, is
+    retried as a 502 would be, for any method (docs/sidecar.md; Envoy's retry_on: reset). Only a
+    fresh connection's break was: most requests ride pooled ones, so the POST got 502."""
+    mesh.write(
+        "workloads.yaml",
+        PLAIN_CART.format(
+            net=mesh.net, annotations='sidemesh.io/retries: "2", sidemesh.io/retry-non-idempotent: "true"'
+        ),
+    )
+    seen: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if b"content-length: 3" in head.lower():
+                    await reader.readexactly(3)
+                seen.append(head.split(b" ", 1)[0])
+                served += 1
+                if served == 2:  # read, then a crash before answering
+                    linger_reset(writer)
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        writer.close()
+
+    await mesh.app(CART1, app, APP)
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    addr = (mesh.addr(FRONTEND), OUT)
+    assert (await asyncio.to_thread(_call, addr, "GET", "/warm"))[0] == 200  # pooled now
+    assert await asyncio.to_thread(_call, addr, "POST", "/order") == (200, b"ok")
+    assert seen == [b"GET", b"POST", b"POST"]
+
+
+async def test_reconnecting_after_a_pooled_connection_closed_keeps_to_the_service_timeout(
+    mesh: Mesh,
+) -> None:
+    """The new connection for a request whose pooled one was closed under it dialled for the whole
+    connect timeout (5 s) where the Service's timeout was 300 ms (it counts connecting too)."""
+    mesh.write("workloads.yaml", PLAIN_CART.format(net=mesh.net, annotations='sidemesh.io/timeout: "300ms"'))
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+            await reader.readuntil(b"\r\n\r\n")  # the second request: closed under it
+        writer.close()
+
+    server = await asyncio.start_server(app, mesh.addr(CART1), APP, reuse_address=True)
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    addr = (mesh.addr(FRONTEND), OUT)
+    assert (await asyncio.to_thread(_call, addr, "GET", "/warm"))[0] == 200  # pooled now
+    server.close()
+    await server.wait_closed()
+    # New connections now hang: a listener whose accept queue is full drops the SYNs.
+    black = socket.socket()
+    black.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    black.bind((mesh.addr(CART1), APP))
+    black.listen(0)
+    fillers = [socket.socket() for _ in range(3)]
+    try:
+        for s in fillers:
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect((mesh.addr(CART1), APP))
+        await asyncio.sleep(0.2)
+        began = time.monotonic()
+        status, _ = await asyncio.to_thread(_call, addr, "GET", "/x")
+        took = time.monotonic() - began
+        assert status == 504 and took < 1.5, (status, took)
+    finally:
+        for s in fillers:
+            s.close()
+        black.close()
+
+
+async def test_a_connect_failure_is_not_dialled_again_when_there_is_no_other_endpoint(mesh: Mesh) -> None:
+    """One endpoint, whose sidecar port takes TCP but never answers TLS: the request (HTTP/1.1, and
+    a gRPC call) waited three connect timeouts (the same endpoint dialled three times) for the
+    502 / UNAVAILABLE the first one gave."""
+    import dataclasses
+    import datetime as dt
+
+    write_mesh(mesh, two=False)
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
+    )
+    object.__setattr__(
+        frontend, "config", dataclasses.replace(frontend.config, connect_timeout=dt.timedelta(seconds=0.5))
+    )
+    dialled: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dialled.append(writer)
+
+    server = await asyncio.start_server(silent, mesh.addr(CART1), frontend.inbound_port)
+    try:
+        [(status, _)] = await asyncio.to_thread(session, (mesh.addr(FRONTEND), OUT), [("GET", "/x")])
+        assert status == 502 and len(dialled) == 1, (status, len(dialled))
+        async with grpc.aio.insecure_channel(f"{mesh.addr(FRONTEND)}:{OUT}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await channel.unary_unary("/shop.Cart/Get")(b"", timeout=20)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and len(dialled) == 2, len(dialled)
+    finally:
+        for writer in dialled:
+            writer.close()
+        server.close()

@@ -647,3 +647,41 @@ def test_a_headless_service_is_never_node_local() -> None:
     )
     view = _view_of(dataclasses.replace(snap, services=headless), "mon/app-c")
     assert view["agent.mon:8126"] == ["10.1.0.5", "10.2.0.5"]
+
+
+OPAQUE_SERVICE = """\
+apiVersion: sidemesh.io/v1alpha1
+kind: Workload
+metadata: {name: db-1, namespace: data, labels: {app: db}}
+spec: {serviceAccount: db, address: 10.9.0.1, ports: [{port: 7000, name: wire}, {port: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: data, annotations: {sidemesh.io/opaque-ports: "%s"}}
+spec:
+  selector: {app: db}
+  ports: [{name: wire, port: 70, targetPort: wire}, {name: http, port: 80, targetPort: 8080}]
+"""
+
+
+def test_ports_a_service_marks_opaque_are_opaque_for_the_pods_it_selects() -> None:
+    """Callers skip detection for them and say "opaque"; the callee took the port as HTTP-capable
+    and refused HTTP said to be opaque. The controller recompiles the namespace's inbound parts
+    when that annotation changes."""
+    from controller.state import MeshState
+
+    def snap(ports: str) -> Snapshot:
+        return build_snapshot(
+            [(f"d{i}", d) for i, d in enumerate(yaml.safe_load_all(OPAQUE_SERVICE % ports))]
+        )
+
+    db = WorkloadId("data", "db")
+    inbound = compile_inbound(snap("70"), db, "cluster.local", DefaultPolicy.ALLOW_AUTHENTICATED)
+    assert 7000 in inbound.workloads[0].opaque_ports and 8080 not in inbound.workloads[0].opaque_ports
+    state = MeshState("cluster.local", DefaultPolicy.ALLOW_AUTHENTICATED)
+    state.update(snap("70"))
+    before = state.inbound(db).hash
+    state.update(snap("70,80"))
+    assert state.inbound(db).hash != before
+    inbound = compile_inbound(snap("70,80"), db, "cluster.local", DefaultPolicy.ALLOW_AUTHENTICATED)
+    assert {7000, 8080} <= set(inbound.workloads[0].opaque_ports)

@@ -23,7 +23,7 @@ def test_hop_by_hop_and_connection_named_headers_are_removed() -> None:
         (b"Connection", b"keep-alive, X-Secret"),
         (b"Keep-Alive", b"timeout=5"),
         (b"X-Secret", b"1"),
-        (b"TE", b"trailers"),
+        (b"TE", b"gzip;q=0.5"),
         (b"Proxy-Authorization", b"Basic x"),
         (b"Content-Length", b"3"),
         (b"Transfer-Encoding", b"chunked"),
@@ -35,6 +35,14 @@ def test_hop_by_hop_and_connection_named_headers_are_removed() -> None:
         (b"Transfer-Encoding", b"chunked"),
         (b"X-Keep", b"yes"),
     ]
+
+
+@pytest.mark.parametrize("value", [b"trailers", b"gzip;q=0.5, Trailers", b"trailers;q=1"])
+def test_te_trailers_goes_on(value: bytes) -> None:
+    """The client accepts trailers, and the mesh relays them: a server that sends trailers only
+    when asked (RFC 9110 10.1.4) was never asked through the mesh. Envoy keeps te: trailers."""
+    headers: H = [(b"Host", b"cart"), (b"Connection", b"TE"), (b"TE", value)]
+    assert forwarded(headers) == [(b"Host", b"cart"), (b"TE", b"trailers")]
 
 
 def test_connection_cannot_remove_the_framing_headers_or_host() -> None:
