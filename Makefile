@@ -7,8 +7,10 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test lint typecheck unit protos bench clean sysdeps
 
+# A venv left without pip (python3-venv was missing when it was made: Debian's venv made
+# .venv/bin/python, then failed) is made again, not used as it is for good.
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	@echo "installing sidemesh and its dev tools into $(VENV) ..."
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -243,9 +243,10 @@ def make_authenticator(config: CAConfig) -> Authenticator:
             kconfig.load_kube_config(str(config.kubeconfig))
         else:
             kconfig.load_incluster_config()
-    except (kconfig.ConfigException, OSError) as exc:
+    except Exception as exc:  # (a kubeconfig that is not YAML, or not a mapping: the client's own errors)
+        why = " ".join(str(exc).split())
         raise CLIError(
-            f"cannot reach the Kubernetes API ({exc}); set --kubeconfig, or use --authenticator local"
+            f"cannot reach the Kubernetes API ({why}); set --kubeconfig, or use --authenticator local"
         ) from exc
     return KubernetesTokenAuthenticator(client.ApiClient(), cache_for=config.token_review_cache)
 

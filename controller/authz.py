@@ -152,12 +152,15 @@ def _load(args: argparse.Namespace) -> Snapshot:
         if not args.dir.is_dir():
             raise CLIError(f"{args.dir} is not a directory")
         return directory.load_directory(args.dir)
-    from controller.sources.kubernetes import KubernetesSource, api_client_from
+    from controller.sources.kubernetes import KubernetesSource, ListError, api_client_from
 
     try:  # one list of each kind; read-only (the controller writes the statuses, not a check)
         return KubernetesSource(api_client_from(args.kubeconfig), request_timeout=30.0).list_once()
+    except ListError as exc:  # (the API server's whole answer was five lines of headers and body)
+        raise CLIError(f"cannot read the cluster: {exc}") from exc
     except Exception as exc:
-        raise CLIError(f"cannot read the cluster: {exc}; check --kubeconfig") from exc
+        why = " ".join(str(exc).split())
+        raise CLIError(f"cannot read the cluster: {why}; check --kubeconfig") from exc
 
 
 def _as_the_sidecar_sees(path: str) -> str:

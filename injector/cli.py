@@ -125,16 +125,22 @@ def _inject(args: argparse.Namespace) -> int:
             raise CLIError(
                 f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 and try again"
             ) from exc
-    try:
-        text, reports = inject_yaml(texts, settings)
-    except yaml.YAMLError as exc:
-        raise CLIError(f"the input is not valid YAML: {exc}") from exc
-    except PodError as exc:
-        message = str(exc)
-        if "sidemesh.io/inject" not in message:  # (the annotation errors say it already)
-            message += '; or opt the workload out with the annotation sidemesh.io/inject: "false"'
-        raise CLIError(message) from exc
-    sys.stdout.write(text)
+    outputs, reports = [], []
+    for name, one in zip(args.files, texts, strict=True):  # each on its own: an error names its file
+        where = "standard input" if name == "-" else name
+        try:
+            text, found = inject_yaml([one], settings)
+        except yaml.YAMLError as exc:
+            raise CLIError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from exc
+        except PodError as exc:
+            message = str(exc)
+            if "sidemesh.io/inject" not in message:  # (the annotation errors say it already)
+                message += '; or opt the workload out with the annotation sidemesh.io/inject: "false"'
+            raise CLIError(f"{where}: {message}" if len(texts) > 1 else message) from exc
+        if text:
+            outputs.append(text)
+        reports.extend(found)
+    sys.stdout.write("---\n".join(outputs))
     for report in reports:
         print(report, file=sys.stderr)
     return 0

@@ -11,7 +11,7 @@ from proxy import heap
 from proxy.config import ProxyConfig
 from sidemesh import config as cfg
 from sidemesh import logging as smlog
-from sidemesh.cli import CLIError
+from sidemesh.cli import CLIError, listen_error
 
 
 def register(sub: Any) -> None:
@@ -54,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
 async def _main(config: ProxyConfig) -> int:
     from proxy.sidecar import ListenError, Sidecar
     from sidemesh.identity.client import CAClient
+    from sidemesh.identity.svid import SvidError, load_bundle
     from sidemesh.identity.workload import WorkloadIdentity, token_from_file
     from sidemesh.mesh import directory
     from sidemesh.mesh.compile import CompileError, compile_sidecar
@@ -62,6 +63,13 @@ async def _main(config: ProxyConfig) -> int:
 
     try:
         bundle = config.bundle_file.read_bytes()
+        try:  # (unreadable, it started and never became ready: "keeping the current one", of none)
+            load_bundle(bundle)
+        except SvidError as exc:
+            raise CLIError(
+                f"--bundle-file {config.bundle_file}: {exc}; give the CA's root certificates in PEM "
+                "(`sidemesh ca bundle`)"
+            ) from exc
         if config.config_dir is not None:
             if not config.config_dir.is_dir():
                 raise CLIError(
@@ -94,10 +102,12 @@ async def _main(config: ProxyConfig) -> int:
             await sidecar.start()
         except OSError as exc:
             await identity.stop()
-            where = f" on {exc.option} {exc.address}" if isinstance(exc, ListenError) else ""
+            if isinstance(exc, ListenError):  # (the bind's own error: a name, an address not ours)
+                cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+                raise listen_error(cause, {exc.option: exc.address}) from exc
             raise CLIError(
-                f"cannot listen{where}: {(exc.strerror or str(exc)).lower()}; stop the process that "
-                "holds it (ss -ltnp shows which; another sidecar?) or pick another address"
+                f"cannot listen: {(exc.strerror or str(exc)).lower()}; stop the process that holds "
+                "it (ss -ltnp shows which) or pick another address"
             ) from exc
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

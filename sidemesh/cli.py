@@ -7,6 +7,8 @@ Shared commands live here; each component adds its own group (`sidemesh ca ...`)
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import logging
 import os
@@ -32,7 +34,8 @@ def listen_error(exc: Exception, addresses: dict[str, str]) -> CLIError:
     if option is None and isinstance(exc, OSError):  # asyncio's errors name no address
         option = next((o for o in addresses if o != "--listen" and addresses[o]), None)
     option = option or "--listen"
-    if isinstance(exc, socket.gaierror):  # a name that does not resolve: nothing holds it
+    if isinstance(exc, socket.gaierror) or (isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL):
+        # A name that does not resolve, an address that is not this machine's: nothing holds it.
         return CLIError(
             f"cannot listen on {option} {addresses.get(option, '')}: {exc.strerror or exc}; give an "
             "address of this machine (0.0.0.0, 127.0.0.1, or one of its IPs)"
@@ -106,6 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): nothing left to say to it; quiet, as a Unix tool on
+        # SIGPIPE (and the exit at shutdown must not flush into the closed pipe again).
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # a bug: one line, not a traceback for the user to read
         if os.environ.get("SIDEMESH_DEBUG"):
             traceback.print_exc()

@@ -42,6 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from sidemesh.localnet import DIRECT, without_proxies
 from sidemesh.otlp_receiver import ReceivedSpan, ReceiverThread, trace_tree
 
 TD = "cluster.local"
@@ -177,7 +178,7 @@ class Demo:
             [sys.executable, "-m", "sidemesh", *args],
             stdout=subprocess.DEVNULL,
             stderr=handle,
-            env=dict(os.environ, SIDEMESH_LOG_LEVEL="info", **(env or {})),
+            env=dict(without_proxies(os.environ), SIDEMESH_LOG_LEVEL="info", **(env or {})),
             start_new_session=True,
         )
         handle.close()
@@ -244,7 +245,7 @@ def _sidemesh(*args: str) -> str:
 
 def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with DIRECT.open(url, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sidemesh.localnet import without_proxies
+
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout (or site-packages) holding sidemesh/
-CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("SIDEMESH_")}
+CLEAN_ENV = {k: v for k, v in without_proxies(os.environ).items() if not k.startswith("SIDEMESH_")}
 COMMAND_TIMEOUT = 30.0
 PACKAGE_OF = {
     "ip": "iproute2",

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from sidemesh.config import parse_duration, parse_hostport
+from sidemesh.localnet import DIRECT
 
 Snapshot = dict[str, Any]
 Key = tuple[str, str]  # (direction, route)
@@ -45,16 +46,11 @@ class Row:
     requests: int
 
 
-# Straight to the admin port: an http_proxy in the environment is for the internet, and took even
-# 127.0.0.1 elsewhere (blaming the sidecar for the proxy's error).
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
 def fetch(address: str, timeout: float = 3.0) -> Snapshot:
     host, port = parse_hostport("address", address)
     url = f"http://{host}:{port}/stats/routes"
     try:
-        with _DIRECT.open(url, timeout=timeout) as response:
+        with DIRECT.open(url, timeout=timeout) as response:
             body = json.load(response)
     except urllib.error.HTTPError as exc:
         hint = "is this a sidecar of this version's admin port?" if exc.code == 404 else ""
@@ -88,47 +84,51 @@ def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float 
     return bounds[-1]
 
 
-def _by_key(snapshots: Sequence[Snapshot]) -> dict[Key, dict[str, Any]]:
-    out: dict[Key, dict[str, Any]] = {}
-    for snap in snapshots:
-        for r in snap["routes"]:
-            key = (str(r["direction"]), str(r["route"]))
-            acc = out.setdefault(key, {"requests": 0, "successes": 0, "denials": 0, "buckets": None})
-            for name in ("requests", "successes", "denials"):
-                acc[name] += int(r[name])
-            buckets = [int(b) for b in r["latency_buckets"]]
-            acc["buckets"] = (
-                buckets
-                if acc["buckets"] is None
-                else [a + b for a, b in zip(acc["buckets"], buckets, strict=False)]
-            )
-    return out
+def _routes(snap: Snapshot) -> dict[Key, dict[str, Any]]:
+    return {(str(r["direction"]), str(r["route"])): r for r in snap["routes"]}
 
 
 def rows(before: Sequence[Snapshot], after: Sequence[Snapshot], seconds: float) -> list[Row]:
-    """Per route, what happened between two sets of snapshots (a route that was evicted and came
-    back, or a restarted sidecar, counts from zero)."""
-    old, new = _by_key(before), _by_key(after)
+    """Per route, what happened between two readings of the same sidecars (in the same order),
+    the replicas' differences added up. Each sidecar's difference is its own: a restarted one
+    (another ``started``, or a counter that went down) counts from zero, a route that was evicted
+    and came back too. (The replicas were summed before the difference was taken: one restart
+    during a rollout showed negative denials and success rates above 100 %.)"""
     bounds = after[0]["buckets"] if after else []
-    out = []
-    for key, cur in new.items():
-        prev = old.get(key)
-        if prev is None or prev["requests"] > cur["requests"]:
-            prev = {"requests": 0, "successes": 0, "denials": 0, "buckets": [0] * len(cur["buckets"])}
-        n = cur["requests"] - prev["requests"]
-        delta = [max(0, a - b) for a, b in zip(cur["buckets"], prev["buckets"], strict=False)]
-        out.append(
-            Row(
-                direction=key[0],
-                route=key[1],
-                rps=n / seconds if seconds > 0 else 0.0,
-                success=(cur["successes"] - prev["successes"]) / n if n else None,
-                p50=quantile(bounds, delta, 0.5),
-                p99=quantile(bounds, delta, 0.99),
-                denials=cur["denials"] - prev["denials"],
-                requests=cur["requests"],
+    acc: dict[Key, dict[str, Any]] = {}
+    for i, snap in enumerate(after):
+        prior = before[i] if i < len(before) else None
+        same = prior is not None and prior.get("started") == snap.get("started")
+        old = _routes(prior) if prior is not None and same else {}
+        for key, cur in _routes(snap).items():
+            buckets = [int(b) for b in cur["latency_buckets"]]
+            prev = old.get(key)
+            if prev is None or int(prev["requests"]) > int(cur["requests"]):
+                prev = {"requests": 0, "successes": 0, "denials": 0, "latency_buckets": [0] * len(buckets)}
+            row = acc.setdefault(
+                key, {"n": 0, "ok": 0, "denials": 0, "total": 0, "delta": [0] * len(buckets)}
             )
+            row["n"] += int(cur["requests"]) - int(prev["requests"])
+            row["ok"] += int(cur["successes"]) - int(prev["successes"])
+            row["denials"] += max(0, int(cur["denials"]) - int(prev["denials"]))
+            row["total"] += int(cur["requests"])
+            row["delta"] = [
+                d + max(0, a - int(b))
+                for d, a, b in zip(row["delta"], buckets, prev["latency_buckets"], strict=False)
+            ]
+    out = [
+        Row(
+            direction=key[0],
+            route=key[1],
+            rps=row["n"] / seconds if seconds > 0 else 0.0,
+            success=row["ok"] / row["n"] if row["n"] else None,
+            p50=quantile(bounds, row["delta"], 0.5),
+            p99=quantile(bounds, row["delta"], 0.99),
+            denials=row["denials"],
+            requests=row["total"],
         )
+        for key, row in acc.items()
+    ]
     out.sort(key=lambda r: (-r.rps, -r.requests, r.route))
     return out
 

@@ -54,6 +54,19 @@ log = logging.getLogger("sidemesh.controller.kubernetes")
 T = TypeVar("T")
 
 
+class ListError(Exception):
+    """One kind could not be listed: what the API server said, and what to check."""
+
+    def __init__(self, kind: str, status: int | None, reason: str | None) -> None:
+        hint = {
+            401: "the kubeconfig's credentials were refused",
+            403: f"the kubeconfig's user may not list {kind} (RBAC: list on pods, services, "
+            "endpointslices, namespaces and serviceauthorizations)",
+            404: f"no {kind} resource here: are the sidemesh CRDs installed (manifests/crds)?",
+        }.get(status or 0, "is the API server healthy?")
+        super().__init__(f"listing {kind} failed: {status} {reason}; {hint}")
+
+
 # -- the watch threads ----------------------------------------------------------------------------
 
 
@@ -315,7 +328,10 @@ class KubernetesSource:
         watch threads left blocked at exit could abort the interpreter)."""
         stop = threading.Event()
         for kind in KINDS:
-            _Watcher(kind, self._lists[kind], self._apply, stop, self.settings)._list()
+            try:
+                _Watcher(kind, self._lists[kind], self._apply, stop, self.settings)._list()
+            except ApiException as exc:
+                raise ListError(kind, exc.status, exc.reason) from exc
         return assemble(self.entries)
 
     async def run(self, on_change: OnChange) -> None:

@@ -434,3 +434,18 @@ def test_issue_with_only_another_trust_domains_roots_says_so(
     capsys.readouterr()
     assert main(_issue_nowhere(tmp_path)) == 2
     assert "no root for trust domain 'cluster.local'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kubeconfig", ["a: [\n", "- just\n- a list\n"])
+def test_a_kubeconfig_that_cannot_be_read_is_a_usage_error(
+    tmp_path: Path, kubeconfig: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not YAML, or not a mapping: "internal error ... please report it" (exit 70), where the
+    controller and the injector say what to fix (exit 2)."""
+    assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")]) == 0
+    (tmp_path / "kubeconfig").write_text(kubeconfig)
+    capsys.readouterr()
+    argv = ["ca", "serve", "--authenticator", "kubernetes", "--kubeconfig", str(tmp_path / "kubeconfig")]
+    assert main([*argv, "--ca-dir", str(tmp_path / "ca"), "--listen", "127.0.0.1:0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sidemesh: error: cannot reach the Kubernetes API (") and err.count("\n") == 1, err

@@ -20,9 +20,20 @@ CART = "spiffe://cluster.local/ns/shop/sa/cart"
 DENIED = "no rule of shop/cart-allow-frontend allows it"
 
 
+# A user behind a corporate proxy (nothing listens there): the demo talks to its own processes on
+# 127.x.y.z, which no usual no_proxy lists. Followed, the proxy took the sidecars' gRPC to the CA
+# and the controller, and the demo's own readiness checks, and the demo failed at step 2.
+DEAD_PROXY = {
+    "http_proxy": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "grpc_proxy": "http://127.0.0.1:9",
+    "no_proxy": "localhost,127.0.0.1,::1",
+}
+
+
 def _demo_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    return dict(env, PYTHONIOENCODING="utf-8", **extra)
+    return dict(env, PYTHONIOENCODING="utf-8", **DEAD_PROXY, **extra)
 
 
 def test_demo_once_behaves_as_described_and_leaves_nothing_behind() -> None:

@@ -522,6 +522,12 @@ def test_authz_check_against_a_cluster_reads_once_and_writes_nothing(
         out = capsys.readouterr().out
         assert "DENY shop/stranger -> shop/cart-1:8080" in out and "broken" in out  # the invalid one said
         requests = list(api.requests)
+        # RBAC that does not allow a list: one line naming the kind and what to check (it was the
+        # API client's five lines of headers and body, and "check --kubeconfig").
+        api.forbid_lists.add("endpointslices")
+        assert main([*argv, "--from", "shop/stranger"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "403 Forbidden" in err and "may not list endpointslices" in err, err
     finally:
         api.close()
     assert requests and all(r.method == "GET" and "watch" not in r.query for r in requests), [

@@ -492,9 +492,9 @@ async def test_connect_timeout_to_an_unresponsive_endpoint(
 
     # Something at cart's inbound address that accepts TCP but never answers the TLS handshake.
     silent = socket.socket()
-    silent.bind((mesh.addr(CART), INBOUND))
-    silent.listen(8)
     try:
+        silent.bind((mesh.addr(CART), INBOUND))
+        silent.listen(8)
         frontend = await mesh.sidecar(
             "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
         )

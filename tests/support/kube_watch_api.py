@@ -16,7 +16,7 @@ are open and the events flow; every request is recorded.
 Test levers: ``put``/``delete(..., notify=False)`` change the store without an event (an event lost to
 compaction), ``compact()``, ``bookmark()``, ``drop_watches()`` (the connection dies mid-stream),
 ``refuse_watches`` (the next N watches die right after the headers), ``end_watches_at_once``,
-``fail_lists``, ``fail_status_patches``, ``fail_namespaces`` (every ConfigMap request in them
+``fail_lists``, ``forbid_lists``, ``fail_status_patches``, ``fail_namespaces`` (every ConfigMap request in them
 answers 500).
 """
 
@@ -155,6 +155,7 @@ class FakeWatchAPI:
         self.end_watches_at_once: dict[str, int] = {r: 0 for r in KINDS}  # the next N end, empty
         self.fail_status_patches = False
         self.fail_lists: dict[str, int] = {r: 0 for r in KINDS}  # the next N lists answer 500
+        self.forbid_lists: set[str] = set()  # lists of these resources answer 403 (RBAC)
         self.expire_continue_tokens = False  # every list page after the first answers 410 Expired
         self.silent_watches: dict[str, int] = {r: 0 for r in KINDS}  # the next N send nothing, ever
         self.fail_namespaces: set[str] = set()  # ConfigMap requests in these answer 500
@@ -353,6 +354,9 @@ class FakeWatchAPI:
                     self._send(404, status(404, "NotFound", f"the server could not find {url.path}"))
                 elif query.get("watch") in ("true", "1"):
                     api._watch(self, kind, query)
+                elif kind.resource in api.forbid_lists:
+                    why = f'{kind.resource} is forbidden: User "dev" cannot list resource "{kind.resource}"'
+                    self._send(403, status(403, "Forbidden", why))
                 elif api._take(api.fail_lists, kind.resource):
                     self._send(500, status(500, "InternalError", "etcdserver: leader changed"))
                 elif query.get("continue") and api.expire_continue_tokens:

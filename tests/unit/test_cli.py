@@ -4,6 +4,7 @@ group (a sidecar, ``sidemesh proxy run``, does not carry the CA's or the injecto
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,68 @@ def test_a_server_that_crashes_logs_the_traceback_in_its_json_log(
     record = next(json.loads(line) for line in err.splitlines() if line.startswith("{"))
     assert record["event"] == "internal error; exiting" and "KeyError" in record["exception"], record
     assert err.rstrip().splitlines()[-1].startswith("sidemesh: internal error: KeyError")
+
+
+def test_a_reader_that_goes_away_is_no_internal_error(tmp_path: Path) -> None:
+    """`sidemesh ca bundle | head -0`: BrokenPipeError was reported as an internal error to report
+    (exit 70); a Unix tool whose reader left says nothing (exit 141, as killed by SIGPIPE)."""
+    assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")]) == 0
+    read, write = os.pipe()
+    os.close(read)  # nobody will read
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sidemesh", "ca", "bundle", "--ca-dir", str(tmp_path / "ca")],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == "", (done.returncode, done.stderr)
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("nohost.invalid:15006", "name or service not known"),
+        ("192.0.2.1:15006", "cannot assign requested address"),
+    ],
+)
+def test_proxy_run_on_an_address_that_is_not_this_machines_says_so(
+    tmp_path: Path, address: str, why: str
+) -> None:
+    """It said to stop the process holding the port ("another sidecar?"): there is none."""
+    said = _proxy_run_fails(tmp_path, "--inbound-listen", address).lower()
+    assert said.startswith(f"sidemesh: error: cannot listen on --inbound-listen {address}: {why}"), said
+    assert "give an address of this machine" in said and "stop the process" not in said
+
+
+def _proxy_run_fails(tmp_path: Path, *extra: str, bundle: Path | None = None) -> str:
+    """`sidemesh proxy run` in local mode (no CA behind --ca-address) with ``extra`` options; the
+    last line it says, having exited 2 before it served."""
+    assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")]) == 0
+    (tmp_path / "token").write_text("t")
+    (tmp_path / "mesh").mkdir()
+    (tmp_path / "mesh" / "w.yaml").write_text(
+        "apiVersion: sidemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: x, namespace: shop}\n"
+        "spec: {serviceAccount: x, address: 127.0.0.1, ports: [8080]}\n"
+    )
+    argv = ["proxy", "run", "--workload", "shop/x", "--ca-address", "127.0.0.1:1", "--capture", "none"]
+    argv += ["--token-file", str(tmp_path / "token"), "--config-dir", str(tmp_path / "mesh")]
+    argv += ["--bundle-file", str(bundle or tmp_path / "ca" / "root-cert.pem"), *extra]
+    done = subprocess.run(
+        [sys.executable, "-m", "sidemesh", *argv], capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 2, done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage\n"])
+def test_proxy_run_with_a_bundle_that_is_no_certificates_says_so(tmp_path: Path, content: bytes) -> None:
+    """It started, logged "trust bundle unreadable; keeping the current one" (there was none) and
+    never became ready; a missing file was an error at once."""
+    (tmp_path / "bundle.pem").write_bytes(content)
+    said = _proxy_run_fails(tmp_path, bundle=tmp_path / "bundle.pem")
+    assert said.startswith(f"sidemesh: error: --bundle-file {tmp_path / 'bundle.pem'}: trust bundle"), said
+    assert "sidemesh ca bundle" in said

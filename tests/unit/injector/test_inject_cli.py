@@ -281,7 +281,7 @@ def test_injected_output_is_injected_again_unchanged(
     ("argv", "stdin", "message"),
     [
         (["/nonexistent.yaml"], "", "/nonexistent.yaml: No such file or directory"),
-        (["-"], "a: [", "the input is not valid YAML"),
+        (["-"], "a: [", "standard input is not valid YAML: while parsing a flow node did not find"),
         (
             ["-"],
             "kind: Deployment\nmetadata: {name: x}\nspec: {}\n",
@@ -305,6 +305,22 @@ def test_errors_say_what_to_do(
     code, out, err = run(argv, stdin, monkeypatch, capsys)
     assert code == 2 and out == ""
     assert message in err
+
+
+def test_with_several_files_an_error_names_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The YAML error named no file (and took three lines): with several, which one was it?"""
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(WORKLOADS)
+    bad.write_text("kind: Pod\nmetadata: {name: [\n")
+    code, out, err = run([str(good), str(bad)], "", monkeypatch, capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"sidemesh: error: {bad} is not valid YAML: ")
+    code, out, err = run([str(good), str(good)], "", monkeypatch, capsys)
+    assert code == 0 and list(yaml.safe_load_all(out)) == 2 * list(
+        yaml.safe_load_all(run([str(good)], "", monkeypatch, capsys)[1])
+    )
 
 
 def test_a_file_that_is_not_utf8_is_a_clear_error(
