@@ -34,28 +34,21 @@ class Part:
 
 def _by_namespace(snapshot: Snapshot) -> dict[str, tuple[object, ...]]:
     """What an identity's inbound part depends on, grouped by namespace: its workloads, its
-    namespace's policies, its Namespace object (a policy only selects workloads of its own), and
-    the ports its Services mark opaque (``InboundIndex.opaque_ports``)."""
+    namespace's policies, its Namespace object (a policy only selects workloads of its own)."""
     workloads: dict[str, list[Workload]] = {}
     policies: dict[str, list[Authorization]] = {}
-    opaque: dict[str, list[tuple[object, ...]]] = {}
     for w in snapshot.workloads:
         workloads.setdefault(w.namespace, []).append(w)
     for p in snapshot.policies:
         policies.setdefault(p.namespace, []).append(p)
-    for svc in snapshot.services:
-        marked = tuple(sp for sp in svc.ports if sp.port in svc.delivery.opaque_ports)
-        if marked and svc.selector:
-            opaque.setdefault(svc.namespace, []).append((svc.name, svc.selector, marked))
     namespaces = {n.name: n for n in snapshot.namespaces}
     return {
         ns: (
             tuple(sorted(workloads.get(ns, ()), key=lambda w: w.ref)),
             tuple(sorted(policies.get(ns, ()), key=lambda p: p.ref)),
             namespaces.get(ns),
-            tuple(sorted(opaque.get(ns, ()), key=lambda o: str(o[0]))),
         )
-        for ns in workloads.keys() | policies.keys() | namespaces.keys() | opaque.keys()
+        for ns in workloads.keys() | policies.keys() | namespaces.keys()
     }
 
 

@@ -22,15 +22,15 @@ from sidemesh.identity.tls import ALPN
 _ALPN_WIRE = bytes([len(ALPN)]) + ALPN.encode()
 PEEK_BYTES = 8192  # what detection looks at (a longer request line: see _LONG_REQUEST)
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_METHOD_MAX = 24
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # As llhttp (the sidecar's parser) reads a request line: runs of spaces between the parts, any
 # HTTP version (the parser answers one it does not serve). Whatever an app's server would take as
 # a request must be detected as one: carried as opaque, it reached the app unparsed, with the
 # identity headers the caller wrote (x-forwarded-client-cert) and not the sidecar's.
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ +[^ \r\n]+ +HTTP/[0-9]\.[0-9]\r?\n")
-# A request line longer than the peek: a method and an origin-form or http(s) target.
-_LONG_REQUEST = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ +(?:/|https?://)[^ \r\n]*", re.IGNORECASE)
+# A request line the peek cannot hold whole: a method (any length: h11 and Go take any token) and
+# an origin-form or http(s) target; the parser answers 414 past its limit.
+_LONG_REQUEST = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ +(?:/|https?://)", re.IGNORECASE)
 
 
 class Kind(enum.Enum):
@@ -58,19 +58,24 @@ def _classify_tls(peeked: bytes) -> Kind | None:
 
 
 def _classify_http1(peeked: bytes) -> Kind | None:
+    full = len(peeked) >= PEEK_BYTES
     line = peeked.lstrip(b"\r\n")  # empty lines before a request are ignored (RFC 9112 2.2)
-    if not line:
-        return None if len(peeked) < PEEK_BYTES else Kind.OPAQUE
-    space = line.find(b" ", 0, _METHOD_MAX + 1)
+    if not line:  # (as many as llhttp skips: a peek of nothing else is a request still to come)
+        return Kind.HTTP1 if full else None
+    space = line.find(b" ")
     if space <= 0:
-        return None if space < 0 and len(line) < _METHOD_MAX and _TOKEN.fullmatch(line) else Kind.OPAQUE
+        if space == 0 or not _TOKEN.fullmatch(line):
+            return Kind.OPAQUE
+        # A method still coming; a peek of nothing else is one (a method of any length is a
+        # token to h11 and Go, and no other protocol opens with 8 KiB of token characters).
+        return Kind.HTTP1 if full else None
     if not _TOKEN.fullmatch(line, 0, space):
         return Kind.OPAQUE
     newline = line.find(b"\n")
     if newline < 0:
-        if len(peeked) < PEEK_BYTES:
+        if not full:
             return None
-        return Kind.HTTP1 if _LONG_REQUEST.fullmatch(line) else Kind.OPAQUE
+        return Kind.HTTP1 if _LONG_REQUEST.match(line) else Kind.OPAQUE
     return Kind.HTTP1 if _REQUEST_LINE.match(line, 0, newline + 1) else Kind.OPAQUE
 
 

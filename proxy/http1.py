@@ -643,8 +643,12 @@ async def _fresh(router: Router, up: Upstream, deadline: float | None) -> Local 
     connect timeout: 5 s for a Service whose timeout is 300 ms)."""
     if deadline is None:
         return await router.fresh(up)
+    left = deadline - time.monotonic()
+    if left <= 0:  # (wait_for would cancel it before it ran: its lease never given back)
+        router.release(up, False, False)
+        return Local(504, "upstream timeout", "allow", error="timeout")
     try:
-        return await asyncio.wait_for(router.fresh(up), max(0.0, deadline - time.monotonic()))
+        return await asyncio.wait_for(router.fresh(up), left)
     except TimeoutError:
         return Local(504, "upstream timeout", "allow", error="timeout")
 

@@ -151,8 +151,15 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
             if redirected_port is not None and port != redirected_port:
                 raise Refused(f"OPEN names port {port} but the connection was for port {redirected_port}")
             relay.info["port"] = port
-            checked = port not in sc.mesh_config().opaque_ports and hint == framing.HINT_OPAQUE
-            if port in sc.mesh_config().opaque_ports or hint == framing.HINT_OPAQUE:
+            mesh = sc.mesh_config()
+            # Opaque as configured (the pod's ports; a Service's, for callers through it that did
+            # not parse HTTP): carried unchanged, as declared. Anywhere else what is relayed as
+            # opaque is checked as it goes on (Half.check_opaque): HTTP there is refused.
+            declared = port in mesh.opaque_ports or (
+                port in mesh.service_opaque_ports and hint not in (framing.HINT_HTTP1, framing.HINT_H2)
+            )
+            checked = not declared
+            if declared or hint == framing.HINT_OPAQUE:
                 kind = Kind.OPAQUE
             elif hint == framing.HINT_HTTP1:
                 kind = Kind.HTTP1
@@ -165,7 +172,7 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
                 await _serve_http(sc, relay, mesh_pipe, peer, port, kind, original_ip)
                 return
             down = _to_half(relay, mesh_pipe, checked)
-            if relay.closed:  # (HTTP under the opaque hint: refused)
+            if relay.closed:  # (HTTP where it is not: refused)
                 return
         else:
             if sc.config.mode == "strict":
@@ -211,6 +218,9 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
             raise Refused(f"app not reachable at {app_host}:{port}: {_why(exc)}") from exc
         if down is None:
             down = relay.half(framed=False, name="downstream")
+            config = sc.mesh_config()
+            if port not in config.opaque_ports and port not in config.service_opaque_ports:
+                down.check_opaque()  # (a plaintext request that came after the detection)
             await asyncio.get_running_loop().connect_accepted_socket(lambda: down, conn)
         relay.link(down, app)
         sc.metrics.connections.labels("inbound", decision.label).inc()

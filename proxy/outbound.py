@@ -64,11 +64,20 @@ async def _connect_balanced(sc: Sidecar, relay: Relay, dest: Destination) -> Hal
                     if sc.config.capture == "iptables"
                     else (ep.address, sc.inbound_port)
                 )
-                # What this side detected (or was told): the other side need not detect again.
-                # (HTTP/2 to the mesh is proxied per stream by h2route: it gets here only when
-                # that is not possible.)
+                # What this side's detection decided from the bytes: the other side need not
+                # detect again. (HTTP/2 to the mesh is proxied per stream by h2route: it gets here
+                # only when that is not possible.) Nothing when the bytes did not decide (a
+                # destination marked opaque here is not looked at; a timeout decides nothing):
+                # the other side goes by its own configuration and detection, and a request that
+                # comes late is still parsed there. It refuses HTTP said to be opaque.
                 protocol = relay.info.get("protocol")
-                hint = framing.HINT_H2 if protocol == "h2" else framing.HINT_OPAQUE
+                hint = (
+                    framing.HINT_H2
+                    if protocol == "h2"
+                    else framing.HINT_OPAQUE
+                    if protocol is not None and not relay.info.get("undecided")
+                    else framing.HINT_DETECT
+                )
                 up = await _connect_mesh(sc, relay, ep, dial, hint)
         except Refused as exc:
             lease.release(False)
@@ -154,6 +163,8 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int], targ
         if dest is not None and not dest.opaque:
             kind, decided = await detect_outcome(conn, sc.config.detect_timeout.total_seconds())
             relay.info["protocol"] = kind.value
+            if not decided:
+                relay.info["undecided"] = True  # (the timeout decided: see _connect_balanced's hint)
             if kind is Kind.CLOSED:
                 raise Refused("the app closed before sending anything")
             if kind is Kind.HTTP1:

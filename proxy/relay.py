@@ -60,11 +60,12 @@ class Half(asyncio.Protocol):
         self.unchecked: bytes | None = None  # see ``check_opaque``
 
     def check_opaque(self) -> None:
-        """Refuse HTTP in what the other sidecar said is opaque: its first bytes are classified
-        as detection would, before any of them goes on. Only a sidecar that lies sends HTTP under
-        that hint (its own detection sees HTTP as HTTP): as opaque, it reached the app unparsed,
-        with identity headers (x-forwarded-client-cert) of the caller's choosing. Decided before a
-        request line ends, so no request reaches the app."""
+        """Refuse HTTP in what is relayed as opaque on a port not configured opaque: its first
+        bytes are classified as detection would, as they go on (no request is whole before its
+        request line is, and that decides). HTTP gets here from a sidecar that lies (its OPEN said
+        opaque), or after every detection timed out (a client whose request comes late): relayed,
+        it reached the app unparsed, with identity headers (x-forwarded-client-cert) of the
+        caller's choosing."""
         self.unchecked = b""
 
     def _checked(self, data: bytes | memoryview) -> bool:
@@ -93,6 +94,8 @@ class Half(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)  # also what the idle check watches: no clock read per chunk
         if self.decoder is None:
+            if self.unchecked is not None and not self._checked(data):
+                return
             if self.peer is not None:
                 self.peer.send(data)
             elif not self.relay.closed:

@@ -197,7 +197,7 @@ EXCLUDE_INBOUND = "sidemesh.io/exclude-inbound-ports"
 def excluded_inbound_ports(workload: Workload) -> set[int] | None:
     """Ports the pod's sidecar does not capture (None: all of them, ``*``)."""
     value = dict(workload.annotations).get(EXCLUDE_INBOUND, "")
-    if value.strip() == "*":
+    if "*" in (part.strip() for part in value.split(",")):  # as the init container reads it ("*,")
         return None
     # Port numbers only: "²".isdigit() is true and int() refuses it, as it refuses 5,000 digits;
     # either took the whole controller's compile down with one pod annotation.
@@ -434,24 +434,6 @@ class InboundIndex:
         self.policies: dict[str, list[Authorization]] = defaultdict(list)
         for p in sorted(snapshot.policies, key=lambda p: p.ref):
             self.policies[p.namespace].append(p)
-        self.opaque_services: dict[str, list[Service]] = defaultdict(list)  # with an opaque port
-        for svc in snapshot.services:
-            if svc.selector and any(sp.port in svc.delivery.opaque_ports for sp in svc.ports):
-                self.opaque_services[svc.namespace].append(svc)
-
-    def opaque_ports(self, w: Workload) -> tuple[int, ...]:
-        """The workload's inbound ports carried as opaque: its annotation's (or the default list),
-        and the targets of the ports a Service selecting it marks opaque. Callers skip detection
-        for those, so the callee must not take them as HTTP (nor refuse them as a lie)."""
-        ports = set(w.opaque_ports)
-        labels = w.label_map
-        for svc in self.opaque_services.get(w.namespace, ()):
-            if all(labels.get(k) == v for k, v in svc.selector):
-                for sp in svc.ports:
-                    target = _target_port(sp.target_port, w) if sp.port in svc.delivery.opaque_ports else None
-                    if target is not None:
-                        ports.add(target)
-        return tuple(sorted(ports))
 
 
 def compile_inbound(
@@ -478,7 +460,7 @@ def compile_inbound(
                 default,
                 tuple(p.ref for p in selecting),
                 tuple(p.port for p in w.ports),
-                index.opaque_ports(w),
+                tuple(sorted(w.opaque_ports)),
                 w.node,
             )
         )
@@ -500,6 +482,10 @@ class SidecarConfig:
     outbound: OutboundTable
     version: str = ""
     opaque_ports: frozenset[int] = frozenset()  # inbound ports that skip protocol detection
+    # Inbound ports a Service marks opaque (its ports' targets on this workload): what callers
+    # through it send as opaque is carried so, as on the pod's own opaque ports; a caller that
+    # parsed HTTP (through another Service) is still served HTTP (see proxy/inbound.py).
+    service_opaque_ports: frozenset[int] = frozenset()
 
     def lookup_address(self, ip: str, port: int) -> Destination | None:
         return self.outbound._by_address.get((ip, port))
@@ -515,6 +501,9 @@ def sidecar_view(
     if me is None:
         raise CompileError(f"no workload {workload_ref} runs as {inbound.identity}")
     by_ref = {p.ref: p for p in inbound.policies}
+    service_opaque = {
+        e.port for d in outbound.destinations if d.opaque for e in d.endpoints if e.workload == workload_ref
+    }
     return SidecarConfig(
         workload_ref,
         inbound.identity,
@@ -524,6 +513,7 @@ def sidecar_view(
         for_node(outbound, me.node),
         version,
         frozenset(me.opaque_ports),
+        frozenset(service_opaque) - frozenset(me.opaque_ports),
     )
 
 

@@ -263,7 +263,8 @@ def parse_workload(doc: dict[str, Any], warnings: list[str] | None = None) -> Wo
         WorkloadId(ns, account)
     except SpiffeIdError as exc:
         raise ResourceError(f"{where}: {exc}") from None
-    meshed = spec.get("meshed", True)
+    meshed = spec.get("meshed")
+    meshed = True if meshed is None else meshed  # (null is unset, as Kubernetes reads it)
     if not isinstance(meshed, bool):  # ("false" as a string was read as meshed)
         raise ResourceError(f"{where}: spec.meshed {meshed!r} is not true or false")
     return Workload(

@@ -314,3 +314,35 @@ async def test_http_under_the_opaque_hint_is_refused(
             assert app.seen == first + rest and first.upper() in reply and rest.upper() in reply
     finally:
         await m.close()
+
+
+async def test_a_plaintext_request_after_the_detection_timeout_is_refused(
+    start_ca: StartCA, tmp_path: Path
+) -> None:
+    """Permissive mode: a plaintext client waits out the detection, then sends HTTP with an
+    x-forwarded-client-cert naming anyone. Relayed as opaque, it reached the app unparsed: an app
+    that trusts the header (the sidecar sets it for mTLS callers) took a plaintext caller for
+    them. What is relayed as opaque on a port not configured so is checked as it goes on."""
+    m = new_mesh(
+        await start_ca(),
+        tmp_path,
+        "apiVersion: sidemesh.io/v1alpha1\nkind: ServiceAuthorization\nmetadata: {name: open, namespace: shop}\n"
+        "spec:\n  rules:\n  - from: [{unauthenticated: true}]\n",
+    )
+    app = RecordingApp()
+    await m.app(CART, app)
+    await m.sidecar("cart", CART, mode="permissive")
+    try:
+        reader, writer = await asyncio.open_connection(m.addr(CART), INBOUND)
+        reply = b""
+        try:
+            await asyncio.sleep(1.5)  # (detection: 1 s)
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"GET /orders HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n")
+                await writer.drain()
+                reply = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+        assert b"\n" not in app.seen and b"X-FORWARDED" not in reply, (app.seen, reply)
+    finally:
+        await m.close()

@@ -1,7 +1,9 @@
 """Opaque TCP through a sidecar: the balancer per connection over real sockets and real mTLS. Three
 cart endpoints, one of which refuses connections (no sidecar there): it is ejected, and the app
 sees no failed connection, before or after (a refused connect is tried on another endpoint). The
-Service marks its port opaque (``sidemesh.io/opaque-ports``), so no protocol detection runs."""
+Service and its pods mark the port opaque (``sidemesh.io/opaque-ports``), so no protocol detection
+runs on either side (the Service's annotation alone is the caller's: the callee's sidecar would
+still detect, as Linkerd's asks for the pods' annotation too)."""
 
 from __future__ import annotations
 
@@ -23,12 +25,12 @@ MORE_CARTS = """\
 ---
 apiVersion: sidemesh.io/v1alpha1
 kind: Workload
-metadata: {{name: cart-2-1, namespace: shop, labels: {{app: cart}}}}
+metadata: {{name: cart-2-1, namespace: shop, labels: {{app: cart}}, annotations: {{sidemesh.io/opaque-ports: "8080"}}}}
 spec: {{serviceAccount: cart, address: {net}.4, ports: [{{port: 8080}}]}}
 ---
 apiVersion: sidemesh.io/v1alpha1
 kind: Workload
-metadata: {{name: cart-3-1, namespace: shop, labels: {{app: cart}}}}
+metadata: {{name: cart-3-1, namespace: shop, labels: {{app: cart}}, annotations: {{sidemesh.io/opaque-ports: "8080"}}}}
 spec: {{serviceAccount: cart, address: {net}.5, ports: [{{port: 8080}}]}}
 ---
 apiVersion: v1
@@ -43,7 +45,12 @@ spec:
 @pytest.fixture
 async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
     ca = await start_ca()
-    m = new_mesh(ca, tmp_path, workloads=MESH_YAML + MORE_CARTS)
+    opaque_cart = MESH_YAML.replace(
+        "metadata: {{name: cart-1, namespace: shop, labels: {{app: cart}}}}",
+        'metadata: {{name: cart-1, namespace: shop, labels: {{app: cart}}, annotations: {{sidemesh.io/opaque-ports: "8080"}}}}',
+    )
+    assert opaque_cart != MESH_YAML
+    m = new_mesh(ca, tmp_path, workloads=opaque_cart + MORE_CARTS)
     yield m
     await m.close()
 

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from proxy import pool
 from tests.integration.conftest import StartCA
-from tests.integration.mesh_fixture import MESH_YAML, Mesh, new_mesh
+from tests.integration.mesh_fixture import ALLOW_FRONTEND, MESH_YAML, Mesh, new_mesh
 
 FRONTEND, CART = 1, 2
 OUT = 18080  # the frontend's local outbound port for cart.shop:80
@@ -346,37 +346,39 @@ async def test_request_lines_of_any_accepted_shape_are_parsed(
         writer.close()
 
 
-async def test_a_service_marked_opaque_is_opaque_for_the_callee_too(
-    start_ca: StartCA, tmp_path: Path
-) -> None:
-    """The Service says opaque, the pod does not: the caller's sidecar skips detection and says
-    "opaque"; the callee's takes the port as opaque too (a Service selecting it says so), relays
-    it, and does not refuse the HTTP it carries as a lie (it checks that word on the ports it does
-    not carry as opaque itself)."""
-    mesh = new_mesh(
-        await start_ca(),
-        tmp_path,
-        workloads=MESH_YAML.replace(
-            "metadata: {{name: cart, namespace: shop}}",
-            'metadata: {{name: cart, namespace: shop, annotations: {{sidemesh.io/opaque-ports: "80"}}}}',
-        ),
+async def test_a_service_marked_opaque_is_opaque_for_the_callee_too(mesh: Mesh, cart_app: CartApp) -> None:
+    """Two Services in front of the cart: `cart-raw` marks its port opaque, `cart` does not. Through
+    `cart-raw` the caller does not look and says nothing; the callee carries it as declared (it was
+    refused as HTTP said to be opaque, or waited for a detection). Through `cart` the caller parsed
+    HTTP: the callee parses it too (a port made opaque by one Service made it opaque for all)."""
+    mesh.write(
+        "workloads.yaml",
+        MESH_YAML.format(net=mesh.net)
+        + "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: cart-raw\n  namespace: shop\n"
+        '  annotations: {sidemesh.io/opaque-ports: "81"}\n'
+        "spec: {selector: {app: cart}, ports: [{name: tcp, port: 81, targetPort: 8080}]}\n",
     )
-    app = CartApp()
-    try:
-        await app.start(mesh.addr(CART), APP)
-        cart = await mesh.sidecar("cart", CART)
-        assert 8080 in cart.mesh_config().opaque_ports
-        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
-        reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    mesh.write("allow.yaml", ALLOW_FRONTEND)
+    cart = await mesh.sidecar("cart", CART)
+    assert 8080 in cart.mesh_config().service_opaque_ports and 8080 not in cart.mesh_config().opaque_ports
+    outbound = (
+        f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",
+        f"{mesh.addr(FRONTEND)}:{OUT + 1}=cart-raw.shop:81",
+    )
+    await mesh.sidecar("frontend", FRONTEND, outbound=outbound)
+    for port, xfcc in ((OUT + 1, None), (OUT, "URI=spiffe://cluster.local/ns/shop/sa/frontend")):
+        reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), port)
         try:
+            started = time.monotonic()
             writer.write(b"GET /cart/who HTTP/1.1\r\nHost: cart\r\n\r\n")
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            assert head.startswith(b"HTTP/1.1 200 "), head
+            assert head.startswith(b"HTTP/1.1 200 ") and time.monotonic() - started < 0.5, head
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            seen = json.loads(await reader.readexactly(length))["headers"]
+            assert (seen.get("x-forwarded-client-cert") or "").endswith(xfcc or ""), seen
+            assert xfcc is not None or "x-forwarded-client-cert" not in seen, seen
         finally:
             writer.close()
-    finally:
-        await app.runner.cleanup()
-        await mesh.close()
 
 
 async def test_an_h2c_upgrade_is_not_passed_on(pair: tuple[str, int], cart_app: CartApp) -> None:
@@ -948,3 +950,27 @@ async def test_a_bad_request_pipelined_behind_a_good_one_is_answered(
     statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)
     assert statuses == [b"200", str(status).encode()], raw[:600]
     assert status != 414 or b"HTTP/1.1 414 URI Too Long\r\n" in raw  # (it had no reason phrase)
+
+
+async def test_a_request_that_comes_after_the_detection_timeout_is_still_parsed(
+    mesh: Mesh, cart_app: CartApp
+) -> None:
+    """The client connects and sends its request 1.5 s later, after the caller's detection (1 s)
+    decided nothing: carried as opaque to the callee, it reached the app unparsed, with the
+    caller's own x-forwarded-client-cert. The caller now says nothing of what it did not see, and
+    the callee detects (and parses) it itself."""
+    await mesh.sidecar("cart", CART)
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    try:
+        await asyncio.sleep(1.5)
+        writer.write(b"GET /cart/who HTTP/1.1\r\nHost: cart\r\n" + SPOOFED + b"\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        seen = json.loads(await reader.readexactly(length))["headers"]
+        assert seen.get("x-forwarded-client-cert", "").endswith(
+            "URI=spiffe://cluster.local/ns/shop/sa/frontend"
+        )
+    finally:
+        writer.close()

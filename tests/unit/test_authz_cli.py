@@ -338,3 +338,22 @@ def test_an_unreadable_namespace_annotations_map_is_deny(
     told = capsys.readouterr()
     assert "DENY shop/anyone -> vault/vault-1:8200: default deny" in told.out
     assert "sidemesh.io/default-policy cannot be read: enforced as deny until fixed" in told.err
+
+
+def test_star_among_the_excluded_ports_and_a_null_meshed_read_as_elsewhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`"*,"` is every port to the injector and the init container (nothing captured): the check
+    said DENY for a port nothing guards. `meshed:` left empty (null) is unset, so meshed, as the
+    API server reads it: the Workload was refused."""
+    (tmp_path / "vault.yaml").write_text(
+        VAULT.format(extra="")
+        .replace('sidemesh.io/exclude-inbound-ports: "5432"', 'sidemesh.io/exclude-inbound-ports: "*,"')
+        .replace("meshed: false", "meshed: null")
+    )
+    argv = ["authz", "check", "--dir", str(tmp_path), "--from", "shop/anyone"]
+    assert main([*argv, "--to", "vault/db-1", "--port", "8080"]) == 0
+    assert "excluded from inbound capture" in capsys.readouterr().out
+    assert main([*argv, "--to", "vault/vault-1", "--port", "8200"]) == 1  # meshed, default deny
+    told = capsys.readouterr()
+    assert "DENY shop/anyone -> vault/vault-1:8200: default deny" in told.out and "meshed" not in told.err

@@ -48,7 +48,10 @@ def tls_record(body: bytes) -> bytes:
         (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Kind.OPAQUE),  # Postgres SSLRequest
         (b"*1\r\n$4\r\nPING\r\n", Kind.OPAQUE),  # Redis
         (b"G\x00T / HTTP/1.1\r\n", Kind.OPAQUE),
-        (b"A" * 30, Kind.OPAQUE),  # a token too long to be a method
+        (b"A" * 30, None),  # a method of any length (h11 and Go take any token)
+        (b"A" * 30 + b" /admin HTTP/1.1\r\n", Kind.HTTP1),
+        (b"PING\r\n", Kind.OPAQUE),
+        (b" GET / HTTP/1.1\r\n", Kind.OPAQUE),
         (tls_record(b"\x01\x00\x00\x10" + ALPN_WIRE), Kind.MESH),
         (tls_record(b"\x01" + b"\x00" * 40), Kind.TLS),
         (tls_record(b"\x01" + b"\x00" * 40)[:20], None),  # a partial ClientHello
@@ -62,11 +65,15 @@ def test_classify(peeked: bytes, kind: Kind | None) -> None:
 def test_a_request_line_longer_than_the_peek_is_http_when_it_starts_as_one() -> None:
     """It was opaque: an app whose server reads lines of 1 MB (Go's default) was told the caller's
     own identity headers. The sidecar's parser answers 414 past its limit."""
-    long = b"a" * detect.PEEK_BYTES
-    assert classify((b"GET /" + long)[: detect.PEEK_BYTES]) is Kind.HTTP1
-    assert classify((b"\r\nPOST  http://cart/" + long)[: detect.PEEK_BYTES]) is Kind.HTTP1
-    assert classify((b"GET key" + long)[: detect.PEEK_BYTES]) is Kind.OPAQUE
-    assert classify(b"\r\n" * (detect.PEEK_BYTES // 2)) is Kind.OPAQUE
+    peek = detect.PEEK_BYTES
+    long = b"a" * peek
+    assert classify((b"GET /" + long)[:peek]) is Kind.HTTP1
+    assert classify((b"\r\nPOST  http://cart/" + long)[:peek]) is Kind.HTTP1
+    assert classify((b"GET /" + b"a" * (peek - 9) + b" HTT")[:peek]) is Kind.HTTP1  # (the version cut)
+    assert classify((b"GET key" + long)[:peek]) is Kind.OPAQUE
+    # As many empty lines as llhttp skips, and a method of any length (h11, Go): a request.
+    assert classify(b"\r\n" * (peek // 2)) is Kind.HTTP1
+    assert classify(b"A" * peek) is Kind.HTTP1
 
 
 @pytest.mark.parametrize(

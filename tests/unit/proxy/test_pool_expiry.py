@@ -182,3 +182,32 @@ async def test_a_post_on_a_fresh_connection_the_peer_closed_unread_goes_again_on
             pipe.close()
         await asyncio.sleep(0)
         serving_peer.close()
+
+
+async def test_a_reconnect_past_the_deadline_gives_its_lease_back() -> None:
+    """With the request's time already up, wait_for cancelled ``fresh`` before it ran: the lease it
+    would have taken over stayed counted as outstanding on its endpoint for good."""
+    from proxy import http1
+
+    class Router:
+        def __init__(self) -> None:
+            self.leases = {"up": "lease"}
+            self.released: list[object] = []
+
+        async def fresh(self, up: object) -> object:
+            lease = self.leases.pop("up")
+            try:
+                await asyncio.sleep(1)
+            except BaseException:
+                self.released.append(lease)
+                raise
+            return up
+
+        def release(self, up: object, reusable: bool, ok: bool) -> None:
+            self.released.append(self.leases.pop("up"))
+
+    for offset in (-0.001, 0.0005):
+        router = Router()
+        answer = await http1._fresh(router, "up", time.monotonic() + offset)  # type: ignore[arg-type]
+        assert isinstance(answer, http1.Local) and answer.status == 504
+        assert router.released == ["lease"] and not router.leases, offset
