@@ -63,13 +63,6 @@ async def _main(config: ProxyConfig) -> int:
 
     try:
         bundle = config.bundle_file.read_bytes()
-        try:  # (unreadable, it started and never became ready: "keeping the current one", of none)
-            load_bundle(bundle)
-        except SvidError as exc:
-            raise CLIError(
-                f"--bundle-file {config.bundle_file}: {exc}; give the CA's root certificates in PEM "
-                "(`sidemesh ca bundle`)"
-            ) from exc
         if config.config_dir is not None:
             if not config.config_dir.is_dir():
                 raise CLIError(
@@ -82,6 +75,13 @@ async def _main(config: ProxyConfig) -> int:
         else:
             namespace = config.workload.split("/", 1)[0]
             spiffe_id = WorkloadId(namespace, config.service_account).spiffe_id(config.trust_domain)
+        try:  # (unreadable, it started and never became ready: "keeping the current one", of none)
+            load_bundle(bundle)
+        except SvidError as exc:
+            raise CLIError(
+                f"--bundle-file {config.bundle_file}: {exc}; give the CA's root certificates in PEM "
+                "(`sidemesh ca bundle`)"
+            ) from exc
     except OSError as exc:
         raise CLIError(f"{exc.filename}: {exc.strerror}; check --bundle-file and --config-dir") from exc
     except CompileError as exc:

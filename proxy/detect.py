@@ -23,14 +23,14 @@ _ALPN_WIRE = bytes([len(ALPN)]) + ALPN.encode()
 PEEK_BYTES = 8192  # what detection looks at (a longer request line: see _LONG_REQUEST)
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# As llhttp (the sidecar's parser) reads a request line: runs of spaces between the parts, any
-# HTTP version (the parser answers one it does not serve). Whatever an app's server would take as
-# a request must be detected as one: carried as opaque, it reached the app unparsed, with the
-# identity headers the caller wrote (x-forwarded-client-cert) and not the sidecar's.
+# Whatever an app's server takes as a request must be detected as one: carried as opaque, it
+# reached the app unparsed, with the identity headers the caller wrote (x-forwarded-client-cert)
+# and not the sidecar's. Servers are lenient (llhttp as Node and uvicorn use it takes
+# `GET /x RTSP/1.0` and `GET /x`), so: a request line as llhttp reads one (runs of spaces, any
+# HTTP version), or a method then an origin-form, `*` or absolute-form target, whatever follows it
+# (the sidecar's parser answers what it does not serve: 400, 414, 505).
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ +[^ \r\n]+ +HTTP/[0-9]\.[0-9]\r?\n")
-# A request line the peek cannot hold whole: a method (any length: h11 and Go take any token) and
-# an origin-form or http(s) target; the parser answers 414 past its limit.
-_LONG_REQUEST = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ +(?:/|https?://)", re.IGNORECASE)
+_TARGET_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ +(?:/|\*|[A-Za-z][A-Za-z0-9+.\-]*://)")
 
 
 class Kind(enum.Enum):
@@ -73,10 +73,12 @@ def _classify_http1(peeked: bytes) -> Kind | None:
         return Kind.OPAQUE
     newline = line.find(b"\n")
     if newline < 0:
-        if not full:
-            return None
-        return Kind.HTTP1 if _LONG_REQUEST.match(line) else Kind.OPAQUE
-    return Kind.HTTP1 if _REQUEST_LINE.match(line, 0, newline + 1) else Kind.OPAQUE
+        # A method and spaces filling the peek, or a target still coming: a request line that
+        # does not fit (a server reading lines of 16 KiB, Node's, or 1 MB, Go's, takes it).
+        return Kind.HTTP1 if full else None
+    if _REQUEST_LINE.match(line, 0, newline + 1) or _TARGET_LINE.match(line, 0, newline):
+        return Kind.HTTP1
+    return Kind.OPAQUE  # (`EHLO x`, `USER anonymous`, `get key`, `INVITE sip:bob@x SIP/2.0`)
 
 
 def classify(peeked: bytes) -> Kind | None:

@@ -183,7 +183,8 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
             port, peer = port_or_none, Peer()
             relay.info["source"] = "unauthenticated"
             relay.info["port"] = port
-            if kind.http and port not in sc.mesh_config().opaque_ports:
+            config = sc.mesh_config()
+            if kind.http and port not in config.opaque_ports and port not in config.service_opaque_ports:
                 plain = Pipe(framed=False, name="downstream")
                 relay.on_fail = plain.abort
                 await asyncio.get_running_loop().connect_accepted_socket(lambda: plain, conn)

@@ -214,11 +214,16 @@ def slice_from(obj: Obj) -> Converted[SliceEndpoints]:
         ):
             continue  # not ready, and not a terminating endpoint still serving (the fallback)
         ref = ep.get("targetRef") or {}
-        workload = (
-            f"{ref.get('namespace') or ns}/{ref['name']}"
-            if ref.get("kind") == "Pod" and ref.get("name")
-            else None
-        )
+        if ref.get("namespace") not in (None, "", ns):
+            # Another namespace's pod: Kubernetes' controllers never write one; by hand it would
+            # claim that pod for this Service (its opaque ports, its traffic), the confused deputy
+            # of CVE-2021-25740. Left out.
+            errors.append(
+                f"EndpointSlice {ns}/{meta.get('name', '')}: an endpoint's targetRef names a pod of "
+                f"namespace {ref.get('namespace')!r}; left out"
+            )
+            continue
+        workload = f"{ns}/{ref['name']}" if ref.get("kind") == "Pod" and ref.get("name") else None
         for address in (ep.get("addresses") or [])[:1]:
             # As a connection's original destination reads it (compressed IPv6); one Python cannot
             # read (10.1.2.03, stored before Kubernetes refused leading zeros) is left out.

@@ -974,3 +974,34 @@ async def test_a_request_that_comes_after_the_detection_timeout_is_still_parsed(
         )
     finally:
         writer.close()
+
+
+async def test_permissive_plaintext_to_a_port_a_service_declares_opaque_goes_as_sent(
+    mesh: Mesh, cart_app: CartApp
+) -> None:
+    """A plaintext caller (permissive mode) parsed nothing: on a port a Service declares opaque its
+    bytes go to the app as sent, as on the pod's own opaque ports (it was parsed: hop-by-hop headers,
+    a custom upgrade, dropped)."""
+    mesh.write(
+        "workloads.yaml",
+        MESH_YAML.format(net=mesh.net)
+        + "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: cart-raw\n  namespace: shop\n"
+        '  annotations: {sidemesh.io/opaque-ports: "81"}\n'
+        "spec: {selector: {app: cart}, ports: [{name: tcp, port: 81, targetPort: 8080}]}\n",
+    )
+    mesh.write(
+        "allow.yaml",
+        "apiVersion: sidemesh.io/v1alpha1\nkind: ServiceAuthorization\nmetadata: {name: open, namespace: shop}\n"
+        "spec:\n  rules:\n  - from: [{unauthenticated: true}]\n",
+    )
+    await mesh.sidecar("cart", CART, mode="permissive")
+    reader, writer = await asyncio.open_connection(mesh.addr(CART), 15006)
+    try:
+        writer.write(b"GET /cart/who HTTP/1.1\r\nHost: cart\r\nKeep-Alive: timeout=5\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        seen = json.loads(await reader.readexactly(length))["headers"]
+        assert seen.get("keep-alive") == "timeout=5", seen
+    finally:
+        writer.close()

@@ -635,3 +635,17 @@ def test_nodes_and_the_internal_traffic_policy_are_read() -> None:
     sliced["endpoints"][0]["nodeName"] = "node-a"
     found = slice_from(sliced).value
     assert found is not None and [e.node for e in found.endpoints] == ["node-a"]
+
+
+def test_a_slice_endpoint_naming_another_namespaces_pod_is_left_out() -> None:
+    """Kubernetes' controllers only write targetRefs of the slice's own namespace. A hand-written
+    one claimed another namespace's pod for this Service: its opaque ports were taken as that
+    pod's (its sidecar then relayed what came to that port unchecked)."""
+    obj = endpoint_slice("x", "cart", pods=(("cart-1", "10.0.0.2", True), ("cart-2", "10.0.0.3", True)))
+    obj["endpoints"][0]["targetRef"]["namespace"] = "bank"
+    obj["endpoints"][1]["targetRef"]["namespace"] = "shop"  # (its own: kept)
+    got = slice_from(obj)
+    assert got.value is not None and [e.workload for e in got.value.endpoints] == ["shop/cart-2"]
+    assert got.errors == (
+        "EndpointSlice shop/x: an endpoint's targetRef names a pod of namespace 'bank'; left out",
+    )

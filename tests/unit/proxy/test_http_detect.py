@@ -35,9 +35,17 @@ def tls_record(body: bytes) -> bytes:
         (b"\r\n\n\r\n", None),
         (b"GET  /x HTTP/1.1\r\n", Kind.HTTP1),  # runs of spaces
         (b"GET /x  HTTP/1.1\r\n", Kind.HTTP1),
-        (b"OPTIONS rtsp://cam/ RTSP/1.0\r\n", Kind.OPAQUE),  # RTSP, and memcached's text protocol
-        (b"get key\r\n", Kind.OPAQUE),
-        (b"GET /\r\n", Kind.OPAQUE),  # HTTP/0.9: not ours to parse
+        (b"OPTIONS rtsp://cam/ RTSP/1.0\r\n", Kind.HTTP1),  # (RTSP ports: declare them opaque)
+        (b"get key\r\n", Kind.OPAQUE),  # memcached's text protocol
+        # Node and uvicorn (llhttp) serve these: whatever follows a target, it is a request.
+        (b"GET /\r\n", Kind.HTTP1),
+        (b"GET /cart/who RTSP/1.0\r\n", Kind.HTTP1),
+        (b"GET foo://cart/x HTTP/1.1\r\n", Kind.HTTP1),
+        (b"M-SEARCH /\r\n", Kind.HTTP1),
+        (b"GET  *\r\n", Kind.HTTP1),
+        (b"INVITE sip:bob@example.org SIP/2.0\r\n", Kind.OPAQUE),  # text protocols' commands
+        (b"USER anonymous\r\n", Kind.OPAQUE),
+        (b"a1 LOGIN user secret\r\n", Kind.OPAQUE),
         (b"GET", None),  # could still be a request line
         (b"GET /long/path", None),
         (b"P", None),  # POST, PUT, PATCH or the HTTP/2 preface
@@ -70,7 +78,8 @@ def test_a_request_line_longer_than_the_peek_is_http_when_it_starts_as_one() -> 
     assert classify((b"GET /" + long)[:peek]) is Kind.HTTP1
     assert classify((b"\r\nPOST  http://cart/" + long)[:peek]) is Kind.HTTP1
     assert classify((b"GET /" + b"a" * (peek - 9) + b" HTT")[:peek]) is Kind.HTTP1  # (the version cut)
-    assert classify((b"GET key" + long)[:peek]) is Kind.OPAQUE
+    assert classify((b"GET" + b" " * peek)[:peek]) is Kind.HTTP1  # (the target after the peek)
+    assert classify((b"GET foo://cart/?" + long)[:peek]) is Kind.HTTP1
     # As many empty lines as llhttp skips, and a method of any length (h11, Go): a request.
     assert classify(b"\r\n" * (peek // 2)) is Kind.HTTP1
     assert classify(b"A" * peek) is Kind.HTTP1
