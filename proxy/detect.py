@@ -25,12 +25,18 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Whatever an app's server takes as a request must be detected as one: carried as opaque, it
 # reached the app unparsed, with the identity headers the caller wrote (x-forwarded-client-cert)
-# and not the sidecar's. Servers are lenient (llhttp as Node and uvicorn use it takes
-# `GET /x RTSP/1.0` and `GET /x`), so: a request line as llhttp reads one (runs of spaces, any
-# HTTP version), or a method then an origin-form, `*` or absolute-form target, whatever follows it
-# (the sidecar's parser answers what it does not serve: 400, 414, 505).
+# and not the sidecar's. Servers are lenient: llhttp (Node, uvicorn) serves `GET /x`,
+# `GET /x RTSP/1.0` and a version-less `CONNECT host:80`, h11 and Go methods of any length. So: a
+# request line as llhttp reads one (runs of spaces, any HTTP version); a method then an
+# origin-form, `*` or absolute-form target, then nothing or a version llhttp knows (HTTP, RTSP,
+# ICE); CONNECT and an authority. The sidecar's parser answers what it does not serve (400, 414,
+# 505). What follows a target otherwise is another protocol's (ICAP's `ICAP/1.0`, git's NUL).
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ +[^ \r\n]+ +HTTP/[0-9]\.[0-9]\r?\n")
-_TARGET_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ +(?:/|\*|[A-Za-z][A-Za-z0-9+.\-]*://)")
+_AFTER_TARGET = rb"(?: +(?:HTTP|RTSP|ICE)/[^\r\n]*| *)\r?\n"
+_TARGET_LINE = re.compile(
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ +(?:/|\*|[A-Za-z][A-Za-z0-9+.\-]*://)[^ \r\n\x00]*" + _AFTER_TARGET
+)
+_CONNECT_LINE = re.compile(rb"CONNECT +[!$%&'()*+,\-./0-9:;=?@A-Z\[\]_a-z~]*" + _AFTER_TARGET)
 
 
 class Kind(enum.Enum):
@@ -76,9 +82,14 @@ def _classify_http1(peeked: bytes) -> Kind | None:
         # A method and spaces filling the peek, or a target still coming: a request line that
         # does not fit (a server reading lines of 16 KiB, Node's, or 1 MB, Go's, takes it).
         return Kind.HTTP1 if full else None
-    if _REQUEST_LINE.match(line, 0, newline + 1) or _TARGET_LINE.match(line, 0, newline):
+    end = newline + 1
+    if (
+        _REQUEST_LINE.match(line, 0, end)
+        or _TARGET_LINE.match(line, 0, end)
+        or _CONNECT_LINE.match(line, 0, end)
+    ):
         return Kind.HTTP1
-    return Kind.OPAQUE  # (`EHLO x`, `USER anonymous`, `get key`, `INVITE sip:bob@x SIP/2.0`)
+    return Kind.OPAQUE  # (`EHLO x`, `USER anonymous`, `get key`, `OPTIONS icap://x ICAP/1.0`)
 
 
 def classify(peeked: bytes) -> Kind | None:

@@ -214,7 +214,7 @@ def slice_from(obj: Obj) -> Converted[SliceEndpoints]:
         ):
             continue  # not ready, and not a terminating endpoint still serving (the fallback)
         ref = ep.get("targetRef") or {}
-        if ref.get("namespace") not in (None, "", ns):
+        if ref.get("kind") == "Pod" and ref.get("namespace") not in (None, "", ns):
             # Another namespace's pod: Kubernetes' controllers never write one; by hand it would
             # claim that pod for this Service (its opaque ports, its traffic), the confused deputy
             # of CVE-2021-25740. Left out.

@@ -388,12 +388,19 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
     destinations: list[Destination] = []
     direct: set[tuple[str, int]] = set()  # (pod address, port): a pod destination of its own
 
+    services: list[Destination] = []
+    for svc in sorted(snapshot.services, key=lambda s: (s.namespace, s.name)):
+        services.extend(_service_destinations(svc, index, listed, ids))
+    # A pod's port a Service declares opaque is opaque addressed directly too: a headless
+    # Service's DNS answers with pod IPs (the callee carries it as declared either way).
+    declared = {(e.workload, e.port) for d in services if d.opaque for e in d.endpoints if e.workload}
+
     def pod_destination(w: Workload, address: str, port: int) -> None:
         if (address, port) not in direct:
             direct.add((address, port))
             ref = w.ref
             ep = Endpoint(address, port, ids.of(w, port), ref)
-            opaque = port in w.opaque_ports
+            opaque = port in w.opaque_ports or (ref, port) in declared
             # Names are keys: a dual-stack pod's other address is a destination of its own.
             name = f"pod {ref}:{port}" + ("" if address == w.address else f" ({address})")
             destinations.append(Destination(name, (ep,), (), ((address, port),), opaque=opaque))
@@ -402,9 +409,6 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
         for p in w.ports:
             for address in w.addresses:
                 pod_destination(w, address, p.port)
-    services: list[Destination] = []
-    for svc in sorted(snapshot.services, key=lambda s: (s.namespace, s.name)):
-        services.extend(_service_destinations(svc, index, listed, ids))
     # Pods also reached by address on a port they do not declare (declaring containerPort is
     # optional): a headless Service's DNS names its endpoints' addresses, and so do StatefulSet
     # peers. Each endpoint of a Service is a pod destination too, as Istio derives them.

@@ -644,8 +644,11 @@ def test_a_slice_endpoint_naming_another_namespaces_pod_is_left_out() -> None:
     obj = endpoint_slice("x", "cart", pods=(("cart-1", "10.0.0.2", True), ("cart-2", "10.0.0.3", True)))
     obj["endpoints"][0]["targetRef"]["namespace"] = "bank"
     obj["endpoints"][1]["targetRef"]["namespace"] = "shop"  # (its own: kept)
+    obj["endpoints"].append(
+        {"addresses": ["10.0.0.9"], "targetRef": {"kind": "Node", "name": "n1", "namespace": "kube-system"}}
+    )  # (not a pod: it claims no pod's ports, and is routed as kube-proxy routes it)
     got = slice_from(obj)
-    assert got.value is not None and [e.workload for e in got.value.endpoints] == ["shop/cart-2"]
+    assert got.value is not None and [e.workload for e in got.value.endpoints] == ["shop/cart-2", None]
     assert got.errors == (
         "EndpointSlice shop/x: an endpoint's targetRef names a pod of namespace 'bank'; left out",
     )

@@ -647,3 +647,19 @@ def test_a_headless_service_is_never_node_local() -> None:
     )
     view = _view_of(dataclasses.replace(snap, services=headless), "mon/app-c")
     assert view["agent.mon:8126"] == ["10.1.0.5", "10.2.0.5"]
+
+
+def test_a_port_a_service_declares_opaque_is_opaque_addressed_directly_too() -> None:
+    """A headless Service's DNS answers with pod IPs: its callers looked up the pod destination,
+    which knew only the pod's own annotation, and detected (a server-speaks-first protocol
+    waited for the detection timeout)."""
+    docs = yaml.safe_load_all(
+        "apiVersion: sidemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: db-0, namespace: shop, labels: {app: db}}\n"
+        "spec: {serviceAccount: db, address: 10.0.0.7, ports: [{port: 9000}, {port: 8080}]}\n---\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop, annotations: {sidemesh.io/opaque-ports: '9000'}}\n"
+        "spec: {selector: {app: db}, clusterIP: None, ports: [{name: a, port: 9000}, {name: b, port: 8080}]}\n"
+    )
+    table = compile_outbound(build_snapshot([(f"d{i}", d) for i, d in enumerate(docs)]), "cluster.local")
+    direct = table._by_address[("10.0.0.7", 9000)]
+    assert direct is not None and direct.name == "pod shop/db-0:9000" and direct.opaque
+    assert not table._by_address[("10.0.0.7", 8080)].opaque

@@ -43,6 +43,10 @@ def tls_record(body: bytes) -> bytes:
         (b"GET foo://cart/x HTTP/1.1\r\n", Kind.HTTP1),
         (b"M-SEARCH /\r\n", Kind.HTTP1),
         (b"GET  *\r\n", Kind.HTTP1),
+        (b"CONNECT cart:80\r\n", Kind.HTTP1),  # (Node serves it, version-less, to a 'connect' handler)
+        (b'CONNECT {"verbose":false}\r\n', Kind.OPAQUE),  # NATS
+        (b"OPTIONS icap://cart/avscan ICAP/1.0\r\n", Kind.OPAQUE),  # ICAP: no server takes it as HTTP
+        (b"0041git-upload-pack /project.git\x00host=x\x00\x000014command=ls-refs\n", Kind.OPAQUE),  # git://
         (b"INVITE sip:bob@example.org SIP/2.0\r\n", Kind.OPAQUE),  # text protocols' commands
         (b"USER anonymous\r\n", Kind.OPAQUE),
         (b"a1 LOGIN user secret\r\n", Kind.OPAQUE),
