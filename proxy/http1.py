@@ -462,11 +462,8 @@ async def _forward(
                 up.conn.start_next_cycle()
             router.release(up, reusable, False)
             attempt += 1
-            result.retries += 1
             log.info("retrying", extra={"status": str(exc), "attempt": attempt, "endpoint": up.endpoint})
-            if up.endpoint is not None:
-                tried.append(up.endpoint)
-            again = await _reroute(router, req, info, attempt, clock, tried)
+            again = await _elsewhere(router, up, req, info, attempt, clock, tried, result)
             if isinstance(again, Local):
                 await _answer_locally(conn, down, again, result)
                 return True
@@ -528,10 +525,7 @@ async def _forward(
                 up.pipe.abort()
                 router.release(up, False, False)
                 attempt += 1
-                result.retries += 1
-                if up.endpoint is not None:
-                    tried.append(up.endpoint)
-                again = await _reroute(router, req, info, attempt, clock, tried)
+                again = await _elsewhere(router, up, req, info, attempt, clock, tried, result)
                 if isinstance(again, Local):
                     await _answer_locally(conn, down, again, result)
                     return True
@@ -611,6 +605,23 @@ class _Body:
     @property
     def replayable(self) -> bool:
         return self.complete and not self.overflow
+
+
+async def _elsewhere(
+    router: Router,
+    up: Upstream,
+    req: h1.Request,
+    info: RequestInfo,
+    attempt: int,
+    clock: _Clock | None,
+    tried: list[str],
+    result: RequestResult,
+) -> Local | Upstream:
+    """A retry by the route's policy, counted, away from ``up``'s endpoint if it can."""
+    result.retries += 1
+    if up.endpoint is not None:
+        tried.append(up.endpoint)
+    return await _reroute(router, req, info, attempt, clock, tried)
 
 
 async def _reroute(

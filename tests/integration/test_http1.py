@@ -346,6 +346,14 @@ async def test_request_lines_of_any_accepted_shape_are_parsed(
         writer.close()
 
 
+# A second Service in front of the cart, declaring its port opaque.
+CART_RAW = (
+    "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: cart-raw\n  namespace: shop\n"
+    '  annotations: {sidemesh.io/opaque-ports: "81"}\n'
+    "spec: {selector: {app: cart}, ports: [{name: tcp, port: 81, targetPort: 8080}]}\n"
+)
+
+
 async def test_a_service_marked_opaque_is_opaque_for_the_callee_too(mesh: Mesh, cart_app: CartApp) -> None:
     """Two Services in front of the cart: `cart-raw` marks its port opaque, `cart` does not. Through
     `cart-raw` the caller does not look and says nothing; the callee carries it as declared (it was
@@ -353,10 +361,7 @@ async def test_a_service_marked_opaque_is_opaque_for_the_callee_too(mesh: Mesh, 
     HTTP: the callee parses it too (a port made opaque by one Service made it opaque for all)."""
     mesh.write(
         "workloads.yaml",
-        MESH_YAML.format(net=mesh.net)
-        + "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: cart-raw\n  namespace: shop\n"
-        '  annotations: {sidemesh.io/opaque-ports: "81"}\n'
-        "spec: {selector: {app: cart}, ports: [{name: tcp, port: 81, targetPort: 8080}]}\n",
+        MESH_YAML.format(net=mesh.net) + CART_RAW,
     )
     mesh.write("allow.yaml", ALLOW_FRONTEND)
     cart = await mesh.sidecar("cart", CART)
@@ -984,10 +989,7 @@ async def test_permissive_plaintext_to_a_port_a_service_declares_opaque_goes_as_
     a custom upgrade, dropped)."""
     mesh.write(
         "workloads.yaml",
-        MESH_YAML.format(net=mesh.net)
-        + "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: cart-raw\n  namespace: shop\n"
-        '  annotations: {sidemesh.io/opaque-ports: "81"}\n'
-        "spec: {selector: {app: cart}, ports: [{name: tcp, port: 81, targetPort: 8080}]}\n",
+        MESH_YAML.format(net=mesh.net) + CART_RAW,
     )
     mesh.write(
         "allow.yaml",
