@@ -736,24 +736,18 @@ async def test_a_post_is_sent_once_when_the_callee_relays_its_port_as_opaque(mes
     assert took < 0.5, took
 
 
-PLAIN_CART = """\
-apiVersion: sidemesh.io/v1alpha1
-kind: Workload
-metadata: {{name: frontend-1, namespace: shop, labels: {{app: frontend}}}}
-spec: {{serviceAccount: frontend, address: {net}.1, ports: [{{port: 8080}}]}}
----
-apiVersion: sidemesh.io/v1alpha1
-kind: Workload
-metadata: {{name: carta-1, namespace: shop, labels: {{app: cart}}}}
-spec: {{serviceAccount: cart, address: {net}.2, ports: [{{port: 8080}}], meshed: false}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: cart, namespace: shop, annotations: {{{annotations}}}}}
-spec:
-  selector: {{app: cart}}
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
-"""
+# The cart without a sidecar (meshed: false), its Service with the given annotations.
+PLAIN_CART = (
+    MESH.replace(
+        "spec: {{serviceAccount: cart, address: {net}.2, ports: [{{port: 8080}}]}}",
+        "spec: {{serviceAccount: cart, address: {net}.2, ports: [{{port: 8080}}], meshed: false}}",
+    )
+    .replace(
+        'annotations: {{sidemesh.io/retries: "2", sidemesh.io/timeout: "{timeout}"}}',
+        "annotations: {{{annotations}}}",
+    )
+    .replace("{cart2}", "")
+)
 
 
 def _call(addr: tuple[str, int], method: str, path: str) -> tuple[int, bytes]:
