@@ -96,12 +96,15 @@ class ConfigClient:
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ]
         async with grpc.aio.secure_channel(self.address, creds, options=options) as channel:
-            outbox: asyncio.Queue[pb.StreamRequest] = asyncio.Queue()
+            outbox: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
             outbox.put_nowait(pb.StreamRequest(outbound_deltas=True))
 
             async def requests() -> AsyncIterator[pb.StreamRequest]:
-                while True:
-                    yield await outbox.get()
+                # Ends with the call (None, below): left waiting on the queue of a lost stream,
+                # grpc's task consuming it was destroyed pending, and asyncio logged ERROR lines
+                # ("Task exception was never retrieved") in every sidecar at each controller restart.
+                while (request := await outbox.get()) is not None:
+                    yield request
 
             method = channel.stream_stream(
                 METHOD,
@@ -118,6 +121,7 @@ class ConfigClient:
                     raise
                 log.info("certificate rotated; reconnecting to the controller with it")
             finally:
+                outbox.put_nowait(None)
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher

@@ -99,7 +99,7 @@ class OutboundStreams:
             )
         dial = (ep.address, ep.port) if sc.config.capture == "iptables" else (ep.address, sc.inbound_port)
         return Target(
-            ("mesh", dial, str(ep.identity), ep.port),
+            ("mesh", dial, str(ep.identity), ep.port, sc.identity.generation),  # (see routers)
             lambda: pool.connect_sidecar(sc, ep, dial, framing.HINT_H2),
             endpoint=where,
             destination=str(ep.identity),

@@ -387,7 +387,12 @@ class Sidecar:
         return task
 
     def _check_can_serve(self) -> None:
-        if self.identity.ready and self._mesh is not None:
+        if self.identity.ready and self._mesh is not None and not self._can_serve.is_set():
+            # Listening before ready says so: the accept tasks listen only on their next turn of
+            # the loop, and a connection made at once on a 200 from /healthz/ready was refused.
+            for sock, *_ in self._listeners:
+                if sock.fileno() != -1:
+                    sock.listen(1024)
             self._can_serve.set()
 
     async def _accept(self, sock: socket.socket, kind: str, target: str | None = None) -> None:

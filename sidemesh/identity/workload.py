@@ -111,6 +111,9 @@ class WorkloadIdentity:
         self.clock = clock
         self.rand = rand
         self.svid: SVID | None = None
+        # Counts installs (a new certificate, a new bundle): connections pooled under an older one
+        # are not reused (proxy pool keys carry it), so a removed root is trusted by no new request.
+        self.generation = 0
         self.rotations = 0
         self.last_error: str | None = None
         self.next_attempt: dt.datetime | None = None  # when the renewal loop asks the CA next
@@ -200,6 +203,7 @@ class WorkloadIdentity:
     def _install(self, svid: SVID) -> None:
         server_ctx, client_ctx = tls.server_context(svid), tls.client_context(svid)
         self.svid, self._server_ctx, self._client_ctx = svid, server_ctx, client_ctx
+        self.generation += 1
         self._ready.set()
         for callback in self._listeners:
             callback(svid)

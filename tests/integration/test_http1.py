@@ -1007,3 +1007,26 @@ async def test_permissive_plaintext_to_a_port_a_service_declares_opaque_goes_as_
         assert seen.get("keep-alive") == "timeout=5", seen
     finally:
         writer.close()
+
+
+async def test_a_pooled_connection_is_not_taken_after_the_trust_changed(
+    pair: tuple[str, int], mesh: Mesh, tmp_path: Path
+) -> None:
+    """The caller's bundle loses the root the callee's certificate chains to: a new request went
+    on over the pooled connection its old handshake had trusted, for as long as traffic kept it
+    busy (docs/operations.md: the old root is dropped within 5 s). New requests take connections
+    made under the identity's current trust."""
+    from ca import keys
+    from tests.support import pki
+
+    assert (await exchange(pair, b"GET /cart/1 HTTP/1.1\r\nHost: cart\r\n\r\n", b"\r\n\r\n")).startswith(
+        b"HTTP/1.1 200"
+    )  # (pooled now)
+    frontend = mesh.sidecars["frontend"]
+    other = pki.make_authority(tmp_path / "other")
+    bundle = tmp_path / "only-another-root.pem"
+    bundle.write_bytes(keys.cert_pem(*other.roots))
+    frontend.identity.bundle_file = bundle
+    assert frontend.identity.reload_bundle()
+    raw = await exchange(pair, b"GET /cart/1 HTTP/1.1\r\nHost: cart\r\n\r\n", b"\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 502"), raw[:200]

@@ -718,3 +718,42 @@ async def test_a_draining_listener_goes_on_accepting_after_a_failed_accept(mesh:
     finally:
         await drain
         mesh.sidecars.pop("frontend", None)
+
+
+async def test_ready_means_listening(start_ca: StartCA, tmp_path: Path) -> None:
+    """/healthz/ready said 200 one turn of the loop before the data listeners listened: a caller
+    acting on it at once (a supervisor, a test harness) had its connection refused."""
+    from proxy.config import ProxyConfig
+    from proxy.sidecar import Sidecar
+    from sidemesh.identity.workload import WorkloadIdentity
+    from sidemesh.spiffe import WorkloadId
+
+    m = new_mesh(await start_ca(), tmp_path)
+    (m.config_dir / "workloads.yaml").rename(tmp_path / "workloads.yaml")  # no configuration yet
+    host = m.addr(CART)
+    config = ProxyConfig(
+        workload="shop/cart-1",
+        config_dir=m.config_dir,
+        capture="none",
+        inbound_listen=f"{host}:{INBOUND}",
+        admin_listen=f"{host}:0",
+        health_listen=f"{host}:0",
+        app_host=host,
+        trust_domain="cluster.local",
+    )
+    identity = WorkloadIdentity(
+        WorkloadId("shop", "cart").spiffe_id("cluster.local"), m.ca.client(), lambda: "cart-token"
+    )
+    sidecar = Sidecar(config, identity)
+    try:
+        await sidecar.start()
+        await identity.wait_ready()
+        assert not sidecar.ready
+        (tmp_path / "workloads.yaml").rename(m.config_dir / "workloads.yaml")
+        sidecar.reload_config()  # what the config watch does (the controller's update alike)
+        assert sidecar.ready
+        socket.create_connection((host, INBOUND), timeout=2).close()  # no turn of the loop between
+    finally:
+        await sidecar.drain(timeout=0)
+        await identity.ca.close()
+        await m.close()
