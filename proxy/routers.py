@@ -203,12 +203,13 @@ class OutboundRouter:
             return Local(503, f"{self.name} is no longer in the mesh", "allow", error="no endpoints")
         tried = [e for e in dest.endpoints if f"{e.address}:{e.port}" in avoid] if avoid else []
         failed: Local | None = None
+        unreachable: list[Endpoint] = []  # (not the avoided: one that answered 503 may be tried again)
         for attempt in range(CONNECT_RETRIES + 1):
             try:
                 lease = self.sc.balancer.acquire(dest, avoid=tried)
             except NoEndpoint as exc:
                 return Local(503, str(exc), "allow", error="no endpoints")
-            if failed is not None and lease.endpoint in tried:
+            if failed is not None and lease.endpoint in unreachable:
                 # No other endpoint (the rest ejected, or none): the same dial again would cost
                 # another connect timeout for the answer already in hand (as the opaque path).
                 lease.cancel()
@@ -224,6 +225,7 @@ class OutboundRouter:
                 return up
             lease.release(False)
             tried.append(lease.endpoint)
+            unreachable.append(lease.endpoint)
             failed = up
             if attempt == CONNECT_RETRIES or not self.budget.try_withdraw():
                 return up

@@ -36,3 +36,43 @@ async def test_an_unreachable_endpoint_is_not_dialled_again_when_the_others_are_
     assert dials == [("10.0.0.2", 80)]
     state = balancer._state_of(B, Destination("x.shop:80", (A, B)), balancer.clock())
     assert state.outstanding == 0
+
+
+async def test_an_endpoint_avoided_for_its_answer_is_tried_again_when_the_other_cannot_be_reached() -> None:
+    """An HTTP retry avoids A (it answered 503); B cannot be reached; the balancer has only A left.
+    Avoided is not unreachable: A is dialled (it was: "no other endpoint", and B's 502 answered)."""
+    from proxy import http1
+    from proxy.routers import OutboundRouter
+
+    picks = iter([B, A])
+
+    class Lease:
+        def __init__(self, endpoint: Endpoint) -> None:
+            self.endpoint = endpoint
+
+        def release(self, ok: bool) -> None:
+            pass
+
+        def cancel(self) -> None:
+            raise AssertionError("A was not dialled")
+
+        def mark_head(self) -> None:
+            pass
+
+    dest = Destination("cart.shop:80", (A, B))
+    router = OutboundRouter.__new__(OutboundRouter)
+    router.sc = types.SimpleNamespace(  # type: ignore[assignment]
+        balancer=types.SimpleNamespace(acquire=lambda d, avoid=(): Lease(next(picks))),
+        mesh_config=lambda: types.SimpleNamespace(lookup_name=lambda name: dest),
+    )
+    router.name, router._leases = dest.name, {}
+    router.budget = types.SimpleNamespace(try_withdraw=lambda: True)  # type: ignore[assignment]
+
+    async def connect(endpoint: Endpoint, fresh: bool = False) -> http1.Local | http1.Upstream:
+        if endpoint is B:
+            return http1.Local(502, "upstream connection failed", "allow")
+        return http1.Upstream(None, None, False, endpoint="10.0.0.1:80")  # type: ignore[arg-type]
+
+    router._connect = connect  # type: ignore[method-assign]
+    up = await router.route(None, None, avoid=["10.0.0.1:80"])  # type: ignore[arg-type]
+    assert isinstance(up, http1.Upstream) and up.endpoint == "10.0.0.1:80"
