@@ -111,8 +111,10 @@ class WorkloadIdentity:
         self.clock = clock
         self.rand = rand
         self.svid: SVID | None = None
-        # Counts installs (a new certificate, a new bundle): connections pooled under an older one
-        # are not reused (proxy pool keys carry it), so a removed root is trusted by no new request.
+        # Counts trust bundles: connections pooled under an older one are not reused (proxy pool
+        # keys carry it), so a removed root is trusted by no new request. (Not a renewal: that
+        # replaced every pooled connection of every sidecar each half hour, and an app's HTTP/2
+        # connection kept the old upstreams open; Envoy too keeps its pools across a rotation.)
         self.generation = 0
         self.rotations = 0
         self.last_error: str | None = None
@@ -202,8 +204,9 @@ class WorkloadIdentity:
 
     def _install(self, svid: SVID) -> None:
         server_ctx, client_ctx = tls.server_context(svid), tls.client_context(svid)
+        if self.svid is None or svid.bundle != self.svid.bundle:
+            self.generation += 1
         self.svid, self._server_ctx, self._client_ctx = svid, server_ctx, client_ctx
-        self.generation += 1
         self._ready.set()
         for callback in self._listeners:
             callback(svid)

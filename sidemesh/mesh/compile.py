@@ -392,8 +392,17 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
     for svc in sorted(snapshot.services, key=lambda s: (s.namespace, s.name)):
         services.extend(_service_destinations(svc, index, listed, ids))
     # A pod's port a Service declares opaque is opaque addressed directly too: a headless
-    # Service's DNS answers with pod IPs (the callee carries it as declared either way).
+    # Service's DNS answers with pod IPs (the callee carries it as declared either way). Ready or
+    # not (a StatefulSet's peers dial a replica that is catching up): by the selector, as Istio
+    # takes a port's protocol from the Services selecting the pod; and the endpoints listed.
     declared = {(e.workload, e.port) for d in services if d.opaque for e in d.endpoints if e.workload}
+    for svc in snapshot.services:
+        marked = [sp for sp in svc.ports if sp.port in svc.delivery.opaque_ports]
+        if marked and svc.selector:
+            for w in index.select(svc.namespace, svc.selector):
+                for sp in marked:
+                    if (target := _target_port(sp.target_port, w)) is not None:
+                        declared.add((w.ref, target))
 
     def pod_destination(w: Workload, address: str, port: int) -> None:
         if (address, port) not in direct:
@@ -505,7 +514,7 @@ def sidecar_view(
     if me is None:
         raise CompileError(f"no workload {workload_ref} runs as {inbound.identity}")
     by_ref = {p.ref: p for p in inbound.policies}
-    service_opaque = {
+    service_opaque = {  # (its pod destinations too: a not-ready pod is in no Service's endpoints)
         e.port for d in outbound.destinations if d.opaque for e in d.endpoints if e.workload == workload_ref
     }
     return SidecarConfig(

@@ -1023,6 +1023,15 @@ async def test_a_pooled_connection_is_not_taken_after_the_trust_changed(
         b"HTTP/1.1 200"
     )  # (pooled now)
     frontend = mesh.sidecars["frontend"]
+    # A renewal keeps the trust: pooled connections go on being used (each renewal replaced every
+    # one of them, and an app's HTTP/2 connection kept its old upstreams open beside the new).
+    generation, reused = frontend.identity.generation, pool.pool_of(frontend).reused
+    await frontend.identity.renew()
+    assert frontend.identity.generation == generation
+    assert (await exchange(pair, b"GET /cart/1 HTTP/1.1\r\nHost: cart\r\n\r\n", b"\r\n\r\n")).startswith(
+        b"HTTP/1.1 200"
+    )
+    assert pool.pool_of(frontend).reused == reused + 1
     other = pki.make_authority(tmp_path / "other")
     bundle = tmp_path / "only-another-root.pem"
     bundle.write_bytes(keys.cert_pem(*other.roots))

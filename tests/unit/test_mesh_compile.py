@@ -659,7 +659,10 @@ def test_a_port_a_service_declares_opaque_is_opaque_addressed_directly_too() -> 
         "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop, annotations: {sidemesh.io/opaque-ports: '9000'}}\n"
         "spec: {selector: {app: db}, clusterIP: None, ports: [{name: a, port: 9000}, {name: b, port: 8080}]}\n"
     )
-    table = compile_outbound(build_snapshot([(f"d{i}", d) for i, d in enumerate(docs)]), "cluster.local")
+    snapshot = build_snapshot([(f"d{i}", d) for i, d in enumerate(docs)])
+    # Not ready (a replica catching up): its EndpointSlice lists no endpoint for it.
+    snapshot = dataclasses.replace(snapshot, endpoints=(ServiceEndpoints("shop", "db", ()),))
+    table = compile_outbound(snapshot, "cluster.local")
     direct = table._by_address[("10.0.0.7", 9000)]
     assert direct is not None and direct.name == "pod shop/db-0:9000" and direct.opaque
     assert not table._by_address[("10.0.0.7", 8080)].opaque

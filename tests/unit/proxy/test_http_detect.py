@@ -167,3 +167,25 @@ async def test_a_trickling_client_hello_does_not_spin(monkeypatch: pytest.Monkey
                 await asyncio.sleep(0.02)
             assert await task is Kind.TLS  # the timeout: what came counts as the app's own TLS
             assert peeks <= 7  # one wait per byte sent (plus the first), not one per 5 ms
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"CONNECT " + b" " * 8180 + b"\x00\n",  # (runs of spaces beside optional parts: quadratic before)
+        b"CONNECT" + b" " * 8180 + b"{}\n",
+        b"CONNECT " + b"a" * 4000 + b" " * 4000 + b"{\n",
+        b"GET /" + b"a" * 4000 + b" " * 4000 + b"\x00\n",
+        b"GET" + b" " * 4000 + b"/" + b" " * 4000 + b"x\n",
+        b"GET /x" + b" " * 8000 + b"HTTX\n",
+    ],
+)
+def test_classify_takes_linear_time_on_hostile_lines(line: bytes) -> None:
+    """Detection runs before TLS, on every connection: an 8 KiB CONNECT line took 0.8 s of the
+    sidecar's only event loop (five at once stalled it for 3 s)."""
+    import time
+
+    started = time.perf_counter()
+    for _ in range(10):
+        classify(line[: detect.PEEK_BYTES])
+    assert time.perf_counter() - started < 0.05
