@@ -43,6 +43,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
 
@@ -261,6 +262,30 @@ def _against_length(expected: int | None, received: int, ended: bool) -> str | N
     return f"{received} bytes of content, content-length {expected}"
 
 
+class _Decoder(hpack.Decoder):
+    """hpack's decoder, refusing a header block longer than the decoded list it may make: only
+    padding makes one (any number of dynamic table size updates first, which count for nothing
+    in the decoded size; RFC 7541 4.2 allows two). A 1 MiB block of them cost a second of the
+    sidecar's event loop per request (hpack decodes them a byte at a time), before any policy."""
+
+    def decode(self, data: bytes, raw: bool = False) -> Any:
+        if len(data) > self.max_header_list_size:
+            raise hpack.OversizedHeaderListError(
+                f"a header block of {len(data)} bytes (at most {self.max_header_list_size})"
+            )
+        at, updates = 0, 0
+        while at < len(data) and data[at] & 0xE0 == 0x20:  # 001xxxxx: a dynamic table size update
+            updates += 1
+            if updates > 2:
+                raise hpack.HPACKDecodingError("more than two dynamic table size updates (RFC 7541 4.2)")
+            if data[at] & 0x1F == 0x1F:  # (its integer goes on in the next bytes)
+                at += 1
+                while at < len(data) and data[at] & 0x80:
+                    at += 1
+            at += 1
+        return super().decode(data, raw)
+
+
 class _Connection(h2.connection.H2Connection):
     """h2's connection, except that a graceful GOAWAY (NO_ERROR) leaves the streams already open
     to finish, as RFC 9113 section 6.8 has it ("activity on streams numbered lower than or equal to
@@ -269,6 +294,12 @@ class _Connection(h2.connection.H2Connection):
     queued to send. The peer's GOAWAY is still reported (ConnectionTerminated); opening no new
     stream afterwards is the caller's part (``_Up.closing``). A GOAWAY with an error closes all,
     as h2 does."""
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        decoder = _Decoder()
+        decoder.max_header_list_size = self.decoder.max_header_list_size
+        self.decoder = decoder
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
         """h2's stream, except that h2 does not check content-length against the body: it did so

@@ -55,3 +55,30 @@ def test_plain_scalars_read_as_kubectl_reads_them(text: str, value: object) -> N
 def test_every_document_and_quoted_values_as_they_are() -> None:
     docs = kubeyaml.load_all("a: '22:30'\n---\nb: \"=\"\n---\n")
     assert docs == [{"a": "22:30"}, {"b": "="}, None]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0b" + "1" * 16000 + "x",
+        "0x" + "f" * 16000 + "x",
+        "." + "1" * 16000 + "x",
+        "1e" + "1" * 16000 + "x",
+    ],
+)
+def test_scalars_resolve_in_linear_time(text: str) -> None:
+    """`[01_]*[01][01_]*` and its kin backtracked quadratically: 0.9 s (binary, hex) and 4.4 s (a
+    fraction) for 16,000 digits, on the injector's event loop when it reloads its settings."""
+    import time
+
+    started = time.perf_counter()
+    assert kubeyaml.load(f"a: {text}") == {"a": text}
+    assert time.perf_counter() - started < 0.1
+
+
+def test_numbers_beyond_every_range_stay_text() -> None:
+    """5,000 digits raised Python's integer conversion limit (`sidemesh inject` said "internal
+    error"); 400 decimal digits became inf. go-yaml keeps both as strings (ParseFloat's range error)."""
+    assert kubeyaml.load("a: " + "1" * 5000) == {"a": "1" * 5000}
+    assert kubeyaml.load("a: " + "1" * 400) == {"a": "1" * 400}
+    assert kubeyaml.load("a: 18446744073709551616") == {"a": 18446744073709551616.0}  # (2^64: a float)

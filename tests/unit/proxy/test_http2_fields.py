@@ -114,3 +114,50 @@ def test_received_fields_keep_their_mark_and_credentials_gain_one() -> None:
         (b"cookie", b"short=1"),
         (b"x-plain", b"p"),
     ]
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+@pytest.mark.parametrize(
+    ("padding", "refused"),
+    [
+        (b"", False),
+        (b"\x20", False),
+        (b"\x3f\xe1\x1f\x20", False),
+        (b"\x20" * 3, True),
+        (b"\x20" * 60000, True),
+    ],
+)
+def test_a_header_block_padded_with_table_size_updates_is_refused(padding: bytes, refused: bool) -> None:
+    """hpack takes any number of dynamic table size updates before the first field, and they
+    count for nothing in the decoded size: a 1 MiB block of them cost a second of the sidecar's
+    event loop per request. RFC 7541 4.2 allows two; a block longer than the list it may make is
+    refused too."""
+    import h2.config
+    import h2.exceptions
+    from hpack import Encoder
+
+    from proxy.http2 import _Connection
+
+    config = h2.config.H2Configuration(
+        client_side=False, header_encoding=None, validate_inbound_headers=False
+    )
+    server = _Connection(config=config)
+    server.initiate_connection()
+    fields = Encoder().encode(
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
+    )
+    block = padding + fields
+    data = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b"")
+    chunks = [block[i : i + 16384] for i in range(0, len(block), 16384)]
+    data += _frame(1, 4 if len(chunks) == 1 else 0, 1, chunks[0])  # HEADERS
+    for i, chunk in enumerate(chunks[1:], 2):
+        data += _frame(9, 4 if i == len(chunks) else 0, 1, chunk)  # CONTINUATION
+    if refused:
+        with pytest.raises(h2.exceptions.ProtocolError):
+            server.receive_data(data)
+    else:
+        events = server.receive_data(data)
+        assert any(type(e).__name__ == "RequestReceived" for e in events), events
