@@ -20,6 +20,7 @@ app connections open at the same time do not share a connection yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from typing import TYPE_CHECKING, Literal
@@ -77,12 +78,18 @@ class OutboundStreams:
             lease = self.sc.balancer.acquire(dest, avoid=avoid)
         except NoEndpoint as exc:
             return Denial(503, str(exc), None, GRPC_UNAVAILABLE, "allow", "no endpoints")
-        if any(
-            t.refused and t.ticket.endpoint == lease.endpoint for t in tried if isinstance(t.ticket, Lease)
-        ):
-            # No other endpoint, and this one could not be reached: dialled again, it cost another
-            # connect timeout for the answer already in hand (as the opaque path and HTTP/1.1).
+        refused = [t.ticket.endpoint for t in tried if t.refused and isinstance(t.ticket, Lease)]
+        if lease.endpoint in refused:
+            # Every endpoint avoided: one that only answered (a 503) is tried before giving up.
+            # None left: dialled again, an unreachable one cost another connect timeout for the
+            # answer already in hand (as the opaque path and HTTP/1.1).
             lease.cancel()
+            if not all(e in refused for e in dest.endpoints):
+                with contextlib.suppress(NoEndpoint):
+                    lease = self.sc.balancer.acquire(dest, avoid=refused)
+                    if lease.endpoint not in refused:
+                        return self._target(lease)
+                    lease.cancel()
             return Denial(502, "upstream connection failed", None, GRPC_UNAVAILABLE, "allow")
         return self._target(lease)
 

@@ -210,10 +210,19 @@ class OutboundRouter:
             except NoEndpoint as exc:
                 return Local(503, str(exc), "allow", error="no endpoints")
             if failed is not None and lease.endpoint in unreachable:
-                # No other endpoint (the rest ejected, or none): the same dial again would cost
-                # another connect timeout for the answer already in hand (as the opaque path).
+                # With every endpoint avoided the balancer picks among them all: one that only
+                # answered (a 503) is dialled again before giving up. None left: the same dial
+                # would cost another connect timeout for the answer in hand (as the opaque path).
                 lease.cancel()
-                return failed
+                if all(e in unreachable for e in dest.endpoints):
+                    return failed
+                try:
+                    lease = self.sc.balancer.acquire(dest, avoid=unreachable)
+                except NoEndpoint as exc:
+                    return Local(503, str(exc), "allow", error="no endpoints")
+                if lease.endpoint in unreachable:
+                    lease.cancel()
+                    return failed
             try:
                 up = await self._connect(lease.endpoint)
             except BaseException:  # the request's deadline passed while connecting

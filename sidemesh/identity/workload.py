@@ -204,7 +204,7 @@ class WorkloadIdentity:
 
     def _install(self, svid: SVID) -> None:
         server_ctx, client_ctx = tls.server_context(svid), tls.client_context(svid)
-        if self.svid is None or svid.bundle != self.svid.bundle:
+        if self.svid is None or set(svid.bundle) != set(self.svid.bundle):  # (order is no change)
             self.generation += 1
         self.svid, self._server_ctx, self._client_ctx = svid, server_ctx, client_ctx
         self._ready.set()

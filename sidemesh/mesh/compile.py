@@ -420,11 +420,16 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
                 pod_destination(w, address, p.port)
     # Pods also reached by address on a port they do not declare (declaring containerPort is
     # optional): a headless Service's DNS names its endpoints' addresses, and so do StatefulSet
-    # peers. Each endpoint of a Service is a pod destination too, as Istio derives them.
+    # peers. Each endpoint of a Service is a pod destination too, as Istio derives them; and a
+    # port a Service declares opaque, ready or not (a replica catching up is no endpoint yet).
     for d in services:
         for e in d.endpoints:
             if (pod := index.by_ref.get(e.workload)) is not None:
                 pod_destination(pod, e.address, e.port)
+    for ref, port in sorted(declared):
+        if (pod := index.by_ref.get(ref)) is not None:
+            for address in pod.addresses:
+                pod_destination(pod, address, port)
     # Names are keys (deltas, hashes): one destination per name, the later one as the table's
     # address index always took (a Service listing port 80 twice, two files of one Workload; the
     # Kubernetes API refuses both, a directory of YAML does not).

@@ -666,3 +666,15 @@ def test_a_port_a_service_declares_opaque_is_opaque_addressed_directly_too() -> 
     direct = table._by_address[("10.0.0.7", 9000)]
     assert direct is not None and direct.name == "pod shop/db-0:9000" and direct.opaque
     assert not table._by_address[("10.0.0.7", 8080)].opaque
+    # Not ready, and the port not declared as a containerPort (it is optional): no destination
+    # at all was made for it (the caller sent it out as plain passthrough).
+    docs = yaml.safe_load_all(
+        "apiVersion: sidemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: db-1, namespace: shop, labels: {app: db}}\n"
+        "spec: {serviceAccount: db, address: 10.0.0.8, ports: []}\n---\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop, annotations: {sidemesh.io/opaque-ports: '9000'}}\n"
+        "spec: {selector: {app: db}, clusterIP: None, ports: [{name: a, port: 9000}]}\n"
+    )
+    snapshot = build_snapshot([(f"d{i}", d) for i, d in enumerate(docs)])
+    snapshot = dataclasses.replace(snapshot, endpoints=(ServiceEndpoints("shop", "db", ()),))
+    undeclared = compile_outbound(snapshot, "cluster.local")._by_address.get(("10.0.0.8", 9000))
+    assert undeclared is not None and undeclared.opaque

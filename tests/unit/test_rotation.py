@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,22 @@ def test_backdated_not_before_does_not_count_as_lifetime(ttl_seconds: int, rand:
 def test_received_before_not_before_uses_not_before() -> None:
     at = renewal_time(T0, T0 + dt.timedelta(hours=1), 0.0, received=T0 - dt.timedelta(seconds=5))
     assert at == T0 + dt.timedelta(minutes=30)
+
+
+def test_the_trust_generation_counts_bundles_not_their_order(tmp_path: Path) -> None:
+    """Pooled connections are not reused across a generation: a renewal whose bundle holds the
+    same roots in another order must not count (each would replace every pooled connection)."""
+    from sidemesh.identity.workload import WorkloadIdentity
+    from sidemesh.spiffe import WorkloadId
+    from tests.support import pki
+
+    one, two = pki.make_authority(tmp_path / "one"), pki.make_authority(tmp_path / "two")
+    sid = WorkloadId("shop", "cart").spiffe_id("cluster.local")
+    identity = WorkloadIdentity(sid, None, lambda: "token")  # type: ignore[arg-type]
+    svid = pki.make_svid(one, sid)
+    identity._install(svid.with_bundle((*one.roots, *two.roots)))
+    first = identity.generation
+    identity._install(pki.make_svid(one, sid).with_bundle((*two.roots, *one.roots)))  # a renewal
+    assert identity.generation == first
+    identity._install(pki.make_svid(one, sid).with_bundle(one.roots))  # a root removed
+    assert identity.generation == first + 1

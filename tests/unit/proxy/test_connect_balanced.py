@@ -39,40 +39,63 @@ async def test_an_unreachable_endpoint_is_not_dialled_again_when_the_others_are_
 
 
 async def test_an_endpoint_avoided_for_its_answer_is_tried_again_when_the_other_cannot_be_reached() -> None:
-    """An HTTP retry avoids A (it answered 503); B cannot be reached; the balancer has only A left.
-    Avoided is not unreachable: A is dialled (it was: "no other endpoint", and B's 502 answered)."""
+    """An HTTP retry avoids A (it answered 503, slowly); B cannot be reached. With both avoided the
+    balancer picks the lighter, B (A's slow failure weighs more): it was given up as "no other
+    endpoint" with B's 502. Avoided is not unreachable: A is dialled."""
     from proxy import http1
     from proxy.routers import OutboundRouter
 
-    picks = iter([B, A])
-
-    class Lease:
-        def __init__(self, endpoint: Endpoint) -> None:
-            self.endpoint = endpoint
-
-        def release(self, ok: bool) -> None:
-            pass
-
-        def cancel(self) -> None:
-            raise AssertionError("A was not dialled")
-
-        def mark_head(self) -> None:
-            pass
-
+    now = [0.0]
+    balancer = Balancer(clock=lambda: now[0])
     dest = Destination("cart.shop:80", (A, B))
+    for ep in (A, B):  # both known fast
+        balancer.acquire(Destination("cart.shop:80", (ep,))).release(True, latency=0.001)
+    slow = balancer.acquire(Destination("cart.shop:80", (A,)))
+    now[0] += 1.0
+    slow.release(False)  # A's 503, after a second
     router = OutboundRouter.__new__(OutboundRouter)
     router.sc = types.SimpleNamespace(  # type: ignore[assignment]
-        balancer=types.SimpleNamespace(acquire=lambda d, avoid=(): Lease(next(picks))),
-        mesh_config=lambda: types.SimpleNamespace(lookup_name=lambda name: dest),
+        balancer=balancer, mesh_config=lambda: types.SimpleNamespace(lookup_name=lambda name: dest)
     )
     router.name, router._leases = dest.name, {}
     router.budget = types.SimpleNamespace(try_withdraw=lambda: True)  # type: ignore[assignment]
+    dials: list[Endpoint] = []
 
     async def connect(endpoint: Endpoint, fresh: bool = False) -> http1.Local | http1.Upstream:
+        dials.append(endpoint)
         if endpoint is B:
             return http1.Local(502, "upstream connection failed", "allow")
         return http1.Upstream(None, None, False, endpoint="10.0.0.1:80")  # type: ignore[arg-type]
 
     router._connect = connect  # type: ignore[method-assign]
     up = await router.route(None, None, avoid=["10.0.0.1:80"])  # type: ignore[arg-type]
-    assert isinstance(up, http1.Upstream) and up.endpoint == "10.0.0.1:80"
+    assert isinstance(up, http1.Upstream) and up.endpoint == "10.0.0.1:80" and dials == [B, A], dials
+
+
+def test_grpc_too_tries_an_endpoint_avoided_for_its_answer_when_the_other_cannot_be_reached() -> None:
+    """The same for a gRPC call (h2route): A answered UNAVAILABLE slowly, B refused the connection;
+    the balancer's pick among both avoided was B, and the call got UNAVAILABLE with A untried."""
+    from proxy import h2route
+    from proxy.http2 import Denial, Target
+
+    now = [0.0]
+    balancer = Balancer(clock=lambda: now[0])
+    dest = Destination("cart.shop:80", (A, B))
+    for ep in (A, B):
+        balancer.acquire(Destination("cart.shop:80", (ep,))).release(True, latency=0.001)
+    slow_a = balancer.acquire(Destination("cart.shop:80", (A,)))
+    now[0] += 1.0
+    slow_a.release(False)
+    refused_b = balancer.acquire(Destination("cart.shop:80", (B,)))
+    refused_b.release(False)
+    router = h2route.OutboundStreams.__new__(h2route.OutboundStreams)
+    router.sc = types.SimpleNamespace(  # type: ignore[assignment]
+        balancer=balancer,
+        mesh_config=lambda: types.SimpleNamespace(lookup_name=lambda name: dest),
+        config=types.SimpleNamespace(capture="none"),
+        inbound_port=15006,
+    )
+    router.name = dest.name
+    tried = [Target("a", None, ticket=slow_a), Target("b", None, ticket=refused_b, refused=True)]  # type: ignore[arg-type]
+    target = router.route(None, tried)  # type: ignore[arg-type]
+    assert not isinstance(target, Denial) and target.endpoint == "10.0.0.1:80", target
