@@ -11,6 +11,7 @@ import yaml
 
 from sidemesh.mesh import wire
 from sidemesh.mesh.compile import (
+    OutboundTable,
     compile_inbound,
     compile_outbound,
     compile_sidecar,
@@ -649,32 +650,30 @@ def test_a_headless_service_is_never_node_local() -> None:
     assert view["agent.mon:8126"] == ["10.1.0.5", "10.2.0.5"]
 
 
+def _headless_db(pod_ports: str, service_ports: str) -> OutboundTable:
+    """A pod behind a headless Service declaring 9000 opaque, not ready (its EndpointSlice lists
+    no endpoint for it: a replica catching up), compiled."""
+    docs = yaml.safe_load_all(
+        "apiVersion: sidemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: db-0, namespace: shop, labels: {app: db}}\n"
+        f"spec: {{serviceAccount: db, address: 10.0.0.7, ports: {pod_ports}}}\n---\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop, annotations: {sidemesh.io/opaque-ports: '9000'}}\n"
+        f"spec: {{selector: {{app: db}}, clusterIP: None, ports: {service_ports}}}\n"
+    )
+    snapshot = build_snapshot([(f"d{i}", d) for i, d in enumerate(docs)])
+    return compile_outbound(
+        dataclasses.replace(snapshot, endpoints=(ServiceEndpoints("shop", "db", ()),)), "cluster.local"
+    )
+
+
 def test_a_port_a_service_declares_opaque_is_opaque_addressed_directly_too() -> None:
     """A headless Service's DNS answers with pod IPs: its callers looked up the pod destination,
     which knew only the pod's own annotation, and detected (a server-speaks-first protocol
     waited for the detection timeout)."""
-    docs = yaml.safe_load_all(
-        "apiVersion: sidemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: db-0, namespace: shop, labels: {app: db}}\n"
-        "spec: {serviceAccount: db, address: 10.0.0.7, ports: [{port: 9000}, {port: 8080}]}\n---\n"
-        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop, annotations: {sidemesh.io/opaque-ports: '9000'}}\n"
-        "spec: {selector: {app: db}, clusterIP: None, ports: [{name: a, port: 9000}, {name: b, port: 8080}]}\n"
-    )
-    snapshot = build_snapshot([(f"d{i}", d) for i, d in enumerate(docs)])
-    # Not ready (a replica catching up): its EndpointSlice lists no endpoint for it.
-    snapshot = dataclasses.replace(snapshot, endpoints=(ServiceEndpoints("shop", "db", ()),))
-    table = compile_outbound(snapshot, "cluster.local")
+    table = _headless_db("[{port: 9000}, {port: 8080}]", "[{name: a, port: 9000}, {name: b, port: 8080}]")
     direct = table._by_address[("10.0.0.7", 9000)]
     assert direct is not None and direct.name == "pod shop/db-0:9000" and direct.opaque
     assert not table._by_address[("10.0.0.7", 8080)].opaque
-    # Not ready, and the port not declared as a containerPort (it is optional): no destination
-    # at all was made for it (the caller sent it out as plain passthrough).
-    docs = yaml.safe_load_all(
-        "apiVersion: sidemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: db-1, namespace: shop, labels: {app: db}}\n"
-        "spec: {serviceAccount: db, address: 10.0.0.8, ports: []}\n---\n"
-        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop, annotations: {sidemesh.io/opaque-ports: '9000'}}\n"
-        "spec: {selector: {app: db}, clusterIP: None, ports: [{name: a, port: 9000}]}\n"
-    )
-    snapshot = build_snapshot([(f"d{i}", d) for i, d in enumerate(docs)])
-    snapshot = dataclasses.replace(snapshot, endpoints=(ServiceEndpoints("shop", "db", ()),))
-    undeclared = compile_outbound(snapshot, "cluster.local")._by_address.get(("10.0.0.8", 9000))
+    # The port not declared as a containerPort (it is optional): no destination at all was made
+    # for it (the caller sent it out as plain passthrough).
+    undeclared = _headless_db("[]", "[{name: a, port: 9000}]")._by_address.get(("10.0.0.7", 9000))
     assert undeclared is not None and undeclared.opaque
