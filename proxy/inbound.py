@@ -126,6 +126,15 @@ def _to_half(relay: Relay, pipe: Pipe, checked: bool = False) -> Half:
     return half
 
 
+def _declared_opaque(sc: Sidecar, port: int, parsed: bool = False) -> bool:
+    """Whether this port is carried unchanged, as configured: the pod's opaque ports, and a
+    Service's for callers through it (``parsed``: the caller's sidecar parsed HTTP, so it came
+    through another: served as HTTP). Anywhere else what is relayed as opaque is checked as it
+    goes on (``Half.check_opaque``): HTTP there is refused."""
+    mesh = sc.mesh_config()
+    return port in mesh.opaque_ports or (port in mesh.service_opaque_ports and not parsed)
+
+
 async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> None:
     relay = sc.new_relay("inbound", client)
     down: Half | None = None
@@ -151,13 +160,7 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
             if redirected_port is not None and port != redirected_port:
                 raise Refused(f"OPEN names port {port} but the connection was for port {redirected_port}")
             relay.info["port"] = port
-            mesh = sc.mesh_config()
-            # Opaque as configured (the pod's ports; a Service's, for callers through it that did
-            # not parse HTTP): carried unchanged, as declared. Anywhere else what is relayed as
-            # opaque is checked as it goes on (Half.check_opaque): HTTP there is refused.
-            declared = port in mesh.opaque_ports or (
-                port in mesh.service_opaque_ports and hint not in (framing.HINT_HTTP1, framing.HINT_H2)
-            )
+            declared = _declared_opaque(sc, port, parsed=hint in (framing.HINT_HTTP1, framing.HINT_H2))
             checked = not declared
             if declared or hint == framing.HINT_OPAQUE:
                 kind = Kind.OPAQUE
@@ -183,8 +186,7 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
             port, peer = port_or_none, Peer()
             relay.info["source"] = "unauthenticated"
             relay.info["port"] = port
-            config = sc.mesh_config()
-            if kind.http and port not in config.opaque_ports and port not in config.service_opaque_ports:
+            if kind.http and not _declared_opaque(sc, port):
                 plain = Pipe(framed=False, name="downstream")
                 relay.on_fail = plain.abort
                 await asyncio.get_running_loop().connect_accepted_socket(lambda: plain, conn)
@@ -219,8 +221,7 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
             raise Refused(f"app not reachable at {app_host}:{port}: {_why(exc)}") from exc
         if down is None:
             down = relay.half(framed=False, name="downstream")
-            config = sc.mesh_config()
-            if port not in config.opaque_ports and port not in config.service_opaque_ports:
+            if not _declared_opaque(sc, port):
                 down.check_opaque()  # (a plaintext request that came after the detection)
             await asyncio.get_running_loop().connect_accepted_socket(lambda: down, conn)
         relay.link(down, app)

@@ -69,14 +69,15 @@ class Half(asyncio.Protocol):
         self.unchecked = b""
 
     def _checked(self, data: bytes | memoryview) -> bool:
-        seen = (typing.cast(bytes, self.unchecked) + bytes(data))[: detect.PEEK_BYTES]
+        before = typing.cast(bytes, self.unchecked)
+        seen = before + bytes(data[: detect.PEEK_BYTES - len(before)])  # (not a bulk chunk's copy)
         kind = detect.classify(seen) if seen else None
         if kind is None:
             self.unchecked = seen
             return True
         self.unchecked = None
         if kind.http:
-            self.relay.fail(f"{self.name}: {kind.value} sent on a connection its sidecar said is opaque")
+            self.relay.fail(f"{self.name}: {kind.value} sent on a connection relayed as opaque")
             return False
         return True
 

@@ -246,8 +246,8 @@ class OutboundRouter:
             key: tuple[object, ...] = ("plain", ep.address, ep.port)
         else:
             dial = (ep.address, ep.port) if sc.config.capture == "iptables" else (ep.address, sc.inbound_port)
-            # (the identity's generation: a connection made before a rotation or a new bundle is
-            # not taken for a new request: it was made under the trust of its handshake)
+            # (the identity's trust generation: a connection made under an older bundle is not
+            # taken for a new request: it was made under the trust of its handshake)
             key = ("mesh", dial, str(ep.identity), ep.port, sc.identity.generation)
         endpoint, identity = f"{ep.address}:{ep.port}", str(ep.identity) if ep.identity else None
         idle = None if fresh else self.pool.take(key)
