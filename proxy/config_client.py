@@ -8,25 +8,29 @@ reconnecting with backoff. After a certificate rotation it reconnects with the n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-import grpc
+from grpclib.const import Cardinality
 
+from sidemesh import grpc_client
 from sidemesh.api import config_pb2 as pb
 from sidemesh.cancel import stop_if_cancelling
 from sidemesh.gc_pause import gc_paused
-from sidemesh.identity import rotation
+from sidemesh.identity import rotation, tls
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.mesh import wire
 from sidemesh.mesh.compile import CompileError, InboundConfig, OutboundTable, apply_outbound_delta
 
 # The stream's keepalive ping: a partition without a FIN is noticed within about a minute. The
 # controller permits pings this often (controller/server.py SERVER_OPTIONS).
-KEEPALIVE_MS = 30_000
+KEEPALIVE = 30.0
+KEEPALIVE_TIMEOUT = 20.0  # a ping unanswered this long: the connection is given up
+# Dialling, the TLS handshake and the stream's first request: a controller address that swallows
+# packets (no RST) is given up on after this, not after the kernel's two minutes of SYNs.
+CONNECT_TIMEOUT = 10.0
 log = logging.getLogger("sidemesh.proxy.config")
 METHOD = "/sidemesh.config.v1.ConfigDiscovery/Stream"
 
@@ -61,13 +65,14 @@ class ConfigClient:
             try:
                 await self._session()
                 attempt = 0  # a rotation ended a healthy session: reconnect at once
-            except (grpc.aio.AioRpcError, ConnectionError) as exc:
-                stop_if_cancelling(exc)  # being stopped, whatever grpc made of the cancellation
+            except (*grpc_client.CALL_ERRORS, ConnectionError) as exc:
+                stop_if_cancelling(exc)  # being stopped, whatever the library made of the cancellation
                 if self.connected:  # the stream had delivered configuration: a new outage starts here
                     attempt = 0
                 self.connected = False
                 attempt += 1
-                self.last_error = str(exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc)
+                code, message = grpc_client.status_of(exc)
+                self.last_error = f"{code.name}: {message}" if code is not grpc_client.Status.OK else message
                 delay = rotation.backoff(attempt, random.random(), ceiling=RECONNECT_BACKOFF_MAX)
                 log.warning(
                     "controller stream lost; keeping the last configuration",
@@ -81,56 +86,35 @@ class ConfigClient:
                 await asyncio.sleep(delay)
 
     async def _session(self) -> None:
+        """One stream, until it fails (raises) or the certificate rotates (returns)."""
         svid = self.identity.svid
         assert svid is not None
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=svid.bundle_pem, private_key=svid.key_pem, certificate_chain=svid.chain_pem
+        context = tls.client_context(svid, alpn=["h2"])
+        context.check_hostname = True  # the controller's DNS name, as the CA's is checked
+        channel = grpc_client.channel(
+            self.address, context, self.server_name, keepalive=KEEPALIVE, keepalive_timeout=KEEPALIVE_TIMEOUT
         )
-        options = [
-            ("grpc.ssl_target_name_override", self.server_name),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-            # (grpc's default of 2 pings without data, then one a minute: an idle stream's dead
-            # controller took over 80 s to notice; the controller permits these, SERVER_OPTIONS)
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-        ]
-        async with grpc.aio.secure_channel(self.address, creds, options=options) as channel:
-            outbox: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
-            outbox.put_nowait(pb.StreamRequest(outbound_deltas=True))
+        stream = asyncio.create_task(self._stream(channel))
+        rotated = asyncio.create_task(self._rotated.wait())
+        try:
+            await asyncio.wait((stream, rotated), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # (also when the sidecar stops: neither task outlives the session)
+            stream.cancel()
+            rotated.cancel()
+            await asyncio.gather(stream, rotated, return_exceptions=True)
+            await grpc_client.close(channel)
+        if not stream.cancelled():  # it ended first: with the stream's error, or the stream ended
+            stream.result()
+            raise ConnectionError("the controller ended the stream")
+        log.info("certificate rotated; reconnecting to the controller with it")
 
-            async def requests() -> AsyncIterator[pb.StreamRequest]:
-                # Ends with the call (None, below): left waiting on the queue of a lost stream,
-                # grpc's task consuming it was destroyed pending, and asyncio logged ERROR lines
-                # ("Task exception was never retrieved") in every sidecar at each controller restart.
-                while (request := await outbox.get()) is not None:
-                    yield request
-
-            method = channel.stream_stream(
-                METHOD,
-                request_serializer=pb.StreamRequest.SerializeToString,
-                response_deserializer=pb.Update.FromString,
-            )
-            call = method(requests())
-            watcher = asyncio.create_task(self._cancel_on_rotation(call))
-            try:
-                async for update in call:
-                    outbox.put_nowait(self._handle(update))
-            except asyncio.CancelledError:
-                if not self._rotated.is_set():
-                    raise
-                log.info("certificate rotated; reconnecting to the controller with it")
-            finally:
-                outbox.put_nowait(None)
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-            if not self._rotated.is_set():
-                raise ConnectionError("the controller ended the stream")
-
-    async def _cancel_on_rotation(self, call: grpc.aio.StreamStreamCall[pb.StreamRequest, pb.Update]) -> None:
-        await self._rotated.wait()
-        call.cancel()
+    async def _stream(self, channel: grpc_client.Channel) -> None:
+        async with channel.request(METHOD, Cardinality.STREAM_STREAM, pb.StreamRequest, pb.Update) as call:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await call.send_message(pb.StreamRequest(outbound_deltas=True))
+            while (update := await call.recv_message()) is not None:
+                await call.send_message(self._handle(update))
+            await call.recv_trailing_metadata()  # a status other than OK raises GRPCError
 
     def _handle(self, update: pb.Update) -> pb.StreamRequest:
         try:

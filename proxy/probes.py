@@ -201,18 +201,22 @@ def _health_status(data: bytes) -> int:
 
 
 async def _grpc(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, str]:
-    import grpc
+    from grpclib.client import Channel, UnaryUnaryMethod
 
-    if local is not None:  # grpcio's channels cannot choose their source address
+    from sidemesh import grpc_client
+
+    if local is not None:  # (grpclib's channels cannot choose their source address)
         raise ConnectionRefusedError("a gRPC probe runs against --app-host only")
 
-    target = f"[{host}]:{probe.port}" if ":" in host else f"{host}:{probe.port}"  # (IPv6: bracketed)
-    async with grpc.aio.insecure_channel(target) as channel:
-        check = channel.unary_unary(GRPC_HEALTH_CHECK, request_serializer=None, response_deserializer=None)
-        try:
-            reply = await check(_health_request(probe.service), timeout=probe.timeout)
-        except grpc.aio.AioRpcError as exc:
-            return False, f"gRPC {exc.code().name}: {exc.details()}"
+    channel = Channel(host, probe.port, codec=grpc_client.RawCodec())
+    try:
+        check = UnaryUnaryMethod(channel, GRPC_HEALTH_CHECK, bytes, bytes)
+        reply = await check(_health_request(probe.service), timeout=probe.timeout)
+    except grpc_client.CALL_ERRORS as exc:
+        code, message = grpc_client.status_of(exc)
+        return False, f"gRPC {code.name}: {message}"
+    finally:
+        await grpc_client.close(channel)
     status = _health_status(reply)
     return status == GRPC_SERVING, f"gRPC health status {status}"
 

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import grpc
+from grpclib.client import Channel, UnaryUnaryMethod
 
-from sidemesh.api import ca_pb2, ca_pb2_grpc
+from sidemesh import grpc_client
+from sidemesh.api import ca_pb2
+from sidemesh.grpc_client import Status
 
 # The name every client checks in the CA's serving certificate, whatever address it dials.
 CA_SERVER_NAME = "sidemesh-ca.sidemesh-system.svc"
+SIGN = "/sidemesh.ca.v1.CertificateAuthority/Sign"
 
 # Codes after which trying again later can succeed.
 RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.UNKNOWN,
-    }
+    {Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.RESOURCE_EXHAUSTED, Status.UNKNOWN}
 )
 
 
 class CAClientError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: Status, message: str) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
@@ -33,7 +31,9 @@ class CAClientError(Exception):
 
 class CAClient:
     """A channel to the CA that verifies it against the trust bundle. :meth:`set_bundle` replaces
-    the bundle (a root rotation): the next call goes over a new channel that trusts the new one."""
+    the bundle (a root rotation): the next call goes over a new channel that trusts the new one.
+    The channel dials on the first call, and again on the call after a lost connection (the
+    caller's retry loop owns the schedule)."""
 
     def __init__(
         self, address: str, bundle_pem: bytes, server_name: str = CA_SERVER_NAME, timeout: float = 10.0
@@ -42,43 +42,39 @@ class CAClient:
         self.server_name = server_name
         self.timeout = timeout
         self._bundle = bundle_pem
-        self._channel = self._open(bundle_pem)
-        self._stub = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
-        self._retired: list[grpc.aio.Channel] = []
-
-    def _open(self, bundle_pem: bytes) -> grpc.aio.Channel:
-        creds = grpc.ssl_channel_credentials(root_certificates=bundle_pem)
-        options = [
-            ("grpc.ssl_target_name_override", self.server_name),
-            # The caller (the renewal loop) owns the retry schedule; grpc's own reconnect backoff
-            # (up to 120 s by default) would otherwise delay recovery after a CA outage.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
-        return grpc.aio.secure_channel(self.address, creds, options=options)
+        self._channel: Channel | None = None  # opened in a call: a channel belongs to its loop
+        self._retired: list[Channel] = []  # closed at the next call (one may be running on it)
 
     def set_bundle(self, bundle_pem: bytes) -> None:
         if bundle_pem == self._bundle:
             return
         self._bundle = bundle_pem
-        self._retired.append(self._channel)
-        self._channel = self._open(bundle_pem)
-        self._stub = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
+        if self._channel is not None:
+            self._retired.append(self._channel)
+            self._channel = None
 
     async def sign(self, token: str, csr_pem: str, ttl_seconds: int = 0) -> ca_pb2.SignResponse:
+        return await self.call(
+            ca_pb2.SignRequest(csr=csr_pem, ttl_seconds=ttl_seconds), {"authorization": f"Bearer {token}"}
+        )
+
+    async def call(self, request: ca_pb2.SignRequest, metadata: dict[str, str]) -> ca_pb2.SignResponse:
+        """Sign with the metadata as given (sign() sends the token; tests send none, or a trace)."""
         while self._retired:
-            await self._retired.pop().close(None)
+            await grpc_client.close(self._retired.pop())
         try:
-            return await self._stub.Sign(
-                ca_pb2.SignRequest(csr=csr_pem, ttl_seconds=ttl_seconds),
-                metadata=(("authorization", f"Bearer {token}"),),
-                timeout=self.timeout,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise CAClientError(exc.code(), exc.details() or "") from exc
+            if self._channel is None:
+                self._channel = grpc_client.channel(
+                    self.address, grpc_client.tls_context(self._bundle), self.server_name
+                )
+            method = UnaryUnaryMethod(self._channel, SIGN, ca_pb2.SignRequest, ca_pb2.SignResponse)
+            return await method(request, timeout=self.timeout, metadata=metadata)
+        except grpc_client.CALL_ERRORS as exc:
+            code, message = grpc_client.status_of(exc)
+            raise CAClientError(code, message) from exc
 
     async def close(self) -> None:
-        for channel in [*self._retired, self._channel]:
-            await channel.close(None)
+        for channel in [*self._retired, *([self._channel] if self._channel else [])]:
+            await grpc_client.close(channel)
         self._retired.clear()
+        self._channel = None

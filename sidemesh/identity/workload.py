@@ -19,11 +19,11 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 from cryptography import x509
 
 from sidemesh.cancel import stop_if_cancelling
 from sidemesh.clock import SYSTEM_CLOCK, Clock
+from sidemesh.grpc_client import Status
 from sidemesh.identity import rotation, tls
 from sidemesh.identity.client import CAClient, CAClientError
 from sidemesh.identity.svid import (
@@ -76,16 +76,16 @@ def renewal_hint(exc: Exception) -> str:
     if isinstance(exc, TokenFileError):
         return "write only the token into --token-file (as the kubelet's projected token file holds it)"
     if isinstance(exc, CAClientError):
-        if exc.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        if exc.code in (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED):
             return "the CA refused the token: check that --token-file holds this workload's token"
-        if exc.code is grpc.StatusCode.INVALID_ARGUMENT and "--control-plane-dns" in exc.message:
+        if exc.code is Status.INVALID_ARGUMENT and "--control-plane-dns" in exc.message:
             return (
                 "run as an identity the CA's --control-plane-dns lists with this DNS name (--identity, "
                 "--server-name), or add it there"
             )
-        if exc.code is grpc.StatusCode.INVALID_ARGUMENT:
+        if exc.code is Status.INVALID_ARGUMENT:
             return "the CA refused the request: check that the token's identity is this workload's"
-        if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if exc.code in (Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED):
             return "is the CA running at --ca-address, and is --bundle-file its root-cert.pem?"
     return ""
 

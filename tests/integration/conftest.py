@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,12 @@ class RunningCA:
     def bundle(self) -> bytes:
         return (self.dir / keys.ROOTS).read_bytes()
 
+    clients: list[CAClient] = field(default_factory=list)  # closed with the CA (tests may not)
+
     def client(self, bundle: bytes | None = None) -> CAClient:
-        return CAClient(self.address, bundle or self.bundle, timeout=5.0)
+        client = CAClient(self.address, bundle or self.bundle, timeout=5.0)
+        self.clients.append(client)
+        return client
 
     async def issue(self, token: str, identity: WorkloadId, ttl: int = 0) -> SVID:
         client = self.client()
@@ -122,8 +126,13 @@ async def start_ca(tmp_path: Path) -> AsyncIterator[StartCA]:
         server = CAServer(config, authenticator or LocalTokenAuthenticator(token_file), clock)
         await server.start()
         servers.append(server)
-        return RunningCA(server, ca_dir, keys.load(ca_dir))
+        running.append(RunningCA(server, ca_dir, keys.load(ca_dir)))
+        return running[-1]
 
+    running: list[RunningCA] = []
     yield start
+    for ca in running:
+        for client in ca.clients:
+            await client.close()
     for server in servers:
         await server.stop(grace=0)

@@ -11,11 +11,11 @@ import threading
 import time
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
 from ca import authn as authn_module
 from ca.authn import KubernetesTokenAuthenticator, token_expiry
+from sidemesh.grpc_client import Status
 from sidemesh.identity.client import CAClientError
 from sidemesh.spiffe import WorkloadId
 from tests.integration.conftest import StartCA
@@ -62,7 +62,7 @@ async def test_tokenreview_refusals(start_ca: StartCA, kube: FakeKubeAPI, token:
     ca = await start_ca(authenticator=KubernetesTokenAuthenticator(api_client(kube.url)))
     with pytest.raises(CAClientError) as info:
         await ca.issue(token, FRONTEND)
-    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert info.value.code == Status.UNAUTHENTICATED
     assert message in info.value.message
 
 
@@ -73,7 +73,7 @@ async def test_api_server_that_does_not_confirm_the_audience_is_not_trusted(
     ca = await start_ca(authenticator=KubernetesTokenAuthenticator(api_client(kube.url)))
     with pytest.raises(CAClientError) as info:
         await ca.issue("projected", FRONTEND)
-    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED and "audience" in info.value.message
+    assert info.value.code == Status.UNAUTHENTICATED and "audience" in info.value.message
 
 
 async def test_api_server_down_is_unavailable_and_retryable(start_ca: StartCA, kube: FakeKubeAPI) -> None:
@@ -82,7 +82,7 @@ async def test_api_server_down_is_unavailable_and_retryable(start_ca: StartCA, k
     ca = await start_ca(authenticator=KubernetesTokenAuthenticator(api_client(url)))
     with pytest.raises(CAClientError) as info:
         await ca.issue("projected", FRONTEND)
-    assert info.value.code == grpc.StatusCode.UNAVAILABLE and info.value.retryable
+    assert info.value.code == Status.UNAVAILABLE and info.value.retryable
     assert "retry later" in info.value.message
 
 
@@ -115,7 +115,7 @@ async def test_an_accepted_token_is_reviewed_once_per_cache_period(
     clock.offset += dt.timedelta(seconds=61)
     with pytest.raises(CAClientError) as info:
         await ca.issue("projected", FRONTEND)
-    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert info.value.code == Status.UNAUTHENTICATED
 
 
 async def test_no_cache_when_disabled(start_ca: StartCA, kube: FakeKubeAPI) -> None:
@@ -168,9 +168,7 @@ async def test_a_hung_api_server_fails_reviews_in_time_and_never_wedges_the_ca(
         *(ca.issue("projected", FRONTEND) for _ in range(5 * authn_module.REVIEW_THREADS)),
         return_exceptions=True,
     )
-    assert all(isinstance(r, CAClientError) and r.code == grpc.StatusCode.UNAVAILABLE for r in results), (
-        results
-    )
+    assert all(isinstance(r, CAClientError) and r.code == Status.UNAVAILABLE for r in results), results
     # Five times as many calls as review threads: none waited behind another's hung review.
     assert time.monotonic() - began < 3
     kube.hang.set()

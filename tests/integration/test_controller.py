@@ -17,7 +17,7 @@ import pytest
 from grpc.experimental import session_cache
 
 from controller.config import ControllerConfig
-from controller.server import ConfigServer
+from controller.server import SERVER_OPTIONS, ConfigServer
 from controller.sources.directory import DirectorySource
 from proxy.config_client import METHOD
 from sidemesh.api import config_pb2 as pb
@@ -525,3 +525,75 @@ async def test_a_long_port_annotation_does_not_freeze_the_mesh(mesh: Mesh, contr
             break
         await asyncio.sleep(0.05)
     assert controller.server.state.version != before
+
+
+class _Partition:
+    """A TCP relay to the controller that can stop passing bytes without closing anything: what a
+    sidecar sees when the network between them fails silently (no FIN, no RST)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.dropping = False
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if not self.dropping:  # (dropped: read and thrown away, as a black hole does)
+                    dst.write(data)
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+        await self.server.wait_closed()
+
+
+async def test_a_silent_partition_is_noticed_by_the_keepalive_and_the_stream_comes_back(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pings on the stream (every KEEPALIVE while it is quiet): one unanswered for KEEPALIVE_TIMEOUT
+    drops the connection, so a sidecar behind a partition reports itself disconnected (stale) and
+    reconnects once the network is back, not hours later when TCP gives up."""
+    monkeypatch.setattr("proxy.config_client.KEEPALIVE", 0.2)
+    monkeypatch.setattr("proxy.config_client.KEEPALIVE_TIMEOUT", 0.5)
+    # The controller permits pings as often as the sidecars send them (as SERVER_OPTIONS does for
+    # the real 30 s: more often, grpcio answers GOAWAY too_many_pings).
+    options = dict(SERVER_OPTIONS, **{"grpc.http2.min_ping_interval_without_data_ms": 100})
+    monkeypatch.setattr("controller.server.SERVER_OPTIONS", list(options.items()))
+    controller = Controller(mesh)
+    await controller.server.start()
+    partition = _Partition(controller.server.port)
+    address = await partition.start()
+    try:
+        await mesh.app(CART)
+        cart = await mesh.sidecar("cart", CART, controller=address)
+        assert cart.controller is not None and cart.controller.connected
+        await asyncio.sleep(1.0)  # quiet, and the pings are answered: the stream stays
+        assert cart.controller.connected, cart.controller.last_error
+        partition.dropping = True
+        started = time.monotonic()
+        while cart.controller.connected:
+            assert time.monotonic() - started < 5, "the partition was never noticed"
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - started < 2.0
+        partition.dropping = False
+        for _ in range(200):
+            if cart.controller.connected:
+                break
+            await asyncio.sleep(0.05)
+        assert cart.controller.connected, cart.controller.last_error
+    finally:
+        await partition.close()
+        await controller.stop()

@@ -9,7 +9,6 @@ import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -17,6 +16,8 @@ from injector.server import WebhookServer, create_app
 from injector.settings import InjectionSettings
 from injector.tls import ServingCertificate
 from sidemesh.api import ca_pb2
+from sidemesh.grpc_client import Status
+from sidemesh.identity.client import CAClientError
 from sidemesh.identity.svid import make_csr, new_key
 from sidemesh.spiffe import WorkloadId
 from sidemesh.telemetry import start_tracing
@@ -44,15 +45,14 @@ async def test_ca_signing_is_traced_and_counted(receiver: Receiver, start_ca: St
     client = ca.client()
     sid = WorkloadId("shop", "cart").spiffe_id("cluster.local")
     try:
-        stub = client._stub
         request = ca_pb2.SignRequest(csr=make_csr(new_key(), sid))
-        traceparent = ("traceparent", f"00-{TRACE}-{PARENT}-01")
-        await stub.Sign(request, metadata=(("authorization", "Bearer cart-token"), traceparent))
-        with pytest.raises(grpc.aio.AioRpcError) as refused_call:
-            await stub.Sign(request, metadata=(("authorization", "Bearer wrong"),))
-        assert refused_call.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        traceparent = f"00-{TRACE}-{PARENT}-01"
+        await client.call(request, {"authorization": "Bearer cart-token", "traceparent": traceparent})
+        with pytest.raises(CAClientError) as refused_call:
+            await client.call(request, {"authorization": "Bearer wrong"})
+        assert refused_call.value.code is Status.UNAUTHENTICATED
         # B3's "deny": the caller asks that nobody record the call.
-        await stub.Sign(request, metadata=(("authorization", "Bearer cart-token"), ("b3", "0")))
+        await client.call(request, {"authorization": "Bearer cart-token", "b3": "0"})
     finally:
         await client.close()
     spans = await receiver.wait_for(lambda s: len(s) >= 2)
@@ -85,8 +85,7 @@ async def test_a_b3_caller_that_left_the_decision_to_the_ca_is_sampled_by_its_sa
     sid = WorkloadId("shop", "cart").spiffe_id("cluster.local")
     try:
         request = ca_pb2.SignRequest(csr=make_csr(new_key(), sid))
-        metadata = (("authorization", "Bearer cart-token"), ("b3", f"{TRACE}-{PARENT}"))
-        await client._stub.Sign(request, metadata=metadata)
+        await client.call(request, {"authorization": "Bearer cart-token", "b3": f"{TRACE}-{PARENT}"})
     finally:
         await client.close()
     spans = await receiver.wait_for(lambda s: len(s) >= 1)

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
-
 from sidemesh.cancel import stop_if_cancelling
+from sidemesh.grpc_client import Status
 from sidemesh.identity.client import CAClientError
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.spiffe import WorkloadId
@@ -19,7 +18,7 @@ class _CancelledByGrpc:
     """A CA client whose signing call answers a cancellation with an error."""
 
     def __init__(self) -> None:
-        self.grpc = CancelBecomesError(CAClientError(grpc.StatusCode.CANCELLED, "the call was cancelled"))
+        self.grpc = CancelBecomesError(CAClientError(Status.CANCELLED, "the call was cancelled"))
 
     async def sign(self, *args: Any) -> Any:
         await self.grpc.call()

@@ -1,0 +1,76 @@
+"""What a running `sidemesh proxy run` process holds: the sidecar reaches ready against a real CA
+(grpcio serving) with its own gRPC client, and grpcio's C core is never loaded into it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+from ca import keys
+from tests.integration.conftest import StartCA
+
+WORKLOAD = """\
+apiVersion: sidemesh.io/v1alpha1
+kind: Workload
+metadata: {name: cart-1, namespace: shop, labels: {app: cart}}
+spec: {serviceAccount: cart, address: 127.0.0.1, ports: [{port: 8080}]}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+async def test_a_ready_sidecar_has_not_loaded_grpcio(start_ca: StartCA, tmp_path: Path) -> None:
+    ca = await start_ca()
+    (tmp_path / "mesh").mkdir()
+    (tmp_path / "mesh" / "cart.yaml").write_text(WORKLOAD)
+    (tmp_path / "token").write_text("cart-token")
+    health = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}  # (tracing off)
+    log = tmp_path / "sidecar.log"
+    with log.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidemesh", "proxy", "run", "--capture", "none", "--workload", "shop/cart-1",
+            "--config-dir", str(tmp_path / "mesh"), "--ca-address", ca.address,
+            "--token-file", str(tmp_path / "token"), "--bundle-file", str(ca.dir / keys.ROOTS),
+            "--inbound-listen", f"127.0.0.1:{_free_port()}", "--admin-listen", f"127.0.0.1:{_free_port()}",
+            "--health-listen", f"127.0.0.1:{health}", "--log-level", "warning",
+            env=env,
+            stderr=stderr,
+        )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{health}/healthz/ready"
+        for _ in range(200):
+            if await asyncio.to_thread(_ready, url):
+                break
+            assert proc.returncode is None, await asyncio.to_thread(log.read_text)
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(
+                f"the sidecar did not become ready in 20 s: {await asyncio.to_thread(log.read_text)}"
+            )
+        maps = await asyncio.to_thread(Path(f"/proc/{proc.pid}/maps").read_text)
+        status = await asyncio.to_thread(Path(f"/proc/{proc.pid}/status").read_text)
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 20)
+    # The certificate came from the CA over grpclib (ready needs it), with grpcio's core not mapped.
+    assert "_rust.abi3.so" in maps  # (the check reads the maps: cryptography's library is there)
+    assert "cygrpc" not in maps, [line for line in maps.splitlines() if "grpc" in line][:3]
+    threads = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+    assert threads <= 6, status  # the loop and uvloop's resolver pool; grpcio added six more
