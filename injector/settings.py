@@ -180,7 +180,10 @@ class InjectionSettings:
     )
     # OTLP endpoint the sidecars export spans to (their OTEL_EXPORTER_OTLP_ENDPOINT); empty: no tracing.
     # The default is the Jaeger addon, as Istio points at its Zipkin: without it spans are dropped.
-    tracing_endpoint: str = "http://jaeger.sidemesh-system.svc:4317"
+    tracing_endpoint: str = "http://jaeger.sidemesh-system.svc:4318"
+    # Their OTEL_EXPORTER_OTLP_PROTOCOL. OTLP/HTTP by default, as the OTLP specification's default:
+    # the OTLP/gRPC exporter is built on grpcio, 14 MB more in every sidecar (docs/design-choices.md).
+    tracing_protocol: str = "http/protobuf"
     tracing_sampling_ratio: float = 0.01  # parent-based: a caller's decision wins
     access_log: bool = False  # the sidecars' per-request JSON access log (SIDEMESH_ACCESS_LOG)
     # The init container's iptables backend (SIDEMESH_IPTABLES_MODE): auto, legacy or nft.
@@ -211,8 +214,11 @@ class InjectionSettings:
                 raise SettingsError(key, f"{value!r} is not HOST:PORT") from exc
         if self.tracing_endpoint and not self.tracing_endpoint.startswith(("http://", "https://")):
             raise SettingsError(
-                "tracingEndpoint", f"{self.tracing_endpoint!r}: give http://HOST:PORT (OTLP gRPC, e.g. :4317)"
+                "tracingEndpoint",
+                f"{self.tracing_endpoint!r}: give http://HOST:PORT (OTLP/HTTP, e.g. :4318; :4317 with "
+                "tracingProtocol: grpc)",
             )
+        _one_of("tracingProtocol", self.tracing_protocol, ("http/protobuf", "grpc"))
         _one_of("iptablesMode", self.iptables_mode, ("auto", "legacy", "nft"))
         if not 0.0 <= self.tracing_sampling_ratio <= 1.0:
             raise SettingsError(
@@ -245,6 +251,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "proxyResources": ("proxy_resources", Resources),
     "initResources": ("init_resources", Resources),
     "tracingEndpoint": ("tracing_endpoint", str),
+    "tracingProtocol": ("tracing_protocol", str),
     "tracingSamplingRatio": ("tracing_sampling_ratio", float),
     "accessLog": ("access_log", bool),
     "iptablesMode": ("iptables_mode", str),

@@ -1,5 +1,6 @@
 """Injected sidecars get the OTEL_* variables from the injection settings (tracingEndpoint,
-tracingSamplingRatio), and the shipped manifests point the control plane at the Jaeger addon."""
+tracingProtocol, tracingSamplingRatio), and the shipped manifests point the control plane at the
+Jaeger addon."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from injector.settings import InjectionSettings, parse_settings
 from sidemesh.telemetry import settings_from_env
 
 ROOT = Path(__file__).resolve().parents[2]
-JAEGER = "http://jaeger.sidemesh-system.svc:4317"
+JAEGER = "http://jaeger.sidemesh-system.svc:4317"  # the control plane: OTLP/gRPC (grpcio is there)
+JAEGER_HTTP = "http://jaeger.sidemesh-system.svc:4318"  # the sidecars: OTLP/HTTP
 
 
 def _env(settings: InjectionSettings) -> dict[str, str]:
@@ -23,12 +25,31 @@ def _env(settings: InjectionSettings) -> dict[str, str]:
 
 
 def test_sidecars_trace_to_the_settings_endpoint_at_the_settings_ratio() -> None:
-    env = _env(parse_settings("tracingEndpoint: http://otel.monitoring:4317\ntracingSamplingRatio: 1\n"))
+    env = _env(
+        parse_settings(
+            "tracingEndpoint: http://otel.monitoring:4317\ntracingProtocol: grpc\ntracingSamplingRatio: 1\n"
+        )
+    )
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel.monitoring:4317"
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
     assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
     assert env["OTEL_TRACES_SAMPLER_ARG"] == "1"
     tracing = settings_from_env(env)  # what the sidecar will make of them
     assert tracing is not None and tracing.ratio == 1.0 and tracing.endpoint == "http://otel.monitoring:4317"
+    assert tracing.protocol == "grpc"
+
+
+def test_by_default_sidecars_export_over_otlp_http_to_the_jaeger_addon() -> None:
+    """OTLP/HTTP: the OTLP/gRPC exporter would load grpcio into every sidecar."""
+    env = _env(InjectionSettings())
+    assert (env["OTEL_EXPORTER_OTLP_ENDPOINT"], env["OTEL_EXPORTER_OTLP_PROTOCOL"]) == (
+        JAEGER_HTTP,
+        "http/protobuf",
+    )
+    tracing = settings_from_env(env)
+    assert tracing is not None and tracing.protocol == "http/protobuf"
+    assert tracing.endpoint == JAEGER_HTTP + "/v1/traces"  # (the generic variable: the path is added)
+    assert 4318 in _jaeger_ports()
 
 
 def test_an_empty_endpoint_turns_sidecar_tracing_off() -> None:
@@ -41,6 +62,7 @@ def test_an_empty_endpoint_turns_sidecar_tracing_off() -> None:
     [
         ("tracingEndpoint: jaeger:4317", "tracingEndpoint"),
         ("tracingSamplingRatio: 2", "tracingSamplingRatio"),
+        ("tracingProtocol: http/json", "tracingProtocol"),
         ("tracingSamplingRatio: lots", "tracingSamplingRatio"),
     ],
 )
@@ -50,8 +72,10 @@ def test_bad_tracing_settings_are_named(text: str, key: str) -> None:
 
 
 def test_the_default_is_the_jaeger_addon_at_one_percent() -> None:
-    assert (InjectionSettings().tracing_endpoint, InjectionSettings().tracing_sampling_ratio) == (
-        JAEGER,
+    settings = InjectionSettings()
+    assert (settings.tracing_endpoint, settings.tracing_protocol, settings.tracing_sampling_ratio) == (
+        JAEGER_HTTP,
+        "http/protobuf",
         0.01,
     )
 
