@@ -76,15 +76,17 @@ def test_1_once_behaves_as_described(leaves_nothing: None) -> None:
 
 
 def test_2_ctrl_c_stops_it_cleanly(leaves_nothing: None) -> None:
-    # A shell started in the background ignores SIGINT and its children inherit that: restore it.
+    # A shell started in the background ignores SIGINT and its children inherit that: restore it,
+    # then exec (not a preexec_fn: forked with one, a process running grpcio can lose the child to
+    # SIGABRT before exec, grpc/grpc#43055).
+    restore = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, sys.argv[1:])"
     proc = subprocess.Popen(
-        DEMO,
+        [sys.executable, "-c", restore, *DEMO],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=REPO,
         env=CLEAN_ENV,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     lines = []

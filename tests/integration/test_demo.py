@@ -86,13 +86,23 @@ def test_demo_once_behaves_as_described_and_leaves_nothing_behind() -> None:
     assert "sidemesh-demo-" not in ps
 
 
-def _demo_at_step_2(**popen: Any) -> tuple[subprocess.Popen[str], str]:
-    """`sidemesh demo --once` started and read until its step [2] (the CA and the controller run):
-    the process and what it printed so far."""
+# As nohup: SIGHUP ignored, then exec (an ignored signal stays ignored across exec). Not a
+# preexec_fn: this process runs grpcio, and forked with a preexec_fn its child was now and then
+# killed before exec (SIGABRT, "epoll_wait error: Bad file descriptor": grpcio's fork handler
+# restarts its poller in the child, whose epoll fd close_fds closes; grpc/grpc#43055).
+NOHUP = (
+    "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
+def _demo_at_step_2(*launcher: str, **popen: Any) -> tuple[subprocess.Popen[str], str]:
+    """`sidemesh demo --once` started (through ``launcher``: python arguments before ``-m``) and read
+    until its step [2] (the CA and the controller run): the process and what it printed so far."""
     import time
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidemesh", "demo", "--once"],
+        [sys.executable, *launcher, "-m", "sidemesh", "demo", "--once"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -132,7 +142,7 @@ def test_under_nohup_the_demo_outlives_the_terminal() -> None:
     """A SIGHUP the user chose to ignore (`nohup sidemesh demo &`) stays ignored."""
     import signal
 
-    proc, seen = _demo_at_step_2(preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup
+    proc, seen = _demo_at_step_2("-c", NOHUP)
     proc.send_signal(signal.SIGHUP)
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, seen + rest
