@@ -42,6 +42,10 @@ Apply = Callable[[InboundConfig | None, OutboundTable | None, str], None]
 RECONNECT_BACKOFF_MAX = 5.0
 
 
+class StreamEnded(ConnectionError):
+    """The controller closed the stream with status OK (it is stopping): dialled again."""
+
+
 class ConfigClient:
     def __init__(self, address: str, server_name: str, identity: WorkloadIdentity, apply: Apply) -> None:
         self.address = address
@@ -65,14 +69,19 @@ class ConfigClient:
             try:
                 await self._session()
                 attempt = 0  # a rotation ended a healthy session: reconnect at once
-            except (*grpc_client.CALL_ERRORS, ConnectionError) as exc:
+            except Exception as exc:  # (whatever ends a session, the stream is dialled again)
                 stop_if_cancelling(exc)  # being stopped, whatever the library made of the cancellation
                 if self.connected:  # the stream had delivered configuration: a new outage starts here
                     attempt = 0
                 self.connected = False
                 attempt += 1
-                code, message = grpc_client.status_of(exc)
-                self.last_error = f"{code.name}: {message}" if code is not grpc_client.Status.OK else message
+                if isinstance(exc, StreamEnded) or not isinstance(exc, grpc_client.CALL_ERRORS):
+                    self.last_error = str(exc) or type(exc).__name__
+                    if not isinstance(exc, ConnectionError):  # (a client bug, or a peer nobody foresaw)
+                        log.error("unexpected error on the controller stream", exc_info=exc)
+                else:
+                    code, message = grpc_client.status_of(exc)
+                    self.last_error = f"{code.name}: {message}"
                 delay = rotation.backoff(attempt, random.random(), ceiling=RECONNECT_BACKOFF_MAX)
                 log.warning(
                     "controller stream lost; keeping the last configuration",
@@ -105,7 +114,7 @@ class ConfigClient:
             await grpc_client.close(channel)
         if not stream.cancelled():  # it ended first: with the stream's error, or the stream ended
             stream.result()
-            raise ConnectionError("the controller ended the stream")
+            raise StreamEnded("the controller ended the stream")
         log.info("certificate rotated; reconnecting to the controller with it")
 
     async def _stream(self, channel: grpc_client.Channel) -> None:

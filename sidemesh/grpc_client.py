@@ -109,7 +109,7 @@ def status_of(exc: BaseException) -> tuple[Status, str]:
     if isinstance(exc, ssl.SSLError):
         return Status.UNAVAILABLE, f"TLS handshake failed: {exc}"
     if isinstance(exc, OSError):
-        return Status.UNAVAILABLE, f"failed to connect: {exc.strerror or exc}"
+        return Status.UNAVAILABLE, f"connection error: {exc.strerror or exc}"
     return Status.UNAVAILABLE, f"connection lost: {exc}"
 
 

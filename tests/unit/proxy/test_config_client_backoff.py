@@ -78,3 +78,34 @@ class _CancelledByGrpc(ConfigClient):
 async def test_stopping_ends_the_client_even_when_the_cancel_comes_back_as_an_error() -> None:
     client = _CancelledByGrpc()
     assert await stops_on_one_cancel(asyncio.create_task(client.run()), client.grpc)
+
+
+class _Broken(ConfigClient):
+    """A session that fails with an error no handler foresaw (a library's bug, an odd peer)."""
+
+    def __init__(self) -> None:
+        super().__init__("127.0.0.1:1", "controller", _Identity(), lambda *a: None)  # type: ignore[arg-type]
+        self.sessions = 0
+
+    async def _session(self) -> None:
+        self.sessions += 1
+        if self.sessions > 3:
+            raise asyncio.CancelledError
+        raise KeyError("stream id 1")
+
+
+async def test_an_unexpected_error_ends_the_session_not_the_stream(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It killed the client's task before: the sidecar kept its configuration and never dialled the
+    controller again. Now it is logged with its traceback and the stream is dialled again."""
+
+    async def fake_sleep(delay: float) -> None:
+        pass
+
+    monkeypatch.setattr("proxy.config_client.asyncio.sleep", fake_sleep)
+    client = _Broken()
+    with pytest.raises(asyncio.CancelledError):
+        await client.run()
+    assert client.sessions == 4 and client.last_error == "'stream id 1'" and not client.connected
+    assert any(r.exc_info and "unexpected error" in r.getMessage() for r in caplog.records)
