@@ -78,6 +78,7 @@ class Upstream:
     destination: str | None = None
     reason: str = ""  # why the request was allowed (inbound: the policy decision)
     policy: str | None = None
+    audit: bool = False  # allowed, but an audit-mode policy would refuse it
     at_head: Callable[[], None] | None = None  # the response head came (the balancer's latency)
 
 
@@ -392,6 +393,8 @@ async def _forward(
     ctx: Context,
 ) -> bool:
     result.reason, result.policy = up.reason, up.policy
+    if up.audit:
+        result.decision = "audit_deny"
     head = _request_head(req, raw, span, ctx)
     try:
         first = conn.next_event()  # without I/O: a request without a body ends at once

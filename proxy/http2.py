@@ -123,6 +123,7 @@ class Target:
     connect: ConnectApp
     reason: str = ""  # why the stream was allowed
     policy: str | None = None
+    audit: bool = False  # allowed, but an audit-mode policy would refuse it (inbound)
     endpoint: str | None = None  # "ip:port" (outbound)
     destination: str | None = None  # the endpoint's SPIFFE ID (outbound)
     unreachable: str = "app not reachable"  # the answer when no connection can be made
@@ -167,7 +168,8 @@ class StreamRouter(Protocol):
         ...
 
 
-Authorize = Callable[[str, str], Denial | tuple[str, str | None]]  # (reason, policy) when allowed
+# (reason, policy, audit) when allowed: audit, an audit-mode policy would have refused it
+Authorize = Callable[[str, str], Denial | tuple[str, str | None, bool]]
 
 
 class _AppRouter:
@@ -189,7 +191,7 @@ class _AppRouter:
         verdict = self.authorize(info.method, info.path)
         if isinstance(verdict, Denial):
             return verdict
-        return Target("app", self.connect_app, verdict[0], verdict[1])
+        return Target("app", self.connect_app, verdict[0], verdict[1], audit=verdict[2])
 
     def report(self, target: Target, ok: bool, latency: float | None = None) -> None:
         pass
@@ -1004,6 +1006,7 @@ class H2Proxy:
             target.endpoint,
             target.destination,
         )
+        r.decision = "audit_deny" if target.audit else "allow"
         up = next((u for u in self.ups.get(target.key, ()) if u.has_room()), None)
         if up is not None and self._send_head(stream, up):
             return

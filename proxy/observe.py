@@ -50,7 +50,8 @@ class RequestInfo:
 class RequestResult:
     status: int | None  # status sent to the caller; None when no response was sent (reset)
     grpc_status: int | None = None
-    decision: Literal["allow", "deny"] = "allow"
+    # audit_deny: allowed, but an audit-mode policy would have refused it (docs/policy.md)
+    decision: Literal["allow", "deny", "audit_deny"] = "allow"
     reason: str = ""  # the authorization reason (Decision.reason), or why the proxy failed it
     policy: str | None = None  # the ServiceAuthorization that decided, "namespace/name"
     retries: int = 0

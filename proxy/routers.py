@@ -118,11 +118,11 @@ class InboundRouter:
             )
         return decision
 
-    def h2_verdict(self, method: str, path: str) -> Denial | tuple[str, str | None]:
+    def h2_verdict(self, method: str, path: str) -> Denial | tuple[str, str | None, bool]:
         decision = self.decide(method, path)
         if not decision.allowed:
             return Denial(403, decision.reason, decision.policy, told=self.told)
-        return decision.reason, decision.policy
+        return decision.reason, decision.policy, decision.audit
 
     def begin(self, info: RequestInfo) -> float | None:
         return None  # timeouts and retries are the caller's side's (outbound)
@@ -138,7 +138,7 @@ class InboundRouter:
             return Local(403, decision.reason, "deny", decision.policy, told=self.told)
         up = await self._connect()
         if isinstance(up, Upstream):
-            up.reason, up.policy = decision.reason, decision.policy
+            up.reason, up.policy, up.audit = decision.reason, decision.policy, decision.audit
         return up
 
     async def _connect(self, fresh: bool = False) -> Local | Upstream:

@@ -128,7 +128,7 @@ def succeeded(result: RequestResult) -> bool:
         result.status is not None
         and result.status < 500
         and result.grpc_status in (None, 0)
-        and result.decision == "allow"
+        and result.decision != "deny"
         and result.error is None
     )
 
@@ -425,7 +425,7 @@ def _span_name(info: RequestInfo, result: RequestResult | None = None) -> str:
     if info.protocol == "grpc":
         if (
             result is not None
-            and result.decision == "allow"
+            and result.decision != "deny"
             and result.status is not None
             and result.status < 400
             and result.grpc_status != GRPC_UNIMPLEMENTED

@@ -10,6 +10,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,6 +19,7 @@ from proxy.sidecar import Sidecar
 from sidemesh.identity import tls
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import INBOUND, Mesh, new_mesh, talk
+from tests.integration.test_http1 import CartApp
 
 FRONTEND, CART, STRANGER = 1, 2, 3
 OUT = 18080
@@ -171,3 +173,66 @@ async def test_a_sidecar_configured_from_files_has_no_controller_gauge_and_no_cr
     assert "sidemesh_proxy_controller_connected" not in names
     assert {"sidemesh_proxy_connections_total", "sidemesh_proxy_requests_total"} <= names  # a real scrape
     assert not [n for n in names if n.endswith("_created")], sorted(names)
+
+
+AUDIT_ONLY_FRONTEND = """\
+apiVersion: sidemesh.io/v1alpha1
+kind: ServiceAuthorization
+metadata: {name: cart-audit, namespace: shop}
+spec:
+  mode: audit
+  selector: {matchLabels: {app: cart}}
+  rules:
+  - from: [{serviceAccount: frontend}]
+    to: {ports: [8080]}
+"""
+
+
+class _Echo(grpc.GenericRpcHandler):
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+            return request
+
+        return grpc.unary_unary_rpc_method_handler(echo)  # type: ignore[arg-type]
+
+
+async def test_audit_denials_of_http_requests_and_grpc_calls_are_counted(
+    start_ca: StartCA, tmp_path: Path
+) -> None:
+    """docs/policy.md: watch the audit denials go to zero before enforcing. They were counted for
+    opaque TCP only: HTTP requests and gRPC calls that an audit policy would refuse went under
+    decision="allow", and the metric said nothing was left to fix."""
+    mesh = new_mesh(await start_ca(), tmp_path, allow=AUDIT_ONLY_FRONTEND)
+    app = CartApp()
+    await app.start(mesh.addr(CART), 8080)
+    try:
+        cart = await mesh.sidecar("cart", CART, default_policy="allow-authenticated")
+        stranger_out = f"{mesh.addr(STRANGER)}:{OUT}"
+        await mesh.sidecar("stranger", STRANGER, outbound=(f"{stranger_out}=cart.shop:80",))
+        for _ in range(3):
+            with await asyncio.to_thread(
+                urllib.request.urlopen, f"http://{stranger_out}/cart/x", timeout=5
+            ) as r:
+                assert r.status == 200  # audit mode: let through
+        m = await scrape(cart)
+        await app.runner.cleanup()
+        audited = {"direction": "inbound", "source": "shop/stranger", "destination": "shop/cart"}
+        series = {**audited, "status_class": "2xx", "grpc_status": ""}
+        assert value(m, "sidemesh_proxy_requests_total", **series, decision="audit_deny") == 3
+        assert value(m, "sidemesh_proxy_requests_total", **series, decision="allow") == 0
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((_Echo(),))
+        server.add_insecure_port(f"{mesh.addr(CART)}:8080")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(stranger_out) as channel:
+                call = channel.unary_unary("/shop.Cart/Echo")
+                assert await call(b"hi", timeout=5) == b"hi"
+        finally:
+            await server.stop(None)
+        m = await scrape(cart)
+        series = {**audited, "status_class": "2xx", "grpc_status": "0"}
+        assert value(m, "sidemesh_proxy_requests_total", **series, decision="audit_deny") == 1
+    finally:
+        await app.runner.cleanup()
+        await mesh.close()
