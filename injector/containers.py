@@ -79,8 +79,9 @@ def init_container(settings: InjectionSettings, options: PodOptions) -> Json:
             "runAsNonRoot": False,
             "privileged": False,
             "allowPrivilegeEscalation": False,
-            # Nothing is written: iptables-restore takes no lock without -w (nf_tables: none at
-            # all), and `ip addr` and the rules live in the kernel (tested with / and /run read-only).
+            # Nothing is written but iptables-legacy's lock, which proxy init moves to /dev/shm
+            # when /run is read-only (proxy/iptables/apply.py _env); nf_tables takes none, and
+            # `ip addr` and the rules live in the kernel.
             "readOnlyRootFilesystem": True,
             "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from injector.containers import PodOptions
 from injector.diff import diff
 from injector.errors import PodError
 from injector.settings import InjectionSettings, Resources, quantity
+from sidemesh.config import parse_cidr
 from sidemesh.mesh.delivery import OPAQUE_PORTS
 from sidemesh.mesh.resources import DEFAULT_POLICY_ANNOTATION
 from sidemesh.policy.model import DefaultPolicy
@@ -100,9 +100,9 @@ def _exclusion(key: str, value: str) -> str:
     for item in items:
         if key.endswith("cidrs"):
             try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise PodError(f"annotation {key}: {item!r} is not an IP network (CIDR); {_FIX}") from None
+                parse_cidr(item)
+            except ValueError as exc:
+                raise PodError(f"annotation {key}: {exc}; {_FIX}") from None
         elif item == "*" and key.endswith("inbound-ports"):
             if len(items) == 1:
                 continue

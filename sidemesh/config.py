@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import ipaddress
 import os
 import re
 import types
@@ -189,3 +190,24 @@ def parse_hostport(option_name: str, text: str) -> tuple[str, int]:
     if not 0 <= int(port) <= 65535:
         raise ConfigError(option_name, f"{text!r}: port {port} is not 0-65535")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An excluded network as iptables can match it (host bits cleared). Refused, with the fix: an
+    IPv6 address with a zone (``fe80::1%eth0``: no rule can name it), and an IPv4-mapped IPv6
+    network (``::ffff:10.0.0.0/104``: such traffic leaves as IPv4, an ip6tables rule never matches
+    it). Both passed and were silently of no effect, or failed proxy init with iptables' error."""
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a CIDR (examples: 10.0.0.0/8, 169.254.169.254/32, fd00::/8)"
+        ) from None
+    if isinstance(net, ipaddress.IPv6Network):
+        if "%" in text:
+            raise ValueError(f"{text!r}: an address with a zone (%...) cannot be matched; leave the zone out")
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None:
+            v4 = ipaddress.IPv4Network((mapped, max(net.prefixlen - 96, 0)), strict=False)
+            raise ValueError(f"{text!r} is an IPv4-mapped IPv6 network, which leaves as IPv4: write {v4}")
+    return net

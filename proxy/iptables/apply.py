@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -79,11 +80,36 @@ def add_inbound_source() -> str | None:
     return None
 
 
+# What iptables-nft prints when the kernel has no usable nf_tables (every iptables-nft message
+# starts "(nf_tables):", so the word alone says nothing).
+_NO_NF_TABLES = ("rule set generation id", "could not fetch rule set", "protocol not supported")
+LOCK_DIRS = ("/run", "/dev/shm")
+
+
+def _env() -> dict[str, str] | None:
+    """iptables-legacy takes /run/xtables.lock even without -w: in the injected init container
+    (read-only root filesystem) it could not, and proxy init failed on every legacy node. When
+    /run cannot be written, the lock goes to /dev/shm (a tmpfs in every pod), as XTABLES_LOCKFILE
+    says (Linkerd mounts an emptyDir over /run for the same lock)."""
+    if "XTABLES_LOCKFILE" in os.environ or os.access(LOCK_DIRS[0], os.W_OK):
+        return None
+    for directory in LOCK_DIRS[1:]:
+        if os.access(directory, os.W_OK):
+            return {**os.environ, "XTABLES_LOCKFILE": f"{directory}/xtables.lock"}
+    return None
+
+
 def _run(argv: Sequence[str], stdin: str | None = None) -> str:
     command = " ".join(argv)
     try:
         proc = subprocess.run(
-            list(argv), input=stdin, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=False
+            list(argv),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_SECONDS,
+            check=False,
+            env=_env(),
         )
     except FileNotFoundError:
         raise CaptureError(
@@ -98,7 +124,7 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> str:
         err = proc.stderr.strip() or proc.stdout.strip() or "no output"
         if any(marker in err.lower() for marker in _DENIED):
             raise CaptureError(f"`{command}` was not permitted ({err}): {_NEED_NET_ADMIN}")
-        if "rule set generation id" in err.lower() or "nf_tables" in err.lower():
+        if any(marker in err.lower() for marker in _NO_NF_TABLES):
             err += (
                 " (the node's kernel has no nf_tables: use the legacy backend, --iptables-mode legacy "
                 "or SIDEMESH_IPTABLES_MODE=legacy)"

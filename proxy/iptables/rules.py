@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from sidemesh.config import parse_cidr
+
 Family = Literal["ipv4", "ipv6"]
 FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
 RESTORE_COMMAND: Mapping[Family, str] = {"ipv4": "iptables-restore", "ipv6": "ip6tables-restore"}
@@ -65,12 +67,7 @@ def _check_port(name: str, value: int) -> None:
 
 
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not a CIDR (examples: 10.0.0.0/8, 169.254.169.254/32, fd00::/8)"
-        ) from None
+    return parse_cidr(text)
 
 
 @dataclass(frozen=True, slots=True)

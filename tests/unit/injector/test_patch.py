@@ -188,7 +188,9 @@ def test_security_contexts() -> None:
     assert init["runAsUser"] == 0 and init["runAsNonRoot"] is False
     assert init["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
     assert init["allowPrivilegeEscalation"] is False and init["privileged"] is False
-    assert init["readOnlyRootFilesystem"] is True  # iptables-restore and `ip addr` write no file
+    assert (
+        init["readOnlyRootFilesystem"] is True
+    )  # (iptables-legacy's lock: /dev/shm, proxy/iptables/apply.py)
     proxy = container(out, "sidemesh-proxy")["securityContext"]
     assert proxy == {
         "runAsUser": 1337,
@@ -292,7 +294,13 @@ def test_skips(meta: Json, spec: Json, reason: str) -> None:
             "'*' (no inbound capture) cannot be combined with port",
         ),
         ({"sidemesh.io/exclude-outbound-ports": "70000"}, "'70000' is not a port number"),
-        ({"sidemesh.io/exclude-outbound-cidrs": "10.0.0.0/33"}, "'10.0.0.0/33' is not an IP network"),
+        ({"sidemesh.io/exclude-outbound-cidrs": "10.0.0.0/33"}, "'10.0.0.0/33' is not a CIDR"),
+        # Both passed, then did nothing (the traffic leaves as IPv4) or failed proxy init:
+        (
+            {"sidemesh.io/exclude-outbound-cidrs": "::ffff:10.97.1.0/120"},
+            "leaves as IPv4: write 10.97.1.0/24",
+        ),
+        ({"sidemesh.io/exclude-outbound-cidrs": "fe80::1%eth0"}, "an address with a zone"),
         ({"sidemesh.io/native-sidecar": "yes"}, 'native-sidecar: \'yes\' is not "true" or "false"'),
         ({"sidemesh.io/default-policy": "open"}, "default-policy: 'open' is not one of deny"),
         ({"sidemesh.io/rewrite-app-probes": "1"}, "rewrite-app-probes"),

@@ -67,3 +67,47 @@ def test_the_backend_is_the_one_holding_rules_or_the_one_that_works(
     monkeypatch.setenv("PATH", str(bin_dir))
     backend, why = apply.detect_backend()
     assert backend == expected, why
+
+
+def test_a_legacy_lock_goes_to_dev_shm_when_run_is_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """iptables-legacy-restore takes /run/xtables.lock even without -w: in the injected init
+    container (read-only root filesystem) it failed, "can't open lock file /run/xtables.lock"."""
+    from proxy.iptables import apply
+
+    bin_dir, run, shm = tmp_path / "bin", tmp_path / "run", tmp_path / "shm"
+    for d in (bin_dir, run, shm):
+        d.mkdir()
+    _fake(bin_dir, "iptables-legacy-save", 'echo "lock=${XTABLES_LOCKFILE:-/run/xtables.lock}"\n')
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delenv("XTABLES_LOCKFILE", raising=False)
+    monkeypatch.setattr(apply, "LOCK_DIRS", (str(run), str(shm)))
+    assert apply._run(["iptables-legacy-save"]) == "lock=/run/xtables.lock\n"  # /run writable: as is
+    run.chmod(0o555)
+    monkeypatch.setattr(apply.os, "access", lambda p, mode: p != str(run))  # (root may write anyway)
+    assert apply._run(["iptables-legacy-save"]) == f"lock={shm}/xtables.lock\n"
+    monkeypatch.setenv("XTABLES_LOCKFILE", "/elsewhere.lock")  # the operator's choice stands
+    assert apply._run(["iptables-legacy-save"]) == "lock=/elsewhere.lock\n"
+
+
+def test_an_nft_error_is_not_blamed_on_a_missing_nf_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every iptables-nft message starts "(nf_tables):": a bad rule was told to use the legacy backend."""
+    from proxy.iptables import apply
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    bad = "ip6tables-restore v1.8.9 (nf_tables): host/network `fe80::1%eth0' not found"
+    (tmp_path / "bad.txt").write_text(bad + "\n")
+    _fake(bin_dir, "bad-restore", f"/bin/cat {tmp_path / 'bad.txt'} >&2; exit 2\n")
+    _fake(
+        bin_dir, "old-kernel", 'echo "Could not fetch rule set generation id: Invalid argument" >&2; exit 1\n'
+    )
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(apply.CaptureError) as bad_rule:
+        apply._run(["bad-restore"])
+    assert "fe80::1%eth0' not found" in str(bad_rule.value) and "legacy" not in str(bad_rule.value)
+    with pytest.raises(apply.CaptureError, match="kernel has no nf_tables"):
+        apply._run(["old-kernel"])

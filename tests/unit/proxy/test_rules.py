@@ -331,3 +331,19 @@ def test_dry_run_reads_annotation_environment(
     monkeypatch.setenv("SIDEMESH_IPV6", "off")
     assert main(["proxy", "init", "--dry-run"]) == 0
     assert capsys.readouterr().out == _golden_body("no-inbound")
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        # It became an ip6tables rule that never matches (the traffic leaves as IPv4), or none at all.
+        ("::ffff:10.97.1.0/120", "IPv4-mapped IPv6 network, which leaves as IPv4: write 10.97.1.0/24"),
+        ("::ffff:10.97.1.2", "write 10.97.1.2/32"),
+        # ipaddress accepts a zone; ip6tables-restore cannot ("host/network ... not found").
+        ("fe80::1%eth0", "an address with a zone"),
+        ("fe80::%eth0/64", "an address with a zone"),
+    ],
+)
+def test_cidrs_no_rule_could_match_are_refused_with_the_fix(text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(why)):
+        rules.parse_cidrs(f"10.0.0.0/8, {text}")
