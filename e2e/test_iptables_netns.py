@@ -236,6 +236,21 @@ def test_a_forced_backend_is_used(make_netns: Callable[[], Netns]) -> None:
     assert bad.returncode == 2 and "--iptables-mode: 'xtables' is not one of auto, legacy, nft" in bad.stderr
 
 
+def test_the_legacy_backend_works_with_run_read_only(make_netns: Callable[[], Netns]) -> None:
+    """As in the injected init container (readOnlyRootFilesystem): iptables-legacy-restore takes
+    /run/xtables.lock even without -w, and proxy init failed on every legacy node."""
+    if shutil.which("iptables-legacy-save") is None or shutil.which("unshare") is None:
+        pytest.skip("iptables-legacy-save or unshare (util-linux) not found")
+    ns = make_netns()
+    init = shlex.join(
+        [sys.executable, "-m", "sidemesh", "proxy", "init", "--ipv6", "off", "--iptables-mode", "legacy"]
+    )
+    ro_run = f"mount --make-rprivate / && mount -t tmpfs -o ro tmpfs /run && {init}"
+    proc = ns.run("unshare", "-m", "sh", "-c", ro_run, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert _chains(ns, "iptables-legacy-save")
+
+
 def test_without_net_admin_says_what_is_needed(make_netns: Callable[[], Netns]) -> None:
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) not found: needed to drop NET_ADMIN")
