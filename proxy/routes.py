@@ -22,6 +22,7 @@ DEFAULT_CAPACITY = 200
 
 @dataclass(slots=True)
 class RouteCounters:
+    since: int = 0  # which route this is: a route evicted and recorded again is a new one
     requests: int = 0
     successes: int = 0
     denials: int = 0
@@ -40,6 +41,7 @@ class RouteStats:
         self.capacity = capacity
         self.routes: dict[tuple[str, str], RouteCounters] = {}
         self.evicted = 0
+        self.made = 0  # routes made so far (each one's ``since``)
         self.started = time.time()
 
     def record(self, direction: str, route: str, seconds: float, ok: bool, denied: bool) -> None:
@@ -50,7 +52,8 @@ class RouteStats:
                 coldest = min(self.routes, key=lambda k: self.routes[k].requests)
                 del self.routes[coldest]
                 self.evicted += 1
-            counters = self.routes[key] = RouteCounters()
+            self.made += 1
+            counters = self.routes[key] = RouteCounters(since=self.made)
         counters.requests += 1
         counters.successes += ok
         counters.denials += denied
@@ -68,6 +71,7 @@ class RouteStats:
                 {
                     "direction": direction,
                     "route": route,
+                    "since": c.since,
                     "requests": c.requests,
                     "successes": c.successes,
                     "denials": c.denials,

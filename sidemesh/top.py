@@ -103,7 +103,13 @@ def rows(before: Sequence[Snapshot], after: Sequence[Snapshot], seconds: float) 
         for key, cur in _routes(snap).items():
             buckets = [int(b) for b in cur["latency_buckets"]]
             prev = old.get(key)
-            if prev is None or int(prev["requests"]) > int(cur["requests"]):
+            # (another ``since``: evicted and recorded again since, its counters started over; a
+            # count that came back as high as before hid that, and gave success rates below 0 %)
+            if (
+                prev is None
+                or prev.get("since") != cur.get("since")
+                or int(prev["requests"]) > int(cur["requests"])
+            ):
                 prev = {"requests": 0, "successes": 0, "denials": 0, "latency_buckets": [0] * len(buckets)}
             row = acc.setdefault(
                 key, {"n": 0, "ok": 0, "denials": 0, "total": 0, "delta": [0] * len(buckets)}

@@ -60,6 +60,24 @@ def test_replicas_are_summed_and_a_restarted_sidecar_counts_from_zero() -> None:
     assert row.rps == 1  # 1 - 8 would be negative: the counters restarted
 
 
+def test_a_route_evicted_and_back_with_as_many_requests_counts_from_zero() -> None:
+    """Its new count was not below the old, so it read as the same counters: -166.7 % success and
+    too few requests per second (review of session 16, reproduced with the real RouteStats)."""
+    stats = RouteStats(capacity=3)
+    for _ in range(5):
+        stats.record("inbound", "GET /a", 0.001, True, False)
+    for route in ("GET /b", "GET /c"):
+        for _ in range(6):
+            stats.record("inbound", route, 0.001, True, False)
+    before = [stats.snapshot()]
+    for _ in range(6):
+        stats.record("inbound", "GET /d", 0.001, True, False)  # evicts /a, the least requested
+    for _ in range(8):
+        stats.record("inbound", "GET /a", 0.001, False, False)  # back: 8 failures, counted anew
+    a = next(r for r in rows(before, [stats.snapshot()], 2.0) if r.route == "GET /a")
+    assert (a.rps, a.success, a.requests) == (4.0, 0.0, 8)
+
+
 def test_render_fits_the_width_and_says_when_there_is_nothing() -> None:
     stats = _stats()
     stats.record("inbound", "GET /" + "x" * 300, 0.01, True, False)
