@@ -145,4 +145,4 @@ async def serve(sc: Sidecar, relay: Relay, conn: socket.socket, dest: Destinatio
     router = OutboundStreams(sc, dest.name, relay.info)
     proxy = H2Proxy(down, None, None, sc.observer.start, relay.info, router=router, pool=pool.h2_pool_of(sc))
     # The app's connections stay usable while the sidecar drains (it finishes its work).
-    await tracked(relay, down, "HTTP/2", proxy.run(sc.config.idle_timeout.total_seconds()))
+    await tracked(sc, relay, down, "HTTP/2", proxy.run(sc.config.idle_timeout.total_seconds()))

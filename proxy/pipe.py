@@ -76,6 +76,9 @@ class Pipe(asyncio.Protocol):
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick_period = 1.0
         self._ticked = False
+        self.bytes_in = 0  # as received (framing included), for the metrics and /connections
+        # Given the bytes received when the connection ends (a pooled upstream: its pool's direction).
+        self.count_bytes: typing.Callable[[int], None] | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -85,6 +88,7 @@ class Pipe(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         if self.decoder is None:
             self._push(data)
             self._wake()
@@ -128,6 +132,9 @@ class Pipe(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.stop_ticks()
+        if self.count_bytes is not None:
+            self.count_bytes(self.bytes_in)
+            self.count_bytes = None
         self.on_control = None  # a closure that holds this pipe: no cycle outlives the connection
         if exc is not None and self._lost is None:
             self._lost = exc

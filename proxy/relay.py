@@ -203,6 +203,7 @@ class Relay:
         self._seen = 0
         self.info: dict[str, object] = {}
         self.on_fail: Callable[[], None] | None = None  # an HTTP connection has no halves: reset it
+        self.pipes: list[typing.Any] = []  # an HTTP connection's downstream (proxy.pipe.Pipe): its bytes
 
     def half(self, framed: bool, name: str) -> Half:
         h = Half(self, framed, name)

@@ -299,10 +299,13 @@ class OutboundRouter:
             up.conn.release()
 
 
-async def tracked(relay: Relay, down: Pipe, what: str, work: Awaitable[None]) -> None:
+async def tracked(sc: Sidecar, relay: Relay, down: Pipe, what: str, work: Awaitable[None]) -> None:
     """Run ``work`` (serving one downstream connection) under its relay: linked for drain and the
-    connection metrics, reset if the relay fails, and ended with how it went."""
+    connection metrics (counted here as an allowed connection, its bytes at its end; each request
+    is authorized on its own), reset if the relay fails, and ended with how it went."""
     relay.info["linked"] = True
+    relay.pipes.append(down)
+    sc.metrics.connections.labels(str(relay.info.get("direction")), "allow").inc()
     relay.on_fail = down.abort
     outcome = "closed"
     try:
@@ -317,7 +320,7 @@ async def tracked(relay: Relay, down: Pipe, what: str, work: Awaitable[None]) ->
 
 async def serve_connection(sc: Sidecar, relay: Relay, down: Pipe, router: Router, ctx: Context) -> None:
     """Serve one HTTP connection; the relay tracks it for drain and the connection metrics."""
-    await tracked(relay, down, "HTTP", http1.serve(down, router, ctx))
+    await tracked(sc, relay, down, "HTTP", http1.serve(down, router, ctx))
 
 
 def context(
@@ -356,5 +359,5 @@ async def serve_h2(sc: Sidecar, relay: Relay, down: Pipe, router: InboundRouter)
         drain_started=sc.drain_started.wait,
     )
     await tracked(
-        relay, down, "HTTP/2", proxy.run(sc.config.idle_timeout.total_seconds(), lambda: sc.draining)
+        sc, relay, down, "HTTP/2", proxy.run(sc.config.idle_timeout.total_seconds(), lambda: sc.draining)
     )

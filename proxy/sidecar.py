@@ -257,7 +257,7 @@ class Sidecar:
         direction = str(relay.info.get("direction"))
         self.metrics.open.labels(direction).dec()
         self.open_connections[direction] -= 1
-        received = {h.name: h.bytes_in for h in relay.halves}
+        received = {h.name: h.bytes_in for h in (*relay.halves, *relay.pipes)}
         self.metrics.bytes.labels(direction).inc(sum(received.values()))
         seconds = time.monotonic() - relay.started
         ok = outcome == "closed" and bool(relay.info.get("linked"))
@@ -716,7 +716,7 @@ class Sidecar:
                 {
                     **r.info,
                     "age_seconds": round(now - r.started, 3),
-                    "bytes": {h.name: h.bytes_in for h in r.halves},
+                    "bytes": {h.name: h.bytes_in for h in (*r.halves, *r.pipes)},
                 }
                 for r in list(self.relays)
             ],

@@ -4,6 +4,7 @@ against the traffic the test sent."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 import urllib.request
@@ -14,6 +15,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy import pool
 from proxy.observe import RequestInfo, RequestResult
 from proxy.sidecar import Sidecar
 from sidemesh.identity import tls
@@ -236,3 +238,46 @@ async def test_audit_denials_of_http_requests_and_grpc_calls_are_counted(
     finally:
         await app.runner.cleanup()
         await mesh.close()
+
+
+def _post(host: str, port: int, body: bytes) -> bytes:
+    with socket.create_connection((host, port), timeout=5) as s:
+        head = b"POST /cart/echo HTTP/1.1\r\nHost: cart\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+        s.sendall(head % len(body) + body)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+async def test_http_connections_are_counted_once_each_with_their_bytes(mesh: Mesh) -> None:
+    """Each HTTP connection the app opened is one allowed connection, closed once; the pool's own
+    dials are not connections of their own, and what they carried is in bytes_total. (An HTTP
+    connection counted nothing in bytes_total, and the pool's dials were the connections: 1 total
+    and 5 closed after 5 requests, total - closed negative.)"""
+    app = CartApp()
+    await app.start(mesh.addr(CART), 8080)
+    try:
+        cart = await mesh.sidecar("cart", CART)
+        out = f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80"
+        frontend = await mesh.sidecar("frontend", FRONTEND, outbound=(out,))
+        received = 0
+        for _ in range(5):
+            reply = await asyncio.to_thread(_post, mesh.addr(FRONTEND), OUT, b"x" * 1000)
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:100]
+            received += len(reply)
+        await asyncio.sleep(0.2)
+        m = await scrape(frontend)  # five connections from the app, each closed after its request
+        conns = value(m, "sidemesh_proxy_connections_total", direction="outbound", decision="allow")
+        assert (conns, total(m, "sidemesh_proxy_connections_closed_total", direction="outbound")) == (5, 5)
+        assert value(m, "sidemesh_proxy_bytes_total", direction="outbound") >= 5 * 1000  # their requests
+        m = await scrape(cart)  # one connection from the frontend's sidecar, pooled, still open
+        assert value(m, "sidemesh_proxy_connections_total", direction="inbound", decision="allow") == 1
+        assert value(m, "sidemesh_proxy_connections_open", direction="inbound") == 1
+        pool.close_pools(frontend)  # its pooled connection to cart ends: what came back on it counts
+        await asyncio.sleep(0.2)
+        m = await scrape(frontend)
+        assert value(m, "sidemesh_proxy_bytes_total", direction="outbound") >= 5 * 1000 + received
+        assert value(m, "sidemesh_proxy_connections_total", direction="outbound", decision="allow") == 5
+    finally:
+        await app.runner.cleanup()
