@@ -266,7 +266,7 @@ class Sidecar:
         reason = TIMED_OUT.get(outcome)
         if reason is not None:
             self._timed_out(direction, reason, relay, seconds)
-        if relay.info.get("protocol") not in ("http/1", "h2"):  # HTTP is counted per request
+        if not relay.pipes:  # (served as HTTP: counted per request; HTTP relayed as opaque bytes: here)
             target = relay.info.get("destination") or f":{relay.info.get('port', '?')}"
             denied = outcome == "denied" or "denied" in relay.info
             self.routes.record(direction, f"TCP {target}", seconds, ok, denied)

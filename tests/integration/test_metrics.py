@@ -20,8 +20,9 @@ from proxy.observe import RequestInfo, RequestResult
 from proxy.sidecar import Sidecar
 from sidemesh.identity import tls
 from tests.integration.conftest import StartCA
-from tests.integration.mesh_fixture import INBOUND, Mesh, new_mesh, talk
+from tests.integration.mesh_fixture import INBOUND, MESH_YAML, Mesh, new_mesh, talk
 from tests.integration.test_http1 import CartApp
+from tests.integration.test_http2 import channel, unary, unary_method
 
 FRONTEND, CART, STRANGER = 1, 2, 3
 OUT = 18080
@@ -281,3 +282,30 @@ async def test_http_connections_are_counted_once_each_with_their_bytes(mesh: Mes
         assert value(m, "sidemesh_proxy_connections_total", direction="outbound", decision="allow") == 5
     finally:
         await app.runner.cleanup()
+
+
+async def test_http_relayed_as_opaque_bytes_is_a_tcp_route(start_ca: StartCA, tmp_path: Path) -> None:
+    """gRPC to pods without a sidecar goes as bytes (no HTTP/2 between sidecars to carry it): it is
+    a TCP route in /stats/routes (`sidemesh top`). It was in no route at all, as it was detected h2."""
+    plain_cart = MESH_YAML.replace("address: {net}.2, ports", "meshed: false, address: {net}.2, ports")
+    assert plain_cart != MESH_YAML
+    mesh = new_mesh(await start_ca(), tmp_path, workloads=plain_cart)
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler(
+        "test.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(unary)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"{mesh.addr(CART)}:8080")
+    await server.start()
+    try:
+        frontend = await mesh.sidecar(
+            "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
+        )
+        async with channel((mesh.addr(FRONTEND), OUT)) as ch:
+            assert await unary_method(ch, "/test.Echo/Unary")(b"ab") == b"ba"
+        await asyncio.sleep(0.2)
+        routes = frontend.routes.snapshot()["routes"]
+        assert [(r["route"], r["requests"]) for r in routes] == [("TCP cart.shop:80", 1)]
+    finally:
+        await server.stop(0)
+        await mesh.close()
