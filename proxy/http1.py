@@ -273,13 +273,12 @@ def _send_error(conn: h1.Connection, down: Pipe, status: int, why: str, ctx: Con
 async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Router, ctx: Context) -> bool:
     """One request and its response. False when the downstream connection is no longer HTTP."""
     raw = req.headers
+    bad_path = None
     if ctx.direction == "inbound":  # the enforcing side: the app gets the path the policy saw
         try:
             req.target = normalize_target(req.target)
         except BadPath as exc:
-            _send_error(conn, down, 400, f"bad request target: {exc}", ctx)
-            down.close()
-            return False
+            bad_path = f"bad request target: {exc}"
     authority = (req.host if req.known else header(raw, b"host")) or b""
     info = RequestInfo(
         direction=ctx.direction,
@@ -294,6 +293,11 @@ async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Ro
         traced=req.traced,
     )
     span = ctx.observer.start(info)
+    if bad_path is not None:  # answered here, and counted as the 400 it is (the app never sees it)
+        _send_error(conn, down, 400, bad_path, ctx)
+        span.finish(RequestResult(400, error=bad_path))
+        down.close()
+        return False
     result = RequestResult(status=None)
     try:
         timeout = router.begin(info)

@@ -309,3 +309,23 @@ async def test_http_relayed_as_opaque_bytes_is_a_tcp_route(start_ca: StartCA, tm
     finally:
         await server.stop(0)
         await mesh.close()
+
+
+async def test_a_request_target_the_sidecar_refuses_is_counted_as_its_400(mesh: Mesh) -> None:
+    """The enforcing sidecar answers a path it cannot normalize itself (the app never sees it): that
+    400 was in no metric and no route on that side."""
+    app = CartApp()
+    await app.start(mesh.addr(CART), 8080)
+    try:
+        cart = await mesh.sidecar("cart", CART)
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        with socket.create_connection((mesh.addr(FRONTEND), OUT), timeout=5) as s:
+            s.sendall(b"GET /cart/%zz HTTP/1.1\r\nHost: cart\r\n\r\n")
+            assert (await asyncio.to_thread(s.recv, 65536)).startswith(b"HTTP/1.1 400")
+        await asyncio.sleep(0.2)
+        m = await scrape(cart)
+        assert total(m, "sidemesh_proxy_requests_total", direction="inbound", status_class="4xx") == 1
+        assert [r["route"] for r in cart.routes.snapshot()["routes"]] == ["GET /cart/%zz"]
+        assert app.seen == []
+    finally:
+        await app.runner.cleanup()
