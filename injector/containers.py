@@ -114,7 +114,7 @@ def proxy_container(settings: InjectionSettings, options: PodOptions) -> Json:
     if settings.tracing_endpoint:  # docs/observability.md
         env += [
             {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": settings.tracing_endpoint},
-            {"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": settings.tracing_protocol},
+            {"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": settings.otlp_protocol()},
             {"name": "OTEL_TRACES_SAMPLER", "value": "parentbased_traceidratio"},
             {"name": "OTEL_TRACES_SAMPLER_ARG", "value": f"{settings.tracing_sampling_ratio:g}"},
         ]

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -141,6 +142,9 @@ def quantity(text: str) -> Decimal:
     return value
 
 
+OTLP_GRPC_PORT = 4317  # the OTLP specification's default port for OTLP/gRPC (4318: OTLP/HTTP)
+
+
 @dataclass(frozen=True, slots=True)
 class Resources:
     """A container's `resources`: requests and limits, resource name -> quantity."""
@@ -181,14 +185,26 @@ class InjectionSettings:
     # OTLP endpoint the sidecars export spans to (their OTEL_EXPORTER_OTLP_ENDPOINT); empty: no tracing.
     # The default is the Jaeger addon, as Istio points at its Zipkin: without it spans are dropped.
     tracing_endpoint: str = "http://jaeger.sidemesh-system.svc:4318"
-    # Their OTEL_EXPORTER_OTLP_PROTOCOL. OTLP/HTTP by default, as the OTLP specification's default:
-    # the OTLP/gRPC exporter is built on grpcio, 14 MB more in every sidecar (docs/design-choices.md).
-    tracing_protocol: str = "http/protobuf"
+    # Their OTEL_EXPORTER_OTLP_PROTOCOL: http/protobuf or grpc. Unset: grpc for an endpoint on port
+    # 4317 (OTLP/gRPC's port: the settings of earlier versions said so), otherwise OTLP/HTTP, the
+    # OTLP specification's default (the OTLP/gRPC exporter is built on grpcio, 14 MB more in every
+    # sidecar: docs/design-choices.md).
+    tracing_protocol: str = ""
     tracing_sampling_ratio: float = 0.01  # parent-based: a caller's decision wins
     access_log: bool = False  # the sidecars' per-request JSON access log (SIDEMESH_ACCESS_LOG)
     # The init container's iptables backend (SIDEMESH_IPTABLES_MODE): auto, legacy or nft.
     iptables_mode: str = "auto"
     version: str = __version__
+
+    def otlp_protocol(self) -> str:
+        """The sidecars' OTLP protocol: tracingProtocol, or by the endpoint's port when unset."""
+        if self.tracing_protocol:
+            return self.tracing_protocol
+        try:
+            port = urllib.parse.urlsplit(self.tracing_endpoint).port
+        except ValueError:  # (not a port number: the exporter says so at the sidecar's start)
+            port = None
+        return "grpc" if port == OTLP_GRPC_PORT else "http/protobuf"
 
     def resolved(self, native_supported: bool) -> InjectionSettings:
         """With nativeSidecar "auto" decided: native when the cluster supports native sidecars."""
@@ -218,7 +234,8 @@ class InjectionSettings:
                 f"{self.tracing_endpoint!r}: give http://HOST:PORT (OTLP/HTTP, e.g. :4318; :4317 with "
                 "tracingProtocol: grpc)",
             )
-        _one_of("tracingProtocol", self.tracing_protocol, ("http/protobuf", "grpc"))
+        if self.tracing_protocol:
+            _one_of("tracingProtocol", self.tracing_protocol, ("http/protobuf", "grpc"))
         _one_of("iptablesMode", self.iptables_mode, ("auto", "legacy", "nft"))
         if not 0.0 <= self.tracing_sampling_ratio <= 1.0:
             raise SettingsError(

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import h2.exceptions
 from grpclib.client import Channel
@@ -26,6 +28,8 @@ from sidemesh.config import parse_hostport
 
 __all__ = ["CALL_ERRORS", "Channel", "RawCodec", "Status", "channel", "close", "status_of", "tls_context"]
 
+T = TypeVar("T")
+
 # What a call can end with besides its answer; status_of names each as a gRPC status.
 CALL_ERRORS = (GRPCError, StreamTerminatedError, ProtocolError, h2.exceptions.H2Error, OSError, TimeoutError)
 
@@ -33,8 +37,13 @@ CALL_ERRORS = (GRPCError, StreamTerminatedError, ProtocolError, h2.exceptions.H2
 def tls_context(bundle_pem: bytes) -> ssl.SSLContext:
     """A client context that trusts only ``bundle_pem`` and checks the server's DNS name (the name
     given to :func:`channel`), offering h2 as gRPC requires (grpcio servers refuse a handshake
-    without it). Raises ``ssl.SSLError`` for a bundle with no certificate in it."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=bundle_pem.decode("ascii", "replace"))
+    without it). Raises ``ssl.SSLError`` for a bundle with no certificate in it (an empty one too:
+    ``create_default_context`` took empty data as none given, and trusted the system's roots)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # (verifies the chain and the name)
+    try:
+        ctx.load_verify_locations(cadata=bundle_pem.decode("ascii", "replace"))
+    except ValueError as exc:  # "Empty certificate data"
+        raise ssl.SSLError(f"the trust bundle holds no certificate ({exc})") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["h2"])
     return ctx
@@ -85,6 +94,21 @@ class _Channel(Channel):
         return protocol
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """The call failed with its connection (lost, or broken by the server's GOAWAY), not with an
+    answer: another connection may serve it."""
+    return isinstance(exc, (StreamTerminatedError, ProtocolError, h2.exceptions.H2Error))
+
+
+async def call_in_own_task(call: Awaitable[T]) -> T:
+    """Await a grpclib call in a task of its own. grpclib ends a call at its deadline, or when its
+    connection is lost, by cancelling the task it runs in, and never uncancels it: run in the
+    caller's task, that task stayed "being cancelled" (``Task.cancelling()``), and a retry loop that
+    stops on that (sidemesh/cancel.py) stopped for good after one slow answer from the CA. A
+    cancellation of the caller still reaches the call (awaiting a task cancels it with the caller)."""
+    return await asyncio.ensure_future(call)
+
+
 async def close(channel: Channel) -> None:
     """Close the channel's connection at once. grpclib's ``close`` starts TLS's close_notify
     exchange and returns: the transport outlived its owner (a loop closed under it logged "Event
@@ -107,7 +131,7 @@ def status_of(exc: BaseException) -> tuple[Status, str]:
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return Status.DEADLINE_EXCEEDED, "deadline exceeded"
     if isinstance(exc, ssl.SSLError):
-        return Status.UNAVAILABLE, f"TLS handshake failed: {exc}"
+        return Status.UNAVAILABLE, f"TLS: {exc}"
     if isinstance(exc, OSError):
         return Status.UNAVAILABLE, f"connection error: {exc.strerror or exc}"
     return Status.UNAVAILABLE, f"connection lost: {exc}"

@@ -62,16 +62,28 @@ class CAClient:
         """Sign with the metadata as given (sign() sends the token; tests send none, or a trace)."""
         while self._retired:
             await grpc_client.close(self._retired.pop())
-        try:
-            if self._channel is None:
-                self._channel = grpc_client.channel(
-                    self.address, grpc_client.tls_context(self._bundle), self.server_name
+        for attempt in (1, 2):
+            try:
+                if self._channel is None:
+                    self._channel = grpc_client.channel(
+                        self.address, grpc_client.tls_context(self._bundle), self.server_name
+                    )
+                method = UnaryUnaryMethod(self._channel, SIGN, ca_pb2.SignRequest, ca_pb2.SignResponse)
+                return await grpc_client.call_in_own_task(
+                    method(request, timeout=self.timeout, metadata=metadata)
                 )
-            method = UnaryUnaryMethod(self._channel, SIGN, ca_pb2.SignRequest, ca_pb2.SignResponse)
-            return await method(request, timeout=self.timeout, metadata=metadata)
-        except grpc_client.CALL_ERRORS as exc:
-            code, message = grpc_client.status_of(exc)
-            raise CAClientError(code, message) from exc
+            except grpc_client.CALL_ERRORS as exc:
+                if attempt == 1 and grpc_client.connection_lost(exc):
+                    # h2 fails every call on a connection at the server's GOAWAY, those a graceful
+                    # stop lets finish too (python-hyper/h2#1181): a CA rolling out failed the Signs
+                    # in flight. Once more, at once, on a new connection.
+                    if self._channel is not None:
+                        await grpc_client.close(self._channel)
+                        self._channel = None
+                    continue
+                code, message = grpc_client.status_of(exc)
+                raise CAClientError(code, message) from exc
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         for channel in [*self._retired, *([self._channel] if self._channel else [])]:

@@ -31,6 +31,7 @@ from sidemesh.spiffe import SpiffeId, WorkloadId
 from tests.integration.conftest import RunningCA, StartCA
 from tests.support import pki
 from tests.support.clock import FakeClock
+from tests.support.tcp_relay import TcpRelay
 
 FRONTEND = WorkloadId("shop", "frontend")
 FRONTEND_ID = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/frontend")
@@ -490,3 +491,82 @@ async def test_dns_names_only_for_the_control_plane_identities_the_operator_allo
         assert info.value.code == Status.INVALID_ARGUMENT and "only a URI SAN" in info.value.message
     finally:
         await client.close()
+
+
+class _SlowFirst(LocalTokenAuthenticator):
+    """The CA's first answer takes ``delay`` (an overloaded CA); the rest come at once."""
+
+    def __init__(self, path: Path, delay: float) -> None:
+        super().__init__(path)
+        self.delay, self.calls = delay, 0
+
+    async def authenticate(self, token: str) -> WorkloadId:
+        self.calls += 1
+        if self.calls == 1:
+            await asyncio.sleep(self.delay)
+        return await super().authenticate(token)
+
+
+async def test_a_sign_that_times_out_leaves_the_caller_not_cancelling(
+    start_ca: StartCA, tmp_path: Path
+) -> None:
+    """grpclib ends a call at its deadline by cancelling the task it runs in: the caller's task
+    stayed "being cancelled", and the renewal loop (which stops when its task is) stopped for good
+    after one slow answer, without a word, until the certificate expired."""
+    ca = await start_ca(authenticator=_SlowFirst(tmp_path / "tokens.yaml", delay=1.0))
+    client = CAClient(ca.address, ca.bundle, timeout=0.3)
+    task = asyncio.current_task()
+    assert task is not None
+    with pytest.raises(CAClientError) as slow:
+        await client.sign("frontend-token", own_csr())
+    assert slow.value.code is Status.DEADLINE_EXCEEDED and task.cancelling() == 0
+    await client.sign("frontend-token", own_csr())  # and the next one goes through
+    await client.close()
+
+
+async def test_renewal_goes_on_after_a_sign_that_timed_out(start_ca: StartCA, tmp_path: Path) -> None:
+    from sidemesh.identity.workload import WorkloadIdentity
+
+    ca = await start_ca(authenticator=_SlowFirst(tmp_path / "tokens.yaml", delay=1.0))
+    client = CAClient(ca.address, ca.bundle, timeout=0.3)
+    identity = WorkloadIdentity(FRONTEND_ID, client, lambda: "frontend-token", rand=lambda: 0.0)
+    await identity.start()
+    try:
+        await asyncio.wait_for(identity.wait_ready(), 10)  # (the first Sign timed out; retried)
+        assert identity.state == "valid" and not identity._tasks[0].done()
+    finally:
+        await identity.stop()
+        await client.close()
+
+
+async def test_a_sign_in_flight_when_the_ca_stops_gracefully_is_answered(
+    start_ca: StartCA, tmp_path: Path
+) -> None:
+    """A rolling restart: grpcio's stop(grace) sends GOAWAY and lets calls in flight finish, but
+    h2 fails every call on the connection at the GOAWAY (python-hyper/h2#1181): it failed with
+    UNAVAILABLE. The client asks once more on a new connection: the Service's next replica."""
+    old = await start_ca(authenticator=_SlowFirst(tmp_path / "tokens.yaml", delay=1.0))
+    new = await start_ca()
+    service = TcpRelay(old.server.port)
+    client = CAClient(await service.start(), old.bundle, timeout=10)
+    call = asyncio.create_task(client.sign("frontend-token", own_csr()))
+    await asyncio.sleep(0.3)
+    service.target_port = new.server.port  # the old replica leaves the endpoints, then stops
+    stopping = asyncio.create_task(old.server.stop(grace=5.0))
+    try:
+        reply = await asyncio.wait_for(call, 10)
+        assert reply.cert_chain
+    finally:
+        await stopping
+        await client.close()
+        await service.close()
+
+
+def test_an_empty_bundle_trusts_nothing() -> None:
+    """ssl.create_default_context took empty data as none given: the system's roots were trusted."""
+    import ssl
+
+    from sidemesh import grpc_client
+
+    with pytest.raises(ssl.SSLError, match="no certificate"):
+        grpc_client.tls_context(b"")

@@ -28,6 +28,7 @@ from sidemesh.spiffe import WorkloadId
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import ALLOW_FRONTEND, INBOUND, Mesh, new_mesh, talk
 from tests.support import pki
+from tests.support.tcp_relay import TcpRelay
 
 FRONTEND, CART, STRANGER = 1, 2, 3
 OUT = 18080
@@ -527,39 +528,6 @@ async def test_a_long_port_annotation_does_not_freeze_the_mesh(mesh: Mesh, contr
     assert controller.server.state.version != before
 
 
-class _Partition:
-    """A TCP relay to the controller that can stop passing bytes without closing anything: what a
-    sidecar sees when the network between them fails silently (no FIN, no RST)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.dropping = False
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(65536):
-                if not self.dropping:  # (dropped: read and thrown away, as a black hole does)
-                    dst.write(data)
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in self.writers:
-            w.close()
-        await self.server.wait_closed()
-
-
 async def test_a_silent_partition_is_noticed_by_the_keepalive_and_the_stream_comes_back(
     mesh: Mesh, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -574,7 +542,7 @@ async def test_a_silent_partition_is_noticed_by_the_keepalive_and_the_stream_com
     monkeypatch.setattr("controller.server.SERVER_OPTIONS", list(options.items()))
     controller = Controller(mesh)
     await controller.server.start()
-    partition = _Partition(controller.server.port)
+    partition = TcpRelay(controller.server.port)
     address = await partition.start()
     try:
         await mesh.app(CART)

@@ -73,11 +73,28 @@ def test_bad_tracing_settings_are_named(text: str, key: str) -> None:
 
 def test_the_default_is_the_jaeger_addon_at_one_percent() -> None:
     settings = InjectionSettings()
-    assert (settings.tracing_endpoint, settings.tracing_protocol, settings.tracing_sampling_ratio) == (
+    assert (settings.tracing_endpoint, settings.otlp_protocol(), settings.tracing_sampling_ratio) == (
         JAEGER_HTTP,
         "http/protobuf",
         0.01,
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "protocol"),
+    [
+        # Settings written for an earlier version (OTLP/gRPC on 4317) keep working: the spans went
+        # over OTLP/HTTP to a gRPC port, and every one was lost.
+        ("tracingEndpoint: http://otel-collector.monitoring:4317\n", "grpc"),
+        ("tracingEndpoint: http://otel-collector.monitoring:4318\n", "http/protobuf"),
+        ("tracingEndpoint: https://otlp.example.com\n", "http/protobuf"),
+        ("tracingEndpoint: http://c:4317\ntracingProtocol: http/protobuf\n", "http/protobuf"),  # as told
+        ("tracingEndpoint: http://c:4318\ntracingProtocol: grpc\n", "grpc"),
+    ],
+)
+def test_the_protocol_follows_the_port_unless_given(text: str, protocol: str) -> None:
+    env = _env(parse_settings(text))
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == protocol
 
 
 def _jaeger_ports() -> set[int]:
