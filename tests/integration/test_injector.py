@@ -310,7 +310,7 @@ BAD_INPUTS: list[tuple[str, bytes | Json, int, str]] = [
             object={**POD, "metadata": {"annotations": {"sidemesh.io/exclude-outbound-cidrs": "nowhere"}}}
         ),
         200,
-        "sidemesh.io/exclude-outbound-cidrs: 'nowhere' is not an IP network",
+        "sidemesh.io/exclude-outbound-cidrs: 'nowhere' is not a CIDR",
     ),
 ]
 
