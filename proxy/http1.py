@@ -60,7 +60,7 @@ class Local:
 
     status: int
     reason: str
-    decision: Literal["allow", "deny"] = "deny"
+    decision: Literal["allow", "deny", "audit_deny"] = "deny"
     policy: str | None = None
     error: str | None = None
     told: str | None = None  # what the caller is told, when not the reason (logs and spans keep it)
@@ -331,7 +331,9 @@ async def _answer_locally(conn: h1.Connection, down: Pipe, local: Local, result:
     # An upgrade asked for and answered here is declined: what follows is HTTP (the next request
     # on a pooled connection waited for the head timeout, then 408).
     conn.decline_upgrade()
-    result.status, result.decision, result.reason = local.status, local.decision, local.reason
+    if local.decision != "allow" or result.decision != "audit_deny":  # (an audit denial stays one)
+        result.decision = local.decision
+    result.status, result.reason = local.status, local.reason
     result.policy, result.error = local.policy, local.error
     if close or conn.their_done:  # closing, or the request had no body (or it was read)
         return

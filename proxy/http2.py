@@ -951,7 +951,9 @@ class H2Proxy:
             stream.timer = None
         reason = field_value(denial.reason if denial.told is None else denial.told)
         r = stream.result
-        r.decision, r.reason, r.policy = denial.decision, denial.reason, denial.policy
+        if denial.decision != "allow" or r.decision != "audit_deny":  # (an audit denial stays one)
+            r.decision = denial.decision
+        r.reason, r.policy = denial.reason, denial.policy
         if denial.error is not None:
             r.error = denial.error
         if stream.grpc:  # trailers-only: the status is in the (only) HEADERS frame

@@ -139,6 +139,8 @@ class InboundRouter:
         up = await self._connect()
         if isinstance(up, Upstream):
             up.reason, up.policy, up.audit = decision.reason, decision.policy, decision.audit
+        elif decision.audit:  # (the app not reachable: still a request an audit policy would refuse)
+            up.decision = "audit_deny"
         return up
 
     async def _connect(self, fresh: bool = False) -> Local | Upstream:
@@ -155,7 +157,9 @@ class InboundRouter:
     async def fresh(self, up: Upstream) -> Local | Upstream:
         new = await self._connect(fresh=True)
         if isinstance(new, Upstream):
-            new.reason, new.policy = up.reason, up.policy
+            new.reason, new.policy, new.audit = up.reason, up.policy, up.audit
+        elif up.audit:
+            new.decision = "audit_deny"
         return new
 
     def release(self, up: Upstream, reusable: bool, ok: bool) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import socket
 import ssl
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -236,6 +237,17 @@ async def test_audit_denials_of_http_requests_and_grpc_calls_are_counted(
         m = await scrape(cart)
         series = {**audited, "status_class": "2xx", "grpc_status": "0"}
         assert value(m, "sidemesh_proxy_requests_total", **series, decision="audit_deny") == 1
+        # The app gone: the sidecar answers 502 itself, and the request is still an audit denial.
+        with pytest.raises(urllib.error.HTTPError) as gone:
+            await asyncio.to_thread(urllib.request.urlopen, f"http://{stranger_out}/cart/x", timeout=5)
+        assert gone.value.code == 502
+        async with grpc.aio.insecure_channel(stranger_out) as channel:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await channel.unary_unary("/shop.Cart/Echo")(b"hi", timeout=5)
+        m = await scrape(cart)
+        series = {**audited, "status_class": "5xx", "grpc_status": ""}
+        assert value(m, "sidemesh_proxy_requests_total", **series, decision="audit_deny") == 1
+        assert total(m, "sidemesh_proxy_requests_total", direction="inbound", decision="allow") == 0
     finally:
         await app.runner.cleanup()
         await mesh.close()
