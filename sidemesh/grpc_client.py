@@ -141,8 +141,8 @@ def status_of(exc: BaseException) -> tuple[Status, str]:
         return exc.status, exc.message or ""
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return Status.DEADLINE_EXCEEDED, "deadline exceeded"
-    if isinstance(exc, ssl.SSLError):
-        return Status.UNAVAILABLE, f"TLS: {exc}"
+    if isinstance(exc, ssl.SSLError):  # (one made with a message alone prints as a tuple)
+        return Status.UNAVAILABLE, f"TLS: {exc.args[0] if len(exc.args) == 1 else exc}"
     if isinstance(exc, OSError):
         return Status.UNAVAILABLE, f"connection error: {exc.strerror or exc}"
     return Status.UNAVAILABLE, f"connection lost: {exc}"

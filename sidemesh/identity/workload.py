@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -64,8 +64,13 @@ def token_from_file(path: Path) -> Callable[[], str]:
     return read
 
 
-def renewal_hint(exc: Exception) -> str:
+def renewal_hint(exc: Exception, bundle_file: Path | None = None) -> str:
     """What to check when a renewal fails, for the log line (the retries go on regardless)."""
+    if isinstance(exc, OSError) and bundle_file is not None and exc.filename == str(bundle_file):
+        return (
+            "the trust bundle file cannot be read: check --bundle-file (in a pod, the trust bundle "
+            "ConfigMap's volume)"
+        )
     if isinstance(exc, FileNotFoundError):
         return (
             f"{exc.filename} is missing: in a pod the injector mounts the ServiceAccount token there; "
@@ -159,9 +164,13 @@ class WorkloadIdentity:
     async def start(self) -> None:
         if self.bundle_file is not None:
             # The first Sign carries the token: the channel to the CA trusts this trust domain's
-            # roots only from the start (another's could vouch for the CA's name).
-            with contextlib.suppress(OSError, SvidError):  # the renewal says what is wrong with it
-                self.ca.set_bundle(pem_of(self._file_bundle()))
+            # roots only from the start (another's could vouch for the CA's name). A file with
+            # none of ours: nothing is trusted (it kept the file as read, the foreign roots in it).
+            with contextlib.suppress(OSError):  # the renewal says what is wrong with it
+                try:
+                    self.ca.set_bundle(pem_of(self._file_bundle()))
+                except SvidError:
+                    self.ca.set_bundle(b"")
         self._tasks = [asyncio.create_task(self._renew_loop(), name="svid-renewal")]
         if self.bundle_file is not None:
             self._tasks.append(asyncio.create_task(self._bundle_loop(), name="bundle-watch"))
@@ -176,6 +185,7 @@ class WorkloadIdentity:
 
     async def renew(self) -> SVID:
         """Get a new SVID now (new key, new CSR) and install it."""
+        bundle = self._bundle_for_renewal()  # (before the CA is asked: none of its work is thrown away)
         key = new_key()
         resp = await self.ca.sign(
             self.token(), make_csr(key, self.spiffe_id, self.dns_names), self.ttl_seconds
@@ -188,8 +198,8 @@ class WorkloadIdentity:
                 f"the CA's certificate expired at {svid.not_after.isoformat()}, before it arrived "
                 f"(this clock says {now.isoformat()}): is this node's clock ahead of the CA's?"
             )
-        if self.bundle_file is not None:
-            svid = svid.with_bundle(self._file_bundle())
+        if bundle is not None:
+            svid = svid.with_bundle(bundle)
         self._install(svid)
         self.rotations += 1
         log.info(
@@ -246,7 +256,7 @@ class WorkloadIdentity:
                         "retry_in": round(delay, 2),
                         "error": str(exc),
                         "state": self.state,
-                        "hint": renewal_hint(exc),
+                        "hint": renewal_hint(exc, self.bundle_file),
                     },
                 )
             self.next_attempt = self.clock.now() + dt.timedelta(seconds=max(delay, 0.0))
@@ -273,6 +283,20 @@ class WorkloadIdentity:
                 },
             )
         return own_roots(bundle, td)
+
+    def _bundle_for_renewal(self) -> Sequence[x509.Certificate] | None:
+        """The bundle file's roots; when the file cannot be read (a truncated write, a bad edit of
+        the ConfigMap), the roots in use, as reload_bundle keeps them (it logs why). Renewals read
+        the file again and failed on it: the certificate expired with the CA answering. None
+        without a file; before a first certificate there is nothing to keep, and the error stands."""
+        if self.bundle_file is None:
+            return None
+        try:
+            return self._file_bundle()
+        except (OSError, SvidError):
+            if self.svid is None:
+                raise
+            return self.svid.bundle
 
     def reload_bundle(self) -> bool:
         """Re-read the trust bundle file; rebuild the contexts if it changed."""

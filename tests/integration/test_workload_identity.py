@@ -361,6 +361,13 @@ async def test_trust_bundle_change_is_picked_up_without_restart(ca: RunningCA, t
         # A broken bundle file is ignored; the current bundle stays.
         bundle_file.write_text("garbage")
         assert not wi.reload_bundle() and len(wi.svid.bundle) == 2
+        # ... for renewals too: they read the file again and threw the CA's certificate away, so
+        # the SVID expired with the CA answering (the log said the current bundle was kept).
+        before = wi.svid.serial_hex
+        renewed = await wi.renew()
+        assert renewed.serial_hex != before and len(renewed.bundle) == 2
+        bundle_file.unlink()  # (gone: the same)
+        assert len((await wi.renew()).bundle) == 2
     finally:
         await wi.stop()
         await client.close()
@@ -700,3 +707,34 @@ async def test_a_refusal_before_the_first_certificate_backs_off_further_than_an_
             await client.close()
     assert delays["refused"] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0]
     assert delays["unreachable"] == [1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+
+
+def test_a_missing_bundle_file_is_named_as_such_not_as_the_token() -> None:
+    from sidemesh.identity.workload import renewal_hint
+
+    missing = FileNotFoundError(2, "No such file or directory", "/var/run/sidemesh/bundle/root-cert.pem")
+    hint = renewal_hint(missing, Path("/var/run/sidemesh/bundle/root-cert.pem"))
+    assert "--bundle-file" in hint and "token" not in hint
+    token = FileNotFoundError(2, "No such file or directory", "/var/run/secrets/tokens/sidemesh-ca/token")
+    assert "token" in renewal_hint(token, Path("/var/run/sidemesh/bundle/root-cert.pem"))
+
+
+async def test_a_bundle_file_with_only_another_trust_domains_roots_trusts_nothing(
+    ca: RunningCA, tmp_path: Path
+) -> None:
+    """The client kept the file as read when none of its roots was ours: the first Sign, token and
+    all, went over a channel that trusted the foreign roots (review of session 16, reproduced with
+    a real CA of the other trust domain)."""
+    foreign = pki.make_authority(tmp_path / "foreign", trust_domain="partner.example")
+    bundle_file = tmp_path / "bundle.pem"
+    bundle_file.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in foreign.roots))
+    client = CAClient(ca.address, bundle_file.read_bytes())
+    wi = WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=FakeClock())
+    try:
+        await wi.start()
+        assert client._bundle == b""
+        with pytest.raises(CAClientError, match="no certificate"):
+            await client.sign("cart-token", "unused")
+    finally:
+        await wi.stop()
+        await client.close()
