@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from proxy.sidecar import Sidecar
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import (
     ALLOW_FRONTEND,
@@ -269,26 +270,30 @@ async def test_readiness_admin_and_live_connections(mesh: Mesh) -> None:
     assert 'sidemesh_proxy_connections_total{decision="allow",direction="inbound"} 1.0' in metrics
 
 
-async def test_not_ready_without_an_identity(mesh: Mesh, start_ca: StartCA) -> None:
-    await mesh.ca.server.stop(grace=0)  # no CA: the sidecar starts but never becomes ready
+def _cart_sidecar(mesh: Mesh, **options: str) -> Sidecar:
+    """cart's sidecar as `proxy run` makes it (local mode, ports of its own), not yet started."""
     from proxy.config import ProxyConfig
-    from proxy.sidecar import Sidecar
     from sidemesh.identity.workload import WorkloadIdentity
     from sidemesh.spiffe import WorkloadId
 
+    host = mesh.addr(CART)
     config = ProxyConfig(
         workload="shop/cart-1",
         config_dir=mesh.config_dir,
         capture="none",
-        inbound_listen=f"{mesh.addr(CART)}:{INBOUND}",
-        admin_listen=f"{mesh.addr(CART)}:0",
-        health_listen=f"{mesh.addr(CART)}:0",
+        inbound_listen=f"{host}:{INBOUND}",
+        admin_listen=f"{host}:0",
+        health_listen=f"{host}:0",
+        **options,  # type: ignore[arg-type]
     )
-    client = mesh.ca.client()
-    sidecar = Sidecar(
-        config,
-        WorkloadIdentity(WorkloadId("shop", "cart").spiffe_id("cluster.local"), client, lambda: "cart-token"),
-    )
+    cart = WorkloadId("shop", "cart").spiffe_id("cluster.local")
+    return Sidecar(config, WorkloadIdentity(cart, mesh.ca.client(), lambda: "cart-token"))
+
+
+async def test_not_ready_without_an_identity(mesh: Mesh, start_ca: StartCA) -> None:
+    await mesh.ca.server.stop(grace=0)  # no CA: the sidecar starts but never becomes ready
+    sidecar = _cart_sidecar(mesh)
+    client = sidecar.identity.ca
     await sidecar.start()
     try:
         status, body = await get(f"http://{mesh.addr(CART)}:{sidecar.ports['health']}/healthz/ready")
@@ -608,7 +613,7 @@ async def test_a_port_held_by_another_process_is_named_with_its_option(mesh: Mes
     """`proxy run` said "cannot listen: [Errno 98] Address already in use" without saying which of
     its five addresses it was."""
     from proxy.config import ProxyConfig
-    from proxy.sidecar import ListenError, Sidecar
+    from proxy.sidecar import ListenError
     from sidemesh.identity.workload import WorkloadIdentity
     from sidemesh.spiffe import WorkloadId
 
@@ -723,28 +728,11 @@ async def test_a_draining_listener_goes_on_accepting_after_a_failed_accept(mesh:
 async def test_ready_means_listening(start_ca: StartCA, tmp_path: Path) -> None:
     """/healthz/ready said 200 one turn of the loop before the data listeners listened: a caller
     acting on it at once (a supervisor, a test harness) had its connection refused."""
-    from proxy.config import ProxyConfig
-    from proxy.sidecar import Sidecar
-    from sidemesh.identity.workload import WorkloadIdentity
-    from sidemesh.spiffe import WorkloadId
-
     m = new_mesh(await start_ca(), tmp_path)
     (m.config_dir / "workloads.yaml").rename(tmp_path / "workloads.yaml")  # no configuration yet
     host = m.addr(CART)
-    config = ProxyConfig(
-        workload="shop/cart-1",
-        config_dir=m.config_dir,
-        capture="none",
-        inbound_listen=f"{host}:{INBOUND}",
-        admin_listen=f"{host}:0",
-        health_listen=f"{host}:0",
-        app_host=host,
-        trust_domain="cluster.local",
-    )
-    identity = WorkloadIdentity(
-        WorkloadId("shop", "cart").spiffe_id("cluster.local"), m.ca.client(), lambda: "cart-token"
-    )
-    sidecar = Sidecar(config, identity)
+    sidecar = _cart_sidecar(m, app_host=host, trust_domain="cluster.local")
+    identity = sidecar.identity
     try:
         await sidecar.start()
         await identity.wait_ready()
