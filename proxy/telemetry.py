@@ -26,7 +26,6 @@ from opentelemetry.trace import (
     Status,
     StatusCode,
     TraceFlags,
-    TraceState,
     get_current_span,
     set_span_in_context,
 )
@@ -219,14 +218,17 @@ class _Request:
             return  # B3 "deny": no span, the caller's headers go on
         span = tracer.start_span(
             _span_name(info),
-            context=parent,
+            context=None if parent is None else propagation.recorded_parent(parent),
             kind=SpanKind.CLIENT if info.direction == "outbound" else SpanKind.SERVER,
             attributes=_start_attributes(info, observer.own_identity),
         )
         self.span = span
         decided_here = b3 is not None and b3.sampled is None and "traceparent" not in carrier
         if span.is_recording() or decided_here:  # (a B3 hop that decided says so downstream)
-            self._headers = self._headers_of(span.get_span_context(), tracing)
+            ours = span.get_span_context()
+            if parent is not None and (state := get_current_span(parent).get_span_context().trace_state):
+                ours = SpanContext(ours.trace_id, ours.span_id, False, ours.trace_flags, state)  # uncut
+            self._headers = self._headers_of(ours, tracing)
         elif forced:
             pass  # the SDK's sampler said no to "sample this": the caller's header goes on, not a "0"
         elif not (parent and get_current_span(parent).get_span_context().is_valid):
@@ -266,7 +268,7 @@ class _Request:
         try:
             span = tracing.tracer.start_span(
                 _span_name(info, result),
-                context=parent,
+                context=None if parent is None else propagation.recorded_parent(parent),
                 kind=SpanKind.CLIENT if info.direction == "outbound" else SpanKind.SERVER,
                 attributes=_start_attributes(info, self.observer.own_identity),
                 start_time=start_ns,
@@ -317,7 +319,7 @@ class _Request:
         trace_id, span_id, flags = parsed
         if not flags & 1:  # the caller said no: no part in the trace, its headers pass on unchanged
             return False
-        state = TraceState.from_header([carrier["tracestate"]]) if "tracestate" in carrier else None
+        state = propagation.trace_state(carrier["tracestate"]) if "tracestate" in carrier else None
         remote = SpanContext(trace_id, span_id, True, TraceFlags(flags), state)
         return set_span_in_context(NonRecordingSpan(remote))
 

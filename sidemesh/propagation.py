@@ -17,7 +17,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags, set_span_in_context
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    TraceFlags,
+    TraceState,
+    get_current_span,
+    set_span_in_context,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _W3C = TraceContextTextMapPropagator()
@@ -164,6 +172,50 @@ def headers_of(sc: SpanContext, fmt: Format, debug: bool = False) -> list[tuple[
 # -- the unsampled fast path ----------------------------------------------------------------------
 # Most requests are not sampled (1% is typical). For them no span is made: the next hop only needs
 # headers that carry the trace on with the "not sampled" flag, which is cheap to write by hand.
+
+# A tracestate longer than this (all its fields together) is dropped whole, as OpenTelemetry's W3C
+# propagator drops it: the hop's span and the next hop get none.
+TRACESTATE_MAX = 8192
+# What a span records of its tracestate (OTLP Span.trace_state): any caller chooses it, and 512
+# spans of 8 KiB each made an export batch bigger than collectors accept (4 MiB). W3C Trace
+# Context asks for at least 512 characters and says how to cut: entries over 128 characters
+# first, then from the end. The next hop still gets the tracestate whole.
+TRACESTATE_RECORDED = 512
+_ENTRY_KEPT = 128
+
+
+def trace_state(value: str) -> TraceState | None:
+    """A request's (combined) tracestate, or None when it is over ``TRACESTATE_MAX``; an invalid
+    one is empty, as the SDK reads it."""
+    if len(value) > TRACESTATE_MAX:
+        return None
+    return TraceState.from_header([value])
+
+
+def recorded_state(state: TraceState) -> TraceState:
+    """``state`` cut to ``TRACESTATE_RECORDED`` characters the way W3C Trace Context says."""
+    entries = list(state.items())
+
+    def size(kept: list[tuple[str, str]]) -> int:
+        return sum(len(k) + 1 + len(v) for k, v in kept) + max(len(kept) - 1, 0)
+
+    if size(entries) <= TRACESTATE_RECORDED:
+        return state
+    entries = [(k, v) for k, v in entries if len(k) + 1 + len(v) <= _ENTRY_KEPT]
+    while size(entries) > TRACESTATE_RECORDED:
+        entries.pop()
+    return TraceState(entries)
+
+
+def recorded_parent(parent: Context) -> Context:
+    """``parent`` with its tracestate cut as a span records it (``recorded_state``): a span takes
+    its parent's. The next hop's headers are written from the uncut one."""
+    sc = get_current_span(parent).get_span_context()
+    if not sc.trace_state or len(sc.trace_state.to_header()) <= TRACESTATE_RECORDED:
+        return parent
+    cut = SpanContext(sc.trace_id, sc.span_id, sc.is_remote, sc.trace_flags, recorded_state(sc.trace_state))
+    return set_span_in_context(NonRecordingSpan(cut))
+
 
 _HEX = frozenset("0123456789abcdef")
 

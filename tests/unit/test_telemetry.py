@@ -445,6 +445,49 @@ def test_a_request_without_trace_headers_goes_on_in_the_configured_formats(
         assert propagation.extract(carrier)[0] is not None
 
 
+@pytest.mark.parametrize("sampler", ["parentbased_always_on", "always_on"])  # our fast path, the SDK's
+def test_a_caller_chosen_tracestate_is_bounded_in_the_span_and_dropped_over_the_sdk_limit(
+    sampler: str,
+) -> None:
+    """A tracestate over 8192 characters is dropped, as the SDK's propagator drops it (the parent-based
+    path took 16 KiB whole); one under it goes on whole, but the span records at most 512 characters,
+    cut as W3C Trace Context says (long entries first): 512 spans with 8 KiB each made an export
+    batch bigger than collectors take (4 MiB), and every span in it was lost."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from proxy.metrics import ProxyMetrics
+    from proxy.telemetry import ProxyObserver
+
+    exporter = InMemorySpanExporter()
+    environ = {**EP, "OTEL_TRACES_SAMPLER": sampler}
+    tracing = start_tracing(
+        "t", CollectorRegistry(), environ=environ, exporter=exporter, caller_samples_roots=True
+    )
+    assert tracing is not None
+    obs = ProxyObserver(ProxyMetrics(), RouteStats(), "spiffe://cluster.local/ns/shop/sa/cart", tracing)
+    short = [f"s{i}=abc" for i in range(5)]
+    long = [f"l{i}=" + "v" * 250 for i in range(30)]
+    fits = ",".join(short[:3] + long[:27] + short[3:])  # 32 entries (the most), about 6,900 characters
+    assert 512 < len(fits) <= 8192
+    over = ",".join(f"k{i}=" + "w" * 256 for i in range(32))  # valid, but 8,4xx characters
+    assert len(over) > 8192
+    forwarded = []
+    for state in (fits, over):
+        headers = [(b"traceparent", f"00-{TRACE}-{PARENT}-01".encode()), (b"tracestate", state.encode())]
+        request = obs.start(RequestInfo("inbound", "http/1.1", "GET", "/", "cart", headers))
+        forwarded.append(dict(request.trace_headers() or []))
+        request.finish(RequestResult(status=200))
+    tracing.make_deferred()
+    assert tracing.provider.force_flush()
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 2
+    assert forwarded[0][b"tracestate"] == fits.encode()  # the next hop gets it whole
+    assert spans[0].context.trace_state.to_header() == ",".join(short)  # the short entries, in order
+    assert b"tracestate" not in forwarded[1] and not spans[1].context.trace_state
+    for ts in (fits, over):  # over the limit, or cut: nothing longer than 512 recorded
+        assert all(len(s.context.trace_state.to_header()) <= 512 for s in spans), ts
+
+
 def test_an_oversized_traceparent_or_tracestate_is_dropped_without_a_log_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
