@@ -23,7 +23,7 @@ import yaml
 
 from injector.errors import SettingsError
 from sidemesh import __version__, kubeyaml
-from sidemesh.config import parse_hostport
+from sidemesh.config import otlp_endpoint_problem, parse_hostport
 from sidemesh.policy.model import DefaultPolicy
 from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, validate_trust_domain
 
@@ -228,12 +228,18 @@ class InjectionSettings:
                 parse_hostport(key, value)
             except ValueError as exc:
                 raise SettingsError(key, f"{value!r} is not HOST:PORT") from exc
-        if self.tracing_endpoint and not self.tracing_endpoint.startswith(("http://", "https://")):
-            raise SettingsError(
-                "tracingEndpoint",
-                f"{self.tracing_endpoint!r}: give http://HOST:PORT (OTLP/HTTP, e.g. :4318; :4317 with "
-                "tracingProtocol: grpc)",
-            )
+        if self.tracing_endpoint:  # the sidecars' OTEL_EXPORTER_OTLP_ENDPOINT: /v1/traces is appended
+            problem = otlp_endpoint_problem(self.tracing_endpoint, path_appended=True)
+            if problem is None and urllib.parse.urlsplit(self.tracing_endpoint).path.rstrip("/").endswith(
+                "/v1/traces"
+            ):
+                problem = "ends in /v1/traces, which the sidecars append: give the collector's base URL"
+            if problem is not None:
+                raise SettingsError(
+                    "tracingEndpoint",
+                    f"{self.tracing_endpoint!r} {problem} (OTLP/HTTP, e.g. http://HOST:4318; :4317 with "
+                    "tracingProtocol: grpc)",
+                )
         if self.tracing_protocol:
             _one_of("tracingProtocol", self.tracing_protocol, ("http/protobuf", "grpc"))
         _one_of("iptablesMode", self.iptables_mode, ("auto", "legacy", "nft"))

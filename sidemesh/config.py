@@ -16,6 +16,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -190,6 +191,30 @@ def parse_hostport(option_name: str, text: str) -> tuple[str, int]:
     if not 0 <= int(port) <= 65535:
         raise ConfigError(option_name, f"{text!r}: port {port} is not 0-65535")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def otlp_endpoint_problem(url: str, *, path_appended: bool) -> str | None:
+    """Why ``url`` cannot be an OTLP endpoint (the exporters' specification: a URL with a scheme and
+    a host), or None. ``path_appended``: the generic variable, to which ``/v1/traces`` is appended,
+    so a query or fragment would end up before it. Such endpoints passed and every span was lost."""
+    if any(c.isspace() for c in url):
+        return "has whitespace in it"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not url.partition("://")[1]:
+        return "needs a scheme: http://HOST:PORT or https://HOST:PORT"
+    if not parts.hostname:
+        return "has no host: http://HOST:PORT"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "has no valid port after the host (1-65535; an IPv6 address goes in brackets: http://[fd00::1]:4318)"
+    if path_appended and (parts.query or parts.fragment):
+        return (
+            "has a query or fragment, and /v1/traces is appended to its path: give the collector's base URL"
+        )
+    return None
 
 
 def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

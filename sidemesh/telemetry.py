@@ -34,7 +34,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from prometheus_client import CollectorRegistry, Counter
 
 import sidemesh.prometheus  # noqa: F401  (no *_created series)
-from sidemesh.config import ConfigError
+from sidemesh.config import ConfigError, otlp_endpoint_problem
 from sidemesh.later import Later
 from sidemesh.propagation import Format
 
@@ -166,11 +166,10 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
     if found is None:
         return None
     name, endpoint = found
-    if "://" not in endpoint:
-        raise TelemetryConfigError(
-            name, f"{endpoint!r} needs a scheme: http://HOST:PORT or https://HOST:PORT"
-        )
-    if protocol[1] == "http/protobuf" and name == "OTEL_EXPORTER_OTLP_ENDPOINT":
+    appended = protocol[1] == "http/protobuf" and name == "OTEL_EXPORTER_OTLP_ENDPOINT"
+    if (problem := otlp_endpoint_problem(endpoint, path_appended=appended)) is not None:
+        raise TelemetryConfigError(name, f"{endpoint!r} {problem}")
+    if appended:
         endpoint = endpoint.rstrip("/") + "/v1/traces"  # the spec: only the generic variable gets the path
     sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
     if sampler not in SAMPLERS:

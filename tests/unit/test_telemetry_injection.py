@@ -61,6 +61,13 @@ def test_an_empty_endpoint_turns_sidecar_tracing_off() -> None:
     ("text", "key"),
     [
         ("tracingEndpoint: jaeger:4317", "tracingEndpoint"),
+        # accepted once, and every span was lost (the URL the sidecar then exported to in brackets)
+        ("tracingEndpoint: 'http://'", "tracingEndpoint.*has no host"),  # (http:/v1/traces)
+        ("tracingEndpoint: http://c:99999", "tracingEndpoint.*no valid port"),
+        ("tracingEndpoint: http://fd00::1:4317", "tracingEndpoint.*brackets"),  # (host fd00)
+        ("tracingEndpoint: 'http://c: 4318'", "tracingEndpoint.*whitespace"),
+        ("tracingEndpoint: http://c:4318?x=1", "tracingEndpoint.*query"),  # (?x=1/v1/traces)
+        ("tracingEndpoint: http://c:4318/v1/traces", "tracingEndpoint.*base URL"),  # (/v1/traces/v1/traces)
         ("tracingSamplingRatio: 2", "tracingSamplingRatio"),
         ("tracingProtocol: http/json", "tracingProtocol"),
         ("tracingSamplingRatio: lots", "tracingSamplingRatio"),
@@ -88,6 +95,8 @@ def test_the_default_is_the_jaeger_addon_at_one_percent() -> None:
         ("tracingEndpoint: http://otel-collector.monitoring:4317\n", "grpc"),
         ("tracingEndpoint: http://otel-collector.monitoring:4318\n", "http/protobuf"),
         ("tracingEndpoint: https://otlp.example.com\n", "http/protobuf"),
+        ("tracingEndpoint: http://[fd00::1]:4317/\n", "grpc"),
+        ("tracingEndpoint: http://c:4318/otlp/\n", "http/protobuf"),  # a base path is fine
         ("tracingEndpoint: http://c:4317\ntracingProtocol: http/protobuf\n", "http/protobuf"),  # as told
         ("tracingEndpoint: http://c:4318\ntracingProtocol: grpc\n", "grpc"),
     ],
