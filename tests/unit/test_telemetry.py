@@ -103,7 +103,10 @@ def test_sampler_ratio_timeout_and_queue_are_read() -> None:
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:99999"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
         ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://"}, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
         (
-            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318?k=v", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318?k=v",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            },
             "OTEL_EXPORTER_OTLP_ENDPOINT",
         ),
         ({"OTEL_BSP_MAX_QUEUE_SIZE": "0"}, "OTEL_BSP_MAX_QUEUE_SIZE"),
