@@ -52,10 +52,12 @@ PROTOCOLS = ("grpc", "http/protobuf")
 WARN_EVERY = 60.0  # seconds between two "spans not exported" warnings
 DEFER_S = 0.25  # a deferred span is made at most this long after its request ended (Tracing.defer)
 DEFER_BATCH = 64  # ... or as soon as this many are waiting
-# The OTLP exporters log every failed attempt; failures are counted and warned about here instead.
+# The OTLP exporters log every failed attempt; failures are counted and warned about here instead,
+# with what the exporter said (_ExportMessages). (The HTTP exporter logs through its own logger.)
 _EXPORTER_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.grpc.exporter",
     "opentelemetry.exporter.otlp.proto.http",
+    "opentelemetry.exporter.otlp.common.http",
 )
 # Warn for every invalid tracestate, and every traceparent or tracestate over its length limit, they
 # are given: any caller could write a log line per request. Such a header is dropped, as W3C Trace
@@ -265,6 +267,36 @@ def _resource_attribute(text: str, key: str) -> str | None:
     return None
 
 
+class _ExportMessages(logging.Handler):
+    """What the OTLP exporter logged while its thread exported one batch (a status code, a
+    transient error, a request too large): the exporters' loggers go here, not to the log, and
+    ``CountingExporter`` names it in its own once-a-minute warning. Per thread: each batch
+    processor exports from a thread of its own."""
+
+    KEPT = 3  # messages per batch (the first error and the last word are enough)
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        messages: list[str] | None = getattr(self._local, "messages", None)
+        if messages is not None and len(messages) < self.KEPT:
+            with contextlib.suppress(Exception):  # (a record that cannot be formatted: no reason)
+                messages.append(record.getMessage()[:300])
+
+    def begin(self) -> None:
+        self._local.messages = []
+
+    def take(self) -> str:
+        messages: list[str] = getattr(self._local, "messages", None) or []
+        self._local.messages = None
+        return "; ".join(dict.fromkeys(messages)) or "no reason given"
+
+
+_EXPORT_MESSAGES = _ExportMessages()
+
+
 class CountingExporter(SpanExporter):
     """Counts each batch's outcome; an exception from the exporter counts as a failure."""
 
@@ -276,11 +308,14 @@ class CountingExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         self.counters.dequeue(len(spans))
+        _EXPORT_MESSAGES.begin()
         try:
             result = self.inner.export(spans)
         except Exception as exc:
             log.debug("span export raised", exc_info=exc)
+            logging.getLogger(_EXPORTER_LOGGERS[0]).error("the exporter raised %r", exc)
             result = SpanExportResult.FAILURE
+        reason = _EXPORT_MESSAGES.take()
         if result is SpanExportResult.SUCCESS:
             self.counters.exported.inc(len(spans))
         else:
@@ -289,8 +324,9 @@ class CountingExporter(SpanExporter):
             if now - self._warned >= WARN_EVERY:  # one line a minute, not one per batch
                 self._warned = now
                 log.warning(
-                    "spans not exported: is the collector up? (counted in sidemesh_tracing_spans_dropped_total)",
-                    extra={"endpoint": self.endpoint, "spans": len(spans)},
+                    "spans not exported (counted in sidemesh_tracing_spans_dropped_total): is the collector "
+                    "up, and is the endpoint its OTLP port and path?",
+                    extra={"endpoint": self.endpoint, "spans": len(spans), "reason": reason},
                 )
         return result
 
@@ -432,8 +468,12 @@ def start_tracing(
     settings = settings_from_env(environ)
     if settings is None:
         return None
-    for name in _EXPORTER_LOGGERS:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in _EXPORTER_LOGGERS:  # their words go into our warning (_ExportMessages)
+        exporter_log = logging.getLogger(name)
+        exporter_log.setLevel(logging.WARNING)
+        exporter_log.propagate = False
+        if _EXPORT_MESSAGES not in exporter_log.handlers:
+            exporter_log.addHandler(_EXPORT_MESSAGES)
     for name in _PER_REQUEST_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     attrs = {k: v for k, v in (attributes or {}).items() if v}

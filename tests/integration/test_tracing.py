@@ -8,6 +8,7 @@ own go on), ``finish`` once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -322,6 +323,60 @@ async def test_collector_down_requests_unaffected_and_drops_counted(
         )
         == 500
     )
+
+
+@pytest.mark.parametrize(("status", "said"), [(404, "code: 404"), (413, "code: 413")])
+def test_the_export_warning_says_what_the_collector_answered(
+    status: int, said: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A collector's 404 (an endpoint given with /v1/traces already on it: /v1/traces/v1/traces) was
+    warned about as "is the collector up?" and nothing more: the exporters' own words were silenced.
+    The once-a-minute warning now carries them; the exporters still write no line of their own."""
+    import http.server
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}/v1/traces",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        }
+        registry = CollectorRegistry()
+        tracing = start_tracing("t", registry, environ=env)
+        assert tracing is not None
+        seen: list[logging.LogRecord] = []  # what reaches the root logger (the log)
+        to_log = logging.Handler(logging.DEBUG)
+        to_log.emit = seen.append  # type: ignore[method-assign]
+        logging.getLogger().addHandler(to_log)
+        try:
+            with caplog.at_level(logging.DEBUG):
+                for _ in range(2):  # (the second batch: counted, not warned about again)
+                    tracing.tracer.start_span("s").end()
+                    assert tracing.provider.force_flush()
+        finally:
+            logging.getLogger().removeHandler(to_log)
+        tracing.provider.shutdown()
+    finally:
+        server.shutdown()
+        server.server_close()
+    warnings = [r for r in seen if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "spans not exported (counted in sidemesh_tracing_spans_dropped_total): is the collector up, and is "
+        "the endpoint its OTLP port and path?"
+    ]
+    assert said in warnings[0].reason and warnings[0].endpoint.endswith("/v1/traces/v1/traces")  # type: ignore[attr-defined]
+    assert registry.get_sample_value("sidemesh_tracing_spans_dropped_total", {"reason": "export_failed"}) == 2
 
 
 async def test_a_slow_collector_does_not_slow_requests(receiver: Receiver, observers: Make) -> None:
