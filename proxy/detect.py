@@ -41,6 +41,28 @@ _TARGET_LINE = re.compile(
 _CONNECT_LINE = re.compile(rb"CONNECT ++[!$%&'()*+,\-./0-9:;=?@A-Z\[\]_a-z~]*+" + _AFTER_TARGET)
 
 
+# Python's servers (http.server, and so wsgiref, Werkzeug's, Django's runserver) split a request
+# line on any whitespace (str.split: tabs, VT, FF, \x1c-\x1f, NEL, NBSP as Latin-1), ignore it
+# before the method and strip every CR before the LF: `GET\t/x\tHTTP/1.1` and ` GET /x HTTP/1.1`
+# are requests to them. Such a line is HTTP here (the sidecar's parser refuses it with a 400), and
+# so is the start of one still coming: as opaque it reached the app with the caller's own headers.
+_LENIENT_SPACE = frozenset(b"\t\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0")
+
+
+def _lenient_request(line: bytes, whole: bool) -> bool:
+    """Whether ``line`` (without its LF) is, or may yet become (``whole`` False), a request line
+    as such a server reads one: a method, a target and an ``HTTP/`` version."""
+    words = line.decode("latin-1").split()
+    if not words:
+        return not whole
+    if len(words) > 3 or not _TOKEN.fullmatch(words[0].encode("latin-1")):
+        return False
+    if len(words) < 3:
+        return not whole
+    version = words[2][:5].upper()
+    return version == "HTTP/" if whole or line[-1:].isspace() else "HTTP/".startswith(version)
+
+
 class Kind(enum.Enum):
     MESH = "mesh"  # TLS offering ALPN sidemesh/1: another sidecar
     TLS = "tls"  # TLS originated by the app (carried as opaque TCP)
@@ -70,6 +92,12 @@ def _classify_http1(peeked: bytes) -> Kind | None:
     line = peeked.lstrip(b"\r\n")  # empty lines before a request are ignored (RFC 9112 2.2)
     if not line:  # (as many as llhttp skips: a peek of nothing else is a request still to come)
         return Kind.HTTP1 if full else None
+    newline = line.find(b"\n")
+    first = line if newline < 0 else line[:newline]
+    if (first[:1].isspace() or not _LENIENT_SPACE.isdisjoint(first) or first.endswith(b"\r\r")) and (
+        _lenient_request(first, newline >= 0)
+    ):
+        return Kind.HTTP1 if full or newline >= 0 else None
     space = line.find(b" ")
     if space <= 0:
         if space == 0 or not _TOKEN.fullmatch(line):
@@ -79,7 +107,6 @@ def _classify_http1(peeked: bytes) -> Kind | None:
         return Kind.HTTP1 if full else None
     if not _TOKEN.fullmatch(line, 0, space):
         return Kind.OPAQUE
-    newline = line.find(b"\n")
     if newline < 0:
         # A method and spaces filling the peek, or a target still coming: a request line that
         # does not fit (a server reading lines of 16 KiB, Node's, or 1 MB, Go's, takes it).

@@ -278,6 +278,9 @@ FORGED = b"x-forwarded-client-cert: By=spiffe://cluster.local/ns/shop/sa/cart;UR
         (b"GE", b"T /orders HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
         (b"\r\nGET  /orders HTTP/1.1\r\nhost: cart\r\n", FORGED + b"\r\n\r\n", True),
         (detect.H2_PREFACE[:10], detect.H2_PREFACE[10:], True),
+        # request lines Python's servers (http.server, wsgiref, Werkzeug) take, llhttp does not
+        (b" ", b"GET /orders HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
+        (b"GET\t/orders", b"\tHTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
         (b"*1\r\n$4\r\n", b"PING\r\n", False),  # Redis: opaque indeed
     ],
 )
@@ -312,6 +315,48 @@ async def test_http_under_the_opaque_hint_is_refused(
             assert b"\n" not in app.seen and b"X-FORWARDED" not in reply, (app.seen, reply)
         else:
             assert app.seen == first + rest and first.upper() in reply and rest.upper() in reply
+    finally:
+        await m.close()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"GET\t/orders\tHTTP/1.1\r\n",
+        b" GET /orders HTTP/1.1\r\n",
+        b"GET /orders HTTP/1.1\r\r\n",
+        b"GET\x0b/orders\x0cHTTP/1.1\r\n",
+        b"GET\x1c/orders\xa0HTTP/1.1\r\n",
+        b"GET\x85/orders HTTP/1.1\r\n",
+    ],
+)
+async def test_request_lines_only_lenient_servers_take_never_reach_the_app_unparsed(
+    start_ca: StartCA, tmp_path: Path, line: bytes
+) -> None:
+    """Python's servers (http.server, so wsgiref, Werkzeug's and Django's development servers) split
+    a request line on any whitespace and strip every CR: these lines are requests to them. Detection
+    took them for another protocol, and they reached the app byte for byte, with the
+    x-forwarded-client-cert the caller wrote naming anyone. They are HTTP now, and the sidecar's
+    parser refuses them (400), as Envoy's does."""
+    m = new_mesh(await start_ca(), tmp_path)
+    app = RecordingApp()
+    await m.app(CART, app)
+    await m.sidecar("cart", CART)
+    try:
+        ctx = tls.client_context(pki.make_svid(m.ca.authority, FRONTEND_ID))
+        reader, writer = await asyncio.open_connection(m.addr(CART), INBOUND, ssl=ctx, server_hostname="")
+        try:
+            request = line + b"host: cart\r\n" + FORGED + b"\r\n\r\n"
+            writer.write(framing.open_frame(8080) + framing.data_header(len(request)) + request)
+            writer.write(framing.EOF_FRAME)
+            await writer.drain()
+            reply = b""
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                reply = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+        assert app.seen == b"" and app.connections == 0, app.seen
+        assert b"HTTP/1.1 400 " in reply and b"sidemesh-denied-reason" in reply, reply
     finally:
         await m.close()
 

@@ -63,7 +63,20 @@ def tls_record(body: bytes) -> bytes:
         (b"A" * 30, None),  # a method of any length (h11 and Go take any token)
         (b"A" * 30 + b" /admin HTTP/1.1\r\n", Kind.HTTP1),
         (b"PING\r\n", Kind.OPAQUE),
-        (b" GET / HTTP/1.1\r\n", Kind.OPAQUE),
+        # Python's servers (http.server, wsgiref, Werkzeug) split on any whitespace and strip every
+        # CR: requests to them, so HTTP here (the sidecar's parser answers 400), and so is their start
+        (b" GET / HTTP/1.1\r\n", Kind.HTTP1),
+        (b"GET\t/x\tHTTP/1.1\r\n", Kind.HTTP1),
+        (b"GET /x HTTP/1.1\r\r\n", Kind.HTTP1),
+        (b"GET\x0b/x\x1cHTTP/1.1\r\n", Kind.HTTP1),
+        (b"GET\xa0/x\x85HTTP/1.1\r\n", Kind.HTTP1),
+        (b" ", None),
+        (b"GET\t/x", None),
+        (b"GET\t/x\tHT", None),
+        (b"GET\t/x\tRTSP/1.0", Kind.OPAQUE),
+        (b" PING\r\n", Kind.OPAQUE),
+        (b"\tUSER anonymous\r\n", Kind.OPAQUE),
+        (b"get\tkey\r\n", Kind.OPAQUE),
         (tls_record(b"\x01\x00\x00\x10" + ALPN_WIRE), Kind.MESH),
         (tls_record(b"\x01" + b"\x00" * 40), Kind.TLS),
         (tls_record(b"\x01" + b"\x00" * 40)[:20], None),  # a partial ClientHello
