@@ -10,8 +10,10 @@ Malformed requests get a 400 (431 for oversized headers) and the connection is c
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -794,8 +796,8 @@ async def _relay_response(
             raise _Retry(event.status_code)
         if isinstance(event, h1.InformationalResponse):
             switching = event.status_code == 101
-            if switching and not (up.conn.request is not None and up.conn.request.upgrade):
-                raise h1.ProtocolError("101 Switching Protocols to a request that asked for no upgrade")
+            if switching and (why := _bad_switch(up.conn.request, event.headers)) is not None:
+                raise h1.ProtocolError(why)
             if event.status_code == 100 and clock is not None:
                 clock.body_coming()  # the body comes now: the clock starts again at its end
             if not switching and conn.request is not None and conn.request.http_version == b"1.0":
@@ -845,6 +847,29 @@ async def _relay_response(
             return False
         else:
             raise PipeClosed("upstream closed before responding")
+
+
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
+
+
+def _bad_switch(request: h1.Request | None, headers: Sequence[h1.Header]) -> str | None:
+    """Why a 101 is not the answer to the WebSocket handshake its request made (the only upgrade
+    passed on), or None. After a 101 both connections are spliced and no request on them is
+    seen: a 101 that is not a switch (an app endpoint answering a status of the caller's choice)
+    let the caller's next requests reach the app past the per-request policy, with identity
+    headers of its choosing. RFC 9110 7.8: a 101 names the protocol in Upgrade; RFC 6455 4.1: a
+    client fails a handshake without ``Upgrade: websocket`` and the Sec-WebSocket-Accept its key
+    calls for."""
+    if request is None or not request.upgrade:
+        return "101 Switching Protocols to a request that asked for no upgrade"
+    upgrade = header(headers, b"upgrade") or b""
+    if b"websocket" not in (token.strip().lower() for token in upgrade.split(b",")):
+        return "101 Switching Protocols without Upgrade: websocket"
+    key = (header(request.headers, b"sec-websocket-key") or b"").strip()
+    accept = (header(headers, b"sec-websocket-accept") or b"").strip()
+    if not key or accept != base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest()):
+        return "101 Switching Protocols whose Sec-WebSocket-Accept does not answer the request's key"
+    return None
 
 
 def _closing(draining: Callable[[], bool], pump: asyncio.Task[None]) -> bool:

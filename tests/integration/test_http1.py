@@ -52,6 +52,7 @@ class CartApp:
         app.router.add_route("*", "/cart/echo", self.echo)
         app.router.add_get("/cart/ws", self.ws)
         app.router.add_get("/cart/status/{code}", self.status)
+        app.router.add_get("/cart/fake-switch", self.fake_switch)
         app.router.add_get("/cart/firehose", self.firehose)
         self.firehose_sent = 0
         app.router.add_route("*", "/{tail:.*}", self.info)
@@ -105,6 +106,16 @@ class CartApp:
     async def status(self, request: web.Request) -> web.Response:
         self._record(request)
         return web.Response(status=int(request.match_info["code"]))
+
+    async def fake_switch(self, request: web.Request) -> web.Response:
+        """A 101 that names websocket but answers no key, then goes on speaking HTTP."""
+        self._record(request)
+        headers = {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Accept": "bm90IHRoZSBhbnN3ZXI=",
+        }
+        return web.Response(status=101, headers=headers)
 
     async def ws(self, request: web.Request) -> web.WebSocketResponse:
         self._record(request)
@@ -531,6 +542,26 @@ async def test_a_denied_upgrade_leaves_both_connections_usable(pair: tuple[str, 
     again = await exchange(pair, b"GET /cart/2 HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n")
     assert again.startswith(b"HTTP/1.1 200"), again
     assert time.monotonic() - began < 3
+
+
+@pytest.mark.parametrize("path", [b"/cart/status/101", b"/cart/fake-switch"])
+async def test_a_101_that_is_no_websocket_switch_does_not_splice_the_connection(
+    pair: tuple[str, int], cart_app: CartApp, path: bytes
+) -> None:
+    """An allowed endpoint answering 101 (a status the caller chooses, or Upgrade: websocket with a
+    Sec-WebSocket-Accept that answers no key) while it goes on speaking HTTP: both connections were
+    spliced, and the caller's next request (a path the policy denies, with an identity header of
+    its choosing) reached the app unseen. RFC 9110 7.8 and RFC 6455 4.1: such a 101 is no switch;
+    it gets 502, and what follows is read as the next request."""
+    upgrade = (
+        b"GET " + path + b" HTTP/1.1\r\nHost: cart\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    raw = await exchange(
+        pair, upgrade + b"GET /admin HTTP/1.1\r\nHost: cart\r\n" + SPOOFED + b"Connection: close\r\n\r\n"
+    )
+    assert re.findall(rb"HTTP/1\.1 (\d\d\d)", raw) == [b"502", b"403"], raw
+    assert cart_app.seen and set(cart_app.seen) == {f"GET {path.decode()}"}, cart_app.seen
 
 
 async def test_denied_100_continue_gets_403_without_sending_the_body(pair: tuple[str, int]) -> None:
