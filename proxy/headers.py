@@ -34,7 +34,19 @@ DENIED_REASON = b"sidemesh-denied-reason"  # why the sidecar answered itself (40
 # sidecar removes any a request brings (only a sidecar may say who called: Envoy's SANITIZE_SET,
 # Linkerd's l5d-client-id) and sets XFCC for a caller that authenticated with mTLS.
 XFCC = b"x-forwarded-client-cert"
-IDENTITY_HEADERS = frozenset({XFCC, b"l5d-client-id"})
+
+
+def _underscored(name: bytes) -> set[bytes]:
+    """``name`` with each of its dashes a dash or an underscore: CGI-style servers (WSGI, PHP,
+    Rack, Django) read ``x_forwarded_client_cert`` as HTTP_X_FORWARDED_CLIENT_CERT too, and join
+    it with the sidecar's header, the caller's value first (Envoy passes such names by default)."""
+    out = {b""}
+    for part in name.split(b"-"):
+        out = {o + sep + part for o in out for sep in ((b"-", b"_") if o else (b"",))}
+    return out
+
+
+IDENTITY_HEADERS = frozenset(_underscored(XFCC) | _underscored(b"l5d-client-id"))
 
 
 def xfcc(own: str, peer: str) -> bytes:

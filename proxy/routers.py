@@ -105,16 +105,18 @@ class InboundRouter:
     def decide(self, method: str, path: str) -> Decision:
         """Authorize one request, with its metric and log lines."""
         decision = self.authorize(method, path)
-        if not decision.allowed:
-            self.sc.metrics.denials.labels(decision.policy or "default").inc()
+        if not decision.allowed or decision.audit:
+            if not decision.allowed:
+                self.sc.metrics.denials.labels(decision.policy or "default").inc()
             log.warning(
-                "request denied",
-                extra={**self.log_extra, "method": method, "path": path, "reason": decision.reason},
-            )
-        elif decision.audit:
-            log.warning(
-                "request allowed in audit mode",
-                extra={**self.log_extra, "method": method, "path": path, "reason": decision.reason},
+                "request denied" if not decision.allowed else "request allowed in audit mode",
+                # (the path without its query, which may carry credentials: as the access log)
+                extra={
+                    **self.log_extra,
+                    "method": method,
+                    "path": path.split("?", 1)[0],
+                    "reason": decision.reason,
+                },
             )
         return decision
 
