@@ -373,6 +373,14 @@ def run(args: argparse.Namespace) -> int:
                 "OTEL_SDK_DISABLED": "false",
                 "OTEL_TRACES_SAMPLER": "parentbased_always_on",  # every request: it is a demo
                 "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within 0.1 s, not the default 5 s
+                # Each sidecar's service name is its workload's (the walk checks it): not a name
+                # the shell gives (empty is unset)
+                "OTEL_SERVICE_NAME": "",
+                "OTEL_RESOURCE_ATTRIBUTES": ",".join(
+                    item
+                    for item in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
+                    if item.partition("=")[0].strip() != "service.name"
+                ),
             }
         cart_app = _walk(demo, receiver, collector)
         finished = True

@@ -44,8 +44,14 @@ def test_demo_once_behaves_as_described_and_leaves_nothing_behind() -> None:
         text=True,
         timeout=180,
         # A shell with the signal's own OTEL_* settings for some other collector: the demo's receiver
-        # still gets the spans (the signal's variables win over the generic ones the demo sets).
-        env=_demo_env(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf", OTEL_PROPAGATORS="b3"),
+        # still gets the spans (the signal's variables win over the generic ones the demo sets);
+        # and with a service name of its own, which the sidecars took: every trace step failed.
+        env=_demo_env(
+            OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf",
+            OTEL_PROPAGATORS="b3",
+            OTEL_SERVICE_NAME="my-laptop-app",
+            OTEL_RESOURCE_ATTRIBUTES="service.name=other,team=a",
+        ),
     )
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
