@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -22,6 +21,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from injector import review
 from injector.settings import InjectionSettings
 from injector.tls import ServingCertificate
+from sidemesh.httpd import listening_socket
 from sidemesh.server_telemetry import AsgiTelemetry
 from sidemesh.telemetry import Tracing
 
@@ -188,14 +188,7 @@ class WebhookServer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self.requested_port))
-        except OSError:
-            sock.close()
-            raise
+        sock = listening_socket(self.host, self.requested_port)  # (the wildcard: both families)
         self.port = int(sock.getsockname()[1])
         self._task = asyncio.create_task(self.server.serve(sockets=[sock]), name="injector-uvicorn")
         while not self.server.started:

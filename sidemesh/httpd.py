@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,6 +32,37 @@ STALLED = 2.0  # a probe or a scrape is answered in milliseconds
 IDLE_TIMEOUT = 30.0
 
 Route = Callable[[], tuple[int, str, bytes]]
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A bound TCP socket for an HTTP listener. The wildcard (``0.0.0.0``, the defaults) takes
+    both address families, as grpcio does for the gRPC ports and Go's ``:port`` (Istio's 15020)
+    does: a probe without a host goes to the pod IP, IPv6 on IPv6-only and IPv6-first clusters,
+    where an IPv4-only listener made every probe and the webhook fail. Without IPv6 in the kernel:
+    IPv4 only."""
+    sock: socket.socket | None = None
+    if host in WILDCARDS:
+        with contextlib.suppress(OSError):  # (no IPv6: EAFNOSUPPORT)
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            host = "::"
+    if sock is None:
+        host = "0.0.0.0" if host in WILDCARDS else host
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 # (path, the client's IP address) -> why it may not read that path, or None when it may.
 Guard = Callable[[str, str], str | None]
 # GET/HEAD of any path under a prefix: gets the path (without the query) and may await (app probes).
@@ -61,8 +93,13 @@ class HTTPServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
-        self.server = await asyncio.start_server(self._serve, host, port, reuse_port=reuse_port or None)
-        return int(self.server.sockets[0].getsockname()[1])
+        sock = listening_socket(host, port, reuse_port)
+        try:
+            self.server = await asyncio.start_server(self._serve, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return int(sock.getsockname()[1])
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -112,6 +149,8 @@ class HTTPServer:
         conn = h11.Connection(h11.SERVER)
         peer = writer.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if client.startswith("::ffff:") and "." in client:  # IPv4 on a listener of both families
+            client = client[7:]
         loop = asyncio.get_running_loop()
         deadline: float | None = None  # from the first byte of a request to its end
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import http.client
 import http.server
 import json
@@ -83,14 +84,17 @@ def review(uid: str = "b8f3c0e2-4d1a-4c7e-9f00-000000000001", **request: Any) ->
 
 
 class _Connection(http.client.HTTPSConnection):
-    """Dials 127.0.0.1 but verifies the certificate for the Service's DNS name."""
+    """Dials ``address`` (127.0.0.1) but verifies the certificate for the Service's DNS name."""
 
-    def __init__(self, port: int, context: ssl.SSLContext, server_name: str) -> None:
+    def __init__(
+        self, port: int, context: ssl.SSLContext, server_name: str, address: str = "127.0.0.1"
+    ) -> None:
         super().__init__(server_name, port, context=context, timeout=10)
         self._ctx = context
+        self._address = address
 
     def connect(self) -> None:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        sock = socket.create_connection((self._address, self.port), timeout=10)
         self.sock = self._ctx.wrap_socket(sock, server_hostname=self.host)
 
 
@@ -99,10 +103,11 @@ class Client:
     port: int
     bundle: bytes
     server_name: str = INJECTOR_SERVER_NAME
+    address: str = "127.0.0.1"
 
     def connect(self) -> _Connection:
         ctx = ssl.create_default_context(cadata=self.bundle.decode())
-        return _Connection(self.port, ctx, self.server_name)
+        return _Connection(self.port, ctx, self.server_name, self.address)
 
     @staticmethod
     def call(conn: _Connection, method: str, path: str, body: bytes | None = None) -> tuple[int, Json]:
@@ -128,6 +133,15 @@ def peer_serial(conn: _Connection) -> str:
     der = conn.sock.getpeercert(binary_form=True)
     assert der is not None
     return format(x509.load_der_x509_certificate(der).serial_number, "x")
+
+
+def _ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -179,7 +193,8 @@ async def injector(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Injector]
     await identity.start()
     await asyncio.wait_for(identity.wait_ready(), 10)
     holder: list[InjectionSettings] = [InjectionSettings()]
-    server = WebhookServer(create_app(lambda: holder[-1], lambda: serving.loaded), serving, "127.0.0.1", 0)
+    # On the wildcard, as the Deployment has it (both families: the API server dials the pod IP)
+    server = WebhookServer(create_app(lambda: holder[-1], lambda: serving.loaded), serving, "0.0.0.0", 0)
     port = await server.start()
     yield Injector(ca, identity, serving, server, Client(port, ca.bundle), holder)
     await server.stop()
@@ -193,6 +208,9 @@ async def injector(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Injector]
 async def test_good_review(injector: Injector) -> None:
     status, body = await asyncio.to_thread(injector.client.post, review())
     assert status == 200
+    if _ipv6():  # IPv6-only and IPv6-first clusters: it listened on IPv4 only, no pod could start
+        v6 = dataclasses.replace(injector.client, address="::1")
+        assert (await asyncio.to_thread(v6.post, review()))[0] == 200
     assert body["apiVersion"] == "admission.k8s.io/v1" and body["kind"] == "AdmissionReview"
     response = body["response"]
     assert response["uid"] == "b8f3c0e2-4d1a-4c7e-9f00-000000000001"

@@ -278,3 +278,42 @@ async def test_stop_ends_a_connection_waiting_on_a_slow_page_quietly(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
         r.getMessage() for r in caplog.records
     ]
+
+
+def _ipv6() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6(), reason="no IPv6 on this machine (::1 cannot be bound)")
+async def test_the_wildcard_listens_on_both_families_and_guards_see_ipv4_as_ipv4() -> None:
+    """Probes without a host go to the pod IP, IPv6 on IPv6-only and IPv6-first clusters: the
+    HTTP listeners (15014-15016, 15020, the webhook's 8443) bound 0.0.0.0 only, and every probe
+    failed there. The wildcard takes both families now, as grpcio does for the gRPC ports; an
+    IPv4 client is still seen as an IPv4 address (a guard such as /quitquitquit's loopback check
+    or the controller's --status-from networks), not as ::ffff:a.b.c.d."""
+    import urllib.request
+
+    seen: list[str] = []
+
+    def guard(path: str, client: str) -> str | None:
+        seen.append(client)
+        return None
+
+    server = HTTPServer({"/live": lambda: (200, "text/plain", b"ok\n")}, guard=guard)
+    port = await server.start("0.0.0.0", 0)
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            with await asyncio.to_thread(
+                urllib.request.urlopen, f"http://{host}:{port}/live", timeout=5
+            ) as r:
+                assert r.status == 200
+    finally:
+        await server.stop()
+    assert seen == ["127.0.0.1", "::1"]
