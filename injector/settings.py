@@ -324,7 +324,18 @@ def parse_settings(text: str, base: InjectionSettings | None = None) -> Injectio
             values[name] = float(value)  # YAML writes 1.0 as 1 too
         else:
             raise SettingsError(key, f"{value!r} is not a {kind.__name__}")
-    return dataclasses.replace(base or InjectionSettings(), **values)
+    settings = dataclasses.replace(base or InjectionSettings(), **values)
+    if "defaultPolicy" in raw:
+        # The controller computes each workload's default and sends it, and injected sidecars
+        # stream from it: this only sets an environment variable they do not read (a sidecar
+        # reading a directory does). Set here, `deny` was silently not in force.
+        log.warning(
+            "defaultPolicy in the injection settings is not in force: injected sidecars take their "
+            "default from the controller; set its SIDEMESH_DEFAULT_POLICY (manifests/controller.yaml), "
+            "or the sidemesh.io/default-policy annotation of a namespace or pod",
+            extra={"defaultPolicy": settings.default_policy},
+        )
+    return settings
 
 
 def load_settings(path: Path) -> InjectionSettings:

@@ -197,3 +197,22 @@ def test_the_iptables_backend_reaches_the_init_container() -> None:
     assert "--iptables-mode" not in init_container(InjectionSettings(), options)["args"]  # auto: init decides
     legacy = init_container(parse_settings("iptablesMode: legacy"), options)["args"]
     assert legacy[-2:] == ["--iptables-mode", "legacy"]
+
+
+def test_a_default_policy_set_for_controller_streamed_sidecars_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The controller computes each workload's default and sends it: `defaultPolicy` here only sets
+    the environment of sidecars reading a directory. manifests/mesh-config.yaml invited setting it
+    (`deny`) and the sidecars kept allow-authenticated, silently. The shipped file no longer has it,
+    the controller's Deployment has SIDEMESH_DEFAULT_POLICY, and setting it here is warned about."""
+    import logging
+
+    assert "defaultPolicy:" not in MANIFEST.read_text().replace("# ", "")
+    controller = (MANIFEST.parent / "controller.yaml").read_text()
+    assert "{name: SIDEMESH_DEFAULT_POLICY, value: allow-authenticated}" in controller
+    with caplog.at_level(logging.WARNING):
+        parse_settings(MANIFEST.read_text())
+        assert not caplog.records
+        parse_settings("defaultPolicy: deny\n")
+        assert "not in force" in caplog.text and "SIDEMESH_DEFAULT_POLICY" in caplog.text
