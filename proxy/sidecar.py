@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -86,6 +87,47 @@ def _bind(host: str, port: int) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
+
+
+class _Claims:
+    """Which listen addresses this sidecar holds, as abstract Unix sockets named after them (one
+    network namespace: the pod's, or the machine's in local mode). Every listener is bound with
+    SO_REUSEPORT so a replacement can start during a drain, and so a second sidecar started on an
+    address another one serves (two local sidecars with the default admin and health addresses)
+    shared its ports silently: admin pages, readiness and metrics answered from either, and an
+    inbound port split peers between two identities. A claim is released when the drain begins
+    (or when the process ends); a port of 0 (the kernel picks one) needs none."""
+
+    def __init__(self) -> None:
+        self._held: list[socket.socket] = []
+
+    def take(self, option: str, address: str, host: str, port: int) -> None:
+        if port == 0:
+            return
+        key = "*" if host in ("0.0.0.0", "::", "") else host
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(f"\0sidemesh/listen/{key}:{port}")
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                return  # (no abstract sockets: nothing to check with)
+            raise ListenError(
+                option,
+                address,
+                OSError(
+                    errno.EADDRINUSE,
+                    "a sidecar that is not draining serves it (this one's own other listener, or "
+                    "another process): give this one another address, or stop that one first (a "
+                    "replacement may start once its drain has begun)",
+                ),
+            ) from None
+        self._held.append(sock)
+
+    def release(self) -> None:
+        for sock in self._held:
+            sock.close()
+        self._held.clear()
 
 
 def _can_bind(host: str) -> bool:
@@ -177,6 +219,7 @@ class Sidecar:
             if value := getattr(config, option):
                 self.proxy_ports.add(parse_hostport(option, value)[1])
         self._own: set[tuple[str, int]] = set()
+        self._claims = _Claims()
         self._inbound: InboundConfig | None = None
         self._outbound: OutboundTable | None = None
         self._v6_source = config.capture == "iptables" and _can_bind(INBOUND_SOURCE[6])
@@ -460,6 +503,7 @@ class Sidecar:
         self, name: str, address: str, kind: str, target: str | None = None, option: str = ""
     ) -> None:
         host, port = parse_hostport(name, address)
+        self._claims.take(option or f"--{kind}-listen", address, host, port)
         try:
             sock = _bind(host, port)
         except OSError as exc:
@@ -470,6 +514,13 @@ class Sidecar:
         self._listeners.append((sock, asyncio.create_task(self._accept(sock, kind, target)), kind, target))
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            self._claims.release()  # (the process goes on in tests: no claim left behind)
+            raise
+
+    async def _start(self) -> None:
         self.reload_config()
         await self.identity.start()
         self.identity.on_rotate(lambda svid: self.metrics.cert_expiry.set(svid.not_after.timestamp()))
@@ -514,10 +565,10 @@ class Sidecar:
             ("admin", admin, self.config.admin_listen),
             ("health", health, self.config.health_listen),
         ):
+            host, port = parse_hostport(f"{name}_listen", address)
+            self._claims.take(f"--{name}-listen", address, host, port)
             try:
-                self.ports[name] = await server.start(
-                    *parse_hostport(f"{name}_listen", address), reuse_port=True
-                )
+                self.ports[name] = await server.start(host, port, reuse_port=True)
             except OSError as exc:
                 raise ListenError(f"--{name}-listen", address, exc) from exc
         self.proxy_ports.update((self.ports["admin"], self.ports["health"]))  # (port 0: as bound)
@@ -568,6 +619,7 @@ class Sidecar:
         drain timeout; the sidecar stops as soon as none is left.
         """
         self.draining = True
+        self._claims.release()  # a replacement may start now
         self.drain_started.set()
         await self._close_listeners(("inbound",))
         limit = self.config.drain_timeout.total_seconds() if timeout is None else timeout

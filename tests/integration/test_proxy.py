@@ -647,6 +647,69 @@ async def test_a_port_held_by_another_process_is_named_with_its_option(mesh: Mes
     assert (failed.value.option, failed.value.address) == (option, taken)
 
 
+@pytest.mark.parametrize("shared", ["admin", "health", "inbound", "admin=health"])
+async def test_a_second_sidecar_on_a_serving_sidecars_address_fails_to_start(mesh: Mesh, shared: str) -> None:
+    """Every listener is bound with SO_REUSEPORT (a replacement starts during a drain), so a second
+    sidecar started on an address another one serves (two local sidecars with the default admin and
+    health addresses) shared its ports silently: /certs, readiness and metrics answered from either
+    at random, an inbound port split callers between two identities. It fails to start now, naming
+    the option; once the first one's drain has begun, a replacement starts (hand-over)."""
+    from proxy.config import ProxyConfig
+    from proxy.sidecar import ListenError
+    from sidemesh.identity.workload import WorkloadIdentity
+    from sidemesh.spiffe import WorkloadId
+
+    host = mesh.addr(FRONTEND)
+    with socket.socket() as probe:  # a port free now, for the first sidecar's listener
+        probe.bind((host, 0))
+        fixed = f"{host}:{probe.getsockname()[1]}"
+    free = f"{host}:0"
+
+    def sidecar() -> tuple[Sidecar, WorkloadIdentity]:
+        config = ProxyConfig(
+            workload="shop/frontend-1",
+            config_dir=mesh.config_dir,
+            capture="none",
+            inbound_listen=fixed if shared == "inbound" else free,
+            admin_listen=fixed if shared.startswith("admin") else free,
+            health_listen=fixed if shared in ("health", "admin=health") else free,
+            app_host=host,
+            trust_domain="cluster.local",
+        )
+        identity = WorkloadIdentity(
+            WorkloadId("shop", "frontend").spiffe_id("cluster.local"),
+            mesh.ca.client(),
+            lambda: "frontend-token",
+        )
+        return Sidecar(config, identity), identity
+
+    first, first_identity = sidecar()
+    option = {"admin": "--admin-listen", "health": "--health-listen", "inbound": "--inbound-listen"}
+    try:
+        if shared == "admin=health":  # one sidecar given one address twice
+            with pytest.raises(ListenError) as failed:
+                await first.start()
+            assert (failed.value.option, failed.value.address) == ("--health-listen", fixed)
+            return
+        await first.start()
+        second, second_identity = sidecar()
+        with pytest.raises(ListenError) as failed:
+            await second.start()
+        await second.drain(timeout=0)
+        await second_identity.ca.close()
+        assert (failed.value.option, failed.value.address) == (option[shared], fixed)
+        drain = asyncio.create_task(first.drain(timeout=5))
+        await asyncio.sleep(0.1)
+        replacement, replacement_identity = sidecar()
+        await replacement.start()  # the first one drains: the hand-over goes on as before
+        await replacement.drain(timeout=0)
+        await replacement_identity.ca.close()
+        await drain
+    finally:
+        await first.drain(timeout=0)
+        await first_identity.ca.close()
+
+
 async def _connect_with_no_descriptor_left(mesh: Mesh) -> None:
     """A connection to the frontend's outbound listener while this process (the sidecar's) has no
     file descriptor left: its accept fails (EMFILE); then the descriptors are free again."""
