@@ -10,6 +10,7 @@ import asyncio
 import base64
 import concurrent.futures
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from ca.errors import AuthenticatorUnavailable, Unauthenticated
+from ca.errors import AuthenticatorUnavailable, RateLimited, Unauthenticated
 from sidemesh.clock import SYSTEM_CLOCK, Clock
 from sidemesh.spiffe import SpiffeIdError, WorkloadId
 
@@ -46,10 +47,29 @@ REFUSAL_CACHE_TTL = dt.timedelta(seconds=2)
 REVIEW_TIMEOUT_S = 5.0
 REVIEW_CONNECT_TIMEOUT_S = 2.0
 REVIEW_THREADS = 8
+# Per caller address (the gRPC peer's IP), so that callers without a valid token cannot take every
+# review thread: a token costs a TokenReview before anything else is known about it, and random
+# tokens from one address each missed the refusal cache, kept all 8 threads busy and failed the
+# signings of every other workload. An address may have this many reviews in flight ...
+REVIEWS_PER_PEER = 2
+# ... and have this many tokens refused in a burst, then one more every REFUSAL_REFILL_S: past
+# that, its calls are refused without a review (RESOURCE_EXHAUSTED, retried later) until it has
+# waited. An accepted token costs nothing (a workload's renewals), nor does a cached answer.
+REFUSALS_PER_PEER = 10
+REFUSAL_REFILL_S = 1.0
+MAX_PEERS = 10_000  # addresses remembered (the oldest forgotten first)
 
 
 class Authenticator(Protocol):
-    async def authenticate(self, token: str) -> WorkloadId: ...
+    async def authenticate(self, token: str, peer: str = "") -> WorkloadId: ...
+
+
+def peer_address(peer: str) -> str:
+    """The IP address of a gRPC peer (``ipv4:10.0.0.5:41234``, ``ipv6:[fd00::5]:41234``)."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rpartition(":")[0].strip("[]")
+    return peer
 
 
 def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
@@ -163,7 +183,7 @@ class LocalTokenAuthenticator:
             )
         self._stamp = stamp
 
-    async def authenticate(self, token: str) -> WorkloadId:
+    async def authenticate(self, token: str, peer: str = "") -> WorkloadId:
         try:
             self._reload()
         except OSError as exc:
@@ -232,6 +252,9 @@ class KubernetesTokenAuthenticator:
         )
         self._busy = 0  # reviews submitted and not yet done (run, failed, or cancelled while queued)
         self._busy_lock = threading.Lock()
+        self._peer_busy: dict[str, int] = {}  # the same, per caller address (under _busy_lock)
+        # caller address -> (refusals it may still have, when that was counted: time.monotonic())
+        self._peer_refusals: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self.reviews = 0  # TokenReviews sent (for tests and the curious)
 
     def _review(self, token: str) -> Any:
@@ -246,15 +269,30 @@ class KubernetesTokenAuthenticator:
             body, _request_timeout=(REVIEW_CONNECT_TIMEOUT_S, REVIEW_TIMEOUT_S)
         )
 
-    def _done(self, _future: concurrent.futures.Future[Any]) -> None:
+    def _done(self, peer: str, _future: concurrent.futures.Future[Any]) -> None:
         with self._busy_lock:
             self._busy -= 1
+            if peer:
+                left = self._peer_busy.pop(peer, 1) - 1
+                if left > 0:
+                    self._peer_busy[peer] = left
+
+    def _refusals_left(self, peer: str, charge: float = 0.0) -> float:
+        """The refusals ``peer`` may still have (a token bucket), after ``charge`` more."""
+        now = time.monotonic()
+        left, at = self._peer_refusals.pop(peer, (float(REFUSALS_PER_PEER), now))
+        left = min(float(REFUSALS_PER_PEER), left + (now - at) / REFUSAL_REFILL_S) - charge
+        self._peer_refusals[peer] = (left, now)  # (the most recent last: the oldest go first)
+        while len(self._peer_refusals) > MAX_PEERS:
+            self._peer_refusals.popitem(last=False)
+        return left
 
     def close(self) -> None:
         """Let the review threads go (a review still hung is abandoned, not waited for)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def authenticate(self, token: str) -> WorkloadId:
+    async def authenticate(self, token: str, peer: str = "") -> WorkloadId:
+        peer = peer_address(peer) if peer else ""
         key = _digest(token)
         now = self.clock.now()
         cached = self._cache.get(key)
@@ -267,12 +305,19 @@ class KubernetesTokenAuthenticator:
             if now < refused[2]:
                 raise Unauthenticated(refused[0], refused[1])  # a new one: no traceback grows
             del self._refused[key]
+        if peer and self._refusals_left(peer) < 1.0:
+            raise RateLimited(
+                "too many refused tokens from this address; retry later",
+                f"{peer}: over {REFUSALS_PER_PEER} tokens refused, then 1 per {REFUSAL_REFILL_S:g}s",
+            )
         try:
-            identity = await self._authenticate(token)
+            identity = await self._authenticate(token, peer)
         except Unauthenticated as exc:
             self._refused[key] = (exc.public, exc.detail, now + REFUSAL_CACHE_TTL)
             while len(self._refused) > self.max_cached:
                 self._refused.popitem(last=False)
+            if peer:
+                self._refusals_left(peer, charge=1.0)
             raise
         if self.cache_for > dt.timedelta(0):
             until = now + self.cache_for
@@ -284,21 +329,29 @@ class KubernetesTokenAuthenticator:
                 self._cache.popitem(last=False)
         return identity
 
-    async def _authenticate(self, token: str) -> WorkloadId:
+    async def _authenticate(self, token: str, peer: str = "") -> WorkloadId:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
-        self.reviews += 1
         try:
-            if self._busy >= REVIEW_THREADS:
-                raise AuthenticatorUnavailable(
-                    "cannot verify the token now; retry later",
-                    f"all {REVIEW_THREADS} TokenReview threads are waiting on the API server",
-                )
             with self._busy_lock:
+                if self._busy >= REVIEW_THREADS:
+                    raise AuthenticatorUnavailable(
+                        "cannot verify the token now; retry later",
+                        f"all {REVIEW_THREADS} TokenReview threads are waiting on the API server",
+                    )
+                if peer and self._peer_busy.get(peer, 0) >= REVIEWS_PER_PEER:
+                    raise AuthenticatorUnavailable(
+                        "cannot verify the token now; retry later",
+                        f"{peer} has {REVIEWS_PER_PEER} TokenReviews waiting on the API server already",
+                    )
                 self._busy += 1
+                if peer:
+                    self._peer_busy[peer] = self._peer_busy.get(peer, 0) + 1
+            self.reviews += 1
             submitted = self._executor.submit(self._review, token)
-            submitted.add_done_callback(self._done)  # when done, failed, or cancelled while queued
+            # when done, failed, or cancelled while queued
+            submitted.add_done_callback(functools.partial(self._done, peer))
             review = await asyncio.wait_for(asyncio.wrap_future(submitted), REVIEW_TIMEOUT_S + 1.0)
         except TimeoutError as exc:
             raise AuthenticatorUnavailable(

@@ -92,7 +92,7 @@ class CertificateAuthorityService(ca_pb2_grpc.CertificateAuthorityServicer):
         identity: WorkloadId | None = None
         try:
             token = bearer_token(context.invocation_metadata())  # type: ignore[arg-type]
-            identity = await self.authenticator.authenticate(token)
+            identity = await self.authenticator.authenticate(token, context.peer())
             if not self.limiter.allow(str(identity), time.monotonic()):
                 raise RateLimited(f"too many signing requests for {identity}; retry later")
             ttl = self.ttl.resolve(request.ttl_seconds)

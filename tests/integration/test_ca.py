@@ -500,11 +500,11 @@ class _SlowFirst(LocalTokenAuthenticator):
         super().__init__(path)
         self.delay, self.calls = delay, 0
 
-    async def authenticate(self, token: str) -> WorkloadId:
+    async def authenticate(self, token: str, peer: str = "") -> WorkloadId:
         self.calls += 1
         if self.calls == 1:
             await asyncio.sleep(self.delay)
-        return await super().authenticate(token)
+        return await super().authenticate(token, peer)
 
 
 async def test_a_sign_that_times_out_leaves_the_caller_not_cancelling(

@@ -180,3 +180,55 @@ async def test_a_hung_api_server_fails_reviews_in_time_and_never_wedges_the_ca(
             break
         await asyncio.sleep(0.05)
     assert authn._busy == 0
+
+
+async def test_callers_without_a_valid_token_cannot_take_every_review_thread(kube: FakeKubeAPI) -> None:
+    """Each token costs a TokenReview before anything else is known about it, and random tokens miss
+    the refusal cache: one address sending them kept all 8 review threads busy (a slow API server),
+    and every other workload's Sign failed UNAVAILABLE. An address has at most 2 reviews in flight."""
+    from ca.errors import AuthenticatorUnavailable
+
+    kube.hang = threading.Event()  # an API server that takes its time
+    authn = KubernetesTokenAuthenticator(api_client(kube.url), cache_for=dt.timedelta(0))
+    try:
+        attacker = [
+            asyncio.create_task(authn.authenticate(f"junk-{i}", "ipv4:10.0.0.66:5000"))
+            for i in range(authn_module.REVIEW_THREADS)
+        ]
+        await asyncio.sleep(0.3)
+        refused = [t for t in attacker if t.done()]
+        assert len(refused) == len(attacker) - authn_module.REVIEWS_PER_PEER
+        assert all(isinstance(t.exception(), AuthenticatorUnavailable) for t in refused)
+        victim = asyncio.create_task(authn.authenticate("projected", "ipv6:[fd00::7]:4000"))
+        await asyncio.sleep(0.3)
+        assert not victim.done() and authn._busy == authn_module.REVIEWS_PER_PEER + 1  # being reviewed
+    finally:
+        kube.hang.set()
+        await asyncio.gather(*attacker, victim, return_exceptions=True)
+        kube.hang = None
+        authn.close()
+
+
+async def test_an_address_whose_tokens_keep_being_refused_is_not_reviewed_for_a_while(
+    start_ca: StartCA, kube: FakeKubeAPI
+) -> None:
+    """Past 10 refused tokens in a burst (then one a second), an address's calls are refused with
+    RESOURCE_EXHAUSTED (retried later) without a TokenReview: junk tokens cost the API server a
+    bounded rate per address. A cached acceptance is not held up."""
+    authn = KubernetesTokenAuthenticator(api_client(kube.url))
+    ca = await start_ca(authenticator=authn)
+    await ca.issue("projected", FRONTEND)  # accepted, cached
+    codes = []
+    for i in range(authn_module.REFUSALS_PER_PEER + 3):
+        with pytest.raises(CAClientError) as info:
+            await ca.issue(f"junk-{i}", FRONTEND)
+        codes.append(info.value.code)
+    assert (
+        codes == [Status.UNAUTHENTICATED] * authn_module.REFUSALS_PER_PEER + [Status.RESOURCE_EXHAUSTED] * 3
+    )
+    assert len(kube.requests) == 1 + authn_module.REFUSALS_PER_PEER  # the last three cost no review
+    await ca.issue("projected", FRONTEND)  # (a cached answer needs no review)
+    await asyncio.sleep(authn_module.REFUSAL_REFILL_S * 1.1)  # one more refusal allowed
+    with pytest.raises(CAClientError) as info:
+        await ca.issue("junk-again", FRONTEND)
+    assert info.value.code == Status.UNAUTHENTICATED
