@@ -49,6 +49,7 @@ SAMPLERS = (
     "parentbased_traceidratio",
 )
 PROTOCOLS = ("grpc", "http/protobuf")
+OTLP_HTTP_PORT = 4318  # the OTLP specification's port for OTLP/HTTP (4317: OTLP/gRPC)
 WARN_EVERY = 60.0  # seconds between two "spans not exported" warnings
 DEFER_S = 0.25  # a deferred span is made at most this long after its request ended (Tracing.defer)
 DEFER_BATCH = 64  # ... or as soon as this many are waiting
@@ -161,10 +162,15 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
         return None
     if exporter != "otlp":
         raise TelemetryConfigError("OTEL_TRACES_EXPORTER", f"{exporter!r}: only otlp and none are supported")
-    protocol = _get(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") or ("", "grpc")
+    found = _get(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+    protocol = _get(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") or (
+        "",
+        # Unset: OTLP/HTTP for an endpoint on its port (4318: the injection settings' default,
+        # copied here, sent gRPC to an HTTP port and every span was lost), else gRPC.
+        "http/protobuf" if found is not None and _port_of(found[1]) == OTLP_HTTP_PORT else "grpc",
+    )
     if protocol[1] not in PROTOCOLS:
         raise TelemetryConfigError(protocol[0], f"{protocol[1]!r} is not one of {', '.join(PROTOCOLS)}")
-    found = _get(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
     if found is None:
         return None
     name, endpoint = found
@@ -256,6 +262,13 @@ class SpanCounters:
     def dequeue(self, count: int) -> None:
         with self._lock:
             self.queued = max(0, self.queued - count)
+
+
+def _port_of(url: str) -> int | None:
+    try:
+        return urllib.parse.urlsplit(url).port
+    except ValueError:  # (said at start, with the endpoint's other problems)
+        return None
 
 
 def _resource_attribute(text: str, key: str) -> str | None:

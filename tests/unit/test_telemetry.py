@@ -59,6 +59,20 @@ def test_defaults_with_an_endpoint() -> None:
 
 
 @pytest.mark.parametrize(
+    ("endpoint", "protocol"),
+    [("http://c:4318", "http/protobuf"), ("http://c:4317", "grpc"), ("http://c:9999", "grpc")],
+)
+def test_without_a_protocol_an_endpoint_on_the_otlp_http_port_gets_otlp_http(
+    endpoint: str, protocol: str
+) -> None:
+    """The injection settings' default endpoint is OTLP/HTTP's :4318 (their protocol follows the port):
+    copied into a control-plane process or a local sidecar without a protocol, it got gRPC, sent to
+    an HTTP port, and every span was lost."""
+    s = settings_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+    assert s is not None and s.protocol == protocol
+
+
+@pytest.mark.parametrize(
     ("env", "endpoint"),
     [
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://j:4318/"}, "http://j:4318/v1/traces"),
