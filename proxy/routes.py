@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-# Upper bounds in seconds (log spaced, about x1.6): 0.25 ms .. 60 s, then +Inf.
+# Upper bounds in seconds (log spaced, about x1.6): 0.25 ms .. 50.7 s, then +Inf.
 BUCKETS: tuple[float, ...] = tuple(round(0.00025 * 1.6**i, 6) for i in range(27))
 MAX_ROUTE_CHARS = 120
 DEFAULT_CAPACITY = 200
