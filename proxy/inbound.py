@@ -178,9 +178,11 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
             if relay.closed:  # (HTTP where it is not: refused)
                 return
         else:
-            if sc.config.mode == "strict":
-                raise Refused("plaintext connection refused (strict mTLS)")
             port_or_none = redirected_port if redirected_port is not None else sc.default_app_port()
+            if sc.config.mode == "strict":
+                if port_or_none is not None:  # (named in the log and in `top`'s route)
+                    relay.info["port"] = port_or_none
+                raise Refused("plaintext connection refused (strict mTLS)")
             if port_or_none is None:
                 raise Refused("plaintext connection: no destination port known")
             port, peer = port_or_none, Peer()
@@ -229,6 +231,7 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
     except (Refused, tls.PeerIdentityError) as exc:
         sc.metrics.connections.labels("inbound", "refused").inc()
         log.warning("inbound connection refused", extra={**relay.info, "reason": str(exc)})
+        relay.info.setdefault("denied", str(exc))  # (`top` counts it a denial, not a failure)
         relay.fail(str(exc))
         if down is None and mesh_pipe is None:
             reset_socket(conn)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import threading
@@ -86,3 +87,25 @@ async def test_top_goes_straight_to_the_admin_port_whatever_http_proxy_says(
     monkeypatch.delenv("NO_PROXY", raising=False)
     snapshot = await asyncio.to_thread(fetch, f"{mesh.addr(CART)}:{cart.ports['admin']}")
     assert snapshot["workload"] == "shop/cart-1"
+
+
+async def test_a_refused_plaintext_connection_is_a_denial_on_its_port(mesh: Mesh) -> None:
+    """Strict mode refuses plaintext before any policy: `top` showed it as a failed route named
+    `TCP :?` (no port known yet, no denial counted). It is the app port's route now, as a denial."""
+    await mesh.app(CART)
+    cart = await mesh.sidecar("cart", CART)
+    assert cart.config.mode == "strict"
+    reader, writer = await asyncio.open_connection(mesh.addr(CART), cart.ports["inbound"])
+    writer.write(b"GET / HTTP/1.1\r\nHost: cart\r\n\r\n")
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    url = f"http://{mesh.addr(CART)}:{cart.ports['admin']}/stats/routes"
+    for _ in range(50):
+        body = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read()))
+        if body["routes"]:
+            break
+        await asyncio.sleep(0.05)
+    [route] = body["routes"]
+    assert (route["direction"], route["route"], route["requests"]) == ("inbound", "TCP :8080", 1)
+    assert (route["successes"], route["denials"]) == (0, 1)
