@@ -27,7 +27,7 @@ from ca.ratelimit import RateLimiter
 from sidemesh.api import ca_pb2, ca_pb2_grpc
 from sidemesh.clock import SYSTEM_CLOCK, Clock
 from sidemesh.config import parse_hostport
-from sidemesh.httpd import HTTPServer, json_response
+from sidemesh.httpd import HTTPServer, check_free, json_response
 from sidemesh.server_telemetry import GrpcTelemetry
 from sidemesh.spiffe import SpiffeId, WorkloadId
 from sidemesh.telemetry import start_tracing
@@ -222,6 +222,7 @@ class CAServer:
         # grpc.aio would run on every call.
         telemetry = GrpcTelemetry(self.metrics.registry, self.tracing)
         telemetry.add_servicer(ca_pb2_grpc.add_CertificateAuthorityServicer_to_server, self.service, server)
+        check_free(host, port)
         self.port = server.add_secure_port(f"{host}:{port}", creds)
         await server.start()
         self._server = server

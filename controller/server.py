@@ -29,7 +29,7 @@ from controller.sources import Source
 from controller.state import MeshState
 from sidemesh.api import config_pb2 as pb
 from sidemesh.config import parse_hostport
-from sidemesh.httpd import HTTPServer, json_response
+from sidemesh.httpd import HTTPServer, check_free, json_response
 from sidemesh.identity.svid import SvidError, spiffe_id_of
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.mesh.resources import Snapshot
@@ -352,6 +352,7 @@ class ConfigServer:
         )
         server.add_generic_rpc_handlers((handler,))
         host, port = parse_hostport("listen", self.config.listen)
+        check_free(host, port)
         self.port = server.add_secure_port(f"{host}:{port}", self._tls())
         await server.start()
         self._server = server

@@ -36,6 +36,22 @@ Route = Callable[[], tuple[int, str, bytes]]
 WILDCARDS = ("0.0.0.0", "::", "")
 
 
+def check_free(host: str, port: int) -> None:
+    """Raise OSError (EADDRINUSE) when a TCP port is held, before grpcio binds it: grpc core logs
+    its own error line to stderr (``add_port.cc ... Failed to add port``) ahead of the one-line
+    error the CLI prints. Port 0 is always free."""
+    if port == 0:
+        return
+    host = host.strip("[]")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as grpc: TIME_WAIT is no holder)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:  # (the address in the text: the CLI names the option by it)
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise OSError(exc.errno, f"{exc.strerror} ({shown})") from None
+
+
 def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A bound TCP socket for an HTTP listener. The wildcard (``0.0.0.0``, the defaults) takes
     both address families, as grpcio does for the gRPC ports and Go's ``:port`` (Istio's 15020)

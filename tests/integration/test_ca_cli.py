@@ -420,6 +420,8 @@ def test_a_second_ca_on_a_port_in_use_says_so(tmp_path: Path) -> None:
         _, err = second.communicate(timeout=30)
         assert second.returncode == 2, err
         assert f"cannot listen on --listen 127.0.0.1:{port}" in err
+        # One line: grpc core's own (`add_port.cc ... Failed to add port`) came first before
+        assert len(err.strip().splitlines()) == 1, err
     finally:
         first.terminate()
         first.wait(timeout=20)
