@@ -163,11 +163,17 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
     if exporter != "otlp":
         raise TelemetryConfigError("OTEL_TRACES_EXPORTER", f"{exporter!r}: only otlp and none are supported")
     found = _get(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-    protocol = _get(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") or (
-        "",
-        # Unset: OTLP/HTTP for an endpoint on its port (4318: the injection settings' default,
-        # copied here, sent gRPC to an HTTP port and every span was lost), else gRPC.
-        "http/protobuf" if found is not None and _port_of(found[1]) == OTLP_HTTP_PORT else "grpc",
+    given = _get(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+    # (enum values are read case-insensitively, as the SDK environment specification says)
+    protocol = (
+        (given[0], given[1].lower())
+        if given is not None
+        else (
+            "",
+            # Unset: OTLP/HTTP for an endpoint on its port (4318: the injection settings' default,
+            # copied here, sent gRPC to an HTTP port and every span was lost), else gRPC.
+            "http/protobuf" if found is not None and _port_of(found[1]) == OTLP_HTTP_PORT else "grpc",
+        )
     )
     if protocol[1] not in PROTOCOLS:
         raise TelemetryConfigError(protocol[0], f"{protocol[1]!r} is not one of {', '.join(PROTOCOLS)}")

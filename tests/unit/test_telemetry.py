@@ -70,6 +70,11 @@ def test_without_a_protocol_an_endpoint_on_the_otlp_http_port_gets_otlp_http(
     an HTTP port, and every span was lost."""
     s = settings_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
     assert s is not None and s.protocol == protocol
+    # A protocol given in capitals is read as the SDK reads enum values (it was refused)
+    s = settings_from_env(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "HTTP/Protobuf"}
+    )
+    assert s is not None and s.protocol == "http/protobuf"
 
 
 @pytest.mark.parametrize(
