@@ -41,26 +41,26 @@ _TARGET_LINE = re.compile(
 _CONNECT_LINE = re.compile(rb"CONNECT ++[!$%&'()*+,\-./0-9:;=?@A-Z\[\]_a-z~]*+" + _AFTER_TARGET)
 
 
-# Python's servers (http.server, and so wsgiref, Werkzeug's, Django's runserver) split a request
-# line on any whitespace (str.split: tabs, VT, FF, \x1c-\x1f, NEL, NBSP as Latin-1), ignore it
-# before the method and strip every CR before the LF: `GET\t/x\tHTTP/1.1` and ` GET /x HTTP/1.1`
-# are requests to them. Such a line is HTTP here (the sidecar's parser refuses it with a 400), and
-# so is the start of one still coming: as opaque it reached the app with the caller's own headers.
-_LENIENT_SPACE = frozenset(b"\t\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0")
+# Python's own servers (http.server, and so wsgiref and Werkzeug's and Django's development
+# servers) read a request line their own way: CRs stripped, split on any whitespace (str.split:
+# tabs, CR, VT, FF, \x1c-\x1f, NEL, NBSP in Latin-1), whatever comes first as the method, and
+# `GET <path>` alone as HTTP/0.9, whose headers they still read. Such a line is HTTP here (the
+# sidecar's parser refuses it: 400): as opaque it reached the app with the caller's own headers.
+# It is judged once its LF is there; a relay that took the first bytes for opaque looks again
+# then (``first_line_seen``), so a request split to look like no request is still caught.
 
 
-def _lenient_request(line: bytes, whole: bool) -> bool:
-    """Whether ``line`` (without its LF) is, or may yet become (``whole`` False), a request line
-    as such a server reads one: a method, a target and an ``HTTP/`` version."""
+def python_request_line(line: bytes) -> bool:
+    """Whether ``line`` (a first line without its LF) is a request to Python's http.server."""
     words = line.decode("latin-1").split()
-    if not words:
-        return not whole
-    if len(words) > 3 or not _TOKEN.fullmatch(words[0].encode("latin-1")):
-        return False
-    if len(words) < 3:
-        return not whole
-    version = words[2][:5].upper()
-    return version == "HTTP/" if whole or line[-1:].isspace() else "HTTP/".startswith(version)
+    if len(words) == 3:
+        return words[2].startswith("HTTP/")
+    return len(words) == 2 and words[0] == "GET" and words[1][:1] in ("/", "*")
+
+
+def first_line_seen(peeked: bytes) -> bool:
+    """Whether a first line (after empty ones) has ended within ``peeked``, or the peek is full."""
+    return len(peeked) >= PEEK_BYTES or b"\n" in peeked.lstrip(b"\r\n")
 
 
 class Kind(enum.Enum):
@@ -93,11 +93,8 @@ def _classify_http1(peeked: bytes) -> Kind | None:
     if not line:  # (as many as llhttp skips: a peek of nothing else is a request still to come)
         return Kind.HTTP1 if full else None
     newline = line.find(b"\n")
-    first = line if newline < 0 else line[:newline]
-    if (first[:1].isspace() or not _LENIENT_SPACE.isdisjoint(first) or first.endswith(b"\r\r")) and (
-        _lenient_request(first, newline >= 0)
-    ):
-        return Kind.HTTP1 if full or newline >= 0 else None
+    if newline >= 0 and python_request_line(line[:newline]):
+        return Kind.HTTP1
     space = line.find(b" ")
     if space <= 0:
         if space == 0 or not _TOKEN.fullmatch(line):

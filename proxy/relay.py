@@ -72,6 +72,10 @@ class Half(asyncio.Protocol):
         before = typing.cast(bytes, self.unchecked)
         seen = before + bytes(data[: detect.PEEK_BYTES - len(before)])  # (not a bulk chunk's copy)
         kind = detect.classify(seen) if seen else None
+        if kind is detect.Kind.OPAQUE and not detect.first_line_seen(seen):
+            # Opaque by its first bytes (` GET`, `G\x01T`): judged again once its first line has
+            # ended, before that line's LF and what follows (a request's headers) go on.
+            kind = None
         if kind is None:
             self.unchecked = seen
             return True

@@ -281,6 +281,9 @@ FORGED = b"x-forwarded-client-cert: By=spiffe://cluster.local/ns/shop/sa/cart;UR
         # request lines Python's servers (http.server, wsgiref, Werkzeug) take, llhttp does not
         (b" ", b"GET /orders HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
         (b"GET\t/orders", b"\tHTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
+        # (the first bytes alone look like no request at all: judged again at the line's end)
+        (b"G\x01T /orders", b" HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
+        (b"\x00\x01bin", b" ary\r\nframe two\r\n", False),  # a binary protocol: opaque indeed
         (b"*1\r\n$4\r\n", b"PING\r\n", False),  # Redis: opaque indeed
     ],
 )
@@ -328,6 +331,10 @@ async def test_http_under_the_opaque_hint_is_refused(
         b"GET\x0b/orders\x0cHTTP/1.1\r\n",
         b"GET\x1c/orders\xa0HTTP/1.1\r\n",
         b"GET\x85/orders HTTP/1.1\r\n",
+        b"GET\t/orders\r\n",  # HTTP/0.9 to them: the headers are read all the same
+        b"GET /orders\rHTTP/1.1\r\n",
+        b"GET /orders HTTP/1.1\r \r\n",
+        b"GET(x) /orders HTTP/1.1\r\n",  # any first word is the method (wsgiref calls the app)
     ],
 )
 async def test_request_lines_only_lenient_servers_take_never_reach_the_app_unparsed(

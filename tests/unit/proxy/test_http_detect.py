@@ -59,21 +59,28 @@ def tls_record(body: bytes) -> bytes:
         (b"SSH-2.0-OpenSSH_9.2\r\n", Kind.OPAQUE),
         (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Kind.OPAQUE),  # Postgres SSLRequest
         (b"*1\r\n$4\r\nPING\r\n", Kind.OPAQUE),  # Redis
-        (b"G\x00T / HTTP/1.1\r\n", Kind.OPAQUE),
+        (b"G\x00T / HTTP/1.1\r\n", Kind.HTTP1),  # (a method to http.server all the same; answered 400)
         (b"A" * 30, None),  # a method of any length (h11 and Go take any token)
         (b"A" * 30 + b" /admin HTTP/1.1\r\n", Kind.HTTP1),
         (b"PING\r\n", Kind.OPAQUE),
-        # Python's servers (http.server, wsgiref, Werkzeug) split on any whitespace and strip every
-        # CR: requests to them, so HTTP here (the sidecar's parser answers 400), and so is their start
+        # Python's servers (http.server, wsgiref, Werkzeug) strip CRs, split on any whitespace, take
+        # any first word as the method and `GET <path>` as HTTP/0.9 (headers still read): requests
+        # to them, so HTTP here (the sidecar's parser answers 400). Judged once the LF is there.
         (b" GET / HTTP/1.1\r\n", Kind.HTTP1),
         (b"GET\t/x\tHTTP/1.1\r\n", Kind.HTTP1),
         (b"GET /x HTTP/1.1\r\r\n", Kind.HTTP1),
+        (b"GET /x HTTP/1.1\r \r\n", Kind.HTTP1),
+        (b"GET /x\rHTTP/1.1\r\n", Kind.HTTP1),
         (b"GET\x0b/x\x1cHTTP/1.1\r\n", Kind.HTTP1),
         (b"GET\xa0/x\x85HTTP/1.1\r\n", Kind.HTTP1),
-        (b" ", None),
-        (b"GET\t/x", None),
-        (b"GET\t/x\tHT", None),
-        (b"GET\t/x\tRTSP/1.0", Kind.OPAQUE),
+        (b"GET\t/orders\r\n", Kind.HTTP1),  # HTTP/0.9
+        (b"GET /x\r\r\n", Kind.HTTP1),
+        (b"GET(x) /orders HTTP/1.1\r\n", Kind.HTTP1),  # any first word
+        (b"G\xc9T /orders HTTP/1.1\r\n", Kind.HTTP1),
+        (b"GET key\r\n", Kind.OPAQUE),  # Redis' inline command: no path
+        (b" ", Kind.OPAQUE),  # (a relay looks again once the first line has ended)
+        (b"GET\t/x", Kind.OPAQUE),
+        (b"GET\t/x\tRTSP/1.0\r\n", Kind.OPAQUE),
         (b" PING\r\n", Kind.OPAQUE),
         (b"\tUSER anonymous\r\n", Kind.OPAQUE),
         (b"get\tkey\r\n", Kind.OPAQUE),
@@ -100,6 +107,12 @@ def test_a_request_line_longer_than_the_peek_is_http_when_it_starts_as_one() -> 
     # As many empty lines as llhttp skips, and a method of any length (h11, Go): a request.
     assert classify(b"\r\n" * (peek // 2)) is Kind.HTTP1
     assert classify(b"A" * peek) is Kind.HTTP1
+
+
+def test_the_first_line_is_seen_once_its_lf_is_there_or_the_peek_is_full() -> None:
+    assert not detect.first_line_seen(b"\r\n G\x01T /x HTTP/1.1")
+    assert detect.first_line_seen(b"\r\n G\x01T /x HTTP/1.1\r\n")
+    assert detect.first_line_seen(b"\x00" * detect.PEEK_BYTES)
 
 
 @pytest.mark.parametrize(
