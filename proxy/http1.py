@@ -160,6 +160,11 @@ class _Clock:
             self.at = None
 
 
+class _BadSwitch(h1.ProtocolError):
+    """A 101 that answers no WebSocket handshake (``_bad_switch``): the app answered, so the
+    request is not sent again (it is no connection failure), it gets 502."""
+
+
 class _Timeout(Exception):
     """No response head before the request's deadline."""
 
@@ -501,6 +506,7 @@ async def _forward(
             if (
                 pump_exc is None
                 and not started[0]
+                and not isinstance(exc, _BadSwitch)  # (answered: not lost on a closed connection)
                 and not retried
                 # A pooled connection closed under the request, or a fresh one that a draining
                 # sidecar took from its closing listener's queue and closed before reading it.
@@ -528,6 +534,7 @@ async def _forward(
             if (
                 pump_exc is None
                 and not started[0]
+                and not isinstance(exc, _BadSwitch)
                 and body.replayable
                 # (after the free retry above, when that does not apply: a POST on a pooled
                 # connection when the Service allows retrying it, as Envoy's retry_on: reset)
@@ -797,7 +804,7 @@ async def _relay_response(
         if isinstance(event, h1.InformationalResponse):
             switching = event.status_code == 101
             if switching and (why := _bad_switch(up.conn.request, event.headers)) is not None:
-                raise h1.ProtocolError(why)
+                raise _BadSwitch(why)
             if event.status_code == 100 and clock is not None:
                 clock.body_coming()  # the body comes now: the clock starts again at its end
             if not switching and conn.request is not None and conn.request.http_version == b"1.0":
