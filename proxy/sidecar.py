@@ -98,16 +98,59 @@ class _Claims:
     inbound port split peers between two identities. A claim is released when the drain begins
     (or when the process ends); a port of 0 (the kernel picks one) needs none."""
 
+    PREFIX = "sidemesh/listen/"
+
     def __init__(self) -> None:
         self._held: list[socket.socket] = []
+        self._names: set[str] = set()
+
+    @staticmethod
+    def _key(host: str) -> str:
+        """One spelling per address: ``*`` for the wildcard, an IP address as ``ipaddress`` writes
+        it (``0:0::0`` is ``::``, a name is what it resolves to first)."""
+        text = host.strip("[]")
+        if not text:
+            return "*"
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            try:
+                address = ipaddress.ip_address(
+                    socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)[0][4][0]
+                )
+            except (OSError, ValueError, IndexError):
+                return text
+        return "*" if address.is_unspecified else address.compressed
+
+    @classmethod
+    def _others(cls, port: int) -> set[str]:
+        """The claims on ``port`` in this network namespace (abstract names in /proc/net/unix)."""
+        try:
+            with open("/proc/net/unix", encoding="latin-1") as table:
+                lines = table.read().splitlines()[1:]
+        except OSError:
+            return set()
+        names = {
+            line.split()[-1][1:]
+            for line in lines
+            if line.split() and line.split()[-1].startswith("@" + cls.PREFIX)
+        }
+        return {n for n in names if n.endswith(f":{port}")}
 
     def take(self, option: str, address: str, host: str, port: int) -> None:
         if port == 0:
             return
-        key = "*" if host in ("0.0.0.0", "::", "") else host
+        key = self._key(host)
+        name = f"{self.PREFIX}{key}:{port}"
+        # A wildcard and a specific address on one port overlap: the kernel lets both bind (the
+        # specific one then takes that address's connections)
+        overlapping = self._others(port) - self._names - {name}
+        overlapping = {n for n in overlapping if key == "*" or n == f"{self.PREFIX}*:{port}"}
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(f"\0sidemesh/listen/{key}:{port}")
+            if overlapping:
+                raise OSError(errno.EADDRINUSE, "claimed")
+            sock.bind(f"\0{name}")
         except OSError as exc:
             sock.close()
             if exc.errno != errno.EADDRINUSE:
@@ -123,11 +166,13 @@ class _Claims:
                 ),
             ) from None
         self._held.append(sock)
+        self._names.add(name)
 
     def release(self) -> None:
         for sock in self._held:
             sock.close()
         self._held.clear()
+        self._names.clear()
 
 
 def _can_bind(host: str) -> bool:

@@ -808,3 +808,28 @@ async def test_ready_means_listening(start_ca: StartCA, tmp_path: Path) -> None:
         await sidecar.drain(timeout=0)
         await identity.ca.close()
         await m.close()
+
+
+def test_claims_see_a_wildcard_and_a_specific_address_on_one_port_and_any_spelling() -> None:
+    """The kernel lets a specific address and the wildcard on one port both bind (SO_REUSEPORT, one
+    UID; the specific socket then takes that address's connections), and `0:0:0:0:0:0:0:0` or
+    `localhost` are other spellings of claimed addresses: each started a second sidecar silently."""
+    from proxy.sidecar import ListenError, _Claims
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    first, second, third = _Claims(), _Claims(), _Claims()
+    try:
+        first.take("--health-listen", f"0.0.0.0:{port}", "0.0.0.0", port)
+        for host in ("127.0.0.1", "0:0:0:0:0:0:0:0", "::"):
+            with pytest.raises(ListenError):
+                second.take("--health-listen", f"{host}:{port}", host, port)
+        first.release()
+        second.take("--health-listen", f"127.0.0.1:{port}", "127.0.0.1", port)
+        for host in ("localhost", "0.0.0.0", "127.0.0.1"):
+            with pytest.raises(ListenError):
+                third.take("--health-listen", f"{host}:{port}", host, port)
+    finally:
+        for claims in (first, second, third):
+            claims.release()
