@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,12 @@ REVIEWS_PER_PEER = 2
 REFUSALS_PER_PEER = 10
 REFUSAL_REFILL_S = 1.0
 MAX_PEERS = 10_000  # addresses remembered (the oldest forgotten first)
+# Addresses none of whose tokens was accepted in the last KNOWN_FOR_S share this many of the
+# threads: several addresses sending junk (2 each) could otherwise still take all 8 while the API
+# server is slow, and the renewals of every running workload failed with them. A new pod's first
+# Sign competes with them; the renewals of workloads already known do not.
+UNKNOWN_REVIEWS = REVIEW_THREADS // 2
+KNOWN_FOR_S = 3600.0
 
 
 class Authenticator(Protocol):
@@ -67,8 +74,8 @@ class Authenticator(Protocol):
 def peer_address(peer: str) -> str:
     """The IP address of a gRPC peer (``ipv4:10.0.0.5:41234``, ``ipv6:[fd00::5]:41234``)."""
     kind, _, rest = peer.partition(":")
-    if kind in ("ipv4", "ipv6"):
-        return rest.rpartition(":")[0].strip("[]")
+    if kind in ("ipv4", "ipv6"):  # (grpcio writes an IPv6 address percent-encoded: %5B::1%5D)
+        return urllib.parse.unquote(rest.rpartition(":")[0]).strip("[]")
     return peer
 
 
@@ -253,6 +260,8 @@ class KubernetesTokenAuthenticator:
         self._busy = 0  # reviews submitted and not yet done (run, failed, or cancelled while queued)
         self._busy_lock = threading.Lock()
         self._peer_busy: dict[str, int] = {}  # the same, per caller address (under _busy_lock)
+        self._unknown_busy = 0  # the same, for addresses not known (under _busy_lock)
+        self._known: OrderedDict[str, float] = OrderedDict()  # address -> last acceptance (monotonic)
         # caller address -> (refusals it may still have, when that was counted: time.monotonic())
         self._peer_refusals: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self.reviews = 0  # TokenReviews sent (for tests and the curious)
@@ -269,9 +278,10 @@ class KubernetesTokenAuthenticator:
             body, _request_timeout=(REVIEW_CONNECT_TIMEOUT_S, REVIEW_TIMEOUT_S)
         )
 
-    def _done(self, peer: str, _future: concurrent.futures.Future[Any]) -> None:
+    def _done(self, peer: str, unknown: bool, _future: concurrent.futures.Future[Any]) -> None:
         with self._busy_lock:
             self._busy -= 1
+            self._unknown_busy -= unknown
             if peer:
                 left = self._peer_busy.pop(peer, 1) - 1
                 if left > 0:
@@ -319,6 +329,11 @@ class KubernetesTokenAuthenticator:
             if peer:
                 self._refusals_left(peer, charge=1.0)
             raise
+        if peer:
+            self._known.pop(peer, None)
+            self._known[peer] = time.monotonic()
+            while len(self._known) > MAX_PEERS:
+                self._known.popitem(last=False)
         if self.cache_for > dt.timedelta(0):
             until = now + self.cache_for
             expiry = token_expiry(token)
@@ -345,13 +360,22 @@ class KubernetesTokenAuthenticator:
                         "cannot verify the token now; retry later",
                         f"{peer} has {REVIEWS_PER_PEER} TokenReviews waiting on the API server already",
                     )
+                known = self._known.get(peer)
+                unknown = bool(peer) and (known is None or time.monotonic() - known > KNOWN_FOR_S)
+                if unknown and self._unknown_busy >= UNKNOWN_REVIEWS:
+                    raise AuthenticatorUnavailable(
+                        "cannot verify the token now; retry later",
+                        f"{UNKNOWN_REVIEWS} TokenReviews for addresses with no token accepted lately are "
+                        "waiting on the API server already",
+                    )
                 self._busy += 1
+                self._unknown_busy += unknown
                 if peer:
                     self._peer_busy[peer] = self._peer_busy.get(peer, 0) + 1
             self.reviews += 1
             submitted = self._executor.submit(self._review, token)
             # when done, failed, or cancelled while queued
-            submitted.add_done_callback(functools.partial(self._done, peer))
+            submitted.add_done_callback(functools.partial(self._done, peer, unknown))
             review = await asyncio.wait_for(asyncio.wrap_future(submitted), REVIEW_TIMEOUT_S + 1.0)
         except TimeoutError as exc:
             raise AuthenticatorUnavailable(

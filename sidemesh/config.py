@@ -199,7 +199,10 @@ def otlp_endpoint_problem(url: str, *, path_appended: bool) -> str | None:
     so a query or fragment would end up before it. Such endpoints passed and every span was lost."""
     if any(c.isspace() for c in url):
         return "has whitespace in it"
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # (an unbalanced bracket: "Invalid IPv6 URL")
+        return "is not a URL (an IPv6 address goes in brackets: http://[fd00::1]:4318)"
     if parts.scheme not in ("http", "https") or not url.partition("://")[1]:
         return "needs a scheme: http://HOST:PORT or https://HOST:PORT"
     if not parts.hostname:

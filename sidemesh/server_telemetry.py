@@ -124,6 +124,8 @@ class GrpcTelemetry(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if parent is None and propagation.denied(carrier):
             return None  # B3 "deny": the caller asks that nobody record it
         service, _, name = method.lstrip("/").rpartition("/")
+        if parent is not None:  # (a caller's tracestate, cut as the span records it: semconv's 4 MiB)
+            parent = propagation.recorded_parent(parent)
         span = self.tracing.tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER)
         if span.is_recording():
             attrs: dict[str, str | int] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
@@ -329,6 +331,8 @@ class AsgiTelemetry:
         # semconv: "{method} {http.route}", the method alone when no route matched (never the raw path).
         matched = route in self.routes
         name = "HTTP" if method == semconv.OTHER_METHOD else method
+        if parent is not None:  # (a caller's tracestate, cut as the span records it)
+            parent = propagation.recorded_parent(parent)
         span = self.tracing.tracer.start_span(
             f"{name} {route}" if matched else name, context=parent, kind=SpanKind.SERVER
         )

@@ -227,6 +227,11 @@ def make_exporter(settings: TracingSettings) -> SpanExporter:
     if settings.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
+        # Its logger drops a record like the one before it within 20 s (the SDK's DuplicateFilter,
+        # added at import): the next batch's failure had no reason. Ours is the warning a minute.
+        exporter_log = logging.getLogger(_EXPORTER_LOGGERS[0])
+        for dedup in [f for f in exporter_log.filters if type(f).__name__ == "DuplicateFilter"]:
+            exporter_log.removeFilter(dedup)
         return GrpcExporter(
             endpoint=settings.endpoint,
             insecure=settings.endpoint.lower().startswith("http://"),
@@ -300,7 +305,9 @@ class _ExportMessages(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         messages: list[str] | None = getattr(self._local, "messages", None)
-        if messages is not None and len(messages) < self.KEPT:
+        if messages is None:  # not during an export (the exporter being made: a bad certificate
+            logging.getLogger().handle(record)  # file): to the log, as before
+        elif len(messages) < self.KEPT:
             with contextlib.suppress(Exception):  # (a record that cannot be formatted: no reason)
                 messages.append(record.getMessage()[:300])
 

@@ -232,3 +232,36 @@ async def test_an_address_whose_tokens_keep_being_refused_is_not_reviewed_for_a_
     with pytest.raises(CAClientError) as info:
         await ca.issue("junk-again", FRONTEND)
     assert info.value.code == Status.UNAUTHENTICATED
+
+
+async def test_addresses_without_an_accepted_token_share_half_the_review_threads(kube: FakeKubeAPI) -> None:
+    """Four addresses sending junk, two reviews in flight each, took all 8 threads while the API
+    server was slow: every running workload's renewal failed. Addresses none of whose tokens was
+    accepted lately share 4; a workload known by an accepted token still gets a review."""
+    from ca.errors import AuthenticatorUnavailable
+
+    authn = KubernetesTokenAuthenticator(api_client(kube.url), cache_for=dt.timedelta(0))
+    known = "ipv4:10.0.0.9:4000"
+    assert await authn.authenticate("projected", known) == FRONTEND  # (answered at once)
+    kube.hang = threading.Event()
+    tasks: list[asyncio.Task[WorkloadId]] = []
+    try:
+        tasks = [
+            asyncio.create_task(authn.authenticate(f"junk-{a}-{i}", f"ipv4:10.0.1.{a}:5000"))
+            for a in range(4)
+            for i in range(3)
+        ]
+        await asyncio.sleep(0.3)
+        assert authn._busy == authn_module.UNKNOWN_REVIEWS
+        assert all(isinstance(t.exception(), AuthenticatorUnavailable) for t in tasks if t.done())
+        renewal = asyncio.create_task(authn.authenticate("projected", known))
+        newcomer = asyncio.create_task(authn.authenticate("projected", "ipv4:10.0.2.1:4000"))
+        tasks += [renewal, newcomer]
+        await asyncio.sleep(0.3)
+        assert not renewal.done() and authn._busy == authn_module.UNKNOWN_REVIEWS + 1  # being reviewed
+        assert isinstance(newcomer.exception(), AuthenticatorUnavailable)  # (retried later)
+    finally:
+        kube.hang.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        kube.hang = None
+        authn.close()

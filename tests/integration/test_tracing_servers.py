@@ -47,7 +47,13 @@ async def test_ca_signing_is_traced_and_counted(receiver: Receiver, start_ca: St
     try:
         request = ca_pb2.SignRequest(csr=make_csr(new_key(), sid))
         traceparent = f"00-{TRACE}-{PARENT}-01"
-        await client.call(request, {"authorization": "Bearer cart-token", "traceparent": traceparent})
+        # A caller's tracestate as long as the SDK takes (32 entries, about 7.9 KiB): recorded cut
+        # to 512 characters, the short entries kept (any pod can call the CA; 512 such spans made
+        # an export batch over the collectors' 4 MiB and every span of it was lost)
+        state = ",".join(["s=1"] + [f"l{i}=" + "v" * 240 for i in range(31)])
+        await client.call(
+            request, {"authorization": "Bearer cart-token", "traceparent": traceparent, "tracestate": state}
+        )
         with pytest.raises(CAClientError) as refused_call:
             await client.call(request, {"authorization": "Bearer wrong"})
         assert refused_call.value.code is Status.UNAUTHENTICATED
@@ -60,6 +66,7 @@ async def test_ca_signing_is_traced_and_counted(receiver: Receiver, start_ca: St
     assert len(spans) == 2, spans
     ok = next(s for s in spans if s.trace_id == TRACE)
     assert ok.kind == "SERVER" and ok.parent_id == PARENT and ok.service == "sidemesh-ca"
+    assert ok.trace_state == "s=1"
     assert ok.name == SIGN.lstrip("/") and ok.attributes["rpc.grpc.status_code"] == 0
     assert ok.resource["sidemesh.identity"].startswith("spiffe://cluster.local/ns/sidemesh-system/")
     assert ok.attributes["network.peer.address"] == "127.0.0.1"  # not gRPC's "ipv4:127.0.0.1:port"

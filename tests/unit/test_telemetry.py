@@ -537,3 +537,25 @@ def test_an_oversized_traceparent_or_tracestate_is_dropped_without_a_log_line(
         ):
             propagation.extract(carrier)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
+def test_the_grpc_exporters_own_words_reach_the_warning_every_time_and_the_log_when_it_is_made(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gRPC exporter's logger drops a record like the one before it within 20 s (the SDK's
+    DuplicateFilter): the next failed batch's warning said "no reason given". And what it logs while
+    it is made (a certificate file it cannot read) went nowhere once its logger was taken over."""
+    import logging
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem")
+    with caplog.at_level(logging.INFO):
+        tracing = start_tracing(
+            "t", CollectorRegistry(), environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "https://localhost:4317"}
+        )
+    assert tracing is not None
+    try:
+        exporter_log = logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter")
+        assert not [f for f in exporter_log.filters if type(f).__name__ == "DuplicateFilter"]
+        assert "/nonexistent/ca.pem" in caplog.text
+    finally:
+        tracing.provider.shutdown()

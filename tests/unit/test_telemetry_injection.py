@@ -68,6 +68,7 @@ def test_an_empty_endpoint_turns_sidecar_tracing_off() -> None:
         ("tracingEndpoint: 'http://c: 4318'", "tracingEndpoint.*whitespace"),
         ("tracingEndpoint: http://c:4318?x=1", "tracingEndpoint.*query"),  # (?x=1/v1/traces)
         ("tracingEndpoint: http://c:4318/v1/traces", "tracingEndpoint.*base URL"),  # (/v1/traces/v1/traces)
+        ("tracingEndpoint: 'http://[fd00::1:4318'", "tracingEndpoint.*not a URL"),  # (was an internal error)
         ("tracingSamplingRatio: 2", "tracingSamplingRatio"),
         ("tracingProtocol: http/json", "tracingProtocol"),
         ("tracingSamplingRatio: lots", "tracingSamplingRatio"),
