@@ -59,12 +59,14 @@ REVIEWS_PER_PEER = 2
 REFUSALS_PER_PEER = 10
 REFUSAL_REFILL_S = 1.0
 MAX_PEERS = 10_000  # addresses remembered (the oldest forgotten first)
-# Addresses none of whose tokens was accepted in the last KNOWN_FOR_S share this many of the
-# threads: several addresses sending junk (2 each) could otherwise still take all 8 while the API
-# server is slow, and the renewals of every running workload failed with them. A new pod's first
-# Sign competes with them; the renewals of workloads already known do not.
+# Addresses none of whose tokens was accepted lately (``known_for``: the CA's --max-ttl, at least
+# an hour, so that every renewal comes within it) share this many of the threads: several
+# addresses sending junk (2 each) could otherwise still take all 8 while the API server is slow,
+# and the renewals of every running workload failed with them. A new pod's first Sign competes
+# with them; the renewals of workloads already known do not (after a CA restart, from each one's
+# first renewal on: the table is in memory).
 UNKNOWN_REVIEWS = REVIEW_THREADS // 2
-KNOWN_FOR_S = 3600.0
+KNOWN_FOR = dt.timedelta(hours=1)
 
 
 class Authenticator(Protocol):
@@ -246,8 +248,10 @@ class KubernetesTokenAuthenticator:
         clock: Clock = SYSTEM_CLOCK,
         cache_for: dt.timedelta = TOKEN_CACHE_TTL,
         max_cached: int = MAX_CACHED_TOKENS,
+        known_for: dt.timedelta = KNOWN_FOR,
     ) -> None:
         self.api_client = api_client
+        self.known_for = max(known_for, KNOWN_FOR).total_seconds()
         self.audience = audience
         self.clock = clock
         self.cache_for = cache_for
@@ -361,7 +365,7 @@ class KubernetesTokenAuthenticator:
                         f"{peer} has {REVIEWS_PER_PEER} TokenReviews waiting on the API server already",
                     )
                 known = self._known.get(peer)
-                unknown = bool(peer) and (known is None or time.monotonic() - known > KNOWN_FOR_S)
+                unknown = bool(peer) and (known is None or time.monotonic() - known > self.known_for)
                 if unknown and self._unknown_busy >= UNKNOWN_REVIEWS:
                     raise AuthenticatorUnavailable(
                         "cannot verify the token now; retry later",

@@ -248,7 +248,9 @@ def make_authenticator(config: CAConfig) -> Authenticator:
         raise CLIError(
             f"cannot reach the Kubernetes API ({why}); set --kubeconfig, or use --authenticator local"
         ) from exc
-    return KubernetesTokenAuthenticator(client.ApiClient(), cache_for=config.token_review_cache)
+    return KubernetesTokenAuthenticator(
+        client.ApiClient(), cache_for=config.token_review_cache, known_for=config.max_ttl
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -47,7 +47,9 @@ _CONNECT_LINE = re.compile(rb"CONNECT ++[!$%&'()*+,\-./0-9:;=?@A-Z\[\]_a-z~]*+" 
 # `GET <path>` alone as HTTP/0.9, whose headers they still read. Such a line is HTTP here (the
 # sidecar's parser refuses it: 400): as opaque it reached the app with the caller's own headers.
 # It is judged once its LF is there; a relay that took the first bytes for opaque looks again
-# then (``first_line_seen``), so a request split to look like no request is still caught.
+# then (``line_verdict``), however long the line (they read 64 KiB), so a request split or padded
+# to look like no request is still caught.
+LINE_MAX = 65537  # what http.server reads of a request line (longer: 414)
 
 
 def python_request_line(line: bytes) -> bool:
@@ -55,12 +57,18 @@ def python_request_line(line: bytes) -> bool:
     words = line.decode("latin-1").split()
     if len(words) == 3:
         return words[2].startswith("HTTP/")
-    return len(words) == 2 and words[0] == "GET" and words[1][:1] in ("/", "*")
+    # HTTP/0.9: an origin-form or `*` target, or an absolute one (Werkzeug routes by its path)
+    return len(words) == 2 and words[0] == "GET" and (words[1][:1] in ("/", "*") or "://" in words[1])
 
 
-def first_line_seen(peeked: bytes) -> bool:
-    """Whether a first line (after empty ones) has ended within ``peeked``, or the peek is full."""
-    return len(peeked) >= PEEK_BYTES or b"\n" in peeked.lstrip(b"\r\n")
+def line_verdict(seen: bytes) -> bool | None:
+    """For a stream first taken for opaque: whether its first line (after empty ones) is a
+    request to Python's http.server; None while that line has not ended within ``LINE_MAX``."""
+    line = seen.lstrip(b"\r\n")
+    newline = line.find(b"\n")
+    if newline < 0:
+        return None if len(seen) < LINE_MAX else False
+    return python_request_line(line[:newline])
 
 
 class Kind(enum.Enum):
@@ -122,7 +130,7 @@ def classify(peeked: bytes) -> Kind | None:
     """The kind of a connection whose first bytes are ``peeked``; None while more are needed."""
     if not peeked:
         return Kind.CLOSED
-    if peeked[0] == 0x16:  # a TLS handshake record
+    if peeked[0] == 0x16 and peeked[1:2] in (b"", b"\x03"):  # a TLS handshake record (version 3.x)
         return _classify_tls(peeked)
     if peeked[:24] == H2_PREFACE[: len(peeked)]:
         return Kind.H2 if len(peeked) >= len(H2_PREFACE) else None

@@ -58,6 +58,7 @@ class Half(asyncio.Protocol):
         self._early: list[bytes | memoryview] = []  # data read before the other half exists
         self.on_frame: Callable[[int, bytes], None] | None = None  # control frames (OPEN, DENY)
         self.unchecked: bytes | None = None  # see ``check_opaque``
+        self._first_line: bytearray | None = None  # ... the first line of what was taken for opaque
 
     def check_opaque(self) -> None:
         """Refuse HTTP in what is relayed as opaque on a port not configured opaque: its first
@@ -69,13 +70,28 @@ class Half(asyncio.Protocol):
         self.unchecked = b""
 
     def _checked(self, data: bytes | memoryview) -> bool:
+        line = self._first_line
+        if line is not None:  # taken for opaque before its first line ended: that line decides
+            start = len(line)
+            line += data[: detect.LINE_MAX - start]
+            ended = line.find(b"\n", start) >= 0  # (only then, or at the cap, is it judged)
+            verdict = detect.line_verdict(bytes(line)) if ended or len(line) >= detect.LINE_MAX else None
+            if verdict is None:
+                return True
+            self.unchecked = self._first_line = None
+            if verdict:
+                self.relay.fail(f"{self.name}: http/1 sent on a connection relayed as opaque")
+                return False
+            return True
         before = typing.cast(bytes, self.unchecked)
         seen = before + bytes(data[: detect.PEEK_BYTES - len(before)])  # (not a bulk chunk's copy)
         kind = detect.classify(seen) if seen else None
-        if kind is detect.Kind.OPAQUE and not detect.first_line_seen(seen):
-            # Opaque by its first bytes (` GET`, `G\x01T`): judged again once its first line has
-            # ended, before that line's LF and what follows (a request's headers) go on.
-            kind = None
+        if kind is detect.Kind.OPAQUE and b"\n" not in seen.lstrip(b"\r\n"):
+            # Opaque by its first bytes (` GET`, `G\x01T`, 8 KiB of a padded line): judged again
+            # once its first line has ended, before that line's LF and what follows (a request's
+            # headers) go on.
+            self._first_line = bytearray(before)
+            return self._checked(data)
         if kind is None:
             self.unchecked = seen
             return True

@@ -102,7 +102,6 @@ class _Claims:
 
     def __init__(self) -> None:
         self._held: list[socket.socket] = []
-        self._names: set[str] = set()
 
     @staticmethod
     def _key(host: str) -> str:
@@ -111,15 +110,18 @@ class _Claims:
         text = host.strip("[]")
         if not text:
             return "*"
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address
         try:
             address = ipaddress.ip_address(text)
         except ValueError:
-            try:
-                address = ipaddress.ip_address(
-                    socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)[0][4][0]
-                )
+            try:  # (a name: IPv4, as the listener binds it; a local name, /etc/hosts)
+                family = socket.AF_INET6 if ":" in text else socket.AF_INET
+                found = socket.getaddrinfo(text, None, family=family, type=socket.SOCK_STREAM)
+                address = ipaddress.ip_address(found[0][4][0])
             except (OSError, ValueError, IndexError):
                 return text
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # (::ffff:127.0.0.1 is 127.0.0.1 to the kernel)
         return "*" if address.is_unspecified else address.compressed
 
     @classmethod
@@ -144,7 +146,7 @@ class _Claims:
         name = f"{self.PREFIX}{key}:{port}"
         # A wildcard and a specific address on one port overlap: the kernel lets both bind (the
         # specific one then takes that address's connections)
-        overlapping = self._others(port) - self._names - {name}
+        overlapping = self._others(port) - {name}  # (this sidecar's own too: it would share)
         overlapping = {n for n in overlapping if key == "*" or n == f"{self.PREFIX}*:{port}"}
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -166,13 +168,11 @@ class _Claims:
                 ),
             ) from None
         self._held.append(sock)
-        self._names.add(name)
 
     def release(self) -> None:
         for sock in self._held:
             sock.close()
         self._held.clear()
-        self._names.clear()
 
 
 def _can_bind(host: str) -> bool:

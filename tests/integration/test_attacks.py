@@ -283,6 +283,10 @@ FORGED = b"x-forwarded-client-cert: By=spiffe://cluster.local/ns/shop/sa/cart;UR
         (b"GET\t/orders", b"\tHTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
         # (the first bytes alone look like no request at all: judged again at the line's end)
         (b"G\x01T /orders", b" HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
+        # a line longer than the 8 KiB peek (http.server reads 64 KiB), and a first byte that
+        # looked like TLS's
+        (b"GET\t/orders" + b" " * 9000, b"HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
+        (b"\x16 /orders", b" HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
         (b"\x00\x01bin", b" ary\r\nframe two\r\n", False),  # a binary protocol: opaque indeed
         (b"*1\r\n$4\r\n", b"PING\r\n", False),  # Redis: opaque indeed
     ],

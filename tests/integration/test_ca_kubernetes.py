@@ -265,3 +265,16 @@ async def test_addresses_without_an_accepted_token_share_half_the_review_threads
         await asyncio.gather(*tasks, return_exceptions=True)
         kube.hang = None
         authn.close()
+
+
+def test_an_address_stays_known_for_the_longest_certificate_lifetime() -> None:
+    """Renewals come at 40-50% of a certificate's life: with `--max-ttl 24h` (or a 4 h default TTL)
+    a renewal came more than an hour after the last acceptance and counted as a stranger's, so junk
+    senders could make it fail. An address is known for --max-ttl (at least an hour)."""
+    long = KubernetesTokenAuthenticator(api_client("http://127.0.0.1:9"), known_for=dt.timedelta(hours=24))
+    short = KubernetesTokenAuthenticator(api_client("http://127.0.0.1:9"), known_for=dt.timedelta(minutes=10))
+    try:
+        assert (long.known_for, short.known_for) == (24 * 3600, 3600)
+    finally:
+        long.close()
+        short.close()

@@ -827,9 +827,14 @@ def test_claims_see_a_wildcard_and_a_specific_address_on_one_port_and_any_spelli
                 second.take("--health-listen", f"{host}:{port}", host, port)
         first.release()
         second.take("--health-listen", f"127.0.0.1:{port}", "127.0.0.1", port)
-        for host in ("localhost", "0.0.0.0", "127.0.0.1"):
+        for host in ("localhost", "0.0.0.0", "127.0.0.1", "::ffff:127.0.0.1"):
             with pytest.raises(ListenError):
                 third.take("--health-listen", f"{host}:{port}", host, port)
+        # One sidecar given the wildcard and a specific address on one port (two options)
+        second.release()
+        third.take("--admin-listen", f"0.0.0.0:{port}", "0.0.0.0", port)
+        with pytest.raises(ListenError):
+            third.take("--health-listen", f"127.0.0.1:{port}", "127.0.0.1", port)
     finally:
         for claims in (first, second, third):
             claims.release()

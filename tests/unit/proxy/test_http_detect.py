@@ -109,10 +109,17 @@ def test_a_request_line_longer_than_the_peek_is_http_when_it_starts_as_one() -> 
     assert classify(b"A" * peek) is Kind.HTTP1
 
 
-def test_the_first_line_is_seen_once_its_lf_is_there_or_the_peek_is_full() -> None:
-    assert not detect.first_line_seen(b"\r\n G\x01T /x HTTP/1.1")
-    assert detect.first_line_seen(b"\r\n G\x01T /x HTTP/1.1\r\n")
-    assert detect.first_line_seen(b"\x00" * detect.PEEK_BYTES)
+def test_a_line_taken_for_opaque_is_judged_when_it_ends_however_long() -> None:
+    """http.server reads a request line of up to 64 KiB: `GET\\t/admin`, 8 KiB of spaces, then
+    `HTTP/1.1` is `GET /admin HTTP/1.1` to it. The 8 KiB peek decided opaque; the line decides."""
+    assert detect.line_verdict(b"\r\n G\x01T /x HTTP/1.1") is None  # not ended yet
+    assert detect.line_verdict(b"\r\n G\x01T /x HTTP/1.1\r\n") is True
+    padded = b"GET\t/admin" + b" " * 9000 + b"HTTP/1.1\r\n"
+    assert classify(padded[: detect.PEEK_BYTES]) is Kind.OPAQUE and detect.line_verdict(padded) is True
+    assert detect.line_verdict(b"x" * detect.LINE_MAX) is False  # (http.server: 414)
+    assert detect.line_verdict(b"\x00\x01binary\n") is False
+    assert classify(b"\x16 /admin HTTP/1.1\r\n") is Kind.HTTP1  # no TLS record: a method to them
+    assert classify(b"GET\thttp://cart/admin\r\n") is Kind.HTTP1  # HTTP/0.9, absolute form
 
 
 @pytest.mark.parametrize(
