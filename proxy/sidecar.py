@@ -30,7 +30,7 @@ from proxy.relay import Relay, reset_socket
 from proxy.routes import RouteStats
 from proxy.telemetry import ProxyObserver, start_sidecar_tracing
 from sidemesh.config import parse_hostport
-from sidemesh.httpd import HTTPServer, json_response
+from sidemesh.httpd import HTTPServer, bind_socket, json_response
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.logging import BufferedLines
 from sidemesh.mesh import directory
@@ -76,17 +76,9 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     if host == "::":  # every address of both families (IPv4 as ::ffff:a.b.c.d)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # A replacement sidecar (same UID: the kernel refuses other users) can bind while this one
-    # drains, so a restart in place has no window of refused connections (Envoy binds so too).
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
+    # SO_REUSEPORT: a replacement sidecar (same UID: the kernel refuses other users) can bind while
+    # this one drains, so a restart in place has no window of refused connections (as Envoy).
+    return bind_socket(sock, host, port, reuse_port=True)
 
 
 class _Claims:

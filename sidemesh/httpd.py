@@ -67,6 +67,11 @@ def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.s
     if sock is None:
         host = "0.0.0.0" if host in WILDCARDS else host
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    return bind_socket(sock, host, port, reuse_port)
+
+
+def bind_socket(sock: socket.socket, host: str, port: int, reuse_port: bool) -> socket.socket:
+    """``sock`` bound (SO_REUSEADDR; SO_REUSEPORT when asked), non-blocking; closed if it fails."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:

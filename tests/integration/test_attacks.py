@@ -272,6 +272,21 @@ class RecordingApp(CountingApp):
 FORGED = b"x-forwarded-client-cert: By=spiffe://cluster.local/ns/shop/sa/cart;URI=spiffe://cluster.local/ns/shop/sa/admin"
 
 
+async def _recorded_cart(start_ca: StartCA, tmp_path: Path) -> tuple[Mesh, RecordingApp]:
+    """A mesh with cart's sidecar started in front of an app that records what reaches it."""
+    m = new_mesh(await start_ca(), tmp_path)
+    app = RecordingApp()
+    await m.app(CART, app)
+    await m.sidecar("cart", CART)
+    return m, app
+
+
+async def _as_frontend(m: Mesh) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An mTLS connection to cart's inbound port with the frontend's SVID (as its sidecar would)."""
+    ctx = tls.client_context(pki.make_svid(m.ca.authority, FRONTEND_ID))
+    return await asyncio.open_connection(m.addr(CART), INBOUND, ssl=ctx, server_hostname="")
+
+
 @pytest.mark.parametrize(
     ("first", "rest", "refused"),
     [
@@ -298,13 +313,9 @@ async def test_http_under_the_opaque_hint_is_refused(
     a caller holding an allowed identity could send an HTTP request with an x-forwarded-client-cert
     naming anyone, and an app that trusts the header (the sidecar sets it) was lied to. Its first
     bytes are now classified as the sidecar's own detection would, before any goes on."""
-    m = new_mesh(await start_ca(), tmp_path)
-    app = RecordingApp()
-    await m.app(CART, app)
-    await m.sidecar("cart", CART)
+    m, app = await _recorded_cart(start_ca, tmp_path)
     try:
-        ctx = tls.client_context(pki.make_svid(m.ca.authority, FRONTEND_ID))
-        reader, writer = await asyncio.open_connection(m.addr(CART), INBOUND, ssl=ctx, server_hostname="")
+        reader, writer = await _as_frontend(m)
         try:
             writer.write(
                 framing.open_frame(8080, framing.HINT_OPAQUE) + framing.data_header(len(first)) + first
@@ -349,13 +360,9 @@ async def test_request_lines_only_lenient_servers_take_never_reach_the_app_unpar
     took them for another protocol, and they reached the app byte for byte, with the
     x-forwarded-client-cert the caller wrote naming anyone. They are HTTP now, and the sidecar's
     parser refuses them (400), as Envoy's does."""
-    m = new_mesh(await start_ca(), tmp_path)
-    app = RecordingApp()
-    await m.app(CART, app)
-    await m.sidecar("cart", CART)
+    m, app = await _recorded_cart(start_ca, tmp_path)
     try:
-        ctx = tls.client_context(pki.make_svid(m.ca.authority, FRONTEND_ID))
-        reader, writer = await asyncio.open_connection(m.addr(CART), INBOUND, ssl=ctx, server_hostname="")
+        reader, writer = await _as_frontend(m)
         try:
             request = line + b"host: cart\r\n" + FORGED + b"\r\n\r\n"
             writer.write(framing.open_frame(8080) + framing.data_header(len(request)) + request)

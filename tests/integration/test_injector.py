@@ -46,6 +46,7 @@ from sidemesh.identity.client import CAClient
 from sidemesh.identity.svid import SVID
 from sidemesh.identity.workload import WorkloadIdentity
 from tests.integration.conftest import RunningCA, StartCA
+from tests.support.net import ipv6_loopback
 
 INJECTOR = "sidemesh-system/sidemesh-injector"
 CONTROL_PLANE_DNS = (
@@ -135,15 +136,6 @@ def peer_serial(conn: _Connection) -> str:
     return format(x509.load_der_x509_certificate(der).serial_number, "x")
 
 
-def _ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 # -- fixtures ------------------------------------------------------------------------------------
 
 
@@ -208,7 +200,7 @@ async def injector(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Injector]
 async def test_good_review(injector: Injector) -> None:
     status, body = await asyncio.to_thread(injector.client.post, review())
     assert status == 200
-    if _ipv6():  # IPv6-only and IPv6-first clusters: it listened on IPv4 only, no pod could start
+    if ipv6_loopback():  # IPv6-only and IPv6-first clusters: it listened on IPv4 only, no pod could start
         v6 = dataclasses.replace(injector.client, address="::1")
         assert (await asyncio.to_thread(v6.post, review()))[0] == 200
     assert body["apiVersion"] == "admission.k8s.io/v1" and body["kind"] == "AdmissionReview"

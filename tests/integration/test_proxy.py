@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from proxy.sidecar import Sidecar
+from sidemesh.identity.workload import WorkloadIdentity
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import (
     ALLOW_FRONTEND,
@@ -608,14 +609,30 @@ async def test_quitquitquit_from_the_pod_asks_the_sidecar_to_stop(mesh: Mesh) ->
     assert _own_pod_only("/quitquitquit", "::1") is None and _own_pod_only("/metrics", "10.0.0.7") is None
 
 
+def _frontend_sidecar(mesh: Mesh, **listen: object) -> tuple[Sidecar, WorkloadIdentity]:
+    """An unstarted frontend sidecar reading the mesh's directory, on the listen addresses given."""
+    from proxy.config import ProxyConfig
+    from sidemesh.spiffe import WorkloadId
+
+    config = ProxyConfig(
+        workload="shop/frontend-1",
+        config_dir=mesh.config_dir,
+        capture="none",
+        app_host=mesh.addr(FRONTEND),
+        trust_domain="cluster.local",
+        **listen,  # type: ignore[arg-type]
+    )
+    identity = WorkloadIdentity(
+        WorkloadId("shop", "frontend").spiffe_id("cluster.local"), mesh.ca.client(), lambda: "frontend-token"
+    )
+    return Sidecar(config, identity), identity
+
+
 @pytest.mark.parametrize("option", ["--inbound-listen", "--health-listen", "--outbound"])
 async def test_a_port_held_by_another_process_is_named_with_its_option(mesh: Mesh, option: str) -> None:
     """`proxy run` said "cannot listen: [Errno 98] Address already in use" without saying which of
     its five addresses it was."""
-    from proxy.config import ProxyConfig
     from proxy.sidecar import ListenError
-    from sidemesh.identity.workload import WorkloadIdentity
-    from sidemesh.spiffe import WorkloadId
 
     host = mesh.addr(FRONTEND)
     with socket.socket() as held:  # a plain socket (no SO_REUSEPORT): the port is not shared
@@ -623,23 +640,13 @@ async def test_a_port_held_by_another_process_is_named_with_its_option(mesh: Mes
         held.listen()
         taken = f"{host}:{held.getsockname()[1]}"
         free = f"{host}:0"
-        config = ProxyConfig(
-            workload="shop/frontend-1",
-            config_dir=mesh.config_dir,
-            capture="none",
+        sidecar, identity = _frontend_sidecar(
+            mesh,
             inbound_listen=taken if option == "--inbound-listen" else free,
             admin_listen=free,
             health_listen=taken if option == "--health-listen" else free,
             outbound=(f"{taken}=cart.shop:80",) if option == "--outbound" else (),
-            app_host=host,
-            trust_domain="cluster.local",
         )
-        identity = WorkloadIdentity(
-            WorkloadId("shop", "frontend").spiffe_id("cluster.local"),
-            mesh.ca.client(),
-            lambda: "frontend-token",
-        )
-        sidecar = Sidecar(config, identity)
         with pytest.raises(ListenError) as failed:
             await sidecar.start()
         await sidecar.drain(timeout=0)
@@ -654,10 +661,7 @@ async def test_a_second_sidecar_on_a_serving_sidecars_address_fails_to_start(mes
     health addresses) shared its ports silently: /certs, readiness and metrics answered from either
     at random, an inbound port split callers between two identities. It fails to start now, naming
     the option; once the first one's drain has begun, a replacement starts (hand-over)."""
-    from proxy.config import ProxyConfig
     from proxy.sidecar import ListenError
-    from sidemesh.identity.workload import WorkloadIdentity
-    from sidemesh.spiffe import WorkloadId
 
     host = mesh.addr(FRONTEND)
     with socket.socket() as probe:  # a port free now, for the first sidecar's listener
@@ -666,22 +670,12 @@ async def test_a_second_sidecar_on_a_serving_sidecars_address_fails_to_start(mes
     free = f"{host}:0"
 
     def sidecar() -> tuple[Sidecar, WorkloadIdentity]:
-        config = ProxyConfig(
-            workload="shop/frontend-1",
-            config_dir=mesh.config_dir,
-            capture="none",
+        return _frontend_sidecar(
+            mesh,
             inbound_listen=fixed if shared == "inbound" else free,
             admin_listen=fixed if shared.startswith("admin") else free,
             health_listen=fixed if shared in ("health", "admin=health") else free,
-            app_host=host,
-            trust_domain="cluster.local",
         )
-        identity = WorkloadIdentity(
-            WorkloadId("shop", "frontend").spiffe_id("cluster.local"),
-            mesh.ca.client(),
-            lambda: "frontend-token",
-        )
-        return Sidecar(config, identity), identity
 
     first, first_identity = sidecar()
     option = {"admin": "--admin-listen", "health": "--health-listen", "inbound": "--inbound-listen"}

@@ -11,6 +11,7 @@ import re
 import pytest
 
 from sidemesh.httpd import HTTPServer, json_response
+from tests.support.net import ipv6_loopback
 
 BODY = b"# HELP x a metric\n# TYPE x counter\nx_total 1.0\n"
 
@@ -280,18 +281,7 @@ async def test_stop_ends_a_connection_waiting_on_a_slow_page_quietly(
     ]
 
 
-def _ipv6() -> bool:
-    import socket
-
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6(), reason="no IPv6 on this machine (::1 cannot be bound)")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 on this machine (::1 cannot be bound)")
 async def test_the_wildcard_listens_on_both_families_and_guards_see_ipv4_as_ipv4() -> None:
     """Probes without a host go to the pod IP, IPv6 on IPv6-only and IPv6-first clusters: the
     HTTP listeners (15014-15016, 15020, the webhook's 8443) bound 0.0.0.0 only, and every probe
