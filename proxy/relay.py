@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 from proxy import detect, framing
 
+log = logging.getLogger("sidemesh.proxy")
 _LINGER_RST = struct.pack("ii", 1, 0)
 WRITE_HIGH_WATER = 256 * 1024
 COPY_BELOW = 16 * 1024  # smaller DATA frames are joined with their header (one write, one record)
@@ -80,7 +82,7 @@ class Half(asyncio.Protocol):
                 return True
             self.unchecked = self._first_line = None
             if verdict:
-                self.relay.fail(f"{self.name}: http/1 sent on a connection relayed as opaque")
+                self._refuse("http/1")
                 return False
             return True
         before = typing.cast(bytes, self.unchecked)
@@ -97,9 +99,17 @@ class Half(asyncio.Protocol):
             return True
         self.unchecked = None
         if kind.http:
-            self.relay.fail(f"{self.name}: {kind.value} sent on a connection relayed as opaque")
+            self._refuse(kind.value)
             return False
         return True
+
+    def _refuse(self, protocol: str) -> None:
+        """HTTP where opaque bytes were announced: reset, logged and counted a denial (the reset
+        alone was all an older client sidecar, whose detection missed a request, had to go by)."""
+        reason = f"{protocol} sent on a connection relayed as opaque"
+        self.relay.info.setdefault("denied", reason)
+        log.warning("connection refused", extra={**self.relay.info, "reason": reason, "side": self.name})
+        self.relay.fail(f"{self.name}: {reason}")
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 

@@ -307,12 +307,20 @@ async def _as_frontend(m: Mesh) -> tuple[asyncio.StreamReader, asyncio.StreamWri
     ],
 )
 async def test_http_under_the_opaque_hint_is_refused(
-    start_ca: StartCA, tmp_path: Path, first: bytes, rest: bytes, refused: bool
+    start_ca: StartCA,
+    tmp_path: Path,
+    first: bytes,
+    rest: bytes,
+    refused: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A sidecar that says opaque (OPEN's hint) is believed: the bytes went to the app unparsed, so
     a caller holding an allowed identity could send an HTTP request with an x-forwarded-client-cert
     naming anyone, and an app that trusts the header (the sidecar sets it) was lied to. Its first
-    bytes are now classified as the sidecar's own detection would, before any goes on."""
+    bytes are now classified as the sidecar's own detection would, before any goes on. The refusal
+    is logged with its reason (an older client sidecar, whose detection missed a request, sends
+    just this: the reset was all there was to go by)."""
+    caplog.set_level(logging.WARNING)
     m, app = await _recorded_cart(start_ca, tmp_path)
     try:
         reader, writer = await _as_frontend(m)
@@ -331,6 +339,8 @@ async def test_http_under_the_opaque_hint_is_refused(
             writer.close()
         if refused:
             assert b"\n" not in app.seen and b"X-FORWARDED" not in reply, (app.seen, reply)
+            logged = [r.__dict__ for r in caplog.records if r.getMessage() == "connection refused"]
+            assert logged and "sent on a connection relayed as opaque" in logged[0]["reason"], logged
         else:
             assert app.seen == first + rest and first.upper() in reply and rest.upper() in reply
     finally:
