@@ -59,6 +59,9 @@ class StreamInfo:
     parts: tuple[str, str] = ("", "")
     resend: bool = False  # a NACK of an older version: the current one goes again, whole
     deltas: bool = False  # it said it applies outbound deltas (an older sidecar gets whole tables)
+    node_local: bool = False  # it said it applies node-local Services (StreamRequest.node_local)
+    asked: bool = False  # its first request was read (what it said it applies is known)
+    warned_node_local: bool = False  # ... and, if not, was warned about once
     delta_version: str = ""  # the version last sent, when it carried an outbound delta
     versions: deque[str] = field(default_factory=lambda: deque(maxlen=8))  # the last ones sent
     resent: str = ""  # the version last sent again after a NACK (once per version)
@@ -234,13 +237,21 @@ class ConfigServer:
                         lambda: info.sent_version != self.state.version or info.resend
                     )
                 info.resend = False
-                outbound = self.state.outbound_for(info.parts[1], info.deltas)
+                # A sidecar that does not apply node-local Services (an older version) keeps every
+                # endpoint of one and hashes a delta touching it to another table: it gets the
+                # table whole while one is in it (as a sidecar that takes no deltas), and a warning
+                # says the Service's locality is not applied by it.
+                legacy = not info.node_local and self.state.has_node_local()
+                if legacy and info.asked:
+                    self._warn_node_local(info)
+                deltas = info.deltas and not legacy
+                outbound = self.state.outbound_for(info.parts[1], deltas)
                 # A full table (or a delta as large) goes out: bound how many are built and in
                 # flight at once, so that memory stays near FULL_SENDS tables, not one per stream.
                 large = outbound is not None and (not outbound.delta or len(outbound.wire) >= LARGE_SEND)
                 del outbound  # (not held while waiting for a permit: message() builds what goes)
                 async with self._full_sends if large else contextlib.nullcontext():
-                    data, info.parts, kind = self.state.message(identity, info.parts, info.deltas)
+                    data, info.parts, kind = self.state.message(identity, info.parts, deltas)
                     info.sent_version = self.state.version
                     info.versions.append(info.sent_version)
                     info.delta_version = info.sent_version if kind == "delta" else ""
@@ -277,11 +288,28 @@ class ConfigServer:
             self.metrics.streams.dec()
             log.info("sidecar disconnected", extra={"identity": str(identity), "peer": info.peer})
 
+    @staticmethod
+    def _warn_node_local(info: StreamInfo) -> None:
+        if not info.warned_node_local:  # (once per stream)
+            info.warned_node_local = True
+            log.warning(
+                "sidecar does not apply internalTrafficPolicy: Local (an older version): its calls to "
+                "node-local Services reach every node's endpoints until its pod is recreated; it gets "
+                "the outbound table whole on every change meanwhile",
+                extra={"identity": str(info.identity), "peer": info.peer},
+            )
+
     async def _read_acks(self, requests: AsyncIterator[pb.StreamRequest], info: StreamInfo) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
             async for request in requests:
                 if request.outbound_deltas:
                     info.deltas = True
+                if request.node_local:
+                    info.node_local = True
+                if not info.asked:
+                    info.asked = True
+                    if not info.node_local and self.state.has_node_local():
+                        self._warn_node_local(info)
                 if request.error:
                     info.last_error = request.error[:MAX_NACK_TEXT]
                     self.metrics.nacks.inc()

@@ -32,6 +32,7 @@ class StreamRequest(_message.Message):
     ACK_VERSION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     OUTBOUND_DELTAS_FIELD_NUMBER: _builtins.int
+    NODE_LOCAL_FIELD_NUMBER: _builtins.int
     ack_version: _builtins.str
     """The version being acknowledged ("" in the first request)."""
     error: _builtins.str
@@ -41,16 +42,24 @@ class StreamRequest(_message.Message):
     (an older sidecar, which would ignore the field and acknowledge a stale table) gets the
     outbound table whole on every change.
     """
+    node_local: _builtins.bool
+    """Set in the first request by a sidecar that applies Destination.node_local (keeps a node-local
+    Service's endpoints on its own node). One that does not (an older sidecar, which would drop
+    the field and every endpoint's node, so that a delta touching such a Service hashes to
+    another table) gets the outbound table whole while any node-local Service is in it, and the
+    controller warns that the policy is not applied by it.
+    """
     def __init__(
         self,
         *,
         ack_version: _builtins.str = ...,
         error: _builtins.str = ...,
         outbound_deltas: _builtins.bool = ...,
+        node_local: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_version", b"ack_version", "error", b"error", "outbound_deltas", b"outbound_deltas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_version", b"ack_version", "error", b"error", "node_local", b"node_local", "outbound_deltas", b"outbound_deltas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

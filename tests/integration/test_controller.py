@@ -222,6 +222,65 @@ async def test_only_changed_parts_are_sent(mesh: Mesh, controller: Controller, d
         call.cancel()
 
 
+@pytest.mark.parametrize("node_local", [True, False], ids=["sidecar", "older-sidecar"])
+async def test_a_sidecar_that_does_not_apply_node_local_services_gets_whole_tables_and_a_warning(
+    mesh: Mesh, controller: Controller, node_local: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sidecar from before node-local Services (internalTrafficPolicy: Local) dropped the fields
+    saying which endpoints are on its node: it reached every node's endpoints without a word, and
+    refused every delta touching such a Service (its table hashed to another), a NACK and a whole
+    table per change. It does not say it applies them (StreamRequest.node_local): while the table
+    has one, it gets the table whole and the controller warns once."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    mesh.write(
+        "agent.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: agent, namespace: shop}\n"
+        "spec: {clusterIP: 10.96.0.82, internalTrafficPolicy: Local, selector: {app: cart}, ports: [{port: 82, targetPort: 8080}]}\n",
+    )
+    for _ in range(100):  # (the directory source's poll and the coalescing window)
+        if controller.server.state.has_node_local():
+            break
+        await asyncio.sleep(0.05)
+    assert controller.server.state.has_node_local()
+    svid = pki.make_svid(mesh.ca.authority, WorkloadId("shop", "frontend").spiffe_id("cluster.local"))
+    creds = grpc.ssl_channel_credentials(svid.bundle_pem, svid.key_pem, svid.chain_pem)
+    async with grpc.aio.secure_channel(
+        controller.address, creds, options=[("grpc.ssl_target_name_override", NAME)]
+    ) as channel:
+        outbox: asyncio.Queue[pb.StreamRequest] = asyncio.Queue()
+        outbox.put_nowait(pb.StreamRequest(outbound_deltas=True, node_local=node_local))
+
+        async def requests() -> AsyncIterator[pb.StreamRequest]:
+            while True:
+                yield await outbox.get()
+
+        call = channel.stream_stream(METHOD, pb.StreamRequest.SerializeToString, pb.Update.FromString)(
+            requests()
+        )
+        first = await asyncio.wait_for(call.read(), 5)
+        assert any(d.node_local for d in first.outbound.destinations)
+        outbox.put_nowait(pb.StreamRequest(ack_version=first.version))
+        mesh.write(
+            "svc.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: extra, namespace: shop}\n"
+            "spec: {selector: {app: cart}, ports: [{port: 81, targetPort: 8080}]}\n",
+        )
+        while True:  # (an update changing nothing of this sidecar's may come first)
+            second = await asyncio.wait_for(call.read(), 5)
+            if second.HasField("outbound") or second.HasField("outbound_delta"):
+                break
+            outbox.put_nowait(pb.StreamRequest(ack_version=second.version))
+        call.cancel()
+    warned = [r for r in caplog.records if "internalTrafficPolicy: Local" in r.getMessage()]
+    if node_local:
+        assert second.HasField("outbound_delta") and not warned
+    else:
+        assert second.HasField("outbound") and not second.HasField("outbound_delta")
+        assert len(warned) == 1 and warned[0].identity == "shop/frontend"
+
+
 async def test_sidecars_apply_outbound_deltas_to_the_controllers_table(
     mesh: Mesh, controller: Controller
 ) -> None:
