@@ -251,6 +251,8 @@ class ConfigServer:
                 large = outbound is not None and (not outbound.delta or len(outbound.wire) >= LARGE_SEND)
                 del outbound  # (not held while waiting for a permit: message() builds what goes)
                 async with self._full_sends if large else contextlib.nullcontext():
+                    # (the table may have changed while a permit was awaited: as it is now)
+                    deltas = info.deltas and (info.node_local or not self.state.has_node_local())
                     data, info.parts, kind = self.state.message(identity, info.parts, deltas)
                     info.sent_version = self.state.version
                     info.versions.append(info.sent_version)

@@ -57,8 +57,50 @@ def python_request_line(line: bytes) -> bool:
     words = line.decode("latin-1").split()
     if len(words) == 3:
         return words[2].startswith("HTTP/")
-    # HTTP/0.9: an origin-form or `*` target, or an absolute one (Werkzeug routes by its path)
-    return len(words) == 2 and words[0] == "GET" and (words[1][:1] in ("/", "*") or "://" in words[1])
+    # HTTP/0.9: any target (Werkzeug routes `GET admin` as /admin; Redis's inline `GET key` on a
+    # port not declared opaque is refused with it: clients send RESP arrays, and 6379 is opaque)
+    return len(words) == 2 and words[0] == "GET"
+
+
+def _compact(line: bytes) -> bytes | None:
+    """A short stand-in for a first line still coming, with the same verdict whatever follows (its
+    words, cut to 8 characters, one space apart, and whether it ends in whitespace); None when no
+    ending makes it a request (more than three words)."""
+    text = line.decode("latin-1").lstrip("\r\n")
+    words = text.split()
+    if len(words) > 3:
+        return None
+    return (" ".join(w[:8] for w in words) + (" " if text[-1:].isspace() else "")).encode("latin-1")
+
+
+class FirstLine:
+    """The first line of a stream, fed as it comes: whether it is a request to Python's
+    http.server (``line_verdict``) once it has ended; at most about PEEK_BYTES kept however long
+    it grows (64 KiB per undecided connection was too much for the connection limit's sizing)."""
+
+    __slots__ = ("_kept", "_length")
+
+    def __init__(self) -> None:
+        self._kept = bytearray()
+        self._length = 0  # bytes of it seen (up to LINE_MAX)
+
+    def feed(self, data: bytes | memoryview) -> bool | None:
+        start = len(self._kept)
+        chunk = data[: LINE_MAX - self._length]
+        self._kept += chunk
+        self._length += len(chunk)
+        if self._kept.find(b"\n", start) >= 0:
+            verdict = line_verdict(bytes(self._kept))
+            if verdict is not None:
+                return verdict
+        if self._length >= LINE_MAX:
+            return False  # (http.server: 414)
+        if len(self._kept) > PEEK_BYTES:
+            short = _compact(bytes(self._kept))
+            if short is None:
+                return False
+            self._kept = bytearray(short)
+        return None
 
 
 def line_verdict(seen: bytes) -> bool | None:

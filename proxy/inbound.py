@@ -111,7 +111,7 @@ def _to_half(relay: Relay, pipe: Pipe, checked: bool = False) -> Half:
     if checked:
         half.check_opaque()
     buffered = pipe.take_buffered()
-    if buffered and (half.unchecked is None or half._checked(buffered)):
+    if buffered and (not half.checking or half._checked(buffered)):
         half._early.append(buffered)
         half.bytes_in += len(buffered)
     half.eof_in = pipe.ended

@@ -60,7 +60,7 @@ class Half(asyncio.Protocol):
         self._early: list[bytes | memoryview] = []  # data read before the other half exists
         self.on_frame: Callable[[int, bytes], None] | None = None  # control frames (OPEN, DENY)
         self.unchecked: bytes | None = None  # see ``check_opaque``
-        self._first_line: bytearray | None = None  # ... the first line of what was taken for opaque
+        self._first_line: detect.FirstLine | None = None  # ... and its first line, judged apart
 
     def check_opaque(self) -> None:
         """Refuse HTTP in what is relayed as opaque on a port not configured opaque: its first
@@ -70,37 +70,33 @@ class Half(asyncio.Protocol):
         it reached the app unparsed, with identity headers (x-forwarded-client-cert) of the
         caller's choosing."""
         self.unchecked = b""
+        self._first_line = detect.FirstLine()
+
+    @property
+    def checking(self) -> bool:
+        return self.unchecked is not None or self._first_line is not None
 
     def _checked(self, data: bytes | memoryview) -> bool:
+        """Two judges, each until it decides: detection's (the first bytes, as ``classify``) and
+        Python's servers' (the first line, however it began: ` GET`, `\\x16\\x03` are methods to
+        them, and a TLS-looking record left detection undecided while its bytes went on). HTTP by
+        either: refused, before the chunk that decides goes on."""
+        before = self.unchecked
+        if before is not None:
+            seen = before + bytes(data[: detect.PEEK_BYTES - len(before)])  # (not a bulk chunk's copy)
+            kind = detect.classify(seen) if seen else None
+            if kind is not None and kind.http:
+                self._refuse(kind.value)
+                return False
+            self.unchecked = seen if kind is None else None
         line = self._first_line
-        if line is not None:  # taken for opaque before its first line ended: that line decides
-            start = len(line)
-            line += data[: detect.LINE_MAX - start]
-            ended = line.find(b"\n", start) >= 0  # (only then, or at the cap, is it judged)
-            verdict = detect.line_verdict(bytes(line)) if ended or len(line) >= detect.LINE_MAX else None
-            if verdict is None:
-                return True
-            self.unchecked = self._first_line = None
+        if line is not None:
+            verdict = line.feed(data)
             if verdict:
                 self._refuse("http/1")
                 return False
-            return True
-        before = typing.cast(bytes, self.unchecked)
-        seen = before + bytes(data[: detect.PEEK_BYTES - len(before)])  # (not a bulk chunk's copy)
-        kind = detect.classify(seen) if seen else None
-        if kind is detect.Kind.OPAQUE and b"\n" not in seen.lstrip(b"\r\n"):
-            # Opaque by its first bytes (` GET`, `G\x01T`, 8 KiB of a padded line): judged again
-            # once its first line has ended, before that line's LF and what follows (a request's
-            # headers) go on.
-            self._first_line = bytearray(before)
-            return self._checked(data)
-        if kind is None:
-            self.unchecked = seen
-            return True
-        self.unchecked = None
-        if kind.http:
-            self._refuse(kind.value)
-            return False
+            if verdict is not None:
+                self._first_line = None
         return True
 
     def _refuse(self, protocol: str) -> None:
@@ -108,6 +104,7 @@ class Half(asyncio.Protocol):
         alone was all an older client sidecar, whose detection missed a request, had to go by)."""
         reason = f"{protocol} sent on a connection relayed as opaque"
         self.relay.info.setdefault("denied", reason)
+        self.relay.info["refused"] = reason  # (counted as refused when the relay closes)
         log.warning("connection refused", extra={**self.relay.info, "reason": reason, "side": self.name})
         self.relay.fail(f"{self.name}: {reason}")
 
@@ -125,7 +122,7 @@ class Half(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)  # also what the idle check watches: no clock read per chunk
         if self.decoder is None:
-            if self.unchecked is not None and not self._checked(data):
+            if self.checking and not self._checked(data):
                 return
             if self.peer is not None:
                 self.peer.send(data)
@@ -137,7 +134,7 @@ class Half(asyncio.Protocol):
                 if kind == framing.DATA:
                     if self.eof_in and payload:  # (its end was passed on: the write would raise)
                         raise framing.FramingError("DATA after EOF")
-                    if self.unchecked is not None and not self._checked(payload):
+                    if self.checking and not self._checked(payload):
                         return
                     if self.peer is not None:
                         self.peer.send(payload)

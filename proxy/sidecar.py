@@ -342,6 +342,8 @@ class Sidecar:
         seconds = time.monotonic() - relay.started
         ok = outcome == "closed" and bool(relay.info.get("linked"))
         self.metrics.closed.labels(direction, "ok" if ok else "error").inc()
+        if "refused" in relay.info:  # HTTP on a relay said to be opaque (``Half._refuse``)
+            self.metrics.connections.labels(direction, "refused").inc()
         self.metrics.connection_duration.labels(direction).observe(seconds)
         reason = TIMED_OUT.get(outcome)
         if reason is not None:

@@ -302,6 +302,11 @@ async def _as_frontend(m: Mesh) -> tuple[asyncio.StreamReader, asyncio.StreamWri
         # looked like TLS's
         (b"GET\t/orders" + b" " * 9000, b"HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
         (b"\x16 /orders", b" HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
+        # TLS by its first bytes (a record of length 0; one still incomplete), a method all the
+        # same to Python's servers; and HTTP/0.9 with any target (Werkzeug routes `admin` as /admin)
+        (b"\x16\x03\x00\x00\x00 /orders", b" HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
+        (b"\x16\x03\x01\x40\x00 /orders", b" HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
+        (b"GET", b" admin\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
         (b"\x00\x01bin", b" ary\r\nframe two\r\n", False),  # a binary protocol: opaque indeed
         (b"*1\r\n$4\r\n", b"PING\r\n", False),  # Redis: opaque indeed
     ],
@@ -341,6 +346,13 @@ async def test_http_under_the_opaque_hint_is_refused(
             assert b"\n" not in app.seen and b"X-FORWARDED" not in reply, (app.seen, reply)
             logged = [r.__dict__ for r in caplog.records if r.getMessage() == "connection refused"]
             assert logged and "sent on a connection relayed as opaque" in logged[0]["reason"], logged
+            registry = m.sidecars["cart"].metrics.registry
+            labels = {"direction": "inbound", "decision": "refused"}
+            for _ in range(20):  # (counted when the relay has closed)
+                if registry.get_sample_value("sidemesh_proxy_connections_total", labels):
+                    break
+                await asyncio.sleep(0.05)
+            assert registry.get_sample_value("sidemesh_proxy_connections_total", labels) == 1
         else:
             assert app.seen == first + rest and first.upper() in reply and rest.upper() in reply
     finally:

@@ -77,7 +77,10 @@ def tls_record(body: bytes) -> bytes:
         (b"GET /x\r\r\n", Kind.HTTP1),
         (b"GET(x) /orders HTTP/1.1\r\n", Kind.HTTP1),  # any first word
         (b"G\xc9T /orders HTTP/1.1\r\n", Kind.HTTP1),
-        (b"GET key\r\n", Kind.OPAQUE),  # Redis' inline command: no path
+        (
+            b"GET key\r\n",
+            Kind.HTTP1,
+        ),  # HTTP/0.9 to them (Werkzeug routes it as /key); Redis: RESP, 6379 opaque
         (b" ", Kind.OPAQUE),  # (a relay looks again once the first line has ended)
         (b"GET\t/x", Kind.OPAQUE),
         (b"GET\t/x\tRTSP/1.0\r\n", Kind.OPAQUE),
@@ -107,6 +110,22 @@ def test_a_request_line_longer_than_the_peek_is_http_when_it_starts_as_one() -> 
     # As many empty lines as llhttp skips, and a method of any length (h11, Go): a request.
     assert classify(b"\r\n" * (peek // 2)) is Kind.HTTP1
     assert classify(b"A" * peek) is Kind.HTTP1
+
+
+def test_a_first_line_is_judged_as_it_comes_in_little_memory() -> None:
+    """A stream without an LF for 64 KiB (any binary one) kept all of it per connection: 4,096 such
+    connections were past the memory the connection limit was sized on. About 8 KiB is kept."""
+    judge = detect.FirstLine()
+    for _ in range(63):
+        assert judge.feed(b"x" * 1024) is None and len(judge._kept) <= detect.PEEK_BYTES + 1024
+    assert judge.feed(b"x" * 4096) is False  # past http.server's 64 KiB: no request (414)
+    padded = detect.FirstLine()
+    assert padded.feed(b"GET\t/admin") is None
+    for _ in range(40):  # 40 KiB of spaces: still one request line in the making
+        assert padded.feed(b" " * 1024) is None
+    assert padded.feed(b"HTTP/1.1\r\nx-forwarded-client-cert: forged\r\n") is True
+    many = detect.FirstLine()
+    assert many.feed(b"a b c d " + b"e" * 9000) is False  # four words: no ending makes it one
 
 
 def test_a_line_taken_for_opaque_is_judged_when_it_ends_however_long() -> None:
