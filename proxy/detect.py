@@ -102,6 +102,12 @@ class FirstLine:
             self._kept = bytearray(short)
         return None
 
+    def at_end(self) -> bool:
+        """The stream ended (EOF, FIN) before the line did: whether it is a request all the same
+        (readline gives Python's servers the line without its LF at the end of the stream)."""
+        line = bytes(self._kept).lstrip(b"\r\n")
+        return bool(line) and python_request_line(line)
+
 
 def line_verdict(seen: bytes) -> bool | None:
     """For a stream first taken for opaque: whether its first line (after empty ones) is a

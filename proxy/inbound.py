@@ -114,7 +114,7 @@ def _to_half(relay: Relay, pipe: Pipe, checked: bool = False) -> Half:
     if buffered and (not half.checking or half._checked(buffered)):
         half._early.append(buffered)
         half.bytes_in += len(buffered)
-    half.eof_in = pipe.ended
+    half.eof_in = pipe.ended and half.ended_line_ok()
     transport.pause_reading()  # until the app side is linked
     transport.set_protocol(half)
     pipe.on_control = None  # the pipe is done with (and its OPEN closure would hold it in a cycle)

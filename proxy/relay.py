@@ -99,6 +99,18 @@ class Half(asyncio.Protocol):
                 self._first_line = None
         return True
 
+    def ended_line_ok(self) -> bool:
+        """At the end of the stream, with its first line still being judged: that line as it is
+        decides (Python's servers serve a request line the end of the stream cut short)."""
+        line = self._first_line
+        if line is None or self.relay.closed:
+            return True
+        self._first_line = None
+        if line.at_end():
+            self._refuse("http/1")
+            return False
+        return True
+
     def _refuse(self, protocol: str) -> None:
         """HTTP where opaque bytes were announced: reset, logged and counted a denial (the reset
         alone was all an older client sidecar, whose detection missed a request, had to go by)."""
@@ -171,6 +183,8 @@ class Half(asyncio.Protocol):
     # -- what the other half calls -----------------------------------------------------------
 
     def _got_eof(self) -> None:
+        if not self.ended_line_ok():
+            return
         self.eof_in = True
         if self.peer is not None:
             self.peer.send_eof()

@@ -258,6 +258,7 @@ class RecordingApp(CountingApp):
     def __init__(self) -> None:
         super().__init__()
         self.seen = b""
+        self.ends = 0  # streams that ended (EOF), not reset: what Python's readline serves at
 
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -266,6 +267,7 @@ class RecordingApp(CountingApp):
                 self.seen += data
                 writer.write(data.upper())
                 await writer.drain()
+            self.ends += 1
         writer.close()
 
 
@@ -307,6 +309,9 @@ async def _as_frontend(m: Mesh) -> tuple[asyncio.StreamReader, asyncio.StreamWri
         (b"\x16\x03\x00\x00\x00 /orders", b" HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
         (b"\x16\x03\x01\x40\x00 /orders", b" HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
         (b"GET", b" admin\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n", True),
+        # the end of the stream before the line's LF: Python's readline serves the line as it is
+        (b"GET /admin", b" HTTP/1.0", True),
+        (b"POST", b" /admin", False),  # (HTTP/0.9 is GET only: not a request to them)
         (b"\x00\x01bin", b" ary\r\nframe two\r\n", False),  # a binary protocol: opaque indeed
         (b"*1\r\n$4\r\n", b"PING\r\n", False),  # Redis: opaque indeed
     ],
@@ -401,13 +406,16 @@ async def test_request_lines_only_lenient_servers_take_never_reach_the_app_unpar
         await m.close()
 
 
+@pytest.mark.parametrize("ending", ["request", "half-close"])
 async def test_a_plaintext_request_after_the_detection_timeout_is_refused(
-    start_ca: StartCA, tmp_path: Path
+    start_ca: StartCA, tmp_path: Path, ending: str
 ) -> None:
     """Permissive mode: a plaintext client waits out the detection, then sends HTTP with an
     x-forwarded-client-cert naming anyone. Relayed as opaque, it reached the app unparsed: an app
     that trusts the header (the sidecar sets it for mTLS callers) took a plaintext caller for
-    them. What is relayed as opaque on a port not configured so is checked as it goes on."""
+    them. What is relayed as opaque on a port not configured so is checked as it goes on. Or a
+    request line without its LF, then a half-close: Python's servers serve it as it is (readline
+    at the end of the stream), and the FIN went on to the app."""
     m = new_mesh(
         await start_ca(),
         tmp_path,
@@ -423,11 +431,17 @@ async def test_a_plaintext_request_after_the_detection_timeout_is_refused(
         try:
             await asyncio.sleep(1.5)  # (detection: 1 s)
             with contextlib.suppress(ConnectionError):
-                writer.write(b"GET /orders HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n")
+                if ending == "request":
+                    writer.write(b"GET /orders HTTP/1.1\r\nhost: cart\r\n" + FORGED + b"\r\n\r\n")
+                else:
+                    writer.write(b"GET /admin HTTP/1.0")
+                    writer.write_eof()
                 await writer.drain()
                 reply = await asyncio.wait_for(reader.read(), 5)
         finally:
             writer.close()
         assert b"\n" not in app.seen and b"X-FORWARDED" not in reply, (app.seen, reply)
+        await asyncio.sleep(0.2)
+        assert app.ends == 0  # reset, not ended: a cut-short request line is never served
     finally:
         await m.close()
