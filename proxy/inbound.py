@@ -93,6 +93,8 @@ async def detect_inner(pipe: Pipe, timeout: float) -> Kind:
         kind = classify(peeked) if peeked or pipe.ended else None
         if kind is not None:
             return Kind.OPAQUE if kind is Kind.CLOSED else kind
+        if pipe.ended:  # no more bytes will come: undecided now (waiting spun a core until the
+            return undecided_kind(peeked)  # timeout); the relay judges a first line cut short
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return undecided_kind(peeked)

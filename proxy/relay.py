@@ -115,6 +115,7 @@ class Half(asyncio.Protocol):
         """HTTP where opaque bytes were announced: reset, logged and counted a denial (the reset
         alone was all an older client sidecar, whose detection missed a request, had to go by)."""
         reason = f"{protocol} sent on a connection relayed as opaque"
+        self.unchecked = self._first_line = None  # (judged: once)
         self.relay.info.setdefault("denied", reason)
         self.relay.info["refused"] = reason  # (counted as refused when the relay closes)
         log.warning("connection refused", extra={**self.relay.info, "reason": reason, "side": self.name})
@@ -154,6 +155,8 @@ class Half(asyncio.Protocol):
                         self._early.append(payload)
                 elif kind == framing.EOF:
                     self._got_eof()
+                    if self.relay.closed:  # (refused: a request line the end cut short)
+                        return
                 elif self.on_frame is not None:
                     self.on_frame(kind, bytes(payload))
                 else:

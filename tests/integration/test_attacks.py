@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -443,5 +444,40 @@ async def test_a_plaintext_request_after_the_detection_timeout_is_refused(
         assert b"\n" not in app.seen and b"X-FORWARDED" not in reply, (app.seen, reply)
         await asyncio.sleep(0.2)
         assert app.ends == 0  # reset, not ended: a cut-short request line is never served
+    finally:
+        await m.close()
+
+
+async def test_a_stream_that_ended_undecided_is_not_waited_on_and_refused_once(
+    start_ca: StartCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After OPEN without a protocol hint, a stream that ends before detection can decide (`hello
+    world`, then EOF) spun a core until the detection timeout (1 s), from any caller with a mesh
+    identity, before its policy was even asked. It is decided at once now. And a request line the
+    end cut short, followed in the same read by more DATA, was refused and logged twice."""
+    caplog.set_level(logging.WARNING)
+    m, app = await _recorded_cart(start_ca, tmp_path)
+    try:
+        reader, writer = await _as_frontend(m)
+        began = time.process_time(), time.monotonic()
+        writer.write(framing.open_frame(8080) + framing.data_header(11) + b"hello world" + framing.EOF_FRAME)
+        reply = await asyncio.wait_for(reader.read(), 5)
+        cpu, wall = time.process_time() - began[0], time.monotonic() - began[1]
+        writer.close()
+        assert b"HELLO WORLD" in reply and wall < 0.5 and cpu < 0.5, (reply, wall, cpu)
+        reader, writer = await _as_frontend(m)
+        writer.write(framing.open_frame(8080, framing.HINT_OPAQUE) + framing.data_header(10) + b"GET /admin")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        rest = b"\r\nhost: cart\r\n\r\n"
+        writer.write(
+            framing.data_header(9) + b" HTTP/1.0" + framing.EOF_FRAME + framing.data_header(len(rest)) + rest
+        )
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await asyncio.sleep(0.2)
+        assert len([r for r in caplog.records if r.getMessage() == "connection refused"]) == 1
+        assert app.ends == 1  # (the first connection's; the second was reset)
     finally:
         await m.close()
