@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import time
@@ -155,28 +156,38 @@ async def test_controller_down_keeps_last_known_good_then_resyncs(mesh: Mesh, co
         await back.stop()
 
 
-@pytest.mark.parametrize("deltas", [True, False], ids=["sidecar", "older-sidecar"])
-async def test_only_changed_parts_are_sent(mesh: Mesh, controller: Controller, deltas: bool) -> None:
-    """Only the parts that changed; of the outbound table only what changed, to a sidecar that
-    says it applies deltas. An older one (it would ignore the delta field and acknowledge a table
-    it does not hold) gets the whole table."""
+@contextlib.asynccontextmanager
+async def _frontend_stream(
+    mesh: Mesh, controller: Controller, first: pb.StreamRequest
+) -> AsyncIterator[tuple[Any, asyncio.Queue[pb.StreamRequest]]]:
+    """A config stream as the frontend's sidecar (its SVID), opened with ``first``; requests go out
+    through the queue."""
     svid = pki.make_svid(mesh.ca.authority, WorkloadId("shop", "frontend").spiffe_id("cluster.local"))
     creds = grpc.ssl_channel_credentials(svid.bundle_pem, svid.key_pem, svid.chain_pem)
     async with grpc.aio.secure_channel(
         controller.address, creds, options=[("grpc.ssl_target_name_override", NAME)]
     ) as channel:
         outbox: asyncio.Queue[pb.StreamRequest] = asyncio.Queue()
-        outbox.put_nowait(pb.StreamRequest(outbound_deltas=deltas))
+        outbox.put_nowait(first)
 
         async def requests() -> AsyncIterator[pb.StreamRequest]:
             while True:
                 yield await outbox.get()
 
-        call = channel.stream_stream(
-            METHOD,
-            pb.StreamRequest.SerializeToString,
-            pb.Update.FromString,
-        )(requests())
+        yield (
+            channel.stream_stream(METHOD, pb.StreamRequest.SerializeToString, pb.Update.FromString)(
+                requests()
+            ),
+            outbox,
+        )
+
+
+@pytest.mark.parametrize("deltas", [True, False], ids=["sidecar", "older-sidecar"])
+async def test_only_changed_parts_are_sent(mesh: Mesh, controller: Controller, deltas: bool) -> None:
+    """Only the parts that changed; of the outbound table only what changed, to a sidecar that
+    says it applies deltas. An older one (it would ignore the delta field and acknowledge a table
+    it does not hold) gets the whole table."""
+    async with _frontend_stream(mesh, controller, pb.StreamRequest(outbound_deltas=deltas)) as (call, outbox):
         first = await asyncio.wait_for(call.read(), 5)
         assert first.HasField("inbound") and first.HasField("outbound")
         assert first.inbound.identity == "spiffe://cluster.local/ns/shop/sa/frontend"
@@ -244,21 +255,8 @@ async def test_a_sidecar_that_does_not_apply_node_local_services_gets_whole_tabl
             break
         await asyncio.sleep(0.05)
     assert controller.server.state.has_node_local()
-    svid = pki.make_svid(mesh.ca.authority, WorkloadId("shop", "frontend").spiffe_id("cluster.local"))
-    creds = grpc.ssl_channel_credentials(svid.bundle_pem, svid.key_pem, svid.chain_pem)
-    async with grpc.aio.secure_channel(
-        controller.address, creds, options=[("grpc.ssl_target_name_override", NAME)]
-    ) as channel:
-        outbox: asyncio.Queue[pb.StreamRequest] = asyncio.Queue()
-        outbox.put_nowait(pb.StreamRequest(outbound_deltas=True, node_local=node_local))
-
-        async def requests() -> AsyncIterator[pb.StreamRequest]:
-            while True:
-                yield await outbox.get()
-
-        call = channel.stream_stream(METHOD, pb.StreamRequest.SerializeToString, pb.Update.FromString)(
-            requests()
-        )
+    first_request = pb.StreamRequest(outbound_deltas=True, node_local=node_local)
+    async with _frontend_stream(mesh, controller, first_request) as (call, outbox):
         first = await asyncio.wait_for(call.read(), 5)
         assert any(d.node_local for d in first.outbound.destinations)
         outbox.put_nowait(pb.StreamRequest(ack_version=first.version))
