@@ -46,9 +46,10 @@ _CONNECT_LINE = re.compile(rb"CONNECT ++[!$%&'()*+,\-./0-9:;=?@A-Z\[\]_a-z~]*+" 
 # tabs, CR, VT, FF, \x1c-\x1f, NEL, NBSP in Latin-1), whatever comes first as the method, and
 # `GET <path>` alone as HTTP/0.9, whose headers they still read. Such a line is HTTP here (the
 # sidecar's parser refuses it: 400): as opaque it reached the app with the caller's own headers.
-# It is judged once its LF is there; a relay that took the first bytes for opaque looks again
-# then (``line_verdict``), however long the line (they read 64 KiB), so a request split or padded
-# to look like no request is still caught.
+# Detection judges it once its LF is there. A relay on a port not declared opaque judges the
+# first line too (``FirstLine``), whatever detection made of the first bytes (`\x16\x03` is a
+# method to them), however long the line (they read 64 KiB) and when the stream ends first
+# (their readline serves the line then), so a request split, padded or cut short is still caught.
 LINE_MAX = 65537  # what http.server reads of a request line (longer: 414)
 
 
@@ -110,8 +111,8 @@ class FirstLine:
 
 
 def line_verdict(seen: bytes) -> bool | None:
-    """For a stream first taken for opaque: whether its first line (after empty ones) is a
-    request to Python's http.server; None while that line has not ended within ``LINE_MAX``."""
+    """Whether the first line (after empty ones) of ``seen`` is a request to Python's
+    http.server; None while that line has not ended within ``LINE_MAX``."""
     line = seen.lstrip(b"\r\n")
     newline = line.find(b"\n")
     if newline < 0:
