@@ -96,6 +96,8 @@ class Pipe(asyncio.Protocol):
         try:
             for kind, payload in self.decoder.feed(data):
                 if kind == framing.DATA:
+                    if self._eof and payload:  # (as a relay's half: the peer said it was done)
+                        raise framing.FramingError("DATA after EOF")
                     self._push(bytes(payload))
                 elif kind == framing.EOF:
                     self._eof = True

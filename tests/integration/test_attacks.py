@@ -481,3 +481,29 @@ async def test_a_stream_that_ended_undecided_is_not_waited_on_and_refused_once(
         assert app.ends == 1  # (the first connection's; the second was reset)
     finally:
         await m.close()
+
+
+async def test_data_after_the_callers_eof_frame_is_a_framing_error_on_the_http_path(
+    start_ca: StartCA, tmp_path: Path
+) -> None:
+    """The opaque relay resets a peer that sends DATA after its EOF frame (docs/sidecar.md); the
+    HTTP path's pipe took it, and served it as the request's body when it came in the same read."""
+    m, app = await _recorded_cart(start_ca, tmp_path)
+    try:
+        reader, writer = await _as_frontend(m)
+        head = b"POST /orders HTTP/1.1\r\nhost: cart\r\ncontent-length: 10\r\n\r\n"
+        writer.write(
+            framing.open_frame(8080, framing.HINT_HTTP1)
+            + framing.data_header(len(head))
+            + head
+            + framing.EOF_FRAME
+            + framing.data_header(10)
+            + b"0123456789"
+        )
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await asyncio.sleep(0.2)
+        assert b"0123456789" not in app.seen, app.seen
+    finally:
+        await m.close()
