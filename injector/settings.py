@@ -23,7 +23,7 @@ import yaml
 
 from injector.errors import SettingsError
 from sidemesh import __version__, kubeyaml
-from sidemesh.config import otlp_endpoint_problem, parse_hostport
+from sidemesh.config import otlp_endpoint_problem, parse_hostport, url_port
 from sidemesh.policy.model import DefaultPolicy
 from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, validate_trust_domain
 
@@ -200,11 +200,7 @@ class InjectionSettings:
         """The sidecars' OTLP protocol: tracingProtocol, or by the endpoint's port when unset."""
         if self.tracing_protocol:
             return self.tracing_protocol
-        try:
-            port = urllib.parse.urlsplit(self.tracing_endpoint).port
-        except ValueError:  # (not a port number: the exporter says so at the sidecar's start)
-            port = None
-        return "grpc" if port == OTLP_GRPC_PORT else "http/protobuf"
+        return "grpc" if url_port(self.tracing_endpoint) == OTLP_GRPC_PORT else "http/protobuf"
 
     def resolved(self, native_supported: bool) -> InjectionSettings:
         """With nativeSidecar "auto" decided: native when the cluster supports native sidecars."""

@@ -135,7 +135,8 @@ class Half(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)  # also what the idle check watches: no clock read per chunk
         if self.decoder is None:
-            if self.checking and not self._checked(data):
+            # (the two attributes, not ``checking``: no call per chunk on the relay's path)
+            if (self.unchecked is not None or self._first_line is not None) and not self._checked(data):
                 return
             if self.peer is not None:
                 self.peer.send(data)
@@ -147,7 +148,9 @@ class Half(asyncio.Protocol):
                 if kind == framing.DATA:
                     if self.eof_in and payload:  # (its end was passed on: the write would raise)
                         raise framing.FramingError("DATA after EOF")
-                    if self.checking and not self._checked(payload):
+                    if (self.unchecked is not None or self._first_line is not None) and not self._checked(
+                        payload
+                    ):
                         return
                     if self.peer is not None:
                         self.peer.send(payload)

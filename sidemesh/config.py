@@ -193,6 +193,14 @@ def parse_hostport(option_name: str, text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def url_port(url: str) -> int | None:
+    """The port a URL names, or None (none given, or not a port: ``otlp_endpoint_problem`` says so)."""
+    try:
+        return urllib.parse.urlsplit(url).port
+    except ValueError:
+        return None
+
+
 def otlp_endpoint_problem(url: str, *, path_appended: bool) -> str | None:
     """Why ``url`` cannot be an OTLP endpoint (the exporters' specification: a URL with a scheme and
     a host), or None. ``path_appended``: the generic variable, to which ``/v1/traces`` is appended,

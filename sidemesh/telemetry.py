@@ -34,7 +34,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from prometheus_client import CollectorRegistry, Counter
 
 import sidemesh.prometheus  # noqa: F401  (no *_created series)
-from sidemesh.config import ConfigError, otlp_endpoint_problem
+from sidemesh.config import ConfigError, otlp_endpoint_problem, url_port
 from sidemesh.later import Later
 from sidemesh.propagation import Format
 
@@ -172,7 +172,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
             "",
             # Unset: OTLP/HTTP for an endpoint on its port (4318: the injection settings' default,
             # copied here, sent gRPC to an HTTP port and every span was lost), else gRPC.
-            "http/protobuf" if found is not None and _port_of(found[1]) == OTLP_HTTP_PORT else "grpc",
+            "http/protobuf" if found is not None and url_port(found[1]) == OTLP_HTTP_PORT else "grpc",
         )
     )
     if protocol[1] not in PROTOCOLS:
@@ -273,13 +273,6 @@ class SpanCounters:
     def dequeue(self, count: int) -> None:
         with self._lock:
             self.queued = max(0, self.queued - count)
-
-
-def _port_of(url: str) -> int | None:
-    try:
-        return urllib.parse.urlsplit(url).port
-    except ValueError:  # (said at start, with the endpoint's other problems)
-        return None
 
 
 def _resource_attribute(text: str, key: str) -> str | None:
