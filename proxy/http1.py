@@ -242,11 +242,11 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
                         break
                     event = await _next_head(conn, down, ctx.head_timeout)
             except h1.ProtocolError as exc:
-                _send_error(conn, down, exc.status, str(exc), ctx)
+                _refuse_head(conn, down, exc.status, str(exc), ctx)
                 break
             except _HeadTimeout:
                 ctx.on_refused("head")
-                _send_error(conn, down, 408, "request head not received in time", ctx)
+                _refuse_head(conn, down, 408, "request head not received in time", ctx)
                 break
             if isinstance(event, h1.ConnectionClosed) or event is h1.PAUSED:
                 break
@@ -269,12 +269,37 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
         conn.release()
 
 
-def _send_error(conn: h1.Connection, down: Pipe, status: int, why: str, ctx: Context) -> None:
+def _send_error(conn: h1.Connection, down: Pipe, status: int, why: str, ctx: Context) -> bool:
+    """Answer ``status`` and say why in the log; False when no answer could go out."""
     log.info("bad request", extra={**ctx.log_extra, "status": status, "reason": why})
-    if not conn.sent_head:
-        with contextlib.suppress(h1.LocalProtocolError, PipeClosed):
-            for ev in _local_response(Local(status, f"bad request: {why}"), close=True):
-                down.write(conn.send(ev))
+    if conn.sent_head:
+        return False
+    try:
+        for ev in _local_response(Local(status, f"bad request: {why}"), close=True):
+            down.write(conn.send(ev))
+    except (h1.LocalProtocolError, PipeClosed):
+        return False
+    return True
+
+
+def _refuse_head(conn: h1.Connection, down: Pipe, status: int, why: str, ctx: Context) -> None:
+    """A request head refused before its method and target were known (unparsable, too large, not
+    in time): answered, and counted as the request it was (as Envoy counts a downstream protocol
+    error), with no method or path and ``decision="refused"``."""
+    sent = _send_error(conn, down, status, why, ctx)
+    info = RequestInfo(
+        direction=ctx.direction,
+        protocol="http/1.1",
+        method="",
+        path="",
+        authority="",
+        headers=(),
+        source=ctx.source,
+        service=ctx.service,
+        peer_address=ctx.peer_address,
+        traced=False,
+    )
+    ctx.observer.start(info).finish(RequestResult(status if sent else None, decision="refused", error=why))
 
 
 async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Router, ctx: Context) -> bool:
@@ -302,7 +327,7 @@ async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Ro
     span = ctx.observer.start(info)
     if bad_path is not None:  # answered here, and counted as the 400 it is (the app never sees it)
         _send_error(conn, down, 400, bad_path, ctx)
-        span.finish(RequestResult(400, error=bad_path))
+        span.finish(RequestResult(400, decision="refused", error=bad_path))
         down.close()
         return False
     result = RequestResult(status=None)

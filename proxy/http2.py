@@ -106,7 +106,7 @@ class Denial:
     reason: str
     policy: str | None = None
     grpc_status: int = GRPC_PERMISSION_DENIED
-    decision: Literal["allow", "deny"] = "deny"
+    decision: Literal["allow", "deny", "refused"] = "deny"
     error: str | None = None  # for the span and the access log (e.g. "no endpoints")
     told: str | None = None  # what the caller is told, when not the reason (logs and spans keep it)
 
@@ -931,7 +931,10 @@ class H2Proxy:
         stream.request_expected = expected
         self.streams[event.stream_id] = stream
         if refusal is not None:
-            self._deny(stream, Denial(bad_status, refusal, grpc_status=GRPC_INVALID_ARGUMENT, error=refusal))
+            denial = Denial(
+                bad_status, refusal, grpc_status=GRPC_INVALID_ARGUMENT, decision="refused", error=refusal
+            )
+            self._deny(stream, denial)
             return
         timeout = router.begin(info)
         if timeout is not None:

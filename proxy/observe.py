@@ -50,8 +50,10 @@ class RequestInfo:
 class RequestResult:
     status: int | None  # status sent to the caller; None when no response was sent (reset)
     grpc_status: int | None = None
-    # audit_deny: allowed, but an audit-mode policy would have refused it (docs/policy.md)
-    decision: Literal["allow", "deny", "audit_deny"] = "allow"
+    # audit_deny: allowed, but an audit-mode policy would have refused it (docs/policy.md);
+    # refused: answered by the sidecar before any policy was asked (a malformed request, a request
+    # target it cannot normalize, an HTTP/1.1 head it cannot parse or that did not come in time)
+    decision: Literal["allow", "deny", "audit_deny", "refused"] = "allow"
     reason: str = ""  # the authorization reason (Decision.reason), or why the proxy failed it
     policy: str | None = None  # the ServiceAuthorization that decided, "namespace/name"
     retries: int = 0

@@ -30,6 +30,8 @@ class RouteCounters:
 
 
 def route_of(method: str, path: str) -> str:
+    if not method:  # an HTTP/1.1 head refused before it was parsed (proxy/http1.py: _refuse_head)
+        return "(bad request head)"
     path = path.split("?", 1)[0]
     if len(path) > MAX_ROUTE_CHARS:
         path = path[:MAX_ROUTE_CHARS] + "..."

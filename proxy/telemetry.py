@@ -427,7 +427,7 @@ def _span_name(info: RequestInfo, result: RequestResult | None = None) -> str:
     if info.protocol == "grpc":
         if (
             result is not None
-            and result.decision != "deny"
+            and result.decision in ("allow", "audit_deny")
             and result.status is not None
             and result.status < 400
             and result.grpc_status != GRPC_UNIMPLEMENTED

@@ -13,6 +13,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -338,7 +341,73 @@ async def test_a_request_target_the_sidecar_refuses_is_counted_as_its_400(mesh: 
         await asyncio.sleep(0.2)
         m = await scrape(cart)
         assert total(m, "sidemesh_proxy_requests_total", direction="inbound", status_class="4xx") == 1
+        # refused before any policy was asked: not an "allow" (no policy let it through)
+        assert total(m, "sidemesh_proxy_requests_total", direction="inbound", decision="refused") == 1
+        assert total(m, "sidemesh_proxy_requests_total", direction="inbound", decision="allow") == 0
         assert [r["route"] for r in cart.routes.snapshot()["routes"]] == ["GET /cart/%zz"]
         assert app.seen == []
     finally:
         await app.runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: cart\r\nNo colon here\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: cart\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    ],
+    ids=["unparsable", "too-large"],
+)
+async def test_a_request_head_refused_before_it_was_parsed_is_counted(
+    mesh: Mesh, head: bytes, status: int
+) -> None:
+    """A head the sidecar cannot parse is answered by it (400, 431) and is a request in the metrics,
+    the access log and the routes, as Envoy counts a downstream protocol error; it was in none
+    (only the connection was counted)."""
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
+    )
+    with socket.create_connection((mesh.addr(FRONTEND), OUT), timeout=5) as s:
+        s.sendall(head)
+        assert (await asyncio.to_thread(s.recv, 65536)).startswith(b"HTTP/1.1 %d" % status)
+    await asyncio.sleep(0.2)
+    m = await scrape(frontend)
+    series = {"direction": "outbound", "status_class": "4xx", "decision": "refused"}
+    assert total(m, "sidemesh_proxy_requests_total", **series) == 1
+    assert total(m, "sidemesh_proxy_requests_total", decision="allow") == 0
+    assert [(r["route"], r["requests"]) for r in frontend.routes.snapshot()["routes"]] == [
+        ("(bad request head)", 1)
+    ]
+
+
+async def test_a_malformed_http2_request_is_counted_as_refused_not_denied(mesh: Mesh) -> None:
+    """An HTTP/2 request the sidecar refuses as malformed (before any policy) was labelled
+    decision="deny", as if a policy had denied it."""
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
+    )
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(
+        1,
+        [(":method", "GET"), (":scheme", "http"), (":authority", "cart"), (":path", "no-slash")],
+        end_stream=True,
+    )
+    writer.write(conn.data_to_send())
+    status = None
+    try:
+        while status is None:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "the sidecar closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    assert status == b"400"
+    await asyncio.sleep(0.2)
+    m = await scrape(frontend)
+    assert total(m, "sidemesh_proxy_requests_total", direction="outbound", decision="refused") == 1
+    assert total(m, "sidemesh_proxy_requests_total", decision="deny") == 0
