@@ -77,8 +77,10 @@ class Pipe(asyncio.Protocol):
         self._tick_period = 1.0
         self._ticked = False
         self.bytes_in = 0  # as received (framing included), for the metrics and /connections
-        # Given the bytes received when the connection ends (a pooled upstream: its pool's direction).
+        # Given the bytes received since the last report (``report_bytes``: every few seconds while
+        # the connection is open, and when it ends): a pooled upstream's, in its pool's direction.
         self.count_bytes: typing.Callable[[int], None] | None = None
+        self._bytes_reported = 0
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -134,9 +136,8 @@ class Pipe(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.stop_ticks()
-        if self.count_bytes is not None:
-            self.count_bytes(self.bytes_in)
-            self.count_bytes = None
+        self.report_bytes()
+        self.count_bytes = None
         self.on_control = None  # a closure that holds this pipe: no cycle outlives the connection
         if exc is not None and self._lost is None:
             self._lost = exc
@@ -299,6 +300,12 @@ class Pipe(asyncio.Protocol):
         return (
             not self._eof and not self._buf and self.transport is not None and not self.transport.is_closing()
         )
+
+    def report_bytes(self) -> None:
+        """Give ``count_bytes`` what was received since the last report."""
+        if self.count_bytes is not None and self.bytes_in > self._bytes_reported:
+            self.count_bytes(self.bytes_in - self._bytes_reported)
+            self._bytes_reported = self.bytes_in
 
     def write(self, data: bytes | bytearray) -> None:
         """Queue bytes; what is written in one turn of the event loop goes out as one write (one

@@ -162,7 +162,7 @@ async def connect_app(
     except (OSError, TimeoutError) as exc:
         raise ConnectError(f"app not reachable at {host}:{port}: {_why(exc)}") from exc
     _nodelay(pipe)
-    pipe.count_bytes = sc.metrics.bytes.labels("inbound").inc  # (the connection it serves is counted)
+    sc.count_bytes(pipe, "inbound")  # (the connection it serves is counted)
     return pipe
 
 
@@ -176,7 +176,7 @@ async def connect_plain(sc: Sidecar, host: str, port: int) -> Pipe:
     except (OSError, TimeoutError) as exc:
         raise ConnectError(f"cannot connect to {host}:{port}: {_why(exc)}") from exc
     _nodelay(pipe)
-    pipe.count_bytes = sc.metrics.bytes.labels("outbound").inc
+    sc.count_bytes(pipe, "outbound")
     return pipe
 
 
@@ -192,7 +192,7 @@ async def connect_sidecar(
         raise ConnectError(str(exc)) from exc
     _nodelay(pipe)
     pipe.write_frame(framing.open_frame(ep.port, hint))
-    pipe.count_bytes = sc.metrics.bytes.labels("outbound").inc
+    sc.count_bytes(pipe, "outbound")
     return pipe
 
 

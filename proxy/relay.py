@@ -251,6 +251,7 @@ class Relay:
         self.info: dict[str, object] = {}
         self.on_fail: Callable[[], None] | None = None  # an HTTP connection has no halves: reset it
         self.pipes: list[typing.Any] = []  # an HTTP connection's downstream (proxy.pipe.Pipe): its bytes
+        self.bytes_reported = 0  # of its halves' and pipes' bytes_in, counted in the metrics so far
 
     def half(self, framed: bool, name: str) -> Half:
         h = Half(self, framed, name)

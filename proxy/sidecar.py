@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import time
+import weakref
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -25,6 +26,7 @@ from proxy.dial import set_keepalive
 from proxy.limits import Pacer, Throttle
 from proxy.metrics import ProxyMetrics
 from proxy.observe import Observer
+from proxy.pipe import Pipe
 from proxy.probes import APP_HEALTH_PREFIX, AppProber, parse_app_probes
 from proxy.relay import Relay, reset_socket
 from proxy.routes import RouteStats
@@ -225,6 +227,7 @@ class Sidecar:
             access_lines=access_lines,
         )
         self.relays: set[Relay] = set()
+        self._counted_pipes: weakref.WeakSet[Pipe] = weakref.WeakSet()  # pooled and app connections
         self.heap_trimmer = heap.Trimmer()
         self.balancer = Balancer()  # endpoint choice and outlier ejection (proxy/balance.py)
         self.open_connections: dict[str, int] = {}  # by direction
@@ -337,8 +340,7 @@ class Sidecar:
         direction = str(relay.info.get("direction"))
         self.metrics.open.labels(direction).dec()
         self.open_connections[direction] -= 1
-        received = {h.name: h.bytes_in for h in (*relay.halves, *relay.pipes)}
-        self.metrics.bytes.labels(direction).inc(sum(received.values()))
+        received = self._report_relay_bytes(relay)
         seconds = time.monotonic() - relay.started
         ok = outcome == "closed" and bool(relay.info.get("linked"))
         self.metrics.closed.labels(direction, "ok" if ok else "error").inc()
@@ -442,9 +444,34 @@ class Sidecar:
         self._set(compiled)
         return True
 
+    def count_bytes(self, pipe: Pipe, direction: str) -> None:
+        """Count what ``pipe`` (a connection the sidecar dialled: pooled, or to the app) receives in
+        ``sidemesh_proxy_bytes_total{direction}``, every few seconds and when it closes."""
+        pipe.count_bytes = self.metrics.bytes.labels(direction).inc
+        self._counted_pipes.add(pipe)
+
+    def _report_relay_bytes(self, relay: Relay) -> dict[str, int]:
+        """Count what ``relay`` received since the last report; what each side received so far."""
+        received = {h.name: h.bytes_in for h in (*relay.halves, *relay.pipes)}
+        seen = sum(received.values())
+        if seen > relay.bytes_reported:
+            self.metrics.bytes.labels(str(relay.info.get("direction"))).inc(seen - relay.bytes_reported)
+            relay.bytes_reported = seen
+        return received
+
+    def report_bytes(self) -> None:
+        """Bytes of open connections into ``sidemesh_proxy_bytes_total`` as they flow, not only when
+        they close (a WebSocket, a gRPC stream, a pooled connection can stay open for hours), as
+        Istio reports TCP bytes every 5 s (``tcp_reporting_duration``)."""
+        for relay in self.relays:
+            self._report_relay_bytes(relay)
+        for pipe in list(self._counted_pipes):
+            pipe.report_bytes()
+
     async def _trim_heap(self) -> None:
         while True:
             await asyncio.sleep(HEAP_TRIM_SECONDS)
+            self.report_bytes()
             pool.expire_pools(self)  # before the trim: what they free is given back
             self.heap_trimmer.tick(len(self.relays))
 

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import pool
+from proxy import sidecar as sidecar_module
 from proxy.observe import RequestInfo, RequestResult
 from proxy.sidecar import Sidecar
 from sidemesh.identity import tls
@@ -267,6 +268,41 @@ def _post(host: str, port: int, body: bytes) -> bytes:
         return out
 
 
+async def test_bytes_of_open_connections_are_counted_as_they_flow(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bytes_total grows while a connection is open (every few seconds, as Istio reports TCP bytes):
+    a long-lived TCP connection, and the pooled connection HTTP requests ride, counted nothing
+    until they closed (hours later for a WebSocket or a busy pool)."""
+    monkeypatch.setattr(sidecar_module, "HEAP_TRIM_SECONDS", 0.1)
+    await mesh.app(CART)
+    cart = await mesh.sidecar("cart", CART)
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
+    )
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    try:
+        payload = b"\x01" + b"x" * 5000  # not HTTP: carried as TCP
+        writer.write(payload)
+        assert await asyncio.wait_for(reader.readexactly(len(payload)), 5) == payload.upper()
+        await asyncio.sleep(0.4)
+        out, inn = await scrape(frontend), await scrape(cart)
+        assert value(out, "sidemesh_proxy_connections_open", direction="outbound") == 1
+        assert value(out, "sidemesh_proxy_bytes_total", direction="outbound") >= 2 * len(payload)
+        assert value(inn, "sidemesh_proxy_bytes_total", direction="inbound") >= 2 * len(payload)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"BYE"
+    finally:
+        writer.close()
+    await asyncio.sleep(0.3)
+    out = await scrape(frontend)  # counted once: the close adds only what came after the last report
+    assert (
+        2 * len(payload) + 3
+        <= value(out, "sidemesh_proxy_bytes_total", direction="outbound")
+        <= (2 * len(payload) + 3 + 64)
+    )
+
+
 async def test_http_connections_are_counted_once_each_with_their_bytes(mesh: Mesh) -> None:
     """Each HTTP connection the app opened is one allowed connection, closed once; the pool's own
     dials are not connections of their own, and what they carried is in bytes_total. (An HTTP
@@ -291,10 +327,14 @@ async def test_http_connections_are_counted_once_each_with_their_bytes(mesh: Mes
         m = await scrape(cart)  # one connection from the frontend's sidecar, pooled, still open
         assert value(m, "sidemesh_proxy_connections_total", direction="inbound", decision="allow") == 1
         assert value(m, "sidemesh_proxy_connections_open", direction="inbound") == 1
-        pool.close_pools(frontend)  # its pooled connection to cart ends: what came back on it counts
-        await asyncio.sleep(0.2)
+        frontend.report_bytes()  # (every few seconds) what came back on the open pooled connection
         m = await scrape(frontend)
         assert value(m, "sidemesh_proxy_bytes_total", direction="outbound") >= 5 * 1000 + received
+        before = value(m, "sidemesh_proxy_bytes_total", direction="outbound")
+        pool.close_pools(frontend)  # its pooled connection to cart ends: nothing is counted twice
+        await asyncio.sleep(0.2)
+        m = await scrape(frontend)
+        assert value(m, "sidemesh_proxy_bytes_total", direction="outbound") - before < 64
         assert value(m, "sidemesh_proxy_connections_total", direction="outbound", decision="allow") == 5
     finally:
         await app.runner.cleanup()
