@@ -240,10 +240,19 @@ class _Index:
         self.by_ref = {w.ref: w for w in snapshot.workloads}
         self.by_ns: dict[str, list[Workload]] = defaultdict(list)
         self.by_label: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+        # (namespace, address) -> the pods there with that address (hostNetwork pods share one)
+        self.by_address: dict[tuple[str, str], list[Workload]] = defaultdict(list)
         for w in snapshot.workloads:
             self.by_ns[w.namespace].append(w)
+            for address in w.addresses:
+                self.by_address[(w.namespace, address)].append(w)
             for k, v in w.labels:
                 self.by_label[(w.namespace, k, v)].add(w.ref)
+
+    def at_address(self, namespace: str, address: str) -> Workload | None:
+        """The one pod of ``namespace`` with ``address`` (None: none, or several: hostNetwork)."""
+        found = self.by_address.get((namespace, address), ())
+        return found[0] if len(found) == 1 else None
 
     def select(self, namespace: str, selector: tuple[tuple[str, str], ...]) -> list[Workload]:
         if not selector:
@@ -276,13 +285,20 @@ def _service_destinations(
         if listed is not None:  # EndpointSlices: ready endpoints, ports resolved by Kubernetes
             for e in listed:
                 if e.port_name == sp.name or (not sp.name and len(svc.ports) == 1):
-                    w = index.by_ref.get(e.workload) if e.workload else None
-                    if e.workload and w is None:
-                        # Its pod is not known yet (the watches are not ordered): no identity to
-                        # check, and plaintext would be refused by a meshed pod. Left out until then.
-                        continue
+                    if e.workload:
+                        w = index.by_ref.get(e.workload)
+                        if w is None:
+                            # Its pod is not known yet (the watches are not ordered): no identity to
+                            # check, and plaintext would be refused by a meshed pod. Left out until then.
+                            continue
+                    else:
+                        # No targetRef (a hand-written Endpoints, mirrored; a selectorless Service's
+                        # own slice): the pod of this namespace at that address, as Istio looks one
+                        # up by IP for "manually controlled" endpoints; a meshed one is called with
+                        # mTLS (plaintext would be refused by it). Only this namespace's pods.
+                        w = index.at_address(svc.namespace, e.address)
                     node = (e.node or (w.node if w is not None else "")) if local else ""
-                    ep = Endpoint(e.address, e.port, ids.of(w, e.port), e.workload or "", node)
+                    ep = Endpoint(e.address, e.port, ids.of(w, e.port), w.ref if w is not None else "", node)
                     (endpoints if e.ready else terminating).append(ep)
         else:
             for w in index.select(svc.namespace, svc.selector):
@@ -424,7 +440,10 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
     # port a Service declares opaque, ready or not (a replica catching up is no endpoint yet).
     for d in services:
         for e in d.endpoints:
-            if (pod := index.by_ref.get(e.workload)) is not None:
+            # Only at one of the pod's own addresses: an EndpointSlice can name its own pod with
+            # another namespace's pod IP (the API server does not check), and a pod destination
+            # there would take that pod's traffic from every caller (the first claim wins).
+            if (pod := index.by_ref.get(e.workload)) is not None and e.address in pod.addresses:
                 pod_destination(pod, e.address, e.port)
     for ref, port in sorted(declared):
         if (pod := index.by_ref.get(ref)) is not None:

@@ -652,3 +652,62 @@ def test_a_slice_endpoint_naming_another_namespaces_pod_is_left_out() -> None:
     assert got.errors == (
         "EndpointSlice shop/x: an endpoint's targetRef names a pod of namespace 'bank'; left out",
     )
+
+
+def _outbound(objs: list[dict[str, Any]]) -> Any:
+    from sidemesh.mesh.compile import compile_outbound
+
+    kinds = {"Pod": "pods", "Service": "services", "EndpointSlice": "endpointslices"}
+    entries: dict[str, dict[str, Any]] = {
+        k: {} for k in ("namespaces", "serviceauthorizations", *kinds.values())
+    }
+    for obj in objs:
+        meta = obj["metadata"]
+        entries[kinds[obj["kind"]]][f"{meta['namespace']}/{meta['name']}"] = convert(kinds[obj["kind"]], obj)
+    return compile_outbound(assemble(entries), "cluster.local")
+
+
+def _at(table: Any, ip: str, port: int) -> tuple[str, list[tuple[str, str]]] | None:
+    d = table._by_address.get((ip, port))
+    return d and (d.name, [(e.address, str(e.identity)) for e in d.endpoints])
+
+
+@pytest.mark.parametrize("meshed", [True, False])
+def test_a_slice_cannot_claim_another_namespaces_pod_address_through_its_own_pod(meshed: bool) -> None:
+    """A slice naming its own pod (so no cross-namespace targetRef) with another namespace's pod IP
+    made a pod destination at that IP, ahead of the victim's own (namespaces in order, the first
+    claim wins): every caller of that pod IP on a port the pod does not declare then expected the
+    attacker's identity (refused) or, for an unmeshed attacker pod, sent plaintext."""
+    victim = pod("cart-1", "shop", ip="10.0.1.5", sa="cart", labels={"app": "cart"}, ports=())
+    headless = service("cart", "shop", selector={"app": "cart"}, port=8080, target=8080, cluster_ip="None")
+    own = endpoint_slice("cart-a", "cart", "shop", pods=(("cart-1", "10.0.1.5", True),))
+    evil = pod("evil", "aaa", ip="10.0.9.9", sa="evil", meshed=meshed)
+    svc = service("x", "aaa", port=8080, target=8080, cluster_ip="10.96.9.9")
+    claim = endpoint_slice("x-1", "x", "aaa", pods=(("evil", "10.0.1.5", True),))  # own pod, victim's IP
+    want = ("pod shop/cart-1:8080", [("10.0.1.5", "spiffe://cluster.local/ns/shop/sa/cart")])
+    assert _at(_outbound([victim, headless, own]), "10.0.1.5", 8080) == want
+    assert _at(_outbound([victim, headless, own, evil, svc, claim]), "10.0.1.5", 8080) == want
+
+
+def test_an_endpoint_without_target_ref_is_the_pod_of_its_namespace_at_that_address() -> None:
+    """A hand-written Endpoints (mirrored into a slice without targetRef) listing a meshed pod was
+    called in plaintext, which that pod's sidecar refuses in strict mode; found by address in the
+    slice's own namespace, as Istio does; another namespace's pod, or an address several pods share
+    (hostNetwork), stays plain."""
+    db = pod("db-0", "shop", ip="10.0.0.7", sa="db", ports=(("pg", 5432),))
+    other = pod("db-9", "bank", ip="10.0.0.8", sa="db", ports=(("pg", 5432),))
+    host_a = pod("agent-a", "shop", ip="10.0.5.1", sa="agent", ports=(("pg", 5432),))
+    host_b = pod("agent-b", "shop", ip="10.0.5.1", sa="agent", ports=(("pg", 5432),))
+    svc = service("db-primary", "shop", selector={}, port=5432, target=5432, cluster_ip="10.96.0.50")
+    svc["spec"].pop("selector")
+    sliced = endpoint_slice(
+        "db-primary-x", "db-primary", "shop", pods=(("", "10.0.0.7", True), ("", "10.0.0.8", True)), port=5432
+    )
+    sliced["endpoints"].append({"addresses": ["10.0.5.1"], "conditions": {"ready": True}})
+    for ep in sliced["endpoints"]:
+        ep.pop("targetRef", None)
+    got = _at(_outbound([db, other, host_a, host_b, svc, sliced]), "10.96.0.50", 5432)
+    assert got == (
+        "db-primary.shop:5432",
+        [("10.0.0.7", "spiffe://cluster.local/ns/shop/sa/db"), ("10.0.0.8", "None"), ("10.0.5.1", "None")],
+    )
