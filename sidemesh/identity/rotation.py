@@ -34,7 +34,8 @@ def backoff(
 
     ``until_expiry`` <= 0 (the certificate has expired) caps the delay at EXPIRED_BACKOFF_MAX.
     """
-    top = min(ceiling, BACKOFF_INITIAL * 2.0 ** max(0, attempt - 1))
+    # (the exponent capped: 2.0 ** 1024 overflows, and an outage can last a thousand attempts)
+    top = min(ceiling, BACKOFF_INITIAL * 2.0 ** min(max(0, attempt - 1), 32))
     delay = max(min(BACKOFF_INITIAL / 2, top), top * rand)
     if until_expiry is not None:
         if until_expiry > 0:

@@ -738,3 +738,35 @@ async def test_a_bundle_file_with_only_another_trust_domains_roots_trusts_nothin
     finally:
         await wi.stop()
         await client.close()
+
+
+class _Yielding(FakeClock):
+    """A clock whose sleep passes at once (as if every backoff had elapsed)."""
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await asyncio.sleep(0)
+
+
+async def test_the_renewal_loop_outlives_a_thousand_failed_attempts(start_ca: StartCA) -> None:
+    """A CA unreachable for about an hour (1,025 attempts, 2 s apart without a certificate): the
+    backoff's 2.0 ** attempt overflowed inside the failure handler, the renewal task ended, and the
+    workload stayed without a certificate when the CA came back (until restarted)."""
+    ca = await start_ca()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens there
+    clock = _Yielding()
+    client = CAClient(f"127.0.0.1:{closed}", ca.bundle, timeout=1.0)
+    wi = WorkloadIdentity(CART, client, lambda: "cart-token", clock=clock, rand=lambda: 1.0)
+    await wi.start()
+    try:
+        for _ in range(600):
+            if len(clock.sleeps) > 1100 or wi._tasks[0].done():
+                break
+            await asyncio.sleep(0.05)
+        assert not wi._tasks[0].done(), wi._tasks[0].exception()
+        assert len(clock.sleeps) > 1100 and wi.state == "pending" and wi.last_error
+    finally:
+        await wi.stop()
+        await client.close()

@@ -16,8 +16,12 @@ def test_renewal_at_half_life_with_jitter(rand: float, minutes: float) -> None:
     assert abs((at - T0).total_seconds() - minutes * 60) < 1
 
 
-@pytest.mark.parametrize(("attempt", "ceiling"), [(1, 1), (2, 2), (3, 4), (7, 60), (50, 60)])
+@pytest.mark.parametrize(
+    ("attempt", "ceiling"), [(1, 1), (2, 2), (3, 4), (7, 60), (50, 60), (1025, 60), (10**6, 60)]
+)
 def test_backoff_grows_and_is_capped(attempt: int, ceiling: float) -> None:
+    """(An attempt past 1,024 raised OverflowError: the renewal loop and the controller stream,
+    which compute it while handling a failure, ended for good after about an hour of outage.)"""
     assert backoff(attempt, 1.0) == ceiling
     assert 0.5 <= backoff(attempt, 0.0) <= ceiling
 
