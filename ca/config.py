@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,21 @@ DEFAULT_DNS_NAMES = (
     "sidemesh-ca.sidemesh-system.svc",
     "sidemesh-ca.sidemesh-system.svc.cluster.local",
 )  # (clients check sidemesh-ca.sidemesh-system.svc whatever address they dial: no localhost)
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def dns_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a dNSName SAN (RFC 5280 4.2.1.6: a host name in preferred name
+    syntax, ASCII: an internationalized name goes in as its A-labels), or None."""
+    if not name or len(name) > 253:
+        return "is not a DNS name (1 to 253 characters)"
+    if not name.isascii():
+        return "is not ASCII: give an internationalized name as its A-labels (xn--...)"
+    if not all(_LABEL.match(label) for label in name.split(".")):
+        return "is not a DNS name: labels of letters, digits and inner hyphens, 1 to 63 each, joined by dots"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +102,9 @@ class CAConfig:
     log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
+        for name in self.dns_names:
+            if problem := dns_name_problem(name):
+                raise ConfigError("dns_names", f"{name!r} {problem}")
         parse_hostport("listen", self.listen)
         if self.metrics_listen:
             parse_hostport("metrics_listen", self.metrics_listen)
@@ -106,6 +125,8 @@ class CAConfig:
                 raise ConfigError("control_plane_dns", f"{entry!r}: {exc}") from exc
             if not sep or not name:
                 raise ConfigError("control_plane_dns", f"{entry!r} is not NAMESPACE/SA=DNSNAME")
+            if problem := dns_name_problem(name):
+                raise ConfigError("control_plane_dns", f"{entry!r}: {name!r} {problem}")
         if self.token_review_cache < dt.timedelta(0):
             raise ConfigError("token_review_cache", "must not be negative")
         if self.rate_limit < 0 or self.rate_burst < 1:

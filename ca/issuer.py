@@ -114,7 +114,7 @@ def sign_key_info(
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise InvalidRequest("only ECDSA P-256 keys are certified")
         params = templates.LeafParams(spiffe_id, key, ttl, now, dns_names)
-        builder = templates.leaf_builder(params, authority.cert, authority.chain, serial)
+        builder = templates.leaf_builder(params, authority.cert, authority.chain, serial, not_after)
         certificate = builder.sign(authority.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
     return Issued(
         certificate,

@@ -108,15 +108,13 @@ def assemble(
         bc = None
     if bc is None or not bc.ca:
         raise KeyMaterialError("the signing certificate is not a CA (basicConstraints CA:true)")
-    try:
-        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        usage = None
-    if usage is not None and not usage.key_cert_sign:  # verifiers would refuse every leaf it signs
-        raise KeyMaterialError("the signing certificate's key usage lacks keyCertSign (RFC 5280 4.2.1.3)")
     links = [c for c in chain if not _is_self_signed(c)] or [cert]
     if links[0] != cert:
         links.insert(0, cert)
+    for ca_cert in links:  # (verifiers would refuse every leaf it signs)
+        _check_signing_extensions(
+            ca_cert, "the signing certificate" if ca_cert is cert else "an intermediate"
+        )
     for child, parent in zip(links, [*links[1:], None], strict=True):
         issuers = [parent] if parent is not None else list(roots)
         if not any(_issued_by(child, p) for p in issuers):
@@ -124,6 +122,30 @@ def assemble(
                 f"certificate {child.subject.rfc4514_string()!r} does not chain to the trust bundle"
             )
     return SigningAuthority(cert, key, tuple(links), tuple(roots))
+
+
+def _check_signing_extensions(cert: x509.Certificate, what: str) -> None:
+    """X509-SVID 4.3: a signing certificate MUST set keyUsage (critical) with keyCertSign (py-spiffe,
+    go-spiffe and rust-spiffe refuse a chain without); RFC 5280 4.2.1.2: a CA certificate MUST carry
+    a subjectKeyIdentifier (`openssl verify -x509_strict`, Python 3.13's default context refuse
+    one without)."""
+    name = cert.subject.rfc4514_string()
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        raise KeyMaterialError(
+            f"{what} ({name}) has no keyUsage: SPIFFE verifiers refuse the SVIDs it vouches for "
+            "(X509-SVID 4.3: keyUsage with keyCertSign); reissue it with keyUsage keyCertSign, cRLSign"
+        ) from None
+    if not usage.key_cert_sign:
+        raise KeyMaterialError(f"{what}'s ({name}) key usage lacks keyCertSign (RFC 5280 4.2.1.3)")
+    try:
+        cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        raise KeyMaterialError(
+            f"{what} ({name}) has no subjectKeyIdentifier (RFC 5280 4.2.1.2): strict verifiers refuse "
+            "its chains; reissue it with one"
+        ) from None
 
 
 def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
@@ -209,9 +231,16 @@ def check_trust_domain(authority: SigningAuthority, trust_domain: str) -> None:
             "give --trust-domain the CA's trust domain, or bootstrap material for this one"
         )
     try:
-        own_roots(authority.roots, trust_domain)
+        own = own_roots(authority.roots, trust_domain)
     except SvidError as exc:
         raise KeyMaterialError(f"{exc}: give --trust-domain the CA's trust domain") from exc
+    top = authority.chain[-1] if authority.chain else authority.cert
+    if not any(top == root or _issued_by(top, root) for root in own):
+        raise KeyMaterialError(
+            f"the signing chain ends at a root of another trust domain, not one of {trust_domain}'s: "
+            "workloads trust only their own trust domain's roots and would refuse every SVID; "
+            "put the root that issued the chain in root-cert.pem (with this trust domain's ID)"
+        )
 
 
 def bootstrap(

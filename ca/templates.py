@@ -132,12 +132,14 @@ def leaf_builder(
     issuer: x509.Certificate,
     chain: Sequence[x509.Certificate],
     serial: int | None = None,
+    not_after: dt.datetime | None = None,
 ) -> x509.CertificateBuilder:
     """An X.509-SVID: exactly one URI SAN, CA:false, digitalSignature, serverAuth + clientAuth.
 
     The subject is empty (the identity is the URI SAN alone), so the SAN extension is critical
     as RFC 5280 requires. This is the reference the CA's DER template (``ca.leaf``) is checked
-    against; ``serial`` is random unless given (for that check).
+    against; ``serial`` is random unless given (for that check); ``not_after`` is the issuer's
+    (its authority's limit counts the root the chain ends at), else ``leaf_not_after``'s.
     """
     not_before = max(params.now - BACKDATE, issuer.not_valid_before_utc)
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(params.spiffe_id))]
@@ -149,7 +151,7 @@ def leaf_builder(
         .public_key(params.public_key)
         .serial_number(x509.random_serial_number() if serial is None else serial)
         .not_valid_before(not_before)
-        .not_valid_after(leaf_not_after(params.now, params.ttl, chain))
+        .not_valid_after(leaf_not_after(params.now, params.ttl, chain) if not_after is None else not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(

@@ -451,3 +451,39 @@ def test_a_kubeconfig_that_cannot_be_read_is_a_usage_error(
     assert main([*argv, "--ca-dir", str(tmp_path / "ca"), "--listen", "127.0.0.1:0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sidemesh: error: cannot reach the Kubernetes API (") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--dns-names", "sidemesh-ca.\u00e9"),
+        ("--dns-names", "two words"),
+        ("--dns-names", "10.0.0.1,-bad-.svc"),
+        ("--control-plane-dns", "sidemesh-system/sidemesh-controller=ctl_x.svc"),
+    ],
+)
+def test_serve_with_a_name_that_cannot_be_a_dns_san_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    """A non-ASCII name crashed `ca serve` (internal error, exit 70) when the serving certificate
+    was made; spaces and other non-names went into a dNSName SAN."""
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("tokens: []\n")
+    keys.bootstrap(tmp_path / "ca", "cluster.local", dt.datetime.now(dt.UTC))
+    code = main(
+        [
+            "ca",
+            "serve",
+            "--ca-dir",
+            str(tmp_path / "ca"),
+            "--authenticator",
+            "local",
+            "--token-file",
+            str(tokens),
+            flag,
+            value,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and ("DNS name" in err or "ASCII" in err), err
+    assert "internal error" not in err

@@ -45,6 +45,27 @@ def test_a_leaf_may_not_outlive_the_root_an_intermediate_chains_to() -> None:
     assert authority.not_after_limit == root.not_valid_after_utc
 
 
+@pytest.mark.parametrize("template", [True, False], ids=["template", "reference-builder"])
+def test_an_issued_leaf_ends_with_the_root_on_either_signing_path(template: bool) -> None:
+    """The reference builder (used when the DER template cannot reproduce an issuer) capped a leaf
+    at its chain only: with an intermediate that outlives its root the leaf outlived the root,
+    and the notAfter the CA reported (and audited) was not the certificate's."""
+    root_key = templates.new_key()
+    root = templates.root_certificate(root_key, "cluster.local", NOW, dt.timedelta(days=1))
+    inter_key = templates.new_key()
+    clamped = templates.intermediate_certificate(
+        inter_key.public_key(), "cluster.local", root, root_key, NOW, dt.timedelta(days=1)
+    )
+    inter = pki.reissued(clamped, root_key, NOW, NOW + dt.timedelta(days=30))
+    authority = keys.assemble(inter, inter_key, [inter, root], [root])
+    if not template:
+        object.__setattr__(authority, "leaf_template", None)
+    now = root.not_valid_after_utc - dt.timedelta(minutes=30)
+    issued = issuer.issue(authority, CART, make_csr(templates.new_key(), CART), dt.timedelta(hours=1), now)
+    ends = issued.certificate.not_valid_after_utc
+    assert ends == root.not_valid_after_utc.replace(microsecond=0) == issued.not_after
+
+
 def test_signing_certificates_have_no_leaf_key_usage() -> None:
     """X509-SVID appendix A: digitalSignature if and only if the certificate is a leaf."""
     root_key = templates.new_key()
@@ -68,11 +89,15 @@ def _operator_intermediate(
     not_before: dt.datetime,
     ski: bytes | None = None,
     key_cert_sign: bool = True,
+    *,
+    key_usage: bool = True,
+    with_ski: bool = True,
+    trust_domain: str | None = None,
 ) -> x509.Certificate:
     """An intermediate as an operator's own PKI may make it: its SKI derived otherwise than by
-    SHA-1 (RFC 7093), or a key usage without keyCertSign."""
+    SHA-1 (RFC 7093), a key usage without keyCertSign, no key usage or no SKI at all."""
     public = key.public_key()
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "operator intermediate")]))
         .issuer_name(root.subject)
@@ -81,16 +106,21 @@ def _operator_intermediate(
         .not_valid_before(not_before)
         .not_valid_after(not_before + dt.timedelta(days=7))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
+        .add_extension(templates.authority_key_id(root), critical=False)
+    )
+    if key_usage:
+        builder = builder.add_extension(
             x509.KeyUsage(False, False, False, False, False, key_cert_sign, True, False, False), critical=True
         )
-        .add_extension(
+    if with_ski:
+        builder = builder.add_extension(
             x509.SubjectKeyIdentifier(ski) if ski else x509.SubjectKeyIdentifier.from_public_key(public),
             critical=False,
         )
-        .add_extension(templates.authority_key_id(root), critical=False)
-        .sign(root_key, hashes.SHA256())
-    )
+    if trust_domain:
+        uri = x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")
+        builder = builder.add_extension(x509.SubjectAlternativeName([uri]), critical=False)
+    return builder.sign(root_key, hashes.SHA256())
 
 
 def test_a_leafs_authority_key_id_is_its_issuers_subject_key_id(tmp_path: Path) -> None:
@@ -126,6 +156,51 @@ def test_a_signing_certificate_without_key_cert_sign_is_refused() -> None:
     inter = _operator_intermediate(root, root_key, key, NOW, key_cert_sign=False)
     with pytest.raises(KeyMaterialError, match="keyCertSign"):
         keys.assemble(inter, key, [inter, root], [root])
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [({"key_usage": False}, "no keyUsage"), ({"with_ski": False}, "no subjectKeyIdentifier")],
+)
+def test_a_signing_certificate_without_key_usage_or_key_identifier_is_refused(
+    tmp_path: Path, change: dict[str, bool], match: str
+) -> None:
+    """X509-SVID 4.3 (keyUsage with keyCertSign on every signing certificate) and RFC 5280 4.2.1.2
+    (a CA's subjectKeyIdentifier): such an intermediate was accepted, and what it signed was
+    refused by SPIFFE libraries (py-spiffe, go-spiffe) and by `openssl verify -x509_strict`."""
+    root_key = templates.new_key()
+    root = templates.root_certificate(root_key, "cluster.local", NOW, dt.timedelta(days=30))
+    key = templates.new_key()
+    inter = _operator_intermediate(root, root_key, key, NOW, **change)
+    with pytest.raises(KeyMaterialError, match=match):
+        keys.assemble(inter, key, [inter, root], [root])
+    # ... as the signing certificate, and as an intermediate above it
+    leaf_key = templates.new_key()
+    below = _operator_intermediate(inter, key, leaf_key, NOW)
+    with pytest.raises(KeyMaterialError, match=f"an intermediate .*{match}"):
+        keys.assemble(below, leaf_key, [below, inter, root], [root])
+    # the same chain with both extensions is taken, and strict verifiers take what it issues
+    good = _operator_intermediate(root, root_key, key, NOW)
+    authority = keys.assemble(good, key, [good, root], [root])
+    now = NOW + dt.timedelta(hours=1)
+    issued = issuer.issue(authority, CART, make_csr(templates.new_key(), CART), dt.timedelta(hours=1), now)
+    assert issued.certificate is not None
+
+
+def test_a_signing_chain_ending_at_another_trust_domains_root_is_refused() -> None:
+    """root-cert.pem with our root and another trust domain's, and an intermediate for ours issued
+    by the other one: loaded, and every workload (which keeps only its trust domain's roots)
+    refused every SVID and the CA's own serving certificate."""
+    our_key, other_key = templates.new_key(), templates.new_key()
+    ours = templates.root_certificate(our_key, "cluster.local", NOW, dt.timedelta(days=30))
+    other = templates.root_certificate(other_key, "other.org", NOW, dt.timedelta(days=30))
+    key = templates.new_key()
+    inter = _operator_intermediate(other, other_key, key, NOW, trust_domain="cluster.local")
+    authority = keys.assemble(inter, key, [inter, other], [ours, other])
+    with pytest.raises(KeyMaterialError, match="ends at a root of another trust domain"):
+        keys.check_trust_domain(authority, "cluster.local")
+    mine = _operator_intermediate(ours, our_key, key, NOW, trust_domain="cluster.local")
+    keys.check_trust_domain(keys.assemble(mine, key, [mine, ours], [ours, other]), "cluster.local")
 
 
 def test_nothing_is_issued_before_the_signing_chain_is_valid() -> None:
