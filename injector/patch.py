@@ -235,12 +235,18 @@ def _check(pod: Any) -> tuple[Json, Json, dict[str, str]]:
         raise PodError("spec.containers is missing or empty: not a pod we can inject")
     for key in ("initContainers", "containers"):
         for container in _list(spec, key, "spec"):
-            _list(container, "ports", f"spec.{key}[{container.get('name')!r}]")
+            where = f"spec.{key}[{container.get('name')!r}]"
+            for port in _list(container, "ports", where):
+                number = port.get("containerPort")
+                if not isinstance(number, int) or isinstance(number, bool):
+                    raise PodError(f"{where}.ports: containerPort must be a port number, not {number!r}")
         names = [c.get("name") for c in _list(spec, key, "spec")]
         if clash := containers.CONTAINER_NAMES.intersection(n for n in names if isinstance(n, str)):
             raise PodError(f"spec.{key} already has a container named {sorted(clash)[0]}; rename it")
-    vol_names = {v.get("name") for v in _list(spec, "volumes", "spec")}
-    if clash := containers.VOLUME_NAMES.intersection(n for n in vol_names if isinstance(n, str)):
+    vol_names = [v.get("name") for v in _list(spec, "volumes", "spec")]
+    if bad := [n for n in vol_names if not isinstance(n, str)]:
+        raise PodError(f"spec.volumes: a volume's name must be a string, not {bad[0]!r}")
+    if clash := containers.VOLUME_NAMES.intersection(vol_names):
         raise PodError(f"spec.volumes already has a volume named {sorted(clash)[0]}; rename it")
     return meta, spec, annotations
 

@@ -55,6 +55,18 @@ class AppProbe:
     drain_waits: bool = False  # a classic sidecar's preStop hook: the drain waits for it
 
 
+def request_target(path: str) -> str:
+    """The request target the kubelet sends for an httpGet ``path`` (Go's url.Parse, then the URL
+    as a string): a leading "/" added (`healthz` is GET /healthz), what a target cannot hold
+    percent-encoded (a space, non-ASCII), escapes already there kept, the fragment dropped."""
+    path = path.partition("#")[0]
+    path, sep, query = path.partition("?")
+    if not path.startswith("/"):
+        path = "/" + path
+    path = urllib.parse.quote(path, safe="/!$&'()*+,;=:@%-._~")
+    return path + sep + urllib.parse.quote(query, safe="/?!$&'()*+,;=:@%-._~")
+
+
 def _port(value: Any, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
         raise ValueError(f"{where}: port {value!r} is not a port number")
@@ -84,7 +96,12 @@ def parse_app_probes(text: str) -> dict[str, AppProbe]:
                 raise ValueError(f"{path}: scheme {scheme!r} is not HTTP or HTTPS")
             headers = tuple((str(h["name"]), str(h["value"])) for h in get.get("httpHeaders") or [])
             probes[path] = AppProbe(
-                "httpGet", _port(get.get("port"), path), timeout, str(get.get("path") or "/"), scheme, headers
+                "httpGet",
+                _port(get.get("port"), path),
+                timeout,
+                request_target(str(get.get("path") or "/")),
+                scheme,
+                headers,
             )
         elif isinstance(tcp := entry.get("tcpSocket"), dict):
             probes[path] = AppProbe("tcpSocket", _port(tcp.get("port"), path), timeout)
@@ -127,7 +144,7 @@ async def _http(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, 
             port = target.port or (443 if scheme == "HTTPS" else 80)
         except ValueError:
             return False, f"HTTP {status} with an unusable Location {location!r}"
-        path = urllib.parse.urlunsplit(("", "", target.path or "/", target.query, ""))
+        path = request_target(urllib.parse.urlunsplit(("", "", target.path or "/", target.query, "")))
     return False, f"more than {MAX_REDIRECTS} redirects"
 
 
@@ -148,10 +165,14 @@ async def _get(
             for k, v in (
                 ("Host", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
                 ("User-Agent", USER_AGENT),
+                ("Accept", "*/*"),
             )
             if k.lower() not in names
         ]
-        headers += [*probe.headers, ("Accept", "*/*"), ("Connection", "close")]
+        # As the kubelet's probe request: the probe's Accept replaces the default, an empty one
+        # removes it; an empty User-Agent is not sent (Go's client leaves it out).
+        headers += [(k, v) for k, v in probe.headers if v or k.lower() not in ("accept", "user-agent")]
+        headers.append(("Connection", "close"))
         conn = h11.Connection(h11.CLIENT)
         writer.write(conn.send(h11.Request(method="GET", target=path, headers=headers)) or b"")
         writer.write(conn.send(h11.EndOfMessage()) or b"")

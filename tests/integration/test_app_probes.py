@@ -14,11 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from proxy.probes import AppProbe, AppProber, wait_ready
+from proxy.probes import AppProbe, AppProber, parse_app_probes, wait_ready
 from sidemesh.spiffe import WorkloadId
 from tests.integration.conftest import StartCA
 
 SEEN_HEADERS: list[dict[str, str]] = []
+SEEN_HEADS: list[list[str]] = []  # request line and header lines, as received
 REDIRECTS = {  # path -> Location (301)
     "/drain": "/ok",
     "/to-fail": "/fail",
@@ -36,9 +37,17 @@ async def _app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         path = lines[0].split()[1]
         headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
         SEEN_HEADERS.append(headers)
+        SEEN_HEADS.append(lines)
         if path == "/slow":
             await asyncio.sleep(3)
-        status = {"/ok": 200, "/ok?full=1": 200, "/fail": 500, "/moved": 302, "/teapot": 418}.get(path, 404)
+        status = {
+            "/ok": 200,
+            "/ok?full=1": 200,
+            "/a%20b": 200,
+            "/fail": 500,
+            "/moved": 302,
+            "/teapot": 418,
+        }.get(path, 404)
         if path == "/header":
             status = 200 if headers.get("X-Probe") == "yes" else 400
         location = REDIRECTS.get(path)
@@ -91,6 +100,36 @@ async def test_http_headers_are_sent(app_port: int) -> None:
     assert status == 200
     assert SEEN_HEADERS[-1]["Host"] == "web.local"
     assert SEEN_HEADERS[-1]["User-Agent"].startswith("kube-probe/")
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [((), ["*/*"]), ((("Accept", "application/json"),), ["application/json"]), ((("Accept", ""),), [])],
+)
+async def test_accept_is_the_kubelets(
+    app_port: int, given: tuple[tuple[str, str], ...], sent: list[str]
+) -> None:
+    """The kubelet sends Accept: */* only when the probe names no Accept, and none when the probe's
+    is empty; the sidecar sent its */* besides the probe's (an app negotiating on Accept saw two)."""
+    SEEN_HEADS.clear()
+    status, _ = await run(AppProbe("httpGet", app_port, 1.0, "/ok", headers=given))
+    assert status == 200
+    assert [
+        line.split(":", 1)[1].strip() for line in SEEN_HEADS[-1][1:] if line.lower().startswith("accept:")
+    ] == sent
+
+
+@pytest.mark.parametrize(("path", "line"), [("ok", "GET /ok HTTP/1.1"), ("/a b", "GET /a%20b HTTP/1.1")])
+async def test_a_probe_path_is_sent_as_the_kubelet_sends_it(app_port: int, path: str, line: str) -> None:
+    """The API server takes an httpGet path without a leading "/" or with a space; the kubelet sends
+    what Go's URL makes of it (/healthz, /a%20b). The sidecar sent it as written: `GET healthz`
+    (400 from a Go server) or no request at all (503: illegal target characters)."""
+    SEEN_HEADS.clear()
+    entry = {"httpGet": {"port": app_port, "path": path, "host": "127.0.0.1"}, "timeoutSeconds": 1}
+    probes = parse_app_probes(json.dumps({"/app-health/app/readyz": entry}))
+    status, _ = await run(probes["/app-health/app/readyz"])
+    assert SEEN_HEADS and SEEN_HEADS[-1][0] == line
+    assert status == 200
 
 
 async def test_app_down_is_503() -> None:

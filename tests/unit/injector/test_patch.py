@@ -337,6 +337,17 @@ def test_bad_annotations_are_refused_with_the_annotation_named(
         (
             {
                 "metadata": {},
+                "spec": {"containers": [{"name": "a", "ports": [{"containerPort": {"value": 80}}]}]},
+            },
+            "containerPort must be a port number",
+        ),
+        (
+            {"metadata": {}, "spec": {"containers": [{"name": "a"}], "volumes": [{"name": {"x": 1}}]}},
+            "a volume's name must be a string",
+        ),
+        (
+            {
+                "metadata": {},
                 "spec": {"containers": [{"name": "a"}], "initContainers": [{"name": "i", "ports": [1]}]},
             },
             "initContainers['i'].ports must be a list of objects",
