@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from injector import containers, probes
@@ -270,6 +272,48 @@ def _rewritten(desired: Json, original: Json) -> bool:
     return False
 
 
+def _format_quantity(name: str, value: Decimal) -> str:
+    """A quantity as Kubernetes writes it back: cpu in whole cores or millicores (rounded up, as
+    the API server keeps at most milli precision), other resources in the largest binary unit that
+    divides them, else as a number."""
+    if name == "cpu":
+        milli = math.ceil(value * 1000)
+        return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
+    whole = math.ceil(value)
+    for suffix, power in (("Gi", 30), ("Mi", 20), ("Ki", 10)):
+        if whole and whole % (1 << power) == 0:
+            return f"{whole >> power}{suffix}"
+    return str(whole)
+
+
+def pod_level_resources(spec: Json, proxy: Json) -> Json | None:
+    """The pod-level ``spec.resources`` (KEP-2837, beta from Kubernetes 1.34) padded with the proxy's
+    own requests and limits, or None when the pod sets none. The API server refuses a pod whose
+    pod-level requests are below its containers' (the proxy's counted, native or classic) or a
+    container limit above the pod's: without this every such pod was refused after the webhook
+    allowed it, as Istio's sidecars were (istio/istio#57393; the padding is #58769's proposal)."""
+    pod = spec.get("resources")
+    if not isinstance(pod, dict) or not pod:
+        return None
+    out = dict(pod)
+    for part in ("requests", "limits"):
+        values, extra = pod.get(part), proxy.get(part) or {}
+        if not isinstance(values, dict):
+            continue
+        padded = dict(values)
+        for name, qty in values.items():
+            if name in extra and isinstance(qty, str | int | float):
+                try:
+                    total = quantity(str(qty)) + quantity(str(extra[name]))
+                except ValueError:
+                    raise PodError(
+                        f"spec.resources.{part}.{name}: {qty!r} is not a resource quantity"
+                    ) from None
+                padded[name] = _format_quantity(name, total)
+        out[part] = padded
+    return out
+
+
 def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
     """The injected pod; shares unchanged sub-objects with ``pod`` and never modifies it."""
     meta, spec, annotations = _check(pod)
@@ -319,6 +363,8 @@ def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
         new_spec["initContainers"] = [*app_init, init]
         new_spec["containers"] = [proxy, *app]
     new_spec["volumes"] = [*_list(spec, "volumes", "spec"), *containers.volumes()]
+    if (padded := pod_level_resources(spec, proxy.get("resources") or {})) is not None:
+        new_spec["resources"] = padded
     status = {
         "version": settings.version,
         "initContainers": [init["name"], proxy["name"]] if options.native else [init["name"]],
@@ -383,6 +429,17 @@ def inject(pod: Any, settings: InjectionSettings) -> Result:
             f"sidemesh: {len(unknown) - MAX_UNKNOWN_HINTS} more sidemesh.io/ annotations it does not read: ignored"
         )
     spec = _map(pod, "spec", "pod")
+    before, after = spec.get("resources"), desired["spec"].get("resources")
+    if isinstance(before, dict) and isinstance(after, dict) and before != after:
+        changes = [
+            f"{part} {name} {before[part][name]} -> {value}"
+            for part in ("requests", "limits")
+            for name, value in (after.get(part) or {}).items()
+            if before[part][name] != value
+        ]
+        warnings.append(
+            f"sidemesh: the pod-level resources (spec.resources) now include the sidecar's: {', '.join(changes)}"
+        )
     native = pod_options(annotations, settings).native
     if not native and spec.get("restartPolicy") in ("Never", "OnFailure"):
         warnings.append(

@@ -799,3 +799,64 @@ def test_a_classic_sidecar_in_a_pod_that_ends_is_warned_about(
     assert bool(result.warnings) is warned
     if warned:
         assert "POST http://127.0.0.1:15020/quitquitquit" in result.warnings[0]
+
+
+def _api_checks_pod_level_resources(pod: Json) -> list[str]:
+    """The API server's validatePodResourceConsistency: pod-level requests cover the containers'
+    effective requests (regular containers and native sidecars summed; an init container with the
+    sidecars started before it), and no regular container's limit is above the pod's."""
+    spec = pod["spec"]
+    pod_res = spec["resources"]
+    out = []
+    for name in ("cpu", "memory"):
+
+        def req(c: Json, name: str = name) -> Decimal:
+            return quantity(((c.get("resources") or {}).get("requests") or {}).get(name, "0"))
+
+        sidecars, init_peak = Decimal(0), Decimal(0)
+        for c in spec.get("initContainers") or []:
+            if c.get("restartPolicy") == "Always":
+                sidecars += req(c)
+            else:
+                init_peak = max(init_peak, sidecars + req(c))
+        aggregate = max(init_peak, sidecars + sum((req(c) for c in spec["containers"]), Decimal(0)))
+        if name in pod_res.get("requests", {}) and aggregate > quantity(pod_res["requests"][name]):
+            out.append(f"requests[{name}] below aggregate {aggregate}")
+        for c in spec["containers"]:
+            limit = ((c.get("resources") or {}).get("limits") or {}).get(name)
+            if (
+                limit
+                and name in pod_res.get("limits", {})
+                and quantity(limit) > quantity(pod_res["limits"][name])
+            ):
+                out.append(f"{c['name']} limits[{name}] above the pod's")
+    return out
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_pod_level_resources_make_room_for_the_sidecar(native: bool) -> None:
+    """A pod with pod-level resources (KEP-2837, beta and on from Kubernetes 1.34) was allowed and
+    then refused by the API server: the proxy's requests took the containers' total above the
+    pod's, and the classic proxy's limits were above the pod's (istio/istio#57393)."""
+    pod = a_pod()
+    pod["spec"]["resources"] = {
+        "requests": {"cpu": "500m", "memory": "256Mi"},
+        "limits": {"cpu": "1", "memory": "256Mi"},
+    }
+    pod["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "500m", "memory": "256Mi"}}
+    assert _api_checks_pod_level_resources(pod) == []
+    result = patch.inject(pod, dataclasses.replace(SETTINGS, native_sidecar=native))
+    assert jsonpatch.apply_patch(pod, result.patch) == result.pod
+    assert _api_checks_pod_level_resources(result.pod) == []
+    assert result.pod["spec"]["resources"] == {
+        "requests": {"cpu": "600m", "memory": "384Mi"},
+        "limits": {"cpu": "3", "memory": "768Mi"},
+    }
+    assert any("spec.resources" in w and "cpu 500m -> 600m" in w for w in result.warnings)
+    assert pod["spec"]["resources"]["requests"]["cpu"] == "500m"  # (the input is not modified)
+
+
+def test_a_pod_without_pod_level_resources_gets_none() -> None:
+    result = patch.inject(a_pod(), SETTINGS)
+    assert "resources" not in result.pod["spec"]
+    assert not any("spec.resources" in w for w in result.warnings)
