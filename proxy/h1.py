@@ -252,6 +252,7 @@ class Connection:
         "_head_size",
         "_headers",
         "_in_message",
+        "_in_trailers",
         "_informational",
         "_last_response",
         "_out_body",
@@ -260,6 +261,7 @@ class Connection:
         "_paused",
         "_reason",
         "_switched",
+        "_trailer_fed",
         "_upgrading",
         "_url",
         "max_head",
@@ -302,6 +304,8 @@ class Connection:
             self._parser = httptools.HttpResponseParser(self)
         self._in_message = False
         self._head_fed = 0
+        self._in_trailers = False
+        self._trailer_fed = 0
 
     def release(self) -> None:
         """The connection is over: let go of llhttp's parser. The parser holds this object's
@@ -327,6 +331,8 @@ class Connection:
         self._informational = False
         self._head_fed = 0
         self._head_size = 0
+        self._in_trailers = False  # after a chunk header, until its data (the last chunk's: trailers)
+        self._trailer_fed = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -408,10 +414,18 @@ class Connection:
             raise _Head
 
     def on_body(self, body: bytes) -> None:
+        self._in_trailers = False
         self._events.append(Data(body))
+
+    def on_chunk_header(self) -> None:
+        # Its data follows (on_body), or, for the last chunk, the trailer section: llhttp keeps a
+        # field that has not ended yet whole, so the section is counted against ``max_head`` as a
+        # head is (receive_data), or a trailer that never ends grows without bound.
+        self._in_trailers = True
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        self._in_trailers = False
         if self._informational:
             self._informational = False
             return  # 1xx: the final response follows (or, after 101, another protocol)
@@ -437,6 +451,7 @@ class Connection:
                 self._fail(ProtocolError("request header fields too large", 431))
                 return
             self._head_fed += len(data)
+        trailing = self._in_trailers  # (all of ``data`` is trailer section if it still is after it)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -460,6 +475,10 @@ class Connection:
             self._fail(ProtocolError(f"malformed message: {exc}"))
         if self._in_message and not self._head_done and self._head_fed > self.max_head:
             self._fail(ProtocolError("request header fields too large", 431))
+        elif trailing and self._in_trailers:
+            self._trailer_fed += len(data)
+            if self._trailer_fed > self.max_head:
+                self._fail(ProtocolError("trailer fields too large", 431))
 
     def _receive_eof(self) -> None:
         self._eof = True
@@ -515,6 +534,11 @@ class Connection:
         if self._eof:
             return ConnectionClosed()
         return NEED_DATA
+
+    @property
+    def receiving(self) -> bool:
+        """The peer is in the middle of a message: its head or body is not whole yet."""
+        return self._in_message
 
     @property
     def waiting_for_100_continue(self) -> bool:
@@ -654,6 +678,19 @@ def _message_framing(message: Request | Response) -> tuple[bool, int | None]:
     if message.known:
         return message.chunked, message.length
     return _framing(message.headers)
+
+
+def codings_beyond_chunked(headers: list[Header]) -> list[bytes]:
+    """The transfer codings of a message other than chunked (gzip, ...): an HTTP/1.0 recipient
+    cannot be sent them (RFC 9112 6.1), and dropping the header would leave the body coded with
+    nothing to say so."""
+    return [
+        t
+        for n, v in headers
+        if n.lower() == b"transfer-encoding"
+        for t in (p.strip().lower() for p in v.split(b","))
+        if t and t != b"chunked"
+    ]
 
 
 def _connection_tokens(headers: list[Header]) -> set[bytes]:

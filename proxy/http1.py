@@ -260,6 +260,9 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
                 await linger_close(down, idle=True)  # pool (its head went out without close)
                 return
             break
+        if conn.receiving:  # answered before the request's end (a refused head, a denial that
+            await linger_close(down)  # closes on an expected 100): not reset away (RFC 9112 9.6)
+            return
         down.write_eof()
         down.close()
     except (PipeClosed, OSError):  # the client is gone (ENOTCONN from a write_eof too)
@@ -328,7 +331,10 @@ async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Ro
     if bad_path is not None:  # answered here, and counted as the 400 it is (the app never sees it)
         _send_error(conn, down, 400, bad_path, ctx)
         span.finish(RequestResult(400, decision="refused", error=bad_path))
-        down.close()
+        if conn.their_done:
+            down.close()
+        else:  # its body still coming: closing now would reset the 400 away (RFC 9112 9.6)
+            await linger_close(down)
         return False
     result = RequestResult(status=None)
     try:
@@ -531,7 +537,8 @@ async def _forward(
             if (
                 pump_exc is None
                 and not started[0]
-                and not isinstance(exc, _BadSwitch)  # (answered: not lost on a closed connection)
+                # (a malformed or cut response, a bad 101: the app answered, so it had the request)
+                and not isinstance(exc, h1.ProtocolError)
                 and not retried
                 # A pooled connection closed under the request, or a fresh one that a draining
                 # sidecar took from its closing listener's queue and closed before reading it.
@@ -764,6 +771,8 @@ async def _pump_body(
                 raise _DownstreamGone(str(exc)) from exc
             continue
         if isinstance(event, h1.Data):
+            if clock is not None:  # (an Expect request's client that stopped waiting for 100)
+                clock.body_coming()
             body.keep(event.data)
             up.pipe.write(up.conn.send(event))
             await up.pipe.drain()
@@ -845,6 +854,17 @@ async def _relay_response(
                 await _splice(conn, down, up)
                 return True
         elif isinstance(event, h1.Response):
+            if (
+                conn.request is not None
+                and conn.request.http_version == b"1.0"
+                and (codings := h1.codings_beyond_chunked(event.headers))
+                and conn.request.method != b"HEAD"
+                and event.status_code not in (204, 304)
+            ):
+                raise h1.ProtocolError(
+                    f"a response in transfer coding {b', '.join(codings).decode('latin-1')} cannot go to an "
+                    "HTTP/1.0 client (RFC 9112 6.1)"
+                )
             started[0] = True
             result.status = event.status_code
             if up.at_head is not None:

@@ -729,6 +729,44 @@ async def test_a_denial_before_the_end_of_the_body_is_not_reset_away(pair: tuple
     assert answer.startswith(b"HTTP/1.1 403"), answer
 
 
+def _post_without_waiting(addr: tuple[str, int], head: bytes, size: int) -> bytes:
+    """Send ``head`` and ``size`` bytes of body without reading (as Go's Transport and http.client
+    send after Expect: 100-continue); then whatever comes back."""
+    with socket.create_connection(addr, timeout=10) as s:
+        try:
+            s.sendall(head)
+            for _ in range(size // 16384):
+                s.sendall(b"x" * 16384)
+        except OSError:
+            pass  # (refused before the end: the answer is what counts)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while data := s.recv(65536):
+                answer += data
+        return answer
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (
+            b"POST /admin HTTP/1.1\r\nHost: cart\r\nContent-Length: 4194304\r\nExpect: 100-continue\r\n\r\n",
+            403,
+        ),
+        (b"POST /cart/%zz HTTP/1.1\r\nHost: cart\r\nContent-Length: 4194304\r\n\r\n", 400),
+    ],
+    ids=["denied-expecting-100", "bad-target"],
+)
+async def test_an_answer_before_the_body_ends_reaches_the_client(
+    pair: tuple[str, int], head: bytes, status: int
+) -> None:
+    """cart's sidecar answers (403 for a request waiting for 100 whose client sends its body anyway,
+    400 for a target it cannot normalize) and closed at once with the body still coming: the
+    reset took the answer with it, and the frontend's sidecar told the client 502, upstream failed."""
+    answer = await asyncio.to_thread(_post_without_waiting, pair, head, 4194304)
+    assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:200]
+
+
 @pytest.mark.parametrize("leave", ["reset", "fin"])
 async def test_a_client_that_leaves_gives_up_its_request(mesh: Mesh, leave: str) -> None:
     """The app never answers (no Service timeout, the default); the clients give up. Nothing
@@ -839,6 +877,50 @@ async def test_a_post_is_never_sent_twice_when_a_pooled_connection_breaks_under_
         raw = await exchange(pair, b"GET /cart/warm HTTP/1.1\r\nHost: cart\r\n\r\n" + post)
         assert re.findall(rb"HTTP/1\.1 (\d\d\d)", raw) == [b"200", b"502"], raw
         assert seen == ["GET /cart/warm HTTP/1.1", "POST /cart/pay HTTP/1.1"], seen
+
+
+async def test_a_malformed_response_on_a_reused_connection_is_not_sent_again(mesh: Mesh) -> None:
+    """The free retry is for a pooled connection closed under a request before any answer: an app
+    that answered (malformed: obs-fold) had the request, and a GET (or DELETE) reached it twice."""
+    seen: list[str] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                seen.append(head.split(b"\r\n")[0].decode())
+                if seen[-1].startswith("GET /cart/item"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 2\r\n\r\nok")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        writer.close()
+
+    async with raw_app_pair(mesh, app) as pair:
+        item = b"GET /cart/item HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n"
+        raw = await exchange(pair, b"GET /cart/warm HTTP/1.1\r\nHost: cart\r\n\r\n" + item)
+        assert re.findall(rb"HTTP/1\.1 (\d\d\d)", raw) == [b"200", b"502"], raw
+        assert seen == ["GET /cart/warm HTTP/1.1", "GET /cart/item HTTP/1.1"], seen
+
+
+async def test_a_transfer_coded_response_is_not_sent_to_an_http10_client_undeclared(mesh: Mesh) -> None:
+    """RFC 9112 6.1: an HTTP/1.0 client cannot be sent Transfer-Encoding; dropping the header left
+    a gzip-coded body with nothing to say so (the client took the raw bytes as the body). 502, as
+    for any response that cannot be relayed; an HTTP/1.1 client gets it as it is."""
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\nGZIP\r\n0\r\n\r\n"
+                )
+                await writer.drain()
+        writer.close()
+
+    async with raw_app_pair(mesh, app) as pair:
+        old = await exchange(pair, b"GET /cart/a HTTP/1.0\r\nHost: cart\r\n\r\n")
+        assert old.startswith(b"HTTP/1.1 502"), old
+        new = await exchange(pair, b"GET /cart/b HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\r\n")
+        assert new.startswith(b"HTTP/1.1 200") and b"gzip" in new.lower() and b"GZIP" in new, new
 
 
 async def test_no_1xx_reaches_an_http10_client(mesh: Mesh) -> None:

@@ -327,6 +327,41 @@ async def test_a_request_waiting_for_100_continue_is_still_cut_by_the_timeout(me
         server.close()
 
 
+async def test_an_upload_whose_client_stopped_waiting_for_100_is_not_cut(mesh: Mesh) -> None:
+    """RFC 9110 10.1.1: a client may stop waiting for 100 Continue and send its body, and a server
+    need not send 100 (an HTTP/1.0 one: Python's wsgiref). The clock kept running from the head
+    while the body streamed: curl's upload (Expect by itself, 1 s of waiting) got 504 midway."""
+    write_mesh(mesh, two=False, timeout="500ms")
+
+    async def no_100(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.closing(writer), contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%d" % (len(str(len(body))), len(body))
+            )
+            await writer.drain()
+
+    server = await asyncio.start_server(no_100, mesh.addr(CART1), APP)
+    try:
+        await mesh.sidecar("carta", CART1, identity_of="cart")
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+        writer.write(b"PUT /r HTTP/1.1\r\nHost: cart\r\nContent-Length: 6000\r\nExpect: 100-continue\r\n\r\n")
+        await asyncio.sleep(0.3)  # no 100 comes: the client sends its body anyway, slowly
+        for _ in range(6):
+            writer.write(b"x" * 1000)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        body = await asyncio.wait_for(reader.read(4), 5)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 200") and body == b"6000", (head, body)
+    finally:
+        server.close()
+
+
 async def test_a_request_body_that_stalls_gets_408(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
     """No Service timeout covers a request body (it starts at its end): a client stalled mid-body
     held the request and the app's connection for good; after the body idle timeout (Envoy's

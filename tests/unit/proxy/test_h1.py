@@ -266,6 +266,48 @@ def test_a_head_that_never_ends_is_cut_at_the_limit() -> None:
     assert caught.value.status == 431
 
 
+@pytest.mark.parametrize("role", ["request", "response"])
+@pytest.mark.parametrize("part", [b"X-T: ", b"X-T"], ids=["value", "name"])
+def test_a_trailer_section_that_never_ends_is_cut_at_the_limit(role: str, part: bytes) -> None:
+    """After the last chunk nothing was counted: llhttp kept a trailer field that never ended whole
+    (a copy per piece: quadratic), 60 MiB of one value in 4 s and as much memory, for a request
+    the policy denied as well (its body is read to keep the connection)."""
+    if role == "request":
+        conn = h1.Connection(h1.SERVER, max_head=4096)
+        conn.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    else:
+        conn = h1.Connection(h1.CLIENT, max_head=4096)
+        conn.send(h1.Request(b"GET", b"/", [(b"Host", b"x")]))
+        conn.send(h1.EndOfMessage())
+        conn.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    conn.receive_data(b"2\r\nab\r\n0\r\n" + part)
+    events(conn)
+
+    def trickle() -> None:
+        for _ in range(100):
+            conn.receive_data(b"a" * 100)
+            events(conn)
+
+    with pytest.raises(h1.ProtocolError) as caught:
+        trickle()
+    assert caught.value.status == 431
+
+
+def test_trailers_and_bodies_of_any_size_within_the_limit_still_pass() -> None:
+    """Body data is not counted as trailers, whatever its chunks' sizes and reads' boundaries."""
+    conn = h1.Connection(h1.SERVER, max_head=4096)
+    conn.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(50):
+        for piece in (b"1000\r\n", b"a" * 4096, b"\r\n"):  # a chunk header alone in a read, then its data
+            conn.receive_data(piece)
+    trailer = b"X-T: " + b"b" * 3000 + b"\r\n"
+    for piece in (b"0\r\n", trailer[:1000], trailer[1000:], b"\r\n"):
+        conn.receive_data(piece)
+    got = events(conn)
+    assert sum(len(e.data) for e in got if isinstance(e, h1.Data)) == 50 * 4096
+    assert got[-2] == h1.EndOfMessage([(b"x-t", b"b" * 3000)])
+
+
 def test_request_written_is_read_back_by_h11() -> None:
     client = h1.Connection(h1.CLIENT)
     headers = [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked")]
