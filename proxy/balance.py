@@ -138,6 +138,21 @@ class Lease:
         if self.probe:
             self._state.probing = False
 
+    def abandon(self, observe: bool) -> None:
+        """The caller gave up (left, reset its request, sent a body that cannot be read): not the
+        endpoint's outcome, so neither a failure (five of them ejected a healthy endpoint) nor a
+        success (one ended an ejection's probation). With ``observe`` (the endpoint had the whole
+        request and had not answered) the time so far is its latency, as tower's peak EWMA records
+        a request dropped unanswered: a slow endpoint's callers giving up still show it slow."""
+        if self.released:
+            return
+        if not self.reported and observe:
+            self._state.observe(self.elapsed(), self._balancer.clock())
+        self.reported = self.released = True
+        self._state.outstanding = max(0, self._state.outstanding - 1)
+        if self.probe:
+            self._state.probing = False
+
     def release(self, ok: bool, latency: float | None = None) -> None:
         """``latency`` defaults to the time to the head (``mark_head``), else since acquire."""
         if self.released:

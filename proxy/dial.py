@@ -46,17 +46,51 @@ def set_keepalive(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
 
 
+class _Held(asyncio.Protocol):
+    """A new connection's protocol until its peer is checked: the caller's protocol never sees a
+    connection that fails the checks (its loss would end the caller's relay, with no endpoint
+    tried instead); what arrives meanwhile is kept and handed on."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.eof = False
+        self.lost: tuple[Exception | None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # (the caller's protocol decides, once it has the connection)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = (exc,)
+
+    def hand_over(self, transport: asyncio.BaseTransport, protocol: asyncio.BaseProtocol) -> None:
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        for data in self.received:
+            protocol.data_received(data)  # type: ignore[attr-defined]
+        if self.eof and not protocol.eof_received() and self.lost is None:  # type: ignore[attr-defined]
+            transport.close()
+        if self.lost is not None:
+            protocol.connection_lost(self.lost[0])
+
+
 async def dial_sidecar(
     sc: Sidecar, protocol: Callable[[], asyncio.BaseProtocol], ep: Endpoint, dial: tuple[str, int]
 ) -> tuple[asyncio.BaseTransport, SpiffeId]:
     """Connect to ``dial`` over mTLS with our SVID; the server must present ``ep.identity`` and speak
-    the mesh ALPN, or the connection is reset. Handshake failures are counted by reason."""
+    the mesh ALPN, or the connection is reset. Handshake failures are counted by reason. The
+    ``protocol`` is made and given the connection only once it passed (a failed one, another
+    endpoint may be tried for)."""
     where = f"{dial[0]}:{dial[1]}"
     timeout = sc.config.connect_timeout.total_seconds()
+    held = _Held()
     try:
         transport, _ = await asyncio.wait_for(
             asyncio.get_running_loop().create_connection(
-                protocol,
+                lambda: held,
                 dial[0],
                 dial[1],
                 ssl=sc.identity.client_context(),
@@ -86,4 +120,5 @@ async def dial_sidecar(
         reset(transport)
         sc.metrics.tls_failures.labels("outbound", "wrong_alpn").inc()
         raise DialError(f"{where} does not speak {tls.ALPN}")
+    held.hand_over(transport, protocol())
     return transport, peer

@@ -58,24 +58,29 @@ def deny_frame(reason: str) -> bytes:
     return HEADER.pack(DENY, len(payload)) + payload
 
 
+MAX_EMPTY_DATA = 10  # empty DATA frames in a row before the stream is refused
+
+
 class Decoder:
     """Bytes in, frames out, streaming: a DATA frame's payload is passed on in pieces as views of
     the bytes fed (never copied or reassembled); only headers and the small control frames are
     buffered. So a DATA frame may come out as several ``(DATA, piece)``."""
 
-    __slots__ = ("_control", "_head", "_kind", "_remaining")
+    __slots__ = ("_control", "_empty", "_head", "_kind", "_remaining")
 
     def __init__(self) -> None:
         self._head = bytearray()  # a partial header
         self._kind = 0  # the frame being read, 0 between frames
         self._remaining = 0  # its payload bytes still to come
         self._control = bytearray()  # a partial control payload
+        self._empty = 0  # empty DATA frames in a row (none is sent; a flood of them is refused)
 
     def feed(self, data: bytes) -> list[tuple[int, bytes | memoryview]]:
         view = memoryview(data)
         if self._kind == 0 and not self._head and len(data) > 5:  # fast: exactly one whole DATA frame
             kind, length = HEADER.unpack_from(data)
             if kind == DATA and length == len(data) - 5 and length <= MAX_DATA:
+                self._empty = 0
                 return [(DATA, view[5:])]
         out: list[tuple[int, bytes | memoryview]] = []
         pos, end = 0, len(data)
@@ -93,6 +98,15 @@ class Decoder:
                     kind, length = HEADER.unpack(self._head)
                     self._head.clear()
                 self._check(kind, length)
+                if length == 0 and kind == DATA:
+                    # Carries nothing and is never sent: decoding a flood of them costs ~65x the
+                    # CPU per byte of real DATA, and no read limit ever pauses it (HTTP/2's
+                    # empty-frame flood, CVE-2019-9518; the HTTP/2 side refuses more than 10 too).
+                    self._empty += 1
+                    if self._empty > MAX_EMPTY_DATA:
+                        raise FramingError(f"more than {MAX_EMPTY_DATA} empty DATA frames in a row")
+                    continue
+                self._empty = 0
                 if length == 0:
                     out.append((kind, b""))
                     continue

@@ -122,6 +122,10 @@ class OutboundStreams:
         if isinstance(target.ticket, Lease):
             target.ticket.release(ok)
 
+    def abandon(self, target: Target, observe: bool) -> None:
+        if isinstance(target.ticket, Lease):
+            target.ticket.abandon(observe)
+
     def may_retry(
         self,
         method: str,

@@ -82,6 +82,7 @@ class Upstream:
     policy: str | None = None
     audit: bool = False  # allowed, but an audit-mode policy would refuse it
     at_head: Callable[[], None] | None = None  # the response head came (the balancer's latency)
+    on_switch: Callable[[], None] | None = None  # a 101: the connection is spliced from here
 
 
 class Router(Protocol):
@@ -106,7 +107,7 @@ class Router(Protocol):
         """A new connection to the same place (a reused one was closed under the request)."""
         ...
 
-    def release(self, up: Upstream, reusable: bool, ok: bool) -> None: ...
+    def release(self, up: Upstream, reusable: bool, ok: bool | None) -> None: ...
 
 
 @dataclass(slots=True)
@@ -490,6 +491,7 @@ async def _forward(
                     # connection closes if the body is still coming when the response ends
                     # (RFC 9110 10.1.1: the client must know, or its next request is lost).
                     ctx.draining if pump is None else functools.partial(_closing, ctx.draining, pump),
+                    body,
                 )
             finally:
                 down.on_end = None
@@ -581,9 +583,13 @@ async def _forward(
                     return True
                 up = again
                 continue
-            router.release(up, False, False)
             if pump_exc is not None:
+                # The client's doing (it left mid-body, or sent one that cannot be read): not the
+                # endpoint's failure (healthy endpoints were ejected by impatient clients).
+                client = isinstance(pump_exc, (_BadRequest, _DownstreamGone))
+                router.release(up, False, None if client else False)
                 raise pump_exc from exc
+            router.release(up, False, False)
             if started[0]:
                 raise _DownstreamGone(f"upstream failed mid-response: {exc}") from exc
             result.error = f"upstream: {exc}"
@@ -597,7 +603,7 @@ async def _forward(
             return False
         except BaseException:
             await _stop(pump)
-            router.release(up, False, False)
+            router.release(up, False, None)  # (cancelled: a drain's end, the client's leaving)
             raise
         reusable = up.conn.reusable
         if reusable:
@@ -655,6 +661,12 @@ class _Body:
     @property
     def replayable(self) -> bool:
         return self.complete and not self.overflow
+
+    def answered(self) -> None:
+        """A 1xx went to the client: the request is not sent again (its client would see a second
+        100 Continue; Envoy stops retrying once an upstream 1xx was passed on)."""
+        self.overflow = True
+        self.chunks.clear()
 
 
 async def _elsewhere(
@@ -802,6 +814,7 @@ async def _relay_response(
     clock: _Clock | None = None,
     retry_status: Callable[[int], bool] | None = None,
     draining: Callable[[], bool] = lambda: False,
+    body: _Body | None = None,
 ) -> bool:
     """Response, upstream -> downstream. True when the connections were switched (101) and spliced.
     Until the head: bounded by the ``clock``, and a head that ``retry_status`` accepts is dropped
@@ -845,11 +858,16 @@ async def _relay_response(
                 continue  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client (the app was spoken to in 1.1)
             headers = forwarded(event.headers, upgrade=switching)
             _write_down(down, conn, [h1.InformationalResponse(event.status_code, headers, event.reason)])
+            if body is not None:
+                body.answered()
+            retry_status = None
             if switching:
                 started[0] = True
                 result.status = 101
                 if up.at_head is not None:
                     up.at_head()
+                if up.on_switch is not None:
+                    up.on_switch()
                 down.on_end = None  # spliced: a half-close is the app's to pass on
                 await _splice(conn, down, up)
                 return True

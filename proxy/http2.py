@@ -47,7 +47,6 @@ import hpack
 from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
 
-from proxy import framing
 from proxy.headers import DENIED_REASON, BadPath, field_value, normalize_target, trailer_fields, with_identity
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed, linger_close
@@ -95,6 +94,7 @@ CONTROL_FRAMES_PER_STREAM = 100
 WINDOW_UPDATES_BASE = 5
 WINDOW_UPDATES_PER_DATA_FRAME = 10
 CLIENT_RESET = "reset by the client"
+CLIENT_CLOSED = "connection closed"  # the caller's connection ended with the stream open
 PREMATURE_RESET_S = 1.0  # a reset this soon after the stream opened is premature (Envoy's default)
 
 
@@ -154,6 +154,10 @@ class StreamRouter(Protocol):
         """The attempt is over (reports too, if that was not done)."""
         ...
 
+    def abandon(self, target: Target, observe: bool) -> None:
+        """The caller gave up on the attempt, unanswered: neither a failure nor a success."""
+        ...
+
     def may_retry(
         self,
         method: str,
@@ -197,6 +201,9 @@ class _AppRouter:
         pass
 
     def release(self, target: Target, ok: bool) -> None:
+        pass
+
+    def abandon(self, target: Target, observe: bool) -> None:
         pass
 
     def may_retry(
@@ -766,7 +773,7 @@ class H2Proxy:
             if stream.up is not None and stream.up_id is not None and stream.ended_up:
                 with contextlib.suppress(h2.exceptions.ProtocolError):
                     stream.up.conn.reset_stream(stream.up_id, h2.errors.ErrorCodes.CANCEL)
-            self._finish(stream, error="connection closed")
+            self._finish(stream, error=CLIENT_CLOSED)
         ups = [up for ups in self.ups.values() for up in ups]
         if self.pool is not None and not self.pool.closed:
             for up in ups:  # (its streams were reset just now: the resets go out first)
@@ -1315,7 +1322,7 @@ class H2Proxy:
         unprocessed = (
             (up.last_stream_id is not None and sid > up.last_stream_id)
             or not up.settled  # the peer never spoke HTTP/2 (its SETTINGS come first)
-            or any(kind == framing.DENY for kind, _ in up.pipe.control)  # the sidecar refused
+            or up.pipe.denied is not None  # the sidecar refused
             # (a guess, not a proof: never for a method that must not run twice, RFC 9113 8.7)
             or (up.reused and not up.heard and stream.info.method in IDEMPOTENT)
         )
@@ -1466,6 +1473,8 @@ class H2Proxy:
                 self.router.report(
                     stream.target, _succeeded(status, stream.result.grpc_status), stream.head_s
                 )
+        else:  # a 1xx goes to the caller: not sent again (Envoy stops retrying on an upstream 1xx)
+            stream.replay = None
         self.down.conn.send_headers(stream.down_id, headers, end_stream=ended)
         if ended:
             stream.end_queued_down = True
@@ -1592,11 +1601,14 @@ class H2Proxy:
         if error is not None and stream.result.error is None:
             stream.result.error = error
         if stream.target is not None:
-            if error == CLIENT_RESET:  # the caller's choice, not the endpoint's failure: what it
-                # answered counts (or, unanswered, the time it took so far, as its latency)
-                status = stream.result.status
-                ok = status is None or _succeeded(status, stream.result.grpc_status)
-                self.router.report(stream.target, ok, stream.head_s)
+            if error in (CLIENT_RESET, CLIENT_CLOSED):  # the caller's doing, not the endpoint's
+                status = stream.result.status  # failure: what it answered counts; unanswered,
+                if status is None:  # neither a failure nor a success (Lease.abandon)
+                    self.router.abandon(stream.target, observe=stream.request_ended)
+                else:
+                    self.router.report(
+                        stream.target, _succeeded(status, stream.result.grpc_status), stream.head_s
+                    )
             self.router.release(stream.target, stream.result.error is None)
             stream.target = None
         stream.span.finish(stream.result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -50,12 +51,20 @@ async def _accept_mesh(sc: Sidecar, relay: Relay, conn: socket.socket) -> tuple[
             if not opened.done():
                 opened.set_exception(Refused(f"unexpected frame {kind}"))
             return
+        down.open_first = False
+        down.on_end = None  # (a closure holding the pipe: no cycle once OPEN is here)
         try:
             opened.set_result(framing.parse_open_hint(payload))
         except framing.FramingError as exc:
             opened.set_exception(Refused(str(exc)))
 
+    def ended() -> None:  # (closed, or a framing error, before OPEN: refused now, not at the timeout)
+        if not opened.done():
+            opened.set_exception(Refused(f"the connection ended before OPEN: {down.failure or 'closed'}"))
+
     down.on_control = on_control
+    down.on_end = ended
+    down.open_first = True  # (DATA before OPEN was taken, and buffered before any policy)
     relay.on_fail = down.abort
     timeout = sc.config.connect_timeout.total_seconds()
     try:
@@ -137,8 +146,7 @@ def _declared_opaque(sc: Sidecar, port: int, parsed: bool = False) -> bool:
     return port in mesh.opaque_ports or (port in mesh.service_opaque_ports and not parsed)
 
 
-async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> None:
-    relay = sc.new_relay("inbound", client)
+async def handle(sc: Sidecar, conn: socket.socket, relay: Relay) -> None:
     down: Half | None = None
     mesh_pipe: Pipe | None = None
     try:
@@ -229,6 +237,7 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
                 down.check_opaque()  # (a plaintext request that came after the detection)
             await asyncio.get_running_loop().connect_accepted_socket(lambda: down, conn)
         relay.link(down, app)
+        relay.recheck = functools.partial(authorize, sc, peer, port)
         sc.metrics.connections.labels("inbound", decision.label).inc()
     except (Refused, tls.PeerIdentityError) as exc:
         sc.metrics.connections.labels("inbound", "refused").inc()
@@ -247,7 +256,7 @@ async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int]) -> N
 async def _serve_http(
     sc: Sidecar, relay: Relay, pipe: Pipe, peer: Peer, port: int, kind: Kind, original_ip: str | None
 ) -> None:
-    router = InboundRouter(sc, peer, port, relay.info, sc.app_address(original_ip))
+    router = InboundRouter(sc, peer, port, relay.info, sc.app_address(original_ip), relay)
     if kind is Kind.H2:
         await serve_h2(sc, relay, pipe, router)
         return

@@ -143,9 +143,9 @@ async def _connect_plain(sc: Sidecar, relay: Relay, dial: tuple[str, int]) -> Ha
     return up
 
 
-async def handle(sc: Sidecar, conn: socket.socket, client: tuple[str, int], target: str | None) -> None:
-    """``target`` is a service name (local mode listener) or None (iptables: SO_ORIGINAL_DST)."""
-    relay = sc.new_relay("outbound", client)
+async def handle(sc: Sidecar, conn: socket.socket, relay: Relay, target: str | None) -> None:
+    """``target`` is a service name (local mode listener) or None (iptables: SO_ORIGINAL_DST).
+    ``relay`` was made at the accept (the connection counts toward the limit from there)."""
     try:
         mesh = sc.mesh_config()
         if target is not None:

@@ -65,7 +65,7 @@ class Pipe(asyncio.Protocol):
         self._out: list[bytes] = []  # written in this turn of the loop, not yet flushed
         self._out_len = 0
         self._flush_scheduled = False
-        self.control: list[tuple[int, bytes]] = []  # OPEN / DENY frames received
+        self.denied: bytes | None = None  # a client's pipe: the DENY frame's reason, if one came
         self.idle_closed = False  # the other side's EOF said it closes an idle connection
         self.left_unread = False  # ... and then that it dropped what we sent unread (UNREAD frame)
         self.on_control: typing.Callable[[int, bytes], None] | None = None
@@ -81,6 +81,7 @@ class Pipe(asyncio.Protocol):
         # the connection is open, and when it ends): a pooled upstream's, in its pool's direction.
         self.count_bytes: typing.Callable[[int], None] | None = None
         self._bytes_reported = 0
+        self.open_first = False  # an accepted mesh connection: nothing but OPEN may come first
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -100,17 +101,23 @@ class Pipe(asyncio.Protocol):
                 if kind == framing.DATA:
                     if self._eof and payload:  # (as a relay's half: the peer said it was done)
                         raise framing.FramingError("DATA after EOF")
+                    if self.open_first:
+                        raise framing.FramingError("DATA before OPEN")
                     self._push(bytes(payload))
                 elif kind == framing.EOF:
+                    if self.open_first:
+                        raise framing.FramingError("EOF before OPEN")
                     self._eof = True
                     self.idle_closed = payload == framing.IDLE
                     self._ended()
                 elif kind == framing.UNREAD:
                     self.left_unread = self.idle_closed  # (only after an idle EOF, as the frame means)
-                else:
-                    self.control.append((kind, bytes(payload)))
-                    if self.on_control is not None:
-                        self.on_control(kind, bytes(payload))
+                elif self.on_control is not None:
+                    self.on_control(kind, bytes(payload))
+                elif kind == framing.DENY and self.denied is None:
+                    self.denied = bytes(payload)
+                else:  # (every one was kept: a peer could grow the caller's memory without bound)
+                    raise framing.FramingError(f"unexpected frame {kind}")
         except framing.FramingError as exc:
             self._lost = exc
             self.abort()
@@ -300,6 +307,11 @@ class Pipe(asyncio.Protocol):
         return (
             not self._eof and not self._buf and self.transport is not None and not self.transport.is_closing()
         )
+
+    @property
+    def failure(self) -> Exception | None:
+        """Why the stream ended early (a reset, a framing error), or None."""
+        return self._lost
 
     def report_bytes(self) -> None:
         """Give ``count_bytes`` what was received since the last report."""

@@ -252,6 +252,9 @@ class Relay:
         self.on_fail: Callable[[], None] | None = None  # an HTTP connection has no halves: reset it
         self.pipes: list[typing.Any] = []  # an HTTP connection's downstream (proxy.pipe.Pipe): its bytes
         self.bytes_reported = 0  # of its halves' and pipes' bytes_in, counted in the metrics so far
+        # An inbound connection a policy let through as a whole (opaque TCP, a WebSocket after its
+        # 101): decides again under the configuration in force (Sidecar._recheck_connections).
+        self.recheck: Callable[[], typing.Any] | None = None
 
     def half(self, framed: bool, name: str) -> Half:
         h = Half(self, framed, name)

@@ -9,6 +9,7 @@ endpoint's sidecar (or a pooled plain connection for an endpoint outside the mes
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections.abc import Awaitable, Sequence
@@ -22,7 +23,7 @@ from proxy.http2 import Denial, H2Proxy
 from proxy.observe import RequestInfo
 from proxy.pipe import Pipe
 from proxy.relay import Relay
-from proxy.retry import CONNECT_RETRIES, Failure, RetryBudget, RoutePolicy, retryable
+from proxy.retry import Failure, RetryBudget, RoutePolicy, retryable
 from sidemesh.mesh.compile import Destination, Endpoint
 from sidemesh.policy.evaluate import evaluate
 from sidemesh.policy.model import Decision, Peer, Request
@@ -63,9 +64,12 @@ class InboundRouter:
         port: int,
         log_extra: dict[str, object],
         app: tuple[str, tuple[str, int] | None] | None = None,
+        relay: Relay | None = None,
     ) -> None:
-        """``app``: the app's address and the local address to connect from (``Sidecar.app_address``)."""
+        """``app``: the app's address and the local address to connect from (``Sidecar.app_address``);
+        ``relay``: the connection's, told how to decide again once a request switched it (101)."""
         self.sc = sc
+        self.relay = relay
         self.peer = peer
         self.port = port
         self.app = app if app is not None else (sc.config.app_host, None)
@@ -141,6 +145,11 @@ class InboundRouter:
         up = await self._connect()
         if isinstance(up, Upstream):
             up.reason, up.policy, up.audit = decision.reason, decision.policy, decision.audit
+            if self.relay is not None:  # switched (a WebSocket): spliced bytes, asked again on change
+                relay, method, path = self.relay, info.method, info.path
+                up.on_switch = lambda: setattr(
+                    relay, "recheck", functools.partial(self.authorize, method, path)
+                )
         elif decision.audit:  # (the app not reachable: still a request an audit policy would refuse)
             up.decision = "audit_deny"
         return up
@@ -164,7 +173,7 @@ class InboundRouter:
             new.decision = "audit_deny"
         return new
 
-    def release(self, up: Upstream, reusable: bool, ok: bool) -> None:
+    def release(self, up: Upstream, reusable: bool, ok: bool | None) -> None:
         if reusable:
             self.pool.put(up.key, up.pipe, up.conn)
         else:
@@ -203,14 +212,16 @@ class OutboundRouter:
         self, request: h1.Request, info: RequestInfo, avoid: Sequence[str] = ()
     ) -> Local | Upstream:
         """An endpoint from the balancer and a connection to it; an endpoint that cannot be
-        reached is tried elsewhere (nothing was sent), up to CONNECT_RETRIES times."""
+        reached is tried elsewhere (nothing was sent), up to max(retries, CONNECT_RETRIES) times,
+        as the HTTP/2 path (docs/sidecar.md's retry table); each from the retry budget."""
         dest = self.destination()
         if dest is None:
             return Local(503, f"{self.name} is no longer in the mesh", "allow", error="no endpoints")
         tried = [e for e in dest.endpoints if f"{e.address}:{e.port}" in avoid] if avoid else []
         failed: Local | None = None
         unreachable: list[Endpoint] = []  # (not the avoided: one that answered 503 may be tried again)
-        for attempt in range(CONNECT_RETRIES + 1):
+        retries = self._policy.retries_for(Failure.CONNECT)
+        for attempt in range(retries + 1):
             try:
                 lease = self.sc.balancer.acquire(dest, avoid=tried)
             except NoEndpoint as exc:
@@ -242,7 +253,7 @@ class OutboundRouter:
             tried.append(lease.endpoint)
             unreachable.append(lease.endpoint)
             failed = up
-            if attempt == CONNECT_RETRIES or not self.budget.try_withdraw():
+            if attempt == retries or not self.budget.try_withdraw():
                 return up
         raise AssertionError("unreachable")
 
@@ -294,10 +305,14 @@ class OutboundRouter:
                 lease.release(False)
         return new
 
-    def release(self, up: Upstream, reusable: bool, ok: bool) -> None:
+    def release(self, up: Upstream, reusable: bool, ok: bool | None) -> None:
+        """``ok`` None: the caller gave up before the whole request was sent (``Lease.abandon``)."""
         lease = self._leases.pop(id(up), None)
         if lease is not None:
-            lease.release(ok)
+            if ok is None:
+                lease.abandon(observe=False)
+            else:
+                lease.release(ok)
         if reusable:
             self.pool.put(up.key, up.pipe, up.conn)
         else:

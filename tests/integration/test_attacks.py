@@ -507,3 +507,46 @@ async def test_data_after_the_callers_eof_frame_is_a_framing_error_on_the_http_p
         assert b"0123456789" not in app.seen, app.seen
     finally:
         await m.close()
+
+
+@pytest.mark.parametrize("hint", [framing.HINT_OPAQUE, framing.HINT_HTTP1])
+async def test_a_flood_of_empty_data_frames_is_refused(start_ca: StartCA, tmp_path: Path, hint: int) -> None:
+    """An empty DATA frame carries nothing and no sidecar sends one; decoding a flood of them cost
+    ~65x the CPU per byte of real DATA, with no read limit to pause it (HTTP/2's empty-frame
+    flood). More than 10 in a row end the connection."""
+    m, _ = await _recorded_cart(start_ca, tmp_path)
+    try:
+        reader, writer = await _as_frontend(m)
+        writer.write(framing.open_frame(8080, hint) + framing.data_header(0) * 11)
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, not waiting for more
+        writer.close()
+    finally:
+        await m.close()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [framing.data_header(0) * 11, framing.data_header(6) + b"before", framing.EOF_FRAME],
+    ids=["empty-data", "data", "eof"],
+)
+async def test_nothing_but_open_comes_first_on_a_mesh_connection(
+    start_ca: StartCA, tmp_path: Path, first: bytes
+) -> None:
+    """DATA before OPEN was taken (buffered before any policy was asked, 90 MB of empty frames from
+    a caller the policy denies) and delivered to the app ahead of what followed OPEN; a connection
+    that ended before OPEN held its slot for the 10 s OPEN timeout."""
+    m, app = await _recorded_cart(start_ca, tmp_path)
+    try:
+        reader, writer = await _as_frontend(m)
+        began = time.monotonic()
+        writer.write(first)
+        writer.write(framing.open_frame(8080, framing.HINT_OPAQUE) + framing.data_header(5) + b"after")
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert time.monotonic() - began < 2
+        await asyncio.sleep(0.2)
+        assert b"before" not in app.seen and b"after" not in app.seen, app.seen
+    finally:
+        await m.close()

@@ -124,3 +124,25 @@ async def test_a_destination_with_no_endpoints_is_refused(mesh: Mesh) -> None:
         await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert frontend.metrics.connections.labels("outbound", "refused")._value.get() == 1
+
+
+async def test_an_endpoint_presenting_another_identity_is_tried_elsewhere(mesh: Mesh) -> None:
+    """An endpoint whose sidecar is not the identity the controller listed (a pod IP reused before
+    the endpoints caught up) is refused by secure naming; the connection was then lost with a reset
+    (the relay took the refused connection for its own), instead of going to another endpoint as a
+    connection that cannot be made does."""
+    for host, name, who in ((CART, "cart", "cart"), (CART2, "cart-2", "cart"), (CART3, "cart-3", "stranger")):
+        await mesh.app(host)
+        await mesh.sidecar(name, host, identity_of=who)
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=carts.shop:80",)
+    )
+    held = []
+    try:
+        for _ in range(30):
+            held.append(await open_held(mesh))  # raises if any connection failed
+    finally:
+        for _, writer in held:
+            writer.close()
+    assert frontend.metrics.tls_failures.labels("outbound", "wrong_identity")._value.get() >= 1
+    assert frontend.metrics.connections.labels("outbound", "refused")._value.get() == 0

@@ -627,6 +627,30 @@ async def test_websocket_upgrade(pair: tuple[str, int], mesh: Mesh) -> None:
             await ws.close()
 
 
+async def test_a_websocket_the_new_policy_no_longer_allows_is_closed(
+    pair: tuple[str, int], mesh: Mesh
+) -> None:
+    """After its 101 a WebSocket is spliced bytes no request decision sees again: withdrawing the
+    rule that let its request through left it running; it is decided again, and closed."""
+    cart = mesh.sidecars["cart"]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"http://{pair[0]}:{pair[1]}/cart/ws") as ws,
+    ):
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=5)).data == "HELLO"
+        mesh.write("allow.yaml", ALLOW_CART_PATHS.replace('"/cart/*"', '"/cart/other"'))
+        assert cart.reload_config()
+        with contextlib.suppress(ConnectionError):
+            await ws.send_str("after")
+        assert (await ws.receive(timeout=5)).type in (
+            aiohttp.WSMsgType.CLOSE,
+            aiohttp.WSMsgType.CLOSED,
+            aiohttp.WSMsgType.ERROR,
+        )
+    assert cart.metrics.denials.labels("shop/cart-http")._value.get() == 1
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [

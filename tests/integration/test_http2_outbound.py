@@ -870,3 +870,51 @@ async def test_a_grpc_message_ending_in_a_space_arrives_as_sent(mesh: Mesh, cart
             await unary(ch)(b"x")
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value
     assert err.value.details() == "not found: "
+
+
+@pytest.mark.parametrize("answered", [True, False])
+async def test_an_app_connection_that_ends_with_streams_open_is_not_the_endpoints_failure(
+    mesh: Mesh, carts: Carts, answered: bool
+) -> None:
+    """The app's HTTP/2 connection ends (the process exits: a FIN, no RST_STREAM) with streams
+    open: each was released as the endpoint's failure (6 of them ejected a healthy endpoint). An
+    answered stream counts as its answer; an unanswered one is neither a failure nor a success."""
+    await carts.start((CART1, Server("a")), two=False)
+    async with channel(mesh) as ch:
+        await unary(ch)(b"warm")
+    balancer, st = _cart1_state(mesh)
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    head = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "cart.shop"),
+        (":path", "/test.Echo/Bidi"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    for _ in range(6):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, head)
+        if answered:
+            conn.send_data(sid, b"\x00\x00\x00\x00\x01m")  # one message: echoed, the stream open
+    writer.write(conn.data_to_send())
+    heard: set[int] = set()
+    while answered and len(heard) < 6:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                heard.add(event.stream_id)
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        writer.write(conn.data_to_send())
+    for _ in range(50):
+        if st.outstanding == 6:
+            break
+        await asyncio.sleep(0.02)
+    writer.close()  # the app exits
+    for _ in range(50):
+        if st.outstanding == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert (st.outstanding, st.ejections, st.failures) == (0, 0, 0), balancer.describe()

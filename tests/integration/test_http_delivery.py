@@ -362,6 +362,53 @@ async def test_an_upload_whose_client_stopped_waiting_for_100_is_not_cut(mesh: M
         server.close()
 
 
+async def test_uploads_the_clients_abandon_are_not_the_endpoints_failures(mesh: Mesh) -> None:
+    """A client leaving mid-upload (a tab closed, a client timeout) or sending a body that cannot be
+    read released the endpoint as failed: 12 abandoned uploads ejected both healthy endpoints."""
+    write_mesh(mesh, two=True)
+    a, b = App("a"), App("b")
+    await start_mesh(mesh, [(CART1, a), (CART2, b)])
+    frontend = mesh.sidecars["frontend"]
+    addr = (mesh.addr(FRONTEND), OUT)
+    await asyncio.to_thread(session, addr, [("GET", "/x")] * 4)
+    for i in range(12):
+        _, writer = await asyncio.open_connection(*addr)
+        if i % 2:
+            writer.write(
+                b"PUT /upload HTTP/1.1\r\nHost: cart\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000
+            )
+        else:  # a chunk size that is no number: the sidecar answers 400 itself
+            writer.write(b"PUT /upload HTTP/1.1\r\nHost: cart\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.close()
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    states = frontend.balancer.describe()
+    assert all(s["failures"] == 0 and s["ejected_for_s"] == 0 for s in states.values()), states
+    assert all(s["outstanding"] == 0 for s in states.values()), states
+
+
+async def test_a_request_is_not_sent_again_once_a_100_continue_went_to_the_client(mesh: Mesh) -> None:
+    """The app sent 100 Continue, read the body and answered 503; the retry sent the request
+    again and the client saw a second 100 Continue (Envoy stops retrying once an upstream 1xx
+    was passed on). The 503 is the answer."""
+    write_mesh(mesh, two=False)
+    app = App("a")
+    await start_mesh(mesh, [(CART1, app)])
+    app.fail_next = 1  # aiohttp sends 100 Continue when the handler reads the body, then the 503
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    try:
+        writer.write(b"PUT /r HTTP/1.1\r\nHost: cart\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 100")
+        writer.write(b"hello")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 503"), head
+    assert app.hits == 1 and app.bodies == [b"hello"], (app.hits, app.bodies)
+
+
 async def test_a_request_body_that_stalls_gets_408(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
     """No Service timeout covers a request body (it starts at its end): a client stalled mid-body
     held the request and the app's connection for good; after the body idle timeout (Envoy's

@@ -407,6 +407,30 @@ async def test_connections_queued_when_a_listener_closes_are_served_not_reset(me
         await talk(mesh.addr(FRONTEND), OUT, b"after")
 
 
+async def test_a_burst_of_connections_is_held_to_the_limit(mesh: Mesh) -> None:
+    """Connections were counted when their task first ran, not at the accept: a burst taken in
+    one turn of the loop went past the limit by up to a batch (40 at once, limit 4: 15 served)."""
+    await mesh.app(CART)
+    await mesh.sidecar("cart", CART)
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",), max_connections=4
+    )
+    socks = []
+    try:
+        for _ in range(40):  # all queued before the sidecar's loop runs again
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect((mesh.addr(FRONTEND), OUT))
+            socks.append(s)
+        await asyncio.sleep(0.5)
+        assert frontend.open_connections.get("outbound") == 4
+        assert frontend.metrics.connections.labels("outbound", "overflow")._value.get() == 36
+    finally:
+        for s in socks:
+            s.close()
+
+
 async def test_connections_over_the_limit_are_reset_and_the_others_keep_working(mesh: Mesh) -> None:
     await mesh.app(CART)
     await mesh.sidecar("cart", CART)
@@ -832,3 +856,33 @@ def test_claims_see_a_wildcard_and_a_specific_address_on_one_port_and_any_spelli
     finally:
         for claims in (first, second, third):
             claims.release()
+
+
+WITHDRAWN = """\
+apiVersion: sidemesh.io/v1alpha1
+kind: ServiceAuthorization
+metadata: {name: cart-allow-frontend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+"""
+
+
+async def test_a_connection_the_new_policy_no_longer_allows_is_closed(mesh: Mesh) -> None:
+    """A rule withdrawn (to cut off a compromised caller) refused its new connections, and its open
+    opaque TCP connection went on carrying data for as long as it stayed open; as Linkerd's inbound
+    policy, the connection is closed when the configuration no longer allows it."""
+    await mesh.app(CART)
+    cart = await mesh.sidecar("cart", CART)
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    try:
+        writer.write(b"\x01before")  # not HTTP: carried as TCP
+        assert await asyncio.wait_for(reader.readexactly(7), 5) == b"\x01BEFORE"
+        mesh.write("allow.yaml", WITHDRAWN)
+        assert cart.reload_config()
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"after")
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, not echoed
+    finally:
+        writer.close()
+    assert cart.metrics.denials.labels("shop/cart-allow-frontend")._value.get() == 1

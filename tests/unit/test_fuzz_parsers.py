@@ -61,10 +61,10 @@ def test_frames_survive_any_split(payloads: list[bytes], data: st.DataObject) ->
 def test_whole_frames_one_per_chunk(payloads: list[bytes]) -> None:
     # What a relay sees most: each read is one whole DATA frame (the decoder's fast path).
     decoder = framing.Decoder()
-    for p in payloads:
-        assert [(k, bytes(v)) for k, v in decoder.feed(framing.data_header(len(p)) + p)] == [
-            (framing.DATA, p)
-        ]
+    for p in payloads:  # (an empty DATA frame carries nothing: nothing comes out of it)
+        assert [(k, bytes(v)) for k, v in decoder.feed(framing.data_header(len(p)) + p)] == (
+            [(framing.DATA, p)] if p else []
+        )
     assert decoder.feed(framing.EOF_FRAME) == [(framing.EOF, b"")]
     assert decoder.pending == 0
 
@@ -167,7 +167,7 @@ def test_a_snapshot_is_built_from_anything(docs: list[Any], kind: str) -> None:
         for i, d in enumerate(docs)
     ]
     snapshot = build_snapshot(wrapped)  # errors are collected, never raised
-    assert len(snapshot.errors) <= len(docs)
+    assert len(snapshot.errors) <= 2 * len(docs)  # (its own, and one more for a name used twice)
 
 
 # -- the config stream: what a sidecar does with an Update it cannot trust to be well formed ------

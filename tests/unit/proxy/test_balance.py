@@ -341,3 +341,22 @@ def test_describe_for_the_admin_page() -> None:
             "picks": 1,
         }
     }
+
+
+def test_an_abandoned_lease_is_neither_a_failure_nor_a_success() -> None:
+    """A caller that gave up is not the endpoint's outcome: it neither counts toward an ejection
+    (impatient clients ejected healthy endpoints) nor ends one's probation; with ``observe`` its
+    time so far is the endpoint's latency (a slow endpoint whose callers give up stays slow)."""
+    now = [0.0]
+    balancer = Balancer(clock=lambda: now[0], rng=random.Random(1))
+    one = dest(1)
+    ep = one.endpoints[0]
+    for _ in range(10):
+        balancer.acquire(one).abandon(observe=False)
+    st = balancer.state(ep)
+    assert st is not None and (st.failures, st.outstanding) == (0, 0) and not balancer.ejected(ep)
+    before = st.estimate(now[0])
+    lease = balancer.acquire(one)
+    now[0] += 3.0
+    lease.abandon(observe=True)
+    assert st.estimate(now[0]) > before  # the 3 s it waited unanswered

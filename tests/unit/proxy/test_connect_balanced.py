@@ -9,6 +9,7 @@ import pytest
 from proxy import outbound
 from proxy.balance import Balancer
 from proxy.relay import Relay
+from proxy.retry import RoutePolicy
 from sidemesh.mesh.compile import Destination, Endpoint
 
 A = Endpoint("10.0.0.1", 80, None, "shop/a")
@@ -58,6 +59,7 @@ async def test_an_endpoint_avoided_for_its_answer_is_tried_again_when_the_other_
         balancer=balancer, mesh_config=lambda: types.SimpleNamespace(lookup_name=lambda name: dest)
     )
     router.name, router._leases = dest.name, {}
+    router._policy = RoutePolicy()
     router.budget = types.SimpleNamespace(try_withdraw=lambda: True)  # type: ignore[assignment]
     dials: list[Endpoint] = []
 
@@ -70,6 +72,43 @@ async def test_an_endpoint_avoided_for_its_answer_is_tried_again_when_the_other_
     router._connect = connect  # type: ignore[method-assign]
     up = await router.route(None, None, avoid=["10.0.0.1:80"])  # type: ignore[arg-type]
     assert isinstance(up, http1.Upstream) and up.endpoint == "10.0.0.1:80" and dials == [B, A], dials
+
+
+async def test_http11_tries_as_many_endpoints_as_the_service_allows_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """sidemesh.io/retries 5, five endpoints refusing connections and one healthy: HTTP/1.1 gave up
+    after three dials (CONNECT_RETRIES) with a 502 where HTTP/2 went on, as the retry table says
+    (connection failures: max(retries, 2)); nothing had been sent, so it is safe for any method."""
+    from proxy import http1, pool
+    from proxy.routers import OutboundRouter
+
+    eps = tuple(Endpoint(f"10.0.0.{i}", 8080, None) for i in range(1, 7))
+    dest = Destination("cart.shop:80", eps, retries=5)
+
+    class _Sidecar:  # (the pools and budgets are kept per sidecar, by weak reference)
+        balancer = Balancer()
+        config = types.SimpleNamespace(capture="iptables")
+
+        def mesh_config(self) -> object:
+            return types.SimpleNamespace(lookup_name=lambda name: dest)
+
+    sc = _Sidecar()
+    dials: list[str] = []
+
+    async def plain(sc: object, host: str, port: int) -> object:
+        dials.append(host)
+        if host != "10.0.0.6":
+            raise pool.ConnectError(f"cannot connect to {host}:{port}: refused")
+        return types.SimpleNamespace()
+
+    monkeypatch.setattr(pool, "connect_plain", plain)
+    for _ in range(20):  # whatever order the balancer picks them in
+        dials.clear()
+        router = OutboundRouter(sc, dest.name, {})  # type: ignore[arg-type]
+        router.begin(None)  # type: ignore[arg-type]
+        up = await router.route(None, None)  # type: ignore[arg-type]
+        assert isinstance(up, http1.Upstream) and dials[-1] == "10.0.0.6", (up, dials)
 
 
 def test_grpc_too_tries_an_endpoint_avoided_for_its_answer_when_the_other_cannot_be_reached() -> None:

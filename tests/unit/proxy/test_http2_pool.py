@@ -84,6 +84,9 @@ class Router:
     def release(self, target: Target, ok: bool) -> None:
         pass
 
+    def abandon(self, target: Target, observe: bool) -> None:
+        pass
+
     def may_retry(
         self,
         method: str,
