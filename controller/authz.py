@@ -207,6 +207,21 @@ def _check(args: argparse.Namespace) -> int:
             f"nothing; anything else is ignored): {error}",
             file=sys.stderr,
         )
+    if peer.authenticated:
+        runs_as = [
+            w
+            for w in snapshot.workloads
+            if (w.namespace, w.service_account) == (peer.namespace, peer.service_account)
+        ]
+        if runs_as and not any(w.meshed for w in runs_as):
+            # No sidecar to present that identity: such a caller connects in plaintext (ALLOW for
+            # the service account was not what its pods get).
+            print(
+                f"note: the pods running as {args.source} have no sidecar: they call in plaintext, as "
+                "the unauthenticated principal (a strict-mode workload refuses them before any policy)",
+                file=sys.stderr,
+            )
+            peer = Peer()
     path = args.path or ("/" if args.method else None)
     if path is not None:
         path = _as_the_sidecar_sees(path)

@@ -363,16 +363,23 @@ def build_snapshot(docs: list[tuple[str, Any]]) -> Snapshot:
                     # (no namespace: "default", as for the other kinds and as kubectl applies it)
                     policies.append(crd.parse(doc, default_namespace="default"))
                 except crd.PolicyError as exc:
-                    if (stand_in := crd.stand_in(doc, str(exc), default_namespace="default")) is not None:
+                    stand_in = crd.stand_in(doc, str(exc), default_namespace="default", unnamed=source)
+                    if stand_in is not None:
                         policies.append(stand_in)  # it allows nothing until fixed (fail closed)
                     raise
+            elif isinstance(api, str) and api.split("/")[0] == crd.API_VERSION.split("/")[0]:
+                # (a misspelt kind of ours was ignored without a word, and a misspelt
+                # ServiceAuthorization let the default policy decide)
+                warnings.append(
+                    f"kind {kind!r} of {api} is not one Sidemesh reads (Workload, {crd.KIND}): ignored"
+                )
             # Other kinds are not ours: ignored.
             errors.extend(f"{source}: {w}" for w in warnings)
         except (ResourceError, crd.PolicyError) as exc:
             errors.append(f"{source}: {exc}")
         except (TypeError, AttributeError, ValueError) as exc:  # a shape no check above anticipated
             stand_in = (
-                crd.stand_in(doc, str(exc), default_namespace="default")
+                crd.stand_in(doc, str(exc), default_namespace="default", unnamed=source)
                 if isinstance(doc, dict) and doc.get("kind") == crd.KIND
                 else None
             )
@@ -381,4 +388,14 @@ def build_snapshot(docs: list[tuple[str, Any]]) -> Snapshot:
             errors.append(
                 f"{source}: malformed {doc.get('kind') if isinstance(doc, dict) else 'document'}: {exc}"
             )
+    # One object per name, the last, as `kubectl apply` of the files would leave (two of one name
+    # were both kept: one's selector enforced with the other's rules).
+    last = {(p.namespace, p.name): i for i, p in enumerate(policies)}
+    if len(last) < len(policies):
+        for i, p in enumerate(policies):
+            if last[(p.namespace, p.name)] != i:
+                errors.append(
+                    f"ServiceAuthorization {p.namespace}/{p.name} is defined more than once: the last one is used"
+                )
+        policies = [p for i, p in enumerate(policies) if last[(p.namespace, p.name)] == i]
     return Snapshot(tuple(services), tuple(workloads), tuple(namespaces), tuple(policies), tuple(errors))

@@ -45,6 +45,8 @@ def _mapping(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise PolicyError(where, f"must be an object, got {type(value).__name__}")
     for key, item in value.items():  # a null would read as "not given": a wider policy
+        if not isinstance(key, str):  # (YAML's 8080: x; JSON keys are always strings)
+            raise PolicyError(where, f"field name {key!r} is not a string")
         if item is None:
             raise PolicyError(f"{where}.{key}", _NULL)
     unknown = sorted(set(value) - allowed)
@@ -156,17 +158,26 @@ def _rule(doc: Any, where: str) -> Rule:
     return Rule(sources=sources, ports=ports, http=http)
 
 
-def stand_in(doc: Any, error: str, default_namespace: str | None = None) -> Authorization | None:
+def stand_in(
+    doc: Any, error: str, default_namespace: str | None = None, unnamed: str | None = None
+) -> Authorization | None:
     """What a ServiceAuthorization that cannot be read enforces until it is fixed: nothing is allowed
     to the workloads it selects (fail closed; Istio, too, drops the ALLOW rules it cannot read,
     never the policy). Its selector as written when that can be read, else every workload of its
-    namespace; audit mode if it says so. None when it names no policy (no name or namespace).
+    namespace; audit mode if it says so. None when it names no policy (no name or namespace),
+    unless ``unnamed`` is given: the name it stands in under (a directory's file and document;
+    the API server never keeps an object without a name, a directory of YAML does).
 
     Without this, an invalid policy was skipped and its workloads fell back to the default policy:
     a typo (or a null the API server pruned into something else) opened them to every caller."""
     meta = doc.get("metadata") if isinstance(doc, dict) else None
-    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
-        return None
+    if not isinstance(meta, dict):
+        meta = {}
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        if unnamed is None:
+            return None
+        name = unnamed
     namespace = meta.get("namespace") or default_namespace
     if not isinstance(namespace, str) or not namespace:
         return None
@@ -178,7 +189,7 @@ def stand_in(doc: Any, error: str, default_namespace: str | None = None) -> Auth
         isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
     )
     return Authorization(
-        name=meta["name"],
+        name=name,
         namespace=namespace,
         selector=tuple(sorted(labels.items())) if readable and isinstance(labels, dict) else (),
         rules=(),

@@ -357,3 +357,37 @@ def test_star_among_the_excluded_ports_and_a_null_meshed_read_as_elsewhere(
     assert main([*argv, "--to", "vault/vault-1", "--port", "8200"]) == 1  # meshed, default deny
     told = capsys.readouterr()
     assert "DENY shop/anyone -> vault/vault-1:8200: default deny" in told.out and "meshed" not in told.err
+
+
+def test_a_caller_whose_pods_have_no_sidecar_is_checked_as_unauthenticated(
+    manifests: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pods without a sidecar call in plaintext: a policy allowing their service account does not
+    let them in (a strict workload refuses them, a permissive one sees the unauthenticated
+    principal). The check answered ALLOW for them."""
+    (manifests / "legacy.yaml").write_text(
+        "apiVersion: sidemesh.io/v1alpha1\nkind: Workload\n"
+        "metadata: {name: legacy-1, namespace: shop, labels: {app: legacy}}\n"
+        "spec: {serviceAccount: legacy, address: 127.0.9.9, ports: [8080], meshed: false}\n"
+    )
+    (manifests / "allow.yaml").write_text(
+        "apiVersion: sidemesh.io/v1alpha1\nkind: ServiceAuthorization\n"
+        "metadata: {name: cart-allow, namespace: shop}\nspec:\n  selector: {matchLabels: {app: cart}}\n"
+        "  rules:\n  - from: [{serviceAccount: legacy}]\n"
+    )
+    argv = [
+        "authz",
+        "check",
+        "--dir",
+        str(manifests),
+        "--from",
+        "shop/legacy",
+        "--to",
+        "shop/cart",
+        "--port",
+        "8080",
+    ]
+    assert main(argv) == 1
+    told = capsys.readouterr()
+    assert "have no sidecar" in told.err
+    assert told.out.startswith("DENY shop/legacy -> shop/cart-1:8080"), told.out

@@ -659,3 +659,14 @@ def test_a_null_is_kept_and_the_policy_fails_closed(case: Json) -> None:
     assert error is not None and "is null (an empty value in a template?)" in error, error
     stand_in = crd.stand_in(doc, error)
     assert stand_in is not None and stand_in.rules == () and stand_in.namespace == "shop"
+
+
+def test_a_field_name_that_is_not_a_string_is_named_in_the_error() -> None:
+    """YAML's `8080: x` in a file of a directory (JSON keys are always strings): the error was a
+    TypeError's text naming no field."""
+    doc = doc_with(rule({"serviceAccount": "frontend"}, ports=[8080]))
+    doc["spec"]["rules"][0]["to"][8080] = "x"
+    error = parse_error(doc)
+    assert error is not None and "field name 8080 is not a string" in error and "spec.rules[0].to" in error, (
+        error
+    )

@@ -677,3 +677,61 @@ def test_a_port_a_service_declares_opaque_is_opaque_addressed_directly_too() -> 
     # for it (the caller sent it out as plain passthrough).
     undeclared = _headless_db("[]", "[{name: a, port: 9000}]")._by_address.get(("10.0.0.7", 9000))
     assert undeclared is not None and undeclared.opaque
+
+
+POLICY_DOC = """\
+apiVersion: sidemesh.io/v1alpha1
+kind: {kind}
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: {app}}}}}
+  rules:
+  - from: [{{serviceAccount: {caller}}}]
+"""
+
+
+def _policy(
+    kind: str = "ServiceAuthorization", name: str = "p", app: str = "cart", caller: str = "frontend"
+) -> object:
+    return yaml.safe_load(POLICY_DOC.format(kind=kind, name=name, app=app, caller=caller))
+
+
+def test_a_directory_policy_without_a_readable_name_fails_closed() -> None:
+    """A name that is no string (a YAML int) or none at all: the policy vanished and its workloads
+    fell back to the default, while the warning said it allowed nothing until fixed."""
+    snap = build_snapshot(
+        [
+            ("pol.yaml#0", _policy(name="2024")),
+            ("pol.yaml#1", {**_policy(), "metadata": {"namespace": "shop"}}),
+        ]
+    )
+    assert [(p.name, p.invalid != "", p.rules) for p in snap.policies] == [
+        ("pol.yaml#0", True, ()),
+        ("pol.yaml#1", True, ()),
+    ]
+    assert all(p.selector == (("app", "cart"),) for p in snap.policies)
+
+
+def test_a_misspelt_kind_of_ours_is_reported() -> None:
+    snap = build_snapshot(
+        [
+            ("pol.yaml#0", _policy(kind="ServiceAuthorisation")),
+            ("x#0", {"apiVersion": "v1", "kind": "ConfigMap"}),
+        ]
+    )
+    assert snap.policies == ()
+    assert snap.errors == (
+        "pol.yaml#0: kind 'ServiceAuthorisation' of sidemesh.io/v1alpha1 is not one Sidemesh reads "
+        "(Workload, ServiceAuthorization): ignored",
+    )
+
+
+def test_a_policy_defined_twice_is_the_last_one_whole() -> None:
+    """Two documents of one name were both kept, one's selector enforced with the other's rules."""
+    snap = build_snapshot(
+        [("a.yaml#0", _policy(app="cart")), ("b.yaml#0", _policy(app="pay", caller="checkout"))]
+    )
+    assert [(p.selector, p.rules[0].sources[0].service_account) for p in snap.policies] == [
+        ((("app", "pay"),), "checkout")
+    ]
+    assert snap.errors == ("ServiceAuthorization shop/p is defined more than once: the last one is used",)
