@@ -384,14 +384,7 @@ async def test_an_app_connection_closed_during_a_call_cancels_it_and_leaves_a_us
     _, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
-    head = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":authority", "cart.shop"),
-        (":path", "/test.Echo/Unary"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]
+    head = _grpc_call_head("/test.Echo/Unary")
     conn.send_headers(1, head)
     conn.send_data(1, b"\x00\x00\x00\x00\x01x", end_stream=True)
     writer.write(conn.data_to_send())
@@ -572,6 +565,18 @@ async def test_an_endpoint_failing_calls_fast_does_not_attract_them(mesh: Mesh, 
             await asyncio.gather(*(unary(ch)(b"x") for _ in range(40)), return_exceptions=True)
     assert bad.hits + good.hits == 200
     assert bad.hits < 30, (bad.hits, good.hits)
+
+
+def _grpc_call_head(path: str) -> list[tuple[str, str]]:
+    """The head of a gRPC call to cart.shop, for a hand-driven h2 client."""
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "cart.shop"),
+        (":path", path),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
 
 
 def _cart1_state(mesh: Mesh) -> Any:
@@ -886,14 +891,7 @@ async def test_an_app_connection_that_ends_with_streams_open_is_not_the_endpoint
     reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
-    head = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":authority", "cart.shop"),
-        (":path", "/test.Echo/Bidi"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]
+    head = _grpc_call_head("/test.Echo/Bidi")
     for _ in range(6):
         sid = conn.get_next_available_stream_id()
         conn.send_headers(sid, head)

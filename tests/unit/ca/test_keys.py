@@ -23,16 +23,21 @@ CART = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")
 NOW = dt.datetime(2026, 12, 5, 6, 0, tzinfo=dt.UTC)
 
 
-def test_a_leaf_may_not_outlive_the_root_an_intermediate_chains_to() -> None:
-    """An operator's own PKI: the intermediate was issued for longer than its root lives (the CA's
-    own bootstrap never does that). Leaves end with the root, not with the intermediate."""
+def _outliving_intermediate() -> tuple[x509.Certificate, x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A root of one day and an intermediate under it issued for 30 (root, intermediate, its key)."""
     root_key = templates.new_key()
     root = templates.root_certificate(root_key, "cluster.local", NOW, dt.timedelta(days=1))
     inter_key = templates.new_key()
     clamped = templates.intermediate_certificate(
         inter_key.public_key(), "cluster.local", root, root_key, NOW, dt.timedelta(days=1)
     )
-    inter = pki.reissued(clamped, root_key, NOW, NOW + dt.timedelta(days=30))
+    return root, pki.reissued(clamped, root_key, NOW, NOW + dt.timedelta(days=30)), inter_key
+
+
+def test_a_leaf_may_not_outlive_the_root_an_intermediate_chains_to() -> None:
+    """An operator's own PKI: the intermediate was issued for longer than its root lives (the CA's
+    own bootstrap never does that). Leaves end with the root, not with the intermediate."""
+    root, inter, inter_key = _outliving_intermediate()
     assert inter.not_valid_after_utc > root.not_valid_after_utc
 
     authority = keys.assemble(inter, inter_key, [inter, root], [root])
@@ -50,13 +55,7 @@ def test_an_issued_leaf_ends_with_the_root_on_either_signing_path(template: bool
     """The reference builder (used when the DER template cannot reproduce an issuer) capped a leaf
     at its chain only: with an intermediate that outlives its root the leaf outlived the root,
     and the notAfter the CA reported (and audited) was not the certificate's."""
-    root_key = templates.new_key()
-    root = templates.root_certificate(root_key, "cluster.local", NOW, dt.timedelta(days=1))
-    inter_key = templates.new_key()
-    clamped = templates.intermediate_certificate(
-        inter_key.public_key(), "cluster.local", root, root_key, NOW, dt.timedelta(days=1)
-    )
-    inter = pki.reissued(clamped, root_key, NOW, NOW + dt.timedelta(days=30))
+    root, inter, inter_key = _outliving_intermediate()
     authority = keys.assemble(inter, inter_key, [inter, root], [root])
     if not template:
         object.__setattr__(authority, "leaf_template", None)
