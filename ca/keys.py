@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from ca import templates
 from ca.errors import KeyMaterialError
 from ca.leaf import LeafTemplate, TemplateMismatch
 from sidemesh.identity.svid import EXTENSION_ERRORS, SvidError, own_roots, root_trust_domains
+
+log = logging.getLogger("sidemesh.ca")
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _END_OF_TIME = dt.datetime.max.replace(tzinfo=dt.UTC)
@@ -113,7 +116,7 @@ def assemble(
         links.insert(0, cert)
     for ca_cert in links:  # (verifiers would refuse every leaf it signs)
         _check_signing_extensions(
-            ca_cert, "the signing certificate" if ca_cert is cert else "an intermediate"
+            ca_cert, "the signing certificate" if ca_cert == cert else "an intermediate"
         )
     for child, parent in zip(links, [*links[1:], None], strict=True):
         issuers = [parent] if parent is not None else list(roots)
@@ -126,9 +129,10 @@ def assemble(
 
 def _check_signing_extensions(cert: x509.Certificate, what: str) -> None:
     """X509-SVID 4.3: a signing certificate MUST set keyUsage (critical) with keyCertSign (py-spiffe,
-    go-spiffe and rust-spiffe refuse a chain without); RFC 5280 4.2.1.2: a CA certificate MUST carry
-    a subjectKeyIdentifier (`openssl verify -x509_strict`, Python 3.13's default context refuse
-    one without)."""
+    go-spiffe and rust-spiffe refuse a chain without): refused. RFC 5280 4.2.1.2: a CA certificate
+    MUST carry a subjectKeyIdentifier (`openssl verify -x509_strict` refuses one without), but
+    default verifiers (OpenSSL's, Go's, the sidecars') take it and Istio's sample CA had none:
+    a warning."""
     name = cert.subject.rfc4514_string()
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
@@ -142,10 +146,11 @@ def _check_signing_extensions(cert: x509.Certificate, what: str) -> None:
     try:
         cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     except x509.ExtensionNotFound:
-        raise KeyMaterialError(
-            f"{what} ({name}) has no subjectKeyIdentifier (RFC 5280 4.2.1.2): strict verifiers refuse "
-            "its chains; reissue it with one"
-        ) from None
+        log.warning(
+            "a signing certificate has no subjectKeyIdentifier (RFC 5280 4.2.1.2): strict verifiers "
+            "(openssl verify -x509_strict) refuse its chains; reissue it with one",
+            extra={"certificate": what, "subject": name},
+        )
 
 
 def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:

@@ -296,8 +296,14 @@ def pod_level_resources(spec: Json, proxy: Json) -> Json | None:
     if not isinstance(pod, dict) or not pod:
         return None
     out = dict(pod)
+    requests, limits = proxy.get("requests") or {}, proxy.get("limits") or {}
+    # What the API server counts: a request defaults to its limit (defaulting runs again after the
+    # webhook); a pod limit grows by the proxy's limit, or by its request when it has none (the
+    # pod's request may not pass its limit).
+    effective = {**limits, **requests}
+    padding = {"requests": effective, "limits": {**effective, **limits}}
     for part in ("requests", "limits"):
-        values, extra = pod.get(part), proxy.get(part) or {}
+        values, extra = pod.get(part), padding[part]
         if not isinstance(values, dict):
             continue
         padded = dict(values)

@@ -243,6 +243,7 @@ class Connection:
     """One side of an HTTP/1.1 connection (see the module's docstring)."""
 
     __slots__ = (
+        "_body_seen",
         "_continue_done",
         "_eof",
         "_error",
@@ -306,6 +307,7 @@ class Connection:
         self._head_fed = 0
         self._in_trailers = False
         self._trailer_fed = 0
+        self._body_seen = False
 
     def release(self) -> None:
         """The connection is over: let go of llhttp's parser. The parser holds this object's
@@ -415,6 +417,7 @@ class Connection:
 
     def on_body(self, body: bytes) -> None:
         self._in_trailers = False
+        self._body_seen = True
         self._events.append(Data(body))
 
     def on_chunk_header(self) -> None:
@@ -451,7 +454,11 @@ class Connection:
                 self._fail(ProtocolError("request header fields too large", 431))
                 return
             self._head_fed += len(data)
-        trailing = self._in_trailers  # (all of ``data`` is trailer section if it still is after it)
+        # All of ``data`` is trailer section when it began and ended in one and carried no body (a
+        # chunk's size line ends a read that began with the last one's data, or a chunked body's
+        # reads each end after a size line: those are body reads, whatever their boundaries).
+        trailing = self._in_trailers
+        self._body_seen = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -475,6 +482,8 @@ class Connection:
             self._fail(ProtocolError(f"malformed message: {exc}"))
         if self._in_message and not self._head_done and self._head_fed > self.max_head:
             self._fail(ProtocolError("request header fields too large", 431))
+        elif self._body_seen:
+            self._trailer_fed = 0
         elif trailing and self._in_trailers:
             self._trailer_fed += len(data)
             if self._trailer_fed > self.max_head:

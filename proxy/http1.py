@@ -107,7 +107,10 @@ class Router(Protocol):
         """A new connection to the same place (a reused one was closed under the request)."""
         ...
 
-    def release(self, up: Upstream, reusable: bool, ok: bool | None) -> None: ...
+    def release(self, up: Upstream, reusable: bool, ok: bool | None, observe: bool = False) -> None:
+        """``ok`` None: the caller gave up (``Lease.abandon``; ``observe``: the endpoint had the whole
+        request and had not answered)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -444,7 +447,7 @@ async def _forward(
     try:
         first = conn.next_event()  # without I/O: a request without a body ends at once
     except h1.ProtocolError as exc:
-        router.release(up, False, True)
+        router.release(up, False, None)  # (nothing was sent: not the endpoint's outcome)
         raise _BadRequest(exc) from exc
     bodiless = isinstance(first, h1.EndOfMessage)
     body = _Body(bodiless)
@@ -533,8 +536,9 @@ async def _forward(
             return False
         except (PipeClosed, ConnectionError, h1.ProtocolError, h1.LocalProtocolError) as exc:
             pump_exc = await _stop(pump)
-            if gone[0] and pump_exc is None:
-                router.release(up, False, True)  # not the endpoint's failure
+            if gone[0] and pump_exc is None:  # not the endpoint's failure: answered, its answer
+                # counts; unanswered, neither (its time so far when it had the whole request)
+                router.release(up, False, True if started[0] else None, observe=body.complete)
                 raise _DownstreamGone("the client closed before the response ended") from exc
             if (
                 pump_exc is None

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import http.client
 import json
+import re
 import ssl
 import sys
 import time
@@ -55,16 +56,27 @@ class AppProbe:
     drain_waits: bool = False  # a classic sidecar's preStop hook: the drain waits for it
 
 
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
 def request_target(path: str) -> str:
     """The request target the kubelet sends for an httpGet ``path`` (Go's url.Parse, then the URL
-    as a string): a leading "/" added (`healthz` is GET /healthz), what a target cannot hold
-    percent-encoded (a space, non-ASCII), escapes already there kept, the fragment dropped."""
-    path = path.partition("#")[0]
-    path, sep, query = path.partition("?")
+    as a string, its host the pod's): a leading "/" added (`healthz` is GET /healthz), what a target
+    cannot hold percent-encoded (a space, non-ASCII), escapes already there kept, the fragment
+    dropped; `//x` is an authority there (GET /); a path Go cannot parse (an invalid `%` escape) is
+    taken whole as the path, `%`, `?` and `#` escaped too (the kubelet's fallback)."""
+    before_fragment, _, fragment = path.partition("#")
+    if _BAD_ESCAPE.search(before_fragment.partition("?")[0]) or _BAD_ESCAPE.search(fragment):
+        whole = path if path.startswith("/") else "/" + path
+        return urllib.parse.quote(whole, safe="/;,:@&=+$-._~")
+    path, sep, query = before_fragment.partition("?")
+    if path.startswith("//"):  # an authority (the kubelet puts the pod's in its place)
+        rest = path[2:]
+        path = rest[rest.index("/") :] if "/" in rest else ""
     if not path.startswith("/"):
         path = "/" + path
-    path = urllib.parse.quote(path, safe="/!$&'()*+,;=:@%-._~")
-    return path + sep + urllib.parse.quote(query, safe="/?!$&'()*+,;=:@%-._~")
+    path = urllib.parse.quote(path, safe="/!$&'()*+,;=:@%[]-._~")
+    return path + sep + urllib.parse.quote(query, safe="/?!$&'()*+,;=:@%[]-._~")
 
 
 def _port(value: Any, where: str) -> int:

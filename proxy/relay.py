@@ -375,6 +375,7 @@ class Relay:
             h.on_frame = None
         self.halves = []
         self.on_close = self.on_fail = None
+        self.recheck = None  # (a WebSocket's holds its router, which holds this relay)
 
     def close_gracefully(self) -> None:
         for h in self.halves:

@@ -173,7 +173,7 @@ class InboundRouter:
             new.decision = "audit_deny"
         return new
 
-    def release(self, up: Upstream, reusable: bool, ok: bool | None) -> None:
+    def release(self, up: Upstream, reusable: bool, ok: bool | None, observe: bool = False) -> None:
         if reusable:
             self.pool.put(up.key, up.pipe, up.conn)
         else:
@@ -305,12 +305,12 @@ class OutboundRouter:
                 lease.release(False)
         return new
 
-    def release(self, up: Upstream, reusable: bool, ok: bool | None) -> None:
-        """``ok`` None: the caller gave up before the whole request was sent (``Lease.abandon``)."""
+    def release(self, up: Upstream, reusable: bool, ok: bool | None, observe: bool = False) -> None:
+        """``ok`` None: the caller gave up (``Lease.abandon``)."""
         lease = self._leases.pop(id(up), None)
         if lease is not None:
             if ok is None:
-                lease.abandon(observe=False)
+                lease.abandon(observe)
             else:
                 lease.release(ok)
         if reusable:

@@ -6,6 +6,7 @@ account, address and ports. In a cluster the controller builds the same values f
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
@@ -337,6 +338,33 @@ def parse_namespace(doc: dict[str, Any], warnings: list[str] | None = None) -> N
     return Namespace(name, annotations)
 
 
+def _one_per_name(policies: list[Authorization], errors: list[str]) -> list[Authorization]:
+    """One valid object per name, the last, as `kubectl apply` of the files would leave (two of one
+    name were both kept: one's selector enforced with the other's rules). An invalid copy, which
+    the API server would refuse, replaces nothing: its stand-in stays too, under a name of its own,
+    allowing nothing to the workloads it selects (fail closed)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, p in enumerate(policies):
+        groups.setdefault((p.namespace, p.name), []).append(i)
+    keep: dict[int, Authorization] = {}
+    for (namespace, name), members in groups.items():
+        if len(members) == 1:
+            keep[members[0]] = policies[members[0]]
+            continue
+        valid = [i for i in members if not policies[i].invalid]
+        if valid:
+            keep[valid[-1]] = policies[valid[-1]]
+        invalid = [i for i in members if policies[i].invalid]
+        for k, i in enumerate(invalid):
+            renamed = name if not valid and k == len(invalid) - 1 else f"{name} (invalid copy {k + 1})"
+            keep[i] = dataclasses.replace(policies[i], name=renamed)
+        errors.append(
+            f"ServiceAuthorization {namespace}/{name} is defined {len(members)} times: the last valid one "
+            "is used (an invalid copy allows nothing to the workloads it selects)"
+        )
+    return [keep[i] for i in sorted(keep)]
+
+
 def build_snapshot(docs: list[tuple[str, Any]]) -> Snapshot:
     """Parse documents (source, doc); a bad document becomes an error line, never an exception."""
     services: list[Service] = []
@@ -388,14 +416,5 @@ def build_snapshot(docs: list[tuple[str, Any]]) -> Snapshot:
             errors.append(
                 f"{source}: malformed {doc.get('kind') if isinstance(doc, dict) else 'document'}: {exc}"
             )
-    # One object per name, the last, as `kubectl apply` of the files would leave (two of one name
-    # were both kept: one's selector enforced with the other's rules).
-    last = {(p.namespace, p.name): i for i, p in enumerate(policies)}
-    if len(last) < len(policies):
-        for i, p in enumerate(policies):
-            if last[(p.namespace, p.name)] != i:
-                errors.append(
-                    f"ServiceAuthorization {p.namespace}/{p.name} is defined more than once: the last one is used"
-                )
-        policies = [p for i, p in enumerate(policies) if last[(p.namespace, p.name)] == i]
+    policies = _one_per_name(policies, errors)
     return Snapshot(tuple(services), tuple(workloads), tuple(namespaces), tuple(policies), tuple(errors))

@@ -409,6 +409,35 @@ async def test_a_request_is_not_sent_again_once_a_100_continue_went_to_the_clien
     assert app.hits == 1 and app.bodies == [b"hello"], (app.hits, app.bodies)
 
 
+@pytest.mark.parametrize("how", ["left-unanswered", "bad-first-chunk"])
+async def test_a_request_the_client_gave_up_does_not_end_a_probation(mesh: Mesh, how: str) -> None:
+    """An endpoint on probation (ejected, then let back for one request): a client that left its
+    request unanswered, or whose first chunk could not be read (the endpoint never got it), ended
+    the probation as a success and reset the ejection's backoff."""
+    write_mesh(mesh, two=False)
+    app = App("a")
+    await start_mesh(mesh, [(CART1, app)])
+    frontend = mesh.sidecars["frontend"]
+    addr = (mesh.addr(FRONTEND), OUT)
+    await asyncio.to_thread(session, addr, [("GET", "/x")])
+    (st,) = frontend.balancer.states.values()
+    now = frontend.balancer.clock()
+    st.ejected_at, st.ejected_until, st.ejections, st.rejoined = now - 5, now - 0.01, 3, True
+    reader, writer = await asyncio.open_connection(*addr)
+    if how == "left-unanswered":
+        app.delay = 3.0  # it hangs still
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: cart\r\n\r\n")
+        await asyncio.sleep(0.3)
+    else:
+        writer.write(b"PUT /upload HTTP/1.1\r\nHost: cart\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"HTTP/1.1 400")
+    writer.close()
+    await asyncio.sleep(0.3)
+    assert st.ejected_at is not None and st.ejections == 3 and st.outstanding == 0, (
+        frontend.balancer.describe()
+    )
+
+
 async def test_a_request_body_that_stalls_gets_408(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
     """No Service timeout covers a request body (it starts at its end): a client stalled mid-body
     held the request and the app's connection for good; after the body idle timeout (Envoy's

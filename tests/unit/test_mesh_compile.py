@@ -734,4 +734,20 @@ def test_a_policy_defined_twice_is_the_last_one_whole() -> None:
     assert [(p.selector, p.rules[0].sources[0].service_account) for p in snap.policies] == [
         ((("app", "pay"),), "checkout")
     ]
-    assert snap.errors == ("ServiceAuthorization shop/p is defined more than once: the last one is used",)
+    assert snap.errors == (
+        "ServiceAuthorization shop/p is defined 2 times: the last valid one is used (an invalid copy "
+        "allows nothing to the workloads it selects)",
+    )
+
+
+def test_an_invalid_later_copy_of_a_policy_replaces_nothing() -> None:
+    """A later copy the API server would refuse (a typo) replaced the valid one, and the workloads
+    only the valid one selected fell to the default policy (fail open). The valid one stays; the
+    invalid copy's stand-in stays too, under a name of its own, allowing nothing."""
+    broken = _policy(app="ledger")
+    broken["spec"]["rules"][0]["from"][0] = {"serviceAcount": "web"}  # type: ignore[index]
+    snap = build_snapshot([("a.yaml#0", _policy(app="payments", caller="checkout")), ("b.yaml#0", broken)])
+    assert [(p.name, p.selector, bool(p.invalid)) for p in snap.policies] == [
+        ("p", (("app", "payments"),), False),
+        ("p (invalid copy 1)", (("app", "ledger"),), True),
+    ]

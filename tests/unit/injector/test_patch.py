@@ -810,8 +810,11 @@ def _api_checks_pod_level_resources(pod: Json) -> list[str]:
     out = []
     for name in ("cpu", "memory"):
 
-        def req(c: Json, name: str = name) -> Decimal:
-            return quantity(((c.get("resources") or {}).get("requests") or {}).get(name, "0"))
+        def req(c: Json, name: str = name) -> Decimal:  # (a request defaults to its limit)
+            res = c.get("resources") or {}
+            return quantity(
+                (res.get("requests") or {}).get(name) or (res.get("limits") or {}).get(name) or "0"
+            )
 
         sidecars, init_peak = Decimal(0), Decimal(0)
         for c in spec.get("initContainers") or []:
@@ -822,6 +825,9 @@ def _api_checks_pod_level_resources(pod: Json) -> list[str]:
         aggregate = max(init_peak, sidecars + sum((req(c) for c in spec["containers"]), Decimal(0)))
         if name in pod_res.get("requests", {}) and aggregate > quantity(pod_res["requests"][name]):
             out.append(f"requests[{name}] below aggregate {aggregate}")
+        both = name in pod_res.get("requests", {}) and name in pod_res.get("limits", {})
+        if both and quantity(pod_res["requests"][name]) > quantity(pod_res["limits"][name]):
+            out.append(f"requests[{name}] above the pod's limit")
         for c in spec["containers"]:
             limit = ((c.get("resources") or {}).get("limits") or {}).get(name)
             if (
@@ -860,3 +866,27 @@ def test_a_pod_without_pod_level_resources_gets_none() -> None:
     result = patch.inject(a_pod(), SETTINGS)
     assert "resources" not in result.pod["spec"]
     assert not any("spec.resources" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize(
+    "proxy",
+    [
+        Resources(requests={"cpu": "100m", "memory": "128Mi"}, limits={"memory": "512Mi"}),  # no cpu limit
+        Resources(limits={"cpu": "1", "memory": "256Mi"}),  # limits only: requests default to them
+    ],
+    ids=["proxy-without-cpu-limit", "proxy-limits-only"],
+)
+def test_pod_level_padding_counts_what_the_api_server_counts(proxy: Resources) -> None:
+    """The padding took the proxy's declared values: a proxy without a cpu limit raised the pod's
+    request past its own limit, and a proxy with limits only (its requests defaulted to them after
+    the webhook) left the pod's requests below the containers'."""
+    pod = a_pod()
+    pod["spec"]["resources"] = {
+        "requests": {"cpu": "1", "memory": "1Gi"},
+        "limits": {"cpu": "1", "memory": "1Gi"},
+    }
+    pod["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "1", "memory": "1Gi"}}
+    for native in (True, False):
+        settings = dataclasses.replace(SETTINGS, native_sidecar=native, proxy_resources=proxy)
+        result = patch.inject(pod, settings)
+        assert _api_checks_pod_level_resources(result.pod) == [], result.pod["spec"]["resources"]

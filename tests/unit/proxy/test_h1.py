@@ -305,6 +305,29 @@ def test_trailers_and_bodies_of_any_size_within_the_limit_still_pass() -> None:
     assert got[-2] == h1.EndOfMessage([(b"x-t", b"b" * 3000)])
 
 
+@pytest.mark.parametrize("role", ["request", "response"])
+def test_reads_that_end_after_a_chunk_size_line_are_body_not_trailers(role: str) -> None:
+    """Each read ending with the next chunk's size line (a sender writing "data CRLF next-size"; or
+    segmentation): every read began and ended just after a chunk header, was counted as trailer
+    section, and a valid 160 KiB body (or a streamed response) got 431 after 64 KiB."""
+    if role == "request":
+        conn = h1.Connection(h1.SERVER)
+        conn.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n")
+    else:
+        conn = h1.Connection(h1.CLIENT)
+        conn.send(h1.Request(b"GET", b"/", [(b"Host", b"x")]))
+        conn.send(h1.EndOfMessage())
+        conn.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n")
+    received = 0
+    for _ in range(40):
+        conn.receive_data(b"a" * 4096 + b"\r\n1000\r\n")
+        received += sum(len(e.data) for e in events(conn) if isinstance(e, h1.Data))
+    conn.receive_data(b"a" * 4096 + b"\r\n0\r\n\r\n")
+    got = events(conn)
+    assert received + sum(len(e.data) for e in got if isinstance(e, h1.Data)) == 41 * 4096
+    assert h1.EndOfMessage() in got
+
+
 def test_request_written_is_read_back_by_h11() -> None:
     client = h1.Connection(h1.CLIENT)
     headers = [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked")]
