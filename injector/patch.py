@@ -296,6 +296,22 @@ def pod_level_resources(spec: Json, proxy: Json) -> Json | None:
     if not isinstance(pod, dict) or not pod:
         return None
     out = dict(pod)
+    pod_requests, pod_limits = pod.get("requests"), pod.get("limits")
+    if isinstance(pod_limits, dict):
+        # A pod-level request the API server would default (`sidemesh inject` of a template: the
+        # webhook sees the pod defaulted already): the pod's limit when no container asks for that
+        # resource. Left unset, the proxy's own request would become the pod's whole request.
+        asked = {
+            name
+            for c in (*_list(spec, "containers", "spec"), *_list(spec, "initContainers", "spec"))
+            for part in ("requests", "limits")
+            for name in ((c.get("resources") or {}).get(part) or {})
+        }
+        defaulted = {n: q for n, q in pod_limits.items() if n not in asked}
+        if defaulted:
+            pod_requests = {**defaulted, **(pod_requests if isinstance(pod_requests, dict) else {})}
+            out["requests"] = pod_requests
+            pod = out
     requests, limits = proxy.get("requests") or {}, proxy.get("limits") or {}
     # What the API server counts: a request defaults to its limit (defaulting runs again after the
     # webhook); a pod limit grows by the proxy's limit, or by its request when it has none (the
@@ -438,10 +454,10 @@ def inject(pod: Any, settings: InjectionSettings) -> Result:
     before, after = spec.get("resources"), desired["spec"].get("resources")
     if isinstance(before, dict) and isinstance(after, dict) and before != after:
         changes = [
-            f"{part} {name} {before[part][name]} -> {value}"
+            f"{part} {name} {(before.get(part) or {}).get(name, '(unset)')} -> {value}"
             for part in ("requests", "limits")
             for name, value in (after.get(part) or {}).items()
-            if before[part][name] != value
+            if (before.get(part) or {}).get(name) != value
         ]
         warnings.append(
             f"sidemesh: the pod-level resources (spec.resources) now include the sidecar's: {', '.join(changes)}"

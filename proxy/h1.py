@@ -248,6 +248,7 @@ class Connection:
         "_eof",
         "_error",
         "_events",
+        "_framing_fed",
         "_head_done",
         "_head_fed",
         "_head_size",
@@ -256,13 +257,13 @@ class Connection:
         "_in_trailers",
         "_informational",
         "_last_response",
+        "_messages",
         "_out_body",
         "_out_chunked",
         "_parser",
         "_paused",
         "_reason",
         "_switched",
-        "_trailer_fed",
         "_upgrading",
         "_url",
         "max_head",
@@ -306,8 +307,9 @@ class Connection:
         self._in_message = False
         self._head_fed = 0
         self._in_trailers = False
-        self._trailer_fed = 0
+        self._framing_fed = 0
         self._body_seen = False
+        self._messages = 0
 
     def release(self) -> None:
         """The connection is over: let go of llhttp's parser. The parser holds this object's
@@ -325,6 +327,7 @@ class Connection:
     # -- llhttp's callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._messages += 1
         self._in_message = True
         self._url = b""
         self._reason = b""
@@ -334,7 +337,7 @@ class Connection:
         self._head_fed = 0
         self._head_size = 0
         self._in_trailers = False  # after a chunk header, until its data (the last chunk's: trailers)
-        self._trailer_fed = 0
+        self._framing_fed = 0  # bytes of reads after the head that carried no body, in a row
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -421,9 +424,8 @@ class Connection:
         self._events.append(Data(body))
 
     def on_chunk_header(self) -> None:
-        # Its data follows (on_body), or, for the last chunk, the trailer section: llhttp keeps a
-        # field that has not ended yet whole, so the section is counted against ``max_head`` as a
-        # head is (receive_data), or a trailer that never ends grows without bound.
+        # Its data follows (on_body), or, for the last chunk, the trailer section (for the status
+        # a section too large gets: receive_data counts it).
         self._in_trailers = True
 
     def on_message_complete(self) -> None:
@@ -454,10 +456,12 @@ class Connection:
                 self._fail(ProtocolError("request header fields too large", 431))
                 return
             self._head_fed += len(data)
-        # All of ``data`` is trailer section when it began and ended in one and carried no body (a
-        # chunk's size line ends a read that began with the last one's data, or a chunked body's
-        # reads each end after a size line: those are body reads, whatever their boundaries).
-        trailing = self._in_trailers
+        # A read that began after this message's head, ended in it and carried none of its body is
+        # all chunk framing (size lines, extensions) or trailer section: held to ``max_head`` in a
+        # row, or one that never ends is taken forever (llhttp keeps an unfinished trailer field
+        # whole: quadratic; it skips extensions: CVE-2024-22019's endless chunk extension). Reads
+        # with body data in them reset the count, whatever their boundaries.
+        framing_of = self._messages if self._in_message and self._head_done else -1
         self._body_seen = False
         try:
             self._parser.feed_data(data)
@@ -483,11 +487,15 @@ class Connection:
         if self._in_message and not self._head_done and self._head_fed > self.max_head:
             self._fail(ProtocolError("request header fields too large", 431))
         elif self._body_seen:
-            self._trailer_fed = 0
-        elif trailing and self._in_trailers:
-            self._trailer_fed += len(data)
-            if self._trailer_fed > self.max_head:
-                self._fail(ProtocolError("trailer fields too large", 431))
+            self._framing_fed = 0
+        elif framing_of == self._messages and self._in_message:
+            self._framing_fed += len(data)
+            if self._framing_fed > self.max_head:
+                self._fail(
+                    ProtocolError("trailer fields too large", 431)
+                    if self._in_trailers
+                    else ProtocolError("chunk size lines or extensions too large")
+                )
 
     def _receive_eof(self) -> None:
         self._eof = True

@@ -538,7 +538,8 @@ async def _forward(
             pump_exc = await _stop(pump)
             if gone[0] and pump_exc is None:  # not the endpoint's failure: answered, its answer
                 # counts; unanswered, neither (its time so far when it had the whole request)
-                router.release(up, False, True if started[0] else None, observe=body.complete)
+                ok = (result.status is None or result.status < 500) if started[0] else None  # (a 5xx is one)
+                router.release(up, False, ok, observe=body.complete)
                 raise _DownstreamGone("the client closed before the response ended") from exc
             if (
                 pump_exc is None

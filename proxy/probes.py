@@ -57,6 +57,8 @@ class AppProbe:
 
 
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# What Go's net/url sends as written (validEncoded): anything else, its decoded path escaped anew.
+_RAW_PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]/]|%[0-9A-Fa-f]{2})*")
 
 
 def request_target(path: str) -> str:
@@ -70,12 +72,13 @@ def request_target(path: str) -> str:
         whole = path if path.startswith("/") else "/" + path
         return urllib.parse.quote(whole, safe="/;,:@&=+$-._~")
     path, sep, query = before_fragment.partition("?")
-    if path.startswith("//"):  # an authority (the kubelet puts the pod's in its place)
+    if path.startswith("//") and not path.startswith("///"):  # an authority (the pod's replaces it)
         rest = path[2:]
         path = rest[rest.index("/") :] if "/" in rest else ""
     if not path.startswith("/"):
         path = "/" + path
-    path = urllib.parse.quote(path, safe="/!$&'()*+,;=:@%[]-._~")
+    if _RAW_PATH.fullmatch(path) is None:  # not as written: Go escapes the decoded path again
+        path = urllib.parse.quote(urllib.parse.unquote(path), safe="/;,:@&=+$-._~")
     return path + sep + urllib.parse.quote(query, safe="/?!$&'()*+,;=:@%[]-._~")
 
 

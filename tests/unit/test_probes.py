@@ -97,6 +97,10 @@ def test_grpc_health_response_decoding(data: bytes, status: int) -> None:
         ("//healthz", "/"),  # an authority to Go's url.Parse
         ("//h/x?q=1", "/x?q=1"),
         ("/a[0]", "/a[0]"),
+        ("///healthz", "///healthz"),  # not an authority to Go
+        ("/a b/x%2Fy", "/a%20b/x/y"),  # not sendable as written: the decoded path escaped anew
+        ("/a b(1)", "/a%20b%281%29"),
+        ("/a%41", "/a%41"),  # sendable as written: kept
     ],
 )
 def test_the_request_target_is_the_kubelets(path: str, target: str) -> None:

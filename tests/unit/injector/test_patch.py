@@ -890,3 +890,16 @@ def test_pod_level_padding_counts_what_the_api_server_counts(proxy: Resources) -
         settings = dataclasses.replace(SETTINGS, native_sidecar=native, proxy_resources=proxy)
         result = patch.inject(pod, settings)
         assert _api_checks_pod_level_resources(result.pod) == [], result.pod["spec"]["resources"]
+
+
+def test_a_template_with_pod_level_limits_only_keeps_the_request_the_api_server_would_give() -> None:
+    """`sidemesh inject` of a template (the API server has not defaulted it): pod-level limits and
+    no container asking for the resource make a pod whose request defaults to its limit; the
+    sidecar's requests made the containers' total the default instead, and the pod was scheduled
+    with the proxy's 100m of the 2 CPUs it asked for (Guaranteed became Burstable)."""
+    pod = a_pod()
+    pod["spec"]["resources"] = {"limits": {"cpu": "2", "memory": "4Gi"}}
+    pod["spec"]["containers"][0].pop("resources", None)
+    result = patch.inject(pod, SETTINGS)
+    assert result.pod["spec"]["resources"]["requests"] == {"cpu": "2100m", "memory": "4224Mi"}
+    assert _api_checks_pod_level_resources(result.pod) == []

@@ -328,6 +328,45 @@ def test_reads_that_end_after_a_chunk_size_line_are_body_not_trailers(role: str)
     assert h1.EndOfMessage() in got
 
 
+@pytest.mark.parametrize("line", [b"5;ext=", b"0000", b'5;ext="'], ids=["extension", "zeros", "quoted"])
+def test_a_chunk_size_line_that_never_ends_is_cut(line: bytes) -> None:
+    """llhttp skips a chunk extension's bytes (and leading zeros), so nothing was ever refused: an
+    endless one held the request and the app's connection for good (CVE-2024-22019)."""
+    conn = h1.Connection(h1.SERVER, max_head=4096)
+    conn.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + line)
+    events(conn)
+
+    def trickle() -> None:
+        for _ in range(100):
+            conn.receive_data((b"0" if line == b"0000" else b"a") * 100)
+            events(conn)
+
+    with pytest.raises(h1.ProtocolError) as caught:
+        trickle()
+    assert caught.value.status == 400
+
+
+def test_pipelined_requests_after_a_trailer_section_are_not_counted_as_trailers() -> None:
+    """A read that began in one message's trailer section and ended in another's was counted whole
+    as trailer bytes (the pipelined requests in between with it): 431 for valid requests."""
+    conn = h1.Connection(h1.SERVER, max_head=4096)
+    conn.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n")
+    pipelined = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n" * 200
+    conn.receive_data(
+        b"\r\n" + pipelined + b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+    )
+    served = 0
+    while (got := events(conn))[-1] is h1.PAUSED or h1.EndOfMessage() in got:  # answer each in turn
+        served += 1
+        conn.send(h1.Response(200, [(b"content-length", b"0")]))
+        conn.send(h1.EndOfMessage())
+        if not conn.reusable:
+            break
+        conn.start_next_cycle()
+    assert served == 201  # the first POST and the 200 GETs, none refused; the last POST has begun
+    assert isinstance(got[0], h1.Request) and got[0].method == b"POST"
+
+
 def test_request_written_is_read_back_by_h11() -> None:
     client = h1.Connection(h1.CLIENT)
     headers = [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked")]
