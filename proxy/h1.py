@@ -351,10 +351,13 @@ class Connection:
         self._headers.append((name.lower(), value))  # names are case-insensitive: lower-case, as HTTP/2
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self.max_head:
-            raise ProtocolError("request header fields too large", 431)
+            raise ProtocolError(
+                "trailer fields too large" if self._head_done else "header fields too large", 431
+            )
 
     def on_headers_complete(self) -> None:
         self._head_done = True
+        self._head_size = 0  # (a trailer section has 64 KiB of its own, as in Node's and Envoy's)
         headers, self._headers = self._headers, []
         parser = self._parser
         version = parser.get_http_version().encode()

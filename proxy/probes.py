@@ -57,6 +57,19 @@ class AppProbe:
 
 
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# An authority Go's url.Parse takes: userinfo@, a reg-name or [IP literal], :port digits.
+_AUTHORITY = re.compile(
+    r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:%]*@)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?"
+)
+
+
+def _authority_ok(path: str) -> bool:
+    rest = path[2:]
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    return _AUTHORITY.fullmatch(rest[:end]) is not None
+
+
 # What Go's net/url sends as written (validEncoded): anything else, its decoded path escaped anew.
 _RAW_PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]/]|%[0-9A-Fa-f]{2})*")
 
@@ -68,7 +81,16 @@ def request_target(path: str) -> str:
     dropped; `//x` is an authority there (GET /); a path Go cannot parse (an invalid `%` escape) is
     taken whole as the path, `%`, `?` and `#` escaped too (the kubelet's fallback)."""
     before_fragment, _, fragment = path.partition("#")
-    if _BAD_ESCAPE.search(before_fragment.partition("?")[0]) or _BAD_ESCAPE.search(fragment):
+    if (
+        _BAD_ESCAPE.search(before_fragment.partition("?")[0])
+        or _BAD_ESCAPE.search(fragment)
+        or _CONTROL.search(before_fragment)
+        or (
+            before_fragment.startswith("//")
+            and not before_fragment.startswith("///")
+            and not _authority_ok(before_fragment)
+        )
+    ):
         whole = path if path.startswith("/") else "/" + path
         return urllib.parse.quote(whole, safe="/;,:@&=+$-._~")
     path, sep, query = before_fragment.partition("?")
@@ -78,7 +100,7 @@ def request_target(path: str) -> str:
     if not path.startswith("/"):
         path = "/" + path
     if _RAW_PATH.fullmatch(path) is None:  # not as written: Go escapes the decoded path again
-        path = urllib.parse.quote(urllib.parse.unquote(path), safe="/;,:@&=+$-._~")
+        path = urllib.parse.quote(urllib.parse.unquote_to_bytes(path), safe="/;,:@&=+$-._~")
     return path + sep + urllib.parse.quote(query, safe="/?!$&'()*+,;=:@%[]-._~")
 
 

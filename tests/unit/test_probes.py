@@ -101,6 +101,11 @@ def test_grpc_health_response_decoding(data: bytes, status: int) -> None:
         ("/a b/x%2Fy", "/a%20b/x/y"),  # not sendable as written: the decoded path escaped anew
         ("/a b(1)", "/a%20b%281%29"),
         ("/a%41", "/a%41"),  # sendable as written: kept
+        ("/a%FF b", "/a%FF%20b"),  # bytes that are no UTF-8 stay those bytes
+        ("/é%FF", "/%C3%A9%FF"),
+        ("/a\tb?c", "/a%09b%3Fc"),  # a control byte: Go cannot parse it, the whole is the path
+        ("//a b/x", "//a%20b/x"),  # an authority Go refuses: the whole is the path
+        ("//h:xy/x", "//h:xy/x"),
     ],
 )
 def test_the_request_target_is_the_kubelets(path: str, target: str) -> None:
