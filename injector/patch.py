@@ -296,7 +296,7 @@ def pod_level_resources(spec: Json, proxy: Json) -> Json | None:
     if not isinstance(pod, dict) or not pod:
         return None
     out = dict(pod)
-    pod_requests, pod_limits = pod.get("requests"), pod.get("limits")
+    pod_limits = pod.get("limits")
     if isinstance(pod_limits, dict):
         # A pod-level request the API server would default (`sidemesh inject` of a template: the
         # webhook sees the pod defaulted already): the pod's limit when no container asks for that
@@ -309,9 +309,8 @@ def pod_level_resources(spec: Json, proxy: Json) -> Json | None:
         }
         defaulted = {n: q for n, q in pod_limits.items() if n not in asked}
         if defaulted:
-            pod_requests = {**defaulted, **(pod_requests if isinstance(pod_requests, dict) else {})}
-            out["requests"] = pod_requests
-            pod = out
+            given = pod.get("requests")
+            out["requests"] = {**defaulted, **(given if isinstance(given, dict) else {})}
     requests, limits = proxy.get("requests") or {}, proxy.get("limits") or {}
     # What the API server counts: a request defaults to its limit (defaulting runs again after the
     # webhook); a pod limit grows by the proxy's limit, or by its request when it has none (the
@@ -319,7 +318,7 @@ def pod_level_resources(spec: Json, proxy: Json) -> Json | None:
     effective = {**limits, **requests}
     padding = {"requests": effective, "limits": {**effective, **limits}}
     for part in ("requests", "limits"):
-        values, extra = pod.get(part), padding[part]
+        values, extra = out.get(part), padding[part]
         if not isinstance(values, dict):
             continue
         padded = dict(values)

@@ -788,8 +788,8 @@ async def _pump_body(
                 raise _DownstreamGone(str(exc)) from exc
             continue
         if isinstance(event, h1.Data):
-            if clock is not None:  # (an Expect request's client that stopped waiting for 100)
-                clock.body_coming()
+            if clock is not None and clock.at is not None:  # (an Expect request's client that
+                clock.body_coming()  # stopped waiting for 100: its clock still ran from the head)
             body.keep(event.data)
             up.pipe.write(up.conn.send(event))
             await up.pipe.drain()

@@ -145,7 +145,8 @@ class InboundRouter:
         up = await self._connect()
         if isinstance(up, Upstream):
             up.reason, up.policy, up.audit = decision.reason, decision.policy, decision.audit
-            if self.relay is not None:  # switched (a WebSocket): spliced bytes, asked again on change
+            if self.relay is not None and request.upgrade:  # if switched (a WebSocket): spliced
+                # bytes, decided again on a configuration change (no closure for other requests)
                 relay, method, path = self.relay, info.method, info.path
                 up.on_switch = lambda: setattr(
                     relay, "recheck", functools.partial(self.authorize, method, path)
@@ -169,6 +170,7 @@ class InboundRouter:
         new = await self._connect(fresh=True)
         if isinstance(new, Upstream):
             new.reason, new.policy, new.audit = up.reason, up.policy, up.audit
+            new.on_switch = up.on_switch
         elif up.audit:
             new.decision = "audit_deny"
         return new
