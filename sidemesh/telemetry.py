@@ -34,7 +34,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from prometheus_client import CollectorRegistry, Counter
 
 import sidemesh.prometheus  # noqa: F401  (no *_created series)
-from sidemesh.config import ConfigError, otlp_endpoint_problem, url_port
+from sidemesh.config import otlp_endpoint_problem, url_port
 from sidemesh.later import Later
 from sidemesh.propagation import Format
 
@@ -79,12 +79,14 @@ def span_limits(environ: Mapping[str, str]) -> SpanLimits:
     return SpanLimits() if configured else SpanLimits(max_span_attribute_length=DEFAULT_ATTRIBUTE_LENGTH)
 
 
-class TelemetryConfigError(ConfigError):
-    """A bad ``OTEL_*`` value: the message names the variable."""
-
-    def __init__(self, variable: str, message: str) -> None:
-        ValueError.__init__(self, f"{variable}: {message}")
-        self.option = variable
+def _ignored(variable: str, problem: str, instead: str) -> None:
+    """A bad ``OTEL_*`` value is warned about and otherwise ignored, as the SDK environment
+    specification says ("generate a warning and gracefully ignore the setting"; for
+    OTEL_TRACES_SAMPLER_ARG "MUST be logged and MUST be otherwise ignored"): tracing configuration
+    never stops a component, a sidecar's traffic least of all."""
+    log.warning(
+        "%s: %s; ignored, %s", variable, problem, instead, extra={"variable": variable, "problem": problem}
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,39 +123,58 @@ PROPAGATORS: dict[str, Format | None] = {
 }
 
 
+DEFAULT_PROPAGATORS = "tracecontext,baggage"
+
+
 def new_trace_formats(environ: Mapping[str, str]) -> tuple[Format, ...]:
     """OTEL_PROPAGATORS (default ``tracecontext,baggage``) as the formats a new trace is written in,
-    in the order given, each once. A name the mesh does not write (jaeger, xray, ottrace) is refused."""
-    raw = environ.get("OTEL_PROPAGATORS", "").strip().lower() or "tracecontext,baggage"
+    in the order given, each once. A name the mesh does not write (jaeger, xray, ottrace) is warned
+    about and skipped (when it was the only one: as if the variable were unset)."""
+    raw = environ.get("OTEL_PROPAGATORS", "").strip().lower() or DEFAULT_PROPAGATORS
     formats: list[Format] = []
+    known = 0
     for name in (n.strip() for n in raw.split(",")):
         if name not in PROPAGATORS:
-            raise TelemetryConfigError(
-                "OTEL_PROPAGATORS", f"{name!r} is not one of {', '.join(PROPAGATORS)} (comma-separated)"
+            _ignored(
+                "OTEL_PROPAGATORS", f"{name!r} is not one of {', '.join(PROPAGATORS)}", "the others are used"
             )
+            continue
+        known += 1
         fmt = PROPAGATORS[name]
         if fmt is not None and fmt not in formats:
             formats.append(fmt)
+    if not known:
+        return new_trace_formats({"OTEL_PROPAGATORS": DEFAULT_PROPAGATORS})
     return tuple(formats)
 
 
-def _number(environ: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+def _number(
+    environ: Mapping[str, str], name: str, default: float, minimum: float, maximum: float = math.inf
+) -> float:
+    """The variable's number, or ``default`` (with a warning) when it is no number in range."""
     raw = environ.get(name, "").strip()
     if not raw:
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise TelemetryConfigError(name, f"{raw!r} is not a number") from None
-    if not math.isfinite(value):  # (nan passed the check below; inf stopped the export thread)
-        raise TelemetryConfigError(name, f"{raw!r} is not a finite number")
-    if value < minimum:
-        raise TelemetryConfigError(name, f"{raw} is below {minimum:g}")
-    return value
+        problem = f"{raw!r} is not a number"
+    else:
+        if not math.isfinite(value):  # (nan passed the checks below; inf stopped the export thread)
+            problem = f"{raw!r} is not a finite number"
+        elif value < minimum:
+            problem = f"{raw} is below {minimum:g}"
+        elif value > maximum:
+            problem = f"{raw} is above {maximum:g}"
+        else:
+            return value
+    _ignored(name, problem, f"the default {default:g} is used")
+    return default
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettings | None:
-    """The tracing settings, or None when tracing is off. A bad value raises TelemetryConfigError."""
+    """The tracing settings, or None when tracing is off. A bad value is warned about and ignored
+    (its default is used; a bad endpoint leaves tracing off), as the SDK specification says."""
     env = os.environ if environ is None else environ
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
@@ -161,36 +182,37 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
     if exporter == "none":
         return None
     if exporter != "otlp":
-        raise TelemetryConfigError("OTEL_TRACES_EXPORTER", f"{exporter!r}: only otlp and none are supported")
+        _ignored("OTEL_TRACES_EXPORTER", f"{exporter!r}: only otlp and none are supported", "otlp is used")
     found = _get(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
     given = _get(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
     # (enum values are read case-insensitively, as the SDK environment specification says)
-    protocol = (
-        (given[0], given[1].lower())
-        if given is not None
-        else (
-            "",
-            # Unset: OTLP/HTTP for an endpoint on its port (4318: the injection settings' default,
-            # copied here, sent gRPC to an HTTP port and every span was lost), else gRPC.
-            "http/protobuf" if found is not None and url_port(found[1]) == OTLP_HTTP_PORT else "grpc",
-        )
-    )
-    if protocol[1] not in PROTOCOLS:
-        raise TelemetryConfigError(protocol[0], f"{protocol[1]!r} is not one of {', '.join(PROTOCOLS)}")
+    # Unset (or not one we know): OTLP/HTTP for an endpoint on its port (4318: the injection
+    # settings' default, copied here, sent gRPC to an HTTP port and every span was lost), else gRPC.
+    by_port = "http/protobuf" if found is not None and url_port(found[1]) == OTLP_HTTP_PORT else "grpc"
+    protocol = by_port if given is None else given[1].lower()
+    if protocol not in PROTOCOLS:
+        assert given is not None
+        _ignored(given[0], f"{given[1]!r} is not one of {', '.join(PROTOCOLS)}", f"{by_port} is used")
+        protocol = by_port
     if found is None:
         return None
     name, endpoint = found
-    appended = protocol[1] == "http/protobuf" and name == "OTEL_EXPORTER_OTLP_ENDPOINT"
+    appended = protocol == "http/protobuf" and name == "OTEL_EXPORTER_OTLP_ENDPOINT"
     if (problem := otlp_endpoint_problem(endpoint, path_appended=appended)) is not None:
-        raise TelemetryConfigError(name, f"{endpoint!r} {problem}")
+        _ignored(name, f"{endpoint!r} {problem}", "tracing is off")
+        return None
     if appended:
         endpoint = endpoint.rstrip("/") + "/v1/traces"  # the spec: only the generic variable gets the path
-    sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
     if sampler not in SAMPLERS:
-        raise TelemetryConfigError("OTEL_TRACES_SAMPLER", f"{sampler!r} is not one of {', '.join(SAMPLERS)}")
-    ratio = _number(env, "OTEL_TRACES_SAMPLER_ARG", 1.0, 0.0) if sampler.endswith("ratio") else 1.0
-    if ratio > 1.0:
-        raise TelemetryConfigError("OTEL_TRACES_SAMPLER_ARG", f"{ratio:g} is above 1 (a ratio: 0.01 is 1%)")
+        _ignored(
+            "OTEL_TRACES_SAMPLER",
+            f"{sampler!r} is not one of {', '.join(SAMPLERS)}",
+            "parentbased_always_on is used",
+        )
+        sampler = "parentbased_always_on"
+    # (a ratio: 0.01 is 1%; above 1 is no ratio, and is ignored as the SDK ignores it)
+    ratio = _number(env, "OTEL_TRACES_SAMPLER_ARG", 1.0, 0.0, 1.0) if sampler.endswith("ratio") else 1.0
     timeout_ms = _number(env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", 0, 1) or _number(
         env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10000, 1
     )
@@ -198,7 +220,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
     batch = int(_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, 1))
     return TracingSettings(
         endpoint=endpoint,
-        protocol=protocol[1],
+        protocol=protocol,
         sampler=sampler,
         ratio=ratio,
         timeout=timeout_ms / 1000,
