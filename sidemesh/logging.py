@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 from sidemesh.later import Later
@@ -14,6 +14,14 @@ from sidemesh.later import Later
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
+# At most this many lines of one event (logger and message) a second from the data path's loggers:
+# a caller refused or denied connection after connection, or sending malformed request after
+# request, wrote a line each, thousands a second (the denials metric still counts every one). The
+# next line let through after some were held back says how many (``suppressed``). The access log
+# (BufferedLines) and the other components' lines (the injector's line per admission) are not held.
+LINES_PER_EVENT = 10
+LIMITED_LOGGERS = "sidemesh.proxy"  # ... and the loggers below it
+KEYS_KEPT = 1024  # events tracked at once (more: the table starts again)
 FLUSH_S = 0.25  # BufferedLines: a line waits at most this long ...
 FLUSH_BYTES = 64 * 1024  # ... or until this much waits
 
@@ -52,6 +60,46 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
+class PerEventLimit(logging.Filter):
+    """Lets through at most ``per_second`` records of each event (logger and message template) of
+    ``loggers`` and the loggers below it in each second; the first one through after others were
+    held back carries ``suppressed``, their number."""
+
+    def __init__(
+        self,
+        per_second: int = LINES_PER_EVENT,
+        clock: Callable[[], float] = time.monotonic,
+        loggers: str = LIMITED_LOGGERS,
+    ) -> None:
+        super().__init__()
+        self.per_second = per_second
+        self.loggers, self._below = loggers, loggers + "."
+        self._clock = clock
+        self._events: dict[tuple[str, object], list[float | int]] = {}  # -> [second, passed, held]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if not (name == self.loggers or name.startswith(self._below)):
+            return True
+        second = int(self._clock())
+        key = (record.name, record.msg)
+        state = self._events.get(key)
+        if state is None:
+            if len(self._events) >= KEYS_KEPT:
+                self._events.clear()
+            state = self._events[key] = [second, 0, 0]
+        elif state[0] != second:
+            state[0], state[1] = second, 0
+        if state[1] >= self.per_second:
+            state[2] += 1
+            return False
+        state[1] += 1
+        if state[2]:
+            record.suppressed = state[2]
+            state[2] = 0
+        return True
+
+
 def setup(level: str = "info") -> None:
     """Send every log record to stderr as a JSON line. Safe to call more than once.
 
@@ -68,6 +116,7 @@ def setup(level: str = "info") -> None:
             root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(PerEventLimit())
     handler._sidemesh = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())

@@ -10,7 +10,15 @@ import time
 
 import pytest
 
-from sidemesh.logging import FLUSH_BYTES, FLUSH_S, BufferedLines, JsonFormatter
+from sidemesh import logging as smlog
+from sidemesh.logging import (
+    FLUSH_BYTES,
+    FLUSH_S,
+    LINES_PER_EVENT,
+    BufferedLines,
+    JsonFormatter,
+    PerEventLimit,
+)
 
 
 def record(created: float, **extra: object) -> logging.LogRecord:
@@ -85,3 +93,52 @@ async def test_buffered_lines_go_out_together_within_the_flush_interval() -> Non
     lines.info("request", {"n": -1})
     lines.flush()  # as the drain does
     assert json.loads(stream.getvalue().splitlines()[-1])["n"] == -1
+
+
+def test_each_event_is_held_to_its_lines_a_second_and_the_next_line_says_how_many_were_held() -> None:
+    now = [100.0]
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(PerEventLimit(per_second=3, clock=lambda: now[0], loggers="test.sidemesh"))
+    logger = logging.getLogger("test.sidemesh.limit")
+    other = logging.getLogger("test.sidemeshother")  # not below "test.sidemesh": never held
+    other.addHandler(handler)
+    other.propagate = False
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for i in range(50):  # a flood of one event, with another event among it
+            logger.warning("connection denied", extra={"n": i})
+            if i == 10:
+                logger.warning("bad request")
+        for _ in range(20):
+            other.warning("admission")
+        now[0] = 101.2
+        logger.warning("connection denied", extra={"n": 50})
+        logger.warning("connection denied", extra={"n": 51})
+    finally:
+        logger.removeHandler(handler)
+        other.removeHandler(handler)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    denied = [(line["n"], line.get("suppressed")) for line in lines if line["event"] == "connection denied"]
+    assert denied == [(0, None), (1, None), (2, None), (50, 47), (51, None)]
+    assert [line["event"] for line in lines].count("bad request") == 1
+    assert [line["event"] for line in lines].count("admission") == 20
+
+
+def test_setup_limits_lines_per_event() -> None:
+    root = logging.getLogger()
+    before = list(root.handlers), root.level
+    try:
+        smlog.setup("info")
+        ours = [h for h in root.handlers if getattr(h, "_sidemesh", False)]
+        assert len(ours) == 1 and any(isinstance(f, PerEventLimit) for f in ours[0].filters)
+        limit = ours[0].filters[0]
+        assert isinstance(limit, PerEventLimit) and limit.per_second == LINES_PER_EVENT
+        assert limit.loggers == "sidemesh.proxy"
+    finally:
+        for h in list(root.handlers):
+            if h not in before[0]:
+                root.removeHandler(h)
+        root.setLevel(before[1])
