@@ -75,14 +75,15 @@ class PerEventLimit(logging.Filter):
         self.per_second = per_second
         self.loggers, self._below = loggers, loggers + "."
         self._clock = clock
-        self._events: dict[tuple[str, object], list[float | int]] = {}  # -> [second, passed, held]
+        self._events: dict[tuple[str, str], list[float | int]] = {}  # -> [second, passed, held]
 
     def filter(self, record: logging.LogRecord) -> bool:
         name = record.name
         if not (name == self.loggers or name.startswith(self._below)):
             return True
         second = int(self._clock())
-        key = (record.name, record.msg)
+        msg = record.msg
+        key = (name, msg if isinstance(msg, str) else type(msg).__name__)  # (any object may be a msg)
         state = self._events.get(key)
         if state is None:
             if len(self._events) >= KEYS_KEPT:

@@ -114,6 +114,7 @@ def test_each_event_is_held_to_its_lines_a_second_and_the_next_line_says_how_man
                 logger.warning("bad request")
         for _ in range(20):
             other.warning("admission")
+        logger.warning({"an": "unhashable message"})  # (any object may be a message)
         now[0] = 101.2
         logger.warning("connection denied", extra={"n": 50})
         logger.warning("connection denied", extra={"n": 51})
