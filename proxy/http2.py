@@ -439,6 +439,9 @@ _BAD_VALUE = re.compile(rb"[\0\r\n]")
 _BAD_REQUEST_VALUE = re.compile(rb"[\0\r\n]|\A[ \t]|[ \t]\Z")
 _NOT_IN_VALUES = {_BAD_VALUE: "NUL, CR or LF", _BAD_REQUEST_VALUE: "NUL, CR or LF, or whitespace at an end,"}
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+# RFC 9113 8.3.1: :path is a URI's path and query (RFC 3986: no control character or space: nghttp2,
+# and so Envoy, refuses them; llhttp refuses them in HTTP/1.1), and :authority has no userinfo.
+_BAD_PATH = re.compile(rb"[\x00-\x20\x7f]")
 
 
 def _bad_field(name: bytes, value: bytes, values: re.Pattern[bytes]) -> str | None:
@@ -508,11 +511,16 @@ def _malformed_request(headers: list[Header]) -> str | None:
         return None
     if b":protocol" in pseudo:
         return ":protocol in a request other than CONNECT"
-    if b":scheme" not in pseudo or not pseudo.get(b":path"):
+    path = pseudo.get(b":path")
+    if b":scheme" not in pseudo or not path:
         return "no :scheme or no :path"
+    if _BAD_PATH.search(path) is not None:
+        return ":path has a control character or a space"
     authority = pseudo.get(b":authority")
     if authority is None and host is None:
         return "no :authority and no host"
+    if b"@" in (authority if authority is not None else host or b""):
+        return ":authority (or host) has userinfo (user@)"
     if authority is not None and host is not None and authority != host:
         return "host differs from :authority"
     return None
@@ -585,11 +593,18 @@ def _succeeded(status: int, grpc_status: int | None) -> bool:
     return status < 500 and grpc_status not in GRPC_FAILURES
 
 
+GRPC_UNKNOWN = 2
+GRPC_MAX_STATUS = 2**31 - 1  # an int32 in gRPC's status proto
+
+
 def _grpc_status_of(headers: list[Header]) -> int | None:
+    """The grpc-status of a response's trailers (or trailers-only head), or None without one. A
+    value that is no int32 (no digits, or too large) reads as UNKNOWN, as gRPC clients read it:
+    an unbounded number also failed every sampled span's export (OTLP's int64)."""
     status = None
     for n, v in headers:
-        if n == b"grpc-status" and v.isdigit():
-            status = int(v)
+        if n == b"grpc-status":
+            status = int(v) if v.isdigit() and len(v) <= 10 and int(v) <= GRPC_MAX_STATUS else GRPC_UNKNOWN
     return status
 
 

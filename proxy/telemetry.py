@@ -285,7 +285,10 @@ class _Request:
         self._fmt = propagation.formats_in(carrier)
         b3 = (
             propagation.parse_b3(carrier)
-            if "b3" in carrier or "x-b3-sampled" in carrier or "x-b3-traceid" in carrier
+            if "b3" in carrier
+            or "x-b3-sampled" in carrier
+            or "x-b3-traceid" in carrier
+            or "x-b3-flags" in carrier
             else None
         )
         self._debug = b3 is not None and b3.debug

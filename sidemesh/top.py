@@ -146,6 +146,14 @@ def _ms(seconds: float | None) -> str:
     return f"{ms:.0f}ms" if ms >= 10 else f"{ms:.1f}ms"
 
 
+def _printable(text: str) -> str:
+    """``text`` with what a terminal would act on (control characters, escape sequences) shown
+    escaped: a route is what a caller sent."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def render(table: Sequence[Row], limit: int, width: int, header: str = "") -> str:
     cols = ("DIR", "RPS", "SUCCESS", "P50", "P99", "DENIED", "TOTAL")
     fixed = 4 + 9 + 8 + 8 + 8 + 7 + 9 + len(cols)
@@ -155,7 +163,8 @@ def render(table: Sequence[Row], limit: int, width: int, header: str = "") -> st
         f"{'DIR':<4} {'ROUTE':<{route_w}} {'RPS':>9} {'SUCCESS':>8} {'P50':>8} {'P99':>8} {'DENIED':>7} {'TOTAL':>9}"
     )
     for r in table[:limit]:
-        route = r.route if len(r.route) <= route_w else r.route[: route_w - 1] + "…"
+        route = _printable(r.route)
+        route = route if len(route) <= route_w else route[: route_w - 1] + "…"
         success = "-" if r.success is None else f"{r.success * 100:.1f}%"
         lines.append(
             f"{'in' if r.direction == 'inbound' else 'out':<4} {route:<{route_w}} {r.rps:>9.1f} {success:>8} "

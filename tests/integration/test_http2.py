@@ -663,6 +663,16 @@ BAD_REQUESTS: dict[str, list[tuple[bytes, bytes]]] = {
     "method of 60,000 characters": [
         (b":method", b"M" * 60_000) if h[0] == b":method" else h for h in _grpc_head()
     ],
+    # RFC 9113 8.3.1 (a URI's path: nghttp2, and so Envoy, refuses these; llhttp in HTTP/1.1): an
+    # escape sequence in a path reached the terminal of whoever ran `sidemesh top`
+    "escape sequence in :path": [
+        (b":path", b"/x\x1b]0;title\x07\x1b[2J") if h[0] == b":path" else h for h in _grpc_head()
+    ],
+    "space in :path": [(b":path", b"/a b") if h[0] == b":path" else h for h in _grpc_head()],
+    # RFC 9113 8.3.1: no userinfo in :authority (the credentials went into spans and access lines)
+    "userinfo in :authority": [
+        (b":authority", b"alice:s3cret@cart.shop:80") if h[0] == b":authority" else h for h in _grpc_head()
+    ],
 }
 
 

@@ -680,3 +680,23 @@ async def test_an_invalid_tracestate_is_not_logged_per_request(
         observer.start(outbound(headers)).finish(RequestResult(200))
     await receiver.wait_for(lambda s: len(s) >= 3)
     assert not [r for r in caplog.records if "A0=1" in r.getMessage()]
+
+
+async def test_b3_debug_flag_alone_is_sampled_at_any_ratio(
+    receiver: Receiver, observers: Make, request: pytest.FixtureRequest
+) -> None:
+    """`X-B3-Flags: 1` with no ids is a debug decision (B3: it implies accept): with the injected
+    parent-based ratio sampler it was read only when ids or a sampled flag came too, so the call was
+    recorded at the ratio and the flag dropped before the next hop. (The sidecar's own sampling,
+    "fast"; the SDK's B3 propagator reads no decision without ids.)"""
+    if request.node.callspec.params["observers"] == "sdk":
+        pytest.skip("the SDK's B3 propagator reads no decision without ids")
+    observer, _ = observers(
+        A, OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="0.0001"
+    )
+    info = outbound([(b"x-b3-flags", b"1")])
+    request = observer.start(info)
+    hop = dict(sent(request, info))
+    request.finish(RequestResult(200))
+    span = one(await receiver.wait_for(lambda s: len(s) >= 1), "CLIENT")
+    assert hop.get(b"x-b3-flags") == b"1" and span.span_id.encode() in hop.get(b"x-b3-spanid", b""), hop

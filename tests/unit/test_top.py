@@ -197,3 +197,15 @@ def test_a_replica_restarting_between_readings_counts_on_its_own() -> None:
         restarted.record("inbound", "GET /", 0.01, True, False)
     (row,) = rows(before, [a.snapshot(), restarted.snapshot()], 1.0)
     assert row.rps == 1115 and row.success == 1.0 and row.denials == 0 and row.requests == 1125
+
+
+def test_a_route_cannot_drive_the_terminal() -> None:
+    """A route is what a caller sent: an escape sequence in it (an HTTP/2 :path, before those were
+    refused) cleared the screen of whoever ran `sidemesh top`."""
+    stats = _stats()
+    stats.record("inbound", "GET /x\x1b]0;pwned\x07\x1b[2J\x9b", 0.001, True, False)
+    stats.record("inbound", "GET /café", 0.001, True, False)
+    table = rows([], [stats.snapshot(workload="shop/cart-1")], seconds=1.0)
+    out = render(table, limit=10, width=120)
+    assert not any(c in out for c in "\x1b\x07\x9b"), repr(out)
+    assert "GET /x\\x1b]0;pwned\\x07\\x1b[2J\\x9b" in out and "GET /café" in out

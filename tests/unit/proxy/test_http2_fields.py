@@ -161,3 +161,20 @@ def test_a_header_block_padded_with_table_size_updates_is_refused(padding: bytes
     else:
         events = server.receive_data(data)
         assert any(type(e).__name__ == "RequestReceived" for e in events), events
+
+
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [
+        (b"0", 0),
+        (b"14", 14),
+        (b"2147483647", 2147483647),
+        (b"2147483648", 2),  # no int32: UNKNOWN, as gRPC clients read it
+        (b"99999999999999999999", 2),  # (failed every sampled span's OTLP export: int64)
+        (b"abc", 2),
+        (b"", 2),
+    ],
+)
+def test_grpc_status_values_that_are_no_int32_read_as_unknown(value: bytes, status: int) -> None:
+    assert http2._grpc_status_of([(b"grpc-status", value)]) == status
+    assert http2._grpc_status_of([(b"grpc-message", b"x")]) is None
