@@ -653,6 +653,10 @@ class H2Proxy:
         self.ups: dict[object, list[_Up]] = {}  # by target key
         self._connecting: dict[object, asyncio.Task[_Up]] = {}
         self._written: set[_Up] = set()  # upstream connections written to in this batch
+        # Upstream connections whose socket is backed up: their streams' data waits, unacknowledged
+        # to the client, until the socket drains (a task each), instead of the client's whole
+        # connection waiting.
+        self._backed_up: dict[_Up, asyncio.Task[None]] = {}
         self.closed = False
         # Rapid reset (CVE-2023-44487): streams the client opened, and those it reset within a
         # second of opening, before their response began. Envoy's rule: after 500 streams, half
@@ -712,10 +716,14 @@ class H2Proxy:
                     self._linger = True
                     break
                 # What h2 answers by itself (PING and SETTINGS acks, local answers) waits for the
-                # client to read, as the responses do: no reading while it does not.
+                # client to read, as the responses do: no reading while it does not. An upstream
+                # whose socket is backed up holds only its own streams (``_pump``): the reader
+                # goes on for the others (RFC 9113 5.2; the reader waited for every upstream
+                # written to, and one endpoint that stopped reading froze every call on the
+                # app's connection, to healthy endpoints too).
                 self.down.flush()
                 await self.down.pipe.drain()
-                await self._flush_written()
+                self._flush_written()
         except (PipeClosed, ConnectionError):
             pass
         finally:
@@ -760,14 +768,30 @@ class H2Proxy:
         if not self.closed:
             self.down.pipe.close()  # the reader sees the end and cleans up
 
-    async def _flush_written(self) -> None:
-        """Send what the batch queued upstream; wait while a connection's socket is backed up."""
+    def _flush_written(self) -> None:
+        """Send what the batch queued upstream."""
         written, self._written = self._written, set()
         for up in written:
             up.try_flush()
-        for up in written:
-            with contextlib.suppress(PipeClosed, ConnectionError):
-                await up.pipe.drain()
+
+    def _hold_for(self, up: _Up) -> None:
+        """``up``'s socket is backed up: its streams' data waits (unacknowledged, so the client's
+        windows bound it) until the socket drains, then goes on."""
+        if up not in self._backed_up and not self.closed:
+            self._backed_up[up] = asyncio.create_task(self._resume_when_drained(up))
+
+    async def _resume_when_drained(self, up: _Up) -> None:
+        try:
+            await up.pipe.drain()
+        except (PipeClosed, ConnectionError):
+            return  # its reader fails its streams
+        finally:
+            self._backed_up.pop(up, None)
+        for stream in list(up.streams.values()):
+            if stream.up is up and self.streams.get(stream.down_id) is stream:
+                self._pump(stream, up=True)
+        self._written.add(up)
+        self._flush_now()
 
     async def _wait_idle(self, idle_timeout: float, draining: Callable[[], bool]) -> bool:
         """With no stream open: wait for the client; False when idle too long or draining."""
@@ -797,6 +821,7 @@ class H2Proxy:
                     up.try_flush()
         tasks: list[asyncio.Task[None] | asyncio.Task[_Up]] = list(self._connecting.values())
         tasks += [up.task for up in ups if up.task is not None]
+        tasks += self._backed_up.values()
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -1545,6 +1570,11 @@ class H2Proxy:
         if dst is None or sid is None:
             return  # no upstream yet: kept (and not acknowledged) until there is one
         while queue:
+            if up and dst.pipe.backpressured:  # kept (and not acknowledged) until it drains
+                assert isinstance(dst, _Up)
+                self._written.add(dst)  # (what is queued in its pipe goes out meanwhile)
+                self._hold_for(dst)
+                return
             item, flow = queue[0]
             try:
                 if item is None:

@@ -12,7 +12,7 @@ import time
 import typing
 
 from proxy import framing
-from proxy.relay import WRITE_HIGH_WATER, reset
+from proxy.relay import WRITE_HIGH_WATER, close, reset
 
 READ_LIMIT = 256 * 1024
 
@@ -380,8 +380,7 @@ class Pipe(asyncio.Protocol):
 
     def close(self) -> None:
         self.flush()
-        if self.transport is not None:
-            self.transport.close()
+        close(self.transport)
 
     def abort(self) -> None:
         self._out.clear()

@@ -25,6 +25,11 @@ WRITE_HIGH_WATER = 256 * 1024
 COPY_BELOW = 16 * 1024  # smaller DATA frames are joined with their header (one write, one record)
 IDLE_TIMEOUT = "idle timeout"
 UNANSWERED = "no answer from the destination after an undecided detection"
+# What a closed connection still has to send gets this long, then the connection is aborted (as
+# Envoy's delayed close, 1 s there): a transport closed with a write buffer toward a peer that no
+# longer reads kept its socket and its buffer for good (the kernel's own orphaned sockets give up
+# after tcp_orphan_retries).
+FLUSH_ON_CLOSE_S = 5.0
 
 
 def reset_socket(conn: socket.socket) -> None:
@@ -32,6 +37,15 @@ def reset_socket(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
     conn.close()
+
+
+def close(transport: asyncio.BaseTransport | None) -> None:
+    """Close after what is buffered is sent, within ``FLUSH_ON_CLOSE_S``."""
+    if transport is None or transport.is_closing():
+        return
+    transport.close()
+    if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+        asyncio.get_running_loop().call_later(FLUSH_ON_CLOSE_S, transport.abort)
 
 
 def reset(transport: asyncio.BaseTransport | None) -> None:
@@ -310,8 +324,7 @@ class Relay:
         if all(h.eof_in for h in self.halves) and len(self.halves) == 2:
             self._finish("closed")
             for h in self.halves:
-                if h.transport is not None:
-                    h.transport.close()
+                close(h.transport)
 
     def fail(self, why: str) -> None:
         """Reset both sides (the apps see a connection reset)."""
@@ -343,7 +356,7 @@ class Relay:
         peer = half.peer
         if peer is not None and peer.transport is not None and peer.eof_in:
             self._finish("closed")
-            peer.transport.close()
+            close(peer.transport)
 
     def end(self, outcome: str) -> None:
         """The connection is over (an HTTP connection, which ends without halves)."""
@@ -379,5 +392,4 @@ class Relay:
 
     def close_gracefully(self) -> None:
         for h in self.halves:
-            if h.transport is not None:
-                h.transport.close()
+            close(h.transport)

@@ -24,6 +24,7 @@ import h2.events
 import pytest
 from grpc.aio import EOF  # type: ignore[attr-defined]
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
+from hyperframe.frame import SettingsFrame, WindowUpdateFrame
 
 from proxy import pool
 from proxy.pool import Pool
@@ -916,3 +917,68 @@ async def test_an_app_connection_that_ends_with_streams_open_is_not_the_endpoint
             break
         await asyncio.sleep(0.02)
     assert (st.outstanding, st.ejections, st.failures) == (0, 0, 0), balancer.describe()
+
+
+class _StopsReading(asyncio.Protocol):
+    """An HTTP/2 endpoint that takes large windows (as a Go server advertises), then stops reading
+    its socket (hung, partitioned)."""
+
+    def __init__(self, keep: list[asyncio.Protocol]) -> None:
+        keep.append(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        settings = SettingsFrame(
+            0,
+            settings={SettingsFrame.INITIAL_WINDOW_SIZE: 1 << 20, SettingsFrame.MAX_CONCURRENT_STREAMS: 1000},
+        )
+        transport.write(settings.serialize() + WindowUpdateFrame(0, window_increment=1 << 30).serialize())
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(SettingsFrame(0, flags=["ACK"]).serialize())
+        self.transport.pause_reading()
+
+
+async def test_an_endpoint_that_stops_reading_holds_only_its_own_streams(mesh: Mesh, carts: Carts) -> None:
+    """RFC 9113 5.2: streams on one connection must not block each other. Uploads balanced to an
+    endpoint that stopped reading back its socket up; the app connection's reader waited for every
+    upstream it wrote to, so every later call on that channel, those to the healthy endpoint
+    too, waited with them until its deadline. Now only the uploads wait (unacknowledged: the
+    client's windows bound what the sidecar holds)."""
+    a = Server("a")
+    await carts.start((CART1, a), meshed=False, sidecars=False)
+    await mesh.sidecar("carta", CART1, identity_of="cart")
+    keep: list[asyncio.Protocol] = []
+    hung = await asyncio.get_running_loop().create_server(lambda: _StopsReading(keep), mesh.addr(CART2), APP)
+    stop = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(16):
+            yield b"z" * (256 * 1024)
+        await stop.wait()
+
+    async def call() -> str:
+        try:
+            return (await unary(ch)(b"x", timeout=3)).split(b":")[0].decode()
+        except grpc.aio.AioRpcError as exc:
+            return str(exc.code().name)
+
+    try:
+        async with channel(mesh) as ch:
+            join = ch.stream_unary("/test.Echo/Join")  # type: ignore[call-arg]
+            uploads = [join(body()) for _ in range(10)]
+            await asyncio.sleep(1.5)  # half of them on the endpoint that stopped reading
+            assert not [u for u in uploads if u.done()]
+            before = a.hits
+            results = await asyncio.gather(*(call() for _ in range(10)))
+            stop.set()
+            for upload in uploads:
+                upload.cancel()
+    finally:
+        hung.close()
+        for endpoint in keep:
+            assert isinstance(endpoint, _StopsReading)
+            endpoint.transport.abort()
+    assert set(results) <= {"a", "DEADLINE_EXCEEDED"} and results.count("a") >= 3, results
+    assert a.hits - before == results.count("a")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
+from proxy import relay as relay_module
 from proxy.relay import Relay
 
 
@@ -60,3 +63,43 @@ async def test_a_connection_lost_in_the_turn_of_its_open_fails_the_relay() -> No
     assert data == b""  # the app's side is reset, not left open
     app_peer.close()
     theirs.close()
+
+
+async def test_a_connection_closed_toward_a_peer_that_does_not_read_is_aborted_after_its_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transport closed with a write buffer waits to send it: toward a peer that no longer reads
+    (hung, partitioned) it kept its socket and its buffer for good. Now it has FLUSH_ON_CLOSE_S,
+    then it is aborted; what a reading peer is sent before the close still arrives whole."""
+    monkeypatch.setattr(relay_module, "FLUSH_ON_CLOSE_S", 0.3)
+    loop = asyncio.get_running_loop()
+    lost = loop.create_future()
+
+    class Writer(asyncio.Protocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.set_result(exc)
+
+    stalled, other = socket.socketpair()
+    stalled.setblocking(False)
+    transport, _ = await loop.create_connection(Writer, sock=stalled)
+    transport.write(b"x" * (8 << 20))  # far more than the kernel's buffers: most stays in ours
+    assert transport.get_write_buffer_size() > 0
+    started = loop.time()
+    relay_module.close(transport)
+    await asyncio.wait_for(lost, 3)
+    assert 0.25 < loop.time() - started < 2
+    other.close()
+
+    reading, peer = socket.socketpair()
+    reading.setblocking(False)
+    peer.setblocking(False)
+    lost = loop.create_future()
+    transport, _ = await loop.create_connection(Writer, sock=reading)
+    transport.write(b"y" * (1 << 20))
+    relay_module.close(transport)
+    got = b""
+    while len(got) < 1 << 20:
+        got += await loop.sock_recv(peer, 1 << 16)
+    assert got == b"y" * (1 << 20)
+    await asyncio.wait_for(lost, 3)
+    peer.close()
