@@ -25,10 +25,10 @@ WRITE_HIGH_WATER = 256 * 1024
 COPY_BELOW = 16 * 1024  # smaller DATA frames are joined with their header (one write, one record)
 IDLE_TIMEOUT = "idle timeout"
 UNANSWERED = "no answer from the destination after an undecided detection"
-# What a closed connection still has to send gets this long, then the connection is aborted (as
+# A closed connection whose peer takes none of what is still to send for this long is aborted (as
 # Envoy's delayed close, 1 s there): a transport closed with a write buffer toward a peer that no
 # longer reads kept its socket and its buffer for good (the kernel's own orphaned sockets give up
-# after tcp_orphan_retries).
+# after tcp_orphan_retries). A slow reader that takes some within each period gets it all.
 FLUSH_ON_CLOSE_S = 5.0
 
 
@@ -40,12 +40,22 @@ def reset_socket(conn: socket.socket) -> None:
 
 
 def close(transport: asyncio.BaseTransport | None) -> None:
-    """Close after what is buffered is sent, within ``FLUSH_ON_CLOSE_S``."""
+    """Close after what is buffered is sent, unless the peer stops taking it (``FLUSH_ON_CLOSE_S``)."""
     if transport is None or transport.is_closing():
         return
     transport.close()
-    if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
-        asyncio.get_running_loop().call_later(FLUSH_ON_CLOSE_S, transport.abort)
+    if isinstance(transport, asyncio.WriteTransport) and (left := transport.get_write_buffer_size()):
+        asyncio.get_running_loop().call_later(FLUSH_ON_CLOSE_S, _abort_if_stuck, transport, left)
+
+
+def _abort_if_stuck(transport: asyncio.WriteTransport, before: int) -> None:
+    left = transport.get_write_buffer_size()
+    if not left:
+        return  # sent: closed by now
+    if left >= before:
+        transport.abort()
+    else:
+        asyncio.get_running_loop().call_later(FLUSH_ON_CLOSE_S, _abort_if_stuck, transport, left)
 
 
 def reset(transport: asyncio.BaseTransport | None) -> None:

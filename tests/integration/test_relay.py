@@ -103,3 +103,27 @@ async def test_a_connection_closed_toward_a_peer_that_does_not_read_is_aborted_a
     assert got == b"y" * (1 << 20)
     await asyncio.wait_for(lost, 3)
     peer.close()
+
+
+async def test_a_slow_reader_gets_all_a_closed_connection_had_to_send(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The grace is for a peer that takes nothing: one that reads slowly gets everything."""
+    monkeypatch.setattr(relay_module, "FLUSH_ON_CLOSE_S", 0.2)
+    loop = asyncio.get_running_loop()
+    sending, peer = socket.socketpair()
+    sending.setblocking(False)
+    peer.setblocking(False)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=sending)
+    size = 8 << 20
+    transport.write(b"z" * size)
+    relay_module.close(transport)
+    got = 0
+    while got < size:
+        chunk = await loop.sock_recv(peer, 1 << 20)
+        assert chunk, f"cut after {got} bytes"
+        got += len(chunk)
+        await asyncio.sleep(0.02)  # slower than the grace in total, never idle for a whole one
+    assert got == size
+    peer.close()
