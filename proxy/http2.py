@@ -842,6 +842,10 @@ class H2Proxy:
 
     def _on_down(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
+            # A frame with a payload ends a run of empty DATA frames (as Envoy and Netty count
+            # them): an empty body streamed as one empty frame per request cut off a client at
+            # its 11th request on the connection.
+            self._empty_data = 0
             if self._refuse_above is not None and event.stream_id > self._refuse_above:
                 # After the final GOAWAY: not processed, so the client may send it elsewhere.
                 self.down.conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
@@ -880,6 +884,8 @@ class H2Proxy:
             stream.to_up.append((event.data, event.flow_controlled_length))
             self._pump(stream, up=True)
         elif isinstance(event, (h2.events.TrailersReceived, h2.events.StreamEnded)):
+            if isinstance(event, h2.events.TrailersReceived):
+                self._empty_data = 0
             stream = self.streams.get(event.stream_id)
             if stream is not None and not stream.request_ended:
                 stream.request_ended = True
@@ -1073,6 +1079,15 @@ class H2Proxy:
         except h2.exceptions.TooManyStreamsError:
             up.limit = len(up.streams)  # no more here: the stream waits for another connection
             return False
+        except h2.exceptions.NoAvailableStreamIDError:  # (not expected: closing after the last one)
+            up.closing = True
+            return False
+        if sid >= MAX_STREAM_ID - 1:
+            # Its last stream id (2^30 streams: days of traffic on a pooled connection): no new
+            # streams on it, nor into the pool; new ones take a new connection (RFC 9113 5.1.1).
+            # h2 raised for the next one, out of the app connection's reader: every call on it
+            # failed, and the pool handed the spent connection to the next app connection.
+            up.closing = True
         stream.up, stream.up_id, stream.ended_up = up, sid, end
         up.streams[sid] = stream
         self._pump(stream, up=True)
@@ -1187,7 +1202,10 @@ class H2Proxy:
             return
         target = stream.target
         if target is not None:
-            target.refused = failure is Failure.CONNECT
+            # Unreachable: not connected. A stream it refused (REFUSED_STREAM, above a GOAWAY's
+            # last id) reached it: it may take the stream again, on a new stream (RFC 9113 8.7;
+            # a Service with one endpoint answered 502 "upstream connection failed").
+            target.refused = failure is Failure.CONNECT and not sent
             stream.tried.append(target)
         self._detach(stream, ok=False)
         pause = 0.0 if failure is Failure.CONNECT else backoff(stream.attempt)

@@ -10,6 +10,7 @@ sidecar whose child is the SERVER span in the cart's sidecar.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from grpc.aio import EOF  # type: ignore[attr-defined]
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
 from hyperframe.frame import SettingsFrame, WindowUpdateFrame
 
-from proxy import pool
+from proxy import http2, pool
 from proxy.pool import Pool
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import Mesh, free_net
@@ -982,3 +983,118 @@ async def test_an_endpoint_that_stops_reading_holds_only_its_own_streams(mesh: M
             endpoint.transport.abort()
     assert set(results) <= {"a", "DEADLINE_EXCEEDED"} and results.count("a") >= 3, results
     assert a.hits - before == results.count("a")
+
+
+async def test_a_connection_whose_stream_ids_are_spent_takes_no_new_streams(mesh: Mesh, carts: Carts) -> None:
+    """RFC 9113 5.1.1: a client out of stream ids opens a new connection. A pooled connection
+    lives on across app connections (2^30 streams: days of traffic); at its last id h2 raised out
+    of the app connection's reader (every call on it failed) and the pool handed the spent
+    connection to the next app connection, which failed the same way."""
+    await carts.start((CART1, Server("a")), two=False)
+    h2_pool = pool.h2_pool_of(mesh.sidecars["frontend"])
+    async with channel(mesh) as ch:
+        bidi = ch.stream_stream("/test.Echo/Bidi")()  # type: ignore[call-arg]
+        await bidi.write(b"m0")
+        assert (await read(bidi)).endswith(b":M0")
+        spent = [  # the frontend sidecar's connection to cart's (the other: cart's to its app)
+            up
+            for up in gc.get_objects()
+            if isinstance(up, http2._Up) and up.streams and isinstance(up.key, tuple) and up.key[0] == "mesh"
+        ]
+        assert len(spent) == 1
+        spent[0].conn.highest_outbound_stream_id = http2.MAX_STREAM_ID - 2  # one id left
+        replies = [await unary(ch)(f"{i}".encode()) for i in range(3)]  # the last id, then new ones
+        assert replies == [b"a:0", b"a:1", b"a:2"]
+        assert spent[0].closing and not spent[0].reusable()
+        await bidi.write(b"m1")  # the streams open on it go on
+        assert (await read(bidi)).endswith(b":M1")
+        await bidi.done_writing()
+        assert await bidi.code() is grpc.StatusCode.OK
+        del bidi, spent  # (a call object keeps its channel's connection open)
+    await pooled(h2_pool)
+    async with channel(mesh) as ch:
+        assert await unary(ch)(b"next") == b"a:next"
+    assert h2_pool.opened == 2 and h2_pool.reused == 1  # the new connection, not the spent one
+
+
+async def test_one_empty_data_frame_per_request_is_not_a_flood(mesh: Mesh, carts: Carts) -> None:
+    """Empty DATA frames are counted in a row, and a request's HEADERS ends the row (as Envoy and
+    Netty count them): a client that sends each (empty) body as an empty frame, then the end of
+    the stream in another, was cut off with GOAWAY at its 11th request on the connection."""
+    await carts.start((CART1, Server("a")), two=False)
+    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    head = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"cart.shop"),
+        (b":path", b"/test.Echo/Unary"),
+        (b"content-type", b"text/plain"),
+    ]
+    answered = 0
+    try:
+        for _ in range(20):
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, head)
+            conn.send_data(sid, b"")
+            conn.send_data(sid, b"", end_stream=True)
+            writer.write(conn.data_to_send())
+            over = False
+            while not over:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data, f"the sidecar closed the connection after {answered} requests"
+                for event in conn.receive_data(data):
+                    assert not isinstance(event, h2.events.ConnectionTerminated), (answered, event)
+                    # (the app resets a request that is not gRPC)
+                    over |= isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)) and (
+                        event.stream_id == sid
+                    )
+                writer.write(conn.data_to_send())
+            answered += 1
+    finally:
+        writer.close()
+    assert answered == 20
+
+
+async def test_a_stream_its_only_endpoint_refused_is_sent_to_it_again(mesh: Mesh) -> None:
+    """RFC 9113 8.7: a refused stream was not processed and may be sent again. It marked its
+    endpoint unreachable, so a Service with one endpoint answered UNAVAILABLE "upstream connection
+    failed" for an endpoint that was fine."""
+    refuse = [1]  # streams still to refuse
+    heads: list[int] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        bodies: dict[int, bytes] = {}
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    heads.append(event.stream_id)
+                    if refuse[0]:
+                        refuse[0] -= 1
+                        conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    else:
+                        bodies[event.stream_id] = b""
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    if event.stream_id in bodies:
+                        bodies[event.stream_id] += event.data
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id in bodies:
+                    conn.send_headers(
+                        event.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                    )
+                    conn.send_data(event.stream_id, bodies.pop(event.stream_id))
+                    conn.send_headers(event.stream_id, [(b"grpc-status", b"0")], end_stream=True)
+            writer.write(conn.data_to_send())
+        writer.close()
+
+    write_mesh(mesh, "0s", True, False, None, False)
+    await mesh.app(CART1, app)
+    await mesh.sidecar("carta", CART1, identity_of="cart")
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    async with channel(mesh) as ch:
+        assert await unary(ch)(b"\x00\x00\x00\x00\x01x", timeout=5) == b"\x00\x00\x00\x00\x01x"
+    assert len(heads) == 2  # refused, then taken
