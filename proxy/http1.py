@@ -203,14 +203,17 @@ async def _next_head(conn: h1.Connection, pipe: Pipe, timeout: float) -> object:
         conn.receive_data(await pipe.read())
 
 
-async def _wait_request(pipe: Pipe, ctx: Context) -> bool:
-    """Wait for the next request's first bytes; False when the connection should end (idle, draining).
-    The pipe's ticks (``serve``) wake the wait to look at both."""
+async def _wait_request(pipe: Pipe, ctx: Context, first: bool) -> bool:
+    """Wait for the next request's first bytes; False when the connection should end (idle, or
+    draining between two requests). The pipe's ticks (``serve``) wake the wait to look at both. A
+    connection's first request is waited for while draining too: the client connected to be
+    served (one accepted as the drain began, or taken from the accept queue, was closed before
+    its request was read)."""
     if pipe.has_input:
         return True
     deadline = time.monotonic() + ctx.idle_timeout
     while True:
-        if ctx.draining() or time.monotonic() >= deadline:
+        if (ctx.draining() and not first) or time.monotonic() >= deadline:
             return False
         if await pipe.wait_tick_or_input():
             return True
@@ -233,13 +236,14 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
     """Serve one downstream connection until it ends."""
     conn = h1.Connection(h1.SERVER, max_head=MAX_HEAD)
     down.start_ticks(min(DRAIN_CHECK, ctx.idle_timeout / 2))  # idle closes within 1.5x the timeout
+    first = True
     try:
         while True:
             event: object
             try:
                 event = conn.next_event()  # a pipelined request may be buffered already
                 if event is h1.NEED_DATA:
-                    if not await _wait_request(down, ctx):
+                    if not await _wait_request(down, ctx, first):
                         if down.framed:  # a client sidecar's pooled connection: tell it what it
                             await linger_close(down, idle=True)  # sends meanwhile goes unread
                             return
@@ -255,6 +259,7 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
             if isinstance(event, h1.ConnectionClosed) or event is h1.PAUSED:
                 break
             assert isinstance(event, h1.Request), event
+            first = False
             if not await _exchange(conn, down, event, router, ctx):
                 return  # the connection was spliced or reset: nothing more to do here
             if conn.reusable and not ctx.draining():

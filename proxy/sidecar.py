@@ -526,14 +526,41 @@ class Sidecar:
             self._can_serve.set()
 
     async def _accept(self, sock: socket.socket, kind: str, target: str | None = None) -> None:
+        """Accept and serve, until cancelled. Connections are accepted here, in this task, when the
+        loop says the socket is readable: a cancellation (the drain closing the listener) only
+        ever interrupts the wait, never an accept (``loop.sock_accept`` accepted in a callback,
+        and a connection accepted just as the drain cancelled the task was lost: never served,
+        not left in the queue for ``_close_listeners`` either)."""
         loop = asyncio.get_running_loop()
         await self._can_serve.wait()
         sock.listen(1024)
+        sock.setblocking(False)
+        waiter: list[asyncio.Future[None]] = []
+
+        def readable() -> None:
+            if waiter and not waiter[0].done():
+                waiter[0].set_result(None)
+
+        fd = sock.fileno()
+        loop.add_reader(fd, readable)
+        try:
+            await self._accept_loop(sock, kind, target, waiter)
+        finally:
+            loop.remove_reader(fd)
+
+    async def _accept_loop(
+        self, sock: socket.socket, kind: str, target: str | None, waiter: list[asyncio.Future[None]]
+    ) -> None:
+        loop = asyncio.get_running_loop()
         accepted = 0
         failures = 0
         while True:
             try:
-                conn, addr = await loop.sock_accept(sock)
+                conn, addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                waiter[:] = [loop.create_future()]
+                await waiter[0]
+                continue
             except OSError as exc:
                 if sock.fileno() == -1:
                     return  # listener closed (a drain's grace goes on accepting: not on draining)
@@ -553,13 +580,13 @@ class Sidecar:
             if failures:
                 log.info("accepting connections again", extra={"direction": kind, "failures": failures})
                 failures = 0
+            self._serve(conn, addr, kind, target)  # (before any await: it is ours to serve now)
             accepted += 1
             if accepted % ACCEPT_BATCH == 0:
                 # An accept that finds a connection waiting does not yield: without this, a backlog
                 # of a thousand (a flood's opening burst) is taken, and its tasks started, in one
                 # long turn of the loop that every other connection waits behind.
                 await asyncio.sleep(0)
-            self._serve(conn, addr, kind, target)
 
     def _serve(
         self, conn: socket.socket, addr: tuple[str, int], kind: str, target: str | None
@@ -731,12 +758,18 @@ class Sidecar:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._no_relays.wait(), remaining)
         late = await self._close_listeners(("inbound", "outbound"))
+        # What is open now (connections accepted since the last one ended, and those taken from
+        # the accept queues) has the rest of the drain timeout, and those taken from the queues at
+        # least LATE_GRACE_S: a connection accepted a moment before was reset at once as "drain
+        # timeout", with most of the timeout left.
+        remaining = deadline - time.monotonic()
+        if late:
+            remaining = max(remaining, LATE_GRACE_S)
+        if self.relays and remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._no_relays.wait(), remaining)
         for relay in list(self.relays):
             relay.fail("drain timeout")
-        if late:  # taken from the accept queues: a short grace, then cut like the others
-            await asyncio.wait(late, timeout=LATE_GRACE_S)
-            for relay in list(self.relays):
-                relay.fail("drain timeout")
         pool.close_pools(self)  # idle HTTP connections to the app and to other sidecars
         for server in self._servers:
             await server.stop()

@@ -886,3 +886,70 @@ async def test_a_connection_the_new_policy_no_longer_allows_is_closed(mesh: Mesh
     finally:
         writer.close()
     assert cart.metrics.denials.labels("shop/cart-allow-frontend")._value.get() == 1
+
+
+async def test_a_connection_accepted_as_the_drain_starts_is_served(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain cancels the accept task and takes what is left in the queue. A connection the
+    loop had accepted for that task in the same turn (``loop.sock_accept`` accepts in a callback)
+    was lost: neither served nor in the queue any more (a reset, or a client waiting for good)."""
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    await mesh.app(CART, handler=app)
+    cart = await mesh.sidecar("cart", CART, mode="permissive")
+    served: list[int] = []
+    serve = Sidecar._serve
+
+    def spy(self: Sidecar, conn: socket.socket, addr: tuple[str, int], kind: str, target: str | None) -> Any:
+        served.append(addr[1])
+        return serve(self, conn, addr, kind, target)
+
+    monkeypatch.setattr(Sidecar, "_serve", spy)
+    await asyncio.sleep(0.1)
+    client = socket.create_connection((mesh.addr(CART), INBOUND))
+    port = client.getsockname()[1]
+    client.sendall(b"POST /order HTTP/1.1\r\nHost: cart\r\ncontent-length: 0\r\n\r\n")
+    drain = asyncio.create_task(cart.drain(timeout=3))  # in the turn that has the connection ready
+    client.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=client)
+    try:
+        status = (await asyncio.wait_for(reader.read(), 8)).split(b"\r\n")[0]
+    finally:
+        writer.close()
+        await drain
+        del mesh.sidecars["cart"]
+    assert status.startswith(b"HTTP/1.1 "), (status, served, port)  # answered (a denial: no policy allows it)
+    assert port in served
+
+
+async def test_connections_accepted_as_the_drain_ends_have_the_rest_of_its_timeout(mesh: Mesh) -> None:
+    """Once the last connection ended, the drain closed the listeners and at once reset every
+    connection still open as "drain timeout": those accepted since (the app's outbound listener
+    is open until then) were cut a moment old, with most of the timeout left."""
+    await frontend_and_cart(mesh)
+    frontend = mesh.sidecars.pop("frontend")
+    results: list[tuple[float, str]] = []
+    stop = False
+
+    async def caller() -> None:
+        while not stop:
+            started = time.monotonic()
+            try:
+                answer = await talk(mesh.addr(FRONTEND), OUT, b"x", timeout=3)
+                results.append((started, "ok" if answer == b"XBYE" else repr(answer)))
+            except Exception as exc:  # what the app saw
+                results.append((started, repr(exc)))
+            await asyncio.sleep(0.002)
+
+    callers = [asyncio.create_task(caller()) for _ in range(3)]
+    await asyncio.sleep(0.3)
+    began = time.monotonic()
+    await frontend.drain(timeout=10, grace=0.5)
+    ended = time.monotonic()
+    stop = True
+    await asyncio.gather(*callers)
+    during = [r for t, r in results if began <= t < ended]
+    assert during and not [r for r in during if r != "ok" and "Refused" not in r], during
