@@ -93,7 +93,17 @@ def _field_env(name: str, path: str) -> Json:
     return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
 
-def proxy_container(settings: InjectionSettings, options: PodOptions) -> Json:
+# A classic sidecar gets SIGTERM with the app: its outbound listeners stay this long (Istio's
+# terminationDrainDuration, 5 s by default), so the app's own calls while it shuts down (flushes,
+# deregistration) still go out; capped a second under the pod's terminationGracePeriodSeconds.
+CLASSIC_DRAIN_GRACE_S = 5
+
+
+def classic_drain_grace(termination_grace_s: int) -> int:
+    return max(0, min(CLASSIC_DRAIN_GRACE_S, termination_grace_s - 1))
+
+
+def proxy_container(settings: InjectionSettings, options: PodOptions, termination_grace_s: int = 30) -> Json:
     env = [
         _field_env("POD_NAME", "metadata.name"),
         _field_env("POD_NAMESPACE", "metadata.namespace"),
@@ -109,6 +119,8 @@ def proxy_container(settings: InjectionSettings, options: PodOptions) -> Json:
     ]
     if options.app_probes:
         env.append({"name": APP_PROBES_ENV, "value": options.app_probes})
+    if not options.native and (drain_grace := classic_drain_grace(termination_grace_s)):
+        env.append({"name": "SIDEMESH_DRAIN_GRACE", "value": f"{drain_grace}s"})
     if settings.access_log:
         env.append({"name": "SIDEMESH_ACCESS_LOG", "value": "true"})
     if settings.tracing_endpoint:  # docs/observability.md

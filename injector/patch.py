@@ -372,7 +372,7 @@ def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
     if records:
         options = dataclasses.replace(options, app_probes=probes.encode(records))
     init = containers.init_container(settings, options)
-    proxy = containers.proxy_container(settings, options)
+    proxy = containers.proxy_container(settings, options, grace)
     new_spec = dict(spec)
     if options.native:
         # iptables first, then the proxy; the app's own init containers run meshed after both.

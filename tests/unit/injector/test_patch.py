@@ -903,3 +903,24 @@ def test_a_template_with_pod_level_limits_only_keeps_the_request_the_api_server_
     result = patch.inject(pod, SETTINGS)
     assert result.pod["spec"]["resources"]["requests"] == {"cpu": "2100m", "memory": "4224Mi"}
     assert _api_checks_pod_level_resources(result.pod) == []
+
+
+@pytest.mark.parametrize(
+    ("native", "grace", "expected"),
+    [(False, None, "5s"), (False, 3, "2s"), (False, 1, None), (True, None, None)],
+)
+def test_a_classic_sidecar_keeps_the_apps_outbound_calls_going_while_it_shuts_down(
+    native: bool, grace: int | None, expected: str | None
+) -> None:
+    """A classic sidecar gets SIGTERM with the app: it closed the app's outbound listeners at once
+    (drain grace 0), so the app's own calls while it shut down were refused. As Istio's
+    terminationDrainDuration (5 s), capped a second under the pod's terminationGracePeriodSeconds."""
+    pod = load_case("plain")  # (no annotation: the settings decide native or classic)
+    if grace is not None:
+        pod["spec"]["terminationGracePeriodSeconds"] = grace
+    spec = injected(pod, dataclasses.replace(SETTINGS, native_sidecar=native))["spec"]
+    proxy = next(
+        c for c in [*spec.get("initContainers", []), *spec["containers"]] if c["name"] == "sidemesh-proxy"
+    )
+    env = {e["name"]: e.get("value") for e in proxy["env"]}
+    assert env.get("SIDEMESH_DRAIN_GRACE") == expected
