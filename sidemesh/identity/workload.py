@@ -186,10 +186,15 @@ class WorkloadIdentity:
     async def renew(self) -> SVID:
         """Get a new SVID now (new key, new CSR) and install it."""
         bundle = self._bundle_for_renewal()  # (before the CA is asked: none of its work is thrown away)
+        generation = self.generation
         key = new_key()
         resp = await self.ca.sign(
             self.token(), make_csr(key, self.spiffe_id, self.dns_names), self.ttl_seconds
         )
+        if self.generation != generation and self.svid is not None:
+            # The bundle watch installed a newer bundle while the CA answered: it stands (the one
+            # read before would undo it until the next renewal, its file no longer looked at).
+            bundle = self.svid.bundle
         svid = SVID.from_pem(key, list(resp.cert_chain), list(resp.trust_bundle), self.spiffe_id)
         now = self.clock.now()
         if svid.not_after <= now:

@@ -770,3 +770,41 @@ async def test_the_renewal_loop_outlives_a_thousand_failed_attempts(start_ca: St
     finally:
         await wi.stop()
         await client.close()
+
+
+async def test_a_bundle_change_while_a_renewal_waits_for_the_ca_stands(
+    start_ca: StartCA, tmp_path: Path
+) -> None:
+    """A renewal reads the bundle file before it asks the CA. A new bundle the watch installed
+    meanwhile (a root rotation's step: both roots published) was undone by that renewal's
+    certificate, and the file, its change already seen, was not read again until the next one."""
+    ca = await start_ca()
+    bundle_file = tmp_path / "bundle.pem"
+    bundle_file.write_bytes(ca.bundle)
+    client = ca.client()
+    wi = WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=FakeClock())
+    await wi.start()
+    try:
+        await asyncio.wait_for(wi.wait_ready(), 10)
+        wi.reload_bundle()
+        assert wi.svid is not None and len(wi.svid.bundle) == 1
+        answer = asyncio.Event()
+        sign = client.sign
+
+        async def slow_sign(*args: object, **kwargs: object) -> object:
+            await answer.wait()
+            return await sign(*args, **kwargs)  # type: ignore[arg-type]
+
+        client.sign = slow_sign  # type: ignore[method-assign]
+        renewal = asyncio.create_task(wi.renew())
+        await asyncio.sleep(0.05)
+        pki.make_authority(tmp_path / "new-root")
+        bundle_file.write_bytes(ca.bundle + (tmp_path / "new-root" / keys.ROOTS).read_bytes())
+        assert wi.reload_bundle() and len(wi.svid.bundle) == 2
+        answer.set()
+        await renewal
+        assert len(wi.svid.bundle) == 2
+        assert len(wi.server_context().get_ca_certs()) == 2
+    finally:
+        await wi.stop()
+        await client.close()
