@@ -376,8 +376,9 @@ async def test_a_replacement_sidecar_takes_over_while_the_old_one_drains(mesh: M
     assert await reader.readexactly(3) == b"ONE"
     drain = asyncio.create_task(old.drain(timeout=30))
     await asyncio.sleep(0.1)
-    # Same inbound port while the old process still holds its connection (SO_REUSEPORT): no window
-    # of refused connections between the two.
+    # Same inbound port while the old process still holds its connection (SO_REUSEPORT). (Not a
+    # hot restart: between the old one's inbound listener closing and the new one listening, new
+    # inbound connections are refused; docs/sidecar.md.)
     await mesh.sidecar("cart", CART)
     assert await talk(mesh.addr(FRONTEND), OUT, b"new") == b"NEWBYE"
     writer.write(b"two")  # the old sidecar still carries the connection it had
