@@ -12,7 +12,7 @@ import time
 import typing
 
 from proxy import framing
-from proxy.relay import WRITE_HIGH_WATER, close, reset
+from proxy.relay import WRITE_HIGH_WATER, reset
 
 READ_LIMIT = 256 * 1024
 
@@ -380,7 +380,8 @@ class Pipe(asyncio.Protocol):
 
     def close(self) -> None:
         self.flush()
-        close(self.transport)
+        if self.transport is not None:
+            self.transport.close()
 
     def abort(self) -> None:
         self._out.clear()

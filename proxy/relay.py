@@ -25,11 +25,6 @@ WRITE_HIGH_WATER = 256 * 1024
 COPY_BELOW = 16 * 1024  # smaller DATA frames are joined with their header (one write, one record)
 IDLE_TIMEOUT = "idle timeout"
 UNANSWERED = "no answer from the destination after an undecided detection"
-# A closed connection whose peer takes none of what is still to send for this long is aborted (as
-# Envoy's delayed close, 1 s there): a transport closed with a write buffer toward a peer that no
-# longer reads kept its socket and its buffer for good (the kernel's own orphaned sockets give up
-# after tcp_orphan_retries). A slow reader that takes some within each period gets it all.
-FLUSH_ON_CLOSE_S = 5.0
 
 
 def reset_socket(conn: socket.socket) -> None:
@@ -37,25 +32,6 @@ def reset_socket(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
     conn.close()
-
-
-def close(transport: asyncio.BaseTransport | None) -> None:
-    """Close after what is buffered is sent, unless the peer stops taking it (``FLUSH_ON_CLOSE_S``)."""
-    if transport is None or transport.is_closing():
-        return
-    transport.close()
-    if isinstance(transport, asyncio.WriteTransport) and (left := transport.get_write_buffer_size()):
-        asyncio.get_running_loop().call_later(FLUSH_ON_CLOSE_S, _abort_if_stuck, transport, left)
-
-
-def _abort_if_stuck(transport: asyncio.WriteTransport, before: int) -> None:
-    left = transport.get_write_buffer_size()
-    if not left:
-        return  # sent: closed by now
-    if left >= before:
-        transport.abort()
-    else:
-        asyncio.get_running_loop().call_later(FLUSH_ON_CLOSE_S, _abort_if_stuck, transport, left)
 
 
 def reset(transport: asyncio.BaseTransport | None) -> None:
@@ -334,7 +310,8 @@ class Relay:
         if all(h.eof_in for h in self.halves) and len(self.halves) == 2:
             self._finish("closed")
             for h in self.halves:
-                close(h.transport)
+                if h.transport is not None:
+                    h.transport.close()
 
     def fail(self, why: str) -> None:
         """Reset both sides (the apps see a connection reset)."""
@@ -366,7 +343,7 @@ class Relay:
         peer = half.peer
         if peer is not None and peer.transport is not None and peer.eof_in:
             self._finish("closed")
-            close(peer.transport)
+            peer.transport.close()
 
     def end(self, outcome: str) -> None:
         """The connection is over (an HTTP connection, which ends without halves)."""
@@ -402,4 +379,5 @@ class Relay:
 
     def close_gracefully(self) -> None:
         for h in self.halves:
-            close(h.transport)
+            if h.transport is not None:
+                h.transport.close()
