@@ -76,6 +76,11 @@ CONNECT_ROUNDS = 3  # connections without room a stream waits for before it coun
 # connection (with the connection's window at a stream's, one did); and at most this much is
 # buffered per connection.
 CONNECTION_WINDOW = 1 << 20
+# What may be written to an upstream connection whose socket is backed up (its DATA waits in the
+# streams' queues, but HEADERS, RST_STREAM and WINDOW_UPDATE go on): past this, the reader of the
+# app's connection waits for that socket to drain, as it waited for every upstream before (new
+# streams opened and cancelled toward an endpoint that stopped reading grew the buffer without bound).
+MAX_WRITTEN_BACKED_UP = 64 * 1024
 Header = tuple[bytes, bytes]
 Item = tuple[bytes | list[Header] | None, int]  # (data | trailers | end, flow-controlled length)
 _REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
@@ -381,11 +386,23 @@ class _Up(_Side):
         self.pooling = False  # its app connection is over: its reader stops, the pipe stays open
         self.reused = False  # taken from the pool
         self.heard = True  # something came from the peer since (False: nothing since it was taken)
+        self.written_backed_up = 0  # bytes written while its socket was backed up (since it drained)
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            if self.pipe.backpressured:
+                self.written_backed_up += len(data)
+            else:
+                self.written_backed_up = 0
+            self.pipe.write(data)
 
     def reusable(self) -> bool:
-        """Fit for the next app connection: nothing in flight or odd, and nothing unread."""
+        """Fit for the next app connection: nothing in flight or odd, nothing unread, and its
+        socket not backed up (the next connection's calls would wait behind it)."""
         return (
-            not self.streams
+            not self.pipe.backpressured
+            and not self.streams
             and not self.closing
             and self.settled
             and self.limit is None
@@ -604,7 +621,9 @@ def _grpc_status_of(headers: list[Header]) -> int | None:
     status = None
     for n, v in headers:
         if n == b"grpc-status":
-            status = int(v) if v.isdigit() and len(v) <= 10 and int(v) <= GRPC_MAX_STATUS else GRPC_UNKNOWN
+            digits = v.strip(b" \t").removeprefix(b"+")  # (as a client parses it: " 0" and "+0" are OK)
+            ok = digits.isdigit() and len(digits) <= 10 and int(digits) <= GRPC_MAX_STATUS
+            status = int(digits) if ok else GRPC_UNKNOWN
     return status
 
 
@@ -723,7 +742,10 @@ class H2Proxy:
                 # app's connection, to healthy endpoints too).
                 self.down.flush()
                 await self.down.pipe.drain()
-                self._flush_written()
+                for up in self._flush_written():
+                    with contextlib.suppress(PipeClosed, ConnectionError):
+                        await up.pipe.drain()
+                    up.written_backed_up = 0
         except (PipeClosed, ConnectionError):
             pass
         finally:
@@ -768,11 +790,13 @@ class H2Proxy:
         if not self.closed:
             self.down.pipe.close()  # the reader sees the end and cleans up
 
-    def _flush_written(self) -> None:
-        """Send what the batch queued upstream."""
+    def _flush_written(self) -> list[_Up]:
+        """Send what the batch queued upstream; the connections written to past
+        ``MAX_WRITTEN_BACKED_UP`` while backed up (the reader waits for them)."""
         written, self._written = self._written, set()
         for up in written:
             up.try_flush()
+        return [up for up in written if up.written_backed_up > MAX_WRITTEN_BACKED_UP]
 
     def _hold_for(self, up: _Up) -> None:
         """``up``'s socket is backed up: its streams' data waits (unacknowledged, so the client's
@@ -787,6 +811,7 @@ class H2Proxy:
             return  # its reader fails its streams
         finally:
             self._backed_up.pop(up, None)
+        up.written_backed_up = 0
         for stream in list(up.streams.values()):
             if stream.up is up and self.streams.get(stream.down_id) is stream:
                 self._pump(stream, up=True)

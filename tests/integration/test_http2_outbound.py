@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -1098,3 +1099,52 @@ async def test_a_stream_its_only_endpoint_refused_is_sent_to_it_again(mesh: Mesh
     async with channel(mesh) as ch:
         assert await unary(ch)(b"\x00\x00\x00\x00\x01x", timeout=5) == b"\x00\x00\x00\x00\x01x"
     assert len(heads) == 2  # refused, then taken
+
+
+async def test_streams_opened_toward_an_endpoint_that_stopped_reading_are_bounded(mesh: Mesh) -> None:
+    """With the app connection's reader no longer waiting for a backed-up upstream, HEADERS (not
+    flow-controlled; so are RST_STREAM and WINDOW_UPDATE) toward an endpoint that stopped reading
+    piled up in the sidecar without bound, as fast as the app opened streams. Past
+    MAX_WRITTEN_BACKED_UP the reader waits for that socket again."""
+    write_mesh(mesh, "0s", False, True, None, False)  # cart-b outside the mesh (plain); cart-a absent
+    keep: list[asyncio.Protocol] = []
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (inherited: backs up at once)
+    listener.bind((mesh.addr(CART2), APP))
+    hung = await asyncio.get_running_loop().create_server(lambda: _StopsReading(keep), sock=listener)
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    _, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    head = [
+        HeaderTuple(b":method", b"POST"),
+        HeaderTuple(b":scheme", b"http"),
+        HeaderTuple(b":authority", b"cart.shop"),
+        HeaderTuple(b":path", b"/test.Echo/Unary"),
+        HeaderTuple(b"content-type", b"application/grpc"),
+        HeaderTuple(b"x-blob", b"b" * 8000),  # (larger than hpack's table: sent whole each time)
+    ]
+
+    def unsent() -> int:
+        ups = [o for o in gc.get_objects() if isinstance(o, http2._Up) and o.key[0] == "plain"]
+        return sum(
+            up.pipe.transport.get_write_buffer_size() + up.pipe._out_len
+            for up in ups
+            if up.pipe.transport is not None and not up.pipe.transport.is_closing()
+        )
+
+    held: list[int] = []
+    try:
+        for _ in range(8):
+            for _ in range(100):
+                conn.send_headers(conn.get_next_available_stream_id(), head, end_stream=True)
+            writer.write(conn.data_to_send())
+            await asyncio.sleep(0.3)
+            held.append(unsent())
+    finally:
+        writer.close()
+        hung.close()
+        for endpoint in keep:
+            assert isinstance(endpoint, _StopsReading)
+            endpoint.transport.abort()
+    assert held[-1] > 0 and max(held) < 1_000_000, held  # (6.4 MB of HEADERS sent)

@@ -173,6 +173,11 @@ def test_a_header_block_padded_with_table_size_updates_is_refused(padding: bytes
         (b"99999999999999999999", 2),  # (failed every sampled span's OTLP export: int64)
         (b"abc", 2),
         (b"", 2),
+        (b"+0", 0),  # as grpcio and grpc-go read them: OK
+        (b" 0", 0),
+        (b"0 ", 0),
+        (b"-0", 2),
+        (b"+", 2),
     ],
 )
 def test_grpc_status_values_that_are_no_int32_read_as_unknown(value: bytes, status: int) -> None:
