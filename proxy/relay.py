@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from proxy import detect, framing
 
-log = logging.getLogger("sidemesh.proxy")
+log = logging.getLogger("sidemesh.proxy.relay")
 _LINGER_RST = struct.pack("ii", 1, 0)
 WRITE_HIGH_WATER = 256 * 1024
 COPY_BELOW = 16 * 1024  # smaller DATA frames are joined with their header (one write, one record)

@@ -205,6 +205,24 @@ def _own_pod_only(path: str, client: str) -> str | None:
     return "/quitquitquit is for the pod's own containers: POST http://127.0.0.1:15020/quitquitquit"
 
 
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Until ``sock`` is readable. Registered only while waiting: a listener with a connection
+    queued that cannot be accepted (out of descriptors, backing off) would wake the loop on every
+    turn, a core at 100%."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    fd = sock.fileno()
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
 class Sidecar:
     def __init__(
         self, config: ProxyConfig, identity: WorkloadIdentity, access_lines: BufferedLines | None = None
@@ -531,26 +549,9 @@ class Sidecar:
         ever interrupts the wait, never an accept (``loop.sock_accept`` accepted in a callback,
         and a connection accepted just as the drain cancelled the task was lost: never served,
         not left in the queue for ``_close_listeners`` either)."""
-        loop = asyncio.get_running_loop()
         await self._can_serve.wait()
         sock.listen(1024)
         sock.setblocking(False)
-        waiter: list[asyncio.Future[None]] = []
-
-        def readable() -> None:
-            if waiter and not waiter[0].done():
-                waiter[0].set_result(None)
-
-        fd = sock.fileno()
-        loop.add_reader(fd, readable)
-        try:
-            await self._accept_loop(sock, kind, target, waiter)
-        finally:
-            loop.remove_reader(fd)
-
-    async def _accept_loop(
-        self, sock: socket.socket, kind: str, target: str | None, waiter: list[asyncio.Future[None]]
-    ) -> None:
         loop = asyncio.get_running_loop()
         accepted = 0
         failures = 0
@@ -558,8 +559,7 @@ class Sidecar:
             try:
                 conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
-                waiter[:] = [loop.create_future()]
-                await waiter[0]
+                await _readable(loop, sock)
                 continue
             except OSError as exc:
                 if sock.fileno() == -1:

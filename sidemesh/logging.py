@@ -20,7 +20,15 @@ _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
 # next line let through after some were held back says how many (``suppressed``). The access log
 # (BufferedLines) and the other components' lines (the injector's line per admission) are not held.
 LINES_PER_EVENT = 10
-LIMITED_LOGGERS = "sidemesh.proxy"  # ... and the loggers below it
+# ... the data path's loggers (and those below them), below error level: configuration errors,
+# the sidecar's own lines and every error are never held back.
+LIMITED_LOGGERS = (
+    "sidemesh.proxy.http",
+    "sidemesh.proxy.http2",
+    "sidemesh.proxy.inbound",
+    "sidemesh.proxy.outbound",
+    "sidemesh.proxy.relay",
+)
 KEYS_KEPT = 1024  # events tracked at once (more: the table starts again)
 FLUSH_S = 0.25  # BufferedLines: a line waits at most this long ...
 FLUSH_BYTES = 64 * 1024  # ... or until this much waits
@@ -61,25 +69,25 @@ class JsonFormatter(logging.Formatter):
 
 
 class PerEventLimit(logging.Filter):
-    """Lets through at most ``per_second`` records of each event (logger and message template) of
-    ``loggers`` and the loggers below it in each second; the first one through after others were
-    held back carries ``suppressed``, their number."""
+    """Lets through at most ``per_second`` records below ERROR of each event (logger and message
+    template) of ``loggers`` and the loggers below them in each second; the first one through after
+    others were held back carries ``suppressed``, their number."""
 
     def __init__(
         self,
         per_second: int = LINES_PER_EVENT,
         clock: Callable[[], float] = time.monotonic,
-        loggers: str = LIMITED_LOGGERS,
+        loggers: tuple[str, ...] = LIMITED_LOGGERS,
     ) -> None:
         super().__init__()
         self.per_second = per_second
-        self.loggers, self._below = loggers, loggers + "."
+        self.loggers, self._below = frozenset(loggers), tuple(name + "." for name in loggers)
         self._clock = clock
         self._events: dict[tuple[str, str], list[float | int]] = {}  # -> [second, passed, held]
 
     def filter(self, record: logging.LogRecord) -> bool:
         name = record.name
-        if not (name == self.loggers or name.startswith(self._below)):
+        if record.levelno >= logging.ERROR or not (name in self.loggers or name.startswith(self._below)):
             return True
         second = int(self._clock())
         msg = record.msg

@@ -60,3 +60,71 @@ async def test_a_connection_lost_in_the_turn_of_its_open_fails_the_relay() -> No
     assert data == b""  # the app's side is reset, not left open
     app_peer.close()
     theirs.close()
+
+
+async def test_a_listener_out_of_descriptors_backs_off_without_spinning() -> None:
+    """Accepting waits for the listener to be readable. Registered for the accept task's whole
+    life, that wait woke the loop on every turn while the accept backed off out of descriptors (a
+    connection queued that cannot be taken): a core at 100% for as long as the shortage lasted."""
+    import contextlib
+    import os
+    import resource
+    import time
+    import types
+
+    from proxy.sidecar import Sidecar
+
+    class Count:
+        n = 0
+
+        def labels(self, *_: str) -> Count:
+            return self
+
+        def inc(self) -> None:
+            self.n += 1
+
+    served: list[socket.socket] = []
+    fake = types.SimpleNamespace(
+        _can_serve=asyncio.Event(),
+        metrics=types.SimpleNamespace(connections=Count()),
+        _serve=lambda conn, *_: served.append(conn),
+    )
+    fake._can_serve.set()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    task = asyncio.create_task(Sidecar._accept(fake, listener, "outbound"))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    client = socket.socket()
+    client.setblocking(False)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hogs: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                hogs.append(os.open("/dev/null", os.O_RDONLY))
+        with contextlib.suppress(BlockingIOError):
+            client.connect(listener.getsockname())
+        await asyncio.sleep(0.1)
+        cpu = time.process_time()
+        await asyncio.sleep(0.6)
+        cpu = time.process_time() - cpu
+    finally:
+        for fd in hogs:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        for _ in range(300):  # then it is taken
+            if served:
+                break
+            await asyncio.sleep(0.01)
+        assert fake.metrics.connections.n >= 1 and len(served) == 1
+        assert cpu < 0.3, cpu
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for conn in served:
+            conn.close()
+        listener.close()
+        client.close()

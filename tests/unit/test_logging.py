@@ -100,7 +100,7 @@ def test_each_event_is_held_to_its_lines_a_second_and_the_next_line_says_how_man
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(JsonFormatter())
-    handler.addFilter(PerEventLimit(per_second=3, clock=lambda: now[0], loggers="test.sidemesh"))
+    handler.addFilter(PerEventLimit(per_second=3, clock=lambda: now[0], loggers=("test.sidemesh",)))
     logger = logging.getLogger("test.sidemesh.limit")
     other = logging.getLogger("test.sidemeshother")  # not below "test.sidemesh": never held
     other.addHandler(handler)
@@ -115,6 +115,8 @@ def test_each_event_is_held_to_its_lines_a_second_and_the_next_line_says_how_man
         for _ in range(20):
             other.warning("admission")
         logger.warning({"an": "unhashable message"})  # (any object may be a message)
+        for _ in range(20):
+            logger.error("configuration error")  # errors are never held back
         now[0] = 101.2
         logger.warning("connection denied", extra={"n": 50})
         logger.warning("connection denied", extra={"n": 51})
@@ -126,6 +128,7 @@ def test_each_event_is_held_to_its_lines_a_second_and_the_next_line_says_how_man
     assert denied == [(0, None), (1, None), (2, None), (50, 47), (51, None)]
     assert [line["event"] for line in lines].count("bad request") == 1
     assert [line["event"] for line in lines].count("admission") == 20
+    assert [line["event"] for line in lines].count("configuration error") == 20
 
 
 def test_setup_limits_lines_per_event() -> None:
@@ -137,7 +140,7 @@ def test_setup_limits_lines_per_event() -> None:
         assert len(ours) == 1 and any(isinstance(f, PerEventLimit) for f in ours[0].filters)
         limit = ours[0].filters[0]
         assert isinstance(limit, PerEventLimit) and limit.per_second == LINES_PER_EVENT
-        assert limit.loggers == "sidemesh.proxy"
+        assert "sidemesh.proxy.http" in limit.loggers and "sidemesh.proxy" not in limit.loggers
     finally:
         for h in list(root.handlers):
             if h not in before[0]:
