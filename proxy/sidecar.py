@@ -753,6 +753,11 @@ class Sidecar:
                 await asyncio.wait_for(
                     self.app_prober.pre_stop_done.wait(), max(0.0, deadline - time.monotonic())
                 )
+            if grace > 0 and self.app_prober.pre_stop_done.is_set():
+                # The kubelet sends the app its SIGTERM only now: the grace is for what the app
+                # calls while it shuts down, so it runs again from here (it had run out while the
+                # hook ran, and the app's calls after it were refused).
+                await asyncio.sleep(max(0.0, min(grace, deadline - time.monotonic())))
         remaining = deadline - time.monotonic()
         if self.relays and remaining > 0:
             with contextlib.suppress(TimeoutError):

@@ -70,13 +70,43 @@ _PER_REQUEST_LOGGERS = ("opentelemetry.trace.span", "opentelemetry.trace.propaga
 DEFAULT_ATTRIBUTE_LENGTH = 1024
 
 
+_DEFAULT_COUNT = 128  # the SDK's default for each count limit
+# SpanLimits parameter -> its variable, and the parameter whose value stands when it is unset
+_LIMITS = {
+    "max_attributes": ("OTEL_ATTRIBUTE_COUNT_LIMIT", None),
+    "max_events": ("OTEL_SPAN_EVENT_COUNT_LIMIT", None),
+    "max_links": ("OTEL_SPAN_LINK_COUNT_LIMIT", None),
+    "max_span_attributes": ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "max_attributes"),
+    "max_event_attributes": ("OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "max_attributes"),
+    "max_link_attributes": ("OTEL_LINK_ATTRIBUTE_COUNT_LIMIT", "max_attributes"),
+    "max_attribute_length": ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", None),
+    "max_span_attribute_length": ("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "max_attribute_length"),
+}
+
+
 def span_limits(environ: Mapping[str, str]) -> SpanLimits:
-    """The SDK's limits as OTEL_* sets them, with a bound on attribute values by default."""
-    configured = any(
-        environ.get(name)
-        for name in ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT")
+    """The SDK's limits as OTEL_* sets them, with a bound on attribute values by default. A value
+    that is no non-negative integer is warned about and ignored (the SDK raised, and the component
+    stopped)."""
+    values: dict[str, int | None] = {}  # None: unset (or ignored)
+    for param, (variable, _) in _LIMITS.items():
+        raw = environ.get(variable, "").strip()
+        values[param] = int(raw) if raw.isdigit() else None
+        if raw and not raw.isdigit():
+            _ignored(variable, f"{raw!r} is not a non-negative integer", "as if unset")
+    for param, (_, generic) in _LIMITS.items():
+        if values[param] is None and generic is not None:
+            values[param] = values[generic]
+    if values["max_span_attribute_length"] is None:
+        values["max_span_attribute_length"] = DEFAULT_ATTRIBUTE_LENGTH
+    return SpanLimits(
+        **{
+            param: value
+            if value is not None
+            else (SpanLimits.UNSET if param == "max_attribute_length" else _DEFAULT_COUNT)
+            for param, value in values.items()
+        }
     )
-    return SpanLimits() if configured else SpanLimits(max_span_attribute_length=DEFAULT_ATTRIBUTE_LENGTH)
 
 
 def _ignored(variable: str, problem: str, instead: str) -> None:
@@ -149,7 +179,12 @@ def new_trace_formats(environ: Mapping[str, str]) -> tuple[Format, ...]:
 
 
 def _number(
-    environ: Mapping[str, str], name: str, default: float, minimum: float, maximum: float = math.inf
+    environ: Mapping[str, str],
+    name: str,
+    default: float,
+    minimum: float,
+    maximum: float = math.inf,
+    instead: str | None = None,
 ) -> float:
     """The variable's number, or ``default`` (with a warning) when it is no number in range."""
     raw = environ.get(name, "").strip()
@@ -168,7 +203,7 @@ def _number(
             problem = f"{raw} is above {maximum:g}"
         else:
             return value
-    _ignored(name, problem, f"the default {default:g} is used")
+    _ignored(name, problem, f"{instead} is used" if instead else f"the default {default:g} is used")
     return default
 
 
@@ -213,9 +248,9 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
         sampler = "parentbased_always_on"
     # (a ratio: 0.01 is 1%; above 1 is no ratio, and is ignored as the SDK ignores it)
     ratio = _number(env, "OTEL_TRACES_SAMPLER_ARG", 1.0, 0.0, 1.0) if sampler.endswith("ratio") else 1.0
-    timeout_ms = _number(env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", 0, 1) or _number(
-        env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10000, 1
-    )
+    timeout_ms = _number(
+        env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", 0, 1, instead="OTEL_EXPORTER_OTLP_TIMEOUT's"
+    ) or _number(env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10000, 1)
     queue = int(_number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048, 1))
     batch = int(_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, 1))
     return TracingSettings(

@@ -195,6 +195,11 @@ class WorkloadIdentity:
             # The bundle watch installed a newer bundle while the CA answered: it stands (the one
             # read before would undo it until the next renewal, its file no longer looked at).
             bundle = self.svid.bundle
+        elif self.svid is None and bundle is not None:
+            # The first certificate: a change the watch saw meanwhile had nothing to go into (and
+            # its file is not looked at again): read the file again now.
+            with contextlib.suppress(OSError, SvidError):
+                bundle = self._file_bundle()
         svid = SVID.from_pem(key, list(resp.cert_chain), list(resp.trust_bundle), self.spiffe_id)
         now = self.clock.now()
         if svid.not_after <= now:

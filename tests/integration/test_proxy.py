@@ -959,3 +959,58 @@ async def test_connections_accepted_as_the_drain_ends_have_the_rest_of_its_timeo
     await asyncio.gather(*callers)
     during = [r for t, r in results if began <= t < ended]
     assert during and not [r for r in during if r != "ok" and "Refused" not in r], during
+
+
+async def test_a_classic_sidecars_grace_runs_again_once_the_apps_pre_stop_hook_is_answered(
+    mesh: Mesh,
+) -> None:
+    """The kubelet sends the app its SIGTERM when its preStop hook is answered: the app's calls
+    while it shuts down come after that. The grace (5 s injected for classic sidecars) had run out
+    while a longer hook ran, and those calls were refused."""
+    import json as _json
+
+    async def pre_stop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.8)  # the app's preStop (deregistering): longer than the grace
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    await mesh.app(CART)
+    await mesh.sidecar("cart", CART)
+    hook = {"httpGet": {"path": "/drain", "port": 8080}, "timeoutSeconds": 30, "drainWaits": True}
+    frontend = await mesh.sidecar(
+        "frontend",
+        FRONTEND,
+        outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",),
+        app_probes=_json.dumps({"/app-health/frontend/prestop": hook}),
+    )
+    server = await mesh.app(FRONTEND, pre_stop)
+    mesh.sidecars.pop("frontend")
+    try:
+        drain = asyncio.create_task(frontend.drain(timeout=10, grace=0.4))
+        await asyncio.sleep(0.05)
+        status, _ = await get(
+            f"http://{mesh.addr(FRONTEND)}:{frontend.ports['health']}/app-health/frontend/prestop"
+        )
+        assert status == 200
+        await asyncio.sleep(0.05)  # the app, SIGTERMed now, makes its last call
+        assert await talk(mesh.addr(FRONTEND), OUT, b"flush", timeout=3) == b"FLUSHBYE"
+        await asyncio.wait_for(drain, 5)
+    finally:
+        server.close()
+
+
+async def test_quitquitquit_stops_without_the_grace() -> None:
+    """/quitquitquit: the app is done, so no grace (Istio skips its drain there); SIGTERM drains whole."""
+    from proxy.cli import stop_sidecar
+
+    calls: list[dict[str, object]] = []
+
+    class Drains:
+        async def drain(self, **kwargs: object) -> None:
+            calls.append(kwargs)
+
+    await stop_sidecar(Drains(), quit_only=True)  # type: ignore[arg-type]
+    await stop_sidecar(Drains(), quit_only=False)  # type: ignore[arg-type]
+    assert calls == [{"grace": 0, "pre_stop": False}, {"grace": None, "pre_stop": True}]

@@ -808,3 +808,34 @@ async def test_a_bundle_change_while_a_renewal_waits_for_the_ca_stands(
     finally:
         await wi.stop()
         await client.close()
+
+
+async def test_a_bundle_change_during_the_first_sign_is_kept(start_ca: StartCA, tmp_path: Path) -> None:
+    """Before the first certificate a change the watch sees has nothing to go into, and the file is
+    not looked at again: the first certificate went in with the bundle read before the CA call."""
+    ca = await start_ca()
+    bundle_file = tmp_path / "bundle.pem"
+    bundle_file.write_bytes(ca.bundle)
+    client = ca.client()
+    answer = asyncio.Event()
+    sign = client.sign
+
+    async def slow_sign(*args: object, **kwargs: object) -> object:
+        await answer.wait()
+        return await sign(*args, **kwargs)  # type: ignore[arg-type]
+
+    client.sign = slow_sign  # type: ignore[method-assign]
+    wi = WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=FakeClock())
+    await wi.start()
+    try:
+        await asyncio.sleep(0.05)  # the first renewal read the file (one root) and waits for the CA
+        pki.make_authority(tmp_path / "new-root")
+        bundle_file.write_bytes(ca.bundle + (tmp_path / "new-root" / keys.ROOTS).read_bytes())
+        assert not wi.reload_bundle()  # the watch's poll: nothing to install into yet
+        answer.set()
+        await asyncio.wait_for(wi.wait_ready(), 10)
+        assert wi.svid is not None and len(wi.svid.bundle) == 2
+        assert len(wi.server_context().get_ca_certs()) == 2
+    finally:
+        await wi.stop()
+        await client.close()

@@ -30,6 +30,7 @@ from sidemesh.telemetry import (
     TracingSettings,
     make_sampler,
     settings_from_env,
+    span_limits,
     start_tracing,
 )
 
@@ -597,3 +598,42 @@ def test_the_grpc_exporters_own_words_reach_the_warning_every_time_and_the_log_w
         assert "/nonexistent/ca.pem" in caplog.text
     finally:
         tracing.provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("env", "span_length", "span_attributes", "warned"),
+    [
+        ({}, 1024, 128, []),
+        ({"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "64"}, 64, 128, []),
+        (
+            {"OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": "1k"},
+            1024,
+            128,
+            ["OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT"],
+        ),
+        ({"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "-1"}, 1024, 128, ["OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"]),
+        (
+            {"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "abc", "OTEL_ATTRIBUTE_COUNT_LIMIT": "7"},
+            1024,
+            7,
+            ["OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT"],
+        ),
+        ({"OTEL_SPAN_EVENT_COUNT_LIMIT": "1.5"}, 1024, 128, ["OTEL_SPAN_EVENT_COUNT_LIMIT"]),
+    ],
+)
+def test_a_bad_span_limit_is_warned_about_and_ignored(
+    env: dict[str, str],
+    span_length: int,
+    span_attributes: int,
+    warned: list[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The SDK's SpanLimits raised on a bad OTEL_*_LIMIT (read from the process environment), and
+    every component stopped with an internal error."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # (where the SDK would read it)
+    with caplog.at_level(logging.WARNING, logger="sidemesh.telemetry"):
+        limits = span_limits(env)
+    assert (limits.max_span_attribute_length, limits.max_span_attributes) == (span_length, span_attributes)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == warned
