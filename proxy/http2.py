@@ -77,10 +77,12 @@ CONNECT_ROUNDS = 3  # connections without room a stream waits for before it coun
 # buffered per connection.
 CONNECTION_WINDOW = 1 << 20
 # What may be written to an upstream connection whose socket is backed up (its DATA waits in the
-# streams' queues, but HEADERS, RST_STREAM and WINDOW_UPDATE go on): past this, the reader of the
-# app's connection waits for that socket to drain, as it waited for every upstream before (new
-# streams opened and cancelled toward an endpoint that stopped reading grew the buffer without bound).
-MAX_WRITTEN_BACKED_UP = 64 * 1024
+# streams' queues, but HEADERS, RST_STREAM and WINDOW_UPDATE go on): past this the peer is taken
+# for stuck and the connection is reset (its streams fail, or go elsewhere when they may), so the
+# buffer stays bounded without the reader of the app's connection waiting for it (streams opened
+# and cancelled toward an endpoint that stopped reading grew the buffer without bound; a reader
+# waiting for such a socket stopped reading, saw no close from the app, and waited for good).
+MAX_WRITTEN_BACKED_UP = 1 << 20
 Header = tuple[bytes, bytes]
 Item = tuple[bytes | list[Header] | None, int]  # (data | trailers | end, flow-controlled length)
 _REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
@@ -397,6 +399,17 @@ class _Up(_Side):
                 self.written_backed_up = 0
             self.pipe.write(data)
 
+    def let_go(self) -> None:
+        """Close; abort if anything waits to be sent: it is for streams that are over, and a close
+        waits to send it first, for good toward a peer that stopped reading (the socket and its
+        buffer were never freed)."""
+        self.pipe.flush()
+        transport = self.pipe.transport
+        if self.pipe.backpressured or (transport is not None and transport.get_write_buffer_size()):
+            self.pipe.abort()
+        else:
+            self.pipe.close()
+
     def reusable(self) -> bool:
         """Fit for the next app connection: nothing in flight or odd, nothing unread, and its
         socket not backed up (the next connection's calls would wait behind it)."""
@@ -610,20 +623,18 @@ def _succeeded(status: int, grpc_status: int | None) -> bool:
     return status < 500 and grpc_status not in GRPC_FAILURES
 
 
-GRPC_UNKNOWN = 2
-GRPC_MAX_STATUS = 2**31 - 1  # an int32 in gRPC's status proto
+_GRPC_STATUS = re.compile(rb"[ \t]*([+-]?[0-9]{1,10})[ \t]*")
 
 
 def _grpc_status_of(headers: list[Header]) -> int | None:
     """The grpc-status of a response's trailers (or trailers-only head), or None without one. A
-    value that is no int32 (no digits, or too large) reads as UNKNOWN, as gRPC clients read it:
-    an unbounded number also failed every sampled span's export (OTLP's int64)."""
+    value that is no int32 reads as INTERNAL, as grpcio and grpc-go read it ("malformed
+    grpc-status"); an unbounded number also failed every sampled span's export (OTLP's int64)."""
     status = None
     for n, v in headers:
         if n == b"grpc-status":
-            digits = v.strip(b" \t").removeprefix(b"+")  # (as a client parses it: " 0" and "+0" are OK)
-            ok = digits.isdigit() and len(digits) <= 10 and int(digits) <= GRPC_MAX_STATUS
-            status = int(digits) if ok else GRPC_UNKNOWN
+            m = _GRPC_STATUS.fullmatch(v)
+            status = int(m.group(1)) if m and -(2**31) <= int(m.group(1)) < 2**31 else GRPC_INTERNAL
     return status
 
 
@@ -743,9 +754,11 @@ class H2Proxy:
                 self.down.flush()
                 await self.down.pipe.drain()
                 for up in self._flush_written():
-                    with contextlib.suppress(PipeClosed, ConnectionError):
-                        await up.pipe.drain()
-                    up.written_backed_up = 0
+                    log.warning(
+                        "HTTP/2 upstream connection takes nothing: reset",
+                        extra={**self.info, "unsent_frames": up.written_backed_up},
+                    )
+                    up.pipe.abort()  # (its reader fails its streams)
         except (PipeClosed, ConnectionError):
             pass
         finally:
@@ -844,6 +857,7 @@ class H2Proxy:
                 up.pooling = up.reusable()
                 if up.pooling:
                     up.try_flush()
+                    up.written_backed_up = 0  # (the next app connection counts afresh)
         tasks: list[asyncio.Task[None] | asyncio.Task[_Up]] = list(self._connecting.values())
         tasks += [up.task for up in ups if up.task is not None]
         tasks += self._backed_up.values()
@@ -857,7 +871,7 @@ class H2Proxy:
                 up.task = None
                 self.pool.put(up.key, up.pipe, up)  # (closed there if unfit by now)
             else:
-                up.pipe.close()
+                up.let_go()
         if self._linger:
             await linger_close(self.down.pipe)
         else:
@@ -1369,7 +1383,7 @@ class H2Proxy:
                     self._lost(up, sid, stream)
                 with contextlib.suppress(PipeClosed):
                     self._flush_now()
-                up.pipe.close()
+                up.let_go()
 
     def _lost(self, up: _Up, sid: int, stream: _Stream) -> None:
         """``up`` failed or went away under the stream: an attempt without a response head may be

@@ -299,6 +299,7 @@ class AppProber:
         # (``pre_stop_done``). A native sidecar stops after the app: its hooks ran, or never will.
         self._pre_stop_pending = {path for path, probe in probes.items() if probe.drain_waits}
         self.pre_stop_done = asyncio.Event()
+        self.pre_stop_answered_at: float | None = None  # (time.monotonic(): the app's SIGTERM then)
         if not self._pre_stop_pending:
             self.pre_stop_done.set()
 
@@ -329,6 +330,7 @@ class AppProber:
             if path in self._pre_stop_pending:
                 self._pre_stop_pending.discard(path)
                 if not self._pre_stop_pending:
+                    self.pre_stop_answered_at = time.monotonic()
                     self.pre_stop_done.set()
         return json_response(200 if ok else 503, {"probe": path, "ok": ok, "detail": detail})
 

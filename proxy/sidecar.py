@@ -742,9 +742,8 @@ class Sidecar:
         limit = self.config.drain_timeout.total_seconds() if timeout is None else timeout
         grace = self.config.drain_grace.total_seconds() if grace is None else grace
         log.info("draining", extra={"open": len(self.relays), "timeout_s": limit, "grace_s": grace})
-        deadline = time.monotonic() + limit
-        if grace > 0:
-            await asyncio.sleep(min(grace, limit))
+        started = time.monotonic()
+        deadline = started + limit
         if pre_stop and not self.app_prober.pre_stop_done.is_set():
             # The app's preStop hook goes through the health port (rewritten by the injector): a
             # classic sidecar is stopped as it starts; the health port stays until it is answered.
@@ -753,11 +752,16 @@ class Sidecar:
                 await asyncio.wait_for(
                     self.app_prober.pre_stop_done.wait(), max(0.0, deadline - time.monotonic())
                 )
-            if grace > 0 and self.app_prober.pre_stop_done.is_set():
-                # The kubelet sends the app its SIGTERM only now: the grace is for what the app
-                # calls while it shuts down, so it runs again from here (it had run out while the
-                # hook ran, and the app's calls after it were refused).
-                await asyncio.sleep(max(0.0, min(grace, deadline - time.monotonic())))
+        # The outbound listeners stay for the grace from the drain's start, and from the answer to
+        # the app's preStop hook when there was one: the kubelet sends the app its SIGTERM then,
+        # and the grace is for what the app calls while it shuts down (from the start only, it
+        # had run out, or almost, by then, and the app's calls were refused).
+        until = started + grace
+        answered = self.app_prober.pre_stop_answered_at
+        if pre_stop and answered is not None and answered >= started:
+            until = max(until, answered + grace)
+        if grace > 0:
+            await asyncio.sleep(max(0.0, min(until, deadline) - time.monotonic()))
         remaining = deadline - time.monotonic()
         if self.relays and remaining > 0:
             with contextlib.suppress(TimeoutError):

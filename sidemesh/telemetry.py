@@ -91,9 +91,17 @@ def span_limits(environ: Mapping[str, str]) -> SpanLimits:
     values: dict[str, int | None] = {}  # None: unset (or ignored)
     for param, (variable, _) in _LIMITS.items():
         raw = environ.get(variable, "").strip()
-        values[param] = int(raw) if raw.isdigit() else None
-        if raw and not raw.isdigit():
+        values[param] = None
+        if not raw:
+            continue
+        try:  # (as the SDK parses it: int(), then not negative)
+            value = int(raw)
+        except ValueError:
+            value = -1
+        if value < 0:
             _ignored(variable, f"{raw!r} is not a non-negative integer", "as if unset")
+        else:
+            values[param] = value
     for param, (_, generic) in _LIMITS.items():
         if values[param] is None and generic is not None:
             values[param] = values[generic]

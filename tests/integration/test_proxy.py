@@ -961,17 +961,19 @@ async def test_connections_accepted_as_the_drain_ends_have_the_rest_of_its_timeo
     assert during and not [r for r in during if r != "ok" and "Refused" not in r], during
 
 
+@pytest.mark.parametrize(("hook_s", "grace_s", "call_after_s"), [(0.8, 0.4, 0.05), (0.3, 0.5, 0.4)])
 async def test_a_classic_sidecars_grace_runs_again_once_the_apps_pre_stop_hook_is_answered(
-    mesh: Mesh,
+    mesh: Mesh, hook_s: float, grace_s: float, call_after_s: float
 ) -> None:
     """The kubelet sends the app its SIGTERM when its preStop hook is answered: the app's calls
-    while it shuts down come after that. The grace (5 s injected for classic sidecars) had run out
-    while a longer hook ran, and those calls were refused."""
+    while it shuts down come after that. The grace (5 s injected for classic sidecars) ran from the
+    drain's start only: it had run out while a longer hook ran, or almost (a shorter one), and
+    those calls were refused."""
     import json as _json
 
     async def pre_stop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        await asyncio.sleep(0.8)  # the app's preStop (deregistering): longer than the grace
+        await asyncio.sleep(hook_s)  # the app's preStop (deregistering)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
         await writer.drain()
         writer.close()
@@ -988,13 +990,13 @@ async def test_a_classic_sidecars_grace_runs_again_once_the_apps_pre_stop_hook_i
     server = await mesh.app(FRONTEND, pre_stop)
     mesh.sidecars.pop("frontend")
     try:
-        drain = asyncio.create_task(frontend.drain(timeout=10, grace=0.4))
+        drain = asyncio.create_task(frontend.drain(timeout=10, grace=grace_s))
         await asyncio.sleep(0.05)
         status, _ = await get(
             f"http://{mesh.addr(FRONTEND)}:{frontend.ports['health']}/app-health/frontend/prestop"
         )
         assert status == 200
-        await asyncio.sleep(0.05)  # the app, SIGTERMed now, makes its last call
+        await asyncio.sleep(call_after_s)  # the app, SIGTERMed now, makes its last call
         assert await talk(mesh.addr(FRONTEND), OUT, b"flush", timeout=3) == b"FLUSHBYE"
         await asyncio.wait_for(drain, 5)
     finally:

@@ -619,6 +619,13 @@ def test_the_grpc_exporters_own_words_reach_the_warning_every_time_and_the_log_w
             ["OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT"],
         ),
         ({"OTEL_SPAN_EVENT_COUNT_LIMIT": "1.5"}, 1024, 128, ["OTEL_SPAN_EVENT_COUNT_LIMIT"]),
+        (
+            {"OTEL_SPAN_EVENT_COUNT_LIMIT": "²"},
+            1024,
+            128,
+            ["OTEL_SPAN_EVENT_COUNT_LIMIT"],
+        ),  # (isdigit, not int)
+        ({"OTEL_ATTRIBUTE_COUNT_LIMIT": "+5"}, 1024, 5, []),  # (the SDK takes it)
     ],
 )
 def test_a_bad_span_limit_is_warned_about_and_ignored(
