@@ -620,7 +620,8 @@ GRPC_FAILURES = frozenset({2, 4, 13, 14, 15})
 
 
 def _succeeded(status: int, grpc_status: int | None) -> bool:
-    return status < 500 and grpc_status not in GRPC_FAILURES
+    # (a code gRPC does not define, above 16, reads as UNKNOWN to clients: a failure)
+    return status < 500 and grpc_status not in GRPC_FAILURES and (grpc_status is None or grpc_status <= 16)
 
 
 _GRPC_STATUS = re.compile(rb"[ \t]*([+-]?[0-9]{1,10})[ \t]*")
@@ -628,13 +629,13 @@ _GRPC_STATUS = re.compile(rb"[ \t]*([+-]?[0-9]{1,10})[ \t]*")
 
 def _grpc_status_of(headers: list[Header]) -> int | None:
     """The grpc-status of a response's trailers (or trailers-only head), or None without one. A
-    value that is no int32 reads as INTERNAL, as grpcio and grpc-go read it ("malformed
-    grpc-status"); an unbounded number also failed every sampled span's export (OTLP's int64)."""
+    value that is no int32, or negative, or 2^31-1, reads as INTERNAL, as grpcio reads it (grpc-go:
+    "malformed grpc-status" for no int32); an unbounded number also failed every sampled span's export (OTLP's int64)."""
     status = None
     for n, v in headers:
         if n == b"grpc-status":
             m = _GRPC_STATUS.fullmatch(v)
-            status = int(m.group(1)) if m and -(2**31) <= int(m.group(1)) < 2**31 else GRPC_INTERNAL
+            status = int(m.group(1)) if m and 0 <= int(m.group(1)) < 2**31 - 1 else GRPC_INTERNAL
     return status
 
 

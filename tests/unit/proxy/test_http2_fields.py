@@ -168,13 +168,15 @@ def test_a_header_block_padded_with_table_size_updates_is_refused(padding: bytes
     [
         (b"0", 0),
         (b"14", 14),
-        (b"2147483647", 2147483647),
         (b"2147483648", 13),  # no int32: INTERNAL, as grpcio and grpc-go read it
         (b"99999999999999999999", 13),  # (failed every sampled span's OTLP export: int64)
         (b"abc", 13),
         (b"", 13),
         (b"1_0", 13),  # (Python's int() takes it; clients do not)
-        (b"+0", 0),  # as grpcio and grpc-go read them: OK
+        (b"-1", 13),  # (grpcio: negative value)
+        (b"2147483647", 13),  # (grpcio: out of range)
+        (b"2147483646", 2147483646),
+        (b"+0", 0),  # as grpcio reads them: OK (grpc-go takes no spaces)
         (b" 0", 0),
         (b"0 ", 0),
         (b"-0", 0),
@@ -183,4 +185,5 @@ def test_a_header_block_padded_with_table_size_updates_is_refused(padding: bytes
 )
 def test_grpc_status_values_that_are_no_int32_read_as_internal(value: bytes, status: int) -> None:
     assert http2._grpc_status_of([(b"grpc-status", value)]) == status
+    assert http2._succeeded(200, status) is (status == 0)  # (17 and above: UNKNOWN to clients)
     assert http2._grpc_status_of([(b"grpc-message", b"x")]) is None
