@@ -13,6 +13,7 @@ import asyncio
 import gc
 import socket
 import time
+import typing
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -929,13 +930,14 @@ class _StopsReading(asyncio.Protocol):
         keep.append(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = typing.cast(asyncio.Transport, transport)  # (uvloop's are no asyncio.Transport)
         settings = SettingsFrame(
             0,
             settings={SettingsFrame.INITIAL_WINDOW_SIZE: 1 << 20, SettingsFrame.MAX_CONCURRENT_STREAMS: 1000},
         )
-        transport.write(settings.serialize() + WindowUpdateFrame(0, window_increment=1 << 30).serialize())
+        self.transport.write(
+            settings.serialize() + WindowUpdateFrame(0, window_increment=1 << 30).serialize()
+        )
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(SettingsFrame(0, flags=["ACK"]).serialize())
