@@ -146,8 +146,9 @@ class ProxyConfig:
     drain_grace: dt.timedelta = option(
         dt.timedelta(0),
         "on SIGTERM, keep the app's outbound listeners open at least this long even with no connection "
-        "open, counted from the answer to the app's preStop hook when the drain waits for one (for "
-        "classic sidecars, whose app may still call out while it shuts down; the injector sets 5s)",
+        "open, counted from the answer to the app's preStop hook when the drain waits for one, never past "
+        "--drain-timeout (for classic sidecars, whose app may still call out while it shuts down; the "
+        "injector sets 5s)",
         env="SIDEMESH_DRAIN_GRACE",
     )
     app_probes: str = option(

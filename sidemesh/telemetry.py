@@ -170,14 +170,13 @@ def new_trace_formats(environ: Mapping[str, str]) -> tuple[Format, ...]:
     about and skipped (when it was the only one: as if the variable were unset)."""
     raw = environ.get("OTEL_PROPAGATORS", "").strip().lower() or DEFAULT_PROPAGATORS
     formats: list[Format] = []
-    known = 0
-    for name in (n.strip() for n in raw.split(",")):
+    names = [n.strip() for n in raw.split(",")]
+    known = sum(name in PROPAGATORS for name in names)
+    for name in names:
         if name not in PROPAGATORS:
-            _ignored(
-                "OTEL_PROPAGATORS", f"{name!r} is not one of {', '.join(PROPAGATORS)}", "the others are used"
-            )
+            instead = "the others are used" if known else f"the default {DEFAULT_PROPAGATORS} is used"
+            _ignored("OTEL_PROPAGATORS", f"{name!r} is not one of {', '.join(PROPAGATORS)}", instead)
             continue
-        known += 1
         fmt = PROPAGATORS[name]
         if fmt is not None and fmt not in formats:
             formats.append(fmt)
@@ -261,6 +260,10 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
     ) or _number(env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10000, 1)
     queue = int(_number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048, 1))
     batch = int(_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, 1))
+    if batch > queue:  # (the SDK specification: a batch is at most the queue)
+        _ignored(
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", f"{batch} is above the queue's {queue}", f"{queue} is used"
+        )
     return TracingSettings(
         endpoint=endpoint,
         protocol=protocol,

@@ -136,6 +136,12 @@ HTTP = {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
             (Format.B3_SINGLE,),
         ),
         ({"OTEL_PROPAGATORS": "xray"}, "OTEL_PROPAGATORS", "new_trace_formats", (Format.W3C,)),
+        (
+            {"OTEL_BSP_MAX_QUEUE_SIZE": "100", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "512"},
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+            "max_export_batch_size",
+            100,
+        ),
     ],
 )
 def test_a_bad_value_is_warned_about_and_ignored(
@@ -644,3 +650,13 @@ def test_a_bad_span_limit_is_warned_about_and_ignored(
         limits = span_limits(env)
     assert (limits.max_span_attribute_length, limits.max_span_attributes) == (span_length, span_attributes)
     assert [r.getMessage().split(":")[0] for r in caplog.records] == warned
+
+
+def test_a_warning_says_what_is_used_instead(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="sidemesh.telemetry"):
+        settings_from_env({**EP, "OTEL_PROPAGATORS": "jaeger"})
+        settings_from_env({**EP, "OTEL_PROPAGATORS": "jaeger,b3"})
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0].endswith("the default tracecontext,baggage is used") and said[1].endswith(
+        "the others are used"
+    )
