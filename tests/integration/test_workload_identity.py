@@ -772,6 +772,19 @@ async def test_the_renewal_loop_outlives_a_thousand_failed_attempts(start_ca: St
         await client.close()
 
 
+def _held_signs(client: CAClient) -> asyncio.Event:
+    """The client's Sign calls wait until the event is set (a CA slow to answer)."""
+    answer = asyncio.Event()
+    sign = client.sign
+
+    async def slow_sign(*args: object, **kwargs: object) -> object:
+        await answer.wait()
+        return await sign(*args, **kwargs)  # type: ignore[arg-type]
+
+    client.sign = slow_sign  # type: ignore[method-assign]
+    return answer
+
+
 async def test_a_bundle_change_while_a_renewal_waits_for_the_ca_stands(
     start_ca: StartCA, tmp_path: Path
 ) -> None:
@@ -788,14 +801,7 @@ async def test_a_bundle_change_while_a_renewal_waits_for_the_ca_stands(
         await asyncio.wait_for(wi.wait_ready(), 10)
         wi.reload_bundle()
         assert wi.svid is not None and len(wi.svid.bundle) == 1
-        answer = asyncio.Event()
-        sign = client.sign
-
-        async def slow_sign(*args: object, **kwargs: object) -> object:
-            await answer.wait()
-            return await sign(*args, **kwargs)  # type: ignore[arg-type]
-
-        client.sign = slow_sign  # type: ignore[method-assign]
+        answer = _held_signs(client)
         renewal = asyncio.create_task(wi.renew())
         await asyncio.sleep(0.05)
         pki.make_authority(tmp_path / "new-root")
@@ -817,14 +823,7 @@ async def test_a_bundle_change_during_the_first_sign_is_kept(start_ca: StartCA, 
     bundle_file = tmp_path / "bundle.pem"
     bundle_file.write_bytes(ca.bundle)
     client = ca.client()
-    answer = asyncio.Event()
-    sign = client.sign
-
-    async def slow_sign(*args: object, **kwargs: object) -> object:
-        await answer.wait()
-        return await sign(*args, **kwargs)  # type: ignore[arg-type]
-
-    client.sign = slow_sign  # type: ignore[method-assign]
+    answer = _held_signs(client)
     wi = WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=FakeClock())
     await wi.start()
     try:
