@@ -206,14 +206,20 @@ async def _next_head(conn: h1.Connection, pipe: Pipe, timeout: float) -> object:
 async def _wait_request(pipe: Pipe, ctx: Context, first: bool) -> bool:
     """Wait for the next request's first bytes; False when the connection should end (idle, or
     draining between two requests). The pipe's ticks (``serve``) wake the wait to look at both. A
-    connection's first request is waited for while draining too: the client connected to be
-    served (one accepted as the drain began, or taken from the accept queue, was closed before
-    its request was read)."""
+    connection's first request is waited for while draining too, for the head timeout: the
+    client connected to be served (one accepted as the drain began, or taken from the accept
+    queue, was closed before its request was read)."""
     if pipe.has_input:
         return True
     deadline = time.monotonic() + ctx.idle_timeout
+    held = False  # (a first request, the drain seen: waited for until ``deadline``)
     while True:
-        if (ctx.draining() and not first) or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if ctx.draining() and not held:
+            if not first:
+                return False
+            deadline, held = min(deadline, now + ctx.head_timeout), True
+        if now >= deadline:
             return False
         if await pipe.wait_tick_or_input():
             return True

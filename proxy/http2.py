@@ -630,7 +630,8 @@ _GRPC_STATUS = re.compile(rb"[ \t]*([+-]?[0-9]{1,10})[ \t]*")
 def _grpc_status_of(headers: list[Header]) -> int | None:
     """The grpc-status of a response's trailers (or trailers-only head), or None without one. A
     value that is no int32, or negative, or 2^31-1, reads as INTERNAL, as grpcio reads it (grpc-go:
-    "malformed grpc-status" for no int32); an unbounded number also failed every sampled span's export (OTLP's int64)."""
+    "malformed grpc-status" for no int32); an unbounded number also failed every sampled span's
+    export (OTLP's int64)."""
     status = None
     for n, v in headers:
         if n == b"grpc-status":
@@ -806,7 +807,7 @@ class H2Proxy:
 
     def _flush_written(self) -> list[_Up]:
         """Send what the batch queued upstream; the connections written to past
-        ``MAX_WRITTEN_BACKED_UP`` while backed up (the reader waits for them)."""
+        ``MAX_WRITTEN_BACKED_UP`` while backed up (the reader resets them)."""
         written, self._written = self._written, set()
         for up in written:
             up.try_flush()
