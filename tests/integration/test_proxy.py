@@ -733,27 +733,18 @@ async def _connect_with_no_descriptor_left(mesh: Mesh) -> float:
     """A connection to the frontend's outbound listener while this process (the sidecar's) has no
     file descriptor left: its accept fails (EMFILE); then the descriptors are free again. The
     process's CPU seconds meanwhile (0.4 s of wall time)."""
-    import os
-    import resource
+    from tests.support import fds
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    hogs: list[int] = []
     client = socket.socket()
     client.setblocking(False)
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
-        with contextlib.suppress(OSError):
-            while True:
-                hogs.append(os.open("/dev/null", os.O_RDONLY))
-        with contextlib.suppress(BlockingIOError):
-            client.connect((mesh.addr(FRONTEND), OUT))
-        cpu = time.process_time()
-        await asyncio.sleep(0.4)  # the sidecar's accept fails: no descriptor left
-        return time.process_time() - cpu
+        with fds.none_left(spare=8):
+            with contextlib.suppress(BlockingIOError):
+                client.connect((mesh.addr(FRONTEND), OUT))
+            cpu = time.process_time()
+            await asyncio.sleep(0.4)  # the sidecar's accept fails: no descriptor left
+            return time.process_time() - cpu
     finally:
-        for fd in hogs:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         client.close()
 
 

@@ -6,6 +6,7 @@ import asyncio
 import socket
 
 from proxy.relay import Relay
+from tests.support import fds
 
 
 async def _pair(relay: Relay, name: str) -> tuple[socket.socket, object]:
@@ -67,8 +68,6 @@ async def test_a_listener_out_of_descriptors_backs_off_without_spinning() -> Non
     life, that wait woke the loop on every turn while the accept backed off out of descriptors (a
     connection queued that cannot be taken): a core at 100% for as long as the shortage lasted."""
     import contextlib
-    import os
-    import resource
     import time
     import types
 
@@ -96,23 +95,13 @@ async def test_a_listener_out_of_descriptors_backs_off_without_spinning() -> Non
     await asyncio.sleep(0.05)
     client = socket.socket()
     client.setblocking(False)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    hogs: list[int] = []
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
-        with contextlib.suppress(OSError):
-            while True:
-                hogs.append(os.open("/dev/null", os.O_RDONLY))
+    with fds.none_left(spare=2):
         with contextlib.suppress(BlockingIOError):
             client.connect(listener.getsockname())
         await asyncio.sleep(0.1)
         cpu = time.process_time()
         await asyncio.sleep(0.6)
         cpu = time.process_time() - cpu
-    finally:
-        for fd in hogs:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:
         for _ in range(300):  # then it is taken
             if served:
