@@ -12,7 +12,7 @@ import time
 import typing
 
 from proxy import framing
-from proxy.relay import WRITE_HIGH_WATER, reset
+from proxy.relay import WRITE_HIGH_WATER, close, reset
 
 READ_LIMIT = 256 * 1024
 
@@ -138,6 +138,8 @@ class Pipe(asyncio.Protocol):
         self._eof = True
         self._wake()
         self._ended()
+        if self.framed:  # (TLS has no half-close: it would close itself, unwatched)
+            close(self.transport)
         return not self.framed  # raw: keep our write side open (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -380,8 +382,7 @@ class Pipe(asyncio.Protocol):
 
     def close(self) -> None:
         self.flush()
-        if self.transport is not None:
-            self.transport.close()
+        close(self.transport)
 
     def abort(self) -> None:
         self._out.clear()

@@ -34,6 +34,59 @@ def reset_socket(conn: socket.socket) -> None:
     conn.close()
 
 
+# A transport closed with data still to send waits to send it, and toward a peer that takes none
+# of it (hung, partitioned, or one that sent its request, closed and never reads) it kept its socket
+# and buffers for good: plain TCP ones always, TLS ones once the peer's close_notify had come.
+# As Envoy's delayed close timer, which any progress restarts, but the progress is what the peer
+# acknowledges (TCP_INFO), which a slow reader makes whichever layer holds the bytes (the SSL
+# layer's buffer, the TCP transport's, the kernel's; the transports' own sizes move in steps
+# between high-water marks, and a TLS transport's says nothing of the TCP one under it): a closed
+# connection whose peer acknowledged nothing for FLUSH_STALL_S is shut down. Its transport's next
+# write fails and it closes; what the kernel holds is still sent, within the kernel's own limits
+# for orphaned sockets (tcp_orphan_retries). A TLS connection with everything acknowledged that
+# waits for the peer's close_notify loses nothing by it (its own timeout would wait 30 s).
+FLUSH_STALL_S = 10.0
+_TCP_INFO_LEN = 128
+_BYTES_ACKED = struct.Struct("=120xQ")  # struct tcp_info's tcpi_bytes_acked (Linux 4.1)
+
+
+def close(transport: asyncio.BaseTransport | None) -> None:
+    """Close after what is buffered is sent, unless the peer stops taking it (``FLUSH_STALL_S``)."""
+    if transport is None or transport.is_closing():
+        return
+    transport.close()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        acked = _bytes_acked(sock)
+        if acked is not None:
+            # The socket only (on both loops its descriptor reads -1 once closed: never another
+            # connection's), not the transport: a connection closed at once is not held meanwhile.
+            asyncio.get_running_loop().call_later(FLUSH_STALL_S, _check_flush, sock, acked)
+
+
+def _bytes_acked(sock: typing.Any) -> int | None:
+    """What the peer has acknowledged so far, or None once the socket is closed."""
+    if sock.fileno() < 0:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, ValueError):
+        return None
+    return int(_BYTES_ACKED.unpack_from(info)[0]) if len(info) >= _BYTES_ACKED.size else None
+
+
+def _check_flush(sock: typing.Any, before: int) -> None:
+    acked = _bytes_acked(sock)
+    if acked is None:
+        return  # closed
+    if acked == before:
+        log.debug("closed connection: the peer took nothing for %s s: shut down", FLUSH_STALL_S)
+        with contextlib.suppress(OSError), sock.dup() as borrowed:  # (uvloop's own refuses shutdown)
+            borrowed.shutdown(socket.SHUT_RDWR)
+        return
+    asyncio.get_running_loop().call_later(FLUSH_STALL_S, _check_flush, sock, acked)
+
+
 def reset(transport: asyncio.BaseTransport | None) -> None:
     """Close with a TCP RST, so the other end sees a reset, not an orderly end of stream."""
     if transport is None or transport.is_closing():
@@ -171,6 +224,7 @@ class Half(asyncio.Protocol):
         if self.framed:
             if not self.eof_in:  # TLS ended without an EOF frame: the stream was cut
                 self.relay.fail(f"{self.name}: stream ended without EOF")
+            close(self.transport)  # (TLS has no half-close: it would close itself, unwatched)
             return False
         self._got_eof()
         return True  # keep our write side open: TCP half-close
@@ -310,8 +364,7 @@ class Relay:
         if all(h.eof_in for h in self.halves) and len(self.halves) == 2:
             self._finish("closed")
             for h in self.halves:
-                if h.transport is not None:
-                    h.transport.close()
+                close(h.transport)
 
     def fail(self, why: str) -> None:
         """Reset both sides (the apps see a connection reset)."""
@@ -343,7 +396,7 @@ class Relay:
         peer = half.peer
         if peer is not None and peer.transport is not None and peer.eof_in:
             self._finish("closed")
-            peer.transport.close()
+            close(peer.transport)
 
     def end(self, outcome: str) -> None:
         """The connection is over (an HTTP connection, which ends without halves)."""
@@ -379,5 +432,4 @@ class Relay:
 
     def close_gracefully(self) -> None:
         for h in self.halves:
-            if h.transport is not None:
-                h.transport.close()
+            close(h.transport)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from proxy import relay as relay_module
 from proxy.sidecar import Sidecar
 from sidemesh.identity.workload import WorkloadIdentity
 from tests.integration.conftest import StartCA
@@ -237,6 +238,68 @@ async def test_slow_reader_does_not_make_the_proxy_buffer_without_bound(mesh: Me
     writer.write_eof()
     assert int(await asyncio.wait_for(reader.read(), 30)) == sent
     writer.close()
+
+
+def _owned_sockets(local: tuple[str, int], remote: tuple[str, int]) -> int:
+    """How many sockets of this process (an inode in /proc/net/tcp: the kernel's orphans have none)
+    join ``local`` and ``remote`` (IPv4)."""
+
+    def hexed(addr: tuple[str, int]) -> str:
+        return f"{socket.inet_aton(addr[0])[::-1].hex().upper()}:{addr[1]:04X}"
+
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for r in rows if r[1] == hexed(local) and r[2] == hexed(remote) and r[9] != "0")
+
+
+async def _relay_ended(sidecar: Sidecar) -> None:
+    """Wait for the sidecar's one connection to start, then to end."""
+    for want in (True, False):
+        for _ in range(100):
+            if bool(sidecar.relays) == want:
+                break
+            await asyncio.sleep(0.05)
+        assert bool(sidecar.relays) == want
+
+
+async def test_a_connection_closed_toward_a_client_that_never_reads_is_let_go(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client sends its request, closes its side and never reads the answer: when the app's
+    answer and end reached the client's sidecar, that sidecar closed the client's connection with
+    the answer still buffered, and kept its socket and buffer for good (the idle timeout no longer
+    runs for a finished relay). Now it lets go once the client took nothing for FLUSH_STALL_S."""
+    monkeypatch.setattr(relay_module, "FLUSH_STALL_S", 0.3)
+    answer = b"a" * (200 * 1024)  # under the high-water mark: the end reaches the client's sidecar
+
+    async def answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    await mesh.app(CART, answer_then_close)
+    await frontend_and_cart_sidecars(mesh)
+    frontend = mesh.sidecars["frontend"]
+    client = socket.socket()
+    # (before connecting: a small window, and small segments, so the kernel takes little of it)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(client, (mesh.addr(FRONTEND), OUT))
+    try:
+        await loop.sock_sendall(client, b"the request")
+        client.shutdown(socket.SHUT_WR)
+        ends = ((mesh.addr(FRONTEND), OUT), client.getsockname())
+        await _relay_ended(frontend)  # both directions closed, the answer not yet taken
+        assert _owned_sockets(*ends) == 1  # closed, still sending
+        for _ in range(60):
+            if _owned_sockets(*ends) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert _owned_sockets(*ends) == 0  # let go (the kernel still sends what it holds)
+    finally:
+        client.close()
 
 
 async def frontend_and_cart_sidecars(mesh: Mesh) -> None:
