@@ -163,7 +163,7 @@ async def _closed_toward_a_peer_that_takes_nothing() -> float:
     started = loop.time()
     relay_module.close(transport)
     try:
-        await asyncio.wait_for(asyncio.shield(protocol.lost), 3)
+        await asyncio.wait_for(asyncio.shield(protocol.lost), 6)
         return loop.time() - started
     finally:
         theirs.close()
@@ -198,7 +198,7 @@ def test_a_connection_closed_toward_a_peer_that_takes_nothing_is_let_go(
     (hung, or one that closed and never reads) it kept its socket and its buffer for good."""
     monkeypatch.setattr(relay_module, "FLUSH_STALL_S", 0.3)
     took = run(_closed_toward_a_peer_that_takes_nothing())
-    assert 0.25 < took < 2
+    assert 0.25 < took < 5  # (a few periods: the first may see the window still filling)
 
 
 @pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
@@ -246,7 +246,7 @@ async def _tls_closed_after_the_peers_close_notify(tmp: Path) -> float:
     with contextlib.suppress(ssl.SSLWantReadError):
         peer.unwrap()  # its close_notify goes; it reads nothing more
     try:
-        await asyncio.wait_for(asyncio.shield(protocol.lost), 3)
+        await asyncio.wait_for(asyncio.shield(protocol.lost), 6)
         return loop.time() - started
     finally:
         peer.close()  # (theirs, wrapped)
@@ -259,4 +259,4 @@ def test_a_tls_connection_closed_toward_a_peer_that_takes_nothing_is_let_go(
     exchange, not what the TCP transport under it still holds)."""
     monkeypatch.setattr(relay_module, "FLUSH_STALL_S", 0.3)
     took = uvloop.run(_tls_closed_after_the_peers_close_notify(tmp_path))
-    assert 0.25 < took < 2
+    assert 0.25 < took < 5  # (a few periods: the first may see the window still filling)
