@@ -55,6 +55,10 @@ def close(transport: asyncio.BaseTransport | None) -> None:
     if transport is None or transport.is_closing():
         return
     transport.close()
+    if not typing.cast(asyncio.WriteTransport, transport).get_write_buffer_size() and (
+        transport.get_extra_info("ssl_object") is None
+    ):
+        return  # plain TCP with nothing held closes at once (the kernel sends the rest)
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         acked = _bytes_acked(sock)
