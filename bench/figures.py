@@ -17,6 +17,7 @@ OPS: dict[str, Callable[[float, float], bool]] = {
     "<": lambda a, b: a < b,
 }
 SHOWN_OPS = {">=": "≥", "<=": "≤", ">": ">", "<": "<"}
+NEAR = 0.05  # a target met by less than this (relative) is marked so: runs of the same code differ by about as much
 
 
 class ReportError(Exception):
@@ -68,13 +69,27 @@ class Row:
         return ratio(self.sidemesh, self.envoy)
 
     @property
-    def met(self) -> bool | None:
-        """True / False against the target; None without a target or without the figure."""
+    def judged(self) -> float | None:
+        """The figure the target is about (the value or its ratio); None without either."""
         t = self.target
         if t is None:
             return None
-        value = {"value": self.sidemesh, "envoy": self.over_envoy, "direct": self.over_direct}[t.against]
-        return None if value is None else OPS[t.op](value, t.value)
+        return {"value": self.sidemesh, "envoy": self.over_envoy, "direct": self.over_direct}[t.against]
+
+    @property
+    def met(self) -> bool | None:
+        """True / False against the target; None without a target or without the figure."""
+        t, value = self.target, self.judged
+        return None if t is None or value is None else OPS[t.op](value, t.value)
+
+    @property
+    def near(self) -> bool:
+        """Met by less than ``NEAR`` of the target: inside what two runs of the same code differ by
+        on this machine (a few percent), so one run does not settle it."""
+        t, value = self.target, self.judged
+        return (
+            bool(self.met) and t is not None and value is not None and abs(value - t.value) < NEAR * t.value
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -232,6 +232,34 @@ def rows(report: Result) -> list[tuple[str, str, str, str, str, str]]:
     return out
 
 
+LOAD_BOUND = 0.9  # a proxied window at this share of the direct path's throughput or more
+
+
+def load_bound_notes(results: Result, load_core: int | None) -> list[str]:
+    """Windows whose figure says more about the load side (wrk or h2load, the upstream) than about the
+    proxies: the load core saturated, or a proxied path as fast as the direct one, near enough. A
+    ratio against such a figure is a bound (Sidemesh / Envoy is at most that when Envoy's is)."""
+    notes = []
+    direct = results.get("direct", {})
+    for path in ("sidemesh", "envoy"):
+        by = results.get(path, {})
+        windows = [(f"wrk {run}", r, direct.get(run), "rps") for run, r in by.items() if run != "grpc"]
+        windows += [
+            (f"gRPC {run}", r, direct.get("grpc", {}).get(run), "calls_per_s")
+            for run, r in by.get("grpc", {}).items()
+        ]
+        for name, r, base, key in windows:
+            share = r[key] / base[key] if base and base.get(key) else None
+            load_busy = r["cpu"]["cores"].get(str(load_core), 0.0) if load_core is not None else 0.0
+            if (share is not None and share >= LOAD_BOUND) or load_busy >= l4.SATURATED:
+                notes.append(
+                    f"{name} {l4.LABELS[path]}: bounded by the load side (load core {load_busy:.0%} busy"
+                    + (f", {share:.2f}x the direct path" if share is not None else "")
+                    + "): a ratio against this figure is a bound, not a measure of the proxies."
+                )
+    return notes
+
+
 def write_markdown(path: Path, report: Result) -> None:
     lines = [
         "# HTTP data path: direct, Sidemesh pair (HTTP mode), Envoy pair (HTTP mode)",
@@ -350,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{name} {l4.LABELS[path]}: {r['cpu']['other']:.0%} of a core was busy with other "
                     "processes during the window: that figure may be low."
                 )
+    notes += load_bound_notes(results, load_core)
     notes += [
         "Sidemesh between the sidecars: HTTP/1.1 over pooled mTLS connections (`sidemesh/1` frames); "
         "Envoy: the downstream protocol (HTTP/1.1 for wrk, HTTP/2 for gRPC).",

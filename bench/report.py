@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_DIR, machine
-from bench.figures import Report, ReportError, Row, Target, fmt, parse_target
+from bench.figures import NEAR, TARGETS, Report, ReportError, Row, Target, fmt, parse_target
 from bench.readers import collect, utc_minute
 
 __all__ = ["ReportError", "Row", "Target", "collect", "main", "markdown", "parse_target", "readme_table"]
@@ -35,6 +35,10 @@ TABLE_END = "<!-- bench-table:end -->"
 
 
 def verdict(row: Row) -> str:
+    if row.near:
+        return f"met, by less than {NEAR:.0%}"
+    if row.met is None and row.target is not None:
+        return "not judged: a figure is missing"
     return {True: "met", False: "**missed**", None: ""}[row.met]
 
 
@@ -53,9 +57,22 @@ def table(report: Report) -> list[str]:
 
 
 def summary(report: Report) -> str:
+    """Met of all targets whose benchmark has results: one it could not judge (no Envoy, no wrk or
+    h2load on the machine that ran it: the figure is missing) still counts, and is named."""
     judged = [r for r in report.rows if r.met is not None]
     met = sum(1 for r in judged if r.met)
-    return f"Targets met: {met} of {len(judged)}."
+    near = sum(1 for r in judged if r.near)
+    ran = {s.bench for s in report.sources}
+    shown = {(r.bench, r.key) for r in report.rows}
+    unjudged = [r.label for r in report.rows if r.target is not None and r.met is None]
+    unjudged += [f"{bench} {key}" for bench, key in TARGETS if bench in ran and (bench, key) not in shown]
+    text = f"Targets met: {met} of {len(judged) + len(unjudged)}"
+    if near:
+        text += f" ({near} of them by less than {NEAR:.0%}, about what two runs differ by)"
+    text += "."
+    if unjudged:
+        text += f" Not judged, a figure missing (no Envoy, wrk or h2load?): {', '.join(unjudged)}."
+    return text
 
 
 def markdown(report: Report, here: dict[str, Any], plots: Sequence[str]) -> str:
