@@ -1539,14 +1539,36 @@ def _cores(taskset: str | None) -> tuple[int | None, int | None, str]:
             None,
             "nothing pinned (fewer than two usable cores, or no taskset): all processes share the CPU",
         )
-    proxy_core, load_core = usable[0], usable[1]
+    proxy_core = usable[0]
+    # Not the proxies' hyperthread sibling if another CPU is usable: siblings share one core's units.
+    apart = [c for c in usable[1:] if c not in thread_siblings(proxy_core)]
+    load_core = apart[0] if apart else usable[1]
+    shared = (
+        ""
+        if apart
+        else f" Cores {proxy_core} and {load_core} are hyperthreads of one physical core (no other is usable): "
+        "the proxies and the load side share its units, so every figure is lower than on separate cores."
+    )
     return (
         proxy_core,
         load_core,
         f"core {proxy_core}: both proxies of the pair under test (`taskset -c {proxy_core}`; one core per pair, "
         f"Sidemesh and Envoy alike); core {load_core}: wrk, the upstream and the bulk client. The CA and the "
-        "bench itself are not pinned (idle during the windows).",
+        "bench itself are not pinned (idle during the windows)." + shared,
     )
+
+
+def thread_siblings(cpu: int, sys_cpu: Path = Path("/sys/devices/system/cpu")) -> set[int]:
+    """The CPUs that are hyperthreads of ``cpu``'s physical core, itself included ("0,2" or "0-1")."""
+    try:
+        text = (sys_cpu / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip()
+    except OSError:
+        return {cpu}
+    found: set[int] = set()
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        found.update(range(int(first), int(last or first) + 1))
+    return found or {cpu}
 
 
 def _run(

@@ -364,3 +364,18 @@ def test_a_window_bounded_by_the_load_side_is_said_to_be() -> None:
     assert "0.91x the direct path" in notes[0]
     results["sidemesh"]["c16"] = window(5_000, 0.95)  # the load core saturated: bound too
     assert any(n.startswith("wrk c16 Sidemesh pair: bounded") for n in load_bound_notes(results, load_core=1))
+
+
+@pytest.mark.parametrize(
+    ("listed", "siblings"), [("0", {0}), ("0,2", {0, 2}), ("0-1", {0, 1}), ("4-5,12", {4, 5, 12})]
+)
+def test_thread_siblings_as_the_kernel_lists_them(tmp_path: Path, listed: str, siblings: set[int]) -> None:
+    """bench.l4 puts the load side on a CPU that is not the proxies' hyperthread sibling when it can,
+    and says so when it cannot (siblings share one core: every figure would be lower)."""
+    from bench.l4 import thread_siblings
+
+    topology = tmp_path / "cpu0" / "topology"
+    topology.mkdir(parents=True)
+    (topology / "thread_siblings_list").write_text(listed + "\n")
+    assert thread_siblings(0, tmp_path) == siblings
+    assert thread_siblings(7, tmp_path) == {7}  # (no such CPU listed: itself)
