@@ -1,7 +1,7 @@
 """The sidecar pair in HTTP mode, side by side with a direct connection and an Envoy pair in HTTP
 mode, in one run (issue 6).
 
-    .venv/bin/python -m bench.http [--seconds N] [--warmup N] [--grpc-seconds N]
+    .venv/bin/python -m bench.http [--seconds N] [--warmup N] [--grpc-seconds N] [--rounds N]
 
 The setup is `bench.l4`'s (same CA, SVIDs, loopback addresses, CPU layout: both proxies of the
 pair under test on one core, the load and the upstream on the other), with two differences:
@@ -15,8 +15,11 @@ pair under test on one core, the load and the upstream on the other), with two d
 
 Runs: wrk ``-c 1 -t 1`` and ``-c 16 -t 2`` against `bench.l4_upstream` (a warm-up run, then the
 measured run); then the upstream is replaced by a grpcio server (`bench.http_grpc_upstream`) and
-h2load sends unary calls (a 5-byte gRPC message; ``-c 1 -m 1`` and ``-c 4 -m 8``). Writes
-``bench/results/http.md`` and ``bench/results/http.json``.
+h2load sends unary calls (a 5-byte gRPC message; ``-c 1 -m 1`` and ``-c 4 -m 8``). Every window
+runs ``--rounds`` times (3), the paths in a rotating order (direct, Sidemesh, Envoy; then Sidemesh,
+Envoy, direct; ...), and each figure is the round with the median throughput: one run gave ratios a
+few percent apart from the next, and a fixed order favoured whichever path ran on the cooler
+machine. Writes ``bench/results/http.md`` and ``bench/results/http.json``.
 """
 
 from __future__ import annotations
@@ -232,6 +235,22 @@ def rows(report: Result) -> list[tuple[str, str, str, str, str, str]]:
     return out
 
 
+def interleaved(paths: Sequence[str], round_no: int) -> list[str]:
+    """The paths in round ``round_no``'s order: each round starts one further along, so no path is
+    always measured first (on a machine that warms, cools or drifts, order is a bias)."""
+    k = round_no % len(paths) if paths else 0
+    return [*paths[k:], *paths[:k]]
+
+
+def median_window(windows: Sequence[Result], key: str) -> Result:
+    """The window whose ``key`` (requests or calls a second) is the median of the rounds', its other
+    figures (latency, CPU) with it; every round's ``key`` is kept in ``rounds``."""
+    ordered = sorted(windows, key=lambda w: float(w[key]))
+    chosen = dict(ordered[(len(ordered) - 1) // 2])  # (an even count: the lower middle)
+    chosen["rounds"] = [w[key] for w in windows]
+    return chosen
+
+
 LOAD_BOUND = 0.9  # a proxied window at this share of the direct path's throughput or more
 
 
@@ -260,6 +279,27 @@ def load_bound_notes(results: Result, load_core: int | None) -> list[str]:
     return notes
 
 
+def spread(report: Result) -> list[str]:
+    """Every round's figure, where the run had more than one (older results have none)."""
+    cfg = report.get("config", {})
+    lines = []
+    for path, by in report["results"].items():
+        windows = [(f"wrk {run}", r, "req/s") for run, r in by.items() if run != "grpc"]
+        windows += [(f"gRPC {run}", r, "calls/s") for run, r in by.get("grpc", {}).items()]
+        for name, r, unit in windows:
+            if len(r.get("rounds", ())) > 1:
+                values = ", ".join(f"{v:,.0f}" for v in r["rounds"])
+                lines.append(f"- {name}, {l4.LABELS[path]}: {values} {unit}")
+    if not lines:
+        return []
+    return [
+        "",
+        f"## Rounds ({cfg.get('rounds', '?')}, interleaved; each figure above is the median round's)",
+        "",
+        *lines,
+    ]
+
+
 def write_markdown(path: Path, report: Result) -> None:
     lines = [
         "# HTTP data path: direct, Sidemesh pair (HTTP mode), Envoy pair (HTTP mode)",
@@ -271,6 +311,7 @@ def write_markdown(path: Path, report: Result) -> None:
         "|---|---:|---:|---:|---:|---|",
     ]
     lines += [f"| {' | '.join(row)} |" for row in rows(report)]
+    lines += spread(report)
     lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     lines += ["", "CPU of the pair per window and error counters are in `http.json`.", ""]
     path.write_text("\n".join(lines))
@@ -281,6 +322,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=int, default=10, help="each measured wrk run (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up before each wrk run (default 3)")
     p.add_argument("--grpc-seconds", type=int, default=8, help="each h2load run (default 8)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds of every window (paths in a rotating order); each figure is the round "
+        "with the median requests (or calls) a second, the others kept in http.json (default 3)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where http.md and http.json go")
     l4.add_quiet_options(p)
     return p.parse_args(argv)
@@ -298,7 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = list(tools.notes)
     if h2load_bin is None:
         notes.append("h2load not found (apt-get install nghttp2-client): the gRPC runs are skipped.")
-    progress = Progress(1 + 2 * len(l4.PATHS) + len(GRPC_RUNS) * len(l4.PATHS))
+    if args.rounds < 1:
+        raise SystemExit("bench.http: error: --rounds must be at least 1")
+    progress = Progress(1 + (2 * len(l4.PATHS) + len(GRPC_RUNS) * len(l4.PATHS)) * args.rounds)
     results: Result = {p: {} for p in l4.PATHS}
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp_name:
         tmp = Path(tmp_name)
@@ -327,17 +377,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             if tools.wrk is not None:
                 for conns, threads in ((1, 1), (16, 2)):
+                    windows: dict[str, list[Result]] = {path: [] for path in paths}
+                    for n in range(args.rounds):
+                        for path in interleaved(paths, n):
+                            progress.phase(f"wrk -c {conns}, round {n + 1}/{args.rounds}: {l4.LABELS[path]}")
+                            windows[path].append(
+                                l4.undisturbed(
+                                    functools.partial(
+                                        runner.measure_wrk, path, conns, threads, args.seconds, args.warmup
+                                    ),
+                                    runner,
+                                    args.retries,
+                                    progress,
+                                )
+                            )
                     for path in paths:
-                        progress.phase(f"wrk -c {conns}: {l4.LABELS[path]}")
-                        r = results[path][f"c{conns}"] = l4.undisturbed(
-                            functools.partial(
-                                runner.measure_wrk, path, conns, threads, args.seconds, args.warmup
-                            ),
-                            runner,
-                            args.retries,
-                            progress,
-                        )
-                        if errors := {k: v for k, v in r["errors"].items() if v}:
+                        r = results[path][f"c{conns}"] = median_window(windows[path], "rps")
+                        if errors := {k: v for w in windows[path] for k, v in w["errors"].items() if v}:
                             notes.append(
                                 f"c{conns} {l4.LABELS[path]}: wrk errors {errors}; that figure is not valid."
                             )
@@ -346,17 +402,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                 body = tmp / "call.bin"
                 body.write_bytes(b"\x00\x00\x00\x00\x05hello")  # one gRPC message frame
                 for name, conns, streams in GRPC_RUNS:
+                    calls: dict[str, list[Result]] = {path: [] for path in paths}
+                    for n in range(args.rounds):
+                        for path in interleaved(paths, n):
+                            progress.phase(
+                                f"h2load gRPC {name}, round {n + 1}/{args.rounds}: {l4.LABELS[path]}"
+                            )
+                            calls[path].append(
+                                l4.undisturbed(
+                                    functools.partial(
+                                        h2load,
+                                        runner,
+                                        h2load_bin,
+                                        path,
+                                        conns,
+                                        streams,
+                                        args.grpc_seconds,
+                                        body,
+                                    ),
+                                    runner,
+                                    args.retries,
+                                    progress,
+                                )
+                            )
                     for path in paths:
-                        progress.phase(f"h2load gRPC {name}: {l4.LABELS[path]}")
                         grpc = results[path].setdefault("grpc", {})
-                        g = grpc[name] = l4.undisturbed(
-                            functools.partial(
-                                h2load, runner, h2load_bin, path, conns, streams, args.grpc_seconds, body
-                            ),
-                            runner,
-                            args.retries,
-                            progress,
-                        )
+                        g = grpc[name] = median_window(calls[path], "calls_per_s")
+                        g["failed"] = sum(w["failed"] for w in calls[path])
+                        g["errored"] = sum(w["errored"] for w in calls[path])
                         if g["failed"] or g["errored"]:
                             notes.append(
                                 f"gRPC {name} {l4.LABELS[path]}: {g['failed']} failed, {g['errored']} errored calls "
@@ -394,6 +467,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu": cpu_model(),
         "layout": layout,
         "seconds": args.seconds,
+        "config": {
+            "argv": list(sys.argv[1:] if argv is None else argv),
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "grpc_seconds": args.grpc_seconds,
+            "retries": args.retries,
+        },
         "results": results,
         "rss_kb": rss,
         "notes": notes,

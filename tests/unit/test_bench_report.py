@@ -379,3 +379,21 @@ def test_thread_siblings_as_the_kernel_lists_them(tmp_path: Path, listed: str, s
     (topology / "thread_siblings_list").write_text(listed + "\n")
     assert thread_siblings(0, tmp_path) == siblings
     assert thread_siblings(7, tmp_path) == {7}  # (no such CPU listed: itself)
+
+
+def test_bench_http_rounds_rotate_the_order_and_keep_the_median_window() -> None:
+    from bench.http import interleaved, median_window
+
+    paths = ["direct", "sidemesh", "envoy"]
+    orders = [interleaved(paths, n) for n in range(3)]
+    assert [o[0] for o in orders] == paths  # each path first once
+    assert all(sorted(o) == sorted(paths) for o in orders)
+    windows = [
+        {"rps": 5_000.0, "p50_us": 400},
+        {"rps": 4_000.0, "p50_us": 500},
+        {"rps": 6_000.0, "p50_us": 300},
+    ]
+    chosen = median_window(windows, "rps")
+    assert (chosen["rps"], chosen["p50_us"]) == (5_000.0, 400)  # the median round's figures together
+    assert chosen["rounds"] == [5_000.0, 4_000.0, 6_000.0]
+    assert median_window(windows[:2], "rps")["rps"] == 4_000.0  # (even: the lower middle)
