@@ -82,6 +82,12 @@ class ProxyMetrics:
             ["direction", "reason"],
             registry=r,
         )
+        self.flush_cuts = Counter(
+            "sidemesh_proxy_flush_cuts",
+            "Connections already closed whose peer took none of what was left to send for 60 s, "
+            "then cut (a reset while bytes were still unsent).",
+            registry=r,
+        )
         self.connection_duration = Histogram(
             "sidemesh_proxy_connection_duration_seconds",
             "How long connections stayed open, by direction.",

@@ -37,17 +37,19 @@ def reset_socket(conn: socket.socket) -> None:
 # A transport closed with data still to send waits to send it, and toward a peer that takes none
 # of it (hung, partitioned, or one that sent its request, closed and never reads) it kept its socket
 # and buffers for good: plain TCP ones always, TLS ones once the peer's close_notify had come.
-# As Envoy's delayed close timer, which any progress restarts, but the progress is what the peer
-# acknowledges (TCP_INFO), which a slow reader makes whichever layer holds the bytes (the SSL
-# layer's buffer, the TCP transport's, the kernel's; the transports' own sizes move in steps
-# between high-water marks, and a TLS transport's says nothing of the TCP one under it): a closed
-# connection whose peer acknowledged nothing for FLUSH_STALL_S is shut down. Its transport's next
-# write fails and it closes; what the kernel holds is still sent, within the kernel's own limits
-# for orphaned sockets (tcp_orphan_retries). A TLS connection with everything acknowledged that
-# waits for the peer's close_notify loses nothing by it (its own timeout would wait 30 s).
-FLUSH_STALL_S = 10.0
-_TCP_INFO_LEN = 128
-_BYTES_ACKED = struct.Struct("=120xQ")  # struct tcp_info's tcpi_bytes_acked (Linux 4.1)
+# Progress is what the peer acknowledges (TCP_INFO), which a slow reader makes whichever layer holds
+# the bytes (the SSL layer's buffer, the TCP transport's, the kernel's; the transports' own sizes
+# move in steps between high-water marks, and a TLS transport's says nothing of the TCP one under
+# it). A closed connection whose peer acknowledged nothing for FLUSH_STALL_S is cut: with a reset
+# while bytes are still to be sent (the peer must not take what it got for the whole stream), with
+# a FIN when only the close_notify exchange is left. 60 s: about what the kernel gives its own
+# orphaned sockets that a peer keeps at a zero window (tcp_orphan_retries), far past Envoy's 1 s
+# delayed close for HTTP; a reader paused longer than that after the end loses the end, and knows.
+FLUSH_STALL_S = 60.0
+on_flush_cut: Callable[[], None] | None = None  # (the sidecar counts the cuts)
+_TCP_INFO_LEN = 148
+# tcpi_state (offset 0), tcpi_unacked (24), tcpi_bytes_acked (120, Linux 4.1), tcpi_notsent_bytes (144, 4.6)
+_TCPI = struct.Struct("=B23xI92xQ16xI")
 
 
 def close(transport: asyncio.BaseTransport | None) -> None:
@@ -61,34 +63,49 @@ def close(transport: asyncio.BaseTransport | None) -> None:
         return  # plain TCP with nothing held closes at once (the kernel sends the rest)
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        acked = _bytes_acked(sock)
-        if acked is not None:
+        state = _flush_state(sock)
+        if state is not None:
             # The socket only (on both loops its descriptor reads -1 once closed: never another
             # connection's), not the transport: a connection closed at once is not held meanwhile.
-            asyncio.get_running_loop().call_later(FLUSH_STALL_S, _check_flush, sock, acked)
+            asyncio.get_running_loop().call_later(FLUSH_STALL_S, _check_flush, sock, state[0])
 
 
-def _bytes_acked(sock: typing.Any) -> int | None:
-    """What the peer has acknowledged so far, or None once the socket is closed."""
+def _flush_state(sock: typing.Any) -> tuple[int, bool] | None:
+    """(bytes the peer acknowledged, bytes still to be sent in the kernel), or None once the socket
+    is closed or where TCP_INFO says nothing (a state of 0: a sandbox's zeroed struct)."""
     if sock.fileno() < 0:
         return None
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
     except (OSError, ValueError):
         return None
-    return int(_BYTES_ACKED.unpack_from(info)[0]) if len(info) >= _BYTES_ACKED.size else None
+    if len(info) < _TCPI.size:
+        return None
+    state, unacked, acked, notsent = _TCPI.unpack_from(info)
+    return None if state == 0 else (acked, bool(unacked or notsent))
 
 
 def _check_flush(sock: typing.Any, before: int) -> None:
-    acked = _bytes_acked(sock)
-    if acked is None:
+    state = _flush_state(sock)
+    if state is None:
         return  # closed
-    if acked == before:
-        log.debug("closed connection: the peer took nothing for %s s: shut down", FLUSH_STALL_S)
-        with contextlib.suppress(OSError), sock.dup() as borrowed:  # (uvloop's own refuses shutdown)
-            borrowed.shutdown(socket.SHUT_RDWR)
+    acked, pending = state
+    if acked != before:
+        asyncio.get_running_loop().call_later(FLUSH_STALL_S, _check_flush, sock, acked)
         return
-    asyncio.get_running_loop().call_later(FLUSH_STALL_S, _check_flush, sock, acked)
+    with contextlib.suppress(OSError):
+        peer = sock.getpeername()
+        log.warning(
+            "closed connection cut: the peer took nothing for %.0f s",
+            FLUSH_STALL_S,
+            extra={"peer": f"{peer[0]}:{peer[1]}", "unsent": pending},
+        )
+    with contextlib.suppress(OSError), sock.dup() as borrowed:  # (uvloop's own refuses shutdown)
+        if pending:  # (a reset when the transport closes the socket: the peer is told)
+            borrowed.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        borrowed.shutdown(socket.SHUT_RDWR)  # its next write or read fails: it closes
+    if on_flush_cut is not None:
+        on_flush_cut()
 
 
 def reset(transport: asyncio.BaseTransport | None) -> None:

@@ -647,6 +647,7 @@ class Sidecar:
         else:
             self._spawn(self._watch_config())
         self._spawn(self._trim_heap())
+        relays.on_flush_cut = self.metrics.flush_cuts.inc  # (one sidecar per process; in tests the latest)
         capture = self.config.capture
         for i, address in enumerate(_listen_addresses("inbound_listen", self.config.inbound_listen, capture)):
             self._add_listener("inbound" if i == 0 else f"inbound-{i}", address, "inbound")

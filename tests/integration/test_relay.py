@@ -164,7 +164,34 @@ async def _closed_toward_a_peer_that_takes_nothing() -> float:
     relay_module.close(transport)
     try:
         await asyncio.wait_for(asyncio.shield(protocol.lost), 6)
-        return loop.time() - started
+        took = loop.time() - started
+        # Told: what it reads now ends in a reset, not in an end of stream that passes for the whole.
+        got = 0
+        with pytest.raises(ConnectionResetError):  # noqa: PT012
+            while chunk := await asyncio.wait_for(loop.sock_recv(theirs, 65536), 3):
+                got += len(chunk)
+        assert got < 1 << 20
+        return took
+    finally:
+        theirs.close()
+
+
+async def _a_reader_paused_past_the_limit() -> tuple[int, str]:
+    """A reader that stops reading for longer than the limit, then reads on: (bytes, how it ended)."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = _tcp_pair(sndbuf=4096)
+    transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+    size = 1 << 20
+    transport.write(b"p" * size)
+    relay_module.close(transport)
+    await asyncio.sleep(4 * relay_module.FLUSH_STALL_S)
+    got = 0
+    try:
+        while chunk := await asyncio.wait_for(loop.sock_recv(theirs, 65536), 3):
+            got += len(chunk)
+        return got, "end of stream"
+    except ConnectionResetError:
+        return got, "reset"
     finally:
         theirs.close()
 
@@ -199,6 +226,17 @@ def test_a_connection_closed_toward_a_peer_that_takes_nothing_is_let_go(
     monkeypatch.setattr(relay_module, "FLUSH_STALL_S", 0.3)
     took = run(_closed_toward_a_peer_that_takes_nothing())
     assert 0.25 < took < 5  # (a few periods: the first may see the window still filling)
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_reader_paused_past_the_limit_is_told_it_was_cut(
+    run: Callable[[Coroutine[Any, Any, tuple[int, str]]], tuple[int, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut while bytes were still to be sent: the peer gets a reset after what had reached it, never
+    an orderly end (a shutdown's FIN made the first part pass for the whole stream)."""
+    monkeypatch.setattr(relay_module, "FLUSH_STALL_S", 0.2)
+    got, ending = run(_a_reader_paused_past_the_limit())
+    assert ending == "reset" and got < 1 << 20, (got, ending)
 
 
 @pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
