@@ -235,22 +235,6 @@ def rows(report: Result) -> list[tuple[str, str, str, str, str, str]]:
     return out
 
 
-def interleaved(paths: Sequence[str], round_no: int) -> list[str]:
-    """The paths in round ``round_no``'s order: each round starts one further along, so no path is
-    always measured first (on a machine that warms, cools or drifts, order is a bias)."""
-    k = round_no % len(paths) if paths else 0
-    return [*paths[k:], *paths[:k]]
-
-
-def median_window(windows: Sequence[Result], key: str) -> Result:
-    """The window whose ``key`` (requests or calls a second) is the median of the rounds', its other
-    figures (latency, CPU) with it; every round's ``key`` is kept in ``rounds``."""
-    ordered = sorted(windows, key=lambda w: float(w[key]))
-    chosen = dict(ordered[(len(ordered) - 1) // 2])  # (an even count: the lower middle)
-    chosen["rounds"] = [w[key] for w in windows]
-    return chosen
-
-
 LOAD_BOUND = 0.9  # a proxied window at this share of the direct path's throughput or more
 
 
@@ -379,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for conns, threads in ((1, 1), (16, 2)):
                     windows: dict[str, list[Result]] = {path: [] for path in paths}
                     for n in range(args.rounds):
-                        for path in interleaved(paths, n):
+                        for path in l4.interleaved(paths, n):
                             progress.phase(f"wrk -c {conns}, round {n + 1}/{args.rounds}: {l4.LABELS[path]}")
                             windows[path].append(
                                 l4.undisturbed(
@@ -392,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 )
                             )
                     for path in paths:
-                        r = results[path][f"c{conns}"] = median_window(windows[path], "rps")
+                        r = results[path][f"c{conns}"] = l4.median_window(windows[path], "rps")
                         if errors := {k: v for w in windows[path] for k, v in w["errors"].items() if v}:
                             notes.append(
                                 f"c{conns} {l4.LABELS[path]}: wrk errors {errors}; that figure is not valid."
@@ -404,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name, conns, streams in GRPC_RUNS:
                     calls: dict[str, list[Result]] = {path: [] for path in paths}
                     for n in range(args.rounds):
-                        for path in interleaved(paths, n):
+                        for path in l4.interleaved(paths, n):
                             progress.phase(
                                 f"h2load gRPC {name}, round {n + 1}/{args.rounds}: {l4.LABELS[path]}"
                             )
@@ -427,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             )
                     for path in paths:
                         grpc = results[path].setdefault("grpc", {})
-                        g = grpc[name] = median_window(calls[path], "calls_per_s")
+                        g = grpc[name] = l4.median_window(calls[path], "calls_per_s")
                         g["failed"] = sum(w["failed"] for w in calls[path])
                         g["errored"] = sum(w["errored"] for w in calls[path])
                         if g["failed"] or g["errored"]:

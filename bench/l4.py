@@ -1,6 +1,6 @@
 """The sidecar pair in L4 mode, side by side with a direct connection and an Envoy pair, in one run.
 
-    .venv/bin/python -m bench.l4 [--seconds N] [--warmup N] [--bulk-mib N] [--profile]
+    .venv/bin/python -m bench.l4 [--seconds N] [--warmup N] [--bulk-mib N] [--rounds N] [--profile]
 
 Three paths to one upstream (``bench.l4_upstream``: HTTP/1.1 keep-alive on uvloop, 2-byte body):
 
@@ -22,6 +22,7 @@ the load side can reach. CPU use of every process is sampled over each window an
 
 Runs: wrk ``-c 1 -t 1`` and ``-c 16 -t 2``, each a warm-up run then the measured run; one bulk
 transfer (default 1 GiB, HTTP body streamed by the upstream) per path, read by a Python client;
+each window ``--rounds`` times (3), the paths in a rotating order, the median round reported;
 RSS of each proxy after the runs. ``--profile`` then samples the Sidemesh sidecars with py-spy
 (Python frames) and perf (CPU per binary), when installed, under one more 16-connection run (not
 part of the measured figures; raw py-spy stacks go to ``bench/results/l4-py-spy-*.txt``).
@@ -1306,6 +1307,22 @@ def analyse(report: Result, proxy_core: int | None, load_core: int | None) -> li
     return notes
 
 
+def interleaved(paths: Sequence[str], round_no: int) -> list[str]:
+    """The paths in round ``round_no``'s order: each round starts one further along, so no path is
+    always measured first (on a machine that warms, cools or drifts, order is a bias)."""
+    k = round_no % len(paths) if paths else 0
+    return [*paths[k:], *paths[:k]]
+
+
+def median_window(windows: Sequence[Result], key: str) -> Result:
+    """The window whose ``key`` (requests or calls a second) is the median of the rounds', its other
+    figures (latency, CPU) with it; every round's ``key`` is kept in ``rounds``."""
+    ordered = sorted(windows, key=lambda w: float(w[key]))
+    chosen = dict(ordered[(len(ordered) - 1) // 2])  # (an even count: the lower middle)
+    chosen["rounds"] = [w[key] for w in windows]
+    return chosen
+
+
 def add_quiet_options(p: argparse.ArgumentParser) -> None:
     """--wait-quiet and --retries (for ``wait_quiet`` and ``undisturbed``), in bench.l4 and bench.http."""
     p.add_argument(
@@ -1365,6 +1382,25 @@ def _attempt_text(r: Result) -> str:
     return f" (window measured {n} times, others disturbed by other processes; kept attempt {r['attempt']})"
 
 
+def _rounds_lines(report: Result) -> list[str]:
+    """Every round's figure, where the run had more than one (older results have none)."""
+    lines = [
+        f"- {run} {LABELS[p]}: {', '.join(f'{v:,.0f}' for v in r['rounds'])} req/s"
+        for run, by_path in report["runs"].items()
+        for p, r in by_path.items()
+        if len(r.get("rounds", ())) > 1
+    ]
+    lines += [
+        f"- bulk {LABELS[p]}: {', '.join(f'{v:,.0f}' for v in r['rounds'])} MB/s"
+        for p, r in report.get("bulk", {}).items()
+        if len(r.get("rounds", ())) > 1
+    ]
+    if not lines:
+        return []
+    rounds = report["config"].get("rounds", "?")
+    return ["", f"## Rounds ({rounds}, interleaved; each figure above is the median round's)", "", *lines]
+
+
 def write_markdown(path: Path, report: Result, rows: Sequence[Row]) -> None:
     env, cfg = report["environment"], report["config"]
     lines = [
@@ -1401,6 +1437,7 @@ def write_markdown(path: Path, report: Result, rows: Sequence[Row]) -> None:
             f"- bulk {LABELS[p]}: {_cpu_text(r['cpu'])}{_attempt_text(r)}"
             for p, r in report.get("bulk", {}).items()
         ),
+        *_rounds_lines(report),
         "",
         "## Notes",
         "",
@@ -1467,6 +1504,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="event loop of the sidecars: uvloop, as `sidemesh proxy run` installs it (default), or plain "
         "asyncio (uvloop made unimportable)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds of every window (paths in a rotating order); each figure is the round "
+        "with the median throughput, every round's kept in l4.json (default: %(default)s)",
+    )
     add_quiet_options(p)
     p.add_argument(
         "--profile",
@@ -1480,8 +1524,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="where l4.md and l4.json go (default: bench/results)",
     )
     args = p.parse_args(argv)
-    if args.seconds < 1 or args.warmup < 0 or args.bulk_mib < 1:
-        p.error("--seconds and --bulk-mib must be positive, --warmup not negative")
+    if args.seconds < 1 or args.warmup < 0 or args.bulk_mib < 1 or args.rounds < 1:
+        p.error("--seconds, --bulk-mib and --rounds must be positive, --warmup not negative")
     return args
 
 
@@ -1630,34 +1674,41 @@ def _run(
         if tools.wrk is None:
             progress.phase(f"wrk -c {conns}: skipped (wrk not found; apt-get install wrk)")
             continue
-        progress.phase(f"wrk -c {conns} -t {threads}: {args.warmup} s warm-up + {args.seconds} s, per path")
-        runs[run] = {}
-        for path in paths:
-            r = undisturbed(
-                functools.partial(runner.measure_wrk, path, conns, threads, args.seconds, args.warmup),
-                runner,
-                args.retries,
-                progress,
-            )
-            runs[run][path] = r
-            errors = {k: v for k, v in r["errors"].items() if v}
-            if errors:
-                notes.append(f"{run} {LABELS[path]}: wrk errors {errors}; that figure is not valid.")
-            progress.detail(
-                f"{LABELS[path]:<14} {r['rps']:>10,.0f} req/s  p50 {r['p50_us'] / 1e3:.3f} ms  "
-                f"p99 {r['p99_us'] / 1e3:.3f} ms  {_cpu_text(r['cpu'])}{'  ERRORS ' + str(errors) if errors else ''}"
-            )
+        progress.phase(
+            f"wrk -c {conns} -t {threads}: {args.warmup} s warm-up + {args.seconds} s, per path, "
+            f"{args.rounds} interleaved rounds"
+        )
+        windows: dict[str, list[Result]] = {path: [] for path in paths}
+        for n in range(args.rounds):
+            for path in interleaved(paths, n):
+                r = undisturbed(
+                    functools.partial(runner.measure_wrk, path, conns, threads, args.seconds, args.warmup),
+                    runner,
+                    args.retries,
+                    progress,
+                )
+                windows[path].append(r)
+                errors = {k: v for k, v in r["errors"].items() if v}
+                if errors:
+                    notes.append(f"{run} {LABELS[path]}: wrk errors {errors}; that figure is not valid.")
+                progress.detail(
+                    f"round {n + 1} {LABELS[path]:<14} {r['rps']:>10,.0f} req/s  p50 {r['p50_us'] / 1e3:.3f} ms  "
+                    f"p99 {r['p99_us'] / 1e3:.3f} ms  {_cpu_text(r['cpu'])}{'  ERRORS ' + str(errors) if errors else ''}"
+                )
+        runs[run] = {path: median_window(windows[path], "rps") for path in paths}
 
     size = args.bulk_mib << 20
     progress.phase(f"bulk: {args.bulk_mib} MiB per path, one connection, Python client on core {load_core}")
-    bulk: Result = {}
-    for path in paths:
-        bulk[path] = b = undisturbed(
-            functools.partial(runner.bulk, path, size), runner, args.retries, progress
-        )
-        progress.detail(
-            f"{LABELS[path]:<14} {b['mb_per_s']:>10,.0f} MB/s  ({b['seconds']:.2f} s)  {_cpu_text(b['cpu'])}"
-        )
+    transfers: dict[str, list[Result]] = {path: [] for path in paths}
+    for n in range(args.rounds):
+        for path in interleaved(paths, n):
+            b = undisturbed(functools.partial(runner.bulk, path, size), runner, args.retries, progress)
+            transfers[path].append(b)
+            progress.detail(
+                f"round {n + 1} {LABELS[path]:<14} {b['mb_per_s']:>10,.0f} MB/s  ({b['seconds']:.2f} s)  "
+                f"{_cpu_text(b['cpu'])}"
+            )
+    bulk: Result = {path: median_window(transfers[path], "mb_per_s") for path in paths}
 
     progress.phase("RSS of every proxy, TLS facts from both pairs")
     rss: Result = {}
@@ -1701,6 +1752,7 @@ def _run(
             "seconds": args.seconds,
             "warmup": args.warmup,
             "bulk_mib": args.bulk_mib,
+            "rounds": args.rounds,
             "sidecar_loop": args.sidecar_loop,
             "net": net,
             "proxy_core": proxy_core,

@@ -382,7 +382,7 @@ def test_thread_siblings_as_the_kernel_lists_them(tmp_path: Path, listed: str, s
 
 
 def test_bench_http_rounds_rotate_the_order_and_keep_the_median_window() -> None:
-    from bench.http import interleaved, median_window
+    from bench.l4 import interleaved, median_window
 
     paths = ["direct", "sidemesh", "envoy"]
     orders = [interleaved(paths, n) for n in range(3)]
