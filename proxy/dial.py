@@ -11,7 +11,7 @@ import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from proxy.relay import reset
+from proxy.relay import TLS_SHUTDOWN_TIMEOUT_S, reset
 from sidemesh.identity import tls
 from sidemesh.mesh.compile import Endpoint
 from sidemesh.spiffe import SpiffeId
@@ -96,6 +96,7 @@ async def dial_sidecar(
                 ssl=sc.identity.client_context(),
                 server_hostname="",
                 ssl_handshake_timeout=timeout,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S,
             ),
             timeout,
         )

@@ -17,7 +17,7 @@ from proxy.dial import why as _why
 from proxy.original_dst import NoOriginalDestination, original_dst
 from proxy.outbound import Refused
 from proxy.pipe import Pipe
-from proxy.relay import Half, Relay, reset_socket
+from proxy.relay import TLS_SHUTDOWN_TIMEOUT_S, Half, Relay, reset_socket
 from proxy.routers import InboundRouter, context, serve_connection, serve_h2, told
 from sidemesh.identity import tls
 from sidemesh.policy.evaluate import evaluate
@@ -69,7 +69,11 @@ async def _accept_mesh(sc: Sidecar, relay: Relay, conn: socket.socket) -> tuple[
     timeout = sc.config.connect_timeout.total_seconds()
     try:
         transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: down, conn, ssl=sc.identity.server_context(), ssl_handshake_timeout=timeout
+            lambda: down,
+            conn,
+            ssl=sc.identity.server_context(),
+            ssl_handshake_timeout=timeout,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S,
         )
     except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
         reason = getattr(exc, "reason", None) or exc.__class__.__name__

@@ -85,7 +85,7 @@ class ProxyMetrics:
         self.flush_cuts = Counter(
             "sidemesh_proxy_flush_cuts",
             "Connections already closed whose peer took none of what was left to send for 60 s, "
-            "then cut (a reset while bytes were still unsent).",
+            "then reset with bytes still unsent.",
             registry=r,
         )
         self.connection_duration = Histogram(

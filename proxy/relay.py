@@ -46,10 +46,16 @@ def reset_socket(conn: socket.socket) -> None:
 # orphaned sockets that a peer keeps at a zero window (tcp_orphan_retries), far past Envoy's 1 s
 # delayed close for HTTP; a reader paused longer than that after the end loses the end, and knows.
 FLUSH_STALL_S = 60.0
-on_flush_cut: Callable[[], None] | None = None  # (the sidecar counts the cuts)
+# The TLS layer's own close timeout (asyncio's and uvloop's ssl_shutdown_timeout, 30 s by default,
+# from the close whatever the progress) is set past the watch on every mesh connection, so the watch
+# decides (a reset, logged and counted); it stays as a backstop for a peer that keeps taking a
+# little (a cut there ends the stream without its EOF frame: the other sidecar resets its app).
+TLS_SHUTDOWN_TIMEOUT_S = 2 * FLUSH_STALL_S
+on_flush_cut: Callable[[], None] | None = None  # (the sidecar counts the cuts that lost bytes)
 _TCP_INFO_LEN = 148
 # tcpi_state (offset 0), tcpi_unacked (24), tcpi_bytes_acked (120, Linux 4.1), tcpi_notsent_bytes (144, 4.6)
 _TCPI = struct.Struct("=B23xI92xQ16xI")
+_TCPI_4_1 = struct.Struct("=B23xI92xQ")  # (before 4.6: no tcpi_notsent_bytes)
 
 
 def close(transport: asyncio.BaseTransport | None) -> None:
@@ -79,9 +85,12 @@ def _flush_state(sock: typing.Any) -> tuple[int, bool] | None:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
     except (OSError, ValueError):
         return None
-    if len(info) < _TCPI.size:
+    if len(info) >= _TCPI.size:
+        state, unacked, acked, notsent = _TCPI.unpack_from(info)
+    elif len(info) >= _TCPI_4_1.size:
+        (state, unacked, acked), notsent = _TCPI_4_1.unpack_from(info), 1  # (unknown: taken as pending)
+    else:
         return None
-    state, unacked, acked, notsent = _TCPI.unpack_from(info)
     return None if state == 0 else (acked, bool(unacked or notsent))
 
 
@@ -93,18 +102,23 @@ def _check_flush(sock: typing.Any, before: int) -> None:
     if acked != before:
         asyncio.get_running_loop().call_later(FLUSH_STALL_S, _check_flush, sock, acked)
         return
-    with contextlib.suppress(OSError):
-        peer = sock.getpeername()
-        log.warning(
-            "closed connection cut: the peer took nothing for %.0f s",
-            FLUSH_STALL_S,
-            extra={"peer": f"{peer[0]}:{peer[1]}", "unsent": pending},
-        )
+    try:
+        host, port = sock.getpeername()[:2]
+        peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    except OSError:
+        peer = "?"
+    # Bytes still unsent or unacknowledged: they are lost, and the peer is told by a reset. None:
+    # only the TLS close_notify exchange was left, the peer has everything (a FIN).
+    (log.warning if pending else log.debug)(
+        "closed connection cut: the peer took nothing for %.0f s",
+        FLUSH_STALL_S,
+        extra={"peer": peer, "unsent": pending},
+    )
     with contextlib.suppress(OSError), sock.dup() as borrowed:  # (uvloop's own refuses shutdown)
         if pending:  # (a reset when the transport closes the socket: the peer is told)
             borrowed.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
         borrowed.shutdown(socket.SHUT_RDWR)  # its next write or read fails: it closes
-    if on_flush_cut is not None:
+    if pending and on_flush_cut is not None:
         on_flush_cut()
 
 

@@ -784,6 +784,8 @@ class Sidecar:
         for server in self._servers:
             await server.stop()
         await self.identity.stop()
+        if relays.on_flush_cut == self.metrics.flush_cuts.inc:
+            relays.on_flush_cut = None
         if self.tracing is not None:
             await self.tracing.close()
         if self.access_lines is not None:
