@@ -337,11 +337,20 @@ async def test_expiry_is_reported_when_the_ca_never_comes_back(start_ca: StartCA
         await client.close()
 
 
-async def test_trust_bundle_change_is_picked_up_without_restart(ca: RunningCA, tmp_path: Path) -> None:
+def _cart_on_a_bundle_file(ca: RunningCA, tmp_path: Path) -> tuple[Path, CAClient, WorkloadIdentity]:
+    """cart's identity (not started) with the CA's bundle in a file it watches, and its CA client."""
     bundle_file = tmp_path / "bundle.pem"
     bundle_file.write_bytes(ca.bundle)
     client = ca.client()
-    wi = WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=FakeClock())
+    return (
+        bundle_file,
+        client,
+        WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=FakeClock()),
+    )
+
+
+async def test_trust_bundle_change_is_picked_up_without_restart(ca: RunningCA, tmp_path: Path) -> None:
+    bundle_file, client, wi = _cart_on_a_bundle_file(ca, tmp_path)
     await wi.start()
     try:
         await asyncio.wait_for(wi.wait_ready(), 10)
@@ -401,10 +410,7 @@ async def test_root_rotation_without_restarts(start_ca: StartCA, tmp_path: Path)
     import shutil
 
     ca = await start_ca()
-    bundle_file = tmp_path / "bundle.pem"
-    bundle_file.write_bytes(ca.bundle)
-    client = ca.client()
-    wi = WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=FakeClock())
+    bundle_file, client, wi = _cart_on_a_bundle_file(ca, tmp_path)
     await wi.start()
     try:
         await asyncio.wait_for(wi.wait_ready(), 10)
@@ -792,10 +798,7 @@ async def test_a_bundle_change_while_a_renewal_waits_for_the_ca_stands(
     meanwhile (a root rotation's step: both roots published) was undone by that renewal's
     certificate, and the file, its change already seen, was not read again until the next one."""
     ca = await start_ca()
-    bundle_file = tmp_path / "bundle.pem"
-    bundle_file.write_bytes(ca.bundle)
-    client = ca.client()
-    wi = WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=FakeClock())
+    bundle_file, client, wi = _cart_on_a_bundle_file(ca, tmp_path)
     await wi.start()
     try:
         await asyncio.wait_for(wi.wait_ready(), 10)
@@ -820,11 +823,8 @@ async def test_a_bundle_change_during_the_first_sign_is_kept(start_ca: StartCA, 
     """Before the first certificate a change the watch sees has nothing to go into, and the file is
     not looked at again: the first certificate went in with the bundle read before the CA call."""
     ca = await start_ca()
-    bundle_file = tmp_path / "bundle.pem"
-    bundle_file.write_bytes(ca.bundle)
-    client = ca.client()
+    bundle_file, client, wi = _cart_on_a_bundle_file(ca, tmp_path)
     answer = _held_signs(client)
-    wi = WorkloadIdentity(CART, client, lambda: "cart-token", bundle_file=bundle_file, clock=FakeClock())
     await wi.start()
     try:
         await asyncio.sleep(0.05)  # the first renewal read the file (one root) and waits for the CA
