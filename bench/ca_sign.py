@@ -521,7 +521,7 @@ async def _drive(p: LoadParams) -> Result:
 
     from sidemesh.api import ca_pb2, ca_pb2_grpc
     from sidemesh.identity.client import CA_SERVER_NAME
-    from sidemesh.identity.svid import SVID, make_csr, new_key
+    from sidemesh.identity.svid import SVID, PrivateKey, make_csr, new_key
     from sidemesh.spiffe import WorkloadId
 
     # CSRs (and their keys) are made before any timing: a workload makes one per rotation.
@@ -553,7 +553,7 @@ async def _drive(p: LoadParams) -> Result:
             metadata=(("authorization", f"Bearer {p.tokens[names[0]]}"),),
             timeout=CALL_TIMEOUT,
         )
-        svid = SVID.from_pem(key, list(resp.cert_chain), list(resp.trust_bundle), first)
+        svid = SVID.from_pem(PrivateKey.of(key), list(resp.cert_chain), list(resp.trust_bundle), first)
         check = f"{svid.spiffe_id}, chain of {len(svid.chain)}, valid {svid.not_after - svid.not_before}"
 
         state = _LoadState()

@@ -562,7 +562,7 @@ def make_svid(authority: SigningAuthority, spiffe_id: SpiffeId, dns_names: tuple
     cert = templates.leaf_builder(params, authority.cert, authority.chain).sign(
         authority.key, hashes.SHA256()
     )
-    return SVID(spiffe_id, key, (cert, *authority.chain), authority.roots)
+    return SVID.of(spiffe_id, key, (cert, *authority.chain), authority.roots)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -812,7 +812,7 @@ def sidemesh_cipher(setup: Setup, bundle: Path) -> str:
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     from sidemesh.identity import tls
-    from sidemesh.identity.svid import SVID
+    from sidemesh.identity.svid import SVID, PrivateKey
     from sidemesh.spiffe import WorkloadId
 
     svids = {}
@@ -821,7 +821,7 @@ def sidemesh_cipher(setup: Setup, bundle: Path) -> str:
         key = load_pem_private_key((d / "key.pem").read_bytes(), None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         svids[sa] = SVID.from_pem(
-            key,
+            PrivateKey.of(key),
             [(d / "cert-chain.pem").read_text()],
             [bundle.read_text()],
             WorkloadId("shop", sa).spiffe_id(TRUST_DOMAIN),

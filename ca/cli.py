@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography import x509
 
 from ca import keys, sched
 from ca.authn import Authenticator, KubernetesTokenAuthenticator, LocalTokenAuthenticator
@@ -27,6 +26,7 @@ from sidemesh import config as cfg
 from sidemesh import logging as smlog
 from sidemesh.cli import CLIError, listen_error
 from sidemesh.identity.bundle import spiffe_bundle
+from sidemesh.identity.certificate import load_pem_certificates
 from sidemesh.identity.client import CAClient, CAClientError
 from sidemesh.identity.svid import (
     SVID,
@@ -34,8 +34,7 @@ from sidemesh.identity.svid import (
     SvidError,
     foreign_roots,
     load_bundle,
-    make_csr,
-    new_key,
+    new_request,
     own_roots,
     pem_of,
     root_trust_domains,
@@ -359,8 +358,8 @@ def _issue(args: argparse.Namespace) -> int:
     async def run() -> SVID:
         client = CAClient(args.ca, bundle)
         try:
-            key = new_key()
-            resp = await client.sign(token, make_csr(key, identity), ttl)
+            key, csr = new_request(identity)
+            resp = await client.sign(token, csr, ttl)
             return SVID.from_pem(key, list(resp.cert_chain), list(resp.trust_bundle), identity)
         finally:
             await client.close()
@@ -404,7 +403,7 @@ def _bundle(args: argparse.Namespace) -> int:
         args.trust_domain = _ca_trust_domain(args.ca_dir) if args.ca_dir is not None else DEFAULT_TRUST_DOMAIN
     for root in foreign_roots(roots, args.trust_domain):
         print(
-            f"sidemesh ca bundle: left out {root.subject.rfc4514_string()!r}: it names trust domain "
+            f"sidemesh ca bundle: left out {root.subject!r}: it names trust domain "
             f"{', '.join(sorted(root_trust_domains(root)))}, not {args.trust_domain}",
             file=sys.stderr,
         )
@@ -413,7 +412,7 @@ def _bundle(args: argparse.Namespace) -> int:
     except SvidError as exc:
         raise CLIError(f"{path}: {exc}; give --trust-domain the bundle's trust domain") from exc
     if args.format == "pem":
-        sys.stdout.write(keys.cert_pem(*roots).decode())
+        sys.stdout.write(pem_of(roots).decode())
         return 0
     refresh = int(args.refresh_hint.total_seconds()) if args.refresh_hint is not None else None
     try:
@@ -427,7 +426,7 @@ def _bundle(args: argparse.Namespace) -> int:
 def _ca_trust_domain(ca_dir: Path) -> str:
     """The trust domain the CA directory's signing certificate names (ours name one), else the default."""
     try:
-        cert = x509.load_pem_x509_certificate((ca_dir / keys.CA_CERT).read_bytes())
+        cert = load_pem_certificates((ca_dir / keys.CA_CERT).read_bytes())[0]
     except (OSError, ValueError):
         return DEFAULT_TRUST_DOMAIN
     named = sorted(root_trust_domains(cert))

@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
 from ca import der
 from ca.errors import IdentityMismatch, InvalidRequest
-from sidemesh.identity.svid import EXTENSION_ERRORS
+from ca.templates import EXTENSION_ERRORS
 from sidemesh.spiffe import SpiffeId, SpiffeIdError
 
 MAX_CSR_BYTES = 16 * 1024

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import datetime as dt
 
-SEQUENCE = 0x30
-INTEGER = 0x02
-BIT_STRING = 0x03
-OCTET_STRING = 0x04
-NULL = 0x05
-OID = 0x06
-UTC_TIME = 0x17
-GENERALIZED_TIME = 0x18
+# The reading side, shared with the workload's certificate reader; re-exported for the CA's modules.
+from sidemesh.der import BIT_STRING as BIT_STRING
+from sidemesh.der import INTEGER as INTEGER
+from sidemesh.der import NULL as NULL
+from sidemesh.der import OCTET_STRING as OCTET_STRING
+from sidemesh.der import OID as OID
+from sidemesh.der import SEQUENCE as SEQUENCE
+from sidemesh.der import DERError as DERError
+from sidemesh.der import children
+from sidemesh.der import read as read
+
 BOOLEAN_TRUE = b"\x01\x01\xff"
-
-
-class DERError(ValueError):
-    """Bytes that are not the DER this module expects."""
 
 
 def length(n: int) -> bytes:
@@ -81,28 +80,6 @@ def time(when: dt.datetime) -> bytes:
     return b"\x18\x0f" + b"%04d" % when.year + clock  # GeneralizedTime, 15 bytes
 
 
-def read(data: bytes, pos: int = 0) -> tuple[int, int, int]:
-    """The element at ``pos``: (tag, start of its content, end of the element)."""
-    if pos + 2 > len(data):
-        raise DERError("truncated element")
-    tag, first = data[pos], data[pos + 1]
-    if tag & 0x1F == 0x1F:
-        raise DERError("multi-byte tags are not expected here")
-    start = pos + 2
-    if first < 0x80:
-        size = first
-    else:
-        count = first & 0x7F
-        if count == 0 or count > 4 or start + count > len(data):
-            raise DERError("bad length")
-        size = int.from_bytes(data[start : start + count], "big")
-        start += count
-    end = start + size
-    if end > len(data):
-        raise DERError("element runs past the end of its container")
-    return tag, start, end
-
-
 def certificate_subject(tbs: bytes) -> bytes:
     """The subject Name of a TBSCertificate, exactly as encoded (issuer names must match it)."""
     fields = _fields(tbs)
@@ -135,14 +112,7 @@ def csr_info_and_key_info(csr: bytes) -> tuple[bytes, bytes]:
 
 def _fields(data: bytes, container: tuple[int, int, int] | None = None) -> list[tuple[int, int, int, int]]:
     """(tag, content start, end, element start) of each element inside ``container``."""
-    container = container or read(data)
-    out = []
-    pos = container[1]
-    while pos < container[2]:
-        tag, start, end = read(data, pos)
-        out.append((tag, start, end, pos))
-        pos = end
-    return out
+    return children(data, container or read(data))
 
 
 def _encoding(data: bytes, field: tuple[int, int, int, int]) -> bytes:

@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from ca import templates
 from ca.errors import KeyMaterialError
 from ca.leaf import LeafTemplate, TemplateMismatch
-from sidemesh.identity.svid import EXTENSION_ERRORS, SvidError, own_roots, root_trust_domains
+from ca.templates import EXTENSION_ERRORS
+from sidemesh.identity.svid import SvidError, certificate_of, own_roots, root_trust_domains
 
 log = logging.getLogger("sidemesh.ca")
 
@@ -229,14 +230,15 @@ def check_trust_domain(authority: SigningAuthority, trust_domain: str) -> None:
     """Material for another trust domain signs nothing ours: the signing certificate (X509-SVID
     3.2: it SHOULD carry its trust domain's ID; ours do) and the roots must not name only others.
     (Served, every workload would refuse the SVIDs: an error here rather than on each of them.)"""
-    named = root_trust_domains(authority.cert)
+    named = root_trust_domains(certificate_of(authority.cert))
     if named and trust_domain not in named:
         raise KeyMaterialError(
             f"the signing certificate is for trust domain {', '.join(sorted(named))}, not {trust_domain}: "
             "give --trust-domain the CA's trust domain, or bootstrap material for this one"
         )
+    read = {certificate_of(root): root for root in authority.roots}
     try:
-        own = own_roots(authority.roots, trust_domain)
+        own = [read[root] for root in own_roots(list(read), trust_domain)]
     except SvidError as exc:
         raise KeyMaterialError(f"{exc}: give --trust-domain the CA's trust domain") from exc
     top = authority.chain[-1] if authority.chain else authority.cert

@@ -17,6 +17,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidemesh.spiffe import SpiffeId
 
+# What reading a certificate's extensions with cryptography raises when it cannot (malformed,
+# duplicated, a name type it does not know, and since cryptography 51 an empty SAN, IAN or
+# certificatePolicies).
+EXTENSION_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
 BACKDATE = dt.timedelta(minutes=1)
 
 PublicKey = ec.EllipticCurvePublicKey

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
-from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from controller.config import ControllerConfig
@@ -30,6 +29,7 @@ from controller.state import MeshState
 from sidemesh.api import config_pb2 as pb
 from sidemesh.config import parse_hostport
 from sidemesh.httpd import HTTPServer, check_free, json_response
+from sidemesh.identity.certificate import load_pem_certificates
 from sidemesh.identity.svid import SvidError, spiffe_id_of
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.mesh.resources import Snapshot
@@ -123,7 +123,7 @@ def peer_identity(
     if not pems:
         raise PermissionError("no client certificate")
     try:
-        cert = x509.load_pem_x509_certificate(pems[0])
+        cert = load_pem_certificates(pems[0])[0]
         # A resumed TLS session (gRPC's BoringSSL issues tickets, and grpcio has no switch for them)
         # carries the certificate of its first handshake, checked then, not now.
         now = dt.datetime.now(dt.UTC)

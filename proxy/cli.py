@@ -64,6 +64,7 @@ async def stop_sidecar(sidecar: Sidecar, quit_only: bool) -> None:
 async def _main(config: ProxyConfig) -> int:
     from proxy.sidecar import ListenError, Sidecar
     from sidemesh.identity.client import CAClient
+    from sidemesh.identity.keygen import new_request_in_child
     from sidemesh.identity.svid import SvidError, load_bundle
     from sidemesh.identity.workload import WorkloadIdentity, token_from_file
     from sidemesh.mesh import directory
@@ -102,7 +103,11 @@ async def _main(config: ProxyConfig) -> int:
         raise CLIError(f"{exc}; check --workload and --service-account") from exc
     client = CAClient(config.ca_address, bundle)
     identity = WorkloadIdentity(
-        spiffe_id, client, token_from_file(config.token_file), bundle_file=config.bundle_file
+        spiffe_id,
+        client,
+        token_from_file(config.token_file),
+        bundle_file=config.bundle_file,
+        keygen=new_request_in_child,  # (this process never loads cryptography: keygen.py)
     )
     # The access log goes out in batches (sidemesh/logging.py BufferedLines), flushed by the drain.
     lines = smlog.BufferedLines("sidemesh.proxy.access") if config.access_log else None

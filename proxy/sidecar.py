@@ -883,10 +883,7 @@ class Sidecar:
                 "last_error": self.identity.last_error,
                 "next_attempt": self.identity.next_attempt,  # the renewal, or the retry after an error
                 "bundle_roots": len(svid.bundle),
-                "bundle": [
-                    {"subject": c.subject.rfc4514_string(), "not_after": c.not_valid_after_utc}
-                    for c in svid.bundle
-                ],
+                "bundle": [{"subject": c.subject, "not_after": c.not_valid_after_utc} for c in svid.bundle],
             },
         )
 

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from sidemesh.identity.certificate import Certificate
 
 _CURVES = {"secp256r1": ("P-256", 32), "secp384r1": ("P-384", 48), "secp521r1": ("P-521", 66)}
 
@@ -41,15 +42,15 @@ def _public_jwk(cert: x509.Certificate) -> dict[str, str]:
 
 
 def spiffe_bundle(
-    roots: Sequence[x509.Certificate], *, refresh_hint: int | None = None, sequence: int | None = None
+    roots: Sequence[Certificate], *, refresh_hint: int | None = None, sequence: int | None = None
 ) -> dict[str, Any]:
     """The roots as a SPIFFE bundle document; ``refresh_hint`` in seconds."""
     if not roots:
         raise ValueError("a trust bundle holds at least one root")
     keys = []
     for cert in roots:
-        der = cert.public_bytes(serialization.Encoding.DER)
-        keys.append({**_public_jwk(cert), "use": "x509-svid", "x5c": [base64.b64encode(der).decode()]})
+        jwk = _public_jwk(x509.load_der_x509_certificate(cert.der))
+        keys.append({**jwk, "use": "x509-svid", "x5c": [base64.b64encode(cert.der).decode()]})
     doc: dict[str, Any] = {"keys": keys}
     if refresh_hint is not None:
         doc["spiffe_refresh_hint"] = refresh_hint

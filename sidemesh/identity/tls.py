@@ -16,8 +16,7 @@ import os
 import ssl
 from typing import Any
 
-from cryptography import x509
-
+from sidemesh.identity.certificate import Certificate
 from sidemesh.identity.svid import SVID, SvidError, spiffe_id_of
 from sidemesh.spiffe import SpiffeId
 
@@ -88,7 +87,7 @@ def client_context(svid: SVID, alpn: list[str] | None = None) -> ssl.SSLContext:
 @functools.lru_cache(maxsize=1024)
 def _leaf_id(der: bytes) -> SpiffeId | str:
     try:
-        return spiffe_id_of(x509.load_der_x509_certificate(der))
+        return spiffe_id_of(Certificate.from_der(der))
     except (ValueError, SvidError) as exc:  # SpiffeIdError is a ValueError
         return str(exc)
 

@@ -1,6 +1,7 @@
 """A workload's identity, kept current: fetched at start, renewed at about half its life.
 
-- The private key is generated in memory for every renewal and never written anywhere.
+- The private key is generated in memory for every renewal and never written anywhere (by a
+  short-lived child process in a sidecar: ``keygen``).
 - While the CA is unavailable it retries with backoff and keeps serving the current certificate
   until it expires (then :attr:`state` says ``expired`` and readiness fails).
 - The trust bundle file, when given, is watched; a change rebuilds the TLS contexts at once.
@@ -16,23 +17,23 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-
-from cryptography import x509
 
 from sidemesh.cancel import stop_if_cancelling
 from sidemesh.clock import SYSTEM_CLOCK, Clock
 from sidemesh.grpc_client import Status
 from sidemesh.identity import rotation, tls
+from sidemesh.identity.certificate import Certificate
 from sidemesh.identity.client import CAClient, CAClientError
+from sidemesh.identity.keygen import KeygenError
 from sidemesh.identity.svid import (
     SVID,
+    PrivateKey,
     SvidError,
     foreign_roots,
     load_bundle,
-    make_csr,
-    new_key,
+    new_request,
     own_roots,
     pem_of,
 )
@@ -41,6 +42,13 @@ from sidemesh.spiffe import SpiffeId
 log = logging.getLogger("sidemesh.identity")
 
 BUNDLE_POLL_SECONDS = 5.0
+
+# Makes a new key and the request (PEM) for an identity and its DNS names.
+Keygen = Callable[[SpiffeId, tuple[str, ...]], Awaitable[tuple[PrivateKey, str]]]
+
+
+async def keygen_in_process(spiffe_id: SpiffeId, dns_names: tuple[str, ...]) -> tuple[PrivateKey, str]:
+    return new_request(spiffe_id, dns_names)
 
 
 class TokenFileError(ValueError):
@@ -78,6 +86,8 @@ def renewal_hint(exc: Exception, bundle_file: Path | None = None) -> str:
         )
     if isinstance(exc, OSError):
         return "check that --token-file can be read"
+    if isinstance(exc, KeygenError):
+        return "the key could not be made: check that this container's python can run sidemesh"
     if isinstance(exc, TokenFileError):
         return "write only the token into --token-file (as the kubelet's projected token file holds it)"
     if isinstance(exc, CAClientError):
@@ -106,8 +116,10 @@ class WorkloadIdentity:
         clock: Clock = SYSTEM_CLOCK,
         rand: Callable[[], float] = random.random,
         dns_names: tuple[str, ...] = (),
+        keygen: Keygen = keygen_in_process,
     ) -> None:
         self.dns_names = dns_names
+        self.keygen = keygen
         self.spiffe_id = spiffe_id
         self.ca = ca
         self.token = token
@@ -187,10 +199,8 @@ class WorkloadIdentity:
         """Get a new SVID now (new key, new CSR) and install it."""
         bundle = self._bundle_for_renewal()  # (before the CA is asked: none of its work is thrown away)
         generation = self.generation
-        key = new_key()
-        resp = await self.ca.sign(
-            self.token(), make_csr(key, self.spiffe_id, self.dns_names), self.ttl_seconds
-        )
+        key, csr = await self.keygen(self.spiffe_id, self.dns_names)
+        resp = await self.ca.sign(self.token(), csr, self.ttl_seconds)
         if self.generation != generation and self.svid is not None:
             # The bundle watch installed a newer bundle while the CA answered: it stands (the one
             # read before would undo it until the next renewal, its file no longer looked at).
@@ -254,7 +264,7 @@ class WorkloadIdentity:
                 delay = rotation.backoff(
                     attempt, self.rand(), until_expiry if heals or until_expiry > 0 else None
                 )
-                expected = isinstance(exc, (CAClientError, SvidError, OSError, TokenFileError))
+                expected = isinstance(exc, (CAClientError, SvidError, OSError, TokenFileError, KeygenError))
                 level = logging.ERROR if self.state == "expired" or not expected else logging.WARNING
                 log.log(
                     level,
@@ -277,7 +287,7 @@ class WorkloadIdentity:
             await self.clock.sleep(BUNDLE_POLL_SECONDS)
             self.reload_bundle()
 
-    def _file_bundle(self) -> tuple[x509.Certificate, ...]:
+    def _file_bundle(self) -> tuple[Certificate, ...]:
         """The bundle file's roots for our trust domain; roots of other trust domains are left
         out, with a warning (the mesh does not federate: see ``own_roots``)."""
         assert self.bundle_file is not None
@@ -289,12 +299,12 @@ class WorkloadIdentity:
                 extra={
                     "bundle_file": str(self.bundle_file),
                     "trust_domain": td,
-                    "left_out": [c.subject.rfc4514_string() for c in foreign],
+                    "left_out": [c.subject for c in foreign],
                 },
             )
         return own_roots(bundle, td)
 
-    def _bundle_for_renewal(self) -> Sequence[x509.Certificate] | None:
+    def _bundle_for_renewal(self) -> Sequence[Certificate] | None:
         """The bundle file's roots; when the file cannot be read (a truncated write, a bad edit of
         the ConfigMap), the roots in use, as reload_bundle keeps them (it logs why). Renewals read
         the file again and failed on it: the certificate expired with the CA answering. None

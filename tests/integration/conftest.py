@@ -20,7 +20,7 @@ from ca.config import CAConfig
 from ca.server import CAServer
 from sidemesh.clock import SYSTEM_CLOCK, Clock
 from sidemesh.identity.client import CAClient
-from sidemesh.identity.svid import SVID, make_csr, new_key
+from sidemesh.identity.svid import SVID, PrivateKey, make_csr, new_key
 from sidemesh.spiffe import WorkloadId
 
 # The sidecar and the controller run on uvloop in production (`sidemesh proxy run`): their tests run
@@ -87,7 +87,7 @@ class RunningCA:
             key = new_key()
             sid = identity.spiffe_id("cluster.local")
             resp = await client.sign(token, make_csr(key, sid), ttl)
-            return SVID.from_pem(key, list(resp.cert_chain), list(resp.trust_bundle), sid)
+            return SVID.from_pem(PrivateKey.of(key), list(resp.cert_chain), list(resp.trust_bundle), sid)
         finally:
             await client.close()
 

@@ -79,7 +79,7 @@ def own_csr() -> str:
 async def test_issues_an_x509_svid_that_independent_parsers_accept(start_ca: StartCA, tmp_path: Path) -> None:
     ca = await start_ca()
     svid = await ca.issue("frontend-token", FRONTEND)
-    leaf = svid.leaf
+    leaf = pki.crypto(svid.leaf)
 
     # The spiffe package (an independent SPIFFE implementation) parses it as an X.509-SVID.
     parsed = X509Svid.parse(svid.chain_pem, svid.key_pem)
@@ -369,7 +369,7 @@ async def test_restart_keeps_the_same_root(start_ca: StartCA) -> None:
     after = await second.issue("frontend-token", FRONTEND)
     assert before.bundle == after.bundle
     assert after.serial_hex != before.serial_hex
-    after.leaf.verify_directly_issued_by(before.chain[1])
+    pki.crypto(after.leaf).verify_directly_issued_by(pki.crypto(before.chain[1]))
 
 
 async def test_client_with_a_foreign_bundle_cannot_talk_to_the_ca(start_ca: StartCA, tmp_path: Path) -> None:
@@ -398,7 +398,7 @@ async def test_plug_in_intermediate_and_multi_root_bundle(start_ca: StartCA, tmp
     ca = await start_ca(bootstrap=False)
     svid = await ca.issue("frontend-token", FRONTEND)
     assert len(svid.bundle) == 2
-    svid.leaf.verify_directly_issued_by(operator.cert)
+    pki.crypto(svid.leaf).verify_directly_issued_by(operator.cert)
 
 
 async def test_ca_reloads_a_new_intermediate_without_restart(start_ca: StartCA, tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ class Webhook:
         cert = templates.leaf_builder(params, authority.cert, authority.chain).sign(
             authority.key, hashes.SHA256()
         )
-        svid = SVID(spiffe_id, key, (cert, *authority.chain), authority.roots)
+        svid = SVID.of(spiffe_id, key, (cert, *authority.chain), authority.roots)
         self.bundle = tmp / "bundle.pem"
         self.bundle.write_bytes(svid.bundle_pem)
         serving = ServingCertificate()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -12,12 +13,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca import keys, templates
-from sidemesh.identity.svid import SVID
+from sidemesh.identity.certificate import Certificate
+from sidemesh.identity.svid import SVID, certificate_of
 from sidemesh.spiffe import SpiffeId
 
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def lite(certs: Sequence[x509.Certificate]) -> tuple[Certificate, ...]:
+    """cryptography's certificates as an SVID holds them."""
+    return tuple(map(certificate_of, certs))
+
+
+def crypto(cert: Certificate) -> x509.Certificate:
+    """An SVID's certificate as cryptography reads it (for its verify and extension APIs)."""
+    return x509.load_der_x509_certificate(cert.der)
 
 
 def make_authority(
@@ -35,7 +47,7 @@ def make_svid(
     cert = templates.leaf_builder(params, authority.cert, authority.chain).sign(
         authority.key, hashes.SHA256()
     )
-    return SVID(spiffe_id, key, (cert, *authority.chain), authority.roots)
+    return SVID.of(spiffe_id, key, (cert, *authority.chain), authority.roots)
 
 
 def expired_svid(authority: keys.SigningAuthority, spiffe_id: SpiffeId) -> SVID:
@@ -46,7 +58,7 @@ def expired_svid(authority: keys.SigningAuthority, spiffe_id: SpiffeId) -> SVID:
         authority.key, hashes.SHA256()
     )
     cert = reissued(good, authority.key, now() - dt.timedelta(hours=2), now() - dt.timedelta(hours=1))
-    return SVID(spiffe_id, key, (cert, *authority.chain), authority.roots)
+    return SVID.of(spiffe_id, key, (cert, *authority.chain), authority.roots)
 
 
 def reissued(
@@ -85,7 +97,7 @@ def self_signed_svid(spiffe_id: SpiffeId) -> SVID:
         )
         .sign(key, hashes.SHA256())
     )
-    return SVID(spiffe_id, key, (cert,), (cert,))
+    return SVID.of(spiffe_id, key, (cert,), (cert,))
 
 
 def csr_pem(

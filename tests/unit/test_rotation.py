@@ -71,9 +71,9 @@ def test_the_trust_generation_counts_bundles_not_their_order(tmp_path: Path) -> 
     sid = WorkloadId("shop", "cart").spiffe_id("cluster.local")
     identity = WorkloadIdentity(sid, None, lambda: "token")  # type: ignore[arg-type]
     svid = pki.make_svid(one, sid)
-    identity._install(svid.with_bundle((*one.roots, *two.roots)))
+    identity._install(svid.with_bundle(pki.lite((*one.roots, *two.roots))))
     first = identity.generation
-    identity._install(pki.make_svid(one, sid).with_bundle((*two.roots, *one.roots)))  # a renewal
+    identity._install(pki.make_svid(one, sid).with_bundle(pki.lite((*two.roots, *one.roots))))  # a renewal
     assert identity.generation == first
-    identity._install(pki.make_svid(one, sid).with_bundle(one.roots))  # a root removed
+    identity._install(pki.make_svid(one, sid).with_bundle(pki.lite(one.roots)))  # a root removed
     assert identity.generation == first + 1

@@ -1,0 +1,244 @@
+"""The workload side's certificate reader (pure), field by field against cryptography's."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ca import templates
+from sidemesh.identity.certificate import Certificate, CertificateError, load_pem_certificates
+from sidemesh.spiffe import SpiffeId
+from tests.support import pki
+
+UTC = dt.UTC
+CART = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")
+
+
+def _build(
+    name: x509.Name,
+    *,
+    extensions: list[tuple[x509.ExtensionType, bool]] = (),  # type: ignore[assignment]
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None,
+    not_before: dt.datetime = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+    not_after: dt.datetime = dt.datetime(2027, 1, 2, 3, 4, 5, tzinfo=UTC),
+    serial: int = 0x1234,
+) -> x509.Certificate:
+    key = key or templates.new_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+    for ext, critical in extensions:
+        builder = builder.add_extension(ext, critical=critical)
+    return builder.sign(key, hashes.SHA256())
+
+
+def _cases(tmp: Path) -> dict[str, x509.Certificate]:
+    authority = pki.make_authority(tmp)
+    svid = pki.make_svid(authority, CART)
+    return {
+        "our leaf": pki.crypto(svid.leaf),
+        "our intermediate": authority.chain[0],
+        "our root": authority.roots[0],
+        "RSA root, escaped and multi-valued names, no extensions": _build(
+            x509.Name(
+                [
+                    x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COUNTRY_NAME, "DE")]),
+                    x509.RelativeDistinguishedName(
+                        [
+                            x509.NameAttribute(NameOID.ORGANIZATION_NAME, 'Acme, "Ltd" +1; <x>'),
+                            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "#ops "),
+                        ]
+                    ),
+                    x509.RelativeDistinguishedName(
+                        [x509.NameAttribute(NameOID.EMAIL_ADDRESS, "ca@acme.example")]
+                    ),
+                    x509.RelativeDistinguishedName(
+                        [x509.NameAttribute(NameOID.COMMON_NAME, " Zürich root\\")]
+                    ),
+                ]
+            ),
+            key=rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            serial=2**159 - 1,
+        ),
+        "GeneralizedTime after 2049, UTCTime before 2000": _build(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "long")]),
+            not_before=dt.datetime(1999, 12, 31, 23, 59, 59, tzinfo=UTC),
+            not_after=dt.datetime(2051, 6, 1, 0, 0, 0, tzinfo=UTC),
+            serial=1,
+        ),
+        "a CA with signing key usages and several names": _build(
+            x509.Name([]),
+            extensions=[
+                (x509.BasicConstraints(ca=True, path_length=0), True),
+                (
+                    x509.KeyUsage(
+                        digital_signature=True,
+                        content_commitment=False,
+                        key_encipherment=False,
+                        data_encipherment=False,
+                        key_agreement=False,
+                        key_cert_sign=True,
+                        crl_sign=True,
+                        encipher_only=False,
+                        decipher_only=False,
+                    ),
+                    True,
+                ),
+                (
+                    x509.SubjectAlternativeName(
+                        [
+                            x509.DNSName("a.example"),
+                            x509.UniformResourceIdentifier("spiffe://one.example"),
+                            x509.RFC822Name("x@y.example"),
+                            x509.UniformResourceIdentifier("https://two.example/p"),
+                            x509.DNSName("b.example"),
+                        ]
+                    ),
+                    False,
+                ),
+            ],
+        ),
+    }
+
+
+def test_every_field_reads_as_cryptography_reads_it(tmp_path: Path) -> None:
+    for what, ref in _cases(tmp_path).items():
+        der = ref.public_bytes(serialization.Encoding.DER)
+        ours = Certificate.from_der(der)
+        try:
+            bc: x509.BasicConstraints | None = ref.extensions.get_extension_for_class(
+                x509.BasicConstraints
+            ).value
+        except x509.ExtensionNotFound:
+            bc = None
+        try:
+            ku: x509.KeyUsage | None = ref.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            ku = None
+        try:
+            san: x509.SubjectAlternativeName | None = ref.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value
+        except x509.ExtensionNotFound:
+            san = None
+        assert (
+            ours.serial_number,
+            ours.not_valid_before_utc,
+            ours.not_valid_after_utc,
+            ours.subject,
+            ours.public_key_info,
+            ours.is_ca,
+            ours.key_cert_sign,
+            ours.crl_sign,
+            ours.has_san,
+            list(ours.uris),
+            list(ours.dns_names),
+            ours.extension_error,
+            ours.pem,
+        ) == (
+            ref.serial_number,
+            ref.not_valid_before_utc,
+            ref.not_valid_after_utc,
+            ref.subject.rfc4514_string(),
+            ref.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+            bool(bc and bc.ca),
+            bool(ku and ku.key_cert_sign),
+            bool(ku and ku.crl_sign),
+            san is not None,
+            san.get_values_for_type(x509.UniformResourceIdentifier) if san else [],
+            san.get_values_for_type(x509.DNSName) if san else [],
+            None,
+            ref.public_bytes(serialization.Encoding.PEM),
+        ), what
+
+
+def test_pem_blocks_are_read_in_order_past_other_text(tmp_path: Path) -> None:
+    authority = pki.make_authority(tmp_path)
+    key = serialization.Encoding.PEM
+    bundle = (
+        b"# the mesh's roots\n"
+        + authority.roots[0].public_bytes(key)
+        + b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+        + authority.chain[0].public_bytes(key).replace(b"\n", b"\r\n")
+    )
+    got = load_pem_certificates(bundle)
+    assert [c.der for c in got] == [
+        c.public_bytes(serialization.Encoding.DER) for c in (authority.roots[0], authority.chain[0])
+    ]
+    assert got[0] == Certificate.from_der(got[0].der) and len({*got, *got}) == 2  # equal and hashed by DER
+
+
+@pytest.mark.parametrize(
+    ("pem", "error"),
+    [
+        (b"", "no PEM certificate"),
+        (b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "no PEM certificate"),
+        (b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n", "not base64"),
+        (b"-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n", "not a DER X.509 certificate"),
+    ],
+)
+def test_what_is_not_pem_certificates_is_refused_by_name(pem: bytes, error: str) -> None:
+    with pytest.raises(CertificateError, match=error):
+        load_pem_certificates(pem)
+
+
+def test_truncated_or_padded_der_is_refused(tmp_path: Path) -> None:
+    der = pki.make_svid(pki.make_authority(tmp_path), CART).leaf.der
+    for end in range(len(der)):
+        with pytest.raises(CertificateError):
+            Certificate.from_der(der[:end])
+    with pytest.raises(CertificateError, match="one SEQUENCE"):
+        Certificate.from_der(der + b"\x00")
+
+
+def test_a_duplicated_extension_is_kept_as_unreadable(tmp_path: Path) -> None:
+    """RFC 5280 4.2: an extension appears at most once. The certificate is read; its extensions
+    are not trusted (the leaf checks refuse it, a root is not taken for any trust domain)."""
+    san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(CART))])
+    other = x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.99"), san.public_bytes())
+    cert = _build(x509.Name([]), extensions=[(san, False), (other, False)])
+    # (cryptography builds no duplicate: its OID turned into the SAN's; signatures are not read here)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert der.count(b"\x06\x03\x55\x1d\x63") == 1
+    ours = Certificate.from_der(der.replace(b"\x06\x03\x55\x1d\x63", b"\x06\x03\x55\x1d\x11"))
+    assert ours.extension_error is not None and "appears twice" in ours.extension_error
+
+
+_LEAF = None
+
+
+def _leaf_der() -> bytes:
+    global _LEAF
+    if _LEAF is None:
+        _LEAF = _build(
+            x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sidemesh")]),
+            extensions=[(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(CART))]), True)],
+        ).public_bytes(serialization.Encoding.DER)
+    return _LEAF
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_a_corrupted_certificate_is_read_or_refused_never_a_crash(data: st.DataObject) -> None:
+    der = bytearray(_leaf_der())
+    for _ in range(data.draw(st.integers(1, 4))):
+        der[data.draw(st.integers(0, len(der) - 1))] = data.draw(st.integers(0, 255))
+    with contextlib.suppress(CertificateError):
+        Certificate.from_der(bytes(der))
