@@ -11,7 +11,6 @@ decision sent without ids (``b3: 1``). Baggage is not propagated by the mesh: th
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,13 +27,9 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from sidemesh.tracing_settings import Format as Format
+
 _W3C = TraceContextTextMapPropagator()
-
-
-class Format(enum.Enum):
-    W3C = "w3c"
-    B3_SINGLE = "b3"
-    B3_MULTI = "b3multi"
 
 
 @dataclass(frozen=True, slots=True)

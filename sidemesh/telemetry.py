@@ -16,14 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import random
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -34,22 +32,22 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from prometheus_client import CollectorRegistry, Counter
 
 import sidemesh.prometheus  # noqa: F401  (no *_created series)
-from sidemesh.config import otlp_endpoint_problem, url_port
 from sidemesh.later import Later
 from sidemesh.propagation import Format
+from sidemesh.tracing_settings import (  # (re-exported: the settings are read there)
+    DEFAULT_PROPAGATORS as DEFAULT_PROPAGATORS,
+)
+from sidemesh.tracing_settings import OTLP_HTTP_PORT as OTLP_HTTP_PORT
+from sidemesh.tracing_settings import PROPAGATORS as PROPAGATORS
+from sidemesh.tracing_settings import PROTOCOLS as PROTOCOLS
+from sidemesh.tracing_settings import SAMPLERS as SAMPLERS
+from sidemesh.tracing_settings import TracingSettings as TracingSettings
+from sidemesh.tracing_settings import _ignored
+from sidemesh.tracing_settings import new_trace_formats as new_trace_formats
+from sidemesh.tracing_settings import settings_from_env as settings_from_env
 
 log = logging.getLogger("sidemesh.telemetry")
 
-SAMPLERS = (
-    "always_on",
-    "always_off",
-    "traceidratio",
-    "parentbased_always_on",
-    "parentbased_always_off",
-    "parentbased_traceidratio",
-)
-PROTOCOLS = ("grpc", "http/protobuf")
-OTLP_HTTP_PORT = 4318  # the OTLP specification's port for OTLP/HTTP (4317: OTLP/gRPC)
 WARN_EVERY = 60.0  # seconds between two "spans not exported" warnings
 DEFER_S = 0.25  # a deferred span is made at most this long after its request ended (Tracing.defer)
 DEFER_BATCH = 64  # ... or as soon as this many are waiting
@@ -114,168 +112,6 @@ def span_limits(environ: Mapping[str, str]) -> SpanLimits:
             else (SpanLimits.UNSET if param == "max_attribute_length" else _DEFAULT_COUNT)
             for param, value in values.items()
         }
-    )
-
-
-def _ignored(variable: str, problem: str, instead: str) -> None:
-    """A bad ``OTEL_*`` value is warned about and otherwise ignored, as the SDK environment
-    specification says ("generate a warning and gracefully ignore the setting"; for
-    OTEL_TRACES_SAMPLER_ARG "MUST be logged and MUST be otherwise ignored"): tracing configuration
-    never stops a component, a sidecar's traffic least of all."""
-    log.warning(
-        "%s: %s; ignored, %s", variable, problem, instead, extra={"variable": variable, "problem": problem}
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class TracingSettings:
-    endpoint: str  # the OTLP endpoint as given (the HTTP exporter's full URL, /v1/traces included)
-    protocol: str = "grpc"
-    sampler: str = "parentbased_always_on"
-    ratio: float = 1.0
-    timeout: float = 10.0  # seconds per export (OTEL_EXPORTER_OTLP_TIMEOUT is in milliseconds)
-    max_queue_size: int = 2048
-    schedule_delay_ms: float = 5000
-    max_export_batch_size: int = 512
-    export_timeout_ms: float = 30000  # OTEL_BSP_EXPORT_TIMEOUT: the batch processor's wait for an export
-    service_name: str = ""  # OTEL_SERVICE_NAME; empty: the component's default
-    # OTEL_PROPAGATORS: the formats a new trace's headers are written in (incoming ones are all read)
-    new_trace_formats: tuple[Format, ...] = (Format.W3C,)
-
-
-def _get(environ: Mapping[str, str], *names: str) -> tuple[str, str] | None:
-    for name in names:
-        value = environ.get(name, "").strip()
-        if value:
-            return name, value
-    return None
-
-
-# OTEL_PROPAGATORS names -> the trace header format each writes; baggage and none write no trace header.
-PROPAGATORS: dict[str, Format | None] = {
-    "tracecontext": Format.W3C,
-    "b3": Format.B3_SINGLE,
-    "b3multi": Format.B3_MULTI,
-    "baggage": None,  # the app's baggage header passes through; the mesh adds none
-    "none": None,
-}
-
-
-DEFAULT_PROPAGATORS = "tracecontext,baggage"
-
-
-def new_trace_formats(environ: Mapping[str, str]) -> tuple[Format, ...]:
-    """OTEL_PROPAGATORS (default ``tracecontext,baggage``) as the formats a new trace is written in,
-    in the order given, each once. A name the mesh does not write (jaeger, xray, ottrace) is warned
-    about and skipped (when it was the only one: as if the variable were unset)."""
-    raw = environ.get("OTEL_PROPAGATORS", "").strip().lower() or DEFAULT_PROPAGATORS
-    formats: list[Format] = []
-    names = [n.strip() for n in raw.split(",")]
-    known = sum(name in PROPAGATORS for name in names)
-    for name in names:
-        if name not in PROPAGATORS:
-            instead = "the others are used" if known else f"the default {DEFAULT_PROPAGATORS} is used"
-            _ignored("OTEL_PROPAGATORS", f"{name!r} is not one of {', '.join(PROPAGATORS)}", instead)
-            continue
-        fmt = PROPAGATORS[name]
-        if fmt is not None and fmt not in formats:
-            formats.append(fmt)
-    if not known:
-        return new_trace_formats({"OTEL_PROPAGATORS": DEFAULT_PROPAGATORS})
-    return tuple(formats)
-
-
-def _number(
-    environ: Mapping[str, str],
-    name: str,
-    default: float,
-    minimum: float,
-    maximum: float = math.inf,
-    instead: str | None = None,
-) -> float:
-    """The variable's number, or ``default`` (with a warning) when it is no number in range."""
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        problem = f"{raw!r} is not a number"
-    else:
-        if not math.isfinite(value):  # (nan passed the checks below; inf stopped the export thread)
-            problem = f"{raw!r} is not a finite number"
-        elif value < minimum:
-            problem = f"{raw} is below {minimum:g}"
-        elif value > maximum:
-            problem = f"{raw} is above {maximum:g}"
-        else:
-            return value
-    _ignored(name, problem, f"{instead} is used" if instead else f"the default {default:g} is used")
-    return default
-
-
-def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettings | None:
-    """The tracing settings, or None when tracing is off. A bad value is warned about and ignored
-    (its default is used; a bad endpoint leaves tracing off), as the SDK specification says."""
-    env = os.environ if environ is None else environ
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    exporter = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() or "otlp"
-    if exporter == "none":
-        return None
-    if exporter != "otlp":
-        _ignored("OTEL_TRACES_EXPORTER", f"{exporter!r}: only otlp and none are supported", "otlp is used")
-    found = _get(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-    given = _get(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
-    # (enum values are read case-insensitively, as the SDK environment specification says)
-    # Unset (or not one we know): OTLP/HTTP for an endpoint on its port (4318: the injection
-    # settings' default, copied here, sent gRPC to an HTTP port and every span was lost), else gRPC.
-    by_port = "http/protobuf" if found is not None and url_port(found[1]) == OTLP_HTTP_PORT else "grpc"
-    protocol = by_port if given is None else given[1].lower()
-    if protocol not in PROTOCOLS:
-        assert given is not None
-        _ignored(given[0], f"{given[1]!r} is not one of {', '.join(PROTOCOLS)}", f"{by_port} is used")
-        protocol = by_port
-    if found is None:
-        return None
-    name, endpoint = found
-    appended = protocol == "http/protobuf" and name == "OTEL_EXPORTER_OTLP_ENDPOINT"
-    if (problem := otlp_endpoint_problem(endpoint, path_appended=appended)) is not None:
-        _ignored(name, f"{endpoint!r} {problem}", "tracing is off")
-        return None
-    if appended:
-        endpoint = endpoint.rstrip("/") + "/v1/traces"  # the spec: only the generic variable gets the path
-    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
-    if sampler not in SAMPLERS:
-        _ignored(
-            "OTEL_TRACES_SAMPLER",
-            f"{sampler!r} is not one of {', '.join(SAMPLERS)}",
-            "parentbased_always_on is used",
-        )
-        sampler = "parentbased_always_on"
-    # (a ratio: 0.01 is 1%; above 1 is no ratio, and is ignored as the SDK ignores it)
-    ratio = _number(env, "OTEL_TRACES_SAMPLER_ARG", 1.0, 0.0, 1.0) if sampler.endswith("ratio") else 1.0
-    timeout_ms = _number(
-        env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", 0, 1, instead="OTEL_EXPORTER_OTLP_TIMEOUT's"
-    ) or _number(env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10000, 1)
-    queue = int(_number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048, 1))
-    batch = int(_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, 1))
-    if batch > queue:  # (the SDK specification: a batch is at most the queue)
-        _ignored(
-            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", f"{batch} is above the queue's {queue}", f"{queue} is used"
-        )
-    return TracingSettings(
-        endpoint=endpoint,
-        protocol=protocol,
-        sampler=sampler,
-        ratio=ratio,
-        timeout=timeout_ms / 1000,
-        max_queue_size=queue,
-        schedule_delay_ms=_number(env, "OTEL_BSP_SCHEDULE_DELAY", 5000, 1),
-        max_export_batch_size=min(batch, queue),
-        export_timeout_ms=_number(env, "OTEL_BSP_EXPORT_TIMEOUT", 30000, 1),
-        service_name=env.get("OTEL_SERVICE_NAME", "").strip(),
-        new_trace_formats=new_trace_formats(env),
     )
 
 
@@ -544,6 +380,7 @@ def start_tracing(
     environ: Mapping[str, str] | None = None,
     exporter: SpanExporter | None = None,
     caller_samples_roots: bool = False,
+    settings: TracingSettings | None = None,
 ) -> Tracing | None:
     """Tracing as the environment configures it, or None when it is off.
 
@@ -552,7 +389,7 @@ def start_tracing(
     else ``default_service`` (the SDK's order); the rest of OTEL_RESOURCE_ATTRIBUTES is merged by
     the SDK, under ``attributes``.
     """
-    settings = settings_from_env(environ)
+    settings = settings or settings_from_env(environ)  # (given: read once, by a caller that checked)
     if settings is None:
         return None
     for name in _EXPORTER_LOGGERS:  # their words go into our warning (_ExportMessages)

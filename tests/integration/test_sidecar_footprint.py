@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -78,3 +79,23 @@ async def test_a_ready_sidecar_has_not_loaded_grpcio_or_cryptography(
     assert "cryptography" not in maps, [line for line in maps.splitlines() if "cryptography" in line][:3]
     threads = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
     assert threads <= 6, status  # the loop and uvloop's resolver pool; grpcio added six more
+
+
+def test_the_sidecar_code_imports_neither_the_sdk_with_tracing_off_nor_cryptography() -> None:
+    """What the ready sidecar above loads, module by module: OpenTelemetry only with tracing on
+    (proxy/tracing.py), cryptography never, importlib.metadata (entry points) never."""
+    code = """
+import sys
+from prometheus_client import CollectorRegistry
+from sidemesh.cli import build_parser
+build_parser("proxy")
+import proxy.sidecar
+from proxy.telemetry import start_sidecar_tracing
+assert start_sidecar_tracing("shop/cart-1", "spiffe://cluster.local/ns/shop/sa/cart", CollectorRegistry()) is None
+heavy = ("opentelemetry", "cryptography", "importlib.metadata", "grpc")  # (grpc: grpcio, not grpclib)
+print(sorted({h for h in heavy for m in sys.modules if m == h or m.startswith(h + ".")}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

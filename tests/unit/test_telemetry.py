@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult
 from proxy.routes import BUCKETS, RouteStats, route_of
-from proxy.telemetry import _UNCHANGED, _unsampled_w3c, identity_label, status_class, succeeded
+from proxy.telemetry import identity_label, status_class, succeeded
+from proxy.tracing import _UNCHANGED, _unsampled_w3c
 from sidemesh import propagation
 from sidemesh.propagation import Format
 from sidemesh.telemetry import (
