@@ -59,18 +59,25 @@ def children(data: bytes, container: tuple[int, int, int]) -> list[tuple[int, in
     return out
 
 
+MAX_ARC_BYTES = 20  # 140 bits: a UUID arc (2.25.<128 bits>, X.667) takes 19
+
+
 def object_identifier(content: bytes) -> str:
     """The dotted form of an OBJECT IDENTIFIER's content octets."""
     if not content or content[-1] & 0x80:
         raise DERError("truncated object identifier")
     arcs: list[int] = []
     value = 0
+    size = 0
     for i, byte in enumerate(content):
         if value == 0 and byte == 0x80 and (i == 0 or not content[i - 1] & 0x80):
             raise DERError("object identifier arc with a leading zero byte")
+        size += 1
+        if size > MAX_ARC_BYTES:
+            raise DERError(f"object identifier arc longer than {MAX_ARC_BYTES} bytes")
         value = value << 7 | byte & 0x7F
         if not byte & 0x80:
             arcs.append(value)
-            value = 0
+            value = size = 0
     first = min(arcs[0] // 40, 2)
     return ".".join(map(str, [first, arcs[0] - 40 * first, *arcs[1:]]))

@@ -49,6 +49,10 @@ _STRING_CODECS = {
     0x1C: "utf-32-be",
 }
 
+# GeneralName (RFC 5280 4.2.1.6), IMPLICIT tags: otherName [0], x400Address [3], directoryName [4]
+# (EXPLICIT) and ediPartyName [5] constructed; the strings, iPAddress and registeredID primitive.
+_GENERAL_NAME_TAGS = frozenset((0xA0, 0x81, 0x82, 0xA3, 0xA4, 0xA5, 0x86, 0x87, 0x88))
+
 _PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n(.*?)-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -90,7 +94,7 @@ class Certificate:
     def from_der(cls, data: bytes) -> Certificate:
         try:
             return _parse(bytes(data))
-        except DERError as exc:
+        except ValueError as exc:  # (DERError, and whatever else bytes can make a conversion raise)
             raise CertificateError(f"not a DER X.509 certificate: {exc}") from None
 
 
@@ -115,27 +119,35 @@ def _parse(data: bytes) -> Certificate:
     if outer[0] != der.SEQUENCE or outer[2] != len(data):
         raise DERError("a Certificate is one SEQUENCE")
     parts = der.children(data, outer)
-    if len(parts) != 3 or parts[0][0] != der.SEQUENCE:
+    if [p[0] for p in parts] != [der.SEQUENCE, der.SEQUENCE, der.BIT_STRING]:
         raise DERError("a Certificate is tbsCertificate, signatureAlgorithm, signatureValue")
     fields = der.children(data, parts[0][:3])
     if fields and fields[0][0] == 0xA0:  # [0] EXPLICIT version
         fields = fields[1:]
     if len(fields) < 6:
         raise DERError("a TBSCertificate has serialNumber, signature, issuer, validity, subject, key")
-    serial, _, _, validity, subject, spki = fields[:6]
+    serial, signature, issuer, validity, subject, spki = fields[:6]
     if serial[0] != der.INTEGER or serial[2] == serial[1]:
         raise DERError("serialNumber is not an INTEGER")
+    if signature[0] != der.SEQUENCE or issuer[0] != der.SEQUENCE:
+        raise DERError("signature or issuer is not a SEQUENCE")
     times = der.children(data, validity[:3]) if validity[0] == der.SEQUENCE else []
     if len(times) != 2:
         raise DERError("validity is not notBefore and notAfter")
-    if subject[0] != der.SEQUENCE or spki[0] != der.SEQUENCE:
-        raise DERError("subject or subjectPublicKeyInfo is not a SEQUENCE")
+    key = der.children(data, spki[:3]) if spki[0] == der.SEQUENCE else []
+    if subject[0] != der.SEQUENCE or [k[0] for k in key] != [der.SEQUENCE, der.BIT_STRING]:
+        raise DERError("subject or subjectPublicKeyInfo is not a SEQUENCE of what it holds")
     extensions = _Extensions()
+    optional = [tag for tag, *_ in fields[6:]]
+    # [1] issuerUniqueID, [2] subjectUniqueID (IMPLICIT BIT STRINGs), [3] EXPLICIT Extensions:
+    # each at most once, in this order (as OpenSSL reads a certificate)
+    if any(tag not in (0x81, 0x82, 0xA3) for tag in optional) or optional != sorted(set(optional)):
+        raise DERError(
+            f"unexpected fields (tags {', '.join(f'{t:#04x}' for t in optional)}) in a TBSCertificate"
+        )
     for tag, start, end, _ in fields[6:]:
-        if tag == 0xA3:  # [3] EXPLICIT Extensions
+        if tag == 0xA3:
             extensions.read(data, start, end)
-        elif tag not in (0x81, 0xA1, 0x82, 0xA2):  # [1], [2] issuer and subject unique IDs
-            raise DERError(f"unexpected field (tag {tag:#04x}) in a TBSCertificate")
     return Certificate(
         der=data,
         serial_number=int.from_bytes(data[serial[1] : serial[2]], "big", signed=True),
@@ -262,6 +274,8 @@ class _Extensions:
                 raise DERError("subjectAltName is empty (RFC 5280 4.2.1.6: at least one name)")
             self.has_san = True
             for tag, start, end, _ in names:
+                if tag not in _GENERAL_NAME_TAGS:  # (a URI in constructed form, 0xa6, is not DER)
+                    raise DERError(f"a GeneralName of tag {tag:#04x} (RFC 5280 4.2.1.6 defines others)")
                 if tag == 0x86:  # [6] uniformResourceIdentifier, IA5String
                     self.uris.append(value[start:end].decode("ascii"))
                 elif tag == 0x82:  # [2] dNSName, IA5String

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -157,6 +158,7 @@ class SVID:
             raise SvidError(f"CA returned unparsable certificates: {exc}") from exc
         if not chain or not bundle:
             raise SvidError("CA returned an empty certificate chain or trust bundle")
+        check_with_openssl([*chain, *bundle])
         if chain[0].public_key_info != key.public_key_info:
             raise SvidError("CA returned a certificate for another key")
         got = spiffe_id_of(chain[0])
@@ -229,8 +231,24 @@ def own_roots(bundle: Sequence[Certificate], trust_domain: str) -> tuple[Certifi
 
 
 def load_bundle(pem: bytes) -> tuple[Certificate, ...]:
+    """The roots of a PEM trust bundle, each read here and loaded by OpenSSL: a root that OpenSSL
+    would refuse later (when the TLS contexts are built) is refused now, with the file."""
     try:
         roots = tuple(load_pem_certificates(pem))
     except CertificateError as exc:
         raise SvidError(f"trust bundle is not PEM certificates: {exc}") from exc
+    check_with_openssl(roots)
     return roots  # (at least one: load_pem_certificates refuses none)
+
+
+def check_with_openssl(certs: Sequence[Certificate]) -> None:
+    """Loads ``certs`` into a throwaway OpenSSL store (this reader checks no signature and only the
+    fields it reads); SvidError when OpenSSL refuses one."""
+    store = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for number, cert in enumerate(certs, 1):
+        try:
+            store.load_verify_locations(cadata=cert.der)
+        except ssl.SSLError as exc:
+            raise SvidError(
+                f"certificate {number} ({cert.subject or 'no subject'}) is refused by OpenSSL: {exc}"
+            ) from None

@@ -334,6 +334,10 @@ class WorkloadIdentity:
         self.ca.set_bundle(pem_of(bundle))
         if self.svid is None or bundle == self.svid.bundle:
             return False
-        self._install(self.svid.with_bundle(bundle))
+        try:
+            self._install(self.svid.with_bundle(bundle))
+        except ssl.SSLError as exc:  # (load_bundle had OpenSSL read each root: not expected)
+            log.error("trust bundle refused by OpenSSL; keeping the current one", extra={"error": str(exc)})
+            return False
         log.info("trust bundle changed", extra={"roots": len(bundle)})
         return True

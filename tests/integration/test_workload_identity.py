@@ -605,6 +605,11 @@ async def test_a_root_of_another_trust_domain_in_the_bundle_file_cannot_vouch_fo
         ((ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x00"), {UNREADABLE}),
         ((ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x86\x01\xff"), {UNREADABLE}),
         ((ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x05\x86\x01a"), {UNREADABLE}),
+        # A URI in BER's constructed form: OpenSSL reads spiffe://partner.example there.
+        (
+            (ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x1c\xa6\x1a\x16\x18spiffe://partner.example"),
+            {UNREADABLE},
+        ),
         # basicConstraints that cannot be read.
         ((ExtensionOID.BASIC_CONSTRAINTS, b"\x30\x03\x01\x01\x01"), {UNREADABLE}),
     ],

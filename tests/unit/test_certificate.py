@@ -242,3 +242,91 @@ def test_a_corrupted_certificate_is_read_or_refused_never_a_crash(data: st.DataO
         der[data.draw(st.integers(0, len(der) - 1))] = data.draw(st.integers(0, 255))
     with contextlib.suppress(CertificateError):
         Certificate.from_der(bytes(der))
+
+
+def _by_hand(*optional: bytes, ext_oid: bytes = b"\x55\x1d\x11", ext_value: bytes = b"\x30\x00") -> bytes:
+    """A certificate assembled field by field (ca.der): a P-256 key's SPKI, one extension (or the
+    optional TBSCertificate fields given), an empty signature (never checked here)."""
+    from ca import der
+
+    spki = (
+        pki.make_authority.__globals__["templates"]
+        .new_key()
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    alg = der.sequence(der.oid("1.2.840.10045.4.3.2"))
+    when = dt.datetime(2026, 1, 1, tzinfo=UTC)
+    extension = der.explicit(
+        3, der.sequence(der.sequence(der.tlv(der.OID, ext_oid), der.tlv(der.OCTET_STRING, ext_value)))
+    )
+    tbs = der.sequence(
+        der.explicit(0, der.integer(2)),
+        der.integer(7),
+        alg,
+        der.sequence(),
+        der.sequence(der.time(when), der.time(when + dt.timedelta(days=1))),
+        der.sequence(),
+        spki,
+        *(optional or (extension,)),
+    )
+    return der.sequence(tbs, alg, der.bit_string(b""))
+
+
+def test_a_certificate_assembled_by_hand_is_read() -> None:
+    cert = Certificate.from_der(_by_hand(ext_value=b"\x30\x0a\x86\x08spiffe:x"))
+    assert (cert.serial_number, cert.uris, cert.extension_error) == (7, ("spiffe:x",), None)
+
+
+@pytest.mark.parametrize(
+    ("optional", "error"),
+    [
+        ((b"\xa3\x02\x30\x00", b"\xa3\x02\x30\x00"), "unexpected fields"),  # [3] twice
+        ((b"\xa3\x02\x30\x00", b"\x81\x01\x00"), "unexpected fields"),  # [1] after [3]
+        ((b"\x04\x00",), "unexpected fields"),  # not an optional field at all
+    ],
+)
+def test_optional_fields_only_once_and_in_order(optional: tuple[bytes, ...], error: str) -> None:
+    with pytest.raises(CertificateError, match=error):
+        Certificate.from_der(_by_hand(*optional))
+
+
+def test_an_object_identifier_arc_of_any_length_is_refused_not_a_crash() -> None:
+    """An arc of 2,100 bytes made int-to-str conversion raise a plain ValueError (Python's 4,300
+    digit limit), which escaped the bundle watch and every renewal."""
+    huge = b"\x2a" + b"\xff" * 2099 + b"\x7f"
+    with pytest.raises(CertificateError, match="arc longer than 20 bytes"):
+        Certificate.from_der(_by_hand(ext_oid=huge))
+    uuid_arc = b"\x69" + b"\x81" * 18 + b"\x01"  # 2.25.<a 127-bit number>: the longest arcs in use
+    assert Certificate.from_der(_by_hand(ext_oid=uuid_arc)).extension_error is None
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [0xA6, 0xA2, 0xA1, 0xA7, 0x80, 0x84, 0x30],  # constructed forms of primitive names, and the reverse
+)
+def test_a_general_name_of_an_undefined_form_makes_the_san_unreadable(tag: int) -> None:
+    """A URI SAN in BER's constructed form (A6 { IA5String }): OpenSSL reads a URI there, Go and
+    this reader's earlier version passed it over, so a root naming another trust domain that way
+    was taken for ours. Now such a SAN cannot be read (the root is nobody's, a leaf is refused)."""
+    from ca import der
+
+    name = der.tlv(tag, der.tlv(0x16, b"spiffe://partner.example"))
+    cert = Certificate.from_der(_by_hand(ext_value=der.sequence(name)))
+    assert cert.extension_error is not None and f"{tag:#04x}" in cert.extension_error
+
+
+def test_a_root_that_openssl_refuses_is_refused_with_the_bundle(tmp_path: Path) -> None:
+    """This reader checks the fields it reads; a root damaged elsewhere (here the OID tag of the
+    TBSCertificate's signature algorithm) passed it, was published by the controller and then
+    failed every TLS context built with it. load_bundle has OpenSSL load each root."""
+    from sidemesh.identity.svid import SvidError, load_bundle
+
+    root = pki.make_authority(tmp_path).roots[0]
+    der = bytearray(root.public_bytes(serialization.Encoding.DER))
+    at = der.index(b"\x30\x0a\x06\x08\x2a\x86\x48\xce\x3d\x04\x03\x02") + 2  # ecdsa-with-SHA256's OID tag
+    der[at] ^= 0x02  # OID (06) -> OCTET STRING (04)
+    Certificate.from_der(bytes(der))  # (read here: the algorithm is not one of the fields it reads)
+    with pytest.raises(SvidError, match="refused by OpenSSL"):
+        load_bundle(Certificate.from_der(bytes(der)).pem)
+    assert load_bundle(root.public_bytes(serialization.Encoding.PEM))  # the undamaged root loads
