@@ -533,11 +533,24 @@ def sidecar_command(loop: str) -> list[str]:
     return [sys.executable, *(["-m", "sidemesh"] if loop == "uvloop" else ["-c", _WITHOUT_UVLOOP])]
 
 
+def compile_bytecode() -> None:
+    """The sidecar's bytecode, written as the image has it (its ``pip install`` compiles it; the
+    editable install here does not, and PYTHONDONTWRITEBYTECODE=1 keeps imports from writing it):
+    a sidecar that compiles its own sources at every start keeps about 2 MB more heap than the
+    image's would (RSS at ready 42.6 against 40.7 MB)."""
+    import compileall
+
+    root = Path(__file__).resolve().parent.parent
+    for package in ("sidemesh", "proxy"):
+        compileall.compile_dir(root / package, quiet=1)
+
+
 def start_sidemesh(
     ps: Processes, setup: Setup, bundle: Path, core: int | None, prefix: Sequence[str], *, opaque: bool = True
 ) -> None:
     """``opaque``: the cart's port is marked opaque (L4: bytes relayed, never parsed); otherwise the
     sidecars detect HTTP and proxy each request (bench.http, bench.tracing)."""
+    compile_bytecode()
     config_dir = setup.tmp / "mesh"
     config_dir.mkdir()
     ports = (
@@ -1797,7 +1810,8 @@ def setup_notes(report: Result, layout: str, tools: Tools) -> list[str]:
         f"frontend `--outbound {cfg['net']}.1:{SM_OUTBOUND}=cart.shop:80`, cart `--inbound-listen "
         f"{cfg['net']}.2:{SM_INBOUND} --app-host {cfg['net']}.2`; SVIDs from `sidemesh ca serve "
         "--authenticator local`; ServiceAuthorization: only shop/frontend may reach cart:8080. "
-        f"TLS 1.3, {checks.get('sidemesh_cipher') or 'cipher not determined'}.",
+        f"TLS 1.3, {checks.get('sidemesh_cipher') or 'cipher not determined'}. Run from compiled "
+        "bytecode, as in the image (`compile_bytecode`).",
     ]
     if "envoy" in checks:
         env_tls = checks["envoy"]["client"]
