@@ -67,7 +67,6 @@ async def _main(config: ProxyConfig) -> int:
     from sidemesh.identity.keygen import new_request_in_child
     from sidemesh.identity.svid import SvidError, load_bundle
     from sidemesh.identity.workload import WorkloadIdentity, token_from_file
-    from sidemesh.mesh import directory
     from sidemesh.mesh.compile import CompileError, compile_sidecar
     from sidemesh.policy.model import DefaultPolicy
     from sidemesh.spiffe import SpiffeIdError, WorkloadId
@@ -80,6 +79,8 @@ async def _main(config: ProxyConfig) -> int:
                     f"--config-dir {config.config_dir} is not a directory: give the directory of "
                     "Workload, Service and ServiceAuthorization YAML (docs/sidecar.md)"
                 )
+            from sidemesh.mesh import directory  # (local mode only: YAML is 1 MB of a sidecar)
+
             snapshot = directory.load_directory(config.config_dir)
             default = DefaultPolicy(config.default_policy)
             spiffe_id = compile_sidecar(snapshot, config.workload, config.trust_domain, default).identity

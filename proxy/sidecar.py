@@ -35,7 +35,6 @@ from sidemesh.config import parse_hostport
 from sidemesh.httpd import HTTPServer, bind_socket, json_response
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.logging import BufferedLines
-from sidemesh.mesh import directory
 from sidemesh.mesh.compile import (
     CompileError,
     InboundConfig,
@@ -460,6 +459,8 @@ class Sidecar:
     def reload_config(self) -> bool:
         if self.config.config_dir is None:
             return False
+        from sidemesh.mesh import directory  # (local mode only: a sidecar in a cluster loads no YAML)
+
         stamp = directory.stamp(self.config.config_dir)
         if stamp == self._config_stamp:
             return False

@@ -82,8 +82,9 @@ async def test_a_ready_sidecar_has_not_loaded_grpcio_or_cryptography(
 
 
 def test_the_sidecar_code_imports_neither_the_sdk_with_tracing_off_nor_cryptography() -> None:
-    """What the ready sidecar above loads, module by module: OpenTelemetry only with tracing on
-    (proxy/tracing.py), cryptography never, importlib.metadata (entry points) never."""
+    """What a sidecar's code loads, module by module: OpenTelemetry only with tracing on
+    (proxy/tracing.py), YAML only in local mode (--config-dir), cryptography never,
+    importlib.metadata (entry points) never."""
     code = """
 import sys
 from prometheus_client import CollectorRegistry
@@ -92,7 +93,7 @@ build_parser("proxy")
 import proxy.sidecar
 from proxy.telemetry import start_sidecar_tracing
 assert start_sidecar_tracing("shop/cart-1", "spiffe://cluster.local/ns/shop/sa/cart", CollectorRegistry()) is None
-heavy = ("opentelemetry", "cryptography", "importlib.metadata", "grpc")  # (grpc: grpcio, not grpclib)
+heavy = ("opentelemetry", "cryptography", "importlib.metadata", "grpc", "yaml")  # (grpc: grpcio, not grpclib)
 print(sorted({h for h in heavy for m in sys.modules if m == h or m.startswith(h + ".")}))
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
