@@ -11,6 +11,7 @@ Each component instance gets its own provider (no global state): tests run sever
 process, each with its own service name.
 """
 
+# ruff: noqa: E402  (the span limit variables are withheld before the SDK is imported: see below)
 from __future__ import annotations
 
 import asyncio
@@ -22,6 +23,11 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
+
+from sidemesh import tracing_settings
+
+# Before the SDK's import, which reads the span limit variables and raises on a bad value.
+tracing_settings.withhold_span_limits()
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -41,8 +47,8 @@ from sidemesh.tracing_settings import OTLP_HTTP_PORT as OTLP_HTTP_PORT
 from sidemesh.tracing_settings import PROPAGATORS as PROPAGATORS
 from sidemesh.tracing_settings import PROTOCOLS as PROTOCOLS
 from sidemesh.tracing_settings import SAMPLERS as SAMPLERS
+from sidemesh.tracing_settings import SPAN_LIMITS, _ignored, limit_value
 from sidemesh.tracing_settings import TracingSettings as TracingSettings
-from sidemesh.tracing_settings import _ignored
 from sidemesh.tracing_settings import new_trace_formats as new_trace_formats
 from sidemesh.tracing_settings import settings_from_env as settings_from_env
 
@@ -69,17 +75,6 @@ DEFAULT_ATTRIBUTE_LENGTH = 1024
 
 
 _DEFAULT_COUNT = 128  # the SDK's default for each count limit
-# SpanLimits parameter -> its variable, and the parameter whose value stands when it is unset
-_LIMITS = {
-    "max_attributes": ("OTEL_ATTRIBUTE_COUNT_LIMIT", None),
-    "max_events": ("OTEL_SPAN_EVENT_COUNT_LIMIT", None),
-    "max_links": ("OTEL_SPAN_LINK_COUNT_LIMIT", None),
-    "max_span_attributes": ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "max_attributes"),
-    "max_event_attributes": ("OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "max_attributes"),
-    "max_link_attributes": ("OTEL_LINK_ATTRIBUTE_COUNT_LIMIT", "max_attributes"),
-    "max_attribute_length": ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", None),
-    "max_span_attribute_length": ("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "max_attribute_length"),
-}
 
 
 def span_limits(environ: Mapping[str, str]) -> SpanLimits:
@@ -87,20 +82,17 @@ def span_limits(environ: Mapping[str, str]) -> SpanLimits:
     that is no non-negative integer is warned about and ignored (the SDK raised, and the component
     stopped)."""
     values: dict[str, int | None] = {}  # None: unset (or ignored)
-    for param, (variable, _) in _LIMITS.items():
+    for param, (variable, _) in SPAN_LIMITS.items():
         raw = environ.get(variable, "").strip()
         values[param] = None
         if not raw:
             continue
-        try:  # (as the SDK parses it: int(), then not negative)
-            value = int(raw)
-        except ValueError:
-            value = -1
-        if value < 0:
+        value = limit_value(raw)
+        if value is None:
             _ignored(variable, f"{raw!r} is not a non-negative integer", "as if unset")
         else:
             values[param] = value
-    for param, (_, generic) in _LIMITS.items():
+    for param, (_, generic) in SPAN_LIMITS.items():
         if values[param] is None and generic is not None:
             values[param] = values[generic]
     if values["max_span_attribute_length"] is None:
@@ -136,14 +128,24 @@ def make_exporter(settings: TracingSettings) -> SpanExporter:
         exporter_log = logging.getLogger(_EXPORTER_LOGGERS[0])
         for dedup in [f for f in exporter_log.filters if type(f).__name__ == "DuplicateFilter"]:
             exporter_log.removeFilter(dedup)
+        from grpc import Compression as GrpcCompression
+
         return GrpcExporter(
             endpoint=settings.endpoint,
             insecure=settings.endpoint.lower().startswith("http://"),
             timeout=settings.timeout,
+            compression=GrpcCompression.Gzip
+            if settings.compression == "gzip"
+            else GrpcCompression.NoCompression,
         )
+    from opentelemetry.exporter.otlp.proto.http import Compression as HttpCompression
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-    return HttpExporter(endpoint=settings.endpoint, timeout=settings.timeout)
+    return HttpExporter(
+        endpoint=settings.endpoint,
+        timeout=settings.timeout,
+        compression=HttpCompression.Gzip if settings.compression == "gzip" else HttpCompression.NoCompression,
+    )
 
 
 class SpanCounters:
@@ -407,18 +409,24 @@ def start_tracing(
         or _resource_attribute(env.get("OTEL_RESOURCE_ATTRIBUTES", ""), "service.name")
         or default_service
     )
+    try:
+        exporter = exporter or make_exporter(settings)
+        ids = PresetIds()
+        provider = TracerProvider(
+            resource=Resource.create(attrs),
+            sampler=make_sampler(settings, caller_samples_roots),
+            id_generator=ids,
+            span_limits=span_limits(env),
+            shutdown_on_exit=False,  # Tracing.close() flushes within a bound; the SDK's atexit waits 30 s
+        )
+    except Exception as exc:  # the SDK's or an exporter's own reading of a variable: never a stop
+        log.error(
+            "tracing could not start; running without it",
+            extra={"error": f"{type(exc).__name__}: {exc}", "endpoint": settings.endpoint},
+        )
+        return None
     counters = SpanCounters(registry)
-    ids = PresetIds()
-    provider = TracerProvider(
-        resource=Resource.create(attrs),
-        sampler=make_sampler(settings, caller_samples_roots),
-        id_generator=ids,
-        span_limits=span_limits(env),
-        shutdown_on_exit=False,  # Tracing.close() flushes within a bound; the SDK's atexit waits 30 s
-    )
-    provider.add_span_processor(
-        CountingBatchProcessor(exporter or make_exporter(settings), settings, counters)
-    )
+    provider.add_span_processor(CountingBatchProcessor(exporter, settings, counters))
     log.info(
         "tracing on",
         extra={

@@ -60,6 +60,7 @@ class TracingSettings:
     service_name: str = ""  # OTEL_SERVICE_NAME; empty: the component's default
     # OTEL_PROPAGATORS: the formats a new trace's headers are written in (incoming ones are all read)
     new_trace_formats: tuple[Format, ...] = (Format.W3C,)
+    compression: str = "none"  # OTEL_EXPORTER_OTLP_(TRACES_)COMPRESSION: gzip or none
 
 
 def _get(environ: Mapping[str, str], *names: str) -> tuple[str, str] | None:
@@ -130,7 +131,52 @@ def _number(
         else:
             return value
     _ignored(name, problem, f"{instead} is used" if instead else f"the default {default:g} is used")
+    _withhold(environ, name)
     return default
+
+
+def _withhold(environ: Mapping[str, str], name: str) -> None:
+    """An ignored value is taken out of this process's environment: the SDK and the OTLP exporters
+    read some variables themselves (an exporter float()s its timeout) and raise on what they cannot
+    use, which stopped the component."""
+    if environ is os.environ:
+        os.environ.pop(name, None)
+
+
+# SpanLimits parameter -> its variable, and the parameter whose value stands when it is unset.
+SPAN_LIMITS = {
+    "max_attributes": ("OTEL_ATTRIBUTE_COUNT_LIMIT", None),
+    "max_events": ("OTEL_SPAN_EVENT_COUNT_LIMIT", None),
+    "max_links": ("OTEL_SPAN_LINK_COUNT_LIMIT", None),
+    "max_span_attributes": ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "max_attributes"),
+    "max_event_attributes": ("OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "max_attributes"),
+    "max_link_attributes": ("OTEL_LINK_ATTRIBUTE_COUNT_LIMIT", "max_attributes"),
+    "max_attribute_length": ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", None),
+    "max_span_attribute_length": ("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "max_attribute_length"),
+}
+_withheld: list[tuple[str, str]] = []  # (variable, value) taken out by withhold_span_limits
+
+
+def limit_value(raw: str) -> int | None:
+    """A limit variable's value: a non-negative integer (as the SDK parses it: int()); None if not."""
+    try:
+        value = int(raw)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def withhold_span_limits() -> None:
+    """The SDK reads the span limit variables when it is imported, and raises on any value that is
+    no non-negative integer (a blank one included): a component importing it stopped. Such values
+    are taken out of this process's environment before that import (``sidemesh.telemetry`` calls
+    this first); ``settings_from_env`` warns about them once tracing is on."""
+    for variable, _ in SPAN_LIMITS.values():
+        raw = os.environ.get(variable)
+        if raw is not None and limit_value(raw.strip()) is None:
+            del os.environ[variable]
+            if raw.strip():
+                _withheld.append((variable, raw.strip()))
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettings | None:
@@ -183,6 +229,11 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
         _ignored(
             "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", f"{batch} is above the queue's {queue}", f"{queue} is used"
         )
+    if environ is None:
+        withhold_span_limits()  # (before the SDK's import, also when this runs first: the sidecar)
+    while _withheld:
+        variable, raw = _withheld.pop(0)
+        _ignored(variable, f"{raw!r} is not a non-negative integer", "as if unset")
     return TracingSettings(
         endpoint=endpoint,
         protocol=protocol,
@@ -195,4 +246,19 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
         export_timeout_ms=_number(env, "OTEL_BSP_EXPORT_TIMEOUT", 30000, 1),
         service_name=env.get("OTEL_SERVICE_NAME", "").strip(),
         new_trace_formats=new_trace_formats(env),
+        compression=_compression(env),
     )
+
+
+def _compression(environ: Mapping[str, str]) -> str:
+    """OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, else OTEL_EXPORTER_OTLP_COMPRESSION: gzip or none
+    (the SDK environment specification's values); given to the exporter, which then reads neither
+    (the gRPC one raised on anything but gzip, "none" included)."""
+    found = _get(environ, "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION")
+    if found is None:
+        return "none"
+    name, raw = found
+    if raw.lower() in ("gzip", "none"):
+        return raw.lower()
+    _ignored(name, f"{raw!r} is not one of gzip, none", "no compression is used")
+    return "none"

@@ -661,3 +661,76 @@ def test_a_warning_says_what_is_used_instead(caplog: pytest.LogCaptureFixture) -
     assert said[0].endswith("the default tracecontext,baggage is used") and said[1].endswith(
         "the others are used"
     )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "warning"),
+    [
+        # read by the SDK when it is imported (it raised: the component stopped at import)
+        ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "abc", "'abc' is not a non-negative integer"),
+        ("OTEL_ATTRIBUTE_COUNT_LIMIT", " ", None),  # blank: as if unset (the SDK raised on it too)
+        # read by the gRPC exporter itself (float(), and gzip only: "none" raised too)
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "abc", "'abc' is not a number"),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "bogus", "'bogus' is not one of gzip, none"),
+        ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none", None),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "GZIP", None),
+    ],
+)
+def test_a_value_the_sdk_or_exporter_would_raise_on_is_warned_about_once_and_tracing_starts(
+    variable: str, value: str, warning: str | None
+) -> None:
+    """The SDK environment specification: warn and ignore. A fresh interpreter, as a component
+    starts: the SDK reads the span limits when it is imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import json, logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(message)s|%(variable)s|%(problem)s", stream=sys.stdout)
+import ca.server, controller.server, injector.server  # (each imports the SDK)
+from prometheus_client import CollectorRegistry
+from sidemesh.telemetry import start_tracing
+tracing = start_tracing("svc", CollectorRegistry())
+exporter = tracing.provider._active_span_processor._span_processors[0].span_exporter
+inner = getattr(exporter, "inner", exporter)
+compression = getattr(inner, "_compression", None)
+print(json.dumps({"on": tracing is not None, "compression": getattr(compression, "name", str(compression))}))
+tracing.provider.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", variable: value})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    *lines, last = out.stdout.strip().splitlines()
+    result = json.loads(last)
+    assert result["on"] is True
+    warned = [line for line in lines if f"|{variable}|" in line]
+    assert [line.split("|")[2] for line in warned] == ([warning] if warning else []), out.stdout
+    if "COMPRESSION" in variable:
+        assert result["compression"].endswith("Gzip" if value.lower() == "gzip" else "NoCompression")
+
+
+def test_a_sidecar_reads_the_settings_before_the_sdk_and_still_warns_once() -> None:
+    """The sidecar reads OTEL_* first and imports the SDK only when tracing is on."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(variable)s", stream=sys.stdout)
+from prometheus_client import CollectorRegistry
+from proxy.telemetry import start_sidecar_tracing
+tracing = start_sidecar_tracing("shop/cart-1", "spiffe://cluster.local/ns/shop/sa/cart", CollectorRegistry())
+print("on" if tracing is not None else "off")
+tracing.provider.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "abc"}
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "on"], out.stdout
