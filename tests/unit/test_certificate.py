@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -116,26 +117,20 @@ def _cases(tmp: Path) -> dict[str, x509.Certificate]:
     }
 
 
+def _extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> Any:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
 def test_every_field_reads_as_cryptography_reads_it(tmp_path: Path) -> None:
     for what, ref in _cases(tmp_path).items():
         der = ref.public_bytes(serialization.Encoding.DER)
         ours = Certificate.from_der(der)
-        try:
-            bc: x509.BasicConstraints | None = ref.extensions.get_extension_for_class(
-                x509.BasicConstraints
-            ).value
-        except x509.ExtensionNotFound:
-            bc = None
-        try:
-            ku: x509.KeyUsage | None = ref.extensions.get_extension_for_class(x509.KeyUsage).value
-        except x509.ExtensionNotFound:
-            ku = None
-        try:
-            san: x509.SubjectAlternativeName | None = ref.extensions.get_extension_for_class(
-                x509.SubjectAlternativeName
-            ).value
-        except x509.ExtensionNotFound:
-            san = None
+        bc, ku, san = (
+            _extension(ref, c) for c in (x509.BasicConstraints, x509.KeyUsage, x509.SubjectAlternativeName)
+        )
         assert (
             ours.serial_number,
             ours.not_valid_before_utc,
