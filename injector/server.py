@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
@@ -29,6 +31,17 @@ log = logging.getLogger("sidemesh.injector")
 
 # The API server refuses objects over 3 MiB; a review carries the object once (CREATE).
 MAX_BODY = 8 * 1024 * 1024
+
+
+# FastAPI 0.165 and later trace, measure and log every request through OpenTelemetry's global
+# providers unless told not to: requests are traced by AsgiTelemetry here (with the component's
+# own provider), and the global lookup raised on a bad OTEL_PYTHON_*_PROVIDER, failing every
+# admission. Older FastAPI has no such option.
+_NO_NATIVE_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
 
 
 def _json(status: int, body: object) -> Response:
@@ -59,7 +72,9 @@ def create_app(
 ) -> FastAPI:
     """The webhook app; its request metrics go into ``registry`` (served by `sidemesh injector
     serve` on --metrics-listen), its spans to ``tracing``."""
-    app = FastAPI(title="sidemesh injector", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="sidemesh injector", docs_url=None, redoc_url=None, openapi_url=None, **_NO_NATIVE_TELEMETRY
+    )
     registry = registry or CollectorRegistry()
     admissions = Counter(
         "sidemesh_injector_admissions",

@@ -104,6 +104,11 @@ def _command(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Before any command imports OpenTelemetry (FastAPI does), which reads some OTEL_* variables
+    # when imported and raises on a bad value: they are warned about once tracing is on.
+    from sidemesh.tracing_settings import withhold_unusable
+
+    withhold_unusable()
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)

@@ -26,10 +26,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 from sidemesh import tracing_settings
 
-# Before the SDK's import, which reads the span limit variables and raises on a bad value.
-tracing_settings.withhold_span_limits()
+# Before OpenTelemetry's imports, which read some variables and raise on a bad value.
+tracing_settings.withhold_unusable()
 
 from opentelemetry import trace
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace import sampling as samplers
@@ -272,6 +273,7 @@ class CountingBatchProcessor(BatchSpanProcessor):
             schedule_delay_millis=settings.schedule_delay_ms,
             max_export_batch_size=settings.max_export_batch_size,
             export_timeout_millis=settings.export_timeout_ms,
+            meter_provider=NoOpMeterProvider(),  # (else it reads OTEL_PYTHON_METER_PROVIDER, and raises)
         )
         self.capacity = settings.max_queue_size
         self.counters = counters
@@ -418,15 +420,17 @@ def start_tracing(
             id_generator=ids,
             span_limits=span_limits(env),
             shutdown_on_exit=False,  # Tracing.close() flushes within a bound; the SDK's atexit waits 30 s
+            meter_provider=NoOpMeterProvider(),  # (the SDK's own span metrics: not kept)
         )
+        counters = SpanCounters(registry)
+        provider.add_span_processor(CountingBatchProcessor(exporter, settings, counters))
+        tracing = Tracing(provider, settings, counters, caller_samples_roots, ids)
     except Exception as exc:  # the SDK's or an exporter's own reading of a variable: never a stop
         log.error(
             "tracing could not start; running without it",
             extra={"error": f"{type(exc).__name__}: {exc}", "endpoint": settings.endpoint},
         )
         return None
-    counters = SpanCounters(registry)
-    provider.add_span_processor(CountingBatchProcessor(exporter, settings, counters))
     log.info(
         "tracing on",
         extra={
@@ -437,4 +441,4 @@ def start_tracing(
             "service": attrs["service.name"],
         },
     )
-    return Tracing(provider, settings, counters, caller_samples_roots, ids)
+    return tracing

@@ -33,6 +33,9 @@ SAMPLERS = (
     "parentbased_traceidratio",
 )
 PROTOCOLS = ("grpc", "http/protobuf")
+# The SDK environment specification: integer values SHOULD be taken from 0 to 2**31 - 1 (a larger
+# queue size overflowed the SDK's deque; a larger delay its timer: the export thread died).
+INT_MAX = 2**31 - 1
 OTLP_HTTP_PORT = 4318  # the OTLP specification's port for OTLP/HTTP (4317: OTLP/gRPC)
 
 
@@ -115,7 +118,8 @@ def _number(
 ) -> float:
     """The variable's number, or ``default`` (with a warning) when it is no number in range."""
     raw = environ.get(name, "").strip()
-    if not raw:
+    if not raw:  # (blank is unset, as the specification says; the gRPC exporter float()ed it)
+        _withhold(environ, name)
         return default
     try:
         value = float(raw)
@@ -127,7 +131,7 @@ def _number(
         elif value < minimum:
             problem = f"{raw} is below {minimum:g}"
         elif value > maximum:
-            problem = f"{raw} is above {maximum:g}"
+            problem = f"{raw} is above {maximum:.0f}" if maximum == INT_MAX else f"{raw} is above {maximum:g}"
         else:
             return value
     _ignored(name, problem, f"{instead} is used" if instead else f"the default {default:g} is used")
@@ -154,7 +158,8 @@ SPAN_LIMITS = {
     "max_attribute_length": ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", None),
     "max_span_attribute_length": ("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "max_attribute_length"),
 }
-_withheld: list[tuple[str, str]] = []  # (variable, value) taken out by withhold_span_limits
+# (variable, problem, instead): values withhold_unusable changed, warned about once tracing is on
+_withheld: list[tuple[str, str, str]] = []
 
 
 def limit_value(raw: str) -> int | None:
@@ -166,17 +171,35 @@ def limit_value(raw: str) -> int | None:
     return value if value >= 0 else None
 
 
-def withhold_span_limits() -> None:
-    """The SDK reads the span limit variables when it is imported, and raises on any value that is
-    no non-negative integer (a blank one included): a component importing it stopped. Such values
-    are taken out of this process's environment before that import (``sidemesh.telemetry`` calls
-    this first); ``settings_from_env`` warns about them once tracing is on."""
+def withhold_unusable() -> None:
+    """Values OpenTelemetry's own code reads when it is imported, and raises on, are taken out of
+    this process's environment before that (a component importing it stopped): the span limits the
+    SDK reads (any value that is no non-negative integer, a blank one included), and names in
+    OTEL_PROPAGATORS the API cannot load (FastAPI imports it: ``xray``, a typo, ``TraceContext``):
+    the variable keeps the names the mesh knows, in lower case. Called before any such import (the
+    CLI's start, ``sidemesh.telemetry``'s) and by ``settings_from_env``, which warns about each
+    once tracing is on."""
     for variable, _ in SPAN_LIMITS.values():
         raw = os.environ.get(variable)
         if raw is not None and limit_value(raw.strip()) is None:
             del os.environ[variable]
             if raw.strip():
-                _withheld.append((variable, raw.strip()))
+                _withheld.append((variable, f"{raw.strip()!r} is not a non-negative integer", "as if unset"))
+    raw = os.environ.get("OTEL_PROPAGATORS")
+    if raw is None:
+        return
+    names = [n.strip().lower() for n in raw.split(",")]
+    known = [n for n in names if n in PROPAGATORS]
+    for name in names:
+        if name not in PROPAGATORS:
+            instead = "the others are used" if known else f"the default {DEFAULT_PROPAGATORS} is used"
+            _withheld.append(
+                ("OTEL_PROPAGATORS", f"{name!r} is not one of {', '.join(PROPAGATORS)}", instead)
+            )
+    if known:
+        os.environ["OTEL_PROPAGATORS"] = ",".join(known)
+    else:
+        del os.environ["OTEL_PROPAGATORS"]
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettings | None:
@@ -221,19 +244,18 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
     # (a ratio: 0.01 is 1%; above 1 is no ratio, and is ignored as the SDK ignores it)
     ratio = _number(env, "OTEL_TRACES_SAMPLER_ARG", 1.0, 0.0, 1.0) if sampler.endswith("ratio") else 1.0
     timeout_ms = _number(
-        env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", 0, 1, instead="OTEL_EXPORTER_OTLP_TIMEOUT's"
-    ) or _number(env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10000, 1)
-    queue = int(_number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048, 1))
-    batch = int(_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, 1))
+        env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", 0, 1, INT_MAX, instead="OTEL_EXPORTER_OTLP_TIMEOUT's"
+    ) or _number(env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10000, 1, INT_MAX)
+    queue = int(_number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048, 1, INT_MAX))
+    batch = int(_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, 1, INT_MAX))
     if batch > queue:  # (the SDK specification: a batch is at most the queue)
         _ignored(
             "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", f"{batch} is above the queue's {queue}", f"{queue} is used"
         )
     if environ is None:
-        withhold_span_limits()  # (before the SDK's import, also when this runs first: the sidecar)
+        withhold_unusable()  # (before the SDK's import, also when this runs first: the sidecar)
     while _withheld:
-        variable, raw = _withheld.pop(0)
-        _ignored(variable, f"{raw!r} is not a non-negative integer", "as if unset")
+        _ignored(*_withheld.pop(0))
     return TracingSettings(
         endpoint=endpoint,
         protocol=protocol,
@@ -241,9 +263,9 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
         ratio=ratio,
         timeout=timeout_ms / 1000,
         max_queue_size=queue,
-        schedule_delay_ms=_number(env, "OTEL_BSP_SCHEDULE_DELAY", 5000, 1),
+        schedule_delay_ms=_number(env, "OTEL_BSP_SCHEDULE_DELAY", 5000, 1, INT_MAX),
         max_export_batch_size=min(batch, queue),
-        export_timeout_ms=_number(env, "OTEL_BSP_EXPORT_TIMEOUT", 30000, 1),
+        export_timeout_ms=_number(env, "OTEL_BSP_EXPORT_TIMEOUT", 30000, 1, INT_MAX),
         service_name=env.get("OTEL_SERVICE_NAME", "").strip(),
         new_trace_formats=new_trace_formats(env),
         compression=_compression(env),

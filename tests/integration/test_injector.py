@@ -1064,3 +1064,26 @@ async def test_serve_on_an_address_in_use_names_the_option(start_ca: StartCA, tm
             assert await asyncio.wait_for(proc.wait(), 20) == 2, err
             assert f"cannot listen on {option} 127.0.0.1:{port}: address already in use" in err, err
             assert "Traceback" not in err
+
+
+async def test_a_bad_opentelemetry_provider_variable_fails_no_admission(
+    start_ca: StartCA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastAPI 0.165 traces every request through OpenTelemetry's global providers unless told not
+    to; with OTEL_PYTHON_TRACER_PROVIDER naming nothing installed, every request was a 500 (with
+    the webhook's failurePolicy: Fail, no pod could be created). The injector traces its own."""
+    for kind in ("TRACER", "METER", "LOGGER"):
+        monkeypatch.setenv(f"OTEL_PYTHON_{kind}_PROVIDER", "bogus")
+    ca, token_file = await start_injector_ca(start_ca, tmp_path)
+    write_pair(tmp_path, await issue_injector_svid(ca, token_file))
+    serving = ServingCertificate()
+    CertificateFiles(serving, tmp_path / "tls.crt", tmp_path / "tls.key").load()
+    server = WebhookServer(create_app(InjectionSettings), serving, "127.0.0.1", 0)
+    client = Client(await server.start(), ca.bundle)
+    try:
+        conn = client.connect()
+        assert (await asyncio.to_thread(Client.call, conn, "GET", "/healthz"))[0] == 200
+        assert (await asyncio.to_thread(client.post, review(), conn))[0] == 200
+        conn.close()
+    finally:
+        await server.stop()

@@ -674,6 +674,19 @@ def test_a_warning_says_what_is_used_instead(caplog: pytest.LogCaptureFixture) -
         ("OTEL_EXPORTER_OTLP_COMPRESSION", "bogus", "'bogus' is not one of gzip, none"),
         ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none", None),
         ("OTEL_EXPORTER_OTLP_COMPRESSION", "GZIP", None),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "", None),  # blank: unset (the exporter float()ed it)
+        # read by the SDK's batch processor and tracer (it raised when they were made)
+        ("OTEL_PYTHON_METER_PROVIDER", "bogus", None),
+        # past what the SDK can hold (its deque overflowed; a delay killed the export thread)
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "1e20", "1e20 is above 2147483647"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "1e20", "1e20 is above 2147483647"),
+        # read by OpenTelemetry's API when imported (FastAPI imports it): an unknown name raised
+        (
+            "OTEL_PROPAGATORS",
+            "tracecontext,xray",
+            "'xray' is not one of tracecontext, b3, b3multi, baggage, none",
+        ),
+        ("OTEL_PROPAGATORS", "TraceContext", None),  # (the API looked the name up as given)
     ],
 )
 def test_a_value_the_sdk_or_exporter_would_raise_on_is_warned_about_once_and_tracing_starts(
@@ -734,3 +747,25 @@ tracing.provider.shutdown()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "on"], out.stdout
+
+
+def test_the_cli_takes_out_what_opentelemetry_would_raise_on_before_any_command_imports_it() -> None:
+    """`sidemesh injector ...` imports FastAPI, which imports OpenTelemetry's propagators: an
+    OTEL_PROPAGATORS name the API cannot load (xray, jaeger, a typo) stopped the injector at start,
+    tracing on or off."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update({"OTEL_PROPAGATORS": "tracecontext,xray", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "abc"})
+    code = """
+import contextlib
+from sidemesh.cli import main
+with contextlib.suppress(SystemExit):
+    main(["--version"])  # (every command's start: `injector serve` imports FastAPI after it)
+import fastapi, injector.server  # (FastAPI imports OpenTelemetry's propagators)
+print("imported")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "imported", out.stderr
