@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import random
@@ -23,6 +24,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from sidemesh import tracing_settings
 
@@ -44,11 +46,11 @@ from sidemesh.propagation import Format
 from sidemesh.tracing_settings import (  # (re-exported: the settings are read there)
     DEFAULT_PROPAGATORS as DEFAULT_PROPAGATORS,
 )
+from sidemesh.tracing_settings import INT_MAX, SPAN_LIMITS, _ignored, limit_value
 from sidemesh.tracing_settings import OTLP_HTTP_PORT as OTLP_HTTP_PORT
 from sidemesh.tracing_settings import PROPAGATORS as PROPAGATORS
 from sidemesh.tracing_settings import PROTOCOLS as PROTOCOLS
 from sidemesh.tracing_settings import SAMPLERS as SAMPLERS
-from sidemesh.tracing_settings import SPAN_LIMITS, _ignored, limit_value
 from sidemesh.tracing_settings import TracingSettings as TracingSettings
 from sidemesh.tracing_settings import new_trace_formats as new_trace_formats
 from sidemesh.tracing_settings import settings_from_env as settings_from_env
@@ -80,7 +82,7 @@ _DEFAULT_COUNT = 128  # the SDK's default for each count limit
 
 def span_limits(environ: Mapping[str, str]) -> SpanLimits:
     """The SDK's limits as OTEL_* sets them, with a bound on attribute values by default. A value
-    that is no non-negative integer is warned about and ignored (the SDK raised, and the component
+    that is no integer from 0 to 2^31 - 1 is warned about and ignored (the SDK raised, and the component
     stopped)."""
     values: dict[str, int | None] = {}  # None: unset (or ignored)
     for param, (variable, _) in SPAN_LIMITS.items():
@@ -90,7 +92,7 @@ def span_limits(environ: Mapping[str, str]) -> SpanLimits:
             continue
         value = limit_value(raw)
         if value is None:
-            _ignored(variable, f"{raw!r} is not a non-negative integer", "as if unset")
+            _ignored(variable, f"{raw!r} is not an integer from 0 to {INT_MAX}", "as if unset")
         else:
             values[param] = value
     for param, (_, generic) in SPAN_LIMITS.items():
@@ -132,6 +134,7 @@ def make_exporter(settings: TracingSettings) -> SpanExporter:
         from grpc import Compression as GrpcCompression
 
         return GrpcExporter(
+            **_no_meter(GrpcExporter),
             endpoint=settings.endpoint,
             insecure=settings.endpoint.lower().startswith("http://"),
             timeout=settings.timeout,
@@ -143,10 +146,20 @@ def make_exporter(settings: TracingSettings) -> SpanExporter:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
     return HttpExporter(
+        **_no_meter(HttpExporter),
         endpoint=settings.endpoint,
         timeout=settings.timeout,
         compression=HttpCompression.Gzip if settings.compression == "gzip" else HttpCompression.NoCompression,
     )
+
+
+def _no_meter(kind: type) -> dict[str, Any]:
+    """``meter_provider=NoOpMeterProvider()`` for an SDK class that takes one (TracerProvider from
+    1.40, BatchSpanProcessor from 1.41, the OTLP exporters later), so that it never looks up the
+    global one (a bad OTEL_PYTHON_METER_PROVIDER raised there); nothing for older versions."""
+    if "meter_provider" in inspect.signature(kind).parameters:
+        return {"meter_provider": NoOpMeterProvider()}
+    return {}
 
 
 class SpanCounters:
@@ -273,7 +286,7 @@ class CountingBatchProcessor(BatchSpanProcessor):
             schedule_delay_millis=settings.schedule_delay_ms,
             max_export_batch_size=settings.max_export_batch_size,
             export_timeout_millis=settings.export_timeout_ms,
-            meter_provider=NoOpMeterProvider(),  # (else it reads OTEL_PYTHON_METER_PROVIDER, and raises)
+            **_no_meter(BatchSpanProcessor),  # (else it reads OTEL_PYTHON_METER_PROVIDER, and raises)
         )
         self.capacity = settings.max_queue_size
         self.counters = counters
@@ -420,7 +433,7 @@ def start_tracing(
             id_generator=ids,
             span_limits=span_limits(env),
             shutdown_on_exit=False,  # Tracing.close() flushes within a bound; the SDK's atexit waits 30 s
-            meter_provider=NoOpMeterProvider(),  # (the SDK's own span metrics: not kept)
+            **_no_meter(TracerProvider),  # (the SDK's own span metrics: not kept)
         )
         counters = SpanCounters(registry)
         provider.add_span_processor(CountingBatchProcessor(exporter, settings, counters))

@@ -163,12 +163,13 @@ _withheld: list[tuple[str, str, str]] = []
 
 
 def limit_value(raw: str) -> int | None:
-    """A limit variable's value: a non-negative integer (as the SDK parses it: int()); None if not."""
+    """A limit variable's value: an integer from 0 to 2^31 - 1 (as the SDK parses it: int(); a
+    larger one overflowed the SDK's per-span deques, failing every span); None if not."""
     try:
         value = int(raw)
     except ValueError:
         return None
-    return value if value >= 0 else None
+    return value if 0 <= value <= INT_MAX else None
 
 
 def withhold_unusable() -> None:
@@ -184,9 +185,14 @@ def withhold_unusable() -> None:
         if raw is not None and limit_value(raw.strip()) is None:
             del os.environ[variable]
             if raw.strip():
-                _withheld.append((variable, f"{raw.strip()!r} is not a non-negative integer", "as if unset"))
+                _withheld.append(
+                    (variable, f"{raw.strip()!r} is not an integer from 0 to {INT_MAX}", "as if unset")
+                )
     raw = os.environ.get("OTEL_PROPAGATORS")
     if raw is None:
+        return
+    if not raw.strip():  # (blank is unset, as the specification says: no warning)
+        del os.environ["OTEL_PROPAGATORS"]
         return
     names = [n.strip().lower() for n in raw.split(",")]
     known = [n for n in names if n in PROPAGATORS]

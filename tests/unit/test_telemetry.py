@@ -667,7 +667,14 @@ def test_a_warning_says_what_is_used_instead(caplog: pytest.LogCaptureFixture) -
     ("variable", "value", "warning"),
     [
         # read by the SDK when it is imported (it raised: the component stopped at import)
-        ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "abc", "'abc' is not a non-negative integer"),
+        ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "abc", "'abc' is not an integer from 0 to 2147483647"),
+        # past what the SDK's per-span deques hold: every span (and so every CA call) failed
+        (
+            "OTEL_SPAN_EVENT_COUNT_LIMIT",
+            "99999999999999999999",
+            "'99999999999999999999' is not an integer from 0 to 2147483647",
+        ),
+        ("OTEL_PROPAGATORS", " ", None),  # blank: unset, no warning
         ("OTEL_ATTRIBUTE_COUNT_LIMIT", " ", None),  # blank: as if unset (the SDK raised on it too)
         # read by the gRPC exporter itself (float(), and gzip only: "none" raised too)
         ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "abc", "'abc' is not a number"),
@@ -706,6 +713,7 @@ import ca.server, controller.server, injector.server  # (each imports the SDK)
 from prometheus_client import CollectorRegistry
 from sidemesh.telemetry import start_tracing
 tracing = start_tracing("svc", CollectorRegistry())
+tracing.tracer.start_span("a span").end()  # (a huge span limit failed here: every CA call with it)
 exporter = tracing.provider._active_span_processor._span_processors[0].span_exporter
 inner = getattr(exporter, "inner", exporter)
 compression = getattr(inner, "_compression", None)
@@ -714,6 +722,9 @@ tracing.provider.shutdown()
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", variable: value})
+    # (with the SDK's internal metrics on, the exporters too looked the meter provider up)
+    env["OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED"] = "true"
+    env.setdefault("OTEL_EXPORTER_OTLP_TIMEOUT", "300")  # (the span goes nowhere: give up fast)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     *lines, last = out.stdout.strip().splitlines()
