@@ -46,11 +46,11 @@ from sidemesh.propagation import Format
 from sidemesh.tracing_settings import (  # (re-exported: the settings are read there)
     DEFAULT_PROPAGATORS as DEFAULT_PROPAGATORS,
 )
-from sidemesh.tracing_settings import INT_MAX, SPAN_LIMITS, _ignored, limit_value
 from sidemesh.tracing_settings import OTLP_HTTP_PORT as OTLP_HTTP_PORT
 from sidemesh.tracing_settings import PROPAGATORS as PROPAGATORS
 from sidemesh.tracing_settings import PROTOCOLS as PROTOCOLS
 from sidemesh.tracing_settings import SAMPLERS as SAMPLERS
+from sidemesh.tracing_settings import SPAN_LIMITS, _ignored, limit_problem, limit_value
 from sidemesh.tracing_settings import TracingSettings as TracingSettings
 from sidemesh.tracing_settings import new_trace_formats as new_trace_formats
 from sidemesh.tracing_settings import settings_from_env as settings_from_env
@@ -92,7 +92,7 @@ def span_limits(environ: Mapping[str, str]) -> SpanLimits:
             continue
         value = limit_value(raw)
         if value is None:
-            _ignored(variable, f"{raw!r} is not an integer from 0 to {INT_MAX}", "as if unset")
+            _ignored(*limit_problem(variable, raw))
         else:
             values[param] = value
     for param, (_, generic) in SPAN_LIMITS.items():

@@ -87,6 +87,16 @@ PROPAGATORS: dict[str, Format | None] = {
 DEFAULT_PROPAGATORS = "tracecontext,baggage"
 
 
+def _unknown_propagators(names: list[str]) -> list[tuple[str, str, str]]:
+    """(variable, problem, instead) for each of ``names`` (lower case) the mesh does not know."""
+    known = any(name in PROPAGATORS for name in names)
+    instead = "the others are used" if known else f"the default {DEFAULT_PROPAGATORS} is used"
+    problems = (
+        f"{name!r} is not one of {', '.join(PROPAGATORS)}" for name in names if name not in PROPAGATORS
+    )
+    return [("OTEL_PROPAGATORS", problem, instead) for problem in problems]
+
+
 def new_trace_formats(environ: Mapping[str, str]) -> tuple[Format, ...]:
     """OTEL_PROPAGATORS (default ``tracecontext,baggage``) as the formats a new trace is written in,
     in the order given, each once. A name the mesh does not write (jaeger, xray, ottrace) is warned
@@ -94,13 +104,11 @@ def new_trace_formats(environ: Mapping[str, str]) -> tuple[Format, ...]:
     raw = environ.get("OTEL_PROPAGATORS", "").strip().lower() or DEFAULT_PROPAGATORS
     formats: list[Format] = []
     names = [n.strip() for n in raw.split(",")]
-    known = sum(name in PROPAGATORS for name in names)
+    known = any(name in PROPAGATORS for name in names)
+    for unknown in _unknown_propagators(names):
+        _ignored(*unknown)
     for name in names:
-        if name not in PROPAGATORS:
-            instead = "the others are used" if known else f"the default {DEFAULT_PROPAGATORS} is used"
-            _ignored("OTEL_PROPAGATORS", f"{name!r} is not one of {', '.join(PROPAGATORS)}", instead)
-            continue
-        fmt = PROPAGATORS[name]
+        fmt = PROPAGATORS.get(name)
         if fmt is not None and fmt not in formats:
             formats.append(fmt)
     if not known:
@@ -172,10 +180,15 @@ def limit_value(raw: str) -> int | None:
     return value if 0 <= value <= INT_MAX else None
 
 
+def limit_problem(variable: str, raw: str) -> tuple[str, str, str]:
+    """(variable, problem, instead) for a limit value ``limit_value`` refuses."""
+    return variable, f"{raw!r} is not an integer from 0 to {INT_MAX}", "as if unset"
+
+
 def withhold_unusable() -> None:
     """Values OpenTelemetry's own code reads when it is imported, and raises on, are taken out of
     this process's environment before that (a component importing it stopped): the span limits the
-    SDK reads (any value that is no non-negative integer, a blank one included), and names in
+    SDK reads (any value that is no integer from 0 to 2^31 - 1, a blank one included), and names in
     OTEL_PROPAGATORS the API cannot load (FastAPI imports it: ``xray``, a typo, ``TraceContext``):
     the variable keeps the names the mesh knows, in lower case. Called before any such import (the
     CLI's start, ``sidemesh.telemetry``'s) and by ``settings_from_env``, which warns about each
@@ -185,9 +198,7 @@ def withhold_unusable() -> None:
         if raw is not None and limit_value(raw.strip()) is None:
             del os.environ[variable]
             if raw.strip():
-                _withheld.append(
-                    (variable, f"{raw.strip()!r} is not an integer from 0 to {INT_MAX}", "as if unset")
-                )
+                _withheld.append(limit_problem(variable, raw.strip()))
     raw = os.environ.get("OTEL_PROPAGATORS")
     if raw is None:
         return
@@ -196,12 +207,7 @@ def withhold_unusable() -> None:
         return
     names = [n.strip().lower() for n in raw.split(",")]
     known = [n for n in names if n in PROPAGATORS]
-    for name in names:
-        if name not in PROPAGATORS:
-            instead = "the others are used" if known else f"the default {DEFAULT_PROPAGATORS} is used"
-            _withheld.append(
-                ("OTEL_PROPAGATORS", f"{name!r} is not one of {', '.join(PROPAGATORS)}", instead)
-            )
+    _withheld.extend(_unknown_propagators(names))
     if known:
         os.environ["OTEL_PROPAGATORS"] = ",".join(known)
     else:
