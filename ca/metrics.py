@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-import sidemesh.prometheus  # noqa: F401  (no *_created series)
+from sidemesh.prometheus import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class CAMetrics:

@@ -15,7 +15,6 @@ import typing
 from pathlib import Path
 
 import grpc
-from prometheus_client import generate_latest
 
 from ca import issuer, keys, templates
 from ca.authn import Authenticator, bearer_token
@@ -28,6 +27,7 @@ from sidemesh.api import ca_pb2, ca_pb2_grpc
 from sidemesh.clock import SYSTEM_CLOCK, Clock
 from sidemesh.config import parse_hostport
 from sidemesh.httpd import HTTPServer, check_free, json_response
+from sidemesh.prometheus import CONTENT_TYPE, exposition
 from sidemesh.server_telemetry import GrpcTelemetry
 from sidemesh.spiffe import SpiffeId, WorkloadId
 from sidemesh.telemetry import start_tracing
@@ -252,7 +252,7 @@ class CAServer:
     # -- pages -----------------------------------------------------------------------------------
 
     def _page_metrics(self) -> tuple[int, str, bytes]:
-        return 200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(self.metrics.registry)
+        return 200, CONTENT_TYPE, exposition(self.metrics.registry)
 
     def _page_live(self) -> tuple[int, str, bytes]:
         """Answered by the CA's event loop: it runs, and its gRPC server was not stopped."""

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from controller.config import ControllerConfig
 from controller.sources import Source
@@ -34,6 +33,7 @@ from sidemesh.identity.svid import SvidError, spiffe_id_of
 from sidemesh.identity.workload import WorkloadIdentity
 from sidemesh.mesh.resources import Snapshot
 from sidemesh.policy.model import DefaultPolicy
+from sidemesh.prometheus import CONTENT_TYPE, CollectorRegistry, Counter, Gauge, Histogram, exposition
 from sidemesh.server_telemetry import GrpcTelemetry
 from sidemesh.spiffe import SpiffeIdError, WorkloadId
 from sidemesh.telemetry import start_tracing
@@ -418,7 +418,7 @@ class ConfigServer:
     # -- pages -----------------------------------------------------------------------------------
 
     def _page_metrics(self) -> tuple[int, str, bytes]:
-        return 200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(self.metrics.registry)
+        return 200, CONTENT_TYPE, exposition(self.metrics.registry)
 
     def _page_live(self) -> tuple[int, str, bytes]:
         """Answered by the event loop that serves the config streams: it runs (a tcpSocket probe on

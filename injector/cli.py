@@ -186,12 +186,12 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (or ``stop``): the webhook, the reloads and the caBundle upkeep."""
-    from prometheus_client import CollectorRegistry, generate_latest
 
     from injector import cabundle
     from injector.server import WebhookServer, create_app
     from sidemesh.httpd import HTTPServer
     from sidemesh.identity.client import CAClient
+    from sidemesh.prometheus import CONTENT_TYPE, CollectorRegistry, exposition
     from sidemesh.spiffe import SpiffeIdError, WorkloadId
     from sidemesh.telemetry import start_tracing
 
@@ -253,11 +253,7 @@ async def serve(
             option = "--metrics-listen"
             metrics = HTTPServer(
                 {
-                    "/metrics": lambda: (
-                        200,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                        generate_latest(registry),
-                    )
+                    "/metrics": lambda: (200, CONTENT_TYPE, exposition(registry)),
                 }
             )
             await metrics.start(*cfg.parse_hostport("metrics_listen", config.metrics_listen))

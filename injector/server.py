@@ -17,13 +17,13 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry, Counter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from injector import review
 from injector.settings import InjectionSettings
 from injector.tls import ServingCertificate
 from sidemesh.httpd import listening_socket
+from sidemesh.prometheus import CollectorRegistry, Counter
 from sidemesh.server_telemetry import AsgiTelemetry
 from sidemesh.telemetry import Tracing
 

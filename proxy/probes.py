@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import http.client
 import json
 import re
 import ssl
@@ -340,6 +339,8 @@ class AppProber:
 
 def wait_ready(url: str, timeout: float, interval: float = 0.25) -> bool:
     """Poll ``url`` (http://HOST:PORT/PATH) until it answers 200 or ``timeout`` seconds pass."""
+    import http.client  # (here: the running sidecar does not load it, nor the email parsing it brings)
+
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname or "", parts.port or 80
     path = parts.path or "/"

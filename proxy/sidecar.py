@@ -15,8 +15,6 @@ import time
 import weakref
 from pathlib import Path
 
-from prometheus_client import generate_latest
-
 from proxy import heap, inbound, outbound, pool
 from proxy import relay as relays
 from proxy.balance import Balancer
@@ -44,6 +42,7 @@ from sidemesh.mesh.compile import (
     sidecar_view,
 )
 from sidemesh.policy.model import DefaultPolicy
+from sidemesh.prometheus import CONTENT_TYPE, exposition
 
 log = logging.getLogger("sidemesh.proxy")
 access = logging.getLogger("sidemesh.proxy.access")
@@ -824,7 +823,7 @@ class Sidecar:
     def _page_metrics(self) -> tuple[int, str, bytes]:
         if self.controller is not None:
             self.metrics.controller_connected.set(1 if self.controller.connected else 0)
-        return 200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(self.metrics.registry)
+        return 200, CONTENT_TYPE, exposition(self.metrics.registry)
 
     def _page_config(self) -> tuple[int, str, bytes]:
         m = self._mesh

@@ -13,12 +13,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
-
 from proxy.metrics import ProxyMetrics, RequestSeries
 from proxy.observe import RequestInfo, RequestResult, RequestSpan
 from proxy.routes import RouteStats, route_of
 from sidemesh.logging import BufferedLines
+from sidemesh.prometheus import CollectorRegistry
 from sidemesh.spiffe import SpiffeId, SpiffeIdError, WorkloadId
 from sidemesh.tracing_settings import Format, settings_from_env
 

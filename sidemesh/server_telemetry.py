@@ -18,9 +18,9 @@ from typing import Any
 
 import grpc
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, use_span
-from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from sidemesh import propagation, semconv
+from sidemesh.prometheus import CollectorRegistry, Counter, Histogram
 from sidemesh.telemetry import Tracing
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -38,10 +38,9 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace import sampling as samplers
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from prometheus_client import CollectorRegistry, Counter
 
-import sidemesh.prometheus  # noqa: F401  (no *_created series)
 from sidemesh.later import Later
+from sidemesh.prometheus import CollectorRegistry, Counter
 from sidemesh.propagation import Format
 from sidemesh.tracing_settings import (  # (re-exported: the settings are read there)
     DEFAULT_PROPAGATORS as DEFAULT_PROPAGATORS,

@@ -84,16 +84,18 @@ async def test_a_ready_sidecar_has_not_loaded_grpcio_or_cryptography(
 def test_the_sidecar_code_imports_neither_the_sdk_with_tracing_off_nor_cryptography() -> None:
     """What a sidecar's code loads, module by module: OpenTelemetry only with tracing on
     (proxy/tracing.py), YAML only in local mode (--config-dir), cryptography never,
-    importlib.metadata (entry points) never."""
+    importlib.metadata (entry points) never, nor prometheus-client's exposition module with its
+    HTTP servers, urllib.request and email parsing (sidemesh/prometheus.py)."""
     code = """
 import sys
-from prometheus_client import CollectorRegistry
+from sidemesh.prometheus import CollectorRegistry
 from sidemesh.cli import build_parser
 build_parser("proxy")
 import proxy.sidecar
 from proxy.telemetry import start_sidecar_tracing
 assert start_sidecar_tracing("shop/cart-1", "spiffe://cluster.local/ns/shop/sa/cart", CollectorRegistry()) is None
-heavy = ("opentelemetry", "cryptography", "importlib.metadata", "grpc", "yaml")  # (grpc: grpcio, not grpclib)
+heavy = ("opentelemetry", "cryptography", "importlib.metadata", "grpc", "yaml",  # (grpc: grpcio, not grpclib)
+    "prometheus_client.exposition", "http.server", "http.client", "urllib.request", "email", "wsgiref")
 print(sorted({h for h in heavy for m in sys.modules if m == h or m.startswith(h + ".")}))
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
