@@ -27,3 +27,14 @@ def test_trims_periodically_without_a_burst() -> None:
     t = Trimmer(trim=lambda: calls.append(1), min_peak=64, every=3)
     assert [t.tick(5) for _ in range(7)] == [False, False, True, False, False, True, False]
     assert len(calls) == 2
+
+
+def test_trims_once_idle_after_traffic() -> None:
+    calls: list[int] = []
+    t = Trimmer(trim=lambda: calls.append(1), min_peak=64, every=1000)
+    assert not t.tick(0)  # idle from the start: nothing to give back
+    assert not t.tick(3)  # a few connections: no burst
+    assert t.tick(0) and calls == [1]  # the last one closed: the buffers they held go back
+    assert not t.tick(0) and not t.tick(0)  # still idle: once is enough
+    t.peak = 1  # (the sidecar raises the peak as each connection opens)
+    assert t.tick(0) and len(calls) == 2  # a connection came and went between two ticks
