@@ -4,9 +4,11 @@
 
 The same setup as ``bench.l4`` (one CA, the uvloop upstream, a Sidemesh pair in local mode, both
 sidecars pinned to one core, wrk and the upstream on the other), with the sidecars started three
-ways: no ``OTEL_*`` (tracing off), ``parentbased_traceidratio`` at 0.01, and at 1.0, exporting over
-OTLP/gRPC to a collector in this process (opentelemetry-proto's TraceService on grpcio, counting
-spans). wrk sends no trace headers, so the client sidecar starts each trace and the server
+ways: no ``OTEL_*`` (tracing off), ``parentbased_traceidratio`` at 0.01, and at 1.0, exporting to a
+collector in this process that counts spans: over OTLP/HTTP by default (``POST /v1/traces``,
+protobuf), as injected sidecars do (the injector's default endpoint is port 4318), or over OTLP/gRPC
+with ``--protocol grpc`` (opentelemetry-proto's TraceService on grpcio; the sidecar then loads
+grpcio's exporter too). wrk sends no trace headers, so the client sidecar starts each trace and the server
 sidecar follows its decision. Each mode runs ``--rounds`` times, interleaved (off, 1%, 100%, off,
 ...), so a drift of the machine touches every mode alike; requests/s is the mean over rounds.
 Target (issue 7): at 1% sampling, no more than 5% fewer requests/s than tracing off.
@@ -17,6 +19,8 @@ Writes ``bench/results/tracing.md`` and ``bench/results/tracing.json``.
 from __future__ import annotations
 
 import argparse
+import gzip
+import http.server
 import json
 import os
 import random
@@ -25,6 +29,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import urllib.request
 from collections.abc import Sequence
 from concurrent import futures
@@ -43,8 +48,17 @@ TARGET_RATIO_1PCT = 0.95
 Result = dict[str, Any]
 
 
+PROTOCOLS = ("http/protobuf", "grpc")
+
+
+def _span_count(request: pb.ExportTraceServiceRequest) -> int:
+    return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+
+
 class Collector(pb_grpc.TraceServiceServicer):
-    """Accepts every export and counts the spans."""
+    """OTLP/gRPC: accepts every export and counts the spans."""
+
+    protocol = "grpc"
 
     def __init__(self) -> None:
         self.spans = 0
@@ -54,8 +68,49 @@ class Collector(pb_grpc.TraceServiceServicer):
         self.server.start()
 
     def Export(self, request: pb.ExportTraceServiceRequest, context: Any) -> pb.ExportTraceServiceResponse:
-        self.spans += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+        self.spans += _span_count(request)
         return pb.ExportTraceServiceResponse()
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+class HttpCollector:
+    """OTLP/HTTP (binary protobuf, ``POST /v1/traces``): accepts every export and counts the spans."""
+
+    protocol = "http/protobuf"
+
+    def __init__(self) -> None:
+        self.spans = 0
+        collector = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.headers.get("Content-Encoding", "").lower() == "gzip":
+                    body = gzip.decompress(body)
+                request = pb.ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                collector.spans += _span_count(request)
+                reply = pb.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200 if self.path == "/v1/traces" else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _dropped(setup: l4.Setup) -> float:
@@ -70,7 +125,13 @@ def _dropped(setup: l4.Setup) -> float:
 
 
 def start_pair(
-    ps: l4.Processes, base: l4.Setup, bundle: Path, mode: str, n: int, core: int | None, collector: Collector
+    ps: l4.Processes,
+    base: l4.Setup,
+    bundle: Path,
+    mode: str,
+    n: int,
+    core: int | None,
+    collector: Collector | HttpCollector,
 ) -> l4.Setup:
     tmp = base.tmp / f"{mode.strip('%')}-{n}"
     tmp.mkdir()
@@ -80,7 +141,12 @@ def start_pair(
     setup.entry = dict(base.entry)
     saved = {
         k: os.environ.get(k)
-        for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")
+        for k in (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "OTEL_TRACES_SAMPLER",
+            "OTEL_TRACES_SAMPLER_ARG",
+        )
     }
     ratio = MODES[mode]
     try:
@@ -88,6 +154,7 @@ def start_pair(
             os.environ.pop(k, None)
         if ratio is not None:
             os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{collector.port}"
+            os.environ["OTEL_EXPORTER_OTLP_PROTOCOL"] = collector.protocol
             os.environ["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
             os.environ["OTEL_TRACES_SAMPLER_ARG"] = ratio
         l4.start_sidemesh(ps, setup, bundle, core, l4.sidecar_command("uvloop"), opaque=False)
@@ -110,8 +177,8 @@ def _run(args: argparse.Namespace, ps: l4.Processes, tmp: Path, progress: Progre
     progress.phase(f"CA and upstream ({layout})")
     bundle = l4.start_ca(ps, base)
     l4.start_upstream(ps, base, load_core)
-    collector = Collector()
-    progress.detail(f"collector (OTLP/gRPC) on 127.0.0.1:{collector.port}")
+    collector = Collector() if args.protocol == "grpc" else HttpCollector()
+    progress.detail(f"collector ({args.protocol}) on 127.0.0.1:{collector.port}")
     runs: dict[str, list[Result]] = {m: [] for m in MODES}
     for n in range(args.rounds):
         for mode in MODES:
@@ -133,7 +200,7 @@ def _run(args: argparse.Namespace, ps: l4.Processes, tmp: Path, progress: Progre
             )
             for proc in setup.sidemesh.values():
                 ps.stop(proc)
-    collector.server.stop(0)
+    collector.stop()
     summary = {}
     off = statistics.mean(r["rps"] for r in runs["off"])
     for mode, rs in runs.items():
@@ -155,6 +222,7 @@ def _run(args: argparse.Namespace, ps: l4.Processes, tmp: Path, progress: Progre
         "runs": runs,
         "seconds": args.seconds,
         "rounds": args.rounds,
+        "protocol": args.protocol,
     }
 
 
@@ -166,7 +234,8 @@ def write(report: Result, results_dir: Path) -> list[str]:
         "",
         f"Commit {l4._git_commit()}, {l4._cpu_model()}; generated by `python -m bench.tracing` "
         f"({report['rounds']} interleaved rounds of {report['seconds']} s per mode, wrk -c 16 -t 2, "
-        "HTTP/1.1 keep-alive, 2-byte body; spans exported over OTLP/gRPC to a collector in the bench process).",
+        "HTTP/1.1 keep-alive, 2-byte body; spans exported over "
+        f"{'OTLP/gRPC' if report.get('protocol') == 'grpc' else 'OTLP/HTTP'} to a collector in the bench process).",
         f"Layout: {report['layout']}",
         "",
         "| tracing | requests/s | ratio to off | p50 ms | p99 ms | pair CPU µs/request | spans received | spans dropped |",
@@ -201,6 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=10, help="measured seconds per run (default: 10)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up seconds per run (default: 3)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per mode (default: 2)")
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="http/protobuf",
+        help="how the sidecars export spans (default: http/protobuf, as injected sidecars do)",
+    )
     parser.add_argument(
         "--results-dir", type=Path, default=l4.RESULTS_DIR, help="where to write (default: bench/results)"
     )
