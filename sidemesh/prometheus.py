@@ -7,10 +7,17 @@ writes its ``/metrics`` or ``/stats/prometheus`` page with :func:`exposition`:
   exposition module, and with it an HTTP server, a WSGI server, ``urllib.request`` (email parsing,
   ``http.client``), and the process, platform and GC collectors: 4.2 MB of RSS in a sidecar (whose
   budget is 40 MB) that serves its page from its own health server and uses none of them. So the
-  modules that hold the metric classes (``metrics``, ``metrics_core``, ``registry``, ``utils``) are
-  imported under an empty package module; submodules import as usual, and anything else asked
-  of the package (an attribute of ``prometheus_client`` itself, ``REGISTRY``...) runs the real
-  ``__init__`` in it then. Where the package was imported already (a test, another library), it is used as it is.
+  modules that hold the metric classes (``metrics``, ``metrics_core``, ``registry``, ``samples``,
+  ``utils``, and what they import) are imported under an empty stand-in for the package, which is
+  then taken away: ``prometheus_client`` itself is not in sys.modules afterwards, so whatever
+  imports it later (``import prometheus_client``, ``from prometheus_client import X``, any other
+  of its modules) runs its real ``__init__`` the usual way, under the import system's locks, and
+  that ``__init__`` finds the metric modules loaded and uses them (one ``Counter`` class, one
+  default registry, to which its collectors then register). The one difference from a normal
+  import: the modules loaded here that the ``__init__`` does not import by name (``samples``,
+  ``utils``, ``values``...) are not attributes of the package object; ``from
+  prometheus_client.utils import ...``, as the package's own code writes it, works. Where the
+  package was imported already (a test, another library), it is used as it is.
 - :func:`exposition` writes the text format Prometheus scrapes (0.0.4) as prometheus-client's
   ``generate_latest`` does, byte for byte (tests/unit/test_prometheus.py compares them): that
   function lives in the exposition module.
@@ -25,44 +32,29 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
-import threading
 
 
-def _package_without_init() -> None:
-    """Put an empty ``prometheus_client`` package in sys.modules, whose ``__init__`` runs on the
-    first attribute asked of it; nothing to do if the package is imported already."""
+def _import_metric_modules() -> None:
+    """Import the modules with the metric classes under an empty stand-in for the package (made
+    from its import spec, never executed), then take the stand-in away. Nothing to do where the
+    package was imported already."""
     if "prometheus_client" in sys.modules:
         return
     spec = importlib.util.find_spec("prometheus_client")
-    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+    if spec is None or spec.submodule_search_locations is None:
         return  # (not installed as a package: the imports below say so)
-    package = importlib.util.module_from_spec(spec)
-    loader = spec.loader
-    lock = threading.Lock()
-    ran = False
-
-    def rest_of_package(name: str) -> object:
-        nonlocal ran
-        if name.isidentifier() and importlib.util.find_spec(f"prometheus_client.{name}") is not None:
-            return importlib.import_module(f"prometheus_client.{name}")  # (`from . import values`)
-        with lock:
-            if not ran:
-                ran = True
-                del package.__dict__["__getattr__"]
-                loader.exec_module(package)
-        try:
-            return package.__dict__[name]
-        except KeyError:
-            raise AttributeError(f"module 'prometheus_client' has no attribute {name!r}") from None
-
-    package.__dict__["__getattr__"] = rest_of_package
-    sys.modules["prometheus_client"] = package
+    sys.modules["prometheus_client"] = importlib.util.module_from_spec(spec)
+    try:
+        for name in ("metrics", "metrics_core", "registry", "samples", "utils"):
+            importlib.import_module(f"prometheus_client.{name}")
+    finally:
+        del sys.modules["prometheus_client"]
 
 
-_package_without_init()
+_import_metric_modules()
 
-from prometheus_client import metrics as _metrics  # noqa: E402
-from prometheus_client.metrics import Counter, Gauge, Histogram  # noqa: E402
+# (Each module is in sys.modules now: these take from it, the package itself is not imported.)
+from prometheus_client.metrics import Counter, Gauge, Histogram, disable_created_metrics  # noqa: E402
 from prometheus_client.metrics_core import (  # noqa: E402
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -73,7 +65,7 @@ from prometheus_client.registry import Collector, CollectorRegistry  # noqa: E40
 from prometheus_client.samples import Sample  # noqa: E402
 from prometheus_client.utils import floatToGoString  # noqa: E402
 
-_metrics.disable_created_metrics()  # type: ignore[no-untyped-call]
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 __all__ = [
     "CONTENT_TYPE",

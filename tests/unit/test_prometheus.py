@@ -156,8 +156,8 @@ def test_the_package_init_and_its_http_server_are_not_loaded() -> None:
 
 
 def test_the_rest_of_the_package_is_there_when_asked_for() -> None:
-    """An attribute of the package runs its __init__ then: the default registry, generate_latest,
-    the process collector; submodules import as usual, and created series stay off."""
+    """Importing the package runs its __init__ then: the default registry, generate_latest, the
+    process collector, with the metric classes loaded before; created series stay off."""
     loaded = _fresh(
         "import json, sys\n"
         "import sidemesh.prometheus as p\n"
@@ -174,6 +174,43 @@ def test_the_rest_of_the_package_is_there_when_asked_for() -> None:
     assert isinstance(names, list)
     assert "hits" in names and "process_cpu_seconds" in names and "hits_created" not in names
     assert loaded["same"] is True and loaded["missing"] is False
+
+
+def test_the_package_imports_as_usual_afterwards() -> None:
+    """Whatever imports prometheus-client after sidemesh.prometheus runs its real __init__ the usual
+    way: its modules that depend on the __init__ import (asgi), the default registry gets its
+    collectors, names it lacks are plainly missing (hasattr), and threads asking for names at the
+    same moment all get them."""
+    race = (
+        "import json, threading\n"
+        "import sidemesh.prometheus\n"
+        "errors = []\n"
+        "go = threading.Barrier(4)\n"
+        "def worker(name):\n"
+        "    go.wait()\n"
+        "    try:\n"
+        "        exec(f'from prometheus_client import {name}', {})\n"
+        "    except Exception as exc:\n"
+        "        errors.append(f'{name}: {exc!r}')\n"
+        "names = ('REGISTRY', 'start_http_server', 'generate_latest', 'Summary')\n"
+        "threads = [threading.Thread(target=worker, args=(n,)) for n in names]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print(json.dumps({'errors': errors}))\n"
+    )
+    for _ in range(5):
+        assert _fresh(race) == {"errors": []}
+    loaded = _fresh(
+        "import json\n"
+        "import sidemesh.prometheus\n"
+        "from prometheus_client.registry import REGISTRY\n"
+        "from prometheus_client.exposition import generate_latest\n"
+        "from prometheus_client.asgi import make_asgi_app\n"
+        "import prometheus_client\n"
+        "page = generate_latest(REGISTRY).decode()\n"
+        "print(json.dumps({'process': 'process_cpu_seconds_total' in page, 'gc': 'python_gc_' in page,\n"
+        "    'asgi': callable(make_asgi_app), 'twisted': hasattr(prometheus_client, 'twisted')}))\n"
+    )
+    assert loaded == {"process": True, "gc": True, "asgi": True, "twisted": False}
 
 
 def test_a_package_imported_before_is_used_as_it_is() -> None:
