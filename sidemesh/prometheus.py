@@ -8,16 +8,13 @@ writes its ``/metrics`` or ``/stats/prometheus`` page with :func:`exposition`:
   ``http.client``), and the process, platform and GC collectors: 4.2 MB of RSS in a sidecar (whose
   budget is 40 MB) that serves its page from its own health server and uses none of them. So the
   modules that hold the metric classes (``metrics``, ``metrics_core``, ``registry``, ``samples``,
-  ``utils``, and what they import) are imported under an empty stand-in for the package, which is
-  then taken away: ``prometheus_client`` itself is not in sys.modules afterwards, so whatever
-  imports it later (``import prometheus_client``, ``from prometheus_client import X``, any other
-  of its modules) runs its real ``__init__`` the usual way, under the import system's locks, and
-  that ``__init__`` finds the metric modules loaded and uses them (one ``Counter`` class, one
-  default registry, to which its collectors then register). The one difference from a normal
-  import: the modules loaded here that the ``__init__`` does not import by name (``samples``,
-  ``utils``, ``values``...) are not attributes of the package object; ``from
-  prometheus_client.utils import ...``, as the package's own code writes it, works. Where the
-  package was imported already (a test, another library), it is used as it is.
+  ``utils``, and what they import) are loaded from the installed package's files as a package of
+  our own, ``sidemesh._prometheus_client``, whose ``__init__`` never runs. ``prometheus_client``
+  itself is left alone: whatever imports it (a test, another library) gets the real package, with
+  its own classes and default registry, as if the mesh were not there. The two copies do not
+  mix: every component counts in registries made here, and prometheus-client's functions that
+  take a registry or a collector (``generate_latest``, ``CollectorRegistry.register``) only call
+  their methods, so they take either copy's.
 - :func:`exposition` writes the text format Prometheus scrapes (0.0.4) as prometheus-client's
   ``generate_latest`` does, byte for byte (tests/unit/test_prometheus.py compares them): that
   function lives in the exposition module.
@@ -29,41 +26,58 @@ writes its ``/metrics`` or ``/stats/prometheus`` page with :func:`exposition`:
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import re
 import sys
+import types
+from typing import TYPE_CHECKING
+
+PRIVATE_COPY = "sidemesh._prometheus_client"  # (also tests/unit/test_prometheus.py)
 
 
-def _import_metric_modules() -> None:
-    """Import the modules with the metric classes under an empty stand-in for the package (made
-    from its import spec, never executed), then take the stand-in away. Nothing to do where the
-    package was imported already."""
-    if "prometheus_client" in sys.modules:
-        return
-    spec = importlib.util.find_spec("prometheus_client")
-    if spec is None or spec.submodule_search_locations is None:
-        return  # (not installed as a package: the imports below say so)
-    sys.modules["prometheus_client"] = importlib.util.module_from_spec(spec)
-    try:
-        for name in ("metrics", "metrics_core", "registry", "samples", "utils"):
-            importlib.import_module(f"prometheus_client.{name}")
-    finally:
-        del sys.modules["prometheus_client"]
+def _metric_modules() -> list[types.ModuleType]:
+    """prometheus-client's metrics, metrics_core, registry, samples and utils modules, loaded from
+    the installed package's files as a package of our own (PRIVATE_COPY), whose ``__init__`` never
+    runs: their relative imports (``from . import values``) stay inside it."""
+    if PRIVATE_COPY not in sys.modules:
+        installed = importlib.util.find_spec("prometheus_client")
+        if installed is None or not installed.submodule_search_locations:
+            raise ImportError(
+                "prometheus-client is not installed as a package (pip install prometheus-client)"
+            )
+        spec = importlib.machinery.ModuleSpec(PRIVATE_COPY, None, is_package=True)
+        spec.submodule_search_locations = list(installed.submodule_search_locations)
+        sys.modules[PRIVATE_COPY] = importlib.util.module_from_spec(spec)
+    return [
+        importlib.import_module(f"{PRIVATE_COPY}.{name}")
+        for name in ("metrics", "metrics_core", "registry", "samples", "utils")
+    ]
 
 
-_import_metric_modules()
-
-# (Each module is in sys.modules now: these take from it, the package itself is not imported.)
-from prometheus_client.metrics import Counter, Gauge, Histogram, disable_created_metrics  # noqa: E402
-from prometheus_client.metrics_core import (  # noqa: E402
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector, CollectorRegistry  # noqa: E402
-from prometheus_client.samples import Sample  # noqa: E402
-from prometheus_client.utils import floatToGoString  # noqa: E402
+if TYPE_CHECKING:  # (the same files: the same types)
+    from prometheus_client.metrics import Counter, Gauge, Histogram, disable_created_metrics
+    from prometheus_client.metrics_core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
+    from prometheus_client.registry import Collector, CollectorRegistry
+    from prometheus_client.samples import Sample
+    from prometheus_client.utils import floatToGoString
+else:
+    _metrics, _metrics_core, _registry, _samples, _utils = _metric_modules()
+    Counter, Gauge, Histogram = _metrics.Counter, _metrics.Gauge, _metrics.Histogram
+    disable_created_metrics = _metrics.disable_created_metrics
+    CounterMetricFamily, GaugeMetricFamily = (
+        _metrics_core.CounterMetricFamily,
+        _metrics_core.GaugeMetricFamily,
+    )
+    HistogramMetricFamily, Metric = _metrics_core.HistogramMetricFamily, _metrics_core.Metric
+    Collector, CollectorRegistry = _registry.Collector, _registry.CollectorRegistry
+    Sample = _samples.Sample
+    floatToGoString = _utils.floatToGoString
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 

@@ -21,6 +21,7 @@ from prometheus_client.metrics_core import (
 )
 
 from sidemesh.prometheus import (
+    PRIVATE_COPY,
     Collector,
     CollectorRegistry,
     Counter,
@@ -145,47 +146,56 @@ def test_the_package_init_and_its_http_server_are_not_loaded() -> None:
         "import sidemesh.prometheus as p\n"
         "r = p.CollectorRegistry(); p.Counter('c', 'C.', registry=r).inc()\n"
         "page = p.exposition(r).decode()\n"
-        "print(json.dumps({'page': page, 'modules': sorted(m for m in sys.modules if m.startswith(\n"
-        "    ('prometheus_client', 'http', 'urllib.request', 'wsgiref', 'email', 'socketserver', 'platform')))}))\n"
+        "print(json.dumps({'page': page, 'counter': p.Counter.__module__, 'modules': sorted(m for m in sys.modules\n"
+        "    if m.startswith(('prometheus_client', 'http', 'urllib.request', 'wsgiref', 'email', 'socketserver',\n"
+        "        'platform')))}))\n"
     )
     assert loaded["page"] == "# HELP c_total C.\n# TYPE c_total counter\nc_total 1.0\n"
-    modules = loaded["modules"]
-    assert isinstance(modules, list)
-    assert "prometheus_client.exposition" not in modules
-    assert not [m for m in modules if not m.startswith("prometheus_client")], modules
+    assert loaded["counter"] == f"{PRIVATE_COPY}.metrics"
+    assert loaded["modules"] == []
 
 
-def test_the_rest_of_the_package_is_there_when_asked_for() -> None:
-    """Importing the package runs its __init__ then: the default registry, generate_latest, the
-    process collector, with the metric classes loaded before; created series stay off."""
+def test_prometheus_client_itself_is_left_alone() -> None:
+    """Importing the package afterwards gets the real one, as without the mesh: its own classes,
+    its default registry with the process collector, created series on (its default); its
+    generate_latest and registries take the mesh's metrics, and the mesh's registries take its."""
     loaded = _fresh(
-        "import json, sys\n"
+        "import json\n"
         "import sidemesh.prometheus as p\n"
         "import prometheus_client\n"
         "from prometheus_client import REGISTRY, generate_latest, Counter\n"
         "from prometheus_client.parser import text_string_to_metric_families\n"
         "Counter('hits', 'Hits.').inc(2)\n"
-        "page = generate_latest(REGISTRY).decode()\n"
-        "names = sorted(f.name for f in text_string_to_metric_families(page))\n"
+        "names = sorted(f.name for f in text_string_to_metric_families(generate_latest(REGISTRY).decode()))\n"
+        "ours = p.CollectorRegistry(); p.Counter('c', 'C.', registry=ours).inc()\n"
+        "Counter('theirs', 'T.', registry=ours).inc()\n"
+        "mixed = prometheus_client.CollectorRegistry(); p.Counter('c', 'C.', registry=mixed).inc()\n"
         "print(json.dumps({'names': names, 'same': Counter is p.Counter,\n"
-        "    'missing': hasattr(prometheus_client, 'no_such_thing')}))\n"
+        "    'ours': p.exposition(ours).decode(), 'by_them': generate_latest(ours).decode(),\n"
+        "    'mixed': p.exposition(mixed) == generate_latest(mixed)}))\n"
     )
     names = loaded["names"]
     assert isinstance(names, list)
-    assert "hits" in names and "process_cpu_seconds" in names and "hits_created" not in names
-    assert loaded["same"] is True and loaded["missing"] is False
+    assert "hits" in names and "hits_created" in names and "process_cpu_seconds" in names
+    assert loaded["same"] is False and loaded["mixed"] is True
+    ours = loaded["ours"]
+    assert isinstance(ours, str) and "c_total 1.0" in ours and "theirs_total 1.0" in ours
+    assert loaded["by_them"] == ours
 
 
 def test_the_package_imports_as_usual_afterwards() -> None:
     """Whatever imports prometheus-client after sidemesh.prometheus runs its real __init__ the usual
     way: its modules that depend on the __init__ import (asgi), the default registry gets its
-    collectors, names it lacks are plainly missing (hasattr), and threads asking for names at the
-    same moment all get them."""
+    collectors, names it lacks are plainly missing (hasattr), its submodules are its attributes,
+    and threads asking for names at the same moment all get them, also while sidemesh.prometheus
+    is being imported."""
     race = (
         "import json, threading\n"
-        "import sidemesh.prometheus\n"
         "errors = []\n"
-        "go = threading.Barrier(4)\n"
+        "go = threading.Barrier(5)\n"
+        "def ours():\n"
+        "    go.wait()\n"
+        "    import sidemesh.prometheus\n"
         "def worker(name):\n"
         "    go.wait()\n"
         "    try:\n"
@@ -193,7 +203,7 @@ def test_the_package_imports_as_usual_afterwards() -> None:
         "    except Exception as exc:\n"
         "        errors.append(f'{name}: {exc!r}')\n"
         "names = ('REGISTRY', 'start_http_server', 'generate_latest', 'Summary')\n"
-        "threads = [threading.Thread(target=worker, args=(n,)) for n in names]\n"
+        "threads = [threading.Thread(target=worker, args=(n,)) for n in names] + [threading.Thread(target=ours)]\n"
         "[t.start() for t in threads]; [t.join() for t in threads]\n"
         "print(json.dumps({'errors': errors}))\n"
     )
@@ -207,13 +217,21 @@ def test_the_package_imports_as_usual_afterwards() -> None:
         "from prometheus_client.asgi import make_asgi_app\n"
         "import prometheus_client\n"
         "page = generate_latest(REGISTRY).decode()\n"
+        "import prometheus_client.utils, prometheus_client.values\n"
         "print(json.dumps({'process': 'process_cpu_seconds_total' in page, 'gc': 'python_gc_' in page,\n"
-        "    'asgi': callable(make_asgi_app), 'twisted': hasattr(prometheus_client, 'twisted')}))\n"
+        "    'asgi': callable(make_asgi_app), 'twisted': hasattr(prometheus_client, 'twisted'),\n"
+        "    'attributes': [prometheus_client.utils.INF, prometheus_client.values.ValueClass.__name__]}))\n"
     )
-    assert loaded == {"process": True, "gc": True, "asgi": True, "twisted": False}
+    assert loaded == {
+        "process": True,
+        "gc": True,
+        "asgi": True,
+        "twisted": False,
+        "attributes": [float("inf"), "MutexValue"],
+    }
 
 
-def test_a_package_imported_before_is_used_as_it_is() -> None:
+def test_a_package_imported_before_changes_nothing() -> None:
     loaded = _fresh(
         "import json, prometheus_client\n"
         "import sidemesh.prometheus as p\n"

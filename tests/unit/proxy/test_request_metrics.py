@@ -6,10 +6,16 @@ from __future__ import annotations
 import random
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Histogram, Metric, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import REQUEST_BUCKETS, REQUEST_LABELS, ProxyMetrics
+from sidemesh.prometheus import (  # (prometheus-client's, our copy)
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Metric,
+)
 
 
 def _samples(families: list[Metric]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
