@@ -95,7 +95,8 @@ import proxy.sidecar
 from proxy.telemetry import start_sidecar_tracing
 assert start_sidecar_tracing("shop/cart-1", "spiffe://cluster.local/ns/shop/sa/cart", CollectorRegistry()) is None
 heavy = ("opentelemetry", "cryptography", "importlib.metadata", "grpc", "yaml",  # (grpc: grpcio, not grpclib)
-    "prometheus_client.exposition", "http.server", "http.client", "urllib.request", "email", "wsgiref")
+    "prometheus_client", "sidemesh._prometheus_client.exposition", "http.server", "http.client", "urllib.request",
+    "email", "wsgiref")
 print(sorted({h for h in heavy for m in sys.modules if m == h or m.startswith(h + ".")}))
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
