@@ -1,7 +1,7 @@
 """Prometheus metrics for every component: prometheus-client's metric classes, without the rest.
 
 Every component takes what it counts with from here (``CollectorRegistry``, ``Counter``...), and
-writes its ``/metrics`` or ``/stats/prometheus`` page with :func:`exposition`:
+writes its ``/metrics`` page with :func:`exposition`:
 
 - Loaded without the package's ``__init__``. prometheus-client's ``__init__`` also imports its
   exposition module, and with it an HTTP server, a WSGI server, ``urllib.request`` (email parsing,
@@ -14,7 +14,10 @@ writes its ``/metrics`` or ``/stats/prometheus`` page with :func:`exposition`:
   its own classes and default registry, as if the mesh were not there. The two copies do not
   mix: every component counts in registries made here, and prometheus-client's functions that
   take a registry or a collector (``generate_latest``, ``CollectorRegistry.register``) only call
-  their methods, so they take either copy's.
+  their methods, so they take either copy's (``==`` between two copies' metric families is
+  False: each compares with its own class). In multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``,
+  never a sidecar's) the classes are the real package's: there a process's values live in files
+  that take one writer each.
 - :func:`exposition` writes the text format Prometheus scrapes (0.0.4) as prometheus-client's
   ``generate_latest`` does, byte for byte (tests/unit/test_prometheus.py compares them): that
   function lives in the exposition module.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import os
 import re
 import sys
 import types
@@ -39,7 +43,14 @@ PRIVATE_COPY = "sidemesh._prometheus_client"  # (also tests/unit/test_prometheus
 def _metric_modules() -> list[types.ModuleType]:
     """prometheus-client's metrics, metrics_core, registry, samples and utils modules, loaded from
     the installed package's files as a package of our own (PRIVATE_COPY), whose ``__init__`` never
-    runs: their relative imports (``from . import values``) stay inside it."""
+    runs: their relative imports (``from . import values``) stay inside it. In multiprocess mode
+    (PROMETHEUS_MULTIPROC_DIR), the real package's: there each process's values live in files
+    with one writer each, and two copies of the values module in one process would be two."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"):  # noqa: SIM112
+        return [
+            importlib.import_module(f"prometheus_client.{name}")
+            for name in ("metrics", "metrics_core", "registry", "samples", "utils")
+        ]
     if PRIVATE_COPY not in sys.modules:
         installed = importlib.util.find_spec("prometheus_client")
         if installed is None or not installed.submodule_search_locations:

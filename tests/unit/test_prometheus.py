@@ -4,10 +4,12 @@ written exactly as prometheus-client's own generate_latest writes it."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.exposition import generate_latest
@@ -229,6 +231,38 @@ def test_the_package_imports_as_usual_afterwards() -> None:
         "twisted": False,
         "attributes": [float("inf"), "MutexValue"],
     }
+
+
+def test_multiprocess_mode_counts_with_the_real_package(tmp_path: Path) -> None:
+    """PROMETHEUS_MULTIPROC_DIR: each process's values go to files with one writer each, so the mesh
+    and an app in one process must share one values module: the real package's. (Two copies
+    wrote over each other's entries, and the aggregate lost series or could not be read.)"""
+    code = (
+        "import json\n"
+        "import sidemesh.prometheus as p\n"
+        "import prometheus_client as pc\n"
+        "from prometheus_client import multiprocess\n"
+        "theirs, ours = pc.CollectorRegistry(), p.CollectorRegistry()\n"
+        "app = pc.Counter('app_requests', 'App.', ['path'], registry=theirs)\n"
+        "mesh = p.Counter('sidemesh_m', 'M.', ['k'], registry=ours)\n"
+        "app.labels('/').inc(5)\n"
+        "mesh.labels('a-long-label-value-' + 'x' * 40).inc(1)\n"
+        "app.labels('/b').inc(2)\n"
+        "mesh.labels('a-long-label-value-' + 'x' * 40).inc(1)\n"
+        "merged = pc.CollectorRegistry(); multiprocess.MultiProcessCollector(merged)\n"
+        "print(json.dumps({'same': p.Counter is pc.Counter, 'samples': sorted(\n"
+        "    [s.name, sorted(s.labels.items()), s.value] for f in merged.collect() for s in f.samples)}))\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    assert loaded["same"] is True
+    assert loaded["samples"] == [
+        ["app_requests_total", [["path", "/"]], 5.0],
+        ["app_requests_total", [["path", "/b"]], 2.0],
+        ["sidemesh_m_total", [["k", "a-long-label-value-" + "x" * 40]], 2.0],
+    ]
 
 
 def test_a_package_imported_before_changes_nothing() -> None:
