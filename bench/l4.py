@@ -57,6 +57,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -916,9 +917,21 @@ class Runner:
     def measure_wrk(self, path: str, conns: int, threads: int, seconds: int, warmup: int) -> Result:
         if warmup > 0:
             self.wrk(path, conns, threads, warmup)
+        mid_run: dict[str, float] = {}  # each proxy's RSS halfway through the measured run
+        timer = threading.Timer(
+            seconds / 2,
+            lambda: mid_run.update(
+                {role: _status_kb(p.pid, "VmRSS") / 1000 for role, p in self.setup.pair(path).items()}
+            ),
+        )
         before = CpuSnapshot.take(self.pids())
-        out = self.wrk(path, conns, threads, seconds)
+        timer.start()
+        try:
+            out = self.wrk(path, conns, threads, seconds)
+        finally:
+            timer.cancel()
         after = CpuSnapshot.take(self.pids())
+        out["rss_mb_mid_run"] = mid_run
         out["cpu"] = after.since(before, self.show(path))
         pair = self.pair_seconds(path, out["cpu"])
         user = self.pair_seconds(path, out["cpu"], "proc_user_seconds")
@@ -1217,11 +1230,24 @@ def build_rows(report: Result) -> list[Row]:
         )
         for key, label in (
             ("rss_mb_at_once", "  right after the last run"),
-            ("peak_rss_mb", "  peak (VmHWM)"),
+            ("peak_rss_mb", "  peak (VmHWM, over the process's life, bulk transfers included)"),
         ):
             at = {p: (rss[p][role].get(key) if p in rss else None) for p in PATHS}
             rows.append(
                 Row(f"{key.replace('_mb', '')}_{role}_mb", label, "MB", at, digits=1, higher_is_better=False)
+            )
+        c16 = report.get("runs", {}).get("c16", {})
+        during = {p: (c16[p].get("rss_mb_mid_run", {}).get(role) if p in c16 else None) for p in PATHS}
+        if any(v is not None for v in during.values()):
+            rows.append(
+                Row(
+                    f"rss_c16_{role}_mb",
+                    "  halfway through the 16-connection run (median round)",
+                    "MB",
+                    during,
+                    digits=1,
+                    higher_is_better=False,
+                )
             )
         anon = {p: (rss[p][role]["rss_anon_mb"] if p in rss else None) for p in PATHS}
         rows.append(
