@@ -11,8 +11,8 @@ writes its ``/metrics`` page with :func:`exposition`:
   ``utils``, and what they import) are loaded from the installed package's files as a package of
   our own, ``sidemesh._prometheus_client``, whose ``__init__`` never runs. ``prometheus_client``
   itself is left alone: whatever imports it (a test, another library) gets the real package, with
-  its own classes and default registry, as if the mesh were not there. The two copies do not
-  mix: every component counts in registries made here, and prometheus-client's functions that
+  its own classes and default registry, as if the mesh were not there. The two copies work
+  together: every component counts in registries made here, and prometheus-client's functions that
   take a registry or a collector (``generate_latest``, ``CollectorRegistry.register``) only call
   their methods, so they take either copy's (``==`` between two copies' metric families is
   False: each compares with its own class). In multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``,
@@ -45,7 +45,8 @@ def _metric_modules() -> list[types.ModuleType]:
     the installed package's files as a package of our own (PRIVATE_COPY), whose ``__init__`` never
     runs: their relative imports (``from . import values``) stay inside it. In multiprocess mode
     (PROMETHEUS_MULTIPROC_DIR), the real package's: there each process's values live in files
-    with one writer each, and two copies of the values module in one process would be two."""
+    with one writer each, and two copies of the values module in one process would be two
+    writers of one file (and created series are then turned off in the real package)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"):  # noqa: SIM112
         return [
             importlib.import_module(f"prometheus_client.{name}")
