@@ -95,7 +95,8 @@ TARGET_BULK = 0.6  # bulk MB/s: at least 0.6x Envoy's
 TARGET_RSS_MB = 40.0  # per sidecar, MB (10^6 bytes)
 # RSS is read right after the last run and again after this long without traffic: one period of
 # the sidecar's heap trimmer (proxy.sidecar.HEAP_TRIM_SECONDS) and a second, as `kubectl top` sees
-# a sidecar between bursts. Both are reported, with the peak (VmHWM).
+# a sidecar between bursts. Both are reported, with the peak (VmHWM) and the RSS halfway through
+# each measured wrk run.
 RSS_IDLE_SECONDS = 6.0
 SATURATED = 0.90
 OTHER_LOAD = 0.10  # busy CPU not accounted for by our processes, as a share of one core
@@ -209,6 +210,11 @@ def _status_kb(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise BenchError(f"no {key} in /proc/{pid}/status")
+
+
+def _rss_mb(setup: Setup, path: str) -> dict[str, float]:
+    """VmRSS of each proxy of a path's pair, by role, in MB."""
+    return {role: _status_kb(p.pid, "VmRSS") / 1000 for role, p in setup.pair(path).items()}
 
 
 def _self_cpu_seconds() -> float:
@@ -918,12 +924,7 @@ class Runner:
         if warmup > 0:
             self.wrk(path, conns, threads, warmup)
         mid_run: dict[str, float] = {}  # each proxy's RSS halfway through the measured run
-        timer = threading.Timer(
-            seconds / 2,
-            lambda: mid_run.update(
-                {role: _status_kb(p.pid, "VmRSS") / 1000 for role, p in self.setup.pair(path).items()}
-            ),
-        )
+        timer = threading.Timer(seconds / 2, lambda: mid_run.update(_rss_mb(self.setup, path)))
         before = CpuSnapshot.take(self.pids())
         timer.start()
         try:
@@ -1706,11 +1707,7 @@ def _run(
     progress.phase("check every path: GET / answers 200 ok")
     for path in paths:
         check_path(setup, path)
-    idle_rss = {
-        path: {role: _status_kb(p.pid, "VmRSS") / 1000 for role, p in setup.pair(path).items()}
-        for path in paths
-        if path != "direct"
-    }
+    idle_rss = {path: _rss_mb(setup, path) for path in paths if path != "direct"}
 
     runner = Runner(ps, setup, tools, load_core, tmp / "report.lua")
     runner.lua.write_text(WRK_LUA)
@@ -1764,11 +1761,7 @@ def _run(
     progress.phase(
         f"RSS of every proxy, at once and after {RSS_IDLE_SECONDS:g} s idle; TLS facts from both pairs"
     )
-    at_once = {
-        path: {role: _status_kb(p.pid, "VmRSS") / 1000 for role, p in setup.pair(path).items()}
-        for path in paths
-        if path != "direct"
-    }
+    at_once = {path: _rss_mb(setup, path) for path in paths if path != "direct"}
     time.sleep(RSS_IDLE_SECONDS)
     rss: Result = {}
     for path in paths:

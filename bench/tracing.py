@@ -82,7 +82,7 @@ class HttpCollector:
 
     def __init__(self) -> None:
         self.spans = 0
-        collector = self
+        collector, lock = self, threading.Lock()  # (a thread per request: two sidecars may export at once)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -93,7 +93,8 @@ class HttpCollector:
                     body = gzip.decompress(body)
                 request = pb.ExportTraceServiceRequest()
                 request.ParseFromString(body)
-                collector.spans += _span_count(request)
+                with lock:
+                    collector.spans += _span_count(request)
                 reply = pb.ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200 if self.path == "/v1/traces" else 404)
                 self.send_header("Content-Type", "application/x-protobuf")
