@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Final, Literal, cast
+from typing import Final, Literal, NamedTuple, cast
 
 import httptools
 
@@ -166,42 +166,45 @@ _FRAMING_NAMES = frozenset({b"transfer-encoding", b"content-length", b"host", b"
 _NOTABLE = _FRAMING_NAMES | HOP_BY_HOP | TRACE_HEADERS | IDENTITY_HEADERS
 
 
-@dataclass(slots=True)
-class _Scan:
-    """One pass over parsed (lower-case) header names: the few that matter to the proxy."""
+class _Scan(NamedTuple):
+    """One pass over parsed (lower-case) header names: the few that matter to the proxy (a tuple
+    built from locals: this runs for every message)."""
 
-    chunked: bool = False
-    length: int | None = None
-    host: bytes | None = None
-    hosts: int = 0
-    expect: bool = False
-    hop: bool = False
-    traced: bool = False
-    identity: bool = False
+    chunked: bool
+    length: int | None
+    host: bytes | None
+    hosts: int
+    expect: bool
+    hop: bool
+    traced: bool
+    identity: bool
 
 
 def _scan(headers: list[Header]) -> _Scan:
-    out = _Scan()
+    chunked = expect = hop = traced = identity = False
+    length: int | None = None
+    host: bytes | None = None
+    hosts = 0
     for name, value in headers:
         if name not in _NOTABLE:  # most headers: one set lookup
             continue
         if name == b"transfer-encoding":
-            out.chunked = _is_chunked(value)
+            chunked = _is_chunked(value)
         elif name == b"content-length":
-            out.length = int(value)
+            length = int(value)
         elif name == b"host":
-            out.hosts += 1
-            if out.host is None:
-                out.host = value
+            hosts += 1
+            if host is None:
+                host = value
         elif name == b"expect":
-            out.expect = out.expect or value.strip().lower() == b"100-continue"
+            expect = expect or value.strip().lower() == b"100-continue"
         elif name in HOP_BY_HOP:
-            out.hop = True
+            hop = True
         elif name in IDENTITY_HEADERS:
-            out.identity = True
+            identity = True
         else:
-            out.traced = True
-    return out
+            traced = True
+    return _Scan(chunked, length, host, hosts, expect, hop, traced, identity)
 
 
 def _request_host(target: bytes, headers: list[Header], scan: _Scan, version: bytes) -> bytes | None:
@@ -376,7 +379,6 @@ class Connection:
             if host is not None and host is not scan.host:  # absolute form: Host is the target's authority
                 headers = [(n, v) for n, v in headers if n != b"host"]
                 headers.insert(0, (b"host", host))
-                scan.host = host
             if version == b"1.0" and scan.chunked:
                 keep_alive = False  # RFC 9112 6.1: faulty framing, close after this request
             upgrade = parser.should_upgrade()
@@ -396,7 +398,7 @@ class Connection:
                     version == b"1.1" and scan.expect,
                     upgrade,
                     True,
-                    scan.host,
+                    host,
                     scan.hop,
                     scan.traced,
                     scan.identity,
@@ -534,20 +536,22 @@ class Connection:
             return PAUSED
         if self._events:
             event = self._events.popleft()
-            if isinstance(event, EndOfMessage):
+            kind = type(event)  # (the event classes have no subclasses: cheaper than isinstance)
+            if kind is Data:
+                if self.role == SERVER:
+                    self._continue_done = True
+            elif kind is EndOfMessage:
                 self.their_done = True
                 if self.role == SERVER:
                     self._paused = True
-            elif isinstance(event, Request):
-                self.request = event
-                if not event.keep_alive:
+            elif kind is Request:
+                self.request = event  # type: ignore[assignment]
+                if not event.keep_alive:  # type: ignore[union-attr]
                     self.must_close = True
-            elif isinstance(event, Response):
-                self._last_response = event
-                if not event.keep_alive:
+            elif kind is Response:
+                self._last_response = event  # type: ignore[assignment]
+                if not event.keep_alive:  # type: ignore[union-attr]
                     self.must_close = True
-            elif isinstance(event, Data) and self.role == SERVER:
-                self._continue_done = True
             return event
         if self._error is not None:
             raise self._error
@@ -590,8 +594,9 @@ class Connection:
             return False
         return self.role == SERVER or not (self._events or self._in_message)
 
-    def start_next_cycle(self) -> None:
-        if not self.reusable:
+    def start_next_cycle(self, checked: bool = False) -> None:
+        """Ready for the next message; ``checked``: the caller has just seen ``reusable`` true."""
+        if not checked and not self.reusable:
             raise LocalProtocolError("the connection is not between messages")
         self._paused = False
         self.request = None

@@ -268,10 +268,11 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
             first = False
             if not await _exchange(conn, down, event, router, ctx):
                 return  # the connection was spliced or reset: nothing more to do here
-            if conn.reusable and not ctx.draining():
-                conn.start_next_cycle()
+            reusable = conn.reusable
+            if reusable and not ctx.draining():
+                conn.start_next_cycle(checked=True)
                 continue
-            if conn.reusable and down.framed:  # a drain began during a response the caller may
+            if reusable and down.framed:  # a drain began during a response the caller may
                 await linger_close(down, idle=True)  # pool (its head went out without close)
                 return
             break
@@ -522,7 +523,7 @@ async def _forward(
         except _Retry as exc:
             reusable = up.conn.reusable
             if reusable:
-                up.conn.start_next_cycle()
+                up.conn.start_next_cycle(checked=True)
             router.release(up, reusable, False)
             attempt += 1
             log.info("retrying", extra={"status": str(exc), "attempt": attempt, "endpoint": up.endpoint})
@@ -623,7 +624,7 @@ async def _forward(
             raise
         reusable = up.conn.reusable
         if reusable:
-            up.conn.start_next_cycle()
+            up.conn.start_next_cycle(checked=True)
         # A 5xx is a failure for the balancer: an endpoint that fails fast must not look fast.
         router.release(up, reusable, result.status is None or result.status < 500)
         return not spliced
@@ -905,16 +906,17 @@ async def _relay_response(
                 up.at_head()
             if draining():
                 conn.must_close = True
-            headers = forwarded(event.headers) if event.hop else event.headers
-            response = h1.Response(
-                event.status_code,
-                headers,
-                event.reason,
-                known=event.known,
-                chunked=event.chunked,
-                length=event.length,
-                hop=False,  # none is left
-            )
+            response = event
+            if event.hop:  # (else it goes on as it came: what _send_response reads is the same)
+                response = h1.Response(
+                    event.status_code,
+                    forwarded(event.headers),
+                    event.reason,
+                    known=event.known,
+                    chunked=event.chunked,
+                    length=event.length,
+                    hop=False,  # none is left
+                )
             _write_down(down, conn, [response])
         elif isinstance(event, h1.Data):
             result.response_bytes += len(event.data)
