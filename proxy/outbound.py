@@ -8,7 +8,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from proxy import framing, h2route
+from proxy import framing
 from proxy.balance import Lease, NoEndpoint
 from proxy.detect import Kind, detect_outcome
 from proxy.dial import DialError, dial_sidecar
@@ -170,9 +170,14 @@ async def handle(sc: Sidecar, conn: socket.socket, relay: Relay, target: str | N
             if kind is Kind.HTTP1:
                 await _serve_http(sc, relay, conn, dest)
                 return
-            if kind is Kind.H2 and h2route.terminates(dest):
-                await h2route.serve(sc, relay, conn, dest)  # per stream: balancing, timeout, spans
-                return
+            if kind is Kind.H2:
+                # (imported with the first HTTP/2 connection: a sidecar that never carries one
+                # keeps the HTTP/2 proxy's 0.6 MB of code out of its memory)
+                from proxy import h2route
+
+                if h2route.terminates(dest):
+                    await h2route.serve(sc, relay, conn, dest)  # per stream: balancing, timeout, spans
+                    return
         deadline = _answer_deadline(sc, relay, decided)
         if dest is None:
             if not sc.config.passthrough:

@@ -19,7 +19,6 @@ from proxy import h1, http1, pool
 from proxy.balance import Lease, NoEndpoint
 from proxy.headers import xfcc
 from proxy.http1 import Context, Local, Router, Upstream
-from proxy.http2 import Denial, H2Proxy
 from proxy.observe import RequestInfo
 from proxy.pipe import Pipe
 from proxy.relay import Relay
@@ -29,6 +28,7 @@ from sidemesh.policy.evaluate import evaluate
 from sidemesh.policy.model import Decision, Peer, Request
 
 if TYPE_CHECKING:
+    from proxy.http2 import Denial
     from proxy.sidecar import Sidecar
 
 log = logging.getLogger("sidemesh.proxy.http")
@@ -127,6 +127,8 @@ class InboundRouter:
     def h2_verdict(self, method: str, path: str) -> Denial | tuple[str, str | None, bool]:
         decision = self.decide(method, path)
         if not decision.allowed:
+            from proxy.http2 import Denial  # (loaded by serve_h2 by then)
+
             return Denial(403, decision.reason, decision.policy, told=self.told)
         return decision.reason, decision.policy, decision.audit
 
@@ -370,7 +372,10 @@ def context(
 
 
 async def serve_h2(sc: Sidecar, relay: Relay, down: Pipe, router: InboundRouter) -> None:
-    """Serve one inbound HTTP/2 connection: each stream authorized, allowed ones to the app."""
+    """Serve one inbound HTTP/2 connection: each stream authorized, allowed ones to the app. (The
+    HTTP/2 proxy is imported with the first such connection: see proxy.outbound.)"""
+    from proxy.http2 import H2Proxy
+
     proxy = H2Proxy(
         down,
         router.h2_verdict,
