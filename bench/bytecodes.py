@@ -72,7 +72,7 @@ class Counter:
         code = frame.f_code
         key = self._keys.get(code)
         if key is None:
-            key = self._keys[code] = f"{Path(code.co_filename).name}:{code.co_qualname}"
+            key = self._keys[code] = _label(frame)
         return self._local(key)
 
     def start(self) -> None:
@@ -82,6 +82,19 @@ class Counter:
     def stop(self) -> dict[str, int]:
         sys.settrace(None)
         return dict(self.counts)
+
+
+def _label(frame: FrameType) -> str:
+    """``file:qualified name``; code made by exec (a dataclass's ``__init__``, a named tuple's
+    ``__new__``: every one of them is ``<string>:__create_fn__.<locals>.__init__`` or
+    ``<string>:<lambda>``) is named by the class it was made for, seen in its first call."""
+    code = frame.f_code
+    if code.co_filename.startswith("<"):
+        owner = frame.f_locals.get("self", frame.f_locals.get("_cls"))
+        if owner is not None:
+            cls = owner if isinstance(owner, type) else type(owner)
+            return f"{code.co_filename}:{cls.__module__}.{cls.__qualname__}.{code.co_name}"
+    return f"{Path(code.co_filename).name}:{code.co_qualname}"
 
 
 def sidecar_main(argv: Sequence[str]) -> int:

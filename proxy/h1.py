@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Final, Literal, NamedTuple, cast
+from typing import Final, Literal, cast
 
 import httptools
 
@@ -166,45 +166,42 @@ _FRAMING_NAMES = frozenset({b"transfer-encoding", b"content-length", b"host", b"
 _NOTABLE = _FRAMING_NAMES | HOP_BY_HOP | TRACE_HEADERS | IDENTITY_HEADERS
 
 
-class _Scan(NamedTuple):
-    """One pass over parsed (lower-case) header names: the few that matter to the proxy (a tuple
-    built from locals: this runs for every message)."""
+@dataclass(slots=True)
+class _Scan:
+    """One pass over parsed (lower-case) header names: the few that matter to the proxy."""
 
-    chunked: bool
-    length: int | None
-    host: bytes | None
-    hosts: int
-    expect: bool
-    hop: bool
-    traced: bool
-    identity: bool
+    chunked: bool = False
+    length: int | None = None
+    host: bytes | None = None
+    hosts: int = 0
+    expect: bool = False
+    hop: bool = False
+    traced: bool = False
+    identity: bool = False
 
 
 def _scan(headers: list[Header]) -> _Scan:
-    chunked = expect = hop = traced = identity = False
-    length: int | None = None
-    host: bytes | None = None
-    hosts = 0
+    out = _Scan()
     for name, value in headers:
         if name not in _NOTABLE:  # most headers: one set lookup
             continue
         if name == b"transfer-encoding":
-            chunked = _is_chunked(value)
+            out.chunked = _is_chunked(value)
         elif name == b"content-length":
-            length = int(value)
+            out.length = int(value)
         elif name == b"host":
-            hosts += 1
-            if host is None:
-                host = value
+            out.hosts += 1
+            if out.host is None:
+                out.host = value
         elif name == b"expect":
-            expect = expect or value.strip().lower() == b"100-continue"
+            out.expect = out.expect or value.strip().lower() == b"100-continue"
         elif name in HOP_BY_HOP:
-            hop = True
+            out.hop = True
         elif name in IDENTITY_HEADERS:
-            identity = True
+            out.identity = True
         else:
-            traced = True
-    return _Scan(chunked, length, host, hosts, expect, hop, traced, identity)
+            out.traced = True
+    return out
 
 
 def _request_host(target: bytes, headers: list[Header], scan: _Scan, version: bytes) -> bytes | None:
@@ -379,6 +376,7 @@ class Connection:
             if host is not None and host is not scan.host:  # absolute form: Host is the target's authority
                 headers = [(n, v) for n, v in headers if n != b"host"]
                 headers.insert(0, (b"host", host))
+                scan.host = host
             if version == b"1.0" and scan.chunked:
                 keep_alive = False  # RFC 9112 6.1: faulty framing, close after this request
             upgrade = parser.should_upgrade()
@@ -398,7 +396,7 @@ class Connection:
                     version == b"1.1" and scan.expect,
                     upgrade,
                     True,
-                    host,
+                    scan.host,
                     scan.hop,
                     scan.traced,
                     scan.identity,
@@ -536,22 +534,20 @@ class Connection:
             return PAUSED
         if self._events:
             event = self._events.popleft()
-            kind = type(event)  # (the event classes have no subclasses: cheaper than isinstance)
-            if kind is Data:
-                if self.role == SERVER:
-                    self._continue_done = True
-            elif kind is EndOfMessage:
+            if isinstance(event, EndOfMessage):
                 self.their_done = True
                 if self.role == SERVER:
                     self._paused = True
-            elif kind is Request:
-                self.request = event  # type: ignore[assignment]
-                if not event.keep_alive:  # type: ignore[union-attr]
+            elif isinstance(event, Request):
+                self.request = event
+                if not event.keep_alive:
                     self.must_close = True
-            elif kind is Response:
-                self._last_response = event  # type: ignore[assignment]
-                if not event.keep_alive:  # type: ignore[union-attr]
+            elif isinstance(event, Response):
+                self._last_response = event
+                if not event.keep_alive:
                     self.must_close = True
+            elif isinstance(event, Data) and self.role == SERVER:
+                self._continue_done = True
             return event
         if self._error is not None:
             raise self._error

@@ -3,14 +3,17 @@ per request."""
 
 from __future__ import annotations
 
+import collections
 import sys
 from pathlib import Path
 
 import pytest
 
 from bench.bytecodes import Counter, per_request, write_markdown
+from proxy import h1
 
 KEY = "test_bench_bytecodes.py:_work"
+Pair = collections.namedtuple("Pair", "a b")
 
 
 def _work(n: int) -> int:
@@ -35,6 +38,24 @@ def test_counts_grow_with_the_work_done_and_stop_when_stopped() -> None:
     assert per_turn >= 3 and per_turn == int(per_turn)  # the same opcodes each turn of the loop
     assert counter.counts[KEY] == thirty[KEY]
     assert sys.gettrace() is None
+
+
+@pytest.mark.skipif(sys.gettrace() is not None, reason="a tracer (coverage, a debugger) is already set")
+def test_code_made_by_exec_is_named_by_its_class() -> None:
+    """Every dataclass __init__ and named tuple __new__ comes from exec as "<string>": each class's
+    is counted apart, under its name."""
+    counter = Counter()
+    counter.start()
+    for _ in range(3):
+        h1.Request(b"GET", b"/", [])
+        h1.Data(b"x")
+        Pair(1, 2)
+    counts = counter.stop()
+    names = {name for name in counts if name.startswith("<string>")}
+    assert "<string>:proxy.h1.Request.__init__" in names, names
+    assert "<string>:proxy.h1.Data.__init__" in names, names
+    assert f"<string>:{__name__}.Pair.<lambda>" in names, names
+    assert counts["<string>:proxy.h1.Request.__init__"] > counts["<string>:proxy.h1.Data.__init__"]
 
 
 def test_per_request_is_what_each_further_request_cost(tmp_path: Path) -> None:
