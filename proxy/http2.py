@@ -44,7 +44,6 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
-import hpack.hpack
 import hpack.table
 from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
@@ -54,6 +53,7 @@ from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.pipe import Pipe, PipeClosed, linger_close
 from proxy.pool import Pool
 from proxy.retry import GRPC_RETRY_STATUSES, IDEMPOTENT, MAX_REPLAY_BODY, RETRY_STATUSES, Failure, backoff
+from sidemesh.hpack_log import quiet_hpack
 
 log = logging.getLogger("sidemesh.proxy.http2")
 GRPC_INVALID_ARGUMENT = 3
@@ -375,19 +375,7 @@ class _IndexedTable(hpack.table.HeaderTable):
         return None
 
 
-class _QuietLog:
-    """Stands in for hpack's module loggers: hpack logs at debug level for every field and integer
-    it codes (about 70 calls per gRPC call in each sidecar, each a Logger.debug and an
-    isEnabledFor call with debug off), and those lines carry header values (credentials among
-    them)."""
-
-    @staticmethod
-    def debug(*args: object, **kwargs: object) -> None:
-        pass
-
-
-hpack.hpack.log = _QuietLog()  # type: ignore[assignment]
-hpack.table.log = _QuietLog()  # type: ignore[assignment]
+quiet_hpack()  # (sidemesh/hpack_log.py: hpack logs every field it codes, values included)
 
 
 class _Connection(h2.connection.H2Connection):

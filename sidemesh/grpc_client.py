@@ -25,6 +25,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 
 from sidemesh.config import parse_hostport
+from sidemesh.hpack_log import quiet_hpack
 
 __all__ = [
     "CALL_ERRORS",
@@ -38,6 +39,8 @@ __all__ = [
     "status_of",
     "tls_context",
 ]
+
+quiet_hpack()  # (the CA call's token is among the fields hpack would log: sidemesh/hpack_log.py)
 
 T = TypeVar("T")
 

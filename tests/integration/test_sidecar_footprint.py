@@ -104,3 +104,26 @@ print(sorted({h for h in heavy for m in sys.modules if m == h or m.startswith(h 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_hpack_is_quiet_in_a_sidecar_before_any_http2_connection() -> None:
+    """hpack logs every field it codes, values included (the CA call's token): its loggers are
+    silenced by what the sidecar loads at start (sidemesh/grpc_client.py), not only with the
+    HTTP/2 proxy, which comes with the first HTTP/2 connection. A grpclib-style encode and decode
+    of an authorization field with debug logging on writes no line."""
+    code = """
+import logging, sys
+from sidemesh.cli import build_parser
+build_parser("proxy")
+import proxy.sidecar
+assert "proxy.http2" not in sys.modules
+logging.basicConfig(level=logging.DEBUG, stream=sys.stdout)
+import hpack
+block = hpack.Encoder().encode([(b"authorization", b"Bearer s3cr3t")])
+hpack.Decoder().decode(block)
+print(type(sys.modules["hpack.hpack"].log).__name__, type(sys.modules["hpack.table"].log).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "QuietLog QuietLog", out.stdout
+    assert "s3cr3t" not in out.stdout + out.stderr

@@ -85,7 +85,8 @@ def test_the_proxy_connections_use_it() -> None:
 
 def test_hpack_writes_no_debug_lines(caplog: pytest.LogCaptureFixture) -> None:
     """hpack logs every field and integer it codes at debug level (header values, credentials
-    among them): not from the sidecar, even with debug logging on."""
+    among them): not from the sidecar, even with debug logging on (sidemesh/hpack_log.py;
+    test_sidecar_footprint checks a sidecar has it from its start)."""
     caplog.set_level(logging.DEBUG)
     encoder, decoder = hpack.Encoder(), hpack.Decoder()
     block = encoder.encode([(b"authorization", b"Bearer secret"), (b"x-a", b"1")])
