@@ -1034,6 +1034,21 @@ async def test_connections_accepted_as_the_drain_ends_have_the_rest_of_its_timeo
             # then ended at its timeout and reset the open ones, as it should).
             await asyncio.sleep(random.uniform(0.001, 0.015))
 
+    # The case itself, every time: a connection accepted after the last one ended, just before
+    # the listeners close (the callers above reach it only now and then).
+    close_listeners = frontend._close_listeners
+    late: list[asyncio.Task[bytes]] = []
+
+    async def closing(kinds: tuple[str, ...]) -> list[asyncio.Task[None]]:
+        if "outbound" in kinds:
+            late.append(asyncio.create_task(talk(mesh.addr(FRONTEND), OUT, b"x", timeout=5)))
+            for _ in range(2000):  # until it is accepted (a relay is open)
+                if frontend.relays or late[0].done():
+                    break
+                await asyncio.sleep(0.001)
+        return await close_listeners(kinds)
+
+    frontend._close_listeners = closing  # type: ignore[method-assign]
     callers = [asyncio.create_task(caller()) for _ in range(3)]
     await asyncio.sleep(0.3)
     began = time.monotonic()
@@ -1041,6 +1056,7 @@ async def test_connections_accepted_as_the_drain_ends_have_the_rest_of_its_timeo
     ended = time.monotonic()
     stop = True
     await asyncio.gather(*callers)
+    assert late and await late[0] == b"XBYE"
     during = [r for t, r in results if began <= t < ended]
     assert during and not [r for r in during if r != "ok" and "Refused" not in r], during
 
