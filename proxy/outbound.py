@@ -172,7 +172,8 @@ async def handle(sc: Sidecar, conn: socket.socket, relay: Relay, target: str | N
                 return
             if kind is Kind.H2:
                 # (imported with the first HTTP/2 connection: a sidecar that never carries one
-                # keeps the HTTP/2 proxy's 0.6 MB of code out of its memory)
+                # keeps the HTTP/2 proxy's code out of its memory: 0.57 MB of Python heap, 0.2 MB
+                # of RSS at ready in bench.l4's pair)
                 from proxy import h2route
 
                 if h2route.terminates(dest):
