@@ -6,11 +6,9 @@ stream is a sequence of frames, each a 5-byte header (type, length) and a payloa
 
     OPEN  (client -> server, first)  2-byte destination port [+ 1-byte protocol hint]
     DATA                             bytes of the application stream
-    EOF                              the sender will send no more data (TCP half-close); a
-                                     payload of 0x01 says it is closing an idle connection: a
-                                     server's pooled HTTP connection (it will answer UNREAD to
-                                     what comes after), or an opaque relay at its idle timeout
-                                     (either side: the receiver ends its app's side in order too)
+    EOF                              the sender will send no more data (TCP half-close); from a
+                                     server, a payload of 0x01 says it is closing an idle
+                                     connection and will answer UNREAD to what comes after
     DENY  (server -> client)         UTF-8 reason; the server closes after it
     UNREAD (server -> client, after its idle EOF, empty)  the server is closing an idle connection
                                      and dropped, unread, what came after its last response: a
@@ -50,7 +48,7 @@ def data_header(length: int) -> bytes:
 
 
 EOF_FRAME = HEADER.pack(EOF, 0)
-IDLE = b"\x01"  # an EOF's payload: an idle connection closing (see the module's docstring)
+IDLE = b"\x01"  # an EOF's payload: an idle connection closing (UNREAD follows if a request comes)
 EOF_IDLE_FRAME = HEADER.pack(EOF, 1) + IDLE
 UNREAD_FRAME = HEADER.pack(UNREAD, 0)
 

@@ -143,7 +143,6 @@ class Half(asyncio.Protocol):
         self.decoder = framing.Decoder() if framed else None
         self.eof_in = False  # this side will send no more
         self.eof_out = False  # we told this side there is no more
-        self.idle_end = False  # (framed) the other sidecar's EOF said it closes an idle connection
         self.bytes_in = 0
         self._pending: list[bytes | memoryview] = []
         self._early: list[bytes | memoryview] = []  # data read before the other half exists
@@ -246,7 +245,6 @@ class Half(asyncio.Protocol):
                     elif not self.relay.closed:
                         self._early.append(payload)
                 elif kind == framing.EOF:
-                    self.idle_end = payload == framing.IDLE
                     self._got_eof()
                     if self.relay.closed:  # (refused: a request line the end cut short)
                         return
@@ -382,29 +380,9 @@ class Relay:
         if seen != self._seen:  # traffic since the last check
             self._seen, self.last_activity = seen, now
         elif now - self.last_activity >= self.idle_timeout:
-            self.close_idle()
+            self.fail(IDLE_TIMEOUT)
             return
         self._arm_idle()
-
-    def close_idle(self) -> None:
-        """The idle timeout: an orderly end both ways, as Envoy's TCP proxy closes at its idle
-        timeout (its apps see the end of the stream, not a reset): a FIN to the app, and to the
-        other sidecar an EOF frame that says idle, on which its relay ends its app's side with a
-        FIN too (``lost``). A reset instead while bytes are held either way (a reader that stopped
-        reading: a stalled connection, not an idle one)."""
-        for h in self.halves:
-            t = typing.cast(asyncio.WriteTransport, h.transport)
-            if t is None or t.is_closing() or t.get_write_buffer_size() or not t.is_reading():  # type: ignore[attr-defined]
-                self.fail(IDLE_TIMEOUT)
-                return
-        self._finish(IDLE_TIMEOUT)
-        for h in self.halves:
-            if h.framed and not h.eof_out:
-                h.eof_out = True
-                h.write_raw(framing.EOF_IDLE_FRAME)
-            else:
-                h.send_eof()
-            close(h.transport)
 
     def require_answer(self, half: Half, within: float) -> None:
         """Close (``UNANSWERED``) unless ``half`` has sent a byte ``within`` seconds from now: a
@@ -445,13 +423,6 @@ class Relay:
             if half.peer is not None:
                 half.peer.send_eof()
         elif half.framed and not half.eof_out:
-            if half.idle_end:  # the other sidecar closed the connection as idle (``close_idle``):
-                self._finish("closed")  # an orderly end for our app too
-                for h in self.halves:
-                    if h is not half:
-                        h.send_eof()
-                        close(h.transport)
-                return
             # The other sidecar is gone (it died: its kernel closed the connection) after its own
             # direction ended but before ours did: what our app sends next would be dropped and
             # its close look clean. Both apps get a reset, as Envoy closes both sides.
