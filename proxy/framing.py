@@ -15,6 +15,13 @@ stream is a sequence of frames, each a 5-byte header (type, length) and a payloa
                                      request sent then was never seen by the app, so the client
                                      sidecar may send it again elsewhere, a POST too (HTTP/2's
                                      GOAWAY says the same with its last stream ID)
+    IDLE_CLOSE (either way, empty)   an opaque relay reached its idle timeout: the sender forwards
+                                     nothing more from its app and closes in order once the other
+                                     sidecar answers with an IDLE_CLOSE of its own (it ends its
+                                     app's side with a FIN and closes the connection in order),
+                                     or resets the connection when bytes are held either way (a
+                                     stalled connection, not an idle one). A sidecar that does not
+                                     know the frame resets the connection: what both did before
 """
 
 from __future__ import annotations
@@ -22,10 +29,10 @@ from __future__ import annotations
 import struct
 
 HEADER = struct.Struct("!BI")
-OPEN, DATA, EOF, DENY, UNREAD = 1, 2, 3, 4, 5
+OPEN, DATA, EOF, DENY, UNREAD, IDLE_CLOSE = 1, 2, 3, 4, 5, 6
 MAX_DATA = 256 * 1024  # what one DATA frame may carry
 MAX_CONTROL = 4096  # OPEN, EOF, DENY, UNREAD: small, buffered whole
-_KNOWN = {OPEN, DATA, EOF, DENY, UNREAD}
+_KNOWN = {OPEN, DATA, EOF, DENY, UNREAD, IDLE_CLOSE}
 
 
 class FramingError(ValueError):
@@ -51,6 +58,7 @@ EOF_FRAME = HEADER.pack(EOF, 0)
 IDLE = b"\x01"  # an EOF's payload: an idle connection closing (UNREAD follows if a request comes)
 EOF_IDLE_FRAME = HEADER.pack(EOF, 1) + IDLE
 UNREAD_FRAME = HEADER.pack(UNREAD, 0)
+IDLE_CLOSE_FRAME = HEADER.pack(IDLE_CLOSE, 0)
 
 
 def deny_frame(reason: str) -> bytes:

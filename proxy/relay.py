@@ -24,6 +24,11 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 WRITE_HIGH_WATER = 256 * 1024
 COPY_BELOW = 16 * 1024  # smaller DATA frames are joined with their header (one write, one record)
 IDLE_TIMEOUT = "idle timeout"
+PEER_IDLE_TIMEOUT = "idle timeout of the other sidecar"
+# How long a relay that sent IDLE_CLOSE waits for the other sidecar's; without one, a reset (a
+# sidecar that does not know the frame resets at once: this is for one that stopped answering).
+IDLE_ANSWER_S = 5.0
+STALLED = "bytes held for a reader that stopped reading (stalled, not idle): reset"
 UNANSWERED = "no answer from the destination after an undecided detection"
 
 
@@ -143,6 +148,7 @@ class Half(asyncio.Protocol):
         self.decoder = framing.Decoder() if framed else None
         self.eof_in = False  # this side will send no more
         self.eof_out = False  # we told this side there is no more
+        self.closing_idle = False  # (an app's half) the idle close began: nothing more goes on
         self.bytes_in = 0
         self._pending: list[bytes | memoryview] = []
         self._early: list[bytes | memoryview] = []  # data read before the other half exists
@@ -226,6 +232,9 @@ class Half(asyncio.Protocol):
             # (the two attributes, not ``checking``: no call per chunk on the relay's path)
             if (self.unchecked is not None or self._first_line is not None) and not self._checked(data):
                 return
+            if self.closing_idle:  # sent as the connection closes: it cannot reach the other app
+                self.relay.fail(f"{IDLE_TIMEOUT}: {self.name} sent data as the connection closed")
+                return
             if self.peer is not None:
                 self.peer.send(data)
             elif not self.relay.closed:
@@ -248,6 +257,10 @@ class Half(asyncio.Protocol):
                     self._got_eof()
                     if self.relay.closed:  # (refused: a request line the end cut short)
                         return
+                elif kind == framing.IDLE_CLOSE:
+                    self.relay.idle_close_received(self)
+                    if self.relay.closed:
+                        return
                 elif self.on_frame is not None:
                     self.on_frame(kind, bytes(payload))
                 else:
@@ -257,7 +270,9 @@ class Half(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.framed:
-            if not self.eof_in:  # TLS ended without an EOF frame: the stream was cut
+            if self.relay.closed:  # (e.g. after an idle close in order: the other side's close)
+                pass
+            elif not self.eof_in:  # TLS ended without an EOF frame: the stream was cut
                 self.relay.fail(f"{self.name}: stream ended without EOF")
             close(self.transport)  # (TLS has no half-close: it would close itself, unwatched)
             return False
@@ -380,9 +395,63 @@ class Relay:
         if seen != self._seen:  # traffic since the last check
             self._seen, self.last_activity = seen, now
         elif now - self.last_activity >= self.idle_timeout:
-            self.fail(IDLE_TIMEOUT)
+            self.close_idle()
             return
         self._arm_idle()
+
+    def _stalled(self) -> bool:
+        """Bytes held for a reader (an app, or the other sidecar) that stopped taking them: not an
+        idle connection, and not one to end in order (its end would pass for the whole stream)."""
+        for h in self.halves:
+            t = h.transport
+            if t is None or t.is_closing() or t.get_write_buffer_size():
+                return True
+        return False
+
+    def close_idle(self) -> None:
+        """The idle timeout: an orderly end both ways, as Envoy's TCP proxy closes at its idle
+        timeout (the apps see the end of the stream, not a reset). Between two sidecars it takes
+        both (``framing.IDLE_CLOSE``): this one stops forwarding from its app and asks; the other
+        answers and ends its app's side (``idle_close_received``), or resets when it holds bytes;
+        on the answer, everything the other app sent before it has been passed on, and this app's
+        side ends too. A stalled connection is reset, as is one whose app sends meanwhile (what it
+        sent cannot arrive: the reset tells it)."""
+        if self._stalled():
+            self.fail(f"{IDLE_TIMEOUT}: {STALLED}")
+            return
+        framed = [h for h in self.halves if h.framed]
+        if not framed:  # (plaintext both ways: no other sidecar to ask)
+            self._end_in_order(IDLE_TIMEOUT)
+            return
+        for h in self.halves:
+            h.closing_idle = not h.framed
+        framed[0].write_raw(framing.IDLE_CLOSE_FRAME)
+        self._idle_handle = asyncio.get_running_loop().call_later(IDLE_ANSWER_S, self._no_idle_answer)
+
+    def _no_idle_answer(self) -> None:
+        if not self.closed:
+            self.fail(f"{IDLE_TIMEOUT}: no answer from the other sidecar")
+
+    def idle_close_received(self, half: Half) -> None:
+        """The other sidecar's IDLE_CLOSE: the answer to ours, or its own idle timeout (then
+        answered, after everything our app sent before it, unless bytes are held here)."""
+        if self.closed:
+            return
+        if any(h.closing_idle for h in self.halves):  # ours went first (or both at once)
+            self._end_in_order(IDLE_TIMEOUT)
+            return
+        if self._stalled():
+            self.fail(f"{PEER_IDLE_TIMEOUT}: {STALLED}")
+            return
+        half.write_raw(framing.IDLE_CLOSE_FRAME)
+        self._end_in_order(PEER_IDLE_TIMEOUT)
+
+    def _end_in_order(self, outcome: str) -> None:
+        """Close every side after what it holds: a FIN to an app (bytes it sends from now on are
+        answered with a reset by its kernel), TLS's close_notify to the other sidecar."""
+        self._finish(outcome)
+        for h in self.halves:
+            close(h.transport)
 
     def require_answer(self, half: Half, within: float) -> None:
         """Close (``UNANSWERED``) unless ``half`` has sent a byte ``within`` seconds from now: a

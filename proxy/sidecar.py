@@ -53,7 +53,11 @@ TASKS_STOP_S = 5.0  # for the background tasks (config stream, accept loops) to 
 ACCEPT_BATCH = 16  # connections accepted from a backlog before the loop runs other work
 ACCEPT_BACKOFF, ACCEPT_BACKOFF_MAX = 0.01, 1.0  # after a failed accept (out of file descriptors)
 # Relay outcomes the sidecar chose by a timer: counted and logged by reason (bounded labels).
-TIMED_OUT = {relays.UNANSWERED: "undecided", relays.IDLE_TIMEOUT: "idle"}
+TIMED_OUT = {
+    relays.UNANSWERED: "undecided",
+    relays.IDLE_TIMEOUT: "idle",
+    relays.PEER_IDLE_TIMEOUT: "idle",  # (the other sidecar's timer: the connection was idle here too)
+}
 
 
 # The inbound sidecar connects to the app at the address the client asked for (the pod's), from
@@ -363,7 +367,7 @@ class Sidecar:
         if "refused" in relay.info:  # HTTP on a relay said to be opaque (``Half._refuse``)
             self.metrics.connections.labels(direction, "refused").inc()
         self.metrics.connection_duration.labels(direction).observe(seconds)
-        reason = TIMED_OUT.get(outcome)
+        reason = TIMED_OUT.get(outcome.partition(":")[0])  # ("idle timeout: <how it was reset>")
         if reason is not None:
             self._timed_out(direction, reason, relay, seconds)
         if not relay.pipes:  # (served as HTTP: counted per request; HTTP relayed as opaque bytes: here)

@@ -26,7 +26,7 @@ from sidemesh.spiffe import WorkloadId
 # The sidecar and the controller run on uvloop in production (`sidemesh proxy run`): their tests run
 # on both loops, so that a difference between the two (uvloop's transports are not asyncio.Transport
 # subclasses, for one) fails a test here rather than in a pod.
-BOTH_LOOPS = ("test_proxy.py", "test_controller.py", "test_http1.py")
+BOTH_LOOPS = ("test_proxy.py", "test_controller.py", "test_http1.py", "test_idle_close.py")
 # What the sidecar's memory does depends on its loop's transports: measured on the production loop.
 UVLOOP_ONLY = ("test_memory.py",)
 

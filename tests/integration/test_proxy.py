@@ -583,27 +583,6 @@ async def test_access_log_names_both_identities(mesh: Mesh, caplog: pytest.LogCa
     assert outbound["peer"] == "spiffe://cluster.local/ns/shop/sa/cart" and outbound["mtls"] is True
 
 
-async def test_idle_connections_are_closed(mesh: Mesh) -> None:
-    import dataclasses
-    import datetime as dt
-
-    await mesh.app(CART)
-    cart = await mesh.sidecar("cart", CART)
-    frontend = await mesh.sidecar(
-        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",)
-    )
-    frontend.config = dataclasses.replace(frontend.config, idle_timeout=dt.timedelta(seconds=0.3))
-    reader, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)
-    writer.write(b"a\n")  # (decisive: not HTTP, no wait for either sidecar's detection)
-    assert await reader.readexactly(2) == b"A\n"
-    started = asyncio.get_running_loop().time()
-    with pytest.raises(ConnectionResetError):
-        await asyncio.wait_for(reader.read(), 5)  # nothing sent: the idle timeout resets it
-    assert 0.25 < asyncio.get_running_loop().time() - started < 3
-    writer.close()
-    del cart
-
-
 async def test_connect_timeout_to_an_unresponsive_endpoint(
     mesh: Mesh, caplog: pytest.LogCaptureFixture
 ) -> None:
