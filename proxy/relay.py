@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import socket
 import struct
+import termios
 import time
 import typing
 from collections.abc import Callable
@@ -401,11 +403,31 @@ class Relay:
 
     def _stalled(self) -> bool:
         """Bytes held for a reader (an app, or the other sidecar) that stopped taking them: not an
-        idle connection, and not one to end in order (its end would pass for the whole stream)."""
+        idle connection, and not one to end in order (its end would pass for the whole stream).
+        Held by the transport, or by the kernel: sent and not yet acknowledged (a reader whose
+        receive buffer is full; after a whole idle period nothing else is outstanding)."""
         for h in self.halves:
             t = h.transport
             if t is None or t.is_closing() or t.get_write_buffer_size():
                 return True
+            sock = t.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                state = _flush_state(sock)
+                if state is not None and state[1]:
+                    return True
+        return False
+
+    def _unread(self) -> bool:
+        """An app sent bytes that are still in the kernel, not yet read: the end must not pass them
+        by (closing the socket would reset its sender, and the other app would get a clean end)."""
+        for h in self.halves:
+            t = h.transport
+            sock = None if h.framed or t is None else t.get_extra_info("socket")
+            if sock is None:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                if struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]:
+                    return True
         return False
 
     def close_idle(self) -> None:
@@ -418,6 +440,10 @@ class Relay:
         sent cannot arrive: the reset tells it)."""
         if self._stalled():
             self.fail(f"{IDLE_TIMEOUT}: {STALLED}")
+            return
+        if self._unread():  # an app sent in this very moment: not idle after all
+            self.last_activity = time.monotonic()
+            self._arm_idle()
             return
         framed = [h for h in self.halves if h.framed]
         if not framed:  # (plaintext both ways: no other sidecar to ask)
@@ -442,6 +468,9 @@ class Relay:
             return
         if self._stalled():
             self.fail(f"{PEER_IDLE_TIMEOUT}: {STALLED}")
+            return
+        if self._unread():  # (the app sent in this very moment: it was not idle after all)
+            self.fail(f"{PEER_IDLE_TIMEOUT}: the app sent data as the connection closed: reset")
             return
         half.write_raw(framing.IDLE_CLOSE_FRAME)
         self._end_in_order(PEER_IDLE_TIMEOUT)
@@ -472,6 +501,8 @@ class Relay:
 
     def fail(self, why: str) -> None:
         """Reset both sides (the apps see a connection reset)."""
+        if not why.startswith(IDLE_TIMEOUT) and any(h.closing_idle for h in self.halves):
+            why = f"{IDLE_TIMEOUT}: {why}"  # (e.g. reset by the other sidecar: the close it asked for)
         self._finish(why)
         for h in self.halves:
             reset(h.transport)
