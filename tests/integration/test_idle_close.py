@@ -197,6 +197,21 @@ async def test_both_sidecars_at_once(mesh: Mesh, apps: Apps) -> None:
     assert idle_closes(scs["frontend"], "outbound") == idle_closes(scs["cart"], "inbound") == 1
 
 
+async def test_bytes_arriving_at_the_timeout_keep_the_connection_open(mesh: Mesh, apps: Apps) -> None:
+    """The app's bytes are in the kernel, not read yet, as the timeout fires: not idle after all.
+    The connection stays open (and the timeout waits another period)."""
+    scs = await sidecars(mesh, "frontend", idle=3600)
+    client, server = await apps.connect()
+    relay = next(iter(scs["frontend"].relays))
+    client.send(b"more\n")  # (on loopback, in the sidecar's receive queue when send returns)
+    relay.close_idle()
+    assert not relay.closed and not any(h.closing_idle for h in relay.halves)
+    assert await _read_exactly(server, 5) == b"more\n"
+    server.send(b"MORE\n")
+    assert await _read_exactly(client, 5) == b"MORE\n"
+    assert not relay.closed
+
+
 def _deferred(
     monkeypatch: pytest.MonkeyPatch, before: Callable[[Relay], None], delay: float = 0.3
 ) -> list[Relay]:
