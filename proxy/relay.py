@@ -63,6 +63,8 @@ _TCP_INFO_LEN = 148
 # tcpi_state (offset 0), tcpi_unacked (24), tcpi_bytes_acked (120, Linux 4.1), tcpi_notsent_bytes (144, 4.6)
 _TCPI = struct.Struct("=B23xI92xQ16xI")
 _TCPI_4_1 = struct.Struct("=B23xI92xQ")  # (before 4.6: no tcpi_notsent_bytes)
+# tcpi_state, tcpi_retransmits (2), tcpi_probes (3), tcpi_backoff (4), tcpi_unacked, tcpi_notsent_bytes
+_TCPI_STALL = struct.Struct("=BxBBB19xI116xI")
 
 
 def close(transport: asyncio.BaseTransport | None) -> None:
@@ -99,6 +101,23 @@ def _flush_state(sock: typing.Any) -> tuple[int, bool] | None:
     else:
         return None
     return None if state == 0 else (acked, bool(unacked or notsent))
+
+
+def _stuck(sock: typing.Any) -> bool:
+    """Bytes in the socket that cannot go out, not merely in flight: held back by the peer's
+    closed window (a reader that stopped reading), or sent and being retransmitted or probed for
+    (a peer that stopped acknowledging). Unacknowledged bytes alone are in flight (the last round
+    trip, a delayed ACK). Unknown (no TCP_INFO, a kernel before 4.6): not stuck."""
+    if sock.fileno() < 0:
+        return False
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, ValueError):
+        return False
+    if len(info) < _TCPI_STALL.size:
+        return False
+    state, retransmits, probes, backoff, unacked, notsent = _TCPI_STALL.unpack_from(info)
+    return state != 0 and (notsent > 0 or (unacked > 0 and (retransmits or probes or backoff) > 0))
 
 
 def _check_flush(sock: typing.Any, before: int) -> None:
@@ -387,6 +406,8 @@ class Relay:
 
     def _arm_idle(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._idle_handle is not None:  # (one chain of checks, whoever calls)
+            self._idle_handle.cancel()
         self._idle_handle = loop.call_later(min(self.idle_timeout / 2, 60.0), self._check_idle)
 
     def _check_idle(self) -> None:
@@ -404,17 +425,16 @@ class Relay:
     def _stalled(self) -> bool:
         """Bytes held for a reader (an app, or the other sidecar) that stopped taking them: not an
         idle connection, and not one to end in order (its end would pass for the whole stream).
-        Held by the transport, or by the kernel: sent and not yet acknowledged (a reader whose
-        receive buffer is full; after a whole idle period nothing else is outstanding)."""
+        Held by the transport, or stuck in a socket (``_stuck``: a reader whose receive buffer is
+        full can leave everything there). Bytes in flight are not held: they arrive before the
+        end, which TCP sends after them."""
         for h in self.halves:
             t = h.transport
             if t is None or t.is_closing() or t.get_write_buffer_size():
                 return True
             sock = t.get_extra_info("socket")
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                state = _flush_state(sock)
-                if state is not None and state[1]:
-                    return True
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and _stuck(sock):
+                return True
         return False
 
     def _unread(self) -> bool:

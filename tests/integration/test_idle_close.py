@@ -212,6 +212,21 @@ async def test_bytes_arriving_at_the_timeout_keep_the_connection_open(mesh: Mesh
     assert not relay.closed
 
 
+async def test_bytes_in_flight_as_the_close_crosses_them_arrive_first(mesh: Mesh, apps: Apps) -> None:
+    """The caller's last bytes are still in flight (sent, not yet acknowledged: a delayed ACK) when
+    the cart's sidecar asks: not held for a reader that stopped, so the close is in order and
+    they arrive before the end (TCP delivers them ahead of the answer)."""
+    scs = await sidecars(mesh, "frontend", idle=3600)
+    client, server = await apps.connect()
+    relay = next(iter(scs["cart"].relays))
+    client.send(b"late\n")
+    await asyncio.sleep(0.005)  # (passed on by the frontend's sidecar; the ACK for it is delayed)
+    relay.close_idle()
+    ends = await asyncio.gather(how_it_ends(client), how_it_ends(server))
+    assert ends == [("eof", b""), ("eof", b"late\n")]
+    await no_relays(*scs.values())
+
+
 def _deferred(
     monkeypatch: pytest.MonkeyPatch, before: Callable[[Relay], None], delay: float = 0.3
 ) -> list[Relay]:
