@@ -117,7 +117,7 @@ def _stuck(sock: typing.Any) -> bool:
     if len(info) < _TCPI_STALL.size:
         return False
     state, retransmits, probes, backoff, unacked, notsent = _TCPI_STALL.unpack_from(info)
-    return state != 0 and (notsent > 0 or (unacked > 0 and (retransmits or probes or backoff) > 0))
+    return bool(state != 0 and (notsent > 0 or (unacked > 0 and (retransmits or probes or backoff) > 0)))
 
 
 def _check_flush(sock: typing.Any, before: int) -> None:
