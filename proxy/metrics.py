@@ -37,7 +37,7 @@ class ProxyMetrics:
         )
         self.bytes = Counter(
             "sidemesh_proxy_bytes",
-            "Bytes relayed on connections that closed, by direction (received from either side).",
+            "Bytes relayed, by direction (received from either side; reported every 5 s while a connection is open, and when it closes).",
             ["direction"],
             registry=r,
         )
@@ -83,7 +83,8 @@ class ProxyMetrics:
             "sidemesh_proxy_connections_timed_out",
             "Connections the sidecar closed on a timer, by direction and reason (undecided: protocol "
             "detection timed out and the destination sent nothing within --undecided-timeout; idle: "
-            "--idle-timeout).",
+            "--idle-timeout, this sidecar's or the other's; head: an HTTP/1.1 request head not whole "
+            "within --request-head-timeout).",
             ["direction", "reason"],
             registry=r,
         )
