@@ -12,7 +12,7 @@ import time
 import typing
 
 from proxy import framing
-from proxy.relay import WRITE_HIGH_WATER, close, reset
+from proxy.relay import WRITE_HIGH_WATER, FlushCount, close, flushed, reset
 
 READ_LIMIT = 256 * 1024
 
@@ -82,6 +82,7 @@ class Pipe(asyncio.Protocol):
         self.count_bytes: typing.Callable[[int], None] | None = None
         self._bytes_reported = 0
         self.open_first = False  # an accepted mesh connection: nothing but OPEN may come first
+        self.flushing: FlushCount | None = None  # closed, what it holds still going out (``close``)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -143,6 +144,8 @@ class Pipe(asyncio.Protocol):
         return not self.framed  # raw: keep our write side open (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.flushing is not None:
+            flushed(self)
         self._closed = True
         self.stop_ticks()
         self.report_bytes()

@@ -17,6 +17,7 @@ import struct
 import termios
 import time
 import typing
+import weakref
 from collections.abc import Callable
 
 from proxy import detect, framing
@@ -59,6 +60,31 @@ FLUSH_STALL_S = 60.0
 # little (a cut there ends the stream without its EOF frame: the other sidecar resets its app).
 TLS_SHUTDOWN_TIMEOUT_S = 2 * FLUSH_STALL_S
 on_flush_cut: Callable[[], None] | None = None  # (the sidecar counts the cuts that lost bytes)
+# Closed connections whose transports still hold something to send (under the watch above; a TLS
+# one until its close_notify exchange ends): each keeps its socket and buffers, so they count
+# against --max-connections (``Sidecar._serve``), or a client that closes and never reads could
+# pile them up for 60 s each without bound. Counted per event loop (a test process runs many),
+# per protocol object (its ``flushing``), until its ``connection_lost``.
+
+
+class FlushCount:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+_flush_counts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FlushCount] = weakref.WeakKeyDictionary()
+
+
+def flushing(loop: asyncio.AbstractEventLoop) -> FlushCount:
+    """The closed connections of ``loop`` still sending what they hold."""
+    count = _flush_counts.get(loop)
+    if count is None:
+        count = _flush_counts[loop] = FlushCount()
+    return count
+
+
 _TCP_INFO_LEN = 148
 # tcpi_state (offset 0), tcpi_unacked (24), tcpi_bytes_acked (120, Linux 4.1), tcpi_notsent_bytes (144, 4.6)
 _TCPI = struct.Struct("=B23xI92xQ16xI")
@@ -76,13 +102,26 @@ def close(transport: asyncio.BaseTransport | None) -> None:
         transport.get_extra_info("ssl_object") is None
     ):
         return  # plain TCP with nothing held closes at once (the kernel sends the rest)
+    loop = asyncio.get_running_loop()
+    protocol = transport.get_protocol()
+    if getattr(protocol, "flushing", False) is None:  # (the proxy's own protocols: Half, Pipe)
+        count = protocol.flushing = flushing(loop)  # type: ignore[attr-defined]
+        count.value += 1
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         state = _flush_state(sock)
         if state is not None:
             # The socket only (on both loops its descriptor reads -1 once closed: never another
             # connection's), not the transport: a connection closed at once is not held meanwhile.
-            asyncio.get_running_loop().call_later(FLUSH_STALL_S, _check_flush, sock, state[0])
+            loop.call_later(FLUSH_STALL_S, _check_flush, sock, state[0])
+
+
+def flushed(protocol: Half | typing.Any) -> None:
+    """``protocol``'s transport is gone (``connection_lost``): no longer counted as flushing."""
+    count = protocol.flushing
+    if count is not None:
+        protocol.flushing = None
+        count.value -= 1
 
 
 def _flush_state(sock: typing.Any) -> tuple[int, bool] | None:
@@ -170,6 +209,7 @@ class Half(asyncio.Protocol):
         self.eof_in = False  # this side will send no more
         self.eof_out = False  # we told this side there is no more
         self.closing_idle = False  # (an app's half) the idle close began: nothing more goes on
+        self.flushing: FlushCount | None = None  # closed, what it holds still going out (``close``)
         self.bytes_in = 0
         self._pending: list[bytes | memoryview] = []
         self._early: list[bytes | memoryview] = []  # data read before the other half exists
@@ -301,6 +341,8 @@ class Half(asyncio.Protocol):
         return True  # keep our write side open: TCP half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.flushing is not None:
+            flushed(self)
         self.relay.lost(self, exc)
 
     def pause_writing(self) -> None:

@@ -252,6 +252,9 @@ class Sidecar:
         self.balancer = Balancer()  # endpoint choice and outlier ejection (proxy/balance.py)
         self.open_connections: dict[str, int] = {}  # by direction
         self._overflow_logged = 0.0
+        self._flushing = (
+            relays.FlushCount()
+        )  # (the running loop's, from start: closed connections still sending)
         self._timeout_logs: dict[tuple[str, str], Throttle] = {}
         # Outbound connections whose protocol detection timed out dial a few a second (outbound.py).
         rate = config.undecided_dial_rate
@@ -595,7 +598,9 @@ class Sidecar:
     def _serve(
         self, conn: socket.socket, addr: tuple[str, int], kind: str, target: str | None
     ) -> asyncio.Task[None] | None:
-        if self.open_connections.get(kind, 0) >= self.config.max_connections:
+        # (closed connections still sending what they hold count too, whichever direction: each
+        # keeps its socket and buffers)
+        if self.open_connections.get(kind, 0) + self._flushing.value >= self.config.max_connections:
             self._overflow(kind, conn)
             return None
         conn.setblocking(False)
@@ -642,6 +647,7 @@ class Sidecar:
             raise
 
     async def _start(self) -> None:
+        self._flushing = relays.flushing(asyncio.get_running_loop())
         self.reload_config()
         await self.identity.start()
         self.identity.on_rotate(lambda svid: self.metrics.cert_expiry.set(svid.not_after.timestamp()))

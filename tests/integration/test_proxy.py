@@ -305,6 +305,73 @@ async def test_a_connection_closed_toward_a_client_that_never_reads_is_let_go(
         client.close()
 
 
+async def test_closed_connections_still_sending_count_against_the_connection_limit(mesh: Mesh) -> None:
+    """A closed connection whose answer is still going out to a client that reads slowly (or never)
+    keeps its socket and buffers: it counts against --max-connections until its transport is gone,
+    or clients that close and never read could pile them up (up to FLUSH_STALL_S each)."""
+    answer = b"a" * (200 * 1024)  # under the high-water mark: the end reaches the client's sidecar
+
+    async def answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    await mesh.app(CART, answer_then_close)
+    await mesh.sidecar("cart", CART)
+    frontend = await mesh.sidecar(
+        "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",), max_connections=2
+    )
+    loop = asyncio.get_running_loop()
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+    slow.setblocking(False)
+    held: list[asyncio.StreamWriter] = []
+    try:
+        await loop.sock_connect(slow, (mesh.addr(FRONTEND), OUT))
+        await loop.sock_sendall(slow, b"the request")
+        slow.shutdown(socket.SHUT_WR)
+        await _relay_ended(frontend)  # closed, its answer still going out
+        for _ in range(100):
+            if relay_module.flushing(loop).value == 1:  # (the cart's TLS closes are over within a moment)
+                break
+            await asyncio.sleep(0.02)
+        assert relay_module.flushing(loop).value == 1
+        _, writer = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)  # 1 open + 1 closing
+        held.append(writer)
+        writer.write(b"held")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        assert len(frontend.relays) == 1
+        refused_r, refused_w = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)  # over the limit
+        held.append(refused_w)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(refused_r.read(), 5)
+        assert frontend.metrics.connections.labels("outbound", "overflow")._value.get() == 1
+        got = 0
+        while got < len(answer):  # the slow client reads its answer: its connection is gone
+            chunk = await asyncio.wait_for(loop.sock_recv(slow, 65536), 5)
+            assert chunk, f"end of stream after {got} bytes"
+            got += len(chunk)
+        for _ in range(100):
+            if relay_module.flushing(loop).value == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert relay_module.flushing(loop).value == 0
+        _, again = await asyncio.open_connection(mesh.addr(FRONTEND), OUT)  # room again
+        held.append(again)
+        again.write(b"more")
+        await again.drain()
+        await asyncio.sleep(0.2)
+        assert len(frontend.relays) == 2
+        assert frontend.metrics.connections.labels("outbound", "overflow")._value.get() == 1
+    finally:
+        slow.close()
+        for w in held:
+            w.close()
+
+
 async def test_mesh_connections_leave_their_close_to_the_stall_watch(mesh: Mesh) -> None:
     """The TLS layer's own close timeout (30 s by default, from the close whatever the progress) cut
     a slow reader's mTLS stream with a FIN before the 60 s watch could judge it: both sidecars' mesh
