@@ -7,7 +7,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidemesh.config import ConfigError, log_level_option, option, parse_hostport, trust_domain_option
+from sidemesh.config import (
+    ConfigError,
+    check_distinct_listens,
+    log_level_option,
+    option,
+    parse_hostport,
+    trust_domain_option,
+)
 from sidemesh.spiffe import SpiffeIdError, WorkloadId, validate_trust_domain
 
 DEFAULT_DNS_NAMES = (
@@ -108,6 +115,7 @@ class CAConfig:
         parse_hostport("listen", self.listen)
         if self.metrics_listen:
             parse_hostport("metrics_listen", self.metrics_listen)
+        check_distinct_listens([("listen", self.listen), ("metrics_listen", self.metrics_listen)])
         try:
             validate_trust_domain(self.trust_domain)
             WorkloadId.parse(self.identity)

@@ -76,10 +76,15 @@ def _serve(args: argparse.Namespace) -> int:
     smlog.setup(config.log_level)
     source = make_source(config)
     publisher = make_publisher(config)
+    from sidemesh.identity.svid import SvidError, load_bundle
+
     try:
         bundle = config.bundle_file.read_bytes()
+        load_bundle(bundle)  # (refused now, with the file: else every renewal failed on it, for good)
     except OSError as exc:
         raise CLIError(f"{config.bundle_file}: {exc.strerror}; check --bundle-file") from exc
+    except SvidError as exc:
+        raise CLIError(f"{config.bundle_file}: {exc}; give the CA's root-cert.pem as --bundle-file") from exc
 
     async def run() -> None:
         client = CAClient(config.ca_address, bundle)

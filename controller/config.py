@@ -7,7 +7,16 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidemesh.config import ConfigError, log_level_option, option, parse_hostport, trust_domain_option
+from sidemesh.config import (
+    ConfigError,
+    check_distinct_listens,
+    check_trust_domain,
+    log_level_option,
+    option,
+    parse_dial_address,
+    parse_hostport,
+    trust_domain_option,
+)
 from sidemesh.policy.model import DefaultPolicy
 from sidemesh.spiffe import SpiffeIdError, WorkloadId
 
@@ -92,9 +101,13 @@ class ControllerConfig:
 
     def __post_init__(self) -> None:
         parse_hostport("listen", self.listen)
-        parse_hostport("ca_address", self.ca_address)  # (grpc dials a port over 65535 modulo 65536)
+        parse_dial_address("ca_address", self.ca_address)  # (grpc dials a port over 65535 modulo 65536)
+        check_trust_domain(self.trust_domain)
+        if not self.server_name.strip():
+            raise ConfigError("server_name", "must not be empty (the DNS name sidecars verify)")
         if self.metrics_listen:
             parse_hostport("metrics_listen", self.metrics_listen)
+        check_distinct_listens([("listen", self.listen), ("metrics_listen", self.metrics_listen)])
         self.status_networks()
         if self.source == "directory" and self.config_dir is None:
             raise ConfigError("config_dir", "required with --source directory")

@@ -103,7 +103,7 @@ def register_inject(sub: Any) -> None:
 
 
 def _inject(args: argparse.Namespace) -> int:
-    from injector.offline import inject_yaml
+    from injector.offline import NotAnObject, inject_yaml
 
     try:
         settings = load_settings(args.settings) if args.settings else InjectionSettings()
@@ -132,6 +132,8 @@ def _inject(args: argparse.Namespace) -> int:
             text, found = inject_yaml([one], settings)
         except yaml.YAMLError as exc:
             raise CLIError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from exc
+        except NotAnObject as exc:
+            raise CLIError(f"{where}: {exc}; is it a Kubernetes manifest (YAML or JSON)?") from exc
         except PodError as exc:
             message = str(exc)
             if "sidemesh.io/inject" not in message:  # (the annotation errors say it already)

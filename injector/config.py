@@ -10,7 +10,16 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidemesh.config import ConfigError, log_level_option, option, parse_hostport, trust_domain_option
+from sidemesh.config import (
+    ConfigError,
+    check_distinct_listens,
+    check_trust_domain,
+    log_level_option,
+    option,
+    parse_dial_address,
+    parse_hostport,
+    trust_domain_option,
+)
 from sidemesh.spiffe import SpiffeIdError, WorkloadId
 
 INJECTOR_SERVER_NAME = "sidemesh-injector.sidemesh-system.svc"
@@ -85,12 +94,14 @@ class InjectorConfig:
         parse_hostport("listen", self.listen)
         if self.metrics_listen:
             parse_hostport("metrics_listen", self.metrics_listen)
+        check_distinct_listens([("listen", self.listen), ("metrics_listen", self.metrics_listen)])
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError(
                 "tls_cert", "give both --tls-cert and --tls-key, or neither (certificate from the CA)"
             )
+        check_trust_domain(self.trust_domain)
         if self.tls_cert is None:
-            parse_hostport("ca_address", self.ca_address)
+            parse_dial_address("ca_address", self.ca_address)
             try:
                 WorkloadId.parse(self.identity)
             except SpiffeIdError as exc:

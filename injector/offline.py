@@ -1,7 +1,7 @@
 """`sidemesh inject`: the webhook's patcher applied to YAML files (no I/O here but the caller's).
 
-Every pod template is injected where its kind keeps it; `List` documents are walked; anything else
-passes through unchanged. Comments and key order of the input are not preserved (PyYAML).
+Every pod template is injected where its kind keeps it; `List` documents are walked; objects of other
+kinds pass through unchanged; what is not a Kubernetes object is refused (``NotAnObject``). Comments and key order of the input are not preserved (PyYAML).
 """
 
 from __future__ import annotations
@@ -80,6 +80,21 @@ def _ref(doc: Json) -> str:
     return f"{str(doc.get('kind', '?')).lower()}/{meta.get('name') or meta.get('generateName') or '?'}"
 
 
+class NotAnObject(PodError):
+    """A document that is not a Kubernetes object at all (kubectl would refuse it too)."""
+
+
+def _shape(value: Any) -> str:
+    return {
+        str: "string",
+        int: "number",
+        float: "number",
+        bool: "boolean",
+        list: "list",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
 def _template(doc: Json, path: tuple[str, ...]) -> Json | None:
     node: Any = doc
     for key in path:
@@ -95,11 +110,19 @@ def _with_template(doc: Json, path: tuple[str, ...], template: Json) -> Json:
 
 
 def inject_document(doc: Any, settings: InjectionSettings) -> tuple[Any, list[Report]]:
-    """The document with its pod template injected, and a report per workload it holds."""
+    """The document with its pod template injected, and a report per workload it holds. What is not
+    a Kubernetes object is refused, as kubectl refuses it ("Object 'Kind' is missing"): passed on
+    unchanged, a file that was not a manifest at all (a typo'd path) came out as if injected."""
     if not isinstance(doc, dict):
-        return doc, []
+        raise NotAnObject(f"not a Kubernetes object (a mapping with apiVersion and kind) but a {_shape(doc)}")
     kind = doc.get("kind")
-    if kind == "List" and isinstance(doc.get("items"), list):
+    if not isinstance(kind, str) or not kind:
+        raise NotAnObject(f"an object without a kind (keys: {', '.join(map(str, list(doc)[:5])) or 'none'})")
+    if "metadata" in doc and not isinstance(doc["metadata"], dict):
+        raise NotAnObject(f"{kind}: metadata is a {_shape(doc['metadata'])}, not a mapping")
+    if kind == "List":
+        if not isinstance(doc.get("items"), list):
+            raise NotAnObject(f"List: items is a {_shape(doc.get('items'))}, not a list")
         items, reports = [], []
         for item in doc["items"]:
             new, found = inject_document(item, settings)

@@ -289,21 +289,24 @@ def _resources(key: str, raw: Any) -> Resources:
     return Resources(requests=parts["requests"], limits=parts["limits"])
 
 
-def parse_settings(text: str, base: InjectionSettings | None = None) -> InjectionSettings:
-    """Settings from the YAML text of the ConfigMap's `config.yaml`; absent keys keep their defaults."""
+def parse_settings(
+    text: str, base: InjectionSettings | None = None, source: str = "config.yaml"
+) -> InjectionSettings:
+    """Settings from the YAML text of the ConfigMap's `config.yaml`; absent keys keep their defaults.
+    ``source``: what errors name (the file read)."""
     try:
         raw = kubeyaml.load(text)  # (as kubectl reads the ConfigMap's manifest)
     except yaml.YAMLError as exc:
-        raise SettingsError("config.yaml", f"not YAML: {exc}") from exc
+        raise SettingsError(source, f"not YAML: {' '.join(str(exc).split())}") from exc
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise SettingsError("config.yaml", "must be a map of settings")
+        raise SettingsError(source, "must be a map of settings (or the mesh ConfigMap's manifest)")
     if raw.get("kind") == "ConfigMap":  # a whole ConfigMap manifest: take its config.yaml
         data = raw.get("data") or {}
         data = data.get("config.yaml") if isinstance(data, dict) else None
         if not isinstance(data, str):
-            raise SettingsError("config.yaml", "the ConfigMap has no data key config.yaml")
+            raise SettingsError(source, "the ConfigMap has no data key config.yaml")
         return parse_settings(data, base)
     values: dict[str, Any] = {}
     for key, value in raw.items():
@@ -343,7 +346,7 @@ def load_settings(path: Path) -> InjectionSettings:
         raise SettingsError(
             str(path), f"is not UTF-8 text (byte {exc.start}): save it as UTF-8 YAML"
         ) from exc
-    return parse_settings(text)
+    return parse_settings(text, source=str(path))
 
 
 class SettingsFile:

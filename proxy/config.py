@@ -7,7 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.probes import parse_app_probes
-from sidemesh.config import ConfigError, log_level_option, option, parse_hostport, trust_domain_option
+from sidemesh.config import (
+    ConfigError,
+    check_distinct_listens,
+    check_trust_domain,
+    log_level_option,
+    option,
+    parse_dial_address,
+    parse_hostport,
+    trust_domain_option,
+)
 from sidemesh.policy.model import DefaultPolicy
 
 PROXY_UID = 1337
@@ -178,6 +187,9 @@ class ProxyConfig:
             raise ConfigError("request_head_timeout", "must be more than 0")
         if self.idle_timeout <= dt.timedelta(0):
             raise ConfigError("idle_timeout", "must be more than 0")
+        if self.connect_timeout <= dt.timedelta(0):
+            raise ConfigError("connect_timeout", "must be more than 0")
+        check_trust_domain(self.trust_domain)
         if self.undecided_timeout < dt.timedelta(0):
             raise ConfigError("undecided_timeout", "must not be negative")
         if not 0.0 <= self.access_log_sample <= 1.0:
@@ -188,8 +200,16 @@ class ProxyConfig:
             raise ConfigError(
                 "workload", f"{self.workload!r} is not NAMESPACE/NAME (e.g. shop/{self.workload})"
             )
-        for name in ("inbound_listen", "outbound_listen", "admin_listen", "health_listen", "ca_address"):
-            parse_hostport(name, getattr(self, name))  # (grpc dials a port over 65535 modulo 65536)
+        for name in ("inbound_listen", "outbound_listen", "admin_listen", "health_listen"):
+            parse_hostport(name, getattr(self, name))
+        parse_dial_address("ca_address", self.ca_address)  # (grpc dials a port over 65535 modulo 65536)
+        check_distinct_listens(
+            [
+                (name, getattr(self, name))
+                for name in ("inbound_listen", "outbound_listen", "admin_listen", "health_listen")
+            ]
+            + [("outbound", entry.partition("=")[0]) for entry in self.outbound]
+        )
         for entry in self.outbound:
             listen, sep, target = entry.partition("=")
             if not sep or ":" not in target:
@@ -209,7 +229,7 @@ class ProxyConfig:
                 "controller", "give either --controller (the config stream) or --config-dir (local files)"
             )
         if self.controller:
-            parse_hostport("controller", self.controller)
+            parse_dial_address("controller", self.controller)
             if not self.service_account:
                 raise ConfigError("service_account", "required with --controller")
 

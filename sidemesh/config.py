@@ -193,6 +193,49 @@ def parse_hostport(option_name: str, text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def check_distinct_listens(listens: list[tuple[str, str]]) -> None:
+    """A command's own listen addresses (option name, HOST:PORT; empty: off) must not overlap: the
+    same port on the same address, or on a wildcard address and another (else the second bind
+    failed as if another process held the port, or both took the same connections)."""
+    seen: list[tuple[str, str, int]] = []
+    for name, text in listens:
+        if not text:
+            continue
+        host, port = parse_hostport(name, text)
+        if port == 0:
+            continue
+        for other, other_host, other_port in seen:
+            if port == other_port and (host == other_host or host in _WILDCARDS or other_host in _WILDCARDS):
+                raise ConfigError(
+                    name,
+                    f"{text!r} overlaps --{other.replace('_', '-')} ({other_host}:{other_port}): give each its own port",
+                )
+        seen.append((name, host, port))
+
+
+def parse_dial_address(option_name: str, text: str) -> tuple[str, int]:
+    """HOST:PORT of a server to connect to: a port of 0 is for listening only (the dial would
+    fail, and be retried, for good)."""
+    host, port = parse_hostport(option_name, text)
+    if port == 0:
+        raise ConfigError(option_name, f"{text!r}: port 0 cannot be connected to (give the server's port)")
+    return host, port
+
+
+def check_trust_domain(trust_domain: str) -> None:
+    """A SPIFFE trust domain (``cluster.local``), as every component takes it."""
+    from sidemesh.spiffe import SpiffeIdError, validate_trust_domain
+
+    try:
+        validate_trust_domain(trust_domain)
+    except SpiffeIdError as exc:
+        hint = " (give it without spiffe://, e.g. cluster.local)" if "://" in trust_domain else ""
+        raise ConfigError("trust_domain", f"{exc}{hint}") from exc
+
+
 def url_port(url: str) -> int | None:
     """The port a URL names, or None (none given, or not a port: ``otlp_endpoint_problem`` says so)."""
     try:

@@ -189,6 +189,19 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         ([*issue, "--ca", "127.0.0.1:1", "--token", "x"], "cannot read --bundle"),
         ([*authz, "--trust-domain", "BAD DOMAIN"], "trust domain 'BAD DOMAIN' may contain only"),
         ([*authz, "--method", "G T"], "--method 'G T' is not an HTTP method"),
+        (  # (it started, and every renewal failed on it: "trust bundle is not PEM", for good)
+            [
+                "controller",
+                "serve",
+                "--source",
+                "directory",
+                "--config-dir",
+                str(tmp),
+                "--bundle-file",
+                str(tmp / "kubeconfig.yaml"),
+            ],
+            "trust bundle is not PEM certificates",
+        ),
     ]
 
 

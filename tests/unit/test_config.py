@@ -113,3 +113,91 @@ def test_a_local_mode_target_needs_a_service_and_a_port(target: str) -> None:
 def test_a_huge_duration_is_an_error_not_a_traceback() -> None:
     with pytest.raises(ValueError, match="too long a duration"):
         parse_duration("9999999999d")
+
+
+def _load(config_class: type, argv: list[str]) -> object:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, config_class)
+    return load(config_class, parser.parse_args(argv), {})
+
+
+_PROXY = ["--workload", "shop/cart", "--capture", "none", "--config-dir", "/tmp"]
+_CONTROLLER = ["--source", "directory", "--config-dir", "/tmp"]
+
+
+@pytest.mark.parametrize(
+    ("component", "argv", "message"),
+    [
+        # A trust domain given as a SPIFFE ID: a traceback (controller, injector), or the error
+        # blamed --workload and --service-account (proxy).
+        ("proxy", [*_PROXY, "--trust-domain", "spiffe://x"], "--trust-domain: trust domain 'spiffe://x'"),
+        (
+            "controller",
+            [*_CONTROLLER, "--trust-domain", "spiffe://x"],
+            "--trust-domain: trust domain 'spiffe://x'",
+        ),
+        ("injector", ["--trust-domain", "Cluster.Local"], "--trust-domain: trust domain 'Cluster.Local'"),
+        # Port 0 to connect to: started, then retried for good.
+        ("proxy", [*_PROXY, "--ca-address", "127.0.0.1:0"], "--ca-address: '127.0.0.1:0': port 0 cannot be"),
+        ("controller", [*_CONTROLLER, "--ca-address", "127.0.0.1:0"], "--ca-address: '127.0.0.1:0': port 0"),
+        (
+            "proxy",
+            [*_PROXY[:4], "--controller", "c:0", "--service-account", "cart"],
+            "--controller: 'c:0': port 0",
+        ),
+        # Values the servers took and then failed on, every time.
+        ("proxy", [*_PROXY, "--connect-timeout", "0"], "--connect-timeout: must be more than 0"),
+        ("controller", [*_CONTROLLER, "--server-name", " "], "--server-name: must not be empty"),
+        # A command's own listen addresses overlapping: blamed on "another process".
+        (
+            "proxy",
+            [*_PROXY, "--admin-listen", "0.0.0.0:15006"],
+            "--admin-listen: '0.0.0.0:15006' overlaps --inbound-listen",
+        ),
+        (
+            "proxy",
+            [*_PROXY, "--outbound", "127.0.0.1:15000=cart.shop:80"],
+            "--outbound: '127.0.0.1:15000' overlaps --admin-listen",
+        ),
+        (
+            "ca",
+            ["--listen", "127.0.0.1:25077", "--metrics-listen", "127.0.0.1:25077"],
+            "--metrics-listen: '127.0.0.1:25077' overlaps --listen",
+        ),
+        (
+            "injector",
+            ["--listen", "0.0.0.0:9443", "--metrics-listen", "127.0.0.1:9443"],
+            "--metrics-listen: '127.0.0.1:9443' overlaps --listen (0.0.0.0:9443)",
+        ),
+    ],
+)
+def test_values_a_server_cannot_run_with_are_refused_at_start(
+    component: str, argv: list[str], message: str
+) -> None:
+    from controller.config import ControllerConfig
+    from injector.config import InjectorConfig
+    from proxy.config import ProxyConfig
+
+    classes = {
+        "proxy": ProxyConfig,
+        "controller": ControllerConfig,
+        "injector": InjectorConfig,
+        "ca": CAConfig,
+    }
+    with pytest.raises(ConfigError) as info:
+        _load(classes[component], argv)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_the_default_listen_addresses_do_not_overlap() -> None:
+    from controller.config import ControllerConfig
+    from injector.config import InjectorConfig
+    from proxy.config import ProxyConfig
+
+    _load(ProxyConfig, _PROXY)
+    _load(ControllerConfig, _CONTROLLER)
+    _load(InjectorConfig, [])
+    _load(CAConfig, [])
+    _load(
+        ProxyConfig, [*_PROXY, "--admin-listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"]
+    )  # (0: any)

@@ -347,3 +347,42 @@ def test_help_lists_the_options() -> None:
     )
     for word in ("--tls-cert", "--settings-file", "--webhook-configuration", "SIDEMESH_INJECTOR_LISTEN"):
         assert word in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [
+        (
+            "root:x:0:0:root:/root:/bin/bash\n",
+            "not a Kubernetes object (a mapping with apiVersion and kind) but a string",
+        ),
+        ("kind: List\nitems: 5\n", "List: items is a number, not a list"),
+        (
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: 7\n",
+            "Deployment: metadata is a number, not a mapping",
+        ),
+        ("apiVersion: v1\nmetadata: {name: x}\n", "an object without a kind (keys: apiVersion, metadata)"),
+    ],
+)
+def test_what_is_not_a_kubernetes_object_is_refused(
+    stdin: str, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that is no manifest at all (a typo'd path) came out as if injected, exit 0: kubectl
+    refuses such a document ("Object 'Kind' is missing"), so does inject."""
+    code, out, err = run(["-"], stdin, monkeypatch, capsys)
+    assert code == 2 and out == ""
+    assert message in err and "is it a Kubernetes manifest" in err, err
+
+
+def test_a_settings_error_names_the_file_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It named config.yaml (the ConfigMap's key) whatever --settings said, on three lines."""
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("image: [\n")
+    code, out, err = run(["--settings", str(bad), "-"], WORKLOADS, monkeypatch, capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"settings {bad}: not YAML: " in err
+    bad.write_text("- a list\n")
+    code, out, err = run(["--settings", str(bad), "-"], WORKLOADS, monkeypatch, capsys)
+    assert code == 2 and f"settings {bad}: must be a map of settings" in err
