@@ -374,10 +374,17 @@ def _issue(args: argparse.Namespace) -> int:
             raise CLIError(str(exc)) from exc
         hint = {
             "UNAVAILABLE": "is the CA running at that address, and is --bundle its root-cert.pem?",
+            "DEADLINE_EXCEEDED": "the CA did not answer in time: is --ca the CA's gRPC port (15012)?",
             "UNAUTHENTICATED": "check the token (and that it belongs to --identity)",
             "PERMISSION_DENIED": "--identity must be the identity the token belongs to",
         }.get(exc.code.name, "")
-        raise CLIError(f"the CA refused: {exc}{'; ' + hint if hint else ''}") from exc
+        # (unavailable or out of time: nothing refused anything, the CA was not reached)
+        what = (
+            "could not reach the CA"
+            if exc.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+            else "the CA refused"
+        )
+        raise CLIError(f"{what} at {args.ca}: {exc}{'; ' + hint if hint else ''}") from exc
     keys.write_file(args.out_dir / "key.pem", svid.key_pem)
     (args.out_dir / "cert-chain.pem").write_bytes(svid.chain_pem)
     (args.out_dir / "bundle.pem").write_bytes(svid.bundle_pem)

@@ -84,7 +84,10 @@ class ConfigClient:
                     self.last_error = f"{code.name}: {message}"
                 delay = rotation.backoff(attempt, random.random(), ceiling=RECONNECT_BACKOFF_MAX)
                 log.warning(
-                    "controller stream lost; keeping the last configuration",
+                    "controller stream lost; keeping the last configuration"
+                    if self.version
+                    # (none yet: nothing to keep, and not ready until one comes)
+                    else "no configuration from the controller yet; is --controller its address, and is it running?",
                     extra={
                         "controller": self.address,
                         "error": self.last_error,

@@ -337,8 +337,9 @@ class AppProber:
 # -- sidemesh proxy wait ------------------------------------------------------------------------
 
 
-def wait_ready(url: str, timeout: float, interval: float = 0.25) -> bool:
-    """Poll ``url`` (http://HOST:PORT/PATH) until it answers 200 or ``timeout`` seconds pass."""
+def wait_ready(url: str, timeout: float, interval: float = 0.25, last: list[str] | None = None) -> bool:
+    """Poll ``url`` (http://HOST:PORT/PATH) until it answers 200 or ``timeout`` seconds pass;
+    ``last`` gets what the last try found (a status, or why there was none)."""
     import http.client  # (here: the running sidecar does not load it, nor the email parsing it brings)
 
     parts = urllib.parse.urlsplit(url)
@@ -351,12 +352,16 @@ def wait_ready(url: str, timeout: float, interval: float = 0.25) -> bool:
         conn = http.client.HTTPConnection(host, port, timeout=max(interval, 1.0))
         try:
             conn.request("GET", path, headers={"User-Agent": "sidemesh-proxy-wait"})
-            if conn.getresponse().status == 200:
+            status = conn.getresponse().status
+            if status == 200:
                 return True
-        except (OSError, http.client.HTTPException):
-            pass
+            found = f"it answered {status}" + (" (not ready yet)" if status == 503 else "")
+        except (OSError, http.client.HTTPException) as exc:
+            found = f"no answer ({exc.strerror or exc})" if isinstance(exc, OSError) else f"no answer ({exc})"
         finally:
             conn.close()
+        if last is not None:
+            last[:] = [found]
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
@@ -404,11 +409,12 @@ def register_wait(sub: Any) -> None:
     )
 
     def run(args: argparse.Namespace) -> int:
-        if wait_ready(args.url, args.timeout.total_seconds()):
+        last: list[str] = []
+        if wait_ready(args.url, args.timeout.total_seconds(), last=last):
             return 0
         print(
-            f"sidemesh: the sidecar was not ready at {args.url} within {cfg.format_duration(args.timeout)}; "
-            "see its log (kubectl logs POD -c sidemesh-proxy)",
+            f"sidemesh: the sidecar was not ready at {args.url} within {cfg.format_duration(args.timeout)}"
+            f" ({last[0] if last else 'not tried'}); see its log (kubectl logs POD -c sidemesh-proxy)",
             file=sys.stderr,
         )
         return 1

@@ -223,6 +223,9 @@ def _main(args: argparse.Namespace) -> int:
         raise CLIError("--interval: must be above 0 (e.g. 1s)")
     if args.limit < 1:
         raise CLIError("--limit: must be at least 1")
+    if any("://" in a for a in args.addresses):
+        raise CLIError("ADMIN_ADDRESS is HOST:PORT, without http:// (e.g. 127.0.0.1:15000)")
+    args.addresses = list(dict.fromkeys(args.addresses))  # (one sidecar named twice counted twice)
     for address in args.addresses:
         try:
             parse_hostport("address", address)

@@ -212,8 +212,12 @@ async def test_grpc_probe() -> None:
 async def test_wait_ready(app_port: int) -> None:
     assert await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{app_port}/ok", 2.0)
     started = time.monotonic()
-    assert not await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{app_port}/fail", 0.5, 0.1)
+    last: list[str] = []
+    assert not await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{app_port}/fail", 0.5, 0.1, last)
     assert time.monotonic() - started < 2.0
+    assert last and last[0].startswith("it answered 5"), last  # (said why, not only "not ready")
+    assert not await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{closed_port()}/", 0.2, 0.1, last)
+    assert last == ["no answer (Connection refused)"]
 
 
 @pytest.mark.parametrize("kind", ["httpGet", "tcpSocket"])

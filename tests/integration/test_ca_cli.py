@@ -200,7 +200,9 @@ def _issue_nowhere(tmp_path: Path) -> list[str]:
 def test_issue_against_nothing_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")])
     assert main(_issue_nowhere(tmp_path)) == 2
-    assert "is the CA running" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # (nothing refused anything: it said "the CA refused" of a CA it never reached)
+    assert "could not reach the CA at 127.0.0.1:1" in err and "is the CA running" in err, err
 
 
 def test_bundle_as_pem_and_as_a_spiffe_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -148,6 +148,7 @@ def test_a_port_that_does_not_speak_http_is_a_clear_error(capsys: pytest.Capture
         (["top", "--interval", "0s", "--once"], "--interval"),
         (["top", "--interval", "soon", "--once"], "--interval"),
         (["top", "--limit", "0", "--once"], "--limit"),
+        (["top", "http://127.0.0.1:15000", "--once"], "ADMIN_ADDRESS is HOST:PORT, without http://"),
     ],
 )
 def test_bad_flags_are_named(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -209,3 +210,13 @@ def test_a_route_cannot_drive_the_terminal() -> None:
     out = render(table, limit=10, width=120)
     assert not any(c in out for c in "\x1b\x07\x9b"), repr(out)
     assert "GET /x\\x1b]0;pwned\\x07\\x1b[2J\\x9b" in out and "GET /café" in out
+
+
+def test_a_sidecar_named_twice_is_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was counted twice ("2 sidecars") and its requests with it."""
+    import sidemesh.top
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(sidemesh.top, "run_top", lambda addresses, *rest: seen.append(list(addresses)) or 0)
+    assert cli.main(["top", "127.0.0.1:15000", "127.0.0.1:15000", "127.0.0.2:15000", "--once"]) == 0
+    assert seen == [["127.0.0.1:15000", "127.0.0.2:15000"]]
