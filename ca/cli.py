@@ -396,6 +396,9 @@ def _issue(args: argparse.Namespace) -> int:
 
 
 def _bundle(args: argparse.Namespace) -> int:
+    if args.format != "spiffe" and (args.refresh_hint is not None or args.sequence is not None):
+        # (a PEM bundle has neither: they were dropped without a word)
+        raise CLIError("--refresh-hint and --sequence are fields of the SPIFFE bundle: add --format spiffe")
     path = args.ca_dir / keys.ROOTS if args.ca_dir is not None else args.bundle_file
     try:
         roots = load_bundle(path.read_bytes())

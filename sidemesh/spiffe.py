@@ -93,6 +93,12 @@ class WorkloadId:
     @classmethod
     def parse(cls, text: str) -> WorkloadId:
         """Parse ``<namespace>/<serviceaccount>`` as written on the command line."""
+        if text.startswith(SCHEME):  # (a SPIFFE ID: "namespace 'spiffe:' is not a valid name" before)
+            try:
+                short = str(cls.from_spiffe_id(SpiffeId.parse(text)))
+            except SpiffeIdError:
+                short = "<namespace>/<serviceaccount>"
+            raise SpiffeIdError(f"{text!r} is a SPIFFE ID: give {short} (the trust domain is its own option)")
         ns, slash, sa = text.partition("/")
         if not slash:
             raise SpiffeIdError(f"{text!r}: expected <namespace>/<serviceaccount>")

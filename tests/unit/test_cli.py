@@ -155,6 +155,10 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
             "goes past the year 9999",
         ),
         (["ca", "local-token", "--file", str(tmp), "--identity", "a/b"], "cannot read --file"),
+        (  # (a PEM bundle has neither field: both were dropped without a word, exit 0)
+            ["ca", "bundle", "--bundle-file", str(tmp / "x.pem"), "--refresh-hint", "5m", "--sequence", "3"],
+            "--refresh-hint and --sequence are fields of the SPIFFE bundle: add --format spiffe",
+        ),
         (
             ["ca", "local-token", "--file", str(tmp / "kubeconfig.yaml"), "--identity", "a/b"],
             "is not a local token file",

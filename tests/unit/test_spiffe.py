@@ -62,6 +62,16 @@ def test_invalid_workload_ids(text: str) -> None:
         WorkloadId.parse(text)
 
 
+def test_a_spiffe_id_where_namespace_and_account_go_says_what_to_give() -> None:
+    """It said "namespace 'spiffe:' is not a valid Kubernetes name"."""
+    with pytest.raises(
+        SpiffeIdError, match=r"is a SPIFFE ID: give shop/cart \(the trust domain is its own option\)"
+    ):
+        WorkloadId.parse("spiffe://cluster.local/ns/shop/sa/cart")
+    with pytest.raises(SpiffeIdError, match=r"is a SPIFFE ID: give <namespace>/<serviceaccount>"):
+        WorkloadId.parse("spiffe://cluster.local/shop/cart")
+
+
 def test_non_workload_spiffe_id() -> None:
     with pytest.raises(SpiffeIdError, match="not of the form"):
         WorkloadId.from_spiffe_id(SpiffeId.parse("spiffe://td/ns/shop/pod/x"))
