@@ -94,6 +94,17 @@ def register(sub: Any) -> None:
             "Serve the CA: sign workload CSRs for callers authenticated by a bearer token. Every option "
             "can also be set by the environment variable named in its help."
         ),
+        epilog="""examples:
+  # on one machine (local mode): a CA, a token for shop/cart, its certificate
+  sidemesh ca bootstrap --dir ca
+  sidemesh ca local-token --file tokens.yaml --identity shop/cart > cart.token
+  sidemesh ca serve --ca-dir ca --authenticator local --token-file tokens.yaml --listen 127.0.0.1:15012
+  sidemesh ca issue --ca 127.0.0.1:15012 --bundle ca/root-cert.pem --token-file cart.token \\
+      --identity shop/cart --out-dir cart
+
+"""
+        + cfg.TRACING_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cfg.add_arguments(p, CAConfig)
     p.set_defaults(handler=_serve)
@@ -104,6 +115,11 @@ def register(sub: Any) -> None:
         description=(
             "Ask a running CA for an SVID and write key.pem (0600), cert-chain.pem and bundle.pem to --out-dir."
         ),
+        epilog="""example:
+  sidemesh ca issue --ca 127.0.0.1:15012 --bundle ca/root-cert.pem --token-file cart.token \\
+      --identity shop/cart --out-dir cart
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--ca", required=True, help="CA address, HOST:PORT")
     p.add_argument("--bundle", type=Path, required=True, help="trust bundle (root-cert.pem) to verify the CA")

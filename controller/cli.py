@@ -28,6 +28,17 @@ def register(sub: Any) -> None:
             "API, or a directory of YAML with --source directory) and stream each sidecar its configuration over "
             "gRPC with mTLS. Every option can also be set by the environment variable named in its help."
         ),
+        epilog="""examples:
+  # in the cluster (as the manifests run it): the Kubernetes API, the CA's Service
+  sidemesh controller serve
+  # on one machine: a directory of manifests, a CA started as in `sidemesh ca serve --help`, with a
+  # token from `sidemesh ca local-token --identity sidemesh-system/sidemesh-controller`
+  sidemesh controller serve --source directory --config-dir mesh --ca-address 127.0.0.1:15012 \\
+      --bundle-file ca/root-cert.pem --token-file controller.token --listen 127.0.0.1:15010
+
+"""
+        + cfg.TRACING_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cfg.add_arguments(p, ControllerConfig)
     p.set_defaults(handler=_serve)

@@ -70,6 +70,7 @@ def register(sub: Any) -> None:
         "serve",
         help="serve the mutating admission webhook over HTTPS",
         description=SERVE_DESCRIPTION,
+        epilog=cfg.TRACING_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cfg.add_arguments(p, InjectorConfig)

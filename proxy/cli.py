@@ -36,6 +36,19 @@ def register(sub: Any) -> None:
             "(inbound 15006, outbound 15001); with --capture none (local mode) it serves --outbound maps. Every "
             "option can also be set by the environment variable named in its help."
         ),
+        epilog="""examples:
+  # in a pod, as injected: every option comes from the environment the injector sets
+  sidemesh proxy run
+  # on one machine: calls to 127.0.0.1:18080 go to the Service cart.shop:80 over mTLS
+  sidemesh proxy run --capture none --workload shop/frontend-1 --config-dir mesh \\
+      --ca-address 127.0.0.1:15012 --token-file frontend.token --bundle-file ca/root-cert.pem \\
+      --outbound 127.0.0.1:18080=cart.shop:80
+
+environment also read: POD_IP (with --capture iptables: the pod's address, for apps bound to it only)
+
+"""
+        + cfg.TRACING_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cfg.add_arguments(p, ProxyConfig)
     p.set_defaults(handler=_run)

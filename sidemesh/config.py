@@ -48,6 +48,17 @@ def log_level_option() -> Any:
     return option("info", "log level", env="SIDEMESH_LOG_LEVEL", choices=LOG_LEVELS)
 
 
+# The end of every server's --help: the tracing variables (not options: the OpenTelemetry SDK's own
+# names, as every OTLP-instrumented program reads them; docs/observability.md has them all).
+TRACING_EPILOG = """\
+tracing (environment, as the OpenTelemetry SDK reads it; unset: off):
+  OTEL_EXPORTER_OTLP_ENDPOINT      collector, e.g. http://jaeger-collector.istio-system:4318
+  OTEL_EXPORTER_OTLP_PROTOCOL      http/protobuf (port 4318) or grpc (4317)
+  OTEL_TRACES_SAMPLER(_ARG)        e.g. parentbased_traceidratio and 0.01
+  OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+"""
+
+
 def trust_domain_option() -> Any:
     """The SPIFFE trust domain every component takes, the same way."""
     return option("cluster.local", "SPIFFE trust domain", env="SIDEMESH_TRUST_DOMAIN")

@@ -370,3 +370,23 @@ def test_proxy_run_with_a_bundle_that_is_no_certificates_says_so(tmp_path: Path,
     said = _proxy_run_fails(tmp_path, bundle=tmp_path / "bundle.pem")
     assert said.startswith(f"sidemesh: error: --bundle-file {tmp_path / 'bundle.pem'}: trust bundle"), said
     assert "sidemesh ca bundle" in said
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["proxy", "run"], ["ca", "serve"], ["controller", "serve"], ["injector", "serve"], ["ca", "issue"]],
+)
+def test_a_servers_help_has_an_example_and_the_tracing_variables(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The servers' help listed their options only: no example of local mode, and nothing said
+    that tracing is set by the OTEL_* variables (POD_IP, read by proxy run, was not named either)."""
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = capsys.readouterr().out
+    if command != ["injector", "serve"]:
+        assert "example" in text and f"sidemesh {' '.join(command)}" in text.split("example", 1)[1]
+    if command != ["ca", "issue"]:
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" in text
+    if command == ["proxy", "run"]:
+        assert "POD_IP" in text
