@@ -212,7 +212,9 @@ def _bootstrap(args: argparse.Namespace) -> int:
         try:  # before anything is written: a certificate cannot end past the year 9999
             now + lifetime
         except OverflowError:
-            raise CLIError(f"{option} {lifetime} goes past the year 9999; give less") from None
+            raise CLIError(
+                f"{option} {cfg.format_duration(lifetime)} goes past the year 9999; give less"
+            ) from None
     try:
         authority = keys.bootstrap(
             args.dir,
@@ -243,7 +245,8 @@ def make_authenticator(config: CAConfig) -> Authenticator:
             return LocalTokenAuthenticator(config.token_file)
         except FileNotFoundError as exc:
             raise CLIError(
-                f"{exc}; create one with `sidemesh ca local-token --file {config.token_file} --identity NS/SA`"
+                f"--token-file {config.token_file}: no such file; create one with "
+                f"`sidemesh ca local-token --file {config.token_file} --identity NS/SA`"
             ) from exc
         except (OSError, ValueError) as exc:  # there, but unreadable or broken: fix it, or start anew
             raise CLIError(
@@ -477,7 +480,9 @@ def _local_token(args: argparse.Namespace) -> int:
         try:
             entry["expiresAt"] = (dt.datetime.now(dt.UTC) + args.expires_in).strftime("%Y-%m-%dT%H:%M:%SZ")
         except OverflowError:
-            raise CLIError(f"--expires-in {args.expires_in} goes past the year 9999; give less") from None
+            raise CLIError(
+                f"--expires-in {cfg.format_duration(args.expires_in)} goes past the year 9999; give less"
+            ) from None
     doc["tokens"].append(entry)
     try:
         args.file.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from sidemesh.config import (
     ConfigError,
     check_distinct_listens,
+    format_duration,
     log_level_option,
     option,
     parse_hostport,
@@ -124,7 +125,14 @@ class CAConfig:
         if self.authenticator == "local" and self.token_file is None:
             raise ConfigError("token_file", "required with --authenticator local")
         if not dt.timedelta(0) < self.min_ttl <= self.default_ttl <= self.max_ttl:
-            raise ConfigError("default_ttl", "need 0 < --min-ttl <= --default-ttl <= --max-ttl")
+            wrong = (  # (the option that is out of order: it blamed --default-ttl whatever it was)
+                "min_ttl" if not dt.timedelta(0) < self.min_ttl <= self.max_ttl else "default_ttl"
+            )
+            raise ConfigError(
+                wrong,
+                f"need 0 < --min-ttl <= --default-ttl <= --max-ttl (here {format_duration(self.min_ttl)}, "
+                f"{format_duration(self.default_ttl)}, {format_duration(self.max_ttl)})",
+            )
         for entry in self.control_plane_dns:
             ident, sep, name = entry.partition("=")
             try:
@@ -138,7 +146,10 @@ class CAConfig:
         if self.token_review_cache < dt.timedelta(0):
             raise ConfigError("token_review_cache", "must not be negative")
         if self.rate_limit < 0 or self.rate_burst < 1:
-            raise ConfigError("rate_limit", "--rate-limit must be >= 0 and --rate-burst >= 1")
+            raise ConfigError(
+                "rate_limit" if self.rate_limit < 0 else "rate_burst",
+                "need --rate-limit >= 0 and --rate-burst >= 1",
+            )
 
     def allowed_dns(self, identity: WorkloadId) -> frozenset[str]:
         return self.allowed_dns_by_identity().get(identity, frozenset())

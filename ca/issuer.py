@@ -13,6 +13,7 @@ from ca import leaf, templates
 from ca.csr import validate_csr
 from ca.errors import InvalidRequest, SigningUnavailable
 from ca.keys import SigningAuthority
+from sidemesh.config import format_duration
 from sidemesh.spiffe import SpiffeId
 
 MAX_REQUESTABLE_TTL = dt.timedelta(days=366)
@@ -31,7 +32,7 @@ class TTLPolicy:
         if requested_seconds > MAX_REQUESTABLE_TTL.total_seconds():
             raise InvalidRequest(
                 f"ttl_seconds {requested_seconds} is out of range (at most {int(MAX_REQUESTABLE_TTL.total_seconds())}; "
-                f"certificates live {self.minimum} .. {self.maximum})"
+                f"certificates live {format_duration(self.minimum)} .. {format_duration(self.maximum)})"
             )
         if requested_seconds == 0:
             return self.default

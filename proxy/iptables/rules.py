@@ -93,7 +93,7 @@ class CaptureConfig:
         _check_port("outbound-port", self.outbound_port)
         if self.inbound_port == self.outbound_port:
             raise ValueError(
-                f"inbound-port and outbound-port are both {self.inbound_port}; they must differ "
+                f"--inbound-port and --outbound-port are both {self.inbound_port}; they must differ "
                 "(defaults: inbound 15006, outbound 15001)"
             )
         for name, ports in (

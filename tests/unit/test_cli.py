@@ -152,7 +152,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["ca", "bootstrap", "--dir", str(tmp / "kubeconfig.yaml")], "cannot write --dir"),
         (
             ["ca", "bootstrap", "--dir", str(tmp / "far"), "--root-lifetime", "99999999d"],
-            "goes past the year 9999",
+            "--root-lifetime 99999999d goes past the year 9999",  # (not a timedelta's "99999999 days, 0:00:00")
         ),
         (["ca", "local-token", "--file", str(tmp), "--identity", "a/b"], "cannot read --file"),
         (  # (a PEM bundle has neither field: both were dropped without a word, exit 0)

@@ -54,7 +54,12 @@ def test_flag_over_env_over_default() -> None:
         (["--trust-domain", "Bad Domain"], {}, "--trust-domain"),
         (["--authenticator", "local"], {}, "--token-file"),
         (["--default-ttl", "48h"], {}, "--default-ttl"),
-        (["--rate-limit", "-1"], {}, "--rate-limit"),
+        (["--rate-limit", "-1"], {}, "--rate-limit: need --rate-limit >= 0"),  # (it named the option twice)
+        (
+            ["--min-ttl", "2h", "--max-ttl", "1h"],
+            {},
+            "--min-ttl: need 0 < --min-ttl <= --default-ttl <= --max-ttl (here 2h, 1h, 1h)",
+        ),
         ([], {"SIDEMESH_CA_RATE_BURST": "many"}, "--rate-burst"),
         ([], {"SIDEMESH_CA_AUTHENTICATOR": "ldap"}, "--authenticator"),
     ],

@@ -221,7 +221,7 @@ def test_parse_cidrs_errors(text: str) -> None:
     [
         ({"inbound_port": 0}, "inbound-port: 0 is not a port number"),
         ({"outbound_port": 70000}, "outbound-port: 70000 is not a port number"),
-        ({"inbound_port": 15001}, "inbound-port and outbound-port are both 15001"),
+        ({"inbound_port": 15001}, "--inbound-port and --outbound-port are both 15001"),
         ({"proxy_uid": -1}, "proxy-uid: -1 is not a user or group id"),
         ({"proxy_gid": 2**32}, "proxy-gid: 4294967296 is not a user or group id"),
         ({"proxy_ports": (15000, 0)}, "proxy-ports: 0 is not a port number"),
