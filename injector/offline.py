@@ -118,9 +118,11 @@ def inject_document(doc: Any, settings: InjectionSettings) -> tuple[Any, list[Re
     kind = doc.get("kind")
     if not isinstance(kind, str) or not kind:
         raise NotAnObject(f"an object without a kind (keys: {', '.join(map(str, list(doc)[:5])) or 'none'})")
-    if "metadata" in doc and not isinstance(doc["metadata"], dict):
+    if doc.get("metadata") is not None and not isinstance(doc["metadata"], dict):
         raise NotAnObject(f"{kind}: metadata is a {_shape(doc['metadata'])}, not a mapping")
     if kind == "List":
+        if doc.get("items") is None:  # (`items:` left empty: kubectl takes it for none)
+            return doc, []
         if not isinstance(doc.get("items"), list):
             raise NotAnObject(f"List: items is a {_shape(doc.get('items'))}, not a list")
         items, reports = [], []

@@ -23,7 +23,7 @@ import yaml
 
 from injector.errors import SettingsError
 from sidemesh import __version__, kubeyaml
-from sidemesh.config import otlp_endpoint_problem, parse_hostport, url_port
+from sidemesh.config import otlp_endpoint_problem, parse_dial_address, url_port
 from sidemesh.policy.model import DefaultPolicy
 from sidemesh.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIdError, validate_trust_domain
 
@@ -221,9 +221,9 @@ class InjectionSettings:
             raise SettingsError("trustDomain", str(exc)) from exc
         for key, value in (("controllerAddress", self.controller_address), ("caAddress", self.ca_address)):
             try:
-                parse_hostport(key, value)
+                parse_dial_address(key, value)  # (as every injected sidecar checks it: else they crash-loop)
             except ValueError as exc:
-                raise SettingsError(key, f"{value!r} is not HOST:PORT") from exc
+                raise SettingsError(key, f"{value!r} is not HOST:PORT with a port of 1-65535") from exc
         if self.tracing_endpoint:  # the sidecars' OTEL_EXPORTER_OTLP_ENDPOINT: /v1/traces is appended
             problem = otlp_endpoint_problem(self.tracing_endpoint, path_appended=True)
             if problem is None and urllib.parse.urlsplit(self.tracing_endpoint).path.rstrip("/").endswith(

@@ -207,6 +207,7 @@ class ProxyConfig:
             [
                 (name, getattr(self, name))
                 for name in ("inbound_listen", "outbound_listen", "admin_listen", "health_listen")
+                if name != "outbound_listen" or self.capture == "iptables"  # (bound with the capture only)
             ]
             + [("outbound", entry.partition("=")[0]) for entry in self.outbound]
         )

@@ -83,11 +83,16 @@ class ConfigClient:
                     code, message = grpc_client.status_of(exc)
                     self.last_error = f"{code.name}: {message}"
                 delay = rotation.backoff(attempt, random.random(), ceiling=RECONNECT_BACKOFF_MAX)
+                unreached = isinstance(exc, OSError) or (self.last_error or "").startswith(
+                    ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+                )
                 log.warning(
                     "controller stream lost; keeping the last configuration"
                     if self.version
                     # (none yet: nothing to keep, and not ready until one comes)
-                    else "no configuration from the controller yet; is --controller its address, and is it running?",
+                    else "no configuration from the controller yet; is --controller its address, and is it running?"
+                    if unreached
+                    else "no configuration from the controller yet",
                     extra={
                         "controller": self.address,
                         "error": self.last_error,

@@ -143,7 +143,7 @@ class OutboundStreams:
 
 async def serve(sc: Sidecar, relay: Relay, conn: socket.socket, dest: Destination) -> None:
     """Serve the app's HTTP/2 connection to ``dest``, stream by stream."""
-    down = Pipe(framed=False, name="app")
+    down = Pipe(framed=False, name="app", direction="outbound")
     relay.on_fail = down.abort
     await asyncio.get_running_loop().connect_accepted_socket(lambda: down, conn)
     router = OutboundStreams(sc, dest.name, relay.info)

@@ -42,7 +42,7 @@ def peer_of(spiffe_id: SpiffeId) -> Peer:
 async def _accept_mesh(sc: Sidecar, relay: Relay, conn: socket.socket) -> tuple[Pipe, Peer, int, int]:
     """The TLS handshake and the OPEN frame (port, protocol hint); what follows OPEN stays
     buffered in the pipe."""
-    down = Pipe(framed=True, name="downstream")
+    down = Pipe(framed=True, name="downstream", direction="inbound")
     opened: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
 
     def on_control(kind: int, payload: bytes) -> None:
@@ -131,6 +131,7 @@ def _to_half(relay: Relay, pipe: Pipe, checked: bool = False) -> Half:
         half.bytes_in += len(buffered)
     half.eof_in = pipe.ended and half.ended_line_ok()
     transport.pause_reading()  # until the app side is linked
+    half.flushing = pipe.flushing  # (closing already: one token, given back by whichever ends)
     transport.set_protocol(half)
     pipe.on_control = None  # the pipe is done with (and its OPEN closure would hold it in a cycle)
     relay.on_fail = None
@@ -203,7 +204,7 @@ async def handle(sc: Sidecar, conn: socket.socket, relay: Relay) -> None:
             relay.info["source"] = "unauthenticated"
             relay.info["port"] = port
             if kind.http and not _declared_opaque(sc, port):
-                plain = Pipe(framed=False, name="downstream")
+                plain = Pipe(framed=False, name="downstream", direction="inbound")
                 relay.on_fail = plain.abort
                 await asyncio.get_running_loop().connect_accepted_socket(lambda: plain, conn)
                 await _serve_http(sc, relay, plain, peer, port, kind, original_ip)

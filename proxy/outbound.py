@@ -240,7 +240,7 @@ async def _connect_in_turn(sc: Sidecar, relay: Relay, dest: Destination, deadlin
 
 
 async def _serve_http(sc: Sidecar, relay: Relay, conn: socket.socket, dest: Destination) -> None:
-    app = Pipe(framed=False, name="app")
+    app = Pipe(framed=False, name="app", direction="outbound")
     relay.on_fail = app.abort
     await asyncio.get_running_loop().connect_accepted_socket(lambda: app, conn)
     router = OutboundRouter(sc, dest.name, relay.info)

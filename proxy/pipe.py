@@ -12,7 +12,7 @@ import time
 import typing
 
 from proxy import framing
-from proxy.relay import WRITE_HIGH_WATER, FlushCount, close, flushed, reset
+from proxy.relay import WRITE_HIGH_WATER, FlushToken, close, flushed, reset
 
 READ_LIMIT = 256 * 1024
 
@@ -49,7 +49,7 @@ async def linger_close(pipe: Pipe, idle: bool = False) -> None:
 
 
 class Pipe(asyncio.Protocol):
-    def __init__(self, framed: bool, name: str = "") -> None:
+    def __init__(self, framed: bool, name: str = "", direction: str | None = None) -> None:
         self.framed = framed
         self.name = name
         self.transport: asyncio.Transport | None = None
@@ -82,7 +82,8 @@ class Pipe(asyncio.Protocol):
         self.count_bytes: typing.Callable[[int], None] | None = None
         self._bytes_reported = 0
         self.open_first = False  # an accepted mesh connection: nothing but OPEN may come first
-        self.flushing: FlushCount | None = None  # closed, what it holds still going out (``close``)
+        self.flushing: FlushToken | None = None  # closed, what it holds still going out (``close``)
+        self.flush_direction = direction  # what it counts in while it flushes (``relay.close``)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 

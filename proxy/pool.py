@@ -152,7 +152,7 @@ async def connect_app(
     sc: Sidecar, port: int, host: str | None = None, local: tuple[str, int] | None = None
 ) -> Pipe:
     """A new connection to the app's ``port`` at ``host`` (default ``--app-host``), from ``local``."""
-    pipe = Pipe(framed=False, name="app")
+    pipe = Pipe(framed=False, name="app", direction="inbound")  # (the inbound side's app connections)
     timeout = sc.config.connect_timeout.total_seconds()
     host = sc.config.app_host if host is None else host
     try:
@@ -167,7 +167,7 @@ async def connect_app(
 
 
 async def connect_plain(sc: Sidecar, host: str, port: int) -> Pipe:
-    pipe = Pipe(framed=False, name="upstream")
+    pipe = Pipe(framed=False, name="upstream", direction="outbound")
     timeout = sc.config.connect_timeout.total_seconds()
     try:
         await asyncio.wait_for(
@@ -185,7 +185,7 @@ async def connect_sidecar(
 ) -> Pipe:
     """mTLS to the endpoint's sidecar, its identity checked (secure naming), OPEN(port, hint) sent
     (what the connection will carry: HTTP/1.1 from the pool, HTTP/2 from ``proxy.h2route``)."""
-    pipe = Pipe(framed=True, name="upstream")
+    pipe = Pipe(framed=True, name="upstream", direction="outbound")
     try:
         await dial_sidecar(sc, lambda: pipe, ep, dial)
     except DialError as exc:

@@ -63,8 +63,9 @@ on_flush_cut: Callable[[], None] | None = None  # (the sidecar counts the cuts t
 # Closed connections whose transports still hold something to send (under the watch above; a TLS
 # one until its close_notify exchange ends): each keeps its socket and buffers, so they count
 # against --max-connections (``Sidecar._serve``), or a client that closes and never reads could
-# pile them up for 60 s each without bound. Counted per event loop (a test process runs many),
-# per protocol object (its ``flushing``), until its ``connection_lost``.
+# pile them up for 60 s each without bound. Counted per event loop (a test process runs many) and
+# direction (the protocol's ``flush_direction``: the accepted connection's, or the pool's), with a
+# token on the protocol (its ``flushing``) that its ``connection_lost`` gives back, once.
 
 
 class FlushCount:
@@ -74,14 +75,36 @@ class FlushCount:
         self.value = 0
 
 
-_flush_counts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FlushCount] = weakref.WeakKeyDictionary()
+class FlushToken:
+    """One closing connection's place in a count: given back once, by whichever protocol the
+    transport ends with (``inbound._to_half`` hands a counted pipe's transport to a half)."""
+
+    __slots__ = ("count", "given_back")
+
+    def __init__(self, count: FlushCount) -> None:
+        self.count = count
+        self.given_back = False
+        count.value += 1
+
+    def give_back(self) -> None:
+        if not self.given_back:
+            self.given_back = True
+            self.count.value -= 1
 
 
-def flushing(loop: asyncio.AbstractEventLoop) -> FlushCount:
-    """The closed connections of ``loop`` still sending what they hold."""
-    count = _flush_counts.get(loop)
+_flush_counts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, FlushCount]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def flushing(loop: asyncio.AbstractEventLoop, direction: str) -> FlushCount:
+    """The closed connections of ``loop`` and ``direction`` still sending what they hold."""
+    counts = _flush_counts.get(loop)
+    if counts is None:
+        counts = _flush_counts[loop] = {}
+    count = counts.get(direction)
     if count is None:
-        count = _flush_counts[loop] = FlushCount()
+        count = counts[direction] = FlushCount()
     return count
 
 
@@ -104,24 +127,36 @@ def close(transport: asyncio.BaseTransport | None) -> None:
         return  # plain TCP with nothing held closes at once (the kernel sends the rest)
     loop = asyncio.get_running_loop()
     protocol = transport.get_protocol()
-    if getattr(protocol, "flushing", False) is None:  # (the proxy's own protocols: Half, Pipe)
-        count = protocol.flushing = flushing(loop)  # type: ignore[attr-defined]
-        count.value += 1
+    direction = getattr(protocol, "flush_direction", None)  # (the proxy's own protocols: Half, Pipe)
+    if direction is not None and protocol.flushing is None:  # type: ignore[attr-defined]
+        protocol.flushing = FlushToken(flushing(loop, direction))  # type: ignore[attr-defined]
     sock = transport.get_extra_info("socket")
+    state = None
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         state = _flush_state(sock)
-        if state is not None:
-            # The socket only (on both loops its descriptor reads -1 once closed: never another
-            # connection's), not the transport: a connection closed at once is not held meanwhile.
-            loop.call_later(FLUSH_STALL_S, _check_flush, sock, state[0])
+    if state is not None:
+        # The socket only (on both loops its descriptor reads -1 once closed: never another
+        # connection's), not the transport: a connection closed at once is not held meanwhile.
+        loop.call_later(FLUSH_STALL_S, _check_flush, sock, state[0])
+    elif sock is not None and sock.fileno() >= 0:  # no progress to watch (no TCP_INFO): a deadline
+        loop.call_later(FLUSH_STALL_S, _cut_unwatched, transport, sock)
+
+
+def _cut_unwatched(transport: asyncio.BaseTransport, sock: typing.Any) -> None:
+    if sock.fileno() >= 0:  # (still open FLUSH_STALL_S after its close: reset, as a stall is)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        transport.abort()  # type: ignore[attr-defined]
+        if on_flush_cut is not None:
+            on_flush_cut()
 
 
 def flushed(protocol: Half | typing.Any) -> None:
     """``protocol``'s transport is gone (``connection_lost``): no longer counted as flushing."""
-    count = protocol.flushing
-    if count is not None:
+    token = protocol.flushing
+    if token is not None:
         protocol.flushing = None
-        count.value -= 1
+        token.give_back()
 
 
 def _flush_state(sock: typing.Any) -> tuple[int, bool] | None:
@@ -209,7 +244,7 @@ class Half(asyncio.Protocol):
         self.eof_in = False  # this side will send no more
         self.eof_out = False  # we told this side there is no more
         self.closing_idle = False  # (an app's half) the idle close began: nothing more goes on
-        self.flushing: FlushCount | None = None  # closed, what it holds still going out (``close``)
+        self.flushing: FlushToken | None = None  # closed, what it holds still going out (``close``)
         self.bytes_in = 0
         self._pending: list[bytes | memoryview] = []
         self._early: list[bytes | memoryview] = []  # data read before the other half exists
@@ -339,6 +374,11 @@ class Half(asyncio.Protocol):
             return False
         self._got_eof()
         return True  # keep our write side open: TCP half-close
+
+    @property
+    def flush_direction(self) -> str | None:
+        direction = self.relay.info.get("direction")
+        return direction if isinstance(direction, str) else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.flushing is not None:

@@ -252,9 +252,8 @@ class Sidecar:
         self.balancer = Balancer()  # endpoint choice and outlier ejection (proxy/balance.py)
         self.open_connections: dict[str, int] = {}  # by direction
         self._overflow_logged = 0.0
-        self._flushing = (
-            relays.FlushCount()
-        )  # (the running loop's, from start: closed connections still sending)
+        # Closed connections still sending what they hold, by direction (the running loop's, from start).
+        self._flushing: dict[str, relays.FlushCount] = {}
         self._timeout_logs: dict[tuple[str, str], Throttle] = {}
         # Outbound connections whose protocol detection timed out dial a few a second (outbound.py).
         rate = config.undecided_dial_rate
@@ -600,7 +599,11 @@ class Sidecar:
     ) -> asyncio.Task[None] | None:
         # (closed connections still sending what they hold count too, whichever direction: each
         # keeps its socket and buffers)
-        if self.open_connections.get(kind, 0) + self._flushing.value >= self.config.max_connections:
+        flushing = self._flushing.get(kind)
+        if (
+            self.open_connections.get(kind, 0) + (flushing.value if flushing else 0)
+            >= self.config.max_connections
+        ):
             self._overflow(kind, conn)
             return None
         conn.setblocking(False)
@@ -647,7 +650,8 @@ class Sidecar:
             raise
 
     async def _start(self) -> None:
-        self._flushing = relays.flushing(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        self._flushing = {kind: relays.flushing(loop, kind) for kind in ("inbound", "outbound")}
         self.reload_config()
         await self.identity.start()
         self.identity.on_rotate(lambda svid: self.metrics.cert_expiry.set(svid.not_after.timestamp()))

@@ -52,7 +52,7 @@ def log_level_option() -> Any:
 # names, as every OTLP-instrumented program reads them; docs/observability.md has them all).
 TRACING_EPILOG = """\
 tracing (environment, as the OpenTelemetry SDK reads it; unset: off):
-  OTEL_EXPORTER_OTLP_ENDPOINT      collector, e.g. http://jaeger-collector.istio-system:4318
+  OTEL_EXPORTER_OTLP_ENDPOINT      collector, e.g. http://jaeger.sidemesh-system.svc:4318 (the addon)
   OTEL_EXPORTER_OTLP_PROTOCOL      http/protobuf (port 4318) or grpc (4317)
   OTEL_TRACES_SAMPLER(_ARG)        e.g. parentbased_traceidratio and 0.01
   OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
@@ -220,9 +220,10 @@ def check_distinct_listens(listens: list[tuple[str, str]]) -> None:
             continue
         for other, other_host, other_port in seen:
             if port == other_port and (host == other_host or host in _WILDCARDS or other_host in _WILDCARDS):
+                shown = f"[{other_host}]" if ":" in other_host else other_host
                 raise ConfigError(
                     name,
-                    f"{text!r} overlaps --{other.replace('_', '-')} ({other_host}:{other_port}): give each its own port",
+                    f"{text!r} overlaps --{other.replace('_', '-')} ({shown}:{other_port}): give each its own port",
                 )
         seen.append((name, host, port))
 

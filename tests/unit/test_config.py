@@ -206,3 +206,16 @@ def test_the_default_listen_addresses_do_not_overlap() -> None:
     _load(
         ProxyConfig, [*_PROXY, "--admin-listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"]
     )  # (0: any)
+
+
+def test_local_mode_may_listen_where_the_capture_would() -> None:
+    """--outbound-listen (127.0.0.1:15001) is bound with the iptables capture only: in local mode
+    an --outbound map on 15001 was refused as overlapping it (it had always worked)."""
+    from proxy.config import ProxyConfig
+
+    _load(ProxyConfig, [*_PROXY, "--outbound", "127.0.0.1:15001=cart.shop:80"])
+    iptables = ["--workload", "shop/cart", "--capture", "iptables", "--config-dir", "/tmp"]
+    with pytest.raises(ConfigError, match=r"--health-listen: '127.0.0.1:15001' overlaps --outbound-listen"):
+        _load(ProxyConfig, [*iptables, "--health-listen", "127.0.0.1:15001"])
+    with pytest.raises(ConfigError, match=r"overlaps --inbound-listen \(\[::\]:15006\)"):
+        _load(ProxyConfig, [*_PROXY, "--inbound-listen", "[::]:15006", "--admin-listen", "127.0.0.1:15006"])

@@ -386,3 +386,11 @@ def test_a_settings_error_names_the_file_given(
     bad.write_text("- a list\n")
     code, out, err = run(["--settings", str(bad), "-"], WORKLOADS, monkeypatch, capsys)
     assert code == 2 and f"settings {bad}: must be a map of settings" in err
+
+
+@pytest.mark.parametrize("stdin", ["kind: List\nitems:\n", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n"])
+def test_empty_fields_kubectl_accepts_pass(
+    stdin: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(["-"], stdin, monkeypatch, capsys)
+    assert code == 0, err

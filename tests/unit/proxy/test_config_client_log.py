@@ -21,13 +21,16 @@ class _Identity:
 
 
 async def _messages(
-    version: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    version: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception | None = None,
 ) -> list[str]:
     client = ConfigClient("127.0.0.1:1", "controller", _Identity(), lambda *a: None)  # type: ignore[arg-type]
     client.version = version
 
     async def refused() -> None:
-        raise ConnectionRefusedError("connection refused")
+        raise error or ConnectionRefusedError("connection refused")
 
     monkeypatch.setattr(client, "_session", refused)
     monkeypatch.setattr(config_client.rotation, "backoff", lambda *a, **k: 0.01)
@@ -55,3 +58,16 @@ async def test_a_sidecar_with_a_configuration_keeps_it(
 ) -> None:
     messages = await _messages("v7", monkeypatch, caplog)
     assert messages and all(m == "controller stream lost; keeping the last configuration" for m in messages)
+
+
+async def test_a_controller_that_answered_is_not_asked_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refusal (here PERMISSION_DENIED) came from a controller that is there: no hint that the
+    address may be wrong."""
+    from grpclib.const import Status
+    from grpclib.exceptions import GRPCError
+
+    denied = GRPCError(Status.PERMISSION_DENIED, "not this trust domain")
+    messages = await _messages("", monkeypatch, caplog, denied)
+    assert messages and all(m == "no configuration from the controller yet" for m in messages), messages
