@@ -262,6 +262,27 @@ async def _relay_ended(sidecar: Sidecar) -> None:
         assert bool(sidecar.relays) == want
 
 
+ANSWER = b"a" * (200 * 1024)  # under the high-water mark: the end reaches the client's sidecar
+
+
+async def answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The cart app: reads the request to its end, answers ``ANSWER`` and closes."""
+    await reader.read()
+    writer.write(ANSWER)
+    await writer.drain()
+    writer.close()
+
+
+def slow_reader() -> socket.socket:
+    """A non-blocking client socket that takes little at a time: a small window and small segments
+    (set before connecting), so the kernel holds little of an answer it never reads."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+    client.setblocking(False)
+    return client
+
+
 async def test_a_connection_closed_toward_a_client_that_never_reads_is_let_go(
     mesh: Mesh, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -270,22 +291,10 @@ async def test_a_connection_closed_toward_a_client_that_never_reads_is_let_go(
     the answer still buffered, and kept its socket and buffer for good (the idle timeout no longer
     runs for a finished relay). Now it lets go once the client took nothing for FLUSH_STALL_S."""
     monkeypatch.setattr(relay_module, "FLUSH_STALL_S", 1.0)  # (the check below comes well before)
-    answer = b"a" * (200 * 1024)  # under the high-water mark: the end reaches the client's sidecar
-
-    async def answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        writer.write(answer)
-        await writer.drain()
-        writer.close()
-
     await mesh.app(CART, answer_then_close)
     await frontend_and_cart_sidecars(mesh)
     frontend = mesh.sidecars["frontend"]
-    client = socket.socket()
-    # (before connecting: a small window, and small segments, so the kernel takes little of it)
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
-    client.setblocking(False)
+    client = slow_reader()
     loop = asyncio.get_running_loop()
     await loop.sock_connect(client, (mesh.addr(FRONTEND), OUT))
     try:
@@ -309,24 +318,13 @@ async def test_closed_connections_still_sending_count_against_the_connection_lim
     """A closed connection whose answer is still going out to a client that reads slowly (or never)
     keeps its socket and buffers: it counts against --max-connections until its transport is gone,
     or clients that close and never read could pile them up (up to FLUSH_STALL_S each)."""
-    answer = b"a" * (200 * 1024)  # under the high-water mark: the end reaches the client's sidecar
-
-    async def answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        writer.write(answer)
-        await writer.drain()
-        writer.close()
-
     await mesh.app(CART, answer_then_close)
     await mesh.sidecar("cart", CART)
     frontend = await mesh.sidecar(
         "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",), max_connections=2
     )
     loop = asyncio.get_running_loop()
-    slow = socket.socket()
-    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    slow.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
-    slow.setblocking(False)
+    slow = slow_reader()
     held: list[asyncio.StreamWriter] = []
     try:
         await loop.sock_connect(slow, (mesh.addr(FRONTEND), OUT))
@@ -352,7 +350,7 @@ async def test_closed_connections_still_sending_count_against_the_connection_lim
             await asyncio.wait_for(refused_r.read(), 5)
         assert frontend.metrics.connections.labels("outbound", "overflow")._value.get() == 1
         got = 0
-        while got < len(answer):  # the slow client reads its answer: its connection is gone
+        while got < len(ANSWER):  # the slow client reads its answer: its connection is gone
             chunk = await asyncio.wait_for(loop.sock_recv(slow, 65536), 5)
             assert chunk, f"end of stream after {got} bytes"
             got += len(chunk)
@@ -382,22 +380,11 @@ async def test_a_closing_connection_is_cut_where_its_progress_cannot_be_watched(
     --max-connections all that time. A deadline cuts it instead."""
     monkeypatch.setattr(relay_module, "FLUSH_STALL_S", 1.0)
     monkeypatch.setattr(relay_module, "_flush_state", lambda sock: None)
-    answer = b"a" * (200 * 1024)
-
-    async def answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        writer.write(answer)
-        await writer.drain()
-        writer.close()
-
     await mesh.app(CART, answer_then_close)
     await frontend_and_cart_sidecars(mesh)
     frontend = mesh.sidecars["frontend"]
     loop = asyncio.get_running_loop()
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
-    client.setblocking(False)
+    client = slow_reader()
     try:
         await loop.sock_connect(client, (mesh.addr(FRONTEND), OUT))
         await loop.sock_sendall(client, b"the request")
