@@ -109,6 +109,10 @@ def _inject(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.settings) if args.settings else InjectionSettings()
         overrides: dict[str, Any] = {}
+        if args.image is not None and not args.image.strip():  # (an unset shell variable: the default
+            raise CLIError(
+                "--image is empty: give an image reference, or leave --image out"
+            )  # went in silently)
         if args.image:
             overrides["image"] = args.image
         if args.native_sidecar:

@@ -98,6 +98,8 @@ def duration_arg(minimum: dt.timedelta | None = None) -> Callable[[str], dt.time
 
 def format_duration(value: dt.timedelta) -> str:
     seconds = value.total_seconds()
+    if seconds == 0:
+        return "0s"  # (not "0.0s")
     for unit in ("d", "h", "m", "s"):
         if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
             return f"{int(seconds // _UNITS[unit])}{unit}"

@@ -219,3 +219,7 @@ def test_local_mode_may_listen_where_the_capture_would() -> None:
         _load(ProxyConfig, [*iptables, "--health-listen", "127.0.0.1:15001"])
     with pytest.raises(ConfigError, match=r"overlaps --inbound-listen \(\[::\]:15006\)"):
         _load(ProxyConfig, [*_PROXY, "--inbound-listen", "[::]:15006", "--admin-listen", "127.0.0.1:15006"])
+
+
+def test_a_zero_duration_shows_as_0s() -> None:
+    assert format_duration(dt.timedelta(0)) == "0s"  # (--drain-grace's help said "default: 0.0s")

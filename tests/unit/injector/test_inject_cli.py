@@ -394,3 +394,11 @@ def test_empty_fields_kubectl_accepts_pass(
 ) -> None:
     code, _, err = run(["-"], stdin, monkeypatch, capsys)
     assert code == 0, err
+
+
+def test_an_empty_image_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--image "$IMAGE"` with IMAGE unset injected the default image without a word."""
+    code, out, err = run(["--image", "", "-"], WORKLOADS, monkeypatch, capsys)
+    assert code == 2 and out == "" and "--image is empty" in err
