@@ -159,14 +159,21 @@ def flushed(protocol: Half | typing.Any) -> None:
         token.give_back()
 
 
-def _flush_state(sock: typing.Any) -> tuple[int, bool] | None:
-    """(bytes the peer acknowledged, bytes still to be sent in the kernel), or None once the socket
-    is closed or where TCP_INFO says nothing (a state of 0: a sandbox's zeroed struct)."""
+def _tcp_info(sock: typing.Any) -> bytes | None:
+    """The socket's TCP_INFO, or None once it is closed (or where it cannot be read)."""
     if sock.fileno() < 0:
         return None
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        return bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN))
     except (OSError, ValueError):
+        return None
+
+
+def _flush_state(sock: typing.Any) -> tuple[int, bool] | None:
+    """(bytes the peer acknowledged, bytes still to be sent in the kernel), or None once the socket
+    is closed or where TCP_INFO says nothing (a state of 0: a sandbox's zeroed struct)."""
+    info = _tcp_info(sock)
+    if info is None:
         return None
     if len(info) >= _TCPI.size:
         state, unacked, acked, notsent = _TCPI.unpack_from(info)
@@ -182,13 +189,8 @@ def _stuck(sock: typing.Any) -> bool:
     closed window (a reader that stopped reading), or sent and being retransmitted or probed for
     (a peer that stopped acknowledging). Unacknowledged bytes alone are in flight (the last round
     trip, a delayed ACK). Unknown (no TCP_INFO, a kernel before 4.6): not stuck."""
-    if sock.fileno() < 0:
-        return False
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-    except (OSError, ValueError):
-        return False
-    if len(info) < _TCPI_STALL.size:
+    info = _tcp_info(sock)
+    if info is None or len(info) < _TCPI_STALL.size:
         return False
     state, retransmits, probes, backoff, unacked, notsent = _TCPI_STALL.unpack_from(info)
     return bool(state != 0 and (notsent > 0 or (unacked > 0 and (retransmits or probes or backoff) > 0)))
