@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from sidemesh import __version__
-from sidemesh.config import ConfigError
+from sidemesh.config import ConfigError, metavar_for
 
 
 class CLIError(Exception):
@@ -53,10 +53,22 @@ def listen_error(exc: Exception, addresses: dict[str, str]) -> CLIError:
 
 Handler = Callable[[argparse.Namespace], int]
 
-# Exit codes: 0 success (authz check: allow), 1 a failure the command reports (authz check: deny,
-# demo --once: a step misbehaved, proxy wait: not ready in time), 2 bad usage or input it names
-# (CLIError, ConfigError, argparse), 130 interrupted, 70 (EX_SOFTWARE) an error it did not expect.
+# Exit codes, as grep's: 0 success (authz check: allow), 1 a negative answer the command reports
+# (authz check: deny, demo --once: a step misbehaved, proxy wait: not ready in time), 2 the command
+# could not do its job, whether the usage, the input or the environment is at fault (CLIError,
+# ConfigError, argparse: a CA that cannot be reached is not a deny), 130 interrupted, 141 its
+# output closed, 70 (EX_SOFTWARE) an error it did not expect.
 INTERNAL_ERROR = 70
+EXIT_STATUS = """\
+exit status:
+  0    success (authz check: allowed)
+  1    a negative answer the command reports (authz check: denied; proxy wait:
+       not ready in time; demo --once: a step did not behave as described)
+  2    the command could not do its job: bad usage or input, or something it
+       needs could not be reached or used (the message says what to do next)
+  70   an internal error (SIDEMESH_DEBUG=1 prints the traceback; please report it)
+  130  interrupted (Ctrl-C)
+"""
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -66,12 +78,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sidemesh",
         description="Sidemesh: a sidecar service mesh for Kubernetes (SPIFFE identities, mTLS, allow rules).",
+        epilog=EXIT_STATUS + "\n`sidemesh COMMAND --help` describes each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sidemesh {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     if command == _SIDECAR[0]:
         importlib.import_module(_SIDECAR[1]).register(sub)
-        return parser
+        return _name_values(parser)
     from importlib.metadata import entry_points
 
     commands = sorted(entry_points(group="sidemesh.commands"), key=lambda e: e.name)
@@ -86,6 +100,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, module in _OWN.items():
         if command in (None, name):
             importlib.import_module(module).register(sub)
+    return _name_values(parser)
+
+
+def _name_values(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every option of every command shows what its value looks like (``--ttl DURATION``,
+    ``--out-dir DIR``, ``--ca HOST:PORT``) the same way, where the command did not say it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _name_values(child)
+        elif action.option_strings and action.nargs != 0 and action.metavar is None and not action.choices:
+            action.metavar = metavar_for(action.dest, action.type)
     return parser
 
 

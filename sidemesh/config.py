@@ -36,8 +36,19 @@ class ConfigError(ValueError):
         self.option = option
 
 
-def option(default: Any, help: str, *, env: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, "env": env, "choices": choices})
+def option(
+    default: Any,
+    help: str,
+    *,
+    env: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A command's option (``metavar``: what its value looks like in --help, when the option's
+    name and type do not say it; see :func:`_metavar`)."""
+    return dataclasses.field(
+        default=default, metadata={"help": help, "env": env, "choices": choices, "metavar": metavar}
+    )
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -155,17 +166,67 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
             dest=f.name,
             default=None,
             choices=meta.get("choices"),
-            metavar=None if meta.get("choices") else _metavar(hints[f.name]),
+            metavar=None
+            if meta.get("choices")
+            else meta.get("metavar") or metavar_for(f.name, hints[f.name]),
             help=help_text.replace("%", "%%"),
         )
 
 
-def _metavar(kind: Any) -> str:
-    if kind is dt.timedelta:
+# What a value looks like, by the option's name where its type cannot say (every address option
+# ends in _listen or _address; the identities are NAMESPACE/SERVICEACCOUNT). The same names in
+# every command: the servers' options (add_arguments) and the others' (sidemesh.cli fills them in).
+_METAVARS = {
+    "ca": "HOST:PORT",
+    "token": "TOKEN",
+    "sequence": "N",
+    "port": "PORT",
+    "interval": "DURATION",
+    "timeout": "DURATION",
+    "trust_domain": "DOMAIN",
+    "identity": "NAMESPACE/SERVICEACCOUNT",
+    "workload": "NAMESPACE/NAME",
+    "service_account": "NAME",
+    "kubeconfig": "FILE",
+    "controller": "HOST:PORT",
+    "listen": "HOST:PORT",
+    "server_name": "DNS_NAME",
+    "controller_name": "DNS_NAME",
+    "app_host": "HOST",
+    "outbound": "LISTEN=SERVICE:PORT,...",
+    "dns_names": "DNS_NAME,...",
+    "control_plane_dns": "NAMESPACE/SERVICEACCOUNT=DNS_NAME,...",
+    "status_from": "CIDR,...",
+    "app_probes": "JSON",
+    "webhook_configuration": "NAME",
+}
+
+
+def metavar_for(name: str, kind: Any) -> str | None:
+    """``--max-connections N``, ``--config-dir DIR``, ``--access-log {true,false}``: what an option
+    takes, by its name and its type (a dataclass field's, or an argparse ``type``); None: argparse's
+    own, the name in capitals."""
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if name in _METAVARS:
+        return _METAVARS[name]
+    if kind is dt.timedelta or getattr(kind, "__name__", "") == "duration":  # (duration_arg)
         return "DURATION"
     if kind is bool:
-        return "BOOL"
-    return "VALUE"
+        return "{true,false}"  # (yes/no, on/off and 1/0 too)
+    if kind is int:
+        return "N"
+    if kind is float:
+        return "NUMBER"
+    if name.endswith(("_listen", "_address")):
+        return "HOST:PORT"
+    if name == "dir" or name.endswith("_dir"):
+        return "DIR"
+    if kind is Path or name.endswith(("_file", "_cert", "_key")):
+        return "FILE"
+    if typing.get_origin(kind) is tuple:
+        return "VALUE,..."
+    return None
 
 
 def load(

@@ -3,10 +3,12 @@ group (a sidecar, ``sidemesh proxy run``, does not carry the CA's or the injecto
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -390,3 +392,47 @@ def test_a_servers_help_has_an_example_and_the_tracing_variables(
         assert "OTEL_EXPORTER_OTLP_ENDPOINT" in text
     if command == ["proxy", "run"]:
         assert "POD_IP" in text
+
+
+def test_the_top_level_help_lists_every_exit_status_main_returns(capsys: pytest.CaptureFixture[str]) -> None:
+    """Scripts tell a deny (1) from a CA that cannot be reached (2) by the status alone: each one
+    main() can return is in `sidemesh --help`."""
+    import sidemesh.cli as cli
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    statuses = out.split("exit status:", 1)[1]
+    for code in (0, 1, 2, cli.INTERNAL_ERROR, 130):
+        assert f"\n  {code} " in statuses, (code, statuses)
+
+
+def _options(
+    parser: argparse.ArgumentParser, path: str = "sidemesh"
+) -> Iterator[tuple[str, argparse.Action]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _options(child, f"{path} {name}")
+        elif action.option_strings and action.nargs != 0 and not action.choices:
+            yield path, action
+
+
+def test_every_option_shows_what_its_value_looks_like() -> None:
+    """The servers' options all read `VALUE` (`--max-connections VALUE`, `--config-dir VALUE`), the
+    others' their own name (`--ttl TTL`, `--out-dir OUT_DIR`)."""
+    seen = 0
+    for where, action in _options(build_parser()):
+        seen += 1
+        metavar = action.metavar or action.dest.upper()  # (argparse's own: --from SOURCE)
+        shown = f"{where} {action.option_strings[-1]} {metavar}"
+        assert "VALUE" not in str(metavar), shown
+        if action.type is Path or action.dest.endswith(("_file", "_dir")):
+            assert metavar in ("FILE", "DIR"), shown
+        if getattr(action.type, "__name__", "") == "duration":
+            assert metavar == "DURATION", shown
+        if action.dest.endswith(("_listen", "_address")):
+            assert metavar == "HOST:PORT", shown
+        if action.dest.endswith(("_timeout", "_ttl", "_lifetime")):
+            assert metavar == "DURATION", shown
+    assert seen > 100, seen  # every command's options were walked
