@@ -41,6 +41,10 @@ class CaptureError(Exception):
     """Installing or removing the capture failed; the message says what to do about it."""
 
 
+class NotPermitted(CaptureError):
+    """iptables was refused for want of privileges (NET_ADMIN, NET_RAW): no backend can work."""
+
+
 def has_global_ipv6(path: Path = IF_INET6) -> bool:
     """Whether any interface but `lo` has an IPv6 address of global scope (scope 00; unique local
     addresses such as fd00::/8 count, link-local fe80::/10 does not)."""
@@ -123,7 +127,7 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> str:
     if proc.returncode != 0:
         err = proc.stderr.strip() or proc.stdout.strip() or "no output"
         if any(marker in err.lower() for marker in _DENIED):
-            raise CaptureError(f"`{command}` was not permitted ({err}): {_NEED_NET_ADMIN}")
+            raise NotPermitted(f"`{command}` was not permitted ({err}): {_NEED_NET_ADMIN}")
         if any(marker in err.lower() for marker in _NO_NF_TABLES):
             err += (
                 " (the node's kernel has no nf_tables: use the legacy backend, --iptables-mode legacy "
@@ -158,6 +162,8 @@ def detect_backend() -> tuple[str, str]:
             continue
         try:
             text = _run([save])
+        except NotPermitted:
+            raise  # (not a backend that does not work: the container lacks NET_ADMIN)
         except CaptureError as exc:
             failed[backend] = str(exc)
             continue

@@ -69,6 +69,23 @@ def test_the_backend_is_the_one_holding_rules_or_the_one_that_works(
     assert backend == expected, why
 
 
+def test_without_net_admin_the_backend_choice_says_so_and_blames_no_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without NET_ADMIN iptables-nft-save is refused while the legacy one may read: "nf_tables not
+    usable" was logged and the legacy backend chosen, before the NET_ADMIN error came."""
+    from proxy.iptables import apply
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake(bin_dir, "iptables-legacy-save", "exit 0\n")
+    denied = "iptables-nft-save v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied (you must be root)"
+    _fake(bin_dir, "iptables-nft-save", f"echo '{denied}' >&2; exit 4\n")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(apply.NotPermitted, match="NET_ADMIN"):
+        apply.detect_backend()
+
+
 def test_a_legacy_lock_goes_to_dev_shm_when_run_is_read_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
