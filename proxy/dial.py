@@ -108,10 +108,10 @@ async def dial_sidecar(
     set_keepalive(transport.get_extra_info("socket"))
     ssl_object = transport.get_extra_info("ssl_object")
     try:
-        peer = tls.peer_spiffe_id(ssl_object)
+        peer = tls.peer_spiffe_id(ssl_object, sc.config.trust_domain)
     except tls.PeerIdentityError as exc:
         reset(transport)
-        sc.metrics.tls_failures.labels("outbound", "no_spiffe_id").inc()
+        sc.metrics.tls_failures.labels("outbound", exc.label).inc()
         raise DialError(f"{where}: {exc}") from exc
     if peer != ep.identity:  # secure naming
         reset(transport)

@@ -66,6 +66,18 @@ async def _accept_mesh(sc: Sidecar, relay: Relay, conn: socket.socket) -> tuple[
     down.on_end = ended
     down.open_first = True  # (DATA before OPEN was taken, and buffered before any policy)
     relay.on_fail = down.abort
+    try:
+        return await _handshake_and_open(sc, relay, conn, down, opened)
+    finally:  # refused before OPEN was awaited: an end that comes later sets nothing unread
+        if not opened.done():
+            opened.cancel()
+        elif not opened.cancelled():
+            opened.exception()  # (retrieved: asyncio logs an exception nobody read)
+
+
+async def _handshake_and_open(
+    sc: Sidecar, relay: Relay, conn: socket.socket, down: Pipe, opened: asyncio.Future[tuple[int, int]]
+) -> tuple[Pipe, Peer, int, int]:
     timeout = sc.config.connect_timeout.total_seconds()
     try:
         transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
@@ -86,9 +98,9 @@ async def _accept_mesh(sc: Sidecar, relay: Relay, conn: socket.socket) -> tuple[
         sc.metrics.tls_failures.labels("inbound", "wrong_alpn").inc()
         raise Refused(f"TLS without ALPN {tls.ALPN} (negotiated: {ssl_object.selected_alpn_protocol()})")
     try:
-        spiffe_id = tls.peer_spiffe_id(ssl_object)
-    except tls.PeerIdentityError:
-        sc.metrics.tls_failures.labels("inbound", "no_spiffe_id").inc()
+        spiffe_id = tls.peer_spiffe_id(ssl_object, sc.config.trust_domain)
+    except tls.PeerIdentityError as exc:
+        sc.metrics.tls_failures.labels("inbound", exc.label).inc()
         raise
     relay.info["source"] = str(spiffe_id)
     try:

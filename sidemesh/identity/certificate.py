@@ -71,7 +71,10 @@ class Certificate:
     subject: str  # RFC 4514, as cryptography's rfc4514_string writes it
     public_key_info: bytes = field(repr=False)  # the SubjectPublicKeyInfo, exactly as encoded
     is_ca: bool  # basicConstraints cA (False without the extension)
-    key_cert_sign: bool  # keyUsage bits (False without the extension)
+    basic_constraints: bool  # the extension is there
+    key_usage: bool  # the extension is there
+    digital_signature: bool  # keyUsage bits (False without the extension)
+    key_cert_sign: bool
     crl_sign: bool
     has_san: bool
     uris: tuple[str, ...]  # the subjectAltName's uniformResourceIdentifier names, in order
@@ -156,6 +159,9 @@ def _parse(data: bytes) -> Certificate:
         subject=_rfc4514(data, subject),
         public_key_info=data[spki[3] : spki[2]],
         is_ca=extensions.is_ca,
+        basic_constraints=extensions.basic_constraints,
+        key_usage=extensions.key_usage,
+        digital_signature=extensions.digital_signature,
         key_cert_sign=extensions.key_cert_sign,
         crl_sign=extensions.crl_sign,
         has_san=extensions.has_san,
@@ -224,6 +230,7 @@ class _Extensions:
 
     def __init__(self) -> None:
         self.is_ca = self.key_cert_sign = self.crl_sign = self.has_san = False
+        self.basic_constraints = self.key_usage = self.digital_signature = False
         self.uris: list[str] = []
         self.dns_names: list[str] = []
         self.error: str | None = None
@@ -259,10 +266,13 @@ class _Extensions:
                 if flag not in (b"\x00", b"\xff"):
                     raise DERError("cA is not a DER BOOLEAN")
                 self.is_ca = flag == b"\xff"
+            self.basic_constraints = True
         elif oid == _KEY_USAGE:
             tag, start, end = der.read(value)
             if tag != der.BIT_STRING or end != len(value) or end - start < 2 or value[start] > 7:
                 raise DERError("keyUsage is not a BIT STRING with bits set")
+            self.key_usage = True
+            self.digital_signature = bool(value[start + 1] & 0x80)  # bit 0
             self.key_cert_sign = bool(value[start + 1] & 0x04)  # bit 5
             self.crl_sign = bool(value[start + 1] & 0x02)  # bit 6
         elif oid == _SUBJECT_ALT_NAME:

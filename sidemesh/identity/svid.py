@@ -78,14 +78,21 @@ def new_request(spiffe_id: SpiffeId, dns_names: tuple[str, ...] = ()) -> tuple[P
 
 def spiffe_id_of(cert: Certificate) -> SpiffeId:
     """The SPIFFE ID of a leaf X.509-SVID, validated as the X509-SVID standard's leaf validation
-    (section 5.2) says: not a CA, no keyCertSign or cRLSign, exactly one URI SAN, a SPIFFE ID with
-    a path below the trust domain. The chain itself is the TLS library's to verify."""
+    (section 5.2) and profile (4.1, 4.3) say: basicConstraints with cA false, a key usage with
+    digitalSignature and without keyCertSign or cRLSign, exactly one URI SAN, a SPIFFE ID with a
+    path below the trust domain (as py-spiffe and rust-spiffe check; go-spiffe lets a leaf without
+    the two extensions pass). The chain itself is the TLS library's to verify."""
     if cert.extension_error is not None:
         raise SvidError(f"certificate extensions cannot be read: {cert.extension_error}")
     if cert.is_ca:
         raise SvidError("certificate is a CA (basicConstraints CA:true), not a leaf SVID")
+    if not cert.basic_constraints:
+        raise SvidError("a leaf SVID has basicConstraints with cA false (X509-SVID 4.1); this one has none")
     if cert.key_cert_sign or cert.crl_sign:
         raise SvidError("a leaf SVID must not have keyCertSign or cRLSign in its key usage")
+    if not cert.digital_signature:
+        what = "has no key usage" if not cert.key_usage else "has a key usage without digitalSignature"
+        raise SvidError(f"a leaf SVID's key usage includes digitalSignature (X509-SVID 4.3); this one {what}")
     if not cert.has_san:
         raise SvidError("certificate has no subjectAltName")
     uris = cert.uris

@@ -26,6 +26,14 @@ ALPN = "sidemesh/1"
 class PeerIdentityError(ssl.SSLError):
     """The peer's certificate carries no usable SPIFFE ID."""
 
+    label = "no_spiffe_id"  # (the TLS failures metric's reason)
+
+
+class OtherTrustDomain(PeerIdentityError):
+    """The peer's SPIFFE ID is of a trust domain the bundle does not vouch for."""
+
+    label = "other_trust_domain"
+
 
 def _load_chain_in_memory(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
     fd = os.memfd_create("sidemesh-svid", os.MFD_CLOEXEC)
@@ -105,6 +113,15 @@ def spiffe_id_from_der(der: bytes | None) -> SpiffeId:
     return got
 
 
-def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
-    """The verified peer's SPIFFE ID (the handshake has already checked the chain)."""
-    return spiffe_id_from_der(ssl_object.getpeercert(binary_form=True))
+def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket, trust_domain: str) -> SpiffeId:
+    """The verified peer's SPIFFE ID (the handshake has already checked the chain), which must be
+    of ``trust_domain``: the bundle holds that trust domain's roots only, and an SVID is valid
+    only when its own trust domain's bundle vouches for it (SPIFFE X509-SVID 5, as go-spiffe and
+    Envoy verify). A root that names no trust domain (an operator's own PKI) may sign other trust
+    domains' leaves too: those are refused here, whatever the policy."""
+    spiffe_id = spiffe_id_from_der(ssl_object.getpeercert(binary_form=True))
+    if spiffe_id.trust_domain != trust_domain:
+        raise OtherTrustDomain(
+            f"peer {spiffe_id} is not of trust domain {trust_domain} (the trust bundle vouches for it alone)"
+        )
+    return spiffe_id

@@ -204,17 +204,24 @@ async def test_one_attackers_refusal_does_not_disturb_a_valid_client(
     assert b"SECRET" in replies[-1] and app.connections == 1
 
 
-async def test_a_caller_of_another_trust_domain_is_not_told_the_policy(
-    target: tuple[Mesh, Sidecar, CountingApp],
+async def test_a_caller_of_another_trust_domain_signed_by_a_root_in_the_bundle_is_refused(
+    target: tuple[Mesh, Sidecar, CountingApp], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Signed by a CA in the bundle but of another trust domain (federation, a shared root): it is
-    not a caller of this mesh, so its refusal names no policy (opaque connections too)."""
-    mesh, _, app = target
+    """Signed by a CA in the bundle but of another trust domain (a shared root that names no trust
+    domain): an SVID is valid only under its own trust domain's bundle (X509-SVID 5; go-spiffe and
+    Envoy refuse it), so it is refused as the handshake ends, told nothing, whatever the policy
+    (it was an authenticated caller that the allow-all default let in)."""
+    mesh, cart, app = target
     other = SpiffeId.parse("spiffe://other.example/ns/shop/sa/frontend")
-    reply = await _attempt(mesh, tls.client_context(pki.make_svid(mesh.ca.authority, other)))
+    with caplog.at_level(logging.WARNING, logger="sidemesh.proxy"):
+        reply = await _attempt(mesh, tls.client_context(pki.make_svid(mesh.ca.authority, other)))
     _refused(app, reply)
-    assert reply[:1] == bytes([framing.DENY]) and b"callers outside the mesh are told no more" in reply
-    assert b"cart-allow-frontend" not in reply
+    assert reply == b""  # no DENY frame: refused before any policy
+    assert cart.metrics.tls_failures.labels("inbound", "other_trust_domain")._value.get() == 1
+    assert cart.metrics.denials.labels("default")._value.get() == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    told = [r.reason for r in caplog.records if r.getMessage() == "inbound connection refused"]  # type: ignore[attr-defined]
+    assert told and "is not of trust domain cluster.local" in told[0], told
 
 
 async def test_a_connection_iptables_did_not_redirect_is_refused_cleanly(

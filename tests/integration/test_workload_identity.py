@@ -53,7 +53,7 @@ class EchoServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await writer.start_tls(self.context())
-            self.peers.append(tls.peer_spiffe_id(writer.get_extra_info("ssl_object")))
+            self.peers.append(tls.peer_spiffe_id(writer.get_extra_info("ssl_object"), "cluster.local"))
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
@@ -119,7 +119,9 @@ async def test_two_workloads_talk_mtls_and_see_each_others_identity(
         reader, writer = await connect(server.port, frontend.client_context())
         assert await roundtrip(reader, writer, b"hello cart") == b"hello cart"
         ssl_object = writer.get_extra_info("ssl_object")
-        assert tls.peer_spiffe_id(ssl_object) == CART  # secure naming: the client checks who answered
+        assert (
+            tls.peer_spiffe_id(ssl_object, "cluster.local") == CART
+        )  # secure naming: the client checks who answered
         assert ssl_object.selected_alpn_protocol() == "sidemesh/1"
         assert ssl_object.version() == "TLSv1.3"
         # The loop moved those bytes through the C methods themselves (no Python frame per record).
@@ -191,6 +193,10 @@ def _der(cert: x509.Certificate) -> bytes:
         (["spiffe://a/x", "spiffe://a/y"], {}, "exactly one URI SAN"),
         ([], {}, "exactly one URI SAN"),
         (["https://cart.shop"], {}, "not a SPIFFE ID"),
+        # X509-SVID 4.1 and 4.3 (py-spiffe and rust-spiffe refuse these; OpenSSL lets them by)
+        ([str(CART)], {"digital_signature": False}, "without digitalSignature"),
+        ([str(CART)], {"key_usage": False}, "has no key usage"),
+        ([str(CART)], {"basic_constraints": False}, "basicConstraints with cA false"),
     ],
 )
 def test_a_peer_certificate_must_be_a_leaf_svid(
@@ -244,6 +250,10 @@ def test_a_peer_san_with_other_names_is_read_and_a_malformed_one_refused_cleanly
         .not_valid_before(now)
         .not_valid_after(now + dt.timedelta(hours=1))
         .add_extension(san, critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        )
         .sign(authority.key, hashes.SHA256())
     )
     if isinstance(expected, SpiffeId):
@@ -574,7 +584,7 @@ async def test_a_root_of_another_trust_domain_in_the_bundle_file_cannot_vouch_fo
             conn, _ = listener.accept()
             try:
                 with wi.server_context().wrap_socket(conn, server_side=True) as s:
-                    seen.append(tls.peer_spiffe_id(s))
+                    seen.append(tls.peer_spiffe_id(s, "cluster.local"))
             except (ssl.SSLError, OSError) as exc:
                 seen.append(str(exc))
 

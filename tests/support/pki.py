@@ -140,12 +140,16 @@ def leaf_with(
     ca: bool = False,
     key_cert_sign: bool = False,
     crl_sign: bool = False,
+    digital_signature: bool = True,
+    basic_constraints: bool = True,
+    key_usage: bool = True,
     key: ec.EllipticCurvePrivateKey | None = None,
 ) -> x509.Certificate:
     """A certificate our CA signed (for ``key``, default a new one), with the leaf profile bent: a
-    CA flag, signing key usages, any URI SANs (the negative twins of the X509-SVID leaf checks)."""
+    CA flag, signing key usages, no digitalSignature, either extension left out, any URI SANs (the
+    negative twins of the X509-SVID leaf checks)."""
     key = key or templates.new_key()
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))
         .issuer_name(authority.cert.subject)
@@ -153,14 +157,17 @@ def leaf_with(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now() - dt.timedelta(minutes=1))
         .not_valid_after(now() + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(
+    )
+    if basic_constraints:
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    if key_usage:
+        builder = builder.add_extension(
             x509.KeyUsage(
-                digital_signature=True,
+                digital_signature=digital_signature,
                 content_commitment=False,
                 key_encipherment=False,
                 data_encipherment=False,
-                key_agreement=False,
+                key_agreement=not digital_signature,  # (a key usage needs a bit set)
                 key_cert_sign=key_cert_sign,
                 crl_sign=crl_sign,
                 encipher_only=False,
@@ -168,7 +175,8 @@ def leaf_with(
             ),
             critical=True,
         )
-        .add_extension(
+    return (
+        builder.add_extension(
             # No URI: a DNS name alone (cryptography 51 refuses an empty SAN, as RFC 5280 does).
             x509.SubjectAlternativeName(
                 [x509.UniformResourceIdentifier(u) for u in uris] or [x509.DNSName("cart.shop")]
