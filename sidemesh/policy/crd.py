@@ -6,10 +6,11 @@ directory source, `sidemesh authz check` on files) and must never be less strict
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
-from sidemesh.policy.model import Authorization, HTTPMatch, Mode, Rule, Source
+from sidemesh.policy.model import Authorization, HTTPMatch, LabelExpression, Mode, Rule, Source
 from sidemesh.policy.paths import normalize_path
 
 API_VERSION = "sidemesh.io/v1alpha1"
@@ -27,6 +28,8 @@ MAX_RULES = MAX_SOURCES = MAX_PORTS = MAX_PATHS = MAX_LABELS = 64
 MAX_METHODS = 16
 MAX_PATH_LENGTH = 1024
 MAX_LABEL_VALUE = 63
+MAX_LABEL_KEY = 317  # a DNS subdomain prefix (253), a slash, a name (63)
+MAX_EXPRESSIONS = 16
 MAX_NAME = {"serviceAccount": 254, "namespace": 64}
 
 
@@ -188,6 +191,11 @@ def stand_in(
     readable = isinstance(labels, dict) and all(
         isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
     )
+    expressions: tuple[LabelExpression, ...] = ()
+    if readable and isinstance(selector, dict) and "matchExpressions" in selector:
+        # (unreadable: the labels alone, which select more: still allowing nothing)
+        with contextlib.suppress(PolicyError):
+            expressions = _expressions(selector["matchExpressions"], "matchExpressions")
     return Authorization(
         name=name,
         namespace=namespace,
@@ -195,7 +203,40 @@ def stand_in(
         rules=(),
         mode=Mode.AUDIT if spec.get("mode") == Mode.AUDIT.value else Mode.ENFORCE,
         invalid=error or "invalid",
+        expressions=expressions,
     )
+
+
+OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+def _expressions(raw: Any, where: str) -> tuple[LabelExpression, ...]:
+    """A selector's matchExpressions, checked as Kubernetes checks a LabelSelector: In and NotIn
+    with at least one value, Exists and DoesNotExist with none."""
+    out = []
+    for i, item in enumerate(_list(raw, where, limit=MAX_EXPRESSIONS)):
+        at = f"{where}[{i}]"
+        doc = _mapping(item, at, {"key", "operator", "values"})
+        key, operator = doc.get("key"), doc.get("operator")
+        if not isinstance(key, str) or not key:
+            raise PolicyError(f"{at}.key", "needs a label key (a non-empty string)")
+        if len(key) > MAX_LABEL_KEY:
+            raise PolicyError(
+                f"{at}.key", f"is {len(key)} characters long, at most {MAX_LABEL_KEY} are allowed"
+            )
+        if operator not in OPERATORS:
+            raise PolicyError(f"{at}.operator", f"{operator!r} is not one of {', '.join(OPERATORS)}")
+        values = _list(doc.get("values", []), f"{at}.values", limit=MAX_LABELS)
+        if not all(isinstance(v, str) for v in values):
+            raise PolicyError(f"{at}.values", "must be strings")
+        if any(len(v) > MAX_LABEL_VALUE for v in values):
+            raise PolicyError(f"{at}.values", f"values of at most {MAX_LABEL_VALUE} characters")
+        if operator in ("In", "NotIn") and not values:
+            raise PolicyError(at, f"{operator} needs values; Exists and DoesNotExist take none")
+        if operator in ("Exists", "DoesNotExist") and values:
+            raise PolicyError(at, f"{operator} takes no values; In and NotIn need them")
+        out.append(LabelExpression(key, operator, tuple(values)))
+    return tuple(out)
 
 
 def parse(doc: Any, default_namespace: str | None = None) -> Authorization:
@@ -214,7 +255,7 @@ def parse(doc: Any, default_namespace: str | None = None) -> Authorization:
     if "spec" not in top:
         raise PolicyError(where, "must be an object (it is missing)")
     spec = _mapping(top["spec"], where, {"selector", "rules", "mode"})
-    selector = _mapping(spec.get("selector", {}), f"{where}.selector", {"matchLabels"})
+    selector = _mapping(spec.get("selector", {}), f"{where}.selector", {"matchLabels", "matchExpressions"})
     raw_labels = selector.get("matchLabels", {})
     labels = _mapping(  # any key is allowed; _mapping refuses what is not a mapping
         raw_labels,
@@ -228,6 +269,7 @@ def parse(doc: Any, default_namespace: str | None = None) -> Authorization:
             f"{where}.selector.matchLabels",
             f"at most {MAX_LABELS} labels, values of at most {MAX_LABEL_VALUE} characters",
         )
+    expressions = _expressions(selector.get("matchExpressions", []), f"{where}.selector.matchExpressions")
     rules = tuple(
         _rule(r, f"{where}.rules[{i}]") for i, r in enumerate(_list(spec.get("rules", []), f"{where}.rules"))
     )
@@ -236,5 +278,10 @@ def parse(doc: Any, default_namespace: str | None = None) -> Authorization:
     except ValueError:
         raise PolicyError(f"{where}.mode", f"{spec.get('mode')!r} is not enforce or audit") from None
     return Authorization(
-        name=name, namespace=namespace, selector=tuple(sorted(labels.items())), rules=rules, mode=mode
+        name=name,
+        namespace=namespace,
+        selector=tuple(sorted(labels.items())),
+        rules=rules,
+        mode=mode,
+        expressions=expressions,
     )

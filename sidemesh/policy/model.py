@@ -43,6 +43,26 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class LabelExpression:
+    """One of a selector's matchExpressions, as Kubernetes reads a LabelSelectorRequirement: In
+    (the label is there, with one of the values), NotIn (absent, or none of them), Exists,
+    DoesNotExist."""
+
+    key: str
+    operator: str
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        if self.operator == "In":
+            return self.key in labels and labels[self.key] in self.values
+        if self.operator == "NotIn":
+            return self.key not in labels or labels[self.key] not in self.values
+        if self.operator == "Exists":
+            return self.key in labels
+        return self.key not in labels  # DoesNotExist
+
+
+@dataclass(frozen=True, slots=True)
 class Authorization:
     name: str
     namespace: str
@@ -51,13 +71,18 @@ class Authorization:
     mode: Mode = Mode.ENFORCE
     # Non-empty: the resource could not be read (why). It stands in allowing nothing (crd.stand_in).
     invalid: str = ""
+    expressions: tuple[LabelExpression, ...] = ()  # matchExpressions: all must hold, and matchLabels
 
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
 
     def selects(self, namespace: str, labels: dict[str, str]) -> bool:
-        return namespace == self.namespace and all(labels.get(k) == v for k, v in self.selector)
+        return (
+            namespace == self.namespace
+            and all(labels.get(k) == v for k, v in self.selector)
+            and all(e.matches(labels) for e in self.expressions)
+        )
 
 
 @dataclass(frozen=True, slots=True)

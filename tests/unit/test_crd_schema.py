@@ -347,6 +347,10 @@ def mode(value: Json) -> Json:
     return {**to(), "mode": value}
 
 
+def exprs(*expressions: Json) -> Json:
+    return {**to(), "selector": {"matchLabels": {"app": "cart"}, "matchExpressions": list(expressions)}}
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -381,6 +385,8 @@ NOT_A_NAME = "is not a Kubernetes name"
 NOT_A_PATH = "is not a path: it starts with / and may end in \\*"
 NO_MATCH = "does not match"
 LABEL = "spec.selector.matchLabels.v"
+EXPR = "spec.selector.matchExpressions[0]"
+NEED_VALUES = "In and NotIn need values; Exists and DoesNotExist take none"
 STRINGS = "keys and values must be strings"
 ANY_METHOD = "crd.py accepts any upper-case word as a method; the CRD the nine standard ones"
 NO_LIMITS = "crd.py enforces none of the CRD's size limits (maxItems, maxLength, maxProperties)"
@@ -419,6 +425,19 @@ CASES = [
     good("prefixed label key, empty value", {"selector": {"matchLabels": {"app.kubernetes.io/name": "", "x": ""}}}),
     good("names at the length limits", source(namespace="n" * 63 + "*", serviceAccount="s" * 253 + "*")),
     good("the status the controller writes", to(), status={"conditions": [ACCEPTED], "selectedWorkloads": 3}),
+    # A Deployment's kind of selector: matchExpressions (pruned before the CRD knew them: every workload).
+    good("every operator", exprs({"key": "app", "operator": "In", "values": ["cart", "basket"]},
+                                 {"key": "tier", "operator": "NotIn", "values": ["test"]},
+                                 {"key": "mesh", "operator": "Exists"},
+                                 {"key": "legacy", "operator": "DoesNotExist", "values": []})),
+    bad("In without values", exprs({"key": "app", "operator": "In"}), EXPR, NEED_VALUES, "In needs values"),
+    bad("In with no values", exprs({"key": "app", "operator": "In", "values": []}), EXPR, NEED_VALUES, "In needs values"),
+    bad("Exists with values", exprs({"key": "app", "operator": "Exists", "values": ["a"]}), EXPR, NEED_VALUES, "Exists takes no values"),
+    bad("an unknown operator", exprs({"key": "app", "operator": "Equals", "values": ["a"]}), f"{EXPR}.operator", "'Equals' is not one of", "'Equals' is not one of In"),
+    bad("an expression without a key", exprs({"operator": "Exists"}), EXPR, "'key' is a required property", r"\.key: needs a label key"),
+    bad("an empty key", exprs({"key": "", "operator": "Exists"}), f"{EXPR}.key", "should be non-empty", r"\.key: needs a label key"),
+    unknown("an expression's field misspelt", exprs({"key": "a", "operator": "Exists", "value": ["x"]}), EXPR, "value"),
+    bad("17 expressions", exprs(*[{"key": f"k{i}", "operator": "Exists"} for i in range(17)]), "spec.selector.matchExpressions", "is too long", "at most 16"),
     # Who: a rule names somebody, in one way.
     bad("a source that names nobody", source(), SRC, NAMES_NOBODY, r"from\[0\]: names nobody"),
     bad("unauthenticated: false alone", source(unauthenticated=False), SRC, NAMES_NOBODY, "names nobody"),
@@ -575,6 +594,38 @@ def test_a_misspelt_source_is_pruned_into_one_that_names_nobody() -> None:
     assert api_server_errors(pruned) == [f"spec.rules[0].from[0]: {NAMES_NOBODY}"]
 
 
+def test_match_expressions_are_kept_and_select_as_kubernetes_does() -> None:
+    """The schema did not know matchExpressions: without strict validation the API server pruned
+    them, and `selector: {}` selected every workload of the namespace (the policy's rules then
+    applied to workloads it was never meant for)."""
+    spec = exprs(
+        {"key": "tier", "operator": "NotIn", "values": ["test"]},
+        {"key": "version", "operator": "In", "values": ["v1", "v2"]},
+        {"key": "legacy", "operator": "DoesNotExist"},
+    )
+    doc = doc_with(spec)
+    assert prune(doc, schema()) == doc
+    policy = crd.parse(doc)
+    assert policy.selects("shop", {"app": "cart", "version": "v1"})
+    assert policy.selects("shop", {"app": "cart", "version": "v2", "tier": "prod"})
+    assert not policy.selects("shop", {"app": "cart", "version": "v1", "tier": "test"})  # NotIn
+    assert not policy.selects("shop", {"app": "cart", "version": "v3"})  # In
+    assert not policy.selects("shop", {"app": "cart"})  # In: the label must be there
+    assert not policy.selects("shop", {"app": "cart", "version": "v1", "legacy": ""})  # DoesNotExist
+    assert not policy.selects("shop", {"app": "payments-db", "version": "v1"})  # matchLabels too
+    assert not policy.selects("other", {"app": "cart", "version": "v1"})
+    # Unreadable expressions: the stand-in selects by the labels alone (more workloads, nothing allowed).
+    broken = doc_with(
+        {**spec, "selector": {"matchLabels": {"app": "cart"}, "matchExpressions": [{"key": "x"}]}}
+    )
+    with pytest.raises(crd.PolicyError):
+        crd.parse(broken)
+    stand_in = crd.stand_in(broken, "invalid")
+    assert (
+        stand_in is not None and stand_in.rules == () and stand_in.selects("shop", {"app": "cart", "x": "1"})
+    )
+
+
 # --- the examples --------------------------------------------------------------------------------
 
 
@@ -620,6 +671,7 @@ NULL_CASES = {
     "a label value": "selector-tier",
     "matchLabels": "selector-null-labels",
     "selector": "selector-null",
+    "matchExpressions": "selector-null-expressions",
     "to": {"from": [{"serviceAccount": "frontend"}], "to": None},
     "ports": {"from": [{"serviceAccount": "frontend"}], "to": {"ports": None}},
     "http": {"from": [{"serviceAccount": "frontend"}], "to": {"http": None}},
@@ -639,6 +691,8 @@ def _null_doc(case: Json) -> Json:
         spec["selector"]["matchLabels"] = None
     elif case == "selector-null":
         spec["selector"] = None
+    elif case == "selector-null-expressions":
+        spec["selector"]["matchExpressions"] = None
     else:
         spec["rules"] = [case]
     return {

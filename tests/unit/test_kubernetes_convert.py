@@ -433,7 +433,7 @@ ALLOW = Authorization("allow", "shop", (("app", "cart"),), (Rule((Source(service
         pytest.param(
             authorization("allow", spec={"selector": {"app": "cart"}}),
             None,
-            "ServiceAuthorization shop/allow: spec.selector: unknown field(s) app (allowed: matchLabels)",
+            "ServiceAuthorization shop/allow: spec.selector: unknown field(s) app (allowed: matchExpressions, matchLabels)",
             id="selector-without-matchlabels",
         ),
     ],
