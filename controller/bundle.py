@@ -347,6 +347,20 @@ class BundlePublisher:
 
     async def _write(self, write: Write, uid: str, bundle: str) -> None:
         ns = write.namespace
+        if write.verb == "replace" and write.body.get("immutable") is True:
+            # The API server refuses any change to its data (422, "field is immutable"), every
+            # round for good; only deleting it lets the controller create it anew.
+            log.warning(
+                "cannot publish the trust bundle in this namespace: its ConfigMap is immutable; trying "
+                "again next round",
+                extra={
+                    "namespace": ns,
+                    "configmap": CONFIGMAP_NAME,
+                    "hint": f"kubectl -n {ns} delete configmap {CONFIGMAP_NAME} (the controller creates it "
+                    "again, mutable, with the current roots)",
+                },
+            )
+            return
         try:
             if write.verb == "create":
                 await self._call(self._core.create_namespaced_config_map, ns, write.body)

@@ -211,6 +211,25 @@ async def test_a_failing_namespace_does_not_stop_the_others(publish: Start, root
     assert len(api.configmap_requests("POST")) == 3
 
 
+async def test_an_immutable_configmap_is_reported_with_the_way_out(
+    publish: Start, roots: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API server refuses any change to an immutable ConfigMap's data (422): it was replaced
+    every round for good, logged with the hint for a missing permission. Now nothing is sent; the
+    log says how to let the controller write it (delete it), and once deleted it comes back."""
+    stale = config_map(CONFIGMAP_NAME, "shop", {BUNDLE_KEY: roots[1]}, immutable=True)
+    api = FakeWatchAPI([namespace("shop", labels=MESHED), stale])
+    with caplog.at_level(logging.WARNING, logger="sidemesh"):
+        run = await publish(api)
+        await run.after_rounds(2)
+    assert api.configmap_requests("PUT") == [] and bundle_in(api, "shop") == roots[1]
+    told = [r for r in caplog.records if "its ConfigMap is immutable" in r.getMessage()]
+    assert told and f"delete configmap {CONFIGMAP_NAME}" in told[0].hint  # type: ignore[attr-defined]
+    api.delete("ConfigMap", "shop", CONFIGMAP_NAME)
+    await eventually(lambda: bundle_in(api, "shop") == roots[0])
+    assert "immutable" not in api.get("ConfigMap", "shop", CONFIGMAP_NAME)
+
+
 async def test_a_failing_namespace_list_is_retried_next_round(publish: Start) -> None:
     api = FakeWatchAPI([namespace("shop", labels=MESHED)])
     api.fail_lists["namespaces"] = 2

@@ -495,6 +495,15 @@ class FakeWatchAPI:
                         "please apply your changes to the latest version and try again",
                         details,
                     )
+                if old.get("immutable") is True and (
+                    body.get("data") != old.get("data") or body.get("binaryData") != old.get("binaryData")
+                ):  # (ValidateConfigMapUpdate)
+                    return 422, status(
+                        422,
+                        "Invalid",
+                        f'ConfigMap "{name}" is invalid: data: Forbidden: field is immutable when `immutable` is set',
+                        details,
+                    )
             obj = copy.deepcopy(body)
             obj["kind"], obj["apiVersion"] = "ConfigMap", "v1"
             obj["metadata"]["namespace"] = namespace
@@ -610,11 +619,13 @@ def namespace(
     return {"kind": "Namespace", "metadata": meta}
 
 
-def config_map(name: str, ns: str, data: dict[str, str], labels: dict[str, str] | None = None) -> Obj:
+def config_map(
+    name: str, ns: str, data: dict[str, str], labels: dict[str, str] | None = None, immutable: bool = False
+) -> Obj:
     meta: Obj = {"name": name, "namespace": ns}
     if labels is not None:
         meta["labels"] = labels
-    return {"kind": "ConfigMap", "metadata": meta, "data": data}
+    return {"kind": "ConfigMap", "metadata": meta, "data": data, **({"immutable": True} if immutable else {})}
 
 
 def service_account(name: str, ns: str = "shop") -> Obj:
