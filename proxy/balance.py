@@ -33,6 +33,7 @@ picked (callers pass the current :class:`Destination`), and its leases still rel
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -171,6 +172,7 @@ class Balancer:
         max_failures: int = MAX_FAILURES,
         ejection_s: float = EJECTION_S,
         max_ejection_s: float = MAX_EJECTION_S,
+        client: str = "",
     ) -> None:
         if max_failures < 1 or ejection_s <= 0 or max_ejection_s < ejection_s:
             raise ValueError("max_failures >= 1 and 0 < ejection_s <= max_ejection_s are required")
@@ -181,6 +183,7 @@ class Balancer:
         self.max_ejection_s = max_ejection_s
         self.states: dict[Key, EndpointState] = {}
         self._acquired = 0
+        self.client = client  # who calls (the pod's IP): sessionAffinity ClientIP hashes it
 
     def state(self, endpoint: Endpoint) -> EndpointState | None:
         return self.states.get((endpoint.address, endpoint.port))
@@ -218,6 +221,8 @@ class Balancer:
         if len(endpoints) == 1:
             ep = endpoints[0]
             st = self._state_of(ep, dest, now)
+        elif dest.client_ip_affinity:
+            ep, st = self._sticky(dest, now, avoid)
         else:
             ep, st = self._choose(dest, now, avoid)
         probe = st.ejected_until is not None and now >= st.ejected_until and not st.probing
@@ -245,6 +250,21 @@ class Balancer:
         else:
             x, y = self.rng.sample(candidates, 2)
             i = x if states[x].load(now) <= states[y].load(now) else y
+        return eps[i], states[i]
+
+    def _sticky(
+        self, dest: Destination, now: float, avoid: Collection[Endpoint]
+    ) -> tuple[Endpoint, EndpointState]:
+        """sessionAffinity ClientIP: the same endpoint for every connection and request of this
+        caller, as Istio configures Envoy (a consistent hash of the source IP): the usable endpoint
+        of highest rendezvous weight for (caller, endpoint). Ejected, avoided (a retry) or gone,
+        the next one takes over, and only this endpoint's callers move. kube-proxy's timeoutSeconds
+        does not apply (nor in Istio): the choice lasts as long as the endpoint does."""
+        eps = dest.endpoints
+        states = [self._state_of(e, dest, now) for e in eps]
+        usable = [i for i, s in enumerate(states) if s.available(now)]
+        candidates = [i for i in usable if eps[i] not in avoid] or usable or list(range(len(eps)))
+        i = max(candidates, key=lambda i: _weight(self.client, eps[i]))
         return eps[i], states[i]
 
     def _record(self, lease: Lease, st: EndpointState, ok: bool, latency: float) -> None:
@@ -298,3 +318,9 @@ class Balancer:
                 and (st.ejected_until is None or now >= st.ejected_until)
             ):
                 del self.states[key]
+
+
+def _weight(client: str, endpoint: Endpoint) -> int:
+    """Rendezvous (highest random weight) hashing: stable across restarts, unlike hash()."""
+    key = f"{client}|{endpoint.address}|{endpoint.port}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")

@@ -249,7 +249,11 @@ class Sidecar:
         self.relays: set[Relay] = set()
         self._counted_pipes: weakref.WeakSet[Pipe] = weakref.WeakSet()  # pooled and app connections
         self.heap_trimmer = heap.Trimmer()
-        self.balancer = Balancer()  # endpoint choice and outlier ejection (proxy/balance.py)
+        # Endpoint choice and outlier ejection (proxy/balance.py); the caller's key for sessionAffinity
+        # ClientIP is the pod's IP (local mode: the workload's name).
+        self.balancer = Balancer(
+            client=os.environ.get("POD_IP", "") or config.workload or str(identity.spiffe_id)
+        )
         self.open_connections: dict[str, int] = {}  # by direction
         self._overflow_logged = 0.0
         # Closed connections still sending what they hold, by direction (the running loop's, from start).

@@ -376,6 +376,7 @@ class Destination(_message.Message):
     RETRY_NON_IDEMPOTENT_FIELD_NUMBER: _builtins.int
     OPAQUE_FIELD_NUMBER: _builtins.int
     NODE_LOCAL_FIELD_NUMBER: _builtins.int
+    CLIENT_IP_AFFINITY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"cart.shop:80" """
     timeout_seconds: _builtins.float
@@ -389,6 +390,10 @@ class Destination(_message.Message):
     """no protocol detection: opaque TCP"""
     node_local: _builtins.bool
     """internalTrafficPolicy Local: a sidecar keeps the endpoints on its own node only"""
+    client_ip_affinity: _builtins.bool
+    """sessionAffinity ClientIP: a sidecar sends all its connections and requests to one endpoint
+    (an older sidecar ignores it and balances them)
+    """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """other names for it ("cart.shop.svc.cluster.local:80")"""
@@ -411,10 +416,11 @@ class Destination(_message.Message):
         retry_non_idempotent: _builtins.bool = ...,
         opaque: _builtins.bool = ...,
         node_local: _builtins.bool = ...,
+        client_ip_affinity: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "endpoints", b"endpoints", "name", b"name", "names", b"names", "node_local", b"node_local", "opaque", b"opaque", "retries", b"retries", "retry_non_idempotent", b"retry_non_idempotent", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "client_ip_affinity", b"client_ip_affinity", "endpoints", b"endpoints", "name", b"name", "names", b"names", "node_local", b"node_local", "opaque", b"opaque", "retries", b"retries", "retry_non_idempotent", b"retry_non_idempotent", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -45,6 +45,8 @@ class Destination:
     # A Service with internalTrafficPolicy Local: each sidecar keeps the endpoints on its own node
     # (``for_node``), none when there are none, as kube-proxy does.
     node_local: bool = False
+    # A Service with sessionAffinity ClientIP: each caller keeps to one endpoint (proxy/balance.py)
+    client_ip_affinity: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ def _destination_digest(d: Destination) -> int:
         text += f"~{d.timeout_s}|{d.retries}|{d.retry_non_idempotent}|{d.opaque}|"
     if d.node_local:
         text += "local|"
+    if d.client_ip_affinity:
+        text += "affinity|"
     text += "".join(
         f"{e.address}:{e.port}:{e.identity}:{e.workload}{'@' + e.node if e.node else ''};"
         for e in d.endpoints
@@ -342,6 +346,7 @@ def _service_destinations(
                     d.retry_non_idempotent,
                     sp.port in d.opaque_ports,
                     local,
+                    svc.client_ip_affinity,
                 )
             )
     return out
@@ -375,6 +380,7 @@ def for_node(table: OutboundTable, node: str) -> OutboundTable:
             d.retry_non_idempotent,
             d.opaque,
             d.node_local,
+            d.client_ip_affinity,
         )
         if d.node_local
         else d

@@ -62,6 +62,8 @@ class Service:
     delivery: Delivery = DEFAULT  # timeout, retries, opaque ports (from the annotations)
     # spec.internalTrafficPolicy: Local: a caller reaches the endpoints on its own node only
     node_local: bool = False
+    # spec.sessionAffinity: ClientIP: a caller's connections and requests go to one endpoint
+    client_ip_affinity: bool = False
 
     @property
     def host(self) -> str:
@@ -231,7 +233,17 @@ def parse_service(doc: dict[str, Any], warnings: list[str] | None = None) -> Ser
         tuple(ips),
         service_delivery(annotations, f"Service {ns}/{name}", [] if warnings is None else warnings),
         _traffic_policy(spec.get("internalTrafficPolicy"), f"Service {ns}/{name}"),
+        _session_affinity(spec.get("sessionAffinity"), f"Service {ns}/{name}"),
     )
+
+
+def _session_affinity(value: Any, where: str) -> bool:
+    """spec.sessionAffinity: True for ClientIP (absent: None, as the API server defaults it)."""
+    if value in (None, "None"):
+        return False
+    if value == "ClientIP":
+        return True
+    raise ResourceError(f"{where}: spec.sessionAffinity {value!r} is not None or ClientIP")
 
 
 def _traffic_policy(value: Any, where: str) -> bool:

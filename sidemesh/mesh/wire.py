@@ -124,6 +124,7 @@ def _destination_to_pb(d: Destination) -> pb.Destination:
         retry_non_idempotent=d.retry_non_idempotent,
         opaque=d.opaque,
         node_local=d.node_local,
+        client_ip_affinity=d.client_ip_affinity,
     )
 
 
@@ -160,6 +161,7 @@ def _destination_from_pb(d: pb.Destination) -> Destination:
         d.retry_non_idempotent,
         d.opaque,
         d.node_local,
+        d.client_ip_affinity,
     )
 
 

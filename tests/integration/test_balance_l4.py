@@ -108,6 +108,36 @@ async def test_an_endpoint_refusing_connections_is_ejected_and_no_connection_fai
     assert all(s.outstanding == 0 for s in balancer.states.values())
 
 
+async def test_a_sticky_service_keeps_the_caller_on_one_endpoint(start_ca: StartCA, tmp_path: Path) -> None:
+    """sessionAffinity: ClientIP, as kube-proxy keeps a client on one endpoint: every connection of
+    the frontend reaches the same cart (the balancer spread them before)."""
+    sticky = MORE_CARTS.replace(
+        "spec:\n  selector: {{app: cart}}", "spec:\n  sessionAffinity: ClientIP\n  selector: {{app: cart}}"
+    )
+    assert sticky != MORE_CARTS
+    opaque_cart = MESH_YAML.replace(
+        "metadata: {{name: cart-1, namespace: shop, labels: {{app: cart}}}}",
+        'metadata: {{name: cart-1, namespace: shop, labels: {{app: cart}}, annotations: {{sidemesh.io/opaque-ports: "8080"}}}}',
+    )
+    mesh = new_mesh(await start_ca(), tmp_path, workloads=opaque_cart + sticky)
+    try:
+        for host, name in ((CART, "cart"), (CART2, "cart-2"), (CART3, "cart-3")):
+            await mesh.app(host)
+            await mesh.sidecar(name, host, identity_of="cart")
+        frontend = await mesh.sidecar(
+            "frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=carts.shop:80",)
+        )
+        dest = frontend.mesh_config().lookup_name("carts.shop:80")
+        assert dest is not None and dest.client_ip_affinity and len(dest.endpoints) == 3
+        held = [await open_held(mesh) for _ in range(12)]  # held open: load would spread them
+        for _, writer in held:
+            writer.close()
+        counts = sorted(picks(frontend.balancer, e) for e in dest.endpoints)
+        assert counts == [0, 0, 12], counts
+    finally:
+        await mesh.close()
+
+
 async def test_a_destination_with_no_endpoints_is_refused(mesh: Mesh) -> None:
     mesh.write(
         "empty.yaml",

@@ -711,3 +711,15 @@ def test_an_endpoint_without_target_ref_is_the_pod_of_its_namespace_at_that_addr
         "db-primary.shop:5432",
         [("10.0.0.7", "spiffe://cluster.local/ns/shop/sa/db"), ("10.0.0.8", "None"), ("10.0.5.1", "None")],
     )
+
+
+def test_session_affinity_is_read() -> None:
+    sticky = service("web")
+    sticky["spec"]["sessionAffinity"] = "ClientIP"
+    sticky["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 10800}}
+    converted = service_from(sticky).value
+    assert converted is not None and converted.client_ip_affinity
+    none = service("web")
+    none["spec"]["sessionAffinity"] = "None"  # what the API server defaults it to
+    plain = service_from(none).value
+    assert plain is not None and not plain.client_ip_affinity

@@ -751,3 +751,25 @@ def test_an_invalid_later_copy_of_a_policy_replaces_nothing() -> None:
         ("p", (("app", "payments"),), False),
         ("p (invalid copy 1)", (("app", "ledger"),), True),
     ]
+
+
+def test_session_affinity_client_ip_reaches_the_sidecars_through_the_wire_and_the_node_view() -> None:
+    """spec.sessionAffinity: ClientIP was read by no one: the sidecar balanced a sticky Service's
+    connections over every endpoint (proxy/balance.py keeps each caller on one now)."""
+    docs = list(yaml.safe_load_all(NODE_LOCAL_DOCS))
+    sticky = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "agent-all")
+    sticky["spec"]["sessionAffinity"] = "ClientIP"
+    local = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "agent")
+    local["spec"]["sessionAffinity"] = "ClientIP"
+    snap = build_snapshot([(f"doc{i}", d) for i, d in enumerate(docs)])
+    assert snap.errors == ()
+    table = compile_outbound(snap, "cluster.local")
+    back = wire.outbound_from_pb(wire.outbound_to_pb(table))
+    for t in (table, back, for_node(back, "node-a")):
+        assert t._by_name["agent-all.mon:8126"].client_ip_affinity
+        assert t._by_name["agent.mon:8126"].client_ip_affinity
+    plain = compile_outbound(_node_local_snapshot(), "cluster.local")
+    assert not plain._by_name["agent-all.mon:8126"].client_ip_affinity and plain.hash != table.hash
+    sticky["spec"]["sessionAffinity"] = "Cookie"
+    snap = build_snapshot([(f"doc{i}", d) for i, d in enumerate(docs)])
+    assert any("sessionAffinity 'Cookie' is not None or ClientIP" in e for e in snap.errors), snap.errors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 
@@ -360,3 +361,47 @@ def test_an_abandoned_lease_is_neither_a_failure_nor_a_success() -> None:
     now[0] += 3.0
     lease.abandon(observe=True)
     assert st.estimate(now[0]) > before  # the 3 s it waited unanswered
+
+
+def sticky(*hosts: int) -> Destination:
+    return dataclasses.replace(dest(*hosts), client_ip_affinity=True)
+
+
+def test_client_ip_affinity_keeps_a_caller_on_one_endpoint_and_spreads_callers() -> None:
+    """sessionAffinity: ClientIP. kube-proxy keeps a client IP on one endpoint; once meshed, the
+    sidecar picks per connection and request, so without this the Service's stickiness was lost."""
+    d = sticky(1, 2, 3, 4)
+    chosen = {}
+    for n in range(40):
+        b = Balancer(Clock(), random.Random(n), client=f"10.1.0.{n}")
+        leases = [b.acquire(d) for _ in range(30)]  # load does not move it (P2C would)
+        assert len({host(lease) for lease in leases}) == 1
+        chosen[n] = host(leases[0])
+        again = Balancer(Clock(), random.Random(n + 100), client=f"10.1.0.{n}")  # a restarted sidecar
+        assert host(again.acquire(d)) == chosen[n]
+    assert set(chosen.values()) == {1, 2, 3, 4}  # callers spread over the endpoints
+    # An endpoint that goes away moves only its own callers.
+    gone = chosen[0]
+    rest = sticky(*(h for h in (1, 2, 3, 4) if h != gone))
+    for n, was in chosen.items():
+        now = host(Balancer(Clock(), random.Random(0), client=f"10.1.0.{n}").acquire(rest))
+        assert now != gone and (now == was or was == gone), (n, was, now)
+    assert host(Balancer(Clock(), client="x").acquire(dest(1, 2, 3, 4))) in {1, 2, 3, 4}  # (not sticky)
+
+
+def test_client_ip_affinity_leaves_an_ejected_endpoint_and_a_retry_goes_elsewhere() -> None:
+    clock = Clock()
+    b = Balancer(clock, random.Random(1), client="10.1.0.7", max_failures=2, ejection_s=30.0)
+    d = sticky(1, 2, 3)
+    first = b.acquire(d)
+    home = first.endpoint
+    retry = b.acquire(d, avoid=[home])
+    assert retry.endpoint != home
+    first.release(False)
+    retry.release(True)
+    b.acquire(d).release(False)  # two failures in a row: ejected
+    assert b.ejected(home)
+    away = b.acquire(d)
+    assert away.endpoint != home and all(b.acquire(d).endpoint == away.endpoint for _ in range(10))
+    clock.now += 31.0  # back after the backoff: the caller returns to it
+    assert b.acquire(d).endpoint == home
