@@ -35,10 +35,10 @@ from sidemesh.semconv import (
     GRPC_CODE_NAMES,
     GRPC_SERVER_ERRORS,
     GRPC_UNIMPLEMENTED,
-    KNOWN_METHODS,
     MAX_REQUEST_ATTRIBUTE,
-    OTHER_METHOD,
     host_port,
+    is_known,
+    method_of,
     peer_port,
 )
 from sidemesh.telemetry import Tracing
@@ -190,7 +190,7 @@ class TracedRequest(_Request):
                 self._fmt = (b3.fmt,)
                 return None  # "sample this" (b3: 1 or d): a new sampled trace, in B3
             if b3.sampled is None:  # no sampling flag: B3 leaves the decision to the receiver
-                if not tracing.sample_root():  # "no", said downstream (as Envoy and Brave do)
+                if not tracing.sample_root(b3.trace_id):  # "no", said downstream (as Envoy and Brave do)
                     self._headers = propagation.unsampled_headers(b3.fmt, b3.trace_id, b3.span_id, None)
                     return False
             elif not b3.sampled:
@@ -287,7 +287,7 @@ def _span_name(info: RequestInfo, result: RequestResult | None = None) -> str:
             if service:
                 return f"{service}/{method}"
         return "grpc"
-    method = info.method if info.method in KNOWN_METHODS else "HTTP"
+    method = info.method if is_known(info.method) else "HTTP"
     return f"{method} {info.service}" if info.service else method
 
 
@@ -306,12 +306,12 @@ def _start_attributes(info: RequestInfo, own_identity: str) -> dict[str, str | i
     host, port = host_port(info.authority) if info.authority else ("", None)
     limit = MAX_REQUEST_ATTRIBUTE  # what the caller chose is cut (semconv.MAX_REQUEST_ATTRIBUTE)
     attrs: dict[str, str | int] = {
-        "http.request.method": info.method if info.method in KNOWN_METHODS else OTHER_METHOD,
+        "http.request.method": method_of(info.method),
         "url.path": path[:limit],
         "url.scheme": "http",
         "network.protocol.version": "2" if info.protocol in ("h2", "grpc") else "1.1",
     }
-    if info.method not in KNOWN_METHODS:
+    if not is_known(info.method):
         attrs["http.request.method_original"] = info.method[:limit]
     if host:
         attrs["server.address"] = host[:limit]
@@ -392,13 +392,8 @@ def _end_span(
         attrs["error.type"] = error_type
     span.set_attributes(attrs)
     if error_type is not None:
-        if result.decision == "deny":
-            why = f"denied: {result.reason}"
-        elif result.error:
-            why = result.error
-        elif result.status is not None and result.status >= 400:
-            why = f"status {result.status}"
-        else:
-            why = f"grpc-status {result.grpc_status}"
+        # No description where http.response.status_code or rpc.grpc.status_code says it all (the
+        # HTTP conventions); a denial's reason and a failure's error say more.
+        why = f"denied: {result.reason}" if result.decision == "deny" else result.error or None
         span.set_status(Status(StatusCode.ERROR, why))
     span.end(end_ns)

@@ -112,10 +112,10 @@ def combined(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 
 def extract(
-    carrier: Mapping[str, str], decide: Callable[[], bool] = lambda: False
+    carrier: Mapping[str, str], decide: Callable[[int], bool] = lambda trace_id: False
 ) -> tuple[Context | None, Format]:
     """The parent context the headers carry (None: start a new trace) and the format they used.
-    A B3 caller that left the sampling decision to the receiver gets ``decide()``'s."""
+    A B3 caller that left the sampling decision to the receiver gets ``decide(trace_id)``'s."""
     if "traceparent" in carrier:
         ctx = _W3C.extract(carrier)
         if ctx:
@@ -123,7 +123,7 @@ def extract(
     b3 = parse_b3(carrier)
     if b3 is None or b3.trace_id is None or b3.span_id is None:
         return None, Format.W3C if b3 is None else b3.fmt
-    sampled = decide() if b3.sampled is None else b3.sampled
+    sampled = decide(b3.trace_id) if b3.sampled is None else b3.sampled
     remote = SpanContext(b3.trace_id, b3.span_id, True, TraceFlags(TraceFlags.SAMPLED if sampled else 0))
     return set_span_in_context(NonRecordingSpan(remote)), b3.fmt
 

@@ -4,12 +4,20 @@ addresses split into host and port."""
 
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote
 
 # HTTP: a span names and records these methods as they are; any other as "_OTHER" (its original
-# in http.request.method_original), so a client cannot mint span names or metric series.
-KNOWN_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"})
+# in http.request.method_original), so a client cannot mint span names or metric series. The
+# HTTP conventions' override, OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS, replaces the list
+# (``use_known_methods``, once tracing is configured).
+DEFAULT_KNOWN_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
+)
+KNOWN_METHODS_VARIABLE = "OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS"
 OTHER_METHOD = "_OTHER"
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")  # RFC 9110 9.1: a method is a token
+_known = DEFAULT_KNOWN_METHODS
 
 # gRPC status codes that make a SERVER span an error: UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED,
 # INTERNAL, UNAVAILABLE, DATA_LOSS (the server failed; NOT_FOUND or PERMISSION_DENIED answer the
@@ -42,8 +50,26 @@ GRPC_CODE_NAMES = (
 MAX_REQUEST_ATTRIBUTE = 256
 
 
+def known_methods_from(text: str) -> tuple[frozenset[str], list[str]]:
+    """The methods OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS lists (comma-separated, case-sensitive,
+    a full replacement of the default list), and the entries that are no HTTP method."""
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    return frozenset(e for e in entries if _TOKEN.fullmatch(e)), [
+        e for e in entries if not _TOKEN.fullmatch(e)
+    ]
+
+
+def use_known_methods(methods: frozenset[str]) -> None:
+    global _known
+    _known = methods
+
+
+def is_known(method: str) -> bool:
+    return method in _known
+
+
 def method_of(method: str) -> str:
-    return method if method in KNOWN_METHODS else OTHER_METHOD
+    return method if method in _known else OTHER_METHOD
 
 
 def _port(text: str) -> int | None:

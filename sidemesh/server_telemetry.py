@@ -32,10 +32,11 @@ _TRACE_NAMES = frozenset(k.encode() for k in _TRACE_KEYS)
 
 def _span_status(span: Span, error: str | None, error_type: str | None = None) -> None:
     """End ``span``; failed (``error``): status ERROR and error.type (the conventions' conditionally
-    required attribute: the gRPC code's name, the HTTP status, or the exception's class)."""
+    required attribute: the gRPC code's name, the HTTP status, or the exception's class). An empty
+    ``error``: no description (the HTTP conventions: none where the status code says it)."""
     if error is not None:
         span.set_attribute("error.type", error_type or error)
-        span.set_status(Status(StatusCode.ERROR, error))
+        span.set_status(Status(StatusCode.ERROR, error or None))
     span.end()
 
 
@@ -318,7 +319,7 @@ class AsgiTelemetry:
             self.seconds.labels(route).observe(time.perf_counter() - started)
             if span is not None:
                 span.set_attribute("http.response.status_code", code)
-                _span_status(span, error or (f"status {code}" if code >= 500 else None), error or str(code))
+                _span_status(span, error or ("" if code >= 500 else None), error or str(code))
 
     def _start(self, scope: Scope, method: str, route: str) -> Span | None:
         if self.tracing is None:

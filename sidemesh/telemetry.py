@@ -26,7 +26,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sidemesh import tracing_settings
+from sidemesh import semconv, tracing_settings
 
 # Before OpenTelemetry's imports, which read some variables and raise on a bad value.
 tracing_settings.withhold_unusable()
@@ -59,6 +59,7 @@ log = logging.getLogger("sidemesh.telemetry")
 WARN_EVERY = 60.0  # seconds between two "spans not exported" warnings
 DEFER_S = 0.25  # a deferred span is made at most this long after its request ended (Tracing.defer)
 DEFER_BATCH = 64  # ... or as soon as this many are waiting
+_TRACE_ID_LOW = (1 << 64) - 1  # the bits TraceIdRatioBased compares (its TRACE_ID_LIMIT)
 # The OTLP exporters log every failed attempt; failures are counted and warned about here instead,
 # with what the exporter said (_ExportMessages). (The HTTP exporter logs through its own logger.)
 _EXPORTER_LOGGERS = (
@@ -364,8 +365,13 @@ class Tracing:
             except Exception:  # a span is never worth a request: log it, go on
                 log.exception("could not make a span")
 
-    def sample_root(self) -> bool:
-        """Whether a request that carries no trace context starts a sampled trace."""
+    def sample_root(self, trace_id: int | None = None) -> bool:
+        """Whether a request that carries no sampling decision starts (or joins) a sampled trace.
+        With the ``trace_id`` it comes with (B3 that leaves the decision to the receiver), the
+        decision is that of the SDK's TraceIdRatioBased: the id's lower 64 bits against the ratio,
+        so every hop of one trace decides alike (a coin per hop broke such traces in pieces)."""
+        if trace_id is not None:
+            return trace_id & _TRACE_ID_LOW < round(self.root_ratio * (_TRACE_ID_LOW + 1))
         return self.root_ratio >= 1.0 or (self.root_ratio > 0.0 and random.random() < self.root_ratio)
 
     async def close(self, timeout: float = 2.0) -> None:
@@ -408,6 +414,7 @@ def start_tracing(
     settings = settings or settings_from_env(environ)  # (given: read once, by a caller that checked)
     if settings is None:
         return None
+    semconv.use_known_methods(settings.known_methods)  # (one tracing configuration per process)
     for name in _EXPORTER_LOGGERS:  # their words go into our warning (_ExportMessages)
         exporter_log = logging.getLogger(name)
         exporter_log.setLevel(logging.WARNING)

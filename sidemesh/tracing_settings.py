@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from sidemesh import semconv
 from sidemesh.config import otlp_endpoint_problem, url_port
 
 log = logging.getLogger("sidemesh.telemetry")
@@ -64,6 +65,8 @@ class TracingSettings:
     # OTEL_PROPAGATORS: the formats a new trace's headers are written in (incoming ones are all read)
     new_trace_formats: tuple[Format, ...] = (Format.W3C,)
     compression: str = "none"  # OTEL_EXPORTER_OTLP_(TRACES_)COMPRESSION: gzip or none
+    # OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS: the methods spans name as they are (others: _OTHER)
+    known_methods: frozenset[str] = semconv.DEFAULT_KNOWN_METHODS
 
 
 def _get(environ: Mapping[str, str], *names: str) -> tuple[str, str] | None:
@@ -281,7 +284,20 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
         service_name=env.get("OTEL_SERVICE_NAME", "").strip(),
         new_trace_formats=new_trace_formats(env),
         compression=_compression(env),
+        known_methods=_known_methods(env),
     )
+
+
+def _known_methods(environ: Mapping[str, str]) -> frozenset[str]:
+    raw = environ.get(semconv.KNOWN_METHODS_VARIABLE)
+    if raw is None:
+        return semconv.DEFAULT_KNOWN_METHODS
+    methods, bad = semconv.known_methods_from(raw)
+    if bad:
+        _ignored(
+            semconv.KNOWN_METHODS_VARIABLE, f"{', '.join(map(repr, bad))} are no HTTP methods", "left out"
+        )
+    return methods
 
 
 def _compression(environ: Mapping[str, str]) -> str:

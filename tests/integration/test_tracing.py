@@ -19,6 +19,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
 from proxy.routes import RouteStats
 from proxy.telemetry import ProxyObserver
+from sidemesh import semconv
 from sidemesh.telemetry import DEFER_BATCH, DEFER_S, Tracing, start_tracing
 from tests.support.otlp import ReceivedSpan, Receiver
 
@@ -481,6 +482,8 @@ async def test_span_status_names_and_addresses_follow_the_semantic_conventions(
     by_path = {s.attributes["url.path"]: s for s in spans}
     for name, info, _, status in cases:
         assert by_path[info.path].status == status, name
+        # The HTTP conventions: no description where the status code says it ("status 404" was one).
+        assert by_path[info.path].status_message == "", (name, by_path[info.path].status_message)
     other = by_path["/x"]
     assert other.name == "HTTP" and other.kind == "SERVER"
     assert other.attributes["http.request.method"] == "_OTHER"
@@ -550,6 +553,62 @@ async def test_b3_without_a_sampling_flag_leaves_the_decision_here(
             assert said[b"b3"].startswith(TRACE.encode()) and said[b"b3"].endswith(b"-0"), out
         else:
             assert (said[b"x-b3-traceid"], said[b"x-b3-sampled"]) == (TRACE.encode(), b"0"), out
+
+
+async def test_the_known_methods_are_what_the_variable_lists(receiver: Receiver, observers: Make) -> None:
+    """OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS (the HTTP conventions' override, a full list): a
+    WebDAV service's PROPFIND is named as it is, and what the list leaves out becomes _OTHER."""
+    try:
+        observer, _ = observers(B, OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS="GET, PROPFIND,,bad method")
+        for method, path in (("PROPFIND", "/dav"), ("POST", "/post")):
+            info = RequestInfo("inbound", "http/1.1", method, path, "cart:80", [], source=A)
+            observer.start(info).finish(RequestResult(207))
+        spans = await receiver.wait_for(lambda s: len(s) >= 2)
+        by_path = {s.attributes["url.path"]: s for s in spans}
+        assert (
+            by_path["/dav"].name == "PROPFIND"
+            and by_path["/dav"].attributes["http.request.method"] == "PROPFIND"
+        )
+        assert "http.request.method_original" not in by_path["/dav"].attributes
+        assert (
+            by_path["/post"].name == "HTTP" and by_path["/post"].attributes["http.request.method"] == "_OTHER"
+        )
+        assert semconv.method_of("POST") == "_OTHER"  # (the control plane's spans and labels too)
+    finally:
+        semconv.use_known_methods(semconv.DEFAULT_KNOWN_METHODS)
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["single", "multi"])
+async def test_b3_without_a_sampling_flag_is_decided_by_the_trace_id(
+    receiver: Receiver, observers: Make, single: bool
+) -> None:
+    """The receiver's decision is TraceIdRatioBased's, a function of the trace id: every hop of one
+    trace decides alike (a coin per request split a fanned-out trace into recorded and lost
+    branches), and as an SDK with the same ratio does."""
+    from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
+
+    observer, _ = observers(A, OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="0.5")
+    sdk = TraceIdRatioBased(0.5)
+    decided = {}
+    for n in range(40):
+        trace = f"{(n * 0x9E3779B97F4A7C15 + 12345) % (1 << 128):032x}"
+        headers = (
+            [(b"b3", f"{trace}-{APP_SPAN}".encode())]
+            if single
+            else [(b"x-b3-traceid", trace.encode()), (b"x-b3-spanid", APP_SPAN.encode())]
+        )
+        outcomes = set()
+        for _ in range(3):  # the same trace, three times: one decision
+            info = outbound(headers)
+            request = observer.start(info)
+            said = b" ".join(v for k, v in sent(request, info) if k in (b"b3", b"x-b3-sampled"))
+            request.finish(RequestResult(200))
+            outcomes.add(said.endswith(b"-1") or said == b"1")
+        assert len(outcomes) == 1, (trace, outcomes)
+        decided[trace] = outcomes.pop()
+        expected = sdk.should_sample(None, int(trace, 16), "x").decision is Decision.RECORD_AND_SAMPLE
+        assert decided[trace] == expected, trace
+    assert 5 < sum(decided.values()) < 35  # (both decisions seen)
 
 
 @pytest.mark.parametrize(
