@@ -426,6 +426,13 @@ def _bundle(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot read {path}: {exc.strerror}{hint}") from exc
     except SvidError as exc:
         raise CLIError(f"{path}: {exc}") from exc
+    for number, cert in enumerate(roots, 1):
+        if not cert.is_ca:  # (a consumer would take a workload's key as an authority for the domain)
+            raise CLIError(
+                f"{path}: certificate {number} ({cert.subject or 'no subject'}) is not a CA certificate "
+                "(basicConstraints CA:true): a trust bundle holds CA certificates only (X509-SVID 6.1); "
+                "remove it"
+            )
     # Only this trust domain's roots: a consumer trusts every root of the bundle for it (X509-SVID
     # 6.2), so another trust domain's root would mint IDs of ours; workloads leave them out too.
     if args.trust_domain is None:

@@ -72,14 +72,27 @@ def _public_key(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKe
     return key
 
 
+_WEAK_SIGNATURES = {
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA1: "ecdsa-with-SHA1",
+    x509.SignatureAlgorithmOID.RSA_WITH_SHA1: "sha1WithRSAEncryption",
+    x509.SignatureAlgorithmOID.RSA_WITH_MD5: "md5WithRSAEncryption",
+}
+
+
 def _check_possession(
     csr: x509.CertificateSigningRequest, key: ec.EllipticCurvePublicKey, tbs: bytes
 ) -> None:
     """The CSR is signed by the key it carries. ecdsa-with-SHA256, what every client sends, is checked
     directly over ``tbs``, the CertificationRequestInfo as received (``is_signature_valid`` builds the
     key and the algorithm object again for each call, ``tbs_certrequest_bytes`` encodes it again)."""
+    oid = csr.signature_algorithm_oid
+    if oid in _WEAK_SIGNATURES:  # (refused by cryptography too, as "does not verify": the real reason)
+        raise InvalidRequest(
+            f"csr is signed with {_WEAK_SIGNATURES[oid]}, which the CA does not accept: sign it with "
+            "ecdsa-with-SHA256"
+        )
     try:
-        if csr.signature_algorithm_oid == _ECDSA_WITH_SHA256:
+        if oid == _ECDSA_WITH_SHA256:
             key.verify(csr.signature, tbs, _ECDSA_SHA256)
             return
         if csr.is_signature_valid:

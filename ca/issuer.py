@@ -11,10 +11,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca import leaf, templates
 from ca.csr import validate_csr
-from ca.errors import InvalidRequest, SigningUnavailable
+from ca.errors import InvalidRequest, KeyMaterialError, SigningUnavailable
 from ca.keys import SigningAuthority
 from sidemesh.config import format_duration
-from sidemesh.spiffe import SpiffeId
+from sidemesh.spiffe import SpiffeId, WorkloadId
 
 MAX_REQUESTABLE_TTL = dt.timedelta(days=366)
 
@@ -125,3 +125,64 @@ def sign_key_info(
         list(authority.bundle_pem),
         spiffe_id,
     )
+
+
+PROBE_WORKLOAD = ("sidemesh-system", "sidemesh-ca-probe")
+_NOT_NOW = (9, 10)  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+
+
+def probe(authority: SigningAuthority, trust_domain: str, now: dt.datetime) -> None:
+    """A TLS handshake between two SVIDs this material signs, in memory, as two sidecars verify each
+    other (OpenSSL's chain check for client and server, then the leaf checks and the trust
+    domain): material that passes the loading checks but whose SVIDs every peer would refuse (an
+    intermediate whose extendedKeyUsage leaves out clientAuth, name constraints that exclude the
+    trust domain, a path length too short) is refused at load with OpenSSL's reason, not found
+    out by every workload. KeyMaterialError when the handshake fails."""
+    import ssl
+
+    from sidemesh.identity import tls
+    from sidemesh.identity.svid import SVID, SvidError, certificate_of, own_roots
+
+    spiffe_id = WorkloadId(*PROBE_WORKLOAD).spiffe_id(trust_domain)
+    key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        issued = sign(
+            authority, templates.LeafParams(spiffe_id, key.public_key(), dt.timedelta(minutes=5), now)
+        )
+        roots = own_roots(tuple(map(certificate_of, authority.roots)), trust_domain)
+        svid = SVID.of(spiffe_id, key, (issued.certificate, *authority.chain), ())
+        svid = svid.with_bundle(roots)
+        bios = {name: (ssl.MemoryBIO(), ssl.MemoryBIO()) for name in ("client", "server")}  # (in, out)
+        server = tls.server_context(svid).wrap_bio(*bios["server"], server_side=True)
+        client = tls.client_context(svid).wrap_bio(*bios["client"])
+    except (SigningUnavailable, SvidError, ssl.SSLError, ValueError) as exc:
+        raise KeyMaterialError(f"cannot sign a test SVID with it: {exc}") from exc
+    done = {"client": False, "server": False}
+    try:
+        for _ in range(10):
+            for name, side, other in (("client", client, "server"), ("server", server, "client")):
+                if not done[name]:
+                    try:
+                        side.do_handshake()
+                        done[name] = True
+                    except ssl.SSLWantReadError:
+                        pass
+                bios[other][0].write(bios[name][1].read())
+            if all(done.values()):
+                break
+        for side in (client, server):
+            tls.peer_spiffe_id(side, trust_domain)
+    except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code in _NOT_NOW:  # (OpenSSL's clock: when material is valid is the CA's to say)
+            return
+        who = "server" if not done["server"] else "client"
+        raise KeyMaterialError(
+            f"every peer would refuse the SVIDs it signs: OpenSSL refused a test SVID as a TLS "
+            f"{'client' if who == 'server' else 'server'} ({exc.verify_message}); reissue the "
+            "signing chain for both client and server use, without constraints excluding "
+            f"spiffe://{trust_domain}"
+        ) from exc
+    except ssl.SSLError as exc:
+        raise KeyMaterialError(f"a TLS handshake between two test SVIDs failed: {exc}") from exc
+    if not all(done.values()):
+        raise KeyMaterialError("a TLS handshake between two test SVIDs did not finish")

@@ -104,6 +104,12 @@ def assemble(
     """Check that the pieces fit: key matches, signing cert is a CA, chain links up to a root."""
     if not roots:
         raise KeyMaterialError("the trust bundle holds no root certificate")
+    for root in roots:  # (published to workloads and federation peers as trust anchors)
+        if not certificate_of(root).is_ca:
+            raise KeyMaterialError(
+                f"the trust bundle holds {root.subject.rfc4514_string() or 'a certificate'!r}, which is "
+                "not a CA (basicConstraints CA:true): a bundle holds CA certificates only (X509-SVID 6.1)"
+            )
     if cert.public_key() != key.public_key():
         raise KeyMaterialError("the signing key does not match the signing certificate")
     try:
@@ -144,6 +150,12 @@ def _check_signing_extensions(cert: x509.Certificate, what: str) -> None:
         ) from None
     if not usage.key_cert_sign:
         raise KeyMaterialError(f"{what}'s ({name}) key usage lacks keyCertSign (RFC 5280 4.2.1.3)")
+    if not cert.extensions.get_extension_for_class(x509.KeyUsage).critical:
+        log.warning(
+            "a signing certificate's keyUsage is not marked critical (X509-SVID 4.3 asks it): strict "
+            "SPIFFE verifiers may refuse its SVIDs; reissue it with a critical keyUsage",
+            extra={"certificate": what, "subject": name},
+        )
     try:
         cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     except x509.ExtensionNotFound:
@@ -230,7 +242,20 @@ def check_trust_domain(authority: SigningAuthority, trust_domain: str) -> None:
     """Material for another trust domain signs nothing ours: the signing certificate (X509-SVID
     3.2: it SHOULD carry its trust domain's ID; ours do) and the roots must not name only others.
     (Served, every workload would refuse the SVIDs: an error here rather than on each of them.)"""
-    named = root_trust_domains(certificate_of(authority.cert))
+    signing = certificate_of(authority.cert)
+    named = root_trust_domains(signing)
+    if len(named) > 1:  # (X509-SVID 3.2: a signing certificate names its own trust domain, if any)
+        raise KeyMaterialError(
+            f"the signing certificate names trust domains {', '.join(sorted(named))}: a signing "
+            "certificate carries at most its own trust domain's ID (X509-SVID 3.2)"
+        )
+    with_path = [u for u in signing.uris if u.startswith("spiffe://") and "/" in u[len("spiffe://") :]]
+    if with_path:
+        raise KeyMaterialError(
+            f"the signing certificate carries {with_path[0]}, a SPIFFE ID with a path: a signing "
+            "certificate's ID MUST NOT have one (X509-SVID 3.2); reissue it with spiffe://"
+            f"{trust_domain} or no URI"
+        )
     if named and trust_domain not in named:
         raise KeyMaterialError(
             f"the signing certificate is for trust domain {', '.join(sorted(named))}, not {trust_domain}: "

@@ -182,6 +182,8 @@ class CAServer:
         self.metrics = metrics or CAMetrics()
         authority = keys.load(config.ca_dir)
         keys.check_trust_domain(authority, config.trust_domain)
+        if clock.now() >= authority.not_before_limit:  # (staged for later: probed when taken)
+            issuer.probe(authority, config.trust_domain, clock.now())
         self.service = CertificateAuthorityService(config, authority, authenticator, clock, self.metrics)
         self.serving = ServingCertificate(self.service)
         spiffe_id = WorkloadId.parse(config.identity).spiffe_id(config.trust_domain)
@@ -318,6 +320,13 @@ class CAServer:
                 )
             return False
         self._waiting_for = None
+        try:
+            issuer.probe(authority, self.config.trust_domain, self.service.clock.now())
+        except KeyMaterialError as exc:
+            log.error(
+                "new CA material rejected; still signing with the previous one", extra={"error": str(exc)}
+            )
+            return False
         self.service.authority = authority
         self.serving.force_renewal()
         self._record_expiry()

@@ -18,7 +18,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from spiffe.svid.x509_svid import X509Svid
 
 from ca import keys
+from ca.errors import KeyMaterialError
 from sidemesh.cli import main
+from sidemesh.spiffe import SpiffeId
+from tests.support import pki
 
 SIDEMESH = [sys.executable, "-m", "sidemesh"]
 
@@ -255,6 +258,20 @@ def test_bundle_as_pem_and_as_a_spiffe_bundle(tmp_path: Path, capsys: pytest.Cap
     (tmp_path / "junk.pem").write_text("not a certificate")
     assert main(["ca", "bundle", "--bundle-file", str(tmp_path / "junk.pem")]) == 2
     assert "junk.pem" in capsys.readouterr().err
+    # A workload's certificate is no trust anchor (X509-SVID 6.1): published as x509-svid, a
+    # consumer whose verifier checks the CA flag on intermediates only took that workload's key
+    # as an authority for the whole trust domain.
+    authority = keys.load(tmp_path / "ca")
+    leaf = pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")).leaf
+    with_leaf = tmp_path / "with-leaf.pem"
+    with_leaf.write_bytes((tmp_path / "ca" / keys.ROOTS).read_bytes() + leaf.pem)
+    for fmt in ("spiffe", "pem"):
+        assert main(["ca", "bundle", "--bundle-file", str(with_leaf), "--format", fmt]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "certificate 2 (no subject) is not a CA certificate" in err, err
+    (tmp_path / "ca" / keys.ROOTS).write_bytes(with_leaf.read_bytes())  # root-cert.pem itself
+    with pytest.raises(KeyMaterialError, match="not a CA"):
+        keys.load(tmp_path / "ca")
 
 
 @pytest.mark.parametrize("held", ["--listen", "--metrics-listen"])

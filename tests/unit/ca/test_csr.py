@@ -45,7 +45,11 @@ def hand_made_csr(
     request = der.sequence(der.oid("1.2.840.113549.1.9.14"), der.tlv(0x31, der.sequence(*extensions)))
     info = der.sequence(der.integer(0), der.sequence(), public_key_info, der.tlv(0xA0, request))
     signature = key.sign(info, ec.ECDSA(digest))
-    algorithm = {"sha256": "1.2.840.10045.4.3.2", "sha384": "1.2.840.10045.4.3.3"}[digest.name]
+    algorithm = {
+        "sha1": "1.2.840.10045.4.1",
+        "sha256": "1.2.840.10045.4.3.2",
+        "sha384": "1.2.840.10045.4.3.3",
+    }[digest.name]
     data = der.sequence(info, der.sequence(der.oid(algorithm)), der.bit_string(signature))
     body = base64.encodebytes(data).decode()
     return f"-----BEGIN {label}-----\n{body}-----END {label}-----\n"
@@ -148,6 +152,17 @@ def test_other_ecdsa_digests_are_checked_too() -> None:
     assert validate_csr(hand_made_csr(key, info, digest=hashes.SHA384()), CART).public_key_info == info
     with pytest.raises(InvalidRequest, match="proof of possession"):
         validate_csr(hand_made_csr(other, info, digest=hashes.SHA384()), CART)
+
+
+def test_a_sha1_signature_is_refused_by_its_name() -> None:
+    """openssl req -verify takes it; the CA refused it as "proof of possession failed", which sent
+    the client looking for a key mix-up instead of its digest."""
+    key = new_key()
+    csr = hand_made_csr(
+        key, key_info(key, serialization.PublicFormat.SubjectPublicKeyInfo), digest=hashes.SHA1()
+    )
+    with pytest.raises(InvalidRequest, match=r"signed with ecdsa-with-SHA1.*sign it with ecdsa-with-SHA256"):
+        validate_csr(csr, CART)
 
 
 def test_a_csr_version_other_than_v1_is_not_a_csr() -> None:

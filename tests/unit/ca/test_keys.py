@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -92,6 +93,9 @@ def _operator_intermediate(
     key_usage: bool = True,
     with_ski: bool = True,
     trust_domain: str | None = None,
+    uris: tuple[str, ...] = (),
+    key_usage_critical: bool = True,
+    extensions: tuple[x509.ExtensionType, ...] = (),
 ) -> x509.Certificate:
     """An intermediate as an operator's own PKI may make it: its SKI derived otherwise than by
     SHA-1 (RFC 7093), a key usage without keyCertSign, no key usage or no SKI at all."""
@@ -109,16 +113,20 @@ def _operator_intermediate(
     )
     if key_usage:
         builder = builder.add_extension(
-            x509.KeyUsage(False, False, False, False, False, key_cert_sign, True, False, False), critical=True
+            x509.KeyUsage(False, False, False, False, False, key_cert_sign, True, False, False),
+            critical=key_usage_critical,
         )
     if with_ski:
         builder = builder.add_extension(
             x509.SubjectKeyIdentifier(ski) if ski else x509.SubjectKeyIdentifier.from_public_key(public),
             critical=False,
         )
-    if trust_domain:
-        uri = x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")
-        builder = builder.add_extension(x509.SubjectAlternativeName([uri]), critical=False)
+    if trust_domain or uris:
+        names = [f"spiffe://{trust_domain}"] if trust_domain else []
+        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in (*names, *uris)])
+        builder = builder.add_extension(san, critical=False)
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
     return builder.sign(root_key, hashes.SHA256())
 
 
@@ -284,3 +292,86 @@ def test_ca_material_whose_extensions_cannot_be_read_is_refused_clearly(tmp_path
     (tmp_path / keys.CHAIN).write_bytes(keys.cert_pem(odd, authority.roots[0]))
     with pytest.raises(KeyMaterialError, match=r"signing certificate .* extensions that cannot be read"):
         keys.load(tmp_path)
+
+
+def _root() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    root_key = templates.new_key()
+    return templates.root_certificate(root_key, "cluster.local", _SINCE, dt.timedelta(days=30)), root_key
+
+
+# The test handshakes check validity at the real time (OpenSSL's clock), not at NOW.
+_SINCE = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+
+
+@pytest.mark.parametrize(
+    ("bend", "says"),
+    [
+        ({"uris": ("spiffe://cluster.local/ns/shop/sa/cart",)}, "a SPIFFE ID with a path"),
+        ({"trust_domain": "cluster.local", "uris": ("spiffe://other.org",)}, "names trust domains"),
+    ],
+    ids=["id-with-a-path", "two-trust-domains"],
+)
+def test_a_signing_certificate_naming_a_workload_or_two_trust_domains_is_refused(
+    bend: dict[str, Any], says: str
+) -> None:
+    """X509-SVID 3.2: a signing certificate carries at most its trust domain's ID, without a path."""
+    root, root_key = _root()
+    key = templates.new_key()
+    inter = _operator_intermediate(root, root_key, key, _SINCE, **bend)
+    with pytest.raises(KeyMaterialError, match=says):
+        keys.check_trust_domain(keys.assemble(inter, key, [inter, root], [root]), "cluster.local")
+
+
+@pytest.mark.parametrize(
+    ("extension", "says"),
+    [
+        (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), "as a TLS client"),
+        (
+            x509.NameConstraints([x509.UniformResourceIdentifier("other.org")], None),
+            "permitted subtree violation",
+        ),
+    ],
+    ids=["eku-server-only", "name-constraints"],
+)
+def test_material_whose_svids_every_peer_would_refuse_is_refused_by_a_test_handshake(
+    extension: x509.ExtensionType, says: str
+) -> None:
+    """Loaded and trusted, and yet every SVID it signed failed OpenSSL's check in every sidecar: an
+    intermediate for server use only (every inbound connection refused), name constraints that
+    leave the trust domain out. A TLS handshake between two SVIDs it signs finds it at load."""
+    root, root_key = _root()
+    key = templates.new_key()
+    now = dt.datetime.now(dt.UTC)
+    good = keys.assemble(
+        *(lambda i: (i, key, [i, root], [root]))(_operator_intermediate(root, root_key, key, _SINCE))
+    )
+    issuer.probe(good, "cluster.local", now)
+    inter = _operator_intermediate(root, root_key, key, _SINCE, extensions=(extension,))
+    bad = keys.assemble(inter, key, [inter, root], [root])
+    keys.check_trust_domain(bad, "cluster.local")  # (what the loading checks see: nothing wrong)
+    with pytest.raises(KeyMaterialError, match=says):
+        issuer.probe(bad, "cluster.local", now)
+
+
+def test_a_signing_key_usage_that_is_not_critical_loads_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    root, root_key = _root()
+    key = templates.new_key()
+    inter = _operator_intermediate(root, root_key, key, _SINCE, key_usage_critical=False)
+    keys.assemble(inter, key, [inter, root], [root])
+    assert any("keyUsage is not marked critical" in r.getMessage() for r in caplog.records)
+
+
+def test_a_trust_domain_longer_than_an_ou_may_be_is_left_out_of_the_ca_name() -> None:
+    """RFC 5280's upper bound for an organizationalUnitName is 64 characters; a trust domain may
+    have 255: the name carried a 164-byte OU."""
+    long_domain = ".".join(["a" * 40] * 4)  # 163 characters
+    key = templates.new_key()
+    for domain, unit in ((long_domain, []), ("cluster.local", ["cluster.local"])):
+        root = templates.root_certificate(key, domain, NOW, dt.timedelta(days=1))
+        assert [
+            a.value for a in root.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATIONAL_UNIT_NAME)
+        ] == unit
+        uris = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert uris.get_values_for_type(x509.UniformResourceIdentifier) == [f"spiffe://{domain}"]
