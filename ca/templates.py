@@ -34,7 +34,11 @@ def new_key() -> ec.EllipticCurvePrivateKey:
 def _ca_name(common_name: str, trust_domain: str) -> x509.Name:
     """O=sidemesh, OU=<trust domain>, CN=...; a trust domain longer than an OU may be (RFC 5280
     ub-organizational-unit-name, 64) is left out of the name (the URI SAN names it anyway)."""
-    unit = [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain)] if len(trust_domain) <= 64 else []
+    unit = (
+        [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain)]
+        if len(trust_domain) <= 64
+        else []
+    )
     return x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sidemesh"),
