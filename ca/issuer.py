@@ -149,19 +149,24 @@ def probe(authority: SigningAuthority, trust_domain: str, now: dt.datetime) -> N
         issued = sign(
             authority, templates.LeafParams(spiffe_id, key.public_key(), dt.timedelta(minutes=5), now)
         )
+    except SigningUnavailable:
+        return  # not valid now (expired, or staged for later): when it can sign is the CA's to say
+    try:
         roots = own_roots(tuple(map(certificate_of, authority.roots)), trust_domain)
         svid = SVID.of(spiffe_id, key, (issued.certificate, *authority.chain), ())
         svid = svid.with_bundle(roots)
         bios = {name: (ssl.MemoryBIO(), ssl.MemoryBIO()) for name in ("client", "server")}  # (in, out)
         server = tls.server_context(svid).wrap_bio(*bios["server"], server_side=True)
         client = tls.client_context(svid).wrap_bio(*bios["client"])
-    except (SigningUnavailable, SvidError, ssl.SSLError, ValueError) as exc:
-        raise KeyMaterialError(f"cannot sign a test SVID with it: {exc}") from exc
+    except (SvidError, ssl.SSLError, ValueError) as exc:
+        raise KeyMaterialError(f"cannot use a test SVID it signed: {exc}") from exc
     done = {"client": False, "server": False}
+    verifying = "client"  # the side whose handshake step runs (a refusal is its verdict on the other)
     try:
         for _ in range(10):
             for name, side, other in (("client", client, "server"), ("server", server, "client")):
                 if not done[name]:
+                    verifying = name
                     try:
                         side.do_handshake()
                         done[name] = True
@@ -175,10 +180,10 @@ def probe(authority: SigningAuthority, trust_domain: str, now: dt.datetime) -> N
     except ssl.SSLCertVerificationError as exc:
         if exc.verify_code in _NOT_NOW:  # (OpenSSL's clock: when material is valid is the CA's to say)
             return
-        who = "server" if not done["server"] else "client"
+        presented = "server" if verifying == "client" else "client"  # (the certificate refused)
         raise KeyMaterialError(
             f"every peer would refuse the SVIDs it signs: OpenSSL refused a test SVID as a TLS "
-            f"{'client' if who == 'server' else 'server'} ({exc.verify_message}); reissue the "
+            f"{presented} ({exc.verify_message}); reissue the "
             "signing chain for both client and server use, without constraints excluding "
             f"spiffe://{trust_domain}"
         ) from exc

@@ -60,8 +60,10 @@ class StreamInfo:
     resend: bool = False  # a NACK of an older version: the current one goes again, whole
     deltas: bool = False  # it said it applies outbound deltas (an older sidecar gets whole tables)
     node_local: bool = False  # it said it applies node-local Services (StreamRequest.node_local)
+    affinity: bool = False  # ... and sticky ones (StreamRequest.client_ip_affinity)
     asked: bool = False  # its first request was read (what it said it applies is known)
     warned_node_local: bool = False  # ... and, if not, was warned about once
+    warned_affinity: bool = False
     delta_version: str = ""  # the version last sent, when it carried an outbound delta
     versions: deque[str] = field(default_factory=lambda: deque(maxlen=8))  # the last ones sent
     resent: str = ""  # the version last sent again after a NACK (once per version)
@@ -241,9 +243,9 @@ class ConfigServer:
                 # endpoint of one and hashes a delta touching it to another table: it gets the
                 # table whole while one is in it (as a sidecar that takes no deltas), and a warning
                 # says the Service's locality is not applied by it.
-                legacy = not info.node_local and self.state.has_node_local()
+                legacy = self._legacy(info)
                 if legacy and info.asked:
-                    self._warn_node_local(info)
+                    self._warn_legacy(info)
                 deltas = info.deltas and not legacy
                 outbound = self.state.outbound_for(info.parts[1], deltas)
                 # A full table (or a delta as large) goes out: bound how many are built and in
@@ -252,7 +254,7 @@ class ConfigServer:
                 del outbound  # (not held while waiting for a permit: message() builds what goes)
                 async with self._full_sends if large else contextlib.nullcontext():
                     # (the table may have changed while a permit was awaited: as it is now)
-                    deltas = info.deltas and (info.node_local or not self.state.has_node_local())
+                    deltas = info.deltas and not self._legacy(info)
                     data, info.parts, kind = self.state.message(identity, info.parts, deltas)
                     info.sent_version = self.state.version
                     info.versions.append(info.sent_version)
@@ -290,6 +292,25 @@ class ConfigServer:
             self.metrics.streams.dec()
             log.info("sidecar disconnected", extra={"identity": str(identity), "peer": info.peer})
 
+    def _legacy(self, info: StreamInfo) -> bool:
+        """The table has a Service the sidecar does not apply (an older version): it drops the
+        fields, so a delta touching one hashes to another table."""
+        return (not info.node_local and self.state.has_node_local()) or (
+            not info.affinity and self.state.has_affinity()
+        )
+
+    def _warn_legacy(self, info: StreamInfo) -> None:
+        if not info.node_local and self.state.has_node_local():
+            self._warn_node_local(info)
+        if not info.affinity and self.state.has_affinity() and not info.warned_affinity:
+            info.warned_affinity = True  # (once per stream)
+            log.warning(
+                "sidecar does not apply sessionAffinity: ClientIP (an older version): its calls to "
+                "such Services are balanced over every endpoint until its pod is recreated; it gets "
+                "the outbound table whole on every change meanwhile",
+                extra={"identity": str(info.identity), "peer": info.peer},
+            )
+
     @staticmethod
     def _warn_node_local(info: StreamInfo) -> None:
         if not info.warned_node_local:  # (once per stream)
@@ -308,10 +329,11 @@ class ConfigServer:
                     info.deltas = True
                 if request.node_local:
                     info.node_local = True
+                if request.client_ip_affinity:
+                    info.affinity = True
                 if not info.asked:
                     info.asked = True
-                    if not info.node_local and self.state.has_node_local():
-                        self._warn_node_local(info)
+                    self._warn_legacy(info)
                 if request.error:
                     info.last_error = request.error[:MAX_NACK_TEXT]
                     self.metrics.nacks.inc()

@@ -68,6 +68,7 @@ class MeshState:
         self._table: mc.OutboundTable | None = None
         self._whole: Part | None = None  # _table serialized, when a stream first needs it whole
         self._node_local: bool | None = None  # has_node_local() of _table, once asked
+        self._affinity: bool | None = None  # has_affinity() of _table, once asked
         self._steps: deque[mc.OutboundDelta] = deque(maxlen=DELTA_STEPS)  # the last changes, in order
         self._deltas: dict[str, Part] = {}  # from a held hash (a base in _steps) to the current table
         self._cached = 0  # destinations in the deltas of _deltas
@@ -100,7 +101,7 @@ class MeshState:
                         self._steps.popleft()
                         changes.pop(0)
                 self._table, self._whole, self._deltas, self._cached = outbound, None, {}, 0
-                self._node_local = None
+                self._node_local = self._affinity = None
         namespaces = _by_namespace(snapshot)
         changed = {
             ns
@@ -144,6 +145,14 @@ class MeshState:
         if self._node_local is None:
             self._node_local = self._table is not None and any(d.node_local for d in self._table.destinations)
         return self._node_local
+
+    def has_affinity(self) -> bool:
+        """Whether the table has a Service with sessionAffinity: ClientIP."""
+        if self._affinity is None:
+            self._affinity = self._table is not None and any(
+                d.client_ip_affinity for d in self._table.destinations
+            )
+        return self._affinity
 
     def outbound_table(self) -> mc.OutboundTable | None:
         """The compiled outbound table being served (None before the first snapshot)."""

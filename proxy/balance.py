@@ -48,6 +48,7 @@ MAX_PENALTY_S = 10.0
 MAX_FAILURES = 5
 EJECTION_S = 30.0
 MAX_EJECTION_S = 300.0
+MAX_RANKS = 256  # sticky destinations whose ranking is kept (a config change makes new ones)
 SWEEP_EVERY = 4096  # acquisitions between sweeps of forgotten endpoints
 FORGET_AFTER_S = 600.0  # idle this long (and not ejected): its state is dropped
 
@@ -184,6 +185,9 @@ class Balancer:
         self.states: dict[Key, EndpointState] = {}
         self._acquired = 0
         self.client = client  # who calls (the pod's IP): sessionAffinity ClientIP hashes it
+        # Sticky destinations' endpoints ranked by weight, per endpoints tuple (the same object
+        # until a configuration changes it): hashing them all per pick cost 1 ms at 1,000.
+        self._ranks: dict[int, tuple[tuple[Endpoint, ...], list[int]]] = {}
 
     def state(self, endpoint: Endpoint) -> EndpointState | None:
         return self.states.get((endpoint.address, endpoint.port))
@@ -261,11 +265,22 @@ class Balancer:
         the next one takes over, and only this endpoint's callers move. kube-proxy's timeoutSeconds
         does not apply (nor in Istio): the choice lasts as long as the endpoint does."""
         eps = dest.endpoints
-        states = [self._state_of(e, dest, now) for e in eps]
-        usable = [i for i, s in enumerate(states) if s.available(now)]
-        candidates = [i for i in usable if eps[i] not in avoid] or usable or list(range(len(eps)))
-        i = max(candidates, key=lambda i: _weight(self.client, eps[i]))
-        return eps[i], states[i]
+        cached = self._ranks.get(id(eps))
+        if cached is None or cached[0] is not eps:
+            if len(self._ranks) >= MAX_RANKS:
+                self._ranks.clear()
+            order = sorted(range(len(eps)), key=lambda i: _weight(self.client, eps[i]), reverse=True)
+            cached = self._ranks[id(eps)] = (eps, order)
+        fallback = None
+        for i in cached[1]:  # the first usable one not avoided; else the first usable; else the first
+            st = self._state_of(eps[i], dest, now)
+            if st.available(now):
+                if eps[i] not in avoid:
+                    return eps[i], st
+                if fallback is None:
+                    fallback = i
+        i = cached[1][0] if fallback is None else fallback
+        return eps[i], self._state_of(eps[i], dest, now)
 
     def _record(self, lease: Lease, st: EndpointState, ok: bool, latency: float) -> None:
         now = self.clock()

@@ -128,7 +128,9 @@ class ConfigClient:
     async def _stream(self, channel: grpc_client.Channel) -> None:
         async with channel.request(METHOD, Cardinality.STREAM_STREAM, pb.StreamRequest, pb.Update) as call:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                await call.send_message(pb.StreamRequest(outbound_deltas=True, node_local=True))
+                await call.send_message(
+                    pb.StreamRequest(outbound_deltas=True, node_local=True, client_ip_affinity=True)
+                )
             while (update := await call.recv_message()) is not None:
                 await call.send_message(self._handle(update))
             await call.recv_trailing_metadata()  # a status other than OK raises GRPCError

@@ -68,6 +68,7 @@ exit status:
        needs could not be reached or used (the message says what to do next)
   70   an internal error (SIDEMESH_DEBUG=1 prints the traceback; please report it)
   130  interrupted (Ctrl-C)
+  141  its output was closed (| head)
 """
 
 

@@ -192,7 +192,8 @@ class _MethodMetrics:
         self._seconds.observe(time.perf_counter() - started)
         if span is not None:
             span.set_attribute("rpc.grpc.status_code", code.value[0])
-            _span_status(span, code.name if code.value[0] in semconv.GRPC_SERVER_ERRORS else None)
+            failed = code.value[0] in semconv.GRPC_SERVER_ERRORS  # (rpc.grpc.status_code says which)
+            _span_status(span, "" if failed else None, code.name)
 
 
 class _InstrumentedServer:

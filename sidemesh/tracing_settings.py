@@ -289,8 +289,8 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> TracingSettin
 
 
 def _known_methods(environ: Mapping[str, str]) -> frozenset[str]:
-    raw = environ.get(semconv.KNOWN_METHODS_VARIABLE)
-    if raw is None:
+    raw = environ.get(semconv.KNOWN_METHODS_VARIABLE, "")
+    if not raw.strip():  # (empty is unset, as the SDK environment specification reads every variable)
         return semconv.DEFAULT_KNOWN_METHODS
     methods, bad = semconv.known_methods_from(raw)
     if bad:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sidemesh/api/config.proto\x12\x12sidemesh.config.v1\"`\n\rStreamRequest\x12\x13\n\x0b\x61\x63k_version\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x17\n\x0foutbound_deltas\x18\x03 \x01(\x08\x12\x12\n\nnode_local\x18\x04 \x01(\x08\"\xb2\x01\n\x06Update\x12\x0f\n\x07version\x18\x01 \x01(\t\x12,\n\x07inbound\x18\x02 \x01(\x0b\x32\x1b.sidemesh.config.v1.Inbound\x12.\n\x08outbound\x18\x03 \x01(\x0b\x32\x1c.sidemesh.config.v1.Outbound\x12\x39\n\x0eoutbound_delta\x18\x04 \x01(\x0b\x32!.sidemesh.config.v1.OutboundDelta\"o\n\rOutboundDelta\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\t\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\x31\n\x08upserted\x18\x03 \x03(\x0b\x32\x1f.sidemesh.config.v1.Destination\x12\x0f\n\x07removed\x18\x04 \x03(\t\"\x88\x01\n\x07Inbound\x12\x0c\n\x04hash\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12/\n\tworkloads\x18\x03 \x03(\x0b\x32\x1c.sidemesh.config.v1.Workload\x12,\n\x08policies\x18\x04 \x03(\x0b\x32\x1a.sidemesh.config.v1.Policy\"\x87\x01\n\x08Workload\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x03 \x01(\t\x12\x10\n\x08policies\x18\x04 \x03(\t\x12\r\n\x05ports\x18\x05 \x03(\r\x12\x14\n\x0copaque_ports\x18\x06 \x03(\r\x12\x0c\n\x04node\x18\x07 \x01(\t\"q\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\'\n\x05rules\x18\x04 \x03(\x0b\x32\x18.sidemesh.config.v1.Rule\x12\x0f\n\x07invalid\x18\x05 \x01(\t\"o\n\x04Rule\x12+\n\x07sources\x18\x01 \x03(\x0b\x32\x1a.sidemesh.config.v1.Source\x12\r\n\x05ports\x18\x02 \x03(\r\x12+\n\x04http\x18\x03 \x01(\x0b\x32\x1d.sidemesh.config.v1.HTTPMatch\"M\n\x06Source\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x17\n\x0fservice_account\x18\x02 \x01(\t\x12\x17\n\x0funauthenticated\x18\x03 \x01(\x08\"+\n\tHTTPMatch\x12\x0f\n\x07methods\x18\x01 \x03(\t\x12\r\n\x05paths\x18\x02 \x03(\t\"O\n\x08Outbound\x12\x0c\n\x04hash\x18\x01 \x01(\t\x12\x35\n\x0c\x64\x65stinations\x18\x02 \x03(\x0b\x32\x1f.sidemesh.config.v1.Destination\"\xf6\x01\n\x0b\x44\x65stination\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x11\n\taddresses\x18\x03 \x03(\t\x12/\n\tendpoints\x18\x04 \x03(\x0b\x32\x1c.sidemesh.config.v1.Endpoint\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07retries\x18\x06 \x01(\r\x12\x1c\n\x14retry_non_idempotent\x18\x07 \x01(\x08\x12\x0e\n\x06opaque\x18\x08 \x01(\x08\x12\x12\n\nnode_local\x18\t \x01(\x08\x12\x1a\n\x12\x63lient_ip_affinity\x18\n \x01(\x08\"[\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x10\n\x08identity\x18\x03 \x01(\t\x12\x10\n\x08workload\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t2^\n\x0f\x43onfigDiscovery\x12K\n\x06Stream\x12!.sidemesh.config.v1.StreamRequest\x1a\x1a.sidemesh.config.v1.Update(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sidemesh/api/config.proto\x12\x12sidemesh.config.v1\"|\n\rStreamRequest\x12\x13\n\x0b\x61\x63k_version\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x17\n\x0foutbound_deltas\x18\x03 \x01(\x08\x12\x12\n\nnode_local\x18\x04 \x01(\x08\x12\x1a\n\x12\x63lient_ip_affinity\x18\x05 \x01(\x08\"\xb2\x01\n\x06Update\x12\x0f\n\x07version\x18\x01 \x01(\t\x12,\n\x07inbound\x18\x02 \x01(\x0b\x32\x1b.sidemesh.config.v1.Inbound\x12.\n\x08outbound\x18\x03 \x01(\x0b\x32\x1c.sidemesh.config.v1.Outbound\x12\x39\n\x0eoutbound_delta\x18\x04 \x01(\x0b\x32!.sidemesh.config.v1.OutboundDelta\"o\n\rOutboundDelta\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\t\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\x31\n\x08upserted\x18\x03 \x03(\x0b\x32\x1f.sidemesh.config.v1.Destination\x12\x0f\n\x07removed\x18\x04 \x03(\t\"\x88\x01\n\x07Inbound\x12\x0c\n\x04hash\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12/\n\tworkloads\x18\x03 \x03(\x0b\x32\x1c.sidemesh.config.v1.Workload\x12,\n\x08policies\x18\x04 \x03(\x0b\x32\x1a.sidemesh.config.v1.Policy\"\x87\x01\n\x08Workload\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x03 \x01(\t\x12\x10\n\x08policies\x18\x04 \x03(\t\x12\r\n\x05ports\x18\x05 \x03(\r\x12\x14\n\x0copaque_ports\x18\x06 \x03(\r\x12\x0c\n\x04node\x18\x07 \x01(\t\"q\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\'\n\x05rules\x18\x04 \x03(\x0b\x32\x18.sidemesh.config.v1.Rule\x12\x0f\n\x07invalid\x18\x05 \x01(\t\"o\n\x04Rule\x12+\n\x07sources\x18\x01 \x03(\x0b\x32\x1a.sidemesh.config.v1.Source\x12\r\n\x05ports\x18\x02 \x03(\r\x12+\n\x04http\x18\x03 \x01(\x0b\x32\x1d.sidemesh.config.v1.HTTPMatch\"M\n\x06Source\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x17\n\x0fservice_account\x18\x02 \x01(\t\x12\x17\n\x0funauthenticated\x18\x03 \x01(\x08\"+\n\tHTTPMatch\x12\x0f\n\x07methods\x18\x01 \x03(\t\x12\r\n\x05paths\x18\x02 \x03(\t\"O\n\x08Outbound\x12\x0c\n\x04hash\x18\x01 \x01(\t\x12\x35\n\x0c\x64\x65stinations\x18\x02 \x03(\x0b\x32\x1f.sidemesh.config.v1.Destination\"\xf6\x01\n\x0b\x44\x65stination\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x11\n\taddresses\x18\x03 \x03(\t\x12/\n\tendpoints\x18\x04 \x03(\x0b\x32\x1c.sidemesh.config.v1.Endpoint\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07retries\x18\x06 \x01(\r\x12\x1c\n\x14retry_non_idempotent\x18\x07 \x01(\x08\x12\x0e\n\x06opaque\x18\x08 \x01(\x08\x12\x12\n\nnode_local\x18\t \x01(\x08\x12\x1a\n\x12\x63lient_ip_affinity\x18\n \x01(\x08\"[\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x10\n\x08identity\x18\x03 \x01(\t\x12\x10\n\x08workload\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t2^\n\x0f\x43onfigDiscovery\x12K\n\x06Stream\x12!.sidemesh.config.v1.StreamRequest\x1a\x1a.sidemesh.config.v1.Update(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sidemesh.api.config_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STREAMREQUEST']._serialized_start=49
-  _globals['_STREAMREQUEST']._serialized_end=145
-  _globals['_UPDATE']._serialized_start=148
-  _globals['_UPDATE']._serialized_end=326
-  _globals['_OUTBOUNDDELTA']._serialized_start=328
-  _globals['_OUTBOUNDDELTA']._serialized_end=439
-  _globals['_INBOUND']._serialized_start=442
-  _globals['_INBOUND']._serialized_end=578
-  _globals['_WORKLOAD']._serialized_start=581
-  _globals['_WORKLOAD']._serialized_end=716
-  _globals['_POLICY']._serialized_start=718
-  _globals['_POLICY']._serialized_end=831
-  _globals['_RULE']._serialized_start=833
-  _globals['_RULE']._serialized_end=944
-  _globals['_SOURCE']._serialized_start=946
-  _globals['_SOURCE']._serialized_end=1023
-  _globals['_HTTPMATCH']._serialized_start=1025
-  _globals['_HTTPMATCH']._serialized_end=1068
-  _globals['_OUTBOUND']._serialized_start=1070
-  _globals['_OUTBOUND']._serialized_end=1149
-  _globals['_DESTINATION']._serialized_start=1152
-  _globals['_DESTINATION']._serialized_end=1398
-  _globals['_ENDPOINT']._serialized_start=1400
-  _globals['_ENDPOINT']._serialized_end=1491
-  _globals['_CONFIGDISCOVERY']._serialized_start=1493
-  _globals['_CONFIGDISCOVERY']._serialized_end=1587
+  _globals['_STREAMREQUEST']._serialized_end=173
+  _globals['_UPDATE']._serialized_start=176
+  _globals['_UPDATE']._serialized_end=354
+  _globals['_OUTBOUNDDELTA']._serialized_start=356
+  _globals['_OUTBOUNDDELTA']._serialized_end=467
+  _globals['_INBOUND']._serialized_start=470
+  _globals['_INBOUND']._serialized_end=606
+  _globals['_WORKLOAD']._serialized_start=609
+  _globals['_WORKLOAD']._serialized_end=744
+  _globals['_POLICY']._serialized_start=746
+  _globals['_POLICY']._serialized_end=859
+  _globals['_RULE']._serialized_start=861
+  _globals['_RULE']._serialized_end=972
+  _globals['_SOURCE']._serialized_start=974
+  _globals['_SOURCE']._serialized_end=1051
+  _globals['_HTTPMATCH']._serialized_start=1053
+  _globals['_HTTPMATCH']._serialized_end=1096
+  _globals['_OUTBOUND']._serialized_start=1098
+  _globals['_OUTBOUND']._serialized_end=1177
+  _globals['_DESTINATION']._serialized_start=1180
+  _globals['_DESTINATION']._serialized_end=1426
+  _globals['_ENDPOINT']._serialized_start=1428
+  _globals['_ENDPOINT']._serialized_end=1519
+  _globals['_CONFIGDISCOVERY']._serialized_start=1521
+  _globals['_CONFIGDISCOVERY']._serialized_end=1615
 # @@protoc_insertion_point(module_scope)

@@ -33,6 +33,7 @@ class StreamRequest(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     OUTBOUND_DELTAS_FIELD_NUMBER: _builtins.int
     NODE_LOCAL_FIELD_NUMBER: _builtins.int
+    CLIENT_IP_AFFINITY_FIELD_NUMBER: _builtins.int
     ack_version: _builtins.str
     """The version being acknowledged ("" in the first request)."""
     error: _builtins.str
@@ -49,6 +50,11 @@ class StreamRequest(_message.Message):
     another table) gets the outbound table whole while any node-local Service is in it, and the
     controller warns that the policy is not applied by it.
     """
+    client_ip_affinity: _builtins.bool
+    """Set in the first request by a sidecar that applies Destination.client_ip_affinity. One that
+    does not (it would drop the field, so that a delta touching such a Service hashes to another
+    table) gets the outbound table whole while any such Service is in it, with a warning.
+    """
     def __init__(
         self,
         *,
@@ -56,10 +62,11 @@ class StreamRequest(_message.Message):
         error: _builtins.str = ...,
         outbound_deltas: _builtins.bool = ...,
         node_local: _builtins.bool = ...,
+        client_ip_affinity: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_version", b"ack_version", "error", b"error", "node_local", b"node_local", "outbound_deltas", b"outbound_deltas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_version", b"ack_version", "client_ip_affinity", b"client_ip_affinity", "error", b"error", "node_local", b"node_local", "outbound_deltas", b"outbound_deltas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

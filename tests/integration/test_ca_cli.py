@@ -408,6 +408,64 @@ def test_serve_with_material_of_another_trust_domain_says_so(
     assert "example.org" in proc.stderr and "cluster.local" in proc.stderr and "--trust-domain" in proc.stderr
 
 
+def test_serve_with_material_whose_svids_peers_would_refuse_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An intermediate for client use only (extendedKeyUsage clientAuth), valid from two minutes
+    ahead (a cert-manager intermediate without backdating signs at once): it served, and every
+    sidecar refused every server certificate it signed; the test handshake at start was skipped for
+    material not valid yet. Refused at start, saying which use OpenSSL refused."""
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from ca import templates
+
+    assert main(["ca", "bootstrap", "--dir", str(tmp_path / "ca")]) == 0
+    assert main(["ca", "local-token", "--file", str(tmp_path / "tokens.yaml"), "--identity", "shop/a"]) == 0
+    capsys.readouterr()
+    ca_dir = tmp_path / "ca"
+    root = x509.load_pem_x509_certificate((ca_dir / keys.ROOTS).read_bytes())
+    root_key = serialization.load_pem_private_key((ca_dir / keys.ROOT_KEY).read_bytes(), None)
+    key = serialization.load_pem_private_key((ca_dir / keys.CA_KEY).read_bytes(), None)
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=2)
+    inter = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "client-only intermediate")]))
+        .issuer_name(root.subject)
+        .public_key(key.public_key())  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)  # type: ignore[arg-type]
+        .add_extension(templates.authority_key_id(root), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://cluster.local")]),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    (ca_dir / keys.CA_CERT).write_bytes(keys.cert_pem(inter))
+    (ca_dir / keys.CHAIN).write_bytes(keys.cert_pem(inter, root))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sidemesh", *_serve_argv(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("ca serve started with material whose server certificates every sidecar refuses")
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        "refused a test SVID as a TLS server" in proc.stderr
+        and "unsuitable certificate purpose" in proc.stderr
+    )
+
+
 def test_a_second_ca_on_a_port_in_use_says_so(tmp_path: Path) -> None:
     """grpc sets SO_REUSEPORT by default: a second CA on the same --listen shared the port and took
     half the calls with its own keys (clients: CERTIFICATE_VERIFY_FAILED)."""

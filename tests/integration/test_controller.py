@@ -233,32 +233,48 @@ async def test_only_changed_parts_are_sent(mesh: Mesh, controller: Controller, d
         call.cancel()
 
 
-@pytest.mark.parametrize("node_local", [True, False], ids=["sidecar", "older-sidecar"])
-async def test_a_sidecar_that_does_not_apply_node_local_services_gets_whole_tables_and_a_warning(
-    mesh: Mesh, controller: Controller, node_local: bool, caplog: pytest.LogCaptureFixture
+FEATURES = {
+    # StreamRequest field: (the Service's spec, the Destination field, the controller's warning)
+    "node_local": ("internalTrafficPolicy: Local", "node_local", "internalTrafficPolicy: Local"),
+    "client_ip_affinity": ("sessionAffinity: ClientIP", "client_ip_affinity", "sessionAffinity: ClientIP"),
+}
+
+
+@pytest.mark.parametrize("applies", [True, False], ids=["sidecar", "older-sidecar"])
+@pytest.mark.parametrize("feature", FEATURES)
+async def test_a_sidecar_that_does_not_apply_a_service_feature_gets_whole_tables_and_a_warning(
+    mesh: Mesh, controller: Controller, feature: str, applies: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A sidecar from before node-local Services (internalTrafficPolicy: Local) dropped the fields
-    saying which endpoints are on its node: it reached every node's endpoints without a word, and
+    """A sidecar from before node-local Services (internalTrafficPolicy: Local) or sticky ones
+    (sessionAffinity: ClientIP) drops the field: it reached every endpoint without a word, and
     refused every delta touching such a Service (its table hashed to another), a NACK and a whole
-    table per change. It does not say it applies them (StreamRequest.node_local): while the table
-    has one, it gets the table whole and the controller warns once."""
+    table per change. It does not say it applies them (StreamRequest.node_local,
+    .client_ip_affinity): while the table has one, it gets the table whole and the controller
+    warns once."""
     import logging
 
+    spec, field, warning = FEATURES[feature]
     caplog.set_level(logging.WARNING)
     mesh.write(
         "agent.yaml",
         "apiVersion: v1\nkind: Service\nmetadata: {name: agent, namespace: shop}\n"
-        "spec: {clusterIP: 10.96.0.82, internalTrafficPolicy: Local, selector: {app: cart}, ports: [{port: 82, targetPort: 8080}]}\n",
+        f"spec: {{clusterIP: 10.96.0.82, {spec}, selector: {{app: cart}}, ports: [{{port: 82, targetPort: 8080}}]}}\n",
+    )
+    has = (
+        controller.server.state.has_node_local
+        if feature == "node_local"
+        else controller.server.state.has_affinity
     )
     for _ in range(100):  # (the directory source's poll and the coalescing window)
-        if controller.server.state.has_node_local():
+        if has():
             break
         await asyncio.sleep(0.05)
-    assert controller.server.state.has_node_local()
-    first_request = pb.StreamRequest(outbound_deltas=True, node_local=node_local)
+    assert has()
+    said = {"node_local": True, "client_ip_affinity": True, feature: applies}  # (the other one: applied)
+    first_request = pb.StreamRequest(outbound_deltas=True, **said)
     async with _frontend_stream(mesh, controller, first_request) as (call, outbox):
         first = await asyncio.wait_for(call.read(), 5)
-        assert any(d.node_local for d in first.outbound.destinations)
+        assert any(getattr(d, field) for d in first.outbound.destinations)
         outbox.put_nowait(pb.StreamRequest(ack_version=first.version))
         mesh.write(
             "svc.yaml",
@@ -271,8 +287,8 @@ async def test_a_sidecar_that_does_not_apply_node_local_services_gets_whole_tabl
                 break
             outbox.put_nowait(pb.StreamRequest(ack_version=second.version))
         call.cancel()
-    warned = [r for r in caplog.records if "internalTrafficPolicy: Local" in r.getMessage()]
-    if node_local:
+    warned = [r for r in caplog.records if warning in r.getMessage()]
+    if applies:
         assert second.HasField("outbound_delta") and not warned
     else:
         assert second.HasField("outbound") and not second.HasField("outbound_delta")

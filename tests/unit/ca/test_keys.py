@@ -326,12 +326,13 @@ def test_a_signing_certificate_naming_a_workload_or_two_trust_domains_is_refused
     ("extension", "says"),
     [
         (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), "as a TLS client"),
+        (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), "as a TLS server"),
         (
             x509.NameConstraints([x509.UniformResourceIdentifier("other.org")], None),
             "permitted subtree violation",
         ),
     ],
-    ids=["eku-server-only", "name-constraints"],
+    ids=["eku-server-only", "eku-client-only", "name-constraints"],
 )
 def test_material_whose_svids_every_peer_would_refuse_is_refused_by_a_test_handshake(
     extension: x509.ExtensionType, says: str
