@@ -48,6 +48,7 @@ class ServicePort:
     port: int
     target_port: int | str
     name: str = ""
+    app_protocol: str = ""  # ports[].appProtocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +215,7 @@ def parse_service(doc: dict[str, Any], warnings: list[str] | None = None) -> Ser
         target = p.get("targetPort", port)
         if not isinstance(target, str):
             target = _port(target, f"{where}.targetPort")
-        ports.append(ServicePort(port, target, str(p.get("name", ""))))
+        ports.append(ServicePort(port, target, str(p.get("name", "")), str(p.get("appProtocol") or "")))
     raw = [spec.get("clusterIP"), *_items(spec.get("clusterIPs"), f"Service {ns}/{name}: spec.clusterIPs")]
     ips: list[str] = []
     for value in raw:
@@ -223,6 +224,9 @@ def parse_service(doc: dict[str, Any], warnings: list[str] | None = None) -> Ser
             if ip not in ips:
                 ips.append(ip)
     annotations = _pairs(meta.get("annotations"), f"Service {ns}/{name}: metadata.annotations")
+    delivery = service_delivery(annotations, f"Service {ns}/{name}", [] if warnings is None else warnings)
+    if declared := {sp.port for sp in ports if _declared_opaque(sp, delivery)} - delivery.opaque_ports:
+        delivery = dataclasses.replace(delivery, opaque_ports=delivery.opaque_ports | declared)
     return Service(
         name,
         ns,
@@ -231,10 +235,34 @@ def parse_service(doc: dict[str, Any], warnings: list[str] | None = None) -> Ser
         ips[0] if ips else None,
         annotations,
         tuple(ips),
-        service_delivery(annotations, f"Service {ns}/{name}", [] if warnings is None else warnings),
+        delivery,
         _traffic_policy(spec.get("internalTrafficPolicy"), f"Service {ns}/{name}"),
         _session_affinity(spec.get("sessionAffinity"), f"Service {ns}/{name}"),
     )
+
+
+# What a port's appProtocol or name says that protocol detection need not guess (Istio's explicit
+# protocol selection): a protocol that is not HTTP, so opaque. By name, Istio's prefixes for such
+# protocols (`tcp-mysql`, `mongo`, `redis-main`); by appProtocol, anything but HTTP's family.
+_OPAQUE_NAME_PREFIXES = frozenset({"tcp", "tls", "mysql", "mongo", "redis"})
+_HTTP_APP_PROTOCOLS = frozenset(
+    {
+        "http", "http1", "http/1.1", "http2", "h2c", "https", "grpc", "grpc-web", "ws", "wss",
+        "kubernetes.io/h2c", "kubernetes.io/ws", "kubernetes.io/wss",
+    }
+)  # fmt: skip
+
+
+def _declared_opaque(sp: ServicePort, delivery: Delivery) -> bool:
+    """Whether the port says its protocol is not HTTP: ``appProtocol`` (``tcp``, ``mysql``,
+    ``postgresql``...), an Istio name prefix, or (no ``sidemesh.io/opaque-ports`` given) a target
+    port on the default server-speaks-first list, as the pod's own port is (a Service on 3307 in
+    front of MySQL's 3306 waited out the detection timeout on the caller's side)."""
+    if sp.app_protocol:
+        return sp.app_protocol.lower() not in _HTTP_APP_PROTOCOLS
+    if sp.name.split("-", 1)[0].lower() in _OPAQUE_NAME_PREFIXES:
+        return True
+    return delivery.opaque_ports is DEFAULT_OPAQUE_PORTS and sp.target_port in DEFAULT_OPAQUE_PORTS
 
 
 def _session_affinity(value: Any, where: str) -> bool:

@@ -261,8 +261,14 @@ def test_pod_with_a_garbage_ip_is_an_error() -> None:
                 "spec.selector",
                 None,
             ),
-            Service(
-                "dns", "shop", (), (ServicePort(53, 53, "tcp"),), "10.96.0.10", cluster_ips=("10.96.0.10",)
+            Service(  # (a port named tcp says its protocol: opaque, as Istio reads port names)
+                "dns",
+                "shop",
+                (),
+                (ServicePort(53, 53, "tcp"),),
+                "10.96.0.10",
+                cluster_ips=("10.96.0.10",),
+                delivery=Delivery(opaque_ports=DEFAULT_OPAQUE_PORTS | {53}),
             ),
             id="tcp-only-no-selector-target-defaults-to-port",
         ),

@@ -773,3 +773,39 @@ def test_session_affinity_client_ip_reaches_the_sidecars_through_the_wire_and_th
     sticky["spec"]["sessionAffinity"] = "Cookie"
     snap = build_snapshot([(f"doc{i}", d) for i, d in enumerate(docs)])
     assert any("sessionAffinity 'Cookie' is not None or ClientIP" in e for e in snap.errors), snap.errors
+
+
+def test_a_port_that_says_its_protocol_is_not_http_is_opaque() -> None:
+    """Kubernetes' appProtocol and Istio's port names (`tcp-mysql`) say a port is no HTTP: it was
+    detected anyway, so a server-speaks-first protocol there (MySQL, NATS) waited out the detection
+    timeout on each side. The default server-speaks-first list now also reads the target port
+    (a Service on 3307 in front of MySQL's 3306)."""
+    docs = yaml.safe_load_all(
+        textwrap.dedent("""\
+        apiVersion: sidemesh.io/v1alpha1
+        kind: Workload
+        metadata: {name: db-1, namespace: shop, labels: {app: db}}
+        spec: {serviceAccount: db, address: 10.1.0.9, ports: [{port: 3306}, {port: 4222}, {port: 8080}]}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: db, namespace: shop}
+        spec:
+          clusterIP: 10.96.0.9
+          selector: {app: db}
+          ports:
+          - {name: tcp-mysql, port: 3307, targetPort: 3306}
+          - {name: nats, port: 4222, appProtocol: tcp}
+          - {name: http-web, port: 80, targetPort: 8080, appProtocol: http}
+          - {name: mysql-again, port: 13306, targetPort: 3306, appProtocol: kubernetes.io/h2c}
+        """)
+    )
+    snap = build_snapshot([(f"doc{i}", d) for i, d in enumerate(docs)])
+    assert snap.errors == ()
+    table = compile_outbound(snap, "cluster.local")
+    opaque = {name: table._by_name[name].opaque for name in ("db.shop:3307", "db.shop:4222", "db.shop:80")}
+    assert opaque == {"db.shop:3307": True, "db.shop:4222": True, "db.shop:80": False}
+    assert not table._by_name["db.shop:13306"].opaque  # (appProtocol says HTTP/2: it wins)
+    inbound = compile_inbound(snap, WorkloadId("shop", "db"), "cluster.local", DefaultPolicy.DENY)
+    view = sidecar_view(inbound, table, "shop/db-1", "v")
+    assert 4222 in view.service_opaque_ports and 8080 not in view.service_opaque_ports
