@@ -41,6 +41,7 @@ class PodOptions:
     default_policy: str
     exclusions: Sequence[tuple[str, str]] = ()  # (proxy init flag, value)
     app_probes: str = ""  # SIDEMESH_APP_PROBES JSON, empty when no probe was rewritten
+    app_metrics: str = ""  # SIDEMESH_APP_METRICS JSON, empty when the app's metrics are not merged
     proxy_resources: Resources | None = None  # None: the settings'
 
 
@@ -119,6 +120,8 @@ def proxy_container(settings: InjectionSettings, options: PodOptions, terminatio
     ]
     if options.app_probes:
         env.append({"name": APP_PROBES_ENV, "value": options.app_probes})
+    if options.app_metrics:
+        env.append({"name": "SIDEMESH_APP_METRICS", "value": options.app_metrics})
     if not options.native and (drain_grace := classic_drain_grace(termination_grace_s)):
         env.append({"name": "SIDEMESH_DRAIN_GRACE", "value": f"{drain_grace}s"})
     if settings.access_log:

@@ -37,6 +37,10 @@ NATIVE = "sidemesh.io/native-sidecar"
 REWRITE_PROBES = "sidemesh.io/rewrite-app-probes"
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 PROMETHEUS = {"prometheus.io/scrape": "true", "prometheus.io/port": "15020", "prometheus.io/path": "/metrics"}
+MERGE_METRICS = "sidemesh.io/merge-metrics"
+# The app's scrape annotations, pointed at the sidecar, which serves its metrics and the app's
+# there (an unmeshed Prometheus is refused by the app's port under strict mTLS), as Istio does.
+MERGED = {"prometheus.io/port": "15020", "prometheus.io/path": "/stats/prometheus"}
 EXCLUSIONS = {
     "sidemesh.io/exclude-inbound-ports": "--exclude-inbound-ports",
     "sidemesh.io/exclude-outbound-ports": "--exclude-outbound-ports",
@@ -371,6 +375,8 @@ def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
         app_init.append(container)
     if records:
         options = dataclasses.replace(options, app_probes=probes.encode(records))
+    if (app_metrics := _app_metrics(annotations, excluded)) is not None:
+        options = dataclasses.replace(options, app_metrics=app_metrics)
     init = containers.init_container(settings, options)
     proxy = containers.proxy_container(settings, options, grace)
     new_spec = dict(spec)
@@ -398,6 +404,10 @@ def desired_pod(pod: Json, settings: InjectionSettings) -> Json:
     new_annotations.setdefault(DEFAULT_CONTAINER, str(app[0].get("name", "")))
     if not any(key.startswith("prometheus.io/") for key in annotations):
         new_annotations.update(PROMETHEUS)  # the app's own scrape settings win: the sidecar's stay off
+    elif options.app_metrics:
+        new_annotations.update(MERGED)
+        if "prometheus.io/scheme" in annotations:
+            new_annotations["prometheus.io/scheme"] = "http"
     new_meta = dict(meta)
     new_meta["annotations"] = new_annotations
     return {**pod, "metadata": new_meta, "spec": new_spec}
@@ -413,6 +423,7 @@ POD_ANNOTATIONS = frozenset(
         REWRITE_PROBES,
         DEFAULT_POLICY_ANNOTATION,
         OPAQUE_PORTS,
+        MERGE_METRICS,
         *EXCLUSIONS,
         *PROXY_RESOURCES,
     }
@@ -420,6 +431,27 @@ POD_ANNOTATIONS = frozenset(
 
 
 MAX_UNKNOWN_HINTS = 5
+
+
+def _app_metrics(annotations: dict[str, str], excluded: frozenset[int] | None = frozenset()) -> str | None:
+    """SIDEMESH_APP_METRICS for a pod whose app asks to be scraped (``prometheus.io/scrape:
+    "true"`` and a ``prometheus.io/port`` other than the sidecar's), unless ``sidemesh.io/
+    merge-metrics: "false"`` or the port is excluded from the capture (``excluded``; None: every
+    port), which a scraper reaches directly; None when its metrics stay where they are."""
+    if annotations.get("prometheus.io/scrape", "").strip().lower() != "true":
+        return None
+    if not _bool(annotations, MERGE_METRICS, True):
+        return None
+    port = annotations.get("prometheus.io/port", "").strip()
+    if not port.isdigit() or not 1 <= int(port) <= 65535 or int(port) == probes.HEALTH_PORT:
+        return None
+    if excluded is None or int(port) in excluded:
+        return None
+    path = annotations.get("prometheus.io/path", "").strip() or "/metrics"
+    scheme = annotations.get("prometheus.io/scheme", "").strip().upper() or "HTTP"
+    if scheme not in ("HTTP", "HTTPS") or not path.startswith("/"):
+        return None
+    return json.dumps({"port": int(port), "path": path, "scheme": scheme}, separators=(",", ":"))
 
 
 def _is_unknown(key: str) -> bool:
@@ -461,6 +493,17 @@ def inject(pod: Any, settings: InjectionSettings) -> Result:
         warnings.append(
             f"sidemesh: the pod-level resources (spec.resources) now include the sidecar's: {', '.join(changes)}"
         )
+    if annotations.get("prometheus.io/scrape", "").strip().lower() == "true" and (
+        _bool(annotations, MERGE_METRICS, True) and _app_metrics(annotations) is None
+    ):
+        port = (annotations.get("prometheus.io/port") or "").strip()
+        if not port.isdigit() or int(port) > 65535:  # (a port, excluded or the sidecar's: fine)
+            warnings.append(
+                "sidemesh: prometheus.io/scrape without a usable prometheus.io/port (a port number): "
+                "the app's metrics stay where they are, and its ports refuse a Prometheus outside "
+                "the mesh under strict mTLS; give the port, and the sidecar serves them on 15020 "
+                "(/stats/prometheus)"
+            )
     native = pod_options(annotations, settings).native
     if not native and spec.get("restartPolicy") in ("Never", "OnFailure"):
         warnings.append(

@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.probes import parse_app_probes
+from proxy.probes import parse_app_metrics, parse_app_probes
 from sidemesh.config import (
     ConfigError,
     check_distinct_listens,
@@ -165,6 +165,13 @@ class ProxyConfig:
         "the app's original HTTP/TCP/gRPC probes, JSON written by the injector (/app-health/<container>/<kind>)",
         env="SIDEMESH_APP_PROBES",
     )
+    app_metrics: str = option(
+        "",
+        "the app's own metrics page, JSON written by the injector from its prometheus.io annotations "
+        '({"port": 9102, "path": "/metrics"}): merged with the sidecar\'s on the health port\'s '
+        "/stats/prometheus, so a Prometheus outside the mesh still scrapes the app under strict mTLS",
+        env="SIDEMESH_APP_METRICS",
+    )
     access_log: bool = option(
         False,
         "one JSON line per HTTP request and per TCP connection (identities, decision, bytes, duration); "
@@ -225,6 +232,10 @@ class ProxyConfig:
             parse_app_probes(self.app_probes)
         except ValueError as exc:
             raise ConfigError("app_probes", str(exc)) from exc
+        try:
+            parse_app_metrics(self.app_metrics)
+        except ValueError as exc:
+            raise ConfigError("app_metrics", str(exc)) from exc
         if bool(self.controller) == (self.config_dir is not None):
             raise ConfigError(
                 "controller", "give either --controller (the config stream) or --config-dir (local files)"

@@ -228,6 +228,70 @@ async def _get(
             await writer.wait_closed()
 
 
+MAX_METRICS_BYTES = 32 << 20  # the app's metrics page: at most this much is read
+METRICS_ACCEPT = "text/plain;version=0.0.4;q=1,*/*;q=0.1"  # the text format, which merges
+
+
+def parse_app_metrics(text: str) -> AppProbe | None:
+    """SIDEMESH_APP_METRICS, the app's scrape settings the injector moved off its prometheus.io
+    annotations: ``{"port": 9102, "path": "/metrics", "scheme": "HTTP"}``; None when empty;
+    ValueError saying what is wrong."""
+    if not text.strip():
+        return None
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError('must be a JSON object such as {"port": 9102, "path": "/metrics"}')
+    scheme = str(raw.get("scheme", "HTTP")).upper()
+    if scheme not in ("HTTP", "HTTPS"):
+        raise ValueError(f"scheme {scheme!r} is not HTTP or HTTPS")
+    headers = (("Accept", METRICS_ACCEPT),)
+    path = request_target(str(raw.get("path") or "/metrics"))
+    return AppProbe("httpGet", _port(raw.get("port"), "app metrics"), 5.0, path, scheme, headers)
+
+
+async def fetch_metrics(probe: AppProbe, host: str, local: Local = None) -> tuple[int, str, bytes]:
+    """GET the app's metrics page: (status, Content-Type, body), the body at most
+    ``MAX_METRICS_BYTES`` (ValueError beyond)."""
+    context = None
+    if probe.scheme == "HTTPS":  # (the app's own certificate: not the mesh's to verify, as the kubelet)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    reader, writer = await asyncio.open_connection(host, probe.port, ssl=context, local_addr=local)
+    try:
+        authority = f"[{host}]:{probe.port}" if ":" in host else f"{host}:{probe.port}"
+        headers = [("Host", authority), ("User-Agent", USER_AGENT), *probe.headers, ("Connection", "close")]
+        conn = h11.Connection(h11.CLIENT)
+        writer.write(conn.send(h11.Request(method="GET", target=probe.path, headers=headers)) or b"")
+        writer.write(conn.send(h11.EndOfMessage()) or b"")
+        await writer.drain()
+        status, ctype, body = 0, "", bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Response):
+                status, ctype = (
+                    event.status_code,
+                    dict(event.headers).get(b"content-type", b"").decode("latin-1"),
+                )
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_METRICS_BYTES:
+                    raise ValueError(f"more than {MAX_METRICS_BYTES >> 20} MiB of metrics")
+            elif isinstance(event, h11.EndOfMessage):
+                return status, ctype, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("connection closed before the whole response")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+
 async def _tcp(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, str]:
     _, writer = await asyncio.open_connection(host, probe.port, local_addr=local)
     writer.close()
@@ -301,6 +365,26 @@ class AppProber:
         self.pre_stop_answered_at: float | None = None  # (time.monotonic(): the app's SIGTERM then)
         if not self._pre_stop_pending:
             self.pre_stop_done.set()
+
+    async def metrics(self, probe: AppProbe) -> tuple[bytes | None, str]:
+        """The app's metrics (the text format) and "", or None and why not."""
+        why = ""
+        for host, local in ((self.host, None), *((self.pod,) if self.pod is not None else ())):
+            try:
+                status, ctype, body = await asyncio.wait_for(fetch_metrics(probe, host, local), probe.timeout)
+            except ConnectionRefusedError as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                continue  # (an app bound to its pod address only: that next)
+            except TimeoutError:
+                return None, f"no answer within {probe.timeout:g}s"
+            except (OSError, ssl.SSLError, h11.ProtocolError, ValueError) as exc:
+                return None, f"{type(exc).__name__}: {exc}"
+            if status != 200:
+                return None, f"HTTP {status}"
+            if "openmetrics" in ctype or "protobuf" in ctype:  # (it ignored the Accept)
+                return None, f"{ctype}: only the text format (version 0.0.4) merges"
+            return (body if body.endswith(b"\n") or not body else body + b"\n"), ""
+        return None, why
 
     async def check(self, probe: AppProbe) -> tuple[bool, str]:
         ok, detail, refused = await self._run(probe, self.host, None)

@@ -15,6 +15,8 @@ import time
 import weakref
 from pathlib import Path
 
+from prometheus_client import Gauge
+
 from proxy import heap, inbound, outbound, pool
 from proxy import relay as relays
 from proxy.balance import Balancer
@@ -25,7 +27,7 @@ from proxy.limits import Pacer, Throttle
 from proxy.metrics import ProxyMetrics
 from proxy.observe import Observer
 from proxy.pipe import Pipe
-from proxy.probes import APP_HEALTH_PREFIX, AppProber, parse_app_probes
+from proxy.probes import APP_HEALTH_PREFIX, AppProber, parse_app_metrics, parse_app_probes
 from proxy.relay import Relay, reset_socket
 from proxy.routes import RouteStats
 from proxy.telemetry import ProxyObserver, start_sidecar_tracing
@@ -51,6 +53,9 @@ HEAP_TRIM_SECONDS = 5.0
 LATE_GRACE_S = 2.0  # for connections taken from the accept queues when the listeners close
 TASKS_STOP_S = 5.0  # for the background tasks (config stream, accept loops) to end once cancelled
 ACCEPT_BATCH = 16  # connections accepted from a backlog before the loop runs other work
+MERGED_METRICS = (
+    "/stats/prometheus"  # the health port's page of the sidecar's and the app's metrics (Istio's)
+)
 ACCEPT_BACKOFF, ACCEPT_BACKOFF_MAX = 0.01, 1.0  # after a failed accept (out of file descriptors)
 # Relay outcomes the sidecar chose by a timer: counted and logged by reason (bounded labels).
 TIMED_OUT = {
@@ -293,6 +298,15 @@ class Sidecar:
         self.app_prober = AppProber(
             parse_app_probes(config.app_probes), config.app_host, self.app_address(pod_ip) if pod_ip else None
         )
+        self.app_metrics = parse_app_metrics(config.app_metrics)
+        self._app_metrics_up: Gauge | None = None
+        if self.app_metrics is not None:
+            self._app_metrics_up = Gauge(
+                "sidemesh_proxy_app_metrics_up",
+                "1 when the app's own metrics page answered the last scrape of /stats/prometheus",
+                registry=self.metrics.registry,
+            )
+        self._app_metrics_log = Throttle(60.0)
         self.controller: ConfigClient | None = None
         if config.controller:
             self.controller = ConfigClient(
@@ -691,8 +705,9 @@ class Sidecar:
                 "/metrics": self._page_metrics,
             },
             prefixes={
-                APP_HEALTH_PREFIX: self.app_prober.handle
-            },  # the app's probes, rewritten by the injector
+                APP_HEALTH_PREFIX: self.app_prober.handle,  # the app's probes, rewritten by the injector
+                MERGED_METRICS: self._page_merged_metrics,
+            },
             posts={"/quitquitquit": self._page_quit},
             guard=_own_pod_only,
         )
@@ -842,6 +857,26 @@ class Sidecar:
         if self.controller is not None:
             self.metrics.controller_connected.set(1 if self.controller.connected else 0)
         return 200, CONTENT_TYPE, exposition(self.metrics.registry)
+
+    async def _page_merged_metrics(self, path: str) -> tuple[int, str, bytes]:
+        """The sidecar's metrics and the app's own (its prometheus.io annotations, moved here by
+        the injector: a Prometheus outside the mesh is refused by the app's port under strict
+        mTLS), as Istio merges them. The app's page failing leaves the sidecar's, with
+        sidemesh_proxy_app_metrics_up 0 and a warning at most once a minute."""
+        if path != MERGED_METRICS:
+            return json_response(404, {"error": f"no page at {path}"})
+        app: bytes | None = b""
+        if self.app_metrics is not None:
+            app, why = await self.app_prober.metrics(self.app_metrics)
+            assert self._app_metrics_up is not None
+            self._app_metrics_up.set(0 if app is None else 1)
+            if app is None and self._app_metrics_log.due() is not None:
+                log.warning(
+                    "the app's metrics page did not answer; serving the sidecar's alone",
+                    extra={"port": self.app_metrics.port, "path": self.app_metrics.path, "reason": why},
+                )
+        own = self._page_metrics()[2]
+        return 200, CONTENT_TYPE, own + (app or b"")
 
     def _page_config(self) -> tuple[int, str, bytes]:
         m = self._mesh

@@ -198,6 +198,7 @@ _METAVARS = {
     "control_plane_dns": "NAMESPACE/SERVICEACCOUNT=DNS_NAME,...",
     "status_from": "CIDR,...",
     "app_probes": "JSON",
+    "app_metrics": "JSON",
     "webhook_configuration": "NAME",
 }
 

@@ -77,6 +77,7 @@ class Mesh:
         default_policy: str = "deny",
         controller: str = "",
         app_probes: str = "",
+        app_metrics: str = "",
         max_connections: int = 10_000,
         access_log: bool = True,  # off by default in the product; the tests read it
         capture: str = "none",  # "iptables": every inbound connection must have been redirected
@@ -98,6 +99,7 @@ class Mesh:
             app_host=self.addr(host),
             trust_domain="cluster.local",
             app_probes=app_probes,
+            app_metrics=app_metrics,
             max_connections=max_connections,
             access_log=access_log,
         )

@@ -735,6 +735,45 @@ async def test_app_probes_through_the_sidecar_health_port(mesh: Mesh) -> None:
     server.close()
 
 
+async def test_the_apps_metrics_are_served_with_the_sidecars_on_the_health_port(mesh: Mesh) -> None:
+    """prometheus.io annotations on a meshed pod: a Prometheus outside the mesh is refused by the
+    app's port (strict mTLS), so the injector points them at the sidecar, which serves its own
+    metrics and the app's (fetched in the text format) on /stats/prometheus, as Istio merges them.
+    The app not answering leaves the sidecar's, with sidemesh_proxy_app_metrics_up 0."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    asked: list[bytes] = []
+
+    async def metrics_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        asked.append(head)
+        body = b"# HELP app_orders_total Orders.\n# TYPE app_orders_total counter\napp_orders_total 7\n"
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\n")
+        writer.write(b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    cart = await mesh.sidecar("cart", CART, app_metrics='{"port": 8080, "path": "/custom/metrics"}')
+    url = f"http://{mesh.addr(CART)}:{cart.ports['health']}/stats/prometheus"
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert resp.status == 200 and resp.headers["content-type"].startswith("text/plain")
+            text = resp.read().decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    samples = await asyncio.to_thread(scrape)  # no app yet: the sidecar's alone
+    assert samples["sidemesh_proxy_app_metrics_up"] == 0 and "app_orders_total" not in samples
+    server = await mesh.app(CART, metrics_app)
+    try:
+        samples = await asyncio.to_thread(scrape)
+    finally:
+        server.close()
+    assert samples["app_orders_total"] == 7 and samples["sidemesh_proxy_app_metrics_up"] == 1
+    assert len([n for n in samples if n.startswith("sidemesh_proxy_")]) > 3  # (the sidecar's own)
+    assert asked and asked[-1].startswith(b"GET /custom/metrics HTTP/1.1") and b"version=0.0.4" in asked[-1]
+
+
 async def test_a_classic_sidecars_drain_answers_the_apps_pre_stop_hook(mesh: Mesh) -> None:
     """Classic mode: the kubelet runs the app's preStop hook (rewritten to the health port) and
     stops the sidecar at the same moment. With no connection open the drain ended at once and took

@@ -924,3 +924,42 @@ def test_a_classic_sidecar_keeps_the_apps_outbound_calls_going_while_it_shuts_do
     )
     env = {e["name"]: e.get("value") for e in proxy["env"]}
     assert env.get("SIDEMESH_DRAIN_GRACE") == expected
+
+
+def test_the_apps_scrape_annotations_point_at_the_sidecar_which_serves_its_metrics() -> None:
+    """Under strict mTLS a Prometheus outside the mesh is refused by the app's port: its scrape
+    annotations were kept as they were (and the app's metrics silently lost). Now they point at the
+    sidecar's /stats/prometheus, and the sidecar gets where the app's page is, as Istio merges."""
+    asked = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9102",
+        "prometheus.io/path": "/custom/metrics",
+        "prometheus.io/scheme": "https",
+    }
+    result = patch.inject(a_pod(annotations=dict(asked)), SETTINGS)
+    annotations = result.pod["metadata"]["annotations"]
+    assert {k: annotations[k] for k in asked} == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "15020",
+        "prometheus.io/path": "/stats/prometheus",
+        "prometheus.io/scheme": "http",
+    }
+    values = env(container(result.pod, "sidemesh-proxy"))
+    assert json.loads(values["SIDEMESH_APP_METRICS"]) == {
+        "port": 9102,
+        "path": "/custom/metrics",
+        "scheme": "HTTPS",
+    }
+    from proxy.probes import parse_app_metrics  # (the sidecar reads what the injector wrote)
+
+    probe = parse_app_metrics(values["SIDEMESH_APP_METRICS"])
+    assert probe is not None and (probe.port, probe.path, probe.scheme) == (9102, "/custom/metrics", "HTTPS")
+    assert result.warnings == []
+    # Opted out, or not asking to be scraped: the annotations stay as the app wrote them.
+    for extra in ({patch.MERGE_METRICS: "false"}, {"prometheus.io/scrape": "false"}):
+        kept = patch.inject(a_pod(annotations={**asked, **extra}), SETTINGS).pod
+        assert kept["metadata"]["annotations"]["prometheus.io/port"] == "9102"
+        assert "SIDEMESH_APP_METRICS" not in env(container(kept, "sidemesh-proxy"))
+    # Scraped without a port: nothing to fetch; the warning says what to add.
+    bare = patch.inject(a_pod(annotations={"prometheus.io/scrape": "true"}), SETTINGS)
+    assert any("without a usable prometheus.io/port" in w for w in bare.warnings), bare.warnings
