@@ -38,6 +38,21 @@ REWRITE_PROBES = "sidemesh.io/rewrite-app-probes"
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 PROMETHEUS = {"prometheus.io/scrape": "true", "prometheus.io/port": "15020", "prometheus.io/path": "/metrics"}
 MERGE_METRICS = "sidemesh.io/merge-metrics"
+# Istio's and Linkerd's own opt-outs, as a pod moved from them carries them: honoured.
+OTHER_MESH_OPT_OUTS = {"sidecar.istio.io/inject": {"false"}, "linkerd.io/inject": {"disabled"}}
+# Their annotations that have a Sidemesh equivalent, which is not read from them: a warning.
+OTHER_MESH_ANNOTATIONS = {
+    "traffic.sidecar.istio.io/excludeOutboundIPRanges": "sidemesh.io/exclude-outbound-cidrs",
+    "traffic.sidecar.istio.io/excludeOutboundPorts": "sidemesh.io/exclude-outbound-ports",
+    "traffic.sidecar.istio.io/excludeInboundPorts": "sidemesh.io/exclude-inbound-ports",
+    "traffic.sidecar.istio.io/includeOutboundIPRanges": None,
+    "traffic.sidecar.istio.io/includeInboundPorts": None,
+    "config.linkerd.io/skip-outbound-ports": "sidemesh.io/exclude-outbound-ports",
+    "config.linkerd.io/skip-inbound-ports": "sidemesh.io/exclude-inbound-ports",
+    "config.linkerd.io/opaque-ports": "sidemesh.io/opaque-ports",
+    "sidecar.istio.io/rewriteAppHTTPProbers": "sidemesh.io/rewrite-app-probes",
+    "prometheus.istio.io/merge-metrics": "sidemesh.io/merge-metrics",
+}
 # The app's scrape annotations, pointed at the sidecar, which serves its metrics and the app's
 # there (an unmeshed Prometheus is refused by the app's port under strict mTLS), as Istio does.
 MERGED = {"prometheus.io/port": "15020", "prometheus.io/path": "/stats/prometheus"}
@@ -175,6 +190,7 @@ def skip_reason(pod: Json) -> str | None:
     meta = _map(pod, "metadata", "pod")
     annotations = _map(meta, "annotations", "metadata")
     labels = _map(meta, "labels", "metadata")
+    asked = False  # sidemesh.io/inject says "true" or "enabled" itself
     for where, values in (("annotation", annotations), ("label", labels)):
         value = str(values.get(INJECT, "")).strip().lower()
         if value in OPT_OUT:
@@ -184,6 +200,15 @@ def skip_reason(pod: Json) -> str | None:
                 f'{where} {INJECT}: {values.get(INJECT)!r} is not "false" or "disabled" (no sidecar), '
                 f'nor "true" or "enabled"; fix the {where}'
             )
+        asked = asked or bool(value)
+    if not asked:  # another mesh's opt-out, kept from before the move: that pod had no sidecar there
+        for where, values in (("annotation", annotations), ("label", labels)):
+            for key, off in OTHER_MESH_OPT_OUTS.items():
+                if str(values.get(key, "")).strip().lower() in off:
+                    return (
+                        f'opted out: {where} {key}: "{values[key]}" (another mesh\'s opt-out, honoured; '
+                        f'{INJECT}: "enabled" injects it anyway)'
+                    )
     if MIRROR in annotations:  # the API server refuses a mirror pod with a projected token volume
         return "mirror pod of a static pod: the kubelet runs it, and the API server would refuse it injected"
     spec = _map(pod, "spec", "pod")
@@ -473,10 +498,22 @@ def inject(pod: Any, settings: InjectionSettings) -> Result:
         return Result(False, reason, [], pod)
     desired = desired_pod(pod, settings)
     annotations = _map(_map(pod, "metadata", "pod"), "annotations", "metadata")
+    # Another mesh's annotations with an equivalent here (a pod moved from Istio or Linkerd): not
+    # read from them, so say which to set (its exclusions would otherwise be captured silently).
+    others = [
+        f"sidemesh: annotation {key} is another mesh's and is not read: "
+        + (
+            f"set {instead} instead"
+            if (instead := OTHER_MESH_ANNOTATIONS[key])
+            else "Sidemesh has no equivalent"
+        )
+        for key in sorted(annotations)
+        if key in OTHER_MESH_ANNOTATIONS
+    ]
     unknown = [key for key in sorted(annotations) if _is_unknown(key)]
     # A hint for the first few only: each costs ~0.5 ms of the webhook's event loop (difflib), and
     # a pod with thousands of them held it past the API server's timeout for every other pod.
-    warnings = [_unknown_annotation(key) for key in unknown[:MAX_UNKNOWN_HINTS]]
+    warnings = [*others, *(_unknown_annotation(key) for key in unknown[:MAX_UNKNOWN_HINTS])]
     if len(unknown) > MAX_UNKNOWN_HINTS:
         warnings.append(
             f"sidemesh: {len(unknown) - MAX_UNKNOWN_HINTS} more sidemesh.io/ annotations it does not read: ignored"

@@ -963,3 +963,43 @@ def test_the_apps_scrape_annotations_point_at_the_sidecar_which_serves_its_metri
     # Scraped without a port: nothing to fetch; the warning says what to add.
     bare = patch.inject(a_pod(annotations={"prometheus.io/scrape": "true"}), SETTINGS)
     assert any("without a usable prometheus.io/port" in w for w in bare.warnings), bare.warnings
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value"),
+    [
+        ("annotations", "sidecar.istio.io/inject", "false"),
+        ("labels", "sidecar.istio.io/inject", "false"),
+        ("annotations", "linkerd.io/inject", "disabled"),
+    ],
+)
+def test_another_meshs_opt_out_is_honoured_unless_sidemesh_is_asked(where: str, key: str, value: str) -> None:
+    """A pod moved from Istio or Linkerd that opted out there (a Job, an operator) got a sidecar
+    here without a word."""
+    skipped = patch.inject(a_pod(**{where: {key: value}}), SETTINGS)
+    assert not skipped.injected and key in skipped.reason and "another mesh's opt-out" in skipped.reason
+    asked = patch.inject(a_pod(**{where: {key: value, patch.INJECT: "enabled"}}), SETTINGS)
+    assert asked.injected
+    assert patch.inject(a_pod(annotations={key: "true" if "istio" in key else "enabled"}), SETTINGS).injected
+
+
+def test_another_meshs_annotations_with_an_equivalent_are_named_in_a_warning() -> None:
+    pod = a_pod(
+        annotations={
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges": "169.254.169.254/32",
+            "config.linkerd.io/opaque-ports": "4222",
+            "traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/8",
+        }
+    )
+    result = patch.inject(pod, SETTINGS)
+    assert result.injected
+    joined = "\n".join(result.warnings)
+    assert (
+        "excludeOutboundIPRanges is another mesh's and is not read: set sidemesh.io/exclude-outbound-cidrs"
+        in joined
+    )
+    assert (
+        "config.linkerd.io/opaque-ports is another mesh's and is not read: set sidemesh.io/opaque-ports"
+        in joined
+    )
+    assert "includeOutboundIPRanges is another mesh's and is not read: Sidemesh has no equivalent" in joined
