@@ -340,7 +340,7 @@ def _service_destinations(
                     name,
                     tuple(sorted(chosen, key=lambda e: (e.address, e.port))),
                     names,
-                    tuple((ip, sp.port) for ip in ips if _family(ip) == family),
+                    tuple((ip, sp.port) for ip in (*ips, *svc.external_ips) if _family(ip) == family),
                     d.timeout_s,
                     d.retries,
                     d.retry_non_idempotent,

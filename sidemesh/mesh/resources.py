@@ -65,6 +65,9 @@ class Service:
     node_local: bool = False
     # spec.sessionAffinity: ClientIP: a caller's connections and requests go to one endpoint
     client_ip_affinity: bool = False
+    # spec.externalIPs and status.loadBalancer.ingress IPs: kube-proxy sends a pod's connections
+    # to them straight to the endpoints, as to the ClusterIP
+    external_ips: tuple[str, ...] = ()
 
     @property
     def host(self) -> str:
@@ -238,7 +241,27 @@ def parse_service(doc: dict[str, Any], warnings: list[str] | None = None) -> Ser
         delivery,
         _traffic_policy(spec.get("internalTrafficPolicy"), f"Service {ns}/{name}"),
         _session_affinity(spec.get("sessionAffinity"), f"Service {ns}/{name}"),
+        _external_ips(doc, spec, f"Service {ns}/{name}", ips),
     )
+
+
+def _external_ips(
+    doc: dict[str, Any], spec: dict[str, Any], where: str, cluster: list[str]
+) -> tuple[str, ...]:
+    """spec.externalIPs and the load balancer's ingress IPs (not those with ipMode Proxy: a proxy
+    between them keeps kube-proxy out, as it keeps the mesh out), each once."""
+    raw = list(_items(spec.get("externalIPs"), f"{where}: spec.externalIPs"))
+    status = doc.get("status")
+    balancer = status.get("loadBalancer") if isinstance(status, dict) else None
+    for entry in _items(balancer.get("ingress") if isinstance(balancer, dict) else None, f"{where}: status"):
+        if isinstance(entry, dict) and entry.get("ip") and entry.get("ipMode") != "Proxy":
+            raw.append(entry["ip"])
+    out: list[str] = []
+    for value in raw:
+        ip = _ip(value, f"{where}: an external or load balancer IP")
+        if ip not in out and ip not in cluster:
+            out.append(ip)
+    return tuple(out)
 
 
 # What a port's appProtocol or name says that protocol detection need not guess (Istio's explicit

@@ -809,3 +809,39 @@ def test_a_port_that_says_its_protocol_is_not_http_is_opaque() -> None:
     inbound = compile_inbound(snap, WorkloadId("shop", "db"), "cluster.local", DefaultPolicy.DENY)
     view = sidecar_view(inbound, table, "shop/db-1", "v")
     assert 4222 in view.service_opaque_ports and 8080 not in view.service_opaque_ports
+
+
+def test_a_services_external_and_load_balancer_ips_reach_its_endpoints_over_the_mesh() -> None:
+    """kube-proxy sends a pod's connection to a Service's externalIPs or its load balancer's IP
+    straight to the endpoints. The sidecar knew the ClusterIP only: such a connection went out as
+    plaintext, and a strict callee refused it once meshed."""
+    docs = list(
+        yaml.safe_load_all(
+            textwrap.dedent("""\
+            apiVersion: sidemesh.io/v1alpha1
+            kind: Workload
+            metadata: {name: db-1, namespace: shop, labels: {app: db}}
+            spec: {serviceAccount: db, address: 10.1.0.9, ports: [{port: 8080}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: db, namespace: shop}
+            spec:
+              clusterIP: 10.96.0.9
+              externalIPs: [203.0.113.7]
+              selector: {app: db}
+              ports: [{port: 80, targetPort: 8080}]
+            status:
+              loadBalancer:
+                ingress: [{ip: 198.51.100.9}, {hostname: lb.example.com}, {ip: 198.51.100.10, ipMode: Proxy}]
+            """)
+        )
+    )
+    snap = build_snapshot([(f"doc{i}", d) for i, d in enumerate(docs)])
+    assert snap.errors == ()
+    table = compile_outbound(snap, "cluster.local")
+    db = table._by_name["db.shop:80"]
+    assert set(db.addresses) == {("10.96.0.9", 80), ("203.0.113.7", 80), ("198.51.100.9", 80)}
+    for address in db.addresses:
+        assert table._by_address[address] is db
+    assert ("198.51.100.10", 80) not in table._by_address  # (ipMode Proxy: a proxy is in between)
