@@ -455,6 +455,17 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
         if (pod := index.by_ref.get(ref)) is not None:
             for address in pod.addresses:
                 pod_destination(pod, address, port)
+    # ... and every port a Service selecting it targets, ready or not: a StatefulSet's peers dial
+    # each other by pod address before they are ready (a cluster forming, its readiness waiting
+    # on it), on ports the pods need not declare; not in the endpoints yet, such a connection went
+    # out as plaintext and a strict peer refused it (Linkerd resolves any pod IP to its identity).
+    for svc in sorted(snapshot.services, key=lambda s: (s.namespace, s.name)):
+        if svc.selector:
+            for w in index.select(svc.namespace, svc.selector):
+                for sp in svc.ports:
+                    if (target := _target_port(sp.target_port, w)) is not None:
+                        for address in w.addresses:
+                            pod_destination(w, address, target)
     # Names are keys (deltas, hashes): one destination per name, the later one as the table's
     # address index always took (a Service listing port 80 twice, two files of one Workload; the
     # Kubernetes API refuses both, a directory of YAML does not).

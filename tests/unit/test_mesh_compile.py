@@ -845,3 +845,40 @@ def test_a_services_external_and_load_balancer_ips_reach_its_endpoints_over_the_
     for address in db.addresses:
         assert table._by_address[address] is db
     assert ("198.51.100.10", 80) not in table._by_address  # (ipMode Proxy: a proxy is in between)
+
+
+def test_a_pod_not_ready_yet_is_reached_over_the_mesh_on_the_ports_its_services_target() -> None:
+    """StatefulSet peers dial each other by pod address before they are ready (a cluster forming:
+    readiness waits on it), on ports the pods need not declare. Only ready endpoints were pod
+    destinations: the not-ready peer's connection went out as plaintext and its strict sidecar
+    refused it."""
+    docs = list(
+        yaml.safe_load_all(
+            textwrap.dedent("""\
+            apiVersion: sidemesh.io/v1alpha1
+            kind: Workload
+            metadata: {name: etcd-0, namespace: db, labels: {app: etcd}}
+            spec: {serviceAccount: etcd, address: 10.1.0.5}
+            ---
+            apiVersion: sidemesh.io/v1alpha1
+            kind: Workload
+            metadata: {name: etcd-1, namespace: db, labels: {app: etcd}}
+            spec: {serviceAccount: etcd, address: 10.1.0.6}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: etcd, namespace: db}
+            spec: {clusterIP: None, selector: {app: etcd}, ports: [{name: peer, port: 2380}]}
+            """)
+        )
+    )
+    snap = build_snapshot([(f"doc{i}", d) for i, d in enumerate(docs)])
+    ready = (EndpointAddress("10.1.0.5", "peer", 2380, "db/etcd-0"),)  # etcd-1 is not ready yet
+    snap = dataclasses.replace(snap, endpoints=(ServiceEndpoints("db", "etcd", ready),))
+    table = compile_outbound(snap, "cluster.local")
+    for address, pod in (("10.1.0.5", "etcd-0"), ("10.1.0.6", "etcd-1")):
+        d = table._by_address[(address, 2380)]
+        assert d.name == f"pod db/{pod}:2380" and str(d.endpoints[0].identity).endswith("/ns/db/sa/etcd")
+    assert [e.address for e in table._by_name["etcd.db:2380"].endpoints] == [
+        "10.1.0.5"
+    ]  # (the Service: ready ones)
