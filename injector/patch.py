@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import re
@@ -479,6 +480,14 @@ def _app_metrics(annotations: dict[str, str], excluded: frozenset[int] | None = 
     return json.dumps({"port": int(port), "path": path, "scheme": scheme}, separators=(",", ":"))
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_unknown(key: str) -> bool:
     return key.startswith("sidemesh.io/") and key not in POD_ANNOTATIONS
 
@@ -541,7 +550,31 @@ def inject(pod: Any, settings: InjectionSettings) -> Result:
                 "the mesh under strict mTLS; give the port, and the sidecar serves them on 15020 "
                 "(/stats/prometheus)"
             )
+    policy = spec.get("dnsPolicy")
+    if policy in ("Default", "None") and not all(
+        _is_ip(address.rpartition(":")[0].strip("[]"))
+        for address in (settings.controller_address, settings.ca_address)
+    ):
+        warnings.append(
+            f"sidemesh: dnsPolicy {policy}: the sidecar finds the controller and the CA "
+            f"({settings.controller_address}, {settings.ca_address}) by cluster DNS names, which "
+            + (
+                "the node's resolver does not know"
+                if policy == "Default"
+                else "only a dnsConfig naming the cluster DNS resolves"
+            )
+            + ": the pod would never be ready; use ClusterFirst (ClusterFirstWithHostNet), or IP addresses in the injection settings"
+        )
     native = pod_options(annotations, settings).native
+    if not native and [
+        c for c in _list(spec, "initContainers", "spec") if c.get("restartPolicy") != "Always"
+    ]:
+        warnings.append(
+            "sidemesh: with a classic sidecar the app's init containers run before the capture and "
+            "the proxy exist: what they send to meshed Services goes out in plaintext, which strict "
+            "callees refuse (a wait-for-db, a migration); use native sidecars for this pod "
+            '(sidemesh.io/native-sidecar: "true"; Kubernetes 1.29+), where they run meshed'
+        )
     if not native and spec.get("restartPolicy") in ("Never", "OnFailure"):
         warnings.append(
             "sidemesh: a classic sidecar keeps a pod that should end (a Job's) running: have the app "

@@ -1003,3 +1003,24 @@ def test_another_meshs_annotations_with_an_equivalent_are_named_in_a_warning() -
         in joined
     )
     assert "includeOutboundIPRanges is another mesh's and is not read: Sidemesh has no equivalent" in joined
+
+
+def test_a_pod_that_cannot_resolve_the_control_plane_or_runs_init_containers_unmeshed_is_warned() -> None:
+    """dnsPolicy Default: the node's resolver knows no cluster names, so the sidecar never found
+    its controller and CA (the pod stayed unready, without a word at admission). Classic sidecars:
+    the app's init containers run before the capture, so what they send to strict callees is refused."""
+    pod = a_pod()
+    pod["spec"]["dnsPolicy"] = "Default"
+    said = "\n".join(patch.inject(pod, SETTINGS).warnings)
+    assert "dnsPolicy Default" in said and "never be ready" in said
+    by_ip = dataclasses.replace(
+        SETTINGS, controller_address="10.96.0.10:15010", ca_address="10.96.0.11:15012"
+    )
+    assert not [w for w in patch.inject(pod, by_ip).warnings if "dnsPolicy" in w]
+    pod = a_pod(annotations={patch.NATIVE: "false"})
+    assert not [w for w in patch.inject(pod, SETTINGS).warnings if "init containers" in w]  # (none)
+    pod["spec"]["initContainers"] = [{"name": "wait-for-db", "image": "busybox"}]
+    classic = "\n".join(patch.inject(pod, SETTINGS).warnings)
+    assert "the app's init containers run before the capture" in classic
+    pod["metadata"]["annotations"] = {}  # native (the default here): they run meshed
+    assert not [w for w in patch.inject(pod, SETTINGS).warnings if "init containers run before" in w]
