@@ -171,11 +171,20 @@ def service_from(obj: Obj) -> Converted[Service]:
     """The same parser as local mode: TCP ports, named or numbered targetPort, headless -> no IP.
     An invalid delivery annotation (timeout, retries, ...) is ignored and reported; the Service
     stays."""
+    meta = obj.get("metadata")
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if isinstance(labels, dict) and labels.get(SERVICE_PROXY_NAME):
+        return Converted(None)  # another service proxy implements it: kube-proxy leaves it too
     warnings: list[str] = []
     try:
         return Converted(parse_service(obj, warnings), tuple(warnings))
     except ResourceError as exc:
         return Converted(None, (str(exc),))
+
+
+# A Service another service proxy implements (kube-proxy and the mesh pass its addresses on as
+# they are, for that proxy to handle).
+SERVICE_PROXY_NAME = "service.kubernetes.io/service-proxy-name"
 
 
 def namespace_from(obj: Obj) -> Converted[Namespace]:

@@ -729,3 +729,12 @@ def test_session_affinity_is_read() -> None:
     none["spec"]["sessionAffinity"] = "None"  # what the API server defaults it to
     plain = service_from(none).value
     assert plain is not None and not plain.client_ip_affinity
+
+
+def test_a_service_another_service_proxy_implements_is_left_to_it() -> None:
+    """kube-proxy skips a Service labelled service.kubernetes.io/service-proxy-name: another proxy
+    implements it. The mesh routed it anyway (to endpoints that proxy may not even use)."""
+    other = service("web")
+    other["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "my-proxy"}
+    assert service_from(other) == Converted(None)
+    assert service_from(service("web")).value is not None
