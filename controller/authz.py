@@ -14,7 +14,7 @@ from typing import Any
 
 from sidemesh.cli import CLIError
 from sidemesh.mesh import directory
-from sidemesh.mesh.compile import EXCLUDE_INBOUND, compile_inbound, excluded_inbound_ports
+from sidemesh.mesh.compile import EXCLUDE_INBOUND, compile_inbound, excluded_inbound_ports, target_port
 from sidemesh.mesh.resources import Snapshot, Workload
 from sidemesh.policy.evaluate import evaluate
 from sidemesh.policy.model import Decision, DefaultPolicy, Peer, Request
@@ -115,8 +115,10 @@ def check(
             verdicts.append(Verdict(w.ref, Decision(True, unguarded)))
             continue
         asked = request
-        if request.method is not None and request.port in w.opaque_ports:
-            # The sidecar carries this port as opaque TCP: no request is seen, no HTTP rule matches.
+        declared = _declaring_service(snapshot, w, request.port)
+        if request.method is not None and (request.port in w.opaque_ports or declared is not None):
+            # The sidecar carries this port as opaque TCP: no request is seen, no HTTP rule matches
+            # (through a Service declaring it so: through another one, that caller's sidecar parses).
             asked = Request(request.peer, request.port)
         inbound = compile_inbound(
             snapshot, WorkloadId(w.namespace, w.service_account), trust_domain, mesh_default
@@ -125,12 +127,28 @@ def check(
         policies = [p for p in inbound.policies if p.ref in me.policies]
         decision = evaluate(policies, me.default_policy, asked, trust_domain)
         if asked is not request:
+            how = "" if declared is None else f" through Service {declared}, which declares it so"
             decision = dataclasses.replace(
                 decision,
-                reason=f"{decision.reason} (port {request.port} is opaque: checked as a TCP connection)",
+                reason=f"{decision.reason} (port {request.port} is opaque{how}: checked as a TCP connection)",
             )
         verdicts.append(Verdict(w.ref, decision))
     return verdicts
+
+
+def _declaring_service(snapshot: Snapshot, w: Workload, port: int) -> str | None:
+    """A Service selecting ``w`` whose opaque port (annotation, appProtocol or name) targets
+    ``port`` there (NAMESPACE/NAME), or None."""
+    for svc in snapshot.services:
+        if (
+            svc.namespace == w.namespace
+            and svc.selector
+            and all(w.label_map.get(k) == v for k, v in svc.selector)
+        ):
+            for sp in svc.ports:
+                if sp.port in svc.delivery.opaque_ports and target_port(sp.target_port, w) == port:
+                    return f"{svc.namespace}/{svc.name}"
+    return None
 
 
 def _unguarded(workload: Workload, port: int) -> str | None:

@@ -39,8 +39,18 @@ REWRITE_PROBES = "sidemesh.io/rewrite-app-probes"
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 PROMETHEUS = {"prometheus.io/scrape": "true", "prometheus.io/port": "15020", "prometheus.io/path": "/metrics"}
 MERGE_METRICS = "sidemesh.io/merge-metrics"
-# Istio's and Linkerd's own opt-outs, as a pod moved from them carries them: honoured.
-OTHER_MESH_OPT_OUTS = {"sidecar.istio.io/inject": {"false"}, "linkerd.io/inject": {"disabled"}}
+# Istio's and Linkerd's own opt-outs, as a pod moved from them carries them: honoured. Istio's
+# injector reads any value but these as "no"; Linkerd's says "disabled".
+ISTIO_INJECT = "sidecar.istio.io/inject"
+ISTIO_YES = frozenset({"y", "yes", "true", "on"})
+LINKERD_INJECT = "linkerd.io/inject"
+
+
+def _other_mesh_opt_out(key: str, value: str) -> bool:
+    value = value.strip().lower()
+    return value not in ISTIO_YES if key == ISTIO_INJECT else key == LINKERD_INJECT and value == "disabled"
+
+
 # Their annotations that have a Sidemesh equivalent, which is not read from them: a warning.
 OTHER_MESH_ANNOTATIONS = {
     "traffic.sidecar.istio.io/excludeOutboundIPRanges": "sidemesh.io/exclude-outbound-cidrs",
@@ -204,8 +214,8 @@ def skip_reason(pod: Json) -> str | None:
         asked = asked or bool(value)
     if not asked:  # another mesh's opt-out, kept from before the move: that pod had no sidecar there
         for where, values in (("annotation", annotations), ("label", labels)):
-            for key, off in OTHER_MESH_OPT_OUTS.items():
-                if str(values.get(key, "")).strip().lower() in off:
+            for key in (ISTIO_INJECT, LINKERD_INJECT):
+                if key in values and _other_mesh_opt_out(key, str(values[key])):
                     return (
                         f'opted out: {where} {key}: "{values[key]}" (another mesh\'s opt-out, honoured; '
                         f'{INJECT}: "enabled" injects it anyway)'
@@ -504,7 +514,10 @@ def inject(pod: Any, settings: InjectionSettings) -> Result:
         raise PodError("the object is not a pod (not a JSON object)")
     reason = skip_reason(pod)
     if reason is not None:
-        return Result(False, reason, [], pod)
+        # (another mesh's opt-out is not this one's: whoever made the pod is told, as its callers
+        # of a strict mesh will refuse it)
+        said = [f"sidemesh: no sidecar: {reason}"] if "another mesh's opt-out" in reason else []
+        return Result(False, reason, [], pod, said)
     desired = desired_pod(pod, settings)
     annotations = _map(_map(pod, "metadata", "pod"), "annotations", "metadata")
     # Another mesh's annotations with an equivalent here (a pod moved from Istio or Linkerd): not

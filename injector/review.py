@@ -156,6 +156,9 @@ def admit(body: bytes, settings: InjectionSettings) -> Outcome:
         return Outcome(200, dict(_response(uid, False, status=status)), fields)
     fields.update(outcome="injected" if result.injected else "skipped", reason=result.reason)
     if not result.patch:
+        if result.warnings:
+            fields["warnings"] = result.warnings
+            return Outcome(200, dict(_response(uid, True, warnings=result.warnings)), fields)
         return Outcome(200, dict(_response(uid, True)), fields)
     encoded = base64.b64encode(json.dumps(result.patch, separators=(",", ":")).encode()).decode()
     fields["patch_ops"] = len(result.patch)

@@ -228,7 +228,7 @@ async def _get(
             await writer.wait_closed()
 
 
-MAX_METRICS_BYTES = 32 << 20  # the app's metrics page: at most this much is read
+MAX_METRICS_BYTES = 4 << 20  # the app's metrics page: at most this much is merged (it is held per scrape)
 METRICS_ACCEPT = "text/plain;version=0.0.4;q=1,*/*;q=0.1"  # the text format, which merges
 
 
@@ -381,8 +381,9 @@ class AppProber:
                 return None, f"{type(exc).__name__}: {exc}"
             if status != 200:
                 return None, f"HTTP {status}"
-            if "openmetrics" in ctype or "protobuf" in ctype:  # (it ignored the Accept)
-                return None, f"{ctype}: only the text format (version 0.0.4) merges"
+            media = ctype.split(";", 1)[0].strip().lower()
+            if media not in ("", "text/plain"):  # (OpenMetrics, protobuf, an HTML page at that path)
+                return None, f"{ctype}: only Prometheus's text format (text/plain; version=0.0.4) merges"
             return (body if body.endswith(b"\n") or not body else body + b"\n"), ""
         return None, why
 

@@ -53,9 +53,10 @@ HEAP_TRIM_SECONDS = 5.0
 LATE_GRACE_S = 2.0  # for connections taken from the accept queues when the listeners close
 TASKS_STOP_S = 5.0  # for the background tasks (config stream, accept loops) to end once cancelled
 ACCEPT_BATCH = 16  # connections accepted from a backlog before the loop runs other work
-MERGED_METRICS = (
-    "/stats/prometheus"  # the health port's page of the sidecar's and the app's metrics (Istio's)
-)
+# The health port's page of the sidecar's metrics and the app's (Istio's path); scrapes within
+# MERGED_FOR_S of one another get the same page.
+MERGED_METRICS = "/stats/prometheus"
+MERGED_FOR_S = 1.0
 ACCEPT_BACKOFF, ACCEPT_BACKOFF_MAX = 0.01, 1.0  # after a failed accept (out of file descriptors)
 # Relay outcomes the sidecar chose by a timer: counted and logged by reason (bounded labels).
 TIMED_OUT = {
@@ -307,6 +308,10 @@ class Sidecar:
                 registry=self.metrics.registry,
             )
         self._app_metrics_log = Throttle(60.0)
+        # The merged page, made once for every scrape within a second (and one fetch of the app's
+        # at a time): the health port answers any pod, and each scrape held the app's page anew.
+        self._merged: tuple[float, bytes] | None = None
+        self._merging: asyncio.Future[bytes] | None = None
         self.controller: ConfigClient | None = None
         if config.controller:
             self.controller = ConfigClient(
@@ -865,6 +870,17 @@ class Sidecar:
         sidemesh_proxy_app_metrics_up 0 and a warning at most once a minute."""
         if path != MERGED_METRICS:
             return json_response(404, {"error": f"no page at {path}"})
+        if self._merged is not None and time.monotonic() - self._merged[0] < MERGED_FOR_S:
+            return 200, CONTENT_TYPE, self._merged[1]
+        if self._merging is None:
+            self._merging = asyncio.ensure_future(self._merge())
+            self._merging.add_done_callback(self._merged_done)
+        return 200, CONTENT_TYPE, await asyncio.shield(self._merging)
+
+    def _merged_done(self, _: asyncio.Future[bytes]) -> None:
+        self._merging = None
+
+    async def _merge(self) -> bytes:
         app: bytes | None = b""
         if self.app_metrics is not None:
             app, why = await self.app_prober.metrics(self.app_metrics)
@@ -875,8 +891,9 @@ class Sidecar:
                     "the app's metrics page did not answer; serving the sidecar's alone",
                     extra={"port": self.app_metrics.port, "path": self.app_metrics.path, "reason": why},
                 )
-        own = self._page_metrics()[2]
-        return 200, CONTENT_TYPE, own + (app or b"")
+        page = self._page_metrics()[2] + (app or b"")
+        self._merged = (time.monotonic(), page)
+        return page
 
     def _page_config(self) -> tuple[int, str, bytes]:
         m = self._mesh

@@ -173,7 +173,7 @@ def service_from(obj: Obj) -> Converted[Service]:
     stays."""
     meta = obj.get("metadata")
     labels = meta.get("labels") if isinstance(meta, dict) else None
-    if isinstance(labels, dict) and labels.get(SERVICE_PROXY_NAME):
+    if isinstance(labels, dict) and SERVICE_PROXY_NAME in labels:  # (any value, as kube-proxy's selector)
         return Converted(None)  # another service proxy implements it: kube-proxy leaves it too
     warnings: list[str] = []
     try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from collections import defaultdict
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from sidemesh.mesh.resources import EndpointAddress, Service, Snapshot, Workload
@@ -266,6 +266,11 @@ class _Index:
         return sorted((self.by_ref[r] for r in refs), key=lambda w: w.ref)
 
 
+def target_port(target: int | str, workload: Workload) -> int | None:
+    """A Service port's target on ``workload`` (a named one: its port of that name), or None."""
+    return _target_port(target, workload)
+
+
 def _target_port(target: int | str, workload: Workload) -> int | None:
     if isinstance(target, int):
         return target
@@ -277,7 +282,9 @@ def _service_destinations(
     index: _Index,
     snapshot_endpoints: dict[tuple[str, str], list[EndpointAddress]],
     ids: _Identities,
+    refused: Collection[tuple[str, int]] = frozenset(),
 ) -> list[Destination]:
+    """``refused``: external or load balancer (address, port)s not to take (see compile_outbound)."""
     out = []
     listed = snapshot_endpoints.get((svc.namespace, svc.name))
     # (endpoints carry their node only where it is used: fewer bytes). A headless Service is not
@@ -340,7 +347,11 @@ def _service_destinations(
                     name,
                     tuple(sorted(chosen, key=lambda e: (e.address, e.port))),
                     names,
-                    tuple((ip, sp.port) for ip in (*ips, *svc.external_ips) if _family(ip) == family),
+                    tuple(
+                        (ip, sp.port)
+                        for ip in (*ips, *(e for e in svc.external_ips if (e, sp.port) not in refused))
+                        if _family(ip) == family
+                    ),
                     d.timeout_s,
                     d.retries,
                     d.retry_non_idempotent,
@@ -410,9 +421,19 @@ def compile_outbound(snapshot: Snapshot, trust_domain: str) -> OutboundTable:
     destinations: list[Destination] = []
     direct: set[tuple[str, int]] = set()  # (pod address, port): a pod destination of its own
 
+    # A Service's externalIPs and load balancer IPs are its addresses too, unless another
+    # Service's ClusterIP or a pod's address is there, or another Service claims the same
+    # address and port: anyone who may write a Service would take that traffic, over mTLS to an
+    # identity of their choosing (CVE-2020-8554's pattern; EndpointSlices get the same check).
+    taken = {
+        ip for s in snapshot.services for ip in (*s.cluster_ips, *((s.cluster_ip,) if s.cluster_ip else ()))
+    }
+    taken.update(a for w in snapshot.workloads for a in w.addresses)
+    claims = Counter((ip, sp.port) for s in snapshot.services for ip in s.external_ips for sp in s.ports)
+    refused = {key for key, n in claims.items() if n > 1 or key[0] in taken}
     services: list[Destination] = []
     for svc in sorted(snapshot.services, key=lambda s: (s.namespace, s.name)):
-        services.extend(_service_destinations(svc, index, listed, ids))
+        services.extend(_service_destinations(svc, index, listed, ids, refused))
     # A pod's port a Service declares opaque is opaque addressed directly too: a headless
     # Service's DNS answers with pod IPs (the callee carries it as declared either way). Ready or
     # not (a StatefulSet's peers dial a replica that is catching up): by the selector, as Istio

@@ -228,8 +228,8 @@ def parse_service(doc: dict[str, Any], warnings: list[str] | None = None) -> Ser
                 ips.append(ip)
     annotations = _pairs(meta.get("annotations"), f"Service {ns}/{name}: metadata.annotations")
     delivery = service_delivery(annotations, f"Service {ns}/{name}", [] if warnings is None else warnings)
-    if declared := {sp.port for sp in ports if _declared_opaque(sp, delivery)} - delivery.opaque_ports:
-        delivery = dataclasses.replace(delivery, opaque_ports=delivery.opaque_ports | declared)
+    if (opaque := _opaque_ports(ports, delivery)) != delivery.opaque_ports:
+        delivery = dataclasses.replace(delivery, opaque_ports=opaque)
     return Service(
         name,
         ns,
@@ -241,51 +241,78 @@ def parse_service(doc: dict[str, Any], warnings: list[str] | None = None) -> Ser
         delivery,
         _traffic_policy(spec.get("internalTrafficPolicy"), f"Service {ns}/{name}"),
         _session_affinity(spec.get("sessionAffinity"), f"Service {ns}/{name}"),
-        _external_ips(doc, spec, f"Service {ns}/{name}", ips),
+        _external_ips(doc, spec, f"Service {ns}/{name}", ips, [] if warnings is None else warnings),
     )
 
 
 def _external_ips(
-    doc: dict[str, Any], spec: dict[str, Any], where: str, cluster: list[str]
+    doc: dict[str, Any], spec: dict[str, Any], where: str, cluster: list[str], warnings: list[str]
 ) -> tuple[str, ...]:
     """spec.externalIPs and the load balancer's ingress IPs (not those with ipMode Proxy: a proxy
-    between them keeps kube-proxy out, as it keeps the mesh out), each once."""
-    raw = list(_items(spec.get("externalIPs"), f"{where}: spec.externalIPs"))
+    between them keeps kube-proxy out, as it keeps the mesh out), each once; one that cannot be
+    read is left out with a warning (the Service stays: an old object may hold an address an
+    older API server took)."""
+    raw = spec.get("externalIPs")
+    found = list(raw) if isinstance(raw, list) else []
     status = doc.get("status")
     balancer = status.get("loadBalancer") if isinstance(status, dict) else None
-    for entry in _items(balancer.get("ingress") if isinstance(balancer, dict) else None, f"{where}: status"):
+    ingress = balancer.get("ingress") if isinstance(balancer, dict) else None
+    for entry in ingress if isinstance(ingress, list) else ():
         if isinstance(entry, dict) and entry.get("ip") and entry.get("ipMode") != "Proxy":
-            raw.append(entry["ip"])
+            found.append(entry["ip"])
     out: list[str] = []
-    for value in raw:
-        ip = _ip(value, f"{where}: an external or load balancer IP")
+    for value in found:
+        try:
+            ip = _ip(value, f"{where}: an external or load balancer IP")
+        except ResourceError as exc:
+            warnings.append(f"{exc}; left out")
+            continue
         if ip not in out and ip not in cluster:
             out.append(ip)
     return tuple(out)
 
 
-# What a port's appProtocol or name says that protocol detection need not guess (Istio's explicit
-# protocol selection): a protocol that is not HTTP, so opaque. By name, Istio's prefixes for such
-# protocols (`tcp-mysql`, `mongo`, `redis-main`); by appProtocol, anything but HTTP's family.
-_OPAQUE_NAME_PREFIXES = frozenset({"tcp", "tls", "mysql", "mongo", "redis"})
-_HTTP_APP_PROTOCOLS = frozenset(
-    {
-        "http", "http1", "http/1.1", "http2", "h2c", "https", "grpc", "grpc-web", "ws", "wss",
-        "kubernetes.io/h2c", "kubernetes.io/ws", "kubernetes.io/wss",
-    }
-)  # fmt: skip
+# What a port's appProtocol or name says, as Istio's explicit protocol selection reads them (the
+# value, or its part before the first "-": `tcp-mysql`, `grpc-web`): Istio's protocols that are
+# not HTTP make the port opaque; HTTP's keep detection, also on a port of the default list; any
+# other value says nothing (detection, as Istio's "auto").
+_OPAQUE_PROTOCOLS = frozenset({"tcp", "tls", "mysql", "mongo", "redis"})
+_HTTP_PROTOCOLS = frozenset({"http", "http2", "https", "grpc", "h2c", "ws", "wss"})
 
 
-def _declared_opaque(sp: ServicePort, delivery: Delivery) -> bool:
-    """Whether the port says its protocol is not HTTP: ``appProtocol`` (``tcp``, ``mysql``,
-    ``postgresql``...), an Istio name prefix, or (no ``sidemesh.io/opaque-ports`` given) a target
-    port on the default server-speaks-first list, as the pod's own port is (a Service on 3307 in
-    front of MySQL's 3306 waited out the detection timeout on the caller's side)."""
-    if sp.app_protocol:
-        return sp.app_protocol.lower() not in _HTTP_APP_PROTOCOLS
-    if sp.name.split("-", 1)[0].lower() in _OPAQUE_NAME_PREFIXES:
-        return True
-    return delivery.opaque_ports is DEFAULT_OPAQUE_PORTS and sp.target_port in DEFAULT_OPAQUE_PORTS
+def _protocol(text: str) -> str:
+    return text.lower().removeprefix("kubernetes.io/").split("-", 1)[0]
+
+
+def _declared(sp: ServicePort) -> bool | None:
+    """What the port says of its protocol: True not HTTP (opaque), False HTTP (detected), None
+    nothing. ``appProtocol`` first, then the name."""
+    for said in (sp.app_protocol, sp.name):
+        protocol = _protocol(said) if said else ""
+        if protocol in _OPAQUE_PROTOCOLS:
+            return True
+        if protocol in _HTTP_PROTOCOLS:
+            return False
+    return None
+
+
+def _opaque_ports(ports: list[ServicePort], delivery: Delivery) -> frozenset[int]:
+    """The Service's opaque ports: its annotation (else the default list), and what each port says
+    of itself (a port that says HTTP is detected even on the default list, unless the annotation
+    names it); with no annotation, a port whose numeric target is on the default list, as the
+    pod's own port is (a Service on 3307 in front of MySQL's 3306 waited out the detection
+    timeout on the caller's side)."""
+    default = delivery.opaque_ports is DEFAULT_OPAQUE_PORTS
+    opaque = set(delivery.opaque_ports)
+    for sp in ports:
+        said = _declared(sp)
+        if said:
+            opaque.add(sp.port)
+        elif said is False and default:
+            opaque.discard(sp.port)
+        elif said is None and default and sp.target_port in DEFAULT_OPAQUE_PORTS:
+            opaque.add(sp.port)
+    return frozenset(opaque)
 
 
 def _session_affinity(value: Any, where: str) -> bool:

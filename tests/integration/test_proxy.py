@@ -735,20 +735,30 @@ async def test_app_probes_through_the_sidecar_health_port(mesh: Mesh) -> None:
     server.close()
 
 
-async def test_the_apps_metrics_are_served_with_the_sidecars_on_the_health_port(mesh: Mesh) -> None:
+async def test_the_apps_metrics_are_served_with_the_sidecars_on_the_health_port(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """prometheus.io annotations on a meshed pod: a Prometheus outside the mesh is refused by the
     app's port (strict mTLS), so the injector points them at the sidecar, which serves its own
     metrics and the app's (fetched in the text format) on /stats/prometheus, as Istio merges them.
-    The app not answering leaves the sidecar's, with sidemesh_proxy_app_metrics_up 0."""
+    The app not answering, or answering something else than the text format (an HTML page), leaves
+    the sidecar's, with sidemesh_proxy_app_metrics_up 0. Scrapes at the same time share one fetch
+    (the health port answers any pod: each scrape held the app's whole page anew)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    import proxy.sidecar
+
+    monkeypatch.setattr(proxy.sidecar, "MERGED_FOR_S", 0.2)
     asked: list[bytes] = []
+    answer = {"type": b"text/plain; version=0.0.4"}
 
     async def metrics_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         asked.append(head)
         body = b"# HELP app_orders_total Orders.\n# TYPE app_orders_total counter\napp_orders_total 7\n"
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\n")
+        if answer["type"].startswith(b"text/html"):
+            body = b"<html><body>the shop</body></html>"
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\n" % answer["type"])
         writer.write(b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
         await writer.drain()
         writer.close()
@@ -766,12 +776,21 @@ async def test_the_apps_metrics_are_served_with_the_sidecars_on_the_health_port(
     assert samples["sidemesh_proxy_app_metrics_up"] == 0 and "app_orders_total" not in samples
     server = await mesh.app(CART, metrics_app)
     try:
+        await asyncio.sleep(0.25)
         samples = await asyncio.to_thread(scrape)
+        assert samples["app_orders_total"] == 7 and samples["sidemesh_proxy_app_metrics_up"] == 1
+        assert len([n for n in samples if n.startswith("sidemesh_proxy_")]) > 3  # (the sidecar's own)
+        assert asked[-1].startswith(b"GET /custom/metrics HTTP/1.1") and b"version=0.0.4" in asked[-1]
+        await asyncio.sleep(0.25)
+        fetched = len(asked)
+        together = await asyncio.gather(*(asyncio.to_thread(scrape) for _ in range(6)))
+        assert all(s["app_orders_total"] == 7 for s in together) and len(asked) == fetched + 1
+        answer["type"] = b"text/html; charset=utf-8"  # (a web app answering any path)
+        await asyncio.sleep(0.25)
+        samples = await asyncio.to_thread(scrape)  # (parses: the page is left out)
+        assert samples["sidemesh_proxy_app_metrics_up"] == 0 and "app_orders_total" not in samples
     finally:
         server.close()
-    assert samples["app_orders_total"] == 7 and samples["sidemesh_proxy_app_metrics_up"] == 1
-    assert len([n for n in samples if n.startswith("sidemesh_proxy_")]) > 3  # (the sidecar's own)
-    assert asked and asked[-1].startswith(b"GET /custom/metrics HTTP/1.1") and b"version=0.0.4" in asked[-1]
 
 
 async def test_a_classic_sidecars_drain_answers_the_apps_pre_stop_hook(mesh: Mesh) -> None:

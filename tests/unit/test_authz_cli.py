@@ -203,7 +203,12 @@ metadata:
   namespace: vault
   labels: {{app: db}}
   annotations: {{sidemesh.io/exclude-inbound-ports: "5432", sidemesh.io/opaque-ports: "7000"}}
-spec: {{serviceAccount: db, address: 10.0.0.3, ports: [5432, 7000, 8080]}}
+spec: {{serviceAccount: db, address: 10.0.0.3, ports: [5432, 7000, 8080, 9000]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: db-raw, namespace: vault}}
+spec: {{selector: {{app: db}}, ports: [{{name: tcp-raw, port: 90, targetPort: 9000}}]}}
 ---
 apiVersion: sidemesh.io/v1alpha1
 kind: ServiceAuthorization
@@ -234,6 +239,13 @@ spec:
             ["--method", "GET", "--path", "/q/1"],
             1,
             "(port 7000 is opaque: checked as a TCP",
+        ),
+        (  # (a Service's port named tcp-*: its callers' bytes are not parsed either)
+            "vault/db-1",
+            9000,
+            ["--method", "GET", "--path", "/q/1"],
+            1,
+            "(port 9000 is opaque through Service vault/db-raw, which declares it so: checked as a TCP",
         ),
     ],
 )

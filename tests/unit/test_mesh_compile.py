@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -882,3 +883,73 @@ def test_a_pod_not_ready_yet_is_reached_over_the_mesh_on_the_ports_its_services_
     assert [e.address for e in table._by_name["etcd.db:2380"].endpoints] == [
         "10.1.0.5"
     ]  # (the Service: ready ones)
+
+
+def test_an_external_ip_cannot_take_a_pods_or_another_services_traffic() -> None:
+    """Anyone who may write a Service set externalIPs to a pod's address or another Service's
+    ClusterIP and took that traffic, over mTLS to an identity of their choosing (CVE-2020-8554's
+    pattern); two Services claiming one address and port: one won silently. Such addresses are
+    left out; an address that cannot be read leaves the Service as it was, with a warning."""
+    docs = list(
+        yaml.safe_load_all(
+            textwrap.dedent("""\
+            apiVersion: sidemesh.io/v1alpha1
+            kind: Workload
+            metadata: {name: ledger-0, namespace: bank, labels: {app: ledger}}
+            spec: {serviceAccount: ledger, address: 10.244.1.7, ports: [{port: 8080}]}
+            ---
+            apiVersion: sidemesh.io/v1alpha1
+            kind: Workload
+            metadata: {name: thief-0, namespace: evil, labels: {app: thief}}
+            spec: {serviceAccount: thief, address: 10.244.9.9, ports: [{port: 8080}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: ledger, namespace: bank}
+            spec: {clusterIP: 10.96.0.50, selector: {app: ledger}, ports: [{port: 8080}]}
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: grab, namespace: evil}
+            spec:
+              clusterIP: 10.96.0.66
+              externalIPs: [10.244.1.7, 10.96.0.50, 203.0.113.5, 203.0.113.6, 010.1.2.3]
+              selector: {app: thief}
+              ports: [{port: 8080}]
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {name: other, namespace: evil}
+            spec: {clusterIP: 10.96.0.67, externalIPs: [203.0.113.6], selector: {app: thief}, ports: [{port: 8080}]}
+            """)
+        )
+    )
+    snap = build_snapshot([(f"doc{i}", d) for i, d in enumerate(docs)])
+    assert any("010.1.2.3" in e and "left out" in e for e in snap.errors), snap.errors
+    table = compile_outbound(snap, "cluster.local")
+    assert table._by_address[("10.244.1.7", 8080)].name == "pod bank/ledger-0:8080"
+    assert table._by_address[("10.96.0.50", 8080)].name == "ledger.bank:8080"
+    assert table._by_address[("203.0.113.5", 8080)].name == "grab.evil:8080"  # (its own: kept)
+    assert ("203.0.113.6", 8080) not in table._by_address  # (claimed twice: nobody's)
+
+
+def test_what_a_ports_name_or_app_protocol_says_as_istio_reads_it() -> None:
+    from sidemesh.mesh.resources import parse_service
+
+    def opaque(**port: Any) -> bool:
+        doc = {
+            "kind": "Service",
+            "metadata": {"name": "s", "namespace": "n"},
+            "spec": {"ports": [{"port": 4444, **port}]},
+        }
+        return port.get("port", 4444) in parse_service(doc).delivery.opaque_ports
+
+    assert opaque() and opaque(name="db")  # the default list: 4444 (Galera)
+    assert not opaque(name="http") and not opaque(name="grpc-web") and not opaque(appProtocol="HTTP")
+    assert not opaque(name="tcp", appProtocol="kubernetes.io/h2c")  # (appProtocol first)
+    assert opaque(name="http", appProtocol="tcp") and opaque(name="mysql-primary", port=3307, targetPort=4444)
+    assert not opaque(appProtocol="http", targetPort=4444)
+    # A protocol Istio does not know says nothing: the default list decides
+    assert opaque(appProtocol="postgresql") and not opaque(
+        appProtocol="postgresql", port=4445, targetPort=5000
+    )
