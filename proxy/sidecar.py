@@ -15,8 +15,6 @@ import time
 import weakref
 from pathlib import Path
 
-from prometheus_client import Gauge
-
 from proxy import heap, inbound, outbound, pool
 from proxy import relay as relays
 from proxy.balance import Balancer
@@ -44,7 +42,7 @@ from sidemesh.mesh.compile import (
     sidecar_view,
 )
 from sidemesh.policy.model import DefaultPolicy
-from sidemesh.prometheus import CONTENT_TYPE, exposition
+from sidemesh.prometheus import CONTENT_TYPE, Gauge, exposition
 
 log = logging.getLogger("sidemesh.proxy")
 access = logging.getLogger("sidemesh.proxy.access")
