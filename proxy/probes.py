@@ -109,16 +109,22 @@ def _port(value: Any, where: str) -> int:
     return value
 
 
-def parse_app_probes(text: str) -> dict[str, AppProbe]:
-    """SIDEMESH_APP_PROBES -> path -> probe; ValueError saying which entry is wrong."""
-    if not text.strip():
-        return {}
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    """The JSON object an environment variable the injector wrote holds; ValueError otherwise."""
     try:
         raw = json.loads(text)
     except ValueError as exc:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(raw, dict):
-        raise ValueError("must be a JSON object of path -> probe")
+        raise ValueError(f"must be a JSON object {what}")
+    return raw
+
+
+def parse_app_probes(text: str) -> dict[str, AppProbe]:
+    """SIDEMESH_APP_PROBES -> path -> probe; ValueError saying which entry is wrong."""
+    if not text.strip():
+        return {}
+    raw = _json_object(text, "of path -> probe")
     probes = {}
     for path, entry in raw.items():
         if not path.startswith(APP_HEALTH_PREFIX) or not isinstance(entry, dict):
@@ -238,12 +244,7 @@ def parse_app_metrics(text: str) -> AppProbe | None:
     ValueError saying what is wrong."""
     if not text.strip():
         return None
-    try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError('must be a JSON object such as {"port": 9102, "path": "/metrics"}')
+    raw = _json_object(text, 'such as {"port": 9102, "path": "/metrics"}')
     scheme = str(raw.get("scheme", "HTTP")).upper()
     if scheme not in ("HTTP", "HTTPS"):
         raise ValueError(f"scheme {scheme!r} is not HTTP or HTTPS")

@@ -560,6 +560,12 @@ NODE_LOCAL_DOCS = textwrap.dedent("""\
     """)
 
 
+def snapshot_of(text: str) -> Snapshot:
+    """The snapshot of a directory holding ``text`` (YAML documents, indented as written)."""
+    docs = yaml.safe_load_all(textwrap.dedent(text))
+    return build_snapshot([(f"doc{i}", d) for i, d in enumerate(docs) if d])
+
+
 def _node_local_snapshot() -> Snapshot:
     return build_snapshot([(f"doc{i}", d) for i, d in enumerate(yaml.safe_load_all(NODE_LOCAL_DOCS))])
 
@@ -781,8 +787,7 @@ def test_a_port_that_says_its_protocol_is_not_http_is_opaque() -> None:
     detected anyway, so a server-speaks-first protocol there (MySQL, NATS) waited out the detection
     timeout on each side. The default server-speaks-first list now also reads the target port
     (a Service on 3307 in front of MySQL's 3306)."""
-    docs = yaml.safe_load_all(
-        textwrap.dedent("""\
+    snap = snapshot_of("""\
         apiVersion: sidemesh.io/v1alpha1
         kind: Workload
         metadata: {name: db-1, namespace: shop, labels: {app: db}}
@@ -799,9 +804,7 @@ def test_a_port_that_says_its_protocol_is_not_http_is_opaque() -> None:
           - {name: nats, port: 4222, appProtocol: tcp}
           - {name: http-web, port: 80, targetPort: 8080, appProtocol: http}
           - {name: mysql-again, port: 13306, targetPort: 3306, appProtocol: kubernetes.io/h2c}
-        """)
-    )
-    snap = build_snapshot([(f"doc{i}", d) for i, d in enumerate(docs)])
+                """)
     assert snap.errors == ()
     table = compile_outbound(snap, "cluster.local")
     opaque = {name: table._by_name[name].opaque for name in ("db.shop:3307", "db.shop:4222", "db.shop:80")}
@@ -816,29 +819,24 @@ def test_a_services_external_and_load_balancer_ips_reach_its_endpoints_over_the_
     """kube-proxy sends a pod's connection to a Service's externalIPs or its load balancer's IP
     straight to the endpoints. The sidecar knew the ClusterIP only: such a connection went out as
     plaintext, and a strict callee refused it once meshed."""
-    docs = list(
-        yaml.safe_load_all(
-            textwrap.dedent("""\
-            apiVersion: sidemesh.io/v1alpha1
-            kind: Workload
-            metadata: {name: db-1, namespace: shop, labels: {app: db}}
-            spec: {serviceAccount: db, address: 10.1.0.9, ports: [{port: 8080}]}
-            ---
-            apiVersion: v1
-            kind: Service
-            metadata: {name: db, namespace: shop}
-            spec:
-              clusterIP: 10.96.0.9
-              externalIPs: [203.0.113.7]
-              selector: {app: db}
-              ports: [{port: 80, targetPort: 8080}]
-            status:
-              loadBalancer:
-                ingress: [{ip: 198.51.100.9}, {hostname: lb.example.com}, {ip: 198.51.100.10, ipMode: Proxy}]
-            """)
-        )
-    )
-    snap = build_snapshot([(f"doc{i}", d) for i, d in enumerate(docs)])
+    snap = snapshot_of("""\
+        apiVersion: sidemesh.io/v1alpha1
+        kind: Workload
+        metadata: {name: db-1, namespace: shop, labels: {app: db}}
+        spec: {serviceAccount: db, address: 10.1.0.9, ports: [{port: 8080}]}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: db, namespace: shop}
+        spec:
+          clusterIP: 10.96.0.9
+          externalIPs: [203.0.113.7]
+          selector: {app: db}
+          ports: [{port: 80, targetPort: 8080}]
+        status:
+          loadBalancer:
+            ingress: [{ip: 198.51.100.9}, {hostname: lb.example.com}, {ip: 198.51.100.10, ipMode: Proxy}]
+                """)
     assert snap.errors == ()
     table = compile_outbound(snap, "cluster.local")
     db = table._by_name["db.shop:80"]
@@ -853,27 +851,22 @@ def test_a_pod_not_ready_yet_is_reached_over_the_mesh_on_the_ports_its_services_
     readiness waits on it), on ports the pods need not declare. Only ready endpoints were pod
     destinations: the not-ready peer's connection went out as plaintext and its strict sidecar
     refused it."""
-    docs = list(
-        yaml.safe_load_all(
-            textwrap.dedent("""\
-            apiVersion: sidemesh.io/v1alpha1
-            kind: Workload
-            metadata: {name: etcd-0, namespace: db, labels: {app: etcd}}
-            spec: {serviceAccount: etcd, address: 10.1.0.5}
-            ---
-            apiVersion: sidemesh.io/v1alpha1
-            kind: Workload
-            metadata: {name: etcd-1, namespace: db, labels: {app: etcd}}
-            spec: {serviceAccount: etcd, address: 10.1.0.6}
-            ---
-            apiVersion: v1
-            kind: Service
-            metadata: {name: etcd, namespace: db}
-            spec: {clusterIP: None, selector: {app: etcd}, ports: [{name: peer, port: 2380}]}
-            """)
-        )
-    )
-    snap = build_snapshot([(f"doc{i}", d) for i, d in enumerate(docs)])
+    snap = snapshot_of("""\
+        apiVersion: sidemesh.io/v1alpha1
+        kind: Workload
+        metadata: {name: etcd-0, namespace: db, labels: {app: etcd}}
+        spec: {serviceAccount: etcd, address: 10.1.0.5}
+        ---
+        apiVersion: sidemesh.io/v1alpha1
+        kind: Workload
+        metadata: {name: etcd-1, namespace: db, labels: {app: etcd}}
+        spec: {serviceAccount: etcd, address: 10.1.0.6}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: etcd, namespace: db}
+        spec: {clusterIP: None, selector: {app: etcd}, ports: [{name: peer, port: 2380}]}
+                """)
     ready = (EndpointAddress("10.1.0.5", "peer", 2380, "db/etcd-0"),)  # etcd-1 is not ready yet
     snap = dataclasses.replace(snap, endpoints=(ServiceEndpoints("db", "etcd", ready),))
     table = compile_outbound(snap, "cluster.local")
@@ -890,41 +883,36 @@ def test_an_external_ip_cannot_take_a_pods_or_another_services_traffic() -> None
     ClusterIP and took that traffic, over mTLS to an identity of their choosing (CVE-2020-8554's
     pattern); two Services claiming one address and port: one won silently. Such addresses are
     left out; an address that cannot be read leaves the Service as it was, with a warning."""
-    docs = list(
-        yaml.safe_load_all(
-            textwrap.dedent("""\
-            apiVersion: sidemesh.io/v1alpha1
-            kind: Workload
-            metadata: {name: ledger-0, namespace: bank, labels: {app: ledger}}
-            spec: {serviceAccount: ledger, address: 10.244.1.7, ports: [{port: 8080}]}
-            ---
-            apiVersion: sidemesh.io/v1alpha1
-            kind: Workload
-            metadata: {name: thief-0, namespace: evil, labels: {app: thief}}
-            spec: {serviceAccount: thief, address: 10.244.9.9, ports: [{port: 8080}]}
-            ---
-            apiVersion: v1
-            kind: Service
-            metadata: {name: ledger, namespace: bank}
-            spec: {clusterIP: 10.96.0.50, selector: {app: ledger}, ports: [{port: 8080}]}
-            ---
-            apiVersion: v1
-            kind: Service
-            metadata: {name: grab, namespace: evil}
-            spec:
-              clusterIP: 10.96.0.66
-              externalIPs: [10.244.1.7, 10.96.0.50, 203.0.113.5, 203.0.113.6, 010.1.2.3]
-              selector: {app: thief}
-              ports: [{port: 8080}]
-            ---
-            apiVersion: v1
-            kind: Service
-            metadata: {name: other, namespace: evil}
-            spec: {clusterIP: 10.96.0.67, externalIPs: [203.0.113.6], selector: {app: thief}, ports: [{port: 8080}]}
-            """)
-        )
-    )
-    snap = build_snapshot([(f"doc{i}", d) for i, d in enumerate(docs)])
+    snap = snapshot_of("""\
+        apiVersion: sidemesh.io/v1alpha1
+        kind: Workload
+        metadata: {name: ledger-0, namespace: bank, labels: {app: ledger}}
+        spec: {serviceAccount: ledger, address: 10.244.1.7, ports: [{port: 8080}]}
+        ---
+        apiVersion: sidemesh.io/v1alpha1
+        kind: Workload
+        metadata: {name: thief-0, namespace: evil, labels: {app: thief}}
+        spec: {serviceAccount: thief, address: 10.244.9.9, ports: [{port: 8080}]}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: ledger, namespace: bank}
+        spec: {clusterIP: 10.96.0.50, selector: {app: ledger}, ports: [{port: 8080}]}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: grab, namespace: evil}
+        spec:
+          clusterIP: 10.96.0.66
+          externalIPs: [10.244.1.7, 10.96.0.50, 203.0.113.5, 203.0.113.6, 010.1.2.3]
+          selector: {app: thief}
+          ports: [{port: 8080}]
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: other, namespace: evil}
+        spec: {clusterIP: 10.96.0.67, externalIPs: [203.0.113.6], selector: {app: thief}, ports: [{port: 8080}]}
+                """)
     assert any("010.1.2.3" in e and "left out" in e for e in snap.errors), snap.errors
     table = compile_outbound(snap, "cluster.local")
     assert table._by_address[("10.244.1.7", 8080)].name == "pod bank/ledger-0:8080"
