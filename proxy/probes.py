@@ -190,16 +190,30 @@ async def _http(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, 
     return False, f"more than {MAX_REDIRECTS} redirects"
 
 
-async def _get(
-    probe: AppProbe, host: str, scheme: str, port: int, path: str, local: Local
-) -> tuple[int, str | None]:
-    """One GET: the status and the Location header."""
+async def _connect_app(
+    host: str, port: int, scheme: str, local: Local
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the app, over TLS for HTTPS (the app's own certificate: not the mesh's to
+    verify, as the kubelet does not)."""
     context = None
     if scheme == "HTTPS":
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    reader, writer = await asyncio.open_connection(host, port, ssl=context, local_addr=local)
+    return await asyncio.open_connection(host, port, ssl=context, local_addr=local)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+
+
+async def _get(
+    probe: AppProbe, host: str, scheme: str, port: int, path: str, local: Local
+) -> tuple[int, str | None]:
+    """One GET: the status and the Location header."""
+    reader, writer = await _connect_app(host, port, scheme, local)
     try:
         names = {name.lower() for name, _ in probe.headers}
         headers = [
@@ -229,9 +243,7 @@ async def _get(
             elif isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("connection closed before a response")
     finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
+        await _close(writer)
 
 
 MAX_METRICS_BYTES = 4 << 20  # the app's metrics page: at most this much is merged (it is held per scrape)
@@ -256,12 +268,7 @@ def parse_app_metrics(text: str) -> AppProbe | None:
 async def fetch_metrics(probe: AppProbe, host: str, local: Local = None) -> tuple[int, str, bytes]:
     """GET the app's metrics page: (status, Content-Type, body), the body at most
     ``MAX_METRICS_BYTES`` (ValueError beyond)."""
-    context = None
-    if probe.scheme == "HTTPS":  # (the app's own certificate: not the mesh's to verify, as the kubelet)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    reader, writer = await asyncio.open_connection(host, probe.port, ssl=context, local_addr=local)
+    reader, writer = await _connect_app(host, probe.port, probe.scheme, local)
     try:
         authority = f"[{host}]:{probe.port}" if ":" in host else f"{host}:{probe.port}"
         headers = [("Host", authority), ("User-Agent", USER_AGENT), *probe.headers, ("Connection", "close")]
@@ -288,9 +295,7 @@ async def fetch_metrics(probe: AppProbe, host: str, local: Local = None) -> tupl
             elif isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("connection closed before the whole response")
     finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
+        await _close(writer)
 
 
 async def _tcp(probe: AppProbe, host: str, local: Local = None) -> tuple[bool, str]:

@@ -41,16 +41,18 @@ spec:
   ports: [{{name: tcp, port: 80, targetPort: 8080}}]
 """
 
+# The demo's cart-1 with its port opaque too (the pods' annotation: see the module's docstring).
+OPAQUE_CART = MESH_YAML.replace(
+    "metadata: {{name: cart-1, namespace: shop, labels: {{app: cart}}}}",
+    'metadata: {{name: cart-1, namespace: shop, labels: {{app: cart}}, annotations: {{sidemesh.io/opaque-ports: "8080"}}}}',
+)
+assert OPAQUE_CART != MESH_YAML
+
 
 @pytest.fixture
 async def mesh(start_ca: StartCA, tmp_path: Path) -> AsyncIterator[Mesh]:
     ca = await start_ca()
-    opaque_cart = MESH_YAML.replace(
-        "metadata: {{name: cart-1, namespace: shop, labels: {{app: cart}}}}",
-        'metadata: {{name: cart-1, namespace: shop, labels: {{app: cart}}, annotations: {{sidemesh.io/opaque-ports: "8080"}}}}',
-    )
-    assert opaque_cart != MESH_YAML
-    m = new_mesh(ca, tmp_path, workloads=opaque_cart + MORE_CARTS)
+    m = new_mesh(ca, tmp_path, workloads=OPAQUE_CART + MORE_CARTS)
     yield m
     await m.close()
 
@@ -115,11 +117,7 @@ async def test_a_sticky_service_keeps_the_caller_on_one_endpoint(start_ca: Start
         "spec:\n  selector: {{app: cart}}", "spec:\n  sessionAffinity: ClientIP\n  selector: {{app: cart}}"
     )
     assert sticky != MORE_CARTS
-    opaque_cart = MESH_YAML.replace(
-        "metadata: {{name: cart-1, namespace: shop, labels: {{app: cart}}}}",
-        'metadata: {{name: cart-1, namespace: shop, labels: {{app: cart}}, annotations: {{sidemesh.io/opaque-ports: "8080"}}}}',
-    )
-    mesh = new_mesh(await start_ca(), tmp_path, workloads=opaque_cart + sticky)
+    mesh = new_mesh(await start_ca(), tmp_path, workloads=OPAQUE_CART + sticky)
     try:
         for host, name in ((CART, "cart"), (CART2, "cart-2"), (CART3, "cart-3")):
             await mesh.app(host)
