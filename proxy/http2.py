@@ -280,13 +280,78 @@ def _against_length(expected: int | None, received: int, ended: bool) -> str | N
     return f"{received} bytes of content, content-length {expected}"
 
 
+BLOCK_CACHE = 16  # header blocks remembered per direction of a connection (then forgotten, all)
+BLOCK_CACHE_BYTES = 4096  # ... of fields of at most this size in all (RFC 7541 4.1: 32 a field more)
+
+
+class _CountingTable(hpack.table.HeaderTable):
+    """hpack's table, counting its changes (``generation``): an entry added, or its size set. A
+    header block that left the count as it was decodes (or encodes) the same way again as long as
+    the count has not moved since, which the block caches of :class:`_Decoder` and
+    :class:`_Encoder` rely on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generation = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.generation += 1
+        super().add(name, value)
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        self.generation += 1
+        hpack.table.HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+
+
 class _Decoder(hpack.Decoder):
     """hpack's decoder, refusing a header block longer than the decoded list it may make: only
     padding makes one (any number of dynamic table size updates first, which count for nothing
     in the decoded size; RFC 7541 4.2 allows two). A 1 MiB block of them cost a second of the
-    sidecar's event loop per request (hpack decodes them a byte at a time), before any policy."""
+    sidecar's event loop per request (hpack decodes them a byte at a time), before any policy.
+
+    A block that only reads the table (indexed fields, literals without indexing) decodes to
+    the same fields while the table is unchanged: the fields of the last ``BLOCK_CACHE`` such
+    blocks are kept, by their bytes, until the table changes. A client's calls repeat theirs
+    (a gRPC method's call heads, its responses and trailers: once in the table, each is a few
+    bytes of indexes); hpack decodes each again a byte at a time, about a sixth of the Python
+    a gRPC call costs a sidecar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.header_table: _CountingTable = _CountingTable()
+        self._blocks: dict[tuple[bytes, bool], tuple[list[Any], int]] = {}
+        self._generation = 0  # the table's, when the blocks kept were decoded
 
     def decode(self, data: bytes, raw: bool = False) -> Any:
+        table = self.header_table
+        if table.generation != self._generation:
+            self._blocks.clear()
+            self._generation = table.generation
+        kept = self._blocks.get((data, raw))
+        if kept is not None:
+            headers, inflated = kept
+            if inflated > self.max_header_list_size:
+                raise hpack.OversizedHeaderListError(
+                    f"A header list larger than {self.max_header_list_size} has been received"
+                )
+            self._assert_valid_table_size()
+            return headers.copy()
+        headers = self._decode(data, raw)
+        if table.generation == self._generation and len(data) <= BLOCK_CACHE_BYTES:
+            inflated = sum(hpack.table.table_entry_size(n, v) for n, v in headers)
+            if inflated <= BLOCK_CACHE_BYTES:
+                if len(self._blocks) >= BLOCK_CACHE:
+                    self._blocks.clear()
+                self._blocks[(data, raw)] = (headers, inflated)
+                return headers.copy()
+        return headers
+
+    def _decode(self, data: bytes, raw: bool) -> Any:
         if len(data) > self.max_header_list_size:
             raise hpack.OversizedHeaderListError(
                 f"a header block of {len(data)} bytes (at most {self.max_header_list_size})"
@@ -304,7 +369,7 @@ class _Decoder(hpack.Decoder):
         return super().decode(data, raw)
 
 
-class _IndexedTable(hpack.table.HeaderTable):
+class _IndexedTable(_CountingTable):
     """hpack's encoder table, found by dictionaries instead of a walk through the dynamic table:
     hpack looks every field it sends up by comparing it with each dynamic entry in turn (a
     gRPC call's dozen fields against a table of dozens of entries, in both sidecars and on both of
@@ -353,7 +418,7 @@ class _IndexedTable(hpack.table.HeaderTable):
 
     @maxsize.setter
     def maxsize(self, newmax: int) -> None:
-        hpack.table.HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+        _CountingTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
         if not self.dynamic_entries:
             self._forget()
 
@@ -375,6 +440,41 @@ class _IndexedTable(hpack.table.HeaderTable):
         return None
 
 
+class _Encoder(hpack.Encoder):
+    """hpack's encoder on an :class:`_IndexedTable`, remembering the blocks of the last
+    ``BLOCK_CACHE`` field lists that encoded without changing the table (every field already in
+    it, or never indexed), until the table changes: the same list encodes to the same block
+    again (a gRPC method's call heads, responses and trailers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.header_table: _IndexedTable = _IndexedTable()
+        self._blocks: dict[tuple[object, ...], bytes] = {}
+        self._generation = 0
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        table = self.header_table
+        if table.generation != self._generation:
+            self._blocks.clear()
+            self._generation = table.generation
+        if table.resized or not isinstance(headers, list):  # (a size update goes first)
+            return super().encode(headers, huffman)
+        # The fields and whether each may be indexed (a never-indexed field encodes otherwise).
+        key = (huffman, *headers, *map(type, headers))
+        block = self._blocks.get(key)
+        if block is not None:
+            return block
+        block = super().encode(headers, huffman)
+        if (
+            table.generation == self._generation
+            and sum(32 + len(h[0]) + len(h[1]) for h in headers) <= BLOCK_CACHE_BYTES
+        ):
+            if len(self._blocks) >= BLOCK_CACHE:
+                self._blocks.clear()
+            self._blocks[key] = block
+        return block
+
+
 quiet_hpack()  # (sidemesh/hpack_log.py: hpack logs every field it codes, values included)
 
 
@@ -392,7 +492,7 @@ class _Connection(h2.connection.H2Connection):
         decoder = _Decoder()
         decoder.max_header_list_size = self.decoder.max_header_list_size
         self.decoder = decoder
-        self.encoder.header_table = _IndexedTable()
+        self.encoder = _Encoder()
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
         """h2's stream, except that h2 does not check content-length against the body: it did so
@@ -551,6 +651,37 @@ _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b"
 _BAD_PATH = re.compile(rb"[\x00-\x20\x7f]")
 
 
+VALID_KEPT = 64  # header lists remembered as well-formed (then forgotten, all)
+VALID_KEPT_FIELDS = 32  # ... of at most this many fields
+VALID_KEPT_BYTES = 2048  # ... and names and values of at most this many bytes in all
+
+
+def _remember_valid(check: Callable[..., str | None]) -> Callable[..., str | None]:
+    """``check`` (why a header list is malformed, or None: a function of the list alone), with
+    the small lists it found well-formed remembered: a client's calls repeat their heads, and a
+    gRPC call's checks (its request, response and trailers) were a twentieth of the Python it costs
+    a sidecar."""
+    valid: dict[tuple[object, ...], None] = {}
+
+    @functools.wraps(check)
+    def checked(headers: list[Header], *args: object) -> str | None:
+        key = (*headers, *args)
+        if key in valid:
+            return None
+        why = check(headers, *args)
+        if (
+            why is None
+            and len(headers) <= VALID_KEPT_FIELDS
+            and sum(len(n) + len(v) for n, v in headers) <= VALID_KEPT_BYTES
+        ):
+            if len(valid) >= VALID_KEPT:
+                valid.clear()
+            valid[key] = None
+        return why
+
+    return checked
+
+
 def _bad_field(name: bytes, value: bytes, values: re.Pattern[bytes]) -> str | None:
     """Why a regular field is not valid in HTTP/2 (RFC 9113 8.2.1, 8.2.2), or None."""
     if _FIELD_NAME.fullmatch(name) is None:
@@ -571,6 +702,7 @@ def _bad_content_length(value: bytes, before: bytes | None) -> str | None:
     return None
 
 
+@_remember_valid
 def _malformed_request(headers: list[Header]) -> str | None:
     """Why a request head from the client is malformed (RFC 9113 8.1.1, 8.2, 8.3.1), or None.
     h2 checked this per connection: one malformed request (a value with a space at its end, an
@@ -633,6 +765,7 @@ def _malformed_request(headers: list[Header]) -> str | None:
     return None
 
 
+@_remember_valid
 def _malformed_trailers(headers: list[Header]) -> str | None:
     """Why a request's trailers are malformed (RFC 9113 8.1, 8.2.1), or None. Fields a proxy
     does not pass on in trailers (connection-specific, framing, routing) are dropped
@@ -647,6 +780,7 @@ def _malformed_trailers(headers: list[Header]) -> str | None:
     return None
 
 
+@_remember_valid
 def _malformed(headers: list[Header], trailers: bool) -> str | None:
     """Why a response head (or trailers) from upstream is malformed (RFC 9113 8.1.1, 8.2, 8.3.2),
     or None: pseudo-headers (only one :status, 100-599) first, lower-case token names, no
@@ -1510,7 +1644,7 @@ class H2Proxy:
         if isinstance(event, (h2.events.ResponseReceived, h2.events.InformationalResponseReceived)):
             if stream is not None:
                 head = _headers(event.headers)
-                why = _malformed(head, trailers=False)
+                why = _malformed(head, False)  # (not trailers)
                 if why is None and isinstance(event, h2.events.ResponseReceived) and event.stream_ended:
                     status = next((v for n, v in head if n == b":status"), b"")
                     if (
@@ -1553,7 +1687,7 @@ class H2Proxy:
                 stream.end_queued_down = True
                 trailers = _headers(event.headers) if isinstance(event, h2.events.TrailersReceived) else None
                 if trailers is not None:
-                    if (why := _malformed(trailers, trailers=True)) is not None:
+                    if (why := _malformed(trailers, True)) is not None:
                         stream.end_queued_down = False
                         self._malformed_response(up, stream, why)
                         return

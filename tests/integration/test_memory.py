@@ -49,14 +49,16 @@ def ours(garbage: list[object]) -> collections.Counter[str]:
     """The sidecar's objects (and the TLS state they hold) among the cyclic garbage. Not
     proxy.http2._Connection: an h2 H2Connection with methods overridden, whose cycle is h2's own
     (its frame dispatch table holds its bound methods), as for every H2Connection; nor the hpack
-    decoder and encoder table it holds (proxy.http2._Decoder, an hpack Decoder with decode checked
-    first; proxy.http2._IndexedTable, hpack's table searched by dictionaries)."""
+    decoder, encoder and tables it holds (proxy.http2._Decoder and _Encoder, hpack's with blocks
+    kept; proxy.http2._CountingTable and _IndexedTable, hpack's table counting its changes and
+    searched by dictionaries)."""
     names = (
         f"{type(o).__module__}.{type(o).__qualname__}"
         for o in garbage
         if (
             type(o).__module__.startswith("proxy.")
-            and type(o).__qualname__ not in ("_Connection", "_Decoder", "_IndexedTable")
+            and type(o).__qualname__
+            not in ("_Connection", "_Decoder", "_Encoder", "_CountingTable", "_IndexedTable")
         )
         or type(o).__qualname__ in ("SSLProtocol", "SSLObject")
     )

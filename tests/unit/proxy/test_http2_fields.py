@@ -187,3 +187,41 @@ def test_grpc_status_values_that_are_no_int32_read_as_internal(value: bytes, sta
     assert http2._grpc_status_of([(b"grpc-status", value)]) == status
     assert http2._succeeded(200, status) is (status == 0)  # (17 and above: UNKNOWN to clients)
     assert http2._grpc_status_of([(b"grpc-message", b"x")]) is None
+
+
+def test_well_formed_lists_are_remembered_and_only_they() -> None:
+    """The checks remember small well-formed lists (asked again, the check does not run), never a
+    malformed one, nor a big one; the answer is the check's either way."""
+    runs: list[list[tuple[bytes, bytes]]] = []
+
+    def check(headers: list[tuple[bytes, bytes]], trailers: bool) -> str | None:
+        runs.append(headers)
+        return "bad" if (b"x-bad", b"1") in headers else None
+
+    checked = http2._remember_valid(check)
+    good = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    bad = [*good, (b"x-bad", b"1")]
+    big = [(b"x-%d" % i, b"v") for i in range(http2.VALID_KEPT_FIELDS + 1)]
+    long = [(b"x-long", b"v" * http2.VALID_KEPT_BYTES)]
+    for headers, why in [(good, None), (bad, "bad"), (big, None), (long, None)]:
+        assert checked(list(headers), False) == why
+        assert checked(list(headers), False) == why
+    assert runs == [good, bad, bad, big, big, long, long]
+    assert checked([HeaderTuple(*h) for h in good], False) is None  # (the same fields)
+    assert checked(good, True) is None and runs[-1] == good  # (trailers: another question)
+    assert len(runs) == 8
+
+
+def test_the_proxy_checks_remember() -> None:
+    """The proxy's three checks are the remembering ones, and still refuse what they refused."""
+    request = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
+    assert http2._malformed_request(request) is None
+    assert http2._malformed_request(request) is None
+    assert http2._malformed_request([*request, (b"Upper", b"1")]) is not None
+    assert http2._malformed_request([*request, (b"connection", b"close")]) is not None
+    assert http2._malformed([(b":status", b"200")], False) is None
+    assert http2._malformed([(b":status", b"200")], True) is not None  # (a pseudo-header in trailers)
+    assert http2._malformed_trailers([(b"grpc-status", b"0")]) is None
+    assert http2._malformed_trailers([(b":status", b"200")]) is not None
+    for check in (http2._malformed_request, http2._malformed, http2._malformed_trailers):
+        assert hasattr(check, "__wrapped__")

@@ -1,10 +1,12 @@
-"""The HTTP/2 proxy's hpack encoder table (searched by dictionaries) encodes exactly as hpack's
-own, and hpack's per-field debug logging is off in the sidecar."""
+"""The HTTP/2 proxy's hpack encoder (its table searched by dictionaries, its blocks kept) encodes
+exactly as hpack's own, its decoder (blocks kept) decodes as hpack's, and hpack's per-field debug
+logging is off in the sidecar."""
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
 
 import h2.config
 import h2.connection
@@ -31,28 +33,85 @@ def _headers(rnd: random.Random) -> list[tuple[bytes, bytes]]:
     return [(rnd.choice(NAMES), value()) for _ in range(rnd.randrange(1, 12))]
 
 
+def _header_lists(rnd: random.Random) -> Iterator[list[tuple[bytes, bytes]] | int]:
+    """Random header lists, half of them one of the last few again (as a client's calls repeat
+    their heads), some fields never indexed, and now and then a table size (an int)."""
+    seen: list[list[tuple[bytes, bytes]]] = []
+    for _ in range(300):
+        if rnd.random() < 0.05:
+            yield rnd.choice(SIZES)
+        elif seen and rnd.random() < 0.5:
+            yield list(rnd.choice(seen[-4:]))
+        else:
+            headers = [hpack.NeverIndexedHeaderTuple(*h) if rnd.random() < 0.1 else h for h in _headers(rnd)]
+            seen.append(headers)
+            yield headers
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_encodes_byte_for_byte_as_hpack(seed: int) -> None:
-    """Random header lists and table size changes (evictions, a table emptied by a field larger
-    than it, size 0): the same blocks, the same dynamic table, and the dictionaries name only
-    entries still in it, at their place."""
+    """Random header lists, repeated ones among them, and table size changes (evictions, a table
+    emptied by a field larger than it, size 0): the same blocks, the same dynamic table, and the
+    dictionaries name only entries still in it, at their place; repeated lists came from the
+    encoder's block cache."""
     rnd = random.Random(seed)
-    theirs, ours = hpack.Encoder(), hpack.Encoder()
-    table = http2._IndexedTable()
-    ours.header_table = table
-    for _ in range(200):
-        if rnd.random() < 0.05:
-            size = rnd.choice(SIZES)
-            theirs.header_table_size = ours.header_table_size = size
+    theirs, ours = hpack.Encoder(), http2._Encoder()
+    table = ours.header_table
+    hits = 0
+    for headers in _header_lists(rnd):
+        if isinstance(headers, int):
+            theirs.header_table_size = ours.header_table_size = headers
             continue
-        headers = _headers(rnd)
+        kept = dict(ours._blocks)
         assert ours.encode(headers) == theirs.encode(headers), headers
+        hits += any(k[1:] == (*headers, *map(type, headers)) for k in kept) and ours._blocks == kept
         assert list(table.dynamic_entries) == list(theirs.header_table.dynamic_entries)
         for (name, value), number in table._exact.items():
             assert table.dynamic_entries[table._added - number] == (name, value)
         for name, number in table._names.items():
             assert table.dynamic_entries[table._added - number][0] == name
         assert len(table._exact) <= len(table.dynamic_entries)
+    assert hits > 0, "no block came from the cache"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_decodes_as_hpack(seed: int) -> None:
+    """The blocks of random lists (repeated ones among them, table size changes, fields never
+    indexed) decode to what hpack's decoder makes of them, the same dynamic table after each,
+    repeated blocks from the decoder's block cache; a kept block is refused as hpack would once
+    the list size limit is below it."""
+    rnd = random.Random(seed)
+    encoder, theirs, ours = hpack.Encoder(), hpack.Decoder(), http2._Decoder()
+    theirs.max_allowed_table_size = ours.max_allowed_table_size = max(SIZES)
+    hits = 0
+    for headers in _header_lists(rnd):
+        if isinstance(headers, int):
+            encoder.header_table_size = headers  # (its next block says so to the decoders)
+            continue
+        block = encoder.encode(headers)
+        kept = (block, True) in ours._blocks and ours.header_table.generation == ours._generation
+        decoded, expected = ours.decode(block, raw=True), theirs.decode(block, raw=True)
+        assert decoded == expected
+        assert [type(h) for h in decoded] == [type(h) for h in expected]  # (never indexed stays so)
+        assert list(ours.header_table.dynamic_entries) == list(theirs.header_table.dynamic_entries)
+        hits += kept
+    assert hits > 0, "no block came from the cache"
+
+
+def test_a_kept_block() -> None:
+    """What a kept block decodes to is a new list each time (h2 and the proxy may change it), and
+    it is refused as hpack refuses it once the header list limit is below it."""
+    encoder, decoder = hpack.Encoder(), http2._Decoder()
+    block = encoder.encode([(b"x-a", b"1")])
+    decoder.decode(block, raw=True)
+    block = encoder.encode([(b"x-a", b"1")])  # (indexed now: the table stays as it is)
+    first = decoder.decode(block, raw=True)
+    assert (block, True) in decoder._blocks
+    first.append((b"x-b", b"2"))
+    assert decoder.decode(block, raw=True) == [(b"x-a", b"1")]
+    decoder.max_header_list_size = 8
+    with pytest.raises(hpack.OversizedHeaderListError):
+        decoder.decode(block, raw=True)
 
 
 def test_search_answers_as_hpack() -> None:
