@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -50,6 +51,9 @@ CONFIG_POLL_SECONDS = 0.5
 HEAP_TRIM_SECONDS = 5.0
 LATE_GRACE_S = 2.0  # for connections taken from the accept queues when the listeners close
 TASKS_STOP_S = 5.0  # for the background tasks (config stream, accept loops) to end once cancelled
+# Without the capture (local mode), how often a draining sidecar looks whether a replacement
+# claims one of its ports, and then whether it listens there (it then closes its own listener).
+HANDOVER_POLL_S = 0.02
 ACCEPT_BATCH = 16  # connections accepted from a backlog before the loop runs other work
 # The health port's page of the sidecar's metrics and the app's (Istio's path); scrapes within
 # MERGED_FOR_S of one another get the same page.
@@ -87,6 +91,34 @@ def _bind(host: str, port: int) -> socket.socket:
     # SO_REUSEPORT: a replacement sidecar (same UID: the kernel refuses other users) can bind while
     # this one drains, so a restart in place has no window of refused connections (as Envoy).
     return bind_socket(sock, host, port, reuse_port=True)
+
+
+def _proc_address(host: str, family: int) -> str:
+    """An address as /proc/net/tcp and tcp6 write it: each 32-bit word in the machine's order."""
+    packed = socket.inet_pton(family, host)
+    if sys.byteorder == "little":
+        packed = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
+    return packed.hex().upper()
+
+
+def listened_by_another(sock: socket.socket) -> bool:
+    """Whether a socket other than ``sock`` listens on its address and port (SO_REUSEPORT: a
+    replacement sidecar, in this network namespace)."""
+    try:
+        host, port = sock.getsockname()[:2]
+        inode = str(os.fstat(sock.fileno()).st_ino)
+        table = "/proc/net/tcp6" if sock.family == socket.AF_INET6 else "/proc/net/tcp"
+        with open(table, encoding="latin-1") as rows:
+            lines = rows.read().splitlines()[1:]
+    except OSError:
+        return False
+    local = f"{_proc_address(host.split('%')[0], sock.family)}:{port:04X}"
+    for line in lines:
+        fields = line.split()
+        # sl, local_address, rem_address, st (0A: LISTEN), tx:rx, tr:when, retrnsmt, uid, timeout, inode
+        if len(fields) > 9 and fields[1] == local and fields[3] == "0A" and fields[9] != inode:
+            return True
+    return False
 
 
 class _Claims:
@@ -127,17 +159,25 @@ class _Claims:
     @classmethod
     def _others(cls, port: int) -> set[str]:
         """The claims on ``port`` in this network namespace (abstract names in /proc/net/unix)."""
+        return {n for n in cls._all() if n.endswith(f":{port}")}
+
+    @classmethod
+    def _all(cls) -> set[str]:
         try:
             with open("/proc/net/unix", encoding="latin-1") as table:
                 lines = table.read().splitlines()[1:]
         except OSError:
             return set()
-        names = {
+        return {
             line.split()[-1][1:]
             for line in lines
             if line.split() and line.split()[-1].startswith("@" + cls.PREFIX)
         }
-        return {n for n in names if n.endswith(f":{port}")}
+
+    @classmethod
+    def claimed_ports(cls) -> set[int]:
+        """The ports some sidecar of this network namespace claims."""
+        return {int(n.rpartition(":")[2]) for n in cls._all() if n.rpartition(":")[2].isdigit()}
 
     def take(self, option: str, address: str, host: str, port: int) -> None:
         if port == 0:
@@ -271,6 +311,7 @@ class Sidecar:
         self.config_updated = 0.0
         self.config_errors: tuple[str, ...] = ()
         self._listeners: list[tuple[socket.socket, asyncio.Task[None], str, str | None]] = []
+        self._closing_listeners = asyncio.Lock()  # (the drain's and a hand-over's, one at a time)
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[HTTPServer] = []
         self.ports: dict[str, int] = {}
@@ -736,14 +777,23 @@ class Sidecar:
             },
         )
 
-    async def _close_listeners(self, kinds: tuple[str, ...]) -> list[asyncio.Task[None]]:
-        """Close the listeners of ``kinds``; the connections already in their accept queues are
-        taken and served (their tasks returned), not reset: closing a listening socket resets
-        what it had queued, and with a successor on the same port (SO_REUSEPORT, a restart)
-        the kernel may have queued a new connection there a moment before."""
+    async def _close_listeners(
+        self, kinds: tuple[str, ...], only: list[socket.socket] | None = None
+    ) -> list[asyncio.Task[None]]:
+        """Close the listeners of ``kinds`` (those in ``only``, if given); the connections already
+        in their accept queues are taken and served (their tasks returned), not reset: closing a
+        listening socket resets what it had queued, and with a successor on the same port
+        (SO_REUSEPORT, a restart) the kernel may have queued a new connection there a moment
+        before."""
+        async with self._closing_listeners:
+            return await self._close_listeners_now(kinds, only)
+
+    async def _close_listeners_now(
+        self, kinds: tuple[str, ...], only: list[socket.socket] | None
+    ) -> list[asyncio.Task[None]]:
         keep, late = [], []
         for sock, task, kind, target in self._listeners:
-            if kind not in kinds:
+            if kind not in kinds or (only is not None and sock not in only):
                 keep.append((sock, task, kind, target))
                 continue
             task.cancel()  # first: unregisters the socket from the loop
@@ -762,6 +812,26 @@ class Sidecar:
         self._listeners = keep
         return late
 
+    async def _hand_over(self, handed: list[asyncio.Task[None]]) -> None:
+        """While draining without the capture: a listener that a replacement sidecar now listens
+        on too is closed (its queue served). Kept, it took about half of the app's new connections
+        for the rest of the drain (the kernel spreads them over both) and cut those still open at
+        its drain timeout."""
+        while self._listeners:
+            await asyncio.sleep(HANDOVER_POLL_S)
+            claimed = _Claims.claimed_ports()  # (cheap; /proc/net/tcp only for a port claimed)
+            taken = [
+                sock
+                for sock, *_ in self._listeners
+                if sock.fileno() != -1 and sock.getsockname()[1] in claimed and listened_by_another(sock)
+            ]
+            if taken:
+                log.info(
+                    "draining: a replacement listens; closing the listeners it shares",
+                    extra={"count": len(taken)},
+                )
+                handed += await self._close_listeners(("inbound", "outbound"), only=taken)
+
     async def drain(
         self, timeout: float | None = None, grace: float | None = None, pre_stop: bool = True
     ) -> None:
@@ -776,6 +846,9 @@ class Sidecar:
         self._claims.release()  # a replacement may start now
         self.drain_started.set()
         await self._close_listeners(("inbound",))
+        handed: list[asyncio.Task[None]] = []  # connections taken from a queue at a hand-over
+        if self.config.capture != "iptables":  # (in a pod the kubelet starts none before the end)
+            self._spawn(self._hand_over(handed))
         limit = self.config.drain_timeout.total_seconds() if timeout is None else timeout
         grace = self.config.drain_grace.total_seconds() if grace is None else grace
         log.info("draining", extra={"open": len(self.relays), "timeout_s": limit, "grace_s": grace})
@@ -803,7 +876,7 @@ class Sidecar:
         if self.relays and remaining > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._no_relays.wait(), remaining)
-        late = await self._close_listeners(("inbound", "outbound"))
+        late = await self._close_listeners(("inbound", "outbound")) + handed
         # What is open now (connections accepted since the last one ended, and those taken from
         # the accept queues) has the rest of the drain timeout, and those taken from the queues at
         # least LATE_GRACE_S: a connection accepted a moment before was reset at once as "drain
