@@ -250,6 +250,7 @@ async def serve(
         lambda: serving.loaded and not stopping.is_set(),
         registry,
         tracing,
+        closing=stopping.is_set,
     )
     server = WebhookServer(app, serving, host, port)
     metrics = None

@@ -64,14 +64,42 @@ async def _read_body(request: Request) -> bytes | None:
     return b"".join(chunks)
 
 
+class _CloseWhile:
+    """ASGI middleware: while ``closing()``, every answer says ``Connection: close`` (and uvicorn
+    closes the connection after it). The API server keeps its connections to a webhook and sends
+    on them again; one that uvicorn closed as it stopped, while a POST crossed the close, lost that
+    admission (Go's transport does not send a POST again: a refused pod under failurePolicy Fail),
+    where told to close after each answer during the shutdown delay, it opens new connections and
+    finds the next endpoint."""
+
+    def __init__(self, app: Any, closing: Callable[[], bool]) -> None:
+        self.app = app
+        self.closing = closing
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.closing():
+            await self.app(scope, receive, send)
+            return
+
+        async def closing_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(n, v) for n, v in message.get("headers", []) if n.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing_send)
+
+
 def create_app(
     settings: Callable[[], InjectionSettings],
     healthy: Callable[[], bool] = lambda: True,
     registry: CollectorRegistry | None = None,
     tracing: Tracing | None = None,
+    closing: Callable[[], bool] = lambda: False,
 ) -> FastAPI:
     """The webhook app; its request metrics go into ``registry`` (served by `sidemesh injector
-    serve` on --metrics-listen), its spans to ``tracing``."""
+    serve` on --metrics-listen), its spans to ``tracing``; while ``closing()`` (the shutdown
+    delay) every answer says ``Connection: close``."""
     app = FastAPI(
         title="sidemesh injector", docs_url=None, redoc_url=None, openapi_url=None, **_NO_NATIVE_TELEMETRY
     )
@@ -83,6 +111,7 @@ def create_app(
         registry=registry,
     )
     app.add_middleware(AsgiTelemetry, registry=registry, routes=("/mutate", "/healthz"), tracing=tracing)
+    app.add_middleware(_CloseWhile, closing=closing)
 
     @app.post("/mutate")
     async def mutate(request: Request) -> Response:
