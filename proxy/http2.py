@@ -532,14 +532,17 @@ class _Side:
         )
         self.pipe = pipe
         self.conn = _Connection(config=config)
-        if max_streams is not None:  # (h2 fixes 100 in its constructor; sent in the preface)
-            self.conn.local_settings = h2.settings.Settings(
-                client=client,
-                initial_values={
-                    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
-                    h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.conn.DEFAULT_MAX_HEADER_LIST_SIZE,
-                },
-            )
+        # (h2 fixes 100 streams and leaves push on in its constructor; sent in the preface.) As a
+        # client, push off, as gRPC clients and Envoy say it (RFC 9113 6.5.2): a server that
+        # pushes sent the sidecar bodies it threw away.
+        codes = h2.settings.SettingCodes
+        initial = {
+            codes.MAX_CONCURRENT_STREAMS: 100 if max_streams is None else max_streams,
+            codes.MAX_HEADER_LIST_SIZE: self.conn.DEFAULT_MAX_HEADER_LIST_SIZE,
+        }
+        if client:
+            initial[codes.ENABLE_PUSH] = 0
+        self.conn.local_settings = h2.settings.Settings(client=client, initial_values=initial)
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - self.conn.inbound_flow_control_window)
 
@@ -1465,6 +1468,17 @@ class H2Proxy:
             self._retry(stream, why, sent, pause)
             return
         stream.result.error = "upstream reset" if sent else why
+        if not sent and target is not None and self.router.direction == "inbound" and not self.reset_guard:
+            # The app is not there (its container restarting, its server stopped) and the caller is
+            # another sidecar: REFUSED_STREAM says no app saw the call (RFC 9113 8.7), so that one
+            # sends it to another endpoint whatever the method. A trailers-only UNAVAILABLE read as
+            # the app's own answer, retried only where the Service allows retrying POST: half of
+            # the calls failed with one of two apps stopped, where a client without the mesh sees
+            # the server go and loses none.
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.down.conn.reset_stream(stream.down_id, _REFUSED)
+            self._finish(stream, error=f"{target.unreachable}: {why}")
+            return
         if not sent and target is not None:  # nothing went out: answer (502 / UNAVAILABLE)
             self._deny(stream, Denial(502, target.unreachable, target.policy, GRPC_UNAVAILABLE, "allow"))
             return

@@ -1175,3 +1175,44 @@ async def test_streams_opened_toward_an_endpoint_that_stopped_reading_are_bounde
     # (up to 9.6 MB of HEADERS sent: 256 KiB over the high-water mark, 1 MiB of frames, then a reset)
     assert max(held) > 0 and max(held) < 1_700_000, held
     assert until == "reset" or held[-1] > 300_000, held
+
+
+async def _outcomes(ch: grpc.aio.Channel, n: int, concurrent: bool) -> dict[str, int]:
+    """Which server answered each of ``n`` calls (or the error), one at a time or all at once."""
+
+    async def one() -> str:
+        try:
+            return (await unary(ch)(b"x", timeout=5)).split(b":")[0].decode()
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+
+    if concurrent:
+        answers = await asyncio.gather(*(one() for _ in range(n)))
+    else:
+        answers = [await one() for _ in range(n)]
+    return {a: answers.count(a) for a in set(answers)}
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+async def test_calls_go_to_the_other_endpoint_when_one_app_stopped(
+    mesh: Mesh, carts: Carts, concurrent: bool
+) -> None:
+    """One of two apps stops, its sidecar stays (the app's container restarting). A round_robin
+    grpcio channel over both apps sees the server go and loses no call; through the mesh neither:
+    the stopped app's sidecar refuses each call it gets (REFUSED_STREAM: no app saw it) and the
+    caller's sidecar sends it to the other endpoint. It answered a trailers-only UNAVAILABLE,
+    which read as the app's own answer: half of the calls failed."""
+    a, b = Server("a"), Server("b")
+    await carts.start((CART1, a), (CART2, b))
+    direct = grpc.aio.insecure_channel(
+        f"ipv4:{mesh.addr(CART1)}:{APP},{mesh.addr(CART2)}:{APP}",
+        options=[("grpc.lb_policy_name", "round_robin")],
+    )
+    async with direct, channel(mesh) as ch:
+        assert set(await _outcomes(direct, 6, False)) == {"a", "b"}
+        assert set(await _outcomes(ch, 10, False)) == {"a", "b"}
+        await a.server.stop(0)
+        await asyncio.sleep(0.5)
+        n = 40 if concurrent else 20
+        assert await _outcomes(direct, n, concurrent) == {"b": n}
+        assert await _outcomes(ch, n, concurrent) == {"b": n}

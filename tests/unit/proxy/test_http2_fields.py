@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import typing
 
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
@@ -225,3 +227,24 @@ def test_the_proxy_checks_remember() -> None:
     assert http2._malformed_trailers([(b":status", b"200")]) is not None
     for check in (http2._malformed_request, http2._malformed, http2._malformed_trailers):
         assert hasattr(check, "__wrapped__")
+
+
+@pytest.mark.parametrize("max_streams", [None, 7])
+def test_as_a_client_the_proxy_says_push_is_off(max_streams: int | None) -> None:
+    """The sidecar's connections to an app (or to another sidecar) say SETTINGS_ENABLE_PUSH=0,
+    as gRPC clients and Envoy do (RFC 9113 6.5.2); both sides keep their stream limit."""
+    codes = h2.settings.SettingCodes
+    for client in (True, False):
+        side = http2._Side(typing.cast(Pipe, None), client=client, max_streams=max_streams)
+        peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=not client))
+        peer.initiate_connection()
+        if client:
+            events = peer.receive_data(side.conn.data_to_send())
+        else:  # (a server reads the client's preface first)
+            side.conn.receive_data(peer.data_to_send())
+            events = peer.receive_data(side.conn.data_to_send())
+        changed = next(e for e in events if isinstance(e, h2.events.RemoteSettingsChanged)).changed_settings
+        if client:
+            assert changed[codes.ENABLE_PUSH].new_value == 0
+        streams = changed[codes.MAX_CONCURRENT_STREAMS].new_value
+        assert streams == (100 if max_streams is None else max_streams)
