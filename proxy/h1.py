@@ -260,6 +260,7 @@ class Connection:
         "_messages",
         "_out_body",
         "_out_chunked",
+        "_out_to_close",
         "_parser",
         "_paused",
         "_reason",
@@ -318,6 +319,7 @@ class Connection:
 
     def _start(self) -> None:
         self._out_chunked = False
+        self._out_to_close = False
         self._out_body = True
         self.our_done = False
         self.their_done = False
@@ -656,11 +658,11 @@ class Connection:
         if not bodiless:
             if chunked and http10:  # HTTP/1.0 has no chunks: the end of the body is the close
                 headers = [(n, v) for n, v in headers if n.lower() != b"transfer-encoding"]
-                self.must_close = True
+                self.must_close = self._out_to_close = True
             elif chunked:
                 self._out_chunked = True
             elif length is None and http10:
-                self.must_close = True
+                self.must_close = self._out_to_close = True
             elif length is None:
                 headers = [*headers, (b"Transfer-Encoding", b"chunked")]
                 self._out_chunked = True
@@ -688,6 +690,12 @@ class Connection:
         if self._out_chunked and self._out_body:
             return _head_line(b"0\r\n", trailers)
         return b""
+
+    @property
+    def body_ends_at_close(self) -> bool:
+        """The response being sent (server) has a body whose end is the connection's close: cut
+        short, only a reset tells the client it is not whole."""
+        return self.sent_head and self._out_body and self._out_to_close
 
     @property
     def switched(self) -> bool:

@@ -139,6 +139,11 @@ class _DownstreamGone(Exception):
     pass
 
 
+class _CutMidResponse(_DownstreamGone):
+    """The upstream failed (closed, reset, sent what cannot be parsed) after the response head
+    went downstream."""
+
+
 class _Retry(Exception):
     """The response head asked for a retry (502/503/504); its body was dropped."""
 
@@ -369,6 +374,18 @@ async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Ro
         if conn.our_done and result.status is None:
             result.status = exc.status
         await linger_close(down)
+        return False
+    except _CutMidResponse as exc:
+        result.error = f"downstream: {exc}"
+        # What was relayed goes out, then the close: a body framed by its length or its chunks
+        # reads as cut short, and the next hop has the app's answer (thrown away with a reset, the
+        # caller's sidecar took the connection for one closed under the request: the request went
+        # to the app again, answered 502; RFC 9112 9.3.1). A body that ends at the close gets a
+        # reset, or its end would look whole.
+        if conn.body_ends_at_close:
+            down.abort()
+        else:
+            down.close()
         return False
     except _DownstreamGone as exc:
         result.error = f"downstream: {exc}"
@@ -608,7 +625,7 @@ async def _forward(
                 raise pump_exc from exc
             router.release(up, False, False)
             if started[0]:
-                raise _DownstreamGone(f"upstream failed mid-response: {exc}") from exc
+                raise _CutMidResponse(f"upstream failed mid-response: {exc}") from exc
             result.error = f"upstream: {exc}"
             local = Local(502, "upstream connection failed", "allow", up.policy, result.error)
             if body.complete:
