@@ -365,6 +365,8 @@ class Connection:
         version = parser.get_http_version().encode()
         if self.role == SERVER:
             assert isinstance(parser, httptools.HttpRequestParser)
+            if version not in (b"1.1", b"1.0"):  # llhttp takes 0.9 (no version) and any x.y
+                raise ProtocolError(f"HTTP/{version.decode('latin-1')} is not spoken here", 505)
             method = parser.get_method()
             if method == b"CONNECT":
                 raise ProtocolError("CONNECT is not proxied by the sidecar", 405)

@@ -442,9 +442,15 @@ def _request_head(
     if host is None:  # an HTTP/1.0 request may have none; HTTP/1.1 needs one
         host = b"localhost"
         headers.insert(0, (b"host", host))
+    target = req.target
+    if ctx.direction == "inbound" and target[:1] != b"/" and target != b"*":
+        # Absolute form (its authority is the Host already): the app gets origin form, as from a
+        # client without a proxy (RFC 9112 3.2.1, 3.2.2; Envoy sends it so too). Servers that
+        # route on the raw target did not know ``http://cart/x``.
+        target = request_path(target).encode("latin-1")
     return h1.Request(
         req.method,
-        req.target,
+        target,
         headers,
         chunked=req.chunked,
         length=req.length,
@@ -480,6 +486,8 @@ async def _forward(
         raise _BadRequest(exc) from exc
     bodiless = isinstance(first, h1.EndOfMessage)
     body = _Body(bodiless)
+    if isinstance(first, h1.EndOfMessage) and first.headers:  # (a chunked request of no data, trailers)
+        body.trailers = trailer_fields(first.headers)
     if clock is not None and not bodiless and not req.expect_continue:
         clock.body_coming()  # started by the end of the body
     tried: list[str] = []  # endpoints that failed this request: a retry goes elsewhere if it can

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -84,3 +85,117 @@ async def test_a_response_broken_after_its_head_is_not_sent_again_and_its_head_r
                 writer.close()
             assert seen.count("GET /cart/cut HTTP/1.1") == 1, (attempt, seen)
             assert got.startswith(b"HTTP/1.1 200 "), (attempt, got)
+
+
+# -- 3. Absolute-form targets go to the app in absolute form --------------------------------------
+
+
+async def test_an_absolute_form_target_reaches_the_app_in_origin_form(mesh: Mesh) -> None:
+    """RFC 9112 3.2.1/3.2.2: a client (here the server sidecar) making a request directly to an
+    origin server sends origin form; only a proxy gets absolute form. Envoy parses an absolute
+    URL into :authority and :path and sends origin form upstream. The sidecar judges the path
+    but sends ``GET http://cart.shop/cart/abs?q=1`` as it came: servers that route on the raw
+    target (http.server's ``self.path``, many hand-written routers) see a path that is not one."""
+    lines: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                lines.append(head.split(b"\r\n")[0])
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        writer.close()
+
+    async with raw_app_pair(mesh, app) as addr:
+        reader, writer = await asyncio.open_connection(*addr)
+        try:
+            writer.write(b"GET http://cart.shop/cart/abs?q=1 HTTP/1.1\r\nHost: cart.shop\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+        finally:
+            writer.close()
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert lines == [b"GET /cart/abs?q=1 HTTP/1.1"], lines
+
+
+# -- 4. Request lines of other HTTP versions are answered as HTTP/1.1 ------------------------------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"GET /cart/a\r\n\r\n",
+        b"GET /cart/a HTTP/2.0\r\nHost: cart\r\n\r\n",
+        b"GET /cart/a HTTP/3.0\r\nHost: cart\r\n\r\n",
+    ],
+)
+async def test_a_request_line_of_another_http_version_is_not_forwarded_as_http11(
+    mesh: Mesh, line: bytes
+) -> None:
+    """llhttp accepts an HTTP/0.9 request line (no version) and any HTTP/x.y; the sidecar sends
+    them to the app as HTTP/1.1 (0.9 with ``Host: localhost`` added) and answers with an HTTP/1.1
+    status line and headers, which an HTTP/0.9 client takes as body. RFC 9110 6.2 / RFC 9112 2.3:
+    a server answers a major version it does not support with 505; Envoy's HTTP/1 codec refuses
+    HTTP/0.9 and a request line claiming HTTP/2 or HTTP/3 (protocol error, 400)."""
+    lines: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                lines.append(head.split(b"\r\n")[0])
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        writer.close()
+
+    async with raw_app_pair(mesh, app) as addr:
+        reader, writer = await asyncio.open_connection(*addr)
+        try:
+            writer.write(line)
+            got = await _read_all(reader, 2)
+        finally:
+            writer.close()
+    assert lines == [], lines
+    assert re.match(rb"HTTP/1\.1 (400|505) ", got), got
+
+
+# -- 5. Trailers of a chunked request whose body is empty are dropped -----------------------------
+
+
+async def _recording_app(received: list[bytes], answer: bytes):  # type: ignore[no-untyped-def]
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                message = head
+                if b"transfer-encoding: chunked" in head.lower():  # (small bodies: one chunk at most)
+                    while (line := await reader.readuntil(b"\r\n")) != b"0\r\n":
+                        message += line
+                    message += line
+                    while (line := await reader.readuntil(b"\r\n")) != b"\r\n":  # the trailer section
+                        message += line
+                    message += line
+                received.append(message)
+                writer.write(answer)
+                await writer.drain()
+        writer.close()
+
+    return app
+
+
+async def test_trailers_of_a_chunked_request_with_an_empty_body_reach_the_app(mesh: Mesh) -> None:
+    """``0\\r\\nX-Checksum: 42\\r\\n\\r\\n`` right after the head: ``_forward`` reads the request's
+    end at once (``first`` is the EndOfMessage, so the body counts as complete) and sends
+    ``EndOfMessage(body.trailers)``, but ``body.trailers`` is only ever set by ``_pump_body``: the
+    trailers are dropped. With one byte of body they pass (the pump sets them)."""
+    received: list[bytes] = []
+    app = await _recording_app(received, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    async with raw_app_pair(mesh, app) as addr:
+        reader, writer = await asyncio.open_connection(*addr)
+        try:
+            writer.write(
+                b"POST /cart/t HTTP/1.1\r\nHost: cart\r\nTrailer: X-Checksum\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"0\r\nX-Checksum: 42\r\n\r\n"
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+        finally:
+            writer.close()
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"x-checksum: 42" in received[0].lower(), received
