@@ -22,10 +22,14 @@ class PipeClosed(ConnectionError):
 
 
 # Closing with unread bytes resets the connection, and a peer that has not read what was sent last
-# (an answer, a GOAWAY) loses it (RFC 9112 9.6). So: half-close, read and drop what comes for up to
-# this long (Envoy's delayed_close_timeout, 1 s), then close.
+# (an answer, a GOAWAY) loses it (RFC 9112 9.6). So: half-close, read and drop what comes until the
+# peer is silent this long (Envoy's delayed_close_timeout, 1 s), then close; while it still sends,
+# up to LINGER_MAX bytes and LINGER_TOTAL_S. (With a cap of 1 MiB, an answer before the end of a
+# larger upload, a denial or the app's early 413, was reset away while the client still wrote
+# its body; the client, writing its whole body before reading, as most do, got no answer.)
 LINGER_S = 1.0
-LINGER_MAX = 1 << 20
+LINGER_TOTAL_S = 30.0
+LINGER_MAX = 64 << 20
 
 
 async def linger_close(pipe: Pipe, idle: bool = False) -> None:
@@ -34,12 +38,12 @@ async def linger_close(pipe: Pipe, idle: bool = False) -> None:
     meanwhile is answered UNREAD, once: the client sidecar sends that request again on another
     connection (a POST too: the app never saw it)."""
     pipe.write_eof(idle)
-    deadline = time.monotonic() + LINGER_S
+    deadline = time.monotonic() + LINGER_TOTAL_S
     dropped = 0
     try:
         with contextlib.suppress(PipeClosed, ConnectionError):
             while dropped < LINGER_MAX and (remaining := deadline - time.monotonic()) > 0:
-                if not await pipe.wait_input(remaining) or not (data := await pipe.read()):
+                if not await pipe.wait_input(min(LINGER_S, remaining)) or not (data := await pipe.read()):
                     break
                 if idle and not dropped:
                     pipe.write_frame(framing.UNREAD_FRAME)

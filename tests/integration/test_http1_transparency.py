@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import Mesh, new_mesh
-from tests.integration.test_http1 import ALLOW_CART_PATHS, raw_app_pair
+from tests.integration.test_http1 import ALLOW_CART_PATHS, APP, CART, FRONTEND, OUT, raw_app_pair
 
 
 @pytest.fixture
@@ -32,7 +34,7 @@ async def _read_all(reader: asyncio.StreamReader, timeout: float = 5) -> bytes:
     return out
 
 
-# -- 1. A response the app cut short (or broke) after its head: the head was thrown away ----------
+# -- A response the app cuts short (or breaks) after its head reaches the client as it came -------
 
 
 @pytest.mark.parametrize(
@@ -87,7 +89,7 @@ async def test_a_response_broken_after_its_head_is_not_sent_again_and_its_head_r
             assert got.startswith(b"HTTP/1.1 200 "), (attempt, got)
 
 
-# -- 3. Absolute-form targets go to the app in absolute form --------------------------------------
+# -- An absolute-form target reaches the app in origin form ---------------------------------------
 
 
 async def test_an_absolute_form_target_reaches_the_app_in_origin_form(mesh: Mesh) -> None:
@@ -117,7 +119,7 @@ async def test_an_absolute_form_target_reaches_the_app_in_origin_form(mesh: Mesh
     assert lines == [b"GET /cart/abs?q=1 HTTP/1.1"], lines
 
 
-# -- 4. Request lines of other HTTP versions are answered as HTTP/1.1 ------------------------------
+# -- Request lines of other HTTP versions get 505 -------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -157,7 +159,7 @@ async def test_a_request_line_of_another_http_version_is_not_forwarded_as_http11
     assert re.match(rb"HTTP/1\.1 (400|505) ", got), got
 
 
-# -- 5. Trailers of a chunked request whose body is empty are dropped -----------------------------
+# -- Trailers of a chunked request whose body is empty reach the app ------------------------------
 
 
 async def _recording_app(received: list[bytes], answer: bytes):  # type: ignore[no-untyped-def]
@@ -199,3 +201,70 @@ async def test_trailers_of_a_chunked_request_with_an_empty_body_reach_the_app(me
             writer.close()
     assert head.startswith(b"HTTP/1.1 200"), head
     assert b"x-checksum: 42" in received[0].lower(), received
+
+
+# -- An answer before the end of a large upload (a denial, an early 4xx) reaches the client -------
+
+
+async def _early_answer_app(host: str) -> web.AppRunner:
+    """An aiohttp app that answers uploads at once without reading them (aiohttp then drains the
+    body and keeps the connection, as most servers do)."""
+
+    async def early(request: web.Request) -> web.Response:
+        return web.Response(status=413, text="too big for us")
+
+    async def other(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(text="ok")
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_post("/cart/early", early)
+    app.router.add_route("*", "/{tail:.*}", other)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, host, APP).start()
+    return runner
+
+
+def _upload(addr: tuple[str, int], path: str, size: int) -> tuple[int, int] | str:
+    """http.client (as requests): the whole body is written, then the response read."""
+    conn = http.client.HTTPConnection(*addr, timeout=10)
+    try:
+        conn.request("POST", path, body=b"x" * size)
+        first = conn.getresponse()
+        first.read()
+        conn.request("GET", "/cart/after")
+        second = conn.getresponse()
+        second.read()
+        return first.status, second.status
+    except (OSError, http.client.HTTPException) as exc:
+        return repr(exc)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def early_pair(mesh: Mesh) -> AsyncIterator[tuple[str, int]]:
+    runner = await _early_answer_app(mesh.addr(CART))
+    await mesh.sidecar("cart", CART)
+    await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+    yield mesh.addr(FRONTEND), OUT
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize(("path", "status"), [("/admin", 403), ("/cart/early", 413)])
+async def test_an_answer_before_a_large_upload_ends_reaches_the_client(
+    mesh: Mesh, early_pair: tuple[str, int], path: str, status: int
+) -> None:
+    """Direct, the app's early 413 reaches http.client and the connection goes on (aiohttp reads
+    and drops the rest of the body). Through the pair too, and the sidecar's own 403 as well: the
+    client sidecar, seeing the response end before the request body, half-closes and drops what
+    the client still sends until it stops (``linger_close``). With a cap of 1 MiB it closed with
+    unread bytes, a reset that discarded the answer from the client's receive buffer (Envoy has had
+    the same loss: envoyproxy/envoy#2929)."""
+    size = 8 << 20
+    direct = await asyncio.to_thread(_upload, (mesh.addr(CART), APP), path, size)
+    if path == "/cart/early":
+        assert direct == (413, 200), direct
+    meshed = await asyncio.to_thread(_upload, early_pair, path, size)
+    assert isinstance(meshed, tuple) and meshed[0] == status, meshed
