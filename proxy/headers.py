@@ -14,6 +14,11 @@ Headers = list[tuple[bytes, bytes]]
 # Hop-by-hop: meaningful for one connection only. Content-Length and Transfer-Encoding are kept:
 # they describe the message's framing, which the proxy keeps as it came (h11 re-frames it for a
 # peer that cannot take it, e.g. chunked to an HTTP/1.0 client).
+# An endpoint's sidecar, answering 502 to another sidecar because it could not reach its app,
+# says so with this: the app never saw the request, so the caller's sidecar sends it to another
+# endpoint whatever its method (HTTP/2 says it with REFUSED_STREAM). Between sidecars only: every
+# hop removes it, so an app cannot send it (and have a POST it answered sent again).
+UNPROCESSED = b"sidemesh-unprocessed"
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -23,6 +28,7 @@ HOP_BY_HOP = frozenset(
         b"proxy-authorization",
         b"te",
         b"upgrade",
+        UNPROCESSED,
     }
 )
 # Never removed because Connection names them: they frame the message (the proxy frames what it

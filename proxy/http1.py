@@ -23,6 +23,7 @@ from typing import Literal, Protocol
 from proxy import h1
 from proxy.headers import (
     DENIED_REASON,
+    UNPROCESSED,
     XFCC,
     BadPath,
     field_value,
@@ -66,6 +67,7 @@ class Local:
     policy: str | None = None
     error: str | None = None
     told: str | None = None  # what the caller is told, when not the reason (logs and spans keep it)
+    unprocessed: bool = False  # the app never saw the request: the caller's sidecar may send it elsewhere
 
 
 @dataclass(slots=True)
@@ -146,6 +148,11 @@ class _CutMidResponse(_DownstreamGone):
 
 class _Retry(Exception):
     """The response head asked for a retry (502/503/504); its body was dropped."""
+
+
+class _Unprocessed(Exception):
+    """The endpoint's sidecar answered that its app never saw the request (``UNPROCESSED``); its
+    body was dropped."""
 
 
 @dataclass(slots=True)
@@ -240,6 +247,8 @@ def _local_response(local: Local, close: bool) -> list[h1.Event]:
     ]
     if close:
         headers.append((b"connection", b"close"))
+    if local.unprocessed:
+        headers.append((UNPROCESSED, b"1"))
     return [h1.Response(local.status, headers), h1.Data(body), h1.EndOfMessage()]
 
 
@@ -553,6 +562,27 @@ async def _forward(
             attempt += 1
             log.info("retrying", extra={"status": str(exc), "attempt": attempt, "endpoint": up.endpoint})
             again = await _elsewhere(router, up, req, info, attempt, clock, tried, result)
+            if isinstance(again, Local):
+                await _answer_locally(conn, down, again, result)
+                return True
+            up = again
+            continue
+        except _Unprocessed:
+            # Its app is not there (restarting, stopped): another endpoint, whatever the method, as
+            # a failed connect (once per endpoint; the one that said so again when none other is).
+            reusable = up.conn.reusable
+            if reusable:
+                up.conn.start_next_cycle(checked=True)
+            router.release(up, reusable, False)
+            if up.endpoint is None or up.endpoint in tried:
+                local = Local(
+                    502, "app not reachable", "allow", up.policy, "the endpoint's app is not reachable"
+                )
+                await _answer_locally(conn, down, local, result)
+                return True
+            tried.append(up.endpoint)
+            log.info("app not reachable at the endpoint; another", extra={"endpoint": up.endpoint})
+            again = await _route(router, req, info, None if clock is None else clock.at, tried)
             if isinstance(again, Local):
                 await _answer_locally(conn, down, again, result)
                 return True
@@ -882,6 +912,16 @@ async def _relay_response(
                 event = up.conn.next_event()
         else:
             event = await next_event(up.conn, up.pipe)
+        if (
+            isinstance(event, h1.Response)
+            and event.status_code == 502
+            and up.pipe.framed  # (from another sidecar)
+            and body is not None
+            and body.replayable
+            and header(event.headers, UNPROCESSED) is not None
+        ):
+            await _skip_body(up)
+            raise _Unprocessed
         if (
             retry_status is not None
             and isinstance(event, h1.Response)

@@ -145,6 +145,8 @@ class InboundRouter:
         if not decision.allowed:
             return Local(403, decision.reason, "deny", decision.policy, told=self.told)
         up = await self._connect()
+        if isinstance(up, Local) and self.peer.authenticated:
+            up.unprocessed = True  # (another sidecar: it sends the request elsewhere)
         if isinstance(up, Upstream):
             up.reason, up.policy, up.audit = decision.reason, decision.policy, decision.audit
             if self.relay is not None and request.upgrade:  # if switched (a WebSocket): spliced

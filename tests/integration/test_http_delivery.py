@@ -989,3 +989,40 @@ async def test_a_connect_failure_is_not_dialled_again_when_there_is_no_other_end
         for writer in dialled:
             writer.close()
         server.close()
+
+
+async def test_requests_go_to_the_other_endpoint_when_one_app_stopped(mesh: Mesh) -> None:
+    """One of two apps stops, its sidecar stays (the app's container restarting): the stopped
+    app's sidecar answers another sidecar 502 saying the app never saw the request, and the
+    caller's sidecar sends it to the other endpoint, a POST too (as a failed connect; the 502 went
+    to the client, and POSTs failed until the balancer had ejected the endpoint). An app cannot
+    say so itself: the field is taken out of its answers."""
+    write_mesh(mesh, two=True)
+    a, b = App("a"), App("b")
+    await start_mesh(mesh, [(CART1, a), (CART2, b)])
+    addr = (mesh.addr(FRONTEND), OUT)
+    before = await asyncio.to_thread(session, addr, [("POST", "/r")] * 10)
+    assert {body for _, body in before} == {b"a", b"b"}
+    await a.runner.cleanup()
+    RUNNERS.remove(a.runner)
+    answers = await asyncio.gather(
+        *(asyncio.to_thread(session, addr, [(method, "/r")]) for method in ["POST", "GET"] * 10)
+    )
+    assert [answer[0] for answer in answers] == [(200, b"b")] * 20
+
+
+async def test_an_app_cannot_say_it_never_saw_a_request(mesh: Mesh) -> None:
+    """An app's own 502 with the sidecars' field: the field does not reach the caller's sidecar,
+    and the POST the app answered is not sent again."""
+    write_mesh(mesh, two=False)
+
+    class Saying(App):
+        async def handle(self, request: web.Request) -> web.StreamResponse:
+            self.hits += 1
+            await request.read()
+            return web.Response(status=502, text="mine", headers={"sidemesh-unprocessed": "1"})
+
+    app = Saying("cart")
+    await start_mesh(mesh, [(CART1, app)])
+    answer = (await asyncio.to_thread(session, (mesh.addr(FRONTEND), OUT), [("POST", "/r")]))[0]
+    assert answer == (502, b"mine") and app.hits == 1
