@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import http.client
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -51,11 +51,12 @@ async def test_a_response_broken_after_its_head_is_not_sent_again_and_its_head_r
     mesh: Mesh, cut: bytes
 ) -> None:
     """Direct, the client gets the app's 200 head and what body came, then the connection ends
-    (truncation it can see). Through the pair, the server sidecar relays the head and body with
-    ``Pipe.write`` (queued until the end of the loop's turn) and, on the upstream failure in the
-    same turn, ``down.abort()`` clears that queue and resets: the client sidecar sees its pooled
-    connection reset before any response byte, takes it for "closed under the request" and sends
-    the GET again on a fresh connection (the app gets it twice), then answers 502. RFC 9112 9.3.1
+    (truncation it can see); through the pair too. The server sidecar relays the head and body
+    with ``Pipe.write`` (queued until the end of the loop's turn) and, on the upstream failure in
+    the same turn, reset the connection (``down.abort()``), which cleared that queue: the client
+    sidecar saw its pooled connection reset before any response byte, took it for "closed under
+    the request" and sent the GET again on a fresh connection (the app got it twice), then
+    answered 502. RFC 9112 9.3.1
     allows an automatic retry only when no response was received; the app answered. Envoy flushes
     what it relayed and closes (FlushWriteAndDelay) when an upstream fails mid-response."""
     seen: list[str] = []
@@ -89,16 +90,10 @@ async def test_a_response_broken_after_its_head_is_not_sent_again_and_its_head_r
             assert got.startswith(b"HTTP/1.1 200 "), (attempt, got)
 
 
-# -- An absolute-form target reaches the app in origin form ---------------------------------------
-
-
-async def test_an_absolute_form_target_reaches_the_app_in_origin_form(mesh: Mesh) -> None:
-    """RFC 9112 3.2.1/3.2.2: a client (here the server sidecar) making a request directly to an
-    origin server sends origin form; only a proxy gets absolute form. Envoy parses an absolute
-    URL into :authority and :path and sends origin form upstream. The sidecar judges the path
-    but sends ``GET http://cart.shop/cart/abs?q=1`` as it came: servers that route on the raw
-    target (http.server's ``self.path``, many hand-written routers) see a path that is not one."""
-    lines: list[bytes] = []
+def _line_recording_app(
+    lines: list[bytes],
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """An app that records each request line it gets and answers 200 ``ok``."""
 
     async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
@@ -107,6 +102,21 @@ async def test_an_absolute_form_target_reaches_the_app_in_origin_form(mesh: Mesh
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 await writer.drain()
         writer.close()
+
+    return app
+
+
+# -- An absolute-form target reaches the app in origin form ---------------------------------------
+
+
+async def test_an_absolute_form_target_reaches_the_app_in_origin_form(mesh: Mesh) -> None:
+    """RFC 9112 3.2.1/3.2.2: a client (here the server sidecar) making a request directly to an
+    origin server sends origin form; only a proxy gets absolute form. Envoy parses an absolute
+    URL into :authority and :path and sends origin form upstream. The sidecar judged the path
+    but sent ``GET http://cart.shop/cart/abs?q=1`` as it came: servers that route on the raw
+    target (http.server's ``self.path``, many hand-written routers) saw a path that is not one."""
+    lines: list[bytes] = []
+    app = _line_recording_app(lines)
 
     async with raw_app_pair(mesh, app) as addr:
         reader, writer = await asyncio.open_connection(*addr)
@@ -133,20 +143,13 @@ async def test_an_absolute_form_target_reaches_the_app_in_origin_form(mesh: Mesh
 async def test_a_request_line_of_another_http_version_is_not_forwarded_as_http11(
     mesh: Mesh, line: bytes
 ) -> None:
-    """llhttp accepts an HTTP/0.9 request line (no version) and any HTTP/x.y; the sidecar sends
-    them to the app as HTTP/1.1 (0.9 with ``Host: localhost`` added) and answers with an HTTP/1.1
+    """llhttp accepts an HTTP/0.9 request line (no version) and any HTTP/x.y; the sidecar sent
+    them to the app as HTTP/1.1 (0.9 with ``Host: localhost`` added) and answered with an HTTP/1.1
     status line and headers, which an HTTP/0.9 client takes as body. RFC 9110 6.2 / RFC 9112 2.3:
     a server answers a major version it does not support with 505; Envoy's HTTP/1 codec refuses
     HTTP/0.9 and a request line claiming HTTP/2 or HTTP/3 (protocol error, 400)."""
     lines: list[bytes] = []
-
-    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while head := await reader.readuntil(b"\r\n\r\n"):
-                lines.append(head.split(b"\r\n")[0])
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                await writer.drain()
-        writer.close()
+    app = _line_recording_app(lines)
 
     async with raw_app_pair(mesh, app) as addr:
         reader, writer = await asyncio.open_connection(*addr)
@@ -185,8 +188,8 @@ async def _recording_app(received: list[bytes], answer: bytes):  # type: ignore[
 async def test_trailers_of_a_chunked_request_with_an_empty_body_reach_the_app(mesh: Mesh) -> None:
     """``0\\r\\nX-Checksum: 42\\r\\n\\r\\n`` right after the head: ``_forward`` reads the request's
     end at once (``first`` is the EndOfMessage, so the body counts as complete) and sends
-    ``EndOfMessage(body.trailers)``, but ``body.trailers`` is only ever set by ``_pump_body``: the
-    trailers are dropped. With one byte of body they pass (the pump sets them)."""
+    ``EndOfMessage(body.trailers)``; ``body.trailers`` was set only by ``_pump_body``, and the
+    trailers were dropped (with one byte of body they passed: the pump set them)."""
     received: list[bytes] = []
     app = await _recording_app(received, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     async with raw_app_pair(mesh, app) as addr:
