@@ -105,6 +105,11 @@ class Router(Protocol):
         ``status``, or was ``reset`` before its response head (and takes it from the budget)."""
         ...
 
+    def may_reroute(self, attempt: int) -> bool:
+        """Whether a request no endpoint has processed may go to another one after ``attempt``
+        such tries (0: the first), as after a failed connect (and takes it from the budget)."""
+        ...
+
     async def fresh(self, up: Upstream) -> Local | Upstream:
         """A new connection to the same place (a reused one was closed under the request)."""
         ...
@@ -504,6 +509,7 @@ async def _forward(
     retried = False  # the one free retry of a request on a pooled connection closed under it
     gone = [False]  # the client left while the response was awaited
     attempt = 0  # retries by the route's policy (502/503/504, reset), from the budget
+    unprocessed = 0  # endpoints whose sidecar said their app never saw the request
     while True:
         result.endpoint, result.destination = up.endpoint, up.destination
         pump: asyncio.Task[None] | None = None
@@ -549,7 +555,7 @@ async def _forward(
                 # rest (a denial, an early error). Stop both, as a server would (RFC 9112 9.6).
                 await _stop(pump)
                 router.release(up, False, result.status is None or result.status < 500)
-                await linger_close(down)
+                await linger_close(down, upload=True)
                 return False
             if pump is not None:
                 await pump
@@ -569,20 +575,27 @@ async def _forward(
             continue
         except _Unprocessed:
             # Its app is not there (restarting, stopped): another endpoint, whatever the method, as
-            # a failed connect (once per endpoint; the one that said so again when none other is).
+            # after a failed connect (as many times, from the retry budget; not one that said so).
             reusable = up.conn.reusable
             if reusable:
                 up.conn.start_next_cycle(checked=True)
             router.release(up, reusable, False)
-            if up.endpoint is None or up.endpoint in tried:
+            if up.endpoint is None or not router.may_reroute(unprocessed):
                 local = Local(
                     502, "app not reachable", "allow", up.policy, "the endpoint's app is not reachable"
                 )
                 await _answer_locally(conn, down, local, result)
                 return True
+            unprocessed += 1
+            result.retries += 1
             tried.append(up.endpoint)
             log.info("app not reachable at the endpoint; another", extra={"endpoint": up.endpoint})
             again = await _route(router, req, info, None if clock is None else clock.at, tried)
+            if isinstance(again, Upstream) and again.endpoint in tried:  # none other: that answer
+                router.release(again, True, None)  # (the connection unused: back to its pool)
+                again = Local(
+                    502, "app not reachable", "allow", up.policy, "the endpoint's app is not reachable"
+                )
             if isinstance(again, Local):
                 await _answer_locally(conn, down, again, result)
                 return True

@@ -59,6 +59,7 @@ log = logging.getLogger("sidemesh.proxy.http2")
 GRPC_INVALID_ARGUMENT = 3
 GRPC_DEADLINE_EXCEEDED = 4
 GRPC_PERMISSION_DENIED = 7
+GRPC_RESOURCE_EXHAUSTED = 8
 GRPC_INTERNAL = 13
 GRPC_UNAVAILABLE = 14
 DRAIN_CHECK = 1.0  # how often an idle connection looks whether the sidecar is draining
@@ -280,8 +281,20 @@ def _against_length(expected: int | None, received: int, ended: bool) -> str | N
     return f"{received} bytes of content, content-length {expected}"
 
 
-BLOCK_CACHE = 16  # header blocks remembered per direction of a connection (then forgotten, all)
-BLOCK_CACHE_BYTES = 4096  # ... of fields of at most this size in all (RFC 7541 4.1: 32 a field more)
+# A header list over the limit the sidecar advertises (SETTINGS_MAX_HEADER_LIST_SIZE, 64 KiB) fails
+# its own stream; hpack decodes up to this much more so that its table stays in step with the
+# peer's (past it, the connection: an HPACK bomb). Such a list is marked by this field at its end.
+HEADER_LIST_HARD = 256 * 1024
+OVERSIZED = (b":sidemesh-oversized", b"")
+# Header blocks remembered per connection and direction (then forgotten, all): blocks of at most
+# BLOCK_FIELDS fields, BLOCK_BYTES long, and of fields of BLOCK_CACHE_BYTES in all (RFC 7541 4.1:
+# 32 a field more): about 30 KB of Python objects a connection at most (a peer's blocks of 124
+# small literals each held about 150 KB: a review). The encoder keeps only blocks of one-byte
+# table indexes (it indexes what it sends: a repeated list encodes to those).
+BLOCK_CACHE = 8
+BLOCK_FIELDS = 24
+BLOCK_BYTES = 512
+BLOCK_CACHE_BYTES = 4096
 
 
 class _CountingTable(hpack.table.HeaderTable):
@@ -316,16 +329,29 @@ class _Decoder(hpack.Decoder):
 
     A block that only reads the table (indexed fields, literals without indexing) decodes to
     the same fields while the table is unchanged: the fields of the last ``BLOCK_CACHE`` such
-    blocks are kept, by their bytes, until the table changes. A client's calls repeat theirs
-    (a gRPC method's call heads, its responses and trailers: once in the table, each is a few
-    bytes of indexes); hpack decodes each again a byte at a time, about a sixth of the Python
-    a gRPC call costs a sidecar."""
+    (small) blocks are kept, by their bytes, until the table changes. A client's calls repeat theirs (a gRPC method's call heads, its responses and
+    trailers: once in the table, each is a few bytes of indexes); hpack decoded each again a
+    byte at a time, about a sixth of the Python a gRPC call costs a sidecar.
+
+    Past the limit h2 advertises, a list is marked ``OVERSIZED`` (its stream fails) up to
+    ``HEADER_LIST_HARD``, where hpack refuses it (the connection fails)."""
 
     def __init__(self) -> None:
+        self.advertised = hpack.hpack.DEFAULT_MAX_HEADER_LIST_SIZE
         super().__init__()
         self.header_table: _CountingTable = _CountingTable()
         self._blocks: dict[tuple[bytes, bool], tuple[list[Any], int]] = {}
         self._generation = 0  # the table's, when the blocks kept were decoded
+
+    # hpack decodes up to this; h2 sets it to the limit it advertises (``advertised``), over which a
+    # list is marked OVERSIZED instead of failing the connection (RFC 9113 8.1.1: a stream error).
+    @property
+    def max_header_list_size(self) -> int:
+        return max(HEADER_LIST_HARD, self.advertised)
+
+    @max_header_list_size.setter
+    def max_header_list_size(self, value: int) -> None:
+        self.advertised = value
 
     def decode(self, data: bytes, raw: bool = False) -> Any:
         table = self.header_table
@@ -335,15 +361,20 @@ class _Decoder(hpack.Decoder):
         kept = self._blocks.get((data, raw))
         if kept is not None:
             headers, inflated = kept
-            if inflated > self.max_header_list_size:
-                raise hpack.OversizedHeaderListError(
-                    f"A header list larger than {self.max_header_list_size} has been received"
-                )
             self._assert_valid_table_size()
-            return headers.copy()
+            return [*headers, OVERSIZED] if inflated > self.advertised else headers.copy()
         headers = self._decode(data, raw)
-        if table.generation == self._generation and len(data) <= BLOCK_CACHE_BYTES:
+        # (at most each field an entry of the table, or its bytes here, Huffman-coded: 8/5)
+        if len(headers) * (table.maxsize + 32) + 2 * len(data) <= self.advertised:
+            inflated = -1  # (not over, surely: not summed)
+        else:
             inflated = sum(hpack.table.table_entry_size(n, v) for n, v in headers)
+            if inflated > self.advertised:
+                headers.append(OVERSIZED)
+                return headers
+        if table.generation == self._generation and len(data) <= BLOCK_BYTES and len(headers) <= BLOCK_FIELDS:
+            if inflated < 0:
+                inflated = sum(hpack.table.table_entry_size(n, v) for n, v in headers)
             if inflated <= BLOCK_CACHE_BYTES:
                 if len(self._blocks) >= BLOCK_CACHE:
                     self._blocks.clear()
@@ -442,9 +473,9 @@ class _IndexedTable(_CountingTable):
 
 class _Encoder(hpack.Encoder):
     """hpack's encoder on an :class:`_IndexedTable`, remembering the blocks of the last
-    ``BLOCK_CACHE`` field lists that encoded without changing the table (every field already in
-    it, or never indexed), until the table changes: the same list encodes to the same block
-    again (a gRPC method's call heads, responses and trailers)."""
+    ``BLOCK_CACHE`` field lists that encoded to table indexes only (every field already in the
+    table), until the table changes: the same list encodes to the same block again (a gRPC
+    method's call heads, responses and trailers)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -467,6 +498,8 @@ class _Encoder(hpack.Encoder):
         block = super().encode(headers, huffman)
         if (
             table.generation == self._generation
+            and len(block) <= BLOCK_FIELDS
+            and min(block, default=0) >= 0x80  # (one-byte indexes only)
             and sum(32 + len(h[0]) + len(h[1]) for h in headers) <= BLOCK_CACHE_BYTES
         ):
             if len(self._blocks) >= BLOCK_CACHE:
@@ -774,6 +807,8 @@ def _malformed_trailers(headers: list[Header]) -> str | None:
     does not pass on in trailers (connection-specific, framing, routing) are dropped
     (`trailer_fields`), not refused."""
     for name, value in headers:
+        if name == OVERSIZED[0]:
+            return "a header list over the 64 KiB the sidecar takes"
         if name[:1] == b":":
             return f"pseudo-header {name.decode('latin-1')} in trailers"
         if _FIELD_NAME.fullmatch(name) is None:
@@ -798,6 +833,8 @@ def _malformed(headers: list[Header], trailers: bool) -> str | None:
             if (why := _bad_content_length(value, length)) is not None:
                 return why
             length = value
+        if name == OVERSIZED[0]:
+            return "a header list over the 64 KiB the sidecar takes"
         if name[:1] == b":":
             if trailers or regular or status or name != b":status":
                 return f"pseudo-header {name.decode('latin-1')} out of place"
@@ -1193,13 +1230,20 @@ class H2Proxy:
 
     def _request(self, event: h2.events.RequestReceived) -> None:
         headers = _headers(event.headers)
+        oversized = OVERSIZED in headers
+        if oversized:
+            headers.remove(OVERSIZED)
         pseudo = {n: v for n, v in headers if n.startswith(b":")}
         content_type = next((v for n, v in headers if n == b"content-type"), b"")
         grpc = content_type.startswith(b"application/grpc")
         router = self.router
         path = pseudo.get(b":path", b"/")
         method = pseudo.get(b":method", b"")
-        refusal, bad_status = _malformed_request(headers), 400
+        refusal: str | None
+        if oversized:  # (Envoy: 431; a gRPC server without the mesh: RESOURCE_EXHAUSTED)
+            refusal, bad_status = "header list over the 64 KiB the sidecar takes", 431
+        else:
+            refusal, bad_status = _malformed_request(headers), 400
         expected = _content_length(headers) if refusal is None else None
         if refusal is None and expected and event.stream_ended is not None:
             refusal = f"content-length {expected} but no content"
@@ -1239,9 +1283,8 @@ class H2Proxy:
         stream.request_expected = expected
         self.streams[event.stream_id] = stream
         if refusal is not None:
-            denial = Denial(
-                bad_status, refusal, grpc_status=GRPC_INVALID_ARGUMENT, decision="refused", error=refusal
-            )
+            code = GRPC_RESOURCE_EXHAUSTED if oversized else GRPC_INVALID_ARGUMENT
+            denial = Denial(bad_status, refusal, grpc_status=code, decision="refused", error=refusal)
             self._deny(stream, denial)
             return
         timeout = router.begin(info)
@@ -1477,7 +1520,7 @@ class H2Proxy:
             # the server go and loses none.
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.down.conn.reset_stream(stream.down_id, _REFUSED)
-            self._finish(stream, error=f"{target.unreachable}: {why}")
+            self._finish(stream, error=why)
             return
         if not sent and target is not None:  # nothing went out: answer (502 / UNAVAILABLE)
             self._deny(stream, Denial(502, target.unreachable, target.policy, GRPC_UNAVAILABLE, "allow"))

@@ -22,27 +22,32 @@ class PipeClosed(ConnectionError):
 
 
 # Closing with unread bytes resets the connection, and a peer that has not read what was sent last
-# (an answer, a GOAWAY) loses it (RFC 9112 9.6). So: half-close, read and drop what comes until the
-# peer is silent this long (Envoy's delayed_close_timeout, 1 s), then close; while it still sends,
-# up to LINGER_MAX bytes and LINGER_TOTAL_S. (With a cap of 1 MiB, an answer before the end of a
-# larger upload, a denial or the app's early 413, was reset away while the client still wrote
-# its body; the client, writing its whole body before reading, as most do, got no answer.)
+# (an answer, a GOAWAY) loses it (RFC 9112 9.6). So: half-close, read and drop what comes for up to
+# this long (Envoy's delayed_close_timeout, 1 s) and LINGER_MAX bytes, then close. After an answer
+# to a request whose body is still coming (a denial, the app's early 413), the body is given
+# longer: until the client is silent for LINGER_S, up to LINGER_UPLOAD_MAX and LINGER_UPLOAD_S
+# (a client writes its whole body before it reads, as most do: with 1 MiB, an answer before the
+# end of a larger upload was reset away). Not for refused heads, timeouts or HTTP/2 errors: a
+# client the sidecar has just cut off gets no more of its time.
 LINGER_S = 1.0
-LINGER_TOTAL_S = 30.0
-LINGER_MAX = 64 << 20
+LINGER_MAX = 1 << 20
+LINGER_UPLOAD_S = 30.0
+LINGER_UPLOAD_MAX = 64 << 20
 
 
-async def linger_close(pipe: Pipe, idle: bool = False) -> None:
+async def linger_close(pipe: Pipe, idle: bool = False, upload: bool = False) -> None:
     """Close after the last thing sent without resetting it away: see ``LINGER_S``. With ``idle``
     (an idle `sidemesh/1` connection: the idle timeout, a drain), the EOF says so and what comes
     meanwhile is answered UNREAD, once: the client sidecar sends that request again on another
-    connection (a POST too: the app never saw it)."""
+    connection (a POST too: the app never saw it). With ``upload``, the rest of a request body the
+    answer came before is dropped as long as it keeps coming (``LINGER_UPLOAD_S``)."""
     pipe.write_eof(idle)
-    deadline = time.monotonic() + LINGER_TOTAL_S
+    deadline = time.monotonic() + (LINGER_UPLOAD_S if upload else LINGER_S)
+    most = LINGER_UPLOAD_MAX if upload else LINGER_MAX
     dropped = 0
     try:
         with contextlib.suppress(PipeClosed, ConnectionError):
-            while dropped < LINGER_MAX and (remaining := deadline - time.monotonic()) > 0:
+            while dropped < most and (remaining := deadline - time.monotonic()) > 0:
                 if not await pipe.wait_input(min(LINGER_S, remaining)) or not (data := await pipe.read()):
                     break
                 if idle and not dropped:

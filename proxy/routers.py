@@ -138,6 +138,9 @@ class InboundRouter:
     def may_retry(self, method: str, status: int | None, reset: bool, attempt: int) -> bool:
         return False
 
+    def may_reroute(self, attempt: int) -> bool:
+        return False
+
     async def route(
         self, request: h1.Request, info: RequestInfo, avoid: Sequence[str] = ()
     ) -> Local | Upstream:
@@ -213,6 +216,9 @@ class OutboundRouter:
             and retryable(method, status, error, self._policy)
             and self.budget.try_withdraw()
         )
+
+    def may_reroute(self, attempt: int) -> bool:
+        return attempt < self._policy.retries_for(Failure.CONNECT) and self.budget.try_withdraw()
 
     async def route(
         self, request: h1.Request, info: RequestInfo, avoid: Sequence[str] = ()

@@ -4,8 +4,10 @@ logging is off in the sidecar."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
+import tracemalloc
 from collections.abc import Iterator
 
 import h2.config
@@ -100,7 +102,7 @@ def test_decodes_as_hpack(seed: int) -> None:
 
 def test_a_kept_block() -> None:
     """What a kept block decodes to is a new list each time (h2 and the proxy may change it), and
-    it is refused as hpack refuses it once the header list limit is below it."""
+    it is marked over the limit once the advertised limit is below it."""
     encoder, decoder = hpack.Encoder(), http2._Decoder()
     block = encoder.encode([(b"x-a", b"1")])
     decoder.decode(block, raw=True)
@@ -110,8 +112,27 @@ def test_a_kept_block() -> None:
     first.append((b"x-b", b"2"))
     assert decoder.decode(block, raw=True) == [(b"x-a", b"1")]
     decoder.max_header_list_size = 8
+    assert decoder.decode(block, raw=True) == [(b"x-a", b"1"), http2.OVERSIZED]
+
+
+def test_a_list_over_the_advertised_limit_is_marked_and_the_table_kept_in_step() -> None:
+    """Between the advertised limit (64 KiB) and HEADER_LIST_HARD a list decodes, marked OVERSIZED
+    (its stream fails, not the connection), and the table stays as hpack's with no limit; past the
+    hard limit hpack refuses it (a connection error, as for any HPACK bomb)."""
+    encoder, theirs, ours = hpack.Encoder(), hpack.Decoder(max_header_list_size=1 << 30), http2._Decoder()
+    ours.max_header_list_size = 1 << 16  # (what h2 sets: the advertised limit)
+    big = [(b"x-big", b"v" * 70_000), (b"x-a", b"1")]
+    for headers in (big, [(b"x-a", b"1"), (b"x-b", b"2")], big):
+        block = encoder.encode(headers)
+        expected = theirs.decode(block, raw=True)
+        got = ours.decode(block, raw=True)
+        assert got == ([*expected, http2.OVERSIZED] if headers is big else expected)
+        assert list(ours.header_table.dynamic_entries) == list(theirs.header_table.dynamic_entries)
+    # Many fields, each small, over the advertised limit in all: summed, marked.
+    many = [(b"x-%d" % i, b"v" * 100) for i in range(700)]
+    assert ours.decode(encoder.encode(many), raw=True)[-1] == http2.OVERSIZED
     with pytest.raises(hpack.OversizedHeaderListError):
-        decoder.decode(block, raw=True)
+        ours.decode(encoder.encode([(b"x-huge", b"v" * http2.HEADER_LIST_HARD)]), raw=True)
 
 
 def test_search_answers_as_hpack() -> None:
@@ -151,3 +172,39 @@ def test_hpack_writes_no_debug_lines(caplog: pytest.LogCaptureFixture) -> None:
     block = encoder.encode([(b"authorization", b"Bearer secret"), (b"x-a", b"1")])
     assert decoder.decode(block, raw=True) == [(b"authorization", b"Bearer secret"), (b"x-a", b"1")]
     assert [r for r in caplog.records if r.name.startswith("hpack")] == []
+
+
+def _literal_block(i: int) -> bytes:
+    """Many literal fields without indexing (a one-letter name, an empty value): the table stays
+    as it was."""
+    return b"".join(b"\x00\x01" + bytes([97 + (n * 7 + i) % 26]) + b"\x00" for n in range(124))
+
+
+def test_what_a_peer_can_make_a_decoder_keep_is_small() -> None:
+    """Blocks of many literals are not kept (124 of them held about 150 KB a connection); the
+    blocks that are kept cost a few tens of KB per connection at most, Python objects included
+    (the worst: as many small literal fields as a kept block may have)."""
+    decoder = http2._Decoder()
+    for i in range(http2.BLOCK_CACHE):
+        decoder.decode(_literal_block(i), raw=True)
+    assert decoder._blocks == {}
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        decoders = []
+        for _ in range(20):
+            decoder = http2._Decoder()
+            for i in range(http2.BLOCK_CACHE):
+                block = b"".join(
+                    b"\x00\x01" + bytes([97 + (n * 7 + i) % 26]) + b"\x01" + bytes([97 + n % 26])
+                    for n in range(http2.BLOCK_FIELDS)
+                )
+                decoder.decode(block, raw=True)
+            assert len(decoder._blocks) == http2.BLOCK_CACHE
+            decoders.append(decoder)
+        gc.collect()
+        per = (tracemalloc.get_traced_memory()[0] - base) / len(decoders)
+    finally:
+        tracemalloc.stop()
+    assert per < 40 * 1024, f"{per / 1024:.0f} KiB per decoder"

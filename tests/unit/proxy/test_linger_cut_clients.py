@@ -1,0 +1,84 @@
+"""A client the sidecar cuts off (the HTTP/1.1 head timeout; an HTTP/2 protocol error) gets the
+short linger (1 s), not the one an upload answered early gets (up to 30 s while it sends)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+
+from proxy import http1, http2
+from proxy.detect import H2_PREFACE
+from proxy.observe import NullObserver
+from proxy.pipe import Pipe
+from tests.unit.proxy.test_http_fuzz import AnswerRouter
+
+
+def test_a_slow_head_is_cut_near_the_head_timeout() -> None:
+    async def run() -> tuple[float, bytes]:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        pipe = Pipe(framed=False, name="downstream")
+        await loop.connect_accepted_socket(lambda: pipe, a)
+        ctx = http1.Context(
+            "outbound", NullObserver(), idle_timeout=60, draining=lambda: False, head_timeout=1.0
+        )
+        server = asyncio.create_task(http1.serve(pipe, AnswerRouter(), ctx))
+        reader, writer = await asyncio.open_connection(sock=b)
+        writer.write(b"GET / HTTP/1.1\r\n")
+        start, got = time.monotonic(), b""
+        while not server.done() and time.monotonic() - start < 6:
+            with contextlib.suppress(Exception):
+                writer.write(b"X")  # one byte of a header line every half second
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(Exception):
+                got += await asyncio.wait_for(reader.read(65536), 0.01)
+        held = time.monotonic() - start
+        server.cancel()
+        writer.close()
+        return held, got
+
+    held, got = asyncio.run(run())
+    assert b"408" in got
+    assert held < 3, f"a slow client's connection was held {held:.1f} s with a 1 s head timeout"
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def test_a_client_cut_off_for_a_protocol_error_is_closed_soon() -> None:
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        pipe = Pipe(framed=False, name="downstream")
+        await loop.connect_accepted_socket(lambda: pipe, a)
+
+        async def no_app() -> Pipe:
+            raise AssertionError
+
+        proxy = http2.H2Proxy(
+            pipe, lambda m, p: http2.Denial(403, "denied"), no_app, NullObserver().start, {}
+        )
+        server = asyncio.create_task(proxy.run(idle_timeout=60))
+        reader, writer = await asyncio.open_connection(sock=b)
+        # a SETTINGS frame on a stream: a connection error (GOAWAY PROTOCOL_ERROR), then the linger
+        writer.write(H2_PREFACE + _frame(4, 0, 0, b"") + _frame(4, 0, 1, b""))
+        start = time.monotonic()
+        while not server.done() and time.monotonic() - start < 6:
+            writer.write(b"\0" * 16384)  # whatever: the sidecar reads and drops it
+            await asyncio.sleep(0.5)
+            with __import__("contextlib").suppress(Exception):
+                await asyncio.wait_for(reader.read(65536), 0.01)
+        held = time.monotonic() - start
+        server.cancel()
+        writer.close()
+        return held
+
+    held = asyncio.run(run())
+    assert held < 3, f"the flagged client's connection was still open after {held:.1f} s"
