@@ -262,6 +262,7 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
     conn = h1.Connection(h1.SERVER, max_head=MAX_HEAD)
     down.start_ticks(min(DRAIN_CHECK, ctx.idle_timeout / 2))  # idle closes within 1.5x the timeout
     first = True
+    refused = False  # a head refused (unparsable, too large, not in time): the short linger
     try:
         while True:
             event: object
@@ -276,10 +277,12 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
                     event = await _next_head(conn, down, ctx.head_timeout)
             except h1.ProtocolError as exc:
                 _refuse_head(conn, down, exc.status, str(exc), ctx)
+                refused = True
                 break
             except _HeadTimeout:
                 ctx.on_refused("head")
                 _refuse_head(conn, down, 408, "request head not received in time", ctx)
+                refused = True
                 break
             if isinstance(event, h1.ConnectionClosed) or event is h1.PAUSED:
                 break
@@ -296,7 +299,8 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
                 return
             break
         if conn.receiving:  # answered before the request's end (a refused head, a denial that
-            await linger_close(down)  # closes on an expected 100): not reset away (RFC 9112 9.6)
+            # closes on an expected 100): not reset away (RFC 9112 9.6); an upload the long linger
+            await linger_close(down, upload=not first and not refused)
             return
         down.write_eof()
         down.close()
@@ -580,25 +584,26 @@ async def _forward(
             if reusable:
                 up.conn.start_next_cycle(checked=True)
             router.release(up, reusable, False)
-            if up.endpoint is None or not router.may_reroute(unprocessed):
-                local = Local(
-                    502, "app not reachable", "allow", up.policy, "the endpoint's app is not reachable"
-                )
-                await _answer_locally(conn, down, local, result)
-                return True
-            unprocessed += 1
-            result.retries += 1
-            tried.append(up.endpoint)
-            log.info("app not reachable at the endpoint; another", extra={"endpoint": up.endpoint})
-            again = await _route(router, req, info, None if clock is None else clock.at, tried)
-            if isinstance(again, Upstream) and again.endpoint in tried:  # none other: that answer
-                router.release(again, True, None)  # (the connection unused: back to its pool)
-                again = Local(
-                    502, "app not reachable", "allow", up.policy, "the endpoint's app is not reachable"
-                )
+            unreachable = Local(
+                502, "app not reachable", "allow", up.policy, "the endpoint's app is not reachable"
+            )
+            again = unreachable
+            if up.endpoint is not None:
+                tried.append(up.endpoint)
+                again = await _route(router, req, info, None if clock is None else clock.at, tried)
+                # Only to another endpoint (none other: that answer), and as a retry the budget
+                # allows (taken from it only then).
+                if isinstance(again, Upstream) and (
+                    again.endpoint in tried or not router.may_reroute(unprocessed)
+                ):
+                    router.release(again, True, None)  # (the connection unused: back to its pool)
+                    again = unreachable
             if isinstance(again, Local):
                 await _answer_locally(conn, down, again, result)
                 return True
+            unprocessed += 1
+            result.retries += 1
+            log.info("app not reachable at the endpoint; another", extra={"endpoint": up.endpoint})
             up = again
             continue
         except _Timeout:
@@ -684,7 +689,7 @@ async def _forward(
                 return True
             _write_down(down, conn, _local_response(local, close=True))
             result.status = 502
-            await linger_close(down)
+            await linger_close(down, upload=True)  # (a client still sending its body: see pipe.py)
             return False
         except BaseException:
             await _stop(pump)

@@ -292,6 +292,9 @@ OVERSIZED = (b":sidemesh-oversized", b"")
 # small literals each held about 150 KB: a review). The encoder keeps only blocks of one-byte
 # table indexes (it indexes what it sends: a repeated list encodes to those).
 BLOCK_CACHE = 8
+# The largest entry of hpack's static table (accept-encoding: gzip, deflate), as a table entry:
+# a one-byte index of it makes 60 bytes of list whatever the dynamic table's size (even 0).
+_STATIC_MOST = 32 + max(len(n) + len(v) for n, v in hpack.table.HeaderTable.STATIC_TABLE)
 BLOCK_FIELDS = 24
 BLOCK_BYTES = 512
 BLOCK_CACHE_BYTES = 4096
@@ -365,7 +368,7 @@ class _Decoder(hpack.Decoder):
             return [*headers, OVERSIZED] if inflated > self.advertised else headers.copy()
         headers = self._decode(data, raw)
         # (at most each field an entry of the table, or its bytes here, Huffman-coded: 8/5)
-        if len(headers) * (table.maxsize + 32) + 2 * len(data) <= self.advertised:
+        if len(headers) * (max(table.maxsize, _STATIC_MOST) + 32) + 2 * len(data) <= self.advertised:
             inflated = -1  # (not over, surely: not summed)
         else:
             inflated = sum(hpack.table.table_entry_size(n, v) for n, v in headers)

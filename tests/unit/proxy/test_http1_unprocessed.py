@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections.abc import Sequence
+
+import pytest
 
 from proxy import h1, http1
 from proxy.observe import NullObserver, RequestInfo
@@ -97,3 +100,43 @@ def test_unprocessed_retries_are_bounded_like_connect_failures() -> None:
     assert b"sidemesh-unprocessed" not in out.lower()  # (between sidecars only)
     assert router.hits == ["10.0.0.0:8080", "10.0.0.1:8080", "10.0.0.2:8080"]
     assert router.budget_withdrawals == 3  # (the third said no)
+
+
+class OneEndpoint(Router):
+    def __init__(self) -> None:
+        super().__init__()
+        self.released: list[tuple[str, bool, bool | None]] = []
+
+    def release(self, up, reusable, ok, observe=False):  # type: ignore[no-untyped-def]
+        self.released.append((up.endpoint, reusable, ok))
+        super().release(up, reusable, ok, observe)
+
+
+def test_with_no_other_endpoint_no_retry_is_taken_from_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One endpoint, its app gone: its 502 goes to the client; the budget is not asked (it was,
+    for a re-route that never happened) and the connection taken meanwhile goes back unused."""
+    monkeypatch.setattr(sys.modules[__name__], "ENDPOINTS", 1)
+
+    async def run() -> tuple[bytes, OneEndpoint]:
+        router = OneEndpoint()
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        down = Pipe(framed=False, name="downstream")
+        await loop.connect_accepted_socket(lambda: down, a)
+        ctx = http1.Context("outbound", NullObserver(), idle_timeout=2, draining=lambda: False)
+        server = asyncio.create_task(http1.serve(down, router, ctx))
+        reader, writer = await asyncio.open_connection(sock=b)
+        writer.write(b"POST /pay HTTP/1.1\r\nHost: cart\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")
+        out = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await asyncio.wait_for(server, 10)
+        for task in router.tasks:
+            task.cancel()
+        return out, router
+
+    out, router = asyncio.run(run())
+    assert out.startswith(b"HTTP/1.1 502 "), out
+    assert router.hits == ["10.0.0.0:8080"]
+    assert router.budget_withdrawals == 0
+    assert router.released == [("10.0.0.0:8080", True, False), ("10.0.0.0:8080", True, None)]

@@ -248,3 +248,53 @@ def test_as_a_client_the_proxy_says_push_is_off(max_streams: int | None) -> None
             assert changed[codes.ENABLE_PUSH].new_value == 0
         streams = changed[codes.MAX_CONCURRENT_STREAMS].new_value
         assert streams == (100 if max_streams is None else max_streams)
+
+
+def test_a_request_over_the_header_list_limit_gets_431_before_the_policy() -> None:
+    """An H2Proxy whose policy denies everything (403) gets a ~114 KB list (over the 64 KiB it
+    advertises) made of static entries after a table size of 0: 431, before the policy (with
+    the quick bound counting the dynamic table only, it passed as within the limit: 403)."""
+
+    async def run() -> bytes:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        pipe = Pipe(framed=False, name="down")
+        await loop.connect_accepted_socket(lambda: pipe, a)
+
+        async def no_app() -> Pipe:
+            raise AssertionError
+
+        proxy = http2.H2Proxy(
+            pipe, lambda m, p: http2.Denial(403, "denied"), no_app, NullObserver().start, {}
+        )
+        server = asyncio.create_task(proxy.run(idle_timeout=5))
+        reader, writer = await asyncio.open_connection(sock=b)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        writer.write(client.data_to_send())
+        client.send_headers(
+            1,
+            [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"cart")],
+            end_stream=True,
+        )
+        client.data_to_send()  # (replaced by the block below: stream 1 is open for the client)
+        block = b"\x20\x83\x86\x84\x01\x04cart" + b"\x90" * 1900
+        writer.write(_frame(1, 0x5, 1, block))
+        # (the client's own decoder state does not matter: it only reads the answer)
+        status = b""
+        try:
+            while not status:
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                assert data
+                for e in client.receive_data(data):
+                    if isinstance(e, h2.events.ResponseReceived):
+                        status = dict(e.headers)[b":status"]
+                writer.write(client.data_to_send())
+        finally:
+            writer.close()
+            server.cancel()
+        return status
+
+    assert asyncio.run(run()) == b"431"

@@ -208,3 +208,23 @@ def test_what_a_peer_can_make_a_decoder_keep_is_small() -> None:
     finally:
         tracemalloc.stop()
     assert per < 40 * 1024, f"{per / 1024:.0f} KiB per decoder"
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"\x20" + b"\x90" * 1927,  # table size 0, then the static entry accept-encoding: gzip, deflate
+        b"\x20" + b"\x0f\x05\x00" * 1720,  # table size 0, static name access-control-allow-origin, no value
+        b"\x2a" + b"\x54\x00" * 1420,  # table size 10, the same name with incremental indexing
+    ],
+    ids=["static-entries", "static-names", "tiny-table"],
+)
+def test_a_list_over_the_limit_made_of_static_entries_is_marked(block: bytes) -> None:
+    """One byte of block can make up to 60 bytes of list from the static table whatever the
+    dynamic table's size: a peer that sets its table small cannot pass 100 KB unmarked (the quick
+    bound that spares summing small lists counted only the dynamic table's size)."""
+    decoder = http2._Decoder()
+    decoder.max_header_list_size = 1 << 16  # (what h2 sets: the advertised limit)
+    got = decoder.decode(block, raw=True)
+    assert got[-1] == http2.OVERSIZED
+    assert sum(hpack.table.table_entry_size(n, v) for n, v in got[:-1]) > 1 << 16

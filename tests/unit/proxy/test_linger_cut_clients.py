@@ -1,5 +1,6 @@
 """A client the sidecar cuts off (the HTTP/1.1 head timeout; an HTTP/2 protocol error) gets the
-short linger (1 s), not the one an upload answered early gets (up to 30 s while it sends)."""
+short linger (1 s), not the one an upload answered early gets (up to 30 s while it sends); a
+denied upload gets that one."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from proxy import http1, http2
 from proxy.detect import H2_PREFACE
 from proxy.observe import NullObserver
 from proxy.pipe import Pipe
+from tests.unit.proxy.test_http2_fields import _frame
 from tests.unit.proxy.test_http_fuzz import AnswerRouter
 
 
@@ -46,10 +48,6 @@ def test_a_slow_head_is_cut_near_the_head_timeout() -> None:
     assert held < 3, f"a slow client's connection was held {held:.1f} s with a 1 s head timeout"
 
 
-def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
-
-
 def test_a_client_cut_off_for_a_protocol_error_is_closed_soon() -> None:
     async def run() -> float:
         loop = asyncio.get_running_loop()
@@ -73,7 +71,7 @@ def test_a_client_cut_off_for_a_protocol_error_is_closed_soon() -> None:
         while not server.done() and time.monotonic() - start < 6:
             writer.write(b"\0" * 16384)  # whatever: the sidecar reads and drops it
             await asyncio.sleep(0.5)
-            with __import__("contextlib").suppress(Exception):
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(reader.read(65536), 0.01)
         held = time.monotonic() - start
         server.cancel()
@@ -82,3 +80,53 @@ def test_a_client_cut_off_for_a_protocol_error_is_closed_soon() -> None:
 
     held = asyncio.run(run())
     assert held < 3, f"the flagged client's connection was still open after {held:.1f} s"
+
+
+class Deny(AnswerRouter):
+    async def route(self, request, info, avoid=()):  # type: ignore[no-untyped-def]
+        return http1.Local(403, "denied", "deny")
+
+
+def test_a_denied_upload_with_expect_keeps_being_drained() -> None:
+    """A denial answered to an ``Expect: 100-continue`` upload whose client sends its body anyway
+    (RFC 9110 10.1.1 allows it) is an answer before the upload's end too: the long linger (it was
+    cut after 1 MiB, the denial reset away from a client that writes before it reads)."""
+
+    async def run() -> tuple[float, bool]:
+        ctx = http1.Context("inbound", NullObserver(), idle_timeout=60, draining=lambda: False)
+
+        done = asyncio.Event()
+
+        def factory() -> Pipe:
+            pipe = Pipe(framed=False, name="downstream")
+            task = asyncio.get_running_loop().create_task(http1.serve(pipe, Deny(), ctx))
+            task.add_done_callback(lambda _: done.set())
+            return pipe
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        size = 4 << 20
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % size
+        )
+        start = time.monotonic()
+        sent = 0
+        try:
+            while sent < size and not done.is_set():  # 2 MiB/s, not reading meanwhile
+                writer.write(b"x" * 65536)
+                sent += 65536
+                await writer.drain()
+                await asyncio.sleep(65536 / (2 << 20))
+        except ConnectionError:
+            pass
+        held = time.monotonic() - start
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+        server.close()
+        return held, sent >= size
+
+    held, whole = asyncio.run(run())
+    assert whole, f"the upload was cut after {held:.1f} s (a 1 s / 1 MiB linger after the 403)"
