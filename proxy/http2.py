@@ -286,15 +286,15 @@ def _against_length(expected: int | None, received: int, ended: bool) -> str | N
 # peer's (past it, the connection: an HPACK bomb). Such a list is marked by this field at its end.
 HEADER_LIST_HARD = 256 * 1024
 OVERSIZED = (b":sidemesh-oversized", b"")
-# Header blocks remembered per connection and direction (then forgotten, all): blocks of at most
-# BLOCK_FIELDS fields, BLOCK_BYTES long, and of fields of BLOCK_CACHE_BYTES in all (RFC 7541 4.1:
-# 32 a field more): about 30 KB of Python objects a connection at most (a peer's blocks of 124
-# small literals each held about 150 KB: a review). The encoder keeps only blocks of one-byte
-# table indexes (it indexes what it sends: a repeated list encodes to those).
-BLOCK_CACHE = 8
 # The largest entry of hpack's static table (accept-encoding: gzip, deflate), as a table entry:
 # a one-byte index of it makes 60 bytes of list whatever the dynamic table's size (even 0).
 _STATIC_MOST = 32 + max(len(n) + len(v) for n, v in hpack.table.HeaderTable.STATIC_TABLE)
+# Header blocks remembered per connection and direction (then forgotten, all): blocks of at most
+# BLOCK_FIELDS fields, BLOCK_BYTES long, and of fields of BLOCK_CACHE_BYTES in all (RFC 7541 4.1:
+# 32 a field more): about 20 KB of Python objects a connection at most (a peer's blocks of 124
+# small literals each held about 150 KB: a review). The encoder keeps only blocks of one-byte
+# table indexes (it indexes what it sends: a repeated list encodes to those).
+BLOCK_CACHE = 8
 BLOCK_FIELDS = 24
 BLOCK_BYTES = 512
 BLOCK_CACHE_BYTES = 4096
@@ -332,9 +332,10 @@ class _Decoder(hpack.Decoder):
 
     A block that only reads the table (indexed fields, literals without indexing) decodes to
     the same fields while the table is unchanged: the fields of the last ``BLOCK_CACHE`` such
-    (small) blocks are kept, by their bytes, until the table changes. A client's calls repeat theirs (a gRPC method's call heads, its responses and
-    trailers: once in the table, each is a few bytes of indexes); hpack decoded each again a
-    byte at a time, about a sixth of the Python a gRPC call costs a sidecar.
+    (small) blocks are kept, by their bytes, until the table changes. A client's calls repeat
+    theirs (a gRPC method's call heads, its responses and trailers: once in the table, each is a
+    few bytes of indexes); hpack decoded each again a byte at a time, about a sixth of the
+    Python a gRPC call costs a sidecar.
 
     Past the limit h2 advertises, a list is marked ``OVERSIZED`` (its stream fails) up to
     ``HEADER_LIST_HARD``, where hpack refuses it (the connection fails)."""
