@@ -14,6 +14,7 @@ import pytest
 from proxy import h1, http1
 from proxy.observe import NullObserver, RequestInfo
 from proxy.pipe import Pipe
+from tests.support.pipes import pipe_and_peer
 
 ENDPOINTS = 10
 
@@ -76,14 +77,11 @@ class Router:
         up.pipe.close()
 
 
-def test_unprocessed_retries_are_bounded_like_connect_failures() -> None:
-    async def run() -> tuple[bytes, Router]:
-        router = Router()
-        loop = asyncio.get_running_loop()
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        down = Pipe(framed=False, name="downstream")
-        await loop.connect_accepted_socket(lambda: down, a)
+def _post(router: Router) -> bytes:
+    """One POST from an app through an outbound ``http1.serve`` on ``router``: what it got."""
+
+    async def run() -> bytes:
+        down, b = await pipe_and_peer("downstream")
         ctx = http1.Context("outbound", NullObserver(), idle_timeout=2, draining=lambda: False)
         server = asyncio.create_task(http1.serve(down, router, ctx))
         reader, writer = await asyncio.open_connection(sock=b)
@@ -91,11 +89,16 @@ def test_unprocessed_retries_are_bounded_like_connect_failures() -> None:
         out = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         await asyncio.wait_for(server, 10)
-        for t in router.tasks:
-            t.cancel()
-        return out, router
+        for task in router.tasks:
+            task.cancel()
+        return out
 
-    out, router = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_unprocessed_retries_are_bounded_like_connect_failures() -> None:
+    router = Router()
+    out = _post(router)
     assert out.startswith(b"HTTP/1.1 502 "), out
     assert b"sidemesh-unprocessed" not in out.lower()  # (between sidecars only)
     assert router.hits == ["10.0.0.0:8080", "10.0.0.1:8080", "10.0.0.2:8080"]
@@ -116,26 +119,8 @@ def test_with_no_other_endpoint_no_retry_is_taken_from_the_budget(monkeypatch: p
     """One endpoint, its app gone: its 502 goes to the client; the budget is not asked (it was,
     for a re-route that never happened) and the connection taken meanwhile goes back unused."""
     monkeypatch.setattr(sys.modules[__name__], "ENDPOINTS", 1)
-
-    async def run() -> tuple[bytes, OneEndpoint]:
-        router = OneEndpoint()
-        loop = asyncio.get_running_loop()
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        down = Pipe(framed=False, name="downstream")
-        await loop.connect_accepted_socket(lambda: down, a)
-        ctx = http1.Context("outbound", NullObserver(), idle_timeout=2, draining=lambda: False)
-        server = asyncio.create_task(http1.serve(down, router, ctx))
-        reader, writer = await asyncio.open_connection(sock=b)
-        writer.write(b"POST /pay HTTP/1.1\r\nHost: cart\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")
-        out = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-        await asyncio.wait_for(server, 10)
-        for task in router.tasks:
-            task.cancel()
-        return out, router
-
-    out, router = asyncio.run(run())
+    router = OneEndpoint()
+    out = _post(router)
     assert out.startswith(b"HTTP/1.1 502 "), out
     assert router.hits == ["10.0.0.0:8080"]
     assert router.budget_withdrawals == 0

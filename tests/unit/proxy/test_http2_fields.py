@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import typing
 
 import h2.config
@@ -19,6 +18,7 @@ from proxy import http2
 from proxy.headers import field_value
 from proxy.observe import NullObserver
 from proxy.pipe import Pipe
+from tests.support.pipes import pipe_and_peer
 
 
 # A denial as sidemesh/policy/evaluate.py words it, with enough policies that the 512-byte cut
@@ -41,12 +41,7 @@ def test_field_value_is_ascii_without_controls_or_surrounding_whitespace() -> No
 async def denied_by_the_proxy(grpc: bool) -> tuple[list[tuple[bytes, bytes]], bool]:
     """One request to an inbound H2Proxy that denies it with REASON, read by a default h2 client:
     the response (or trailers-only) head, and whether the connection is still usable after it."""
-    loop = asyncio.get_running_loop()
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    pipe = Pipe(framed=False, name="down")
-    await loop.connect_accepted_socket(lambda: pipe, a)
+    pipe, b = await pipe_and_peer("down")
 
     async def no_app() -> Pipe:
         raise AssertionError("a denied stream never reaches the app")
@@ -256,12 +251,7 @@ def test_a_request_over_the_header_list_limit_gets_431_before_the_policy() -> No
     the quick bound counting the dynamic table only, it passed as within the limit: 403)."""
 
     async def run() -> bytes:
-        loop = asyncio.get_running_loop()
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.setblocking(False)
-        pipe = Pipe(framed=False, name="down")
-        await loop.connect_accepted_socket(lambda: pipe, a)
+        pipe, b = await pipe_and_peer("down")
 
         async def no_app() -> Pipe:
             raise AssertionError

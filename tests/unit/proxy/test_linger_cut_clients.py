@@ -6,25 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 
 from proxy import http1, http2
 from proxy.detect import H2_PREFACE
 from proxy.observe import NullObserver
 from proxy.pipe import Pipe
+from tests.support.pipes import pipe_and_peer
 from tests.unit.proxy.test_http2_fields import _frame
 from tests.unit.proxy.test_http_fuzz import AnswerRouter
 
 
 def test_a_slow_head_is_cut_near_the_head_timeout() -> None:
     async def run() -> tuple[float, bytes]:
-        loop = asyncio.get_running_loop()
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.setblocking(False)
-        pipe = Pipe(framed=False, name="downstream")
-        await loop.connect_accepted_socket(lambda: pipe, a)
+        pipe, b = await pipe_and_peer("downstream")
         ctx = http1.Context(
             "outbound", NullObserver(), idle_timeout=60, draining=lambda: False, head_timeout=1.0
         )
@@ -50,12 +45,7 @@ def test_a_slow_head_is_cut_near_the_head_timeout() -> None:
 
 def test_a_client_cut_off_for_a_protocol_error_is_closed_soon() -> None:
     async def run() -> float:
-        loop = asyncio.get_running_loop()
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.setblocking(False)
-        pipe = Pipe(framed=False, name="downstream")
-        await loop.connect_accepted_socket(lambda: pipe, a)
+        pipe, b = await pipe_and_peer("downstream")
 
         async def no_app() -> Pipe:
             raise AssertionError
