@@ -473,6 +473,17 @@ async def issue_injector_svid(ca: RunningCA, token_file: Path) -> SVID:
         await client.close()
 
 
+async def ready_to_serve(start_ca: StartCA, tmp_path: Path) -> tuple[RunningCA, int]:
+    """A CA, the injector's serving SVID and a settings file in ``tmp_path``, and a free port for
+    an injector process to listen on."""
+    ca, token_file = await start_injector_ca(start_ca, tmp_path)
+    write_pair(tmp_path, await issue_injector_svid(ca, token_file))
+    (tmp_path / "config.yaml").write_text("image: registry.local/sidemesh:1\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return ca, probe.getsockname()[1]
+
+
 def write_pair(dir: Path, svid: SVID) -> None:
     (dir / "tls.crt.tmp").write_bytes(svid.chain_pem)
     (dir / "tls.key.tmp").write_bytes(svid.key_pem)
@@ -977,12 +988,7 @@ async def test_injector_restarted_under_admissions_never_half_injects(
     (then `failurePolicy: Fail` refuses the pod and its ReplicaSet retries); never a partial or
     malformed answer. Calls in flight at the SIGTERM are answered (uvicorn's graceful shutdown), and
     calls keep being answered for --shutdown-delay after it (here 1 s; /healthz says 503 meanwhile)."""
-    ca, token_file = await start_injector_ca(start_ca, tmp_path)
-    write_pair(tmp_path, await issue_injector_svid(ca, token_file))
-    (tmp_path / "config.yaml").write_text("image: registry.local/sidemesh:1\n")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    ca, port = await ready_to_serve(start_ca, tmp_path)
 
     async def start() -> asyncio.subprocess.Process:
         proc = await _injector_process(

@@ -29,10 +29,8 @@ from tests.integration.test_injector import (
     Client,
     _injector_process,
     _read_until,
-    issue_injector_svid,
+    ready_to_serve,
     review,
-    start_injector_ca,
-    write_pair,
 )
 
 
@@ -84,12 +82,7 @@ def _go_like_caller(client: Client, stop: threading.Event, calls: list[Call]) ->
 async def test_injector_sigterm_tells_keepalive_clients_to_go_and_loses_no_admission(
     start_ca: StartCA, tmp_path: Path
 ) -> None:
-    ca, token_file = await start_injector_ca(start_ca, tmp_path)
-    write_pair(tmp_path, await issue_injector_svid(ca, token_file))
-    (tmp_path / "config.yaml").write_text("image: registry.local/sidemesh:1\n")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    ca, port = await ready_to_serve(start_ca, tmp_path)
     proc = await _injector_process(
         tmp_path, tmp_path / "config.yaml", "--shutdown-delay", "1s", listen=f"127.0.0.1:{port}"
     )

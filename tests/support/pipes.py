@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 from proxy.pipe import Pipe
 
@@ -17,3 +18,23 @@ async def pipe_and_peer(name: str = "downstream", framed: bool = False) -> tuple
     pipe = Pipe(framed=framed, name=name)
     await asyncio.get_running_loop().connect_accepted_socket(lambda: pipe, a)
     return pipe, b
+
+
+async def denying_h2_proxy(
+    idle_timeout: float, denial: Any = None
+) -> tuple[asyncio.Task[None], asyncio.StreamReader, asyncio.StreamWriter]:
+    """An HTTP/2 proxy (inbound side) that answers every stream with ``denial`` (403 "denied" by
+    default) and has no app, serving one connection, and a client's reader and writer on it."""
+    from proxy import http2  # (only the tests of the HTTP/2 proxy load it)
+    from proxy.observe import NullObserver
+
+    pipe, peer = await pipe_and_peer("down")
+
+    async def no_app() -> Pipe:
+        raise AssertionError("a denied stream never reaches the app")
+
+    answer = http2.Denial(403, "denied") if denial is None else denial
+    proxy = http2.H2Proxy(pipe, lambda m, p: answer, no_app, NullObserver().start, {})
+    server = asyncio.create_task(proxy.run(idle_timeout=idle_timeout))
+    reader, writer = await asyncio.open_connection(sock=peer)
+    return server, reader, writer

@@ -16,9 +16,8 @@ from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
 from proxy import http2
 from proxy.headers import field_value
-from proxy.observe import NullObserver
 from proxy.pipe import Pipe
-from tests.support.pipes import pipe_and_peer
+from tests.support.pipes import denying_h2_proxy
 
 
 # A denial as sidemesh/policy/evaluate.py words it, with enough policies that the 512-byte cut
@@ -41,16 +40,7 @@ def test_field_value_is_ascii_without_controls_or_surrounding_whitespace() -> No
 async def denied_by_the_proxy(grpc: bool) -> tuple[list[tuple[bytes, bytes]], bool]:
     """One request to an inbound H2Proxy that denies it with REASON, read by a default h2 client:
     the response (or trailers-only) head, and whether the connection is still usable after it."""
-    pipe, b = await pipe_and_peer("down")
-
-    async def no_app() -> Pipe:
-        raise AssertionError("a denied stream never reaches the app")
-
-    proxy = http2.H2Proxy(
-        pipe, lambda m, p: http2.Denial(403, REASON, "shop/x"), no_app, NullObserver().start, {}
-    )
-    server = asyncio.create_task(proxy.run(idle_timeout=5))
-    reader, writer = await asyncio.open_connection(sock=b)
+    server, reader, writer = await denying_h2_proxy(5, http2.Denial(403, REASON, "shop/x"))
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     client.initiate_connection()
     head = [(":method", "POST"), (":scheme", "http"), (":authority", "cart"), (":path", "/a.B/C")]
@@ -251,16 +241,7 @@ def test_a_request_over_the_header_list_limit_gets_431_before_the_policy() -> No
     the quick bound counting the dynamic table only, it passed as within the limit: 403)."""
 
     async def run() -> bytes:
-        pipe, b = await pipe_and_peer("down")
-
-        async def no_app() -> Pipe:
-            raise AssertionError
-
-        proxy = http2.H2Proxy(
-            pipe, lambda m, p: http2.Denial(403, "denied"), no_app, NullObserver().start, {}
-        )
-        server = asyncio.create_task(proxy.run(idle_timeout=5))
-        reader, writer = await asyncio.open_connection(sock=b)
+        server, reader, writer = await denying_h2_proxy(5)
         client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
         client.initiate_connection()
         writer.write(client.data_to_send())

@@ -8,11 +8,11 @@ import asyncio
 import contextlib
 import time
 
-from proxy import http1, http2
+from proxy import http1
 from proxy.detect import H2_PREFACE
 from proxy.observe import NullObserver
 from proxy.pipe import Pipe
-from tests.support.pipes import pipe_and_peer
+from tests.support.pipes import denying_h2_proxy, pipe_and_peer
 from tests.unit.proxy.test_http2_fields import _frame
 from tests.unit.proxy.test_http_fuzz import AnswerRouter
 
@@ -45,16 +45,7 @@ def test_a_slow_head_is_cut_near_the_head_timeout() -> None:
 
 def test_a_client_cut_off_for_a_protocol_error_is_closed_soon() -> None:
     async def run() -> float:
-        pipe, b = await pipe_and_peer("downstream")
-
-        async def no_app() -> Pipe:
-            raise AssertionError
-
-        proxy = http2.H2Proxy(
-            pipe, lambda m, p: http2.Denial(403, "denied"), no_app, NullObserver().start, {}
-        )
-        server = asyncio.create_task(proxy.run(idle_timeout=60))
-        reader, writer = await asyncio.open_connection(sock=b)
+        server, reader, writer = await denying_h2_proxy(60)
         # a SETTINGS frame on a stream: a connection error (GOAWAY PROTOCOL_ERROR), then the linger
         writer.write(H2_PREFACE + _frame(4, 0, 0, b"") + _frame(4, 0, 1, b""))
         start = time.monotonic()
