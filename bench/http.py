@@ -1,7 +1,7 @@
 """The sidecar pair in HTTP mode, side by side with a direct connection and an Envoy pair in HTTP
 mode, in one run (issue 6).
 
-    .venv/bin/python -m bench.http [--seconds N] [--warmup N] [--grpc-seconds N] [--rounds N]
+    .venv/bin/python -m bench.http [--seconds N] [--warmup N] [--grpc-seconds N] [--rounds N] [--profile]
 
 The setup is `bench.l4`'s (same CA, SVIDs, loopback addresses, CPU layout: both proxies of the
 pair under test on one core, the load and the upstream on the other), with two differences:
@@ -19,7 +19,11 @@ h2load sends unary calls (a 5-byte gRPC message; ``-c 1 -m 1`` and ``-c 4 -m 8``
 runs ``--rounds`` times (3), the paths in a rotating order (direct, Sidemesh, Envoy; then Sidemesh,
 Envoy, direct; ...), and each figure is the round with the median throughput: one run gave ratios a
 few percent apart from the next, and a fixed order favoured whichever path ran on the cooler
-machine. Writes ``bench/results/http.md`` and ``bench/results/http.json``.
+machine. ``--profile`` then samples both proxies of each pair under one more wrk ``-c 16`` run:
+perf (CPU by binary: the interpreter, the kernel, uvloop, OpenSSL; Envoy's pair too) and py-spy
+(the sidecars' Python functions), when installed; not part of the figures. Writes
+``bench/results/http.md`` and ``bench/results/http.json`` (py-spy's raw stacks in
+``bench/results/http-py-spy-*.txt``).
 """
 
 from __future__ import annotations
@@ -298,6 +302,8 @@ def write_markdown(path: Path, report: Result) -> None:
     lines += spread(report)
     lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     lines += ["", "CPU of the pair per window and error counters are in `http.json`.", ""]
+    if report.get("profile"):
+        lines += l4.profile_lines(report["profile"])
     path.write_text("\n".join(lines))
 
 
@@ -314,6 +320,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "with the median requests (or calls) a second, the others kept in http.json (default 3)",
     )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where http.md and http.json go")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the wrk runs, sample both proxies of each pair under wrk -c 16 with perf (CPU by "
+        "binary; needs perf) and the Sidemesh sidecars with py-spy (Python functions)",
+    )
     l4.add_quiet_options(p)
     return p.parse_args(argv)
 
@@ -332,7 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.append("h2load not found (apt-get install nghttp2-client): the gRPC runs are skipped.")
     if args.rounds < 1:
         raise SystemExit("bench.http: error: --rounds must be at least 1")
-    progress = Progress(1 + (2 * len(l4.PATHS) + len(GRPC_RUNS) * len(l4.PATHS)) * args.rounds)
+    progress = Progress(
+        1 + (2 * len(l4.PATHS) + len(GRPC_RUNS) * len(l4.PATHS)) * args.rounds + (1 if args.profile else 0)
+    )
+    profiled: Result | None = None
     results: Result = {p: {} for p in l4.PATHS}
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp_name:
         tmp = Path(tmp_name)
@@ -381,6 +396,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                             notes.append(
                                 f"c{conns} {l4.LABELS[path]}: wrk errors {errors}; that figure is not valid."
                             )
+            if args.profile:  # (before the gRPC upstream replaces wrk's)
+                if (tools.py_spy is None and tools.perf is None) or tools.wrk is None:
+                    progress.phase("profile: skipped (needs wrk, and perf or py-spy)")
+                    notes.append("--profile: skipped (needs wrk, and perf or py-spy).")
+                else:
+                    used = " and ".join(t for t, v in (("perf", tools.perf), ("py-spy", tools.py_spy)) if v)
+                    progress.phase(f"profile: {used}, wrk -c 16 for {args.seconds} s per pair")
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    profiled = l4.profile(runner, tools, args.seconds, args.out, progress, name="http")
             if h2load_bin is not None:
                 start_grpc_upstream(ps, setup, load_core)
                 body = tmp / "call.bin"
@@ -461,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": results,
         "rss_kb": rss,
         "notes": notes,
+        **({"profile": profiled} if profiled is not None else {}),
         "tools": {"wrk": tools.wrk_version, "envoy": tools.envoy_version, "h2load": h2load_bin},
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1000,41 +1000,61 @@ def bulk_transfer(host: str, port: int, size: int, timeout: float = 300.0) -> tu
 # Profile (optional, after the measured runs)
 
 
-def profile(runner: Runner, tools: Tools, seconds: int, out_dir: Path, progress: Progress) -> Result:
+def profile(
+    runner: Runner, tools: Tools, seconds: int, out_dir: Path, progress: Progress, name: str = "l4"
+) -> Result:
     """py-spy (Python frames, --nonblocking) and, when present, perf (CPU by binary: kernel,
-    interpreter, uvloop, OpenSSL, libc) on both sidecars during one more 16-connection wrk run."""
-    setup = runner.setup
-    samplers: list[tuple[str, str, Proc, Path]] = []
-    for role, proc in setup.sidemesh.items():
-        if tools.py_spy is not None:
-            raw = setup.tmp / f"py-spy-{role}.txt"
-            cmd = [tools.py_spy, "record", "--pid", str(proc.pid), "--duration", str(seconds)]
-            cmd += ["--rate", "200", "--nonblocking", "--format", "raw", "--output", str(raw)]
-            samplers.append(("py-spy", role, runner.ps.start(f"py-spy-{role}", cmd, None), raw))
-        if tools.perf is not None:
-            data = setup.tmp / f"perf-{role}.data"
-            cmd = [tools.perf, "record", "-F", "999", "-p", str(proc.pid), "-o", str(data)]
-            cmd += ["--", "sleep", str(seconds)]
-            samplers.append(("perf", role, runner.ps.start(f"perf-{role}", cmd, None), data))
-    time.sleep(1.0)
-    load = runner.wrk("sidemesh", 16, 2, seconds + 1)
-    out: Result = {"rps_while_profiling": load["rps"], "py_spy": {}, "perf": {}}
-    for tool, role, rec, file in samplers:
-        try:
-            rec.popen.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            runner.ps.stop(rec)
-        if not file.exists() or file.stat().st_size == 0:
-            progress.detail(f"{tool} on the {role} sidecar wrote nothing:\n{rec.tail()}")
-            continue
+    interpreter, uvloop, OpenSSL, libc) on both Sidemesh sidecars during one more 16-connection wrk
+    run; then, with perf and an Envoy pair, perf on both Envoys during another: the same split for
+    the proxy the figures compare with. py-spy's raw stacks go to ``out_dir/{name}-py-spy-*.txt``."""
+    out: Result = {"py_spy": {}, "perf": {}}
+    samples = _sample(runner, tools, "sidemesh", seconds, progress, py_spy=True)
+    out["rps_while_profiling"] = samples.pop("rps")
+    for (tool, role), file in samples.items():
         if tool == "py-spy":
-            dest = out_dir / f"l4-py-spy-{role}.txt"
+            dest = out_dir / f"{name}-py-spy-{role}.txt"
             shutil.copyfile(file, dest)
             out["py_spy"][role] = summarize_profile(file)
             out["py_spy"][role]["file"] = _display_path(dest)
         else:
             assert tools.perf is not None
             out["perf"][role] = perf_by_binary(tools.perf, file)
+    if tools.perf is not None and runner.setup.envoy:
+        samples = _sample(runner, tools, "envoy", seconds, progress, py_spy=False)
+        out["envoy_rps_while_profiling"] = samples.pop("rps")
+        out["envoy_perf"] = {role: perf_by_binary(tools.perf, file) for (_, role), file in samples.items()}
+    return out
+
+
+def _sample(
+    runner: Runner, tools: Tools, path: str, seconds: int, progress: Progress, py_spy: bool
+) -> dict[Any, Any]:
+    """Samplers on both proxies of ``path``'s pair under wrk -c 16: {(tool, role): file that has
+    samples, ..., "rps": wrk's rate meanwhile}."""
+    setup = runner.setup
+    samplers: list[tuple[str, str, Proc, Path]] = []
+    for role, proc in setup.pair(path).items():
+        if py_spy and tools.py_spy is not None:
+            raw = setup.tmp / f"py-spy-{path}-{role}.txt"
+            cmd = [tools.py_spy, "record", "--pid", str(proc.pid), "--duration", str(seconds)]
+            cmd += ["--rate", "200", "--nonblocking", "--format", "raw", "--output", str(raw)]
+            samplers.append(("py-spy", role, runner.ps.start(f"py-spy-{path}-{role}", cmd, None), raw))
+        if tools.perf is not None:
+            data = setup.tmp / f"perf-{path}-{role}.data"
+            cmd = [tools.perf, "record", "-F", "999", "-p", str(proc.pid), "-o", str(data)]
+            cmd += ["--", "sleep", str(seconds)]
+            samplers.append(("perf", role, runner.ps.start(f"perf-{path}-{role}", cmd, None), data))
+    time.sleep(1.0)
+    out: dict[Any, Any] = {"rps": runner.wrk(path, 16, 2, seconds + 1)["rps"]}
+    for tool, role, rec, file in samplers:
+        try:
+            rec.popen.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            runner.ps.stop(rec)
+        if not file.exists() or file.stat().st_size == 0:
+            progress.detail(f"{tool} on the {path} {role} proxy wrote nothing:\n{rec.tail()}")
+            continue
+        out[(tool, role)] = file
     return out
 
 
@@ -1503,35 +1523,54 @@ def write_markdown(path: Path, report: Result, rows: Sequence[Row]) -> None:
     ]
     prof = report.get("profile")
     if prof:
+        lines += profile_lines(prof)
+    path.write_text("\n".join(lines))
+
+
+def profile_lines(prof: Result) -> list[str]:
+    """The profile's section of a report (``profile``'s result; bench.l4 and bench.http)."""
+    lines = [
+        "## Profile of the proxies under 16 connections (not part of the figures above)",
+        "",
+        f"{prof['rps_while_profiling']:,.0f} requests/s through the Sidemesh pair while sampling"
+        + (
+            f", {prof['envoy_rps_while_profiling']:,.0f} through the Envoy pair."
+            if "envoy_rps_while_profiling" in prof
+            else "."
+        ),
+        "",
+    ]
+    perf = [("Sidemesh", role, shares) for role, shares in prof["perf"].items()]
+    perf += [("Envoy", role, shares) for role, shares in prof.get("envoy_perf", {}).items()]
+    for proxy, role, shares in perf:
+        lines.append(
+            f"- perf, {proxy} {role}, CPU by binary: "
+            + ", ".join(f"{dso} {share:.1%}" for dso, share in shares[:8])
+        )
+    if perf:
         lines += [
-            "## Profile of the Sidemesh sidecars under 16 connections (not part of the figures above)",
             "",
-            f"{prof['rps_while_profiling']:,.0f} requests/s while sampling.",
+            "The interpreter's share (libpython) is the Python code of the sidecar, of asyncio and of the "
+            "pure-Python libraries (h2, hpack), with the objects they make; uvloop, OpenSSL and llhttp "
+            "(parser.cpython) are native code; [kernel.kallsyms] is system calls and the network stack.",
             "",
         ]
-        for role, shares in prof["perf"].items():
-            lines.append(
-                f"- perf, {role} sidecar, CPU by binary: "
-                + ", ".join(f"{dso} {share:.1%}" for dso, share in shares[:8])
-            )
-        if prof["perf"]:
-            lines.append("")
-        for role, summary in prof["py_spy"].items():
-            lines += [
-                f"### py-spy, {role} sidecar ({summary['samples']:,} samples at 200 Hz; raw stacks in "
-                f"`{summary['file']}`)",
-                "",
-                "A function's self share includes the native code it calls (uvloop, OpenSSL, system "
-                "calls); `Runner.run` self is native time with no Python frame above: uvloop's loop and "
-                "what it calls directly (TLS records, reads, writes, epoll).",
-                "",
-                "| self % | function | | inclusive % | function |",
-                "|---:|---|---|---:|---|",
-            ]
-            for (f1, s1), (f2, s2) in zip(summary["self"], summary["inclusive"], strict=False):
-                lines.append(f"| {s1:.1%} | `{f1}` | | {s2:.1%} | `{f2}` |")
-            lines.append("")
-    path.write_text("\n".join(lines))
+    for role, summary in prof["py_spy"].items():
+        lines += [
+            f"### py-spy, {role} sidecar ({summary['samples']:,} samples at 200 Hz; raw stacks in "
+            f"`{summary['file']}`)",
+            "",
+            "A function's self share includes the native code it calls (uvloop, OpenSSL, system "
+            "calls); `Runner.run` self is native time with no Python frame above: uvloop's loop and "
+            "what it calls directly (TLS records, reads, writes, epoll).",
+            "",
+            "| self % | function | | inclusive % | function |",
+            "|---:|---|---|---:|---|",
+        ]
+        for (f1, s1), (f2, s2) in zip(summary["self"], summary["inclusive"], strict=False):
+            lines.append(f"| {s1:.1%} | `{f1}` | | {s2:.1%} | `{f2}` |")
+        lines.append("")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

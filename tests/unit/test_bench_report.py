@@ -397,3 +397,53 @@ def test_bench_http_rounds_rotate_the_order_and_keep_the_median_window() -> None
     assert (chosen["rps"], chosen["p50_us"]) == (5_000.0, 400)  # the median round's figures together
     assert chosen["rounds"] == [5_000.0, 4_000.0, 6_000.0]
     assert median_window(windows[:2], "rps")["rps"] == 4_000.0  # (even: the lower middle)
+
+
+def test_the_profile_section_splits_both_pairs_by_binary(tmp_path: Path) -> None:
+    """bench.l4 and bench.http --profile: perf's report by binary, parsed as perf prints it, for
+    the Sidemesh sidecars and the Envoys; py-spy's functions for the sidecars."""
+    from bench.http import write_markdown
+    from bench.l4 import perf_by_binary, profile_lines
+
+    fake = tmp_path / "perf"
+    fake.write_text(
+        "#!/bin/sh\ncat <<'END'\n# Samples: 11K of event 'cpu-clock'\n#\n"
+        "    59.17%  libpython3.11.so.1.0\n    25.56%  [kernel.kallsyms]\n     4.44%  loop.cpython-311-x86_64-linux-gnu.so\n"
+        "\n#\nEND\n"
+    )
+    fake.chmod(0o755)
+    shares = perf_by_binary(str(fake), tmp_path / "perf.data")
+    assert shares == [
+        ("libpython3.11.so.1.0", pytest.approx(0.5917)),
+        ("[kernel.kallsyms]", pytest.approx(0.2556)),
+        ("loop.cpython-311-x86_64-linux-gnu.so", pytest.approx(0.0444)),
+    ]
+    prof = {
+        "rps_while_profiling": 4815.0,
+        "perf": {"client": shares},
+        "py_spy": {
+            "client": {
+                "samples": 1200,
+                "file": "bench/results/http-py-spy-client.txt",
+                "self": [("Runner.run (runners.py)", 0.5)],
+                "inclusive": [("serve (http1.py)", 0.4)],
+            }
+        },
+        "envoy_rps_while_profiling": 8657.0,
+        "envoy_perf": {"server": [("envoy", 0.61), ("[kernel.kallsyms]", 0.34)]},
+    }
+    text = "\n".join(profile_lines(prof))
+    assert "4,815 requests/s through the Sidemesh pair while sampling, 8,657 through the Envoy pair." in text
+    assert (
+        "- perf, Sidemesh client, CPU by binary: libpython3.11.so.1.0 59.2%, [kernel.kallsyms] 25.6%" in text
+    )
+    assert "- perf, Envoy server, CPU by binary: envoy 61.0%, [kernel.kallsyms] 34.0%" in text
+    assert "| 50.0% | `Runner.run (runners.py)` | | 40.0% | `serve (http1.py)` |" in text
+    del prof["envoy_rps_while_profiling"], prof["envoy_perf"]  # (no Envoy on the machine)
+    assert "while sampling.\n" in "\n".join(profile_lines(prof))
+
+    report = {"when": "w", "commit": "c", "cpu": "cpu", "layout": "l", "results": {}, "notes": []}
+    write_markdown(tmp_path / "http.md", {**report, "profile": prof})
+    assert "## Profile of the proxies under 16 connections" in (tmp_path / "http.md").read_text()
+    write_markdown(tmp_path / "http.md", report)
+    assert "Profile" not in (tmp_path / "http.md").read_text()
