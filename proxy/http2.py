@@ -1178,7 +1178,8 @@ class H2Proxy:
                 elif event.data:
                     stream.replay.append(event.data)
             stream.to_up.append((event.data, event.flow_controlled_length))
-            self._pump(stream, up=True)
+            if event.stream_ended is None:  # else its StreamEnded, next, pumps both: one frame
+                self._pump(stream, up=True)
         elif isinstance(event, (h2.events.TrailersReceived, h2.events.StreamEnded)):
             if isinstance(event, h2.events.TrailersReceived):
                 self._empty_data = 0
@@ -1738,7 +1739,8 @@ class H2Proxy:
                 self._malformed_response(up, stream, why)
                 return
             stream.to_down.append((event.data, event.flow_controlled_length))
-            self._pump(stream, up=False)
+            if event.stream_ended is None:  # (as toward the app: the end comes next, in one frame)
+                self._pump(stream, up=False)
         elif isinstance(event, (h2.events.TrailersReceived, h2.events.StreamEnded)):
             if stream is not None and not stream.end_queued_down:
                 why = _against_length(stream.response_expected, stream.result.response_bytes, ended=True)
@@ -1907,6 +1909,9 @@ class H2Proxy:
                 self._hold_for(dst)
                 return
             item, flow = queue[0]
+            # The end right behind the last data goes in its frame (END_STREAM on the DATA, as a
+            # client sends a unary call's): one frame less to make, send and parse on each hop.
+            ends = False
             try:
                 if item is None:
                     dst.conn.end_stream(sid)
@@ -1922,7 +1927,8 @@ class H2Proxy:
                         dst.conn.send_data(sid, item[:window])
                         queue[0] = (item[window:], flow)
                         continue
-                    dst.conn.send_data(sid, item)
+                    ends = len(queue) > 1 and queue[1][0] is None
+                    dst.conn.send_data(sid, item, end_stream=ends)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 if src is not None and other is not None:
                     self._ack(src, other, queue)
@@ -1932,6 +1938,9 @@ class H2Proxy:
             if flow and src is not None and other is not None:
                 with contextlib.suppress(h2.exceptions.ProtocolError):
                     src.conn.acknowledge_received_data(flow, other)
+            if ends:
+                queue.popleft()  # (the end: no flow of its own)
+                item = None
             written = dst if up else src
             if isinstance(written, _Up):
                 self._written.add(written)
