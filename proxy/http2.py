@@ -1179,7 +1179,7 @@ class H2Proxy:
                     stream.replay.append(event.data)
             stream.to_up.append((event.data, event.flow_controlled_length))
             if event.stream_ended is None:  # else its StreamEnded, next, pumps both: one frame
-                self._pump(stream, up=True)
+                self._pump(stream, up=True)  # (so every way out of that handler pumps or fails the stream)
         elif isinstance(event, (h2.events.TrailersReceived, h2.events.StreamEnded)):
             if isinstance(event, h2.events.TrailersReceived):
                 self._empty_data = 0
@@ -1739,8 +1739,8 @@ class H2Proxy:
                 self._malformed_response(up, stream, why)
                 return
             stream.to_down.append((event.data, event.flow_controlled_length))
-            if event.stream_ended is None:  # (as toward the app: the end comes next, in one frame)
-                self._pump(stream, up=False)
+            if event.stream_ended is None:  # (as toward the app: the end comes next, in one frame;
+                self._pump(stream, up=False)  # every way out of its handler pumps or fails the stream)
         elif isinstance(event, (h2.events.TrailersReceived, h2.events.StreamEnded)):
             if stream is not None and not stream.end_queued_down:
                 why = _against_length(stream.response_expected, stream.result.response_bytes, ended=True)
