@@ -71,8 +71,9 @@ MAX_EMPTY_DATA = 10  # empty DATA frames in a row before the stream is refused
 
 class Decoder:
     """Bytes in, frames out, streaming: a DATA frame's payload is passed on in pieces as views of
-    the bytes fed (never copied or reassembled); only headers and the small control frames are
-    buffered. So a DATA frame may come out as several ``(DATA, piece)``."""
+    the bytes fed (never reassembled); only headers and the small control frames are buffered. So
+    a DATA frame may come out as several ``(DATA, piece)``, one per read it spans; the DATA frames
+    of one read between two control frames come out as one piece (``_joined``)."""
 
     __slots__ = ("_control", "_empty", "_head", "_kind", "_remaining")
 
@@ -133,7 +134,7 @@ class Decoder:
                     self._control.clear()
             if self._remaining == 0:
                 self._kind = 0
-        return out
+        return _joined(out) if len(out) > 1 else out
 
     @staticmethod
     def _check(kind: int, length: int) -> None:
@@ -147,6 +148,27 @@ class Decoder:
     @property
     def pending(self) -> int:
         return len(self._head) + len(self._control) + self._remaining
+
+
+def _joined(frames: list[tuple[int, bytes | memoryview]]) -> list[tuple[int, bytes | memoryview]]:
+    """The DATA of one read between two control frames as one piece: a peer sending 1-byte DATA
+    frames made a write (a system call) and a buffered object per frame, 6 bytes on the wire each:
+    a core's worth of CPU for 3 MB/s, other connections' round trips at 2.5 s, and 16 MB held on a
+    connection whose reader had stopped. Our sidecars send a DATA frame per write of their app, so
+    a read of many is a backlog: it is passed on in one write, as the app's bytes would be."""
+    out: list[tuple[int, bytes | memoryview]] = []
+    run: list[bytes | memoryview] = []
+    for kind, payload in frames:
+        if kind == DATA:
+            run.append(payload)
+            continue
+        if run:
+            out.append((DATA, run[0] if len(run) == 1 else b"".join(run)))
+            run = []
+        out.append((kind, payload))
+    if run:
+        out.append((DATA, run[0] if len(run) == 1 else b"".join(run)))
+    return out
 
 
 def parse_open(payload: bytes) -> int:

@@ -40,3 +40,28 @@ async def test_empty_data_frames_in_a_row_end_the_connection() -> None:
         assert isinstance(pipe.failure, framing.FramingError)
     finally:
         theirs.close()
+
+
+def test_the_data_frames_of_one_read_come_out_as_one_piece_between_control_frames() -> None:
+    frames = b"".join(framing.data_header(1) + bytes([c]) for c in b"ab")
+    frames += framing.deny_frame("x") + framing.data_header(2) + b"cd" + framing.data_header(1) + b"e"
+    got = [(kind, bytes(payload)) for kind, payload in framing.Decoder().feed(frames)]
+    assert got == [(framing.DATA, b"ab"), (framing.DENY, b"x"), (framing.DATA, b"cde")]
+    # A frame split across reads still comes out in its pieces, one per read (no reassembly).
+    decoder = framing.Decoder()
+    whole = framing.data_header(4) + b"wxyz"
+    assert [bytes(p) for _, p in decoder.feed(whole[:7])] == [b"wx"]
+    assert [bytes(p) for _, p in decoder.feed(whole[7:] + framing.data_header(1) + b"!")] == [b"yz!"]
+
+
+async def test_a_read_of_tiny_data_frames_is_one_buffered_piece() -> None:
+    """A peer sending 1-byte DATA frames made the pipe keep a bytes object per frame (about 40
+    bytes of memory per byte of payload, uncounted by the read limit): 16 MB held on one HTTP/2
+    connection whose reader had stopped. Now one piece per read."""
+    pipe, theirs = await _client_pipe()
+    try:
+        pipe.data_received(b"".join(framing.data_header(1) + b"x" for _ in range(100_000)))
+        assert len(pipe._buf) == 1 and pipe.failure is None
+        assert await pipe.read() == b"x" * 100_000
+    finally:
+        theirs.close()
