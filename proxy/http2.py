@@ -68,6 +68,9 @@ DRAIN_CHECK = 1.0  # how often an idle connection looks whether the sidecar is d
 DRAIN_PING = b"sm-drain"
 DRAIN_PING_WAIT = 1.0
 MAX_STREAM_ID = 2**31 - 1
+# A client whose socket takes nothing for this long, with frames waiting for it, is reset (as a
+# closing connection's flush is cut, ``relay.FLUSH_STALL_S``).
+CLIENT_STALL_S = 60.0
 # Streams sent on a new connection before the peer's SETTINGS say how many it takes: one, as gRPC
 # clients send none (an app server limited below what was sent reset the rest, ENHANCE_YOUR_CALM,
 # and the callers saw RESOURCE_EXHAUSTED); the others wait for the SETTINGS (``_Up.settled_or_gone``).
@@ -980,6 +983,9 @@ class H2Proxy:
                 for event in events:
                     with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset meanwhile
                         self._on_down(event)
+                # Not held over the wait below: a read of PINGs is thousands of h2 events (~6 MB
+                # for 256 KiB) that a client which reads nothing would keep alive.
+                del data, events
                 if self._flood is not None:
                     log.warning(
                         "HTTP/2 client flooded the connection: closed",
@@ -1009,7 +1015,13 @@ class H2Proxy:
                 # written to, and one endpoint that stopped reading froze every call on the
                 # app's connection, to healthy endpoints too).
                 self.down.flush()
-                await self.down.pipe.drain()
+                if not await self._drained():
+                    log.warning(
+                        "HTTP/2 client took nothing of what was written to it: reset",
+                        extra={**self.info, "seconds": CLIENT_STALL_S},
+                    )
+                    self.down.pipe.abort()
+                    break
                 for up in self._flush_written():
                     log.warning(
                         "HTTP/2 upstream connection takes nothing: reset",
@@ -1022,6 +1034,21 @@ class H2Proxy:
             if drain is not None:
                 drain.cancel()
             await self._close()
+
+    async def _drained(self) -> bool:
+        """Until the client's socket takes what was written (False: nothing for ``CLIENT_STALL_S``).
+        A client that stopped reading (PINGs sent and never their acks read) held the reader here
+        for good, and with it what it had sent meanwhile."""
+        pipe = self.down.pipe
+        pipe.flush()
+        if not pipe.backpressured:
+            await pipe.drain()  # (raises if the connection is gone)
+            return True
+        try:
+            await asyncio.wait_for(pipe.drain(), CLIENT_STALL_S)
+        except TimeoutError:
+            return False
+        return True
 
     def _goaway(self, last_stream_id: int) -> None:
         """A GOAWAY (NO_ERROR) written by hand: h2's close_connection would also stop the streams

@@ -200,3 +200,34 @@ async def test_a_pooled_connection_whose_peer_closes_as_it_is_taken_costs_no_cal
     up.server.close()
     await up.server.wait_closed()
     await asyncio.sleep(0.05)
+
+
+async def test_a_client_that_reads_nothing_is_reset_after_the_stall_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PINGs sent and their acks never read: the proxy's reader waited for the client's socket to
+    take them, for good, and held what the client sent meanwhile (a peer made a sidecar hold 16 MB
+    so, indefinitely). Now the connection is reset once nothing was taken for CLIENT_STALL_S."""
+    monkeypatch.setattr("proxy.http2.CLIENT_STALL_S", 0.5)
+    pool: Pool[object] = Pool()
+    _, task, app_sock, down = await start_proxy(1, pool)
+    app_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    app = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    app.initiate_connection()
+    for n in range(40_000):  # 680 KB of PING acks to write: past the write buffer's high-water mark
+        app.ping(n.to_bytes(8, "big"))
+    data = app.data_to_send()
+    loop = asyncio.get_running_loop()
+    try:
+        sent = 0
+        while sent < len(data) and not task.done():
+            with contextlib.suppress(BlockingIOError):
+                sent += app_sock.send(data[sent : sent + 65536])
+            await asyncio.sleep(0.001)
+        started = loop.time()
+        await asyncio.wait_for(task, 5)  # (it waited for good before)
+        assert loop.time() - started < 3
+        assert down.lost
+    finally:
+        app_sock.close()
+        pool.close()
