@@ -153,9 +153,10 @@ class Decoder:
 def _joined(frames: list[tuple[int, bytes | memoryview]]) -> list[tuple[int, bytes | memoryview]]:
     """The DATA of one read between two control frames as one piece: a peer sending 1-byte DATA
     frames made a write (a system call) and a buffered object per frame, 6 bytes on the wire each:
-    a core's worth of CPU for 3 MB/s, other connections' round trips at 2.5 s, and 16 MB held on a
-    connection whose reader had stopped. Our sidecars send a DATA frame per write of their app, so
-    a read of many is a backlog: it is passed on in one write, as the app's bytes would be."""
+    a core's worth of CPU for a few MB/s, and up to about 11 MB held (an object per byte, up to the
+    256 KiB read limit) on a connection whose reader had stopped. Our sidecars send a DATA frame per
+    read of their app's socket, so a read of many is a backlog: it goes on in one write, as the
+    app's bytes would."""
     out: list[tuple[int, bytes | memoryview]] = []
     run: list[bytes | memoryview] = []
     for kind, payload in frames:

@@ -206,8 +206,9 @@ async def test_a_client_that_reads_nothing_is_reset_after_the_stall_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """PINGs sent and their acks never read: the proxy's reader waited for the client's socket to
-    take them, for good, and held what the client sent meanwhile (a peer made a sidecar hold 16 MB
-    so, indefinitely). Now the connection is reset once nothing was taken for CLIENT_STALL_S."""
+    take them, for good, and held what the client sent meanwhile (up to the 256 KiB read limit,
+    about 11 MB while 1-byte DATA frames were kept apart), indefinitely. Now the connection is
+    reset once nothing was taken for CLIENT_STALL_S."""
     monkeypatch.setattr("proxy.http2.CLIENT_STALL_S", 0.5)
     pool: Pool[object] = Pool()
     _, task, app_sock, down = await start_proxy(1, pool)

@@ -56,8 +56,8 @@ def test_the_data_frames_of_one_read_come_out_as_one_piece_between_control_frame
 
 async def test_a_read_of_tiny_data_frames_is_one_buffered_piece() -> None:
     """A peer sending 1-byte DATA frames made the pipe keep a bytes object per frame (about 40
-    bytes of memory per byte of payload, uncounted by the read limit): 16 MB held on one HTTP/2
-    connection whose reader had stopped. Now one piece per read."""
+    bytes of memory per byte of payload, uncounted by the read limit): about 11 MB held on one
+    HTTP/2 connection whose reader had stopped. Now one piece per read."""
     pipe, theirs = await _client_pipe()
     try:
         pipe.data_received(b"".join(framing.data_header(1) + b"x" for _ in range(100_000)))
