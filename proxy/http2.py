@@ -1036,18 +1036,20 @@ class H2Proxy:
             await self._close()
 
     async def _drained(self) -> bool:
-        """Until the client's socket takes what was written (False: nothing for ``CLIENT_STALL_S``).
-        A client that stopped reading (PINGs sent and never their acks read) held the reader here
-        for good, and with it what it had sent meanwhile."""
+        """Until the client's socket takes what was written (False: it took nothing at all for
+        ``CLIENT_STALL_S``; a slow reader goes on waiting). A client that stopped reading (PINGs
+        sent and never their acks read) held the reader here for good, and with it what it had
+        sent meanwhile."""
         pipe = self.down.pipe
-        pipe.flush()
+        pipe.flush()  # (what is queued in the pipe reaches the transport: over its mark or not)
         if not pipe.backpressured:
             await pipe.drain()  # (raises if the connection is gone)
             return True
-        try:
-            await asyncio.wait_for(pipe.drain(), CLIENT_STALL_S)
-        except TimeoutError:
-            return False
+        taken = pipe.taken()
+        while not await pipe.wait_writable(CLIENT_STALL_S):
+            if (now := pipe.taken()) == taken:
+                return False
+            taken = now
         return True
 
     def _goaway(self, last_stream_id: int) -> None:

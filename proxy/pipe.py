@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import socket
 import time
 import typing
 
 from proxy import framing
-from proxy.relay import WRITE_HIGH_WATER, FlushToken, close, flushed, reset
+from proxy.relay import WRITE_HIGH_WATER, FlushToken, close, flush_state, flushed, reset
 
 READ_LIMIT = 256 * 1024
 
@@ -122,7 +123,12 @@ class Pipe(asyncio.Protocol):
                     self.idle_closed = payload == framing.IDLE
                     self._ended()
                 elif kind == framing.UNREAD:
-                    self.left_unread = self.idle_closed  # (only after an idle EOF, as the frame means)
+                    # Once, after an idle EOF, as the frame means (taken anywhere, between 1-byte
+                    # DATA frames they kept a buffered object per byte: a read's DATA is one piece
+                    # only between control frames).
+                    if not self.idle_closed or self.left_unread:
+                        raise framing.FramingError("UNREAD not once after an idle EOF")
+                    self.left_unread = True
                 elif self.on_control is not None:
                     self.on_control(kind, bytes(payload))
                 elif kind == framing.DENY and self.denied is None:
@@ -376,6 +382,32 @@ class Pipe(asyncio.Protocol):
     def backpressured(self) -> bool:
         """The transport's write buffer is over its high-water mark: ``drain`` would wait."""
         return self._writable is not None and not self._writable.done()
+
+    async def wait_writable(self, timeout: float) -> bool:
+        """As ``drain``, for at most ``timeout`` seconds: False when the transport is still above
+        its high-water mark then. The future other writers wait on is not cancelled."""
+        self.flush()
+        writable = self._writable
+        if writable is not None and not writable.done():
+            await asyncio.wait((writable,), timeout=timeout)
+            if not writable.done():
+                return False
+        if self._closed:
+            raise PipeClosed(f"{self.name}: connection closed")
+        return True
+
+    def taken(self) -> int:
+        """A count that grows while the other side takes what was written: the bytes its TCP
+        acknowledged; without TCP_INFO (a Unix socket), minus what waits in the transport."""
+        transport = self.transport
+        if transport is None:
+            return 0
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            state = flush_state(sock)
+            if state is not None:
+                return state[0]
+        return -transport.get_write_buffer_size()
 
     async def drain(self) -> None:
         self.flush()

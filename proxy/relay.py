@@ -133,7 +133,7 @@ def close(transport: asyncio.BaseTransport | None) -> None:
     sock = transport.get_extra_info("socket")
     state = None
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        state = _flush_state(sock)
+        state = flush_state(sock)
     if state is not None:
         # The socket only (on both loops its descriptor reads -1 once closed: never another
         # connection's), not the transport: a connection closed at once is not held meanwhile.
@@ -169,7 +169,7 @@ def _tcp_info(sock: typing.Any) -> bytes | None:
         return None
 
 
-def _flush_state(sock: typing.Any) -> tuple[int, bool] | None:
+def flush_state(sock: typing.Any) -> tuple[int, bool] | None:
     """(bytes the peer acknowledged, bytes still to be sent in the kernel), or None once the socket
     is closed or where TCP_INFO says nothing (a state of 0: a sandbox's zeroed struct)."""
     info = _tcp_info(sock)
@@ -197,7 +197,7 @@ def _stuck(sock: typing.Any) -> bool:
 
 
 def _check_flush(sock: typing.Any, before: int) -> None:
-    state = _flush_state(sock)
+    state = flush_state(sock)
     if state is None:
         return  # closed
     acked, pending = state

@@ -379,7 +379,7 @@ async def test_a_closing_connection_is_cut_where_its_progress_cannot_be_watched(
     connection was kept for as long as its client kept its socket, and now held a place under
     --max-connections all that time. A deadline cuts it instead."""
     monkeypatch.setattr(relay_module, "FLUSH_STALL_S", 1.0)
-    monkeypatch.setattr(relay_module, "_flush_state", lambda sock: None)
+    monkeypatch.setattr(relay_module, "flush_state", lambda sock: None)
     await mesh.app(CART, answer_then_close)
     await frontend_and_cart_sidecars(mesh)
     frontend = mesh.sidecars["frontend"]

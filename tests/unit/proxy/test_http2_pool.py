@@ -202,33 +202,80 @@ async def test_a_pooled_connection_whose_peer_closes_as_it_is_taken_costs_no_cal
     await asyncio.sleep(0.05)
 
 
+def _pings(n: int, request: bool = False) -> bytes:
+    """A client connection's opening, a GET if ``request``, then ``n`` PINGs (as many acks to read)."""
+    app = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    app.initiate_connection()
+    if request:
+        head = [(":method", "GET"), (":scheme", "http"), (":authority", "up"), (":path", "/a.B/C")]
+        app.send_headers(1, head, end_stream=True)
+    for i in range(n):
+        app.ping(i.to_bytes(8, "big"))
+    return app.data_to_send()
+
+
+async def _send_all(sock: socket.socket, data: bytes, task: asyncio.Task[None]) -> None:
+    sent = 0
+    while sent < len(data) and not task.done():
+        with contextlib.suppress(BlockingIOError):
+            sent += sock.send(data[sent : sent + 65536])
+        await asyncio.sleep(0.001)
+
+
 async def test_a_client_that_reads_nothing_is_reset_after_the_stall_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """PINGs sent and their acks never read: the proxy's reader waited for the client's socket to
     take them, for good, and held what the client sent meanwhile (up to the 256 KiB read limit,
     about 11 MB while 1-byte DATA frames were kept apart), indefinitely. Now the connection is
-    reset once nothing was taken for CLIENT_STALL_S."""
+    reset once its socket took nothing for CLIENT_STALL_S; the upstream connection of the call
+    that was answered meanwhile goes back to the pool (the wait had cancelled the future the
+    upstream's reader waited on too: a healthy connection closed, its endpoint blamed)."""
     monkeypatch.setattr("proxy.http2.CLIENT_STALL_S", 0.5)
+    upstream = Upstream(delay=0.2)  # (answers once the client has stopped reading)
     pool: Pool[object] = Pool()
-    _, task, app_sock, down = await start_proxy(1, pool)
+    _, task, app_sock, down = await start_proxy(await upstream.start(), pool)
     app_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    app = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    app.initiate_connection()
-    for n in range(40_000):  # 680 KB of PING acks to write: past the write buffer's high-water mark
-        app.ping(n.to_bytes(8, "big"))
-    data = app.data_to_send()
+    down.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # type: ignore[union-attr]
     loop = asyncio.get_running_loop()
     try:
-        sent = 0
-        while sent < len(data) and not task.done():
-            with contextlib.suppress(BlockingIOError):
-                sent += app_sock.send(data[sent : sent + 65536])
-            await asyncio.sleep(0.001)
+        await _send_all(app_sock, _pings(40_000, request=True), task)  # 680 KB of acks to write
         started = loop.time()
         await asyncio.wait_for(task, 5)  # (it waited for good before)
         assert loop.time() - started < 3
         assert down.lost
+        assert upstream.requests == [1]
+        assert pool.idle_count() == 1
     finally:
+        app_sock.close()
+        pool.close()
+        upstream.server.close()
+        await upstream.server.wait_closed()
+        await asyncio.sleep(0.05)  # the transports finish closing in this loop
+
+
+async def test_a_client_that_reads_slowly_is_not_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stall is nothing taken at all, not a drain slower than the stall time (the transport
+    waits to fall from its high-water mark to its low one: a reader taking 4 KiB every 50 ms was
+    cut after a second)."""
+    monkeypatch.setattr("proxy.http2.CLIENT_STALL_S", 0.3)
+    pool: Pool[object] = Pool()
+    _, task, app_sock, down = await start_proxy(1, pool)
+    app_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    down.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # type: ignore[union-attr]
+    loop = asyncio.get_running_loop()
+    sending = asyncio.create_task(_send_all(app_sock, _pings(40_000), task))
+    try:
+        until = loop.time() + 2.0
+        while loop.time() < until and not task.done():
+            with contextlib.suppress(BlockingIOError):
+                app_sock.recv(4096)
+            await asyncio.sleep(0.05)
+        assert down.backpressured  # (the client is slower than what is written to it)
+        assert not task.done() and not down.lost
+        await asyncio.wait_for(task, 3)  # it stops reading: reset after the stall time
+        assert down.lost
+    finally:
+        sending.cancel()
         app_sock.close()
         pool.close()

@@ -65,3 +65,22 @@ async def test_a_read_of_tiny_data_frames_is_one_buffered_piece() -> None:
         assert await pipe.read() == b"x" * 100_000
     finally:
         theirs.close()
+
+
+async def test_unread_is_taken_once_and_only_after_an_idle_eof() -> None:
+    """UNREAD between DATA frames was taken (and ignored): a peer alternating 1-byte DATA and
+    UNREAD frames got a buffered object per byte again, past the join of a read's DATA."""
+    pipe, theirs = await _client_pipe()
+    try:
+        pipe.data_received((framing.data_header(1) + b"x" + framing.UNREAD_FRAME) * 3)
+        assert isinstance(pipe.failure, framing.FramingError) and len(pipe._buf) <= 1
+    finally:
+        theirs.close()
+    pipe, theirs = await _client_pipe()
+    try:
+        pipe.data_received(framing.data_header(2) + b"ok" + framing.EOF_IDLE_FRAME + framing.UNREAD_FRAME)
+        assert pipe.failure is None and pipe.idle_closed and pipe.left_unread
+        pipe.data_received(framing.UNREAD_FRAME)
+        assert isinstance(pipe.failure, framing.FramingError)
+    finally:
+        theirs.close()
