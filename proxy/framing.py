@@ -156,20 +156,26 @@ def _joined(frames: list[tuple[int, bytes | memoryview]]) -> list[tuple[int, byt
     a core's worth of CPU for a few MB/s, and up to about 11 MB held (an object per byte, up to the
     256 KiB read limit) on a connection whose reader had stopped. Our sidecars send a DATA frame per
     read of their app's socket, so a read of many is a backlog: it goes on in one write, as the
-    app's bytes would."""
+    app's bytes would. Two pieces stay two (views, not copied): a bulk transfer's read holds the
+    end of one large frame and the start of the next."""
     out: list[tuple[int, bytes | memoryview]] = []
     run: list[bytes | memoryview] = []
     for kind, payload in frames:
         if kind == DATA:
             run.append(payload)
             continue
-        if run:
-            out.append((DATA, run[0] if len(run) == 1 else b"".join(run)))
-            run = []
+        _end_run(out, run)
         out.append((kind, payload))
-    if run:
-        out.append((DATA, run[0] if len(run) == 1 else b"".join(run)))
+    _end_run(out, run)
     return out
+
+
+def _end_run(out: list[tuple[int, bytes | memoryview]], run: list[bytes | memoryview]) -> None:
+    if len(run) > 2:
+        out.append((DATA, b"".join(run)))
+    else:
+        out.extend((DATA, piece) for piece in run)
+    run.clear()
 
 
 def parse_open(payload: bytes) -> int:
