@@ -72,8 +72,8 @@ MAX_EMPTY_DATA = 10  # empty DATA frames in a row before the stream is refused
 class Decoder:
     """Bytes in, frames out, streaming: a DATA frame's payload is passed on in pieces as views of
     the bytes fed (never reassembled); only headers and the small control frames are buffered. So
-    a DATA frame may come out as several ``(DATA, piece)``, one per read it spans; the DATA frames
-    of one read between two control frames come out as one piece (``_joined``)."""
+    a DATA frame may come out as several ``(DATA, piece)``, one per read it spans; three or more
+    DATA frames of one read between two control frames come out as one piece (``_joined``)."""
 
     __slots__ = ("_control", "_empty", "_head", "_kind", "_remaining")
 
