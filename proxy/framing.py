@@ -151,13 +151,13 @@ class Decoder:
 
 
 def _joined(frames: list[tuple[int, bytes | memoryview]]) -> list[tuple[int, bytes | memoryview]]:
-    """The DATA of one read between two control frames as one piece: a peer sending 1-byte DATA
-    frames made a write (a system call) and a buffered object per frame, 6 bytes on the wire each:
-    a core's worth of CPU for a few MB/s, and up to about 11 MB held (an object per byte, up to the
-    256 KiB read limit) on a connection whose reader had stopped. Our sidecars send a DATA frame per
-    read of their app's socket, so a read of many is a backlog: it goes on in one write, as the
-    app's bytes would. Two pieces stay two (views, not copied): a bulk transfer's read holds the
-    end of one large frame and the start of the next."""
+    """Three or more DATA pieces of one read between two control frames as one: a peer sending
+    1-byte DATA frames made a write (a system call) and a buffered object per frame, 6 bytes on the
+    wire each: a core's worth of CPU for a few MB/s, and up to about 11 MB held (an object per
+    byte, up to the 256 KiB read limit) on a connection whose reader had stopped. Our sidecars send
+    a DATA frame per read of their app's socket, so a read of many is a backlog: it goes on in one
+    write, as the app's bytes would. Two pieces stay two (not joined: the relay passes them on as
+    views): a bulk transfer's read holds the end of one large frame and the start of the next."""
     out: list[tuple[int, bytes | memoryview]] = []
     run: list[bytes | memoryview] = []
     for kind, payload in frames:

@@ -398,16 +398,19 @@ class Pipe(asyncio.Protocol):
 
     def taken(self) -> int:
         """A count that grows while the other side takes what was written: the bytes its TCP
-        acknowledged; without TCP_INFO (a Unix socket), minus what waits in the transport."""
+        acknowledged, less what waits in the transport (where TCP_INFO says nothing, or leaves the
+        acknowledged count at 0, the transport's backlog alone: coarser, it moves when the
+        socket's buffer has room again)."""
         transport = self.transport
         if transport is None:
             return 0
+        waiting = transport.get_write_buffer_size()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             state = flush_state(sock)
             if state is not None:
-                return state[0]
-        return -transport.get_write_buffer_size()
+                return state[0] - waiting
+        return -waiting
 
     async def drain(self) -> None:
         self.flush()

@@ -100,10 +100,25 @@ class Router:
 
 
 async def start_proxy(
-    port: int, pool: Pool[object]
+    port: int, pool: Pool[object], tcp: bool = False, small_buffers: bool = False
 ) -> tuple[H2Proxy, asyncio.Task[None], socket.socket, Pipe]:
-    """An H2Proxy on one end of a socket pair (the app's connection) and running: the other end."""
-    a, b = socket.socketpair()
+    """An H2Proxy on one end of a socket pair (the app's connection) and running: the other end.
+    ``tcp``: a loopback TCP connection (else a Unix socket pair); ``small_buffers``: 4 KiB for the
+    app's receive buffer and the proxy's send buffer, so that what the app does not read soon
+    stays in the proxy."""
+    if tcp:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            b = socket.socket()
+            if small_buffers:  # (before the connection: the window it advertises)
+                b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            b.connect(server.getsockname())
+            a, _ = server.accept()
+    else:
+        a, b = socket.socketpair()
+        if small_buffers:
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if small_buffers:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     a.setblocking(False)
     b.setblocking(False)
     down = Pipe(framed=False, name="app")
@@ -222,8 +237,9 @@ async def _send_all(sock: socket.socket, data: bytes, task: asyncio.Task[None]) 
         await asyncio.sleep(0.001)
 
 
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
 async def test_a_client_that_reads_nothing_is_reset_after_the_stall_time(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tcp: bool
 ) -> None:
     """PINGs sent and their acks never read: the proxy's reader waited for the client's socket to
     take them, for good, and held what the client sent meanwhile (up to the 256 KiB read limit,
@@ -234,9 +250,7 @@ async def test_a_client_that_reads_nothing_is_reset_after_the_stall_time(
     monkeypatch.setattr("proxy.http2.CLIENT_STALL_S", 0.5)
     upstream = Upstream(delay=0.2)  # (answers once the client has stopped reading)
     pool: Pool[object] = Pool()
-    _, task, app_sock, down = await start_proxy(await upstream.start(), pool)
-    app_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    down.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # type: ignore[union-attr]
+    _, task, app_sock, down = await start_proxy(await upstream.start(), pool, tcp=tcp, small_buffers=True)
     loop = asyncio.get_running_loop()
     try:
         await _send_all(app_sock, _pings(40_000, request=True), task)  # 680 KB of acks to write
@@ -254,15 +268,14 @@ async def test_a_client_that_reads_nothing_is_reset_after_the_stall_time(
         await asyncio.sleep(0.05)  # the transports finish closing in this loop
 
 
-async def test_a_client_that_reads_slowly_is_not_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+async def test_a_client_that_reads_slowly_is_not_cut(monkeypatch: pytest.MonkeyPatch, tcp: bool) -> None:
     """The stall is nothing taken at all, not a drain slower than the stall time (the transport
     waits to fall from its high-water mark to its low one: a reader taking 4 KiB every 50 ms was
     cut after a second)."""
     monkeypatch.setattr("proxy.http2.CLIENT_STALL_S", 0.3)
     pool: Pool[object] = Pool()
-    _, task, app_sock, down = await start_proxy(1, pool)
-    app_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    down.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # type: ignore[union-attr]
+    _, task, app_sock, down = await start_proxy(1, pool, tcp=tcp, small_buffers=True)
     loop = asyncio.get_running_loop()
     sending = asyncio.create_task(_send_all(app_sock, _pings(40_000), task))
     try:
