@@ -28,6 +28,7 @@ from hyperframe.frame import DataFrame, PingFrame, PriorityFrame, WindowUpdateFr
 
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import Mesh, new_mesh
+from tests.support.pipes import response_head
 
 FRONTEND, CART = 1, 2
 OUT = 18080
@@ -915,15 +916,8 @@ async def test_connect_is_not_proxied(pair: tuple[str, int]) -> None:
     reader, writer, conn = await _h2_client(pair)
     conn.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"cart:443")])
     writer.write(conn.data_to_send())
-    got: dict[bytes, bytes] = {}
     try:
-        while not got:
-            data = await asyncio.wait_for(reader.read(65536), 5)
-            assert data
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    got = dict(event.headers)
-            writer.write(conn.data_to_send())
+        got = await response_head(reader, writer, conn)
     finally:
         writer.close()
     assert got[b":status"] == b"405", got

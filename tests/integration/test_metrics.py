@@ -28,6 +28,7 @@ from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import INBOUND, MESH_YAML, Mesh, new_mesh, talk
 from tests.integration.test_http1 import CartApp
 from tests.integration.test_http2 import channel, unary, unary_method
+from tests.support.pipes import response_head
 
 FRONTEND, CART, STRANGER = 1, 2, 3
 OUT = 18080
@@ -435,15 +436,8 @@ async def test_a_malformed_http2_request_is_counted_as_refused_not_denied(mesh: 
         end_stream=True,
     )
     writer.write(conn.data_to_send())
-    status = None
     try:
-        while status is None:
-            data = await asyncio.wait_for(reader.read(65536), 5)
-            assert data, "the sidecar closed the connection"
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    status = dict(event.headers)[b":status"]
-            writer.write(conn.data_to_send())
+        status = (await response_head(reader, writer, conn))[b":status"]
     finally:
         writer.close()
     assert status == b"400"

@@ -38,3 +38,19 @@ async def denying_h2_proxy(
     server = asyncio.create_task(proxy.run(idle_timeout=idle_timeout))
     reader, writer = await asyncio.open_connection(sock=peer)
     return server, reader, writer
+
+
+async def response_head(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Any, timeout: float = 5.0
+) -> dict[bytes, bytes]:
+    """The fields of the first response head ``conn`` (an h2 client connection, its bytes on
+    ``reader``/``writer``) receives; what it answers meanwhile (SETTINGS acks) goes out."""
+    import h2.events
+
+    while True:
+        data = await asyncio.wait_for(reader.read(65536), timeout)
+        assert data, "the connection closed before a response head"
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                return dict(event.headers)
+        writer.write(conn.data_to_send())
