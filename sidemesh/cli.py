@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import errno
 import importlib
+import itertools
 import logging
 import os
 import socket
@@ -72,10 +73,11 @@ exit status:
 """
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, subcommand: str | None = None) -> argparse.ArgumentParser:
     """Every command's parser; with ``command`` (a command's name), that command's alone: a sidecar
     (``sidemesh proxy run``) then never imports the CA's, the controller's or the injector's code,
-    which would stay in its memory for nothing (about 4 MB)."""
+    which would stay in its memory for nothing (about 4 MB). ``subcommand`` (the next word) is
+    passed on to the sidecar's group, which leaves out the parsers of the others."""
     parser = argparse.ArgumentParser(
         prog="sidemesh",
         description="Sidemesh: a sidecar service mesh for Kubernetes (SPIFFE identities, mTLS, allow rules).",
@@ -85,7 +87,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sidemesh {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     if command == _SIDECAR[0]:
-        importlib.import_module(_SIDECAR[1]).register(sub)
+        importlib.import_module(_SIDECAR[1]).register(sub, subcommand)
         return _name_values(parser)
     from importlib.metadata import entry_points
 
@@ -129,6 +131,13 @@ def _command(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _subcommand(argv: Sequence[str]) -> str | None:
+    """The word after the command (``run`` of ``proxy run``), if no option comes between them
+    (which could be taking a value); else None."""
+    words = list(itertools.dropwhile(lambda a: a.startswith("-"), argv))
+    return words[1] if len(words) > 1 and not words[1].startswith("-") else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Before any command imports OpenTelemetry (FastAPI does), which reads some OTEL_* variables
@@ -136,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sidemesh.tracing_settings import withhold_unusable
 
     withhold_unusable()
-    parser = build_parser(_command(argv))
+    parser = build_parser(_command(argv), _subcommand(argv))
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:  # a command group without its subcommand: a usage error, on stderr

@@ -83,21 +83,22 @@ async def test_a_ready_sidecar_has_not_loaded_grpcio_or_cryptography(
 
 def test_the_sidecar_code_imports_neither_the_sdk_with_tracing_off_nor_cryptography() -> None:
     """What a sidecar's code loads, module by module: OpenTelemetry only with tracing on
-    (proxy/tracing.py), YAML only in local mode (--config-dir), cryptography never,
-    importlib.metadata (entry points) never, nor prometheus-client's exposition module with its
+    (proxy/tracing.py), YAML only in local mode (--config-dir), cryptography never, `proxy init`'s
+    iptables code never (sidemesh/cli.py passes the subcommand on), importlib.metadata (entry
+    points) never, nor prometheus-client's exposition module with its
     HTTP servers, urllib.request and email parsing (sidemesh/prometheus.py), nor the HTTP/2 proxy
     before the first HTTP/2 connection (proxy.outbound, proxy.routers.serve_h2)."""
     code = """
 import sys
 from sidemesh.prometheus import CollectorRegistry
 from sidemesh.cli import build_parser
-build_parser("proxy")
+build_parser("proxy", "run")
 import proxy.sidecar
 from proxy.telemetry import start_sidecar_tracing
 assert start_sidecar_tracing("shop/cart-1", "spiffe://cluster.local/ns/shop/sa/cart", CollectorRegistry()) is None
 heavy = ("opentelemetry", "cryptography", "importlib.metadata", "grpc", "yaml",  # (grpc: grpcio, not grpclib)
     "prometheus_client", "sidemesh._prometheus_client.exposition", "http.server", "http.client", "urllib.request",
-    "email", "wsgiref", "proxy.http2", "proxy.h2route")
+    "email", "wsgiref", "proxy.http2", "proxy.h2route", "proxy.iptables")
 print(sorted({h for h in heavy for m in sys.modules if m == h or m.startswith(h + ".")}))
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sidemesh.cli import _command, build_parser, main
+from sidemesh.cli import _command, _subcommand, build_parser, main
 
 COMMANDS = ["authz", "ca", "controller", "demo", "inject", "injector", "proxy", "top"]
 
@@ -56,6 +56,34 @@ def test_the_command_is_the_first_argument_that_is_not_an_option() -> None:
     assert _command(["--version"]) is None
     assert _command(["-h"]) is None
     assert _command([]) is None
+
+
+def test_the_subcommand_is_the_word_right_after_the_command() -> None:
+    assert _subcommand(["proxy", "run", "--workload", "a/b"]) == "run"
+    assert _subcommand(["proxy", "--help", "run"]) is None  # (an option between: all of them)
+    assert _subcommand(["proxy"]) is None
+    assert _subcommand([]) is None
+
+
+def proxy_commands(subcommand: str | None) -> list[str]:
+    parser = build_parser("proxy", subcommand)
+    (proxy,) = next(a for a in parser._actions if a.dest == "==SUPPRESS==" and a.choices).choices.values()
+    return sorted(next(a for a in proxy._actions if a.dest == "==SUPPRESS==" and a.choices).choices)
+
+
+def test_the_sidecar_command_leaves_out_the_init_parser_and_help_lists_every_proxy_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert proxy_commands("run") == ["run", "wait"]
+    assert proxy_commands("wait") == ["run", "wait"]
+    assert (
+        proxy_commands("init") == proxy_commands(None) == proxy_commands("bogus") == ["init", "run", "wait"]
+    )
+    with pytest.raises(SystemExit):
+        main(["proxy", "--help"])
+    assert "init " in capsys.readouterr().out
+    assert main(["proxy", "init", "--dry-run"]) == 0  # (named: its parser is there)
+    assert "*nat" in capsys.readouterr().out
 
 
 def test_a_typo_gets_argparse_error_listing_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
