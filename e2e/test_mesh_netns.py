@@ -264,7 +264,8 @@ class Shop:
         ]
         stage = self.workdir / "stage"
         stage.mkdir(mode=0o755, exist_ok=True)
-        env = {**CLEAN_ENV, "HOME": str(self.workdir), "PYTHONDONTWRITEBYTECODE": "1"}
+        # PYTHONOPTIMIZE=2: as the injector runs it (-OO)
+        env = {**CLEAN_ENV, "HOME": str(self.workdir), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONOPTIMIZE": "2"}
         proc = self.pod(name).start(f"{name}-sidecar", *as_user(PROXY_UID, PROXY_UID, cmd, stage), env=env)
         self.sidecars[name] = proc
         return proc

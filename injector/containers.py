@@ -117,6 +117,9 @@ def proxy_container(settings: InjectionSettings, options: PodOptions, terminatio
         {"name": "SIDEMESH_LOG_LEVEL", "value": settings.log_level},
         {"name": "SIDEMESH_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
         {"name": "SIDEMESH_BUNDLE_FILE", "value": f"{BUNDLE_DIR}/root-cert.pem"},
+        # Python's -OO: no docstrings in memory (1.1 MB of a sidecar's RSS, whose budget is 40 MB)
+        # and no asserts (ours only narrow types); the image holds the bytecode compiled for it.
+        {"name": "PYTHONOPTIMIZE", "value": "2"},
     ]
     if options.app_probes:
         env.append({"name": APP_PROBES_ENV, "value": options.app_probes})

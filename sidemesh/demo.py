@@ -535,7 +535,7 @@ def _walk(demo: Demo, receiver: ReceiverThread | None, collector: str | None) ->
             "info",
             "--access-log",
             "true",
-            env=demo.sidecar_env,
+            env={**demo.sidecar_env, "PYTHONOPTIMIZE": "2"},  # (-OO, as the injector runs a sidecar)
         )
     for host in WORKLOADS.values():
         _wait_ready(f"http://{demo.addr(host)}:15020/healthz/ready")

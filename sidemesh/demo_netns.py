@@ -218,7 +218,8 @@ class Shop:
         ]
         stage = self.root / "stage"
         stage.mkdir(mode=0o755, exist_ok=True)
-        env = {**CLEAN_ENV, "HOME": str(self.root), "PYTHONDONTWRITEBYTECODE": "1"}
+        # PYTHONOPTIMIZE=2: -OO, as the injector runs a sidecar
+        env = {**CLEAN_ENV, "HOME": str(self.root), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONOPTIMIZE": "2"}
         self.sidecars[name] = self.pod(name).start(
             f"{name}-sidecar", *as_user(PROXY_UID, PROXY_UID, cmd, stage), env=env
         )

@@ -1,6 +1,7 @@
 """What a running `sidemesh proxy run` process holds: the sidecar reaches ready against a real CA
-(grpcio serving) with its own gRPC client, and neither grpcio's C core nor cryptography (its key
-and request come from a child process: sidemesh/identity/keygen.py) is ever loaded into it."""
+(grpcio serving) with its own gRPC client, run with -OO as the injector runs it, and neither
+grpcio's C core nor cryptography (its key and request come from a child process:
+sidemesh/identity/keygen.py) is ever loaded into it."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ async def test_a_ready_sidecar_has_not_loaded_grpcio_or_cryptography(
     (tmp_path / "token").write_text("cart-token")
     health = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}  # (tracing off)
+    env["PYTHONOPTIMIZE"] = "2"  # -OO, as the injector runs it
     log = tmp_path / "sidecar.log"
     with log.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(

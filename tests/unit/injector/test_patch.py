@@ -241,6 +241,20 @@ def test_proxy_env_volumes_and_settings() -> None:
     assert logged["SIDEMESH_ACCESS_LOG"] == "true"
 
 
+def test_the_image_holds_bytecode_at_the_level_the_sidecar_runs_at() -> None:
+    """The sidecar runs with PYTHONOPTIMIZE=2; the image's root filesystem is read-only, so its
+    bytecode at that level must be compiled into the image, standard library included
+    (python:3.11-slim ships none), or every sidecar compiles what it imports at each start."""
+    level = env(container(injected(a_pod(), SETTINGS), "sidemesh-proxy"))["PYTHONOPTIMIZE"]
+    assert level == "2"
+    dockerfile = (Path(__file__).resolve().parents[3] / "Dockerfile").read_text()
+    final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
+    (compile_line,) = [line for line in final_stage.splitlines() if "compileall" in line]
+    words = compile_line.split()
+    assert words[-1] == "/usr/local/lib/python3.11"  # (stdlib and the installed packages)
+    assert {words[i + 1] for i, w in enumerate(words) if w == "-o"} == {"0", level}
+
+
 def test_proxy_flag_defaults_match_the_mounts() -> None:
     """The mounts are where `sidemesh proxy run` looks by default, as well as in the env vars."""
     from proxy.config import ProxyConfig
