@@ -1900,8 +1900,9 @@ def setup_notes(report: Result, layout: str, tools: Tools) -> list[str]:
         f"frontend `--outbound {cfg['net']}.1:{SM_OUTBOUND}=cart.shop:80`, cart `--inbound-listen "
         f"{cfg['net']}.2:{SM_INBOUND} --app-host {cfg['net']}.2`; SVIDs from `sidemesh ca serve "
         "--authenticator local`; ServiceAuthorization: only shop/frontend may reach cart:8080. "
-        f"TLS 1.3, {checks.get('sidemesh_cipher') or 'cipher not determined'}. Run with -OO from "
-        "compiled bytecode, as in a pod (PYTHONOPTIMIZE=2, the image's bytecode: `compile_bytecode`).",
+        f"TLS 1.3, {checks.get('sidemesh_cipher') or 'cipher not determined'}. Run from bytecode "
+        "compiled for -OO, as in a pod (the injector sets PYTHONOPTIMIZE=2; the image holds that bytecode: "
+        "`compile_bytecode`).",
     ]
     if "envoy" in checks:
         env_tls = checks["envoy"]["client"]
