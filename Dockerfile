@@ -13,9 +13,9 @@ COPY ca ./ca
 COPY controller ./controller
 COPY injector ./injector
 COPY proxy ./proxy
-# Installed into a prefix and copied over, so the final image has no build leftovers (the bytecode
-# is compiled in the final stage, below: every container runs with a read-only root filesystem).
-RUN pip install --no-cache-dir --prefix=/install .
+# Installed into a prefix and copied over, so the final image has no build leftovers. No bytecode
+# here: the final stage compiles it all, at both levels (below).
+RUN pip install --no-cache-dir --no-compile --prefix=/install .
 
 FROM python:3.11-slim
 # iptables ships both the nft and the legacy backends; `proxy init` runs `iptables-restore`, which

@@ -17,15 +17,15 @@ if TYPE_CHECKING:
     from proxy.sidecar import Sidecar
 
 
-def register(sub: Any, command: str | None = None) -> None:
-    """The ``proxy`` group. With ``command`` (the subcommand the arguments name: ``run`` in every
+def register(sub: Any, subcommand: str | None = None) -> None:
+    """The ``proxy`` group. With ``subcommand`` (the one the arguments name: ``run`` in every
     meshed pod) ``init``'s parser, and with it the iptables code, is left out unless named: a
-    sidecar would keep that code in memory for nothing (about 0.3 MB). Help, or any other word,
+    sidecar would keep that code in memory for nothing (0.15-0.25 MB). Help, or any other word,
     gets every subcommand."""
     proxy = sub.add_parser("proxy", help="the sidecar proxy", description="The Sidemesh sidecar proxy.")
     proxy.set_defaults(group_parser=proxy)  # alone: its help, on stderr
     proxy_sub = proxy.add_subparsers(title="proxy commands", metavar="COMMAND")
-    if command not in ("run", "wait"):
+    if subcommand not in ("run", "wait"):
         from proxy.iptables.cli import register_init
 
         register_init(proxy_sub)

@@ -137,6 +137,11 @@ class ConfigClient:
 
     def _handle(self, update: pb.Update) -> pb.StreamRequest:
         try:
+            if not update.version:
+                # The controller versions every update. An empty message is also what grpclib
+                # returns for one cut short after its length prefix when asserts are off (-OO, as a
+                # sidecar runs): its only check of the length is an assert.
+                raise CompileError("an update without a version (a message cut short?)")
             if self._need_whole and not (update.HasField("inbound") and update.HasField("outbound")):
                 # A part it left out is one of the update we refused, which we do not hold: applied
                 # on what we hold, the result would be neither (a stale policy, acknowledged).

@@ -1,23 +1,4 @@
-"""`sidemesh demo`: the whole mesh on one machine, no cluster, no root.
-
-It starts the CA, the controller (reading a directory of example manifests), and three workloads
-- frontend, cart and a stranger - each behind its own sidecar, every one a separate process on its
-own loopback address, then walks through what the mesh does, printing each step and its result:
-frontend -> cart allowed over mTLS (and the identity cart's sidecar saw), the stranger refused with
-the reason (HTTP 403, sidemesh-denied-reason), plaintext refused, a new ServiceAuthorization taking
-effect within a second, then the trace trees of the allowed and the denied request and where the
-metrics are. Ctrl-C (or the end of `--once`) stops everything and removes every file it made.
-
-Traces (not with --netns): unless OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set,
-the demo runs its own OTLP/gRPC receiver on a free loopback port, has the sidecars send it every
-span, and prints the trees. When it is set (e.g. a local Jaeger on http://127.0.0.1:4317), the
-sidecars send their spans there with your OTEL_* settings and the demo prints the trace IDs.
-
-With --netns (as root) each workload is instead a network namespace on a bridge with its own IP:
-`sidemesh proxy init` writes real iptables rules, the sidecars run as UID 1337, and the apps call
-each other by pod IP with plain connections the sidecars capture; an outsider namespace with no
-sidecar shows plaintext refused. The namespaces, bridge and rules are deleted at the end.
-"""
+"""`sidemesh demo`: the whole mesh on one machine, no cluster, no root (what it does: DESCRIPTION)."""
 
 from __future__ import annotations
 
@@ -44,6 +25,29 @@ from typing import Any
 
 from sidemesh.localnet import DIRECT, without_proxies
 from sidemesh.otlp_receiver import ReceivedSpan, ReceiverThread, trace_tree
+
+# The command's --help description: a string of its own, not the module docstring, which -OO
+# drops (a sidecar's container runs with PYTHONOPTIMIZE=2, and `sidemesh top` is run there).
+DESCRIPTION = """`sidemesh demo`: the whole mesh on one machine, no cluster, no root.
+
+It starts the CA, the controller (reading a directory of example manifests), and three workloads
+- frontend, cart and a stranger - each behind its own sidecar, every one a separate process on its
+own loopback address, then walks through what the mesh does, printing each step and its result:
+frontend -> cart allowed over mTLS (and the identity cart's sidecar saw), the stranger refused with
+the reason (HTTP 403, sidemesh-denied-reason), plaintext refused, a new ServiceAuthorization taking
+effect within a second, then the trace trees of the allowed and the denied request and where the
+metrics are. Ctrl-C (or the end of `--once`) stops everything and removes every file it made.
+
+Traces (not with --netns): unless OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set,
+the demo runs its own OTLP/gRPC receiver on a free loopback port, has the sidecars send it every
+span, and prints the trees. When it is set (e.g. a local Jaeger on http://127.0.0.1:4317), the
+sidecars send their spans there with your OTEL_* settings and the demo prints the trace IDs.
+
+With --netns (as root) each workload is instead a network namespace on a bridge with its own IP:
+`sidemesh proxy init` writes real iptables rules, the sidecars run as UID 1337, and the apps call
+each other by pod IP with plain connections the sidecars capture; an outsider namespace with no
+sidecar shows plaintext refused. The namespaces, bridge and rules are deleted at the end.
+"""
 
 TD = "cluster.local"
 WORKLOADS = {"frontend": 1, "cart": 2, "stranger": 3}
@@ -95,7 +99,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
         help="run the whole mesh locally and walk through it",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

@@ -1,13 +1,4 @@
-"""`sidemesh top`: a live table of what a workload's sidecars see, busiest routes first.
-
-Reads each sidecar's admin page ``/stats/routes`` (cumulative counters and latency buckets per
-route) twice, ``--interval`` apart, and shows per route: requests per second, success rate, p50 and
-p99 latency and denials over that interval. Several sidecars (the replicas of one workload) are
-summed. The admin port listens on 127.0.0.1:15000 inside the pod; reach it with
-``kubectl port-forward pod/NAME 15000`` (one local port per pod: ``15001:15000`` ...).
-
-Example: sidemesh top 127.0.0.1:15000 127.0.0.1:15001 --interval 2s
-"""
+"""`sidemesh top`: a live table of what a workload's sidecars see (what it does: DESCRIPTION)."""
 
 from __future__ import annotations
 
@@ -25,6 +16,19 @@ from typing import Any, TextIO
 
 from sidemesh.config import parse_duration, parse_hostport
 from sidemesh.localnet import DIRECT
+
+# The command's --help description: a string of its own, not the module docstring, which -OO
+# drops (a sidecar's container runs with PYTHONOPTIMIZE=2, and `sidemesh top` is run there).
+DESCRIPTION = """`sidemesh top`: a live table of what a workload's sidecars see, busiest routes first.
+
+Reads each sidecar's admin page ``/stats/routes`` (cumulative counters and latency buckets per
+route) twice, ``--interval`` apart, and shows per route: requests per second, success rate, p50 and
+p99 latency and denials over that interval. Several sidecars (the replicas of one workload) are
+summed. The admin port listens on 127.0.0.1:15000 inside the pod; reach it with
+``kubectl port-forward pod/NAME 15000`` (one local port per pod: ``15001:15000`` ...).
+
+Example: sidemesh top 127.0.0.1:15000 127.0.0.1:15001 --interval 2s
+"""
 
 Snapshot = dict[str, Any]
 Key = tuple[str, str]  # (direction, route)
@@ -246,7 +250,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "top",
         help="live table of a workload's busiest routes (requests/s, success rate, p50/p99, denials)",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

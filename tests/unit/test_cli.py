@@ -464,3 +464,31 @@ def test_every_option_shows_what_its_value_looks_like() -> None:
         if action.dest.endswith(("_timeout", "_ttl", "_lifetime")):
             assert metavar == "DURATION", shown
     assert seen > 100, seen  # every command's options were walked
+
+
+def test_the_sidecar_process_builds_no_init_parser_through_main() -> None:
+    """main() passes the subcommand on: `sidemesh proxy run` never imports the iptables code."""
+    code = (
+        "import contextlib, io, sys\nfrom sidemesh.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['proxy', 'run', '--help'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('proxy.iptables')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]", out
+
+
+@pytest.mark.parametrize(
+    ("command", "text"), [("top", "Reads each sidecar's admin page"), ("demo", "walks through")]
+)
+def test_help_keeps_its_description_under_OO(command: str, text: str) -> None:
+    """A sidecar's container runs with PYTHONOPTIMIZE=2, which drops docstrings: `sidemesh top`,
+    run there, took its --help description from its module docstring and lost it."""
+    out = subprocess.run(
+        [sys.executable, "-OO", "-m", "sidemesh", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert text in out.stdout, out.stdout

@@ -229,6 +229,20 @@ def test_the_valid_update_applies() -> None:
     assert applied == ["v1"] and ack.ack_version == "v1" and not ack.error
 
 
+def test_an_update_without_a_version_is_refused_and_the_last_one_kept() -> None:
+    """The controller versions every update. grpclib checks a message's length only with an
+    assert: under -OO (a sidecar's PYTHONOPTIMIZE=2) a message cut short after its length prefix
+    arrives as an empty Update, which was applied as version "" (the last parts again), acked, and
+    counted as the current configuration."""
+    from sidemesh.api import config_pb2 as pb
+
+    client, applied = _stream_client()
+    client._handle(pb.Update.FromString(VALID_UPDATE))
+    ack = client._handle(pb.Update())
+    assert applied == ["v1"] and client.version == "v1"
+    assert ack.ack_version == "" and "without a version" in ack.error
+
+
 @FAST
 @given(st.data())
 def test_a_corrupted_config_update_is_refused_with_a_nack_never_a_crash(data: st.DataObject) -> None:
