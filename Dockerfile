@@ -28,8 +28,8 @@ RUN apt-get update \
     && useradd --uid 1337 --gid 1337 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin sidemesh
 COPY --from=build /install /usr/local
 # Bytecode for the whole library, at the two levels the processes run at: plain (CA, controller,
-# injector) and -OO (the sidecar: the injector sets PYTHONOPTIMIZE=2, and pip compiled only the
-# plain level). python:3.11-slim ships its standard library without bytecode, and the root
+# injector) and -OO (the sidecar: the injector sets PYTHONOPTIMIZE=2); pip compiled none above.
+# python:3.11-slim ships its standard library without bytecode, and the root
 # filesystem is read-only: without this every process compiles what it imports at each start,
 # which costs a sidecar 1.7 MB of heap for the standard library alone, and start time (measured;
 # bench/l4.py compile_bytecode runs the benchmarks' sidecars from bytecode compiled the same way).
