@@ -1872,10 +1872,6 @@ def _run(
                 "pid": p.pid,
                 "rss_mb": _status_kb(p.pid, "VmRSS") / 1000,
                 "rss_mb_at_once": at_once[path][role],
-                # the most of VmHWM and of VmRSS sampled through the runs (see RssSampler)
-                "peak_rss_mb": max(
-                    _status_kb(p.pid, "VmHWM") / 1000, sampled_peak[f"{path}/{role}"], at_once[path][role]
-                ),
                 "vmhwm_mb": _status_kb(p.pid, "VmHWM") / 1000,
                 "sampled_peak_rss_mb": sampled_peak[f"{path}/{role}"],
                 "idle_rss_mb_before_runs": idle_rss[path][role],
@@ -1887,6 +1883,8 @@ def _run(
             }
             for role, p in setup.pair(path).items()
         }
+        for v in rss[path].values():  # the most of VmHWM and of VmRSS sampled through the runs (RssSampler)
+            v["peak_rss_mb"] = max(v["vmhwm_mb"], v["sampled_peak_rss_mb"], v["rss_mb_at_once"])
         progress.detail(
             f"{LABELS[path]:<14} "
             + ", ".join(

@@ -170,8 +170,9 @@ def _tcp_info(sock: typing.Any) -> bytes | None:
 
 
 def flush_state(sock: typing.Any) -> tuple[int, bool] | None:
-    """(bytes the peer acknowledged, bytes still to be sent in the kernel), or None once the socket
-    is closed or where TCP_INFO says nothing (a state of 0: a sandbox's zeroed struct)."""
+    """(bytes the peer acknowledged, whether bytes are still unsent or unacknowledged in the
+    kernel), or None once the socket is closed or where TCP_INFO says nothing (a state of 0: a
+    sandbox's zeroed struct)."""
     info = _tcp_info(sock)
     if info is None:
         return None
