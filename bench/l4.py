@@ -76,7 +76,12 @@ TRUST_DOMAIN = "cluster.local"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_DIR = Path(__file__).resolve().parent.parent
 PATHS = ("direct", "sidemesh", "envoy")
-LABELS = {"direct": "direct", "sidemesh": "Sidemesh pair", "envoy": "Envoy pair"}
+LABELS = {
+    "direct": "direct",
+    "sidemesh": "Sidemesh pair",
+    "envoy": "Envoy pair",
+    "floor": "Python floor pair",
+}
 
 # Ports on each workload's own loopback address.
 APP_PORT = 8080  # the upstream, at cart's address (Service cart port 80 -> targetPort 8080)
@@ -508,12 +513,13 @@ class Setup:
     sidemesh: dict[str, Proc] = field(default_factory=dict)  # client, server
     envoy: dict[str, Proc] = field(default_factory=dict)
     entry: dict[str, tuple[str, int]] = field(default_factory=dict)  # path -> where wrk connects
+    extra: dict[str, dict[str, Proc]] = field(default_factory=dict)  # other pairs (bench.http_floor's)
 
     def addr(self, host: int) -> str:
         return f"{self.net}.{host}"
 
     def pair(self, path: str) -> dict[str, Proc]:
-        return {"sidemesh": self.sidemesh, "envoy": self.envoy}.get(path, {})
+        return {"sidemesh": self.sidemesh, "envoy": self.envoy}.get(path) or self.extra.get(path, {})
 
 
 def start_ca(ps: Processes, setup: Setup) -> Path:

