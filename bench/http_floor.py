@@ -12,15 +12,18 @@ and Envoy's are built, and nothing else:
 - each request and each response parsed by httptools (llhttp) in both proxies, its head written
   again from the parsed fields, its body relayed as parsed (chunked bodies chunked again);
 - mTLS between the two (TLS 1.3, certificates from the bench's CA, the peer's chain verified);
-- one connection between the proxies per client connection, made when the client connects.
+- one connection between the proxies per client connection, made when the client connects;
+- what one read brought written on in one write (as the sidecar's ``Pipe`` does); not served,
+  as the bench sends none: HEAD, upgrades, CONNECT.
 
 No policy, no balancing, no pooling, no metrics, no timeouts, no error handling beyond closing: it
 says what the interpreter, uvloop, OpenSSL and the kernel cost together, so that the Sidemesh
 pair's distance to Envoy's can be split into what Python costs and what the sidecar's own
-per-request work costs. A fourth pair, the HTTP/2 floor (``--protocol h2``), does the same for
-gRPC with h2, the library the sidecar uses, configured as the sidecar configures it: each proxy
-terminates HTTP/2 on both of its connections (as the sidecar does) and relays each stream's
-headers, data and trailers on a stream of its own, with nothing else.
+per-request work costs. A fourth pair, the HTTP/2 floor, does the same for gRPC with h2, the
+library the sidecar uses, set up exactly as the sidecar sets it up (``proxy.http2._Side``'s
+connection: header-block caches, settings, connection window): each proxy terminates HTTP/2 on
+both of its connections (as the sidecar does) and relays each stream's headers, data and
+trailers on a stream of its own as the windows allow, with nothing else.
 
 Runs wrk ``-c 1 -t 1`` and ``-c 16 -t 2`` (Sidemesh, Envoy, the HTTP/1.1 floor), then, with
 h2load installed, `bench.http`'s gRPC unary calls (``-c 1 -m 1`` and ``-c 4 -m 8``; Sidemesh,
@@ -32,7 +35,7 @@ the median round's. Writes ``bench/results/http-floor.md`` and ``.json``.
 
 runs one proxy of a floor pair (``client``: plaintext in, mTLS out; ``server``: mTLS in,
 plaintext out; DIR holds ``cert-chain.pem`` and ``key.pem`` as ``sidemesh ca issue`` writes them;
-``--protocol h2`` for the HTTP/2 floor).
+the proxy's own ``--protocol h2`` for the HTTP/2 floor).
 """
 
 from __future__ import annotations
@@ -66,34 +69,49 @@ LABELS = l4.LABELS
 
 
 class Side(asyncio.Protocol):
-    """One connection of a floor proxy: parses what arrives, writes it on to ``other``."""
+    """One connection of an HTTP/1.1 floor proxy: parses what arrives and writes it on to
+    ``other``, what one read brought in one write (one system call, one TLS record), as the
+    sidecar's ``Pipe`` does. Not served (the bench sends none of them): HEAD (the response parser
+    cannot know a HEAD response has no body), upgrades, CONNECT; trailers are passed on."""
 
-    def __init__(self, parser: Callable[[Any], Any], request: bool, sides: set[Side]) -> None:
+    def __init__(self, parser: Callable[[Any], Any], request: bool, sides: set[Any]) -> None:
         self.parser = parser(self)
         self.sides = sides
         self.request = request
         self.other: Side | None = None
         self.transport: asyncio.Transport | None = None
-        self.pending: list[bytes] = []  # written before the connection was made
+        self.out: list[
+            bytes
+        ] = []  # to write: what the other side's read brought, or came before the connection
         self.headers: list[bytes] = []
         self.url = b""
         self.chunked = False
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's are not subclasses)
+        if self.other is not None and self.other.closed:  # (the client left while this connected)
+            transport.close()
+            return
         self.sides.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.pending:
-            transport.write(b"".join(self.pending))
-            self.pending.clear()
+        self.write_out()
+
+    def write_out(self) -> None:
+        if self.out and self.transport is not None:
+            self.transport.write(self.out[0] if len(self.out) == 1 else b"".join(self.out))
+            self.out.clear()
 
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except Exception:  # (httptools' errors, an upgrade: the floor serves plain HTTP/1.1 only)
             self.close()
+            return
+        if self.other is not None:
+            self.other.write_out()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -105,10 +123,11 @@ class Side(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         p = self.parser
+        version = p.get_http_version().encode()
         if self.request:
-            line = b"%s %s HTTP/1.1\r\n" % (p.get_method(), self.url)
+            line = b"%s %s HTTP/%s\r\n" % (p.get_method(), self.url, version)
         else:
-            line = b"HTTP/1.1 %d \r\n" % p.get_status_code()
+            line = b"HTTP/%s %d \r\n" % (version, p.get_status_code())
         self.send(line + b"".join(self.headers) + b"\r\n")
         self.headers.clear()
         self.url = b""
@@ -117,58 +136,53 @@ class Side(asyncio.Protocol):
         self.send(b"%x\r\n%s\r\n" % (len(body), body) if self.chunked else body)
 
     def on_message_complete(self) -> None:
-        if self.chunked:
-            self.send(b"0\r\n\r\n")
+        if self.chunked:  # the last chunk, and the trailer section (on_header collected it)
+            self.send(b"0\r\n" + b"".join(self.headers) + b"\r\n")
+            self.headers.clear()
             self.chunked = False
 
     def send(self, data: bytes) -> None:
-        other = self.other
-        if other is None:
-            return
-        if other.transport is None:
-            other.pending.append(data)
-        else:
-            other.transport.write(data)
+        if self.other is not None:
+            self.other.out.append(data)
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.close()
+        self.closed = True
+        for side in (self, self.other):
+            if side is not None and side.transport is not None:
+                side.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         self.sides.discard(self)
         if self.other is not None and self.other.transport is not None:
             self.other.transport.close()
 
 
 class H2Side(asyncio.Protocol):
-    """One connection of an HTTP/2 floor proxy, terminated with h2 as the sidecar terminates the
-    app's HTTP/2 (same configuration): each stream's headers, data and trailers are sent on to
-    ``other`` as they come, on a stream of its own there, END_STREAM on the frame that carries it;
-    received data is acknowledged at once (no flow control beyond h2's own windows)."""
+    """One connection of an HTTP/2 floor proxy, terminated with h2 exactly as the sidecar terminates
+    one (``proxy.http2._Side``'s connection: its header-block caches, settings and connection
+    window): each stream's headers, data and trailers are sent on to ``other`` as they come, on a
+    stream of its own there, END_STREAM on the frame that carries it. DATA goes on as the other
+    connection's windows allow (the rest waits for its WINDOW_UPDATE) and is acknowledged once
+    sent, so a slow reader holds back its writer as through the sidecar."""
 
     def __init__(self, client_side: bool, sides: set[Any]) -> None:
-        import h2.config
-        import h2.connection
+        from proxy import http2
 
-        config = h2.config.H2Configuration(
-            client_side=client_side,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-            validate_inbound_headers=False,
-        )
-        self.conn = h2.connection.H2Connection(config=config)
-        self.conn.initiate_connection()  # (sent once connected: h2 keeps it)
+        self.conn = http2._Side(cast(Any, None), client=client_side).conn  # (its pipe is not used)
         self.client_side = client_side
         self.sides = sides
         self.other: H2Side | None = None
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, int] = {}  # a stream here -> its stream on ``other``
+        self.waiting: dict[int, list[list[Any]]] = {}  # a stream here -> [data, end, ack, other's id]
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if self.other is not None and self.other.closed:
+            transport.close()
+            return
         self.sides.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -186,25 +200,33 @@ class H2Side(asyncio.Protocol):
         other = self.other
         assert other is not None
         try:
-            events = self.conn.receive_data(data)
-            for ev in events:
+            for ev in self.conn.receive_data(data):
                 kind = type(ev)
                 if kind is h2.events.RequestReceived:
                     sid = other.conn.get_next_available_stream_id()
                     self.streams[ev.stream_id], other.streams[sid] = sid, ev.stream_id
                     other.conn.send_headers(sid, ev.headers, end_stream=ev.stream_ended is not None)
                 elif kind is h2.events.DataReceived:
-                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                     if (sid := self.streams.get(ev.stream_id)) is not None:
-                        other.conn.send_data(sid, ev.data, end_stream=ev.stream_ended is not None)
-                        self._ended(ev, sid)
+                        item = [ev.data, ev.stream_ended is not None, ev.flow_controlled_length, ev.stream_id]
+                        queue = other.waiting.get(sid)
+                        if queue is not None:
+                            queue.append(item)
+                        elif not other.send(sid, item):
+                            other.waiting[sid] = [item]
                 elif kind is h2.events.ResponseReceived or kind is h2.events.TrailersReceived:
                     if (sid := self.streams.get(ev.stream_id)) is not None:
-                        other.conn.send_headers(sid, ev.headers, end_stream=ev.stream_ended is not None)
-                        self._ended(ev, sid)
+                        if (queue := other.waiting.get(sid)) is not None:  # after the data it waits behind
+                            queue.append([ev.headers, ev.stream_ended is not None, None, ev.stream_id])
+                        else:
+                            other.conn.send_headers(sid, ev.headers, end_stream=ev.stream_ended is not None)
+                            self._ended(ev.stream_ended is not None, ev.stream_id, sid)
+                elif kind is h2.events.WindowUpdated:
+                    self._resume(ev.stream_id)
                 elif kind is h2.events.StreamReset:
                     if (sid := self.streams.pop(ev.stream_id, None)) is not None:
                         other.streams.pop(sid, None)
+                        other.waiting.pop(sid, None)
                         other.conn.reset_stream(sid, ev.error_code)
                 elif kind is h2.events.ConnectionTerminated:
                     self.close()
@@ -215,19 +237,57 @@ class H2Side(asyncio.Protocol):
         self.flush()
         other.flush()
 
-    def _ended(self, ev: Any, sid: int) -> None:
-        """A response's end (on the upstream side) ends the stream on both sides: forget it."""
-        if ev.stream_ended is not None and self.client_side:
-            del self.streams[ev.stream_id]
+    def send(self, sid: int, item: list[Any]) -> bool:
+        """Send what ``item`` holds on stream ``sid`` as the windows allow; True once all of it went."""
+        data, end, ack, their_id = item
+        if ack is None:  # headers (a response or trailers) that waited behind data
+            self.conn.send_headers(sid, data, end_stream=end)
+            assert self.other is not None
+            self.other._ended(end, their_id, sid)
+            return True
+        room = self.conn.local_flow_control_window(sid)
+        if len(data) > room:
+            if room > 0:
+                self._data(sid, data[:room], False, room, their_id)
+                item[0], item[2] = data[room:], ack - room
+            return False
+        self._data(sid, data, end, ack, their_id)
+        return True
+
+    def _data(self, sid: int, data: bytes, end: bool, ack: int, their_id: int) -> None:
+        size = self.conn.max_outbound_frame_size
+        for at in range(0, max(len(data), 1), size):
+            last = at + size >= len(data)
+            self.conn.send_data(sid, data[at : at + size], end_stream=end and last)
+        other = self.other
+        assert other is not None
+        other.conn.acknowledge_received_data(ack, their_id)  # (the sender's window reopens as this goes)
+        other._ended(end, their_id, sid)
+
+    def _resume(self, stream_id: int) -> None:
+        """A window opened (``stream_id`` 0: the connection's): send what waited for it."""
+        for sid in list(self.waiting) if stream_id == 0 else [stream_id]:
+            queue = self.waiting.get(sid)
+            while queue and self.send(sid, queue[0]):
+                queue.pop(0)
+            if queue == []:
+                del self.waiting[sid]
+
+    def _ended(self, ended: bool, stream_id: int, sid: int) -> None:
+        """A response's end (received on the upstream side) ends the stream on both sides."""
+        if ended and self.client_side:
+            self.streams.pop(stream_id, None)
             assert self.other is not None
             self.other.streams.pop(sid, None)
 
     def close(self) -> None:
+        self.closed = True
         for side in (self, self.other):
             if side is not None and side.transport is not None:
                 side.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         self.sides.discard(self)
         if self.other is not None and self.other.transport is not None:
             self.other.transport.close()
@@ -335,6 +395,7 @@ def proxy_main(argv: Sequence[str]) -> int:
         default="http1",
         help="http1: HTTP/1.1 parsed by httptools (default); h2: HTTP/2 prior knowledge (gRPC), by h2",
     )
+    parser.epilog = "Prints `ready` once listening; stops on SIGTERM."
     args = parser.parse_args(argv)
     import uvloop
 
@@ -450,13 +511,19 @@ def write_markdown(path: Path, report: Result) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.http_floor",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-        epilog="Run `python -m bench.http_floor proxy --help` for one proxy of the floor pair alone.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Needs wrk and envoy (`make bench` installs them); h2load (nghttp2-client) for the gRPC "
+            "runs. About 8 minutes with the defaults."
+        ),
     )
-    parser.add_argument("--seconds", type=int, default=10, help="length of each measured wrk run (10)")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up wrk run before each measured one (2)")
+    parser.add_argument("--seconds", type=int, default=10, help="seconds of each measured wrk run (10)")
     parser.add_argument(
-        "--grpc-seconds", type=int, default=8, help="length of each h2load run, after its 2 s warm-up (8)"
+        "--warmup", type=int, default=2, help="seconds of the wrk run before each measured one, 0: none (2)"
+    )
+    parser.add_argument(
+        "--grpc-seconds", type=int, default=8, help="seconds of each h2load run, after its 2 s warm-up (8)"
     )
     parser.add_argument(
         "--rounds", type=int, default=3, help="rounds per window, pairs in a rotating order (3)"
@@ -465,10 +532,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--retries", type=int, default=2, help="re-runs of a window another process disturbed (2)"
     )
     parser.add_argument(
-        "--wait-quiet", type=float, default=120.0, metavar="SECONDS", help="wait for a quiet machine (120)"
+        "--wait-quiet",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="at most this long to wait for a quiet machine before the runs (120)",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where http-floor.md and .json go")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS_DIR,
+        help="directory for http-floor.md and http-floor.json (bench/results: the committed results)",
+    )
+    args = parser.parse_args(argv)
+    for name in ("seconds", "grpc_seconds", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or args.retries < 0:
+        parser.error("--warmup and --retries cannot be negative")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -476,8 +558,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["proxy"]:
         return proxy_main(argv[1:])
     args = parse_args(argv)
-    if args.rounds < 1 or args.seconds < 1:
-        raise SystemExit("bench.http_floor: error: --rounds and --seconds must be at least 1")
     signal.signal(signal.SIGTERM, l4._interrupt)
     signal.signal(signal.SIGHUP, l4._interrupt)
     tools = l4.find_tools()
@@ -548,9 +628,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for path in GRPC_PATHS:
                         grpc = results[path].setdefault("grpc", {})  # (as bench.http keeps them)
                         g = grpc[name] = l4.median_window(calls[path], "calls_per_s")
+                        # The CPU window holds h2load's 2 s warm-up too, the calls counted only
+                        # the measured seconds: the pair's cores over the window, per call a second.
                         pair = runner.pair_seconds(path, g["cpu"])
                         g["pair_cpu_us_per_call"] = (
-                            pair / max(1, g["done"]) * 1e6 if pair is not None else None
+                            pair / g["cpu"]["window_s"] / g["calls_per_s"] * 1e6
+                            if pair is not None and g["calls_per_s"]
+                            else None
                         )
                         if failed := sum(w["failed"] + w["errored"] for w in calls[path]):
                             notes.append(
@@ -563,9 +647,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Python floor pair: uvloop and asyncio.Protocol callbacks, httptools parsing of every request "
         "and response in both proxies, mTLS (TLS 1.3) between them, one proxy connection per client "
         "connection; no policy, balancing, pooling, metrics or timeouts (the module's help).",
-        "Python HTTP/2 floor pair: the same, with h2 (the library the sidecar uses, configured as it "
-        "is) terminating HTTP/2 on both sides of each proxy, each stream relayed on a stream of its "
-        "own; ALPN h2 between the two.",
+        "Python HTTP/2 floor pair: the same, with h2 set up as the sidecar sets it up (its connection "
+        "class, settings and windows) terminating HTTP/2 on both connections of each proxy, each stream "
+        "relayed on a stream of its own as the windows allow; ALPN h2 between the two.",
+        "Pair CPU per gRPC call: the pair's CPU over the whole h2load run (its 2 s warm-up included) "
+        "as cores busy, over the calls per second of the measured part.",
         "h2load and the gRPC upstream share the load core: at 4 connections x 8 streams the Envoy pair "
         "comes near what that core can drive (bench.http measures the direct path's ceiling), so the "
         "ratios of that row are bounds.",
