@@ -20,8 +20,8 @@ No policy, no balancing, no pooling, no metrics, no timeouts, no error handling 
 says what the interpreter, uvloop, OpenSSL and the kernel cost together, so that the Sidemesh
 pair's distance to Envoy's can be split into what Python costs and what the sidecar's own
 per-request work costs. A fourth pair, the HTTP/2 floor, does the same for gRPC with h2, the
-library the sidecar uses, set up exactly as the sidecar sets it up (``proxy.http2._Side``'s
-connection: header-block caches, settings, connection window): each proxy terminates HTTP/2 on
+library the sidecar uses, set up as the sidecar sets it up (``proxy.http2._Side``'s
+connection: header-block caches, settings, connection window, stream limits): each proxy terminates HTTP/2 on
 both of its connections (as the sidecar does) and relays each stream's headers, data and
 trailers on a stream of its own as the windows allow, with nothing else.
 
@@ -159,17 +159,19 @@ class Side(asyncio.Protocol):
 
 
 class H2Side(asyncio.Protocol):
-    """One connection of an HTTP/2 floor proxy, terminated with h2 exactly as the sidecar terminates
+    """One connection of an HTTP/2 floor proxy, terminated with h2 as the sidecar terminates
     one (``proxy.http2._Side``'s connection: its header-block caches, settings and connection
     window): each stream's headers, data and trailers are sent on to ``other`` as they come, on a
     stream of its own there, END_STREAM on the frame that carries it. DATA goes on as the other
     connection's windows allow (the rest waits for its WINDOW_UPDATE) and is acknowledged once
     sent, so a slow reader holds back its writer as through the sidecar."""
 
-    def __init__(self, client_side: bool, sides: set[Any]) -> None:
+    def __init__(self, client_side: bool, sides: set[Any], max_streams: int | None = None) -> None:
         from proxy import http2
 
-        self.conn = http2._Side(cast(Any, None), client=client_side).conn  # (its pipe is not used)
+        # (its pipe is not used; ``max_streams``: the sidecar lets an app's connection open
+        # http2.APP_MAX_STREAMS, another sidecar's 100)
+        self.conn = http2._Side(cast(Any, None), client=client_side, max_streams=max_streams).conn
         self.client_side = client_side
         self.sides = sides
         self.other: H2Side | None = None
@@ -207,7 +209,10 @@ class H2Side(asyncio.Protocol):
                     self.streams[ev.stream_id], other.streams[sid] = sid, ev.stream_id
                     other.conn.send_headers(sid, ev.headers, end_stream=ev.stream_ended is not None)
                 elif kind is h2.events.DataReceived:
-                    if (sid := self.streams.get(ev.stream_id)) is not None:
+                    if (sid := self.streams.get(ev.stream_id)) is None:
+                        # Its stream is over: the data is dropped, its window given back.
+                        self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    else:
                         item = [ev.data, ev.stream_ended is not None, ev.flow_controlled_length, ev.stream_id]
                         queue = other.waiting.get(sid)
                         if queue is not None:
@@ -223,10 +228,13 @@ class H2Side(asyncio.Protocol):
                             self._ended(ev.stream_ended is not None, ev.stream_id, sid)
                 elif kind is h2.events.WindowUpdated:
                     self._resume(ev.stream_id)
+                elif kind is h2.events.RemoteSettingsChanged:
+                    self._resume(0)  # a larger initial window opens every stream's, with no WINDOW_UPDATE
                 elif kind is h2.events.StreamReset:
+                    self._forget(ev.stream_id)  # (what waited to go back on it)
                     if (sid := self.streams.pop(ev.stream_id, None)) is not None:
                         other.streams.pop(sid, None)
-                        other.waiting.pop(sid, None)
+                        other._forget(sid)
                         other.conn.reset_stream(sid, ev.error_code)
                 elif kind is h2.events.ConnectionTerminated:
                     self.close()
@@ -263,6 +271,14 @@ class H2Side(asyncio.Protocol):
         assert other is not None
         other.conn.acknowledge_received_data(ack, their_id)  # (the sender's window reopens as this goes)
         other._ended(end, their_id, sid)
+
+    def _forget(self, sid: int) -> None:
+        """Drop what waits to go on stream ``sid`` (reset), giving its sender the window back."""
+        other = self.other
+        assert other is not None
+        for _, _, ack, their_id in self.waiting.pop(sid, ()):
+            if ack:
+                other.conn.acknowledge_received_data(ack, their_id)
 
     def _resume(self, stream_id: int) -> None:
         """A window opened (``stream_id`` 0: the connection's): send what waited for it."""
@@ -355,7 +371,11 @@ async def serve_floor(
         down: Side | H2Side
         up: Side | H2Side
         if protocol == "h2":
-            down, up = H2Side(client_side=False, sides=sides), H2Side(client_side=True, sides=sides)
+            from proxy.http2 import APP_MAX_STREAMS
+
+            app_facing = APP_MAX_STREAMS if role == "client" else None
+            down = H2Side(client_side=False, sides=sides, max_streams=app_facing)
+            up = H2Side(client_side=True, sides=sides)
         else:
             down = Side(httptools.HttpRequestParser, request=True, sides=sides)
             up = Side(httptools.HttpResponseParser, request=False, sides=sides)
@@ -435,6 +455,15 @@ def start_floor(
     setup.entry[path] = (setup.addr(1), FLOOR_OUTBOUND + shift)
     setup.extra[path] = procs
     return procs
+
+
+def pair_cpu_us_per_call(pair_seconds: float | None, window_s: float, calls_per_s: float) -> float | None:
+    """Microseconds of the pair's CPU per call: the cores it kept busy over the whole h2load run
+    (its warm-up included, as the CPU was read) over the calls per second of the measured part
+    (h2load counts only those: CPU over calls done was about 1.25x too high)."""
+    if pair_seconds is None or not calls_per_s or window_s <= 0:
+        return None
+    return pair_seconds / window_s / calls_per_s * 1e6
 
 
 def write_markdown(path: Path, report: Result) -> None:
@@ -631,10 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         # The CPU window holds h2load's 2 s warm-up too, the calls counted only
                         # the measured seconds: the pair's cores over the window, per call a second.
                         pair = runner.pair_seconds(path, g["cpu"])
-                        g["pair_cpu_us_per_call"] = (
-                            pair / g["cpu"]["window_s"] / g["calls_per_s"] * 1e6
-                            if pair is not None and g["calls_per_s"]
-                            else None
+                        g["pair_cpu_us_per_call"] = pair_cpu_us_per_call(
+                            pair, g["cpu"]["window_s"], g["calls_per_s"]
                         )
                         if failed := sum(w["failed"] + w["errored"] for w in calls[path]):
                             notes.append(

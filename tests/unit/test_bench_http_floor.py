@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -286,3 +287,239 @@ def test_the_report_keeps_the_wrk_and_grpc_figures_of_a_pair_apart(tmp_path: Pat
     assert "| requests/s, 1 connection | 2,000 | 2,500 | 3,000 | 0.80x | 1.20x |" in text
     assert "| calls/s, 1 connection(s) x 1 stream(s) | 700 | 1,400 | 800 | 0.50x | 0.57x |" in text
     assert "- gRPC c1, Python HTTP/2 floor pair: 800 calls/s" in text
+
+
+class _Transport:
+    """Records what a floor side writes; no socket."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def take(self) -> bytes:
+        data = b"".join(self.writes)
+        self.writes.clear()
+        return data
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+
+class _H2Proxy:
+    """One HTTP/2 floor proxy (both of its sides) between an h2 client and an h2 server, driven
+    by hand: what each writes is fed to the other until nothing moves."""
+
+    def __init__(self, client_window: int | None = None, server_window: int | None = None) -> None:
+        import h2.config
+        import h2.connection
+        import h2.settings
+
+        sides: set[object] = set()
+        self.down = http_floor.H2Side(client_side=False, sides=sides)
+        self.up = http_floor.H2Side(client_side=True, sides=sides)
+        self.down.other, self.up.other = self.up, self.down
+        self.t_down, self.t_up = _Transport(), _Transport()
+        self.down.connection_made(self.t_down)  # type: ignore[arg-type]
+        self.up.connection_made(self.t_up)  # type: ignore[arg-type]
+        peers = []
+        for client, window in ((True, client_window), (False, server_window)):
+            conn = h2.connection.H2Connection(
+                h2.config.H2Configuration(client_side=client, header_encoding=None)
+            )
+            if window is not None:
+                conn.local_settings = h2.settings.Settings(
+                    client=client, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+                )
+            conn.initiate_connection()
+            peers.append(conn)
+        self.client, self.server = peers
+        self.at_client: list[object] = []
+        self.at_server: list[object] = []
+        self.pump()
+
+    def pump(self) -> None:
+        for _ in range(1000):
+            moved = False
+            if data := self.client.data_to_send():
+                self.down.data_received(data)
+                moved = True
+            if data := self.server.data_to_send():
+                self.up.data_received(data)
+                moved = True
+            if data := self.t_down.take():
+                self.at_client += self.client.receive_data(data)
+                moved = True
+            if data := self.t_up.take():
+                self.at_server += self.server.receive_data(data)
+                moved = True
+            if not moved:
+                return
+        raise AssertionError("the proxy never went quiet")
+
+    @staticmethod
+    def send(conn: Any, stream_id: int, data: bytes, end: bool = False) -> None:
+        """``data`` on ``stream_id`` in frames of the largest size (the windows are the caller's)."""
+        size = conn.max_outbound_frame_size
+        for at in range(0, len(data), size):
+            conn.send_data(stream_id, data[at : at + size], end_stream=end and at + size >= len(data))
+
+    def request(self, stream_id: int, end: bool = True) -> int:
+        """A request from the client (no body); its stream id at the server."""
+        import h2.events
+
+        head = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/t.Echo/Unary"),
+            (b":authority", b"a"),
+        ]
+        self.client.send_headers(stream_id, head, end_stream=end)
+        self.pump()
+        received = [e for e in self.at_server if isinstance(e, h2.events.RequestReceived)]
+        return int(received[-1].stream_id)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def data_at(events: list[object], stream_id: int) -> bytes:
+        import h2.events
+
+        return b"".join(
+            e.data  # type: ignore[attr-defined]
+            for e in events
+            if isinstance(e, h2.events.DataReceived) and e.stream_id == stream_id  # type: ignore[attr-defined]
+        )
+
+
+def test_the_http2_floor_is_set_up_as_the_sidecar_sets_up_its_connections() -> None:
+    from proxy import http2
+
+    side = http_floor.H2Side(client_side=False, sides=set(), max_streams=http2.APP_MAX_STREAMS)
+    assert isinstance(side.conn, http2._Connection)  # (its header-block caches)
+    assert side.conn.inbound_flow_control_window == http2.CONNECTION_WINDOW
+    assert side.conn.local_settings.max_concurrent_streams == http2.APP_MAX_STREAMS
+
+
+def test_a_response_waiting_for_the_clients_window_goes_when_it_opens() -> None:
+    proxy = _H2Proxy(client_window=10_000)
+    at_server = proxy.request(1)
+    proxy.server.send_headers(at_server, [(b":status", b"200")])
+    proxy.send(proxy.server, at_server, b"x" * 40_000)
+    proxy.pump()
+    assert len(proxy.data_at(proxy.at_client, 1)) == 10_000
+    assert proxy.down.waiting  # the rest waits for the client, and holds the server's window:
+    assert proxy.server.local_flow_control_window(at_server) == 65_535 - 40_000  # (acknowledged once sent)
+    proxy.client.increment_flow_control_window(100_000, stream_id=1)
+    proxy.pump()
+    assert proxy.server.local_flow_control_window(at_server) > 65_535 - 40_000
+    proxy.server.send_data(at_server, b"", end_stream=True)
+    proxy.pump()
+    assert proxy.data_at(proxy.at_client, 1) == b"x" * 40_000
+    assert not proxy.down.waiting and not proxy.down.streams and not proxy.up.streams
+
+
+def test_reset_streams_leave_nothing_waiting_and_give_their_windows_back() -> None:
+    """The client resets streams whose responses wait for its window, over and over: the proxy drops
+    what waits and gives the server its window back (kept, 40 x 29 KB of it would have closed the
+    server's 1 MiB connection window for good), and the next stream still gets its whole answer."""
+    proxy = _H2Proxy(client_window=1_000)
+    for n in range(40):
+        stream_id = 1 + 2 * n
+        at_server = proxy.request(stream_id)
+        proxy.server.send_headers(at_server, [(b":status", b"200")])
+        proxy.send(proxy.server, at_server, b"x" * 30_000)
+        proxy.pump()
+        assert proxy.down.waiting
+        proxy.client.reset_stream(stream_id)
+        proxy.pump()
+        assert not proxy.down.waiting and not proxy.up.waiting
+    at_server = proxy.request(81)
+    proxy.client.increment_flow_control_window(100_000, stream_id=81)
+    proxy.client.increment_flow_control_window(100_000)  # (a connection WINDOW_UPDATE as well)
+    proxy.server.send_headers(at_server, [(b":status", b"200")])
+    proxy.send(proxy.server, at_server, b"y" * 30_000, end=True)
+    proxy.pump()
+    assert not proxy.t_down.closed and not proxy.t_up.closed
+    assert proxy.data_at(proxy.at_client, 81) == b"y" * 30_000
+
+
+def test_a_larger_initial_window_sends_what_waited_for_it() -> None:
+    """The app's server starts with a 1,000-byte stream window, then raises it: what waited goes on
+    that SETTINGS alone (no WINDOW_UPDATE comes)."""
+    import h2.settings
+
+    proxy = _H2Proxy(server_window=1_000)
+    proxy.request(1, end=False)
+    proxy.send(proxy.client, 1, b"y" * 30_000, end=True)
+    proxy.pump()
+    assert len(proxy.data_at(proxy.at_server, 1)) == 1_000
+    proxy.server.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    proxy.pump()
+    assert proxy.data_at(proxy.at_server, 1) == b"y" * 30_000
+    assert not proxy.up.waiting
+
+
+def test_request_data_after_the_response_ended_is_dropped_with_its_window_given_back() -> None:
+    """The server answers before the request's body (trailers-only, END_STREAM): what the client
+    still sends on the stream goes nowhere, and its window reopens, or the client stalls."""
+    proxy = _H2Proxy()
+    at_server = proxy.request(1, end=False)
+    proxy.server.send_headers(at_server, [(b":status", b"200"), (b"grpc-status", b"0")], end_stream=True)
+    proxy.pump()
+    assert not proxy.down.streams
+    sent = 0
+    while sent < 200_000:  # three stream windows of it
+        room = min(proxy.client.local_flow_control_window(1), proxy.client.max_outbound_frame_size)
+        assert room > 0, f"the client stalled after {sent} bytes"
+        proxy.client.send_data(1, b"z" * room)
+        proxy.pump()
+        sent += room
+    assert proxy.data_at(proxy.at_server, at_server) == b""
+
+
+def test_pair_cpu_per_call_counts_the_whole_run_against_the_measured_rate() -> None:
+    # 5 s of CPU over a 10 s run (its warm-up included) at 100 calls/s: half a core, 5 ms a call
+    assert http_floor.pair_cpu_us_per_call(5.0, 10.0, 100.0) == pytest.approx(5_000.0)
+    assert http_floor.pair_cpu_us_per_call(None, 10.0, 100.0) is None
+    assert http_floor.pair_cpu_us_per_call(5.0, 10.0, 0.0) is None
+
+
+def _http1_side_pair() -> tuple[http_floor.Side, http_floor.Side, _Transport, _Transport]:
+    import httptools
+
+    sides: set[object] = set()
+    down = http_floor.Side(httptools.HttpRequestParser, request=True, sides=sides)
+    up = http_floor.Side(httptools.HttpResponseParser, request=False, sides=sides)
+    down.other, up.other = up, down
+    t_down, t_up = _Transport(), _Transport()
+    down.connection_made(t_down)  # type: ignore[arg-type]
+    up.connection_made(t_up)  # type: ignore[arg-type]
+    return down, up, t_down, t_up
+
+
+def test_the_http1_floor_writes_what_one_read_brought_in_one_write_and_keeps_the_version() -> None:
+    down, up, t_down, t_up = _http1_side_pair()
+    down.data_received(b"POST /a HTTP/1.0\r\nHost: cart\r\nContent-Length: 2\r\n\r\nhi")
+    assert t_up.writes == [b"POST /a HTTP/1.0\r\nHost: cart\r\nContent-Length: 2\r\n\r\nhi"]
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert t_down.writes == [b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\nok"]
+
+
+def test_an_upstream_connection_made_after_its_client_left_is_closed() -> None:
+    import httptools
+
+    sides: set[object] = set()
+    down = http_floor.Side(httptools.HttpRequestParser, request=True, sides=sides)
+    up = http_floor.Side(httptools.HttpResponseParser, request=False, sides=sides)
+    down.other, up.other = up, down
+    down.connection_made(_Transport())  # type: ignore[arg-type]
+    down.connection_lost(None)  # the client leaves while the upstream connects
+    late = _Transport()
+    up.connection_made(late)  # type: ignore[arg-type]
+    assert late.closed and up not in sides
