@@ -330,6 +330,69 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def wrk_windows(
+    runner: l4.Runner,
+    paths: Sequence[str],
+    rounds: int,
+    seconds: int,
+    warmup: int,
+    retries: int,
+    progress: Progress,
+    notes: list[str],
+) -> dict[str, Result]:
+    """wrk ``-c 1 -t 1`` and ``-c 16 -t 2`` through each path, ``rounds`` times with the paths in a
+    rotating order: per path, the median round of each (``c1``, ``c16``); wrk's errors are noted."""
+    results: dict[str, Result] = {path: {} for path in paths}
+    for conns, threads in ((1, 1), (16, 2)):
+        windows: dict[str, list[Result]] = {path: [] for path in paths}
+        for n in range(rounds):
+            for path in l4.interleaved(paths, n):
+                progress.phase(f"wrk -c {conns}, round {n + 1}/{rounds}: {l4.LABELS[path]}")
+                measure = functools.partial(runner.measure_wrk, path, conns, threads, seconds, warmup)
+                windows[path].append(l4.undisturbed(measure, runner, retries, progress))
+        for path in paths:
+            results[path][f"c{conns}"] = l4.median_window(windows[path], "rps")
+            if errors := {k: v for w in windows[path] for k, v in w["errors"].items() if v}:
+                notes.append(f"c{conns} {l4.LABELS[path]}: wrk errors {errors}; that figure is not valid.")
+    return results
+
+
+def grpc_windows(
+    runner: l4.Runner,
+    h2load_bin: str,
+    paths: Sequence[str],
+    rounds: int,
+    seconds: int,
+    retries: int,
+    tmp: Path,
+    progress: Progress,
+    notes: list[str],
+) -> dict[str, Result]:
+    """h2load's unary calls (``GRPC_RUNS``, a 5-byte message written under ``tmp``) through each
+    path, ``rounds`` times with the paths in a rotating order: per path, the median round of each
+    run, with every round's failed and errored calls summed (and noted)."""
+    body = tmp / "call.bin"
+    body.write_bytes(b"\x00\x00\x00\x00\x05hello")  # one gRPC message frame
+    results: dict[str, Result] = {path: {} for path in paths}
+    for name, conns, streams in GRPC_RUNS:
+        calls: dict[str, list[Result]] = {path: [] for path in paths}
+        for n in range(rounds):
+            for path in l4.interleaved(paths, n):
+                progress.phase(f"h2load gRPC {name}, round {n + 1}/{rounds}: {l4.LABELS[path]}")
+                measure = functools.partial(h2load, runner, h2load_bin, path, conns, streams, seconds, body)
+                calls[path].append(l4.undisturbed(measure, runner, retries, progress))
+        for path in paths:
+            g = results[path][name] = l4.median_window(calls[path], "calls_per_s")
+            g["failed"] = sum(w["failed"] for w in calls[path])
+            g["errored"] = sum(w["errored"] for w in calls[path])
+            if g["failed"] or g["errored"]:
+                notes.append(
+                    f"gRPC {name} {l4.LABELS[path]}: {g['failed']} failed, {g['errored']} errored calls "
+                    "(h2load); that figure is not valid."
+                )
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM, SIGHUP (a `timeout`, a closed terminal): the processes are stopped as on Ctrl-C
@@ -375,27 +438,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "the figures may be low (see 'other' in each window, http.json)."
                 )
             if tools.wrk is not None:
-                for conns, threads in ((1, 1), (16, 2)):
-                    windows: dict[str, list[Result]] = {path: [] for path in paths}
-                    for n in range(args.rounds):
-                        for path in l4.interleaved(paths, n):
-                            progress.phase(f"wrk -c {conns}, round {n + 1}/{args.rounds}: {l4.LABELS[path]}")
-                            windows[path].append(
-                                l4.undisturbed(
-                                    functools.partial(
-                                        runner.measure_wrk, path, conns, threads, args.seconds, args.warmup
-                                    ),
-                                    runner,
-                                    args.retries,
-                                    progress,
-                                )
-                            )
-                    for path in paths:
-                        r = results[path][f"c{conns}"] = l4.median_window(windows[path], "rps")
-                        if errors := {k: v for w in windows[path] for k, v in w["errors"].items() if v}:
-                            notes.append(
-                                f"c{conns} {l4.LABELS[path]}: wrk errors {errors}; that figure is not valid."
-                            )
+                runs = wrk_windows(
+                    runner, paths, args.rounds, args.seconds, args.warmup, args.retries, progress, notes
+                )
+                for path, by_run in runs.items():
+                    results[path].update(by_run)
             if args.profile:  # (before the gRPC upstream replaces wrk's)
                 if (tools.py_spy is None and tools.perf is None) or tools.wrk is None:
                     progress.phase("profile: skipped (needs wrk, and perf or py-spy)")
@@ -407,42 +454,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     profiled = l4.profile(runner, tools, args.seconds, args.out, progress, name="http")
             if h2load_bin is not None:
                 start_grpc_upstream(ps, setup, load_core)
-                body = tmp / "call.bin"
-                body.write_bytes(b"\x00\x00\x00\x00\x05hello")  # one gRPC message frame
-                for name, conns, streams in GRPC_RUNS:
-                    calls: dict[str, list[Result]] = {path: [] for path in paths}
-                    for n in range(args.rounds):
-                        for path in l4.interleaved(paths, n):
-                            progress.phase(
-                                f"h2load gRPC {name}, round {n + 1}/{args.rounds}: {l4.LABELS[path]}"
-                            )
-                            calls[path].append(
-                                l4.undisturbed(
-                                    functools.partial(
-                                        h2load,
-                                        runner,
-                                        h2load_bin,
-                                        path,
-                                        conns,
-                                        streams,
-                                        args.grpc_seconds,
-                                        body,
-                                    ),
-                                    runner,
-                                    args.retries,
-                                    progress,
-                                )
-                            )
-                    for path in paths:
-                        grpc = results[path].setdefault("grpc", {})
-                        g = grpc[name] = l4.median_window(calls[path], "calls_per_s")
-                        g["failed"] = sum(w["failed"] for w in calls[path])
-                        g["errored"] = sum(w["errored"] for w in calls[path])
-                        if g["failed"] or g["errored"]:
-                            notes.append(
-                                f"gRPC {name} {l4.LABELS[path]}: {g['failed']} failed, {g['errored']} errored calls "
-                                "(h2load); that figure is not valid."
-                            )
+                calls = grpc_windows(
+                    runner,
+                    h2load_bin,
+                    paths,
+                    args.rounds,
+                    args.grpc_seconds,
+                    args.retries,
+                    tmp,
+                    progress,
+                    notes,
+                )
+                for path, by_run in calls.items():
+                    results[path].setdefault("grpc", {}).update(by_run)
             rss = {
                 p.name: l4._status_kb(p.pid, "VmRSS")
                 for p in ps.procs

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import functools
 import json
 import random
 import shutil
@@ -68,7 +67,41 @@ GRPC_PATHS = ("sidemesh", "envoy", "floor_h2")
 LABELS = l4.LABELS
 
 
-class Side(asyncio.Protocol):
+class _Connection(asyncio.Protocol):
+    """What both kinds of floor connection share: the connection on the proxy's other side, and
+    closing together."""
+
+    other: Any = None
+    transport: asyncio.Transport | None = None
+    closed = False
+    sides: set[Any]
+
+    def _made(self, transport: asyncio.BaseTransport) -> bool:
+        """Take the transport; False (and closed) when the other side's client has left meanwhile."""
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's are not subclasses)
+        if self.other is not None and self.other.closed:  # (the client left while this connected)
+            transport.close()
+            return False
+        self.sides.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        for side in (self, self.other):
+            if side is not None and side.transport is not None:
+                side.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.sides.discard(self)
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()
+
+
+class Side(_Connection):
     """One connection of an HTTP/1.1 floor proxy: parses what arrives and writes it on to
     ``other``, what one read brought in one write (one system call, one TLS record), as the
     sidecar's ``Pipe`` does. Not served (the bench sends none of them): HEAD (the response parser
@@ -78,26 +111,15 @@ class Side(asyncio.Protocol):
         self.parser = parser(self)
         self.sides = sides
         self.request = request
-        self.other: Side | None = None
-        self.transport: asyncio.Transport | None = None
-        self.out: list[
-            bytes
-        ] = []  # to write: what the other side's read brought, or came before the connection
+        # To write: what the other side's read brought, or what came before the connection did.
+        self.out: list[bytes] = []
         self.headers: list[bytes] = []
         self.url = b""
         self.chunked = False
-        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # (uvloop's are not subclasses)
-        if self.other is not None and self.other.closed:  # (the client left while this connected)
-            transport.close()
-            return
-        self.sides.add(self)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.write_out()
+        if self._made(transport):
+            self.write_out()
 
     def write_out(self) -> None:
         if self.out and self.transport is not None:
@@ -145,20 +167,8 @@ class Side(asyncio.Protocol):
         if self.other is not None:
             self.other.out.append(data)
 
-    def close(self) -> None:
-        self.closed = True
-        for side in (self, self.other):
-            if side is not None and side.transport is not None:
-                side.transport.close()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.sides.discard(self)
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.close()
-
-
-class H2Side(asyncio.Protocol):
+class H2Side(_Connection):
     """One connection of an HTTP/2 floor proxy, terminated with h2 as the sidecar terminates
     one (``proxy.http2._Side``'s connection: its header-block caches, settings and connection
     window): each stream's headers, data and trailers are sent on to ``other`` as they come, on a
@@ -174,22 +184,12 @@ class H2Side(asyncio.Protocol):
         self.conn = http2._Side(cast(Any, None), client=client_side, max_streams=max_streams).conn
         self.client_side = client_side
         self.sides = sides
-        self.other: H2Side | None = None
-        self.transport: asyncio.Transport | None = None
         self.streams: dict[int, int] = {}  # a stream here -> its stream on ``other``
         self.waiting: dict[int, list[list[Any]]] = {}  # a stream here -> [data, end, ack, other's id]
-        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        if self.other is not None and self.other.closed:
-            transport.close()
-            return
-        self.sides.add(self)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.flush()
+        if self._made(transport):
+            self.flush()
 
     def flush(self) -> None:
         if self.transport is not None and (data := self.conn.data_to_send()):
@@ -295,18 +295,6 @@ class H2Side(asyncio.Protocol):
             self.streams.pop(stream_id, None)
             assert self.other is not None
             self.other.streams.pop(sid, None)
-
-    def close(self) -> None:
-        self.closed = True
-        for side in (self, self.other):
-            if side is not None and side.transport is not None:
-                side.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.sides.discard(self)
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.close()
 
 
 def _context(server: bool, svid: Path, bundle: Path, alpn: str | None = None) -> ssl.SSLContext:
@@ -626,48 +614,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             other = l4.wait_quiet(runner, args.wait_quiet, progress)
             if other > l4.OTHER_LOAD:
                 notes.append(f"Before the runs, {other:.0%} of a core was busy with other processes.")
-            for conns, threads in ((1, 1), (16, 2)):
-                windows: dict[str, list[Result]] = {p: [] for p in PATHS}
-                for n in range(args.rounds):
-                    for path in l4.interleaved(PATHS, n):
-                        progress.phase(f"wrk -c {conns}, round {n + 1}/{args.rounds}: {LABELS[path]}")
-                        measure = functools.partial(
-                            runner.measure_wrk, path, conns, threads, args.seconds, args.warmup
-                        )
-                        windows[path].append(l4.undisturbed(measure, runner, args.retries, progress))
-                for path in PATHS:
-                    results[path][f"c{conns}"] = l4.median_window(windows[path], "rps")
-                    if errors := {k: v for w in windows[path] for k, v in w["errors"].items() if v}:
-                        notes.append(
-                            f"c{conns} {LABELS[path]}: wrk errors {errors}; that figure is not valid."
-                        )
+            runs = http.wrk_windows(
+                runner, PATHS, args.rounds, args.seconds, args.warmup, args.retries, progress, notes
+            )
+            for path, by_run in runs.items():
+                results[path].update(by_run)
             if h2load_bin is not None:
                 http.start_grpc_upstream(ps, setup, load_core)
-                body = tmp / "call.bin"
-                body.write_bytes(b"\x00\x00\x00\x00\x05hello")  # one gRPC message frame
-                for name, conns, streams in grpc_runs:
-                    calls: dict[str, list[Result]] = {p: [] for p in GRPC_PATHS}
-                    for n in range(args.rounds):
-                        for path in l4.interleaved(GRPC_PATHS, n):
-                            progress.phase(f"h2load gRPC {name}, round {n + 1}/{args.rounds}: {LABELS[path]}")
-                            measure = functools.partial(
-                                http.h2load, runner, h2load_bin, path, conns, streams, args.grpc_seconds, body
-                            )
-                            calls[path].append(l4.undisturbed(measure, runner, args.retries, progress))
-                    for path in GRPC_PATHS:
-                        grpc = results[path].setdefault("grpc", {})  # (as bench.http keeps them)
-                        g = grpc[name] = l4.median_window(calls[path], "calls_per_s")
-                        # The CPU window holds h2load's 2 s warm-up too, the calls counted only
-                        # the measured seconds: the pair's cores over the window, per call a second.
-                        pair = runner.pair_seconds(path, g["cpu"])
+                calls = http.grpc_windows(
+                    runner,
+                    h2load_bin,
+                    GRPC_PATHS,
+                    args.rounds,
+                    args.grpc_seconds,
+                    args.retries,
+                    tmp,
+                    progress,
+                    notes,
+                )
+                for path, by_run in calls.items():
+                    for g in by_run.values():
                         g["pair_cpu_us_per_call"] = pair_cpu_us_per_call(
-                            pair, g["cpu"]["window_s"], g["calls_per_s"]
+                            runner.pair_seconds(path, g["cpu"]), g["cpu"]["window_s"], g["calls_per_s"]
                         )
-                        if failed := sum(w["failed"] + w["errored"] for w in calls[path]):
-                            notes.append(
-                                f"gRPC {name} {LABELS[path]}: {failed} failed or errored calls (h2load); "
-                                "that figure is not valid."
-                            )
+                    results[path].setdefault("grpc", {}).update(by_run)  # (as bench.http keeps them)
         finally:
             ps.stop_all()
     notes += [

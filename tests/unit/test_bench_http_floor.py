@@ -14,10 +14,36 @@ from sidemesh.spiffe import SpiffeId
 from tests.support import pki
 
 
-def _write(svid_dir: Path, svid: object) -> None:
-    svid_dir.mkdir()
-    (svid_dir / "cert-chain.pem").write_bytes(svid.chain_pem)  # type: ignore[attr-defined]
-    (svid_dir / "key.pem").write_bytes(svid.key_pem)  # type: ignore[attr-defined]
+def _svids(tmp_path: Path, foreign: str | None = None) -> Path:
+    """The floor proxies' SVIDs from one CA, in ``client/`` and ``server/`` as `sidemesh ca issue`
+    writes them (the ``foreign`` role's from another CA); the trust bundle's path."""
+    authority = pki.make_authority(tmp_path / "ca")
+    other = pki.make_authority(tmp_path / "other")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(
+        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/a/sa/x")).bundle_pem
+    )
+    for role, sa in (("client", "frontend"), ("server", "cart")):
+        svid = pki.make_svid(
+            other if role == foreign else authority, SpiffeId.parse(f"spiffe://cluster.local/ns/shop/sa/{sa}")
+        )
+        (tmp_path / role).mkdir()
+        (tmp_path / role / "cert-chain.pem").write_bytes(svid.chain_pem)
+        (tmp_path / role / "key.pem").write_bytes(svid.key_pem)
+    return bundle
+
+
+async def _floor_pair(
+    tmp_path: Path, bundle: Path, app_port: int, protocol: str = "http1"
+) -> tuple[http_floor.Floor, http_floor.Floor]:
+    """The floor's server proxy in front of the app at ``app_port``, and its client proxy."""
+    server = await http_floor.serve_floor(
+        "server", ("127.0.0.1", 0), ("127.0.0.1", app_port), tmp_path / "server", bundle, protocol
+    )
+    client = await http_floor.serve_floor(
+        "client", ("127.0.0.1", 0), ("127.0.0.1", server.port), tmp_path / "client", bundle, protocol
+    )
+    return server, client
 
 
 class _Upstream:
@@ -85,28 +111,10 @@ def test_the_floor_pair_relays_under_uvloop_as_the_bench_runs_it(tmp_path: Path)
 async def _relay_over_mtls(tmp_path: Path) -> None:
     """Keep-alive requests through the HTTP/1.1 pair: a body with a length, a chunked answer with a
     trailer (passed on, and not into the next message), then a third request."""
-    authority = pki.make_authority(tmp_path / "ca")
-    bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(
-        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/a/sa/x")).bundle_pem
-    )
-    _write(
-        tmp_path / "client",
-        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/frontend")),
-    )
-    _write(
-        tmp_path / "server",
-        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")),
-    )
+    bundle = _svids(tmp_path)
     upstream = _Upstream()
     heads = upstream.heads
-    up_port = await upstream.start()
-    server = await http_floor.serve_floor(
-        "server", ("127.0.0.1", 0), ("127.0.0.1", up_port), tmp_path / "server", bundle
-    )
-    client = await http_floor.serve_floor(
-        "client", ("127.0.0.1", 0), ("127.0.0.1", server.port), tmp_path / "client", bundle
-    )
+    server, client = await _floor_pair(tmp_path, bundle, await upstream.start())
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
         writer.write(b"POST /x HTTP/1.1\r\nHost: cart\r\nContent-Length: 3\r\n\r\nabc")
@@ -139,26 +147,10 @@ async def test_the_floor_pair_refuses_a_peer_without_a_certificate_of_the_bundle
     tmp_path: Path, foreign: str
 ) -> None:
     """Either proxy presenting another CA's SVID: the handshake fails, nothing is relayed."""
-    authority = pki.make_authority(tmp_path / "ca")
-    other = pki.make_authority(tmp_path / "other")
-    bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(
-        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/a/sa/x")).bundle_pem
-    )
-    for role, sa in (("client", "frontend"), ("server", "cart")):
-        signer = other if role == foreign else authority
-        _write(
-            tmp_path / role, pki.make_svid(signer, SpiffeId.parse(f"spiffe://cluster.local/ns/shop/sa/{sa}"))
-        )
+    bundle = _svids(tmp_path, foreign=foreign)
     upstream = _Upstream()
     heads = upstream.heads
-    up_port = await upstream.start()
-    server = await http_floor.serve_floor(
-        "server", ("127.0.0.1", 0), ("127.0.0.1", up_port), tmp_path / "server", bundle
-    )
-    client = await http_floor.serve_floor(
-        "client", ("127.0.0.1", 0), ("127.0.0.1", server.port), tmp_path / "client", bundle
-    )
+    server, client = await _floor_pair(tmp_path, bundle, await upstream.start())
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
         writer.write(b"GET / HTTP/1.1\r\nHost: cart\r\n\r\n")
@@ -208,19 +200,7 @@ async def test_the_http2_floor_pair_carries_grpc_calls_over_mtls(tmp_path: Path)
     import grpc
     import grpc.aio
 
-    authority = pki.make_authority(tmp_path / "ca")
-    bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(
-        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/a/sa/x")).bundle_pem
-    )
-    _write(
-        tmp_path / "client",
-        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/frontend")),
-    )
-    _write(
-        tmp_path / "server",
-        pki.make_svid(authority, SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart")),
-    )
+    bundle = _svids(tmp_path)
 
     async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return b"echo:" + request
@@ -235,12 +215,7 @@ async def test_the_http2_floor_pair_carries_grpc_calls_over_mtls(tmp_path: Path)
     )
     app_port = app.add_insecure_port("127.0.0.1:0")
     await app.start()
-    server = await http_floor.serve_floor(
-        "server", ("127.0.0.1", 0), ("127.0.0.1", app_port), tmp_path / "server", bundle, "h2"
-    )
-    client = await http_floor.serve_floor(
-        "client", ("127.0.0.1", 0), ("127.0.0.1", server.port), tmp_path / "client", bundle, "h2"
-    )
+    server, client = await _floor_pair(tmp_path, bundle, app_port, "h2")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{client.port}") as channel:
             call = channel.unary_unary("/t.Echo/Unary")
