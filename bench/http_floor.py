@@ -57,6 +57,7 @@ from typing import Any, cast
 
 from bench import http, l4
 from bench.common import Progress, cpu_model, git_commit
+from sidemesh.config import ConfigError, parse_hostport
 
 Result = dict[str, Any]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -310,10 +311,10 @@ def _context(server: bool, svid: Path, bundle: Path, alpn: str | None = None) ->
 
 
 def _host_port(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
+    try:
+        return parse_hostport("", text)  # (the sidecar's own reading: [v6], a port in range)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}") from None
 
 
 class Floor:
@@ -384,6 +385,7 @@ def proxy_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.http_floor proxy",
         description="One proxy of the floor pair (see the module's help).",
+        epilog="Prints `ready` once listening; stops on SIGTERM.",
     )
     parser.add_argument(
         "--role",
@@ -403,7 +405,6 @@ def proxy_main(argv: Sequence[str]) -> int:
         default="http1",
         help="http1: HTTP/1.1 parsed by httptools (default); h2: HTTP/2 prior knowledge (gRPC), by h2",
     )
-    parser.epilog = "Prints `ready` once listening; stops on SIGTERM."
     args = parser.parse_args(argv)
     import uvloop
 

@@ -27,7 +27,7 @@ from sidemesh.localnet import DIRECT, without_proxies
 from sidemesh.otlp_receiver import ReceivedSpan, ReceiverThread, trace_tree
 
 # The command's --help description: a string of its own, not the module docstring, which -OO
-# drops (a sidecar's container runs with PYTHONOPTIMIZE=2, and `sidemesh top` is run there).
+# drops (PYTHONOPTIMIZE=2 is set in a sidecar's container, where any sidemesh command may run).
 DESCRIPTION = """`sidemesh demo`: the whole mesh on one machine, no cluster, no root.
 
 It starts the CA, the controller (reading a directory of example manifests), and three workloads

@@ -1,4 +1,5 @@
-"""bench.http_floor's proxy pair: what it measures must be a working HTTP/1.1 pair over mTLS."""
+"""bench.http_floor's proxy pairs: what they measure must be working HTTP/1.1 and HTTP/2 pairs over
+mTLS."""
 
 from __future__ import annotations
 
