@@ -559,6 +559,33 @@ class Connection:
             return ConnectionClosed()
         return NEED_DATA
 
+    def rest_of_message(self) -> bytes | None:
+        """Right after a head: the rest of its message when it is already parsed, its body data
+        and then its end without trailers (most messages arrive whole in one read), taken at once
+        as the events one by one would be; else None, and nothing is taken."""
+        events = self._events
+        count = 0
+        for event in events:
+            if type(event) is Data:
+                count += 1
+            elif type(event) is EndOfMessage and not event.headers:
+                break
+            else:
+                return None
+        else:
+            return None
+        if count == 1:
+            body = events.popleft().data  # type: ignore[union-attr]
+        else:
+            body = b"".join([events.popleft().data for _ in range(count)])  # type: ignore[union-attr]
+        events.popleft()
+        self.their_done = True
+        if self.role == SERVER:
+            self._paused = True
+            if count:
+                self._continue_done = True
+        return body
+
     @property
     def receiving(self) -> bool:
         """The peer is in the middle of a message: its head or body is not whole yet."""
@@ -629,6 +656,14 @@ class Connection:
             self._continue_done = True
             return _head_line(b"HTTP/1.1 %d %s\r\n" % (event.status_code, _reason(event)), event.headers)
         raise LocalProtocolError(f"cannot send {event!r}")
+
+    def send_whole(self, head: Request | Response, body: bytes = b"") -> bytes:
+        """A whole message at once, its head, ``body`` and its end (no trailers): the bytes that
+        ``send`` gives for the three events."""
+        data = self._send_request(head) if isinstance(head, Request) else self._send_response(head)
+        if body:
+            data += self._send_data(body)
+        return data + self._send_end([])
 
     def _send_request(self, request: Request) -> bytes:
         if self.role != CLIENT or self.sent_head:

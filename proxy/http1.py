@@ -497,13 +497,20 @@ async def _forward(
     if up.audit:
         result.decision = "audit_deny"
     head = _request_head(req, raw, span, ctx)
-    try:
-        first = conn.next_event()  # without I/O: a request without a body ends at once
-    except h1.ProtocolError as exc:
-        router.release(up, False, None)  # (nothing was sent: not the endpoint's outcome)
-        raise _BadRequest(exc) from exc
-    bodiless = isinstance(first, h1.EndOfMessage)
+    whole = conn.rest_of_message()  # most requests: no body, or all of it in the read with the head
+    first: object = h1.NEED_DATA
+    if whole is None:
+        try:
+            first = conn.next_event()  # (without I/O)
+        except h1.ProtocolError as exc:
+            router.release(up, False, None)  # (nothing was sent: not the endpoint's outcome)
+            raise _BadRequest(exc) from exc
+    bodiless = whole is not None or isinstance(first, h1.EndOfMessage)
     body = _Body(bodiless)
+    if whole:  # (its clock started at the head: from the body's end, that is now)
+        body.keep(whole)
+        if clock is not None:
+            clock.start()
     if isinstance(first, h1.EndOfMessage) and first.headers:  # (a chunked request of no data, trailers)
         body.trailers = trailer_fields(first.headers)
     if clock is not None and not bodiless and not req.expect_continue:
@@ -518,14 +525,18 @@ async def _forward(
         result.endpoint, result.destination = up.endpoint, up.destination
         pump: asyncio.Task[None] | None = None
         try:
-            data = up.conn.send(head)
-            if body.complete:  # no body, or a retry with the whole body kept: sent from here
-                for chunk in body.chunks:
-                    data += up.conn.send(h1.Data(chunk))
-                data += up.conn.send(h1.EndOfMessage(body.trailers))
-            up.pipe.write(data)
-            if body.complete:
-                up.pipe.flush()  # the request is whole: out now
+            if whole is not None:  # the request read whole (most): out now, in one write
+                up.pipe.write_now(up.conn.send_whole(head, whole))
+                whole = None  # (sent again, it is what ``body`` kept: none if it was too large)
+            else:
+                data = up.conn.send(head)
+                if body.complete:  # a retry with the whole body kept, or trailers: sent from here
+                    for chunk in body.chunks:
+                        data += up.conn.send(h1.Data(chunk))
+                    data += up.conn.send(h1.EndOfMessage(body.trailers))
+                    up.pipe.write_now(data)  # the request is whole: out now
+                else:
+                    up.pipe.write(data)
             if not body.complete:
                 pump = asyncio.create_task(_pump_body(conn, down, up, first, body, clock))
                 pump.add_done_callback(_abort_on_failure(up.pipe))
@@ -1000,7 +1011,17 @@ async def _relay_response(
                     length=event.length,
                     hop=False,  # none is left
                 )
-            _write_down(down, conn, [response])
+            rest = up.conn.rest_of_message()
+            if rest is None:
+                _write_down(down, conn, [response])
+                continue
+            result.response_bytes += len(rest)  # the whole response is here (most are): one write
+            try:
+                down.write_now(conn.send_whole(response, rest))
+            except (PipeClosed, h1.LocalProtocolError) as exc:
+                raise _DownstreamGone(str(exc)) from exc
+            conn.decline_upgrade()
+            return False
         elif isinstance(event, h1.Data):
             result.response_bytes += len(event.data)
             _write_down(down, conn, [event])

@@ -355,6 +355,23 @@ class Pipe(asyncio.Protocol):
         elif self._out_len >= framing.MAX_DATA:
             self.flush()
 
+    def write_now(self, data: bytes) -> None:
+        """``write`` then ``flush``: what was queued and ``data`` go out now, as one write (the
+        end of a message: nothing is scheduled for a turn of the loop later)."""
+        if self._out:
+            self.write(data)
+            self.flush()
+            return
+        transport = self.transport
+        if self._closed or transport is None or transport.is_closing():
+            raise PipeClosed(f"{self.name}: connection closed")
+        if not data:
+            return
+        if not self.framed:
+            transport.write(data)
+        else:
+            self._write_framed(transport, data)
+
     def flush(self) -> None:
         self._flush_scheduled = False
         if not self._out:
@@ -368,6 +385,10 @@ class Pipe(asyncio.Protocol):
         if not self.framed:
             transport.write(data)
             return
+        self._write_framed(transport, data)
+
+    @staticmethod
+    def _write_framed(transport: asyncio.Transport, data: bytes) -> None:
         view = memoryview(data)
         for start in range(0, len(view), framing.MAX_DATA):
             chunk = view[start : start + framing.MAX_DATA]

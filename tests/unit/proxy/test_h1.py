@@ -459,3 +459,79 @@ def test_header_injection_in_a_name_or_the_first_line_is_refused() -> None:
         client = h1.Connection(h1.CLIENT)
         with pytest.raises(h1.LocalProtocolError):
             client.send(h1.Request(b"GET", target, headers))
+
+
+def test_the_rest_of_a_message_already_parsed_is_taken_at_once_as_its_events_would_be() -> None:
+    """``rest_of_message``: a message whose body and end came with its head (most do) is taken
+    in one call, leaving the connection where the events one by one would have; anything else
+    (a body still coming, trailers) is left for the events, nothing taken."""
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        + b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    request = server.next_event()
+    assert isinstance(request, h1.Request) and request.target == b"/a"
+    assert server.rest_of_message() == b"hello"
+    assert server.their_done and server.next_event() is h1.PAUSED  # the pipelined one waits
+    server.send(h1.Response(200, [(b"content-length", b"0")]))
+    server.send(h1.EndOfMessage())
+    server.start_next_cycle()
+    assert isinstance(server.next_event(), h1.Request)
+    assert server.rest_of_message() == b""  # (no body)
+
+    # A body in chunks of several reads' worth, whole: one piece; with trailers: left as events.
+    chunked = h1.Connection(h1.SERVER)
+    chunked.receive_data(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"
+    )
+    assert isinstance(chunked.next_event(), h1.Request) and chunked.rest_of_message() == b"abc"
+    trailed = h1.Connection(h1.SERVER)
+    trailed.receive_data(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nz\r\n0\r\nX-T: 1\r\n\r\n"
+    )
+    assert isinstance(trailed.next_event(), h1.Request) and trailed.rest_of_message() is None
+    assert events(trailed)[:2] == [h1.Data(b"z"), h1.EndOfMessage([(b"x-t", b"1")])]
+
+    # Part of the body still to come: nothing is taken, and what came is the next event.
+    partial = h1.Connection(h1.SERVER)
+    partial.receive_data(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+    assert isinstance(partial.next_event(), h1.Request) and partial.rest_of_message() is None
+    assert not partial.their_done and partial.next_event() == h1.Data(b"ab")
+
+    # A response read by the client side: whole, and the connection is reusable after it.
+    client = h1.Connection(h1.CLIENT)
+    client.send_whole(h1.Request(b"GET", b"/", [(b"host", b"x")]))
+    client.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert isinstance(client.next_event(), h1.Response) and client.rest_of_message() == b"ok"
+    assert client.reusable
+
+
+def test_a_whole_message_is_sent_as_its_three_events_are() -> None:
+    """``send_whole`` gives the bytes of ``send`` for the head, the body and the end, whatever
+    the framing chosen (a length, chunks, none for HEAD), and leaves the same state."""
+    for method, headers in [
+        (b"GET", [(b"content-length", b"5")]),
+        (b"GET", []),  # no framing: chunked for a 1.1 client
+        (b"HEAD", [(b"content-length", b"5")]),
+    ]:
+        one, three = h1.Connection(h1.SERVER), h1.Connection(h1.SERVER)
+        for conn in (one, three):
+            conn.receive_data(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert isinstance(conn.next_event(), h1.Request) and conn.rest_of_message() == b""
+        body = b"" if method == b"HEAD" else b"hello"
+        sent = one.send_whole(h1.Response(200, headers), body)
+        expected = (
+            three.send(h1.Response(200, headers)) + three.send(h1.Data(body)) + three.send(h1.EndOfMessage())
+        )
+        assert sent == expected and one.reusable and three.reusable
+        read = h11_read(h11.CLIENT, sent, method)
+        assert b"".join(bytes(e.data) for e in read if isinstance(e, h11.Data)) == body
+    request = h1.Request(b"POST", b"/u", [(b"host", b"x"), (b"content-length", b"3")])
+    client = h1.Connection(h1.CLIENT)
+    read = h11_read(h11.SERVER, client.send_whole(request, b"abc"))
+    assert (
+        isinstance(read[0], h11.Request) and read[1].data == b"abc" and isinstance(read[2], h11.EndOfMessage)
+    )
+    with pytest.raises(h1.LocalProtocolError):
+        client.send_whole(request, b"abc")  # a second request on a busy connection

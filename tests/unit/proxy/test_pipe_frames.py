@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 from proxy import framing
-from proxy.pipe import Pipe
+from proxy.pipe import Pipe, PipeClosed
 
 
 async def _client_pipe() -> tuple[Pipe, socket.socket]:
@@ -87,3 +89,30 @@ async def test_unread_is_taken_once_and_only_after_an_idle_eof() -> None:
         assert isinstance(pipe.failure, framing.FramingError)
     finally:
         theirs.close()
+
+
+async def test_write_now_sends_what_was_queued_then_its_bytes_at_once_framed_or_not() -> None:
+    """``write_now``: queued bytes first, then its own, out without waiting for a turn of the
+    loop; on a connection to another sidecar as DATA frames; on a closed one, PipeClosed."""
+    for framed in (False, True):
+        ours, theirs = socket.socketpair()
+        pipe = Pipe(framed=framed, name="down")
+        await asyncio.get_running_loop().create_connection(lambda p=pipe: p, sock=ours)
+        try:
+            pipe.write(b"queued ")
+            pipe.write_now(b"now")
+            pipe.write_now(b"!")  # (nothing queued: straight to the transport)
+            assert pipe.transport is not None and pipe.transport.get_write_buffer_size() == 0
+            theirs.setblocking(False)
+            got = theirs.recv(1024)
+            if framed:
+                frames = [(k, bytes(p)) for k, p in framing.Decoder().feed(got)]
+                assert frames == [(framing.DATA, b"queued now"), (framing.DATA, b"!")]  # (one per write)
+            else:
+                assert got == b"queued now!"
+            pipe.close()
+            await asyncio.sleep(0)
+            with pytest.raises(PipeClosed):
+                pipe.write_now(b"late")
+        finally:
+            theirs.close()
