@@ -205,12 +205,9 @@ async def next_event(conn: h1.Connection, pipe: Pipe) -> object:
 
 async def _next_head(conn: h1.Connection, pipe: Pipe, timeout: float) -> object:
     """The next event, once the request head is whole, within ``timeout`` of its first byte
-    (a timer per wait, not a task: this is the request path)."""
+    (a timer per wait, not a task: this is the request path). ``conn`` has just said NEED_DATA."""
     deadline: float | None = None
     while True:
-        event = conn.next_event()
-        if event is not h1.NEED_DATA:
-            return event
         if not pipe.has_input:
             if deadline is None:
                 deadline = time.monotonic() + timeout
@@ -218,6 +215,9 @@ async def _next_head(conn: h1.Connection, pipe: Pipe, timeout: float) -> object:
             if remaining <= 0 or not await pipe.wait_input(remaining):
                 raise _HeadTimeout
         conn.receive_data(await pipe.read())
+        event = conn.next_event()
+        if event is not h1.NEED_DATA:
+            return event
 
 
 async def _wait_request(pipe: Pipe, ctx: Context, first: bool) -> bool:

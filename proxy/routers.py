@@ -199,13 +199,16 @@ class OutboundRouter:
         self.log_extra = log_extra
         self._leases: dict[int, Lease] = {}
         self._policy = RoutePolicy()
+        self._policy_of: Destination | None = None  # (the destination ``_policy`` was read from)
 
     def destination(self) -> Destination | None:
         return self.sc.mesh_config().lookup_name(self.name)
 
     def begin(self, info: RequestInfo) -> float | None:
         dest = self.destination()
-        self._policy = RoutePolicy.of(dest) if dest is not None else RoutePolicy()
+        if dest is not self._policy_of:  # (a new config's destination: its annotations read again)
+            self._policy = RoutePolicy.of(dest) if dest is not None else RoutePolicy()
+            self._policy_of = dest
         self.budget.deposit()
         return self._policy.timeout
 

@@ -138,3 +138,28 @@ def test_grpc_too_tries_an_endpoint_avoided_for_its_answer_when_the_other_cannot
     tried = [Target("a", None, ticket=slow_a), Target("b", None, ticket=refused_b, refused=True)]  # type: ignore[arg-type]
     target = router.route(None, tried)  # type: ignore[arg-type]
     assert not isinstance(target, Denial) and target.endpoint == "10.0.0.1:80", target
+
+
+def test_a_services_timeout_and_retries_follow_the_configuration_request_by_request() -> None:
+    """``OutboundRouter.begin`` reads the route's policy (sidemesh.io/timeout, retries) once per
+    destination it sees, not once per request: a keep-alive connection's next request after a
+    configuration change has the new annotations, and the one before it kept the old."""
+    from proxy.routers import OutboundRouter
+
+    current: list[Destination | None] = [Destination("cart.shop:80", (A,), timeout_s=0.5, retries=1)]
+
+    class _Sidecar:
+        balancer = Balancer()
+        config = types.SimpleNamespace(capture="iptables")
+
+        def mesh_config(self) -> object:
+            return types.SimpleNamespace(lookup_name=lambda name: current[0])
+
+    router = OutboundRouter(_Sidecar(), "cart.shop:80", {})  # type: ignore[arg-type]
+    assert router.begin(None) == 0.5 and router.may_retry("GET", 503, False, 0)  # type: ignore[arg-type]
+    first = router._policy
+    assert router.begin(None) == 0.5 and router._policy is first  # type: ignore[arg-type]  # (kept)
+    current[0] = Destination("cart.shop:80", (A,), timeout_s=2.0, retries=0)  # a new configuration
+    assert router.begin(None) == 2.0 and not router.may_retry("GET", 503, False, 0)  # type: ignore[arg-type]
+    current[0] = None  # (the Service is gone: no timeout, no retries)
+    assert router.begin(None) is None and not router.may_retry("GET", 503, False, 0)  # type: ignore[arg-type]
