@@ -564,6 +564,15 @@ class Connection:
         and then its end without trailers (most messages arrive whole in one read), taken at once
         as the events one by one would be; else None, and nothing is taken."""
         events = self._events
+        if len(events) == 1:  # (the usual shapes first: a bodiless request, a response and its data)
+            end = events[0]
+            if type(end) is not EndOfMessage or end.headers:
+                return None
+            events.clear()
+            self.their_done = True
+            if self.role == SERVER:
+                self._paused = True
+            return b""
         count = 0
         for event in events:
             if type(event) is Data:
