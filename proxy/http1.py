@@ -1015,9 +1015,11 @@ async def _relay_response(
             if rest is None:
                 _write_down(down, conn, [response])
                 continue
-            result.response_bytes += len(rest)  # the whole response is here (most are): one write
-            try:
+            try:  # the whole response is here (most are): one write
                 down.write_now(conn.send_whole(response, rest))
+                result.response_bytes += len(rest)
+                if down.backpressured:  # (a client that does not read: its next request waits)
+                    await down.drain()
             except (PipeClosed, h1.LocalProtocolError) as exc:
                 raise _DownstreamGone(str(exc)) from exc
             conn.decline_upgrade()

@@ -480,7 +480,7 @@ def test_the_rest_of_a_message_already_parsed_is_taken_at_once_as_its_events_wou
     assert isinstance(server.next_event(), h1.Request)
     assert server.rest_of_message() == b""  # (no body)
 
-    # A body in chunks of several reads' worth, whole: one piece; with trailers: left as events.
+    # A chunked body whole in the buffer: one piece; with trailers: left as events.
     chunked = h1.Connection(h1.SERVER)
     chunked.receive_data(
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"
