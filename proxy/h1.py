@@ -564,7 +564,7 @@ class Connection:
         and then its end without trailers (most messages arrive whole in one read), taken at once
         as the events one by one would be; else None, and nothing is taken."""
         events = self._events
-        if len(events) == 1:  # (the usual shapes first: a bodiless request, a response and its data)
+        if len(events) == 1:  # (the usual shapes first: a message without a body ...
             end = events[0]
             if type(end) is not EndOfMessage or end.headers:
                 return None
@@ -573,6 +573,14 @@ class Connection:
             if self.role == SERVER:
                 self._paused = True
             return b""
+        if len(events) == 2:  # ... and one with its body in one piece)
+            data, end = events
+            if type(data) is Data and type(end) is EndOfMessage and not end.headers:
+                events.clear()
+                self.their_done = True
+                if self.role == SERVER:
+                    self._paused = self._continue_done = True
+                return data.data
         count = 0
         for event in events:
             if type(event) is Data:

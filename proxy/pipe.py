@@ -389,6 +389,9 @@ class Pipe(asyncio.Protocol):
 
     @staticmethod
     def _write_framed(transport: asyncio.Transport, data: bytes) -> None:
+        if len(data) <= framing.MAX_DATA:  # (most writes: one frame)
+            transport.write(framing.data_header(len(data)) + data)
+            return
         view = memoryview(data)
         for start in range(0, len(view), framing.MAX_DATA):
             chunk = view[start : start + framing.MAX_DATA]

@@ -136,7 +136,11 @@ class RetryBudget:
 
     def deposit(self) -> None:
         """One original request (not a retry)."""
-        self._bucket()[1] += 1
+        buckets = self._buckets
+        if buckets and buckets[-1][0] == int(self.clock()):  # (most: the second's bucket is there;
+            buckets[-1][1] += 1  # what expired goes at the next read, which ``_bucket`` does first)
+        else:
+            self._bucket()[1] += 1
         self._deposits += 1
 
     def remaining(self) -> float:

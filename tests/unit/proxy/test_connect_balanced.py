@@ -163,3 +163,51 @@ def test_a_services_timeout_and_retries_follow_the_configuration_request_by_requ
     assert router.begin(None) == 2.0 and not router.may_retry("GET", 503, False, 0)  # type: ignore[arg-type]
     current[0] = None  # (the Service is gone: no timeout, no retries)
     assert router.begin(None) is None and not router.may_retry("GET", 503, False, 0)  # type: ignore[arg-type]
+
+
+async def test_an_endpoints_pool_key_follows_the_trust_generation_on_a_kept_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``OutboundRouter._connect`` keeps each endpoint's pool key for the connection's next
+    requests, but a new trust generation (the bundle changed) gives a new key: a connection made
+    under the old trust is not taken, on the same app connection either. The key, the address
+    dialled and the names are those of the endpoint asked for, not of another kept one."""
+    from proxy import http1, pool
+    from proxy.routers import OutboundRouter
+    from sidemesh.spiffe import SpiffeId
+
+    cart = Endpoint("10.0.0.7", 8080, SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart"))
+    plain = Endpoint("10.0.0.8", 80, None)
+
+    class _Sidecar:
+        balancer = Balancer()
+        config = types.SimpleNamespace(capture="iptables")
+        identity = types.SimpleNamespace(generation=1)
+
+    sc = _Sidecar()
+    dialled: list[tuple[str, int]] = []
+
+    async def sidecar(sc: object, ep: Endpoint, dial: tuple[str, int]) -> object:
+        dialled.append(dial)
+        return types.SimpleNamespace()
+
+    async def plain_connect(sc: object, host: str, port: int) -> object:
+        dialled.append((host, port))
+        return types.SimpleNamespace()
+
+    monkeypatch.setattr(pool, "connect_sidecar", sidecar)
+    monkeypatch.setattr(pool, "connect_plain", plain_connect)
+    router = OutboundRouter(sc, "cart.shop:8080", {})  # type: ignore[arg-type]
+    first = await router._connect(cart)
+    again = await router._connect(cart)
+    other = await router._connect(plain)
+    sc.identity.generation = 2
+    renewed = await router._connect(cart)
+    assert all(isinstance(up, http1.Upstream) for up in (first, again, other, renewed))
+    assert isinstance(first, http1.Upstream) and isinstance(again, http1.Upstream)
+    assert isinstance(other, http1.Upstream) and isinstance(renewed, http1.Upstream)
+    assert first.key == again.key == ("mesh", ("10.0.0.7", 8080), str(cart.identity), 8080, 1)
+    assert renewed.key == ("mesh", ("10.0.0.7", 8080), str(cart.identity), 8080, 2)
+    assert other.key == ("plain", "10.0.0.8", 80) and other.destination is None
+    assert (first.endpoint, first.destination) == ("10.0.0.7:8080", str(cart.identity))
+    assert dialled == [("10.0.0.7", 8080)] * 2 + [("10.0.0.8", 80)] + [("10.0.0.7", 8080)]
