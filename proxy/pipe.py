@@ -389,7 +389,7 @@ class Pipe(asyncio.Protocol):
 
     @staticmethod
     def _write_framed(transport: asyncio.Transport, data: bytes) -> None:
-        if len(data) <= framing.MAX_DATA:  # (most writes: one frame)
+        if 0 < len(data) <= framing.MAX_DATA:  # (most writes: one frame; none for no bytes, as the loop)
             transport.write(framing.data_header(len(data)) + data)
             return
         view = memoryview(data)

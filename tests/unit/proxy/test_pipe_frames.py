@@ -116,3 +116,30 @@ async def test_write_now_sends_what_was_queued_then_its_bytes_at_once_framed_or_
                 pipe.write_now(b"late")
         finally:
             theirs.close()
+
+
+def test_a_framed_write_is_one_frame_up_to_the_limit_and_split_past_it() -> None:
+    """What goes to another sidecar is cut into DATA frames of at most ``MAX_DATA``: one frame for
+    most writes, two for one byte more, none for no bytes (an empty frame is a peer's warning sign:
+    too many in a row end the connection)."""
+
+    class Transport:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(bytes(data))
+
+    for size, pieces in (
+        (0, []),
+        (5, [5]),
+        (framing.MAX_DATA, [framing.MAX_DATA]),
+        (framing.MAX_DATA + 1, [framing.MAX_DATA, 1]),
+    ):
+        transport = Transport()
+        Pipe._write_framed(transport, b"x" * size)  # type: ignore[arg-type]
+        frames = [
+            (kind, len(payload)) for w in transport.writes for kind, payload in framing.Decoder().feed(w)
+        ]
+        assert frames == [(framing.DATA, n) for n in pieces], (size, frames)
+        assert len(transport.writes) == len(pieces)  # (no empty frame, which decodes to nothing)
