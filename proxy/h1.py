@@ -564,42 +564,32 @@ class Connection:
         and then its end without trailers (most messages arrive whole in one read), taken at once
         as the events one by one would be; else None, and nothing is taken."""
         events = self._events
-        if len(events) == 1:  # (the usual shapes first: a message without a body ...
-            end = events[0]
-            if type(end) is not EndOfMessage or end.headers:
-                return None
+        n = len(events)
+        end = events[-1] if n else None
+        if n == 1 and type(end) is EndOfMessage and not end.headers:  # (the usual shapes first:
+            body, data = b"", False  # a message without a body, or with it in one piece)
             events.clear()
-            self.their_done = True
-            if self.role == SERVER:
-                self._paused = True
-            return b""
-        if len(events) == 2:  # ... and one with its body in one piece)
-            data, end = events
-            if type(data) is Data and type(end) is EndOfMessage and not end.headers:
-                events.clear()
-                self.their_done = True
-                if self.role == SERVER:
-                    self._paused = self._continue_done = True
-                return data.data
-        count = 0
-        for event in events:
-            if type(event) is Data:
-                count += 1
-            elif type(event) is EndOfMessage and not event.headers:
-                break
+        elif n == 2 and type(events[0]) is Data and type(end) is EndOfMessage and not end.headers:
+            body, data = events[0].data, True
+            events.clear()
+        else:
+            count = 0
+            for event in events:
+                if type(event) is Data:
+                    count += 1
+                elif type(event) is EndOfMessage and not event.headers:
+                    break
+                else:
+                    return None
             else:
                 return None
-        else:
-            return None
-        if count == 1:
-            body = events.popleft().data  # type: ignore[union-attr]
-        else:
             body = b"".join([events.popleft().data for _ in range(count)])  # type: ignore[union-attr]
-        events.popleft()
+            events.popleft()
+            data = count > 0
         self.their_done = True
         if self.role == SERVER:
             self._paused = True
-            if count:
+            if data:
                 self._continue_done = True
         return body
 

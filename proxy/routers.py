@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidemesh.proxy.http")
 DECISIONS_KEPT = 64  # per inbound connection
-_KEYS_KEPT = 64  # endpoints whose pool keys an outbound connection keeps
 _budgets: weakref.WeakKeyDictionary[Sidecar, dict[str, RetryBudget]] = weakref.WeakKeyDictionary()
 
 
@@ -201,10 +200,6 @@ class OutboundRouter:
         self._leases: dict[int, Lease] = {}
         self._policy = RoutePolicy()
         self._policy_of: Destination | None = None  # (the destination ``_policy`` was read from)
-        # By id(endpoint): (the endpoint, trust generation, pool key, address dialled, "ip:port", identity).
-        self._keys: dict[
-            int, tuple[Endpoint, int, tuple[object, ...], tuple[str, int] | None, str, str | None]
-        ] = {}
 
     def destination(self) -> Destination | None:
         return self.sc.mesh_config().lookup_name(self.name)
@@ -279,30 +274,14 @@ class OutboundRouter:
 
     async def _connect(self, ep: Endpoint, fresh: bool = False) -> Local | Upstream:
         sc = self.sc
-        generation = 0 if ep.identity is None else sc.identity.generation
-        # (a connection's requests go to the same few endpoints; by the object, which the entry
-        # holds, so no other object has its id meanwhile: hashing the value costs more)
-        known = self._keys.get(id(ep))
-        key: tuple[object, ...]
-        if known is not None and known[1] == generation:
-            _, _, key, dial, endpoint, identity = known
+        if ep.identity is None:
+            key: tuple[object, ...] = ("plain", ep.address, ep.port)
         else:
-            dial = None
-            if ep.identity is None:
-                key = ("plain", ep.address, ep.port)
-            else:
-                dial = (
-                    (ep.address, ep.port)
-                    if sc.config.capture == "iptables"
-                    else (ep.address, sc.inbound_port)
-                )
-                # (the identity's trust generation: a connection made under an older bundle is not
-                # taken for a new request: it was made under the trust of its handshake)
-                key = ("mesh", dial, str(ep.identity), ep.port, generation)
-            endpoint, identity = f"{ep.address}:{ep.port}", str(ep.identity) if ep.identity else None
-            if len(self._keys) >= _KEYS_KEPT:
-                self._keys.clear()
-            self._keys[id(ep)] = (ep, generation, key, dial, endpoint, identity)
+            dial = (ep.address, ep.port) if sc.config.capture == "iptables" else (ep.address, sc.inbound_port)
+            # (the identity's trust generation: a connection made under an older bundle is not
+            # taken for a new request: it was made under the trust of its handshake)
+            key = ("mesh", dial, str(ep.identity), ep.port, sc.identity.generation)
+        endpoint, identity = f"{ep.address}:{ep.port}", str(ep.identity) if ep.identity else None
         idle = None if fresh else self.pool.take(key)
         if idle is not None:
             return Upstream(idle[0], idle[1], True, key, endpoint, identity)
@@ -310,7 +289,6 @@ class OutboundRouter:
             if ep.identity is None:
                 pipe = await pool.connect_plain(sc, ep.address, ep.port)
             else:
-                assert dial is not None
                 pipe = await pool.connect_sidecar(sc, ep, dial)
         except pool.ConnectError as exc:
             log.warning("upstream connection failed", extra={**self.log_extra, "reason": str(exc)})

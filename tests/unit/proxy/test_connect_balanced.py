@@ -168,10 +168,10 @@ def test_a_services_timeout_and_retries_follow_the_configuration_request_by_requ
 async def test_an_endpoints_pool_key_follows_the_trust_generation_on_a_kept_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``OutboundRouter._connect`` keeps each endpoint's pool key for the connection's next
-    requests, but a new trust generation (the bundle changed) gives a new key: a connection made
-    under the old trust is not taken, on the same app connection either. The key, the address
-    dialled and the names are those of the endpoint asked for, not of another kept one."""
+    """``OutboundRouter._connect``'s pool key carries the trust generation: after the bundle
+    changed, the same connection's next request takes a new key, so a connection made under the old
+    trust is not taken. The key, the address dialled and the names are those of the endpoint asked
+    for."""
     from proxy import http1, pool
     from proxy.routers import OutboundRouter
     from sidemesh.spiffe import SpiffeId
