@@ -19,13 +19,17 @@ and Envoy's are built, and nothing else:
 No policy, no balancing, no pooling, no metrics, no timeouts, no error handling beyond closing: it
 says what the interpreter, uvloop, OpenSSL and the kernel cost together, so that the Sidemesh
 pair's distance to Envoy's can be split into what Python costs and what the sidecar's own
-per-request work costs. A fourth pair, the HTTP/2 floor, does the same for gRPC with h2, the
+per-request work costs. A fourth pair, the floor with the sidecar's decisions, is the floor pair
+making for each request what the sidecar decides and records, with the sidecar's own classes
+(``Decisions``: the policy decision, the balancer's lease, the retry budget, the request metrics,
+the route statistics): what a sidecar whose data path were the floor's would cost at the least,
+with today's decisions. A fifth pair, the HTTP/2 floor, does the same as the first for gRPC with h2, the
 library the sidecar uses, set up as the sidecar sets it up (``proxy.http2._Side``'s
 connection: header-block caches, settings, connection window, stream limits): each proxy terminates HTTP/2 on
 both of its connections (as the sidecar does) and relays each stream's headers, data and
 trailers on a stream of its own as the windows allow, with nothing else.
 
-Runs wrk ``-c 1 -t 1`` and ``-c 16 -t 2`` (Sidemesh, Envoy, the HTTP/1.1 floor), then, with
+Runs wrk ``-c 1 -t 1`` and ``-c 16 -t 2`` (Sidemesh, Envoy, the two HTTP/1.1 floors), then, with
 h2load installed, `bench.http`'s gRPC unary calls (``-c 1 -m 1`` and ``-c 4 -m 8``; Sidemesh,
 Envoy, the HTTP/2 floor), ``--rounds`` rounds with the pairs in a rotating order; each figure is
 the median round's. Writes ``bench/results/http-floor.md`` and ``.json``.
@@ -35,13 +39,15 @@ the median round's. Writes ``bench/results/http-floor.md`` and ``.json``.
 
 runs one proxy of a floor pair (``client``: plaintext in, mTLS out; ``server``: mTLS in,
 plaintext out; DIR holds ``cert-chain.pem`` and ``key.pem`` as ``sidemesh ca issue`` writes them;
-the proxy's own ``--protocol h2`` for the HTTP/2 floor).
+the proxy's own ``--protocol h2`` for the HTTP/2 floor, ``--decisions`` for the floor with the
+sidecar's decisions).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime as dt
 import json
 import random
@@ -53,7 +59,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from bench import http, l4
 from bench.common import Progress, cpu_model, git_commit
@@ -63,7 +69,8 @@ Result = dict[str, Any]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FLOOR_OUTBOUND = 17080  # on the client's address, as Sidemesh's 18080 and Envoy's 19080
 FLOOR_INBOUND = 17443  # on the server's address
-PATHS = ("sidemesh", "envoy", "floor")
+# (the HTTP/2 floor's ports are these + 1, the floor with decisions' these + 2)
+PATHS = ("sidemesh", "envoy", "floor", "floor_decisions")
 GRPC_PATHS = ("sidemesh", "envoy", "floor_h2")
 LABELS = l4.LABELS
 
@@ -167,6 +174,119 @@ class Side(_Connection):
     def send(self, data: bytes) -> None:
         if self.other is not None:
             self.other.out.append(data)
+
+
+class Decisions:
+    """What the sidecar decides and records for each HTTP request, made with its own classes, for
+    the floor pair with decisions (``proxy --decisions``): the request's ``RequestInfo`` (its
+    header fields kept as the sidecar's parser keeps them, names in lower case) and
+    ``RequestResult``; the observer's span (the request metrics' series, the route statistics,
+    the requests in flight; no access log, the sidecar's default); outbound (``client``), a lease
+    of the balancer on the destination's one endpoint (acquired at the request head, the time to
+    the response head marked, released at its end) and a deposit in the retry budget; inbound
+    (``server``), the request target normalized and the policy decision, kept per method and path
+    as ``InboundRouter.authorize`` keeps it. Nothing else of the sidecar: no pooling, framing,
+    timeouts, retries, checks of the messages or error handling. What a sidecar whose data path is
+    the floor's would cost at the least, with the decisions of today's (docs/sidecar.md)."""
+
+    def __init__(self, role: str) -> None:
+        # (imported here: the other pairs' proxies do not load the sidecar's modules)
+        from proxy.balance import Balancer
+        from proxy.headers import normalize_target, request_path
+        from proxy.metrics import ProxyMetrics
+        from proxy.observe import RequestInfo, RequestResult
+        from proxy.retry import RetryBudget
+        from proxy.routes import RouteStats
+        from proxy.telemetry import ProxyObserver
+        from sidemesh.mesh.compile import Destination, Endpoint
+        from sidemesh.policy.evaluate import evaluate
+        from sidemesh.policy.model import Decision, DefaultPolicy, Peer, Request
+        from sidemesh.spiffe import SpiffeId
+
+        self.info, self.result, self.policy_request = RequestInfo, RequestResult, Request
+        self.normalize_target, self.request_path, self.evaluate = normalize_target, request_path, evaluate
+
+        self.outbound = role == "client"
+        self.direction: Literal["inbound", "outbound"] = "outbound" if self.outbound else "inbound"
+        own = f"spiffe://{l4.TRUST_DOMAIN}/ns/shop/sa/{'frontend' if self.outbound else 'cart'}"
+        self.observer = ProxyObserver(ProxyMetrics(), RouteStats(), own, access_log=False)
+        self.balancer = Balancer()
+        self.budget = RetryBudget()
+        cart = SpiffeId.parse(f"spiffe://{l4.TRUST_DOMAIN}/ns/shop/sa/cart")
+        self.destination = Destination("cart.shop:80", (Endpoint("10.0.0.1", l4.APP_PORT, cart),))
+        self.endpoint = f"10.0.0.1:{l4.APP_PORT}"
+        self.callee = str(cart)
+        self.peer = Peer(l4.TRUST_DOMAIN, "shop", "frontend")
+        self.default = DefaultPolicy.ALLOW_AUTHENTICATED
+        self.decisions: dict[tuple[str, str], Decision] = {}
+
+    def decide(self, method: str, path: str) -> None:
+        """The inbound policy decision, as ``InboundRouter.authorize`` makes it: kept per method
+        and path, evaluated against the policies (none: the default) when not kept."""
+        if (method, path) not in self.decisions:
+            request = self.policy_request(self.peer, l4.APP_PORT, method, path)
+            self.decisions[method, path] = self.evaluate((), self.default, request, l4.TRUST_DOMAIN)
+
+
+class DecidingSide(Side):
+    """A connection of the floor pair with decisions: the floor's relay, and per request what
+    ``Decisions`` lists. The request side starts each request's record; the response side (its
+    ``other``) ends it, in order (``inflight``)."""
+
+    def __init__(
+        self, parser: Callable[[Any], Any], request: bool, sides: set[Any], decisions: Decisions
+    ) -> None:
+        super().__init__(parser, request, sides)
+        self.decisions = decisions
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.inflight: collections.deque[tuple[Any, Any, Any]] = collections.deque()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name.lower(), value))
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        fields, self.fields = self.fields, []
+        d = self.decisions
+        if self.request:
+            target = self.url if d.outbound else d.normalize_target(self.url)
+            method = self.parser.get_method().decode("latin-1")
+            host = next((v for n, v in fields if n == b"host"), b"")
+            info = d.info(
+                direction=d.direction,
+                protocol="http/1.1",
+                method=method,
+                path=d.request_path(target),
+                authority=host.decode("latin-1"),
+                headers=fields,
+                service=d.destination.name if d.outbound else None,
+                peer_address="127.0.0.1:1",
+                traced=False,
+            )
+            span = d.observer.start(info)
+            result = d.result(status=None)
+            lease = None
+            if d.outbound:
+                lease = d.balancer.acquire(d.destination)
+                d.budget.deposit()
+                result.endpoint, result.destination = d.endpoint, d.callee
+            else:
+                d.decide(method, info.path)
+            self.other.inflight.append((span, lease, result))
+        elif self.inflight:
+            _, lease, result = self.inflight[0]
+            result.status = self.parser.get_status_code()
+            if lease is not None:
+                lease.mark_head()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if not self.request and self.inflight:
+            span, lease, result = self.inflight.popleft()
+            if lease is not None:
+                lease.release(result.status is not None and result.status < 500)
+            span.finish(result)
 
 
 class H2Side(_Connection):
@@ -320,9 +440,10 @@ def _host_port(text: str) -> tuple[str, int]:
 class Floor:
     """A running floor proxy: its listener and its connections."""
 
-    def __init__(self, server: asyncio.Server, sides: set[Any]) -> None:
+    def __init__(self, server: asyncio.Server, sides: set[Any], decisions: Decisions | None = None) -> None:
         self.server = server
         self.sides = sides
+        self.decisions = decisions  # the floor with decisions: what it decided and recorded
 
     @property
     def port(self) -> int:
@@ -344,9 +465,11 @@ async def serve_floor(
     svid: Path,
     bundle: Path,
     protocol: str = "http1",
+    decisions: bool = False,
 ) -> Floor:
     """A floor proxy: ``protocol`` http1 (HTTP/1.1, httptools) or h2 (HTTP/2 prior knowledge
-    from the client and to the app, ALPN h2 between the two proxies)."""
+    from the client and to the app, ALPN h2 between the two proxies); ``decisions``: HTTP/1.1
+    with the sidecar's per-request decisions (``Decisions``)."""
     import httptools
 
     loop = asyncio.get_running_loop()
@@ -355,6 +478,7 @@ async def serve_floor(
     outbound = _context(False, svid, bundle, alpn) if role == "client" else None
 
     sides: set[Any] = set()
+    deciding = Decisions(role) if decisions else None
 
     def accepted() -> Side | H2Side:
         down: Side | H2Side
@@ -365,6 +489,9 @@ async def serve_floor(
             app_facing = APP_MAX_STREAMS if role == "client" else None
             down = H2Side(client_side=False, sides=sides, max_streams=app_facing)
             up = H2Side(client_side=True, sides=sides)
+        elif deciding is not None:
+            down = DecidingSide(httptools.HttpRequestParser, True, sides, deciding)
+            up = DecidingSide(httptools.HttpResponseParser, False, sides, deciding)
         else:
             down = Side(httptools.HttpRequestParser, request=True, sides=sides)
             up = Side(httptools.HttpResponseParser, request=False, sides=sides)
@@ -378,7 +505,7 @@ async def serve_floor(
         connect.add_done_callback(made)
         return down
 
-    return Floor(await loop.create_server(accepted, *listen, ssl=inbound), sides)
+    return Floor(await loop.create_server(accepted, *listen, ssl=inbound), sides, deciding)
 
 
 def proxy_main(argv: Sequence[str]) -> int:
@@ -405,11 +532,21 @@ def proxy_main(argv: Sequence[str]) -> int:
         default="http1",
         help="http1: HTTP/1.1 parsed by httptools (default); h2: HTTP/2 prior knowledge (gRPC), by h2",
     )
+    parser.add_argument(
+        "--decisions",
+        action="store_true",
+        help="HTTP/1.1 with the sidecar's per-request decisions and records (policy, balancing, "
+        "retry budget, metrics, route statistics), made with its own classes",
+    )
     args = parser.parse_args(argv)
+    if args.decisions and args.protocol != "http1":
+        parser.error("--decisions is for --protocol http1")
     import uvloop
 
     async def run() -> None:
-        floor = await serve_floor(args.role, args.listen, args.target, args.svid, args.bundle, args.protocol)
+        floor = await serve_floor(
+            args.role, args.listen, args.target, args.svid, args.bundle, args.protocol, args.decisions
+        )
         print("ready", flush=True)
         await floor.server.serve_forever()
 
@@ -419,12 +556,15 @@ def proxy_main(argv: Sequence[str]) -> int:
 
 
 def start_floor(
-    ps: l4.Processes, setup: l4.Setup, core: int | None, protocol: str = "http1"
+    ps: l4.Processes, setup: l4.Setup, core: int | None, protocol: str = "http1", decisions: bool = False
 ) -> dict[str, l4.Proc]:
-    """A floor pair (path ``floor``, or ``floor_h2`` for HTTP/2), with the SVIDs
-    `l4.issue_svids` wrote (server: cart's; client: frontend's)."""
+    """A floor pair (path ``floor``, ``floor_h2`` for HTTP/2, ``floor_decisions`` with the
+    sidecar's decisions), with the SVIDs `l4.issue_svids` wrote (server: cart's; client:
+    frontend's)."""
     bundle = setup.tmp / "ca" / "root-cert.pem"
-    path, shift = ("floor_h2", 1) if protocol == "h2" else ("floor", 0)
+    path, shift = (
+        ("floor_h2", 1) if protocol == "h2" else ("floor_decisions", 2) if decisions else ("floor", 0)
+    )
     procs: dict[str, l4.Proc] = {}
     for role, listen, target, sa in (
         ("server", f"{setup.addr(2)}:{FLOOR_INBOUND + shift}", f"{setup.addr(2)}:{l4.APP_PORT}", "cart"),
@@ -437,7 +577,7 @@ def start_floor(
     ):
         cmd = [sys.executable, "-m", "bench.http_floor", "proxy", "--role", role, "--listen", listen]
         cmd += ["--target", target, "--svid", str(setup.tmp / f"svid-{sa}"), "--bundle", str(bundle)]
-        cmd += ["--protocol", protocol]
+        cmd += ["--protocol", protocol, *(["--decisions"] if decisions else [])]
         proc = ps.start(f"{path}-{role}", cmd, core)
         l4._wait(proc, "listening", lambda p=proc: True if "ready" in p.log.read_text() else None)
         procs[role] = proc
@@ -468,8 +608,9 @@ def write_markdown(path: Path, report: Result) -> None:
         f"Generated by `python -m bench.http_floor` on {report['when']} (commit {report['commit']}), "
         f"{report['cpu']}; {report['layout']}",
         "",
-        "| figure | Sidemesh pair | Envoy pair | Python floor pair | Sidemesh / Envoy | floor / Envoy |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| figure | Sidemesh pair | Envoy pair | Python floor pair | floor with the sidecar's decisions "
+        "| Sidemesh / Envoy | floor / Envoy | floor with decisions / Envoy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in ("c1", "c16"):
         n = run[1:]
@@ -487,7 +628,7 @@ def write_markdown(path: Path, report: Result) -> None:
             cells = ["" if v[p] is None else f"{v[p]:,.{digits}f}" for p in PATHS]
             ratios = [
                 "" if v[p] is None or not v["envoy"] else f"{v[p] / v['envoy']:.2f}x"
-                for p in ("sidemesh", "floor")
+                for p in ("sidemesh", "floor", "floor_decisions")
             ]
             lines.append(f"| {label} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     if any(res.get(p, {}).get("grpc") for p in GRPC_PATHS):
@@ -605,6 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             l4.issue_svids(setup, bundle)
             http.start_envoy(ps, setup, tools.envoy, bundle, proxy_core)
             start_floor(ps, setup, proxy_core)
+            start_floor(ps, setup, proxy_core, decisions=True)
             if grpc_runs:
                 start_floor(ps, setup, proxy_core, "h2")
             for path in PATHS:
@@ -645,6 +787,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Python floor pair: uvloop and asyncio.Protocol callbacks, httptools parsing of every request "
         "and response in both proxies, mTLS (TLS 1.3) between them, one proxy connection per client "
         "connection; no policy, balancing, pooling, metrics or timeouts (the module's help).",
+        "Python floor pair with the sidecar's decisions: the floor pair, and for each request what the "
+        "sidecar decides and records, with its own classes (the request's record, the observer's span "
+        "with the request metrics and route statistics; outbound the balancer's lease and the retry "
+        "budget's deposit, inbound the target normalized and the policy decision); still no pooling, "
+        "framing, timeouts, retries or checks of the messages (bench.http_floor.Decisions).",
         "Python HTTP/2 floor pair: the same, with h2 set up as the sidecar sets it up (its connection "
         "class, settings and windows) terminating HTTP/2 on both connections of each proxy, each stream "
         "relayed on a stream of its own as the windows allow; ALPN h2 between the two.",

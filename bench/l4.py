@@ -81,6 +81,7 @@ LABELS = {
     "sidemesh": "Sidemesh pair",
     "envoy": "Envoy pair",
     "floor": "Python floor pair",
+    "floor_decisions": "Python floor pair with the sidecar's decisions",
     "floor_h2": "Python HTTP/2 floor pair",
 }
 

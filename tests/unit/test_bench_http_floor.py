@@ -35,14 +35,20 @@ def _svids(tmp_path: Path, foreign: str | None = None) -> Path:
 
 
 async def _floor_pair(
-    tmp_path: Path, bundle: Path, app_port: int, protocol: str = "http1"
+    tmp_path: Path, bundle: Path, app_port: int, protocol: str = "http1", decisions: bool = False
 ) -> tuple[http_floor.Floor, http_floor.Floor]:
     """The floor's server proxy in front of the app at ``app_port``, and its client proxy."""
     server = await http_floor.serve_floor(
-        "server", ("127.0.0.1", 0), ("127.0.0.1", app_port), tmp_path / "server", bundle, protocol
+        "server", ("127.0.0.1", 0), ("127.0.0.1", app_port), tmp_path / "server", bundle, protocol, decisions
     )
     client = await http_floor.serve_floor(
-        "client", ("127.0.0.1", 0), ("127.0.0.1", server.port), tmp_path / "client", bundle, protocol
+        "client",
+        ("127.0.0.1", 0),
+        ("127.0.0.1", server.port),
+        tmp_path / "client",
+        bundle,
+        protocol,
+        decisions,
     )
     return server, client
 
@@ -109,13 +115,49 @@ def test_the_floor_pair_relays_under_uvloop_as_the_bench_runs_it(tmp_path: Path)
         runner.run(_relay_over_mtls(tmp_path))
 
 
-async def _relay_over_mtls(tmp_path: Path) -> None:
+async def test_the_floor_pair_with_decisions_relays_as_the_floor(tmp_path: Path) -> None:
+    await _relay_over_mtls(tmp_path, decisions=True)
+
+
+async def test_the_floor_pair_with_decisions_decides_and_records_each_request(tmp_path: Path) -> None:
+    """Each request through the floor with decisions is recorded as the sidecar records it: by
+    the client proxy, an outbound request of its route with the status that came (the
+    balancer's lease on the endpoint taken and given back, a deposit in the retry budget); by the
+    server proxy, an inbound one, its target normalized as the policy decided it."""
+    bundle = _svids(tmp_path)
+    upstream = _Upstream()
+    server, client = await _floor_pair(tmp_path, bundle, await upstream.start(), decisions=True)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        for _ in range(3):
+            writer.write(b"GET /a/../b HTTP/1.1\r\nHost: cart\r\n\r\n")
+            assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 201 ")
+        writer.close()
+        await writer.wait_closed()
+        out, inn = client.decisions, server.decisions
+        assert out is not None and inn is not None
+        routes = {k: v.requests for k, v in out.observer.routes.routes.items()}
+        assert routes == {("outbound", "GET /a/../b"): 3}
+        assert {k: v.requests for k, v in inn.observer.routes.routes.items()} == {("inbound", "GET /b"): 3}
+        series = out.observer.metrics.requests.series
+        assert {labels[3]: s.count for labels, s in series.items()} == {"2xx": 3}
+        assert out.observer.in_flight == {"inbound": 0, "outbound": 0} == inn.observer.in_flight
+        state = out.balancer.state(out.destination.endpoints[0])
+        assert state is not None and (state.picks, state.outstanding) == (3, 0)
+        assert out.budget.remaining() > inn.budget.remaining()  # (three deposits outbound)
+        assert list(inn.decisions) == [("GET", "/b")] and inn.decisions["GET", "/b"].allowed
+    finally:
+        for s in (client, server, upstream):
+            await s.close()
+
+
+async def _relay_over_mtls(tmp_path: Path, decisions: bool = False) -> None:
     """Keep-alive requests through the HTTP/1.1 pair: a body with a length, a chunked answer with a
     trailer (passed on, and not into the next message), then a third request."""
     bundle = _svids(tmp_path)
     upstream = _Upstream()
     heads = upstream.heads
-    server, client = await _floor_pair(tmp_path, bundle, await upstream.start())
+    server, client = await _floor_pair(tmp_path, bundle, await upstream.start(), decisions=decisions)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
         writer.write(b"POST /x HTTP/1.1\r\nHost: cart\r\nContent-Length: 3\r\n\r\nabc")
@@ -254,13 +296,15 @@ def test_the_report_keeps_the_wrk_and_grpc_figures_of_a_pair_apart(tmp_path: Pat
             "sidemesh": {"c1": run(2000), "grpc": {"c1": call(700)}},
             "envoy": {"c1": run(2500), "grpc": {"c1": call(1400)}},
             "floor": {"c1": run(3000)},
+            "floor_decisions": {"c1": run(2250)},
             "floor_h2": {"grpc": {"c1": call(800)}},
         },
     }
     out = tmp_path / "floor.md"
     http_floor.write_markdown(out, report)
     text = out.read_text()
-    assert "| requests/s, 1 connection | 2,000 | 2,500 | 3,000 | 0.80x | 1.20x |" in text
+    assert "| requests/s, 1 connection | 2,000 | 2,500 | 3,000 | 2,250 | 0.80x | 1.20x | 0.90x |" in text
+    assert "- wrk c1, Python floor pair with the sidecar's decisions: 2,250 req/s" in text
     assert "| calls/s, 1 connection(s) x 1 stream(s) | 700 | 1,400 | 800 | 0.50x | 0.57x |" in text
     assert "- gRPC c1, Python HTTP/2 floor pair: 800 calls/s" in text
 
