@@ -940,7 +940,9 @@ async def _relay_response(
                 up.conn.receive_data(await up.pipe.read())
                 event = up.conn.next_event()
         else:
-            event = await next_event(up.conn, up.pipe)
+            while event is h1.NEED_DATA:  # (``next_event``, without asking again first)
+                up.conn.receive_data(await up.pipe.read())
+                event = up.conn.next_event()
         if (
             isinstance(event, h1.Response)
             and event.status_code == 502
