@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import operator
 import re
 import time
 from collections import deque
@@ -675,6 +676,8 @@ class _Up(_Side):
 
 
 _CREDENTIALS = frozenset({b"authorization", b"proxy-authorization"})
+_MAY_HIDE = _CREDENTIALS | {b"cookie"}  # names whose fields ``_headers`` may make never-indexed
+_NAME = operator.itemgetter(0)
 
 
 _CONNECTION_SPECIFIC = frozenset(
@@ -864,6 +867,8 @@ def _headers(raw: list[Any]) -> list[Header]:  # hpack's tuples (h2 types them l
     proxy-authorization, a cookie shorter than 20 bytes): they stay out of the compression
     contexts, where a guessing attacker could find them (section 7.1)."""
     out: list[Header] = list(raw)
+    if _MAY_HIDE.isdisjoint(map(_NAME, out)):  # (most blocks: looked through by C calls)
+        return out
     for i, (n, v) in enumerate(out):
         if (n in _CREDENTIALS or (n == b"cookie" and len(v) < 20)) and not isinstance(
             out[i], NeverIndexedHeaderTuple
@@ -981,8 +986,10 @@ class H2Proxy:
                     self._linger = True  # which an immediate close would reset away
                     break
                 for event in events:
-                    with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset meanwhile
+                    try:  # noqa: SIM105 (contextlib.suppress: two calls per event)
                         self._on_down(event)
+                    except h2.exceptions.StreamClosedError:  # reset meanwhile
+                        pass
                 # Not held over the wait below: a read of PINGs is thousands of h2 events (~6 MB
                 # for 256 KiB) that a client which reads nothing would keep alive.
                 del data, events
@@ -1663,8 +1670,10 @@ class H2Proxy:
             while data := await up.pipe.read():
                 up.heard = True
                 for event in up.conn.receive_data(data):
-                    with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset meanwhile
+                    try:  # noqa: SIM105 (contextlib.suppress: two calls per event)
                         self._on_up(up, event)
+                    except h2.exceptions.StreamClosedError:  # reset meanwhile
+                        pass
                 up.flush()
                 self._flush_now()
                 try:
@@ -1965,8 +1974,10 @@ class H2Proxy:
                 return
             queue.popleft()
             if flow and src is not None and other is not None:
-                with contextlib.suppress(h2.exceptions.ProtocolError):
+                try:  # noqa: SIM105 (contextlib.suppress: two calls per frame)
                     src.conn.acknowledge_received_data(flow, other)
+                except h2.exceptions.ProtocolError:
+                    pass
             if ends:
                 queue.popleft()  # (the end: no flow of its own)
                 item = None
