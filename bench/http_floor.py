@@ -240,6 +240,7 @@ class DecidingSide(Side):
         self.decisions = decisions
         self.fields: list[tuple[bytes, bytes]] = []
         self.inflight: collections.deque[tuple[Any, Any, Any]] = collections.deque()
+        self.informational = False  # the response head just parsed is a 1xx: the final one follows
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.fields.append((name.lower(), value))
@@ -273,19 +274,34 @@ class DecidingSide(Side):
             else:
                 d.decide(method, info.path)
             self.other.inflight.append((span, lease, result))
-        elif self.inflight:
-            _, lease, result = self.inflight[0]
-            result.status = self.parser.get_status_code()
-            if lease is not None:
-                lease.mark_head()
+        else:
+            status = self.parser.get_status_code()
+            self.informational = status < 200
+            if self.inflight and not self.informational:
+                _, lease, result = self.inflight[0]
+                result.status = status
+                if lease is not None:
+                    lease.mark_head()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        if not self.request and self.inflight:
+        self.fields.clear()  # (a trailer section's: not the next head's)
+        if not self.request and self.inflight and not self.informational:
             span, lease, result = self.inflight.popleft()
             if lease is not None:
                 lease.release(result.status is not None and result.status < 500)
+            span.finish(result)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Requests still in flight end unanswered, as the sidecar ends them: the lease given up
+        (not the endpoint's outcome), the span finished with no status."""
+        super().connection_lost(exc)
+        waiting = self.other.inflight if self.request and self.other is not None else self.inflight
+        while waiting:
+            span, lease, result = waiting.popleft()
+            if lease is not None:
+                lease.abandon(False)
             span.finish(result)
 
 

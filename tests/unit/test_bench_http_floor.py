@@ -54,7 +54,8 @@ async def _floor_pair(
 
 
 class _Upstream:
-    """An HTTP/1.1 server that answers /chunked in chunks and anything else with a length."""
+    """An HTTP/1.1 server that answers /chunked in chunks, /silent never, and anything else with
+    a length."""
 
     def __init__(self) -> None:
         self.heads: list[bytes] = []
@@ -92,6 +93,8 @@ class _Upstream:
                 0,
             )
             body = await reader.readexactly(length)
+            if head.startswith(b"GET /silent"):
+                continue
             if head.startswith(b"GET /chunked"):
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n"
@@ -144,8 +147,73 @@ async def test_the_floor_pair_with_decisions_decides_and_records_each_request(tm
         assert out.observer.in_flight == {"inbound": 0, "outbound": 0} == inn.observer.in_flight
         state = out.balancer.state(out.destination.endpoints[0])
         assert state is not None and (state.picks, state.outstanding) == (3, 0)
-        assert out.budget.remaining() > inn.budget.remaining()  # (three deposits outbound)
+        assert out.budget.remaining() - inn.budget.remaining() == pytest.approx(3 * out.budget.ratio)
         assert list(inn.decisions) == [("GET", "/b")] and inn.decisions["GET", "/b"].allowed
+    finally:
+        for s in (client, server, upstream):
+            await s.close()
+
+
+async def test_the_floor_pair_with_decisions_keeps_each_request_to_its_own_fields(tmp_path: Path) -> None:
+    """A request's trailer section is not taken for the next request's head (pipelined after it)."""
+    bundle = _svids(tmp_path)
+    upstream = _Upstream()
+    server, client = await _floor_pair(tmp_path, bundle, await upstream.start(), decisions=True)
+    assert client.decisions is not None
+    made = client.decisions.info
+    infos: list[Any] = []
+    client.decisions.info = lambda **kw: infos.append(made(**kw)) or infos[-1]  # type: ignore[method-assign]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(
+            b"POST /one HTTP/1.1\r\nHost: cart\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n"
+            b"Host: evil\r\n\r\nGET /two HTTP/1.1\r\nHost: cart\r\n\r\n"
+        )
+        await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+        await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+        writer.close()
+        await writer.wait_closed()
+        assert [(i.path, i.authority, list(i.headers)) for i in infos] == [
+            ("/one", "cart", [(b"host", b"cart"), (b"transfer-encoding", b"chunked")]),
+            ("/two", "cart", [(b"host", b"cart")]),
+        ]
+    finally:
+        for s in (client, server, upstream):
+            await s.close()
+
+
+async def test_the_floor_pair_with_decisions_ends_the_requests_a_close_cuts(tmp_path: Path) -> None:
+    """A request whose response never comes, its client gone: ended unanswered in both proxies
+    (nothing left in flight, the lease given back), as the sidecar ends it."""
+    bundle = _svids(tmp_path)
+    upstream = _Upstream()
+    server, client = await _floor_pair(tmp_path, bundle, await upstream.start(), decisions=True)
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(b"GET /silent HTTP/1.1\r\nHost: cart\r\n\r\n")
+        await writer.drain()
+        for _ in range(100):  # (until the app has it)
+            if upstream.heads:
+                break
+            await asyncio.sleep(0.01)
+        assert client.decisions is not None and server.decisions is not None
+        assert client.decisions.observer.in_flight["outbound"] == 1
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(100):
+            if (
+                client.decisions.observer.in_flight["outbound"]
+                == 0
+                == server.decisions.observer.in_flight["inbound"]
+            ):
+                break
+            await asyncio.sleep(0.01)
+        assert client.decisions.observer.in_flight == {"inbound": 0, "outbound": 0}
+        assert server.decisions.observer.in_flight == {"inbound": 0, "outbound": 0}
+        state = client.decisions.balancer.state(client.decisions.destination.endpoints[0])
+        assert state is not None and state.outstanding == 0
+        series = client.decisions.observer.metrics.requests.series
+        assert {labels[3]: s.count for labels, s in series.items()} == {"reset": 1}
     finally:
         for s in (client, server, upstream):
             await s.close()
