@@ -41,6 +41,11 @@ runs one proxy of a floor pair (``client``: plaintext in, mTLS out; ``server``: 
 plaintext out; DIR holds ``cert-chain.pem`` and ``key.pem`` as ``sidemesh ca issue`` writes them;
 the proxy's own ``--protocol h2`` for the HTTP/2 floor, ``--decisions`` for the floor with the
 sidecar's decisions).
+
+    .venv/bin/python -m bench.http_floor decisions [--requests N] [--rounds N]
+
+times the floor with decisions' work for one request in a loop in one process (``time_decisions``:
+warm caches, a quick figure for comparing two versions of the decision code; no pair, no wrk).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ import socket
 import ssl
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -220,12 +226,86 @@ class Decisions:
         self.default = DefaultPolicy.ALLOW_AUTHENTICATED
         self.decisions: dict[tuple[str, str], Decision] = {}
 
+    def begin(self, method: bytes, target: bytes, fields: list[tuple[bytes, bytes]]) -> tuple[Any, Any, Any]:
+        """A request head: its record, span and (outbound) lease, and the decisions it takes."""
+        if not self.outbound:
+            target = self.normalize_target(target)
+        host = next((v for n, v in fields if n == b"host"), b"")
+        info = self.info(
+            direction=self.direction,
+            protocol="http/1.1",
+            method=method.decode("latin-1"),
+            path=self.request_path(target),
+            authority=host.decode("latin-1"),
+            headers=fields,
+            service=self.destination.name if self.outbound else None,
+            peer_address="127.0.0.1:1",
+            traced=False,
+        )
+        span = self.observer.start(info)
+        result = self.result(status=None)
+        lease = None
+        if self.outbound:
+            lease = self.balancer.acquire(self.destination)
+            self.budget.deposit()
+            result.endpoint, result.destination = self.endpoint, self.callee
+        else:
+            self.decide(info.method, info.path)
+        return span, lease, result
+
+    @staticmethod
+    def head(request: tuple[Any, Any, Any], status: int) -> None:
+        """Its response head came."""
+        _, lease, result = request
+        result.status = status
+        if lease is not None:
+            lease.mark_head()
+
+    @staticmethod
+    def end(request: tuple[Any, Any, Any]) -> None:
+        """Its response ended."""
+        span, lease, result = request
+        if lease is not None:
+            lease.release(result.status is not None and result.status < 500)
+        span.finish(result)
+
+    @staticmethod
+    def cut(request: tuple[Any, Any, Any]) -> None:
+        """Its connection closed before its response ended: ended unanswered, as the sidecar ends
+        such a request (the lease given up: not the endpoint's outcome)."""
+        span, lease, result = request
+        if lease is not None:
+            lease.abandon(False)
+        span.finish(result)
+
     def decide(self, method: str, path: str) -> None:
         """The inbound policy decision, as ``InboundRouter.authorize`` makes it: kept per method
         and path, evaluated against the policies (none: the default) when not kept."""
         if (method, path) not in self.decisions:
             request = self.policy_request(self.peer, l4.APP_PORT, method, path)
             self.decisions[method, path] = self.evaluate((), self.default, request, l4.TRUST_DOMAIN)
+
+
+def time_decisions(requests: int = 200_000, rounds: int = 5) -> dict[str, float]:
+    """Nanoseconds per request of ``Decisions``' work for one request (its head, its response's
+    head and end), outbound and inbound, in a loop in this process: the best of ``rounds`` runs
+    of ``requests``. Warm caches: in the floor pair with decisions the same work costs about four
+    times as much (docs/sidecar.md); a quick figure for comparing two versions of the decision
+    code, not a cost per request."""
+    fields = [(b"host", b"cart.shop:80"), (b"user-agent", b"wrk")]
+    out: dict[str, float] = {}
+    for role in ("client", "server"):
+        d = Decisions(role)
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(requests):
+                request = d.begin(b"GET", b"/", fields)
+                d.head(request, 200)
+                d.end(request)
+            best = min(best, (time.perf_counter() - start) / requests * 1e9)
+        out[d.direction] = best
+    return out
 
 
 class DecidingSide(Side):
@@ -248,50 +328,20 @@ class DecidingSide(Side):
 
     def on_headers_complete(self) -> None:
         fields, self.fields = self.fields, []
-        d = self.decisions
         if self.request:
-            target = self.url if d.outbound else d.normalize_target(self.url)
-            method = self.parser.get_method().decode("latin-1")
-            host = next((v for n, v in fields if n == b"host"), b"")
-            info = d.info(
-                direction=d.direction,
-                protocol="http/1.1",
-                method=method,
-                path=d.request_path(target),
-                authority=host.decode("latin-1"),
-                headers=fields,
-                service=d.destination.name if d.outbound else None,
-                peer_address="127.0.0.1:1",
-                traced=False,
-            )
-            span = d.observer.start(info)
-            result = d.result(status=None)
-            lease = None
-            if d.outbound:
-                lease = d.balancer.acquire(d.destination)
-                d.budget.deposit()
-                result.endpoint, result.destination = d.endpoint, d.callee
-            else:
-                d.decide(method, info.path)
-            self.other.inflight.append((span, lease, result))
+            self.other.inflight.append(self.decisions.begin(self.parser.get_method(), self.url, fields))
         else:
             status = self.parser.get_status_code()
             self.informational = status < 200
             if self.inflight and not self.informational:
-                _, lease, result = self.inflight[0]
-                result.status = status
-                if lease is not None:
-                    lease.mark_head()
+                self.decisions.head(self.inflight[0], status)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self.fields.clear()  # (a trailer section's: not the next head's)
         if not self.request and self.inflight and not self.informational:
-            span, lease, result = self.inflight.popleft()
-            if lease is not None:
-                lease.release(result.status is not None and result.status < 500)
-            span.finish(result)
+            self.decisions.end(self.inflight.popleft())
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Requests still in flight end unanswered, as the sidecar ends them: the lease given up
@@ -299,10 +349,7 @@ class DecidingSide(Side):
         super().connection_lost(exc)
         waiting = self.other.inflight if self.request and self.other is not None else self.inflight
         while waiting:
-            span, lease, result = waiting.popleft()
-            if lease is not None:
-                lease.abandon(False)
-            span.finish(result)
+            self.decisions.cut(waiting.popleft())
 
 
 class H2Side(_Connection):
@@ -728,10 +775,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def decisions_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.http_floor decisions",
+        description="Nanoseconds per request of the sidecar's per-request decisions and records, as the "
+        "floor pair with decisions makes them (bench.http_floor.Decisions), outbound and inbound, timed in "
+        "a loop in this process: warm caches, so about a quarter of their cost in the pair; for comparing "
+        "two versions of the decision code.",
+    )
+    parser.add_argument("--requests", type=int, default=200_000, help="requests per run (200,000)")
+    parser.add_argument("--rounds", type=int, default=5, help="runs; the best is reported (5)")
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.rounds < 1:
+        parser.error("--requests and --rounds must be at least 1")
+    for direction, ns in time_decisions(args.requests, args.rounds).items():
+        print(f"{direction}: {ns:,.0f} ns per request")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["proxy"]:
         return proxy_main(argv[1:])
+    if argv[:1] == ["decisions"]:
+        return decisions_main(argv[1:])
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, l4._interrupt)
     signal.signal(signal.SIGHUP, l4._interrupt)

@@ -219,6 +219,24 @@ async def test_the_floor_pair_with_decisions_ends_the_requests_a_close_cuts(tmp_
             await s.close()
 
 
+def test_the_decisions_loop_times_the_work_of_each_request(capsys: pytest.CaptureFixture[str]) -> None:
+    """`decisions` times what the floor with decisions does per request, in both directions."""
+    assert http_floor.main(["decisions", "--requests", "50", "--rounds", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["outbound", "inbound"]
+    assert all(float(line.split()[1].replace(",", "")) > 0 for line in lines)
+    with pytest.raises(SystemExit):
+        http_floor.main(["decisions", "--rounds", "0"])
+    d = http_floor.Decisions("client")
+    for _ in range(3):
+        request = d.begin(b"GET", b"/x", [(b"host", b"cart")])
+        d.head(request, 503)
+        d.end(request)
+    state = d.balancer.state(d.destination.endpoints[0])
+    assert state is not None and (state.picks, state.outstanding, state.failures) == (3, 0, 3)
+    assert {labels[3]: s.count for labels, s in d.observer.metrics.requests.series.items()} == {"5xx": 3}
+
+
 async def _relay_over_mtls(tmp_path: Path, decisions: bool = False) -> None:
     """Keep-alive requests through the HTTP/1.1 pair: a body with a length, a chunked answer with a
     trailer (passed on, and not into the next message), then a third request."""
