@@ -191,9 +191,10 @@ class Decisions:
     of the balancer on the destination's one endpoint (acquired at the request head, the time to
     the response head marked, released at its end) and a deposit in the retry budget; inbound
     (``server``), the request target normalized and the policy decision, kept per method and path
-    as ``InboundRouter.authorize`` keeps it. Nothing else of the sidecar: no pooling, framing,
-    timeouts, retries, checks of the messages or error handling. What a sidecar whose data path is
-    the floor's would cost at the least, with the decisions of today's (docs/sidecar.md)."""
+    as ``InboundRouter.authorize`` keeps it; a request its connection's close cuts ends unanswered.
+    Nothing else of the sidecar: no pooling, framing, timeouts, retries, checks of the messages,
+    header rewrites or per-request configuration lookup. What a sidecar whose data path is the
+    floor's would cost at the least, with the decisions of today's (docs/sidecar.md)."""
 
     def __init__(self, role: str) -> None:
         # (imported here: the other pairs' proxies do not load the sidecar's modules)
@@ -289,7 +290,7 @@ class Decisions:
 def time_decisions(requests: int = 200_000, rounds: int = 5) -> dict[str, float]:
     """Nanoseconds per request of ``Decisions``' work for one request (its head, its response's
     head and end), outbound and inbound, in a loop in this process: the best of ``rounds`` runs
-    of ``requests``. Warm caches: in the floor pair with decisions the same work costs about four
+    of ``requests``. Warm caches: in the floor pair with decisions the same calls cost two to five
     times as much (docs/sidecar.md); a quick figure for comparing two versions of the decision
     code, not a cost per request."""
     fields = [(b"host", b"cart.shop:80"), (b"user-agent", b"wrk")]
@@ -737,7 +738,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "Needs wrk and envoy (`make bench` installs them); h2load (nghttp2-client) for the gRPC "
-            "runs. About 8 minutes with the defaults."
+            "runs. About 10 minutes with the defaults."
         ),
     )
     parser.add_argument("--seconds", type=int, default=10, help="seconds of each measured wrk run (10)")
@@ -780,7 +781,7 @@ def decisions_main(argv: Sequence[str]) -> int:
         prog="python -m bench.http_floor decisions",
         description="Nanoseconds per request of the sidecar's per-request decisions and records, as the "
         "floor pair with decisions makes them (bench.http_floor.Decisions), outbound and inbound, timed in "
-        "a loop in this process: warm caches, so about a quarter of their cost in the pair; for comparing "
+        "a loop in this process: warm caches, so a fifth to a half of their cost in the pair; for comparing "
         "two versions of the decision code.",
     )
     parser.add_argument("--requests", type=int, default=200_000, help="requests per run (200,000)")
