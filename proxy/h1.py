@@ -559,6 +559,16 @@ class Connection:
             return ConnectionClosed()
         return NEED_DATA
 
+    def unread_event(self, event: Event) -> None:
+        """Put back the event ``next_event`` just gave (what it learnt from it stays learnt): the
+        next call gives it again."""
+        self._events.appendleft(event)
+
+    @property
+    def at_rest(self) -> bool:
+        """Nothing parsed and not yet taken, no message begun, no error: the next bytes begin one."""
+        return not self._events and not self._in_message and self._error is None
+
     def rest_of_message(self) -> bytes | None:
         """Right after a head: the rest of its message when it is already parsed, its body data
         and then its end without trailers (most messages arrive whole in one read), taken at once

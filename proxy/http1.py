@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 from proxy import h1
 from proxy.headers import (
@@ -220,25 +220,35 @@ async def _next_head(conn: h1.Connection, pipe: Pipe, timeout: float) -> object:
             return event
 
 
-async def _wait_request(pipe: Pipe, ctx: Context, first: bool) -> bool:
-    """Wait for the next request's first bytes; False when the connection should end (idle, or
-    draining between two requests). The pipe's ticks (``serve``) wake the wait to look at both. A
-    connection's first request is waited for while draining too, for the head timeout: the
-    client connected to be served (one accepted as the drain began, or taken from the accept
-    queue, was closed before its request was read)."""
-    if pipe.has_input:
+async def _wait_request(pipe: Pipe, ctx: Context, first: bool, lane: _Lane | None = None) -> bool:
+    """Wait for the next request's first bytes (or what the ``lane`` hands back); False when the
+    connection should end (idle, or draining between two requests). The pipe's ticks (``serve``)
+    wake the wait to look at both. A connection's first request is waited for while draining too,
+    for the head timeout: the client connected to be served (one accepted as the drain began, or
+    taken from the accept queue, was closed before its request was read). The requests the lane
+    serves meanwhile count as the connection's activity; while it has one in flight the
+    connection is neither idle nor closed for a drain."""
+    if pipe.has_input or pipe.handed is not None:
         return True
     deadline = time.monotonic() + ctx.idle_timeout
     held = False  # (a first request, the drain seen: waited for until ``deadline``)
+    served = 0 if lane is None else lane.served
     while True:
         now = time.monotonic()
+        if lane is not None and (lane.busy or lane.served != served):
+            served, first = lane.served, False
+            deadline = now + ctx.idle_timeout
+            if lane.busy:  # (what comes meanwhile waits for the exchange's end: pipelined, a FIN)
+                if await pipe.wait_tick_or_handed(lambda: lane.busy):
+                    return True
+                continue
         if ctx.draining() and not held:
             if not first:
                 return False
             deadline, held = min(deadline, now + ctx.head_timeout), True
         if now >= deadline:
             return False
-        if await pipe.wait_tick_or_input():
+        if await pipe.wait_tick_or_input() and (lane is None or not lane.busy or pipe.handed is not None):
             return True
 
 
@@ -260,21 +270,35 @@ def _local_response(local: Local, close: bool) -> list[h1.Event]:
 async def serve(down: Pipe, router: Router, ctx: Context) -> None:
     """Serve one downstream connection until it ends."""
     conn = h1.Connection(h1.SERVER, max_head=MAX_HEAD)
+    lane = _Lane(conn, down, router, ctx) if getattr(router, "route_now", None) is not None else None
     down.start_ticks(min(DRAIN_CHECK, ctx.idle_timeout / 2))  # idle closes within 1.5x the timeout
     first = True
     refused = False  # a head refused (unparsable, too large, not in time): the short linger
     try:
         while True:
             event: object
+            handed: object = None
             try:
                 event = conn.next_event()  # a pipelined request may be buffered already
                 if event is h1.NEED_DATA:
-                    if not await _wait_request(down, ctx, first):
-                        if down.framed:  # a client sidecar's pooled connection: tell it what it
-                            await linger_close(down, idle=True)  # sends meanwhile goes unread
-                            return
-                        break
-                    event = await _next_head(conn, down, ctx.head_timeout)
+                    if lane is not None and not down.has_input and conn.at_rest:
+                        down.on_data = lane.on_request  # plain exchanges in callbacks meanwhile
+                    waited = await _wait_request(down, ctx, first, lane)
+                    down.on_data = None
+                    if lane is not None and lane.served:
+                        first = False
+                    handed = down.take_handed()
+                    if handed is None:
+                        if not waited:
+                            if down.framed:  # a client sidecar's pooled connection: tell it what
+                                await linger_close(down, idle=True)  # it sends meanwhile goes unread
+                                return
+                            break
+                        event = await _next_head(conn, down, ctx.head_timeout)
+                    elif handed is _PARSE:  # (what the lane fed the parser: a head not whole yet)
+                        event = conn.next_event()
+                        if event is h1.NEED_DATA:
+                            event = await _next_head(conn, down, ctx.head_timeout)
             except h1.ProtocolError as exc:
                 _refuse_head(conn, down, exc.status, str(exc), ctx)
                 refused = True
@@ -284,12 +308,21 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
                 _refuse_head(conn, down, 408, "request head not received in time", ctx)
                 refused = True
                 break
-            if isinstance(event, h1.ConnectionClosed) or event is h1.PAUSED:
-                break
-            assert isinstance(event, h1.Request), event
+            if handed is _END:  # (the lane ended the connection)
+                return
+            if isinstance(handed, _Handed):
+                event = handed.req
+            elif handed is _DRAIN:  # (the lane's last response waits in the write buffer)
+                await down.drain()
+            if handed is not _DONE and handed is not _DRAIN:
+                if isinstance(event, h1.ConnectionClosed) or event is h1.PAUSED:
+                    break
+                assert isinstance(event, h1.Request), event
+                if not await _exchange(
+                    conn, down, event, router, ctx, handed if isinstance(handed, _Handed) else None
+                ):
+                    return  # the connection was spliced or reset: nothing more to do here
             first = False
-            if not await _exchange(conn, down, event, router, ctx):
-                return  # the connection was spliced or reset: nothing more to do here
             reusable = conn.reusable
             if reusable and not ctx.draining():
                 conn.start_next_cycle(checked=True)
@@ -307,6 +340,9 @@ async def serve(down: Pipe, router: Router, ctx: Context) -> None:
     except (PipeClosed, OSError):  # the client is gone (ENOTCONN from a write_eof too)
         down.abort()
     finally:
+        down.on_data = None
+        if lane is not None:
+            lane.abandon()  # (cancelled with an exchange in the lane: given up, as _forward's)
         down.stop_ticks()
         conn.release()
 
@@ -344,9 +380,21 @@ def _refuse_head(conn: h1.Connection, down: Pipe, status: int, why: str, ctx: Co
     ctx.observer.start(info).finish(RequestResult(status if sent else None, decision="refused", error=why))
 
 
-async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Router, ctx: Context) -> bool:
-    """One request and its response. False when the downstream connection is no longer HTTP."""
+async def _exchange(
+    conn: h1.Connection,
+    down: Pipe,
+    req: h1.Request,
+    router: Router,
+    ctx: Context,
+    handed: _Handed | None = None,
+) -> bool:
+    """One request and its response. False when the downstream connection is no longer HTTP.
+    ``handed``: from the lane, the request's body taken whole, or the exchange it began (its
+    request sent), to go on with."""
     raw = req.headers
+    sent = None if handed is None else handed.sent
+    if sent is not None:
+        return await _conclude(conn, down, req, router, ctx, sent.span, sent.result, sent.info, handed)
     bad_path = None
     if ctx.direction == "inbound":  # the enforcing side: the app gets the path the policy saw
         try:
@@ -375,17 +423,39 @@ async def _exchange(conn: h1.Connection, down: Pipe, req: h1.Request, router: Ro
         else:  # its body still coming: closing now would reset the 400 away (RFC 9112 9.6)
             await linger_close(down)
         return False
-    result = RequestResult(status=None)
+    return await _conclude(conn, down, req, router, ctx, span, RequestResult(status=None), info, handed)
+
+
+async def _conclude(
+    conn: h1.Connection,
+    down: Pipe,
+    req: h1.Request,
+    router: Router,
+    ctx: Context,
+    span: RequestSpan,
+    result: RequestResult,
+    info: RequestInfo,
+    handed: _Handed | None,
+) -> bool:
+    """The exchange from its routing (or, handed from the lane, from its request sent) to its end."""
+    raw = req.headers
     try:
+        if handed is not None and handed.sent is not None:
+            sent = handed.sent
+            return await _forward(
+                conn, down, req, raw, span, sent.up, router, result, info, sent.clock, ctx, sent=sent
+            )
         timeout = router.begin(info)
         clock = None if timeout is None else _Clock(timeout, time.monotonic() + timeout)
-        route = await _route(router, req, info, None if clock is None else clock.at)
+        chosen = None if handed is None else handed.chosen
+        route = await _route(router, req, info, None if clock is None else clock.at, chosen=chosen)
         if isinstance(route, Local):
             if ctx.draining():  # as for a forwarded response: Connection: close, then close
                 conn.must_close = True
             await _answer_locally(conn, down, route, result)
             return True
-        return await _forward(conn, down, req, raw, span, route, router, result, info, clock, ctx)
+        whole = None if handed is None else handed.whole
+        return await _forward(conn, down, req, raw, span, route, router, result, info, clock, ctx, whole)
     except _BadRequest as exc:
         result.error = f"bad request: {exc}"
         _send_error(conn, down, exc.status, str(exc), ctx)
@@ -492,29 +562,40 @@ async def _forward(
     info: RequestInfo,
     clock: _Clock | None,
     ctx: Context,
+    taken: bytes | None = None,
+    sent: _Sent | None = None,
 ) -> bool:
+    """``taken``: the request's body, taken whole from the parser already; ``sent``: the request
+    went out (from the lane), with its head and body kept."""
     result.reason, result.policy = up.reason, up.policy
     if up.audit:
         result.decision = "audit_deny"
-    head = _request_head(req, raw, span, ctx)
-    whole = conn.rest_of_message()  # most requests: no body, or all of it in the read with the head
     first: object = h1.NEED_DATA
-    if whole is None:
-        try:
-            first = conn.next_event()  # (without I/O)
-        except h1.ProtocolError as exc:
-            router.release(up, False, None)  # (nothing was sent: not the endpoint's outcome)
-            raise _BadRequest(exc) from exc
-    bodiless = whole is not None or isinstance(first, h1.EndOfMessage)
-    body = _Body(bodiless)
-    if whole:  # (its clock started at the head: from the body's end, that is now)
-        body.keep(whole)
-        if clock is not None:
-            clock.start()
-    if isinstance(first, h1.EndOfMessage) and first.headers:  # (a chunked request of no data, trailers)
-        body.trailers = trailer_fields(first.headers)
-    if clock is not None and not bodiless and not req.expect_continue:
-        clock.body_coming()  # started by the end of the body
+    whole: bytes | None
+    skip = False  # (the lane's request went out: _forward goes on after its send)
+    if sent is not None:  # (whole: its body kept, its clock started)
+        head, whole, body = sent.head, sent.unsent, sent.body
+        skip = whole is None
+    else:
+        head = _request_head(req, raw, span, ctx)
+        # Most requests: no body, or all of it in the read with the head.
+        whole = conn.rest_of_message() if taken is None else taken
+        if whole is None:
+            try:
+                first = conn.next_event()  # (without I/O)
+            except h1.ProtocolError as exc:
+                router.release(up, False, None)  # (nothing was sent: not the endpoint's outcome)
+                raise _BadRequest(exc) from exc
+        bodiless = whole is not None or isinstance(first, h1.EndOfMessage)
+        body = _Body(bodiless)
+        if whole:  # (its clock started at the head: from the body's end, that is now)
+            body.keep(whole)
+            if clock is not None:
+                clock.start()
+        if isinstance(first, h1.EndOfMessage) and first.headers:  # (a chunked request of no data, trailers)
+            body.trailers = trailer_fields(first.headers)
+        if clock is not None and not bodiless and not req.expect_continue:
+            clock.body_coming()  # started by the end of the body
     tried: list[str] = []  # endpoints that failed this request: a retry goes elsewhere if it can
     started = [False]  # a response head went downstream
     retried = False  # the one free retry of a request on a pooled connection closed under it
@@ -525,7 +606,9 @@ async def _forward(
         result.endpoint, result.destination = up.endpoint, up.destination
         pump: asyncio.Task[None] | None = None
         try:
-            if whole is not None:  # the request read whole (most): out now, in one write
+            if skip:
+                skip = False
+            elif whole is not None:  # the request read whole (most): out now, in one write
                 up.pipe.write_now(up.conn.send_whole(head, whole))
                 whole = None  # (sent again, it is what ``body`` kept: none if it was too large)
             else:
@@ -800,14 +883,24 @@ async def _reroute(
 
 
 async def _route(
-    router: Router, req: h1.Request, info: RequestInfo, deadline: float | None, avoid: Sequence[str] = ()
+    router: Router,
+    req: h1.Request,
+    info: RequestInfo,
+    deadline: float | None,
+    avoid: Sequence[str] = (),
+    chosen: Choice | None = None,
 ) -> Local | Upstream:
     """``router.route`` within the request's deadline: the Service's timeout covers finding and
-    connecting to an endpoint too (as Envoy's route timeout), not only waiting for the response."""
+    connecting to an endpoint too (as Envoy's route timeout), not only waiting for the response.
+    ``chosen``: what the router's ``route_now`` chose (the lane's), for ``route`` to go on with."""
+    if chosen is None:
+        routing = router.route(req, info, avoid)
+    else:  # (a router with ``route_now``)
+        routing = router.route(req, info, avoid, chosen=chosen)  # type: ignore[call-arg]
     if deadline is None:
-        return await router.route(req, info, avoid)
+        return await routing
     try:
-        return await asyncio.wait_for(router.route(req, info, avoid), max(0.0, deadline - time.monotonic()))
+        return await asyncio.wait_for(routing, max(0.0, deadline - time.monotonic()))
     except TimeoutError:
         return Local(504, "upstream timeout", "allow", error="timeout")
 
@@ -1116,3 +1209,292 @@ async def copy(src: Pipe, dst: Pipe) -> None:
     except (PipeClosed, ConnectionError):
         src.abort()
         dst.abort()
+
+
+# -- plain exchanges in callbacks ----------------------------------------------------------------
+#
+# Most requests are plain: a head and a body of known length (or none) in one read, answered by a
+# response of the same kind. The lane proxies those in the pipes' ``on_data`` callbacks, from one
+# connection to the other as they arrive, with no task woken, and the same decisions as above
+# (route, span, retry budget, balancer lease, policy). It takes a request only at a message
+# boundary and only whole; whatever it does not finish it hands back to ``serve``, at one of two
+# points: before anything was sent (the request, and its body if taken, go through ``_exchange``
+# as if read there), or once the request went out (``_forward`` goes on after its own send: a
+# response not whole or not plain, a status the route may retry, the upstream ending, the
+# request's deadline, the client leaving). docs/sidecar.md, "Plain exchanges in callbacks".
+
+_PARSE: Final = h1._Sentinel("PARSE")  # the parser holds what came: serve asks it (a head not whole)
+_DONE: Final = h1._Sentinel("DONE")  # an exchange finished: serve goes on as after one of its own
+_DRAIN: Final = h1._Sentinel("DRAIN")  # ... and its response waits in the write buffer: drain first
+_END: Final = h1._Sentinel("END")  # the lane ended the connection (the client left, a failure)
+
+
+@dataclass(slots=True)
+class _Sent:
+    """An exchange the lane began and hands back after its request went out."""
+
+    req: h1.Request  # as parsed (its target normalized inbound)
+    info: RequestInfo
+    span: RequestSpan
+    result: RequestResult
+    up: Upstream
+    head: h1.Request
+    body: _Body
+    clock: _Clock | None
+    unsent: bytes | None = None  # the request's body, when it could not be sent (``_forward`` sends it)
+
+
+class Choice(Protocol):
+    """What a router chose without a wait for a request it could not route at once (the
+    balancer's endpoint, to connect to): given back to its ``route``, or cancelled."""
+
+    def cancel(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Handed:
+    req: h1.Request
+    whole: bytes | None = None  # its body, taken whole from the parser (b"": none)
+    sent: _Sent | None = None
+    chosen: Choice | None = None  # for ``route`` (``route_now``'s choice, not made again)
+
+
+class _Lane:
+    """One downstream connection's plain exchanges in callbacks (above)."""
+
+    __slots__ = ("busy", "conn", "ctx", "down", "inbound", "route_now", "router", "sent", "served", "timer")
+
+    def __init__(self, conn: h1.Connection, down: Pipe, router: Router, ctx: Context) -> None:
+        self.conn = conn
+        self.down = down
+        self.router = router
+        self.route_now: Callable[[h1.Request, str, str], Upstream | Choice | None] = router.route_now  # type: ignore[attr-defined]
+        self.ctx = ctx
+        self.inbound = ctx.direction == "inbound"
+        self.busy = False  # an exchange in flight (``sent``)
+        self.sent: _Sent | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.served = 0  # exchanges finished here (serve's idle timeout counts them)
+
+    def on_request(self, data: bytes) -> None:
+        """The downstream's bytes at a message boundary, while ``serve`` waits for a request."""
+        down = self.down
+        down.on_data = None  # (what comes during the exchange is buffered: pipelined, a FIN)
+        try:
+            self._request(data)
+        except Exception:  # (a defect: the connection ends, nothing left half done)
+            self._failed()
+
+    def _failed(self) -> None:
+        log.exception("HTTP/1.1 exchange failed", extra=self.ctx.log_extra)
+        self.abandon()
+        self.down.abort()
+        self.down.hand_back(_END)
+
+    def _request(self, data: bytes) -> None:
+        conn, down, ctx = self.conn, self.down, self.ctx
+        conn.receive_data(data)
+        try:
+            req = conn.next_event()
+        except h1.ProtocolError:
+            down.hand_back(_PARSE)  # (serve asks again: the error is answered there)
+            return
+        if type(req) is not h1.Request:
+            if req is not h1.NEED_DATA and req is not h1.PAUSED:  # (none other at rest: for serve)
+                conn.unread_event(req)  # type: ignore[arg-type]
+            down.hand_back(_PARSE)
+            return
+        if (
+            req.http_version != b"1.1"
+            or req.expect_continue
+            or req.upgrade
+            or conn.must_close
+            or ctx.draining()
+            or down.ended
+            or (whole := conn.rest_of_message()) is None
+        ):
+            down.hand_back(_Handed(req))
+            return
+        method = req.method.decode("latin-1")
+        target = req.target
+        if self.inbound:
+            try:
+                target = normalize_target(target)
+            except BadPath:
+                down.hand_back(_Handed(req, whole))
+                return
+        path = request_path(target)
+        up = self.route_now(req, method, path)
+        if type(up) is not Upstream:  # (an answer of the sidecar's own, a connection to make: serve's)
+            down.hand_back(_Handed(req, whole, chosen=up))  # type: ignore[arg-type]
+            return
+        try:
+            self._send(req, method, path, target, whole, up)
+        except BaseException:
+            if self.sent is None:  # (not yet the lane's to give up)
+                self.router.release(up, False, None)
+            raise
+
+    def _send(
+        self, req: h1.Request, method: str, path: str, target: bytes, whole: bytes, up: Upstream
+    ) -> None:
+        ctx, down = self.ctx, self.down
+        req.target = target
+        raw = req.headers
+        info = RequestInfo(
+            direction=ctx.direction,
+            protocol="http/1.1",
+            method=method,
+            path=path,
+            authority=(req.host or b"").decode("latin-1"),
+            headers=raw,
+            source=ctx.source,
+            service=ctx.service,
+            peer_address=ctx.peer_address,
+            traced=req.traced,
+        )
+        span = ctx.observer.start(info)
+        result = RequestResult(status=None)
+        try:
+            timeout = self.router.begin(info)
+            clock = None
+            if timeout is not None:
+                clock = _Clock(timeout, None)
+                clock.start()
+            result.reason, result.policy = up.reason, up.policy
+            result.endpoint, result.destination = up.endpoint, up.destination
+            head = _request_head(req, raw, span, ctx)
+            body = _Body(True)
+            if whole:
+                body.keep(whole)
+        except BaseException:
+            span.finish(result)
+            raise
+        self.sent = sent = _Sent(req, info, span, result, up, head, body, clock)
+        self.busy = True
+        down.on_end = self.give_back  # (the client left: as _forward sees it)
+        pipe = up.pipe
+        pipe.on_end = self.give_back
+        try:
+            pipe.write_now(up.conn.send_whole(head, whole))
+        except PipeClosed:
+            self.give_back()  # (the connection closed under it: _forward's retry)
+            return
+        except h1.LocalProtocolError:
+            sent.unsent = whole  # (not sent: _forward sends it, and fails it as its own)
+            self.give_back()
+            return
+        pipe.on_data = self.on_response
+        if clock is not None:
+            self.timer = down.call_later(clock.timeout, self.give_back)
+
+    def on_response(self, data: bytes) -> None:
+        """The upstream's bytes, while the lane's request waits for its response."""
+        try:
+            self._response(data)
+        except Exception:
+            self._failed()
+
+    def _response(self, data: bytes) -> None:
+        sent = self.sent
+        assert sent is not None
+        up = sent.up
+        uc = up.conn
+        uc.receive_data(data)
+        try:
+            event = uc.next_event()
+        except h1.ProtocolError:
+            self.give_back()  # (serve's _relay_response reads the error again)
+            return
+        if event is h1.NEED_DATA:
+            return  # (the head is not whole yet)
+        if (
+            type(event) is not h1.Response
+            or event.status_code in RETRY_STATUSES  # (perhaps retried: _relay_response's to decide)
+            or self.ctx.draining()
+            or (rest := uc.rest_of_message()) is None
+        ):
+            if event is not h1.PAUSED:
+                uc.unread_event(event)  # type: ignore[arg-type]
+            self.give_back()
+            return
+        conn, down, result = self.conn, self.down, sent.result
+        result.status = status = event.status_code
+        if up.at_head is not None:
+            up.at_head()
+        response = event
+        if event.hop:
+            response = h1.Response(
+                status,
+                forwarded(event.headers),
+                event.reason,
+                known=event.known,
+                chunked=event.chunked,
+                length=event.length,
+                hop=False,
+            )
+        try:
+            down.write_now(conn.send_whole(response, rest))
+        except (PipeClosed, h1.LocalProtocolError) as exc:
+            self._settle()
+            result.error = f"downstream: {exc}"
+            self.router.release(up, False, None)
+            sent.span.finish(result)
+            down.abort()
+            down.hand_back(_END)
+            return
+        self._settle()
+        result.response_bytes = len(rest)
+        result.request_bytes = sent.body.size
+        reusable = uc.reusable
+        if reusable:
+            uc.start_next_cycle(checked=True)
+        self.router.release(up, reusable, status < 500)
+        sent.span.finish(result)
+        self.served += 1
+        if down.backpressured:  # (a client that does not read: its next request waits)
+            down.hand_back(_DRAIN)
+        elif conn.reusable and conn.at_rest and not down.has_input and not self.ctx.draining():
+            conn.start_next_cycle(checked=True)
+            down.on_data = self.on_request  # the next request, here too
+        else:  # (closing, pipelined, a head begun: serve's, with its head timeout)
+            down.hand_back(_DONE)
+
+    def _settle(self) -> None:
+        """The exchange leaves the lane: its callbacks and timer are let go."""
+        sent = self.sent
+        self.sent = None
+        self.busy = False
+        self.down.on_end = None
+        if sent is not None:
+            sent.up.pipe.on_data = None
+            sent.up.pipe.on_end = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def give_back(self) -> None:
+        """The exchange goes on in ``serve`` (``_forward`` after its send)."""
+        sent = self.sent
+        if sent is None:
+            return
+        self._settle()
+        self.down.hand_back(_Handed(sent.req, sent=sent))
+
+    def abandon(self) -> None:
+        """``serve`` ends (cancelled) with an exchange here, or handed back and not taken yet:
+        given up, as ``_forward`` gives one up."""
+        sent = self.sent
+        if sent is not None:
+            self._settle()
+        else:
+            handed = self.down.take_handed()
+            if not isinstance(handed, _Handed):
+                return
+            if handed.chosen is not None:
+                handed.chosen.cancel()
+            sent = handed.sent
+            if sent is None:
+                return
+        self.router.release(sent.up, False, None)
+        sent.span.finish(sent.result)

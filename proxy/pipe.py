@@ -81,6 +81,11 @@ class Pipe(asyncio.Protocol):
         self.on_control: typing.Callable[[int, bytes], None] | None = None
         # Called once when the other side ends (EOF or loss), e.g. to give up what was done for it.
         self.on_end: typing.Callable[[], None] | None = None
+        # Given the bytes as they arrive, when nothing is buffered, instead of buffering them for
+        # ``read`` (HTTP/1.1's plain exchanges in callbacks: ``proxy.http1._Lane``), which gives
+        # the reader what it does not finish itself with ``hand_back``.
+        self.on_data: typing.Callable[[bytes], None] | None = None
+        self.handed: object = None  # what ``hand_back`` gave the reader, until it takes it
         # Python 3.11's get_running_loop() costs a getpid() system call: once per pipe, not per read.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -105,6 +110,9 @@ class Pipe(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         if self.decoder is None:
+            if self.on_data is not None and not self._buf:
+                self.on_data(data)
+                return
             self._push(data)
             self._wake()
             return
@@ -115,7 +123,10 @@ class Pipe(asyncio.Protocol):
                         raise framing.FramingError("DATA after EOF")
                     if self.open_first:
                         raise framing.FramingError("DATA before OPEN")
-                    self._push(bytes(payload))
+                    if self.on_data is not None and not self._buf and payload:
+                        self.on_data(bytes(payload))
+                    else:
+                        self._push(bytes(payload))
                 elif kind == framing.EOF:
                     if self.open_first:
                         raise framing.FramingError("EOF before OPEN")
@@ -138,7 +149,8 @@ class Pipe(asyncio.Protocol):
         except framing.FramingError as exc:
             self._lost = exc
             self.abort()
-        self._wake()
+        if self.on_data is None or self._buf or self._eof:  # (else no reader has anything new)
+            self._wake()
 
     def _push(self, data: bytes) -> None:
         if not data:
@@ -294,12 +306,36 @@ class Pipe(asyncio.Protocol):
         self._tick_handle = self._get_loop().call_later(self._tick_period, self._tick)
 
     async def wait_tick_or_input(self) -> bool:
-        """Until there is input (True) or the next tick of ``start_ticks`` (False)."""
+        """Until there is input or something handed back (True) or the next tick of
+        ``start_ticks`` (False)."""
         self._ticked = False
-        while not self.has_input and not self._ticked:
+        while not self.has_input and not self._ticked and self.handed is None:
             self._reader = self._get_loop().create_future()
             await self._reader
-        return self.has_input
+        return self.has_input or self.handed is not None
+
+    async def wait_tick_or_handed(self, busy: typing.Callable[[], bool]) -> bool:
+        """Until something is handed back (True) or the next tick (False); while ``busy``, input
+        (bytes, the end of the stream) waits, after it ends the wait (False)."""
+        self._ticked = False
+        while not self._ticked and self.handed is None and (busy() or not self.has_input):
+            self._reader = self._get_loop().create_future()
+            await self._reader
+        return self.handed is not None
+
+    def call_later(self, delay: float, callback: typing.Callable[[], None]) -> asyncio.TimerHandle:
+        return self._get_loop().call_later(delay, callback)
+
+    def hand_back(self, what: object) -> None:
+        """From an ``on_data`` callback: give the reader ``what`` (``wait_tick_or_input`` returns);
+        ``on_data`` is unset, so what arrives next is buffered for ``read``."""
+        self.on_data = None
+        self.handed = what
+        self._wake()
+
+    def take_handed(self) -> object:
+        what, self.handed = self.handed, None
+        return what
 
     def peek(self) -> bytes:
         if len(self._buf) > 1:

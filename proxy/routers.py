@@ -162,6 +162,19 @@ class InboundRouter:
             up.decision = "audit_deny"
         return up
 
+    def route_now(self, request: h1.Request, method: str, path: str) -> Upstream | None:
+        """For ``http1``'s lane: an allowed request (no audit to log) on an idle pooled
+        connection, decided without a wait; else None and nothing done (``route`` decides)."""
+        decision = self.authorize(method, path)
+        if not decision.allowed or decision.audit:
+            return None
+        idle = self.pool.take(self.key)
+        if idle is None:
+            return None
+        up = Upstream(idle[0], idle[1], True, self.key)
+        up.reason, up.policy = decision.reason, decision.policy
+        return up
+
     async def _connect(self, fresh: bool = False) -> Local | Upstream:
         idle = None if fresh else self.pool.take(self.key)
         if idle is not None:
@@ -224,12 +237,20 @@ class OutboundRouter:
         return attempt < self._policy.retries_for(Failure.CONNECT) and self.budget.try_withdraw()
 
     async def route(
-        self, request: h1.Request, info: RequestInfo, avoid: Sequence[str] = ()
+        self,
+        request: h1.Request,
+        info: RequestInfo,
+        avoid: Sequence[str] = (),
+        chosen: Lease | None = None,
     ) -> Local | Upstream:
         """An endpoint from the balancer and a connection to it; an endpoint that cannot be
         reached is tried elsewhere (nothing was sent), up to max(retries, CONNECT_RETRIES) times,
-        as the HTTP/2 path (docs/sidecar.md's retry table); each from the retry budget."""
+        as the HTTP/2 path (docs/sidecar.md's retry table); each from the retry budget.
+        ``chosen``: the balancer's choice in ``route_now``, taken first (if still an endpoint)."""
         dest = self.destination()
+        if chosen is not None and (dest is None or not any(e is chosen.endpoint for e in dest.endpoints)):
+            chosen.cancel()  # (a new configuration meanwhile: chosen again)
+            chosen = None
         if dest is None:
             return Local(503, f"{self.name} is no longer in the mesh", "allow", error="no endpoints")
         tried = [e for e in dest.endpoints if f"{e.address}:{e.port}" in avoid] if avoid else []
@@ -237,10 +258,13 @@ class OutboundRouter:
         unreachable: list[Endpoint] = []  # (not the avoided: one that answered 503 may be tried again)
         retries = self._policy.retries_for(Failure.CONNECT)
         for attempt in range(retries + 1):
-            try:
-                lease = self.sc.balancer.acquire(dest, avoid=tried)
-            except NoEndpoint as exc:
-                return Local(503, str(exc), "allow", error="no endpoints")
+            if chosen is not None:
+                lease, chosen = chosen, None
+            else:
+                try:
+                    lease = self.sc.balancer.acquire(dest, avoid=tried)
+                except NoEndpoint as exc:
+                    return Local(503, str(exc), "allow", error="no endpoints")
             if failed is not None and lease.endpoint in unreachable:
                 # With every endpoint avoided the balancer picks among them all: one that only
                 # answered (a 503) is dialled again before giving up. None left: the same dial
@@ -272,15 +296,39 @@ class OutboundRouter:
                 return up
         raise AssertionError("unreachable")
 
-    async def _connect(self, ep: Endpoint, fresh: bool = False) -> Local | Upstream:
+    def route_now(self, request: h1.Request, method: str, path: str) -> Upstream | Lease | None:
+        """For ``http1``'s lane: an endpoint from the balancer with an idle pooled connection to
+        it, without a wait. Else the balancer's choice (its lease: ``route`` connects to it, the
+        choice is not made again) or None (no endpoint: ``route`` answers)."""
+        dest = self.destination()
+        if dest is None or not dest.endpoints:
+            return None
+        lease = self.sc.balancer.acquire(dest)
+        ep = lease.endpoint
+        key, _ = self._key(ep)
+        idle = self.pool.take(key)
+        if idle is None:
+            return lease
+        up = Upstream(
+            idle[0], idle[1], True, key, f"{ep.address}:{ep.port}", str(ep.identity) if ep.identity else None
+        )
+        self._leases[id(up)] = lease
+        up.at_head = lease.mark_head
+        return up
+
+    def _key(self, ep: Endpoint) -> tuple[tuple[object, ...], tuple[str, int]]:
+        """The pool's key for connections to ``ep``, and the address to dial."""
         sc = self.sc
         if ep.identity is None:
-            key: tuple[object, ...] = ("plain", ep.address, ep.port)
-        else:
-            dial = (ep.address, ep.port) if sc.config.capture == "iptables" else (ep.address, sc.inbound_port)
-            # (the identity's trust generation: a connection made under an older bundle is not
-            # taken for a new request: it was made under the trust of its handshake)
-            key = ("mesh", dial, str(ep.identity), ep.port, sc.identity.generation)
+            return ("plain", ep.address, ep.port), (ep.address, ep.port)
+        dial = (ep.address, ep.port) if sc.config.capture == "iptables" else (ep.address, sc.inbound_port)
+        # (the identity's trust generation: a connection made under an older bundle is not taken
+        # for a new request: it was made under the trust of its handshake)
+        return ("mesh", dial, str(ep.identity), ep.port, sc.identity.generation), dial
+
+    async def _connect(self, ep: Endpoint, fresh: bool = False) -> Local | Upstream:
+        sc = self.sc
+        key, dial = self._key(ep)
         endpoint, identity = f"{ep.address}:{ep.port}", str(ep.identity) if ep.identity else None
         idle = None if fresh else self.pool.take(key)
         if idle is not None:

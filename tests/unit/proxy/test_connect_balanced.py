@@ -211,3 +211,46 @@ async def test_an_endpoints_pool_key_follows_the_trust_generation_on_a_kept_conn
     assert other.key == ("plain", "10.0.0.8", 80) and other.destination is None
     assert (first.endpoint, first.destination) == ("10.0.0.7:8080", str(cart.identity))
     assert dialled == [("10.0.0.7", 8080)] * 2 + [("10.0.0.8", 80)] + [("10.0.0.7", 8080)]
+
+
+async def test_the_lanes_choice_of_endpoint_is_the_one_connected_to() -> None:
+    """``route_now`` (the HTTP/1.1 lane's) finds no idle connection to the balancer's choice: it
+    gives the choice back for ``route``, which connects to that endpoint (drawn again, an endpoint
+    with no pooled connection yet got about p squared of the requests, not p). A choice the
+    configuration dropped meanwhile is given up (its lease cancelled) and drawn again."""
+    from proxy import http1
+    from proxy.balance import Lease
+    from proxy.routers import OutboundRouter
+
+    balancer = Balancer()
+    dest = Destination("cart.shop:80", (A, B))
+    config = types.SimpleNamespace(lookup_name=lambda name: dest)
+    router = OutboundRouter.__new__(OutboundRouter)
+    router.sc = types.SimpleNamespace(balancer=balancer, mesh_config=lambda: config)  # type: ignore[assignment]
+    router.name, router._leases = dest.name, {}
+    router._policy = RoutePolicy()
+    router.pool = types.SimpleNamespace(take=lambda key: None)  # type: ignore[assignment]
+    dials: list[Endpoint] = []
+
+    async def connect(endpoint: Endpoint, fresh: bool = False) -> http1.Local | http1.Upstream:
+        dials.append(endpoint)
+        pipe = types.SimpleNamespace(close=lambda: None)
+        conn = types.SimpleNamespace(release=lambda: None)
+        return http1.Upstream(pipe, conn, False, endpoint=f"{endpoint.address}:80")  # type: ignore[arg-type]
+
+    router._connect = connect  # type: ignore[method-assign]
+    for _ in range(40):
+        chosen = router.route_now(None, "GET", "/")  # type: ignore[arg-type]
+        assert isinstance(chosen, Lease)
+        up = await router.route(None, None, chosen=chosen)  # type: ignore[arg-type]
+        assert isinstance(up, http1.Upstream) and dials[-1] is chosen.endpoint
+        router.release(up, False, True)
+    assert len(dials) == 40 and balancer._acquired == 40
+    chosen = router.route_now(None, "GET", "/")  # type: ignore[arg-type]
+    assert isinstance(chosen, Lease)
+    other = B if chosen.endpoint is A else A
+    dest = Destination("cart.shop:80", (other,))  # (the chosen endpoint is gone)
+    up = await router.route(None, None, chosen=chosen)  # type: ignore[arg-type]
+    assert isinstance(up, http1.Upstream) and dials[-1] is other and chosen.released
+    for ep in (A, B):
+        assert balancer._state_of(ep, dest, balancer.clock()).outstanding == (ep is other)
