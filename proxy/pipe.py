@@ -109,9 +109,10 @@ class Pipe(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        on_data = self.on_data
         if self.decoder is None:
-            if self.on_data is not None and not self._buf:
-                self.on_data(data)
+            if on_data is not None and not self._buf:
+                on_data(data)
                 return
             self._push(data)
             self._wake()
@@ -149,8 +150,8 @@ class Pipe(asyncio.Protocol):
         except framing.FramingError as exc:
             self._lost = exc
             self.abort()
-        if self.on_data is None or self._buf or self._eof:  # (else no reader has anything new)
-            self._wake()
+        if on_data is None or self._buf or self._eof:  # (else what came went to on_data: nothing new
+            self._wake()  # for a reader; what on_data hands back wakes it itself)
 
     def _push(self, data: bytes) -> None:
         if not data:

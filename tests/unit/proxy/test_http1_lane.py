@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from proxy import h1, http1
+from proxy import framing, h1, http1
 from proxy.observe import RequestInfo, RequestResult
 from proxy.pipe import Pipe
 
@@ -531,5 +531,46 @@ async def test_a_request_the_lane_could_not_write_is_sent_by_serve(
         status, _, body = await _get(client, "/once-more")
         assert (status, body) == (200, b"/once-more ") and failed == [True]
         assert [r.status for r in _finished_once(observer)] == [200, 200] and router.outstanding == 0
+    finally:
+        await _end(task, down, client, router)
+
+
+class CountingPipe(Pipe):
+    """Counts the wake-ups of a waiting reader (``serve``'s task)."""
+
+    wakes = 0
+
+    def _wake(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self.wakes += 1
+        super()._wake()
+
+
+async def test_serve_is_not_woken_for_the_lanes_exchanges_on_a_framed_connection(app: App) -> None:
+    """A client sidecar's pooled connection (`sidemesh/1` DATA frames): the requests the lane
+    proxies wake no task (each woke serve for nothing: a future and a task step per request)."""
+    router = ToApp(app.port)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    down = CountingPipe(framed=True, name="downstream")
+    loop = asyncio.get_running_loop()
+    await loop.connect_accepted_socket(lambda: down, ours)
+    ctx = http1.Context("inbound", Observer(), idle_timeout=30, draining=lambda: False)
+    task = asyncio.create_task(http1.serve(down, router, ctx))
+    client = Client(theirs)
+    request = b"GET /framed HTTP/1.1\r\nHost: app\r\n\r\n"
+    try:
+        for i in range(6):
+            await client.send(framing.data_header(len(request)) + request)
+            answer = b""
+            while not answer.endswith(b"/framed "):
+                data = await asyncio.wait_for(loop.sock_recv(theirs, 65536), 5)
+                assert data
+                answer += data
+            assert answer.startswith(framing.data_header(len(answer) - 5)) and b" 200 OK\r\n" in answer
+            if i == 0:
+                woken = down.wakes
+        assert router.routed_now == 5 and down.wakes == woken
     finally:
         await _end(task, down, client, router)
