@@ -559,10 +559,48 @@ class Connection:
             return ConnectionClosed()
         return NEED_DATA
 
-    def unread_event(self, event: Event) -> None:
-        """Put back the event ``next_event`` just gave (what it learnt from it stays learnt): the
-        next call gives it again."""
-        self._events.appendleft(event)
+    def whole_message(self, unless: frozenset[int] = frozenset()) -> tuple[Request | Response, bytes] | None:
+        """The next message, when all of it is parsed and nothing else: its head, its body in one
+        piece (b"": none) and its end without trailers, taken at once as ``next_event`` and
+        ``rest_of_message`` would take them; else None and nothing taken (nor is a response
+        whose status is in ``unless``)."""
+        events = self._events
+        n = len(events)
+        if n < 2 or self._paused:
+            return None
+        head, end = events[0], events[1]
+        body = b""
+        if type(end) is Data and n > 2:  # (the body in one piece)
+            body, end, n = end.data, events[2], 3
+        else:
+            n = 2
+        kind = type(head)
+        if type(end) is not EndOfMessage or end.headers:
+            return None
+        if kind is Request:
+            self.request = head  # type: ignore[assignment]
+            if self.role == SERVER:
+                self._paused = True
+                if body:
+                    self._continue_done = True
+        elif kind is Response and head.status_code not in unless:  # type: ignore[union-attr]
+            self._last_response = head  # type: ignore[assignment]
+        else:
+            return None
+        if len(events) == n:
+            events.clear()
+        else:  # (pipelined: the next request's events stay)
+            for _ in range(n):
+                events.popleft()
+        if not head.keep_alive:  # type: ignore[union-attr]
+            self.must_close = True
+        self.their_done = True
+        return head, body  # type: ignore[return-value]
+
+    @property
+    def nothing_yet(self) -> bool:
+        """No event parsed and no error: what came so far begins no message, or not a whole head."""
+        return not self._events and self._error is None
 
     @property
     def at_rest(self) -> bool:
@@ -698,6 +736,21 @@ class Connection:
             raise LocalProtocolError("a second response head")
         request = self.request
         self.sent_head = True
+        if (  # most responses: framed by their length or chunks, to a keep-alive HTTP/1.1 request
+            response.known
+            and not response.hop
+            and (response.chunked or response.length is not None)
+            and not self.must_close
+            and request is not None
+            and request.keep_alive
+            and request.http_version == b"1.1"
+        ):  # (what the general case below comes to for them: the fields as they are)
+            status = response.status_code
+            if request.method != b"HEAD" and status not in _NO_BODY_STATUS and status >= 200:
+                self._out_chunked = response.chunked
+            else:
+                self._out_body = False
+            return _head_line(b"HTTP/1.1 %d %s\r\n" % (status, _reason(response)), response.headers)
         headers = response.headers
         chunked, length = _message_framing(response)
         if response.hop and b"close" in _connection_tokens(headers):

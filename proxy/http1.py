@@ -1294,16 +1294,12 @@ class _Lane:
     def _request(self, data: bytes) -> None:
         conn, down, ctx = self.conn, self.down, self.ctx
         conn.receive_data(data)
-        try:
-            req = conn.next_event()
-        except h1.ProtocolError:
-            down.hand_back(_PARSE)  # (serve asks again: the error is answered there)
-            return
-        if type(req) is not h1.Request:
-            if req is not h1.NEED_DATA and req is not h1.PAUSED:  # (none other at rest: for serve)
-                conn.unread_event(req)  # type: ignore[arg-type]
+        message = conn.whole_message()
+        if message is None:  # (a head not whole, a body still coming, an error: serve asks)
             down.hand_back(_PARSE)
             return
+        req, whole = message
+        assert type(req) is h1.Request
         if (
             req.http_version != b"1.1"
             or req.expect_continue
@@ -1311,9 +1307,8 @@ class _Lane:
             or conn.must_close
             or ctx.draining()
             or down.ended
-            or (whole := conn.rest_of_message()) is None
         ):
-            down.hand_back(_Handed(req))
+            down.hand_back(_Handed(req, whole))
             return
         method = req.method.decode("latin-1")
         target = req.target
@@ -1401,23 +1396,16 @@ class _Lane:
         up = sent.up
         uc = up.conn
         uc.receive_data(data)
-        try:
-            event = uc.next_event()
-        except h1.ProtocolError:
-            self.give_back()  # (serve's _relay_response reads the error again)
-            return
-        if event is h1.NEED_DATA:
-            return  # (the head is not whole yet)
-        if (
-            type(event) is not h1.Response
-            or event.status_code in RETRY_STATUSES  # (perhaps retried: _relay_response's to decide)
-            or self.ctx.draining()
-            or (rest := uc.rest_of_message()) is None
-        ):
-            if event is not h1.PAUSED:
-                uc.unread_event(event)  # type: ignore[arg-type]
+        # (A status the route may retry is _relay_response's to decide; so are 1xx, a response not
+        # whole, a parse error, and any response while draining: it says Connection: close.)
+        message = None if self.ctx.draining() else uc.whole_message(RETRY_STATUSES)
+        if message is None:
+            if uc.nothing_yet:
+                return  # (the head is not whole yet)
             self.give_back()
             return
+        event, rest = message
+        assert type(event) is h1.Response
         conn, down, result = self.conn, self.down, sent.result
         result.status = status = event.status_code
         if up.at_head is not None:

@@ -535,3 +535,67 @@ def test_a_whole_message_is_sent_as_its_three_events_are() -> None:
     )
     with pytest.raises(h1.LocalProtocolError):
         client.send_whole(request, b"abc")  # a second request on a busy connection
+
+
+def test_a_whole_message_is_taken_as_its_events_would_be() -> None:
+    """``whole_message`` (the HTTP/1.1 lane's): a head, its body in one piece and its end, taken
+    at once with what ``next_event`` and ``rest_of_message`` learn from them; anything else
+    (trailers, a body in pieces, a head alone, a status it is told to leave) is left as it was."""
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    message = server.whole_message()
+    assert message is not None and message[1] == b"hello"
+    req = message[0]
+    assert isinstance(req, h1.Request) and req.target == b"/a" and server.request is req
+    assert server.their_done and server.next_event() is h1.PAUSED and not server.must_close
+    assert server.whole_message() is None  # (paused: the next cycle first)
+    server.send(h1.Response(200, [(b"content-length", b"0")]))
+    server.send(h1.EndOfMessage())
+    server.start_next_cycle()
+    message = server.whole_message()
+    assert message is not None and message[1] == b"" and server.must_close  # (its Connection: close)
+    for data in (
+        b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n1\r\nb\r\n0\r\n\r\n",
+        b"POST /d HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-T: 1\r\n\r\n",
+        b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhel",
+    ):
+        server = h1.Connection(h1.SERVER)
+        server.receive_data(data)
+        assert server.whole_message() is None and not server.their_done
+        assert isinstance(server.next_event(), h1.Request)  # (left for the events, as they were)
+    client = h1.Connection(h1.CLIENT)
+    client.send(h1.Request(b"GET", b"/", [(b"host", b"x")]))
+    client.send(h1.EndOfMessage())
+    client.receive_data(b"HTTP/1.1 503 Busy\r\nContent-Length: 2\r\n\r\nno")
+    assert client.whole_message(frozenset({503})) is None and not client.their_done
+    message = client.whole_message()
+    assert message is not None and message[1] == b"no" and client.reusable
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize("status", [200, 204, 304, 404])
+@pytest.mark.parametrize(
+    "framing",
+    [[(b"content-length", b"3")], [(b"transfer-encoding", b"chunked")], [(b"content-length", b"0")]],
+)
+def test_a_plain_response_head_is_written_as_the_general_case_writes_it(
+    method: bytes, status: int, framing: list[tuple[bytes, bytes]]
+) -> None:
+    """The short way for a response framed by its length or chunks to a keep-alive HTTP/1.1
+    request (``known``) writes the bytes the general case writes (``known`` False: framing read
+    from the fields), and frames the body the same."""
+    out = []
+    for known in (True, False):
+        server = h1.Connection(h1.SERVER)
+        server.receive_data(b"%s / HTTP/1.1\r\nHost: x\r\n\r\n" % method)
+        assert isinstance(server.next_event(), h1.Request)
+        chunked = framing[0][0] == b"transfer-encoding"
+        length = None if chunked else int(framing[0][1])
+        headers = [(b"server", b"app"), *framing]
+        response = h1.Response(status, headers, known=known, chunked=chunked, length=length, hop=not known)
+        data = server.send(response) + server.send(h1.Data(b"abc")) + server.send(h1.EndOfMessage())
+        out.append((data, server.reusable))
+    assert out[0] == out[1]
