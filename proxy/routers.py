@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidemesh.proxy.http")
 DECISIONS_KEPT = 64  # per inbound connection
+MAX_NAMED = 64  # endpoints whose pool key and names an outbound connection keeps
 _budgets: weakref.WeakKeyDictionary[Sidecar, dict[str, RetryBudget]] = weakref.WeakKeyDictionary()
 
 
@@ -213,12 +214,20 @@ class OutboundRouter:
         self._leases: dict[int, Lease] = {}
         self._policy = RoutePolicy()
         self._policy_of: Destination | None = None  # (the destination ``_policy`` was read from)
+        # ``route_now``'s: the destination it looked up (``begin`` takes it, not looking up again),
+        # and per endpoint its pool key and names, for the trust generation they were made under.
+        self._dest_now: Destination | None = None
+        self._named: dict[int, tuple[Endpoint, int, tuple[object, ...], str, str | None]] = {}
 
     def destination(self) -> Destination | None:
         return self.sc.mesh_config().lookup_name(self.name)
 
     def begin(self, info: RequestInfo) -> float | None:
-        dest = self.destination()
+        dest = self._dest_now
+        if dest is None:
+            dest = self.destination()
+        else:
+            self._dest_now = None
         if dest is not self._policy_of:  # (a new config's destination: its annotations read again)
             self._policy = RoutePolicy.of(dest) if dest is not None else RoutePolicy()
             self._policy_of = dest
@@ -304,14 +313,20 @@ class OutboundRouter:
         if dest is None or not dest.endpoints:
             return None
         lease = self.sc.balancer.acquire(dest)
+        self._dest_now = dest  # (for ``begin``, next; on a miss ``route`` looks it up again)
         ep = lease.endpoint
-        key, _ = self._key(ep)
-        idle = self.pool.take(key)
+        generation = self.sc.identity.generation
+        named = self._named.get(id(ep))
+        if named is None or named[0] is not ep or named[1] != generation:
+            if len(self._named) >= MAX_NAMED:
+                self._named.clear()
+            address = f"{ep.address}:{ep.port}"
+            named = (ep, generation, self._key(ep)[0], address, str(ep.identity) if ep.identity else None)
+            self._named[id(ep)] = named  # (it holds ``ep``: the id is not another's meanwhile)
+        idle = self.pool.take(named[2])
         if idle is None:
             return lease
-        up = Upstream(
-            idle[0], idle[1], True, key, f"{ep.address}:{ep.port}", str(ep.identity) if ep.identity else None
-        )
+        up = Upstream(idle[0], idle[1], True, named[2], named[3], named[4])
         self._leases[id(up)] = lease
         up.at_head = lease.mark_head
         return up

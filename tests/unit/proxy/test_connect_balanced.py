@@ -226,8 +226,10 @@ async def test_the_lanes_choice_of_endpoint_is_the_one_connected_to() -> None:
     dest = Destination("cart.shop:80", (A, B))
     config = types.SimpleNamespace(lookup_name=lambda name: dest)
     router = OutboundRouter.__new__(OutboundRouter)
-    router.sc = types.SimpleNamespace(balancer=balancer, mesh_config=lambda: config)  # type: ignore[assignment]
-    router.name, router._leases = dest.name, {}
+    router.sc = types.SimpleNamespace(  # type: ignore[assignment]
+        balancer=balancer, mesh_config=lambda: config, identity=types.SimpleNamespace(generation=0)
+    )
+    router.name, router._leases, router._named, router._dest_now = dest.name, {}, {}, None
     router._policy = RoutePolicy()
     router.pool = types.SimpleNamespace(take=lambda key: None)  # type: ignore[assignment]
     dials: list[Endpoint] = []
@@ -254,3 +256,57 @@ async def test_the_lanes_choice_of_endpoint_is_the_one_connected_to() -> None:
     assert isinstance(up, http1.Upstream) and dials[-1] is other and chosen.released
     for ep in (A, B):
         assert balancer._state_of(ep, dest, balancer.clock()).outstanding == (ep is other)
+
+
+def test_the_lanes_pool_key_follows_the_trust_generation() -> None:
+    """``route_now`` keeps an endpoint's pool key and names per connection; a new trust bundle
+    (its generation) makes a new key, so a connection made under the older trust is not taken."""
+    from proxy.balance import Lease
+    from proxy.routers import OutboundRouter
+    from sidemesh.spiffe import SpiffeId
+
+    cart = Endpoint("10.0.0.7", 8080, SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/cart"))
+    dest = Destination("cart.shop:80", (cart,))
+    identity = types.SimpleNamespace(generation=0)
+    router = OutboundRouter.__new__(OutboundRouter)
+    router.sc = types.SimpleNamespace(  # type: ignore[assignment]
+        balancer=Balancer(),
+        mesh_config=lambda: types.SimpleNamespace(lookup_name=lambda name: dest),
+        identity=identity,
+        config=types.SimpleNamespace(capture="none"),
+        inbound_port=15006,
+    )
+    router.name, router._leases, router._named, router._dest_now = dest.name, {}, {}, None
+    keys: list[object] = []
+    router.pool = types.SimpleNamespace(take=lambda key: keys.append(key))  # type: ignore[assignment]
+    for generation in (0, 0, 1):
+        identity.generation = generation
+        chosen = router.route_now(None, "GET", "/")  # type: ignore[arg-type]
+        assert isinstance(chosen, Lease)
+        chosen.cancel()
+    spiffe = "spiffe://cluster.local/ns/shop/sa/cart"
+    assert keys == [("mesh", ("10.0.0.7", 15006), spiffe, 8080, g) for g in (0, 0, 1)]
+
+
+def test_begin_takes_the_destination_route_now_looked_up_once() -> None:
+    """The lane's ``route_now`` looks the destination up and ``begin`` reads the route's policy
+    from it (one lookup per request); a request that comes without ``route_now`` looks it up."""
+    from proxy.routers import OutboundRouter
+
+    first = Destination("cart.shop:80", (A,))
+    second = Destination("cart.shop:80", (A,), timeout_s=2.0)
+    current = [first]
+    router = OutboundRouter.__new__(OutboundRouter)
+    router.sc = types.SimpleNamespace(  # type: ignore[assignment]
+        balancer=Balancer(),
+        mesh_config=lambda: types.SimpleNamespace(lookup_name=lambda name: current[0]),
+        identity=types.SimpleNamespace(generation=0),
+    )
+    router.name, router._leases, router._named, router._dest_now = first.name, {}, {}, None
+    router._policy, router._policy_of = RoutePolicy(), None
+    router.budget = types.SimpleNamespace(deposit=lambda: None)  # type: ignore[assignment]
+    router.pool = types.SimpleNamespace(take=lambda key: None)  # type: ignore[assignment]
+    router.route_now(None, "GET", "/").cancel()  # type: ignore[arg-type,union-attr]
+    current[0] = second  # (a new configuration between the two)
+    assert router.begin(None) is None and router._policy_of is first  # type: ignore[arg-type]
+    assert router.begin(None) == 2.0 and router._policy_of is second  # type: ignore[arg-type]
