@@ -449,12 +449,14 @@ async def _conclude(
         clock = None if timeout is None else _Clock(timeout, time.monotonic() + timeout)
         chosen = None if handed is None else handed.chosen
         route = await _route(router, req, info, None if clock is None else clock.at, chosen=chosen)
+        whole = None if handed is None else handed.whole
         if isinstance(route, Local):
             if ctx.draining():  # as for a forwarded response: Connection: close, then close
                 conn.must_close = True
+            if whole:  # (taken by the lane: counted as _answer_locally counts what it reads)
+                result.request_bytes += len(whole)
             await _answer_locally(conn, down, route, result)
             return True
-        whole = None if handed is None else handed.whole
         return await _forward(conn, down, req, raw, span, route, router, result, info, clock, ctx, whole)
     except _BadRequest as exc:
         result.error = f"bad request: {exc}"

@@ -89,6 +89,8 @@ class ToApp:
         self.routed += 1
         if chosen is not None:
             self.chosen.append(chosen)
+        if info.path == "/deny":
+            return http1.Local(403, "denied here")
         while self.idle:
             pipe, conn = self.idle.pop()
             if pipe.usable:
@@ -572,5 +574,23 @@ async def test_serve_is_not_woken_for_the_lanes_exchanges_on_a_framed_connection
             if i == 0:
                 woken = down.wakes
         assert router.routed_now == 5 and down.wakes == woken
+    finally:
+        await _end(task, down, client, router)
+
+
+@pytest.mark.parametrize("lane", [True, False])
+async def test_a_request_answered_by_the_sidecar_counts_its_body(app: App, lane: bool) -> None:
+    """A request the lane took whole and gave back (it closes its connection), answered by the
+    sidecar (a denial): its body is counted as serve counts one it reads and drops."""
+    router = ToApp(app.port) if lane else CoroutinesOnly(app.port)
+    down, client, task, observer = await _serving(router)
+    try:
+        await _warm(client)
+        await client.send(
+            b"POST /deny HTTP/1.1\r\nHost: app\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbody"
+        )
+        assert (await client.response())[0] == 403
+        results = _finished_once(observer)
+        assert [(r.status, r.request_bytes) for r in results] == [(200, 0), (403, 4)]
     finally:
         await _end(task, down, client, router)
