@@ -560,18 +560,27 @@ class Connection:
         return NEED_DATA
 
     def whole_message(self, unless: frozenset[int] = frozenset()) -> tuple[Request | Response, bytes] | None:
-        """The next message, when all of it is parsed and nothing else: its head, its body in one
-        piece (b"": none) and its end without trailers, taken at once as ``next_event`` and
-        ``rest_of_message`` would take them; else None and nothing taken (nor is a response
-        whose status is in ``unless``)."""
+        """The next message, when all of it is parsed: its head, its body joined in one piece
+        (b"": none) and its end without trailers, taken at once as ``next_event`` and
+        ``rest_of_message`` would take them (what follows it stays); else None and nothing taken
+        (nor is a response whose status is in ``unless``)."""
         events = self._events
         n = len(events)
         if n < 2 or self._paused:
             return None
         head, end = events[0], events[1]
         body = b""
-        if type(end) is Data and n > 2:  # (the body in one piece)
-            body, end, n = end.data, events[2], 3
+        if type(end) is Data and n > 2:
+            if type(events[2]) is Data:  # (a body in pieces: chunks, as llhttp gives them)
+                taken = 1
+                while taken < n and type(events[taken]) is Data:
+                    taken += 1
+                if taken == n:
+                    return None
+                body = b"".join([events[i].data for i in range(1, taken)])  # type: ignore[union-attr]
+                end, n = events[taken], taken + 1
+            else:  # (the body in one piece)
+                body, end, n = end.data, events[2], 3
         else:
             n = 2
         kind = type(head)

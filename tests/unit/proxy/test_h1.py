@@ -557,10 +557,22 @@ def test_a_whole_message_is_taken_as_its_events_would_be() -> None:
     server.start_next_cycle()
     message = server.whole_message()
     assert message is not None and message[1] == b"" and server.must_close  # (its Connection: close)
+    server = h1.Connection(h1.SERVER)  # a body in chunks, as llhttp gives them: joined
+    server.receive_data(
+        b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n2\r\nbc\r\n0\r\n\r\n"
+        b"GET /n HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    message = server.whole_message()
+    assert message is not None and message[1] == b"abc" and server.their_done
+    server.send(h1.Response(200, [(b"content-length", b"0")]))
+    server.send(h1.EndOfMessage())
+    server.start_next_cycle()
+    message = server.whole_message()
+    assert message is not None and isinstance(message[0], h1.Request) and message[0].target == b"/n"
     for data in (
-        b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n1\r\nb\r\n0\r\n\r\n",
         b"POST /d HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-T: 1\r\n\r\n",
         b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhel",
+        b"POST /f HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n2\r\nbc\r\n",
     ):
         server = h1.Connection(h1.SERVER)
         server.receive_data(data)

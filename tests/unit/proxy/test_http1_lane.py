@@ -166,6 +166,10 @@ class App:
                     await writer.drain()
                     await asyncio.sleep(0.05)
                     writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+                elif path == b"/chunks":  # (chunks in one write: one read for the sidecar)
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
+                    )
                 elif path == b"/slow":
                     await asyncio.sleep(1.0)
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
@@ -592,5 +596,31 @@ async def test_a_request_answered_by_the_sidecar_counts_its_body(app: App, lane:
         assert (await client.response())[0] == 403
         results = _finished_once(observer)
         assert [(r.status, r.request_bytes) for r in results] == [(200, 0), (403, 4)]
+    finally:
+        await _end(task, down, client, router)
+
+
+async def test_a_chunked_response_whole_in_its_read_is_finished_in_the_lane(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A response in several chunks that came in one read is whole: the lane sends it on (its
+    chunks joined in one), nothing handed back; one in two reads goes on in serve."""
+    given_back: list[bool] = []
+    give_back = http1._Lane.give_back
+
+    def counted(self: http1._Lane) -> None:
+        given_back.append(True)
+        give_back(self)
+
+    monkeypatch.setattr(http1._Lane, "give_back", counted)
+    router = ToApp(app.port)
+    down, client, task, observer = await _serving(router)
+    try:
+        await _warm(client)
+        assert await _get(client, "/chunks") == (200, _HEAD_CHUNKED, b"abcde")
+        assert given_back == [] and router.routed_now == 1
+        assert await _get(client, "/stream") == (200, _HEAD_CHUNKED, b"firstsecond")
+        assert given_back == [True]
+        assert [r.status for r in _finished_once(observer)] == [200] * 3 and router.outstanding == 0
     finally:
         await _end(task, down, client, router)
