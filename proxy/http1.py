@@ -391,7 +391,6 @@ async def _exchange(
     """One request and its response. False when the downstream connection is no longer HTTP.
     ``handed``: from the lane, the request's body taken whole, or the exchange it began (its
     request sent), to go on with."""
-    raw = req.headers
     sent = None if handed is None else handed.sent
     if sent is not None:
         return await _conclude(conn, down, req, router, ctx, sent.span, sent.result, sent.info, handed)
@@ -401,19 +400,7 @@ async def _exchange(
             req.target = normalize_target(req.target)
         except BadPath as exc:
             bad_path = f"bad request target: {exc}"
-    authority = (req.host if req.known else header(raw, b"host")) or b""
-    info = RequestInfo(
-        direction=ctx.direction,
-        protocol="http/1.1",
-        method=req.method.decode("latin-1"),
-        path=request_path(req.target),
-        authority=authority.decode("latin-1"),
-        headers=raw if req.known else [(n.lower(), v) for n, v in raw],  # the parser's are lower-case
-        source=ctx.source,
-        service=ctx.service,
-        peer_address=ctx.peer_address,
-        traced=req.traced,
-    )
+    info = _request_info(req, req.method.decode("latin-1"), request_path(req.target), ctx)
     span = ctx.observer.start(info)
     if bad_path is not None:  # answered here, and counted as the 400 it is (the app never sees it)
         _send_error(conn, down, 400, bad_path, ctx)
@@ -424,6 +411,23 @@ async def _exchange(
             await linger_close(down)
         return False
     return await _conclude(conn, down, req, router, ctx, span, RequestResult(status=None), info, handed)
+
+
+def _request_info(req: h1.Request, method: str, path: str, ctx: Context) -> RequestInfo:
+    raw = req.headers
+    authority = (req.host if req.known else header(raw, b"host")) or b""
+    return RequestInfo(
+        direction=ctx.direction,
+        protocol="http/1.1",
+        method=method,
+        path=path,
+        authority=authority.decode("latin-1"),
+        headers=raw if req.known else [(n.lower(), v) for n, v in raw],  # the parser's are lower-case
+        source=ctx.source,
+        service=ctx.service,
+        peer_address=ctx.peer_address,
+        traced=req.traced,
+    )
 
 
 async def _conclude(
@@ -661,10 +665,7 @@ async def _forward(
                 await pump
             result.request_bytes = body.size
         except _Retry as exc:
-            reusable = up.conn.reusable
-            if reusable:
-                up.conn.start_next_cycle(checked=True)
-            router.release(up, reusable, False)
+            _put_back(router, up, False)
             attempt += 1
             log.info("retrying", extra={"status": str(exc), "attempt": attempt, "endpoint": up.endpoint})
             again = await _elsewhere(router, up, req, info, attempt, clock, tried, result)
@@ -676,10 +677,7 @@ async def _forward(
         except _Unprocessed:
             # Its app is not there (restarting, stopped): another endpoint, whatever the method, as
             # after a failed connect (as many times, from the retry budget; not one that said so).
-            reusable = up.conn.reusable
-            if reusable:
-                up.conn.start_next_cycle(checked=True)
-            router.release(up, reusable, False)
+            _put_back(router, up, False)
             unreachable = Local(
                 502, "app not reachable", "allow", up.policy, "the endpoint's app is not reachable"
             )
@@ -791,12 +789,17 @@ async def _forward(
             await _stop(pump)
             router.release(up, False, None)  # (cancelled: a drain's end, the client's leaving)
             raise
-        reusable = up.conn.reusable
-        if reusable:
-            up.conn.start_next_cycle(checked=True)
         # A 5xx is a failure for the balancer: an endpoint that fails fast must not look fast.
-        router.release(up, reusable, result.status is None or result.status < 500)
+        _put_back(router, up, result.status is None or result.status < 500)
         return not spliced
+
+
+def _put_back(router: Router, up: Upstream, ok: bool) -> None:
+    """The exchange on ``up`` is over: released, to its pool if both messages ended cleanly."""
+    reusable = up.conn.reusable
+    if reusable:
+        up.conn.start_next_cycle(checked=True)
+    router.release(up, reusable, ok)
 
 
 async def _left_unread(pipe: Pipe, clock: _Clock | None) -> bool:
@@ -1097,17 +1100,7 @@ async def _relay_response(
                 up.at_head()
             if draining():
                 conn.must_close = True
-            response = event
-            if event.hop:  # (else it goes on as it came: what _send_response reads is the same)
-                response = h1.Response(
-                    event.status_code,
-                    forwarded(event.headers),
-                    event.reason,
-                    known=event.known,
-                    chunked=event.chunked,
-                    length=event.length,
-                    hop=False,  # none is left
-                )
+            response = _without_hop(event) if event.hop else event  # (most: as it came)
             rest = up.conn.rest_of_message()
             if rest is None:
                 _write_down(down, conn, [response])
@@ -1138,6 +1131,19 @@ async def _relay_response(
             return False
         else:
             raise PipeClosed("upstream closed before responding")
+
+
+def _without_hop(event: h1.Response) -> h1.Response:
+    """The response head to send on, without its hop-by-hop fields."""
+    return h1.Response(
+        event.status_code,
+        forwarded(event.headers),
+        event.reason,
+        known=event.known,
+        chunked=event.chunked,
+        length=event.length,
+        hop=False,  # none is left
+    )
 
 
 _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
@@ -1338,18 +1344,7 @@ class _Lane:
         ctx, down = self.ctx, self.down
         req.target = target
         raw = req.headers
-        info = RequestInfo(
-            direction=ctx.direction,
-            protocol="http/1.1",
-            method=method,
-            path=path,
-            authority=(req.host or b"").decode("latin-1"),
-            headers=raw,
-            source=ctx.source,
-            service=ctx.service,
-            peer_address=ctx.peer_address,
-            traced=req.traced,
-        )
+        info = _request_info(req, method, path, ctx)
         span = ctx.observer.start(info)
         result = RequestResult(status=None)
         try:
@@ -1412,19 +1407,8 @@ class _Lane:
         result.status = status = event.status_code
         if up.at_head is not None:
             up.at_head()
-        response = event
-        if event.hop:
-            response = h1.Response(
-                status,
-                forwarded(event.headers),
-                event.reason,
-                known=event.known,
-                chunked=event.chunked,
-                length=event.length,
-                hop=False,
-            )
         try:
-            down.write_now(conn.send_whole(response, rest))
+            down.write_now(conn.send_whole(_without_hop(event) if event.hop else event, rest))
         except (PipeClosed, h1.LocalProtocolError) as exc:
             self._settle()
             result.error = f"downstream: {exc}"
@@ -1436,10 +1420,7 @@ class _Lane:
         self._settle()
         result.response_bytes = len(rest)
         result.request_bytes = sent.body.size
-        reusable = uc.reusable
-        if reusable:
-            uc.start_next_cycle(checked=True)
-        self.router.release(up, reusable, status < 500)
+        _put_back(self.router, up, status < 500)
         sent.span.finish(result)
         self.served += 1
         if down.backpressured:  # (a client that does not read: its next request waits)

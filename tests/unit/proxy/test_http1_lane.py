@@ -261,6 +261,18 @@ async def _end(task: asyncio.Task[None], down: Pipe, client: Client, router: ToA
     await asyncio.sleep(0)
 
 
+@contextlib.asynccontextmanager
+async def _served(
+    router: ToApp, direction: str = "outbound"
+) -> AsyncIterator[tuple[Pipe, Client, asyncio.Task[None], Observer]]:
+    """``_serving``, ended by ``_end`` however the test ends."""
+    down, client, task, observer = await _serving(router, direction)
+    try:
+        yield down, client, task, observer
+    finally:
+        await _end(task, down, client, router)
+
+
 async def _get(client: Client, path: str, extra: bytes = b"") -> tuple[int, bytes, bytes]:
     await client.send(b"GET %s HTTP/1.1\r\nHost: app\r\n%s\r\n" % (path.encode(), extra))
     return await client.response()
@@ -283,8 +295,7 @@ async def test_the_requests_a_connection_repeats_go_through_the_lane(app: App) -
     """The first request finds no idle connection (``route``: a connect); the next ones go through
     the lane, each begun, observed and released once, as through ``serve``."""
     router = ToApp(app.port)
-    down, client, task, observer = await _serving(router)
-    try:
+    async with _served(router) as (_down, client, _task, observer):
         for i in range(5):
             body = b"n=%d" % i
             await client.send(b"POST /p HTTP/1.1\r\nHost: app\r\nContent-Length: 3\r\n\r\n" + body)
@@ -301,8 +312,6 @@ async def test_the_requests_a_connection_repeats_go_through_the_lane(app: App) -
         assert len(observer.spans) == 5 and app.connections == 1
         # The app got each request as serve sends it: the span's trace header added.
         assert all(b"\r\ntraceparent: 00-0af7" in head for head in app.heads), app.heads
-    finally:
-        await _end(task, down, client, router)
 
 
 async def _warm(client: Client) -> None:
@@ -314,8 +323,7 @@ async def test_a_response_not_whole_goes_on_in_serve(app: App) -> None:
     """A response streamed in two writes: the lane sent the request and hands the exchange back
     after its send; the response arrives whole, the request was sent once."""
     router = ToApp(app.port)
-    down, client, task, observer = await _serving(router)
-    try:
+    async with _served(router) as (_down, client, _task, observer):
         await _warm(client)
         assert await _get(client, "/stream") == (200, _HEAD_CHUNKED, b"firstsecond")
         assert await _get(client, "/after") == (200, _HEAD_AFTER, b"/after ")
@@ -323,8 +331,6 @@ async def test_a_response_not_whole_goes_on_in_serve(app: App) -> None:
         assert [h.split(b" ")[1] for h in app.heads] == [b"/warm", b"/stream", b"/after"]
         assert [r.status for r in _finished_once(observer)] == [200, 200, 200]
         assert router.released == [(True, True)] * 3 and router.outstanding == 0
-    finally:
-        await _end(task, down, client, router)
 
 
 _HEAD_CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked"
@@ -334,8 +340,7 @@ _HEAD_AFTER = b"HTTP/1.1 200 OK\r\ncontent-length: 7"
 async def test_a_retried_status_goes_on_in_serve(app: App) -> None:
     """A 503 the route may retry: handed back, dropped and sent again (from the body kept)."""
     router = ToApp(app.port, retries=1)  # type: ignore[attr-defined]
-    down, client, task, observer = await _serving(router)
-    try:
+    async with _served(router) as (_down, client, _task, observer):
         await _warm(client)
         await client.send(b"POST /503-once HTTP/1.1\r\nHost: app\r\nContent-Length: 2\r\n\r\nhi")
         status, _, body = await client.response()
@@ -344,15 +349,12 @@ async def test_a_retried_status_goes_on_in_serve(app: App) -> None:
         results = _finished_once(observer)
         assert [(r.status, r.retries) for r in results] == [(200, 0), (200, 1)]
         assert router.begun == 2 and router.routed_now == 1 and router.outstanding == 0
-    finally:
-        await _end(task, down, client, router)
 
 
 async def test_the_deadline_of_a_request_in_the_lane(app: App) -> None:
     """The request's timeout runs in the lane too: a 504 at the deadline, the upstream dropped."""
     router = ToApp(app.port, timeout=0.3)  # type: ignore[attr-defined]
-    down, client, task, observer = await _serving(router)
-    try:
+    async with _served(router) as (_down, client, _task, observer):
         await _warm(client)
         start = time.monotonic()
         status, _, _ = await _get(client, "/slow")
@@ -360,32 +362,26 @@ async def test_the_deadline_of_a_request_in_the_lane(app: App) -> None:
         results = _finished_once(observer)
         assert [(r.status, r.error) for r in results] == [(200, None), (504, "timeout")]
         assert router.released[-1] == (False, False) and router.outstanding == 0
-    finally:
-        await _end(task, down, client, router)
 
 
 async def test_a_pooled_connection_closed_under_a_request_in_the_lane_is_tried_fresh(app: App) -> None:
     """The app closes its pooled connection on the request (no answer): the lane hands back, and
     serve sends the GET once more on a fresh connection, as for a request of its own."""
     router = ToApp(app.port)
-    down, client, task, observer = await _serving(router)
-    try:
+    async with _served(router) as (_down, client, _task, observer):
         await _warm(client)
         status, _, body = await _get(client, "/vanish-once")
         assert (status, body) == (200, b"/vanish-once ")
         assert router.fresh_ones == 1 and app.connections == 2
         assert [r.status for r in _finished_once(observer)] == [200, 200]
         assert router.outstanding == 0
-    finally:
-        await _end(task, down, client, router)
 
 
 async def test_a_client_that_leaves_gives_up_its_request_in_the_lane(app: App) -> None:
     """A FIN while the lane waits for the response: the upstream is dropped (the app's answer
     would go nowhere), the lease given up (ok None), the span finished once, serve ends."""
     router = ToApp(app.port)
-    down, client, task, observer = await _serving(router)
-    try:
+    async with _served(router) as (_down, client, task, observer):
         await _warm(client)
         await client.send(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
         await asyncio.sleep(0.1)
@@ -394,28 +390,22 @@ async def test_a_client_that_leaves_gives_up_its_request_in_the_lane(app: App) -
         assert router.released[-1] == (False, None) and router.outstanding == 0
         results = _finished_once(observer)
         assert results[-1].status is None and (results[-1].error or "").startswith("downstream")
-    finally:
-        await _end(task, down, client, router)
 
 
 async def test_pipelined_requests_are_answered_in_order(app: App) -> None:
     """Three requests in one write: the lane takes the first whole, serve the others after it."""
     router = ToApp(app.port)
-    down, client, task, observer = await _serving(router)
-    try:
+    async with _served(router) as (_down, client, _task, observer):
         await _warm(client)
         await client.send(b"".join(b"GET /q%d HTTP/1.1\r\nHost: app\r\n\r\n" % i for i in range(3)))
         assert [(await client.response())[2] for _ in range(3)] == [b"/q0 ", b"/q1 ", b"/q2 "]
         assert router.routed_now >= 1
         assert [r.status for r in _finished_once(observer)] == [200] * 4 and router.outstanding == 0
-    finally:
-        await _end(task, down, client, router)
 
 
 async def test_serve_cancelled_with_an_exchange_in_the_lane_gives_it_up(app: App) -> None:
     router = ToApp(app.port)
-    down, client, task, observer = await _serving(router)
-    try:
+    async with _served(router) as (_down, client, task, observer):
         await _warm(client)
         await client.send(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
         await asyncio.sleep(0.1)
@@ -425,8 +415,6 @@ async def test_serve_cancelled_with_an_exchange_in_the_lane_gives_it_up(app: App
             await task
         assert router.released[-1] == (False, None) and router.outstanding == 0
         assert len(_finished_once(observer)) == 2
-    finally:
-        await _end(task, down, client, router)
 
 
 @pytest.mark.parametrize("direction", ["outbound", "inbound"])
@@ -443,15 +431,12 @@ async def test_the_app_gets_from_the_lane_what_it_gets_from_serve(app: App, dire
     seen = []
     for router in (ToApp(app.port), CoroutinesOnly(app.port)):
         app.heads.clear()
-        down, client, task, _ = await _serving(router, direction)
-        try:
+        async with _served(router, direction) as (_down, client, _task, _):
             await _warm(client)
             for request in requests:
                 await client.send(request)
                 assert (await client.response())[0] == 200
             seen.append(list(app.heads))
-        finally:
-            await _end(task, down, client, router)
     assert seen[0] == seen[1]
 
 
@@ -460,8 +445,7 @@ async def test_a_request_that_comes_while_the_lane_has_one_in_flight_waits_for_i
     a client's stray bytes): it waits its turn; serve took it, closed the connection and dropped
     the first."""
     router = ToApp(app.port)
-    down, client, task, observer = await _serving(router)
-    try:
+    async with _served(router) as (_down, client, task, observer):
         await _warm(client)
         await client.send(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
         await asyncio.sleep(0.1)
@@ -469,23 +453,20 @@ async def test_a_request_that_comes_while_the_lane_has_one_in_flight_waits_for_i
         assert [(await client.response())[2] for _ in range(2)] == [b"slow", b"/next "]
         assert [r.status for r in _finished_once(observer)] == [200] * 3 and router.outstanding == 0
         assert not task.done()
-    finally:
-        await _end(task, down, client, router)
 
 
 async def test_serve_cancelled_before_it_takes_what_the_lane_handed_back(app: App) -> None:
     """The lane hands an exchange back (its deadline) and serve is cancelled before it runs (a
     drain's end): the exchange is given up all the same, the upstream released, the span ended."""
     router = ToApp(app.port, timeout=0.2)
-    down, client, task, observer = await _serving(router)
-    hand_back = down.hand_back
+    async with _served(router) as (down, client, task, observer):
+        hand_back = down.hand_back
 
-    def and_cancel(what: object) -> None:
-        hand_back(what)
-        if isinstance(what, http1._Handed) and what.sent is not None:
-            task.cancel()
+        def and_cancel(what: object) -> None:
+            hand_back(what)
+            if isinstance(what, http1._Handed) and what.sent is not None:
+                task.cancel()
 
-    try:
         await _warm(client)
         down.hand_back = and_cancel  # type: ignore[method-assign]
         await client.send(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
@@ -493,8 +474,6 @@ async def test_serve_cancelled_before_it_takes_what_the_lane_handed_back(app: Ap
             await asyncio.wait_for(task, 2)
         assert router.released[-1] == (False, None) and router.outstanding == 0
         assert len(_finished_once(observer)) == 2 and down.handed is None
-    finally:
-        await _end(task, down, client, router)
 
 
 async def test_a_client_that_closes_between_requests_is_let_go_at_once(app: App) -> None:
@@ -502,16 +481,13 @@ async def test_a_client_that_closes_between_requests_is_let_go_at_once(app: App)
     exchange of a second spans one of serve's ticks, which found the lane busy: it then waited for
     the next tick, up to a second here and half the idle timeout at most.)"""
     router = ToApp(app.port)
-    down, client, task, _ = await _serving(router)
-    try:
+    async with _served(router) as (_down, client, task, _):
         await _warm(client)
         assert (await _get(client, "/slow"))[0] == 200 and router.routed_now == 1
         start = time.monotonic()
         client.sock.shutdown(socket.SHUT_WR)
         await asyncio.wait_for(task, 2)
         assert time.monotonic() - start < 0.2
-    finally:
-        await _end(task, down, client, router)
 
 
 async def test_a_request_the_lane_could_not_write_is_sent_by_serve(
@@ -521,7 +497,6 @@ async def test_a_request_the_lane_could_not_write_is_sent_by_serve(
     no parser lets through today): serve sends it itself, as it would have, rather than wait for
     the answer to a request that never went out."""
     router = ToApp(app.port)
-    down, client, task, observer = await _serving(router)
     send_whole = h1.Connection.send_whole
     failed: list[bool] = []
 
@@ -531,14 +506,12 @@ async def test_a_request_the_lane_could_not_write_is_sent_by_serve(
             raise h1.LocalProtocolError("cannot be sent")
         return send_whole(self, head, body)
 
-    try:
+    async with _served(router) as (_, client, _, observer):
         await _warm(client)
         monkeypatch.setattr(h1.Connection, "send_whole", once)
         status, _, body = await _get(client, "/once-more")
         assert (status, body) == (200, b"/once-more ") and failed == [True]
         assert [r.status for r in _finished_once(observer)] == [200, 200] and router.outstanding == 0
-    finally:
-        await _end(task, down, client, router)
 
 
 class CountingPipe(Pipe):
@@ -587,8 +560,7 @@ async def test_a_request_answered_by_the_sidecar_counts_its_body(app: App, lane:
     """A request the lane took whole and gave back (it closes its connection), answered by the
     sidecar (a denial): its body is counted as serve counts one it reads and drops."""
     router = ToApp(app.port) if lane else CoroutinesOnly(app.port)
-    down, client, task, observer = await _serving(router)
-    try:
+    async with _served(router) as (_down, client, _task, observer):
         await _warm(client)
         await client.send(
             b"POST /deny HTTP/1.1\r\nHost: app\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbody"
@@ -596,8 +568,6 @@ async def test_a_request_answered_by_the_sidecar_counts_its_body(app: App, lane:
         assert (await client.response())[0] == 403
         results = _finished_once(observer)
         assert [(r.status, r.request_bytes) for r in results] == [(200, 0), (403, 4)]
-    finally:
-        await _end(task, down, client, router)
 
 
 async def test_a_chunked_response_whole_in_its_read_is_finished_in_the_lane(
@@ -614,13 +584,10 @@ async def test_a_chunked_response_whole_in_its_read_is_finished_in_the_lane(
 
     monkeypatch.setattr(http1._Lane, "give_back", counted)
     router = ToApp(app.port)
-    down, client, task, observer = await _serving(router)
-    try:
+    async with _served(router) as (_down, client, _task, observer):
         await _warm(client)
         assert await _get(client, "/chunks") == (200, _HEAD_CHUNKED, b"abcde")
         assert given_back == [] and router.routed_now == 1
         assert await _get(client, "/stream") == (200, _HEAD_CHUNKED, b"firstsecond")
         assert given_back == [True]
         assert [r.status for r in _finished_once(observer)] == [200] * 3 and router.outstanding == 0
-    finally:
-        await _end(task, down, client, router)
