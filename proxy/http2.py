@@ -44,10 +44,12 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
+import h2.utilities
 import hpack
 import hpack.table
 from hpack import NeverIndexedHeaderTuple
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from proxy.headers import DENIED_REASON, BadPath, field_value, normalize_target, trailer_fields, with_identity
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
@@ -266,10 +268,6 @@ class _Stream:
     opened: float = field(default_factory=time.monotonic)
     target_since: float = 0.0  # when the current attempt began
     head_s: float | None = None  # its time to the response head (the balancer's latency)
-
-
-def _no_content_length(headers: Any) -> None:
-    """(in place of h2's H2Stream._initialize_content_length: see _Connection)"""
 
 
 def _content_length(headers: list[Header]) -> int | None:
@@ -516,6 +514,75 @@ class _Encoder(hpack.Encoder):
         return block
 
 
+class _H2Stream(h2.stream.H2Stream):
+    """h2's stream, less work that this configuration of h2 left idle on every header block
+    (about 5% of the Python a gRPC call costs each sidecar):
+
+    - Content-length is not checked against the body: h2 did so per connection (one request or
+      response whose body disagreed with its content-length ended every stream on the
+      connection; RFC 9113 8.1.1 makes it a stream error). ``H2Proxy`` checks it per stream
+      (``_Stream.expected``/``received``). So the request's method, which h2 kept for that
+      check (HEAD), is not looked for either.
+    - A head sent is not copied to make its names and values bytes (they are: ``Header``), and
+      no validation flags are made for the validation and normalization that are off
+      (``_Side``).
+    - A head received gets validation flags only for joining its cookie fields (RFC 9113
+      8.2.3), and only when it has one; fields are kept as hpack decoded them otherwise
+      (h2 copied the list)."""
+
+    def _initialize_content_length(self, headers: Any) -> None:
+        pass
+
+    def send_headers(self, headers: Any, encoder: Any, end_stream: bool = False) -> list[Any]:
+        machine = self.state_machine
+        input_ = h2.stream.StreamInputs.SEND_HEADERS
+        if not machine.client and h2.utilities.is_informational_response(headers):
+            if end_stream:
+                raise h2.exceptions.ProtocolError("Cannot set END_STREAM on informational responses.")
+            input_ = h2.stream.StreamInputs.SEND_INFORMATIONAL_HEADERS
+        machine.process_input(input_)  # (before encoding: that changes the compression context)
+        block = encoder.encode(headers)
+        first = HeadersFrame(self.stream_id)
+        frames: list[Any] = [first]
+        size = self.max_outbound_frame_size or len(block) or 1
+        first.data = block[:size]
+        for at in range(size, len(block), size):
+            more = ContinuationFrame(self.stream_id)
+            more.data = block[at : at + size]
+            frames.append(more)
+        frames[-1].flags.add("END_HEADERS")
+        if end_stream:
+            machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+            first.flags.add("END_STREAM")
+        elif machine.trailers_sent:
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
+        if machine.client and self._authority is None:
+            self._authority = h2.utilities.authority_from_headers(headers)
+        return frames
+
+    def receive_headers(
+        self, headers: Any, end_stream: bool, header_encoding: Any
+    ) -> tuple[list[Any], list[Any]]:
+        machine = self.state_machine
+        if h2.utilities.is_informational_response(headers):
+            if end_stream:
+                raise h2.exceptions.ProtocolError("Cannot set END_STREAM on informational responses")
+            events = machine.process_input(h2.stream.StreamInputs.RECV_INFORMATIONAL_HEADERS)
+        else:
+            events = machine.process_input(h2.stream.StreamInputs.RECV_HEADERS)
+        event: Any = events[0]
+        if end_stream:
+            ended = machine.process_input(h2.stream.StreamInputs.RECV_END_STREAM)
+            event.stream_ended = ended[0]
+            events += ended
+        elif isinstance(event, h2.events.TrailersReceived):
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set")
+        if b"cookie" in map(_NAME, headers):
+            headers = self._process_received_headers(headers, self._build_hdr_validation_flags(events), None)
+        event.headers = headers
+        return [], events
+
+
 quiet_hpack()  # (sidemesh/hpack_log.py: hpack logs every field it codes, values included)
 
 
@@ -536,13 +603,34 @@ class _Connection(h2.connection.H2Connection):
         self.encoder = _Encoder()
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
-        """h2's stream, except that h2 does not check content-length against the body: it did so
-        per connection (one request or response whose body disagreed with its content-length
-        ended every stream on the connection; RFC 9113 8.1.1 makes it a stream error).
-        ``H2Proxy`` checks it per stream (``_Stream.expected``/``received``)."""
+        """h2's stream, as an :class:`_H2Stream`."""
         stream = super()._begin_new_stream(stream_id, allowed_ids)
-        stream._initialize_content_length = _no_content_length  # type: ignore[method-assign]
+        stream.__class__ = _H2Stream
         return stream
+
+    def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
+        """h2's, less its trace line: it formatted every frame received (its repr, payload
+        included) for a logger that drops it, about 2% of the Python a gRPC call costs."""
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:  # (as h2: a stream it reset gets a reset)
+            if not self._stream_is_closed_by_reset(e.stream_id):
+                raise
+            reset = RstStreamFrame(e.stream_id)
+            reset.error_code = e.error_code
+            self._prepare_for_sending([reset])
+            return e._events
+        except h2.exceptions.StreamIDTooLowError as e:  # (a stream closed and forgotten)
+            if self._stream_is_closed_by_reset(e.stream_id):
+                reset = RstStreamFrame(e.stream_id)
+                reset.error_code = h2.errors.ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([reset])
+                return []
+            if self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            raise
+        self._prepare_for_sending(frames)
+        return events  # type: ignore[no-any-return]
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[h2.events.Event]]:
         if frame.error_code != h2.errors.ErrorCodes.NO_ERROR:

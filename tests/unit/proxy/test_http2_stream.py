@@ -1,0 +1,317 @@
+"""The HTTP/2 proxy's h2 connection and streams (``_Connection``, ``_H2Stream``) skip work h2 did
+for nothing with the proxy's configuration (a repr of every frame received, header blocks copied,
+validation flags for validation that is off): for the same bytes in, they give the same events
+and the same bytes out as h2's own connection, in each case below; and they format no frame."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import hyperframe.frame
+import pytest
+from hpack import NeverIndexedHeaderTuple
+
+from proxy import http2
+
+REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/a.B/C"), (b":authority", b"cart")]
+GRPC = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+RESPONSE = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+TRAILERS = [(b"grpc-status", b"0"), (b"grpc-message", b"")]
+
+
+def _config(client: bool) -> h2.config.H2Configuration:
+    # (as the proxy's _Side has it)
+    return h2.config.H2Configuration(
+        client_side=client,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+        validate_inbound_headers=False,
+    )
+
+
+def _pair(client: bool) -> tuple[h2.connection.H2Connection, h2.connection.H2Connection, bytes]:
+    """h2's own connection and the proxy's, set up alike, and the preface they send (the same)."""
+    theirs = h2.connection.H2Connection(config=_config(client))
+    ours = http2._Connection(config=_config(client))
+    prefaces = []
+    for conn in (theirs, ours):
+        conn.initiate_connection()
+        prefaces.append(conn.data_to_send())
+    assert prefaces[0] == prefaces[1]
+    return theirs, ours, prefaces[0]
+
+
+def _peer(client: bool) -> h2.connection.H2Connection:
+    """A peer with h2's defaults (validating what it receives), its preface queued."""
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=client, header_encoding=None))
+    peer.initiate_connection()
+    return peer
+
+
+def _seen(events: list[h2.events.Event]) -> list[str]:
+    """The events as compared: each one's repr, and the kind of each header tuple (a field
+    never indexed stays so)."""
+    out = []
+    for event in events:
+        out.append(repr(event))
+        headers = getattr(event, "headers", None) or []
+        out.append(" ".join(type(h).__name__ for h in headers))
+    return out
+
+
+def _both(
+    theirs: h2.connection.H2Connection,
+    ours: h2.connection.H2Connection,
+    step: Callable[[h2.connection.H2Connection], object],
+) -> tuple[object, bytes]:
+    """One step on both connections: the same events (or the same exception), the same bytes
+    out; returned: the events as compared (or the exception, as text), and the bytes."""
+    results: list[object] = []
+    for conn in (theirs, ours):
+        try:
+            got = step(conn)
+            results.append(_seen(got) if isinstance(got, list) else got)
+        except h2.exceptions.ProtocolError as e:
+            results.append(f"{type(e).__name__}: {e}")
+        results.append(conn.data_to_send())
+    assert results[2:] == results[:2]
+    out = results[1]
+    assert isinstance(out, bytes)
+    return results[0], out
+
+
+def _kinds(events: object) -> list[str]:
+    assert isinstance(events, list)
+    return [e.split(" ")[0].strip("<>") for e in events[::2]]
+
+
+def test_a_grpc_call_in_and_out_as_h2() -> None:
+    """As the server side: a call's head, message and end received; a head, a message and
+    trailers sent. As the client side: the call sent, and its answer received."""
+    peer = _peer(client=True)
+    theirs, ours, _ = _pair(client=False)
+    preface = peer.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(preface))
+    peer.send_headers(1, REQUEST + GRPC)
+    peer.send_data(1, b"\x00\x00\x00\x00\x02hi", end_stream=True)
+    call = peer.data_to_send()
+    events, _ = _both(theirs, ours, lambda c: c.receive_data(call))
+    assert _kinds(events) == ["RequestReceived", "DataReceived", "StreamEnded"]
+    _, head = _both(theirs, ours, lambda c: c.send_headers(1, RESPONSE))
+    _, message = _both(theirs, ours, lambda c: c.send_data(1, b"\x00\x00\x00\x00\x02ok"))
+    _, trailers = _both(theirs, ours, lambda c: c.send_headers(1, TRAILERS, end_stream=True))
+    answer = peer.receive_data(head + message + trailers)
+    assert [type(e).__name__ for e in answer][-4:] == [
+        "ResponseReceived",
+        "DataReceived",
+        "TrailersReceived",
+        "StreamEnded",
+    ]
+
+    server = _peer(client=False)
+    theirs, ours, mine = _pair(client=True)
+    preface = server.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(preface))
+    _, head = _both(theirs, ours, lambda c: c.send_headers(1, REQUEST + GRPC))
+    _, message = _both(theirs, ours, lambda c: c.send_data(1, b"\x00\x00\x00\x00\x02hi", end_stream=True))
+    received = server.receive_data(mine + head + message)
+    assert [type(e).__name__ for e in received][-3:] == ["RequestReceived", "DataReceived", "StreamEnded"]
+    server.advertise_alternative_service(b'h2=":8443"', stream_id=1)  # (its origin: the request's)
+    server.send_headers(1, RESPONSE)
+    server.send_data(1, b"\x00\x00\x00\x00\x02ok")
+    server.send_headers(1, TRAILERS, end_stream=True)
+    answer = server.data_to_send()
+    events, _ = _both(theirs, ours, lambda c: c.receive_data(answer))
+    assert "AlternativeServiceAvailable origin:cart," in str(events)
+    assert _kinds(events) == [
+        "SettingsAcknowledged",
+        "AlternativeServiceAvailable",
+        "ResponseReceived",
+        "DataReceived",
+        "TrailersReceived",
+        "StreamEnded",
+    ]
+
+
+def test_informational_responses_sent_and_received_as_h2() -> None:
+    peer = _peer(client=True)
+    theirs, ours, _ = _pair(client=False)
+    peer.send_headers(1, [*REQUEST, (b"expect", b"100-continue")])
+    request = peer.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(request))
+    _both(theirs, ours, lambda c: c.send_headers(1, [(b":status", b"100")]))
+    refused, _ = _both(theirs, ours, lambda c: c.send_headers(1, [(b":status", b"103")], end_stream=True))
+    assert "END_STREAM on informational" in str(refused)
+    _both(theirs, ours, lambda c: c.send_headers(1, RESPONSE, end_stream=True))
+
+    server = _peer(client=False)
+    theirs, ours, mine = _pair(client=True)
+    _, head = _both(theirs, ours, lambda c: c.send_headers(1, REQUEST, end_stream=True))
+    server.receive_data(mine + head)
+    server.send_headers(1, [(b":status", b"100")])
+    server.send_headers(1, [(b":status", b"103"), (b"link", b"</a>")])
+    server.send_headers(1, RESPONSE, end_stream=True)
+    answer = server.data_to_send()
+    events, _ = _both(theirs, ours, lambda c: c.receive_data(answer))
+    assert _kinds(events) == [
+        "RemoteSettingsChanged",
+        "SettingsAcknowledged",
+        "InformationalResponseReceived",
+        "InformationalResponseReceived",
+        "ResponseReceived",
+        "StreamEnded",
+    ]
+    # An informational head with END_STREAM (h2 will not send one: made from its encoder).
+    theirs, ours, _ = _pair(client=True)
+    _both(theirs, ours, lambda c: c.send_headers(1, REQUEST, end_stream=True))
+    block = h2.connection.H2Connection().encoder.encode([(b":status", b"100")])
+    bad = len(block).to_bytes(3, "big") + bytes([1, 5]) + (1).to_bytes(4, "big") + block
+    refused, _ = _both(theirs, ours, lambda c: c.receive_data(bad))
+    assert "END_STREAM on informational" in str(refused)
+
+
+def test_a_head_larger_than_a_frame_goes_on_in_continuation_frames() -> None:
+    peer = _peer(client=False)
+    theirs, ours, mine = _pair(client=True)
+    preface = peer.data_to_send()  # (its max frame size: 16 KiB)
+    _both(theirs, ours, lambda c: c.receive_data(preface))
+    peer.receive_data(mine)
+    # (values that Huffman coding does not shorten much: ~40 KB, three frames)
+    big = REQUEST + [(b"x-big-%d" % i, bytes(33 + (j * 7 + i) % 90 for j in range(3000))) for i in range(12)]
+    received = []
+    for sid in (1, 3):  # (the second: from the changed table)
+        _, out = _both(theirs, ours, lambda c: c.send_headers(sid, big, end_stream=True))  # noqa: B023
+        kinds = []
+        at = 0
+        while at < len(out):
+            length = int.from_bytes(out[at : at + 3], "big")
+            assert length <= 16384
+            kinds.append((out[at + 3], out[at + 4]))  # (type, flags)
+            at += 9 + length
+        assert kinds[0] == (1, 1) and kinds[-1] == (9, 4)  # HEADERS (END_STREAM) ... END_HEADERS
+        assert set(kinds[1:-1]) <= {(9, 0)} and len(kinds) == 3
+        received += [e for e in peer.receive_data(out) if isinstance(e, h2.events.RequestReceived)]
+    assert [[(bytes(n), bytes(v)) for n, v in e.headers] for e in received] == [big, big]
+
+
+def test_split_cookie_fields_are_joined_as_h2_does() -> None:
+    """RFC 9113 8.2.3: cookie fields split for compression are joined ("; ") when received, the
+    result never indexed, at the end of the list, as h2 did."""
+    peer = _peer(client=True)
+    theirs, ours, _ = _pair(client=False)
+    peer.send_headers(
+        1, [*REQUEST, (b"cookie", b"a=1"), (b"x-a", b"1"), (b"cookie", b"b=2")], end_stream=True
+    )
+    request = peer.data_to_send()
+    events, _ = _both(theirs, ours, lambda c: c.receive_data(request))
+    assert isinstance(events, list)
+    head = next(e for e in events if "RequestReceived" in e)
+    assert "(b'cookie', b'a=1; b=2')" in head and head.index("x-a") < head.index("cookie")
+    assert events[events.index(head) + 1].split()[-1] == NeverIndexedHeaderTuple.__name__
+
+
+def test_trailers_must_end_the_stream_both_ways() -> None:
+    peer = _peer(client=True)
+    theirs, ours, _ = _pair(client=False)
+    peer.send_headers(1, REQUEST)
+    request = peer.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(request))
+    _both(theirs, ours, lambda c: c.send_headers(1, RESPONSE))
+    refused, _ = _both(theirs, ours, lambda c: c.send_headers(1, TRAILERS))
+    assert "Trailers must have END_STREAM" in str(refused)
+
+    theirs, ours, _ = _pair(client=False)
+    peer = _peer(client=True)
+    peer.send_headers(1, REQUEST)
+    frames = peer.data_to_send()
+    # Trailers without END_STREAM (h2 will not send them so: made from its encoder).
+    block = peer.encoder.encode(TRAILERS)
+    frames += len(block).to_bytes(3, "big") + bytes([1, 4]) + (1).to_bytes(4, "big") + block
+    refused, _ = _both(theirs, ours, lambda c: c.receive_data(frames))
+    assert "Trailers must have END_STREAM" in str(refused)
+
+
+@pytest.mark.parametrize(
+    ("closed_by", "frame", "answer"),
+    [
+        ("reset", "DATA", "RST_STREAM"),
+        ("end", "DATA", "RST_STREAM"),
+        ("reset, forgotten", "DATA", "RST_STREAM"),
+        ("end, forgotten", "DATA", "RST_STREAM"),
+        ("reset, forgotten", "HEADERS", "RST_STREAM"),
+        ("end, forgotten", "HEADERS", "StreamClosedError"),
+    ],
+)
+def test_frames_for_a_closed_stream_are_answered_as_h2_answers_them(
+    closed_by: str, frame: str, answer: str
+) -> None:
+    """A frame for a closed stream: RST_STREAM (STREAM_CLOSED), a DATA frame's flow counted
+    once; or a connection error (a head for a stream that ended and was forgotten since): as h2
+    answers each."""
+    peer = _peer(client=True)
+    theirs, ours, _ = _pair(client=False)
+    peer.send_headers(1, REQUEST, end_stream=closed_by.startswith("end"))
+    request = peer.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(request))
+    if closed_by.startswith("end"):
+        _both(theirs, ours, lambda c: c.send_headers(1, RESPONSE, end_stream=True))
+    else:
+        _both(theirs, ours, lambda c: c.reset_stream(1, h2.errors.ErrorCodes.CANCEL))
+    if closed_by.endswith("forgotten"):  # (closed streams are dropped when open streams are counted)
+        peer.send_headers(3, REQUEST)
+        later = peer.data_to_send()
+        _both(theirs, ours, lambda c: c.receive_data(later))
+        _both(theirs, ours, lambda c: c.open_inbound_streams)
+        assert 1 not in ours.streams
+    # (a head with a field new to the table: decoded once, or the tables of both ends differ)
+    data = b"x" * 1000 if frame == "DATA" else peer.encoder.encode([*REQUEST, (b"x-late", b"1")])
+    kind, flags = (0, 0) if frame == "DATA" else (1, 4)
+    late = len(data).to_bytes(3, "big") + bytes([kind, flags]) + (1).to_bytes(4, "big") + data
+    flow = len(data) if frame == "DATA" else 0
+    window = ours.inbound_flow_control_window
+    got, out = _both(theirs, ours, lambda c: c.receive_data(late))
+    if answer == "RST_STREAM":
+        assert got == [] and out[3] == 3 and out[-4:] == b"\x00\x00\x00\x05"  # (STREAM_CLOSED)
+        assert ours.inbound_flow_control_window == theirs.inbound_flow_control_window == window - flow
+        if frame == "DATA":
+            _both(theirs, ours, lambda c: c.receive_data(late))  # (again)
+            assert ours.inbound_flow_control_window == theirs.inbound_flow_control_window == window - 2 * flow
+        peer.send_headers(5, [*REQUEST, (b"x-late", b"1")], end_stream=True)  # (the table's entry)
+        next_request = peer.data_to_send()
+        events, _ = _both(theirs, ours, lambda c: c.receive_data(next_request))
+        assert "(b'x-late', b'1')" in str(events)
+    else:
+        assert "StreamClosedError" in str(got)
+
+
+def test_no_frame_received_is_formatted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """h2 formatted every frame it received (repr, the payload's start included) for a trace
+    line its default logger drops: about 2% of a gRPC call's Python in each sidecar."""
+    formatted = []
+
+    def counted(frame: hyperframe.frame.Frame) -> str:
+        formatted.append(type(frame).__name__)
+        return "frame"
+
+    monkeypatch.setattr(hyperframe.frame.Frame, "__repr__", counted)
+    peer = _peer(client=True)
+    ours = http2._Connection(config=_config(False))
+    ours.initiate_connection()
+    peer.send_headers(1, REQUEST + GRPC)
+    peer.send_data(1, b"\x00\x00\x00\x00\x02hi", end_stream=True)
+    peer.ping(b"12345678")
+    events = ours.receive_data(peer.data_to_send())
+    assert [type(e).__name__ for e in events] == [
+        "RemoteSettingsChanged",
+        "RequestReceived",
+        "DataReceived",
+        "StreamEnded",
+        "PingReceived",
+    ]
+    assert formatted == []
