@@ -32,6 +32,7 @@ import functools
 import logging
 import operator
 import re
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -43,13 +44,14 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import h2.stream
 import h2.utilities
 import hpack
 import hpack.table
 from hpack import NeverIndexedHeaderTuple
-from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from proxy.headers import DENIED_REASON, BadPath, field_value, normalize_target, trailer_fields, with_identity
 from proxy.observe import TRACE_HEADERS, RequestInfo, RequestResult, RequestSpan
@@ -514,6 +516,75 @@ class _Encoder(hpack.Encoder):
         return block
 
 
+# A frame's head (RFC 9113 4.1): length (24 bits: 16 + 8), type, flags, stream identifier.
+_FRAME_HEAD = struct.Struct(">HBBBL")
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+
+
+class _Out:
+    """A frame to send, made here: what h2 needs of one (``_prepare_for_sending``) is its bytes
+    and the length of its body. hyperframe's frame objects cost about as much to make and
+    serialize as the rest of sending a head or a message."""
+
+    __slots__ = ("body_len", "frame")
+
+    def __init__(self, kind: int, flags: int, stream_id: int, body: bytes | memoryview) -> None:
+        length = self.body_len = len(body)
+        self.frame = _FRAME_HEAD.pack(length >> 8, length & 0xFF, kind, flags, stream_id) + body
+
+    def serialize(self) -> bytes:
+        return self.frame
+
+
+_IN_FLAGS = {  # (received DATA and HEADERS frames' flags: never changed after parsing)
+    flags: frozenset(
+        name for bit, name in ((_END_STREAM, "END_STREAM"), (_END_HEADERS, "END_HEADERS")) if flags & bit
+    )
+    for flags in (0, _END_STREAM, _END_HEADERS, _END_STREAM | _END_HEADERS)
+}
+
+
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer, except that a DATA or a HEADERS frame with no padding, no priority and
+    (HEADERS) its whole head, the frames a call is made of, is parsed here: hyperframe's parsing
+    of one (a frame object, its flags object, each of its parts' constructors) cost more than
+    the rest of h2's handling of it. The frame is hyperframe's class, its fields set as
+    hyperframe sets them (its flags a frozen set: nothing changes them after parsing). Any
+    other frame, one still incomplete, one too long, on stream 0 or in the middle of a head
+    split in CONTINUATION frames, goes to h2's parsing (and its errors)."""
+
+    def __next__(self) -> Any:
+        data = self._data
+        if len(data) >= 9 and not self._headers_buffer:
+            high, low, kind, flags, sid = _FRAME_HEAD.unpack_from(data)
+            length = (high << 8) | low
+            end = 9 + length
+            sid &= 0x7FFFFFFF
+            if (
+                kind <= 0x1
+                and not flags & 0x28  # (PADDED, PRIORITY)
+                and sid
+                and len(data) >= end
+                and length <= self.max_frame_size
+                and (kind == 0x0 or flags & _END_HEADERS)
+            ):
+                frame: Any = _new(DataFrame if kind == 0x0 else HeadersFrame)
+                frame.stream_id = sid
+                frame.flags = _IN_FLAGS[flags & (_END_STREAM if kind == 0x0 else _END_STREAM | _END_HEADERS)]
+                frame.body_len = length
+                frame.pad_length = 0
+                if kind == 0x1:
+                    frame.depends_on = frame.stream_weight = 0
+                    frame.exclusive = False
+                frame.data = bytes(data[9:end])
+                del data[:end]
+                return frame
+        return super().__next__()
+
+
+_new = object.__new__
+
+
 class _H2Stream(h2.stream.H2Stream):
     """h2's stream, less work that this configuration of h2 left idle on every header block
     (about 5% of the Python a gRPC call costs each sidecar):
@@ -542,23 +613,33 @@ class _H2Stream(h2.stream.H2Stream):
             input_ = h2.stream.StreamInputs.SEND_INFORMATIONAL_HEADERS
         machine.process_input(input_)  # (before encoding: that changes the compression context)
         block = encoder.encode(headers)
-        first = HeadersFrame(self.stream_id)
-        frames: list[Any] = [first]
-        size = self.max_outbound_frame_size or len(block) or 1
-        first.data = block[:size]
-        for at in range(size, len(block), size):
-            more = ContinuationFrame(self.stream_id)
-            more.data = block[at : at + size]
-            frames.append(more)
-        frames[-1].flags.add("END_HEADERS")
         if end_stream:
             machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
-            first.flags.add("END_STREAM")
         elif machine.trailers_sent:
             raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
         if machine.client and self._authority is None:
             self._authority = h2.utilities.authority_from_headers(headers)
+        sid = self.stream_id
+        ends = _END_STREAM if end_stream else 0
+        size = self.max_outbound_frame_size or len(block) or 1
+        if len(block) <= size:
+            return [_Out(0x1, ends | _END_HEADERS, sid, block)]  # HEADERS
+        frames = [_Out(0x1, ends, sid, block[:size])]
+        for at in range(size, len(block), size):  # CONTINUATION frames, the last ending the head
+            frames.append(
+                _Out(0x9, 0 if at + size < len(block) else _END_HEADERS, sid, block[at : at + size])
+            )
         return frames
+
+    def send_data(self, data: Any, end_stream: bool = False, pad_length: Any = None) -> list[Any]:
+        if pad_length is not None:
+            return super().send_data(data, end_stream, pad_length)
+        machine = self.state_machine
+        machine.process_input(h2.stream.StreamInputs.SEND_DATA)
+        if end_stream:
+            machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+        self.outbound_flow_control_window -= len(data)
+        return [_Out(0x0, _END_STREAM if end_stream else 0, self.stream_id, data)]  # DATA
 
     def receive_headers(
         self, headers: Any, end_stream: bool, header_encoding: Any
@@ -597,6 +678,7 @@ class _Connection(h2.connection.H2Connection):
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config=config)
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         decoder = _Decoder()
         decoder.max_header_list_size = self.decoder.max_header_list_size
         self.decoder = decoder
@@ -607,6 +689,11 @@ class _Connection(h2.connection.H2Connection):
         stream = super()._begin_new_stream(stream_id, allowed_ids)
         stream.__class__ = _H2Stream
         return stream
+
+    def _prepare_for_sending(self, frames: list[Any]) -> None:
+        """h2's, less a generator per call: most calls have one frame."""
+        for frame in frames:
+            self._data_to_send += frame.serialize()
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         """h2's, less its trace line: it formatted every frame received (its repr, payload

@@ -5,6 +5,7 @@ and the same bytes out as h2's own connection, in each case below; and they form
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import h2.config
@@ -12,6 +13,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import hyperframe.frame
 import pytest
 from hpack import NeverIndexedHeaderTuple
@@ -137,6 +139,38 @@ def test_a_grpc_call_in_and_out_as_h2() -> None:
         "TrailersReceived",
         "StreamEnded",
     ]
+
+
+def test_messages_sent_as_h2_sends_them() -> None:
+    """DATA frames (made by the proxy, not by hyperframe): bytes or a memoryview, padded (h2's
+    own), empty, the last ending the stream; the windows spent alike."""
+    server = _peer(client=False)
+    theirs, ours, _ = _pair(client=True)
+    preface = server.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(preface))
+    _both(theirs, ours, lambda c: c.send_headers(1, REQUEST + GRPC))
+    sent = []
+    for data, padding in [
+        (b"a" * 1000, None),
+        (memoryview(b"0123456789")[2:7], None),
+        (b"pad", 4),
+        (b"", None),
+    ]:
+        _, out = _both(theirs, ours, lambda c: c.send_data(1, data, pad_length=padding))  # noqa: B023
+        sent.append(out)
+        assert ours.local_flow_control_window(1) == theirs.local_flow_control_window(1)
+        assert ours.streams[1].outbound_flow_control_window == theirs.streams[1].outbound_flow_control_window
+    _, out = _both(theirs, ours, lambda c: c.send_data(1, b"end", end_stream=True))
+    sent.append(out)
+    assert [(f[3], f[4], f[9:]) for f in sent] == [
+        (0, 0, b"a" * 1000),
+        (0, 0, b"23456"),
+        (0, 8, b"\x04pad\x00\x00\x00\x00"),  # (PADDED: its length, the data, the padding)
+        (0, 0, b""),
+        (0, 1, b"end"),  # (END_STREAM)
+    ]
+    refused, _ = _both(theirs, ours, lambda c: c.send_data(1, b"more"))
+    assert "Invalid input StreamInputs.SEND_DATA" in str(refused)
 
 
 def test_informational_responses_sent_and_received_as_h2() -> None:
@@ -288,6 +322,91 @@ def test_frames_for_a_closed_stream_are_answered_as_h2_answers_them(
         assert "(b'x-late', b'1')" in str(events)
     else:
         assert "StreamClosedError" in str(got)
+
+
+def _frame(kind: int, flags: int, stream: int, body: bytes) -> bytes:
+    return len(body).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + body
+
+
+def _random_frames(rnd: random.Random) -> bytes:
+    """Frames as a peer may send them, mostly plain DATA and HEADERS, and among them padded
+    ones, ones with priority, heads in CONTINUATION frames, other kinds, flags no frame defines,
+    the reserved bit set, and now and then a bad one: on stream 0, too long, CONTINUATION out of
+    place, a head interrupted."""
+    out = b""
+    for _ in range(rnd.randrange(1, 12)):
+        sid = rnd.choice([1, 3, 0x7FFFFFFF, 0x80000001])
+        body = rnd.randbytes(rnd.choice([0, 1, 5, 100, 16384]))
+        r = rnd.random()
+        if r < 0.35:
+            out += _frame(0, rnd.choice([0, 1, 0x1 | 0x4 | 0x2 | 0x40]), sid, body)
+        elif r < 0.6:
+            out += _frame(1, rnd.choice([0x4, 0x5, 0x4 | 0x2 | 0x10 | 0x80]), sid, body)
+        elif r < 0.68:
+            out += _frame(0, 0x8 | rnd.choice([0, 1]), sid, bytes([2]) + body + b"\x00\x00")  # padded
+        elif r < 0.74:
+            out += _frame(1, 0x20 | 0x4, sid, b"\x80\x00\x00\x03\x10" + body)  # priority
+        elif r < 0.8:
+            out += (
+                _frame(1, 0x1, sid, body[:3]) + _frame(9, 0, sid, body[3:5]) + _frame(9, 0x4, sid, body[5:])
+            )
+        elif r < 0.86:
+            out += _frame(8, 0, rnd.choice([0, sid]), (1000).to_bytes(4, "big"))  # WINDOW_UPDATE
+        elif r < 0.9:
+            out += _frame(0xEE, 0xFF, sid, body[:8])  # (an extension)
+        elif r < 0.93:
+            out += _frame(rnd.choice([0, 1]), 0x5, 0, body[:8])  # (on stream 0)
+        elif r < 0.96:
+            out += _frame(0, 0, sid, b"x" * 16385)  # (longer than the frame size allows)
+        elif r < 0.98:
+            out += _frame(9, 0x4, sid, body[:4])  # (CONTINUATION with no head before)
+        else:
+            out += _frame(1, 0, sid, body[:4]) + _frame(0, 0, sid, b"")  # (a head interrupted)
+    return out
+
+
+def _parse(buffer: h2.frame_buffer.FrameBuffer, data: bytes, cuts: list[int]) -> list[object]:
+    """The frames (their fields as hyperframe has them) and the error, if any, from the data fed
+    in pieces cut where ``cuts`` says."""
+    buffer.max_frame_size = 16384
+    got: list[object] = []
+    try:
+        for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+            buffer.add_data(data[start:end])
+            for frame in buffer:
+                fields = {k: v for k, v in vars(frame).items() if k != "flags"}
+                got.append(
+                    (
+                        type(frame).__name__,
+                        sorted(frame.flags),
+                        fields,
+                        getattr(frame, "flow_controlled_length", None),
+                    )
+                )
+    except h2.exceptions.ProtocolError as e:
+        got.append(f"{type(e).__name__}: {e}")
+    return got
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_frames_parsed_as_h2_parses_them(seed: int) -> None:
+    rnd = random.Random(seed)
+    data = _random_frames(rnd)
+    cuts = sorted(rnd.sample(range(1, len(data)), min(len(data) - 1, rnd.choice([0, 1, 3, 20]))))
+    theirs = _parse(h2.frame_buffer.FrameBuffer(server=False), data, cuts)
+    ours = _parse(http2._FrameBuffer(server=False), data, cuts)
+    assert ours == theirs
+    assert theirs  # (something parsed, or an error)
+
+
+def test_the_preface_is_checked_before_any_frame() -> None:
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    frames = _frame(1, 0x5, 1, b"\x82") + _frame(0, 0x1, 1, b"hi")
+    for data in (preface + frames, b"GET / HTTP/1.1\r\n\r\n" + frames):
+        assert _parse(http2._FrameBuffer(server=True), data, [3, 30]) == _parse(
+            h2.frame_buffer.FrameBuffer(server=True), data, [3, 30]
+        )
+    assert len(_parse(http2._FrameBuffer(server=True), preface + frames, [])) == 2
 
 
 def test_no_frame_received_is_formatted(monkeypatch: pytest.MonkeyPatch) -> None:
