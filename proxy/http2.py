@@ -521,19 +521,19 @@ _FRAME_HEAD = struct.Struct(">HBBBL")
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 
 
-class _Out:
-    """A frame to send, made here: what h2 needs of one (``_prepare_for_sending``) is its bytes
-    and the length of its body. hyperframe's frame objects cost about as much to make and
-    serialize as the rest of sending a head or a message."""
+def _out(kind: int, flags: int, stream_id: int, body: bytes | memoryview) -> bytes:
+    """A frame to send, made here as its bytes (``_Connection._prepare_for_sending`` takes them
+    as they are): hyperframe's frame objects cost about as much to make and serialize as the
+    rest of sending a head or a message."""
+    length = len(body)
+    return _FRAME_HEAD.pack(length >> 8, length & 0xFF, kind, flags, stream_id) + body
 
-    __slots__ = ("body_len", "frame")
 
-    def __init__(self, kind: int, flags: int, stream_id: int, body: bytes | memoryview) -> None:
-        length = self.body_len = len(body)
-        self.frame = _FRAME_HEAD.pack(length >> 8, length & 0xFF, kind, flags, stream_id) + body
-
-    def serialize(self) -> bytes:
-        return self.frame
+def _informational(headers: list[Header]) -> bool:
+    """Whether a response head is a 1xx: h2's test, for a head that is well-formed (its one
+    pseudo-header first) as the proxy's own and the ones it passes on are (checked, ``_malformed``),
+    in one look at the first field (h2 looked through every pseudo-header for it)."""
+    return bool(headers) and headers[0][0] == b":status" and headers[0][1][:1] == b"1"
 
 
 _IN_FLAGS = {  # (received DATA and HEADERS frames' flags: never changed after parsing)
@@ -555,6 +555,8 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
 
     def __next__(self) -> Any:
         data = self._data
+        if not data:
+            raise StopIteration  # (h2's, once per receive: all was parsed)
         if len(data) >= 9 and not self._headers_buffer:
             high, low, kind, flags, sid = _FRAME_HEAD.unpack_from(data)
             length = (high << 8) | low
@@ -599,7 +601,12 @@ class _H2Stream(h2.stream.H2Stream):
       (``_Side``).
     - A head received gets validation flags only for joining its cookie fields (RFC 9113
       8.2.3), and only when it has one; fields are kept as hpack decoded them otherwise
-      (h2 copied the list)."""
+      (h2 copied the list).
+    - Whether a head is a 1xx response is asked only of a response (h2 asked of every head:
+      a request whose first pseudo-header was :status 1xx failed the whole connection; as any
+      malformed request it now fails its stream, ``_malformed_request``), by its first field.
+    - Frames sent are made as bytes (``_out``), not as hyperframe's objects: h2's connection
+      only serializes them, except for a head sent with priority, which the proxy never sends."""
 
     def _initialize_content_length(self, headers: Any) -> None:
         pass
@@ -607,7 +614,7 @@ class _H2Stream(h2.stream.H2Stream):
     def send_headers(self, headers: Any, encoder: Any, end_stream: bool = False) -> list[Any]:
         machine = self.state_machine
         input_ = h2.stream.StreamInputs.SEND_HEADERS
-        if not machine.client and h2.utilities.is_informational_response(headers):
+        if not machine.client and _informational(headers):
             if end_stream:
                 raise h2.exceptions.ProtocolError("Cannot set END_STREAM on informational responses.")
             input_ = h2.stream.StreamInputs.SEND_INFORMATIONAL_HEADERS
@@ -623,11 +630,11 @@ class _H2Stream(h2.stream.H2Stream):
         ends = _END_STREAM if end_stream else 0
         size = self.max_outbound_frame_size or len(block) or 1
         if len(block) <= size:
-            return [_Out(0x1, ends | _END_HEADERS, sid, block)]  # HEADERS
-        frames = [_Out(0x1, ends, sid, block[:size])]
+            return [_out(0x1, ends | _END_HEADERS, sid, block)]  # HEADERS
+        frames = [_out(0x1, ends, sid, block[:size])]
         for at in range(size, len(block), size):  # CONTINUATION frames, the last ending the head
             frames.append(
-                _Out(0x9, 0 if at + size < len(block) else _END_HEADERS, sid, block[at : at + size])
+                _out(0x9, 0 if at + size < len(block) else _END_HEADERS, sid, block[at : at + size])
             )
         return frames
 
@@ -639,13 +646,13 @@ class _H2Stream(h2.stream.H2Stream):
         if end_stream:
             machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
         self.outbound_flow_control_window -= len(data)
-        return [_Out(0x0, _END_STREAM if end_stream else 0, self.stream_id, data)]  # DATA
+        return [_out(0x0, _END_STREAM if end_stream else 0, self.stream_id, data)]  # DATA
 
     def receive_headers(
         self, headers: Any, end_stream: bool, header_encoding: Any
     ) -> tuple[list[Any], list[Any]]:
         machine = self.state_machine
-        if h2.utilities.is_informational_response(headers):
+        if machine.client and _informational(headers):  # (a response: the stream is ours)
             if end_stream:
                 raise h2.exceptions.ProtocolError("Cannot set END_STREAM on informational responses")
             events = machine.process_input(h2.stream.StreamInputs.RECV_INFORMATIONAL_HEADERS)
@@ -690,10 +697,29 @@ class _Connection(h2.connection.H2Connection):
         stream.__class__ = _H2Stream
         return stream
 
+    def send_data(self, stream_id: int, data: Any, end_stream: bool = False, pad_length: Any = None) -> None:
+        """h2's, its checks made on the stream it looks up once (h2 looked it up for each)."""
+        stream = self.streams.get(stream_id)
+        if pad_length is not None or stream is None:  # (h2's errors for a stream unknown or gone)
+            return super().send_data(stream_id, data, end_stream, pad_length)
+        size = len(data)
+        if size and (size > self.outbound_flow_control_window or size > stream.outbound_flow_control_window):
+            window = min(self.outbound_flow_control_window, stream.outbound_flow_control_window)
+            raise h2.exceptions.FlowControlError(f"Cannot send {size} bytes, flow control window is {window}")
+        if size > self.max_outbound_frame_size:
+            raise h2.exceptions.FrameTooLargeError(
+                f"Cannot send frame size {size}, max frame size is {self.max_outbound_frame_size}"
+            )
+        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
+        frame: Any = stream.send_data(data, end_stream)[0]  # (``_H2Stream``'s: bytes)
+        self._data_to_send += frame
+        self.outbound_flow_control_window -= size
+
     def _prepare_for_sending(self, frames: list[Any]) -> None:
-        """h2's, less a generator per call: most calls have one frame."""
+        """h2's, less a generator per call (most calls have one frame), taking the frames
+        ``_H2Stream`` makes as bytes."""
         for frame in frames:
-            self._data_to_send += frame.serialize()
+            self._data_to_send += frame if frame.__class__ is bytes else frame.serialize()
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         """h2's, less its trace line: it formatted every frame received (its repr, payload

@@ -88,6 +88,18 @@ def _both(
     return results[0], out
 
 
+def _frames_in(out: bytes) -> list[tuple[int, int]]:
+    """The type and flags of each frame in what a connection sent, each at most 16 KiB."""
+    frames = []
+    at = 0
+    while at < len(out):
+        length = int.from_bytes(out[at : at + 3], "big")
+        assert length <= 16384 and at + 9 + length <= len(out)
+        frames.append((out[at + 3], out[at + 4]))
+        at += 9 + length
+    return frames
+
+
 def _kinds(events: object) -> list[str]:
     assert isinstance(events, list)
     return [e.split(" ")[0].strip("<>") for e in events[::2]]
@@ -173,6 +185,52 @@ def test_messages_sent_as_h2_sends_them() -> None:
     assert "Invalid input StreamInputs.SEND_DATA" in str(refused)
 
 
+def test_messages_refused_as_h2_refuses_them() -> None:
+    """Past a window (the stream's, the connection's, a window made negative by a smaller
+    SETTINGS_INITIAL_WINDOW_SIZE, where an empty frame may still go), past the frame size, on a
+    stream never opened or closed: the same error, nothing sent."""
+    import h2.settings
+
+    server = _peer(client=False)
+    server.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 10})
+    theirs, ours, _ = _pair(client=True)
+    preface = server.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(preface))
+    _both(theirs, ours, lambda c: c.send_headers(1, REQUEST + GRPC))
+    _both(theirs, ours, lambda c: c.send_headers(3, REQUEST + GRPC))
+    refusals = [_both(theirs, ours, lambda c: c.send_data(1, b"x" * 11))]
+    _both(theirs, ours, lambda c: c.send_data(1, b"x" * 10))
+    server.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 5})  # (stream 1: -5)
+    smaller = server.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(smaller))
+    assert ours.local_flow_control_window(1) == -5
+    _both(theirs, ours, lambda c: c.send_data(1, b""))
+    refusals.append(_both(theirs, ours, lambda c: c.send_data(1, b"x")))
+    server.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+    larger = server.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(larger))
+    refusals.append(_both(theirs, ours, lambda c: c.send_data(3, b"x" * 16385)))
+    for _ in range(3):
+        _both(theirs, ours, lambda c: c.send_data(3, b"x" * 16384))
+    assert ours.outbound_flow_control_window == 65535 - 10 - 3 * 16384  # (the connection's: 16,373)
+    refusals.append(_both(theirs, ours, lambda c: c.send_data(3, b"x" * 16374)))
+    refusals.append(_both(theirs, ours, lambda c: c.send_data(7, b"x")))
+    _both(theirs, ours, lambda c: c.reset_stream(3))
+    refusals.append(_both(theirs, ours, lambda c: c.send_data(3, b"x")))
+    _both(theirs, ours, lambda c: c.send_headers(5, REQUEST + GRPC))
+    _both(theirs, ours, lambda c: c.close_connection())  # (GOAWAY sent: nothing more goes)
+    refusals.append(_both(theirs, ours, lambda c: c.send_data(5, b"x")))
+    assert [(str(error).split(":")[0], out) for error, out in refusals] == [
+        ("FlowControlError", b""),
+        ("FlowControlError", b""),
+        ("FrameTooLargeError", b""),
+        ("FlowControlError", b""),
+        ("NoSuchStreamError", b""),
+        ("StreamClosedError", b""),
+        ("ProtocolError", b""),
+    ]
+
+
 def test_informational_responses_sent_and_received_as_h2() -> None:
     peer = _peer(client=True)
     theirs, ours, _ = _pair(client=False)
@@ -210,6 +268,24 @@ def test_informational_responses_sent_and_received_as_h2() -> None:
     assert "END_STREAM on informational" in str(refused)
 
 
+def test_a_request_that_looks_informational_fails_its_stream_not_the_connection() -> None:
+    """A request whose first pseudo-header is :status 1xx: h2 took it for an informational
+    response, which a server cannot receive, and failed the whole connection; it is a malformed
+    request (RFC 9113 8.1.1: a stream error), which the proxy answers on its stream."""
+    block = h2.connection.H2Connection().encoder.encode([(b":status", b"100"), *REQUEST])
+    preface = _peer(client=True).data_to_send()
+    data = preface + _frame(1, 0x5, 1, block)
+    theirs, ours, _ = _pair(client=False)
+    with pytest.raises(h2.exceptions.ProtocolError):
+        theirs.receive_data(data)
+    events = ours.receive_data(data)
+    head = next(e for e in events if isinstance(e, h2.events.RequestReceived))
+    assert http2._malformed_request(list(head.headers)) == "pseudo-header :status is not a request's"
+    assert 7 not in [kind for kind, _ in _frames_in(ours.data_to_send())]  # (no GOAWAY)
+    later = _frame(1, 0x5, 3, h2.connection.H2Connection().encoder.encode(REQUEST))
+    assert [type(e).__name__ for e in ours.receive_data(later)] == ["RequestReceived", "StreamEnded"]
+
+
 def test_a_head_larger_than_a_frame_goes_on_in_continuation_frames() -> None:
     peer = _peer(client=False)
     theirs, ours, mine = _pair(client=True)
@@ -221,13 +297,7 @@ def test_a_head_larger_than_a_frame_goes_on_in_continuation_frames() -> None:
     received = []
     for sid in (1, 3):  # (the second: from the changed table)
         _, out = _both(theirs, ours, lambda c: c.send_headers(sid, big, end_stream=True))  # noqa: B023
-        kinds = []
-        at = 0
-        while at < len(out):
-            length = int.from_bytes(out[at : at + 3], "big")
-            assert length <= 16384
-            kinds.append((out[at + 3], out[at + 4]))  # (type, flags)
-            at += 9 + length
+        kinds = _frames_in(out)
         assert kinds[0] == (1, 1) and kinds[-1] == (9, 4)  # HEADERS (END_STREAM) ... END_HEADERS
         assert set(kinds[1:-1]) <= {(9, 0)} and len(kinds) == 3
         received += [e for e in peer.receive_data(out) if isinstance(e, h2.events.RequestReceived)]
