@@ -117,6 +117,9 @@ def test_a_grpc_call_in_and_out_as_h2() -> None:
     call = peer.data_to_send()
     events, _ = _both(theirs, ours, lambda c: c.receive_data(call))
     assert _kinds(events) == ["RequestReceived", "DataReceived", "StreamEnded"]
+    assert type(ours.state_machine) is http2._ConnectionMachine  # (the proxy's parts in use)
+    assert type(ours.streams[1].state_machine) is http2._StreamMachine
+    assert type(ours.streams[1]) is http2._H2Stream and type(ours.incoming_buffer) is http2._FrameBuffer
     _, head = _both(theirs, ours, lambda c: c.send_headers(1, RESPONSE))
     _, message = _both(theirs, ours, lambda c: c.send_data(1, b"\x00\x00\x00\x00\x02ok"))
     _, trailers = _both(theirs, ours, lambda c: c.send_headers(1, TRAILERS, end_stream=True))
@@ -477,6 +480,43 @@ def test_the_preface_is_checked_before_any_frame() -> None:
             h2.frame_buffer.FrameBuffer(server=True), data, [3, 30]
         )
     assert len(_parse(http2._FrameBuffer(server=True), preface + frames, [])) == 2
+
+
+def _moved(machine: object, put: object) -> tuple[object, ...]:
+    """One input to a state machine: what it returned (or raised) and all its fields after."""
+    try:
+        got: object = repr(machine.process_input(put))  # type: ignore[attr-defined]
+    except h2.exceptions.ProtocolError as e:
+        got = f"{type(e).__name__}: {e}"
+    return got, {k: v for k, v in vars(machine).items()}
+
+
+@pytest.mark.parametrize("client", [None, True, False])
+def test_every_stream_transition_as_h2s(client: bool | None) -> None:
+    """Each input in each state (and on whichever side: the callbacks look at it), from a
+    machine of h2's and one of the proxy's: the same events or error, the same state after."""
+    seen = set()
+    for state in h2.stream.StreamState:
+        for put in h2.stream.StreamInputs:
+            theirs = h2.stream.H2StreamStateMachine(1)
+            ours = h2.stream.H2StreamStateMachine(1)
+            ours.__class__ = http2._StreamMachine
+            for machine in (theirs, ours):
+                machine.state, machine.client = state, client
+            assert _moved(ours, put) == _moved(theirs, put), (state, put)
+            seen.add(str(ours.state))
+    assert len(seen) > 3  # (transitions were made, not only refusals)
+
+
+def test_every_connection_transition_as_h2s() -> None:
+    for state in h2.connection.ConnectionState:
+        for put in h2.connection.ConnectionInputs:
+            theirs = h2.connection.H2ConnectionStateMachine()
+            ours = h2.connection.H2ConnectionStateMachine()
+            ours.__class__ = http2._ConnectionMachine
+            theirs.state = ours.state = state
+            assert _moved(ours, put) == _moved(theirs, put), (state, put)
+    assert len(http2._CONNECTION_MOVES) == len(h2.connection.H2ConnectionStateMachine._transitions)
 
 
 def test_no_frame_received_is_formatted(monkeypatch: pytest.MonkeyPatch) -> None:
