@@ -651,7 +651,8 @@ class _H2Stream(h2.stream.H2Stream):
       a request whose first pseudo-header was :status 1xx failed the whole connection; as any
       malformed request it now fails its stream, ``_malformed_request``), by its first field.
     - Frames sent are made as bytes (``_out``), not as hyperframe's objects: h2's connection
-      only serializes them, except for a head sent with priority, which the proxy never sends."""
+      only serializes them (``_Connection`` sends no priority, which h2 would add to the frame).
+    - Heads are lists (``Header``), as everywhere in the proxy (h2 took any iterable)."""
 
     def _initialize_content_length(self, headers: Any) -> None:
         pass
@@ -726,10 +727,21 @@ class _Connection(h2.connection.H2Connection):
     on any GOAWAY, refusing even the DATA still coming for those streams and dropping what was
     queued to send. The peer's GOAWAY is still reported (ConnectionTerminated); opening no new
     stream afterwards is the caller's part (``_Up.closing``). A GOAWAY with an error closes all,
-    as h2 does."""
+    as h2 does.
+
+    Its streams are :class:`_H2Stream` when it is configured as ``_Side`` configures it (no
+    validation or normalization of its own, fields as bytes), for which that class is made;
+    otherwise h2's. Heads are sent without priority (deprecated, RFC 9113 5.3.2): asked for,
+    it is refused before anything changes."""
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config=config)
+        self.lean = not (
+            config.validate_outbound_headers
+            or config.normalize_outbound_headers
+            or config.validate_inbound_headers
+            or config.header_encoding
+        )
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         self.state_machine.__class__ = _ConnectionMachine
         decoder = _Decoder()
@@ -740,14 +752,28 @@ class _Connection(h2.connection.H2Connection):
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
         """h2's stream, as an :class:`_H2Stream` with a :class:`_StreamMachine`."""
         stream = super()._begin_new_stream(stream_id, allowed_ids)
-        stream.__class__ = _H2Stream
+        if self.lean:
+            stream.__class__ = _H2Stream
         stream.state_machine.__class__ = _StreamMachine
         return stream
+
+    def send_headers(
+        self,
+        stream_id: int,
+        headers: Any,
+        end_stream: bool = False,
+        priority_weight: int | None = None,
+        priority_depends_on: int | None = None,
+        priority_exclusive: bool | None = None,
+    ) -> None:
+        if priority_weight is not None or priority_depends_on is not None or priority_exclusive is not None:
+            raise ValueError("the sidecar's HTTP/2 connections send no priority (RFC 9113 5.3.2)")
+        super().send_headers(stream_id, headers, end_stream)
 
     def send_data(self, stream_id: int, data: Any, end_stream: bool = False, pad_length: Any = None) -> None:
         """h2's, its checks made on the stream it looks up once (h2 looked it up for each)."""
         stream = self.streams.get(stream_id)
-        if pad_length is not None or stream is None:  # (h2's errors for a stream unknown or gone)
+        if pad_length is not None or stream is None or not self.lean:  # (h2's errors for a stream gone)
             return super().send_data(stream_id, data, end_stream, pad_length)
         size = len(data)
         if size and (size > self.outbound_flow_control_window or size > stream.outbound_flow_control_window):

@@ -88,13 +88,13 @@ def _both(
     return results[0], out
 
 
-def _frames_in(out: bytes) -> list[tuple[int, int]]:
-    """The type and flags of each frame in what a connection sent, each at most 16 KiB."""
+def _frames_in(out: bytes, frame_size: int = 16384) -> list[tuple[int, int]]:
+    """The type and flags of each frame in what a connection sent, each at most ``frame_size``."""
     frames = []
     at = 0
     while at < len(out):
         length = int.from_bytes(out[at : at + 3], "big")
-        assert length <= 16384 and at + 9 + length <= len(out)
+        assert length <= frame_size and at + 9 + length <= len(out)
         frames.append((out[at + 3], out[at + 4]))
         at += 9 + length
     return frames
@@ -289,22 +289,118 @@ def test_a_request_that_looks_informational_fails_its_stream_not_the_connection(
     assert [type(e).__name__ for e in ours.receive_data(later)] == ["RequestReceived", "StreamEnded"]
 
 
-def test_a_head_larger_than_a_frame_goes_on_in_continuation_frames() -> None:
+@pytest.mark.parametrize("frame_size", [16384, 20000])
+def test_a_head_larger_than_a_frame_goes_on_in_continuation_frames(frame_size: int) -> None:
+    import h2.settings
+
     peer = _peer(client=False)
+    peer.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: frame_size})
     theirs, ours, mine = _pair(client=True)
-    preface = peer.data_to_send()  # (its max frame size: 16 KiB)
-    _both(theirs, ours, lambda c: c.receive_data(preface))
-    peer.receive_data(mine)
+    preface = peer.data_to_send()
+    _, ack = _both(theirs, ours, lambda c: c.receive_data(preface))
+    peer.receive_data(mine + ack)  # (the larger frames it takes once its settings are acknowledged)
     # (values that Huffman coding does not shorten much: ~40 KB, three frames)
     big = REQUEST + [(b"x-big-%d" % i, bytes(33 + (j * 7 + i) % 90 for j in range(3000))) for i in range(12)]
     received = []
     for sid in (1, 3):  # (the second: from the changed table)
         _, out = _both(theirs, ours, lambda c: c.send_headers(sid, big, end_stream=True))  # noqa: B023
-        kinds = _frames_in(out)
+        kinds = _frames_in(out, frame_size)
         assert kinds[0] == (1, 1) and kinds[-1] == (9, 4)  # HEADERS (END_STREAM) ... END_HEADERS
-        assert set(kinds[1:-1]) <= {(9, 0)} and len(kinds) == 3
+        total = sum(int.from_bytes(out[at : at + 3], "big") for at in _starts(out))
+        assert set(kinds[1:-1]) <= {(9, 0)} and len(kinds) == -(-total // frame_size) >= 2
         received += [e for e in peer.receive_data(out) if isinstance(e, h2.events.RequestReceived)]
     assert [[(bytes(n), bytes(v)) for n, v in e.headers] for e in received] == [big, big]
+
+
+def test_heads_at_the_frame_size_and_empty_trailers() -> None:
+    """A block of exactly the frame size goes in one HEADERS frame, one byte more in two; an
+    empty list (trailers with no field: an upstream may send them) in a HEADERS frame with an
+    empty block, which h2 could not make (IndexError, out of the proxy's handler)."""
+    import hpack
+
+    peer = _peer(client=False)
+    theirs, ours, mine = _pair(client=True)
+    preface = peer.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(preface))
+    peer.receive_data(mine)
+    _, first = _both(theirs, ours, lambda c: c.send_headers(1, REQUEST))  # (its fields in the tables)
+    peer.receive_data(first)
+    for sid, size, frames in ((3, 16384, 1), (5, 16385, 2)):
+        # ("X" Huffman-codes to 8 bits: a value of n of them, n bytes; never indexed, so the
+        # head codes alike whatever the table holds)
+        def head(n: int) -> list[tuple[bytes, bytes]]:
+            return [*REQUEST, hpack.NeverIndexedHeaderTuple(b"x-v", b"X" * n)]
+
+        fresh = http2._Encoder()
+        fresh.encode(head(0))  # (REQUEST's fields in the table, as in the connections')
+        n = next(n for n in range(size - 30, size) if len(fresh.encode(head(n))) == size)
+        _, out = _both(theirs, ours, lambda c: c.send_headers(sid, head(n)))  # noqa: B023
+        assert len(_frames_in(out)) == frames
+        assert sum(int.from_bytes(out[at : at + 3], "big") for at in _starts(out)) == size
+        peer.receive_data(out)
+    ours.send_headers(1, [], end_stream=True)
+    out = ours.data_to_send()
+    assert _frames_in(out) == [(1, 5)] and out[:3] == b"\x00\x00\x00"
+    ended = peer.receive_data(out)
+    assert [type(e).__name__ for e in ended] == ["TrailersReceived", "StreamEnded"]
+
+
+def _starts(out: bytes) -> list[int]:
+    starts, at = [], 0
+    while at < len(out):
+        starts.append(at)
+        at += 9 + int.from_bytes(out[at : at + 3], "big")
+    return starts
+
+
+def test_priority_is_refused_before_anything_changes() -> None:
+    peer = _peer(client=False)
+    ours = http2._Connection(config=_config(True))
+    ours.initiate_connection()
+    peer.receive_data(ours.data_to_send())
+    with pytest.raises(ValueError, match="no priority"):
+        ours.send_headers(1, [*REQUEST, (b"x-new", b"1")], end_stream=True, priority_weight=32)
+    assert not ours.streams and not ours.data_to_send()
+    ours.send_headers(1, [*REQUEST, (b"x-new", b"1")], end_stream=True)
+    ours.send_headers(3, [*REQUEST, (b"x-new", b"1")], end_stream=True)  # (from the table)
+    heads = [e for e in peer.receive_data(ours.data_to_send()) if isinstance(e, h2.events.RequestReceived)]
+    assert [[(bytes(n), bytes(v)) for n, v in e.headers] for e in heads] == [[*REQUEST, (b"x-new", b"1")]] * 2
+
+
+def test_configured_otherwise_the_connection_is_h2s() -> None:
+    """With h2's own validation and normalization on (not as the proxy sets it up), its streams
+    are h2's: a connection-specific field is normalized away when sent, an upper-case name is
+    refused when received, as h2 does."""
+    config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    theirs = h2.connection.H2Connection(config=config)
+    ours = http2._Connection(config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    assert not ours.lean
+    for conn in (theirs, ours):
+        conn.initiate_connection()
+    _both(theirs, ours, lambda c: c.send_headers(1, [*REQUEST, (b"Connection", b"close"), (b"X-A", b"1")]))
+    _both(theirs, ours, lambda c: c.send_data(1, b"x", pad_length=2))
+    _both(theirs, ours, lambda c: c.send_data(1, b"y", end_stream=True))
+    server = _peer(client=False)
+    preface = server.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(preface))
+    block = server.encoder.encode([(b":status", b"200"), (b"X-Upper", b"1")])
+    refused, _ = _both(theirs, ours, lambda c: c.receive_data(_frame(1, 0x5, 1, block)))
+    assert "uppercase" in str(refused)
+
+
+def test_a_response_with_a_pseudo_header_before_status_is_malformed_not_1xx() -> None:
+    """h2 looked for :status through the pseudo-headers; the proxy takes it first (the only
+    pseudo-header a response has): such a response is a final one, malformed (a stream error,
+    502), where h2 took it for a 1xx, and failed the connection if it also ended the stream."""
+    server = _peer(client=False)
+    ours = http2._Connection(config=_config(True))
+    ours.initiate_connection()
+    ours.receive_data(server.data_to_send())
+    ours.send_headers(1, REQUEST, end_stream=True)
+    block = server.encoder.encode([(b":x", b"1"), (b":status", b"103")])
+    events = ours.receive_data(_frame(1, 0x5, 1, block))
+    head = next(e for e in events if isinstance(e, h2.events.ResponseReceived))
+    assert http2._malformed(list(head.headers), False) is not None
 
 
 def test_split_cookie_fields_are_joined_as_h2_does() -> None:
