@@ -768,7 +768,25 @@ class _Connection(h2.connection.H2Connection):
     ) -> None:
         if priority_weight is not None or priority_depends_on is not None or priority_exclusive is not None:
             raise ValueError("the sidecar's HTTP/2 connections send no priority (RFC 9113 5.3.2)")
-        super().send_headers(stream_id, headers, end_stream)
+        stream = self.streams.get(stream_id)
+        if stream is None:  # (a new stream: h2's checks of the streams open, and its creation)
+            return super().send_headers(stream_id, headers, end_stream)
+        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
+        self._prepare_for_sending(stream.send_headers(headers, self.encoder, end_stream))
+        return None
+
+    def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        """h2's, for a stream already open (a response, trailers) in fewer steps; a new stream, or
+        a head with priority, is h2's."""
+        stream = self.streams.get(frame.stream_id)
+        if stream is None or "PRIORITY" in frame.flags:
+            return super()._receive_headers_frame(frame)
+        headers = h2.connection._decode_headers(self.decoder, frame.data)
+        events = self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
+        frames, received = stream.receive_headers(
+            headers, "END_STREAM" in frame.flags, self.config.header_encoding
+        )
+        return frames, events + received
 
     def send_data(self, stream_id: int, data: Any, end_stream: bool = False, pad_length: Any = None) -> None:
         """h2's, its checks made on the stream it looks up once (h2 looked it up for each)."""

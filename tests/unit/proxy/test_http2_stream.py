@@ -403,6 +403,45 @@ def test_a_response_with_a_pseudo_header_before_status_is_malformed_not_1xx() ->
     assert http2._malformed(list(head.headers), False) is not None
 
 
+@pytest.mark.parametrize("closed", ["sent GOAWAY", "received GOAWAY"])
+def test_heads_on_open_streams_after_a_goaway_as_h2(closed: str) -> None:
+    """A head sent or received on a stream already open, once the connection is closed by a
+    GOAWAY: as h2 (the connection's state machine refuses it, or lets it through)."""
+    server = _peer(client=False)
+    theirs, ours, mine = _pair(client=True)
+    preface = server.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(preface))
+    _, head = _both(theirs, ours, lambda c: c.send_headers(1, REQUEST + GRPC))
+    server.receive_data(mine + head)
+    ack = server.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(ack))
+    server.send_headers(1, RESPONSE)
+    response = server.data_to_send()
+    if closed == "sent GOAWAY":
+        _both(theirs, ours, lambda c: c.close_connection())
+    else:
+        server.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        goaway = server.data_to_send()
+        _both(theirs, ours, lambda c: c.receive_data(goaway))
+    refused, _ = _both(theirs, ours, lambda c: c.receive_data(response))
+    assert "Invalid input ConnectionInputs.RECV_HEADERS" in str(refused)
+    refused, _ = _both(theirs, ours, lambda c: c.send_headers(1, TRAILERS, end_stream=True))
+    assert "Invalid input ConnectionInputs.SEND_HEADERS" in str(refused)
+
+
+def test_a_response_with_priority_as_h2() -> None:
+    server = _peer(client=False)
+    theirs, ours, _ = _pair(client=True)
+    preface = server.data_to_send()
+    _both(theirs, ours, lambda c: c.receive_data(preface))
+    _both(theirs, ours, lambda c: c.send_headers(1, REQUEST, end_stream=True))
+    block = server.encoder.encode(RESPONSE)
+    priority = (3).to_bytes(4, "big") + bytes([15])  # (depends on stream 3, weight 16)
+    framed = _frame(1, 0x4 | 0x1 | 0x20, 1, priority + block)
+    events, _ = _both(theirs, ours, lambda c: c.receive_data(framed))
+    assert _kinds(events) == ["ResponseReceived", "StreamEnded", "PriorityUpdated"]
+
+
 def test_split_cookie_fields_are_joined_as_h2_does() -> None:
     """RFC 9113 8.2.3: cookie fields split for compression are joined ("; ") when received, the
     result never indexed, at the end of the list, as h2 did."""
