@@ -274,7 +274,9 @@ class _Stream:
 
 def _content_length(headers: list[Header]) -> int | None:
     """The content-length of a head (checked before: digits, one value), None without one."""
-    return next((int(v) for n, v in headers if n == b"content-length"), None)
+    if b"content-length" not in map(_NAME, headers):  # (most heads, gRPC's all: looked through in C)
+        return None
+    return next(int(v) for n, v in headers if n == b"content-length")
 
 
 def _against_length(expected: int | None, received: int, ended: bool) -> str | None:
@@ -1566,9 +1568,17 @@ class H2Proxy:
         oversized = OVERSIZED in headers
         if oversized:
             headers.remove(OVERSIZED)
-        pseudo = {n: v for n, v in headers if n.startswith(b":")}
-        content_type = next((v for n, v in headers if n == b"content-type"), b"")
-        grpc = content_type.startswith(b"application/grpc")
+        pseudo: dict[bytes, bytes] = {}
+        regular: list[Header] = []  # (the fields as RequestInfo has them: plain tuples)
+        content_type: bytes | None = None
+        for name, value in headers:  # (one pass)
+            if name[:1] == b":":
+                pseudo[name] = value
+            else:
+                regular.append((name, value))
+                if content_type is None and name == b"content-type":
+                    content_type = value
+        grpc = content_type is not None and content_type.startswith(b"application/grpc")
         router = self.router
         path = pseudo.get(b":path", b"/")
         method = pseudo.get(b":method", b"")
@@ -1601,7 +1611,7 @@ class H2Proxy:
             method=method.decode("latin-1"),
             path=path.decode("latin-1"),
             authority=pseudo.get(b":authority", b"").decode("latin-1"),
-            headers=[(n, v) for n, v in headers if not n.startswith(b":")],
+            headers=regular,
             source=router.source,
             service=router.service,
             peer_address=str(self.info.get("client")),
