@@ -48,18 +48,27 @@ def no_gc() -> Iterator[None]:
 def ours(garbage: list[object]) -> collections.Counter[str]:
     """The sidecar's objects (and the TLS state they hold) among the cyclic garbage. Not
     proxy.http2._Connection: an h2 H2Connection with methods overridden, whose cycle is h2's own
-    (its frame dispatch table holds its bound methods), as for every H2Connection; nor the hpack
-    decoder, encoder and tables it holds (proxy.http2._Decoder and _Encoder, hpack's with blocks
-    kept; proxy.http2._CountingTable and _IndexedTable, hpack's table counting its changes and
-    searched by dictionaries)."""
+    (its frame dispatch table holds its bound methods), as for every H2Connection; nor the parts
+    of h2's it holds, made the proxy's own: the hpack decoder, encoder and tables
+    (proxy.http2._Decoder and _Encoder, hpack's with blocks kept; proxy.http2._CountingTable and
+    _IndexedTable, hpack's table counting its changes and searched by dictionaries), its frame
+    buffer, streams and state machines (_FrameBuffer, _H2Stream, _StreamMachine,
+    _ConnectionMachine: h2's with per-frame work cut)."""
+    h2_parts = (
+        "_Connection",
+        "_Decoder",
+        "_Encoder",
+        "_CountingTable",
+        "_IndexedTable",
+        "_FrameBuffer",
+        "_H2Stream",
+        "_StreamMachine",
+        "_ConnectionMachine",
+    )
     names = (
         f"{type(o).__module__}.{type(o).__qualname__}"
         for o in garbage
-        if (
-            type(o).__module__.startswith("proxy.")
-            and type(o).__qualname__
-            not in ("_Connection", "_Decoder", "_Encoder", "_CountingTable", "_IndexedTable")
-        )
+        if (type(o).__module__.startswith("proxy.") and type(o).__qualname__ not in h2_parts)
         or type(o).__qualname__ in ("SSLProtocol", "SSLObject")
     )
     return collections.Counter(names)
