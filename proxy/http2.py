@@ -1189,6 +1189,8 @@ def _grpc_status_of(headers: list[Header]) -> int | None:
     value that is no int32, or negative, or 2^31-1, reads as INTERNAL, as grpcio reads it (grpc-go:
     "malformed grpc-status" for no int32); an unbounded number also failed every sampled span's
     export (OTLP's int64)."""
+    if b"grpc-status" not in map(_NAME, headers):  # (a response's head: looked through in C)
+        return None
     status = None
     for n, v in headers:
         if n == b"grpc-status":
