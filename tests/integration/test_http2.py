@@ -21,10 +21,20 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
+import hpack
 import pytest
 from grpc.aio import EOF  # type: ignore[attr-defined]
-from hyperframe.frame import DataFrame, PingFrame, PriorityFrame, WindowUpdateFrame
+from hyperframe.frame import (
+    DataFrame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
 from tests.integration.conftest import StartCA
 from tests.integration.mesh_fixture import Mesh, new_mesh
@@ -637,6 +647,97 @@ async def test_a_malformed_response_fails_its_stream_only(mesh: Mesh, path: byte
     callers' calls failed with it. Now that stream gets 502 (or a reset once its head went down)
     and the others go on."""
     await _malformed_answer_beside_a_long_call(mesh, _raw_h2_app, path)
+
+
+def _raw_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+async def _empty_trailers_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An HTTP/2 app that answers each request with a head, a message and trailers with no field
+    (a HEADERS frame with an empty block, valid (RFC 9113 8.1), which h2 cannot send: by hand)."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    with contextlib.closing(writer), contextlib.suppress(ConnectionError, h2.exceptions.ProtocolError):
+        while data := await reader.read(65536):
+            answered = []
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    conn.send_headers(
+                        event.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                    )
+                    conn.send_data(event.stream_id, _grpc_frame(b"ok"))
+                    answered.append(event.stream_id)
+            writer.write(conn.data_to_send() + b"".join(_raw_frame(1, 0x5, sid, b"") for sid in answered))
+
+
+async def test_trailers_with_no_field_pass_through(mesh: Mesh) -> None:
+    """Trailers with no field, as an app may send them, reach the caller as sent, through both
+    sidecars (h2 could not send an empty header list on: an IndexError out of the stream's
+    handler, and the call never ended)."""
+    server = await asyncio.start_server(_empty_trailers_app, mesh.addr(CART), APP)
+    try:
+        await mesh.sidecar("cart", CART)
+        await mesh.sidecar("frontend", FRONTEND, outbound=(f"{mesh.addr(FRONTEND)}:{OUT}=cart.shop:80",))
+        reader, writer, conn = await _h2_client((mesh.addr(FRONTEND), OUT))
+        conn.send_headers(1, _grpc_head())
+        conn.send_data(1, _grpc_frame(b"hi"), end_stream=True)
+        writer.write(conn.data_to_send())
+        seen: list[h2.events.Event] = []
+        while not any(isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)) for e in seen):
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "the sidecar closed the connection"
+            seen += conn.receive_data(data)
+            writer.write(conn.data_to_send())
+        writer.close()
+    finally:
+        server.close()
+    assert [type(e).__name__ for e in seen if getattr(e, "stream_id", None) == 1] == [
+        "ResponseReceived",
+        "DataReceived",
+        "TrailersReceived",
+        "StreamEnded",
+    ]
+    assert b"".join(e.data for e in seen if isinstance(e, h2.events.DataReceived)) == _grpc_frame(b"ok")
+    assert [list(e.headers) for e in seen if isinstance(e, h2.events.TrailersReceived)] == [[]]
+
+
+async def test_a_request_that_looks_informational_fails_its_stream_only(pair: tuple[str, int]) -> None:
+    """A request whose first pseudo-header is :status 1xx: h2 took it for an informational
+    response, which a server cannot receive, and ended the client's whole connection (GOAWAY).
+    It is a malformed request (RFC 9113 8.1.1): that stream is answered INVALID_ARGUMENT, and the
+    next call on the connection goes on. (Frames by hand: h2 will not send such a request.)"""
+    reader, writer = await asyncio.open_connection(*pair)
+    encoder, decoder = hpack.Encoder(), hpack.Decoder()
+    writer.write(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        + _raw_frame(4, 0, 0, b"")  # SETTINGS
+        + _raw_frame(1, 0x5, 1, encoder.encode([(b":status", b"100"), *_grpc_head()]))
+        + _raw_frame(1, 0x4, 3, encoder.encode(_grpc_head()))
+        + _raw_frame(0, 0x1, 3, _grpc_frame(b"hi"))
+    )
+    frames = h2.frame_buffer.FrameBuffer(server=False)
+    frames.max_frame_size = 16384
+    heads: dict[int, list[dict[bytes, bytes]]] = {}
+    kinds: list[str] = []
+    try:
+        while len(heads.get(3, [])) < 2 and "GoAwayFrame" not in kinds:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "the sidecar closed the connection"
+            frames.add_data(data)
+            for frame in frames:
+                kinds.append(type(frame).__name__)
+                if isinstance(frame, HeadersFrame):
+                    heads.setdefault(frame.stream_id, []).append(dict(decoder.decode(frame.data, raw=True)))
+                elif isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
+                    writer.write(_raw_frame(4, 0x1, 0, b""))
+                assert not isinstance(frame, GoAwayFrame), "the connection was ended"
+    finally:
+        writer.close()
+    refused = heads[1][0]
+    assert refused[b"grpc-status"] == b"3" and b"malformed request" in refused[b"sidemesh-denied-reason"]
+    assert heads[3][0][b":status"] == b"200" and heads[3][-1][b"grpc-status"] == b"0"
 
 
 def _with(head: list[tuple[bytes, bytes]], *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
