@@ -124,6 +124,9 @@ class ConnectionClosed:
 
 
 Event = Request | Response | InformationalResponse | Data | EndOfMessage | ConnectionClosed
+# The end of a message without trailers, as the parser gives it: one object for all (events are
+# read, never changed, by the proxy).
+_END: Final = EndOfMessage()
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _REASONS = {
@@ -166,62 +169,57 @@ _FRAMING_NAMES = frozenset({b"transfer-encoding", b"content-length", b"host", b"
 _NOTABLE = _FRAMING_NAMES | HOP_BY_HOP | TRACE_HEADERS | IDENTITY_HEADERS
 
 
-class _Scan:
-    """One pass over parsed (lower-case) header names: the few that matter to the proxy. The
-    defaults are class attributes (no ``__init__`` to run: most stay as they are)."""
-
-    chunked: bool = False
-    length: int | None = None
-    host: bytes | None = None
-    hosts: int = 0
-    expect: bool = False
-    hop: bool = False
-    traced: bool = False
-    identity: bool = False
+# What one pass over parsed (lower-case) header names finds, the few that matter to the proxy:
+# chunked, content length, the first Host, how many Hosts, 100-continue expected, a hop-by-hop,
+# trace or identity header among them (a plain tuple: no object to build per message).
+_Scan = tuple[bool, int | None, bytes | None, int, bool, bool, bool, bool]
 
 
 def _scan(headers: list[Header]) -> _Scan:
-    out = _Scan()
+    chunked = expect = hop = traced = identity = False
+    length: int | None = None
+    host: bytes | None = None
+    hosts = 0
     for name, value in headers:
         if name not in _NOTABLE:  # most headers: one set lookup
             continue
         if name == b"transfer-encoding":
-            out.chunked = _is_chunked(value)
+            chunked = _is_chunked(value)
         elif name == b"content-length":
-            out.length = int(value)
+            length = int(value)
         elif name == b"host":
-            out.hosts += 1
-            if out.host is None:
-                out.host = value
+            hosts += 1
+            if host is None:
+                host = value
         elif name == b"expect":
-            out.expect = out.expect or value.strip().lower() == b"100-continue"
+            expect = expect or value.strip().lower() == b"100-continue"
         elif name in HOP_BY_HOP:
-            out.hop = True
+            hop = True
         elif name in IDENTITY_HEADERS:
-            out.identity = True
+            identity = True
         else:
-            out.traced = True
-    return out
+            traced = True
+    return chunked, length, host, hosts, expect, hop, traced, identity
 
 
-def _request_host(target: bytes, headers: list[Header], scan: _Scan, version: bytes) -> bytes | None:
+def _request_host(target: bytes, host: bytes | None, hosts: int, version: bytes) -> bytes | None:
     """The request's Host, as RFC 9112 section 3.2 has a server check it: an HTTP/1.1 request
     without one, with two, or with an invalid one is a 400. A request in absolute form (to a
     proxy) has its target's authority as its Host, whatever the header said (section 3.2.2)."""
-    if scan.hosts > 1:
+    if hosts > 1:
         raise ProtocolError("more than one Host header", 400)
     authority = absolute_authority(target) if not target.startswith(b"/") else None
     if authority is not None:
         if not authority or not _HOST_RE.fullmatch(authority):
             raise ProtocolError("request target has no valid authority", 400)
         return authority
-    if scan.host is None:
+    if host is None:
         if version == b"1.1":
             raise ProtocolError("HTTP/1.1 request without a Host header", 400)
         return None
-    if not _HOST_RE.fullmatch(scan.host.strip(b" \t")):
+    if not _HOST_RE.fullmatch(host.strip(b" \t")):
         raise ProtocolError("invalid Host header", 400)
-    return scan.host
+    return host
 
 
 class _ReleasedParser:
@@ -249,6 +247,7 @@ class Connection:
         "_error",
         "_events",
         "_framing_fed",
+        "_fresh",
         "_head_done",
         "_head_fed",
         "_head_size",
@@ -267,6 +266,7 @@ class Connection:
         "_switched",
         "_upgrading",
         "_url",
+        "_valid_host",
         "max_head",
         "must_close",
         "our_done",
@@ -280,7 +280,7 @@ class Connection:
     def __init__(self, role: Role, max_head: int = MAX_HEAD) -> None:
         self.role = role
         self.max_head = max_head
-        self._events: deque[Event] = deque()
+        self._events: deque[Event | bytes] = deque()  # (body data as the bytes themselves: Data when taken)
         self.trailing = b""  # bytes after an upgrade request (or a switching response)
         self._eof = False
         self._error: ProtocolError | None = None
@@ -291,6 +291,8 @@ class Connection:
         self.request: Request | None = None  # server: the request being answered; client: the one sent
         self._last_response: Response | None = None
         self._url = self._reason = b""
+        self._valid_host: bytes | None = None  # the last request's Host, found valid
+        self._fresh: bytes | None = None  # a read whose first byte begins a message (being fed)
         self._headers: list[Header] = []
         self._head_done = False
         self._head_size = 0
@@ -362,8 +364,20 @@ class Connection:
         self._head_size = 0  # (a trailer section has 64 KiB of its own, as in Node's and Envoy's)
         headers, self._headers = self._headers, []
         parser = self._parser
-        version = parser.get_http_version().encode()
+        # The version: read off the first line of a read that began with this head (HTTP/1.1, the
+        # usual), else asked of the parser (which formats a string per call). A head the parser
+        # took whole has its first line as llhttp read it: one CRLF ends it (llhttp refuses a bare
+        # CR or LF there, and anything between the version and the CRLF).
+        fresh, self._fresh = self._fresh, None  # (a second message in one read: the parser is asked)
         if self.role == SERVER:
+            if (
+                fresh is not None
+                and (end := fresh.find(b"\r\n")) > 9
+                and fresh[end - 9 : end] == b" HTTP/1.1"
+            ):
+                version = b"1.1"
+            else:
+                version = parser.get_http_version().encode()
             assert isinstance(parser, httptools.HttpRequestParser)
             if version not in (b"1.1", b"1.0"):  # llhttp takes 0.9 (no version) and any x.y
                 raise ProtocolError(f"HTTP/{version.decode('latin-1')} is not spoken here", 505)
@@ -374,40 +388,49 @@ class Connection:
                 raise ProtocolError("the asterisk-form target is for OPTIONS only (RFC 9112 3.2.4)", 400)
             if len(headers) > MAX_HEADERS:
                 raise ProtocolError(f"more than {MAX_HEADERS} header fields", 431)
-            scan = _scan(headers)
+            chunked, length, host, hosts, expect, hop, traced, identity = _scan(headers)
             keep_alive = parser.should_keep_alive()
-            host = _request_host(self._url, headers, scan, version)
-            if host is not None and host is not scan.host:  # absolute form: Host is the target's authority
-                headers = [(n, v) for n, v in headers if n != b"host"]
-                headers.insert(0, (b"host", host))
-                scan.host = host
-            if version == b"1.0" and scan.chunked:
+            url = self._url
+            if hosts != 1 or host != self._valid_host or url[:1] != b"/":  # (else: checked before)
+                checked = _request_host(url, host, hosts, version)
+                if checked is not None and checked is not host:  # absolute form: the target's authority
+                    headers = [(n, v) for n, v in headers if n != b"host"]
+                    headers.insert(0, (b"host", checked))
+                    host = checked
+                elif checked is not None:
+                    self._valid_host = checked  # (a keep-alive client's next requests say the same)
+            if version == b"1.0" and chunked:
                 keep_alive = False  # RFC 9112 6.1: faulty framing, close after this request
             upgrade = parser.should_upgrade()
-            if upgrade and (scan.chunked or scan.length):
+            if upgrade and (chunked or length):
                 # llhttp stops at the end of an upgrade request's head: its body would be read as
                 # the next request (smuggled past the policy) once the upgrade is declined.
                 raise ProtocolError("an Upgrade request with a body is not proxied: send it without Upgrade")
             self._events.append(
                 Request(
                     method,
-                    self._url,
+                    url,
                     headers,
                     version,
                     keep_alive,
-                    scan.chunked,
-                    scan.length,
-                    version == b"1.1" and scan.expect,
+                    chunked,
+                    length,
+                    expect and version == b"1.1",
                     upgrade,
                     True,
-                    scan.host,
-                    scan.hop,
-                    scan.traced,
-                    scan.identity,
+                    host,
+                    hop,
+                    traced,
+                    identity,
                 )
             )
             return
         assert isinstance(parser, httptools.HttpResponseParser)
+        version = (
+            b"1.1"
+            if fresh is not None and fresh.startswith(b"HTTP/1.1 ")
+            else parser.get_http_version().encode()
+        )
         status = parser.get_status_code()
         if not 100 <= status <= 599:  # RFC 9110 15: a three-digit code of a class 1xx-5xx
             raise ProtocolError(f"response status {status} is not 100-599")
@@ -419,7 +442,7 @@ class Connection:
         keep = parser.should_keep_alive()
         scan = _scan(headers)
         self._events.append(
-            Response(status, headers, self._reason, version, keep, True, scan.chunked, scan.length, scan.hop)
+            Response(status, headers, self._reason, version, keep, True, scan[0], scan[1], scan[5])
         )
         request = self.request
         if request is not None and request.method == b"HEAD":
@@ -428,7 +451,7 @@ class Connection:
     def on_body(self, body: bytes) -> None:
         self._in_trailers = False
         self._body_seen = True
-        self._events.append(Data(body))
+        self._events.append(body)
 
     def on_chunk_header(self) -> None:
         # Its data follows (on_body), or, for the last chunk, the trailer section (for the status
@@ -441,8 +464,12 @@ class Connection:
         if self._informational:
             self._informational = False
             return  # 1xx: the final response follows (or, after 101, another protocol)
-        trailers, self._headers = self._headers, []
-        if trailers and not self._parser.should_keep_alive():
+        trailers = self._headers
+        if not trailers:
+            self._events.append(_END)  # (most messages: one end, shared)
+            return
+        self._headers = []
+        if not self._parser.should_keep_alive():
             self.must_close = True  # a Connection: close in the trailers (llhttp reads it there too)
         self._events.append(EndOfMessage(trailers))
 
@@ -470,6 +497,7 @@ class Connection:
         # with body data in them reset the count, whatever their boundaries.
         framing_of = self._messages if self._in_message and self._head_done else -1
         self._body_seen = False
+        self._fresh = None if self._in_message else data
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -480,7 +508,7 @@ class Connection:
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, _Head):
-                self._events.append(EndOfMessage())
+                self._events.append(_END)
                 self._in_message = False
                 if not data.endswith(b"\r\n\r\n"):
                     self.must_close = True  # bytes after the head: not ours to parse, not reusable
@@ -491,6 +519,7 @@ class Connection:
                 self._fail(ProtocolError(f"malformed message: {exc}"))
         except httptools.HttpParserError as exc:
             self._fail(ProtocolError(f"malformed message: {exc}"))
+        self._fresh = None  # (not kept past its read)
         if self._in_message and not self._head_done and self._head_fed > self.max_head:
             self._fail(ProtocolError("request header fields too large", 431))
         elif self._body_seen:
@@ -512,7 +541,7 @@ class Connection:
             response = self._current_response()
             if self._head_done and response is not None and self._close_delimited(response):
                 self._in_message = False
-                self._events.append(EndOfMessage())
+                self._events.append(_END)
             else:
                 self._fail(ProtocolError("connection closed in the middle of a message"))
                 return
@@ -550,9 +579,11 @@ class Connection:
                 self._last_response = event
                 if not event.keep_alive:
                     self.must_close = True
-            elif isinstance(event, Data) and self.role == SERVER:
-                self._continue_done = True
-            return event
+            elif type(event) is bytes:
+                if self.role == SERVER:
+                    self._continue_done = True
+                return Data(event)
+            return event  # type: ignore[return-value]
         if self._error is not None:
             raise self._error
         if self._eof:
@@ -569,23 +600,25 @@ class Connection:
         if n < 2 or self._paused:
             return None
         head, end = events[0], events[1]
-        body = b""
-        if type(end) is Data and n > 2:
-            if type(events[2]) is Data:  # (a body in pieces: chunks, as llhttp gives them)
-                taken = 1
-                while taken < n and type(events[taken]) is Data:
+        if end is _END:  # (no body)
+            body, n = b"", 2
+        elif type(end) is bytes and n > 2:
+            after = events[2]
+            if after is _END:  # (the body in one piece)
+                body, n = end, 3
+            elif type(after) is bytes:  # (a body in pieces: chunks, as llhttp gives them)
+                taken = 3
+                while taken < n and type(events[taken]) is bytes:
                     taken += 1
-                if taken == n:
+                if taken == n or events[taken] is not _END:
                     return None
-                body = b"".join([events[i].data for i in range(1, taken)])  # type: ignore[union-attr]
-                end, n = events[taken], taken + 1
-            else:  # (the body in one piece)
-                body, end, n = end.data, events[2], 3
+                body = b"".join([events[i] for i in range(1, taken)])  # type: ignore[misc]
+                n = taken + 1
+            else:
+                return None
         else:
-            n = 2
-        kind = type(head)
-        if type(end) is not EndOfMessage or end.headers:
             return None
+        kind = type(head)
         if kind is Request:
             self.request = head  # type: ignore[assignment]
             if self.role == SERVER:
@@ -623,24 +656,24 @@ class Connection:
         events = self._events
         n = len(events)
         end = events[-1] if n else None
-        if n == 1 and type(end) is EndOfMessage and not end.headers:  # (the usual shapes first:
-            body, data = b"", False  # a message without a body, or with it in one piece)
+        if n == 1 and end is _END:  # (the usual shapes first: a message without a body, or with
+            body, data = b"", False  # it in one piece)
             events.clear()
-        elif n == 2 and type(events[0]) is Data and type(end) is EndOfMessage and not end.headers:
-            body, data = events[0].data, True
+        elif n == 2 and end is _END and type(events[0]) is bytes:
+            body, data = events[0], True
             events.clear()
         else:
             count = 0
             for event in events:
-                if type(event) is Data:
+                if type(event) is bytes:
                     count += 1
-                elif type(event) is EndOfMessage and not event.headers:
+                elif event is _END:
                     break
                 else:
                     return None
             else:
                 return None
-            body = b"".join([events.popleft().data for _ in range(count)])  # type: ignore[union-attr]
+            body = b"".join([events.popleft() for _ in range(count)])  # type: ignore[misc]
             events.popleft()
             data = count > 0
         self.their_done = True
@@ -852,14 +885,15 @@ def _reason(response: Response | InformationalResponse) -> bytes:
     return response.reason or _REASONS.get(response.status_code, b"")
 
 
-_FIELD_LINE = b"%s: %s\r\n"
+_JOIN_FIELD = b": ".join
 
 
 def _head_line(first: bytes, headers: list[Header]) -> bytes:
     """``first`` (one line, with its CRLF) and the header lines. A CR or LF inside a name or value
     (header injection) shows as more line ends than lines, and is refused; names are tokens (the
     parser's, or the proxy's own), so a colon cannot be inside one."""
-    block = first + b"".join(map(_FIELD_LINE.__mod__, headers)) + b"\r\n"  # (C calls: no bytecode per line)
+    # (C calls: no bytecode per line; joined, not formatted: formatting a line costs more)
+    block = first + b"\r\n".join(map(_JOIN_FIELD, headers)) + b"\r\n\r\n" if headers else first + b"\r\n"
     lines = len(headers) + 2
     if block.count(b"\n") != lines or block.count(b"\r") != lines:
         bad = next((n for n, v in headers if b"\r" in n + v or b"\n" in n + v), b"")

@@ -611,3 +611,90 @@ def test_a_plain_response_head_is_written_as_the_general_case_writes_it(
         data = server.send(response) + server.send(h1.Data(b"abc")) + server.send(h1.EndOfMessage())
         out.append((data, server.reusable))
     assert out[0] == out[1]
+
+
+def _answer(server: h1.Connection) -> None:
+    server.send(h1.Response(200, [(b"content-length", b"0")]))
+    server.send(h1.EndOfMessage())
+    server.start_next_cycle()
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        # HTTP/1.1 then HTTP/1.0 in one read: the second's version is the parser's, not the read's
+        [b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.0\r\n\r\n"],
+        # a 1.1 head and a 1.0 head that begins in the same read and ends in the next
+        [b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HT", b"TP/1.0\r\n\r\n"],
+        # a read in the middle of a head is not its first line, though it may end as one does
+        [b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.0\r\nX-A", b": bb HTTP/1.1\r\n\r\n"],
+        # empty lines before the request line (llhttp skips them): asked of the parser too
+        [b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", b"\r\nGET /b HTTP/1.0\r\n\r\n"],
+    ],
+)
+def test_each_request_has_its_own_version_whatever_the_reads(reads: list[bytes]) -> None:
+    server = h1.Connection(h1.SERVER)
+    for data in reads:
+        server.receive_data(data)
+    first = events(server)
+    assert isinstance(first[0], h1.Request) and first[0].http_version == b"1.1" and first[0].keep_alive
+    _answer(server)
+    second = events(server)
+    assert isinstance(second[0], h1.Request) and second[0].target == b"/b"
+    assert second[0].http_version == b"1.0" and not second[0].keep_alive
+
+
+def test_a_response_version_is_read_whatever_the_reads() -> None:
+    for head in (
+        b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    ):
+        for cut in (len(head), 5, 12):
+            client = h1.Connection(h1.CLIENT)
+            client.send(h1.Request(b"GET", b"/", [(b"host", b"x")]))
+            client.send(h1.EndOfMessage())
+            client.receive_data(head[:cut])
+            client.receive_data(head[cut:])
+            response = client.next_event()
+            assert isinstance(response, h1.Response) and response.http_version == head[5:8]
+            assert response.keep_alive is (head[5:8] == b"1.1")
+
+
+def test_a_host_found_valid_once_is_still_checked_on_the_next_requests() -> None:
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(b"GET /a HTTP/1.1\r\nHost: cart:80\r\n\r\n")
+    assert isinstance(events(server)[0], h1.Request)
+    _answer(server)
+    server.receive_data(b"GET /b HTTP/1.1\r\nHost: cart:80\r\nHost: cart:80\r\n\r\n")  # the same, twice
+    with pytest.raises(h1.ProtocolError, match="more than one Host"):
+        events(server)
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(b"GET /a HTTP/1.1\r\nHost: cart:80\r\n\r\n")
+    events(server)
+    _answer(server)
+    server.receive_data(b"GET /b HTTP/1.1\r\nHost: cart:80/x\r\n\r\n")
+    with pytest.raises(h1.ProtocolError, match="invalid Host"):
+        events(server)
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(b"GET /a HTTP/1.1\r\nHost: cart:80\r\n\r\n")
+    events(server)
+    _answer(server)
+    server.receive_data(
+        b"GET http://[bad/b HTTP/1.1\r\nHost: cart:80\r\n\r\n"
+    )  # absolute form: its authority
+    with pytest.raises(h1.ProtocolError, match="no valid authority"):
+        events(server)
+
+
+def test_messages_without_trailers_share_one_end_and_body_data_is_given_as_data() -> None:
+    server = h1.Connection(h1.SERVER)
+    server.receive_data(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+    first = events(server)
+    assert first[1] == h1.Data(b"hi") and type(first[1]) is h1.Data
+    assert first[2] == h1.EndOfMessage() and first[2].headers == []
+    _answer(server)
+    server.receive_data(
+        b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nX-T: 1\r\n\r\n"
+    )
+    second = events(server)
+    assert second[2] == h1.EndOfMessage([(b"x-t", b"1")]) and first[2].headers == []  # (not the shared one's)
