@@ -136,6 +136,17 @@ class Decoder:
                 self._kind = 0
         return _joined(out) if len(out) > 1 else out
 
+    def whole_data(self, data: bytes) -> bytes | None:
+        """The payload when ``data`` is exactly one whole DATA frame with bytes in it, begun at a
+        frame boundary (most reads of a pooled connection: a message), as ``feed`` would give it;
+        else None, and nothing is taken (``feed`` decodes it)."""
+        if self._kind == 0 and not self._head and len(data) > 5 and data[0] == DATA:
+            length = HEADER.unpack_from(data)[1]
+            if length == len(data) - 5 and length <= MAX_DATA:
+                self._empty = 0
+                return data[5:]
+        return None
+
     @staticmethod
     def _check(kind: int, length: int) -> None:
         if kind not in _KNOWN:

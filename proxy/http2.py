@@ -1607,23 +1607,24 @@ class H2Proxy:
             if normal != path:
                 headers = [(b":path", normal) if h[0] == b":path" else h for h in headers]
                 path = normal
-        info = RequestInfo(
-            direction=router.direction,
-            protocol="grpc" if grpc else "h2",
-            method=method.decode("latin-1"),
-            path=path.decode("latin-1"),
-            authority=pseudo.get(b":authority", b"").decode("latin-1"),
-            headers=regular,
-            source=router.source,
-            service=router.service,
-            peer_address=str(self.info.get("client")),
+        info = RequestInfo(  # (fields by position: a call by keyword costs about three times as much)
+            router.direction,
+            "grpc" if grpc else "h2",
+            method.decode("latin-1"),
+            path.decode("latin-1"),
+            pseudo.get(b":authority", b"").decode("latin-1"),
+            regular,  # headers
+            router.source,
+            None,  # destination
+            router.service,
+            str(self.info.get("client")),  # peer_address
         )
         span = self.start_span(info)
         trace = span.trace_headers()
         head = headers if trace is None else [h for h in headers if h[0] not in TRACE_HEADERS] + trace
         if router.direction == "inbound":  # only the sidecar says who called (headers.IDENTITY_HEADERS)
             head = with_identity(head, self.xfcc)
-        stream = _Stream(event.stream_id, info, span, RequestResult(status=None), grpc, head)
+        stream = _Stream(event.stream_id, info, span, RequestResult(None), grpc, head)
         stream.request_ended = event.stream_ended is not None
         stream.request_expected = expected
         self.streams[event.stream_id] = stream

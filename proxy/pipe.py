@@ -117,6 +117,11 @@ class Pipe(asyncio.Protocol):
             self._push(data)
             self._wake()
             return
+        if on_data is not None and not self._buf and not self._eof and not self.open_first:
+            whole = self.decoder.whole_data(data)  # (one whole DATA frame: no frame list to make)
+            if whole is not None:
+                on_data(whole)
+                return
         try:
             for kind, payload in self.decoder.feed(data):
                 if kind == framing.DATA:

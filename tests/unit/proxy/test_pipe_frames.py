@@ -143,3 +143,51 @@ def test_a_framed_write_is_one_frame_up_to_the_limit_and_split_past_it() -> None
         ]
         assert frames == [(framing.DATA, n) for n in pieces], (size, frames)
         assert len(transport.writes) == len(pieces)  # (no empty frame, which decodes to nothing)
+
+
+def test_a_read_of_one_whole_data_frame_is_its_payload_and_anything_else_is_decoded() -> None:
+    decoder = framing.Decoder()
+    frame = framing.data_header(5) + b"hello"
+    assert decoder.whole_data(frame) == b"hello"
+    assert decoder.whole_data(frame + b"x") is None  # (more than the frame)
+    assert decoder.whole_data(frame[:-1]) is None  # (less)
+    assert decoder.whole_data(framing.data_header(0)) is None  # (empty: counted by feed)
+    assert decoder.whole_data(framing.deny_frame("x")) is None
+    big = b"x" * (framing.MAX_DATA + 1)
+    assert decoder.whole_data(framing.HEADER.pack(framing.DATA, len(big)) + big) is None  # (over the limit)
+    assert [bytes(p) for _, p in decoder.feed(frame[:3])] == []  # (a header begun: not at a boundary)
+    assert decoder.whole_data(frame) is None
+    assert [bytes(p) for _, p in decoder.feed(frame[3:])] == [b"hello"]
+    assert decoder.whole_data(frame) == b"hello"
+
+
+async def test_a_whole_data_frame_goes_to_on_data_only_when_the_pipe_takes_it_there() -> None:
+    pipe, theirs = await _client_pipe()
+    got: list[bytes] = []
+    try:
+        pipe.on_data = got.append
+        frame = framing.data_header(2) + b"ok"
+        pipe.data_received(frame)
+        assert got == [b"ok"] and pipe.failure is None and not pipe.has_input
+        pipe.on_data = None
+        pipe.data_received(frame)  # (no on_data: buffered for read)
+        pipe.on_data = got.append
+        pipe.data_received(frame)  # (bytes before it wait: after them, in order)
+        assert got == [b"ok"] and pipe.peek() == b"okok" and await pipe.read() == b"okok"
+        assert not pipe.has_input
+        pipe.data_received(framing.EOF_FRAME)
+        pipe.on_data = got.append
+        pipe.data_received(frame)  # DATA after EOF: a framing error, not a callback
+        assert got == [b"ok"] and isinstance(pipe.failure, framing.FramingError)
+    finally:
+        theirs.close()
+    server = Pipe(framed=True, name="inbound")
+    server.open_first = True
+    ours, theirs = socket.socketpair()
+    await asyncio.get_running_loop().create_connection(lambda: server, sock=ours)
+    try:
+        server.on_data = got.append
+        server.data_received(framing.data_header(2) + b"no")  # DATA before OPEN
+        assert got == [b"ok"] and isinstance(server.failure, framing.FramingError)
+    finally:
+        theirs.close()
