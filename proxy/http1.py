@@ -800,10 +800,7 @@ async def _forward(
 
 def _put_back(router: Router, up: Upstream, ok: bool) -> None:
     """The exchange on ``up`` is over: released, to its pool if both messages ended cleanly."""
-    reusable = up.conn.reusable
-    if reusable:
-        up.conn.start_next_cycle(checked=True)
-    router.release(up, reusable, ok)
+    router.release(up, up.conn.next_cycle(), ok)
 
 
 async def _left_unread(pipe: Pipe, clock: _Clock | None) -> bool:
@@ -1427,8 +1424,7 @@ class _Lane:
         self.served += 1
         if down.backpressured:  # (a client that does not read: its next request waits)
             down.hand_back(_DRAIN)
-        elif conn.reusable and conn.at_rest and not down.has_input and not self.ctx.draining():
-            conn.start_next_cycle(checked=True)
+        elif conn.at_rest and not down.has_input and not self.ctx.draining() and conn.next_cycle():
             down.on_data = self.on_request  # the next request, here too
         else:  # (closing, pipelined, a head begun: serve's, with its head timeout)
             down.hand_back(_DONE)

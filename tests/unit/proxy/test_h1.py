@@ -510,23 +510,32 @@ def test_the_rest_of_a_message_already_parsed_is_taken_at_once_as_its_events_wou
 def test_a_whole_message_is_sent_as_its_three_events_are() -> None:
     """``send_whole`` gives the bytes of ``send`` for the head, the body and the end, whatever
     the framing chosen (a length, chunks, none for HEAD), and leaves the same state."""
-    for method, headers in [
-        (b"GET", [(b"content-length", b"5")]),
-        (b"GET", []),  # no framing: chunked for a 1.1 client
-        (b"HEAD", [(b"content-length", b"5")]),
+    for method, headers, status, body in [
+        (b"GET", [(b"content-length", b"5")], 200, b"hello"),
+        (b"GET", [(b"content-length", b"0")], 200, b""),
+        (b"GET", [], 200, b"hello"),  # no framing: chunked for a 1.1 client
+        (b"GET", [], 200, b""),  # (chunked, empty: only the last chunk)
+        (b"GET", [(b"transfer-encoding", b"chunked")], 200, b"hello"),
+        (b"HEAD", [(b"content-length", b"5")], 200, b""),
+        (b"HEAD", [(b"content-length", b"5")], 200, b"hello"),  # (a body given for HEAD: not sent)
+        (b"GET", [], 204, b""),
     ]:
         one, three = h1.Connection(h1.SERVER), h1.Connection(h1.SERVER)
         for conn in (one, three):
             conn.receive_data(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert isinstance(conn.next_event(), h1.Request) and conn.rest_of_message() == b""
-        body = b"" if method == b"HEAD" else b"hello"
-        sent = one.send_whole(h1.Response(200, headers), body)
+        sent = one.send_whole(h1.Response(status, headers), body)
         expected = (
-            three.send(h1.Response(200, headers)) + three.send(h1.Data(body)) + three.send(h1.EndOfMessage())
+            three.send(h1.Response(status, headers))
+            + three.send(h1.Data(body))
+            + three.send(h1.EndOfMessage())
         )
         assert sent == expected and one.reusable and three.reusable
         read = h11_read(h11.CLIENT, sent, method)
-        assert b"".join(bytes(e.data) for e in read if isinstance(e, h11.Data)) == body
+        got = b"".join(bytes(e.data) for e in read if isinstance(e, h11.Data))
+        assert got == (b"" if method == b"HEAD" or status == 204 else body)
+        assert one.next_cycle() and one.request is None and not one.our_done and not one.their_done
+        assert not one.next_cycle()  # (a new cycle: nothing sent or received in it yet)
     request = h1.Request(b"POST", b"/u", [(b"host", b"x"), (b"content-length", b"3")])
     client = h1.Connection(h1.CLIENT)
     read = h11_read(h11.SERVER, client.send_whole(request, b"abc"))
@@ -698,3 +707,20 @@ def test_messages_without_trailers_share_one_end_and_body_data_is_given_as_data(
     )
     second = events(server)
     assert second[2] == h1.EndOfMessage([(b"x-t", b"1")]) and first[2].headers == []  # (not the shared one's)
+
+
+def test_next_cycle_is_reusable_then_start_next_cycle() -> None:
+    """A pooled client connection holding bytes after its response (a second response) or in the
+    middle of one, or asked to close, does not start a cycle; nor does one whose request is unsent."""
+    for reply, ready in [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n", False),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", False),
+    ]:
+        client = h1.Connection(h1.CLIENT)
+        assert not client.next_cycle()
+        client.send_whole(h1.Request(b"GET", b"/", [(b"host", b"x")]))
+        client.receive_data(reply)
+        assert client.whole_message() is not None
+        assert client.reusable is ready and client.next_cycle() is ready
+        assert client.sent_head is not ready  # (a cycle started: nothing sent in it)
