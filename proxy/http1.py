@@ -1271,7 +1271,19 @@ class _Handed:
 class _Lane:
     """One downstream connection's plain exchanges in callbacks (above)."""
 
-    __slots__ = ("busy", "conn", "ctx", "down", "inbound", "route_now", "router", "sent", "served", "timer")
+    __slots__ = (
+        "busy",
+        "conn",
+        "ctx",
+        "down",
+        "inbound",
+        "last",
+        "route_now",
+        "router",
+        "sent",
+        "served",
+        "timer",
+    )
 
     def __init__(self, conn: h1.Connection, down: Pipe, router: Router, ctx: Context) -> None:
         self.conn = conn
@@ -1284,6 +1296,8 @@ class _Lane:
         self.sent: _Sent | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.served = 0  # exchanges finished here (serve's idle timeout counts them)
+        # The last request target as received, as normalized (inbound) and as the policy's path
+        self.last: tuple[bytes, bytes, str] | None = None
 
     def on_request(self, data: bytes) -> None:
         """The downstream's bytes at a message boundary, while ``serve`` waits for a request."""
@@ -1321,13 +1335,19 @@ class _Lane:
             return
         method = req.method.decode("latin-1")
         target = req.target
-        if self.inbound:
-            try:
-                target = normalize_target(target)
-            except BadPath:
-                down.hand_back(_Handed(req, whole))
-                return
-        path = request_path(target)
+        last = self.last
+        if last is not None and last[0] == target:  # (a keep-alive client's same target again)
+            target, path = last[1], last[2]
+        else:
+            received = target
+            if self.inbound:
+                try:
+                    target = normalize_target(target)
+                except BadPath:
+                    down.hand_back(_Handed(req, whole))
+                    return
+            path = request_path(target)
+            self.last = (received, target, path)
         up = self.route_now(req, method, path)
         if type(up) is not Upstream:  # (an answer of the sidecar's own, a connection to make: serve's)
             down.hand_back(_Handed(req, whole, chosen=up))  # type: ignore[arg-type]

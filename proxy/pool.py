@@ -70,7 +70,9 @@ class Pool(Generic[C]):
         return None
 
     def put(self, key: object, pipe: Pipe, conn: C) -> None:
-        idle = self._idle.setdefault(key, deque())
+        idle = self._idle.get(key)
+        if idle is None:
+            idle = self._idle[key] = deque()
         if self.closed or not pipe.usable or len(idle) >= self.max_idle:
             pipe.close()
             conn.release()

@@ -423,6 +423,8 @@ async def test_the_app_gets_from_the_lane_what_it_gets_from_serve(app: App, dire
     the same bytes (inbound: the target normalized once, as the policy saw it)."""
     requests = [
         b"GET /a/./b/../c?x=1 HTTP/1.1\r\nHost: app\r\nX-Thing: 1\r\n\r\n",
+        b"GET /a/./b/../c?x=1 HTTP/1.1\r\nHost: app\r\n\r\n",  # (the same target again: kept)
+        b"GET /a/./b/../c?x=2 HTTP/1.1\r\nHost: app\r\n\r\n",  # (another: not the kept one)
         b"GET /%2541/%7e%2F HTTP/1.1\r\nHost: app\r\n\r\n",
         b"GET http://app/abs?q HTTP/1.1\r\nHost: other\r\n\r\n",
         b"POST /up HTTP/1.1\r\nHost: app\r\nContent-Length: 3\r\nTraceparent: 00-1-2-01\r\n\r\nabc",
