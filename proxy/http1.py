@@ -584,7 +584,7 @@ async def _forward(
     whole: bytes | None
     skip = False  # (the lane's request went out: _forward goes on after its send)
     if sent is not None:  # (whole: its body kept, its clock started)
-        head, whole, body = sent.head, sent.unsent, sent.body
+        head, whole, body = sent.head, sent.unsent, sent.body()
         skip = whole is None
     else:
         head = _request_head(req, raw, span, ctx)
@@ -1248,9 +1248,16 @@ class _Sent:
     result: RequestResult
     up: Upstream
     head: h1.Request
-    body: _Body
+    whole: bytes  # the request's body, all of it (b"": none)
     clock: _Clock | None
     unsent: bytes | None = None  # the request's body, when it could not be sent (``_forward`` sends it)
+
+    def body(self) -> _Body:
+        """The body as ``_forward`` keeps one for a retry (made only for an exchange handed back)."""
+        body = _Body(True)
+        if self.whole:
+            body.keep(self.whole)
+        return body
 
 
 class Choice(Protocol):
@@ -1375,13 +1382,10 @@ class _Lane:
                 None if timeout is None else _Clock(timeout, time.monotonic() + timeout, True)
             )  # (started)
             head = _request_head(req, raw, span, ctx)
-            body = _Body(True)
-            if whole:
-                body.keep(whole)
         except BaseException:
             span.finish(result)
             raise
-        self.sent = sent = _Sent(req, info, span, result, up, head, body, clock)
+        self.sent = sent = _Sent(req, info, span, result, up, head, whole, clock)
         self.busy = True
         down.on_end = self.give_back  # (the client left: as _forward sees it)
         pipe = up.pipe
@@ -1438,7 +1442,7 @@ class _Lane:
             return
         self._settle()
         result.response_bytes = len(rest)
-        result.request_bytes = sent.body.size
+        result.request_bytes = len(sent.whole)
         _put_back(self.router, up, status < 500)
         sent.span.finish(result)
         self.served += 1
