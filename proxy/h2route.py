@@ -97,21 +97,29 @@ class OutboundStreams:
         sc, ep = self.sc, lease.endpoint
         where = f"{ep.address}:{ep.port}"
         if ep.identity is None:  # a destination partly outside the mesh: HTTP/2 straight to it
-            return Target(
+            return Target(  # (by position, once per call: a dataclass call by keyword costs about three times as much)
                 ("plain", ep.address, ep.port),
                 lambda: pool.connect_plain(sc, ep.address, ep.port),
-                endpoint=where,
-                unreachable="upstream connection failed",
-                ticket=lease,
+                "",  # reason
+                None,  # policy
+                False,  # audit
+                where,  # endpoint
+                None,  # destination
+                "upstream connection failed",  # unreachable
+                lease,  # ticket
             )
         dial = (ep.address, ep.port) if sc.config.capture == "iptables" else (ep.address, sc.inbound_port)
+        identity = str(ep.identity)
         return Target(
-            ("mesh", dial, str(ep.identity), ep.port, sc.identity.generation),  # (see routers)
+            ("mesh", dial, identity, ep.port, sc.identity.generation),  # (see routers)
             lambda: pool.connect_sidecar(sc, ep, dial, framing.HINT_H2),
-            endpoint=where,
-            destination=str(ep.identity),
-            unreachable="upstream connection failed",
-            ticket=lease,
+            "",  # reason
+            None,  # policy
+            False,  # audit
+            where,  # endpoint
+            identity,  # destination
+            "upstream connection failed",  # unreachable
+            lease,  # ticket
         )
 
     def report(self, target: Target, ok: bool, latency: float | None = None) -> None:
