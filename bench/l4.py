@@ -621,10 +621,18 @@ def compile_bytecode() -> None:
 
 
 def start_sidemesh(
-    ps: Processes, setup: Setup, bundle: Path, core: int | None, prefix: Sequence[str], *, opaque: bool = True
+    ps: Processes,
+    setup: Setup,
+    bundle: Path,
+    core: int | None,
+    prefix: Sequence[str],
+    *,
+    opaque: bool = True,
+    ready_timeout: float = 30.0,
 ) -> None:
     """``opaque``: the cart's port is marked opaque (L4: bytes relayed, never parsed); otherwise the
-    sidecars detect HTTP and proxy each request (bench.http, bench.tracing)."""
+    sidecars detect HTTP and proxy each request (bench.http, bench.tracing). ``ready_timeout``: how
+    long each sidecar may take to be ready (one under valgrind takes minutes)."""
     compile_bytecode()
     config_dir = setup.tmp / "mesh"
     config_dir.mkdir()
@@ -671,7 +679,7 @@ def start_sidemesh(
         setup.sidemesh[role] = ps.start(f"sidemesh-{role}", cmd, core)
     for role, host in (("server", 2), ("client", 1)):
         url = f"http://{setup.addr(host)}:{SM_HEALTH}/healthz/ready"
-        _wait(setup.sidemesh[role], "ready", functools.partial(_http_ready, url))
+        _wait(setup.sidemesh[role], "ready", functools.partial(_http_ready, url), ready_timeout)
     setup.entry["sidemesh"] = (setup.addr(1), SM_OUTBOUND)
 
 
