@@ -170,8 +170,9 @@ class _Request:
         outbound = info.direction == "outbound"
         source = obs.own_identity if outbound else info.source
         destination = (result.destination or info.destination) if outbound else obs.own_identity
-        grpc = grpc_status_label(result.grpc_status)  # bounded, as the key must be
-        key = (info.direction, source, destination, result.status, result.decision, grpc)
+        status, code, decision = result.status, result.grpc_status, result.decision
+        grpc = "" if code is None else grpc_status_label(code)  # bounded, as the key must be
+        key = (info.direction, source, destination, status, decision, grpc)
         series = obs._series.get(key)
         if series is None:
             if len(obs._series) >= _MAX_IDENTITIES:
@@ -188,8 +189,9 @@ class _Request:
             series = obs._series[key] = obs.metrics.requests.of(labels)
         series.add(seconds)
         obs.in_flight[info.direction] -= 1
-        denied = result.decision == "deny"  # counted in ..._denials_total where it is decided
-        ok = succeeded(result)
+        denied = decision == "deny"  # counted in ..._denials_total where it is decided
+        # (succeeded(result), without the call: most requests)
+        ok = status is not None and status < 500 and code in (None, 0) and not denied and result.error is None
         obs.routes.record(info.direction, route_of(info.method, info.path), seconds, ok, denied)
         span = self.span
         sampled = self._sampled

@@ -333,11 +333,26 @@ def test_the_identity_cache_stays_bounded() -> None:
         (RequestResult(None, error="upstream reset"), "reset", False),
         (RequestResult(200, grpc_status=14), "2xx", False),
         (RequestResult(403, decision="deny", reason="no rule"), "4xx", False),
+        (RequestResult(200, grpc_status=0), "2xx", True),
+        (RequestResult(200, error="downstream: gone"), "2xx", False),
+        (RequestResult(500), "5xx", False),
+        (RequestResult(499), "4xx", True),
     ],
 )
 def test_status_class_and_success(result: RequestResult, klass: str, ok: bool) -> None:
+    from proxy.metrics import ProxyMetrics
+    from proxy.telemetry import ProxyObserver
+
     assert status_class(result) == klass
     assert succeeded(result) is ok
+    # A finished request counts as a success in its route's statistics exactly then (finish
+    # decides it without calling ``succeeded``).
+    stats = RouteStats()
+    obs = ProxyObserver(ProxyMetrics(), stats, "spiffe://cluster.local/ns/shop/sa/cart", None)
+    obs.start(RequestInfo("inbound", "http/1.1", "GET", "/x", "cart", [])).finish(result)
+    (counters,) = stats.routes.values()
+    assert (counters.requests, counters.successes) == (1, int(ok))
+    assert counters.denials == int(result.decision == "deny")
 
 
 def test_route_stats_keep_the_busiest_routes_within_capacity() -> None:
