@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (here, not at the top: a counting sidecar imports none of the bench's modules)
     from bench import http as bhttp
     from bench import l4
-    from bench.common import Progress, cpu_model, git_commit
+    from bench.common import Progress, cpu_model, git_commit, write_results
 
     signal.signal(signal.SIGTERM, l4._interrupt)
     tools = l4.find_tools()
@@ -284,10 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress.detail("h2load not found (apt-get install nghttp2-client): no gRPC run")
         finally:
             ps.stop_all()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bytecodes.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(args.out / "bytecodes.md", report)
-    progress.phase(f"written: {args.out / 'bytecodes.md'}")
+    progress.phase(f"written: {write_results(args.out, 'bytecodes', report, write_markdown)}")
     for name, run in report["runs"].items():
         Progress.detail(
             f"{name}: client {run['client']['bytecodes_per_request']:,.0f}, "

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import ssl
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -28,6 +31,16 @@ class Progress:
     @staticmethod
     def detail(text: str) -> None:
         print(f"{'':16}{text}", flush=True)
+
+
+def write_results(
+    out: Path, name: str, report: dict[str, Any], markdown: Callable[[Path, Any], None]
+) -> Path:
+    """``name``.json (the report) and ``name``.md (``markdown`` writes it) into ``out``; the page's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown(out / f"{name}.md", report)
+    return out / f"{name}.md"
 
 
 def cpu_model() -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import random
 import re
 import shutil
@@ -194,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [t for t in ("valgrind", "callgrind_control", "callgrind_annotate") if shutil.which(t) is None]
     if missing:
         raise SystemExit(f"bench.instructions: {', '.join(missing)} not found (apt-get install valgrind)")
-    from bench.common import Progress, cpu_model, git_commit
+    from bench.common import Progress, cpu_model, git_commit, write_results
 
     progress = Progress(5)
     report: Result = {
@@ -207,10 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp_name:
         for role in ("client", "server"):
             report["sidecars"][role] = measure(role, args.requests, Path(tmp_name), progress)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "instructions.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(args.out / "instructions.md", report)
-    progress.phase(f"written: {args.out / 'instructions.md'}")
+    progress.phase(f"written: {write_results(args.out, 'instructions', report, write_markdown)}")
     for role, figures in report["sidecars"].items():
         Progress.detail(
             f"{role} sidecar: {figures['instructions_per_request']:,.0f} instructions per request"

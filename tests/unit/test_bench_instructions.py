@@ -90,3 +90,15 @@ def test_it_refuses_what_it_cannot_count(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(SystemExit, match="apt-get install valgrind"):
         instructions.main([])
+
+
+def test_results_are_written_as_json_and_a_page(tmp_path: Path) -> None:
+    import json
+
+    from bench.common import write_results
+
+    page = write_results(
+        tmp_path / "out", "x", {"a": 1}, lambda path, report: path.write_text(f"a={report['a']}")
+    )
+    assert page == tmp_path / "out" / "x.md" and page.read_text() == "a=1"
+    assert json.loads((tmp_path / "out" / "x.json").read_text()) == {"a": 1}

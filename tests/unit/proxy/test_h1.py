@@ -669,29 +669,27 @@ def test_a_response_version_is_read_whatever_the_reads() -> None:
             assert response.keep_alive is (head[5:8] == b"1.1")
 
 
-def test_a_host_found_valid_once_is_still_checked_on_the_next_requests() -> None:
+@pytest.mark.parametrize(
+    ("second", "error"),
+    [
+        (
+            b"GET /b HTTP/1.1\r\nHost: cart:80\r\nHost: cart:80\r\n\r\n",
+            "more than one Host",
+        ),  # the same, twice
+        (b"GET /b HTTP/1.1\r\nHost: cart:80/x\r\n\r\n", "invalid Host"),
+        (
+            b"GET http://[bad/b HTTP/1.1\r\nHost: cart:80\r\n\r\n",
+            "no valid authority",
+        ),  # absolute: its authority
+    ],
+)
+def test_a_host_found_valid_once_is_still_checked_on_the_next_requests(second: bytes, error: str) -> None:
     server = h1.Connection(h1.SERVER)
     server.receive_data(b"GET /a HTTP/1.1\r\nHost: cart:80\r\n\r\n")
     assert isinstance(events(server)[0], h1.Request)
     _answer(server)
-    server.receive_data(b"GET /b HTTP/1.1\r\nHost: cart:80\r\nHost: cart:80\r\n\r\n")  # the same, twice
-    with pytest.raises(h1.ProtocolError, match="more than one Host"):
-        events(server)
-    server = h1.Connection(h1.SERVER)
-    server.receive_data(b"GET /a HTTP/1.1\r\nHost: cart:80\r\n\r\n")
-    events(server)
-    _answer(server)
-    server.receive_data(b"GET /b HTTP/1.1\r\nHost: cart:80/x\r\n\r\n")
-    with pytest.raises(h1.ProtocolError, match="invalid Host"):
-        events(server)
-    server = h1.Connection(h1.SERVER)
-    server.receive_data(b"GET /a HTTP/1.1\r\nHost: cart:80\r\n\r\n")
-    events(server)
-    _answer(server)
-    server.receive_data(
-        b"GET http://[bad/b HTTP/1.1\r\nHost: cart:80\r\n\r\n"
-    )  # absolute form: its authority
-    with pytest.raises(h1.ProtocolError, match="no valid authority"):
+    server.receive_data(second)
+    with pytest.raises(h1.ProtocolError, match=error):
         events(server)
 
 
