@@ -722,3 +722,46 @@ def test_next_cycle_is_reusable_then_start_next_cycle() -> None:
         assert client.whole_message() is not None
         assert client.reusable is ready and client.next_cycle() is ready
         assert client.sent_head is not ready  # (a cycle started: nothing sent in it)
+
+
+def test_versions_of_random_pipelined_heads_in_random_reads() -> None:
+    """Each message's version is its own whatever the reads' boundaries (the first line of a read
+    is read for HTTP/1.1 only when the read begins the head): requests of 1.0 and 1.1 pipelined,
+    with headers whose values end as a request line does, and responses, cut at random."""
+    import random
+
+    rng = random.Random(6)
+    for _ in range(300):
+        versions = [rng.choice([b"1.0", b"1.1"]) for _ in range(rng.randint(1, 3))]
+        lead = [rng.choice([b"", b"\r\n"]) if i else b"" for i in range(len(versions))]
+        stream = b"".join(
+            lead[i]
+            + b"GET /"
+            + str(i).encode()
+            + b" HTTP/"
+            + v
+            + b"\r\nHost: x\r\nX-A: y HTTP/1.1\r\n"
+            + (b"Connection: keep-alive\r\n" if v == b"1.0" else b"")
+            + b"\r\n"
+            for i, v in enumerate(versions)
+        )
+        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 4))))
+        server = h1.Connection(h1.SERVER)
+        for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            server.receive_data(stream[a:b])
+        for i, version in enumerate(versions):
+            got = events(server)
+            assert isinstance(got[0], h1.Request) and got[0].target == b"/" + str(i).encode()
+            assert got[0].http_version == version, (stream, cuts)
+            _answer(server)
+    for _ in range(200):
+        version = rng.choice([b"1.0", b"1.1"])
+        head = b"HTTP/" + version + b" 200 OK\r\nContent-Length: 0\r\nX-A: HTTP/1.1 \r\n\r\n"
+        cut = rng.randint(1, len(head))
+        client = h1.Connection(h1.CLIENT)
+        client.send(h1.Request(b"GET", b"/", [(b"host", b"x")]))
+        client.send(h1.EndOfMessage())
+        client.receive_data(head[:cut])
+        client.receive_data(head[cut:])
+        response = client.next_event()
+        assert isinstance(response, h1.Response) and response.http_version == version
