@@ -86,11 +86,8 @@ class Decoder:
 
     def feed(self, data: bytes) -> list[tuple[int, bytes | memoryview]]:
         view = memoryview(data)
-        if self._kind == 0 and not self._head and len(data) > 5:  # fast: exactly one whole DATA frame
-            kind, length = HEADER.unpack_from(data)
-            if kind == DATA and length == len(data) - 5 and length <= MAX_DATA:
-                self._empty = 0
-                return [(DATA, view[5:])]
+        if self._one_data_frame(data):  # (fast: uncopied)
+            return [(DATA, view[5:])]
         out: list[tuple[int, bytes | memoryview]] = []
         pos, end = 0, len(data)
         while pos < end:
@@ -140,12 +137,17 @@ class Decoder:
         """The payload when ``data`` is exactly one whole DATA frame with bytes in it, begun at a
         frame boundary (most reads of a pooled connection: a message), as ``feed`` would give it;
         else None, and nothing is taken (``feed`` decodes it)."""
+        return data[5:] if self._one_data_frame(data) else None
+
+    def _one_data_frame(self, data: bytes) -> bool:
+        """``data`` is exactly one whole DATA frame with bytes in it, begun at a frame boundary
+        (taken: the empty frames' count is reset)."""
         if self._kind == 0 and not self._head and len(data) > 5 and data[0] == DATA:
             length = HEADER.unpack_from(data)[1]
             if length == len(data) - 5 and length <= MAX_DATA:
                 self._empty = 0
-                return data[5:]
-        return None
+                return True
+        return False
 
     @staticmethod
     def _check(kind: int, length: int) -> None:

@@ -719,19 +719,10 @@ class Connection:
         return self.role == SERVER or not (self._events or self._in_message)
 
     def next_cycle(self) -> bool:
-        """``reusable``, and if so the next cycle started (``start_next_cycle``): in one call."""
-        if not (
-            self.our_done
-            and self.their_done
-            and not self.must_close
-            and (self._error is None or self.role == SERVER)
-            and (self.role == SERVER or not (self._events or self._in_message))
-        ):
+        """``reusable``, and if so the next cycle started (``start_next_cycle``)."""
+        if not self.reusable:
             return False
-        self._paused = False
-        self.request = None
-        self._last_response = None
-        self._start()
+        self.start_next_cycle(checked=True)
         return True
 
     def start_next_cycle(self, checked: bool = False) -> None:
@@ -774,13 +765,9 @@ class Connection:
         """A whole message at once, its head, ``body`` and its end (no trailers): the bytes that
         ``send`` gives for the three events."""
         data = self._send_request(head) if isinstance(head, Request) else self._send_response(head)
-        # (what _send_data and _send_end give, once the head is out: a new message, not ended)
-        self.our_done = True
-        if not self._out_body:
-            return data
-        if self._out_chunked:
-            return data + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else data + b"0\r\n\r\n"
-        return data + body if body else data
+        if body:
+            data += self._send_data(body)
+        return data + self._send_end([])
 
     def _send_request(self, request: Request) -> bytes:
         if self.role != CLIENT or self.sent_head:

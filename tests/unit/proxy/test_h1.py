@@ -653,19 +653,26 @@ def test_each_request_has_its_own_version_whatever_the_reads(reads: list[bytes])
     assert second[0].http_version == b"1.0" and not second[0].keep_alive
 
 
+def _response_in_two_reads(head: bytes, cut: int) -> h1.Response:
+    """The response a client connection reads from ``head`` cut in two reads at ``cut``."""
+    client = h1.Connection(h1.CLIENT)
+    client.send(h1.Request(b"GET", b"/", [(b"host", b"x")]))
+    client.send(h1.EndOfMessage())
+    client.receive_data(head[:cut])
+    client.receive_data(head[cut:])
+    response = client.next_event()
+    assert isinstance(response, h1.Response)
+    return response
+
+
 def test_a_response_version_is_read_whatever_the_reads() -> None:
     for head in (
         b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
     ):
         for cut in (len(head), 5, 12):
-            client = h1.Connection(h1.CLIENT)
-            client.send(h1.Request(b"GET", b"/", [(b"host", b"x")]))
-            client.send(h1.EndOfMessage())
-            client.receive_data(head[:cut])
-            client.receive_data(head[cut:])
-            response = client.next_event()
-            assert isinstance(response, h1.Response) and response.http_version == head[5:8]
+            response = _response_in_two_reads(head, cut)
+            assert response.http_version == head[5:8]
             assert response.keep_alive is (head[5:8] == b"1.1")
 
 
@@ -757,11 +764,4 @@ def test_versions_of_random_pipelined_heads_in_random_reads() -> None:
     for _ in range(200):
         version = rng.choice([b"1.0", b"1.1"])
         head = b"HTTP/" + version + b" 200 OK\r\nContent-Length: 0\r\nX-A: HTTP/1.1 \r\n\r\n"
-        cut = rng.randint(1, len(head))
-        client = h1.Connection(h1.CLIENT)
-        client.send(h1.Request(b"GET", b"/", [(b"host", b"x")]))
-        client.send(h1.EndOfMessage())
-        client.receive_data(head[:cut])
-        client.receive_data(head[cut:])
-        response = client.next_event()
-        assert isinstance(response, h1.Response) and response.http_version == version
+        assert _response_in_two_reads(head, rng.randint(1, len(head))).http_version == version
