@@ -722,6 +722,10 @@ class _H2Stream(h2.stream.H2Stream):
 quiet_hpack()  # (sidemesh/hpack_log.py: hpack logs every field it codes, values included)
 
 
+_COUNTED_OPEN = h2.stream.STREAM_OPEN  # (by state: OPEN and the half-closed ones, RFC 9113 5.1.2)
+_CLOSED = h2.stream.StreamState.CLOSED
+
+
 class _Connection(h2.connection.H2Connection):
     """h2's connection, except that a graceful GOAWAY (NO_ERROR) leaves the streams already open
     to finish, as RFC 9113 section 6.8 has it ("activity on streams numbered lower than or equal to
@@ -750,6 +754,24 @@ class _Connection(h2.connection.H2Connection):
         decoder.max_header_list_size = self.decoder.max_header_list_size
         self.decoder = decoder
         self.encoder = _Encoder()
+
+    def _open_streams(self, remainder: int) -> int:
+        """h2's count of the open streams (OPEN or half-closed) whose ID % 2 is ``remainder``,
+        forgetting the closed ones as it goes, with each stream's state read once: h2 asked two
+        properties of every stream (``open``, ``closed``), and asks on every new stream, sent or
+        received (about 4% of a gRPC call's time in the client sidecar at 4 x 8, py-spy)."""
+        count = 0
+        closed = []
+        for stream_id, stream in self.streams.items():
+            state = stream.state_machine.state
+            if _COUNTED_OPEN[state]:
+                if stream_id % 2 == remainder:
+                    count += 1
+            elif state == _CLOSED:
+                closed.append(stream_id)
+        for stream_id in closed:
+            self._closed_streams[stream_id] = self.streams.pop(stream_id).closed_by
+        return count
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
         """h2's stream, as an :class:`_H2Stream` with a :class:`_StreamMachine`."""

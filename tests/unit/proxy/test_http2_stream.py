@@ -679,3 +679,24 @@ def test_no_frame_received_is_formatted(monkeypatch: pytest.MonkeyPatch) -> None
         "PingReceived",
     ]
     assert formatted == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_open_streams_counted_and_closed_ones_forgotten_as_h2(seed: int) -> None:
+    """The count h2 makes on every new stream (its limit, SETTINGS_MAX_CONCURRENT_STREAMS), made
+    reading each stream's state once: the same count of each parity, the same streams forgotten
+    (with how they closed), over streams in every state."""
+    rng = random.Random(seed)
+    ours = http2._Connection(_config(True))
+    theirs = h2.connection.H2Connection(_config(True))
+    for stream_id in rng.sample(range(1, 200), rng.randint(0, 40)):
+        stream = h2.stream.H2Stream(stream_id, ours.config, 65535, 65535)
+        stream.state_machine.state = rng.choice(list(h2.stream.StreamState))
+        stream.state_machine.stream_closed_by = rng.choice([None, *h2.stream.StreamClosedBy])
+        ours.streams[stream_id] = theirs.streams[stream_id] = stream
+    assert (ours.open_outbound_streams, ours.open_inbound_streams) == (
+        theirs.open_outbound_streams,
+        theirs.open_inbound_streams,
+    )
+    assert ours.streams == theirs.streams and ours._closed_streams == theirs._closed_streams
+    assert not any(s.closed for s in ours.streams.values())
