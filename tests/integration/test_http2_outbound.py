@@ -1155,9 +1155,8 @@ async def test_streams_opened_toward_an_endpoint_that_stopped_reading_are_bounde
                 break  # (over the high-water mark, under the reset)
         writer.close()
 
-        def kept(
-            ups: list[http2._Up],
-        ) -> int:  # bytes still waiting on sockets not yet closed (closing ones too)
+        def kept(ups: list[http2._Up]) -> int:
+            """Bytes still waiting on sockets not yet closed (closing ones too)."""
             return sum(
                 up.pipe.transport.get_write_buffer_size()
                 for up in ups

@@ -14,6 +14,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.frame_buffer
+import h2.stream
 import hyperframe.frame
 import pytest
 from hpack import NeverIndexedHeaderTuple
